@@ -1,0 +1,312 @@
+"""Data sets for training and evaluating MSFlow: MVTec AD layout and plain folders.
+
+Why this module is strict: an anomaly detector trained on a folder that silently
+contains a corrupt file, or evaluated against a mask that belongs to a
+differently sized image, produces numbers that look plausible and are wrong.
+Every problem is a :class:`DataError` that names the offending path, raised
+before any training time is spent.
+
+Layout (MVTec AD)::
+
+    <root>/<category>/train/good/*.png
+    <root>/<category>/test/good/*.png               normal test images
+    <root>/<category>/test/<defect>/*.png           defective test images
+    <root>/<category>/ground_truth/<defect>/<name>_mask.png
+
+All pixels go through :mod:`models.preprocessing`, the same path the server uses.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+from PIL import Image
+
+from models.preprocessing import ImageReadError, load_image, oriented_size, resize_mask
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "GOOD",
+    "DataError",
+    "Sample",
+    "MVTecCategory",
+    "list_images",
+    "list_categories",
+    "folder_of_good_images",
+    "load_images",
+    "load_masks",
+    "split_holdout",
+]
+
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
+GOOD = "good"
+_MASK_SUFFIX = "_mask"
+_MAX_WORKERS = 4
+
+_T = TypeVar("_T")
+
+
+class DataError(ValueError):
+    """The data set on disk is unusable; the message names the path to fix."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image of a data set.
+
+    ``label`` is 0 for a good (normal) part and 1 for a defective one;
+    ``defect_type`` is ``"good"`` for normal images and the defect folder name
+    otherwise; ``mask_path`` is the pixel ground truth of a defective image
+    (None for good images, whose mask is all False by definition).
+    """
+
+    path: Path
+    label: int
+    defect_type: str
+    mask_path: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.label not in (0, 1):
+            raise ValueError(f"label must be 0 (good) or 1 (defective), got {self.label!r} for {self.path}")
+
+    @property
+    def is_defective(self) -> bool:
+        """True for a defective sample (label 1)."""
+        return self.label == 1
+
+
+def _is_image_file(path: Path) -> bool:
+    # Hidden files (".DS_Store", macOS "._x.png" resource forks) are never images.
+    return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """Image files directly inside ``folder`` (not recursive), sorted by file name.
+
+    Sorting by name makes sample order, and so every split and report,
+    reproducible across file systems. Raises :class:`DataError` if the folder
+    is missing or holds no image.
+    """
+    d = Path(folder)
+    if not d.is_dir():
+        raise DataError(f"folder not found: {d}")
+    images = sorted((p for p in d.iterdir() if _is_image_file(p)), key=lambda p: p.name)
+    if not images:
+        exts = ", ".join(sorted(IMAGE_EXTENSIONS))
+        raise DataError(f"no images ({exts}) in folder: {d}")
+    return images
+
+
+def list_categories(root: str | Path) -> list[str]:
+    """Names of the categories under an MVTec-layout ``root`` (folders with ``train/good``), sorted."""
+    r = Path(root)
+    if not r.is_dir():
+        raise DataError(f"data root not found: {r}")
+    return sorted(p.name for p in r.iterdir() if p.is_dir() and (p / "train" / GOOD).is_dir())
+
+
+def folder_of_good_images(folder: str | Path) -> list[Sample]:
+    """Samples for a plain folder of defect-free images (training on custom data)."""
+    return [Sample(path=p, label=0, defect_type=GOOD) for p in list_images(folder)]
+
+
+class MVTecCategory:
+    """One product category of an MVTec AD-style data set.
+
+    The constructor checks that the category and its ``train/good`` folder
+    exist, so a typo fails immediately with the list of categories that do.
+    Test data is optional (a production line may start with good images only);
+    :meth:`test_samples` checks it when asked for.
+    """
+
+    def __init__(self, root: str | Path, category: str) -> None:
+        self.root = Path(root)
+        self.category = category
+        if not self.root.is_dir():
+            raise DataError(f"data root not found: {self.root}")
+        self.path = self.root / category
+        if not self.path.is_dir():
+            known = ", ".join(list_categories(self.root)) or "none"
+            raise DataError(f"category folder not found: {self.path} (categories under {self.root}: {known})")
+        self.train_dir = self.path / "train" / GOOD
+        if not self.train_dir.is_dir():
+            raise DataError(f"training folder not found: {self.train_dir} (expected <root>/<category>/train/good)")
+        self.test_dir = self.path / "test"
+        self.ground_truth_dir = self.path / "ground_truth"
+
+    def __repr__(self) -> str:
+        return f"MVTecCategory(root={str(self.root)!r}, category={self.category!r})"
+
+    @property
+    def has_test(self) -> bool:
+        """Whether a ``test`` folder exists."""
+        return self.test_dir.is_dir()
+
+    def train_samples(self) -> list[Sample]:
+        """All images of ``train/good`` (label 0), sorted by name."""
+        return [Sample(path=p, label=0, defect_type=GOOD) for p in list_images(self.train_dir)]
+
+    def defect_types(self) -> list[str]:
+        """Sorted names of the defect folders under ``test`` (everything but ``good``)."""
+        if not self.has_test:
+            raise DataError(f"test folder not found: {self.test_dir}")
+        names = (p.name for p in self.test_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+        return sorted(n for n in names if n != GOOD)
+
+    def mask_path_for(self, image: Path, defect_type: str) -> Path:
+        """The ground-truth mask of a defective test image; :class:`DataError` if absent.
+
+        MVTec names masks ``<name>_mask.png``; other image extensions are
+        accepted too, PNG first.
+        """
+        folder = self.ground_truth_dir / defect_type
+        stem = image.stem + _MASK_SUFFIX
+        for ext in (".png", *sorted(IMAGE_EXTENSIONS - {".png"})):
+            for candidate in (folder / (stem + ext), folder / (stem + ext.upper())):
+                if candidate.is_file():
+                    return candidate
+        raise DataError(f"defective test image {image} has no mask: expected {folder / (stem + '.png')}")
+
+    def test_samples(self) -> list[Sample]:
+        """Test images: ``test/good`` first (label 0), then each defect type (label 1) with its mask.
+
+        Every defect folder must be non-empty and every defective image must
+        have its mask; a missing mask would otherwise count the defect as
+        "all normal pixels" and quietly corrupt pixel-level metrics.
+        """
+        if not self.has_test:
+            raise DataError(f"test folder not found: {self.test_dir}")
+        samples: list[Sample] = []
+        good_dir = self.test_dir / GOOD
+        if good_dir.is_dir():
+            samples.extend(Sample(path=p, label=0, defect_type=GOOD) for p in list_images(good_dir))
+        for defect in self.defect_types():
+            for p in list_images(self.test_dir / defect):
+                samples.append(Sample(path=p, label=1, defect_type=defect, mask_path=self.mask_path_for(p, defect)))
+        if not samples:
+            raise DataError(f"no test images in {self.test_dir} (expected test/good and test/<defect> folders)")
+        return samples
+
+
+def _check_size(size: int) -> None:
+    if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or size <= 0:
+        raise ValueError(f"size must be a positive integer, got {size!r}")
+
+
+def _workers(n_items: int, workers: int | None) -> int:
+    if workers is None:
+        workers = min(_MAX_WORKERS, os.cpu_count() or 1)
+    return max(1, min(int(workers), n_items))
+
+
+def _map_ordered(fn: Callable[[int], _T], n: int, workers: int | None) -> list[_T]:
+    """Run ``fn(i)`` for ``i in range(n)``, results in index order.
+
+    Decoding and Lanczos resampling release the GIL, so a few threads speed up
+    loading; results keep input order whatever finishes first, and the first
+    error (in input order) is raised.
+    """
+    w = _workers(n, workers)
+    if w == 1 or n <= 1:
+        return [fn(i) for i in range(n)]
+    with ThreadPoolExecutor(max_workers=w, thread_name_prefix="msflow-load") as pool:
+        return list(pool.map(fn, range(n)))
+
+
+def load_images(samples: Sequence[Sample], size: int, workers: int | None = None) -> np.ndarray:
+    """Model inputs of ``samples`` as uint8 [N, size, size, 3], in sample order.
+
+    Unreadable or truncated files raise :class:`DataError` naming the file.
+    """
+    _check_size(size)
+    out = np.empty((len(samples), size, size, 3), dtype=np.uint8)
+
+    def one(i: int) -> None:
+        try:
+            out[i] = load_image(samples[i].path, size)
+        except ImageReadError as exc:
+            raise DataError(str(exc)) from exc
+
+    _map_ordered(one, len(samples), workers)
+    return out
+
+
+def _read_header_size(path: Path, what: str) -> tuple[int, int]:
+    """Upright (width, height) of an image file from its header only."""
+    try:
+        with Image.open(path) as im:
+            return oriented_size(im)
+    except FileNotFoundError as exc:
+        raise DataError(f"{what} not found: {path}") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"cannot read {what} {path}: {exc}") from exc
+
+
+def _load_mask(sample: Sample, size: int) -> np.ndarray:
+    if sample.mask_path is None:
+        raise DataError(f"defective sample {sample.path} ({sample.defect_type}) has no mask_path")
+    image_size = _read_header_size(sample.path, "image")
+    mask_size = _read_header_size(sample.mask_path, "mask")
+    if mask_size != image_size:
+        raise DataError(
+            f"mask {sample.mask_path} is {mask_size[0]}x{mask_size[1]} but its image {sample.path} "
+            f"is {image_size[0]}x{image_size[1]} (width x height)"
+        )
+    try:
+        with Image.open(sample.mask_path) as im:
+            im.load()
+            return resize_mask(im, size)
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"cannot read mask {sample.mask_path}: {exc}") from exc
+
+
+def load_masks(samples: Sequence[Sample], size: int, workers: int | None = None) -> np.ndarray:
+    """Ground-truth masks as bool [N, size, size], in sample order; good samples are all False.
+
+    Before resizing, each mask's size is compared with its image's original
+    size (both EXIF-upright): a mismatch means the mask belongs to another
+    image or was resized, and resizing both to ``size`` would hide it.
+    """
+    _check_size(size)
+    out = np.zeros((len(samples), size, size), dtype=bool)
+
+    def one(i: int) -> None:
+        s = samples[i]
+        if s.is_defective:
+            out[i] = _load_mask(s, size)
+
+    _map_ordered(one, len(samples), workers)
+    return out
+
+
+def split_holdout(samples: Sequence[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Split good training samples into (train, holdout), deterministically for a given seed.
+
+    The holdout is a set of normal images the flows never see: it calibrates
+    the score threshold and drives early stopping without touching the test
+    set. ``round(fraction * N)`` samples are held out (at least one when
+    ``fraction > 0``, and never all of them); both parts keep the input order,
+    so the split does not depend on anything but the sample list and the seed.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"holdout fraction must be in [0, 1), got {fraction}")
+    bad = [s.path for s in samples if s.label != 0]
+    if bad:
+        raise ValueError(f"split_holdout takes good samples only; defective: {bad[0]} (and {len(bad) - 1} more)")
+    n = len(samples)
+    n_hold = int(round(fraction * n))
+    if fraction > 0.0:
+        n_hold = max(n_hold, 1)
+    if n_hold >= n and n_hold > 0:
+        raise DataError(f"cannot hold out {n_hold} of {n} training images and still train on some")
+    order = np.random.default_rng(seed).permutation(n)
+    held = set(order[:n_hold].tolist())
+    train = [s for i, s in enumerate(samples) if i not in held]
+    holdout = [s for i, s in enumerate(samples) if i in held]
+    return train, holdout

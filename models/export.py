@@ -1,0 +1,191 @@
+"""`msflow export`: a run -> a self-contained engine version in the model store.
+
+The graph is ONE ONNX model from uint8 NHWC pixels to the answer (normalisation,
+backbone, flows, fusion, upsampling, aggregation, top-k), with a dynamic batch axis.
+Export checks parity against PyTorch before anything is written, calibrates on held-out
+normals with the exported graph itself (so the thresholds are those of the engine that
+will serve), and writes the version folder atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from models.calibrate import calibrate
+from models.data import MVTecCategory, Sample, load_images
+from models.manifest import (CATEGORY_PATTERN, Manifest, OnnxInfo, TensorSpec, file_entry, list_versions)
+from models.msflow import MSFlow
+from models.runs import load_model, read_json
+
+log = logging.getLogger(__name__)
+
+OUTPUTS = ("image_score", "image_score_log", "absolute_score", "anomaly_map")
+OPSET = 20
+DEFAULT_SCORE_OUTPUT = "image_score_log"
+PARITY_TOLERANCE = 1e-4
+
+
+class ExportError(RuntimeError):
+    """The exported graph does not reproduce the PyTorch model."""
+
+
+class InferenceGraph(nn.Module):
+    """What the engine computes: uint8 images -> the serving outputs, in a fixed order."""
+
+    def __init__(self, model: MSFlow) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: Tensor) -> tuple[Tensor, ...]:
+        out = self.model(images)
+        return tuple(out[name] for name in OUTPUTS)
+
+
+def export_onnx(model: MSFlow, path: Path, opset: int = OPSET, max_batch: int = 256) -> Path:
+    """Write the one-graph ONNX model (dynamo exporter, dynamic batch, constants folded)."""
+    graph = InferenceGraph(model.cpu().eval()).eval()
+    size = model.config.input_size
+    example = torch.zeros(2, size, size, 3, dtype=torch.uint8)
+    batch = torch.export.Dim("batch", min=1, max=max_batch)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            graph, (example,), str(path), input_names=["images"], output_names=list(OUTPUTS),
+            dynamic_shapes={"images": {0: batch}}, opset_version=opset, dynamo=True, optimize=True,
+            external_data=False, verbose=False,
+        )
+    return path
+
+
+def onnx_session(path: Path, threads: int | None = None) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(session: Any, images: np.ndarray, batch_size: int = 16) -> dict[str, np.ndarray]:
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in OUTPUTS}
+    for i in range(0, len(images), batch_size):
+        for name, value in zip(OUTPUTS, session.run(list(OUTPUTS), {"images": images[i : i + batch_size]})):
+            parts[name].append(value)
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+@torch.no_grad()
+def parity(model: MSFlow, session: Any, images: np.ndarray) -> tuple[dict[str, float], float]:
+    """Max abs difference between ONNX Runtime and PyTorch per output, and the largest
+    magnitude among the reference outputs."""
+    ref = model(torch.from_numpy(images))
+    got = run_onnx(session, images, batch_size=len(images))
+    diffs = {k: float(np.abs(got[k] - ref[k].numpy()).max()) for k in OUTPUTS}
+    return diffs, max(float(ref[k].abs().max()) for k in OUTPUTS)
+
+
+def _holdout_samples(run: Path, train_cfg: dict[str, Any]) -> list[Sample]:
+    paths = read_json(run / "holdout.json")
+    if not paths:
+        raise ExportError(f"{run} has no held-out normal images to calibrate on; train with --holdout-fraction > 0")
+    return [Sample(path=Path(p), label=0, defect_type="good", mask_path=None) for p in paths]
+
+
+def _validation_anomalies(validation: Path | None, category: str, size: int) -> np.ndarray | None:
+    if validation is None:
+        return None
+    samples = [s for s in MVTecCategory(validation, category).test_samples() if s.label == 1]
+    return load_images(samples, size) if samples else None
+
+
+def _next_version(category_dir: Path) -> str:
+    numeric = [int(v) for v in list_versions(category_dir) if v.isdigit()]
+    return str(max(numeric, default=0) + 1)
+
+
+def export_run(run: str | Path, store: str | Path, category: str | None = None,
+               validation: str | Path | None = None, score_output: str = DEFAULT_SCORE_OUTPUT,
+               tensorrt: bool = False, trt_batches: tuple[int, int, int] = (1, 8, 32),
+               version: str | None = None) -> Path:
+    """Export a run into ``store/<category>/<version>/`` and return that folder."""
+    run = Path(run)
+    train_cfg = read_json(run / "config.json")
+    category = category or train_cfg.get("category") or run.parent.name
+    if not CATEGORY_PATTERN.match(category):
+        raise ValueError(f"category {category!r} must match {CATEGORY_PATTERN.pattern}")
+    if score_output not in ("image_score_log", "absolute_score"):
+        raise ValueError("score_output must be image_score_log or absolute_score")
+    model, info = load_model(run, "cpu")
+    size = model.config.input_size
+
+    category_dir = Path(store) / category
+    category_dir.mkdir(parents=True, exist_ok=True)
+    version = version or _next_version(category_dir)
+    final = category_dir / version
+    if final.exists():
+        raise FileExistsError(f"{final} already exists")
+    work = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=category_dir))
+    try:
+        onnx_path = export_onnx(model, work / "model.onnx")
+        session = onnx_session(onnx_path)
+
+        holdout = load_images(_holdout_samples(run, train_cfg), size)
+        diffs, scale = parity(model, session, holdout[: min(4, len(holdout))])
+        # float32 rounding grows with magnitude: barely trained flows give maps in the
+        # hundreds, so the tolerance is relative above 1.
+        if max(diffs.values()) > PARITY_TOLERANCE * max(1.0, scale):
+            raise ExportError(f"ONNX Runtime differs from PyTorch by {diffs} (tolerance {PARITY_TOLERANCE} "
+                              f"x max(1, {scale:.3g}))")
+
+        normal = run_onnx(session, holdout)
+        anomalies = _validation_anomalies(Path(validation) if validation else None, category, size)
+        anomalous_scores = run_onnx(session, anomalies)[score_output] if anomalies is not None else None
+        calibration = calibrate(normal[score_output], normal["anomaly_map"], score_output, anomalous_scores)
+
+        report_path = run / "report.json"
+        metrics = None
+        if report_path.is_file():
+            shutil.copy(report_path, work / "report.json")
+            report = json.loads(report_path.read_text())
+            metrics = {k: report.get(k) for k in ("image_auroc", "pixel_auroc", "aupro", "best_f1")}
+            metrics["absolute"] = report.get("absolute")
+
+        import onnx
+
+        tensorrt_info = None
+        if tensorrt:
+            from models.tensorrt_build import build_plan
+
+            tensorrt_info = build_plan(work / "model.onnx", work / "model.plan", size, *trt_batches)
+
+        files = {p.name: file_entry(p) for p in sorted(work.iterdir()) if p.is_file()}
+        manifest = Manifest(
+            category=category, version=version, created_at=datetime.now(timezone.utc), input_size=size,
+            backbone=model.config.backbone, model=model.config.model_dump(),
+            inputs=[TensorSpec(name="images", dtype="uint8", shape=["batch", size, size, 3])],
+            outputs=[TensorSpec(name=n, dtype="float32", shape=["batch"] if n != "anomaly_map" else ["batch", size, size])
+                     for n in OUTPUTS],
+            calibration=calibration, metrics=metrics,
+            onnx=OnnxInfo(opset=OPSET, exporter="torch.onnx.export(dynamo=True)", torch_version=torch.__version__,
+                          onnx_version=onnx.__version__, parity_max_abs_diff=diffs),
+            tensorrt=tensorrt_info, files=files, source_run=str(run),
+        )
+        manifest.write(work)
+        work.rename(final)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    log.info("exported %s version %s to %s", category, version, final)
+    return final

@@ -1,0 +1,172 @@
+"""The engine manifest: what a model-store version contains, and how to read its outputs.
+
+This is the contract between the offline exporter and the service, so it is small, has no
+torch dependency, and is validated on both sides::
+
+    model_store/<category>/<version>/
+        model.onnx       one graph: uint8 NHWC images -> scores and maps
+        model.plan       optional TensorRT engine built from model.onnx
+        manifest.json    this schema
+        report.json      the evaluation the export was made from (optional)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MANIFEST = "manifest.json"
+SCHEMA_VERSION = 1
+CATEGORY_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+
+
+class ManifestError(ValueError):
+    """A model-store version is incomplete, tampered with or from an unknown schema."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+
+class FileEntry(_Strict):
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    bytes: int = Field(ge=0)
+
+
+class TensorSpec(_Strict):
+    name: str
+    dtype: str
+    shape: list[int | str]  # "batch" for the dynamic axis
+
+
+class ScoreStats(_Strict):
+    count: int
+    mean: float
+    std: float
+    min: float
+    p50: float
+    p95: float
+    p99: float
+    max: float
+
+
+class Calibration(_Strict):
+    """How raw engine outputs become a verdict and a heatmap.
+
+    ``normalised = clamp((raw - threshold) / (score_max - score_min) + 0.5, 0, 1)``: the
+    threshold maps to 0.5, so it can later move without re-exporting the graph.
+    """
+
+    score_output: str
+    method: Literal["f1_optimal", "normal_quantile"]
+    threshold: float
+    score_min: float
+    score_max: float
+    normal_scores: ScoreStats
+    anomalous_images: int = 0
+    map_low: float  # anomaly_map value shown as the coolest colour (median of normal pixels)
+    map_high: float  # value shown as the hottest colour
+    pixel_threshold: float  # anomaly_map value above which a pixel counts as defective
+    quantile: float | None = None
+    margin: float | None = None
+
+    def normalise_score(self, raw: float) -> float:
+        span = max(self.score_max - self.score_min, 1e-12)
+        return min(max((raw - self.threshold) / span + 0.5, 0.0), 1.0)
+
+    def with_threshold(self, threshold: float) -> "Calibration":
+        return self.model_copy(update={"threshold": threshold})
+
+
+class OnnxInfo(_Strict):
+    file: str = "model.onnx"
+    opset: int
+    exporter: str
+    torch_version: str
+    onnx_version: str
+    parity_max_abs_diff: dict[str, float]
+
+
+class TensorRTInfo(_Strict):
+    file: str = "model.plan"
+    tensorrt_version: str
+    gpu_name: str
+    compute_capability: str
+    precision: Literal["fp16", "fp32"] = "fp16"
+    min_batch: int
+    opt_batch: int
+    max_batch: int
+
+
+class Manifest(_Strict):
+    schema_version: Literal[1] = SCHEMA_VERSION
+    category: str = Field(pattern=CATEGORY_PATTERN.pattern)
+    version: str
+    created_at: datetime
+    input_size: int
+    backbone: str
+    model: dict[str, Any]  # the MSFlowConfig it was exported from
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    calibration: Calibration
+    metrics: dict[str, Any] | None = None
+    onnx: OnnxInfo
+    tensorrt: TensorRTInfo | None = None
+    files: dict[str, FileEntry]
+    source_run: str | None = None
+
+    @classmethod
+    def read(cls, version_dir: str | Path) -> "Manifest":
+        path = Path(version_dir) / MANIFEST
+        if not path.is_file():
+            raise ManifestError(f"no {MANIFEST} in {version_dir}")
+        try:
+            return cls.model_validate_json(path.read_text())
+        except ValueError as e:
+            raise ManifestError(f"{path} is not a valid manifest: {e}") from e
+
+    def write(self, version_dir: str | Path) -> Path:
+        path = Path(version_dir) / MANIFEST
+        path.write_text(self.model_dump_json(indent=2))
+        return path
+
+    def verify_files(self, version_dir: str | Path, names: list[str] | None = None) -> None:
+        """Check sizes and sha256s, so a truncated or swapped file fails at load, not mid-request."""
+        for name in names or list(self.files):
+            entry = self.files.get(name)
+            if entry is None:
+                raise ManifestError(f"{name} is not listed in the manifest of {version_dir}")
+            path = Path(version_dir) / name
+            if not path.is_file():
+                raise ManifestError(f"{path} is listed in the manifest but missing")
+            size = path.stat().st_size
+            if size != entry.bytes:
+                raise ManifestError(f"{path} has {size} bytes, the manifest says {entry.bytes} (truncated?)")
+            if sha256_file(path) != entry.sha256:
+                raise ManifestError(f"{path} does not match its sha256 in the manifest (modified or corrupt)")
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_entry(path: str | Path) -> FileEntry:
+    return FileEntry(sha256=sha256_file(path), bytes=Path(path).stat().st_size)
+
+
+def list_versions(category_dir: str | Path) -> list[str]:
+    """Version folders that hold a manifest, oldest first (numeric versions sort numerically)."""
+    d = Path(category_dir)
+    if not d.is_dir():
+        return []
+    versions = [p.name for p in d.iterdir() if p.is_dir() and (p / MANIFEST).is_file()]
+    return sorted(versions, key=lambda v: (0, int(v), "") if v.isdigit() else (1, 0, v))

@@ -1,0 +1,223 @@
+"""The one image preprocessing path shared by the trainer and the server.
+
+Why one module: a model is only as good as the agreement between the pixels it
+was trained on and the pixels it is served. Any drift (a different resampling
+filter, a different 16-bit scaling, EXIF orientation applied on one side only)
+silently shifts the feature distribution the flows learned and turns normal
+parts into false alarms. Trainer (``models.data``) and service
+(``service.imaging``) therefore both call :func:`resize_for_model` and nothing
+else, and a test proves they produce the same array.
+
+What this module does *not* do: normalisation with the ImageNet statistics. That
+happens inside the model graph (so the exported engine takes plain uint8 NHWC
+input); the constants live here so there is exactly one copy of them.
+
+Pipeline (matches the official MSFlow preprocessing, see MSFLOW_SPEC.md §1):
+EXIF orientation -> 8-bit RGB -> PIL Lanczos resize to ``size x size``.
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "ImageReadError",
+    "to_rgb",
+    "resize_for_model",
+    "open_image",
+    "load_image",
+    "resize_mask",
+    "oriented_size",
+]
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+# Modes whose samples are unsigned 16-bit integers. Their true range is
+# 0..65535, so they map to 8 bit by dropping the low byte (>> 8). Pillow's own
+# convert("L") would *clip* at 255 instead, turning almost every real 16-bit
+# camera frame into a white image.
+_UINT16_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+
+# EXIF orientations that swap width and height (transpose, rotate 90/270, transverse).
+_SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
+_EXIF_ORIENTATION_TAG = 0x0112
+
+
+class ImageReadError(ValueError):
+    """An image file could not be opened or decoded (missing, truncated, not an image).
+
+    A ValueError so that callers validating user input can catch bad data with
+    one clause; the message always names the file.
+    """
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    """Apply EXIF orientation; a malformed EXIF block leaves the image as stored.
+
+    Malformed metadata says nothing reliable about orientation, and a camera
+    that writes broken EXIF must not take the inspection line down.
+    """
+    try:
+        out = ImageOps.exif_transpose(img)
+    except (ValueError, SyntaxError, struct.error, KeyError, TypeError, OSError):
+        return img.copy()
+    return img.copy() if out is None else out
+
+
+def _gray_to_rgb(gray: np.ndarray) -> Image.Image:
+    """Replicate an 8-bit HxW array to three channels (official MSFlow does the same)."""
+    return Image.fromarray(np.ascontiguousarray(gray, dtype=np.uint8), mode="L").convert("RGB")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Apply EXIF orientation and convert any Pillow mode to 8-bit RGB.
+
+    Why each rule:
+
+    * EXIF orientation is applied first because cameras and phones store the
+      sensor buffer plus a rotation tag; the part is only upright after applying it.
+    * Alpha (``RGBA``, ``LA``, ``PA``, ``P`` with transparency) is **dropped**, not
+      composited: the colour channels are what the camera measured, and dropping
+      is what ``Image.convert("RGB")`` in the official MSFlow loader does, so
+      checkpoints trained with it see the same pixels.
+    * 16-bit unsigned modes (``I;16``, ``I;16B``, ...) are scaled by their true
+      range (value >> 8, so 65535 -> 255) instead of clipped.
+    * Mode ``I`` (32-bit signed) is the container Pillow uses for 16-bit PNG and
+      TIFF data, so it is treated as unsigned 16-bit: clipped to 0..65535, then
+      >> 8. A fixed mapping (never per-image min/max stretching) keeps the same
+      physical brightness at the same value across images, which anomaly
+      detection depends on.
+    * Mode ``F`` (32-bit float) has no intrinsic range; it follows Pillow's
+      convention of the 0..255 scale: rounded and clipped to 0..255.
+    * ``1`` (bilevel) maps to 0/255; ``CMYK``, ``YCbCr`` and other colour modes use
+      Pillow's converters.
+
+    Returns a new image; the input is never modified.
+    """
+    img = _upright(img)
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in _UINT16_MODES:
+        arr = np.asarray(img).astype(np.uint16, copy=False)
+        return _gray_to_rgb((arr >> 8).astype(np.uint8))
+    if mode in ("I", "I;32", "I;32L", "I;32B"):
+        arr = np.clip(np.asarray(img, dtype=np.int64), 0, 65535)
+        return _gray_to_rgb((arr >> 8).astype(np.uint8))
+    if mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        arr = np.nan_to_num(arr, nan=0.0, posinf=255.0, neginf=0.0)
+        return _gray_to_rgb(np.clip(np.rint(arr), 0, 255).astype(np.uint8))
+    if mode in ("P", "PA"):
+        # Through RGBA so palette transparency (given as bytes or an index) is
+        # parsed by Pillow without warnings, then dropped like any other alpha.
+        return img.convert("RGBA").convert("RGB")
+    if mode == "RGBa":  # premultiplied alpha: un-premultiply first, then drop
+        return img.convert("RGBA").convert("RGB")
+    if mode in ("L", "LA", "La", "1", "RGBA", "RGBX", "CMYK", "YCbCr", "HSV"):
+        return img.convert("RGB")
+    try:
+        return img.convert("RGB")
+    except (ValueError, OSError) as exc:
+        raise ValueError(f"unsupported image mode {mode!r}") from exc
+
+
+def resize_for_model(img: Image.Image, size: int) -> np.ndarray:
+    """Return the model input for ``img``: uint8 array of shape (size, size, 3), C-contiguous.
+
+    RGB conversion (:func:`to_rgb`), then a PIL Lanczos resize to a square, which
+    is the official MSFlow preprocessing. Aspect ratio is not preserved, again as
+    in the paper's pipeline; inspection cameras are set up to frame the part.
+    Normalisation is left to the model graph so that the same uint8 array can be
+    fed to every engine.
+    """
+    if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or size <= 0:
+        raise ValueError(f"size must be a positive integer, got {size!r}")
+    rgb = to_rgb(img)
+    if rgb.size != (size, size):
+        rgb = rgb.resize((int(size), int(size)), Image.Resampling.LANCZOS)
+    return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8))
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """Open and fully decode an image file, upright (EXIF applied); :class:`ImageReadError` on failure.
+
+    Pillow opens lazily, so a truncated file only fails at ``load()``; decoding
+    here means the error surfaces with the file name at read time instead of
+    deep inside a resize. Pillow's ``LOAD_TRUNCATED_IMAGES`` is deliberately not
+    enabled: a half-grey truncated photo must not become a "normal" training image.
+    """
+    p = Path(path)
+    try:
+        with Image.open(p) as im:
+            im.load()
+            # exif_transpose returns a new image detached from the file handle,
+            # upright and with the orientation tag removed (so to_rgb's own
+            # transpose is a no-op and orientation is never applied twice).
+            upright = _upright(im)
+            upright.load()
+            return upright
+    except FileNotFoundError as exc:
+        raise ImageReadError(f"image file not found: {p}") from exc
+    except IsADirectoryError as exc:
+        raise ImageReadError(f"not an image file (a directory): {p}") from exc
+    except Image.DecompressionBombError as exc:
+        raise ImageReadError(f"image has too many pixels (decompression bomb guard): {p}: {exc}") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageReadError(f"cannot read image {p}: {exc}") from exc
+
+
+def load_image(path: str | Path, size: int) -> np.ndarray:
+    """Read an image file and return the model input (see :func:`resize_for_model`)."""
+    img = open_image(path)
+    try:
+        return resize_for_model(img, size)
+    except ValueError as exc:
+        if isinstance(exc, ImageReadError):
+            raise
+        raise ImageReadError(f"cannot convert image {Path(path)}: {exc}") from exc
+
+
+def resize_mask(mask: Image.Image, size: int) -> np.ndarray:
+    """Return a boolean (size, size) ground-truth mask: nearest-neighbour resize, then ``> 0``.
+
+    Nearest neighbour (as in the official code) keeps the mask binary; any
+    non-zero grey level counts as defective, so 0/1 and 0/255 masks both work.
+    EXIF orientation is applied for symmetry with :func:`to_rgb`.
+    """
+    if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or size <= 0:
+        raise ValueError(f"size must be a positive integer, got {size!r}")
+    m = _upright(mask)
+    if m.mode in _UINT16_MODES or m.mode.startswith("I") or m.mode == "F":
+        # Pillow clips these when converting to L, but "> 0" is all we need, so
+        # threshold in full precision to not lose e.g. negative floats.
+        binary = np.asarray(m).astype(np.float64) > 0
+        m = Image.fromarray((binary * 255).astype(np.uint8), mode="L")
+    elif m.mode != "L":
+        m = m.convert("L")
+    if m.size != (size, size):
+        m = m.resize((int(size), int(size)), Image.Resampling.NEAREST)
+    return np.ascontiguousarray(np.asarray(m) > 0)
+
+
+def oriented_size(img: Image.Image) -> tuple[int, int]:
+    """(width, height) of ``img`` after EXIF orientation, without decoding pixels.
+
+    Used to compare an image with its mask before resizing: both are compared
+    in the orientation the pixels are used in.
+    """
+    w, h = img.size
+    try:
+        orientation = img.getexif().get(_EXIF_ORIENTATION_TAG, 1)
+    except Exception:  # malformed EXIF: treated as upright, exactly like _upright()
+        orientation = 1
+    if orientation in _SWAPPING_ORIENTATIONS:
+        return h, w
+    return w, h

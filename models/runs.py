@@ -1,0 +1,74 @@
+"""A training run on disk: the one format that train, eval, export and import share.
+
+```
+runs/<category>/<name>/
+  config.json         TrainConfig (with the MSFlowConfig inside)
+  checkpoint.pt       selected weights: {"config", "flows", "epoch", "source", ...}
+  last.pt             the latest meta-epoch, with optimiser state, for --resume
+  train_log.jsonl     one line per sub-epoch / meta-epoch
+  holdout.json        normal images held out from training (calibration, model selection)
+  report.json         written by `msflow eval`
+```
+
+The backbone is never saved: it is frozen ImageNet weights, rebuilt from its name.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models.msflow import MSFlow, MSFlowConfig
+
+CHECKPOINT = "checkpoint.pt"
+LAST = "last.pt"
+
+
+class RunError(FileNotFoundError):
+    """A run folder is missing or incomplete."""
+
+
+def flow_state_dict(model: MSFlow) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in model.state_dict().items() if not k.startswith("backbone.")}
+
+
+def save_checkpoint(path: Path, model: MSFlow, epoch: int, source: str = "train", **extra: Any) -> None:
+    """Write atomically so an interrupted run never leaves a half-written checkpoint."""
+    payload = {"config": model.config.model_dump(), "flows": flow_state_dict(model), "epoch": epoch,
+               "source": source, **extra}
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise RunError(f"no checkpoint at {path}")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def load_model(run: str | Path, device: str | torch.device = "cpu", checkpoint: str = CHECKPOINT,
+               backbone_weights: str | None = None) -> tuple[MSFlow, dict[str, Any]]:
+    """The model of a run (eval mode) and its checkpoint payload (without the weights)."""
+    run = Path(run)
+    if not run.is_dir():
+        raise RunError(f"run folder not found: {run}")
+    payload = read_checkpoint(run / checkpoint)
+    config = MSFlowConfig.model_validate(payload["config"])
+    model = MSFlow(config, backbone_weights=backbone_weights or payload.get("backbone_weights"))
+    missing, unexpected = model.load_state_dict(payload["flows"], strict=False)
+    missing = [k for k in missing if not k.startswith("backbone.")]
+    if missing or unexpected:
+        raise RunError(f"checkpoint {run / checkpoint} does not fit its config: missing {missing[:5]}, "
+                       f"unexpected {unexpected[:5]}")
+    info = {k: v for k, v in payload.items() if k not in ("flows", "optimizer", "schedulers")}
+    return model.to(device).eval(), info
+
+
+def read_json(path: Path) -> Any:
+    if not path.is_file():
+        raise RunError(f"missing {path}")
+    return json.loads(path.read_text())

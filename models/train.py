@@ -1,0 +1,191 @@
+"""Training MSFlow on the normal images of one category.
+
+The backbone is frozen and there is no augmentation, so its pooled features are computed
+once and reused by every epoch: on a CPU that turns each epoch from a backbone pass over
+every image into a pass of the (small) flows only.
+
+Model selection never looks at the test set: a fraction of the normal training images is
+held out, and the checkpoint kept is the one with the lowest held-out negative
+log-likelihood (the same images later calibrate the threshold).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from tqdm.auto import tqdm
+
+from models.data import MVTecCategory, Sample, folder_of_good_images, load_images, split_holdout
+from models.msflow import MSFlow, MSFlowConfig
+from models.runs import CHECKPOINT, LAST, read_checkpoint, save_checkpoint
+
+
+class TrainConfig(BaseModel):
+    """Everything that defines a training run; defaults are the paper's (MSFLOW_SPEC §6)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data: Path
+    category: str | None = None  # None: `data` is a plain folder of good images
+    out: Path
+    model: MSFlowConfig = MSFlowConfig()
+    backbone_weights: str | None = None
+    lr: float = 1e-4
+    meta_epochs: int = Field(25, ge=1)
+    sub_epochs: int = Field(4, ge=1)
+    warmup_meta_epochs: int = 3
+    warmup_from: float = 0.1
+    decay_milestones: tuple[int, ...] = (70, 90)  # in sub-epochs, as the official code
+    decay_gamma: float = 0.33
+    grad_clip: float = 2.0
+    batch_size: int = Field(8, ge=1)
+    holdout_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    seed: int = 0
+    device: str = "auto"
+    amp: bool | None = None  # None: on for CUDA, off for CPU
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def training_samples(cfg: TrainConfig) -> list[Sample]:
+    if cfg.category is None:
+        return folder_of_good_images(cfg.data)
+    return MVTecCategory(cfg.data, cfg.category).train_samples()
+
+
+@torch.no_grad()
+def extract_features(model: MSFlow, images: np.ndarray, device: torch.device, batch_size: int = 16,
+                     desc: str = "features") -> list[torch.Tensor]:
+    """Pooled backbone features of uint8 images ``[N,S,S,3]``, kept on ``device``."""
+    levels: list[list[torch.Tensor]] = [[], [], []]
+    for i in tqdm(range(0, len(images), batch_size), desc=desc, leave=False):
+        batch = torch.from_numpy(images[i : i + batch_size]).to(device)
+        for level, f in enumerate(model.features(batch)):
+            levels[level].append(f)
+    return [torch.cat(fs) for fs in levels]
+
+
+@torch.no_grad()
+def mean_nll(model: MSFlow, features: list[torch.Tensor], batch_size: int = 32) -> float:
+    """Mean negative log-likelihood per image (the training loss, without gradients)."""
+    model.eval()
+    total, n = 0.0, features[0].shape[0]
+    for i in range(0, n, batch_size):
+        zs, logdet = model.flow([f[i : i + batch_size] for f in features])
+        total += float(model.nll_loss(zs, logdet)) * zs[0].shape[0]
+    return total / max(n, 1)
+
+
+def _schedulers(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> list[torch.optim.lr_scheduler.LRScheduler]:
+    """Linear warm-up then multi-step decay, both stepped once per sub-epoch (official)."""
+    schedulers: list[torch.optim.lr_scheduler.LRScheduler] = []
+    warmup_steps = cfg.warmup_meta_epochs * cfg.sub_epochs
+    if warmup_steps > 0:
+        schedulers.append(torch.optim.lr_scheduler.LinearLR(optimizer, cfg.warmup_from, 1.0, warmup_steps))
+    if cfg.decay_milestones:
+        schedulers.append(torch.optim.lr_scheduler.MultiStepLR(optimizer, list(cfg.decay_milestones),
+                                                               cfg.decay_gamma))
+    return schedulers
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
+    """Train and return the run folder."""
+    out = cfg.out
+    out.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    use_amp = cfg.amp if cfg.amp is not None else device.type == "cuda"
+
+    samples = training_samples(cfg)
+    train_set, holdout = split_holdout(samples, cfg.holdout_fraction, cfg.seed)
+    if not train_set:
+        raise ValueError(f"no training images left after holding out {cfg.holdout_fraction:.0%}")
+    (out / "config.json").write_text(cfg.model_dump_json(indent=2))
+    (out / "holdout.json").write_text(json.dumps([str(s.path) for s in holdout], indent=2))
+
+    model = MSFlow(cfg.model, backbone_weights=cfg.backbone_weights).to(device)
+    size = cfg.model.input_size
+    t0 = time.perf_counter()
+    train_feats = extract_features(model, load_images(train_set, size), device, desc="train features")
+    hold_feats = extract_features(model, load_images(holdout, size), device, desc="holdout features") if holdout else None
+    feature_seconds = time.perf_counter() - t0
+
+    params = model.flow_parameters()
+    optimizer = torch.optim.Adam(params, lr=cfg.lr)
+    schedulers = _schedulers(optimizer, cfg)
+    start_epoch, best_nll = 0, math.inf
+    if resume and (out / LAST).is_file():
+        state = read_checkpoint(out / LAST)
+        model.load_state_dict(state["flows"], strict=False)
+        optimizer.load_state_dict(state["optimizer"])
+        for sched, sd in zip(schedulers, state["schedulers"]):
+            sched.load_state_dict(sd)
+        torch.set_rng_state(state["rng"])
+        start_epoch, best_nll = state["epoch"] + 1, state["best_nll"]
+
+    n = train_feats[0].shape[0]
+    generator = torch.Generator().manual_seed(cfg.seed + start_epoch)
+    amp_ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else nullcontext
+    log = (out / "train_log.jsonl").open("a")
+    log.write(json.dumps({"event": "start", "train_images": n, "holdout_images": len(holdout),
+                          "feature_seconds": round(feature_seconds, 2), "device": str(device),
+                          "resume_from": start_epoch}) + "\n")
+    bar = tqdm(total=(cfg.meta_epochs - start_epoch) * cfg.sub_epochs, desc=f"train {cfg.category or out.name}",
+               disable=not progress)
+    for epoch in range(start_epoch, cfg.meta_epochs):
+        model.train()
+        epoch_start = time.perf_counter()
+        for sub in range(cfg.sub_epochs):
+            order = torch.randperm(n, generator=generator)
+            total = 0.0
+            for i in range(0, n, cfg.batch_size):
+                idx = order[i : i + cfg.batch_size].to(device)
+                with amp_ctx():
+                    zs, logdet = model.flow([f.index_select(0, idx) for f in train_feats])
+                    loss = model.nll_loss([z.float() for z in zs], logdet.float())
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                optimizer.step()
+                total += loss.detach().item() * len(idx)
+            lr = optimizer.param_groups[0]["lr"]
+            for sched in schedulers:
+                sched.step()
+            train_nll = total / n
+            bar.update(1)
+            bar.set_postfix(nll=f"{train_nll:.4g}", lr=f"{lr:.1e}")
+            log.write(json.dumps({"epoch": epoch, "sub_epoch": sub, "train_nll": train_nll, "lr": lr}) + "\n")
+        holdout_nll = mean_nll(model, hold_feats) if hold_feats is not None else train_nll
+        improved = holdout_nll < best_nll
+        if improved:
+            best_nll = holdout_nll
+            save_checkpoint(out / CHECKPOINT, model, epoch, holdout_nll=holdout_nll)
+        save_checkpoint(out / LAST, model, epoch, optimizer=optimizer.state_dict(),
+                        schedulers=[s.state_dict() for s in schedulers], rng=torch.get_rng_state(),
+                        best_nll=best_nll)
+        log.write(json.dumps({"epoch": epoch, "holdout_nll": holdout_nll, "selected": improved,
+                              "seconds": round(time.perf_counter() - epoch_start, 2)}) + "\n")
+        log.flush()
+    bar.close()
+    log.write(json.dumps({"event": "done", "best_holdout_nll": best_nll,
+                          "seconds": round(time.perf_counter() - t0, 2)}) + "\n")
+    log.close()
+    return out

@@ -1,0 +1,195 @@
+"""`msflow <subcommand>`: one entry point for the offline tools and the service.
+
+Each subcommand imports its half lazily, so `msflow train` never loads the web stack and
+`msflow serve` never loads the trainer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _demo_data(args: argparse.Namespace) -> int:
+    from models.demo_data import build_demo_dataset
+
+    summary = build_demo_dataset(Path(args.out), seed=args.seed, n_train=args.n_train,
+                                 n_test_good=args.n_test_good, n_test_defect=args.n_test_defect)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def _model_config(args: argparse.Namespace) -> "object":
+    from models.msflow import MSFlowConfig
+
+    return MSFlowConfig(backbone=args.backbone, input_size=args.input_size,
+                        parallel_blocks=tuple(args.blocks), clamp=args.clamp,
+                        cond_channels=args.cond_channels, pool=args.pool, top_k=args.top_k)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from models.train import TrainConfig, train
+
+    name = args.category or Path(args.data).name
+    out = Path(args.out) if args.out else Path("runs") / name / datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    cfg = TrainConfig(
+        data=Path(args.data), category=args.category, out=out, model=_model_config(args),
+        backbone_weights=args.backbone_weights, lr=args.lr, meta_epochs=args.meta_epochs,
+        sub_epochs=args.sub_epochs, warmup_meta_epochs=args.warmup_meta_epochs,
+        decay_milestones=tuple(args.decay_milestones), batch_size=args.batch_size,
+        holdout_fraction=args.holdout_fraction, seed=args.seed, device=args.device, amp=args.amp,
+    )
+    run = train(cfg, resume=args.resume)
+    print(f"run written to {run}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from models.evaluate import evaluate_run
+
+    report = evaluate_run(args.run, data=args.data, category=args.category, device=args.device,
+                          batch_size=args.batch_size)
+    keys = ("category", "image_auroc", "pixel_auroc", "aupro", "best_f1")
+    print(json.dumps({k: report[k] for k in keys}, indent=2))
+    for t, block in report["per_defect_type"].items():
+        print(f"  {t:>10}: image AUROC {block['image_auroc']:.3f}  pixel AUROC {block['pixel_auroc']:.3f}")
+    print(f"report: {Path(args.run) / 'report.json'}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from models.export import export_run
+
+    version_dir = export_run(args.run, args.store, category=args.category, validation=args.validation,
+                             score_output=args.score_output, tensorrt=args.tensorrt,
+                             trt_batches=(args.trt_min_batch, args.trt_opt_batch, args.trt_max_batch))
+    print(f"exported to {version_dir}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from service.bench import run_bench
+
+    return run_bench(args)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from service.server import serve
+
+    return serve(args)
+
+
+def _import_official(args: argparse.Namespace) -> int:
+    from models.official import import_official_run
+
+    run = import_official_run(args.checkpoint, Path(args.out), _model_config(args), args.backbone_weights)
+    print(f"run written to {run}")
+    return 0
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model (paper defaults)")
+    g.add_argument("--backbone", default="efficientnet_lite0",
+                   choices=["efficientnet_lite0", "wide_resnet50_2", "resnet18"])
+    g.add_argument("--backbone-weights", default=None, help="torchvision-format .pth for ResNet backbones")
+    g.add_argument("--input-size", type=int, default=256, help="square input size (multiple of 32; paper: 512)")
+    g.add_argument("--blocks", type=int, nargs=3, default=[2, 5, 8], help="coupling blocks per level")
+    g.add_argument("--clamp", type=float, default=1.9)
+    g.add_argument("--cond-channels", type=int, default=64)
+    g.add_argument("--pool", default="avg", choices=["avg", "max", "none"])
+    g.add_argument("--top-k", type=float, default=0.03, help="fraction of pixels averaged for the image score")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="msflow", description="MSFlow visual inspection: train, evaluate, "
+                                     "export and serve anomaly detection models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo-data", help="build the demo MVTec-layout data set from scikit-image textures")
+    p.add_argument("--out", default="data/demo")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-train", type=int, default=200)
+    p.add_argument("--n-test-good", type=int, default=40)
+    p.add_argument("--n-test-defect", type=int, default=60)
+    p.set_defaults(func=_demo_data)
+
+    p = sub.add_parser("train", help="train an MSFlow on the normal images of one category")
+    p.add_argument("--data", required=True, help="MVTec-layout root, or a folder of good images")
+    p.add_argument("--category", default=None, help="category under --data (omit for a plain folder)")
+    p.add_argument("--out", default=None, help="run folder (default runs/<category>/<timestamp>)")
+    _add_model_flags(p)
+    g = p.add_argument_group("optimisation (paper defaults)")
+    g.add_argument("--lr", type=float, default=1e-4)
+    g.add_argument("--meta-epochs", type=int, default=25)
+    g.add_argument("--sub-epochs", type=int, default=4)
+    g.add_argument("--warmup-meta-epochs", type=int, default=3)
+    g.add_argument("--decay-milestones", type=int, nargs="*", default=[70, 90], help="in sub-epochs")
+    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--holdout-fraction", type=float, default=0.1,
+                   help="normal images kept out of training for model selection and calibration")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto", help="auto (CUDA, then CPU), cpu, cuda, cuda:1 ...")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="mixed precision (default: on for CUDA)")
+    g.add_argument("--resume", action="store_true", help="continue from the run folder's last.pt")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("eval", help="evaluate a run: AUROC, pixel AUROC, AUPRO, F1; report.json and pictures")
+    p.add_argument("--run", required=True)
+    p.add_argument("--data", default=None, help="default: the run's training data root")
+    p.add_argument("--category", default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("export", help="export a run to the model store: one ONNX graph, manifest, calibration")
+    p.add_argument("--run", required=True)
+    p.add_argument("--store", default="model_store")
+    p.add_argument("--category", default=None, help="default: the run's category")
+    p.add_argument("--validation", default=None,
+                   help="MVTec-layout root with labelled anomalies for F1-optimal calibration")
+    p.add_argument("--score-output", default="image_score_log", choices=["image_score_log", "absolute_score"],
+                   help="which graph output the threshold applies to")
+    p.add_argument("--tensorrt", action="store_true", help="also build an FP16 TensorRT plan (CUDA host)")
+    p.add_argument("--trt-min-batch", type=int, default=1)
+    p.add_argument("--trt-opt-batch", type=int, default=8)
+    p.add_argument("--trt-max-batch", type=int, default=32)
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("bench", help="images/s and latency of every engine available here")
+    p.add_argument("--model", required=True, help="model_store/<category> or a version folder")
+    p.add_argument("--engines", nargs="*", default=None, help="default: all available here")
+    p.add_argument("--batch-sizes", type=int, nargs="*", default=[1, 8, 32])
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per setting (median reported)")
+    p.add_argument("--out", default=None, help="JSON output (default <version>/bench-<host>.json)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_bench)
+
+    p = sub.add_parser("serve", help="run the inspection API (settings from MSFLOW_* environment variables)")
+    p.add_argument("--host", default=None)
+    p.add_argument("--port", type=int, default=None)
+    p.add_argument("--store", default=None, help="model store (overrides MSFLOW_MODEL_STORE)")
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("import-official", help="turn a checkpoint saved by the official MSFlow code into a run")
+    p.add_argument("checkpoint")
+    p.add_argument("--out", required=True)
+    _add_model_flags(p)
+    p.set_defaults(func=_import_official)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""Runtime engines: one small protocol, ``run(uint8 NHWC batch) -> (scores, maps)``.
+
+An engine is a model-store version folder made executable. Loading verifies the
+manifest's sha256s, so a corrupt or truncated file is an error at start-up, never a crash
+at the first request.
+
+- :class:`OnnxEngine`: onnxruntime; providers TensorRT -> CUDA -> CPU as available.
+- :class:`TensorRTEngine`: a prebuilt ``model.plan`` (CUDA only), see ``tensorrt_engine``.
+- :class:`TorchEngine`: the PyTorch model of the source run; the reference.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from models.manifest import Manifest
+
+log = logging.getLogger(__name__)
+
+MAP_OUTPUT = "anomaly_map"
+
+
+class EngineError(RuntimeError):
+    """An engine cannot be built or run on this host."""
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What the batcher calls. ``run`` is blocking and thread-safe for one caller at a time."""
+
+    name: str  # "onnxruntime-cpu", "onnxruntime-cuda", "tensorrt", "torch-cpu", ...
+    manifest: Manifest
+    max_batch_size: int
+
+    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 ``[B, S, S, 3]`` -> raw scores ``[B]`` (the calibrated output) and
+        anomaly maps ``[B, S, S]`` (float32)."""
+        ...
+
+
+def _check_batch(images: np.ndarray, size: int, max_batch: int) -> np.ndarray:
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (size, size, 3):
+        raise EngineError(f"engine takes uint8 [B,{size},{size},3], got {images.dtype} {list(images.shape)}")
+    if not 1 <= images.shape[0] <= max_batch:
+        raise EngineError(f"batch of {images.shape[0]} outside 1..{max_batch}")
+    return np.ascontiguousarray(images)
+
+
+class OnnxEngine:
+    """onnxruntime session over ``model.onnx``."""
+
+    def __init__(self, version_dir: str | Path, providers: list[str] | None = None, threads: int | None = None,
+                 manifest: Manifest | None = None, max_batch_size: int = 64, verify: bool = True) -> None:
+        import onnxruntime as ort
+
+        self.version_dir = Path(version_dir)
+        self.manifest = manifest or Manifest.read(self.version_dir)
+        if verify:
+            self.manifest.verify_files(self.version_dir, [self.manifest.onnx.file])
+        available = ort.get_available_providers()
+        wanted = providers or ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+        chosen = [p for p in wanted if p in available] or ["CPUExecutionProvider"]
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            opts.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(self.version_dir / self.manifest.onnx.file), opts,
+                                                providers=chosen)
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise EngineError(f"cannot load {self.version_dir / self.manifest.onnx.file}: {e}") from e
+        active = self.session.get_providers()[0]
+        self.name = {"CPUExecutionProvider": "onnxruntime-cpu", "CUDAExecutionProvider": "onnxruntime-cuda",
+                     "TensorrtExecutionProvider": "onnxruntime-tensorrt"}.get(active, active)
+        self.max_batch_size = max_batch_size
+        self.score_output = self.manifest.calibration.score_output
+        self.size = self.manifest.input_size
+
+    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        batch = _check_batch(images, self.size, self.max_batch_size)
+        scores, maps = self.session.run([self.score_output, MAP_OUTPUT], {"images": batch})
+        return scores.astype(np.float32, copy=False), maps.astype(np.float32, copy=False)
+
+
+def load_engine(version_dir: str | Path, kind: str = "auto", device: str = "auto",
+                threads: int | None = None, max_batch_size: int = 64) -> Engine:
+    """The best engine for this host: ``auto`` tries TensorRT (plan), then ONNX Runtime."""
+    version_dir = Path(version_dir)
+    manifest = Manifest.read(version_dir)
+    if kind == "onnx" or (kind == "auto" and manifest.tensorrt is None):
+        return OnnxEngine(version_dir, _onnx_providers(device), threads, manifest, max_batch_size)
+    if kind == "torch":
+        from service.torch_engine import TorchEngine
+
+        return TorchEngine(version_dir, device=device, manifest=manifest, max_batch_size=max_batch_size)
+    if kind in ("tensorrt", "auto"):
+        try:
+            from service.tensorrt_engine import TensorRTEngine
+
+            return TensorRTEngine(version_dir, manifest=manifest)
+        except EngineError as e:
+            if kind == "tensorrt":
+                raise
+            log.warning("TensorRT plan not usable here (%s); using ONNX Runtime", e)
+            return OnnxEngine(version_dir, _onnx_providers(device), threads, manifest, max_batch_size)
+    raise EngineError(f"unknown engine kind {kind!r}; choose auto, tensorrt, onnx or torch")
+
+
+def _onnx_providers(device: str) -> list[str] | None:
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    return None
+
+
+__all__ = ["Engine", "EngineError", "OnnxEngine", "load_engine"]

@@ -1,0 +1,53 @@
+"""Shared fixtures: a small real demo data set, a briefly trained run, an exported store.
+
+Everything is real (scikit-image photographs, ImageNet Lite0 weights, the trainer, the
+ONNX exporter); only the sizes are small so the suite stays fast on 2 cores.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+TEST_INPUT_SIZE = 128
+TEST_CATEGORY = "grass"
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from models.demo_data import build_demo_dataset
+
+    root = tmp_path_factory.mktemp("demo")
+    build_demo_dataset(root, seed=0, n_train=32, n_test_good=8, n_test_defect=8, categories=(TEST_CATEGORY,))
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained_run(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run trained long enough that its latents are small (so float32 parity is meaningful)."""
+    from models.msflow import MSFlowConfig
+    from models.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("runs") / TEST_CATEGORY
+    cfg = TrainConfig(
+        data=demo_root, category=TEST_CATEGORY, out=out, model=MSFlowConfig(input_size=TEST_INPUT_SIZE),
+        lr=2e-3, meta_epochs=8, sub_epochs=2, warmup_meta_epochs=1, decay_milestones=(), batch_size=8,
+        holdout_fraction=0.25, seed=0, device="cpu",
+    )
+    return train(cfg, progress=False)
+
+
+@pytest.fixture(scope="session")
+def model_store(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model store with one exported version of the test category."""
+    from models.export import export_run
+
+    store = tmp_path_factory.mktemp("store")
+    export_run(trained_run, store)
+    return store
+
+
+@pytest.fixture(scope="session")
+def version_dir(model_store: Path) -> Path:
+    return model_store / TEST_CATEGORY / "1"

@@ -1,0 +1,201 @@
+"""The demo data set: exact masks, disjoint regions, determinism, defect realism, MVTec loading."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+from scipy import ndimage
+
+from models.data import MVTecCategory, load_images, load_masks
+from models.demo_data import (
+    DEFECT_TYPES,
+    MASK_TOLERANCE,
+    TEXTURES,
+    CropSpec,
+    allowed_transforms,
+    apply_transform,
+    build_demo_dataset,
+    extract_crop,
+    load_texture,
+    make_defect_example,
+    plan_regions,
+    synthesize_defect,
+)
+
+SMALL: dict[str, Any] = {"n_train": 6, "n_test_good": 3, "n_test_defect": 8, "crop": 64}
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("demo")
+    build_demo_dataset(out, seed=0, **SMALL)
+    return out
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _meta(demo: Path, category: str) -> dict[str, Any]:
+    return json.loads((demo / category / "dataset.json").read_text())
+
+
+def test_layout_and_all_defect_types(demo: Path) -> None:
+    for name in TEXTURES:
+        cat = MVTecCategory(demo, name)
+        assert cat.defect_types() == sorted(DEFECT_TYPES)
+        assert len(cat.train_samples()) == 6
+        test = cat.test_samples()
+        counts = {t: sum(s.defect_type == t for s in test) for t in ("good", *DEFECT_TYPES)}
+        assert counts == {"good": 3, "scratch": 2, "stain": 2, "hole": 2, "foreign": 2}
+        imgs = load_images(test, 64)
+        masks = load_masks(test, 64)
+        assert imgs.shape == (len(test), 64, 64, 3)
+        assert [bool(m.any()) for m in masks] == [s.is_defective for s in test]
+
+
+def test_images_are_rgb_gray_and_masks_binary(demo: Path) -> None:
+    img = Image.open(demo / "brick/test/hole/000.png")
+    assert img.mode == "RGB" and img.size == (64, 64)
+    arr = np.asarray(img)
+    assert (arr[..., 0] == arr[..., 1]).all() and (arr[..., 0] == arr[..., 2]).all()
+    mask = Image.open(demo / "brick/ground_truth/hole/000_mask.png")
+    assert mask.mode == "L" and set(np.unique(np.asarray(mask)).tolist()) <= {0, 255}
+
+
+@pytest.mark.parametrize("category", TEXTURES)
+def test_every_image_is_its_recorded_crop_and_masks_are_exact(demo: Path, category: str) -> None:
+    meta = _meta(demo, category)
+    photo = load_texture(category)
+    assert len(meta["images"]) == 6 + 3 + 8
+    for rec in meta["images"]:
+        clean = extract_crop(photo, CropSpec(rec["y"], rec["x"], rec["transform"]), meta["crop"])
+        img = np.asarray(Image.open(demo / category / rec["file"]))[..., 0]
+        if "mask" not in rec:
+            assert np.array_equal(img, clean), rec["file"]
+            continue
+        mask = np.asarray(Image.open(demo / category / rec["mask"])) > 0
+        diff = np.abs(img.astype(int) - clean.astype(int))
+        assert mask.any(), rec["file"]
+        assert np.array_equal(mask, diff > 0), rec["file"]  # mask == changed pixels, exactly
+        assert diff[mask].min() >= MASK_TOLERANCE
+
+
+@pytest.mark.parametrize("category", TEXTURES)
+def test_train_and_test_regions_are_disjoint(demo: Path, category: str) -> None:
+    meta = _meta(demo, category)
+    train, test, crop = meta["train_region"], meta["test_region"], meta["crop"]
+    assert train["bottom"] + meta["gap"] <= test["top"] and meta["gap"] > 0
+    train_rows: set[int] = set()
+    test_rows: set[int] = set()
+    for rec in meta["images"]:
+        region, rows = (train, train_rows) if rec["file"].startswith("train/") else (test, test_rows)
+        assert region["top"] <= rec["y"] and rec["y"] + crop <= region["bottom"], rec
+        assert region["left"] <= rec["x"] and rec["x"] + crop <= region["right"], rec
+        rows.update(range(rec["y"], rec["y"] + crop))
+        assert rec["transform"] in allowed_transforms(category)
+    assert train_rows and test_rows and not train_rows & test_rows
+
+
+def test_brick_is_never_turned_by_90_degrees() -> None:
+    assert set(allowed_transforms("brick")) == {0, 2, 4, 6}
+    assert set(allowed_transforms("grass")) == set(range(8))
+    a = np.arange(6).reshape(2, 3)
+    for t in allowed_transforms("brick"):
+        assert apply_transform(a, t).shape == (2, 3)  # rows stay rows
+    assert apply_transform(a, 1).shape == (3, 2)
+
+
+def test_default_crop_fits_with_a_gap_and_256_does_not() -> None:
+    train, test = plan_regions(512, 512, 224, gap=8)
+    assert train.bottom - train.top >= 224 + 32 and test.bottom - test.top >= 224
+    assert train.bottom + 8 <= test.top
+    with pytest.raises(ValueError, match="does not fit"):
+        plan_regions(512, 512, 256, gap=8)
+
+
+def test_same_seed_same_bytes_different_seed_different(demo: Path, tmp_path: Path) -> None:
+    again = tmp_path / "again"
+    build_demo_dataset(again, seed=0, **SMALL)
+    assert _files(again) == _files(demo)
+    other = tmp_path / "other"
+    build_demo_dataset(other, seed=1, categories=("gravel",), **SMALL)
+    a, b = _files(demo / "gravel"), _files(other / "gravel")
+    assert a.keys() == b.keys()
+    assert sum(a[k] != b[k] for k in a if k.endswith(".png")) >= len(a) - 2
+
+
+def test_rebuild_replaces_own_output_and_refuses_foreign_folders(tmp_path: Path) -> None:
+    out = tmp_path / "d"
+    build_demo_dataset(out, categories=("grass",), **SMALL)
+    build_demo_dataset(out, categories=("grass",), **{**SMALL, "n_train": 2, "n_test_defect": 4})
+    assert len(list((out / "grass/train/good").iterdir())) == 2  # no stale files left behind
+    assert not list(out.glob(".*"))  # staging folder renamed away
+    (tmp_path / "mine/brick").mkdir(parents=True)
+    (tmp_path / "mine/brick/precious.txt").write_text("keep")
+    with pytest.raises(FileExistsError, match="brick"):
+        build_demo_dataset(tmp_path / "mine", categories=("brick",), **SMALL)
+    assert (tmp_path / "mine/brick/precious.txt").read_text() == "keep"
+
+
+def test_invalid_arguments() -> None:
+    with pytest.raises(ValueError, match="categories"):
+        build_demo_dataset("unused", categories=("marble",))
+    with pytest.raises(ValueError, match="n_train"):
+        build_demo_dataset("unused", n_train=0)
+
+
+# ----------------------------------------------------------------------------- the defects themselves
+
+
+def _example(defect: str, seed: int, category: str = "gravel") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    photo = load_texture(category)
+    foreign = [load_texture(t) for t in TEXTURES if t != category]
+    rng = np.random.default_rng(seed)
+    return make_defect_example(photo, CropSpec(288, 100, 0), 224, defect, rng, foreign)
+
+
+@pytest.mark.parametrize("defect", DEFECT_TYPES)
+def test_synthesized_mask_is_exactly_the_changed_pixels(defect: str) -> None:
+    for seed in range(3):
+        clean, defective, mask = _example(defect, seed)
+        assert defective.dtype == np.uint8 and mask.dtype == np.bool_
+        assert np.array_equal(mask, defective != clean)
+        assert 8 <= mask.sum() < 0.25 * mask.size
+
+
+def test_scratches_are_thin() -> None:
+    for seed in range(4):
+        _, _, mask = _example("scratch", seed)
+        # Distance from the inside of the mask to its edge: a 1-3 px line never exceeds 2.
+        assert ndimage.distance_transform_edt(mask).max() <= 2.5
+        assert mask.sum() > 20  # but it is a line, not a dot
+
+
+def test_stains_are_subtle_and_soft() -> None:
+    for seed in range(4):
+        clean, defective, mask = _example("stain", seed)
+        diff = np.abs(defective.astype(int) - clean.astype(int))[mask]
+        assert np.median(diff) <= 15  # low contrast
+        assert diff.min() < diff.max() / 2  # soft edge: changes fade out towards the border
+
+
+def test_holes_are_dark_and_foreign_patches_are_foreign() -> None:
+    clean, defective, mask = _example("hole", 0)
+    assert defective[mask].mean() < 60 and defective[mask].mean() < clean[mask].mean() - 30
+    clean, defective, mask = _example("foreign", 0)
+    assert np.abs(defective[mask].astype(int) - clean[mask].astype(int)).mean() > 10
+
+
+def test_synthesis_is_deterministic_per_rng() -> None:
+    clean = extract_crop(load_texture("grass"), CropSpec(300, 0, 5), 64)
+    a = synthesize_defect(clean, "stain", np.random.default_rng(7))
+    b = synthesize_defect(clean, "stain", np.random.default_rng(7))
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
+    with pytest.raises(ValueError, match="unknown defect"):
+        synthesize_defect(clean, "dent", np.random.default_rng(0))
