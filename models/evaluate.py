@@ -43,10 +43,12 @@ def evaluate_run(run: str | Path, data: str | Path | None = None, category: str 
     """Evaluate a run's selected checkpoint; writes ``report.json`` (and PNGs) into the run."""
     run = Path(run)
     train_cfg = read_json(run / "config.json")
-    data = Path(data or train_cfg["data"])
+    data = data or train_cfg.get("data")
     category = category or train_cfg.get("category")
-    if category is None:
-        raise ValueError("this run trained on a plain folder; give --data and --category of an MVTec-layout test set")
+    if data is None or category is None:
+        raise ValueError(f"{run} does not name an MVTec-layout test set (plain-folder or imported run): "
+                         "give --data and --category")
+    data = Path(data)
     model, info = load_model(run, device)
     size = model.config.input_size
 

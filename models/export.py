@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from models.calibrate import calibrate
-from models.data import MVTecCategory, Sample, load_images
+from models.data import MVTecCategory, Sample, folder_of_good_images, load_images
 from models.manifest import (CATEGORY_PATTERN, Manifest, OnnxInfo, TensorSpec, file_entry, list_versions)
 from models.msflow import MSFlow
 from models.runs import load_model, read_json
@@ -96,11 +96,15 @@ def parity(model: MSFlow, session: Any, images: np.ndarray) -> tuple[dict[str, f
     return diffs, max(float(ref[k].abs().max()) for k in OUTPUTS)
 
 
-def _holdout_samples(run: Path, train_cfg: dict[str, Any]) -> list[Sample]:
-    paths = read_json(run / "holdout.json")
+def _calibration_samples(run: Path, calibration_images: Path | None) -> list[Sample]:
+    """Normal images the flows never trained on: a given folder, else the run's holdout."""
+    if calibration_images is not None:
+        return folder_of_good_images(calibration_images)
+    paths = read_json(run / "holdout.json") if (run / "holdout.json").is_file() else []
     if not paths:
-        raise ExportError(f"{run} has no held-out normal images to calibrate on; train with --holdout-fraction > 0")
-    return [Sample(path=Path(p), label=0, defect_type="good", mask_path=None) for p in paths]
+        raise ExportError(f"{run} has no held-out normal images to calibrate on: train with --holdout-fraction > 0 "
+                          "or pass --calibration-images DIR (normal images not used in training)")
+    return [Sample(path=Path(p), label=0, defect_type="good") for p in paths]
 
 
 def _validation_anomalies(validation: Path | None, category: str, size: int) -> np.ndarray | None:
@@ -118,7 +122,7 @@ def _next_version(category_dir: Path) -> str:
 def export_run(run: str | Path, store: str | Path, category: str | None = None,
                validation: str | Path | None = None, score_output: str = DEFAULT_SCORE_OUTPUT,
                tensorrt: bool = False, trt_batches: tuple[int, int, int] = (1, 8, 32),
-               version: str | None = None) -> Path:
+               version: str | None = None, calibration_images: str | Path | None = None) -> Path:
     """Export a run into ``store/<category>/<version>/`` and return that folder."""
     run = Path(run)
     train_cfg = read_json(run / "config.json")
@@ -141,7 +145,7 @@ def export_run(run: str | Path, store: str | Path, category: str | None = None,
         onnx_path = export_onnx(model, work / "model.onnx")
         session = onnx_session(onnx_path)
 
-        holdout = load_images(_holdout_samples(run, train_cfg), size)
+        holdout = load_images(_calibration_samples(run, Path(calibration_images) if calibration_images else None), size)
         diffs, scale = parity(model, session, holdout[: min(4, len(holdout))])
         # float32 rounding grows with magnitude: barely trained flows give maps in the
         # hundreds, so the tolerance is relative above 1.

@@ -61,7 +61,7 @@ def _read(checkpoint: str | Path | Mapping[str, Any]) -> Mapping[str, Any]:
     try:
         # weights_only: a checkpoint is data; never execute code from a file.
         data = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
         raise OfficialCheckpointError(f"cannot read official checkpoint {path}: {e}") from e
     if not isinstance(data, Mapping):
         raise OfficialCheckpointError(f"{path}: expected a dict checkpoint, got {type(data).__name__}")

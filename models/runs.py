@@ -47,7 +47,7 @@ def save_checkpoint(path: Path, model: MSFlow, epoch: int, source: str = "train"
 def read_checkpoint(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise RunError(f"no checkpoint at {path}")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def load_model(run: str | Path, device: str | torch.device = "cpu", checkpoint: str = CHECKPOINT,

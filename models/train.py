@@ -177,7 +177,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         improved = holdout_nll < best_nll
         if improved:
             best_nll = holdout_nll
-            save_checkpoint(out / CHECKPOINT, model, epoch, holdout_nll=holdout_nll)
+            save_checkpoint(out / CHECKPOINT, model, epoch, holdout_nll=holdout_nll,
+                            backbone_weights=cfg.backbone_weights)
         save_checkpoint(out / LAST, model, epoch, optimizer=optimizer.state_dict(),
                         schedulers=[s.state_dict() for s in schedulers], rng=torch.get_rng_state(),
                         best_nll=best_nll)

@@ -68,7 +68,8 @@ def _export(args: argparse.Namespace) -> int:
 
     version_dir = export_run(args.run, args.store, category=args.category, validation=args.validation,
                              score_output=args.score_output, tensorrt=args.tensorrt,
-                             trt_batches=(args.trt_min_batch, args.trt_opt_batch, args.trt_max_batch))
+                             trt_batches=(args.trt_min_batch, args.trt_opt_batch, args.trt_max_batch),
+                             calibration_images=args.calibration_images)
     print(f"exported to {version_dir}")
     return 0
 
@@ -156,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MVTec-layout root with labelled anomalies for F1-optimal calibration")
     p.add_argument("--score-output", default="image_score_log", choices=["image_score_log", "absolute_score"],
                    help="which graph output the threshold applies to")
+    p.add_argument("--calibration-images", default=None,
+                   help="folder of normal images not used in training (default: the run's holdout)")
     p.add_argument("--tensorrt", action="store_true", help="also build an FP16 TensorRT plan (CUDA host)")
     p.add_argument("--trt-min-batch", type=int, default=1)
     p.add_argument("--trt-opt-batch", type=int, default=8)

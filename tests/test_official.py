@@ -347,3 +347,13 @@ def test_convert_returns_flow_state_without_backbone(official, backbone):
     assert epoch == 17
     assert set(state) == {k for k in model.state_dict() if not k.startswith("backbone.")}
     assert state["parallel_flows.0.blocks.0.perm"].dtype == torch.int64
+
+
+def test_imported_run_loads_with_project_run_loader(official, tmp_path):
+    """The run folder is what the project's own run loader expects."""
+    from models.runs import load_model
+
+    out = import_official_run(official[0], tmp_path / "run", CONFIG)
+    model, info = load_model(out)
+    assert info["source"] == "official" and info["epoch"] == 17
+    assert_reproduces(model, official)
