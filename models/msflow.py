@@ -137,7 +137,7 @@ class MSFlow(nn.Module):
 
     # ---------------------------------------------------------------- post-processing
 
-    def postprocess(self, zs: list[Tensor]) -> MSFlowOutputs:
+    def postprocess(self, zs: list[Tensor], paper_maps: bool = True) -> MSFlowOutputs:
         """Scores and maps at input resolution.
 
         - ``image_score``: the paper's score, mean of the top-k of ``1 - exp(M - max M)``.
@@ -149,6 +149,9 @@ class MSFlow(nn.Module):
         - ``anomaly_map``: the absolute map ``-sum_l up(logp_l)``, comparable across images
           (for heatmaps and calibration: a good part stays cool).
         - ``absolute_score``: mean of the top-k of ``anomaly_map``.
+
+        ``paper_maps=False`` skips ``score_map`` and ``pixel_map`` (evaluation-only outputs)
+        so that serving computes only what it answers.
         """
         size = (self.config.input_size, self.config.input_size)
         logps = [-0.5 * (z**2).mean(1, keepdim=True) for z in zs]
@@ -162,23 +165,21 @@ class MSFlow(nn.Module):
         lowest = torch.topk(-rel, k, dim=1).values  # the k most anomalous, as -rel >= 0
         log_mean_exp = torch.logsumexp(-lowest, dim=1) - math.log(k)  # log mean exp(rel_k)
         image_score = 1.0 - torch.exp(log_mean_exp)
-        score_map = (1.0 - torch.exp(rel)).reshape_as(total)
-
-        probs = [torch.exp(lp - lp.amax((2, 3), keepdim=True)) for lp in logps]
-        add = sum(F.interpolate(p, size=size, mode="bilinear", align_corners=True)[:, 0] for p in probs)
-        pixel_map = add.reshape(batch, -1).amax(1).view(batch, 1, 1) - add
-
         anomaly_map = -total
         absolute_score = torch.topk(anomaly_map.reshape(batch, -1), k, dim=1).values.mean(1)
-        return MSFlowOutputs(
+        out = MSFlowOutputs(
             image_score=image_score,
             image_score_log=-log_mean_exp,
             absolute_score=absolute_score,
             anomaly_map=anomaly_map,
-            score_map=score_map,
-            pixel_map=pixel_map,
         )
+        if paper_maps:
+            out["score_map"] = (1.0 - torch.exp(rel)).reshape_as(total)
+            probs = [torch.exp(lp - lp.amax((2, 3), keepdim=True)) for lp in logps]
+            add = sum(F.interpolate(p, size=size, mode="bilinear", align_corners=True)[:, 0] for p in probs)
+            out["pixel_map"] = add.reshape(batch, -1).amax(1).view(batch, 1, 1) - add
+        return out
 
-    def forward(self, images: Tensor) -> MSFlowOutputs:
+    def forward(self, images: Tensor, paper_maps: bool = True) -> MSFlowOutputs:
         zs, _ = self.flow(self.features(images))
-        return self.postprocess(zs)
+        return self.postprocess(zs, paper_maps)

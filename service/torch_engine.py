@@ -74,7 +74,7 @@ class TorchEngine:
         torch = self._torch
         # cache_enabled=False: autocast's weight-cast cache must not outlive a graph capture.
         with torch.autocast("cuda", dtype=torch.float16, enabled=self.half, cache_enabled=False):
-            out = self.model(x)
+            out = self.model(x, paper_maps=False)
         return out[self.score_output].float(), out[MAP_OUTPUT].float()
 
     def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

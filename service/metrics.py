@@ -1,0 +1,150 @@
+"""Prometheus metrics of the service, on a dedicated ``CollectorRegistry``.
+
+A registry per app (instead of prometheus-client's global default) lets tests and several
+apps in one process create metrics without "Duplicated timeseries" errors, and ``/metrics``
+shows exactly this service. :class:`ServiceMetrics` also implements the batcher's
+:class:`service.batcher.BatchObserver` hooks.
+
+Label values are bounded on purpose: categories are only those in the model store (an
+unknown category from a client is counted as ``"-"``), endpoints are route templates.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+# 1 ms .. 30 s: a warm GPU answers in a few ms, a cold CPU batch of large images in seconds.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
+UNKNOWN = "-"
+
+
+class ServiceMetrics:
+    """Every metric the service exports."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("msflow_requests_total", "HTTP requests by endpoint, category and status code",
+                                ["endpoint", "category", "status"], registry=r)
+        self.request_latency = Histogram("msflow_request_duration_seconds", "HTTP request latency",
+                                         ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
+        self.images = Counter("msflow_images_total", "Inspected images by category and verdict",
+                              ["category", "label"], registry=r)
+        self.batch_size = Histogram("msflow_batch_size", "Images per engine call", ["category"],
+                                    buckets=BATCH_BUCKETS, registry=r)
+        self.queue_depth = Gauge("msflow_queue_depth", "Images waiting for a batch", ["category"], registry=r)
+        self.queue_wait = Histogram("msflow_queue_wait_seconds", "Time from enqueue to engine start",
+                                    ["category"], buckets=LATENCY_BUCKETS, registry=r)
+        self.engine_time = Histogram("msflow_engine_seconds", "Engine time per batch", ["category", "engine"],
+                                     buckets=LATENCY_BUCKETS, registry=r)
+        self.stage_time = Histogram("msflow_stage_seconds", "Per-image time in decode and render",
+                                    ["stage"], buckets=LATENCY_BUCKETS, registry=r)
+        self.rejections = Counter("msflow_rejections_total", "Requests or images refused, by reason",
+                                  ["category", "reason"], registry=r)
+        self.model_info = Gauge("msflow_model_info", "1 for each loaded model version and its engine",
+                                ["category", "version", "engine"], registry=r)
+        self.model_load_failures = Counter("msflow_model_load_failures_total", "Failed model loads",
+                                           ["category"], registry=r)
+        self.reloads = Counter("msflow_model_reloads_total", "Model reloads by outcome", ["category", "outcome"],
+                               registry=r)
+        self._model_labels: dict[str, tuple[str, str]] = {}
+
+    # --------------------------------------------------------------- request level
+    def observe_request(self, endpoint: str, category: str, status: int, seconds: float) -> None:
+        self.requests.labels(endpoint, category or UNKNOWN, str(status)).inc()
+        self.request_latency.labels(endpoint).observe(seconds)
+
+    def count_image(self, category: str, anomalous: bool) -> None:
+        self.images.labels(category, "anomalous" if anomalous else "normal").inc()
+
+    def observe_stage(self, stage: str, seconds: float) -> None:
+        self.stage_time.labels(stage).observe(seconds)
+
+    # --------------------------------------------------------------- BatchObserver
+    def observe_batch(self, category: str, engine: str, size: int, engine_s: float) -> None:
+        self.batch_size.labels(category).observe(size)
+        self.engine_time.labels(category, engine).observe(engine_s)
+
+    def observe_queue_wait(self, category: str, wait_s: float) -> None:
+        self.queue_wait.labels(category).observe(wait_s)
+
+    def set_queue_depth(self, category: str, depth: int) -> None:
+        self.queue_depth.labels(category).set(depth)
+
+    def count_rejection(self, category: str, reason: str) -> None:
+        self.rejections.labels(category or UNKNOWN, reason).inc()
+
+    # --------------------------------------------------------------- models
+    def set_model(self, category: str, version: str, engine: str) -> None:
+        """Point the info gauge at the version now serving ``category`` (one series per category)."""
+        old = self._model_labels.get(category)
+        if old is not None and old != (version, engine):
+            try:
+                self.model_info.remove(category, *old)
+            except KeyError:
+                pass
+        self._model_labels[category] = (version, engine)
+        self.model_info.labels(category, version, engine).set(1)
+
+    def exposition(self) -> tuple[bytes, str]:
+        """The ``/metrics`` body and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+    def is_known(self, category: str) -> bool:
+        return category in self._model_labels
+
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+class RequestMetricsMiddleware:
+    """Per-request instrumentation: a request id (the client's ``X-Request-ID`` if sane, else
+    a new one; echoed in the answer), and latency and status by route template.
+
+    Pure ASGI rather than BaseHTTPMiddleware: no extra task per request, and exceptions pass
+    through untouched to the app's error handler (counted here as 500).
+    """
+
+    def __init__(self, app: ASGIApp, metrics: ServiceMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.monotonic()
+        incoming = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        # Routes read these from request.scope["state"] (deadline start, response body id).
+        scope.setdefault("state", {}).update(request_id=request_id, started=started)
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            endpoint = getattr(scope.get("route"), "path", "unmatched")
+            category = scope.get("path_params", {}).get("category", "")
+            # Only categories of the store become label values: clients cannot grow the series.
+            self.metrics.observe_request(endpoint, category if self.is_known(category) else UNKNOWN, status,
+                                         time.monotonic() - started)
+
+    def is_known(self, category: str) -> bool:
+        return self.metrics.is_known(category)
+
+
+__all__ = ["ServiceMetrics", "RequestMetricsMiddleware", "LATENCY_BUCKETS", "BATCH_BUCKETS", "UNKNOWN"]

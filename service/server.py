@@ -1,0 +1,80 @@
+"""``msflow serve``: settings from the environment (CLI flags win), then uvicorn.
+
+Shutdown on SIGTERM (Kubernetes, docker stop, systemd), in this order:
+
+1. ``/readyz`` answers 503 at once, so load balancers stop sending new work;
+2. after ``shutdown_delay_s`` (default 0) uvicorn stops accepting connections and waits up
+   to ``graceful_shutdown_s`` for requests in flight; their images are already queued, so
+   the batchers keep running them;
+3. the app's lifespan drains every batcher (queued and running batches finish) and exits.
+
+A second SIGINT forces exit (uvicorn's behaviour); a second SIGTERM skips the delay.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import threading
+from types import FrameType
+from typing import Any
+
+import uvicorn
+
+from service.app import create_app
+from service.config import Settings
+
+log = logging.getLogger(__name__)
+
+
+def build_settings(args: argparse.Namespace) -> Settings:
+    """Environment settings with the CLI's non-None ``host``, ``port`` and ``store`` on top."""
+    overrides: dict[str, Any] = {}
+    for arg, field in (("host", "host"), ("port", "port"), ("store", "model_store")):
+        value = getattr(args, arg, None)
+        if value is not None:
+            overrides[field] = value
+    return Settings(**overrides)
+
+
+class _GracefulServer(uvicorn.Server):
+    """uvicorn.Server whose first SIGTERM/SIGINT first turns readiness off."""
+
+    def __init__(self, config: uvicorn.Config, on_signal: Any, delay_s: float) -> None:
+        super().__init__(config)
+        self._on_signal = on_signal
+        self._delay_s = delay_s
+        self._signalled = False
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._signalled or self._delay_s <= 0:
+            if not self._signalled:
+                self._signalled = True
+                self._on_signal()
+            super().handle_exit(sig, frame)
+            return
+        self._signalled = True
+        self._on_signal()
+        log.info("signal %d: readiness off, closing in %.1f s", sig, self._delay_s)
+        # A timer thread only flips uvicorn's should_exit flag, which its main loop polls.
+        timer = threading.Timer(self._delay_s, uvicorn.Server.handle_exit, args=(self, sig, None))
+        timer.daemon = True
+        timer.start()
+
+
+def serve(args: argparse.Namespace) -> int:
+    settings = build_settings(args)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            access_log=settings.access_log, lifespan="on",
+                            timeout_graceful_shutdown=settings.graceful_shutdown_s)  # type: ignore[arg-type]
+    server = _GracefulServer(config, app.state.service.begin_shutdown, settings.shutdown_delay_s)
+    log.info("serving %s on http://%s:%d (engine %s, batch %d, delay %.1f ms, %s)", settings.model_store,
+             settings.host, settings.port, settings.engine, settings.max_batch_size, settings.max_queue_delay_ms,
+             "API keys required" if settings.api_keys else "open API, no keys configured")
+    server.run()
+    return 0 if server.started else 1
+
+
+__all__ = ["build_settings", "serve"]
