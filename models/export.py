@@ -165,6 +165,9 @@ def export_run(run: str | Path, store: str | Path, category: str | None = None,
             report = json.loads(report_path.read_text())
             metrics = {k: report.get(k) for k in ("image_auroc", "pixel_auroc", "aupro", "best_f1")}
             metrics["absolute"] = report.get("absolute")
+        for picture in ("roc.png", "examples.png"):  # `msflow eval`'s figures, shown by the service console
+            if (run / picture).is_file():
+                shutil.copy(run / picture, work / picture)
 
         import onnx
 

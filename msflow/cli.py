@@ -86,6 +86,12 @@ def _serve(args: argparse.Namespace) -> int:
     return serve(args)
 
 
+def _worker(args: argparse.Namespace) -> int:
+    from service.worker import run_worker
+
+    return run_worker(args)
+
+
 def _import_official(args: argparse.Namespace) -> int:
     from models.official import import_official_run
 
@@ -179,6 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=None)
     p.add_argument("--store", default=None, help="model store (overrides MSFLOW_MODEL_STORE)")
     p.set_defaults(func=_serve)
+
+    p = sub.add_parser("worker", help="run async inspection jobs from Redis (POST /v1/jobs/...); needs "
+                       "MSFLOW_REDIS_URL; run any number, on any host")
+    p.add_argument("--store", default=None, help="model store (overrides MSFLOW_MODEL_STORE)")
+    p.add_argument("--name", default=None, help="consumer name in the group (default host-pid)")
+    p.set_defaults(func=_worker)
 
     p = sub.add_parser("import-official", help="turn a checkpoint saved by the official MSFlow code into a run")
     p.add_argument("checkpoint")

@@ -1,9 +1,16 @@
 """The HTTP API: ``create_app(settings)`` builds a FastAPI app around one :class:`ServiceState`.
 
 Request path of ``POST /v1/inspect/{category}`` (see DESIGN.md): read the body under byte
-limits -> decode in the thread pool (:mod:`service.imaging`) -> the category's
-:class:`~service.batcher.Batcher` -> normalise with the manifest -> render heatmaps in the
-thread pool (:mod:`service.render`) -> JSON, or the PNG itself for ``Accept: image/png``.
+limits -> result cache (Redis, per image) -> decode in the thread pool
+(:mod:`service.imaging`) -> the category's :class:`~service.batcher.Batcher` -> normalise
+with the manifest and render heatmaps (:mod:`service.results`) -> JSON, or the PNG itself
+for ``Accept: image/png``. Shared state is :class:`~service.state.ServiceState`; API keys
+are :mod:`service.auth`.
+
+With Redis (``MSFLOW_REDIS_URL``): ``heatmap=url`` links (``GET /v1/heatmaps/<id>.png``),
+the result cache, and async jobs (``POST /v1/jobs/<category>``, ``GET /v1/jobs/<id>``,
+run by ``msflow worker``). Without it, or while it is down, inspection keeps working:
+no cache, links served from this process's memory, jobs 503.
 
 Every error, ours or FastAPI's, leaves as ``{"error": {"code", "message", "details"?}}``;
 an unexpected exception is logged and answered 500 in that shape, and never takes the
@@ -12,15 +19,10 @@ server down.
 
 from __future__ import annotations
 
-import asyncio
-import base64
-import hmac
 import logging
-import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -28,207 +30,28 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from models.manifest import CATEGORY_PATTERN, ManifestError
-from service.batcher import (Batcher, BatcherClosed, CallerGone, DeadlineExceeded, InputSizeChanged, ItemResult,
-                             QueueFull, wait_results)
+from service.auth import Admin, Authed, require_admin_key, require_api_key
+from service.batcher import BatcherClosed, CallerGone, DeadlineExceeded, QueueFull
 from service.config import Settings
+from service.console import install_console
 from service.engines import EngineError
-from service.imaging import (DecodedImage, ImageLimits, ImageRejected, Upload, configure_pillow, decode_image,
-                             model_input, read_uploads)
-from service.metrics import UNKNOWN, RequestMetricsMiddleware, ServiceMetrics
-from service.registry import (LoadedModel, ModelNotLoaded, ModelRegistry, RegistryError, UnknownCategory,
-                              VersionNotFound)
-from service.render import heatmap_for
-from service.schemas import (ErrorResponse, Health, Heatmap, HeatmapMode, HeatmapSize, ImageResult, ImageSize,
-                             InspectResponse, ModelInfo, ModelList, Readiness, Timings)
+from service.errors import ApiError
+from service.imaging import ImageRejected, read_uploads
+from service.metrics import UNKNOWN, RequestMetricsMiddleware
+from service.redisconn import RedisUnavailable
+from service.registry import ModelNotLoaded, RegistryError, UnknownCategory, VersionNotFound
+from service.results import InspectOptions, Rendered
+from service.schemas import (ErrorResponse, Health, HeatmapMode, HeatmapSize, ImageResult, InspectResponse,
+                             JobAccepted, JobStatus, ModelInfo, ModelList, Readiness)
+from service.state import ServiceState, StateDep, get_state
 
 log = logging.getLogger(__name__)
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 406, 413, 415, 422, 500, 501, 503, 504)}
-_T = TypeVar("_T")
-
-
-class ApiError(Exception):
-    """An error answer: HTTP status, stable machine-readable code, human message."""
-
-    def __init__(self, status_code: int, code: str, message: str, details: Any = None,
-                 headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status_code, self.code, self.message, self.details, self.headers = (
-            status_code, code, message, details, headers)
-
-
-# ---------------------------------------------------------------------- runtime state
-class ServiceState:
-    """What the routes share: settings, metrics, registry, one batcher per category, the pool."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.metrics = ServiceMetrics()
-        self.registry = ModelRegistry(settings, on_swap=lambda m: self.metrics.set_model(
-            m.category, m.version, m.engine.name))
-        self.limits = ImageLimits(max_bytes=settings.max_upload_bytes, max_pixels=settings.max_image_pixels)
-        self.shutting_down = False
-        self._batchers: dict[str, Batcher] = {}
-        self._pool: ThreadPoolExecutor | None = None
-        self._loading: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        """Check the store (fail start-up if unusable), then load engines in the background so
-        /healthz answers while big engines load; /readyz says when all are warm."""
-        configure_pillow(self.settings.max_image_pixels)
-        self.registry.discover()
-        self._pool = ThreadPoolExecutor(self.settings.decode_threads, thread_name_prefix="decode")
-        self._loading = asyncio.create_task(self.registry.load_all(), name="load-models")
-
-    def begin_shutdown(self) -> None:
-        """Readiness goes 503 at once (called from the SIGTERM handler, so only sets a flag)."""
-        self.shutting_down = True
-
-    async def stop(self) -> None:
-        """Drain: queued and running batches finish, then the threads go."""
-        self.shutting_down = True
-        if self._loading is not None and not self._loading.done():
-            self._loading.cancel()
-        await asyncio.gather(*(b.drain(self.settings.graceful_shutdown_s) for b in self._batchers.values()))
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-
-    def batcher(self, category: str) -> Batcher:
-        # Created on first use, on the running loop. Not refused while only readiness is down
-        # (shutdown_delay_s): load balancers may still route here until they notice.
-        b = self._batchers.get(category)
-        if b is None:
-            s = self.settings
-            b = Batcher(category, lambda: self.registry.engine(category), max_batch_size=s.max_batch_size,
-                        max_queue_delay_s=s.max_queue_delay_ms / 1e3, max_queue_size=s.max_queue_size,
-                        observer=self.metrics)
-            self._batchers[category] = b
-        return b
-
-    async def run_blocking(self, fn: Callable[..., _T], *args: Any) -> _T:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
-
-    async def decode_all(self, category: str, uploads: Sequence[Upload]) -> list[DecodedImage]:
-        size = self.registry.get(category).manifest.input_size
-
-        async def one(index: int, upload: Upload) -> DecodedImage:
-            try:
-                image = await self.run_blocking(decode_image, upload.data, size, self.limits, upload.filename)
-            except ImageRejected as exc:
-                exc.details = {**(exc.details or {}), "index": index, "filename": upload.filename}
-                raise
-            self.metrics.observe_stage("decode", image.decode_ms / 1e3)
-            return image
-
-        results = await asyncio.gather(*(one(i, u) for i, u in enumerate(uploads)), return_exceptions=True)
-        for r in results:  # the first failure in request order is the answer
-            if isinstance(r, BaseException):
-                raise r
-        return results  # type: ignore[return-value]
-
-    async def score(self, category: str, images: list[DecodedImage], deadline: float,
-                    request: Request) -> list[ItemResult]:
-        """Queue every image; wait for all, the deadline, or the client leaving (then the
-        images are dropped before the engine). Resubmits if a reload changed the input size."""
-        results: dict[int, ItemResult] = {}
-        todo = list(range(len(images)))
-        for _ in range(3):
-            size = self.registry.get(category).manifest.input_size
-            tensors = [images[i].tensor if images[i].tensor.shape[0] == size else model_input(images[i].rgb, size)
-                       for i in todo]
-            futures = self.batcher(category).submit_many(tensors, deadline)
-            try:
-                await wait_results(futures, deadline, _disconnected(request))
-            except DeadlineExceeded:
-                self.metrics.count_rejection(category, "deadline")
-                raise
-            retry = []
-            for i, fut in zip(todo, futures):
-                if isinstance(fut.exception(), InputSizeChanged):
-                    retry.append(i)
-                else:
-                    results[i] = fut.result()  # raises the item's error, if any
-            if not retry:
-                return [results[i] for i in range(len(images))]
-            todo = retry
-        raise ApiError(503, "model_changing", "the model changed repeatedly while the request waited; retry")
-
-    async def reload(self, category: str, version: str | None) -> LoadedModel:
-        try:
-            model = await self.registry.reload(category, version)
-        except Exception:
-            self.metrics.reloads.labels(category, "failed").inc()
-            raise
-        self.metrics.reloads.labels(category, "ok").inc()
-        return model
-
-
-async def _disconnected(request: Request) -> None:
-    """Return when the client disconnects (the body is already read, so the next ASGI
-    message can only be ``http.disconnect``)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
 
 
 # ---------------------------------------------------------------------- dependencies
-def get_state(request: Request) -> ServiceState:
-    return request.app.state.service
-
-
-StateDep = Annotated[ServiceState, Depends(get_state)]
-
-
-def _presented_key(request: Request) -> str | None:
-    key = request.headers.get("x-api-key")
-    if key:
-        return key.strip()
-    auth = request.headers.get("authorization", "")
-    if auth[:7].lower() == "bearer ":
-        return auth[7:].strip() or None
-    return None
-
-
-def _key_in(key: str, keys: list[str]) -> bool:
-    # Constant-time comparison against every key, so timing reveals neither key nor position.
-    found = False
-    for candidate in keys:
-        found |= hmac.compare_digest(key.encode(), candidate.encode())
-    return found
-
-
-def _unauthorized(code: str, message: str) -> ApiError:
-    return ApiError(401, code, message, headers={"WWW-Authenticate": "Bearer"})
-
-
-def require_api_key(request: Request, state: StateDep) -> None:
-    """401 unless the API is open (no keys configured) or a valid key is presented."""
-    s = state.settings
-    if not s.api_keys:
-        return
-    key = _presented_key(request)
-    if key is None:
-        raise _unauthorized("missing_api_key", "send an API key in X-API-Key or Authorization: Bearer")
-    if not _key_in(key, s.api_keys + s.admin_api_keys):
-        raise _unauthorized("invalid_api_key", "the API key is not valid")
-
-
-def require_admin_key(request: Request, state: StateDep) -> None:
-    """Admin routes need an admin key; with no keys configured at all the service is open."""
-    s = state.settings
-    if not s.admin_api_keys:
-        if not s.api_keys:
-            return
-        raise ApiError(403, "admin_disabled", "no admin keys are configured (MSFLOW_ADMIN_API_KEYS)")
-    key = _presented_key(request)
-    if key is None:
-        raise _unauthorized("missing_api_key", "this route needs an admin API key")
-    if not _key_in(key, s.admin_api_keys):
-        if _key_in(key, s.api_keys):
-            raise ApiError(403, "forbidden", "this route needs an admin API key")
-        raise _unauthorized("invalid_api_key", "the API key is not valid")
-
-
 def known_category(category: str, state: StateDep) -> str:
     """404 listing what exists for an unknown or malformed category (no path tricks reach the store)."""
     if CATEGORY_PATTERN.match(category) and category in state.registry.categories:
@@ -241,8 +64,6 @@ def _unknown(category: str, known: list[str]) -> ApiError:
                     details={"categories": known})
 
 
-Authed = Depends(require_api_key)
-Admin = Depends(require_admin_key)
 CategoryDep = Annotated[str, Depends(known_category)]
 
 
@@ -267,33 +88,6 @@ def _wants_png(accept: str | None) -> tuple[bool, bool]:
             if spec >= 0 and (q, spec) > best[kind]:
                 best[kind] = (q, spec)
     return best["png"][0] > 0 and best["png"] > best["json"], best["json"][0] > 0
-
-
-Rendered = tuple[bytes, tuple[int, int], float]  # PNG, (width, height), milliseconds
-
-
-def _render(image: DecodedImage, scored: ItemResult, size: HeatmapSize, overlay: bool) -> Rendered:
-    t0 = time.perf_counter()
-    png, out_size = heatmap_for(scored.anomaly_map, scored.engine.manifest.calibration, image.tensor, image.rgb,
-                                size.value, overlay)
-    return png, out_size, (time.perf_counter() - t0) * 1e3
-
-
-def _result(index: int, upload: Upload, image: DecodedImage, scored: ItemResult, heat: Rendered | None,
-            started: float) -> ImageResult:
-    # Threshold and version come from the engine that scored *this* image (reload-safe).
-    cal = scored.engine.manifest.calibration
-    heatmap = None if heat is None else Heatmap(data=base64.b64encode(heat[0]).decode("ascii"),
-                                                width=heat[1][0], height=heat[1][1])
-    return ImageResult(
-        index=index, filename=upload.filename, score=round(cal.normalise_score(scored.raw_score), 6),
-        raw_score=scored.raw_score, threshold=cal.threshold, is_anomalous=scored.raw_score >= cal.threshold,
-        model_version=scored.engine.manifest.version, batch_size=scored.batch_size, heatmap=heatmap,
-        timings_ms=Timings(decode=round(image.decode_ms, 3), queue=round(scored.queue_ms, 3),
-                           engine=round(scored.engine_ms, 3), render=round(heat[2], 3) if heat else 0.0,
-                           total=round((time.monotonic() - started) * 1e3, 3)),
-        image_size=ImageSize(width=image.size[0], height=image.size[1]),
-    )
 
 
 def _png_response(result: ImageResult, heat: Rendered, engine: str) -> Response:
@@ -323,6 +117,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.service = state
     app.add_middleware(RequestMetricsMiddleware, metrics=state.metrics)
     _install_error_handlers(app)
+    install_console(app)  # GET / (operator console), model assets, threshold overrides, recent scores
 
     @app.post("/v1/inspect/{category}", response_model=InspectResponse, dependencies=[Authed],
               responses={**ERRORS, 200: {"content": {"image/png": {}}}})
@@ -331,9 +126,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                       heatmap_size: HeatmapSize = HeatmapSize.model) -> Response:
         started: float = request.scope["state"]["started"]
         deadline = started + state.settings.request_deadline_ms / 1e3
-        if heatmap is HeatmapMode.url:
-            raise ApiError(501, "not_implemented", "heatmap=url needs the Redis heatmap store, which this "
-                           "version does not have yet; use heatmap=inline or heatmap=none")
         wants_png, json_ok = _wants_png(request.headers.get("accept"))
         state.registry.get(category)  # 503 now if the model is still loading, before reading the body
         s = state.settings
@@ -343,24 +135,49 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 raise ApiError(406, "not_acceptable", "an image/png answer needs exactly one image; "
                                f"this request has {len(uploads)}")
             wants_png = False
-        images = await state.decode_all(category, uploads)
-        scored = await state.score(category, images, deadline, request)
-        heats: list[Rendered | None] = [None] * len(images)
-        if wants_png or heatmap is HeatmapMode.inline:
-            heats = list(await asyncio.gather(*(state.run_blocking(_render, im, sc, heatmap_size, overlay)
-                                               for im, sc in zip(images, scored))))
-        results = [_result(i, up, im, sc, heats[i], started)
-                   for i, (up, im, sc) in enumerate(zip(uploads, images, scored))]
-        for r, h in zip(results, heats):
-            state.metrics.count_image(category, r.is_anomalous)
-            if h is not None:
-                state.metrics.observe_stage("render", h[2] / 1e3)
+        options = InspectOptions(heatmap=heatmap, overlay=overlay, heatmap_size=heatmap_size)
+        answer = await state.inspect(request, category, uploads, options, deadline, started, wants_png)
         if wants_png:
-            return _png_response(results[0], heats[0], scored[0].engine.name)  # type: ignore[arg-type]
+            return _png_response(answer.results[0], answer.heats[0], answer.engines[0])  # type: ignore[arg-type]
         body = InspectResponse(request_id=request.scope["state"]["request_id"], category=category,
-                               model_version=scored[0].engine.manifest.version, engine=scored[0].engine.name,
-                               results=results)
+                               model_version=answer.results[0].model_version, engine=answer.engines[0],
+                               results=answer.results)
         return JSONResponse(body.model_dump(mode="json"))
+
+    @app.get("/v1/heatmaps/{heatmap_id}.png", dependencies=[Authed], response_class=Response,
+             responses={**ERRORS, 200: {"content": {"image/png": {}}}})
+    async def get_heatmap(heatmap_id: str, state: StateDep) -> Response:
+        """The PNG of a ``heatmap=url`` result, until its link expires (``heatmap_ttl_s``)."""
+        png = await state.links.get(heatmap_id)
+        if png is None:
+            raise ApiError(404, "heatmap_not_found", "no such heatmap: the link expired or never existed")
+        return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=60"})
+
+    @app.post("/v1/jobs/{category}", status_code=202, response_model=JobAccepted, dependencies=[Authed],
+              responses=ERRORS)
+    async def submit_job(request: Request, category: CategoryDep, state: StateDep,
+                         heatmap: HeatmapMode = HeatmapMode.inline, overlay: bool = False,
+                         heatmap_size: HeatmapSize = HeatmapSize.model) -> Response:
+        """Queue an inspection for ``msflow worker`` (needs Redis); poll the ``Location``."""
+        queue = state.require_jobs()  # 503 before reading the body when there is no Redis
+        s = state.settings
+        uploads = await read_uploads(request, s.max_files_per_request, s.max_upload_bytes, s.max_request_bytes)
+        await state.check_uploads(uploads)
+        options = InspectOptions(heatmap=heatmap, overlay=overlay, heatmap_size=heatmap_size)
+        record = await queue.submit(category, uploads, options, request.scope["state"]["request_id"])
+        state.metrics.jobs.labels(category, "queued").inc()
+        location = f"/v1/jobs/{record.id}"
+        body = JobAccepted(id=record.id, category=category, images=len(uploads), url=location)
+        return JSONResponse(body.model_dump(mode="json"), status_code=202, headers={"Location": location})
+
+    @app.get("/v1/jobs/{job_id}", response_model=JobStatus, dependencies=[Authed], responses=ERRORS)
+    async def get_job(job_id: str, state: StateDep) -> JobStatus:
+        record = await state.require_jobs().records.get(job_id)
+        if record is None:
+            raise ApiError(404, "job_not_found", "no such job: it expired or never existed")
+        return JobStatus(id=record.id, status=record.status, category=record.category, created_at=record.created_at,
+                         updated_at=record.updated_at, attempts=record.attempts, worker=record.worker,
+                         result=record.result, error=record.error)
 
     @app.get("/v1/models", response_model=ModelList, dependencies=[Authed], responses=ERRORS)
     async def list_models(state: StateDep) -> ModelList:
@@ -401,7 +218,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if not state.registry.ready:
             raise ApiError(503, "not_ready", "not every model is loaded and warm",
                            details={"serving": state.registry.serving(), "failed": state.registry.failed})
-        return Readiness(models=state.registry.serving())
+        # Redis is reported, never a reason to leave rotation: inspection works without it.
+        return Readiness(models=state.registry.serving(), redis=await state.redis_status())
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics(state: StateDep) -> Response:
@@ -426,7 +244,7 @@ _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "
 _MAPPED: dict[type[Exception], tuple[int, str, bool]] = {
     QueueFull: (503, "queue_full", True), BatcherClosed: (503, "shutting_down", True),
     ModelNotLoaded: (503, "model_not_loaded", True), DeadlineExceeded: (504, "deadline_exceeded", False),
-    EngineError: (500, "engine_error", False),
+    EngineError: (500, "engine_error", False), RedisUnavailable: (503, "redis_unavailable", True),
 }
 
 

@@ -87,13 +87,59 @@ class Settings(BaseSettings):
     access_log: bool = True
     log_level: LogLevel = "info"
 
-    # --- later issues -------------------------------------------------------------------
-    redis_url: str | None = Field(None, description="heatmap links, cache and jobs (not used yet)")
+    # --- Redis: heatmap links, result cache, async jobs -----------------------------------
+    # Without a URL the service runs on one host: inline heatmaps, links from a bounded
+    # in-process store, no cache, and /v1/jobs answers 503.
+    redis_url: str | None = Field(None, repr=False, description="redis://[:PASSWORD@]host:6379/0, rediss:// for "
+                                                                 "TLS; None: no Redis")
+    redis_password: str | None = Field(None, repr=False, description="password when the URL carries none (keeps it "
+                                                                       "out of the URL)")
+    redis_ssl_ca_certs: Path | None = Field(None, description="CA bundle for rediss:// (default: system CAs)")
+    redis_prefix: str = Field("msflow:", max_length=64, description="prefix of every key and stream")
+    redis_socket_timeout_s: float = Field(0.25, gt=0.0, description="per command, API side: an outage must not "
+                                                                     "stall requests")
+    redis_connect_timeout_s: float = Field(0.25, gt=0.0)
+    redis_retries: int = Field(1, ge=0, le=10, description="retries of a command on a connection error")
+    redis_health_check_interval_s: float = Field(10.0, ge=0.0, description="PING idle connections before reuse")
+    redis_breaker_s: float = Field(3.0, ge=0.0, description="after a Redis failure the API skips Redis this long")
+    heatmap_ttl_s: float = Field(600.0, gt=0.0, description="lifetime of a heatmap=url link")
+    heatmap_memory_items: int = Field(512, ge=1, description="in-process link store bound (links)")
+    heatmap_memory_bytes: int = Field(64 * MiB, ge=1, description="in-process link store bound (PNG bytes)")
+    cache_enabled: bool = Field(True, description="result cache (needs Redis)")
+    cache_ttl_s: float = Field(3600.0, gt=0.0)
+    cache_max_entry_bytes: int = Field(1 * MiB, ge=1, description="larger results (big inline heatmaps) are not "
+                                                                   "cached")
+    job_ttl_s: float = Field(86_400.0, gt=0.0, description="how long job records, inputs and results are kept")
+    job_max_attempts: int = Field(3, ge=1, description="deliveries before a job goes to the dead-letter stream")
+    job_claim_idle_s: float = Field(60.0, gt=0.0, description="a pending job idle this long (its worker died) "
+                                                              "is claimed by another worker")
+    worker_block_s: float = Field(2.0, gt=0.0, description="XREADGROUP BLOCK of an idle worker")
+    worker_name: str | None = Field(None, max_length=128, description="consumer name (default host-pid)")
+    worker_metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus port of msflow worker")
+
+    # --- defect regions, runtime thresholds, drift (service/regions.py, thresholds.py, recent.py)
+    max_regions: int = Field(10, ge=0, le=1000, description="defect regions per image, largest first")
+    min_region_area: float = Field(
+        0.005, ge=0.0, le=1.0, description="smallest region kept, as a FRACTION of the image area (0.005 = 0.5 %: "
+                                           "82 px of a 128x128 map, 6144 px of a 1280x960 photo); resolution-"
+                                           "independent. The pixel threshold lets ~0.1 % of normal pixels through, "
+                                           "so smaller blobs are mostly noise; lower it for fine scratches")
+    recent_scores: int = Field(500, ge=1, le=100_000, description="recent raw scores kept per category (memory) "
+                                                                  "for GET /v1/models/{category}/recent")
+    anomaly_rate_window: int = Field(200, ge=1, le=100_000, description="images behind the msflow_anomaly_rate "
+                                                                        "gauge (sliding window per category)")
+    threshold_sync_s: float = Field(5.0, gt=0.0, description="how often threshold overrides are re-read from "
+                                                             "Redis (replicas converge within this)")
 
     @field_validator("api_keys", "admin_api_keys", mode="before")
     @classmethod
     def _parse_keys(cls, value: Any) -> Any:
         return _key_list(value)
+
+    @field_validator("redis_url", "redis_password", "worker_name", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -117,6 +163,8 @@ class Settings(BaseSettings):
                         self.max_files_per_request, self.max_queue_size)
         if self.max_upload_bytes > self.max_request_bytes:
             log.warning("max_upload_bytes > max_request_bytes: the request limit applies first")
+        if self.redis_url is not None and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("redis_url must start with redis://, rediss:// or unix://")
         return self
 
 

@@ -232,6 +232,34 @@ def decode_image(data: bytes, size: int, limits: ImageLimits, name: str | None =
     return DecodedImage(rgb=rgb, tensor=tensor, format=fmt, decode_ms=(time.perf_counter() - started) * 1e3)
 
 
+def probe_image(data: bytes, limits: ImageLimits, name: str | None = None) -> tuple[str, tuple[int, int]]:
+    """The cheap half of :func:`decode_image`: byte limit, format and pixel count from the
+    header alone (no pixel buffer). Used where an upload is accepted now and decoded later
+    (async jobs); a corrupt body past the header is only found by the full decode."""
+    label = f"{name!r}" if name else "the image"
+    if len(data) > limits.max_bytes:
+        raise ImageTooLarge(f"{label} has {len(data)} bytes; the limit is {limits.max_bytes}")
+    if not data:
+        raise UndecodableImage(f"{label} is empty")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            fmt, (width, height) = img.format or "?", img.size
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(f"{label} has too many pixels (limit {limits.max_pixels}): {exc}") from exc
+    except Image.UnidentifiedImageError as exc:
+        raise UnsupportedImageType(f"{label} is not an image in a supported format "
+                                   f"({', '.join(sorted(ACCEPTED_FORMATS - {'MPO'}))})") from exc
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
+        raise UndecodableImage(f"cannot read {label}: {exc}") from exc
+    if fmt not in ACCEPTED_FORMATS:
+        raise UnsupportedImageType(f"{label} is {fmt}; accepted: {', '.join(sorted(ACCEPTED_FORMATS - {'MPO'}))}")
+    if width * height > limits.max_pixels:
+        raise ImageTooLarge(f"{label} is {width}x{height} = {width * height} pixels; the limit is {limits.max_pixels}")
+    if width <= 0 or height <= 0:
+        raise UndecodableImage(f"{label} has an empty size {width}x{height}")
+    return fmt, (width, height)
+
+
 def model_input(img: Image.Image, size: int) -> np.ndarray:
     """The model input for an already decoded upright RGB image (used when a reload changes
     the input size while a request waits)."""
@@ -240,5 +268,5 @@ def model_input(img: Image.Image, size: int) -> np.ndarray:
 
 __all__ = [
     "ACCEPTED_FORMATS", "BadUpload", "RequestTooLarge", "TooManyFiles", "Upload", "read_uploads", "DecodedImage", "ImageLimits", "ImageRejected", "ImageTooLarge", "UndecodableImage",
-    "UnsupportedImageType", "configure_pillow", "decode_image", "model_input",
+    "UnsupportedImageType", "configure_pillow", "decode_image", "model_input", "probe_image",
 ]

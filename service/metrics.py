@@ -21,6 +21,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 # 1 ms .. 30 s: a warm GPU answers in a few ms, a cold CPU batch of large images in seconds.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
+# Normalised scores 0..1 by 0.05: the calibrated threshold is 0.5, so a drifting normal
+# distribution shows as mass moving up through these buckets.
+SCORE_BUCKETS = tuple(round(i * 0.05, 2) for i in range(21))
 UNKNOWN = "-"
 
 
@@ -53,6 +56,20 @@ class ServiceMetrics:
                                            ["category"], registry=r)
         self.reloads = Counter("msflow_model_reloads_total", "Model reloads by outcome", ["category", "outcome"],
                                registry=r)
+        self.cache_requests = Counter("msflow_cache_requests_total", "Result cache lookups per image: hit, miss, "
+                                      "or error (Redis failed or skipped)", ["result"], registry=r)
+        for result in ("hit", "miss", "error"):
+            self.cache_requests.labels(result)
+        self.redis_errors = Counter("msflow_redis_errors_total", "Redis operations that failed or were skipped "
+                                    "while the circuit breaker was open", ["operation"], registry=r)
+        self.heatmap_links = Counter("msflow_heatmap_links_total", "heatmap=url links by where they live "
+                                     "(redis: any replica serves them; memory: only this one)", ["store"], registry=r)
+        self.jobs = Counter("msflow_jobs_total", "Async jobs: queued (API); done, retried, dead_lettered, "
+                            "duplicate, expired (worker)", ["category", "outcome"], registry=r)
+        self.score = Histogram("msflow_score", "Normalised image score (0.5 = the effective threshold)",
+                               ["category"], buckets=SCORE_BUCKETS, registry=r)
+        self.anomaly_rate = Gauge("msflow_anomaly_rate", "Share of anomalous verdicts among the last "
+                                  "MSFLOW_ANOMALY_RATE_WINDOW images", ["category"], registry=r)
         self._model_labels: dict[str, tuple[str, str]] = {}
 
     # --------------------------------------------------------------- request level
@@ -62,6 +79,12 @@ class ServiceMetrics:
 
     def count_image(self, category: str, anomalous: bool) -> None:
         self.images.labels(category, "anomalous" if anomalous else "normal").inc()
+
+    def observe_score(self, category: str, score: float) -> None:
+        self.score.labels(category).observe(score)
+
+    def set_anomaly_rate(self, category: str, rate: float) -> None:
+        self.anomaly_rate.labels(category).set(rate)
 
     def observe_stage(self, stage: str, seconds: float) -> None:
         self.stage_time.labels(stage).observe(seconds)
@@ -147,4 +170,4 @@ class RequestMetricsMiddleware:
         return self.metrics.is_known(category)
 
 
-__all__ = ["ServiceMetrics", "RequestMetricsMiddleware", "LATENCY_BUCKETS", "BATCH_BUCKETS", "UNKNOWN"]
+__all__ = ["ServiceMetrics", "RequestMetricsMiddleware", "LATENCY_BUCKETS", "BATCH_BUCKETS", "SCORE_BUCKETS", "UNKNOWN"]

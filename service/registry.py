@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -31,6 +32,10 @@ from service.schemas import ModelInfo
 log = logging.getLogger(__name__)
 
 EngineFactory = Callable[..., Engine]
+# Files `msflow eval` made that export copies into a version folder; the only files of a
+# version GET /v1/models/{category}/assets/{name} serves.
+EVALUATION_ASSETS: dict[str, str] = {"roc.png": "image/png", "examples.png": "image/png",
+                                     "report.json": "application/json"}
 
 
 class RegistryError(RuntimeError):
@@ -82,6 +87,8 @@ class ModelRegistry:
         self._failed: dict[str, str] = {}
         self._categories: list[str] = []
         self._locks: dict[str, asyncio.Lock] = {}
+        # service.thresholds.ThresholdOverrides (set by ServiceState): describe() shows overrides
+        self.thresholds: Any = None
 
     # ------------------------------------------------------------------ discovery
     def discover(self) -> list[str]:
@@ -213,9 +220,12 @@ class ModelRegistry:
     def describe(self, category: str) -> ModelInfo:
         m = self.get(category)
         man = m.manifest
+        override = self.thresholds.for_manifest(man) if self.thresholds is not None else None
         return ModelInfo(
             category=category, version=m.version, engine=m.engine.name, input_size=man.input_size,
-            backbone=man.backbone, threshold=man.calibration.threshold,
+            backbone=man.backbone, threshold=override.threshold if override else man.calibration.threshold,
+            calibrated_threshold=man.calibration.threshold, threshold_override=override,
+            assets=[name for name in EVALUATION_ASSETS if (m.version_dir / name).is_file()],
             calibration=man.calibration.model_dump(mode="json"), metrics=man.metrics, created_at=man.created_at,
             loaded_at=m.loaded_at, warmup_ms=round(m.warmup_ms, 3), pinned=m.pinned,
             available_versions=list_versions(self.store / category),
@@ -229,4 +239,4 @@ class ModelRegistry:
         return {c: m.version for c, m in sorted(self._models.items())}
 
 
-__all__ = ["LoadedModel", "ModelNotLoaded", "ModelRegistry", "RegistryError", "UnknownCategory", "VersionNotFound"]
+__all__ = ["EVALUATION_ASSETS", "LoadedModel", "ModelNotLoaded", "ModelRegistry", "RegistryError", "UnknownCategory", "VersionNotFound"]

@@ -15,7 +15,7 @@ class _Model(BaseModel):
 
 class HeatmapMode(str, Enum):
     inline = "inline"
-    url = "url"  # needs Redis; a later issue
+    url = "url"  # a link to GET /v1/heatmaps/<id>.png (Redis, or this host's memory without it)
     none = "none"
 
 
@@ -28,6 +28,14 @@ class Heatmap(_Model):
     format: Literal["png"] = "png"
     encoding: Literal["base64"] = "base64"
     data: str
+    width: int
+    height: int
+
+
+class HeatmapLink(_Model):
+    format: Literal["png"] = "png"
+    url: str = Field(description="/v1/heatmaps/<id>.png, relative to the API")
+    expires_at: datetime
     width: int
     height: int
 
@@ -45,6 +53,18 @@ class ImageSize(_Model):
     height: int
 
 
+class Region(_Model):
+    """A connected defect region: anomaly-map pixels above the calibration's ``pixel_threshold``."""
+
+    x: int = Field(description="left edge, in pixels of the upright original image")
+    y: int = Field(description="top edge, in pixels of the upright original image")
+    width: int
+    height: int
+    area: int = Field(description="defective pixels, in original-image pixels")
+    peak: float = Field(description="highest normalised map value in the region, [0, 1] as the heatmap colours it")
+    mean: float = Field(description="mean normalised map value in the region, [0, 1]")
+
+
 class ImageResult(_Model):
     index: int = Field(description="position of the image in the request")
     filename: str | None
@@ -54,9 +74,15 @@ class ImageResult(_Model):
     is_anomalous: bool
     model_version: str
     batch_size: int = Field(description="images in the engine call that scored this one")
-    heatmap: Heatmap | None
+    heatmap: Heatmap | HeatmapLink | None
     timings_ms: Timings
     image_size: ImageSize = Field(description="upright size of the upload")
+    # Required (no default): a cached result written before regions existed fails validation
+    # and is a cache miss instead of an answer without regions.
+    regions: list[Region] = Field(description="defect regions, largest first (MSFLOW_MAX_REGIONS at most, "
+                                              "specks under MSFLOW_MIN_REGION_AREA dropped)")
+    cached: bool = Field(False, description="answered from the result cache (same bytes, model version and "
+                                            "parameters); timings then are this request's")
 
 
 class InspectResponse(_Model):
@@ -73,7 +99,11 @@ class ModelInfo(_Model):
     engine: str
     input_size: int
     backbone: str
-    threshold: float
+    threshold: float = Field(description="effective raw-score threshold: the override if one is set, else the "
+                                         "calibrated one")
+    calibrated_threshold: float | None = Field(None, description="the manifest's calibrated threshold")
+    threshold_override: "ThresholdOverride | None" = Field(
+        None, description="set by PUT /v1/models/{category}/threshold; DELETE returns to the calibrated value")
     calibration: dict[str, Any]
     metrics: dict[str, Any] | None
     created_at: datetime
@@ -81,6 +111,64 @@ class ModelInfo(_Model):
     warmup_ms: float
     pinned: bool
     available_versions: list[str]
+    assets: list[str] = Field(default_factory=list, description="evaluation files of this version served by "
+                                                                "GET /v1/models/{category}/assets/{name}")
+
+
+class ThresholdOverride(_Model):
+    threshold: float = Field(description="raw-score threshold used instead of the calibrated one")
+    version: str = Field(description="the model version it applies to (a new version starts calibrated)")
+    set_at: datetime
+
+
+class ThresholdUpdate(_Model):
+    """Body of ``PUT /v1/models/{category}/threshold``: a RAW score threshold (the unit of
+    ``raw_score`` and of the calibrated ``threshold``)."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    threshold: float = Field(allow_inf_nan=False, description="raw-score threshold, e.g. a raw_score seen in a "
+                                                              "result or in GET /v1/models/{category}/recent")
+
+
+class ThresholdState(_Model):
+    category: str
+    version: str
+    calibrated_threshold: float
+    threshold: float = Field(description="effective threshold now")
+    override: ThresholdOverride | None
+    persisted: list[Literal["file", "redis"]] = Field(
+        default_factory=list, description="where the change was stored (file: beside the manifest; redis: shared "
+                                          "by every replica)")
+
+
+class RecentScore(_Model):
+    at: datetime
+    raw_score: float
+    threshold: float = Field(description="effective threshold when it was scored")
+    is_anomalous: bool
+    model_version: str
+    filename: str | None
+    would_be_anomalous: bool | None = Field(None, description="at the ?threshold= of the query")
+
+
+class RecentSummary(_Model):
+    threshold: float
+    images: int = Field(description="recent images of the serving version")
+    anomalous: int = Field(description="of those, anomalous at `threshold`")
+    anomalous_now: int = Field(description="of those, anomalous at the effective threshold now")
+    changed: int = Field(description="verdicts that differ between `threshold` and the effective threshold now")
+
+
+class RecentScores(_Model):
+    category: str
+    version: str
+    calibrated_threshold: float
+    threshold: float = Field(description="effective threshold now")
+    capacity: int = Field(description="MSFLOW_RECENT_SCORES: how many recent images are kept per category")
+    scores: list[RecentScore] = Field(description="newest first")
+    summary: RecentSummary | None = Field(None, description="with ?threshold=: how the recent images of the "
+                                                            "serving version would be classified at it")
 
 
 class ModelList(_Model):
@@ -105,9 +193,37 @@ class Health(_Model):
 class Readiness(_Model):
     status: Literal["ready"] = "ready"
     models: dict[str, str] = Field(description="category -> version serving")
+    redis: Literal["ok", "degraded", "disabled"] = Field(
+        "disabled", description="degraded: Redis is configured but unreachable; inspection keeps serving "
+                                "(no cache, links from this host), jobs answer 503")
+
+
+JobState = Literal["queued", "running", "done", "failed"]
+
+
+class JobAccepted(_Model):
+    id: str
+    status: JobState = "queued"
+    category: str
+    images: int
+    url: str = Field(description="/v1/jobs/<id>: poll it for the state and the result")
+
+
+class JobStatus(_Model):
+    id: str
+    status: JobState
+    category: str
+    created_at: datetime
+    updated_at: datetime
+    attempts: int = Field(description="deliveries to a worker so far")
+    worker: str | None = Field(None, description="the worker (consumer name) of the latest attempt")
+    result: InspectResponse | None = Field(None, description="when done: what POST /v1/inspect would answer")
+    error: ErrorBody | None = Field(None, description="when failed: why; while queued again: the last attempt's")
 
 
 __all__ = [
-    "ErrorBody", "ErrorResponse", "Health", "Heatmap", "HeatmapMode", "HeatmapSize", "ImageResult", "ImageSize",
-    "InspectResponse", "ModelInfo", "ModelList", "Readiness", "Timings",
+    "ErrorBody", "ErrorResponse", "Health", "Heatmap", "HeatmapLink", "HeatmapMode", "HeatmapSize", "ImageResult",
+    "ImageSize", "InspectResponse", "JobAccepted", "JobState", "JobStatus", "ModelInfo", "ModelList", "Readiness",
+    "RecentScore", "RecentScores", "RecentSummary", "Region", "ThresholdOverride", "ThresholdState",
+    "ThresholdUpdate", "Timings",
 ]

@@ -294,7 +294,9 @@ def test_error_codes(client: httpx.Client, server: Server, demo_files: dict[str,
     assert_error(client.post(url, params={"heatmap": "sideways"}, files=[part(good)]), 422, "invalid_request")
     assert_error(client.post(url, data={"other": "x"}, files=[("notfile", ("a.png", data, "image/png"))]), 400,
                  "bad_upload")
-    assert_error(client.post(url, params={"heatmap": "url"}, files=[part(good)]), 501, "not_implemented")
+    # heatmap=url without Redis: a link served from this process's memory (tests/test_redis_store.py has Redis)
+    linked = client.post(url, params={"heatmap": "url"}, files=[part(good)])
+    assert linked.status_code == 200 and client.get(linked.json()["results"][0]["heatmap"]["url"]).status_code == 200
     # 413: bytes (per image, raw and multipart; whole request), pixels, too many files
     big = os.urandom(1_100_000)
     assert_error(client.post(url, content=big, headers={"Content-Type": "image/png"}), 413, "image_too_large")
