@@ -12,6 +12,7 @@ unknown category from a client is counted as ``"-"``), endpoints are route templ
 from __future__ import annotations
 
 import re
+import sys
 import time
 import uuid
 
@@ -70,6 +71,8 @@ class ServiceMetrics:
                                ["category"], buckets=SCORE_BUCKETS, registry=r)
         self.anomaly_rate = Gauge("msflow_anomaly_rate", "Share of anomalous verdicts among the last "
                                   "MSFLOW_ANOMALY_RATE_WINDOW images", ["category"], registry=r)
+        self.gpu_memory = Gauge("msflow_gpu_memory_bytes", "GPU memory per device (used, total), read at "
+                                "scrape time; absent on hosts without a CUDA GPU", ["device", "kind"], registry=r)
         self._model_labels: dict[str, tuple[str, str]] = {}
 
     # --------------------------------------------------------------- request level
@@ -115,7 +118,21 @@ class ServiceMetrics:
         self._model_labels[category] = (version, engine)
         self.model_info.labels(category, version, engine).set(1)
 
+    def refresh_gpu_memory(self) -> None:
+        """Device-wide memory (what ONNX Runtime's and TensorRT's own pools use too), via
+        torch only where torch already runs CUDA in this process: a scrape must never be
+        the thing that creates a CUDA context."""
+        torch = sys.modules.get("torch")
+        if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+            return
+        for index in range(torch.cuda.device_count()):
+            free, total = torch.cuda.mem_get_info(index)
+            name = f"cuda:{index}"
+            self.gpu_memory.labels(name, "used").set(total - free)
+            self.gpu_memory.labels(name, "total").set(total)
+
     def exposition(self) -> tuple[bytes, str]:
+        self.refresh_gpu_memory()
         """The ``/metrics`` body and its content type."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 

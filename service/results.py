@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict
 from models.manifest import Calibration, Manifest
 from service.batcher import ItemResult
 from service.imaging import DecodedImage
+from service.config import Settings
 from service.regions import RegionParams, find_regions
 from service.render import heatmap_for
 from service.schemas import (Heatmap, HeatmapLink, HeatmapMode, HeatmapSize, ImageResult, ImageSize, Region,
@@ -83,6 +84,11 @@ class ResultPolicy:
     calibration: Callable[[Manifest], Calibration] = _manifest_calibration
     regions: RegionParams = RegionParams()
 
+
+def policy_from_settings(settings: Settings, calibration: Callable[[Manifest], Calibration]) -> ResultPolicy:
+    """The policy the API and the workers share: effective thresholds and region limits."""
+    return ResultPolicy(calibration=calibration, regions=RegionParams(
+        max_regions=settings.max_regions, min_area_fraction=settings.min_region_area))
 
 def analyse(image: DecodedImage, scored: ItemResult, calibration: Calibration, size: HeatmapSize | None,
             overlay: bool, params: RegionParams) -> tuple[Rendered | None, list[Region], float]:

@@ -30,8 +30,7 @@ from service.metrics import ServiceMetrics
 from service.redisconn import RedisConnection
 from service.registry import LoadedModel, ModelRegistry
 from service.recent import RecentScores
-from service.regions import RegionParams
-from service.results import Built, InspectOptions, Rendered, ResultPolicy, build_results
+from service.results import Built, InspectOptions, Rendered, build_results, policy_from_settings
 from service.schemas import HeatmapLink, ImageResult, Timings
 from service.store import CachedResult, HeatmapLinks, ResultCache, utcnow
 from service.thresholds import ThresholdOverrides
@@ -70,8 +69,7 @@ class ServiceState:
         self.thresholds = ThresholdOverrides(settings, self.redis)
         self.registry.thresholds = self.thresholds
         self.recent = RecentScores(settings, self.metrics)
-        self.result_policy = ResultPolicy(calibration=self.thresholds.calibration, regions=RegionParams(
-            max_regions=settings.max_regions, min_area_fraction=settings.min_region_area))
+        self.result_policy = policy_from_settings(settings, self.thresholds.calibration)
 
     async def start(self) -> None:
         """Check the store (fail start-up if unusable), then load engines in the background so

@@ -44,7 +44,8 @@ from service.jobs import Delivery, JobQueue
 from service.metrics import ServiceMetrics
 from service.redisconn import RedisConnection, RedisUnavailable, make_client
 from service.registry import ModelRegistry
-from service.results import build_results
+from service.results import build_results, policy_from_settings
+from service.thresholds import ThresholdOverrides
 from service.schemas import ErrorBody, InspectResponse
 from service.store import FINAL_STATES, HeatmapLinks, JobRecord, utcnow
 
@@ -84,6 +85,9 @@ class Worker:
         self.conn = RedisConnection(settings, self.metrics, client=client, breaker_s=0.0)
         self.queue = JobQueue(settings, self.conn)
         self.links = HeatmapLinks(settings, self.conn, memory=False, metrics=self.metrics)
+        # The same effective thresholds as the API replicas (overrides live in Redis/the store).
+        self.thresholds = ThresholdOverrides(settings, self.conn)
+        self.policy = policy_from_settings(settings, self.thresholds.calibration)
         self.limits = ImageLimits(max_bytes=settings.max_upload_bytes, max_pixels=settings.max_image_pixels)
         self.stop = asyncio.Event()
         self._pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="worker")
@@ -98,6 +102,7 @@ class Worker:
         configure_pillow(self.settings.max_image_pixels)
         self.registry.discover()
         await self.registry.load_all()
+        self.thresholds.start(self.registry.serving)
         self.categories = sorted(self.registry.serving())
         if not self.categories:
             raise RuntimeError(f"no model could be loaded from {self.settings.model_store}: {self.registry.failed}")
@@ -238,7 +243,8 @@ class Worker:
         scored = [s for s in job.scored if s is not None]
         built = await build_results([(i, job.record.filenames[i], im, sc)
                                      for i, (im, sc) in enumerate(zip(job.images, scored))],
-                                    job.record.options, self.run_blocking, self.links, job.started)
+                                    job.record.options, self.run_blocking, self.links, job.started,
+                                    policy=self.policy)
         results = [b.result for b in built]
         for r in results:
             self.metrics.count_image(category, r.is_anomalous)
@@ -284,6 +290,7 @@ class Worker:
             await self._sleep(3600)
 
     async def close(self) -> None:
+        await self.thresholds.stop()
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._engine_thread.shutdown(wait=False)
         await self.conn.aclose()

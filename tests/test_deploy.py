@@ -31,9 +31,9 @@ DASHBOARD = GRAFANA / "dashboards" / "msflow.json"
 # MSFLOW_* variables the deployment sets for parts of the service still being written
 # (a setting the worker will read). Any other MSFLOW_* name must be a Settings field:
 # pydantic-settings ignores unknown variables, so a typo would otherwise pass silently.
-PENDING_SETTINGS = {"MSFLOW_WORKER_METRICS_PORT"}
+PENDING_SETTINGS: set[str] = set()
 # Metrics the dashboard shows that the service has been asked to export.
-PENDING_METRICS = {"msflow_gpu_memory_bytes"}
+PENDING_METRICS: set[str] = set()
 # Kinds without a schema in upstream Kubernetes (CRDs and kustomize's own file).
 NON_CORE_API_GROUPS = ("monitoring.coreos.com/", "kustomize.config.k8s.io/")
 # Labels Prometheus adds to every scraped series (plus ours, from the scrape configs).
