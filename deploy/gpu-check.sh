@@ -15,7 +15,9 @@
 # Knobs (environment): PYTHON, GPU_CHECK_MODEL, GPU_CHECK_WORK (scratch folder, default a
 # new mktemp dir), GPU_CHECK_CATEGORY (grass), GPU_CHECK_INPUT_SIZE (256),
 # GPU_CHECK_META_EPOCHS (4), GPU_CHECK_BATCH_SIZES ("1 8 32"), GPU_CHECK_REPEATS (10),
-# GPU_CHECK_PARITY_IMAGES (24), GPU_CHECK_TENSORRT (auto|0: skip the plan).
+# GPU_CHECK_PARITY_IMAGES (24), GPU_CHECK_TENSORRT (auto|0: skip the plan),
+# GPU_CHECK_LOAD_USERS (32), GPU_CHECK_LOAD_DURATION (30s), GPU_CHECK_LOAD_IMAGES (demo test
+# images of the model's category; a folder or glob).
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -39,6 +41,9 @@ BATCH_SIZES="${GPU_CHECK_BATCH_SIZES:-1 8 32}"
 REPEATS="${GPU_CHECK_REPEATS:-10}"
 PARITY_IMAGES="${GPU_CHECK_PARITY_IMAGES:-24}"
 WANT_TENSORRT="${GPU_CHECK_TENSORRT:-auto}"
+LOAD_USERS="${GPU_CHECK_LOAD_USERS:-32}"
+LOAD_DURATION="${GPU_CHECK_LOAD_DURATION:-30s}"
+LOAD_IMAGES="${GPU_CHECK_LOAD_IMAGES:-}"
 
 STEPS="$RAW/steps.tsv"
 printf 'step\trc\tstart\tend\tseconds\trequired\tlog\n' > "$STEPS"
@@ -161,6 +166,15 @@ step parity 1 "$PY" -m service.parity --model "$MODEL" --out "$RAW/parity.json" 
 step bench 1 "$PY" -m msflow.cli bench --model "$MODEL" --batch-sizes $BATCH_SIZES --repeats "$REPEATS" \
   --out "$RAW/bench.json" || true
 
+# 3b. the whole path: `msflow serve` on this host's best engine, a headless Locust run against it
+if [[ -z "$LOAD_IMAGES" ]]; then
+  if [[ -n "$WORK" && -d "$WORK/demo/$CATEGORY/test" ]]; then LOAD_IMAGES="$WORK/demo/$CATEGORY/test"
+  else LOAD_IMAGES="data/demo/*/test/*/*.png"; fi
+fi
+step loadtest 0 "$PY" -m loadtests.run --serve --store "$(dirname "$MODEL")" --users "$LOAD_USERS" \
+  --spawn-rate "$LOAD_USERS" --duration "$LOAD_DURATION" --images "$LOAD_IMAGES" --out "$RAW/load" \
+  --fail-on-error || true
+
 # 4. one report: JSON with everything + a Markdown summary
 step report 1 "$PY" - "$OUT_DIR" "$TENSORRT_STATUS" "$MODEL" "$FAILED" <<'EOF' || true
 import csv, json, sys
@@ -221,6 +235,9 @@ if parity and "engines" in parity:
                   f"({m['map_max_of_range']:.2%}) | {m['map_p99_of_range']:.2%} | {m['verdict_flips']} |")
 else:
     md.append("parity did not produce a report (see raw/parity.log)")
+load_md = raw / "load" / "summary.md"
+if load_md.is_file():
+    md += ["", "## End to end (msflow serve + Locust)", "", load_md.read_text()]
 md += ["", "## Benchmark", ""]
 if bench and "results" in bench:
     md += [f"input {bench['model']['input_size']} px; {bench['settings']['input']}; "
