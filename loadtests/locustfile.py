@@ -40,7 +40,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from locust import HttpUser, between, events, task
+from locust import HttpUser, between, events, tag, task
 
 log = logging.getLogger("msflow.loadtest")
 
@@ -304,21 +304,25 @@ class InspectionUser(HttpUser):
             return body
 
     @task(8)
+    @tag("fast")
     def inspect_fast(self) -> None:
         """One image, score only: what a production line does almost all the time."""
         self._inspect("none")
 
     @task(2)
+    @tag("batch")
     def inspect_batch(self) -> None:
         """Several images in one request (multipart with several ``file`` parts)."""
         if self.batch > 1:
             self._inspect("none", self.batch)
 
     @task(2)
+    @tag("heatmap")
     def inspect_inline_heatmap(self) -> None:
         self._inspect("inline")
 
     @task(1)
+    @tag("redis")
     def inspect_heatmap_url(self) -> None:
         """``heatmap=url``, then fetch the link (heatmaps live in Redis): Redis only."""
         if not _Shared.redis:
@@ -333,6 +337,7 @@ class InspectionUser(HttpUser):
                 resp.failure(f"heatmap link: HTTP {resp.status_code}, {resp.headers.get('content-type')}")
 
     @task(1)
+    @tag("redis")
     def inspect_job(self) -> None:
         """Async path: ``POST /v1/jobs/{category}``, then poll ``GET /v1/jobs/{id}``: Redis only."""
         if not _Shared.redis:

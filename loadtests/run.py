@@ -212,6 +212,8 @@ def run_locust(args: argparse.Namespace, url: str, out: Path) -> int:
            "--csv", str(out / "locust"), "--csv-full-history", "--html", str(out / "report.html"),
            "--logfile", str(out / "locust.log"), "--loglevel", "INFO", "--only-summary",
            "--exit-code-on-error", "0"]
+    if args.tags:
+        cmd += ["--tags", *args.tags]
     env = dict(os.environ)
     if args.images:
         env["MSFLOW_LOAD_IMAGES"] = args.images
@@ -256,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", default=None, help="MSFLOW_LOAD_IMAGES: folder or glob of images to post")
     p.add_argument("--categories", default=None, help="MSFLOW_LOAD_CATEGORIES: e.g. grass:3,brick:1")
     p.add_argument("--api-key", default=None, help="API key to send (MSFLOW_LOAD_API_KEY)")
+    p.add_argument("--tags", nargs="*", default=None,
+                   help="only these tasks: fast (1 image, no heatmap), batch, heatmap, redis (default: the mix)")
     p.add_argument("--fail-on-error", action="store_true", help="exit 1 when any request failed (or none was made)")
     g = p.add_argument_group("local server")
     g.add_argument("--serve", action="store_true", help="start `msflow serve` on a free loopback port for the run")
