@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ import redis
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from test_service_e2e import CATEGORY, Server, free_port, metric  # noqa: F401  (re-exported for the tests)
+from test_service_e2e import CATEGORY, Server, free_port, metric, terminate  # noqa: F401  (re-exported for the tests)
 
 PREFIX = "msflow-test:"  # a non-default MSFLOW_REDIS_PREFIX, shared by the API servers and workers
 ADMIN_KEY = "admin-key-redis"
@@ -105,13 +104,7 @@ class WorkerProc:
         raise RuntimeError(f"worker {self.name} not consuming after {timeout} s:\n{self.log()}")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        terminate(self.proc)
         self._log.close()
 
 
