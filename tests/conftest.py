@@ -51,3 +51,14 @@ def model_store(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 @pytest.fixture(scope="session")
 def version_dir(model_store: Path) -> Path:
     return model_store / TEST_CATEGORY / "1"
+
+
+@pytest.fixture(scope="session")
+def demo_test_images(demo_root: Path) -> dict[str, list[Path]]:
+    """The demo test images of the test category, by defect type ("good" included)."""
+    from models.data import MVTecCategory
+
+    out: dict[str, list[Path]] = {}
+    for s in MVTecCategory(demo_root, TEST_CATEGORY).test_samples():
+        out.setdefault(s.defect_type, []).append(s.path)
+    return out

@@ -24,7 +24,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.data import MVTecCategory
 from service.regions import box_mask
 from service.schemas import Region
 from test_service_e2e import ADMIN_KEY, CATEGORY, USER_KEY, Server, start
@@ -134,11 +133,8 @@ def console(browser: Any, server: Server, artifacts: Path, request: pytest.Fixtu
 
 
 @pytest.fixture(scope="module")
-def samples(demo_root: Path) -> dict[str, list[Path]]:
-    out: dict[str, list[Path]] = {}
-    for s in MVTecCategory(demo_root, CATEGORY).test_samples():
-        out.setdefault(s.defect_type, []).append(s.path)
-    return out
+def samples(demo_test_images: dict[str, list[Path]]) -> dict[str, list[Path]]:
+    return demo_test_images
 
 
 # ---------------------------------------------------------------------- tests

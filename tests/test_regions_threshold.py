@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.data import MVTecCategory
 from models.manifest import Calibration, Manifest, ScoreStats
 from service.config import Settings
 from service.regions import RegionParams, box_mask, find_regions
@@ -184,11 +183,8 @@ def client(server: Server) -> Iterator[httpx.Client]:
 
 
 @pytest.fixture(scope="module")
-def samples(demo_root: Path) -> dict[str, list[Path]]:
-    out: dict[str, list[Path]] = {}
-    for s in MVTecCategory(demo_root, CATEGORY).test_samples():
-        out.setdefault(s.defect_type, []).append(s.path)
-    return out
+def samples(demo_test_images: dict[str, list[Path]]) -> dict[str, list[Path]]:
+    return demo_test_images
 
 
 def ground_truth(demo_root: Path, path: Path) -> np.ndarray:
