@@ -147,7 +147,7 @@ else
   log "using the existing model $MODEL (steps demo_data/train/export skipped)"
   TENSORRT_STATUS=$("$PY" - "$MODEL" <<'EOF' 2>/dev/null || echo "unknown (cannot read the manifest)"
 import sys
-from service.bench import resolve_version
+from service.engine_catalog import resolve_version
 from models.manifest import Manifest
 m = Manifest.read(resolve_version(sys.argv[1]))
 print(f"existing plan (TensorRT {m.tensorrt.tensorrt_version}, {m.tensorrt.gpu_name})" if m.tensorrt

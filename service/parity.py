@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from models.manifest import Calibration, Manifest
-from service.bench import (CPU_ENGINES, CUDA_ENGINES, holdout_samples, make_engine, resolve_version,
+from service.engine_catalog import (CPU_ENGINES, CUDA_ENGINES, holdout_samples, make_engine, resolve_version,
                            test_samples, unavailable_reason)
 
 REFERENCE = "onnxruntime-cpu"
