@@ -138,9 +138,16 @@ def resize_for_model(img: Image.Image, size: int) -> np.ndarray:
     Normalisation is left to the model graph so that the same uint8 array can be
     fed to every engine.
     """
+    return resize_rgb(to_rgb(img), size)
+
+
+def resize_rgb(rgb: Image.Image, size: int) -> np.ndarray:
+    """:func:`resize_for_model` for an image that :func:`to_rgb` already made upright RGB
+    (the server keeps that image for overlays, so it converts once, not twice)."""
     if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or size <= 0:
         raise ValueError(f"size must be a positive integer, got {size!r}")
-    rgb = to_rgb(img)
+    if rgb.mode != "RGB":
+        raise ValueError(f"resize_rgb takes an RGB image (see to_rgb), got mode {rgb.mode!r}")
     if rgb.size != (size, size):
         rgb = rgb.resize((int(size), int(size)), Image.Resampling.LANCZOS)
     return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8))

@@ -30,7 +30,7 @@ from starlette.datastructures import UploadFile as StarletteUploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
-from models.preprocessing import resize_for_model, to_rgb
+from models.preprocessing import resize_rgb, to_rgb
 
 # Pillow's names; "MPO" is the multi-picture JPEG many cameras write.
 ACCEPTED_FORMATS: frozenset[str] = frozenset({"PNG", "JPEG", "MPO", "BMP", "TIFF", "WEBP"})
@@ -228,7 +228,7 @@ def decode_image(data: bytes, size: int, limits: ImageLimits, name: str | None =
         except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
             # struct.error: some Pillow plugins surface corrupt headers that way.
             raise UndecodableImage(f"cannot decode {label} (truncated or corrupt?): {exc}") from exc
-    tensor = resize_for_model(rgb, size)
+    tensor = resize_rgb(rgb, size)
     return DecodedImage(rgb=rgb, tensor=tensor, format=fmt, decode_ms=(time.perf_counter() - started) * 1e3)
 
 
@@ -263,7 +263,7 @@ def probe_image(data: bytes, limits: ImageLimits, name: str | None = None) -> tu
 def model_input(img: Image.Image, size: int) -> np.ndarray:
     """The model input for an already decoded upright RGB image (used when a reload changes
     the input size while a request waits)."""
-    return resize_for_model(img, size)
+    return resize_rgb(img, size)
 
 
 __all__ = [
