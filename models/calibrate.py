@@ -1,12 +1,14 @@
-"""Threshold calibration on images the flows never trained on.
+"""Threshold calibration on normal images the flows never trained on.
 
-Two methods, recorded in the manifest:
+Policies, recorded in the manifest:
 
-- ``f1_optimal``: when labelled anomalous validation images exist, the raw-score threshold
-  that maximises F1 on normals + anomalies.
-- ``normal_quantile``: otherwise, a high quantile of the held-out normal scores plus a
-  margin proportional to their spread (``q + margin * (q - median)``), so roughly
-  ``1 - quantile`` of normal parts or fewer are flagged.
+- ``target_fpr`` (default, 1%): the lowest threshold at which at most ``target_fpr`` of the
+  calibration normals are flagged. With ``n`` normals the empirical rate moves in steps of
+  ``1/n``, so the manifest also records the one-sided 95% Clopper-Pearson upper bound on
+  the true false-alarm rate (the uncertainty a small calibration set leaves).
+- ``target_recall``: with labelled anomalies, the highest threshold that still flags
+  ``target_recall`` of them; the false-alarm rate on normals it costs is recorded.
+- ``f1_optimal``: with labelled anomalies, the threshold that maximises F1.
 
 Map statistics of the normal images fix the heatmap colour range (a good part looks cool)
 and the pixel threshold used for defect regions.
@@ -14,38 +16,82 @@ and the pixel threshold used for defect regions.
 
 from __future__ import annotations
 
-import numpy as np
+import hashlib
+import math
+import warnings
+from pathlib import Path
+from typing import Literal
 
-from models.manifest import Calibration, ScoreStats
+import numpy as np
+from scipy.stats import beta
+
+from models.data import MVTecCategory, Sample, folder_of_good_images
+from models.manifest import DEFAULT_TARGET_FPR, Calibration, CalibrationSource, ScoreStats, sha256_file
 from models.metrics import best_f1
+from models.runs import read_json
+
+Policy = Literal["target_fpr", "target_recall", "f1_optimal"]
 
 
 def score_stats(scores: np.ndarray) -> ScoreStats:
     s = np.asarray(scores, dtype=np.float64)
     if s.size == 0:
-        raise ValueError("calibration needs at least one held-out normal image")
+        raise ValueError("calibration needs at least one normal image")
     p50, p95, p99 = np.percentile(s, [50, 95, 99])
     return ScoreStats(count=int(s.size), mean=float(s.mean()), std=float(s.std()), min=float(s.min()),
                       p50=float(p50), p95=float(p95), p99=float(p99), max=float(s.max()))
 
 
+def fpr_upper_bound(flagged: int, n: int, confidence: float = 0.95) -> float:
+    """One-sided Clopper-Pearson upper bound on a rate seen as ``flagged`` out of ``n``."""
+    if n <= 0:
+        return 1.0
+    if flagged >= n:
+        return 1.0
+    return float(beta.ppf(confidence, flagged + 1, n - flagged))
+
+
+def threshold_for_fpr(normal: np.ndarray, target_fpr: float) -> float:
+    """Lowest threshold (``score >= t`` flags) with at most ``floor(target_fpr * n)`` normals flagged."""
+    if not 0.0 <= target_fpr < 1.0:
+        raise ValueError(f"target FPR must be in [0, 1), got {target_fpr}")
+    ranked = np.sort(np.asarray(normal, dtype=np.float64))[::-1]
+    allowed = int(math.floor(target_fpr * ranked.size + 1e-9))
+    # Just above the (allowed+1)-th highest normal score: that one and all below pass.
+    return float(np.nextafter(ranked[allowed], np.inf))
+
+
+def threshold_for_recall(anomalous: np.ndarray, target_recall: float) -> float:
+    """Highest threshold that still flags at least ``target_recall`` of the labelled anomalies."""
+    if not 0.0 < target_recall <= 1.0:
+        raise ValueError(f"target recall must be in (0, 1], got {target_recall}")
+    ranked = np.sort(np.asarray(anomalous, dtype=np.float64))
+    misses = int(math.floor((1.0 - target_recall) * ranked.size + 1e-9))
+    return float(ranked[min(misses, ranked.size - 1)])
+
+
 def calibrate(normal_scores: np.ndarray, normal_maps: np.ndarray, score_output: str,
-              anomalous_scores: np.ndarray | None = None, quantile: float = 0.99,
-              margin: float = 0.25) -> Calibration:
-    """Calibration from held-out normal scores/maps (and optional anomalous scores)."""
+              anomalous_scores: np.ndarray | None = None, policy: Policy = "target_fpr",
+              target_fpr: float = DEFAULT_TARGET_FPR, target_recall: float | None = None,
+              source: CalibrationSource | None = None) -> Calibration:
+    """Calibration from normal scores/maps the model never trained on (and optional anomalies)."""
     normal = np.asarray(normal_scores, dtype=np.float64)
     stats = score_stats(normal)
     anomalous = np.asarray(anomalous_scores if anomalous_scores is not None else [], dtype=np.float64)
-    if anomalous.size:
+    if policy != "target_fpr" and not anomalous.size:
+        raise ValueError(f"the {policy} policy needs labelled anomalous images (export --validation DIR)")
+    if policy == "target_fpr":
+        threshold = threshold_for_fpr(normal, target_fpr)
+    elif policy == "target_recall":
+        if target_recall is None:
+            raise ValueError("the target_recall policy needs target_recall")
+        threshold = threshold_for_recall(anomalous, target_recall)
+    else:
         labels = np.r_[np.zeros(normal.size), np.ones(anomalous.size)]
         _, threshold = best_f1(labels, np.r_[normal, anomalous])
-        method, q, m = "f1_optimal", None, None
-        top = float(np.percentile(anomalous, 95))
-    else:
-        q_value = float(np.quantile(normal, quantile))
-        threshold = q_value + margin * max(q_value - stats.p50, 0.0)
-        method, q, m = "normal_quantile", quantile, margin
-        top = threshold + (threshold - stats.p50)
+    flagged = int((normal >= threshold).sum())
+    recall = float((anomalous >= threshold).mean()) if anomalous.size else None
+    top = float(np.percentile(anomalous, 95)) if anomalous.size else threshold + (threshold - stats.p50)
     # The normalisation span runs from the typical normal score to a clearly anomalous one,
     # so scores spread over [0, 1] instead of all sticking to 0.5 +- epsilon.
     score_min = stats.p50
@@ -55,8 +101,45 @@ def calibrate(normal_scores: np.ndarray, normal_maps: np.ndarray, score_output: 
     map_low, map_p999 = np.percentile(maps, [50, 99.9])
     map_high = float(map_low + 2.0 * max(map_p999 - map_low, 1e-6))
     return Calibration(
-        score_output=score_output, method=method, threshold=float(threshold),
+        score_output=score_output, method=policy, threshold=float(threshold),
         score_min=float(score_min), score_max=float(score_max), normal_scores=stats,
         anomalous_images=int(anomalous.size), map_low=float(map_low), map_high=map_high,
-        pixel_threshold=float(map_p999), quantile=q, margin=m,
+        pixel_threshold=float(map_p999), target_fpr=target_fpr if policy == "target_fpr" else None,
+        target_recall=target_recall if policy == "target_recall" else None,
+        fpr_calibration=flagged / normal.size, fpr_upper_95=fpr_upper_bound(flagged, normal.size),
+        recall_calibration=recall, source=source,
     )
+
+
+def calibration_samples(run: Path, calibration_images: Path | None = None) -> tuple[list[Sample], CalibrationSource]:
+    """Normal images to calibrate a run on, best first, and where they came from.
+
+    An explicit ``calibration_images`` folder wins (the user said so); then the data set's
+    ``calibration/good``; then the run's training holdout, with a warning: held-out crops
+    of the same photographs (or the same day's parts) may share what training saw, which
+    makes the threshold optimistic.
+    """
+    if calibration_images is not None:
+        return _with_source(folder_of_good_images(calibration_images), "calibration_images", calibration_images, True)
+    cfg = read_json(run / "config.json")
+    if cfg.get("data") and cfg.get("category"):
+        category = MVTecCategory(cfg["data"], cfg["category"])
+        if category.has_calibration:
+            return _with_source(category.calibration_samples(), "calibration_set", category.calibration_dir, True)
+    paths = read_json(run / "holdout.json") if (run / "holdout.json").is_file() else []
+    if not paths:
+        raise ValueError(f"{run} has no normal images to calibrate on: give the data set a calibration/good "
+                         "folder, pass --calibration-images DIR, or train with --holdout-fraction > 0")
+    warnings.warn(f"calibrating {run} on its training holdout ({len(paths)} images): these may share content "
+                  "with the training images, so the threshold may be optimistic (too many false alarms on new "
+                  "parts). Prefer a calibration/good folder or --calibration-images DIR.", stacklevel=2)
+    return _with_source([Sample(path=Path(p), label=0, defect_type="good") for p in paths], "training_holdout",
+                        None, False)
+
+
+def _with_source(samples: list[Sample], kind: str, path: Path | None,
+                 never_trained_on: bool) -> tuple[list[Sample], CalibrationSource]:
+    digest = hashlib.sha256("".join(sorted(sha256_file(s.path) for s in samples)).encode()).hexdigest()
+    source = CalibrationSource(kind=kind, path=str(path) if path else None, count=len(samples), digest=digest,
+                               never_trained_on=never_trained_on)
+    return samples, source

@@ -9,15 +9,19 @@ before any training time is spent.
 Layout (MVTec AD)::
 
     <root>/<category>/train/good/*.png
+    <root>/<category>/calibration/good/*.png        optional: normals for the threshold, never
+                                                    trained on (``msflow export`` uses them)
     <root>/<category>/test/good/*.png               normal test images
     <root>/<category>/test/<defect>/*.png           defective test images
     <root>/<category>/ground_truth/<defect>/<name>_mask.png
+    <root>/<category>/dataset.json                  optional (demo data): per-defect visibility tier
 
 All pixels go through :mod:`models.preprocessing`, the same path the server uses.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +43,7 @@ __all__ = [
     "list_images",
     "list_categories",
     "folder_of_good_images",
+    "CALIBRATION",
     "load_images",
     "load_masks",
     "split_holdout",
@@ -46,6 +51,8 @@ __all__ = [
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 GOOD = "good"
+CALIBRATION = "calibration"
+DATASET_INFO = "dataset.json"
 _MASK_SUFFIX = "_mask"
 _MAX_WORKERS = 4
 
@@ -70,6 +77,8 @@ class Sample:
     label: int
     defect_type: str
     mask_path: Path | None = None
+    tier: str | None = None  # "visible" / "subtle" where the data set records it (demo data)
+    visibility: float | None = None
 
     def __post_init__(self) -> None:
         if self.label not in (0, 1):
@@ -137,6 +146,7 @@ class MVTecCategory:
         self.train_dir = self.path / "train" / GOOD
         if not self.train_dir.is_dir():
             raise DataError(f"training folder not found: {self.train_dir} (expected <root>/<category>/train/good)")
+        self.calibration_dir = self.path / CALIBRATION / GOOD
         self.test_dir = self.path / "test"
         self.ground_truth_dir = self.path / "ground_truth"
 
@@ -151,6 +161,27 @@ class MVTecCategory:
     def train_samples(self) -> list[Sample]:
         """All images of ``train/good`` (label 0), sorted by name."""
         return [Sample(path=p, label=0, defect_type=GOOD) for p in list_images(self.train_dir)]
+
+    @property
+    def has_calibration(self) -> bool:
+        """Whether a ``calibration/good`` folder of held-out normals exists."""
+        return self.calibration_dir.is_dir()
+
+    def calibration_samples(self) -> list[Sample]:
+        """All images of ``calibration/good`` (label 0): normals for the threshold, never trained on."""
+        return [Sample(path=p, label=0, defect_type=GOOD) for p in list_images(self.calibration_dir)]
+
+    def defect_annotations(self) -> dict[str, dict[str, float | str]]:
+        """``{relative path: {"tier", "visibility"}}`` from ``dataset.json``; empty when there is none."""
+        info = self.path / DATASET_INFO
+        if not info.is_file():
+            return {}
+        try:
+            records = json.loads(info.read_text()).get("images", [])
+        except (OSError, ValueError, AttributeError) as e:
+            raise DataError(f"{info} is not a readable data set description: {e}") from e
+        return {r["file"]: {"tier": r["defect"]["tier"], "visibility": r["defect"]["visibility"]}
+                for r in records if isinstance(r, dict) and "tier" in r.get("defect", {})}
 
     def defect_types(self) -> list[str]:
         """Sorted names of the defect folders under ``test`` (everything but ``good``)."""
@@ -186,9 +217,12 @@ class MVTecCategory:
         good_dir = self.test_dir / GOOD
         if good_dir.is_dir():
             samples.extend(Sample(path=p, label=0, defect_type=GOOD) for p in list_images(good_dir))
+        notes = self.defect_annotations()
         for defect in self.defect_types():
             for p in list_images(self.test_dir / defect):
-                samples.append(Sample(path=p, label=1, defect_type=defect, mask_path=self.mask_path_for(p, defect)))
+                note = notes.get(p.relative_to(self.path).as_posix(), {})
+                samples.append(Sample(path=p, label=1, defect_type=defect, mask_path=self.mask_path_for(p, defect),
+                                      tier=note.get("tier"), visibility=note.get("visibility")))
         if not samples:
             raise DataError(f"no test images in {self.test_dir} (expected test/good and test/<defect> folders)")
         return samples

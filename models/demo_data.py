@@ -1,28 +1,34 @@
 """A demo inspection data set in MVTec AD layout, built from real texture photographs.
 
-Why: the product needs an end-to-end data set that ships with the code (no
-download), is hard enough that accuracy numbers mean something, and has exact
-pixel ground truth. Each of scikit-image's real 512x512 grayscale photographs
-``brick``, ``grass``, ``gravel`` becomes one category.
+Why: the product needs an end-to-end data set that ships with the code (no download), is
+hard enough that accuracy numbers mean something, has exact pixel ground truth, and lets a
+threshold be calibrated on normal images the model never saw. Each of scikit-image's real
+512x512 grayscale photographs ``brick``, ``grass``, ``gravel`` becomes one category.
 
-* **Disjoint train/test regions.** Training crops come from the top rows of the
-  photograph, test crops from the bottom rows, with ``gap`` rows between them,
-  so no test pixel was ever seen in training (recorded in ``dataset.json``).
-* **Crop size 224 (default).** Two 256 crops plus any gap do not fit in 512
-  rows, so 256 is impossible with disjoint regions. 224 is the largest crop that
-  keeps a gap (8 rows) and still leaves the training strip 56 rows of vertical
-  slack, so training crops cover different phases of the brick rows. At model
-  input 224 the pixels are used 1:1; at 256 the Lanczos upscale is a mild 1.14x.
-* **Augmentation** by flips; 90-degree turns only for isotropic textures (bricks
-  have a direction). **RGB PNG** (gray replicated), like the product's cameras.
-* **Four defect types**, hard like real ones: thin 1-3 px ``scratch``, subtle
-  low-contrast ``stain`` with soft edges, ``hole`` (dark, hard irregular edge),
-  ``foreign`` (irregular patch of another texture).
-* **Exact masks by construction**: a pixel is defective iff the defect changed
-  it by at least ``MASK_TOLERANCE`` gray levels; smaller changes (the faint tail
-  of a soft edge) are reverted, so mask == (defective != clean) exactly.
-* **Deterministic**: each image has its own RNG stream (seed, category, role,
-  index): same seed, same bytes; changing one count reshuffles nothing else.
+* **Three normal sets, disjoint in source pixels.** The photograph is cut into vertical
+  strips: ``train/good`` from the left half, ``calibration/good`` from the next quarter,
+  ``test/good`` and every defective test image from the right quarter. Vertical strips
+  (not rows) because the brick photograph's perspective changes the brick size from top
+  to bottom: every set sees every scale. Crops inside one set overlap (a 128-wide strip
+  holds few disjoint crops); ``dataset.json`` records how much (``overlap``), and that
+  sets share no pixel.
+* **Crop 128 (default)**, so that three disjoint strips fit in 512 columns; the model
+  input (256) upsamples it 2x.
+* **Augmentation** by flips; 90-degree turns only for isotropic textures (bricks have a
+  direction). **RGB PNG** (gray replicated), like the product's cameras.
+* **Defects** (:mod:`models.defects`): scratch, stain, hole, foreign patch, each drawn with
+  a ``subtle`` and a ``visible`` recipe; every record carries its measured visibility and
+  tier. Masks are exact by construction.
+* **Deterministic**: each image has its own RNG stream (seed, category, role, index): same
+  seed, same bytes; changing one count reshuffles nothing else.
+
+Layout written (MVTec AD plus ``calibration/good``)::
+
+    <out>/<category>/train/good/*.png            training normals
+    <out>/<category>/calibration/good/*.png      normals for the threshold (never trained on)
+    <out>/<category>/test/{good,<defect>}/*.png
+    <out>/<category>/ground_truth/<defect>/*_mask.png
+    <out>/<category>/dataset.json                provenance: crops, defects, visibility, overlap
 """
 
 from __future__ import annotations
@@ -38,29 +44,20 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from scipy import ndimage
 
-__all__ = [
-    "TEXTURES", "ANISOTROPIC_TEXTURES", "DEFECT_TYPES", "MASK_TOLERANCE", "DEFAULT_CROP", "DEFAULT_GAP",
-    "Region", "CropSpec", "load_texture", "plan_regions", "allowed_transforms", "apply_transform",
-    "extract_crop", "synthesize_defect", "make_defect_example", "build_demo_dataset",
-]  # fmt: skip
+from models.defects import DEFECT_TYPES, MASK_TOLERANCE, RECIPES, VISIBLE_CUTOFF, synthesize_defect
 
 TEXTURES: tuple[str, ...] = ("brick", "grass", "gravel")
 ANISOTROPIC_TEXTURES: frozenset[str] = frozenset({"brick"})
-DEFECT_TYPES: tuple[str, ...] = ("scratch", "stain", "hole", "foreign")
-MASK_TOLERANCE = 2  # gray levels; a pixel changed by less is not a defect pixel (and is reverted)
-DEFAULT_CROP = 224
-DEFAULT_GAP = 8
-TEST_FRACTION = 0.4  # share of the photograph's rows reserved for test crops (at least one crop)
+ROLES: tuple[str, ...] = ("train", "calibration", "test")
+DEFAULT_CROP = 128
 GENERATOR = "models.demo_data"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
-_ALPHA_EPS = 1e-3
 _PNG_LEVEL = 1  # 3x faster than Pillow's default 6 and no larger on these noisy textures
 _WRITERS = 4  # zlib releases the GIL: PNG encoding, the slowest step, runs in parallel
-_MAX_TRIES = 50
-_ROLE_TRAIN, _ROLE_TEST_GOOD, _ROLE_TEST_DEFECT = 0, 1, 2
+_ROLE_TRAIN, _ROLE_TEST_GOOD, _ROLE_TEST_DEFECT, _ROLE_CALIBRATION = 0, 1, 2, 3
+_STRIPS = {"train": (0.0, 0.5), "calibration": (0.5, 0.75), "test": (0.75, 1.0)}  # column fractions
 
 
 @dataclass(frozen=True)
@@ -94,24 +91,14 @@ def load_texture(name: str) -> np.ndarray:
     return np.ascontiguousarray(photo)
 
 
-def plan_regions(
-    height: int, width: int, crop: int, gap: int = DEFAULT_GAP, test_fraction: float = TEST_FRACTION
-) -> tuple[Region, Region]:
-    """(train, test) regions: test takes the bottom rows, train the top rows, ``gap`` rows apart.
-
-    The test strip is ``max(crop, test_fraction * height)`` rows; training gets
-    the rest above the gap. Raises ValueError when a crop does not fit.
-    """
-    if not 8 <= crop <= width or gap < 0:
-        raise ValueError(f"need 8 <= crop <= {width} and gap >= 0, got crop {crop}, gap {gap}")
-    test_h = max(crop, int(round(test_fraction * height)))
-    train_h = height - test_h - gap
-    if train_h < crop:
-        raise ValueError(
-            f"crop {crop} with gap {gap} does not fit a {height}-row photograph: train and test strips "
-            f"need 2 x {crop} + {gap} rows; use a smaller crop or gap"
-        )
-    return Region(0, train_h, 0, width), Region(height - test_h, height, 0, width)
+def plan_regions(height: int, width: int, crop: int) -> dict[str, Region]:
+    """Disjoint full-height strips per role (see module doc). Raises ValueError when a crop does not fit."""
+    regions = {role: Region(0, height, int(round(a * width)), int(round(b * width))) for role, (a, b) in _STRIPS.items()}
+    narrowest = min(r.right - r.left for r in regions.values())
+    if not 8 <= crop <= min(narrowest, height):
+        raise ValueError(f"crop {crop} does not fit a {height}x{width} photograph: each set's strip is "
+                         f"{narrowest} columns wide; use a crop between 8 and {narrowest}")
+    return regions
 
 
 def allowed_transforms(texture: str) -> tuple[int, ...]:
@@ -147,148 +134,45 @@ def _random_spec(rng: np.random.Generator, region: Region, crop: int, transforms
     return CropSpec(y=y, x=x, transform=int(transforms[int(rng.integers(len(transforms)))]))
 
 
-# ----------------------------------------------------------------------------- defect rendering
-
-
-def _blob(shape: tuple[int, int], rng: np.random.Generator, radius: float, irregularity: float) -> np.ndarray:
-    """Irregular hard-edged blob at a random position: alpha in [0, 1] with a 1-px anti-aliasing ramp.
-
-    The boundary is a circle perturbed by random low harmonics (k = 2..6), a
-    star-shaped outline like a chip, splash or hole.
-    """
-    h, w = shape
-    cy, cx = rng.uniform(0.1 * h, 0.9 * h), rng.uniform(0.1 * w, 0.9 * w)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
-    dy, dx = yy - cy, xx - cx
-    theta = np.arctan2(dy, dx)
-    bound = np.ones_like(theta)
-    for k in range(2, 7):
-        bound += rng.uniform(0.0, irregularity / k) * np.cos(k * theta + rng.uniform(0.0, 2.0 * np.pi))
-    return np.clip(radius * np.clip(bound, 0.35, None) - np.hypot(dy, dx) + 0.5, 0.0, 1.0)
-
-
-def _curve(shape: tuple[int, int], rng: np.random.Generator, length: float) -> np.ndarray:
-    """Points (y, x) every 0.25 px along a smooth random curve (constant bend plus a gentle wobble)."""
-    h, w = shape
-    n = max(2, int(length / 0.25))
-    start = np.array([rng.uniform(0.15 * h, 0.85 * h), rng.uniform(0.15 * w, 0.85 * w)])
-    arc = 0.25 * np.arange(n)
-    bend = rng.uniform(-1.5, 1.5) / length  # total turn of up to ~85 degrees
-    wobble = rng.uniform(0.0, 0.15) * np.sin(2.0 * np.pi * rng.uniform(0.5, 1.5) * arc / length + rng.uniform(0, 6.3))
-    heading = rng.uniform(0.0, 2.0 * np.pi) + bend * arc + wobble
-    steps = 0.25 * np.stack([np.sin(heading), np.cos(heading)], axis=1)
-    return start + np.cumsum(steps, axis=0)
-
-
-def _line_alpha(shape: tuple[int, int], points: np.ndarray, width: float, supersample: int = 4) -> np.ndarray:
-    """Coverage of a ``width``-px stroke along ``points``, by supersampled distance transform."""
-    h, w = shape
-    alpha = np.zeros(shape, dtype=np.float64)
-    pad = int(np.ceil(width)) + 2
-    y0, x0 = max(0, int(points[:, 0].min()) - pad), max(0, int(points[:, 1].min()) - pad)
-    y1, x1 = min(h, int(points[:, 0].max()) + pad + 1), min(w, int(points[:, 1].max()) + pad + 1)
-    if y1 <= y0 or x1 <= x0:  # the whole curve lies outside the crop
-        return alpha
-    s = supersample
-    hi = np.ones(((y1 - y0) * s, (x1 - x0) * s), dtype=bool)
-    iy = np.floor((points[:, 0] - y0) * s).astype(int)
-    ix = np.floor((points[:, 1] - x0) * s).astype(int)
-    keep = (iy >= 0) & (iy < hi.shape[0]) & (ix >= 0) & (ix < hi.shape[1])
-    hi[iy[keep], ix[keep]] = False
-    covered = ndimage.distance_transform_edt(hi) <= width * s / 2.0
-    alpha[y0:y1, x0:x1] = covered.reshape(y1 - y0, s, x1 - x0, s).mean(axis=(1, 3))
-    return alpha
-
-
-def _render(
-    defect_type: str, clean: np.ndarray, rng: np.random.Generator, foreign: Sequence[np.ndarray]
-) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """One candidate defect: (target image as float, alpha, parameters). Sizes scale with the crop."""
-    shape = clean.shape
-    size = float(min(shape))
-    base = clean.astype(np.float64)
-    if defect_type == "scratch":
-        width = rng.uniform(1.0, 3.0)
-        length = rng.uniform(0.2, 0.6) * size
-        sign = 1.0 if rng.random() < 0.5 else -1.0
-        amplitude = rng.uniform(25.0, 60.0)
-        alpha = _line_alpha(shape, _curve(shape, rng, length), width)
-        target = base + sign * amplitude * alpha
-        params = {"width": width, "length": length, "amplitude": sign * amplitude}
-    elif defect_type == "stain":
-        radius = rng.uniform(0.07, 0.18) * size
-        softness = rng.uniform(0.15, 0.35) * radius
-        alpha = ndimage.gaussian_filter(_blob(shape, rng, radius, 0.6), sigma=softness)
-        sign = -1.0 if rng.random() < 0.8 else 1.0  # most stains darken (oil, water), some bleach
-        depth = rng.uniform(0.06, 0.14)
-        target = base * (1.0 + sign * depth * alpha)
-        params = {"radius": radius, "softness": softness, "relative_change": sign * depth}
-    elif defect_type == "hole":
-        radius = rng.uniform(0.04, 0.11) * size
-        alpha = _blob(shape, rng, radius, 0.8)
-        floor = rng.uniform(5.0, 35.0)
-        # Deeper (darker) towards the middle, with grain: a cavity in shadow, not a flat paint dot.
-        depth = ndimage.gaussian_filter(alpha, sigma=max(1.0, radius / 3.0))
-        grain = ndimage.gaussian_filter(rng.normal(0.0, 6.0, shape), 0.8)
-        inside = floor + 25.0 * (1.0 - depth / max(depth.max(), 1e-9)) + grain
-        target = base * (1.0 - alpha) + inside * alpha
-        params = {"radius": radius, "floor": floor}
-    elif defect_type == "foreign":
-        if not foreign:
-            raise ValueError("a foreign defect needs at least one other texture")
-        src_index = int(rng.integers(len(foreign)))
-        src = foreign[src_index]
-        h, w = shape
-        y = int(rng.integers(0, src.shape[0] - h + 1))
-        x = int(rng.integers(0, src.shape[1] - w + 1))
-        patch = apply_transform(src[y : y + h, x : x + w], int(rng.integers(8))).astype(np.float64)
-        gain = rng.uniform(0.85, 1.15)
-        radius = rng.uniform(0.06, 0.14) * size
-        alpha = _blob(shape, rng, radius, 0.9)
-        target = base * (1.0 - alpha) + np.clip(patch * gain, 0, 255) * alpha
-        params = {"radius": radius, "source_index": src_index, "gain": gain}
-    else:
-        raise ValueError(f"unknown defect type {defect_type!r}; known: {', '.join(DEFECT_TYPES)}")
-    return target, alpha, params
-
-
-def synthesize_defect(
-    clean: np.ndarray, defect_type: str, rng: np.random.Generator,
-    foreign: Sequence[np.ndarray] = (), min_pixels: int | None = None,
-) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:  # fmt: skip
-    """Add one defect to a clean 2-D uint8 crop: returns (defective uint8, mask bool, parameters).
-
-    The mask is exact by construction: ``mask == (defective != clean)``. Where a
-    candidate changes a pixel by less than :data:`MASK_TOLERANCE` (or its alpha
-    is negligible) the clean value is kept. A candidate that changes fewer than
-    ``min_pixels`` pixels (e.g. a dark hole drawn over a dark shadow) is redrawn.
-    """
-    if clean.ndim != 2 or clean.dtype != np.uint8:
-        raise ValueError(f"clean crop must be 2-D uint8, got {clean.shape} {clean.dtype}")
-    if min_pixels is None:
-        min_pixels = max(8, clean.size // 4000)
-    for _ in range(_MAX_TRIES):
-        target, alpha, params = _render(defect_type, clean, rng, foreign)
-        candidate = np.clip(np.rint(target), 0, 255).astype(np.uint8)
-        changed = np.abs(candidate.astype(np.int16) - clean.astype(np.int16)) >= MASK_TOLERANCE
-        mask = changed & (alpha > _ALPHA_EPS)
-        if int(mask.sum()) >= min_pixels:
-            defective = np.where(mask, candidate, clean)
-            params = {k: (round(float(v), 4) if isinstance(v, float) else v) for k, v in params.items()}
-            params["type"] = defect_type
-            params["pixels"] = int(mask.sum())
-            return defective, mask, params
-    raise RuntimeError(f"could not place a visible {defect_type} defect in {_MAX_TRIES} tries")
-
-
 def make_defect_example(
     photo: np.ndarray, spec: CropSpec, crop: int, defect_type: str,
-    rng: np.random.Generator, foreign: Sequence[np.ndarray] = (),
+    rng: np.random.Generator, foreign: Sequence[np.ndarray] = (), recipe: str = "subtle",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
     """(clean, defective, mask) for one test image: the crop of ``spec`` with one defect added."""
     clean = extract_crop(photo, spec, crop)
-    defective, mask, _ = synthesize_defect(clean, defect_type, rng, foreign)
+    defective, mask, _ = synthesize_defect(clean, defect_type, rng, foreign, recipe=recipe)
     return clean, defective, mask
+
+
+def measure_overlap(specs_by_role: dict[str, list[CropSpec]], shape: tuple[int, int], crop: int) -> dict[str, Any]:
+    """How much the crops share source pixels: between sets (must be 0) and within each set.
+
+    ``within[role]``: the share of its pixels that a crop has in common with another crop of
+    the same set, averaged over all pairs, and ``coverage``: distinct source pixels used /
+    pixels of the set's strip.
+    """
+    counts = {role: np.zeros(shape, dtype=np.int32) for role in specs_by_role}
+    for role, specs in specs_by_role.items():
+        for sp in specs:
+            counts[role][sp.y : sp.y + crop, sp.x : sp.x + crop] += 1
+    roles = list(specs_by_role)
+    between = {f"{a}/{b}": int(((counts[a] > 0) & (counts[b] > 0)).sum())
+               for i, a in enumerate(roles) for b in roles[i + 1 :]}  # fmt: skip
+    within = {}
+    for role, specs in specs_by_role.items():
+        ys = np.array([sp.y for sp in specs], dtype=np.int64)
+        xs = np.array([sp.x for sp in specs], dtype=np.int64)
+        # Shared area of every pair of crops (same-sized squares), as a fraction of a crop.
+        dy = np.clip(crop - np.abs(ys[:, None] - ys[None, :]), 0, None)
+        dx = np.clip(crop - np.abs(xs[:, None] - xs[None, :]), 0, None)
+        pair = (dy * dx) / float(crop * crop)
+        n = len(specs)
+        mean_pair = float((pair.sum() - n) / (n * (n - 1))) if n > 1 else 0.0
+        strip = _STRIPS[role]
+        strip_pixels = shape[0] * (int(round(strip[1] * shape[1])) - int(round(strip[0] * shape[1])))
+        within[role] = {"crops": n, "mean_pairwise_shared_fraction": round(mean_pair, 4),
+                        "coverage": round(float((counts[role] > 0).sum()) / strip_pixels, 4)}
+    return {"between_sets_shared_pixels": between, "within": within}
 
 
 # ----------------------------------------------------------------------------- writing
@@ -325,55 +209,72 @@ def _prepare_target(final: Path) -> Path:
     return staging
 
 
-def _build_category(  # noqa: PLR0913 - internal, mirrors build_demo_dataset's arguments
-    out: Path, name: str, seed: int, counts: tuple[int, int, int], crop: int, gap: int,
-    write: Callable[..., Future[None]],
-) -> dict[str, Any]:  # fmt: skip
+@dataclass(frozen=True)
+class Counts:
+    """Images per set; defective ones are spread round-robin over types x recipes."""
+
+    train: int
+    calibration: int
+    test_good: int
+    test_defect: int
+
+
+def _build_category(out: Path, name: str, seed: int, counts: Counts, crop: int,
+                    write: Callable[..., Future[None]]) -> dict[str, Any]:
     """Write one category (staged, then renamed into place); ``write`` schedules a PNG save."""
-    n_train, n_test_good, n_test_defect = counts
     photo = load_texture(name)
     foreign = [load_texture(t) for t in TEXTURES if t != name]
-    train_region, test_region = plan_regions(photo.shape[0], photo.shape[1], crop, gap)
+    regions = plan_regions(photo.shape[0], photo.shape[1], crop)
     transforms = allowed_transforms(name)
     final = out / name
     root = _prepare_target(final)
-    width = max(3, len(str(max(n_train, n_test_good, n_test_defect) - 1)))
+    width = max(3, len(str(max(counts.train, counts.calibration, counts.test_good, counts.test_defect) - 1)))
     records: list[dict[str, Any]] = []
     pending: list[Future[None]] = []
+    specs: dict[str, list[CropSpec]] = {role: [] for role in ROLES}
 
-    for i in range(n_train):
-        spec = _random_spec(_image_rng(seed, name, _ROLE_TRAIN, i), train_region, crop, transforms)
-        rel = f"train/good/{i:0{width}d}.png"
-        pending.append(write(_save_png, extract_crop(photo, spec, crop), root / rel))
-        records.append({"file": rel, **asdict(spec)})
-    for i in range(n_test_good):
-        spec = _random_spec(_image_rng(seed, name, _ROLE_TEST_GOOD, i), test_region, crop, transforms)
-        rel = f"test/good/{i:0{width}d}.png"
-        pending.append(write(_save_png, extract_crop(photo, spec, crop), root / rel))
-        records.append({"file": rel, **asdict(spec)})
+    def normals(n: int, role_id: int, region: str, folder: str) -> None:
+        for i in range(n):
+            spec = _random_spec(_image_rng(seed, name, role_id, i), regions[region], crop, transforms)
+            specs[region].append(spec)
+            rel = f"{folder}/{i:0{width}d}.png"
+            pending.append(write(_save_png, extract_crop(photo, spec, crop), root / rel))
+            records.append({"file": rel, "set": region, **asdict(spec)})
+
+    normals(counts.train, _ROLE_TRAIN, "train", "train/good")
+    normals(counts.calibration, _ROLE_CALIBRATION, "calibration", "calibration/good")
+    normals(counts.test_good, _ROLE_TEST_GOOD, "test", "test/good")
     per_type = {t: 0 for t in DEFECT_TYPES}
-    for i in range(n_test_defect):
-        defect = DEFECT_TYPES[i % len(DEFECT_TYPES)]  # round robin: types evenly spread
+    per_tier: dict[str, dict[str, int]] = {t: {"visible": 0, "subtle": 0} for t in DEFECT_TYPES}
+    for i in range(counts.test_defect):
+        defect = DEFECT_TYPES[i % len(DEFECT_TYPES)]  # round robin: types and recipes evenly spread
+        recipe = RECIPES[(i // len(DEFECT_TYPES)) % len(RECIPES)]
         rng = _image_rng(seed, name, _ROLE_TEST_DEFECT, i)
-        spec = _random_spec(rng, test_region, crop, transforms)
-        defective, mask, params = synthesize_defect(extract_crop(photo, spec, crop), defect, rng, foreign)
+        spec = _random_spec(rng, regions["test"], crop, transforms)
+        specs["test"].append(spec)
+        defective, mask, params = synthesize_defect(extract_crop(photo, spec, crop), defect, rng, foreign,
+                                                    recipe=recipe)
         j = per_type[defect]
         per_type[defect] += 1
+        per_tier[defect][params["tier"]] += 1
         rel, rel_mask = f"test/{defect}/{j:0{width}d}.png", f"ground_truth/{defect}/{j:0{width}d}_mask.png"
         pending.append(write(_save_png, defective, root / rel))
         pending.append(write(_save_png, mask, root / rel_mask))
-        records.append({"file": rel, "mask": rel_mask, **asdict(spec), "defect": params})
+        records.append({"file": rel, "mask": rel_mask, "set": "test", **asdict(spec), "defect": params})
 
     meta = {
         "generator": GENERATOR, "format_version": FORMAT_VERSION, "category": name,
         "source": f"skimage.data.{name}()", "photo_shape": list(photo.shape), "channels": "RGB, gray replicated",
-        "seed": seed, "crop": crop, "gap": gap,
-        "train_region": asdict(train_region), "test_region": asdict(test_region),
+        "seed": seed, "crop": crop, "regions": {role: asdict(r) for role, r in regions.items()},
         "transforms": list(transforms),
         "transform_encoding": "t % 4 quarter turns (numpy.rot90), then a left-right flip if t >= 4",
         "foreign_sources": [t for t in TEXTURES if t != name], "mask_tolerance": MASK_TOLERANCE,
-        "defect_types": list(DEFECT_TYPES),
-        "counts": {"train": n_train, "test_good": n_test_good, "test_defect": per_type},
+        "defect_types": list(DEFECT_TYPES), "recipes": list(RECIPES),
+        "visibility": {"definition": "mean |defective - clean| inside the mask / std of the clean crop over the "
+                                     "mask dilated by crop/16 px", "visible_cutoff": dict(VISIBLE_CUTOFF)},
+        "counts": {"train": counts.train, "calibration": counts.calibration, "test_good": counts.test_good,
+                   "test_defect": per_type, "test_defect_by_tier": per_tier},
+        "overlap": measure_overlap(specs, photo.shape, crop),
         "images": records,
     }  # fmt: skip
     for job in pending:
@@ -382,39 +283,40 @@ def _build_category(  # noqa: PLR0913 - internal, mirrors build_demo_dataset's a
     if final.exists():
         shutil.rmtree(final)
     root.rename(final)
-    return {"path": str(final), "train": n_train, "test_good": n_test_good, "test_defect": per_type}
+    return {"path": str(final), "train": counts.train, "calibration": counts.calibration,
+            "test_good": counts.test_good, "test_defect": per_type, "test_defect_by_tier": per_tier}
 
 
 def build_demo_dataset(
     out: Path | str,
     seed: int = 0,
     n_train: int = 200,
-    n_test_good: int = 40,
-    n_test_defect: int = 60,
+    n_calibration: int = 60,
+    n_test_good: int = 60,
+    n_test_defect: int = 120,
     crop: int = DEFAULT_CROP,
     categories: Sequence[str] = TEXTURES,
-    gap: int = DEFAULT_GAP,
 ) -> dict[str, Any]:
     """Write the demo data set (one MVTec-layout category per texture) under ``out``.
 
     Each category is staged in a hidden folder and renamed into place when
     complete, so an interrupted run never leaves a half-written category; a
     category folder this module wrote before is replaced, anything else is
-    refused. Returns a summary: ``{"root", "seed", "crop", "categories": {name:
-    {"path", "train", "test_good", "test_defect": {type: count}}}}``.
+    refused. Returns a summary: ``{"root", "seed", "crop", "categories": {name: {...counts}}}``.
     """
     categories = (categories,) if isinstance(categories, str) else tuple(categories)
     unknown = [c for c in categories if c not in TEXTURES]
     if not categories or unknown or len(set(categories)) != len(categories):
         raise ValueError(f"categories must be distinct names from {TEXTURES}, got {categories}")
-    if n_train < 1 or n_test_good < 0 or n_test_defect < 0:
-        raise ValueError(f"need n_train >= 1 and test counts >= 0, got {n_train}, {n_test_good}, {n_test_defect}")
-    plan_regions(512, 512, crop, gap)  # fail fast on a bad crop/gap (all bundled photographs are 512x512)
+    if n_train < 1 or min(n_calibration, n_test_good, n_test_defect) < 0:
+        raise ValueError(f"need n_train >= 1 and other counts >= 0, got {n_train}, {n_calibration}, "
+                         f"{n_test_good}, {n_test_defect}")
+    plan_regions(512, 512, crop)  # fail fast on a bad crop (all bundled photographs are 512x512)
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
+    counts = Counts(n_train, n_calibration, n_test_good, n_test_defect)
     summary: dict[str, Any] = {"root": str(root), "seed": seed, "crop": crop, "categories": {}}
     with ThreadPoolExecutor(max_workers=_WRITERS, thread_name_prefix="demo-png") as pool:
         for name in categories:
-            counts = (n_train, n_test_good, n_test_defect)
-            summary["categories"][name] = _build_category(root, name, seed, counts, crop, gap, pool.submit)
+            summary["categories"][name] = _build_category(root, name, seed, counts, crop, pool.submit)
     return summary

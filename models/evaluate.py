@@ -2,7 +2,13 @@
 
 Metrics follow the paper: image AUROC on the image score, pixel AUROC on the "add" map,
 AUPRO (up to 30% FPR) on the "mul" map. The absolute anomaly map that the service shows is
-evaluated too, because it is what operators see.
+evaluated too, because it is what operators see. Where the data set records visibility
+tiers (the demo data), every figure is also given per tier.
+
+Ranking is not a verdict, so the report also says what happens at one threshold
+(:mod:`models.verdicts`): a given raw threshold, an exported version's, or by default the
+threshold ``msflow export`` would calibrate (same normals, same policy), so the figures
+match what the server will answer.
 """
 
 from __future__ import annotations
@@ -16,11 +22,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from models.calibrate import DEFAULT_TARGET_FPR, calibrate, calibration_samples
 from models.data import MVTecCategory, load_images, load_masks
-from models.metrics import evaluate_predictions, image_auroc, pixel_auroc
+from models.manifest import Manifest
+from models.metrics import aupro, evaluate_predictions, image_auroc, metrics_by_group, pixel_auroc
 from models.msflow import MSFlow
-from models.report_plots import plot_example_grid, plot_roc_curves
+from models.report_plots import plot_example_grid, plot_roc_curves, plot_score_distributions
 from models.runs import load_model, read_json
+from models.verdicts import verdict_table
+
+SCORE_OUTPUT = "image_score_log"  # what export thresholds by default
 
 PREDICTION_KEYS = ("image_score", "image_score_log", "absolute_score", "anomaly_map", "score_map", "pixel_map")
 
@@ -37,10 +48,39 @@ def predict(model: MSFlow, images: np.ndarray, device: torch.device | str = "cpu
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
+def _threshold(model: MSFlow, run: Path, device: str, batch_size: int, threshold: float | None,
+               version: Path | None, target_fpr: float) -> tuple[float, str, dict[str, Any]]:
+    """(raw threshold, score output, where it came from) for the verdict table."""
+    if threshold is not None:
+        return float(threshold), SCORE_OUTPUT, {"kind": "given"}
+    if version is not None:
+        cal = Manifest.read(version).calibration
+        return cal.threshold, cal.score_output, {"kind": "exported", "version": str(version), "method": cal.method}
+    samples, source = calibration_samples(run)
+    normal = predict(model, load_images(samples, model.config.input_size), device, batch_size,
+                     keys=(SCORE_OUTPUT, "anomaly_map"), progress=False)
+    cal = calibrate(normal[SCORE_OUTPUT], normal["anomaly_map"], SCORE_OUTPUT, target_fpr=target_fpr, source=source)
+    return cal.threshold, SCORE_OUTPUT, {"kind": "calibrated as export does", "method": cal.method,
+                                         "target_fpr": target_fpr, "fpr_calibration": cal.fpr_calibration,
+                                         "fpr_upper_95": cal.fpr_upper_95, "calibration": source.model_dump()}
+
+
+def _served_map_block(masks: np.ndarray, maps: np.ndarray, select: np.ndarray) -> dict[str, float | None]:
+    m, a = masks[select], maps[select]
+    if not m.any() or m.all():
+        return {"pixel_auroc": None, "aupro": None}
+    return {"pixel_auroc": pixel_auroc(m, a), "aupro": aupro(m, a)}
+
+
 def evaluate_run(run: str | Path, data: str | Path | None = None, category: str | None = None,
                  device: str = "cpu", batch_size: int = 16, pictures: bool = True,
-                 progress: bool = True) -> dict[str, Any]:
-    """Evaluate a run's selected checkpoint; writes ``report.json`` (and PNGs) into the run."""
+                 progress: bool = True, threshold: float | None = None, version: str | Path | None = None,
+                 target_fpr: float = DEFAULT_TARGET_FPR) -> dict[str, Any]:
+    """Evaluate a run's selected checkpoint; writes ``report.json`` (and PNGs) into the run.
+
+    The verdict threshold is ``threshold`` (raw), else ``version``'s exported one, else
+    calibrated as ``msflow export`` would (``target_fpr`` on the run's calibration normals).
+    """
     run = Path(run)
     train_cfg = read_json(run / "config.json")
     data = data or train_cfg.get("data")
@@ -57,6 +97,8 @@ def evaluate_run(run: str | Path, data: str | Path | None = None, category: str 
     masks = load_masks(samples, size)
     labels = np.array([s.label for s in samples])
     types = [s.defect_type for s in samples]
+    tiers = [s.tier for s in samples]
+    has_tiers = any(t is not None for t, s in zip(tiers, samples) if s.label == 1)
 
     start = time.perf_counter()
     pred = predict(model, images, device, batch_size, progress=progress)
@@ -65,10 +107,27 @@ def evaluate_run(run: str | Path, data: str | Path | None = None, category: str 
     # The log form ranks exactly like the paper score but never saturates at 1.0.
     report = evaluate_predictions(labels, pred["image_score_log"], masks, pred["pixel_map"], types,
                                   pro_maps=pred["score_map"])
+    good = labels == 0
     report["absolute"] = {
         "image_auroc": image_auroc(labels, pred["absolute_score"]),
-        "pixel_auroc": pixel_auroc(masks, pred["anomaly_map"]),
+        **_served_map_block(masks, pred["anomaly_map"], np.ones_like(good)),
     }
+    if has_tiers:
+        tier_names = [t or "unknown" for t in tiers]
+        report["per_tier"] = metrics_by_group(labels, pred["image_score_log"], masks, pred["pixel_map"], tier_names,
+                                              pro_maps=pred["score_map"])
+        for tier, block in report["per_tier"].items():
+            select = good | (np.array(tier_names, dtype=object) == tier) & (labels == 1)
+            block["absolute"] = {"image_auroc": image_auroc(labels[select], pred["absolute_score"][select]),
+                                 **_served_map_block(masks, pred["anomaly_map"], select)}
+        pairs = [f"{d}/{t}" for d, t in zip(types, tier_names)]
+        report["per_defect_type_and_tier"] = metrics_by_group(labels, pred["image_score_log"], None, None, pairs)
+
+    raw_threshold, score_output, origin = _threshold(model, run, device, batch_size, threshold,
+                                                     Path(version) if version else None, target_fpr)
+    report["verdict"] = {"score_output": score_output, "threshold_source": origin,
+                         **verdict_table(labels, pred[score_output], raw_threshold, types,
+                                         tiers if has_tiers else None)}
     report["paper_score_saturated"] = bool(np.mean(pred["image_score"] >= 1.0) > 0.5)
     report.update(
         category=category,
@@ -80,6 +139,7 @@ def evaluate_run(run: str | Path, data: str | Path | None = None, category: str 
     )
     (run / "report.json").write_text(json.dumps(report, indent=2))
     np.savez_compressed(run / "test_scores.npz", labels=labels, defect_types=np.array(types),
+                        tiers=np.array([t or "" for t in tiers]),
                         image_score_log=pred["image_score_log"], absolute_score=pred["absolute_score"])
     if pictures:
         plot_roc_curves(labels, pred["image_score_log"], masks, pred["pixel_map"], run / "roc.png",
@@ -87,5 +147,7 @@ def evaluate_run(run: str | Path, data: str | Path | None = None, category: str 
         lo, hi = np.percentile(pred["anomaly_map"][labels == 0], [1, 99.9]) if (labels == 0).any() else (None, None)
         plot_example_grid(images, masks, pred["anomaly_map"], pred["absolute_score"], labels, types,
                           run / "examples.png", vmin=lo, vmax=hi)
+        groups = [t or "all" for t in tiers] if has_tiers else types
+        plot_score_distributions(pred[score_output], labels, groups, raw_threshold, run / "scores.png",
+                                 title=f"{category}: image scores at the verdict threshold", score_name=score_output)
     return report
-

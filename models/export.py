@@ -2,8 +2,8 @@
 
 The graph is ONE ONNX model from uint8 NHWC pixels to the answer (normalisation,
 backbone, flows, fusion, upsampling, aggregation, top-k), with a dynamic batch axis.
-Export checks parity against PyTorch before anything is written, calibrates on held-out
-normals with the exported graph itself (so the thresholds are those of the engine that
+Export checks parity against PyTorch before anything is written, calibrates on normals the
+flows never trained on (:func:`models.calibrate.calibration_samples`) with the exported graph itself (so the thresholds are those of the engine that
 will serve), and writes the version folder atomically.
 """
 
@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from models.calibrate import calibrate
-from models.data import MVTecCategory, Sample, folder_of_good_images, load_images
+from models.calibrate import DEFAULT_TARGET_FPR, Policy, calibrate, calibration_samples
+from models.data import MVTecCategory, load_images
 from models.manifest import (CATEGORY_PATTERN, Manifest, OnnxInfo, TensorSpec, file_entry, list_versions)
 from models.msflow import MSFlow
 from models.runs import load_model, read_json
@@ -96,17 +96,6 @@ def parity(model: MSFlow, session: Any, images: np.ndarray) -> tuple[dict[str, f
     return diffs, max(float(ref[k].abs().max()) for k in OUTPUTS)
 
 
-def _calibration_samples(run: Path, calibration_images: Path | None) -> list[Sample]:
-    """Normal images the flows never trained on: a given folder, else the run's holdout."""
-    if calibration_images is not None:
-        return folder_of_good_images(calibration_images)
-    paths = read_json(run / "holdout.json") if (run / "holdout.json").is_file() else []
-    if not paths:
-        raise ExportError(f"{run} has no held-out normal images to calibrate on: train with --holdout-fraction > 0 "
-                          "or pass --calibration-images DIR (normal images not used in training)")
-    return [Sample(path=Path(p), label=0, defect_type="good") for p in paths]
-
-
 def _validation_anomalies(validation: Path | None, category: str, size: int) -> np.ndarray | None:
     if validation is None:
         return None
@@ -122,7 +111,9 @@ def _next_version(category_dir: Path) -> str:
 def export_run(run: str | Path, store: str | Path, category: str | None = None,
                validation: str | Path | None = None, score_output: str = DEFAULT_SCORE_OUTPUT,
                tensorrt: bool = False, trt_batches: tuple[int, int, int] = (1, 8, 32),
-               version: str | None = None, calibration_images: str | Path | None = None) -> Path:
+               version: str | None = None, calibration_images: str | Path | None = None,
+               policy: Policy = "target_fpr", target_fpr: float = DEFAULT_TARGET_FPR,
+               target_recall: float | None = None, map_sigma: float | None = None) -> Path:
     """Export a run into ``store/<category>/<version>/`` and return that folder."""
     run = Path(run)
     train_cfg = read_json(run / "config.json")
@@ -132,6 +123,8 @@ def export_run(run: str | Path, store: str | Path, category: str | None = None,
     if score_output not in ("image_score_log", "absolute_score"):
         raise ValueError("score_output must be image_score_log or absolute_score")
     model, info = load_model(run, "cpu")
+    if map_sigma is not None:
+        model.set_map_sigma(map_sigma)
     size = model.config.input_size
 
     category_dir = Path(store) / category
@@ -145,18 +138,20 @@ def export_run(run: str | Path, store: str | Path, category: str | None = None,
         onnx_path = export_onnx(model, work / "model.onnx")
         session = onnx_session(onnx_path)
 
-        holdout = load_images(_calibration_samples(run, Path(calibration_images) if calibration_images else None), size)
-        diffs, scale = parity(model, session, holdout[: min(4, len(holdout))])
+        samples, source = calibration_samples(run, Path(calibration_images) if calibration_images else None)
+        normals = load_images(samples, size)
+        diffs, scale = parity(model, session, normals[: min(4, len(normals))])
         # float32 rounding grows with magnitude: barely trained flows give maps in the
         # hundreds, so the tolerance is relative above 1.
         if max(diffs.values()) > PARITY_TOLERANCE * max(1.0, scale):
             raise ExportError(f"ONNX Runtime differs from PyTorch by {diffs} (tolerance {PARITY_TOLERANCE} "
                               f"x max(1, {scale:.3g}))")
 
-        normal = run_onnx(session, holdout)
+        normal = run_onnx(session, normals)
         anomalies = _validation_anomalies(Path(validation) if validation else None, category, size)
         anomalous_scores = run_onnx(session, anomalies)[score_output] if anomalies is not None else None
-        calibration = calibrate(normal[score_output], normal["anomaly_map"], score_output, anomalous_scores)
+        calibration = calibrate(normal[score_output], normal["anomaly_map"], score_output, anomalous_scores,
+                                policy=policy, target_fpr=target_fpr, target_recall=target_recall, source=source)
 
         report_path = run / "report.json"
         metrics = None

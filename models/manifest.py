@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 MANIFEST = "manifest.json"
 SCHEMA_VERSION = 1
+DEFAULT_TARGET_FPR = 0.01  # calibration policy default: share of normal parts a threshold may flag
 CATEGORY_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 
 
@@ -55,15 +56,29 @@ class ScoreStats(_Strict):
     max: float
 
 
+class CalibrationSource(_Strict):
+    """Which normal images the threshold was fitted on, so a reader can judge how far to trust it."""
+
+    kind: Literal["calibration_set", "calibration_images", "training_holdout"]
+    path: str | None = None  # the folder (calibration set or --calibration-images)
+    count: int
+    digest: str = Field(pattern=r"^[0-9a-f]{64}$")  # sha256 over the sorted sha256s of the images
+    never_trained_on: bool  # False for the training holdout, which may share pixels with training
+
+
 class Calibration(_Strict):
     """How raw engine outputs become a verdict and a heatmap.
 
     ``normalised = clamp((raw - threshold) / (score_max - score_min) + 0.5, 0, 1)``: the
     threshold maps to 0.5, so it can later move without re-exporting the graph.
+
+    ``fpr_calibration`` is the share of calibration normals at or above the threshold, and
+    ``fpr_upper_95`` its one-sided 95% Clopper-Pearson bound: with 60 normals and none
+    flagged the true false-alarm rate can still be up to ~4.9%.
     """
 
     score_output: str
-    method: Literal["f1_optimal", "normal_quantile"]
+    method: Literal["target_fpr", "target_recall", "f1_optimal", "normal_quantile"]
     threshold: float
     score_min: float
     score_max: float
@@ -74,6 +89,12 @@ class Calibration(_Strict):
     pixel_threshold: float  # anomaly_map value above which a pixel counts as defective
     quantile: float | None = None
     margin: float | None = None
+    target_fpr: float | None = None
+    target_recall: float | None = None
+    fpr_calibration: float | None = None
+    fpr_upper_95: float | None = None
+    recall_calibration: float | None = None  # on the labelled anomalies, when there are some
+    source: CalibrationSource | None = None
 
     def normalise_score(self, raw: float) -> float:
         span = max(self.score_max - self.score_min, 1e-12)
@@ -168,5 +189,6 @@ def list_versions(category_dir: str | Path) -> list[str]:
     d = Path(category_dir)
     if not d.is_dir():
         return []
-    versions = [p.name for p in d.iterdir() if p.is_dir() and (p / MANIFEST).is_file()]
+    # A dot folder is an export still being written (or one that died): never a version.
+    versions = [p.name for p in d.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / MANIFEST).is_file()]
     return sorted(versions, key=lambda v: (0, int(v), "") if v.isdigit() else (1, 0, v))

@@ -28,7 +28,7 @@ from scipy import ndimage
 from sklearn.metrics import precision_recall_curve, roc_auc_score
 
 __all__ = [
-    "DEFAULT_MAX_FPR", "aupro", "best_f1", "evaluate_predictions", "image_auroc",
+    "DEFAULT_MAX_FPR", "aupro", "best_f1", "evaluate_predictions", "image_auroc", "metrics_by_group",
     "pixel_auroc", "pro_curve",
 ]
 
@@ -399,13 +399,27 @@ def evaluate_predictions(
     p = None if pro_maps is None or a is None else np.asarray(pro_maps, dtype=a.dtype).reshape(a.shape)
     result = _metric_block(y, s, m, a, max_fpr, p)
     result["aupro_max_fpr"] = float(max_fpr)
-    good = y == 0
-    per_type: dict[str, Any] = {}
-    for t in sorted(set(types[y == 1].tolist())):
-        sel = good | ((types == t) & (y == 1))
-        per_type[t] = _metric_block(
-            y[sel], s[sel], None if m is None else m[sel], None if a is None else a[sel], max_fpr,
-            None if p is None else p[sel],
-        )
-    result["per_defect_type"] = per_type
+    result["per_defect_type"] = metrics_by_group(y, s, m, a, types, max_fpr, p)
     return result
+
+
+def metrics_by_group(
+    labels: np.ndarray, scores: np.ndarray, masks: np.ndarray | None, maps: np.ndarray | None,
+    groups: Sequence[str], max_fpr: float = DEFAULT_MAX_FPR, pro_maps: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """One metric block per group of defective images (a defect type, a visibility tier...).
+
+    Each group is evaluated on *all good images plus that group's defective ones*.
+    """
+    y = _as_binary_labels(labels)
+    s = _as_scores(scores, y.size)
+    names = np.asarray([str(g) for g in groups], dtype=object)
+    good = y == 0
+    out: dict[str, Any] = {}
+    for g in sorted(set(names[y == 1].tolist())):
+        sel = good | ((names == g) & (y == 1))
+        out[g] = _metric_block(
+            y[sel], s[sel], None if masks is None else masks[sel], None if maps is None else maps[sel], max_fpr,
+            None if pro_maps is None else pro_maps[sel],
+        )
+    return out

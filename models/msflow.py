@@ -20,6 +20,16 @@ from models.flows import FusionFlow, ParallelFlow, positional_encoding_2d
 from models.preprocessing import IMAGENET_MEAN, IMAGENET_STD
 
 
+def gaussian_kernel_1d(sigma: float) -> Tensor:
+    """Normalised 1-D Gaussian taps out to 3 sigma (``[1.0]`` for sigma 0)."""
+    if sigma <= 0:
+        return torch.ones(1)
+    radius = max(1, int(math.ceil(3.0 * sigma)))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    return k / k.sum()
+
+
 class MSFlowConfig(BaseModel):
     """Architecture of one MSFlow; defaults are the paper's (input 256 for CPU hosts)."""
 
@@ -32,6 +42,9 @@ class MSFlowConfig(BaseModel):
     cond_channels: int = 64
     pool: Literal["avg", "max", "none"] = "avg"
     top_k: float = Field(0.03, gt=0.0, le=1.0)
+    # Gaussian sigma (input pixels) applied to the served anomaly map and absolute score only;
+    # the paper's outputs (score_map, pixel_map, image_score) are never smoothed.
+    map_sigma: float = Field(4.0, ge=0.0, le=32.0)
 
     @field_validator("input_size")
     @classmethod
@@ -80,6 +93,7 @@ class MSFlow(nn.Module):
         for level, n in enumerate(c.level_sizes):
             pe = positional_encoding_2d(c.cond_channels, n, n)[None]
             self.register_buffer(f"pos_enc_{level}", pe, persistent=False)
+        self.register_buffer("smoothing", gaussian_kernel_1d(c.map_sigma), persistent=False)
 
     # ---------------------------------------------------------------- features
 
@@ -165,7 +179,7 @@ class MSFlow(nn.Module):
         lowest = torch.topk(-rel, k, dim=1).values  # the k most anomalous, as -rel >= 0
         log_mean_exp = torch.logsumexp(-lowest, dim=1) - math.log(k)  # log mean exp(rel_k)
         image_score = 1.0 - torch.exp(log_mean_exp)
-        anomaly_map = -total
+        anomaly_map = self.smooth(-total)
         absolute_score = torch.topk(anomaly_map.reshape(batch, -1), k, dim=1).values.mean(1)
         out = MSFlowOutputs(
             image_score=image_score,
@@ -179,6 +193,22 @@ class MSFlow(nn.Module):
             add = sum(F.interpolate(p, size=size, mode="bilinear", align_corners=True)[:, 0] for p in probs)
             out["pixel_map"] = add.reshape(batch, -1).amax(1).view(batch, 1, 1) - add
         return out
+
+    def set_map_sigma(self, sigma: float) -> None:
+        """Change the served map's smoothing after training (it is post-processing only)."""
+        self.config = self.config.model_copy(update={"map_sigma": float(sigma)})
+        self.smoothing = gaussian_kernel_1d(self.config.map_sigma).to(self.mean.device)
+
+    def smooth(self, maps: Tensor) -> Tensor:
+        """Separable Gaussian blur of ``[B, H, W]`` maps (reflect padding), a no-op at sigma 0."""
+        k = self.smoothing
+        if k.numel() == 1:
+            return maps
+        pad = k.numel() // 2
+        x = F.pad(maps[:, None], (pad, pad, 0, 0), mode="reflect")
+        x = F.conv2d(x, k.view(1, 1, 1, -1))
+        x = F.pad(x, (0, 0, pad, pad), mode="reflect")
+        return F.conv2d(x, k.view(1, 1, -1, 1))[:, 0]
 
     def forward(self, images: Tensor, paper_maps: bool = True) -> MSFlowOutputs:
         zs, _ = self.flow(self.features(images))

@@ -28,7 +28,7 @@ from sklearn.metrics import roc_curve  # noqa: E402
 
 from models.metrics import image_auroc, pixel_auroc  # noqa: E402
 
-__all__ = ["plot_example_grid", "plot_roc_curves", "select_examples"]
+__all__ = ["plot_example_grid", "plot_roc_curves", "plot_score_distributions", "select_examples"]
 
 #: Perceptually uniform colormap, readable in greyscale print as well.
 HEATMAP_CMAP = "inferno"
@@ -296,4 +296,37 @@ def plot_example_grid(
         cax = fig.add_axes((0.945, 0.1, 0.015, 0.8))
         cbar = fig.colorbar(heat_artist, cax=cax)
         cbar.set_label(f"anomaly score (shared range {lo:.3g} .. {hi:.3g})", fontsize=8)
+    return _save(fig, out_path)
+
+
+def plot_score_distributions(
+    scores: np.ndarray, labels: np.ndarray, groups: Sequence[str], threshold: float, out_path: str | Path,
+    title: str = "image scores", score_name: str = "score",
+) -> Path:
+    """Histograms of image scores, good parts vs each defect group, with the threshold line.
+
+    ``groups`` names each defective image's group (e.g. its tier); good images are those
+    with label 0. What lies right of the line is flagged: good ones there are false alarms,
+    defective ones left of it are missed.
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(labels).astype(int)
+    fig = Figure(figsize=(7.5, 4.0), dpi=_DPI)
+    ax = fig.add_subplot(1, 1, 1)
+    finite = s[np.isfinite(s)]
+    if finite.size == 0:
+        _message(ax, "no finite scores")
+        return _save(fig, out_path)
+    bins = np.linspace(min(finite.min(), threshold), max(finite.max(), threshold), 40)
+    series = [("good", s[y == 0])]
+    names = np.asarray([str(g) for g in groups], dtype=object)
+    series += [(f"defective: {g}", s[(y == 1) & (names == g)]) for g in sorted(set(names[y == 1]))]
+    for name, values in series:
+        if values.size:
+            ax.hist(values, bins=bins, alpha=0.55, label=f"{name} ({values.size})")
+    ax.axvline(threshold, color="black", linestyle="--", linewidth=1.5, label=f"threshold {threshold:.3g}")
+    ax.set_xlabel(score_name)
+    ax.set_ylabel("images")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
     return _save(fig, out_path)

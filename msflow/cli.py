@@ -13,14 +13,16 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
+from models.manifest import DEFAULT_TARGET_FPR  # torch-free, so `msflow --help` stays fast
+
 Handler = Callable[[argparse.Namespace], int]
 
 
 def _demo_data(args: argparse.Namespace) -> int:
     from models.demo_data import build_demo_dataset
 
-    summary = build_demo_dataset(Path(args.out), seed=args.seed, n_train=args.n_train,
-                                 n_test_good=args.n_test_good, n_test_defect=args.n_test_defect)
+    summary = build_demo_dataset(Path(args.out), seed=args.seed, n_train=args.n_train, n_calibration=args.n_calibration,
+                                 n_test_good=args.n_test_good, n_test_defect=args.n_test_defect, crop=args.crop)
     print(json.dumps(summary, indent=2, default=str))
     return 0
 
@@ -54,11 +56,20 @@ def _eval(args: argparse.Namespace) -> int:
     from models.evaluate import evaluate_run
 
     report = evaluate_run(args.run, data=args.data, category=args.category, device=args.device,
-                          batch_size=args.batch_size)
+                          batch_size=args.batch_size, threshold=args.threshold, version=args.version,
+                          target_fpr=args.target_fpr)
     keys = ("category", "image_auroc", "pixel_auroc", "aupro", "best_f1")
     print(json.dumps({k: report[k] for k in keys}, indent=2))
-    for t, block in report["per_defect_type"].items():
-        print(f"  {t:>10}: image AUROC {block['image_auroc']:.3f}  pixel AUROC {block['pixel_auroc']:.3f}")
+    blocks = {**report["per_defect_type"], **{f"tier {t}": b for t, b in report.get("per_tier", {}).items()}}
+    for name, block in blocks.items():
+        print(f"  {name:>14}: image AUROC {block['image_auroc']:.3f}  pixel AUROC {block['pixel_auroc']:.3f}  "
+              f"AUPRO {block['aupro']:.3f}")
+    v = report["verdict"]
+    print(f"at threshold {v['threshold']:.4g} ({v['threshold_source']['kind']}): false alarms "
+          f"{v['good']['false_alarms']}/{v['good']['n']} good parts (FPR {v['good']['fpr']:.1%}, 95% bound "
+          f"{v['good']['fpr_upper_95']:.1%}); missed {v['defective']['missed']}/{v['defective']['n']} defects")
+    for tier, d in v.get("per_tier", {}).items():
+        print(f"  recall {tier:>8}: {d['detected']}/{d['n']} ({d['recall']:.1%})")
     print(f"report: {Path(args.run) / 'report.json'}")
     return 0
 
@@ -69,7 +80,9 @@ def _export(args: argparse.Namespace) -> int:
     version_dir = export_run(args.run, args.store, category=args.category, validation=args.validation,
                              score_output=args.score_output, tensorrt=args.tensorrt,
                              trt_batches=(args.trt_min_batch, args.trt_opt_batch, args.trt_max_batch),
-                             calibration_images=args.calibration_images)
+                             calibration_images=args.calibration_images, policy=args.policy,
+                             target_fpr=args.target_fpr, target_recall=args.target_recall,
+                             map_sigma=args.map_sigma)
     print(f"exported to {version_dir}")
     return 0
 
@@ -103,7 +116,8 @@ def _import_official(args: argparse.Namespace) -> int:
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model (paper defaults)")
     g.add_argument("--backbone", default="efficientnet_lite0",
-                   choices=["efficientnet_lite0", "wide_resnet50_2", "resnet18"])
+                   help="efficientnet_lite0 | efficientnet_lite2 (embedded weights) | wide_resnet50_2 | resnet18 "
+                        "(checked against models.backbones.BACKBONES when the model is built)")
     g.add_argument("--backbone-weights", default=None, help="torchvision-format .pth for ResNet backbones")
     g.add_argument("--input-size", type=int, default=256, help="square input size (multiple of 32; paper: 512)")
     g.add_argument("--blocks", type=int, nargs=3, default=[2, 5, 8], help="coupling blocks per level")
@@ -113,6 +127,15 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top-k", type=float, default=0.03, help="fraction of pixels averaged for the image score")
 
 
+def _defaults_of(module: str, function: str) -> dict[str, object]:
+    """A function's keyword defaults, so the CLI states no default a second time."""
+    import importlib
+    import inspect
+
+    params = inspect.signature(getattr(importlib.import_module(module), function)).parameters
+    return {name: p.default for name, p in params.items() if p.default is not inspect.Parameter.empty}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="msflow", description="MSFlow visual inspection: train, evaluate, "
                                      "export and serve anomaly detection models.")
@@ -120,10 +143,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo-data", help="build the demo MVTec-layout data set from scikit-image textures")
     p.add_argument("--out", default="data/demo")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n-train", type=int, default=200)
-    p.add_argument("--n-test-good", type=int, default=40)
-    p.add_argument("--n-test-defect", type=int, default=60)
+    demo = _defaults_of("models.demo_data", "build_demo_dataset")
+    p.add_argument("--seed", type=int, default=demo["seed"])
+    p.add_argument("--n-train", type=int, default=demo["n_train"])
+    p.add_argument("--n-calibration", type=int, default=demo["n_calibration"],
+                   help="normals for the threshold, from a strip of the photograph training never sees")
+    p.add_argument("--n-test-good", type=int, default=demo["n_test_good"])
+    p.add_argument("--n-test-defect", type=int, default=demo["n_test_defect"],
+                   help="spread evenly over 4 defect types x 2 recipes (subtle, visible)")
+    p.add_argument("--crop", type=int, default=demo["crop"])
     p.set_defaults(func=_demo_data)
 
     p = sub.add_parser("train", help="train an MSFlow on the normal images of one category")
@@ -153,6 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--category", default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=16)
+    g = p.add_argument_group("verdict threshold (default: calibrated as export does)")
+    g.add_argument("--threshold", type=float, default=None, help="raw image_score_log threshold")
+    g.add_argument("--version", default=None, help="an exported version folder: use its threshold")
+    g.add_argument("--target-fpr", type=float, default=DEFAULT_TARGET_FPR)
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("export", help="export a run to the model store: one ONNX graph, manifest, calibration")
@@ -164,7 +196,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score-output", default="image_score_log", choices=["image_score_log", "absolute_score"],
                    help="which graph output the threshold applies to")
     p.add_argument("--calibration-images", default=None,
-                   help="folder of normal images not used in training (default: the run's holdout)")
+                   help="folder of normal images not used in training (default: the data set's calibration/good, "
+                        "else the run's training holdout, with a warning)")
+    p.add_argument("--policy", default="target_fpr", choices=["target_fpr", "target_recall", "f1_optimal"],
+                   help="target_recall and f1_optimal need labelled anomalies (--validation)")
+    p.add_argument("--target-fpr", type=float, default=DEFAULT_TARGET_FPR,
+                   help="share of calibration normals the threshold may flag")
+    p.add_argument("--target-recall", type=float, default=None,
+                   help="with --policy target_recall: share of labelled anomalies to flag")
+    p.add_argument("--map-sigma", type=float, default=None,
+                   help="Gaussian smoothing (input pixels) of the served anomaly map (default: the run's)")
     p.add_argument("--tensorrt", action="store_true", help="also build an FP16 TensorRT plan (CUDA host)")
     p.add_argument("--trt-min-batch", type=int, default=1)
     p.add_argument("--trt-opt-batch", type=int, default=8)

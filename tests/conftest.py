@@ -19,7 +19,8 @@ def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from models.demo_data import build_demo_dataset
 
     root = tmp_path_factory.mktemp("demo")
-    build_demo_dataset(root, seed=0, n_train=32, n_test_good=8, n_test_defect=8, categories=(TEST_CATEGORY,))
+    build_demo_dataset(root, seed=0, n_train=32, n_calibration=12, n_test_good=8, n_test_defect=8,
+                       categories=(TEST_CATEGORY,))
     return root
 
 

@@ -15,8 +15,9 @@ from torch import nn
 from models.backbones import (
     BackboneWeightsError,
     ResNetFeatures,
+    backbone_channels,
     build_backbone,
-    build_efficientnet_lite0,
+    build_efficientnet_lite,
 )
 
 MEAN = np.array([0.485, 0.456, 0.406])
@@ -29,39 +30,39 @@ def _imagenet_batch(image: np.ndarray, size: int = 224) -> torch.Tensor:
     return torch.from_numpy(x).permute(2, 0, 1)[None].float()
 
 
-@pytest.fixture(scope="module")
-def lite0_with_head():
-    return build_efficientnet_lite0(with_head=True).eval()
-
-
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite2"])
 @pytest.mark.parametrize(
     ("image", "classes"),
     [("chelsea", set(range(281, 286))), ("coffee", {967, 968})],  # cats; espresso / cup
 )
-def test_efficientnet_lite0_real_imagenet_weights_classify(lite0_with_head, image, classes):
-    x = _imagenet_batch(getattr(data, image)())
+def test_efficientnet_lite_real_imagenet_weights_classify(name, image, classes):
+    model = build_efficientnet_lite(name, with_head=True).eval()  # strict load: every key of the file fits
+    x = _imagenet_batch(getattr(data, image)(), 224 if name.endswith("0") else 260)
     with torch.no_grad():
-        logits = lite0_with_head.classify(x)
+        logits = model.classify(x)
     assert logits.shape == (1, 1000)
     top1 = int(logits.argmax(1))
     assert top1 in classes, f"{image}: top-1 class {top1}"
 
 
+@pytest.mark.parametrize(("name", "channels"), [("efficientnet_lite0", (24, 40, 112)),
+                                                 ("efficientnet_lite2", (24, 48, 120))])
 @pytest.mark.parametrize("size", [256, 200])
-def test_efficientnet_lite0_levels(size):
-    model = build_backbone("efficientnet_lite0")
+def test_efficientnet_lite_levels(name, channels, size):
+    model = build_backbone(name)
     assert not model.training
     assert all(not p.requires_grad for p in model.parameters())
-    assert tuple(model.channels) == (24, 40, 112)
+    assert tuple(model.channels) == channels == backbone_channels(name)
     with torch.no_grad():
         levels = model(torch.randn(1, 3, size, size))
     assert [tuple(h.shape) for h in levels] == [
-        (1, c, math.ceil(size / s), math.ceil(size / s)) for c, s in zip((24, 40, 112), (4, 8, 16))
+        (1, c, math.ceil(size / s), math.ceil(size / s)) for c, s in zip(channels, (4, 8, 16))
     ]
 
 
-def test_efficientnet_lite0_feature_extractor_matches_full_network(lite0_with_head):
+def test_efficientnet_lite0_feature_extractor_matches_full_network():
     """The truncated extractor (no head) computes the same levels as the full network."""
+    lite0_with_head = build_efficientnet_lite("efficientnet_lite0", with_head=True).eval()
     model = build_backbone("efficientnet_lite0")
     x = torch.randn(1, 3, 96, 96)
     with torch.no_grad():

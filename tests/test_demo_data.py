@@ -12,9 +12,11 @@ from PIL import Image
 from scipy import ndimage
 
 from models.data import MVTecCategory, load_images, load_masks
+from models.defects import RECIPES, VISIBLE_CUTOFF, visibility
 from models.demo_data import (
     DEFECT_TYPES,
     MASK_TOLERANCE,
+    ROLES,
     TEXTURES,
     CropSpec,
     allowed_transforms,
@@ -27,7 +29,7 @@ from models.demo_data import (
     synthesize_defect,
 )
 
-SMALL: dict[str, Any] = {"n_train": 6, "n_test_good": 3, "n_test_defect": 8, "crop": 64}
+SMALL: dict[str, Any] = {"n_train": 6, "n_calibration": 4, "n_test_good": 3, "n_test_defect": 16, "crop": 64}
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +52,11 @@ def test_layout_and_all_defect_types(demo: Path) -> None:
         cat = MVTecCategory(demo, name)
         assert cat.defect_types() == sorted(DEFECT_TYPES)
         assert len(cat.train_samples()) == 6
+        assert cat.has_calibration and len(cat.calibration_samples()) == 4
         test = cat.test_samples()
         counts = {t: sum(s.defect_type == t for s in test) for t in ("good", *DEFECT_TYPES)}
-        assert counts == {"good": 3, "scratch": 2, "stain": 2, "hole": 2, "foreign": 2}
+        assert counts == {"good": 3, "scratch": 4, "stain": 4, "hole": 4, "foreign": 4}
+        assert all(s.tier in ("visible", "subtle") and s.visibility > 0 for s in test if s.is_defective)
         imgs = load_images(test, 64)
         masks = load_masks(test, 64)
         assert imgs.shape == (len(test), 64, 64, 3)
@@ -72,7 +76,7 @@ def test_images_are_rgb_gray_and_masks_binary(demo: Path) -> None:
 def test_every_image_is_its_recorded_crop_and_masks_are_exact(demo: Path, category: str) -> None:
     meta = _meta(demo, category)
     photo = load_texture(category)
-    assert len(meta["images"]) == 6 + 3 + 8
+    assert len(meta["images"]) == 6 + 4 + 3 + 16
     for rec in meta["images"]:
         clean = extract_crop(photo, CropSpec(rec["y"], rec["x"], rec["transform"]), meta["crop"])
         img = np.asarray(Image.open(demo / category / rec["file"]))[..., 0]
@@ -87,19 +91,57 @@ def test_every_image_is_its_recorded_crop_and_masks_are_exact(demo: Path, catego
 
 
 @pytest.mark.parametrize("category", TEXTURES)
-def test_train_and_test_regions_are_disjoint(demo: Path, category: str) -> None:
+def test_train_calibration_and_test_share_no_source_pixel(demo: Path, category: str) -> None:
     meta = _meta(demo, category)
-    train, test, crop = meta["train_region"], meta["test_region"], meta["crop"]
-    assert train["bottom"] + meta["gap"] <= test["top"] and meta["gap"] > 0
-    train_rows: set[int] = set()
-    test_rows: set[int] = set()
+    crop, regions = meta["crop"], meta["regions"]
+    covered = {role: np.zeros(meta["photo_shape"], dtype=bool) for role in ROLES}
     for rec in meta["images"]:
-        region, rows = (train, train_rows) if rec["file"].startswith("train/") else (test, test_rows)
+        role = rec["set"]
+        assert rec["file"].startswith({"train": "train/", "calibration": "calibration/", "test": "test/"}[role])
+        region = regions[role]
         assert region["top"] <= rec["y"] and rec["y"] + crop <= region["bottom"], rec
         assert region["left"] <= rec["x"] and rec["x"] + crop <= region["right"], rec
-        rows.update(range(rec["y"], rec["y"] + crop))
+        covered[role][rec["y"] : rec["y"] + crop, rec["x"] : rec["x"] + crop] = True
         assert rec["transform"] in allowed_transforms(category)
-    assert train_rows and test_rows and not train_rows & test_rows
+    for i, a in enumerate(ROLES):
+        assert covered[a].any()
+        for b in ROLES[i + 1 :]:
+            assert not (covered[a] & covered[b]).any(), (a, b)  # from the recorded coordinates alone
+    overlap = meta["overlap"]
+    assert set(overlap["between_sets_shared_pixels"].values()) == {0}
+    assert 0.0 < overlap["within"]["train"]["mean_pairwise_shared_fraction"] <= 1.0
+
+
+@pytest.mark.parametrize("category", TEXTURES)
+def test_every_defect_records_its_measured_visibility_and_tier(demo: Path, category: str) -> None:
+    meta = _meta(demo, category)
+    photo = load_texture(category)
+    assert meta["visibility"]["visible_cutoff"] == VISIBLE_CUTOFF
+    seen = set()
+    for rec in (r for r in meta["images"] if "defect" in r):
+        d = rec["defect"]
+        clean = extract_crop(photo, CropSpec(rec["y"], rec["x"], rec["transform"]), meta["crop"])
+        img = np.asarray(Image.open(demo / category / rec["file"]))[..., 0]
+        mask = np.asarray(Image.open(demo / category / rec["mask"])) > 0
+        assert d["visibility"] == pytest.approx(visibility(clean, img, mask), abs=1e-4)  # recomputable from files
+        assert d["tier"] == ("visible" if d["visibility"] >= VISIBLE_CUTOFF[d["type"]] else "subtle")
+        if d["recipe"] == "visible":
+            assert d["tier"] == "visible"  # the visible recipe is redrawn until it measures visible
+        seen.add((d["type"], d["recipe"]))
+    assert seen == {(t, r) for t in DEFECT_TYPES for r in RECIPES}  # every type in both recipes
+    by_tier = meta["counts"]["test_defect_by_tier"]
+    assert sum(v["visible"] + v["subtle"] for v in by_tier.values()) == 16
+
+
+def test_the_full_demo_has_both_tiers_of_every_type() -> None:
+    # Tiers are measured, not assigned: check on real draws that each type really has both.
+    photo = load_texture("grass")
+    foreign = [load_texture(t) for t in TEXTURES if t != "grass"]
+    for defect in DEFECT_TYPES:
+        tiers = {synthesize_defect(extract_crop(photo, CropSpec(0, 384, 0), 128), defect,
+                                   np.random.default_rng(seed), foreign, recipe=recipe)[2]["tier"]
+                 for seed in range(4) for recipe in RECIPES}  # fmt: skip
+        assert tiers == {"visible", "subtle"}, defect
 
 
 def test_brick_is_never_turned_by_90_degrees() -> None:
@@ -111,12 +153,12 @@ def test_brick_is_never_turned_by_90_degrees() -> None:
     assert apply_transform(a, 1).shape == (3, 2)
 
 
-def test_default_crop_fits_with_a_gap_and_256_does_not() -> None:
-    train, test = plan_regions(512, 512, 224, gap=8)
-    assert train.bottom - train.top >= 224 + 32 and test.bottom - test.top >= 224
-    assert train.bottom + 8 <= test.top
+def test_default_crop_fits_three_strips_and_larger_does_not() -> None:
+    regions = plan_regions(512, 512, 128)
+    assert [regions[r].right - regions[r].left for r in ROLES] == [256, 128, 128]
+    assert regions["train"].right <= regions["calibration"].left and regions["calibration"].right <= regions["test"].left
     with pytest.raises(ValueError, match="does not fit"):
-        plan_regions(512, 512, 256, gap=8)
+        plan_regions(512, 512, 160)
 
 
 def test_same_seed_same_bytes_different_seed_different(demo: Path, tmp_path: Path) -> None:
@@ -133,7 +175,7 @@ def test_same_seed_same_bytes_different_seed_different(demo: Path, tmp_path: Pat
 def test_rebuild_replaces_own_output_and_refuses_foreign_folders(tmp_path: Path) -> None:
     out = tmp_path / "d"
     build_demo_dataset(out, categories=("grass",), **SMALL)
-    build_demo_dataset(out, categories=("grass",), **{**SMALL, "n_train": 2, "n_test_defect": 4})
+    build_demo_dataset(out, categories=("grass",), **{**SMALL, "n_train": 2, "n_test_defect": 8})
     assert len(list((out / "grass/train/good").iterdir())) == 2  # no stale files left behind
     assert not list(out.glob(".*"))  # staging folder renamed away
     (tmp_path / "mine/brick").mkdir(parents=True)
@@ -153,11 +195,12 @@ def test_invalid_arguments() -> None:
 # ----------------------------------------------------------------------------- the defects themselves
 
 
-def _example(defect: str, seed: int, category: str = "gravel") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _example(defect: str, seed: int, category: str = "gravel",
+             recipe: str = "subtle") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     photo = load_texture(category)
     foreign = [load_texture(t) for t in TEXTURES if t != category]
     rng = np.random.default_rng(seed)
-    return make_defect_example(photo, CropSpec(288, 100, 0), 224, defect, rng, foreign)
+    return make_defect_example(photo, CropSpec(288, 100, 0), 128, defect, rng, foreign, recipe=recipe)
 
 
 @pytest.mark.parametrize("defect", DEFECT_TYPES)
@@ -186,7 +229,7 @@ def test_stains_are_subtle_and_soft() -> None:
 
 
 def test_holes_are_dark_and_foreign_patches_are_foreign() -> None:
-    clean, defective, mask = _example("hole", 0)
+    clean, defective, mask = _example("hole", 0, recipe="visible")
     assert defective[mask].mean() < 60 and defective[mask].mean() < clean[mask].mean() - 30
     clean, defective, mask = _example("foreign", 0)
     assert np.abs(defective[mask].astype(int) - clean[mask].astype(int)).mean() > 10

@@ -161,21 +161,22 @@ def test_tampered_model_is_refused_at_load(version_dir: Path, tmp_path: Path) ->
 # ------------------------------------------------------------------ calibration
 
 def test_calibration_threshold_and_rates(version_dir: Path, trained_run: Path, onnx_engine, test_set) -> None:
-    from models.data import Sample, load_images
+    from models.data import folder_of_good_images, load_images
 
     cal = Manifest.read(version_dir).calibration
     assert cal.normalise_score(cal.threshold) == 0.5
     assert cal.normalise_score(cal.threshold + 1e9) == 1.0 and cal.normalise_score(cal.threshold - 1e9) == 0.0
 
-    holdout = [Sample(path=Path(p), label=0, defect_type="good", mask_path=None)
-               for p in json.loads((trained_run / "holdout.json").read_text())]
-    scores, _ = onnx_engine.run(load_images(holdout, TEST_INPUT_SIZE))
-    assert cal.normal_scores.count == len(holdout)
-    assert abs(float(scores.mean()) - cal.normal_scores.mean) < 1e-4  # calibrated with this very engine
+    # Calibrated on the data set's calibration/good (never trained on), with this very engine.
+    assert cal.source is not None and cal.source.kind == "calibration_set" and cal.source.never_trained_on
+    normals = folder_of_good_images(cal.source.path)
+    scores, _ = onnx_engine.run(load_images(normals, TEST_INPUT_SIZE))
+    assert cal.normal_scores.count == len(normals) == cal.source.count
+    assert abs(float(scores.mean()) - cal.normal_scores.mean) < 1e-4
     flagged = float(np.mean([cal.normalise_score(float(s)) >= 0.5 for s in scores]))
-    assert cal.method == "normal_quantile" and cal.quantile is not None
-    # at most 1 - quantile of held-out normals flagged (+ one image of slack for a small set)
-    assert flagged <= (1 - cal.quantile) + 1 / len(holdout)
+    assert cal.method == "target_fpr" and cal.target_fpr == 0.01
+    assert flagged == cal.fpr_calibration <= cal.target_fpr  # 1% of a dozen normals: none flagged
+    assert 0.0 < cal.fpr_upper_95 < 0.5  # but the bound says how little a dozen normals prove
 
     images, labels = test_set
     test_scores, _ = onnx_engine.run(images)

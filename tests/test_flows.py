@@ -264,7 +264,7 @@ def test_fusion_flow_matches_spec_reference():
 @pytest.fixture(scope="module")
 def tiny_model() -> MSFlow:
     torch.manual_seed(4)
-    return MSFlow(MSFlowConfig(input_size=64)).eval()
+    return MSFlow(MSFlowConfig(input_size=64, map_sigma=0.0)).eval()  # unsmoothed: maps checkable by hand
 
 
 def test_msflow_feature_shapes_and_flow_inverse(tiny_model):
@@ -320,6 +320,26 @@ def test_postprocess_hot_spot_in_level0(tiny_model):
     assert torch.isclose(out["image_score"][0].double(), expected, atol=1e-6)
     assert torch.isclose(out["absolute_score"][0], amap.flatten().topk(k).values.mean(), atol=1e-6)
     assert torch.allclose(out["score_map"][0].double(), 1.0 - torch.exp(-amap.double()), atol=1e-6)
+
+
+def test_served_map_smoothing_leaves_the_paper_outputs_alone(tiny_model):
+    from scipy import ndimage
+
+    zs = _zero_latents(tiny_model, 1)
+    zs[0][0, :, 3, 5] = 3.0
+    zs[1][0] = 0.3 * torch.randn_like(zs[1][0])
+    plain = tiny_model.postprocess(zs)
+    smoothed_model = MSFlow(tiny_model.config.model_copy(update={"map_sigma": 2.0}), backbone=tiny_model.backbone)
+    smoothed_model.load_state_dict(tiny_model.state_dict())
+    smooth = smoothed_model.postprocess(zs)
+    for key in ("image_score", "image_score_log", "score_map", "pixel_map"):  # the paper's, untouched
+        assert torch.equal(smooth[key], plain[key]), key
+    # torch "reflect" padding is scipy's "mirror"; taps out to 3 sigma (truncate=3)
+    expected = ndimage.gaussian_filter(plain["anomaly_map"][0].double().numpy(), 2.0, mode="mirror", truncate=3.0)
+    assert np.allclose(smooth["anomaly_map"][0].numpy(), expected, atol=1e-5)
+    k = tiny_model.config.top_k_pixels
+    assert torch.isclose(smooth["absolute_score"][0], smooth["anomaly_map"][0].flatten().topk(k).values.mean())
+    assert smooth["anomaly_map"].max() < plain["anomaly_map"].max()  # a hot spot is spread, not sharpened
 
 
 def test_image_score_log_is_consistent_and_ranks_like_image_score(tiny_model):

@@ -77,20 +77,31 @@ def test_eval_writes_report_and_pictures(report: dict, trained_run: Path) -> Non
             assert im.width > 200 and im.height > 200
 
 
-def test_briefly_trained_model_already_finds_defects(report: dict) -> None:
-    # Holes and foreign patches are the easy types; even 16 tiny sub-epochs at 128 px find
-    # them (thin scratches and faint stains need the full recipe, see docs/RESULTS.md).
-    for easy in ("hole", "foreign"):
-        block = report["per_defect_type"][easy]
-        assert block["image_auroc"] > 0.8 and block["pixel_auroc"] > 0.9 and block["aupro"] > 0.8
+def test_eval_gives_tiers_and_verdicts_at_the_export_threshold(report: dict, trained_run: Path) -> None:
+    assert set(report["per_tier"]) == {"visible", "subtle"}
+    v = report["verdict"]
+    assert v["threshold_source"]["calibration"]["kind"] == "calibration_set"  # never-trained-on normals
+    assert v["good"]["n"] == 8 and v["defective"]["n"] == 8
+    assert v["confusion"]["good"]["ok"] + v["confusion"]["good"]["ng"] == 8
+    assert v["confusion"]["defective"]["ng"] == v["defective"]["detected"]
+    assert sum(d["n"] for d in v["per_tier"].values()) == 8
+    with Image.open(trained_run / "scores.png") as im:
+        assert im.width > 200
+
+
+def test_briefly_trained_model_already_ranks_visible_defects(report: dict) -> None:
+    # 16 tiny sub-epochs at 128 px on grass, the hardest texture: above chance, far from done
+    # (the full recipe's figures are in docs/RESULTS.md).
+    assert report["per_tier"]["visible"]["image_auroc"] > 0.6
 
 
 def test_cli_demo_data(tmp_path: Path) -> None:
     from msflow.cli import main
 
-    assert main(["demo-data", "--out", str(tmp_path / "d"), "--n-train", "2", "--n-test-good", "1",
-                 "--n-test-defect", "4"]) == 0
-    assert len(list((tmp_path / "d" / "gravel" / "test").glob("*/*.png"))) == 5
+    assert main(["demo-data", "--out", str(tmp_path / "d"), "--n-train", "2", "--n-calibration", "3",
+                 "--n-test-good", "1", "--n-test-defect", "8"]) == 0
+    assert len(list((tmp_path / "d" / "gravel" / "test").glob("*/*.png"))) == 9
+    assert len(list((tmp_path / "d" / "gravel" / "calibration" / "good").glob("*.png"))) == 3
 
 
 def test_cli_rejects_bad_input_size(demo_root: Path, tmp_path: Path) -> None:

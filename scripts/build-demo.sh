@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Build the demo models into the model store while the server already runs (scripts/demo.sh).
+# Two passes, so the first inspection answers within minutes on a 2-core CPU:
+#   1. quick: every category with a short schedule (exported as version 1, no evaluation);
+#   2. full:  every category with the default (paper) schedule, evaluated, exported as the
+#             next version; the server swaps it in without a restart.
+# Progress: lines prefixed "demo-build:" here, and <store>/.build/status.json (the console's
+# models page reads it through GET /v1/build).
+#   MSFLOW_DEMO_CATEGORIES  categories (default "brick grass gravel")
+#   MSFLOW_DEMO_FULL=0      stop after the quick pass
+set -euo pipefail
+cd "$(dirname "$0")/.."
+STORE=${MSFLOW_MODEL_STORE:-model_store}
+CATEGORIES=${MSFLOW_DEMO_CATEGORIES:-"brick grass gravel"}
+MSFLOW=.venv/bin/msflow
+STATUS_DIR="$STORE/.build"
+mkdir -p "$STATUS_DIR"
+
+status() {  # status STAGE CATEGORY STATE [DETAIL]
+  local now
+  now=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+  echo "demo-build: [$now] $1 $2: $3 ${4:-}"
+  .venv/bin/python - "$STATUS_DIR/status.json" "$1" "$2" "$3" "${4:-}" "$now" <<'PY'
+import json, os, sys
+path, stage, category, state, detail, now = sys.argv[1:]
+try:
+    data = json.load(open(path))
+except (OSError, ValueError):
+    data = {"categories": {}}
+data["updated_at"] = now
+data["categories"].setdefault(category, {})[stage] = {"state": state, "detail": detail, "at": now}
+tmp = path + ".tmp"
+with open(tmp, "w") as f:
+    json.dump(data, f, indent=1)
+os.replace(tmp, path)  # readers never see half a file
+PY
+}
+
+[ -f data/demo/brick/dataset.json ] || { echo "demo-build: writing the demo data set"; $MSFLOW demo-data --out data/demo >/dev/null; }
+
+# Pass 1: a first model per category in about a minute each (lr 1e-3, 12 sub-epochs).
+for category in $CATEGORIES; do
+  if ls "$STORE/$category"/*/manifest.json >/dev/null 2>&1; then continue; fi
+  status quick "$category" training
+  $MSFLOW train --data data/demo --category "$category" --out "runs/demo-quick/$category" \
+    --lr 1e-3 --meta-epochs 3 --sub-epochs 4 --warmup-meta-epochs 1 --decay-milestones 9
+  $MSFLOW export --run "runs/demo-quick/$category" --store "$STORE" >/dev/null
+  status quick "$category" served "quick model (12 sub-epochs); the full model follows"
+done
+
+[ "${MSFLOW_DEMO_FULL:-1}" = "0" ] && exit 0
+# Pass 2: the default recipe, evaluated (report, pictures), replacing the quick model.
+for category in $CATEGORIES; do
+  run=runs/demo/$category
+  if [ -f "$run/report.json" ] && [ -f "$STORE/$category/.full-exported" ]; then continue; fi
+  status full "$category" training
+  [ -f "$run/checkpoint.pt" ] || $MSFLOW train --data data/demo --category "$category" --out "$run"
+  status full "$category" evaluating
+  $MSFLOW eval --run "$run" | sed 's/^/demo-build:   /'
+  $MSFLOW export --run "$run" --store "$STORE" >/dev/null
+  touch "$STORE/$category/.full-exported"
+  status full "$category" served "full model (default recipe), evaluated"
+done
+echo "demo-build: done"
