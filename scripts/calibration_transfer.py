@@ -11,7 +11,7 @@ from models.data import MVTecCategory, load_images, load_masks
 from models.manifest import Manifest
 from models.runs import load_model
 from models.evaluate import predict
-from service.regions import find_regions, box_mask, RegionParams
+from service.pipeline.regions import find_regions, box_mask, RegionParams
 torch.set_num_threads(2)
 cat, run, version = sys.argv[1], sys.argv[2], sys.argv[3]
 man=Manifest.read(version); cal=man.calibration

@@ -166,6 +166,3 @@ class Settings(BaseSettings):
         if self.redis_url is not None and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("redis_url must start with redis://, rediss:// or unix://")
         return self
-
-
-__all__ = ["Settings", "EngineKind", "MiB"]

@@ -21,7 +21,7 @@ from typing import Any
 
 import uvicorn
 
-from service.app import create_app
+from service.api.app import create_app
 from service.config import Settings
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,3 @@ def serve(args: argparse.Namespace) -> int:
              "API keys required" if settings.api_keys else "open API, no keys configured")
     server.run()
     return 0 if server.started else 1
-
-
-__all__ = ["build_settings", "serve"]

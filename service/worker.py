@@ -1,14 +1,14 @@
 """``msflow worker``: run async inspection jobs from the Redis streams, on this host or any other.
 
 Each worker loads the categories of its model store (the same registry and engines as the
-API), joins the consumer group of each category's stream (:mod:`service.jobs`) and loops:
+API), joins the consumer group of each category's stream (:mod:`service.redisq.jobs`) and loops:
 
 1. every ``job_claim_idle_s / 2``: claim jobs left pending by dead workers (XAUTOCLAIM);
 2. otherwise read new jobs (XREADGROUP, up to ``max_batch_size`` per category, blocking
    ``worker_block_s``);
 3. per category: decode every image of every job read, run the engine on batches of up to
    ``max_batch_size`` images, build the results exactly as the API does
-   (:func:`service.results.build_results`), then write each job's final record and XACK
+   (:func:`service.pipeline.postprocess.build_results`), then write each job's final record and XACK
    in one MULTI. A failed attempt stays pending and is retried after the idle timeout; the
    last allowed attempt sends the job to the dead-letter stream.
 
@@ -36,18 +36,18 @@ from typing import Any
 
 import numpy as np
 
-from service.batcher import ItemResult
+from service.pipeline.batcher import ItemResult
 from service.config import Settings
-from service.engines import Engine
-from service.imaging import DecodedImage, ImageLimits, ImageRejected, configure_pillow, decode_image
-from service.jobs import Delivery, JobQueue
+from service.engines.base import Engine
+from service.pipeline.decode import DecodedImage, ImageLimits, ImageRejected, configure_pillow, decode_image
+from service.redisq.jobs import Delivery, JobQueue
 from service.metrics import ServiceMetrics
-from service.redisconn import RedisConnection, RedisUnavailable, make_client
-from service.registry import ModelRegistry
-from service.results import build_results, policy_from_settings
-from service.thresholds import ThresholdOverrides
+from service.redisq.connection import RedisConnection, RedisUnavailable, make_client
+from service.pipeline.registry import ModelRegistry
+from service.pipeline.postprocess import build_results, policy_from_settings
+from service.pipeline.thresholds import ThresholdOverrides
 from service.schemas import ErrorBody, InspectResponse
-from service.store import FINAL_STATES, HeatmapLinks, JobRecord, utcnow
+from service.redisq.store import FINAL_STATES, HeatmapLinks, JobRecord, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -333,6 +333,3 @@ async def _main(settings: Settings) -> int:
         await worker.close()
     log.info("worker %s: stopped", worker.name)
     return 0
-
-
-__all__ = ["JobFailed", "STALL_ENV", "Worker", "run_worker"]

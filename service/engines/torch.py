@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from models.manifest import Manifest
-from service.engines import MAP_OUTPUT, EngineError, _check_batch
+from service.engines.base import MAP_OUTPUT, EngineError, check_batch
 
 GRAPH_WARMUP_RUNS = 3
 
@@ -79,7 +79,7 @@ class TorchEngine:
 
     def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         torch = self._torch
-        batch = _check_batch(images, self.size, self.max_batch_size)
+        batch = check_batch(images, self.size, self.max_batch_size)
         if not batch.flags.writeable:
             batch = batch.copy()
         x = torch.from_numpy(batch)
@@ -115,6 +115,3 @@ class TorchEngine:
             with torch.cuda.graph(graph):
                 static_out = self._forward(static_in)
         return graph, static_in, static_out
-
-
-__all__ = ["TorchEngine"]

@@ -1,6 +1,6 @@
 """Parity of every engine available here against ONNX Runtime on CPU, on real demo images.
 
-``python -m service.parity --model model_store/<category> --out parity.json``
+``python -m msflow.parity --model model_store/<category> --out parity.json``
 
 The reference is ``onnxruntime-cpu`` (the engine the export was checked and calibrated
 with). Each other engine runs the same images (held-out normals of the source run, then
@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from models.manifest import Calibration, Manifest
-from service.engine_catalog import (CPU_ENGINES, CUDA_ENGINES, holdout_samples, make_engine, resolve_version,
+from msflow.engine_catalog import (CPU_ENGINES, CUDA_ENGINES, holdout_samples, make_engine, resolve_version,
                            test_samples, unavailable_reason)
 
 REFERENCE = "onnxruntime-cpu"
@@ -194,7 +194,7 @@ def format_summary(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m service.parity", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m msflow.parity", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="model_store/<category> or a version folder")
     p.add_argument("--out", default=None, help="JSON report (default: print only)")
     p.add_argument("--engines", nargs="*", default=None,

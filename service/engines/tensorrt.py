@@ -6,7 +6,7 @@ Device buffers are torch CUDA tensors and copies/launches go on a ``torch.cuda.S
 device-to-host copies into pinned memory -> one stream synchronise. Batches larger than
 the profile maximum are split into chunks.
 
-Loading refuses, with :class:`~service.engines.EngineError` and the reason, whenever the
+Loading refuses, with :class:`~service.engines.base.EngineError` and the reason, whenever the
 plan cannot be trusted to run here: no TensorRT, no CUDA, another TensorRT version or
 another GPU than the plan was built with (plans are not portable). ``load_engine("auto")``
 then falls back to ONNX Runtime. The plan's sha256 is verified against the manifest
@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from models.manifest import Manifest, TensorRTInfo
-from service.engines import MAP_OUTPUT, EngineError, _check_batch
+from service.engines.base import MAP_OUTPUT, EngineError, check_batch
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ class TensorRTEngine:
                 raise EngineError(f"TensorRT refused the address of {name!r}")
 
     def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        batch = _check_batch(images, self.size, self.max_batch_size)
+        batch = check_batch(images, self.size, self.max_batch_size)
         scores, maps = [], []
         with self._lock:
             for start in range(0, len(batch), self.profile_max):
@@ -168,6 +168,3 @@ class TensorRTEngine:
         scores = self._host_out[self.score_output][:n].numpy().astype(np.float32, copy=True)
         maps = self._host_out[MAP_OUTPUT][:n].numpy().astype(np.float32, copy=True)
         return scores, maps
-
-
-__all__ = ["TensorRTEngine", "check_plan_compatible"]

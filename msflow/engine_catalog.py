@@ -1,6 +1,6 @@
 """The engines a host can run, by name, and the demo images to run them on.
 
-Shared by ``msflow bench`` (speed) and ``service.parity`` (agreement with ONNX Runtime on
+Shared by ``msflow bench`` (speed) and ``msflow.parity`` (agreement with ONNX Runtime on
 CPU): both ask which engines exist here (``default_engines``, ``unavailable_reason``), build
 them the same way (``make_engine``) and feed them the version's own held-out normal or test
 images (``demo_images``).
@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from models.manifest import Manifest, list_versions
-from service.engines import Engine, EngineError
+from service.engines.base import Engine, EngineError
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ def make_engine(name: str, version_dir: Path, manifest: Manifest, max_batch_size
                 threads: int | None = None) -> Engine:
     """Build engine ``name`` (one of ``KNOWN_ENGINES``); EngineError when it cannot run here.
     ``threads``: onnxruntime intra-op threads (torch's are process-wide: ``torch.set_num_threads``)."""
-    from service.engines import OnnxEngine
+    from service.engines.onnxruntime import OnnxEngine
 
     if name == "onnxruntime-cpu":
         return OnnxEngine(version_dir, ["CPUExecutionProvider"], threads, manifest=manifest,
@@ -140,11 +140,11 @@ def make_engine(name: str, version_dir: Path, manifest: Manifest, max_batch_size
             raise EngineError(f"onnxruntime fell back to {engine.name}")
         return engine
     if name == "tensorrt":
-        from service.tensorrt_engine import TensorRTEngine
+        from service.engines.tensorrt import TensorRTEngine
 
         return TensorRTEngine(version_dir, manifest=manifest, max_batch_size=max_batch_size)
     if name.startswith("torch-"):
-        from service.torch_engine import TorchEngine
+        from service.engines.torch import TorchEngine
 
         device = "cuda" if name.startswith("torch-cuda") else "cpu"
         return TorchEngine(version_dir, device=device, manifest=manifest, max_batch_size=max_batch_size,

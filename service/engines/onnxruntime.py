@@ -1,54 +1,13 @@
-"""Runtime engines: one small protocol, ``run(uint8 NHWC batch) -> (scores, maps)``.
-
-An engine is a model-store version folder made executable. Loading verifies the
-manifest's sha256s, so a corrupt or truncated file is an error at start-up, never a crash
-at the first request.
-
-- :class:`OnnxEngine`: onnxruntime; providers TensorRT -> CUDA -> CPU as available.
-- :class:`TensorRTEngine`: a prebuilt ``model.plan`` (CUDA only), see ``tensorrt_engine``.
-- :class:`TorchEngine`: the PyTorch model of the source run; the reference.
-"""
+"""The onnxruntime backend: :class:`OnnxEngine` over a version's ``model.onnx``."""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
-from typing import Protocol, runtime_checkable
 
 import numpy as np
 
 from models.manifest import Manifest
-
-log = logging.getLogger(__name__)
-
-MAP_OUTPUT = "anomaly_map"
-
-
-class EngineError(RuntimeError):
-    """An engine cannot be built or run on this host."""
-
-
-@runtime_checkable
-class Engine(Protocol):
-    """What the batcher calls. ``run`` is blocking and thread-safe for one caller at a time."""
-
-    name: str  # "onnxruntime-cpu", "onnxruntime-cuda", "tensorrt", "torch-cpu", ...
-    manifest: Manifest
-    max_batch_size: int
-
-    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 ``[B, S, S, 3]`` -> raw scores ``[B]`` (the calibrated output) and
-        anomaly maps ``[B, S, S]`` (float32)."""
-        ...
-
-
-def _check_batch(images: np.ndarray, size: int, max_batch: int) -> np.ndarray:
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (size, size, 3):
-        raise EngineError(f"engine takes uint8 [B,{size},{size},3], got {images.dtype} {list(images.shape)}")
-    if not 1 <= images.shape[0] <= max_batch:
-        raise EngineError(f"batch of {images.shape[0]} outside 1..{max_batch}")
-    return np.ascontiguousarray(images)
-
+from service.engines.base import MAP_OUTPUT, EngineError, check_batch
 
 OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
               "layout": "ORT_ENABLE_LAYOUT", "all": "ORT_ENABLE_ALL"}
@@ -112,7 +71,7 @@ class OnnxEngine:
         self.io_binding = (active in _GPU_PROVIDERS) if io_binding is None else io_binding
 
     def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        batch = _check_batch(images, self.size, self.max_batch_size)
+        batch = check_batch(images, self.size, self.max_batch_size)
         if self.io_binding:
             scores, maps = self._run_bound(batch)
         else:
@@ -127,36 +86,3 @@ class OnnxEngine:
         self.session.run_with_iobinding(binding)
         scores, maps = binding.copy_outputs_to_cpu()
         return scores, maps
-
-
-def load_engine(version_dir: str | Path, kind: str = "auto", device: str = "auto",
-                threads: int | None = None, max_batch_size: int = 64) -> Engine:
-    """The best engine for this host: ``auto`` tries TensorRT (plan), then ONNX Runtime."""
-    version_dir = Path(version_dir)
-    manifest = Manifest.read(version_dir)
-    if kind == "onnx" or (kind == "auto" and manifest.tensorrt is None):
-        return OnnxEngine(version_dir, _onnx_providers(device), threads, manifest, max_batch_size)
-    if kind == "torch":
-        from service.torch_engine import TorchEngine
-
-        return TorchEngine(version_dir, device=device, manifest=manifest, max_batch_size=max_batch_size)
-    if kind in ("tensorrt", "auto"):
-        try:
-            from service.tensorrt_engine import TensorRTEngine
-
-            return TensorRTEngine(version_dir, manifest=manifest, max_batch_size=max_batch_size)
-        except EngineError as e:
-            if kind == "tensorrt":
-                raise
-            log.warning("TensorRT plan not usable here (%s); using ONNX Runtime", e)
-            return OnnxEngine(version_dir, _onnx_providers(device), threads, manifest, max_batch_size)
-    raise EngineError(f"unknown engine kind {kind!r}; choose auto, tensorrt, onnx or torch")
-
-
-def _onnx_providers(device: str) -> list[str] | None:
-    if device == "cpu":
-        return ["CPUExecutionProvider"]
-    return None
-
-
-__all__ = ["Engine", "EngineError", "OnnxEngine", "load_engine", "session_options"]

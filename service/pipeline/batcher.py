@@ -34,7 +34,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from service.engines import Engine
+from service.engines.base import Engine
 
 log = logging.getLogger(__name__)
 
@@ -352,9 +352,3 @@ async def wait_results(futures: Sequence[asyncio.Future[ItemResult]], deadline: 
             watcher.cancel()
         for f in futures:
             f.cancel()  # no-op on finished ones
-
-
-__all__ = [
-    "BatchObserver", "Batcher", "BatcherClosed", "BatcherError", "CallerGone", "wait_results", "DeadlineExceeded", "InputSizeChanged",
-    "ItemResult", "QueueFull",
-]

@@ -40,8 +40,7 @@ from pydantic import ValidationError
 
 from models.manifest import Calibration, Manifest
 from service.config import Settings
-from service.errors import ApiError
-from service.redisconn import RedisConnection, RedisUnavailable
+from service.redisq.connection import RedisConnection, RedisUnavailable
 from service.schemas import ThresholdOverride
 
 log = logging.getLogger(__name__)
@@ -71,6 +70,12 @@ def write_atomic(path: Path, text: str) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+class ThresholdNotPersisted(RuntimeError):
+    """An override could not be written to (or removed from) the model store."""
+
+    code = "threshold_not_persisted"
 
 
 class ThresholdOverrides:
@@ -123,7 +128,7 @@ class ThresholdOverrides:
             persisted.append("file")
         except OSError as exc:
             if not persisted:
-                raise ApiError(500, "threshold_not_persisted", f"cannot write {OVERRIDE_FILE} for {category}/"
+                raise ThresholdNotPersisted(f"cannot write {OVERRIDE_FILE} for {category}/"
                                f"{version} ({exc}) and no Redis is configured: the threshold is unchanged") from exc
             log.warning("%s/%s: threshold override kept in Redis only; %s not written: %s", category, version,
                         OVERRIDE_FILE, exc)
@@ -141,7 +146,7 @@ class ThresholdOverrides:
             persisted.append("file")
         except OSError as exc:
             if not persisted:
-                raise ApiError(500, "threshold_not_persisted", f"cannot remove {OVERRIDE_FILE} of {category}/"
+                raise ThresholdNotPersisted(f"cannot remove {OVERRIDE_FILE} of {category}/"
                                f"{version} ({exc}): the override stays") from exc
             log.warning("%s/%s: %s not removed (Redis says calibrated): %s", category, version, OVERRIDE_FILE, exc)
         self._known[(category, version)] = None
@@ -221,6 +226,3 @@ class ThresholdOverrides:
             log.warning("ignoring the threshold override in %s: it was set for version %s", where, override.version)
             return None
         return override
-
-
-__all__ = ["OVERRIDE_FILE", "ThresholdOverrides", "write_atomic"]

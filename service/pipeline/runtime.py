@@ -1,10 +1,9 @@
-"""What the routes share: :class:`ServiceState` (settings, metrics, registry, one batcher per
-category, the thread pool, the Redis-backed stores) and the ``StateDep`` dependency that
-hands it to a route.
+"""The runtime the API and the worker share: :class:`ServiceState` (settings, metrics,
+registry, one batcher per category, the thread pool, the Redis-backed stores).
 
 :meth:`ServiceState.inspect` is the synchronous inspection path behind the route: result
 cache lookup (per image, one MGET), decode, batch, score, results
-(:func:`service.results.build_results`), cache write. Redis problems only ever cost the
+(:func:`service.pipeline.postprocess.build_results`), cache write. Redis problems only ever cost the
 cache and durable links, never the answer.
 """
 
@@ -16,27 +15,34 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
-from fastapi import Depends, Request
+from fastapi import Request
 
-from service.batcher import Batcher, DeadlineExceeded, InputSizeChanged, ItemResult, wait_results
+from service.pipeline.batcher import Batcher, DeadlineExceeded, InputSizeChanged, ItemResult, wait_results
 from service.config import Settings
-from service.errors import ApiError
-from service.imaging import (DecodedImage, ImageLimits, ImageRejected, Upload, configure_pillow, decode_image,
+from service.pipeline.decode import (DecodedImage, ImageLimits, ImageRejected, configure_pillow, decode_image,
                              model_input, probe_image)
-from service.jobs import JobQueue
+from service.redisq.jobs import JobQueue
 from service.metrics import ServiceMetrics
-from service.redisconn import RedisConnection
-from service.registry import LoadedModel, ModelRegistry
-from service.recent import RecentScores
-from service.results import Built, InspectOptions, Rendered, build_results, policy_from_settings
-from service.schemas import HeatmapLink, ImageResult, Timings
-from service.store import CachedResult, HeatmapLinks, ResultCache, utcnow
-from service.thresholds import ThresholdOverrides
+from service.redisq.connection import RedisConnection
+from service.pipeline.registry import LoadedModel, ModelRegistry
+from service.pipeline.recent import RecentScores
+from service.pipeline.postprocess import Built, Rendered, build_results, policy_from_settings
+from service.schemas import InspectOptions, Upload, HeatmapLink, ImageResult, Timings
+from service.redisq.store import CachedResult, HeatmapLinks, ResultCache, utcnow
+from service.pipeline.thresholds import ThresholdOverrides
 
 _T = TypeVar("_T")
 _INLINE_HASH_BYTES = 1 << 20  # hash larger uploads in the thread pool
+
+
+class JobsUnavailable(RuntimeError):
+    """Async jobs need Redis and this server has none configured."""
+
+
+class ModelChanging(RuntimeError):
+    """The model changed repeatedly while the request waited."""
 
 
 @dataclass(frozen=True)
@@ -160,7 +166,7 @@ class ServiceState:
             if not retry:
                 return [results[i] for i in range(len(images))]
             todo = retry
-        raise ApiError(503, "model_changing", "the model changed repeatedly while the request waited; retry")
+        raise ModelChanging("the model changed repeatedly while the request waited; retry")
 
     async def inspect(self, request: Request, category: str, uploads: Sequence[Upload], options: InspectOptions,
                       deadline: float, started: float, wants_png: bool = False) -> Inspection:
@@ -229,7 +235,7 @@ class ServiceState:
 
     def require_jobs(self) -> JobQueue:
         if self.jobs is None:
-            raise ApiError(503, "redis_required", "async jobs need Redis: set MSFLOW_REDIS_URL (the synchronous "
+            raise JobsUnavailable("async jobs need Redis: set MSFLOW_REDIS_URL (the synchronous "
                            "POST /v1/inspect/{category} works without it)")
         return self.jobs
 
@@ -256,12 +262,3 @@ def _cache_ttl(built: Built) -> float:
     if isinstance(heatmap, HeatmapLink):
         return (heatmap.expires_at - utcnow()).total_seconds()
     return float("inf")
-
-
-def get_state(request: Request) -> ServiceState:
-    return request.app.state.service
-
-
-StateDep = Annotated[ServiceState, Depends(get_state)]
-
-__all__ = ["Inspection", "ServiceState", "StateDep", "get_state"]

@@ -47,9 +47,9 @@ from typing import Any
 import numpy as np
 
 from models.manifest import Manifest
-from service.engine_catalog import (cuda_available, default_engines, demo_images,
+from msflow.engine_catalog import (cuda_available, default_engines, demo_images,
                                     make_engine, resolve_version, tile_batch, unavailable_reason)
-from service.engines import Engine
+from service.engines.base import Engine
 
 log = logging.getLogger(__name__)
 
@@ -376,6 +376,3 @@ def run_bench(args: argparse.Namespace) -> int:
     ran = [n for n, s in report["engines"].items() if s["status"] == "ok"]
     failed = [n for n, s in report["engines"].items() if s["status"] == "failed"]
     return 0 if ran and not failed else 1
-
-
-__all__ = ["run_bench", "bench_engines", "format_table", "measure", "PeakMemory"]

@@ -5,10 +5,10 @@ needs beyond inspection:
   serving version (``roc.png``, ``examples.png``, ``report.json``; nothing else, by name).
 * ``GET /v1/models/{category}/threshold`` (API key): calibrated and effective threshold.
 * ``PUT /v1/models/{category}/threshold`` (admin), body ``{"threshold": RAW}``: a raw-score
-  threshold for the serving version, effective at once (:mod:`service.thresholds`).
+  threshold for the serving version, effective at once (:mod:`service.pipeline.thresholds`).
 * ``DELETE /v1/models/{category}/threshold`` (admin): back to the calibrated threshold.
 * ``GET /v1/models/{category}/recent?threshold=X&limit=N`` (admin): the last scored images
-  and how they would be classified at ``X`` (:mod:`service.recent`).
+  and how they would be classified at ``X`` (:mod:`service.pipeline.recent`).
 
 The console is plain HTML/JS/CSS with no build step and no third-party requests; it is
 served without a key (it holds no data) under a strict Content-Security-Policy, and calls
@@ -26,16 +26,16 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
 from models.manifest import CATEGORY_PATTERN
-from service.auth import Admin, Authed
-from service.errors import ApiError
-from service.registry import EVALUATION_ASSETS
+from service.api.auth import Admin, Authed
+from service.api.errors import ApiError
+from service.pipeline.registry import EVALUATION_ASSETS
 from service.schemas import ErrorResponse, RecentScores, ThresholdState, ThresholdUpdate
-from service.state import StateDep
+from service.api.deps import StateDep
 
 log = logging.getLogger(__name__)
 
 # Shipped as package data: pyproject's [tool.setuptools.package-data] must list "static/*".
-STATIC_DIR = Path(__file__).resolve().with_name("static")
+STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 # Everything from this origin, nothing inline, no framing: the console never talks to a third party.
 CONTENT_SECURITY_POLICY = ("default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
                            "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'none'; "
@@ -144,6 +144,3 @@ def install_console(app: FastAPI) -> None:
         app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     else:  # never fail start-up over the console: the API is what production lines use
         log.warning("console files missing at %s (package data not installed): GET / answers 404", STATIC_DIR)
-
-
-__all__ = ["CONTENT_SECURITY_POLICY", "STATIC_DIR", "install_console", "router"]

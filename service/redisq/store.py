@@ -1,6 +1,6 @@
 """Redis-backed state: heatmap links, the result cache and job records. The connection and
-its circuit breaker are in :mod:`service.redisconn`, streams and consumer groups in
-:mod:`service.jobs`.
+its circuit breaker are in :mod:`service.redisq.connection`, streams and consumer groups in
+:mod:`service.redisq.jobs`.
 
 Keys (all under ``MSFLOW_REDIS_PREFIX``, default ``msflow:``):
 
@@ -10,7 +10,7 @@ Keys (all under ``MSFLOW_REDIS_PREFIX``, default ``msflow:``):
   that change the answer, so a new model version misses by construction;
 - ``job:<id>`` (the :class:`JobRecord`, JSON) and ``job:<id>:images`` (the uploads).
 
-Redis must never take the synchronous API down (see :mod:`service.redisconn`): when it
+Redis must never take the synchronous API down (see :mod:`service.redisq.connection`): when it
 fails, the cache is bypassed and links go to this process's memory.
 """
 
@@ -31,9 +31,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from service.config import Settings
 from service.metrics import ServiceMetrics
-from service.redisconn import RedisConnection, RedisUnavailable
-from service.results import InspectOptions
-from service.schemas import ErrorBody, HeatmapLink, ImageResult, InspectResponse, JobState
+from service.redisq.connection import RedisConnection, RedisUnavailable
+from service.schemas import InspectOptions, ErrorBody, HeatmapLink, ImageResult, InspectResponse, JobState
 
 log = logging.getLogger(__name__)
 
@@ -301,7 +300,3 @@ class JobRecords:
 
 def new_job_id() -> str:
     return secrets.token_urlsafe(18)
-
-
-__all__ = ["CachedResult", "FINAL_STATES", "HeatmapLinks", "JobRecord", "JobRecords", "MemoryLinks",
-           "RedisConnection", "RedisUnavailable", "ResultCache", "new_job_id", "utcnow"]

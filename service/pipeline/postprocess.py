@@ -1,16 +1,16 @@
 """Scored images -> the per-image results of the v1 API, in one place.
 
-The synchronous API (:class:`service.state.ServiceState`) and the job worker
+The synchronous API (:class:`service.pipeline.runtime.ServiceState`) and the job worker
 (:mod:`service.worker`) both turn an engine's raw score and anomaly map into an
 :class:`~service.schemas.ImageResult` here: the calibrated score and verdict from the
 manifest of the engine that scored the image (reload-safe), the heatmap rendered in a
-thread (:mod:`service.render`) and attached inline (base64) or as a link
+thread (:mod:`service.pipeline.render`) and attached inline (base64) or as a link
 (``heatmap=url``), and the timings. So a job's result has exactly the shape and numbers
 of a synchronous answer.
 
 A :class:`ResultPolicy` says which calibration decides (the manifest's, or one with a
-runtime threshold override: :mod:`service.thresholds`) and how defect regions are found
-(:mod:`service.regions`); the regions are computed in the same thread-pool call as the
+runtime threshold override: :mod:`service.pipeline.thresholds`) and how defect regions are found
+(:mod:`service.pipeline.regions`); the regions are computed in the same thread-pool call as the
 heatmap.
 """
 
@@ -23,33 +23,21 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from pydantic import BaseModel, ConfigDict
-
 from models.manifest import Calibration, Manifest
-from service.batcher import ItemResult
-from service.imaging import DecodedImage
+from service.pipeline.batcher import ItemResult
+from service.pipeline.decode import DecodedImage
 from service.config import Settings
-from service.regions import RegionParams, find_regions
-from service.render import heatmap_for
-from service.schemas import (Heatmap, HeatmapLink, HeatmapMode, HeatmapSize, ImageResult, ImageSize, Region,
+from service.pipeline.regions import RegionParams, find_regions
+from service.pipeline.render import heatmap_for
+from service.schemas import (InspectOptions, Heatmap, HeatmapLink, HeatmapMode, HeatmapSize, ImageResult, ImageSize, Region,
                              Timings)
 
 Rendered = tuple[bytes, tuple[int, int], float]  # PNG, (width, height), milliseconds
 RunBlocking = Callable[..., Awaitable[Any]]
 
 
-class InspectOptions(BaseModel):
-    """The query parameters that change an answer (and so are part of a cache key and a job)."""
-
-    model_config = ConfigDict(frozen=True)
-
-    heatmap: HeatmapMode = HeatmapMode.inline
-    overlay: bool = False
-    heatmap_size: HeatmapSize = HeatmapSize.model
-
-
 class LinkStore(Protocol):
-    """Where ``heatmap=url`` PNGs go (:class:`service.store.HeatmapLinks`)."""
+    """Where ``heatmap=url`` PNGs go (:class:`service.redisq.store.HeatmapLinks`)."""
 
     async def put(self, png: bytes, width: int, height: int) -> tuple[HeatmapLink, bool]:
         """Store ``png``; return its link and whether it is durable (in Redis, any host serves it)."""
@@ -78,7 +66,7 @@ def _manifest_calibration(manifest: Manifest) -> Calibration:
 @dataclass(frozen=True)
 class ResultPolicy:
     """The effective calibration of a manifest (the API passes
-    :meth:`service.thresholds.ThresholdOverrides.calibration`, so a runtime threshold
+    :meth:`service.pipeline.thresholds.ThresholdOverrides.calibration`, so a runtime threshold
     override decides score and verdict) and the region parameters."""
 
     calibration: Callable[[Manifest], Calibration] = _manifest_calibration
@@ -154,7 +142,3 @@ async def build_results(items: Sequence[tuple[int, str | None, DecodedImage, Ite
                                         (heat[2] if heat else 0.0) + regions_ms, started, cal, regions),
                            heat, durable))
     return built
-
-
-__all__ = ["Built", "InspectOptions", "LinkStore", "Rendered", "ResultPolicy", "analyse", "build_results",
-           "image_result", "inline_heatmap", "render"]

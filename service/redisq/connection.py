@@ -112,6 +112,3 @@ class RedisConnection:
             await self.client.aclose()
         except (RedisError, OSError):
             pass
-
-
-__all__ = ["RedisConnection", "RedisUnavailable", "make_client"]

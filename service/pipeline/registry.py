@@ -2,7 +2,7 @@
 
 At start-up the registry discovers every category folder of the model store, picks the
 newest version (or the pinned one), checks the manifest belongs where it lies, builds the
-engine with :func:`service.engines.load_engine` and warms it with one full batch (first
+engine with :func:`service.engines.factory.load_engine` and warms it with one full batch (first
 calls allocate memory, pick kernels and build TensorRT contexts; a customer request must
 not pay that). The service is ready only when every category is warm.
 
@@ -26,7 +26,8 @@ import numpy as np
 
 from models.manifest import CATEGORY_PATTERN, Manifest, ManifestError, list_versions
 from service.config import Settings
-from service.engines import Engine, load_engine
+from service.engines.base import Engine
+from service.engines.factory import load_engine
 from service.schemas import ModelInfo
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ class ModelRegistry:
         self._failed: dict[str, str] = {}
         self._categories: list[str] = []
         self._locks: dict[str, asyncio.Lock] = {}
-        # service.thresholds.ThresholdOverrides (set by ServiceState): describe() shows overrides
+        # service.pipeline.thresholds.ThresholdOverrides (set by ServiceState): describe() shows overrides
         self.thresholds: Any = None
 
     # ------------------------------------------------------------------ discovery
@@ -237,6 +238,3 @@ class ModelRegistry:
     def serving(self) -> dict[str, str]:
         """category -> version for every loaded category."""
         return {c: m.version for c, m in sorted(self._models.items())}
-
-
-__all__ = ["EVALUATION_ASSETS", "LoadedModel", "ModelNotLoaded", "ModelRegistry", "RegistryError", "UnknownCategory", "VersionNotFound"]

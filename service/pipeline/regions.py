@@ -114,7 +114,3 @@ def box_mask(regions: list[Region], image_size: tuple[int, int]) -> np.ndarray:
     for r in regions:
         out[r.y: r.y + r.height, r.x: r.x + r.width] = True
     return out
-
-
-__all__ = ["DEFAULT_MAX_REGIONS", "DEFAULT_MIN_REGION_AREA", "RegionParams", "box_mask", "defect_mask",
-           "find_regions", "normalise_values"]

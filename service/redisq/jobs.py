@@ -1,6 +1,6 @@
 """Async inspection jobs on Redis Streams: one stream per category, one consumer group.
 
-``POST /v1/jobs/<category>`` stores the job (:class:`~service.store.JobRecord` + images)
+``POST /v1/jobs/<category>`` stores the job (:class:`~service.redisq.store.JobRecord` + images)
 and adds ``{job_id, category}`` to ``jobs:<category>`` in one MULTI. Workers
 (:mod:`service.worker`) read with XREADGROUP in the group ``workers``: a message stays in
 the group's pending list until the worker acknowledges it (XACK) after writing the final
@@ -14,7 +14,7 @@ record. Delivery guarantees, each for a reason:
   pending for a later retry; when attempt ``job_max_attempts`` fails, or a job is delivered
   more often than that (it kills its workers), it goes to the ``jobs:dead-letter`` stream
   with its error, its record says ``failed``, and it is acknowledged, in one MULTI.
-* Result writes are idempotent (:meth:`~service.store.JobRecords.stage_write`): the first
+* Result writes are idempotent (:meth:`~service.redisq.store.JobRecords.stage_write`): the first
   final state wins, so a job processed twice ends in one final record.
 """
 
@@ -30,11 +30,9 @@ from pydantic import BaseModel
 from redis.exceptions import ResponseError
 
 from service.config import Settings
-from service.imaging import Upload
-from service.redisconn import RedisConnection
-from service.results import InspectOptions
-from service.schemas import ErrorBody
-from service.store import JobRecord, JobRecords, new_job_id, utcnow
+from service.redisq.connection import RedisConnection
+from service.schemas import ErrorBody, InspectOptions, Upload
+from service.redisq.store import JobRecord, JobRecords, new_job_id, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +89,7 @@ class JobQueue:
     # ------------------------------------------------------------------ API side
     async def submit(self, category: str, uploads: Sequence[Upload], options: InspectOptions,
                      request_id: str | None) -> JobRecord:
-        """Store the job and queue it, atomically. Raises :class:`~service.redisconn.RedisUnavailable`."""
+        """Store the job and queue it, atomically. Raises :class:`~service.redisq.connection.RedisUnavailable`."""
         now = utcnow()
         record = JobRecord(id=new_job_id(), category=category, status="queued", created_at=now, updated_at=now,
                            request_id=request_id, options=options, filenames=[u.filename for u in uploads])
@@ -198,6 +196,3 @@ class JobQueue:
         await self.conn.run("dead_letter", bury)
         log.warning("job %s (%s) dead-lettered after %d attempt(s): %s: %s", delivery.job_id,
                     delivery.message.category, delivery.deliveries, error.code, error.message)
-
-
-__all__ = ["Delivery", "GROUP", "JobMessage", "JobQueue"]

@@ -11,8 +11,8 @@ import hmac
 
 from fastapi import Depends, Request
 
-from service.errors import ApiError
-from service.state import StateDep
+from service.api.errors import ApiError
+from service.api.deps import StateDep
 
 
 def _presented_key(request: Request) -> str | None:
@@ -67,5 +67,3 @@ def require_admin_key(request: Request, state: StateDep) -> None:
 
 Authed = Depends(require_api_key)
 Admin = Depends(require_admin_key)
-
-__all__ = ["Admin", "Authed", "require_admin_key", "require_api_key"]

@@ -91,6 +91,3 @@ class RecentScores:
         changed = sum((r >= threshold) != (r >= current) for r in raws)
         return RecentSummary(threshold=threshold, images=len(raws), anomalous=at_new, anomalous_now=at_now,
                              changed=changed)
-
-
-__all__ = ["RecentScores"]

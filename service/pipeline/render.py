@@ -81,6 +81,3 @@ def heatmap_for(anomaly_map: np.ndarray, calibration: Calibration, model_input: 
         out_size = (s, s)
         background = Image.fromarray(model_input) if model_input.shape[0] == s else original
     return render_heatmap(anomaly_map, calibration, out_size, background if overlay else None), out_size
-
-
-__all__ = ["COLORMAP", "LUT", "colorize", "heatmap_for", "normalise_map", "render_heatmap"]
