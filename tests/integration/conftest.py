@@ -1,7 +1,7 @@
-"""Redis fixtures, a pytest plugin: ``pytest_plugins = ["redis_fixtures"]`` in a test module.
+"""Fixtures of the integration layer: a private redis-server and the API replicas on it.
 
 Session-scoped, so the test files share one private redis-server and the API replicas on it
-(the helpers are in ``serving``).
+(the helpers are in ``tests/harness.py``).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from serving import ADMIN_KEY, CATEGORY, PREFIX, USER_KEY, RedisServer, Server, start_servers
+from harness import CATEGORY, PREFIX, REDIS_ADMIN_KEY as ADMIN_KEY, REDIS_USER_KEY as USER_KEY, RedisServer, Server, start_servers
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:

@@ -1,7 +1,7 @@
 """Defect regions, runtime threshold overrides, recent scores and drift metrics, model assets
-and the console's static files: unit tests of :mod:`service.regions` and
-:mod:`service.thresholds` (the latter against a private redis-server), then the real
-``msflow serve`` of ``test_service_e2e``'s harness with the session's tiny trained model."""
+and the console's static files: unit tests of :mod:`service.pipeline.regions` and
+:mod:`service.pipeline.thresholds` (the latter against a private redis-server), then the real
+``msflow serve`` of ``tests/harness.py`` with the session's tiny trained model."""
 
 from __future__ import annotations
 
@@ -20,11 +20,11 @@ from PIL import Image
 
 from models.manifest import Calibration, Manifest, ScoreStats
 from service.config import Settings
-from service.regions import RegionParams, box_mask, find_regions
+from service.pipeline.regions import RegionParams, box_mask, find_regions
 from service.schemas import ImageResult, Region
-from service.store import CachedResult
-from service.thresholds import OVERRIDE_FILE, ThresholdOverrides
-from test_service_e2e import ADMIN_KEY, CATEGORY, USER_KEY, Server, assert_error, metric, start
+from service.redisq.store import CachedResult
+from service.pipeline.thresholds import OVERRIDE_FILE, ThresholdOverrides
+from harness import ADMIN_KEY, CATEGORY, USER_KEY, Server, assert_error, metric, start
 
 INSPECT = f"/v1/inspect/{CATEGORY}"
 THRESHOLD = f"/v1/models/{CATEGORY}/threshold"
@@ -88,7 +88,7 @@ def test_cached_results_keep_regions_and_old_entries_miss() -> None:
 
 # ====================================================================== unit: overrides + Redis
 def test_overrides_file_redis_and_replicas(model_store: Path, tmp_path: Path) -> None:
-    from redis_fixtures import RedisServer
+    from harness import RedisServer
 
     store = tmp_path / "store"
     shutil.copytree(model_store, store)
@@ -97,7 +97,7 @@ def test_overrides_file_redis_and_replicas(model_store: Path, tmp_path: Path) ->
     redis_server = RedisServer(tmp_path)
     try:
         async def scenario() -> None:
-            from service.redisconn import RedisConnection
+            from service.redisq.connection import RedisConnection
 
             plain = ThresholdOverrides(Settings(model_store=store), None)
             assert plain.threshold(man) == calibrated and plain.calibration(man) == man.calibration
@@ -147,7 +147,7 @@ def test_override_on_a_read_only_store_without_redis(model_store: Path, tmp_path
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     import errno
 
-    import service.thresholds as thresholds
+    import service.pipeline.thresholds as thresholds
 
     def read_only(path: Path, text: str) -> None:
         raise OSError(errno.EROFS, "Read-only file system", str(path))

@@ -13,10 +13,8 @@ from typing import Any
 import httpx
 import pytest
 
-from serving import (CATEGORY, RedisServer, Server, client_for, metric, png_variant, start_servers, upload,
+from harness import (CATEGORY, RedisServer, Server, client_for, metric, png_variant, start_servers, upload,
                             wait_until)
-
-pytest_plugins = ["redis_fixtures"]
 
 
 @pytest.fixture(scope="module")

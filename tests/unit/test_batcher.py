@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from service.batcher import (Batcher, BatcherClosed, DeadlineExceeded, InputSizeChanged, ItemResult, QueueFull)
+from service.pipeline.batcher import (Batcher, BatcherClosed, DeadlineExceeded, InputSizeChanged, ItemResult, QueueFull)
 
 SIZE = 4
 

@@ -17,11 +17,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from serving import (CATEGORY, PREFIX, STALL_NAME, RedisServer, Server, WorkerProc, client_for, png_variant,
+from harness import (assert_error, CATEGORY, PREFIX, STALL_NAME, RedisServer, Server, WorkerProc, client_for, png_variant,
                             upload, wait_until)
-from test_service_e2e import assert_error
-
-pytest_plugins = ["redis_fixtures"]
 
 MAX_ATTEMPTS = 3
 CLAIM_IDLE_S = 1.0
@@ -132,9 +129,9 @@ def test_poison_job_goes_to_the_dead_letter_stream(api: httpx.Client, workers: d
 def test_result_writes_are_idempotent(api: httpx.Client, workers: dict[str, WorkerProc], redis_server: RedisServer,
                                       good_images: list[Path]) -> None:
     from service.config import Settings
-    from service.jobs import JobMessage, JobQueue
-    from service.redisconn import RedisConnection
-    from service.store import JobRecord
+    from service.redisq.jobs import JobMessage, JobQueue
+    from service.redisq.connection import RedisConnection
+    from service.redisq.store import JobRecord
 
     # A finished job delivered again (a worker died between its write and its XACK): the
     # worker acknowledges it and leaves the record exactly as it was.

@@ -24,9 +24,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.regions import box_mask
+from service.pipeline.regions import box_mask
 from service.schemas import Region
-from test_service_e2e import ADMIN_KEY, CATEGORY, USER_KEY, Server, start
+from harness import ADMIN_KEY, CATEGORY, USER_KEY, Server, start
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the test extra)")
 

@@ -1,5 +1,5 @@
 """Heatmap links and the result cache against a real redis-server and real ``msflow serve``
-replicas (see ``redis_fixtures``)."""
+replicas (see ``tests/integration/conftest.py``)."""
 
 from __future__ import annotations
 
@@ -15,10 +15,7 @@ import httpx
 from PIL import Image
 
 from models.manifest import Manifest
-from serving import ADMIN_KEY, CATEGORY, PREFIX, USER_KEY, RedisServer, Server, client_for, metric, png_variant, upload
-from test_service_e2e import assert_error
-
-pytest_plugins = ["redis_fixtures"]
+from harness import REDIS_ADMIN_KEY as ADMIN_KEY, CATEGORY, PREFIX, REDIS_USER_KEY as USER_KEY, assert_error, RedisServer, Server, client_for, metric, png_variant, upload
 
 INSPECT = f"/v1/inspect/{CATEGORY}"
 LINK = re.compile(r"^/v1/heatmaps/([A-Za-z0-9_-]{32})\.png$")

@@ -16,7 +16,7 @@ from PIL import Image
 
 from models.data import MVTecCategory, Sample, load_images
 from models.preprocessing import load_image
-from service.imaging import (ImageLimits, ImageTooLarge, UndecodableImage, UnsupportedImageType, configure_pillow,
+from service.pipeline.decode import (ImageLimits, ImageTooLarge, UndecodableImage, UnsupportedImageType, configure_pillow,
                              decode_image)
 
 SIZE = 32

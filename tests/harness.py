@@ -1,16 +1,19 @@
-"""Processes for the Redis tests (fixtures: ``redis_fixtures``).
+"""The test harness, one module for every integration test: ports, ``msflow serve`` and
+``msflow worker`` subprocesses, private ``redis-server`` processes, and the small helpers
+(metrics, uploads, error shape) the tests share. Test modules import this, never each other.
 
 Every Redis here is a private ``redis-server`` on a free loopback port, without persistence,
 in a temporary folder, stopped by its fixture: the machine's own Redis is never touched.
-The API servers are real ``msflow serve`` subprocesses (the harness of
-``test_service_e2e``, reused), the workers real ``msflow worker`` subprocesses.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -23,12 +26,127 @@ import pytest
 import redis
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
+from prometheus_client.parser import text_string_to_metric_families
 
-from test_service_e2e import CATEGORY, Server, free_port, metric, terminate  # noqa: F401  (re-exported for the tests)
+USER_KEY = "user-key-123"
+ADMIN_KEY = "admin-key-456"
+CATEGORY = "grass"
 
+
+# ---------------------------------------------------------------------- server harness
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`python -m msflow.cli serve` with MSFLOW_* settings; always stopped by its fixture."""
+
+    def __init__(self, store: Path, log_path: Path, **settings: Any) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MSFLOW_")}
+        env.update({"MSFLOW_ACCESS_LOG": "false", "MSFLOW_LOG_LEVEL": "warning", "MSFLOW_DECODE_THREADS": "2",
+                    "MSFLOW_INTRA_OP_THREADS": "1", "MSFLOW_DEVICE": "cpu"})
+        env.update({f"MSFLOW_{k.upper()}": v if isinstance(v, str) else json.dumps(v) for k, v in settings.items()})
+        self._log = open(log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "msflow.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+             "--store", str(store)], env=env, stdout=self._log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=1.0).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"server not ready after {timeout} s:\n{self.log()}")
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def stop(self) -> None:
+        terminate(self.proc)
+        self._log.close()
+
+
+def terminate(proc: subprocess.Popen[bytes], grace_s: float = 15.0) -> None:
+    """SIGTERM (the graceful path under test), SIGKILL if it does not exit in time."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def start(store: Path, log_path: Path, **settings: Any) -> Server:
+    server = Server(store, log_path, **settings)
+    try:
+        server.wait_ready()
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+def absolute(client: httpx.Client, path: str) -> str:
+    return str(client.base_url).rstrip("/") + path
+
+
+def metric(client: httpx.Client, name: str, **labels: str) -> float:
+    """Sum of the samples of ``name`` whose labels include ``labels``."""
+    text = httpx.get(absolute(client, "/metrics")).text
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+def part(path: Path) -> tuple[str, tuple[str, bytes, str]]:
+    return ("file", (path.name, path.read_bytes(), "image/png"))
+
+
+def png_of(img: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def assert_error(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"} and body["error"]["code"] == code and body["error"]["message"], body
+    return body["error"]
+
+
+# ---------------------------------------------------------------------- happy paths
+
+
+def wait_for_metric(client: httpx.Client, name: str, value: float, timeout: float = 10.0, **labels: str) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if metric(client, name, **labels) >= value:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"{name}{labels} never reached {value}")
+
+
+# ---------------------------------------------------------------------- Redis and workers
 PREFIX = "msflow-test:"  # a non-default MSFLOW_REDIS_PREFIX, shared by the API servers and workers
-ADMIN_KEY = "admin-key-redis"
-USER_KEY = "user-key-redis"
+REDIS_ADMIN_KEY = "admin-key-redis"
+REDIS_USER_KEY = "user-key-redis"
 STALL_NAME = "stall.png"  # a job with an image of this name stalls its worker's first attempt (test hook)
 
 

@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 
 from models.manifest import MANIFEST, Manifest, ManifestError, TensorRTInfo, file_entry
-from service.engines import EngineError, OnnxEngine, load_engine
-from service.tensorrt_engine import check_plan_compatible
+from service.engines.base import EngineError
+from service.engines.factory import load_engine
+from service.engines.onnxruntime import OnnxEngine
+from service.engines.tensorrt import check_plan_compatible
 
 TEST_CATEGORY = "grass"  # as in conftest.py (tests/ is not a package)
 TEST_INPUT_SIZE = 128
@@ -43,7 +45,7 @@ def onnx_engine(version_dir: Path) -> OnnxEngine:
 
 @pytest.fixture(scope="module")
 def torch_engine(version_dir: Path):
-    from service.torch_engine import TorchEngine
+    from service.engines.torch import TorchEngine
 
     return TorchEngine(version_dir, device="cpu")
 
@@ -263,7 +265,7 @@ def _has_cuda() -> bool:
 def test_plan_refused_without_gpu_and_auto_falls_back(version_dir: Path, tmp_path: Path) -> None:
     if _has_cuda() and _has_tensorrt():
         pytest.skip("this host can run TensorRT: the refusal path is covered by test_plan_compatibility_rules")
-    from service.tensorrt_engine import TensorRTEngine
+    from service.engines.tensorrt import TensorRTEngine
 
     copy = _copy_version(version_dir, tmp_path)
     (copy / "model.plan").write_bytes(b"not a real plan")
@@ -298,8 +300,8 @@ def test_tensorrt_engine_parity(version_dir: Path, tmp_path: Path, test_set) -> 
         pytest.skip("TensorRT is not installed on this CUDA host (pip install tensorrt); "
                     "run deploy/gpu-check.sh for the full GPU check")
     from models.tensorrt_build import build_plan
-    from service.parity import compare
-    from service.tensorrt_engine import TensorRTEngine
+    from msflow.parity import compare
+    from service.engines.tensorrt import TensorRTEngine
 
     copy = _copy_version(version_dir, tmp_path)
     info = build_plan(copy / "model.onnx", copy / "model.plan", TEST_INPUT_SIZE, 1, 2, 4)
@@ -317,7 +319,7 @@ def test_tensorrt_engine_parity(version_dir: Path, tmp_path: Path, test_set) -> 
 # ------------------------------------------------------------------ torch engine
 
 def test_torch_engine_needs_its_source_run(version_dir: Path, tmp_path: Path) -> None:
-    from service.torch_engine import TorchEngine
+    from service.engines.torch import TorchEngine
 
     copy = _copy_version(version_dir, tmp_path)
     _rewrite_manifest(copy, source_run=str(tmp_path / "deleted-run"))
@@ -355,7 +357,7 @@ def test_msflow_bench_end_to_end(model_store: Path, tmp_path: Path, capsys) -> N
 
 
 def test_parity_tool_on_cpu(model_store: Path, tmp_path: Path) -> None:
-    from service.parity import main
+    from msflow.parity import main
 
     out = tmp_path / "parity.json"
     assert main(["--model", str(model_store / TEST_CATEGORY), "--out", str(out), "--images", "6",
