@@ -49,6 +49,7 @@ import numpy as np
 from models.manifest import Manifest
 from msflow.engine_catalog import (cuda_available, default_engines, demo_images,
                                     make_engine, resolve_version, tile_batch, unavailable_reason)
+from service.config import Settings
 from service.engines.base import Engine
 
 log = logging.getLogger(__name__)
@@ -357,7 +358,7 @@ def run_bench(args: argparse.Namespace) -> int:
     manifest = Manifest.read(version_dir)
     print(f"benchmarking {manifest.category} version {manifest.version} (input {manifest.input_size}) "
           f"from {version_dir}: engines {', '.join(engines)}; batches {batch_sizes}; {args.repeats} repeats")
-    threads = getattr(args, "threads", None) or int(os.environ.get("MSFLOW_BENCH_THREADS", "0") or 0) or None
+    threads = getattr(args, "threads", None) or Settings().bench_threads or None
     report = bench_engines(version_dir, engines, batch_sizes, args.repeats,
                            warmup=getattr(args, "warmup", DEFAULT_WARMUP), explicit=explicit, threads=threads)
     m = report["machine"]

@@ -22,7 +22,7 @@ from typing import Any
 import uvicorn
 
 from service.api.app import create_app
-from service.config import Settings
+from service.config import Settings, warn_unknown_env
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,7 @@ class _GracefulServer(uvicorn.Server):
 def serve(args: argparse.Namespace) -> int:
     settings = build_settings(args)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    warn_unknown_env()
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             access_log=settings.access_log, lifespan="on",

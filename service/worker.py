@@ -15,7 +15,7 @@ API), joins the consumer group of each category's stream (:mod:`service.redisq.j
 SIGTERM/SIGINT: stop reading, finish the batch in hand, exit. A SIGKILLed worker's jobs are
 claimed by the others. Metrics: ``MSFLOW_WORKER_METRICS_PORT`` (Prometheus).
 
-Test hook: ``MSFLOW_WORKER_TEST_STALL_ON=<filename>`` makes a worker hang (while keeping its
+Test hook: the setting ``worker_test_stall_on=<filename>`` (``MSFLOW_WORKER_TEST_STALL_ON``) makes a worker hang (while keeping its
 claim alive) after taking a job with an image of that name on its first delivery, so a
 test can kill it mid-job deterministically. Never set it in production.
 """
@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from service.pipeline.batcher import ItemResult
-from service.config import Settings
+from service.config import Settings, warn_unknown_env
 from service.engines.base import Engine
 from service.pipeline.decode import DecodedImage, ImageLimits, ImageRejected, configure_pillow, decode_image
 from service.redisq.jobs import Delivery, JobQueue
@@ -50,8 +50,6 @@ from service.schemas import ErrorBody, InspectResponse
 from service.redisq.store import FINAL_STATES, HeatmapLinks, JobRecord, utcnow
 
 log = logging.getLogger(__name__)
-
-STALL_ENV = "MSFLOW_WORKER_TEST_STALL_ON"
 
 
 class JobFailed(Exception):
@@ -284,9 +282,9 @@ class Worker:
                 pass
 
     async def _test_stall(self, jobs: list[_Job]) -> None:
-        name = os.environ.get(STALL_ENV)
+        name = self.settings.worker_test_stall_on
         if name and any(j.delivery.deliveries == 1 and name in j.record.filenames for j in jobs):
-            log.warning("worker %s: %s=%s: stalling mid-job (test hook)", self.name, STALL_ENV, name)
+            log.warning("worker %s: worker_test_stall_on=%s: stalling mid-job (test hook)", self.name, name)
             await self._sleep(3600)
 
     async def close(self) -> None:
@@ -309,6 +307,7 @@ def run_worker(args: argparse.Namespace) -> int:
         overrides["worker_name"] = args.name
     settings = Settings(**overrides)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    warn_unknown_env()
     if not settings.redis_url:
         log.error("msflow worker needs Redis: set MSFLOW_REDIS_URL")
         return 2
