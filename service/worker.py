@@ -36,15 +36,13 @@ from typing import Any
 
 import numpy as np
 
-from service.pipeline.batcher import ItemResult
 from service.config import Settings, warn_unknown_env
-from service.engines.base import Engine
 from service.pipeline.decode import DecodedImage, ImageLimits, ImageRejected, configure_pillow, decode_image
 from service.redisq.jobs import Delivery, JobQueue
 from service.metrics import ServiceMetrics
 from service.redisq.connection import RedisConnection, RedisUnavailable, make_client
-from service.pipeline.registry import ModelRegistry
-from service.pipeline.postprocess import build_results, policy_from_settings
+from service.pipeline.registry import LoadedModel, ModelRegistry
+from service.pipeline.postprocess import ItemResult, build_results, policy_from_settings
 from service.pipeline.thresholds import ThresholdOverrides
 from service.schemas import ErrorBody, InspectResponse
 from service.redisq.store import FINAL_STATES, HeatmapLinks, JobRecord, utcnow
@@ -69,6 +67,7 @@ class _Job:
     images: list[DecodedImage] = field(default_factory=list)
     scored: list[ItemResult | None] = field(default_factory=list)
     error: JobFailed | None = None
+    model: LoadedModel | None = None  # the version the job is pinned to
 
 
 class Worker:
@@ -185,12 +184,15 @@ class Worker:
 
     async def _run_jobs(self, category: str, jobs: list[_Job]) -> None:
         try:
-            engine = self.registry.engine(category)
+            model = self.registry.get(category)  # pinned for the whole batch of jobs
         except Exception as exc:
             for job in jobs:
                 job.error = JobFailed("model_not_loaded", str(exc))
             return
-        await asyncio.gather(*(self._decode(job, engine.manifest.input_size) for job in jobs))
+        engine = model.engine
+        for job in jobs:
+            job.model = model
+        await asyncio.gather(*(self._decode(job, model.manifest.input_size) for job in jobs))
         live = [(job, k) for job in jobs if job.error is None for k in range(len(job.images))]
         for job in jobs:
             job.scored = [None] * len(job.images)
@@ -217,7 +219,7 @@ class Worker:
         except ImageRejected as exc:
             job.error = JobFailed(exc.code, exc.message)
 
-    async def _score(self, category: str, engine: Engine, chunk: list[tuple[_Job, int]]) -> None:
+    async def _score(self, category: str, engine: Any, chunk: list[tuple[_Job, int]]) -> None:
         loop = asyncio.get_running_loop()
         started, started_wall = time.monotonic(), utcnow()
         try:
@@ -232,22 +234,22 @@ class Worker:
         self.metrics.observe_batch(category, engine.name, len(chunk), engine_s)
         for i, (job, k) in enumerate(chunk):
             queue_ms = max(0.0, (started_wall - _aware(job.record.created_at)).total_seconds() * 1e3)
-            job.scored[k] = ItemResult(raw_score=float(scores[i]), anomaly_map=maps[i], engine=engine,
+            job.scored[k] = ItemResult(raw_score=float(scores[i]), anomaly_map=maps[i],
                                        batch_size=len(chunk), queue_ms=queue_ms, engine_ms=engine_s * 1e3)
 
     async def _result(self, job: _Job, category: str) -> JobRecord:
-        if any(s is None for s in job.scored):
+        if any(s is None for s in job.scored) or job.model is None:
             raise JobFailed("engine_error", "an image of the job was not scored")
         scored = [s for s in job.scored if s is not None]
         built = await build_results([(i, job.record.filenames[i], im, sc)
                                      for i, (im, sc) in enumerate(zip(job.images, scored))],
-                                    job.record.options, self.run_blocking, self.links, job.started,
+                                    job.model.manifest, job.record.options, self.run_blocking, self.links, job.started,
                                     policy=self.policy)
         results = [b.result for b in built]
         for r in results:
             self.metrics.count_image(category, r.is_anomalous)
         response = InspectResponse(request_id=job.record.request_id or job.record.id, category=category,
-                                   model_version=results[0].model_version, engine=scored[0].engine.name,
+                                   model_version=results[0].model_version, engine=job.model.engine.name,
                                    results=results)
         return job.record.model_copy(update={"status": "done", "result": response, "error": None,
                                              "updated_at": utcnow()})

@@ -16,7 +16,7 @@ from service.metrics import UNKNOWN
 from service.pipeline.batcher import BatcherClosed, CallerGone, DeadlineExceeded, QueueFull
 from service.pipeline.decode import ImageRejected
 from service.pipeline.registry import ModelNotLoaded, UnknownCategory
-from service.pipeline.runtime import JobsUnavailable, ModelChanging
+from service.pipeline.runtime import JobsUnavailable
 from service.pipeline.thresholds import ThresholdNotPersisted
 from service.redisq.connection import RedisUnavailable
 
@@ -51,7 +51,7 @@ _MAPPED: dict[type[Exception], tuple[int, str, bool]] = {
     QueueFull: (503, "queue_full", True), BatcherClosed: (503, "shutting_down", True),
     ModelNotLoaded: (503, "model_not_loaded", True), DeadlineExceeded: (504, "deadline_exceeded", False),
     EngineError: (500, "engine_error", False), RedisUnavailable: (503, "redis_unavailable", True),
-    JobsUnavailable: (503, "redis_required", False), ModelChanging: (503, "model_changing", False),
+    JobsUnavailable: (503, "redis_required", False),
     ThresholdNotPersisted: (500, "threshold_not_persisted", False),
 }
 

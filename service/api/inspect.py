@@ -24,16 +24,18 @@ async def inspect(request: Request, category: CategoryDep, state: StateDep,
     started: float = request.scope["state"]["started"]
     deadline = started + state.settings.request_deadline_ms / 1e3
     wants_png, json_ok = _wants_png(request.headers.get("accept"))
-    state.registry.get(category)  # 503 now if the model is still loading, before reading the body
-    s = state.settings
-    uploads = await read_uploads(request, s.max_files_per_request, s.max_upload_bytes, s.max_request_bytes)
-    if wants_png and len(uploads) != 1:
-        if not json_ok:
-            raise ApiError(406, "not_acceptable", "an image/png answer needs exactly one image; "
-                           f"this request has {len(uploads)}")
-        wants_png = False
-    options = InspectOptions(heatmap=heatmap, overlay=overlay, heatmap_size=heatmap_size)
-    answer = await state.inspect(request, category, uploads, options, deadline, started, wants_png)
+    # The model version is resolved once, here (503 now if it is still loading, before reading
+    # the body); the whole request uses it, even if a reload swaps the category meanwhile.
+    with state.pin(category) as lane:
+        s = state.settings
+        uploads = await read_uploads(request, s.max_files_per_request, s.max_upload_bytes, s.max_request_bytes)
+        if wants_png and len(uploads) != 1:
+            if not json_ok:
+                raise ApiError(406, "not_acceptable", "an image/png answer needs exactly one image; "
+                               f"this request has {len(uploads)}")
+            wants_png = False
+        options = InspectOptions(heatmap=heatmap, overlay=overlay, heatmap_size=heatmap_size)
+        answer = await state.inspect(request, lane, uploads, options, deadline, started, wants_png)
     if wants_png:
         return _png_response(answer.results[0], answer.heats[0], answer.engines[0])  # type: ignore[arg-type]
     body = InspectResponse(request_id=request.scope["state"]["request_id"], category=category,
@@ -74,7 +76,7 @@ def _wants_png(accept: str | None) -> tuple[bool, bool]:
 
 
 def _png_response(result: ImageResult, heat: Rendered, engine: str) -> Response:
-    return Response(heat[0], media_type="image/png", headers={
+    return Response(heat.png, media_type="image/png", headers={
         "X-Anomaly-Score": f"{result.score:.6f}", "X-Raw-Score": f"{result.raw_score:.6f}",
         "X-Threshold": f"{result.threshold:.6f}", "X-Is-Anomalous": str(result.is_anomalous).lower(),
         "X-Model-Version": result.model_version, "X-Engine": engine,

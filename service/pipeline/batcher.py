@@ -1,4 +1,10 @@
-"""Dynamic batching for one category: many concurrent requests -> few engine calls.
+"""Dynamic batching: many concurrent submissions -> few calls of one blocking ``run_batch``.
+
+The batcher is generic, in the manner of Ray Serve's ``_BatchQueue``: it takes a blocking
+``run_batch(items) -> results`` callable (one result per item, in order) and knows nothing
+of engines, manifests or images. The runtime (:mod:`service.pipeline.runtime`) makes one
+batcher per *loaded model version*, whose ``run_batch`` stacks the images and calls that
+version's engine; a reload gives the new version a new batcher and drains the old one.
 
 The split follows Ray Serve's ``@serve.batch`` and vLLM's scheduler/runner: the event loop
 only *schedules* (queue, deadlines, cancellation, batch formation); the blocking engine call
@@ -15,8 +21,6 @@ Rules, each for a reason:
   busy that long already, the batch leaves immediately: waiting adds latency for nothing.
 * Items whose deadline passed, or whose caller went away (future cancelled), are dropped
   at batch formation, *before* the engine: nobody would read those answers.
-* The engine is looked up through a callable at batch formation, so a model reload swaps
-  engines between batches; a batch already running finishes on the engine it started on.
 * :meth:`Batcher.drain` stops new work, then finishes everything queued and running;
   a forming batch leaves without waiting for its delay.
 """
@@ -30,11 +34,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Protocol
-
-import numpy as np
-
-from service.engines.base import Engine
+from typing import Any, Generic, Protocol, TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +57,6 @@ class DeadlineExceeded(BatcherError):
 
 class CallerGone(BatcherError):
     """The caller stopped waiting (client disconnected); its items were cancelled."""
-
-
-class InputSizeChanged(BatcherError):
-    """A reload changed the model input size while the item waited; resubmit it resized."""
-
-    def __init__(self, expected: int) -> None:
-        super().__init__(f"the model now takes {expected}x{expected} inputs")
-        self.expected = expected
 
 
 class BatchObserver(Protocol):
@@ -93,36 +85,37 @@ class _NullObserver:
         pass
 
 
-@dataclass(frozen=True)
-class ItemResult:
-    """One image's share of a batch. ``engine`` is the engine that produced it, so the caller
-    reads threshold and version from *that* manifest even if a reload happened meanwhile."""
+R = TypeVar("R")
 
-    raw_score: float
-    anomaly_map: np.ndarray  # float32 [S, S]
-    engine: Engine
+
+@dataclass(frozen=True)
+class Batched(Generic[R]):
+    """One item's result, with the batch it ran in: ``value`` is what ``run_batch`` returned
+    for it; ``queue_ms`` its wait, ``run_ms`` the whole batch's ``run_batch`` call."""
+
+    value: R
     batch_size: int
     queue_ms: float
-    engine_ms: float
+    run_ms: float
 
 
 @dataclass
 class _Item:
-    image: np.ndarray
+    payload: Any
     deadline: float  # time.monotonic() seconds
     enqueued: float
-    future: asyncio.Future[ItemResult]
+    future: asyncio.Future[Batched[Any]]
 
 
 class Batcher:
-    """Per-category batching queue in front of one engine at a time.
+    """A bounded batching queue in front of one blocking ``run_batch`` callable.
 
-    ``engine_provider`` returns the engine to use *now*; it is called once per batch.
-    Create and use a batcher from inside a running event loop.
+    ``category`` and ``label`` only name the metrics (the runtime passes the category and the
+    engine's name). Create and use a batcher from inside a running event loop.
     """
 
-    def __init__(self, category: str, engine_provider: Callable[[], Engine], *, max_batch_size: int = 8,
-                 max_queue_delay_s: float = 0.005, max_queue_size: int = 64,
+    def __init__(self, category: str, run_batch: Callable[[list[Any]], Sequence[Any]], *, label: str = "",
+                 max_batch_size: int = 8, max_queue_delay_s: float = 0.005, max_queue_size: int = 64,
                  observer: BatchObserver | None = None) -> None:
         if max_batch_size < 1 or max_queue_size < 1 or max_queue_delay_s < 0:
             raise ValueError("max_batch_size and max_queue_size must be >= 1, max_queue_delay_s >= 0")
@@ -130,14 +123,15 @@ class Batcher:
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_size = max_queue_size
-        self._engine_provider = engine_provider
+        self._run_batch = run_batch
+        self.label = label
         self._observer: BatchObserver = observer or _NullObserver()
         self._pending: collections.deque[_Item] = collections.deque()
         self._wakeup = asyncio.Event()
         self._closing = False
         self._running: list[_Item] = []
-        # One thread: the engine contract is one caller at a time, and batches of one
-        # category are serial on the accelerator anyway.
+        # One thread: ``run_batch`` has one caller at a time (the engine contract), and batches
+        # of one category are serial on the accelerator anyway.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{category}")
         self._worker = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{category}")
         self._worker.add_done_callback(self._worker_done)
@@ -152,8 +146,8 @@ class Batcher:
     def closing(self) -> bool:
         return self._closing
 
-    def submit_many(self, images: Sequence[np.ndarray], deadline: float) -> list[asyncio.Future[ItemResult]]:
-        """Queue ``images`` (all or none) and return one future per image, in order.
+    def submit_many(self, items: Sequence[Any], deadline: float) -> list[asyncio.Future[Batched[Any]]]:
+        """Queue ``items`` (all or none) and return one future per item, in order.
 
         ``deadline`` is a ``time.monotonic()`` instant. Raises :class:`QueueFull` or
         :class:`BatcherClosed` synchronously, so nothing is queued for a rejected request.
@@ -161,26 +155,26 @@ class Batcher:
         if self._closing:
             self._observer.count_rejection(self.category, "shutting_down")
             raise BatcherClosed(f"{self.category}: shutting down, not accepting new work")
-        if len(self._pending) + len(images) > self.max_queue_size:
+        if len(self._pending) + len(items) > self.max_queue_size:
             self._purge_cancelled()
-            if len(self._pending) + len(images) > self.max_queue_size:
+            if len(self._pending) + len(items) > self.max_queue_size:
                 self._observer.count_rejection(self.category, "queue_full")
                 raise QueueFull(f"{self.category}: queue full ({len(self._pending)} of {self.max_queue_size} "
-                                f"images waiting, request has {len(images)})")
+                                f"images waiting, request has {len(items)})")
         loop = asyncio.get_running_loop()
         now = time.monotonic()
-        futures: list[asyncio.Future[ItemResult]] = []
-        for image in images:
-            item = _Item(image=image, deadline=deadline, enqueued=now, future=loop.create_future())
+        futures: list[asyncio.Future[Batched[Any]]] = []
+        for payload in items:
+            item = _Item(payload=payload, deadline=deadline, enqueued=now, future=loop.create_future())
             self._pending.append(item)
             futures.append(item.future)
         self._observer.set_queue_depth(self.category, len(self._pending))
         self._wakeup.set()
         return futures
 
-    async def submit(self, image: np.ndarray, deadline: float) -> ItemResult:
-        """Queue one image and wait for its result."""
-        (future,) = self.submit_many([image], deadline)
+    async def submit(self, item: Any, deadline: float) -> Batched[Any]:
+        """Queue one item and wait for its result."""
+        (future,) = self.submit_many([item], deadline)
         return await future
 
     def _purge_cancelled(self) -> None:
@@ -198,34 +192,14 @@ class Batcher:
                     return
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            await self._wait_for_company(self._batch_limit())
-            try:
-                # Looked up here, at formation: a reload swaps engines between batches.
-                engine = self._engine_provider()
-            except Exception as exc:  # no engine loaded (yet): fail this batch, keep the worker
-                batch = self._take(self.max_batch_size)
-                log.error("%s: no engine to run a batch of %d: %s", self.category, len(batch), exc)
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(exc)
-                continue
-            batch = self._take(self._batch_limit(engine))
-            live = self._admit(batch, engine)
+            await self._wait_for_company(self.max_batch_size)
+            live = self._admit(self._take(self.max_batch_size))
             if live:
                 self._running = live
                 try:
-                    await self._execute(engine, live)
+                    await self._execute(live)
                 finally:
                     self._running = []
-
-    def _batch_limit(self, engine: Engine | None = None) -> int:
-        if engine is None:
-            try:
-                engine = self._engine_provider()
-            except Exception:
-                return self.max_batch_size
-        # A TensorRT plan may have been built for smaller batches than the service allows.
-        return max(1, min(self.max_batch_size, int(getattr(engine, "max_batch_size", self.max_batch_size))))
 
     def _take(self, n: int) -> list[_Item]:
         batch = [self._pending.popleft() for _ in range(min(n, len(self._pending)))]
@@ -245,10 +219,9 @@ class Batcher:
             except TimeoutError:
                 return
 
-    def _admit(self, batch: list[_Item], engine: Engine) -> list[_Item]:
-        """Drop what nobody will read; fail what the engine cannot take."""
+    def _admit(self, batch: list[_Item]) -> list[_Item]:
+        """Drop what nobody will read: cancelled items, and items past their deadline."""
         now = time.monotonic()
-        size = engine.manifest.input_size
         live: list[_Item] = []
         for item in batch:
             if item.future.done():  # cancelled: the client disconnected or gave up
@@ -257,36 +230,31 @@ class Batcher:
                 self._observer.count_rejection(self.category, "deadline")
                 item.future.set_exception(DeadlineExceeded(
                     f"{self.category}: deadline passed after {(now - item.enqueued) * 1e3:.0f} ms in the queue"))
-            elif item.image.shape != (size, size, 3):
-                item.future.set_exception(InputSizeChanged(size))
             else:
                 live.append(item)
         return live
 
-    async def _execute(self, engine: Engine, items: list[_Item]) -> None:
+    async def _execute(self, items: list[_Item]) -> None:
         started = time.monotonic()
         for item in items:
             self._observer.observe_queue_wait(self.category, started - item.enqueued)
         loop = asyncio.get_running_loop()
         try:
-            images = np.stack([item.image for item in items])
-            scores, maps = await loop.run_in_executor(self._executor, engine.run, images)
-            if len(scores) != len(items) or len(maps) != len(items):
-                raise RuntimeError(f"engine {engine.name} returned {len(scores)} scores / {len(maps)} maps "
-                                   f"for a batch of {len(items)}")
+            results = await loop.run_in_executor(self._executor, self._run_batch, [item.payload for item in items])
+            if len(results) != len(items):
+                raise RuntimeError(f"run_batch returned {len(results)} results for a batch of {len(items)}")
         except Exception as exc:  # one bad batch must not stop the worker
-            log.exception("%s: engine %s failed on a batch of %d", self.category, engine.name, len(items))
+            log.exception("%s: %s failed on a batch of %d", self.category, self.label or "run_batch", len(items))
             for item in items:
                 if not item.future.done():
                     item.future.set_exception(exc)
             return
-        engine_s = time.monotonic() - started
-        self._observer.observe_batch(self.category, engine.name, len(items), engine_s)
-        for i, item in enumerate(items):
+        run_s = time.monotonic() - started
+        self._observer.observe_batch(self.category, self.label, len(items), run_s)
+        for item, value in zip(items, results):
             if not item.future.done():  # cancelled while running: the answer is simply dropped
-                item.future.set_result(ItemResult(
-                    raw_score=float(scores[i]), anomaly_map=maps[i], engine=engine, batch_size=len(items),
-                    queue_ms=(started - item.enqueued) * 1e3, engine_ms=engine_s * 1e3))
+                item.future.set_result(Batched(value=value, batch_size=len(items),
+                                               queue_ms=(started - item.enqueued) * 1e3, run_ms=run_s * 1e3))
 
     def _worker_done(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
@@ -301,7 +269,7 @@ class Batcher:
 
     # ------------------------------------------------------------------ shutdown
     async def drain(self, timeout: float | None = None) -> None:
-        """Stop accepting, finish queued and running batches, release the engine thread.
+        """Stop accepting, finish queued and running batches, release the run_batch thread.
 
         With ``timeout``, whatever is still unfinished after it is failed with
         :class:`BatcherClosed` instead of hanging shutdown forever.
@@ -327,7 +295,7 @@ class Batcher:
         await self.drain()
 
 
-async def wait_results(futures: Sequence[asyncio.Future[ItemResult]], deadline: float,
+async def wait_results(futures: Sequence[asyncio.Future[Any]], deadline: float,
                        gone: Awaitable[Any] | None = None) -> None:
     """Wait until every future is done, the ``time.monotonic()`` deadline passes
     (:class:`DeadlineExceeded`) or ``gone`` completes (:class:`CallerGone`).

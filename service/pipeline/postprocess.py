@@ -3,7 +3,7 @@
 The synchronous API (:class:`service.pipeline.runtime.ServiceState`) and the job worker
 (:mod:`service.worker`) both turn an engine's raw score and anomaly map into an
 :class:`~service.schemas.ImageResult` here: the calibrated score and verdict from the
-manifest of the engine that scored the image (reload-safe), the heatmap rendered in a
+manifest of the model version the request was pinned to, the heatmap rendered in a
 thread (:mod:`service.pipeline.render`) and attached inline (base64) or as a link
 (``heatmap=url``), and the timings. So a job's result has exactly the shape and numbers
 of a synchronous answer.
@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from models.manifest import Calibration, Manifest
-from service.pipeline.batcher import ItemResult
+import numpy as np
+
 from service.pipeline.decode import DecodedImage
 from service.config import Settings
 from service.pipeline.regions import RegionParams, find_regions
@@ -32,8 +33,28 @@ from service.pipeline.render import heatmap_for
 from service.schemas import (InspectOptions, Heatmap, HeatmapLink, HeatmapMode, HeatmapSize, ImageResult, ImageSize, Region,
                              Timings)
 
-Rendered = tuple[bytes, tuple[int, int], float]  # PNG, (width, height), milliseconds
 RunBlocking = Callable[..., Awaitable[Any]]
+
+
+@dataclass(frozen=True)
+class ItemResult:
+    """One image as the engine scored it, and the batch it ran in."""
+
+    raw_score: float
+    anomaly_map: np.ndarray  # float32 [S, S]
+    batch_size: int
+    queue_ms: float
+    engine_ms: float
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """A rendered heatmap PNG."""
+
+    png: bytes
+    width: int
+    height: int
+    render_ms: float
 
 
 class LinkStore(Protocol):
@@ -51,12 +72,12 @@ class Built:
     durable: bool  # False when its heatmap link lives only in this process's memory
 
 
-def render(image: DecodedImage, scored: ItemResult, size: HeatmapSize, overlay: bool) -> Rendered:
-    """Blocking: the heatmap PNG of one scored image."""
+def render(image: DecodedImage, scored: ItemResult, calibration: Calibration, size: HeatmapSize,
+           overlay: bool) -> Rendered:
+    """Blocking: the heatmap PNG of one scored image (coloured with the manifest's calibration)."""
     t0 = time.perf_counter()
-    png, out_size = heatmap_for(scored.anomaly_map, scored.engine.manifest.calibration, image.tensor, image.rgb,
-                                size.value, overlay)
-    return png, out_size, (time.perf_counter() - t0) * 1e3
+    png, (width, height) = heatmap_for(scored.anomaly_map, calibration, image.tensor, image.rgb, size.value, overlay)
+    return Rendered(png, width, height, (time.perf_counter() - t0) * 1e3)
 
 
 def _manifest_calibration(manifest: Manifest) -> Calibration:
@@ -78,27 +99,32 @@ def policy_from_settings(settings: Settings, calibration: Callable[[Manifest], C
     return ResultPolicy(calibration=calibration, regions=RegionParams(
         max_regions=settings.max_regions, min_area_fraction=settings.min_region_area))
 
-def analyse(image: DecodedImage, scored: ItemResult, calibration: Calibration, size: HeatmapSize | None,
-            overlay: bool, params: RegionParams) -> tuple[Rendered | None, list[Region], float]:
+@dataclass(frozen=True)
+class Analysis:
+    heat: Rendered | None
+    regions: list[Region]
+    regions_ms: float
+
+
+def analyse(image: DecodedImage, scored: ItemResult, manifest: Manifest, calibration: Calibration,
+            size: HeatmapSize | None, overlay: bool, params: RegionParams) -> Analysis:
     """Blocking: the heatmap (``size`` None: none) and the defect regions of one scored image,
     and the milliseconds the regions took."""
-    heat = render(image, scored, size, overlay) if size is not None else None
+    heat = render(image, scored, manifest.calibration, size, overlay) if size is not None else None
     t0 = time.perf_counter()
     regions = find_regions(scored.anomaly_map, calibration, image.size, params)
-    return heat, regions, (time.perf_counter() - t0) * 1e3
+    return Analysis(heat, regions, (time.perf_counter() - t0) * 1e3)
 
 
-def image_result(index: int, filename: str | None, image: DecodedImage, scored: ItemResult,
+def image_result(index: int, filename: str | None, image: DecodedImage, scored: ItemResult, version: str,
                  heatmap: Heatmap | HeatmapLink | None, render_ms: float, started: float,
-                 calibration: Calibration | None = None, regions: Sequence[Region] = ()) -> ImageResult:
+                 cal: Calibration, regions: Sequence[Region] = ()) -> ImageResult:
     """One image's result; ``started`` is the ``time.monotonic()`` the timings' total counts from.
-    ``calibration``: the effective one (default: the scoring engine's manifest's)."""
-    # Threshold and version come from the engine that scored *this* image (reload-safe).
-    cal = calibration if calibration is not None else scored.engine.manifest.calibration
+    ``cal``: the effective calibration of the pinned model version."""
     return ImageResult(
         index=index, filename=filename, score=round(cal.normalise_score(scored.raw_score), 6),
         raw_score=scored.raw_score, threshold=cal.threshold, is_anomalous=scored.raw_score >= cal.threshold,
-        model_version=scored.engine.manifest.version, batch_size=scored.batch_size, heatmap=heatmap,
+        model_version=version, batch_size=scored.batch_size, heatmap=heatmap,
         timings_ms=Timings(decode=round(image.decode_ms, 3), queue=round(scored.queue_ms, 3),
                            engine=round(scored.engine_ms, 3), render=round(render_ms, 3),
                            total=round((time.monotonic() - started) * 1e3, 3)),
@@ -107,13 +133,14 @@ def image_result(index: int, filename: str | None, image: DecodedImage, scored: 
 
 
 def inline_heatmap(heat: Rendered) -> Heatmap:
-    return Heatmap(data=base64.b64encode(heat[0]).decode("ascii"), width=heat[1][0], height=heat[1][1])
+    return Heatmap(data=base64.b64encode(heat.png).decode("ascii"), width=heat.width, height=heat.height)
 
 
-async def build_results(items: Sequence[tuple[int, str | None, DecodedImage, ItemResult]], options: InspectOptions,
-                        run_blocking: RunBlocking, links: LinkStore | None, started: float, *,
-                        render_all: bool = False, policy: ResultPolicy | None = None) -> list[Built]:
-    """Results of ``(index, filename, decoded image, scored item)`` tuples, in order.
+async def build_results(items: Sequence[tuple[int, str | None, DecodedImage, ItemResult]], manifest: Manifest,
+                        options: InspectOptions, run_blocking: RunBlocking, links: LinkStore | None, started: float,
+                        *, render_all: bool = False, policy: ResultPolicy | None = None) -> list[Built]:
+    """Results of ``(index, filename, decoded image, scored item)`` tuples, in order, all scored
+    by the model version of ``manifest`` (the request's pinned version).
 
     Heatmaps are rendered (in ``run_blocking``'s threads) for ``heatmap=inline`` and ``url``,
     or for every image with ``render_all`` (an ``Accept: image/png`` answer, which then
@@ -122,23 +149,22 @@ async def build_results(items: Sequence[tuple[int, str | None, DecodedImage, Ite
     """
     policy = policy or ResultPolicy()
     wanted = render_all or options.heatmap is not HeatmapMode.none
-    cals = [policy.calibration(sc.engine.manifest) for _, _, _, sc in items]
-    analysed = await asyncio.gather(*(run_blocking(analyse, im, sc, cal, options.heatmap_size if wanted else None,
-                                                   options.overlay, policy.regions)
-                                      for (_, _, im, sc), cal in zip(items, cals)))
-    heats: list[Rendered | None] = [a[0] for a in analysed]
+    cal = policy.calibration(manifest)
+    analysed: list[Analysis] = await asyncio.gather(*(
+        run_blocking(analyse, im, sc, manifest, cal, options.heatmap_size if wanted else None, options.overlay,
+                     policy.regions) for _, _, im, sc in items))
     built: list[Built] = []
-    for (index, filename, image, scored), heat, cal, (_, regions, regions_ms) in zip(items, heats, cals, analysed):
+    for (index, filename, image, scored), a in zip(items, analysed):
         field: Heatmap | HeatmapLink | None = None
         durable = True
-        if heat is not None:
+        if a.heat is not None:
             if options.heatmap is HeatmapMode.url and not render_all:
                 if links is None:
                     raise RuntimeError("heatmap=url needs a link store")
-                field, durable = await links.put(heat[0], heat[1][0], heat[1][1])
+                field, durable = await links.put(a.heat.png, a.heat.width, a.heat.height)
             else:
-                field = inline_heatmap(heat)
-        built.append(Built(image_result(index, filename, image, scored, field,
-                                        (heat[2] if heat else 0.0) + regions_ms, started, cal, regions),
-                           heat, durable))
+                field = inline_heatmap(a.heat)
+        render_ms = (a.heat.render_ms if a.heat else 0.0) + a.regions_ms
+        built.append(Built(image_result(index, filename, image, scored, manifest.version, field, render_ms, started,
+                                        cal, a.regions), a.heat, durable))
     return built

@@ -2,7 +2,8 @@
 registry, one batcher per category, the thread pool, the Redis-backed stores).
 
 :meth:`ServiceState.inspect` is the synchronous inspection path behind the route: result
-cache lookup (per image, one MGET), decode, batch, score, results
+model version pinned once per request (:meth:`ServiceState.pin`), cache lookup (per image,
+one MGET), decode, batch on that version's batcher, score, results
 (:func:`service.pipeline.postprocess.build_results`), cache write. Redis problems only ever cost the
 cache and durable links, never the answer.
 """
@@ -10,25 +11,27 @@ cache and durable links, never the answer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 from fastapi import Request
 
-from service.pipeline.batcher import Batcher, DeadlineExceeded, InputSizeChanged, ItemResult, wait_results
+import numpy as np
+
+from service.pipeline.batcher import Batched, Batcher, DeadlineExceeded, wait_results
 from service.config import Settings
-from service.pipeline.decode import (DecodedImage, ImageLimits, ImageRejected, configure_pillow, decode_image,
-                             model_input, probe_image)
+from service.pipeline.decode import DecodedImage, ImageLimits, ImageRejected, configure_pillow, decode_image, probe_image
 from service.redisq.jobs import JobQueue
 from service.metrics import ServiceMetrics
 from service.redisq.connection import RedisConnection
 from service.pipeline.registry import LoadedModel, ModelRegistry
 from service.pipeline.recent import RecentScores
-from service.pipeline.postprocess import Built, Rendered, build_results, policy_from_settings
+from service.pipeline.postprocess import Built, ItemResult, Rendered, build_results, policy_from_settings
 from service.schemas import InspectOptions, Upload, HeatmapLink, ImageResult, Timings
 from service.redisq.store import CachedResult, HeatmapLinks, ResultCache, utcnow
 from service.pipeline.thresholds import ThresholdOverrides
@@ -41,8 +44,16 @@ class JobsUnavailable(RuntimeError):
     """Async jobs need Redis and this server has none configured."""
 
 
-class ModelChanging(RuntimeError):
-    """The model changed repeatedly while the request waited."""
+@dataclass
+class Lane:
+    """One loaded model version and its batcher. A request pins a lane (:meth:`ServiceState.pin`)
+    and uses only it; a reload gives the new version a new lane, and the old one is drained
+    once its last pinned request is done."""
+
+    model: LoadedModel
+    batcher: Batcher
+    users: int = 0
+    retired: bool = field(default=False)
 
 
 @dataclass(frozen=True)
@@ -60,11 +71,11 @@ class ServiceState:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.metrics = ServiceMetrics()
-        self.registry = ModelRegistry(settings, on_swap=lambda m: self.metrics.set_model(
-            m.category, m.version, m.engine.name))
+        self.registry = ModelRegistry(settings, on_swap=self._swapped)
         self.limits = ImageLimits(max_bytes=settings.max_upload_bytes, max_pixels=settings.max_image_pixels)
         self.shutting_down = False
-        self._batchers: dict[str, Batcher] = {}
+        self._lanes: dict[int, Lane] = {}  # by id(LoadedModel)
+        self._draining: set[asyncio.Task[None]] = set()
         self._pool: ThreadPoolExecutor | None = None
         self._loading: asyncio.Task[None] | None = None
         self.redis = RedisConnection(settings, self.metrics) if settings.redis_url else None
@@ -96,7 +107,8 @@ class ServiceState:
         if self._loading is not None and not self._loading.done():
             self._loading.cancel()
         await self.thresholds.stop()
-        await asyncio.gather(*(b.drain(self.settings.graceful_shutdown_s) for b in self._batchers.values()))
+        await asyncio.gather(*(lane.batcher.drain(self.settings.graceful_shutdown_s)
+                               for lane in self._lanes.values()), *self._draining)
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
         if self.redis is not None:
@@ -105,25 +117,54 @@ class ServiceState:
     async def redis_status(self) -> Literal["ok", "degraded", "disabled"]:
         return "disabled" if self.redis is None else await self.redis.status()
 
-    def batcher(self, category: str) -> Batcher:
-        # Created on first use, on the running loop. Not refused while only readiness is down
-        # (shutdown_delay_s): load balancers may still route here until they notice.
-        b = self._batchers.get(category)
-        if b is None:
-            s = self.settings
-            b = Batcher(category, lambda: self.registry.engine(category), max_batch_size=s.max_batch_size,
-                        max_queue_delay_s=s.max_queue_delay_ms / 1e3, max_queue_size=s.max_queue_size,
-                        observer=self.metrics)
-            self._batchers[category] = b
-        return b
+    # ------------------------------------------------------------------ lanes: one batcher per loaded version
+    def _swapped(self, model: LoadedModel) -> None:
+        """Registry callback after a (re)load: older lanes of the category retire; idle ones drain now."""
+        self.metrics.set_model(model.category, model.version, model.engine.name)
+        for lane in list(self._lanes.values()):
+            if lane.model.category == model.category and lane.model is not model:
+                lane.retired = True
+                self._release(lane)
+
+    def _lane(self, model: LoadedModel) -> Lane:
+        lane = self._lanes.get(id(model))
+        if lane is None:
+            # Created on first use, on the running loop. Not refused while only readiness is
+            # down (shutdown_delay_s): load balancers may still route here until they notice.
+            s, engine = self.settings, model.engine
+            batcher = Batcher(model.category, _engine_runner(engine), label=engine.name,
+                              max_batch_size=max(1, min(s.max_batch_size, int(engine.max_batch_size))),
+                              max_queue_delay_s=s.max_queue_delay_ms / 1e3, max_queue_size=s.max_queue_size,
+                              observer=self.metrics)
+            lane = self._lanes[id(model)] = Lane(model, batcher)
+        return lane
+
+    def _release(self, lane: Lane) -> None:
+        if lane.retired and lane.users == 0 and self._lanes.get(id(lane.model)) is lane:
+            del self._lanes[id(lane.model)]
+            task = asyncio.get_running_loop().create_task(lane.batcher.drain(self.settings.graceful_shutdown_s))
+            self._draining.add(task)
+            task.add_done_callback(self._draining.discard)
+
+    @contextlib.contextmanager
+    def pin(self, category: str) -> Iterator[Lane]:
+        """The category's loaded version, resolved once: everything the request does (decode
+        size, batching, threshold, version in the answer) uses this lane. Raises
+        :class:`~service.pipeline.registry.ModelNotLoaded` / ``UnknownCategory``."""
+        lane = self._lane(self.registry.get(category))
+        lane.users += 1
+        try:
+            yield lane
+        finally:
+            lane.users -= 1
+            self._release(lane)
 
     async def run_blocking(self, fn: Callable[..., _T], *args: Any) -> _T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
-    async def decode_all(self, category: str, uploads: Sequence[Upload],
+    async def decode_all(self, size: int, uploads: Sequence[Upload],
                          indices: Sequence[int] | None = None) -> list[DecodedImage]:
-        """Decode in the pool; ``indices`` are the uploads' positions in the request (for errors)."""
-        size = self.registry.get(category).manifest.input_size
+        """Decode to ``size`` in the pool; ``indices`` are the uploads' positions in the request (for errors)."""
         indices = range(len(uploads)) if indices is None else indices
 
         async def one(index: int, upload: Upload) -> DecodedImage:
@@ -141,39 +182,25 @@ class ServiceState:
                 raise r
         return results  # type: ignore[return-value]
 
-    async def score(self, category: str, images: list[DecodedImage], deadline: float,
+    async def score(self, lane: Lane, images: list[DecodedImage], deadline: float,
                     request: Request) -> list[ItemResult]:
-        """Queue every image; wait for all, the deadline, or the client leaving (then the
-        images are dropped before the engine). Resubmits if a reload changed the input size."""
-        results: dict[int, ItemResult] = {}
-        todo = list(range(len(images)))
-        for _ in range(3):
-            size = self.registry.get(category).manifest.input_size
-            tensors = [images[i].tensor if images[i].tensor.shape[0] == size else model_input(images[i].rgb, size)
-                       for i in todo]
-            futures = self.batcher(category).submit_many(tensors, deadline)
-            try:
-                await wait_results(futures, deadline, _disconnected(request))
-            except DeadlineExceeded:
-                self.metrics.count_rejection(category, "deadline")
-                raise
-            retry = []
-            for i, fut in zip(todo, futures):
-                if isinstance(fut.exception(), InputSizeChanged):
-                    retry.append(i)
-                else:
-                    results[i] = fut.result()  # raises the item's error, if any
-            if not retry:
-                return [results[i] for i in range(len(images))]
-            todo = retry
-        raise ModelChanging("the model changed repeatedly while the request waited; retry")
+        """Queue every image on the pinned lane; wait for all, the deadline, or the client
+        leaving (then the images are dropped before the engine)."""
+        futures = lane.batcher.submit_many([im.tensor for im in images], deadline)
+        try:
+            await wait_results(futures, deadline, _disconnected(request))
+        except DeadlineExceeded:
+            self.metrics.count_rejection(lane.model.category, "deadline")
+            raise
+        return [_item_result(f.result()) for f in futures]  # raises an item's error, if any
 
-    async def inspect(self, request: Request, category: str, uploads: Sequence[Upload], options: InspectOptions,
+    async def inspect(self, request: Request, lane: Lane, uploads: Sequence[Upload], options: InspectOptions,
                       deadline: float, started: float, wants_png: bool = False) -> Inspection:
         """Answer every upload: from the result cache where the same bytes were inspected with
         the same model version, threshold and options, else decode + batch + score + render.
         The PNG answer (``wants_png``) bypasses the cache."""
-        model = self.registry.get(category)
+        model = lane.model
+        category = model.category
         n = len(uploads)
         use_cache = self.cache.enabled and not wants_png
         digests: list[str] = []
@@ -187,21 +214,20 @@ class ServiceState:
         built: dict[int, Built] = {}
         engines: dict[int, str] = {}
         if todo:
-            images = await self.decode_all(category, [uploads[i] for i in todo], todo)
-            scored = await self.score(category, images, deadline, request)
+            images = await self.decode_all(model.manifest.input_size, [uploads[i] for i in todo], todo)
+            scored = await self.score(lane, images, deadline, request)
             made = await build_results([(i, uploads[i].filename, im, sc) for i, im, sc in zip(todo, images, scored)],
-                                       options, self.run_blocking, self.links, started, render_all=wants_png,
+                                       model.manifest, options, self.run_blocking, self.links, started, render_all=wants_png,
                                        policy=self.result_policy)
-            for i, b, sc in zip(todo, made, scored):
-                built[i], engines[i] = b, sc.engine.name
+            for i, b in zip(todo, made):
+                built[i], engines[i] = b, model.engine.name
                 if b.heat is not None:
-                    self.metrics.observe_stage("render", b.heat[2] / 1e3)
+                    self.metrics.observe_stage("render", b.heat.render_ms / 1e3)
             if use_cache:
                 await self.cache.put_many([
-                    (self.cache.key(digests[i], category, sc.engine.manifest.version,
-                                    built[i].result.threshold, options),
-                     CachedResult(engine=sc.engine.name, result=built[i].result), _cache_ttl(built[i]))
-                    for i, sc in zip(todo, scored) if built[i].durable])
+                    (self.cache.key(digests[i], category, model.version, built[i].result.threshold, options),
+                     CachedResult(engine=model.engine.name, result=built[i].result), _cache_ttl(built[i]))
+                    for i in todo if built[i].durable])
         results: list[ImageResult] = []
         for i in range(n):
             hit = hits[i]
@@ -247,6 +273,23 @@ class ServiceState:
             raise
         self.metrics.reloads.labels(category, "ok").inc()
         return model
+
+
+def _engine_runner(engine: Any) -> Callable[[list[np.ndarray]], list[tuple[float, np.ndarray]]]:
+    """The ``run_batch`` of an engine's batcher: stack, run, split per image."""
+    def run_batch(tensors: list[np.ndarray]) -> list[tuple[float, np.ndarray]]:
+        scores, maps = engine.run(np.stack(tensors))
+        if len(scores) != len(tensors) or len(maps) != len(tensors):
+            raise RuntimeError(f"engine {engine.name} returned {len(scores)} scores / {len(maps)} maps "
+                               f"for a batch of {len(tensors)}")
+        return [(float(s), m) for s, m in zip(scores, maps)]
+    return run_batch
+
+
+def _item_result(batched: Batched[tuple[float, np.ndarray]]) -> ItemResult:
+    raw_score, anomaly_map = batched.value
+    return ItemResult(raw_score=raw_score, anomaly_map=anomaly_map, batch_size=batched.batch_size,
+                      queue_ms=batched.queue_ms, engine_ms=batched.run_ms)
 
 
 async def _disconnected(request: Request) -> None:

@@ -1,5 +1,5 @@
-"""The batcher alone, with a tiny fake engine: batching, limits, deadlines, cancellation,
-drain and engine swaps. No model, no HTTP; each test runs its own event loop."""
+"""The batcher alone, generic over ``run_batch``, here a tiny fake engine: batching, limits,
+deadlines, cancellation, drain, and a reload's old/new batchers side by side. No model, no HTTP; each test runs its own event loop."""
 
 from __future__ import annotations
 
@@ -7,13 +7,14 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pytest
 
-from service.pipeline.batcher import (Batcher, BatcherClosed, DeadlineExceeded, InputSizeChanged, ItemResult, QueueFull)
+from service.pipeline.batcher import Batched, Batcher, BatcherClosed, DeadlineExceeded, QueueFull
 
 SIZE = 4
 
@@ -94,21 +95,36 @@ async def started(engine: FakeEngine) -> None:
     assert await asyncio.to_thread(engine.started.wait, 5), "engine never started"
 
 
-def make(engine: FakeEngine | Callable[[], FakeEngine], **kw: Any) -> Batcher:
-    provider = engine if callable(engine) and not isinstance(engine, FakeEngine) else (lambda: engine)
+@dataclass(frozen=True)
+class Scored:
+    raw_score: float
+    anomaly_map: np.ndarray
+    engine: str
+
+
+def runner(engine: FakeEngine) -> Callable[[list[np.ndarray]], list[Scored]]:
+    def run_batch(images: list[np.ndarray]) -> list[Scored]:
+        scores, maps = engine.run(np.stack(images))
+        return [Scored(float(s), m, engine.name) for s, m in zip(scores, maps)]
+    return run_batch
+
+
+def make(engine: FakeEngine, **kw: Any) -> Batcher:
+    """A batcher over ``engine``, its batch limit capped by the engine's (as the runtime does)."""
     kw.setdefault("max_queue_delay_s", 0.05)
-    return Batcher("cat", provider, **kw)  # type: ignore[arg-type]
+    kw["max_batch_size"] = min(kw.get("max_batch_size", 8), engine.max_batch_size)
+    return Batcher("cat", runner(engine), label=engine.name, **kw)
 
 
 def test_concurrent_items_form_batches_and_results_match() -> None:
     async def t() -> None:
         engine = FakeEngine()
         b = make(engine, max_batch_size=4)
-        results: list[ItemResult] = await asyncio.gather(*(b.submit(image(i), far()) for i in range(8)))
+        results: list[Batched[Scored]] = await asyncio.gather(*(b.submit(image(i), far()) for i in range(8)))
         assert engine.sizes == [4, 4]
-        assert [r.raw_score for r in results] == list(range(8))  # each item gets its own slice
-        assert all(r.batch_size == 4 and r.engine is engine for r in results)
-        assert all(float(r.anomaly_map[0, 0]) == i for i, r in enumerate(results))
+        assert [r.value.raw_score for r in results] == list(range(8))  # each item gets its own slice
+        assert all(r.batch_size == 4 and r.value.engine == "fake" for r in results)
+        assert all(float(r.value.anomaly_map[0, 0]) == i for i, r in enumerate(results))
         await b.drain()
     run(t)
 
@@ -182,7 +198,7 @@ def test_expired_items_never_reach_engine() -> None:
         await first
         with pytest.raises(DeadlineExceeded):
             await doomed[0]
-        assert (await alive[0]).raw_score == 2
+        assert (await alive[0]).value.raw_score == 2
         assert 1 not in engine.seen and engine.seen == [0, 2]
         assert "deadline" in obs.rejections
         await b.drain()
@@ -202,7 +218,7 @@ def test_cancelled_items_never_reach_engine() -> None:
             f.cancel()  # what the API does when a client disconnects
         engine.gate.set()
         await first
-        assert (await kept[0]).raw_score == 2
+        assert (await kept[0]).value.raw_score == 2
         assert engine.seen == [0, 2]
         assert obs.rejections.count("cancelled") == 2
         await b.drain()
@@ -220,7 +236,7 @@ def test_cancelled_items_free_queue_slots() -> None:
         (kept,) = b.submit_many([image(2)], far())  # the cancelled item's slot is reused
         engine.gate.set()
         await first
-        assert (await kept).raw_score == 2
+        assert (await kept).value.raw_score == 2
         await b.drain()
     run(t)
 
@@ -240,7 +256,7 @@ def test_drain_finishes_queued_and_running_work() -> None:
         engine.gate.set()
         await drain
         assert time.monotonic() - t0 < 2.0  # the last, partial batch did not wait its delay
-        assert [f.result().raw_score for f in futures] == [0, 1, 2, 3, 4]
+        assert [f.result().value.raw_score for f in futures] == [0, 1, 2, 3, 4]
         assert engine.sizes == [2, 2, 1]
     run(t)
 
@@ -257,20 +273,26 @@ def test_drain_timeout_fails_what_is_left() -> None:
     run(t)
 
 
-def test_engine_swap_between_batches() -> None:
+def test_reload_drains_the_old_batcher_while_the_new_takes_requests() -> None:
+    """The runtime's reload: one batcher per loaded version; the old one drains (its in-flight
+    and queued items finish on the old engine) while new requests go to the new one."""
     async def t() -> None:
         old, new = FakeEngine("old", gated=True), FakeEngine("new")
-        current = {"engine": old}
-        b = make(lambda: current["engine"], max_batch_size=2, max_queue_delay_s=0.0)
-        first = b.submit_many([image(0), image(1)], far())
+        b_old = make(old, max_batch_size=2, max_queue_delay_s=0.0)
+        first = b_old.submit_many([image(0), image(1)], far())
         await started(old)  # batch 1 runs on the old engine
-        later = b.submit_many([image(2), image(3)], far())
-        current["engine"] = new  # a reload swaps while batch 1 is in flight
+        queued = b_old.submit_many([image(2)], far())
+        b_new = make(new, max_batch_size=2, max_queue_delay_s=0.0)  # the reload
+        draining = asyncio.create_task(b_old.drain())
+        later = b_new.submit_many([image(3), image(4)], far())
+        assert [(await f).value.engine for f in later] == ["new", "new"]  # not held up by the old one
         old.gate.set()
-        assert [(await f).engine.name for f in first] == ["old", "old"]  # in-flight batch finishes on old
-        assert [(await f).engine.name for f in later] == ["new", "new"]
-        assert old.seen == [0, 1] and new.seen == [2, 3]
-        await b.drain()
+        await draining
+        assert [(await f).value.engine for f in [*first, *queued]] == ["old", "old", "old"]
+        assert old.seen == [0, 1, 2] and new.seen == [3, 4]
+        with pytest.raises(BatcherClosed):
+            b_old.submit_many([image(5)], far())
+        await b_new.drain()
     run(t)
 
 
@@ -281,18 +303,7 @@ def test_engine_error_fails_batch_but_worker_survives() -> None:
         with pytest.raises(RuntimeError, match="exploded"):
             await b.submit(image(0), far())
         engine.fail = False
-        assert (await b.submit(image(5), far())).raw_score == 5
-        await b.drain()
-    run(t)
-
-
-def test_input_size_change_is_reported_not_run() -> None:
-    async def t() -> None:
-        engine = FakeEngine(input_size=8)
-        b = make(engine, max_queue_delay_s=0.0)
-        with pytest.raises(InputSizeChanged) as info:
-            await b.submit(image(1, size=SIZE), far())
-        assert info.value.expected == 8 and engine.batches == []
+        assert (await b.submit(image(5), far())).value.raw_score == 5
         await b.drain()
     run(t)
 
