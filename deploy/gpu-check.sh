@@ -147,7 +147,7 @@ else
   log "using the existing model $MODEL (steps demo_data/train/export skipped)"
   TENSORRT_STATUS=$("$PY" - "$MODEL" <<'EOF' 2>/dev/null || echo "unknown (cannot read the manifest)"
 import sys
-from service.engine_catalog import resolve_version
+from msflow.engine_catalog import resolve_version
 from models.manifest import Manifest
 m = Manifest.read(resolve_version(sys.argv[1]))
 print(f"existing plan (TensorRT {m.tensorrt.tensorrt_version}, {m.tensorrt.gpu_name})" if m.tensorrt
@@ -159,7 +159,7 @@ fi
 log "TensorRT: $TENSORRT_STATUS"
 
 # 2. parity of every available engine against ONNX Runtime on CPU (real demo images)
-step parity 1 "$PY" -m service.parity --model "$MODEL" --out "$RAW/parity.json" --images "$PARITY_IMAGES" || true
+step parity 1 "$PY" -m msflow.parity --model "$MODEL" --out "$RAW/parity.json" --images "$PARITY_IMAGES" || true
 
 # 3. benchmark every engine available here
 # shellcheck disable=SC2086  # BATCH_SIZES is a list of numbers

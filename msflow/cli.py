@@ -88,7 +88,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from service.bench import run_bench
+    from msflow.bench import run_bench
 
     return run_bench(args)
 

@@ -91,7 +91,7 @@ for pkg in ("models", "service", "msflow"):
     have = {p.relative_to(site) for p in site.rglob("*.py")}
     assert wanted <= have, f"{pkg}: not installed: {sorted(map(str, wanted - have))}"
 
-from service.app import create_app  # noqa: E402
+from service.api.app import create_app  # noqa: E402
 from service.config import Settings  # noqa: E402
 import service.server  # noqa: E402,F401
 

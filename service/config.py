@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -116,6 +118,9 @@ class Settings(BaseSettings):
     worker_block_s: float = Field(2.0, gt=0.0, description="XREADGROUP BLOCK of an idle worker")
     worker_name: str | None = Field(None, max_length=128, description="consumer name (default host-pid)")
     worker_metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus port of msflow worker")
+    worker_test_stall_on: str | None = Field(None, max_length=255, description=(
+        "tests only: a worker hangs on the first delivery of a job with an image of this name"))
+    bench_threads: int = Field(0, ge=0, description="msflow bench: onnxruntime intra-op threads (0: default)")
 
     # --- defect regions, runtime thresholds, drift (service/regions.py, thresholds.py, recent.py)
     max_regions: int = Field(10, ge=0, le=1000, description="defect regions per image, largest first")
@@ -168,4 +173,17 @@ class Settings(BaseSettings):
         return self
 
 
-__all__ = ["Settings", "EngineKind", "MiB"]
+def unknown_env(environ: Mapping[str, str] | None = None) -> list[str]:
+    """``MSFLOW_*`` variables of ``environ`` that no setting reads (misspelt, or left over)."""
+    environ = os.environ if environ is None else environ
+    known = {f"MSFLOW_{name.upper()}" for name in Settings.model_fields}
+    return sorted(k for k in environ if k.upper().startswith("MSFLOW_") and k.upper() not in known)
+
+
+def warn_unknown_env(environ: Mapping[str, str] | None = None) -> list[str]:
+    """Log a warning naming every ``MSFLOW_*`` variable no setting reads; called at start-up
+    so a misspelt setting does not pass in silence."""
+    unknown = unknown_env(environ)
+    if unknown:
+        log.warning("ignored environment variables (no such setting): %s", ", ".join(unknown))
+    return unknown

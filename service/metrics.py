@@ -3,7 +3,7 @@
 A registry per app (instead of prometheus-client's global default) lets tests and several
 apps in one process create metrics without "Duplicated timeseries" errors, and ``/metrics``
 shows exactly this service. :class:`ServiceMetrics` also implements the batcher's
-:class:`service.batcher.BatchObserver` hooks.
+:class:`service.pipeline.batcher.BatchObserver` hooks.
 
 Label values are bounded on purpose: categories are only those in the model store (an
 unknown category from a client is counted as ``"-"``), endpoints are route templates.
@@ -185,6 +185,3 @@ class RequestMetricsMiddleware:
 
     def is_known(self, category: str) -> bool:
         return self.metrics.is_known(category)
-
-
-__all__ = ["ServiceMetrics", "RequestMetricsMiddleware", "LATENCY_BUCKETS", "BATCH_BUCKETS", "SCORE_BUCKETS", "UNKNOWN"]

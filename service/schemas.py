@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from datetime import datetime
 from enum import Enum
 from typing import Any, Literal
@@ -221,9 +223,20 @@ class JobStatus(_Model):
     error: ErrorBody | None = Field(None, description="when failed: why; while queued again: the last attempt's")
 
 
-__all__ = [
-    "ErrorBody", "ErrorResponse", "Health", "Heatmap", "HeatmapLink", "HeatmapMode", "HeatmapSize", "ImageResult",
-    "ImageSize", "InspectResponse", "JobAccepted", "JobState", "JobStatus", "ModelInfo", "ModelList", "Readiness",
-    "RecentScore", "RecentScores", "RecentSummary", "Region", "ThresholdOverride", "ThresholdState",
-    "ThresholdUpdate", "Timings",
-]
+
+@dataclass(frozen=True)
+class Upload:
+    """One image part of a request, as received."""
+
+    filename: str | None
+    data: bytes
+
+
+class InspectOptions(BaseModel):
+    """The query parameters that change an answer (and so are part of a cache key and a job)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    heatmap: HeatmapMode = HeatmapMode.inline
+    overlay: bool = False
+    heatmap_size: HeatmapSize = HeatmapSize.model

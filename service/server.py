@@ -21,8 +21,8 @@ from typing import Any
 
 import uvicorn
 
-from service.app import create_app
-from service.config import Settings
+from service.api.app import create_app
+from service.config import Settings, warn_unknown_env
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,7 @@ class _GracefulServer(uvicorn.Server):
 def serve(args: argparse.Namespace) -> int:
     settings = build_settings(args)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    warn_unknown_env()
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             access_log=settings.access_log, lifespan="on",
@@ -75,6 +76,3 @@ def serve(args: argparse.Namespace) -> int:
              "API keys required" if settings.api_keys else "open API, no keys configured")
     server.run()
     return 0 if server.started else 1
-
-
-__all__ = ["build_settings", "serve"]

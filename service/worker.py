@@ -1,21 +1,21 @@
 """``msflow worker``: run async inspection jobs from the Redis streams, on this host or any other.
 
 Each worker loads the categories of its model store (the same registry and engines as the
-API), joins the consumer group of each category's stream (:mod:`service.jobs`) and loops:
+API), joins the consumer group of each category's stream (:mod:`service.redisq.jobs`) and loops:
 
 1. every ``job_claim_idle_s / 2``: claim jobs left pending by dead workers (XAUTOCLAIM);
 2. otherwise read new jobs (XREADGROUP, up to ``max_batch_size`` per category, blocking
    ``worker_block_s``);
 3. per category: decode every image of every job read, run the engine on batches of up to
    ``max_batch_size`` images, build the results exactly as the API does
-   (:func:`service.results.build_results`), then write each job's final record and XACK
+   (:func:`service.pipeline.postprocess.build_results`), then write each job's final record and XACK
    in one MULTI. A failed attempt stays pending and is retried after the idle timeout; the
    last allowed attempt sends the job to the dead-letter stream.
 
 SIGTERM/SIGINT: stop reading, finish the batch in hand, exit. A SIGKILLed worker's jobs are
 claimed by the others. Metrics: ``MSFLOW_WORKER_METRICS_PORT`` (Prometheus).
 
-Test hook: ``MSFLOW_WORKER_TEST_STALL_ON=<filename>`` makes a worker hang (while keeping its
+Test hook: the setting ``worker_test_stall_on=<filename>`` (``MSFLOW_WORKER_TEST_STALL_ON``) makes a worker hang (while keeping its
 claim alive) after taking a job with an image of that name on its first delivery, so a
 test can kill it mid-job deterministically. Never set it in production.
 """
@@ -36,22 +36,18 @@ from typing import Any
 
 import numpy as np
 
-from service.batcher import ItemResult
-from service.config import Settings
-from service.engines import Engine
-from service.imaging import DecodedImage, ImageLimits, ImageRejected, configure_pillow, decode_image
-from service.jobs import Delivery, JobQueue
+from service.config import Settings, warn_unknown_env
+from service.pipeline.decode import DecodedImage, ImageLimits, ImageRejected, configure_pillow, decode_image
+from service.redisq.jobs import Delivery, JobQueue
 from service.metrics import ServiceMetrics
-from service.redisconn import RedisConnection, RedisUnavailable, make_client
-from service.registry import ModelRegistry
-from service.results import build_results, policy_from_settings
-from service.thresholds import ThresholdOverrides
+from service.redisq.connection import RedisConnection, RedisUnavailable, make_client
+from service.pipeline.registry import LoadedModel, ModelRegistry
+from service.pipeline.postprocess import ItemResult, build_results, policy_from_settings
+from service.pipeline.thresholds import ThresholdOverrides
 from service.schemas import ErrorBody, InspectResponse
-from service.store import FINAL_STATES, HeatmapLinks, JobRecord, utcnow
+from service.redisq.store import FINAL_STATES, HeatmapLinks, JobRecord, utcnow
 
 log = logging.getLogger(__name__)
-
-STALL_ENV = "MSFLOW_WORKER_TEST_STALL_ON"
 
 
 class JobFailed(Exception):
@@ -71,6 +67,7 @@ class _Job:
     images: list[DecodedImage] = field(default_factory=list)
     scored: list[ItemResult | None] = field(default_factory=list)
     error: JobFailed | None = None
+    model: LoadedModel | None = None  # the version the job is pinned to
 
 
 class Worker:
@@ -187,12 +184,15 @@ class Worker:
 
     async def _run_jobs(self, category: str, jobs: list[_Job]) -> None:
         try:
-            engine = self.registry.engine(category)
+            model = self.registry.get(category)  # pinned for the whole batch of jobs
         except Exception as exc:
             for job in jobs:
                 job.error = JobFailed("model_not_loaded", str(exc))
             return
-        await asyncio.gather(*(self._decode(job, engine.manifest.input_size) for job in jobs))
+        engine = model.engine
+        for job in jobs:
+            job.model = model
+        await asyncio.gather(*(self._decode(job, model.manifest.input_size) for job in jobs))
         live = [(job, k) for job in jobs if job.error is None for k in range(len(job.images))]
         for job in jobs:
             job.scored = [None] * len(job.images)
@@ -219,7 +219,7 @@ class Worker:
         except ImageRejected as exc:
             job.error = JobFailed(exc.code, exc.message)
 
-    async def _score(self, category: str, engine: Engine, chunk: list[tuple[_Job, int]]) -> None:
+    async def _score(self, category: str, engine: Any, chunk: list[tuple[_Job, int]]) -> None:
         loop = asyncio.get_running_loop()
         started, started_wall = time.monotonic(), utcnow()
         try:
@@ -234,22 +234,22 @@ class Worker:
         self.metrics.observe_batch(category, engine.name, len(chunk), engine_s)
         for i, (job, k) in enumerate(chunk):
             queue_ms = max(0.0, (started_wall - _aware(job.record.created_at)).total_seconds() * 1e3)
-            job.scored[k] = ItemResult(raw_score=float(scores[i]), anomaly_map=maps[i], engine=engine,
+            job.scored[k] = ItemResult(raw_score=float(scores[i]), anomaly_map=maps[i],
                                        batch_size=len(chunk), queue_ms=queue_ms, engine_ms=engine_s * 1e3)
 
     async def _result(self, job: _Job, category: str) -> JobRecord:
-        if any(s is None for s in job.scored):
+        if any(s is None for s in job.scored) or job.model is None:
             raise JobFailed("engine_error", "an image of the job was not scored")
         scored = [s for s in job.scored if s is not None]
         built = await build_results([(i, job.record.filenames[i], im, sc)
                                      for i, (im, sc) in enumerate(zip(job.images, scored))],
-                                    job.record.options, self.run_blocking, self.links, job.started,
+                                    job.model.manifest, job.record.options, self.run_blocking, self.links, job.started,
                                     policy=self.policy)
         results = [b.result for b in built]
         for r in results:
             self.metrics.count_image(category, r.is_anomalous)
         response = InspectResponse(request_id=job.record.request_id or job.record.id, category=category,
-                                   model_version=results[0].model_version, engine=scored[0].engine.name,
+                                   model_version=results[0].model_version, engine=job.model.engine.name,
                                    results=results)
         return job.record.model_copy(update={"status": "done", "result": response, "error": None,
                                              "updated_at": utcnow()})
@@ -284,9 +284,9 @@ class Worker:
                 pass
 
     async def _test_stall(self, jobs: list[_Job]) -> None:
-        name = os.environ.get(STALL_ENV)
+        name = self.settings.worker_test_stall_on
         if name and any(j.delivery.deliveries == 1 and name in j.record.filenames for j in jobs):
-            log.warning("worker %s: %s=%s: stalling mid-job (test hook)", self.name, STALL_ENV, name)
+            log.warning("worker %s: worker_test_stall_on=%s: stalling mid-job (test hook)", self.name, name)
             await self._sleep(3600)
 
     async def close(self) -> None:
@@ -309,6 +309,7 @@ def run_worker(args: argparse.Namespace) -> int:
         overrides["worker_name"] = args.name
     settings = Settings(**overrides)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    warn_unknown_env()
     if not settings.redis_url:
         log.error("msflow worker needs Redis: set MSFLOW_REDIS_URL")
         return 2
@@ -333,6 +334,3 @@ async def _main(settings: Settings) -> int:
         await worker.close()
     log.info("worker %s: stopped", worker.name)
     return 0
-
-
-__all__ = ["JobFailed", "STALL_ENV", "Worker", "run_worker"]

@@ -1,0 +1,379 @@
+"""`msflow bench`: images/s, latency and memory of every engine available on this host.
+
+For each engine and batch size: ``warmup`` untimed runs (CUDA graphs are captured there),
+then ``repeats`` timed ``engine.run`` calls on real demo images (the held-out normals of
+the version's source run; random pixels only when those are gone). Each call is timed end
+to end, numpy in to numpy out, so host<->device copies are included. Reported: images/s
+from the median latency, latency p50/p95, and memory:
+
+- ``rss_peak_mib``: peak resident memory of the process above its level at the start of
+  that (engine, batch) measurement. Linux lets a process reset its own high-water mark
+  (``echo 5 > /proc/self/clear_refs``), so this is the kernel's exact ``VmHWM`` delta; where
+  that is refused, a 1 ms sampling thread (psutil, else ``/proc/self/status``) reads RSS
+  and can miss spikes shorter than that. Allocator caching means an engine measured later
+  may reuse memory an earlier one freed; load cost is reported separately.
+- CUDA: ``gpu_peak_mib`` is ``torch.cuda.max_memory_allocated`` above its start, which sees
+  torch's allocations only (torch engines, TensorRT I/O buffers), not TensorRT's or
+  onnxruntime's own pools; ``gpu_used_mib`` is the device-wide memory in use (cudaMemGetInfo)
+  above the level before the engine loaded, which does include them (pools are kept, so it
+  is close to their peak).
+
+Engines: ``onnxruntime-cpu`` and ``torch-cpu`` everywhere; on a CUDA host also
+``onnxruntime-cuda``, ``tensorrt`` (when the version has a plan built for this host),
+``torch-cuda-fp16`` and ``torch-cuda-fp16+cudagraphs`` (``torch-cuda`` fp32 on request).
+CPU threads: each library's default (one per core) unless ``MSFLOW_BENCH_THREADS`` (or an
+``args.threads``) sets the same count for both. On a shared host, oversubscribed cores hit
+torch's OpenMP barriers much harder than onnxruntime's pool, so the 1-minute load average
+before the run is recorded and a busy host is flagged.
+The torch engines run the model's full forward, which also computes two maps the exported
+graph prunes (``score_map``, ``pixel_map``); that is part of what the export buys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import os
+import platform
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.manifest import Manifest
+from msflow.engine_catalog import (cuda_available, default_engines, demo_images,
+                                    make_engine, resolve_version, tile_batch, unavailable_reason)
+from service.config import Settings
+from service.engines.base import Engine
+
+log = logging.getLogger(__name__)
+
+DEFAULT_WARMUP = 2
+RATIO_TARGET = {"batch": 8, "min_ratio": 1.3}
+MIB = 1 << 20
+
+
+# ------------------------------------------------------------------ memory
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _rss_bytes() -> int:
+    try:
+        import psutil
+
+        return int(psutil.Process().memory_info().rss)
+    except ImportError:
+        kib = _status_kib("VmRSS")
+        return kib * 1024 if kib is not None else 0
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _status_kib("VmHWM") is not None
+    except OSError:
+        return False
+
+
+MEMORY_METHOD = (
+    "rss_peak_mib: process peak RSS above its level at the start of the measurement (kernel VmHWM after "
+    "resetting it via /proc/self/clear_refs; else a 1 ms RSS sampling thread, which can miss short spikes). "
+    "gpu_peak_mib: torch.cuda.max_memory_allocated delta (torch allocations only). gpu_used_mib: device memory "
+    "in use (cudaMemGetInfo) above the level before the engine loaded, including onnxruntime/TensorRT pools.")
+
+
+class PeakMemory:
+    """Peak memory increase of this process (and of the GPU) while the block runs."""
+
+    def __init__(self, cuda: bool = False) -> None:
+        self.cuda = cuda
+        self.rss_peak_mib: float | None = None
+        self.gpu_peak_mib: float | None = None
+        self.method = ""
+
+    def __enter__(self) -> "PeakMemory":
+        gc.collect()
+        self._base = _rss_bytes()
+        self._hwm = _reset_hwm()
+        self.method = "vmhwm" if self._hwm else "sampling"
+        self._peak = self._base
+        self._stop = threading.Event()
+        if not self._hwm:
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._gpu_base = torch.cuda.memory_allocated()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.001):
+            self._peak = max(self._peak, _rss_bytes())
+
+    def __exit__(self, *exc: object) -> None:
+        if self._hwm:
+            kib = _status_kib("VmHWM")
+            self._peak = max(self._peak, kib * 1024 if kib else 0)
+        else:
+            self._stop.set()
+            self._thread.join()
+        self.rss_peak_mib = max(self._peak - self._base, 0) / MIB
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+            self.gpu_peak_mib = max(torch.cuda.max_memory_allocated() - self._gpu_base, 0) / MIB
+
+
+def _gpu_used_bytes() -> int | None:
+    if not cuda_available():
+        return None
+    import torch
+
+    free, total = torch.cuda.mem_get_info()
+    return int(total - free)
+
+
+# ------------------------------------------------------------------ measurement
+
+def _percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+def measure(engine: Engine, images: np.ndarray, batch: int, repeats: int, warmup: int,
+            cuda: bool = False) -> dict[str, Any]:
+    """Warm up, then time ``repeats`` calls of ``engine.run`` on a batch of ``batch``."""
+    x = tile_batch(images, batch)
+    with PeakMemory(cuda) as mem:
+        for _ in range(max(warmup, 0)):
+            engine.run(x)
+        latencies = []
+        for _ in range(max(repeats, 1)):
+            t0 = time.perf_counter()
+            engine.run(x)
+            latencies.append(time.perf_counter() - t0)
+    ms = [t * 1000 for t in latencies]
+    median_s = float(np.median(latencies))
+    return {
+        "batch": batch, "repeats": len(latencies), "images_per_s": batch / median_s,
+        "latency_ms": {"p50": _percentile(ms, 50), "p95": _percentile(ms, 95), "min": min(ms), "max": max(ms),
+                       "mean": float(np.mean(ms))},
+        "rss_peak_mib": mem.rss_peak_mib, "gpu_peak_mib": mem.gpu_peak_mib, "memory_method": mem.method,
+    }
+
+
+def machine_info() -> dict[str, Any]:
+    import onnxruntime as ort
+    import torch
+
+    cpu_model = platform.processor() or platform.machine()
+    physical: set[tuple[str, str]] = set()
+    try:
+        phys_id = "0"
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = (s.strip() for s in line.partition(":"))
+            if key == "model name":
+                cpu_model = value
+            elif key == "physical id":
+                phys_id = value
+            elif key == "core id":
+                physical.add((phys_id, value))
+    except OSError:
+        pass
+    info: dict[str, Any] = {
+        "host": socket.gethostname(), "platform": platform.platform(), "python": platform.python_version(),
+        "cpu_model": cpu_model, "logical_cores": os.cpu_count(), "physical_cores": len(physical) or None,
+        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "onnxruntime": ort.__version__,
+        "onnxruntime_providers": ort.get_available_providers(), "cuda": torch.cuda.is_available(),
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+    }
+    try:
+        info["cgroup_cpu_max"] = Path("/sys/fs/cgroup/cpu.max").read_text().strip()
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        info.update(gpu_name=torch.cuda.get_device_name(), gpu_capability=f"{major}.{minor}",
+                    gpu_memory_mib=torch.cuda.get_device_properties(0).total_memory / MIB,
+                    cuda_runtime=torch.version.cuda)
+    try:
+        import tensorrt
+
+        info["tensorrt"] = tensorrt.__version__
+    except ImportError:
+        info["tensorrt"] = None
+    return info
+
+
+def bench_engines(version_dir: Path, engines: list[str], batch_sizes: list[int], repeats: int,
+                  warmup: int = DEFAULT_WARMUP, explicit: bool = False, threads: int | None = None,
+                  progress: Callable[[str], None] = print) -> dict[str, Any]:
+    """Measure every engine in ``engines``; engines that cannot run here are reported, not fatal.
+    ``threads``: CPU threads for both onnxruntime and torch (default: each library's own)."""
+    import torch
+
+    previous_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _bench_engines(version_dir, engines, batch_sizes, repeats, warmup, explicit, threads, progress)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _bench_engines(version_dir: Path, engines: list[str], batch_sizes: list[int], repeats: int, warmup: int,
+                   explicit: bool, threads: int | None, progress: Callable[[str], None]) -> dict[str, Any]:
+    manifest = Manifest.read(version_dir)
+    images, source = demo_images(manifest, limit=max(batch_sizes))
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
+    cuda = cuda_available()
+    if cuda:
+        import torch
+
+        torch.cuda.init()
+        torch.empty(1, device="cuda")  # create the CUDA context before measuring any engine
+    status: dict[str, dict[str, Any]] = {}
+    results: list[dict[str, Any]] = []
+    for name in engines:
+        reason = unavailable_reason(name, manifest)
+        if reason:
+            status[name] = {"status": "failed" if explicit else "skipped", "reason": reason}
+            progress(f"{name}: skipped ({reason})")
+            continue
+        gpu_before = _gpu_used_bytes() if cuda else None
+        rss_before = _rss_bytes()
+        t0 = time.perf_counter()
+        try:
+            engine = make_engine(name, version_dir, manifest, max(batch_sizes), threads)
+        except Exception as e:  # EngineError, ManifestError, a provider that fails to initialise
+            status[name] = {"status": "failed" if explicit else "skipped", "reason": f"{type(e).__name__}: {e}"}
+            progress(f"{name}: cannot load ({e})")
+            continue
+        entry: dict[str, Any] = {"status": "ok", "engine_name": engine.name, "load_s": time.perf_counter() - t0,
+                                 "load_rss_mib": max(_rss_bytes() - rss_before, 0) / MIB}
+        on_gpu = cuda and (name.startswith(("torch-cuda", "onnxruntime-cuda")) or name == "tensorrt")
+        try:
+            for batch in batch_sizes:
+                row = measure(engine, images, batch, repeats, warmup, cuda=on_gpu)
+                if on_gpu and gpu_before is not None:
+                    used = _gpu_used_bytes()
+                    row["gpu_used_mib"] = max((used or 0) - gpu_before, 0) / MIB
+                row["engine"] = name
+                results.append(row)
+                progress(f"{name} batch {batch}: {row['images_per_s']:.1f} images/s")
+        except Exception as e:
+            entry = {**entry, "status": "failed", "reason": f"{type(e).__name__}: {e}"}
+            progress(f"{name}: failed ({e})")
+        status[name] = entry
+        del engine
+        gc.collect()
+        if cuda:
+            import torch
+
+            torch.cuda.empty_cache()
+    ratio = onnx_over_torch(results)
+    return {
+        "model": {"version_dir": str(version_dir), "category": manifest.category, "version": manifest.version,
+                  "input_size": manifest.input_size, "backbone": manifest.backbone,
+                  "score_output": manifest.calibration.score_output,
+                  "tensorrt_plan": manifest.tensorrt.model_dump() if manifest.tensorrt else None},
+        "machine": machine_info(),
+        "settings": {"engines": engines, "batch_sizes": batch_sizes, "repeats": repeats, "warmup": warmup,
+                     "threads": threads or "library default",
+                     "input": source, "timing": "engine.run wall time, numpy uint8 in -> numpy float32 out; "
+                     "images/s = batch / median latency"},
+        "memory_method": MEMORY_METHOD,
+        "load_average_before": load_before,
+        "engines": status,
+        "results": results,
+        "ratio_onnxruntime_cpu_over_torch_cpu": ratio,
+        "ratio_target": {**RATIO_TARGET,
+                         "met": (ratio.get(str(RATIO_TARGET["batch"])) or 0) >= RATIO_TARGET["min_ratio"]
+                         if str(RATIO_TARGET["batch"]) in ratio else None},
+    }
+
+
+def onnx_over_torch(results: list[dict[str, Any]]) -> dict[str, float]:
+    by = {(r["engine"], r["batch"]): r["images_per_s"] for r in results}
+    return {str(b): by[("onnxruntime-cpu", b)] / by[("torch-cpu", b)]
+            for (e, b) in by if e == "onnxruntime-cpu" and ("torch-cpu", b) in by}
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_table(report: dict[str, Any]) -> str:
+    header = ("engine", "batch", "images/s", "p50 ms", "p95 ms", "RSS peak MiB", "GPU peak MiB", "GPU used MiB")
+    rows = [header]
+    for r in report["results"]:
+        rows.append((r["engine"], str(r["batch"]), _fmt(r["images_per_s"], ".1f"), _fmt(r["latency_ms"]["p50"], ".1f"),
+                     _fmt(r["latency_ms"]["p95"], ".1f"), _fmt(r["rss_peak_mib"], ".0f"),
+                     _fmt(r.get("gpu_peak_mib"), ".0f"), _fmt(r.get("gpu_used_mib"), ".0f")))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+             for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    for name, st in report["engines"].items():
+        if st["status"] != "ok":
+            lines.append(f"{name}: {st['status']} - {st.get('reason')}")
+    ratio = report["ratio_onnxruntime_cpu_over_torch_cpu"]
+    if ratio:
+        parts = ", ".join(f"batch {b}: {v:.2f}x" for b, v in ratio.items())
+        target = report["ratio_target"]
+        verdict = "" if target["met"] is None else (" (met)" if target["met"] else " (NOT met)")
+        lines.append(f"ratio onnxruntime-cpu / torch-cpu images/s: {parts}; target >= {target['min_ratio']}x "
+                     f"at batch {target['batch']}{verdict}")
+    return "\n".join(lines)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    version_dir = resolve_version(args.model)
+    device = getattr(args, "device", "auto") or "auto"
+    explicit = bool(args.engines)
+    engines = list(args.engines) if explicit else default_engines(device)
+    batch_sizes = sorted(set(args.batch_sizes or [1, 8, 32]))
+    if min(batch_sizes) < 1:
+        raise SystemExit("batch sizes must be >= 1")
+    manifest = Manifest.read(version_dir)
+    print(f"benchmarking {manifest.category} version {manifest.version} (input {manifest.input_size}) "
+          f"from {version_dir}: engines {', '.join(engines)}; batches {batch_sizes}; {args.repeats} repeats")
+    threads = getattr(args, "threads", None) or Settings().bench_threads or None
+    report = bench_engines(version_dir, engines, batch_sizes, args.repeats,
+                           warmup=getattr(args, "warmup", DEFAULT_WARMUP), explicit=explicit, threads=threads)
+    m = report["machine"]
+    print(f"\n{m['cpu_model']}, {m['usable_cores']} usable cores, torch {m['torch']} ({m['torch_threads']} threads), "
+          f"onnxruntime {m['onnxruntime']}" + (f", {m['gpu_name']}" if m.get("gpu_name") else "")
+          + f"; input: {report['settings']['input']}")
+    print(format_table(report))
+    busy = report["load_average_before"]
+    if busy and busy[0] > 0.5 * (m["usable_cores"] or 1):
+        print(f"WARNING: the host was busy before the benchmark (1-min load average {busy[0]:.1f} on "
+              f"{m['usable_cores']} cores): CPU numbers are contaminated by other processes")
+    out = Path(args.out) if args.out else version_dir / f"bench-{socket.gethostname()}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, default=str))
+    print(f"report: {out}")
+    ran = [n for n, s in report["engines"].items() if s["status"] == "ok"]
+    failed = [n for n, s in report["engines"].items() if s["status"] == "failed"]
+    return 0 if ran and not failed else 1

@@ -1,0 +1,56 @@
+"""The HTTP API: ``create_app(settings)`` builds a FastAPI app around one :class:`ServiceState`.
+
+Request path of ``POST /v1/inspect/{category}`` (see docs/DESIGN.md): read the body under byte
+limits -> result cache (Redis, per image) -> decode in the thread pool
+(:mod:`service.pipeline.decode`) -> the category's :class:`~service.pipeline.batcher.Batcher` -> normalise
+with the manifest and render heatmaps (:mod:`service.pipeline.postprocess`) -> JSON, or the PNG itself
+for ``Accept: image/png``. Shared state is :class:`~service.pipeline.runtime.ServiceState`; API keys
+are :mod:`service.api.auth`.
+
+With Redis (``MSFLOW_REDIS_URL``): ``heatmap=url`` links (``GET /v1/heatmaps/<id>.png``),
+the result cache, and async jobs (``POST /v1/jobs/<category>``, ``GET /v1/jobs/<id>``,
+run by ``msflow worker``). Without it, or while it is down, inspection keeps working:
+no cache, links served from this process's memory, jobs 503.
+
+Every error, ours or FastAPI's, leaves as ``{"error": {"code", "message", "details"?}}``;
+an unexpected exception is logged and answered 500 in that shape, and never takes the
+server down.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from service.api import health, inspect, jobs, models
+from service.api.console import install_console
+from service.api.errors import install_error_handlers
+from service.config import Settings
+from service.metrics import RequestMetricsMiddleware
+from service.pipeline.runtime import ServiceState
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app; engines load in the lifespan (``/readyz`` turns 200 once all are warm)."""
+    settings = settings or Settings()
+    state = ServiceState(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await state.start()
+        try:
+            yield
+        finally:
+            await state.stop()
+
+    app = FastAPI(title="MSFlow inspection service", version="1", lifespan=lifespan,
+                  description="Anomaly scores and heatmaps from MSFlow models, batched per category.")
+    app.state.service = state
+    app.add_middleware(RequestMetricsMiddleware, metrics=state.metrics)
+    install_error_handlers(app)
+    install_console(app)  # GET / (operator console), model assets, threshold overrides, recent scores
+    for area in (inspect, jobs, models, health):
+        app.include_router(area.router)
+    return app

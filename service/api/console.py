@@ -1,0 +1,146 @@
+"""The operator console (``GET /``, static files in ``service/static/``) and the routes it
+needs beyond inspection:
+
+* ``GET /v1/models/{category}/assets/{name}``: the evaluation files export copied into the
+  serving version (``roc.png``, ``examples.png``, ``report.json``; nothing else, by name).
+* ``GET /v1/models/{category}/threshold`` (API key): calibrated and effective threshold.
+* ``PUT /v1/models/{category}/threshold`` (admin), body ``{"threshold": RAW}``: a raw-score
+  threshold for the serving version, effective at once (:mod:`service.pipeline.thresholds`).
+* ``DELETE /v1/models/{category}/threshold`` (admin): back to the calibrated threshold.
+* ``GET /v1/models/{category}/recent?threshold=X&limit=N`` (admin): the last scored images
+  and how they would be classified at ``X`` (:mod:`service.pipeline.recent`).
+
+The console is plain HTML/JS/CSS with no build step and no third-party requests; it is
+served without a key (it holds no data) under a strict Content-Security-Policy, and calls
+the API with the key the operator types (kept in ``sessionStorage``, sent as ``X-API-Key``).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, Query
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
+
+from models.manifest import CATEGORY_PATTERN
+from service.api.auth import Admin, Authed
+from service.api.errors import ApiError
+from service.pipeline.registry import EVALUATION_ASSETS
+from service.schemas import ErrorResponse, RecentScores, ThresholdState, ThresholdUpdate
+from service.api.deps import StateDep
+
+log = logging.getLogger(__name__)
+
+# Shipped as package data: pyproject's [tool.setuptools.package-data] must list "static/*".
+STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
+# Everything from this origin, nothing inline, no framing: the console never talks to a third party.
+CONTENT_SECURITY_POLICY = ("default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
+                           "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'none'; "
+                           "frame-ancestors 'none'")
+_PAGE_HEADERS = {"Content-Security-Policy": CONTENT_SECURITY_POLICY, "Cache-Control": "no-cache",
+                 "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "X-Frame-Options": "DENY"}
+_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (401, 403, 404, 422, 500, 503)}
+
+router = APIRouter()
+
+
+def _category(category: str, state: StateDep) -> str:
+    """404 for an unknown or malformed category (same answer as the app's other routes)."""
+    known = state.registry.categories
+    if CATEGORY_PATTERN.match(category) and category in known:
+        return category
+    raise ApiError(404, "unknown_category", f"unknown category {category!r}; known: {', '.join(known) or 'none'}",
+                   details={"categories": known})
+
+
+Category = Annotated[str, Depends(_category)]
+
+
+@router.get("/", include_in_schema=False)
+async def console_page() -> FileResponse:
+    page = STATIC_DIR / "index.html"
+    if not page.is_file():  # a wheel built without the package data: the API works, the console does not
+        raise ApiError(404, "console_not_installed", f"the console's files are not installed ({STATIC_DIR}); "
+                       "the API under /v1 works")
+    return FileResponse(page, media_type="text/html; charset=utf-8", headers=_PAGE_HEADERS)
+
+
+@router.get("/v1/models/{category}/assets/{name}", dependencies=[Authed], response_class=FileResponse,
+            responses={**_ERRORS, 200: {"content": {"image/png": {}, "application/json": {}}}})
+async def get_asset(category: Category, name: str, state: StateDep) -> FileResponse:
+    """An evaluation file of the serving version: ``roc.png``, ``examples.png`` or ``report.json``."""
+    media_type = EVALUATION_ASSETS.get(name)
+    model = state.registry.get(category)
+    if media_type is None:
+        raise ApiError(404, "asset_not_found", f"no asset {name!r}; assets are {', '.join(EVALUATION_ASSETS)}",
+                       details={"allowed": list(EVALUATION_ASSETS)})
+    path = model.version_dir / name
+    if not path.is_file():
+        raise ApiError(404, "asset_not_found", f"{category} version {model.version} has no {name} (run `msflow "
+                       "eval` before `msflow export` to include the evaluation)")
+    return FileResponse(path, media_type=media_type, headers={
+        "Cache-Control": "private, max-age=60", "X-Content-Type-Options": "nosniff",
+        "X-Model-Version": model.version})
+
+
+def _threshold_state(state: StateDep, category: str, persisted: list[str] | None = None) -> ThresholdState:
+    man = state.registry.get(category).manifest
+    override = state.thresholds.for_manifest(man)
+    return ThresholdState(category=category, version=man.version, calibrated_threshold=man.calibration.threshold,
+                          threshold=override.threshold if override else man.calibration.threshold,
+                          override=override, persisted=persisted or [])
+
+
+@router.get("/v1/models/{category}/threshold", response_model=ThresholdState, dependencies=[Authed],
+            responses=_ERRORS)
+async def get_threshold(category: Category, state: StateDep) -> ThresholdState:
+    return _threshold_state(state, category)
+
+
+@router.put("/v1/models/{category}/threshold", response_model=ThresholdState, dependencies=[Admin],
+            responses=_ERRORS)
+async def put_threshold(category: Category, body: ThresholdUpdate, state: StateDep) -> ThresholdState:
+    """Override the serving version's image threshold with a RAW score (the unit of ``raw_score``).
+
+    Applies to every image scored from now on, survives restarts (``threshold_override.json``
+    beside the manifest, and Redis when configured so every replica agrees); a new model
+    version starts at its own calibrated threshold. 503 when Redis is configured but down."""
+    model = state.registry.get(category)
+    _, persisted = await state.thresholds.set(category, model.version, body.threshold)
+    return _threshold_state(state, category, persisted)
+
+
+@router.delete("/v1/models/{category}/threshold", response_model=ThresholdState, dependencies=[Admin],
+               responses=_ERRORS)
+async def delete_threshold(category: Category, state: StateDep) -> ThresholdState:
+    """Back to the calibrated threshold of the serving version."""
+    model = state.registry.get(category)
+    persisted = await state.thresholds.clear(category, model.version)
+    return _threshold_state(state, category, persisted)
+
+
+@router.get("/v1/models/{category}/recent", response_model=RecentScores, dependencies=[Admin], responses=_ERRORS)
+async def recent_scores(category: Category, state: StateDep,
+                        threshold: Annotated[float | None, Query(allow_inf_nan=False)] = None,
+                        limit: Annotated[int, Query(ge=1, le=100_000)] = 100) -> RecentScores:
+    """The last images scored by this replica (newest first) and, with ``threshold``, how the
+    recent images of the serving version would be classified at that raw threshold."""
+    current = _threshold_state(state, category)
+    return RecentScores(
+        category=category, version=current.version, calibrated_threshold=current.calibrated_threshold,
+        threshold=current.threshold, capacity=state.recent.capacity,
+        scores=state.recent.scores(category, limit, threshold),
+        summary=None if threshold is None else state.recent.summary(category, current.version, threshold,
+                                                                    current.threshold))
+
+
+def install_console(app: FastAPI) -> None:
+    """Add the console page, its static files (``/static``) and its API routes to ``app``."""
+    app.include_router(router)
+    if STATIC_DIR.is_dir():
+        app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    else:  # never fail start-up over the console: the API is what production lines use
+        log.warning("console files missing at %s (package data not installed): GET / answers 404", STATIC_DIR)

@@ -1,0 +1,33 @@
+"""What routes depend on: the shared :class:`~service.pipeline.runtime.ServiceState` and a
+known category (404 listing the known ones otherwise)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+
+from models.manifest import CATEGORY_PATTERN
+from service.api.errors import unknown_category_error as unknown_category
+from service.pipeline.runtime import ServiceState
+from service.schemas import ErrorResponse
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 406, 413, 415, 422, 500, 501, 503, 504)}
+
+
+def get_state(request: Request) -> ServiceState:
+    return request.app.state.service
+
+
+StateDep = Annotated[ServiceState, Depends(get_state)]
+
+
+def known_category(category: str, state: StateDep) -> str:
+    """404 listing what exists for an unknown or malformed category (no path tricks reach the store)."""
+    if CATEGORY_PATTERN.match(category) and category in state.registry.categories:
+        return category
+    raise unknown_category(category, state.registry.categories)
+
+
+CategoryDep = Annotated[str, Depends(known_category)]

@@ -1,0 +1,105 @@
+"""Domain errors -> HTTP: the only place that maps them. Every error, ours or FastAPI's,
+leaves as ``{"error": {"code", "message", "details"?}}``; an unexpected exception is
+logged and answered 500 in that shape, and never takes the server down."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.engines.base import EngineError
+from service.metrics import UNKNOWN
+from service.pipeline.batcher import BatcherClosed, CallerGone, DeadlineExceeded, QueueFull
+from service.pipeline.decode import ImageRejected
+from service.pipeline.registry import ModelNotLoaded, UnknownCategory
+from service.pipeline.runtime import JobsUnavailable
+from service.pipeline.thresholds import ThresholdNotPersisted
+from service.redisq.connection import RedisUnavailable
+
+
+class ApiError(Exception):
+    """An error answer: HTTP status, stable machine-readable code, human message."""
+
+    def __init__(self, status_code: int, code: str, message: str, details: Any = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status_code, self.code, self.message, self.details, self.headers = (
+            status_code, code, message, details, headers)
+
+
+def unknown_category_error(category: str, known: list[str]) -> ApiError:
+    return ApiError(404, "unknown_category", f"unknown category {category!r}; known: {', '.join(known) or 'none'}",
+                    details={"categories": known})
+
+
+def error_response(status: int, code: str, message: str, details: Any = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    body: dict[str, Any] = {"code": code, "message": message}
+    if details is not None:
+        body["details"] = details
+    return JSONResponse({"error": body}, status_code=status, headers=headers)
+
+
+_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+               405: "method_not_allowed", 413: "request_too_large", 415: "unsupported_media_type"}
+# Library exceptions -> (status, code, Retry-After?)
+_MAPPED: dict[type[Exception], tuple[int, str, bool]] = {
+    QueueFull: (503, "queue_full", True), BatcherClosed: (503, "shutting_down", True),
+    ModelNotLoaded: (503, "model_not_loaded", True), DeadlineExceeded: (504, "deadline_exceeded", False),
+    EngineError: (500, "engine_error", False), RedisUnavailable: (503, "redis_unavailable", True),
+    JobsUnavailable: (503, "redis_required", False),
+    ThresholdNotPersisted: (500, "threshold_not_persisted", False),
+}
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status_code, exc.code, exc.message, exc.details, exc.headers)
+
+    @app.exception_handler(ImageRejected)
+    async def image_rejected(request: Request, exc: ImageRejected) -> JSONResponse:
+        request.app.state.service.metrics.count_rejection(request.path_params.get("category", UNKNOWN), exc.code)
+        return error_response(exc.status_code, exc.code, exc.message, exc.details)
+
+    async def mapped(request: Request, exc: Exception) -> JSONResponse:
+        status, code, retry = next(v for k, v in _MAPPED.items() if isinstance(exc, k))
+        headers = {"Retry-After": str(request.app.state.service.settings.retry_after_s)} if retry else None
+        return error_response(status, code, str(exc), headers=headers)
+
+    for exc_type in _MAPPED:
+        app.add_exception_handler(exc_type, mapped)  # type: ignore[arg-type]
+
+    @app.exception_handler(CallerGone)
+    async def caller_gone(request: Request, exc: CallerGone) -> Response:
+        return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+
+    @app.exception_handler(UnknownCategory)
+    async def unknown(request: Request, exc: UnknownCategory) -> JSONResponse:
+        e = unknown_category_error(exc.category, exc.known)
+        return error_response(e.status_code, e.code, e.message, e.details)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        details = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+                   for e in exc.errors()]
+        message = "; ".join(f"{'.'.join(map(str, d['loc']))}: {d['msg']}" for d in details)
+        return error_response(422, "invalid_request", message, details)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
+        message = f"no route {request.method} {request.url.path}" if exc.status_code == 404 else str(exc.detail)
+        return error_response(exc.status_code, code, message, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # Starlette's outermost middleware calls this, sends the answer, then re-raises so
+        # uvicorn logs the traceback; the connection and the server carry on.
+        request_id = request.scope.get("state", {}).get("request_id", "?")
+        return error_response(500, "internal_error", f"unexpected server error (request {request_id})",
+                              headers={"X-Request-ID": request_id})

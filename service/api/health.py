@@ -1,0 +1,34 @@
+"""Liveness (``/healthz``), readiness (``/readyz``) and Prometheus ``/metrics``."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import Response
+
+from service.api.deps import StateDep
+from service.api.errors import ApiError
+from service.schemas import ErrorResponse, Health, Readiness
+
+router = APIRouter()
+
+
+@router.get("/healthz", response_model=Health)
+async def healthz() -> Health:
+    return Health()
+
+
+@router.get("/readyz", response_model=Readiness, responses={503: {"model": ErrorResponse}})
+async def readyz(state: StateDep) -> Readiness:
+    if state.shutting_down:
+        raise ApiError(503, "shutting_down", "the server is shutting down")
+    if not state.registry.ready:
+        raise ApiError(503, "not_ready", "not every model is loaded and warm",
+                       details={"serving": state.registry.serving(), "failed": state.registry.failed})
+    # Redis is reported, never a reason to leave rotation: inspection works without it.
+    return Readiness(models=state.registry.serving(), redis=await state.redis_status())
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics(state: StateDep) -> Response:
+    body, content_type = state.metrics.exposition()
+    return Response(body, media_type=content_type)

@@ -1,0 +1,83 @@
+"""``POST /v1/inspect/{category}`` (JSON, or the PNG itself for ``Accept: image/png``) and
+``GET /v1/heatmaps/<id>.png`` (the links of ``heatmap=url``)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from service.api.auth import Authed
+from service.api.deps import ERRORS, CategoryDep, StateDep
+from service.api.errors import ApiError
+from service.api.uploads import read_uploads
+from service.pipeline.postprocess import Rendered
+from service.schemas import HeatmapMode, HeatmapSize, ImageResult, InspectOptions, InspectResponse
+
+router = APIRouter()
+
+
+@router.post("/v1/inspect/{category}", response_model=InspectResponse, dependencies=[Authed],
+          responses={**ERRORS, 200: {"content": {"image/png": {}}}})
+async def inspect(request: Request, category: CategoryDep, state: StateDep,
+                  heatmap: HeatmapMode = HeatmapMode.inline, overlay: bool = False,
+                  heatmap_size: HeatmapSize = HeatmapSize.model) -> Response:
+    started: float = request.scope["state"]["started"]
+    deadline = started + state.settings.request_deadline_ms / 1e3
+    wants_png, json_ok = _wants_png(request.headers.get("accept"))
+    # The model version is resolved once, here (503 now if it is still loading, before reading
+    # the body); the whole request uses it, even if a reload swaps the category meanwhile.
+    with state.pin(category) as lane:
+        s = state.settings
+        uploads = await read_uploads(request, s.max_files_per_request, s.max_upload_bytes, s.max_request_bytes)
+        if wants_png and len(uploads) != 1:
+            if not json_ok:
+                raise ApiError(406, "not_acceptable", "an image/png answer needs exactly one image; "
+                               f"this request has {len(uploads)}")
+            wants_png = False
+        options = InspectOptions(heatmap=heatmap, overlay=overlay, heatmap_size=heatmap_size)
+        answer = await state.inspect(request, lane, uploads, options, deadline, started, wants_png)
+    if wants_png:
+        return _png_response(answer.results[0], answer.heats[0], answer.engines[0])  # type: ignore[arg-type]
+    body = InspectResponse(request_id=request.scope["state"]["request_id"], category=category,
+                           model_version=answer.results[0].model_version, engine=answer.engines[0],
+                           results=answer.results)
+    return JSONResponse(body.model_dump(mode="json"))
+
+
+@router.get("/v1/heatmaps/{heatmap_id}.png", dependencies=[Authed], response_class=Response,
+         responses={**ERRORS, 200: {"content": {"image/png": {}}}})
+async def get_heatmap(heatmap_id: str, state: StateDep) -> Response:
+    """The PNG of a ``heatmap=url`` result, until its link expires (``heatmap_ttl_s``)."""
+    png = await state.links.get(heatmap_id)
+    if png is None:
+        raise ApiError(404, "heatmap_not_found", "no such heatmap: the link expired or never existed")
+    return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=60"})
+
+def _wants_png(accept: str | None) -> tuple[bool, bool]:
+    """(png preferred, json acceptable) from an Accept header; JSON wins ties and absence."""
+    if not accept:
+        return False, True
+    best = {"png": (0.0, -1), "json": (0.0, -1)}
+    for part in accept.split(","):
+        media, *params = [p.strip() for p in part.split(";")]
+        q = 1.0
+        for p in params:
+            if p.startswith("q="):
+                try:
+                    q = float(p[2:])
+                except ValueError:
+                    q = 0.0
+        media = media.lower()
+        for kind, exact, family in (("png", "image/png", "image/*"), ("json", "application/json", "application/*")):
+            spec = 2 if media == exact else 1 if media == family else 0 if media == "*/*" else -1
+            if spec >= 0 and (q, spec) > best[kind]:
+                best[kind] = (q, spec)
+    return best["png"][0] > 0 and best["png"] > best["json"], best["json"][0] > 0
+
+
+def _png_response(result: ImageResult, heat: Rendered, engine: str) -> Response:
+    return Response(heat.png, media_type="image/png", headers={
+        "X-Anomaly-Score": f"{result.score:.6f}", "X-Raw-Score": f"{result.raw_score:.6f}",
+        "X-Threshold": f"{result.threshold:.6f}", "X-Is-Anomalous": str(result.is_anomalous).lower(),
+        "X-Model-Version": result.model_version, "X-Engine": engine,
+        "X-Image-Size": f"{result.image_size.width}x{result.image_size.height}"})

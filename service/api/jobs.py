@@ -1,0 +1,43 @@
+"""Async jobs: ``POST /v1/jobs/{category}`` queues for ``msflow worker`` (needs Redis),
+``GET /v1/jobs/{id}`` polls."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from service.api.auth import Authed
+from service.api.deps import ERRORS, CategoryDep, StateDep
+from service.api.errors import ApiError
+from service.api.uploads import read_uploads
+from service.schemas import HeatmapMode, HeatmapSize, InspectOptions, JobAccepted, JobStatus
+
+router = APIRouter()
+
+
+@router.post("/v1/jobs/{category}", status_code=202, response_model=JobAccepted, dependencies=[Authed],
+          responses=ERRORS)
+async def submit_job(request: Request, category: CategoryDep, state: StateDep,
+                     heatmap: HeatmapMode = HeatmapMode.inline, overlay: bool = False,
+                     heatmap_size: HeatmapSize = HeatmapSize.model) -> Response:
+    """Queue an inspection for ``msflow worker`` (needs Redis); poll the ``Location``."""
+    queue = state.require_jobs()  # 503 before reading the body when there is no Redis
+    s = state.settings
+    uploads = await read_uploads(request, s.max_files_per_request, s.max_upload_bytes, s.max_request_bytes)
+    await state.check_uploads(uploads)
+    options = InspectOptions(heatmap=heatmap, overlay=overlay, heatmap_size=heatmap_size)
+    record = await queue.submit(category, uploads, options, request.scope["state"]["request_id"])
+    state.metrics.jobs.labels(category, "queued").inc()
+    location = f"/v1/jobs/{record.id}"
+    body = JobAccepted(id=record.id, category=category, images=len(uploads), url=location)
+    return JSONResponse(body.model_dump(mode="json"), status_code=202, headers={"Location": location})
+
+
+@router.get("/v1/jobs/{job_id}", response_model=JobStatus, dependencies=[Authed], responses=ERRORS)
+async def get_job(job_id: str, state: StateDep) -> JobStatus:
+    record = await state.require_jobs().records.get(job_id)
+    if record is None:
+        raise ApiError(404, "job_not_found", "no such job: it expired or never existed")
+    return JobStatus(id=record.id, status=record.status, category=record.category, created_at=record.created_at,
+                     updated_at=record.updated_at, attempts=record.attempts, worker=record.worker,
+                     result=record.result, error=record.error)

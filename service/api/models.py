@@ -1,0 +1,49 @@
+"""``GET /v1/models``, ``GET /v1/models/{category}`` and the admin reload."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+
+from models.manifest import CATEGORY_PATTERN, ManifestError
+from service.api.auth import Admin, Authed
+from service.api.deps import ERRORS, CategoryDep, StateDep, unknown_category
+from service.api.errors import ApiError
+from service.pipeline.registry import RegistryError, UnknownCategory, VersionNotFound
+from service.schemas import ModelInfo, ModelList
+
+log = logging.getLogger(__name__)
+router = APIRouter()
+
+
+@router.get("/v1/models", response_model=ModelList, dependencies=[Authed], responses=ERRORS)
+async def list_models(state: StateDep) -> ModelList:
+    return ModelList(models=state.registry.describe_all(), failed=state.registry.failed)
+
+
+@router.get("/v1/models/{category}", response_model=ModelInfo, dependencies=[Authed], responses=ERRORS)
+async def get_model(category: CategoryDep, state: StateDep) -> ModelInfo:
+    return state.registry.describe(category)
+
+
+@router.post("/v1/models/{category}/reload", response_model=ModelInfo, dependencies=[Admin], responses=ERRORS)
+async def reload_model(category: str, state: StateDep,
+                       version: Annotated[str | None, Query(max_length=64)] = None) -> ModelInfo:
+    """Load the newest (or pinned, or given) version, warm it, then swap; on failure the
+    previous version keeps serving."""
+    if not CATEGORY_PATTERN.match(category):
+        raise unknown_category(category, state.registry.categories)
+    try:
+        await state.reload(category, version)
+    except UnknownCategory:
+        raise
+    except VersionNotFound as exc:
+        raise ApiError(404, "version_not_found", str(exc)) from exc
+    except Exception as exc:
+        log.error("reload of %s failed: %s", category, exc)
+        status = 422 if isinstance(exc, (RegistryError, ManifestError)) else 500
+        raise ApiError(status, "reload_failed", f"reload of {category} failed; the previous version keeps "
+                       f"serving: {exc}") from exc
+    return state.registry.describe(category)

@@ -1,0 +1,51 @@
+"""``load_engine``: the best engine for a version folder on this host.
+
+Backends are imported only when chosen, so a host without torch or tensorrt still serves
+ONNX, and no backend module imports this one (no cycle).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from models.manifest import Manifest
+from service.engines.base import Engine, EngineError
+
+log = logging.getLogger(__name__)
+
+
+def load_engine(version_dir: str | Path, kind: str = "auto", device: str = "auto",
+                threads: int | None = None, max_batch_size: int = 64) -> Engine:
+    """The best engine for this host: ``auto`` tries TensorRT (plan), then ONNX Runtime."""
+    version_dir = Path(version_dir)
+    manifest = Manifest.read(version_dir)
+    if kind == "onnx" or (kind == "auto" and manifest.tensorrt is None):
+        return _onnx(version_dir, _onnx_providers(device), threads, manifest, max_batch_size)
+    if kind == "torch":
+        from service.engines.torch import TorchEngine
+
+        return TorchEngine(version_dir, device=device, manifest=manifest, max_batch_size=max_batch_size)
+    if kind in ("tensorrt", "auto"):
+        try:
+            from service.engines.tensorrt import TensorRTEngine
+
+            return TensorRTEngine(version_dir, manifest=manifest, max_batch_size=max_batch_size)
+        except EngineError as e:
+            if kind == "tensorrt":
+                raise
+            log.warning("TensorRT plan not usable here (%s); using ONNX Runtime", e)
+            return _onnx(version_dir, _onnx_providers(device), threads, manifest, max_batch_size)
+    raise EngineError(f"unknown engine kind {kind!r}; choose auto, tensorrt, onnx or torch")
+
+
+def _onnx_providers(device: str) -> list[str] | None:
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    return None
+
+
+def _onnx(*args, **kwargs) -> Engine:  # type: ignore[no-untyped-def]
+    from service.engines.onnxruntime import OnnxEngine
+
+    return OnnxEngine(*args, **kwargs)

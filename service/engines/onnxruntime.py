@@ -1,0 +1,88 @@
+"""The onnxruntime backend: :class:`OnnxEngine` over a version's ``model.onnx``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from models.manifest import Manifest
+from service.engines.base import MAP_OUTPUT, EngineError, check_batch
+
+OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
+              "layout": "ORT_ENABLE_LAYOUT", "all": "ORT_ENABLE_ALL"}
+_GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+
+
+def session_options(threads: int | None = None, inter_op_threads: int | None = None,
+                    optimization_level: str = "all", parallel: bool = False) -> "object":
+    """onnxruntime ``SessionOptions``: intra-op threads (None: one per physical core), inter-op
+    threads (only used with ``parallel``), graph optimisation level (``OPT_LEVELS``)."""
+    import onnxruntime as ort
+
+    if optimization_level not in OPT_LEVELS:
+        raise EngineError(f"optimization_level {optimization_level!r} is not one of {sorted(OPT_LEVELS)}")
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPT_LEVELS[optimization_level])
+    if threads:
+        opts.intra_op_num_threads = threads
+    if parallel:
+        opts.execution_mode = ort.ExecutionMode.ORT_PARALLEL
+        if inter_op_threads:
+            opts.inter_op_num_threads = inter_op_threads
+    return opts
+
+
+class OnnxEngine:
+    """onnxruntime session over ``model.onnx``.
+
+    On CPU the batch goes straight to ``session.run``. When the active provider is CUDA (or
+    TensorRT through onnxruntime) the session runs with IO binding: the numpy batch is bound
+    as a CPU input (one host-to-device copy done by onnxruntime) and only the two outputs the
+    service needs are bound, on the CPU, so no unused output is copied back.
+    """
+
+    def __init__(self, version_dir: str | Path, providers: list[str] | None = None, threads: int | None = None,
+                 manifest: Manifest | None = None, max_batch_size: int = 64, verify: bool = True, *,
+                 inter_op_threads: int | None = None, optimization_level: str = "all",
+                 parallel: bool = False, io_binding: bool | None = None) -> None:
+        import onnxruntime as ort
+
+        self.version_dir = Path(version_dir)
+        self.manifest = manifest or Manifest.read(self.version_dir)
+        if verify:
+            self.manifest.verify_files(self.version_dir, [self.manifest.onnx.file])
+        available = ort.get_available_providers()
+        wanted = providers or ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+        chosen = [p for p in wanted if p in available] or ["CPUExecutionProvider"]
+        opts = session_options(threads, inter_op_threads, optimization_level, parallel)
+        try:
+            self.session = ort.InferenceSession(str(self.version_dir / self.manifest.onnx.file), opts,
+                                                providers=chosen)
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise EngineError(f"cannot load {self.version_dir / self.manifest.onnx.file}: {e}") from e
+        active = self.session.get_providers()[0]
+        self.provider = active
+        self.name = {"CPUExecutionProvider": "onnxruntime-cpu", "CUDAExecutionProvider": "onnxruntime-cuda",
+                     "TensorrtExecutionProvider": "onnxruntime-tensorrt"}.get(active, active)
+        self.max_batch_size = max_batch_size
+        self.score_output = self.manifest.calibration.score_output
+        self.size = self.manifest.input_size
+        self.io_binding = (active in _GPU_PROVIDERS) if io_binding is None else io_binding
+
+    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        batch = check_batch(images, self.size, self.max_batch_size)
+        if self.io_binding:
+            scores, maps = self._run_bound(batch)
+        else:
+            scores, maps = self.session.run([self.score_output, MAP_OUTPUT], {"images": batch})
+        return scores.astype(np.float32, copy=False), maps.astype(np.float32, copy=False)
+
+    def _run_bound(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("images", batch)
+        binding.bind_output(self.score_output, "cpu")
+        binding.bind_output(MAP_OUTPUT, "cpu")
+        self.session.run_with_iobinding(binding)
+        scores, maps = binding.copy_outputs_to_cpu()
+        return scores, maps

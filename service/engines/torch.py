@@ -1,0 +1,117 @@
+"""The PyTorch engine: the model of the version's source run, run eagerly. The reference.
+
+It needs the training run the version was exported from (``manifest.source_run``): the
+model store itself holds only the ONNX graph and the plan. On CUDA it can run under FP16
+autocast and replay CUDA graphs, one per batch size, captured lazily at the first batch of
+that size with static input/output buffers; both exist so the GPU check can measure what
+they buy against TensorRT.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.manifest import Manifest
+from service.engines.base import MAP_OUTPUT, EngineError, check_batch
+
+GRAPH_WARMUP_RUNS = 3
+
+
+def _resolve_device(device: str) -> Any:
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise EngineError(f"device {device!r} asked for but no CUDA GPU is visible")
+    return dev
+
+
+class TorchEngine:
+    """``MSFlow`` of ``manifest.source_run`` on ``device`` (``auto``: CUDA, then CPU)."""
+
+    def __init__(self, version_dir: str | Path, device: str = "auto", manifest: Manifest | None = None,
+                 max_batch_size: int = 64, half: bool = False, cuda_graphs: bool = False) -> None:
+        import torch
+
+        from models.msflow import MSFlowConfig
+        from models.runs import load_model
+
+        self.version_dir = Path(version_dir)
+        self.manifest = manifest or Manifest.read(self.version_dir)
+        self.device = _resolve_device(device)
+        if (half or cuda_graphs) and self.device.type != "cuda":
+            raise EngineError("fp16 autocast and CUDA graphs need a CUDA device")
+        run = self.manifest.source_run
+        if not run or not Path(run).is_dir():
+            raise EngineError(f"the source run of {self.version_dir} ({run}) is gone; the torch engine needs the "
+                              "training run (the model store holds only the exported graph)")
+        try:
+            model, _ = load_model(run, self.device)
+        except Exception as e:  # RunError, a corrupt checkpoint, missing backbone weights
+            raise EngineError(f"cannot load the model of run {run}: {e}") from e
+        expected = MSFlowConfig.model_validate(self.manifest.model)
+        if model.config != expected:
+            raise EngineError(f"run {run} now holds a {model.config} model, but {self.version_dir} was exported "
+                              f"from a {expected} one")
+        self.model = model.eval()
+        self.half = half
+        self.cuda_graphs = cuda_graphs
+        self.max_batch_size = max_batch_size
+        self.size = self.manifest.input_size
+        self.score_output = self.manifest.calibration.score_output
+        self.name = f"torch-{self.device.type}" + ("-fp16" if half else "") + ("+cudagraphs" if cuda_graphs else "")
+        self._graphs: dict[int, tuple[Any, Any, tuple[Any, Any]]] = {}
+        self._lock = threading.Lock()
+        self._torch = torch
+
+    def _forward(self, x: Any) -> tuple[Any, Any]:
+        torch = self._torch
+        # cache_enabled=False: autocast's weight-cast cache must not outlive a graph capture.
+        with torch.autocast("cuda", dtype=torch.float16, enabled=self.half, cache_enabled=False):
+            out = self.model(x, paper_maps=False)
+        return out[self.score_output].float(), out[MAP_OUTPUT].float()
+
+    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        torch = self._torch
+        batch = check_batch(images, self.size, self.max_batch_size)
+        if not batch.flags.writeable:
+            batch = batch.copy()
+        x = torch.from_numpy(batch)
+        with self._lock:
+            if self.cuda_graphs:
+                scores, maps = self._replay(x)
+            else:
+                with torch.inference_mode():
+                    scores, maps = self._forward(x.to(self.device))
+            return (scores.cpu().numpy().astype(np.float32, copy=False),
+                    maps.cpu().numpy().astype(np.float32, copy=False))
+
+    def _replay(self, x: Any) -> tuple[Any, Any]:
+        n = x.shape[0]
+        if n not in self._graphs:
+            self._graphs[n] = self._capture(x)
+        graph, static_in, static_out = self._graphs[n]
+        static_in.copy_(x, non_blocking=False)
+        graph.replay()
+        return static_out
+
+    def _capture(self, x: Any) -> tuple[Any, Any, tuple[Any, Any]]:
+        torch = self._torch
+        static_in = x.to(self.device).clone()
+        with torch.no_grad():
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
+                for _ in range(GRAPH_WARMUP_RUNS):
+                    self._forward(static_in)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = self._forward(static_in)
+        return graph, static_in, static_out

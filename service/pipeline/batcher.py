@@ -1,0 +1,322 @@
+"""Dynamic batching: many concurrent submissions -> few calls of one blocking ``run_batch``.
+
+The batcher is generic, in the manner of Ray Serve's ``_BatchQueue``: it takes a blocking
+``run_batch(items) -> results`` callable (one result per item, in order) and knows nothing
+of engines, manifests or images. The runtime (:mod:`service.pipeline.runtime`) makes one
+batcher per *loaded model version*, whose ``run_batch`` stacks the images and calls that
+version's engine; a reload gives the new version a new batcher and drains the old one.
+
+The split follows Ray Serve's ``@serve.batch`` and vLLM's scheduler/runner: the event loop
+only *schedules* (queue, deadlines, cancellation, batch formation); the blocking engine call
+runs on a dedicated single-thread executor, so the loop keeps accepting and decoding while
+the accelerator works, and one engine never sees two callers at once.
+
+Rules, each for a reason:
+
+* The queue is bounded (``max_queue_size`` images). A full queue raises :class:`QueueFull`
+  at once (the API answers 503 + Retry-After): an overloaded line must shed load, not
+  build up a backlog whose answers arrive after the part has left the station.
+* A batch is whatever is waiting, up to ``max_batch_size``, once ``max_queue_delay`` has
+  passed since its *first* item was enqueued (or at once when full). If the engine was
+  busy that long already, the batch leaves immediately: waiting adds latency for nothing.
+* Items whose deadline passed, or whose caller went away (future cancelled), are dropped
+  at batch formation, *before* the engine: nobody would read those answers.
+* :meth:`Batcher.drain` stops new work, then finishes everything queued and running;
+  a forming batch leaves without waiting for its delay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Generic, Protocol, TypeVar
+
+log = logging.getLogger(__name__)
+
+
+class BatcherError(RuntimeError):
+    """Base of the errors an item's future can carry or ``submit`` can raise."""
+
+
+class QueueFull(BatcherError):
+    """The category's queue has no room for the request (answer 503 + Retry-After)."""
+
+
+class BatcherClosed(BatcherError):
+    """The batcher is draining for shutdown and takes no new work (answer 503)."""
+
+
+class DeadlineExceeded(BatcherError):
+    """The item's deadline passed before it reached the engine (answer 504)."""
+
+
+class CallerGone(BatcherError):
+    """The caller stopped waiting (client disconnected); its items were cancelled."""
+
+
+class BatchObserver(Protocol):
+    """Metrics hooks; :class:`service.metrics.ServiceMetrics` implements them."""
+
+    def observe_batch(self, category: str, engine: str, size: int, engine_s: float) -> None: ...
+
+    def observe_queue_wait(self, category: str, wait_s: float) -> None: ...
+
+    def set_queue_depth(self, category: str, depth: int) -> None: ...
+
+    def count_rejection(self, category: str, reason: str) -> None: ...
+
+
+class _NullObserver:
+    def observe_batch(self, category: str, engine: str, size: int, engine_s: float) -> None:
+        pass
+
+    def observe_queue_wait(self, category: str, wait_s: float) -> None:
+        pass
+
+    def set_queue_depth(self, category: str, depth: int) -> None:
+        pass
+
+    def count_rejection(self, category: str, reason: str) -> None:
+        pass
+
+
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class Batched(Generic[R]):
+    """One item's result, with the batch it ran in: ``value`` is what ``run_batch`` returned
+    for it; ``queue_ms`` its wait, ``run_ms`` the whole batch's ``run_batch`` call."""
+
+    value: R
+    batch_size: int
+    queue_ms: float
+    run_ms: float
+
+
+@dataclass
+class _Item:
+    payload: Any
+    deadline: float  # time.monotonic() seconds
+    enqueued: float
+    future: asyncio.Future[Batched[Any]]
+
+
+class Batcher:
+    """A bounded batching queue in front of one blocking ``run_batch`` callable.
+
+    ``category`` and ``label`` only name the metrics (the runtime passes the category and the
+    engine's name). Create and use a batcher from inside a running event loop.
+    """
+
+    def __init__(self, category: str, run_batch: Callable[[list[Any]], Sequence[Any]], *, label: str = "",
+                 max_batch_size: int = 8, max_queue_delay_s: float = 0.005, max_queue_size: int = 64,
+                 observer: BatchObserver | None = None) -> None:
+        if max_batch_size < 1 or max_queue_size < 1 or max_queue_delay_s < 0:
+            raise ValueError("max_batch_size and max_queue_size must be >= 1, max_queue_delay_s >= 0")
+        self.category = category
+        self.max_batch_size = max_batch_size
+        self.max_queue_delay_s = max_queue_delay_s
+        self.max_queue_size = max_queue_size
+        self._run_batch = run_batch
+        self.label = label
+        self._observer: BatchObserver = observer or _NullObserver()
+        self._pending: collections.deque[_Item] = collections.deque()
+        self._wakeup = asyncio.Event()
+        self._closing = False
+        self._running: list[_Item] = []
+        # One thread: ``run_batch`` has one caller at a time (the engine contract), and batches
+        # of one category are serial on the accelerator anyway.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{category}")
+        self._worker = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{category}")
+        self._worker.add_done_callback(self._worker_done)
+
+    # ------------------------------------------------------------------ submission
+    @property
+    def depth(self) -> int:
+        """Images waiting for a batch (not counting the one running)."""
+        return len(self._pending)
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def submit_many(self, items: Sequence[Any], deadline: float) -> list[asyncio.Future[Batched[Any]]]:
+        """Queue ``items`` (all or none) and return one future per item, in order.
+
+        ``deadline`` is a ``time.monotonic()`` instant. Raises :class:`QueueFull` or
+        :class:`BatcherClosed` synchronously, so nothing is queued for a rejected request.
+        """
+        if self._closing:
+            self._observer.count_rejection(self.category, "shutting_down")
+            raise BatcherClosed(f"{self.category}: shutting down, not accepting new work")
+        if len(self._pending) + len(items) > self.max_queue_size:
+            self._purge_cancelled()
+            if len(self._pending) + len(items) > self.max_queue_size:
+                self._observer.count_rejection(self.category, "queue_full")
+                raise QueueFull(f"{self.category}: queue full ({len(self._pending)} of {self.max_queue_size} "
+                                f"images waiting, request has {len(items)})")
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        futures: list[asyncio.Future[Batched[Any]]] = []
+        for payload in items:
+            item = _Item(payload=payload, deadline=deadline, enqueued=now, future=loop.create_future())
+            self._pending.append(item)
+            futures.append(item.future)
+        self._observer.set_queue_depth(self.category, len(self._pending))
+        self._wakeup.set()
+        return futures
+
+    async def submit(self, item: Any, deadline: float) -> Batched[Any]:
+        """Queue one item and wait for its result."""
+        (future,) = self.submit_many([item], deadline)
+        return await future
+
+    def _purge_cancelled(self) -> None:
+        # Callers that went away still hold slots until their batch forms; free them when the
+        # slots are needed.
+        kept = [item for item in self._pending if not item.future.done()]
+        if len(kept) != len(self._pending):
+            self._pending = collections.deque(kept)
+
+    # ------------------------------------------------------------------ worker
+    async def _run(self) -> None:
+        while True:
+            while not self._pending:
+                if self._closing:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            await self._wait_for_company(self.max_batch_size)
+            live = self._admit(self._take(self.max_batch_size))
+            if live:
+                self._running = live
+                try:
+                    await self._execute(live)
+                finally:
+                    self._running = []
+
+    def _take(self, n: int) -> list[_Item]:
+        batch = [self._pending.popleft() for _ in range(min(n, len(self._pending)))]
+        self._observer.set_queue_depth(self.category, len(self._pending))
+        return batch
+
+    async def _wait_for_company(self, limit: int) -> None:
+        """Wait until the batch is full, the delay since the first item passed, or draining."""
+        window_end = self._pending[0].enqueued + self.max_queue_delay_s
+        while len(self._pending) < limit and not self._closing:
+            remaining = window_end - time.monotonic()
+            if remaining <= 0:
+                return
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except TimeoutError:
+                return
+
+    def _admit(self, batch: list[_Item]) -> list[_Item]:
+        """Drop what nobody will read: cancelled items, and items past their deadline."""
+        now = time.monotonic()
+        live: list[_Item] = []
+        for item in batch:
+            if item.future.done():  # cancelled: the client disconnected or gave up
+                self._observer.count_rejection(self.category, "cancelled")
+            elif now >= item.deadline:
+                self._observer.count_rejection(self.category, "deadline")
+                item.future.set_exception(DeadlineExceeded(
+                    f"{self.category}: deadline passed after {(now - item.enqueued) * 1e3:.0f} ms in the queue"))
+            else:
+                live.append(item)
+        return live
+
+    async def _execute(self, items: list[_Item]) -> None:
+        started = time.monotonic()
+        for item in items:
+            self._observer.observe_queue_wait(self.category, started - item.enqueued)
+        loop = asyncio.get_running_loop()
+        try:
+            results = await loop.run_in_executor(self._executor, self._run_batch, [item.payload for item in items])
+            if len(results) != len(items):
+                raise RuntimeError(f"run_batch returned {len(results)} results for a batch of {len(items)}")
+        except Exception as exc:  # one bad batch must not stop the worker
+            log.exception("%s: %s failed on a batch of %d", self.category, self.label or "run_batch", len(items))
+            for item in items:
+                if not item.future.done():
+                    item.future.set_exception(exc)
+            return
+        run_s = time.monotonic() - started
+        self._observer.observe_batch(self.category, self.label, len(items), run_s)
+        for item, value in zip(items, results):
+            if not item.future.done():  # cancelled while running: the answer is simply dropped
+                item.future.set_result(Batched(value=value, batch_size=len(items),
+                                               queue_ms=(started - item.enqueued) * 1e3, run_ms=run_s * 1e3))
+
+    def _worker_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            # Should never happen (every batch error is caught); if it does, say so loudly and
+            # stop accepting, instead of letting requests hang on a dead worker.
+            log.critical("%s: batch worker died", self.category, exc_info=task.exception())
+            self._closing = True
+            for item in [*self._running, *self._pending]:
+                if not item.future.done():
+                    item.future.set_exception(BatcherClosed(f"{self.category}: batch worker failed"))
+            self._pending.clear()
+
+    # ------------------------------------------------------------------ shutdown
+    async def drain(self, timeout: float | None = None) -> None:
+        """Stop accepting, finish queued and running batches, release the run_batch thread.
+
+        With ``timeout``, whatever is still unfinished after it is failed with
+        :class:`BatcherClosed` instead of hanging shutdown forever.
+        """
+        self._closing = True
+        self._wakeup.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._worker), timeout)
+        except TimeoutError:
+            log.error("%s: drain timed out after %.1f s; failing %d queued images",
+                      self.category, timeout, len(self._pending))
+            self._worker.cancel()
+            for item in [*self._running, *self._pending]:
+                if not item.future.done():
+                    item.future.set_exception(BatcherClosed(f"{self.category}: shut down before finishing"))
+            self._pending.clear()
+        finally:
+            self._executor.shutdown(wait=False)
+            self._observer.set_queue_depth(self.category, 0)
+
+    async def close(self) -> None:
+        """Alias of :meth:`drain` without a timeout."""
+        await self.drain()
+
+
+async def wait_results(futures: Sequence[asyncio.Future[Any]], deadline: float,
+                       gone: Awaitable[Any] | None = None) -> None:
+    """Wait until every future is done, the ``time.monotonic()`` deadline passes
+    (:class:`DeadlineExceeded`) or ``gone`` completes (:class:`CallerGone`).
+
+    On the latter two the unfinished futures are cancelled, which is what makes the batcher
+    drop those items before the engine. Results and per-item errors stay on the futures.
+    """
+    watcher = asyncio.ensure_future(gone) if gone is not None else None
+    pending: set[asyncio.Future[Any]] = set(futures)
+    try:
+        while pending:
+            timeout = deadline - time.monotonic()
+            if timeout <= 0:
+                raise DeadlineExceeded("deadline passed while waiting for the engine")
+            waitables = pending | {watcher} if watcher is not None else pending
+            done, _ = await asyncio.wait(waitables, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            if watcher is not None and watcher in done:
+                raise CallerGone("the caller went away")
+            pending -= done
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+        for f in futures:
+            f.cancel()  # no-op on finished ones

@@ -1,0 +1,240 @@
+"""Which engine serves each category, and swapping it safely.
+
+At start-up the registry discovers every category folder of the model store, picks the
+newest version (or the pinned one), checks the manifest belongs where it lies, builds the
+engine with :func:`service.engines.factory.load_engine` and warms it with one full batch (first
+calls allocate memory, pick kernels and build TensorRT contexts; a customer request must
+not pay that). The service is ready only when every category is warm.
+
+``reload`` builds and warms the new engine completely *before* swapping one dict entry, so
+the swap is atomic: batches already running finish on the old engine, the next batch
+uses the new one, and no request fails. A failed reload leaves the old engine serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.manifest import CATEGORY_PATTERN, Manifest, ManifestError, list_versions
+from service.config import Settings
+from service.engines.base import Engine
+from service.engines.factory import load_engine
+from service.schemas import ModelInfo
+
+log = logging.getLogger(__name__)
+
+EngineFactory = Callable[..., Engine]
+# Files `msflow eval` made that export copies into a version folder; the only files of a
+# version GET /v1/models/{category}/assets/{name} serves.
+EVALUATION_ASSETS: dict[str, str] = {"roc.png": "image/png", "examples.png": "image/png",
+                                     "report.json": "application/json"}
+
+
+class RegistryError(RuntimeError):
+    """The store or a category cannot be served (missing, empty, inconsistent)."""
+
+
+class VersionNotFound(RegistryError):
+    """The requested or pinned version is not in the store."""
+
+
+class UnknownCategory(KeyError):
+    """No such category in the model store."""
+
+    def __init__(self, category: str, known: list[str]) -> None:
+        super().__init__(category)
+        self.category = category
+        self.known = known
+
+
+class ModelNotLoaded(RuntimeError):
+    """The category exists but has no warm engine (still loading, or its load failed)."""
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    category: str
+    version: str
+    version_dir: Path
+    engine: Engine
+    loaded_at: datetime
+    warmup_ms: float
+    pinned: bool
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.engine.manifest
+
+
+class ModelRegistry:
+    """Loaded engines by category; safe to read from the event loop at any time."""
+
+    def __init__(self, settings: Settings, engine_factory: EngineFactory = load_engine,
+                 on_swap: Callable[[LoadedModel], None] | None = None) -> None:
+        self.settings = settings
+        self.store = Path(settings.model_store)
+        self._engine_factory = engine_factory
+        self._on_swap = on_swap
+        self._models: dict[str, LoadedModel] = {}
+        self._failed: dict[str, str] = {}
+        self._categories: list[str] = []
+        self._locks: dict[str, asyncio.Lock] = {}
+        # service.pipeline.thresholds.ThresholdOverrides (set by ServiceState): describe() shows overrides
+        self.thresholds: Any = None
+
+    # ------------------------------------------------------------------ discovery
+    def discover(self) -> list[str]:
+        """Categories in the store (folders named like a category that hold a version).
+
+        Raises :class:`RegistryError` when the store is missing or empty: a server with
+        nothing to serve is a deployment mistake and must fail at start-up.
+        """
+        if not self.store.is_dir():
+            raise RegistryError(f"model store {self.store} does not exist (set MSFLOW_MODEL_STORE)")
+        found = sorted(p.name for p in self.store.iterdir()
+                       if p.is_dir() and CATEGORY_PATTERN.match(p.name) and list_versions(p))
+        if not found:
+            raise RegistryError(f"model store {self.store} holds no <category>/<version>/manifest.json")
+        for category, version in self.settings.pinned_versions.items():
+            if category not in found:
+                raise RegistryError(f"pinned category {category!r} is not in the model store {self.store}")
+            if version not in list_versions(self.store / category):
+                # A wrong pin is a deployment mistake: fail start-up instead of never getting ready.
+                raise VersionNotFound(f"pinned version {category}/{version} is not in the model store {self.store}")
+        self._categories = found
+        return list(found)
+
+    @property
+    def categories(self) -> list[str]:
+        """Every category known (loaded, loading or failed), sorted."""
+        return sorted(set(self._categories) | set(self._models))
+
+    @property
+    def ready(self) -> bool:
+        """True when every known category has a warm engine."""
+        return bool(self._categories) and all(c in self._models for c in self.categories)
+
+    @property
+    def failed(self) -> dict[str, str]:
+        return dict(self._failed)
+
+    def get(self, category: str) -> LoadedModel:
+        model = self._models.get(category)
+        if model is not None:
+            return model
+        if category in self._categories:
+            why = self._failed.get(category)
+            raise ModelNotLoaded(f"{category}: " + (f"failed to load: {why}" if why else "still loading"))
+        raise UnknownCategory(category, self.categories)
+
+    def engine(self, category: str) -> Engine:
+        """The engine serving ``category`` now (the batcher's engine provider)."""
+        return self.get(category).engine
+
+    # ------------------------------------------------------------------ loading
+    async def load_all(self) -> None:
+        """Load and warm every discovered category, one after the other (they share the
+        accelerator; parallel loads would only compete). Failures are recorded, not raised."""
+        for category in list(self._categories):
+            try:
+                await self.reload(category)
+            except Exception as exc:  # recorded and reported by /readyz and /v1/models
+                log.error("cannot load %s: %s", category, exc)
+
+    def _resolve_version(self, category: str, version: str | None) -> tuple[str, bool]:
+        versions = list_versions(self.store / category)
+        if not versions:
+            raise RegistryError(f"{category}: no version with a manifest in {self.store / category}")
+        pinned = self.settings.pinned_versions.get(category)
+        wanted = version or pinned
+        if wanted is None:
+            return versions[-1], False
+        if wanted not in versions:
+            raise VersionNotFound(f"{category}: version {wanted!r} not in the store (have {', '.join(versions)})")
+        return wanted, wanted == pinned or version is not None
+
+    def _build(self, category: str, version: str, pinned: bool) -> LoadedModel:
+        """Blocking: read and check the manifest, build the engine, warm it."""
+        version_dir = self.store / category / version
+        manifest = Manifest.read(version_dir)
+        if manifest.category != category or manifest.version != version:
+            raise ManifestError(f"{version_dir} holds the manifest of {manifest.category}/{manifest.version}; "
+                                "a copied or misplaced version folder")
+        s = self.settings
+        engine = self._engine_factory(version_dir, kind=s.engine, device=s.device, threads=s.intra_op_threads,
+                                      max_batch_size=s.max_batch_size)
+        warmup_ms = self._warm(engine)
+        return LoadedModel(category=category, version=version, version_dir=version_dir, engine=engine,
+                           loaded_at=datetime.now(timezone.utc), warmup_ms=warmup_ms, pinned=pinned)
+
+    def _warm(self, engine: Engine) -> float:
+        """Run one full batch of zeros and check the output shapes."""
+        size = engine.manifest.input_size
+        batch = max(1, min(self.settings.max_batch_size, int(engine.max_batch_size)))
+        started = time.perf_counter()
+        scores, maps = engine.run(np.zeros((batch, size, size, 3), dtype=np.uint8))
+        if np.shape(scores) != (batch,) or np.shape(maps) != (batch, size, size):
+            raise RegistryError(f"engine {engine.name} returned scores {np.shape(scores)} and maps "
+                                f"{np.shape(maps)} for a batch of {batch} at {size}x{size}")
+        if not np.all(np.isfinite(scores)):
+            raise RegistryError(f"engine {engine.name} returns non-finite scores on its warm-up batch")
+        return (time.perf_counter() - started) * 1e3
+
+    async def reload(self, category: str, version: str | None = None) -> LoadedModel:
+        """(Re)load ``category`` (newest, pinned or the given ``version``) and swap it in once warm."""
+        if not CATEGORY_PATTERN.match(category) or not (self.store / category).is_dir():
+            raise UnknownCategory(category, self.categories)
+        lock = self._locks.setdefault(category, asyncio.Lock())
+        async with lock:  # two reloads of one category must not race to the swap
+            started = time.perf_counter()
+            try:
+                chosen, pinned = self._resolve_version(category, version)
+                model = await asyncio.to_thread(self._build, category, chosen, pinned)
+            except Exception as exc:
+                if category not in self._models:
+                    self._failed[category] = str(exc)
+                if category not in self._categories:
+                    self._categories.append(category)
+                raise
+            previous = self._models.get(category)
+            self._models[category] = model  # the atomic swap: the next batch sees the new engine
+            self._failed.pop(category, None)
+            if category not in self._categories:
+                self._categories.append(category)
+            if self._on_swap is not None:
+                self._on_swap(model)
+            log.info("%s: serving version %s on %s (%s; warm-up %.0f ms, load %.1f s)", category, model.version,
+                     model.engine.name, f"was {previous.version}" if previous else "first load", model.warmup_ms,
+                     time.perf_counter() - started)
+            return model
+
+    # ------------------------------------------------------------------ description
+    def describe(self, category: str) -> ModelInfo:
+        m = self.get(category)
+        man = m.manifest
+        override = self.thresholds.for_manifest(man) if self.thresholds is not None else None
+        return ModelInfo(
+            category=category, version=m.version, engine=m.engine.name, input_size=man.input_size,
+            backbone=man.backbone, threshold=override.threshold if override else man.calibration.threshold,
+            calibrated_threshold=man.calibration.threshold, threshold_override=override,
+            assets=[name for name in EVALUATION_ASSETS if (m.version_dir / name).is_file()],
+            calibration=man.calibration.model_dump(mode="json"), metrics=man.metrics, created_at=man.created_at,
+            loaded_at=m.loaded_at, warmup_ms=round(m.warmup_ms, 3), pinned=m.pinned,
+            available_versions=list_versions(self.store / category),
+        )
+
+    def describe_all(self) -> list[ModelInfo]:
+        return [self.describe(c) for c in self.categories if c in self._models]
+
+    def serving(self) -> dict[str, str]:
+        """category -> version for every loaded category."""
+        return {c: m.version for c, m in sorted(self._models.items())}

@@ -1,0 +1,228 @@
+"""Runtime image-threshold overrides: move a category's threshold without re-exporting.
+
+``PUT /v1/models/{category}/threshold`` with ``{"threshold": RAW}`` sets a raw-score
+threshold for the version now serving; ``DELETE`` returns to the calibrated one. The
+effective calibration (:meth:`ThresholdOverrides.calibration`, the manifest's with the
+threshold replaced) decides ``is_anomalous`` and the normalised ``score`` of every image
+scored from then on (the threshold maps to 0.5, see :class:`models.manifest.Calibration`).
+
+An override belongs to one model **version**: a new version has its own calibration, and a
+raw threshold of another model means nothing for it. Where it is kept:
+
+* ``<store>/<category>/<version>/threshold_override.json``, beside the manifest (never in
+  ``manifest.json``, whose sha256s must stay valid), written atomically (temporary file,
+  fsync, rename). Survives a restart of a single-host deployment.
+* Redis ``<prefix>threshold:<category>:<version>`` when ``MSFLOW_REDIS_URL`` is set, so
+  every replica agrees: each re-reads the keys of its serving versions every
+  ``MSFLOW_THRESHOLD_SYNC_S`` seconds (and at once when it first serves a version). While
+  Redis is reachable it is authoritative (no key = calibrated, whatever a local file says);
+  while it is not, a replica keeps what it last knew, and at start-up falls back to the file.
+
+A change needs at least one durable place: with Redis configured a PUT/DELETE whose Redis
+write fails is refused (503, nothing changed) so replicas cannot disagree; the file may
+fail (a read-only model store volume) when Redis took it. Without Redis the file must be
+written, or the change is refused (500).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from models.manifest import Calibration, Manifest
+from service.config import Settings
+from service.redisq.connection import RedisConnection, RedisUnavailable
+from service.schemas import ThresholdOverride
+
+log = logging.getLogger(__name__)
+
+OVERRIDE_FILE = "threshold_override.json"
+
+Key = tuple[str, str]  # (category, version)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so a reader sees the old or the new file, never half of one."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp makes it 0600; the store's other files are world-readable
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+class ThresholdNotPersisted(RuntimeError):
+    """An override could not be written to (or removed from) the model store."""
+
+    code = "threshold_not_persisted"
+
+
+class ThresholdOverrides:
+    """Overrides by (category, version): in memory for the hot path, persisted in the version
+    folder and (when configured) Redis. Event-loop only."""
+
+    def __init__(self, settings: Settings, conn: RedisConnection | None) -> None:
+        self.store = Path(settings.model_store)
+        self.conn = conn
+        self.sync_s = settings.threshold_sync_s
+        self._known: dict[Key, ThresholdOverride | None] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._pending: set[asyncio.Task[None]] = set()
+
+    # ------------------------------------------------------------------ lookups (hot path)
+    def get(self, category: str, version: str) -> ThresholdOverride | None:
+        key = (category, version)
+        if key not in self._known:
+            # First sight of this version: its file now (a few hundred bytes, once), Redis
+            # right after (authoritative when configured).
+            self._known[key] = self._read_file(category, version)
+            if self.conn is not None:
+                self._refresh_soon([key])
+        return self._known[key]
+
+    def for_manifest(self, manifest: Manifest) -> ThresholdOverride | None:
+        return self.get(manifest.category, manifest.version)
+
+    def threshold(self, manifest: Manifest) -> float:
+        """The effective raw threshold of ``manifest``'s version."""
+        o = self.for_manifest(manifest)
+        return manifest.calibration.threshold if o is None else o.threshold
+
+    def calibration(self, manifest: Manifest) -> Calibration:
+        """The manifest's calibration with the effective threshold (what decides a verdict)."""
+        o = self.for_manifest(manifest)
+        return manifest.calibration if o is None else manifest.calibration.with_threshold(o.threshold)
+
+    # ------------------------------------------------------------------ changes
+    async def set(self, category: str, version: str, threshold: float) -> tuple[ThresholdOverride, list[str]]:
+        override = ThresholdOverride(threshold=float(threshold), version=version,
+                                     set_at=datetime.now(timezone.utc).replace(microsecond=0))
+        text = override.model_dump_json()
+        persisted = []
+        if self.conn is not None:
+            await self.conn.run("threshold_set", lambda r: r.set(self._redis_key(category, version), text))
+            persisted.append("redis")
+        try:
+            await asyncio.to_thread(write_atomic, self._path(category, version), text + "\n")
+            persisted.append("file")
+        except OSError as exc:
+            if not persisted:
+                raise ThresholdNotPersisted(f"cannot write {OVERRIDE_FILE} for {category}/"
+                               f"{version} ({exc}) and no Redis is configured: the threshold is unchanged") from exc
+            log.warning("%s/%s: threshold override kept in Redis only; %s not written: %s", category, version,
+                        OVERRIDE_FILE, exc)
+        self._known[(category, version)] = override
+        log.info("%s/%s: threshold overridden to %.6g (%s)", category, version, threshold, ", ".join(persisted))
+        return override, persisted
+
+    async def clear(self, category: str, version: str) -> list[str]:
+        persisted = []
+        if self.conn is not None:
+            await self.conn.run("threshold_clear", lambda r: r.delete(self._redis_key(category, version)))
+            persisted.append("redis")
+        try:
+            await asyncio.to_thread(self._path(category, version).unlink, True)
+            persisted.append("file")
+        except OSError as exc:
+            if not persisted:
+                raise ThresholdNotPersisted(f"cannot remove {OVERRIDE_FILE} of {category}/"
+                               f"{version} ({exc}): the override stays") from exc
+            log.warning("%s/%s: %s not removed (Redis says calibrated): %s", category, version, OVERRIDE_FILE, exc)
+        self._known[(category, version)] = None
+        log.info("%s/%s: threshold back to the calibrated value", category, version)
+        return persisted
+
+    # ------------------------------------------------------------------ Redis sync
+    def start(self, serving: Callable[[], dict[str, str]]) -> None:
+        """Re-read the overrides of the serving versions from Redis every ``threshold_sync_s``."""
+        if self.conn is not None and self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._sync_loop(serving), name="threshold-sync")
+
+    async def stop(self) -> None:
+        tasks = [t for t in (self._task, *self._pending) if t is not None]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._task = None
+
+    async def refresh(self, keys: list[Key]) -> bool:
+        """Take the Redis values of ``keys`` (absent = calibrated); False if Redis is unreachable."""
+        if self.conn is None or not keys:
+            return False
+        try:
+            raw = await self.conn.run("threshold_get", lambda r: r.mget([self._redis_key(*k) for k in keys]))
+        except RedisUnavailable:
+            return False
+        for key, value in zip(keys, raw):
+            self._known[key] = self._parse(value, key[1], f"Redis {self._redis_key(*key)}")
+        return True
+
+    async def _sync_loop(self, serving: Callable[[], dict[str, str]]) -> None:
+        while True:
+            await asyncio.sleep(self.sync_s)
+            try:
+                await self.refresh(sorted(serving().items()))
+            except Exception:  # never let the loop die
+                log.exception("threshold sync failed")
+
+    def _refresh_soon(self, keys: list[Key]) -> None:
+        try:
+            task = asyncio.get_running_loop().create_task(self.refresh(keys))
+        except RuntimeError:  # no loop (a synchronous caller): the sync loop catches up
+            return
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    # ------------------------------------------------------------------ storage
+    def _path(self, category: str, version: str) -> Path:
+        return self.store / category / version / OVERRIDE_FILE
+
+    def _redis_key(self, category: str, version: str) -> str:
+        assert self.conn is not None
+        return self.conn.key("threshold", category, version)
+
+    def _read_file(self, category: str, version: str) -> ThresholdOverride | None:
+        path = self._path(category, version)
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            log.warning("cannot read %s: %s", path, exc)
+            return None
+        return self._parse(text, version, str(path))
+
+    @staticmethod
+    def _parse(value: str | bytes | None, version: str, where: str) -> ThresholdOverride | None:
+        if value is None:
+            return None
+        try:
+            override = ThresholdOverride.model_validate(json.loads(value))
+        except (ValueError, ValidationError) as exc:
+            log.warning("ignoring the invalid threshold override in %s: %s", where, exc)
+            return None
+        if override.version != version:  # a version folder copied under another name
+            log.warning("ignoring the threshold override in %s: it was set for version %s", where, override.version)
+            return None
+        return override

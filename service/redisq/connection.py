@@ -1,0 +1,114 @@
+"""The Redis connection of the API and the worker, behind a circuit breaker.
+
+Connection settings (URL incl. ``rediss://`` TLS, password, timeouts, retries, health
+checks) come from :class:`~service.config.Settings`. An outage must not stall requests: the
+API's commands have short socket and connect timeouts (0.25 s by default), redis-py retries
+once on a connection error, and after a failure :class:`RedisConnection` fails fast for
+``redis_breaker_s`` before trying Redis again. redis-py's pool reconnects by itself once
+Redis is back (``health_check_interval`` PINGs a connection idle that long before reuse).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal, TypeVar
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import RedisError, ResponseError
+
+from service.config import Settings
+from service.metrics import ServiceMetrics
+
+log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+
+class RedisUnavailable(RuntimeError):
+    """Redis is not configured, unreachable, or skipped for a while after a failure."""
+
+
+def make_client(settings: Settings, socket_timeout: float | None = None) -> aioredis.Redis:
+    """An asyncio client from the settings (URL incl. ``rediss://``, password, timeouts)."""
+    if not settings.redis_url:
+        raise RedisUnavailable("no Redis configured (MSFLOW_REDIS_URL)")
+    kwargs: dict[str, Any] = dict(
+        socket_timeout=socket_timeout or settings.redis_socket_timeout_s,
+        socket_connect_timeout=settings.redis_connect_timeout_s,
+        health_check_interval=settings.redis_health_check_interval_s,
+        retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), settings.redis_retries),
+        client_name="msflow", protocol=2)
+    if settings.redis_password:
+        kwargs["password"] = settings.redis_password  # a password in the URL wins
+    if settings.redis_url.startswith("rediss://") and settings.redis_ssl_ca_certs:
+        kwargs["ssl_ca_certs"] = str(settings.redis_ssl_ca_certs)
+    return aioredis.Redis.from_url(settings.redis_url, **kwargs)
+
+
+class RedisConnection:
+    """A client, the key prefix and a circuit breaker: after a failure every call fails fast
+    with :class:`RedisUnavailable` for ``redis_breaker_s``, then Redis is tried again."""
+
+    def __init__(self, settings: Settings, metrics: ServiceMetrics | None = None,
+                 client: aioredis.Redis | None = None, breaker_s: float | None = None) -> None:
+        self.settings = settings
+        self.prefix = settings.redis_prefix
+        self.client = client if client is not None else make_client(settings)
+        self.metrics = metrics
+        self.breaker_s = settings.redis_breaker_s if breaker_s is None else breaker_s
+        self._skip_until = 0.0
+
+    def key(self, *parts: str) -> str:
+        return self.prefix + ":".join(parts)
+
+    @property
+    def skipping(self) -> bool:
+        return time.monotonic() < self._skip_until
+
+    async def run(self, op: str, fn: Callable[[aioredis.Redis], Awaitable[_T]]) -> _T:
+        """``await fn(client)``; any Redis or socket failure becomes :class:`RedisUnavailable`."""
+        if self.skipping:
+            self._count(op)
+            raise RedisUnavailable(f"Redis is unavailable (not retried for {self._skip_until - time.monotonic():.1f} s "
+                                   "after a failure); retry later")
+        try:
+            result = await fn(self.client)
+        except (RedisError, OSError, TimeoutError) as exc:
+            if isinstance(exc, ResponseError):  # Redis answered: an error of the command, not of the link
+                self._count(op)
+            else:
+                self._trip(op, exc)
+            raise RedisUnavailable(f"Redis is unavailable ({op} failed: {exc}); retry later") from exc
+        self._skip_until = 0.0
+        return result
+
+    async def status(self) -> Literal["ok", "degraded"]:
+        """PING, even while the breaker is open (a success closes it, so recovery shows at once)."""
+        try:
+            await self.client.ping()
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._trip("ping", exc)
+            return "degraded"
+        self._skip_until = 0.0
+        return "ok"
+
+    def _trip(self, op: str, exc: BaseException) -> None:
+        if not self.skipping and self.breaker_s > 0:
+            log.warning("Redis %s failed (%s: %s); skipping Redis for %.1f s", op, type(exc).__name__, exc,
+                        self.breaker_s)
+        self._skip_until = time.monotonic() + self.breaker_s
+        self._count(op)
+
+    def _count(self, op: str) -> None:
+        if self.metrics is not None:
+            self.metrics.redis_errors.labels(op).inc()
+
+    async def aclose(self) -> None:
+        try:
+            await self.client.aclose()
+        except (RedisError, OSError):
+            pass

@@ -1,0 +1,198 @@
+"""Async inspection jobs on Redis Streams: one stream per category, one consumer group.
+
+``POST /v1/jobs/<category>`` stores the job (:class:`~service.redisq.store.JobRecord` + images)
+and adds ``{job_id, category}`` to ``jobs:<category>`` in one MULTI. Workers
+(:mod:`service.worker`) read with XREADGROUP in the group ``workers``: a message stays in
+the group's pending list until the worker acknowledges it (XACK) after writing the final
+record. Delivery guarantees, each for a reason:
+
+* A worker that dies mid-job leaves its messages pending; any worker claims messages idle
+  longer than ``job_claim_idle_s`` (XAUTOCLAIM), so no job is lost. A live worker keeps its
+  messages fresh while it works (XCLAIM ... JUSTID, which resets the idle time without
+  counting a delivery), so only a dead worker's jobs are taken over.
+* Each delivery counts (XPENDING's ``times_delivered``): an attempt that fails is left
+  pending for a later retry; when attempt ``job_max_attempts`` fails, or a job is delivered
+  more often than that (it kills its workers), it goes to the ``jobs:dead-letter`` stream
+  with its error, its record says ``failed``, and it is acknowledged, in one MULTI.
+* Result writes are idempotent (:meth:`~service.redisq.store.JobRecords.stage_write`): the first
+  final state wins, so a job processed twice ends in one final record.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+from pydantic import BaseModel
+from redis.exceptions import ResponseError
+
+from service.config import Settings
+from service.redisq.connection import RedisConnection
+from service.schemas import ErrorBody, InspectOptions, Upload
+from service.redisq.store import JobRecord, JobRecords, new_job_id, utcnow
+
+log = logging.getLogger(__name__)
+
+GROUP = "workers"
+
+
+class JobMessage(BaseModel):
+    """A stream entry: which job, of which category (everything else is in the record)."""
+
+    job_id: str
+    category: str
+
+    def fields(self) -> dict[str, str]:
+        return {"job_id": self.job_id, "category": self.category}
+
+    @classmethod
+    def parse(cls, fields: dict[Any, Any]) -> "JobMessage":
+        return cls.model_validate({_text(k): _text(v) for k, v in fields.items()})
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One message handed to this worker: its stream id, the job, and the delivery count."""
+
+    stream_id: str
+    message: JobMessage
+    deliveries: int
+
+    @property
+    def job_id(self) -> str:
+        return self.message.job_id
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class JobQueue:
+    """Submission (API side) and consumption (worker side) of the job streams."""
+
+    def __init__(self, settings: Settings, conn: RedisConnection) -> None:
+        self.settings = settings
+        self.conn = conn
+        self.records = JobRecords(settings, conn)
+        self.claim_idle_ms = int(settings.job_claim_idle_s * 1000)
+
+    def stream(self, category: str) -> str:
+        return self.conn.key("jobs", category)
+
+    @property
+    def dead_letter_stream(self) -> str:
+        return self.conn.key("jobs:dead-letter")
+
+    # ------------------------------------------------------------------ API side
+    async def submit(self, category: str, uploads: Sequence[Upload], options: InspectOptions,
+                     request_id: str | None) -> JobRecord:
+        """Store the job and queue it, atomically. Raises :class:`~service.redisq.connection.RedisUnavailable`."""
+        now = utcnow()
+        record = JobRecord(id=new_job_id(), category=category, status="queued", created_at=now, updated_at=now,
+                           request_id=request_id, options=options, filenames=[u.filename for u in uploads])
+
+        async def queue(r: aioredis.Redis) -> None:
+            async with r.pipeline(transaction=True) as pipe:
+                self.records.stage_create(pipe, record, [u.data for u in uploads])
+                pipe.xadd(self.stream(category), JobMessage(job_id=record.id, category=category).fields())
+                await pipe.execute()
+
+        await self.conn.run("job_submit", queue)
+        return record
+
+    # ------------------------------------------------------------------ worker side
+    async def ensure_groups(self, categories: Sequence[str]) -> None:
+        """Create the consumer group of each stream (from id 0: jobs queued before any worker
+        existed are read too)."""
+        async def create(r: aioredis.Redis, stream: str) -> None:
+            try:
+                await r.xgroup_create(stream, GROUP, id="0", mkstream=True)
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+        for category in categories:
+            await self.conn.run("xgroup_create", lambda r, c=category: create(r, self.stream(c)))
+
+    async def read(self, categories: Sequence[str], consumer: str, count: int,
+                   block_s: float) -> list[Delivery]:
+        """New messages (up to ``count`` per stream), waiting up to ``block_s`` for the first."""
+        streams = {self.stream(c): ">" for c in categories}
+        reply = await self.conn.run("xreadgroup", lambda r: r.xreadgroup(
+            GROUP, consumer, streams, count=count, block=max(1, int(block_s * 1000))))
+        out = []
+        for _, messages in reply or []:  # RESP2 (the client pins protocol 2): [[stream, [(id, fields)]]]
+            for stream_id, fields in messages:
+                out.append(Delivery(_text(stream_id), JobMessage.parse(fields), 1))
+        return out
+
+    async def claim(self, category: str, consumer: str, count: int) -> list[Delivery]:
+        """Messages of dead workers: pending and idle past ``job_claim_idle_s`` (XAUTOCLAIM),
+        with their delivery counts (XPENDING)."""
+        stream = self.stream(category)
+        reply = await self.conn.run("xautoclaim", lambda r: r.xautoclaim(
+            stream, GROUP, consumer, self.claim_idle_ms, "0-0", count=count))
+        messages = [(_text(i), f) for i, f in reply[1] if f]  # entries deleted from the stream have no fields
+        if not messages:
+            return []
+
+        async def counts(r: aioredis.Redis) -> list[Any]:
+            async with r.pipeline(transaction=False) as pipe:
+                for stream_id, _ in messages:
+                    pipe.xpending_range(stream, GROUP, min=stream_id, max=stream_id, count=1)
+                return await pipe.execute()
+
+        pending = await self.conn.run("xpending", counts)
+        out = []
+        for (stream_id, fields), info in zip(messages, pending):
+            delivered = int(info[0]["times_delivered"]) if info else 1
+            out.append(Delivery(stream_id, JobMessage.parse(fields), delivered))
+        log.info("%s: claimed %d job(s) pending for over %.1f s (a dead worker's, or a failed attempt's)",
+                 category, len(out), self.claim_idle_ms / 1e3)
+        return out
+
+    async def keep_alive(self, category: str, consumer: str, stream_ids: Sequence[str]) -> None:
+        """Reset the idle time of messages this worker still works on (no delivery counted).
+        Should another worker have claimed one meanwhile (this one stalled past the idle
+        timeout), both finish it; the idempotent final write keeps one outcome."""
+        if stream_ids:
+            await self.conn.run("xclaim", lambda r: r.xclaim(
+                self.stream(category), GROUP, consumer, 0, list(stream_ids), justid=True))
+
+    async def complete(self, delivery: Delivery, record: JobRecord) -> None:
+        """Write the final record (idempotently) and acknowledge, in one MULTI."""
+        async def done(r: aioredis.Redis) -> None:
+            async with r.pipeline(transaction=True) as pipe:
+                self.records.stage_write(pipe, record)
+                pipe.xack(self.stream(delivery.message.category), GROUP, delivery.stream_id)
+                await pipe.execute()
+
+        await self.conn.run("job_complete", done)
+
+    async def ack(self, delivery: Delivery) -> None:
+        await self.conn.run("xack", lambda r: r.xack(self.stream(delivery.message.category), GROUP,
+                                                      delivery.stream_id))
+
+    async def dead_letter(self, delivery: Delivery, record: JobRecord | None, error: ErrorBody,
+                          worker: str) -> None:
+        """Mark the job failed with ``error``, add it to the dead-letter stream, acknowledge: one MULTI."""
+        fields = {"job_id": delivery.job_id, "category": delivery.message.category,
+                  "stream_id": delivery.stream_id, "attempts": str(delivery.deliveries), "error_code": error.code,
+                  "error_message": error.message, "worker": worker, "failed_at": utcnow().isoformat()}
+
+        async def bury(r: aioredis.Redis) -> None:
+            async with r.pipeline(transaction=True) as pipe:
+                if record is not None:
+                    self.records.stage_write(pipe, record.model_copy(update={
+                        "status": "failed", "error": error, "attempts": delivery.deliveries, "worker": worker,
+                        "updated_at": utcnow()}))
+                pipe.xadd(self.dead_letter_stream, fields)
+                pipe.xack(self.stream(delivery.message.category), GROUP, delivery.stream_id)
+                await pipe.execute()
+
+        await self.conn.run("dead_letter", bury)
+        log.warning("job %s (%s) dead-lettered after %d attempt(s): %s: %s", delivery.job_id,
+                    delivery.message.category, delivery.deliveries, error.code, error.message)

@@ -1,0 +1,268 @@
+"""The test harness, one module for every integration test: ports, ``msflow serve`` and
+``msflow worker`` subprocesses, private ``redis-server`` processes, and the small helpers
+(metrics, uploads, error shape) the tests share. Test modules import this, never each other.
+
+Every Redis here is a private ``redis-server`` on a free loopback port, without persistence,
+in a temporary folder, stopped by its fixture: the machine's own Redis is never touched.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+from prometheus_client.parser import text_string_to_metric_families
+
+USER_KEY = "user-key-123"
+ADMIN_KEY = "admin-key-456"
+CATEGORY = "grass"
+
+
+# ---------------------------------------------------------------------- server harness
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`python -m msflow.cli serve` with MSFLOW_* settings; always stopped by its fixture."""
+
+    def __init__(self, store: Path, log_path: Path, **settings: Any) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MSFLOW_")}
+        env.update({"MSFLOW_ACCESS_LOG": "false", "MSFLOW_LOG_LEVEL": "warning", "MSFLOW_DECODE_THREADS": "2",
+                    "MSFLOW_INTRA_OP_THREADS": "1", "MSFLOW_DEVICE": "cpu"})
+        env.update({f"MSFLOW_{k.upper()}": v if isinstance(v, str) else json.dumps(v) for k, v in settings.items()})
+        self._log = open(log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "msflow.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+             "--store", str(store)], env=env, stdout=self._log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=1.0).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"server not ready after {timeout} s:\n{self.log()}")
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def stop(self) -> None:
+        terminate(self.proc)
+        self._log.close()
+
+
+def terminate(proc: subprocess.Popen[bytes], grace_s: float = 15.0) -> None:
+    """SIGTERM (the graceful path under test), SIGKILL if it does not exit in time."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def start(store: Path, log_path: Path, **settings: Any) -> Server:
+    server = Server(store, log_path, **settings)
+    try:
+        server.wait_ready()
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+def absolute(client: httpx.Client, path: str) -> str:
+    return str(client.base_url).rstrip("/") + path
+
+
+def metric(client: httpx.Client, name: str, **labels: str) -> float:
+    """Sum of the samples of ``name`` whose labels include ``labels``."""
+    text = httpx.get(absolute(client, "/metrics")).text
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+def part(path: Path) -> tuple[str, tuple[str, bytes, str]]:
+    return ("file", (path.name, path.read_bytes(), "image/png"))
+
+
+def png_of(img: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def assert_error(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"} and body["error"]["code"] == code and body["error"]["message"], body
+    return body["error"]
+
+
+# ---------------------------------------------------------------------- happy paths
+
+
+def wait_for_metric(client: httpx.Client, name: str, value: float, timeout: float = 10.0, **labels: str) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if metric(client, name, **labels) >= value:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"{name}{labels} never reached {value}")
+
+
+# ---------------------------------------------------------------------- Redis and workers
+PREFIX = "msflow-test:"  # a non-default MSFLOW_REDIS_PREFIX, shared by the API servers and workers
+REDIS_ADMIN_KEY = "admin-key-redis"
+REDIS_USER_KEY = "user-key-redis"
+STALL_NAME = "stall.png"  # a job with an image of this name stalls its worker's first attempt (test hook)
+
+
+class RedisServer:
+    """A private redis-server; ``stop``/``start`` again on the same port simulate an outage."""
+
+    def __init__(self, workdir: Path) -> None:
+        if shutil.which("redis-server") is None:
+            pytest.skip("redis-server is not installed")
+        self.port = free_port()
+        self.workdir = workdir
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        log = open(self.workdir / "redis.log", "ab")
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.workdir)], stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        end = time.monotonic() + 10
+        while time.monotonic() < end:
+            try:
+                if self.client().ping():
+                    return
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError(f"redis-server on {self.port} did not start:\n{(self.workdir / 'redis.log').read_text()}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2)
+
+
+class WorkerProc:
+    """``python -m msflow.cli worker`` with MSFLOW_* settings."""
+
+    def __init__(self, store: Path, log_path: Path, name: str, env: dict[str, str] | None = None,
+                 **settings: Any) -> None:
+        self.name = name
+        self.log_path = log_path
+        full = {k: v for k, v in os.environ.items() if not k.startswith("MSFLOW_")}
+        full.update({"MSFLOW_LOG_LEVEL": "info", "MSFLOW_DEVICE": "cpu", "MSFLOW_INTRA_OP_THREADS": "1",
+                     "MSFLOW_DECODE_THREADS": "2"})
+        full.update({f"MSFLOW_{k.upper()}": str(v) for k, v in settings.items()})
+        full.update(env or {})
+        self._log = open(log_path, "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "msflow.cli", "worker", "--store", str(store),
+                                      "--name", name], env=full, stdout=self._log, stderr=subprocess.STDOUT)
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker {self.name} exited with {self.proc.returncode}:\n{self.log()}")
+            if "consuming" in self.log():
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"worker {self.name} not consuming after {timeout} s:\n{self.log()}")
+
+    def stop(self) -> None:
+        terminate(self.proc)
+        self._log.close()
+
+
+def start_servers(specs: dict[str, tuple[Path, Path, dict[str, Any]]]) -> dict[str, Server]:
+    """Launch several API servers at once, then wait for all (start-up overlaps)."""
+    servers: dict[str, Server] = {}
+    try:
+        for name, (store, log_path, settings) in specs.items():
+            servers[name] = Server(store, log_path, **settings)
+        for server in servers.values():
+            server.wait_ready()
+    except BaseException:
+        for server in servers.values():
+            server.stop()
+        raise
+    return servers
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def png_variant(path: Path, nonce: str) -> bytes:
+    """The same pixels with a text chunk: other bytes (another cache key), the same scores."""
+    info = PngInfo()
+    info.add_text("nonce", nonce)
+    buf = io.BytesIO()
+    Image.open(path).save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+def upload(name: str, data: bytes) -> tuple[str, tuple[str, bytes, str]]:
+    return ("file", (name, data, "image/png"))
+
+
+def client_for(server: Server, key: str | None = None) -> httpx.Client:
+    return httpx.Client(base_url=server.url, headers={"X-API-Key": key} if key else {}, timeout=30.0)

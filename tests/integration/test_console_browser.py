@@ -1,0 +1,245 @@
+"""The operator console in a real headless Chromium (Debian's ``chromium`` package, see
+``scripts/install-browser.sh``) driven by Playwright, against a real ``msflow serve``.
+
+The page runs under its production Content-Security-Policy (no ``bypass_csp``), so
+everything here also proves the console works without inline scripts or other origins.
+Waits use selectors and data attributes the console sets (``wait_for_function`` would need
+``eval``, which that policy forbids). On failure a screenshot goes to
+``$MSFLOW_TEST_ARTIFACTS`` (default: a pytest temporary folder) and the failure message
+names it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.pipeline.regions import box_mask
+from service.schemas import Region
+from harness import ADMIN_KEY, CATEGORY, USER_KEY, Server, start
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the test extra)")
+
+CHROMIUM = os.environ.get("MSFLOW_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+TIMEOUT_MS = 60_000  # two shared cores: a cold inspection can take seconds
+
+if not Path(CHROMIUM).is_file():
+    pytest.skip(f"no Chromium at {CHROMIUM}: run scripts/install-browser.sh", allow_module_level=True)
+
+
+# ---------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    where = os.environ.get("MSFLOW_TEST_ARTIFACTS")
+    path = Path(where) if where else tmp_path_factory.mktemp("console-artifacts")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    store = tmp_path_factory.mktemp("console") / "store"
+    shutil.copytree(model_store, store)  # the threshold test writes an override into it
+    srv = start(store, tmp_path_factory.mktemp("logs") / "console.log", api_keys=USER_KEY,
+                admin_api_keys=ADMIN_KEY, max_queue_delay_ms=5)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield b
+        b.close()
+
+
+class Console:
+    """One browser context (its own sessionStorage) on the console page, with its console log."""
+
+    def __init__(self, browser: Any, server: Server, artifacts: Path, name: str) -> None:
+        self.context = browser.new_context(viewport={"width": 1400, "height": 1000})
+        self.page = self.context.new_page()
+        self.page.set_default_timeout(TIMEOUT_MS)
+        self.log: list[str] = []
+        self.page.on("console", lambda m: self.log.append(f"{m.type}: {m.text}"))
+        self.page.on("pageerror", lambda e: self.log.append(f"pageerror: {e}"))
+        self.server = server
+        self.artifacts = artifacts
+        self.name = name
+
+    def open(self) -> None:
+        self.page.goto(self.server.url + "/")
+        self.page.wait_for_selector("body[data-ready='1']")
+
+    def use_key(self, key: str) -> None:
+        self.page.fill("#api-key", key)
+        self.page.click("#key-save")
+
+    def wait_models(self) -> None:
+        self.page.wait_for_selector(f"#category option[value='{CATEGORY}']", state="attached")
+
+    def inspect(self, path: Path) -> Any:
+        """Upload one image; returns the locator of its finished card (the newest, first)."""
+        done_before = self.page.locator(".card[data-state=done]").count()
+        self.page.set_input_files("#files", str(path))
+        self.page.locator(".card[data-state=done]").nth(done_before).wait_for()
+        newest = self.page.locator(".card").first  # cards are prepended
+        assert newest.get_attribute("data-state") == "done"
+        return self.page.locator(f".card[data-seq='{newest.get_attribute('data-seq')}']")  # stays on this card
+
+    def tab(self, view: str) -> None:
+        self.page.click(f"button.tab[data-view={view}]")
+
+    def screenshot(self, label: str) -> Path:
+        path = self.artifacts / f"{self.name}-{label}.png"
+        self.page.screenshot(path=str(path), full_page=True)
+        return path
+
+    @contextmanager
+    def on_failure_screenshot(self) -> Iterator[None]:
+        try:
+            yield
+        except Exception as exc:
+            try:
+                shot = f"screenshot: {self.screenshot('failure')}"
+            except Exception as shot_exc:  # the browser itself may be gone
+                shot = f"no screenshot ({shot_exc})"
+            log = "\n".join(self.log[-30:]) or "(empty)"
+            raise AssertionError(f"{type(exc).__name__}: {exc}\n{shot}\nartifacts: {self.artifacts}\n"
+                                 f"browser console:\n{log}") from exc
+
+    def close(self) -> None:
+        self.context.close()
+
+
+@pytest.fixture
+def console(browser: Any, server: Server, artifacts: Path, request: pytest.FixtureRequest) -> Iterator[Console]:
+    c = Console(browser, server, artifacts, request.node.name)
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def samples(demo_test_images: dict[str, list[Path]]) -> dict[str, list[Path]]:
+    return demo_test_images
+
+
+# ---------------------------------------------------------------------- tests
+def test_defective_image_shows_heatmap_and_boxes(console: Console, samples: dict[str, list[Path]],
+                                                 demo_root: Path) -> None:
+    hole = samples["hole"][0]
+    with console.on_failure_screenshot():
+        console.open()
+        console.use_key(USER_KEY)
+        console.wait_models()
+        card = console.inspect(hole)
+        assert card.get_attribute("data-heatmap-drawn") == "true"
+        boxes = int(card.get_attribute("data-boxes-drawn"))
+        assert boxes >= 1 and card.locator(".regions-count").inner_text() == str(boxes)
+        assert card.locator(".verdict").inner_text() in ("ANOMALOUS", "NORMAL")
+        assert "engine" in card.locator(".timings").inner_text()
+        # the overlay canvas really holds the heatmap and the boxes (read back its pixels)
+        painted = card.locator("canvas").evaluate(
+            "c => { const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data; let n = 0, cyan = 0;"
+            " for (let i = 0; i < d.length; i += 4) { if (d[i + 3]) n++;"
+            " if (d[i] === 0 && d[i + 1] === 229 && d[i + 2] === 255 && d[i + 3] === 255) cyan++; }"
+            " return {w: c.width, h: c.height, n, cyan}; }")
+        assert painted["n"] > 0.9 * painted["w"] * painted["h"], painted  # the heatmap covers the image
+        assert painted["cyan"] > 50, painted  # box outlines
+        # ... and at least one box lies over the real defect
+        regions = [Region(**g) for g in json.loads(card.get_attribute("data-regions-json"))]
+        size = tuple(int(v) for v in card.get_attribute("data-image-size").split("x"))
+        gt = np.asarray(Image.open(demo_root / CATEGORY / "ground_truth" / "hole" / f"{hole.stem}_mask.png")) > 0
+        assert any((box_mask([r], size) & gt).any() for r in regions), (regions, size)
+        # the photo under the canvas is displayed, at the canvas' size
+        photo = card.locator(".viz img").bounding_box()
+        overlay = card.locator(".viz canvas").bounding_box()
+        assert photo and overlay and abs(photo["width"] - overlay["width"]) < 1.5
+        assert abs(photo["height"] - overlay["height"]) < 1.5
+        console.screenshot("inspected")
+        # toggles redraw: no boxes when hidden
+        console.page.uncheck("#show-boxes")
+        assert card.get_attribute("data-boxes-drawn") == "0"
+        console.page.check("#show-boxes")
+        # the models page shows the serving version and its threshold
+        console.tab("models")
+        model = console.page.locator(f".model[data-category='{CATEGORY}']")
+        model.wait_for()
+        assert "onnxruntime" in model.inner_text()
+        assert "(calibrated)" in model.locator(".effective-threshold").inner_text()
+    assert not [line for line in console.log if line.startswith("pageerror")], console.log
+
+
+def test_admin_threshold_change_flips_the_verdict(console: Console, server: Server,
+                                                  samples: dict[str, list[Path]]) -> None:
+    hole = samples["hole"][0]
+    with console.on_failure_screenshot():
+        console.open()
+        console.use_key(ADMIN_KEY)  # an admin key is valid everywhere
+        console.wait_models()
+        first = console.inspect(hole)
+        verdict = first.get_attribute("data-verdict")
+        raw = float(first.get_attribute("data-raw-score"))
+        model = httpx.get(f"{server.url}/v1/models/{CATEGORY}", headers={"X-API-Key": USER_KEY}).json()
+        span = model["calibration"]["score_max"] - model["calibration"]["score_min"]
+        new = raw + 1e-3 * span if verdict == "anomalous" else raw - 1e-3 * span
+
+        console.tab("admin")
+        console.page.wait_for_selector("#admin-effective")
+        console.page.fill("#threshold-input", repr(new))
+        summary = console.page.locator("#recent-summary[data-changed]")
+        summary.wait_for()
+        console.page.wait_for_selector("#recent-table tbody tr.changed")  # the preview marks our image
+        assert int(summary.get_attribute("data-changed")) >= 1
+        console.page.click("#threshold-apply")
+        console.page.wait_for_selector("#admin-status[data-threshold]")
+        assert float(console.page.get_attribute("#admin-status", "data-threshold")) == pytest.approx(new)
+        assert "override" in console.page.inner_text("#admin-status")
+        console.screenshot("threshold")
+
+        console.tab("inspect")
+        second = console.inspect(hole)
+        assert second.get_attribute("data-verdict") != verdict
+        assert float(second.get_attribute("data-threshold")) == pytest.approx(new)
+        assert first.get_attribute("data-verdict") == verdict  # earlier results stay as answered
+
+        console.tab("admin")
+        console.page.click("#threshold-reset")
+        console.page.wait_for_selector("#admin-status:has-text('(calibrated)')")
+    state = httpx.get(f"{server.url}/v1/models/{CATEGORY}/threshold", headers={"X-API-Key": USER_KEY}).json()
+    assert state["override"] is None and state["threshold"] == state["calibrated_threshold"]
+
+
+def test_wrong_or_missing_key_shows_an_error_not_a_blank_page(console: Console) -> None:
+    page = console.page
+    with console.on_failure_screenshot():
+        console.open()
+        error = page.locator("#error")
+        error.wait_for()  # no key at all: the API answers 401 and the page says so
+        assert "needs an API key" in error.inner_text()
+        console.use_key("definitely-wrong")
+        page.wait_for_selector("#key-status.bad")
+        assert error.is_visible() and "rejected" in error.inner_text() and "invalid_api_key" in error.inner_text()
+        assert page.locator("#drop").is_visible() and page.locator("header").is_visible()
+        assert len(page.inner_text("body")) > 100
+        console.screenshot("wrong-key")
+        # a user key on the admin view: a visible "needs an admin key", not an empty view
+        console.use_key(USER_KEY)
+        page.wait_for_selector("#key-status.ok")
+        assert not error.is_visible()
+        console.tab("admin")
+        page.wait_for_selector("#error:has-text('admin API key')")
+        assert page.locator("#admin-info .failure").is_visible()

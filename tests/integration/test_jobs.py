@@ -1,0 +1,183 @@
+"""Async jobs end to end: ``msflow serve`` + two ``msflow worker`` subprocesses on a real
+redis-server: the flow, a worker SIGKILLed mid-job, a poison job, idempotent writes, and
+no Redis -> 503."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import signal
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from PIL import Image
+
+from harness import (assert_error, CATEGORY, PREFIX, STALL_NAME, RedisServer, Server, WorkerProc, client_for, png_variant,
+                            upload, wait_until)
+
+MAX_ATTEMPTS = 3
+CLAIM_IDLE_S = 1.0
+
+
+@pytest.fixture(scope="module")
+def workers(redis_store: Path, redis_server: RedisServer, redis_apis: dict[str, Server],
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, WorkerProc]]:
+    logs = tmp_path_factory.mktemp("worker-logs")
+    procs = {name: WorkerProc(redis_store, logs / f"{name}.log", name, env={"MSFLOW_WORKER_TEST_STALL_ON": STALL_NAME},
+                              redis_url=redis_server.url, redis_prefix=PREFIX, job_claim_idle_s=CLAIM_IDLE_S,
+                              job_max_attempts=MAX_ATTEMPTS, worker_block_s=0.5, max_batch_size=8,
+                              log_level="info")
+             for name in ("w1", "w2")}
+    try:
+        for p in procs.values():
+            p.wait_ready()
+        yield procs
+    finally:
+        for p in procs.values():
+            p.stop()
+
+
+@pytest.fixture(scope="module")
+def api(redis_apis: dict[str, Server]) -> Iterator[httpx.Client]:
+    with client_for(redis_apis["plain"]) as c:
+        yield c
+
+
+def submit(api: httpx.Client, files: list[Any], **params: str) -> str:
+    r = api.post(f"/v1/jobs/{CATEGORY}", files=files, params=params)
+    assert r.status_code == 202, r.text
+    body = r.json()
+    assert body["status"] == "queued" and r.headers["location"] == body["url"] == f"/v1/jobs/{body['id']}"
+    return body["id"]
+
+
+def wait_status(api: httpx.Client, job_id: str, statuses: set[str], timeout: float = 30.0) -> dict[str, Any]:
+    def poll() -> dict[str, Any] | None:
+        r = api.get(f"/v1/jobs/{job_id}")
+        assert r.status_code == 200, r.text
+        return r.json() if r.json()["status"] in statuses else None
+
+    return wait_until(poll, timeout, f"job {job_id} to be {statuses}")
+
+
+# ---------------------------------------------------------------------- the flow
+def test_jobs_end_to_end_with_two_workers(api: httpx.Client, workers: dict[str, WorkerProc],
+                                          good_images: list[Path]) -> None:
+    images = [png_variant(p, "job") for p in good_images[:4]]
+    three = submit(api, [upload(f"{i}.png", images[i]) for i in range(3)])  # inline heatmaps (default)
+    linked = submit(api, [upload("3.png", images[3])], heatmap="url")
+    bare = [submit(api, [upload(f"{i}.png", images[i])], heatmap="none") for i in range(4)]
+    done = {j: wait_status(api, j, {"done", "failed"}) for j in [three, linked, *bare]}
+    assert {d["status"] for d in done.values()} == {"done"}, done
+    assert {d["worker"] for d in done.values()} <= {"w1", "w2"}
+    # the same result shape and numbers as the synchronous API
+    sync = api.post(f"/v1/inspect/{CATEGORY}", files=[upload(f"{i}.png", images[i]) for i in range(3)]).json()
+    result = done[three]["result"]
+    assert set(result) == set(sync) and result["category"] == CATEGORY
+    for got, want in zip(result["results"], sync["results"]):
+        assert set(got) == set(want)
+        for key in ("index", "filename", "threshold", "is_anomalous", "model_version", "image_size"):
+            assert got[key] == want[key], key
+        assert abs(got["score"] - want["score"]) < 1e-5
+        assert Image.open(io.BytesIO(base64.b64decode(got["heatmap"]["data"]))).size == (128, 128)
+    assert all(r["batch_size"] >= 3 for r in result["results"])  # one engine batch for the whole job
+    heat = done[linked]["result"]["results"][0]["heatmap"]
+    png = api.get(heat["url"])  # written by the worker, served by the API
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    assert all(done[j]["result"]["results"][0]["heatmap"] is None for j in bare)
+    assert all(d["attempts"] == 1 and d["error"] is None for d in done.values())
+    assert_error(api.get("/v1/jobs/" + "n" * 24), 404, "job_not_found")
+
+
+def test_killed_worker_job_completed_by_the_other(api: httpx.Client, workers: dict[str, WorkerProc],
+                                                  good_images: list[Path]) -> None:
+    job = submit(api, [upload(STALL_NAME, png_variant(good_images[5], "stall"))])
+    running = wait_status(api, job, {"running"})
+    victim = workers[running["worker"]]
+    survivor = next(w for w in workers.values() if w is not victim)
+    victim.proc.send_signal(signal.SIGKILL)  # mid-job: the message stays pending, unacknowledged
+    assert victim.proc.wait(10) == -signal.SIGKILL
+    done = wait_status(api, job, {"done", "failed"}, timeout=30)
+    assert done["status"] == "done" and done["worker"] == survivor.name, done
+    assert done["attempts"] == 2 and done["result"]["results"][0]["filename"] == STALL_NAME
+    assert "claimed 1 job(s)" in survivor.log()
+
+
+def test_poison_job_goes_to_the_dead_letter_stream(api: httpx.Client, workers: dict[str, WorkerProc],
+                                                   redis_server: RedisServer, good_images: list[Path]) -> None:
+    whole = good_images[6].read_bytes()
+    job = submit(api, [upload("poison.png", whole[: len(whole) // 2])])  # header fine, pixels truncated
+    failed = wait_status(api, job, {"done", "failed"}, timeout=30)
+    assert failed["status"] == "failed" and failed["attempts"] == MAX_ATTEMPTS, failed
+    assert failed["error"]["code"] == "undecodable_image" and "poison.png" in failed["error"]["message"]
+    r = redis_server.client()
+    dead = [f for _, f in r.xrange(f"{PREFIX}jobs:dead-letter") if f[b"job_id"] == job.encode()]
+    assert len(dead) == 1 and dead[0][b"attempts"] == str(MAX_ATTEMPTS).encode()
+    assert dead[0][b"error_code"] == b"undecodable_image"
+    assert r.xpending(f"{PREFIX}jobs:{CATEGORY}", "workers")["pending"] == 0  # acknowledged
+    assert not r.exists(f"{PREFIX}job:{job}:images")  # inputs dropped with the final state
+    # the API refuses what it can tell from the header, at once
+    assert_error(api.post(f"/v1/jobs/{CATEGORY}", files=[upload("t.txt", b"not an image")]), 415,
+                 "unsupported_media_type")
+
+
+def test_result_writes_are_idempotent(api: httpx.Client, workers: dict[str, WorkerProc], redis_server: RedisServer,
+                                      good_images: list[Path]) -> None:
+    from service.config import Settings
+    from service.redisq.jobs import JobMessage, JobQueue
+    from service.redisq.connection import RedisConnection
+    from service.redisq.store import JobRecord
+
+    # A finished job delivered again (a worker died between its write and its XACK): the
+    # worker acknowledges it and leaves the record exactly as it was.
+    job = submit(api, [upload("again.png", png_variant(good_images[7], "again"))], heatmap="none")
+    first = wait_status(api, job, {"done"})
+    r = redis_server.client()
+    stored = r.get(f"{PREFIX}job:{job}")
+    stream = f"{PREFIX}jobs:{CATEGORY}"
+    again = r.xadd(stream, JobMessage(job_id=job, category=CATEGORY).fields())
+    wait_until(lambda: r.xinfo_groups(stream)[0]["last-delivered-id"] == again and
+               r.xpending(stream, "workers")["pending"] == 0, 10, "the redelivery to be acknowledged")
+    assert r.get(f"{PREFIX}job:{job}") == stored and api.get(f"/v1/jobs/{job}").json() == first
+
+    # The write itself: the first final state wins; later writes (final or not) change nothing.
+    async def writes() -> None:
+        settings = Settings(redis_url=redis_server.url, redis_prefix=PREFIX, model_store=Path("."))
+        conn = RedisConnection(settings)
+        records = JobQueue(settings, conn).records
+        now = datetime.now(timezone.utc)
+        base = JobRecord(id="i" * 24, category=CATEGORY, status="queued", created_at=now, updated_at=now,
+                         filenames=["a.png"])
+        async with conn.client.pipeline(transaction=True) as pipe:
+            records.stage_create(pipe, base, [b"png"])
+            await pipe.execute()
+        done = base.model_copy(update={"status": "done", "attempts": 1, "worker": "a"})
+        assert await records.write(done) is True
+        assert await records.write(done.model_copy(update={"worker": "b"})) is False
+        assert await records.write(base.model_copy(update={"status": "running"})) is False
+        assert await records.write(done.model_copy(update={"status": "failed"})) is False
+        assert await records.get(base.id) == done
+        assert await conn.client.exists(records.images_key(base.id)) == 0
+        await conn.aclose()
+
+    asyncio.run(writes())
+
+
+# ---------------------------------------------------------------------- without Redis
+def test_without_redis_jobs_answer_503_and_links_stay_in_process(redis_apis: dict[str, Server],
+                                                                 good_images: list[Path]) -> None:
+    with client_for(redis_apis["local"]) as c:
+        err = assert_error(c.post(f"/v1/jobs/{CATEGORY}", files=[upload("a.png", good_images[0].read_bytes())]),
+                           503, "redis_required")
+        assert "MSFLOW_REDIS_URL" in err["message"]
+        assert_error(c.get("/v1/jobs/" + "n" * 24), 503, "redis_required")
+        assert c.get("/readyz").json()["redis"] == "disabled"
+        r = c.post(f"/v1/inspect/{CATEGORY}", params={"heatmap": "url"}, files=[upload("a.png", good_images[0].read_bytes())])
+        assert r.status_code == 200 and r.json()["results"][0]["cached"] is False
+        link = r.json()["results"][0]["heatmap"]["url"]
+        assert c.get(link).status_code == 200

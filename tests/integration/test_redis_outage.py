@@ -1,0 +1,93 @@
+"""Redis stopped and restarted under a stream of synchronous requests (cache on,
+``heatmap=url``): not one 5xx, links keep working, ``/readyz`` says degraded and stays 200,
+and the cache is back once Redis is."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from harness import (CATEGORY, RedisServer, Server, client_for, metric, png_variant, start_servers, upload,
+                            wait_until)
+
+
+@pytest.fixture(scope="module")
+def outage_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("outage-redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def outage_api(model_store: Path, outage_redis: RedisServer,
+               tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    servers = start_servers({"api": (model_store, tmp_path_factory.mktemp("outage-logs") / "api.log", dict(
+        redis_url=outage_redis.url, redis_breaker_s=0.5, heatmap_ttl_s=30, max_queue_delay_ms=5))})
+    yield servers["api"]
+    servers["api"].stop()
+
+
+def readyz(client: httpx.Client) -> dict[str, Any]:
+    r = client.get("/readyz")
+    assert r.status_code == 200, r.text  # never out of rotation because of Redis
+    return r.json()
+
+
+def test_sync_path_survives_a_redis_outage(outage_api: Server, outage_redis: RedisServer,
+                                           good_images: list[Path]) -> None:
+    images = [png_variant(p, "outage") for p in good_images[:3]]
+    phase = "up"
+    seen: list[tuple[str, int, bool | None, float]] = []  # phase at the start, status, cached, seconds
+    link_statuses: list[int] = []
+    stop = threading.Event()
+
+    def stream(offset: int) -> None:
+        with client_for(outage_api) as c:
+            i = offset
+            while not stop.is_set():
+                t0, started_in = time.monotonic(), phase
+                r = c.post(f"/v1/inspect/{CATEGORY}", params={"heatmap": "url"},
+                           files=[upload(f"{i % 3}.png", images[i % 3])])
+                ok = r.status_code == 200
+                result = r.json()["results"][0] if ok else None
+                seen.append((started_in, r.status_code, result["cached"] if result else None, time.monotonic() - t0))
+                if result is not None:
+                    link_statuses.append(c.get(result["heatmap"]["url"]).status_code)
+                i += 1
+
+    with client_for(outage_api) as c:
+        assert readyz(c)["redis"] == "ok"
+        errors0 = metric(c, "msflow_cache_requests_total", result="error")
+        threads = [threading.Thread(target=stream, args=(k,)) for k in range(2)]
+        for t in threads:
+            t.start()
+        try:
+            wait_until(lambda: sum(1 for s in seen if s[0] == "up" and s[2]) >= 2, 30, "cache hits before the outage")
+            outage_redis.stop()
+            phase = "down"  # requests started from now on find Redis gone
+            assert readyz(c)["redis"] == "degraded"
+            wait_until(lambda: sum(1 for s in seen if s[0] == "down") >= 10, 30, "requests during the outage")
+            assert readyz(c)["redis"] == "degraded"
+            outage_redis.start()  # same port, empty (no persistence)
+            wait_until(lambda: readyz(c)["redis"] == "ok", 10, "/readyz to report Redis ok again")
+            phase = "back"
+            wait_until(lambda: any(s[0] == "back" and s[2] for s in seen), 30, "cache hits after the outage")
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(30)
+        statuses = {s[1] for s in seen}
+        assert statuses == {200}, [s for s in seen if s[1] != 200][:5]
+        assert set(link_statuses) == {200}
+        down = [s for s in seen if s[0] == "down"]
+        assert not any(s[2] for s in down)  # the cache is bypassed, not failing the request
+        assert metric(c, "msflow_cache_requests_total", result="error") > errors0
+        assert metric(c, "msflow_heatmap_links_total", store="memory") > 0
+        # an outage must not stall requests: socket timeouts + breaker keep them short
+        assert sorted(s[3] for s in down)[len(down) // 2] < 2.0

@@ -1,0 +1,26 @@
+"""The import contracts of pyproject's ``[tool.importlinter]`` hold (docs/DESIGN.md, "Import
+contracts"): models never imports the service, layers import downwards only, no cycles."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_import_contracts_are_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    cli = pytest.importorskip("importlinter.cli", reason="pip install import-linter (the test extra)")
+    monkeypatch.chdir(ROOT)
+    assert cli.lint_imports(config_filename=str(ROOT / "pyproject.toml"), no_cache=True) == 0
+
+
+def test_every_service_package_is_in_a_layer() -> None:
+    """A new subpackage of service/ must be placed in the layers contract, or it escapes it."""
+    text = (ROOT / "pyproject.toml").read_text()
+    for entry in sorted(os.listdir(ROOT / "service")):
+        if (ROOT / "service" / entry / "__init__.py").is_file() or entry.endswith(".py") and entry != "__init__.py":
+            name = "service." + entry.removesuffix(".py")
+            assert f'"{name}' in text or f"| {name}" in text, f"{name} is in no import-linter layer"
