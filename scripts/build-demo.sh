@@ -4,8 +4,9 @@
 #   1. quick: every category with a short schedule (exported as version 1, no evaluation);
 #   2. full:  every category with the default (paper) schedule, evaluated, exported as the
 #             next version; the server swaps it in without a restart.
-# Progress: lines prefixed "demo-build:" here, and <store>/.build/status.json (the console's
-# models page reads it through GET /v1/build).
+# Progress: lines prefixed "demo-build:" here (with the trainer's progress bars), and
+# <store>/.build/status.json for tools; the console's models page lists each category as
+# soon as the server has loaded it.
 #   MSFLOW_DEMO_CATEGORIES  categories (default "brick grass gravel")
 #   MSFLOW_DEMO_FULL=0      stop after the quick pass
 set -euo pipefail

@@ -29,7 +29,7 @@ def main() -> None:
 
     photo = load_texture(args.category)
     foreign = [load_texture(t) for t in TEXTURES if t != args.category]
-    test = plan_regions(*photo.shape, DEFAULT_CROP)["test"]
+    test = plan_regions(*photo.shape, DEFAULT_CROP, args.category)["test"]
     rows = []
     for defect in DEFECT_TYPES:
         for recipe in RECIPES:

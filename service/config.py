@@ -55,6 +55,8 @@ class Settings(BaseSettings):
     engine: EngineKind = Field("auto", description="auto: TensorRT plan if usable, else ONNX Runtime")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1 ...")
     intra_op_threads: int | None = Field(None, ge=1, description="engine CPU threads (None: runtime default)")
+    store_poll_s: float = Field(5.0, ge=0.0, description="how often the server looks for new categories and "
+                                "versions in the model store (0: only at start-up and on reload)")
 
     # --- batching -----------------------------------------------------------------------
     max_batch_size: int = Field(8, ge=1, le=1024)

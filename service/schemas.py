@@ -195,6 +195,8 @@ class Health(_Model):
 class Readiness(_Model):
     status: Literal["ready"] = "ready"
     models: dict[str, str] = Field(description="category -> version serving")
+    categories: dict[str, str] = Field(default_factory=dict,
+                                       description="category -> 'serving <version>', 'loading' or 'failed'")
     redis: Literal["ok", "degraded", "disabled"] = Field(
         "disabled", description="degraded: Redis is configured but unreachable; inspection keeps serving "
                                 "(no cache, links from this host), jobs answer 503")

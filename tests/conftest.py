@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 TEST_INPUT_SIZE = 128
-TEST_CATEGORY = "grass"
+TEST_CATEGORY = "brick"
 
 
 @pytest.fixture(scope="session")
@@ -60,6 +60,20 @@ def demo_test_images(demo_root: Path) -> dict[str, list[Path]]:
     from models.data import MVTecCategory
 
     out: dict[str, list[Path]] = {}
-    for s in MVTecCategory(demo_root, TEST_CATEGORY).test_samples():
+    # Visible-tier defects first: tests that need "a hole" get the dark one, not the shallow dent.
+    samples = sorted(MVTecCategory(demo_root, TEST_CATEGORY).test_samples(), key=lambda s: s.tier == "subtle")
+    for s in samples:
         out.setdefault(s.defect_type, []).append(s.path)
+    return out
+
+
+@pytest.fixture(scope="session")
+def visible_test_images(demo_root: Path) -> dict[str, list[Path]]:
+    """The visible-tier defective test images by defect type (subtle ones are the model's to miss)."""
+    from models.data import MVTecCategory
+
+    out: dict[str, list[Path]] = {}
+    for s in MVTecCategory(demo_root, TEST_CATEGORY).test_samples():
+        if s.tier == "visible":
+            out.setdefault(s.defect_type, []).append(s.path)
     return out

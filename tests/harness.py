@@ -30,7 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 USER_KEY = "user-key-123"
 ADMIN_KEY = "admin-key-456"
-CATEGORY = "grass"
+CATEGORY = "brick"
 
 
 # ---------------------------------------------------------------------- server harness

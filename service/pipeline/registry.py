@@ -88,21 +88,27 @@ class ModelRegistry:
         self._failed: dict[str, str] = {}
         self._categories: list[str] = []
         self._locks: dict[str, asyncio.Lock] = {}
+        self._failed_versions: dict[str, str] = {}  # category -> newest version that failed (not retried)
         # service.pipeline.thresholds.ThresholdOverrides (set by ServiceState): describe() shows overrides
         self.thresholds: Any = None
 
     # ------------------------------------------------------------------ discovery
+    def scan(self) -> list[str]:
+        """Categories in the store now: folders named like a category that hold a complete version."""
+        return sorted(p.name for p in self.store.iterdir()
+                      if p.is_dir() and CATEGORY_PATTERN.match(p.name) and list_versions(p))
+
     def discover(self) -> list[str]:
         """Categories in the store (folders named like a category that hold a version).
 
-        Raises :class:`RegistryError` when the store is missing or empty: a server with
-        nothing to serve is a deployment mistake and must fail at start-up.
+        Raises :class:`RegistryError` when the store is missing, or empty while the store is
+        not watched (``store_poll_s`` 0): nothing would ever be served. A watched empty store
+        is fine: categories appear as they are exported (the demo builds them while serving).
         """
         if not self.store.is_dir():
             raise RegistryError(f"model store {self.store} does not exist (set MSFLOW_MODEL_STORE)")
-        found = sorted(p.name for p in self.store.iterdir()
-                       if p.is_dir() and CATEGORY_PATTERN.match(p.name) and list_versions(p))
-        if not found:
+        found = self.scan()
+        if not found and not self.settings.store_poll_s:
             raise RegistryError(f"model store {self.store} holds no <category>/<version>/manifest.json")
         for category, version in self.settings.pinned_versions.items():
             if category not in found:
@@ -122,6 +128,11 @@ class ModelRegistry:
     def ready(self) -> bool:
         """True when every known category has a warm engine."""
         return bool(self._categories) and all(c in self._models for c in self.categories)
+
+    def status(self) -> dict[str, str]:
+        """Per category: ``serving <version>``, ``loading`` or ``failed``."""
+        return {c: (f"serving {self._models[c].version}" if c in self._models
+                    else "failed" if c in self._failed else "loading") for c in self.categories}
 
     @property
     def failed(self) -> dict[str, str]:
@@ -149,6 +160,26 @@ class ModelRegistry:
                 await self.reload(category)
             except Exception as exc:  # recorded and reported by /readyz and /v1/models
                 log.error("cannot load %s: %s", category, exc)
+
+    async def refresh(self) -> list[str]:
+        """Load what appeared in the store since the last look: new categories, and newer
+        versions of unpinned ones. A version that failed to load is not retried until a newer
+        one appears. Returns the categories (re)loaded."""
+        loaded = []
+        for category in self.scan():
+            newest = list_versions(self.store / category)[-1]
+            current = self._models.get(category)
+            if category in self.settings.pinned_versions or self._failed_versions.get(category) == newest:
+                continue
+            if current is not None and (current.version == newest or current.pinned):
+                continue  # up to date, or an operator chose this version (reload ?version=)
+            try:
+                await self.reload(category)
+                loaded.append(category)
+            except Exception as exc:  # recorded in failed; the poll goes on with the others
+                self._failed_versions[category] = newest
+                log.error("cannot load %s version %s: %s", category, newest, exc)
+        return loaded
 
     def _resolve_version(self, category: str, version: str | None) -> tuple[str, bool]:
         versions = list_versions(self.store / category)

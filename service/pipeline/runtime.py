@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +36,8 @@ from service.pipeline.postprocess import Built, ItemResult, Rendered, build_resu
 from service.schemas import InspectOptions, Upload, HeatmapLink, ImageResult, Timings
 from service.redisq.store import CachedResult, HeatmapLinks, ResultCache, utcnow
 from service.pipeline.thresholds import ThresholdOverrides
+
+log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 _INLINE_HASH_BYTES = 1 << 20  # hash larger uploads in the thread pool
@@ -94,8 +97,18 @@ class ServiceState:
         configure_pillow(self.settings.max_image_pixels)
         self.registry.discover()
         self._pool = ThreadPoolExecutor(self.settings.decode_threads, thread_name_prefix="decode")
-        self._loading = asyncio.create_task(self.registry.load_all(), name="load-models")
+        self._loading = asyncio.create_task(self._load_and_watch(), name="load-models")
         self.thresholds.start(self.registry.serving)
+
+    async def _load_and_watch(self) -> None:
+        """Load what is in the store, then pick up new categories and versions as they are exported."""
+        await self.registry.load_all()
+        while self.settings.store_poll_s and not self.shutting_down:
+            await asyncio.sleep(self.settings.store_poll_s)
+            try:
+                await self.registry.refresh()
+            except OSError as exc:  # the store vanished or is unreadable for a moment: look again later
+                log.warning("model store scan failed: %s", exc)
 
     def begin_shutdown(self) -> None:
         """Readiness goes 503 at once (called from the SIGTERM handler, so only sets a flag)."""

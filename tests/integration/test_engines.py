@@ -20,7 +20,7 @@ from service.engines.factory import load_engine
 from service.engines.onnxruntime import OnnxEngine
 from service.engines.tensorrt import check_plan_compatible
 
-TEST_CATEGORY = "grass"  # as in conftest.py (tests/ is not a package)
+TEST_CATEGORY = "brick"  # as in conftest.py (tests/ is not a package)
 TEST_INPUT_SIZE = 128
 
 CPU = ["CPUExecutionProvider"]

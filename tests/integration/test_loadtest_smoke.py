@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-CATEGORY = "grass"
+CATEGORY = "brick"
 
 
 def _load_runner():
@@ -105,36 +105,36 @@ def test_locustfile_helpers(demo_root, tmp_path):
         import locustfile as lf
 
         found = lf.discover_images({str(demo_root)!r})
-        assert set(found) == {{"grass"}}, found
-        assert all("/test/" in str(p) for p in found["grass"])
+        assert set(found) == {{"brick"}}, found
+        assert all("/test/" in str(p) for p in found["brick"])
         one = lf.discover_images({str(demo_root / CATEGORY / 'test')!r})
-        assert set(one) == {{"grass"}} and len(one["grass"]) == len(found["grass"])
+        assert set(one) == {{"brick"}} and len(one["brick"]) == len(found["brick"])
         flat = lf.discover_images({str(tmp_path / 'flat')!r})
         assert set(flat) == {{lf.ANY}} and len(flat[lf.ANY]) == 3
-        assert lf.discover_images({str(demo_root / CATEGORY / 'test' / '*' / '*.png')!r}).keys() == {{"grass"}}
+        assert lf.discover_images({str(demo_root / CATEGORY / 'test' / '*' / '*.png')!r}).keys() == {{"brick"}}
 
         assert lf.parse_weights("grass:3, brick ,x:0") == {{"grass": 3.0, "brick": 1.0}}
         assert lf.categories_from_models({{"models": [{{"category": "grass"}}, {{"category": "brick"}}], "failed": {{}}}}) == ["grass", "brick"]
         assert lf.categories_from_models(["a", "b"]) == ["a", "b"]
         assert lf.categories_from_models(None) == []
-        assert lf.redis_healthy({{"status": "ready", "models": {{"grass": "1"}}}}) is False
+        assert lf.redis_healthy({{"status": "ready", "models": {{"brick": "1"}}}}) is False
         assert lf.redis_healthy({{"status": "ready", "redis": "ok"}}) is True
         assert lf.redis_healthy({{"checks": {{"redis": {{"status": "ok"}}}}}}) is True
         assert lf.redis_healthy({{"redis": "degraded"}}) is False
 
         png = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAAAAAA6fptVAAAACklEQVR4nGNgAAAAAgABSK+kcQAAAABJRU5ErkJggg=="
         def body(heatmap):
-            return {{"request_id": "r", "category": "grass", "model_version": "1", "engine": "e", "results": [
+            return {{"request_id": "r", "category": "brick", "model_version": "1", "engine": "e", "results": [
                 {{"index": 0, "score": 0.3, "raw_score": 1.0, "threshold": 2.0, "is_anomalous": False,
                   "heatmap": heatmap, "timings_ms": {{}}}}]}}
-        assert lf.check_inspect(body(None), "grass", 1, "none") is None
-        assert lf.check_inspect(body({{"format": "png", "encoding": "base64", "data": png}}), "grass", 1, "inline") is None
-        assert "no inline heatmap" in lf.check_inspect(body(None), "grass", 1, "inline")
-        assert "not a base64 PNG" in lf.check_inspect(body({{"data": "aGVsbG8gd29ybGQ="}}), "grass", 1, "inline")
-        assert "expected 2 results" in lf.check_inspect(body(None), "grass", 2, "none")
-        assert "category" in lf.check_inspect(body(None), "brick", 1, "none")
+        assert lf.check_inspect(body(None), "brick", 1, "none") is None
+        assert lf.check_inspect(body({{"format": "png", "encoding": "base64", "data": png}}), "brick", 1, "inline") is None
+        assert "no inline heatmap" in lf.check_inspect(body(None), "brick", 1, "inline")
+        assert "not a base64 PNG" in lf.check_inspect(body({{"data": "aGVsbG8gd29ybGQ="}}), "brick", 1, "inline")
+        assert "expected 2 results" in lf.check_inspect(body(None), "brick", 2, "none")
+        assert "category" in lf.check_inspect(body(None), "grass", 1, "none")
         bad = body(None); bad["results"][0]["score"] = 1.5
-        assert "outside [0, 1]" in lf.check_inspect(bad, "grass", 1, "none")
+        assert "outside [0, 1]" in lf.check_inspect(bad, "brick", 1, "none")
         assert lf.heatmap_link({{"url": "/v1/heatmaps/x.png"}}) == "/v1/heatmaps/x.png"
         print("ok")
     """)

@@ -121,7 +121,7 @@ def test_overrides_file_redis_and_replicas(model_store: Path, tmp_path: Path) ->
             _, persisted = await a.set(CATEGORY, "1", calibrated - 0.5)
             assert persisted == ["redis", "file"]
             assert await b.refresh([(CATEGORY, "1")]) and b.threshold(man) == calibrated - 0.5
-            assert redis_server.client().get("msflow-thr:threshold:grass:1") is not None
+            assert redis_server.client().get("msflow-thr:threshold:brick:1") is not None
             await a.clear(CATEGORY, "1")
             assert await b.refresh([(CATEGORY, "1")]) and b.threshold(man) == calibrated
             # a stale local file does not win over Redis ("no key" = calibrated)
@@ -204,9 +204,11 @@ def regions_of(result: dict) -> list[Region]:
 
 
 # ====================================================================== regions over HTTP
-def test_defect_regions_overlap_ground_truth(client: httpx.Client, samples: dict[str, list[Path]],
+def test_defect_regions_overlap_ground_truth(client: httpx.Client, visible_test_images: dict[str, list[Path]],
                                              demo_root: Path) -> None:
-    paths = samples["hole"] + samples["foreign"]
+    # Visible holes and foreign patches (the subtle tier's shallow dents are reported by
+    # `msflow eval`, not promised here).
+    paths = visible_test_images["hole"] + visible_test_images["foreign"]
     rows, ious = [], []
     for path, res in zip(paths, inspect(client, paths)):
         regions = regions_of(res)
@@ -239,18 +241,20 @@ def test_good_images_mostly_without_regions(client: httpx.Client, samples: dict[
 def test_regions_are_in_original_pixels(client: httpx.Client, samples: dict[str, list[Path]]) -> None:
     path = samples["hole"][0]
     (square,) = inspect(client, [path])
-    wide = Image.open(path).convert("RGB").resize((448, 224))  # 2x wider: boxes double in x
+    original = Image.open(path).convert("RGB")
+    w, h = original.size
+    wide = original.resize((2 * w, h))  # 2x wider: boxes double in x
     buf = io.BytesIO()
     wide.save(buf, format="PNG")
     r = client.post(INSPECT, params={"heatmap": "none"}, files=[("file", ("wide.png", buf.getvalue(), "image/png"))])
     assert r.status_code == 200, r.text
     (stretched,) = r.json()["results"]
-    assert stretched["image_size"] == {"width": 448, "height": 224}
+    assert stretched["image_size"] == {"width": 2 * w, "height": h}
     a, b = regions_of(square)[0], regions_of(stretched)[0]
     # Same model input up to resampling: the box doubles in x, stays in y, the area doubles,
     # within 3 map pixels (an edge of a blurry map moves a little with the resampling; the
     # exact geometry is test_regions_boxes_scale_to_the_original_image's).
-    px = 448 / 128
+    px = 2 * w / client.get(f"/v1/models/{CATEGORY}").json()["input_size"]  # input pixels per map pixel in x
     assert abs(b.x - 2 * a.x) <= 3 * px and abs(b.width - 2 * a.width) <= 6 * px, (a, b)
     assert abs(b.y - a.y) <= 3 * px / 2 and abs(b.height - a.height) <= 3 * px, (a, b)
     assert 1.6 < b.area / a.area < 2.4, (a, b)

@@ -75,7 +75,7 @@ def test_single_image_json_with_heatmap(client: httpx.Client, demo_files: dict[s
     assert res["model_version"] == model["version"] and res["threshold"] == model["threshold"]
     assert 0.0 <= res["score"] <= 1.0 and res["is_anomalous"] == (res["raw_score"] >= res["threshold"])
     assert (res["score"] >= 0.5) == res["is_anomalous"]
-    assert res["image_size"] == {"width": 224, "height": 224} and res["filename"] == demo_files["defect"][0].name
+    assert res["image_size"] == {"width": 128, "height": 128} and res["filename"] == demo_files["defect"][0].name
     assert set(res["timings_ms"]) == {"decode", "queue", "engine", "render", "total"}
     heat = res["heatmap"]
     assert heat["format"] == "png" and heat["encoding"] == "base64"

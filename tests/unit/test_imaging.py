@@ -153,7 +153,7 @@ def test_non_image_and_unsupported_format_are_415(data: bytes) -> None:
 
 def test_server_decode_matches_trainer_on_demo_files(demo_root: Path) -> None:
     """The service's decode + resize gives exactly the trainer's uint8 tensor."""
-    samples = MVTecCategory(demo_root, "grass").test_samples()
+    samples = MVTecCategory(demo_root, "brick").test_samples()
     picked = [s for s in samples if s.defect_type == "good"][:2] + [s for s in samples if s.label == 1][:2]
     size = 128
     trainer = load_images(picked, size)
