@@ -27,6 +27,16 @@ def _demo_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _build_status(args: argparse.Namespace) -> int:
+    from models.build_progress import record_build, record_step
+
+    if args.category:
+        record_step(Path(args.store), args.stage, args.category, args.state, args.detail)
+    else:
+        record_build(Path(args.store), args.state)
+    return 0
+
+
 def _model_config(args: argparse.Namespace) -> "object":
     from models.msflow import MSFlowConfig
 
@@ -232,6 +242,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", default=None, help="model store (overrides MSFLOW_MODEL_STORE)")
     p.add_argument("--name", default=None, help="consumer name in the group (default host-pid)")
     p.set_defaults(func=_worker)
+
+    p = sub.add_parser("build-status", help="record a model build's progress in <store>/.build/status.json "
+                       "(shown by GET /v1/models and the console)")
+    p.add_argument("--store", required=True)
+    p.add_argument("--stage", default="build", help="e.g. quick, full")
+    p.add_argument("--category", default=None, help="omit to record the state of the whole build")
+    p.add_argument("--state", required=True,
+                   help="a category's step (waiting, training, evaluating, exporting, served, failed) or, "
+                        "without --category, the build's (running, done, failed)")
+    p.add_argument("--detail", default="")
+    p.set_defaults(func=_build_status)
 
     p = sub.add_parser("import-official", help="turn a checkpoint saved by the official MSFlow code into a run")
     p.add_argument("checkpoint")

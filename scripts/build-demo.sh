@@ -5,8 +5,8 @@
 #   2. full:  every category with the default (paper) schedule, evaluated, exported as the
 #             next version; the server swaps it in without a restart.
 # Progress: lines prefixed "demo-build:" here (with the trainer's progress bars), and
-# <store>/.build/status.json for tools; the console's models page lists each category as
-# soon as the server has loaded it.
+# <store>/.build/status.json (msflow build-status), which GET /v1/models and the console
+# show; each category appears in the console as soon as the server has loaded it.
 #   MSFLOW_DEMO_CATEGORIES  categories (default "brick grass gravel")
 #   MSFLOW_DEMO_FULL=0      stop after the quick pass
 set -euo pipefail
@@ -14,34 +14,24 @@ cd "$(dirname "$0")/.."
 STORE=${MSFLOW_MODEL_STORE:-model_store}
 CATEGORIES=${MSFLOW_DEMO_CATEGORIES:-"brick grass gravel"}
 MSFLOW=.venv/bin/msflow
-STATUS_DIR="$STORE/.build"
-mkdir -p "$STATUS_DIR"
 
-status() {  # status STAGE CATEGORY STATE [DETAIL]
-  local now
-  now=$(date -u +%Y-%m-%dT%H:%M:%SZ)
-  echo "demo-build: [$now] $1 $2: $3 ${4:-}"
-  .venv/bin/python - "$STATUS_DIR/status.json" "$1" "$2" "$3" "${4:-}" "$now" <<'PY'
-import json, os, sys
-path, stage, category, state, detail, now = sys.argv[1:]
-try:
-    data = json.load(open(path))
-except (OSError, ValueError):
-    data = {"categories": {}}
-data["updated_at"] = now
-data["categories"].setdefault(category, {})[stage] = {"state": state, "detail": detail, "at": now}
-tmp = path + ".tmp"
-with open(tmp, "w") as f:
-    json.dump(data, f, indent=1)
-os.replace(tmp, path)  # readers never see half a file
-PY
+status() {  # status STAGE CATEGORY STATE [DETAIL]: a terminal line and <store>/.build/status.json
+  echo "demo-build: [$(date -u +%H:%M:%S)] $1 $2: $3 ${4:-}"
+  $MSFLOW build-status --store "$STORE" --stage "$1" --category "$2" --state "$3" --detail "${4:-}"
 }
+current=""  # "STAGE CATEGORY" being built, so a failure is recorded against it
+trap 'rc=$?; if [ $rc -ne 0 ]; then [ -n "$current" ] && status $current failed "exit $rc"; $MSFLOW build-status --store "$STORE" --state failed; fi' EXIT
 
+$MSFLOW build-status --store "$STORE" --state running
+for category in $CATEGORIES; do
+  ls "$STORE/$category"/*/manifest.json >/dev/null 2>&1 || status quick "$category" waiting
+done
 [ -f data/demo/brick/dataset.json ] || { echo "demo-build: writing the demo data set"; $MSFLOW demo-data --out data/demo >/dev/null; }
 
 # Pass 1: a first model per category in about a minute each (lr 1e-3, 12 sub-epochs).
 for category in $CATEGORIES; do
   if ls "$STORE/$category"/*/manifest.json >/dev/null 2>&1; then continue; fi
+  current="quick $category"
   status quick "$category" training
   $MSFLOW train --data data/demo --category "$category" --out "runs/demo-quick/$category" \
     --lr 1e-3 --meta-epochs 3 --sub-epochs 4 --warmup-meta-epochs 1 --decay-milestones 9
@@ -49,12 +39,14 @@ for category in $CATEGORIES; do
   status quick "$category" served "quick model (12 sub-epochs); the full model follows"
 done
 
-[ "${MSFLOW_DEMO_FULL:-1}" = "0" ] && exit 0
+current=""
+if [ "${MSFLOW_DEMO_FULL:-1}" = "0" ]; then $MSFLOW build-status --store "$STORE" --state done; exit 0; fi
 # Pass 2: the default recipe, evaluated (report, pictures), replacing the quick model.
 for category in $CATEGORIES; do
   run=runs/demo/$category
   if [ -f "$run/report.json" ] && [ -f "$STORE/$category/.full-exported" ]; then continue; fi
-  status full "$category" training
+  current="full $category"
+  status full "$category" training "default recipe; the quick model keeps serving"
   [ -f "$run/checkpoint.pt" ] || $MSFLOW train --data data/demo --category "$category" --out "$run"
   status full "$category" evaluating
   $MSFLOW eval --run "$run" | sed 's/^/demo-build:   /'
@@ -62,4 +54,6 @@ for category in $CATEGORIES; do
   touch "$STORE/$category/.full-exported"
   status full "$category" served "full model (default recipe), evaluated"
 done
+current=""
+$MSFLOW build-status --store "$STORE" --state done
 echo "demo-build: done"

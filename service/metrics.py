@@ -11,13 +11,9 @@ unknown category from a client is counted as ``"-"``), endpoints are route templ
 
 from __future__ import annotations
 
-import re
 import sys
-import time
-import uuid
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 # 1 ms .. 30 s: a warm GPU answers in a few ms, a cold CPU batch of large images in seconds.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -139,49 +135,3 @@ class ServiceMetrics:
 
     def is_known(self, category: str) -> bool:
         return category in self._model_labels
-
-
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-
-
-class RequestMetricsMiddleware:
-    """Per-request instrumentation: a request id (the client's ``X-Request-ID`` if sane, else
-    a new one; echoed in the answer), and latency and status by route template.
-
-    Pure ASGI rather than BaseHTTPMiddleware: no extra task per request, and exceptions pass
-    through untouched to the app's error handler (counted here as 500).
-    """
-
-    def __init__(self, app: ASGIApp, metrics: ServiceMetrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.monotonic()
-        incoming = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
-        request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
-        # Routes read these from request.scope["state"] (deadline start, response body id).
-        scope.setdefault("state", {}).update(request_id=request_id, started=started)
-        status = 500
-
-        async def send_with_id(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_with_id)
-        finally:
-            endpoint = getattr(scope.get("route"), "path", "unmatched")
-            category = scope.get("path_params", {}).get("category", "")
-            # Only categories of the store become label values: clients cannot grow the series.
-            self.metrics.observe_request(endpoint, category if self.is_known(category) else UNKNOWN, status,
-                                         time.monotonic() - started)
-
-    def is_known(self, category: str) -> bool:
-        return self.metrics.is_known(category)

@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from models.build_progress import BuildProgress
+
 
 class _Model(BaseModel):
     model_config = ConfigDict(protected_namespaces=())
@@ -176,6 +178,8 @@ class RecentScores(_Model):
 class ModelList(_Model):
     models: list[ModelInfo]
     failed: dict[str, str] = Field(default_factory=dict, description="category -> why it did not load")
+    building: BuildProgress | None = Field(None, description="progress of a model build writing into the store "
+                                                             "(<store>/.build/status.json), when there is one")
 
 
 class ErrorBody(_Model):

@@ -57,17 +57,24 @@ class Server:
              "--store", str(store)], env=env, stdout=self._log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 60.0) -> None:
+        self._wait_for("/readyz", "ready", timeout)
+
+    def wait_alive(self, timeout: float = 60.0) -> None:
+        """Up and answering, whether or not a model is loaded (an empty store being built)."""
+        self._wait_for("/healthz", "alive", timeout)
+
+    def _wait_for(self, path: str, what: str, timeout: float) -> None:
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                if httpx.get(f"{self.url}/readyz", timeout=1.0).status_code == 200:
+                if httpx.get(f"{self.url}{path}", timeout=1.0).status_code == 200:
                     return
             except httpx.TransportError:
                 pass
             time.sleep(0.1)
-        raise RuntimeError(f"server not ready after {timeout} s:\n{self.log()}")
+        raise RuntimeError(f"server not {what} after {timeout} s:\n{self.log()}")
 
     def log(self) -> str:
         self._log.flush()

@@ -28,7 +28,7 @@ from service.api import health, inspect, jobs, models
 from service.api.console import install_console
 from service.api.errors import install_error_handlers
 from service.config import Settings
-from service.metrics import RequestMetricsMiddleware
+from service.api.request_metrics import RequestMetricsMiddleware
 from service.pipeline.runtime import ServiceState
 
 

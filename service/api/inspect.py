@@ -35,7 +35,8 @@ async def inspect(request: Request, category: CategoryDep, state: StateDep,
                                f"this request has {len(uploads)}")
             wants_png = False
         options = InspectOptions(heatmap=heatmap, overlay=overlay, heatmap_size=heatmap_size)
-        answer = await state.inspect(request, lane, uploads, options, deadline, started, wants_png)
+        answer = await state.inspect(lane, uploads, options, deadline, started, wants_png,
+                                     gone=lambda: _disconnected(request))
     if wants_png:
         return _png_response(answer.results[0], answer.heats[0], answer.engines[0])  # type: ignore[arg-type]
     body = InspectResponse(request_id=request.scope["state"]["request_id"], category=category,
@@ -52,6 +53,13 @@ async def get_heatmap(heatmap_id: str, state: StateDep) -> Response:
     if png is None:
         raise ApiError(404, "heatmap_not_found", "no such heatmap: the link expired or never existed")
     return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=60"})
+
+async def _disconnected(request: Request) -> None:
+    """Return when the client disconnects (the body is already read, so the next ASGI
+    message can only be ``http.disconnect``)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
 
 def _wants_png(accept: str | None) -> tuple[bool, bool]:
     """(png preferred, json acceptable) from an Accept header; JSON wins ties and absence."""

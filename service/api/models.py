@@ -20,7 +20,8 @@ router = APIRouter()
 
 @router.get("/v1/models", response_model=ModelList, dependencies=[Authed], responses=ERRORS)
 async def list_models(state: StateDep) -> ModelList:
-    return ModelList(models=state.registry.describe_all(), failed=state.registry.failed)
+    return ModelList(models=state.registry.describe_all(), failed=state.registry.failed,
+                     building=state.registry.build_progress())
 
 
 @router.get("/v1/models/{category}", response_model=ModelInfo, dependencies=[Authed], responses=ERRORS)

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from models.build_progress import BuildProgress, read_progress
 from models.manifest import CATEGORY_PATTERN, Manifest, ManifestError, list_versions
 from service.config import Settings
 from service.engines.base import Engine
@@ -133,6 +134,10 @@ class ModelRegistry:
         """Per category: ``serving <version>``, ``loading`` or ``failed``."""
         return {c: (f"serving {self._models[c].version}" if c in self._models
                     else "failed" if c in self._failed else "loading") for c in self.categories}
+
+    def build_progress(self) -> BuildProgress | None:
+        """What a builder writing into the store reports (advisory: None when absent or unusable)."""
+        return read_progress(self.store)
 
     @property
     def failed(self) -> dict[str, str]:

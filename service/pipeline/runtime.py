@@ -15,12 +15,10 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
-
-from fastapi import Request
 
 import numpy as np
 
@@ -196,22 +194,24 @@ class ServiceState:
         return results  # type: ignore[return-value]
 
     async def score(self, lane: Lane, images: list[DecodedImage], deadline: float,
-                    request: Request) -> list[ItemResult]:
-        """Queue every image on the pinned lane; wait for all, the deadline, or the client
-        leaving (then the images are dropped before the engine)."""
+                    gone: Awaitable[None] | None = None) -> list[ItemResult]:
+        """Queue every image on the pinned lane; wait for all, the deadline, or ``gone``
+        (the client left: the images are dropped before the engine)."""
         futures = lane.batcher.submit_many([im.tensor for im in images], deadline)
         try:
-            await wait_results(futures, deadline, _disconnected(request))
+            await wait_results(futures, deadline, gone)
         except DeadlineExceeded:
             self.metrics.count_rejection(lane.model.category, "deadline")
             raise
         return [_item_result(f.result()) for f in futures]  # raises an item's error, if any
 
-    async def inspect(self, request: Request, lane: Lane, uploads: Sequence[Upload], options: InspectOptions,
-                      deadline: float, started: float, wants_png: bool = False) -> Inspection:
+    async def inspect(self, lane: Lane, uploads: Sequence[Upload], options: InspectOptions, deadline: float,
+                      started: float, wants_png: bool = False,
+                      gone: Callable[[], Awaitable[None]] | None = None) -> Inspection:
         """Answer every upload: from the result cache where the same bytes were inspected with
         the same model version, threshold and options, else decode + batch + score + render.
-        The PNG answer (``wants_png``) bypasses the cache."""
+        The PNG answer (``wants_png``) bypasses the cache. ``gone()`` completes when the
+        caller stops waiting (an HTTP client disconnecting)."""
         model = lane.model
         category = model.category
         n = len(uploads)
@@ -228,7 +228,7 @@ class ServiceState:
         engines: dict[int, str] = {}
         if todo:
             images = await self.decode_all(model.manifest.input_size, [uploads[i] for i in todo], todo)
-            scored = await self.score(lane, images, deadline, request)
+            scored = await self.score(lane, images, deadline, gone() if gone is not None else None)
             made = await build_results([(i, uploads[i].filename, im, sc) for i, im, sc in zip(todo, images, scored)],
                                        model.manifest, options, self.run_blocking, self.links, started, render_all=wants_png,
                                        policy=self.result_policy)
@@ -303,13 +303,6 @@ def _item_result(batched: Batched[tuple[float, np.ndarray]]) -> ItemResult:
     raw_score, anomaly_map = batched.value
     return ItemResult(raw_score=raw_score, anomaly_map=anomaly_map, batch_size=batched.batch_size,
                       queue_ms=batched.queue_ms, engine_ms=batched.run_ms)
-
-
-async def _disconnected(request: Request) -> None:
-    """Return when the client disconnects (the body is already read, so the next ASGI
-    message can only be ``http.disconnect``)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
 
 
 def _cache_ttl(built: Built) -> float:

@@ -15,7 +15,9 @@
     cards: [],
     adminTimer: null,
     adminSeq: 0,
+    pollTimer: null,
   };
+  const POLL_MS = 5000; // while models are being built or loaded: the list refreshes itself
 
   // ------------------------------------------------------------------ helpers
   const $ = (sel, root = document) => root.querySelector(sel);
@@ -170,8 +172,11 @@
       clearError();
       if (state.key) setKeyStatus(`key \u2026${state.key.slice(-4)} \u2713`, "ok");
       const failed = Object.entries(list.failed || {});
+      const building = list.building && list.building.state === "running";
+      showBuild(list.building);
       if (failed.length) showError(`Not loaded: ${failed.map(([c, why]) => `${c}: ${why}`).join("; ")}`);
-      if (!state.models.length) showError("No model is loaded yet (the service may still be warming up).");
+      if (!state.models.length && !building) showError("No model is loaded yet (the service may still be warming up).");
+      schedulePoll(building || !state.models.length);
     } catch (e) {
       state.models = [];
       showError(e);
@@ -180,6 +185,33 @@
     fillSelect($("#category"), cats);
     fillSelect($("#admin-category"), cats);
     document.body.dataset.models = String(cats.length);
+  }
+
+  // A build writing into the model store (scripts/build-demo.sh): what each category is doing.
+  function showBuild(progress) {
+    const box = $("#build");
+    if (!progress || !Object.keys(progress.categories || {}).length) {
+      box.hidden = true;
+      return;
+    }
+    const steps = Object.entries(progress.categories).map(([category, { stages }]) => {
+      const parts = Object.entries(stages).map(([stage, step]) => {
+        const at = new Date(step.at).toLocaleTimeString();
+        return `${stage}: ${step.state}${step.detail ? ` (${step.detail})` : ""} since ${at}`;
+      });
+      const failed = Object.values(stages).some((step) => step.state === "failed");
+      return el("li", { class: failed ? "failed" : "", "data-category": category, text: `${category} \u2014 ${parts.join("; ")}` });
+    });
+    const titles = { running: "Models are being built", done: "Model build finished", failed: "Model build failed" };
+    $("#build-title").textContent = titles[progress.state] || progress.state;
+    $("#build-steps").replaceChildren(...steps);
+    box.dataset.state = progress.state;
+    box.hidden = progress.state === "done" && state.models.length > 0 && steps.every((li) => !li.classList.contains("failed"));
+  }
+
+  function schedulePoll(again) {
+    clearTimeout(state.pollTimer);
+    state.pollTimer = again ? setTimeout(refresh, POLL_MS) : null;
   }
 
   const modelOf = (category) => state.models.find((m) => m.category === category);

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from models.build_progress import record_build, record_step
 from service.pipeline.regions import box_mask
 from service.schemas import Region
 from harness import ADMIN_KEY, CATEGORY, USER_KEY, Server, start
@@ -243,3 +244,34 @@ def test_wrong_or_missing_key_shows_an_error_not_a_blank_page(console: Console) 
         console.tab("admin")
         page.wait_for_selector("#error:has-text('admin API key')")
         assert page.locator("#admin-info .failure").is_visible()
+
+
+def test_build_progress_shows_until_the_model_arrives(browser: Any, artifacts: Path, model_store: Path,
+                                                      tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    store.mkdir()
+    record_step(store, "quick", CATEGORY, "training", "12 sub-epochs")  # as scripts/build-demo.sh does
+    srv = Server(store, tmp_path / "server.log", api_keys=USER_KEY, store_poll_s=0.3)
+    console = Console(browser, srv, artifacts, "build-progress")
+    try:
+        with console.on_failure_screenshot():
+            srv.wait_alive(60)
+            console.open()
+            console.use_key(USER_KEY)
+            step = console.page.locator(f"#build li[data-category='{CATEGORY}']")
+            step.wait_for()
+            assert "quick: training (12 sub-epochs)" in step.inner_text()
+            assert console.page.locator("#build").get_attribute("data-state") == "running"
+            assert not console.page.locator("#error").is_visible()  # building is not an error
+            (store / CATEGORY).mkdir()
+            staging = store / CATEGORY / ".1-partial"
+            shutil.copytree(model_store / CATEGORY / "1", staging)
+            staging.rename(store / CATEGORY / "1")
+            record_step(store, "quick", CATEGORY, "served", "quick model")
+            console.page.wait_for_selector(f"#build li[data-category='{CATEGORY}']:has-text('served')")
+            console.wait_models()  # the page polls while building: the category appears without a reload
+            record_build(store, "done")
+            console.page.wait_for_selector("#build", state="hidden")
+    finally:
+        console.close()
+        srv.stop()

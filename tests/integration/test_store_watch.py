@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 
 from harness import CATEGORY, Server, part, start, wait_until
+from models.build_progress import record_build, record_step
 from models.data import MVTecCategory
 from models.manifest import Manifest
 
@@ -68,18 +69,22 @@ def test_an_empty_store_starts_and_becomes_ready_when_a_model_arrives(model_stor
     store.mkdir()
     server = Server(store, tmp_path / "server.log", store_poll_s=0.3)
     try:
-        def alive() -> bool:
-            try:
-                return httpx.get(f"{server.url}/healthz", timeout=1.0).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        wait_until(alive, 60, "healthz", interval=0.1)
+        server.wait_alive(60)
         r = httpx.get(f"{server.url}/readyz", timeout=5.0)
         assert r.status_code == 503  # nothing to serve yet: out of rotation, but alive
+        listing = httpx.get(f"{server.url}/v1/models", timeout=5.0).json()
+        assert listing["models"] == [] and listing["building"] is None
+        record_step(store, "quick", CATEGORY, "training", "12 sub-epochs")  # what scripts/build-demo.sh writes
+        building = httpx.get(f"{server.url}/v1/models", timeout=5.0).json()["building"]
+        assert building["state"] == "running"
+        assert building["categories"][CATEGORY]["stages"]["quick"]["state"] == "training"
         (store / CATEGORY).mkdir()
         _copy_version(model_store / CATEGORY / "1", store / CATEGORY / "1", CATEGORY, "1")
+        record_step(store, "quick", CATEGORY, "served")
+        record_build(store, "done")
         server.wait_ready(60)
         assert httpx.get(f"{server.url}/readyz", timeout=5.0).json()["models"] == {CATEGORY: "1"}
+        listing = httpx.get(f"{server.url}/v1/models", timeout=5.0).json()
+        assert [m["category"] for m in listing["models"]] == [CATEGORY] and listing["building"]["state"] == "done"
     finally:
         server.stop()
