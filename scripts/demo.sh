@@ -6,10 +6,14 @@
 #   MSFLOW_MODEL_STORE     model store to serve (default: model_store)
 #   MSFLOW_DEMO_CATEGORIES categories to build (default: "brick grass gravel")
 #   MSFLOW_PORT            port (default: 8000)
+#   MSFLOW_ADMIN_API_KEYS  admin keys; without, admin routes open on loopback (MSFLOW_DEV_OPEN_ADMIN)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh test
 export MSFLOW_MODEL_STORE=${MSFLOW_MODEL_STORE:-model_store}
+# The console's admin view (thresholds) on this machine only: admin routes are closed unless
+# an admin key is configured, and this development switch is refused off loopback.
+if [ -z "${MSFLOW_ADMIN_API_KEYS:-}" ]; then export MSFLOW_DEV_OPEN_ADMIN=${MSFLOW_DEV_OPEN_ADMIN:-true}; fi
 mkdir -p "$MSFLOW_MODEL_STORE"
 ./scripts/build-demo.sh &
 builder=$!

@@ -43,6 +43,10 @@ def _key_list(value: Any) -> Any:
     return value
 
 
+PLACEHOLDER_KEY_PREFIX = "change-me"  # the example files' keys: refused, so they never go live
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
 class Settings(BaseSettings):
     """Settings of the inspection service (environment variable = ``MSFLOW_`` + upper-case name)."""
 
@@ -75,7 +79,10 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, repr=False,
                                                      description="empty: the API is open")
     admin_api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, repr=False,
-                                                           description="keys allowed to reload models")
+                                                           description="keys allowed to reload models and change "
+                                                                       "thresholds; none: admin routes refuse (403)")
+    dev_open_admin: bool = Field(False, description="development only: with no keys at all, admin routes are "
+                                                    "open. Refused unless the server binds a loopback address")
 
     # --- server -------------------------------------------------------------------------
     # Loopback by default: an open API (no keys) must not be exposed by accident; containers
@@ -141,7 +148,11 @@ class Settings(BaseSettings):
     @field_validator("api_keys", "admin_api_keys", mode="before")
     @classmethod
     def _parse_keys(cls, value: Any) -> Any:
-        return _key_list(value)
+        keys = _key_list(value)
+        if isinstance(keys, list) and any(str(k).lower().startswith(PLACEHOLDER_KEY_PREFIX) for k in keys):
+            raise ValueError(f"an API key starts with {PLACEHOLDER_KEY_PREFIX!r}: replace the example keys "
+                             "(deploy/env.example, deploy/k8s/secret.yaml) with real ones")
+        return keys
 
     @field_validator("redis_url", "redis_password", "worker_name", mode="before")
     @classmethod
@@ -172,6 +183,10 @@ class Settings(BaseSettings):
             log.warning("max_upload_bytes > max_request_bytes: the request limit applies first")
         if self.redis_url is not None and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("redis_url must start with redis://, rediss:// or unix://")
+        if self.dev_open_admin and self.host not in LOOPBACK_HOSTS:
+            raise ValueError(f"dev_open_admin opens the admin routes to anyone who reaches {self.host}: it is "
+                             f"allowed only on a loopback host ({', '.join(sorted(LOOPBACK_HOSTS))}); configure "
+                             "MSFLOW_ADMIN_API_KEYS instead")
         return self
 
 

@@ -201,6 +201,8 @@ class Readiness(_Model):
     models: dict[str, str] = Field(description="category -> version serving")
     categories: dict[str, str] = Field(default_factory=dict,
                                        description="category -> 'serving <version>', 'loading' or 'failed'")
+    failed: dict[str, str] = Field(default_factory=dict, description="category -> why it is not served (skipped; "
+                                                                     "the others serve)")
     redis: Literal["ok", "degraded", "disabled"] = Field(
         "disabled", description="degraded: Redis is configured but unreachable; inspection keeps serving "
                                 "(no cache, links from this host), jobs answer 503")

@@ -28,6 +28,7 @@ from service.api import health, inspect, jobs, models
 from service.api.console import install_console
 from service.api.errors import install_error_handlers
 from service.config import Settings
+from service.api.docs import install_docs
 from service.api.request_metrics import RequestMetricsMiddleware
 from service.pipeline.runtime import ServiceState
 
@@ -45,11 +46,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             await state.stop()
 
-    app = FastAPI(title="MSFlow inspection service", version="1", lifespan=lifespan,
+    app = FastAPI(title="MSFlow inspection service", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Anomaly scores and heatmaps from MSFlow models, batched per category.")
     app.state.service = state
     app.add_middleware(RequestMetricsMiddleware, metrics=state.metrics)
     install_error_handlers(app)
+    install_docs(app)  # /docs with local assets (FastAPI's own page loads them from a CDN)
     install_console(app)  # GET / (operator console), model assets, threshold overrides, recent scores
     for area in (inspect, jobs, models, health):
         app.include_router(area.router)

@@ -1,8 +1,16 @@
-"""API keys: ``X-API-Key: KEY`` or ``Authorization: Bearer KEY``.
+"""API keys (``X-API-Key: KEY`` or ``Authorization: Bearer KEY``) and the cross-site guard.
 
-No keys configured: the API is open. ``MSFLOW_API_KEYS`` guard every ``/v1`` route;
-``MSFLOW_ADMIN_API_KEYS`` are also valid there and are the only keys that may reload
-models. Keys are compared in constant time against every configured key.
+No keys configured: the inspection API is open (the server binds loopback unless told
+otherwise). ``MSFLOW_API_KEYS`` guard every ``/v1`` route; ``MSFLOW_ADMIN_API_KEYS`` are
+also valid there and are the only keys that may reload models or move thresholds.
+Admin routes fail closed: without an admin key configured they answer 403, unless the
+development switch ``MSFLOW_DEV_OPEN_ADMIN`` is set on a loopback-bound server with no
+keys at all. Keys are compared in constant time against every configured key.
+
+State-changing routes also refuse what a browser sends on behalf of another site
+(:func:`refuse_cross_site`): the key header already does that when keys are configured
+(a cross-site form cannot set headers, and no CORS is allowed), the guard covers open
+development servers too.
 """
 
 from __future__ import annotations
@@ -49,13 +57,50 @@ def require_api_key(request: Request, state: StateDep) -> None:
         raise _unauthorized("invalid_api_key", "the API key is not valid")
 
 
+_FORM_SAFE_TYPES = ("application/json",)  # what an HTML form can never send
+_CLIENT_HEADER = "x-requested-with"  # any value: a custom header forces a CORS preflight
+
+
+def refuse_cross_site(request: Request) -> None:
+    """403 for a state-changing request a browser makes on behalf of another site.
+
+    Refused: ``Sec-Fetch-Site`` ``cross-site``/``same-site`` (every current browser sends it)
+    and ``Origin: null``; curl and SDKs send neither. Admin routes also need a key header,
+    a JSON body or ``X-Requested-With`` (:func:`_refuse_formless`), which covers browsers
+    too old to send ``Sec-Fetch-Site``."""
+    if request.method in ("GET", "HEAD", "OPTIONS"):
+        return
+    headers = request.headers
+    if headers.get("sec-fetch-site", "").lower() in ("cross-site", "same-site"):
+        raise ApiError(403, "cross_site_refused", "state-changing requests from another site are refused")
+    # Origin is not compared with Host: a reverse proxy may rewrite Host, and would lock
+    # the console out. An opaque origin (sandboxed frame, file://) is never the console.
+    if headers.get("origin") == "null":
+        raise ApiError(403, "cross_site_refused", "requests from an opaque origin are refused")
+
+
+def _refuse_formless(request: Request) -> None:
+    """Admin routes: a key, a JSON body or a custom header, which no cross-site form can send."""
+    if _presented_key(request) is not None or request.headers.get(_CLIENT_HEADER):
+        return
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() in _FORM_SAFE_TYPES:
+        return
+    raise ApiError(403, "cross_site_refused", "send the API key, a JSON body or an X-Requested-With header "
+                   "(a cross-site form can send none of them)")
+
+
 def require_admin_key(request: Request, state: StateDep) -> None:
-    """Admin routes need an admin key; with no keys configured at all the service is open."""
+    """Admin routes need an admin key; with none configured they are closed, except on a
+    loopback development server with ``dev_open_admin`` and no keys at all."""
     s = state.settings
+    refuse_cross_site(request)
+    if request.method not in ("GET", "HEAD", "OPTIONS"):
+        _refuse_formless(request)
     if not s.admin_api_keys:
-        if not s.api_keys:
+        if s.dev_open_admin and not s.api_keys:
             return
-        raise ApiError(403, "admin_disabled", "no admin keys are configured (MSFLOW_ADMIN_API_KEYS)")
+        raise ApiError(403, "admin_disabled", "admin routes are closed: no admin key is configured (set "
+                       "MSFLOW_ADMIN_API_KEYS; on a development machine MSFLOW_DEV_OPEN_ADMIN=true opens them)")
     key = _presented_key(request)
     if key is None:
         raise _unauthorized("missing_api_key", "this route needs an admin API key")
@@ -67,3 +112,4 @@ def require_admin_key(request: Request, state: StateDep) -> None:
 
 Authed = Depends(require_api_key)
 Admin = Depends(require_admin_key)
+NotCrossSite = Depends(refuse_cross_site)

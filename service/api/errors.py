@@ -4,6 +4,7 @@ logged and answered 500 in that shape, and never takes the server down."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -19,6 +20,8 @@ from service.pipeline.registry import ModelNotLoaded, UnknownCategory
 from service.pipeline.runtime import JobsUnavailable
 from service.pipeline.thresholds import ThresholdNotPersisted
 from service.redisq.connection import RedisUnavailable
+
+log = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
@@ -46,6 +49,13 @@ def error_response(status: int, code: str, message: str, details: Any = None,
 
 _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
                405: "method_not_allowed", 413: "request_too_large", 415: "unsupported_media_type"}
+# Failures whose text is internal (an engine runtime's message, a Redis address, a file
+# path): the client gets this fixed message and the request id; the text goes to the log.
+_PUBLIC_MESSAGES: dict[type[Exception], str] = {
+    EngineError: "the engine failed on this image's batch",
+    RedisUnavailable: "Redis is unavailable; retry later",
+    ThresholdNotPersisted: "the threshold change could not be persisted; nothing changed",
+}
 # Library exceptions -> (status, code, Retry-After?)
 _MAPPED: dict[type[Exception], tuple[int, str, bool]] = {
     QueueFull: (503, "queue_full", True), BatcherClosed: (503, "shutting_down", True),
@@ -69,7 +79,13 @@ def install_error_handlers(app: FastAPI) -> None:
     async def mapped(request: Request, exc: Exception) -> JSONResponse:
         status, code, retry = next(v for k, v in _MAPPED.items() if isinstance(exc, k))
         headers = {"Retry-After": str(request.app.state.service.settings.retry_after_s)} if retry else None
-        return error_response(status, code, str(exc), headers=headers)
+        public = next((m for k, m in _PUBLIC_MESSAGES.items() if isinstance(exc, k)), None)
+        if public is None:
+            return error_response(status, code, str(exc), headers=headers)
+        request_id = request.scope.get("state", {}).get("request_id", "?")
+        log.warning("request %s: %s: %s", request_id, code, exc)
+        return error_response(status, code, f"{public} (request {request_id}; details in the server log)",
+                              headers=headers)
 
     for exc_type in _MAPPED:
         app.add_exception_handler(exc_type, mapped)  # type: ignore[arg-type]

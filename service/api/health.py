@@ -22,12 +22,12 @@ async def readyz(state: StateDep) -> Readiness:
     if state.shutting_down:
         raise ApiError(503, "shutting_down", "the server is shutting down")
     if not state.registry.ready:
-        raise ApiError(503, "not_ready", "not every model is loaded and warm",
+        raise ApiError(503, "not_ready", "no model is serving yet, or some are still loading",
                        details={"serving": state.registry.serving(), "failed": state.registry.failed,
                                 "categories": state.registry.status()})
     # Redis is reported, never a reason to leave rotation: inspection works without it.
     return Readiness(models=state.registry.serving(), categories=state.registry.status(),
-                     redis=await state.redis_status())
+                     failed=state.registry.failed, redis=await state.redis_status())
 
 
 @router.get("/metrics", include_in_schema=False)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from service.api.auth import Authed
+from service.api.auth import Authed, NotCrossSite
 from service.api.deps import ERRORS, CategoryDep, StateDep
 from service.api.errors import ApiError
 from service.api.uploads import read_uploads
@@ -15,7 +15,7 @@ from service.schemas import HeatmapMode, HeatmapSize, InspectOptions, JobAccepte
 router = APIRouter()
 
 
-@router.post("/v1/jobs/{category}", status_code=202, response_model=JobAccepted, dependencies=[Authed],
+@router.post("/v1/jobs/{category}", status_code=202, response_model=JobAccepted, dependencies=[NotCrossSite, Authed],
           responses=ERRORS)
 async def submit_job(request: Request, category: CategoryDep, state: StateDep,
                      heatmap: HeatmapMode = HeatmapMode.inline, overlay: bool = False,

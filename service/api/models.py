@@ -41,10 +41,13 @@ async def reload_model(category: str, state: StateDep,
     except UnknownCategory:
         raise
     except VersionNotFound as exc:
-        raise ApiError(404, "version_not_found", str(exc)) from exc
-    except Exception as exc:
+        raise ApiError(404, "version_not_found", state.registry.public_message(exc)) from exc
+    except (RegistryError, ManifestError) as exc:  # our own checks: their message is the answer
         log.error("reload of %s failed: %s", category, exc)
-        status = 422 if isinstance(exc, (RegistryError, ManifestError)) else 500
-        raise ApiError(status, "reload_failed", f"reload of {category} failed; the previous version keeps "
-                       f"serving: {exc}") from exc
+        raise ApiError(422, "reload_failed", f"reload of {category} failed; the previous version keeps "
+                       f"serving: {state.registry.public_message(exc)}") from exc
+    except Exception as exc:  # a loader's internal text stays in the log
+        log.exception("reload of %s failed", category)
+        raise ApiError(500, "reload_failed", f"reload of {category} failed ({type(exc).__name__}); the previous "
+                       "version keeps serving; details in the server log") from exc
     return state.registry.describe(category)

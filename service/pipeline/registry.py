@@ -127,8 +127,10 @@ class ModelRegistry:
 
     @property
     def ready(self) -> bool:
-        """True when every known category has a warm engine."""
-        return bool(self._categories) and all(c in self._models for c in self.categories)
+        """True when something serves and nothing is still loading. A category whose load
+        failed is reported (``failed``, per-category status) and skipped: one broken export
+        must not take the replica's other categories out of rotation."""
+        return bool(self._models) and all(c in self._models or c in self._failed for c in self.categories)
 
     def status(self) -> dict[str, str]:
         """Per category: ``serving <version>``, ``loading`` or ``failed``."""
@@ -138,6 +140,15 @@ class ModelRegistry:
     def build_progress(self) -> BuildProgress | None:
         """What a builder writing into the store reports (advisory: None when absent or unusable)."""
         return read_progress(self.store)
+
+    def public_message(self, exc: BaseException) -> str:
+        """``exc``'s text with the store's location replaced by ``<store>``: failures are
+        reported to clients (``/readyz``, admin answers), where server paths do not belong."""
+        text = str(exc)
+        for root in sorted({str(self.store.resolve()), str(self.store)}, key=len, reverse=True):
+            if root not in ("", "."):
+                text = text.replace(root, "<store>")
+        return text
 
     @property
     def failed(self) -> dict[str, str]:
@@ -237,7 +248,7 @@ class ModelRegistry:
                 model = await asyncio.to_thread(self._build, category, chosen, pinned)
             except Exception as exc:
                 if category not in self._models:
-                    self._failed[category] = str(exc)
+                    self._failed[category] = self.public_message(exc)
                 if category not in self._categories:
                     self._categories.append(category)
                 raise

@@ -53,7 +53,8 @@
   }
 
   async function api(path, { method = "GET", body, json, raw = false } = {}) {
-    const headers = { Accept: "application/json" };
+    // X-Requested-With: admin routes refuse requests no cross-site form could make without it
+    const headers = { Accept: "application/json", "X-Requested-With": "msflow-console" };
     if (state.key) headers["X-API-Key"] = state.key;
     let payload = body;
     if (json !== undefined) {

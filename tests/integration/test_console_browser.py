@@ -27,9 +27,12 @@ from PIL import Image
 from models.build_progress import record_build, record_step
 from service.pipeline.regions import box_mask
 from service.schemas import Region
-from harness import ADMIN_KEY, CATEGORY, USER_KEY, Server, start
+from harness import ADMIN_KEY, CATEGORY, USER_KEY, Server, missing, start
 
-sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the test extra)")
+try:
+    from playwright import sync_api
+except ImportError:
+    missing("pip install playwright (the test extra)", allow_module_level=True)
 
 CHROMIUM = os.environ.get("MSFLOW_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -37,7 +40,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 TIMEOUT_MS = 60_000  # two shared cores: a cold inspection can take seconds
 
 if not Path(CHROMIUM).is_file():
-    pytest.skip(f"no Chromium at {CHROMIUM}: run scripts/install-browser.sh", allow_module_level=True)
+    missing(f"no Chromium at {CHROMIUM}: run scripts/install-browser.sh", allow_module_level=True)
 
 
 # ---------------------------------------------------------------------- fixtures

@@ -147,10 +147,6 @@ def test_locustfile_helpers(demo_root, tmp_path):
 @needs_locust
 @pytest.mark.slow
 def test_headless_locust_smoke_against_msflow_serve(model_store, demo_root, tmp_path):
-    try:
-        import service.server  # noqa: F401
-    except ImportError as e:  # pragma: no cover - only while the service is being written
-        pytest.skip(f"`msflow serve` is not available yet: {e}")
     out = tmp_path / "report"
     env = _clean_env(MSFLOW_DEVICE="cpu", MSFLOW_ACCESS_LOG="false", MSFLOW_LOG_LEVEL="warning",
                      MSFLOW_INTRA_OP_THREADS="1", MSFLOW_DECODE_THREADS="2")

@@ -28,3 +28,26 @@ def test_every_msflow_variable_in_product_code_is_a_setting() -> None:
     for path in [*ROOT.joinpath("service").rglob("*.py"), *ROOT.joinpath("msflow").rglob("*.py")]:
         read |= set(re.findall(r"MSFLOW_[A-Z0-9_]*[A-Z0-9]", path.read_text()))
     assert read - known == set(), "read but no setting"
+
+
+def test_the_development_admin_switch_is_refused_off_loopback() -> None:
+    assert Settings(dev_open_admin=True).dev_open_admin  # default host: 127.0.0.1
+    with pytest.raises(ValueError, match="loopback"):
+        Settings(dev_open_admin=True, host="0.0.0.0")
+
+
+def test_example_keys_are_refused() -> None:
+    for field in ("api_keys", "admin_api_keys"):
+        with pytest.raises(ValueError, match="change-me"):
+            Settings(**{field: "real-key-1,change-me-admin-key"})
+    assert Settings(api_keys="a-real-key").api_keys == ["a-real-key"]
+
+
+def test_the_deployment_examples_carry_only_refused_keys() -> None:
+    """The env example and the k8s secret template must never start a server as they are."""
+    env = dict(line.split("=", 1) for line in ROOT.joinpath("deploy/env.example").read_text().splitlines()
+               if line and not line.startswith("#"))
+    secret = ROOT.joinpath("deploy/k8s/secret.yaml").read_text()
+    for name in ("MSFLOW_API_KEYS", "MSFLOW_ADMIN_API_KEYS"):
+        assert env[name].startswith(config.PLACEHOLDER_KEY_PREFIX)
+        assert re.search(rf"^\s+{name}: {config.PLACEHOLDER_KEY_PREFIX}", secret, re.M), name

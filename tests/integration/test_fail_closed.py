@@ -1,0 +1,133 @@
+"""Admin routes fail closed, state-changing routes refuse cross-site browsers, internal
+error text stays in the log, /docs loads nothing from elsewhere, and a broken category is
+skipped while the others serve."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from harness import ADMIN_KEY, CATEGORY, USER_KEY, Server, assert_error, start
+
+RELOAD = f"/v1/models/{CATEGORY}/reload"
+THRESHOLD = f"/v1/models/{CATEGORY}/threshold"
+
+
+@pytest.fixture(scope="module")
+def open_server(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """No keys at all: the default of a fresh `msflow serve`."""
+    store = tmp_path_factory.mktemp("open") / "store"
+    shutil.copytree(model_store, store)
+    srv = start(store, tmp_path_factory.mktemp("logs") / "open.log")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def dev_server(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """No keys, admin opened by the development switch (what scripts/demo.sh runs)."""
+    store = tmp_path_factory.mktemp("dev") / "store"
+    shutil.copytree(model_store, store)
+    srv = start(store, tmp_path_factory.mktemp("logs") / "dev.log", dev_open_admin=True)
+    yield srv
+    srv.stop()
+
+
+def test_admin_routes_are_closed_without_an_admin_key(open_server: Server) -> None:
+    url = open_server.url
+    for r in (httpx.post(url + RELOAD, headers={"X-Requested-With": "t"}),
+              httpx.put(url + THRESHOLD, json={"threshold": 1e30}),
+              httpx.delete(url + THRESHOLD, headers={"X-Requested-With": "t"}),
+              httpx.get(url + f"/v1/models/{CATEGORY}/recent")):
+        error = assert_error(r, 403, "admin_disabled")
+        assert "MSFLOW_ADMIN_API_KEYS" in error["message"]
+    # inspection itself stays open on an open server
+    assert httpx.get(url + f"/v1/models/{CATEGORY}").status_code == 200
+
+
+def test_the_development_switch_opens_admin_but_not_to_other_sites(dev_server: Server) -> None:
+    url = dev_server.url
+    threshold = httpx.get(url + THRESHOLD).json()["calibrated_threshold"]
+    # what a page on another site can make a browser send: a form post, no custom header
+    assert_error(httpx.post(url + RELOAD), 403, "cross_site_refused")
+    assert_error(httpx.post(url + RELOAD, headers={"Content-Type": "application/x-www-form-urlencoded"},
+                            content=b"x=1"), 403, "cross_site_refused")
+    assert_error(httpx.put(url + THRESHOLD, json={"threshold": threshold}, headers={"Sec-Fetch-Site": "cross-site"}),
+                 403, "cross_site_refused")
+    assert_error(httpx.put(url + THRESHOLD, json={"threshold": threshold}, headers={"Origin": "null"}),
+                 403, "cross_site_refused")
+    assert httpx.get(url + THRESHOLD).json()["override"] is None  # nothing changed
+    # the console (same origin, JSON body or X-Requested-With) and scripts get through
+    r = httpx.put(url + THRESHOLD, json={"threshold": threshold}, headers={"Sec-Fetch-Site": "same-origin"})
+    assert r.status_code == 200, r.text
+    r = httpx.delete(url + THRESHOLD, headers={"X-Requested-With": "msflow-console"})
+    assert r.status_code == 200, r.text
+    r = httpx.post(url + RELOAD, headers={"X-Requested-With": "script"}, timeout=60)
+    assert r.status_code == 200, r.text
+
+
+def test_jobs_refuse_cross_site_browsers(open_server: Server, demo_root: Path) -> None:
+    image = next((demo_root / CATEGORY / "test" / "good").glob("*.png"))
+    r = httpx.post(open_server.url + f"/v1/jobs/{CATEGORY}", headers={"Sec-Fetch-Site": "cross-site"},
+                   files=[("file", (image.name, image.read_bytes(), "image/png"))])
+    assert_error(r, 403, "cross_site_refused")
+
+
+def test_docs_load_no_asset_from_elsewhere(open_server: Server) -> None:
+    page = httpx.get(open_server.url + "/docs")
+    assert page.status_code == 200
+    urls = re.findall(r"""(?:src|href|url)\s*[=:]\s*['"]([^'"]+)['"]""", page.text)
+    assert urls and all(u.startswith("/") for u in urls), urls
+    for u in urls:
+        assert httpx.get(open_server.url + u).status_code == 200, u
+    assert "swagger-ui" in httpx.get(open_server.url + "/docs-assets/swagger-ui-bundle.js").text[:5000].lower()
+
+
+def test_a_broken_category_is_skipped_while_the_others_serve(model_store: Path, tmp_path: Path,
+                                                             demo_root: Path) -> None:
+    store = tmp_path / "store"
+    shutil.copytree(model_store, store)
+    broken = store / "gravel" / "1"
+    shutil.copytree(model_store / CATEGORY / "1", broken)
+    (broken / "model.onnx").write_bytes(b"not an onnx graph")
+    manifest = json.loads((broken / "manifest.json").read_text())
+    manifest["category"] = "gravel"
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    srv = start(store, tmp_path / "server.log", store_poll_s=0)
+    try:
+        ready = httpx.get(srv.url + "/readyz").json()
+        assert ready["models"] == {CATEGORY: "1"}
+        assert ready["categories"] == {CATEGORY: "serving 1", "gravel": "failed"}
+        assert ready["failed"]["gravel"] and str(store) not in ready["failed"]["gravel"], ready
+        image = next((demo_root / CATEGORY / "test" / "good").glob("*.png"))
+        files = [("file", (image.name, image.read_bytes(), "image/png"))]
+        assert httpx.post(srv.url + f"/v1/inspect/{CATEGORY}", files=files, timeout=30).status_code == 200
+        assert_error(httpx.post(srv.url + "/v1/inspect/gravel", files=files, timeout=30), 503, "model_not_loaded")
+    finally:
+        srv.stop()
+
+
+def test_internal_error_text_stays_in_the_log(model_store: Path, tmp_path: Path) -> None:
+    """A failed reload says why without the server's paths."""
+    store = tmp_path / "store"
+    shutil.copytree(model_store, store)
+    srv = start(store, tmp_path / "server.log", api_keys=USER_KEY, admin_api_keys=ADMIN_KEY, store_poll_s=0)
+    try:
+        v2 = store / CATEGORY / "2"
+        shutil.copytree(store / CATEGORY / "1", v2)
+        manifest = json.loads((v2 / "manifest.json").read_text())
+        manifest["version"] = "2"
+        (v2 / "manifest.json").write_text(json.dumps(manifest))
+        (v2 / "model.onnx").write_bytes(b"garbage")
+        r = httpx.post(srv.url + RELOAD, headers={"X-API-Key": ADMIN_KEY}, timeout=60)
+        error = assert_error(r, 422, "reload_failed")
+        assert str(store) not in error["message"] and "<store>/brick/2/model.onnx" in error["message"], error
+        assert httpx.get(srv.url + "/readyz").json()["models"] == {CATEGORY: "1"}  # the old version serves
+    finally:
+        srv.stop()
