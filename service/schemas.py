@@ -133,6 +133,7 @@ class ThresholdUpdate(_Model):
 
     threshold: float = Field(allow_inf_nan=False, description="raw-score threshold, e.g. a raw_score seen in a "
                                                               "result or in GET /v1/models/{category}/recent")
+    force: bool = Field(False, description="set a threshold outside the calibration's sane range (422 otherwise)")
 
 
 class ThresholdState(_Model):

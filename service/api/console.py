@@ -107,9 +107,12 @@ async def put_threshold(category: Category, body: ThresholdUpdate, state: StateD
 
     Applies to every image scored from now on, survives restarts (``threshold_override.json``
     beside the manifest, and Redis when configured so every replica agrees); a new model
-    version starts at its own calibrated threshold. 503 when Redis is configured but down."""
+    version starts at its own calibrated threshold. 503 when Redis is configured but down;
+    422 ``threshold_out_of_range`` far outside the calibration's scores unless ``force``."""
     model = state.registry.get(category)
-    _, persisted = await state.thresholds.set(category, model.version, body.threshold)
+    _, persisted = await state.thresholds.set(category, model.version, body.threshold,
+                                              calibration=model.manifest.calibration, force=body.force,
+                                              seen=state.recent.raw_scores(category, model.version))
     return _threshold_state(state, category, persisted)
 
 

@@ -18,7 +18,7 @@ from service.pipeline.batcher import BatcherClosed, CallerGone, DeadlineExceeded
 from service.pipeline.decode import ImageRejected
 from service.pipeline.registry import ModelNotLoaded, UnknownCategory
 from service.pipeline.runtime import JobsUnavailable
-from service.pipeline.thresholds import ThresholdNotPersisted
+from service.pipeline.thresholds import ThresholdNotPersisted, ThresholdOutOfRange
 from service.redisq.connection import RedisUnavailable
 
 log = logging.getLogger(__name__)
@@ -89,6 +89,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     for exc_type in _MAPPED:
         app.add_exception_handler(exc_type, mapped)  # type: ignore[arg-type]
+
+    @app.exception_handler(ThresholdOutOfRange)
+    async def out_of_range(request: Request, exc: ThresholdOutOfRange) -> JSONResponse:
+        return error_response(422, "threshold_out_of_range", str(exc), exc.details)
 
     @app.exception_handler(CallerGone)
     async def caller_gone(request: Request, exc: CallerGone) -> Response:

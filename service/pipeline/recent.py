@@ -72,6 +72,10 @@ class RecentScores:
         if results:
             self.metrics.set_anomaly_rate(category, rate)
 
+    def raw_scores(self, category: str, version: str) -> list[float]:
+        """Raw scores of the recent images ``version`` scored (what an operator picks thresholds from)."""
+        return [s.raw_score for s in self._rings.get(category, ()) if s.model_version == version]
+
     def scores(self, category: str, limit: int | None = None,
                threshold: float | None = None) -> list[RecentScore]:
         """Newest first; ``would_be_anomalous`` filled in when ``threshold`` is given."""

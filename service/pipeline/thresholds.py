@@ -18,6 +18,17 @@ raw threshold of another model means nothing for it. Where it is kept:
   Redis is reachable it is authoritative (no key = calibrated, whatever a local file says);
   while it is not, a replica keeps what it last knew, and at start-up falls back to the file.
 
+Redis data loss (FLUSHALL, a restart without persistence) must not revert an override: a
+DELETE stores an explicit "calibrated" marker instead of removing the key, so a missing key
+means "Redis lost it", never "calibrated". A replica that finds a serving version's key
+missing restores it from the file (the durable source) or, on a read-only store, from what
+it last knew, and re-publishes it with SET NX (the first replica wins; nobody overwrites a
+newer change). A Redis read that was in flight during a change never overwrites it (a
+per-key generation counter).
+
+A threshold far outside what the calibration saw (:func:`sane_range`) is refused unless the
+request says ``force``: ``1e30`` would pass every defect.
+
 A change needs at least one durable place: with Redis configured a PUT/DELETE whose Redis
 write fails is refused (503, nothing changed) so replicas cannot disagree; the file may
 fail (a read-only model store volume) when Redis took it. Without Redis the file must be
@@ -32,7 +43,8 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -72,6 +84,29 @@ def write_atomic(path: Path, text: str) -> None:
             os.close(dir_fd)
 
 
+_CALIBRATED_MARKER = "calibrated"  # Redis value field of an explicit "no override"
+
+
+def sane_range(calibration: Calibration, seen: Sequence[float] = ()) -> tuple[float, float]:
+    """Raw thresholds an operator may set without ``force``: the scores the calibration and
+    the recent images (``seen``) spanned, widened by the calibration's width on each side.
+    A threshold beyond every score ever seen flags everything or nothing."""
+    span = max(calibration.score_max - calibration.score_min, 1e-12)
+    finite = [x for x in seen if math.isfinite(x)]
+    low = min([calibration.score_min, *finite])
+    high = max([calibration.score_max, *finite])
+    return low - span, high + span
+
+
+class ThresholdOutOfRange(ValueError):
+    """A threshold outside :func:`sane_range` without ``force``."""
+
+    def __init__(self, threshold: float, low: float, high: float) -> None:
+        super().__init__(f"threshold {threshold:.6g} is outside {low:.6g}..{high:.6g} (the scores of the "
+                         "calibration and the recent images, widened); send \"force\": true to set it anyway")
+        self.details = {"threshold": threshold, "sane_min": low, "sane_max": high}
+
+
 class ThresholdNotPersisted(RuntimeError):
     """An override could not be written to (or removed from) the model store."""
 
@@ -87,6 +122,7 @@ class ThresholdOverrides:
         self.conn = conn
         self.sync_s = settings.threshold_sync_s
         self._known: dict[Key, ThresholdOverride | None] = {}
+        self._generation: dict[Key, int] = {}  # bumped by every change: stale Redis reads are dropped
         self._task: asyncio.Task[None] | None = None
         self._pending: set[asyncio.Task[None]] = set()
 
@@ -115,7 +151,13 @@ class ThresholdOverrides:
         return manifest.calibration if o is None else manifest.calibration.with_threshold(o.threshold)
 
     # ------------------------------------------------------------------ changes
-    async def set(self, category: str, version: str, threshold: float) -> tuple[ThresholdOverride, list[str]]:
+    async def set(self, category: str, version: str, threshold: float, calibration: Calibration | None = None,
+                  force: bool = False, seen: Sequence[float] = ()) -> tuple[ThresholdOverride, list[str]]:
+        if calibration is not None and not force:
+            low, high = sane_range(calibration, seen)
+            if not low <= threshold <= high:
+                raise ThresholdOutOfRange(threshold, low, high)
+        self._bump((category, version))
         override = ThresholdOverride(threshold=float(threshold), version=version,
                                      set_at=datetime.now(timezone.utc).replace(microsecond=0))
         text = override.model_dump_json()
@@ -137,9 +179,12 @@ class ThresholdOverrides:
         return override, persisted
 
     async def clear(self, category: str, version: str) -> list[str]:
+        self._bump((category, version))
         persisted = []
         if self.conn is not None:
-            await self.conn.run("threshold_clear", lambda r: r.delete(self._redis_key(category, version)))
+            marker = json.dumps({_CALIBRATED_MARKER: True, "version": version,
+                                 "set_at": datetime.now(timezone.utc).isoformat()})
+            await self.conn.run("threshold_clear", lambda r: r.set(self._redis_key(category, version), marker))
             persisted.append("redis")
         try:
             await asyncio.to_thread(self._path(category, version).unlink, True)
@@ -167,16 +212,41 @@ class ThresholdOverrides:
         self._task = None
 
     async def refresh(self, keys: list[Key]) -> bool:
-        """Take the Redis values of ``keys`` (absent = calibrated); False if Redis is unreachable."""
+        """Take the Redis values of ``keys``; restore those Redis lost. False if Redis is unreachable."""
         if self.conn is None or not keys:
             return False
+        generations = [self._generation.get(k, 0) for k in keys]
         try:
             raw = await self.conn.run("threshold_get", lambda r: r.mget([self._redis_key(*k) for k in keys]))
         except RedisUnavailable:
             return False
-        for key, value in zip(keys, raw):
-            self._known[key] = self._parse(value, key[1], f"Redis {self._redis_key(*key)}")
+        lost: list[tuple[Key, ThresholdOverride]] = []
+        for key, generation, value in zip(keys, generations, raw):
+            if self._generation.get(key, 0) != generation:
+                continue  # changed while the read was in flight: the change wins
+            if value is None:  # never written, or lost by Redis: the file (or our memory) decides
+                restored = self._read_file(*key) or self._known.get(key)
+                self._known[key] = restored
+                if restored is not None:
+                    lost.append((key, restored))
+            else:
+                self._known[key] = self._parse(value, key[1], f"Redis {self._redis_key(*key)}")
+        for key, override in lost:
+            await self._republish(key, override)
         return True
+
+    async def _republish(self, key: Key, override: ThresholdOverride) -> None:
+        text = override.model_dump_json()
+        try:  # NX: a change another replica made meanwhile is newer than our copy
+            written = await self.conn.run("threshold_restore", lambda r: r.set(self._redis_key(*key), text, nx=True))  # type: ignore[union-attr]
+        except RedisUnavailable:
+            return
+        if written:
+            log.warning("%s/%s: threshold override %.6g was missing in Redis (data lost?); restored", key[0], key[1],
+                        override.threshold)
+
+    def _bump(self, key: Key) -> None:
+        self._generation[key] = self._generation.get(key, 0) + 1
 
     async def _sync_loop(self, serving: Callable[[], dict[str, str]]) -> None:
         while True:
@@ -218,7 +288,10 @@ class ThresholdOverrides:
         if value is None:
             return None
         try:
-            override = ThresholdOverride.model_validate(json.loads(value))
+            data = json.loads(value)
+            if isinstance(data, dict) and data.get(_CALIBRATED_MARKER) is True:
+                return None  # an explicit DELETE
+            override = ThresholdOverride.model_validate(data)
         except (ValueError, ValidationError) as exc:
             log.warning("ignoring the invalid threshold override in %s: %s", where, exc)
             return None

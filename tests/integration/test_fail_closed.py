@@ -66,8 +66,13 @@ def test_the_development_switch_opens_admin_but_not_to_other_sites(dev_server: S
     # the console (same origin, JSON body or X-Requested-With) and scripts get through
     r = httpx.put(url + THRESHOLD, json={"threshold": threshold}, headers={"Sec-Fetch-Site": "same-origin"})
     assert r.status_code == 200, r.text
+    # a threshold that would pass every defect needs "force"
+    error = assert_error(httpx.put(url + THRESHOLD, json={"threshold": 1e30}), 422, "threshold_out_of_range")
+    assert error["details"]["sane_min"] < threshold < error["details"]["sane_max"]
+    r = httpx.put(url + THRESHOLD, json={"threshold": 1e30, "force": True})
+    assert r.status_code == 200 and r.json()["threshold"] == 1e30, r.text
     r = httpx.delete(url + THRESHOLD, headers={"X-Requested-With": "msflow-console"})
-    assert r.status_code == 200, r.text
+    assert r.status_code == 200 and r.json()["override"] is None, r.text
     r = httpx.post(url + RELOAD, headers={"X-Requested-With": "script"}, timeout=60)
     assert r.status_code == 200, r.text
 

@@ -23,7 +23,7 @@ from service.config import Settings
 from service.pipeline.regions import RegionParams, box_mask, find_regions
 from service.schemas import ImageResult, Region
 from service.redisq.store import CachedResult
-from service.pipeline.thresholds import OVERRIDE_FILE, ThresholdOverrides
+from service.pipeline.thresholds import OVERRIDE_FILE, ThresholdOutOfRange, ThresholdOverrides, sane_range
 from harness import ADMIN_KEY, CATEGORY, USER_KEY, Server, assert_error, metric, start
 
 INSPECT = f"/v1/inspect/{CATEGORY}"
@@ -130,6 +130,30 @@ def test_overrides_file_redis_and_replicas(model_store: Path, tmp_path: Path) ->
             c = ThresholdOverrides(settings, RedisConnection(settings))
             assert c.threshold(man) == 9.0  # first sight: the file, until Redis answers ...
             assert await c.refresh([(CATEGORY, "1")]) and c.threshold(man) == calibrated  # ... then Redis
+            # Redis loses its data: the file restores the override and it is re-published
+            key = "msflow-thr:threshold:brick:1"
+            await a.set(CATEGORY, "1", calibrated - 0.25)
+            redis_server.client().flushall()
+            assert await b.refresh([(CATEGORY, "1")]) and b.threshold(man) == calibrated - 0.25
+            assert json.loads(redis_server.client().get(key))["threshold"] == calibrated - 0.25
+            # ... and with no file (a read-only store), a replica's memory does
+            (store / CATEGORY / "1" / OVERRIDE_FILE).unlink()
+            redis_server.client().flushall()
+            assert await a.refresh([(CATEGORY, "1")]) and a.threshold(man) == calibrated - 0.25
+            assert json.loads(redis_server.client().get(key))["threshold"] == calibrated - 0.25
+            # a DELETE is an explicit marker, not a missing key: it is never "restored" away
+            await a.clear(CATEGORY, "1")
+            assert redis_server.client().get(key) is not None
+            assert await b.refresh([(CATEGORY, "1")]) and b.threshold(man) == calibrated
+            # far outside the calibration's scores: refused unless forced
+            with pytest.raises(ThresholdOutOfRange):
+                await a.set(CATEGORY, "1", 1e30, calibration=man.calibration)
+            assert a.threshold(man) == calibrated
+            low, high = sane_range(man.calibration)
+            assert low < calibrated < high
+            await a.set(CATEGORY, "1", 1e30, calibration=man.calibration, force=True)
+            assert a.threshold(man) == 1e30
+            await a.clear(CATEGORY, "1")
             # Redis down: a change is refused (replicas must not disagree), what is known stays
             redis_server.stop()
             with pytest.raises(Exception, match="Redis"):
