@@ -122,6 +122,10 @@ class Settings(BaseSettings):
                                                                    "cached")
     job_ttl_s: float = Field(86_400.0, gt=0.0, description="how long job records, inputs and results are kept")
     job_max_attempts: int = Field(3, ge=1, description="deliveries before a job goes to the dead-letter stream")
+    job_max_backlog: int = Field(10_000, ge=1, description="unfinished jobs per category stream; a submission "
+                                                           "beyond answers 503 (finished jobs leave the stream)")
+    dead_letter_max: int = Field(10_000, ge=1, description="dead-letter stream length (approximate, oldest "
+                                                           "trimmed first)")
     job_claim_idle_s: float = Field(60.0, gt=0.0, description="a pending job idle this long (its worker died) "
                                                               "is claimed by another worker")
     worker_block_s: float = Field(2.0, gt=0.0, description="XREADGROUP BLOCK of an idle worker")

@@ -181,7 +181,7 @@ class RedisServer:
         log = open(self.workdir / "redis.log", "ab")
         self.proc = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.workdir)], stdout=log, stderr=subprocess.STDOUT)
+             "--dir", str(self.workdir), "--enable-debug-command", "local"], stdout=log, stderr=subprocess.STDOUT)
         log.close()
         end = time.monotonic() + 10
         while time.monotonic() < end:

@@ -20,6 +20,7 @@ from service.pipeline.registry import ModelNotLoaded, UnknownCategory
 from service.pipeline.runtime import JobsUnavailable
 from service.pipeline.thresholds import ThresholdNotPersisted, ThresholdOutOfRange
 from service.redisq.connection import RedisUnavailable
+from service.redisq.jobs import BacklogFull
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ _MAPPED: dict[type[Exception], tuple[int, str, bool]] = {
     QueueFull: (503, "queue_full", True), BatcherClosed: (503, "shutting_down", True),
     ModelNotLoaded: (503, "model_not_loaded", True), DeadlineExceeded: (504, "deadline_exceeded", False),
     EngineError: (500, "engine_error", False), RedisUnavailable: (503, "redis_unavailable", True),
-    JobsUnavailable: (503, "redis_required", False),
+    JobsUnavailable: (503, "redis_required", False), BacklogFull: (503, "job_backlog_full", True),
     ThresholdNotPersisted: (500, "threshold_not_persisted", False),
 }
 

@@ -16,11 +16,21 @@ record. Delivery guarantees, each for a reason:
   with its error, its record says ``failed``, and it is acknowledged, in one MULTI.
 * Result writes are idempotent (:meth:`~service.redisq.store.JobRecords.stage_write`): the first
   final state wins, so a job processed twice ends in one final record.
+* Submission and dead-lettering are Lua scripts keyed by the job id: redis-py retries a
+  command whose reply was lost (a stalled Redis, a fork), and a retried script finds its
+  own earlier run and does nothing, so one submission is one stream entry and one job is
+  dead-lettered once.
+
+Bounds: a finished job leaves its stream (XACK + XDEL), so a stream holds only unfinished
+jobs and ``job_max_backlog`` caps it (a submission beyond answers 503, :class:`BacklogFull`);
+XADD also trims entries older than ``job_ttl_s`` (their records are gone). The dead-letter
+stream keeps about ``dead_letter_max`` entries.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +47,37 @@ from service.redisq.store import JobRecord, JobRecords, new_job_id, utcnow
 log = logging.getLogger(__name__)
 
 GROUP = "workers"
+
+# KEYS: record, images, stream. ARGV: record JSON, ttl ms, backlog cap, MINID, job id, category, images...
+_SUBMIT = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+if redis.call('XLEN', KEYS[3]) >= tonumber(ARGV[3]) then return -1 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('DEL', KEYS[2])
+for i = 7, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+redis.call('XADD', KEYS[3], 'MINID', '~', ARGV[4], '*', 'job_id', ARGV[5], 'category', ARGV[6])
+return 1
+"""
+
+# KEYS: seen marker, dead-letter stream, job stream. ARGV: ttl ms, group, stream id, dlq max, fields...
+# The marker (per stream entry) makes a retried run a no-op; the XACK/XDEL are idempotent anyway.
+_DEAD_LETTER = """
+local first = redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1])
+if first then
+  local fields = {}
+  for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', unpack(fields))
+end
+redis.call('XACK', KEYS[3], ARGV[2], ARGV[3])
+redis.call('XDEL', KEYS[3], ARGV[3])
+if first then return 1 end
+return 0
+"""
+
+
+class BacklogFull(RuntimeError):
+    """The category's job stream holds ``job_max_backlog`` unfinished jobs."""
 
 
 class JobMessage(BaseModel):
@@ -94,13 +135,13 @@ class JobQueue:
         record = JobRecord(id=new_job_id(), category=category, status="queued", created_at=now, updated_at=now,
                            request_id=request_id, options=options, filenames=[u.filename for u in uploads])
 
-        async def queue(r: aioredis.Redis) -> None:
-            async with r.pipeline(transaction=True) as pipe:
-                self.records.stage_create(pipe, record, [u.data for u in uploads])
-                pipe.xadd(self.stream(category), JobMessage(job_id=record.id, category=category).fields())
-                await pipe.execute()
-
-        await self.conn.run("job_submit", queue)
+        oldest_ms = max(0, int(time.time() * 1000) - self.records.ttl_ms)  # older entries' records are gone
+        keys = [self.records.record_key(record.id), self.records.images_key(record.id), self.stream(category)]
+        args = [record.model_dump_json(), self.records.ttl_ms, self.settings.job_max_backlog, f"{oldest_ms}-0",
+                record.id, category, *(u.data for u in uploads)]
+        queued = await self.conn.run("job_submit", lambda r: r.eval(_SUBMIT, len(keys), *keys, *args))
+        if int(queued) == -1:
+            raise BacklogFull(f"{category}: {self.settings.job_max_backlog} jobs are waiting; retry later")
         return record
 
     # ------------------------------------------------------------------ worker side
@@ -163,18 +204,25 @@ class JobQueue:
                 self.stream(category), GROUP, consumer, 0, list(stream_ids), justid=True))
 
     async def complete(self, delivery: Delivery, record: JobRecord) -> None:
-        """Write the final record (idempotently) and acknowledge, in one MULTI."""
+        """Write the final record (idempotently), acknowledge and drop the entry, in one MULTI."""
         async def done(r: aioredis.Redis) -> None:
             async with r.pipeline(transaction=True) as pipe:
                 self.records.stage_write(pipe, record)
                 pipe.xack(self.stream(delivery.message.category), GROUP, delivery.stream_id)
+                pipe.xdel(self.stream(delivery.message.category), delivery.stream_id)
                 await pipe.execute()
 
         await self.conn.run("job_complete", done)
 
     async def ack(self, delivery: Delivery) -> None:
-        await self.conn.run("xack", lambda r: r.xack(self.stream(delivery.message.category), GROUP,
-                                                      delivery.stream_id))
+        """Acknowledge and drop an entry with nothing (more) to do."""
+        async def drop(r: aioredis.Redis) -> None:
+            async with r.pipeline(transaction=True) as pipe:
+                pipe.xack(self.stream(delivery.message.category), GROUP, delivery.stream_id)
+                pipe.xdel(self.stream(delivery.message.category), delivery.stream_id)
+                await pipe.execute()
+
+        await self.conn.run("xack", drop)
 
     async def dead_letter(self, delivery: Delivery, record: JobRecord | None, error: ErrorBody,
                           worker: str) -> None:
@@ -183,14 +231,19 @@ class JobQueue:
                   "stream_id": delivery.stream_id, "attempts": str(delivery.deliveries), "error_code": error.code,
                   "error_message": error.message, "worker": worker, "failed_at": utcnow().isoformat()}
 
+        stream = self.stream(delivery.message.category)
+        keys = [self.conn.key("jobs:dead-lettered", delivery.message.category, delivery.stream_id),
+                self.dead_letter_stream, stream]
+        args = [self.records.ttl_ms, GROUP, delivery.stream_id, self.settings.dead_letter_max,
+                *(x for kv in fields.items() for x in kv)]
+
         async def bury(r: aioredis.Redis) -> None:
             async with r.pipeline(transaction=True) as pipe:
-                if record is not None:
+                if record is not None:  # idempotent: the first final state wins
                     self.records.stage_write(pipe, record.model_copy(update={
                         "status": "failed", "error": error, "attempts": delivery.deliveries, "worker": worker,
                         "updated_at": utcnow()}))
-                pipe.xadd(self.dead_letter_stream, fields)
-                pipe.xack(self.stream(delivery.message.category), GROUP, delivery.stream_id)
+                pipe.eval(_DEAD_LETTER, len(keys), *keys, *args)
                 await pipe.execute()
 
         await self.conn.run("dead_letter", bury)

@@ -1,0 +1,118 @@
+"""The job streams against a real redis-server, in-process: a submission retried by the
+client after a stalled Redis is still one job, dead-lettering is idempotent, finished jobs
+leave the stream, and the backlog is bounded."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from harness import RedisServer
+from service.config import Settings
+from service.redisq.connection import RedisConnection
+from service.redisq.jobs import GROUP, BacklogFull, JobQueue
+from service.schemas import ErrorBody, InspectOptions, Upload
+
+PREFIX = "msflow-streams:"
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path)
+    yield server
+    server.stop()
+
+
+def _queue(redis_server: RedisServer, **settings: object) -> JobQueue:
+    s = Settings(redis_url=redis_server.url, redis_prefix=PREFIX, redis_socket_timeout_s=0.25, redis_retries=1,
+                 **settings)
+    return JobQueue(s, RedisConnection(s, breaker_s=0.0))
+
+
+class _Stall(threading.Thread):
+    """Redis busy for ``seconds`` (as during a fork or a slow command): replies come late."""
+
+    def __init__(self, redis_server: RedisServer, seconds: float) -> None:
+        super().__init__()
+        self.client = redis.Redis(host="127.0.0.1", port=redis_server.port, socket_timeout=seconds + 5)
+        self.seconds, self.error = seconds, None
+        self.start()
+        time.sleep(0.05)  # the sleep has begun before the caller sends its command
+
+    def run(self) -> None:
+        try:
+            self.client.execute_command("DEBUG", "SLEEP", str(self.seconds))
+        except Exception as exc:  # reported by join()
+            self.error = exc
+
+    def join(self, timeout: float | None = None) -> None:
+        super().join(timeout)
+        assert self.error is None, f"DEBUG SLEEP failed: {self.error}"
+
+
+UPLOADS = [Upload(filename="a.png", data=b"\x89PNG" + b"x" * 1000)]
+
+
+def test_a_submission_retried_after_a_stall_is_one_job(redis_server: RedisServer) -> None:
+    r = redis_server.client()
+
+    async def scenario() -> None:
+        queue = _queue(redis_server)
+        records = []
+        for _ in range(3):
+            stall = _Stall(redis_server, 0.4)  # longer than the 0.25 s socket timeout: the client retries
+            records.append(await queue.submit("brick", UPLOADS, InspectOptions(), None))
+            stall.join()
+        await queue.conn.aclose()
+        stream = r.xrange(f"{PREFIX}jobs:brick")
+        assert len(stream) == 3, stream  # one entry per submission, not one per attempt
+        assert sorted(f[b"job_id"].decode() for _, f in stream) == sorted(rec.id for rec in records)
+        for rec in records:
+            assert r.llen(f"{PREFIX}job:{rec.id}:images") == 1  # the images once, not twice
+
+    asyncio.run(scenario())
+
+
+def test_dead_lettering_is_idempotent_and_finished_jobs_leave_the_stream(redis_server: RedisServer) -> None:
+    r = redis_server.client()
+
+    async def scenario() -> None:
+        queue = _queue(redis_server)
+        await queue.ensure_groups(["brick"])
+        a = await queue.submit("brick", UPLOADS, InspectOptions(), None)
+        b = await queue.submit("brick", UPLOADS, InspectOptions(), None)
+        deliveries = {d.job_id: d for d in await queue.read(["brick"], "w1", 10, 0.5)}
+        assert set(deliveries) == {a.id, b.id}
+        error = ErrorBody(code="undecodable_image", message="cannot decode a.png")
+        for _ in range(2):  # as a retry after a lost reply would
+            await queue.dead_letter(deliveries[a.id], a, error, "w1")
+        dead = r.xrange(f"{PREFIX}jobs:dead-letter")
+        assert [f[b"job_id"].decode() for _, f in dead] == [a.id]
+        done = b.model_copy(update={"status": "done"})
+        await queue.complete(deliveries[b.id], done)
+        assert r.xlen(f"{PREFIX}jobs:brick") == 0  # both finished: the stream holds nothing
+        assert r.xpending(f"{PREFIX}jobs:brick", GROUP)["pending"] == 0
+        assert (await queue.records.get(a.id)).status == "failed"  # type: ignore[union-attr]
+        await queue.conn.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_the_backlog_is_bounded(redis_server: RedisServer) -> None:
+    async def scenario() -> None:
+        queue = _queue(redis_server, job_max_backlog=2)
+        await queue.submit("brick", UPLOADS, InspectOptions(), None)
+        await queue.submit("brick", UPLOADS, InspectOptions(), None)
+        with pytest.raises(BacklogFull):
+            await queue.submit("brick", UPLOADS, InspectOptions(), None)
+        assert redis_server.client().xlen(f"{PREFIX}jobs:brick") == 2
+        await queue.submit("grass", UPLOADS, InspectOptions(), None)  # per category
+        await queue.conn.aclose()
+
+    asyncio.run(scenario())
