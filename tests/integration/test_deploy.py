@@ -329,6 +329,8 @@ def test_compose_redis_persists_with_append_only_file():
     redis = services()["redis"]
     cmd = redis["command"] if isinstance(redis["command"], list) else redis["command"].split()
     assert cmd[cmd.index("--appendonly") + 1] == "yes"
+    assert cmd[cmd.index("--maxmemory") + 1], "Redis has a memory budget"
+    assert cmd[cmd.index("--maxmemory-policy") + 1] == "noeviction", "queued jobs are never evicted"
     assert any(target == "/data" for _, target in _bind_mounts(redis))
 
 
