@@ -131,8 +131,6 @@ class Settings(BaseSettings):
     worker_block_s: float = Field(2.0, gt=0.0, description="XREADGROUP BLOCK of an idle worker")
     worker_name: str | None = Field(None, max_length=128, description="consumer name (default host-pid)")
     worker_metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus port of msflow worker")
-    worker_test_stall_on: str | None = Field(None, max_length=255, description=(
-        "tests only: a worker hangs on the first delivery of a job with an image of this name"))
     bench_threads: int = Field(0, ge=0, description="msflow bench: onnxruntime intra-op threads (0: default)")
 
     # --- defect regions, runtime thresholds, drift (service/regions.py, thresholds.py, recent.py)

@@ -1,23 +1,28 @@
 """``msflow worker``: run async inspection jobs from the Redis streams, on this host or any other.
 
-Each worker loads the categories of its model store (the same registry and engines as the
-API), joins the consumer group of each category's stream (:mod:`service.redisq.jobs`) and loops:
+A worker is a peer of the API on the same pipeline: it owns a
+:class:`~service.pipeline.runtime.PipelineRuntime` (the registry, lanes and batchers, thread
+pool, heatmap links and threshold overrides the API's ``ServiceState`` is built on), joins the
+consumer group of each category's stream (:mod:`service.redisq.jobs`) and loops:
 
 1. every ``job_claim_idle_s / 2``: claim jobs left pending by dead workers (XAUTOCLAIM);
 2. otherwise read new jobs (XREADGROUP, up to ``max_batch_size`` per category, blocking
    ``worker_block_s``);
-3. per category: decode every image of every job read, run the engine on batches of up to
-   ``max_batch_size`` images, build the results exactly as the API does
-   (:func:`service.pipeline.postprocess.build_results`), then write each job's final record and XACK
-   in one MULTI. A failed attempt stays pending and is retried after the idle timeout; the
-   last allowed attempt sends the job to the dead-letter stream.
+3. per category (categories in parallel): pin the category's lane once for the jobs read,
+   and run every job through the runtime's inspect path at the same time
+   (:meth:`~service.pipeline.runtime.PipelineRuntime.run`: decode, the lane's batcher,
+   postprocess), so the images of concurrent jobs share engine batches and every result
+   has exactly the shape and numbers of a synchronous answer. Then each job's final record
+   and XACK go in one MULTI. A failed attempt stays pending and is retried after the idle
+   timeout; the last allowed attempt sends the job to the dead-letter stream.
 
-SIGTERM/SIGINT: stop reading, finish the batch in hand, exit. A SIGKILLed worker's jobs are
-claimed by the others. Metrics: ``MSFLOW_WORKER_METRICS_PORT`` (Prometheus).
+Failures stay with their job: a bad image fails its own job only; an engine error fails the
+jobs whose images were in that batch (retried); heatmap links that cannot reach Redis fail
+the attempt (the worker serves no HTTP, so a link only in its memory would be dead).
 
-Test hook: the setting ``worker_test_stall_on=<filename>`` (``MSFLOW_WORKER_TEST_STALL_ON``) makes a worker hang (while keeping its
-claim alive) after taking a job with an image of that name on its first delivery, so a
-test can kill it mid-job deterministically. Never set it in production.
+SIGTERM/SIGINT: stop reading, finish the jobs in hand, exit. A SIGKILLed (or stopped)
+worker's jobs are claimed by the others once their keep-alive stops. Metrics:
+``MSFLOW_WORKER_METRICS_PORT`` (Prometheus).
 """
 
 from __future__ import annotations
@@ -29,25 +34,36 @@ import os
 import signal
 import socket
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-import numpy as np
-
 from service.config import Settings, warn_unknown_env
-from service.pipeline.decode import DecodedImage, ImageLimits, ImageRejected, configure_pillow, decode_image
-from service.redisq.jobs import Delivery, JobQueue
 from service.metrics import ServiceMetrics
+from service.pipeline.batcher import BatcherClosed, BatcherError, DeadlineExceeded, QueueFull
+from service.pipeline.decode import ImageRejected
+from service.pipeline.item import InspectedImage
+from service.pipeline.registry import ModelNotLoaded, UnknownCategory
+from service.pipeline.runtime import Lane, PipelineRuntime
 from service.redisq.connection import RedisConnection, RedisUnavailable, make_client
-from service.pipeline.registry import LoadedModel, ModelRegistry
-from service.pipeline.postprocess import ItemResult, build_results, policy_from_settings
-from service.pipeline.thresholds import ThresholdOverrides
-from service.schemas import ErrorBody, InspectResponse
-from service.redisq.store import FINAL_STATES, HeatmapLinks, JobRecord, utcnow
+from service.redisq.jobs import Delivery, JobQueue
+from service.redisq.store import FINAL_STATES, JobRecord, utcnow
+from service.schemas import ErrorBody, InspectResponse, Upload
 
 log = logging.getLogger(__name__)
+
+# A job's images must reach the engine within this, or the attempt fails and is retried: a
+# wedged engine must not hold jobs forever (their claim is kept alive meanwhile, so nobody
+# else would take them). Far above any queueing a healthy worker sees.
+JOB_DEADLINE_S = 600.0
+# Errors of the batcher stage -> the job's error code.
+_BATCHER_CODES: dict[type[BatcherError], str] = {
+    QueueFull: "queue_full", BatcherClosed: "shutting_down", DeadlineExceeded: "deadline_exceeded"}
+# An unexpected error, by the least advanced image of the job (InspectedImage.stage): which
+# stage failed. An engine failure (the batch's, already logged by the batcher) is "decoded".
+_STAGES = ("received", "decoded", "scored", "answered")
+_STAGE_CODES: dict[str, str] = {"received": "decode_error", "decoded": "engine_error", "scored": "postprocess_error"}
 
 
 class JobFailed(Exception):
@@ -64,10 +80,8 @@ class _Job:
     record: JobRecord
     data: list[bytes]
     started: float = field(default_factory=time.monotonic)
-    images: list[DecodedImage] = field(default_factory=list)
-    scored: list[ItemResult | None] = field(default_factory=list)
+    items: list[InspectedImage] = field(default_factory=list)  # one record per image, filled by the pipeline
     error: JobFailed | None = None
-    model: LoadedModel | None = None  # the version the job is pinned to
 
 
 class Worker:
@@ -75,41 +89,39 @@ class Worker:
         self.settings = settings
         self.name = name or settings.worker_name or f"{socket.gethostname()}-{os.getpid()}"
         self.metrics = ServiceMetrics()
-        self.registry = ModelRegistry(settings, on_swap=lambda m: self.metrics.set_model(
-            m.category, m.version, m.engine.name))
-        # XREADGROUP BLOCK must finish inside the socket timeout.
+        # XREADGROUP BLOCK must finish inside the socket timeout; no breaker: a worker has no
+        # request to protect, it waits for Redis instead.
         client = make_client(settings, socket_timeout=settings.worker_block_s + max(1.0, settings.redis_socket_timeout_s))
         self.conn = RedisConnection(settings, self.metrics, client=client, breaker_s=0.0)
+        self.runtime = PipelineRuntime(settings, self.conn, metrics=self.metrics, memory_links=False)
         self.queue = JobQueue(settings, self.conn)
-        self.links = HeatmapLinks(settings, self.conn, memory=False, metrics=self.metrics)
-        # The same effective thresholds as the API replicas (overrides live in Redis/the store).
-        self.thresholds = ThresholdOverrides(settings, self.conn)
-        self.policy = policy_from_settings(settings, self.thresholds.calibration)
-        self.limits = ImageLimits(max_bytes=settings.max_upload_bytes, max_pixels=settings.max_image_pixels)
         self.stop = asyncio.Event()
-        self._pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="worker")
-        self._engine_thread = ThreadPoolExecutor(1, thread_name_prefix="engine")  # one caller per engine
         self.categories: list[str] = []
+        self._watch: asyncio.Task[None] | None = None
 
-    async def run_blocking(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
-
-    # ------------------------------------------------------------------ main loop
-    async def run(self) -> None:
-        configure_pillow(self.settings.max_image_pixels)
-        self.registry.discover()
-        await self.registry.load_all()
-        self.thresholds.start(self.registry.serving)
-        self.categories = sorted(self.registry.serving())
+    # ------------------------------------------------------------------ start-up and main loop
+    async def start(self) -> None:
+        """Load every category of the store (before consuming: a job must not wait for a
+        model load), join the consumer groups, and watch the store for new versions (the
+        runtime swaps lanes as the API does, so jobs follow the version the API serves)."""
+        self.runtime.open()
+        await self.runtime.registry.load_all()
+        self.categories = sorted(self.runtime.registry.serving())
         if not self.categories:
-            raise RuntimeError(f"no model could be loaded from {self.settings.model_store}: {self.registry.failed}")
+            raise RuntimeError(f"no model could be loaded from {self.settings.model_store}: "
+                               f"{self.runtime.registry.failed}")
         await self._until_redis(lambda: self.queue.ensure_groups(self.categories))
+        self._watch = asyncio.create_task(self.runtime.watch_store(), name="watch-store")
         log.info("worker %s: consuming %s", self.name, ", ".join(self.categories))
+
+    async def run(self) -> None:
+        await self.start()
         claim_every = max(0.2, self.settings.job_claim_idle_s / 2)
         next_claim = 0.0
         count = self.settings.max_batch_size
         while not self.stop.is_set():
             try:
+                await self._follow_store()
                 deliveries: list[Delivery] = []
                 if time.monotonic() >= next_claim:
                     next_claim = time.monotonic() + claim_every
@@ -120,13 +132,15 @@ class Worker:
                 by_category: dict[str, list[Delivery]] = {}
                 for d in deliveries:
                     by_category.setdefault(d.message.category, []).append(d)
-                for category, group in by_category.items():
-                    try:
-                        await self.process(category, group)
-                    except RedisUnavailable:
-                        raise
-                    except Exception:  # a bug: the jobs stay pending, are retried, then dead-lettered
-                        log.exception("worker %s: processing %d %s job(s) failed", self.name, len(group), category)
+                # Categories in parallel: each has its own lane (batcher, engine thread).
+                outcomes = await asyncio.gather(*(self.process(c, group) for c, group in by_category.items()),
+                                                return_exceptions=True)
+                for (category, group), outcome in zip(by_category.items(), outcomes):
+                    if isinstance(outcome, RedisUnavailable):
+                        raise outcome
+                    if isinstance(outcome, BaseException):  # a bug: the jobs stay pending, are retried, then dead-lettered
+                        log.error("worker %s: processing %d %s job(s) failed", self.name, len(group), category,
+                                  exc_info=outcome)
             except RedisUnavailable as exc:
                 if "NOGROUP" in str(exc.__cause__ or ""):  # the stream went away (Redis restarted empty)
                     await self._until_redis(lambda: self.queue.ensure_groups(self.categories))
@@ -134,7 +148,15 @@ class Worker:
                 log.warning("worker %s: Redis unavailable (%s); retrying in 1 s", self.name, exc)
                 await self._sleep(1.0)
 
-    async def _until_redis(self, fn: Any) -> None:
+    async def _follow_store(self) -> None:
+        """Consume the categories that appeared in the store since the last look too."""
+        new = sorted(set(self.runtime.registry.serving()) - set(self.categories))
+        if new:
+            await self.queue.ensure_groups(new)
+            self.categories = sorted([*self.categories, *new])
+            log.info("worker %s: now consuming %s too", self.name, ", ".join(new))
+
+    async def _until_redis(self, fn: Callable[[], Awaitable[None]]) -> None:
         while not self.stop.is_set():
             try:
                 await fn()
@@ -149,8 +171,21 @@ class Worker:
         except TimeoutError:
             pass
 
-    # ------------------------------------------------------------------ one batch of jobs
+    # ------------------------------------------------------------------ the jobs of one category
     async def process(self, category: str, deliveries: list[Delivery]) -> None:
+        """One step: take the deliveries (mark them running), run them, record each outcome."""
+        jobs = await self._take(category, deliveries)
+        if not jobs:
+            return
+        keep_alive = asyncio.create_task(self._keep_alive(category, [j.delivery.stream_id for j in jobs]))
+        try:
+            await self._run_jobs(category, jobs)
+        finally:
+            keep_alive.cancel()
+        for job in jobs:
+            await self._finish(category, job)
+
+    async def _take(self, category: str, deliveries: list[Delivery]) -> list[_Job]:
         loaded = await self.queue.records.load([d.job_id for d in deliveries])
         jobs: list[_Job] = []
         for delivery, (record, data) in zip(deliveries, loaded):
@@ -171,88 +206,48 @@ class Worker:
                     jobs.append(_Job(delivery, record, data))
                 else:  # went final meanwhile
                     await self.queue.ack(delivery)
-        if not jobs:
-            return
-        keep_alive = asyncio.create_task(self._keep_alive(category, [j.delivery.stream_id for j in jobs]))
-        try:
-            await self._test_stall(jobs)
-            await self._run_jobs(category, jobs)
-        finally:
-            keep_alive.cancel()
-        for job in jobs:
-            await self._finish(category, job)
+        return jobs
 
     async def _run_jobs(self, category: str, jobs: list[_Job]) -> None:
         try:
-            model = self.registry.get(category)  # pinned for the whole batch of jobs
-        except Exception as exc:
+            with self.runtime.pin(category) as lane:  # one version for all these jobs
+                await asyncio.gather(*(self._run_job(lane, job) for job in jobs))
+        except (ModelNotLoaded, UnknownCategory) as exc:  # only pin raises these; _run_job keeps its errors
             for job in jobs:
                 job.error = JobFailed("model_not_loaded", str(exc))
-            return
-        engine = model.engine
-        for job in jobs:
-            job.model = model
-        await asyncio.gather(*(self._decode(job, model.manifest.input_size) for job in jobs))
-        live = [(job, k) for job in jobs if job.error is None for k in range(len(job.images))]
-        for job in jobs:
-            job.scored = [None] * len(job.images)
-        step = max(1, min(self.settings.max_batch_size, int(engine.max_batch_size)))
-        for start in range(0, len(live), step):
-            await self._score(category, engine, live[start:start + step])
-        for job in jobs:
-            if job.error is None:
-                try:
-                    job.record = await self._result(job, category)
-                except JobFailed as exc:
-                    job.error = exc
-                except RedisUnavailable as exc:
-                    job.error = JobFailed("redis_unavailable", f"cannot store the heatmap links: {exc}")
 
-    async def _decode(self, job: _Job, size: int) -> None:
-        if not job.data or len(job.data) != len(job.record.filenames):
+    async def _run_job(self, lane: Lane, job: _Job) -> None:
+        """The runtime's inspect path for one job; its failure stays in ``job.error``."""
+        record = job.record
+        if not job.data or len(job.data) != len(record.filenames):
             job.error = JobFailed("inputs_missing", "the job's images are gone (expired or never stored)")
             return
+        # Time in the stream counts as queueing, like the batcher's: both are waits before the engine.
+        waited_ms = max(0.0, (utcnow() - _aware(record.created_at)).total_seconds() * 1e3)
+        job.items = [InspectedImage.received(i, Upload(filename=name, data=data), queue_ms=waited_ms)
+                     for i, (name, data) in enumerate(zip(record.filenames, job.data))]
         try:
-            job.images = list(await asyncio.gather(*(
-                self.run_blocking(decode_image, data, size, self.limits, name)
-                for data, name in zip(job.data, job.record.filenames))))
+            await self.runtime.run(lane, job.items, record.options, job.started + JOB_DEADLINE_S, job.started,
+                                   wait_for_room=True)
         except ImageRejected as exc:
             job.error = JobFailed(exc.code, exc.message)
+        except RedisUnavailable as exc:
+            job.error = JobFailed("redis_unavailable", f"cannot store the heatmap links: {exc}")
+        except BatcherError as exc:
+            job.error = JobFailed(_BATCHER_CODES.get(type(exc), "engine_error"), str(exc))
+        except Exception as exc:  # the engine's batch failed, or a bug
+            stage = min((item.stage for item in job.items), key=_STAGES.index)
+            if stage != "decoded":
+                log.exception("job %s: failed after its images were %s", record.id, stage)
+            job.error = JobFailed(_STAGE_CODES.get(stage, "internal_error"), f"{type(exc).__name__}: {exc}")
+        else:
+            results = [item.answer for item in job.items]
+            response = InspectResponse(request_id=record.request_id or record.id, category=lane.model.category,
+                                       model_version=results[0].model_version, engine=lane.model.engine.name,
+                                       results=results)
+            job.record = record.model_copy(update={"status": "done", "result": response, "error": None,
+                                                   "updated_at": utcnow()})
 
-    async def _score(self, category: str, engine: Any, chunk: list[tuple[_Job, int]]) -> None:
-        loop = asyncio.get_running_loop()
-        started, started_wall = time.monotonic(), utcnow()
-        try:
-            batch = np.stack([job.images[k].tensor for job, k in chunk])
-            scores, maps = await loop.run_in_executor(self._engine_thread, engine.run, batch)
-        except Exception as exc:  # the batch fails; every job in it is retried
-            log.exception("%s: engine %s failed on a batch of %d", category, engine.name, len(chunk))
-            for job, _ in chunk:
-                job.error = job.error or JobFailed("engine_error", f"{type(exc).__name__}: {exc}")
-            return
-        engine_s = time.monotonic() - started
-        self.metrics.observe_batch(category, engine.name, len(chunk), engine_s)
-        for i, (job, k) in enumerate(chunk):
-            queue_ms = max(0.0, (started_wall - _aware(job.record.created_at)).total_seconds() * 1e3)
-            job.scored[k] = ItemResult(raw_score=float(scores[i]), anomaly_map=maps[i],
-                                       batch_size=len(chunk), queue_ms=queue_ms, engine_ms=engine_s * 1e3)
-
-    async def _result(self, job: _Job, category: str) -> JobRecord:
-        if any(s is None for s in job.scored) or job.model is None:
-            raise JobFailed("engine_error", "an image of the job was not scored")
-        scored = [s for s in job.scored if s is not None]
-        built = await build_results([(i, job.record.filenames[i], im, sc)
-                                     for i, (im, sc) in enumerate(zip(job.images, scored))],
-                                    job.model.manifest, job.record.options, self.run_blocking, self.links, job.started,
-                                    policy=self.policy)
-        results = [b.result for b in built]
-        for r in results:
-            self.metrics.count_image(category, r.is_anomalous)
-        response = InspectResponse(request_id=job.record.request_id or job.record.id, category=category,
-                                   model_version=results[0].model_version, engine=job.model.engine.name,
-                                   results=results)
-        return job.record.model_copy(update={"status": "done", "result": response, "error": None,
-                                             "updated_at": utcnow()})
 
     async def _finish(self, category: str, job: _Job) -> None:
         """Final record + XACK, or a recorded failed attempt (retried later, or dead-lettered)."""
@@ -275,6 +270,7 @@ class Worker:
             log.warning("job %s: cannot record its outcome (%s); it will be redelivered", job.record.id, exc)
 
     async def _keep_alive(self, category: str, stream_ids: list[str]) -> None:
+        """Keep our claim on jobs in hand fresh, so that only a dead (or stopped) worker's are taken."""
         every = max(0.1, self.settings.job_claim_idle_s / 3)
         while True:
             await asyncio.sleep(every)
@@ -283,17 +279,11 @@ class Worker:
             except RedisUnavailable:
                 pass
 
-    async def _test_stall(self, jobs: list[_Job]) -> None:
-        name = self.settings.worker_test_stall_on
-        if name and any(j.delivery.deliveries == 1 and name in j.record.filenames for j in jobs):
-            log.warning("worker %s: worker_test_stall_on=%s: stalling mid-job (test hook)", self.name, name)
-            await self._sleep(3600)
-
     async def close(self) -> None:
-        await self.thresholds.stop()
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        self._engine_thread.shutdown(wait=False)
-        await self.conn.aclose()
+        """Finish what the batchers hold, release threads and the connection."""
+        if self._watch is not None:
+            self._watch.cancel()
+        await self.runtime.close()
 
 
 def _aware(moment: datetime) -> datetime:

@@ -162,7 +162,6 @@ def wait_for_metric(client: httpx.Client, name: str, value: float, timeout: floa
 PREFIX = "msflow-test:"  # a non-default MSFLOW_REDIS_PREFIX, shared by the API servers and workers
 REDIS_ADMIN_KEY = "admin-key-redis"
 REDIS_USER_KEY = "user-key-redis"
-STALL_NAME = "stall.png"  # a job with an image of this name stalls its worker's first attempt (test hook)
 
 
 class RedisServer:
@@ -264,6 +263,17 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def copy_version(src: Path, dst: Path, category: str, version: str) -> None:
+    """A model version folder copied as ``category/version`` (manifest rewritten to match),
+    export-like: written under a dot name, renamed into place when complete."""
+    from models.manifest import Manifest
+
+    staging = dst.parent / f".{version}-partial"
+    shutil.copytree(src, staging)
+    Manifest.read(staging).model_copy(update={"category": category, "version": version}).write(staging)
+    staging.rename(dst)
 
 
 def png_variant(path: Path, nonce: str) -> bytes:

@@ -4,7 +4,7 @@ Request path of ``POST /v1/inspect/{category}`` (see docs/DESIGN.md): read the b
 limits -> result cache (Redis, per image) -> decode in the thread pool
 (:mod:`service.pipeline.decode`) -> the category's :class:`~service.pipeline.batcher.Batcher` -> normalise
 with the manifest and render heatmaps (:mod:`service.pipeline.postprocess`) -> JSON, or the PNG itself
-for ``Accept: image/png``. Shared state is :class:`~service.pipeline.runtime.ServiceState`; API keys
+for ``Accept: image/png``. Shared state is :class:`~service.pipeline.state.ServiceState`; API keys
 are :mod:`service.api.auth`.
 
 With Redis (``MSFLOW_REDIS_URL``): ``heatmap=url`` links (``GET /v1/heatmaps/<id>.png``),
@@ -30,7 +30,7 @@ from service.api.errors import install_error_handlers
 from service.config import Settings
 from service.api.docs import install_docs
 from service.api.request_metrics import RequestMetricsMiddleware
-from service.pipeline.runtime import ServiceState
+from service.pipeline.state import ServiceState
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

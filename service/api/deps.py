@@ -1,4 +1,4 @@
-"""What routes depend on: the shared :class:`~service.pipeline.runtime.ServiceState` and a
+"""What routes depend on: the shared :class:`~service.pipeline.state.ServiceState` and a
 known category (404 listing the known ones otherwise)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from fastapi import Depends, Request
 
 from models.manifest import CATEGORY_PATTERN
 from service.api.errors import unknown_category_error as unknown_category
-from service.pipeline.runtime import ServiceState
+from service.pipeline.state import ServiceState
 from service.schemas import ErrorResponse
 
 ERRORS: dict[int | str, dict[str, Any]] = {

@@ -17,7 +17,7 @@ from service.metrics import UNKNOWN
 from service.pipeline.batcher import BatcherClosed, CallerGone, DeadlineExceeded, QueueFull
 from service.pipeline.decode import ImageRejected
 from service.pipeline.registry import ModelNotLoaded, UnknownCategory
-from service.pipeline.runtime import JobsUnavailable
+from service.pipeline.state import JobsUnavailable
 from service.pipeline.thresholds import ThresholdNotPersisted, ThresholdOutOfRange
 from service.redisq.connection import RedisUnavailable
 from service.redisq.jobs import BacklogFull

@@ -10,8 +10,8 @@ from service.api.auth import Authed
 from service.api.deps import ERRORS, CategoryDep, StateDep
 from service.api.errors import ApiError
 from service.api.uploads import read_uploads
-from service.pipeline.postprocess import Rendered
-from service.schemas import HeatmapMode, HeatmapSize, ImageResult, InspectOptions, InspectResponse
+from service.pipeline.item import InspectedImage
+from service.schemas import HeatmapMode, HeatmapSize, InspectOptions, InspectResponse
 
 router = APIRouter()
 
@@ -35,13 +35,13 @@ async def inspect(request: Request, category: CategoryDep, state: StateDep,
                                f"this request has {len(uploads)}")
             wants_png = False
         options = InspectOptions(heatmap=heatmap, overlay=overlay, heatmap_size=heatmap_size)
-        answer = await state.inspect(lane, uploads, options, deadline, started, wants_png,
-                                     gone=lambda: _disconnected(request))
+        items = await state.inspect(lane, uploads, options, deadline, started, wants_png,
+                                    gone=lambda: _disconnected(request))
     if wants_png:
-        return _png_response(answer.results[0], answer.heats[0], answer.engines[0])  # type: ignore[arg-type]
+        return _png_response(items[0])
+    results = [item.answer for item in items]
     body = InspectResponse(request_id=request.scope["state"]["request_id"], category=category,
-                           model_version=answer.results[0].model_version, engine=answer.engines[0],
-                           results=answer.results)
+                           model_version=results[0].model_version, engine=items[0].engine or "", results=results)
     return JSONResponse(body.model_dump(mode="json"))
 
 
@@ -83,9 +83,13 @@ def _wants_png(accept: str | None) -> tuple[bool, bool]:
     return best["png"][0] > 0 and best["png"] > best["json"], best["json"][0] > 0
 
 
-def _png_response(result: ImageResult, heat: Rendered, engine: str) -> Response:
-    return Response(heat.png, media_type="image/png", headers={
+def _png_response(item: InspectedImage) -> Response:
+    """The heatmap itself (``wants_png`` rendered it for this request: the cache was bypassed)."""
+    result = item.answer
+    if item.heatmap_png is None:
+        raise RuntimeError(f"image {item.index} has no rendered heatmap for its image/png answer")
+    return Response(item.heatmap_png, media_type="image/png", headers={
         "X-Anomaly-Score": f"{result.score:.6f}", "X-Raw-Score": f"{result.raw_score:.6f}",
         "X-Threshold": f"{result.threshold:.6f}", "X-Is-Anomalous": str(result.is_anomalous).lower(),
-        "X-Model-Version": result.model_version, "X-Engine": engine,
+        "X-Model-Version": result.model_version, "X-Engine": item.engine or "",
         "X-Image-Size": f"{result.image_size.width}x{result.image_size.height}"})

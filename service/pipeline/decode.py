@@ -11,8 +11,9 @@ Order matters, cheapest and safest check first:
    functions the trainer uses, so the served pixels are exactly the trained ones.
 
 :func:`read_uploads` takes the image parts off the HTTP request under the byte limits.
-:func:`decode_image` blocks (decode and Lanczos release the GIL): the app calls it in its
-thread pool, never on the event loop.
+:func:`decode_into` fills the decode fields of an image's record
+(:class:`~service.pipeline.item.InspectedImage`); it blocks (decode and Lanczos release the
+GIL): the runtime calls it in its thread pool, never on the event loop.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import numpy as np
 from PIL import Image
 
 from models.preprocessing import resize_rgb, to_rgb
+from service.pipeline.item import InspectedImage
 
 # Pillow's names; "MPO" is the multi-picture JPEG many cameras write.
 ACCEPTED_FORMATS: frozenset[str] = frozenset({"PNG", "JPEG", "MPO", "BMP", "TIFF", "WEBP"})
@@ -80,22 +82,6 @@ class ImageLimits:
     max_pixels: int
 
 
-@dataclass(frozen=True)
-class DecodedImage:
-    """One upload, decoded. ``rgb`` is upright at its original size (heatmap_size=original and
-    overlays need it); ``tensor`` is the model input, uint8 ``[S, S, 3]``."""
-
-    rgb: Image.Image
-    tensor: np.ndarray
-    format: str
-    decode_ms: float
-
-    @property
-    def size(self) -> tuple[int, int]:
-        """(width, height) after EXIF orientation."""
-        return self.rgb.size
-
-
 def configure_pillow(max_pixels: int) -> None:
     """Make Pillow's own bomb guard agree with the service limit.
 
@@ -107,13 +93,23 @@ def configure_pillow(max_pixels: int) -> None:
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
-def decode_image(data: bytes, size: int, limits: ImageLimits, name: str | None = None) -> DecodedImage:
-    """Decode ``data`` and return the upright RGB image plus the ``size x size`` model input.
+def decode_image(data: bytes, size: int, limits: ImageLimits, name: str | None = None) -> InspectedImage:
+    """A new record for ``data``, decoded (:func:`decode_into`)."""
+    item = InspectedImage(index=0, filename=name, data=data)
+    decode_into(item, size, limits)
+    return item
+
+
+def decode_into(item: InspectedImage, size: int, limits: ImageLimits) -> None:
+    """Decode ``item.data``: fill the upright RGB image (``rgb``, original size: heatmap_size=
+    original and overlays need it), the ``size x size`` model input (``tensor``), ``format``
+    and ``decode_ms``.
 
     Raises :class:`ImageTooLarge` (413), :class:`UnsupportedImageType` (415) or
     :class:`UndecodableImage` (422); the message names the upload.
     """
     started = time.perf_counter()
+    data, name = item.data, item.filename
     label = f"{name!r}" if name else "the image"
     if len(data) > limits.max_bytes:
         raise ImageTooLarge(f"{label} has {len(data)} bytes; the limit is {limits.max_bytes}")
@@ -148,8 +144,8 @@ def decode_image(data: bytes, size: int, limits: ImageLimits, name: str | None =
         except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
             # struct.error: some Pillow plugins surface corrupt headers that way.
             raise UndecodableImage(f"cannot decode {label} (truncated or corrupt?): {exc}") from exc
-    tensor = resize_rgb(rgb, size)
-    return DecodedImage(rgb=rgb, tensor=tensor, format=fmt, decode_ms=(time.perf_counter() - started) * 1e3)
+    item.rgb, item.tensor, item.format = rgb, resize_rgb(rgb, size), fmt
+    item.decode_ms = (time.perf_counter() - started) * 1e3
 
 
 def probe_image(data: bytes, limits: ImageLimits, name: str | None = None) -> tuple[str, tuple[int, int]]:

@@ -1,7 +1,8 @@
 """Scored images -> the per-image results of the v1 API, in one place.
 
-The synchronous API (:class:`service.pipeline.runtime.ServiceState`) and the job worker
-(:mod:`service.worker`) both turn an engine's raw score and anomaly map into an
+The pipeline runtime (:class:`service.pipeline.runtime.PipelineRuntime`), which serves both
+the synchronous API and the job worker, turns each scored image record
+(:class:`~service.pipeline.item.InspectedImage`: raw score and anomaly map) into an
 :class:`~service.schemas.ImageResult` here: the calibrated score and verdict from the
 manifest of the model version the request was pinned to, the heatmap rendered in a
 thread (:mod:`service.pipeline.render`) and attached inline (base64) or as a link
@@ -24,37 +25,14 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from models.manifest import Calibration, Manifest
-import numpy as np
-
-from service.pipeline.decode import DecodedImage
 from service.config import Settings
+from service.pipeline.item import InspectedImage
 from service.pipeline.regions import RegionParams, find_regions
 from service.pipeline.render import heatmap_for
-from service.schemas import (InspectOptions, Heatmap, HeatmapLink, HeatmapMode, HeatmapSize, ImageResult, ImageSize, Region,
+from service.schemas import (InspectOptions, Heatmap, HeatmapLink, HeatmapMode, HeatmapSize, ImageResult, ImageSize,
                              Timings)
 
 RunBlocking = Callable[..., Awaitable[Any]]
-
-
-@dataclass(frozen=True)
-class ItemResult:
-    """One image as the engine scored it, and the batch it ran in."""
-
-    raw_score: float
-    anomaly_map: np.ndarray  # float32 [S, S]
-    batch_size: int
-    queue_ms: float
-    engine_ms: float
-
-
-@dataclass(frozen=True)
-class Rendered:
-    """A rendered heatmap PNG."""
-
-    png: bytes
-    width: int
-    height: int
-    render_ms: float
 
 
 class LinkStore(Protocol):
@@ -65,28 +43,13 @@ class LinkStore(Protocol):
         ...
 
 
-@dataclass(frozen=True)
-class Built:
-    result: ImageResult
-    heat: Rendered | None  # the PNG, for an ``Accept: image/png`` answer
-    durable: bool  # False when its heatmap link lives only in this process's memory
-
-
-def render(image: DecodedImage, scored: ItemResult, calibration: Calibration, size: HeatmapSize,
-           overlay: bool) -> Rendered:
-    """Blocking: the heatmap PNG of one scored image (coloured with the manifest's calibration)."""
-    t0 = time.perf_counter()
-    png, (width, height) = heatmap_for(scored.anomaly_map, calibration, image.tensor, image.rgb, size.value, overlay)
-    return Rendered(png, width, height, (time.perf_counter() - t0) * 1e3)
-
-
 def _manifest_calibration(manifest: Manifest) -> Calibration:
     return manifest.calibration
 
 
 @dataclass(frozen=True)
 class ResultPolicy:
-    """The effective calibration of a manifest (the API passes
+    """The effective calibration of a manifest (the runtime passes
     :meth:`service.pipeline.thresholds.ThresholdOverrides.calibration`, so a runtime threshold
     override decides score and verdict) and the region parameters."""
 
@@ -99,48 +62,57 @@ def policy_from_settings(settings: Settings, calibration: Callable[[Manifest], C
     return ResultPolicy(calibration=calibration, regions=RegionParams(
         max_regions=settings.max_regions, min_area_fraction=settings.min_region_area))
 
-@dataclass(frozen=True)
-class Analysis:
-    heat: Rendered | None
-    regions: list[Region]
-    regions_ms: float
 
-
-def analyse(image: DecodedImage, scored: ItemResult, manifest: Manifest, calibration: Calibration,
-            size: HeatmapSize | None, overlay: bool, params: RegionParams) -> Analysis:
-    """Blocking: the heatmap (``size`` None: none) and the defect regions of one scored image,
-    and the milliseconds the regions took."""
-    heat = render(image, scored, manifest.calibration, size, overlay) if size is not None else None
+def render(item: InspectedImage, calibration: Calibration, size: HeatmapSize, overlay: bool) -> None:
+    """Blocking: the heatmap PNG of one scored image (coloured with the manifest's calibration:
+    the colours are the model's, whatever threshold override decides the verdict)."""
     t0 = time.perf_counter()
-    regions = find_regions(scored.anomaly_map, calibration, image.size, params)
-    return Analysis(heat, regions, (time.perf_counter() - t0) * 1e3)
+    png, (width, height) = heatmap_for(item.score_map, calibration, item.model_input, item.decoded_rgb,
+                                       size.value, overlay)
+    item.heatmap_png, item.heatmap_width, item.heatmap_height = png, width, height
+    item.render_ms = (time.perf_counter() - t0) * 1e3
 
 
-def image_result(index: int, filename: str | None, image: DecodedImage, scored: ItemResult, version: str,
-                 heatmap: Heatmap | HeatmapLink | None, render_ms: float, started: float,
-                 cal: Calibration, regions: Sequence[Region] = ()) -> ImageResult:
-    """One image's result; ``started`` is the ``time.monotonic()`` the timings' total counts from.
-    ``cal``: the effective calibration of the pinned model version."""
+def analyse(item: InspectedImage, manifest: Manifest, calibration: Calibration, size: HeatmapSize | None,
+            overlay: bool, params: RegionParams) -> None:
+    """Blocking: the heatmap (``size`` None: none) and the defect regions of one scored image,
+    with the milliseconds each took. ``calibration`` is the effective one (regions follow it)."""
+    if size is not None:
+        render(item, manifest.calibration, size, overlay)
+    t0 = time.perf_counter()
+    item.regions = find_regions(item.score_map, calibration, item.size, params)
+    item.regions_ms = (time.perf_counter() - t0) * 1e3
+
+
+def image_result(item: InspectedImage, version: str, heatmap: Heatmap | HeatmapLink | None, started: float,
+                 cal: Calibration) -> ImageResult:
+    """One scored image's result; ``started`` is the ``time.monotonic()`` the timings' total
+    counts from. ``cal``: the effective calibration of the pinned model version."""
+    raw = item.raw
+    width, height = item.size
     return ImageResult(
-        index=index, filename=filename, score=round(cal.normalise_score(scored.raw_score), 6),
-        raw_score=scored.raw_score, threshold=cal.threshold, is_anomalous=scored.raw_score >= cal.threshold,
-        model_version=version, batch_size=scored.batch_size, heatmap=heatmap,
-        timings_ms=Timings(decode=round(image.decode_ms, 3), queue=round(scored.queue_ms, 3),
-                           engine=round(scored.engine_ms, 3), render=round(render_ms, 3),
+        index=item.index, filename=item.filename, score=round(cal.normalise_score(raw), 6),
+        raw_score=raw, threshold=cal.threshold, is_anomalous=raw >= cal.threshold,
+        model_version=version, batch_size=item.batch_size, heatmap=heatmap,
+        timings_ms=Timings(decode=round(item.decode_ms, 3), queue=round(item.queue_ms, 3),
+                           engine=round(item.engine_ms, 3), render=round(item.render_ms + item.regions_ms, 3),
                            total=round((time.monotonic() - started) * 1e3, 3)),
-        image_size=ImageSize(width=image.size[0], height=image.size[1]), regions=list(regions),
+        image_size=ImageSize(width=width, height=height), regions=list(item.regions),
     )
 
 
-def inline_heatmap(heat: Rendered) -> Heatmap:
-    return Heatmap(data=base64.b64encode(heat.png).decode("ascii"), width=heat.width, height=heat.height)
+def inline_heatmap(item: InspectedImage) -> Heatmap:
+    if item.heatmap_png is None:
+        raise ValueError(f"image {item.index} has no rendered heatmap")
+    return Heatmap(data=base64.b64encode(item.heatmap_png).decode("ascii"), width=item.heatmap_width,
+                   height=item.heatmap_height)
 
 
-async def build_results(items: Sequence[tuple[int, str | None, DecodedImage, ItemResult]], manifest: Manifest,
-                        options: InspectOptions, run_blocking: RunBlocking, links: LinkStore | None, started: float,
-                        *, render_all: bool = False, policy: ResultPolicy | None = None) -> list[Built]:
-    """Results of ``(index, filename, decoded image, scored item)`` tuples, in order, all scored
-    by the model version of ``manifest`` (the request's pinned version).
+async def postprocess(items: Sequence[InspectedImage], manifest: Manifest, options: InspectOptions,
+                      run_blocking: RunBlocking, links: LinkStore | None, started: float,
+                      *, render_all: bool = False, policy: ResultPolicy | None = None) -> None:
+    """Fill ``result`` (and heatmap, regions, ``durable``) of scored records, all scored by the
+    model version of ``manifest`` (the request's pinned version).
 
     Heatmaps are rendered (in ``run_blocking``'s threads) for ``heatmap=inline`` and ``url``,
     or for every image with ``render_all`` (an ``Accept: image/png`` answer, which then
@@ -150,21 +122,16 @@ async def build_results(items: Sequence[tuple[int, str | None, DecodedImage, Ite
     policy = policy or ResultPolicy()
     wanted = render_all or options.heatmap is not HeatmapMode.none
     cal = policy.calibration(manifest)
-    analysed: list[Analysis] = await asyncio.gather(*(
-        run_blocking(analyse, im, sc, manifest, cal, options.heatmap_size if wanted else None, options.overlay,
-                     policy.regions) for _, _, im, sc in items))
-    built: list[Built] = []
-    for (index, filename, image, scored), a in zip(items, analysed):
-        field: Heatmap | HeatmapLink | None = None
-        durable = True
-        if a.heat is not None:
+    size = options.heatmap_size if wanted else None
+    await asyncio.gather(*(run_blocking(analyse, item, manifest, cal, size, options.overlay, policy.regions)
+                           for item in items))
+    for item in items:
+        heatmap: Heatmap | HeatmapLink | None = None
+        if item.heatmap_png is not None:
             if options.heatmap is HeatmapMode.url and not render_all:
                 if links is None:
                     raise RuntimeError("heatmap=url needs a link store")
-                field, durable = await links.put(a.heat.png, a.heat.width, a.heat.height)
+                heatmap, item.durable = await links.put(item.heatmap_png, item.heatmap_width, item.heatmap_height)
             else:
-                field = inline_heatmap(a.heat)
-        render_ms = (a.heat.render_ms if a.heat else 0.0) + a.regions_ms
-        built.append(Built(image_result(index, filename, image, scored, manifest.version, field, render_ms, started,
-                                        cal, a.regions), a.heat, durable))
-    return built
+                heatmap = inline_heatmap(item)
+        item.result = image_result(item, manifest.version, heatmap, started, cal)

@@ -1,13 +1,16 @@
 """Async jobs end to end: ``msflow serve`` + two ``msflow worker`` subprocesses on a real
-redis-server: the flow, a worker SIGKILLed mid-job, a poison job, idempotent writes, and
-no Redis -> 503."""
+redis-server: the flow, a worker frozen (SIGSTOP) then SIGKILLed mid-job, a poison job,
+idempotent writes, and no Redis -> 503."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import io
+import json
+import os
 import signal
+import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -17,8 +20,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from harness import (assert_error, CATEGORY, PREFIX, STALL_NAME, RedisServer, Server, WorkerProc, client_for, png_variant,
-                            upload, wait_until)
+from harness import (assert_error, CATEGORY, PREFIX, RedisServer, Server, WorkerProc, client_for, png_of, png_variant,
+                     upload, wait_until)
 
 MAX_ATTEMPTS = 3
 CLAIM_IDLE_S = 1.0
@@ -28,8 +31,7 @@ CLAIM_IDLE_S = 1.0
 def workers(redis_store: Path, redis_server: RedisServer, redis_apis: dict[str, Server],
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, WorkerProc]]:
     logs = tmp_path_factory.mktemp("worker-logs")
-    procs = {name: WorkerProc(redis_store, logs / f"{name}.log", name, env={"MSFLOW_WORKER_TEST_STALL_ON": STALL_NAME},
-                              redis_url=redis_server.url, redis_prefix=PREFIX, job_claim_idle_s=CLAIM_IDLE_S,
+    procs = {name: WorkerProc(redis_store, logs / f"{name}.log", name, redis_url=redis_server.url, redis_prefix=PREFIX, job_claim_idle_s=CLAIM_IDLE_S,
                               job_max_attempts=MAX_ATTEMPTS, worker_block_s=0.5, max_batch_size=8,
                               log_level="info")
              for name in ("w1", "w2")}
@@ -94,18 +96,63 @@ def test_jobs_end_to_end_with_two_workers(api: httpx.Client, workers: dict[str, 
     assert_error(api.get("/v1/jobs/" + "n" * 24), 404, "job_not_found")
 
 
-def test_killed_worker_job_completed_by_the_other(api: httpx.Client, workers: dict[str, WorkerProc],
-                                                  good_images: list[Path]) -> None:
-    job = submit(api, [upload(STALL_NAME, png_variant(good_images[5], "stall"))])
-    running = wait_status(api, job, {"running"})
-    victim = workers[running["worker"]]
-    survivor = next(w for w in workers.values() if w is not victim)
-    victim.proc.send_signal(signal.SIGKILL)  # mid-job: the message stays pending, unacknowledged
-    assert victim.proc.wait(10) == -signal.SIGKILL
-    done = wait_status(api, job, {"done", "failed"}, timeout=30)
-    assert done["status"] == "done" and done["worker"] == survivor.name, done
-    assert done["attempts"] == 2 and done["result"]["results"][0]["filename"] == STALL_NAME
-    assert "claimed 1 job(s)" in survivor.log()
+def _running_record(r: Any, job_id: str, timeout: float = 30.0) -> dict[str, Any]:
+    """The job's record once a worker has marked it running, read from Redis directly (every
+    millisecond: the job must still be running when the caller acts on it)."""
+    key = f"{PREFIX}job:{job_id}"
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        raw = r.get(key)
+        record = json.loads(raw) if raw else {}
+        if record.get("status") in {"running", "done", "failed"}:
+            return record
+        time.sleep(0.001)
+    raise AssertionError(f"job {job_id} never ran")
+
+
+def test_stopped_worker_job_completed_by_the_other(api: httpx.Client, workers: dict[str, WorkerProc],
+                                                   redis_server: RedisServer, good_images: list[Path]) -> None:
+    """A real fault mid-job: the worker running it is frozen (SIGSTOP), so its keep-alive stops;
+    the other worker claims the job after job_claim_idle_s and completes it; the frozen one
+    is then SIGKILLed. The job completes exactly once, by the other worker."""
+    r = redis_server.client()
+    # Large uploads, heatmaps at their size over them: a job that runs long enough (a few
+    # hundred ms) to be caught while it runs.
+    big = Image.open(good_images[5]).convert("RGB").resize((768, 768))
+    victim: WorkerProc | None = None
+    try:
+        for attempt in range(3):
+            files = [upload(f"slow-{attempt}-{k}.png", png_of(big.rotate(90 * k))) for k in range(6)]
+            job = submit(api, files, heatmap_size="original", overlay="true")
+            running = _running_record(r, job)
+            if running["status"] != "running":
+                continue  # finished before we looked: try another job
+            victim = workers[running["worker"]]
+            os.kill(victim.proc.pid, signal.SIGSTOP)
+            now = json.loads(r.get(f"{PREFIX}job:{job}"))
+            if now["status"] == "running" and now["worker"] == victim.name:
+                break
+            os.kill(victim.proc.pid, signal.SIGCONT)  # it finished just before the stop landed
+            victim = None
+        assert victim is not None, "never caught a job while it ran"
+        survivor = next(w for w in workers.values() if w is not victim)
+        # The frozen worker's claim goes stale; the survivor takes the job over.
+        wait_until(lambda: json.loads(r.get(f"{PREFIX}job:{job}"))["worker"] == survivor.name, 30,
+                   "the survivor to claim the job")
+        victim.proc.send_signal(signal.SIGKILL)  # it never resumes: the claim was the survivor's to finish
+        assert victim.proc.wait(10) == -signal.SIGKILL
+        done = wait_status(api, job, {"done", "failed"}, timeout=30)
+        assert done["status"] == "done" and done["worker"] == survivor.name, done
+        assert done["attempts"] == 2 and [x["filename"] for x in done["result"]["results"]] == [
+            f"slow-{attempt}-{k}.png" for k in range(6)]
+        assert done["result"]["results"][0]["image_size"] == {"width": 768, "height": 768}
+        assert "claimed 1 job(s)" in survivor.log()
+        assert r.xpending(f"{PREFIX}jobs:{CATEGORY}", "workers")["pending"] == 0  # acknowledged once
+    finally:
+        if victim is not None and victim.proc.poll() is None:  # a failed assertion: do not leave it frozen
+            victim.proc.send_signal(signal.SIGKILL)
+            victim.proc.send_signal(signal.SIGCONT)
+            victim.proc.wait(10)
 
 
 def test_poison_job_goes_to_the_dead_letter_stream(api: httpx.Client, workers: dict[str, WorkerProc],

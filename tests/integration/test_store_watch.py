@@ -10,18 +10,9 @@ from pathlib import Path
 
 import httpx
 
-from harness import CATEGORY, Server, part, start, wait_until
+from harness import CATEGORY, Server, copy_version as _copy_version, part, start, wait_until
 from models.build_progress import record_build, record_step
 from models.data import MVTecCategory
-from models.manifest import Manifest
-
-
-def _copy_version(src: Path, dst: Path, category: str, version: str) -> None:
-    """Export-like: written under a dot name, renamed into place when complete."""
-    staging = dst.parent / f".{version}-partial"
-    shutil.copytree(src, staging)
-    Manifest.read(staging).model_copy(update={"category": category, "version": version}).write(staging)
-    staging.rename(dst)
 
 
 def test_new_category_and_version_appear_while_serving(model_store: Path, demo_root: Path, tmp_path: Path) -> None:

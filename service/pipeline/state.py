@@ -1,0 +1,154 @@
+"""What the API's routes share: :class:`ServiceState`, the pipeline runtime plus what only a
+serving replica needs: the result cache, recent scores, job submission, readiness.
+
+:meth:`ServiceState.inspect` is the synchronous inspection path behind the route: the lane
+pinned once per request (:meth:`~service.pipeline.runtime.PipelineRuntime.pin`), cache
+lookup (per image, one MGET), then the runtime's inspect path for the misses
+(:meth:`~service.pipeline.runtime.PipelineRuntime.run`: decode, batch, postprocess), cache
+write. Redis problems only ever cost the cache and durable links, never the answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Literal
+
+from service.config import Settings
+from service.metrics import ServiceMetrics
+from service.pipeline.decode import ImageRejected, probe_image
+from service.pipeline.item import InspectedImage
+from service.pipeline.recent import RecentScores
+from service.pipeline.registry import LoadedModel
+from service.pipeline.runtime import Lane, PipelineRuntime
+from service.redisq.connection import RedisConnection
+from service.redisq.jobs import JobQueue
+from service.redisq.store import CachedResult, ResultCache, utcnow
+from service.schemas import HeatmapLink, InspectOptions, Timings, Upload
+
+log = logging.getLogger(__name__)
+
+_INLINE_HASH_BYTES = 1 << 20  # hash larger uploads in the thread pool
+
+
+class JobsUnavailable(RuntimeError):
+    """Async jobs need Redis and this server has none configured."""
+
+
+class ServiceState(PipelineRuntime):
+    """The runtime of one API replica: the shared pipeline, plus cache, recent scores, jobs."""
+
+    def __init__(self, settings: Settings) -> None:
+        metrics = ServiceMetrics()  # created first: the connection counts its errors there
+        redis = RedisConnection(settings, metrics) if settings.redis_url else None
+        super().__init__(settings, redis, metrics=metrics, memory_links=True)
+        self.shutting_down = False
+        self._loading: asyncio.Task[None] | None = None
+        self.cache = ResultCache(settings, self.redis, self.metrics)
+        self.jobs = JobQueue(settings, self.redis) if self.redis is not None else None
+        self.recent = RecentScores(settings, self.metrics)
+
+    async def start(self) -> None:
+        """Check the store (fail start-up if unusable), then load engines in the background so
+        /healthz answers while big engines load; /readyz says when all are warm."""
+        self.open()
+        self._loading = asyncio.create_task(self.load_and_watch(), name="load-models")
+
+    def begin_shutdown(self) -> None:
+        """Readiness goes 503 at once (called from the SIGTERM handler, so only sets a flag)."""
+        self.shutting_down = True
+
+    async def stop(self) -> None:
+        """Drain: queued and running batches finish, then the threads go."""
+        self.shutting_down = True
+        if self._loading is not None and not self._loading.done():
+            self._loading.cancel()
+        await self.close()
+
+    async def redis_status(self) -> Literal["ok", "degraded", "disabled"]:
+        return "disabled" if self.redis is None else await self.redis.status()
+
+    # ------------------------------------------------------------------ the synchronous inspection
+    async def inspect(self, lane: Lane, uploads: Sequence[Upload], options: InspectOptions, deadline: float,
+                      started: float, wants_png: bool = False,
+                      gone: Callable[[], Awaitable[None]] | None = None) -> list[InspectedImage]:
+        """Answer every upload (one record each, in request order, each with its ``result``):
+        from the result cache where the same bytes were inspected with the same model
+        version, threshold and options, else through the runtime's inspect path. The PNG
+        answer (``wants_png``) bypasses the cache. ``gone()`` completes when the caller
+        stops waiting (an HTTP client disconnecting)."""
+        model = lane.model
+        items = [InspectedImage.received(i, u) for i, u in enumerate(uploads)]
+        use_cache = self.cache.enabled and not wants_png
+        digests: list[str] = []
+        if use_cache:
+            digests = [await self._digest(u.data) for u in uploads]
+            threshold = self.thresholds.threshold(model.manifest)  # effective: an override changes the key
+            hits = await self.cache.get_many([self.cache.key(d, model.category, model.version, threshold, options)
+                                              for d in digests])
+            for item, hit in zip(items, hits):
+                if hit is not None:
+                    self._answer_from_cache(item, hit, started)
+        todo = [item for item in items if not item.cached]
+        if todo:
+            await self.run(lane, todo, options, deadline, started, render_all=wants_png,
+                           gone=gone() if gone is not None else None)
+            if use_cache:
+                await self.cache.put_many([
+                    (self.cache.key(digests[item.index], model.category, model.version, item.answer.threshold,
+                                    options),
+                     CachedResult(engine=model.engine.name, result=item.answer), _cache_ttl(item))
+                    for item in todo if item.durable])
+        for item in items:
+            if item.cached:
+                self.metrics.count_image(model.category, item.answer.is_anomalous)
+        self.recent.observe(model.category, [item.answer for item in items])
+        return items
+
+    def _answer_from_cache(self, item: InspectedImage, hit: CachedResult, started: float) -> None:
+        total = round((time.monotonic() - started) * 1e3, 3)
+        item.cached, item.engine = True, hit.engine
+        item.result = hit.result.model_copy(update={
+            "index": item.index, "filename": item.filename, "cached": True,
+            "timings_ms": Timings(decode=0.0, queue=0.0, engine=0.0, render=0.0, total=total)})
+
+    async def _digest(self, data: bytes) -> str:
+        if len(data) <= _INLINE_HASH_BYTES:
+            return hashlib.sha256(data).hexdigest()
+        return await self.run_blocking(lambda: hashlib.sha256(data).hexdigest())
+
+    # ------------------------------------------------------------------ jobs (the API side) and reloads
+    async def check_uploads(self, uploads: Sequence[Upload]) -> None:
+        """Header checks (format, bytes, pixels) of uploads that are decoded later (jobs)."""
+        for index, upload in enumerate(uploads):
+            try:
+                await self.run_blocking(probe_image, upload.data, self.limits, upload.filename)
+            except ImageRejected as exc:
+                exc.details = {**(exc.details or {}), "index": index, "filename": upload.filename}
+                raise
+
+    def require_jobs(self) -> JobQueue:
+        if self.jobs is None:
+            raise JobsUnavailable("async jobs need Redis: set MSFLOW_REDIS_URL (the synchronous "
+                                  "POST /v1/inspect/{category} works without it)")
+        return self.jobs
+
+    async def reload(self, category: str, version: str | None) -> LoadedModel:
+        try:
+            model = await self.registry.reload(category, version)
+        except Exception:
+            self.metrics.reloads.labels(category, "failed").inc()
+            raise
+        self.metrics.reloads.labels(category, "ok").inc()
+        return model
+
+
+def _cache_ttl(item: InspectedImage) -> float:
+    """A cached result must not outlive its heatmap link."""
+    heatmap = item.answer.heatmap
+    if isinstance(heatmap, HeatmapLink):
+        return (heatmap.expires_at - utcnow()).total_seconds()
+    return float("inf")

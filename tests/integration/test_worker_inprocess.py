@@ -1,0 +1,214 @@
+"""The worker's job-processing step in-process (``Worker.process``), against a private
+redis-server on a free port and the real engine of the trained test model: concurrent jobs
+share the lane's batches, results match the synchronous path, a bad image or an engine error
+fails only its jobs (retried, then dead-lettered), links land in Redis, threshold overrides
+apply, metrics count.
+
+In tests/integration, not tests/unit: it needs the session's model store (a trained model,
+about 80 s on 2 cores); no server or worker subprocess is started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from harness import CATEGORY, RedisServer
+from service.config import Settings
+from service.pipeline.item import InspectedImage
+from service.pipeline.runtime import PipelineRuntime
+from service.pipeline.thresholds import ThresholdOverrides
+from service.redisq.connection import RedisConnection
+from service.redisq.jobs import JobQueue
+from service.redisq.store import JobRecord
+from service.schemas import HeatmapLink, HeatmapMode, InspectOptions, Upload
+from service.worker import Worker
+
+PREFIX = "msflow-inproc:"  # not the prefix of the other integration tests' workers
+CLAIM_IDLE_S = 0.3
+
+
+@pytest.fixture(scope="module")
+def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis-inproc"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def store(model_store: Path, tmp_path: Path) -> Path:
+    """A private copy: a threshold override writes its file beside the manifest."""
+    dest = tmp_path / "store"
+    shutil.copytree(model_store, dest)
+    return dest
+
+
+def settings_for(store: Path, redis: RedisServer, **overrides: Any) -> Settings:
+    base: dict[str, Any] = dict(model_store=store, redis_url=redis.url, redis_prefix=PREFIX, device="cpu",
+                                intra_op_threads=1, decode_threads=2, store_poll_s=0, max_batch_size=4,
+                                max_queue_delay_ms=200, job_claim_idle_s=CLAIM_IDLE_S, job_max_attempts=2,
+                                worker_block_s=0.2)
+    return Settings(**{**base, **overrides})
+
+
+class Harness:
+    """A worker (started: models loaded, groups joined) and the API side of the queue."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.worker = Worker(settings, name="inproc")
+        self.api = RedisConnection(settings)
+        self.queue = JobQueue(settings, self.api)
+
+    async def submit(self, uploads: list[Upload], options: InspectOptions = InspectOptions()) -> str:
+        return (await self.queue.submit(CATEGORY, uploads, options, request_id=None)).id
+
+    async def step(self, claim: bool = False) -> int:
+        """One processing step of the worker on what it reads (or claims); how many deliveries."""
+        if claim:
+            deliveries = await self.worker.queue.claim(CATEGORY, self.worker.name, 8)
+        else:
+            deliveries = await self.worker.queue.read([CATEGORY], self.worker.name, 8, 1.0)
+        await self.worker.process(CATEGORY, deliveries)
+        return len(deliveries)
+
+    async def record(self, job_id: str) -> JobRecord:
+        record = await self.queue.records.get(job_id)
+        assert record is not None
+        return record
+
+    def count(self, outcome: str) -> float:
+        value = self.worker.metrics.registry.get_sample_value(
+            "msflow_jobs_total", {"category": CATEGORY, "outcome": outcome})
+        return value or 0.0
+
+
+def run(settings: Settings, body: Any) -> Any:
+    async def main() -> Any:
+        h = Harness(settings)
+        await h.worker.start()
+        try:
+            return await body(h)
+        finally:
+            await h.worker.close()
+            await h.api.aclose()
+
+    return asyncio.run(main())
+
+
+def test_concurrent_jobs_share_batches_and_answer_like_the_api(store: Path, redis: RedisServer,
+                                                               good_images: list[Path]) -> None:
+    uploads = [Upload(p.name, p.read_bytes()) for p in good_images[:4]]
+
+    async def body(h: Harness) -> dict[str, Any]:
+        inline = await h.submit(uploads[:2])
+        linked = await h.submit(uploads[2:], InspectOptions(heatmap=HeatmapMode.url))
+        assert await h.step() == 2
+        out = {"inline": await h.record(inline), "linked": await h.record(linked)}
+        link = out["linked"].result.results[0].heatmap
+        assert isinstance(link, HeatmapLink)  # the worker serves no HTTP: the PNG must be in Redis
+        out["png"] = await h.api.client.get(f"{PREFIX}heatmap:{link.url.split('/')[-1][:-4]}")
+        out["pending"] = (await h.api.client.xpending(h.queue.stream(CATEGORY), "workers"))["pending"]
+        out["done"] = h.count("done")
+        return out
+
+    out = run(settings_for(store, redis), body)
+    for key in ("inline", "linked"):
+        record = out[key]
+        assert record.status == "done" and record.worker == "inproc" and record.attempts == 1 and record.error is None
+        assert record.result.category == CATEGORY and record.result.request_id == record.id
+        # the two jobs' four images went through the lane's batcher together
+        assert [r.batch_size for r in record.result.results] == [4, 4]
+        assert all(r.timings_ms.queue > 0 for r in record.result.results)  # time in the stream counts
+    assert out["png"] and out["png"].startswith(b"\x89PNG") and out["pending"] == 0 and out["done"] == 2
+
+    # The same numbers and shape as the synchronous path (the runtime alone, in-process).
+    async def direct() -> list[InspectedImage]:
+        rt = PipelineRuntime(settings_for(store, redis, redis_url=None), None)
+        rt.open()
+        await rt.registry.load_all()
+        items = [InspectedImage.received(i, u) for i, u in enumerate(uploads[:2])]
+        try:
+            with rt.pin(CATEGORY) as lane:
+                await rt.run(lane, items, InspectOptions(), time.monotonic() + 30, time.monotonic())
+        finally:
+            await rt.close()
+        return items
+
+    for got, want in zip(out["inline"].result.results, asyncio.run(direct())):
+        assert set(got.model_dump()) == set(want.answer.model_dump())
+        assert got.raw_score == pytest.approx(want.answer.raw_score, abs=1e-5)
+        assert (got.index, got.filename, got.threshold) == (want.answer.index, want.answer.filename,
+                                                            want.answer.threshold)
+        assert got.heatmap is not None and got.heatmap.model_dump().keys() == want.answer.heatmap.model_dump().keys()  # type: ignore[union-attr]
+
+
+def test_failures_stay_with_their_jobs_then_retry_and_dead_letter(store: Path, redis: RedisServer,
+                                                                  good_images: list[Path]) -> None:
+    whole = good_images[5].read_bytes()
+
+    async def body(h: Harness) -> None:
+        bad = await h.submit([Upload("cut.png", whole[: len(whole) // 2])])  # header fine, pixels truncated
+        good = await h.submit([Upload("ok.png", good_images[6].read_bytes())])
+        assert await h.step() == 2
+        failed = await h.record(bad)
+        assert failed.status == "queued" and failed.error is not None and failed.error.code == "undecodable_image"
+        assert (await h.record(good)).status == "done"  # the bad image failed only its own job
+
+        # An engine error fails the jobs of its batch; they are retried.
+        with h.worker.runtime.pin(CATEGORY) as lane:
+            engine = lane.model.engine
+        real_run = engine.run
+        engine.run = lambda batch: (_ for _ in ()).throw(RuntimeError("device lost"))  # type: ignore[method-assign]
+        first = await h.submit([Upload("a.png", good_images[0].read_bytes())])
+        second = await h.submit([Upload("b.png", good_images[1].read_bytes())])
+        try:
+            assert await h.step() == 2
+        finally:
+            engine.run = real_run  # type: ignore[method-assign]
+        for job in (first, second):
+            record = await h.record(job)
+            assert record.status == "queued" and record.error is not None and record.error.code == "engine_error"
+            assert "device lost" in record.error.message
+        assert h.count("retried") == 3
+
+        # After the idle timeout: the retries are claimed; the engine jobs succeed on attempt 2,
+        # the bad image's last allowed attempt sends it to the dead-letter stream.
+        await asyncio.sleep(CLAIM_IDLE_S + 0.1)
+        assert await h.step(claim=True) == 3
+        for job in (first, second):
+            record = await h.record(job)
+            assert record.status == "done" and record.attempts == 2 and record.error is None
+        dead = await h.record(bad)
+        assert dead.status == "failed" and dead.attempts == 2 and dead.error.code == "undecodable_image"
+        letters = await h.api.client.xrange(h.queue.dead_letter_stream)
+        assert [f[b"job_id"] for _, f in letters] == [bad.encode()]
+        assert (await h.api.client.xpending(h.queue.stream(CATEGORY), "workers"))["pending"] == 0
+        assert h.count("dead_lettered") == 1 and h.count("done") == 3
+
+    run(settings_for(store, redis, redis_prefix="msflow-inproc-fail:"), body)
+
+
+def test_threshold_overrides_apply_to_jobs(store: Path, redis: RedisServer, good_images: list[Path]) -> None:
+    async def body(h: Harness) -> None:
+        before = await h.submit([Upload("g.png", good_images[2].read_bytes())], InspectOptions(heatmap=HeatmapMode.none))
+        await h.step()
+        result = (await h.record(before)).result.results[0]
+        assert not result.is_anomalous and result.threshold > result.raw_score
+        # An operator lowers the threshold below this image's score (through Redis, as the API does).
+        overrides = ThresholdOverrides(h.settings, h.api)
+        await overrides.set(CATEGORY, result.model_version, result.raw_score - 1e-3)
+        await h.worker.runtime.thresholds.refresh([(CATEGORY, result.model_version)])
+        after = await h.submit([Upload("g.png", good_images[2].read_bytes())], InspectOptions(heatmap=HeatmapMode.none))
+        await h.step()
+        moved = (await h.record(after)).result.results[0]
+        assert moved.is_anomalous and moved.threshold == pytest.approx(result.raw_score - 1e-3)
+        assert moved.raw_score == pytest.approx(result.raw_score, abs=1e-5)
+
+    run(settings_for(store, redis, redis_prefix="msflow-inproc-thr:"), body)

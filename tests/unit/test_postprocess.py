@@ -1,0 +1,140 @@
+"""Post-processing on a constructed map, no engine: score normalisation, verdict (calibrated and
+overridden), defect regions, heatmap modes, and the per-image record's stages."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import time
+from datetime import datetime, timezone
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from models.manifest import Calibration, Manifest, ScoreStats
+from service.pipeline.decode import ImageLimits, decode_image
+from service.pipeline.item import InspectedImage, StageMissing
+from service.pipeline.postprocess import ResultPolicy, postprocess
+from service.pipeline.regions import RegionParams
+from service.schemas import HeatmapLink, HeatmapMode, HeatmapSize, InspectOptions, Upload
+
+S = 16  # map and model input size
+WIDTH, HEIGHT = 64, 32  # the "upload": not square, so boxes show the rescale
+
+CAL = Calibration(score_output="image_score", method="target_fpr", threshold=2.0, score_min=0.0, score_max=4.0,
+                  normal_scores=ScoreStats(count=10, mean=1.0, std=0.1, min=0.8, p50=1.0, p95=1.2, p99=1.3, max=1.4),
+                  map_low=0.0, map_high=1.0, pixel_threshold=0.5)
+# Only what post-processing reads (version, calibration); a full manifest needs an export.
+MANIFEST = Manifest.model_construct(category="brick", version="7", input_size=S, calibration=CAL)
+
+
+async def inline(fn: Callable[..., Any], *args: Any) -> Any:
+    """``run_blocking`` without a pool: the stage functions are plain blocking calls."""
+    return fn(*args)
+
+
+class Links:
+    """A link store that keeps PNGs in a dict and says they are not durable (memory only)."""
+
+    def __init__(self) -> None:
+        self.pngs: dict[str, bytes] = {}
+
+    async def put(self, png: bytes, width: int, height: int) -> tuple[HeatmapLink, bool]:
+        link_id = f"id{len(self.pngs)}"
+        self.pngs[link_id] = png
+        return HeatmapLink(url=f"/v1/heatmaps/{link_id}.png", expires_at=datetime.now(timezone.utc),
+                           width=width, height=height), False
+
+
+def scored(raw: float, index: int = 0) -> InspectedImage:
+    """A record as the engine stage leaves it: a hot 4x4 block at map rows 4-7, columns 8-11."""
+    anomaly_map = np.zeros((S, S), dtype=np.float32)
+    anomaly_map[4:8, 8:12] = 0.9
+    rgb = Image.fromarray(np.full((HEIGHT, WIDTH, 3), 120, dtype=np.uint8))
+    return InspectedImage(index=index, filename=f"{index}.png", rgb=rgb, tensor=np.full((S, S, 3), 120, np.uint8),
+                          format="PNG", decode_ms=1.5, raw_score=raw, anomaly_map=anomaly_map, batch_size=2,
+                          queue_ms=3.0, engine_ms=4.0, engine="fake")
+
+
+def run(items: list[InspectedImage], options: InspectOptions = InspectOptions(), links: Any = None,
+        **kw: Any) -> None:
+    asyncio.run(postprocess(items, MANIFEST, options, inline, links, time.monotonic(), **kw))
+
+
+def test_score_normalisation_verdict_and_timings() -> None:
+    items = [scored(3.0, 0), scored(1.0, 1), scored(10.0, 2), scored(2.0, 3)]
+    run(items, InspectOptions(heatmap=HeatmapMode.none))
+    results = [item.answer for item in items]
+    # (raw - threshold) / (max - min) + 0.5, clamped: the threshold maps to 0.5
+    assert [r.score for r in results] == [0.75, 0.25, 1.0, 0.5]
+    assert [r.is_anomalous for r in results] == [True, False, True, True]  # at the threshold counts
+    assert all(r.threshold == 2.0 and r.model_version == "7" and r.heatmap is None for r in results)
+    assert [(r.index, r.filename) for r in results] == [(i, f"{i}.png") for i in range(4)]
+    t = results[0].timings_ms
+    assert (t.decode, t.queue, t.engine, results[0].batch_size) == (1.5, 3.0, 4.0, 2)
+    assert t.total >= 0 and t.render >= 0
+    assert results[0].image_size.width == WIDTH and results[0].image_size.height == HEIGHT
+    assert all(item.stage == "answered" for item in items)
+
+
+def test_regions_are_boxes_in_the_upload() -> None:
+    item = scored(3.0)
+    run([item], InspectOptions(heatmap=HeatmapMode.none))
+    (region,) = item.answer.regions
+    # map column 8..11 of 16 -> x 32..48 of 64; map row 4..7 of 16 -> y 8..16 of 32
+    assert (region.x, region.y, region.width, region.height) == (32, 8, 16, 8)
+    assert region.area == 16 * (WIDTH * HEIGHT) // (S * S)
+    assert region.peak == pytest.approx(0.9) and region.mean == pytest.approx(0.9)
+    # too small for a 10 % minimum area: no region, the verdict is unchanged
+    small = scored(3.0)
+    run([small], InspectOptions(heatmap=HeatmapMode.none), policy=ResultPolicy(regions=RegionParams(
+        min_area_fraction=0.1)))
+    assert small.answer.regions == [] and small.answer.is_anomalous
+
+
+def test_a_threshold_override_decides_score_and_verdict() -> None:
+    item = scored(3.0)
+    policy = ResultPolicy(calibration=lambda m: m.calibration.with_threshold(3.5))
+    run([item], InspectOptions(heatmap=HeatmapMode.none), policy=policy)
+    r = item.answer
+    assert r.threshold == 3.5 and not r.is_anomalous and r.score == pytest.approx(0.375)
+    assert len(r.regions) == 1  # regions follow the pixel threshold, which an override leaves alone
+
+
+def test_heatmap_modes() -> None:
+    inline_item, linked, png_only = scored(3.0, 0), scored(3.0, 1), scored(3.0, 2)
+    run([inline_item])  # default: inline, at the model's size
+    heat = inline_item.answer.heatmap
+    assert heat is not None and not isinstance(heat, HeatmapLink)
+    assert Image.open(io.BytesIO(base64.b64decode(heat.data))).size == (S, S) == (heat.width, heat.height)
+    assert inline_item.heatmap_png == base64.b64decode(heat.data) and inline_item.durable
+
+    links = Links()
+    run([linked], InspectOptions(heatmap=HeatmapMode.url, heatmap_size=HeatmapSize.original, overlay=True), links)
+    link = linked.answer.heatmap
+    assert isinstance(link, HeatmapLink) and (link.width, link.height) == (WIDTH, HEIGHT)
+    assert links.pngs[link.url.split("/")[-1][:-4]] == linked.heatmap_png
+    assert linked.durable is False  # the link store said memory only: the runtime will not cache it
+
+    # an image/png answer renders even with heatmap=none, and stores no link
+    run([png_only], InspectOptions(heatmap=HeatmapMode.none), links, render_all=True)
+    assert png_only.heatmap_png is not None and len(links.pngs) == 1
+
+
+def test_the_record_says_how_far_an_image_got() -> None:
+    data = io.BytesIO()
+    Image.fromarray(np.full((HEIGHT, WIDTH, 3), 50, dtype=np.uint8)).save(data, format="PNG")
+    item = InspectedImage.received(3, Upload(filename="x.png", data=data.getvalue()), queue_ms=12.0)
+    assert item.stage == "received" and item.queue_ms == 12.0
+    with pytest.raises(StageMissing, match="not decoded"):
+        _ = item.model_input
+    decoded = decode_image(item.data, S, ImageLimits(max_bytes=1 << 20, max_pixels=1 << 20), "x.png")
+    assert decoded.stage == "decoded" and decoded.size == (WIDTH, HEIGHT) and decoded.model_input.shape == (S, S, 3)
+    with pytest.raises(StageMissing, match="not scored"):
+        run([decoded])
+    assert decoded.stage == "decoded" and decoded.result is None
+
