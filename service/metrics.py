@@ -69,6 +69,9 @@ class ServiceMetrics:
                                   "MSFLOW_ANOMALY_RATE_WINDOW images", ["category"], registry=r)
         self.gpu_memory = Gauge("msflow_gpu_memory_bytes", "GPU memory per device (used, total), read at "
                                 "scrape time; absent on hosts without a CUDA GPU", ["device", "kind"], registry=r)
+        self.nonfinite = Counter("msflow_nonfinite_outputs_total", "Images whose engine output (score or map) "
+                                 "was NaN or infinite: answered as an error, never as a verdict",
+                                 ["category", "engine"], registry=r)
         self._model_labels: dict[str, tuple[str, str]] = {}
 
     # --------------------------------------------------------------- request level

@@ -204,6 +204,8 @@ class Readiness(_Model):
                                        description="category -> 'serving <version>', 'loading' or 'failed'")
     failed: dict[str, str] = Field(default_factory=dict, description="category -> why it is not served (skipped; "
                                                                      "the others serve)")
+    unhealthy: dict[str, str] = Field(default_factory=dict, description="category -> why its serving version looks "
+                                                                        "broken (e.g. non-finite outputs)")
     redis: Literal["ok", "degraded", "disabled"] = Field(
         "disabled", description="degraded: Redis is configured but unreachable; inspection keeps serving "
                                 "(no cache, links from this host), jobs answer 503")

@@ -45,7 +45,7 @@ from service.pipeline.batcher import BatcherClosed, BatcherError, DeadlineExceed
 from service.pipeline.decode import ImageRejected
 from service.pipeline.item import InspectedImage
 from service.pipeline.registry import ModelNotLoaded, UnknownCategory
-from service.pipeline.runtime import Lane, PipelineRuntime
+from service.pipeline.runtime import Lane, NonFiniteOutput, PipelineRuntime
 from service.redisq.connection import RedisConnection, RedisUnavailable, make_client
 from service.redisq.jobs import Delivery, JobQueue
 from service.redisq.store import FINAL_STATES, JobRecord, utcnow
@@ -67,11 +67,14 @@ _STAGE_CODES: dict[str, str] = {"received": "decode_error", "decoded": "engine_e
 
 
 class JobFailed(Exception):
-    """One job's attempt failed (bad input, engine error): recorded, retried or dead-lettered."""
+    """One job's attempt failed (bad input, engine error): recorded, retried or dead-lettered.
+    ``permanent``: another attempt would fail the same way (the input itself is bad), so the
+    job is dead-lettered at once instead of costing more attempts."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, permanent: bool = False) -> None:
         super().__init__(message)
         self.error = ErrorBody(code=code, message=message)
+        self.permanent = permanent
 
 
 @dataclass
@@ -220,7 +223,8 @@ class Worker:
         """The runtime's inspect path for one job; its failure stays in ``job.error``."""
         record = job.record
         if not job.data or len(job.data) != len(record.filenames):
-            job.error = JobFailed("inputs_missing", "the job's images are gone (expired or never stored)")
+            job.error = JobFailed("inputs_missing", "the job's images are gone (expired or never stored)",
+                                  permanent=True)
             return
         # Time in the stream counts as queueing, like the batcher's: both are waits before the engine.
         waited_ms = max(0.0, (utcnow() - _aware(record.created_at)).total_seconds() * 1e3)
@@ -229,8 +233,10 @@ class Worker:
         try:
             await self.runtime.run(lane, job.items, record.options, job.started + JOB_DEADLINE_S, job.started,
                                    wait_for_room=True)
-        except ImageRejected as exc:
-            job.error = JobFailed(exc.code, exc.message)
+        except ImageRejected as exc:  # the bytes will not decode better next time
+            job.error = JobFailed(exc.code, exc.message, permanent=True)
+        except NonFiniteOutput as exc:  # never a verdict: the job fails with the reason
+            job.error = JobFailed(exc.code, str(exc), permanent=True)
         except RedisUnavailable as exc:
             job.error = JobFailed("redis_unavailable", f"cannot store the heatmap links: {exc}")
         except BatcherError as exc:
@@ -255,7 +261,7 @@ class Worker:
             if job.error is None:
                 await self.queue.complete(job.delivery, job.record)
                 self.metrics.jobs.labels(category, "done").inc()
-            elif job.delivery.deliveries >= self.settings.job_max_attempts:
+            elif job.error.permanent or job.delivery.deliveries >= self.settings.job_max_attempts:
                 await self.queue.dead_letter(job.delivery, job.record, job.error.error, self.name)
                 self.metrics.jobs.labels(category, "dead_lettered").inc()
             else:

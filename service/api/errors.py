@@ -17,6 +17,7 @@ from service.metrics import UNKNOWN
 from service.pipeline.batcher import BatcherClosed, CallerGone, DeadlineExceeded, QueueFull
 from service.pipeline.decode import ImageRejected
 from service.pipeline.registry import ModelNotLoaded, UnknownCategory
+from service.pipeline.runtime import NonFiniteOutput
 from service.pipeline.state import JobsUnavailable
 from service.pipeline.thresholds import ThresholdNotPersisted, ThresholdOutOfRange
 from service.redisq.connection import RedisUnavailable
@@ -90,6 +91,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     for exc_type in _MAPPED:
         app.add_exception_handler(exc_type, mapped)  # type: ignore[arg-type]
+
+    @app.exception_handler(NonFiniteOutput)
+    async def non_finite(request: Request, exc: NonFiniteOutput) -> JSONResponse:
+        return error_response(500, exc.code, str(exc), exc.details)
 
     @app.exception_handler(ThresholdOutOfRange)
     async def out_of_range(request: Request, exc: ThresholdOutOfRange) -> JSONResponse:

@@ -27,7 +27,8 @@ async def readyz(state: StateDep) -> Readiness:
                                 "categories": state.registry.status()})
     # Redis is reported, never a reason to leave rotation: inspection works without it.
     return Readiness(models=state.registry.serving(), categories=state.registry.status(),
-                     failed=state.registry.failed, redis=await state.redis_status())
+                     failed=state.registry.failed, unhealthy=state.registry.unhealthy,
+                     redis=await state.redis_status())
 
 
 @router.get("/metrics", include_in_schema=False)

@@ -90,6 +90,7 @@ class ModelRegistry:
         self._categories: list[str] = []
         self._locks: dict[str, asyncio.Lock] = {}
         self._failed_versions: dict[str, str] = {}  # category -> newest version that failed (not retried)
+        self._unhealthy: dict[str, str] = {}  # category -> why its serving version looks broken (cleared on swap)
         # service.pipeline.thresholds.ThresholdOverrides (set by ServiceState): describe() shows overrides
         self.thresholds: Any = None
 
@@ -140,6 +141,17 @@ class ModelRegistry:
     def build_progress(self) -> BuildProgress | None:
         """What a builder writing into the store reports (advisory: None when absent or unusable)."""
         return read_progress(self.store)
+
+    def mark_unhealthy(self, category: str, why: str) -> None:
+        """The serving version misbehaves (non-finite outputs): reported in readiness until a
+        new version is swapped in. It keeps serving: the bad images get an error each."""
+        if category not in self._unhealthy:
+            log.error("%s: %s", category, why)
+        self._unhealthy[category] = why
+
+    @property
+    def unhealthy(self) -> dict[str, str]:
+        return dict(self._unhealthy)
 
     def public_message(self, exc: BaseException) -> str:
         """``exc``'s text with the store's location replaced by ``<store>``: failures are
@@ -255,6 +267,7 @@ class ModelRegistry:
             previous = self._models.get(category)
             self._models[category] = model  # the atomic swap: the next batch sees the new engine
             self._failed.pop(category, None)
+            self._unhealthy.pop(category, None)
             if category not in self._categories:
                 self._categories.append(category)
             if self._on_swap is not None:

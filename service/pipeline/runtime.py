@@ -16,6 +16,7 @@ batcher (concurrent requests *and* jobs of a category share its batches) -> post
 from __future__ import annotations
 
 import asyncio
+import math
 import contextlib
 import logging
 import time
@@ -206,6 +207,23 @@ class PipelineRuntime:
             item.batch_size, item.engine_ms = batched.batch_size, batched.run_ms
             item.queue_ms += batched.queue_ms
             item.engine = lane.model.engine.name
+        self._refuse_non_finite(lane, items)
+
+    def _refuse_non_finite(self, lane: Lane, items: Sequence[InspectedImage]) -> None:
+        """A NaN or infinite score compares False with any threshold, i.e. "normal": never
+        let it become a verdict, a cache entry, a job result or a drift sample."""
+        bad = [item for item in items if item.raw_score is None or not math.isfinite(item.raw_score)
+               or item.anomaly_map is None or not np.isfinite(item.anomaly_map).all()]
+        if not bad:
+            return
+        model = lane.model
+        self.metrics.nonfinite.labels(model.category, model.engine.name).inc(len(bad))
+        self.registry.mark_unhealthy(model.category, f"version {model.version} on {model.engine.name} produced "
+                                     f"non-finite output for {len(bad)} image(s)")
+        first = bad[0]
+        raise NonFiniteOutput(f"the model produced a non-finite score or map for image {first.index}"
+                              f"{f' ({first.filename})' if first.filename else ''}; no verdict is given",
+                              index=first.index, filename=first.filename)
 
     async def postprocess(self, lane: Lane, items: Sequence[InspectedImage], options: InspectOptions,
                           started: float, render_all: bool = False) -> None:
@@ -247,6 +265,16 @@ async def _submit_when_room(batcher: Batcher, tensors: list[np.ndarray], deadlin
             future.cancel()
         raise
     return futures
+
+
+class NonFiniteOutput(RuntimeError):
+    """The engine returned NaN/inf for an image: an error, never a verdict."""
+
+    code = "non_finite_output"
+
+    def __init__(self, message: str, index: int, filename: str | None) -> None:
+        super().__init__(message)
+        self.details = {"index": index, "filename": filename}
 
 
 def _engine_runner(engine: Any) -> Callable[[list[np.ndarray]], list[tuple[float, np.ndarray]]]:

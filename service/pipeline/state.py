@@ -24,7 +24,7 @@ from service.pipeline.item import InspectedImage
 from service.pipeline.recent import RecentScores
 from service.pipeline.registry import LoadedModel
 from service.pipeline.runtime import Lane, PipelineRuntime
-from service.redisq.connection import RedisConnection
+from service.redisq.connection import RedisConnection, make_client
 from service.redisq.jobs import JobQueue
 from service.redisq.store import CachedResult, ResultCache, utcnow
 from service.schemas import HeatmapLink, InspectOptions, Timings, Upload
@@ -38,6 +38,11 @@ class JobsUnavailable(RuntimeError):
     """Async jobs need Redis and this server has none configured."""
 
 
+def _bulk_timeout_s(settings: Settings) -> float:
+    """The hot path's timeout plus the whole request body at 50 MB/s (a loaded Redis host)."""
+    return settings.redis_socket_timeout_s + settings.max_request_bytes / 50e6
+
+
 class ServiceState(PipelineRuntime):
     """The runtime of one API replica: the shared pipeline, plus cache, recent scores, jobs."""
 
@@ -48,7 +53,12 @@ class ServiceState(PipelineRuntime):
         self.shutting_down = False
         self._loading: asyncio.Task[None] | None = None
         self.cache = ResultCache(settings, self.redis, self.metrics)
-        self.jobs = JobQueue(settings, self.redis) if self.redis is not None else None
+        # Job submissions carry the images (up to max_request_bytes): their own connection, with
+        # a timeout sized for that payload and no breaker, so a slow upload neither fails at the
+        # per-command timeout of the hot path nor trips that path's breaker for everyone.
+        self._bulk_redis = (RedisConnection(settings, metrics, breaker_s=0.0, client=make_client(
+            settings, socket_timeout=_bulk_timeout_s(settings))) if settings.redis_url else None)
+        self.jobs = JobQueue(settings, self._bulk_redis) if self._bulk_redis is not None else None
         self.recent = RecentScores(settings, self.metrics)
 
     async def start(self) -> None:
@@ -67,6 +77,8 @@ class ServiceState(PipelineRuntime):
         if self._loading is not None and not self._loading.done():
             self._loading.cancel()
         await self.close()
+        if self._bulk_redis is not None:
+            await self._bulk_redis.aclose()
 
     async def redis_status(self) -> Literal["ok", "degraded", "disabled"]:
         return "disabled" if self.redis is None else await self.redis.status()

@@ -26,7 +26,7 @@ from service.config import Settings
 from service.pipeline.decode import UndecodableImage
 from service.pipeline.item import InspectedImage
 from service.pipeline.registry import LoadedModel, ModelNotLoaded, ModelRegistry, UnknownCategory
-from service.pipeline.runtime import PipelineRuntime
+from service.pipeline.runtime import NonFiniteOutput, PipelineRuntime
 from service.pipeline.state import ServiceState
 from service.schemas import HeatmapLink, HeatmapMode, InspectOptions, Upload
 
@@ -157,6 +157,38 @@ def test_service_state_answers_through_the_same_path(model_store: Path, good_ima
         assert got.answer.raw_score == pytest.approx(want.answer.raw_score, abs=1e-5)
         assert set(got.answer.model_dump()) == set(want.answer.model_dump()) and not got.cached
     assert png[0].heatmap_png is not None and Image.open(io.BytesIO(png[0].heatmap_png)).size == (128, 128)
+
+
+def test_non_finite_output_is_an_error_never_a_verdict(model_store: Path, good_images: list[Path]) -> None:
+    """A NaN score would compare False with the threshold, i.e. "normal": it must fail the
+    request instead, count in a metric, mark the model unhealthy and reach no drift sample."""
+    uploads = [Upload(p.name, p.read_bytes()) for p in good_images[:2]]
+
+    async def main() -> None:
+        state = ServiceState(settings_for(model_store))
+        await state.start()
+        try:
+            while not state.registry.ready:
+                await asyncio.sleep(0.05)
+            with state.pin(CATEGORY) as lane:
+                engine = lane.model.engine
+                real_run = engine.run
+                nan_second = lambda batch: (np.array([1.0, np.nan][: len(batch)], np.float32), real_run(batch)[1])
+                engine.run = nan_second  # type: ignore[method-assign]
+                try:
+                    with pytest.raises(NonFiniteOutput) as caught:
+                        await state.inspect(lane, uploads, InspectOptions(), time.monotonic() + 30, time.monotonic())
+                finally:
+                    engine.run = real_run  # type: ignore[method-assign]
+            assert caught.value.details["index"] == 1 and caught.value.code == "non_finite_output"
+            assert state.recent.scores(CATEGORY) == []  # no drift sample, no verdict counted
+            assert state.metrics.nonfinite.labels(CATEGORY, engine.name)._value.get() == 1
+            assert CATEGORY in state.registry.unhealthy
+            assert "non-finite" in state.registry.unhealthy[CATEGORY]
+        finally:
+            await state.stop()
+
+    asyncio.run(main())
 
 
 # ---------------------------------------------------------------------- registry

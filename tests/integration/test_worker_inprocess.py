@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from harness import CATEGORY, RedisServer
@@ -157,8 +158,9 @@ def test_failures_stay_with_their_jobs_then_retry_and_dead_letter(store: Path, r
         bad = await h.submit([Upload("cut.png", whole[: len(whole) // 2])])  # header fine, pixels truncated
         good = await h.submit([Upload("ok.png", good_images[6].read_bytes())])
         assert await h.step() == 2
-        failed = await h.record(bad)
-        assert failed.status == "queued" and failed.error is not None and failed.error.code == "undecodable_image"
+        dead = await h.record(bad)  # undecodable: another attempt would fail the same way, so no retry
+        assert dead.status == "failed" and dead.attempts == 1 and dead.error is not None
+        assert dead.error.code == "undecodable_image"
         assert (await h.record(good)).status == "done"  # the bad image failed only its own job
 
         # An engine error fails the jobs of its batch; they are retried.
@@ -176,21 +178,31 @@ def test_failures_stay_with_their_jobs_then_retry_and_dead_letter(store: Path, r
             record = await h.record(job)
             assert record.status == "queued" and record.error is not None and record.error.code == "engine_error"
             assert "device lost" in record.error.message
-        assert h.count("retried") == 3
+        assert h.count("retried") == 2
 
-        # After the idle timeout: the retries are claimed; the engine jobs succeed on attempt 2,
-        # the bad image's last allowed attempt sends it to the dead-letter stream.
+        # After the idle timeout: the retries are claimed and succeed on attempt 2.
         await asyncio.sleep(CLAIM_IDLE_S + 0.1)
-        assert await h.step(claim=True) == 3
+        assert await h.step(claim=True) == 2
         for job in (first, second):
             record = await h.record(job)
             assert record.status == "done" and record.attempts == 2 and record.error is None
-        dead = await h.record(bad)
-        assert dead.status == "failed" and dead.attempts == 2 and dead.error.code == "undecodable_image"
         letters = await h.api.client.xrange(h.queue.dead_letter_stream)
         assert [f[b"job_id"] for _, f in letters] == [bad.encode()]
         assert (await h.api.client.xpending(h.queue.stream(CATEGORY), "workers"))["pending"] == 0
         assert h.count("dead_lettered") == 1 and h.count("done") == 3
+
+        # A non-finite engine output is an error, never a verdict: dead-lettered, not retried
+        real_run = engine.run
+        engine.run = lambda batch: (np.full(len(batch), np.nan, np.float32),  # type: ignore[method-assign]
+                                    real_run(batch)[1])
+        nan_job = await h.submit([Upload("c.png", good_images[2].read_bytes())])
+        try:
+            assert await h.step() == 1
+        finally:
+            engine.run = real_run  # type: ignore[method-assign]
+        record = await h.record(nan_job)
+        assert record.status == "failed" and record.result is None and record.error.code == "non_finite_output"
+        assert h.worker.runtime.registry.unhealthy.keys() == {CATEGORY}
 
     run(settings_for(store, redis, redis_prefix="msflow-inproc-fail:"), body)
 
