@@ -8,21 +8,5 @@ if command -v redis-server >/dev/null 2>&1; then
   echo "install-redis: $(redis-server --version | cut -d' ' -f1-3) already installed"
   exit 0
 fi
-SUDO=()
-if [ "$(id -u)" -ne 0 ]; then
-  if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
-    SUDO=(sudo -n)
-  else
-    echo "install-redis: run as root (or with passwordless sudo) to apt-get install redis-server" >&2
-    exit 1
-  fi
-fi
-if ! command -v apt-get >/dev/null 2>&1; then
-  echo "install-redis: no apt-get; install redis-server (>= 6.2) yourself" >&2
-  exit 1
-fi
-echo "install-redis: installing the redis-server package"
-export DEBIAN_FRONTEND=noninteractive
-"${SUDO[@]}" apt-get update -qq
-"${SUDO[@]}" apt-get install -y -qq redis-server >/dev/null
+"$(dirname "$0")/apt-install.sh" install-redis redis-server
 redis-server --version
