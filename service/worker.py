@@ -48,7 +48,7 @@ from service.pipeline.registry import ModelNotLoaded, UnknownCategory
 from service.pipeline.runtime import Lane, NonFiniteOutput, PipelineRuntime
 from service.redisq.connection import RedisConnection, RedisUnavailable, make_client
 from service.redisq.jobs import Delivery, JobQueue
-from service.redisq.store import FINAL_STATES, JobRecord, utcnow
+from service.redisq.store import FINAL_STATES, JobRecord, Unreadable, utcnow
 from service.schemas import ErrorBody, InspectResponse, Upload
 
 log = logging.getLogger(__name__)
@@ -192,7 +192,11 @@ class Worker:
         loaded = await self.queue.records.load([d.job_id for d in deliveries])
         jobs: list[_Job] = []
         for delivery, (record, data) in zip(deliveries, loaded):
-            if record is None or record.status in FINAL_STATES:
+            if isinstance(record, Unreadable):  # would fail the same way on every delivery
+                await self.queue.dead_letter(delivery, None, ErrorBody(code="invalid_record", message=record.reason),
+                                             self.name)
+                self.metrics.jobs.labels(category, "dead_lettered").inc()
+            elif record is None or record.status in FINAL_STATES:
                 # Expired, or finished by a worker that died before its XACK: nothing to redo.
                 self.metrics.jobs.labels(category, "expired" if record is None else "duplicate").inc()
                 await self.queue.ack(delivery)

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from redis.exceptions import ResponseError
 
 from service.config import Settings
@@ -108,7 +108,7 @@ class Delivery:
 
 
 def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
 class JobQueue:
@@ -162,13 +162,33 @@ class JobQueue:
                    block_s: float) -> list[Delivery]:
         """New messages (up to ``count`` per stream), waiting up to ``block_s`` for the first."""
         streams = {self.stream(c): ">" for c in categories}
+        by_stream = {self.stream(c): c for c in categories}
         reply = await self.conn.run("xreadgroup", lambda r: r.xreadgroup(
             GROUP, consumer, streams, count=count, block=max(1, int(block_s * 1000))))
         out = []
-        for _, messages in reply or []:  # RESP2 (the client pins protocol 2): [[stream, [(id, fields)]]]
+        for stream, messages in reply or []:  # RESP2 (the client pins protocol 2): [[stream, [(id, fields)]]]
+            category = by_stream[_text(stream)]
             for stream_id, fields in messages:
-                out.append(Delivery(_text(stream_id), JobMessage.parse(fields), 1))
+                delivery = await self._parse(category, _text(stream_id), fields, 1, consumer)
+                if delivery is not None:
+                    out.append(delivery)
         return out
+
+    async def _parse(self, category: str, stream_id: str, fields: dict[Any, Any], delivered: int,
+                     consumer: str) -> Delivery | None:
+        """The entry as a delivery, or None when it is malformed: then it is dead-lettered with
+        the reason and acknowledged on the stream it came from (not one its fields name)."""
+        try:
+            message = JobMessage.parse(fields)
+            if message.category != category:
+                raise ValueError(f"its category field says {message.category!r}")
+        except (ValidationError, ValueError, UnicodeDecodeError) as exc:
+            reason = f"malformed entry on the {category} stream: {str(exc).splitlines()[0][:200]}"
+            job_id = _text(fields.get(b"job_id") or fields.get("job_id") or "?")[:64]
+            bogus = Delivery(stream_id, JobMessage.model_construct(job_id=job_id, category=category), delivered)
+            await self.dead_letter(bogus, None, ErrorBody(code="malformed_entry", message=reason), consumer)
+            return None
+        return Delivery(stream_id, message, delivered)
 
     async def claim(self, category: str, consumer: str, count: int) -> list[Delivery]:
         """Messages of dead workers: pending and idle past ``job_claim_idle_s`` (XAUTOCLAIM),
@@ -190,7 +210,9 @@ class JobQueue:
         out = []
         for (stream_id, fields), info in zip(messages, pending):
             delivered = int(info[0]["times_delivered"]) if info else 1
-            out.append(Delivery(stream_id, JobMessage.parse(fields), delivered))
+            delivery = await self._parse(category, stream_id, fields, delivered, consumer)
+            if delivery is not None:
+                out.append(delivery)
         log.info("%s: claimed %d job(s) pending for over %.1f s (a dead worker's, or a failed attempt's)",
                  category, len(out), self.claim_idle_ms / 1e3)
         return out

@@ -24,6 +24,7 @@ import secrets
 import time
 from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
+from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -291,11 +292,27 @@ class JobRecords:
                 return await pipe.execute()
 
         raw = await self.conn.run("job_load", read)
-        out = []
+        out: list[tuple[JobRecord | None | Unreadable, list[bytes]]] = []
         for i in range(len(job_ids)):
             record, images = raw[2 * i], raw[2 * i + 1]
-            out.append((None if record is None else JobRecord.model_validate_json(record), list(images or [])))
-        return out
+            out.append((None if record is None else _record_or_unreadable(record), list(images or [])))
+        return out  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """A stored job record that does not validate (written by another version, or corrupted):
+    dead-lettered with this reason, never redelivered forever."""
+
+    reason: str
+
+
+def _record_or_unreadable(raw: bytes | str) -> JobRecord | Unreadable:
+    try:
+        return JobRecord.model_validate_json(raw)
+    except ValidationError as exc:
+        return Unreadable(f"the job record does not validate: {exc.error_count()} error(s), first: "
+                          f"{exc.errors()[0]['msg']}")
 
 
 def new_job_id() -> str:

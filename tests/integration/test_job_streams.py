@@ -116,3 +116,26 @@ def test_the_backlog_is_bounded(redis_server: RedisServer) -> None:
         await queue.conn.aclose()
 
     asyncio.run(scenario())
+
+
+def test_malformed_entries_are_dead_lettered_on_the_stream_they_came_from(redis_server: RedisServer) -> None:
+    r = redis_server.client()
+
+    async def scenario() -> None:
+        queue = _queue(redis_server)
+        await queue.ensure_groups(["brick", "grass"])
+        good = await queue.submit("brick", UPLOADS, InspectOptions(), None)
+        r.xadd(f"{PREFIX}jobs:brick", {"foo": "bar"})  # no job id at all
+        r.xadd(f"{PREFIX}jobs:brick", {"job_id": "x" * 24, "category": "grass"})  # names another stream
+        got = await queue.read(["brick", "grass"], "w1", 10, 0.5)
+        assert [d.job_id for d in got] == [good.id]  # the worker goes on with the good one
+        dead = r.xrange(f"{PREFIX}jobs:dead-letter")
+        assert [f[b"error_code"] for _, f in dead] == [b"malformed_entry", b"malformed_entry"]
+        assert all(f[b"category"] == b"brick" for _, f in dead)  # buried where they came from
+        assert b"grass" in dead[1][1][b"error_message"]
+        pending = r.xpending(f"{PREFIX}jobs:brick", GROUP)["pending"]
+        assert pending == 1  # only the good job, still in hand
+        assert r.xpending(f"{PREFIX}jobs:grass", GROUP)["pending"] == 0
+        await queue.conn.aclose()
+
+    asyncio.run(scenario())

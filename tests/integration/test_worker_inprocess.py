@@ -204,6 +204,14 @@ def test_failures_stay_with_their_jobs_then_retry_and_dead_letter(store: Path, r
         assert record.status == "failed" and record.result is None and record.error.code == "non_finite_output"
         assert h.worker.runtime.registry.unhealthy.keys() == {CATEGORY}
 
+        # A record that does not validate is dead-lettered once, not redelivered forever
+        broken = await h.submit([Upload("d.png", good_images[3].read_bytes())])
+        await h.api.client.set(h.queue.records.record_key(broken), b'{"id": "not a record"}')
+        assert await h.step() == 1
+        letters = await h.api.client.xrange(h.queue.dead_letter_stream)
+        assert [f[b"error_code"] for _, f in letters if f[b"job_id"] == broken.encode()] == [b"invalid_record"]
+        assert (await h.api.client.xpending(h.queue.stream(CATEGORY), "workers"))["pending"] == 0
+
     run(settings_for(store, redis, redis_prefix="msflow-inproc-fail:"), body)
 
 
