@@ -8,6 +8,7 @@ in a temporary folder, stopped by its fixture: the machine's own Redis is never 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -17,7 +18,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,27 @@ from prometheus_client.parser import text_string_to_metric_families
 USER_KEY = "user-key-123"
 ADMIN_KEY = "admin-key-456"
 CATEGORY = "brick"
+
+
+@contextlib.contextmanager
+def engine_run_replaced(engine: Any, make_run: Callable[[Callable[..., Any]], Callable[..., Any]]) -> Iterator[None]:
+    """Replace a real loaded engine's ``run`` with ``make_run(real_run)`` for the block (a
+    device failure, a NaN output), and put the real one back whatever happens."""
+    real_run = engine.run
+    engine.run = make_run(real_run)
+    try:
+        yield
+    finally:
+        engine.run = real_run
+
+
+def failing_run(message: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """For :func:`engine_run_replaced`: every batch raises ``RuntimeError(message)``."""
+    def make(real_run: Callable[..., Any]) -> Callable[..., Any]:
+        def run(batch: Any) -> Any:
+            raise RuntimeError(message)
+        return run
+    return make
 
 
 def missing(reason: str, allow_module_level: bool = False) -> None:

@@ -139,3 +139,24 @@ def test_malformed_entries_are_dead_lettered_on_the_stream_they_came_from(redis_
         await queue.conn.aclose()
 
     asyncio.run(scenario())
+
+
+def test_the_dead_letter_stream_is_bounded(redis_server: RedisServer) -> None:
+    """Approximate trimming (MAXLEN ~) drops whole nodes of 100 entries: past the bound by
+    far, the stream stays within one node of it."""
+    r = redis_server.client()
+
+    async def scenario() -> None:
+        queue = _queue(redis_server, dead_letter_max=10)
+        await queue.ensure_groups(["brick"])
+        error = ErrorBody(code="undecodable_image", message="cannot decode")
+        for _ in range(3):
+            for _ in range(100):
+                await queue.submit("brick", UPLOADS, InspectOptions(), None)
+            for d in await queue.read(["brick"], "w1", 100, 0.5):
+                await queue.dead_letter(d, None, error, "w1")
+        await queue.conn.aclose()
+
+    asyncio.run(scenario())
+    assert r.xlen(f"{PREFIX}jobs:brick") == 0
+    assert 10 <= r.xlen(f"{PREFIX}jobs:dead-letter") <= 110  # 300 were dead-lettered

@@ -10,18 +10,20 @@ which trains a tiny model (about 80 s on 2 cores), over the unit layer's one-min
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import base64
 import io
 import shutil
 import time
 from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from harness import CATEGORY, copy_version
+from harness import CATEGORY, copy_version, engine_run_replaced, failing_run
 from service.config import Settings
 from service.pipeline.decode import UndecodableImage
 from service.pipeline.item import InspectedImage
@@ -37,6 +39,18 @@ def settings_for(store: Path, **overrides: Any) -> Settings:
     return Settings(**{**base, **overrides})
 
 
+@contextlib.asynccontextmanager
+async def loaded_runtime(store: Path) -> AsyncIterator[PipelineRuntime]:
+    """A runtime with every category of ``store`` loaded and warm; closed afterwards."""
+    rt = PipelineRuntime(settings_for(store), None)
+    rt.open()
+    try:
+        await rt.registry.load_all()
+        yield rt
+    finally:
+        await rt.close()
+
+
 def records(paths: list[Path]) -> list[InspectedImage]:
     return [InspectedImage.received(i, Upload(filename=p.name, data=p.read_bytes())) for i, p in enumerate(paths)]
 
@@ -47,10 +61,7 @@ def test_inspect_path_batches_two_callers_and_fills_every_record(model_store: Pa
     defects = records([visible_test_images["hole"][0], visible_test_images["foreign"][0]])
 
     async def main() -> None:
-        rt = PipelineRuntime(settings_for(model_store), None)
-        rt.open()
-        await rt.registry.load_all()
-        try:
+        async with loaded_runtime(model_store) as rt:
             with rt.pin(CATEGORY) as lane:
                 started, deadline = time.monotonic(), time.monotonic() + 30
                 await asyncio.gather(rt.run(lane, goods, InspectOptions(), deadline, started),
@@ -60,8 +71,6 @@ def test_inspect_path_batches_two_callers_and_fills_every_record(model_store: Pa
                     assert isinstance(link, HeatmapLink)
                     assert await rt.links.get(link.url.split("/")[-1][:-4]) == item.heatmap_png
                     assert item.durable is False  # no Redis: memory only, never cached
-        finally:
-            await rt.close()
 
     asyncio.run(main())
     for item in goods + defects:
@@ -89,10 +98,7 @@ def test_a_failure_stays_with_its_caller(model_store: Path, good_images: list[Pa
     batch_a, batch_b = records(good_images[:2]), records(good_images[2:3])
 
     async def main() -> None:
-        rt = PipelineRuntime(settings_for(model_store), None)
-        rt.open()
-        await rt.registry.load_all()
-        try:
+        async with loaded_runtime(model_store) as rt:
             with rt.pin(CATEGORY) as lane:
                 deadline = time.monotonic() + 30
                 outcomes = await asyncio.gather(rt.run(lane, bad, InspectOptions(), deadline, time.monotonic()),
@@ -101,22 +107,15 @@ def test_a_failure_stays_with_its_caller(model_store: Path, good_images: list[Pa
                 assert isinstance(outcomes[0], UndecodableImage) and outcomes[1] is None
                 assert outcomes[0].details == {"index": 1, "filename": "cut.png"}
                 # An engine failure fails every image of its batch, and only that batch.
-                engine = lane.model.engine
-                real_run = engine.run
-                engine.run = lambda batch: (_ for _ in ()).throw(RuntimeError("device lost"))  # type: ignore[method-assign]
-                try:
+                with engine_run_replaced(lane.model.engine, failing_run("device lost")):
                     failed = await asyncio.gather(
                         rt.run(lane, batch_a, InspectOptions(), deadline, time.monotonic()),
                         rt.run(lane, batch_b, InspectOptions(), deadline, time.monotonic()), return_exceptions=True)
-                finally:
-                    engine.run = real_run  # type: ignore[method-assign]
                 assert [str(e) for e in failed] == ["device lost", "device lost"]
                 await rt.run(lane, batch_b, InspectOptions(), deadline, time.monotonic())  # the lane goes on
             with pytest.raises(UnknownCategory):
                 with rt.pin("nope"):
                     pass
-        finally:
-            await rt.close()
 
     asyncio.run(main())
     assert [item.stage for item in bad] == ["decoded", "received"] and fine[0].stage == "answered"
@@ -172,14 +171,10 @@ def test_non_finite_output_is_an_error_never_a_verdict(model_store: Path, good_i
                 await asyncio.sleep(0.05)
             with state.pin(CATEGORY) as lane:
                 engine = lane.model.engine
-                real_run = engine.run
-                nan_second = lambda batch: (np.array([1.0, np.nan][: len(batch)], np.float32), real_run(batch)[1])
-                engine.run = nan_second  # type: ignore[method-assign]
-                try:
-                    with pytest.raises(NonFiniteOutput) as caught:
-                        await state.inspect(lane, uploads, InspectOptions(), time.monotonic() + 30, time.monotonic())
-                finally:
-                    engine.run = real_run  # type: ignore[method-assign]
+                nan_second = lambda real_run: lambda batch: (np.array([1.0, np.nan][: len(batch)], np.float32),
+                                                             real_run(batch)[1])
+                with engine_run_replaced(engine, nan_second), pytest.raises(NonFiniteOutput) as caught:
+                    await state.inspect(lane, uploads, InspectOptions(), time.monotonic() + 30, time.monotonic())
             assert caught.value.details["index"] == 1 and caught.value.code == "non_finite_output"
             assert state.recent.scores(CATEGORY) == []  # no drift sample, no verdict counted
             assert state.metrics.nonfinite.labels(CATEGORY, engine.name)._value.get() == 1

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from harness import CATEGORY, RedisServer
+from harness import CATEGORY, RedisServer, engine_run_replaced, failing_run
 from service.config import Settings
 from service.pipeline.item import InspectedImage
 from service.pipeline.runtime import PipelineRuntime
@@ -166,14 +166,10 @@ def test_failures_stay_with_their_jobs_then_retry_and_dead_letter(store: Path, r
         # An engine error fails the jobs of its batch; they are retried.
         with h.worker.runtime.pin(CATEGORY) as lane:
             engine = lane.model.engine
-        real_run = engine.run
-        engine.run = lambda batch: (_ for _ in ()).throw(RuntimeError("device lost"))  # type: ignore[method-assign]
         first = await h.submit([Upload("a.png", good_images[0].read_bytes())])
         second = await h.submit([Upload("b.png", good_images[1].read_bytes())])
-        try:
+        with engine_run_replaced(engine, failing_run("device lost")):
             assert await h.step() == 2
-        finally:
-            engine.run = real_run  # type: ignore[method-assign]
         for job in (first, second):
             record = await h.record(job)
             assert record.status == "queued" and record.error is not None and record.error.code == "engine_error"
@@ -192,14 +188,10 @@ def test_failures_stay_with_their_jobs_then_retry_and_dead_letter(store: Path, r
         assert h.count("dead_lettered") == 1 and h.count("done") == 3
 
         # A non-finite engine output is an error, never a verdict: dead-lettered, not retried
-        real_run = engine.run
-        engine.run = lambda batch: (np.full(len(batch), np.nan, np.float32),  # type: ignore[method-assign]
-                                    real_run(batch)[1])
         nan_job = await h.submit([Upload("c.png", good_images[2].read_bytes())])
-        try:
+        all_nan = lambda real_run: lambda batch: (np.full(len(batch), np.nan, np.float32), real_run(batch)[1])
+        with engine_run_replaced(engine, all_nan):
             assert await h.step() == 1
-        finally:
-            engine.run = real_run  # type: ignore[method-assign]
         record = await h.record(nan_job)
         assert record.status == "failed" and record.result is None and record.error.code == "non_finite_output"
         assert h.worker.runtime.registry.unhealthy.keys() == {CATEGORY}
