@@ -73,6 +73,16 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(64 * MiB, ge=1, description="whole request body (all parts)")
     max_image_pixels: int = Field(40_000_000, ge=1, description="width x height, checked before decoding")
     max_files_per_request: int = Field(32, ge=1)
+    max_request_megapixels: float = Field(
+        160.0, gt=0.0, description="decoded pixels one request may hold (all its images: the decode after JPEG "
+                                   "scaling, display copies and rendered heatmaps), from the headers before any "
+                                   "decoding; over it: 413 too_many_pixels")
+    max_inflight_megapixels: float = Field(
+        320.0, gt=0.0, description="decoded pixels all admitted requests of this process may hold at once; a "
+                                   "request that would go over it: 503 server_busy + Retry-After (a worker waits "
+                                   "instead). About 4 bytes of memory per pixel at peak (docs/PERFORMANCE.md)")
+    max_heatmap_pixels: int = Field(4 * 1024 * 1024, ge=1, description="heatmap_size=original heatmaps larger "
+                                    "than this are rendered scaled down to it; the answer gives the size rendered")
 
     # --- security -----------------------------------------------------------------------
     # repr=False: keys must never end up in a log line that prints the settings.
@@ -181,6 +191,8 @@ class Settings(BaseSettings):
             # images than the queue holds could never be served.
             log.warning("max_files_per_request (%d) > max_queue_size (%d): such requests always get 503",
                         self.max_files_per_request, self.max_queue_size)
+        if self.max_request_megapixels > self.max_inflight_megapixels:
+            raise ValueError("max_request_megapixels exceeds max_inflight_megapixels: such requests could never run")
         if self.max_upload_bytes > self.max_request_bytes:
             log.warning("max_upload_bytes > max_request_bytes: the request limit applies first")
         if self.redis_url is not None and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):

@@ -72,6 +72,8 @@ class ServiceMetrics:
         self.nonfinite = Counter("msflow_nonfinite_outputs_total", "Images whose engine output (score or map) "
                                  "was NaN or infinite: answered as an error, never as a verdict",
                                  ["category", "engine"], registry=r)
+        self.pixels_in_flight = Gauge("msflow_pixels_in_flight", "Decoded pixels admitted and not yet released "
+                                      "(the budget is MSFLOW_MAX_INFLIGHT_MEGAPIXELS)", registry=r)
         self._model_labels: dict[str, tuple[str, str]] = {}
 
     # --------------------------------------------------------------- request level
@@ -131,10 +133,9 @@ class ServiceMetrics:
             self.gpu_memory.labels(name, "total").set(total)
 
     def exposition(self) -> tuple[bytes, str]:
-        self.refresh_gpu_memory()
         """The ``/metrics`` body and its content type."""
+        self.refresh_gpu_memory()
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
-
 
     def is_known(self, category: str) -> bool:
         return category in self._model_labels

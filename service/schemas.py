@@ -25,23 +25,27 @@ class HeatmapMode(str, Enum):
 
 class HeatmapSize(str, Enum):
     model = "model"  # the model's input size (S x S)
-    original = "original"  # the upload's upright size
+    original = "original"  # the upload's upright size, scaled down to MSFLOW_MAX_HEATMAP_PIXELS at most
+
+
+_RENDERED = ("size of the PNG as rendered: the model's input size, or the upload's for heatmap_size=original, "
+             "scaled down (aspect kept) to at most MSFLOW_MAX_HEATMAP_PIXELS")
 
 
 class Heatmap(_Model):
     format: Literal["png"] = "png"
     encoding: Literal["base64"] = "base64"
     data: str
-    width: int
-    height: int
+    width: int = Field(description=_RENDERED)
+    height: int = Field(description=_RENDERED)
 
 
 class HeatmapLink(_Model):
     format: Literal["png"] = "png"
     url: str = Field(description="/v1/heatmaps/<id>.png, relative to the API")
     expires_at: datetime
-    width: int
-    height: int
+    width: int = Field(description=_RENDERED)
+    height: int = Field(description=_RENDERED)
 
 
 class Timings(_Model):

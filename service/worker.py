@@ -5,14 +5,19 @@ A worker is a peer of the API on the same pipeline: it owns a
 pool, heatmap links and threshold overrides the API's ``ServiceState`` is built on), joins the
 consumer group of each category's stream (:mod:`service.redisq.jobs`) and loops:
 
-1. every ``job_claim_idle_s / 2``: claim jobs left pending by dead workers (XAUTOCLAIM);
+1. claim a job left pending by a dead worker or a failed attempt (XAUTOCLAIM), *one at a
+   time*, and run it alone: a job that kills its worker takes only itself down, and once
+   delivered more than ``job_max_attempts`` times it is dead-lettered alone;
 2. otherwise read new jobs (XREADGROUP, up to ``max_batch_size`` per category, blocking
    ``worker_block_s``);
 3. per category (categories in parallel): pin the category's lane once for the jobs read,
    and run every job through the runtime's inspect path at the same time
-   (:meth:`~service.pipeline.runtime.PipelineRuntime.run`: decode, the lane's batcher,
-   postprocess), so the images of concurrent jobs share engine batches and every result
-   has exactly the shape and numbers of a synchronous answer. Then each job's final record
+   (:meth:`~service.pipeline.runtime.PipelineRuntime.run`: header probe and admission under
+   the worker's own pixel budget, where a job waits for room instead of being refused;
+   decode, the lane's batcher, postprocess), so the images of concurrent jobs share engine
+   batches and every result has exactly the shape and numbers of a synchronous answer. A
+   job over the per-request pixel budget fails for good (``too_many_pixels``). Every job
+   in hand, of every category, has its claim kept alive until its outcome is recorded. Then each job's final record
    and XACK go in one MULTI. A failed attempt stays pending and is retried after the idle
    timeout; the last allowed attempt sends the job to the dead-letter stream.
 
@@ -41,6 +46,7 @@ from typing import Any
 
 from service.config import Settings, warn_unknown_env
 from service.metrics import ServiceMetrics
+from service.pipeline.admission import AdmissionRefused, RequestTooExpensive
 from service.pipeline.batcher import BatcherClosed, BatcherError, DeadlineExceeded, QueueFull
 from service.pipeline.decode import ImageRejected
 from service.pipeline.item import InspectedImage
@@ -121,35 +127,56 @@ class Worker:
         await self.start()
         claim_every = max(0.2, self.settings.job_claim_idle_s / 2)
         next_claim = 0.0
-        count = self.settings.max_batch_size
         while not self.stop.is_set():
             try:
                 await self._follow_store()
                 deliveries: list[Delivery] = []
                 if time.monotonic() >= next_claim:
-                    next_claim = time.monotonic() + claim_every
-                    for category in self.categories:
-                        deliveries += await self.queue.claim(category, self.name, count)
+                    # One re-delivered job at a time, alone: a job that kills its worker then costs
+                    # only itself another delivery (and is dead-lettered alone once over the
+                    # limit), never the innocent jobs it happened to be read with.
+                    deliveries = await self._claim_one()
+                    next_claim = 0.0 if deliveries else time.monotonic() + claim_every
                 if not deliveries:
-                    deliveries = await self.queue.read(self.categories, self.name, count, self.settings.worker_block_s)
-                by_category: dict[str, list[Delivery]] = {}
-                for d in deliveries:
-                    by_category.setdefault(d.message.category, []).append(d)
-                # Categories in parallel: each has its own lane (batcher, engine thread).
-                outcomes = await asyncio.gather(*(self.process(c, group) for c, group in by_category.items()),
-                                                return_exceptions=True)
-                for (category, group), outcome in zip(by_category.items(), outcomes):
-                    if isinstance(outcome, RedisUnavailable):
-                        raise outcome
-                    if isinstance(outcome, BaseException):  # a bug: the jobs stay pending, are retried, then dead-lettered
-                        log.error("worker %s: processing %d %s job(s) failed", self.name, len(group), category,
-                                  exc_info=outcome)
+                    deliveries = await self.queue.read(self.categories, self.name, self.settings.max_batch_size,
+                                                       self.settings.worker_block_s)
+                await self.step(deliveries)
             except RedisUnavailable as exc:
                 if "NOGROUP" in str(exc.__cause__ or ""):  # the stream went away (Redis restarted empty)
                     await self._until_redis(lambda: self.queue.ensure_groups(self.categories))
                     continue
                 log.warning("worker %s: Redis unavailable (%s); retrying in 1 s", self.name, exc)
                 await self._sleep(1.0)
+
+    async def _claim_one(self) -> list[Delivery]:
+        """The oldest job of any category left pending past ``job_claim_idle_s`` (its worker
+        died, or its attempt failed), claimed on its own."""
+        for category in self.categories:
+            claimed = await self.queue.claim(category, self.name, 1)
+            if claimed:
+                return claimed
+        return []
+
+    async def step(self, deliveries: list[Delivery]) -> None:
+        """Run what one read (or claim) delivered: categories in parallel, each on its own lane;
+        every delivered job's claim is kept alive from now until its outcome is recorded."""
+        by_category: dict[str, list[Delivery]] = {}
+        for d in deliveries:
+            by_category.setdefault(d.message.category, []).append(d)
+        held = {category: {d.stream_id for d in group} for category, group in by_category.items()}
+        keep_alive = asyncio.create_task(self._keep_alive(held)) if held else None
+        try:
+            outcomes = await asyncio.gather(*(self.process(c, group, held[c]) for c, group in by_category.items()),
+                                            return_exceptions=True)
+        finally:
+            if keep_alive is not None:
+                keep_alive.cancel()
+        for (category, group), outcome in zip(by_category.items(), outcomes):
+            if isinstance(outcome, RedisUnavailable):
+                raise outcome
+            if isinstance(outcome, BaseException):  # a bug: the jobs stay pending, are retried, then dead-lettered
+                log.error("worker %s: processing %d %s job(s) failed", self.name, len(group), category,
+                          exc_info=outcome)
 
     async def _follow_store(self) -> None:
         """Consume the categories that appeared in the store since the last look too."""
@@ -175,18 +202,17 @@ class Worker:
             pass
 
     # ------------------------------------------------------------------ the jobs of one category
-    async def process(self, category: str, deliveries: list[Delivery]) -> None:
-        """One step: take the deliveries (mark them running), run them, record each outcome."""
+    async def process(self, category: str, deliveries: list[Delivery], held: set[str] | None = None) -> None:
+        """The jobs of one category: take the deliveries (mark them running), run them, record
+        each outcome. ``held``: the stream ids :meth:`step` keeps alive; each leaves it once
+        its outcome is recorded."""
         jobs = await self._take(category, deliveries)
-        if not jobs:
-            return
-        keep_alive = asyncio.create_task(self._keep_alive(category, [j.delivery.stream_id for j in jobs]))
-        try:
+        if jobs:
             await self._run_jobs(category, jobs)
-        finally:
-            keep_alive.cancel()
         for job in jobs:
             await self._finish(category, job)
+            if held is not None:
+                held.discard(job.delivery.stream_id)
 
     async def _take(self, category: str, deliveries: list[Delivery]) -> list[_Job]:
         loaded = await self.queue.records.load([d.job_id for d in deliveries])
@@ -237,7 +263,7 @@ class Worker:
         try:
             await self.runtime.run(lane, job.items, record.options, job.started + JOB_DEADLINE_S, job.started,
                                    wait_for_room=True)
-        except ImageRejected as exc:  # the bytes will not decode better next time
+        except (ImageRejected, RequestTooExpensive) as exc:  # the bytes will not get cheaper next time
             job.error = JobFailed(exc.code, exc.message, permanent=True)
         except NonFiniteOutput as exc:  # never a verdict: the job fails with the reason
             job.error = JobFailed(exc.code, str(exc), permanent=True)
@@ -245,6 +271,8 @@ class Worker:
             job.error = JobFailed("redis_unavailable", f"cannot store the heatmap links: {exc}")
         except BatcherError as exc:
             job.error = JobFailed(_BATCHER_CODES.get(type(exc), "engine_error"), str(exc))
+        except AdmissionRefused as exc:  # no room in the pixel budget before the job's deadline: retried
+            job.error = JobFailed(exc.code, exc.message)
         except Exception as exc:  # the engine's batch failed, or a bug
             stage = min((item.stage for item in job.items), key=_STAGES.index)
             if stage != "decoded":
@@ -279,15 +307,17 @@ class Worker:
         except RedisUnavailable as exc:  # not acknowledged: another attempt will come
             log.warning("job %s: cannot record its outcome (%s); it will be redelivered", job.record.id, exc)
 
-    async def _keep_alive(self, category: str, stream_ids: list[str]) -> None:
-        """Keep our claim on jobs in hand fresh, so that only a dead (or stopped) worker's are taken."""
+    async def _keep_alive(self, held: dict[str, set[str]]) -> None:
+        """Keep our claim on every job in hand fresh (all categories, whether running or still
+        waiting for room), so that only a dead (or stopped) worker's jobs are taken over."""
         every = max(0.1, self.settings.job_claim_idle_s / 3)
         while True:
             await asyncio.sleep(every)
-            try:
-                await self.queue.keep_alive(category, self.name, stream_ids)
-            except RedisUnavailable:
-                pass
+            for category, stream_ids in held.items():
+                try:
+                    await self.queue.keep_alive(category, self.name, sorted(stream_ids))
+                except RedisUnavailable:
+                    pass
 
     async def close(self) -> None:
         """Finish what the batchers hold, release threads and the connection."""

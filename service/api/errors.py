@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.engines.base import EngineError
 from service.metrics import UNKNOWN
+from service.pipeline.admission import AdmissionRefused
 from service.pipeline.batcher import BatcherClosed, CallerGone, DeadlineExceeded, QueueFull
 from service.pipeline.decode import ImageRejected
 from service.pipeline.registry import ModelNotLoaded, UnknownCategory
@@ -91,6 +92,13 @@ def install_error_handlers(app: FastAPI) -> None:
 
     for exc_type in _MAPPED:
         app.add_exception_handler(exc_type, mapped)  # type: ignore[arg-type]
+
+    @app.exception_handler(AdmissionRefused)
+    async def refused(request: Request, exc: AdmissionRefused) -> JSONResponse:
+        # Counted by the runtime (reason = exc.code). 503: the budget frees as answers leave.
+        headers = ({"Retry-After": str(request.app.state.service.settings.retry_after_s)}
+                   if exc.status_code == 503 else None)
+        return error_response(exc.status_code, exc.code, exc.message, exc.details, headers)
 
     @app.exception_handler(NonFiniteOutput)
     async def non_finite(request: Request, exc: NonFiniteOutput) -> JSONResponse:

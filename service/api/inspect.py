@@ -3,17 +3,27 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Awaitable
+
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from service.api.auth import Authed
 from service.api.deps import ERRORS, CategoryDep, StateDep
 from service.api.errors import ApiError
 from service.api.uploads import read_uploads
+from service.pipeline.batcher import DeadlineExceeded
 from service.pipeline.item import InspectedImage
-from service.schemas import HeatmapMode, HeatmapSize, InspectOptions, InspectResponse
+from service.schemas import Heatmap, HeatmapMode, HeatmapSize, InspectOptions, InspectResponse, Upload
 
 router = APIRouter()
+
+# Answers carrying more inline heatmap bytes than this are JSON-encoded in the thread pool:
+# a 32-image answer with original-size heatmaps is tens of MB of base64, and encoding it on
+# the event loop would stall every other request meanwhile.
+_ENCODE_OFF_LOOP_BYTES = 256 * 1024
 
 
 @router.post("/v1/inspect/{category}", response_model=InspectResponse, dependencies=[Authed],
@@ -28,7 +38,8 @@ async def inspect(request: Request, category: CategoryDep, state: StateDep,
     # the body); the whole request uses it, even if a reload swaps the category meanwhile.
     with state.pin(category) as lane:
         s = state.settings
-        uploads = await read_uploads(request, s.max_files_per_request, s.max_upload_bytes, s.max_request_bytes)
+        uploads = await _before(deadline, read_uploads(request, s.max_files_per_request, s.max_upload_bytes,
+                                                       s.max_request_bytes))
         if wants_png and len(uploads) != 1:
             if not json_ok:
                 raise ApiError(406, "not_acceptable", "an image/png answer needs exactly one image; "
@@ -42,7 +53,21 @@ async def inspect(request: Request, category: CategoryDep, state: StateDep,
     results = [item.answer for item in items]
     body = InspectResponse(request_id=request.scope["state"]["request_id"], category=category,
                            model_version=results[0].model_version, engine=items[0].engine or "", results=results)
-    return JSONResponse(body.model_dump(mode="json"))
+    inline = sum(len(r.heatmap.data) for r in results if isinstance(r.heatmap, Heatmap))
+    # pydantic's own (Rust) encoder, straight to bytes: no dict of the answer in between.
+    content = await state.run_blocking(body.model_dump_json) if inline > _ENCODE_OFF_LOOP_BYTES \
+        else body.model_dump_json()
+    return Response(content, media_type="application/json")
+
+
+async def _before(deadline: float, work: Awaitable[list[Upload]]) -> list[Upload]:
+    """``work`` (reading the body), unless the request's deadline (counted from its arrival)
+    passes first: a client trickling its upload holds a slot only that long."""
+    try:
+        async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+            return await work
+    except TimeoutError as exc:
+        raise DeadlineExceeded("the deadline passed while the request body was still arriving") from exc
 
 
 @router.get("/v1/heatmaps/{heatmap_id}.png", dependencies=[Authed], response_class=Response,
@@ -92,4 +117,5 @@ def _png_response(item: InspectedImage) -> Response:
         "X-Anomaly-Score": f"{result.score:.6f}", "X-Raw-Score": f"{result.raw_score:.6f}",
         "X-Threshold": f"{result.threshold:.6f}", "X-Is-Anomalous": str(result.is_anomalous).lower(),
         "X-Model-Version": result.model_version, "X-Engine": item.engine or "",
-        "X-Image-Size": f"{result.image_size.width}x{result.image_size.height}"})
+        "X-Image-Size": f"{result.image_size.width}x{result.image_size.height}",
+        "X-Heatmap-Size": f"{item.heatmap_width}x{item.heatmap_height}"})

@@ -24,8 +24,8 @@ async def submit_job(request: Request, category: CategoryDep, state: StateDep,
     queue = state.require_jobs()  # 503 before reading the body when there is no Redis
     s = state.settings
     uploads = await read_uploads(request, s.max_files_per_request, s.max_upload_bytes, s.max_request_bytes)
-    await state.check_uploads(uploads)
     options = InspectOptions(heatmap=heatmap, overlay=overlay, heatmap_size=heatmap_size)
+    await state.check_uploads(category, uploads, options)
     record = await queue.submit(category, uploads, options, request.scope["state"]["request_id"])
     state.metrics.jobs.labels(category, "queued").inc()
     location = f"/v1/jobs/{record.id}"

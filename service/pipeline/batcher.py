@@ -152,15 +152,7 @@ class Batcher:
         ``deadline`` is a ``time.monotonic()`` instant. Raises :class:`QueueFull` or
         :class:`BatcherClosed` synchronously, so nothing is queued for a rejected request.
         """
-        if self._closing:
-            self._observer.count_rejection(self.category, "shutting_down")
-            raise BatcherClosed(f"{self.category}: shutting down, not accepting new work")
-        if len(self._pending) + len(items) > self.max_queue_size:
-            self._purge_cancelled()
-            if len(self._pending) + len(items) > self.max_queue_size:
-                self._observer.count_rejection(self.category, "queue_full")
-                raise QueueFull(f"{self.category}: queue full ({len(self._pending)} of {self.max_queue_size} "
-                                f"images waiting, request has {len(items)})")
+        self.check_room(len(items))
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         futures: list[asyncio.Future[Batched[Any]]] = []
@@ -171,6 +163,20 @@ class Batcher:
         self._observer.set_queue_depth(self.category, len(self._pending))
         self._wakeup.set()
         return futures
+
+    def check_room(self, count: int) -> None:
+        """Raise what :meth:`submit_many` would for ``count`` items now (:class:`QueueFull`,
+        :class:`BatcherClosed`), without queuing anything: the runtime asks before it spends
+        CPU and memory decoding a request the queue would refuse anyway."""
+        if self._closing:
+            self._observer.count_rejection(self.category, "shutting_down")
+            raise BatcherClosed(f"{self.category}: shutting down, not accepting new work")
+        if len(self._pending) + count > self.max_queue_size:
+            self._purge_cancelled()
+            if len(self._pending) + count > self.max_queue_size:
+                self._observer.count_rejection(self.category, "queue_full")
+                raise QueueFull(f"{self.category}: queue full ({len(self._pending)} of {self.max_queue_size} "
+                                f"images waiting, request has {count})")
 
     async def submit(self, item: Any, deadline: float) -> Batched[Any]:
         """Queue one item and wait for its result."""

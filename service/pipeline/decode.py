@@ -3,35 +3,43 @@
 Order matters, cheapest and safest check first:
 
 1. byte limit (413) before Pillow sees anything;
-2. ``Image.open`` reads only the header: format (415 unless PNG/JPEG/BMP/TIFF/WEBP) and
-   size, so a decompression bomb (a tiny PNG claiming 100000 x 100000) is refused (413)
-   before a single pixel buffer is allocated;
-3. full decode (422 if truncated or corrupt);
+2. :func:`probe_into`: ``Image.open`` reads only the header: format (415 unless
+   PNG/JPEG/BMP/TIFF/WEBP) and size, so a decompression bomb (a tiny PNG claiming
+   100000 x 100000) is refused (413) before a single pixel buffer is allocated; and the
+   image is priced in the pixels it will hold (:mod:`service.pipeline.admission`), so the
+   runtime admits or refuses the whole request before anything is decoded;
+3. :func:`decode_into`: the decode, at reduced scale where the format allows (JPEG DCT
+   scaling, :func:`models.preprocessing.reduce_while_decoding`), 422 if truncated or corrupt;
 4. EXIF orientation and mode conversion through :mod:`models.preprocessing`, the very
-   functions the trainer uses, so the served pixels are exactly the trained ones.
+   functions the trainer uses, so the served pixels are exactly the trained ones. Only the
+   model input (and, for original-size overlays, a display copy at most
+   ``max_heatmap_pixels``) outlives the decode.
 
-:func:`read_uploads` takes the image parts off the HTTP request under the byte limits.
-:func:`decode_into` fills the decode fields of an image's record
-(:class:`~service.pipeline.item.InspectedImage`); it blocks (decode and Lanczos release the
-GIL): the runtime calls it in its thread pool, never on the event loop.
+Both block (decode and Lanczos release the GIL): the runtime calls them in its thread pool,
+never on the event loop. The HTTP layer reads the bytes (``service.api.uploads``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
+import math
 import struct
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Literal
 
-import numpy as np
 from PIL import Image
 
-from models.preprocessing import resize_rgb, to_rgb
+from models.preprocessing import draft_size, header_oriented_size, reduce_while_decoding, resize_rgb, to_rgb
+from service.pipeline.admission import image_cost
 from service.pipeline.item import InspectedImage
 
 # Pillow's names; "MPO" is the multi-picture JPEG many cameras write.
 ACCEPTED_FORMATS: frozenset[str] = frozenset({"PNG", "JPEG", "MPO", "BMP", "TIFF", "WEBP"})
+_FORMAT_LIST = ", ".join(sorted(ACCEPTED_FORMATS - {"MPO"}))
 
 
 class ImageRejected(ValueError):
@@ -80,6 +88,16 @@ class BadUpload(ImageRejected):
 class ImageLimits:
     max_bytes: int
     max_pixels: int
+    max_heatmap_pixels: int = 4 * 1024 * 1024  # original-size heatmaps above this are rendered at it
+
+
+@dataclass(frozen=True)
+class Rendering:
+    """What a request will render per image, so that the probe can price it: the heatmap
+    (``None``: none), at the model's size or the upload's (capped), over the image or not."""
+
+    heatmap: Literal["model", "original"] | None = None
+    overlay: bool = False
 
 
 def configure_pillow(max_pixels: int) -> None:
@@ -93,24 +111,24 @@ def configure_pillow(max_pixels: int) -> None:
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
-def decode_image(data: bytes, size: int, limits: ImageLimits, name: str | None = None) -> InspectedImage:
-    """A new record for ``data``, decoded (:func:`decode_into`)."""
-    item = InspectedImage(index=0, filename=name, data=data)
-    decode_into(item, size, limits)
-    return item
+def fit_within(size: tuple[int, int], max_pixels: int) -> tuple[int, int]:
+    """``size`` scaled down (aspect kept) to at most ``max_pixels``; unchanged when it fits."""
+    width, height = size
+    if width * height <= max_pixels:
+        return width, height
+    scale = math.sqrt(max_pixels / (width * height))
+    return max(1, int(width * scale)), max(1, int(height * scale))
 
 
-def decode_into(item: InspectedImage, size: int, limits: ImageLimits) -> None:
-    """Decode ``item.data``: fill the upright RGB image (``rgb``, original size: heatmap_size=
-    original and overlays need it), the ``size x size`` model input (``tensor``), ``format``
-    and ``decode_ms``.
+def _label(name: str | None) -> str:
+    return f"{name!r}" if name else "the image"
 
-    Raises :class:`ImageTooLarge` (413), :class:`UnsupportedImageType` (415) or
-    :class:`UndecodableImage` (422); the message names the upload.
-    """
-    started = time.perf_counter()
-    data, name = item.data, item.filename
-    label = f"{name!r}" if name else "the image"
+
+@contextlib.contextmanager
+def _opened(data: bytes, limits: ImageLimits, name: str | None) -> Iterator[Image.Image]:
+    """The upload opened from its header (no pixel buffer yet), after every check the header
+    allows: bytes, format, pixel count."""
+    label = _label(name)
     if len(data) > limits.max_bytes:
         raise ImageTooLarge(f"{label} has {len(data)} bytes; the limit is {limits.max_bytes}")
     if not data:
@@ -120,63 +138,116 @@ def decode_into(item: InspectedImage, size: int, limits: ImageLimits) -> None:
     except Image.DecompressionBombError as exc:
         raise ImageTooLarge(f"{label} has too many pixels (limit {limits.max_pixels}): {exc}") from exc
     except Image.UnidentifiedImageError as exc:
-        raise UnsupportedImageType(f"{label} is not an image in a supported format "
-                                   f"({', '.join(sorted(ACCEPTED_FORMATS - {'MPO'}))})") from exc
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise UnsupportedImageType(f"{label} is not an image in a supported format ({_FORMAT_LIST})") from exc
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
         raise UndecodableImage(f"cannot read {label}: {exc}") from exc
     with img:
         fmt = img.format or "?"
         if fmt not in ACCEPTED_FORMATS:
-            raise UnsupportedImageType(f"{label} is {fmt}; accepted: {', '.join(sorted(ACCEPTED_FORMATS - {'MPO'}))}")
+            raise UnsupportedImageType(f"{label} is {fmt}; accepted: {_FORMAT_LIST}")
         width, height = img.size
         if width * height > limits.max_pixels:
             raise ImageTooLarge(f"{label} is {width}x{height} = {width * height} pixels; "
                                 f"the limit is {limits.max_pixels}")
         if width <= 0 or height <= 0:
             raise UndecodableImage(f"{label} has an empty size {width}x{height}")
-        try:
-            img.load()
-            # to_rgb applies EXIF orientation and converts any mode exactly as the trainer does.
-            rgb = to_rgb(img)
-            rgb.load()
-        except Image.DecompressionBombError as exc:
-            raise ImageTooLarge(f"{label} has too many pixels: {exc}") from exc
-        except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
-            # struct.error: some Pillow plugins surface corrupt headers that way.
-            raise UndecodableImage(f"cannot decode {label} (truncated or corrupt?): {exc}") from exc
-    item.rgb, item.tensor, item.format = rgb, resize_rgb(rgb, size), fmt
+        yield img
+
+
+def probe_into(item: InspectedImage, size: int, limits: ImageLimits, rendering: Rendering = Rendering()) -> None:
+    """The header half of decoding: check the upload (bytes, format, pixels) and fill
+    ``format``, the upright ``width``/``height``, the heatmap size to render, and ``cost``
+    (the pixels the pipeline will hold for it: :func:`~service.pipeline.admission.image_cost`),
+    without allocating a pixel buffer. Cheap: admission runs it for every image first."""
+    with _opened(item.data, limits, item.filename) as img:
+        item.format = img.format or "?"
+        item.width, item.height = header_oriented_size(img)
+        stored = img.size
+        decoded = reduce_while_decoding(img, size)  # the size the model decode will produce
+    rendered: tuple[int, int] | None = None
+    display: tuple[int, int] | None = None
+    redecode: tuple[int, int] | None = None
+    if rendering.heatmap == "model":
+        rendered = (size, size)
+    elif rendering.heatmap == "original":
+        rendered = fit_within((item.width, item.height), limits.max_heatmap_pixels)
+        if rendering.overlay:
+            display = rendered
+            # A JPEG decoded small for the model would make a blurred background: decode it a
+            # second time, scaled only as far as the rendered overlay allows.
+            if decoded != stored and min(decoded) < max(rendered):
+                redecode = draft_size(item.format, stored, max(rendered))
+    item.render_size, item.display_size = rendered, display
+    item.redecode_size = redecode
+    item.render_size, item.display_size, item.redecode = rendered, display, redecode is not None
+    item.cost = image_cost(decoded, display, size, rendered, redecode).total
+
+
+def decode_image(data: bytes, size: int, limits: ImageLimits, name: str | None = None,
+                 rendering: Rendering = Rendering()) -> InspectedImage:
+    """A new record for ``data``, probed and decoded (:func:`decode_into`)."""
+    item = InspectedImage(index=0, filename=name, data=data)
+    probe_into(item, size, limits, rendering)
+    decode_into(item, size, limits)
+    return item
+
+
+def decode_into(item: InspectedImage, size: int, limits: ImageLimits) -> None:
+    """Decode a probed record (:func:`probe_into`): fill the ``size x size`` model input
+    (``tensor``), the display copy an original-size overlay needs (``display``) and
+    ``decode_ms``. The full-size decode is dropped before returning: only what later
+    stages read stays in memory.
+
+    Raises :class:`ImageTooLarge` (413), :class:`UnsupportedImageType` (415) or
+    :class:`UndecodableImage` (422); the message names the upload.
+    """
+    started = time.perf_counter()
+    with _opened(item.data, limits, item.filename) as img:
+        reduce_while_decoding(img, size)  # the same call as the trainer's (models.preprocessing)
+        rgb = _load_rgb(img, item.filename)
+        if rgb.size == (item.height, item.width) != (item.width, item.height):
+            _rotated_by_late_exif(item)
+        item.tensor = resize_rgb(rgb, size)
+        if item.display_size is not None and item.redecode_size is None:
+            item.display = rgb.resize(item.display_size, Image.Resampling.BILINEAR, reducing_gap=2.0)
+        del rgb
+    if item.display_size is not None and item.redecode_size is not None:
+        with _opened(item.data, limits, item.filename) as img:
+            reduce_while_decoding(img, max(item.display_size))
+            rgb = _load_rgb(img, item.filename)
+            item.display = rgb.resize(item.display_size, Image.Resampling.BILINEAR, reducing_gap=2.0)
+            del rgb
     item.decode_ms = (time.perf_counter() - started) * 1e3
 
 
-def probe_image(data: bytes, limits: ImageLimits, name: str | None = None) -> tuple[str, tuple[int, int]]:
-    """The cheap half of :func:`decode_image`: byte limit, format and pixel count from the
-    header alone (no pixel buffer). Used where an upload is accepted now and decoded later
-    (async jobs); a corrupt body past the header is only found by the full decode."""
-    label = f"{name!r}" if name else "the image"
-    if len(data) > limits.max_bytes:
-        raise ImageTooLarge(f"{label} has {len(data)} bytes; the limit is {limits.max_bytes}")
-    if not data:
-        raise UndecodableImage(f"{label} is empty")
+def _rotated_by_late_exif(item: InspectedImage) -> None:
+    """The decode found an EXIF rotation the header did not show (a PNG's eXIf chunk after
+    its pixels): the upright size and the sizes derived from it swap (same pixel count, so
+    the admitted price holds)."""
+    def swap(size: tuple[int, int] | None) -> tuple[int, int] | None:
+        return None if size is None else (size[1], size[0])
+    item.width, item.height = item.height, item.width
+    item.render_size, item.display_size = swap(item.render_size), swap(item.display_size)
+
+
+def _load_rgb(img: Image.Image, name: str | None) -> Image.Image:
+    """Decode the pixels, upright 8-bit RGB as the trainer converts them (:func:`to_rgb`).
+    The result may be ``img`` itself: use it before the file closes."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            fmt, (width, height) = img.format or "?", img.size
+        img.load()
+        rgb = to_rgb(img, copy=False)  # no full-size copy: resized before the file closes
+        rgb.load()
+        return rgb
     except Image.DecompressionBombError as exc:
-        raise ImageTooLarge(f"{label} has too many pixels (limit {limits.max_pixels}): {exc}") from exc
-    except Image.UnidentifiedImageError as exc:
-        raise UnsupportedImageType(f"{label} is not an image in a supported format "
-                                   f"({', '.join(sorted(ACCEPTED_FORMATS - {'MPO'}))})") from exc
+        raise ImageTooLarge(f"{_label(name)} has too many pixels: {exc}") from exc
     except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
-        raise UndecodableImage(f"cannot read {label}: {exc}") from exc
-    if fmt not in ACCEPTED_FORMATS:
-        raise UnsupportedImageType(f"{label} is {fmt}; accepted: {', '.join(sorted(ACCEPTED_FORMATS - {'MPO'}))}")
-    if width * height > limits.max_pixels:
-        raise ImageTooLarge(f"{label} is {width}x{height} = {width * height} pixels; the limit is {limits.max_pixels}")
-    if width <= 0 or height <= 0:
-        raise UndecodableImage(f"{label} has an empty size {width}x{height}")
-    return fmt, (width, height)
+        # struct.error: some Pillow plugins surface corrupt headers that way.
+        raise UndecodableImage(f"cannot decode {_label(name)} (truncated or corrupt?): {exc}") from exc
 
 
-def model_input(img: Image.Image, size: int) -> np.ndarray:
-    """The model input for an already decoded upright RGB image (used when a reload changes
-    the input size while a request waits)."""
-    return resize_rgb(img, size)
+def probe_image(data: bytes, limits: ImageLimits, name: str | None = None) -> tuple[str, tuple[int, int]]:
+    """Format and stored (width, height) after every header check (bytes, format, pixels), no
+    pixel buffer. Used where an upload is accepted now and decoded later (async jobs); a
+    corrupt body past the header is only found by the full decode."""
+    with _opened(data, limits, name) as img:
+        return img.format or "?", img.size

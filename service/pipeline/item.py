@@ -6,8 +6,9 @@ An image travels from upload to answer as one object, and each stage fills its o
 stage              fills                                       where
 =================  ==========================================  ==============================
 intake             ``index``, ``filename``, ``data``           runtime (API) / worker (jobs)
-decode             ``rgb``, ``tensor``, ``format``,            :mod:`service.pipeline.decode`
-                   ``decode_ms``
+probe (header)     ``format``, ``width``, ``height``,          :mod:`service.pipeline.decode`
+                   ``render_size``, ``display_size``, ``cost``  (priced for admission)
+decode             ``tensor``, ``display``, ``decode_ms``      :mod:`service.pipeline.decode`
 engine             ``raw_score``, ``anomaly_map``,             the lane's batcher
                    ``batch_size``, ``queue_ms``,               (:mod:`service.pipeline.runtime`)
                    ``engine_ms``, ``engine``
@@ -51,10 +52,17 @@ class InspectedImage:
     index: int  # position in its request or job (error details, result order)
     filename: str | None
     data: bytes = b""  # the upload's bytes (empty for a record made from pixels already decoded)
-    # --- decode
-    rgb: Image.Image | None = None  # upright, original size (heatmap_size=original, overlays, regions)
-    tensor: np.ndarray | None = None  # the model input, uint8 [S, S, 3]
+    # --- probe (header only)
     format: str | None = None
+    width: int = 0  # upright size of the upload
+    height: int = 0
+    render_size: tuple[int, int] | None = None  # the heatmap to render (None: none), capped
+    display_size: tuple[int, int] | None = None  # the overlay background to keep (original-size overlays)
+    redecode_size: tuple[int, int] | None = None  # a second, larger JPEG decode for that background
+    cost: int = 0  # pixels the pipeline holds for this image (service.pipeline.admission)
+    # --- decode (the full-size decode itself is not kept)
+    tensor: np.ndarray | None = None  # the model input, uint8 [S, S, 3]
+    display: Image.Image | None = None  # upright RGB at display_size, for original-size overlays
     decode_ms: float = 0.0
     # --- engine (one batch of the lane's batcher)
     raw_score: float | None = None
@@ -92,12 +100,6 @@ class InspectedImage:
 
     # Typed accessors: each stage reads what the one before it must have filled.
     @property
-    def decoded_rgb(self) -> Image.Image:
-        if self.rgb is None:
-            raise StageMissing(f"image {self.index} ({self.filename!r}) was not decoded")
-        return self.rgb
-
-    @property
     def model_input(self) -> np.ndarray:
         if self.tensor is None:
             raise StageMissing(f"image {self.index} ({self.filename!r}) was not decoded")
@@ -125,4 +127,6 @@ class InspectedImage:
     @property
     def size(self) -> tuple[int, int]:
         """(width, height) of the upright upload."""
-        return self.decoded_rgb.size
+        if not self.width:
+            raise StageMissing(f"image {self.index} ({self.filename!r}) was not probed")
+        return self.width, self.height

@@ -65,11 +65,14 @@ def policy_from_settings(settings: Settings, calibration: Callable[[Manifest], C
 
 def render(item: InspectedImage, calibration: Calibration, size: HeatmapSize, overlay: bool) -> None:
     """Blocking: the heatmap PNG of one scored image (coloured with the manifest's calibration:
-    the colours are the model's, whatever threshold override decides the verdict)."""
+    the colours are the model's, whatever threshold override decides the verdict), at the
+    size the probe priced (``render_size``: an original-size heatmap is capped)."""
     t0 = time.perf_counter()
-    png, (width, height) = heatmap_for(item.score_map, calibration, item.model_input, item.decoded_rgb,
-                                       size.value, overlay)
-    item.heatmap_png, item.heatmap_width, item.heatmap_height = png, width, height
+    side = int(item.score_map.shape[0])
+    out_size = item.render_size or ((side, side) if size is HeatmapSize.model else item.size)
+    item.heatmap_png = heatmap_for(item.score_map, calibration, item.model_input, item.display, out_size, overlay)
+    item.heatmap_width, item.heatmap_height = out_size
+    item.display = None  # the background is spent: free it before the answer is assembled
     item.render_ms = (time.perf_counter() - t0) * 1e3
 
 

@@ -11,8 +11,6 @@ Blocking (resize, PNG encode): the app runs it in its thread pool.
 from __future__ import annotations
 
 import io
-from typing import Literal
-
 import numpy as np
 from PIL import Image
 
@@ -63,21 +61,32 @@ def render_heatmap(anomaly_map: np.ndarray, calibration: Calibration, size: tupl
         bg = background if background.mode == "RGB" else background.convert("RGB")
         if bg.size != tuple(size):
             bg = bg.resize(tuple(size), Image.Resampling.BILINEAR)
-        base = np.asarray(bg, dtype=np.float32)
-        heat = np.clip(np.rint(base * (1.0 - alpha) + heat.astype(np.float32) * alpha), 0, 255).astype(np.uint8)
+        heat = blend(np.asarray(bg), heat, alpha)
     buf = io.BytesIO()
     Image.fromarray(heat).save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     return buf.getvalue()
 
 
-def heatmap_for(anomaly_map: np.ndarray, calibration: Calibration, model_input: np.ndarray, original: Image.Image,
-                size: Literal["model", "original"], overlay: bool) -> tuple[bytes, tuple[int, int]]:
-    """The API's heatmap: at the model's size over the model input it saw, or at the upload's
-    upright size over the upload. Returns the PNG and its (width, height)."""
-    if size == "original":
-        out_size, background = original.size, original
-    else:
-        s = int(anomaly_map.shape[0])
-        out_size = (s, s)
-        background = Image.fromarray(model_input) if model_input.shape[0] == s else original
-    return render_heatmap(anomaly_map, calibration, out_size, background if overlay else None), out_size
+def blend(base: np.ndarray, heat: np.ndarray, alpha: float) -> np.ndarray:
+    """``base * (1 - alpha) + heat * alpha`` in 8.8 fixed point: uint16 work arrays (2 bytes
+    per sample) instead of float32 ones (4 to 8), since an original-size overlay of a large
+    photo is where a request's memory peaks."""
+    weight = int(round(alpha * 256))
+    out = base.astype(np.uint16) * np.uint16(256 - weight)
+    out += heat.astype(np.uint16) * np.uint16(weight)
+    out += np.uint16(128)  # round to nearest
+    return (out >> 8).astype(np.uint8)
+
+
+def heatmap_for(anomaly_map: np.ndarray, calibration: Calibration, model_input: np.ndarray,
+                display: Image.Image | None, out_size: tuple[int, int], overlay: bool) -> bytes:
+    """The API's heatmap PNG at ``out_size``: at the model's size over the model input it saw,
+    or at the upload's upright size (capped at ``max_heatmap_pixels`` by the probe) over the
+    display copy the decode kept."""
+    background: Image.Image | None = None
+    if overlay:
+        if out_size == (model_input.shape[1], model_input.shape[0]):
+            background = Image.fromarray(model_input)
+        else:
+            background = display if display is not None else Image.fromarray(model_input)
+    return render_heatmap(anomaly_map, calibration, out_size, background)

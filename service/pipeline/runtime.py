@@ -7,18 +7,21 @@ links and threshold overrides. It knows neither HTTP nor the job queue: the API'
 top, and :mod:`service.worker` drives it from the Redis streams. So a job and a synchronous
 request go through the very same code:
 
-``pin`` a lane once -> :meth:`~PipelineRuntime.run`: decode (thread pool) -> the lane's
-batcher (concurrent requests *and* jobs of a category share its batches) -> postprocess
-(score, verdict, heatmap, regions) -> ``result`` on each
-:class:`~service.pipeline.item.InspectedImage`.
+``pin`` a lane once -> :meth:`~PipelineRuntime.run`: probe the headers and admit the request
+by decoded pixels (:mod:`service.pipeline.admission`) and queue room, before any decoding ->
+decode (thread pool) -> the lane's batcher (concurrent requests *and* jobs of a category
+share its batches) -> postprocess (score, verdict, heatmap, regions) -> ``result`` on each
+:class:`~service.pipeline.item.InspectedImage`. The deadline covers all of it, from arrival.
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
+import concurrent.futures
 import contextlib
+import functools
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -29,8 +32,9 @@ import numpy as np
 
 from service.config import Settings
 from service.metrics import ServiceMetrics
+from service.pipeline.admission import MEGA, AdmissionRefused, PixelBudget, Ticket
 from service.pipeline.batcher import Batched, Batcher, DeadlineExceeded, wait_results
-from service.pipeline.decode import ImageLimits, ImageRejected, configure_pillow, decode_into
+from service.pipeline.decode import ImageLimits, ImageRejected, Rendering, configure_pillow, decode_into, probe_into
 from service.pipeline.item import InspectedImage
 from service.pipeline.postprocess import policy_from_settings, postprocess
 from service.pipeline.registry import EngineFactory, LoadedModel, ModelRegistry
@@ -38,7 +42,7 @@ from service.pipeline.thresholds import ThresholdOverrides
 from service.engines.factory import load_engine
 from service.redisq.connection import RedisConnection
 from service.redisq.store import HeatmapLinks
-from service.schemas import InspectOptions
+from service.schemas import HeatmapMode, InspectOptions
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +75,10 @@ class PipelineRuntime:
         self.metrics = metrics or ServiceMetrics()
         self.redis = redis
         self.registry = ModelRegistry(settings, engine_factory=engine_factory, on_swap=self._swapped)
-        self.limits = ImageLimits(max_bytes=settings.max_upload_bytes, max_pixels=settings.max_image_pixels)
+        self.limits = ImageLimits(max_bytes=settings.max_upload_bytes, max_pixels=settings.max_image_pixels,
+                                  max_heatmap_pixels=settings.max_heatmap_pixels)
+        self.pixels = PixelBudget(int(settings.max_request_megapixels * MEGA), int(settings.max_inflight_megapixels * MEGA),
+                                  on_change=self.metrics.pixels_in_flight.set)
         self.closing = False
         self._lanes: dict[int, Lane] = {}  # by id(LoadedModel)
         self._draining: set[asyncio.Task[None]] = set()
@@ -161,16 +168,43 @@ class PipelineRuntime:
             lane.users -= 1
             self._release(lane)
 
-    async def run_blocking(self, fn: Callable[..., _T], *args: Any) -> _T:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+    async def run_blocking(self, fn: Callable[..., _T], *args: Any, ticket: Ticket | None = None) -> _T:
+        """``fn(*args)`` in the thread pool. ``ticket``: the request's pixels stay admitted until
+        the call returns, even if the request itself gave up on it (a deadline)."""
+        if self._pool is None:
+            raise RuntimeError("the runtime is not open")
+        future: concurrent.futures.Future[_T] = self._pool.submit(fn, *args)
+        if ticket is not None:
+            ticket.track(future)  # type: ignore[arg-type]
+        return await asyncio.wrap_future(future)
 
     # ------------------------------------------------------------------ the inspect path, stage by stage
-    async def decode(self, size: int, items: Sequence[InspectedImage]) -> None:
-        """Decode every record to ``size`` in the pool; the first failure in order is raised
-        (an :class:`ImageRejected` names the image's index and filename)."""
+    async def probe(self, size: int, items: Sequence[InspectedImage], rendering: Rendering) -> None:
+        """Header checks and prices of every record, in one pool call (no pixel buffers)."""
+        def probe_all() -> None:
+            for item in items:
+                try:
+                    probe_into(item, size, self.limits, rendering)
+                except ImageRejected as exc:
+                    exc.details = {**(exc.details or {}), "index": item.index, "filename": item.filename}
+                    raise
+        await self.run_blocking(probe_all)
+
+    def admit(self, category: str, items: Sequence[InspectedImage]) -> Ticket:
+        """The request's pixels, now (413 / 503 otherwise): the API sheds load."""
+        try:
+            ticket = self.pixels.admit(sum(item.cost for item in items))
+        except AdmissionRefused as exc:
+            self.metrics.count_rejection(category, exc.code)
+            raise
+        return ticket
+
+    async def decode(self, size: int, items: Sequence[InspectedImage], ticket: Ticket | None = None) -> None:
+        """Decode every (probed) record to ``size`` in the pool; the first failure in order is
+        raised (an :class:`ImageRejected` names the image's index and filename)."""
         async def one(item: InspectedImage) -> None:
             try:
-                await self.run_blocking(decode_into, item, size, self.limits)
+                await self.run_blocking(decode_into, item, size, self.limits, ticket=ticket)
             except ImageRejected as exc:
                 exc.details = {**(exc.details or {}), "index": item.index, "filename": item.filename}
                 raise
@@ -226,10 +260,10 @@ class PipelineRuntime:
                               index=first.index, filename=first.filename)
 
     async def postprocess(self, lane: Lane, items: Sequence[InspectedImage], options: InspectOptions,
-                          started: float, render_all: bool = False) -> None:
+                          started: float, render_all: bool = False, ticket: Ticket | None = None) -> None:
         """Score, verdict, heatmap and regions with the pinned version's (effective) calibration."""
-        await postprocess(items, lane.model.manifest, options, self.run_blocking, self.links, started,
-                          render_all=render_all, policy=self.result_policy)
+        await postprocess(items, lane.model.manifest, options, functools.partial(self.run_blocking, ticket=ticket),
+                          self.links, started, render_all=render_all, policy=self.result_policy)
         for item in items:
             if item.heatmap_png is not None:
                 self.metrics.observe_stage("render", item.render_ms / 1e3)
@@ -238,13 +272,52 @@ class PipelineRuntime:
     async def run(self, lane: Lane, items: Sequence[InspectedImage], options: InspectOptions, deadline: float,
                   started: float, *, render_all: bool = False, gone: Awaitable[None] | None = None,
                   wait_for_room: bool = False) -> None:
-        """The inspect path: decode -> the lane's batcher -> postprocess. Afterwards every
-        record has its ``result``, or this raised the first failure (the records show how far
-        each image got: :attr:`~service.pipeline.item.InspectedImage.stage`). ``started`` is
-        the ``time.monotonic()`` the results' total time counts from."""
-        await self.decode(lane.model.manifest.input_size, items)
-        await self.score(lane, items, deadline, gone, wait_for_room=wait_for_room)
-        await self.postprocess(lane, items, options, started, render_all)
+        """The inspect path: probe and admit -> decode -> the lane's batcher -> postprocess.
+        Afterwards every record has its ``result``, or this raised the first failure (the
+        records show how far each image got: :attr:`~service.pipeline.item.InspectedImage.stage`).
+        ``started`` is the ``time.monotonic()`` the results' total time counts from; nothing
+        runs past ``deadline`` (:class:`DeadlineExceeded`, decode and render included).
+
+        Admission comes before any decoding: the request's price in decoded pixels
+        (413 over the per-request budget; 503 while the server's budget is taken) and room in
+        the category's queue (503). ``wait_for_room`` (the worker, which already took the job)
+        waits for both instead of refusing.
+        """
+        size = lane.model.manifest.input_size
+        rendering = rendering_for(options, render_all)
+        timeout = asyncio.timeout(max(0.0, deadline - time.monotonic()))
+        try:
+            async with timeout:
+                await self.probe(size, items, rendering)
+                if wait_for_room:
+                    ticket = await self.pixels.wait_admit(sum(item.cost for item in items), deadline)
+                else:
+                    lane.batcher.check_room(len(items))  # a full queue refuses before the decode, not after
+                    ticket = self.admit(lane.model.category, items)
+                with ticket:
+                    try:
+                        await self.decode(size, items, ticket)
+                        await self.score(lane, items, deadline, gone, wait_for_room=wait_for_room)
+                        await self.postprocess(lane, items, options, started, render_all, ticket)
+                    finally:
+                        for item in items:
+                            item.display = None  # the request's pixels go with its ticket
+        except TimeoutError as exc:
+            if not timeout.expired():
+                raise
+            self.metrics.count_rejection(lane.model.category, "deadline")
+            raise DeadlineExceeded("the deadline passed before the answer was ready "
+                                   f"(stage reached: {min((i.stage for i in items), key=_STAGE_ORDER.index)})") from exc
+
+
+_STAGE_ORDER = ("received", "decoded", "scored", "answered")
+
+
+def rendering_for(options: InspectOptions, render_all: bool) -> Rendering:
+    """What the request renders per image (the probe prices it)."""
+    if not render_all and options.heatmap is HeatmapMode.none:
+        return Rendering()
+    return Rendering(heatmap=options.heatmap_size.value, overlay=options.overlay)
 
 
 async def _submit_when_room(batcher: Batcher, tensors: list[np.ndarray], deadline: float) -> list[asyncio.Future[Any]]:

@@ -19,11 +19,11 @@ from typing import Literal
 
 from service.config import Settings
 from service.metrics import ServiceMetrics
-from service.pipeline.decode import ImageRejected, probe_image
+from service.pipeline.admission import AdmissionRefused
 from service.pipeline.item import InspectedImage
 from service.pipeline.recent import RecentScores
 from service.pipeline.registry import LoadedModel
-from service.pipeline.runtime import Lane, PipelineRuntime
+from service.pipeline.runtime import Lane, PipelineRuntime, rendering_for
 from service.redisq.connection import RedisConnection, make_client
 from service.redisq.jobs import JobQueue
 from service.redisq.store import CachedResult, ResultCache, utcnow
@@ -133,14 +133,18 @@ class ServiceState(PipelineRuntime):
         return await self.run_blocking(lambda: hashlib.sha256(data).hexdigest())
 
     # ------------------------------------------------------------------ jobs (the API side) and reloads
-    async def check_uploads(self, uploads: Sequence[Upload]) -> None:
-        """Header checks (format, bytes, pixels) of uploads that are decoded later (jobs)."""
-        for index, upload in enumerate(uploads):
-            try:
-                await self.run_blocking(probe_image, upload.data, self.limits, upload.filename)
-            except ImageRejected as exc:
-                exc.details = {**(exc.details or {}), "index": index, "filename": upload.filename}
-                raise
+    async def check_uploads(self, category: str, uploads: Sequence[Upload], options: InspectOptions) -> None:
+        """What the header tells of uploads decoded later by a worker (jobs): format, bytes,
+        pixels, and the per-request pixel budget at the version now served (413 now, rather
+        than a job that can only fail)."""
+        with self.pin(category) as lane:
+            items = [InspectedImage.received(i, u) for i, u in enumerate(uploads)]
+            await self.probe(lane.model.manifest.input_size, items, rendering_for(options, render_all=False))
+        try:
+            self.pixels.check_request(sum(item.cost for item in items))
+        except AdmissionRefused as exc:
+            self.metrics.count_rejection(category, exc.code)
+            raise
 
     def require_jobs(self) -> JobQueue:
         if self.jobs is None:

@@ -40,9 +40,9 @@ def settings_for(store: Path, **overrides: Any) -> Settings:
 
 
 @contextlib.asynccontextmanager
-async def loaded_runtime(store: Path) -> AsyncIterator[PipelineRuntime]:
+async def loaded_runtime(store: Path, **overrides: Any) -> AsyncIterator[PipelineRuntime]:
     """A runtime with every category of ``store`` loaded and warm; closed afterwards."""
-    rt = PipelineRuntime(settings_for(store), None)
+    rt = PipelineRuntime(settings_for(store, **overrides), None)
     rt.open()
     try:
         await rt.registry.load_all()

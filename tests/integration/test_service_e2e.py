@@ -47,7 +47,8 @@ def store(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def server(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     srv = start(store, tmp_path_factory.mktemp("logs") / "main.log", api_keys=USER_KEY, admin_api_keys=ADMIN_KEY,
                 max_batch_size=8, max_queue_delay_ms=15, max_upload_bytes=1_000_000, max_request_bytes=3_000_000,
-                max_image_pixels=2_000_000, max_files_per_request=4)
+                max_image_pixels=2_000_000, max_files_per_request=4, max_request_megapixels=20,
+                max_inflight_megapixels=40)
     yield srv
     srv.stop()
 
@@ -213,6 +214,18 @@ def test_error_codes(client: httpx.Client, server: Server, demo_files: dict[str,
     bomb = bomb[: ihdr + 4] + fields + struct.pack(">I", zlib.crc32(b"IHDR" + fields) & 0xFFFFFFFF) + bomb[ihdr + 21:]
     assert_error(client.post(url, content=bomb, headers={"Content-Type": "image/png"}), 413, "image_too_large")
     assert_error(client.post(url, files=[part(good)] * 5), 413, "too_many_files")
+    # 413 by decoded pixels, from the headers: four 1400 x 1400 grey PNGs (a few KB each) hold
+    # 4 x 5.9 MP with their original-size overlays (decode, background, heatmap), over this
+    # server's 20 MP per request; without the overlays they fit
+    grey = png_of(Image.new("L", (1400, 1400), 128))
+    assert len(grey) < 20_000
+    err = assert_error(client.post(url, params={"heatmap_size": "original", "overlay": "true"},
+                                   files=[("file", (f"g{i}.png", grey, "image/png")) for i in range(4)]),
+                       413, "too_many_pixels")
+    assert err["details"]["limit_megapixels"] == 20.0 and err["details"]["megapixels"] > 20
+    fits = client.post(url, params={"heatmap": "none"}, files=[("file", (f"g{i}.png", grey, "image/png"))
+                                                                for i in range(4)])
+    assert fits.status_code == 200, fits.text
     # 401 / 403
     anon = httpx.post(f"{server.url}{url}", files=[part(good)])
     assert_error(anon, 401, "missing_api_key")

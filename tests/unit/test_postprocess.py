@@ -55,7 +55,8 @@ def scored(raw: float, index: int = 0) -> InspectedImage:
     anomaly_map = np.zeros((S, S), dtype=np.float32)
     anomaly_map[4:8, 8:12] = 0.9
     rgb = Image.fromarray(np.full((HEIGHT, WIDTH, 3), 120, dtype=np.uint8))
-    return InspectedImage(index=index, filename=f"{index}.png", rgb=rgb, tensor=np.full((S, S, 3), 120, np.uint8),
+    return InspectedImage(index=index, filename=f"{index}.png", width=WIDTH, height=HEIGHT, display=rgb,
+                          tensor=np.full((S, S, 3), 120, np.uint8),
                           format="PNG", decode_ms=1.5, raw_score=raw, anomaly_map=anomaly_map, batch_size=2,
                           queue_ms=3.0, engine_ms=4.0, engine="fake")
 

@@ -1,0 +1,184 @@
+"""Admission by decoded pixels: what a request may cost before any of it is decoded.
+
+Bytes say little about memory: a 52 KB PNG of solid grey decodes to 6300 x 6300 pixels,
+and an original-size overlay of it renders as many again. So every image is priced in the
+pixels the pipeline will hold for it (:func:`image_cost`: the decode after DCT scaling, a
+display copy for original-size heatmaps, the model input and the rendered heatmap), read
+from the header alone, and a request is admitted against two budgets:
+
+* per request (``max_request_megapixels``): over it the request can never run here, 413;
+* per server (``max_inflight_megapixels``, a :class:`PixelBudget`): the pixels of all
+  admitted requests not yet answered. Over it the request is refused now with 503 +
+  Retry-After (the API sheds load); a worker waits for room instead (it already holds the job).
+
+A :class:`Ticket` gives its pixels back only when the request is over *and* every blocking
+call it started in the thread pool has returned: a request that timed out (504) while its
+image was still decoding keeps costing what that thread holds until the thread is done, so
+the budget bounds memory, not just requests.
+
+Memory per admitted pixel is a small constant (about 4 bytes for the decode of a grey PNG
+converted to RGB, ~3 for the rendered heatmap and display copy); docs/PERFORMANCE.md has
+the measured peak resident memory of the hostile-load scenario against this budget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+MEGA = 1_000_000
+
+
+class AdmissionRefused(RuntimeError):
+    """Base of the admission errors; ``status_code``/``code`` are the HTTP answer."""
+
+    status_code = 503
+    code = "server_busy"
+
+    def __init__(self, message: str, details: dict[str, object] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+
+class RequestTooExpensive(AdmissionRefused):
+    """The request's images decode to more pixels than one request may hold (413)."""
+
+    status_code = 413
+    code = "too_many_pixels"
+
+
+class ServerBusy(AdmissionRefused):
+    """The server holds its budget of decoded pixels already (503 + Retry-After)."""
+
+    status_code = 503
+    code = "server_busy"
+
+
+@dataclass(frozen=True)
+class ImageCost:
+    """The pixels one image will hold, by where they are held."""
+
+    decode: int  # the decode (after DCT scaling), plus a second one for a sharper display copy
+    display: int  # the display copy kept for an original-size heatmap
+    model: int  # the model input and its anomaly map
+    render: int  # the rendered heatmap
+
+    @property
+    def total(self) -> int:
+        return self.decode + self.display + self.model + self.render
+
+
+def image_cost(decoded: tuple[int, int], display: tuple[int, int] | None, model_size: int,
+               rendered: tuple[int, int] | None, redecode: tuple[int, int] | None = None) -> ImageCost:
+    """The cost of one image: ``decoded`` = (w, h) the decoder produces, ``display`` the copy
+    kept for an original-size heatmap (None: none), ``rendered`` the heatmap's size (None: not
+    rendered), ``redecode`` a second, larger decode for that display copy (JPEG only)."""
+    area = _area
+    return ImageCost(decode=area(decoded) + area(redecode), display=area(display), model=2 * model_size * model_size,
+                     render=area(rendered))
+
+
+def _area(size: tuple[int, int] | None) -> int:
+    return 0 if size is None else int(size[0]) * int(size[1])
+
+
+class Ticket:
+    """One admitted request's pixels, held until it is over and its blocking calls returned."""
+
+    def __init__(self, budget: "PixelBudget", pixels: int) -> None:
+        self.budget = budget
+        self.pixels = pixels
+        self._running = 0
+        self._closed = False
+        self._released = False
+        self._loop = asyncio.get_running_loop()
+
+    def track(self, future: concurrent.futures.Future[object]) -> None:
+        """Hold the pixels until ``future`` (a thread-pool call of this request) is done."""
+        self._running += 1
+        future.add_done_callback(lambda _: self._loop.call_soon_threadsafe(self._call_done))
+
+    def _call_done(self) -> None:
+        self._running -= 1
+        self._maybe_release()
+
+    def close(self) -> None:
+        """The request is over (answered or failed); pixels return once its calls are done."""
+        self._closed = True
+        self._maybe_release()
+
+    def _maybe_release(self) -> None:
+        if self._closed and self._running == 0 and not self._released:
+            self._released = True
+            self.budget._give_back(self.pixels)
+
+    def __enter__(self) -> "Ticket":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class PixelBudget:
+    """Decoded pixels in flight on this server (or worker), with the per-request bound."""
+
+    def __init__(self, max_request_pixels: int, max_inflight_pixels: int,
+                 on_change: Callable[[int], object] | None = None) -> None:
+        if max_request_pixels > max_inflight_pixels:
+            raise ValueError("the per-request pixel budget exceeds the server's: such requests could never run")
+        self.max_request = max_request_pixels
+        self.capacity = max_inflight_pixels
+        self.in_flight = 0
+        self._on_change = on_change
+        self._room: asyncio.Event | None = None
+
+    def check_request(self, pixels: int) -> None:
+        """:class:`RequestTooExpensive` when ``pixels`` exceed what one request may hold."""
+        if pixels > self.max_request:
+            raise RequestTooExpensive(
+                f"the images of this request decode to {pixels / MEGA:.1f} megapixels; one request may hold "
+                f"{self.max_request / MEGA:.1f} (send fewer or smaller images, or heatmap_size=model)",
+                details={"megapixels": round(pixels / MEGA, 3), "limit_megapixels": round(self.max_request / MEGA, 3)})
+
+    def admit(self, pixels: int) -> Ticket:
+        """A ticket for ``pixels`` now, or :class:`RequestTooExpensive` / :class:`ServerBusy`."""
+        self.check_request(pixels)
+        if self.in_flight + pixels > self.capacity:
+            raise ServerBusy(
+                f"the server is decoding {self.in_flight / MEGA:.0f} of its {self.capacity / MEGA:.0f} megapixels; "
+                "retry shortly", details={"megapixels": round(pixels / MEGA, 3)})
+        return self._take(pixels)
+
+    async def wait_admit(self, pixels: int, deadline: float) -> Ticket:
+        """A ticket once there is room (a worker's back-pressure), or :class:`ServerBusy` at
+        ``deadline`` (``time.monotonic()``); :class:`RequestTooExpensive` at once."""
+        self.check_request(pixels)
+        while self.in_flight + pixels > self.capacity:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ServerBusy("no room in the pixel budget before the deadline")
+            if self._room is None:
+                self._room = asyncio.Event()
+            try:
+                await asyncio.wait_for(self._room.wait(), remaining)
+            except TimeoutError:
+                pass
+        return self._take(pixels)
+
+    def _take(self, pixels: int) -> Ticket:
+        self.in_flight += pixels
+        if self._on_change is not None:
+            self._on_change(self.in_flight)
+        return Ticket(self, pixels)
+
+    def _give_back(self, pixels: int) -> None:
+        self.in_flight -= pixels
+        if self._on_change is not None:
+            self._on_change(self.in_flight)
+        if self._room is not None:  # wake every waiter; each re-checks the room it needs
+            self._room.set()
+            self._room = None
