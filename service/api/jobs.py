@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+import re
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse, Response
 
 from service.api.auth import Authed, NotCrossSite
@@ -14,19 +17,26 @@ from service.schemas import HeatmapMode, HeatmapSize, InspectOptions, JobAccepte
 
 router = APIRouter()
 
+IDEMPOTENCY_KEY = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+
 
 @router.post("/v1/jobs/{category}", status_code=202, response_model=JobAccepted, dependencies=[NotCrossSite, Authed],
           responses=ERRORS)
 async def submit_job(request: Request, category: CategoryDep, state: StateDep,
                      heatmap: HeatmapMode = HeatmapMode.inline, overlay: bool = False,
-                     heatmap_size: HeatmapSize = HeatmapSize.model) -> Response:
+                     heatmap_size: HeatmapSize = HeatmapSize.model,
+                     idempotency_key: Annotated[str | None, Header(description=(
+                         "the same key (per category) gives the same job: resubmit after a lost answer without "
+                         "queuing the job twice"))] = None) -> Response:
     """Queue an inspection for ``msflow worker`` (needs Redis); poll the ``Location``."""
+    if idempotency_key is not None and not IDEMPOTENCY_KEY.match(idempotency_key):
+        raise ApiError(400, "bad_idempotency_key", "Idempotency-Key: 1 to 128 of A-Z a-z 0-9 _ . : -")
     queue = state.require_jobs()  # 503 before reading the body when there is no Redis
     s = state.settings
     uploads = await read_uploads(request, s.max_files_per_request, s.max_upload_bytes, s.max_request_bytes)
     options = InspectOptions(heatmap=heatmap, overlay=overlay, heatmap_size=heatmap_size)
     await state.check_uploads(category, uploads, options)
-    record = await queue.submit(category, uploads, options, request.scope["state"]["request_id"])
+    record = await queue.submit(category, uploads, options, request.scope["state"]["request_id"], idempotency_key)
     state.metrics.jobs.labels(category, "queued").inc()
     location = f"/v1/jobs/{record.id}"
     body = JobAccepted(id=record.id, category=category, images=len(uploads), url=location)

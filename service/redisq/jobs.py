@@ -29,6 +29,8 @@ stream keeps about ``dead_letter_max`` entries.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import logging
 import time
 from collections.abc import Sequence
@@ -74,6 +76,12 @@ redis.call('XDEL', KEYS[3], ARGV[3])
 if first then return 1 end
 return 0
 """
+
+
+def job_id_for(category: str, idempotency_key: str) -> str:
+    """The job id of a client's idempotency key (same shape as :func:`new_job_id`)."""
+    digest = hashlib.sha256(f"{category}\0{idempotency_key}".encode()).digest()[:18]
+    return base64.urlsafe_b64encode(digest).decode("ascii")
 
 
 class BacklogFull(RuntimeError):
@@ -129,10 +137,15 @@ class JobQueue:
 
     # ------------------------------------------------------------------ API side
     async def submit(self, category: str, uploads: Sequence[Upload], options: InspectOptions,
-                     request_id: str | None) -> JobRecord:
-        """Store the job and queue it, atomically. Raises :class:`~service.redisq.connection.RedisUnavailable`."""
+                     request_id: str | None, idempotency_key: str | None = None) -> JobRecord:
+        """Store the job and queue it, atomically. Raises :class:`~service.redisq.connection.RedisUnavailable`.
+
+        ``idempotency_key`` (the client's ``Idempotency-Key``): the job id derives from it, so a
+        client that resubmits after an answer it never got (a timeout, a 503 while Redis
+        stalled) gets the same job back instead of a second one."""
         now = utcnow()
-        record = JobRecord(id=new_job_id(), category=category, status="queued", created_at=now, updated_at=now,
+        job_id = new_job_id() if idempotency_key is None else job_id_for(category, idempotency_key)
+        record = JobRecord(id=job_id, category=category, status="queued", created_at=now, updated_at=now,
                            request_id=request_id, options=options, filenames=[u.filename for u in uploads])
 
         oldest_ms = max(0, int(time.time() * 1000) - self.records.ttl_ms)  # older entries' records are gone

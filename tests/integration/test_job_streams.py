@@ -160,3 +160,19 @@ def test_the_dead_letter_stream_is_bounded(redis_server: RedisServer) -> None:
     asyncio.run(scenario())
     assert r.xlen(f"{PREFIX}jobs:brick") == 0
     assert 10 <= r.xlen(f"{PREFIX}jobs:dead-letter") <= 110  # 300 were dead-lettered
+
+
+def test_the_same_idempotency_key_is_the_same_job(redis_server: RedisServer) -> None:
+    """A client that never got its answer resubmits with the same Idempotency-Key: one job."""
+    r = redis_server.client()
+
+    async def scenario() -> None:
+        queue = _queue(redis_server)
+        first = await queue.submit("brick", UPLOADS, InspectOptions(), None, idempotency_key="line-7:part-991")
+        again = await queue.submit("brick", UPLOADS, InspectOptions(), None, idempotency_key="line-7:part-991")
+        other = await queue.submit("brick", UPLOADS, InspectOptions(), None, idempotency_key="line-7:part-992")
+        await queue.conn.aclose()
+        assert first.id == again.id != other.id
+        assert len(r.xrange(f"{PREFIX}jobs:brick")) == 2
+
+    asyncio.run(scenario())

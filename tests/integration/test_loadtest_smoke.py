@@ -8,6 +8,7 @@ is a check that the load test and the service agree, not a benchmark.
 
 from __future__ import annotations
 
+import collections
 import csv
 import importlib.util
 import json
@@ -177,3 +178,54 @@ def test_headless_locust_smoke_against_msflow_serve(model_store, demo_root, tmp_
     pid = summary["meta"]["server_pid"]
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def test_hostile_load_scenario_stays_within_its_budget(model_store, tmp_path):
+    """The hostile scenario (loadtests/hostile.py), shortened: 40-megapixel PNG bombs with
+    original-size overlays from four clients, an ordinary client on a second lane. It must
+    refuse with 413 / 503 + Retry-After (never another 5xx), keep serving the ordinary
+    client, and hold the server's peak resident memory under baseline + budget."""
+    out = tmp_path / "hostile"
+    env = _clean_env(MSFLOW_INTRA_OP_THREADS="1", MSFLOW_DECODE_THREADS="2")
+    cmd = [sys.executable, "-m", "loadtests.hostile", "--store", str(model_store), "--duration", "8",
+           "--inflight-megapixels", "200", "--request-megapixels", "150", "--fail-on-violation", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    logs = proc.stdout[-3000:] + proc.stderr[-3000:]
+    if (out / "server.log").exists():
+        logs += "\n--- server.log ---\n" + (out / "server.log").read_text(errors="replace")[-2000:]
+    assert proc.returncode == 0, logs
+    s = json.loads((out / "summary.json").read_text())
+    assert s["violations"] == [] and s["server_alive"], logs
+    hostile = collections.Counter()
+    for client, counts in s["answers"].items():
+        if client.startswith("hostile"):
+            hostile.update(counts)
+    assert hostile["x32:413"] >= 4, s["answers"]  # each client's first request, at least
+    assert hostile["x3:200"] >= 1, s["answers"]  # what fits the budget is served
+    assert s["answers"]["ordinary"]["x1:200"] >= 3 and set(s["answers"]["ordinary"]) == {"x1:200"}
+    assert s["peak_rss_mb"] <= s["bound_mb"] == pytest.approx(s["baseline_rss_mb"] + 200 * 4.0, abs=0.2)
+
+
+def test_redis_fault_scenario_every_job_once_and_overrides_survive_flushall(model_store, tmp_path):
+    """loadtests/redis_faults.py, shortened: submissions through repeated Redis stalls (the
+    client resubmitting with its Idempotency-Key when the API answers 503), a worker
+    SIGKILLed mid-job, then FLUSHALL. Every job done, each queued once; the threshold
+    override never reverts and is back in Redis within 5 s."""
+    import shutil as _shutil
+
+    from harness import missing
+
+    if _shutil.which("redis-server") is None:
+        missing("redis-server is not installed: run scripts/install-redis.sh")
+    out = tmp_path / "faults"
+    env = _clean_env(MSFLOW_INTRA_OP_THREADS="1", MSFLOW_DECODE_THREADS="2")
+    cmd = [sys.executable, "-m", "loadtests.redis_faults", "--store", str(model_store), "--jobs", "9",
+           "--stall-s", "2", "--fail-on-violation", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    logs = proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, logs
+    s = json.loads((out / "summary.json").read_text())
+    assert s["violations"] == [] and s["statuses"] == {"done": 9}, logs
+    assert s["stream_entries_added"] == s["distinct_jobs"] == 9 and s["dead_lettered"] == 0
+    assert s["stalls"] >= 2 and s["killed_worker"] in {"w1", "w2"}
+    assert s["flushall"]["reverted_reads"] == 0 and s["flushall"]["restored_in_redis_after_s"] <= 5.0
