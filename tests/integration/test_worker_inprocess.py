@@ -224,3 +224,40 @@ def test_threshold_overrides_apply_to_jobs(store: Path, redis: RedisServer, good
         assert moved.raw_score == pytest.approx(result.raw_score, abs=1e-5)
 
     run(settings_for(store, redis, redis_prefix="msflow-inproc-thr:"), body)
+
+
+def slow_run(seconds: float) -> Any:
+    def make(real_run: Any) -> Any:
+        def run_batch(batch: Any) -> Any:
+            time.sleep(seconds)
+            return real_run(batch)
+        return run_batch
+    return make
+
+
+def test_every_job_in_hand_is_kept_alive_even_while_it_waits_for_room(store: Path, redis: RedisServer,
+                                                                      good_images: list[Path]) -> None:
+    """Two jobs read together; the pixel budget runs one at a time and each takes 1 s of engine,
+    over three claim-idle periods. Another consumer trying to claim all along gets nothing:
+    the job waiting for room is kept alive too, so no job runs twice."""
+    settings = settings_for(store, redis, max_request_megapixels=0.06, max_inflight_megapixels=0.06)
+
+    async def body(h: Harness) -> dict[str, Any]:
+        jobs = [await h.submit([Upload(f"k{i}.png", good_images[i].read_bytes())], InspectOptions(heatmap=HeatmapMode.none))
+                for i in range(2)]
+        deliveries = await h.worker.queue.read([CATEGORY], h.worker.name, 8, 1.0)
+        assert len(deliveries) == 2
+        thief = JobQueue(settings, h.api)
+        stolen: list[Any] = []
+        lane = h.worker.runtime.registry.get(CATEGORY)
+        with engine_run_replaced(lane.engine, slow_run(1.0)):
+            step = asyncio.create_task(h.worker.step(deliveries))
+            while not step.done():
+                stolen += await thief.claim(CATEGORY, "thief", 8)
+                await asyncio.sleep(0.1)
+            await step
+        return {"stolen": stolen, "records": [await h.record(j) for j in jobs]}
+
+    out = run(settings, body)
+    assert out["stolen"] == []
+    assert [(r.status, r.attempts, r.worker) for r in out["records"]] == [("done", 1, "inproc")] * 2
