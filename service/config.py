@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
 
-EngineKind = Literal["auto", "onnx", "tensorrt", "torch"]
+EngineKind = Literal["auto", "onnx", "tensorrt", "torch", "null"]
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 
 
@@ -56,7 +56,8 @@ class Settings(BaseSettings):
     model_store: Path = Field(Path("model_store"), description="model_store/<category>/<version>/ root")
     pinned_versions: dict[str, str] = Field(
         default_factory=dict, description='category -> version to serve instead of the newest, e.g. {"grass":"1"}')
-    engine: EngineKind = Field("auto", description="auto: TensorRT plan if usable, else ONNX Runtime")
+    engine: EngineKind = Field("auto", description="auto: TensorRT plan if usable, else ONNX Runtime; null: "
+                                                 "zero outputs, for front-end benchmarks only")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1 ...")
     intra_op_threads: int | None = Field(None, ge=1, description="engine CPU threads (None: runtime default)")
     store_poll_s: float = Field(5.0, ge=0.0, description="how often the server looks for new categories and "

@@ -22,6 +22,10 @@ def load_engine(version_dir: str | Path, kind: str = "auto", device: str = "auto
     manifest = Manifest.read(version_dir)
     if kind == "onnx" or (kind == "auto" and manifest.tensorrt is None):
         return _onnx(version_dir, _onnx_providers(device), threads, manifest, max_batch_size)
+    if kind == "null":  # benchmarks only (service/engines/null.py): never chosen by "auto"
+        from service.engines.null import NullEngine
+
+        return NullEngine(version_dir, manifest=manifest, max_batch_size=max_batch_size)
     if kind == "torch":
         from service.engines.torch import TorchEngine
 
@@ -36,7 +40,7 @@ def load_engine(version_dir: str | Path, kind: str = "auto", device: str = "auto
                 raise
             log.warning("TensorRT plan not usable here (%s); using ONNX Runtime", e)
             return _onnx(version_dir, _onnx_providers(device), threads, manifest, max_batch_size)
-    raise EngineError(f"unknown engine kind {kind!r}; choose auto, tensorrt, onnx or torch")
+    raise EngineError(f"unknown engine kind {kind!r}; choose auto, tensorrt, onnx, torch (or null, for benchmarks)")
 
 
 def _onnx_providers(device: str) -> list[str] | None:

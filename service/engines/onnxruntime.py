@@ -15,9 +15,12 @@ _GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 
 
 def session_options(threads: int | None = None, inter_op_threads: int | None = None,
-                    optimization_level: str = "all", parallel: bool = False) -> "object":
+                    optimization_level: str = "all", parallel: bool = False, spin: bool = True) -> "object":
     """onnxruntime ``SessionOptions``: intra-op threads (None: one per physical core), inter-op
-    threads (only used with ``parallel``), graph optimisation level (``OPT_LEVELS``)."""
+    threads (only used with ``parallel``), graph optimisation level (``OPT_LEVELS``).
+    ``spin=False``: intra-op threads sleep between runs instead of busy-waiting. A serving
+    engine runs in bursts (a batch, then the batcher waits for the next), and spinning
+    threads would take the cores decode and HTTP need meanwhile."""
     import onnxruntime as ort
 
     if optimization_level not in OPT_LEVELS:
@@ -26,6 +29,9 @@ def session_options(threads: int | None = None, inter_op_threads: int | None = N
     opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPT_LEVELS[optimization_level])
     if threads:
         opts.intra_op_num_threads = threads
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     if parallel:
         opts.execution_mode = ort.ExecutionMode.ORT_PARALLEL
         if inter_op_threads:
@@ -45,7 +51,7 @@ class OnnxEngine:
     def __init__(self, version_dir: str | Path, providers: list[str] | None = None, threads: int | None = None,
                  manifest: Manifest | None = None, max_batch_size: int = 64, verify: bool = True, *,
                  inter_op_threads: int | None = None, optimization_level: str = "all",
-                 parallel: bool = False, io_binding: bool | None = None) -> None:
+                 parallel: bool = False, io_binding: bool | None = None, spin: bool | None = None) -> None:
         import onnxruntime as ort
 
         self.version_dir = Path(version_dir)
@@ -55,7 +61,10 @@ class OnnxEngine:
         available = ort.get_available_providers()
         wanted = providers or ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
         chosen = [p for p in wanted if p in available] or ["CPUExecutionProvider"]
-        opts = session_options(threads, inter_op_threads, optimization_level, parallel)
+        # On CPU, threads that sleep between batches (spin=None: the serving default): the
+        # cores are shared with decode; benchmarks of the bare engine may pass spin=True.
+        spin = chosen[0] != "CPUExecutionProvider" if spin is None else spin
+        opts = session_options(threads, inter_op_threads, optimization_level, parallel, spin=spin)
         try:
             self.session = ort.InferenceSession(str(self.version_dir / self.manifest.onnx.file), opts,
                                                 providers=chosen)

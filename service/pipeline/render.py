@@ -41,8 +41,9 @@ def normalise_map(anomaly_map: np.ndarray, low: float, high: float) -> np.ndarra
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
-def colorize(anomaly_map: np.ndarray, calibration: Calibration, size: tuple[int, int] | None = None) -> np.ndarray:
-    """RGB uint8 ``[H, W, 3]`` heatmap of a float ``[S, S]`` map, resized to ``size`` = (w, h).
+def colour_indices(anomaly_map: np.ndarray, calibration: Calibration,
+                   size: tuple[int, int] | None = None) -> np.ndarray:
+    """uint8 colormap indices ``[H, W]`` of a float ``[S, S]`` map, resized to ``size`` = (w, h).
 
     The float map is resized *before* colouring (bilinear), so edges stay smooth and the
     colours stay those of the colormap instead of blends between unrelated colours.
@@ -50,18 +51,31 @@ def colorize(anomaly_map: np.ndarray, calibration: Calibration, size: tuple[int,
     m = np.asarray(anomaly_map, dtype=np.float32)
     if size is not None and (m.shape[1], m.shape[0]) != tuple(size):
         m = np.asarray(Image.fromarray(m).resize(tuple(size), Image.Resampling.BILINEAR))
-    return LUT[normalise_map(m, calibration.map_low, calibration.map_high)]
+    return normalise_map(m, calibration.map_low, calibration.map_high)
+
+
+def colorize(anomaly_map: np.ndarray, calibration: Calibration, size: tuple[int, int] | None = None) -> np.ndarray:
+    """RGB uint8 ``[H, W, 3]`` heatmap (:func:`colour_indices` through the colormap)."""
+    return LUT[colour_indices(anomaly_map, calibration, size)]
 
 
 def render_heatmap(anomaly_map: np.ndarray, calibration: Calibration, size: tuple[int, int],
                    background: Image.Image | None = None, alpha: float = OVERLAY_ALPHA) -> bytes:
-    """PNG bytes of the heatmap at ``size`` = (width, height), over ``background`` if given."""
-    heat = colorize(anomaly_map, calibration, size)
-    if background is not None:
-        bg = background if background.mode == "RGB" else background.convert("RGB")
-        if bg.size != tuple(size):
-            bg = bg.resize(tuple(size), Image.Resampling.BILINEAR)
-        heat = blend(np.asarray(bg), heat, alpha)
+    """PNG bytes of the heatmap at ``size`` = (width, height), over ``background`` if given.
+
+    Without a background the PNG is a palette image (the colormap is its palette): one byte
+    per pixel to filter and deflate instead of three, for the same colours."""
+    if background is None:
+        indices = colour_indices(anomaly_map, calibration, size)
+        palette = Image.fromarray(indices)
+        palette.putpalette(LUT.tobytes())  # L -> P: the 256 colormap entries
+        buf = io.BytesIO()
+        palette.save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+        return buf.getvalue()
+    bg = background if background.mode == "RGB" else background.convert("RGB")
+    if bg.size != tuple(size):
+        bg = bg.resize(tuple(size), Image.Resampling.BILINEAR)
+    heat = blend(np.asarray(bg), colorize(anomaly_map, calibration, size), alpha)
     buf = io.BytesIO()
     Image.fromarray(heat).save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     return buf.getvalue()

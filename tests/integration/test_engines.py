@@ -368,3 +368,15 @@ def test_parity_tool_on_cpu(model_store: Path, tmp_path: Path) -> None:
     assert report["images"]["count"] == 6 and "good" in report["images"]["labels"]
     if not _has_cuda():
         assert report["engines"]["tensorrt"]["status"] == "skipped"
+
+
+def test_null_engine_only_when_asked_for(version_dir: Path) -> None:
+    """The benchmark engine: zero outputs of the right shapes, at no cost; "auto" never picks it."""
+    null = load_engine(version_dir, "null", max_batch_size=4)
+    assert null.name == "null" and load_engine(version_dir, "auto", device="cpu").name != "null"
+    size = null.manifest.input_size
+    scores, maps = null.run(np.zeros((3, size, size, 3), dtype=np.uint8))
+    assert scores.shape == (3,) and maps.shape == (3, size, size) and maps.dtype == np.float32
+    assert not scores.any() and not maps.any() and not maps.flags.writeable
+    with pytest.raises(EngineError):
+        null.run(np.zeros((5, size, size, 3), dtype=np.uint8))  # the batch bound holds as for any engine

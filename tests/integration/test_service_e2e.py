@@ -105,7 +105,9 @@ def test_png_accept_model_and_original_size(client: httpx.Client, demo_files: di
         assert r.headers["content-type"] == "image/png"
         img = Image.open(io.BytesIO(r.content))
         img.load()
-        assert img.size == expected and img.mode == "RGB"
+        # a bare heatmap is a palette PNG (the colormap is its palette); an overlay is RGB
+        assert img.size == expected and img.mode == ("RGB" if overlay == "true" else "P")
+        assert r.headers["x-heatmap-size"] == f"{expected[0]}x{expected[1]}"
         assert 0.0 <= float(r.headers["x-anomaly-score"]) <= 1.0
         assert r.headers["x-is-anomalous"] in ("true", "false") and r.headers["x-model-version"]
     # Several images with Accept: image/png and JSON acceptable -> JSON

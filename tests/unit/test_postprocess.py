@@ -139,3 +139,14 @@ def test_the_record_says_how_far_an_image_got() -> None:
         run([decoded])
     assert decoded.stage == "decoded" and decoded.result is None
 
+
+
+def test_bare_heatmap_is_a_palette_png_with_the_colormap_colours() -> None:
+    """heatmap without overlay: mode P with the colormap as palette, the very colours of the
+    RGB rendering, in a third of the bytes to filter and deflate."""
+    from service.pipeline.render import colorize, render_heatmap
+
+    item = scored(3.0)
+    png = Image.open(io.BytesIO(render_heatmap(item.score_map, MANIFEST.calibration, (S, S))))
+    assert png.mode == "P"
+    np.testing.assert_array_equal(np.asarray(png.convert("RGB")), colorize(item.score_map, MANIFEST.calibration))
