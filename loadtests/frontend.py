@@ -1,0 +1,175 @@
+"""Front-end benchmark: server CPU per image and images/s with the engine's cost removed.
+
+    python -m loadtests.frontend --store model_store                 # null engine (zero outputs)
+    python -m loadtests.frontend --store model_store --engine onnx   # the real engine, same inputs
+
+Starts ``msflow serve`` on a free loopback port with ``MSFLOW_ENGINE=null`` (the benchmark
+engine, :mod:`service.engines.null`), then for each input kind drives it at saturation from
+a lean asyncio + httpx client (``--concurrency`` requests in flight, one image each) for
+``--seconds``, and reports per kind:
+
+* server CPU per image (``/proc/<pid>/stat`` utime + stime, all threads, over the window);
+* images/s and the server's cores used;
+* the client's own CPU per image (this process, ``getrusage``): on a small box the client
+  competes with the server, so every throughput figure comes with it;
+* where the server's time goes: decode and render+regions (the answers' ``timings_ms``,
+  measured in the pool threads) and the rest (HTTP, multipart, JSON, event loop, batching) as
+  server CPU minus those two.
+
+Kinds: ``jpeg256-none`` (a 256 x 256 JPEG, ``heatmap=none``), ``png256-inline`` (a 256 x 256
+PNG, inline heatmap), ``jpeg2048-none`` (a 2048 x 2048 camera-like JPEG, ``heatmap=none``).
+Writes ``summary.json`` and ``summary.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import resource
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from PIL import Image
+
+from loadtests.run import LocalServer, wait_ready
+
+CLOCK = os.sysconf("SC_CLK_TCK")
+
+
+def texture(size: int) -> Image.Image:
+    from skimage import data as skdata
+
+    img = Image.fromarray(np.asarray(skdata.brick())).convert("RGB")  # 512 x 512 real photograph
+    return img.resize((size, size), Image.Resampling.LANCZOS)
+
+
+def encoded(img: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
+KINDS: dict[str, tuple[int, str, str]] = {  # name: (side, format, heatmap)
+    "jpeg256-none": (256, "JPEG", "none"),
+    "png256-inline": (256, "PNG", "inline"),
+    "jpeg2048-none": (2048, "JPEG", "none"),
+}
+
+
+def cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK  # utime, stime
+
+
+def own_cpu_s() -> float:
+    u = resource.getrusage(resource.RUSAGE_SELF)
+    return u.ru_utime + u.ru_stime
+
+
+async def drive(url: str, category: str, data: bytes, content_type: str, heatmap: str, concurrency: int,
+                seconds: float, pid: int) -> dict[str, Any]:
+    timings: list[dict[str, float]] = []
+    failures = 0
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
+        async def one() -> None:
+            nonlocal failures
+            r = await client.post(f"/v1/inspect/{category}", params={"heatmap": heatmap}, content=data,
+                                  headers={"Content-Type": content_type})
+            if r.status_code != 200:
+                failures += 1
+                return
+            timings.append(r.json()["results"][0]["timings_ms"])
+
+        async def loop(until: float) -> None:
+            while time.monotonic() < until:
+                await one()
+
+        await asyncio.gather(*(loop(time.monotonic() + 1.0) for _ in range(concurrency)))  # warm-up
+        timings.clear()
+        server0, client0, t0 = cpu_s(pid), own_cpu_s(), time.monotonic()
+        await asyncio.gather(*(loop(t0 + seconds) for _ in range(concurrency)))
+        wall, server, own = time.monotonic() - t0, cpu_s(pid) - server0, own_cpu_s() - client0
+    n = len(timings)
+    mean = {k: float(np.mean([t[k] for t in timings])) if n else float("nan") for k in
+            ("decode", "render", "queue", "engine", "total")}
+    server_ms = server / max(n, 1) * 1e3
+    return {"images": n, "failures": failures, "wall_s": round(wall, 2), "images_per_s": round(n / wall, 1),
+            "server_cpu_ms_per_image": round(server_ms, 2), "server_cores": round(server / wall, 2),
+            "client_cpu_ms_per_image": round(own / max(n, 1) * 1e3, 2),
+            "decode_ms": round(mean["decode"], 2), "render_regions_ms": round(mean["render"], 2),
+            "engine_ms_per_batch": round(mean["engine"], 2), "queue_ms": round(mean["queue"], 2),
+            "latency_ms": round(mean["total"], 2),
+            "rest_ms": round(server_ms - mean["decode"] - mean["render"] - (0.0 if n else 0.0), 2)}
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Path(args.out or f"reports/frontend-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}")
+    out.mkdir(parents=True, exist_ok=True)
+    env = {"MSFLOW_ENGINE": args.engine, "MSFLOW_DEVICE": "cpu", "MSFLOW_ACCESS_LOG": "false",
+           "MSFLOW_LOG_LEVEL": "warning", "MSFLOW_STORE_POLL_S": "0", "MSFLOW_DECODE_THREADS": str(args.decode_threads),
+           "MSFLOW_MAX_BATCH_SIZE": str(args.batch), "MSFLOW_MAX_QUEUE_DELAY_MS": str(args.delay_ms)}
+    results: dict[str, Any] = {}
+    with LocalServer(args.store, out / "server.log", env=env) as server:
+        wait_ready(server.url, server.proc, timeout=180)
+        assert server.proc is not None
+        with httpx.Client(base_url=server.url) as c:
+            models = c.get("/v1/models").json()
+            infos = models["models"] if isinstance(models, dict) and "models" in models else models
+            category = args.category or sorted(m["category"] for m in infos)[0]
+            input_size = c.get(f"/v1/models/{category}").json()["input_size"]
+        for kind in args.kinds:
+            side, fmt, heatmap = KINDS[kind]
+            data = encoded(texture(side), fmt)
+            ctype = "image/jpeg" if fmt == "JPEG" else "image/png"
+            results[kind] = asyncio.run(drive(server.url, category, data, ctype, heatmap, args.concurrency,
+                                              args.seconds, server.proc.pid))
+            results[kind]["bytes"] = len(data)
+    summary = {"engine": args.engine, "category": category, "input_size": input_size,
+               "concurrency": args.concurrency, "seconds": args.seconds, "decode_threads": args.decode_threads,
+               "cpu_count": os.cpu_count(), "kinds": results}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    md = render(summary)
+    (out / "summary.md").write_text(md)
+    print(md)
+    return 0 if all(r["failures"] == 0 and r["images"] > 0 for r in results.values()) else 1
+
+
+def render(s: dict[str, Any]) -> str:
+    lines = [f"# Front end ({s['engine']} engine, `{s['category']}` at {s['input_size']} px, {s['concurrency']} in "
+             f"flight, {s['seconds']} s per kind, {s['cpu_count']} cores)", "",
+             "| input | images/s | server CPU / image | server cores | client CPU / image | decode | "
+             "render + regions | rest (HTTP, multipart, JSON, loop) | failures |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for kind, r in s["kinds"].items():
+        lines.append(f"| {kind} ({r['bytes'] // 1024} KB) | {r['images_per_s']} | {r['server_cpu_ms_per_image']} ms | "
+                     f"{r['server_cores']} | {r['client_cpu_ms_per_image']} ms | {r['decode_ms']} ms | "
+                     f"{r['render_regions_ms']} ms | {r['rest_ms']} ms | {r['failures']} |")
+    return "\n".join(lines + [""])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--store", default="model_store")
+    p.add_argument("--category")
+    p.add_argument("--engine", default="null", choices=["null", "onnx", "auto"])
+    p.add_argument("--kinds", nargs="*", default=list(KINDS), choices=list(KINDS))
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--decode-threads", type=int, default=2)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--delay-ms", type=float, default=2.0)
+    p.add_argument("--out")
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
