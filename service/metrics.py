@@ -72,6 +72,8 @@ class ServiceMetrics:
         self.nonfinite = Counter("msflow_nonfinite_outputs_total", "Images whose engine output (score or map) "
                                  "was NaN or infinite: answered as an error, never as a verdict",
                                  ["category", "engine"], registry=r)
+        self.verdicts = Counter("msflow_verdicts_total", "Inspected images by category and three-way verdict "
+                                "(ok, review, ng)", ["category", "verdict"], registry=r)
         self._model_labels: dict[str, tuple[str, str]] = {}
 
     # --------------------------------------------------------------- request level
@@ -79,8 +81,10 @@ class ServiceMetrics:
         self.requests.labels(endpoint, category or UNKNOWN, str(status)).inc()
         self.request_latency.labels(endpoint).observe(seconds)
 
-    def count_image(self, category: str, anomalous: bool) -> None:
+    def count_image(self, category: str, anomalous: bool, verdict: str | None = None) -> None:
         self.images.labels(category, "anomalous" if anomalous else "normal").inc()
+        if verdict is not None:
+            self.verdicts.labels(category, verdict).inc()
 
     def observe_score(self, category: str, score: float) -> None:
         self.score.labels(category).observe(score)

@@ -8,9 +8,10 @@ from datetime import datetime
 from enum import Enum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from models.build_progress import BuildProgress
+from models.manifest import Verdict
 
 
 class _Model(BaseModel):
@@ -74,8 +75,12 @@ class ImageResult(_Model):
     filename: str | None
     score: float = Field(description="calibrated score in [0, 1]; 0.5 is the threshold")
     raw_score: float = Field(description="the engine's raw score")
-    threshold: float = Field(description="raw-score threshold of the model that scored this image")
-    is_anomalous: bool
+    threshold: float = Field(description="raw-score threshold of the model that scored this image (the ok bound)")
+    is_anomalous: bool = Field(description="raw_score >= threshold (review or ng)")
+    # Required, like regions: a cached result written before the verdict existed is a miss.
+    verdict: Verdict = Field(description="ok: raw_score < threshold; ng: raw_score >= ng_threshold; review: between "
+                                         "(a person decides: GET /v1/review/{category}/items)")
+    ng_threshold: float = Field(description="raw-score bound from which the verdict is ng without review")
     model_version: str
     batch_size: int = Field(description="images in the engine call that scored this one")
     heatmap: Heatmap | HeatmapLink | None
@@ -106,6 +111,8 @@ class ModelInfo(_Model):
     threshold: float = Field(description="effective raw-score threshold: the override if one is set, else the "
                                          "calibrated one")
     calibrated_threshold: float | None = Field(None, description="the manifest's calibrated threshold")
+    ng_threshold: float | None = Field(None, description="effective ng bound (override, else the manifest's)")
+    calibrated_ng_threshold: float | None = Field(None, description="the manifest's ng bound")
     threshold_override: "ThresholdOverride | None" = Field(
         None, description="set by PUT /v1/models/{category}/threshold; DELETE returns to the calibrated value")
     calibration: dict[str, Any]
@@ -121,6 +128,8 @@ class ModelInfo(_Model):
 
 class ThresholdOverride(_Model):
     threshold: float = Field(description="raw-score threshold used instead of the calibrated one")
+    ng_threshold: float | None = Field(None, description="ng bound used instead of the manifest's (None: the "
+                                                         "manifest's, never below threshold)")
     version: str = Field(description="the model version it applies to (a new version starts calibrated)")
     set_at: datetime
 
@@ -131,9 +140,18 @@ class ThresholdUpdate(_Model):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    threshold: float = Field(allow_inf_nan=False, description="raw-score threshold, e.g. a raw_score seen in a "
-                                                              "result or in GET /v1/models/{category}/recent")
+    threshold: float | None = Field(None, allow_inf_nan=False, description="raw-score threshold (the ok bound), "
+                                    "e.g. a raw_score seen in a result or in GET /v1/models/{category}/recent; "
+                                    "omitted: the effective one stays")
+    ng_threshold: float | None = Field(None, allow_inf_nan=False, description="raw-score ng bound (>= threshold); "
+                                       "omitted: an ng override already set stays, else the manifest's")
     force: bool = Field(False, description="set a threshold outside the calibration's sane range (422 otherwise)")
+
+    @model_validator(mode="after")
+    def _something(self) -> "ThresholdUpdate":
+        if self.threshold is None and self.ng_threshold is None:
+            raise ValueError("give threshold, ng_threshold or both")
+        return self
 
 
 class ThresholdState(_Model):
@@ -141,6 +159,8 @@ class ThresholdState(_Model):
     version: str
     calibrated_threshold: float
     threshold: float = Field(description="effective threshold now")
+    calibrated_ng_threshold: float | None = None
+    ng_threshold: float | None = Field(None, description="effective ng bound now")
     override: ThresholdOverride | None
     persisted: list[Literal["file", "redis"]] = Field(
         default_factory=list, description="where the change was stored (file: beside the manifest; redis: shared "
@@ -251,3 +271,4 @@ class InspectOptions(BaseModel):
     heatmap: HeatmapMode = HeatmapMode.inline
     overlay: bool = False
     heatmap_size: HeatmapSize = HeatmapSize.model
+

@@ -299,6 +299,7 @@
     n.dataset.verdict = verdict;
     n.dataset.rawScore = String(r.raw_score);
     n.dataset.threshold = String(r.threshold);
+    n.dataset.decision = r.verdict; // the three-way verdict: ok, review, ng
     n.dataset.score = String(r.score);
     n.dataset.regions = String(r.regions.length);
     n.dataset.regionsJson = JSON.stringify(r.regions);
@@ -310,10 +311,11 @@
       el("td", { text: fmt(g.peak, 3) }), el("td", { text: fmt(g.mean, 3) })));
     card.info.replaceChildren(
       el("h3", { text: r.filename || card.file.name }),
-      el("span", { class: `verdict ${verdict}`, text: r.is_anomalous ? "ANOMALOUS" : "NORMAL" }),
+      el("span", { class: `verdict ${verdict}`, text: r.is_anomalous ? "ANOMALOUS" : "NORMAL" }), " ",
+      el("span", { class: `decision ${r.verdict}`, text: r.verdict.toUpperCase() }),
       el("div", { class: "score" }, r.score.toFixed(3), el("small", { text: " score (0.5 = threshold)" })),
       el("dl", { class: "facts" },
-        el("dt", { text: "Raw score" }), el("dd", { text: `${fmt(r.raw_score, 6)} (threshold ${fmt(r.threshold, 6)})` }),
+        el("dt", { text: "Raw score" }), el("dd", { text: `${fmt(r.raw_score, 6)} (threshold ${fmt(r.threshold, 6)}, ng from ${fmt(r.ng_threshold, 6)})` }),
         el("dt", { text: "Model" }), el("dd", { text: `${body.category} v${r.model_version} \u00b7 ${body.engine}` }),
         el("dt", { text: "Image" }), el("dd", { text: `${r.image_size.width}\u00d7${r.image_size.height}${r.cached ? " \u00b7 cached" : ""}` }),
         el("dt", { text: "Regions" }), el("dd", { class: "regions-count", text: String(r.regions.length) }),
@@ -489,6 +491,7 @@
         el("dt", { text: "Serving" }), el("dd", { text: `${category} v${recent.version}` }),
         el("dt", { text: "Calibrated threshold" }), el("dd", { text: fmt(recent.calibrated_threshold, 6) }),
         el("dt", { text: "Effective threshold" }), el("dd", { id: "admin-effective", text: fmt(recent.threshold, 6) }),
+        el("dt", { text: "NG bound" }), el("dd", { id: "admin-ng", text: m ? `${fmt(m.ng_threshold, 6)} (review between; PUT ng_threshold to move it)` : "\u2013" }),
         el("dt", { text: "Override" }), el("dd", { text: recent.threshold !== recent.calibrated_threshold || override
           ? `yes${override ? `, since ${when(override.set_at)}` : ""}` : "no (calibrated)" }),
         el("dt", { text: "Recent images" }), el("dd", { text: `${recent.scores.length} kept on this replica (capacity ${recent.capacity})` })));
