@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from models.build_progress import BuildProgress
 from models.manifest import Verdict
+from models.review_store import ReviewItem, ReviewLabel
 
 
 class _Model(BaseModel):
@@ -272,3 +273,52 @@ class InspectOptions(BaseModel):
     overlay: bool = False
     heatmap_size: HeatmapSize = HeatmapSize.model
 
+
+# ---------------------------------------------------------------------- review queue (api/review.py)
+class ReviewLabelRequest(_Model):
+    """Body of ``PUT /v1/review/{category}/items/{id}/label``."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    label: Literal["ok", "ng"]
+    defect_type: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$",
+                                    description="with ng: e.g. scratch, stain (lower case, digits, _ and -)")
+    note: str | None = Field(None, max_length=500)
+
+
+class ReviewEntry(_Model):
+    """A kept image as the queue lists it: the stored answer plus its label, when it has one."""
+
+    item: ReviewItem
+    label: ReviewLabel | None = None
+    image_url: str
+    heatmap_url: str | None
+
+
+class ReviewPage(_Model):
+    category: str
+    verdict: Verdict | None = Field(description="the filter, if any")
+    items: list[ReviewEntry] = Field(description="pending (unlabelled) items, oldest first")
+    next_cursor: str | None = Field(description="pass as ?after= for the next page")
+
+
+class DisagreementCounts(_Model):
+    false_positive: int = Field(description="model anomalous (score >= threshold), operator OK")
+    false_negative: int = Field(description="model not anomalous, operator NG")
+
+
+class ReviewStats(_Model):
+    category: str
+    pending: dict[str, int] = Field(description="unlabelled items by verdict")
+    labelled: dict[str, int] = Field(description="labels by outcome (ok, ng)")
+    agree: int = Field(description="labels where the model's call (score >= threshold) matches the operator")
+    disagreements: dict[str, DisagreementCounts] = Field(description="by model version")
+    items: int = Field(description="items of this category in the store")
+    store_items: int = Field(description="items in the whole store (bounded by MSFLOW_REVIEW_MAX_ITEMS)")
+    store_bytes: int = Field(description="bytes the budget counts (bounded by MSFLOW_REVIEW_MAX_BYTES)")
+
+
+class ReviewLabelled(_Model):
+    label: ReviewLabel
+    previous: ReviewLabel | None = Field(None, description="the label this one replaced")
+    stats: ReviewStats

@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from models.review_store import ItemNotFound, ReviewError
 from service.engines.base import EngineError
 from service.metrics import UNKNOWN
 from service.pipeline.batcher import BatcherClosed, CallerGone, DeadlineExceeded, QueueFull
@@ -99,6 +100,12 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ThresholdOutOfRange)
     async def out_of_range(request: Request, exc: ThresholdOutOfRange) -> JSONResponse:
         return error_response(422, "threshold_out_of_range", str(exc), exc.details)
+
+    @app.exception_handler(ReviewError)
+    async def review_error(request: Request, exc: ReviewError) -> JSONResponse:
+        if isinstance(exc, ItemNotFound):
+            return error_response(404, "review_item_not_found", str(exc))
+        return error_response(422, "invalid_label", str(exc))
 
     @app.exception_handler(BoundsInverted)
     async def bounds_inverted(request: Request, exc: BoundsInverted) -> JSONResponse:
