@@ -89,6 +89,7 @@
         return "The API key was rejected (invalid_api_key). Check it and type it again.";
       case "forbidden":
       case "admin_disabled":
+      case "review_disabled":
         return `This needs an admin API key (${e.code}): ${e.message}`;
       default:
         return `${e.message} (${e.code}${e.status ? `, HTTP ${e.status}` : ""})`;
@@ -147,9 +148,10 @@
       if (active) tab.setAttribute("aria-current", "page");
       else tab.removeAttribute("aria-current");
     }
-    for (const v of ["inspect", "models", "admin"]) $(`#view-${v}`).hidden = v !== view;
+    for (const section of document.querySelectorAll("main > .view")) section.hidden = section.id !== `view-${view}`;
     if (view === "models") renderModels();
     if (view === "admin") loadAdmin();
+    document.dispatchEvent(new CustomEvent("msflow:view", { detail: view })); // review.js listens
   }
 
   async function refresh() {
@@ -186,6 +188,7 @@
     fillSelect($("#category"), cats);
     fillSelect($("#admin-category"), cats);
     document.body.dataset.models = String(cats.length);
+    document.dispatchEvent(new CustomEvent("msflow:models", { detail: cats }));
   }
 
   // A build writing into the model store (scripts/build-demo.sh): what each category is doing.
@@ -623,6 +626,9 @@
       showError(e);
     }
   }
+
+  // What review.js (the Review page) shares with this file: one key, one error box, one API client.
+  window.msflowConsole = { $, el, fmt, when, api, describe, showError, clearError, loadImage, state, ApiError };
 
   // ------------------------------------------------------------------ start
   window.addEventListener("error", (ev) => showError(`Console error: ${ev.message}`));
