@@ -70,6 +70,17 @@ class CalibrationSource(_Strict):
     never_trained_on: bool  # False for the training holdout, which may share pixels with training
 
 
+class LabelSource(_Strict):
+    """The operator labels a recalibration was fitted on (``msflow recalibrate``)."""
+
+    review_store: str | None = None
+    ok: int = Field(ge=0, description="labelled OK images used (known goods)")
+    ng: int = Field(ge=0, description="labelled NG images used")
+    digest: str = Field(pattern=r"^[0-9a-f]{64}$")  # sha256 over the sorted "<image sha256>:<label>" lines
+    target_recall: float
+    excluded_trained_on: int = 0  # labelled OK images the model was trained on: not known goods for it
+
+
 class Calibration(_Strict):
     """How raw engine outputs become a verdict and a heatmap.
 
@@ -88,7 +99,7 @@ class Calibration(_Strict):
     """
 
     score_output: str
-    method: Literal["target_fpr", "target_recall", "f1_optimal", "normal_quantile"]
+    method: Literal["target_fpr", "target_recall", "f1_optimal", "normal_quantile", "review_labels"]
     threshold: float
     score_min: float
     score_max: float
@@ -108,6 +119,7 @@ class Calibration(_Strict):
     ng_threshold: float | None = None  # raw score from which a part is NG without review (None: default margin)
     ng_method: Literal["margin", "labelled"] | None = None  # margin: no labelled anomalies; labelled: fitted
     review_margin: float | None = None  # the margin method's width, a fraction of the score span
+    labels: LabelSource | None = None  # recalibrated: the operator labels it was fitted on
 
     @property
     def span(self) -> float:
@@ -160,6 +172,14 @@ class TensorRTInfo(_Strict):
     max_batch: int
 
 
+class TrainingData(_Strict):
+    """Where the training normals came from (``msflow train``'s run config)."""
+
+    train_images: int | None = None  # normals the flows trained on (holdout excluded)
+    reviewed_ok_images: int = 0  # of those, operator-confirmed OK images from a review store
+    review_store: str | None = None
+
+
 class Manifest(_Strict):
     schema_version: Literal[1] = SCHEMA_VERSION
     category: str = Field(pattern=CATEGORY_PATTERN.pattern)
@@ -176,6 +196,8 @@ class Manifest(_Strict):
     tensorrt: TensorRTInfo | None = None
     files: dict[str, FileEntry]
     source_run: str | None = None
+    training: TrainingData | None = None
+    recalibrated_from: str | None = None  # the version whose engine files this one reuses (msflow recalibrate)
 
     @classmethod
     def read(cls, version_dir: str | Path) -> "Manifest":
