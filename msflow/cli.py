@@ -67,12 +67,14 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _recalibrate(args: argparse.Namespace) -> int:
+    from models.data import DataError
+    from models.manifest import ManifestError
     from models.recalibrate import RecalibrationError, recalibrate
 
     try:
         version_dir, _ = recalibrate(args.store, args.category, review_store=args.review_store, version=args.version,
                                      target_recall=args.target_recall, calibration_images=args.calibration_images)
-    except RecalibrationError as exc:
+    except (RecalibrationError, ManifestError, DataError) as exc:  # what to fix is in the message
         print(f"msflow recalibrate: {exc}", file=sys.stderr)
         return 2
     print(f"written to {version_dir} (the server loads it within MSFLOW_STORE_POLL_S)")

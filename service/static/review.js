@@ -197,6 +197,7 @@
       select(index);
       const list = $("#review-items");
       list.dataset.labelledHere = String(Number(list.dataset.labelledHere || 0) + 1);
+      if (!view.items.length && r.stats.pending.review + r.stats.pending.ok + r.stats.pending.ng > 0) load(); // next page
     } catch (e) {
       delete it.node.dataset.state;
       showError(e);

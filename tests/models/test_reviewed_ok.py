@@ -23,7 +23,8 @@ def fields(verdict: str, raw: float) -> dict[str, object]:
 
 
 @pytest.mark.slow
-def test_reviewed_ok_images_join_the_training_normals(demo_root: Path, tmp_path: Path, capsys) -> None:
+def test_reviewed_ok_images_join_the_training_normals(demo_root: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
     model_store = tmp_path / "model_store"
     review = ReviewStore(model_store / ".review", Budget(10**9, 1000, 86_400.0, 86_400.0))
     line_parts = sorted((demo_root / CATEGORY / "test" / "good").glob("*.png"))[:4]

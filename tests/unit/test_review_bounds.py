@@ -3,6 +3,8 @@ from operator labels, and the before/after table, on constructed scores with kno
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -90,3 +92,10 @@ def test_review_table_counts_and_bounds() -> None:
     assert recall_lower_bound(3, 3) == pytest.approx(0.05 ** (1 / 3))  # all hit: 0.05^(1/n)
     with pytest.raises(ValueError):
         review_table(["maybe"], np.array([1.0]), 0.0, 1.0)
+
+
+def test_recalibrate_says_what_is_missing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from msflow.cli import main
+
+    assert main(["recalibrate", "--store", str(tmp_path), "--category", "brick"]) == 2
+    assert "no version" in capsys.readouterr().err
