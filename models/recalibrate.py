@@ -43,7 +43,7 @@ from models.data import Sample, folder_of_good_images, load_images
 from models.manifest import (DEFAULT_REVIEW_MARGIN, DEFAULT_TARGET_FPR, LabelSource, Manifest, file_entry,
                              list_versions, sha256_file)
 from models.review_store import REVIEWED_OK, ReviewStore, resolve_root
-from models.verdicts import recall_lower_bound, review_table
+from models.verdicts import review_table
 
 REPORT = "recalibration.json"
 MIN_LABELS_PER_CLASS = 10  # below this many OK or NG labels the change is called unsupported

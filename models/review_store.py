@@ -1,6 +1,6 @@
 """The review store: images the service kept for a person to judge, and that person's labels.
 
-One format, read and written by both halves: the service captures items and records labels
+One store, read and written by both halves (its records: :mod:`models.review_records`): the service captures items and records labels
 (:mod:`service.pipeline.review`, :mod:`service.api.review`); ``msflow recalibrate`` and
 ``msflow train --include-reviewed-ok`` read them offline, without a server or Redis::
 
@@ -46,17 +46,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
-from models.manifest import CATEGORY_PATTERN, Verdict
+from models.manifest import CATEGORY_PATTERN
+from models.review_records import Label, ReviewHeatmap, ReviewImage, ReviewItem, ReviewLabel
 
-Label = Literal["ok", "ng"]
-Reason = Literal["review", "audit"]
 REVIEWED_OK = "reviewed_ok.json"  # in a run and its exported versions: the reviewed OK images it trained on
 LABEL_RESERVE = 4096  # bytes each item reserves for its label file (a label is refused above it)
 ITEM_JSON_LIMIT = 256 * 1024  # an item.json larger than this is not ours
 ID_PATTERN = re.compile(r"^(\d{8}T\d{12})-(ok|review|ng)-(\d{10})-([0-9a-f]{12})$")
-DEFECT_TYPE_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 IMAGE_TYPES = {"PNG": ("png", "image/png"), "JPEG": ("jpg", "image/jpeg"), "BMP": ("bmp", "image/bmp"),
                "TIFF": ("tif", "image/tiff"), "WEBP": ("webp", "image/webp")}
 _STALE_STAGING_S = 3600.0
@@ -68,69 +66,6 @@ class ReviewError(ValueError):
 
 class ItemNotFound(ReviewError):
     """No such item (never captured, expired, or a malformed id)."""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
-
-
-class ReviewImage(_Strict):
-    file: str
-    format: str
-    media_type: str
-    width: int
-    height: int
-    bytes: int
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-
-
-class ReviewHeatmap(_Strict):
-    file: str = "heatmap.png"
-    width: int
-    height: int
-
-
-class ReviewItem(_Strict):
-    """One kept image and the answer it got (``item.json``)."""
-
-    id: str
-    category: str
-    captured_at: datetime
-    reason: Reason = Field(description="review: the verdict was review; audit: a random sample of ok or ng")
-    model_version: str
-    engine: str | None = None
-    filename: str | None = None
-    verdict: Verdict
-    is_anomalous: bool
-    raw_score: float
-    score: float
-    threshold: float
-    ng_threshold: float
-    regions: list[dict[str, Any]] = Field(default_factory=list, description="as in the inspect answer")
-    image: ReviewImage
-    heatmap: ReviewHeatmap | None = None
-
-
-class ReviewLabel(_Strict):
-    """An operator's judgement of one item (``labels/<id>.json``)."""
-
-    id: str
-    category: str
-    label: Label
-    defect_type: str | None = Field(None, pattern=DEFECT_TYPE_PATTERN)
-    note: str | None = Field(None, max_length=500)
-    by: str = Field(max_length=80, description="name of the reviewer (or admin) key that labelled it")
-    at: datetime
-    model_version: str
-    model_verdict: Verdict
-    model_is_anomalous: bool
-    raw_score: float
-    image_sha256: str
-
-    @property
-    def agrees(self) -> bool:
-        """The model's binary call (score >= threshold) matches the operator."""
-        return self.model_is_anomalous == (self.label == "ng")
 
 
 @dataclass(frozen=True)

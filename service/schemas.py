@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from models.build_progress import BuildProgress
 from models.manifest import Verdict
-from models.review_store import ReviewItem, ReviewLabel
+from models.review_records import ReviewItem, ReviewLabel
 
 
 class _Model(BaseModel):

@@ -28,7 +28,8 @@ from fastapi import APIRouter, Depends, Query
 from fastapi.responses import FileResponse, StreamingResponse
 
 from models.manifest import CATEGORY_PATTERN, Verdict
-from models.review_store import ItemNotFound, ReviewItem, ReviewStore
+from models.review_records import ReviewItem
+from models.review_store import ItemNotFound, ReviewStore
 from service.api.auth import Reviewer
 from service.api.deps import ERRORS, StateDep, unknown_category
 from service.api.errors import ApiError

@@ -9,12 +9,11 @@ from __future__ import annotations
 import asyncio
 import io
 import os
-import zipfile
 import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from PIL import Image
 from models.calibrate import just_above
 from models.data import MVTecCategory, Sample, folder_of_good_images, load_images
 from models.manifest import Manifest
-from harness import (ADMIN_KEY, CATEGORY, USER_KEY, RedisServer, Server, assert_error, metric, png_variant, start,
+from harness import (ADMIN_KEY, CATEGORY, USER_KEY, RedisServer, assert_error, metric, png_variant, start,
                      upload, wait_for_metric, wait_until)
 
 REVIEWER = "alice"
