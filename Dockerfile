@@ -96,8 +96,8 @@ ARG MSFLOW_UID=10001
 RUN groupadd --system --gid ${MSFLOW_UID} msflow \
  && useradd --system --uid ${MSFLOW_UID} --gid msflow --home-dir /home/msflow --create-home \
             --shell /usr/sbin/nologin msflow \
- && mkdir -p /models /data \
- && chown msflow:msflow /models /data
+ && mkdir -p /models /data /review \
+ && chown msflow:msflow /models /data /review
 
 COPY --from=builder /opt/venv /opt/venv
 
@@ -111,7 +111,9 @@ ENV PATH=/opt/venv/bin:$PATH \
     MPLCONFIGDIR=/tmp/matplotlib
 
 # The model store is mounted (or filled by the compose `trainer` profile); the image holds none.
-VOLUME ["/models"]
+# /review: the review queue's store (MSFLOW_REVIEW_STORE in compose and k8s), owned by the
+# service user so a fresh named volume is writable.
+VOLUME ["/models", "/review"]
 WORKDIR /home/msflow
 USER msflow:msflow
 EXPOSE 8000

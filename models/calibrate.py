@@ -12,6 +12,13 @@ Policies, recorded in the manifest:
 
 Map statistics of the normal images fix the heatmap colour range (a good part looks cool)
 and the pixel threshold used for defect regions.
+
+The second bound of the three-way verdict (ok / review / ng), :func:`ng_bound`: without
+labelled anomalies, a margin above the threshold (``DEFAULT_REVIEW_MARGIN`` of the score
+span); with them, the lowest bound at or above the threshold that still keeps
+``target_recall`` of them and has no known good part at or above it, so the score range where
+goods and defects overlap (or where no labelled part lies) goes to a person. The same rule
+refits both bounds from operator labels (:func:`fit_review_bounds`, ``msflow recalibrate``).
 """
 
 from __future__ import annotations
@@ -26,11 +33,13 @@ import numpy as np
 from scipy.stats import beta
 
 from models.data import MVTecCategory, Sample, folder_of_good_images
-from models.manifest import DEFAULT_TARGET_FPR, Calibration, CalibrationSource, ScoreStats, sha256_file
+from models.manifest import (DEFAULT_REVIEW_MARGIN, DEFAULT_TARGET_FPR, Calibration, CalibrationSource, ScoreStats,
+                             sha256_file)
 from models.metrics import best_f1
 from models.runs import read_json
 
 Policy = Literal["target_fpr", "target_recall", "f1_optimal"]
+DEFAULT_NG_RECALL = 0.99  # the ng bound's recall goal on labelled anomalies when no policy names one
 
 
 def score_stats(scores: np.ndarray) -> ScoreStats:
@@ -70,6 +79,56 @@ def threshold_for_recall(anomalous: np.ndarray, target_recall: float) -> float:
     return float(ranked[min(misses, ranked.size - 1)])
 
 
+def just_above(x: float) -> float:
+    """The smallest float above ``x``: a bound with ``x`` just outside it (``score >= bound`` flags)."""
+    return float(np.nextafter(float(x), np.inf))
+
+
+def ng_bound(threshold: float, good: np.ndarray, bad: np.ndarray, target_recall: float = DEFAULT_NG_RECALL,
+             margin: float = DEFAULT_REVIEW_MARGIN, span: float = 1.0) -> tuple[float, Literal["margin", "labelled"]]:
+    """The ng bound for an ok bound ``threshold`` and how it was set.
+
+    No labelled anomalies (``bad`` empty): ``threshold + margin * span``. With them: the highest
+    of the ok bound, the bound that keeps ``target_recall`` of them (their lowest kept score),
+    and just above the highest known good (``good``), so no known good part is ever rejected
+    without a person and the overlap of goods and defects is reviewed.
+    """
+    g = np.asarray(good, dtype=np.float64)
+    b = np.asarray(bad, dtype=np.float64)
+    if not b.size:
+        return float(threshold + margin * span), "margin"
+    candidates = [float(threshold), threshold_for_recall(b, target_recall)]
+    if g.size:
+        candidates.append(just_above(g.max()))
+    return max(candidates), "labelled"
+
+
+def fit_review_bounds(good: np.ndarray, bad: np.ndarray, target_recall: float = DEFAULT_NG_RECALL,
+                      target_fpr: float = DEFAULT_TARGET_FPR, margin: float = DEFAULT_REVIEW_MARGIN,
+                      span: float = 1.0) -> tuple[float, float, Literal["margin", "labelled"]]:
+    """(ok bound, ng bound, ng method) from known goods (calibration normals and operator-OK
+    parts) and known defects (operator-NG parts), to the goal: recall of the known defects at
+    least ``target_recall`` at the lowest false-alarm rate on the known goods.
+
+    The highest ok bound that keeps the recall has the lowest false-alarm rate; every bound
+    down to just above the highest good below it has the same rate, and the lowest of those is
+    taken, because it leaves the most room for defects not yet seen. Without labelled defects
+    the ok bound is ``target_fpr`` on the known goods. The ng bound follows :func:`ng_bound`.
+    """
+    g = np.asarray(good, dtype=np.float64)
+    b = np.asarray(bad, dtype=np.float64)
+    if not g.size:
+        raise ValueError("recalibration needs known good scores (the calibration normals)")
+    if not b.size:
+        ok = threshold_for_fpr(g, target_fpr)
+    else:
+        highest = threshold_for_recall(b, target_recall)
+        below = g[g < highest]
+        ok = just_above(below.max()) if below.size else highest
+    ng, method = ng_bound(ok, g, b, target_recall, margin, span)
+    return ok, ng, method
+
+
 def calibrate(normal_scores: np.ndarray, normal_maps: np.ndarray, score_output: str,
               anomalous_scores: np.ndarray | None = None, policy: Policy = "target_fpr",
               target_fpr: float = DEFAULT_TARGET_FPR, target_recall: float | None = None,
@@ -100,6 +159,8 @@ def calibrate(normal_scores: np.ndarray, normal_maps: np.ndarray, score_output: 
     maps = np.asarray(normal_maps, dtype=np.float64)
     map_low, map_p999 = np.percentile(maps, [50, 99.9])
     map_high = float(map_low + 2.0 * max(map_p999 - map_low, 1e-6))
+    ng, ng_method = ng_bound(float(threshold), normal, anomalous, target_recall or DEFAULT_NG_RECALL,
+                             DEFAULT_REVIEW_MARGIN, score_max - score_min)
     return Calibration(
         score_output=score_output, method=policy, threshold=float(threshold),
         score_min=float(score_min), score_max=float(score_max), normal_scores=stats,
@@ -107,7 +168,8 @@ def calibrate(normal_scores: np.ndarray, normal_maps: np.ndarray, score_output: 
         pixel_threshold=float(map_p999), target_fpr=target_fpr if policy == "target_fpr" else None,
         target_recall=target_recall if policy == "target_recall" else None,
         fpr_calibration=flagged / normal.size, fpr_upper_95=fpr_upper_bound(flagged, normal.size),
-        recall_calibration=recall, source=source,
+        recall_calibration=recall, source=source, ng_threshold=ng, ng_method=ng_method,
+        review_margin=DEFAULT_REVIEW_MARGIN if ng_method == "margin" else None,
     )
 
 

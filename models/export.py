@@ -24,7 +24,9 @@ from torch import Tensor, nn
 
 from models.calibrate import DEFAULT_TARGET_FPR, Policy, calibrate, calibration_samples
 from models.data import MVTecCategory, load_images
-from models.manifest import (CATEGORY_PATTERN, Manifest, OnnxInfo, TensorSpec, file_entry, list_versions)
+from models.manifest import (CATEGORY_PATTERN, Manifest, OnnxInfo, TensorSpec, TrainingData, file_entry,
+                             list_versions)
+from models.review_store import REVIEWED_OK
 from models.msflow import MSFlow
 from models.runs import load_model, read_json
 
@@ -103,6 +105,18 @@ def _validation_anomalies(validation: Path | None, category: str, size: int) -> 
     return load_images(samples, size) if samples else None
 
 
+def training_data(run: Path, train_cfg: dict[str, Any]) -> TrainingData:
+    """What the run trained on, for the manifest: normals, and how many came from reviews."""
+    train_images = None
+    log_path = run / "train_log.jsonl"
+    if log_path.is_file():
+        starts = [json.loads(line) for line in log_path.read_text().splitlines() if '"start"' in line]
+        train_images = starts[-1].get("train_images") if starts else None
+    store = train_cfg.get("include_reviewed_ok")
+    return TrainingData(train_images=train_images, reviewed_ok_images=int(train_cfg.get("reviewed_ok_images") or 0),
+                        review_store=str(store) if store else None)
+
+
 def _next_version(category_dir: Path) -> str:
     numeric = [int(v) for v in list_versions(category_dir) if v.isdigit()]
     return str(max(numeric, default=0) + 1)
@@ -160,6 +174,8 @@ def export_run(run: str | Path, store: str | Path, category: str | None = None,
             report = json.loads(report_path.read_text())
             metrics = {k: report.get(k) for k in ("image_auroc", "pixel_auroc", "aupro", "best_f1")}
             metrics["absolute"] = report.get("absolute")
+        if (run / REVIEWED_OK).is_file():  # recalibration leaves these out of the known goods
+            shutil.copy(run / REVIEWED_OK, work / REVIEWED_OK)
         for picture in ("roc.png", "examples.png"):  # `msflow eval`'s figures, shown by the service console
             if (run / picture).is_file():
                 shutil.copy(run / picture, work / picture)
@@ -182,7 +198,7 @@ def export_run(run: str | Path, store: str | Path, category: str | None = None,
             calibration=calibration, metrics=metrics,
             onnx=OnnxInfo(opset=OPSET, exporter="torch.onnx.export(dynamo=True)", torch_version=torch.__version__,
                           onnx_version=onnx.__version__, parity_max_abs_diff=diffs),
-            tensorrt=tensorrt_info, files=files, source_run=str(run),
+            tensorrt=tensorrt_info, files=files, source_run=str(run), training=training_data(run, train_cfg),
         )
         manifest.write(work)
         work.rename(final)

@@ -23,6 +23,10 @@ from pydantic import BaseModel, ConfigDict, Field
 MANIFEST = "manifest.json"
 SCHEMA_VERSION = 1
 DEFAULT_TARGET_FPR = 0.01  # calibration policy default: share of normal parts a threshold may flag
+# The review band's default width without labelled anomalies, as a fraction of the score span
+# (score_max - score_min): the ng bound sits at normalised score 0.5 + this.
+DEFAULT_REVIEW_MARGIN = 0.1
+Verdict = Literal["ok", "review", "ng"]
 CATEGORY_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 
 
@@ -66,6 +70,17 @@ class CalibrationSource(_Strict):
     never_trained_on: bool  # False for the training holdout, which may share pixels with training
 
 
+class LabelSource(_Strict):
+    """The operator labels a recalibration was fitted on (``msflow recalibrate``)."""
+
+    review_store: str | None = None
+    ok: int = Field(ge=0, description="labelled OK images used (known goods)")
+    ng: int = Field(ge=0, description="labelled NG images used")
+    digest: str = Field(pattern=r"^[0-9a-f]{64}$")  # sha256 over the sorted "<image sha256>:<label>" lines
+    target_recall: float
+    excluded_trained_on: int = 0  # labelled OK images the model was trained on: not known goods for it
+
+
 class Calibration(_Strict):
     """How raw engine outputs become a verdict and a heatmap.
 
@@ -75,10 +90,16 @@ class Calibration(_Strict):
     ``fpr_calibration`` is the share of calibration normals at or above the threshold, and
     ``fpr_upper_95`` its one-sided 95% Clopper-Pearson bound: with 60 normals and none
     flagged the true false-alarm rate can still be up to ~4.9%.
+
+    Three-way verdict (:meth:`verdict`): ``ok`` below ``threshold``, ``ng`` at or above
+    :attr:`ng_bound`, ``review`` between (a person decides). ``threshold`` keeps its meaning
+    for ``is_anomalous``. ``ng_threshold`` is absolute (a raw score), so moving the ok bound
+    alone does not move it, but it never sits below the ok bound (the band is then empty).
+    Manifests written before it existed get the default margin above their threshold.
     """
 
     score_output: str
-    method: Literal["target_fpr", "target_recall", "f1_optimal", "normal_quantile"]
+    method: Literal["target_fpr", "target_recall", "f1_optimal", "normal_quantile", "review_labels"]
     threshold: float
     score_min: float
     score_max: float
@@ -95,13 +116,40 @@ class Calibration(_Strict):
     fpr_upper_95: float | None = None
     recall_calibration: float | None = None  # on the labelled anomalies, when there are some
     source: CalibrationSource | None = None
+    ng_threshold: float | None = None  # raw score from which a part is NG without review (None: default margin)
+    ng_method: Literal["margin", "labelled"] | None = None  # margin: no labelled anomalies; labelled: fitted
+    review_margin: float | None = None  # the margin method's width, a fraction of the score span
+    labels: LabelSource | None = None  # recalibrated: the operator labels it was fitted on
+
+    @property
+    def span(self) -> float:
+        return max(self.score_max - self.score_min, 1e-12)
+
+    @property
+    def ng_bound(self) -> float:
+        """The effective ng bound: the recorded one (or the default margin), never below ``threshold``."""
+        ng = self.ng_threshold
+        if ng is None:
+            ng = self.threshold + (self.review_margin if self.review_margin is not None
+                                   else DEFAULT_REVIEW_MARGIN) * self.span
+        return max(ng, self.threshold)
+
+    def verdict(self, raw: float) -> Verdict:
+        if raw < self.threshold:
+            return "ok"
+        return "ng" if raw >= self.ng_bound else "review"
 
     def normalise_score(self, raw: float) -> float:
-        span = max(self.score_max - self.score_min, 1e-12)
-        return min(max((raw - self.threshold) / span + 0.5, 0.0), 1.0)
+        return min(max((raw - self.threshold) / self.span + 0.5, 0.0), 1.0)
 
-    def with_threshold(self, threshold: float) -> "Calibration":
-        return self.model_copy(update={"threshold": threshold})
+    def with_threshold(self, threshold: float, ng_threshold: float | None = None) -> "Calibration":
+        """This calibration with the ok bound (and, if given, the ng bound) moved."""
+        update: dict[str, float] = {"threshold": threshold}
+        if ng_threshold is not None:
+            update["ng_threshold"] = ng_threshold
+        elif self.ng_threshold is None:  # keep an old manifest's default band where it was
+            update["ng_threshold"] = self.ng_bound
+        return self.model_copy(update=update)
 
 
 class OnnxInfo(_Strict):
@@ -124,6 +172,14 @@ class TensorRTInfo(_Strict):
     max_batch: int
 
 
+class TrainingData(_Strict):
+    """Where the training normals came from (``msflow train``'s run config)."""
+
+    train_images: int | None = None  # normals the flows trained on (holdout excluded)
+    reviewed_ok_images: int = 0  # of those, operator-confirmed OK images from a review store
+    review_store: str | None = None
+
+
 class Manifest(_Strict):
     schema_version: Literal[1] = SCHEMA_VERSION
     category: str = Field(pattern=CATEGORY_PATTERN.pattern)
@@ -140,6 +196,8 @@ class Manifest(_Strict):
     tensorrt: TensorRTInfo | None = None
     files: dict[str, FileEntry]
     source_run: str | None = None
+    training: TrainingData | None = None
+    recalibrated_from: str | None = None  # the version whose engine files this one reuses (msflow recalibrate)
 
     @classmethod
     def read(cls, version_dir: str | Path) -> "Manifest":

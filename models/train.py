@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from models.data import MVTecCategory, Sample, folder_of_good_images, load_images, split_holdout
 from models.msflow import MSFlow, MSFlowConfig
+from models.review_store import REVIEWED_OK, ReviewStore, resolve_root
 from models.runs import CHECKPOINT, LAST, read_checkpoint, save_checkpoint
 
 
@@ -51,6 +52,8 @@ class TrainConfig(BaseModel):
     seed: int = 0
     device: str = "auto"
     amp: bool | None = None  # None: on for CUDA, off for CPU
+    include_reviewed_ok: Path | None = None  # a review store (or the model store holding one): its OK labels
+    reviewed_ok_images: int | None = None  # set by train(): training normals that came from that store
 
 
 def resolve_device(device: str) -> torch.device:
@@ -69,6 +72,20 @@ def training_samples(cfg: TrainConfig) -> list[Sample]:
     if cfg.category is None:
         return folder_of_good_images(cfg.data)
     return MVTecCategory(cfg.data, cfg.category).train_samples()
+
+
+def reviewed_ok_samples(cfg: TrainConfig) -> list[tuple[dict[str, str], Sample]]:
+    """Operator-confirmed OK images of the category from ``include_reviewed_ok`` (none without it)."""
+    if cfg.include_reviewed_ok is None:
+        return []
+    if cfg.category is None:
+        raise ValueError("--include-reviewed-ok needs --category: the review store keeps images per category")
+    root = resolve_root(cfg.include_reviewed_ok)
+    if not root.is_dir():
+        raise ValueError(f"no review store at {cfg.include_reviewed_ok}")
+    return [({"id": item.id, "sha256": item.image.sha256, "path": str(path)},
+             Sample(path=path, label=0, defect_type="good"))
+            for item, path in ReviewStore(root).reviewed_ok_images(cfg.category)]
 
 
 @torch.no_grad()
@@ -118,8 +135,15 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     train_set, holdout = split_holdout(samples, cfg.holdout_fraction, cfg.seed)
     if not train_set:
         raise ValueError(f"no training images left after holding out {cfg.holdout_fraction:.0%}")
+    # Operator-confirmed OK parts train only: the holdout (model selection) stays the data set's,
+    # so runs with and without them select on the same images.
+    reviewed = reviewed_ok_samples(cfg)
+    train_set = train_set + [s for _, s in reviewed]
+    cfg = cfg.model_copy(update={"reviewed_ok_images": len(reviewed) if cfg.include_reviewed_ok else None})
     (out / "config.json").write_text(cfg.model_dump_json(indent=2))
     (out / "holdout.json").write_text(json.dumps([str(s.path) for s in holdout], indent=2))
+    if reviewed:
+        (out / REVIEWED_OK).write_text(json.dumps([row for row, _ in reviewed], indent=2))
 
     model = MSFlow(cfg.model, backbone_weights=cfg.backbone_weights).to(device)
     size = cfg.model.input_size
@@ -145,7 +169,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     generator = torch.Generator().manual_seed(cfg.seed + start_epoch)
     amp_ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else nullcontext
     log = (out / "train_log.jsonl").open("a")
-    log.write(json.dumps({"event": "start", "train_images": n, "holdout_images": len(holdout),
+    log.write(json.dumps({"event": "start", "train_images": n, "reviewed_ok_images": len(reviewed),
+                          "holdout_images": len(holdout),
                           "feature_seconds": round(feature_seconds, 2), "device": str(device),
                           "resume_from": start_epoch}) + "\n")
     bar = tqdm(total=(cfg.meta_epochs - start_epoch) * cfg.sub_epochs, desc=f"train {cfg.category or out.name}",

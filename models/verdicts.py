@@ -57,3 +57,46 @@ def verdict_table(labels: np.ndarray, scores: np.ndarray, threshold: float, defe
             f"{t}/{r}": _detection(flagged[bad & (types == t) & (tier_arr == r)]) for t, r in pairs
         }
     return table
+
+
+LABELS = ("ok", "ng")
+VERDICTS = ("ok", "review", "ng")
+
+
+def review_table(labels: Sequence[str], scores: np.ndarray, ok_bound: float, ng_bound: float) -> dict[str, Any]:
+    """Operator labels (``"ok"``/``"ng"``) against the three-way verdict at two bounds.
+
+    Returns ``{"ok_bound", "ng_bound", "confusion": {label: {verdict: n}}, "ok": {n, flagged,
+    fpr}, "ng": {n, detected, recall, recall_lower_95}, "agreement": {n, agree}}``. "Flagged"
+    and "detected" are ``score >= ok_bound`` (``is_anomalous``: review or ng); agreement is
+    that binary call against the label, the figure the console and the metrics count.
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    lab = np.asarray([str(x) for x in labels], dtype=object)
+    if s.shape != lab.shape:
+        raise ValueError(f"one label per score ({s.size} scores, {lab.size} labels)")
+    if set(lab) - set(LABELS):
+        raise ValueError(f"labels must be 'ok' or 'ng', got {sorted(set(lab) - set(LABELS))}")
+    ng_bound = max(ng_bound, ok_bound)
+    verdict = np.where(s < ok_bound, "ok", np.where(s >= ng_bound, "ng", "review"))
+    confusion = {label: {v: int(((lab == label) & (verdict == v)).sum()) for v in VERDICTS} for label in LABELS}
+    flagged = s >= ok_bound
+    n_ok, n_ng = int((lab == "ok").sum()), int((lab == "ng").sum())
+    false_alarms = int((flagged & (lab == "ok")).sum())
+    detected = int((flagged & (lab == "ng")).sum())
+    return {
+        "ok_bound": float(ok_bound), "ng_bound": float(ng_bound), "confusion": confusion,
+        "ok": {"n": n_ok, "flagged": false_alarms, "fpr": false_alarms / n_ok if n_ok else None},
+        "ng": {"n": n_ng, "detected": detected, "recall": detected / n_ng if n_ng else None,
+               "recall_lower_95": recall_lower_bound(detected, n_ng) if n_ng else None},
+        "agreement": {"n": int(s.size), "agree": int((flagged == (lab == "ng")).sum())},
+    }
+
+
+def recall_lower_bound(detected: int, n: int, confidence: float = 0.95) -> float:
+    """One-sided Clopper-Pearson lower bound on a recall seen as ``detected`` of ``n``."""
+    from scipy.stats import beta
+
+    if n <= 0 or detected <= 0:
+        return 0.0
+    return float(beta.ppf(1.0 - confidence, detected, n - detected + 1))

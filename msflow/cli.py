@@ -56,9 +56,28 @@ def _train(args: argparse.Namespace) -> int:
         sub_epochs=args.sub_epochs, warmup_meta_epochs=args.warmup_meta_epochs,
         decay_milestones=tuple(args.decay_milestones), batch_size=args.batch_size,
         holdout_fraction=args.holdout_fraction, seed=args.seed, device=args.device, amp=args.amp,
+        include_reviewed_ok=Path(args.include_reviewed_ok) if args.include_reviewed_ok else None,
     )
     run = train(cfg, resume=args.resume)
+    if args.include_reviewed_ok:
+        count = json.loads((run / "config.json").read_text()).get("reviewed_ok_images")
+        print(f"training normals include {count} operator-confirmed OK image(s) from {args.include_reviewed_ok}")
     print(f"run written to {run}")
+    return 0
+
+
+def _recalibrate(args: argparse.Namespace) -> int:
+    from models.data import DataError
+    from models.manifest import ManifestError
+    from models.recalibrate import RecalibrationError, recalibrate
+
+    try:
+        version_dir, _ = recalibrate(args.store, args.category, review_store=args.review_store, version=args.version,
+                                     target_recall=args.target_recall, calibration_images=args.calibration_images)
+    except (RecalibrationError, ManifestError, DataError) as exc:  # what to fix is in the message
+        print(f"msflow recalibrate: {exc}", file=sys.stderr)
+        return 2
+    print(f"written to {version_dir} (the server loads it within MSFLOW_STORE_POLL_S)")
     return 0
 
 
@@ -183,7 +202,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="mixed precision (default: on for CUDA)")
     g.add_argument("--resume", action="store_true", help="continue from the run folder's last.pt")
+    p.add_argument("--include-reviewed-ok", default=None, metavar="STORE",
+                   help="add the category's operator-confirmed OK images from this review store (or a model store "
+                        "holding .review) to the training normals; the count goes into config.json and the manifest")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("recalibrate", help="refit the ok and ng bounds from calibration normals plus labelled reviews; "
+                       "writes a new version reusing the engine files")
+    p.add_argument("--category", required=True)
+    p.add_argument("--store", default="model_store")
+    p.add_argument("--review-store", default=None, help="default: <store>/.review (MSFLOW_REVIEW_STORE of the server)")
+    p.add_argument("--version", default=None, help="version to start from (default: the newest)")
+    p.add_argument("--target-recall", type=float,
+                   default=_defaults_of("models.recalibrate", "recalibrate")["target_recall"], help="goal: share of labelled NG at or above the ok bound, at the lowest false-alarm rate")
+    p.add_argument("--calibration-images", default=None,
+                   help="the version's calibration normals, when its manifest's folder is not reachable here")
+    p.set_defaults(func=_recalibrate)
 
     p = sub.add_parser("eval", help="evaluate a run: AUROC, pixel AUROC, AUPRO, F1; report.json and pictures")
     p.add_argument("--run", required=True)

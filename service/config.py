@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -45,6 +46,7 @@ def _key_list(value: Any) -> Any:
 
 PLACEHOLDER_KEY_PREFIX = "change-me"  # the example files' keys: refused, so they never go live
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+REVIEWER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")  # recorded with each label
 
 
 class Settings(BaseSettings):
@@ -158,6 +160,25 @@ class Settings(BaseSettings):
     threshold_sync_s: float = Field(5.0, gt=0.0, description="how often threshold overrides are re-read from "
                                                              "Redis (replicas converge within this)")
 
+    # --- review queue (service/pipeline/review.py, models/review_store.py, api/review.py) ---------
+    review_store: Path | None = Field(None, description="where kept images and labels live, shared by replicas and "
+                                                        "workers (None: <model_store>/.review; deployments that "
+                                                        "mount the model store read-only set a writable volume)")
+    review_enabled: bool = Field(True, description="keep review verdicts (and the audit sample) for operators")
+    review_audit_rate: float = Field(0.02, ge=0.0, le=1.0, description="share of ok and ng verdicts also kept, "
+                                                                        "at random, to audit the model")
+    review_max_bytes: int = Field(1024 * MiB, ge=1, description="review store bound (bytes, whole store)")
+    review_max_items: int = Field(10_000, ge=1, description="review store bound (items, whole store)")
+    review_retention_s: float = Field(7 * 86_400.0, gt=0.0, description="unlabelled items are removed after this")
+    review_label_retention_s: float = Field(90 * 86_400.0, gt=0.0, description="labelled items (and their labels) "
+                                                                               "are removed after this")
+    review_queue_items: int = Field(32, ge=1, description="images waiting to be written to the review store")
+    review_queue_bytes: int = Field(64 * MiB, ge=1, description="their memory (uploads + decoded pixels) bound")
+    review_scan_s: float = Field(30.0, gt=0.0, description="how often retention runs and the pending gauge is read")
+    reviewer_api_keys: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=dict, repr=False, description="name=key,name2=key2 (or a JSON object): keys that may label "
+                                                      "review items; the name is recorded with each label")
+
     @field_validator("api_keys", "admin_api_keys", mode="before")
     @classmethod
     def _parse_keys(cls, value: Any) -> Any:
@@ -166,6 +187,26 @@ class Settings(BaseSettings):
             raise ValueError(f"an API key starts with {PLACEHOLDER_KEY_PREFIX!r}: replace the example keys "
                              "(deploy/env.example, deploy/k8s/secret.yaml) with real ones")
         return keys
+
+    @field_validator("reviewer_api_keys", mode="before")
+    @classmethod
+    def _parse_named_keys(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("{"):
+                value = json.loads(text)
+            else:
+                pairs = [part.split("=", 1) for part in text.split(",") if part.strip()]
+                if any(len(pair) != 2 for pair in pairs):
+                    raise ValueError("reviewer_api_keys: write name=key pairs separated by commas")
+                value = {name.strip(): key.strip() for name, key in pairs}
+        if isinstance(value, dict):
+            for name, key in value.items():
+                if not REVIEWER_NAME.match(str(name)) or not str(key):
+                    raise ValueError(f"reviewer key name {name!r} must match {REVIEWER_NAME.pattern}, with a key")
+                if str(key).lower().startswith(PLACEHOLDER_KEY_PREFIX):
+                    raise ValueError(f"a reviewer key starts with {PLACEHOLDER_KEY_PREFIX!r}: use a real key")
+        return value
 
     @field_validator("redis_url", "redis_password", "worker_name", mode="before")
     @classmethod

@@ -74,6 +74,22 @@ class ServiceMetrics:
                                  ["category", "engine"], registry=r)
         self.pixels_in_flight = Gauge("msflow_pixels_in_flight", "Decoded pixels admitted and not yet released "
                                       "(the budget is MSFLOW_MAX_INFLIGHT_MEGAPIXELS)", registry=r)
+        self.verdicts = Counter("msflow_verdicts_total", "Inspected images by category and three-way verdict "
+                                "(ok, review, ng)", ["category", "verdict"], registry=r)
+        # The review queue (service/pipeline/review.py, api/review.py). Pending is the store's
+        # count (the same on every replica: aggregate with max, not sum).
+        self.review_pending = Gauge("msflow_review_pending", "Unlabelled items in the review store",
+                                    ["category"], registry=r)
+        self.review_captures = Counter("msflow_review_captures_total", "Images offered to the review store, by "
+                                       "outcome: stored, duplicate, full (budget), queue_full (writer behind), "
+                                       "error (write failed); never an inspect failure",
+                                       ["category", "reason", "outcome"], registry=r)
+        self.review_labels = Counter("msflow_review_labels_total", "Operator labels by outcome (ok, ng)",
+                                     ["category", "label"], registry=r)
+        self.review_disagreements = Counter("msflow_review_disagreements_total", "Operator labels that contradict "
+                                            "the model's call (false_positive: model anomalous, operator OK; "
+                                            "false_negative: the reverse), by the version that scored the image",
+                                            ["category", "version", "kind"], registry=r)
         self._model_labels: dict[str, tuple[str, str]] = {}
 
     # --------------------------------------------------------------- request level
@@ -81,8 +97,10 @@ class ServiceMetrics:
         self.requests.labels(endpoint, category or UNKNOWN, str(status)).inc()
         self.request_latency.labels(endpoint).observe(seconds)
 
-    def count_image(self, category: str, anomalous: bool) -> None:
+    def count_image(self, category: str, anomalous: bool, verdict: str | None = None) -> None:
         self.images.labels(category, "anomalous" if anomalous else "normal").inc()
+        if verdict is not None:
+            self.verdicts.labels(category, verdict).inc()
 
     def observe_score(self, category: str, score: float) -> None:
         self.score.labels(category).observe(score)

@@ -8,9 +8,11 @@ from datetime import datetime
 from enum import Enum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from models.build_progress import BuildProgress
+from models.manifest import Verdict
+from models.review_records import ReviewItem, ReviewLabel
 
 
 class _Model(BaseModel):
@@ -78,8 +80,12 @@ class ImageResult(_Model):
     filename: str | None
     score: float = Field(description="calibrated score in [0, 1]; 0.5 is the threshold")
     raw_score: float = Field(description="the engine's raw score")
-    threshold: float = Field(description="raw-score threshold of the model that scored this image")
-    is_anomalous: bool
+    threshold: float = Field(description="raw-score threshold of the model that scored this image (the ok bound)")
+    is_anomalous: bool = Field(description="raw_score >= threshold (review or ng)")
+    # Required, like regions: a cached result written before the verdict existed is a miss.
+    verdict: Verdict = Field(description="ok: raw_score < threshold; ng: raw_score >= ng_threshold; review: between "
+                                         "(a person decides: GET /v1/review/{category}/items)")
+    ng_threshold: float = Field(description="raw-score bound from which the verdict is ng without review")
     model_version: str
     batch_size: int = Field(description="images in the engine call that scored this one")
     heatmap: Heatmap | HeatmapLink | None
@@ -110,6 +116,8 @@ class ModelInfo(_Model):
     threshold: float = Field(description="effective raw-score threshold: the override if one is set, else the "
                                          "calibrated one")
     calibrated_threshold: float | None = Field(None, description="the manifest's calibrated threshold")
+    ng_threshold: float | None = Field(None, description="effective ng bound (override, else the manifest's)")
+    calibrated_ng_threshold: float | None = Field(None, description="the manifest's ng bound")
     threshold_override: "ThresholdOverride | None" = Field(
         None, description="set by PUT /v1/models/{category}/threshold; DELETE returns to the calibrated value")
     calibration: dict[str, Any]
@@ -125,6 +133,8 @@ class ModelInfo(_Model):
 
 class ThresholdOverride(_Model):
     threshold: float = Field(description="raw-score threshold used instead of the calibrated one")
+    ng_threshold: float | None = Field(None, description="ng bound used instead of the manifest's (None: the "
+                                                         "manifest's, never below threshold)")
     version: str = Field(description="the model version it applies to (a new version starts calibrated)")
     set_at: datetime
 
@@ -135,9 +145,18 @@ class ThresholdUpdate(_Model):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    threshold: float = Field(allow_inf_nan=False, description="raw-score threshold, e.g. a raw_score seen in a "
-                                                              "result or in GET /v1/models/{category}/recent")
+    threshold: float | None = Field(None, allow_inf_nan=False, description="raw-score threshold (the ok bound), "
+                                    "e.g. a raw_score seen in a result or in GET /v1/models/{category}/recent; "
+                                    "omitted: the effective one stays")
+    ng_threshold: float | None = Field(None, allow_inf_nan=False, description="raw-score ng bound (>= threshold); "
+                                       "omitted: an ng override already set stays, else the manifest's")
     force: bool = Field(False, description="set a threshold outside the calibration's sane range (422 otherwise)")
+
+    @model_validator(mode="after")
+    def _something(self) -> "ThresholdUpdate":
+        if self.threshold is None and self.ng_threshold is None:
+            raise ValueError("give threshold, ng_threshold or both")
+        return self
 
 
 class ThresholdState(_Model):
@@ -145,6 +164,8 @@ class ThresholdState(_Model):
     version: str
     calibrated_threshold: float
     threshold: float = Field(description="effective threshold now")
+    calibrated_ng_threshold: float | None = None
+    ng_threshold: float | None = Field(None, description="effective ng bound now")
     override: ThresholdOverride | None
     persisted: list[Literal["file", "redis"]] = Field(
         default_factory=list, description="where the change was stored (file: beside the manifest; redis: shared "
@@ -255,3 +276,53 @@ class InspectOptions(BaseModel):
     heatmap: HeatmapMode = HeatmapMode.inline
     overlay: bool = False
     heatmap_size: HeatmapSize = HeatmapSize.model
+
+
+# ---------------------------------------------------------------------- review queue (api/review.py)
+class ReviewLabelRequest(_Model):
+    """Body of ``PUT /v1/review/{category}/items/{id}/label``."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    label: Literal["ok", "ng"]
+    defect_type: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$",
+                                    description="with ng: e.g. scratch, stain (lower case, digits, _ and -)")
+    note: str | None = Field(None, max_length=500)
+
+
+class ReviewEntry(_Model):
+    """A kept image as the queue lists it: the stored answer plus its label, when it has one."""
+
+    item: ReviewItem
+    label: ReviewLabel | None = None
+    image_url: str
+    heatmap_url: str | None
+
+
+class ReviewPage(_Model):
+    category: str
+    verdict: Verdict | None = Field(description="the filter, if any")
+    items: list[ReviewEntry] = Field(description="pending (unlabelled) items, oldest first")
+    next_cursor: str | None = Field(description="pass as ?after= for the next page")
+
+
+class DisagreementCounts(_Model):
+    false_positive: int = Field(description="model anomalous (score >= threshold), operator OK")
+    false_negative: int = Field(description="model not anomalous, operator NG")
+
+
+class ReviewStats(_Model):
+    category: str
+    pending: dict[str, int] = Field(description="unlabelled items by verdict")
+    labelled: dict[str, int] = Field(description="labels by outcome (ok, ng)")
+    agree: int = Field(description="labels where the model's call (score >= threshold) matches the operator")
+    disagreements: dict[str, DisagreementCounts] = Field(description="by model version")
+    items: int = Field(description="items of this category in the store")
+    store_items: int = Field(description="items in the whole store (bounded by MSFLOW_REVIEW_MAX_ITEMS)")
+    store_bytes: int = Field(description="bytes the budget counts (bounded by MSFLOW_REVIEW_MAX_BYTES)")
+
+
+class ReviewLabelled(_Model):
+    label: ReviewLabel
+    previous: ReviewLabel | None = Field(None, description="the label this one replaced")
+    stats: ReviewStats

@@ -24,7 +24,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from service.api import health, inspect, jobs, models
+from service.api import health, inspect, jobs, models, review
 from service.api.console import install_console
 from service.api.errors import install_error_handlers
 from service.config import Settings
@@ -53,6 +53,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     install_docs(app)  # /docs with local assets (FastAPI's own page loads them from a CDN)
     install_console(app)  # GET / (operator console), model assets, threshold overrides, recent scores
-    for area in (inspect, jobs, models, health):
+    for area in (inspect, jobs, models, review, health):
         app.include_router(area.router)
     return app

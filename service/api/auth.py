@@ -5,7 +5,9 @@ otherwise). ``MSFLOW_API_KEYS`` guard every ``/v1`` route; ``MSFLOW_ADMIN_API_KE
 also valid there and are the only keys that may reload models or move thresholds.
 Admin routes fail closed: without an admin key configured they answer 403, unless the
 development switch ``MSFLOW_DEV_OPEN_ADMIN`` is set on a loopback-bound server with no
-keys at all. Keys are compared in constant time against every configured key.
+keys at all. ``MSFLOW_REVIEWER_API_KEYS`` (named) may use the API and the review queue, and
+label items; each label records the key's name. Keys are compared in constant time against
+every configured key.
 
 State-changing routes also refuse what a browser sends on behalf of another site
 (:func:`refuse_cross_site`): the key header already does that when keys are configured
@@ -15,7 +17,9 @@ development servers too.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+from typing import Annotated
 
 from fastapi import Depends, Request
 
@@ -53,7 +57,7 @@ def require_api_key(request: Request, state: StateDep) -> None:
     key = _presented_key(request)
     if key is None:
         raise _unauthorized("missing_api_key", "send an API key in X-API-Key or Authorization: Bearer")
-    if not _key_in(key, s.api_keys + s.admin_api_keys):
+    if not _key_in(key, s.api_keys + s.admin_api_keys + list(s.reviewer_api_keys.values())):
         raise _unauthorized("invalid_api_key", "the API key is not valid")
 
 
@@ -110,6 +114,36 @@ def require_admin_key(request: Request, state: StateDep) -> None:
         raise _unauthorized("invalid_api_key", "the API key is not valid")
 
 
+def require_reviewer_key(request: Request, state: StateDep) -> str:
+    """The review queue and labelling: a reviewer key or an admin key; returns the name recorded
+    with a label (the reviewer key's name, ``admin-<sha256 of the key, 8 hex>`` for an admin
+    key: never the key itself). Closed like the admin routes when neither kind is configured."""
+    s = state.settings
+    refuse_cross_site(request)
+    if request.method not in ("GET", "HEAD", "OPTIONS"):
+        _refuse_formless(request)
+    if not s.reviewer_api_keys and not s.admin_api_keys:
+        if s.dev_open_admin and not s.api_keys:
+            return "dev-open"
+        raise ApiError(403, "review_disabled", "the review queue is closed: no reviewer or admin key is configured "
+                       "(set MSFLOW_REVIEWER_API_KEYS=name=key,...; on a development machine MSFLOW_DEV_OPEN_ADMIN)")
+    key = _presented_key(request)
+    if key is None:
+        raise _unauthorized("missing_api_key", "this route needs a reviewer or admin API key")
+    name = None
+    for candidate_name, candidate in s.reviewer_api_keys.items():  # every key compared: constant time
+        if hmac.compare_digest(key.encode(), candidate.encode()):
+            name = candidate_name
+    if name is not None:
+        return name
+    if _key_in(key, s.admin_api_keys):
+        return "admin-" + hashlib.sha256(key.encode()).hexdigest()[:8]
+    if _key_in(key, s.api_keys):
+        raise ApiError(403, "forbidden", "this route needs a reviewer or admin API key")
+    raise _unauthorized("invalid_api_key", "the API key is not valid")
+
+
 Authed = Depends(require_api_key)
 Admin = Depends(require_admin_key)
 NotCrossSite = Depends(refuse_cross_site)
+Reviewer = Annotated[str, Depends(require_reviewer_key)]

@@ -4,8 +4,9 @@ needs beyond inspection:
 * ``GET /v1/models/{category}/assets/{name}``: the evaluation files export copied into the
   serving version (``roc.png``, ``examples.png``, ``report.json``; nothing else, by name).
 * ``GET /v1/models/{category}/threshold`` (API key): calibrated and effective threshold.
-* ``PUT /v1/models/{category}/threshold`` (admin), body ``{"threshold": RAW}``: a raw-score
-  threshold for the serving version, effective at once (:mod:`service.pipeline.thresholds`).
+* ``PUT /v1/models/{category}/threshold`` (admin), body ``{"threshold": RAW, "ng_threshold": RAW}``
+  (either or both): the serving version's ok and ng bounds, effective at once
+  (:mod:`service.pipeline.thresholds`).
 * ``DELETE /v1/models/{category}/threshold`` (admin): back to the calibrated threshold.
 * ``GET /v1/models/{category}/recent?threshold=X&limit=N`` (admin): the last scored images
   and how they would be classified at ``X`` (:mod:`service.pipeline.recent`).
@@ -89,9 +90,10 @@ async def get_asset(category: Category, name: str, state: StateDep) -> FileRespo
 def _threshold_state(state: StateDep, category: str, persisted: list[str] | None = None) -> ThresholdState:
     man = state.registry.get(category).manifest
     override = state.thresholds.for_manifest(man)
+    effective = state.thresholds.calibration(man)
     return ThresholdState(category=category, version=man.version, calibrated_threshold=man.calibration.threshold,
-                          threshold=override.threshold if override else man.calibration.threshold,
-                          override=override, persisted=persisted or [])
+                          threshold=effective.threshold, calibrated_ng_threshold=man.calibration.ng_bound,
+                          ng_threshold=effective.ng_bound, override=override, persisted=persisted or [])
 
 
 @router.get("/v1/models/{category}/threshold", response_model=ThresholdState, dependencies=[Authed],
@@ -110,9 +112,13 @@ async def put_threshold(category: Category, body: ThresholdUpdate, state: StateD
     version starts at its own calibrated threshold. 503 when Redis is configured but down;
     422 ``threshold_out_of_range`` far outside the calibration's scores unless ``force``."""
     model = state.registry.get(category)
-    _, persisted = await state.thresholds.set(category, model.version, body.threshold,
+    # What the body leaves out stays: the effective ok bound, an ng override already set.
+    current = state.thresholds.for_manifest(model.manifest)
+    threshold = body.threshold if body.threshold is not None else state.thresholds.threshold(model.manifest)
+    ng = body.ng_threshold if body.ng_threshold is not None else (current.ng_threshold if current else None)
+    _, persisted = await state.thresholds.set(category, model.version, threshold,
                                               calibration=model.manifest.calibration, force=body.force,
-                                              seen=state.recent.raw_scores(category, model.version))
+                                              seen=state.recent.raw_scores(category, model.version), ng_threshold=ng)
     return _threshold_state(state, category, persisted)
 
 

@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from models.review_store import ItemNotFound, ReviewError
 from service.engines.base import EngineError
 from service.metrics import UNKNOWN
 from service.pipeline.admission import AdmissionRefused
@@ -20,7 +21,7 @@ from service.pipeline.decode import ImageRejected
 from service.pipeline.registry import ModelNotLoaded, UnknownCategory
 from service.pipeline.runtime import NonFiniteOutput
 from service.pipeline.state import JobsUnavailable
-from service.pipeline.thresholds import ThresholdNotPersisted, ThresholdOutOfRange
+from service.pipeline.thresholds import BoundsInverted, ThresholdNotPersisted, ThresholdOutOfRange
 from service.redisq.connection import RedisUnavailable
 from service.redisq.jobs import BacklogFull
 
@@ -107,6 +108,16 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ThresholdOutOfRange)
     async def out_of_range(request: Request, exc: ThresholdOutOfRange) -> JSONResponse:
         return error_response(422, "threshold_out_of_range", str(exc), exc.details)
+
+    @app.exception_handler(ReviewError)
+    async def review_error(request: Request, exc: ReviewError) -> JSONResponse:
+        if isinstance(exc, ItemNotFound):
+            return error_response(404, "review_item_not_found", str(exc))
+        return error_response(422, "invalid_label", str(exc))
+
+    @app.exception_handler(BoundsInverted)
+    async def bounds_inverted(request: Request, exc: BoundsInverted) -> JSONResponse:
+        return error_response(422, "invalid_bounds", str(exc), exc.details)
 
     @app.exception_handler(CallerGone)
     async def caller_gone(request: Request, exc: CallerGone) -> Response:

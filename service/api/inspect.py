@@ -116,6 +116,7 @@ def _png_response(item: InspectedImage) -> Response:
     return Response(item.heatmap_png, media_type="image/png", headers={
         "X-Anomaly-Score": f"{result.score:.6f}", "X-Raw-Score": f"{result.raw_score:.6f}",
         "X-Threshold": f"{result.threshold:.6f}", "X-Is-Anomalous": str(result.is_anomalous).lower(),
+        "X-Verdict": result.verdict, "X-Ng-Threshold": f"{result.ng_threshold:.6f}",
         "X-Model-Version": result.model_version, "X-Engine": item.engine or "",
         "X-Image-Size": f"{result.image_size.width}x{result.image_size.height}",
         "X-Heatmap-Size": f"{item.heatmap_width}x{item.heatmap_height}"})

@@ -95,7 +95,8 @@ def image_result(item: InspectedImage, version: str, heatmap: Heatmap | HeatmapL
     width, height = item.size
     return ImageResult(
         index=item.index, filename=item.filename, score=round(cal.normalise_score(raw), 6),
-        raw_score=raw, threshold=cal.threshold, is_anomalous=raw >= cal.threshold,
+        raw_score=raw, threshold=cal.threshold, is_anomalous=raw >= cal.threshold, verdict=cal.verdict(raw),
+        ng_threshold=cal.ng_bound,
         model_version=version, batch_size=item.batch_size, heatmap=heatmap,
         timings_ms=Timings(decode=round(item.decode_ms, 3), queue=round(item.queue_ms, 3),
                            engine=round(item.engine_ms, 3), render=round(item.render_ms + item.regions_ms, 3),

@@ -282,10 +282,12 @@ class ModelRegistry:
         m = self.get(category)
         man = m.manifest
         override = self.thresholds.for_manifest(man) if self.thresholds is not None else None
+        effective = self.thresholds.calibration(man) if self.thresholds is not None else man.calibration
         return ModelInfo(
             category=category, version=m.version, engine=m.engine.name, input_size=man.input_size,
             backbone=man.backbone, threshold=override.threshold if override else man.calibration.threshold,
             calibrated_threshold=man.calibration.threshold, threshold_override=override,
+            ng_threshold=effective.ng_bound, calibrated_ng_threshold=man.calibration.ng_bound,
             assets=[name for name in EVALUATION_ASSETS if (m.version_dir / name).is_file()],
             calibration=man.calibration.model_dump(mode="json"), metrics=man.metrics, created_at=man.created_at,
             loaded_at=m.loaded_at, warmup_ms=round(m.warmup_ms, 3), pinned=m.pinned,

@@ -38,6 +38,7 @@ from service.pipeline.decode import ImageLimits, ImageRejected, Rendering, confi
 from service.pipeline.item import InspectedImage
 from service.pipeline.postprocess import policy_from_settings, postprocess
 from service.pipeline.registry import EngineFactory, LoadedModel, ModelRegistry
+from service.pipeline.review import ReviewCapture
 from service.pipeline.thresholds import ThresholdOverrides
 from service.engines.factory import load_engine
 from service.redisq.connection import RedisConnection
@@ -89,6 +90,7 @@ class PipelineRuntime:
         self.thresholds = ThresholdOverrides(settings, redis)
         self.registry.thresholds = self.thresholds
         self.result_policy = policy_from_settings(settings, self.thresholds.calibration)
+        self.review = ReviewCapture(settings, self.metrics)  # review verdicts + audit sample -> the review store
 
     # ------------------------------------------------------------------ life cycle
     def open(self) -> list[str]:
@@ -99,6 +101,7 @@ class PipelineRuntime:
         found = self.registry.discover()
         self._pool = ThreadPoolExecutor(self.settings.decode_threads, thread_name_prefix="decode")
         self.thresholds.start(self.registry.serving)
+        self.review.start()
         return found
 
     async def watch_store(self) -> None:
@@ -121,6 +124,7 @@ class PipelineRuntime:
         await self.thresholds.stop()
         await asyncio.gather(*(lane.batcher.drain(self.settings.graceful_shutdown_s)
                                for lane in list(self._lanes.values())), *self._draining)
+        await self.review.stop()  # after the drain: the last answers' captures are queued by then
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
         if self.redis is not None:
@@ -267,7 +271,8 @@ class PipelineRuntime:
         for item in items:
             if item.heatmap_png is not None:
                 self.metrics.observe_stage("render", item.render_ms / 1e3)
-            self.metrics.count_image(lane.model.category, item.answer.is_anomalous)
+            self.metrics.count_image(lane.model.category, item.answer.is_anomalous, item.answer.verdict)
+        self.review.offer(lane.model.category, lane.model.engine.name, lane.model.manifest.calibration, items)
 
     async def run(self, lane: Lane, items: Sequence[InspectedImage], options: InspectOptions, deadline: float,
                   started: float, *, render_all: bool = False, gone: Awaitable[None] | None = None,

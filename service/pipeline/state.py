@@ -98,9 +98,9 @@ class ServiceState(PipelineRuntime):
         digests: list[str] = []
         if use_cache:
             digests = [await self._digest(u.data) for u in uploads]
-            threshold = self.thresholds.threshold(model.manifest)  # effective: an override changes the key
-            hits = await self.cache.get_many([self.cache.key(d, model.category, model.version, threshold, options)
-                                              for d in digests])
+            bounds = self.thresholds.calibration(model.manifest)  # effective: an override changes the key
+            hits = await self.cache.get_many([self.cache.key(d, model.category, model.version, bounds.threshold,
+                                                             options, bounds.ng_bound) for d in digests])
             for item, hit in zip(items, hits):
                 if hit is not None:
                     self._answer_from_cache(item, hit, started)
@@ -111,12 +111,12 @@ class ServiceState(PipelineRuntime):
             if use_cache:
                 await self.cache.put_many([
                     (self.cache.key(digests[item.index], model.category, model.version, item.answer.threshold,
-                                    options),
+                                    options, item.answer.ng_threshold),
                      CachedResult(engine=model.engine.name, result=item.answer), _cache_ttl(item))
                     for item in todo if item.durable])
         for item in items:
             if item.cached:
-                self.metrics.count_image(model.category, item.answer.is_anomalous)
+                self.metrics.count_image(model.category, item.answer.is_anomalous, item.answer.verdict)
         self.recent.observe(model.category, [item.answer for item in items])
         return items
 

@@ -1,7 +1,8 @@
 """Runtime image-threshold overrides: move a category's threshold without re-exporting.
 
 ``PUT /v1/models/{category}/threshold`` with ``{"threshold": RAW}`` sets a raw-score
-threshold for the version now serving; ``DELETE`` returns to the calibrated one. The
+threshold for the version now serving (``"ng_threshold"`` moves the three-way verdict's ng
+bound too, kept in the same record); ``DELETE`` returns to the calibrated ones. The
 effective calibration (:meth:`ThresholdOverrides.calibration`, the manifest's with the
 threshold replaced) decides ``is_anomalous`` and the normalised ``score`` of every image
 scored from then on (the threshold maps to 0.5, see :class:`models.manifest.Calibration`).
@@ -107,6 +108,15 @@ class ThresholdOutOfRange(ValueError):
         self.details = {"threshold": threshold, "sane_min": low, "sane_max": high}
 
 
+class BoundsInverted(ValueError):
+    """An ng bound below the ok bound: the review band would be negative."""
+
+    def __init__(self, threshold: float, ng_threshold: float) -> None:
+        super().__init__(f"ng_threshold {ng_threshold:.6g} is below threshold {threshold:.6g}: the ng bound must "
+                         "be at or above the ok bound (equal: no review band)")
+        self.details = {"threshold": threshold, "ng_threshold": ng_threshold}
+
+
 class ThresholdNotPersisted(RuntimeError):
     """An override could not be written to (or removed from) the model store."""
 
@@ -148,17 +158,23 @@ class ThresholdOverrides:
     def calibration(self, manifest: Manifest) -> Calibration:
         """The manifest's calibration with the effective threshold (what decides a verdict)."""
         o = self.for_manifest(manifest)
-        return manifest.calibration if o is None else manifest.calibration.with_threshold(o.threshold)
+        return manifest.calibration if o is None else manifest.calibration.with_threshold(o.threshold, o.ng_threshold)
 
     # ------------------------------------------------------------------ changes
     async def set(self, category: str, version: str, threshold: float, calibration: Calibration | None = None,
-                  force: bool = False, seen: Sequence[float] = ()) -> tuple[ThresholdOverride, list[str]]:
+                  force: bool = False, seen: Sequence[float] = (),
+                  ng_threshold: float | None = None) -> tuple[ThresholdOverride, list[str]]:
+        """Override the ok bound (``threshold``) and, if given, the ng bound of one version."""
+        if ng_threshold is not None and ng_threshold < threshold:
+            raise BoundsInverted(threshold, ng_threshold)
         if calibration is not None and not force:
             low, high = sane_range(calibration, seen)
-            if not low <= threshold <= high:
-                raise ThresholdOutOfRange(threshold, low, high)
+            for value in (threshold, ng_threshold):
+                if value is not None and not low <= value <= high:
+                    raise ThresholdOutOfRange(value, low, high)
         self._bump((category, version))
         override = ThresholdOverride(threshold=float(threshold), version=version,
+                                     ng_threshold=None if ng_threshold is None else float(ng_threshold),
                                      set_at=datetime.now(timezone.utc).replace(microsecond=0))
         text = override.model_dump_json()
         persisted = []

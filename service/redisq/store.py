@@ -6,7 +6,7 @@ Keys (all under ``MSFLOW_REDIS_PREFIX``, default ``msflow:``):
 
 - ``heatmap:<id>``: a ``heatmap=url`` PNG, expiring after ``heatmap_ttl_s``;
 - ``cache:<category>:<version>:<sha256>``: one image's result, expiring after ``cache_ttl_s``;
-  the digest covers the image bytes, category, model version, threshold and the options
+  the digest covers the image bytes, category, model version, both verdict bounds and the options
   that change the answer, so a new model version misses by construction;
 - ``job:<id>`` (the :class:`JobRecord`, JSON) and ``job:<id>:images`` (the uploads).
 
@@ -158,10 +158,13 @@ class ResultCache:
         self.max_entry_bytes = settings.cache_max_entry_bytes
         self.metrics = metrics
 
-    def key(self, image_digest: str, category: str, version: str, threshold: float, options: InspectOptions) -> str:
+    def key(self, image_digest: str, category: str, version: str, threshold: float, options: InspectOptions,
+            ng_threshold: float | None = None) -> str:
+        """``ng_threshold``: the effective ng bound, which decides the verdict as much as ``threshold``."""
         assert self.conn is not None
         spec = "|".join((image_digest, category, version, repr(float(threshold)), options.heatmap.value,
-                         str(options.overlay).lower(), options.heatmap_size.value))
+                         str(options.overlay).lower(), options.heatmap_size.value,
+                         "" if ng_threshold is None else repr(float(ng_threshold))))
         return self.conn.key("cache", category, version, hashlib.sha256(spec.encode()).hexdigest())
 
     async def get_many(self, keys: Sequence[str]) -> list[CachedResult | None]:

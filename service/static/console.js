@@ -89,6 +89,7 @@
         return "The API key was rejected (invalid_api_key). Check it and type it again.";
       case "forbidden":
       case "admin_disabled":
+      case "review_disabled":
         return `This needs an admin API key (${e.code}): ${e.message}`;
       default:
         return `${e.message} (${e.code}${e.status ? `, HTTP ${e.status}` : ""})`;
@@ -147,9 +148,10 @@
       if (active) tab.setAttribute("aria-current", "page");
       else tab.removeAttribute("aria-current");
     }
-    for (const v of ["inspect", "models", "admin"]) $(`#view-${v}`).hidden = v !== view;
+    for (const section of document.querySelectorAll("main > .view")) section.hidden = section.id !== `view-${view}`;
     if (view === "models") renderModels();
     if (view === "admin") loadAdmin();
+    document.dispatchEvent(new CustomEvent("msflow:view", { detail: view })); // review.js listens
   }
 
   async function refresh() {
@@ -186,6 +188,7 @@
     fillSelect($("#category"), cats);
     fillSelect($("#admin-category"), cats);
     document.body.dataset.models = String(cats.length);
+    document.dispatchEvent(new CustomEvent("msflow:models", { detail: cats }));
   }
 
   // A build writing into the model store (scripts/build-demo.sh): what each category is doing.
@@ -299,6 +302,7 @@
     n.dataset.verdict = verdict;
     n.dataset.rawScore = String(r.raw_score);
     n.dataset.threshold = String(r.threshold);
+    n.dataset.decision = r.verdict; // the three-way verdict: ok, review, ng
     n.dataset.score = String(r.score);
     n.dataset.regions = String(r.regions.length);
     n.dataset.regionsJson = JSON.stringify(r.regions);
@@ -310,10 +314,11 @@
       el("td", { text: fmt(g.peak, 3) }), el("td", { text: fmt(g.mean, 3) })));
     card.info.replaceChildren(
       el("h3", { text: r.filename || card.file.name }),
-      el("span", { class: `verdict ${verdict}`, text: r.is_anomalous ? "ANOMALOUS" : "NORMAL" }),
+      el("span", { class: `verdict ${verdict}`, text: r.is_anomalous ? "ANOMALOUS" : "NORMAL" }), " ",
+      el("span", { class: `decision ${r.verdict}`, text: r.verdict.toUpperCase() }),
       el("div", { class: "score" }, r.score.toFixed(3), el("small", { text: " score (0.5 = threshold)" })),
       el("dl", { class: "facts" },
-        el("dt", { text: "Raw score" }), el("dd", { text: `${fmt(r.raw_score, 6)} (threshold ${fmt(r.threshold, 6)})` }),
+        el("dt", { text: "Raw score" }), el("dd", { text: `${fmt(r.raw_score, 6)} (threshold ${fmt(r.threshold, 6)}, ng from ${fmt(r.ng_threshold, 6)})` }),
         el("dt", { text: "Model" }), el("dd", { text: `${body.category} v${r.model_version} \u00b7 ${body.engine}` }),
         el("dt", { text: "Image" }), el("dd", { text: `${r.image_size.width}\u00d7${r.image_size.height}${r.cached ? " \u00b7 cached" : ""}` }),
         el("dt", { text: "Regions" }), el("dd", { class: "regions-count", text: String(r.regions.length) }),
@@ -489,6 +494,7 @@
         el("dt", { text: "Serving" }), el("dd", { text: `${category} v${recent.version}` }),
         el("dt", { text: "Calibrated threshold" }), el("dd", { text: fmt(recent.calibrated_threshold, 6) }),
         el("dt", { text: "Effective threshold" }), el("dd", { id: "admin-effective", text: fmt(recent.threshold, 6) }),
+        el("dt", { text: "NG bound" }), el("dd", { id: "admin-ng", text: m ? `${fmt(m.ng_threshold, 6)} (review between; PUT ng_threshold to move it)` : "\u2013" }),
         el("dt", { text: "Override" }), el("dd", { text: recent.threshold !== recent.calibrated_threshold || override
           ? `yes${override ? `, since ${when(override.set_at)}` : ""}` : "no (calibrated)" }),
         el("dt", { text: "Recent images" }), el("dd", { text: `${recent.scores.length} kept on this replica (capacity ${recent.capacity})` })));
@@ -620,6 +626,9 @@
       showError(e);
     }
   }
+
+  // What review.js (the Review page) shares with this file: one key, one error box, one API client.
+  window.msflowConsole = { $, el, fmt, when, api, describe, showError, clearError, loadImage, state, ApiError };
 
   // ------------------------------------------------------------------ start
   window.addEventListener("error", (ev) => showError(`Console error: ${ev.message}`));

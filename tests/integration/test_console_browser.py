@@ -278,3 +278,82 @@ def test_build_progress_shows_until_the_model_arrives(browser: Any, artifacts: P
     finally:
         console.close()
         srv.stop()
+
+
+# ---------------------------------------------------------------------- the Review page
+REVIEWER_KEY = "reviewer-key-browser"
+
+
+@pytest.fixture(scope="module")
+def review_server(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """Every answer kept (audit rate 1), so the queue holds what the test inspects."""
+    root = tmp_path_factory.mktemp("review-console")
+    shutil.copytree(model_store, root / "store", ignore=shutil.ignore_patterns(".review"))
+    srv = start(root / "store", root / "server.log", api_keys=USER_KEY, admin_api_keys=ADMIN_KEY,
+                reviewer_api_keys=f"rita={REVIEWER_KEY}", review_store=str(root / "review"), review_audit_rate=1.0)
+    yield srv
+    srv.stop()
+
+
+def test_review_page_labels_with_the_keyboard_and_counts_agreement(browser: Any, review_server: Server,
+                                                                   artifacts: Path,
+                                                                   samples: dict[str, list[Path]]) -> None:
+    from harness import metric, upload, wait_for_metric
+
+    user = httpx.Client(base_url=review_server.url, headers={"X-API-Key": USER_KEY}, timeout=30.0)
+    reviewer = {"X-API-Key": REVIEWER_KEY}
+    images = [samples["good"][0], samples["hole"][0], samples["good"][1]]
+    results = []
+    for path in images:
+        r = user.post(f"/v1/inspect/{CATEGORY}?heatmap=none", files=[upload(f"{path.parent.name}-{path.name}",
+                                                                            path.read_bytes())])
+        assert r.status_code == 200, r.text
+        results.append(r.json()["results"][0])
+    wait_for_metric(user, "msflow_review_captures_total", 3, timeout=30, category=CATEGORY, outcome="stored")
+    queue = httpx.get(f"{review_server.url}/v1/review/{CATEGORY}/items", headers=reviewer).json()["items"]
+    assert [e["item"]["filename"] for e in queue] == [r["filename"] for r in results]  # oldest first
+    console = Console(browser, review_server, artifacts, "review")
+    try:
+        with console.on_failure_screenshot():
+            page = console.page
+            console.open()
+            console.use_key(REVIEWER_KEY)  # a reviewer key also lists the models
+            console.wait_models()
+            console.tab("review")
+            page.select_option("#review-verdict", "")  # all pending, not only review verdicts
+            page.wait_for_selector("#review-items[data-loaded='3']")
+            page.wait_for_selector(".review-item.current[data-heatmap-drawn='true']")
+            stats = page.locator("#review-stats")
+            assert stats.get_attribute("data-labelled") == "0" and stats.get_attribute("data-pending") == "3"
+            first = page.locator(".review-item").first
+            assert first.get_attribute("data-id") == queue[0]["item"]["id"] and "current" in first.get_attribute("class")
+            assert int(first.get_attribute("data-boxes-drawn")) == len(queue[0]["item"]["regions"])
+            console.screenshot("review")
+
+            page.keyboard.press("o")  # the good part: OK
+            page.wait_for_selector("#review-stats[data-labelled='1']")
+            page.fill("#review-defect", "hole")
+            page.locator("body").click(position={"x": 5, "y": 5})  # leave the text field: keys label again
+            page.keyboard.press("n")  # the hole: NG
+            page.wait_for_selector("#review-stats[data-labelled='2']")
+            assert page.locator(".review-item").count() == 1
+            assert page.locator(".review-item").first.get_attribute("data-id") == queue[2]["item"]["id"]
+            assert stats.get_attribute("data-pending") == "1"
+            # agreement: the model's call (score >= threshold) against the operator's label
+            agree = (not results[0]["is_anomalous"]) + results[1]["is_anomalous"]
+            assert stats.get_attribute("data-agree") == str(agree)
+            assert stats.get_attribute("data-fp") == str(int(results[0]["is_anomalous"]))
+            assert stats.get_attribute("data-fn") == str(int(not results[1]["is_anomalous"]))
+            assert f"agreement: {agree} of 2" in stats.inner_text()
+            page.keyboard.press("k")  # moving past the ends stays on the last item
+            assert "current" in page.locator(".review-item").first.get_attribute("class")
+            console.screenshot("review-labelled")
+        labels = [httpx.get(f"{review_server.url}/v1/review/{CATEGORY}/items/{e['item']['id']}",
+                            headers=reviewer).json()["label"] for e in queue]
+        assert [(lab["label"], lab["by"]) for lab in labels[:2]] == [("ok", "rita"), ("ng", "rita")]
+        assert labels[1]["defect_type"] == "hole" and labels[2] is None
+        assert metric(user, "msflow_review_labels_total", category=CATEGORY, label="ng") == 1
+    finally:
+        console.close()
+        user.close()
+    assert not [line for line in console.log if line.startswith("pageerror")], console.log

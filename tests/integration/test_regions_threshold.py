@@ -73,7 +73,7 @@ def test_regions_filter_sort_cap_and_connectivity() -> None:
 
 def test_cached_results_keep_regions_and_old_entries_miss() -> None:
     result = ImageResult(index=0, filename="a.png", score=0.9, raw_score=2.0, threshold=1.5, is_anomalous=True,
-                         model_version="1", batch_size=1, heatmap=None,
+                         verdict="review", ng_threshold=2.5, model_version="1", batch_size=1, heatmap=None,
                          timings_ms={"decode": 1, "queue": 1, "engine": 1, "render": 1, "total": 4},
                          image_size={"width": 10, "height": 10},
                          regions=[Region(x=1, y=2, width=3, height=4, area=12, peak=0.9, mean=0.7)])
@@ -84,6 +84,10 @@ def test_cached_results_keep_regions_and_old_entries_miss() -> None:
     del old["result"]["regions"]  # written before regions existed: must be a miss, not an answer without them
     with pytest.raises(ValueError):
         CachedResult.model_validate(old)
+    no_verdict = json.loads(entry.model_dump_json())
+    del no_verdict["result"]["verdict"]  # written before the three-way verdict: a miss too
+    with pytest.raises(ValueError):
+        CachedResult.model_validate(no_verdict)
 
 
 # ====================================================================== unit: overrides + Redis

@@ -82,6 +82,21 @@ def test_score_normalisation_verdict_and_timings() -> None:
     assert all(item.stage == "answered" for item in items)
 
 
+def test_three_way_verdict_from_two_bounds() -> None:
+    # CAL: threshold 2.0, span 4.0, no recorded ng bound: the default margin puts it at 2.4
+    items = [scored(raw, i) for i, raw in enumerate((1.99, 2.0, 2.39, 2.4, 9.0))]
+    run(items, InspectOptions(heatmap=HeatmapMode.none))
+    assert [i.answer.verdict for i in items] == ["ok", "review", "review", "ng", "ng"]
+    assert [i.answer.is_anomalous for i in items] == [False, True, True, True, True]  # unchanged meaning
+    assert all(i.answer.ng_threshold == pytest.approx(2.4) for i in items)
+    # both bounds overridden: 3.0 <= review < 5.0
+    moved = [scored(raw, i) for i, raw in enumerate((2.5, 3.0, 4.9, 5.0))]
+    run(moved, InspectOptions(heatmap=HeatmapMode.none),
+        policy=ResultPolicy(calibration=lambda m: m.calibration.with_threshold(3.0, 5.0)))
+    assert [i.answer.verdict for i in moved] == ["ok", "review", "review", "ng"]
+    assert {(i.answer.threshold, i.answer.ng_threshold) for i in moved} == {(3.0, 5.0)}
+
+
 def test_regions_are_boxes_in_the_upload() -> None:
     item = scored(3.0)
     run([item], InspectOptions(heatmap=HeatmapMode.none))

@@ -1,0 +1,283 @@
+"""``msflow recalibrate``: refit both verdict bounds from operator labels, as a new model version.
+
+Inputs: the category's newest (or a given) version, its calibration normals (scored again
+with the version's own ONNX graph, so they are the engine's scores) and the labelled review
+items (:mod:`models.review_store`): operator-OK parts join the known goods, operator-NG parts
+are the known defects. A labelled item scored by this very version keeps the score it was
+served with; one scored by another version is scored again (raw scores of another model are
+on another scale). OK parts the version was trained on (``reviewed_ok.json``, written by
+``msflow train --include-reviewed-ok``) are left out of the known goods: their scores are
+optimistic.
+
+Goal (:func:`models.calibrate.fit_review_bounds`): recall of labelled NG at least
+``target_recall`` at the lowest false-alarm rate; the ng bound just above every known good
+and below the kept defects, so the overlap is reviewed.
+
+Output: a complete version folder written like ``msflow export`` (a dot folder renamed into
+place), whose engine files are **hard links** to the source version's (instant, no second
+copy of a large engine or TensorRT plan; safe because engine files are never written in
+place), falling back to a copy where the file system cannot link (another device, no link
+support). Only the manifest's calibration changes; ``recalibration.json`` beside it holds
+the before/after tables printed here. The serving registry loads it like any new version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from models.calibrate import DEFAULT_NG_RECALL, fit_review_bounds, fpr_upper_bound
+from models.data import Sample, folder_of_good_images, load_images
+from models.manifest import (DEFAULT_REVIEW_MARGIN, DEFAULT_TARGET_FPR, LabelSource, Manifest, file_entry,
+                             list_versions, sha256_file)
+from models.review_store import REVIEWED_OK, ReviewStore, resolve_root
+from models.verdicts import review_table
+
+REPORT = "recalibration.json"
+MIN_LABELS_PER_CLASS = 10  # below this many OK or NG labels the change is called unsupported
+ENGINE_FILES = ("model.onnx", "model.plan")
+
+
+class RecalibrationError(ValueError):
+    """Nothing to recalibrate from (no version, no labels, no normals)."""
+
+
+class Recalibration(BaseModel):
+    """What ``recalibration.json`` holds and the command prints."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    category: str
+    from_version: str
+    to_version: str
+    engine_files: Literal["hardlink", "copy"]
+    review_store: str
+    goal: str
+    labelled_ok: int
+    labelled_ng: int
+    excluded_trained_on: int
+    rescored: int
+    normals: int
+    before: dict[str, Any]
+    after: dict[str, Any]
+    normals_before: dict[str, Any]
+    normals_after: dict[str, Any]
+    warnings: list[str]
+
+
+def _next_version(category_dir: Path) -> str:
+    numeric = [int(v) for v in list_versions(category_dir) if v.isdigit()]
+    return str(max(numeric, default=0) + 1)
+
+
+class _Scorer:
+    """The version's ONNX graph on CPU (onnxruntime only: no torch), built on first use."""
+
+    def __init__(self, version_dir: Path, manifest: Manifest) -> None:
+        self.path = version_dir / manifest.onnx.file
+        self.manifest = manifest
+        self._session: Any = None
+
+    def __call__(self, samples: list[Sample], batch: int = 16) -> np.ndarray:
+        if not samples:
+            return np.zeros(0)
+        if self._session is None:
+            import onnxruntime as ort
+
+            self._session = ort.InferenceSession(str(self.path), providers=["CPUExecutionProvider"])
+        images = load_images(samples, self.manifest.input_size)  # the server's pixel path
+        name, output = self.manifest.inputs[0].name, self.manifest.calibration.score_output
+        parts = [self._session.run([output], {name: images[i:i + batch]})[0] for i in range(0, len(images), batch)]
+        return np.concatenate(parts).astype(np.float64)
+
+
+def _normal_samples(manifest: Manifest, calibration_images: Path | None) -> tuple[list[Sample], list[str]]:
+    notes: list[str] = []
+    if calibration_images is not None:
+        return folder_of_good_images(calibration_images), notes
+    source = manifest.calibration.source
+    if source is not None and source.path and Path(source.path).is_dir():
+        samples = folder_of_good_images(source.path)
+        digest = hashlib.sha256("".join(sorted(sha256_file(s.path) for s in samples)).encode()).hexdigest()
+        if digest != source.digest:
+            notes.append(f"the calibration images in {source.path} changed since export ({len(samples)} now, "
+                         f"{source.count} then)")
+        return samples, notes
+    if source is not None and source.kind == "training_holdout" and manifest.source_run:
+        holdout = Path(manifest.source_run) / "holdout.json"
+        if holdout.is_file():
+            return [Sample(path=Path(p), label=0, defect_type="good") for p in json.loads(holdout.read_text())], notes
+    raise RecalibrationError("the calibration normals of this version are not reachable here: pass "
+                             "--calibration-images DIR (normal images the model never trained on)")
+
+
+def _place(src: Path, dst: Path) -> Literal["hardlink", "copy"]:
+    try:
+        os.link(src, dst)
+        return "hardlink"
+    except OSError:  # another device, or a file system without hard links
+        shutil.copy2(src, dst)
+        return "copy"
+
+
+def recalibrate(store: str | Path, category: str, review_store: str | Path | None = None,
+                version: str | None = None, target_recall: float = DEFAULT_NG_RECALL,
+                calibration_images: str | Path | None = None, out: Callable[[str], None] = print,
+                warn: Callable[[str], None] | None = None) -> tuple[Path, Recalibration]:
+    """Write a recalibrated version of ``category`` into ``store``; returns its folder and report."""
+    warn = warn or (lambda line: print(f"warning: {line}", file=sys.stderr))
+    category_dir = Path(store) / category
+    versions = list_versions(category_dir)
+    if not versions:
+        raise RecalibrationError(f"{category}: no version in {category_dir}")
+    source_version = version or versions[-1]
+    if source_version not in versions:
+        raise RecalibrationError(f"{category}: no version {source_version!r} (have {', '.join(versions)})")
+    src = category_dir / source_version
+    manifest = Manifest.read(src)
+    manifest.verify_files(src)  # a damaged engine must not be passed on
+    cal = manifest.calibration
+    root = resolve_root(review_store) if review_store else Path(store) / ".review"
+    labelled = ReviewStore(root).labelled(category)
+    if not labelled:
+        raise RecalibrationError(f"{category}: no labelled review items in {root} (label some first)")
+
+    trained_on: set[str] = set()
+    if (src / REVIEWED_OK).is_file():
+        trained_on = {row["sha256"] for row in json.loads((src / REVIEWED_OK).read_text())}
+    by_image: dict[str, tuple[Any, Any, Path]] = {}
+    for item, label, path in labelled:  # one judgement per image: the latest
+        previous = by_image.get(item.image.sha256)
+        if previous is None or label.at >= previous[1].at:
+            by_image[item.image.sha256] = (item, label, path)
+    rows = [r for sha, r in sorted(by_image.items()) if not (r[1].label == "ok" and sha in trained_on)]
+    excluded = len(by_image) - len(rows)
+    if not rows:
+        raise RecalibrationError(f"{category}: every labelled item is an OK image the model was trained on")
+
+    scorer = _Scorer(src, manifest)
+    stale = [i for i, (item, _, _) in enumerate(rows) if item.model_version != source_version]
+    scores = np.array([item.raw_score for item, _, _ in rows], dtype=np.float64)
+    if stale:
+        scores[stale] = scorer([Sample(path=rows[i][2], label=0, defect_type="good") for i in stale])
+    labels = [label.label for _, label, _ in rows]
+    normal_samples, notes = _normal_samples(manifest, Path(calibration_images) if calibration_images else None)
+    normals = scorer(normal_samples)
+
+    ok_scores = scores[[lab == "ok" for lab in labels]]
+    ng_scores = scores[[lab == "ng" for lab in labels]]
+    ok, ng, ng_method = fit_review_bounds(np.r_[normals, ok_scores], ng_scores, target_recall,
+                                          cal.target_fpr or DEFAULT_TARGET_FPR, cal.review_margin or
+                                          DEFAULT_REVIEW_MARGIN, cal.span)
+    before = review_table(labels, scores, cal.threshold, cal.ng_bound)
+    after = review_table(labels, scores, ok, ng)
+    normals_before = _normal_block(normals, cal.threshold)
+    normals_after = _normal_block(normals, ok)
+    warnings = notes + _support_warnings(after, target_recall)
+
+    new_version = _next_version(category_dir)
+    digest = hashlib.sha256("".join(sorted(f"{item.image.sha256}:{label.label}\n" for item, label, _ in rows))
+                            .encode()).hexdigest()
+    new_cal = cal.model_copy(update={
+        "method": "review_labels", "threshold": ok, "ng_threshold": ng, "ng_method": ng_method,
+        "review_margin": cal.review_margin if ng_method == "margin" else None, "target_recall": target_recall,
+        "recall_calibration": after["ng"]["recall"], "fpr_calibration": normals_after["fpr"],
+        "fpr_upper_95": normals_after["fpr_upper_95"], "anomalous_images": len(ng_scores),
+        "labels": LabelSource(review_store=str(root), ok=len(ok_scores), ng=len(ng_scores), digest=digest,
+                              target_recall=target_recall, excluded_trained_on=excluded)})
+    staging = Path(tempfile.mkdtemp(prefix=f".{new_version}-recalibrate-", dir=category_dir))
+    try:
+        # Every listed file but an earlier recalibration's report, which is written anew below
+        # (writing into a hard link would change the source version's file too).
+        carried = {name: entry for name, entry in manifest.files.items() if name != REPORT}
+        placed = {name: _place(src / name, staging / name) for name in carried}
+        engine_files = "copy" if any(placed.get(n) == "copy" for n in ENGINE_FILES) else "hardlink"
+        report = Recalibration(
+            category=category, from_version=source_version, to_version=new_version, engine_files=engine_files,
+            review_store=str(root), goal=f"recall of labelled NG >= {target_recall:.0%} at the lowest false-alarm "
+            "rate; no known good part at or above the ng bound", labelled_ok=len(ok_scores),
+            labelled_ng=len(ng_scores), excluded_trained_on=excluded, rescored=len(stale), normals=len(normals),
+            before=before, after=after, normals_before=normals_before, normals_after=normals_after,
+            warnings=warnings)
+        (staging / REPORT).write_text(report.model_dump_json(indent=2))
+        files = {**carried, REPORT: file_entry(staging / REPORT)}
+        new = manifest.model_copy(update={"version": new_version, "created_at": datetime.now(timezone.utc),
+                                          "calibration": new_cal, "files": files,
+                                          "recalibrated_from": source_version})
+        new.write(staging)
+        new.verify_files(staging)
+        final = category_dir / new_version
+        staging.rename(final)  # complete: the registry may load it from now on
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    for line in format_report(report):
+        out(line)
+    for line in warnings:
+        warn(line)
+    return final, report
+
+
+def _normal_block(normals: np.ndarray, threshold: float) -> dict[str, Any]:
+    n = int(normals.size)
+    flagged = int((normals >= threshold).sum())
+    return {"n": n, "flagged": flagged, "fpr": flagged / n if n else None,
+            "fpr_upper_95": fpr_upper_bound(flagged, n) if n else None}
+
+
+def _support_warnings(after: dict[str, Any], target_recall: float) -> list[str]:
+    """Why the labelled set may be too small to support the change (empty: it is not)."""
+    n_ok, n_ng = after["ok"]["n"], after["ng"]["n"]
+    lines = []
+    if n_ok < MIN_LABELS_PER_CLASS or n_ng < MIN_LABELS_PER_CLASS:
+        lines.append(f"the labelled set is too small to support this change: {n_ok} OK and {n_ng} NG labels "
+                     f"(at least {MIN_LABELS_PER_CLASS} of each); the bounds follow these few parts closely")
+    lower = after["ng"]["recall_lower_95"]
+    if n_ng and lower is not None and lower < target_recall:
+        needed = math.ceil(math.log(0.05) / math.log(target_recall)) if target_recall < 1 else None
+        lines.append(f"{after['ng']['detected']}/{n_ng} labelled NG flagged: the 95% lower bound on recall is "
+                     f"{lower:.1%}, below the {target_recall:.0%} goal"
+                     + (f" (showing it takes at least {needed} NG labels, all flagged)" if needed else ""))
+    return lines
+
+
+def format_report(r: Recalibration) -> list[str]:
+    """The before/after table on the labelled set (and the calibration normals)."""
+    b, a = r.before, r.after
+    width = 36
+
+    def row(name: str, x: Any, y: Any) -> str:
+        return f"{name:<{width}}{x!s:>16}{y!s:>16}"
+
+    def frac(block: dict[str, Any], hit: str) -> str:
+        return f"{block[hit]}/{block['n']}"
+
+    lines = [f"recalibrate {r.category}: version {r.from_version} -> {r.to_version} (engine files: {r.engine_files})",
+             f"labelled set: {r.labelled_ok} OK, {r.labelled_ng} NG ({r.excluded_trained_on} OK left out: trained "
+             f"on; {r.rescored} rescored); calibration normals: {r.normals}",
+             f"goal: {r.goal}", "",
+             row("", f"before v{r.from_version}", f"after v{r.to_version}"),
+             row("ok bound (raw)", f"{b['ok_bound']:.6g}", f"{a['ok_bound']:.6g}"),
+             row("ng bound (raw)", f"{b['ng_bound']:.6g}", f"{a['ng_bound']:.6g}")]
+    for label in ("ok", "ng"):
+        for verdict in ("ok", "review", "ng"):
+            lines.append(row(f"{label.upper()} labelled -> {verdict}", b["confusion"][label][verdict],
+                             a["confusion"][label][verdict]))
+    lines += [row("NG recall (score >= ok bound)", frac(b["ng"], "detected"), frac(a["ng"], "detected")),
+              row("false alarms, labelled OK", frac(b["ok"], "flagged"), frac(a["ok"], "flagged")),
+              row("false alarms, calibration normals", frac(r.normals_before, "flagged"),
+                  frac(r.normals_after, "flagged")),
+              row("agreement (model vs operator)", frac(b["agreement"], "agree"), frac(a["agreement"], "agree"))]
+    return lines

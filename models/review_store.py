@@ -1,0 +1,398 @@
+"""The review store: images the service kept for a person to judge, and that person's labels.
+
+One store, read and written by both halves (its records: :mod:`models.review_records`): the service captures items and records labels
+(:mod:`service.pipeline.review`, :mod:`service.api.review`); ``msflow recalibrate`` and
+``msflow train --include-reviewed-ok`` read them offline, without a server or Redis::
+
+    <root>/                          MSFLOW_REVIEW_STORE (default <model store>/.review)
+      .lock                          writers' flock: budget check, prune and write are one step
+      <category>/items/<id>/         one kept image: image.<ext>, heatmap.png, item.json
+      <category>/items/.tmp-*/       an item being written, renamed into place once complete
+      <category>/labels/<id>.json    its label (replaced atomically when an operator relabels)
+
+    <id> = <UTC yyyymmddTHHMMSSffffff>-<verdict>-<bytes, 10 digits>-<image sha256[:12]>
+
+Why files on a shared volume rather than Redis: labels are training data. They must survive
+a Redis restart without persistence or a full ``noeviction`` Redis, work on a single host
+without Redis, and be readable by the offline tools that have no Redis. Why the id carries the
+verdict, the size and the image digest: one ``scandir`` per category (no file read, no
+``stat``) gives the budget, the pending counts, the verdict filter and duplicate detection.
+
+Budget, checked before anything is written (:meth:`ReviewStore.add`): at most
+``max_items`` items and ``max_bytes`` bytes in the whole store (each item counts its files
+plus :data:`LABEL_RESERVE` for the label it may get, so labelling never exceeds the bound).
+Expired items go first: unlabelled ones after ``retention_s``, labelled ones after
+``label_retention_s`` (export the labels before). A full store refuses new items rather than
+evicting an operator's backlog; the caller counts the refusal. Across hosts, ``flock`` on
+network file systems is advisory: replicas on different hosts may overshoot by the items
+they write at the same instant.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import time
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import IO, Any, Literal
+
+from pydantic import ValidationError
+
+from models.manifest import CATEGORY_PATTERN
+from models.review_records import Label, ReviewHeatmap, ReviewImage, ReviewItem, ReviewLabel
+
+REVIEWED_OK = "reviewed_ok.json"  # in a run and its exported versions: the reviewed OK images it trained on
+LABEL_RESERVE = 4096  # bytes each item reserves for its label file (a label is refused above it)
+ITEM_JSON_LIMIT = 256 * 1024  # an item.json larger than this is not ours
+ID_PATTERN = re.compile(r"^(\d{8}T\d{12})-(ok|review|ng)-(\d{10})-([0-9a-f]{12})$")
+IMAGE_TYPES = {"PNG": ("png", "image/png"), "JPEG": ("jpg", "image/jpeg"), "BMP": ("bmp", "image/bmp"),
+               "TIFF": ("tif", "image/tiff"), "WEBP": ("webp", "image/webp")}
+_STALE_STAGING_S = 3600.0
+
+
+class ReviewError(ValueError):
+    """A review item or label that does not exist or cannot be written."""
+
+
+class ItemNotFound(ReviewError):
+    """No such item (never captured, expired, or a malformed id)."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    max_bytes: int
+    max_items: int
+    retention_s: float
+    label_retention_s: float
+
+
+@dataclass(frozen=True)
+class Entry:
+    """What an item's id says, without reading it."""
+
+    id: str
+    captured: float  # epoch seconds
+    verdict: str
+    bytes: int
+    digest: str  # image sha256[:12]
+
+
+@dataclass
+class CategoryScan:
+    entries: list[Entry] = field(default_factory=list)  # oldest first
+    labelled: set[str] = field(default_factory=set)
+
+    @property
+    def pending(self) -> list[Entry]:
+        return [e for e in self.entries if e.id not in self.labelled]
+
+
+def resolve_root(path: str | Path) -> Path:
+    """A review store given as itself or as the model store that holds it (``<store>/.review``)."""
+    p = Path(path)
+    return p / ".review" if (p / ".review").is_dir() else p
+
+
+def _stamp(moment: datetime) -> str:
+    return moment.astimezone(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
+
+
+def parse_id(item_id: str) -> Entry | None:
+    m = ID_PATTERN.match(item_id)
+    if m is None:
+        return None
+    captured = datetime.strptime(m.group(1), "%Y%m%dT%H%M%S%f").replace(tzinfo=timezone.utc).timestamp()
+    return Entry(item_id, captured, m.group(2), int(m.group(3)), m.group(4))
+
+
+def _fsync_write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class ReviewStore:
+    """The store at ``root``; every method is blocking (the service calls them in a thread)."""
+
+    def __init__(self, root: str | Path, budget: Budget | None = None) -> None:
+        self.root = Path(root)
+        self.budget = budget
+
+    # ------------------------------------------------------------------ layout
+    def _category_dir(self, category: str) -> Path:
+        if not CATEGORY_PATTERN.match(category):
+            raise ItemNotFound(f"no category {category!r}")
+        return self.root / category
+
+    def _item_dir(self, category: str, item_id: str) -> Path:
+        if parse_id(item_id) is None:
+            raise ItemNotFound(f"no review item {item_id!r}")
+        return self._category_dir(category) / "items" / item_id
+
+    def _label_path(self, category: str, item_id: str) -> Path:
+        if parse_id(item_id) is None:
+            raise ItemNotFound(f"no review item {item_id!r}")
+        return self._category_dir(category) / "labels" / f"{item_id}.json"
+
+    def categories(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and CATEGORY_PATTERN.match(p.name))
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".lock", "a+b") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    # ------------------------------------------------------------------ scanning, budget, retention
+    def scan(self, category: str) -> CategoryScan:
+        base = self._category_dir(category)
+        out = CategoryScan()
+        with contextlib.suppress(FileNotFoundError):
+            with os.scandir(base / "items") as it:
+                out.entries = sorted((e for e in (parse_id(d.name) for d in it) if e is not None),
+                                     key=lambda e: e.id)
+        with contextlib.suppress(FileNotFoundError):
+            with os.scandir(base / "labels") as it:
+                out.labelled = {d.name[:-5] for d in it if d.name.endswith(".json") and parse_id(d.name[:-5])}
+        return out
+
+    def usage(self) -> tuple[int, int]:
+        """(items, bytes) the budget counts, over every category."""
+        items = size = 0
+        for category in self.categories():
+            entries = self.scan(category).entries
+            items += len(entries)
+            size += sum(e.bytes for e in entries)
+        return items, size
+
+    def prune(self, now: float | None = None) -> int:
+        """Remove expired items, orphan labels and stale staging folders; returns items removed."""
+        if self.budget is None:
+            return 0
+        with self._locked():
+            return self._prune(time.time() if now is None else now)
+
+    def _prune(self, now: float) -> int:
+        assert self.budget is not None
+        removed = 0
+        for category in self.categories():
+            scan = self.scan(category)
+            items = self.root / category / "items"
+            for e in scan.entries:
+                keep = self.budget.label_retention_s if e.id in scan.labelled else self.budget.retention_s
+                if now - e.captured > keep:
+                    shutil.rmtree(items / e.id, ignore_errors=True)
+                    with contextlib.suppress(FileNotFoundError):
+                        (self.root / category / "labels" / f"{e.id}.json").unlink()
+                    removed += 1
+            alive = {e.id for e in self.scan(category).entries}
+            for orphan in scan.labelled - alive:  # its item expired or was removed
+                with contextlib.suppress(FileNotFoundError):
+                    (self.root / category / "labels" / f"{orphan}.json").unlink()
+            with contextlib.suppress(FileNotFoundError):
+                for d in os.scandir(items):
+                    if d.name.startswith(".tmp-") and now - d.stat().st_mtime > _STALE_STAGING_S:
+                        shutil.rmtree(d.path, ignore_errors=True)  # a writer died mid-item
+        return removed
+
+    # ------------------------------------------------------------------ writing
+    def add(self, category: str, fields: dict[str, Any], image: bytes, image_format: str,
+            size: tuple[int, int], heatmap: bytes | None, heatmap_size: tuple[int, int] | None,
+            now: datetime | None = None) -> tuple[Literal["stored", "full", "duplicate"], str | None]:
+        """Keep one image with its answer (``fields``: the :class:`ReviewItem` fields the
+        caller knows). Returns ("stored", id), ("duplicate", None) when the category already
+        holds these image bytes, or ("full", None) when the budget has no room."""
+        if self.budget is None:
+            raise ReviewError("this review store was opened without a budget: it cannot take items")
+        base = self._category_dir(category)
+        now = now or datetime.now(timezone.utc)
+        digest = hashlib.sha256(image).hexdigest()
+        ext, media_type = IMAGE_TYPES.get(image_format.upper(), ("bin", "application/octet-stream"))
+        verdict = fields["verdict"]
+        with self._locked():
+            self._prune(now.timestamp())
+            if any(e.digest == digest[:12] for e in self.scan(category).entries):
+                return "duplicate", None
+            items, used = self.usage()
+            draft = self._item(category, fields, "0" * 10, digest, ext, media_type, image, image_format, size,
+                               heatmap_size, now, verdict)
+            cost = len(image) + len(heatmap or b"") + len(draft.model_dump_json()) + LABEL_RESERVE
+            if items + 1 > self.budget.max_items or used + cost > self.budget.max_bytes:
+                return "full", None
+            record = self._item(category, fields, f"{cost:010d}", digest, ext, media_type, image, image_format,
+                                size, heatmap_size, now, verdict)
+            items_dir = base / "items"
+            items_dir.mkdir(parents=True, exist_ok=True)
+            staging = items_dir / f".tmp-{secrets.token_hex(6)}"
+            staging.mkdir()
+            try:
+                _fsync_write(staging / record.image.file, image)
+                if heatmap is not None:
+                    _fsync_write(staging / "heatmap.png", heatmap)
+                _fsync_write(staging / "item.json", record.model_dump_json().encode())  # last: complete
+                staging.rename(items_dir / record.id)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+            _fsync_dir(items_dir)
+            return "stored", record.id
+
+    @staticmethod
+    def _item(category: str, fields: dict[str, Any], size_field: str, digest: str, ext: str, media_type: str,
+              image: bytes, image_format: str, size: tuple[int, int], heatmap_size: tuple[int, int] | None,
+              now: datetime, verdict: str) -> ReviewItem:
+        item_id = f"{_stamp(now)}-{verdict}-{size_field}-{digest[:12]}"
+        return ReviewItem(
+            **fields, id=item_id, category=category, captured_at=now,
+            image=ReviewImage(file=f"image.{ext}", format=image_format.upper(), media_type=media_type,
+                              width=size[0], height=size[1], bytes=len(image), sha256=digest),
+            heatmap=ReviewHeatmap(width=heatmap_size[0], height=heatmap_size[1]) if heatmap_size else None)
+
+    def label(self, category: str, item_id: str, label: Label, by: str, defect_type: str | None = None,
+              note: str | None = None) -> tuple[ReviewLabel, ReviewLabel | None]:
+        """Record (or replace) the label of an item; returns it and the label it replaced."""
+        item = self.item(category, item_id)
+        record = ReviewLabel(id=item_id, category=category, label=label,
+                             defect_type=defect_type if label == "ng" else None, note=note or None, by=by,
+                             at=datetime.now(timezone.utc), model_version=item.model_version,
+                             model_verdict=item.verdict, model_is_anomalous=item.is_anomalous,
+                             raw_score=item.raw_score, image_sha256=item.image.sha256)
+        data = record.model_dump_json().encode()
+        if len(data) > LABEL_RESERVE:
+            raise ReviewError(f"the label is {len(data)} bytes; at most {LABEL_RESERVE} (shorten the note)")
+        previous = self.get_label(category, item_id)
+        path = self._label_path(category, item_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".{item_id}.{secrets.token_hex(4)}.tmp"
+        try:
+            _fsync_write(tmp, data)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        _fsync_dir(path.parent)
+        if not self._item_dir(category, item_id).is_dir():  # expired meanwhile: take the label back
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            raise ItemNotFound(f"review item {item_id} expired")
+        return record, previous
+
+    # ------------------------------------------------------------------ reading
+    def item(self, category: str, item_id: str) -> ReviewItem:
+        path = self._item_dir(category, item_id) / "item.json"
+        try:
+            with open(path, "rb") as f:
+                data = f.read(ITEM_JSON_LIMIT + 1)
+        except (FileNotFoundError, NotADirectoryError):
+            raise ItemNotFound(f"no review item {item_id!r} in {category}") from None
+        try:
+            if len(data) > ITEM_JSON_LIMIT:
+                raise ValueError("too large")
+            item = ReviewItem.model_validate_json(data)
+        except (ValueError, ValidationError) as exc:
+            raise ItemNotFound(f"review item {item_id!r} is unreadable") from exc
+        if item.id != item_id or item.category != category:
+            raise ItemNotFound(f"review item {item_id!r} is misplaced")
+        return item
+
+    def file(self, category: str, item_id: str, which: Literal["image", "heatmap"]) -> tuple[Path, str]:
+        """(path, media type) of an item's image or heatmap."""
+        item = self.item(category, item_id)
+        if which == "heatmap":
+            if item.heatmap is None:
+                raise ItemNotFound(f"review item {item_id} has no heatmap")
+            return self._item_dir(category, item_id) / item.heatmap.file, "image/png"
+        return self._item_dir(category, item_id) / item.image.file, item.image.media_type
+
+    def get_label(self, category: str, item_id: str) -> ReviewLabel | None:
+        try:
+            data = self._label_path(category, item_id).read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            return ReviewLabel.model_validate_json(data[: LABEL_RESERVE + 1])
+        except ValidationError:
+            return None
+
+    def pending(self, category: str, verdict: str | None = None, after: str | None = None,
+                limit: int = 50) -> tuple[list[ReviewItem], str | None]:
+        """Unlabelled items, oldest first, from after the id ``after``; and the next page's cursor."""
+        entries = [e for e in self.scan(category).pending
+                   if (verdict is None or e.verdict == verdict) and (after is None or e.id > after)]
+        page: list[ReviewItem] = []
+        read = 0
+        for e in entries:
+            if len(page) == limit:
+                break
+            read += 1
+            with contextlib.suppress(ItemNotFound):  # expired between the scan and the read
+                page.append(self.item(category, e.id))
+        return page, entries[read - 1].id if read < len(entries) and read else None
+
+    def labels(self, category: str) -> list[ReviewLabel]:
+        scan = self.scan(category)
+        alive = {e.id for e in scan.entries}
+        found = [self.get_label(category, i) for i in sorted(scan.labelled & alive)]
+        return [label for label in found if label is not None]
+
+    def labelled(self, category: str) -> list[tuple[ReviewItem, ReviewLabel, Path]]:
+        """Every labelled item with its label and image path, oldest first."""
+        out = []
+        for label in self.labels(category):
+            with contextlib.suppress(ItemNotFound):
+                item = self.item(category, label.id)
+                out.append((item, label, self._item_dir(category, label.id) / item.image.file))
+        return out
+
+    def reviewed_ok_images(self, category: str) -> list[tuple[ReviewItem, Path]]:
+        """Operator-confirmed OK items and their image paths, one per distinct image."""
+        seen: set[str] = set()
+        out = []
+        for item, label, path in self.labelled(category):
+            if label.label == "ok" and item.image.sha256 not in seen:
+                seen.add(item.image.sha256)
+                out.append((item, path))
+        return out
+
+    def export_zip(self, category: str, out: IO[bytes]) -> int:
+        """The labels of ``category`` as a data set: ``labels.jsonl`` (label + answer per line),
+        ``good/<id>.<ext>`` and ``ng/<defect type or "unspecified">/<id>.<ext>``. Returns the count."""
+        rows = self.labelled(category)
+        with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED) as z:
+            lines = []
+            for item, label, path in rows:
+                folder = "good" if label.label == "ok" else f"ng/{label.defect_type or 'unspecified'}"
+                name = f"{folder}/{item.id}{Path(item.image.file).suffix}"
+                with contextlib.suppress(FileNotFoundError):
+                    z.write(path, name)
+                    lines.append(json.dumps({"file": name, "label": label.model_dump(mode="json"),
+                                             "item": item.model_dump(mode="json")}))
+            z.writestr("labels.jsonl", "".join(line + "\n" for line in lines))
+        return len(rows)

@@ -1,0 +1,201 @@
+"""The review queue over HTTP (reviewer or admin key: :func:`service.api.auth.require_reviewer_key`):
+
+* ``GET  /v1/review/{category}/items?verdict=&after=&limit=``: pending (unlabelled) items,
+  oldest first, paged by the ``after`` cursor;
+* ``GET  /v1/review/{category}/items/{id}``, ``.../image``, ``.../heatmap.png``;
+* ``PUT  /v1/review/{category}/items/{id}/label`` ``{"label": "ok"|"ng", "defect_type", "note"}``:
+  records who (the key's name) and when; a second PUT relabels (the answer names the label
+  it replaced);
+* ``GET  /v1/review/{category}/stats``: pending by verdict, labels by outcome, model-operator
+  agreement and disagreement by model version;
+* ``GET  /v1/review/{category}/export``: the labels as a data set (zip: ``labels.jsonl``,
+  ``good/``, ``ng/<defect type>/``), streamed.
+
+The store (:mod:`models.review_store`) is files on a shared volume; every call here runs in a
+thread. A store that cannot be read answers 503 with a fixed message (the path stays in the log).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from typing import Annotated, Any, TypeVar
+
+from fastapi import APIRouter, Depends, Query
+from fastapi.responses import FileResponse, StreamingResponse
+
+from models.manifest import CATEGORY_PATTERN, Verdict
+from models.review_records import ReviewItem
+from models.review_store import ItemNotFound, ReviewStore
+from service.api.auth import Reviewer
+from service.api.deps import ERRORS, StateDep, unknown_category
+from service.api.errors import ApiError
+from service.schemas import DisagreementCounts, ReviewEntry, ReviewLabelled, ReviewLabelRequest, ReviewPage, ReviewStats
+
+log = logging.getLogger(__name__)
+router = APIRouter()
+_T = TypeVar("_T")
+_CHUNK = 256 * 1024
+
+
+def _category(category: str, state: StateDep) -> str:
+    """A served category, or one the review store still holds items of."""
+    if CATEGORY_PATTERN.match(category) and (category in state.registry.categories
+                                             or category in state.review.store.categories()):
+        return category
+    raise unknown_category(category, state.registry.categories)
+
+
+Category = Annotated[str, Depends(_category)]
+
+
+async def _io(state: StateDep, fn: Callable[..., _T], *args: Any) -> _T:
+    try:
+        return await asyncio.to_thread(fn, *args)
+    except ItemNotFound:
+        raise
+    except OSError as exc:
+        log.error("review store %s: %s", state.review.store.root, exc)
+        raise ApiError(503, "review_store_unavailable", "the review store cannot be read or written now; "
+                       "details in the server log") from exc
+
+
+def _entry(category: str, item: ReviewItem, store: ReviewStore) -> ReviewEntry:
+    base = f"/v1/review/{category}/items/{item.id}"
+    return ReviewEntry(item=item, label=store.get_label(category, item.id), image_url=f"{base}/image",
+                       heatmap_url=f"{base}/heatmap.png" if item.heatmap else None)
+
+
+@router.get("/v1/review/{category}/items", response_model=ReviewPage, responses=ERRORS)
+async def list_pending(category: Category, state: StateDep, who: Reviewer,
+                       verdict: Verdict | None = None, after: Annotated[str | None, Query(max_length=64)] = None,
+                       limit: Annotated[int, Query(ge=1, le=100)] = 20) -> ReviewPage:
+    store = state.review.store
+    items, cursor = await _io(state, store.pending, category, verdict, after, limit)
+    return ReviewPage(category=category, verdict=verdict, items=[_entry(category, i, store) for i in items],
+                      next_cursor=cursor)
+
+
+@router.get("/v1/review/{category}/items/{item_id}", response_model=ReviewEntry, responses=ERRORS)
+async def get_item(category: Category, item_id: str, state: StateDep, who: Reviewer) -> ReviewEntry:
+    store = state.review.store
+    item = await _io(state, store.item, category, item_id)
+    return await _io(state, _entry, category, item, store)
+
+
+@router.get("/v1/review/{category}/items/{item_id}/image", response_class=FileResponse,
+            responses={**ERRORS, 200: {"content": {"image/*": {}}}})
+async def get_image(category: Category, item_id: str, state: StateDep, who: Reviewer) -> FileResponse:
+    path, media_type = await _io(state, state.review.store.file, category, item_id, "image")
+    return FileResponse(path, media_type=media_type, headers=_FILE_HEADERS)
+
+
+@router.get("/v1/review/{category}/items/{item_id}/heatmap.png", response_class=FileResponse,
+            responses={**ERRORS, 200: {"content": {"image/png": {}}}})
+async def get_heatmap(category: Category, item_id: str, state: StateDep, who: Reviewer) -> FileResponse:
+    path, media_type = await _io(state, state.review.store.file, category, item_id, "heatmap")
+    return FileResponse(path, media_type=media_type, headers=_FILE_HEADERS)
+
+
+_FILE_HEADERS = {"Cache-Control": "private, max-age=300", "X-Content-Type-Options": "nosniff"}
+
+
+@router.put("/v1/review/{category}/items/{item_id}/label", response_model=ReviewLabelled, responses=ERRORS)
+async def label_item(category: Category, item_id: str, body: ReviewLabelRequest, state: StateDep,
+                     who: Reviewer) -> ReviewLabelled:
+    """Label an item OK or NG (``defect_type`` with NG only); the label records ``who`` and when."""
+    label, previous = await _io(state, state.review.store.label, category, item_id, body.label, who,
+                                body.defect_type, body.note)
+    m = state.metrics
+    m.review_labels.labels(category, label.label).inc()
+    if not label.agrees:
+        kind = "false_positive" if label.model_is_anomalous else "false_negative"
+        m.review_disagreements.labels(category, label.model_version, kind).inc()
+    await state.review.refresh()
+    return ReviewLabelled(label=label, previous=previous, stats=await _stats(state, category))
+
+
+@router.get("/v1/review/{category}/stats", response_model=ReviewStats, responses=ERRORS)
+async def stats(category: Category, state: StateDep, who: Reviewer) -> ReviewStats:
+    return await _stats(state, category)
+
+
+async def _stats(state: StateDep, category: str) -> ReviewStats:
+    store = state.review.store
+
+    def compute() -> ReviewStats:
+        scan = store.scan(category)
+        pending = {v: 0 for v in ("review", "ok", "ng")}
+        for e in scan.pending:
+            pending[e.verdict] = pending.get(e.verdict, 0) + 1
+        labels = store.labels(category)
+        by_version: dict[str, DisagreementCounts] = {}
+        for lab in labels:
+            counts = by_version.setdefault(lab.model_version, DisagreementCounts(false_positive=0, false_negative=0))
+            if not lab.agrees:
+                field = "false_positive" if lab.model_is_anomalous else "false_negative"
+                setattr(counts, field, getattr(counts, field) + 1)
+        items, size = store.usage()
+        return ReviewStats(category=category, pending=pending,
+                           labelled={"ok": sum(lab.label == "ok" for lab in labels),
+                                     "ng": sum(lab.label == "ng" for lab in labels)},
+                           agree=sum(lab.agrees for lab in labels), disagreements=by_version,
+                           items=len(scan.entries), store_items=items, store_bytes=size)
+
+    return await _io(state, compute)
+
+
+@router.get("/v1/review/{category}/export", response_class=StreamingResponse,
+            responses={**ERRORS, 200: {"content": {"application/zip": {}}}})
+async def export(category: Category, state: StateDep, who: Reviewer) -> StreamingResponse:
+    """Every labelled item of the category as a zip, streamed as it is written (no temporary file)."""
+    chunks: queue.Queue[bytes | None] = queue.Queue(maxsize=8)  # the memory an export may hold
+    gone = threading.Event()
+
+    class Sink:
+        """A write-only, unseekable file for :class:`zipfile.ZipFile` (it then writes data descriptors)."""
+
+        def write(self, data: bytes) -> int:
+            view = bytes(data)
+            for start in range(0, len(view), _CHUNK):
+                while not gone.is_set():
+                    try:
+                        chunks.put(view[start:start + _CHUNK], timeout=1.0)
+                        break
+                    except queue.Full:
+                        continue
+                if gone.is_set():
+                    raise OSError("the client left")
+            return len(view)
+
+        def flush(self) -> None:
+            pass
+
+    def produce() -> None:
+        try:
+            state.review.store.export_zip(category, Sink())  # type: ignore[arg-type]
+        except Exception as exc:  # the answer has started: the client sees a truncated zip
+            if not gone.is_set():
+                log.error("review export of %s failed: %s", category, exc)
+        finally:
+            while not gone.is_set():
+                try:
+                    chunks.put(None, timeout=1.0)
+                    return
+                except queue.Full:
+                    continue
+
+    async def body() -> AsyncIterator[bytes]:
+        producer = asyncio.get_running_loop().run_in_executor(None, produce)
+        try:
+            while (chunk := await asyncio.to_thread(chunks.get)) is not None:
+                yield chunk
+        finally:
+            gone.set()
+            await producer
+
+    return StreamingResponse(body(), media_type="application/zip", headers={
+        "Content-Disposition": f'attachment; filename="{category}-labels.zip"', "Cache-Control": "no-store"})

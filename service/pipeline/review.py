@@ -1,0 +1,210 @@
+"""The review queue's capture: uncertain answers (verdict ``review``) and a random audit sample
+of ``ok`` and ``ng`` ones are kept with their result in the review store
+(:mod:`models.review_store`), for an operator to label (:mod:`service.api.review`).
+
+Kept off the hot path. :meth:`ReviewCapture.offer` runs once per answered request or job
+batch (the runtime calls it after post-processing, so the API and the worker capture alike)
+and only appends references to the image records to a queue bounded in items and bytes
+(``MSFLOW_REVIEW_QUEUE_ITEMS``, ``MSFLOW_REVIEW_QUEUE_BYTES``): the upload, the decoded pixels
+and the map stay alive until written, so that memory is budgeted before it is held. One
+dedicated writer thread (not the decode pool: a slow disk must never delay a decode) renders
+the heatmap and writes each item under the store's own budget. A full queue, a full store
+or a failed write drops the item and counts it in ``msflow_review_captures_total{outcome}``;
+none of them ever fails an inspection. Cached answers are not offered: their image was kept
+(or not) when it was first scored, and the store refuses duplicates anyway.
+
+A maintenance loop applies the retention and reads the pending counts
+(``msflow_review_pending``) every ``MSFLOW_REVIEW_SCAN_S``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from models.manifest import Calibration
+from models.review_store import Budget, ReviewStore
+from service.config import Settings
+from service.metrics import ServiceMetrics
+from service.pipeline.item import InspectedImage
+from service.pipeline.render import heatmap_for
+
+log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+_ITEM_FIELDS = ("model_version", "verdict", "is_anomalous", "raw_score", "score", "threshold", "ng_threshold")
+
+
+def review_root(settings: Settings) -> Path:
+    """``MSFLOW_REVIEW_STORE``, else ``<model store>/.review`` (a dot folder: never a category)."""
+    return Path(settings.review_store) if settings.review_store else Path(settings.model_store) / ".review"
+
+
+def open_store(settings: Settings) -> ReviewStore:
+    return ReviewStore(review_root(settings), Budget(
+        max_bytes=settings.review_max_bytes, max_items=settings.review_max_items,
+        retention_s=settings.review_retention_s, label_retention_s=settings.review_label_retention_s))
+
+
+@dataclass(frozen=True)
+class _Kept:
+    category: str
+    engine: str
+    colours: Calibration  # the manifest's: heatmap colours are the model's (as in answers)
+    reason: str
+    item: InspectedImage
+    cost: int  # bytes held in memory while queued
+
+
+def _held_bytes(item: InspectedImage) -> int:
+    arrays = sum(a.nbytes for a in (item.tensor, item.anomaly_map) if a is not None)
+    return len(item.data) + arrays  # the decode itself is gone by now: bytes and model-size arrays
+
+
+class ReviewCapture:
+    """Bounded queue + one writer thread into the review store. ``offer`` is event-loop only."""
+
+    def __init__(self, settings: Settings, metrics: ServiceMetrics,
+                 sample: Callable[[], float] = random.random) -> None:
+        self.enabled = settings.review_enabled
+        self.store = open_store(settings)
+        self.metrics = metrics
+        self.audit_rate = settings.review_audit_rate
+        self.max_items, self.max_bytes = settings.review_queue_items, settings.review_queue_bytes
+        self.scan_s = settings.review_scan_s
+        self._sample = sample
+        self._queue: collections.deque[_Kept] = collections.deque()
+        self._bytes = 0
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._pool: ThreadPoolExecutor | None = None
+        self._failing: set[str] = set()  # categories whose last write failed (logged once)
+
+    # ------------------------------------------------------------------ life cycle
+    def start(self) -> None:
+        """Start the writer and the maintenance loop (call from the running event loop)."""
+        if not self.enabled or self._tasks:
+            return
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="review")
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._write_loop(), name="review-writer"),
+                       loop.create_task(self._maintain(), name="review-maintenance")]
+
+    async def stop(self, timeout_s: float = 5.0) -> None:
+        """Write what is queued (up to ``timeout_s``), then drop the rest (counted)."""
+        if not self._tasks:
+            return
+        end = time.monotonic() + timeout_s
+        while self._queue and time.monotonic() < end:
+            self._wake.set()
+            await asyncio.sleep(0.02)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        while self._queue:
+            kept = self._queue.popleft()
+            self._count(kept, "shutdown")
+        self._bytes = 0
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+    async def run(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """``fn(*args)`` on the review thread, in order with the captures (retention)."""
+        if self._pool is None:
+            return await asyncio.to_thread(fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    # ------------------------------------------------------------------ the hot path's only call
+    def offer(self, category: str, engine: str, colours: Calibration, items: Sequence[InspectedImage]) -> None:
+        """Queue the answered images worth a person's look; O(1) per image, never raises."""
+        if not self._tasks:
+            return
+        for item in items:
+            result = item.result
+            if result is None or item.cached:
+                continue
+            if result.verdict == "review":
+                reason = "review"
+            elif self.audit_rate and self._sample() < self.audit_rate:
+                reason = "audit"
+            else:
+                continue
+            kept = _Kept(category, engine, colours, reason, item, _held_bytes(item))
+            if len(self._queue) >= self.max_items or self._bytes + kept.cost > self.max_bytes:
+                self._count(kept, "queue_full")
+                continue
+            self._queue.append(kept)
+            self._bytes += kept.cost
+        if self._queue:
+            self._wake.set()
+
+    # ------------------------------------------------------------------ background
+    async def _write_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queue:
+                kept = self._queue.popleft()
+                try:
+                    outcome = await loop.run_in_executor(self._pool, self._write, kept)
+                except Exception as exc:  # a full disk, a read-only volume: counted, never raised
+                    outcome = "error"
+                    if kept.category not in self._failing:
+                        log.warning("review store %s: cannot keep a %s image (%s: %s); counted in "
+                                    "msflow_review_captures_total{outcome=\"error\"}", self.store.root,
+                                    kept.category, type(exc).__name__, exc)
+                    self._failing.add(kept.category)
+                else:
+                    self._failing.discard(kept.category)
+                finally:
+                    self._bytes -= kept.cost
+                self._count(kept, outcome)
+            await self.refresh()
+
+    def _write(self, kept: _Kept) -> str:
+        """Blocking, on the review thread: render the heatmap, write the item under the budget."""
+        item, result = kept.item, kept.item.answer
+        side = int(item.score_map.shape[0])
+        size = (side, side)
+        png = heatmap_for(item.score_map, kept.colours, item.model_input, None, size, False)
+        fields = {name: getattr(result, name) for name in _ITEM_FIELDS}
+        fields.update(reason=kept.reason, engine=kept.engine, filename=item.filename,
+                      regions=[r.model_dump() for r in result.regions])
+        outcome, _ = self.store.add(kept.category, fields, item.data, item.format or "", item.size, png, size)
+        return outcome
+
+    async def _maintain(self) -> None:
+        while True:
+            try:
+                removed = await self.run(self.store.prune)
+                if removed:
+                    log.info("review store %s: %d expired item(s) removed", self.store.root, removed)
+                await self.refresh()
+            except Exception:  # never let the loop die (an unreadable store is counted by writes)
+                log.exception("review store maintenance failed")
+            await asyncio.sleep(self.scan_s)
+
+    async def refresh(self) -> None:
+        """Set ``msflow_review_pending`` from the store (one directory listing per category)."""
+        try:
+            counts = await asyncio.to_thread(self._pending_counts)
+        except OSError:
+            return
+        for category, n in counts.items():
+            self.metrics.review_pending.labels(category).set(n)
+
+    def _pending_counts(self) -> dict[str, int]:
+        return {c: len(self.store.scan(c).pending) for c in self.store.categories()}
+
+    def _count(self, kept: _Kept, outcome: str) -> None:
+        self.metrics.review_captures.labels(kept.category, kept.reason, outcome).inc()

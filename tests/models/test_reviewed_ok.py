@@ -1,0 +1,70 @@
+"""Operator-confirmed OK parts growing the normal set: ``msflow train --include-reviewed-ok``
+on the real demo data, the count in the run's config and the exported manifest, and
+``msflow recalibrate`` leaving the parts a version trained on out of its known goods."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from models.manifest import Manifest
+from models.review_store import REVIEWED_OK, Budget, ReviewStore
+from msflow.cli import main
+
+CATEGORY = "brick"
+
+
+def fields(verdict: str, raw: float) -> dict[str, object]:
+    return {"reason": "review", "model_version": "0", "verdict": verdict, "is_anomalous": verdict != "ok",
+            "raw_score": raw, "score": 0.5, "threshold": 1.0, "ng_threshold": 2.0}
+
+
+@pytest.mark.slow
+def test_reviewed_ok_images_join_the_training_normals(demo_root: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    model_store = tmp_path / "model_store"
+    review = ReviewStore(model_store / ".review", Budget(10**9, 1000, 86_400.0, 86_400.0))
+    line_parts = sorted((demo_root / CATEGORY / "test" / "good").glob("*.png"))[:4]
+    defect = sorted((demo_root / CATEGORY / "test" / "hole").glob("*.png"))[0]
+    ids = [review.add(CATEGORY, fields("review", 1.5), p.read_bytes(), "PNG", (128, 128), None, None)[1]
+           for p in [*line_parts, defect]]
+    for item_id in ids[:3]:
+        review.label(CATEGORY, item_id, "ok", by="alice")
+    review.label(CATEGORY, ids[4], "ng", by="alice", defect_type="hole")  # ids[3] stays pending
+    review.add("grass", fields("review", 1.5), line_parts[3].read_bytes(), "PNG", (128, 128), None, None)
+
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(demo_root), "--category", CATEGORY, "--out", str(run), "--input-size", "64",
+                 "--meta-epochs", "1", "--sub-epochs", "1", "--warmup-meta-epochs", "0", "--decay-milestones",
+                 "--device", "cpu", "--holdout-fraction", "0.25", "--include-reviewed-ok", str(model_store)]) == 0
+    assert "include 3 operator-confirmed OK image(s)" in capsys.readouterr().out
+    config = json.loads((run / "config.json").read_text())
+    assert config["reviewed_ok_images"] == 3 and config["include_reviewed_ok"] == str(model_store)
+    start = next(json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines() if '"start"' in line)
+    train_good = len(list((demo_root / CATEGORY / "train" / "good").glob("*.png")))
+    holdout = json.loads((run / "holdout.json").read_text())
+    assert start["train_images"] == train_good - len(holdout) + 3 and start["reviewed_ok_images"] == 3
+    assert all("/train/good/" in p for p in holdout)  # reviewed parts train; the holdout stays the data set's
+    rows = json.loads((run / REVIEWED_OK).read_text())
+    assert sorted(r["id"] for r in rows) == sorted(ids[:3])
+
+    from models.export import export_run
+
+    version_dir = export_run(run, model_store)
+    manifest = Manifest.read(version_dir)
+    assert manifest.training is not None and manifest.training.reviewed_ok_images == 3
+    assert manifest.training.train_images == start["train_images"] and REVIEWED_OK in manifest.files
+
+    # recalibrating this version: the 3 OK parts it trained on are not known goods for it
+    from models.recalibrate import recalibrate
+
+    lines: list[str] = []
+    new_dir, report = recalibrate(model_store, CATEGORY, out=lines.append, warn=lines.append)
+    assert report.excluded_trained_on == 3 and report.labelled_ok == 0 and report.labelled_ng == 1
+    assert report.rescored == 1  # scored by another version ("0"): scored again by this one
+    assert Manifest.read(new_dir).calibration.labels.excluded_trained_on == 3
+    assert any("too small" in line for line in lines)
+    shutil.rmtree(model_store)
