@@ -12,9 +12,12 @@ a lean asyncio + httpx client (``--concurrency`` requests in flight, one image e
 * images/s and the server's cores used;
 * the client's own CPU per image (this process, ``getrusage``): on a small box the client
   competes with the server, so every throughput figure comes with it;
-* where the server's time goes: decode and render+regions (the answers' ``timings_ms``,
-  measured in the pool threads) and the rest (HTTP, multipart, JSON, event loop, batching) as
-  server CPU minus those two.
+* the answers' own stage times (decode, render + regions: wall time in the pool threads);
+* where the CPU goes (``--profile``, on by default): each stage run in this process, alone,
+  on the same input, timed with ``time.thread_time`` over many repetitions: multipart
+  parsing, header probe, decode, resize to the model input, regions, heatmap encode, base64,
+  JSON. What the server spends beyond their sum is the framework, the event loop and
+  batching (the table shows it as "other").
 
 Kinds: ``jpeg256-none`` (a 256 x 256 JPEG, ``heatmap=none``), ``png256-inline`` (a 256 x 256
 PNG, inline heatmap), ``jpeg2048-none`` (a 2048 x 2048 camera-like JPEG, ``heatmap=none``).
@@ -108,7 +111,77 @@ async def drive(url: str, category: str, data: bytes, content_type: str, heatmap
             "decode_ms": round(mean["decode"], 2), "render_regions_ms": round(mean["render"], 2),
             "engine_ms_per_batch": round(mean["engine"], 2), "queue_ms": round(mean["queue"], 2),
             "latency_ms": round(mean["total"], 2),
-            "rest_ms": round(server_ms - mean["decode"] - mean["render"] - (0.0 if n else 0.0), 2)}
+            }
+
+
+def _cpu_ms(fn: Any, repeat: int) -> float:
+    fn()  # warm
+    t0 = time.thread_time()
+    for _ in range(repeat):
+        fn()
+    return (time.thread_time() - t0) / repeat * 1e3
+
+
+def profile(store: Path, category: str, data: bytes, heatmap: str, answer: str, repeat: int = 30) -> dict[str, float]:
+    """CPU ms per image of each stage, alone, in this thread (see the module docstring)."""
+    import base64
+
+    from starlette.datastructures import Headers
+    from starlette.formparsers import MultiPartParser
+
+    from models.manifest import Manifest
+    from models.preprocessing import reduce_while_decoding, resize_rgb, to_rgb
+    from service.pipeline.decode import ImageLimits, Rendering, probe_into
+    from service.pipeline.item import InspectedImage
+    from service.pipeline.regions import find_regions
+    from service.pipeline.render import render_heatmap
+    from service.schemas import InspectResponse
+
+    version = max((p for p in (store / category).iterdir() if p.is_dir() and not p.name.startswith(".")),
+                  key=lambda p: int(p.name) if p.name.isdigit() else -1)
+    manifest = Manifest.read(version)
+    size, cal = manifest.input_size, manifest.calibration
+    boundary = "benchboundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x\"\r\n"
+            f"Content-Type: application/octet-stream\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    headers = Headers({"content-type": f"multipart/form-data; boundary={boundary}"})
+
+    def multipart() -> None:
+        async def stream() -> Any:
+            yield body
+
+        async def parse() -> None:
+            form = await MultiPartParser(headers, stream()).parse()
+            await form.close()
+        asyncio.run(parse())
+
+    loop_only = _cpu_ms(lambda: asyncio.run(asyncio.sleep(0)), repeat)  # asyncio.run's own cost, subtracted
+    limits = ImageLimits(max_bytes=1 << 30, max_pixels=1 << 30)
+    item = InspectedImage(index=0, filename="x", data=data)
+    rendering = Rendering(heatmap="model") if heatmap != "none" else Rendering()
+    decoded: dict[str, Any] = {}
+
+    def decode() -> None:
+        with Image.open(io.BytesIO(data)) as img:
+            reduce_while_decoding(img, size)
+            img.load()
+            decoded["rgb"] = to_rgb(img)
+
+    amap = np.zeros((size, size), np.float32)
+    out = {
+        "multipart": round(_cpu_ms(multipart, repeat) - loop_only, 3),
+        "probe": round(_cpu_ms(lambda: probe_into(item, size, limits, rendering), repeat), 3),
+        "decode": round(_cpu_ms(decode, repeat), 3),
+        "resize": round(_cpu_ms(lambda: resize_rgb(decoded["rgb"], size), repeat), 3),
+        "regions": round(_cpu_ms(lambda: find_regions(amap, cal, (item.width, item.height)), repeat), 3),
+    }
+    if heatmap != "none":
+        png = render_heatmap(amap, cal, (size, size))
+        out["heatmap_encode"] = round(_cpu_ms(lambda: render_heatmap(amap, cal, (size, size)), repeat), 3)
+        out["base64"] = round(_cpu_ms(lambda: base64.b64encode(png), repeat), 3)
+    response = InspectResponse.model_validate_json(answer)
+    out["json"] = round(_cpu_ms(response.model_dump_json, repeat), 3)
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -133,6 +206,13 @@ def run(args: argparse.Namespace) -> int:
             results[kind] = asyncio.run(drive(server.url, category, data, ctype, heatmap, args.concurrency,
                                               args.seconds, server.proc.pid))
             results[kind]["bytes"] = len(data)
+            if args.profile:
+                with httpx.Client(base_url=server.url, timeout=30) as c:
+                    sample = c.post(f"/v1/inspect/{category}", params={"heatmap": heatmap},
+                                    files=[("file", ("x", data, ctype))]).text
+                results[kind]["profile_ms"] = profile(Path(args.store), category, data, heatmap, sample)
+                stages = sum(results[kind]["profile_ms"].values())
+                results[kind]["profile_ms"]["other"] = round(results[kind]["server_cpu_ms_per_image"] - stages, 3)
     summary = {"engine": args.engine, "category": category, "input_size": input_size,
                "concurrency": args.concurrency, "seconds": args.seconds, "decode_threads": args.decode_threads,
                "cpu_count": os.cpu_count(), "kinds": results}
@@ -146,13 +226,20 @@ def run(args: argparse.Namespace) -> int:
 def render(s: dict[str, Any]) -> str:
     lines = [f"# Front end ({s['engine']} engine, `{s['category']}` at {s['input_size']} px, {s['concurrency']} in "
              f"flight, {s['seconds']} s per kind, {s['cpu_count']} cores)", "",
-             "| input | images/s | server CPU / image | server cores | client CPU / image | decode | "
-             "render + regions | rest (HTTP, multipart, JSON, loop) | failures |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| input | images/s | server CPU / image | server cores | client CPU / image | decode (wall) | "
+             "render + regions (wall) | failures |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for kind, r in s["kinds"].items():
         lines.append(f"| {kind} ({r['bytes'] // 1024} KB) | {r['images_per_s']} | {r['server_cpu_ms_per_image']} ms | "
                      f"{r['server_cores']} | {r['client_cpu_ms_per_image']} ms | {r['decode_ms']} ms | "
-                     f"{r['render_regions_ms']} ms | {r['rest_ms']} ms | {r['failures']} |")
+                     f"{r['render_regions_ms']} ms | {r['failures']} |")
+    profiled = {k: r["profile_ms"] for k, r in s["kinds"].items() if "profile_ms" in r}
+    if profiled:
+        stages = list(dict.fromkeys(name for p in profiled.values() for name in p))
+        lines += ["", "CPU per image by stage (ms, each stage alone in one thread; other = server CPU - their sum):", "",
+                  "| input | " + " | ".join(stages) + " |", "| --- |" + " --- |" * len(stages)]
+        for kind, prof in profiled.items():
+            lines.append(f"| {kind} | " + " | ".join(str(prof.get(name, "-")) for name in stages) + " |")
     return "\n".join(lines + [""])
 
 
@@ -167,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decode-threads", type=int, default=2)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--delay-ms", type=float, default=2.0)
+    p.add_argument("--no-profile", dest="profile", action="store_false", help="skip the per-stage CPU profile")
     p.add_argument("--out")
     return run(p.parse_args(argv))
 

@@ -49,7 +49,7 @@ def _unauthorized(code: str, message: str) -> ApiError:
     return ApiError(401, code, message, headers={"WWW-Authenticate": "Bearer"})
 
 
-def require_api_key(request: Request, state: StateDep) -> None:
+async def require_api_key(request: Request, state: StateDep) -> None:
     """401 unless the API is open (no keys configured) or a valid key is presented."""
     s = state.settings
     if not s.api_keys:
@@ -65,7 +65,7 @@ _FORM_SAFE_TYPES = ("application/json",)  # what an HTML form can never send
 _CLIENT_HEADER = "x-requested-with"  # any value: a custom header forces a CORS preflight
 
 
-def refuse_cross_site(request: Request) -> None:
+async def refuse_cross_site(request: Request) -> None:
     """403 for a state-changing request a browser makes on behalf of another site.
 
     Refused: ``Sec-Fetch-Site`` ``cross-site``/``same-site`` (every current browser sends it)
@@ -93,11 +93,11 @@ def _refuse_formless(request: Request) -> None:
                    "(a cross-site form can send none of them)")
 
 
-def require_admin_key(request: Request, state: StateDep) -> None:
+async def require_admin_key(request: Request, state: StateDep) -> None:
     """Admin routes need an admin key; with none configured they are closed, except on a
     loopback development server with ``dev_open_admin`` and no keys at all."""
     s = state.settings
-    refuse_cross_site(request)
+    await refuse_cross_site(request)
     if request.method not in ("GET", "HEAD", "OPTIONS"):
         _refuse_formless(request)
     if not s.admin_api_keys:
@@ -114,12 +114,12 @@ def require_admin_key(request: Request, state: StateDep) -> None:
         raise _unauthorized("invalid_api_key", "the API key is not valid")
 
 
-def require_reviewer_key(request: Request, state: StateDep) -> str:
+async def require_reviewer_key(request: Request, state: StateDep) -> str:
     """The review queue and labelling: a reviewer key or an admin key; returns the name recorded
     with a label (the reviewer key's name, ``admin-<sha256 of the key, 8 hex>`` for an admin
     key: never the key itself). Closed like the admin routes when neither kind is configured."""
     s = state.settings
-    refuse_cross_site(request)
+    await refuse_cross_site(request)
     if request.method not in ("GET", "HEAD", "OPTIONS"):
         _refuse_formless(request)
     if not s.reviewer_api_keys and not s.admin_api_keys:

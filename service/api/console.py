@@ -48,7 +48,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for c
 router = APIRouter()
 
 
-def _category(category: str, state: StateDep) -> str:
+async def _category(category: str, state: StateDep) -> str:
     """404 for an unknown or malformed category (same answer as the app's other routes)."""
     known = state.registry.categories
     if CATEGORY_PATTERN.match(category) and category in known:

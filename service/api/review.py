@@ -41,7 +41,7 @@ _T = TypeVar("_T")
 _CHUNK = 256 * 1024
 
 
-def _category(category: str, state: StateDep) -> str:
+async def _category(category: str, state: StateDep) -> str:
     """A served category, or one the review store still holds items of."""
     if CATEGORY_PATTERN.match(category) and (category in state.registry.categories
                                              or category in state.review.store.categories()):

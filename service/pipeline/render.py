@@ -37,8 +37,9 @@ def normalise_map(anomaly_map: np.ndarray, low: float, high: float) -> np.ndarra
     """uint8 colour indices: ``low`` -> 0, ``high`` -> 255, clipped; NaN counts as ``low``."""
     span = max(float(high) - float(low), 1e-12)
     scaled = (np.asarray(anomaly_map, dtype=np.float32) - np.float32(low)) * np.float32(255.0 / span)
-    scaled = np.nan_to_num(scaled, nan=0.0, posinf=255.0, neginf=0.0)
-    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+    if not np.isfinite(scaled).all():  # one pass; nan_to_num's several only when needed
+        scaled = np.nan_to_num(scaled, nan=0.0, posinf=255.0, neginf=0.0)
+    return np.clip(np.rint(scaled, out=scaled), 0, 255, out=scaled).astype(np.uint8)
 
 
 def colour_indices(anomaly_map: np.ndarray, calibration: Calibration,
