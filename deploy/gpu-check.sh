@@ -175,6 +175,15 @@ step loadtest 0 "$PY" -m loadtests.run --serve --store "$(dirname "$MODEL")" --u
   --spawn-rate "$LOAD_USERS" --duration "$LOAD_DURATION" --images "$LOAD_IMAGES" --out "$RAW/load" \
   --fail-on-error || true
 
+# 3c. the front end on this host's cores: the null engine (server CPU per image, images/s per
+# input kind, where the CPU goes), then the same inputs end to end on the host's best engine
+step frontend 0 "$PY" -m loadtests.frontend --store "$(dirname "$MODEL")" \
+  --category "$(basename "$MODEL")" --seconds 10 --concurrency 32 --decode-threads "$(nproc)" \
+  --out "$RAW/frontend" || true
+step frontend-engine 0 "$PY" -m loadtests.frontend --store "$(dirname "$MODEL")" \
+  --category "$(basename "$MODEL")" --engine auto --seconds 10 --concurrency 32 \
+  --decode-threads "$(nproc)" --no-profile --out "$RAW/frontend-engine" || true
+
 # 4. one report: JSON with everything + a Markdown summary
 step report 1 "$PY" - "$OUT_DIR" "$TENSORRT_STATUS" "$MODEL" "$FAILED" <<'EOF' || true
 import csv, json, sys

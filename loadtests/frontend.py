@@ -90,7 +90,8 @@ async def drive(url: str, category: str, data: bytes, content_type: str, heatmap
             if r.status_code != 200:
                 failures += 1
                 return
-            timings.append(r.json()["results"][0]["timings_ms"])
+            result = r.json()["results"][0]
+            timings.append({**result["timings_ms"], "batch_size": result["batch_size"]})
 
         async def loop(until: float) -> None:
             while time.monotonic() < until:
@@ -111,6 +112,7 @@ async def drive(url: str, category: str, data: bytes, content_type: str, heatmap
             "decode_ms": round(mean["decode"], 2), "render_regions_ms": round(mean["render"], 2),
             "engine_ms_per_batch": round(mean["engine"], 2), "queue_ms": round(mean["queue"], 2),
             "latency_ms": round(mean["total"], 2),
+            "mean_batch": round(float(np.mean([t["batch_size"] for t in timings])), 2) if n else 0.0,
             }
 
 
@@ -184,6 +186,23 @@ def profile(store: Path, category: str, data: bytes, heatmap: str, answer: str, 
     return out
 
 
+def bare_engine_cpu_ms(store: Path, category: str, batch: int, seconds: float = 8.0) -> float:
+    """Process CPU per image of the engine alone, loaded as the server loads it, at ``batch``."""
+    from service.engines.factory import load_engine
+
+    version = max((p for p in (store / category).iterdir() if p.is_dir() and not p.name.startswith(".")),
+                  key=lambda p: int(p.name) if p.name.isdigit() else -1)
+    engine = load_engine(version, "onnx", device="cpu", max_batch_size=batch)
+    size = engine.manifest.input_size
+    images = np.asarray(texture(size))[None].repeat(batch, axis=0)
+    engine.run(images)
+    n, t0, c0 = 0, time.monotonic(), time.process_time()
+    while time.monotonic() - t0 < seconds:
+        engine.run(images)
+        n += batch
+    return (time.process_time() - c0) / n * 1e3
+
+
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out or f"reports/frontend-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}")
     out.mkdir(parents=True, exist_ok=True)
@@ -213,8 +232,16 @@ def run(args: argparse.Namespace) -> int:
                 results[kind]["profile_ms"] = profile(Path(args.store), category, data, heatmap, sample)
                 stages = sum(results[kind]["profile_ms"].values())
                 results[kind]["profile_ms"]["other"] = round(results[kind]["server_cpu_ms_per_image"] - stages, 3)
+    if args.engine == "onnx":  # what the server spends outside the engine, against the engine's own CPU (CPU hosts)
+        for r in results.values():
+            # at the batch size the server actually formed: the engine's CPU per image depends on it
+            r["bare_batch"] = max(1, int(round(r["mean_batch"])))
+            engine_ms = bare_engine_cpu_ms(Path(args.store), category, r["bare_batch"])
+            r["bare_engine_cpu_ms_per_image"] = round(engine_ms, 2)
+            r["outside_engine_ms"] = round(r["server_cpu_ms_per_image"] - engine_ms, 2)
+            r["outside_over_engine"] = round((r["server_cpu_ms_per_image"] - engine_ms) / engine_ms, 3)
     summary = {"engine": args.engine, "category": category, "input_size": input_size,
-               "concurrency": args.concurrency, "seconds": args.seconds, "decode_threads": args.decode_threads,
+               "concurrency": args.concurrency, "seconds": args.seconds, "batch": args.batch, "decode_threads": args.decode_threads,
                "cpu_count": os.cpu_count(), "kinds": results}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     md = render(summary)
@@ -233,6 +260,11 @@ def render(s: dict[str, Any]) -> str:
         lines.append(f"| {kind} ({r['bytes'] // 1024} KB) | {r['images_per_s']} | {r['server_cpu_ms_per_image']} ms | "
                      f"{r['server_cores']} | {r['client_cpu_ms_per_image']} ms | {r['decode_ms']} ms | "
                      f"{r['render_regions_ms']} ms | {r['failures']} |")
+    for kind, r in s["kinds"].items():
+        if "bare_engine_cpu_ms_per_image" in r:
+            lines.append(f"\n{kind}: mean batch {r['mean_batch']}; bare engine {r['bare_engine_cpu_ms_per_image']} ms "
+                         f"CPU per image (batch {r['bare_batch']}, in-process); outside the engine {r['outside_engine_ms']} ms "
+                         f"= {100 * r['outside_over_engine']:.1f}% of it")
     profiled = {k: r["profile_ms"] for k, r in s["kinds"].items() if "profile_ms" in r}
     if profiled:
         stages = list(dict.fromkeys(name for p in profiled.values() for name in p))

@@ -229,3 +229,23 @@ def test_redis_fault_scenario_every_job_once_and_overrides_survive_flushall(mode
     assert s["stream_entries_added"] == s["distinct_jobs"] == 9 and s["dead_lettered"] == 0
     assert s["stalls"] >= 2 and s["killed_worker"] in {"w1", "w2"}
     assert s["flushall"]["reverted_reads"] == 0 and s["flushall"]["restored_in_redis_after_s"] <= 5.0
+
+
+def test_frontend_benchmark_on_the_null_engine(model_store, tmp_path):
+    """loadtests/frontend.py, briefly: the null engine answers every kind of input, and the
+    report has CPU per image, throughput, the client's own CPU and the stage profile."""
+    out = tmp_path / "frontend"
+    cmd = [sys.executable, "-m", "loadtests.frontend", "--store", str(model_store), "--seconds", "1.5",
+           "--concurrency", "4", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_clean_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["engine"] == "null" and set(s["kinds"]) == {"jpeg256-none", "png256-inline", "jpeg2048-none"}
+    for kind, r in s["kinds"].items():
+        assert r["failures"] == 0 and r["images"] > 0, (kind, r)
+        assert r["server_cpu_ms_per_image"] > 0 and r["client_cpu_ms_per_image"] > 0
+        assert {"multipart", "decode", "resize", "regions", "json", "other"} <= set(r["profile_ms"])
+    assert "heatmap_encode" in s["kinds"]["png256-inline"]["profile_ms"]
+    # a 2048 px JPEG for a 128 px model decodes at 1/8 scale: its decode costs far less than 64x a 256 px one
+    k = s["kinds"]
+    assert k["jpeg2048-none"]["profile_ms"]["decode"] < 20 * k["jpeg256-none"]["profile_ms"]["decode"]
