@@ -68,8 +68,29 @@ KINDS: dict[str, tuple[int, str, str]] = {  # name: (side, format, heatmap)
 
 
 def cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK  # utime, stime
+    """CPU seconds of ``pid`` and every live descendant (a multi-process server's front ends
+    and engine process are children of the supervisor)."""
+    total = 0.0
+    for proc in _tree(pid):
+        try:
+            fields = Path(f"/proc/{proc}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # exited meanwhile
+            continue
+        total += (int(fields[11]) + int(fields[12])) / CLOCK  # utime, stime
+    return total
+
+
+def _tree(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        out.append(current)
+        try:
+            tasks = Path(f"/proc/{current}/task").iterdir()
+            todo += [int(c) for t in tasks for c in (t / "children").read_text().split()]
+        except OSError:
+            continue
+    return out
 
 
 def own_cpu_s() -> float:
@@ -208,7 +229,8 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     env = {"MSFLOW_ENGINE": args.engine, "MSFLOW_DEVICE": "cpu", "MSFLOW_ACCESS_LOG": "false",
            "MSFLOW_LOG_LEVEL": "warning", "MSFLOW_STORE_POLL_S": "0", "MSFLOW_DECODE_THREADS": str(args.decode_threads),
-           "MSFLOW_MAX_BATCH_SIZE": str(args.batch), "MSFLOW_MAX_QUEUE_DELAY_MS": str(args.delay_ms)}
+           "MSFLOW_MAX_BATCH_SIZE": str(args.batch), "MSFLOW_MAX_QUEUE_DELAY_MS": str(args.delay_ms),
+           "MSFLOW_API_PROCESSES": str(args.api_processes)}
     results: dict[str, Any] = {}
     with LocalServer(args.store, out / "server.log", env=env) as server:
         wait_ready(server.url, server.proc, timeout=180)
@@ -242,6 +264,7 @@ def run(args: argparse.Namespace) -> int:
             r["outside_over_engine"] = round((r["server_cpu_ms_per_image"] - engine_ms) / engine_ms, 3)
     summary = {"engine": args.engine, "category": category, "input_size": input_size,
                "concurrency": args.concurrency, "seconds": args.seconds, "batch": args.batch, "decode_threads": args.decode_threads,
+               "api_processes": args.api_processes,
                "cpu_count": os.cpu_count(), "kinds": results}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     md = render(summary)
@@ -252,7 +275,8 @@ def run(args: argparse.Namespace) -> int:
 
 def render(s: dict[str, Any]) -> str:
     lines = [f"# Front end ({s['engine']} engine, `{s['category']}` at {s['input_size']} px, {s['concurrency']} in "
-             f"flight, {s['seconds']} s per kind, {s['cpu_count']} cores)", "",
+             f"flight, {s['seconds']} s per kind, {s['cpu_count']} cores, {s.get('api_processes', 1)} API "
+             "process(es))", "",
              "| input | images/s | server CPU / image | server cores | client CPU / image | decode (wall) | "
              "render + regions (wall) | failures |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -286,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decode-threads", type=int, default=2)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--delay-ms", type=float, default=2.0)
+    p.add_argument("--api-processes", type=int, default=1,
+                   help="MSFLOW_API_PROCESSES of the server (>1: front ends + one engine process; CPU is summed "
+                        "over all of them)")
     p.add_argument("--no-profile", dest="profile", action="store_false", help="skip the per-stage CPU profile")
     p.add_argument("--out")
     return run(p.parse_args(argv))

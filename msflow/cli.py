@@ -123,7 +123,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from service.server import serve
+    from service.supervisor import serve
 
     return serve(args)
 

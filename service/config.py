@@ -103,6 +103,11 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     decode_threads: int = Field(4, ge=1, description="threads decoding uploads and rendering heatmaps")
+    api_processes: int = Field(1, ge=1, le=64, description="front-end processes (HTTP, decode, heatmaps); above 1, "
+                               "one engine process runs the engines and forms the batches for all of them "
+                               "(docs/DESIGN.md, docs/PERFORMANCE.md)")
+    engine_socket: Path | None = Field(None, description="internal: set by msflow serve for its front-end "
+                                                         "processes (the engine process's Unix socket)")
     graceful_shutdown_s: float = Field(30.0, ge=0.0, description="max wait for in-flight requests on SIGTERM")
     shutdown_delay_s: float = Field(
         0.0, ge=0.0, description="after SIGTERM, keep serving with /readyz 503 this long so load balancers "

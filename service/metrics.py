@@ -5,15 +5,23 @@ apps in one process create metrics without "Duplicated timeseries" errors, and `
 shows exactly this service. :class:`ServiceMetrics` also implements the batcher's
 :class:`service.pipeline.batcher.BatchObserver` hooks.
 
+Several processes, one ``/metrics`` (``MSFLOW_API_PROCESSES`` > 1): the supervisor sets
+``PROMETHEUS_MULTIPROC_DIR`` for its front ends and engine process, so prometheus-client
+keeps every value in per-process files there, and any front end's ``/metrics`` adds them up
+(counters and histograms summed; each gauge says how: ``multiprocess_mode``, which a
+single process ignores). The engine process's batch metrics thus appear on every front end.
+
 Label values are bounded on purpose: categories are only those in the model store (an
 unknown category from a client is counted as ``"-"``), endpoints are route templates.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 # 1 ms .. 30 s: a warm GPU answers in a few ms, a cold CPU batch of large images in seconds.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -38,7 +46,11 @@ class ServiceMetrics:
                               ["category", "label"], registry=r)
         self.batch_size = Histogram("msflow_batch_size", "Images per engine call", ["category"],
                                     buckets=BATCH_BUCKETS, registry=r)
-        self.queue_depth = Gauge("msflow_queue_depth", "Images waiting for a batch", ["category"], registry=r)
+        self.queue_depth = Gauge("msflow_queue_depth", "Images waiting for a batch", ["category"], registry=r,
+                                 multiprocess_mode="livesum")
+        self.batch_frontends = Histogram("msflow_batch_frontends", "Front-end processes whose images share an "
+                                         "engine batch (multi-process mode: the engine process batches for all)",
+                                         ["category"], buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32, 64), registry=r)
         self.queue_wait = Histogram("msflow_queue_wait_seconds", "Time from enqueue to engine start",
                                     ["category"], buckets=LATENCY_BUCKETS, registry=r)
         self.engine_time = Histogram("msflow_engine_seconds", "Engine time per batch", ["category", "engine"],
@@ -48,7 +60,7 @@ class ServiceMetrics:
         self.rejections = Counter("msflow_rejections_total", "Requests or images refused, by reason",
                                   ["category", "reason"], registry=r)
         self.model_info = Gauge("msflow_model_info", "1 for each loaded model version and its engine",
-                                ["category", "version", "engine"], registry=r)
+                                ["category", "version", "engine"], registry=r, multiprocess_mode="livemax")
         self.model_load_failures = Counter("msflow_model_load_failures_total", "Failed model loads",
                                            ["category"], registry=r)
         self.reloads = Counter("msflow_model_reloads_total", "Model reloads by outcome", ["category", "outcome"],
@@ -66,20 +78,23 @@ class ServiceMetrics:
         self.score = Histogram("msflow_score", "Normalised image score (0.5 = the effective threshold)",
                                ["category"], buckets=SCORE_BUCKETS, registry=r)
         self.anomaly_rate = Gauge("msflow_anomaly_rate", "Share of anomalous verdicts among the last "
-                                  "MSFLOW_ANOMALY_RATE_WINDOW images", ["category"], registry=r)
+                                  "MSFLOW_ANOMALY_RATE_WINDOW images", ["category"], registry=r,
+                                  multiprocess_mode="livemostrecent")
         self.gpu_memory = Gauge("msflow_gpu_memory_bytes", "GPU memory per device (used, total), read at "
-                                "scrape time; absent on hosts without a CUDA GPU", ["device", "kind"], registry=r)
+                                "scrape time; absent on hosts without a CUDA GPU", ["device", "kind"], registry=r,
+                                multiprocess_mode="livemax")
         self.nonfinite = Counter("msflow_nonfinite_outputs_total", "Images whose engine output (score or map) "
                                  "was NaN or infinite: answered as an error, never as a verdict",
                                  ["category", "engine"], registry=r)
         self.pixels_in_flight = Gauge("msflow_pixels_in_flight", "Decoded pixels admitted and not yet released "
-                                      "(the budget is MSFLOW_MAX_INFLIGHT_MEGAPIXELS)", registry=r)
+                                      "(the budget is MSFLOW_MAX_INFLIGHT_MEGAPIXELS, per process)", registry=r,
+                                      multiprocess_mode="livesum")
         self.verdicts = Counter("msflow_verdicts_total", "Inspected images by category and three-way verdict "
                                 "(ok, review, ng)", ["category", "verdict"], registry=r)
         # The review queue (service/pipeline/review.py, api/review.py). Pending is the store's
         # count (the same on every replica: aggregate with max, not sum).
         self.review_pending = Gauge("msflow_review_pending", "Unlabelled items in the review store",
-                                    ["category"], registry=r)
+                                    ["category"], registry=r, multiprocess_mode="livemax")
         self.review_captures = Counter("msflow_review_captures_total", "Images offered to the review store, by "
                                        "outcome: stored, duplicate, full (budget), queue_full (writer behind), "
                                        "error (write failed); never an inspect failure",
@@ -130,6 +145,8 @@ class ServiceMetrics:
         """Point the info gauge at the version now serving ``category`` (one series per category)."""
         old = self._model_labels.get(category)
         if old is not None and old != (version, engine):
+            # Multi-process files keep a removed series' last value: zero it first.
+            self.model_info.labels(category, *old).set(0)
             try:
                 self.model_info.remove(category, *old)
             except KeyError:
@@ -153,6 +170,10 @@ class ServiceMetrics:
     def exposition(self) -> tuple[bytes, str]:
         """The ``/metrics`` body and its content type."""
         self.refresh_gpu_memory()
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            merged = CollectorRegistry()
+            MultiProcessCollector(merged)
+            return generate_latest(merged), CONTENT_TYPE_LATEST
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
     def is_known(self, category: str) -> bool:

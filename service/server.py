@@ -1,4 +1,5 @@
-"""``msflow serve``: settings from the environment (CLI flags win), then uvicorn.
+"""One uvicorn server process: the whole service, or one front end of a multi-process server
+(:mod:`service.supervisor` starts those). Settings come from the environment; CLI flags win.
 
 Shutdown on SIGTERM (Kubernetes, docker stop, systemd), in this order:
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import socket
 import threading
 from types import FrameType
 from typing import Any
@@ -29,12 +31,7 @@ log = logging.getLogger(__name__)
 
 def build_settings(args: argparse.Namespace) -> Settings:
     """Environment settings with the CLI's non-None ``host``, ``port`` and ``store`` on top."""
-    overrides: dict[str, Any] = {}
-    for arg, field in (("host", "host"), ("port", "port"), ("store", "model_store")):
-        value = getattr(args, arg, None)
-        if value is not None:
-            overrides[field] = value
-    return Settings(**overrides)
+    return Settings(**build_overrides(args))
 
 
 class _GracefulServer(uvicorn.Server):
@@ -62,17 +59,23 @@ class _GracefulServer(uvicorn.Server):
         timer.start()
 
 
-def serve(args: argparse.Namespace) -> int:
-    settings = build_settings(args)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    warn_unknown_env()
+def build_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The CLI's settings, for child processes (which read the environment themselves)."""
+    return {field: getattr(args, arg) for arg, field in (("host", "host"), ("port", "port"), ("store", "model_store"))
+            if getattr(args, arg, None) is not None}
+
+
+def run_server(settings: Settings, sockets: list[socket.socket] | None = None) -> int:
+    """One uvicorn server on this process: the whole service, or one front end of several
+    (``sockets``: the listening socket the supervisor shares among them)."""
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             access_log=settings.access_log, lifespan="on",
                             timeout_graceful_shutdown=settings.graceful_shutdown_s)  # type: ignore[arg-type]
     server = _GracefulServer(config, app.state.service.begin_shutdown, settings.shutdown_delay_s)
-    log.info("serving %s on http://%s:%d (engine %s, batch %d, delay %.1f ms, %s)", settings.model_store,
-             settings.host, settings.port, settings.engine, settings.max_batch_size, settings.max_queue_delay_ms,
-             "API keys required" if settings.api_keys else "open API, no keys configured")
-    server.run()
+    if sockets is None:
+        log.info("serving %s on http://%s:%d (engine %s, batch %d, delay %.1f ms, %s)", settings.model_store,
+                 settings.host, settings.port, settings.engine, settings.max_batch_size, settings.max_queue_delay_ms,
+                 "API keys required" if settings.api_keys else "open API, no keys configured")
+    server.run(sockets=sockets)
     return 0 if server.started else 1

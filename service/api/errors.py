@@ -18,6 +18,7 @@ from service.metrics import UNKNOWN
 from service.pipeline.admission import AdmissionRefused
 from service.pipeline.batcher import BatcherClosed, CallerGone, DeadlineExceeded, QueueFull
 from service.pipeline.decode import ImageRejected
+from service.pipeline.engine_client import EngineUnavailable
 from service.pipeline.registry import ModelNotLoaded, UnknownCategory
 from service.pipeline.runtime import NonFiniteOutput
 from service.pipeline.state import JobsUnavailable
@@ -63,7 +64,7 @@ _PUBLIC_MESSAGES: dict[type[Exception], str] = {
 # Library exceptions -> (status, code, Retry-After?)
 _MAPPED: dict[type[Exception], tuple[int, str, bool]] = {
     QueueFull: (503, "queue_full", True), BatcherClosed: (503, "shutting_down", True),
-    ModelNotLoaded: (503, "model_not_loaded", True), DeadlineExceeded: (504, "deadline_exceeded", False),
+    ModelNotLoaded: (503, "model_not_loaded", True), EngineUnavailable: (503, "engine_unavailable", True), DeadlineExceeded: (504, "deadline_exceeded", False),
     EngineError: (500, "engine_error", False), RedisUnavailable: (503, "redis_unavailable", True),
     JobsUnavailable: (503, "redis_required", False), BacklogFull: (503, "job_backlog_full", True),
     ThresholdNotPersisted: (500, "threshold_not_persisted", False),

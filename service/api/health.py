@@ -21,6 +21,8 @@ async def healthz() -> Health:
 async def readyz(state: StateDep) -> Readiness:
     if state.shutting_down:
         raise ApiError(503, "shutting_down", "the server is shutting down")
+    if not state.engine_connected:
+        raise ApiError(503, "engine_unavailable", "this front end has lost the engine process; it is reconnecting")
     if not state.registry.ready:
         raise ApiError(503, "not_ready", "no model is serving yet, or some are still loading",
                        details={"serving": state.registry.serving(), "failed": state.registry.failed,

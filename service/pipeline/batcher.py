@@ -88,6 +88,29 @@ class _NullObserver:
 R = TypeVar("R")
 
 
+class BatchQueue(Protocol):
+    """What a pipeline lane batches with: a :class:`Batcher` here, or the front end's
+    :class:`~service.pipeline.engine_client.RemoteBatcher` of the engine process's one."""
+
+    category: str
+    max_queue_delay_s: float
+
+    @property
+    def max_queue_size(self) -> int: ...
+
+    @property
+    def depth(self) -> int: ...
+
+    @property
+    def closing(self) -> bool: ...
+
+    def check_room(self, count: int) -> None: ...
+
+    def submit_many(self, items: Sequence[Any], deadline: float) -> list[asyncio.Future[Any]]: ...
+
+    async def drain(self, timeout: float | None = None) -> None: ...
+
+
 @dataclass(frozen=True)
 class Batched(Generic[R]):
     """One item's result, with the batch it ran in: ``value`` is what ``run_batch`` returned

@@ -231,22 +231,15 @@ class ModelRegistry:
         s = self.settings
         engine = self._engine_factory(version_dir, kind=s.engine, device=s.device, threads=s.intra_op_threads,
                                       max_batch_size=s.max_batch_size)
-        warmup_ms = self._warm(engine)
+        try:
+            warmup_ms = warm_engine(engine, self.settings.max_batch_size)
+        except BaseException:
+            release = getattr(engine, "close", None)  # an engine held elsewhere (engine process) lets go
+            if release is not None:
+                release()
+            raise
         return LoadedModel(category=category, version=version, version_dir=version_dir, engine=engine,
                            loaded_at=datetime.now(timezone.utc), warmup_ms=warmup_ms, pinned=pinned)
-
-    def _warm(self, engine: Engine) -> float:
-        """Run one full batch of zeros and check the output shapes."""
-        size = engine.manifest.input_size
-        batch = max(1, min(self.settings.max_batch_size, int(engine.max_batch_size)))
-        started = time.perf_counter()
-        scores, maps = engine.run(np.zeros((batch, size, size, 3), dtype=np.uint8))
-        if np.shape(scores) != (batch,) or np.shape(maps) != (batch, size, size):
-            raise RegistryError(f"engine {engine.name} returned scores {np.shape(scores)} and maps "
-                                f"{np.shape(maps)} for a batch of {batch} at {size}x{size}")
-        if not np.all(np.isfinite(scores)):
-            raise RegistryError(f"engine {engine.name} returns non-finite scores on its warm-up batch")
-        return (time.perf_counter() - started) * 1e3
 
     async def reload(self, category: str, version: str | None = None) -> LoadedModel:
         """(Re)load ``category`` (newest, pinned or the given ``version``) and swap it in once warm."""
@@ -300,3 +293,17 @@ class ModelRegistry:
     def serving(self) -> dict[str, str]:
         """category -> version for every loaded category."""
         return {c: m.version for c, m in sorted(self._models.items())}
+
+
+def warm_engine(engine: Engine, max_batch_size: int) -> float:
+    """Run one full batch of zeros through ``engine``, check the output shapes; milliseconds taken."""
+    size = engine.manifest.input_size
+    batch = max(1, min(max_batch_size, int(engine.max_batch_size)))
+    started = time.perf_counter()
+    scores, maps = engine.run(np.zeros((batch, size, size, 3), dtype=np.uint8))
+    if np.shape(scores) != (batch,) or np.shape(maps) != (batch, size, size):
+        raise RegistryError(f"engine {engine.name} returned scores {np.shape(scores)} and maps "
+                            f"{np.shape(maps)} for a batch of {batch} at {size}x{size}")
+    if not np.all(np.isfinite(scores)):
+        raise RegistryError(f"engine {engine.name} returns non-finite scores on its warm-up batch")
+    return (time.perf_counter() - started) * 1e3

@@ -20,6 +20,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import functools
+import inspect
 import logging
 import math
 import time
@@ -33,7 +34,8 @@ import numpy as np
 from service.config import Settings
 from service.metrics import ServiceMetrics
 from service.pipeline.admission import MEGA, AdmissionRefused, PixelBudget, Ticket
-from service.pipeline.batcher import Batched, Batcher, DeadlineExceeded, wait_results
+from service.pipeline.batcher import Batched, Batcher, BatchQueue, DeadlineExceeded, wait_results
+from service.pipeline.engine_client import EngineClient, RemoteBatcher, RemoteEngine
 from service.pipeline.decode import ImageLimits, ImageRejected, Rendering, configure_pillow, decode_into, probe_into
 from service.pipeline.item import InspectedImage
 from service.pipeline.postprocess import policy_from_settings, postprocess
@@ -57,7 +59,7 @@ class Lane:
     lane, and the old one is drained once its last user is done."""
 
     model: LoadedModel
-    batcher: Batcher
+    batcher: BatchQueue  # a local Batcher, or a RemoteBatcher in a front end of the engine process
     users: int = 0
     retired: bool = field(default=False)
 
@@ -68,13 +70,19 @@ class PipelineRuntime:
     ``redis``: the connection links and threshold overrides use (None: this host only).
     ``memory_links``: keep ``heatmap=url`` PNGs in this process too (the API, which serves
     them); the worker passes False, since it serves nothing: its links must be in Redis.
+    ``engine_link``: a front end of a multi-process server runs its engines and forms its
+    batches in the engine process (:mod:`service.pipeline.engine_client`), not here.
     """
 
     def __init__(self, settings: Settings, redis: RedisConnection | None, *, metrics: ServiceMetrics | None = None,
-                 memory_links: bool = True, engine_factory: EngineFactory = load_engine) -> None:
+                 memory_links: bool = True, engine_factory: EngineFactory = load_engine,
+                 engine_link: EngineClient | None = None) -> None:
         self.settings = settings
         self.metrics = metrics or ServiceMetrics()
         self.redis = redis
+        self.engine_link = engine_link
+        if engine_link is not None:
+            engine_factory = engine_link.engine_factory
         self.registry = ModelRegistry(settings, engine_factory=engine_factory, on_swap=self._swapped)
         self.limits = ImageLimits(max_bytes=settings.max_upload_bytes, max_pixels=settings.max_image_pixels,
                                   max_heatmap_pixels=settings.max_heatmap_pixels)
@@ -99,6 +107,8 @@ class PipelineRuntime:
         Call from the running event loop; loading is :meth:`load_and_watch`'s."""
         configure_pillow(self.settings.max_image_pixels)
         found = self.registry.discover()
+        if self.engine_link is not None:
+            self.engine_link.start()
         self._pool = ThreadPoolExecutor(self.settings.decode_threads, thread_name_prefix="decode")
         self.thresholds.start(self.registry.serving)
         self.review.start()
@@ -125,6 +135,8 @@ class PipelineRuntime:
         await asyncio.gather(*(lane.batcher.drain(self.settings.graceful_shutdown_s)
                                for lane in list(self._lanes.values())), *self._draining)
         await self.review.stop()  # after the drain: the last answers' captures are queued by then
+        if self.engine_link is not None:
+            await self.engine_link.close()
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
         if self.redis is not None:
@@ -145,10 +157,14 @@ class PipelineRuntime:
             # Created on first use, on the running loop. Not refused while only readiness is
             # down (shutdown_delay_s): load balancers may still route here until they notice.
             s, engine = self.settings, model.engine
-            batcher = Batcher(model.category, _engine_runner(engine), label=engine.name,
-                              max_batch_size=max(1, min(s.max_batch_size, int(engine.max_batch_size))),
-                              max_queue_delay_s=s.max_queue_delay_ms / 1e3, max_queue_size=s.max_queue_size,
-                              observer=self.metrics)
+            batcher: BatchQueue
+            if self.engine_link is not None and isinstance(engine, RemoteEngine):
+                batcher = RemoteBatcher(self.engine_link, engine, s.max_queue_delay_ms / 1e3, self.metrics)
+            else:
+                batcher = Batcher(model.category, _engine_runner(engine), label=engine.name,
+                                  max_batch_size=max(1, min(s.max_batch_size, int(engine.max_batch_size))),
+                                  max_queue_delay_s=s.max_queue_delay_ms / 1e3, max_queue_size=s.max_queue_size,
+                                  observer=self.metrics)
             lane = self._lanes[id(model)] = Lane(model, batcher)
         return lane
 
@@ -158,6 +174,11 @@ class PipelineRuntime:
             task = asyncio.get_running_loop().create_task(lane.batcher.drain(self.settings.graceful_shutdown_s))
             self._draining.add(task)
             task.add_done_callback(self._draining.discard)
+
+    @property
+    def engine_connected(self) -> bool:
+        """False while a front end has lost its engine process (it reconnects by itself)."""
+        return self.engine_link is None or self.engine_link.connected
 
     @contextlib.contextmanager
     def pin(self, category: str) -> Iterator[Lane]:
@@ -313,6 +334,9 @@ class PipelineRuntime:
             self.metrics.count_rejection(lane.model.category, "deadline")
             raise DeadlineExceeded("the deadline passed before the answer was ready "
                                    f"(stage reached: {min((i.stage for i in items), key=_STAGE_ORDER.index)})") from exc
+        finally:
+            if inspect.iscoroutine(gone) and inspect.getcoroutinestate(gone) == inspect.CORO_CREATED:
+                gone.close()  # refused before anything waited on it: no "never awaited" warning
 
 
 _STAGE_ORDER = ("received", "decoded", "scored", "answered")
@@ -325,7 +349,7 @@ def rendering_for(options: InspectOptions, render_all: bool) -> Rendering:
     return Rendering(heatmap=options.heatmap_size.value, overlay=options.overlay)
 
 
-async def _submit_when_room(batcher: Batcher, tensors: list[np.ndarray], deadline: float) -> list[asyncio.Future[Any]]:
+async def _submit_when_room(batcher: BatchQueue, tensors: list[np.ndarray], deadline: float) -> list[asyncio.Future[Any]]:
     """Queue ``tensors`` without ever being refused for a full queue: in parts no larger than
     the queue, each once there is room for it (or :class:`DeadlineExceeded`)."""
     futures: list[asyncio.Future[Any]] = []

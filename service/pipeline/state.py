@@ -20,6 +20,7 @@ from typing import Literal
 from service.config import Settings
 from service.metrics import ServiceMetrics
 from service.pipeline.admission import AdmissionRefused
+from service.pipeline.engine_client import EngineClient
 from service.pipeline.item import InspectedImage
 from service.pipeline.recent import RecentScores
 from service.pipeline.registry import LoadedModel
@@ -49,7 +50,12 @@ class ServiceState(PipelineRuntime):
     def __init__(self, settings: Settings) -> None:
         metrics = ServiceMetrics()  # created first: the connection counts its errors there
         redis = RedisConnection(settings, metrics) if settings.redis_url else None
-        super().__init__(settings, redis, metrics=metrics, memory_links=True)
+        # A front end of a multi-process server (MSFLOW_API_PROCESSES > 1): engines and
+        # batching live in the engine process, reached through this socket.
+        link = EngineClient(settings, settings.engine_socket, metrics) if settings.engine_socket else None
+        super().__init__(settings, redis, metrics=metrics, memory_links=True, engine_link=link)
+        if link is not None:
+            link.on_reload = self._follow_reload
         self.shutting_down = False
         self._loading: asyncio.Task[None] | None = None
         self.cache = ResultCache(settings, self.redis, self.metrics)
@@ -159,7 +165,18 @@ class ServiceState(PipelineRuntime):
             self.metrics.reloads.labels(category, "failed").inc()
             raise
         self.metrics.reloads.labels(category, "ok").inc()
+        if self.engine_link is not None:
+            self.engine_link.broadcast_reload(category, version)  # the other front ends follow
         return model
+
+    async def _follow_reload(self, category: str, version: str | None) -> None:
+        """Another front end of this server reloaded ``category``: serve what it serves."""
+        try:
+            await self.registry.reload(category, version)
+            self.metrics.reloads.labels(category, "ok").inc()
+        except Exception as exc:
+            self.metrics.reloads.labels(category, "failed").inc()
+            log.error("following the reload of %s (version %s) failed: %s", category, version, exc)
 
 
 def _cache_ttl(item: InspectedImage) -> float:

@@ -1,0 +1,334 @@
+"""The engine process of a multi-process server: every engine, and the one place batches form.
+
+``msflow serve`` with ``MSFLOW_API_PROCESSES`` = N > 1 runs N front-end processes (HTTP,
+decode, postprocess; :mod:`service.server`) and this one process per device, the split vLLM
+makes between its API server and its ``EngineCore``. Front ends connect over a Unix socket
+(:mod:`service.ipc.channel`) and hand over a shared-memory slab per input size
+(:mod:`service.ipc.slab`); a request then costs two small messages:
+
+``submit {rid, dir, slab, slots, deadline}``  ->  one :class:`~service.pipeline.batcher.Batcher`
+per loaded version folder, shared by every front end, so the batches fill from all of them
+(``msflow_batch_frontends`` counts how many fed each batch) -> the engine reads the inputs
+from the slots and writes the maps into them -> ``result {rid, items}``.
+
+Engines are loaded on a front end's ``acquire`` of a version folder (its registry decides
+what is served; the first acquire loads and warms, the others share) and unloaded a grace
+period after the last front end released it, so that a front end restarting, or a request
+pinned to the old version just before a reload, still finds it. A front end that goes away
+(crash included) releases what it held and its queued images are dropped; its slabs are
+unmapped once the last batch that reads them is done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ctypes
+import logging
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service.config import Settings
+from service.engines.base import Engine
+from service.engines.factory import load_engine
+from service.ipc.channel import Channel, Message
+from service.ipc.slab import Slab
+from service.metrics import ServiceMetrics
+from service.pipeline.batcher import Batched, Batcher, BatcherClosed, DeadlineExceeded, QueueFull
+from service.pipeline.registry import EngineFactory, warm_engine
+
+log = logging.getLogger(__name__)
+
+# Codes of an item's outcome on the wire (the client maps them back to its exceptions).
+OK, QUEUE_FULL, CLOSED, DEADLINE, CANCELLED, ENGINE_ERROR, NOT_LOADED = (
+    "ok", "queue_full", "closed", "deadline", "cancelled", "engine_error", "not_loaded")
+
+
+@dataclass
+class Payload:
+    """One image of a batch: where its input lies and where its map goes."""
+
+    frontend: int
+    slab: Slab
+    slot: int
+
+
+@dataclass
+class Hosted:
+    """A loaded version folder, its batcher, and which front ends hold it."""
+
+    engine: Engine
+    batcher: Batcher
+    warmup_ms: float
+    holders: collections.Counter[int] = field(default_factory=collections.Counter)
+    unload: asyncio.TimerHandle | None = None
+
+
+class FrontEnd:
+    """The engine process's view of one connected front end."""
+
+    def __init__(self, ident: int, channel: Channel) -> None:
+        self.ident = ident
+        self.channel = channel
+        self.pid = 0
+        self.slabs: dict[int, Slab] = {}
+        self.requests: dict[int, list[asyncio.Future[Any]]] = {}
+
+
+class EngineCore:
+    def __init__(self, settings: Settings, metrics: ServiceMetrics | None = None,
+                 engine_factory: EngineFactory = load_engine) -> None:
+        self.settings = settings
+        self.metrics = metrics or ServiceMetrics()
+        self._engine_factory = engine_factory
+        self.hosted: dict[str, Hosted] = {}
+        self.frontends: dict[int, FrontEnd] = {}
+        self._loading: dict[str, asyncio.Lock] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._next_ident = 0
+        self._stopping = asyncio.Event()
+        # Long enough for any request pinned before a reload to reach the engine.
+        self.unload_grace_s = settings.request_deadline_ms / 1e3 + 5.0
+
+    # ------------------------------------------------------------------ serving
+    async def serve(self, path: Path) -> None:
+        """Accept front ends on ``path`` until :meth:`stop`; then drain every batcher."""
+        loop = asyncio.get_running_loop()
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        path.unlink(missing_ok=True)
+        listener.bind(str(path))
+        os.chmod(path, 0o600)
+        listener.listen(64)
+        listener.setblocking(False)
+        log.info("engine process %d listening on %s", os.getpid(), path)
+        accept = loop.create_task(self._accept(listener))
+        await self._stopping.wait()
+        accept.cancel()
+        listener.close()
+        path.unlink(missing_ok=True)
+        await asyncio.gather(*(h.batcher.drain(self.settings.graceful_shutdown_s) for h in self.hosted.values()))
+        for frontend in list(self.frontends.values()):
+            frontend.channel.close()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def _accept(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            conn, _ = await loop.sock_accept(listener)
+            self._next_ident += 1
+            ident = self._next_ident
+            channel = Channel(conn, loop, lambda batch, i=ident: self._on_messages(i, batch),
+                              lambda i=ident: self._disconnected(i), name=f"frontend-{ident}")
+            self.frontends[ident] = FrontEnd(ident, channel)
+            channel.start()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _on_messages(self, ident: int, batch: list[tuple[Message, list[int]]]) -> None:
+        frontend = self.frontends.get(ident)
+        if frontend is None:
+            for _, fds in batch:
+                for fd in fds:
+                    os.close(fd)
+            return
+        for message, fds in batch:
+            try:
+                self._handle(frontend, message, fds)
+            except Exception:  # one bad message must not end the process: the front end gets an error
+                log.exception("front end %d (pid %d): message %s failed", ident, frontend.pid, message.get("op"))
+                if "rid" in message:
+                    frontend.channel.send({"op": "error", "rid": message["rid"], "message": "engine process error"})
+
+    def _handle(self, frontend: FrontEnd, message: Message, fds: list[int]) -> None:
+        op = message["op"]
+        if op == "hello":
+            frontend.pid = int(message["pid"])
+            log.info("front end %d connected (pid %d)", frontend.ident, frontend.pid)
+        elif op == "slab":
+            (fd,) = fds
+            old = frontend.slabs.pop(int(message["id"]), None)
+            if old is not None:
+                old.close()
+            frontend.slabs[int(message["id"])] = Slab.attach(fd, int(message["size"]), int(message["slots"]),
+                                                             str(message["name"]))
+        elif op == "acquire":
+            self._spawn(self._acquire(frontend, int(message["rid"]), str(message["dir"])))
+        elif op == "release":
+            self._release(frontend.ident, str(message["dir"]))
+        elif op == "submit":
+            self._submit(frontend, message)
+        elif op == "cancel":
+            for future in frontend.requests.get(int(message["rid"]), ()):
+                future.cancel()
+        elif op == "reload":  # one front end reloaded a category: every other one follows
+            for other in self.frontends.values():
+                if other is not frontend:
+                    other.channel.send(message)
+        else:
+            raise ValueError(f"unknown message {op!r}")
+
+    def _disconnected(self, ident: int) -> None:
+        frontend = self.frontends.pop(ident, None)
+        if frontend is None:
+            return
+        log.warning("front end %d (pid %d) disconnected; dropping its queued images and holds",
+                    ident, frontend.pid)
+        for futures in frontend.requests.values():
+            for future in futures:
+                future.cancel()  # dropped before the engine; a running batch finishes into its slab
+        for version_dir in [d for d, h in self.hosted.items() if ident in h.holders]:
+            self._release(ident, version_dir, every_hold=True)
+        for slab in frontend.slabs.values():
+            slab.close()
+        frontend.slabs.clear()
+
+    # ------------------------------------------------------------------ engines
+    async def _acquire(self, frontend: FrontEnd, rid: int, version_dir: str) -> None:
+        try:
+            hosted = await self._load(version_dir)
+        except Exception as exc:
+            log.error("cannot load %s: %s", version_dir, exc)
+            frontend.channel.send({"op": "error", "rid": rid, "message": f"{type(exc).__name__}: {exc}"})
+            return
+        if frontend.ident not in self.frontends:
+            return
+        hosted.holders[frontend.ident] += 1
+        if hosted.unload is not None:
+            hosted.unload.cancel()
+            hosted.unload = None
+        frontend.channel.send({"op": "acquired", "rid": rid, "name": hosted.engine.name,
+                               "max_batch_size": int(hosted.engine.max_batch_size),
+                               "warmup_ms": hosted.warmup_ms})
+
+    async def _load(self, version_dir: str) -> Hosted:
+        async with self._loading.setdefault(version_dir, asyncio.Lock()):
+            hosted = self.hosted.get(version_dir)
+            if hosted is not None:
+                return hosted
+            s = self.settings
+            engine = await asyncio.to_thread(self._engine_factory, Path(version_dir), kind=s.engine, device=s.device,
+                                             threads=s.intra_op_threads, max_batch_size=s.max_batch_size)
+            warmup_ms = await asyncio.to_thread(warm_engine, engine, s.max_batch_size)
+            category = engine.manifest.category
+            batcher = Batcher(category, self._runner(category, engine), label=engine.name,
+                              max_batch_size=max(1, min(s.max_batch_size, int(engine.max_batch_size))),
+                              max_queue_delay_s=s.max_queue_delay_ms / 1e3,
+                              max_queue_size=s.max_queue_size * max(1, s.api_processes), observer=self.metrics)
+            hosted = self.hosted[version_dir] = Hosted(engine, batcher, warmup_ms)
+            log.info("loaded %s on %s (warm-up %.0f ms)", version_dir, engine.name, warmup_ms)
+            return hosted
+
+    def _release(self, ident: int, version_dir: str, every_hold: bool = False) -> None:
+        hosted = self.hosted.get(version_dir)
+        if hosted is None or ident not in hosted.holders:
+            return
+        hosted.holders[ident] -= 1
+        if every_hold or hosted.holders[ident] <= 0:
+            del hosted.holders[ident]
+        if not hosted.holders and hosted.unload is None:
+            hosted.unload = asyncio.get_running_loop().call_later(self.unload_grace_s, self._unload, version_dir)
+
+    def _unload(self, version_dir: str) -> None:
+        hosted = self.hosted.get(version_dir)
+        if hosted is None or hosted.holders:
+            return
+        del self.hosted[version_dir]
+        log.info("unloading %s: no front end holds it", version_dir)
+        self._spawn(hosted.batcher.drain(self.settings.graceful_shutdown_s))
+
+    def _runner(self, category: str, engine: Engine) -> Any:
+        """The batcher's ``run_batch``: inputs from the slots, maps back into them."""
+        def run_batch(payloads: list[Payload]) -> list[float]:
+            batch = np.stack([p.slab.input(p.slot) for p in payloads])
+            scores, maps = engine.run(batch)
+            if len(scores) != len(payloads) or len(maps) != len(payloads):
+                raise RuntimeError(f"engine {engine.name} returned {len(scores)} scores / {len(maps)} maps "
+                                   f"for a batch of {len(payloads)}")
+            for payload, heat in zip(payloads, maps):
+                payload.slab.output(payload.slot)[...] = heat
+            self.metrics.batch_frontends.labels(category).observe(len({p.frontend for p in payloads}))
+            return [float(s) for s in scores]
+        return run_batch
+
+    # ------------------------------------------------------------------ requests
+    def _submit(self, frontend: FrontEnd, message: Message) -> None:
+        rid = int(message["rid"])
+        count = len(message["slots"])
+        hosted = self.hosted.get(str(message["dir"]))
+        if hosted is None:
+            frontend.channel.send({"op": "result", "rid": rid, "items": [[NOT_LOADED]] * count})
+            return
+        slab = frontend.slabs[int(message["slab"])]
+        payloads = [Payload(frontend.ident, slab, int(slot)) for slot in message["slots"]]
+        # The front end's monotonic clock is this one (CLOCK_MONOTONIC is system-wide).
+        try:
+            futures = hosted.batcher.submit_many(payloads, float(message["deadline"]))
+        except QueueFull:
+            frontend.channel.send({"op": "result", "rid": rid, "items": [[QUEUE_FULL]] * count})
+            return
+        except BatcherClosed:
+            frontend.channel.send({"op": "result", "rid": rid, "items": [[CLOSED]] * count})
+            return
+        frontend.requests[rid] = futures
+        self._spawn(self._answer(frontend, rid, futures))
+
+    async def _answer(self, frontend: FrontEnd, rid: int, futures: list[asyncio.Future[Any]]) -> None:
+        await asyncio.wait(futures)
+        frontend.requests.pop(rid, None)
+        frontend.channel.send({"op": "result", "rid": rid, "items": [_outcome(f) for f in futures]})
+
+
+def _outcome(future: asyncio.Future[Batched[float]]) -> list[Any]:
+    if future.cancelled():
+        return [CANCELLED]
+    exc = future.exception()
+    if exc is None:
+        done = future.result()
+        return [OK, done.value, done.batch_size, round(done.queue_ms, 3), round(done.run_ms, 3)]
+    if isinstance(exc, DeadlineExceeded):
+        return [DEADLINE]
+    if isinstance(exc, BatcherClosed):
+        return [CLOSED]
+    return [ENGINE_ERROR, f"{type(exc).__name__}: {exc}"]
+
+
+def set_process_name(name: str) -> None:
+    """What ``ps -o comm``, ``top`` and ``/proc/<pid>/comm`` show (Linux; a no-op elsewhere)."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+    except (OSError, AttributeError):
+        pass
+
+
+def run_engine_process(overrides: dict[str, Any], socket_path: str) -> None:
+    """Entry point of the engine process (started by :mod:`service.supervisor`)."""
+    set_process_name("msflow-engine")
+    settings = Settings(**overrides)
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s engine %(name)s: %(message)s")
+    # Ctrl-C reaches the whole process group: the supervisor stops the front ends first and
+    # then this process (SIGTERM), so that their requests in flight still get engine time.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    async def main() -> None:
+        core = EngineCore(settings)
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, core.stop)
+        started = time.monotonic()
+        await core.serve(Path(socket_path))
+        log.info("engine process stopped after %.0f s", time.monotonic() - started)
+
+    asyncio.run(main())

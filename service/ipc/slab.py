@@ -1,0 +1,133 @@
+"""Slots of shared memory for engine inputs and outputs, on an anonymous ``memfd``.
+
+A front-end process owns one :class:`Slab` per model input size. A slot holds one image's
+engine input (uint8 ``[S, S, 3]``) and its output map (float32 ``[S, S]``); the front end
+writes the input, the engine process reads it and writes the map, the front end reads the
+map. Nothing is pickled and nothing is copied twice.
+
+Why ``memfd_create`` and a file descriptor passed over the socket, not named POSIX shared
+memory: a memfd has no name in ``/dev/shm``, so there is nothing to leak. The kernel frees
+it when the last process that maps it, or holds its descriptor, is gone, however it
+ends (SIGKILL included). Named segments would need a janitor after every crash.
+
+The slab's capacity (``slots``) is the front end's queue budget for that size: a request
+that finds no free slots is refused (503) before it costs anything.
+"""
+
+from __future__ import annotations
+
+import collections
+import mmap
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+PAGE = mmap.PAGESIZE
+
+
+def _round_up(n: int, to: int = PAGE) -> int:
+    return -(-n // to) * to
+
+
+@dataclass(frozen=True)
+class SlabLayout:
+    """Where slot ``i``'s input and output lie (page-aligned, so neither shares a page)."""
+
+    size: int  # the model's input side S
+    slots: int
+
+    @property
+    def input_bytes(self) -> int:
+        return self.size * self.size * 3
+
+    @property
+    def output_bytes(self) -> int:
+        return self.size * self.size * 4
+
+    @property
+    def slot_bytes(self) -> int:
+        return _round_up(self.input_bytes) + _round_up(self.output_bytes)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.slot_bytes * self.slots
+
+
+class Slab:
+    """One shared mapping of ``layout.slots`` slots; see the module docstring.
+
+    ``Slab.create`` makes a new memfd (the owner: a front end); ``Slab.attach`` maps a
+    descriptor received from its owner (the engine process). Pages are committed only when
+    touched, so an idle slab costs address space, not memory.
+    """
+
+    def __init__(self, layout: SlabLayout, fd: int, name: str) -> None:
+        self.layout = layout
+        self.name = name
+        self.fd = fd
+        self._map = mmap.mmap(fd, layout.total_bytes)
+        self._buffer = np.frombuffer(self._map, dtype=np.uint8)
+
+    @classmethod
+    def create(cls, size: int, slots: int, name: str) -> "Slab":
+        layout = SlabLayout(size, slots)
+        fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, layout.total_bytes)
+            return cls(layout, fd, name)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    @classmethod
+    def attach(cls, fd: int, size: int, slots: int, name: str) -> "Slab":
+        layout = SlabLayout(size, slots)
+        if os.fstat(fd).st_size < layout.total_bytes:
+            os.close(fd)
+            raise ValueError(f"slab {name}: descriptor smaller than {slots} slots of {size}x{size}")
+        return cls(layout, fd, name)
+
+    def input(self, slot: int) -> np.ndarray:
+        """Slot ``slot``'s engine input, a uint8 ``[S, S, 3]`` view."""
+        start = self._offset(slot)
+        return self._buffer[start:start + self.layout.input_bytes].reshape(self.layout.size, self.layout.size, 3)
+
+    def output(self, slot: int) -> np.ndarray:
+        """Slot ``slot``'s output map, a float32 ``[S, S]`` view."""
+        start = self._offset(slot) + _round_up(self.layout.input_bytes)
+        raw = self._buffer[start:start + self.layout.output_bytes]
+        return raw.view(np.float32).reshape(self.layout.size, self.layout.size)
+
+    def _offset(self, slot: int) -> int:
+        if not 0 <= slot < self.layout.slots:
+            raise IndexError(f"slot {slot} outside 0..{self.layout.slots - 1} of slab {self.name}")
+        return slot * self.layout.slot_bytes
+
+    def close(self) -> None:
+        """Close the descriptor. The mapping goes when the last view of it is collected, so a
+        batch still writing into it never writes into unmapped memory."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class SlotPool:
+    """The free slots of one slab (the owner's side): all-or-nothing reservations."""
+
+    def __init__(self, slots: int) -> None:
+        self._free: collections.deque[int] = collections.deque(range(slots))
+        self.capacity = slots
+
+    @property
+    def free(self) -> int:
+        return len(self._free)
+
+    def take(self, count: int) -> list[int] | None:
+        """``count`` slots, or None (nothing taken) when fewer are free."""
+        if count > len(self._free):
+            return None
+        return [self._free.popleft() for _ in range(count)]
+
+    def give_back(self, slots: list[int]) -> None:
+        self._free.extend(slots)

@@ -1,0 +1,382 @@
+"""A front end's link to the engine process (multi-process mode, :mod:`service.engine_core`).
+
+Three pieces, so that the rest of the pipeline cannot tell it is not running the engine
+itself:
+
+* :class:`EngineClient`: the connection. It owns this process's shared-memory slabs (one per
+  input size, ``max_queue_size`` slots each: the front end's queue budget), sends
+  ``submit``/``cancel``/``acquire``/``release``, and resolves futures from the answers.
+  When the engine process goes away, every image in flight fails with
+  :class:`EngineUnavailable` (503 + Retry-After) and the client reconnects, hands its slabs
+  to the new engine process and acquires again what its registry serves.
+* :class:`RemoteBatcher`: what a :class:`~service.pipeline.runtime.Lane` batches with here,
+  in place of a local :class:`~service.pipeline.batcher.Batcher`. It forms no batch: the
+  engine process does, across all front ends.
+* :class:`RemoteEngine`: what the registry's engine factory returns here. Its ``run`` goes
+  through the engine process too (the registry warms every version through it, which
+  checks the whole path once per front end and version).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import logging
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.manifest import Manifest
+from service.config import Settings
+from service.engines.base import EngineError
+from service.ipc.channel import Channel, Message
+from service.ipc.slab import Slab, SlotPool
+from service.metrics import ServiceMetrics
+from service.pipeline.batcher import Batched, BatcherClosed, BatcherError, DeadlineExceeded, QueueFull
+
+log = logging.getLogger(__name__)
+
+_CONNECT_WAIT_S = 60.0  # how long a load waits for the engine process (it may be loading others)
+
+
+class EngineUnavailable(BatcherError):
+    """The engine process is not reachable right now (restarting): answer 503 + Retry-After."""
+
+
+@dataclass
+class _Request:
+    slab: Slab
+    pool: SlotPool
+    slots: list[int]
+    futures: list[asyncio.Future[Batched[Any]]]
+    cancel_sent: bool = False
+
+
+class EngineClient:
+    """See the module docstring. Create with :meth:`start` on the running loop."""
+
+    def __init__(self, settings: Settings, socket_path: Path, metrics: ServiceMetrics | None = None) -> None:
+        self.settings = settings
+        self.socket_path = socket_path
+        self.metrics = metrics or ServiceMetrics()
+        self.on_reload: Callable[[str, str | None], Awaitable[Any]] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._channel: Channel | None = None
+        self._connected = asyncio.Event()
+        self._closing = False
+        self._slabs: dict[int, tuple[int, Slab, SlotPool]] = {}  # input size -> (slab id, slab, its free slots)
+        self._requests: dict[int, _Request] = {}
+        self._calls: dict[int, asyncio.Future[Message]] = {}
+        self._current: dict[str, str] = {}  # category -> version folder acquired last
+        self._ids = itertools.count(1)
+        self._connector: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------------ connection
+    def start(self) -> None:
+        """Connect in the background (from the running loop); loads wait for the connection."""
+        self._loop = asyncio.get_running_loop()
+        self._connector = self._loop.create_task(self._connect_loop(), name="engine-connect")
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._connector is not None:
+            self._connector.cancel()
+        if self._channel is not None:
+            self._channel.close()
+        for _, slab, _ in self._slabs.values():
+            slab.close()
+
+    async def _connect_loop(self) -> None:
+        delay = 0.05
+        while not self._closing:
+            try:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                await asyncio.to_thread(sock.connect, str(self.socket_path))
+            except OSError:
+                sock.close()
+                await asyncio.sleep(delay)
+                delay = min(1.0, delay * 2)
+                continue
+            delay = 0.05
+            assert self._loop is not None
+            channel = Channel(sock, self._loop, self._on_messages, self._disconnected, name="engine")
+            self._channel = channel
+            channel.start()
+            channel.send({"op": "hello", "pid": os.getpid()})
+            for ident, slab, _ in self._slabs.values():
+                self._send_slab(ident, slab)
+            try:
+                for version_dir in list(self._current.values()):  # what the registry serves, again
+                    await self._call({"op": "acquire", "dir": version_dir}, require_connected=False)
+            except (EngineError, EngineUnavailable) as exc:
+                log.error("engine process: re-acquiring after reconnect failed: %s", exc)
+                channel.close()
+                continue
+            log.info("connected to the engine process at %s", self.socket_path)
+            self._connected.set()
+            return
+
+    def _disconnected(self) -> None:
+        self._connected.clear()
+        self._channel = None
+        lost = EngineUnavailable("the engine process went away; retry")
+        for request in self._requests.values():
+            for future in request.futures:
+                if not future.done():
+                    future.set_exception(lost)
+            # The old engine process is gone, so nothing writes into these slots any more.
+            request.pool.give_back(request.slots)
+        self._requests.clear()
+        for call in self._calls.values():
+            if not call.done():
+                call.set_exception(lost)
+        self._calls.clear()
+        if not self._closing:
+            log.error("lost the engine process; reconnecting")
+            assert self._loop is not None
+            self._connector = self._loop.create_task(self._connect_loop(), name="engine-connect")
+
+    def _send(self, message: Message, fds: Sequence[int] = ()) -> None:
+        if self._channel is None:
+            raise EngineUnavailable("the engine process is not connected; retry")
+        self._channel.send(message, fds)
+
+    def _send_slab(self, ident: int, slab: Slab) -> None:
+        self._send({"op": "slab", "id": ident, "size": slab.layout.size, "slots": slab.layout.slots,
+                    "name": slab.name}, [slab.fd])
+
+    # ------------------------------------------------------------------ answers
+    def _on_messages(self, batch: list[tuple[Message, list[int]]]) -> None:
+        for message, fds in batch:
+            for fd in fds:  # the engine process sends none; never keep one by accident
+                os.close(fd)
+            op = message.get("op")
+            if op == "result":
+                self._resolve(message)
+            elif op in ("acquired", "error"):
+                call = self._calls.pop(int(message["rid"]), None)
+                if call is not None and not call.done():
+                    call.set_result(message)
+            elif op == "reload" and self.on_reload is not None:
+                assert self._loop is not None
+                self._loop.create_task(self.on_reload(str(message["category"]), message.get("version")))
+
+    def _resolve(self, message: Message) -> None:
+        request = self._requests.pop(int(message["rid"]), None)
+        if request is None:
+            return
+        for future, slot, outcome in zip(request.futures, request.slots, message["items"]):
+            if future.done():
+                continue
+            code = outcome[0]
+            if code == "ok":
+                _, score, batch_size, queue_ms, run_ms = outcome
+                heat = request.slab.output(slot).copy()  # the slot is reused once given back
+                future.set_result(Batched(value=(float(score), heat), batch_size=int(batch_size),
+                                          queue_ms=float(queue_ms), run_ms=float(run_ms)))
+            elif code == "cancelled":
+                future.cancel()
+            else:
+                future.set_exception(_error(code, outcome[1] if len(outcome) > 1 else ""))
+        request.pool.give_back(request.slots)
+
+    # ------------------------------------------------------------------ calls
+    async def _call(self, message: Message, require_connected: bool = True) -> Message:
+        if require_connected:
+            await asyncio.wait_for(self._connected.wait(), _CONNECT_WAIT_S)
+        rid = next(self._ids)
+        assert self._loop is not None
+        call = self._calls[rid] = self._loop.create_future()
+        self._send({**message, "rid": rid})
+        answer = await call
+        if answer["op"] == "error":
+            raise EngineError(f"engine process: {answer['message']}")
+        return answer
+
+    async def acquire(self, version_dir: Path) -> Message:
+        """Have the engine process load (or share) ``version_dir``; release the version this
+        front end served before for that category."""
+        answer = await self._call({"op": "acquire", "dir": str(version_dir)})
+        category = version_dir.parent.name
+        previous = self._current.get(category)
+        self._current[category] = str(version_dir)
+        if previous is not None and previous != str(version_dir):
+            self.release(previous)
+        return answer
+
+    def release(self, version_dir: str) -> None:
+        if self._channel is not None:
+            self._channel.send({"op": "release", "dir": version_dir})
+
+    def broadcast_reload(self, category: str, version: str | None) -> None:
+        """Ask every other front end to reload ``category`` like this one did."""
+        if self._channel is not None:
+            self._channel.send({"op": "reload", "category": category, "version": version})
+
+    # ------------------------------------------------------------------ images
+    def pool(self, size: int) -> SlotPool:
+        entry = self._slabs.get(size)
+        if entry is None:
+            ident = len(self._slabs) + 1
+            slab = Slab.create(size, self.settings.max_queue_size, name=f"msflow-{os.getpid()}-{size}")
+            entry = self._slabs[size] = (ident, slab, SlotPool(self.settings.max_queue_size))
+            if self._channel is not None:
+                self._send_slab(ident, slab)
+        return entry[2]
+
+    def submit(self, version_dir: str, tensors: Sequence[np.ndarray], deadline: float) -> list[asyncio.Future[Any]]:
+        """Queue ``tensors`` (all or none) on the engine process; one future per image."""
+        if not self.connected:
+            raise EngineUnavailable("the engine process is restarting; retry")
+        size = int(tensors[0].shape[0])
+        pool = self.pool(size)
+        ident, slab, _ = self._slabs[size]
+        slots = pool.take(len(tensors))
+        if slots is None:
+            raise QueueFull(f"no room: {pool.free} of {pool.capacity} engine slots free, request has {len(tensors)}")
+        for tensor, slot in zip(tensors, slots):
+            slab.input(slot)[...] = tensor
+        rid = next(self._ids)
+        assert self._loop is not None
+        futures: list[asyncio.Future[Any]] = [self._loop.create_future() for _ in tensors]
+        self._requests[rid] = _Request(slab, pool, slots, futures)
+        for future in futures:
+            future.add_done_callback(lambda f, rid=rid: self._maybe_cancel(rid, f))
+        try:
+            self._send({"op": "submit", "rid": rid, "dir": version_dir, "slab": ident, "slots": slots,
+                        "deadline": deadline})
+        except EngineUnavailable:
+            del self._requests[rid]
+            pool.give_back(slots)
+            raise
+        return futures
+
+    def _maybe_cancel(self, rid: int, future: asyncio.Future[Any]) -> None:
+        # The caller gave up (deadline, client gone): the engine drops the images before the
+        # engine runs them and answers; the slots come back with that answer, not before,
+        # since the engine process may be writing into them.
+        request = self._requests.get(rid)
+        if future.cancelled() and request is not None and not request.cancel_sent and self._channel is not None:
+            request.cancel_sent = True
+            self._channel.send({"op": "cancel", "rid": rid})
+
+    async def run(self, version_dir: str, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One whole batch through the engine process (the registry's warm-up), in parts no
+        larger than this front end's slots."""
+        deadline = time.monotonic() + self.settings.request_deadline_ms / 1e3
+        step = self.pool(int(images.shape[1])).capacity
+        results: list[Batched[Any]] = []
+        for start in range(0, len(images), step):
+            results += [await f for f in self.submit(version_dir, list(images[start:start + step]), deadline)]
+        return (np.array([r.value[0] for r in results], dtype=np.float32),
+                np.stack([r.value[1] for r in results]))
+
+    # ------------------------------------------------------------------ for the registry (worker threads)
+    def engine_factory(self, version_dir: Path, **_: Any) -> "RemoteEngine":
+        """The registry's engine factory here (called in a worker thread, like load_engine)."""
+        assert self._loop is not None
+        manifest = Manifest.read(version_dir)
+        answer = asyncio.run_coroutine_threadsafe(self.acquire(version_dir), self._loop).result()
+        return RemoteEngine(self, version_dir, manifest, str(answer["name"]), int(answer["max_batch_size"]))
+
+
+class RemoteEngine:
+    """An engine that runs in the engine process (the :class:`~service.engines.base.Engine` protocol)."""
+
+    def __init__(self, client: EngineClient, version_dir: Path, manifest: Manifest, name: str,
+                 max_batch_size: int) -> None:
+        self.client = client
+        self.version_dir = version_dir
+        self.manifest = manifest
+        self.name = name
+        self.max_batch_size = max_batch_size
+
+    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Blocking; from a worker thread only (never from the event loop it would wait on)."""
+        assert self.client._loop is not None
+        future: concurrent.futures.Future[tuple[np.ndarray, np.ndarray]] = asyncio.run_coroutine_threadsafe(
+            self.client.run(str(self.version_dir), images), self.client._loop)
+        return future.result()
+
+    def close(self) -> None:
+        """The registry gave up on this version (its warm-up failed): let the engine process unload it."""
+        self.client.release(str(self.version_dir))
+
+
+class RemoteBatcher:
+    """A lane's batcher in a front end: admission against this front end's slots, then the
+    engine process's batcher (``check_room``/``submit_many``/``drain`` as the local one)."""
+
+    def __init__(self, client: EngineClient, engine: RemoteEngine, max_queue_delay_s: float,
+                 metrics: ServiceMetrics) -> None:
+        self.client = client
+        self.category = engine.manifest.category
+        self.label = engine.name
+        self.version_dir = str(engine.version_dir)
+        self.max_queue_delay_s = max_queue_delay_s
+        self._metrics = metrics
+        self._pool = client.pool(engine.manifest.input_size)
+        self._closing = False
+        self._in_flight: set[asyncio.Future[Any]] = set()
+
+    @property
+    def max_queue_size(self) -> int:
+        return self._pool.capacity
+
+    @property
+    def depth(self) -> int:
+        return self._pool.capacity - self._pool.free
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def check_room(self, count: int) -> None:
+        if self._closing:
+            self._metrics.count_rejection(self.category, "shutting_down")
+            raise BatcherClosed(f"{self.category}: shutting down, not accepting new work")
+        if not self.client.connected:
+            self._metrics.count_rejection(self.category, "engine_unavailable")
+            raise EngineUnavailable("the engine process is restarting; retry")
+        if self._pool.free < count:
+            self._metrics.count_rejection(self.category, "queue_full")
+            raise QueueFull(f"{self.category}: queue full ({self.depth} of {self.max_queue_size} images in "
+                            f"flight from this process, request has {count})")
+
+    def submit_many(self, items: Sequence[np.ndarray], deadline: float) -> list[asyncio.Future[Any]]:
+        self.check_room(len(items))
+        futures = self.client.submit(self.version_dir, items, deadline)
+        self._in_flight.update(futures)
+        for future in futures:
+            future.add_done_callback(self._in_flight.discard)
+        return futures
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """Stop accepting; wait for what this lane has in flight (the engine finishes it)."""
+        self._closing = True
+        if self._in_flight:
+            await asyncio.wait(set(self._in_flight), timeout=timeout)
+
+
+def _error(code: str, message: str) -> Exception:
+    if code == "queue_full":
+        return QueueFull("the engine process's queue is full")
+    if code == "closed":
+        return BatcherClosed("the engine process is shutting down")
+    if code == "deadline":
+        return DeadlineExceeded("deadline passed in the engine process's queue")
+    if code == "not_loaded":
+        return EngineUnavailable("the engine process no longer holds this version; retry")
+    return EngineError(message or "engine failed")
+

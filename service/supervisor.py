@@ -1,0 +1,213 @@
+"""``msflow serve``: one server process, or a supervisor of front ends and one engine process.
+
+With ``MSFLOW_API_PROCESSES`` = 1 (the default) the whole service runs in this process
+(:func:`service.server.run_server`). With N > 1 this process binds the port and supervises:
+
+* N front-end processes (``msflow-api-<i>``): uvicorn on the one shared listening socket,
+  the whole HTTP API, decode, postprocess, result cache, review capture; each a normal
+  :class:`~service.pipeline.state.ServiceState` whose lanes reach the engine process
+  (:mod:`service.pipeline.engine_client`);
+* one engine process (``msflow-engine``, :mod:`service.engine_core`): every engine, and
+  the only place batches form, so N front ends do not split a category's batches N ways.
+
+Why processes at all: one process shares one GIL between HTTP, decode and encode; at about
+1.4 ms of Python per image it tops out near 700 images/s (docs/PERFORMANCE.md), far below
+what one GPU can score. Why one engine process rather than an engine per front end: batch
+size is what makes a GPU efficient, and N engines would also hold N copies of each model.
+
+Children die with this process (``PR_SET_PDEATHSIG``) and are restarted when they die
+alone; shared memory needs no cleaning after any of these deaths (:mod:`service.ipc.slab`).
+On SIGTERM/SIGINT the front ends stop first (readiness off, requests in flight finish,
+their images still get engine time), then the engine process drains and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from types import FrameType
+from typing import Any, Callable
+
+import uvicorn
+from prometheus_client.multiprocess import mark_process_dead
+
+from service.config import Settings, warn_unknown_env
+from service.engine_core import run_engine_process, set_process_name
+from service.server import build_overrides, build_settings, run_server
+
+log = logging.getLogger(__name__)
+
+_RESTART_BACKOFF_MAX_S = 10.0
+_STABLE_AFTER_S = 10.0  # a child that lived this long restarts at once; one that died sooner waits
+
+
+def serve(args: argparse.Namespace) -> int:
+    settings = build_settings(args)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    warn_unknown_env()
+    if settings.api_processes == 1:
+        return run_server(settings)
+    return Supervisor(settings, build_overrides(args)).run()
+
+
+def die_with_parent() -> None:
+    """Linux: get SIGTERM when the supervisor dies, however it dies (no orphans)."""
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() == 1:  # the parent died before the line above ran
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def run_frontend(overrides: dict[str, Any], sockets: list[socket.socket], index: int) -> None:
+    """Entry point of front-end process ``index``."""
+    die_with_parent()
+    set_process_name(f"msflow-api-{index}")
+    settings = Settings(**overrides)
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format=f"%(asctime)s %(levelname)s api-{index} %(name)s: %(message)s")
+    sys.exit(run_server(settings, sockets))
+
+
+def run_engine(overrides: dict[str, Any], socket_path: str) -> None:
+    die_with_parent()
+    run_engine_process(overrides, socket_path)
+
+
+class _Child:
+    """One supervised process: how to start it, and its restart back-off."""
+
+    def __init__(self, name: str, start: Callable[[], BaseProcess]) -> None:
+        self.name = name
+        self._start = start
+        self.process: BaseProcess | None = None
+        self.started_at = 0.0
+        self.backoff_s = 0.0
+        self.restart_at: float | None = None
+
+    def start(self) -> None:
+        self.process = self._start()
+        self.started_at = time.monotonic()
+        self.restart_at = None
+        log.info("%s: pid %s", self.name, self.process.pid)
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.is_alive()
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, overrides: dict[str, Any]) -> None:
+        self.settings = settings
+        self.overrides = overrides
+        self._stopping = False
+
+    def run(self) -> int:
+        s = self.settings
+        rundir = Path(tempfile.mkdtemp(prefix="msflow-serve-"))  # mode 0700: only this user reaches the socket
+        metrics_dir = rundir / "metrics"
+        metrics_dir.mkdir()
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)  # inherited by every child
+        engine_socket = rundir / "engine.sock"
+        overrides = {**self.overrides, "engine_socket": str(engine_socket)}
+        listener = uvicorn.Config("service.api.app:create_app", host=s.host, port=s.port).bind_socket()
+        ctx = multiprocessing.get_context("spawn")  # no forked copies of threads, locks or CUDA state
+        engine = _Child("engine process", lambda: _spawn(ctx, run_engine, "msflow-engine",
+                                                         overrides, str(engine_socket)))
+        frontends = [_Child(f"front end {i}", lambda i=i: _spawn(ctx, run_frontend, f"msflow-api-{i}",
+                                                                 overrides, [listener], i))
+                     for i in range(s.api_processes)]
+        children = [engine, *frontends]
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._on_signal)
+        log.info("serving %s on http://%s:%d with %d front-end processes and one engine process (engine %s, "
+                 "batch %d, delay %.1f ms)", s.model_store, s.host, s.port, s.api_processes, s.engine,
+                 s.max_batch_size, s.max_queue_delay_ms)
+        try:
+            for child in children:
+                child.start()
+            while not self._stopping:
+                time.sleep(0.2)
+                for child in children:
+                    self._look_after(child, metrics_dir)
+            self._stop(frontends, engine, metrics_dir)
+        finally:
+            for child in children:
+                if child.alive:
+                    assert child.process is not None
+                    child.process.kill()
+            listener.close()
+            shutil.rmtree(rundir, ignore_errors=True)
+        return 0
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if not self._stopping:
+            log.info("signal %d: stopping the front ends, then the engine process", signum)
+        self._stopping = True
+
+    def _look_after(self, child: _Child, metrics_dir: Path) -> None:
+        now = time.monotonic()
+        if child.restart_at is not None:
+            if now >= child.restart_at and not self._stopping:
+                child.start()
+            return
+        if child.alive or child.process is None:
+            return
+        pid, code = child.process.pid, child.process.exitcode
+        if pid is not None:
+            mark_process_dead(pid, str(metrics_dir))  # its live gauges leave /metrics
+        lived = now - child.started_at
+        child.backoff_s = 0.0 if lived >= _STABLE_AFTER_S else min(_RESTART_BACKOFF_MAX_S,
+                                                                    max(0.5, child.backoff_s * 2))
+        log.error("%s (pid %s) exited with %s after %.1f s; restarting%s", child.name, pid, code, lived,
+                  f" in {child.backoff_s:.1f} s" if child.backoff_s else "")
+        child.restart_at = now + child.backoff_s
+
+    def _stop(self, frontends: list[_Child], engine: _Child, metrics_dir: Path) -> None:
+        s = self.settings
+        for child in frontends:
+            _signal(child, signal.SIGTERM)
+        _join(frontends, s.graceful_shutdown_s + s.shutdown_delay_s + 5.0)
+        _signal(engine, signal.SIGTERM)
+        _join([engine], s.graceful_shutdown_s + 5.0)
+        for child in [*frontends, engine]:
+            if child.process is not None and child.process.pid is not None:
+                mark_process_dead(child.process.pid, str(metrics_dir))
+
+
+def _spawn(ctx: Any, target: Callable[..., None], name: str, *args: Any) -> BaseProcess:
+    process: BaseProcess = ctx.Process(target=target, args=args, name=name)
+    process.start()
+    return process
+
+
+def _signal(child: _Child, signum: int) -> None:
+    if child.alive:
+        assert child.process is not None and child.process.pid is not None
+        try:
+            os.kill(child.process.pid, signum)
+        except ProcessLookupError:
+            pass
+
+
+def _join(children: list[_Child], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    for child in children:
+        if child.process is not None:
+            child.process.join(max(0.0, deadline - time.monotonic()))
+            if child.process.is_alive():
+                log.error("%s did not stop within %.0f s; killing it", child.name, timeout_s)
+                child.process.kill()
+                child.process.join(5.0)

@@ -1,0 +1,252 @@
+"""Multi-process mode (MSFLOW_API_PROCESSES > 1): front ends feeding one engine process.
+
+In-process first (the engine core and a front end's runtime on one event loop, against the
+plain runtime), then ``msflow serve`` end to end over real HTTP: batches that fill from
+every front end, metrics added up over the processes, a reload that reaches every front end,
+503/504 answers, a graceful drain on SIGTERM, and kills of a front end and of the engine
+process that leave no shared memory behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from harness import (ADMIN_KEY, CATEGORY, Server, assert_error, copy_version, metric, part, start, wait_until)
+from service.config import Settings
+from service.engine_core import EngineCore
+from service.pipeline.engine_client import EngineClient, RemoteBatcher
+from service.pipeline.item import InspectedImage
+from service.pipeline.runtime import PipelineRuntime
+from service.schemas import InspectOptions, Upload
+
+MP = dict(api_processes=2, engine="onnx", store_poll_s=0.5)
+
+
+def children(pid: int) -> dict[int, str]:
+    """Live child processes of ``pid``: pid -> name (``msflow-api-<i>``, ``msflow-engine``)."""
+    out: dict[int, str] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            try:
+                out[int(child)] = Path(f"/proc/{child}/comm").read_text().strip()
+            except OSError:
+                pass
+    return out
+
+
+def memfds(pid: int) -> set[str]:
+    """The shared-memory slabs ``pid`` maps (``/memfd:msflow-<owner pid>-<size>``)."""
+    try:
+        lines = Path(f"/proc/{pid}/maps").read_text().splitlines()
+    except OSError:
+        return set()
+    return {line.split()[5] for line in lines if "/memfd:msflow-" in line}
+
+
+def roles(server: Server) -> tuple[list[int], int]:
+    kids = children(server.proc.pid)
+    frontends = sorted(p for p, name in kids.items() if name.startswith("msflow-api-"))
+    engines = [p for p, name in kids.items() if name == "msflow-engine"]
+    assert len(engines) == 1, kids
+    return frontends, engines[0]
+
+
+def post_many(url: str, paths: list[Path], count: int, **params: str) -> list[httpx.Response]:
+    """``count`` requests at once, each on its own connection (so they spread over front ends)."""
+    def one(i: int) -> httpx.Response:
+        return httpx.post(f"{url}/v1/inspect/{CATEGORY}", files=[part(paths[i % len(paths)])],
+                          params={"heatmap": "none", **params}, timeout=60)
+    with concurrent.futures.ThreadPoolExecutor(count) as pool:
+        return list(pool.map(one, range(count)))
+
+
+# ---------------------------------------------------------------------- in-process
+def test_a_front_end_through_the_engine_core_answers_like_the_local_engine(model_store: Path,
+                                                                           good_images: list[Path]) -> None:
+    paths = good_images[:3]
+
+    def records() -> list[InspectedImage]:
+        return [InspectedImage.received(i, Upload(filename=p.name, data=p.read_bytes())) for i, p in enumerate(paths)]
+
+    async def answers(rt: PipelineRuntime) -> list[InspectedImage]:
+        await rt.registry.load_all()
+        items = records()
+        with rt.pin(CATEGORY) as lane:
+            await rt.run(lane, items, InspectOptions(), time.monotonic() + 30, time.monotonic())
+        return items
+
+    async def main() -> None:
+        base = dict(model_store=model_store, device="cpu", intra_op_threads=1, decode_threads=2, store_poll_s=0,
+                    max_batch_size=4, max_queue_delay_ms=20, engine="onnx")
+        local = PipelineRuntime(Settings(**base), None)
+        local.open()
+        try:
+            expected = await answers(local)
+        finally:
+            await local.close()
+        with tempfile.TemporaryDirectory() as tmp:
+            sock = Path(tmp) / "engine.sock"
+            core = EngineCore(Settings(**base))
+            serving = asyncio.create_task(core.serve(sock))
+            remote = PipelineRuntime(Settings(**base, engine_socket=sock), None,
+                                     engine_link=EngineClient(Settings(**base, engine_socket=sock), sock))
+            remote.open()
+            try:
+                got = await answers(remote)
+                with remote.pin(CATEGORY) as lane:
+                    assert isinstance(lane.batcher, RemoteBatcher)
+                    assert lane.model.engine.name == "onnxruntime-cpu"
+                assert len(core.hosted) == 1 and len(core.frontends) == 1
+            finally:
+                await remote.close()
+                core.stop()
+                await serving
+        for mine, theirs in zip(got, expected):
+            assert mine.answer.raw_score == pytest.approx(theirs.answer.raw_score, rel=1e-5, abs=1e-5)
+            assert mine.answer.verdict == theirs.answer.verdict
+            assert np.allclose(mine.anomaly_map, theirs.anomaly_map, rtol=1e-5, atol=1e-5)
+            assert mine.answer.batch_size >= 1
+
+    asyncio.run(main())
+
+
+# ---------------------------------------------------------------------- msflow serve, two front ends
+@pytest.fixture(scope="module")
+def mp_store(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    store = tmp_path_factory.mktemp("mp") / "store"
+    shutil.copytree(model_store, store)
+    copy_version(store / CATEGORY / "1", store / CATEGORY / "2", CATEGORY, "2")
+    return store
+
+
+@pytest.fixture(scope="module")
+def mp_server(mp_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    server = start(mp_store, tmp_path_factory.mktemp("mp-logs") / "server.log", **MP, admin_api_keys=ADMIN_KEY,
+                   max_batch_size=8, max_queue_delay_ms=100)
+    yield server
+    server.stop()
+
+
+def test_batches_fill_from_every_front_end_and_metrics_add_up(mp_server: Server, good_images: list[Path]) -> None:
+    frontends, engine = roles(mp_server)
+    assert len(frontends) == 2
+    client = httpx.Client(base_url=mp_server.url)
+    before = metric(client, "msflow_requests_total", endpoint="/v1/inspect/{category}", status="200")
+    sent = 0
+    for _ in range(4):  # the kernel picks the front end per connection: a few rounds make both feed one batch
+        answers = post_many(mp_server.url, good_images, 24)
+        sent += len(answers)
+        assert all(r.status_code == 200 for r in answers), [r.text for r in answers if r.status_code != 200]
+        if metric(client, "msflow_batch_frontends_sum") > metric(client, "msflow_batch_frontends_count"):
+            break
+    shared = metric(client, "msflow_batch_frontends_sum") - metric(client, "msflow_batch_frontends_count")
+    assert shared > 0, "no engine batch ever held images from both front ends"
+    # The engine process's batch histogram and the front ends' request counters, on one /metrics.
+    assert metric(client, "msflow_batch_size_sum", category=CATEGORY) >= sent
+    assert metric(client, "msflow_batch_size_bucket", category=CATEGORY, le="8.0") - \
+        metric(client, "msflow_batch_size_bucket", category=CATEGORY, le="6.0") > 0, "never a full batch"
+    after = metric(client, "msflow_requests_total", endpoint="/v1/inspect/{category}", status="200")
+    assert after - before == sent
+    assert {r.json()["model_version"] for r in answers} == {"2"}
+    # The engine holds one slab per front end; each front end its own.
+    assert {m.split("-")[1] for m in memfds(engine)} == {str(p) for p in frontends}
+
+
+def test_a_reload_on_one_front_end_reaches_every_front_end(mp_server: Server, good_images: list[Path]) -> None:
+    r = httpx.post(f"{mp_server.url}/v1/models/{CATEGORY}/reload", params={"version": "1"},
+                   headers={"X-API-Key": ADMIN_KEY}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["version"] == "1"
+
+    def all_on_one() -> bool:
+        return {a.json()["model_version"] for a in post_many(mp_server.url, good_images, 12)} == {"1"}
+    wait_until(all_on_one, 20, "every front end serving version 1", interval=0.2)
+    r = httpx.post(f"{mp_server.url}/v1/models/{CATEGORY}/reload", headers={"X-API-Key": ADMIN_KEY}, timeout=60)
+    assert r.status_code == 200 and r.json()["version"] == "2", r.text
+    wait_until(lambda: {a.json()["model_version"] for a in post_many(mp_server.url, good_images, 12)} == {"2"},
+               20, "every front end back on version 2", interval=0.2)
+
+
+def test_killed_processes_are_replaced_and_leave_no_shared_memory(mp_server: Server,
+                                                                   good_images: list[Path]) -> None:
+    shm_before = set(os.listdir("/dev/shm"))
+    frontends, engine = roles(mp_server)
+    victim = frontends[0]
+    os.kill(victim, signal.SIGKILL)
+    # The supervisor starts a new front end; the engine process lets go of the dead one's slab.
+    wait_until(lambda: len(roles(mp_server)[0]) == 2 and victim not in roles(mp_server)[0], 30,
+               "a replacement front end")
+    wait_until(lambda: not any(f"msflow-{victim}-" in m for m in memfds(engine)), 15,
+               "the engine process to unmap the dead front end's slab")
+    wait_until(lambda: all(r.status_code == 200 for r in post_many(mp_server.url, good_images, 8)), 30,
+               "both front ends answering")
+
+    os.kill(engine, signal.SIGKILL)
+    statuses: list[int] = []
+
+    def recovered() -> bool:
+        answers = post_many(mp_server.url, good_images, 4)
+        statuses.extend(r.status_code for r in answers)
+        for r in answers:
+            if r.status_code != 200:
+                assert_error(r, 503, "engine_unavailable")
+                assert r.headers["Retry-After"]
+        return all(r.status_code == 200 for r in answers)
+    wait_until(recovered, 60, "answers from the restarted engine process", interval=0.2)
+    frontends, new_engine = roles(mp_server)
+    assert new_engine != engine and len(frontends) == 2
+    wait_until(lambda: {m.split("-")[1] for m in memfds(new_engine)} == {str(p) for p in frontends}, 15,
+               "the new engine process mapping the live front ends' slabs")
+    for frontend in frontends:
+        assert {m.split("-")[1] for m in memfds(frontend)} == {str(frontend)}  # its own slab, nothing stale
+    assert set(os.listdir("/dev/shm")) == shm_before  # nothing named was ever made
+    httpx.get(f"{mp_server.url}/readyz").raise_for_status()
+
+
+def test_queue_full_and_deadline_answers_hold(mp_store: Path, tmp_path: Path, good_images: list[Path]) -> None:
+    """503 + Retry-After for a request the front end's slots cannot hold; 504 when the engine
+    process's queue outlasts the deadline, and the slots come back after it."""
+    server = start(mp_store, tmp_path / "server.log", **MP, max_queue_size=4, max_files_per_request=8,
+                   max_batch_size=8, max_queue_delay_ms=400, request_deadline_ms=150)
+    try:
+        files = [part(p) for p in good_images[:5]]
+        r = httpx.post(f"{server.url}/v1/inspect/{CATEGORY}", files=files, timeout=30)
+        assert_error(r, 503, "queue_full")
+        assert r.headers["Retry-After"]
+        for _ in range(3):  # 4 slots each time: a leaked slot would turn these into 503s
+            r = httpx.post(f"{server.url}/v1/inspect/{CATEGORY}", files=files[:4], timeout=30)
+            assert_error(r, 504, "deadline_exceeded")
+            time.sleep(0.5)  # the engine process answers the cancelled images when their batch forms
+        client = httpx.Client(base_url=server.url)
+        wait_until(lambda: metric(client, "msflow_rejections_total", category=CATEGORY, reason="cancelled") > 0, 10,
+                   "the engine process dropping cancelled images before the engine")
+    finally:
+        server.stop()
+
+
+def test_sigterm_drains_requests_in_flight_then_stops_every_process(mp_store: Path, tmp_path: Path,
+                                                                     good_images: list[Path]) -> None:
+    server = start(mp_store, tmp_path / "server.log", **MP, max_batch_size=8, max_queue_delay_ms=300)
+    kids = set(children(server.proc.pid))
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(post_many, server.url, good_images, 6)
+        time.sleep(0.15)  # the requests wait in the engine process's forming batch
+        server.proc.send_signal(signal.SIGTERM)
+        answers = pending.result(60)
+    assert [r.status_code for r in answers] == [200] * 6
+    assert server.proc.wait(60) == 0
+    assert not [p for p in kids if Path(f"/proc/{p}").exists() and
+                Path(f"/proc/{p}/stat").read_text().split(") ")[1][0] != "Z"], "a child outlived the supervisor"
+    server.stop()
