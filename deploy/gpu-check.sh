@@ -183,6 +183,19 @@ step frontend 0 "$PY" -m loadtests.frontend --store "$(dirname "$MODEL")" \
 step frontend-engine 0 "$PY" -m loadtests.frontend --store "$(dirname "$MODEL")" \
   --category "$(basename "$MODEL")" --engine auto --seconds 10 --concurrency 32 \
   --decode-threads "$(nproc)" --no-profile --out "$RAW/frontend-engine" || true
+# 3d. more than one process feeding one engine (MSFLOW_API_PROCESSES): the same benchmark with
+# 2, 4, 8 ... front-end processes (up to half the cores), null engine, then the host's best
+# engine; server CPU is summed over the supervisor, its front ends and the engine process
+for n in 2 4 8 16; do
+  if (( n > $(nproc) / 2 )); then break; fi
+  step "frontend-p$n" 0 "$PY" -m loadtests.frontend --store "$(dirname "$MODEL")" \
+    --category "$(basename "$MODEL")" --api-processes "$n" --seconds 10 --concurrency $((32 * n)) \
+    --decode-threads 4 --kinds jpeg256-none jpeg2048-none --no-profile --out "$RAW/frontend-p$n" || true
+  step "frontend-engine-p$n" 0 "$PY" -m loadtests.frontend --store "$(dirname "$MODEL")" \
+    --category "$(basename "$MODEL")" --engine auto --api-processes "$n" --seconds 10 \
+    --concurrency $((32 * n)) --decode-threads 4 --kinds jpeg256-none --no-profile \
+    --out "$RAW/frontend-engine-p$n" || true
+done
 
 # 4. one report: JSON with everything + a Markdown summary
 step report 1 "$PY" - "$OUT_DIR" "$TENSORRT_STATUS" "$MODEL" "$FAILED" <<'EOF' || true
@@ -247,6 +260,8 @@ else:
 load_md = raw / "load" / "summary.md"
 if load_md.is_file():
     md += ["", "## End to end (msflow serve + Locust)", "", load_md.read_text()]
+for summary in sorted(raw.glob("frontend*/summary.md")):
+    md += ["", f"## Front end: {summary.parent.name}", "", summary.read_text()]
 md += ["", "## Benchmark", ""]
 if bench and "results" in bench:
     md += [f"input {bench['model']['input_size']} px; {bench['settings']['input']}; "

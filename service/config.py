@@ -162,6 +162,9 @@ class Settings(BaseSettings):
                                                                   "for GET /v1/models/{category}/recent")
     anomaly_rate_window: int = Field(200, ge=1, le=100_000, description="images behind the msflow_anomaly_rate "
                                                                         "gauge (sliding window per category)")
+    threshold_overrides_dir: Path | None = Field(None, description="where runtime threshold overrides are kept "
+                                                 "durably (None: beside each version's manifest in the model store; "
+                                                 "deployments with a read-only store point it at a writable volume)")
     threshold_sync_s: float = Field(5.0, gt=0.0, description="how often threshold overrides are re-read from "
                                                              "Redis (replicas converge within this)")
 

@@ -202,7 +202,9 @@ class EngineCore:
             log.error("cannot load %s: %s", version_dir, exc)
             frontend.channel.send({"op": "error", "rid": rid, "message": f"{type(exc).__name__}: {exc}"})
             return
-        if frontend.ident not in self.frontends:
+        if frontend.ident not in self.frontends:  # it left while this loaded: unload later unless taken
+            if not hosted.holders and hosted.unload is None:
+                hosted.unload = asyncio.get_running_loop().call_later(self.unload_grace_s, self._unload, version_dir)
             return
         hosted.holders[frontend.ident] += 1
         if hosted.unload is not None:
@@ -282,12 +284,16 @@ class EngineCore:
             frontend.channel.send({"op": "result", "rid": rid, "items": [[CLOSED]] * count})
             return
         frontend.requests[rid] = futures
-        self._spawn(self._answer(frontend, rid, futures))
+        remaining = len(futures)
 
-    async def _answer(self, frontend: FrontEnd, rid: int, futures: list[asyncio.Future[Any]]) -> None:
-        await asyncio.wait(futures)
-        frontend.requests.pop(rid, None)
-        frontend.channel.send({"op": "result", "rid": rid, "items": [_outcome(f) for f in futures]})
+        def answer_when_all_done(_: asyncio.Future[Any]) -> None:  # one answer per request, no task
+            nonlocal remaining
+            remaining -= 1
+            if remaining == 0:
+                frontend.requests.pop(rid, None)
+                frontend.channel.send({"op": "result", "rid": rid, "items": [_outcome(f) for f in futures]})
+        for future in futures:
+            future.add_done_callback(answer_when_all_done)
 
 
 def _outcome(future: asyncio.Future[Batched[float]]) -> list[Any]:
@@ -331,4 +337,10 @@ def run_engine_process(overrides: dict[str, Any], socket_path: str) -> None:
         await core.serve(Path(socket_path))
         log.info("engine process stopped after %.0f s", time.monotonic() - started)
 
-    asyncio.run(main())
+    try:
+        import uvloop  # the front ends' loop too (uvicorn picks it up)
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(main())
+    except ImportError:
+        asyncio.run(main())

@@ -99,12 +99,14 @@ class ServiceMetrics:
                                        "outcome: stored, duplicate, full (budget), queue_full (writer behind), "
                                        "error (write failed); never an inspect failure",
                                        ["category", "reason", "outcome"], registry=r)
-        self.review_labels = Counter("msflow_review_labels_total", "Operator labels by outcome (ok, ng)",
-                                     ["category", "label"], registry=r)
-        self.review_disagreements = Counter("msflow_review_disagreements_total", "Operator labels that contradict "
-                                            "the model's call (false_positive: model anomalous, operator OK; "
-                                            "false_negative: the reverse), by the version that scored the image",
-                                            ["category", "version", "kind"], registry=r)
+        # Labels are the store's state (a relabel replaces one), so these are gauges read from
+        # it (service/pipeline/review.py refresh), the same on every replica: aggregate with max.
+        self.review_labels = Gauge("msflow_review_labels", "Labelled items in the review store by the operator's "
+                                   "label (ok, ng)", ["category", "label"], registry=r, multiprocess_mode="livemax")
+        self.review_disagreements = Gauge("msflow_review_disagreements", "Labelled items whose label contradicts "
+                                          "the model's call (false_positive: model anomalous, operator OK; "
+                                          "false_negative: the reverse), by the version that scored the image",
+                                          ["category", "version", "kind"], registry=r, multiprocess_mode="livemax")
         self._model_labels: dict[str, tuple[str, str]] = {}
 
     # --------------------------------------------------------------- request level

@@ -70,6 +70,9 @@ _BATCHER_CODES: dict[type[BatcherError], str] = {
 # stage failed. An engine failure (the batch's, already logged by the batcher) is "decoded".
 _STAGES = ("received", "decoded", "scored", "answered")
 _STAGE_CODES: dict[str, str] = {"received": "decode_error", "decoded": "engine_error", "scored": "postprocess_error"}
+_PUBLIC_FAILURES: dict[str, str] = {"decode_error": "decoding the job's images failed",
+                                    "engine_error": "the engine failed on this job's batch",
+                                    "postprocess_error": "rendering the job's results failed"}
 
 
 class JobFailed(Exception):
@@ -268,7 +271,8 @@ class Worker:
         except NonFiniteOutput as exc:  # never a verdict: the job fails with the reason
             job.error = JobFailed(exc.code, str(exc), permanent=True)
         except RedisUnavailable as exc:
-            job.error = JobFailed("redis_unavailable", f"cannot store the heatmap links: {exc}")
+            log.warning("job %s: cannot store its heatmap links: %s", record.id, exc)
+            job.error = JobFailed("redis_unavailable", "cannot store the heatmap links: Redis is unavailable")
         except BatcherError as exc:
             job.error = JobFailed(_BATCHER_CODES.get(type(exc), "engine_error"), str(exc))
         except AdmissionRefused as exc:  # no room in the pixel budget before the job's deadline: retried
@@ -277,7 +281,12 @@ class Worker:
             stage = min((item.stage for item in job.items), key=_STAGES.index)
             if stage != "decoded":
                 log.exception("job %s: failed after its images were %s", record.id, stage)
-            job.error = JobFailed(_STAGE_CODES.get(stage, "internal_error"), f"{type(exc).__name__}: {exc}")
+            else:
+                log.warning("job %s: the engine failed on its batch: %s: %s", record.id, type(exc).__name__, exc)
+            code = _STAGE_CODES.get(stage, "internal_error")
+            # The exception's text is internal (engine runtime, paths): the log has it, the record a fixed message.
+            job.error = JobFailed(code, f"{_PUBLIC_FAILURES.get(code, 'the job failed')} (job {record.id}; "
+                                        "the worker's log has the details)")
         else:
             results = [item.answer for item in job.items]
             response = InspectResponse(request_id=record.request_id or record.id, category=lane.model.category,

@@ -109,12 +109,7 @@ async def label_item(category: Category, item_id: str, body: ReviewLabelRequest,
     """Label an item OK or NG (``defect_type`` with NG only); the label records ``who`` and when."""
     label, previous = await _io(state, state.review.store.label, category, item_id, body.label, who,
                                 body.defect_type, body.note)
-    m = state.metrics
-    m.review_labels.labels(category, label.label).inc()
-    if not label.agrees:
-        kind = "false_positive" if label.model_is_anomalous else "false_negative"
-        m.review_disagreements.labels(category, label.model_version, kind).inc()
-    await state.review.refresh()
+    await state.review.refresh(category)  # the label and disagreement gauges, from the store
     return ReviewLabelled(label=label, previous=previous, stats=await _stats(state, category))
 
 

@@ -1,14 +1,16 @@
 """A message channel over a Unix socket: small JSON messages, and file descriptors with them.
 
 Frames are a 4-byte big-endian length and a JSON object. A message sent with descriptors
-(a slab's memfd) carries them as ``SCM_RIGHTS`` in the same ``sendmsg``; the reader hands
-them to the message that announced them (``"_fds": n``).
+(a slab's memfd) carries them as ``SCM_RIGHTS`` in the ``sendmsg`` of its first byte; the
+reader hands them to the message that announced them (``"_fds": n``).
 
-Why a reader thread and a writer thread per channel rather than asyncio transports: asyncio
-has no ``recvmsg`` for descriptors, and the engine process must never block its event loop
-on a peer that stopped reading (a front end under SIGSTOP, a full socket buffer). So the
-loop only queues outgoing messages, and incoming ones arrive on the loop in bulk, one
-``call_soon_threadsafe`` per read, however many messages it held.
+Everything runs on the event loop, with no thread: the socket is non-blocking, the loop
+calls back when it is readable (``recvmsg``, which asyncio's transports do not offer, is
+called right there) or writable again. A send never blocks: what the kernel does not take
+at once waits in the channel's outbox, so a peer that stopped reading (a front end under
+SIGSTOP) costs its own outbox, never the engine process's loop. Incoming messages are
+handed over in bulk, one callback per read however many it held: at several thousand
+images a second, per-message thread hand-offs would cost more than the messages.
 
 Peers are processes of the same server, behind a socket in a directory only the server's
 user can open; messages are data (JSON), never code (no pickle).
@@ -17,13 +19,11 @@ user can open; messages are data (JSON), never code (no pickle).
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import os
-import queue
 import socket
-import threading
-from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -33,110 +33,125 @@ Message = dict[str, Any]
 _HEADER = 4
 _MAX_MESSAGE = 16 * 1024 * 1024  # far above any real message: a corrupt length ends the channel
 _MAX_FDS = 16
+_READ_BYTES = 1 << 16
 
 
 class Channel:
-    """One end of a connection. ``on_messages(batch)`` runs on ``loop`` with a list of
-    ``(message, fds)``; ``on_close()`` runs on ``loop`` once, when either side ends it."""
+    """One end of a connection. ``on_messages(batch)`` gets a list of ``(message, fds)``;
+    ``on_close()`` runs once, when either side ends it. Both run on ``loop``."""
 
     def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop,
                  on_messages: Callable[[list[tuple[Message, list[int]]]], None],
                  on_close: Callable[[], None], name: str) -> None:
-        sock.setblocking(True)
+        sock.setblocking(False)
         self.sock = sock
         self.name = name
         self._loop = loop
         self._on_messages = on_messages
         self._on_close = on_close
-        self._outbox: queue.SimpleQueue[tuple[bytes, Sequence[int]] | None] = queue.SimpleQueue()
-        self._closed = threading.Event()
-        self._close_reported = False
-        self._reader = threading.Thread(target=self._read_loop, name=f"{name}-read", daemon=True)
-        self._writer = threading.Thread(target=self._write_loop, name=f"{name}-write", daemon=True)
+        self._inbox = bytearray()
+        self._fds: collections.deque[int] = collections.deque()
+        # Outgoing frames not yet taken by the kernel: [data, fds not yet sent].
+        self._outbox: collections.deque[list[Any]] = collections.deque()
+        self._writing = False
+        self._closed = False
 
     def start(self) -> None:
-        self._reader.start()
-        self._writer.start()
+        self._loop.add_reader(self.sock.fileno(), self._readable)
 
     @property
     def closed(self) -> bool:
-        return self._closed.is_set()
+        return self._closed
 
     def send(self, message: Message, fds: Sequence[int] = ()) -> None:
-        """Queue ``message`` (never blocks). Silently dropped once the channel is closed: the
-        peer is gone, and ``on_close`` tells the owner so."""
-        if self._closed.is_set():
+        """Send ``message`` (never blocks). Dropped once the channel is closed: the peer is
+        gone, and ``on_close`` tells the owner so."""
+        if self._closed:
             return
         if fds:
             message = {**message, "_fds": len(fds)}
         body = json.dumps(message, separators=(",", ":")).encode()
-        self._outbox.put((len(body).to_bytes(_HEADER, "big") + body, fds))
+        self._outbox.append([len(body).to_bytes(_HEADER, "big") + body, list(fds)])
+        if not self._writing:
+            self._flush()
 
     def close(self) -> None:
-        if self._closed.is_set():
-            return
-        self._closed.set()
-        self._outbox.put(None)
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the reader thread
-        except OSError:
-            pass
+        self._finish()
 
-    # ------------------------------------------------------------------ threads
-    def _write_loop(self) -> None:
+    # ------------------------------------------------------------------ loop callbacks
+    def _flush(self) -> None:
         try:
-            while True:
-                entry = self._outbox.get()
-                if entry is None:
-                    break
-                data, fds = entry
-                if fds:
-                    socket.send_fds(self.sock, [data], list(fds))
+            while self._outbox:
+                head = self._outbox[0]
+                if head[1]:
+                    sent = socket.send_fds(self.sock, [head[0]], head[1])
+                    head[1] = []  # the descriptors went with the first byte
+                    if sent < len(head[0]):
+                        head[0] = head[0][sent:]
+                        break
+                    self._outbox.popleft()
                     continue
-                # Coalesce what is already queued into one write (one syscall per burst).
-                chunks = [data]
-                while len(chunks) < 256:
-                    try:
-                        nxt = self._outbox.get_nowait()
-                    except queue.Empty:
+                # Plain frames, up to the next one with descriptors: one syscall for the burst.
+                chunk = []
+                for entry in self._outbox:
+                    if entry[1]:
                         break
-                    if nxt is None or nxt[1]:
-                        self._outbox.put(nxt)  # keep its place: handled next round
-                        break
-                    chunks.append(nxt[0])
-                self.sock.sendall(b"".join(chunks))
+                    chunk.append(entry[0])
+                data = chunk[0] if len(chunk) == 1 else b"".join(chunk)
+                sent = self.sock.send(data)
+                for _ in chunk:
+                    self._outbox.popleft()
+                if sent < len(data):
+                    self._outbox.appendleft([data[sent:], []])
+                    break
+        except BlockingIOError:
+            pass
         except OSError as exc:
-            if not self._closed.is_set():
-                log.info("%s: send failed: %s", self.name, exc)
-        finally:
+            log.info("%s: send failed: %s", self.name, exc)
             self._finish()
+            return
+        if self._outbox and not self._writing:
+            self._writing = True
+            self._loop.add_writer(self.sock.fileno(), self._writable)
+        elif not self._outbox and self._writing:
+            self._writing = False
+            self._loop.remove_writer(self.sock.fileno())
 
-    def _read_loop(self) -> None:
-        buffer = bytearray()
-        fds: deque[int] = deque()
+    def _writable(self) -> None:
+        if not self._closed:
+            self._flush()
+
+    def _readable(self) -> None:
+        batch: list[tuple[Message, list[int]]] = []
         try:
             while True:
-                data, received, _flags, _addr = socket.recv_fds(self.sock, 1 << 16, _MAX_FDS)
-                if not data:
+                try:
+                    data, fds, _flags, _addr = socket.recv_fds(self.sock, _READ_BYTES, _MAX_FDS)
+                except BlockingIOError:
                     break
-                fds.extend(received)
-                buffer += data
-                batch = self._split(buffer, fds)
-                if batch:
-                    self._loop.call_soon_threadsafe(self._on_messages, batch)
+                if not data:
+                    self._deliver(batch)
+                    self._finish()
+                    return
+                self._fds.extend(fds)
+                self._inbox += data
+                batch += self._split()
+                if len(data) < _READ_BYTES:
+                    break
         except (OSError, ValueError) as exc:
-            if not self._closed.is_set():
-                log.info("%s: read failed: %s", self.name, exc)
-        except RuntimeError:  # the loop closed under us: the process is ending
-            pass
-        finally:
-            for fd in fds:  # descriptors nobody claimed
-                _close_quietly(fd)
+            log.info("%s: read failed: %s", self.name, exc)
+            self._deliver(batch)
             self._finish()
+            return
+        self._deliver(batch)
 
-    @staticmethod
-    def _split(buffer: bytearray, fds: deque[int]) -> list[tuple[Message, list[int]]]:
+    def _deliver(self, batch: list[tuple[Message, list[int]]]) -> None:
+        if batch:
+            self._on_messages(batch)
+
+    def _split(self) -> list[tuple[Message, list[int]]]:
         out: list[tuple[Message, list[int]]] = []
+        buffer = self._inbox
         while len(buffer) >= _HEADER:
             size = int.from_bytes(buffer[:_HEADER], "big")
             if size > _MAX_MESSAGE:
@@ -146,39 +161,27 @@ class Channel:
             message = json.loads(bytes(buffer[_HEADER:_HEADER + size]))
             del buffer[:_HEADER + size]
             wanted = int(message.pop("_fds", 0))
-            if wanted > len(fds):
-                raise ValueError(f"message announced {wanted} descriptors, {len(fds)} arrived")
-            out.append((message, [fds.popleft() for _ in range(wanted)]))
+            if wanted > len(self._fds):
+                raise ValueError(f"message announced {wanted} descriptors, {len(self._fds)} arrived")
+            out.append((message, [self._fds.popleft() for _ in range(wanted)]))
         return out
 
     def _finish(self) -> None:
-        with _FINISH_LOCK:
-            first = not self._close_reported
-            self._close_reported = True
-        self._closed.set()
-        self._outbox.put(None)
+        if self._closed:
+            return
+        self._closed = True
         try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
+            self._loop.remove_reader(self.sock.fileno())
+            if self._writing:
+                self._loop.remove_writer(self.sock.fileno())
+        except (ValueError, RuntimeError):  # the loop is closing
             pass
-        if first:
+        self._outbox.clear()
+        for fd in self._fds:  # descriptors nobody claimed
             try:
-                self._loop.call_soon_threadsafe(self._closed_on_loop)
-            except RuntimeError:  # loop already closed
+                os.close(fd)
+            except OSError:
                 pass
-
-    def _closed_on_loop(self) -> None:
-        try:
-            self.sock.close()
-        finally:
-            self._on_close()
-
-
-_FINISH_LOCK = threading.Lock()
-
-
-def _close_quietly(fd: int) -> None:
-    try:
-        os.close(fd)
-    except OSError:
-        pass
+        self._fds.clear()
+        self.sock.close()
+        self._on_close()

@@ -67,6 +67,7 @@ class EngineClient:
         self.socket_path = socket_path
         self.metrics = metrics or ServiceMetrics()
         self.on_reload: Callable[[str, str | None], Awaitable[Any]] | None = None
+        self.on_reconnect: Callable[[], Awaitable[Any]] | None = None  # after a lost engine process is back
         self._loop: asyncio.AbstractEventLoop | None = None
         self._channel: Channel | None = None
         self._connected = asyncio.Event()
@@ -77,6 +78,7 @@ class EngineClient:
         self._current: dict[str, str] = {}  # category -> version folder acquired last
         self._ids = itertools.count(1)
         self._connector: asyncio.Task[None] | None = None
+        self._ever_connected = False
 
     # ------------------------------------------------------------------ connection
     def start(self) -> None:
@@ -124,7 +126,10 @@ class EngineClient:
                 channel.close()
                 continue
             log.info("connected to the engine process at %s", self.socket_path)
+            again, self._ever_connected = self._ever_connected, True
             self._connected.set()
+            if again and self.on_reconnect is not None:
+                await self.on_reconnect()
             return
 
     def _disconnected(self) -> None:
@@ -165,9 +170,13 @@ class EngineClient:
             if op == "result":
                 self._resolve(message)
             elif op in ("acquired", "error"):
-                call = self._calls.pop(int(message["rid"]), None)
+                rid = int(message["rid"])
+                call = self._calls.pop(rid, None)
                 if call is not None and not call.done():
                     call.set_result(message)
+                elif op == "error" and rid in self._requests:  # a submit the engine process could not take
+                    self._resolve({"rid": rid, "items": [["engine_error", str(message.get("message", ""))]]
+                                   * len(self._requests[rid].slots)})
             elif op == "reload" and self.on_reload is not None:
                 assert self._loop is not None
                 self._loop.create_task(self.on_reload(str(message["category"]), message.get("version")))

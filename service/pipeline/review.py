@@ -194,17 +194,38 @@ class ReviewCapture:
                 log.exception("review store maintenance failed")
             await asyncio.sleep(self.scan_s)
 
-    async def refresh(self) -> None:
-        """Set ``msflow_review_pending`` from the store (one directory listing per category)."""
+    async def refresh(self, category: str | None = None) -> None:
+        """Set the review gauges from the store: pending items, labels by outcome, and
+        model-operator disagreements by version. Gauges of the store's state rather than
+        counters of label events: a relabel replaces a label, and every replica then
+        reports the same (shared) truth, which survives restarts."""
         try:
-            counts = await asyncio.to_thread(self._pending_counts)
+            tallies = await asyncio.to_thread(self._tallies, category)
         except OSError:
             return
-        for category, n in counts.items():
-            self.metrics.review_pending.labels(category).set(n)
+        m = self.metrics
+        for name, pending, labelled, disagreements in tallies:
+            m.review_pending.labels(name).set(pending)
+            for label in ("ok", "ng"):
+                m.review_labels.labels(name, label).set(labelled.get(label, 0))
+            for (version, kind), n in disagreements.items():
+                m.review_disagreements.labels(name, version, kind).set(n)
 
-    def _pending_counts(self) -> dict[str, int]:
-        return {c: len(self.store.scan(c).pending) for c in self.store.categories()}
+    def _tallies(self, only: str | None) -> list[tuple[str, int, dict[str, int], dict[tuple[str, str], int]]]:
+        out = []
+        for category in [only] if only is not None else self.store.categories():
+            labels = self.store.labels(category)
+            labelled = collections.Counter(lab.label for lab in labels)
+            disagreements: collections.Counter[tuple[str, str]] = collections.Counter()
+            for version in {lab.model_version for lab in labels}:  # zeros too: a corrected label lowers it
+                disagreements[(version, "false_positive")] += 0
+                disagreements[(version, "false_negative")] += 0
+            for lab in labels:
+                if not lab.agrees:
+                    kind = "false_positive" if lab.model_is_anomalous else "false_negative"
+                    disagreements[(lab.model_version, kind)] += 1
+            out.append((category, len(self.store.scan(category).pending), dict(labelled), dict(disagreements)))
+        return out
 
     def _count(self, kept: _Kept, outcome: str) -> None:
         self.metrics.review_captures.labels(kept.category, kept.reason, outcome).inc()

@@ -83,6 +83,7 @@ class PipelineRuntime:
         self.engine_link = engine_link
         if engine_link is not None:
             engine_factory = engine_link.engine_factory
+            engine_link.on_reconnect = self._retry_failed
         self.registry = ModelRegistry(settings, engine_factory=engine_factory, on_swap=self._swapped)
         self.limits = ImageLimits(max_bytes=settings.max_upload_bytes, max_pixels=settings.max_image_pixels,
                                   max_heatmap_pixels=settings.max_heatmap_pixels)
@@ -174,6 +175,15 @@ class PipelineRuntime:
             task = asyncio.get_running_loop().create_task(lane.batcher.drain(self.settings.graceful_shutdown_s))
             self._draining.add(task)
             task.add_done_callback(self._draining.discard)
+
+    async def _retry_failed(self) -> None:
+        """The engine process is back: categories whose load failed while it was away get
+        another try (the registry would otherwise wait for a newer version)."""
+        for category in list(self.registry.failed):
+            try:
+                await self.registry.reload(category)
+            except Exception as exc:  # still failing: reported as before
+                log.error("%s: load failed again after the engine process came back: %s", category, exc)
 
     @property
     def engine_connected(self) -> bool:

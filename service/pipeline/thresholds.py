@@ -10,9 +10,11 @@ scored from then on (the threshold maps to 0.5, see :class:`models.manifest.Cali
 An override belongs to one model **version**: a new version has its own calibration, and a
 raw threshold of another model means nothing for it. Where it is kept:
 
-* ``<store>/<category>/<version>/threshold_override.json``, beside the manifest (never in
-  ``manifest.json``, whose sha256s must stay valid), written atomically (temporary file,
-  fsync, rename). Survives a restart of a single-host deployment.
+* ``<dir>/<category>/<version>/threshold_override.json``, written atomically (temporary file,
+  fsync, rename): the durable copy. ``<dir>`` is ``MSFLOW_THRESHOLD_OVERRIDES_DIR``, by default
+  the model store itself (beside the manifest, never in ``manifest.json``, whose sha256s must
+  stay valid). Deployments that mount the store read-only (compose, Kubernetes) point it at
+  their writable volume, so the durable copy exists there too.
 * Redis ``<prefix>threshold:<category>:<version>`` when ``MSFLOW_REDIS_URL`` is set, so
   every replica agrees: each re-reads the keys of its serving versions every
   ``MSFLOW_THRESHOLD_SYNC_S`` seconds (and at once when it first serves a version). While
@@ -30,6 +32,11 @@ per-key generation counter).
 A threshold far outside what the calibration saw (:func:`sane_range`) is refused unless the
 request says ``force``: ``1e30`` would pass every defect.
 
+Two replicas changing one version at once must not leave Redis with one value and the file
+with the other (the file would bring the loser back after a Redis data loss): a change holds
+an exclusive ``flock`` on ``<dir>/.threshold.lock`` across both writes, so changes apply
+whole, one after the other (advisory on network file systems, like the review store's).
+
 A change needs at least one durable place: with Redis configured a PUT/DELETE whose Redis
 write fails is refused (503, nothing changed) so replicas cannot disagree; the file may
 fail (a read-only model store volume) when Redis took it. Without Redis the file must be
@@ -40,12 +47,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
 import os
 import tempfile
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -129,6 +137,7 @@ class ThresholdOverrides:
 
     def __init__(self, settings: Settings, conn: RedisConnection | None) -> None:
         self.store = Path(settings.model_store)
+        self.root = Path(settings.threshold_overrides_dir or settings.model_store)
         self.conn = conn
         self.sync_s = settings.threshold_sync_s
         self._known: dict[Key, ThresholdOverride | None] = {}
@@ -178,18 +187,19 @@ class ThresholdOverrides:
                                      set_at=datetime.now(timezone.utc).replace(microsecond=0))
         text = override.model_dump_json()
         persisted = []
-        if self.conn is not None:
-            await self.conn.run("threshold_set", lambda r: r.set(self._redis_key(category, version), text))
-            persisted.append("redis")
-        try:
-            await asyncio.to_thread(write_atomic, self._path(category, version), text + "\n")
-            persisted.append("file")
-        except OSError as exc:
-            if not persisted:
-                raise ThresholdNotPersisted(f"cannot write {OVERRIDE_FILE} for {category}/"
-                               f"{version} ({exc}) and no Redis is configured: the threshold is unchanged") from exc
-            log.warning("%s/%s: threshold override kept in Redis only; %s not written: %s", category, version,
-                        OVERRIDE_FILE, exc)
+        async with self._changing():
+            if self.conn is not None:
+                await self.conn.run("threshold_set", lambda r: r.set(self._redis_key(category, version), text))
+                persisted.append("redis")
+            try:
+                await asyncio.to_thread(self._write, category, version, text + "\n")
+                persisted.append("file")
+            except OSError as exc:
+                if not persisted:
+                    raise ThresholdNotPersisted(f"cannot write {OVERRIDE_FILE} for {category}/{version} ({exc}) "
+                                                "and no Redis is configured: the threshold is unchanged") from exc
+                log.warning("%s/%s: threshold override kept in Redis only; %s not written: %s", category, version,
+                            OVERRIDE_FILE, exc)
         self._known[(category, version)] = override
         log.info("%s/%s: threshold overridden to %.6g (%s)", category, version, threshold, ", ".join(persisted))
         return override, persisted
@@ -197,19 +207,21 @@ class ThresholdOverrides:
     async def clear(self, category: str, version: str) -> list[str]:
         self._bump((category, version))
         persisted = []
-        if self.conn is not None:
-            marker = json.dumps({_CALIBRATED_MARKER: True, "version": version,
-                                 "set_at": datetime.now(timezone.utc).isoformat()})
-            await self.conn.run("threshold_clear", lambda r: r.set(self._redis_key(category, version), marker))
-            persisted.append("redis")
-        try:
-            await asyncio.to_thread(self._path(category, version).unlink, True)
-            persisted.append("file")
-        except OSError as exc:
-            if not persisted:
-                raise ThresholdNotPersisted(f"cannot remove {OVERRIDE_FILE} of {category}/"
-                               f"{version} ({exc}): the override stays") from exc
-            log.warning("%s/%s: %s not removed (Redis says calibrated): %s", category, version, OVERRIDE_FILE, exc)
+        async with self._changing():
+            if self.conn is not None:
+                marker = json.dumps({_CALIBRATED_MARKER: True, "version": version,
+                                     "set_at": datetime.now(timezone.utc).isoformat()})
+                await self.conn.run("threshold_clear", lambda r: r.set(self._redis_key(category, version), marker))
+                persisted.append("redis")
+            try:
+                await asyncio.to_thread(self._path(category, version).unlink, True)
+                persisted.append("file")
+            except OSError as exc:
+                if not persisted:
+                    raise ThresholdNotPersisted(f"cannot remove {OVERRIDE_FILE} of {category}/"
+                                                f"{version} ({exc}): the override stays") from exc
+                log.warning("%s/%s: %s not removed (Redis says calibrated): %s", category, version, OVERRIDE_FILE,
+                            exc)
         self._known[(category, version)] = None
         log.info("%s/%s: threshold back to the calibrated value", category, version)
         return persisted
@@ -282,7 +294,27 @@ class ThresholdOverrides:
 
     # ------------------------------------------------------------------ storage
     def _path(self, category: str, version: str) -> Path:
-        return self.store / category / version / OVERRIDE_FILE
+        return self.root / category / version / OVERRIDE_FILE
+
+    def _write(self, category: str, version: str, text: str) -> None:
+        path = self._path(category, version)
+        if self.root != self.store:  # its own tree: made as needed (in the store, the version folder exists)
+            path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, text)
+
+    @contextlib.asynccontextmanager
+    async def _changing(self) -> AsyncIterator[None]:
+        """Hold ``<dir>/.threshold.lock`` (exclusive) for one whole change: Redis and file."""
+        try:
+            fd = os.open(self.root / ".threshold.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:  # a read-only store without Redis fails at the write, with its own message
+            yield
+            return
+        try:
+            await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
     def _redis_key(self, category: str, version: str) -> str:
         assert self.conn is not None

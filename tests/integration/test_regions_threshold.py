@@ -12,6 +12,7 @@ import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -164,6 +165,63 @@ def test_overrides_file_redis_and_replicas(model_store: Path, tmp_path: Path) ->
                 await a.set(CATEGORY, "1", 5.0)
             assert not await b.refresh([(CATEGORY, "1")]) and b.threshold(man) == calibrated
             for conn in (*conns, c.conn):
+                await conn.aclose()
+
+        asyncio.run(scenario())
+    finally:
+        redis_server.stop()
+
+
+def test_overrides_kept_off_a_read_only_store_survive_flushall_and_races(model_store: Path, tmp_path: Path) -> None:
+    """MSFLOW_THRESHOLD_OVERRIDES_DIR (what compose and k8s set, their store being read-only):
+    the durable copy lives there, so a new replica with no memory restores it after a FLUSHALL;
+    two replicas changing one version at once leave Redis and the file agreeing; and a Redis
+    read in flight during a change never brings the old value back."""
+    from harness import RedisServer
+    from service.redisq.connection import RedisConnection
+
+    man = Manifest.read(model_store / CATEGORY / "1")
+    calibrated = man.calibration.threshold
+    state = tmp_path / "state" / ".thresholds"
+    redis_server = RedisServer(tmp_path)
+    try:
+        async def scenario() -> None:
+            settings = Settings(model_store=model_store, redis_url=redis_server.url, redis_prefix="msflow-dir:",
+                                threshold_overrides_dir=state)
+            a, b = ThresholdOverrides(settings, RedisConnection(settings)), ThresholdOverrides(
+                settings, RedisConnection(settings))
+            await a.set(CATEGORY, "1", calibrated + 0.5)
+            assert (state / CATEGORY / "1" / OVERRIDE_FILE).is_file()
+            assert not (model_store / CATEGORY / "1" / OVERRIDE_FILE).exists()  # the store is not written
+            redis_server.client().flushall()
+            fresh = ThresholdOverrides(settings, RedisConnection(settings))  # a replica started after the loss
+            assert await fresh.refresh([(CATEGORY, "1")]) and fresh.threshold(man) == calibrated + 0.5
+            key = "msflow-dir:threshold:brick:1"
+            assert json.loads(redis_server.client().get(key))["threshold"] == calibrated + 0.5
+
+            for round_ in range(10):  # concurrent changes apply whole: Redis and the file end equal
+                await asyncio.gather(a.set(CATEGORY, "1", calibrated + 0.01 * round_),
+                                     b.set(CATEGORY, "1", calibrated - 0.01 * round_))
+                in_redis = json.loads(redis_server.client().get(key))["threshold"]
+                on_disk = json.loads((state / CATEGORY / "1" / OVERRIDE_FILE).read_text())["threshold"]
+                assert in_redis == on_disk, round_
+
+            real_run = a.conn.run  # a read slowed down in flight, and a change made meanwhile
+
+            async def slow_reads(op: str, fn: Any) -> Any:
+                value = await real_run(op, fn)
+                if op == "threshold_get":
+                    await asyncio.sleep(0.3)
+                return value
+            a.conn.run = slow_reads  # type: ignore[method-assign]
+            reading = asyncio.create_task(a.refresh([(CATEGORY, "1")]))
+            await asyncio.sleep(0.1)
+            a.conn.run = real_run  # type: ignore[method-assign]
+            await a.set(CATEGORY, "1", calibrated + 0.2)
+            await reading
+            assert a.threshold(man) == calibrated + 0.2  # the stale read was dropped
+            await a.clear(CATEGORY, "1")
+            for conn in (a.conn, b.conn, fresh.conn):
                 await conn.aclose()
 
         asyncio.run(scenario())

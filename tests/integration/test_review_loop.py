@@ -182,9 +182,26 @@ def test_review_loop_end_to_end(loop_store: Path, parts: list[tuple[Path, str, s
         fn = sum(not before[n]["is_anomalous"] and truth[n][0] == "ng" for n in before)
         assert stats["disagreements"] == {"1": {"false_positive": fp, "false_negative": fn}}
         assert stats["pending"] == {"review": 0, "ok": 0, "ng": 0, verdicts[name_of(parts[0][0])]: 1}
-        assert metric(user, "msflow_review_labels_total", category=CATEGORY, label="ok") == labelled_ok
-        assert metric(user, "msflow_review_disagreements_total", category=CATEGORY, version="1",
-                      kind="false_positive") == fp
+        def gauges() -> tuple[float, float, float, float]:
+            return (metric(user, "msflow_review_labels", category=CATEGORY, label="ok"),
+                    metric(user, "msflow_review_labels", category=CATEGORY, label="ng"),
+                    metric(user, "msflow_review_disagreements", category=CATEGORY, version="1", kind="false_positive"),
+                    metric(user, "msflow_review_disagreements", category=CATEGORY, version="1", kind="false_negative"))
+        assert gauges() == (labelled_ok, n - labelled_ok, fp, fn)
+        # A relabel replaces the label: the gauges move by one, never count it twice; and back.
+        name, entry = next(iter(by_name.items()))
+        lab, defect = truth[name]
+        flipped = "ng" if lab == "ok" else "ok"
+        r = reviewer.put(f"{REVIEW}/items/{entry['item']['id']}/label", json={"label": flipped})
+        assert r.status_code == 200 and r.json()["previous"]["label"] == lab, r.text
+        was_anomalous = before[name]["is_anomalous"]
+        moved = (labelled_ok + (1 if flipped == "ok" else -1), n - labelled_ok + (1 if flipped == "ng" else -1),
+                 fp + (1 if was_anomalous and flipped == "ok" else -1 if was_anomalous and lab == "ok" else 0),
+                 fn + (1 if not was_anomalous and flipped == "ng" else -1 if not was_anomalous and lab == "ng" else 0))
+        assert gauges() == moved
+        r = reviewer.put(f"{REVIEW}/items/{entry['item']['id']}/label",
+                         json={"label": lab, **({"defect_type": defect} if defect else {})})
+        assert r.status_code == 200 and gauges() == (labelled_ok, n - labelled_ok, fp, fn)
         wait_until(lambda: metric(user, "msflow_review_pending", category=CATEGORY) == 1, 10, "one pending left")
         export = reviewer.get(f"{REVIEW}/export")
         assert export.headers["content-type"] == "application/zip"
