@@ -45,6 +45,7 @@ from service.schemas import Region
 DEFAULT_MAX_REGIONS = 10
 DEFAULT_MIN_REGION_AREA = 0.005  # fraction of the image area
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)  # diagonal neighbours belong to the same region
+_FEW = 32  # components visited box by box without first counting them all
 
 
 @dataclass(frozen=True)
@@ -82,27 +83,29 @@ def find_regions(anomaly_map: np.ndarray, calibration: Calibration, image_size: 
     if not mask.any():
         return []
     labels, count = ndimage.label(mask, structure=_EIGHT_CONNECTED)
-    flat = labels.ravel()
-    pixels = np.bincount(flat, minlength=count + 1)[1:]
-    keep = pixels >= max(1.0, params.min_area_fraction * m.size)
-    if not keep.any():
-        return []
-    # Statistics in one weighted pass over the map instead of one ndimage call per statistic
-    # over every speck: a noisy mask has hundreds of components, and only the kept ones matter.
-    # Peaks are taken on the raw map, then normalised (normalisation is monotonic).
-    norm = normalise_values(m, calibration)
-    means = np.bincount(flat, weights=norm.ravel(), minlength=count + 1)[1:] / np.maximum(pixels, 1)
     boxes = ndimage.find_objects(labels)
-    peaks = np.zeros(count)
-    for i in np.flatnonzero(keep):  # within each kept box only (ndimage.maximum scans the whole map)
+    min_pixels = max(1.0, params.min_area_fraction * m.size)
+    # Every statistic inside each component's own box, never a pass over the whole map per
+    # statistic: a real map has a few components, and the boxes are small. A noisy mask (many
+    # specks) is first sized in one bincount so that only the kept components are visited.
+    candidates = (range(count) if count <= _FEW else
+                  np.flatnonzero(np.bincount(labels.ravel(), minlength=count + 1)[1:] >= min_pixels))
+    pixels, peaks, means = {}, {}, {}
+    for i in candidates:
         rows, cols = boxes[i]
-        peaks[i] = float(m[rows, cols][labels[rows, cols] == i + 1].max())
-    peaks = normalise_values(peaks, calibration)
+        values = m[rows, cols][labels[rows, cols] == i + 1]
+        if values.size < min_pixels:
+            continue
+        pixels[i] = values.size
+        normalised = normalise_values(values, calibration)
+        peaks[i], means[i] = float(normalised.max()), float(normalised.mean())
+    if not pixels:
+        return []
     sh, sw = m.shape
     width, height = int(image_size[0]), int(image_size[1])
     sx, sy = width / sw, height / sh
     pixel_area = sx * sy
-    order = sorted((i for i in range(count) if keep[i]), key=lambda i: (-int(pixels[i]), -float(peaks[i]), i))
+    order = sorted(pixels, key=lambda i: (-pixels[i], -peaks[i], i))
     regions = []
     for i in order[: params.max_regions]:
         rows, cols = boxes[i]

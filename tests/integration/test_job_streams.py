@@ -176,3 +176,34 @@ def test_the_same_idempotency_key_is_the_same_job(redis_server: RedisServer) -> 
         assert len(r.xrange(f"{PREFIX}jobs:brick")) == 2
 
     asyncio.run(scenario())
+
+
+def test_a_20_mib_submission_rides_out_a_stall_without_tripping_the_hot_path(redis_server: RedisServer,
+                                                                            tmp_path: Path) -> None:
+    """The API's job submissions carry the images: their connection's timeout is sized for
+    max_request_bytes, not the 0.25 s of the hot path, and has no breaker. A 20 MiB job
+    submitted while Redis stalls for 0.6 s goes in whole, once, and the cache/link
+    connection never sees the failure (its breaker would skip Redis for everyone)."""
+    from service.pipeline.state import ServiceState
+
+    (tmp_path / "store").mkdir()
+    settings = Settings(model_store=tmp_path / "store", redis_url=redis_server.url, redis_prefix=PREFIX,
+                        redis_socket_timeout_s=0.25, redis_retries=0, max_request_bytes=24 * 1024 * 1024,
+                        max_upload_bytes=24 * 1024 * 1024, store_poll_s=1.0)
+    payload = [Upload(filename="big.png", data=b"\x89PNG" + bytes(20 * 1024 * 1024))]
+
+    async def main() -> None:
+        state = ServiceState(settings)
+        try:
+            stall = _Stall(redis_server, 0.6)
+            record = await state.require_jobs().submit("brick", payload, InspectOptions(), request_id=None)
+            stall.join()
+            assert not state.redis.skipping  # the hot path's breaker never tripped
+            client = redis_server.client()
+            assert client.xlen(state.require_jobs().stream("brick")) == 1
+            stored = await state.require_jobs().records.get(record.id)
+            assert stored is not None and stored.filenames == ["big.png"]
+        finally:
+            await state.stop()
+
+    asyncio.run(main())

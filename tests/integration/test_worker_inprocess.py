@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from harness import CATEGORY, RedisServer, engine_run_replaced, failing_run
+from harness import CATEGORY, RedisServer, copy_version, engine_run_replaced, failing_run
 from service.config import Settings
 from service.pipeline.item import InspectedImage
 from service.pipeline.runtime import PipelineRuntime
@@ -262,3 +262,34 @@ def test_every_job_in_hand_is_kept_alive_even_while_it_waits_for_room(store: Pat
     out = run(settings, body)
     assert out["stolen"] == []
     assert [(r.status, r.attempts, r.worker) for r in out["records"]] == [("done", 1, "inproc")] * 2
+
+
+def test_keep_alive_covers_every_category_of_a_read(store: Path, redis: RedisServer,
+                                                    good_images: list[Path]) -> None:
+    """One read brings jobs of two categories; the slow one (1.5 s of engine, five claim-idle
+    periods) stays claimed the whole time, however soon the fast category is done: a second
+    consumer claiming both streams all along gets nothing, and no job runs twice."""
+    (store / "gravel").mkdir()
+    copy_version(store / CATEGORY / "1", store / "gravel" / "1", "gravel", "1")
+    settings = settings_for(store, redis)
+
+    async def body(h: Harness) -> dict[str, Any]:
+        brick = await h.submit([Upload("slow.png", good_images[0].read_bytes())], InspectOptions(heatmap=HeatmapMode.none))
+        gravel = (await h.queue.submit("gravel", [Upload("fast.png", good_images[1].read_bytes())],
+                                       InspectOptions(heatmap=HeatmapMode.none), request_id=None)).id
+        deliveries = await h.worker.queue.read([CATEGORY, "gravel"], h.worker.name, 8, 1.0)
+        assert sorted(d.message.category for d in deliveries) == ["brick", "gravel"]
+        thief = JobQueue(settings, h.api)
+        stolen: list[Any] = []
+        with engine_run_replaced(h.worker.runtime.registry.get(CATEGORY).engine, slow_run(1.5)):
+            step = asyncio.create_task(h.worker.step(deliveries))
+            while not step.done():
+                for category in (CATEGORY, "gravel"):
+                    stolen += await thief.claim(category, "thief", 8)
+                await asyncio.sleep(0.1)
+            await step
+        return {"stolen": stolen, "records": [await h.record(j) for j in (brick, gravel)]}
+
+    out = run(settings, body)
+    assert out["stolen"] == []
+    assert [(r.status, r.attempts) for r in out["records"]] == [("done", 1)] * 2
