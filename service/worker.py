@@ -101,9 +101,11 @@ class Worker:
         self.settings = settings
         self.name = name or settings.worker_name or f"{socket.gethostname()}-{os.getpid()}"
         self.metrics = ServiceMetrics()
-        # XREADGROUP BLOCK must finish inside the socket timeout; no breaker: a worker has no
-        # request to protect, it waits for Redis instead.
-        client = make_client(settings, socket_timeout=settings.worker_block_s + max(1.0, settings.redis_socket_timeout_s))
+        # XREADGROUP BLOCK must finish inside the socket timeout, and so must reading a job's
+        # images (up to max_request_bytes, at 50 MB/s from a loaded Redis host, as the API's
+        # submissions are sized); no breaker: a worker has no request to protect, it waits.
+        client = make_client(settings, socket_timeout=settings.worker_block_s + max(1.0, settings.redis_socket_timeout_s)
+                             + settings.max_request_bytes / 50e6)
         self.conn = RedisConnection(settings, self.metrics, client=client, breaker_s=0.0)
         self.runtime = PipelineRuntime(settings, self.conn, metrics=self.metrics, memory_links=False)
         self.queue = JobQueue(settings, self.conn)

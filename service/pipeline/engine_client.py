@@ -123,8 +123,8 @@ class EngineClient:
                     await self._call({"op": "acquire", "dir": version_dir}, require_connected=False)
             except (EngineError, EngineUnavailable) as exc:
                 log.error("engine process: re-acquiring after reconnect failed: %s", exc)
-                channel.close()
-                continue
+                channel.close()  # its close callback starts the next attempt
+                return
             log.info("connected to the engine process at %s", self.socket_path)
             again, self._ever_connected = self._ever_connected, True
             self._connected.set()

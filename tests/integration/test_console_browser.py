@@ -352,7 +352,7 @@ def test_review_page_labels_with_the_keyboard_and_counts_agreement(browser: Any,
                             headers=reviewer).json()["label"] for e in queue]
         assert [(lab["label"], lab["by"]) for lab in labels[:2]] == [("ok", "rita"), ("ng", "rita")]
         assert labels[1]["defect_type"] == "hole" and labels[2] is None
-        assert metric(user, "msflow_review_labels_total", category=CATEGORY, label="ng") == 1
+        assert metric(user, "msflow_review_labels", category=CATEGORY, label="ng") == 1
     finally:
         console.close()
         user.close()
