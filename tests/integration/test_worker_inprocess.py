@@ -127,6 +127,9 @@ def test_concurrent_jobs_share_batches_and_answer_like_the_api(store: Path, redi
         # the two jobs' four images went through the lane's batcher together
         assert [r.batch_size for r in record.result.results] == [4, 4]
         assert all(r.timings_ms.queue > 0 for r in record.result.results)  # time in the stream counts
+        for r in record.result.results:  # the three-way verdict travels with job results too
+            expected = "ok" if r.raw_score < r.threshold else "ng" if r.raw_score >= r.ng_threshold else "review"
+            assert r.verdict == expected and r.is_anomalous == (r.raw_score >= r.threshold)
     assert out["png"] and out["png"].startswith(b"\x89PNG") and out["pending"] == 0 and out["done"] == 2
 
     # The same numbers and shape as the synchronous path (the runtime alone, in-process).
