@@ -16,7 +16,6 @@ that finds no free slots is refused (503) before it costs anything.
 
 from __future__ import annotations
 
-import collections
 import mmap
 import os
 from dataclasses import dataclass
@@ -113,10 +112,14 @@ class Slab:
 
 
 class SlotPool:
-    """The free slots of one slab (the owner's side): all-or-nothing reservations."""
+    """The free slots of one slab (the owner's side): all-or-nothing reservations.
+
+    Last freed, first taken: the slots in use stay the same few, so the pages of a large
+    slab that only a burst ever needed are touched once, not cycled through (a first-in,
+    first-out pool would commit the whole slab under steady load)."""
 
     def __init__(self, slots: int) -> None:
-        self._free: collections.deque[int] = collections.deque(range(slots))
+        self._free: list[int] = list(range(slots - 1, -1, -1))  # slot 0 on top
         self.capacity = slots
 
     @property
@@ -127,7 +130,7 @@ class SlotPool:
         """``count`` slots, or None (nothing taken) when fewer are free."""
         if count > len(self._free):
             return None
-        return [self._free.popleft() for _ in range(count)]
+        return [self._free.pop() for _ in range(count)]
 
     def give_back(self, slots: list[int]) -> None:
         self._free.extend(slots)

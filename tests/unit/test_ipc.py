@@ -93,3 +93,16 @@ def test_a_slab_is_an_anonymous_memfd_with_no_name_to_leak() -> None:
         assert set(os.listdir("/dev/shm")) == before
     finally:
         slab.close()
+
+
+def test_steady_load_reuses_the_same_few_slots() -> None:
+    """Pages of a large slab are committed as touched: one image at a time must keep using
+    one slot, not walk through all of them."""
+    pool = SlotPool(64)
+    used = set()
+    for _ in range(200):
+        slots = pool.take(1)
+        assert slots is not None
+        used.update(slots)
+        pool.give_back(slots)
+    assert used == {0}
