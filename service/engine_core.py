@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import ctypes
 import logging
 import os
 import signal
@@ -33,7 +32,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from service.config import Settings
 from service.engines.base import Engine
@@ -43,6 +41,7 @@ from service.ipc.slab import Slab
 from service.metrics import ServiceMetrics
 from service.pipeline.batcher import Batched, Batcher, BatcherClosed, DeadlineExceeded, QueueFull
 from service.pipeline.registry import EngineFactory, warm_engine
+from service.pipeline.runtime import engine_runner
 
 log = logging.getLogger(__name__)
 
@@ -203,8 +202,7 @@ class EngineCore:
             frontend.channel.send({"op": "error", "rid": rid, "message": f"{type(exc).__name__}: {exc}"})
             return
         if frontend.ident not in self.frontends:  # it left while this loaded: unload later unless taken
-            if not hosted.holders and hosted.unload is None:
-                hosted.unload = asyncio.get_running_loop().call_later(self.unload_grace_s, self._unload, version_dir)
+            self._unload_later_if_idle(version_dir, hosted)
             return
         hosted.holders[frontend.ident] += 1
         if hosted.unload is not None:
@@ -239,6 +237,9 @@ class EngineCore:
         hosted.holders[ident] -= 1
         if every_hold or hosted.holders[ident] <= 0:
             del hosted.holders[ident]
+        self._unload_later_if_idle(version_dir, hosted)
+
+    def _unload_later_if_idle(self, version_dir: str, hosted: Hosted) -> None:
         if not hosted.holders and hosted.unload is None:
             hosted.unload = asyncio.get_running_loop().call_later(self.unload_grace_s, self._unload, version_dir)
 
@@ -252,16 +253,14 @@ class EngineCore:
 
     def _runner(self, category: str, engine: Engine) -> Any:
         """The batcher's ``run_batch``: inputs from the slots, maps back into them."""
+        run = engine_runner(engine)
+
         def run_batch(payloads: list[Payload]) -> list[float]:
-            batch = np.stack([p.slab.input(p.slot) for p in payloads])
-            scores, maps = engine.run(batch)
-            if len(scores) != len(payloads) or len(maps) != len(payloads):
-                raise RuntimeError(f"engine {engine.name} returned {len(scores)} scores / {len(maps)} maps "
-                                   f"for a batch of {len(payloads)}")
-            for payload, heat in zip(payloads, maps):
+            results = run([p.slab.input(p.slot) for p in payloads])
+            for payload, (_, heat) in zip(payloads, results):
                 payload.slab.output(payload.slot)[...] = heat
             self.metrics.batch_frontends.labels(category).observe(len({p.frontend for p in payloads}))
-            return [float(s) for s in scores]
+            return [score for score, _ in results]
         return run_batch
 
     # ------------------------------------------------------------------ requests
@@ -310,18 +309,8 @@ def _outcome(future: asyncio.Future[Batched[float]]) -> list[Any]:
     return [ENGINE_ERROR, f"{type(exc).__name__}: {exc}"]
 
 
-def set_process_name(name: str) -> None:
-    """What ``ps -o comm``, ``top`` and ``/proc/<pid>/comm`` show (Linux; a no-op elsewhere)."""
-    try:
-        libc = ctypes.CDLL(None)
-        libc.prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
-    except (OSError, AttributeError):
-        pass
-
-
 def run_engine_process(overrides: dict[str, Any], socket_path: str) -> None:
     """Entry point of the engine process (started by :mod:`service.supervisor`)."""
-    set_process_name("msflow-engine")
     settings = Settings(**overrides)
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s engine %(name)s: %(message)s")

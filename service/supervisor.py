@@ -43,7 +43,7 @@ import uvicorn
 from prometheus_client.multiprocess import mark_process_dead
 
 from service.config import Settings, warn_unknown_env
-from service.engine_core import run_engine_process, set_process_name
+from service.engine_core import run_engine_process
 from service.server import build_overrides, build_settings, run_server
 
 log = logging.getLogger(__name__)
@@ -61,10 +61,13 @@ def serve(args: argparse.Namespace) -> int:
     return Supervisor(settings, build_overrides(args)).run()
 
 
-def die_with_parent() -> None:
-    """Linux: get SIGTERM when the supervisor dies, however it dies (no orphans)."""
+def become_child(name: str) -> None:
+    """Linux (a no-op elsewhere): get SIGTERM when the supervisor dies, however it dies (no
+    orphans), and show ``name`` in ``ps -o comm``, ``top`` and ``/proc/<pid>/comm``."""
     try:
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+        libc = ctypes.CDLL(None)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+        libc.prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
     except (OSError, AttributeError):
         pass
     if os.getppid() == 1:  # the parent died before the line above ran
@@ -73,8 +76,7 @@ def die_with_parent() -> None:
 
 def run_frontend(overrides: dict[str, Any], sockets: list[socket.socket], index: int) -> None:
     """Entry point of front-end process ``index``."""
-    die_with_parent()
-    set_process_name(f"msflow-api-{index}")
+    become_child(f"msflow-api-{index}")
     settings = Settings(**overrides)
     logging.basicConfig(level=settings.log_level.upper(),
                         format=f"%(asctime)s %(levelname)s api-{index} %(name)s: %(message)s")
@@ -82,7 +84,7 @@ def run_frontend(overrides: dict[str, Any], sockets: list[socket.socket], index:
 
 
 def run_engine(overrides: dict[str, Any], socket_path: str) -> None:
-    die_with_parent()
+    become_child("msflow-engine")
     run_engine_process(overrides, socket_path)
 
 

@@ -62,10 +62,9 @@ class _Request:
 class EngineClient:
     """See the module docstring. Create with :meth:`start` on the running loop."""
 
-    def __init__(self, settings: Settings, socket_path: Path, metrics: ServiceMetrics | None = None) -> None:
+    def __init__(self, settings: Settings, socket_path: Path) -> None:
         self.settings = settings
         self.socket_path = socket_path
-        self.metrics = metrics or ServiceMetrics()
         self.on_reload: Callable[[str, str | None], Awaitable[Any]] | None = None
         self.on_reconnect: Callable[[], Awaitable[Any]] | None = None  # after a lost engine process is back
         self._loop: asyncio.AbstractEventLoop | None = None

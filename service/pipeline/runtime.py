@@ -162,7 +162,7 @@ class PipelineRuntime:
             if self.engine_link is not None and isinstance(engine, RemoteEngine):
                 batcher = RemoteBatcher(self.engine_link, engine, s.max_queue_delay_ms / 1e3, self.metrics)
             else:
-                batcher = Batcher(model.category, _engine_runner(engine), label=engine.name,
+                batcher = Batcher(model.category, engine_runner(engine), label=engine.name,
                                   max_batch_size=max(1, min(s.max_batch_size, int(engine.max_batch_size))),
                                   max_queue_delay_s=s.max_queue_delay_ms / 1e3, max_queue_size=s.max_queue_size,
                                   observer=self.metrics)
@@ -389,8 +389,9 @@ class NonFiniteOutput(RuntimeError):
         self.details = {"index": index, "filename": filename}
 
 
-def _engine_runner(engine: Any) -> Callable[[list[np.ndarray]], list[tuple[float, np.ndarray]]]:
-    """The ``run_batch`` of an engine's batcher: stack, run, split per image."""
+def engine_runner(engine: Any) -> Callable[[list[np.ndarray]], list[tuple[float, np.ndarray]]]:
+    """The ``run_batch`` of an engine's batcher: stack, run, split per image (here, and in the
+    engine process of a multi-process server, around its shared-memory slots)."""
     def run_batch(tensors: list[np.ndarray]) -> list[tuple[float, np.ndarray]]:
         scores, maps = engine.run(np.stack(tensors))
         if len(scores) != len(tensors) or len(maps) != len(tensors):

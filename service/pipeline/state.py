@@ -52,7 +52,7 @@ class ServiceState(PipelineRuntime):
         redis = RedisConnection(settings, metrics) if settings.redis_url else None
         # A front end of a multi-process server (MSFLOW_API_PROCESSES > 1): engines and
         # batching live in the engine process, reached through this socket.
-        link = EngineClient(settings, settings.engine_socket, metrics) if settings.engine_socket else None
+        link = EngineClient(settings, settings.engine_socket) if settings.engine_socket else None
         super().__init__(settings, redis, metrics=metrics, memory_links=True, engine_link=link)
         if link is not None:
             link.on_reload = self._follow_reload
