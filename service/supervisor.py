@@ -3,8 +3,9 @@
 With ``MSFLOW_API_PROCESSES`` = 1 (the default) the whole service runs in this process
 (:func:`service.server.run_server`). With N > 1 this process binds the port and supervises:
 
-* N front-end processes (``msflow-api-<i>``): uvicorn on the one shared listening socket,
-  the whole HTTP API, decode, postprocess, result cache, review capture; each a normal
+* N front-end processes (``msflow-api-<i>``): uvicorn on a listening socket of its own on the
+  one port (``SO_REUSEPORT``), the whole HTTP API, decode, postprocess, result cache, review
+  capture; each a normal
   :class:`~service.pipeline.state.ServiceState` whose lanes reach the engine process
   (:mod:`service.pipeline.engine_client`);
 * one engine process (``msflow-engine``, :mod:`service.engine_core`): every engine, and
@@ -14,6 +15,14 @@ Why processes at all: one process shares one GIL between HTTP, decode and encode
 1.4 ms of Python per image it tops out near 700 images/s (docs/PERFORMANCE.md), far below
 what one GPU can score. Why one engine process rather than an engine per front end: batch
 size is what makes a GPU efficient, and N engines would also hold N copies of each model.
+
+Why a socket per front end: on one shared socket the kernel hands each new connection to
+whichever process accepts first, so a few long-lived keep-alive clients can all land on one
+front end (measured: 8 of 8). With ``SO_REUSEPORT`` the kernel spreads connections over the
+front ends by hash. Each front end's socket is bound here but only starts listening when its
+uvicorn serves, so no connection waits on a process still starting; it closes with the
+process, so none waits on a dead one either. This process keeps the port with a bound socket
+that never listens.
 
 Children die with this process (``PR_SET_PDEATHSIG``) and are restarted when they die
 alone; shared memory needs no cleaning after any of these deaths (:mod:`service.ipc.slab`).
@@ -39,7 +48,6 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Callable
 
-import uvicorn
 from prometheus_client.multiprocess import mark_process_dead
 
 from service.config import Settings, warn_unknown_env
@@ -124,18 +132,25 @@ class Supervisor:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)  # inherited by every child
         engine_socket = rundir / "engine.sock"
         overrides = {**self.overrides, "engine_socket": str(engine_socket)}
-        listener = uvicorn.Config("service.api.app:create_app", host=s.host, port=s.port).bind_socket()
+        port_holder = reuseport_socket(s.host, s.port)
+        port = port_holder.getsockname()[1]
         ctx = multiprocessing.get_context("spawn")  # no forked copies of threads, locks or CUDA state
         engine = _Child("engine process", lambda: _spawn(ctx, run_engine, "msflow-engine",
                                                          overrides, str(engine_socket)))
-        frontends = [_Child(f"front end {i}", lambda i=i: _spawn(ctx, run_frontend, f"msflow-api-{i}",
-                                                                 overrides, [listener], i))
-                     for i in range(s.api_processes)]
+
+        def start_frontend(i: int) -> BaseProcess:
+            listener = reuseport_socket(s.host, port)
+            try:
+                return _spawn(ctx, run_frontend, f"msflow-api-{i}", overrides, [listener], i)
+            finally:
+                listener.close()  # the child has its own copy: the socket lives exactly as long as it
+
+        frontends = [_Child(f"front end {i}", lambda i=i: start_frontend(i)) for i in range(s.api_processes)]
         children = [engine, *frontends]
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_signal)
         log.info("serving %s on http://%s:%d with %d front-end processes and one engine process (engine %s, "
-                 "batch %d, delay %.1f ms)", s.model_store, s.host, s.port, s.api_processes, s.engine,
+                 "batch %d, delay %.1f ms)", s.model_store, s.host, port, s.api_processes, s.engine,
                  s.max_batch_size, s.max_queue_delay_ms)
         try:
             for child in children:
@@ -150,7 +165,7 @@ class Supervisor:
                 if child.alive:
                     assert child.process is not None
                     child.process.kill()
-            listener.close()
+            port_holder.close()
             shutil.rmtree(rundir, ignore_errors=True)
         return 0
 
@@ -187,6 +202,21 @@ class Supervisor:
         for child in [*frontends, engine]:
             if child.process is not None and child.process.pid is not None:
                 mark_process_dead(child.process.pid, str(metrics_dir))
+
+
+def reuseport_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` with ``SO_REUSEPORT``, not listening yet (asyncio's
+    ``create_server`` calls ``listen`` when uvicorn starts serving on it). Port 0 picks a free
+    port; bind the next ones to the port it got."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def _spawn(ctx: Any, target: Callable[..., None], name: str, *args: Any) -> BaseProcess:

@@ -44,6 +44,7 @@ from service.pipeline.batcher import Batched, BatcherClosed, BatcherError, Deadl
 log = logging.getLogger(__name__)
 
 _CONNECT_WAIT_S = 60.0  # how long a load waits for the engine process (it may be loading others)
+_WARMUP_DEADLINE_S = 300.0  # a warm-up batch through the engine process: first CUDA / TensorRT runs are slow
 
 
 class EngineUnavailable(BatcherError):
@@ -281,8 +282,10 @@ class EngineClient:
 
     async def run(self, version_dir: str, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """One whole batch through the engine process (the registry's warm-up), in parts no
-        larger than this front end's slots."""
-        deadline = time.monotonic() + self.settings.request_deadline_ms / 1e3
+        larger than this front end's slots. Not bound by the request deadline: a warm-up
+        waits out the batching window and the engine's first (slowest) run, however short
+        requests' deadlines are."""
+        deadline = time.monotonic() + _WARMUP_DEADLINE_S
         step = self.pool(int(images.shape[1])).capacity
         results: list[Batched[Any]] = []
         for start in range(0, len(images), step):
