@@ -24,7 +24,6 @@ the measured peak resident memory of the hostile-load scenario against this budg
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -95,14 +94,13 @@ class Ticket:
         self._running = 0
         self._closed = False
         self._released = False
-        self._loop = asyncio.get_running_loop()
 
-    def track(self, future: concurrent.futures.Future[object]) -> None:
-        """Hold the pixels until ``future`` (a thread-pool call of this request) is done."""
+    def call_started(self) -> None:
+        """A blocking call of this request went to a thread (:class:`~service.pipeline.offload.Offload`):
+        the pixels stay admitted until its :meth:`call_done`, even if the request gives up first."""
         self._running += 1
-        future.add_done_callback(lambda _: self._loop.call_soon_threadsafe(self._call_done))
 
-    def _call_done(self) -> None:
+    def call_done(self) -> None:
         self._running -= 1
         self._maybe_release()
 

@@ -32,9 +32,10 @@ import collections
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
+
+from service.pipeline.offload import Offload
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +156,7 @@ class Batcher:
         self._running: list[_Item] = []
         # One thread: ``run_batch`` has one caller at a time (the engine contract), and batches
         # of one category are serial on the accelerator anyway.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{category}")
+        self._engine_thread = Offload(1, f"engine-{category}")
         self._worker = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{category}")
         self._worker.add_done_callback(self._worker_done)
 
@@ -178,13 +179,17 @@ class Batcher:
         self.check_room(len(items))
         loop = asyncio.get_running_loop()
         now = time.monotonic()
+        was_idle = not self._pending
         futures: list[asyncio.Future[Batched[Any]]] = []
         for payload in items:
             item = _Item(payload=payload, deadline=deadline, enqueued=now, future=loop.create_future())
             self._pending.append(item)
             futures.append(item.future)
         self._observer.set_queue_depth(self.category, len(self._pending))
-        self._wakeup.set()
+        # The worker needs waking for a first item or a full batch only: while a batch waits
+        # for company, each arrival would otherwise wake it just to count again.
+        if was_idle or len(self._pending) >= self.max_batch_size:
+            self._wakeup.set()
         return futures
 
     def check_room(self, count: int) -> None:
@@ -244,7 +249,8 @@ class Batcher:
                 return
             self._wakeup.clear()
             try:
-                await asyncio.wait_for(self._wakeup.wait(), remaining)
+                async with asyncio.timeout(remaining):  # no task per wait, unlike wait_for
+                    await self._wakeup.wait()
             except TimeoutError:
                 return
 
@@ -267,9 +273,8 @@ class Batcher:
         started = time.monotonic()
         for item in items:
             self._observer.observe_queue_wait(self.category, started - item.enqueued)
-        loop = asyncio.get_running_loop()
         try:
-            results = await loop.run_in_executor(self._executor, self._run_batch, [item.payload for item in items])
+            results = await self._engine_thread.call(self._run_batch, [item.payload for item in items])
             if len(results) != len(items):
                 raise RuntimeError(f"run_batch returned {len(results)} results for a batch of {len(items)}")
         except Exception as exc:  # one bad batch must not stop the worker
@@ -316,7 +321,7 @@ class Batcher:
                     item.future.set_exception(BatcherClosed(f"{self.category}: shut down before finishing"))
             self._pending.clear()
         finally:
-            self._executor.shutdown(wait=False)
+            self._engine_thread.close(wait=False)
             self._observer.set_queue_depth(self.category, 0)
 
     async def close(self) -> None:

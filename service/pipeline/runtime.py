@@ -17,7 +17,6 @@ share its batches) -> postprocess (score, verdict, heatmap, regions) -> ``result
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import functools
 import inspect
@@ -25,7 +24,6 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -38,6 +36,7 @@ from service.pipeline.batcher import Batched, Batcher, BatchQueue, DeadlineExcee
 from service.pipeline.engine_client import EngineClient, RemoteBatcher, RemoteEngine
 from service.pipeline.decode import ImageLimits, ImageRejected, Rendering, configure_pillow, decode_into, probe_into
 from service.pipeline.item import InspectedImage
+from service.pipeline.offload import Offload
 from service.pipeline.postprocess import policy_from_settings, postprocess
 from service.pipeline.registry import EngineFactory, LoadedModel, ModelRegistry
 from service.pipeline.review import ReviewCapture
@@ -92,7 +91,7 @@ class PipelineRuntime:
         self.closing = False
         self._lanes: dict[int, Lane] = {}  # by id(LoadedModel)
         self._draining: set[asyncio.Task[None]] = set()
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool: Offload | None = None
         self.links = HeatmapLinks(settings, redis, memory=memory_links, metrics=self.metrics)
         # Runtime threshold overrides (thresholds.py): the same effective thresholds on every
         # replica and worker, since they live in Redis (and beside the store's manifests).
@@ -110,7 +109,7 @@ class PipelineRuntime:
         found = self.registry.discover()
         if self.engine_link is not None:
             self.engine_link.start()
-        self._pool = ThreadPoolExecutor(self.settings.decode_threads, thread_name_prefix="decode")
+        self._pool = Offload(self.settings.decode_threads, "decode")
         self.thresholds.start(self.registry.serving)
         self.review.start()
         return found
@@ -139,7 +138,7 @@ class PipelineRuntime:
         if self.engine_link is not None:
             await self.engine_link.close()
         if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool.close()
         if self.redis is not None:
             await self.redis.aclose()
 
@@ -204,14 +203,11 @@ class PipelineRuntime:
             self._release(lane)
 
     async def run_blocking(self, fn: Callable[..., _T], *args: Any, ticket: Ticket | None = None) -> _T:
-        """``fn(*args)`` in the thread pool. ``ticket``: the request's pixels stay admitted until
-        the call returns, even if the request itself gave up on it (a deadline)."""
+        """``fn(*args)`` in the decode threads. ``ticket``: the request's pixels stay admitted
+        until the call returns, even if the request itself gave up on it (a deadline)."""
         if self._pool is None:
             raise RuntimeError("the runtime is not open")
-        future: concurrent.futures.Future[_T] = self._pool.submit(fn, *args)
-        if ticket is not None:
-            ticket.track(future)  # type: ignore[arg-type]
-        return await asyncio.wrap_future(future)
+        return await self._pool.call(fn, *args, tracker=ticket)
 
     # ------------------------------------------------------------------ the inspect path, stage by stage
     async def probe(self, size: int, items: Sequence[InspectedImage], rendering: Rendering) -> None:

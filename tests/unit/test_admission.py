@@ -6,11 +6,11 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from service.pipeline.admission import PixelBudget, RequestTooExpensive, ServerBusy, image_cost
+from service.pipeline.offload import Offload
 
 
 def test_cost_counts_every_buffer_the_pipeline_holds() -> None:
@@ -52,11 +52,13 @@ def test_ticket_holds_its_pixels_while_its_threads_still_run() -> None:
     async def main() -> None:
         budget = PixelBudget(max_request_pixels=100, max_inflight_pixels=100)
         release = threading.Event()
-        with ThreadPoolExecutor(1) as pool:
+        offload = Offload(1, "decode")
+        try:
             ticket = budget.admit(100)
-            future = pool.submit(release.wait, 5)
-            ticket.track(future)
-            ticket.close()  # the request is over (say, 504)...
+            call = asyncio.ensure_future(offload.call(release.wait, 5, tracker=ticket))
+            await asyncio.sleep(0.05)
+            call.cancel()  # the request gives up (say, 504)...
+            ticket.close()
             await asyncio.sleep(0.05)
             assert budget.in_flight == 100  # ...but its decode still runs
             with pytest.raises(ServerBusy):
@@ -67,6 +69,8 @@ def test_ticket_holds_its_pixels_while_its_threads_still_run() -> None:
                     break
                 await asyncio.sleep(0.01)
             assert budget.in_flight == 0
+        finally:
+            offload.close()
     asyncio.run(main())
 
 
