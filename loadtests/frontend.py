@@ -207,13 +207,15 @@ def profile(store: Path, category: str, data: bytes, heatmap: str, answer: str, 
     return out
 
 
-def bare_engine_cpu_ms(store: Path, category: str, batch: int, seconds: float = 8.0) -> float:
-    """Process CPU per image of the engine alone, loaded as the server loads it, at ``batch``."""
+def bare_engine_cpu_ms(store: Path, category: str, batch: int, seconds: float = 8.0,
+                       threads: int | None = None) -> float:
+    """Process CPU per image of the engine alone, loaded as the server loads it (``threads``:
+    its ``MSFLOW_INTRA_OP_THREADS``), at ``batch``."""
     from service.engines.factory import load_engine
 
     version = max((p for p in (store / category).iterdir() if p.is_dir() and not p.name.startswith(".")),
                   key=lambda p: int(p.name) if p.name.isdigit() else -1)
-    engine = load_engine(version, "onnx", device="cpu", max_batch_size=batch)
+    engine = load_engine(version, "onnx", device="cpu", max_batch_size=batch, threads=threads)
     size = engine.manifest.input_size
     images = np.asarray(texture(size))[None].repeat(batch, axis=0)
     engine.run(images)
@@ -234,6 +236,8 @@ def run(args: argparse.Namespace) -> int:
            "MSFLOW_LOG_LEVEL": "warning", "MSFLOW_STORE_POLL_S": "0", "MSFLOW_DECODE_THREADS": str(args.decode_threads),
            "MSFLOW_MAX_BATCH_SIZE": str(args.batch), "MSFLOW_MAX_QUEUE_DELAY_MS": str(args.delay_ms),
            "MSFLOW_API_PROCESSES": str(args.api_processes)}
+    if args.intra_op_threads:
+        env["MSFLOW_INTRA_OP_THREADS"] = str(args.intra_op_threads)
     results: dict[str, Any] = {}
     with LocalServer(args.store, out / "server.log", env=env) as server:
         wait_ready(server.url, server.proc, timeout=180)
@@ -261,12 +265,13 @@ def run(args: argparse.Namespace) -> int:
         for r in results.values():
             # at the batch size the server actually formed: the engine's CPU per image depends on it
             r["bare_batch"] = max(1, int(round(r["mean_batch"])))
-            engine_ms = bare_engine_cpu_ms(Path(args.store), category, r["bare_batch"])
+            engine_ms = bare_engine_cpu_ms(Path(args.store), category, r["bare_batch"], threads=args.intra_op_threads)
             r["bare_engine_cpu_ms_per_image"] = round(engine_ms, 2)
             r["outside_engine_ms"] = round(r["server_cpu_ms_per_image"] - engine_ms, 2)
             r["outside_over_engine"] = round((r["server_cpu_ms_per_image"] - engine_ms) / engine_ms, 3)
     summary = {"engine": args.engine, "category": category, "input_size": input_size,
                "concurrency": args.concurrency, "seconds": args.seconds, "batch": args.batch, "decode_threads": args.decode_threads,
+               "intra_op_threads": args.intra_op_threads,
                "api_processes": args.api_processes,
                "cpu_count": os.cpu_count(), "kinds": results}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -316,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--api-processes", type=int, default=1,
                    help="MSFLOW_API_PROCESSES of the server (>1: front ends + one engine process; CPU is summed "
                         "over all of them)")
+    p.add_argument("--intra-op-threads", type=int, help="the engine's CPU threads, in the server and in the bare "
+                   "engine it is compared with (default: onnxruntime's, one per core)")
     p.add_argument("--no-profile", dest="profile", action="store_false", help="skip the per-stage CPU profile")
     p.add_argument("--out")
     return run(p.parse_args(argv))

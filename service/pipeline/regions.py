@@ -56,13 +56,6 @@ class RegionParams:
     min_area_fraction: float = DEFAULT_MIN_REGION_AREA
 
 
-def normalise_values(values: np.ndarray, calibration: Calibration) -> np.ndarray:
-    """Map values -> [0, 1] with the heatmap's absolute range (``map_low`` -> 0, ``map_high`` -> 1)."""
-    span = max(float(calibration.map_high) - float(calibration.map_low), 1e-12)
-    out = (np.asarray(values, dtype=np.float64) - float(calibration.map_low)) / span
-    return np.clip(np.nan_to_num(out, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)
-
-
 def defect_mask(anomaly_map: np.ndarray, calibration: Calibration) -> np.ndarray:
     """Boolean map of defective pixels (``value > pixel_threshold``; NaN is not defective)."""
     m = np.asarray(anomaly_map, dtype=np.float32)
@@ -86,19 +79,27 @@ def find_regions(anomaly_map: np.ndarray, calibration: Calibration, image_size: 
     boxes = ndimage.find_objects(labels)
     min_pixels = max(1.0, params.min_area_fraction * m.size)
     # Every statistic inside each component's own box, never a pass over the whole map per
-    # statistic: a real map has a few components, and the boxes are small. A noisy mask (many
-    # specks) is first sized in one bincount so that only the kept components are visited.
-    candidates = (range(count) if count <= _FEW else
-                  np.flatnonzero(np.bincount(labels.ravel(), minlength=count + 1)[1:] >= min_pixels))
+    # statistic: a real map has a few components, and the boxes are small. A box smaller than
+    # the minimum area cannot hold a kept component, so specks are skipped unvisited; if many
+    # boxes remain (a noisy mask), one bincount sizes them so that only kept ones are visited.
+    candidates = [i for i, (rows, cols) in enumerate(boxes)
+                  if (rows.stop - rows.start) * (cols.stop - cols.start) >= min_pixels]
+    if len(candidates) > _FEW:
+        candidates = np.flatnonzero(np.bincount(labels.ravel(), minlength=count + 1)[1:] >= min_pixels)
+    # Clipping to [map_low, map_high] and then normalising the max and the mean equals
+    # normalising each value and clipping to [0, 1] (an increasing affine map), in four numpy
+    # calls per component. A defective value is never NaN (NaN > threshold is False); +inf clips.
+    low, high = float(calibration.map_low), float(calibration.map_high)
+    span = max(high - low, 1e-12)
     pixels, peaks, means = {}, {}, {}
     for i in candidates:
         rows, cols = boxes[i]
-        values = m[rows, cols][labels[rows, cols] == i + 1]
+        values = m[rows, cols][labels[rows, cols] == i + 1].astype(np.float64)
         if values.size < min_pixels:
             continue
         pixels[i] = values.size
-        normalised = normalise_values(values, calibration)
-        peaks[i], means[i] = float(normalised.max()), float(normalised.mean())
+        np.clip(values, low, high, out=values)
+        peaks[i], means[i] = (float(values.max()) - low) / span, (float(values.mean()) - low) / span
     if not pixels:
         return []
     sh, sw = m.shape
