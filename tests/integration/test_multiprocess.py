@@ -279,11 +279,15 @@ def test_queue_full_and_deadline_answers_hold(mp_store: Path, tmp_path: Path, go
 
 def test_sigterm_drains_requests_in_flight_then_stops_every_process(mp_store: Path, tmp_path: Path,
                                                                      good_images: list[Path]) -> None:
-    server = start(mp_store, tmp_path / "server.log", **MP, max_batch_size=8, max_queue_delay_ms=300)
+    server = start(mp_store, tmp_path / "server.log", **MP, max_batch_size=8, max_queue_delay_ms=3000)
     kids = set(children(server.proc.pid))
+    client = httpx.Client(base_url=server.url)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         pending = pool.submit(post_many, server.url, good_images, 6)
-        time.sleep(0.15)  # the requests wait in the engine process's forming batch
+        # SIGTERM once all six wait in the engine process's forming batch (a batch of 8 waits
+        # up to 3 s for company): a request not yet sent would rightly be refused.
+        wait_until(lambda: metric(client, "msflow_queue_depth", category=CATEGORY) == 6, 30,
+                   "six images queued in the engine process", interval=0.05)
         server.proc.send_signal(signal.SIGTERM)
         answers = pending.result(60)
     assert [r.status_code for r in answers] == [200] * 6
