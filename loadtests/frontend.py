@@ -19,6 +19,13 @@ a lean asyncio + httpx client (``--concurrency`` requests in flight, one image e
   JSON. What the server spends beyond their sum is the framework, the event loop and
   batching (the table shows it as "other").
 
+With ``--engine onnx`` (the real engine) it also reports what the server spends outside the
+engine, against the engine's own CPU, two ways: *by thread* (the server's threads named
+``engine-*``, :mod:`service.os_names`: the batcher's engine thread and onnxruntime's pool,
+against every other thread), and *against the bare engine* (server CPU minus the engine
+alone in this process, at the batch sizes the server formed, weighted by its images: this
+also charges the engine's slow-down beside the server's other threads to the outside).
+
 Kinds: ``jpeg256-none`` (a 256 x 256 JPEG, ``heatmap=none``), ``png256-inline`` (a 256 x 256
 PNG, inline heatmap), ``jpeg2048-none`` (a 2048 x 2048 camera-like JPEG, ``heatmap=none``).
 Writes ``summary.json`` and ``summary.md``.
@@ -43,6 +50,7 @@ import numpy as np
 from PIL import Image
 
 from loadtests.run import LocalServer, wait_ready
+from service.os_names import ENGINE_PREFIX
 
 CLOCK = os.sysconf("SC_CLK_TCK")
 
@@ -77,6 +85,25 @@ def cpu_s(pid: int) -> float:
         except OSError:  # exited meanwhile
             continue
         total += (int(fields[11]) + int(fields[12])) / CLOCK  # utime, stime
+    return total
+
+
+def engine_threads_cpu_s(pid: int) -> float:
+    """CPU seconds of the live threads named ``engine-*`` in ``pid`` and its descendants."""
+    total = 0.0
+    for proc in _tree(pid):
+        try:
+            tasks = list(Path(f"/proc/{proc}/task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                if not (task / "comm").read_text().startswith(ENGINE_PREFIX):
+                    continue
+                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += (int(fields[11]) + int(fields[12])) / CLOCK
     return total
 
 
@@ -120,9 +147,10 @@ async def drive(url: str, category: str, data: bytes, content_type: str, heatmap
 
         await asyncio.gather(*(loop(time.monotonic() + 1.0) for _ in range(concurrency)))  # warm-up
         timings.clear()
-        server0, client0, t0 = cpu_s(pid), own_cpu_s(), time.monotonic()
+        server0, engine0, client0, t0 = cpu_s(pid), engine_threads_cpu_s(pid), own_cpu_s(), time.monotonic()
         await asyncio.gather(*(loop(t0 + seconds) for _ in range(concurrency)))
         wall, server, own = time.monotonic() - t0, cpu_s(pid) - server0, own_cpu_s() - client0
+        engine = engine_threads_cpu_s(pid) - engine0
     n = len(timings)
     mean = {k: float(np.mean([t[k] for t in timings])) if n else float("nan") for k in
             ("decode", "render", "queue", "engine", "total")}
@@ -134,6 +162,10 @@ async def drive(url: str, category: str, data: bytes, content_type: str, heatmap
             "engine_ms_per_batch": round(mean["engine"], 2), "queue_ms": round(mean["queue"], 2),
             "latency_ms": round(mean["total"], 2),
             "mean_batch": round(float(np.mean([t["batch_size"] for t in timings])), 2) if n else 0.0,
+            # images by the size of the batch they ran in
+            "batch_mix": {int(b): int(c) for b, c in zip(*np.unique([int(t["batch_size"]) for t in timings],
+                                                                     return_counts=True))},
+            "engine_threads_cpu_ms_per_image": round(engine / max(n, 1) * 1e3, 2),
             }
 
 
@@ -262,11 +294,23 @@ def run(args: argparse.Namespace) -> int:
                 stages = sum(results[kind]["profile_ms"].values())
                 results[kind]["profile_ms"]["other"] = round(results[kind]["server_cpu_ms_per_image"] - stages, 3)
     if args.engine == "onnx":  # what the server spends outside the engine, against the engine's own CPU (CPU hosts)
+        bare: dict[int, float] = {}  # batch size -> the bare engine's CPU per image, shared by the kinds
         for r in results.values():
-            # at the batch size the server actually formed: the engine's CPU per image depends on it
-            r["bare_batch"] = max(1, int(round(r["mean_batch"])))
-            engine_ms = bare_engine_cpu_ms(Path(args.store), category, r["bare_batch"], threads=args.intra_op_threads)
+            # By thread: the engine's threads in the server against all the others.
+            inside = r["engine_threads_cpu_ms_per_image"]
+            r["outside_threads_ms"] = round(r["server_cpu_ms_per_image"] - inside, 2)
+            r["outside_threads_share"] = round(r["outside_threads_ms"] / inside, 3) if inside else None
+            # Against the bare engine at the batch sizes the server formed, weighted by its images:
+            # the engine's CPU per image depends on the batch size, and a mix of 2s and 8s costs
+            # more per image than 5s.
+            mix = {int(b): c for b, c in r["batch_mix"].items()}
+            for b in mix:
+                if b not in bare:
+                    bare[b] = bare_engine_cpu_ms(Path(args.store), category, b, seconds=min(4.5, args.seconds),
+                                                 threads=args.intra_op_threads)
+            engine_ms = sum(bare[b] * c for b, c in mix.items()) / sum(mix.values())
             r["bare_engine_cpu_ms_per_image"] = round(engine_ms, 2)
+            r["bare_engine_by_batch_ms"] = {b: round(bare[b], 2) for b in sorted(mix)}
             r["outside_engine_ms"] = round(r["server_cpu_ms_per_image"] - engine_ms, 2)
             r["outside_over_engine"] = round((r["server_cpu_ms_per_image"] - engine_ms) / engine_ms, 3)
     summary = {"engine": args.engine, "category": category, "input_size": input_size,
@@ -294,8 +338,13 @@ def render(s: dict[str, Any]) -> str:
                      f"{r['render_regions_ms']} ms | {r['failures']} |")
     for kind, r in s["kinds"].items():
         if "bare_engine_cpu_ms_per_image" in r:
-            lines.append(f"\n{kind}: mean batch {r['mean_batch']}; bare engine {r['bare_engine_cpu_ms_per_image']} ms "
-                         f"CPU per image (batch {r['bare_batch']}, in-process); outside the engine {r['outside_engine_ms']} ms "
+            mix = ", ".join(f"{c} at {b}" for b, c in r["batch_mix"].items())
+            lines.append(f"\n{kind}: mean batch {r['mean_batch']} (images by batch size: {mix})\n"
+                         f"- by thread: the server's engine threads {r['engine_threads_cpu_ms_per_image']} ms CPU "
+                         f"per image, its other threads {r['outside_threads_ms']} ms "
+                         f"= {100 * (r['outside_threads_share'] or 0):.1f}% of it\n"
+                         f"- against the bare engine ({r['bare_engine_cpu_ms_per_image']} ms CPU per image at that "
+                         f"batch mix, in-process): outside the engine {r['outside_engine_ms']} ms "
                          f"= {100 * r['outside_over_engine']:.1f}% of it")
     profiled = {k: r["profile_ms"] for k, r in s["kinds"].items() if "profile_ms" in r}
     if profiled:

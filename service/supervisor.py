@@ -33,7 +33,6 @@ their images still get engine time), then the engine process drains and exits.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import logging
 import multiprocessing
 import os
@@ -52,6 +51,7 @@ from prometheus_client.multiprocess import mark_process_dead
 
 from service.config import Settings, warn_unknown_env
 from service.engine_core import run_engine_process
+from service.os_names import die_with_parent, set_thread_name
 from service.server import build_overrides, build_settings, run_server
 
 log = logging.getLogger(__name__)
@@ -72,12 +72,8 @@ def serve(args: argparse.Namespace) -> int:
 def become_child(name: str) -> None:
     """Linux (a no-op elsewhere): get SIGTERM when the supervisor dies, however it dies (no
     orphans), and show ``name`` in ``ps -o comm``, ``top`` and ``/proc/<pid>/comm``."""
-    try:
-        libc = ctypes.CDLL(None)
-        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
-        libc.prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
-    except (OSError, AttributeError):
-        pass
+    die_with_parent(signal.SIGTERM)
+    set_thread_name(name)  # the main thread's name is the process's
     if os.getppid() == 1:  # the parent died before the line above ran
         os.kill(os.getpid(), signal.SIGTERM)
 

@@ -11,15 +11,25 @@ from pathlib import Path
 
 from models.manifest import Manifest
 from service.engines.base import Engine, EngineError
+from service.os_names import engine_thread_name, thread_named
 
 log = logging.getLogger(__name__)
 
 
 def load_engine(version_dir: str | Path, kind: str = "auto", device: str = "auto",
                 threads: int | None = None, max_batch_size: int = 64) -> Engine:
-    """The best engine for this host: ``auto`` tries TensorRT (plan), then ONNX Runtime."""
+    """The best engine for this host: ``auto`` tries TensorRT (plan), then ONNX Runtime.
+
+    Built under the thread name ``engine-<category>``, so the threads a backend starts here
+    (onnxruntime's intra-op pool) carry it in ``top -H`` (:mod:`service.os_names`)."""
     version_dir = Path(version_dir)
     manifest = Manifest.read(version_dir)
+    with thread_named(engine_thread_name(manifest.category)):
+        return _load(version_dir, manifest, kind, device, threads, max_batch_size)
+
+
+def _load(version_dir: Path, manifest: Manifest, kind: str, device: str, threads: int | None,
+          max_batch_size: int) -> Engine:
     if kind == "onnx" or (kind == "auto" and manifest.tensorrt is None):
         return _onnx(version_dir, _onnx_providers(device), threads, manifest, max_batch_size)
     if kind == "null":  # benchmarks only (service/engines/null.py): never chosen by "auto"

@@ -8,7 +8,9 @@ Everything runs on the event loop, with no thread: the socket is non-blocking, t
 calls back when it is readable (``recvmsg``, which asyncio's transports do not offer, is
 called right there) or writable again. A send never blocks: what the kernel does not take
 at once waits in the channel's outbox, so a peer that stopped reading (a front end under
-SIGSTOP) costs its own outbox, never the engine process's loop. Incoming messages are
+SIGSTOP) costs its own outbox, never the engine process's loop. What one turn of the loop
+sends leaves in one write at the next turn (a batch's answers to a front end: one syscall,
+one wake-up of the peer, however many requests the batch held). Incoming messages are
 handed over in bulk, one callback per read however many it held: at several thousand
 images a second, per-message thread hand-offs would cost more than the messages.
 
@@ -54,6 +56,7 @@ class Channel:
         # Outgoing frames not yet taken by the kernel: [data, fds not yet sent].
         self._outbox: collections.deque[list[Any]] = collections.deque()
         self._writing = False
+        self._flush_pending = False
         self._closed = False
 
     def start(self) -> None:
@@ -72,13 +75,25 @@ class Channel:
             message = {**message, "_fds": len(fds)}
         body = json.dumps(message, separators=(",", ":")).encode()
         self._outbox.append([len(body).to_bytes(_HEADER, "big") + body, list(fds)])
-        if not self._writing:
-            self._flush()
+        if not self._writing and not self._flush_pending:
+            # Sent at the loop's next turn, with whatever else this turn sends: the answers of a
+            # batch to one front end go in one syscall and wake it once.
+            self._flush_pending = True
+            self._loop.call_soon(self._flush_now)
 
     def close(self) -> None:
+        """End the channel; what was sent before is handed to the kernel first (as far as it
+        takes it without blocking)."""
+        if not self._closed and self._outbox and not self._writing:
+            self._flush()
         self._finish()
 
     # ------------------------------------------------------------------ loop callbacks
+    def _flush_now(self) -> None:
+        self._flush_pending = False
+        if not self._closed and not self._writing:
+            self._flush()
+
     def _flush(self) -> None:
         try:
             while self._outbox:

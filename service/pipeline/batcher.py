@@ -35,6 +35,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
+from service.os_names import engine_thread_name
 from service.pipeline.offload import Offload
 
 log = logging.getLogger(__name__)
@@ -156,7 +157,7 @@ class Batcher:
         self._running: list[_Item] = []
         # One thread: ``run_batch`` has one caller at a time (the engine contract), and batches
         # of one category are serial on the accelerator anyway.
-        self._engine_thread = Offload(1, f"engine-{category}")
+        self._engine_thread = Offload(1, engine_thread_name(category))
         self._worker = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{category}")
         self._worker.add_done_callback(self._worker_done)
 

@@ -22,6 +22,8 @@ import threading
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
+from service.os_names import set_thread_name
+
 _T = TypeVar("_T")
 
 
@@ -35,14 +37,15 @@ class CallTracker(Protocol):
 
 
 class Offload:
-    """``threads`` daemon threads named ``<name>_<i>`` running blocking calls for coroutines."""
+    """``threads`` daemon threads named ``<name>_<i>`` (in Python and in the kernel:
+    :mod:`service.os_names`) running blocking calls for coroutines."""
 
     def __init__(self, threads: int, name: str) -> None:
         if threads < 1:
             raise ValueError("an offload needs at least one thread")
         self._jobs: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
         self._closed = False
-        self._threads = [threading.Thread(target=_work, args=(self._jobs,), name=f"{name}_{i}", daemon=True)
+        self._threads = [threading.Thread(target=_work, args=(self._jobs, f"{name}_{i}"), name=f"{name}_{i}", daemon=True)
                          for i in range(threads)]
         for thread in self._threads:
             thread.start()
@@ -71,7 +74,8 @@ class Offload:
                 thread.join()
 
 
-def _work(jobs: queue.SimpleQueue[tuple[Any, ...] | None]) -> None:
+def _work(jobs: queue.SimpleQueue[tuple[Any, ...] | None], name: str) -> None:
+    set_thread_name(name)  # top -H and the front-end benchmark tell decode from engine threads
     while (job := jobs.get()) is not None:
         loop, future, fn, args, tracker = job
         result = error = None

@@ -29,6 +29,7 @@ from models.manifest import CATEGORY_PATTERN, Manifest, ManifestError, list_vers
 from service.config import Settings
 from service.engines.base import Engine
 from service.engines.factory import load_engine
+from service.os_names import engine_thread_name, thread_named
 from service.schemas import ModelInfo
 
 log = logging.getLogger(__name__)
@@ -300,7 +301,8 @@ def warm_engine(engine: Engine, max_batch_size: int) -> float:
     size = engine.manifest.input_size
     batch = max(1, min(max_batch_size, int(engine.max_batch_size)))
     started = time.perf_counter()
-    scores, maps = engine.run(np.zeros((batch, size, size, 3), dtype=np.uint8))
+    with thread_named(engine_thread_name(engine.manifest.category)):  # threads a first run starts (OpenMP's)
+        scores, maps = engine.run(np.zeros((batch, size, size, 3), dtype=np.uint8))
     if np.shape(scores) != (batch,) or np.shape(maps) != (batch, size, size):
         raise RegistryError(f"engine {engine.name} returned scores {np.shape(scores)} and maps "
                             f"{np.shape(maps)} for a batch of {batch} at {size}x{size}")

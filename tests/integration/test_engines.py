@@ -380,3 +380,27 @@ def test_null_engine_only_when_asked_for(version_dir: Path) -> None:
     assert not scores.any() and not maps.any() and not maps.flags.writeable
     with pytest.raises(EngineError):
         null.run(np.zeros((5, size, size, 3), dtype=np.uint8))  # the batch bound holds as for any engine
+
+
+def test_onnxruntime_pool_threads_carry_the_engine_name(version_dir: Path) -> None:
+    """top -H (and loadtests/frontend.py's split of the server's CPU) tell an engine's threads
+    by name: onnxruntime's intra-op pool starts while the engine is built, under
+    ``engine-<category>``; the building thread gets its own name back."""
+    import os
+    import threading
+
+    def names() -> dict[int, str]:
+        out = {}
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{tid}/comm") as f:
+                    out[int(tid)] = f.read().strip()
+            except OSError:
+                pass
+        return out
+
+    before = names()
+    engine = load_engine(version_dir, "onnx", device="cpu", threads=2)
+    started = {tid: name for tid, name in names().items() if tid not in before}
+    assert started and set(started.values()) == {f"engine-{engine.manifest.category}"}
+    assert names()[threading.get_native_id()] == before[threading.get_native_id()]

@@ -249,3 +249,20 @@ def test_frontend_benchmark_on_the_null_engine(model_store, tmp_path):
     # a 2048 px JPEG for a 128 px model decodes at 1/8 scale: its decode costs far less than 64x a 256 px one
     k = s["kinds"]
     assert k["jpeg2048-none"]["profile_ms"]["decode"] < 20 * k["jpeg256-none"]["profile_ms"]["decode"]
+
+
+def test_frontend_benchmark_splits_the_real_engines_cpu_from_the_rest(model_store, tmp_path):
+    """With the real engine the report splits the server's CPU by thread (the threads named
+    engine-*: the batcher's engine thread and onnxruntime's pool) and compares it with the bare
+    engine at the batch sizes the server formed."""
+    out = tmp_path / "frontend-onnx"
+    cmd = [sys.executable, "-m", "loadtests.frontend", "--store", str(model_store), "--engine", "onnx",
+           "--seconds", "2", "--concurrency", "4", "--kinds", "jpeg256-none", "--no-profile", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_clean_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    r = json.loads((out / "summary.json").read_text())["kinds"]["jpeg256-none"]
+    assert r["failures"] == 0 and sum(r["batch_mix"].values()) == r["images"] > 0
+    assert set(r["bare_engine_by_batch_ms"]) == set(r["batch_mix"])
+    # the engine is most of the server's CPU, and the rest is not nothing (HTTP, decode)
+    assert 0.5 * r["server_cpu_ms_per_image"] < r["engine_threads_cpu_ms_per_image"] < r["server_cpu_ms_per_image"]
+    assert r["outside_threads_ms"] > 0 and r["bare_engine_cpu_ms_per_image"] > 0

@@ -10,6 +10,11 @@ import pytest
 from service.pipeline.offload import Offload
 
 
+def kernel_name() -> str:
+    with open(f"/proc/self/task/{threading.get_native_id()}/comm") as f:
+        return f.read().strip()
+
+
 class Tracker:
     def __init__(self) -> None:
         self.running = 0
@@ -29,6 +34,8 @@ def test_calls_run_in_named_threads_and_return_or_raise() -> None:
         try:
             names = await asyncio.gather(*(offload.call(lambda: threading.current_thread().name) for _ in range(8)))
             assert set(names) <= {"decode_0", "decode_1"} and threading.current_thread().name not in names
+            kernel_names = await asyncio.gather(*(offload.call(kernel_name) for _ in range(8)))
+            assert set(kernel_names) <= {"decode_0", "decode_1"}  # what top -H and the benchmark see
             assert await offload.call(divmod, 17, 5) == (3, 2)
             with pytest.raises(ZeroDivisionError):
                 await offload.call(divmod, 1, 0)

@@ -1,0 +1,43 @@
+"""Kernel thread names (service.os_names): set, restored, inherited by threads started under them."""
+
+from __future__ import annotations
+
+import threading
+
+from service.os_names import engine_thread_name, set_thread_name, thread_name, thread_named
+
+
+def comm(tid: int) -> str:
+    with open(f"/proc/self/task/{tid}/comm") as f:
+        return f.read().strip()
+
+
+def in_thread(fn):  # type: ignore[no-untyped-def]
+    out = {}
+    t = threading.Thread(target=lambda: out.update(value=fn()))
+    t.start()
+    t.join()
+    return out["value"]
+
+
+def test_a_thread_name_is_set_truncated_and_restored() -> None:
+    def body() -> tuple[str, str, str, str]:
+        before = thread_name()
+        with thread_named(engine_thread_name("a-very-long-category-name")):
+            inside = comm(threading.get_native_id())
+            read_back = thread_name()
+        return before, inside, read_back, comm(threading.get_native_id())
+
+    before, inside, read_back, after = in_thread(body)
+    assert inside == read_back == "engine-a-very-l"  # the kernel keeps 15 bytes
+    assert after == before != inside
+
+
+def test_threads_started_under_a_name_inherit_it() -> None:
+    """What names onnxruntime's pool threads: they start while the engine is built."""
+    def body() -> str:
+        set_thread_name("builder")
+        with thread_named("engine-brick"):
+            return in_thread(lambda: comm(threading.get_native_id()))
+
+    assert in_thread(body) == "engine-brick"
