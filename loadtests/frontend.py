@@ -78,14 +78,7 @@ KINDS: dict[str, tuple[int, str, str]] = {  # name: (side, format, heatmap)
 def cpu_s(pid: int) -> float:
     """CPU seconds of ``pid`` and every live descendant (a multi-process server's front ends
     and engine process are children of the supervisor)."""
-    total = 0.0
-    for proc in _tree(pid):
-        try:
-            fields = Path(f"/proc/{proc}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:  # exited meanwhile
-            continue
-        total += (int(fields[11]) + int(fields[12])) / CLOCK  # utime, stime
-    return total
+    return sum(_stat_cpu_s(Path(f"/proc/{proc}")) for proc in _tree(pid))
 
 
 def engine_threads_cpu_s(pid: int) -> float:
@@ -94,17 +87,25 @@ def engine_threads_cpu_s(pid: int) -> float:
     for proc in _tree(pid):
         try:
             tasks = list(Path(f"/proc/{proc}/task").iterdir())
-        except OSError:
+        except OSError:  # exited meanwhile
             continue
         for task in tasks:
             try:
-                if not (task / "comm").read_text().startswith(ENGINE_PREFIX):
-                    continue
-                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+                named = (task / "comm").read_text().startswith(ENGINE_PREFIX)
             except OSError:
                 continue
-            total += (int(fields[11]) + int(fields[12])) / CLOCK
+            if named:
+                total += _stat_cpu_s(task)
     return total
+
+
+def _stat_cpu_s(entry: Path) -> float:
+    """utime + stime of a ``/proc`` process or task entry; 0 once it has exited."""
+    try:
+        fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLOCK
 
 
 def _tree(pid: int) -> list[int]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 _PR_SET_PDEATHSIG, _PR_SET_NAME, _PR_GET_NAME = 1, 15, 16
@@ -23,10 +23,10 @@ _MAX_NAME = 15
 ENGINE_PREFIX = "engine-"  # threads that run an engine, and those an engine started
 
 
-def _prctl() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+def _prctl() -> Callable[..., int] | None:
     try:
-        return ctypes.CDLL(None, use_errno=True).prctl  # type: ignore[no-any-return]
-    except (OSError, AttributeError):
+        return ctypes.CDLL(None).prctl  # type: ignore[no-any-return]
+    except (OSError, AttributeError):  # not Linux
         return None
 
 

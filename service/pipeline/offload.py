@@ -45,7 +45,7 @@ class Offload:
             raise ValueError("an offload needs at least one thread")
         self._jobs: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
         self._closed = False
-        self._threads = [threading.Thread(target=_work, args=(self._jobs, f"{name}_{i}"), name=f"{name}_{i}", daemon=True)
+        self._threads = [threading.Thread(target=_work, args=(self._jobs,), name=f"{name}_{i}", daemon=True)
                          for i in range(threads)]
         for thread in self._threads:
             thread.start()
@@ -74,8 +74,8 @@ class Offload:
                 thread.join()
 
 
-def _work(jobs: queue.SimpleQueue[tuple[Any, ...] | None], name: str) -> None:
-    set_thread_name(name)  # top -H and the front-end benchmark tell decode from engine threads
+def _work(jobs: queue.SimpleQueue[tuple[Any, ...] | None]) -> None:
+    set_thread_name(threading.current_thread().name)  # top -H and the front-end benchmark see it
     while (job := jobs.get()) is not None:
         loop, future, fn, args, tracker = job
         result = error = None
