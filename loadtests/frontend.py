@@ -27,7 +27,11 @@ alone in this process, at the batch sizes the server formed, weighted by its ima
 also charges the engine's slow-down beside the server's other threads to the outside).
 
 Kinds: ``jpeg256-none`` (a 256 x 256 JPEG, ``heatmap=none``), ``png256-inline`` (a 256 x 256
-PNG, inline heatmap), ``jpeg2048-none`` (a 2048 x 2048 camera-like JPEG, ``heatmap=none``).
+PNG, inline heatmap), ``jpeg2048-none`` (a 2048 x 2048 camera-like JPEG, ``heatmap=none``),
+each made from scikit-image's brick photograph, or from ``--image``. The image matters with the
+real engine: a model of the category finds the texture photograph (another scale than its
+parts) defective all over, a good part of the category mostly not, and an answer's defect
+regions cost with the defect's size.
 Writes ``summary.json`` and ``summary.md``.
 """
 
@@ -60,6 +64,14 @@ def texture(size: int) -> Image.Image:
 
     img = Image.fromarray(np.asarray(skdata.brick())).convert("RGB")  # 512 x 512 real photograph
     return img.resize((size, size), Image.Resampling.LANCZOS)
+
+
+def source(image: str | None, size: int) -> Image.Image:
+    """What the clients post, at ``size``: ``image`` (a file) resized, or the brick texture."""
+    if image is None:
+        return texture(size)
+    with Image.open(image) as img:
+        return img.convert("RGB").resize((size, size), Image.Resampling.LANCZOS)
 
 
 def encoded(img: Image.Image, fmt: str) -> bytes:
@@ -282,7 +294,7 @@ def run(args: argparse.Namespace) -> int:
             input_size = c.get(f"/v1/models/{category}").json()["input_size"]
         for kind in args.kinds:
             side, fmt, heatmap = KINDS[kind]
-            data = encoded(texture(side), fmt)
+            data = encoded(source(args.image, side), fmt)
             ctype = "image/jpeg" if fmt == "JPEG" else "image/png"
             results[kind] = asyncio.run(drive(server.url, category, data, ctype, heatmap, args.concurrency,
                                               args.seconds, server.proc.pid))
@@ -317,7 +329,7 @@ def run(args: argparse.Namespace) -> int:
     summary = {"engine": args.engine, "category": category, "input_size": input_size,
                "concurrency": args.concurrency, "seconds": args.seconds, "batch": args.batch, "decode_threads": args.decode_threads,
                "intra_op_threads": args.intra_op_threads,
-               "api_processes": args.api_processes,
+               "api_processes": args.api_processes, "image": args.image or "skimage brick texture",
                "cpu_count": os.cpu_count(), "kinds": results}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     md = render(summary)
@@ -329,7 +341,7 @@ def run(args: argparse.Namespace) -> int:
 def render(s: dict[str, Any]) -> str:
     lines = [f"# Front end ({s['engine']} engine, `{s['category']}` at {s['input_size']} px, {s['concurrency']} in "
              f"flight, {s['seconds']} s per kind, {s['cpu_count']} cores, {s.get('api_processes', 1)} API "
-             "process(es))", "",
+             f"process(es); image: {s.get('image', 'skimage brick texture')})", "",
              "| input | images/s | server CPU / image | server cores | client CPU / image | decode (wall) | "
              "render + regions (wall) | failures |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -373,6 +385,9 @@ def main(argv: list[str] | None = None) -> int:
                         "over all of them)")
     p.add_argument("--intra-op-threads", type=int, help="the engine's CPU threads, in the server and in the bare "
                    "engine it is compared with (default: onnxruntime's, one per core)")
+    p.add_argument("--image", help="post this image (resized to each kind's side, encoded in its format) instead "
+                   "of the brick texture: with --engine onnx, a good or a defective part of the category measures "
+                   "what the answers cost on each (a defect's regions cost more than none)")
     p.add_argument("--no-profile", dest="profile", action="store_false", help="skip the per-stage CPU profile")
     p.add_argument("--out")
     return run(p.parse_args(argv))

@@ -73,11 +73,21 @@ def find_regions(anomaly_map: np.ndarray, calibration: Calibration, image_size: 
     if m.ndim != 2 or m.size == 0:
         raise ValueError(f"anomaly map must be 2-D, got shape {m.shape}")
     mask = defect_mask(m, calibration)
-    if not mask.any():
-        return []
-    labels, count = ndimage.label(mask, structure=_EIGHT_CONNECTED)
-    boxes = ndimage.find_objects(labels)
     min_pixels = max(1.0, params.min_area_fraction * m.size)
+    # A kept component needs min_pixels defective pixels, so a mask with fewer in all holds
+    # none: a good part's few hot pixels cost one count, not a labelling of the whole map.
+    if np.count_nonzero(mask) < min_pixels:
+        return []
+    # Label only the box around every defective pixel: components never leave it, and their
+    # raster order (hence the labels' order, the last sort key) is the same as in the map.
+    row_hits, col_hits = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    top, left = int(row_hits[0]), int(col_hits[0])
+    window = np.s_[top:int(row_hits[-1]) + 1, left:int(col_hits[-1]) + 1]
+    mask, values_map = mask[window], m[window]
+    labels, count = ndimage.label(mask, structure=_EIGHT_CONNECTED)
+    # One component (a single defect, or a map hot all over) fills the box: no second pass
+    # over the labels for its box or its pixels.
+    boxes = [np.s_[0:mask.shape[0], 0:mask.shape[1]]] if count == 1 else ndimage.find_objects(labels)
     # Every statistic inside each component's own box, never a pass over the whole map per
     # statistic: a real map has a few components, and the boxes are small. A box smaller than
     # the minimum area cannot hold a kept component, so specks are skipped unvisited; if many
@@ -94,7 +104,8 @@ def find_regions(anomaly_map: np.ndarray, calibration: Calibration, image_size: 
     pixels, peaks, means = {}, {}, {}
     for i in candidates:
         rows, cols = boxes[i]
-        values = m[rows, cols][labels[rows, cols] == i + 1].astype(np.float64)
+        inside = mask[rows, cols] if count == 1 else labels[rows, cols] == i + 1
+        values = values_map[rows, cols][inside].astype(np.float64)
         if values.size < min_pixels:
             continue
         pixels[i] = values.size
@@ -110,10 +121,11 @@ def find_regions(anomaly_map: np.ndarray, calibration: Calibration, image_size: 
     regions = []
     for i in order[: params.max_regions]:
         rows, cols = boxes[i]
-        x0 = min(max(int(math.floor(cols.start * sx + 1e-9)), 0), width - 1)
-        y0 = min(max(int(math.floor(rows.start * sy + 1e-9)), 0), height - 1)
-        x1 = min(max(int(math.ceil(cols.stop * sx - 1e-9)), x0 + 1), width)
-        y1 = min(max(int(math.ceil(rows.stop * sy - 1e-9)), y0 + 1), height)
+        r0, r1, c0, c1 = rows.start + top, rows.stop + top, cols.start + left, cols.stop + left  # map coordinates
+        x0 = min(max(int(math.floor(c0 * sx + 1e-9)), 0), width - 1)
+        y0 = min(max(int(math.floor(r0 * sy + 1e-9)), 0), height - 1)
+        x1 = min(max(int(math.ceil(c1 * sx - 1e-9)), x0 + 1), width)
+        y1 = min(max(int(math.ceil(r1 * sy - 1e-9)), y0 + 1), height)
         regions.append(Region(x=x0, y=y0, width=x1 - x0, height=y1 - y0,
                               area=max(1, int(round(float(pixels[i]) * pixel_area))),
                               peak=round(float(peaks[i]), 4), mean=round(float(means[i]), 4)))

@@ -251,16 +251,20 @@ def test_frontend_benchmark_on_the_null_engine(model_store, tmp_path):
     assert k["jpeg2048-none"]["profile_ms"]["decode"] < 20 * k["jpeg256-none"]["profile_ms"]["decode"]
 
 
-def test_frontend_benchmark_splits_the_real_engines_cpu_from_the_rest(model_store, tmp_path):
+def test_frontend_benchmark_splits_the_real_engines_cpu_from_the_rest(model_store, demo_root, tmp_path):
     """With the real engine the report splits the server's CPU by thread (the threads named
     engine-*: the batcher's engine thread and onnxruntime's pool) and compares it with the bare
-    engine at the batch sizes the server formed."""
+    engine at the batch sizes the server formed; ``--image`` posts a part of the category."""
     out = tmp_path / "frontend-onnx"
+    good = sorted((demo_root / CATEGORY / "test" / "good").iterdir())[0]
     cmd = [sys.executable, "-m", "loadtests.frontend", "--store", str(model_store), "--engine", "onnx",
-           "--seconds", "2", "--concurrency", "4", "--kinds", "jpeg256-none", "--no-profile", "--out", str(out)]
+           "--seconds", "2", "--concurrency", "4", "--kinds", "jpeg256-none", "--no-profile", "--image", str(good),
+           "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, env=_clean_env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    r = json.loads((out / "summary.json").read_text())["kinds"]["jpeg256-none"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["image"] == str(good) and str(good) in (out / "summary.md").read_text()
+    r = summary["kinds"]["jpeg256-none"]
     assert r["failures"] == 0 and sum(r["batch_mix"].values()) == r["images"] > 0
     assert set(r["bare_engine_by_batch_ms"]) == set(r["batch_mix"])
     # the engine is most of the server's CPU, and the rest is not nothing (HTTP, decode)
