@@ -17,7 +17,7 @@ from PIL import Image
 from models.data import MVTecCategory, Sample, load_images
 from models.preprocessing import draft_size, load_image
 from service.pipeline.decode import (ImageLimits, ImageTooLarge, Rendering, UndecodableImage, UnsupportedImageType,
-                                     configure_pillow, decode_image, fit_within)
+                                     configure_pillow, decode_image, decode_plain_png, fit_within)
 
 SIZE = 32
 LIMITS = ImageLimits(max_bytes=5_000_000, max_pixels=4_000_000)
@@ -233,3 +233,100 @@ def test_original_overlay_of_a_large_jpeg_decodes_a_sharp_background(tmp_path: P
     decoded = decode_image(data, 128, limits, rendering=Rendering(heatmap="original", overlay=True))
     assert decoded.redecode_size == (500, 500) and decoded.display.size == (500, 500)
     assert decoded.cost == 250 * 250 + 500 * 500 + 500 * 500 + 500 * 500 + 2 * 128 * 128
+
+
+# ---------------------------------------------------------------------- PNGs decoded by libspng
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def _with_chunk_before_iend(png: bytes, kind: bytes, data: bytes) -> bytes:
+    end = png.rindex(b"IEND") - 4  # the IEND chunk's length field
+    return png[:end] + _chunk(kind, data) + png[end:]
+
+
+def _opened_png(data: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(data))
+
+
+def _noise(w: int, h: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("case", ["RGB", "RGB-interlaced", "RGB-compress-9"])
+def test_plain_pngs_take_libspng_and_decode_to_pillows_pixels(case: str, tmp_path: Path) -> None:
+    img = Image.fromarray(_noise(61, 47))
+    kw = {"interlace": 1} if case == "RGB-interlaced" else {"compress_level": 9} if case == "RGB-compress-9" else {}
+    data = encode(img, "PNG", **kw)
+    fast = decode_plain_png(_opened_png(data), data)
+    assert fast is not None and fast.dtype == np.uint8
+    np.testing.assert_array_equal(fast, np.asarray(img))
+    (tmp_path / "x.png").write_bytes(data)
+    for size in (SIZE, 61):  # resized, and the input's own width (the height still differs)
+        decoded = decode_image(data, size, LIMITS)
+        np.testing.assert_array_equal(decoded.tensor, load_image(tmp_path / "x.png", size))  # the trainer's pixels
+
+
+def test_a_plain_png_at_the_models_size_is_the_model_input_as_decoded(tmp_path: Path) -> None:
+    pixels = _noise(48, 48)
+    data = encode(Image.fromarray(pixels))
+    decoded = decode_image(data, 48, LIMITS)
+    np.testing.assert_array_equal(decoded.tensor, pixels)
+    assert decoded.tensor.flags["C_CONTIGUOUS"] and decoded.tensor.shape == (48, 48, 3)
+    (tmp_path / "x.png").write_bytes(data)
+    np.testing.assert_array_equal(decoded.tensor, load_image(tmp_path / "x.png", 48))
+    # an original-size overlay still gets its display copy
+    overlaid = decode_image(data, 48, LIMITS, rendering=Rendering(heatmap="original", overlay=True))
+    assert overlaid.display is not None and overlaid.display.size == (48, 48)
+    np.testing.assert_array_equal(np.asarray(overlaid.display), pixels)
+
+
+def test_pngs_libspng_must_not_decide_go_through_pillow(tmp_path: Path) -> None:
+    """Grey, transparency, alpha, palettes, 16 bits, orientation metadata anywhere in the file,
+    and files libspng refuses: Pillow decodes them (or refuses them), as before."""
+    rgb = Image.fromarray(_noise(40, 20))
+    sideways = rgb.getexif()
+    sideways[0x0112] = 6  # rotate 90 degrees clockwise to view
+    plain = encode(rgb)
+    exif_after_pixels = _with_chunk_before_iend(plain, b"eXIf", sideways.tobytes())
+    cases = {
+        "L": encode(rgb.convert("L")),
+        "RGB-tRNS": encode(rgb, "PNG", transparency=(1, 2, 3)),
+        "RGBA": encode(rgb.convert("RGBA")),
+        "P": encode(rgb.convert("P")),
+        "RGB-16": png_with_depth(_noise(40, 20), 16),
+        "I;16": encode(Image.fromarray(np.asarray(rgb.convert("L"), dtype=np.uint16) * 257)),
+        "eXIf-before-pixels": encode(rgb, "PNG", exif=sideways.tobytes()),
+        "eXIf-after-pixels": exif_after_pixels,
+    }
+    for name, data in cases.items():
+        assert decode_plain_png(_opened_png(data), data) is None, name
+        decoded = decode_image(data, SIZE, LIMITS, name=name)
+        (tmp_path / "x.png").write_bytes(data)
+        np.testing.assert_array_equal(decoded.tensor, load_image(tmp_path / "x.png", SIZE), err_msg=name)
+        if name.startswith("eXIf"):
+            assert decoded.size == (20, 40), name  # upright, even when the chunk follows the pixels
+    # A bad CRC on the pixel data: neither decoder checks it, both give the same pixels.
+    idat = plain.index(b"IDAT")
+    crc_at = idat + 4 + struct.unpack(">I", plain[idat - 4:idat])[0]
+    bad_crc = plain[:crc_at] + bytes(b ^ 0xFF for b in plain[crc_at:crc_at + 4]) + plain[crc_at + 4:]
+    fast = decode_plain_png(_opened_png(bad_crc), bad_crc)
+    assert fast is not None
+    np.testing.assert_array_equal(fast, np.asarray(rgb))
+    # Corrupt pixel data: libspng refuses it, and so does Pillow after it (422, as before).
+    corrupt = plain[:idat + 10] + bytes(b ^ 0x5A for b in plain[idat + 10:idat + 30]) + plain[idat + 30:]
+    assert decode_plain_png(_opened_png(corrupt), corrupt) is None
+    with pytest.raises(UndecodableImage):
+        decode_image(corrupt, SIZE, LIMITS)
+    # Truncated pixel data stays a 422.
+    with pytest.raises(UndecodableImage):
+        decode_image(plain[: len(plain) * 2 // 3], SIZE, LIMITS)
+
+
+def png_with_depth(pixels: np.ndarray, depth: int) -> bytes:
+    """An RGB PNG at ``depth`` bits per sample (Pillow writes 8-bit RGB only)."""
+    h, w, _ = pixels.shape
+    samples = pixels.astype(">u2") * 257 if depth == 16 else pixels
+    raw = b"".join(b"\0" + samples[row].tobytes() for row in range(h))
+    ihdr = struct.pack(">IIBBBBB", w, h, depth, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(raw)) + _chunk(b"IEND", b"")
