@@ -243,16 +243,18 @@ def _rotated_by_late_exif(item: InspectedImage) -> None:
 # ImageMagick's "Raw profile type exif" text, XMP. A file with any of these bytes anywhere
 # (inside compressed data too, by chance) is decoded by Pillow, which applies them.
 _PNG_ORIENTATION_MARKERS = (b"eXIf", b"exif", b"xmp")
-# libspng's array and Pillow's copy of it live side by side for a moment (3 + 4 bytes per
-# RGB pixel instead of Pillow's 4): larger PNGs, decompression bombs among them, stay with
-# Pillow so that what admission prices per pixel still holds.
-_FAST_PNG_MAX_PIXELS = 16_000_000
+# Above the model's size, libspng's array and Pillow's copy of it (the resize needs one)
+# live side by side for a moment: 3 + 4 bytes per RGB pixel instead of Pillow's 4. Up to a
+# 4-megapixel camera frame that is at most 12 MB more per decode thread (a mapped, copy-free
+# view resizes 25% slower than the copy costs); larger files, decompression bombs among
+# them, stay with Pillow, so the per-pixel price admission charges keeps bounding memory.
+_FAST_PNG_MAX_PIXELS = 2048 * 2048
 
 
 def decode_plain_png(img: Image.Image, data: bytes) -> np.ndarray | None:
     """``img``'s pixels decoded by libspng (``[H, W, 3]`` uint8), for an 8-bit RGB PNG (IHDR
-    bit depth 8, colour type 2) without transparency or orientation metadata, up to 16
-    megapixels: a PNG is lossless, so these are the pixels Pillow decodes (the trainer's), in
+    bit depth 8, colour type 2) without transparency or orientation metadata, up to 2048 x
+    2048 pixels: a PNG is lossless, so these are the pixels Pillow decodes (the trainer's), in
     about two thirds of the time (docs/PERFORMANCE.md; grey PNGs decode no faster, so Pillow
     keeps them). None for any other image, and for a file libspng refuses: Pillow then
     decodes it, or raises the usual error."""

@@ -262,9 +262,14 @@ def test_plain_pngs_take_libspng_and_decode_to_pillows_pixels(case: str, tmp_pat
     assert fast is not None and fast.dtype == np.uint8
     np.testing.assert_array_equal(fast, np.asarray(img))
     (tmp_path / "x.png").write_bytes(data)
-    for size in (SIZE, 61):  # resized, and the input's own width (the height still differs)
+    for size in (SIZE, 61, 100):  # down, the input's own width (the height still differs), up
         decoded = decode_image(data, size, LIMITS)
         np.testing.assert_array_equal(decoded.tensor, load_image(tmp_path / "x.png", size))  # the trainer's pixels
+        assert decoded.tensor.flags["C_CONTIGUOUS"] and decoded.tensor.shape == (size, size, 3)
+    # an original-size overlay's display copy: the image's own pixels, in RGB
+    overlaid = decode_image(data, SIZE, LIMITS, rendering=Rendering(heatmap="original", overlay=True))
+    assert overlaid.display is not None and overlaid.display.mode == "RGB"
+    np.testing.assert_array_equal(np.asarray(overlaid.display), np.asarray(img))
 
 
 def test_a_plain_png_at_the_models_size_is_the_model_input_as_decoded(tmp_path: Path) -> None:
@@ -318,6 +323,10 @@ def test_pngs_libspng_must_not_decide_go_through_pillow(tmp_path: Path) -> None:
     assert decode_plain_png(_opened_png(corrupt), corrupt) is None
     with pytest.raises(UndecodableImage):
         decode_image(corrupt, SIZE, LIMITS)
+    # Up to a 2048 x 2048 frame only (beyond it, Pillow's decode holds less memory).
+    frame, beyond = encode(Image.new("RGB", (2048, 2048), (9, 8, 7))), encode(Image.new("RGB", (2049, 2048), (9, 8, 7)))
+    assert decode_plain_png(_opened_png(frame), frame) is not None
+    assert decode_plain_png(_opened_png(beyond), beyond) is None
     # Truncated pixel data stays a 422.
     with pytest.raises(UndecodableImage):
         decode_image(plain[: len(plain) * 2 // 3], SIZE, LIMITS)
