@@ -54,7 +54,7 @@ import numpy as np
 from PIL import Image
 
 from loadtests.run import LocalServer, wait_ready
-from service.os_names import ENGINE_PREFIX
+from service.os_names import ENGINE_PREFIX, task_names
 
 CLOCK = os.sysconf("SC_CLK_TCK")
 
@@ -95,20 +95,8 @@ def cpu_s(pid: int) -> float:
 
 def engine_threads_cpu_s(pid: int) -> float:
     """CPU seconds of the live threads named ``engine-*`` in ``pid`` and its descendants."""
-    total = 0.0
-    for proc in _tree(pid):
-        try:
-            tasks = list(Path(f"/proc/{proc}/task").iterdir())
-        except OSError:  # exited meanwhile
-            continue
-        for task in tasks:
-            try:
-                named = (task / "comm").read_text().startswith(ENGINE_PREFIX)
-            except OSError:
-                continue
-            if named:
-                total += _stat_cpu_s(task)
-    return total
+    return sum(_stat_cpu_s(Path(f"/proc/{proc}/task/{tid}"))
+               for proc in _tree(pid) for tid, name in task_names(proc).items() if name.startswith(ENGINE_PREFIX))
 
 
 def _stat_cpu_s(entry: Path) -> float:

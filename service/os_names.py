@@ -14,6 +14,7 @@ Linux only (``prctl``); elsewhere every call is a no-op. Kernel names are at mos
 from __future__ import annotations
 
 import ctypes
+import os
 import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -58,6 +59,23 @@ def thread_named(name: str) -> Iterator[None]:
     finally:
         if previous:
             set_thread_name(previous)
+
+
+def task_names(pid: int | str = "self") -> dict[int, str]:
+    """The kernel names of ``pid``'s threads by thread id, as ``top -H`` shows them (from
+    ``/proc``; empty where there is none, and threads that exit meanwhile are left out)."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return {}
+    names = {}
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                names[int(tid)] = f.read().strip()
+        except OSError:
+            continue
+    return names
 
 
 def engine_thread_name(category: str) -> str:

@@ -386,21 +386,12 @@ def test_onnxruntime_pool_threads_carry_the_engine_name(version_dir: Path) -> No
     """top -H (and loadtests/frontend.py's split of the server's CPU) tell an engine's threads
     by name: onnxruntime's intra-op pool starts while the engine is built, under
     ``engine-<category>``; the building thread gets its own name back."""
-    import os
     import threading
 
-    def names() -> dict[int, str]:
-        out = {}
-        for tid in os.listdir("/proc/self/task"):
-            try:
-                with open(f"/proc/self/task/{tid}/comm") as f:
-                    out[int(tid)] = f.read().strip()
-            except OSError:
-                pass
-        return out
+    from service.os_names import task_names
 
-    before = names()
+    before = task_names()
     engine = load_engine(version_dir, "onnx", device="cpu", threads=2)
-    started = {tid: name for tid, name in names().items() if tid not in before}
+    started = {tid: name for tid, name in task_names().items() if tid not in before}
     assert started and set(started.values()) == {f"engine-{engine.manifest.category}"}
-    assert names()[threading.get_native_id()] == before[threading.get_native_id()]
+    assert task_names()[threading.get_native_id()] == before[threading.get_native_id()]

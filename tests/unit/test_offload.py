@@ -7,12 +7,12 @@ import threading
 
 import pytest
 
+from service.os_names import task_names
 from service.pipeline.offload import Offload
 
 
 def kernel_name() -> str:
-    with open(f"/proc/self/task/{threading.get_native_id()}/comm") as f:
-        return f.read().strip()
+    return task_names()[threading.get_native_id()]
 
 
 class Tracker:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import threading
 
-from service.os_names import engine_thread_name, set_thread_name, thread_name, thread_named
+from service.os_names import engine_thread_name, set_thread_name, task_names, thread_name, thread_named
 
 
 def comm(tid: int) -> str:
-    with open(f"/proc/self/task/{tid}/comm") as f:
-        return f.read().strip()
+    return task_names()[tid]  # the kernel's view (/proc), not prctl's
 
 
 def in_thread(fn):  # type: ignore[no-untyped-def]
@@ -41,3 +41,27 @@ def test_threads_started_under_a_name_inherit_it() -> None:
             return in_thread(lambda: comm(threading.get_native_id()))
 
     assert in_thread(body) == "engine-brick"
+
+
+def test_task_names_lists_every_live_thread_of_a_process() -> None:
+    ready, done = threading.Event(), threading.Event()
+    tid: dict[str, int] = {}
+
+    def body() -> None:
+        set_thread_name("listed-thread")
+        tid["value"] = threading.get_native_id()
+        ready.set()
+        done.wait(10)
+
+    t = threading.Thread(target=body)
+    t.start()
+    ready.wait(10)
+    try:
+        names = task_names()
+        assert names[tid["value"]] == "listed-thread" and threading.get_native_id() in names
+        assert task_names(os.getpid()).keys() >= {tid["value"], threading.get_native_id()}
+    finally:
+        done.set()
+        t.join()
+    assert tid["value"] not in task_names()
+    assert task_names(2**22 + 1) == {}  # no such process
