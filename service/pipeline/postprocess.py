@@ -17,7 +17,6 @@ heatmap.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -27,6 +26,7 @@ from typing import Any, Protocol
 from models.manifest import Calibration, Manifest
 from service.config import Settings
 from service.pipeline.item import InspectedImage
+from service.pipeline.offload import gather_in_order
 from service.pipeline.regions import RegionParams, find_regions
 from service.pipeline.render import heatmap_for
 from service.schemas import (InspectOptions, Heatmap, HeatmapLink, HeatmapMode, HeatmapSize, ImageResult, ImageSize,
@@ -127,8 +127,8 @@ async def postprocess(items: Sequence[InspectedImage], manifest: Manifest, optio
     wanted = render_all or options.heatmap is not HeatmapMode.none
     cal = policy.calibration(manifest)
     size = options.heatmap_size if wanted else None
-    await asyncio.gather(*(run_blocking(analyse, item, manifest, cal, size, options.overlay, policy.regions)
-                           for item in items))
+    await gather_in_order([run_blocking(analyse, item, manifest, cal, size, options.overlay, policy.regions)
+                           for item in items])
     for item in items:
         heatmap: Heatmap | HeatmapLink | None = None
         if item.heatmap_png is not None:

@@ -36,7 +36,7 @@ from service.pipeline.batcher import Batched, Batcher, BatchQueue, DeadlineExcee
 from service.pipeline.engine_client import EngineClient, RemoteBatcher, RemoteEngine
 from service.pipeline.decode import ImageLimits, ImageRejected, Rendering, configure_pillow, decode_into, probe_into
 from service.pipeline.item import InspectedImage
-from service.pipeline.offload import Offload
+from service.pipeline.offload import Offload, gather_in_order
 from service.pipeline.postprocess import policy_from_settings, postprocess
 from service.pipeline.registry import EngineFactory, LoadedModel, ModelRegistry
 from service.pipeline.review import ReviewCapture
@@ -241,10 +241,7 @@ class PipelineRuntime:
                 raise
             self.metrics.observe_stage("decode", item.decode_ms / 1e3)
 
-        outcomes = await asyncio.gather(*(one(item) for item in items), return_exceptions=True)
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException):
-                raise outcome
+        await gather_in_order([one(item) for item in items])
 
     async def score(self, lane: Lane, items: Sequence[InspectedImage], deadline: float,
                     gone: Awaitable[None] | None = None, *, wait_for_room: bool = False) -> None:

@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from service.os_names import task_names
-from service.pipeline.offload import Offload
+from service.pipeline.offload import Offload, gather_in_order
 
 
 def kernel_name() -> str:
@@ -83,4 +83,32 @@ def test_close_runs_what_is_queued_then_joins_the_threads() -> None:
         offload.close()
         assert sorted(done) == list(range(6))
         assert not any(t.name.startswith("closing_") for t in threading.enumerate())
+    asyncio.run(main())
+
+
+def test_gather_in_order_waits_for_every_call_and_raises_the_first_failure_in_order() -> None:
+    async def value(v: int, delay: float = 0.0) -> int:
+        await asyncio.sleep(delay)
+        return v
+
+    async def failing(message: str, delay: float) -> int:
+        await asyncio.sleep(delay)
+        raise ValueError(message)
+
+    async def main() -> None:
+        assert await gather_in_order([value(7)]) == [7]  # one call: awaited as it is
+        assert await gather_in_order([value(1, 0.02), value(2), value(3, 0.01)]) == [1, 2, 3]
+        finished: list[str] = []
+
+        async def slow_ok() -> int:
+            await asyncio.sleep(0.05)
+            finished.append("slow")
+            return 0
+
+        with pytest.raises(ValueError, match="first"):  # first in order, not first in time
+            await gather_in_order([failing("first", 0.03), failing("second", 0.0), slow_ok()])
+        assert finished == ["slow"]  # every call was over before the failure was raised
+        with pytest.raises(ValueError, match="alone"):
+            await gather_in_order([failing("alone", 0.0)])
+
     asyncio.run(main())
