@@ -34,8 +34,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-import pyspng
 from PIL import Image
+
+try:  # a dependency (pyproject.toml); where no wheel installs it, Pillow decodes every PNG
+    import pyspng
+except ImportError:  # pragma: no cover - the same pixels, just slower
+    pyspng = None  # type: ignore[assignment]
 
 from models.preprocessing import draft_size, header_oriented_size, reduce_while_decoding, resize_rgb, to_rgb
 from service.pipeline.admission import image_cost
@@ -258,7 +262,7 @@ def decode_plain_png(img: Image.Image, data: bytes) -> np.ndarray | None:
     about two thirds of the time (docs/PERFORMANCE.md; grey PNGs decode no faster, so Pillow
     keeps them). None for any other image, and for a file libspng refuses: Pillow then
     decodes it, or raises the usual error."""
-    if (img.format != "PNG" or img.mode != "RGB" or "transparency" in img.info
+    if (pyspng is None or img.format != "PNG" or img.mode != "RGB" or "transparency" in img.info
             or img.width * img.height > _FAST_PNG_MAX_PIXELS
             or data[12:16] != b"IHDR" or data[24] != 8 or data[25] != 2
             or any(marker in data for marker in _PNG_ORIENTATION_MARKERS)):
