@@ -16,7 +16,7 @@ from PIL import Image
 
 from models.data import MVTecCategory, Sample, load_images
 from models.preprocessing import draft_size, load_image
-from service.pipeline.decode import (ImageLimits, ImageTooLarge, Rendering, UndecodableImage, UnsupportedImageType,
+from service.pipeline.decode import (ImageLimits, ImageRejected, ImageTooLarge, Rendering, UndecodableImage, UnsupportedImageType,
                                      configure_pillow, decode_image, decode_plain_png, fit_within)
 
 SIZE = 32
@@ -311,14 +311,24 @@ def test_pngs_libspng_must_not_decide_go_through_pillow(tmp_path: Path) -> None:
         np.testing.assert_array_equal(decoded.tensor, load_image(tmp_path / "x.png", SIZE), err_msg=name)
         if name.startswith("eXIf"):
             assert decoded.size == (20, 40), name  # upright, even when the chunk follows the pixels
-    # A bad CRC on the pixel data: neither decoder checks it, both give the same pixels.
+    # Damaged pixel data (one bit, as a bad line or disk would flip it): libspng, as pyspng
+    # drives it, checks neither the CRC nor zlib's Adler-32 and would decode damaged pixels;
+    # the CRCs send the file to Pillow, which refuses it (422), as before libspng.
     idat = plain.index(b"IDAT")
-    crc_at = idat + 4 + struct.unpack(">I", plain[idat - 4:idat])[0]
+    length = struct.unpack(">I", plain[idat - 4:idat])[0]
+    flipped = plain[:idat + 40] + bytes([plain[idat + 40] ^ 0x10]) + plain[idat + 41:]
+    assert decode_plain_png(_opened_png(flipped), flipped) is None
+    with pytest.raises(UndecodableImage):
+        decode_image(flipped, SIZE, LIMITS)
+    # A bad CRC over intact data: Pillow (which does not check it) decodes it, as before.
+    crc_at = idat + 4 + length
     bad_crc = plain[:crc_at] + bytes(b ^ 0xFF for b in plain[crc_at:crc_at + 4]) + plain[crc_at + 4:]
-    fast = decode_plain_png(_opened_png(bad_crc), bad_crc)
-    assert fast is not None
-    np.testing.assert_array_equal(fast, np.asarray(rgb))
-    # Corrupt pixel data: libspng refuses it, and so does Pillow after it (422, as before).
+    assert decode_plain_png(_opened_png(bad_crc), bad_crc) is None
+    np.testing.assert_array_equal(decode_image(bad_crc, SIZE, LIMITS).tensor, decode_image(plain, SIZE, LIMITS).tensor)
+    # Bytes after IEND: Pillow's business too.
+    trailing = plain + b"\0" * 16
+    assert decode_plain_png(_opened_png(trailing), trailing) is None
+    # Twenty damaged bytes: refused (422), as before.
     corrupt = plain[:idat + 10] + bytes(b ^ 0x5A for b in plain[idat + 10:idat + 30]) + plain[idat + 30:]
     assert decode_plain_png(_opened_png(corrupt), corrupt) is None
     with pytest.raises(UndecodableImage):
@@ -339,3 +349,43 @@ def png_with_depth(pixels: np.ndarray, depth: int) -> bytes:
     raw = b"".join(b"\0" + samples[row].tobytes() for row in range(h))
     ihdr = struct.pack(">IIBBBBB", w, h, depth, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(raw)) + _chunk(b"IEND", b"")
+
+
+def test_damaged_pngs_are_answered_exactly_as_pillow_alone_answers_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Differential: randomly damaged PNGs (bytes changed, cut, inserted), each answered with
+    the libspng path and with Pillow alone: the same refusal code, or the same pixels
+    (docs/PERFORMANCE.md has the long run: 404,543 files, no difference)."""
+    import random
+
+    import service.pipeline.decode as decode
+
+    libspng = decode.pyspng
+    assert libspng is not None
+    rng = random.Random(20261205)
+    seeds = [encode(Image.fromarray(_noise(w, h, seed)), "PNG", **kw)
+             for (w, h, seed, kw) in ((48, 32, 1, {}), (40, 40, 2, {"interlace": 1}), (5, 17, 3, {"compress_level": 0}))]
+    assert all(decode_plain_png(_opened_png(seed), seed) is not None for seed in seeds)  # intact: libspng's
+
+    def outcome(data: bytes, libspng: object) -> tuple[str, bytes]:
+        monkeypatch.setattr(decode, "pyspng", libspng)
+        try:
+            return "ok", decode_image(data, SIZE, LIMITS).tensor.tobytes()
+        except ImageRejected as exc:
+            return exc.code, b""
+
+    codes: set[str] = set()
+    for _ in range(1500):
+        data = bytearray(rng.choice(seeds))
+        for _ in range(rng.randint(1, 4)):
+            at, roll = rng.randrange(8, len(data)), rng.random()  # the signature stays: Pillow opens it as PNG
+            if roll < 0.6:
+                data[at] = rng.randrange(256)
+            elif roll < 0.8:
+                del data[at:at + rng.randint(1, 32)]
+            else:
+                data[at:at] = rng.randbytes(rng.randint(1, 32))
+        damaged = bytes(data)
+        answer = outcome(damaged, libspng)
+        assert answer == outcome(damaged, None)
+        codes.add(answer[0])
+    assert {"ok", "undecodable_image"} <= codes  # damage Pillow tolerates, and damage it refuses
