@@ -183,6 +183,14 @@ step frontend 0 "$PY" -m loadtests.frontend --store "$(dirname "$MODEL")" \
 step frontend-engine 0 "$PY" -m loadtests.frontend --store "$(dirname "$MODEL")" \
   --category "$(basename "$MODEL")" --engine auto --seconds 10 --concurrency 32 \
   --decode-threads "$(nproc)" --no-profile --out "$RAW/frontend-engine" || true
+# ... and with a good part of the category instead of the texture photograph (which a model of
+# the category finds defective all over, so every answer carries a whole-image region)
+GOOD_PART=$(ls "${WORK:-.}/demo/$CATEGORY/test/good/"*.png data/demo/"$CATEGORY"/test/good/*.png 2>/dev/null | head -1 || true)
+if [[ -n "$GOOD_PART" ]]; then
+  step frontend-engine-good 0 "$PY" -m loadtests.frontend --store "$(dirname "$MODEL")" \
+    --category "$(basename "$MODEL")" --engine auto --seconds 10 --concurrency 32 \
+    --decode-threads "$(nproc)" --no-profile --image "$GOOD_PART" --out "$RAW/frontend-engine-good" || true
+fi
 # 3d. more than one process feeding one engine (MSFLOW_API_PROCESSES): the same benchmark with
 # 2, 4, 8 ... front-end processes (up to half the cores), null engine, then the host's best
 # engine; server CPU is summed over the supervisor, its front ends and the engine process
