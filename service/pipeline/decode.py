@@ -266,7 +266,7 @@ def decode_plain_png(img: Image.Image, data: bytes) -> np.ndarray | None:
     the usual error."""
     if (pyspng is None or img.format != "PNG" or img.mode != "RGB" or "transparency" in img.info
             or img.width * img.height > _FAST_PNG_MAX_PIXELS
-            or data[12:16] != b"IHDR" or data[24] != 8 or data[25] != 2
+            or data[12:16] != b"IHDR" or data[24:26] != b"\x08\x02"  # bit depth 8, colour type 2
             or any(marker in data for marker in _PNG_ORIENTATION_MARKERS)
             or not _chunks_intact(data)):
         return None
