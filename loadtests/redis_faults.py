@@ -273,7 +273,12 @@ def flushall_step(api: httpx.Client, r: redis.Redis, category: str, violations: 
     admin = {"X-API-Key": ADMIN_KEY}
     calibrated = float(api.get(f"/v1/models/{category}").json()["calibrated_threshold"])
     wanted = calibrated * 1.01 if calibrated > 0 else calibrated + 0.01
-    put = api.put(f"/v1/models/{category}/threshold", json={"threshold": wanted, "force": True}, headers=admin)
+    for _ in range(50):  # as an operator's client would: a 503 with Retry-After (the API still
+        # skipping Redis for a moment after the last stall) is retried, not a failure of the step
+        put = api.put(f"/v1/models/{category}/threshold", json={"threshold": wanted, "force": True}, headers=admin)
+        if put.status_code != 503 or not put.headers.get("retry-after"):
+            break
+        time.sleep(0.2)
     if put.status_code != 200:
         violations.append(f"PUT threshold: {put.status_code} {put.text[:200]}")
         return {}
