@@ -217,7 +217,8 @@ def decode_into(item: InspectedImage, size: int, limits: ImageLimits) -> None:
         if plain is not None and plain.shape == (size, size, 3) and item.display_size is None:
             item.tensor = plain  # upright RGB at the model's size already: nothing to convert, resize or copy
         else:
-            rgb = _load_rgb(img, item.filename, plain)
+            # libspng's pixels are upright RGB already (decode_plain_png); Pillow's go through to_rgb
+            rgb = Image.fromarray(plain) if plain is not None else _load_rgb(img, item.filename)
             del plain
             if rgb.size == (item.height, item.width) != (item.width, item.height):
                 _rotated_by_late_exif(item)
@@ -300,12 +301,9 @@ def _chunks_intact(data: bytes) -> bool:
     return False
 
 
-def _load_rgb(img: Image.Image, name: str | None, plain: np.ndarray | None = None) -> Image.Image:
+def _load_rgb(img: Image.Image, name: str | None) -> Image.Image:
     """Decode the pixels, upright 8-bit RGB as the trainer converts them (:func:`to_rgb`).
-    The result may be ``img`` itself: use it before the file closes. ``plain``: the pixels
-    :func:`decode_plain_png` already decoded."""
-    if plain is not None:
-        return Image.fromarray(plain)  # upright RGB already (decode_plain_png)
+    The result may be ``img`` itself: use it before the file closes."""
     try:
         img.load()
         rgb = to_rgb(img, copy=False)  # no full-size copy: resized before the file closes
