@@ -15,11 +15,12 @@ import numpy as np
 from PIL import Image
 
 from models.manifest import Calibration
+from service.pipeline.palette_png import encode_palette_png
 
 COLORMAP = "inferno"  # perceptually uniform and readable in grey-scale print-outs
 OVERLAY_ALPHA = 0.5
-# PNG level 1: heatmaps are smooth, so level 1 is nearly as small as 6 at a fraction of the
-# CPU time that would otherwise compete with decoding on the same cores.
+# Overlays' PNG level (Pillow, zlib): heatmaps are smooth, so level 1 is nearly as small as 6
+# at a fraction of the CPU time that would otherwise compete with decoding on the same cores.
 PNG_COMPRESS_LEVEL = 1
 
 
@@ -36,7 +37,8 @@ LUT: np.ndarray = _build_lut(COLORMAP)  # uint8 [256, 3], computed once at impor
 def normalise_map(anomaly_map: np.ndarray, low: float, high: float) -> np.ndarray:
     """uint8 colour indices: ``low`` -> 0, ``high`` -> 255, clipped; NaN counts as ``low``."""
     span = max(float(high) - float(low), 1e-12)
-    scaled = (np.asarray(anomaly_map, dtype=np.float32) - np.float32(low)) * np.float32(255.0 / span)
+    scaled = np.subtract(np.asarray(anomaly_map, dtype=np.float32), np.float32(low))
+    scaled *= np.float32(255.0 / span)  # in place: one float array per map, not two
     if not np.isfinite(scaled).all():  # one pass; nan_to_num's several only when needed
         scaled = np.nan_to_num(scaled, nan=0.0, posinf=255.0, neginf=0.0)
     return np.clip(np.rint(scaled, out=scaled), 0, 255, out=scaled).astype(np.uint8)
@@ -65,14 +67,10 @@ def render_heatmap(anomaly_map: np.ndarray, calibration: Calibration, size: tupl
     """PNG bytes of the heatmap at ``size`` = (width, height), over ``background`` if given.
 
     Without a background the PNG is a palette image (the colormap is its palette): one byte
-    per pixel to filter and deflate instead of three, for the same colours."""
+    per pixel to deflate instead of three, for the same colours, deflated by ISA-L
+    (:mod:`service.pipeline.palette_png`). An overlay is an RGB PNG through Pillow."""
     if background is None:
-        indices = colour_indices(anomaly_map, calibration, size)
-        palette = Image.fromarray(indices)
-        palette.putpalette(LUT.tobytes())  # L -> P: the 256 colormap entries
-        buf = io.BytesIO()
-        palette.save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
-        return buf.getvalue()
+        return encode_palette_png(colour_indices(anomaly_map, calibration, size), LUT)
     bg = background if background.mode == "RGB" else background.convert("RGB")
     if bg.size != tuple(size):
         bg = bg.resize(tuple(size), Image.Resampling.BILINEAR)

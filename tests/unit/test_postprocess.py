@@ -165,3 +165,16 @@ def test_bare_heatmap_is_a_palette_png_with_the_colormap_colours() -> None:
     png = Image.open(io.BytesIO(render_heatmap(item.score_map, MANIFEST.calibration, (S, S))))
     assert png.mode == "P"
     np.testing.assert_array_equal(np.asarray(png.convert("RGB")), colorize(item.score_map, MANIFEST.calibration))
+
+
+def test_normalise_map_clips_and_paints_non_finite_values_at_their_ends() -> None:
+    """low -> 0, high -> 255, clipped outside; NaN counts as low, infinities as their end,
+    and a finite value that overflows float32 when scaled as high."""
+    from service.pipeline.render import normalise_map
+
+    m = np.array([[0.0, 1.0, 2.0, -5.0], [np.nan, np.inf, -np.inf, 3e38], [3e38, 3e38, 1.5, 0.5]], dtype=np.float32)
+    with np.errstate(over="ignore"):  # 3e38 * 255 overflows float32, on purpose
+        out = normalise_map(m, low=1.0, high=2.0)
+    np.testing.assert_array_equal(out, [[0, 0, 255, 0], [0, 255, 0, 255], [255, 255, 128, 0]])
+    smooth = np.linspace(1.0, 2.0, 256, dtype=np.float32).reshape(16, 16)
+    np.testing.assert_array_equal(normalise_map(smooth, 1.0, 2.0), np.rint((smooth - 1.0) * 255.0).astype(np.uint8))

@@ -1,0 +1,79 @@
+"""The heatmap's PNG writer: files that Pillow and libspng read back to the very indices and
+palette, whichever deflate wrote them."""
+
+from __future__ import annotations
+
+import io
+import zlib
+
+import numpy as np
+import pyspng
+import pytest
+from PIL import Image
+
+from service.pipeline import palette_png
+from service.pipeline.palette_png import encode_palette_png
+from service.pipeline.render import LUT
+
+
+def smooth_indices(height: int, width: int, seed: int) -> np.ndarray:
+    """Indices like a heatmap's: smooth blobs over a cool background, with some noise."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    blob = 255 * np.exp(-(((x - width * rng.random()) / (width / 5 + 1)) ** 2
+                          + ((y - height * rng.random()) / (height / 5 + 1)) ** 2))
+    return np.clip(blob + rng.normal(0, 3, (height, width)), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("height,width", [(256, 256), (1, 1), (17, 5), (1, 3000), (300, 1)])
+@pytest.mark.parametrize("deflate", ["default", "zlib"])
+def test_pillow_and_libspng_read_back_the_indices_and_the_palette(height: int, width: int, deflate: str) -> None:
+    indices = smooth_indices(height, width, seed=height * 7 + width)
+    png = encode_palette_png(indices, LUT, deflate=zlib if deflate == "zlib" else None)
+    with Image.open(io.BytesIO(png)) as img:
+        img.load()  # Pillow checks every chunk's CRC on the way
+        assert img.format == "PNG" and img.mode == "P" and img.size == (width, height)
+        np.testing.assert_array_equal(np.asarray(img), indices)
+        np.testing.assert_array_equal(np.asarray(img.getpalette(), dtype=np.uint8).reshape(-1, 3), LUT)
+        np.testing.assert_array_equal(np.asarray(img.convert("RGB")), LUT[indices])
+    np.testing.assert_array_equal(pyspng.load(png), LUT[indices])  # libspng expands the palette
+
+
+def test_the_default_deflate_is_isal_and_no_larger_than_a_tenth_over_zlib() -> None:
+    """ISA-L is installed with the service; its level 1 must not cost the heatmap's size."""
+    assert palette_png.DEFLATE.__name__.endswith("isal_zlib")
+    indices = smooth_indices(256, 256, seed=3)
+    ours = encode_palette_png(indices, LUT)
+    with_zlib = encode_palette_png(indices, LUT, deflate=zlib)
+    assert len(ours) <= 1.1 * len(with_zlib)
+
+
+def test_a_short_palette_and_every_chunk_in_order() -> None:
+    indices = np.array([[0, 1], [1, 0]], dtype=np.uint8)
+    palette = np.array([[0, 0, 0], [255, 255, 255]], dtype=np.uint8)
+    png = encode_palette_png(indices, palette)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    kinds, at = [], 8
+    while at < len(png):
+        length = int.from_bytes(png[at:at + 4], "big")
+        kind, data = png[at + 4:at + 8], png[at + 8:at + 8 + length]
+        assert int.from_bytes(png[at + 8 + length:at + 12 + length], "big") == zlib.crc32(kind + data)
+        kinds.append(kind)
+        at += 12 + length
+    assert kinds == [b"IHDR", b"PLTE", b"IDAT", b"IEND"]
+    with Image.open(io.BytesIO(png)) as img:
+        assert img.getpalette()[:6] == [0, 0, 0, 255, 255, 255]
+        np.testing.assert_array_equal(np.asarray(img), indices)
+
+
+@pytest.mark.parametrize("indices,palette,message", [
+    (np.zeros((4, 4), np.float32), LUT, "uint8"),
+    (np.zeros((4, 4, 3), np.uint8), LUT, "uint8"),
+    (np.zeros((0, 4), np.uint8), LUT, "pixels a side"),
+    (np.zeros((4, 4), np.uint8), np.zeros((257, 3), np.uint8), "palette"),
+    (np.zeros((4, 4), np.uint8), np.zeros((0, 3), np.uint8), "palette"),
+    (np.zeros((4, 4), np.uint8), np.zeros((16, 4), np.uint8), "palette"),
+])
+def test_what_is_not_a_palette_image_is_refused(indices: np.ndarray, palette: np.ndarray, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        encode_palette_png(indices, palette)
