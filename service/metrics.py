@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.multiprocess import MultiProcessCollector
 
 # 1 ms .. 30 s: a warm GPU answers in a few ms, a cold CPU batch of large images in seconds.
@@ -108,39 +110,51 @@ class ServiceMetrics:
                                           "false_negative: the reverse), by the version that scored the image",
                                           ["category", "version", "kind"], registry=r, multiprocess_mode="livemax")
         self._model_labels: dict[str, tuple[str, str]] = {}
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+    def _child(self, metric: MetricWrapperBase, *values: str) -> Any:
+        """``metric.labels(*values)``, remembered. prometheus-client checks and converts the
+        values and takes a lock on every call; a dozen calls per image on the event loop
+        cost more than the observations themselves. Only metrics whose series are never
+        removed go through here, and their label values are bounded (module docstring)."""
+        key = (id(metric), values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
 
     # --------------------------------------------------------------- request level
     def observe_request(self, endpoint: str, category: str, status: int, seconds: float) -> None:
-        self.requests.labels(endpoint, category or UNKNOWN, str(status)).inc()
-        self.request_latency.labels(endpoint).observe(seconds)
+        self._child(self.requests, endpoint, category or UNKNOWN, str(status)).inc()
+        self._child(self.request_latency, endpoint).observe(seconds)
 
     def count_image(self, category: str, anomalous: bool, verdict: str | None = None) -> None:
-        self.images.labels(category, "anomalous" if anomalous else "normal").inc()
+        self._child(self.images, category, "anomalous" if anomalous else "normal").inc()
         if verdict is not None:
-            self.verdicts.labels(category, verdict).inc()
+            self._child(self.verdicts, category, verdict).inc()
 
     def observe_score(self, category: str, score: float) -> None:
-        self.score.labels(category).observe(score)
+        self._child(self.score, category).observe(score)
 
     def set_anomaly_rate(self, category: str, rate: float) -> None:
-        self.anomaly_rate.labels(category).set(rate)
+        self._child(self.anomaly_rate, category).set(rate)
 
     def observe_stage(self, stage: str, seconds: float) -> None:
-        self.stage_time.labels(stage).observe(seconds)
+        self._child(self.stage_time, stage).observe(seconds)
 
     # --------------------------------------------------------------- BatchObserver
     def observe_batch(self, category: str, engine: str, size: int, engine_s: float) -> None:
-        self.batch_size.labels(category).observe(size)
-        self.engine_time.labels(category, engine).observe(engine_s)
+        self._child(self.batch_size, category).observe(size)
+        self._child(self.engine_time, category, engine).observe(engine_s)
 
     def observe_queue_wait(self, category: str, wait_s: float) -> None:
-        self.queue_wait.labels(category).observe(wait_s)
+        self._child(self.queue_wait, category).observe(wait_s)
 
     def set_queue_depth(self, category: str, depth: int) -> None:
-        self.queue_depth.labels(category).set(depth)
+        self._child(self.queue_depth, category).set(depth)
 
     def count_rejection(self, category: str, reason: str) -> None:
-        self.rejections.labels(category or UNKNOWN, reason).inc()
+        self._child(self.rejections, category or UNKNOWN, reason).inc()
 
     # --------------------------------------------------------------- models
     def set_model(self, category: str, version: str, engine: str) -> None:

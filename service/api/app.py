@@ -51,8 +51,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.service = state
     app.add_middleware(RequestMetricsMiddleware, metrics=state.metrics)
     install_error_handlers(app)
-    install_docs(app)  # /docs with local assets (FastAPI's own page loads them from a CDN)
-    install_console(app)  # GET / (operator console), model assets, threshold overrides, recent scores
+    # Routes are tried in the order they are added, each match costing a few microseconds of
+    # the event loop: inspection first (its requests are nearly all of them), pages last.
     for area in (inspect, jobs, models, review, health):
         app.include_router(area.router)
+    install_console(app)  # GET / (operator console), model assets, threshold overrides, recent scores
+    install_docs(app)  # /docs with local assets (FastAPI's own page loads them from a CDN)
     return app
