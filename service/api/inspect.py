@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable
-
 from dataclasses import dataclass
 from typing import Annotated
 
