@@ -10,8 +10,8 @@ Order matters, cheapest and safest check first:
    runtime admits or refuses the whole request before anything is decoded;
 3. :func:`decode_into`: the decode, at reduced scale where the format allows (JPEG DCT
    scaling, :func:`models.preprocessing.reduce_while_decoding`), 422 if truncated or corrupt;
-   a plain 8-bit RGB PNG is decoded by libspng (:func:`decode_plain_png`), the same lossless
-   pixels in about two thirds of Pillow's time;
+   a plain 8-bit RGB PNG is decoded by libspng, its pixel stream inflated by ISA-L
+   (:mod:`service.pipeline.plain_png`), the same lossless pixels in a third of Pillow's time;
 4. EXIF orientation and mode conversion through :mod:`models.preprocessing`, the very
    functions the trainer uses, so the served pixels are exactly the trained ones. Only the
    model input (and, for original-size overlays, a display copy at most
@@ -29,22 +29,16 @@ import math
 import struct
 import time
 import warnings
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
 from PIL import Image
-
-try:  # a dependency (pyproject.toml); where no wheel installs it, Pillow decodes every PNG
-    import pyspng
-except ImportError:  # pragma: no cover - the same pixels, just slower
-    pyspng = None  # type: ignore[assignment]
 
 from models.preprocessing import draft_size, header_oriented_size, reduce_while_decoding, resize_rgb, to_rgb
 from service.pipeline.admission import image_cost
 from service.pipeline.item import InspectedImage
+from service.pipeline.plain_png import decode_plain_png
 
 # Pillow's names; "MPO" is the multi-picture JPEG many cameras write.
 ACCEPTED_FORMATS: frozenset[str] = frozenset({"PNG", "JPEG", "MPO", "BMP", "TIFF", "WEBP"})
@@ -243,62 +237,6 @@ def _rotated_by_late_exif(item: InspectedImage) -> None:
         return None if size is None else (size[1], size[0])
     item.width, item.height = item.height, item.width
     item.render_size, item.display_size = swap(item.render_size), swap(item.display_size)
-
-
-# Where Pillow finds an orientation in a PNG: an eXIf chunk (before or after the pixels),
-# ImageMagick's "Raw profile type exif" text, XMP. A file with any of these bytes anywhere
-# (inside compressed data too, by chance) is decoded by Pillow, which applies them.
-_PNG_ORIENTATION_MARKERS = (b"eXIf", b"exif", b"xmp")
-# Above the model's size, libspng's array and Pillow's copy of it (the resize needs one)
-# live side by side for a moment: 3 + 4 bytes per RGB pixel instead of Pillow's 4. Up to a
-# 4-megapixel camera frame that is at most 12 MB more per decode thread (a mapped, copy-free
-# view resizes 25% slower than the copy costs); larger files, decompression bombs among
-# them, stay with Pillow, so the per-pixel price admission charges keeps bounding memory.
-_FAST_PNG_MAX_PIXELS = 2048 * 2048
-
-
-def decode_plain_png(img: Image.Image, data: bytes) -> np.ndarray | None:
-    """``img``'s pixels decoded by libspng (``[H, W, 3]`` uint8), for an 8-bit RGB PNG (IHDR
-    bit depth 8, colour type 2) without transparency or orientation metadata, up to 2048 x
-    2048 pixels: a PNG is lossless, so these are the pixels Pillow decodes (the trainer's), in
-    about two thirds of the time (docs/PERFORMANCE.md; grey PNGs decode no faster, so Pillow
-    keeps them). None for any other image, for a file whose chunks are not intact
-    (:func:`_chunks_intact`) and for one libspng refuses: Pillow then decodes it, or raises
-    the usual error."""
-    if (pyspng is None or img.format != "PNG" or img.mode != "RGB" or "transparency" in img.info
-            or img.width * img.height > _FAST_PNG_MAX_PIXELS
-            or data[12:16] != b"IHDR" or data[24:26] != b"\x08\x02"  # bit depth 8, colour type 2
-            or any(marker in data for marker in _PNG_ORIENTATION_MARKERS)
-            or not _chunks_intact(data)):
-        return None
-    try:
-        pixels = pyspng.load(data)
-    except RuntimeError:
-        return None
-    if pixels.dtype != np.uint8 or pixels.shape != (img.height, img.width, 3):
-        return None
-    return pixels
-
-
-def _chunks_intact(data: bytes) -> bool:
-    """Every chunk of a PNG whole, with its CRC, up to an IEND that ends the file. libspng, as
-    pyspng drives it, checks neither the CRCs nor the zlib stream's Adler-32, so a damaged
-    upload would decode to damaged pixels; Pillow refuses it (422), and the CRCs catch the
-    same damage at a fraction of an inflate's cost (checking the Adler-32 would take a second
-    inflate, as long as the whole gain). What they cannot catch is a file made on purpose
-    with CRCs recomputed over a damaged stream: it decodes to what libspng reads from it,
-    where Pillow would refuse it; it costs no more than any image, and only its own verdict."""
-    view = memoryview(data)
-    at = 8  # after the signature
-    while at + 12 <= len(data):
-        length = int.from_bytes(view[at:at + 4], "big")
-        end = at + 12 + length
-        if end > len(data) or zlib.crc32(view[at + 4:end - 4]) != int.from_bytes(view[end - 4:end], "big"):
-            return False
-        if view[at + 4:at + 8] == b"IEND":
-            return end == len(data)
-        at = end
-    return False
 
 
 def _load_rgb(img: Image.Image, name: str | None) -> Image.Image:

@@ -21,21 +21,17 @@ from types import ModuleType
 
 import numpy as np
 
-try:
-    from isal import isal_zlib as _isal_zlib
-except ImportError:  # a platform without an isal wheel: same bytes format, zlib's speed
-    _isal_zlib = None
+from service.pipeline import deflate
 
-DEFLATE: ModuleType = _isal_zlib if _isal_zlib is not None else zlib
 DEFLATE_LEVEL = 1  # heatmaps are smooth: level 1 is within a few percent of the best size
 _SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _MAX_SIDE = 2**31 - 1  # the PNG format's limit on width and height
 _COLOUR_TYPE_PALETTE = 3
 
 
-def encode_palette_png(indices: np.ndarray, palette: np.ndarray, deflate: ModuleType | None = None) -> bytes:
+def encode_palette_png(indices: np.ndarray, palette: np.ndarray, zlib_module: ModuleType | None = None) -> bytes:
     """PNG bytes of ``indices`` (uint8 ``[H, W]``) coloured by ``palette`` (uint8 ``[N, 3]``,
-    1 <= N <= 256). ``deflate`` is a zlib-compatible module (default: ISA-L where installed)."""
+    1 <= N <= 256). ``zlib_module`` deflates instead of ISA-L (:mod:`service.pipeline.deflate`)."""
     if indices.dtype != np.uint8 or indices.ndim != 2:
         raise ValueError(f"palette indices must be uint8 [H, W], not {indices.dtype} {indices.shape}")
     if palette.dtype != np.uint8 or palette.ndim != 2 or palette.shape[1] != 3 or not 1 <= len(palette) <= 256:
@@ -45,7 +41,7 @@ def encode_palette_png(indices: np.ndarray, palette: np.ndarray, deflate: Module
         raise ValueError(f"a PNG is 1 to {_MAX_SIDE} pixels a side, not {width} x {height}")
     rows = np.zeros((height, width + 1), dtype=np.uint8)  # column 0: each row's filter type, 0
     rows[:, 1:] = indices
-    stream = (deflate or DEFLATE).compress(rows, DEFLATE_LEVEL)
+    stream = deflate.compress(rows, DEFLATE_LEVEL, zlib_module)
     header = struct.pack(">IIBBBBB", width, height, 8, _COLOUR_TYPE_PALETTE, 0, 0, 0)
     return b"".join((_SIGNATURE, _chunk(b"IHDR", header), _chunk(b"PLTE", palette.tobytes()),
                      _chunk(b"IDAT", stream), _chunk(b"IEND", b"")))

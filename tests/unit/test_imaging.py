@@ -17,7 +17,8 @@ from PIL import Image
 from models.data import MVTecCategory, Sample, load_images
 from models.preprocessing import draft_size, load_image
 from service.pipeline.decode import (ImageLimits, ImageRejected, ImageTooLarge, Rendering, UndecodableImage, UnsupportedImageType,
-                                     configure_pillow, decode_image, decode_plain_png, fit_within)
+                                     configure_pillow, decode_image, fit_within)
+from service.pipeline.plain_png import decode_plain_png
 
 SIZE = 32
 LIMITS = ImageLimits(max_bytes=5_000_000, max_pixels=4_000_000)
@@ -357,9 +358,9 @@ def test_damaged_pngs_are_answered_exactly_as_pillow_alone_answers_them(monkeypa
     (docs/PERFORMANCE.md has the long run: 404,543 files, no difference)."""
     import random
 
-    import service.pipeline.decode as decode
+    import service.pipeline.plain_png as plain_png
 
-    libspng = decode.pyspng
+    libspng = plain_png.pyspng
     assert libspng is not None
     rng = random.Random(20261205)
     seeds = [encode(Image.fromarray(_noise(w, h, seed)), "PNG", **kw)
@@ -367,7 +368,7 @@ def test_damaged_pngs_are_answered_exactly_as_pillow_alone_answers_them(monkeypa
     assert all(decode_plain_png(_opened_png(seed), seed) is not None for seed in seeds)  # intact: libspng's
 
     def outcome(data: bytes, libspng: object) -> tuple[str, bytes]:
-        monkeypatch.setattr(decode, "pyspng", libspng)
+        monkeypatch.setattr(plain_png, "pyspng", libspng)
         try:
             return "ok", decode_image(data, SIZE, LIMITS).tensor.tobytes()
         except ImageRejected as exc:
