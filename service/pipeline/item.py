@@ -72,6 +72,7 @@ class InspectedImage:
     engine_ms: float = 0.0  # the whole batch's engine call
     engine: str | None = None  # the engine that scored it (for a cache hit: the one that scored it then)
     # --- postprocess
+    map_finite: bool = True  # False: the map holds NaN or infinity (found in postprocess; no answer then)
     heatmap_png: bytes | None = None
     heatmap_width: int = 0
     heatmap_height: int = 0

@@ -23,6 +23,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import numpy as np
+
 from models.manifest import Calibration, Manifest
 from service.config import Settings
 from service.pipeline.item import InspectedImage
@@ -76,10 +78,24 @@ def render(item: InspectedImage, calibration: Calibration, size: HeatmapSize, ov
     item.render_ms = (time.perf_counter() - t0) * 1e3
 
 
+class NonFiniteMaps(Exception):
+    """Scored images whose maps hold NaN or infinity (``map_finite`` False): no heatmap, no
+    regions and no result were made for any image of the call; the caller refuses them."""
+
+    def __init__(self, items: list[InspectedImage]) -> None:
+        super().__init__(f"{len(items)} map(s) with NaN or infinity")
+        self.items = items
+
+
 def analyse(item: InspectedImage, manifest: Manifest, calibration: Calibration, size: HeatmapSize | None,
             overlay: bool, params: RegionParams) -> None:
     """Blocking: the heatmap (``size`` None: none) and the defect regions of one scored image,
-    with the milliseconds each took. ``calibration`` is the effective one (regions follow it)."""
+    with the milliseconds each took. ``calibration`` is the effective one (regions follow it).
+    A map with NaN or infinity gets neither (``map_finite``): it is checked here, in the
+    thread that reads it anyway, rather than on the event loop (docs/PERFORMANCE.md)."""
+    item.map_finite = bool(np.isfinite(item.score_map).all())
+    if not item.map_finite:
+        return
     if size is not None:
         render(item, manifest.calibration, size, overlay)
     t0 = time.perf_counter()
@@ -121,7 +137,8 @@ async def postprocess(items: Sequence[InspectedImage], manifest: Manifest, optio
     Heatmaps are rendered (in ``run_blocking``'s threads) for ``heatmap=inline`` and ``url``,
     or for every image with ``render_all`` (an ``Accept: image/png`` answer, which then
     carries the PNG itself: no link is stored for it). Defect regions are found for every
-    image, in the same thread-pool call.
+    image, in the same thread-pool call. Raises :class:`NonFiniteMaps` (before any result or
+    link exists) if a map holds NaN or infinity.
     """
     policy = policy or ResultPolicy()
     wanted = render_all or options.heatmap is not HeatmapMode.none
@@ -129,6 +146,8 @@ async def postprocess(items: Sequence[InspectedImage], manifest: Manifest, optio
     size = options.heatmap_size if wanted else None
     await gather_in_order([run_blocking(analyse, item, manifest, cal, size, options.overlay, policy.regions)
                            for item in items])
+    if bad := [item for item in items if not item.map_finite]:
+        raise NonFiniteMaps(bad)
     for item in items:
         heatmap: Heatmap | HeatmapLink | None = None
         if item.heatmap_png is not None:

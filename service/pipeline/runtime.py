@@ -25,7 +25,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import numpy as np
 
@@ -37,7 +37,7 @@ from service.pipeline.engine_client import EngineClient, RemoteBatcher, RemoteEn
 from service.pipeline.decode import ImageLimits, ImageRejected, Rendering, configure_pillow, decode_into, probe_into
 from service.pipeline.item import InspectedImage
 from service.pipeline.offload import Offload, gather_in_order
-from service.pipeline.postprocess import policy_from_settings, postprocess
+from service.pipeline.postprocess import NonFiniteMaps, policy_from_settings, postprocess
 from service.pipeline.registry import EngineFactory, LoadedModel, ModelRegistry
 from service.pipeline.review import ReviewCapture
 from service.pipeline.thresholds import ThresholdOverrides
@@ -273,11 +273,14 @@ class PipelineRuntime:
 
     def _refuse_non_finite(self, lane: Lane, items: Sequence[InspectedImage]) -> None:
         """A NaN or infinite score compares False with any threshold, i.e. "normal": never
-        let it become a verdict, a cache entry, a job result or a drift sample."""
+        let it become a verdict, a cache entry, a job result or a drift sample. The maps are
+        checked by :meth:`postprocess`, in the thread that reads them."""
         bad = [item for item in items if item.raw_score is None or not math.isfinite(item.raw_score)
-               or item.anomaly_map is None or not np.isfinite(item.anomaly_map).all()]
-        if not bad:
-            return
+               or item.anomaly_map is None]
+        if bad:
+            self._refuse(lane, bad)
+
+    def _refuse(self, lane: Lane, bad: Sequence[InspectedImage]) -> NoReturn:
         model = lane.model
         self.metrics.nonfinite.labels(model.category, model.engine.name).inc(len(bad))
         self.registry.mark_unhealthy(model.category, f"version {model.version} on {model.engine.name} produced "
@@ -290,8 +293,11 @@ class PipelineRuntime:
     async def postprocess(self, lane: Lane, items: Sequence[InspectedImage], options: InspectOptions,
                           started: float, render_all: bool = False, ticket: Ticket | None = None) -> None:
         """Score, verdict, heatmap and regions with the pinned version's (effective) calibration."""
-        await postprocess(items, lane.model.manifest, options, functools.partial(self.run_blocking, ticket=ticket),
-                          self.links, started, render_all=render_all, policy=self.result_policy)
+        try:
+            await postprocess(items, lane.model.manifest, options, functools.partial(self.run_blocking, ticket=ticket),
+                              self.links, started, render_all=render_all, policy=self.result_policy)
+        except NonFiniteMaps as exc:
+            self._refuse(lane, exc.items)
         for item in items:
             if item.heatmap_png is not None:
                 self.metrics.observe_stage("render", item.render_ms / 1e3)

@@ -158,10 +158,26 @@ def test_service_state_answers_through_the_same_path(model_store: Path, good_ima
     assert png[0].heatmap_png is not None and Image.open(io.BytesIO(png[0].heatmap_png)).size == (128, 128)
 
 
-def test_non_finite_output_is_an_error_never_a_verdict(model_store: Path, good_images: list[Path]) -> None:
+@pytest.mark.parametrize("bad", ["score", "map", "map-no-heatmap"])
+def test_non_finite_output_is_an_error_never_a_verdict(model_store: Path, good_images: list[Path], bad: str) -> None:
     """A NaN score would compare False with the threshold, i.e. "normal": it must fail the
-    request instead, count in a metric, mark the model unhealthy and reach no drift sample."""
+    request instead, count in a metric, mark the model unhealthy and reach no drift sample.
+    The same for an infinite value in a map (checked in the decode threads, not the loop),
+    whether the answer renders a heatmap or not."""
     uploads = [Upload(p.name, p.read_bytes()) for p in good_images[:2]]
+    options = InspectOptions(heatmap=HeatmapMode.none) if bad == "map-no-heatmap" else InspectOptions()
+
+    def second_image_broken(real_run: Any) -> Any:
+        def run(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            scores, maps = real_run(batch)
+            scores, maps = np.array(scores, np.float32), np.array(maps, np.float32)
+            if len(batch) > 1:
+                if bad == "score":
+                    scores[1] = np.nan
+                else:
+                    maps[1, 3, 5] = np.inf
+            return scores, maps
+        return run
 
     async def main() -> None:
         state = ServiceState(settings_for(model_store))
@@ -171,10 +187,8 @@ def test_non_finite_output_is_an_error_never_a_verdict(model_store: Path, good_i
                 await asyncio.sleep(0.05)
             with state.pin(CATEGORY) as lane:
                 engine = lane.model.engine
-                nan_second = lambda real_run: lambda batch: (np.array([1.0, np.nan][: len(batch)], np.float32),
-                                                             real_run(batch)[1])
-                with engine_run_replaced(engine, nan_second), pytest.raises(NonFiniteOutput) as caught:
-                    await state.inspect(lane, uploads, InspectOptions(), time.monotonic() + 30, time.monotonic())
+                with engine_run_replaced(engine, second_image_broken), pytest.raises(NonFiniteOutput) as caught:
+                    await state.inspect(lane, uploads, options, time.monotonic() + 30, time.monotonic())
             assert caught.value.details["index"] == 1 and caught.value.code == "non_finite_output"
             assert state.recent.scores(CATEGORY) == []  # no drift sample, no verdict counted
             assert state.metrics.nonfinite.labels(CATEGORY, engine.name)._value.get() == 1
