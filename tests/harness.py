@@ -12,6 +12,7 @@ import contextlib
 import io
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -28,6 +29,22 @@ import redis
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from prometheus_client.parser import text_string_to_metric_families
+
+def damaged(data: bytes, rng: random.Random, edits: int, longest: int, start: int = 0) -> bytes:
+    """``data`` with ``edits`` random edits at or after ``start``, as a bad line, disk or
+    attacker would make them: a byte changed (60%), a run of up to ``longest`` bytes cut
+    (20%) or random bytes inserted (20%)."""
+    out = bytearray(data)
+    for _ in range(edits):
+        at, roll = rng.randrange(start, len(out)), rng.random()
+        if roll < 0.6:
+            out[at] = rng.randrange(256)
+        elif roll < 0.8:
+            del out[at:at + rng.randint(1, longest)]
+        else:
+            out[at:at] = rng.randbytes(rng.randint(1, longest))
+    return bytes(out)
+
 
 USER_KEY = "user-key-123"
 ADMIN_KEY = "admin-key-456"

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from harness import damaged as harness_damaged
 from models.data import MVTecCategory, Sample, load_images
 from models.preprocessing import draft_size, load_image
 from service.pipeline.decode import (ImageLimits, ImageRejected, ImageTooLarge, Rendering, UndecodableImage, UnsupportedImageType,
@@ -376,16 +377,8 @@ def test_damaged_pngs_are_answered_exactly_as_pillow_alone_answers_them(monkeypa
 
     codes: set[str] = set()
     for _ in range(1500):
-        data = bytearray(rng.choice(seeds))
-        for _ in range(rng.randint(1, 4)):
-            at, roll = rng.randrange(8, len(data)), rng.random()  # the signature stays: Pillow opens it as PNG
-            if roll < 0.6:
-                data[at] = rng.randrange(256)
-            elif roll < 0.8:
-                del data[at:at + rng.randint(1, 32)]
-            else:
-                data[at:at] = rng.randbytes(rng.randint(1, 32))
-        damaged = bytes(data)
+        # the signature stays: Pillow opens it as PNG
+        damaged = harness_damaged(rng.choice(seeds), rng, edits=rng.randint(1, 4), longest=32, start=8)
         answer = outcome(damaged, libspng)
         assert answer == outcome(damaged, None)
         codes.add(answer[0])

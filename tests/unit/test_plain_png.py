@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from harness import damaged
 import service.pipeline.plain_png as plain_png
 from service.pipeline.decode import ImageLimits, ImageRejected, decode_image
 from service.pipeline.plain_png import decode_plain_png
@@ -128,16 +129,7 @@ def test_crafted_streams_are_answered_exactly_as_pillow_alone_answers_them(monke
     outcomes: set[str] = set()
     for _ in range(600):
         seed = rng.choice(seeds)
-        stream = bytearray(_stream(seed))
-        for _ in range(rng.randint(1, 3)):
-            at, roll = rng.randrange(len(stream)), rng.random()
-            if roll < 0.6:
-                stream[at] = rng.randrange(256)
-            elif roll < 0.8:
-                del stream[at:at + rng.randint(1, 16)]
-            else:
-                stream[at:at] = rng.randbytes(rng.randint(1, 16))
-        data = _with_stream(seed, bytes(stream))
+        data = _with_stream(seed, damaged(_stream(seed), rng, edits=rng.randint(1, 3), longest=16))
         answer = _answer(data, monkeypatch, libspng)
         assert answer == _answer(data, monkeypatch, None)
         outcomes.add(answer[0])
