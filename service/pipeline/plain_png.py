@@ -3,12 +3,13 @@
 A PNG is lossless, so any correct decoder gives the trainer's pixels (Pillow's). libspng
 (``pyspng``) decodes a 256 x 256 RGB PNG in about half of Pillow's time, and half of what
 is left is zlib's inflate: libspng is bound to the zlib it was built with, and no decoder on
-PyPI takes another inflater. So, for a non-interlaced file, the pixel stream (the joined
-``IDAT`` payloads) is inflated here by ISA-L (``isal``, about a third of zlib's time) and
-handed to libspng stored, in uncompressed deflate blocks its zlib only copies: libspng then
-does what it does well, undoing the row filters. A 256 x 256 photograph's 24 KB PNG: 0.55 ->
-0.38 ms of CPU (docs/PERFORMANCE.md). Interlaced files, and hosts without an ``isal``
-wheel, go to libspng as they are.
+PyPI takes another inflater. So, for a non-interlaced file up to a megapixel, the pixel
+stream (the joined ``IDAT`` payloads) is inflated here by ISA-L (``isal``, about a third of
+zlib's time; :mod:`service.pipeline.deflate`) and handed to libspng stored, in uncompressed
+deflate blocks its zlib only copies: libspng then does what it does well, undoing the row
+filters. The whole decode of a good part's 23 KB 256 x 256 PNG: 0.67 -> 0.47 ms of CPU
+(docs/PERFORMANCE.md). Interlaced files, larger ones and hosts without an ``isal`` wheel go
+to libspng as they are.
 
 libspng, as pyspng drives it, checks neither the chunks' CRCs nor the zlib stream's
 Adler-32, so a damaged upload would decode to damaged pixels where Pillow refuses it (422).
@@ -16,9 +17,9 @@ Here every chunk's CRC is checked first (:func:`_pixel_stream`), and ISA-L's inf
 the Adler-32 and the stream's exact length: a file that fails any of these goes to Pillow,
 whose answer (pixels or refusal) is the reference.
 
-Memory: above the model's size the inflated rows (3 bytes a pixel and one a row), then the
-stored copy, then libspng's pixels live one after another, two at a time at most, each
-dropped before the next but one: the peak stays libspng's pixels and Pillow's copy for the
+Memory: the inflated rows (3 bytes a pixel and one a row), then the stored copy, then
+libspng's pixels live one after another, two at a time at most, each dropped before the next
+but one; above the model's size the peak stays libspng's pixels beside Pillow's copy for the
 resize (3 + 4 bytes a pixel), which is why only files up to 4 megapixels come here.
 """
 
