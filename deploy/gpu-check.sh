@@ -191,6 +191,9 @@ if [[ -n "$GOOD_PART" ]]; then
     --category "$(basename "$MODEL")" --engine auto --seconds 10 --concurrency 32 \
     --decode-threads "$(nproc)" --no-profile --image "$GOOD_PART" --out "$RAW/frontend-engine-good" || true
 fi
+# ... and whether this host's CPU makes the work after an ISA-L call pay for the vector registers
+# ISA-L leaves dirty (service/pipeline/deflate.py clears them; the log shows the three columns)
+step vector-state 0 "$PY" -m loadtests.vector_state --rounds 2 || true
 # 3d. more than one process feeding one engine (MSFLOW_API_PROCESSES): the same benchmark with
 # 2, 4, 8 ... front-end processes (up to half the cores), null engine, then the host's best
 # engine; server CPU is summed over the supervisor, its front ends and the engine process
