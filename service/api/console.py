@@ -22,16 +22,15 @@ import logging
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, FastAPI, Query
+from fastapi import APIRouter, FastAPI, Query
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
-from models.manifest import CATEGORY_PATTERN
 from service.api.auth import Admin, Authed
+from service.api.deps import CategoryDep, StateDep
 from service.api.errors import ApiError
 from service.pipeline.registry import EVALUATION_ASSETS
 from service.schemas import ErrorResponse, RecentScores, ThresholdState, ThresholdUpdate
-from service.api.deps import StateDep
 
 log = logging.getLogger(__name__)
 
@@ -48,18 +47,6 @@ _ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for c
 router = APIRouter()
 
 
-async def _category(category: str, state: StateDep) -> str:
-    """404 for an unknown or malformed category (same answer as the app's other routes)."""
-    known = state.registry.categories
-    if CATEGORY_PATTERN.match(category) and category in known:
-        return category
-    raise ApiError(404, "unknown_category", f"unknown category {category!r}; known: {', '.join(known) or 'none'}",
-                   details={"categories": known})
-
-
-Category = Annotated[str, Depends(_category)]
-
-
 @router.get("/", include_in_schema=False)
 async def console_page() -> FileResponse:
     page = STATIC_DIR / "index.html"
@@ -71,7 +58,7 @@ async def console_page() -> FileResponse:
 
 @router.get("/v1/models/{category}/assets/{name}", dependencies=[Authed], response_class=FileResponse,
             responses={**_ERRORS, 200: {"content": {"image/png": {}, "application/json": {}}}})
-async def get_asset(category: Category, name: str, state: StateDep) -> FileResponse:
+async def get_asset(category: CategoryDep, name: str, state: StateDep) -> FileResponse:
     """An evaluation file of the serving version: ``roc.png``, ``examples.png`` or ``report.json``."""
     media_type = EVALUATION_ASSETS.get(name)
     model = state.registry.get(category)
@@ -98,13 +85,13 @@ def _threshold_state(state: StateDep, category: str, persisted: list[str] | None
 
 @router.get("/v1/models/{category}/threshold", response_model=ThresholdState, dependencies=[Authed],
             responses=_ERRORS)
-async def get_threshold(category: Category, state: StateDep) -> ThresholdState:
+async def get_threshold(category: CategoryDep, state: StateDep) -> ThresholdState:
     return _threshold_state(state, category)
 
 
 @router.put("/v1/models/{category}/threshold", response_model=ThresholdState, dependencies=[Admin],
             responses=_ERRORS)
-async def put_threshold(category: Category, body: ThresholdUpdate, state: StateDep) -> ThresholdState:
+async def put_threshold(category: CategoryDep, body: ThresholdUpdate, state: StateDep) -> ThresholdState:
     """Override the serving version's image threshold with a RAW score (the unit of ``raw_score``).
 
     Applies to every image scored from now on, survives restarts (``threshold_override.json``
@@ -124,7 +111,7 @@ async def put_threshold(category: Category, body: ThresholdUpdate, state: StateD
 
 @router.delete("/v1/models/{category}/threshold", response_model=ThresholdState, dependencies=[Admin],
                responses=_ERRORS)
-async def delete_threshold(category: Category, state: StateDep) -> ThresholdState:
+async def delete_threshold(category: CategoryDep, state: StateDep) -> ThresholdState:
     """Back to the calibrated threshold of the serving version."""
     model = state.registry.get(category)
     persisted = await state.thresholds.clear(category, model.version)
@@ -132,7 +119,7 @@ async def delete_threshold(category: Category, state: StateDep) -> ThresholdStat
 
 
 @router.get("/v1/models/{category}/recent", response_model=RecentScores, dependencies=[Admin], responses=_ERRORS)
-async def recent_scores(category: Category, state: StateDep,
+async def recent_scores(category: CategoryDep, state: StateDep,
                         threshold: Annotated[float | None, Query(allow_inf_nan=False)] = None,
                         limit: Annotated[int, Query(ge=1, le=100_000)] = 100) -> RecentScores:
     """The last images scored by this replica (newest first) and, with ``threshold``, how the
