@@ -78,8 +78,8 @@ def test_inflated_by_isal_the_pixels_are_pillows_and_libspngs_own(width: int, he
 
 
 def test_every_row_filter_survives_the_stored_stream() -> None:
-    """Pillow's adaptive filters pick per row; a smooth gradient and noise between them use
-    all five filter types."""
+    """Pillow's adaptive filters pick per row: gradients along and down the rows and noise
+    between them make it use several of the five filter types."""
     ramp = np.zeros((120, 200, 3), np.uint8)
     ramp[:40] = np.arange(200, dtype=np.uint8)[None, :, None]  # along the rows
     ramp[40:80] = _noise(200, 40)
@@ -100,20 +100,21 @@ def test_a_stream_damaged_behind_recomputed_crcs_goes_to_pillow(monkeypatch: pyt
     rows = zlib.decompress(stream)
     damaged_rows = bytearray(rows)
     damaged_rows[500] ^= 0x01
+    unfinished = zlib.compressobj()
     cases = {
         "wrong Adler-32": stream[:-4] + bytes(b ^ 0xFF for b in stream[-4:]),
         "rows damaged, Adler-32 of the intact ones": zlib.compress(bytes(damaged_rows))[:-4] + stream[-4:],
         "one row short": zlib.compress(rows[:-(1 + 3 * 48)]),
         "one row too many": zlib.compress(rows + rows[:1 + 3 * 48]),
         "bytes after the stream": stream + b"\x00\x01",
-        "no end of stream": zlib.compressobj().compress(rows) + zlib.compressobj().flush(zlib.Z_SYNC_FLUSH),
+        "no end of stream": unfinished.compress(rows) + unfinished.flush(zlib.Z_SYNC_FLUSH),
     }
     libspng = plain_png.pyspng
     for name, bad in cases.items():
         data = _with_stream(plain, bad)
         assert _decode(data) is None, name
         assert _answer(data, monkeypatch, libspng) == _answer(data, monkeypatch, None), name
-    # and libspng alone, as pyspng drives it, would have given its own pixels for the first two
+    # and libspng alone, as pyspng drives it, would have given its own pixels for the first
     assert libspng.load(_with_stream(plain, cases["wrong Adler-32"])).shape == pixels.shape
 
 
