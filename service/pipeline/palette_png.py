@@ -16,7 +16,6 @@ advises for palette images (and as Pillow writes them).
 from __future__ import annotations
 
 import struct
-import zlib
 from types import ModuleType
 
 import numpy as np
@@ -24,7 +23,7 @@ import numpy as np
 from service.pipeline import deflate
 
 DEFLATE_LEVEL = 1  # heatmaps are smooth: level 1 is within a few percent of the best size
-_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _MAX_SIDE = 2**31 - 1  # the PNG format's limit on width and height
 _COLOUR_TYPE_PALETTE = 3
 
@@ -43,9 +42,12 @@ def encode_palette_png(indices: np.ndarray, palette: np.ndarray, zlib_module: Mo
     rows[:, 1:] = indices
     stream = deflate.compress(rows, DEFLATE_LEVEL, zlib_module)
     header = struct.pack(">IIBBBBB", width, height, 8, _COLOUR_TYPE_PALETTE, 0, 0, 0)
-    return b"".join((_SIGNATURE, _chunk(b"IHDR", header), _chunk(b"PLTE", palette.tobytes()),
-                     _chunk(b"IDAT", stream), _chunk(b"IEND", b"")))
+    return b"".join((PNG_SIGNATURE, *png_chunk(b"IHDR", header), *png_chunk(b"PLTE", palette.tobytes()),
+                     *png_chunk(b"IDAT", stream), *png_chunk(b"IEND")))
 
 
-def _chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(data, zlib.crc32(kind)))
+def png_chunk(kind: bytes, *data: bytes | memoryview) -> list[bytes | memoryview]:
+    """A PNG chunk as pieces to join (its data may come in several, never copied here): the
+    data's length, ``kind``, the data, the CRC-32 of kind and data."""
+    size = sum(len(piece) for piece in data)
+    return [struct.pack(">I", size), kind, *data, struct.pack(">I", deflate.crc32([kind, *data]))]

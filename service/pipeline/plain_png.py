@@ -36,6 +36,7 @@ try:  # a dependency (pyproject.toml); where no wheel installs it, Pillow decode
 except ImportError:  # pragma: no cover - the same pixels, just slower
     pyspng = None  # type: ignore[assignment]
 from service.pipeline import deflate
+from service.pipeline.palette_png import PNG_SIGNATURE, png_chunk
 
 # Inflate the pixel stream here, by ISA-L (False: libspng inflates it with its zlib, as it
 # does where isal has no wheel).
@@ -55,7 +56,6 @@ MAX_PIXELS = 2048 * 2048
 # caches between the inflate, the stored copy and libspng's pass over fresh memory (a 2048 x
 # 2048 photograph: 27.4 ms through libspng's zlib, 43.9 ms inflated here; docs/PERFORMANCE.md).
 INFLATE_MAX_PIXELS = 1024 * 1024
-_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _IHDR_END = 8 + 12 + 13  # signature, then IHDR: length, type, 13 bytes, CRC
 _STORED_BLOCK = 0xFFFF  # the largest uncompressed deflate block
 _ZLIB_HEADER = b"\x78\x01"  # deflate, 32 KB window, no dictionary (31 divides 0x7801)
@@ -127,7 +127,4 @@ def _with_stored_rows(ihdr: bytes, rows: bytes) -> bytes:
         final = start + _STORED_BLOCK >= len(rows)
         parts += (struct.pack("<BHH", final, len(block), len(block) ^ 0xFFFF), block)
     parts.append(struct.pack(">I", deflate.adler32(rows)))
-    size = sum(len(part) for part in parts)
-    crc = deflate.crc32([b"IDAT", *parts])
-    return b"".join((_SIGNATURE, ihdr, struct.pack(">I", size), b"IDAT", *parts, struct.pack(">I", crc),
-                     b"\x00\x00\x00\x00IEND\xaeB`\x82"))  # IEND: empty, its CRC
+    return b"".join((PNG_SIGNATURE, ihdr, *png_chunk(b"IDAT", *parts), *png_chunk(b"IEND")))
