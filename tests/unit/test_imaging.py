@@ -305,14 +305,15 @@ def test_pngs_libspng_must_not_decide_go_through_pillow(tmp_path: Path) -> None:
         "I;16": encode(Image.fromarray(np.asarray(rgb.convert("L"), dtype=np.uint16) * 257)),
         "eXIf-before-pixels": encode(rgb, "PNG", exif=sideways.tobytes()),
         "eXIf-after-pixels": exif_after_pixels,
+        **_orientation_in_text(plain, sideways.tobytes()),
     }
     for name, data in cases.items():
         assert decode_plain_png(_opened_png(data), data) is None, name
         decoded = decode_image(data, SIZE, LIMITS, name=name)
         (tmp_path / "x.png").write_bytes(data)
         np.testing.assert_array_equal(decoded.tensor, load_image(tmp_path / "x.png", SIZE), err_msg=name)
-        if name.startswith("eXIf"):
-            assert decoded.size == (20, 40), name  # upright, even when the chunk follows the pixels
+        if name.startswith(("eXIf", "text")):
+            assert decoded.size == (20, 40), name  # upright, wherever the orientation is in the file
     # Damaged pixel data (one bit, as a bad line or disk would flip it): libspng, as pyspng
     # drives it, checks neither the CRC nor zlib's Adler-32 and would decode damaged pixels;
     # the CRCs send the file to Pillow, which refuses it (422), as before libspng.
@@ -342,6 +343,41 @@ def test_pngs_libspng_must_not_decide_go_through_pillow(tmp_path: Path) -> None:
     # Truncated pixel data stays a 422.
     with pytest.raises(UndecodableImage):
         decode_image(plain[: len(plain) * 2 // 3], SIZE, LIMITS)
+
+
+def _orientation_in_text(png: bytes, exif: bytes) -> dict[str, bytes]:
+    """``png`` with a rotation (``exif``: orientation 6) in each kind of text chunk Pillow reads
+    one from, before or after the pixels, keyword in any case."""
+    hexed = exif.hex()
+    profile = f"\nexif\n{len(exif):8d}\n" + "\n".join(hexed[i:i + 72] for i in range(0, len(hexed), 72)) + "\n"
+    xmp = ('<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+           '<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>')
+    ihdr_end = 8 + 25
+
+    def before_pixels(kind: bytes, payload: bytes) -> bytes:
+        return png[:ihdr_end] + _chunk(kind, payload) + png[ihdr_end:]
+
+    return {
+        "text-tEXt-raw-profile": before_pixels(b"tEXt", b"Raw profile type exif\0" + profile.encode()),
+        "text-zTXt-raw-profile": before_pixels(b"zTXt", b"Raw profile type exif\0\0" + zlib.compress(profile.encode())),
+        "text-tEXt-raw-profile-after-pixels": _with_chunk_before_iend(png, b"tEXt",
+                                                                      b"Raw profile type exif\0" + profile.encode()),
+        "text-iTXt-xmp": before_pixels(b"iTXt", b"XML:com.adobe.xmp\0\0\0\0\0" + xmp.encode()),
+    }
+
+
+def test_text_that_cannot_orient_keeps_a_png_on_libspng() -> None:
+    """Only a text chunk's keyword decides (a comment mentioning EXIF or XMP does not), so
+    an ordinary annotated PNG keeps the fast path; its pixels are Pillow's."""
+    pixels = _noise(40, 20)
+    plain = encode(Image.fromarray(pixels))
+    ihdr_end = 8 + 25
+    for kind, payload in ((b"tEXt", b"Software\0camera firmware: exif off, xmp off"),
+                          (b"iTXt", b"Comment\0\0\0\0\0no XMP or Exif here")):
+        data = plain[:ihdr_end] + _chunk(kind, payload) + plain[ihdr_end:]
+        decoded = decode_plain_png(_opened_png(data), data)
+        assert decoded is not None, kind
+        np.testing.assert_array_equal(decoded, pixels)
 
 
 def png_with_depth(pixels: np.ndarray, depth: int) -> bytes:
