@@ -242,6 +242,11 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
 
+def _with_chunk_before_pixels(png: bytes, kind: bytes, data: bytes) -> bytes:
+    ihdr_end = 8 + 25  # the signature, then IHDR: length, type, 13 bytes, CRC
+    return png[:ihdr_end] + _chunk(kind, data) + png[ihdr_end:]
+
+
 def _with_chunk_before_iend(png: bytes, kind: bytes, data: bytes) -> bytes:
     end = png.rindex(b"IEND") - 4  # the IEND chunk's length field
     return png[:end] + _chunk(kind, data) + png[end:]
@@ -347,22 +352,18 @@ def test_pngs_libspng_must_not_decide_go_through_pillow(tmp_path: Path) -> None:
 
 def _orientation_in_text(png: bytes, exif: bytes) -> dict[str, bytes]:
     """``png`` with a rotation (``exif``: orientation 6) in each kind of text chunk Pillow reads
-    one from, before or after the pixels, keyword in any case."""
+    one from, before or after the pixels."""
     hexed = exif.hex()
     profile = f"\nexif\n{len(exif):8d}\n" + "\n".join(hexed[i:i + 72] for i in range(0, len(hexed), 72)) + "\n"
     xmp = ('<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
            '<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>')
-    ihdr_end = 8 + 25
-
-    def before_pixels(kind: bytes, payload: bytes) -> bytes:
-        return png[:ihdr_end] + _chunk(kind, payload) + png[ihdr_end:]
-
+    raw_profile = b"Raw profile type exif\0" + profile.encode()
     return {
-        "text-tEXt-raw-profile": before_pixels(b"tEXt", b"Raw profile type exif\0" + profile.encode()),
-        "text-zTXt-raw-profile": before_pixels(b"zTXt", b"Raw profile type exif\0\0" + zlib.compress(profile.encode())),
-        "text-tEXt-raw-profile-after-pixels": _with_chunk_before_iend(png, b"tEXt",
-                                                                      b"Raw profile type exif\0" + profile.encode()),
-        "text-iTXt-xmp": before_pixels(b"iTXt", b"XML:com.adobe.xmp\0\0\0\0\0" + xmp.encode()),
+        "text-tEXt-raw-profile": _with_chunk_before_pixels(png, b"tEXt", raw_profile),
+        "text-zTXt-raw-profile": _with_chunk_before_pixels(
+            png, b"zTXt", b"Raw profile type exif\0\0" + zlib.compress(profile.encode())),
+        "text-tEXt-raw-profile-after-pixels": _with_chunk_before_iend(png, b"tEXt", raw_profile),
+        "text-iTXt-xmp": _with_chunk_before_pixels(png, b"iTXt", b"XML:com.adobe.xmp\0\0\0\0\0" + xmp.encode()),
     }
 
 
@@ -371,10 +372,9 @@ def test_text_that_cannot_orient_keeps_a_png_on_libspng() -> None:
     an ordinary annotated PNG keeps the fast path; its pixels are Pillow's."""
     pixels = _noise(40, 20)
     plain = encode(Image.fromarray(pixels))
-    ihdr_end = 8 + 25
     for kind, payload in ((b"tEXt", b"Software\0camera firmware: exif off, xmp off"),
                           (b"iTXt", b"Comment\0\0\0\0\0no XMP or Exif here")):
-        data = plain[:ihdr_end] + _chunk(kind, payload) + plain[ihdr_end:]
+        data = _with_chunk_before_pixels(plain, kind, payload)
         decoded = decode_plain_png(_opened_png(data), data)
         assert decoded is not None, kind
         np.testing.assert_array_equal(decoded, pixels)
