@@ -23,8 +23,9 @@ With ``--engine onnx`` (the real engine) it also reports what the server spends 
 engine, against the engine's own CPU, two ways: *by thread* (the server's threads named
 ``engine-*``, :mod:`service.os_names`: the batcher's engine thread and onnxruntime's pool,
 against every other thread), and *against the bare engine* (server CPU minus the engine
-alone in this process, at the batch sizes the server formed, weighted by its images: this
-also charges the engine's slow-down beside the server's other threads to the outside).
+alone in this process, at the batch sizes the server formed, weighted by its images, measured
+right after each round while the server idles: this also charges the engine's slow-down
+beside the server's other threads to the outside).
 
 Kinds: ``jpeg256-none`` (a 256 x 256 JPEG, ``heatmap=none``), ``png256-inline`` (a 256 x 256
 PNG, inline heatmap), ``jpeg2048-none`` (a 2048 x 2048 camera-like JPEG, ``heatmap=none``),
@@ -48,6 +49,7 @@ import os
 import resource
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -312,15 +314,22 @@ def run(args: argparse.Namespace) -> int:
             posts[kind] = (encoded(source(args.image, side), fmt), "image/jpeg" if fmt == "JPEG" else "image/png",
                            heatmap)
         rounds: dict[str, list[dict[str, Any]]] = {kind: [] for kind in args.kinds}
+
+        def bare_engine(batch: int) -> float:
+            return bare_engine_cpu_ms(Path(args.store), category, batch, seconds=min(4.5, args.seconds),
+                                      threads=args.intra_op_threads)
+
         for _ in range(args.rounds):  # the kinds take turns, so a drift of the box reaches each alike
+            this_round = []
             for kind, (data, ctype, heatmap) in posts.items():
                 r = asyncio.run(drive(server.url, category, data, ctype, heatmap, args.concurrency, args.seconds,
                                       server.proc.pid))
-                if args.engine == "onnx":  # by thread: the engine's threads in the server against all the others
-                    inside = r["engine_threads_cpu_ms_per_image"]
-                    r["outside_threads_ms"] = round(r["server_cpu_ms_per_image"] - inside, 2)
-                    r["outside_threads_share"] = round(r["outside_threads_ms"] / inside, 3) if inside else None
                 rounds[kind].append(r)
+                this_round.append(r)
+            if args.engine == "onnx":  # what the server spends outside the engine, against the engine's own CPU
+                bare: dict[int, float] = {}  # batch size -> the bare engine's CPU per image, measured after the round
+                for r in this_round:
+                    outside_the_engine(r, bare, bare_engine)
         for kind, (data, ctype, heatmap) in posts.items():
             results[kind] = combine(rounds[kind])
             results[kind]["bytes"] = len(data)
@@ -331,22 +340,6 @@ def run(args: argparse.Namespace) -> int:
                 results[kind]["profile_ms"] = profile(Path(args.store), category, data, heatmap, sample)
                 stages = sum(results[kind]["profile_ms"].values())
                 results[kind]["profile_ms"]["other"] = round(results[kind]["server_cpu_ms_per_image"] - stages, 3)
-    if args.engine == "onnx":  # what the server spends outside the engine, against the engine's own CPU (CPU hosts)
-        bare: dict[int, float] = {}  # batch size -> the bare engine's CPU per image, shared by the kinds
-        for r in results.values():
-            # Against the bare engine at the batch sizes the server formed, weighted by its images:
-            # the engine's CPU per image depends on the batch size, and a mix of 2s and 8s costs
-            # more per image than 5s.
-            mix = {int(b): c for b, c in r["batch_mix"].items()}
-            for b in mix:
-                if b not in bare:
-                    bare[b] = bare_engine_cpu_ms(Path(args.store), category, b, seconds=min(4.5, args.seconds),
-                                                 threads=args.intra_op_threads)
-            engine_ms = sum(bare[b] * c for b, c in mix.items()) / sum(mix.values())
-            r["bare_engine_cpu_ms_per_image"] = round(engine_ms, 2)
-            r["bare_engine_by_batch_ms"] = {b: round(bare[b], 2) for b in sorted(mix)}
-            r["outside_engine_ms"] = round(r["server_cpu_ms_per_image"] - engine_ms, 2)
-            r["outside_over_engine"] = round((r["server_cpu_ms_per_image"] - engine_ms) / engine_ms, 3)
     summary = {"engine": args.engine, "category": category, "input_size": input_size,
                "concurrency": args.concurrency, "seconds": args.seconds, "rounds": args.rounds, "batch": args.batch,
                "decode_threads": args.decode_threads,
@@ -358,6 +351,28 @@ def run(args: argparse.Namespace) -> int:
     (out / "summary.md").write_text(md)
     print(md)
     return 0 if all(r["failures"] == 0 and r["images"] > 0 for r in results.values()) else 1
+
+
+def outside_the_engine(r: dict[str, Any], bare: dict[int, float], bare_engine: Callable[[int], float]) -> None:
+    """Fill one window's figures of what the server spends outside the engine (CPU hosts):
+
+    * by thread: the engine's threads in the server (named ``engine-*``) against all others;
+    * against the bare engine (``bare_engine(batch)``: its CPU per image alone, cached in
+      ``bare``) at the batch sizes the server formed, weighted by its images: the engine's CPU
+      per image depends on the batch size, and a mix of 2s and 8s costs more per image than 5s.
+      Measured right after the window, so that a drifting box moves both alike."""
+    inside = r["engine_threads_cpu_ms_per_image"]
+    r["outside_threads_ms"] = round(r["server_cpu_ms_per_image"] - inside, 2)
+    r["outside_threads_share"] = round(r["outside_threads_ms"] / inside, 3) if inside else None
+    mix = {int(b): c for b, c in r["batch_mix"].items()}
+    for b in mix:
+        if b not in bare:
+            bare[b] = bare_engine(b)
+    engine_ms = sum(bare[b] * c for b, c in mix.items()) / sum(mix.values())
+    r["bare_engine_cpu_ms_per_image"] = round(engine_ms, 2)
+    r["bare_engine_by_batch_ms"] = {b: round(bare[b], 2) for b in sorted(mix)}
+    r["outside_engine_ms"] = round(r["server_cpu_ms_per_image"] - engine_ms, 2)
+    r["outside_over_engine"] = round((r["server_cpu_ms_per_image"] - engine_ms) / engine_ms, 3)
 
 
 def combine(rounds: list[dict[str, Any]]) -> dict[str, Any]:
@@ -372,8 +387,9 @@ def combine(rounds: list[dict[str, Any]]) -> dict[str, Any]:
             out[key] = sum(r[key] for r in rounds)
         elif key == "batch_mix":
             out[key] = {b: sum(r[key].get(b, 0) for r in rounds) for b in sorted({b for r in rounds for b in r[key]})}
-        elif isinstance(first, dict):
-            out[key] = {k: round(float(np.median([r[key][k] for r in rounds])), 3) for k in first}
+        elif isinstance(first, dict):  # each key's median over the rounds that have it (batch sizes vary)
+            keys = sorted({k for r in rounds for k in r[key]})
+            out[key] = {k: round(float(np.median([r[key][k] for r in rounds if k in r[key]])), 3) for k in keys}
         elif isinstance(first, (int, float)) and not isinstance(first, bool):
             out[key] = round(float(np.median([r[key] for r in rounds])), 3)
         else:

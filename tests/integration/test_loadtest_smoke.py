@@ -271,7 +271,9 @@ def test_frontend_benchmark_splits_the_real_engines_cpu_from_the_rest(model_stor
     # the engine is most of the server's CPU, and the rest is not nothing (HTTP, decode)
     assert 0.5 * r["server_cpu_ms_per_image"] < r["engine_threads_cpu_ms_per_image"] < r["server_cpu_ms_per_image"]
     assert r["outside_threads_ms"] > 0 and r["bare_engine_cpu_ms_per_image"] > 0
-    # two rounds: their images and batches add up, the figures are their medians
+    # two rounds: their images and batches add up, the figures are their medians, and each
+    # round has its own bare-engine comparison (measured right after it)
     assert len(r["rounds"]) == 2 and sum(x["images"] for x in r["rounds"]) == r["images"]
+    assert all(set(x["bare_engine_by_batch_ms"]) == set(x["batch_mix"]) for x in r["rounds"])
     shares = sorted(x["outside_threads_share"] for x in r["rounds"])
     assert r["outside_threads_share"] == pytest.approx(sum(shares) / 2, abs=1e-3)
