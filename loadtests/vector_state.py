@@ -4,8 +4,9 @@
 
 ISA-L's AVX2 and AVX-512 routines return without ``vzeroupper`` (intel/isa-l#24), and
 legacy-SSE code the thread runs afterwards can pay for the dirty upper halves of the vector
-registers, until something executes it (:mod:`service.pipeline.deflate`). This times a Lanczos resize of a 1024 x 1024 RGB image to
-256 x 256 (Pillow, as the server resizes uploads) and, as a control that does not pay,
+registers, until something executes it (:mod:`service.pipeline.deflate`). This times a
+Lanczos resize of a 1024 x 1024 RGB image to 256 x 256 (Pillow, as the server resizes
+uploads) and, as a control that does not pay,
 libspng's decode of a 256 x 256 PNG, each right after: nothing; a raw ISA-L CRC-32 of the
 PNG; the same CRC through ``service.pipeline.deflate`` (which clears the registers after
 it). On a CPU without AVX the three columns should agree.

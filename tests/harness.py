@@ -16,19 +16,35 @@ import random
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 import redis
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from prometheus_client.parser import text_string_to_metric_families
+
+PNG_IHDR_END = 8 + 25  # a PNG's signature, then its IHDR chunk: length, type, 13 bytes, CRC
+
+
+def noise(w: int, h: int, seed: int = 0) -> np.ndarray:
+    """Random RGB pixels ``[h, w, 3]``: PNGs of them are incompressible, every row filter in play."""
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    """One PNG chunk, written here independently of the service's own writer."""
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
 
 def damaged(data: bytes, rng: random.Random, edits: int, longest: int, start: int = 0) -> bytes:
     """``data`` with ``edits`` random edits at or after ``start``, as a bad line, disk or

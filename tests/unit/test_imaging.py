@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from harness import damaged as harness_damaged
+from harness import PNG_IHDR_END, damaged as harness_damaged, noise as _noise, png_chunk as _chunk
 from models.data import MVTecCategory, Sample, load_images
 from models.preprocessing import draft_size, load_image
 from service.pipeline.decode import (ImageLimits, ImageRejected, ImageTooLarge, Rendering, UndecodableImage, UnsupportedImageType,
@@ -238,13 +238,8 @@ def test_original_overlay_of_a_large_jpeg_decodes_a_sharp_background(tmp_path: P
 
 
 # ---------------------------------------------------------------------- PNGs decoded by libspng
-def _chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-
 def _with_chunk_before_pixels(png: bytes, kind: bytes, data: bytes) -> bytes:
-    ihdr_end = 8 + 25  # the signature, then IHDR: length, type, 13 bytes, CRC
-    return png[:ihdr_end] + _chunk(kind, data) + png[ihdr_end:]
+    return png[:PNG_IHDR_END] + _chunk(kind, data) + png[PNG_IHDR_END:]
 
 
 def _with_chunk_before_iend(png: bytes, kind: bytes, data: bytes) -> bytes:
@@ -254,10 +249,6 @@ def _with_chunk_before_iend(png: bytes, kind: bytes, data: bytes) -> bytes:
 
 def _opened_png(data: bytes) -> Image.Image:
     return Image.open(io.BytesIO(data))
-
-
-def _noise(w: int, h: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
 
 
 @pytest.mark.parametrize("case", ["RGB", "RGB-interlaced", "RGB-compress-9"])

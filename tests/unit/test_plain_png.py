@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from harness import damaged
+from harness import PNG_IHDR_END, damaged, noise as _noise, png_chunk as _chunk
 import service.pipeline.plain_png as plain_png
 from service.pipeline.decode import ImageLimits, ImageRejected, decode_image
 from service.pipeline.plain_png import decode_plain_png
@@ -27,23 +27,14 @@ def _png(pixels: np.ndarray, **kw: object) -> bytes:
     return buf.getvalue()
 
 
-def _noise(w: int, h: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
-
-
 def _decode(data: bytes) -> np.ndarray | None:
     return decode_plain_png(Image.open(io.BytesIO(data)), data)
-
-
-def _chunk(kind: bytes, body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
 
 def _with_stream(png: bytes, stream: bytes) -> bytes:
     """``png`` with its pixel stream replaced by ``stream`` in one IDAT, every CRC right: a
     file damaged on purpose, past what the CRCs can see."""
-    ihdr_end = 8 + 12 + 13
-    return png[:ihdr_end] + _chunk(b"IDAT", stream) + _chunk(b"IEND", b"")
+    return png[:PNG_IHDR_END] + _chunk(b"IDAT", stream) + _chunk(b"IEND", b"")
 
 
 def _stream(png: bytes) -> bytes:
