@@ -103,6 +103,11 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     decode_threads: int = Field(4, ge=1, description="threads decoding uploads and rendering heatmaps")
+    loop_work_pixels: int = Field(
+        500_000, ge=0, description="a request whose images add up to at most this many pixels of work (header "
+        "pixels plus admission's price) is decoded and rendered on the event loop, not in the decode threads: "
+        "for small images the hand-off to a thread costs more than the work (service/pipeline/placement.py); "
+        "0: always in the threads")
     api_processes: int = Field(1, ge=1, le=64, description="front-end processes (HTTP, decode, heatmaps); above 1, "
                                "one engine process runs the engines and forms the batches for all of them "
                                "(docs/DESIGN.md, docs/PERFORMANCE.md)")

@@ -59,6 +59,9 @@ class ServiceMetrics:
                                      buckets=LATENCY_BUCKETS, registry=r)
         self.stage_time = Histogram("msflow_stage_seconds", "Per-image time in decode and render",
                                     ["stage"], buckets=LATENCY_BUCKETS, registry=r)
+        self.work_placement = Counter("msflow_request_work_total", "Requests (and jobs) by where their decode and "
+                                      "postprocess ran: on the event loop (small) or in the decode threads",
+                                      ["where"], registry=r)
         self.rejections = Counter("msflow_rejections_total", "Requests or images refused, by reason",
                                   ["category", "reason"], registry=r)
         self.model_info = Gauge("msflow_model_info", "1 for each loaded model version and its engine",
@@ -141,6 +144,9 @@ class ServiceMetrics:
 
     def observe_stage(self, stage: str, seconds: float) -> None:
         self._child(self.stage_time, stage).observe(seconds)
+
+    def count_work_placement(self, on_loop: bool) -> None:
+        self._child(self.work_placement, "loop" if on_loop else "threads").inc()
 
     # --------------------------------------------------------------- BatchObserver
     def observe_batch(self, category: str, engine: str, size: int, engine_s: float) -> None:

@@ -2,7 +2,9 @@
 
 Order matters, cheapest and safest check first:
 
-1. byte limit (413) before Pillow sees anything;
+1. byte limit (413) before Pillow sees anything, and the framing: a PNG or JPEG made of more
+   chunks or segments than its size justifies is refused (422) before Pillow walks them
+   (:mod:`service.pipeline.container`);
 2. :func:`probe_into`: ``Image.open`` reads only the header: format (415 unless
    PNG/JPEG/BMP/TIFF/WEBP) and size, so a decompression bomb (a tiny PNG claiming
    100000 x 100000) is refused (413) before a single pixel buffer is allocated; and the
@@ -18,7 +20,8 @@ Order matters, cheapest and safest check first:
    ``max_heatmap_pixels``) outlives the decode.
 
 Both block (decode and Lanczos release the GIL): the runtime calls them in its thread pool,
-never on the event loop. The HTTP layer reads the bytes (``service.api.uploads``).
+or on the event loop for a small request, where a thread hand-off costs more than the work
+(:mod:`service.pipeline.placement`). The HTTP layer reads the bytes (``service.api.uploads``).
 """
 
 from __future__ import annotations
@@ -33,16 +36,21 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from models.preprocessing import draft_size, header_oriented_size, reduce_while_decoding, resize_rgb, to_rgb
 from service.pipeline.admission import image_cost
+from service.pipeline.container import over_budget
 from service.pipeline.item import InspectedImage
 from service.pipeline.plain_png import decode_plain_png
 
 # Pillow's names; "MPO" is the multi-picture JPEG many cameras write.
 ACCEPTED_FORMATS: frozenset[str] = frozenset({"PNG", "JPEG", "MPO", "BMP", "TIFF", "WEBP"})
 _FORMAT_LIST = ", ".join(sorted(ACCEPTED_FORMATS - {"MPO"}))
+# PNG text (tEXt, zTXt, iTXt) Pillow may hold for one upload, decompressed: Pillow's default
+# (64 MiB) let a 1.5 MB upload of small zTXt chunks cost 64 MiB and a third of a second
+# before any pixel (docs/PERFORMANCE.md); cameras write kilobytes (EXIF, XMP).
+MAX_PNG_TEXT_BYTES = 1 << 20
 
 
 class ImageRejected(ValueError):
@@ -111,6 +119,7 @@ def configure_pillow(max_pixels: int) -> None:
     would only be noise (and a ``warnings`` filter per call is not thread-safe).
     """
     Image.MAX_IMAGE_PIXELS = int(max_pixels)
+    PngImagePlugin.MAX_TEXT_MEMORY = MAX_PNG_TEXT_BYTES  # more text: 422, before it is all inflated
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
@@ -136,6 +145,8 @@ def _opened(data: bytes, limits: ImageLimits, name: str | None) -> Iterator[Imag
         raise ImageTooLarge(f"{label} has {len(data)} bytes; the limit is {limits.max_bytes}")
     if not data:
         raise UndecodableImage(f"{label} is empty")
+    if (why := over_budget(data)) is not None:  # before Pillow walks them, one by one, in Python
+        raise UndecodableImage(f"{label} {why}")
     try:
         img = Image.open(io.BytesIO(data))  # header only: no pixel buffer yet
     except Image.DecompressionBombError as exc:
@@ -164,6 +175,7 @@ def probe_into(item: InspectedImage, size: int, limits: ImageLimits, rendering: 
     without allocating a pixel buffer. Cheap: admission runs it for every image first."""
     with _opened(item.data, limits, item.filename) as img:
         item.format = img.format or "?"
+        item.progressive = bool(img.info.get("progressive"))  # JPEG: its scans, not its pixels, bound the decode
         item.width, item.height = header_oriented_size(img)
         stored = img.size
         decoded = reduce_while_decoding(img, size)  # the size the model decode will produce

@@ -60,6 +60,7 @@ class InspectedImage:
     display_size: tuple[int, int] | None = None  # the overlay background to keep (original-size overlays)
     redecode_size: tuple[int, int] | None = None  # a second, larger JPEG decode for that background
     cost: int = 0  # pixels the pipeline holds for this image (service.pipeline.admission)
+    progressive: bool = False  # a progressive JPEG: decode time grows with its scans (service.pipeline.placement)
     # --- decode (the full-size decode itself is not kept)
     tensor: np.ndarray | None = None  # the model input, uint8 [S, S, 3]
     display: Image.Image | None = None  # upright RGB at display_size, for original-size overlays

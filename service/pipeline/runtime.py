@@ -9,8 +9,9 @@ request go through the very same code:
 
 ``pin`` a lane once -> :meth:`~PipelineRuntime.run`: probe the headers and admit the request
 by decoded pixels (:mod:`service.pipeline.admission`) and queue room, before any decoding ->
-decode (thread pool) -> the lane's batcher (concurrent requests *and* jobs of a category
-share its batches) -> postprocess (score, verdict, heatmap, regions) -> ``result`` on each
+decode (thread pool; the loop for a small request: :mod:`service.pipeline.placement`) -> the
+lane's batcher (concurrent requests *and* jobs of a category share its batches) ->
+postprocess (score, verdict, heatmap, regions) -> ``result`` on each
 :class:`~service.pipeline.item.InspectedImage`. The deadline covers all of it, from arrival.
 """
 
@@ -37,6 +38,7 @@ from service.pipeline.engine_client import EngineClient, RemoteBatcher, RemoteEn
 from service.pipeline.decode import ImageLimits, ImageRejected, Rendering, configure_pillow, decode_into, probe_into
 from service.pipeline.item import InspectedImage
 from service.pipeline.offload import Offload, gather_in_order
+from service.pipeline.placement import probe_on_loop, work_on_loop
 from service.pipeline.postprocess import NonFiniteMaps, policy_from_settings, postprocess
 from service.pipeline.registry import EngineFactory, LoadedModel, ModelRegistry
 from service.pipeline.review import ReviewCapture
@@ -202,16 +204,23 @@ class PipelineRuntime:
             lane.users -= 1
             self._release(lane)
 
-    async def run_blocking(self, fn: Callable[..., _T], *args: Any, ticket: Ticket | None = None) -> _T:
+    async def run_blocking(self, fn: Callable[..., _T], *args: Any, ticket: Ticket | None = None,
+                           on_loop: bool = False) -> _T:
         """``fn(*args)`` in the decode threads. ``ticket``: the request's pixels stay admitted
-        until the call returns, even if the request itself gave up on it (a deadline)."""
+        until the call returns, even if the request itself gave up on it (a deadline).
+        ``on_loop``: right here instead, for work smaller than a thread hand-off
+        (:mod:`service.pipeline.placement` decides)."""
         if self._pool is None:
             raise RuntimeError("the runtime is not open")
+        if on_loop:
+            return fn(*args)
         return await self._pool.call(fn, *args, tracker=ticket)
 
     # ------------------------------------------------------------------ the inspect path, stage by stage
-    async def probe(self, size: int, items: Sequence[InspectedImage], rendering: Rendering) -> None:
-        """Header checks and prices of every record, in one pool call (no pixel buffers)."""
+    async def probe(self, size: int, items: Sequence[InspectedImage], rendering: Rendering) -> bool:
+        """Header checks and prices of every record, in one call (no pixel buffers): on the
+        loop for a small request (:mod:`service.pipeline.placement`), else in the pool.
+        Returns whether it ran on the loop."""
         def probe_all() -> None:
             for item in items:
                 try:
@@ -219,7 +228,9 @@ class PipelineRuntime:
                 except ImageRejected as exc:
                     exc.details = {**(exc.details or {}), "index": item.index, "filename": item.filename}
                     raise
-        await self.run_blocking(probe_all)
+        on_loop = probe_on_loop(items, self.settings.loop_work_pixels)
+        await self.run_blocking(probe_all, on_loop=on_loop)
+        return on_loop
 
     def admit(self, category: str, items: Sequence[InspectedImage]) -> Ticket:
         """The request's pixels, now (413 / 503 otherwise): the API sheds load."""
@@ -230,12 +241,13 @@ class PipelineRuntime:
             raise
         return ticket
 
-    async def decode(self, size: int, items: Sequence[InspectedImage], ticket: Ticket | None = None) -> None:
-        """Decode every (probed) record to ``size`` in the pool; the first failure in order is
-        raised (an :class:`ImageRejected` names the image's index and filename)."""
+    async def decode(self, size: int, items: Sequence[InspectedImage], ticket: Ticket | None = None,
+                     on_loop: bool = False) -> None:
+        """Decode every (probed) record to ``size`` in the pool (``on_loop``: here); the first
+        failure in order is raised (an :class:`ImageRejected` names the image's index and filename)."""
         async def one(item: InspectedImage) -> None:
             try:
-                await self.run_blocking(decode_into, item, size, self.limits, ticket=ticket)
+                await self.run_blocking(decode_into, item, size, self.limits, ticket=ticket, on_loop=on_loop)
             except ImageRejected as exc:
                 exc.details = {**(exc.details or {}), "index": item.index, "filename": item.filename}
                 raise
@@ -291,10 +303,13 @@ class PipelineRuntime:
                               index=first.index, filename=first.filename)
 
     async def postprocess(self, lane: Lane, items: Sequence[InspectedImage], options: InspectOptions,
-                          started: float, render_all: bool = False, ticket: Ticket | None = None) -> None:
-        """Score, verdict, heatmap and regions with the pinned version's (effective) calibration."""
+                          started: float, render_all: bool = False, ticket: Ticket | None = None,
+                          on_loop: bool = False) -> None:
+        """Score, verdict, heatmap and regions with the pinned version's (effective) calibration
+        (heatmap and regions in the pool; ``on_loop``: here)."""
+        blocking = functools.partial(self.run_blocking, ticket=ticket, on_loop=on_loop)
         try:
-            await postprocess(items, lane.model.manifest, options, functools.partial(self.run_blocking, ticket=ticket),
+            await postprocess(items, lane.model.manifest, options, blocking,
                               self.links, started, render_all=render_all, policy=self.result_policy)
         except NonFiniteMaps as exc:
             self._refuse(lane, exc.items)
@@ -323,17 +338,19 @@ class PipelineRuntime:
         timeout = asyncio.timeout(max(0.0, deadline - time.monotonic()))
         try:
             async with timeout:
-                await self.probe(size, items, rendering)
+                probed_on_loop = await self.probe(size, items, rendering)
                 if wait_for_room:
                     ticket = await self.pixels.wait_admit(sum(item.cost for item in items), deadline)
                 else:
                     lane.batcher.check_room(len(items))  # a full queue refuses before the decode, not after
                     ticket = self.admit(lane.model.category, items)
+                small = probed_on_loop and work_on_loop(items, self.settings.loop_work_pixels)
+                self.metrics.count_work_placement(small)
                 with ticket:
                     try:
-                        await self.decode(size, items, ticket)
+                        await self.decode(size, items, ticket, on_loop=small)
                         await self.score(lane, items, deadline, gone, wait_for_room=wait_for_room)
-                        await self.postprocess(lane, items, options, started, render_all, ticket)
+                        await self.postprocess(lane, items, options, started, render_all, ticket, on_loop=small)
                     finally:
                         for item in items:
                             item.display = None  # the request's pixels go with its ticket

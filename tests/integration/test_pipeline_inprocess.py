@@ -123,6 +123,29 @@ def test_a_failure_stays_with_its_caller(model_store: Path, good_images: list[Pa
     assert batch_b[0].stage == "answered"
 
 
+def test_small_requests_work_on_the_loop_with_the_threads_answers(model_store: Path,
+                                                                  visible_test_images: dict[str, list[Path]]) -> None:
+    """A small request decodes and renders on the event loop (service.pipeline.placement);
+    the answer is the one the decode threads give, heatmap bytes and regions included."""
+    paths = [visible_test_images["hole"][0]]
+    options = InspectOptions(heatmap=HeatmapMode.inline)
+
+    async def answer(**overrides: Any) -> tuple[InspectedImage, dict[str, float]]:
+        async with loaded_runtime(model_store, **overrides) as rt:
+            item, = records(paths)
+            with rt.pin(CATEGORY) as lane:
+                await rt.run(lane, [item], options, time.monotonic() + 30, time.monotonic())
+            placement = {where: rt.metrics.work_placement.labels(where)._value.get() for where in ("loop", "threads")}
+            return item, placement
+
+    on_loop, loop_counts = asyncio.run(answer())
+    in_threads, thread_counts = asyncio.run(answer(loop_work_pixels=0))
+    assert loop_counts == {"loop": 1, "threads": 0} and thread_counts == {"loop": 0, "threads": 1}
+    assert on_loop.answer.raw_score == pytest.approx(in_threads.answer.raw_score, abs=1e-6)
+    assert on_loop.heatmap_png == in_threads.heatmap_png and on_loop.answer.regions == in_threads.answer.regions
+    assert on_loop.answer.regions  # a defect: the regions were found, on the loop
+
+
 def test_service_state_answers_through_the_same_path(model_store: Path, good_images: list[Path]) -> None:
     """The API's state (no Redis here: no cache) gives the records of the runtime's path,
     and the image/png answer renders the heatmap whatever ``heatmap`` says."""

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from harness import PNG_IHDR_END, damaged as harness_damaged, noise as _noise, png_chunk as _chunk
 from models.data import MVTecCategory, Sample, load_images
 from models.preprocessing import draft_size, load_image
-from service.pipeline.decode import (ImageLimits, ImageRejected, ImageTooLarge, Rendering, UndecodableImage, UnsupportedImageType,
-                                     configure_pillow, decode_image, fit_within)
+from service.pipeline.decode import (MAX_PNG_TEXT_BYTES, ImageLimits, ImageRejected, ImageTooLarge, Rendering,
+                                     UndecodableImage, UnsupportedImageType, configure_pillow, decode_image, fit_within)
 from service.pipeline.plain_png import decode_plain_png
 
 SIZE = 32
@@ -27,11 +27,11 @@ LIMITS = ImageLimits(max_bytes=5_000_000, max_pixels=4_000_000)
 
 @pytest.fixture(autouse=True)
 def pillow_limit() -> Iterator[None]:
-    """configure_pillow changes a Pillow global; restore it for the rest of the suite."""
-    before = Image.MAX_IMAGE_PIXELS
+    """configure_pillow changes Pillow globals; restore them for the rest of the suite."""
+    before = Image.MAX_IMAGE_PIXELS, PngImagePlugin.MAX_TEXT_MEMORY
     configure_pillow(LIMITS.max_pixels)
     yield
-    Image.MAX_IMAGE_PIXELS = before
+    Image.MAX_IMAGE_PIXELS, PngImagePlugin.MAX_TEXT_MEMORY = before
 
 
 def encode(img: Image.Image, fmt: str = "PNG", **kw: object) -> bytes:
@@ -135,6 +135,25 @@ def test_pixel_limit_below_pillows_own_guard() -> None:
     # 2500 x 2000 = 5 MP: above our 4 MP limit, below Pillow's 2x error threshold; still 413.
     with pytest.raises(ImageTooLarge, match="5000000 pixels"):
         decode_image(png_header(2500, 2000), SIZE, LIMITS)
+
+
+def test_png_text_beyond_its_budget_is_422_before_it_is_all_inflated() -> None:
+    """Small zTXt chunks that inflate to a megabyte each: Pillow's own cap (64 MiB) let a
+    1.5 MB upload cost a third of a second; the service's stops it at MAX_PNG_TEXT_BYTES."""
+    png = encode(Image.new("RGB", (SIZE, SIZE)))
+    bomb = zlib.compress(b"a" * (1 << 20), 9)  # about a kilobyte
+    text = b"".join(_chunk(b"zTXt", b"k%d\0\0" % i + bomb) for i in range(64))
+    upload = png[:PNG_IHDR_END] + text + png[PNG_IHDR_END:]
+    tracemalloc.start()
+    try:
+        with pytest.raises(UndecodableImage, match="text chunks"):
+            decode_image(upload, SIZE, LIMITS)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * MAX_PNG_TEXT_BYTES, peak  # 64 MiB inflated under Pillow's default
+    small_text = png[:PNG_IHDR_END] + _chunk(b"zTXt", b"Comment\0\0" + zlib.compress(b"lot 7" * 1000)) + png[PNG_IHDR_END:]
+    assert decode_image(small_text, SIZE, LIMITS).model_input.shape == (SIZE, SIZE, 3)  # what cameras write decodes
 
 
 def test_truncated_is_422() -> None:

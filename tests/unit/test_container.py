@@ -1,0 +1,84 @@
+"""The framing budget (service.pipeline.container): PNG chunks and JPEG segments counted
+before Pillow walks them one by one in Python; real files pass, made-up ones cost little."""
+
+from __future__ import annotations
+
+import io
+import struct
+import time
+
+import pytest
+from PIL import Image
+
+from harness import PNG_IHDR_END, noise, png_chunk
+from service.pipeline.container import (BASE_SEGMENTS, BYTES_PER_EXTRA_SEGMENT, container_segments, over_budget,
+                                        segment_budget)
+from service.pipeline.decode import ImageLimits, UndecodableImage, decode_image
+
+LIMITS = ImageLimits(max_bytes=20 << 20, max_pixels=40_000_000)
+
+
+def encoded(img: Image.Image, fmt: str, **params: object) -> bytes:
+    out = io.BytesIO()
+    img.save(out, fmt, **params)
+    return out.getvalue()
+
+
+def jpeg_segment(marker: int, payload: bytes = b"") -> bytes:
+    return bytes([0xFF, marker]) + struct.pack(">H", len(payload) + 2) + payload
+
+
+def split_idat(png: bytes, size: int) -> bytes:
+    """``png`` with its pixel stream cut into ``size``-byte IDAT chunks (what libpng writes at 8 KiB)."""
+    at, stream, ancillary = 8, b"", b""
+    while at < len(png):
+        length = int.from_bytes(png[at:at + 4], "big")
+        kind, body = png[at + 4:at + 8], png[at + 8:at + 8 + length]
+        if kind == b"IDAT":
+            stream += body
+        elif kind not in (b"IHDR", b"IEND"):
+            ancillary += png_chunk(kind, body)
+        at += 12 + length
+    idats = b"".join(png_chunk(b"IDAT", stream[i:i + size]) for i in range(0, len(stream), size))
+    return png[:PNG_IHDR_END] + ancillary + idats + png_chunk(b"IEND", b"")
+
+
+def test_real_files_are_far_below_the_budget() -> None:
+    img = Image.fromarray(noise(512, 512))
+    png = split_idat(encoded(img, "PNG"), 1024)  # 1 KiB chunks: smaller than any encoder's
+    count = container_segments(png, segment_budget(len(png)))
+    assert count is not None and count > 700 and over_budget(png) is None
+    assert decode_image(png, 64, LIMITS).model_input.shape == (64, 64, 3)
+    profile = bytes(range(256)) * 16_000  # a 4 MB ICC profile: 63 APP2 segments
+    jpeg = encoded(img, "JPEG", icc_profile=profile, progressive=True)
+    assert 63 < container_segments(jpeg, 10_000) < 100 and over_budget(jpeg) is None
+    assert decode_image(jpeg, 64, LIMITS).model_input.shape == (64, 64, 3)
+
+
+@pytest.mark.parametrize("kind", ["png chunks before the pixels", "png chunks after the pixels", "jpeg comments"])
+def test_an_upload_of_empty_segments_is_refused_before_pillow_walks_them(kind: str) -> None:
+    """2 MB of empty chunks or segments: Pillow took about half a second of CPU (most of it
+    holding the GIL) to probe such a file and as long again to decode it; refused here in
+    a few milliseconds with a 422 that says why."""
+    size = 2 << 20
+    if kind.startswith("png"):
+        png = encoded(Image.new("RGB", (64, 64)), "PNG")
+        filler = png_chunk(b"prVt", b"") * ((size - len(png)) // 12)
+        at = PNG_IHDR_END if "before" in kind else len(png) - 12
+        upload = png[:at] + filler + png[at:]
+    else:
+        jpeg = encoded(Image.new("RGB", (64, 64)), "JPEG")
+        upload = jpeg[:2] + jpeg_segment(0xFE) * ((size - len(jpeg)) // 4) + jpeg[2:]
+    assert segment_budget(len(upload)) == BASE_SEGMENTS + len(upload) // BYTES_PER_EXTRA_SEGMENT
+    started = time.thread_time()
+    with pytest.raises(UndecodableImage, match=f"more than {segment_budget(len(upload))}") as refused:
+        decode_image(upload, 64, LIMITS, name="made.up")
+    assert time.thread_time() - started < 0.1
+    assert refused.value.status_code == 422 and "'made.up'" in str(refused.value)
+
+
+def test_other_formats_and_broken_framing_are_left_to_the_decoders() -> None:
+    assert container_segments(encoded(Image.new("RGB", (8, 8)), "BMP"), 10) is None
+    png = encoded(Image.new("RGB", (8, 8)), "PNG")
+    assert container_segments(png[:-6], 10) is None and over_budget(png[:-6]) is None  # no IEND: Pillow's 422
+    assert container_segments(b"\xff\xd8\x00\x00\x00", 10) is None
