@@ -330,6 +330,27 @@ class Batcher:
         await self.drain()
 
 
+async def submit_when_room(batcher: BatchQueue, items: Sequence[Any], deadline: float) -> list[asyncio.Future[Any]]:
+    """Queue ``items`` without ever being refused for a full queue (a worker, which already
+    holds its jobs): in parts no larger than the queue, each once there is room for it (or
+    :class:`DeadlineExceeded`)."""
+    futures: list[asyncio.Future[Any]] = []
+    step = batcher.max_queue_size
+    try:
+        for start in range(0, len(items), step):
+            part = items[start:start + step]
+            while batcher.depth + len(part) > batcher.max_queue_size:
+                if time.monotonic() >= deadline:
+                    raise DeadlineExceeded("deadline passed while waiting for room in the queue")
+                await asyncio.sleep(max(0.001, batcher.max_queue_delay_s))
+            futures += batcher.submit_many(part, deadline)
+    except BaseException:
+        for future in futures:
+            future.cancel()
+        raise
+    return futures
+
+
 async def wait_results(futures: Sequence[asyncio.Future[Any]], deadline: float,
                        gone: Awaitable[Any] | None = None) -> None:
     """Wait until every future is done, the ``time.monotonic()`` deadline passes

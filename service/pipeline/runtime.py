@@ -33,7 +33,7 @@ import numpy as np
 from service.config import Settings
 from service.metrics import ServiceMetrics
 from service.pipeline.admission import MEGA, AdmissionRefused, PixelBudget, Ticket
-from service.pipeline.batcher import Batched, Batcher, BatchQueue, DeadlineExceeded, wait_results
+from service.pipeline.batcher import Batched, Batcher, BatchQueue, DeadlineExceeded, submit_when_room, wait_results
 from service.pipeline.engine_client import EngineClient, RemoteBatcher, RemoteEngine
 from service.pipeline.decode import ImageLimits, ImageRejected, Rendering, configure_pillow, decode_into, probe_into
 from service.pipeline.item import InspectedImage
@@ -267,7 +267,7 @@ class PipelineRuntime:
         """
         tensors = [item.model_input for item in items]
         if wait_for_room:
-            futures = await _submit_when_room(lane.batcher, tensors, deadline)
+            futures = await submit_when_room(lane.batcher, tensors, deadline)
         else:
             futures = lane.batcher.submit_many(tensors, deadline)
         try:
@@ -373,26 +373,6 @@ def rendering_for(options: InspectOptions, render_all: bool) -> Rendering:
     if not render_all and options.heatmap is HeatmapMode.none:
         return Rendering()
     return Rendering(heatmap=options.heatmap_size.value, overlay=options.overlay)
-
-
-async def _submit_when_room(batcher: BatchQueue, tensors: list[np.ndarray], deadline: float) -> list[asyncio.Future[Any]]:
-    """Queue ``tensors`` without ever being refused for a full queue: in parts no larger than
-    the queue, each once there is room for it (or :class:`DeadlineExceeded`)."""
-    futures: list[asyncio.Future[Any]] = []
-    step = batcher.max_queue_size
-    try:
-        for start in range(0, len(tensors), step):
-            part = tensors[start:start + step]
-            while batcher.depth + len(part) > batcher.max_queue_size:
-                if time.monotonic() >= deadline:
-                    raise DeadlineExceeded("deadline passed while waiting for room in the queue")
-                await asyncio.sleep(max(0.001, batcher.max_queue_delay_s))
-            futures += batcher.submit_many(part, deadline)
-    except BaseException:
-        for future in futures:
-            future.cancel()
-        raise
-    return futures
 
 
 class NonFiniteOutput(RuntimeError):
