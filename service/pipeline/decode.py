@@ -145,8 +145,6 @@ def _opened(data: bytes, limits: ImageLimits, name: str | None) -> Iterator[Imag
         raise ImageTooLarge(f"{label} has {len(data)} bytes; the limit is {limits.max_bytes}")
     if not data:
         raise UndecodableImage(f"{label} is empty")
-    if (why := over_budget(data)) is not None:  # before Pillow walks them, one by one, in Python
-        raise UndecodableImage(f"{label} {why}")
     try:
         img = Image.open(io.BytesIO(data))  # header only: no pixel buffer yet
     except Image.DecompressionBombError as exc:
@@ -172,7 +170,11 @@ def probe_into(item: InspectedImage, size: int, limits: ImageLimits, rendering: 
     """The header half of decoding: check the upload (bytes, format, pixels) and fill
     ``format``, the upright ``width``/``height``, the heatmap size to render, and ``cost``
     (the pixels the pipeline will hold for it: :func:`~service.pipeline.admission.image_cost`),
-    without allocating a pixel buffer. Cheap: admission runs it for every image first."""
+    without allocating a pixel buffer. Cheap: admission runs it for every image first.
+    The framing is counted before Pillow opens the file (:mod:`service.pipeline.container`:
+    422 past its budget), here only: a record is decoded only once probed."""
+    if len(item.data) <= limits.max_bytes and (why := over_budget(item.data)) is not None:
+        raise UndecodableImage(f"{_label(item.filename)} {why}")
     with _opened(item.data, limits, item.filename) as img:
         item.format = img.format or "?"
         item.progressive = bool(img.info.get("progressive"))  # JPEG: its scans, not its pixels, bound the decode

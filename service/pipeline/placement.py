@@ -4,16 +4,16 @@ A call handed to a decode thread (:mod:`service.pipeline.offload`) costs a queue
 thread's wake-up, a ``call_soon_threadsafe`` back and the loop's wake-up; on a virtual
 machine each wake-up is an interrupt sent to another vCPU, and the thread's caches are cold
 when it gets there. A request makes three such calls per image (probe, decode,
-postprocess). For a small image that is more than the work itself: measured on a 2-vCPU box
-with the null engine, a 256² JPEG cost the server 1.06-1.31 ms of CPU with its work on the
-loop against 1.28-1.29 ms in the threads, a 256² PNG with an inline heatmap 1.23-1.29 against
-1.45-1.46 ms, and with the real engine the share outside the engine fell by about a point
-(docs/PERFORMANCE.md). With several front-end processes it matters more: each process is a
-unit of parallelism already, and its threads only add hand-offs.
+postprocess). For a small image that is more than the work itself: on a 2-vCPU box with the
+null engine, a 256² JPEG cost the server 1.06-1.11 ms of CPU with its work on the loop
+against 1.22-1.27 ms in the threads, a 256² PNG with an inline heatmap 1.22-1.34 against
+1.46-1.53 ms (docs/PERFORMANCE.md). With several front-end processes each process is a unit
+of parallelism already, and its threads only add hand-offs.
 
 So a *small* request does its probe, decode and postprocess on the loop, a larger one in the
 threads, so that no request holds the loop for long: the work it may do there is bounded
-by ``loop_work_pixels`` (about a millisecond of decode and render at the default).
+by ``loop_work_pixels`` (a millisecond or two for a real image at the default; 5 ms for the
+worst upload measured, a PNG whose text Pillow inflates before refusing it).
 
 * The probe reads headers only, but Pillow walks a PNG's chunks and a JPEG's segments (up to
   its first scan) in Python, about two microseconds each, and an upload can hold as many as
@@ -29,9 +29,10 @@ by ``loop_work_pixels`` (about a millisecond of decode and render at the default
   size) plus what the pipeline holds for the image (admission's price: the decode, a display
   copy, the model input and map, the rendered heatmap), and no image is a progressive JPEG.
   The rest of a decoder's work grows with the bytes or the pixels, except a progressive
-  JPEG's scans: each passes over every block of the image, and an upload can hold thousands
-  (a 256² JPEG with 5,000 repeated scans, 1 MB, took 25 ms to decode). PNG text, which
-  Pillow inflates before the pixels, is capped per upload (``decode.MAX_PNG_TEXT_BYTES``).
+  JPEG's scans: each passes over every block of the image, and an upload may hold up to
+  :data:`~service.pipeline.container.MAX_JPEG_SCANS` of them (a 256² JPEG with 5,000 repeated
+  scans took 25 ms to decode). PNG text, which Pillow inflates before the pixels, is capped
+  per upload (``decode.MAX_PNG_TEXT_BYTES``).
 """
 
 from __future__ import annotations
@@ -54,8 +55,13 @@ def probe_on_loop(items: Sequence[InspectedImage], max_pixels: int) -> bool:
     """Whether the request's header probe runs on the event loop (then its decode may too)."""
     if max_pixels <= 0 or sum(len(item.data) for item in items) > BYTES_PER_PIXEL * max_pixels:
         return False
-    return all((container_segments(item.data, MAX_LOOP_SEGMENTS) or MAX_LOOP_SEGMENTS + 1) <= MAX_LOOP_SEGMENTS
-               for item in items)
+    return all(_few_segments(item.data) for item in items)
+
+
+def _few_segments(data: bytes) -> bool:
+    """A PNG or JPEG of at most ``MAX_LOOP_SEGMENTS`` chunks or segments (other formats: False)."""
+    count = container_segments(data, MAX_LOOP_SEGMENTS)
+    return count is not None and count <= MAX_LOOP_SEGMENTS
 
 
 def work_on_loop(items: Sequence[InspectedImage], max_pixels: int) -> bool:

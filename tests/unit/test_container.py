@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from harness import PNG_IHDR_END, noise, png_chunk
-from service.pipeline.container import (BASE_SEGMENTS, BYTES_PER_EXTRA_SEGMENT, container_segments, over_budget,
-                                        segment_budget)
+from service.pipeline.container import (BASE_SEGMENTS, BYTES_PER_EXTRA_SEGMENT, MAX_JPEG_SCANS, container_segments,
+                                        jpeg_scans, over_budget, segment_budget)
 from service.pipeline.decode import ImageLimits, UndecodableImage, decode_image
 
 LIMITS = ImageLimits(max_bytes=20 << 20, max_pixels=40_000_000)
@@ -82,3 +82,40 @@ def test_other_formats_and_broken_framing_are_left_to_the_decoders() -> None:
     png = encoded(Image.new("RGB", (8, 8)), "PNG")
     assert container_segments(png[:-6], 10) is None and over_budget(png[:-6]) is None  # no IEND: Pillow's 422
     assert container_segments(b"\xff\xd8\x00\x00\x00", 10) is None
+
+
+def last_scan(jpeg: bytes) -> bytes:
+    """The last scan of a progressive JPEG: its SOS segment and entropy-coded data, up to EOI."""
+    start = jpeg.rindex(b"\xff\xda")
+    return jpeg[start:jpeg.rindex(b"\xff\xd9")]
+
+
+def test_a_jpeg_of_repeated_scans_is_refused_before_the_decoder_passes_over_it_per_scan() -> None:
+    """libjpeg passes over every block once per scan: 5,000 copies of a small scan made a
+    256² JPEG take 25 ms to decode (minutes at 40 megapixels and 20 MB). Encoders write
+    about ten; past MAX_JPEG_SCANS the upload is a 422 before any decoding."""
+    progressive = encoded(Image.fromarray(noise(256, 256)), "JPEG", quality=90, progressive=True)
+    assert 5 <= progressive.count(b"\xff\xda") <= 20 and over_budget(progressive) is None
+    assert decode_image(progressive, 64, LIMITS).model_input.shape == (64, 64, 3)
+    eoi = progressive.rindex(b"\xff\xd9")
+    repeated = progressive[:eoi] + last_scan(progressive) * MAX_JPEG_SCANS + progressive[eoi:]
+    started = time.thread_time()
+    with pytest.raises(UndecodableImage, match=f"more than {MAX_JPEG_SCANS} JPEG scans"):
+        decode_image(repeated, 64, LIMITS)
+    assert time.thread_time() - started < 0.05
+    assert jpeg_scans(progressive, MAX_JPEG_SCANS) == progressive.count(b"\xff\xda")
+    assert jpeg_scans(repeated, 10**6) == progressive.count(b"\xff\xda") + MAX_JPEG_SCANS
+
+
+def test_only_the_images_own_scans_count() -> None:
+    """What follows the end of the image (a phone's motion-photo video) and an EXIF thumbnail
+    (a JPEG inside a segment, skipped by its length) hold start-of-scan bytes of their own."""
+    img = Image.fromarray(noise(128, 128))
+    baseline = encoded(img, "JPEG")
+    trailer = b"\xff\xda\x00\x08" * 100_000  # 400 KB of what a video might hold
+    with_video = baseline + trailer
+    assert jpeg_scans(with_video, MAX_JPEG_SCANS) == 1 and over_budget(with_video) is None
+    thumbnail = encoded(img.resize((32, 32)), "JPEG", progressive=True)
+    exif = Image.Exif()
+    with_thumbnail = encoded(img, "JPEG", exif=exif.tobytes() + thumbnail * 40)  # 40 thumbnails' scans in APP1
+    assert with_thumbnail.count(b"\xff\xda") > 40 and jpeg_scans(with_thumbnail, MAX_JPEG_SCANS) == 1
