@@ -58,7 +58,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from loadtests.run import LocalServer, wait_ready
+from loadtests.run import LocalServer, listens, wait_ready
 from service.os_names import ENGINE_PREFIX, task_names
 
 CLOCK = os.sysconf("SC_CLK_TCK")
@@ -290,23 +290,19 @@ def bare_engine_cpu_ms(store: Path, category: str, batch: int, seconds: float = 
     return float(np.median(per_image))
 
 
-def every_front_end_ready(url: str, processes: int, timeout: float = 120.0) -> list[dict[str, Any]]:
-    """The loaded models, once ``4 x processes`` fresh connections in a row found them: each
-    front end of a multi-process server listens on its own socket and loads on its own, and
-    the kernel hands a new connection to any of them, so one ready answer says nothing of
-    the others (a run once read an empty model list from a front end still loading)."""
-    deadline, in_a_row = time.monotonic() + timeout, 0
-    while True:
-        with httpx.Client(base_url=url) as c:  # a new connection each time
-            ready = c.get("/readyz").status_code == 200
-            models = c.get("/v1/models").json() if ready else []
-        infos = models["models"] if isinstance(models, dict) and "models" in models else models
-        in_a_row = in_a_row + 1 if ready and infos else 0
-        if in_a_row >= 4 * processes:
-            return list(infos)
+def every_front_end_ready(url: str, pid: int, processes: int, timeout: float = 120.0) -> list[dict[str, Any]]:
+    """The loaded models, once ``processes`` processes of the server listen on its port: a
+    front end of a multi-process server joins the port only when it serves, so a window
+    opened before the last one joined would measure fewer front ends than asked for."""
+    port = int(url.rsplit(":", 1)[1])
+    deadline = time.monotonic() + timeout
+    while sum(listens(proc, port) for proc in _tree(pid)) < processes:
         if time.monotonic() > deadline:
-            raise RuntimeError(f"{url}: not every front end was ready after {timeout:.0f} s")
-        time.sleep(0.05 if in_a_row else 0.5)
+            raise RuntimeError(f"{url}: fewer than {processes} processes listening after {timeout:.0f} s")
+        time.sleep(0.2)
+    with httpx.Client(base_url=url) as c:
+        models = c.get("/v1/models").json()
+    return list(models["models"] if isinstance(models, dict) and "models" in models else models)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -322,7 +318,7 @@ def run(args: argparse.Namespace) -> int:
     with LocalServer(args.store, out / "server.log", env=env) as server:
         wait_ready(server.url, server.proc, timeout=180)
         assert server.proc is not None
-        infos = every_front_end_ready(server.url, args.api_processes)
+        infos = every_front_end_ready(server.url, server.proc.pid, args.api_processes)
         category = args.category or sorted(m["category"] for m in infos)[0]
         with httpx.Client(base_url=server.url) as c:
             input_size = c.get(f"/v1/models/{category}").json()["input_size"]

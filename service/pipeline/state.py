@@ -69,9 +69,20 @@ class ServiceState(PipelineRuntime):
 
     async def start(self) -> None:
         """Check the store (fail start-up if unusable), then load engines in the background so
-        /healthz answers while big engines load; /readyz says when all are warm."""
+        /healthz answers while big engines load; /readyz says when all are warm.
+
+        A front end of a multi-process server loads first instead: uvicorn listens once the
+        app has started, and the kernel hands a new connection to any front end listening on
+        the port, so one still loading (at start, or replacing one that died) would answer
+        503 to connections the others could serve. Its loads only acquire what the engine
+        process holds (or wait for it, up to a minute each); until the first front end is
+        ready the port refuses connections."""
         self.open()
-        self._loading = asyncio.create_task(self.load_and_watch(), name="load-models")
+        if self.engine_link is not None:
+            await self.registry.load_all()
+            self._loading = asyncio.create_task(self.watch_store(), name="watch-store")
+        else:
+            self._loading = asyncio.create_task(self.load_and_watch(), name="load-models")
 
     def begin_shutdown(self) -> None:
         """Readiness goes 503 at once (called from the SIGTERM handler, so only sets a flag)."""

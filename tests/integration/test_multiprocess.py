@@ -10,12 +10,14 @@ process that leave no shared memory behind.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import os
 import shutil
 import signal
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +27,7 @@ import numpy as np
 import pytest
 
 from harness import (ADMIN_KEY, CATEGORY, Server, assert_error, copy_version, metric, part, start, wait_until)
+from loadtests.run import listens
 from service.config import Settings
 from service.engine_core import EngineCore
 from service.pipeline.engine_client import EngineClient, RemoteBatcher
@@ -225,17 +228,37 @@ def test_killed_processes_are_replaced_and_leave_no_shared_memory(mp_server: Ser
     shm_before = set(os.listdir("/dev/shm"))
     frontends, engine = roles(mp_server)
     victim = frontends[0]
+    port = int(mp_server.url.rsplit(":", 1)[1])
     os.kill(victim, signal.SIGKILL)
-    # The supervisor starts a new front end; the engine process lets go of the dead one's slab.
-    wait_until(lambda: len(roles(mp_server)[0]) == 2 and victim not in roles(mp_server)[0], 30,
-               "a replacement front end")
+    # The supervisor starts a new front end, which joins the port only once it serves: until
+    # then the kernel hands every new connection to the other one, so no answer meanwhile is
+    # a 503 from a front end still loading. The engine process lets go of the dead one's slab.
+    statuses: list[int] = []
+    done = threading.Event()
+
+    def keep_posting() -> None:  # new connections all along, while the replacement starts and loads
+        while not done.is_set():
+            statuses.extend(r.status_code for r in post_many(mp_server.url, good_images, 8))
+
+    def replaced() -> bool:
+        now = roles(mp_server)[0]
+        return len(now) == 2 and victim not in now and all(listens(pid, port) for pid in now)
+    poster = threading.Thread(target=keep_posting)
+    poster.start()
+    try:
+        wait_until(replaced, 30, "a replacement front end on the port", interval=0.02)
+        time.sleep(1.0)  # and a while after it joined
+    finally:
+        done.set()
+        poster.join()
+    assert statuses and set(statuses) == {200}, collections.Counter(statuses)
     wait_until(lambda: not any(f"msflow-{victim}-" in m for m in memfds(engine)), 15,
                "the engine process to unmap the dead front end's slab")
     wait_until(lambda: all(r.status_code == 200 for r in post_many(mp_server.url, good_images, 8)), 30,
                "both front ends answering")
 
     os.kill(engine, signal.SIGKILL)
-    statuses: list[int] = []
+    statuses = []
 
     def recovered() -> bool:
         answers = post_many(mp_server.url, good_images, 4)
