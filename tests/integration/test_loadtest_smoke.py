@@ -246,9 +246,8 @@ def test_frontend_benchmark_on_the_null_engine(model_store, tmp_path):
         assert r["server_cpu_ms_per_image"] > 0 and r["client_cpu_ms_per_image"] > 0
         assert {"multipart", "decode", "resize", "regions", "json", "other"} <= set(r["profile_ms"])
     assert "heatmap_encode" in s["kinds"]["png256-inline"]["profile_ms"]
-    # a 2048 px JPEG for a 128 px model decodes at 1/8 scale: its decode costs far less than 64x a 256 px one
-    k = s["kinds"]
-    assert k["jpeg2048-none"]["profile_ms"]["decode"] < 20 * k["jpeg256-none"]["profile_ms"]["decode"]
+    # (That a 2048 px JPEG decodes at 1/8 scale is checked on its pixels, not its time:
+    # tests/unit/test_imaging.py::test_large_jpeg_decodes_at_reduced_scale_like_the_trainer.)
 
 
 def test_frontend_benchmark_splits_the_real_engines_cpu_from_the_rest(model_store, demo_root, tmp_path):

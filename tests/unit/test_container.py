@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import struct
-import time
 
 import pytest
 from PIL import Image
@@ -58,8 +57,8 @@ def test_real_files_are_far_below_the_budget() -> None:
 @pytest.mark.parametrize("kind", ["png chunks before the pixels", "png chunks after the pixels", "jpeg comments"])
 def test_an_upload_of_empty_segments_is_refused_before_pillow_walks_them(kind: str) -> None:
     """2 MB of empty chunks or segments: Pillow took about half a second of CPU (most of it
-    holding the GIL) to probe such a file and as long again to decode it; refused here in
-    a few milliseconds with a 422 that says why."""
+    holding the GIL) to probe such a file and as long again to decode it; refused from the
+    count, before Pillow opens it, with a 422 that says why."""
     size = 2 << 20
     if kind.startswith("png"):
         png = encoded(Image.new("RGB", (64, 64)), "PNG")
@@ -70,10 +69,8 @@ def test_an_upload_of_empty_segments_is_refused_before_pillow_walks_them(kind: s
         jpeg = encoded(Image.new("RGB", (64, 64)), "JPEG")
         upload = jpeg[:2] + jpeg_segment(0xFE) * ((size - len(jpeg)) // 4) + jpeg[2:]
     assert segment_budget(len(upload)) == BASE_SEGMENTS + len(upload) // BYTES_PER_EXTRA_SEGMENT
-    started = time.thread_time()
     with pytest.raises(UndecodableImage, match=f"more than {segment_budget(len(upload))}") as refused:
-        decode_image(upload, 64, LIMITS, name="made.up")
-    assert time.thread_time() - started < 0.1
+        decode_image(upload, 64, LIMITS, name="made.up")  # the count's own message: before Pillow opened it
     assert refused.value.status_code == 422 and "'made.up'" in str(refused.value)
 
 
@@ -99,10 +96,8 @@ def test_a_jpeg_of_repeated_scans_is_refused_before_the_decoder_passes_over_it_p
     assert decode_image(progressive, 64, LIMITS).model_input.shape == (64, 64, 3)
     eoi = progressive.rindex(b"\xff\xd9")
     repeated = progressive[:eoi] + last_scan(progressive) * MAX_JPEG_SCANS + progressive[eoi:]
-    started = time.thread_time()
     with pytest.raises(UndecodableImage, match=f"more than {MAX_JPEG_SCANS} JPEG scans"):
-        decode_image(repeated, 64, LIMITS)
-    assert time.thread_time() - started < 0.05
+        decode_image(repeated, 64, LIMITS)  # libjpeg would decode it (every scan, one after the other)
     assert jpeg_scans(progressive, MAX_JPEG_SCANS) == progressive.count(b"\xff\xda")
     assert jpeg_scans(repeated, 10**6) == progressive.count(b"\xff\xda") + MAX_JPEG_SCANS
 
