@@ -183,6 +183,11 @@ step frontend 0 "$PY" -m loadtests.frontend --store "$(dirname "$MODEL")" \
 step frontend-engine 0 "$PY" -m loadtests.frontend --store "$(dirname "$MODEL")" \
   --category "$(basename "$MODEL")" --engine auto --seconds 10 --concurrency 32 \
   --decode-threads "$(nproc)" --no-profile --out "$RAW/frontend-engine" || true
+# ... and with every image's work in the decode threads instead of the event loop (small
+# requests run on the loop by default: less CPU per image, but one core per process)
+step frontend-threads 0 "$PY" -m loadtests.frontend --store "$(dirname "$MODEL")" \
+  --category "$(basename "$MODEL")" --seconds 10 --concurrency 32 --decode-threads "$(nproc)" \
+  --loop-work-pixels 0 --kinds jpeg256-none png256-inline --no-profile --out "$RAW/frontend-threads" || true
 # ... and with a good part of the category instead of the texture photograph (which a model of
 # the category finds defective all over, so every answer carries a whole-image region)
 GOOD_PART=$(ls "${WORK:-.}/demo/$CATEGORY/test/good/"*.png data/demo/"$CATEGORY"/test/good/*.png 2>/dev/null | head -1 || true)

@@ -314,6 +314,8 @@ def run(args: argparse.Namespace) -> int:
            "MSFLOW_API_PROCESSES": str(args.api_processes)}
     if args.intra_op_threads:
         env["MSFLOW_INTRA_OP_THREADS"] = str(args.intra_op_threads)
+    if args.loop_work_pixels is not None:
+        env["MSFLOW_LOOP_WORK_PIXELS"] = str(args.loop_work_pixels)
     results: dict[str, Any] = {}
     with LocalServer(args.store, out / "server.log", env=env) as server:
         wait_ready(server.url, server.proc, timeout=180)
@@ -357,7 +359,7 @@ def run(args: argparse.Namespace) -> int:
     summary = {"engine": args.engine, "category": category, "input_size": input_size,
                "concurrency": args.concurrency, "seconds": args.seconds, "rounds": args.rounds, "batch": args.batch,
                "decode_threads": args.decode_threads,
-               "intra_op_threads": args.intra_op_threads,
+               "intra_op_threads": args.intra_op_threads, "loop_work_pixels": args.loop_work_pixels,
                "api_processes": args.api_processes, "image": args.image or "skimage brick texture",
                "cpu_count": os.cpu_count(), "kinds": results}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -414,10 +416,11 @@ def combine(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 
 def render(s: dict[str, Any]) -> str:
     rounds = s.get("rounds", 1)
+    placement = "" if s.get("loop_work_pixels") is None else f"; MSFLOW_LOOP_WORK_PIXELS={s['loop_work_pixels']}"
     lines = [f"# Front end ({s['engine']} engine, `{s['category']}` at {s['input_size']} px, {s['concurrency']} in "
              f"flight, {s['seconds']} s per kind{f' in each of {rounds} rounds (medians)' if rounds > 1 else ''}, "
              f"{s['cpu_count']} cores, {s.get('api_processes', 1)} API "
-             f"process(es); image: {s.get('image', 'skimage brick texture')})", "",
+             f"process(es); image: {s.get('image', 'skimage brick texture')}{placement})", "",
              "| input | images/s | server CPU / image | server cores | client CPU / image | decode (wall) | "
              "render + regions (wall) | failures |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -468,6 +471,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--api-processes", type=int, default=1,
                    help="MSFLOW_API_PROCESSES of the server (>1: front ends + one engine process; CPU is summed "
                         "over all of them)")
+    p.add_argument("--loop-work-pixels", type=int, help="the server's MSFLOW_LOOP_WORK_PIXELS (0: every image's "
+                   "work in the decode threads; default: the server's, small requests on the event loop)")
     p.add_argument("--intra-op-threads", type=int, help="the engine's CPU threads, in the server and in the bare "
                    "engine it is compared with (default: onnxruntime's, one per core)")
     p.add_argument("--image", help="post this image (resized to each kind's side, encoded in its format) instead "
