@@ -148,19 +148,31 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def listens(pid: int, port: int) -> bool:
-    """Whether process ``pid`` holds a socket listening on TCP ``port`` (Linux ``/proc``;
-    False once it has exited)."""
+def sockets_held(pid: int, port: int, state: str) -> int:
+    """How many TCP sockets on local ``port`` in ``state`` (``/proc/net/tcp``'s hex code:
+    "0A" listening, "01" established) process ``pid`` holds (Linux; 0 once it has exited)."""
     inodes = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         for line in Path(table).read_text().splitlines()[1:]:
             fields = line.split()
-            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":  # LISTEN
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == state:
                 inodes.add(fields[9])
+    held = 0
     try:
-        return any(os.readlink(fd)[8:-1] in inodes for fd in Path(f"/proc/{pid}/fd").iterdir())
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                target = os.readlink(fd)
+            except OSError:  # closed meanwhile
+                continue
+            held += target.startswith("socket:[") and target[8:-1] in inodes
     except OSError:
-        return False
+        return 0
+    return held
+
+
+def listens(pid: int, port: int) -> bool:
+    """Whether process ``pid`` holds a socket listening on TCP ``port``."""
+    return sockets_held(pid, port, "0A") > 0
 
 
 def wait_ready(url: str, proc: subprocess.Popen | None, timeout: float, path: str = "/readyz") -> None:

@@ -46,6 +46,11 @@ def png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
 
+def jpeg_segment(marker: int, payload: bytes = b"") -> bytes:
+    """One JPEG marker segment: 0xFF, the marker, the length (which counts itself), the payload."""
+    return bytes([0xFF, marker]) + struct.pack(">H", len(payload) + 2) + payload
+
+
 def damaged(data: bytes, rng: random.Random, edits: int, longest: int, start: int = 0) -> bytes:
     """``data`` with ``edits`` random edits at or after ``start``, as a bad line, disk or
     attacker would make them: a byte changed (60%), a run of up to ``longest`` bytes cut
@@ -188,9 +193,10 @@ def part(path: Path) -> tuple[str, tuple[str, bytes, str]]:
     return ("file", (path.name, path.read_bytes(), "image/png"))
 
 
-def png_of(img: Image.Image, fmt: str = "PNG") -> bytes:
+def png_of(img: Image.Image, fmt: str = "PNG", **params: Any) -> bytes:
+    """``img`` encoded by Pillow (``fmt`` and its save ``params``: any format, despite the name)."""
     buf = io.BytesIO()
-    img.save(buf, format=fmt)
+    img.save(buf, format=fmt, **params)
     return buf.getvalue()
 
 

@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import re
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+from service.pipeline.palette_png import PNG_SIGNATURE
+
 JPEG_SOI = b"\xff\xd8"
 _JPEG_SOS = 0xDA
 _JPEG_UNSIZED = frozenset({0x01, *range(0xD0, 0xD8)})  # markers without a length (TEM, RSTn)

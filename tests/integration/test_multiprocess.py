@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 
 from harness import (ADMIN_KEY, CATEGORY, Server, assert_error, copy_version, metric, part, start, wait_until)
-from loadtests.run import listens
+from loadtests.run import listens, sockets_held
 from service.config import Settings
 from service.engine_core import EngineCore
 from service.pipeline.engine_client import EngineClient, RemoteBatcher
@@ -170,20 +170,7 @@ def test_batches_fill_from_every_front_end_and_metrics_add_up(mp_server: Server,
 
 def accepted_connections(pid: int, port: int) -> int:
     """Established TCP connections to ``port`` that process ``pid`` holds (accepted by it)."""
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01":  # local port, ESTABLISHED
-                inodes.add(fields[9])
-    held = 0
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            target = os.readlink(fd)
-        except OSError:
-            continue
-        held += target.startswith("socket:[") and target[8:-1] in inodes
-    return held
+    return sockets_held(pid, port, "01")
 
 
 def test_long_lived_connections_spread_over_the_front_ends(mp_server: Server) -> None:

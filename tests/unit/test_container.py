@@ -1,30 +1,17 @@
 """The framing budget (service.pipeline.container): PNG chunks and JPEG segments counted
-before Pillow walks them one by one in Python; real files pass, made-up ones cost little."""
+before Pillow walks them one by one in Python; real files pass, made-up ones are refused from the count."""
 
 from __future__ import annotations
-
-import io
-import struct
 
 import pytest
 from PIL import Image
 
-from harness import PNG_IHDR_END, noise, png_chunk
+from harness import PNG_IHDR_END, jpeg_segment, noise, png_chunk, png_of
 from service.pipeline.container import (BASE_SEGMENTS, BYTES_PER_EXTRA_SEGMENT, MAX_JPEG_SCANS, container_segments,
                                         jpeg_scans, over_budget, segment_budget)
 from service.pipeline.decode import ImageLimits, UndecodableImage, decode_image
 
 LIMITS = ImageLimits(max_bytes=20 << 20, max_pixels=40_000_000)
-
-
-def encoded(img: Image.Image, fmt: str, **params: object) -> bytes:
-    out = io.BytesIO()
-    img.save(out, fmt, **params)
-    return out.getvalue()
-
-
-def jpeg_segment(marker: int, payload: bytes = b"") -> bytes:
-    return bytes([0xFF, marker]) + struct.pack(">H", len(payload) + 2) + payload
 
 
 def split_idat(png: bytes, size: int) -> bytes:
@@ -44,12 +31,12 @@ def split_idat(png: bytes, size: int) -> bytes:
 
 def test_real_files_are_far_below_the_budget() -> None:
     img = Image.fromarray(noise(512, 512))
-    png = split_idat(encoded(img, "PNG"), 1024)  # 1 KiB chunks: smaller than any encoder's
+    png = split_idat(png_of(img, "PNG"), 1024)  # 1 KiB chunks: smaller than any encoder's
     count = container_segments(png, segment_budget(len(png)))
     assert count is not None and count > 700 and over_budget(png) is None
     assert decode_image(png, 64, LIMITS).model_input.shape == (64, 64, 3)
     profile = bytes(range(256)) * 16_000  # a 4 MB ICC profile: 63 APP2 segments
-    jpeg = encoded(img, "JPEG", icc_profile=profile, progressive=True)
+    jpeg = png_of(img, "JPEG", icc_profile=profile, progressive=True)
     assert 63 < container_segments(jpeg, 10_000) < 100 and over_budget(jpeg) is None
     assert decode_image(jpeg, 64, LIMITS).model_input.shape == (64, 64, 3)
 
@@ -61,12 +48,12 @@ def test_an_upload_of_empty_segments_is_refused_before_pillow_walks_them(kind: s
     count, before Pillow opens it, with a 422 that says why."""
     size = 2 << 20
     if kind.startswith("png"):
-        png = encoded(Image.new("RGB", (64, 64)), "PNG")
+        png = png_of(Image.new("RGB", (64, 64)), "PNG")
         filler = png_chunk(b"prVt", b"") * ((size - len(png)) // 12)
         at = PNG_IHDR_END if "before" in kind else len(png) - 12
         upload = png[:at] + filler + png[at:]
     else:
-        jpeg = encoded(Image.new("RGB", (64, 64)), "JPEG")
+        jpeg = png_of(Image.new("RGB", (64, 64)), "JPEG")
         upload = jpeg[:2] + jpeg_segment(0xFE) * ((size - len(jpeg)) // 4) + jpeg[2:]
     assert segment_budget(len(upload)) == BASE_SEGMENTS + len(upload) // BYTES_PER_EXTRA_SEGMENT
     with pytest.raises(UndecodableImage, match=f"more than {segment_budget(len(upload))}") as refused:
@@ -75,8 +62,8 @@ def test_an_upload_of_empty_segments_is_refused_before_pillow_walks_them(kind: s
 
 
 def test_other_formats_and_broken_framing_are_left_to_the_decoders() -> None:
-    assert container_segments(encoded(Image.new("RGB", (8, 8)), "BMP"), 10) is None
-    png = encoded(Image.new("RGB", (8, 8)), "PNG")
+    assert container_segments(png_of(Image.new("RGB", (8, 8)), "BMP"), 10) is None
+    png = png_of(Image.new("RGB", (8, 8)), "PNG")
     assert container_segments(png[:-6], 10) is None and over_budget(png[:-6]) is None  # no IEND: Pillow's 422
     assert container_segments(b"\xff\xd8\x00\x00\x00", 10) is None
 
@@ -91,7 +78,7 @@ def test_a_jpeg_of_repeated_scans_is_refused_before_the_decoder_passes_over_it_p
     """libjpeg passes over every block once per scan: 5,000 copies of a small scan made a
     256² JPEG take 25 ms to decode (minutes at 40 megapixels and 20 MB). Encoders write
     about ten; past MAX_JPEG_SCANS the upload is a 422 before any decoding."""
-    progressive = encoded(Image.fromarray(noise(256, 256)), "JPEG", quality=90, progressive=True)
+    progressive = png_of(Image.fromarray(noise(256, 256)), "JPEG", quality=90, progressive=True)
     assert 5 <= progressive.count(b"\xff\xda") <= 20 and over_budget(progressive) is None
     assert decode_image(progressive, 64, LIMITS).model_input.shape == (64, 64, 3)
     eoi = progressive.rindex(b"\xff\xd9")
@@ -106,11 +93,11 @@ def test_only_the_images_own_scans_count() -> None:
     """What follows the end of the image (a phone's motion-photo video) and an EXIF thumbnail
     (a JPEG inside a segment, skipped by its length) hold start-of-scan bytes of their own."""
     img = Image.fromarray(noise(128, 128))
-    baseline = encoded(img, "JPEG")
+    baseline = png_of(img, "JPEG")
     trailer = b"\xff\xda\x00\x08" * 100_000  # 400 KB of what a video might hold
     with_video = baseline + trailer
     assert jpeg_scans(with_video, MAX_JPEG_SCANS) == 1 and over_budget(with_video) is None
-    thumbnail = encoded(img.resize((32, 32)), "JPEG", progressive=True)
+    thumbnail = png_of(img.resize((32, 32)), "JPEG", progressive=True)
     exif = Image.Exif()
-    with_thumbnail = encoded(img, "JPEG", exif=exif.tobytes() + thumbnail * 40)  # 40 thumbnails' scans in APP1
+    with_thumbnail = png_of(img, "JPEG", exif=exif.tobytes() + thumbnail * 40)  # 40 thumbnails' scans in APP1
     assert with_thumbnail.count(b"\xff\xda") > 40 and jpeg_scans(with_thumbnail, MAX_JPEG_SCANS) == 1

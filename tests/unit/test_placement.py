@@ -3,12 +3,9 @@ event loop, larger ones and containers an upload can make slow to walk in the de
 
 from __future__ import annotations
 
-import io
-import struct
-
 from PIL import Image
 
-from harness import PNG_IHDR_END, png_chunk
+from harness import PNG_IHDR_END, jpeg_segment, png_chunk, png_of
 from service.pipeline.decode import ImageLimits, Rendering, probe_into
 from service.pipeline.item import InspectedImage
 from service.pipeline.container import container_segments
@@ -19,9 +16,8 @@ LIMIT = 500_000
 
 
 def encoded(side: int, fmt: str, **params: object) -> bytes:
-    out = io.BytesIO()
-    Image.new("RGB", (side, side), (120, 60, 30)).save(out, fmt, **params)
-    return out.getvalue()
+    """A flat ``side`` x ``side`` image in ``fmt``."""
+    return png_of(Image.new("RGB", (side, side), (120, 60, 30)), fmt, **params)
 
 
 def probed(data: bytes, rendering: Rendering = Rendering(), model: int = 256) -> InspectedImage:
@@ -29,10 +25,6 @@ def probed(data: bytes, rendering: Rendering = Rendering(), model: int = 256) ->
     item = InspectedImage(index=0, filename="upload", data=data)
     probe_into(item, model, LIMITS, rendering)
     return item
-
-
-def jpeg_segment(marker: int, payload: bytes = b"") -> bytes:
-    return bytes([0xFF, marker]) + struct.pack(">H", len(payload) + 2) + payload
 
 
 def test_work_counts_what_the_decoder_reads_and_what_the_pipeline_holds() -> None:
