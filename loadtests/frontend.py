@@ -141,17 +141,20 @@ def own_cpu_s() -> float:
 async def drive(url: str, category: str, data: bytes, content_type: str, heatmap: str, concurrency: int,
                 seconds: float, pid: int) -> dict[str, Any]:
     timings: list[dict[str, float]] = []
+    waits: list[float] = []  # each answer's wall time at the client: the tail shows the server's stalls
     failures = 0
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
         async def one() -> None:
             nonlocal failures
+            sent = time.perf_counter()
             r = await client.post(f"/v1/inspect/{category}", params={"heatmap": heatmap}, content=data,
                                   headers={"Content-Type": content_type})
             if r.status_code != 200:
                 failures += 1
                 return
             result = r.json()["results"][0]
+            waits.append((time.perf_counter() - sent) * 1e3)
             timings.append({**result["timings_ms"], "batch_size": result["batch_size"]})
 
         async def loop(until: float) -> None:
@@ -160,6 +163,7 @@ async def drive(url: str, category: str, data: bytes, content_type: str, heatmap
 
         await asyncio.gather(*(loop(time.monotonic() + 1.0) for _ in range(concurrency)))  # warm-up
         timings.clear()
+        waits.clear()
         server0, threads0, client0, t0 = cpu_s(pid), threads_cpu_s(pid), own_cpu_s(), time.monotonic()
         await asyncio.gather(*(loop(t0 + seconds) for _ in range(concurrency)))
         wall, server, own = time.monotonic() - t0, cpu_s(pid) - server0, own_cpu_s() - client0
@@ -174,6 +178,8 @@ async def drive(url: str, category: str, data: bytes, content_type: str, heatmap
             "decode_ms": round(mean["decode"], 2), "render_regions_ms": round(mean["render"], 2),
             "engine_ms_per_batch": round(mean["engine"], 2), "queue_ms": round(mean["queue"], 2),
             "latency_ms": round(mean["total"], 2),
+            "client_latency_ms": {name: round(float(np.percentile(waits, q)), 2) if waits else float("nan")
+                                  for name, q in (("p50", 50), ("p99", 99), ("p99.9", 99.9), ("max", 100))},
             "mean_batch": round(float(np.mean([t["batch_size"] for t in timings])), 2) if n else 0.0,
             # images by the size of the batch they ran in
             "batch_mix": {int(b): int(c) for b, c in zip(*np.unique([int(t["batch_size"]) for t in timings],
@@ -422,12 +428,14 @@ def render(s: dict[str, Any]) -> str:
              f"{s['cpu_count']} cores, {s.get('api_processes', 1)} API "
              f"process(es); image: {s.get('image', 'skimage brick texture')}{placement})", "",
              "| input | images/s | server CPU / image | server cores | client CPU / image | decode (wall) | "
-             "render + regions (wall) | failures |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "render + regions (wall) | latency at the client: p50 / p99.9 / max | failures |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for kind, r in s["kinds"].items():
+        waits = r.get("client_latency_ms", {})
         lines.append(f"| {kind} ({r['bytes'] // 1024} KB) | {r['images_per_s']} | {r['server_cpu_ms_per_image']} ms | "
                      f"{r['server_cores']} | {r['client_cpu_ms_per_image']} ms | {r['decode_ms']} ms | "
-                     f"{r['render_regions_ms']} ms | {r['failures']} |")
+                     f"{r['render_regions_ms']} ms | {waits.get('p50')} / {waits.get('p99.9')} / {waits.get('max')} ms "
+                     f"| {r['failures']} |")
     for kind, r in s["kinds"].items():
         if "bare_engine_cpu_ms_per_image" in r:
             mix = ", ".join(f"{c} at {b}" for b, c in r["batch_mix"].items())

@@ -33,13 +33,12 @@ import numpy as np
 from scipy.stats import beta
 
 from models.data import MVTecCategory, Sample, folder_of_good_images
-from models.manifest import (DEFAULT_REVIEW_MARGIN, DEFAULT_TARGET_FPR, Calibration, CalibrationSource, ScoreStats,
-                             sha256_file)
+from models.manifest import (DEFAULT_NG_RECALL, DEFAULT_REVIEW_MARGIN, DEFAULT_TARGET_FPR, Calibration,
+                             CalibrationSource, ScoreStats, sha256_file)
 from models.metrics import best_f1
 from models.runs import read_json
 
 Policy = Literal["target_fpr", "target_recall", "f1_optimal"]
-DEFAULT_NG_RECALL = 0.99  # the ng bound's recall goal on labelled anomalies when no policy names one
 
 
 def score_stats(scores: np.ndarray) -> ScoreStats:

@@ -26,6 +26,7 @@ DEFAULT_TARGET_FPR = 0.01  # calibration policy default: share of normal parts a
 # The review band's default width without labelled anomalies, as a fraction of the score span
 # (score_max - score_min): the ng bound sits at normalised score 0.5 + this.
 DEFAULT_REVIEW_MARGIN = 0.1
+DEFAULT_NG_RECALL = 0.99  # the ng bound's recall goal on labelled anomalies when no policy names one
 Verdict = Literal["ok", "review", "ng"]
 CATEGORY_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 

@@ -38,10 +38,10 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from models.calibrate import DEFAULT_NG_RECALL, fit_review_bounds, fpr_upper_bound
+from models.calibrate import fit_review_bounds, fpr_upper_bound
 from models.data import Sample, folder_of_good_images, load_images
-from models.manifest import (DEFAULT_REVIEW_MARGIN, DEFAULT_TARGET_FPR, LabelSource, Manifest, file_entry,
-                             list_versions, sha256_file)
+from models.manifest import (DEFAULT_NG_RECALL, DEFAULT_REVIEW_MARGIN, DEFAULT_TARGET_FPR, LabelSource, Manifest,
+                             file_entry, list_versions, sha256_file)
 from models.review_store import REVIEWED_OK, ReviewStore, resolve_root
 from models.verdicts import review_table
 

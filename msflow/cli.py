@@ -13,7 +13,10 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
-from models.manifest import DEFAULT_TARGET_FPR  # torch-free, so `msflow --help` stays fast
+# torch-free (models.manifest), so that `msflow --help` stays fast and `msflow serve` never
+# imports the trainer: a parser that read a default from models.recalibrate imported torch
+# and scikit-learn into every server process.
+from models.manifest import DEFAULT_NG_RECALL, DEFAULT_TARGET_FPR
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -214,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--review-store", default=None, help="default: <store>/.review (MSFLOW_REVIEW_STORE of the server)")
     p.add_argument("--version", default=None, help="version to start from (default: the newest)")
     p.add_argument("--target-recall", type=float,
-                   default=_defaults_of("models.recalibrate", "recalibrate")["target_recall"], help="goal: share of labelled NG at or above the ok bound, at the lowest false-alarm rate")
+                   default=DEFAULT_NG_RECALL, help="goal: share of labelled NG at or above the ok bound, at the lowest false-alarm rate")
     p.add_argument("--calibration-images", default=None,
                    help="the version's calibration normals, when its manifest's folder is not reachable here")
     p.set_defaults(func=_recalibrate)

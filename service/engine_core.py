@@ -36,6 +36,7 @@ from typing import Any
 from service.config import Settings
 from service.engines.base import Engine
 from service.engines.factory import load_engine
+from service.heap import freeze_startup_objects
 from service.ipc.channel import Channel, Message
 from service.ipc.slab import Slab
 from service.metrics import ServiceMetrics
@@ -317,6 +318,7 @@ def run_engine_process(overrides: dict[str, Any], socket_path: str) -> None:
     # Ctrl-C reaches the whole process group: the supervisor stops the front ends first and
     # then this process (SIGTERM), so that their requests in flight still get engine time.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    freeze_startup_objects()
 
     async def main() -> None:
         core = EngineCore(settings)

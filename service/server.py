@@ -25,6 +25,7 @@ import uvicorn
 
 from service.api.app import create_app
 from service.config import Settings, warn_unknown_env
+from service.heap import freeze_startup_objects
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ def run_server(settings: Settings, sockets: list[socket.socket] | None = None) -
                             access_log=settings.access_log, lifespan="on",
                             timeout_graceful_shutdown=settings.graceful_shutdown_s)  # type: ignore[arg-type]
     server = _GracefulServer(config, app.state.service.begin_shutdown, settings.shutdown_delay_s)
+    log.debug("%d start-up objects frozen out of the collector's passes", freeze_startup_objects())
     if sockets is None:
         log.info("serving %s on http://%s:%d (engine %s, batch %d, delay %.1f ms, %s)", settings.model_store,
                  settings.host, settings.port, settings.engine, settings.max_batch_size, settings.max_queue_delay_ms,

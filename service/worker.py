@@ -45,6 +45,7 @@ from datetime import datetime
 from typing import Any
 
 from service.config import Settings, warn_unknown_env
+from service.heap import freeze_startup_objects
 from service.metrics import ServiceMetrics
 from service.pipeline.admission import AdmissionRefused, RequestTooExpensive
 from service.pipeline.batcher import BatcherClosed, BatcherError, DeadlineExceeded, QueueFull
@@ -354,6 +355,7 @@ def run_worker(args: argparse.Namespace) -> int:
     if not settings.redis_url:
         log.error("msflow worker needs Redis: set MSFLOW_REDIS_URL")
         return 2
+    freeze_startup_objects()
     return asyncio.run(_main(settings))
 
 

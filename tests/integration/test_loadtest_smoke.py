@@ -233,7 +233,8 @@ def test_redis_fault_scenario_every_job_once_and_overrides_survive_flushall(mode
 
 def test_frontend_benchmark_on_the_null_engine(model_store, tmp_path):
     """loadtests/frontend.py, briefly: the null engine answers every kind of input, and the
-    report has CPU per image, throughput, the client's own CPU and the stage profile."""
+    report has CPU per image, throughput, the client's own CPU and latency, and the stage
+    profile."""
     out = tmp_path / "frontend"
     cmd = [sys.executable, "-m", "loadtests.frontend", "--store", str(model_store), "--seconds", "1.5",
            "--concurrency", "4", "--out", str(out)]
@@ -244,6 +245,8 @@ def test_frontend_benchmark_on_the_null_engine(model_store, tmp_path):
     for kind, r in s["kinds"].items():
         assert r["failures"] == 0 and r["images"] > 0, (kind, r)
         assert r["server_cpu_ms_per_image"] > 0 and r["client_cpu_ms_per_image"] > 0
+        waits = r["client_latency_ms"]  # the tail shows the server's stalls (a collector's full pass, once)
+        assert 0 < waits["p50"] <= waits["p99"] <= waits["p99.9"] <= waits["max"], (kind, waits)
         assert {"multipart", "decode", "resize", "regions", "json", "other"} <= set(r["profile_ms"])
     assert "heatmap_encode" in s["kinds"]["png256-inline"]["profile_ms"]
     # (That a 2048 px JPEG decodes at 1/8 scale is checked on its pixels, not its time:

@@ -4,6 +4,8 @@ contracts"): models never imports the service, layers import downwards only, no 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,3 +26,15 @@ def test_every_service_package_is_in_a_layer() -> None:
         if (ROOT / "service" / entry / "__init__.py").is_file() or entry.endswith(".py") and entry != "__init__.py":
             name = "service." + entry.removesuffix(".py")
             assert f'"{name}' in text or f"| {name}" in text, f"{name} is in no import-linter layer"
+
+
+def test_serving_imports_no_trainer() -> None:
+    """`msflow serve` builds the whole CLI parser and then the server: neither may import torch
+    or scikit-learn (the torch engine imports torch itself, when chosen). A parser that read a
+    default from models.recalibrate once put both into every server process: 190,000 more
+    objects for each of the collector's full passes, and their memory."""
+    code = ("import sys, msflow.cli; msflow.cli.build_parser(); "
+            "import service.supervisor, service.server, service.engine_core, service.worker; "
+            "print(sorted({'torch', 'sklearn'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
