@@ -16,8 +16,9 @@ a lean asyncio + httpx client (``--concurrency`` requests in flight, one image e
 * where the CPU goes (``--profile``, on by default): each stage run in this process, alone,
   on the same input, timed with ``time.thread_time`` over many repetitions: multipart
   parsing, header probe, decode, resize to the model input, regions, heatmap encode, base64,
-  JSON. What the server spends beyond their sum is the framework, the event loop and
-  batching (the table shows it as "other").
+  JSON (regions and heatmap from the map the engine gives this image: flat for the null
+  engine, the model's with ``--engine onnx``). What the server spends beyond their sum is the
+  framework, the event loop and batching (the table shows it as "other").
 
 With ``--engine onnx`` (the real engine) it also reports what the server spends outside the
 engine, against the engine's own CPU, two ways: *by thread* (the server's threads named
@@ -197,8 +198,12 @@ def _cpu_ms(fn: Any, repeat: int) -> float:
     return (time.thread_time() - t0) / repeat * 1e3
 
 
-def profile(store: Path, category: str, data: bytes, heatmap: str, answer: str, repeat: int = 30) -> dict[str, float]:
-    """CPU ms per image of each stage, alone, in this thread (see the module docstring)."""
+def profile(store: Path, category: str, data: bytes, heatmap: str, answer: str, repeat: int = 30,
+            engine: str = "null") -> dict[str, float]:
+    """CPU ms per image of each stage, alone, in this thread (see the module docstring). The
+    regions and the heatmap are those of the map the server's engine gives this image: the
+    null engine's flat one, or (any other ``engine``) the real model's, run here on ONNX
+    Runtime; a defect's map costs several times a flat one to label and to deflate."""
     import base64
 
     from starlette.datastructures import Headers
@@ -245,14 +250,19 @@ def profile(store: Path, category: str, data: bytes, heatmap: str, answer: str, 
                 img.load()
             decoded["rgb"] = to_rgb(img) if plain is None else plain
 
-    amap = np.zeros((size, size), np.float32)
     out = {
         "multipart": round(_cpu_ms(multipart, repeat) - loop_only, 3),
         "probe": round(_cpu_ms(lambda: probe_into(item, size, limits, rendering), repeat), 3),
         "decode": round(_cpu_ms(decode, repeat), 3),
         "resize": round(_cpu_ms(lambda: model_input(decoded["rgb"], size), repeat), 3),
-        "regions": round(_cpu_ms(lambda: find_regions(amap, cal, (item.width, item.height)), repeat), 3),
     }
+    amap = np.zeros((size, size), np.float32)
+    if engine != "null":
+        from service.engines.factory import load_engine
+
+        amap = np.ascontiguousarray(load_engine(version, "onnx", device="cpu", max_batch_size=1)
+                                    .run(model_input(decoded["rgb"], size)[None])[1][0])
+    out["regions"] = round(_cpu_ms(lambda: find_regions(amap, cal, (item.width, item.height)), repeat), 3)
     if heatmap != "none":
         png = render_heatmap(amap, cal, (size, size))
         out["heatmap_encode"] = round(_cpu_ms(lambda: render_heatmap(amap, cal, (size, size)), repeat), 3)
@@ -359,7 +369,8 @@ def run(args: argparse.Namespace) -> int:
                 with httpx.Client(base_url=server.url, timeout=30) as c:
                     sample = c.post(f"/v1/inspect/{category}", params={"heatmap": heatmap},
                                     files=[("file", ("x", data, ctype))]).text
-                results[kind]["profile_ms"] = profile(Path(args.store), category, data, heatmap, sample)
+                results[kind]["profile_ms"] = profile(Path(args.store), category, data, heatmap, sample,
+                                                      engine=args.engine)
                 stages = sum(results[kind]["profile_ms"].values())
                 results[kind]["profile_ms"]["other"] = round(results[kind]["server_cpu_ms_per_image"] - stages, 3)
     summary = {"engine": args.engine, "category": category, "input_size": input_size,

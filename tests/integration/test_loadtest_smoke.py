@@ -256,12 +256,13 @@ def test_frontend_benchmark_on_the_null_engine(model_store, tmp_path):
 def test_frontend_benchmark_splits_the_real_engines_cpu_from_the_rest(model_store, demo_root, tmp_path):
     """With the real engine the report splits the server's CPU by thread (the threads named
     engine-*: the batcher's engine thread and onnxruntime's pool) and compares it with the bare
-    engine at the batch sizes the server formed; ``--image`` posts a part of the category, and
-    ``--rounds`` reports the medians of several windows."""
+    engine at the batch sizes the server formed; ``--image`` posts a part of the category,
+    ``--rounds`` reports the medians of several windows, and the stage profile runs on the
+    real model's map."""
     out = tmp_path / "frontend-onnx"
     good = sorted((demo_root / CATEGORY / "test" / "good").iterdir())[0]
     cmd = [sys.executable, "-m", "loadtests.frontend", "--store", str(model_store), "--engine", "onnx",
-           "--seconds", "1", "--rounds", "2", "--concurrency", "4", "--kinds", "jpeg256-none", "--no-profile",
+           "--seconds", "1", "--rounds", "2", "--concurrency", "4", "--kinds", "jpeg256-none",
            "--image", str(good), "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, env=_clean_env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -273,6 +274,8 @@ def test_frontend_benchmark_splits_the_real_engines_cpu_from_the_rest(model_stor
     # the engine is most of the server's CPU, and the rest is not nothing (HTTP, decode)
     assert 0.5 * r["server_cpu_ms_per_image"] < r["engine_threads_cpu_ms_per_image"] < r["server_cpu_ms_per_image"]
     assert r["outside_threads_ms"] > 0 and r["bare_engine_cpu_ms_per_image"] > 0
+    # the stage profile labels and colours the real model's map of this image (run here)
+    assert {"decode", "regions", "json", "other"} <= set(r["profile_ms"]) and r["profile_ms"]["regions"] > 0
     # two rounds: their images and batches add up, the figures are their medians, and each
     # round has its own bare-engine comparison (measured right after it)
     assert len(r["rounds"]) == 2 and sum(x["images"] for x in r["rounds"]) == r["images"]
