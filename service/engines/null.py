@@ -26,9 +26,9 @@ class NullEngine:
         self.max_batch_size = max_batch_size
         # One read-only block of zeros, sliced per batch: no allocation per call. Written once:
         # np.zeros maps fresh pages that all read from the kernel's one zero page until
-        # written, far cheaper to read than the memory a real engine writes its maps into,
-        # which flattered in-process serving against the engine process (whose slots are real
-        # memory): reading the maps took a quarter of the CPU there.
+        # written, cheaper to read than the memory a real engine writes its maps into, which
+        # flattered one process against the engine process, whose slots are written memory
+        # (0.05-0.1 ms of ~1.2 per image: docs/PERFORMANCE.md, "A tenth box").
         self._maps = np.zeros((max_batch_size, self.size, self.size), dtype=np.float32)
         self._maps.fill(0.0)
         self._maps.flags.writeable = False
