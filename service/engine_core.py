@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import functools
 import logging
 import os
 import signal
@@ -36,7 +38,7 @@ from typing import Any
 from service.config import Settings
 from service.engines.base import Engine
 from service.engines.factory import load_engine
-from service.heap import freeze_startup_objects
+from service.heap import freeze_startup_objects, report_collector_pauses
 from service.ipc.channel import Channel, Message
 from service.ipc.slab import Slab
 from service.metrics import ServiceMetrics
@@ -109,6 +111,9 @@ class EngineCore:
         listener.setblocking(False)
         log.info("engine process %d listening on %s", os.getpid(), path)
         accept = loop.create_task(self._accept(listener))
+        # Its pauses stall every front end's batches: they show on every front end's /metrics.
+        collector_report = loop.create_task(report_collector_pauses(
+            functools.partial(self.metrics.observe_gc_pauses, "engine")), name="gc-pauses")
         await self._stopping.wait()
         accept.cancel()
         listener.close()
@@ -116,6 +121,9 @@ class EngineCore:
         await asyncio.gather(*(h.batcher.drain(self.settings.graceful_shutdown_s) for h in self.hosted.values()))
         for frontend in list(self.frontends.values()):
             frontend.channel.close()
+        collector_report.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await collector_report
 
     def stop(self) -> None:
         self._stopping.set()

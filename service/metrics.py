@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -31,6 +32,9 @@ BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
 # Normalised scores 0..1 by 0.05: the calibrated threshold is 0.5, so a drifting normal
 # distribution shows as mass moving up through these buckets.
 SCORE_BUCKETS = tuple(round(i * 0.05, 2) for i in range(21))
+# A young generation's pass takes well under a millisecond; a full one over a large heap,
+# tens to hundreds (service/heap.py).
+GC_PAUSE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 UNKNOWN = "-"
 
 
@@ -112,6 +116,10 @@ class ServiceMetrics:
                                           "the model's call (false_positive: model anomalous, operator OK; "
                                           "false_negative: the reverse), by the version that scored the image",
                                           ["category", "version", "kind"], registry=r, multiprocess_mode="livemax")
+        self.gc_pauses = Histogram("msflow_gc_pause_seconds", "Passes of Python's cycle collector by process "
+                                   "(api: the server or a front end; engine: the engine process) and generation; "
+                                   "each one holds the GIL, so every request of that process waits it out",
+                                   ["process", "generation"], buckets=GC_PAUSE_BUCKETS, registry=r)
         self._model_labels: dict[str, tuple[str, str]] = {}
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
@@ -147,6 +155,11 @@ class ServiceMetrics:
 
     def count_work_placement(self, on_loop: bool) -> None:
         self._child(self.work_placement, "loop" if on_loop else "threads").inc()
+
+    def observe_gc_pauses(self, process: str, passes: Sequence[tuple[int, float]]) -> None:
+        """``(generation, seconds)`` of collector passes (service/heap.py hands them over)."""
+        for generation, seconds in passes:
+            self._child(self.gc_pauses, process, str(generation)).observe(seconds)
 
     # --------------------------------------------------------------- BatchObserver
     def observe_batch(self, category: str, engine: str, size: int, engine_s: float) -> None:

@@ -11,6 +11,8 @@ write. Redis problems only ever cost the cache and durable links, never the answ
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import hashlib
 import logging
 import time
@@ -18,6 +20,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Literal
 
 from service.config import Settings
+from service.heap import report_collector_pauses
 from service.metrics import ServiceMetrics
 from service.pipeline.admission import AdmissionRefused
 from service.pipeline.engine_client import EngineClient
@@ -58,6 +61,7 @@ class ServiceState(PipelineRuntime):
             link.on_reload = self._follow_reload
         self.shutting_down = False
         self._loading: asyncio.Task[None] | None = None
+        self._collector_report: asyncio.Task[None] | None = None
         self.cache = ResultCache(settings, self.redis, self.metrics)
         # Job submissions carry the images (up to max_request_bytes): their own connection, with
         # a timeout sized for that payload and no breaker, so a slow upload neither fails at the
@@ -78,6 +82,8 @@ class ServiceState(PipelineRuntime):
         process holds (or wait for it, up to a minute each); until the first front end is
         ready the port refuses connections."""
         self.open()
+        self._collector_report = asyncio.create_task(
+            report_collector_pauses(functools.partial(self.metrics.observe_gc_pauses, "api")), name="gc-pauses")
         if self.engine_link is not None:
             await self.registry.load_all()
             self._loading = asyncio.create_task(self.watch_store(), name="watch-store")
@@ -94,6 +100,10 @@ class ServiceState(PipelineRuntime):
         if self._loading is not None and not self._loading.done():
             self._loading.cancel()
         await self.close()
+        if self._collector_report is not None:
+            self._collector_report.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._collector_report
         if self._bulk_redis is not None:
             await self._bulk_redis.aclose()
 

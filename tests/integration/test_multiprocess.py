@@ -164,6 +164,14 @@ def test_batches_fill_from_every_front_end_and_metrics_add_up(mp_server: Server,
     after = metric(client, "msflow_requests_total", endpoint="/v1/inspect/{category}", status="200")
     assert after - before == sent
     assert {r.json()["model_version"] for r in answers} == {"2"}
+    # Collector passes of the engine process and of the front ends, timed in each, on one /metrics.
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not (metric(client, "msflow_gc_pause_seconds_count", process="engine")
+                                               and metric(client, "msflow_gc_pause_seconds_count", process="api")):
+        post_many(mp_server.url, good_images, 8)
+        time.sleep(0.3)
+    assert metric(client, "msflow_gc_pause_seconds_count", process="engine") > 0
+    assert metric(client, "msflow_gc_pause_seconds_count", process="api") > 0
     # The engine holds one slab per front end; each front end its own.
     assert {m.split("-")[1] for m in memfds(engine)} == {str(p) for p in frontends}
 

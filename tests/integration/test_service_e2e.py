@@ -175,6 +175,12 @@ def test_metrics_counters_move(client: httpx.Client, demo_files: dict[str, list[
     assert metric(client, "msflow_request_duration_seconds_count", endpoint="/v1/inspect/{category}") > 0
     assert metric(client, "msflow_model_info", category=CATEGORY) == 1
     assert metric(client, "msflow_queue_wait_seconds_count", category=CATEGORY) > 0
+    # The collector's passes are timed (the server's requests allocate; each report comes within a second).
+    deadline = time.monotonic() + 5
+    while metric(client, "msflow_gc_pause_seconds_count", process="api") == 0 and time.monotonic() < deadline:
+        client.post(f"/v1/inspect/{CATEGORY}", files=[part(demo_files["good"][0])])
+        time.sleep(0.2)
+    assert metric(client, "msflow_gc_pause_seconds_count", process="api") > 0
 
 
 # ---------------------------------------------------------------------- errors
