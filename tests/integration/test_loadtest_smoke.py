@@ -282,3 +282,20 @@ def test_frontend_benchmark_splits_the_real_engines_cpu_from_the_rest(model_stor
     assert all(set(x["bare_engine_by_batch_ms"]) == set(x["batch_mix"]) for x in r["rounds"])
     shares = sorted(x["outside_threads_share"] for x in r["rounds"])
     assert r["outside_threads_share"] == pytest.approx(sum(shares) / 2, abs=1e-3)
+
+
+def test_engine_link_benchmark_compares_the_link_with_a_local_batcher(model_store, tmp_path):
+    """loadtests/engine_link.py, briefly: the same images through a local batcher and through
+    a real engine process, CPU per image on each side of the link, batches as configured."""
+    out = tmp_path / "engine-link"
+    cmd = [sys.executable, "-m", "loadtests.engine_link", "--store", str(model_store), "--seconds", "0.5",
+           "--rounds", "1", "--in-flight", "1", "8", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_clean_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert [(w["mode"], w["in_flight"]) for w in s["medians"]] == [("local", 1), ("link", 1), ("local", 8), ("link", 8)]
+    for w in s["medians"]:
+        assert w["images_per_s"] > 0 and w["client_cpu_ms"] > 0, w
+        assert (w["engine_cpu_ms"] > 0) == (w["mode"] == "link"), w  # only the link has an engine process
+        assert 1 <= w["mean_batch"] <= w["in_flight"], w
+    assert "the link costs" in (out / "summary.md").read_text()
