@@ -36,6 +36,10 @@ _HEADER = 4
 _MAX_MESSAGE = 16 * 1024 * 1024  # far above any real message: a corrupt length ends the channel
 _MAX_FDS = 16
 _READ_BYTES = 1 << 16
+# Made once: ``json.dumps`` with separators builds an encoder per call, and ``json.loads`` of
+# bytes detects their encoding first; both cost more than the small message itself.
+_encode = json.JSONEncoder(separators=(",", ":")).encode
+_decode = json.JSONDecoder().decode
 
 
 class Channel:
@@ -73,7 +77,7 @@ class Channel:
             return
         if fds:
             message = {**message, "_fds": len(fds)}
-        body = json.dumps(message, separators=(",", ":")).encode()
+        body = _encode(message).encode()
         self._outbox.append([len(body).to_bytes(_HEADER, "big") + body, list(fds)])
         if not self._writing and not self._flush_pending:
             # Sent at the loop's next turn, with whatever else this turn sends: the answers of a
@@ -173,7 +177,7 @@ class Channel:
                 raise ValueError(f"message of {size} bytes announced: corrupt stream")
             if len(buffer) < _HEADER + size:
                 break
-            message = json.loads(bytes(buffer[_HEADER:_HEADER + size]))
+            message = _decode(buffer[_HEADER:_HEADER + size].decode())
             del buffer[:_HEADER + size]
             wanted = int(message.pop("_fds", 0))
             if wanted > len(self._fds):

@@ -67,6 +67,12 @@ class Slab:
         self.fd = fd
         self._map = mmap.mmap(fd, layout.total_bytes)
         self._buffer = np.frombuffer(self._map, dtype=np.uint8)
+        # Fixed for the slab's life, and read twice per image on each side of the link.
+        self._slot_bytes = layout.slot_bytes
+        self._input_bytes = layout.input_bytes
+        self._output_at = _round_up(layout.input_bytes)
+        self._output_bytes = layout.output_bytes
+        self._side = layout.size
 
     @classmethod
     def create(cls, size: int, slots: int, name: str) -> "Slab":
@@ -90,18 +96,18 @@ class Slab:
     def input(self, slot: int) -> np.ndarray:
         """Slot ``slot``'s engine input, a uint8 ``[S, S, 3]`` view."""
         start = self._offset(slot)
-        return self._buffer[start:start + self.layout.input_bytes].reshape(self.layout.size, self.layout.size, 3)
+        return self._buffer[start:start + self._input_bytes].reshape(self._side, self._side, 3)
 
     def output(self, slot: int) -> np.ndarray:
         """Slot ``slot``'s output map, a float32 ``[S, S]`` view."""
-        start = self._offset(slot) + _round_up(self.layout.input_bytes)
-        raw = self._buffer[start:start + self.layout.output_bytes]
-        return raw.view(np.float32).reshape(self.layout.size, self.layout.size)
+        start = self._offset(slot) + self._output_at
+        raw = self._buffer[start:start + self._output_bytes]
+        return raw.view(np.float32).reshape(self._side, self._side)
 
     def _offset(self, slot: int) -> int:
         if not 0 <= slot < self.layout.slots:
             raise IndexError(f"slot {slot} outside 0..{self.layout.slots - 1} of slab {self.name}")
-        return slot * self.layout.slot_bytes
+        return slot * self._slot_bytes
 
     def close(self) -> None:
         """Close the descriptor. The mapping goes when the last view of it is collected, so a
