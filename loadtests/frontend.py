@@ -13,6 +13,9 @@ a lean asyncio + httpx client (``--concurrency`` requests in flight, one image e
 * the client's own CPU per image (this process, ``getrusage``): on a small box the client
   competes with the server, so every throughput figure comes with it;
 * the answers' own stage times (decode, render + regions: wall time in the pool threads);
+* the cycle collector's passes in the window, by process and generation (the server's
+  ``msflow_gc_pause_seconds``, scraped before and after it; each process reports its passes
+  once a second, so the window's edges are a second fuzzy);
 * where the CPU goes (``--profile``, on by default): each stage run in this process, alone,
   on the same input, timed with ``time.thread_time`` over many repetitions: multipart
   parsing, header probe, decode, resize to the model input, regions, heatmap encode, base64,
@@ -165,10 +168,12 @@ async def drive(url: str, category: str, data: bytes, content_type: str, heatmap
         await asyncio.gather(*(loop(time.monotonic() + 1.0) for _ in range(concurrency)))  # warm-up
         timings.clear()
         waits.clear()
+        passes0 = collector_passes((await client.get("/metrics")).text)  # outside the CPU window
         server0, threads0, client0, t0 = cpu_s(pid), threads_cpu_s(pid), own_cpu_s(), time.monotonic()
         await asyncio.gather(*(loop(t0 + seconds) for _ in range(concurrency)))
         wall, server, own = time.monotonic() - t0, cpu_s(pid) - server0, own_cpu_s() - client0
         threads = {group: spent - threads0.get(group, 0.0) for group, spent in threads_cpu_s(pid).items()}
+        passes = window_passes(passes0, collector_passes((await client.get("/metrics")).text))
     n = len(timings)
     mean = {k: float(np.mean([t[k] for t in timings])) if n else float("nan") for k in
             ("decode", "render", "queue", "engine", "total")}
@@ -187,7 +192,48 @@ async def drive(url: str, category: str, data: bytes, content_type: str, heatmap
                                                                      return_counts=True))},
             "engine_threads_cpu_ms_per_image": round(threads["engine"] / max(n, 1) * 1e3, 2),
             "threads_cpu_ms_per_image": {group: round(spent / max(n, 1) * 1e3, 2) for group, spent in threads.items()},
+            "collector_passes": passes,
             }
+
+
+def collector_passes(metrics_text: str) -> dict[tuple[str, str], tuple[float, float, dict[float, float]]]:
+    """``msflow_gc_pause_seconds`` from a ``/metrics`` body: (process, generation) -> (count,
+    seconds, cumulative bucket counts by upper bound)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    found: dict[tuple[str, str], tuple[float, float, dict[float, float]]] = {}
+    for family in text_string_to_metric_families(metrics_text):
+        if family.name != "msflow_gc_pause_seconds":
+            continue
+        for sample in family.samples:
+            key = (sample.labels["process"], sample.labels["generation"])
+            count, seconds, buckets = found.get(key, (0.0, 0.0, {}))
+            if sample.name.endswith("_count"):
+                count = sample.value
+            elif sample.name.endswith("_sum"):
+                seconds = sample.value
+            elif sample.name.endswith("_bucket"):
+                buckets = {**buckets, float(sample.labels["le"]): sample.value}
+            found[key] = (count, seconds, buckets)
+    return found
+
+
+def window_passes(before: dict[tuple[str, str], tuple[float, float, dict[float, float]]],
+                  after: dict[tuple[str, str], tuple[float, float, dict[float, float]]]) -> dict[str, float]:
+    """The collector's passes between two scrapes, flat: per
+    ``<process> gen<g>``, how many, their total ms, and the bound of the longest (ms)."""
+    out: dict[str, float] = {}
+    for key, (count, seconds, buckets) in sorted(after.items()):
+        count0, seconds0, buckets0 = before.get(key, (0.0, 0.0, {}))
+        if count - count0 <= 0:
+            continue
+        name = f"{key[0]} gen{key[1]}"
+        out[f"{name} passes"] = count - count0
+        out[f"{name} ms"] = round((seconds - seconds0) * 1e3, 2)
+        longest = min((le for le, c in buckets.items() if c - buckets0.get(le, 0.0) == count - count0),
+                      default=float("inf"))
+        out[f"{name} longest under ms"] = longest * 1e3
+    return out
 
 
 def _cpu_ms(fn: Any, repeat: int) -> float:
@@ -418,6 +464,10 @@ def combine(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     for key, first in rounds[0].items():
         if key in ("images", "failures"):
             out[key] = sum(r[key] for r in rounds)
+        elif key == "collector_passes":  # over all the rounds: counts and times add up, the longest is the longest
+            keys = sorted({k for r in rounds for k in r[key]})
+            out[key] = {k: (max if k.endswith("longest under ms") else sum)(r[key][k] for r in rounds if k in r[key])
+                        for k in keys}
         elif key == "batch_mix":
             out[key] = {b: sum(r[key].get(b, 0) for r in rounds) for b in sorted({b for r in rounds for b in r[key]})}
         elif isinstance(first, dict):  # each key's median over the rounds that have it (batch sizes vary)
@@ -459,6 +509,15 @@ def render(s: dict[str, Any]) -> str:
                          f"- against the bare engine ({r['bare_engine_cpu_ms_per_image']} ms CPU per image at that "
                          f"batch mix, in-process): outside the engine {r['outside_engine_ms']} ms "
                          f"= {100 * r['outside_over_engine']:.1f}% of it")
+    passes = {k: r["collector_passes"] for k, r in s["kinds"].items() if r.get("collector_passes")}
+    if passes:
+        lines += ["", "The collector's passes in the windows (`msflow_gc_pause_seconds`, scraped before and after "
+                  "each; over all rounds):", ""]
+        for kind, p in passes.items():
+            names = [k[:-len(" passes")] for k in p if k.endswith(" passes")]
+            lines.append(f"- {kind}: " + "; ".join(
+                f"{name} {p[f'{name} passes']:g} passes, {p[f'{name} ms']:g} ms in all, each under "
+                f"{p[f'{name} longest under ms']:g} ms" for name in names))
     profiled = {k: r["profile_ms"] for k, r in s["kinds"].items() if "profile_ms" in r}
     if profiled:
         stages = list(dict.fromkeys(name for p in profiled.values() for name in p))

@@ -249,6 +249,12 @@ def test_frontend_benchmark_on_the_null_engine(model_store, tmp_path):
         assert 0 < waits["p50"] <= waits["p99"] <= waits["p99.9"] <= waits["max"], (kind, waits)
         assert {"multipart", "decode", "resize", "regions", "json", "other"} <= set(r["profile_ms"])
     assert "heatmap_encode" in s["kinds"]["png256-inline"]["profile_ms"]
+    # the collector's passes in the windows, from the server's own metric: counted, timed, bounded
+    passes = {k: v for r in s["kinds"].values() for k, v in r["collector_passes"].items()}
+    assert any(k.startswith("api gen") and k.endswith(" passes") and v > 0 for k, v in passes.items()), passes
+    for key in (k for k in passes if k.endswith(" passes")):
+        name = key[:-len(" passes")]
+        assert passes[f"{name} ms"] >= 0 and passes[f"{name} longest under ms"] > 0, passes
     # (That a 2048 px JPEG decodes at 1/8 scale is checked on its pixels, not its time:
     # tests/unit/test_imaging.py::test_large_jpeg_decodes_at_reduced_scale_like_the_trainer.)
 
