@@ -16,7 +16,8 @@ reads each answer's map once (as the postprocess's map check does), either
   engine process (the one ``msflow serve`` starts, here with the null engine),
 
 and reports, per mode and in-flight count, images/s, mean batch size, and CPU and minor page
-faults per image of this process (a front end's side) and of the engine process. The two
+faults per image of this process (a front end's side) and of the engine process; beside them,
+the CPU of a bare round trip between two processes (the kernel's floor under a message pair). The two
 modes take turns in each round; the report gives medians. ``link`` minus ``local`` is what
 the split costs per image, with nothing else in the figure.
 """
@@ -28,6 +29,7 @@ import asyncio
 import json
 import multiprocessing
 import os
+import socket
 import statistics
 import tempfile
 import time
@@ -126,6 +128,30 @@ async def _link(version_dir: Path, settings: Settings, socket_path: Path, engine
     return Window("link", in_flight, *figures)
 
 
+def bare_round_trip_us(trips: int = 20_000) -> tuple[float, float]:
+    """CPU of one 40-byte message echoed by another process over a Unix socket, in µs: (this
+    side, the echoing side). The kernel's floor under the link's cost per message pair."""
+    ours, theirs = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:  # the echo only: it takes no lock that a thread of the parent could have held
+        ours.close()
+        while data := theirs.recv(64):
+            theirs.send(data)
+        os._exit(0)
+    theirs.close()
+    before = os.times()
+    for _ in range(trips):
+        ours.send(b"x" * 40)
+        ours.recv(64)
+    after = os.times()
+    ours.close()
+    os.waitpid(pid, 0)
+    child = os.times()
+    return ((after.user + after.system - before.user - before.system) / trips * 1e6,
+            (child.children_user + child.children_system - before.children_user - before.children_system)
+            / trips * 1e6)
+
+
 def _median_rows(windows: list[Window]) -> list[Window]:
     rows = []
     for key in dict.fromkeys((w.mode, w.in_flight) for w in windows):
@@ -135,7 +161,7 @@ def _median_rows(windows: list[Window]) -> list[Window]:
     return rows
 
 
-def report(rows: list[Window], rounds: int, seconds: float) -> str:
+def report(rows: list[Window], rounds: int, seconds: float, floor_us: tuple[float, float]) -> str:
     lines = [f"# The engine link alone (null engine, {seconds:g} s per window, medians of {rounds} rounds, "
              f"{os.cpu_count()} cores)", "",
              "| mode | in flight | images/s | mean batch | front-end side CPU / image | engine process CPU / image "
@@ -151,6 +177,8 @@ def report(rows: list[Window], rounds: int, seconds: float) -> str:
         if link is not None:
             lines.append(f"- {local.in_flight} in flight: the link costs "
                          f"{link.client_cpu_ms + link.engine_cpu_ms - local.client_cpu_ms:+.3f} ms per image")
+    lines.append(f"- a bare round trip between two processes (a 40-byte message echoed over a Unix socket): "
+                 f"{floor_us[0]:.1f} + {floor_us[1]:.1f} µs of CPU")
     return "\n".join(lines) + "\n"
 
 
@@ -164,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="reports/engine-link")
     args = parser.parse_args(argv)
 
+    floor_us = bare_round_trip_us()  # first, before this process starts its own threads
     store = Path(args.store)
     category = args.category or sorted(p.name for p in store.iterdir() if p.is_dir() and not p.name.startswith("."))[0]
     version_dir = max((p for p in (store / category).iterdir() if p.is_dir() and p.name.isdigit()),
@@ -192,11 +221,12 @@ def main(argv: list[str] | None = None) -> int:
         socket_path.unlink(missing_ok=True)
         rundir.rmdir()
     rows = _median_rows(windows)
-    text = report(rows, args.rounds, args.seconds)
+    text = report(rows, args.rounds, args.seconds, floor_us)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.md").write_text(text)
-    (out / "summary.json").write_text(json.dumps({"windows": [asdict(w) for w in windows],
+    (out / "summary.json").write_text(json.dumps({"bare_round_trip_cpu_us": list(floor_us),
+                                                  "windows": [asdict(w) for w in windows],
                                                   "medians": [asdict(w) for w in rows]}, indent=2))
     print(text)
     return 0

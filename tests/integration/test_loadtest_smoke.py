@@ -305,3 +305,4 @@ def test_engine_link_benchmark_compares_the_link_with_a_local_batcher(model_stor
         assert (w["engine_cpu_ms"] > 0) == (w["mode"] == "link"), w  # only the link has an engine process
         assert 1 <= w["mean_batch"] <= w["in_flight"], w
     assert "the link costs" in (out / "summary.md").read_text()
+    assert all(0 < us < 10_000 for us in s["bare_round_trip_cpu_us"]), s["bare_round_trip_cpu_us"]
