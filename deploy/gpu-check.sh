@@ -212,6 +212,10 @@ for n in 2 4 8 16; do
     --concurrency $((32 * n)) --decode-threads 4 --kinds jpeg256-none --no-profile \
     --out "$RAW/frontend-engine-p$n" || true
 done
+# ... and the link between them alone (no HTTP, no decode): what one image costs to cross it on
+# this host's cores, against a local batcher, at 1, 8 and 64 in flight
+step engine-link 0 "$PY" -m loadtests.engine_link --store "$(dirname "$MODEL")" --category "$(basename "$MODEL")" \
+  --in-flight 1 8 64 --seconds 5 --rounds 2 --out "$RAW/engine-link" || true
 
 # 4. one report: JSON with everything + a Markdown summary
 step report 1 "$PY" - "$OUT_DIR" "$TENSORRT_STATUS" "$MODEL" "$FAILED" <<'EOF' || true
@@ -278,6 +282,9 @@ if load_md.is_file():
     md += ["", "## End to end (msflow serve + Locust)", "", load_md.read_text()]
 for summary in sorted(raw.glob("frontend*/summary.md")):
     md += ["", f"## Front end: {summary.parent.name}", "", summary.read_text()]
+link_md = raw / "engine-link" / "summary.md"
+if link_md.is_file():
+    md += ["", "## The engine link alone", "", link_md.read_text()]
 md += ["", "## Benchmark", ""]
 if bench and "results" in bench:
     md += [f"input {bench['model']['input_size']} px; {bench['settings']['input']}; "
