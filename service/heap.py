@@ -42,7 +42,7 @@ def freeze_startup_objects() -> int:
 class CollectorPauses:
     """The collector's passes in this process since the last :meth:`drain`.
 
-    At most ``capacity`` are kept, the oldest going first: a server makes ~15 passes a
+    At most ``capacity`` are kept, the oldest going first: a server made 15-40 passes a
     second under load (docs/PERFORMANCE.md), so the default holds minutes of them, far more
     than a loop that drains every second ever leaves."""
 
