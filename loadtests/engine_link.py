@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from loadtests.procstat import Usage, process_usage
 from models.manifest import Manifest
 from service.config import Settings
 from service.engine_core import run_engine_process
@@ -64,12 +65,6 @@ class Window:
     engine_faults: float
 
 
-def _usage(pid: int) -> tuple[float, int]:
-    """CPU seconds (all threads) and minor page faults of ``pid`` so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), int(fields[7])
-
-
 async def _drive(submit: Callable[[np.ndarray], Any], in_flight: int, seconds: float, size: int,
                  engine_pid: int | None) -> tuple[float, float, float, float, float, float]:
     """Keep ``in_flight`` single-image submissions going; measure a window of ``seconds``."""
@@ -89,16 +84,17 @@ async def _drive(submit: Callable[[np.ndarray], Any], in_flight: int, seconds: f
     tasks = [asyncio.create_task(one_at_a_time()) for _ in range(in_flight)]
     await asyncio.sleep(_WARM_S)
     images0, batches0, started = done, batch_total, time.monotonic()
-    client0, engine0 = _usage(os.getpid()), _usage(engine_pid) if engine_pid else (0.0, 0)
+    client0, engine0 = process_usage(os.getpid()), process_usage(engine_pid) if engine_pid else Usage(0.0, 0)
     await asyncio.sleep(seconds)
     images, batched_images = done - images0, batch_total - batches0
-    client1, engine1 = _usage(os.getpid()), _usage(engine_pid) if engine_pid else (0.0, 0)
+    client1, engine1 = process_usage(os.getpid()), process_usage(engine_pid) if engine_pid else Usage(0.0, 0)
     elapsed = time.monotonic() - started
     stop = True
     await asyncio.gather(*tasks)
     n = max(1, images)
-    return (images / elapsed, batched_images / n, (client1[0] - client0[0]) / n * 1e3,
-            (engine1[0] - engine0[0]) / n * 1e3, (client1[1] - client0[1]) / n, (engine1[1] - engine0[1]) / n)
+    return (images / elapsed, batched_images / n, (client1.cpu_s - client0.cpu_s) / n * 1e3,
+            (engine1.cpu_s - engine0.cpu_s) / n * 1e3, (client1.minor_faults - client0.minor_faults) / n,
+            (engine1.minor_faults - engine0.minor_faults) / n)
 
 
 async def _local(version_dir: Path, settings: Settings, in_flight: int, seconds: float) -> Window:

@@ -50,7 +50,6 @@ import asyncio
 import io
 import json
 import os
-import resource
 import sys
 import time
 from collections.abc import Callable
@@ -62,11 +61,8 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from loadtests.procstat import cpu_s, own_cpu_s, processes_cpu_s, threads_cpu_s, tree
 from loadtests.run import LocalServer, listens, wait_ready
-from service.os_names import ENGINE_PREFIX, task_names
-
-CLOCK = os.sysconf("SC_CLK_TCK")
-
 
 def texture(size: int) -> Image.Image:
     from skimage import data as skdata
@@ -96,52 +92,6 @@ KINDS: dict[str, tuple[int, str, str]] = {  # name: (side, format, heatmap)
 }
 
 
-def cpu_s(pid: int) -> float:
-    """CPU seconds of ``pid`` and every live descendant (a multi-process server's front ends
-    and engine process are children of the supervisor)."""
-    return sum(_stat_cpu_s(Path(f"/proc/{proc}")) for proc in _tree(pid))
-
-
-def threads_cpu_s(pid: int) -> dict[str, float]:
-    """CPU seconds of the live threads of ``pid`` and its descendants, in three groups:
-    ``engine`` (named ``engine-*``: the batchers' engine threads and the engines' own pools),
-    ``loop`` (each process's main thread: its event loop) and ``pool`` (the rest: the decode
-    threads, mostly)."""
-    groups = {"engine": 0.0, "loop": 0.0, "pool": 0.0}
-    for proc in _tree(pid):
-        for tid, name in task_names(proc).items():
-            group = "engine" if name.startswith(ENGINE_PREFIX) else "loop" if tid == proc else "pool"
-            groups[group] += _stat_cpu_s(Path(f"/proc/{proc}/task/{tid}"))
-    return groups
-
-
-def _stat_cpu_s(entry: Path) -> float:
-    """utime + stime of a ``/proc`` process or task entry; 0 once it has exited."""
-    try:
-        fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLOCK
-
-
-def _tree(pid: int) -> list[int]:
-    out, todo = [], [pid]
-    while todo:
-        current = todo.pop()
-        out.append(current)
-        try:
-            tasks = Path(f"/proc/{current}/task").iterdir()
-            todo += [int(c) for t in tasks for c in (t / "children").read_text().split()]
-        except OSError:
-            continue
-    return out
-
-
-def own_cpu_s() -> float:
-    u = resource.getrusage(resource.RUSAGE_SELF)
-    return u.ru_utime + u.ru_stime
-
-
 async def drive(url: str, category: str, data: bytes, content_type: str, heatmap: str, concurrency: int,
                 seconds: float, pid: int) -> dict[str, Any]:
     timings: list[dict[str, float]] = []
@@ -169,10 +119,12 @@ async def drive(url: str, category: str, data: bytes, content_type: str, heatmap
         timings.clear()
         waits.clear()
         passes0 = collector_passes((await client.get("/metrics")).text)  # outside the CPU window
-        server0, threads0, client0, t0 = cpu_s(pid), threads_cpu_s(pid), own_cpu_s(), time.monotonic()
+        server0, threads0, roles0 = cpu_s(pid), threads_cpu_s(pid), processes_cpu_s(pid)
+        client0, t0 = own_cpu_s(), time.monotonic()
         await asyncio.gather(*(loop(t0 + seconds) for _ in range(concurrency)))
         wall, server, own = time.monotonic() - t0, cpu_s(pid) - server0, own_cpu_s() - client0
         threads = {group: spent - threads0.get(group, 0.0) for group, spent in threads_cpu_s(pid).items()}
+        roles = {role: spent - roles0.get(role, 0.0) for role, spent in processes_cpu_s(pid).items()}
         passes = window_passes(passes0, collector_passes((await client.get("/metrics")).text))
     n = len(timings)
     mean = {k: float(np.mean([t[k] for t in timings])) if n else float("nan") for k in
@@ -192,6 +144,9 @@ async def drive(url: str, category: str, data: bytes, content_type: str, heatmap
                                                                      return_counts=True))},
             "engine_threads_cpu_ms_per_image": round(threads["engine"] / max(n, 1) * 1e3, 2),
             "threads_cpu_ms_per_image": {group: round(spent / max(n, 1) * 1e3, 2) for group, spent in threads.items()},
+            # multi-process mode: the front ends, the engine process and the supervisor apart
+            "processes_cpu_ms_per_image": {role: round(spent / max(n, 1) * 1e3, 3) for role, spent in roles.items()
+                                           if spent > 0},
             "collector_passes": passes,
             }
 
@@ -221,7 +176,9 @@ def collector_passes(metrics_text: str) -> dict[tuple[str, str], tuple[float, fl
 def window_passes(before: dict[tuple[str, str], tuple[float, float, dict[float, float]]],
                   after: dict[tuple[str, str], tuple[float, float, dict[float, float]]]) -> dict[str, float]:
     """The collector's passes between two scrapes, flat: per
-    ``<process> gen<g>``, how many, their total ms, and the bound of the longest (ms)."""
+    ``<process> gen<g>``, how many, their total ms, and the bound of the longest (ms): the
+    bucket it fell under, or, for a pass beyond the histogram's top bucket, that bucket
+    (``longest over ms``)."""
     out: dict[str, float] = {}
     for key, (count, seconds, buckets) in sorted(after.items()):
         count0, seconds0, buckets0 = before.get(key, (0.0, 0.0, {}))
@@ -230,9 +187,11 @@ def window_passes(before: dict[tuple[str, str], tuple[float, float, dict[float, 
         name = f"{key[0]} gen{key[1]}"
         out[f"{name} passes"] = count - count0
         out[f"{name} ms"] = round((seconds - seconds0) * 1e3, 2)
-        longest = min((le for le, c in buckets.items() if c - buckets0.get(le, 0.0) == count - count0),
-                      default=float("inf"))
-        out[f"{name} longest under ms"] = longest * 1e3
+        bounds = [le for le, c in buckets.items() if c - buckets0.get(le, 0.0) == count - count0 and le != float("inf")]
+        if bounds:
+            out[f"{name} longest under ms"] = min(bounds) * 1e3
+        else:
+            out[f"{name} longest over ms"] = max(le for le in buckets if le != float("inf")) * 1e3
     return out
 
 
@@ -358,7 +317,7 @@ def every_front_end_ready(url: str, pid: int, processes: int, timeout: float = 1
     opened before the last one joined would measure fewer front ends than asked for."""
     port = int(url.rsplit(":", 1)[1])
     deadline = time.monotonic() + timeout
-    while sum(listens(proc, port) for proc in _tree(pid)) < processes:
+    while sum(listens(proc, port) for proc in tree(pid)) < processes:
         if time.monotonic() > deadline:
             raise RuntimeError(f"{url}: fewer than {processes} processes listening after {timeout:.0f} s")
         time.sleep(0.2)
@@ -466,7 +425,7 @@ def combine(rounds: list[dict[str, Any]]) -> dict[str, Any]:
             out[key] = sum(r[key] for r in rounds)
         elif key == "collector_passes":  # over all the rounds: counts and times add up, the longest is the longest
             keys = sorted({k for r in rounds for k in r[key]})
-            out[key] = {k: (max if k.endswith("longest under ms") else sum)(r[key][k] for r in rounds if k in r[key])
+            out[key] = {k: (max if " longest " in k else sum)(r[key][k] for r in rounds if k in r[key])
                         for k in keys}
         elif key == "batch_mix":
             out[key] = {b: sum(r[key].get(b, 0) for r in rounds) for b in sorted({b for r in rounds for b in r[key]})}
@@ -497,6 +456,12 @@ def render(s: dict[str, Any]) -> str:
                      f"{r['server_cores']} | {r['client_cpu_ms_per_image']} ms | {r['decode_ms']} ms | "
                      f"{r['render_regions_ms']} ms | {waits.get('p50')} / {waits.get('p99.9')} / {waits.get('max')} ms "
                      f"| {r['failures']} |")
+    by_process = {k: r["processes_cpu_ms_per_image"] for k, r in s["kinds"].items()
+                  if len(r.get("processes_cpu_ms_per_image", {})) > 1}
+    if by_process:
+        lines += ["", "Server CPU per image by process:", ""]
+        lines += [f"- {kind}: " + ", ".join(f"{role} {ms} ms" for role, ms in roles.items())
+                  for kind, roles in by_process.items()]
     for kind, r in s["kinds"].items():
         if "bare_engine_cpu_ms_per_image" in r:
             mix = ", ".join(f"{c} at {b}" for b, c in r["batch_mix"].items())
@@ -516,8 +481,9 @@ def render(s: dict[str, Any]) -> str:
         for kind, p in passes.items():
             names = [k[:-len(" passes")] for k in p if k.endswith(" passes")]
             lines.append(f"- {kind}: " + "; ".join(
-                f"{name} {p[f'{name} passes']:g} passes, {p[f'{name} ms']:g} ms in all, each under "
-                f"{p[f'{name} longest under ms']:g} ms" for name in names))
+                f"{name} {p[f'{name} passes']:g} passes, {p[f'{name} ms']:g} ms in all, "
+                + (f"one over {p[f'{name} longest over ms']:g} ms" if f"{name} longest over ms" in p
+                   else f"each under {p[f'{name} longest under ms']:g} ms") for name in names))
     profiled = {k: r["profile_ms"] for k, r in s["kinds"].items() if "profile_ms" in r}
     if profiled:
         stages = list(dict.fromkeys(name for p in profiled.values() for name in p))

@@ -82,13 +82,14 @@ class ServiceState(PipelineRuntime):
         process holds (or wait for it, up to a minute each); until the first front end is
         ready the port refuses connections."""
         self.open()
-        self._collector_report = asyncio.create_task(
-            report_collector_pauses(functools.partial(self.metrics.observe_gc_pauses, "api")), name="gc-pauses")
         if self.engine_link is not None:
             await self.registry.load_all()
             self._loading = asyncio.create_task(self.watch_store(), name="watch-store")
         else:
             self._loading = asyncio.create_task(self.load_and_watch(), name="load-models")
+        # Once start-up can no longer fail, so that no task outlives a start that raised.
+        self._collector_report = asyncio.create_task(
+            report_collector_pauses(functools.partial(self.metrics.observe_gc_pauses, "api")), name="gc-pauses")
 
     def begin_shutdown(self) -> None:
         """Readiness goes 503 at once (called from the SIGTERM handler, so only sets a flag)."""

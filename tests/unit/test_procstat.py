@@ -1,0 +1,44 @@
+"""loadtests/procstat.py: the benchmarks' reading of /proc, against real processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+from loadtests.procstat import cpu_s, process_usage, processes_cpu_s, tree
+
+_BUSY_CHILD = """
+import sys, time
+from service.os_names import set_thread_name
+set_thread_name(sys.argv[1])
+end = time.process_time() + 0.3
+while time.process_time() < end:
+    pass
+print("spent", flush=True)
+time.sleep(30)
+"""
+
+
+def test_cpu_is_split_by_the_role_the_process_names() -> None:
+    before = processes_cpu_s(os.getpid())
+    children = [subprocess.Popen([sys.executable, "-c", _BUSY_CHILD, name], stdout=subprocess.PIPE, text=True,
+                                 cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+                for name in ("msflow-api-1", "msflow-engine")]
+    try:
+        for child in children:
+            assert child.stdout is not None and child.stdout.readline().strip() == "spent"
+        assert {child.pid for child in children} <= set(tree(os.getpid()))
+        after = processes_cpu_s(os.getpid())
+        for role in ("front ends", "engine process"):
+            assert after[role] - before[role] >= 0.25, (role, before, after)
+        assert cpu_s(os.getpid()) >= sum(after.values()) - 0.05
+        for child in children:
+            assert process_usage(child.pid).cpu_s >= 0.25
+    finally:
+        for child in children:
+            child.kill()
+            child.wait()
+    time.sleep(0.05)
+    assert process_usage(children[0].pid).cpu_s == 0.0  # gone: counted as nothing, no error
