@@ -207,6 +207,10 @@ for n in 2 4 8 16; do
   step "frontend-p$n" 0 "$PY" -m loadtests.frontend --store "$(dirname "$MODEL")" \
     --category "$(basename "$MODEL")" --api-processes "$n" --seconds 10 --concurrency $((32 * n)) \
     --decode-threads 4 --kinds jpeg256-none jpeg2048-none --no-profile --out "$RAW/frontend-p$n" || true
+  # the floor under it: the same work over n separate single-process servers, no link between them
+  step "frontend-s$n" 0 "$PY" -m loadtests.frontend --store "$(dirname "$MODEL")" \
+    --category "$(basename "$MODEL")" --servers "$n" --seconds 10 --concurrency $((32 * n)) \
+    --decode-threads 4 --kinds jpeg256-none jpeg2048-none --no-profile --out "$RAW/frontend-s$n" || true
   step "frontend-engine-p$n" 0 "$PY" -m loadtests.frontend --store "$(dirname "$MODEL")" \
     --category "$(basename "$MODEL")" --engine auto --api-processes "$n" --seconds 10 \
     --concurrency $((32 * n)) --decode-threads 4 --kinds jpeg256-none --no-profile \

@@ -37,6 +37,10 @@ each made from scikit-image's brick photograph, or from ``--image``. The image m
 real engine: a model of the category finds the texture photograph (another scale than its
 parts) defective all over, a good part of the category mostly not, and an answer's defect
 regions cost with the defect's size.
+``--servers N`` runs N separate single-process servers instead of one and spreads the
+connections over them: the same work split over N processes with no link between them, so
+the floor under ``--api-processes N`` on the same box (more busy processes than cores cost
+CPU per image by themselves: caches, wake-ups, scheduling).
 ``--rounds N`` drives every kind N times, the kinds taking turns, and reports the median of
 each figure (the share outside the engine of each round, too): on a shared box a single
 window drifts by about as much as the 10% target's margin (docs/PERFORMANCE.md).
@@ -47,12 +51,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -92,14 +97,24 @@ KINDS: dict[str, tuple[int, str, str]] = {  # name: (side, format, heatmap)
 }
 
 
-async def drive(url: str, category: str, data: bytes, content_type: str, heatmap: str, concurrency: int,
-                seconds: float, pid: int) -> dict[str, Any]:
+async def drive(targets: Sequence[tuple[str, int]], category: str, data: bytes, content_type: str, heatmap: str,
+                concurrency: int, seconds: float) -> dict[str, Any]:
+    """Drive ``targets`` (each a server's URL and the pid of its process tree) at saturation:
+    ``concurrency`` connections, one request in flight on each, spread over the targets in
+    turn; CPU is summed over every target's tree."""
     timings: list[dict[str, float]] = []
     waits: list[float] = []  # each answer's wall time at the client: the tail shows the server's stalls
     failures = 0
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
-        async def one() -> None:
+    pids = [pid for _, pid in targets]
+    per_target = -(-concurrency // len(targets))
+    limits = httpx.Limits(max_connections=per_target, max_keepalive_connections=per_target)
+    async with contextlib.AsyncExitStack() as stack:
+        clients = [await stack.enter_async_context(httpx.AsyncClient(base_url=url, timeout=30, limits=limits))
+                   for url, _ in targets]
+
+        answered = [0] * len(clients)
+
+        async def one(client: httpx.AsyncClient) -> None:
             nonlocal failures
             sent = time.perf_counter()
             r = await client.post(f"/v1/inspect/{category}", params={"heatmap": heatmap}, content=data,
@@ -110,22 +125,30 @@ async def drive(url: str, category: str, data: bytes, content_type: str, heatmap
             result = r.json()["results"][0]
             waits.append((time.perf_counter() - sent) * 1e3)
             timings.append({**result["timings_ms"], "batch_size": result["batch_size"]})
+            answered[clients.index(client)] += 1
 
         async def loop(until: float) -> None:
-            while time.monotonic() < until:
-                await one()
+            await asyncio.gather(*(connection(clients[i % len(clients)], until) for i in range(concurrency)))
 
-        await asyncio.gather(*(loop(time.monotonic() + 1.0) for _ in range(concurrency)))  # warm-up
+        async def connection(client: httpx.AsyncClient, until: float) -> None:
+            while time.monotonic() < until:
+                await one(client)
+
+        async def scrape() -> dict[tuple[str, str], tuple[float, float, dict[float, float]]]:
+            return merge_passes([collector_passes((await c.get("/metrics")).text) for c in clients])
+
+        await loop(time.monotonic() + 1.0)  # warm-up
         timings.clear()
         waits.clear()
-        passes0 = collector_passes((await client.get("/metrics")).text)  # outside the CPU window
-        server0, threads0, roles0 = cpu_s(pid), threads_cpu_s(pid), processes_cpu_s(pid)
+        answered = [0] * len(clients)
+        passes0 = await scrape()  # outside the CPU window
+        server0, threads0, roles0 = _summed(cpu_s, pids), _summed(threads_cpu_s, pids), _summed(processes_cpu_s, pids)
         client0, t0 = own_cpu_s(), time.monotonic()
-        await asyncio.gather(*(loop(t0 + seconds) for _ in range(concurrency)))
-        wall, server, own = time.monotonic() - t0, cpu_s(pid) - server0, own_cpu_s() - client0
-        threads = {group: spent - threads0.get(group, 0.0) for group, spent in threads_cpu_s(pid).items()}
-        roles = {role: spent - roles0.get(role, 0.0) for role, spent in processes_cpu_s(pid).items()}
-        passes = window_passes(passes0, collector_passes((await client.get("/metrics")).text))
+        await loop(t0 + seconds)
+        wall, server, own = time.monotonic() - t0, _summed(cpu_s, pids) - server0, own_cpu_s() - client0
+        threads = {group: spent - threads0.get(group, 0.0) for group, spent in _summed(threads_cpu_s, pids).items()}
+        roles = {role: spent - roles0.get(role, 0.0) for role, spent in _summed(processes_cpu_s, pids).items()}
+        passes = window_passes(passes0, await scrape())
     n = len(timings)
     mean = {k: float(np.mean([t[k] for t in timings])) if n else float("nan") for k in
             ("decode", "render", "queue", "engine", "total")}
@@ -148,7 +171,28 @@ async def drive(url: str, category: str, data: bytes, content_type: str, heatmap
             "processes_cpu_ms_per_image": {role: round(spent / max(n, 1) * 1e3, 3) for role, spent in roles.items()
                                            if spent > 0},
             "collector_passes": passes,
+            **({"images_by_server": answered} if len(targets) > 1 else {}),
             }
+
+
+def _summed(read: Callable[[int], Any], pids: Sequence[int]) -> Any:
+    """``read`` (a number, or a dict of numbers) added up over ``pids``."""
+    values = [read(pid) for pid in pids]
+    if isinstance(values[0], dict):
+        return {key: sum(v.get(key, 0.0) for v in values) for key in values[0]}
+    return sum(values)
+
+
+def merge_passes(scrapes: Sequence[dict[tuple[str, str], tuple[float, float, dict[float, float]]]]
+                 ) -> dict[tuple[str, str], tuple[float, float, dict[float, float]]]:
+    """Several servers' collector histograms as one (counts, sums and buckets added)."""
+    merged: dict[tuple[str, str], tuple[float, float, dict[float, float]]] = {}
+    for scrape in scrapes:
+        for key, (count, seconds, buckets) in scrape.items():
+            count0, seconds0, buckets0 = merged.get(key, (0.0, 0.0, {}))
+            merged[key] = (count0 + count, seconds0 + seconds,
+                           {le: buckets0.get(le, 0.0) + buckets.get(le, 0.0) for le in {*buckets0, *buckets}})
+    return merged
 
 
 def collector_passes(metrics_text: str) -> dict[tuple[str, str], tuple[float, float, dict[float, float]]]:
@@ -337,11 +381,18 @@ def run(args: argparse.Namespace) -> int:
         env["MSFLOW_INTRA_OP_THREADS"] = str(args.intra_op_threads)
     if args.loop_work_pixels is not None:
         env["MSFLOW_LOOP_WORK_PIXELS"] = str(args.loop_work_pixels)
+    if args.servers > 1 and args.api_processes > 1:
+        raise SystemExit("--servers N runs N single-process servers: leave --api-processes at 1")
     results: dict[str, Any] = {}
-    with LocalServer(args.store, out / "server.log", env=env) as server:
-        wait_ready(server.url, server.proc, timeout=180)
-        assert server.proc is not None
-        infos = every_front_end_ready(server.url, server.proc.pid, args.api_processes)
+    with contextlib.ExitStack() as stack:
+        servers = [stack.enter_context(LocalServer(args.store, out / f"server{i or ''}.log", env=env))
+                   for i in range(args.servers)]  # started together, then waited for
+        for each in servers:
+            wait_ready(each.url, each.proc, timeout=180)
+            assert each.proc is not None
+            infos = every_front_end_ready(each.url, each.proc.pid, args.api_processes)
+        targets = [(each.url, each.proc.pid) for each in servers if each.proc is not None]
+        server = servers[0]
         category = args.category or sorted(m["category"] for m in infos)[0]
         with httpx.Client(base_url=server.url) as c:
             input_size = c.get(f"/v1/models/{category}").json()["input_size"]
@@ -359,8 +410,7 @@ def run(args: argparse.Namespace) -> int:
         for _ in range(args.rounds):  # the kinds take turns, so a drift of the box reaches each alike
             this_round = []
             for kind, (data, ctype, heatmap) in posts.items():
-                r = asyncio.run(drive(server.url, category, data, ctype, heatmap, args.concurrency, args.seconds,
-                                      server.proc.pid))
+                r = asyncio.run(drive(targets, category, data, ctype, heatmap, args.concurrency, args.seconds))
                 rounds[kind].append(r)
                 this_round.append(r)
             if args.engine == "onnx":  # what the server spends outside the engine, against the engine's own CPU
@@ -382,7 +432,7 @@ def run(args: argparse.Namespace) -> int:
                "concurrency": args.concurrency, "seconds": args.seconds, "rounds": args.rounds, "batch": args.batch,
                "decode_threads": args.decode_threads,
                "intra_op_threads": args.intra_op_threads, "loop_work_pixels": args.loop_work_pixels,
-               "api_processes": args.api_processes, "image": args.image or "skimage brick texture",
+               "api_processes": args.api_processes, "servers": args.servers, "image": args.image or "skimage brick texture",
                "cpu_count": os.cpu_count(), "kinds": results}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     md = render(summary)
@@ -427,6 +477,8 @@ def combine(rounds: list[dict[str, Any]]) -> dict[str, Any]:
             keys = sorted({k for r in rounds for k in r[key]})
             out[key] = {k: (max if " longest " in k else sum)(r[key][k] for r in rounds if k in r[key])
                         for k in keys}
+        elif key == "images_by_server":
+            out[key] = [sum(counts) for counts in zip(*(r[key] for r in rounds))]
         elif key == "batch_mix":
             out[key] = {b: sum(r[key].get(b, 0) for r in rounds) for b in sorted({b for r in rounds for b in r[key]})}
         elif isinstance(first, dict):  # each key's median over the rounds that have it (batch sizes vary)
@@ -445,8 +497,10 @@ def render(s: dict[str, Any]) -> str:
     placement = "" if s.get("loop_work_pixels") is None else f"; MSFLOW_LOOP_WORK_PIXELS={s['loop_work_pixels']}"
     lines = [f"# Front end ({s['engine']} engine, `{s['category']}` at {s['input_size']} px, {s['concurrency']} in "
              f"flight, {s['seconds']} s per kind{f' in each of {rounds} rounds (medians)' if rounds > 1 else ''}, "
-             f"{s['cpu_count']} cores, {s.get('api_processes', 1)} API "
-             f"process(es); image: {s.get('image', 'skimage brick texture')}{placement})", "",
+             f"{s['cpu_count']} cores, "
+             + (f"{s['servers']} separate single-process servers" if s.get("servers", 1) > 1
+                else f"{s.get('api_processes', 1)} API process(es)")
+             + f"; image: {s.get('image', 'skimage brick texture')}{placement})", "",
              "| input | images/s | server CPU / image | server cores | client CPU / image | decode (wall) | "
              "render + regions (wall) | latency at the client: p50 / p99.9 / max | failures |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -515,6 +569,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--api-processes", type=int, default=1,
                    help="MSFLOW_API_PROCESSES of the server (>1: front ends + one engine process; CPU is summed "
                         "over all of them)")
+    p.add_argument("--servers", type=int, default=1,
+                   help="run this many separate single-process servers and spread the connections over them: "
+                        "the work split over processes with no link between them, the floor under the same "
+                        "--api-processes count on this box (CPU summed over all of them)")
     p.add_argument("--loop-work-pixels", type=int, help="the server's MSFLOW_LOOP_WORK_PIXELS (0: every image's "
                    "work in the decode threads; default: the server's, small requests on the event loop)")
     p.add_argument("--intra-op-threads", type=int, help="the engine's CPU threads, in the server and in the bare "

@@ -234,10 +234,11 @@ def test_redis_fault_scenario_every_job_once_and_overrides_survive_flushall(mode
 def test_frontend_benchmark_on_the_null_engine(model_store, tmp_path):
     """loadtests/frontend.py, briefly: the null engine answers every kind of input, and the
     report has CPU per image, throughput, the client's own CPU and latency, and the stage
-    profile."""
+    profile. Driven over two separate servers (``--servers 2``, the floor of a split): the
+    connections reach both, and the CPU of both is counted."""
     out = tmp_path / "frontend"
     cmd = [sys.executable, "-m", "loadtests.frontend", "--store", str(model_store), "--seconds", "1.5",
-           "--concurrency", "4", "--out", str(out)]
+           "--concurrency", "4", "--servers", "2", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, env=_clean_env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     s = json.loads((out / "summary.json").read_text())
@@ -245,6 +246,8 @@ def test_frontend_benchmark_on_the_null_engine(model_store, tmp_path):
     for kind, r in s["kinds"].items():
         assert r["failures"] == 0 and r["images"] > 0, (kind, r)
         assert r["server_cpu_ms_per_image"] > 0 and r["client_cpu_ms_per_image"] > 0
+        assert len(r["images_by_server"]) == 2 and min(r["images_by_server"]) > 0, r["images_by_server"]
+        assert sum(r["images_by_server"]) == r["images"]
         waits = r["client_latency_ms"]  # the tail shows the server's stalls (a collector's full pass, once)
         assert 0 < waits["p50"] <= waits["p99"] <= waits["p99.9"] <= waits["max"], (kind, waits)
         assert {"multipart", "decode", "resize", "regions", "json", "other"} <= set(r["profile_ms"])

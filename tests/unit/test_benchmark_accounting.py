@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import generate_latest
 
-from loadtests.frontend import collector_passes, combine, render, window_passes
+from loadtests.frontend import collector_passes, combine, merge_passes, render, window_passes
 from service.metrics import GC_PAUSE_BUCKETS, ServiceMetrics
 
 
@@ -48,3 +48,15 @@ def test_a_pass_beyond_the_top_bucket_is_reported_over_it_not_as_infinity() -> N
                    "client_cpu_ms_per_image": 1, "decode_ms": 1, "render_regions_ms": 1, "failures": 0,
                    "collector_passes": merged["collector_passes"]}}}
     assert f"one over {top * 1e3:g} ms" in render(summary)
+
+
+def test_passes_of_several_servers_add_up() -> None:
+    a, b = ServiceMetrics(), ServiceMetrics()
+    a.observe_gc_pauses("api", [(0, 0.0002)] * 3)
+    b.observe_gc_pauses("api", [(0, 0.0002), (0, 0.002)])
+    b.observe_gc_pauses("engine", [(2, 0.004)])
+    merged = merge_passes([collector_passes(_scrape(a)), collector_passes(_scrape(b))])
+    window = window_passes({}, merged)
+    assert window["api gen0 passes"] == 5 and window["engine gen2 passes"] == 1
+    assert abs(window["api gen0 ms"] - 2.8) < 1e-6
+    assert window["api gen0 longest under ms"] == min(x for x in GC_PAUSE_BUCKETS if x >= 0.002) * 1e3
