@@ -35,13 +35,12 @@ import fcntl
 import hashlib
 import json
 import os
-import re
 import secrets
 import shutil
 import time
 import zipfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any, Literal
@@ -49,12 +48,12 @@ from typing import IO, Any, Literal
 from pydantic import ValidationError
 
 from models.manifest import CATEGORY_PATTERN
+from models.review_index import CategoryScan, Entry, LabelCache, StoreIndex, parse_id
 from models.review_records import Label, ReviewHeatmap, ReviewImage, ReviewItem, ReviewLabel
 
 REVIEWED_OK = "reviewed_ok.json"  # in a run and its exported versions: the reviewed OK images it trained on
 LABEL_RESERVE = 4096  # bytes each item reserves for its label file (a label is refused above it)
 ITEM_JSON_LIMIT = 256 * 1024  # an item.json larger than this is not ours
-ID_PATTERN = re.compile(r"^(\d{8}T\d{12})-(ok|review|ng)-(\d{10})-([0-9a-f]{12})$")
 IMAGE_TYPES = {"PNG": ("png", "image/png"), "JPEG": ("jpg", "image/jpeg"), "BMP": ("bmp", "image/bmp"),
                "TIFF": ("tif", "image/tiff"), "WEBP": ("webp", "image/webp")}
 _STALE_STAGING_S = 3600.0
@@ -76,27 +75,6 @@ class Budget:
     label_retention_s: float
 
 
-@dataclass(frozen=True)
-class Entry:
-    """What an item's id says, without reading it."""
-
-    id: str
-    captured: float  # epoch seconds
-    verdict: str
-    bytes: int
-    digest: str  # image sha256[:12]
-
-
-@dataclass
-class CategoryScan:
-    entries: list[Entry] = field(default_factory=list)  # oldest first
-    labelled: set[str] = field(default_factory=set)
-
-    @property
-    def pending(self) -> list[Entry]:
-        return [e for e in self.entries if e.id not in self.labelled]
-
-
 def resolve_root(path: str | Path) -> Path:
     """A review store given as itself or as the model store that holds it (``<store>/.review``)."""
     p = Path(path)
@@ -107,12 +85,16 @@ def _stamp(moment: datetime) -> str:
     return moment.astimezone(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
 
 
-def parse_id(item_id: str) -> Entry | None:
-    m = ID_PATTERN.match(item_id)
-    if m is None:
+def _read_label(path: str | Path) -> ReviewLabel | None:
+    try:
+        with open(path, "rb") as f:
+            data = f.read(LABEL_RESERVE + 1)
+    except FileNotFoundError:
         return None
-    captured = datetime.strptime(m.group(1), "%Y%m%dT%H%M%S%f").replace(tzinfo=timezone.utc).timestamp()
-    return Entry(item_id, captured, m.group(2), int(m.group(3)), m.group(4))
+    try:
+        return ReviewLabel.model_validate_json(data)
+    except ValidationError:
+        return None
 
 
 def _fsync_write(path: Path, data: bytes) -> None:
@@ -137,6 +119,9 @@ class ReviewStore:
     def __init__(self, root: str | Path, budget: Budget | None = None) -> None:
         self.root = Path(root)
         self.budget = budget
+        self._index = StoreIndex(self.root)
+        self._labels: dict[str, LabelCache[ReviewLabel]] = {}
+        self._label_lists: dict[str, tuple[frozenset[str], list[ReviewLabel]]] = {}  # by the labelled ids read
 
     # ------------------------------------------------------------------ layout
     def _category_dir(self, category: str) -> Path:
@@ -171,57 +156,81 @@ class ReviewStore:
 
     # ------------------------------------------------------------------ scanning, budget, retention
     def scan(self, category: str) -> CategoryScan:
-        base = self._category_dir(category)
-        out = CategoryScan()
-        with contextlib.suppress(FileNotFoundError):
-            with os.scandir(base / "items") as it:
-                out.entries = sorted((e for e in (parse_id(d.name) for d in it) if e is not None),
-                                     key=lambda e: e.id)
-        with contextlib.suppress(FileNotFoundError):
-            with os.scandir(base / "labels") as it:
-                out.labelled = {d.name[:-5] for d in it if d.name.endswith(".json") and parse_id(d.name[:-5])}
-        return out
+        """The category's items and labelled ids, from their names (:mod:`models.review_index`
+        keeps them between calls while the directories are unchanged)."""
+        self._category_dir(category)  # a name that is no category is refused, not looked up
+        return self._index.scan(category)
 
     def usage(self) -> tuple[int, int]:
         """(items, bytes) the budget counts, over every category."""
-        items = size = 0
-        for category in self.categories():
-            entries = self.scan(category).entries
-            items += len(entries)
-            size += sum(e.bytes for e in entries)
-        return items, size
+        scans = [self.scan(category) for category in self.categories()]
+        return sum(len(scan.entries) for scan in scans), sum(scan.bytes for scan in scans)
 
     def prune(self, now: float | None = None) -> int:
         """Remove expired items, orphan labels and stale staging folders; returns items removed."""
         if self.budget is None:
             return 0
+        now = time.time() if now is None else now
         with self._locked():
-            return self._prune(time.time() if now is None else now)
-
-    def _prune(self, now: float) -> int:
-        assert self.budget is not None
-        removed = 0
-        for category in self.categories():
-            scan = self.scan(category)
-            items = self.root / category / "items"
-            for e in scan.entries:
-                keep = self.budget.label_retention_s if e.id in scan.labelled else self.budget.retention_s
-                if now - e.captured > keep:
-                    shutil.rmtree(items / e.id, ignore_errors=True)
+            removed = self._expire(now)
+            for category in self.categories():
+                scan = self.scan(category)
+                for orphan in scan.labelled - {e.id for e in scan.entries}:  # its item expired or was removed
                     with contextlib.suppress(FileNotFoundError):
-                        (self.root / category / "labels" / f"{e.id}.json").unlink()
-                    removed += 1
-            alive = {e.id for e in self.scan(category).entries}
-            for orphan in scan.labelled - alive:  # its item expired or was removed
-                with contextlib.suppress(FileNotFoundError):
-                    (self.root / category / "labels" / f"{orphan}.json").unlink()
-            with contextlib.suppress(FileNotFoundError):
-                for d in os.scandir(items):
-                    if d.name.startswith(".tmp-") and now - d.stat().st_mtime > _STALE_STAGING_S:
-                        shutil.rmtree(d.path, ignore_errors=True)  # a writer died mid-item
+                        (self.root / category / "labels" / f"{orphan}.json").unlink()
+                with contextlib.suppress(FileNotFoundError), os.scandir(self.root / category / "items") as it:
+                    for d in it:
+                        if d.name.startswith(".tmp-") and now - d.stat().st_mtime > _STALE_STAGING_S:
+                            shutil.rmtree(d.path, ignore_errors=True)  # a writer died mid-item
         return removed
 
+    def _expire(self, now: float) -> int:
+        """Remove the items past their retention (holding the lock)."""
+        removed = 0
+        for category in self.categories():
+            gone = self._expired(self.scan(category), now)
+            for e in gone:
+                shutil.rmtree(self.root / category / "items" / e.id, ignore_errors=True)
+                with contextlib.suppress(FileNotFoundError):
+                    (self.root / category / "labels" / f"{e.id}.json").unlink()
+            self._index.removed(category, {e.id for e in gone})
+            removed += len(gone)
+        return removed
+
+    def _expired(self, scan: CategoryScan, now: float) -> list[Entry]:
+        """The entries past their retention. Entries are oldest first, so only the expired
+        ones and one more are looked at: an add pays for what it frees, not for the store."""
+        assert self.budget is not None
+        shortest = min(self.budget.retention_s, self.budget.label_retention_s)
+        out = []
+        for e in scan.entries:
+            if now - e.captured <= shortest:
+                break
+            keep = self.budget.label_retention_s if e.id in scan.labelled else self.budget.retention_s
+            if now - e.captured > keep:
+                out.append(e)
+        return out
+
     # ------------------------------------------------------------------ writing
+    def refusal(self, category: str, image: bytes) -> Literal["full", "duplicate"] | None:
+        """What :meth:`add` would answer for ``image`` as the store stands, where that is a
+        refusal, without the lock or any write: a caller checks before it renders what the
+        item would hold (a heatmap) for a store that cannot take it. :meth:`add` decides."""
+        if self.budget is None:
+            return None
+        if hashlib.sha256(image).hexdigest()[:12] in self.scan(category).digests:
+            return "duplicate"
+        items = used = 0
+        now = time.time()
+        for name in self.categories():  # what would be left once the expired items go, as add() sees it
+            scan = self.scan(name)
+            expired = self._expired(scan, now)
+            items += len(scan.entries) - len(expired)
+            used += scan.bytes - sum(e.bytes for e in expired)
+        if items + 1 > self.budget.max_items or used + len(image) + LABEL_RESERVE > self.budget.max_bytes:
+            return "full"
+        return None
+
     def add(self, category: str, fields: dict[str, Any], image: bytes, image_format: str,
             size: tuple[int, int], heatmap: bytes | None, heatmap_size: tuple[int, int] | None,
             now: datetime | None = None) -> tuple[Literal["stored", "full", "duplicate"], str | None]:
@@ -236,8 +245,8 @@ class ReviewStore:
         ext, media_type = IMAGE_TYPES.get(image_format.upper(), ("bin", "application/octet-stream"))
         verdict = fields["verdict"]
         with self._locked():
-            self._prune(now.timestamp())
-            if any(e.digest == digest[:12] for e in self.scan(category).entries):
+            self._expire(now.timestamp())
+            if digest[:12] in self.scan(category).digests:
                 return "duplicate", None
             items, used = self.usage()
             draft = self._item(category, fields, "0" * 10, digest, ext, media_type, image, image_format, size,
@@ -261,6 +270,9 @@ class ReviewStore:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
             _fsync_dir(items_dir)
+            entry = parse_id(record.id)
+            assert entry is not None
+            self._index.added(category, entry)
             return "stored", record.id
 
     @staticmethod
@@ -332,14 +344,7 @@ class ReviewStore:
         return self._item_dir(category, item_id) / item.image.file, item.image.media_type
 
     def get_label(self, category: str, item_id: str) -> ReviewLabel | None:
-        try:
-            data = self._label_path(category, item_id).read_bytes()
-        except FileNotFoundError:
-            return None
-        try:
-            return ReviewLabel.model_validate_json(data[: LABEL_RESERVE + 1])
-        except ValidationError:
-            return None
+        return _read_label(self._label_path(category, item_id))
 
     def pending(self, category: str, verdict: str | None = None, after: str | None = None,
                 limit: int = 50) -> tuple[list[ReviewItem], str | None]:
@@ -357,10 +362,22 @@ class ReviewStore:
         return page, entries[read - 1].id if read < len(entries) and read else None
 
     def labels(self, category: str) -> list[ReviewLabel]:
+        """The labels of the category's items, oldest item first (each file parsed again only
+        when it changed)."""
         scan = self.scan(category)
-        alive = {e.id for e in scan.entries}
-        found = [self.get_label(category, i) for i in sorted(scan.labelled & alive)]
-        return [label for label in found if label is not None]
+        last = self._label_lists.get(category)
+        # The same labelled set (the very object): the labels folder is unchanged since, so no
+        # label was written or replaced, and no labelled item went without its label going too.
+        if last is not None and last[0] is scan.labelled:
+            return list(last[1])
+        ids = sorted(scan.labelled & {e.id for e in scan.entries})
+        cache = self._labels.get(category)
+        if cache is None:
+            cache = self._labels.setdefault(category, LabelCache(_read_label))
+        folder = str(self._category_dir(category) / "labels")
+        found = cache.read_all(os.path.join(folder, f"{i}.json") for i in ids)
+        self._label_lists[category] = (scan.labelled, found)
+        return list(found)
 
     def labelled(self, category: str) -> list[tuple[ReviewItem, ReviewLabel, Path]]:
         """Every labelled item with its label and image path, oldest first."""

@@ -14,7 +14,10 @@ none of them ever fails an inspection. Cached answers are not offered: their ima
 (or not) when it was first scored, and the store refuses duplicates anyway.
 
 A maintenance loop applies the retention and reads the pending counts
-(``msflow_review_pending``) every ``MSFLOW_REVIEW_SCAN_S``.
+(``msflow_review_pending``) every ``MSFLOW_REVIEW_SCAN_S``; after captures they are read
+again within a second. The store keeps what it read between calls
+(:mod:`models.review_index`), so neither a capture nor a refresh rereads a full store: the
+store's own budget (10,000 items by default) no longer prices every captured image.
 """
 
 from __future__ import annotations
@@ -40,6 +43,10 @@ from service.pipeline.render import heatmap_for
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
+# The gauges are the store's state, read from it; at an audit rate of 2% a busy server
+# captures several images a second, and reading the tallies after each one cost more than
+# the captures (docs/PERFORMANCE.md). A second's lag on a gauge costs nothing.
+REFRESH_AFTER_WRITES_S = 1.0
 _ITEM_FIELDS = ("model_version", "verdict", "is_anomalous", "raw_score", "score", "threshold", "ng_threshold")
 
 
@@ -87,6 +94,7 @@ class ReviewCapture:
         self._tasks: list[asyncio.Task[None]] = []
         self._pool: ThreadPoolExecutor | None = None
         self._failing: set[str] = set()  # categories whose last write failed (logged once)
+        self._refreshed_at = -REFRESH_AFTER_WRITES_S  # time.monotonic() of the gauges' last refresh
 
     # ------------------------------------------------------------------ life cycle
     def start(self) -> None:
@@ -150,9 +158,16 @@ class ReviewCapture:
     # ------------------------------------------------------------------ background
     async def _write_loop(self) -> None:
         loop = asyncio.get_running_loop()
+        refresh_due: float | None = None  # the gauges, after writes: at most once per REFRESH_AFTER_WRITES_S
         while True:
-            await self._wake.wait()
+            try:
+                async with asyncio.timeout(None if refresh_due is None else max(0.0, refresh_due - time.monotonic())):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
             self._wake.clear()
+            if self._queue and refresh_due is None:
+                refresh_due = self._refreshed_at + REFRESH_AFTER_WRITES_S
             while self._queue:
                 kept = self._queue.popleft()
                 try:
@@ -169,11 +184,16 @@ class ReviewCapture:
                 finally:
                     self._bytes -= kept.cost
                 self._count(kept, outcome)
-            await self.refresh()
+            if refresh_due is not None and time.monotonic() >= refresh_due:
+                refresh_due = None
+                await self.refresh()
 
     def _write(self, kept: _Kept) -> str:
         """Blocking, on the review thread: render the heatmap, write the item under the budget."""
         item, result = kept.item, kept.item.answer
+        refused = self.store.refusal(kept.category, item.data)
+        if refused is not None:  # a full store stays full for a while: no heatmap rendered for nothing
+            return refused
         side = int(item.score_map.shape[0])
         size = (side, side)
         png = heatmap_for(item.score_map, kept.colours, item.model_input, None, size, False)
@@ -199,6 +219,7 @@ class ReviewCapture:
         model-operator disagreements by version. Gauges of the store's state rather than
         counters of label events: a relabel replaces a label, and every replica then
         reports the same (shared) truth, which survives restarts."""
+        self._refreshed_at = time.monotonic()
         try:
             tallies = await asyncio.to_thread(self._tallies, category)
         except OSError:

@@ -1,0 +1,223 @@
+"""What a review store holds, read from its item ids once and kept between calls.
+
+The store answers its budget, duplicate check, pending counts and retention from the item
+ids alone (one ``scandir`` per category, no file read: :mod:`models.review_store`). Read
+afresh on every call, that cost a server dearly: at 10,000 items one scan took ~110 ms of
+CPU holding the GIL (``strptime`` on every id), a capture made four of them and the gauges'
+refresh after it read every label too: ~0.77 s of CPU per captured image once the store was
+full, and a server auditing 2% of its answers fell from 660 to 317 images/s
+(docs/PERFORMANCE.md).
+
+:class:`StoreIndex` keeps, per category, a :class:`CategoryScan` snapshot (entries oldest
+first, labelled ids, the digests and the bytes they add up to) with the ``stat`` of the two
+directories it was read from, and hands it out while those are unchanged. A snapshot is
+never changed in place: a reader keeps a consistent one however the store moves on.
+
+* This process's own writes, made under the store's lock (so no other writer moves the
+  items meanwhile), replace the snapshot and take the directory's new ``stat``: no rescan.
+* Any other change (another replica or worker, an operator deleting files, a label written
+  by the API: labels are written without the lock) changes a directory's ``stat``, and the
+  next call reads that directory again.
+* The ``stat`` is taken *before* the directory is read, so a change racing a read leaves a
+  snapshot that looks stale and is read again, never one that looks current and is not.
+* Every snapshot is read afresh at least every :data:`MAX_AGE_S`: on a file system whose
+  timestamps are coarse (and whose directories' link counts stay 1, as btrfs's), another
+  process's change within the same tick as one of this process's could otherwise go unseen.
+
+:class:`LabelCache` does the same for label files (each replaced atomically on relabel): a
+label is parsed again only when its file's ``stat`` changed.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import functools
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Generic, TypeVar
+
+ID_PATTERN = re.compile(r"^(\d{8}T\d{12})-(ok|review|ng)-(\d{10})-([0-9a-f]{12})$")
+MAX_AGE_S = 10.0  # the longest a snapshot is trusted without reading its directories again
+# Ids whose parse is remembered: ~0.4 KB each with the id and the cache's own (13 MB at most),
+# three times the default budget of 10,000 items (a larger store parses the rest each time).
+PARSED_IDS = 32_768
+
+_T = TypeVar("_T")
+_Stat = tuple[int, int, int, int] | None  # a directory's (inode, mtime ns, links, size); None: absent
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """What an item's id says, without reading it."""
+
+    id: str
+    captured: float  # epoch seconds
+    verdict: str
+    bytes: int
+    digest: str  # image sha256[:12]
+
+
+@functools.lru_cache(maxsize=PARSED_IDS)
+def parse_id(item_id: str) -> Entry | None:
+    """The entry an item id names, or None for anything else. Remembered: an id never
+    changes meaning, and every scan of a store parses all of its ids."""
+    m = ID_PATTERN.match(item_id)
+    if m is None:
+        return None
+    s = m.group(1)  # yyyymmddTHHMMSSffffff, UTC
+    try:
+        captured = datetime(int(s[0:4]), int(s[4:6]), int(s[6:8]), int(s[9:11]), int(s[11:13]), int(s[13:15]),
+                            int(s[15:21]), tzinfo=timezone.utc).timestamp()
+    except ValueError:  # a month 13, a second 61: not an id this store wrote
+        return None
+    return Entry(item_id, captured, m.group(2), int(m.group(3)), m.group(4))
+
+
+@dataclass(frozen=True)
+class CategoryScan:
+    """One category's items as of one reading (or one write of this process). Read-only."""
+
+    entries: tuple[Entry, ...] = ()  # oldest first (ids sort by capture time)
+    labelled: frozenset[str] = frozenset()
+    digests: frozenset[str] = frozenset()  # the entries' image digests
+    bytes: int = 0  # what the entries count against the budget, as their ids say
+
+    @classmethod
+    def of(cls, entries: Iterable[Entry], labelled: frozenset[str]) -> "CategoryScan":
+        kept = tuple(entries)
+        return cls(kept, labelled, frozenset(e.digest for e in kept), sum(e.bytes for e in kept))
+
+    @property
+    def pending(self) -> list[Entry]:
+        return [e for e in self.entries if e.id not in self.labelled]
+
+
+@dataclass(frozen=True)
+class _Held:
+    scan: CategoryScan
+    items_stat: _Stat
+    labels_stat: _Stat
+    read_at: float  # clock() of the last full reading of the items
+
+
+class StoreIndex:
+    """Snapshots of the categories of the store at ``root``. Thread-safe: the service reads
+    from the API's threads while its review thread writes."""
+
+    def __init__(self, root: Path, clock: Callable[[], float] = time.monotonic) -> None:
+        self.root = root
+        self._clock = clock
+        self._held: dict[str, _Held] = {}
+        self._lock = threading.Lock()
+
+    def scan(self, category: str) -> CategoryScan:
+        """The category as it is on disk (as fresh as the module docstring says)."""
+        items_dir, labels_dir = self.root / category / "items", self.root / category / "labels"
+        items_stat, labels_stat = _stat(items_dir), _stat(labels_dir)  # before reading: see the docstring
+        with self._lock:
+            held = self._held.get(category)
+        now = self._clock()
+        if held is not None and held.items_stat == items_stat and now - held.read_at < MAX_AGE_S:
+            if held.labels_stat == labels_stat:
+                return held.scan
+            scan = CategoryScan(held.scan.entries, _labelled(labels_dir), held.scan.digests, held.scan.bytes)
+            self._keep(category, _Held(scan, items_stat, labels_stat, held.read_at))
+            return scan
+        entries = sorted((e for e in map(parse_id, _names(items_dir)) if e is not None), key=lambda e: e.id)
+        scan = CategoryScan.of(entries, _labelled(labels_dir))
+        self._keep(category, _Held(scan, items_stat, labels_stat, now))
+        return scan
+
+    def added(self, category: str, entry: Entry) -> None:
+        """This process put ``entry`` in place, holding the store's lock."""
+        self._after_write(category, lambda entries: _with(entries, entry), removed_labels=False)
+
+    def removed(self, category: str, ids: set[str]) -> None:
+        """This process removed these items and their labels, holding the store's lock."""
+        if ids:
+            self._after_write(category, lambda entries: [e for e in entries if e.id not in ids], removed_labels=True)
+
+    def forget(self) -> None:
+        """Read every category from disk next time."""
+        with self._lock:
+            self._held.clear()
+
+    def _after_write(self, category: str, change: Callable[[tuple[Entry, ...]], Iterable[Entry]],
+                     removed_labels: bool) -> None:
+        with self._lock:
+            held = self._held.get(category)
+        if held is None:
+            return  # nothing held: the next scan reads the directories
+        base = self.root / category
+        # Under the store's lock nobody else moves items, so the directory's stat now is the
+        # stat of exactly this content. Labels move without the lock: read them again if this
+        # write removed some, else keep what was held (a label written meanwhile changed the
+        # directory's stat, which the held one no longer matches: the next scan reads it).
+        labels_stat = _stat(base / "labels") if removed_labels else held.labels_stat
+        labelled = _labelled(base / "labels") if removed_labels else held.scan.labelled
+        scan = CategoryScan.of(change(held.scan.entries), labelled)
+        self._keep(category, _Held(scan, _stat(base / "items"), labels_stat, held.read_at))
+
+    def _keep(self, category: str, held: _Held) -> None:
+        with self._lock:
+            self._held[category] = held
+
+
+def _stat(path: Path) -> _Stat:
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_nlink, st.st_size)
+
+
+def _names(path: Path) -> list[str]:
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError), os.scandir(path) as it:
+        return [d.name for d in it]
+    return []
+
+
+def _labelled(labels_dir: Path) -> frozenset[str]:
+    return frozenset(name[:-5] for name in _names(labels_dir) if name.endswith(".json") and parse_id(name[:-5]))
+
+
+def _with(entries: tuple[Entry, ...], entry: Entry) -> list[Entry]:
+    out = list(entries)
+    at = bisect.bisect_left([e.id for e in out], entry.id)
+    if at == len(out) or out[at].id != entry.id:  # a reading racing the write may have seen it already
+        out.insert(at, entry)
+    return out
+
+
+class LabelCache(Generic[_T]):
+    """Parsed label files, each parsed again only when its file's ``stat`` changed. Holds
+    only the labels asked for last (the store's labelled items: bounded by its budget)."""
+
+    def __init__(self, read: Callable[[str], _T | None]) -> None:
+        self._read = read
+        self._held: dict[str, tuple[tuple[int, int, int], _T | None]] = {}
+        self._lock = threading.Lock()
+
+    def read_all(self, paths: Iterable[str]) -> list[_T]:
+        """The labels at ``paths`` that exist and parse, in their order."""
+        with self._lock:
+            previous = self._held
+        held: dict[str, tuple[tuple[int, int, int], _T | None]] = {}
+        for path in paths:
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                continue
+            key = (st.st_ino, st.st_mtime_ns, st.st_size)
+            hit = previous.get(path)
+            held[path] = hit if hit is not None and hit[0] == key else (key, self._read(path))
+        with self._lock:
+            self._held = held
+        return [value for _, value in held.values() if value is not None]

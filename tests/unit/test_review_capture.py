@@ -1,0 +1,73 @@
+"""The review capture's writer (service/pipeline/review.py) on a real store: many captures in
+a second read the store's tallies for the gauges once or twice, not once per capture, and
+the gauges still come to the truth."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import numpy as np
+
+from models.manifest import Calibration, ScoreStats
+from service.config import Settings
+from service.metrics import ServiceMetrics
+from service.pipeline.item import InspectedImage
+from service.pipeline.review import REFRESH_AFTER_WRITES_S, ReviewCapture
+from service.schemas import ImageResult
+
+STATS = ScoreStats(count=4, mean=1.0, std=0.1, min=0.8, p50=1.0, p95=1.2, p99=1.3, max=1.3)
+COLOURS = Calibration(score_output="image_score_log", method="target_fpr", threshold=2.0, score_min=1.0,
+                      score_max=3.0, normal_scores=STATS, map_low=0.0, map_high=1.0, pixel_threshold=0.5)
+
+
+def answered(i: int) -> InspectedImage:
+    item = InspectedImage(index=0, filename=f"{i}.png", data=b"image %d" % i, format="PNG", width=16, height=16)
+    item.tensor = np.zeros((16, 16, 3), np.uint8)
+    item.anomaly_map = np.zeros((16, 16), np.float32)
+    item.raw_score = 1.0
+    item.result = ImageResult(index=0, filename=item.filename, score=0.2, raw_score=1.0, threshold=2.0,
+                              is_anomalous=False, verdict="ok", ng_threshold=2.5, model_version="1", batch_size=1,
+                              heatmap=None, timings_ms={"decode": 1, "queue": 1, "engine": 1, "render": 1, "total": 4},
+                              image_size={"width": 16, "height": 16}, regions=[])
+    return item
+
+
+def test_a_burst_of_captures_refreshes_the_gauges_once_or_twice(tmp_path: Path) -> None:
+    metrics = ServiceMetrics()
+    capture = ReviewCapture(Settings(model_store=tmp_path, review_audit_rate=1.0, review_scan_s=3600.0), metrics)
+    tallied: list[float] = []
+    real = capture._tallies
+
+    def counting(only: str | None) -> object:
+        tallied.append(time.monotonic())
+        return real(only)
+    capture._tallies = counting  # type: ignore[method-assign]
+
+    def stored() -> float:
+        return sum(s.value for m in metrics.review_captures.collect() for s in m.samples
+                   if s.name.endswith("_total") and s.labels["outcome"] == "stored")
+
+    def pending() -> float:
+        return next((s.value for m in metrics.review_pending.collect() for s in m.samples
+                     if s.labels.get("category") == "brick"), 0.0)
+
+    async def burst() -> None:
+        capture.start()
+        await asyncio.sleep(0.1)  # the maintenance loop's first pass (one refresh)
+        first = len(tallied)
+        started = time.monotonic()
+        for i in range(20):  # one at a time, as answers arrive: every offer wakes the writer
+            capture.offer("brick", "onnx", COLOURS, [answered(i)])
+            await asyncio.sleep(0.005)
+        while stored() < 20 and time.monotonic() - started < 10:
+            await asyncio.sleep(0.01)
+        assert stored() == 20
+        in_burst = [t for t in tallied[first:] if t - started < REFRESH_AFTER_WRITES_S]
+        assert len(in_burst) <= 2, len(in_burst)  # was one per wake-up: up to 20
+        await asyncio.sleep(REFRESH_AFTER_WRITES_S + 0.3)
+        assert pending() == 20  # the trailing refresh brought the gauge to the store's state
+        await capture.stop()
+
+    asyncio.run(burst())

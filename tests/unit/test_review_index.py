@@ -1,0 +1,141 @@
+"""What the review store keeps between calls (models/review_index.py), on a real folder: its
+own writes need no rereading, anybody else's change is seen at the next call, and nothing
+is trusted longer than MAX_AGE_S."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from models import review_index
+from models.review_index import MAX_AGE_S, StoreIndex, parse_id
+from models.review_store import Budget, ReviewStore
+
+T0 = datetime.now(timezone.utc) - timedelta(hours=1)
+_TICKS = itertools.count()
+DAY = 86_400.0
+
+
+def fields(verdict: str = "ok") -> dict[str, Any]:
+    return {"reason": "audit", "model_version": "1", "engine": "onnx", "filename": "a.png", "verdict": verdict,
+            "is_anomalous": verdict != "ok", "raw_score": 0.5, "score": 0.1, "threshold": 1.0, "ng_threshold": 2.0,
+            "regions": []}
+
+
+def opened(root: Path, max_items: int = 1000, retention_s: float = 7 * DAY) -> ReviewStore:
+    return ReviewStore(root, Budget(max_bytes=10**9, max_items=max_items, retention_s=retention_s,
+                                    label_retention_s=90 * DAY))
+
+
+def add(store: ReviewStore, image: bytes, at: datetime | None = None) -> str:
+    """Each item a millisecond after the last (ids sort by capture time)."""
+    at = at or T0 + timedelta(milliseconds=next(_TICKS))
+    outcome, item_id = store.add("brick", fields(), image, "PNG", (8, 8), None, None, now=at)
+    assert outcome == "stored" and item_id is not None, outcome
+    return item_id
+
+
+class Reads:
+    """Counts the directory reads the index makes (its one way to the disk's listing)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        real = review_index._names
+
+        def counted(path: Path) -> list[str]:
+            self.count += 1
+            return real(path)
+        monkeypatch.setattr(review_index, "_names", counted)
+
+
+def test_ids_parse_to_what_they_say_and_nothing_else() -> None:
+    entry = parse_id("20260102T030405123456-ng-0000004096-0123456789ab")
+    assert entry is not None and (entry.verdict, entry.bytes, entry.digest) == ("ng", 4096, "0123456789ab")
+    assert entry.captured == datetime(2026, 1, 2, 3, 4, 5, 123456, tzinfo=timezone.utc).timestamp()
+    for bad in ("20261302T030405123456-ng-0000004096-0123456789ab",  # month 13
+                "20260102T030405123456-maybe-0000004096-0123456789ab", "labels", ".tmp-abc"):
+        assert parse_id(bad) is None, bad
+
+
+def test_own_writes_need_no_rereading(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = opened(tmp_path, max_items=3)
+    add(store, b"a")
+    assert len(store.scan("brick").entries) == 1
+    reads = Reads(monkeypatch)
+    ids = [add(store, image) for image in (b"b", b"c")]
+    assert [e.id for e in store.scan("brick").entries][1:] == ids
+    assert store.usage()[0] == 3 and store.add("brick", fields(), b"d", "PNG", (8, 8), None, None)[0] == "full"
+    assert store.refusal("brick", b"e") == "full" and store.refusal("brick", b"a") == "duplicate"
+    assert reads.count == 0  # a full store answers from memory: its size no longer prices a capture
+
+
+def test_other_writers_changes_are_seen_at_the_next_call(tmp_path: Path) -> None:
+    mine, theirs = opened(tmp_path), opened(tmp_path)  # two processes (replicas, a worker) on one store
+    first = add(mine, b"a")
+    assert [e.id for e in mine.scan("brick").entries] == [first]
+    second = add(theirs, b"b")
+    assert [e.id for e in mine.scan("brick").entries] == [first, second]
+    assert mine.refusal("brick", b"b") == "duplicate"
+    theirs.label("brick", second, "ng", by="alice")  # labels are written without the store's lock
+    assert mine.scan("brick").labelled == {second} and [lab.label for lab in mine.labels("brick")] == ["ng"]
+    theirs.label("brick", second, "ok", by="bob")  # a relabel replaces the file
+    assert [(lab.label, lab.by) for lab in mine.labels("brick")] == [("ok", "bob")]
+    shutil.rmtree(tmp_path / "brick" / "items" / first)  # an operator's hand
+    assert [e.id for e in mine.scan("brick").entries] == [second] and mine.usage()[0] == 1
+
+
+def test_an_unseen_change_is_trusted_no_longer_than_max_age(tmp_path: Path) -> None:
+    now = [0.0]
+    store = opened(tmp_path)
+    index = store._index = StoreIndex(store.root, clock=lambda: now[0])
+    kept = add(store, b"a")
+    other = add(opened(tmp_path), b"b")
+    assert len(index.scan("brick").entries) == 2
+    # A file system with coarse timestamps: another process swaps one item for another within
+    # the same tick, and the folder's stat comes out as it was.
+    items = tmp_path / "brick" / "items"
+    before = os.stat(items)
+    shutil.rmtree(items / other)
+    (items / other.replace(other[-12:], "f" * 12)).mkdir()
+    os.utime(items, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert os.stat(items).st_mtime_ns == before.st_mtime_ns and os.stat(items).st_nlink == before.st_nlink
+    now[0] += MAX_AGE_S / 2
+    assert other in {e.id for e in index.scan("brick").entries}  # not seen yet: the stat is all it checks
+    now[0] += MAX_AGE_S
+    assert {e.id for e in index.scan("brick").entries} == {kept, other[:-12] + "f" * 12}
+
+
+def test_expired_items_make_room_before_the_store_says_full(tmp_path: Path) -> None:
+    store = opened(tmp_path, max_items=2, retention_s=DAY)
+    add(store, b"old", at=datetime.now(timezone.utc) - timedelta(days=2))
+    add(store, b"recent")
+    assert store.refusal("brick", b"new") is None  # the old one goes first, as add() does
+    assert store.add("brick", fields(), b"new", "PNG", (8, 8), None, None)[0] == "stored"
+    assert store.usage()[0] == 2 and store.refusal("brick", b"newer") == "full"
+
+
+def test_labels_are_parsed_again_only_when_their_file_changed(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    store = opened(tmp_path)
+    ids = [add(store, bytes([i])) for i in range(5)]
+    for item_id in ids:
+        store.label("brick", item_id, "ok", by="alice")
+    assert len(store.labels("brick")) == 5
+    parsed: list[str] = []
+    real = review_index.LabelCache.__init__
+
+    def counting(self: Any, read: Any) -> None:
+        real(self, lambda path: (parsed.append(path), read(path))[1])
+    monkeypatch.setattr(review_index.LabelCache, "__init__", counting)
+    fresh = opened(tmp_path)
+    assert len(fresh.labels("brick")) == 5 and len(parsed) == 5
+    assert len(fresh.labels("brick")) == 5 and len(parsed) == 5  # nothing changed: nothing read
+    fresh.label("brick", ids[2], "ng", by="bob")
+    assert [lab.label for lab in fresh.labels("brick")] == ["ok", "ok", "ng", "ok", "ok"]
+    assert len(parsed) == 6  # the one replaced file, not the others
