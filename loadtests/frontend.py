@@ -16,7 +16,8 @@ a lean asyncio + httpx client (``--concurrency`` requests in flight, one image e
 * the cycle collector's passes in the window, by process and generation (the server's
   ``msflow_gc_pause_seconds``, scraped before and after it; each process reports its passes
   once a second, so the window's edges are a second fuzzy);
-* where the CPU goes (``--profile``, on by default): each stage run in this process, alone,
+* where the CPU goes (``--profile``, on by default; :mod:`loadtests.frontend_profile`):
+  each stage run in this process, alone,
   on the same input, timed with ``time.thread_time`` over many repetitions: multipart
   parsing, header probe, decode, resize to the model input, regions, heatmap encode, base64,
   JSON (regions and heatmap from the map the engine gives this image: flat for the null
@@ -41,10 +42,12 @@ regions cost with the defect's size.
 connections over them: the same work split over N processes with no link between them, so
 the floor under ``--api-processes N`` on the same box (more busy processes than cores cost
 CPU per image by themselves: caches, wake-ups, scheduling).
+``--review-items N`` serves with a review store already holding N items (a busy line's
+store is full: every audited answer is checked against it).
 ``--rounds N`` drives every kind N times, the kinds taking turns, and reports the median of
 each figure (the share outside the engine of each round, too): on a shared box a single
 window drifts by about as much as the 10% target's margin (docs/PERFORMANCE.md).
-Writes ``summary.json`` and ``summary.md``.
+Writes ``summary.json`` and ``summary.md`` (:mod:`loadtests.frontend_report`).
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ import io
 import json
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
@@ -66,7 +70,10 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from loadtests.frontend_profile import bare_engine_cpu_ms, outside_the_engine, profile
+from loadtests.frontend_report import collector_passes, combine, merge_passes, render, window_passes
 from loadtests.procstat import cpu_s, own_cpu_s, processes_cpu_s, threads_cpu_s, tree
+from loadtests.review_fill import fill
 from loadtests.run import LocalServer, listens, wait_ready
 
 def texture(size: int) -> Image.Image:
@@ -183,178 +190,6 @@ def _summed(read: Callable[[int], Any], pids: Sequence[int]) -> Any:
     return sum(values)
 
 
-def merge_passes(scrapes: Sequence[dict[tuple[str, str], tuple[float, float, dict[float, float]]]]
-                 ) -> dict[tuple[str, str], tuple[float, float, dict[float, float]]]:
-    """Several servers' collector histograms as one (counts, sums and buckets added)."""
-    merged: dict[tuple[str, str], tuple[float, float, dict[float, float]]] = {}
-    for scrape in scrapes:
-        for key, (count, seconds, buckets) in scrape.items():
-            count0, seconds0, buckets0 = merged.get(key, (0.0, 0.0, {}))
-            merged[key] = (count0 + count, seconds0 + seconds,
-                           {le: buckets0.get(le, 0.0) + buckets.get(le, 0.0) for le in {*buckets0, *buckets}})
-    return merged
-
-
-def collector_passes(metrics_text: str) -> dict[tuple[str, str], tuple[float, float, dict[float, float]]]:
-    """``msflow_gc_pause_seconds`` from a ``/metrics`` body: (process, generation) -> (count,
-    seconds, cumulative bucket counts by upper bound)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    found: dict[tuple[str, str], tuple[float, float, dict[float, float]]] = {}
-    for family in text_string_to_metric_families(metrics_text):
-        if family.name != "msflow_gc_pause_seconds":
-            continue
-        for sample in family.samples:
-            key = (sample.labels["process"], sample.labels["generation"])
-            count, seconds, buckets = found.get(key, (0.0, 0.0, {}))
-            if sample.name.endswith("_count"):
-                count = sample.value
-            elif sample.name.endswith("_sum"):
-                seconds = sample.value
-            elif sample.name.endswith("_bucket"):
-                buckets = {**buckets, float(sample.labels["le"]): sample.value}
-            found[key] = (count, seconds, buckets)
-    return found
-
-
-def window_passes(before: dict[tuple[str, str], tuple[float, float, dict[float, float]]],
-                  after: dict[tuple[str, str], tuple[float, float, dict[float, float]]]) -> dict[str, float]:
-    """The collector's passes between two scrapes, flat: per
-    ``<process> gen<g>``, how many, their total ms, and the bound of the longest (ms): the
-    bucket it fell under, or, for a pass beyond the histogram's top bucket, that bucket
-    (``longest over ms``)."""
-    out: dict[str, float] = {}
-    for key, (count, seconds, buckets) in sorted(after.items()):
-        count0, seconds0, buckets0 = before.get(key, (0.0, 0.0, {}))
-        if count - count0 <= 0:
-            continue
-        name = f"{key[0]} gen{key[1]}"
-        out[f"{name} passes"] = count - count0
-        out[f"{name} ms"] = round((seconds - seconds0) * 1e3, 2)
-        bounds = [le for le, c in buckets.items() if c - buckets0.get(le, 0.0) == count - count0 and le != float("inf")]
-        if bounds:
-            out[f"{name} longest under ms"] = min(bounds) * 1e3
-        else:
-            out[f"{name} longest over ms"] = max(le for le in buckets if le != float("inf")) * 1e3
-    return out
-
-
-def _cpu_ms(fn: Any, repeat: int) -> float:
-    fn()  # warm
-    t0 = time.thread_time()
-    for _ in range(repeat):
-        fn()
-    return (time.thread_time() - t0) / repeat * 1e3
-
-
-def profile(store: Path, category: str, data: bytes, heatmap: str, answer: str, repeat: int = 30,
-            engine: str = "null") -> dict[str, float]:
-    """CPU ms per image of each stage, alone, in this thread (see the module docstring). The
-    regions and the heatmap are those of the map the server's engine gives this image: the
-    null engine's flat one, or (any other ``engine``) the real model's, run here on ONNX
-    Runtime; a defect's map costs several times a flat one to label and to deflate."""
-    import base64
-
-    from starlette.datastructures import Headers
-    from starlette.formparsers import MultiPartParser
-
-    from models.manifest import Manifest
-    from models.preprocessing import reduce_while_decoding, to_rgb
-    from service.pipeline.decode import ImageLimits, Rendering, probe_into
-    from service.pipeline.item import InspectedImage
-    from service.pipeline.plain_png import decode_plain_png
-    from service.pipeline.regions import find_regions
-    from service.pipeline.render import render_heatmap
-    from service.schemas import InspectResponse
-
-    version = max((p for p in (store / category).iterdir() if p.is_dir() and not p.name.startswith(".")),
-                  key=lambda p: int(p.name) if p.name.isdigit() else -1)
-    manifest = Manifest.read(version)
-    size, cal = manifest.input_size, manifest.calibration
-    boundary = "benchboundary"
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x\"\r\n"
-            f"Content-Type: application/octet-stream\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
-    headers = Headers({"content-type": f"multipart/form-data; boundary={boundary}"})
-
-    def multipart() -> None:
-        async def stream() -> Any:
-            yield body
-
-        async def parse() -> None:
-            form = await MultiPartParser(headers, stream()).parse()
-            await form.close()
-        asyncio.run(parse())
-
-    loop_only = _cpu_ms(lambda: asyncio.run(asyncio.sleep(0)), repeat)  # asyncio.run's own cost, subtracted
-    limits = ImageLimits(max_bytes=1 << 30, max_pixels=1 << 30)
-    item = InspectedImage(index=0, filename="x", data=data)
-    rendering = Rendering(heatmap="model") if heatmap != "none" else Rendering()
-    decoded: dict[str, Any] = {}
-
-    def decode() -> None:  # the server's: libspng for a plain PNG, Pillow otherwise
-        with Image.open(io.BytesIO(data)) as img:
-            reduce_while_decoding(img, size)
-            plain = decode_plain_png(img, data)
-            if plain is None:
-                img.load()
-            decoded["rgb"] = to_rgb(img) if plain is None else plain
-
-    out = {
-        "multipart": round(_cpu_ms(multipart, repeat) - loop_only, 3),
-        "probe": round(_cpu_ms(lambda: probe_into(item, size, limits, rendering), repeat), 3),
-        "decode": round(_cpu_ms(decode, repeat), 3),
-        "resize": round(_cpu_ms(lambda: model_input(decoded["rgb"], size), repeat), 3),
-    }
-    amap = np.zeros((size, size), np.float32)
-    if engine != "null":
-        from service.engines.factory import load_engine
-
-        amap = np.ascontiguousarray(load_engine(version, "onnx", device="cpu", max_batch_size=1)
-                                    .run(model_input(decoded["rgb"], size)[None])[1][0])
-    out["regions"] = round(_cpu_ms(lambda: find_regions(amap, cal, (item.width, item.height)), repeat), 3)
-    if heatmap != "none":
-        png = render_heatmap(amap, cal, (size, size))
-        out["heatmap_encode"] = round(_cpu_ms(lambda: render_heatmap(amap, cal, (size, size)), repeat), 3)
-        out["base64"] = round(_cpu_ms(lambda: base64.b64encode(png), repeat), 3)
-    response = InspectResponse.model_validate_json(answer)
-    out["json"] = round(_cpu_ms(response.model_dump_json, repeat), 3)
-    return out
-
-
-def model_input(rgb: Image.Image | np.ndarray, size: int) -> np.ndarray:
-    """What the server's decode does after decoding (:func:`service.pipeline.decode.decode_into`):
-    a plain PNG already at the model's size is the input as is; anything else is resized."""
-    from models.preprocessing import resize_rgb
-
-    if isinstance(rgb, np.ndarray):
-        if rgb.shape == (size, size, 3):
-            return rgb
-        rgb = Image.fromarray(rgb)
-    return resize_rgb(rgb, size)
-
-
-def bare_engine_cpu_ms(store: Path, category: str, batch: int, seconds: float = 8.0,
-                       threads: int | None = None) -> float:
-    """Process CPU per image of the engine alone, loaded as the server loads it (``threads``:
-    its ``MSFLOW_INTRA_OP_THREADS``), at ``batch``."""
-    from service.engines.factory import load_engine
-
-    version = max((p for p in (store / category).iterdir() if p.is_dir() and not p.name.startswith(".")),
-                  key=lambda p: int(p.name) if p.name.isdigit() else -1)
-    engine = load_engine(version, "onnx", device="cpu", max_batch_size=batch, threads=threads)
-    size = engine.manifest.input_size
-    images = np.asarray(texture(size))[None].repeat(batch, axis=0)
-    engine.run(images)
-    per_image = []
-    for _ in range(3):  # the median of three windows: a shared box drifts by tens of percent
-        n, t0, c0 = 0, time.monotonic(), time.process_time()
-        while time.monotonic() - t0 < seconds / 3:
-            engine.run(images)
-            n += batch
-        per_image.append((time.process_time() - c0) / n * 1e3)
-    return float(np.median(per_image))
-
-
 def every_front_end_ready(url: str, pid: int, processes: int, timeout: float = 120.0) -> list[dict[str, Any]]:
     """The loaded models, once ``processes`` processes of the server listen on its port: a
     front end of a multi-process server joins the port only when it serves, so a window
@@ -384,7 +219,14 @@ def run(args: argparse.Namespace) -> int:
     if args.servers > 1 and args.api_processes > 1:
         raise SystemExit("--servers N runs N single-process servers: leave --api-processes at 1")
     results: dict[str, Any] = {}
+    review_held: tuple[int, int] | None = None
     with contextlib.ExitStack() as stack:
+        if args.review_items:  # a full review store, as a busy line's server has one
+            review_root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="msflow-review-")))
+            fill_category = args.category or sorted(p.name for p in Path(args.store).iterdir()
+                                                    if p.is_dir() and not p.name.startswith("."))[0]
+            review_held = fill(review_root, fill_category, args.review_items, args.review_labels)
+            env["MSFLOW_REVIEW_STORE"] = str(review_root)
         servers = [stack.enter_context(LocalServer(args.store, out / f"server{i or ''}.log", env=env))
                    for i in range(args.servers)]  # started together, then waited for
         for each in servers:
@@ -404,8 +246,8 @@ def run(args: argparse.Namespace) -> int:
         rounds: dict[str, list[dict[str, Any]]] = {kind: [] for kind in args.kinds}
 
         def bare_engine(batch: int) -> float:
-            return bare_engine_cpu_ms(Path(args.store), category, batch, seconds=min(4.5, args.seconds),
-                                      threads=args.intra_op_threads)
+            return bare_engine_cpu_ms(Path(args.store), category, batch, texture(input_size),
+                                      seconds=min(4.5, args.seconds), threads=args.intra_op_threads)
 
         for _ in range(args.rounds):  # the kinds take turns, so a drift of the box reaches each alike
             this_round = []
@@ -432,125 +274,15 @@ def run(args: argparse.Namespace) -> int:
                "concurrency": args.concurrency, "seconds": args.seconds, "rounds": args.rounds, "batch": args.batch,
                "decode_threads": args.decode_threads,
                "intra_op_threads": args.intra_op_threads, "loop_work_pixels": args.loop_work_pixels,
-               "api_processes": args.api_processes, "servers": args.servers, "image": args.image or "skimage brick texture",
+               "api_processes": args.api_processes, "servers": args.servers,
+               "review_store": None if review_held is None else {"items": review_held[0], "labelled": review_held[1]},
+               "image": args.image or "skimage brick texture",
                "cpu_count": os.cpu_count(), "kinds": results}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     md = render(summary)
     (out / "summary.md").write_text(md)
     print(md)
     return 0 if all(r["failures"] == 0 and r["images"] > 0 for r in results.values()) else 1
-
-
-def outside_the_engine(r: dict[str, Any], bare: dict[int, float], bare_engine: Callable[[int], float]) -> None:
-    """Fill one window's figures of what the server spends outside the engine (CPU hosts):
-
-    * by thread: the engine's threads in the server (named ``engine-*``) against all others;
-    * against the bare engine (``bare_engine(batch)``: its CPU per image alone, cached in
-      ``bare``) at the batch sizes the server formed, weighted by its images: the engine's CPU
-      per image depends on the batch size, and a mix of 2s and 8s costs more per image than 5s.
-      Measured right after the window, so that a drifting box moves both alike."""
-    inside = r["engine_threads_cpu_ms_per_image"]
-    r["outside_threads_ms"] = round(r["server_cpu_ms_per_image"] - inside, 2)
-    r["outside_threads_share"] = round(r["outside_threads_ms"] / inside, 3) if inside else None
-    mix = {int(b): c for b, c in r["batch_mix"].items()}
-    for b in mix:
-        if b not in bare:
-            bare[b] = bare_engine(b)
-    engine_ms = sum(bare[b] * c for b, c in mix.items()) / sum(mix.values())
-    r["bare_engine_cpu_ms_per_image"] = round(engine_ms, 2)
-    r["bare_engine_by_batch_ms"] = {b: round(bare[b], 2) for b in sorted(mix)}
-    r["outside_engine_ms"] = round(r["server_cpu_ms_per_image"] - engine_ms, 2)
-    r["outside_over_engine"] = round((r["server_cpu_ms_per_image"] - engine_ms) / engine_ms, 3)
-
-
-def combine(rounds: list[dict[str, Any]]) -> dict[str, Any]:
-    """One kind's figures over its rounds: the median of each number (of each thread group's
-    too), images, failures and batch mixes summed, every round kept under ``rounds``. On a
-    shared box one window can drift by several percent, as much as a target's margin."""
-    if len(rounds) == 1:
-        return rounds[0]
-    out: dict[str, Any] = {}
-    for key, first in rounds[0].items():
-        if key in ("images", "failures"):
-            out[key] = sum(r[key] for r in rounds)
-        elif key == "collector_passes":  # over all the rounds: counts and times add up, the longest is the longest
-            keys = sorted({k for r in rounds for k in r[key]})
-            out[key] = {k: (max if " longest " in k else sum)(r[key][k] for r in rounds if k in r[key])
-                        for k in keys}
-        elif key == "images_by_server":
-            out[key] = [sum(counts) for counts in zip(*(r[key] for r in rounds))]
-        elif key == "batch_mix":
-            out[key] = {b: sum(r[key].get(b, 0) for r in rounds) for b in sorted({b for r in rounds for b in r[key]})}
-        elif isinstance(first, dict):  # each key's median over the rounds that have it (batch sizes vary)
-            keys = sorted({k for r in rounds for k in r[key]})
-            out[key] = {k: round(float(np.median([r[key][k] for r in rounds if k in r[key]])), 3) for k in keys}
-        elif isinstance(first, (int, float)) and not isinstance(first, bool):
-            out[key] = round(float(np.median([r[key] for r in rounds])), 3)
-        else:
-            out[key] = first
-    out["rounds"] = rounds
-    return out
-
-
-def render(s: dict[str, Any]) -> str:
-    rounds = s.get("rounds", 1)
-    placement = "" if s.get("loop_work_pixels") is None else f"; MSFLOW_LOOP_WORK_PIXELS={s['loop_work_pixels']}"
-    lines = [f"# Front end ({s['engine']} engine, `{s['category']}` at {s['input_size']} px, {s['concurrency']} in "
-             f"flight, {s['seconds']} s per kind{f' in each of {rounds} rounds (medians)' if rounds > 1 else ''}, "
-             f"{s['cpu_count']} cores, "
-             + (f"{s['servers']} separate single-process servers" if s.get("servers", 1) > 1
-                else f"{s.get('api_processes', 1)} API process(es)")
-             + f"; image: {s.get('image', 'skimage brick texture')}{placement})", "",
-             "| input | images/s | server CPU / image | server cores | client CPU / image | decode (wall) | "
-             "render + regions (wall) | latency at the client: p50 / p99.9 / max | failures |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for kind, r in s["kinds"].items():
-        waits = r.get("client_latency_ms", {})
-        lines.append(f"| {kind} ({r['bytes'] // 1024} KB) | {r['images_per_s']} | {r['server_cpu_ms_per_image']} ms | "
-                     f"{r['server_cores']} | {r['client_cpu_ms_per_image']} ms | {r['decode_ms']} ms | "
-                     f"{r['render_regions_ms']} ms | {waits.get('p50')} / {waits.get('p99.9')} / {waits.get('max')} ms "
-                     f"| {r['failures']} |")
-    by_process = {k: r["processes_cpu_ms_per_image"] for k, r in s["kinds"].items()
-                  if len(r.get("processes_cpu_ms_per_image", {})) > 1}
-    if by_process:
-        lines += ["", "Server CPU per image by process:", ""]
-        lines += [f"- {kind}: " + ", ".join(f"{role} {ms} ms" for role, ms in roles.items())
-                  for kind, roles in by_process.items()]
-    for kind, r in s["kinds"].items():
-        if "bare_engine_cpu_ms_per_image" in r:
-            mix = ", ".join(f"{c} at {b}" for b, c in r["batch_mix"].items())
-            lines.append(f"\n{kind}: mean batch {r['mean_batch']} (images by batch size: {mix})\n"
-                         f"- by thread: the server's engine threads {r['engine_threads_cpu_ms_per_image']} ms CPU "
-                         f"per image, its other threads {r['outside_threads_ms']} ms "
-                         f"= {100 * (r['outside_threads_share'] or 0):.1f}% of it{_by_round(r)} "
-                         f"(event loop {r['threads_cpu_ms_per_image']['loop']} ms, "
-                         f"decode and other pool threads {r['threads_cpu_ms_per_image']['pool']} ms)\n"
-                         f"- against the bare engine ({r['bare_engine_cpu_ms_per_image']} ms CPU per image at that "
-                         f"batch mix, in-process): outside the engine {r['outside_engine_ms']} ms "
-                         f"= {100 * r['outside_over_engine']:.1f}% of it")
-    passes = {k: r["collector_passes"] for k, r in s["kinds"].items() if r.get("collector_passes")}
-    if passes:
-        lines += ["", "The collector's passes in the windows (`msflow_gc_pause_seconds`, scraped before and after "
-                  "each; over all rounds):", ""]
-        for kind, p in passes.items():
-            names = [k[:-len(" passes")] for k in p if k.endswith(" passes")]
-            lines.append(f"- {kind}: " + "; ".join(
-                f"{name} {p[f'{name} passes']:g} passes, {p[f'{name} ms']:g} ms in all, "
-                + (f"one over {p[f'{name} longest over ms']:g} ms" if f"{name} longest over ms" in p
-                   else f"each under {p[f'{name} longest under ms']:g} ms") for name in names))
-    profiled = {k: r["profile_ms"] for k, r in s["kinds"].items() if "profile_ms" in r}
-    if profiled:
-        stages = list(dict.fromkeys(name for p in profiled.values() for name in p))
-        lines += ["", "CPU per image by stage (ms, each stage alone in one thread; other = server CPU - their sum):", "",
-                  "| input | " + " | ".join(stages) + " |", "| --- |" + " --- |" * len(stages)]
-        for kind, prof in profiled.items():
-            lines.append(f"| {kind} | " + " | ".join(str(prof.get(name, "-")) for name in stages) + " |")
-    return "\n".join(lines + [""])
-
-
-def _by_round(r: dict[str, Any]) -> str:
-    shares = [f"{100 * (x['outside_threads_share'] or 0):.1f}%" for x in r.get("rounds", [])]
-    return f" (rounds: {', '.join(shares)})" if shares else ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -573,6 +305,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="run this many separate single-process servers and spread the connections over them: "
                         "the work split over processes with no link between them, the floor under the same "
                         "--api-processes count on this box (CPU summed over all of them)")
+    p.add_argument("--review-items", type=int, default=0,
+                   help="serve with a review store of this many items (MSFLOW_REVIEW_STORE, a temporary folder "
+                        "filled by loadtests/review_fill.py): the default budget's 10,000 is a busy line's "
+                        "steady state, and every audited answer is checked against it")
+    p.add_argument("--review-labels", type=int, default=2_000, help="of those, labelled")
     p.add_argument("--loop-work-pixels", type=int, help="the server's MSFLOW_LOOP_WORK_PIXELS (0: every image's "
                    "work in the decode threads; default: the server's, small requests on the event loop)")
     p.add_argument("--intra-op-threads", type=int, help="the engine's CPU threads, in the server and in the bare "

@@ -235,14 +235,17 @@ def test_frontend_benchmark_on_the_null_engine(model_store, tmp_path):
     """loadtests/frontend.py, briefly: the null engine answers every kind of input, and the
     report has CPU per image, throughput, the client's own CPU and latency, and the stage
     profile. Driven over two separate servers (``--servers 2``, the floor of a split): the
-    connections reach both, and the CPU of both is counted."""
+    connections reach both, and the CPU of both is counted; both serve one review store
+    already holding 300 items (``--review-items``)."""
     out = tmp_path / "frontend"
     cmd = [sys.executable, "-m", "loadtests.frontend", "--store", str(model_store), "--seconds", "1.5",
-           "--concurrency", "4", "--servers", "2", "--out", str(out)]
+           "--concurrency", "4", "--servers", "2", "--review-items", "300", "--review-labels", "50",
+           "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, env=_clean_env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     s = json.loads((out / "summary.json").read_text())
     assert s["engine"] == "null" and set(s["kinds"]) == {"jpeg256-none", "png256-inline", "jpeg2048-none"}
+    assert s["review_store"] == {"items": 300, "labelled": 50}  # served with a review store of that size
     for kind, r in s["kinds"].items():
         assert r["failures"] == 0 and r["images"] > 0, (kind, r)
         assert r["server_cpu_ms_per_image"] > 0 and r["client_cpu_ms_per_image"] > 0

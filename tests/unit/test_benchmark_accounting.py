@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import generate_latest
 
-from loadtests.frontend import collector_passes, combine, merge_passes, render, window_passes
+from loadtests.frontend_report import collector_passes, combine, merge_passes, render, window_passes
 from service.metrics import GC_PAUSE_BUCKETS, ServiceMetrics
 
 
