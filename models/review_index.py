@@ -137,19 +137,29 @@ class StoreIndex:
 
     def added(self, category: str, entry: Entry) -> None:
         """This process put ``entry`` in place, holding the store's lock."""
-        self._after_write(category, lambda entries: _with(entries, entry), removed_labels=False)
+        def change(scan: CategoryScan) -> CategoryScan:
+            if entry.digest in scan.digests:  # add() refuses a digest held: a reading racing it saw this one
+                return scan
+            if not scan.entries or scan.entries[-1].id < entry.id:  # the newest, as nearly always
+                entries = (*scan.entries, entry)
+            else:
+                at = bisect.bisect_left([e.id for e in scan.entries], entry.id)
+                entries = (*scan.entries[:at], entry, *scan.entries[at:])
+            return CategoryScan(entries, scan.labelled, scan.digests | {entry.digest}, scan.bytes + entry.bytes)
+        self._after_write(category, change, removed_labels=False)
 
     def removed(self, category: str, ids: set[str]) -> None:
         """This process removed these items and their labels, holding the store's lock."""
         if ids:
-            self._after_write(category, lambda entries: [e for e in entries if e.id not in ids], removed_labels=True)
+            self._after_write(category, lambda scan: CategoryScan.of((e for e in scan.entries if e.id not in ids),
+                                                                     scan.labelled), removed_labels=True)
 
     def forget(self) -> None:
         """Read every category from disk next time."""
         with self._lock:
             self._held.clear()
 
-    def _after_write(self, category: str, change: Callable[[tuple[Entry, ...]], Iterable[Entry]],
+    def _after_write(self, category: str, change: Callable[[CategoryScan], CategoryScan],
                      removed_labels: bool) -> None:
         with self._lock:
             held = self._held.get(category)
@@ -160,9 +170,11 @@ class StoreIndex:
         # stat of exactly this content. Labels move without the lock: read them again if this
         # write removed some, else keep what was held (a label written meanwhile changed the
         # directory's stat, which the held one no longer matches: the next scan reads it).
-        labels_stat = _stat(base / "labels") if removed_labels else held.labels_stat
-        labelled = _labelled(base / "labels") if removed_labels else held.scan.labelled
-        scan = CategoryScan.of(change(held.scan.entries), labelled)
+        scan = change(held.scan)
+        labels_stat = held.labels_stat
+        if removed_labels:
+            labels_stat = _stat(base / "labels")
+            scan = CategoryScan(scan.entries, _labelled(base / "labels"), scan.digests, scan.bytes)
         self._keep(category, _Held(scan, _stat(base / "items"), labels_stat, held.read_at))
 
     def _keep(self, category: str, held: _Held) -> None:
@@ -186,14 +198,6 @@ def _names(path: Path) -> list[str]:
 
 def _labelled(labels_dir: Path) -> frozenset[str]:
     return frozenset(name[:-5] for name in _names(labels_dir) if name.endswith(".json") and parse_id(name[:-5]))
-
-
-def _with(entries: tuple[Entry, ...], entry: Entry) -> list[Entry]:
-    out = list(entries)
-    at = bisect.bisect_left([e.id for e in out], entry.id)
-    if at == len(out) or out[at].id != entry.id:  # a reading racing the write may have seen it already
-        out.insert(at, entry)
-    return out
 
 
 class LabelCache(Generic[_T]):
