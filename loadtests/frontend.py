@@ -42,7 +42,9 @@ regions cost with the defect's size.
 connections over them: the same work split over N processes with no link between them, so
 the floor under ``--api-processes N`` on the same box (more busy processes than cores cost
 CPU per image by themselves: caches, wake-ups, scheduling).
-``--review-items N`` serves with a review store already holding N items (a busy line's
+``--redis`` serves with a ``redis-server`` of its own (the result cache, heatmap links), and
+``--distinct`` makes every request's bytes differ (not its pixels), so that the cache misses
+as on a line; ``--review-items N`` serves with a review store already holding N items (a busy line's
 store is full: every audited answer is checked against it).
 ``--rounds N`` drives every kind N times, the kinds taking turns, and reports the median of
 each figure (the share outside the engine of each round, too): on a shared box a single
@@ -56,11 +58,13 @@ import argparse
 import asyncio
 import contextlib
 import io
+import itertools
 import json
 import os
 import sys
 import tempfile
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -71,8 +75,9 @@ import numpy as np
 from PIL import Image
 
 from loadtests.frontend_profile import bare_engine_cpu_ms, outside_the_engine, profile
-from loadtests.frontend_report import collector_passes, combine, merge_passes, render, window_passes
+from loadtests.frontend_report import cache_lookups, collector_passes, combine, merge_passes, render, window_passes
 from loadtests.procstat import cpu_s, own_cpu_s, processes_cpu_s, threads_cpu_s, tree
+from loadtests.redis_proc import RedisProc
 from loadtests.review_fill import fill
 from loadtests.run import LocalServer, listens, wait_ready
 
@@ -104,12 +109,28 @@ KINDS: dict[str, tuple[int, str, str]] = {  # name: (side, format, heatmap)
 }
 
 
+def distinct(data: bytes, n: int) -> bytes:
+    """``data`` (a JPEG or a PNG) with a comment naming ``n``: other bytes, the same pixels, as
+    every photograph of a line differs (the result cache, keyed by the bytes, misses). A
+    JPEG's COM segment right after SOI; a PNG's ``tEXt`` chunk ("Comment") right after IHDR."""
+    note = b"msflow benchmark %d" % n
+    if data[:2] == b"\xff\xd8":
+        return data[:2] + b"\xff\xfe" + (len(note) + 2).to_bytes(2, "big") + note + data[2:]
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        body = b"tEXt" + b"Comment\0" + note
+        chunk = (len(body) - 4).to_bytes(4, "big") + body + zlib.crc32(body).to_bytes(4, "big")
+        return data[:33] + chunk + data[33:]  # signature (8) + IHDR (4 + 4 + 13 + 4)
+    raise ValueError("distinct bytes for JPEG and PNG only")
+
+
 async def drive(targets: Sequence[tuple[str, int]], category: str, data: bytes, content_type: str, heatmap: str,
-                concurrency: int, seconds: float) -> dict[str, Any]:
+                concurrency: int, seconds: float, unique: bool = False) -> dict[str, Any]:
     """Drive ``targets`` (each a server's URL and the pid of its process tree) at saturation:
     ``concurrency`` connections, one request in flight on each, spread over the targets in
-    turn; CPU is summed over every target's tree."""
+    turn; CPU is summed over every target's tree. ``unique``: every request's bytes differ
+    (:func:`distinct`)."""
     timings: list[dict[str, float]] = []
+    sent_count = itertools.count()
     waits: list[float] = []  # each answer's wall time at the client: the tail shows the server's stalls
     failures = 0
     pids = [pid for _, pid in targets]
@@ -124,7 +145,8 @@ async def drive(targets: Sequence[tuple[str, int]], category: str, data: bytes, 
         async def one(client: httpx.AsyncClient) -> None:
             nonlocal failures
             sent = time.perf_counter()
-            r = await client.post(f"/v1/inspect/{category}", params={"heatmap": heatmap}, content=data,
+            body = distinct(data, next(sent_count)) if unique else data
+            r = await client.post(f"/v1/inspect/{category}", params={"heatmap": heatmap}, content=body,
                                   headers={"Content-Type": content_type})
             if r.status_code != 200:
                 failures += 1
@@ -141,21 +163,26 @@ async def drive(targets: Sequence[tuple[str, int]], category: str, data: bytes, 
             while time.monotonic() < until:
                 await one(client)
 
-        async def scrape() -> dict[tuple[str, str], tuple[float, float, dict[float, float]]]:
-            return merge_passes([collector_passes((await c.get("/metrics")).text) for c in clients])
+        async def scrape() -> tuple[dict[tuple[str, str], tuple[float, float, dict[float, float]]], dict[str, float]]:
+            texts = [(await c.get("/metrics")).text for c in clients]
+            lookups = [cache_lookups(text) for text in texts]
+            return (merge_passes([collector_passes(text) for text in texts]),
+                    {result: sum(one.get(result, 0.0) for one in lookups) for result in {r for o in lookups for r in o}})
 
         await loop(time.monotonic() + 1.0)  # warm-up
         timings.clear()
         waits.clear()
         answered = [0] * len(clients)
-        passes0 = await scrape()  # outside the CPU window
+        passes0, cache0 = await scrape()  # outside the CPU window
         server0, threads0, roles0 = _summed(cpu_s, pids), _summed(threads_cpu_s, pids), _summed(processes_cpu_s, pids)
         client0, t0 = own_cpu_s(), time.monotonic()
         await loop(t0 + seconds)
         wall, server, own = time.monotonic() - t0, _summed(cpu_s, pids) - server0, own_cpu_s() - client0
         threads = {group: spent - threads0.get(group, 0.0) for group, spent in _summed(threads_cpu_s, pids).items()}
         roles = {role: spent - roles0.get(role, 0.0) for role, spent in _summed(processes_cpu_s, pids).items()}
-        passes = window_passes(passes0, await scrape())
+        passes1, cache1 = await scrape()
+        passes = window_passes(passes0, passes1)
+        cache = {result: count - cache0.get(result, 0.0) for result, count in sorted(cache1.items())}
     n = len(timings)
     mean = {k: float(np.mean([t[k] for t in timings])) if n else float("nan") for k in
             ("decode", "render", "queue", "engine", "total")}
@@ -178,6 +205,8 @@ async def drive(targets: Sequence[tuple[str, int]], category: str, data: bytes, 
             "processes_cpu_ms_per_image": {role: round(spent / max(n, 1) * 1e3, 3) for role, spent in roles.items()
                                            if spent > 0},
             "collector_passes": passes,
+            # the result cache's lookups in the window (msflow_cache_requests_total), with --redis
+            **({"cache_lookups": cache} if any(cache.values()) else {}),
             **({"images_by_server": answered} if len(targets) > 1 else {}),
             }
 
@@ -221,6 +250,9 @@ def run(args: argparse.Namespace) -> int:
     results: dict[str, Any] = {}
     review_held: tuple[int, int] | None = None
     with contextlib.ExitStack() as stack:
+        if args.redis:  # the result cache and heatmap links in a real Redis, as deployed
+            redis_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="msflow-redis-")))
+            env["MSFLOW_REDIS_URL"] = stack.enter_context(RedisProc(redis_dir)).url
         if args.review_items:  # a full review store, as a busy line's server has one
             review_root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="msflow-review-")))
             fill_category = args.category or sorted(p.name for p in Path(args.store).iterdir()
@@ -252,7 +284,8 @@ def run(args: argparse.Namespace) -> int:
         for _ in range(args.rounds):  # the kinds take turns, so a drift of the box reaches each alike
             this_round = []
             for kind, (data, ctype, heatmap) in posts.items():
-                r = asyncio.run(drive(targets, category, data, ctype, heatmap, args.concurrency, args.seconds))
+                r = asyncio.run(drive(targets, category, data, ctype, heatmap, args.concurrency, args.seconds,
+                                      unique=args.distinct))
                 rounds[kind].append(r)
                 this_round.append(r)
             if args.engine == "onnx":  # what the server spends outside the engine, against the engine's own CPU
@@ -274,7 +307,8 @@ def run(args: argparse.Namespace) -> int:
                "concurrency": args.concurrency, "seconds": args.seconds, "rounds": args.rounds, "batch": args.batch,
                "decode_threads": args.decode_threads,
                "intra_op_threads": args.intra_op_threads, "loop_work_pixels": args.loop_work_pixels,
-               "api_processes": args.api_processes, "servers": args.servers,
+               "api_processes": args.api_processes, "servers": args.servers, "redis": args.redis,
+               "distinct": args.distinct,
                "review_store": None if review_held is None else {"items": review_held[0], "labelled": review_held[1]},
                "image": args.image or "skimage brick texture",
                "cpu_count": os.cpu_count(), "kinds": results}
@@ -305,6 +339,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="run this many separate single-process servers and spread the connections over them: "
                         "the work split over processes with no link between them, the floor under the same "
                         "--api-processes count on this box (CPU summed over all of them)")
+    p.add_argument("--redis", action="store_true", help="serve with a redis-server of the benchmark's own "
+                   "(MSFLOW_REDIS_URL: the result cache and heatmap links, as deployed)")
+    p.add_argument("--distinct", action="store_true", help="every request's bytes differ (a comment naming it), "
+                   "the pixels do not: with --redis, the result cache misses as on a line, where every photo "
+                   "differs; without, the same answers as without it")
     p.add_argument("--review-items", type=int, default=0,
                    help="serve with a review store of this many items (MSFLOW_REVIEW_STORE, a temporary folder "
                         "filled by loadtests/review_fill.py): the default budget's 10,000 is a busy line's "

@@ -9,6 +9,15 @@ from typing import Any
 import numpy as np
 
 
+def cache_lookups(metrics_text: str) -> dict[str, float]:
+    """``msflow_cache_requests_total`` from a ``/metrics`` body, by result (hit, miss, error)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {sample.labels["result"]: sample.value for family in text_string_to_metric_families(metrics_text)
+            if family.name == "msflow_cache_requests" for sample in family.samples
+            if sample.name.endswith("_total")}
+
+
 def merge_passes(scrapes: Sequence[dict[tuple[str, str], tuple[float, float, dict[float, float]]]]
                  ) -> dict[tuple[str, str], tuple[float, float, dict[float, float]]]:
     """Several servers' collector histograms as one (counts, sums and buckets added)."""
@@ -79,6 +88,9 @@ def combine(rounds: list[dict[str, Any]]) -> dict[str, Any]:
             keys = sorted({k for r in rounds for k in r[key]})
             out[key] = {k: (max if " longest " in k else sum)(r[key][k] for r in rounds if k in r[key])
                         for k in keys}
+        elif key == "cache_lookups":  # counts over all the rounds
+            out[key] = {k: sum(r.get(key, {}).get(k, 0.0) for r in rounds) for k in sorted({k for r in rounds
+                                                                                          for k in r.get(key, {})})}
         elif key == "images_by_server":
             out[key] = [sum(counts) for counts in zip(*(r[key] for r in rounds))]
         elif key == "batch_mix":
@@ -112,6 +124,11 @@ def render(s: dict[str, Any]) -> str:
                      f"{r['server_cores']} | {r['client_cpu_ms_per_image']} ms | {r['decode_ms']} ms | "
                      f"{r['render_regions_ms']} ms | {waits.get('p50')} / {waits.get('p99.9')} / {waits.get('max')} ms "
                      f"| {r['failures']} |")
+    lookups = {k: r["cache_lookups"] for k, r in s["kinds"].items() if r.get("cache_lookups")}
+    if lookups:
+        lines += ["", "The result cache's lookups in the windows (`msflow_cache_requests_total`):", ""]
+        lines += [f"- {kind}: " + ", ".join(f"{result} {count:g}" for result, count in counts.items())
+                  for kind, counts in lookups.items()]
     by_process = {k: r["processes_cpu_ms_per_image"] for k, r in s["kinds"].items()
                   if len(r.get("processes_cpu_ms_per_image", {})) > 1}
     if by_process:
@@ -152,7 +169,12 @@ def render(s: dict[str, Any]) -> str:
 
 def _review(s: dict[str, Any]) -> str:
     held = s.get("review_store")
-    return "" if not held else f"; a review store of {held['items']} items, {held['labelled']} labelled"
+    out = "" if not held else f"; a review store of {held['items']} items, {held['labelled']} labelled"
+    if s.get("redis"):
+        out += "; Redis (result cache, links)"
+    if s.get("distinct"):
+        out += "; every request's bytes distinct"
+    return out
 
 
 def _by_round(r: dict[str, Any]) -> str:

@@ -44,35 +44,11 @@ import numpy as np
 import redis
 from PIL import Image
 
-from loadtests.run import LocalServer, free_port, wait_ready
+from loadtests.redis_proc import RedisProc
+from loadtests.run import LocalServer, wait_ready
 
 ADMIN_KEY = "faults-admin-key"
 PREFIX = "msflow-faults:"
-
-
-class RedisProc:
-    def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(workdir), "--enable-debug-command", "local"],
-            stdout=open(workdir / "redis.log", "wb"), stderr=subprocess.STDOUT)
-        end = time.monotonic() + 10
-        while time.monotonic() < end:
-            try:
-                if self.client().ping():
-                    return
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
-
-    def client(self, timeout: float = 5.0) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=timeout)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
 
 
 class Worker:

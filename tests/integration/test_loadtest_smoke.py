@@ -236,21 +236,25 @@ def test_frontend_benchmark_on_the_null_engine(model_store, tmp_path):
     report has CPU per image, throughput, the client's own CPU and latency, and the stage
     profile. Driven over two separate servers (``--servers 2``, the floor of a split): the
     connections reach both, and the CPU of both is counted; both serve one review store
-    already holding 300 items (``--review-items``)."""
+    already holding 300 items (``--review-items``) and share one Redis, and every request's
+    bytes differ (``--redis --distinct``): the result cache misses every time."""
     out = tmp_path / "frontend"
     cmd = [sys.executable, "-m", "loadtests.frontend", "--store", str(model_store), "--seconds", "1.5",
            "--concurrency", "4", "--servers", "2", "--review-items", "300", "--review-labels", "50",
-           "--out", str(out)]
+           "--redis", "--distinct", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, env=_clean_env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     s = json.loads((out / "summary.json").read_text())
     assert s["engine"] == "null" and set(s["kinds"]) == {"jpeg256-none", "png256-inline", "jpeg2048-none"}
     assert s["review_store"] == {"items": 300, "labelled": 50}  # served with a review store of that size
+    assert s["redis"] and s["distinct"]
     for kind, r in s["kinds"].items():
         assert r["failures"] == 0 and r["images"] > 0, (kind, r)
         assert r["server_cpu_ms_per_image"] > 0 and r["client_cpu_ms_per_image"] > 0
         assert len(r["images_by_server"]) == 2 and min(r["images_by_server"]) > 0, r["images_by_server"]
         assert sum(r["images_by_server"]) == r["images"]
+        # one Redis for both servers, and every request's bytes distinct: every lookup a miss
+        assert r["cache_lookups"].get("miss", 0) >= r["images"] and r["cache_lookups"].get("hit", 0) == 0, r
         waits = r["client_latency_ms"]  # the tail shows the server's stalls (a collector's full pass, once)
         assert 0 < waits["p50"] <= waits["p99"] <= waits["p99.9"] <= waits["max"], (kind, waits)
         assert {"multipart", "decode", "resize", "regions", "json", "other"} <= set(r["profile_ms"])
