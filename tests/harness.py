@@ -33,6 +33,8 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from prometheus_client.parser import text_string_to_metric_families
 
+from loadtests.redis_proc import RedisProc
+
 PNG_IHDR_END = 8 + 25  # a PNG's signature, then its IHDR chunk: length, type, 13 bytes, CRC
 
 
@@ -225,45 +227,17 @@ REDIS_ADMIN_KEY = "admin-key-redis"
 REDIS_USER_KEY = "user-key-redis"
 
 
-class RedisServer:
-    """A private redis-server; ``stop``/``start`` again on the same port simulate an outage."""
+class RedisServer(RedisProc):
+    """A private redis-server (loadtests/redis_proc.py); ``stop``/``start`` again on the same
+    port simulate an outage."""
 
     def __init__(self, workdir: Path) -> None:
         if shutil.which("redis-server") is None:
             missing("redis-server is not installed: run scripts/install-redis.sh")
-        self.port = free_port()
-        self.workdir = workdir
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.start()
+        super().__init__(workdir)
 
-    def start(self) -> None:
-        log = open(self.workdir / "redis.log", "ab")
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.workdir), "--enable-debug-command", "local"], stdout=log, stderr=subprocess.STDOUT)
-        log.close()
-        end = time.monotonic() + 10
-        while time.monotonic() < end:
-            try:
-                if self.client().ping():
-                    return
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        raise RuntimeError(f"redis-server on {self.port} did not start:\n{(self.workdir / 'redis.log').read_text()}")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.proc = None
-
-    def client(self) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2)
+    def client(self, timeout: float = 2.0) -> redis.Redis:
+        return super().client(timeout)
 
 
 class WorkerProc:
