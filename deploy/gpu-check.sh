@@ -196,6 +196,16 @@ if [[ -n "$GOOD_PART" ]]; then
     --category "$(basename "$MODEL")" --engine auto --seconds 10 --concurrency 32 \
     --decode-threads "$(nproc)" --no-profile --image "$GOOD_PART" --out "$RAW/frontend-engine-good" || true
 fi
+# ... and in the states a deployment reaches: a full review store (a busy line fills the default
+# 10,000 items in minutes), and Redis with every request's bytes distinct (result-cache misses)
+step frontend-review-full 0 "$PY" -m loadtests.frontend --store "$(dirname "$MODEL")" \
+  --category "$(basename "$MODEL")" --seconds 10 --concurrency 32 --decode-threads "$(nproc)" \
+  --review-items 10000 --kinds jpeg256-none png256-inline --no-profile --out "$RAW/frontend-review-full" || true
+if command -v redis-server >/dev/null; then
+  step frontend-redis 0 "$PY" -m loadtests.frontend --store "$(dirname "$MODEL")" \
+    --category "$(basename "$MODEL")" --seconds 10 --concurrency 32 --decode-threads "$(nproc)" \
+    --redis --distinct --kinds jpeg256-none png256-inline --no-profile --out "$RAW/frontend-redis" || true
+fi
 # ... and whether this host's CPU makes the work after an ISA-L call pay for the vector registers
 # ISA-L leaves dirty (service/pipeline/deflate.py clears them; the log shows the three columns)
 step vector-state 0 "$PY" -m loadtests.vector_state --rounds 2 || true
