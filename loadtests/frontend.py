@@ -81,6 +81,7 @@ from loadtests.redis_proc import RedisProc
 from loadtests.review_fill import fill
 from loadtests.run import LocalServer, listens, wait_ready
 
+
 def texture(size: int) -> Image.Image:
     from skimage import data as skdata
 
@@ -139,8 +140,7 @@ async def drive(targets: Sequence[tuple[str, int]], category: str, data: bytes, 
     async with contextlib.AsyncExitStack() as stack:
         clients = [await stack.enter_async_context(httpx.AsyncClient(base_url=url, timeout=30, limits=limits))
                    for url, _ in targets]
-
-        answered = [0] * len(clients)
+        answered = [0] * len(clients)  # answers by server, counted again from the window's start
 
         async def one(client: httpx.AsyncClient) -> None:
             nonlocal failures
@@ -167,7 +167,7 @@ async def drive(targets: Sequence[tuple[str, int]], category: str, data: bytes, 
             texts = [(await c.get("/metrics")).text for c in clients]
             lookups = [cache_lookups(text) for text in texts]
             return (merge_passes([collector_passes(text) for text in texts]),
-                    {result: sum(one.get(result, 0.0) for one in lookups) for result in {r for o in lookups for r in o}})
+                    {result: sum(counts.get(result, 0.0) for counts in lookups) for result in {r for o in lookups for r in o}})
 
         await loop(time.monotonic() + 1.0)  # warm-up
         timings.clear()

@@ -114,7 +114,7 @@ def render(s: dict[str, Any]) -> str:
              f"{s['cpu_count']} cores, "
              + (f"{s['servers']} separate single-process servers" if s.get("servers", 1) > 1
                 else f"{s.get('api_processes', 1)} API process(es)")
-             + f"; image: {s.get('image', 'skimage brick texture')}{placement}{_review(s)})", "",
+             + f"; image: {s.get('image', 'skimage brick texture')}{placement}{_serving_state(s)})", "",
              "| input | images/s | server CPU / image | server cores | client CPU / image | decode (wall) | "
              "render + regions (wall) | latency at the client: p50 / p99.9 / max | failures |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -167,7 +167,8 @@ def render(s: dict[str, Any]) -> str:
     return "\n".join(lines + [""])
 
 
-def _review(s: dict[str, Any]) -> str:
+def _serving_state(s: dict[str, Any]) -> str:
+    """What the server ran with beyond its defaults: a filled review store, Redis, distinct uploads."""
     held = s.get("review_store")
     out = "" if not held else f"; a review store of {held['items']} items, {held['labelled']} labelled"
     if s.get("redis"):
