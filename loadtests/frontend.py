@@ -76,7 +76,7 @@ from PIL import Image
 
 from loadtests.frontend_profile import bare_engine_cpu_ms, outside_the_engine, profile
 from loadtests.frontend_report import cache_lookups, collector_passes, combine, merge_passes, render, window_passes
-from loadtests.procstat import cpu_s, own_cpu_s, processes_cpu_s, threads_cpu_s, tree
+from loadtests.procstat import cpu_s, own_cpu_s, processes_cpu_s, processes_switches, threads_cpu_s, tree
 from loadtests.redis_proc import RedisProc
 from loadtests.review_fill import fill
 from loadtests.run import LocalServer, listens, wait_ready
@@ -175,11 +175,14 @@ async def drive(targets: Sequence[tuple[str, int]], category: str, data: bytes, 
         answered = [0] * len(clients)
         passes0, cache0 = await scrape()  # outside the CPU window
         server0, threads0, roles0 = _summed(cpu_s, pids), _summed(threads_cpu_s, pids), _summed(processes_cpu_s, pids)
+        switches0 = _summed(processes_switches, pids)
         client0, t0 = own_cpu_s(), time.monotonic()
         await loop(t0 + seconds)
         wall, server, own = time.monotonic() - t0, _summed(cpu_s, pids) - server0, own_cpu_s() - client0
         threads = {group: spent - threads0.get(group, 0.0) for group, spent in _summed(threads_cpu_s, pids).items()}
         roles = {role: spent - roles0.get(role, 0.0) for role, spent in _summed(processes_cpu_s, pids).items()}
+        switches = {role: (v - switches0.get(role, (0, 0))[0], i - switches0.get(role, (0, 0))[1])
+                    for role, (v, i) in _summed(processes_switches, pids).items()}
         passes1, cache1 = await scrape()
         passes = window_passes(passes0, passes1)
         cache = {result: count - cache0.get(result, 0.0) for result, count in sorted(cache1.items())}
@@ -204,6 +207,9 @@ async def drive(targets: Sequence[tuple[str, int]], category: str, data: bytes, 
             # multi-process mode: the front ends, the engine process and the supervisor apart
             "processes_cpu_ms_per_image": {role: round(spent / max(n, 1) * 1e3, 3) for role, spent in roles.items()
                                            if spent > 0},
+            # wake-ups (voluntary) and preemptions (involuntary) per image, every thread, by process role
+            "switches_per_image": {role: {"voluntary": round(v / max(n, 1), 2), "involuntary": round(i / max(n, 1), 2)}
+                                   for role, (v, i) in switches.items() if v or i},
             "collector_passes": passes,
             # the result cache's lookups in the window (msflow_cache_requests_total), with --redis
             **({"cache_lookups": cache} if any(cache.values()) else {}),
@@ -212,11 +218,15 @@ async def drive(targets: Sequence[tuple[str, int]], category: str, data: bytes, 
 
 
 def _summed(read: Callable[[int], Any], pids: Sequence[int]) -> Any:
-    """``read`` (a number, or a dict of numbers) added up over ``pids``."""
+    """``read`` (a number, or a dict of numbers or of tuples of numbers) added up over ``pids``."""
     values = [read(pid) for pid in pids]
     if isinstance(values[0], dict):
-        return {key: sum(v.get(key, 0.0) for v in values) for key in values[0]}
+        return {key: _add([v[key] for v in values if key in v]) for key in {k for v in values for k in v}}
     return sum(values)
+
+
+def _add(values: list[Any]) -> Any:
+    return tuple(map(sum, zip(*values))) if isinstance(values[0], tuple) else sum(values)
 
 
 def every_front_end_ready(url: str, pid: int, processes: int, timeout: float = 120.0) -> list[dict[str, Any]]:

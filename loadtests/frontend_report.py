@@ -132,9 +132,12 @@ def render(s: dict[str, Any]) -> str:
     by_process = {k: r["processes_cpu_ms_per_image"] for k, r in s["kinds"].items()
                   if len(r.get("processes_cpu_ms_per_image", {})) > 1}
     if by_process:
-        lines += ["", "Server CPU per image by process:", ""]
-        lines += [f"- {kind}: " + ", ".join(f"{role} {ms} ms" for role, ms in roles.items())
-                  for kind, roles in by_process.items()]
+        lines += ["", "Server CPU per image by process (and per image, its threads' wake-ups / preemptions):", ""]
+        for kind, roles in by_process.items():
+            switches = s["kinds"][kind].get("switches_per_image", {})
+            lines.append(f"- {kind}: " + ", ".join(
+                f"{role} {ms} ms" + (f" ({switches[role]['voluntary']:g} / {switches[role]['involuntary']:g})"
+                                     if role in switches else "") for role, ms in roles.items()))
     for kind, r in s["kinds"].items():
         if "bare_engine_cpu_ms_per_image" in r:
             mix = ", ".join(f"{c} at {b}" for b, c in r["batch_mix"].items())

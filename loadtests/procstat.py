@@ -73,14 +73,38 @@ def own_cpu_s() -> float:
     return u.ru_utime + u.ru_stime
 
 
+def _role(pid: int) -> str:
+    name = task_names(pid).get(pid, "")
+    return "front ends" if name.startswith("msflow-api-") else "engine process" if name == "msflow-engine" else "server"
+
+
+def processes_switches(pid: int) -> dict[str, tuple[int, int]]:
+    """Context switches of ``pid`` and its live descendants so far, every thread, by role (as
+    :func:`processes_cpu_s`): (voluntary: the thread waited, so a wake-up came after;
+    involuntary: it was preempted)."""
+    roles: dict[str, tuple[int, int]] = {}
+    for proc in tree(pid):
+        voluntary = involuntary = 0
+        for tid in task_names(proc):
+            try:
+                status = Path(f"/proc/{proc}/task/{tid}/status").read_text()
+            except OSError:
+                continue
+            for line in status.splitlines():
+                if line.startswith("voluntary_ctxt_switches:"):
+                    voluntary += int(line.split()[1])
+                elif line.startswith("nonvoluntary_ctxt_switches:"):
+                    involuntary += int(line.split()[1])
+        v0, i0 = roles.get(_role(proc), (0, 0))
+        roles[_role(proc)] = (v0 + voluntary, i0 + involuntary)
+    return roles
+
+
 def processes_cpu_s(pid: int) -> dict[str, float]:
     """CPU seconds of ``pid`` and its live descendants by role, from each process's name
     (service/supervisor.py names them): ``front ends`` (``msflow-api-*``), ``engine process``
     (``msflow-engine``) and ``server`` (the rest: a single-process server, or the supervisor)."""
     roles = {"front ends": 0.0, "engine process": 0.0, "server": 0.0}
     for proc in tree(pid):
-        name = task_names(proc).get(proc, "")
-        role = "front ends" if name.startswith("msflow-api-") else "engine process" if name == "msflow-engine" \
-            else "server"
-        roles[role] += usage(Path(f"/proc/{proc}")).cpu_s
+        roles[_role(proc)] += usage(Path(f"/proc/{proc}")).cpu_s
     return roles

@@ -253,6 +253,7 @@ def test_frontend_benchmark_on_the_null_engine(model_store, tmp_path):
         assert r["server_cpu_ms_per_image"] > 0 and r["client_cpu_ms_per_image"] > 0
         assert len(r["images_by_server"]) == 2 and min(r["images_by_server"]) > 0, r["images_by_server"]
         assert sum(r["images_by_server"]) == r["images"]
+        assert r["switches_per_image"]["server"]["voluntary"] > 0  # the servers' threads waited for work
         # one Redis for both servers, and every request's bytes distinct: every lookup a miss
         assert r["cache_lookups"].get("miss", 0) >= r["images"] and r["cache_lookups"].get("hit", 0) == 0, r
         waits = r["client_latency_ms"]  # the tail shows the server's stalls (a collector's full pass, once)

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from loadtests.procstat import cpu_s, process_usage, processes_cpu_s, tree
+from loadtests.procstat import cpu_s, process_usage, processes_cpu_s, processes_switches, tree
 
 _BUSY_CHILD = """
 import sys, time
@@ -42,3 +42,26 @@ def test_cpu_is_split_by_the_role_the_process_names() -> None:
             child.wait()
     time.sleep(0.05)
     assert process_usage(children[0].pid).cpu_s == 0.0  # gone: counted as nothing, no error
+
+
+def test_context_switches_are_counted_by_role() -> None:
+    child = subprocess.Popen([sys.executable, "-c", _SLEEPY_CHILD, "msflow-engine"], stdout=subprocess.PIPE, text=True,
+                             cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "slept"
+        voluntary, _ = processes_switches(os.getpid())["engine process"]
+        assert voluntary >= 50  # each of its 50 sleeps gave the processor up
+    finally:
+        child.kill()
+        child.wait()
+
+
+_SLEEPY_CHILD = """
+import sys, time
+from service.os_names import set_thread_name
+set_thread_name(sys.argv[1])
+for _ in range(50):
+    time.sleep(0.001)
+print("slept", flush=True)
+time.sleep(30)
+"""
