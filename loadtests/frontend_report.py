@@ -96,13 +96,21 @@ def combine(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         elif key == "batch_mix":
             out[key] = {b: sum(r[key].get(b, 0) for r in rounds) for b in sorted({b for r in rounds for b in r[key]})}
         elif isinstance(first, dict):  # each key's median over the rounds that have it (batch sizes vary)
-            keys = sorted({k for r in rounds for k in r[key]})
-            out[key] = {k: round(float(np.median([r[key][k] for r in rounds if k in r[key]])), 3) for k in keys}
+            out[key] = _medians([r[key] for r in rounds])
         elif isinstance(first, (int, float)) and not isinstance(first, bool):
             out[key] = round(float(np.median([r[key] for r in rounds])), 3)
         else:
             out[key] = first
     out["rounds"] = rounds
+    return out
+
+
+def _medians(dicts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each key's median over the dicts that have it; nested dicts key by key."""
+    out: dict[str, Any] = {}
+    for k in sorted({k for d in dicts for k in d}):
+        values = [d[k] for d in dicts if k in d]
+        out[k] = _medians(values) if isinstance(values[0], dict) else round(float(np.median(values)), 3)
     return out
 
 

@@ -60,3 +60,12 @@ def test_passes_of_several_servers_add_up() -> None:
     assert window["api gen0 passes"] == 5 and window["engine gen2 passes"] == 1
     assert abs(window["api gen0 ms"] - 2.8) < 1e-6
     assert window["api gen0 longest under ms"] == min(x for x in GC_PAUSE_BUCKETS if x >= 0.002) * 1e3
+
+
+def test_rounds_combine_into_medians_nested_figures_too() -> None:
+    rounds = [{"images": 10, "server_cpu_ms_per_image": x, "threads_cpu_ms_per_image": {"loop": x},
+               "switches_per_image": {"server": {"voluntary": x, "involuntary": 2 * x}}} for x in (1.0, 3.0, 2.0)]
+    merged = combine(rounds)
+    assert merged["images"] == 30 and merged["server_cpu_ms_per_image"] == 2.0
+    assert merged["threads_cpu_ms_per_image"] == {"loop": 2.0}
+    assert merged["switches_per_image"] == {"server": {"voluntary": 2.0, "involuntary": 4.0}}
