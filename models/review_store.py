@@ -33,17 +33,15 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import json
 import os
 import secrets
 import shutil
 import time
-import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import Any, Literal
 
 from pydantic import ValidationError
 
@@ -397,19 +395,3 @@ class ReviewStore:
                 seen.add(item.image.sha256)
                 out.append((item, path))
         return out
-
-    def export_zip(self, category: str, out: IO[bytes]) -> int:
-        """The labels of ``category`` as a data set: ``labels.jsonl`` (label + answer per line),
-        ``good/<id>.<ext>`` and ``ng/<defect type or "unspecified">/<id>.<ext>``. Returns the count."""
-        rows = self.labelled(category)
-        with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED) as z:
-            lines = []
-            for item, label, path in rows:
-                folder = "good" if label.label == "ok" else f"ng/{label.defect_type or 'unspecified'}"
-                name = f"{folder}/{item.id}{Path(item.image.file).suffix}"
-                with contextlib.suppress(FileNotFoundError):
-                    z.write(path, name)
-                    lines.append(json.dumps({"file": name, "label": label.model_dump(mode="json"),
-                                             "item": item.model_dump(mode="json")}))
-            z.writestr("labels.jsonl", "".join(line + "\n" for line in lines))
-        return len(rows)

@@ -29,6 +29,7 @@ from fastapi.responses import FileResponse, StreamingResponse
 
 from models.manifest import CATEGORY_PATTERN, Verdict
 from models.review_records import ReviewItem
+from models.review_export import export_zip
 from models.review_store import ItemNotFound, ReviewStore
 from service.api.auth import Reviewer
 from service.api.deps import ERRORS, StateDep, unknown_category
@@ -171,7 +172,7 @@ async def export(category: Category, state: StateDep, who: Reviewer) -> Streamin
 
     def produce() -> None:
         try:
-            state.review.store.export_zip(category, Sink())  # type: ignore[arg-type]
+            export_zip(state.review.store, category, Sink())  # type: ignore[arg-type]
         except Exception as exc:  # the answer has started: the client sees a truncated zip
             if not gone.is_set():
                 log.error("review export of %s failed: %s", category, exc)

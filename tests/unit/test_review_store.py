@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from models.review_export import export_zip
 from models.review_store import (LABEL_RESERVE, Budget, ItemNotFound, ReviewStore, parse_id, resolve_root)
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, 123456, tzinfo=timezone.utc)
@@ -131,7 +132,7 @@ def test_export_and_reviewed_ok(tmp_path: Path) -> None:
     s.label("brick", a, "ok", by="alice")
     s.label("brick", b, "ng", by="alice", defect_type="hole")
     buf = io.BytesIO()
-    assert s.export_zip("brick", buf) == 2
+    assert export_zip(s, "brick", buf) == 2
     with zipfile.ZipFile(io.BytesIO(buf.getvalue())) as z:
         names = set(z.namelist())
         rows = [json.loads(line) for line in z.read("labels.jsonl").decode().splitlines()]
