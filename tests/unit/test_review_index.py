@@ -139,3 +139,50 @@ def test_labels_are_parsed_again_only_when_their_file_changed(tmp_path: Path,
     fresh.label("brick", ids[2], "ng", by="bob")
     assert [lab.label for lab in fresh.labels("brick")] == ["ok", "ok", "ng", "ok", "ok"]
     assert len(parsed) == 6  # the one replaced file, not the others
+
+
+def test_readers_and_two_writers_at_once_end_in_the_store_as_it_is(tmp_path: Path) -> None:
+    """The API's threads read while the review thread writes and another process writes too:
+    whatever interleaving, the index ends where a fresh reading of the folders is."""
+    import threading
+
+    mine, theirs = opened(tmp_path, max_items=10_000), opened(tmp_path, max_items=10_000)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def reader() -> None:
+        try:
+            while not stop.is_set():
+                scan = mine.scan("brick")
+                assert len(scan.digests) == len(scan.entries)  # a snapshot is consistent in itself
+                assert scan.bytes == sum(e.bytes for e in scan.entries)
+                mine.labels("brick")
+                mine.usage()
+        except BaseException as exc:  # reported below, on the test's thread
+            errors.append(exc)
+
+    def writer(store: ReviewStore, tag: bytes, labelled: bool) -> None:
+        try:
+            for i in range(60):
+                item_id = add(store, tag + b"%d" % i)
+                if labelled and i % 3 == 0:
+                    store.label("brick", item_id, "ok", by="alice")
+        except BaseException as exc:
+            errors.append(exc)
+
+    readers = [threading.Thread(target=reader) for _ in range(2)]
+    writers = [threading.Thread(target=writer, args=(mine, b"m", True)),
+               threading.Thread(target=writer, args=(theirs, b"t", False))]
+    for t in readers + writers:
+        t.start()
+    for t in writers:
+        t.join()
+    stop.set()
+    for t in readers:
+        t.join()
+    assert not errors, errors
+    truth = opened(tmp_path).scan("brick")
+    seen = mine.scan("brick")
+    assert len(truth.entries) == 120
+    assert seen.entries == truth.entries and seen.labelled == truth.labelled and seen.bytes == truth.bytes
+    assert len(mine.labels("brick")) == 20
