@@ -142,11 +142,11 @@ async def drive(targets: Sequence[tuple[str, int]], category: str, data: bytes, 
                    for url, _ in targets]
         answered = [0] * len(clients)  # answers by server, counted again from the window's start
 
-        async def one(client: httpx.AsyncClient) -> None:
+        async def one(server: int) -> None:
             nonlocal failures
             sent = time.perf_counter()
             body = distinct(data, next(sent_count)) if unique else data
-            r = await client.post(f"/v1/inspect/{category}", params={"heatmap": heatmap}, content=body,
+            r = await clients[server].post(f"/v1/inspect/{category}", params={"heatmap": heatmap}, content=body,
                                   headers={"Content-Type": content_type})
             if r.status_code != 200:
                 failures += 1
@@ -154,14 +154,14 @@ async def drive(targets: Sequence[tuple[str, int]], category: str, data: bytes, 
             result = r.json()["results"][0]
             waits.append((time.perf_counter() - sent) * 1e3)
             timings.append({**result["timings_ms"], "batch_size": result["batch_size"]})
-            answered[clients.index(client)] += 1
+            answered[server] += 1
 
         async def loop(until: float) -> None:
-            await asyncio.gather(*(connection(clients[i % len(clients)], until) for i in range(concurrency)))
+            await asyncio.gather(*(connection(i % len(clients), until) for i in range(concurrency)))
 
-        async def connection(client: httpx.AsyncClient, until: float) -> None:
+        async def connection(server: int, until: float) -> None:
             while time.monotonic() < until:
-                await one(client)
+                await one(server)
 
         async def scrape() -> tuple[dict[tuple[str, str], tuple[float, float, dict[float, float]]], dict[str, float]]:
             texts = [(await c.get("/metrics")).text for c in clients]

@@ -95,8 +95,9 @@ def processes_switches(pid: int) -> dict[str, tuple[int, int]]:
                     voluntary += int(line.split()[1])
                 elif line.startswith("nonvoluntary_ctxt_switches:"):
                     involuntary += int(line.split()[1])
-        v0, i0 = roles.get(_role(proc), (0, 0))
-        roles[_role(proc)] = (v0 + voluntary, i0 + involuntary)
+        role = _role(proc)
+        v0, i0 = roles.get(role, (0, 0))
+        roles[role] = (v0 + voluntary, i0 + involuntary)
     return roles
 
 

@@ -21,7 +21,7 @@ import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from models.review_store import Budget, ReviewStore
+from models.review_store import Budget, ReviewStore, id_stamp
 
 _FIELDS = {"model_version": "1", "verdict": "ok", "is_anomalous": False, "raw_score": 1.0, "score": 0.1,
            "threshold": 2.0, "ng_threshold": 3.0, "reason": "audit", "engine": "onnx", "filename": "part.png",
@@ -42,8 +42,7 @@ def fill(root: Path, category: str, items: int, labels: int) -> tuple[int, int]:
     label_json = json.loads((labels_dir / f"{first}.json").read_text())
     size_field = first.split("-")[2]
     for i in range(1, items):
-        stamp = (start + timedelta(milliseconds=i)).strftime("%Y%m%dT%H%M%S%f")  # the store's id layout
-        item_id = f"{stamp}-ok-{size_field}-{secrets.token_hex(6)}"
+        item_id = f"{id_stamp(start + timedelta(milliseconds=i))}-ok-{size_field}-{secrets.token_hex(6)}"
         folder = items_dir / item_id
         folder.mkdir()
         os.link(items_dir / first / "image.png", folder / "image.png")

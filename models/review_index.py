@@ -25,7 +25,8 @@ never changed in place: a reader keeps a consistent one however the store moves 
   process's change within the same tick as one of this process's could otherwise go unseen.
 
 :class:`LabelCache` does the same for label files (each replaced atomically on relabel): a
-label is parsed again only when its file's ``stat`` changed.
+label is parsed again only when its file's ``stat`` changed, and none is looked at while the
+snapshot's labelled set is the same.
 """
 
 from __future__ import annotations
@@ -201,20 +202,26 @@ def _labelled(labels_dir: Path) -> frozenset[str]:
 
 
 class LabelCache(Generic[_T]):
-    """Parsed label files, each parsed again only when its file's ``stat`` changed. Holds
-    only the labels asked for last (the store's labelled items: bounded by its budget)."""
+    """A category's parsed label files. Asked again for the same labelled set (the very
+    object a snapshot carries: its labels folder unchanged since, so no label was written or
+    replaced) it answers at once; otherwise each file is parsed again only if its ``stat``
+    changed. Holds only the labels asked for last (bounded by the store's labelled items)."""
 
     def __init__(self, read: Callable[[str], _T | None]) -> None:
         self._read = read
         self._held: dict[str, tuple[tuple[int, int, int], _T | None]] = {}
+        self._last: tuple[object, list[_T]] | None = None
         self._lock = threading.Lock()
 
-    def read_all(self, paths: Iterable[str]) -> list[_T]:
-        """The labels at ``paths`` that exist and parse, in their order."""
+    def read_all(self, labelled: frozenset[str], paths: Callable[[], Iterable[str]]) -> list[_T]:
+        """The labels at ``paths()`` that exist and parse, in their order; ``labelled`` is the
+        snapshot's set they come from."""
         with self._lock:
-            previous = self._held
+            previous, last = self._held, self._last
+        if last is not None and last[0] is labelled:
+            return list(last[1])
         held: dict[str, tuple[tuple[int, int, int], _T | None]] = {}
-        for path in paths:
+        for path in paths():
             try:
                 st = os.stat(path)
             except FileNotFoundError:
@@ -222,6 +229,7 @@ class LabelCache(Generic[_T]):
             key = (st.st_ino, st.st_mtime_ns, st.st_size)
             hit = previous.get(path)
             held[path] = hit if hit is not None and hit[0] == key else (key, self._read(path))
+        found = [value for _, value in held.values() if value is not None]
         with self._lock:
-            self._held = held
-        return [value for _, value in held.values() if value is not None]
+            self._held, self._last = held, (labelled, found)
+        return list(found)

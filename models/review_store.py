@@ -79,7 +79,8 @@ def resolve_root(path: str | Path) -> Path:
     return p / ".review" if (p / ".review").is_dir() else p
 
 
-def _stamp(moment: datetime) -> str:
+def id_stamp(moment: datetime) -> str:
+    """The time part of an item id (UTC, microseconds)."""
     return moment.astimezone(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
 
 
@@ -119,7 +120,6 @@ class ReviewStore:
         self.budget = budget
         self._index = StoreIndex(self.root)
         self._labels: dict[str, LabelCache[ReviewLabel]] = {}
-        self._label_lists: dict[str, tuple[frozenset[str], list[ReviewLabel]]] = {}  # by the labelled ids read
 
     # ------------------------------------------------------------------ layout
     def _category_dir(self, category: str) -> Path:
@@ -225,9 +225,12 @@ class ReviewStore:
             expired = self._expired(scan, now)
             items += len(scan.entries) - len(expired)
             used += scan.bytes - sum(e.bytes for e in expired)
-        if items + 1 > self.budget.max_items or used + len(image) + LABEL_RESERVE > self.budget.max_bytes:
-            return "full"
-        return None
+        return None if self._fits(items, used, len(image) + LABEL_RESERVE) else "full"
+
+    def _fits(self, items: int, used: int, cost: int) -> bool:
+        """Whether one more item of ``cost`` bytes stays in the budget beside ``items`` of ``used``."""
+        assert self.budget is not None
+        return items + 1 <= self.budget.max_items and used + cost <= self.budget.max_bytes
 
     def add(self, category: str, fields: dict[str, Any], image: bytes, image_format: str,
             size: tuple[int, int], heatmap: bytes | None, heatmap_size: tuple[int, int] | None,
@@ -250,7 +253,7 @@ class ReviewStore:
             draft = self._item(category, fields, "0" * 10, digest, ext, media_type, image, image_format, size,
                                heatmap_size, now, verdict)
             cost = len(image) + len(heatmap or b"") + len(draft.model_dump_json()) + LABEL_RESERVE
-            if items + 1 > self.budget.max_items or used + cost > self.budget.max_bytes:
+            if not self._fits(items, used, cost):
                 return "full", None
             record = self._item(category, fields, f"{cost:010d}", digest, ext, media_type, image, image_format,
                                 size, heatmap_size, now, verdict)
@@ -277,7 +280,7 @@ class ReviewStore:
     def _item(category: str, fields: dict[str, Any], size_field: str, digest: str, ext: str, media_type: str,
               image: bytes, image_format: str, size: tuple[int, int], heatmap_size: tuple[int, int] | None,
               now: datetime, verdict: str) -> ReviewItem:
-        item_id = f"{_stamp(now)}-{verdict}-{size_field}-{digest[:12]}"
+        item_id = f"{id_stamp(now)}-{verdict}-{size_field}-{digest[:12]}"
         return ReviewItem(
             **fields, id=item_id, category=category, captured_at=now,
             image=ReviewImage(file=f"image.{ext}", format=image_format.upper(), media_type=media_type,
@@ -363,19 +366,10 @@ class ReviewStore:
         """The labels of the category's items, oldest item first (each file parsed again only
         when it changed)."""
         scan = self.scan(category)
-        last = self._label_lists.get(category)
-        # The same labelled set (the very object): the labels folder is unchanged since, so no
-        # label was written or replaced, and no labelled item went without its label going too.
-        if last is not None and last[0] is scan.labelled:
-            return list(last[1])
-        ids = sorted(scan.labelled & {e.id for e in scan.entries})
-        cache = self._labels.get(category)
-        if cache is None:
-            cache = self._labels.setdefault(category, LabelCache(_read_label))
         folder = str(self._category_dir(category) / "labels")
-        found = cache.read_all(os.path.join(folder, f"{i}.json") for i in ids)
-        self._label_lists[category] = (scan.labelled, found)
-        return list(found)
+        cache = self._labels.get(category) or self._labels.setdefault(category, LabelCache(_read_label))
+        return cache.read_all(scan.labelled, lambda: (os.path.join(folder, f"{i}.json") for i in
+                                                      sorted(scan.labelled & {e.id for e in scan.entries})))
 
     def labelled(self, category: str) -> list[tuple[ReviewItem, ReviewLabel, Path]]:
         """Every labelled item with its label and image path, oldest first."""

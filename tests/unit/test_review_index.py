@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
+import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import pytest
 
 from models import review_index
-from models.review_index import MAX_AGE_S, StoreIndex, parse_id
+from models.review_index import MAX_AGE_S, PARSED_IDS, StoreIndex, parse_id
 from models.review_store import Budget, ReviewStore
 
 T0 = datetime.now(timezone.utc) - timedelta(hours=1)
@@ -186,3 +187,24 @@ def test_readers_and_two_writers_at_once_end_in_the_store_as_it_is(tmp_path: Pat
     assert len(truth.entries) == 120
     assert seen.entries == truth.entries and seen.labelled == truth.labelled and seen.bytes == truth.bytes
     assert len(mine.labels("brick")) == 20
+
+
+def test_the_remembered_parses_stay_within_their_bound() -> None:
+    parse_id.cache_clear()
+    ids = [f"20260102T0304{i:08d}-ok-0000004096-{i:012x}" for i in range(PARSED_IDS + 5_000)]
+    assert all(parse_id(i) is not None for i in ids)
+    assert parse_id.cache_info().currsize == PARSED_IDS  # the oldest went; each still parses when asked
+    assert parse_id(ids[0]) == parse_id(ids[0]) and parse_id(ids[0]).digest == f"{0:012x}"
+
+
+def test_the_label_cache_holds_only_the_labels_of_items_still_there(tmp_path: Path) -> None:
+    store = opened(tmp_path, retention_s=DAY)
+    old = add(store, b"old", at=datetime.now(timezone.utc) - timedelta(days=2))
+    store.label("brick", old, "ok", by="alice")  # labelled: kept for 90 days
+    kept = add(store, b"kept")
+    store.label("brick", kept, "ok", by="alice")
+    assert len(store.labels("brick")) == 2
+    assert store.prune(now=time.time() + 89 * DAY) == 1  # the older one past the labelled retention
+    assert [lab.id for lab in store.labels("brick")] == [kept]
+    cache = store._labels["brick"]
+    assert len(cache._held) == 1  # the expired item's label is no longer held
