@@ -84,6 +84,11 @@ def id_stamp(moment: datetime) -> str:
     return moment.astimezone(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
 
 
+def image_digest(image: bytes) -> str:
+    """An image's sha256, hex: its item id holds the first 12 digits (duplicates are refused by them)."""
+    return hashlib.sha256(image).hexdigest()
+
+
 def _read_label(path: str | Path) -> ReviewLabel | None:
     try:
         with open(path, "rb") as f:
@@ -210,13 +215,15 @@ class ReviewStore:
         return out
 
     # ------------------------------------------------------------------ writing
-    def refusal(self, category: str, image: bytes) -> Literal["full", "duplicate"] | None:
+    def refusal(self, category: str, image: bytes, digest: str | None = None) -> Literal["full", "duplicate"] | None:
         """What :meth:`add` would answer for ``image`` as the store stands, where that is a
         refusal, without the lock or any write: a caller checks before it renders what the
-        item would hold (a heatmap) for a store that cannot take it. :meth:`add` decides."""
+        item would hold (a heatmap) for a store that cannot take it. :meth:`add` decides.
+        ``digest``: the image's :func:`image_digest`, where the caller has it (then passed to
+        :meth:`add` too, so that a capture hashes its image once)."""
         if self.budget is None:
             return None
-        if hashlib.sha256(image).hexdigest()[:12] in self.scan(category).digests:
+        if (digest or image_digest(image))[:12] in self.scan(category).digests:
             return "duplicate"
         items = used = 0
         now = time.time()
@@ -234,15 +241,17 @@ class ReviewStore:
 
     def add(self, category: str, fields: dict[str, Any], image: bytes, image_format: str,
             size: tuple[int, int], heatmap: bytes | None, heatmap_size: tuple[int, int] | None,
-            now: datetime | None = None) -> tuple[Literal["stored", "full", "duplicate"], str | None]:
+            now: datetime | None = None, digest: str | None = None,
+            ) -> tuple[Literal["stored", "full", "duplicate"], str | None]:
         """Keep one image with its answer (``fields``: the :class:`ReviewItem` fields the
         caller knows). Returns ("stored", id), ("duplicate", None) when the category already
-        holds these image bytes, or ("full", None) when the budget has no room."""
+        holds these image bytes, or ("full", None) when the budget has no room. ``digest``: the
+        image's :func:`image_digest`, where the caller has it."""
         if self.budget is None:
             raise ReviewError("this review store was opened without a budget: it cannot take items")
         base = self._category_dir(category)
         now = now or datetime.now(timezone.utc)
-        digest = hashlib.sha256(image).hexdigest()
+        digest = digest or image_digest(image)
         ext, media_type = IMAGE_TYPES.get(image_format.upper(), ("bin", "application/octet-stream"))
         verdict = fields["verdict"]
         with self._locked():

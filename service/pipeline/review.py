@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from models.manifest import Calibration
-from models.review_store import Budget, ReviewStore
+from models.review_store import Budget, ReviewStore, image_digest
 from service.config import Settings
 from service.metrics import ServiceMetrics
 from service.pipeline.item import InspectedImage
@@ -191,7 +191,8 @@ class ReviewCapture:
     def _write(self, kept: _Kept) -> str:
         """Blocking, on the review thread: render the heatmap, write the item under the budget."""
         item, result = kept.item, kept.item.answer
-        refused = self.store.refusal(kept.category, item.data)
+        digest = image_digest(item.data)
+        refused = self.store.refusal(kept.category, item.data, digest)
         if refused is not None:  # a full store stays full for a while: no heatmap rendered for nothing
             return refused
         side = int(item.score_map.shape[0])
@@ -200,7 +201,8 @@ class ReviewCapture:
         fields = {name: getattr(result, name) for name in _ITEM_FIELDS}
         fields.update(reason=kept.reason, engine=kept.engine, filename=item.filename,
                       regions=[r.model_dump() for r in result.regions])
-        outcome, _ = self.store.add(kept.category, fields, item.data, item.format or "", item.size, png, size)
+        outcome, _ = self.store.add(kept.category, fields, item.data, item.format or "", item.size, png, size,
+                                    digest=digest)
         return outcome
 
     async def _maintain(self) -> None:

@@ -71,3 +71,38 @@ def test_a_burst_of_captures_refreshes_the_gauges_once_or_twice(tmp_path: Path) 
         await capture.stop()
 
     asyncio.run(burst())
+
+
+def test_a_capture_hashes_its_image_once(tmp_path: Path, monkeypatch) -> None:
+    """The writer asks the store whether it would refuse, then adds: one digest serves both
+    (it hashed the image twice); the same image offered again is still refused as a duplicate."""
+    import models.review_store as review_store
+    import service.pipeline.review as review
+
+    hashed: list[bytes] = []
+    real = review_store.image_digest
+
+    def counting(image: bytes) -> str:
+        hashed.append(image)
+        return real(image)
+    monkeypatch.setattr(review_store, "image_digest", counting)
+    monkeypatch.setattr(review, "image_digest", counting)
+    metrics = ServiceMetrics()
+    capture = ReviewCapture(Settings(model_store=tmp_path, review_audit_rate=1.0, review_scan_s=3600.0), metrics)
+
+    def outcomes() -> dict[str, float]:
+        return {s.labels["outcome"]: s.value for m in metrics.review_captures.collect() for s in m.samples
+                if s.name.endswith("_total")}
+
+    async def twice() -> None:
+        capture.start()
+        for done, i in enumerate((1, 2, 1), start=1):  # the third is the first again, once it is stored
+            capture.offer("brick", "onnx", COLOURS, [answered(i)])
+            started = time.monotonic()
+            while sum(outcomes().values()) < done and time.monotonic() - started < 10:
+                await asyncio.sleep(0.01)
+        await capture.stop()
+
+    asyncio.run(twice())
+    assert outcomes().get("stored") == 2 and outcomes().get("duplicate") == 1, outcomes()
+    assert sorted(hashed) == sorted([b"image 1", b"image 2", b"image 1"]), hashed  # once per capture
