@@ -65,7 +65,7 @@ import sys
 import tempfile
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -76,7 +76,7 @@ from PIL import Image
 
 from loadtests.frontend_profile import bare_engine_cpu_ms, outside_the_engine, profile
 from loadtests.frontend_report import cache_lookups, collector_passes, combine, merge_passes, render, window_passes
-from loadtests.procstat import cpu_s, own_cpu_s, processes_cpu_s, processes_switches, threads_cpu_s, tree
+from loadtests.procstat import own_cpu_s, tree, trees_usage
 from loadtests.redis_proc import RedisProc
 from loadtests.review_fill import fill
 from loadtests.run import LocalServer, listens, wait_ready
@@ -125,11 +125,13 @@ def distinct(data: bytes, n: int) -> bytes:
 
 
 async def drive(targets: Sequence[tuple[str, int]], category: str, data: bytes, content_type: str, heatmap: str,
-                concurrency: int, seconds: float, unique: bool = False) -> dict[str, Any]:
+                concurrency: int, seconds: float, unique: bool = False, rate: float | None = None) -> dict[str, Any]:
     """Drive ``targets`` (each a server's URL and the pid of its process tree) at saturation:
     ``concurrency`` connections, one request in flight on each, spread over the targets in
     turn; CPU is summed over every target's tree. ``unique``: every request's bytes differ
-    (:func:`distinct`)."""
+    (:func:`distinct`). ``rate``: instead, an open loop at that many requests a second, evenly
+    spaced (as cameras on a line send, whether or not the server keeps up), never more than
+    ``concurrency`` in flight; each answer's wait counts from when it was due."""
     timings: list[dict[str, float]] = []
     sent_count = itertools.count()
     waits: list[float] = []  # each answer's wall time at the client: the tail shows the server's stalls
@@ -142,9 +144,9 @@ async def drive(targets: Sequence[tuple[str, int]], category: str, data: bytes, 
                    for url, _ in targets]
         answered = [0] * len(clients)  # answers by server, counted again from the window's start
 
-        async def one(server: int) -> None:
+        async def one(server: int, due: float | None = None) -> None:
             nonlocal failures
-            sent = time.perf_counter()
+            sent = time.perf_counter() if due is None else due
             body = distinct(data, next(sent_count)) if unique else data
             r = await clients[server].post(f"/v1/inspect/{category}", params={"heatmap": heatmap}, content=body,
                                   headers={"Content-Type": content_type})
@@ -156,8 +158,32 @@ async def drive(targets: Sequence[tuple[str, int]], category: str, data: bytes, 
             timings.append({**result["timings_ms"], "batch_size": result["batch_size"]})
             answered[server] += 1
 
+        slots, in_flight = asyncio.Semaphore(concurrency), set[asyncio.Task[None]]()
+
         async def loop(until: float) -> None:
+            if rate is not None:
+                return await paced(until)
             await asyncio.gather(*(connection(i % len(clients), until) for i in range(concurrency)))
+
+        async def paced(until: float) -> None:
+            start = time.perf_counter()
+            stop = start + until - time.monotonic()
+            assert rate is not None
+            for n in itertools.count():
+                due = start + n / rate
+                if due >= stop:
+                    break
+                if due > time.perf_counter():
+                    await asyncio.sleep(due - time.perf_counter())
+                await slots.acquire()  # a server that falls behind holds the rate down: images/s shows it
+                task = asyncio.create_task(one(n % len(clients), due))
+                in_flight.add(task)
+                task.add_done_callback(answered_one)
+            await asyncio.gather(*in_flight)
+
+        def answered_one(task: asyncio.Task[None]) -> None:
+            in_flight.discard(task)
+            slots.release()
 
         async def connection(server: int, until: float) -> None:
             while time.monotonic() < until:
@@ -174,15 +200,11 @@ async def drive(targets: Sequence[tuple[str, int]], category: str, data: bytes, 
         waits.clear()
         answered = [0] * len(clients)
         passes0, cache0 = await scrape()  # outside the CPU window
-        server0, threads0, roles0 = _summed(cpu_s, pids), _summed(threads_cpu_s, pids), _summed(processes_cpu_s, pids)
-        switches0 = _summed(processes_switches, pids)
+        usage0 = trees_usage(pids)  # one pass over /proc per edge: CPU by process, thread and role; switches
         client0, t0 = own_cpu_s(), time.monotonic()
         await loop(t0 + seconds)
-        wall, server, own = time.monotonic() - t0, _summed(cpu_s, pids) - server0, own_cpu_s() - client0
-        threads = {group: spent - threads0.get(group, 0.0) for group, spent in _summed(threads_cpu_s, pids).items()}
-        roles = {role: spent - roles0.get(role, 0.0) for role, spent in _summed(processes_cpu_s, pids).items()}
-        switches = {role: (v - switches0.get(role, (0, 0))[0], i - switches0.get(role, (0, 0))[1])
-                    for role, (v, i) in _summed(processes_switches, pids).items()}
+        wall, spent, own = time.monotonic() - t0, trees_usage(pids) - usage0, own_cpu_s() - client0
+        server, threads, roles, switches = spent.cpu_s, spent.threads, spent.roles, spent.switches
         passes1, cache1 = await scrape()
         passes = window_passes(passes0, passes1)
         cache = {result: count - cache0.get(result, 0.0) for result, count in sorted(cache1.items())}
@@ -191,6 +213,7 @@ async def drive(targets: Sequence[tuple[str, int]], category: str, data: bytes, 
             ("decode", "render", "queue", "engine", "total")}
     server_ms = server / max(n, 1) * 1e3
     return {"images": n, "failures": failures, "wall_s": round(wall, 2), "images_per_s": round(n / wall, 1),
+            **({"offered_per_s": rate} if rate is not None else {}),
             "server_cpu_ms_per_image": round(server_ms, 2), "server_cores": round(server / wall, 2),
             "client_cpu_ms_per_image": round(own / max(n, 1) * 1e3, 2),
             "decode_ms": round(mean["decode"], 2), "render_regions_ms": round(mean["render"], 2),
@@ -215,18 +238,6 @@ async def drive(targets: Sequence[tuple[str, int]], category: str, data: bytes, 
             **({"cache_lookups": cache} if any(cache.values()) else {}),
             **({"images_by_server": answered} if len(targets) > 1 else {}),
             }
-
-
-def _summed(read: Callable[[int], Any], pids: Sequence[int]) -> Any:
-    """``read`` (a number, or a dict of numbers or of tuples of numbers) added up over ``pids``."""
-    values = [read(pid) for pid in pids]
-    if isinstance(values[0], dict):
-        return {key: _add([v[key] for v in values if key in v]) for key in {k for v in values for k in v}}
-    return sum(values)
-
-
-def _add(values: list[Any]) -> Any:
-    return tuple(map(sum, zip(*values))) if isinstance(values[0], tuple) else sum(values)
 
 
 def every_front_end_ready(url: str, pid: int, processes: int, timeout: float = 120.0) -> list[dict[str, Any]]:
@@ -295,7 +306,7 @@ def run(args: argparse.Namespace) -> int:
             this_round = []
             for kind, (data, ctype, heatmap) in posts.items():
                 r = asyncio.run(drive(targets, category, data, ctype, heatmap, args.concurrency, args.seconds,
-                                      unique=args.distinct))
+                                      unique=args.distinct, rate=args.rate))
                 rounds[kind].append(r)
                 this_round.append(r)
             if args.engine == "onnx":  # what the server spends outside the engine, against the engine's own CPU
@@ -314,7 +325,8 @@ def run(args: argparse.Namespace) -> int:
                 stages = sum(results[kind]["profile_ms"].values())
                 results[kind]["profile_ms"]["other"] = round(results[kind]["server_cpu_ms_per_image"] - stages, 3)
     summary = {"engine": args.engine, "category": category, "input_size": input_size,
-               "concurrency": args.concurrency, "seconds": args.seconds, "rounds": args.rounds, "batch": args.batch,
+               "concurrency": args.concurrency, "rate": args.rate, "seconds": args.seconds, "rounds": args.rounds,
+               "batch": args.batch,
                "decode_threads": args.decode_threads,
                "intra_op_threads": args.intra_op_threads, "loop_work_pixels": args.loop_work_pixels,
                "api_processes": args.api_processes, "servers": args.servers, "redis": args.redis,
@@ -337,6 +349,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kinds", nargs="*", default=list(KINDS), choices=list(KINDS))
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--rate", type=float, help="offer this many images a second (an open loop, evenly spaced, at "
+                   "most --concurrency in flight) instead of saturating the server: modes compared at one load "
+                   "below saturation, with cores to spare, as on a GPU host's many cores")
     p.add_argument("--rounds", type=int, default=1, help="drive every kind this many times, the kinds taking "
                    "turns; the report gives medians (and each round's share outside the engine)")
     p.add_argument("--decode-threads", type=int, default=2)

@@ -117,8 +117,7 @@ def _medians(dicts: list[dict[str, Any]]) -> dict[str, Any]:
 def render(s: dict[str, Any]) -> str:
     rounds = s.get("rounds", 1)
     placement = "" if s.get("loop_work_pixels") is None else f"; MSFLOW_LOOP_WORK_PIXELS={s['loop_work_pixels']}"
-    lines = [f"# Front end ({s['engine']} engine, `{s['category']}` at {s['input_size']} px, {s['concurrency']} in "
-             f"flight, {s['seconds']} s per kind{f' in each of {rounds} rounds (medians)' if rounds > 1 else ''}, "
+    lines = [f"# Front end ({s['engine']} engine, `{s['category']}` at {s['input_size']} px, {_load(s)}, {s['seconds']} s per kind{f' in each of {rounds} rounds (medians)' if rounds > 1 else ''}, "
              f"{s['cpu_count']} cores, "
              + (f"{s['servers']} separate single-process servers" if s.get("servers", 1) > 1
                 else f"{s.get('api_processes', 1)} API process(es)")
@@ -176,6 +175,12 @@ def render(s: dict[str, Any]) -> str:
         for kind, prof in profiled.items():
             lines.append(f"| {kind} | " + " | ".join(str(prof.get(name, "-")) for name in stages) + " |")
     return "\n".join(lines + [""])
+
+
+def _load(s: dict[str, Any]) -> str:
+    if s.get("rate"):
+        return f"{s['rate']:g} images/s offered (open loop, at most {s['concurrency']} in flight)"
+    return f"{s['concurrency']} in flight"
 
 
 def _serving_state(s: dict[str, Any]) -> str:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import resource
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -49,63 +51,99 @@ def tree(pid: int) -> list[int]:
     return out
 
 
+@dataclass(frozen=True)
+class TreeUsage:
+    """What the kernel counted for a process tree so far, read in one pass over ``/proc``.
+
+    * ``cpu_s``: every process (utime + stime, its exited threads included);
+    * ``threads``: CPU seconds of the live threads in three groups: ``engine`` (named
+      ``engine-*``: the batchers' engine threads and the engines' own pools), ``loop`` (each
+      process's main thread: its event loop) and ``pool`` (the rest: the decode threads, mostly);
+    * ``roles``: CPU seconds by role, from each process's name (service/supervisor.py names
+      them): ``front ends`` (``msflow-api-*``), ``engine process`` (``msflow-engine``) and
+      ``server`` (the rest: a single-process server, or the supervisor);
+    * ``switches``: context switches of the live threads by role, (voluntary: the thread
+      waited, so a wake-up came after; involuntary: it was preempted).
+
+    Two readings subtract (``after - before``) and add (several trees)."""
+
+    cpu_s: float = 0.0
+    threads: dict[str, float] = field(default_factory=lambda: dict.fromkeys(THREAD_GROUPS, 0.0))
+    roles: dict[str, float] = field(default_factory=lambda: dict.fromkeys(ROLES, 0.0))
+    switches: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def __add__(self, other: TreeUsage) -> TreeUsage:
+        return self._combine(other, 1)
+
+    def __sub__(self, other: TreeUsage) -> TreeUsage:
+        return self._combine(other, -1)
+
+    def _combine(self, other: TreeUsage, sign: int) -> TreeUsage:
+        def numbers(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+            return {k: a.get(k, 0.0) + sign * b.get(k, 0.0) for k in a.keys() | b.keys()}
+
+        return TreeUsage(self.cpu_s + sign * other.cpu_s, numbers(self.threads, other.threads),
+                         numbers(self.roles, other.roles),
+                         {k: (self.switches.get(k, (0, 0))[0] + sign * other.switches.get(k, (0, 0))[0],
+                              self.switches.get(k, (0, 0))[1] + sign * other.switches.get(k, (0, 0))[1])
+                          for k in self.switches.keys() | other.switches.keys()})
+
+
+THREAD_GROUPS = ("engine", "loop", "pool")
+ROLES = ("front ends", "engine process", "server")
+
+
+def tree_usage(pid: int) -> TreeUsage:
+    """``pid`` and its live descendants, each process's stat and each thread's stat and
+    status read once."""
+    total, threads, roles = 0.0, dict.fromkeys(THREAD_GROUPS, 0.0), dict.fromkeys(ROLES, 0.0)
+    switches: dict[str, tuple[int, int]] = {}
+    for proc in tree(pid):
+        names = task_names(proc)
+        role = _role(names.get(proc, ""))
+        spent = usage(Path(f"/proc/{proc}")).cpu_s
+        total += spent
+        roles[role] += spent
+        voluntary, involuntary = switches.get(role, (0, 0))
+        for tid, name in names.items():
+            task = Path(f"/proc/{proc}/task/{tid}")
+            group = "engine" if name.startswith(ENGINE_PREFIX) else "loop" if tid == proc else "pool"
+            threads[group] += usage(task).cpu_s
+            v, i = _switches(task)
+            voluntary, involuntary = voluntary + v, involuntary + i
+        switches[role] = (voluntary, involuntary)
+    return TreeUsage(total, threads, roles, switches)
+
+
+def trees_usage(pids: Iterable[int]) -> TreeUsage:
+    """:func:`tree_usage` added up over several trees (several servers)."""
+    return sum((tree_usage(pid) for pid in pids), TreeUsage())
+
+
+def _switches(task: Path) -> tuple[int, int]:
+    try:
+        status = (task / "status").read_text()
+    except OSError:
+        return 0, 0
+    voluntary = involuntary = 0
+    for line in status.splitlines():
+        if line.startswith("voluntary_ctxt_switches:"):
+            voluntary = int(line.split()[1])
+        elif line.startswith("nonvoluntary_ctxt_switches:"):
+            involuntary = int(line.split()[1])
+    return voluntary, involuntary
+
+
+def _role(name: str) -> str:
+    return "front ends" if name.startswith("msflow-api-") else "engine process" if name == "msflow-engine" else "server"
+
+
 def cpu_s(pid: int) -> float:
     """CPU seconds of ``pid`` and every live descendant."""
     return sum(usage(Path(f"/proc/{proc}")).cpu_s for proc in tree(pid))
-
-
-def threads_cpu_s(pid: int) -> dict[str, float]:
-    """CPU seconds of the live threads of ``pid`` and its descendants, in three groups:
-    ``engine`` (named ``engine-*``: the batchers' engine threads and the engines' own pools),
-    ``loop`` (each process's main thread: its event loop) and ``pool`` (the rest: the decode
-    threads, mostly)."""
-    groups = {"engine": 0.0, "loop": 0.0, "pool": 0.0}
-    for proc in tree(pid):
-        for tid, name in task_names(proc).items():
-            group = "engine" if name.startswith(ENGINE_PREFIX) else "loop" if tid == proc else "pool"
-            groups[group] += usage(Path(f"/proc/{proc}/task/{tid}")).cpu_s
-    return groups
 
 
 def own_cpu_s() -> float:
     """This process's CPU seconds (``getrusage``)."""
     u = resource.getrusage(resource.RUSAGE_SELF)
     return u.ru_utime + u.ru_stime
-
-
-def _role(pid: int) -> str:
-    name = task_names(pid).get(pid, "")
-    return "front ends" if name.startswith("msflow-api-") else "engine process" if name == "msflow-engine" else "server"
-
-
-def processes_switches(pid: int) -> dict[str, tuple[int, int]]:
-    """Context switches of ``pid`` and its live descendants so far, every thread, by role (as
-    :func:`processes_cpu_s`): (voluntary: the thread waited, so a wake-up came after;
-    involuntary: it was preempted)."""
-    roles: dict[str, tuple[int, int]] = {}
-    for proc in tree(pid):
-        voluntary = involuntary = 0
-        for tid in task_names(proc):
-            try:
-                status = Path(f"/proc/{proc}/task/{tid}/status").read_text()
-            except OSError:
-                continue
-            for line in status.splitlines():
-                if line.startswith("voluntary_ctxt_switches:"):
-                    voluntary += int(line.split()[1])
-                elif line.startswith("nonvoluntary_ctxt_switches:"):
-                    involuntary += int(line.split()[1])
-        role = _role(proc)
-        v0, i0 = roles.get(role, (0, 0))
-        roles[role] = (v0 + voluntary, i0 + involuntary)
-    return roles
-
-
-def processes_cpu_s(pid: int) -> dict[str, float]:
-    """CPU seconds of ``pid`` and its live descendants by role, from each process's name
-    (service/supervisor.py names them): ``front ends`` (``msflow-api-*``), ``engine process``
-    (``msflow-engine``) and ``server`` (the rest: a single-process server, or the supervisor)."""
-    roles = {"front ends": 0.0, "engine process": 0.0, "server": 0.0}
-    for proc in tree(pid):
-        roles[_role(proc)] += usage(Path(f"/proc/{proc}")).cpu_s
-    return roles

@@ -270,6 +270,24 @@ def test_frontend_benchmark_on_the_null_engine(model_store, tmp_path):
     # tests/unit/test_imaging.py::test_large_jpeg_decodes_at_reduced_scale_like_the_trainer.)
 
 
+def test_frontend_benchmark_offers_a_fixed_rate(model_store, tmp_path):
+    """``--rate``: an open loop at a fixed rate below saturation (modes compared at one load,
+    with cores to spare): the server answers at the offered rate, not faster, and the report
+    says what was offered."""
+    out = tmp_path / "frontend-rate"
+    cmd = [sys.executable, "-m", "loadtests.frontend", "--store", str(model_store), "--seconds", "2",
+           "--rate", "40", "--kinds", "jpeg256-none", "--no-profile", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_clean_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    s = json.loads((out / "summary.json").read_text())
+    r = s["kinds"]["jpeg256-none"]
+    assert s["rate"] == 40 and r["offered_per_s"] == 40 and r["failures"] == 0
+    # 80 due in the window; the last answers land just after it (the window waits for them)
+    assert 76 <= r["images"] <= 81 and 30 <= r["images_per_s"] <= 41, r
+    assert r["mean_batch"] < 2  # one image every 25 ms: no queue for batches to form from
+    assert "40 images/s offered" in (out / "summary.md").read_text()
+
+
 def test_frontend_benchmark_splits_the_real_engines_cpu_from_the_rest(model_store, demo_root, tmp_path):
     """With the real engine the report splits the server's CPU by thread (the threads named
     engine-*: the batcher's engine thread and onnxruntime's pool) and compares it with the bare

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from loadtests.procstat import cpu_s, process_usage, processes_cpu_s, processes_switches, tree
+from loadtests.procstat import TreeUsage, cpu_s, process_usage, tree, tree_usage, trees_usage
 
 _BUSY_CHILD = """
 import sys, time
@@ -22,7 +22,7 @@ time.sleep(30)
 
 
 def test_cpu_is_split_by_the_role_the_process_names() -> None:
-    before = processes_cpu_s(os.getpid())
+    before = tree_usage(os.getpid())
     children = [subprocess.Popen([sys.executable, "-c", _BUSY_CHILD, name], stdout=subprocess.PIPE, text=True,
                                  cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
                 for name in ("msflow-api-1", "msflow-engine")]
@@ -30,10 +30,17 @@ def test_cpu_is_split_by_the_role_the_process_names() -> None:
         for child in children:
             assert child.stdout is not None and child.stdout.readline().strip() == "spent"
         assert {child.pid for child in children} <= set(tree(os.getpid()))
-        after = processes_cpu_s(os.getpid())
+        after = tree_usage(os.getpid())
+        spent = after - before
         for role in ("front ends", "engine process"):
-            assert after[role] - before[role] >= 0.25, (role, before, after)
-        assert cpu_s(os.getpid()) >= sum(after.values()) - 0.05
+            assert spent.roles[role] >= 0.25, (role, before, after)
+        assert cpu_s(os.getpid()) >= sum(after.roles.values()) - 0.05
+        assert abs(after.cpu_s - sum(after.roles.values())) < 1e-9  # every process has one role
+        assert spent.threads["loop"] >= 0.5  # the children's main threads did the spinning
+        twice = trees_usage([os.getpid(), os.getpid()])
+        assert abs(twice.cpu_s - 2 * after.cpu_s) < 0.1 and (twice - twice) == TreeUsage(
+            0.0, dict.fromkeys(twice.threads, 0.0), dict.fromkeys(twice.roles, 0.0),
+            dict.fromkeys(twice.switches, (0, 0)))
         for child in children:
             assert process_usage(child.pid).cpu_s >= 0.25
     finally:
@@ -49,7 +56,7 @@ def test_context_switches_are_counted_by_role() -> None:
                              cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
     try:
         assert child.stdout is not None and child.stdout.readline().strip() == "slept"
-        voluntary, _ = processes_switches(os.getpid())["engine process"]
+        voluntary, _ = tree_usage(os.getpid()).switches["engine process"]
         assert voluntary >= 50  # each of its 50 sleeps gave the processor up
     finally:
         child.kill()
