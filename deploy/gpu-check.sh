@@ -17,7 +17,12 @@
 # GPU_CHECK_META_EPOCHS (4), GPU_CHECK_BATCH_SIZES ("1 8 32"), GPU_CHECK_REPEATS (10),
 # GPU_CHECK_PARITY_IMAGES (24), GPU_CHECK_TENSORRT (auto|0: skip the plan),
 # GPU_CHECK_LOAD_USERS (32), GPU_CHECK_LOAD_DURATION (30s), GPU_CHECK_LOAD_IMAGES (demo test
-# images of the model's category; a folder or glob).
+# images of the model's category; a folder or glob), GPU_CHECK_WINDOW_S (10: each front-end
+# benchmark window), GPU_CHECK_FRONTENDS ("2 4 8 16": front-end process counts, each up to
+# half the cores), GPU_CHECK_DEADLINE_S (none: optional steps that would start later than this
+# many seconds or more after the start are skipped, so the report is written inside a caller's limit).
+# GPU_CHECK_PROFILE=quick sets smaller defaults for all of these (a lent machine's ten minutes:
+# deploy/gpu-check-device.sh), each still overridable; full (the default) is the above.
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -32,21 +37,33 @@ if [[ -n "${PYTHON:-}" ]]; then PY="$PYTHON"
 elif [[ -x "$REPO_ROOT/.venv/bin/python" ]]; then PY="$REPO_ROOT/.venv/bin/python"
 else PY="$(command -v python3 || command -v python)"; fi
 
+PROFILE="${GPU_CHECK_PROFILE:-full}"
+case $PROFILE in
+  full) d_epochs=4 d_repeats=10 d_parity=24 d_load=30s d_window=10 d_frontends="2 4 8 16" d_link_s=5 d_link_rounds=2 ;;
+  quick) d_epochs=2 d_repeats=5 d_parity=12 d_load=15s d_window=4 d_frontends="2 8" d_link_s=2 d_link_rounds=1 ;;
+  *) echo "GPU_CHECK_PROFILE: full or quick, not $PROFILE" >&2; exit 2 ;;
+esac
 MODEL="${GPU_CHECK_MODEL:-}"
 WORK="${GPU_CHECK_WORK:-}"
 CATEGORY="${GPU_CHECK_CATEGORY:-grass}"
 INPUT_SIZE="${GPU_CHECK_INPUT_SIZE:-256}"
-META_EPOCHS="${GPU_CHECK_META_EPOCHS:-4}"
+META_EPOCHS="${GPU_CHECK_META_EPOCHS:-$d_epochs}"
 BATCH_SIZES="${GPU_CHECK_BATCH_SIZES:-1 8 32}"
-REPEATS="${GPU_CHECK_REPEATS:-10}"
-PARITY_IMAGES="${GPU_CHECK_PARITY_IMAGES:-24}"
+REPEATS="${GPU_CHECK_REPEATS:-$d_repeats}"
+PARITY_IMAGES="${GPU_CHECK_PARITY_IMAGES:-$d_parity}"
 WANT_TENSORRT="${GPU_CHECK_TENSORRT:-auto}"
 LOAD_USERS="${GPU_CHECK_LOAD_USERS:-32}"
-LOAD_DURATION="${GPU_CHECK_LOAD_DURATION:-30s}"
+LOAD_DURATION="${GPU_CHECK_LOAD_DURATION:-$d_load}"
 LOAD_IMAGES="${GPU_CHECK_LOAD_IMAGES:-}"
+WINDOW_S="${GPU_CHECK_WINDOW_S:-$d_window}"
+FRONTENDS="${GPU_CHECK_FRONTENDS:-$d_frontends}"
+DEADLINE_S="${GPU_CHECK_DEADLINE_S:-}"
+STARTED=$(date +%s)
 
 STEPS="$RAW/steps.tsv"
 printf 'step\trc\tstart\tend\tseconds\trequired\tlog\n' > "$STEPS"
+SKIPPED="$RAW/skipped.tsv"
+printf 'step\treason\n' > "$SKIPPED"
 FAILED=0
 TENSORRT_STATUS="not attempted"
 
@@ -54,11 +71,22 @@ ts() { date -u +%Y-%m-%dT%H:%M:%SZ; }
 log() { echo "[$(ts)] $*"; }
 trap 'log "unexpected error at line $LINENO (exit $?)"' ERR
 
+# skip NAME REASON: a step not run, listed in the report with why.
+skip() {
+  log "--- $1 skipped: $2"
+  printf '%s\t%s\n' "$1" "$2" >> "$SKIPPED"
+}
+
 # step NAME REQUIRED(0|1) CMD...: run CMD, tee its output to raw/NAME.log, record rc and
-# duration; a failed required step marks the check failed but later steps still run.
+# duration; a failed required step marks the check failed but later steps still run. An
+# optional step that would start past GPU_CHECK_DEADLINE_S is skipped (returns 0).
 step() {
   local name=$1 required=$2 rc start end
   shift 2
+  if [[ -n $DEADLINE_S && $required == 0 ]] && (( $(date +%s) - STARTED >= DEADLINE_S )); then
+    skip "$name" "past the deadline (GPU_CHECK_DEADLINE_S=$DEADLINE_S)"
+    return 0
+  fi
   start=$(date +%s.%N)
   log ">>> $name: $*"
   set +e
@@ -75,10 +103,10 @@ step() {
 }
 
 if [[ -z "$MODEL" && -z "$WORK" ]]; then WORK="$(mktemp -d -t msflow-gpu-check.XXXXXX)"; fi
-log "MSFlow GPU check: repo $REPO_ROOT, python $PY, report in $OUT_DIR${WORK:+, scratch in $WORK}"
+log "MSFlow GPU check ($PROFILE): repo $REPO_ROOT, python $PY, report in $OUT_DIR${WORK:+, scratch in $WORK}"
 
 # 0. the host
-step environment 0 "$PY" - "$RAW/environment.json" <<'EOF' || true
+step environment 1 "$PY" - "$RAW/environment.json" <<'EOF' || true
 import json, platform, subprocess, sys
 info = {"python": sys.version.split()[0], "platform": platform.platform()}
 try:
@@ -171,65 +199,86 @@ if [[ -z "$LOAD_IMAGES" ]]; then
   if [[ -n "$WORK" && -d "$WORK/demo/$CATEGORY/test" ]]; then LOAD_IMAGES="$WORK/demo/$CATEGORY/test"
   else LOAD_IMAGES="data/demo/*/test/*/*.png"; fi
 fi
-step loadtest 0 "$PY" -m loadtests.run --serve --store "$(dirname "$MODEL")" --users "$LOAD_USERS" \
-  --spawn-rate "$LOAD_USERS" --duration "$LOAD_DURATION" --images "$LOAD_IMAGES" --out "$RAW/load" \
-  --fail-on-error || true
+if ! "$PY" -c 'import locust' >/dev/null 2>&1; then
+  skip loadtest "Locust is not installed (the front-end benchmarks below drive the server with their own client)"
+elif [[ ! -d $LOAD_IMAGES ]] && ! compgen -G "$LOAD_IMAGES" >/dev/null; then
+  skip loadtest "no images at $LOAD_IMAGES (GPU_CHECK_LOAD_IMAGES)"
+else
+  step loadtest 0 "$PY" -m loadtests.run --serve --store "$(dirname "$MODEL")" --users "$LOAD_USERS" \
+    --spawn-rate "$LOAD_USERS" --duration "$LOAD_DURATION" --images "$LOAD_IMAGES" --out "$RAW/load" \
+    --fail-on-error || true
+fi
+
+# The engine the end-to-end front-end runs serve with: the host's best on its GPU (TensorRT's
+# plan or ONNX Runtime's CUDA provider, as `auto` picks them; else PyTorch on CUDA), ONNX
+# Runtime on a host without a GPU (there the CPU spent outside the engine is split from the
+# engine's own). The benchmark's server is otherwise pinned to the CPU.
+if [[ $HAS_CUDA == 1 ]]; then
+  HAS_ORT_CUDA=$("$PY" -c 'import onnxruntime as o; print(int("CUDAExecutionProvider" in o.get_available_providers()))' \
+    2>/dev/null || echo 0)
+  if [[ $HAS_TRT == 1 || $HAS_ORT_CUDA == 1 ]]; then SERVE=(--engine auto --device cuda)
+  else SERVE=(--engine torch --device cuda); fi
+else
+  SERVE=(--engine onnx --device cpu)
+fi
+log "front end, end to end: ${SERVE[*]}"
+FRONT=("$PY" -m loadtests.frontend --store "$(dirname "$MODEL")" --category "$(basename "$MODEL")"
+       --seconds "$WINDOW_S")
 
 # 3c. the front end on this host's cores: the null engine (server CPU per image, images/s per
 # input kind, where the CPU goes), then the same inputs end to end on the host's best engine
-step frontend 0 "$PY" -m loadtests.frontend --store "$(dirname "$MODEL")" \
-  --category "$(basename "$MODEL")" --seconds 10 --concurrency 32 --decode-threads "$(nproc)" \
-  --out "$RAW/frontend" || true
-step frontend-engine 0 "$PY" -m loadtests.frontend --store "$(dirname "$MODEL")" \
-  --category "$(basename "$MODEL")" --engine auto --seconds 10 --concurrency 32 \
-  --decode-threads "$(nproc)" --no-profile --out "$RAW/frontend-engine" || true
-# ... and with every image's work in the decode threads instead of the event loop (small
-# requests run on the loop by default: less CPU per image, but one core per process)
-step frontend-threads 0 "$PY" -m loadtests.frontend --store "$(dirname "$MODEL")" \
-  --category "$(basename "$MODEL")" --seconds 10 --concurrency 32 --decode-threads "$(nproc)" \
-  --loop-work-pixels 0 --kinds jpeg256-none png256-inline --no-profile --out "$RAW/frontend-threads" || true
-# ... and with a good part of the category instead of the texture photograph (which a model of
-# the category finds defective all over, so every answer carries a whole-image region)
-GOOD_PART=$(ls "${WORK:-.}/demo/$CATEGORY/test/good/"*.png data/demo/"$CATEGORY"/test/good/*.png 2>/dev/null | head -1 || true)
-if [[ -n "$GOOD_PART" ]]; then
-  step frontend-engine-good 0 "$PY" -m loadtests.frontend --store "$(dirname "$MODEL")" \
-    --category "$(basename "$MODEL")" --engine auto --seconds 10 --concurrency 32 \
-    --decode-threads "$(nproc)" --no-profile --image "$GOOD_PART" --out "$RAW/frontend-engine-good" || true
+step frontend 0 "${FRONT[@]}" --concurrency 32 --decode-threads "$(nproc)" --out "$RAW/frontend" || true
+step frontend-engine 0 "${FRONT[@]}" "${SERVE[@]}" --concurrency 32 --decode-threads "$(nproc)" --no-profile \
+  --out "$RAW/frontend-engine" || true
+if [[ $PROFILE == full ]]; then
+  # ... with every image's work in the decode threads instead of the event loop (small
+  # requests run on the loop by default: less CPU per image, but one core per process)
+  step frontend-threads 0 "${FRONT[@]}" --concurrency 32 --decode-threads "$(nproc)" --loop-work-pixels 0 \
+    --kinds jpeg256-none png256-inline --no-profile --out "$RAW/frontend-threads" || true
+  # ... with a good part of the category instead of the texture photograph (which a model of
+  # the category finds defective all over, so every answer carries a whole-image region)
+  GOOD_PART=$(ls "${WORK:-.}/demo/$CATEGORY/test/good/"*.png data/demo/"$CATEGORY"/test/good/*.png 2>/dev/null \
+    | head -1 || true)
+  if [[ -n "$GOOD_PART" ]]; then
+    step frontend-engine-good 0 "${FRONT[@]}" "${SERVE[@]}" --concurrency 32 --decode-threads "$(nproc)" \
+      --no-profile --image "$GOOD_PART" --out "$RAW/frontend-engine-good" || true
+  fi
+else
+  skip frontend-threads "quick profile"
+  skip frontend-engine-good "quick profile"
 fi
 # ... and in the states a deployment reaches: a full review store (a busy line fills the default
 # 10,000 items in minutes), and Redis with every request's bytes distinct (result-cache misses)
-step frontend-review-full 0 "$PY" -m loadtests.frontend --store "$(dirname "$MODEL")" \
-  --category "$(basename "$MODEL")" --seconds 10 --concurrency 32 --decode-threads "$(nproc)" \
-  --review-items 10000 --kinds jpeg256-none png256-inline --no-profile --out "$RAW/frontend-review-full" || true
+step frontend-review-full 0 "${FRONT[@]}" --concurrency 32 --decode-threads "$(nproc)" --review-items 10000 \
+  --kinds jpeg256-none png256-inline --no-profile --out "$RAW/frontend-review-full" || true
 if command -v redis-server >/dev/null; then
-  step frontend-redis 0 "$PY" -m loadtests.frontend --store "$(dirname "$MODEL")" \
-    --category "$(basename "$MODEL")" --seconds 10 --concurrency 32 --decode-threads "$(nproc)" \
-    --redis --distinct --kinds jpeg256-none png256-inline --no-profile --out "$RAW/frontend-redis" || true
+  step frontend-redis 0 "${FRONT[@]}" --concurrency 32 --decode-threads "$(nproc)" --redis --distinct \
+    --kinds jpeg256-none png256-inline --no-profile --out "$RAW/frontend-redis" || true
+else
+  skip frontend-redis "no redis-server on this host"
 fi
 # ... and whether this host's CPU makes the work after an ISA-L call pay for the vector registers
 # ISA-L leaves dirty (service/pipeline/deflate.py clears them; the log shows the three columns)
-step vector-state 0 "$PY" -m loadtests.vector_state --rounds 2 || true
+if [[ $PROFILE == full ]]; then step vector-state 0 "$PY" -m loadtests.vector_state --rounds 2 || true
+else skip vector-state "quick profile"; fi
 # 3d. more than one process feeding one engine (MSFLOW_API_PROCESSES): the same benchmark with
-# 2, 4, 8 ... front-end processes (up to half the cores), null engine, then the host's best
-# engine; server CPU is summed over the supervisor, its front ends and the engine process
-for n in 2 4 8 16; do
-  if (( n > $(nproc) / 2 )); then break; fi
-  step "frontend-p$n" 0 "$PY" -m loadtests.frontend --store "$(dirname "$MODEL")" \
-    --category "$(basename "$MODEL")" --api-processes "$n" --seconds 10 --concurrency $((32 * n)) \
-    --decode-threads 4 --kinds jpeg256-none jpeg2048-none --no-profile --out "$RAW/frontend-p$n" || true
+# each count of front-end processes in GPU_CHECK_FRONTENDS (up to half the cores), null engine,
+# then the host's best engine; server CPU is summed over the supervisor, its front ends and the
+# engine process
+for n in $FRONTENDS; do
+  if (( n > $(nproc) / 2 )); then skip "frontend-p$n" "more front ends than half of $(nproc) cores"; continue; fi
+  step "frontend-p$n" 0 "${FRONT[@]}" --api-processes "$n" --concurrency $((32 * n)) --decode-threads 4 \
+    --kinds jpeg256-none jpeg2048-none --no-profile --out "$RAW/frontend-p$n" || true
   # the floor under it: the same work over n separate single-process servers, no link between them
-  step "frontend-s$n" 0 "$PY" -m loadtests.frontend --store "$(dirname "$MODEL")" \
-    --category "$(basename "$MODEL")" --servers "$n" --seconds 10 --concurrency $((32 * n)) \
-    --decode-threads 4 --kinds jpeg256-none jpeg2048-none --no-profile --out "$RAW/frontend-s$n" || true
-  step "frontend-engine-p$n" 0 "$PY" -m loadtests.frontend --store "$(dirname "$MODEL")" \
-    --category "$(basename "$MODEL")" --engine auto --api-processes "$n" --seconds 10 \
-    --concurrency $((32 * n)) --decode-threads 4 --kinds jpeg256-none --no-profile \
-    --out "$RAW/frontend-engine-p$n" || true
+  step "frontend-s$n" 0 "${FRONT[@]}" --servers "$n" --concurrency $((32 * n)) --decode-threads 4 \
+    --kinds jpeg256-none jpeg2048-none --no-profile --out "$RAW/frontend-s$n" || true
+  step "frontend-engine-p$n" 0 "${FRONT[@]}" "${SERVE[@]}" --api-processes "$n" --concurrency $((32 * n)) \
+    --decode-threads 4 --kinds jpeg256-none --no-profile --out "$RAW/frontend-engine-p$n" || true
 done
 # ... and the link between them alone (no HTTP, no decode): what one image costs to cross it on
 # this host's cores, against a local batcher, at 1, 8 and 64 in flight
 step engine-link 0 "$PY" -m loadtests.engine_link --store "$(dirname "$MODEL")" --category "$(basename "$MODEL")" \
-  --in-flight 1 8 64 --seconds 5 --rounds 2 --out "$RAW/engine-link" || true
+  --in-flight 1 8 64 --seconds "$d_link_s" --rounds "$d_link_rounds" --out "$RAW/engine-link" || true
 
 # 4. one report: JSON with everything + a Markdown summary
 step report 1 "$PY" - "$OUT_DIR" "$TENSORRT_STATUS" "$MODEL" "$FAILED" <<'EOF' || true
@@ -249,6 +298,7 @@ def load(name):
 steps = list(csv.DictReader((raw / "steps.tsv").open(), delimiter="\t"))
 for s in steps:
     s["rc"], s["seconds"] = int(s["rc"]), float(s["seconds"])
+skipped = list(csv.DictReader((raw / "skipped.tsv").open(), delimiter="\t")) if (raw / "skipped.tsv").is_file() else []
 env, parity, bench = load("environment.json"), load("parity.json"), load("bench.json")
 cuda = bool(env and env.get("cuda"))
 gpu_checked = [e for e in (parity or {}).get("engines_checked", []) if e not in ("onnxruntime-cpu", "torch-cpu")]
@@ -262,7 +312,7 @@ elif not gpu_checked:
     verdict = "FAILED: no GPU engine could be checked (see the skipped reasons below)"
 else:
     verdict = "FAILED"
-report = {"passed": passed, "verdict": verdict, "cuda": cuda, "gpu_engines_checked": gpu_checked, "model": model, "tensorrt": trt_status, "environment": env, "steps": steps,
+report = {"passed": passed, "verdict": verdict, "cuda": cuda, "gpu_engines_checked": gpu_checked, "model": model, "tensorrt": trt_status, "environment": env, "steps": steps, "skipped": skipped,
           "parity": parity, "bench": bench}
 (out / "gpu-check-report.json").write_text(json.dumps(report, indent=2, default=str))
 
@@ -275,6 +325,7 @@ if env:
 md += [f"- Model: `{model}`", f"- TensorRT plan: {trt_status}", "", "## Steps", "",
        "| step | exit | seconds |", "|---|---:|---:|"]
 md += [f"| {s['step']} | {s['rc']} | {s['seconds']:.1f} |" for s in steps]
+md += [f"| {s['step']} | skipped: {s['reason']} | |" for s in skipped]
 md += ["", "## Parity against onnxruntime-cpu", ""]
 if parity and "engines" in parity:
     md += [f"{parity['images']['count']} real demo images {parity['images']['labels']}; tolerances by precision: "

@@ -258,7 +258,7 @@ def every_front_end_ready(url: str, pid: int, processes: int, timeout: float = 1
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out or f"reports/frontend-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}")
     out.mkdir(parents=True, exist_ok=True)
-    env = {"MSFLOW_ENGINE": args.engine, "MSFLOW_DEVICE": "cpu", "MSFLOW_ACCESS_LOG": "false",
+    env = {"MSFLOW_ENGINE": args.engine, "MSFLOW_DEVICE": args.device, "MSFLOW_ACCESS_LOG": "false",
            "MSFLOW_LOG_LEVEL": "warning", "MSFLOW_STORE_POLL_S": "0", "MSFLOW_DECODE_THREADS": str(args.decode_threads),
            "MSFLOW_MAX_BATCH_SIZE": str(args.batch), "MSFLOW_MAX_QUEUE_DELAY_MS": str(args.delay_ms),
            "MSFLOW_API_PROCESSES": str(args.api_processes)}
@@ -290,7 +290,8 @@ def run(args: argparse.Namespace) -> int:
         server = servers[0]
         category = args.category or sorted(m["category"] for m in infos)[0]
         with httpx.Client(base_url=server.url) as c:
-            input_size = c.get(f"/v1/models/{category}").json()["input_size"]
+            info = c.get(f"/v1/models/{category}").json()
+        input_size, served_engine = info["input_size"], info["engine"]
         posts: dict[str, tuple[bytes, str, str]] = {}  # kind -> (body, content type, heatmap)
         for kind in args.kinds:
             side, fmt, heatmap = KINDS[kind]
@@ -309,7 +310,7 @@ def run(args: argparse.Namespace) -> int:
                                       unique=args.distinct, rate=args.rate))
                 rounds[kind].append(r)
                 this_round.append(r)
-            if args.engine == "onnx":  # what the server spends outside the engine, against the engine's own CPU
+            if args.engine == "onnx" and args.device == "cpu":  # outside the engine, against the engine's own CPU
                 bare: dict[int, float] = {}  # batch size -> the bare engine's CPU per image, measured after the round
                 for r in this_round:
                     outside_the_engine(r, bare, bare_engine)
@@ -324,7 +325,7 @@ def run(args: argparse.Namespace) -> int:
                                                       engine=args.engine)
                 stages = sum(results[kind]["profile_ms"].values())
                 results[kind]["profile_ms"]["other"] = round(results[kind]["server_cpu_ms_per_image"] - stages, 3)
-    summary = {"engine": args.engine, "category": category, "input_size": input_size,
+    summary = {"engine": args.engine, "device": args.device, "served_engine": served_engine, "category": category, "input_size": input_size,
                "concurrency": args.concurrency, "rate": args.rate, "seconds": args.seconds, "rounds": args.rounds,
                "batch": args.batch,
                "decode_threads": args.decode_threads,
@@ -345,7 +346,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--store", default="model_store")
     p.add_argument("--category")
-    p.add_argument("--engine", default="null", choices=["null", "onnx", "auto"])
+    p.add_argument("--engine", default="null", choices=["null", "onnx", "torch", "tensorrt", "auto"],
+                   help="the server's MSFLOW_ENGINE (null: zero outputs, the front end alone)")
+    p.add_argument("--device", default="cpu", help="the server's MSFLOW_DEVICE: on a GPU host, cuda with a real "
+                   "engine measures the front end beside the GPU (with onnx on cpu, the CPU it spends outside "
+                   "the engine is split from the engine's own)")
     p.add_argument("--kinds", nargs="*", default=list(KINDS), choices=list(KINDS))
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--seconds", type=float, default=10.0)

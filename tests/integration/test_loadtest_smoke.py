@@ -303,6 +303,9 @@ def test_frontend_benchmark_splits_the_real_engines_cpu_from_the_rest(model_stor
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["image"] == str(good) and str(good) in (out / "summary.md").read_text()
+    # the engine the server loaded, as it names it (on a GPU host --device cuda serves on the GPU)
+    assert summary["device"] == "cpu" and summary["served_engine"].startswith("onnxruntime"), summary["served_engine"]
+    assert f"onnx: {summary['served_engine']} engine" in (out / "summary.md").read_text()
     r = summary["kinds"]["jpeg256-none"]
     assert r["failures"] == 0 and sum(r["batch_mix"].values()) == r["images"] > 0
     assert set(r["bare_engine_by_batch_ms"]) == set(r["batch_mix"])
