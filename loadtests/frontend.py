@@ -46,6 +46,11 @@ CPU per image by themselves: caches, wake-ups, scheduling).
 ``--distinct`` makes every request's bytes differ (not its pixels), so that the cache misses
 as on a line; ``--review-items N`` serves with a review store already holding N items (a busy line's
 store is full: every audited answer is checked against it).
+``--rate R`` offers R images a second instead of saturating the server (an open loop, evenly
+spaced, at most ``--concurrency`` in flight): the modes compared at one load below
+saturation, as on a host with cores to spare, where a process's CPU per image depends on how
+busy it is. ``--device cuda`` serves a real engine on a GPU host's GPU (the server is on the
+CPU otherwise).
 ``--rounds N`` drives every kind N times, the kinds taking turns, and reports the median of
 each figure (the share outside the engine of each round, too): on a shared box a single
 window drifts by about as much as the 10% target's margin (docs/PERFORMANCE.md).
