@@ -3,7 +3,8 @@
 # a bare Python 3.12 with PyTorch on CUDA, no network, no TensorRT, no onnxruntime-gpu, no
 # web stack, ten minutes a command. Here, first:
 #
-#   scripts/device-wheels.sh        # .whl/: what that machine lacks (~25 MiB), for Python 3.12
+#   scripts/device-wheels.sh        # .whl/: what that machine lacks (~27 MiB), for Python 3.12,
+#                                   # and .whl/deb/: wrk (the benchmark's compiled client)
 #
 # then the device run, carrying .whl, with a timeout that leaves room for the report:
 #
@@ -33,6 +34,16 @@ if ! "$PY" -c 'import fastapi, pydantic_settings, uvicorn, multipart, redis, pys
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+# wrk, the benchmark's compiled client, from the carried Debian packages: unpacked into /tmp and
+# called through a wrapper that points it (and only it) at the libraries that came with it
+if ! command -v wrk >/dev/null 2>&1 && compgen -G ".whl/deb/*.deb" >/dev/null; then
+  for deb in .whl/deb/*.deb; do dpkg -x "$deb" /tmp/wrk-root || exit 2; done
+  mkdir -p /tmp/wrk-root/bin
+  printf '#!/bin/sh\nLD_LIBRARY_PATH=/tmp/wrk-root/usr/lib/x86_64-linux-gnu exec /tmp/wrk-root/usr/bin/wrk "$@"\n' \
+    > /tmp/wrk-root/bin/wrk
+  chmod +x /tmp/wrk-root/bin/wrk
+  export PATH=/tmp/wrk-root/bin:$PATH
+fi
 export PYTHONUNBUFFERED=1
 export GPU_CHECK_PROFILE=${GPU_CHECK_PROFILE:-quick} GPU_CHECK_DEADLINE_S=${GPU_CHECK_DEADLINE_S:-420}
 

@@ -221,26 +221,32 @@ if [[ $HAS_CUDA == 1 ]]; then
 else
   SERVE=(--engine onnx --device cpu)
 fi
-log "front end, end to end: ${SERVE[*]}"
+# The client: wrk where installed (compiled, a thirtieth of the CPU per request; a Python client
+# caps near a thousand requests a second per process, too few to load many front ends), else
+# the benchmark's httpx loop. The real engine on a CPU host needs the httpx loop (its split by
+# batch size reads every answer).
+if command -v wrk >/dev/null 2>&1; then WRK=(--client wrk); else WRK=(); fi
+if [[ " ${SERVE[*]} " == *" --device cpu "* ]]; then SERVE_WRK=(); else SERVE_WRK=("${WRK[@]}"); fi
+log "front end, end to end: ${SERVE[*]}; client: ${WRK[*]:-httpx (no wrk here)}"
 FRONT=("$PY" -m loadtests.frontend --store "$(dirname "$MODEL")" --category "$(basename "$MODEL")"
        --seconds "$WINDOW_S")
 
 # 3c. the front end on this host's cores: the null engine (server CPU per image, images/s per
 # input kind, where the CPU goes), then the same inputs end to end on the host's best engine
-step frontend 0 "${FRONT[@]}" --concurrency 32 --decode-threads "$(nproc)" --out "$RAW/frontend" || true
-step frontend-engine 0 "${FRONT[@]}" "${SERVE[@]}" --concurrency 32 --decode-threads "$(nproc)" --no-profile \
+step frontend 0 "${FRONT[@]}" "${WRK[@]}" --concurrency 32 --decode-threads "$(nproc)" --out "$RAW/frontend" || true
+step frontend-engine 0 "${FRONT[@]}" "${SERVE[@]}" "${SERVE_WRK[@]}" --concurrency 32 --decode-threads "$(nproc)" --no-profile \
   --out "$RAW/frontend-engine" || true
 if [[ $PROFILE == full ]]; then
   # ... with every image's work in the decode threads instead of the event loop (small
   # requests run on the loop by default: less CPU per image, but one core per process)
-  step frontend-threads 0 "${FRONT[@]}" --concurrency 32 --decode-threads "$(nproc)" --loop-work-pixels 0 \
+  step frontend-threads 0 "${FRONT[@]}" "${WRK[@]}" --concurrency 32 --decode-threads "$(nproc)" --loop-work-pixels 0 \
     --kinds jpeg256-none png256-inline --no-profile --out "$RAW/frontend-threads" || true
   # ... with a good part of the category instead of the texture photograph (which a model of
   # the category finds defective all over, so every answer carries a whole-image region)
   GOOD_PART=$(ls "${WORK:-.}/demo/$CATEGORY/test/good/"*.png data/demo/"$CATEGORY"/test/good/*.png 2>/dev/null \
     | head -1 || true)
   if [[ -n "$GOOD_PART" ]]; then
-    step frontend-engine-good 0 "${FRONT[@]}" "${SERVE[@]}" --concurrency 32 --decode-threads "$(nproc)" \
+    step frontend-engine-good 0 "${FRONT[@]}" "${SERVE[@]}" "${SERVE_WRK[@]}" --concurrency 32 --decode-threads "$(nproc)" \
       --no-profile --image "$GOOD_PART" --out "$RAW/frontend-engine-good" || true
   fi
 else
@@ -249,7 +255,7 @@ else
 fi
 # ... and in the states a deployment reaches: a full review store (a busy line fills the default
 # 10,000 items in minutes), and Redis with every request's bytes distinct (result-cache misses)
-step frontend-review-full 0 "${FRONT[@]}" --concurrency 32 --decode-threads "$(nproc)" --review-items 10000 \
+step frontend-review-full 0 "${FRONT[@]}" "${WRK[@]}" --concurrency 32 --decode-threads "$(nproc)" --review-items 10000 \
   --kinds jpeg256-none png256-inline --no-profile --out "$RAW/frontend-review-full" || true
 if command -v redis-server >/dev/null; then
   step frontend-redis 0 "${FRONT[@]}" --concurrency 32 --decode-threads "$(nproc)" --redis --distinct \
@@ -267,12 +273,12 @@ else skip vector-state "quick profile"; fi
 # engine process
 for n in $FRONTENDS; do
   if (( n > $(nproc) / 2 )); then skip "frontend-p$n" "more front ends than half of $(nproc) cores"; continue; fi
-  step "frontend-p$n" 0 "${FRONT[@]}" --api-processes "$n" --concurrency $((32 * n)) --decode-threads 4 \
+  step "frontend-p$n" 0 "${FRONT[@]}" "${WRK[@]}" --api-processes "$n" --concurrency $((32 * n)) --decode-threads 4 \
     --kinds jpeg256-none jpeg2048-none --no-profile --out "$RAW/frontend-p$n" || true
   # the floor under it: the same work over n separate single-process servers, no link between them
-  step "frontend-s$n" 0 "${FRONT[@]}" --servers "$n" --concurrency $((32 * n)) --decode-threads 4 \
+  step "frontend-s$n" 0 "${FRONT[@]}" "${WRK[@]}" --servers "$n" --concurrency $((32 * n)) --decode-threads 4 \
     --kinds jpeg256-none jpeg2048-none --no-profile --out "$RAW/frontend-s$n" || true
-  step "frontend-engine-p$n" 0 "${FRONT[@]}" "${SERVE[@]}" --api-processes "$n" --concurrency $((32 * n)) \
+  step "frontend-engine-p$n" 0 "${FRONT[@]}" "${SERVE[@]}" "${SERVE_WRK[@]}" --api-processes "$n" --concurrency $((32 * n)) \
     --decode-threads 4 --kinds jpeg256-none --no-profile --out "$RAW/frontend-engine-p$n" || true
 done
 # ... and the link between them alone (no HTTP, no decode): what one image costs to cross it on

@@ -80,7 +80,9 @@ import numpy as np
 from PIL import Image
 
 from loadtests.frontend_profile import bare_engine_cpu_ms, outside_the_engine, profile
-from loadtests.frontend_report import cache_lookups, collector_passes, combine, merge_passes, render, window_passes
+from loadtests.frontend_wrk import drive_wrk, wrk_path
+from loadtests.frontend_report import (cache_lookups, collector_passes, combine, merge_passes, render, server_figures,
+                                       window_passes)
 from loadtests.procstat import own_cpu_s, tree, trees_usage
 from loadtests.redis_proc import RedisProc
 from loadtests.review_fill import fill
@@ -209,18 +211,15 @@ async def drive(targets: Sequence[tuple[str, int]], category: str, data: bytes, 
         client0, t0 = own_cpu_s(), time.monotonic()
         await loop(t0 + seconds)
         wall, spent, own = time.monotonic() - t0, trees_usage(pids) - usage0, own_cpu_s() - client0
-        server, threads, roles, switches = spent.cpu_s, spent.threads, spent.roles, spent.switches
         passes1, cache1 = await scrape()
         passes = window_passes(passes0, passes1)
         cache = {result: count - cache0.get(result, 0.0) for result, count in sorted(cache1.items())}
     n = len(timings)
     mean = {k: float(np.mean([t[k] for t in timings])) if n else float("nan") for k in
             ("decode", "render", "queue", "engine", "total")}
-    server_ms = server / max(n, 1) * 1e3
     return {"images": n, "failures": failures, "wall_s": round(wall, 2), "images_per_s": round(n / wall, 1),
             **({"offered_per_s": rate} if rate is not None else {}),
-            "server_cpu_ms_per_image": round(server_ms, 2), "server_cores": round(server / wall, 2),
-            "client_cpu_ms_per_image": round(own / max(n, 1) * 1e3, 2),
+            **server_figures(spent, n, wall), "client_cpu_ms_per_image": round(own / max(n, 1) * 1e3, 2),
             "decode_ms": round(mean["decode"], 2), "render_regions_ms": round(mean["render"], 2),
             "engine_ms_per_batch": round(mean["engine"], 2), "queue_ms": round(mean["queue"], 2),
             "latency_ms": round(mean["total"], 2),
@@ -230,14 +229,6 @@ async def drive(targets: Sequence[tuple[str, int]], category: str, data: bytes, 
             # images by the size of the batch they ran in
             "batch_mix": {int(b): int(c) for b, c in zip(*np.unique([int(t["batch_size"]) for t in timings],
                                                                      return_counts=True))},
-            "engine_threads_cpu_ms_per_image": round(threads["engine"] / max(n, 1) * 1e3, 2),
-            "threads_cpu_ms_per_image": {group: round(spent / max(n, 1) * 1e3, 2) for group, spent in threads.items()},
-            # multi-process mode: the front ends, the engine process and the supervisor apart
-            "processes_cpu_ms_per_image": {role: round(spent / max(n, 1) * 1e3, 3) for role, spent in roles.items()
-                                           if spent > 0},
-            # wake-ups (voluntary) and preemptions (involuntary) per image, every thread, by process role
-            "switches_per_image": {role: {"voluntary": round(v / max(n, 1), 2), "involuntary": round(i / max(n, 1), 2)}
-                                   for role, (v, i) in switches.items() if v or i},
             "collector_passes": passes,
             # the result cache's lookups in the window (msflow_cache_requests_total), with --redis
             **({"cache_lookups": cache} if any(cache.values()) else {}),
@@ -273,6 +264,11 @@ def run(args: argparse.Namespace) -> int:
         env["MSFLOW_LOOP_WORK_PIXELS"] = str(args.loop_work_pixels)
     if args.servers > 1 and args.api_processes > 1:
         raise SystemExit("--servers N runs N single-process servers: leave --api-processes at 1")
+    if args.client == "wrk":
+        wrk_path()  # installed, or a clear error before any server starts
+        if args.rate or args.distinct or (args.engine == "onnx" and args.device == "cpu"):
+            raise SystemExit("--client wrk saturates the server with the same bytes and reads no answers: "
+                             "--rate, --distinct and the real engine's split on the CPU need the httpx client")
     results: dict[str, Any] = {}
     review_held: tuple[int, int] | None = None
     with contextlib.ExitStack() as stack:
@@ -311,8 +307,10 @@ def run(args: argparse.Namespace) -> int:
         for _ in range(args.rounds):  # the kinds take turns, so a drift of the box reaches each alike
             this_round = []
             for kind, (data, ctype, heatmap) in posts.items():
-                r = asyncio.run(drive(targets, category, data, ctype, heatmap, args.concurrency, args.seconds,
-                                      unique=args.distinct, rate=args.rate))
+                r = (drive_wrk(targets, category, data, ctype, heatmap, args.concurrency, args.seconds)
+                     if args.client == "wrk" else
+                     asyncio.run(drive(targets, category, data, ctype, heatmap, args.concurrency, args.seconds,
+                                       unique=args.distinct, rate=args.rate)))
                 rounds[kind].append(r)
                 this_round.append(r)
             if args.engine == "onnx" and args.device == "cpu":  # outside the engine, against the engine's own CPU
@@ -331,7 +329,7 @@ def run(args: argparse.Namespace) -> int:
                 stages = sum(results[kind]["profile_ms"].values())
                 results[kind]["profile_ms"]["other"] = round(results[kind]["server_cpu_ms_per_image"] - stages, 3)
     summary = {"engine": args.engine, "device": args.device, "served_engine": served_engine, "category": category, "input_size": input_size,
-               "concurrency": args.concurrency, "rate": args.rate, "seconds": args.seconds, "rounds": args.rounds,
+               "client": args.client, "concurrency": args.concurrency, "rate": args.rate, "seconds": args.seconds, "rounds": args.rounds,
                "batch": args.batch,
                "decode_threads": args.decode_threads,
                "intra_op_threads": args.intra_op_threads, "loop_work_pixels": args.loop_work_pixels,
@@ -359,6 +357,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kinds", nargs="*", default=list(KINDS), choices=list(KINDS))
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--client", default="httpx", choices=["httpx", "wrk"],
+                   help="the load generator: the asyncio + httpx loop (reads every answer: per-answer timings, "
+                   "batch sizes), or wrk (compiled, a thirtieth of the CPU per request: ceiling runs on a box "
+                   "whose cores the client would share; loadtests/frontend_wrk.py)")
     p.add_argument("--rate", type=float, help="offer this many images a second (an open loop, evenly spaced, at "
                    "most --concurrency in flight) instead of saturating the server: modes compared at one load "
                    "below saturation, with cores to spare, as on a GPU host's many cores")

@@ -8,6 +8,42 @@ from typing import Any
 
 import numpy as np
 
+from loadtests.procstat import TreeUsage
+
+
+def server_figures(spent: TreeUsage, images: int, wall_s: float) -> dict[str, Any]:
+    """The server's CPU over a window (``spent``: the processes' usage, after - before) per
+    image and by where it went: threads (the engine's, the event loops', the pools'),
+    processes (the front ends, the engine process, the supervisor or a single server) and
+    context switches (wake-ups and preemptions) by process role."""
+    n = max(images, 1)
+    return {"server_cpu_ms_per_image": round(spent.cpu_s / n * 1e3, 2),
+            "server_cores": round(spent.cpu_s / wall_s, 2) if wall_s else 0.0,
+            "engine_threads_cpu_ms_per_image": round(spent.threads["engine"] / n * 1e3, 2),
+            "threads_cpu_ms_per_image": {group: round(s / n * 1e3, 2) for group, s in spent.threads.items()},
+            "processes_cpu_ms_per_image": {role: round(s / n * 1e3, 3) for role, s in spent.roles.items() if s > 0},
+            "switches_per_image": {role: {"voluntary": round(v / n, 2), "involuntary": round(i / n, 2)}
+                                   for role, (v, i) in spent.switches.items() if v or i}}
+
+
+def histogram_means(metrics_text: str, family: str, label: str | None = None) -> dict[str, tuple[float, float]]:
+    """A histogram's (sum, count) from a ``/metrics`` body, added up over its series, by the
+    value of ``label`` (all under "" without one): two scrapes give a window's mean."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, tuple[float, float]] = {}
+    for fam in text_string_to_metric_families(metrics_text):
+        if fam.name != family:
+            continue
+        for sample in fam.samples:
+            key = sample.labels.get(label, "") if label else ""
+            total, count = out.get(key, (0.0, 0.0))
+            if sample.name.endswith("_sum"):
+                out[key] = (total + sample.value, count)
+            elif sample.name.endswith("_count"):
+                out[key] = (total, count + sample.value)
+    return out
+
 
 def cache_lookups(metrics_text: str) -> dict[str, float]:
     """``msflow_cache_requests_total`` from a ``/metrics`` body, by result (hit, miss, error)."""
@@ -131,8 +167,8 @@ def render(s: dict[str, Any]) -> str:
     for kind, r in s["kinds"].items():
         waits = r.get("client_latency_ms", {})
         lines.append(f"| {kind} ({r['bytes'] // 1024} KB) | {r['images_per_s']} | {r['server_cpu_ms_per_image']} ms | "
-                     f"{r['server_cores']} | {r['client_cpu_ms_per_image']} ms | {r['decode_ms']} ms | "
-                     f"{r['render_regions_ms']} ms | {waits.get('p50')} / {waits.get('p99.9')} / {waits.get('max')} ms "
+                     f"{r['server_cores']} | {r['client_cpu_ms_per_image']} ms | {_ms(r['decode_ms'])} | "
+                     f"{_ms(r['render_regions_ms'])} | {waits.get('p50')} / {waits.get('p99.9')} / {waits.get('max')} ms "
                      f"| {r['failures']} |")
     lookups = {k: r["cache_lookups"] for k, r in s["kinds"].items() if r.get("cache_lookups")}
     if lookups:
@@ -180,7 +216,13 @@ def render(s: dict[str, Any]) -> str:
     return "\n".join(lines + [""])
 
 
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value} ms"
+
+
 def _load(s: dict[str, Any]) -> str:
+    if s.get("client") == "wrk":
+        return f"{s['concurrency']} in flight from wrk"
     if s.get("rate"):
         return f"{s['rate']:g} images/s offered (open loop, at most {s['concurrency']} in flight)"
     return f"{s['concurrency']} in flight"

@@ -3,7 +3,7 @@
 # CUDA, no network; ../.library/device/KINDS.md lists what it holds) lacks to serve and train.
 # Downloaded here for CPython 3.12 on x86-64 into .whl/ (ignored by git), at the versions
 # this checkout's .venv runs, so the device serves with the same code paths as the figures
-# in docs/PERFORMANCE.md. Carried to the device (64 MiB cap with the working tree): ~25 MiB.
+# in docs/PERFORMANCE.md. Carried to the device (64 MiB cap with the working tree): ~27 MiB.
 #
 #   scripts/device-wheels.sh            # then: device run, carry [".whl"], deploy/gpu-check-device.sh
 set -euo pipefail
@@ -31,5 +31,12 @@ for pin in "${pins[@]}"; do  # one at a time: a wheel with no 3.12 build names i
   "$PY" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     "${platforms[@]}" -d "$DEST" "$pin"
 done
+# ... and wrk, the benchmark's compiled client (a Python client caps near a thousand requests a
+# second per process: too few to load sixteen cores), as Debian's packages with the two
+# libraries it links that a bare image may lack; gpu-check-device.sh unpacks them into /tmp.
+rm -rf "$DEST/deb"
+mkdir -p "$DEST/deb"
+(cd "$DEST/deb" && apt-get download wrk libluajit-5.1-2 libssl3 2>&1 | grep -v '^W: Download is performed unsandboxed' || true)
 ls "$DEST"/*.whl | wc -l | xargs echo "device-wheels: wheels in $DEST:"
+ls "$DEST"/deb/*.deb | wc -l | xargs echo "device-wheels: packages in $DEST/deb:"
 du -sh "$DEST"

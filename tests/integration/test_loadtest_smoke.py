@@ -13,12 +13,15 @@ import csv
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+
+from harness import missing
 
 ROOT = Path(__file__).resolve().parents[2]
 CATEGORY = "brick"
@@ -286,6 +289,32 @@ def test_frontend_benchmark_offers_a_fixed_rate(model_store, tmp_path):
     assert 76 <= r["images"] <= 81 and 30 <= r["images_per_s"] <= 41, r
     assert r["mean_batch"] < 2  # one image every 25 ms: no queue for batches to form from
     assert "40 images/s offered" in (out / "summary.md").read_text()
+
+
+def test_frontend_benchmark_with_the_compiled_client(model_store, tmp_path):
+    """``--client wrk``: Debian's wrk loads two servers (the connections spread over both); the
+    report has images, the client's CPU (a fraction of the server's: the point of a compiled
+    client), the latency wrk measured, and from the servers' metrics the mean batch and the
+    decode time. Options that need the answers read are refused before any server starts."""
+    if shutil.which("wrk") is None:
+        missing("no wrk: run scripts/install-wrk.sh")
+    out = tmp_path / "frontend-wrk"
+    cmd = [sys.executable, "-m", "loadtests.frontend", "--store", str(model_store), "--seconds", "2",
+           "--client", "wrk", "--servers", "2", "--kinds", "jpeg256-none", "--no-profile", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_clean_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    s = json.loads((out / "summary.json").read_text())
+    r = s["kinds"]["jpeg256-none"]
+    assert s["client"] == "wrk" and r["failures"] == 0 and r["images"] > 0, r
+    assert min(r["images_by_server"]) > 0 and sum(r["images_by_server"]) == r["images"], r["images_by_server"]
+    assert 0 < r["client_cpu_ms_per_image"] < r["server_cpu_ms_per_image"] / 3, r
+    assert 1 <= r["mean_batch"] <= 8 and r["decode_ms"] > 0 and r["render_regions_ms"] is None, r
+    assert 0 < r["client_latency_ms"]["p50"] <= r["client_latency_ms"]["max"], r["client_latency_ms"]
+    assert "8 in flight from wrk" in (out / "summary.md").read_text()
+    refused = subprocess.run(cmd[:-2] + ["--rate", "50", "--out", str(tmp_path / "refused")], cwd=ROOT,
+                             env=_clean_env(), capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 and "need the httpx client" in refused.stderr
+    assert not (tmp_path / "refused" / "summary.json").exists()
 
 
 def test_frontend_benchmark_splits_the_real_engines_cpu_from_the_rest(model_store, demo_root, tmp_path):

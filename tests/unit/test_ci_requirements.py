@@ -11,15 +11,16 @@ from harness import missing
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_ci_installs_redis_and_the_browser_before_the_tests() -> None:
+def test_ci_installs_redis_the_browser_and_wrk_before_the_tests() -> None:
     lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()
              if line.strip() and not line.lstrip().startswith("#")]
     assert "export CI=true" in lines
     order = [next(i for i, line in enumerate(lines) if needle in line)
-             for needle in ("install-redis.sh", "install-browser.sh", "scripts/test.sh")]
+             for needle in ("install-redis.sh", "install-browser.sh", "install-wrk.sh", "scripts/test.sh")]
     assert order == sorted(order), lines
-    script = (ROOT / "scripts" / "install-redis.sh").read_text()
-    assert "command -v redis-server" in script and "apt-install.sh" in script and "redis-server" in script
+    for tool, name in (("redis-server", "install-redis.sh"), ("wrk", "install-wrk.sh")):
+        script = (ROOT / "scripts" / name).read_text()
+        assert f"command -v {tool}" in script and "apt-install.sh" in script, name
 
 
 def test_missing_tools_skip_locally_and_fail_under_ci(monkeypatch: pytest.MonkeyPatch) -> None:
