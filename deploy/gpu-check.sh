@@ -318,7 +318,8 @@ elif not gpu_checked:
     verdict = "FAILED: no GPU engine could be checked (see the skipped reasons below)"
 else:
     verdict = "FAILED"
-report = {"passed": passed, "verdict": verdict, "cuda": cuda, "gpu_engines_checked": gpu_checked, "model": model, "tensorrt": trt_status, "environment": env, "steps": steps, "skipped": skipped,
+report = {"passed": passed, "verdict": verdict, "cuda": cuda, "gpu_engines_checked": gpu_checked, "model": model,
+          "tensorrt": trt_status, "environment": env, "steps": steps, "skipped": skipped,
           "parity": parity, "bench": bench}
 (out / "gpu-check-report.json").write_text(json.dumps(report, indent=2, default=str))
 

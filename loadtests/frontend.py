@@ -328,10 +328,9 @@ def run(args: argparse.Namespace) -> int:
                                                       engine=args.engine)
                 stages = sum(results[kind]["profile_ms"].values())
                 results[kind]["profile_ms"]["other"] = round(results[kind]["server_cpu_ms_per_image"] - stages, 3)
-    summary = {"engine": args.engine, "device": args.device, "served_engine": served_engine, "category": category, "input_size": input_size,
-               "client": args.client, "concurrency": args.concurrency, "rate": args.rate, "seconds": args.seconds, "rounds": args.rounds,
-               "batch": args.batch,
-               "decode_threads": args.decode_threads,
+    summary = {"engine": args.engine, "device": args.device, "served_engine": served_engine, "category": category,
+               "input_size": input_size, "client": args.client, "concurrency": args.concurrency, "rate": args.rate,
+               "seconds": args.seconds, "rounds": args.rounds, "batch": args.batch, "decode_threads": args.decode_threads,
                "intra_op_threads": args.intra_op_threads, "loop_work_pixels": args.loop_work_pixels,
                "api_processes": args.api_processes, "servers": args.servers, "redis": args.redis,
                "distinct": args.distinct,

@@ -156,7 +156,8 @@ def render(s: dict[str, Any]) -> str:
     served = s.get("served_engine")
     engine = s["engine"] if not served or served == s["engine"] else f"{s['engine']}: {served}"
     device = "" if s.get("device", "cpu") == "cpu" else f" on {s['device']}"
-    lines = [f"# Front end ({engine} engine{device}, `{s['category']}` at {s['input_size']} px, {_load(s)}, {s['seconds']} s per kind{f' in each of {rounds} rounds (medians)' if rounds > 1 else ''}, "
+    per_kind = f"{s['seconds']} s per kind" + (f" in each of {rounds} rounds (medians)" if rounds > 1 else "")
+    lines = [f"# Front end ({engine} engine{device}, `{s['category']}` at {s['input_size']} px, {_load(s)}, {per_kind}, "
              f"{s['cpu_count']} cores, "
              + (f"{s['servers']} separate single-process servers" if s.get("servers", 1) > 1
                 else f"{s.get('api_processes', 1)} API process(es)")

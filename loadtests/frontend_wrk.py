@@ -8,8 +8,9 @@ mode that needs more than one (two front ends and the engine process) shows what
 with them. What wrk cannot give, the server's own metrics do: the mean batch (from
 ``msflow_batch_size``) and the mean decode and render times (``msflow_stage_seconds``); the
 answers are not read, so there are no per-answer timings and no batch mix (the real engine's
-split by batch size needs the httpx client). One wrk process per server (one thread on a small box, a
-quarter of the cores at most on a large one), the connections spread; each request posts the same bytes (``loadtests/wrk_post.lua``)."""
+split by batch size needs the httpx client). One wrk process per server (one thread on a small
+box, a quarter of the cores at most on a large one), the connections spread; each request posts
+the same bytes (``loadtests/wrk_post.lua``)."""
 
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ class WrkRun:
 def run_wrk(urls: Sequence[str], path: str, body: bytes, content_type: str, connections: int,
             seconds: float) -> WrkRun:
     """``connections`` spread over the servers at ``urls``, each server loaded by one wrk
-    process (one thread) POSTing ``body`` to ``path`` for ``seconds``, all at once."""
+    process POSTing ``body`` to ``path`` for ``seconds`` (whole seconds: wrk's unit), all at once."""
     binary = wrk_path()
     per_server = max(1, -(-connections // len(urls)))
     threads = max(1, min(per_server, (os.cpu_count() or 1) // 4))  # one on a small box; more where one would cap
@@ -113,7 +114,7 @@ def drive_wrk(targets: Sequence[tuple[str, int]], category: str, data: bytes, co
     cache = {k: sum(a.get(k, 0.0) for a in lookups[1]) - sum(b.get(k, 0.0) for b in lookups[0])
              for k in sorted({k for a in lookups[1] for k in a})}
     return {"images": n, "failures": r.failures, "wall_s": round(wall, 2), "images_per_s": round(n / r.duration_s, 1),
-            **server_figures(spent, n, r.duration_s), "client": "wrk",
+            **server_figures(spent, n, r.duration_s),
             "client_cpu_ms_per_image": round(r.client_cpu_s / max(n, 1) * 1e3, 3),
             # each image's decode and render (wall time in the server) and the mean batch, from its metrics
             "decode_ms": mean_ms("msflow_stage_seconds", "stage", "decode"),

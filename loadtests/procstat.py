@@ -51,6 +51,10 @@ def tree(pid: int) -> list[int]:
     return out
 
 
+THREAD_GROUPS = ("engine", "loop", "pool")
+ROLES = ("front ends", "engine process", "server")
+
+
 @dataclass(frozen=True)
 class TreeUsage:
     """What the kernel counted for a process tree so far, read in one pass over ``/proc``.
@@ -87,10 +91,6 @@ class TreeUsage:
                          {k: (self.switches.get(k, (0, 0))[0] + sign * other.switches.get(k, (0, 0))[0],
                               self.switches.get(k, (0, 0))[1] + sign * other.switches.get(k, (0, 0))[1])
                           for k in self.switches.keys() | other.switches.keys()})
-
-
-THREAD_GROUPS = ("engine", "loop", "pool")
-ROLES = ("front ends", "engine process", "server")
 
 
 def tree_usage(pid: int) -> TreeUsage:
