@@ -41,6 +41,13 @@ def _clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def _summary(cmd: list[str], out: Path) -> dict:
+    """Run a benchmark (``cmd``, writing to ``out``) to completion; its summary.json."""
+    proc = subprocess.run(cmd, cwd=ROOT, env=_clean_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return json.loads((out / "summary.json").read_text())
+
+
 def _locust_available() -> bool:
     return importlib.util.find_spec("locust") is not None
 
@@ -245,9 +252,7 @@ def test_frontend_benchmark_on_the_null_engine(model_store, tmp_path):
     cmd = [sys.executable, "-m", "loadtests.frontend", "--store", str(model_store), "--seconds", "1.5",
            "--concurrency", "4", "--servers", "2", "--review-items", "300", "--review-labels", "50",
            "--redis", "--distinct", "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=_clean_env(), capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    s = json.loads((out / "summary.json").read_text())
+    s = _summary(cmd, out)
     assert s["engine"] == "null" and set(s["kinds"]) == {"jpeg256-none", "png256-inline", "jpeg2048-none"}
     assert s["review_store"] == {"items": 300, "labelled": 50}  # served with a review store of that size
     assert s["redis"] and s["distinct"]
@@ -280,9 +285,7 @@ def test_frontend_benchmark_offers_a_fixed_rate(model_store, tmp_path):
     out = tmp_path / "frontend-rate"
     cmd = [sys.executable, "-m", "loadtests.frontend", "--store", str(model_store), "--seconds", "2",
            "--rate", "40", "--kinds", "jpeg256-none", "--no-profile", "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=_clean_env(), capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    s = json.loads((out / "summary.json").read_text())
+    s = _summary(cmd, out)
     r = s["kinds"]["jpeg256-none"]
     assert s["rate"] == 40 and r["offered_per_s"] == 40 and r["failures"] == 0
     # 80 due in the window; the last answers land just after it (the window waits for them)
@@ -301,9 +304,7 @@ def test_frontend_benchmark_with_the_compiled_client(model_store, tmp_path):
     out = tmp_path / "frontend-wrk"
     cmd = [sys.executable, "-m", "loadtests.frontend", "--store", str(model_store), "--seconds", "2",
            "--client", "wrk", "--servers", "2", "--kinds", "jpeg256-none", "--no-profile", "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=_clean_env(), capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    s = json.loads((out / "summary.json").read_text())
+    s = _summary(cmd, out)
     r = s["kinds"]["jpeg256-none"]
     assert s["client"] == "wrk" and r["failures"] == 0 and r["images"] > 0, r
     assert min(r["images_by_server"]) > 0 and sum(r["images_by_server"]) == r["images"], r["images_by_server"]
@@ -328,9 +329,7 @@ def test_frontend_benchmark_splits_the_real_engines_cpu_from_the_rest(model_stor
     cmd = [sys.executable, "-m", "loadtests.frontend", "--store", str(model_store), "--engine", "onnx",
            "--seconds", "1", "--rounds", "2", "--concurrency", "4", "--kinds", "jpeg256-none",
            "--image", str(good), "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=_clean_env(), capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    summary = json.loads((out / "summary.json").read_text())
+    summary = _summary(cmd, out)
     assert summary["image"] == str(good) and str(good) in (out / "summary.md").read_text()
     # the engine the server loaded, as it names it (on a GPU host --device cuda serves on the GPU)
     assert summary["device"] == "cpu" and summary["served_engine"].startswith("onnxruntime"), summary["served_engine"]
@@ -357,9 +356,7 @@ def test_engine_link_benchmark_compares_the_link_with_a_local_batcher(model_stor
     out = tmp_path / "engine-link"
     cmd = [sys.executable, "-m", "loadtests.engine_link", "--store", str(model_store), "--seconds", "0.5",
            "--rounds", "1", "--in-flight", "1", "8", "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=_clean_env(), capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    s = json.loads((out / "summary.json").read_text())
+    s = _summary(cmd, out)
     assert [(w["mode"], w["in_flight"]) for w in s["medians"]] == [("local", 1), ("link", 1), ("local", 8), ("link", 8)]
     for w in s["medians"]:
         assert w["images_per_s"] > 0 and w["client_cpu_ms"] > 0, w
