@@ -53,6 +53,7 @@ PYTHON=$PY OUT=$report deploy/gpu-check.sh > "$OUT/gpu-check.log" 2>&1
 rc=$?
 cp "$report"/gpu-check-report.md "$report"/gpu-check-report.json "$OUT"/ 2>/dev/null
 tar -czf "$OUT/raw.tar.gz" -C "$report" raw
+rm -rf "$report"  # all of it is in $OUT now
 echo "gpu-check-device: exit $rc after $(( $(date +%s) - started )) s; report in $OUT"
 if [[ -f $OUT/gpu-check-report.md ]]; then cat "$OUT/gpu-check-report.md"; else tail -n 80 "$OUT/gpu-check.log"; fi
 exit $rc

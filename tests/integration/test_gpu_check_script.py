@@ -21,7 +21,7 @@ def test_the_device_call_writes_its_report_inside_a_deadline(model_store: Path, 
     env.update(PYTHON=sys.executable, OUT=str(out), GPU_CHECK_MODEL=str(model_store / "brick"),
                GPU_CHECK_DEADLINE_S="0",  # every optional step past it: skipped, listed, the report still written
                GPU_CHECK_REPEATS="1", GPU_CHECK_BATCH_SIZES="1", GPU_CHECK_PARITY_IMAGES="2",
-               GPU_CHECK_LOAD_IMAGES=str(tmp_path / "no-such-folder"))
+               GPU_CHECK_LOAD_IMAGES=str(tmp_path / "no-such-folder"), TMPDIR=str(tmp_path))
     proc = subprocess.run([str(ROOT / "deploy" / "gpu-check-device.sh")], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
     logs = proc.stdout[-3000:] + proc.stderr[-2000:]
@@ -41,6 +41,7 @@ def test_the_device_call_writes_its_report_inside_a_deadline(model_store: Path, 
     for name in ("frontend", "frontend-engine", "frontend-review-full", "engine-link"):
         assert skipped[name] == "past the deadline (GPU_CHECK_DEADLINE_S=0)", (name, skipped)
     assert "| frontend | skipped: past the deadline" in (out / "gpu-check-report.md").read_text()
+    assert not list(tmp_path.glob("msflow-gpu-check-report.*"))  # its scratch report removed: all of it is in out
     with tarfile.open(out / "raw.tar.gz") as raw:
         names = set(raw.getnames())
     assert {"raw/steps.tsv", "raw/skipped.tsv", "raw/parity.json", "raw/bench.json"} <= names, names
