@@ -81,8 +81,7 @@ from PIL import Image
 
 from loadtests.frontend_profile import bare_engine_cpu_ms, outside_the_engine, profile
 from loadtests.frontend_wrk import drive_wrk, wrk_path
-from loadtests.frontend_report import (cache_lookups, collector_passes, combine, merge_passes, render, server_figures,
-                                       window_passes)
+from loadtests.frontend_report import combine, render, server_figures, window_metrics
 from loadtests.procstat import own_cpu_s, tree, trees_usage
 from loadtests.redis_proc import RedisProc
 from loadtests.review_fill import fill
@@ -196,24 +195,19 @@ async def drive(targets: Sequence[tuple[str, int]], category: str, data: bytes, 
             while time.monotonic() < until:
                 await one(server)
 
-        async def scrape() -> tuple[dict[tuple[str, str], tuple[float, float, dict[float, float]]], dict[str, float]]:
-            texts = [(await c.get("/metrics")).text for c in clients]
-            lookups = [cache_lookups(text) for text in texts]
-            return (merge_passes([collector_passes(text) for text in texts]),
-                    {result: sum(counts.get(result, 0.0) for counts in lookups) for result in {r for o in lookups for r in o}})
+        async def scrape() -> list[str]:
+            return [(await c.get("/metrics")).text for c in clients]
 
         await loop(time.monotonic() + 1.0)  # warm-up
         timings.clear()
         waits.clear()
         answered = [0] * len(clients)
-        passes0, cache0 = await scrape()  # outside the CPU window
+        metrics0 = await scrape()  # outside the CPU window
         usage0 = trees_usage(pids)  # one pass over /proc per edge: CPU by process, thread and role; switches
         client0, t0 = own_cpu_s(), time.monotonic()
         await loop(t0 + seconds)
         wall, spent, own = time.monotonic() - t0, trees_usage(pids) - usage0, own_cpu_s() - client0
-        passes1, cache1 = await scrape()
-        passes = window_passes(passes0, passes1)
-        cache = {result: count - cache0.get(result, 0.0) for result, count in sorted(cache1.items())}
+        passes, cache = window_metrics(metrics0, await scrape())
     n = len(timings)
     mean = {k: float(np.mean([t[k] for t in timings])) if n else float("nan") for k in
             ("decode", "render", "queue", "engine", "total")}

@@ -54,6 +54,19 @@ def cache_lookups(metrics_text: str) -> dict[str, float]:
             if sample.name.endswith("_total")}
 
 
+def window_metrics(before: Sequence[str], after: Sequence[str]) -> tuple[dict[str, float], dict[str, float]]:
+    """What the servers' metrics say of a window, from their ``/metrics`` bodies at its edges
+    (one body per server): the collector's passes and the result cache's lookups by result."""
+    def lookups(texts: Sequence[str]) -> dict[str, float]:
+        counts = [cache_lookups(text) for text in texts]
+        return {result: sum(c.get(result, 0.0) for c in counts) for result in {r for c in counts for r in c}}
+
+    cache0, cache1 = lookups(before), lookups(after)
+    passes = window_passes(merge_passes([collector_passes(t) for t in before]),
+                           merge_passes([collector_passes(t) for t in after]))
+    return passes, {result: count - cache0.get(result, 0.0) for result, count in sorted(cache1.items())}
+
+
 def merge_passes(scrapes: Sequence[dict[tuple[str, str], tuple[float, float, dict[float, float]]]]
                  ) -> dict[tuple[str, str], tuple[float, float, dict[float, float]]]:
     """Several servers' collector histograms as one (counts, sums and buckets added)."""

@@ -28,8 +28,7 @@ from typing import Any
 
 import httpx
 
-from loadtests.frontend_report import (cache_lookups, collector_passes, histogram_means, merge_passes, server_figures,
-                                       window_passes)
+from loadtests.frontend_report import histogram_means, server_figures, window_metrics
 from loadtests.procstat import trees_usage
 
 SCRIPT = Path(__file__).with_name("wrk_post.lua")
@@ -110,9 +109,7 @@ def drive_wrk(targets: Sequence[tuple[str, int]], category: str, data: bytes, co
         s1, c1 = _added([histogram_means(t, family, label).get(key, (0.0, 0.0)) for t in after])
         return round((s1 - s0) / (c1 - c0) * scale, 2) if c1 > c0 else None
 
-    lookups = [cache_lookups(t) for t in before], [cache_lookups(t) for t in after]
-    cache = {k: sum(a.get(k, 0.0) for a in lookups[1]) - sum(b.get(k, 0.0) for b in lookups[0])
-             for k in sorted({k for a in lookups[1] for k in a})}
+    passes, cache = window_metrics(before, after)
     return {"images": n, "failures": r.failures, "wall_s": round(wall, 2), "images_per_s": round(n / r.duration_s, 1),
             **server_figures(spent, n, r.duration_s),
             "client_cpu_ms_per_image": round(r.client_cpu_s / max(n, 1) * 1e3, 3),
@@ -122,8 +119,7 @@ def drive_wrk(targets: Sequence[tuple[str, int]], category: str, data: bytes, co
             "mean_batch": mean_ms("msflow_batch_size", None, "", scale=1.0),
             "batch_mix": {},  # wrk reads no answers: no batch size per image
             "client_latency_ms": r.latency_ms,
-            "collector_passes": window_passes(merge_passes([collector_passes(t) for t in before]),
-                                              merge_passes([collector_passes(t) for t in after])),
+            "collector_passes": passes,
             **({"cache_lookups": cache} if any(cache.values()) else {}),
             **({"images_by_server": r.by_server} if len(urls) > 1 else {})}
 

@@ -164,10 +164,16 @@ class ReviewStore:
         self._category_dir(category)  # a name that is no category is refused, not looked up
         return self._index.scan(category)
 
-    def usage(self) -> tuple[int, int]:
-        """(items, bytes) the budget counts, over every category."""
-        scans = [self.scan(category) for category in self.categories()]
-        return sum(len(scan.entries) for scan in scans), sum(scan.bytes for scan in scans)
+    def usage(self, after_expiry_at: float | None = None) -> tuple[int, int]:
+        """(items, bytes) the budget counts, over every category; with ``after_expiry_at``
+        (epoch seconds), what would be left once the items expired by then are gone."""
+        items = used = 0
+        for category in self.categories():
+            scan = self.scan(category)
+            expired = [] if after_expiry_at is None else self._expired(scan, after_expiry_at)
+            items += len(scan.entries) - len(expired)
+            used += scan.bytes - sum(e.bytes for e in expired)
+        return items, used
 
     def prune(self, now: float | None = None) -> int:
         """Remove expired items, orphan labels and stale staging folders; returns items removed."""
@@ -225,13 +231,7 @@ class ReviewStore:
             return None
         if (digest or image_digest(image))[:12] in self.scan(category).digests:
             return "duplicate"
-        items = used = 0
-        now = time.time()
-        for name in self.categories():  # what would be left once the expired items go, as add() sees it
-            scan = self.scan(name)
-            expired = self._expired(scan, now)
-            items += len(scan.entries) - len(expired)
-            used += scan.bytes - sum(e.bytes for e in expired)
+        items, used = self.usage(after_expiry_at=time.time())  # as add() sees it, once it expired what is due
         return None if self._fits(items, used, len(image) + LABEL_RESERVE) else "full"
 
     def _fits(self, items: int, used: int, cost: int) -> bool:
