@@ -4,12 +4,14 @@
 decode, postprocess; :mod:`service.server`) and this one process per device, the split vLLM
 makes between its API server and its ``EngineCore``. Front ends connect over a Unix socket
 (:mod:`service.ipc.channel`) and hand over a shared-memory slab per input size
-(:mod:`service.ipc.slab`); a request then costs two small messages:
+(:mod:`service.ipc.slab`); a request then costs two small packed frames
+(:mod:`service.ipc.frames`):
 
-``submit {rid, dir, slab, slots, deadline}``  ->  one :class:`~service.pipeline.batcher.Batcher`
-per loaded version folder, shared by every front end, so the batches fill from all of them
-(``msflow_batch_frontends`` counts how many fed each batch) -> the engine reads the inputs
-from the slots and writes the maps into them -> ``result {rid, items}``.
+``submit (rid, handle, slab, deadline, slots)``  ->  one :class:`~service.pipeline.batcher.Batcher`
+per loaded version folder (``handle``: its number, given on ``acquire``), shared by every
+front end, so the batches fill from all of them (``msflow_batch_frontends`` counts how many
+fed each batch) -> the engine reads the inputs from the slots and writes the maps into them
+-> ``result (rid, outcomes)``.
 
 Engines are loaded on a front end's ``acquire`` of a version folder (its registry decides
 what is served; the first acquire loads and warms, the others share) and unloaded a grace
@@ -29,6 +31,7 @@ import logging
 import os
 import signal
 import socket
+import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +42,8 @@ from service.config import Settings
 from service.engines.base import Engine
 from service.engines.factory import load_engine
 from service.heap import freeze_startup_objects, report_collector_pauses
-from service.ipc.channel import Channel, Message
+from service.ipc import frames
+from service.ipc.channel import Channel, Incoming, Message
 from service.ipc.slab import Slab
 from service.metrics import ServiceMetrics
 from service.pipeline.batcher import Batched, Batcher, BatcherClosed, DeadlineExceeded, QueueFull
@@ -47,11 +51,6 @@ from service.pipeline.registry import EngineFactory, warm_engine
 from service.pipeline.runtime import engine_runner
 
 log = logging.getLogger(__name__)
-
-# Codes of an item's outcome on the wire (the client maps them back to its exceptions).
-OK, QUEUE_FULL, CLOSED, DEADLINE, CANCELLED, ENGINE_ERROR, NOT_LOADED = (
-    "ok", "queue_full", "closed", "deadline", "cancelled", "engine_error", "not_loaded")
-
 
 @dataclass
 class Payload:
@@ -69,6 +68,7 @@ class Hosted:
     engine: Engine
     batcher: Batcher
     warmup_ms: float
+    handle: int  # what submits name it by
     holders: collections.Counter[int] = field(default_factory=collections.Counter)
     unload: asyncio.TimerHandle | None = None
 
@@ -91,6 +91,8 @@ class EngineCore:
         self.metrics = metrics or ServiceMetrics()
         self._engine_factory = engine_factory
         self.hosted: dict[str, Hosted] = {}
+        self.handles: dict[int, Hosted] = {}
+        self._next_handle = 0
         self.frontends: dict[int, FrontEnd] = {}
         self._loading: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -144,7 +146,7 @@ class EngineCore:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _on_messages(self, ident: int, batch: list[tuple[Message, list[int]]]) -> None:
+    def _on_messages(self, ident: int, batch: list[tuple[Incoming, list[int]]]) -> None:
         frontend = self.frontends.get(ident)
         if frontend is None:
             for _, fds in batch:
@@ -152,12 +154,32 @@ class EngineCore:
                     os.close(fd)
             return
         for message, fds in batch:
+            if isinstance(message, bytes):
+                self._handle_frame(frontend, message)
+                continue
             try:
                 self._handle(frontend, message, fds)
             except Exception:  # one bad message must not end the process: the front end gets an error
                 log.exception("front end %d (pid %d): message %s failed", ident, frontend.pid, message.get("op"))
                 if "rid" in message:
                     frontend.channel.send({"op": "error", "rid": message["rid"], "message": "engine process error"})
+
+    def _handle_frame(self, frontend: FrontEnd, frame: bytes) -> None:
+        try:
+            if frames.kind(frame) != frames.SUBMIT:
+                raise ValueError(f"unknown frame kind {frames.kind(frame)}")
+            submit = frames.unpack_submit(frame)
+        except (ValueError, IndexError, struct.error):
+            # A front end that sends garbage has a bug; the channel to it stays usable, and a
+            # request whose id could not be read waits out its own deadline there.
+            log.exception("front end %d (pid %d): unreadable frame", frontend.ident, frontend.pid)
+            return
+        try:
+            self._submit(frontend, submit)
+        except Exception as exc:  # one bad request must not end the process: its images fail
+            log.exception("front end %d (pid %d): submit %d failed", frontend.ident, frontend.pid, submit.rid)
+            failed = frames.Outcome(frames.ENGINE_ERROR, message=f"engine process: {type(exc).__name__}: {exc}")
+            frontend.channel.send_frame(frames.pack_result(submit.rid, [failed] * len(submit.slots)))
 
     def _handle(self, frontend: FrontEnd, message: Message, fds: list[int]) -> None:
         op = message["op"]
@@ -175,8 +197,6 @@ class EngineCore:
             self._spawn(self._acquire(frontend, int(message["rid"]), str(message["dir"])))
         elif op == "release":
             self._release(frontend.ident, str(message["dir"]))
-        elif op == "submit":
-            self._submit(frontend, message)
         elif op == "cancel":
             for future in frontend.requests.get(int(message["rid"]), ()):
                 future.cancel()
@@ -217,7 +237,7 @@ class EngineCore:
         if hosted.unload is not None:
             hosted.unload.cancel()
             hosted.unload = None
-        frontend.channel.send({"op": "acquired", "rid": rid, "name": hosted.engine.name,
+        frontend.channel.send({"op": "acquired", "rid": rid, "name": hosted.engine.name, "handle": hosted.handle,
                                "max_batch_size": int(hosted.engine.max_batch_size),
                                "warmup_ms": hosted.warmup_ms})
 
@@ -235,7 +255,9 @@ class EngineCore:
                               max_batch_size=max(1, min(s.max_batch_size, int(engine.max_batch_size))),
                               max_queue_delay_s=s.max_queue_delay_ms / 1e3,
                               max_queue_size=s.max_queue_size * max(1, s.api_processes), observer=self.metrics)
-            hosted = self.hosted[version_dir] = Hosted(engine, batcher, warmup_ms)
+            self._next_handle += 1
+            hosted = self.hosted[version_dir] = Hosted(engine, batcher, warmup_ms, self._next_handle)
+            self.handles[hosted.handle] = hosted
             log.info("loaded %s on %s (warm-up %.0f ms)", version_dir, engine.name, warmup_ms)
             return hosted
 
@@ -257,6 +279,7 @@ class EngineCore:
         if hosted is None or hosted.holders:
             return
         del self.hosted[version_dir]
+        del self.handles[hosted.handle]
         log.info("unloading %s: no front end holds it", version_dir)
         self._spawn(hosted.batcher.drain(self.settings.graceful_shutdown_s))
 
@@ -273,23 +296,24 @@ class EngineCore:
         return run_batch
 
     # ------------------------------------------------------------------ requests
-    def _submit(self, frontend: FrontEnd, message: Message) -> None:
-        rid = int(message["rid"])
-        count = len(message["slots"])
-        hosted = self.hosted.get(str(message["dir"]))
+    def _submit(self, frontend: FrontEnd, submit: frames.Submit) -> None:
+        rid, slots, channel = submit.rid, submit.slots, frontend.channel
+        hosted = self.handles.get(submit.handle)
         if hosted is None:
-            frontend.channel.send({"op": "result", "rid": rid, "items": [[NOT_LOADED]] * count})
+            channel.send_frame(frames.pack_uniform_result(rid, frames.NOT_LOADED, len(slots)))
             return
-        slab = frontend.slabs[int(message["slab"])]
-        payloads = [Payload(frontend.ident, slab, int(slot)) for slot in message["slots"]]
-        # The front end's monotonic clock is this one (CLOCK_MONOTONIC is system-wide).
+        slab = frontend.slabs[submit.slab]
+        ident = frontend.ident
+        payloads = [Payload(ident, slab, slot) for slot in slots]
+        for slot in slots:
+            slab.check_slot(slot)  # before the batch, which must not fail for one bad request
         try:
-            futures = hosted.batcher.submit_many(payloads, float(message["deadline"]))
+            futures = hosted.batcher.submit_many(payloads, submit.deadline)
         except QueueFull:
-            frontend.channel.send({"op": "result", "rid": rid, "items": [[QUEUE_FULL]] * count})
+            channel.send_frame(frames.pack_uniform_result(rid, frames.QUEUE_FULL, len(slots)))
             return
         except BatcherClosed:
-            frontend.channel.send({"op": "result", "rid": rid, "items": [[CLOSED]] * count})
+            channel.send_frame(frames.pack_uniform_result(rid, frames.CLOSED, len(slots)))
             return
         frontend.requests[rid] = futures
         remaining = len(futures)
@@ -299,23 +323,23 @@ class EngineCore:
             remaining -= 1
             if remaining == 0:
                 frontend.requests.pop(rid, None)
-                frontend.channel.send({"op": "result", "rid": rid, "items": [_outcome(f) for f in futures]})
+                channel.send_frame(frames.pack_result(rid, [_outcome(f) for f in futures]))
         for future in futures:
             future.add_done_callback(answer_when_all_done)
 
 
-def _outcome(future: asyncio.Future[Batched[float]]) -> list[Any]:
+def _outcome(future: asyncio.Future[Batched[float]]) -> frames.Outcome:
     if future.cancelled():
-        return [CANCELLED]
+        return frames.Outcome(frames.CANCELLED)
     exc = future.exception()
     if exc is None:
         done = future.result()
-        return [OK, done.value, done.batch_size, round(done.queue_ms, 3), round(done.run_ms, 3)]
+        return frames.Outcome(frames.OK, done.value, done.batch_size, done.queue_ms, done.run_ms)
     if isinstance(exc, DeadlineExceeded):
-        return [DEADLINE]
+        return frames.Outcome(frames.DEADLINE)
     if isinstance(exc, BatcherClosed):
-        return [CLOSED]
-    return [ENGINE_ERROR, f"{type(exc).__name__}: {exc}"]
+        return frames.Outcome(frames.CLOSED)
+    return frames.Outcome(frames.ENGINE_ERROR, message=f"{type(exc).__name__}: {exc}")
 
 
 def run_engine_process(overrides: dict[str, Any], socket_path: str) -> None:

@@ -1,6 +1,9 @@
-"""A message channel over a Unix socket: small JSON messages, and file descriptors with them.
+"""A message channel over a Unix socket: small JSON messages, packed frames, and file
+descriptors with them.
 
-Frames are a 4-byte big-endian length and a JSON object. A message sent with descriptors
+Frames are a 4-byte big-endian length and a body: a JSON object (control messages), or a
+packed frame whose first byte is its kind (:mod:`service.ipc.frames`: the per-image
+``submit`` and ``result``), handed over as ``bytes``. A message sent with descriptors
 (a slab's memfd) carries them as ``SCM_RIGHTS`` in the ``sendmsg`` of its first byte; the
 reader hands them to the message that announced them (``"_fds": n``).
 
@@ -26,13 +29,16 @@ import json
 import logging
 import os
 import socket
+import struct
 from collections.abc import Callable, Sequence
 from typing import Any
 
 log = logging.getLogger(__name__)
 
 Message = dict[str, Any]
+Incoming = Message | bytes  # a JSON message, or a packed frame
 _HEADER = 4
+_JSON = ord("{")
 _MAX_MESSAGE = 16 * 1024 * 1024  # far above any real message: a corrupt length ends the channel
 _MAX_FDS = 16
 _READ_BYTES = 1 << 16
@@ -40,14 +46,16 @@ _READ_BYTES = 1 << 16
 # bytes detects their encoding first; both cost more than the small message itself.
 _encode = json.JSONEncoder(separators=(",", ":")).encode
 _decode = json.JSONDecoder().decode
+_ANCILLARY = socket.CMSG_SPACE(_MAX_FDS * 4)
 
 
 class Channel:
-    """One end of a connection. ``on_messages(batch)`` gets a list of ``(message, fds)``;
+    """One end of a connection. ``on_messages(batch)`` gets a list of ``(message, fds)``
+    (``message``: a dict, or the bytes of a packed frame);
     ``on_close()`` runs once, when either side ends it. Both run on ``loop``."""
 
     def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop,
-                 on_messages: Callable[[list[tuple[Message, list[int]]]], None],
+                 on_messages: Callable[[list[tuple[Incoming, list[int]]]], None],
                  on_close: Callable[[], None], name: str) -> None:
         sock.setblocking(False)
         self.sock = sock
@@ -77,8 +85,15 @@ class Channel:
             return
         if fds:
             message = {**message, "_fds": len(fds)}
-        body = _encode(message).encode()
-        self._outbox.append([len(body).to_bytes(_HEADER, "big") + body, list(fds)])
+        self._queue(_encode(message).encode(), list(fds))
+
+    def send_frame(self, frame: bytes) -> None:
+        """Send a packed frame (:mod:`service.ipc.frames`); like :meth:`send`."""
+        if not self._closed:
+            self._queue(frame, [])
+
+    def _queue(self, body: bytes, fds: list[int]) -> None:
+        self._outbox.append([len(body).to_bytes(_HEADER, "big") + body, fds])
         if not self._writing and not self._flush_pending:
             # Sent at the loop's next turn, with whatever else this turn sends: the answers of a
             # batch to one front end go in one syscall and wake it once.
@@ -141,18 +156,21 @@ class Channel:
             self._flush()
 
     def _readable(self) -> None:
-        batch: list[tuple[Message, list[int]]] = []
+        batch: list[tuple[Incoming, list[int]]] = []
         try:
             while True:
                 try:
-                    data, fds, _flags, _addr = socket.recv_fds(self.sock, _READ_BYTES, _MAX_FDS)
+                    # recvmsg itself, not socket.recv_fds: that wrapper builds an array per
+                    # call, and descriptors come with a slab only, a few times per process.
+                    data, ancillary, _flags, _addr = self.sock.recvmsg(_READ_BYTES, _ANCILLARY)
                 except BlockingIOError:
                     break
                 if not data:
                     self._deliver(batch)
                     self._finish()
                     return
-                self._fds.extend(fds)
+                if ancillary:
+                    self._fds.extend(_descriptors(ancillary))
                 self._inbox += data
                 batch += self._split()
                 if len(data) < _READ_BYTES:
@@ -164,25 +182,33 @@ class Channel:
             return
         self._deliver(batch)
 
-    def _deliver(self, batch: list[tuple[Message, list[int]]]) -> None:
+    def _deliver(self, batch: list[tuple[Incoming, list[int]]]) -> None:
         if batch:
             self._on_messages(batch)
 
-    def _split(self) -> list[tuple[Message, list[int]]]:
-        out: list[tuple[Message, list[int]]] = []
+    def _split(self) -> list[tuple[Incoming, list[int]]]:
+        out: list[tuple[Incoming, list[int]]] = []
         buffer = self._inbox
-        while len(buffer) >= _HEADER:
-            size = int.from_bytes(buffer[:_HEADER], "big")
-            if size > _MAX_MESSAGE:
-                raise ValueError(f"message of {size} bytes announced: corrupt stream")
-            if len(buffer) < _HEADER + size:
-                break
-            message = _decode(buffer[_HEADER:_HEADER + size].decode())
-            del buffer[:_HEADER + size]
-            wanted = int(message.pop("_fds", 0))
-            if wanted > len(self._fds):
-                raise ValueError(f"message announced {wanted} descriptors, {len(self._fds)} arrived")
-            out.append((message, [self._fds.popleft() for _ in range(wanted)]))
+        at, end = 0, len(buffer)
+        try:
+            while end - at >= _HEADER:
+                size = int.from_bytes(buffer[at:at + _HEADER], "big")
+                if size > _MAX_MESSAGE or size == 0:
+                    raise ValueError(f"message of {size} bytes announced: corrupt stream")
+                if end - at < _HEADER + size:
+                    break
+                body = bytes(buffer[at + _HEADER:at + _HEADER + size])
+                at += _HEADER + size
+                if body[0] != _JSON:
+                    out.append((body, []))
+                    continue
+                message = _decode(body.decode())
+                wanted = int(message.pop("_fds", 0))
+                if wanted > len(self._fds):
+                    raise ValueError(f"message announced {wanted} descriptors, {len(self._fds)} arrived")
+                out.append((message, [self._fds.popleft() for _ in range(wanted)]))
+        finally:
+            del buffer[:at]  # once per read, not once per message
         return out
 
     def _finish(self) -> None:
@@ -204,3 +230,11 @@ class Channel:
         self._fds.clear()
         self.sock.close()
         self._on_close()
+
+
+def _descriptors(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.extend(struct.unpack(f"{len(data) // 4}i", data[:len(data) - len(data) % 4]))
+    return fds

@@ -104,9 +104,13 @@ class Slab:
         raw = self._buffer[start:start + self._output_bytes]
         return raw.view(np.float32).reshape(self._side, self._side)
 
-    def _offset(self, slot: int) -> int:
+    def check_slot(self, slot: int) -> None:
+        """Raise IndexError unless ``slot`` is one of this slab's."""
         if not 0 <= slot < self.layout.slots:
             raise IndexError(f"slot {slot} outside 0..{self.layout.slots - 1} of slab {self.name}")
+
+    def _offset(self, slot: int) -> int:
+        self.check_slot(slot)
         return slot * self._slot_bytes
 
     def close(self) -> None:

@@ -5,7 +5,8 @@ itself:
 
 * :class:`EngineClient`: the connection. It owns this process's shared-memory slabs (one per
   input size, ``max_queue_size`` slots each: the front end's queue budget), sends
-  ``submit``/``cancel``/``acquire``/``release``, and resolves futures from the answers.
+  ``submit`` (a packed frame, :mod:`service.ipc.frames`) and ``cancel``/``acquire``/``release``,
+  and resolves futures from the answers.
   When the engine process goes away, every image in flight fails with
   :class:`EngineUnavailable` (503 + Retry-After) and the client reconnects, hands its slabs
   to the new engine process and acquires again what its registry serves.
@@ -25,6 +26,7 @@ import itertools
 import logging
 import os
 import socket
+import struct
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -36,7 +38,8 @@ import numpy as np
 from models.manifest import Manifest
 from service.config import Settings
 from service.engines.base import EngineError
-from service.ipc.channel import Channel, Message
+from service.ipc import frames
+from service.ipc.channel import Channel, Incoming, Message
 from service.ipc.slab import Slab, SlotPool
 from service.metrics import ServiceMetrics
 from service.pipeline.batcher import Batched, BatcherClosed, BatcherError, DeadlineExceeded, QueueFull
@@ -56,8 +59,25 @@ class _Request:
     slab: Slab
     pool: SlotPool
     slots: list[int]
-    futures: list[asyncio.Future[Batched[Any]]]
+    futures: list["_ImageFuture"]
     cancel_sent: bool = False
+
+
+class _ImageFuture(asyncio.Future):  # type: ignore[type-arg]
+    """One image's answer. Cancelling it (the caller's deadline, a client gone) tells the
+    engine process to drop the request's images before the engine runs them: a hook on
+    ``cancel`` itself, where a done-callback per image would cost a loop turn per answer."""
+
+    def __init__(self, client: "EngineClient", rid: int, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop=loop)
+        self._client = client
+        self._rid = rid
+
+    def cancel(self, msg: Any = None) -> bool:
+        if not super().cancel(msg):
+            return False
+        self._client._cancelled(self._rid)
+        return True
 
 
 class EngineClient:
@@ -76,6 +96,7 @@ class EngineClient:
         self._requests: dict[int, _Request] = {}
         self._calls: dict[int, asyncio.Future[Message]] = {}
         self._current: dict[str, str] = {}  # category -> version folder acquired last
+        self._handles: dict[str, int] = {}  # version folder -> the engine process's number for it
         self._ids = itertools.count(1)
         self._connector: asyncio.Task[None] | None = None
         self._ever_connected = False
@@ -118,9 +139,11 @@ class EngineClient:
             channel.send({"op": "hello", "pid": os.getpid()})
             for ident, slab, _ in self._slabs.values():
                 self._send_slab(ident, slab)
+            self._handles.clear()  # numbers of the engine process that went away
             try:
                 for version_dir in list(self._current.values()):  # what the registry serves, again
-                    await self._call({"op": "acquire", "dir": version_dir}, require_connected=False)
+                    answer = await self._call({"op": "acquire", "dir": version_dir}, require_connected=False)
+                    self._handles[version_dir] = int(answer["handle"])
             except (EngineError, EngineUnavailable) as exc:
                 log.error("engine process: re-acquiring after reconnect failed: %s", exc)
                 channel.close()  # its close callback starts the next attempt
@@ -162,42 +185,40 @@ class EngineClient:
                     "name": slab.name}, [slab.fd])
 
     # ------------------------------------------------------------------ answers
-    def _on_messages(self, batch: list[tuple[Message, list[int]]]) -> None:
+    def _on_messages(self, batch: list[tuple[Incoming, list[int]]]) -> None:
         for message, fds in batch:
             for fd in fds:  # the engine process sends none; never keep one by accident
                 os.close(fd)
+            if isinstance(message, bytes):
+                try:
+                    self._resolve(*frames.unpack_result(message))
+                except (ValueError, IndexError, struct.error):
+                    log.exception("unreadable frame from the engine process")
+                continue
             op = message.get("op")
-            if op == "result":
-                self._resolve(message)
-            elif op in ("acquired", "error"):
-                rid = int(message["rid"])
-                call = self._calls.pop(rid, None)
+            if op in ("acquired", "error"):
+                call = self._calls.pop(int(message["rid"]), None)
                 if call is not None and not call.done():
                     call.set_result(message)
-                elif op == "error" and rid in self._requests:  # a submit the engine process could not take
-                    self._resolve({"rid": rid, "items": [["engine_error", str(message.get("message", ""))]]
-                                   * len(self._requests[rid].slots)})
             elif op == "reload" and self.on_reload is not None:
                 assert self._loop is not None
                 self._loop.create_task(self.on_reload(str(message["category"]), message.get("version")))
 
-    def _resolve(self, message: Message) -> None:
-        request = self._requests.pop(int(message["rid"]), None)
+    def _resolve(self, rid: int, outcomes: list[frames.Outcome]) -> None:
+        request = self._requests.pop(rid, None)
         if request is None:
             return
-        for future, slot, outcome in zip(request.futures, request.slots, message["items"]):
+        for future, slot, outcome in zip(request.futures, request.slots, outcomes):
             if future.done():
                 continue
-            code = outcome[0]
-            if code == "ok":
-                _, score, batch_size, queue_ms, run_ms = outcome
+            if outcome.code == frames.OK:
                 heat = request.slab.output(slot).copy()  # the slot is reused once given back
-                future.set_result(Batched(value=(float(score), heat), batch_size=int(batch_size),
-                                          queue_ms=float(queue_ms), run_ms=float(run_ms)))
-            elif code == "cancelled":
-                future.cancel()
+                future.set_result(Batched(value=(outcome.score, heat), batch_size=outcome.batch_size,
+                                          queue_ms=outcome.queue_ms, run_ms=outcome.run_ms))
+            elif outcome.code == frames.CANCELLED:
+                future.cancel()  # the request is gone from _requests: no cancel is sent back
             else:
-                future.set_exception(_error(code, outcome[1] if len(outcome) > 1 else ""))
+                future.set_exception(_error(outcome.code, outcome.message))
         request.pool.give_back(request.slots)
 
     # ------------------------------------------------------------------ calls
@@ -217,6 +238,7 @@ class EngineClient:
         """Have the engine process load (or share) ``version_dir``; release the version this
         front end served before for that category."""
         answer = await self._call({"op": "acquire", "dir": str(version_dir)})
+        self._handles[str(version_dir)] = int(answer["handle"])
         category = version_dir.parent.name
         previous = self._current.get(category)
         self._current[category] = str(version_dir)
@@ -246,7 +268,8 @@ class EngineClient:
 
     def submit(self, version_dir: str, tensors: Sequence[np.ndarray], deadline: float) -> list[asyncio.Future[Any]]:
         """Queue ``tensors`` (all or none) on the engine process; one future per image."""
-        if not self.connected:
+        handle = self._handles.get(version_dir)
+        if not self.connected or handle is None or self._channel is None:
             raise EngineUnavailable("the engine process is restarting; retry")
         size = int(tensors[0].shape[0])
         pool = self.pool(size)
@@ -258,25 +281,17 @@ class EngineClient:
             slab.input(slot)[...] = tensor
         rid = next(self._ids)
         assert self._loop is not None
-        futures: list[asyncio.Future[Any]] = [self._loop.create_future() for _ in tensors]
+        futures = [_ImageFuture(self, rid, self._loop) for _ in tensors]
         self._requests[rid] = _Request(slab, pool, slots, futures)
-        for future in futures:
-            future.add_done_callback(lambda f, rid=rid: self._maybe_cancel(rid, f))
-        try:
-            self._send({"op": "submit", "rid": rid, "dir": version_dir, "slab": ident, "slots": slots,
-                        "deadline": deadline})
-        except EngineUnavailable:
-            del self._requests[rid]
-            pool.give_back(slots)
-            raise
-        return futures
+        self._channel.send_frame(frames.pack_submit(rid, handle, ident, deadline, slots))
+        return futures  # type: ignore[return-value]
 
-    def _maybe_cancel(self, rid: int, future: asyncio.Future[Any]) -> None:
+    def _cancelled(self, rid: int) -> None:
         # The caller gave up (deadline, client gone): the engine drops the images before the
         # engine runs them and answers; the slots come back with that answer, not before,
         # since the engine process may be writing into them.
         request = self._requests.get(rid)
-        if future.cancelled() and request is not None and not request.cancel_sent and self._channel is not None:
+        if request is not None and not request.cancel_sent and self._channel is not None:
             request.cancel_sent = True
             self._channel.send({"op": "cancel", "rid": rid})
 
@@ -339,7 +354,9 @@ class RemoteBatcher:
         self._metrics = metrics
         self._pool = client.pool(engine.manifest.input_size)
         self._closing = False
-        self._in_flight: set[asyncio.Future[Any]] = set()
+        # What drain waits for. Pruned of answered futures as it grows, not by a done-callback
+        # per image (a loop turn per answer).
+        self._in_flight: list[asyncio.Future[Any]] = []
 
     @property
     def max_queue_size(self) -> int:
@@ -368,26 +385,27 @@ class RemoteBatcher:
     def submit_many(self, items: Sequence[np.ndarray], deadline: float) -> list[asyncio.Future[Any]]:
         self.check_room(len(items))
         futures = self.client.submit(self.version_dir, items, deadline)
-        self._in_flight.update(futures)
-        for future in futures:
-            future.add_done_callback(self._in_flight.discard)
+        if len(self._in_flight) >= 2 * self._pool.capacity:  # so each image is scanned about once
+            self._in_flight = [f for f in self._in_flight if not f.done()]
+        self._in_flight += futures
         return futures
 
     async def drain(self, timeout: float | None = None) -> None:
         """Stop accepting; wait for what this lane has in flight (the engine finishes it)."""
         self._closing = True
-        if self._in_flight:
-            await asyncio.wait(set(self._in_flight), timeout=timeout)
+        pending = [f for f in self._in_flight if not f.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=timeout)
 
 
-def _error(code: str, message: str) -> Exception:
-    if code == "queue_full":
+def _error(code: int, message: str) -> Exception:
+    if code == frames.QUEUE_FULL:
         return QueueFull("the engine process's queue is full")
-    if code == "closed":
+    if code == frames.CLOSED:
         return BatcherClosed("the engine process is shutting down")
-    if code == "deadline":
+    if code == frames.DEADLINE:
         return DeadlineExceeded("deadline passed in the engine process's queue")
-    if code == "not_loaded":
+    if code == frames.NOT_LOADED:
         return EngineUnavailable("the engine process no longer holds this version; retry")
     return EngineError(message or "engine failed")
 

@@ -364,3 +364,27 @@ def test_engine_link_benchmark_compares_the_link_with_a_local_batcher(model_stor
         assert 1 <= w["mean_batch"] <= w["in_flight"], w
     assert "the link costs" in (out / "summary.md").read_text()
     assert all(0 < us < 10_000 for us in s["bare_round_trip_cpu_us"]), s["bare_round_trip_cpu_us"]
+
+
+def test_serving_modes_take_turns_and_are_compared_round_by_round(model_store, tmp_path):
+    """loadtests/frontend_modes.py, briefly: two modes in each of two rounds, each mode's CPU
+    per image as a ratio to the first mode's of the same round (1 for the first itself), and
+    a bad mode or a mode's own option after ``--`` refused before any server starts."""
+    out = tmp_path / "modes"
+    cmd = [sys.executable, "-m", "loadtests.frontend_modes", "--store", str(model_store), "--modes", "one",
+           "api=2", "--rounds", "2", "--out", str(out), "--", "--seconds", "1", "--kinds", "jpeg256-none",
+           "--no-profile"]
+    s = _summary(cmd, out)
+    assert [(row["round"], row["mode"]) for row in s["rows"]] == [(1, "one"), (1, "api=2"), (2, "one"), (2, "api=2")]
+    for row in s["rows"]:
+        assert row["ok"] and row["cpu_ms"] > 0 and row["images_per_s"] > 0, row
+        mine = next(x for x in s["rows"] if x["round"] == row["round"] and x["mode"] == "one")
+        assert row["cpu_ratio"] == pytest.approx(row["cpu_ms"] / mine["cpu_ms"], abs=1e-3), row
+    assert set(s["rows"][1]["by_process"]) >= {"engine process", "front ends"}, s["rows"][1]
+    assert "| jpeg256-none | api=2 |" in (out / "summary.md").read_text()
+    for bad in (["--modes", "two"], ["--modes", "api=0"], ["--modes", "one", "--", "--servers", "2"]):
+        refused = subprocess.run([sys.executable, "-m", "loadtests.frontend_modes", "--store", str(model_store),
+                                  "--out", str(tmp_path / "refused"), *bad], cwd=ROOT, env=_clean_env(),
+                                 capture_output=True, text=True, timeout=60)
+        assert refused.returncode != 0 and "mode" in refused.stderr, (bad, refused.stderr[-500:])
+        assert not (tmp_path / "refused" / "summary.json").exists()

@@ -29,7 +29,9 @@ import pytest
 from harness import (ADMIN_KEY, CATEGORY, Server, assert_error, copy_version, metric, part, start, wait_until)
 from loadtests.run import listens, sockets_held
 from service.config import Settings
-from service.engine_core import EngineCore
+from service.engine_core import EngineCore, FrontEnd
+from service.ipc import frames
+from service.ipc.slab import Slab
 from service.pipeline.engine_client import EngineClient, RemoteBatcher
 from service.pipeline.item import InspectedImage
 from service.pipeline.runtime import PipelineRuntime
@@ -122,6 +124,54 @@ def test_a_front_end_through_the_engine_core_answers_like_the_local_engine(model
             assert mine.answer.verdict == theirs.answer.verdict
             assert np.allclose(mine.anomaly_map, theirs.anomaly_map, rtol=1e-5, atol=1e-5)
             assert mine.answer.batch_size >= 1
+
+    asyncio.run(main())
+
+
+class _Recorded:
+    """A front end's channel as the engine process sees it, keeping what it is sent."""
+
+    def __init__(self) -> None:
+        self.frames: list[bytes] = []
+        self.arrived = asyncio.Event()
+
+    def send_frame(self, frame: bytes) -> None:
+        self.frames.append(frame)
+        self.arrived.set()
+
+    def send(self, message: dict[str, object]) -> None:
+        raise AssertionError(f"a submit must be answered by a packed result, not {message}")
+
+
+def test_a_bad_submit_fails_alone_and_an_unknown_version_is_not_loaded(model_store: Path) -> None:
+    """A slot outside the front end's slab is refused before the batch (which would fail
+    every front end's images in it), a handle the engine process does not hold answers
+    not_loaded, and a good submit in the same turn is answered ok."""
+    async def main() -> None:
+        core = EngineCore(Settings(model_store=model_store, device="cpu", engine="null", max_batch_size=4,
+                                   max_queue_delay_ms=1, store_poll_s=0))
+        hosted = await core._load(str(model_store / CATEGORY / "1"))
+        channel = _Recorded()
+        frontend = FrontEnd(1, channel)  # type: ignore[arg-type]
+        size = hosted.engine.manifest.input_size
+        slab = frontend.slabs[1] = Slab.create(size, 2, "test-bad-submit")
+        try:
+            deadline = time.monotonic() + 30
+            core._handle_frame(frontend, frames.pack_submit(1, hosted.handle, 1, deadline, [5]))  # no slot 5
+            core._handle_frame(frontend, frames.pack_submit(2, hosted.handle + 1, 1, deadline, [0]))
+            core._handle_frame(frontend, frames.pack_submit(3, hosted.handle, 1, deadline, [0, 1]))
+            core._handle_frame(frontend, b"\x09junk")  # logged and dropped; the channel stays up
+            while len(channel.frames) < 3:
+                channel.arrived.clear()
+                await asyncio.wait_for(channel.arrived.wait(), 10)
+            answers = dict(frames.unpack_result(f) for f in channel.frames)
+            assert [o.code for o in answers[1]] == [frames.ENGINE_ERROR] and "slot 5" in answers[1][0].message
+            assert [o.code for o in answers[2]] == [frames.NOT_LOADED]
+            assert [o.code for o in answers[3]] == [frames.OK, frames.OK]
+            assert all(o.batch_size == 2 for o in answers[3]) and (slab.output(1) == 0).all()
+        finally:
+            await hosted.batcher.drain(5)
+            slab.close()
 
     asyncio.run(main())
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import struct
 from typing import Any
 
 import numpy as np
 import pytest
 
+from service.ipc import frames
 from service.ipc.channel import Channel
 from service.ipc.slab import Slab, SlabLayout, SlotPool
 
@@ -61,12 +63,16 @@ def test_messages_and_a_slab_descriptor_cross_the_channel() -> None:
         owner = Slab.create(8, 2, "test-channel")
         owner.input(1)[...] = np.arange(8 * 8 * 3, dtype=np.uint8).reshape(8, 8, 3)
         left.send({"op": "slab", "size": 8, "slots": 2}, [owner.fd])
-        for i in range(200):
-            left.send({"op": "n", "i": i})
+        for i in range(200):  # JSON messages and packed frames interleaved, in one stream
+            if i % 2:
+                left.send_frame(frames.pack_submit(i, 7, 1, 12.5, [i % 2]))
+            else:
+                left.send({"op": "n", "i": i})
         await asyncio.wait_for(got.wait(), 10)
         (message, fds), *rest = received
         assert message == {"op": "slab", "size": 8, "slots": 2} and len(fds) == 1
-        assert [m["i"] for m, _ in rest] == list(range(200))
+        assert [m["i"] if isinstance(m, dict) else frames.unpack_submit(m).rid for m, _ in rest] == list(range(200))
+        assert all(isinstance(m, bytes) == bool(i % 2) and not f for i, (m, f) in enumerate(rest))
         peer = Slab.attach(fds[0], 8, 2, "peer")
         assert (peer.input(1) == owner.input(1)).all()
         peer.output(0)[...] = 2.5  # the engine's side writes a map ...
@@ -106,3 +112,31 @@ def test_steady_load_reuses_the_same_few_slots() -> None:
         used.update(slots)
         pool.give_back(slots)
     assert used == {0}
+
+
+def test_submit_and_result_frames_carry_their_fields_bit_for_bit() -> None:
+    frame = frames.pack_submit(2**40 + 3, 9, 2, 1234.000001, [5, 0, 63])
+    assert frames.kind(frame) == frames.SUBMIT and frame[0] != ord("{")
+    assert frames.unpack_submit(frame) == frames.Submit(2**40 + 3, 9, 2, 1234.000001, [5, 0, 63])
+    score = float(np.float32(0.1234567))  # what an engine's float32 score becomes
+    outcomes = [frames.Outcome(frames.OK, score, 8, 1.25, 3.5),
+                frames.Outcome(frames.ENGINE_ERROR, message="RuntimeError: CUDA out of memory é"),
+                frames.Outcome(frames.CANCELLED)]
+    rid, back = frames.unpack_result(frames.pack_result(17, outcomes))
+    assert rid == 17 and back == outcomes and back[0].score == score
+    rid, back = frames.unpack_result(frames.pack_uniform_result(18, frames.QUEUE_FULL, 3))
+    assert rid == 18 and back == [frames.Outcome(frames.QUEUE_FULL)] * 3
+    long = frames.pack_result(1, [frames.Outcome(frames.ENGINE_ERROR, message="x" * 5000)])
+    assert len(frames.unpack_result(long)[1][0].message) == 1024  # an error's text is bounded
+
+
+def test_malformed_frames_are_refused_not_misread() -> None:
+    good = frames.pack_submit(1, 1, 1, 0.0, [1, 2])
+    for bad in (good[:-1], good[:frames._SUBMIT.size]):  # a cut slot list; no slots at all
+        with pytest.raises(ValueError):
+            frames.unpack_submit(bad)
+    result = frames.pack_result(1, [frames.Outcome(frames.OK, 0.5, 1, 0.0, 0.0)])
+    with pytest.raises(ValueError):
+        frames.unpack_result(result + b"junk")
+    with pytest.raises(struct.error):
+        frames.unpack_result(result[:-3])

@@ -1,0 +1,100 @@
+"""The two messages every image crosses the engine link in, packed with ``struct``.
+
+Control messages (``hello``, ``slab``, ``acquire``, ``reload`` ...) are rare and stay JSON
+(:mod:`service.ipc.channel`). ``submit`` and ``result`` go once per request each way, at
+thousands a second; as JSON they cost both processes an encode and a parse of a dict, the
+result's floats printed and read back as text. Packed, each is one ``struct`` call plus one
+per image, and the floats cross bit for bit.
+
+A packed frame's first byte is its kind, never ``{`` (which starts every JSON frame): the
+channel tells the two apart by that byte alone.
+
+``submit``: request id, the version's handle (a number the engine process gave on
+``acquire``, so no path is sent per request), slab id, deadline (``time.monotonic()``
+seconds; CLOCK_MONOTONIC is system-wide), then the slot of each image.
+
+``result``: request id, then per image its outcome: a code, and for ``ok`` the score, the
+batch size and the image's queue and batch run times; for an engine error, its message.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+SUBMIT = 1
+RESULT = 2
+
+# Outcome codes of an image (the client maps them back to its exceptions).
+OK, QUEUE_FULL, CLOSED, DEADLINE, CANCELLED, ENGINE_ERROR, NOT_LOADED = range(7)
+
+_SUBMIT = struct.Struct("<BQIId")  # kind, rid, handle, slab, deadline; then uint32 slots
+_RESULT = struct.Struct("<BQH")  # kind, rid, image count; then the outcomes
+_OUTCOME = struct.Struct("<BdIddH")  # code, score, batch size, queue ms, run ms, message bytes
+_MAX_MESSAGE = 1024  # an engine error's text, cut to this many bytes
+
+
+@dataclass(slots=True)
+class Submit:
+    rid: int
+    handle: int
+    slab: int
+    deadline: float
+    slots: list[int]
+
+
+@dataclass(slots=True)
+class Outcome:
+    code: int
+    score: float = 0.0
+    batch_size: int = 0
+    queue_ms: float = 0.0
+    run_ms: float = 0.0
+    message: str = ""
+
+
+def kind(frame: bytes) -> int:
+    return frame[0]
+
+
+def pack_submit(rid: int, handle: int, slab: int, deadline: float, slots: Sequence[int]) -> bytes:
+    return _SUBMIT.pack(SUBMIT, rid, handle, slab, deadline) + struct.pack(f"<{len(slots)}I", *slots)
+
+
+def unpack_submit(frame: bytes) -> Submit:
+    _, rid, handle, slab, deadline = _SUBMIT.unpack_from(frame)
+    count, rest = divmod(len(frame) - _SUBMIT.size, 4)
+    if rest or not count:
+        raise ValueError(f"submit frame of {len(frame)} bytes: no whole list of slots")
+    return Submit(rid, handle, slab, deadline, list(struct.unpack_from(f"<{count}I", frame, _SUBMIT.size)))
+
+
+def pack_result(rid: int, outcomes: Sequence[Outcome]) -> bytes:
+    parts = [_RESULT.pack(RESULT, rid, len(outcomes))]
+    for o in outcomes:
+        text = o.message.encode()[:_MAX_MESSAGE] if o.message else b""
+        parts.append(_OUTCOME.pack(o.code, o.score, o.batch_size, o.queue_ms, o.run_ms, len(text)))
+        if text:
+            parts.append(text)
+    return b"".join(parts)
+
+
+def pack_uniform_result(rid: int, code: int, count: int) -> bytes:
+    """Every image of a request with the same message-less outcome (refused, not loaded)."""
+    return _RESULT.pack(RESULT, rid, count) + _OUTCOME.pack(code, 0.0, 0, 0.0, 0.0, 0) * count
+
+
+def unpack_result(frame: bytes) -> tuple[int, list[Outcome]]:
+    _, rid, count = _RESULT.unpack_from(frame)
+    at = _RESULT.size
+    outcomes: list[Outcome] = []
+    for _ in range(count):
+        code, score, batch_size, queue_ms, run_ms, length = _OUTCOME.unpack_from(frame, at)
+        at += _OUTCOME.size
+        message = bytes(frame[at:at + length]).decode(errors="replace") if length else ""
+        at += length
+        outcomes.append(Outcome(code, score, batch_size, queue_ms, run_ms, message))
+    if at != len(frame):
+        raise ValueError(f"result frame of {len(frame)} bytes: {len(frame) - at} bytes left over")
+    return rid, outcomes
