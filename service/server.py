@@ -24,7 +24,7 @@ from typing import Any
 import uvicorn
 
 from service.api.app import create_app
-from service.config import Settings, warn_unknown_env
+from service.config import Settings
 from service.heap import freeze_startup_objects
 
 log = logging.getLogger(__name__)

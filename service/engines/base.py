@@ -14,7 +14,6 @@ Backends, one module each, imported lazily by :func:`service.engines.factory.loa
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
