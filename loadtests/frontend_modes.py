@@ -29,18 +29,19 @@ from typing import Any
 
 from loadtests import frontend
 
-_MODE_ARGS = {"one": lambda n: [], "servers": lambda n: ["--servers", str(n)],
-              "api": lambda n: ["--api-processes", str(n)]}
+_COUNTED = {"servers": "--servers", "api": "--api-processes"}  # mode name -> the benchmark's option
 
 
 def mode_args(mode: str) -> list[str]:
     """The benchmark's arguments for ``mode`` (``one``, ``servers=N``, ``api=N``)."""
+    if mode == "one":
+        return []
     name, _, count = mode.partition("=")
-    if name not in _MODE_ARGS or (name == "one") != (count == ""):
+    if name not in _COUNTED:
         raise SystemExit(f"unknown mode {mode!r}: one, servers=N or api=N")
-    if count and (not count.isdigit() or int(count) < 1):
+    if not count.isdigit() or int(count) < 1:
         raise SystemExit(f"mode {mode!r}: N must be a positive whole number")
-    return _MODE_ARGS[name](int(count or 1))
+    return [_COUNTED[name], count]
 
 
 def run(modes: list[str], rounds: int, store: str, bench_args: list[str], out: Path) -> dict[str, Any]:

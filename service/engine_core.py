@@ -31,7 +31,6 @@ import logging
 import os
 import signal
 import socket
-import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,7 +168,7 @@ class EngineCore:
             if frames.kind(frame) != frames.SUBMIT:
                 raise ValueError(f"unknown frame kind {frames.kind(frame)}")
             submit = frames.unpack_submit(frame)
-        except (ValueError, IndexError, struct.error):
+        except frames.UNREADABLE:
             # A front end that sends garbage has a bug; the channel to it stays usable, and a
             # request whose id could not be read waits out its own deadline there.
             log.exception("front end %d (pid %d): unreadable frame", frontend.ident, frontend.pid)
@@ -298,22 +297,24 @@ class EngineCore:
     # ------------------------------------------------------------------ requests
     def _submit(self, frontend: FrontEnd, submit: frames.Submit) -> None:
         rid, slots, channel = submit.rid, submit.slots, frontend.channel
+
+        def refuse(code: int) -> None:
+            channel.send_frame(frames.pack_result(rid, [frames.Outcome(code)] * len(slots)))
         hosted = self.handles.get(submit.handle)
         if hosted is None:
-            channel.send_frame(frames.pack_uniform_result(rid, frames.NOT_LOADED, len(slots)))
+            refuse(frames.NOT_LOADED)
             return
         slab = frontend.slabs[submit.slab]
-        ident = frontend.ident
-        payloads = [Payload(ident, slab, slot) for slot in slots]
         for slot in slots:
             slab.check_slot(slot)  # before the batch, which must not fail for one bad request
+        payloads = [Payload(frontend.ident, slab, slot) for slot in slots]
         try:
             futures = hosted.batcher.submit_many(payloads, submit.deadline)
         except QueueFull:
-            channel.send_frame(frames.pack_uniform_result(rid, frames.QUEUE_FULL, len(slots)))
+            refuse(frames.QUEUE_FULL)
             return
         except BatcherClosed:
-            channel.send_frame(frames.pack_uniform_result(rid, frames.CLOSED, len(slots)))
+            refuse(frames.CLOSED)
             return
         frontend.requests[rid] = futures
         remaining = len(futures)

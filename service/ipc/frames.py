@@ -34,6 +34,9 @@ _RESULT = struct.Struct("<BQH")  # kind, rid, image count; then the outcomes
 _OUTCOME = struct.Struct("<BdIddH")  # code, score, batch size, queue ms, run ms, message bytes
 _MAX_MESSAGE = 1024  # an engine error's text, cut to this many bytes
 
+# What reading a malformed frame raises (a cut or padded frame, an empty one).
+UNREADABLE = (ValueError, IndexError, struct.error)
+
 
 @dataclass(slots=True)
 class Submit:
@@ -78,11 +81,6 @@ def pack_result(rid: int, outcomes: Sequence[Outcome]) -> bytes:
         if text:
             parts.append(text)
     return b"".join(parts)
-
-
-def pack_uniform_result(rid: int, code: int, count: int) -> bytes:
-    """Every image of a request with the same message-less outcome (refused, not loaded)."""
-    return _RESULT.pack(RESULT, rid, count) + _OUTCOME.pack(code, 0.0, 0, 0.0, 0.0, 0) * count
 
 
 def unpack_result(frame: bytes) -> tuple[int, list[Outcome]]:

@@ -26,7 +26,6 @@ import itertools
 import logging
 import os
 import socket
-import struct
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -192,7 +191,7 @@ class EngineClient:
             if isinstance(message, bytes):
                 try:
                     self._resolve(*frames.unpack_result(message))
-                except (ValueError, IndexError, struct.error):
+                except frames.UNREADABLE:
                     log.exception("unreadable frame from the engine process")
                 continue
             op = message.get("op")

@@ -32,7 +32,9 @@ from service.config import Settings
 from service.engine_core import EngineCore, FrontEnd
 from service.ipc import frames
 from service.ipc.slab import Slab
-from service.pipeline.engine_client import EngineClient, RemoteBatcher
+from models.manifest import Manifest
+from service.metrics import ServiceMetrics
+from service.pipeline.engine_client import EngineClient, RemoteBatcher, RemoteEngine
 from service.pipeline.item import InspectedImage
 from service.pipeline.runtime import PipelineRuntime
 from service.schemas import InspectOptions, Upload
@@ -172,6 +174,44 @@ def test_a_bad_submit_fails_alone_and_an_unknown_version_is_not_loaded(model_sto
         finally:
             await hosted.batcher.drain(5)
             slab.close()
+
+    asyncio.run(main())
+
+
+def test_a_lanes_in_flight_list_stays_bounded_and_drain_waits_for_it(model_store: Path) -> None:
+    """A front end's lane remembers its images in flight for ``drain`` without a callback per
+    image: the list is pruned as it grows, so ten times the lane's slots, one at a time, leave
+    at most twice its slots in it; drain returns once the last image is answered."""
+    async def main() -> None:
+        settings = dict(model_store=model_store, device="cpu", engine="null", max_batch_size=4,
+                        max_queue_delay_ms=1, max_queue_size=4, store_poll_s=0)
+        version_dir = model_store / CATEGORY / "1"
+        with tempfile.TemporaryDirectory() as tmp:
+            sock = Path(tmp) / "engine.sock"
+            core = EngineCore(Settings(**settings))
+            serving = asyncio.create_task(core.serve(sock))
+            client = EngineClient(Settings(**settings, engine_socket=sock), sock)
+            client.start()
+            try:
+                answer = await client.acquire(version_dir)
+                manifest = Manifest.read(version_dir)
+                engine = RemoteEngine(client, version_dir, manifest, str(answer["name"]),
+                                      int(answer["max_batch_size"]))
+                lane = RemoteBatcher(client, engine, 0.001, ServiceMetrics())
+                image = np.zeros((manifest.input_size, manifest.input_size, 3), dtype=np.uint8)
+                longest = 0
+                for _ in range(10 * lane.max_queue_size):
+                    (future,) = lane.submit_many([image], time.monotonic() + 30)
+                    longest = max(longest, len(lane._in_flight))
+                    assert (await future).batch_size == 1
+                assert 0 < longest <= 2 * lane.max_queue_size, longest
+                last = lane.submit_many([image, image], time.monotonic() + 30)
+                await asyncio.wait_for(lane.drain(), 10)
+                assert all(f.done() and not f.cancelled() for f in last) and lane.depth == 0
+            finally:
+                await client.close()
+                core.stop()
+                await serving
 
     asyncio.run(main())
 

@@ -124,7 +124,7 @@ def test_submit_and_result_frames_carry_their_fields_bit_for_bit() -> None:
                 frames.Outcome(frames.CANCELLED)]
     rid, back = frames.unpack_result(frames.pack_result(17, outcomes))
     assert rid == 17 and back == outcomes and back[0].score == score
-    rid, back = frames.unpack_result(frames.pack_uniform_result(18, frames.QUEUE_FULL, 3))
+    rid, back = frames.unpack_result(frames.pack_result(18, [frames.Outcome(frames.QUEUE_FULL)] * 3))
     assert rid == 18 and back == [frames.Outcome(frames.QUEUE_FULL)] * 3
     long = frames.pack_result(1, [frames.Outcome(frames.ENGINE_ERROR, message="x" * 5000)])
     assert len(frames.unpack_result(long)[1][0].message) == 1024  # an error's text is bounded
