@@ -14,8 +14,9 @@ from loadtests.procstat import TreeUsage
 def server_figures(spent: TreeUsage, images: int, wall_s: float) -> dict[str, Any]:
     """The server's CPU over a window (``spent``: the processes' usage, after - before) per
     image and by where it went: threads (the engine's, the event loops', the pools'),
-    processes (the front ends, the engine process, the supervisor or a single server) and
-    context switches (wake-ups and preemptions) by process role."""
+    processes (the front ends, the engine process, the supervisor or a single server), and by
+    process role its context switches (wake-ups and preemptions), its time in the kernel and
+    its minor page faults."""
     n = max(images, 1)
     return {"server_cpu_ms_per_image": round(spent.cpu_s / n * 1e3, 2),
             "server_cores": round(spent.cpu_s / wall_s, 2) if wall_s else 0.0,
@@ -23,7 +24,20 @@ def server_figures(spent: TreeUsage, images: int, wall_s: float) -> dict[str, An
             "threads_cpu_ms_per_image": {group: round(s / n * 1e3, 2) for group, s in spent.threads.items()},
             "processes_cpu_ms_per_image": {role: round(s / n * 1e3, 3) for role, s in spent.roles.items() if s > 0},
             "switches_per_image": {role: {"voluntary": round(v / n, 2), "involuntary": round(i / n, 2)}
-                                   for role, (v, i) in spent.switches.items() if v or i}}
+                                   for role, (v, i) in spent.switches.items() if v or i},
+            "kernel_cpu_ms_per_image": {role: round(s / n * 1e3, 3) for role, s in spent.kernel_s.items()
+                                        if spent.roles.get(role, 0.0) > 0},
+            "minor_faults_per_image": {role: round(f / n, 2) for role, f in spent.faults.items()
+                                       if spent.roles.get(role, 0.0) > 0}}
+
+
+def _process_detail(figures: dict[str, Any], role: str) -> str:
+    switches = figures.get("switches_per_image", {}).get(role, {"voluntary": 0, "involuntary": 0})
+    kernel = figures.get("kernel_cpu_ms_per_image", {}).get(role)
+    faults = figures.get("minor_faults_per_image", {}).get(role)
+    return ", ".join([f"{switches['voluntary']:g} / {switches['involuntary']:g}"]
+                     + ([f"kernel {kernel:g} ms"] if kernel is not None else [])
+                     + ([f"{faults:g} faults"] if faults is not None else []))
 
 
 def histogram_means(metrics_text: str, family: str, label: str | None = None) -> dict[str, tuple[float, float]]:
@@ -190,14 +204,13 @@ def render(s: dict[str, Any]) -> str:
         lines += [f"- {kind}: " + ", ".join(f"{result} {count:g}" for result, count in counts.items())
                   for kind, counts in lookups.items()]
     by_process = {k: r["processes_cpu_ms_per_image"] for k, r in s["kinds"].items()
-                  if len(r.get("processes_cpu_ms_per_image", {})) > 1}
+                  if r.get("processes_cpu_ms_per_image")}
     if by_process:
-        lines += ["", "Server CPU per image by process (and per image, its threads' wake-ups / preemptions):", ""]
+        lines += ["", "Server CPU per image by process (and per image: its threads' wake-ups / preemptions; "
+                  "of its CPU, the kernel's; its minor page faults):", ""]
         for kind, roles in by_process.items():
-            switches = s["kinds"][kind].get("switches_per_image", {})
-            lines.append(f"- {kind}: " + ", ".join(
-                f"{role} {ms} ms" + (f" ({switches[role]['voluntary']:g} / {switches[role]['involuntary']:g})"
-                                     if role in switches else "") for role, ms in roles.items()))
+            lines.append(f"- {kind}: " + ", ".join(f"{role} {ms} ms ({_process_detail(s['kinds'][kind], role)})"
+                                                 for role, ms in roles.items()))
     for kind, r in s["kinds"].items():
         if "bare_engine_cpu_ms_per_image" in r:
             mix = ", ".join(f"{c} at {b}" for b, c in r["batch_mix"].items())

@@ -21,6 +21,7 @@ CLOCK = os.sysconf("SC_CLK_TCK")
 class Usage(NamedTuple):
     cpu_s: float  # utime + stime
     minor_faults: int
+    kernel_s: float = 0.0  # stime: system calls, page faults, the kernel's share of wake-ups
 
 
 def usage(entry: Path) -> Usage:
@@ -29,7 +30,7 @@ def usage(entry: Path) -> Usage:
         fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return Usage(0.0, 0)
-    return Usage((int(fields[11]) + int(fields[12])) / CLOCK, int(fields[7]))
+    return Usage((int(fields[11]) + int(fields[12])) / CLOCK, int(fields[7]), int(fields[12]) / CLOCK)
 
 
 def process_usage(pid: int) -> Usage:
@@ -67,7 +68,10 @@ class TreeUsage:
       them): ``front ends`` (``msflow-api-*``), ``engine process`` (``msflow-engine``) and
       ``server`` (the rest: a single-process server, or the supervisor);
     * ``switches``: context switches of the live threads by role, (voluntary: the thread
-      waited, so a wake-up came after; involuntary: it was preempted).
+      waited, so a wake-up came after; involuntary: it was preempted);
+    * ``kernel_s`` and ``faults``: by role, the CPU seconds spent in the kernel (part of
+      ``roles``) and the minor page faults (a fresh page each: what an allocator that
+      gives memory back to the kernel between requests costs; service/allocator.py).
 
     Two readings subtract (``after - before``) and add (several trees)."""
 
@@ -75,6 +79,8 @@ class TreeUsage:
     threads: dict[str, float] = field(default_factory=lambda: dict.fromkeys(THREAD_GROUPS, 0.0))
     roles: dict[str, float] = field(default_factory=lambda: dict.fromkeys(ROLES, 0.0))
     switches: dict[str, tuple[int, int]] = field(default_factory=dict)
+    kernel_s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(ROLES, 0.0))
+    faults: dict[str, float] = field(default_factory=lambda: dict.fromkeys(ROLES, 0.0))
 
     def __add__(self, other: TreeUsage) -> TreeUsage:
         return self._combine(other, 1)
@@ -90,7 +96,8 @@ class TreeUsage:
                          numbers(self.roles, other.roles),
                          {k: (self.switches.get(k, (0, 0))[0] + sign * other.switches.get(k, (0, 0))[0],
                               self.switches.get(k, (0, 0))[1] + sign * other.switches.get(k, (0, 0))[1])
-                          for k in self.switches.keys() | other.switches.keys()})
+                          for k in self.switches.keys() | other.switches.keys()},
+                         numbers(self.kernel_s, other.kernel_s), numbers(self.faults, other.faults))
 
 
 def tree_usage(pid: int) -> TreeUsage:
@@ -98,12 +105,15 @@ def tree_usage(pid: int) -> TreeUsage:
     status read once."""
     total, threads, roles = 0.0, dict.fromkeys(THREAD_GROUPS, 0.0), dict.fromkeys(ROLES, 0.0)
     switches: dict[str, tuple[int, int]] = {}
+    kernel, faults = dict.fromkeys(ROLES, 0.0), dict.fromkeys(ROLES, 0.0)
     for proc in tree(pid):
         names = task_names(proc)
-        role = _role(names.get(proc, ""))
-        spent = usage(Path(f"/proc/{proc}")).cpu_s
-        total += spent
-        roles[role] += spent
+        role = role_of(names.get(proc, ""))
+        spent = usage(Path(f"/proc/{proc}"))
+        total += spent.cpu_s
+        roles[role] += spent.cpu_s
+        kernel[role] += spent.kernel_s
+        faults[role] += spent.minor_faults
         voluntary, involuntary = switches.get(role, (0, 0))
         for tid, name in names.items():
             task = Path(f"/proc/{proc}/task/{tid}")
@@ -112,7 +122,7 @@ def tree_usage(pid: int) -> TreeUsage:
             v, i = _switches(task)
             voluntary, involuntary = voluntary + v, involuntary + i
         switches[role] = (voluntary, involuntary)
-    return TreeUsage(total, threads, roles, switches)
+    return TreeUsage(total, threads, roles, switches, kernel, faults)
 
 
 def trees_usage(pids: Iterable[int]) -> TreeUsage:
@@ -134,7 +144,8 @@ def _switches(task: Path) -> tuple[int, int]:
     return voluntary, involuntary
 
 
-def _role(name: str) -> str:
+def role_of(name: str) -> str:
+    """A server process's role from its name (service/supervisor.py names them)."""
     return "front ends" if name.startswith("msflow-api-") else "engine process" if name == "msflow-engine" else "server"
 
 

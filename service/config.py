@@ -118,6 +118,9 @@ class Settings(BaseSettings):
         0.0, ge=0.0, description="after SIGTERM, keep serving with /readyz 503 this long so load balancers "
                                  "stop routing before the socket closes")
     retry_after_s: int = Field(1, ge=0, description="Retry-After on 503 answers")
+    heap_retain_mb: int = Field(64, ge=0, le=1024, description="free memory each C heap of a server process keeps "
+                                "for the next requests' buffers instead of giving it back to the kernel (glibc; "
+                                "service/allocator.py); 0: glibc's adaptive default")
     access_log: bool = True
     log_level: LogLevel = "info"
 

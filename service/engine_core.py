@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 
+from service.allocator import keep_freed_memory
 from service.config import Settings
 from service.engines.base import Engine
 from service.engines.factory import load_engine
@@ -351,6 +352,7 @@ def run_engine_process(overrides: dict[str, Any], socket_path: str) -> None:
     # Ctrl-C reaches the whole process group: the supervisor stops the front ends first and
     # then this process (SIGTERM), so that their requests in flight still get engine time.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    keep_freed_memory(settings.heap_retain_mb << 20)
     freeze_startup_objects()
 
     async def main() -> None:

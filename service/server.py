@@ -23,6 +23,7 @@ from typing import Any
 
 import uvicorn
 
+from service.allocator import keep_freed_memory
 from service.api.app import create_app
 from service.config import Settings
 from service.heap import freeze_startup_objects
@@ -74,6 +75,7 @@ def run_server(settings: Settings, sockets: list[socket.socket] | None = None) -
                             access_log=settings.access_log, lifespan="on",
                             timeout_graceful_shutdown=settings.graceful_shutdown_s)  # type: ignore[arg-type]
     server = _GracefulServer(config, app.state.service.begin_shutdown, settings.shutdown_delay_s)
+    keep_freed_memory(settings.heap_retain_mb << 20)
     log.debug("%d start-up objects frozen out of the collector's passes", freeze_startup_objects())
     if sockets is None:
         log.info("serving %s on http://%s:%d (engine %s, batch %d, delay %.1f ms, %s)", settings.model_store,

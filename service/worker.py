@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from service.allocator import keep_freed_memory
 from service.config import Settings, warn_unknown_env
 from service.heap import freeze_startup_objects
 from service.metrics import ServiceMetrics
@@ -355,6 +356,7 @@ def run_worker(args: argparse.Namespace) -> int:
     if not settings.redis_url:
         log.error("msflow worker needs Redis: set MSFLOW_REDIS_URL")
         return 2
+    keep_freed_memory(settings.heap_retain_mb << 20)
     freeze_startup_objects()
     return asyncio.run(_main(settings))
 

@@ -10,12 +10,18 @@ import time
 from loadtests.procstat import TreeUsage, cpu_s, process_usage, tree, tree_usage, trees_usage
 
 _BUSY_CHILD = """
-import sys, time
+import os, sys, time
 from service.os_names import set_thread_name
 set_thread_name(sys.argv[1])
 end = time.process_time() + 0.3
-while time.process_time() < end:
-    pass
+if sys.argv[1] == "msflow-engine":  # in the kernel: system calls, and 8 MB of fresh pages
+    pages = b"x" * (8 << 20)
+    while time.process_time() < end:
+        os.stat("/")
+else:  # in Python: the clock read (a system call) once per 100,000 turns
+    while time.process_time() < end:
+        for _ in range(100_000):
+            pass
 print("spent", flush=True)
 time.sleep(30)
 """
@@ -37,10 +43,14 @@ def test_cpu_is_split_by_the_role_the_process_names() -> None:
         assert cpu_s(os.getpid()) >= sum(after.roles.values()) - 0.05
         assert abs(after.cpu_s - sum(after.roles.values())) < 1e-9  # every process has one role
         assert spent.threads["loop"] >= 0.5  # the children's main threads did the spinning
+        # Both children started inside the window, so each counts its interpreter's start too.
+        assert spent.kernel_s["engine process"] >= spent.kernel_s["front ends"] + 0.1
+        assert spent.faults["engine process"] >= spent.faults["front ends"] + 2000  # 8 MB: 2,048 pages
         twice = trees_usage([os.getpid(), os.getpid()])
         assert abs(twice.cpu_s - 2 * after.cpu_s) < 0.1 and (twice - twice) == TreeUsage(
             0.0, dict.fromkeys(twice.threads, 0.0), dict.fromkeys(twice.roles, 0.0),
-            dict.fromkeys(twice.switches, (0, 0)))
+            dict.fromkeys(twice.switches, (0, 0)), dict.fromkeys(twice.kernel_s, 0.0),
+            dict.fromkeys(twice.faults, 0.0))
         for child in children:
             assert process_usage(child.pid).cpu_s >= 0.25
     finally:
