@@ -29,6 +29,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -197,21 +198,22 @@ def wait_ready(url: str, proc: subprocess.Popen | None, timeout: float, path: st
 
 
 class LocalServer:
-    """``msflow serve`` on a free loopback port; stopped (SIGTERM, then SIGKILL) on exit."""
+    """``msflow serve`` on a free loopback port; stopped (SIGTERM, then SIGKILL) on exit.
+    ``prefix``: a command that runs the server (``valgrind ...``: loadtests/instructions.py)."""
 
     def __init__(self, store: str, log_path: Path, host: str = "127.0.0.1", port: int | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, prefix: Sequence[str] = ()) -> None:
         self.host, self.port = host, port or free_port(host)
         self.url = f"http://{host}:{self.port}"
-        self.store, self.log_path, self.env = store, log_path, env or {}
+        self.store, self.log_path, self.env, self.prefix = store, log_path, env or {}, list(prefix)
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> "LocalServer":
         env = dict(os.environ, MSFLOW_HOST=self.host, MSFLOW_PORT=str(self.port), MSFLOW_MODEL_STORE=self.store,
                    **self.env)
         self._log = open(self.log_path, "wb")
-        cmd = [sys.executable, "-m", "msflow.cli", "serve", "--host", self.host, "--port", str(self.port),
-               "--store", self.store]
+        cmd = [*self.prefix, sys.executable, "-m", "msflow.cli", "serve", "--host", self.host,
+               "--port", str(self.port), "--store", self.store]
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
                                      stdin=subprocess.DEVNULL)
         return self

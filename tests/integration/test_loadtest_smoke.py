@@ -382,9 +382,46 @@ def test_serving_modes_take_turns_and_are_compared_round_by_round(model_store, t
         assert row["cpu_ratio"] == pytest.approx(row["cpu_ms"] / mine["cpu_ms"], abs=1e-3), row
     assert set(s["rows"][1]["by_process"]) >= {"engine process", "front ends"}, s["rows"][1]
     assert "| jpeg256-none | api=2 |" in (out / "summary.md").read_text()
+    # each process role's time in the kernel (part of its CPU) and its page faults, per image
+    split = json.loads((out / "round1-api2" / "summary.json").read_text())["kinds"]["jpeg256-none"]
+    for role, cpu in split["processes_cpu_ms_per_image"].items():
+        assert 0 <= split["kernel_cpu_ms_per_image"][role] <= cpu + 0.01, (role, split)
+        assert split["minor_faults_per_image"][role] >= 0, (role, split)
+    assert "faults" in (out / "round1-api2" / "summary.md").read_text()
     for bad in (["--modes", "two"], ["--modes", "api=0"], ["--modes", "one", "--", "--servers", "2"]):
         refused = subprocess.run([sys.executable, "-m", "loadtests.frontend_modes", "--store", str(model_store),
                                   "--out", str(tmp_path / "refused"), *bad], cwd=ROOT, env=_clean_env(),
                                  capture_output=True, text=True, timeout=60)
         assert refused.returncode != 0 and "mode" in refused.stderr, (bad, refused.stderr[-500:])
         assert not (tmp_path / "refused" / "summary.json").exists()
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed (Debian's package valgrind): "
+                    "loadtests/instructions.py counts with it")
+def test_instruction_counts_compare_modes_by_process(model_store, tmp_path):
+    """loadtests/instructions.py, briefly: both modes counted under callgrind, by process
+    role, the copies apart from the rest; a bad mode refused before any server starts."""
+    out = tmp_path / "instructions"
+    cmd = [sys.executable, "-m", "loadtests.instructions", "--store", str(model_store), "--modes", "one", "api=2",
+           "--requests", "24", "--warmup", "4", "--concurrency", "4", "--out", str(out)]
+    s = _summary(cmd, out)
+    one, split = (r["kinds"]["jpeg256-none"] for r in s["results"])
+    assert set(one["by_role"]) == {"server"} and {"front ends", "engine process"} <= set(split["by_role"])
+    for figures in (one, split):
+        assert figures["requests"] == 24
+        # a 256 px JPEG through the whole front end: millions of instructions, some in copies
+        assert 1e6 < figures["instructions_per_image"] < 1e8, figures
+        assert 0 < figures["copied_per_image"] < figures["instructions_per_image"], figures
+        assert sum(v["instructions_per_image"] for v in figures["by_role"].values()) == pytest.approx(
+            figures["instructions_per_image"], abs=len(figures["by_role"]))
+    # the engine process copies (inputs out of the slots, maps into them) and does little else
+    engine, front = split["by_role"]["engine process"], split["by_role"]["front ends"]
+    assert engine["copied_per_image"] > 0
+    assert 0 < engine["instructions_per_image"] - engine["copied_per_image"] < (
+        front["instructions_per_image"] - front["copied_per_image"]) / 4, split
+    assert "| jpeg256-none | api=2 |" in (out / "summary.md").read_text()
+    refused = subprocess.run([sys.executable, "-m", "loadtests.instructions", "--store", str(model_store),
+                              "--modes", "one", "servers=2", "--out", str(tmp_path / "refused")], cwd=ROOT,
+                             env=_clean_env(), capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 and "unknown mode" in refused.stderr, refused.stderr[-500:]
+    assert not (tmp_path / "refused").exists()
