@@ -245,13 +245,23 @@ def every_front_end_ready(url: str, pid: int, processes: int, timeout: float = 1
     return list(models["models"] if isinstance(models, dict) and "models" in models else models)
 
 
+BATCH, DELAY_MS, DECODE_THREADS = 8, 2.0, 2  # the benchmarks' server settings unless told otherwise
+
+
+def server_env(engine: str, device: str, api_processes: int, batch: int = BATCH, delay_ms: float = DELAY_MS,
+               decode_threads: int = DECODE_THREADS) -> dict[str, str]:
+    """The settings a benchmark's ``msflow serve`` runs with (quiet, no store polling): every
+    benchmark of the front end (this one, loadtests/instructions.py) measures one server."""
+    return {"MSFLOW_ENGINE": engine, "MSFLOW_DEVICE": device, "MSFLOW_ACCESS_LOG": "false",
+            "MSFLOW_LOG_LEVEL": "warning", "MSFLOW_STORE_POLL_S": "0", "MSFLOW_DECODE_THREADS": str(decode_threads),
+            "MSFLOW_MAX_BATCH_SIZE": str(batch), "MSFLOW_MAX_QUEUE_DELAY_MS": str(delay_ms),
+            "MSFLOW_API_PROCESSES": str(api_processes)}
+
+
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out or f"reports/frontend-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}")
     out.mkdir(parents=True, exist_ok=True)
-    env = {"MSFLOW_ENGINE": args.engine, "MSFLOW_DEVICE": args.device, "MSFLOW_ACCESS_LOG": "false",
-           "MSFLOW_LOG_LEVEL": "warning", "MSFLOW_STORE_POLL_S": "0", "MSFLOW_DECODE_THREADS": str(args.decode_threads),
-           "MSFLOW_MAX_BATCH_SIZE": str(args.batch), "MSFLOW_MAX_QUEUE_DELAY_MS": str(args.delay_ms),
-           "MSFLOW_API_PROCESSES": str(args.api_processes)}
+    env = server_env(args.engine, args.device, args.api_processes, args.batch, args.delay_ms, args.decode_threads)
     if args.intra_op_threads:
         env["MSFLOW_INTRA_OP_THREADS"] = str(args.intra_op_threads)
     if args.loop_work_pixels is not None:
@@ -359,9 +369,9 @@ def main(argv: list[str] | None = None) -> int:
                    "below saturation, with cores to spare, as on a GPU host's many cores")
     p.add_argument("--rounds", type=int, default=1, help="drive every kind this many times, the kinds taking "
                    "turns; the report gives medians (and each round's share outside the engine)")
-    p.add_argument("--decode-threads", type=int, default=2)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--delay-ms", type=float, default=2.0)
+    p.add_argument("--decode-threads", type=int, default=DECODE_THREADS)
+    p.add_argument("--batch", type=int, default=BATCH)
+    p.add_argument("--delay-ms", type=float, default=DELAY_MS)
     p.add_argument("--api-processes", type=int, default=1,
                    help="MSFLOW_API_PROCESSES of the server (>1: front ends + one engine process; CPU is summed "
                         "over all of them)")

@@ -7,7 +7,8 @@ instruction counts do not: the same code, inputs and load give the same count to
 percent, whatever else the machine runs. So this settles what timing cannot: whether a mode
 *does more work* per image, or the same work more slowly.
 
-Each mode runs ``msflow serve`` (null engine) under callgrind with counting off
+Each mode runs ``msflow serve`` (null engine, the front-end benchmark's settings:
+:func:`loadtests.frontend.server_env`) under callgrind with counting off
 (``--instr-atstart=no``: start-up and warm-up run at a few times native speed), then turns
 counting on in every process of the server (``callgrind_control -i on``), posts
 ``--requests`` images from ``--concurrency`` clients per input kind, and reads each
@@ -38,7 +39,8 @@ from typing import Any
 
 import httpx
 
-from loadtests.frontend import KINDS, encoded, every_front_end_ready, source
+from loadtests.frontend import BATCH, KINDS, encoded, every_front_end_ready, server_env, source
+from loadtests.frontend_modes import mode_args
 from loadtests.procstat import role_of, tree
 from loadtests.run import LocalServer, wait_ready
 from service.os_names import task_names
@@ -48,13 +50,12 @@ _ANNOTATED = re.compile(r"^\s*([\d,]+) \(\s*[\d.]+%\)\s+(\S.*)$")
 
 
 def mode_processes(mode: str) -> int:
-    """``one`` -> 1, ``api=N`` -> N front ends (and the engine process)."""
-    if mode == "one":
-        return 1
-    name, _, count = mode.partition("=")
-    if name != "api" or not count.isdigit() or int(count) < 2:
-        raise SystemExit(f"unknown mode {mode!r}: one, or api=N with N >= 2")
-    return int(count)
+    """``one`` -> 1, ``api=N`` -> N front ends (and the engine process); the modes'
+    spelling is loadtests/frontend_modes.py's."""
+    option = mode_args(mode)
+    if option and option[0] != "--api-processes":
+        raise SystemExit(f"unknown mode {mode!r} here: one or api=N (N separate servers would count the same code)")
+    return int(option[1]) if option else 1
 
 
 def counted(dump: Path) -> tuple[int, int]:
@@ -105,9 +106,7 @@ def count_mode(mode: str, args: argparse.Namespace, out: Path) -> dict[str, Any]
     processes = mode_processes(mode)
     folder = out / mode.replace("=", "")
     folder.mkdir(parents=True, exist_ok=True)
-    env = {"MSFLOW_ENGINE": "null", "MSFLOW_DEVICE": "cpu", "MSFLOW_ACCESS_LOG": "false",
-           "MSFLOW_LOG_LEVEL": "warning", "MSFLOW_STORE_POLL_S": "0", "MSFLOW_MAX_BATCH_SIZE": str(args.batch),
-           "MSFLOW_API_PROCESSES": str(processes)}
+    env = server_env("null", "cpu", processes, batch=args.batch)
     prefix = ["valgrind", "--tool=callgrind", "--trace-children=yes", "--instr-atstart=no",
               f"--callgrind-out-file={folder}/cg.%p"]
     result: dict[str, Any] = {"mode": mode, "kinds": {}}
@@ -181,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=300)
     p.add_argument("--warmup", type=int, default=40)
     p.add_argument("--concurrency", type=int, default=8)
-    p.add_argument("--batch", type=int, default=8, help="the server's MSFLOW_MAX_BATCH_SIZE")
+    p.add_argument("--batch", type=int, default=BATCH, help="the server's MSFLOW_MAX_BATCH_SIZE")
     p.add_argument("--out")
     args = p.parse_args(argv)
     for mode in args.modes:

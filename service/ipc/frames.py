@@ -90,7 +90,7 @@ def unpack_result(frame: bytes) -> tuple[int, list[Outcome]]:
     for _ in range(count):
         code, score, batch_size, queue_ms, run_ms, length = _OUTCOME.unpack_from(frame, at)
         at += _OUTCOME.size
-        message = bytes(frame[at:at + length]).decode(errors="replace") if length else ""
+        message = frame[at:at + length].decode(errors="replace") if length else ""
         at += length
         outcomes.append(Outcome(code, score, batch_size, queue_ms, run_ms, message))
     if at != len(frame):
