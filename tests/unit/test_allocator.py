@@ -57,6 +57,33 @@ def test_freed_buffers_are_reused_not_faulted_in_again() -> None:
     assert kept["faults_per_request"] < 0.5, kept
 
 
+# 100 MB of 1 MB buffers (heap chunks under the policy), all freed: what stays resident.
+_BURST = """
+import json, sys
+import numpy as np
+from service.allocator import keep_freed_memory
+def resident_mb():
+    return int([l for l in open("/proc/self/status") if l.startswith("VmRSS")][0].split()[1]) / 1024
+keep_freed_memory(int(sys.argv[1]))
+before = resident_mb()
+held = [np.ones(1 << 20, np.uint8) for _ in range(100)]
+peak = resident_mb()
+del held
+print(json.dumps({"before": before, "peak": peak, "after": resident_mb()}))
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the policy is glibc's mallopt; "
+                    "other C libraries keep their own (service/allocator.py)")
+@pytest.mark.parametrize("retain_mb", [16, 64])
+def test_a_burst_past_the_bound_is_given_back_down_to_it(retain_mb: int) -> None:
+    out = subprocess.run([sys.executable, "-c", _BURST, str(retain_mb << 20)], capture_output=True, text=True,
+                         cwd=ROOT, timeout=120, check=True)
+    rss = json.loads(out.stdout)
+    assert rss["peak"] - rss["before"] >= 95, rss  # the burst was resident
+    assert rss["after"] - rss["before"] <= retain_mb + 4, rss  # what is kept free stays under the bound
+
+
 def test_zero_leaves_the_allocator_alone() -> None:
     assert keep_freed_memory(0) is False
     assert Settings(heap_retain_mb=0).heap_retain_mb == 0
