@@ -23,8 +23,31 @@ from collections.abc import Sequence
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import values
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.multiprocess import MultiProcessCollector
+
+_process_id = os.getpid()
+
+
+def _forked() -> None:
+    global _process_id
+    _process_id = os.getpid()
+
+
+def current_process_id() -> int:
+    """This process's id, read from the kernel once and again only after a fork."""
+    return _process_id
+
+
+os.register_at_fork(after_in_child=_forked)
+if values.ValueClass is not values.MutexValue:
+    # Multi-process mode (PROMETHEUS_MULTIPROC_DIR, set by the supervisor before it spawns
+    # the front ends and the engine process): prometheus-client asks for the process id on
+    # every value update, to notice a fork, which cost a getpid system call each: ~22 per
+    # request in a front end, 5-6 per image in the engine process (strace, docs/PERFORMANCE.md).
+    # Its own extension point takes the id from here instead; the fork hook keeps it true.
+    values.ValueClass = values.MultiProcessValue(process_identifier=current_process_id)
 
 # 1 ms .. 30 s: a warm GPU answers in a few ms, a cold CPU batch of large images in seconds.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
