@@ -44,9 +44,9 @@ os.register_at_fork(after_in_child=_forked)
 if values.ValueClass is not values.MutexValue:
     # Multi-process mode (PROMETHEUS_MULTIPROC_DIR, set by the supervisor before it spawns
     # the front ends and the engine process): prometheus-client asks for the process id on
-    # every value update, to notice a fork, which cost a getpid system call each: ~22 per
-    # request in a front end, 5-6 per image in the engine process (strace, docs/PERFORMANCE.md).
-    # Its own extension point takes the id from here instead; the fork hook keeps it true.
+    # every value update, to notice a fork: a getpid system call each, ~13 of a front end's 22
+    # per request (strace, docs/PERFORMANCE.md). Its own extension point takes the id from
+    # here instead; the fork hook keeps it true.
     values.ValueClass = values.MultiProcessValue(process_identifier=current_process_id)
 
 # 1 ms .. 30 s: a warm GPU answers in a few ms, a cold CPU batch of large images in seconds.
