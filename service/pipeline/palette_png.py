@@ -9,8 +9,12 @@ level 1 (docs/PERFORMANCE.md). Where ``isal`` has no wheel, the standard library
 writes the same PNG, only slower.
 
 The file is the minimal valid one: signature, ``IHDR`` (8-bit palette), ``PLTE``, one
-``IDAT``, ``IEND``. Every row is filtered with type 0 (None), as the PNG specification
-advises for palette images (and as Pillow writes them).
+``IDAT``, ``IEND``. Every row is filtered with type 2 (Up: each byte minus the one above
+it). The PNG specification advises no filter for palette images, whose indices usually
+jump between unrelated colours; a heatmap's indices are positions along one colormap, as
+smooth as the anomaly map, so row differences are small numbers that deflate far better:
+on the demo brick's ten test maps 30-48% fewer bytes than unfiltered rows at the same
+deflate time, better than Sub, Average or Paeth on all but one (docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ DEFLATE_LEVEL = 1  # heatmaps are smooth: level 1 is within a few percent of the
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _MAX_SIDE = 2**31 - 1  # the PNG format's limit on width and height
 _COLOUR_TYPE_PALETTE = 3
+_FILTER_UP = 2
 
 
 def encode_palette_png(indices: np.ndarray, palette: np.ndarray, zlib_module: ModuleType | None = None) -> bytes:
@@ -38,8 +43,10 @@ def encode_palette_png(indices: np.ndarray, palette: np.ndarray, zlib_module: Mo
     height, width = indices.shape
     if not (0 < width <= _MAX_SIDE and 0 < height <= _MAX_SIDE):
         raise ValueError(f"a PNG is 1 to {_MAX_SIDE} pixels a side, not {width} x {height}")
-    rows = np.zeros((height, width + 1), dtype=np.uint8)  # column 0: each row's filter type, 0
-    rows[:, 1:] = indices
+    rows = np.empty((height, width + 1), dtype=np.uint8)
+    rows[:, 0] = _FILTER_UP  # each row's filter type
+    rows[0, 1:] = indices[0]  # above the first row the format reads zeros: its bytes are its own
+    np.subtract(indices[1:], indices[:-1], out=rows[1:, 1:])  # modulo 256, as the format wants
     stream = deflate.compress(rows, DEFLATE_LEVEL, zlib_module)
     header = struct.pack(">IIBBBBB", width, height, 8, _COLOUR_TYPE_PALETTE, 0, 0, 0)
     return b"".join((PNG_SIGNATURE, *png_chunk(b"IHDR", header), *png_chunk(b"PLTE", palette.tobytes()),
