@@ -161,7 +161,7 @@ async def drive(targets: Sequence[tuple[str, int]], category: str, data: bytes, 
                 return
             result = r.json()["results"][0]
             waits.append((time.perf_counter() - sent) * 1e3)
-            timings.append({**result["timings_ms"], "batch_size": result["batch_size"]})
+            timings.append({**result["timings_ms"], "batch_size": result["batch_size"], "answer_bytes": len(r.content)})
             answered[server] += 1
 
         slots, in_flight = asyncio.Semaphore(concurrency), set[asyncio.Task[None]]()
@@ -220,6 +220,8 @@ async def drive(targets: Sequence[tuple[str, int]], category: str, data: bytes, 
             "client_latency_ms": {name: round(float(np.percentile(waits, q)), 2) if waits else float("nan")
                                   for name, q in (("p50", 50), ("p99", 99), ("p99.9", 99.9), ("max", 100))},
             "mean_batch": round(float(np.mean([t["batch_size"] for t in timings])), 2) if n else 0.0,
+            # the JSON answer's size (an inline heatmap's base64 is most of it)
+            "answer_bytes": round(float(np.mean([t["answer_bytes"] for t in timings]))) if n else 0,
             # images by the size of the batch they ran in
             "batch_mix": {int(b): int(c) for b, c in zip(*np.unique([int(t["batch_size"]) for t in timings],
                                                                      return_counts=True))},

@@ -194,7 +194,8 @@ def render(s: dict[str, Any]) -> str:
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for kind, r in s["kinds"].items():
         waits = r.get("client_latency_ms", {})
-        lines.append(f"| {kind} ({r['bytes'] // 1024} KB) | {r['images_per_s']} | {r['server_cpu_ms_per_image']} ms | "
+        answer = f", answers {int(r['answer_bytes']) / 1024:.1f} KB" if r.get("answer_bytes") else ""
+        lines.append(f"| {kind} ({r['bytes'] // 1024} KB{answer}) | {r['images_per_s']} | {r['server_cpu_ms_per_image']} ms | "
                      f"{r['server_cores']} | {r['client_cpu_ms_per_image']} ms | {_ms(r['decode_ms'])} | "
                      f"{_ms(r['render_regions_ms'])} | {waits.get('p50')} / {waits.get('p99.9')} / {waits.get('max')} ms "
                      f"| {r['failures']} |")

@@ -268,6 +268,10 @@ def test_frontend_benchmark_on_the_null_engine(model_store, tmp_path):
         assert 0 < waits["p50"] <= waits["p99"] <= waits["p99.9"] <= waits["max"], (kind, waits)
         assert {"multipart", "decode", "resize", "regions", "json", "other"} <= set(r["profile_ms"])
     assert "heatmap_encode" in s["kinds"]["png256-inline"]["profile_ms"]
+    # the answers' size, read from each answer: an inline heatmap's base64 makes it larger
+    answers = {kind: r["answer_bytes"] for kind, r in s["kinds"].items()}
+    assert answers["png256-inline"] > answers["jpeg256-none"] > 0, answers
+    assert "KB, answers " in (out / "summary.md").read_text()
     # the collector's passes in the windows, from the server's own metric: counted, timed, bounded
     passes = {k: v for r in s["kinds"].values() for k, v in r["collector_passes"].items()}
     assert any(k.startswith("api gen") and k.endswith(" passes") and v > 0 for k, v in passes.items()), passes
