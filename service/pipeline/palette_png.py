@@ -13,7 +13,7 @@ The file is the minimal valid one: signature, ``IHDR`` (8-bit palette), ``PLTE``
 it). The PNG specification advises no filter for palette images, whose indices usually
 jump between unrelated colours; a heatmap's indices are positions along one colormap, as
 smooth as the anomaly map, so row differences are small numbers that deflate far better:
-on the demo brick's ten test maps 30-48% fewer bytes than unfiltered rows at the same
+on the demo brick's ten test maps 27-48% fewer bytes than unfiltered rows at the same
 deflate time, better than Sub, Average or Paeth on all but one (docs/PERFORMANCE.md).
 """
 

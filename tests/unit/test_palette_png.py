@@ -49,7 +49,7 @@ def test_the_default_deflate_is_isal_and_no_larger_than_a_tenth_over_zlib() -> N
 
 
 def idat_rows(png: bytes, height: int) -> np.ndarray:
-    """The inflated ``IDAT`` of a one-``IDAT`` file: ``height`` rows, each its filter byte first."""
+    """The file's ``IDAT`` payloads joined and inflated: ``height`` rows, each its filter byte first."""
     at, stream = 8, b""
     while at < len(png):
         length = int.from_bytes(png[at:at + 4], "big")
