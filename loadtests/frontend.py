@@ -33,8 +33,9 @@ right after each round while the server idles: this also charges the engine's sl
 beside the server's other threads to the outside).
 
 Kinds: ``jpeg256-none`` (a 256 x 256 JPEG, ``heatmap=none``), ``png256-inline`` (a 256 x 256
-PNG, inline heatmap), ``jpeg2048-none`` (a 2048 x 2048 camera-like JPEG, ``heatmap=none``),
-each made from scikit-image's brick photograph, or from ``--image``. The image matters with the
+PNG, inline heatmap), ``jpeg2048-none`` (a 2048 x 2048 camera-like JPEG, ``heatmap=none``): the
+issue's three targets, run by default; and ``png256-overlay`` (the PNG, its inline heatmap
+blended over it: ``overlay=true``), on request. Each made from scikit-image's brick photograph, or from ``--image``. The image matters with the
 real engine: a model of the category finds the texture photograph (another scale than its
 parts) defective all over, a good part of the category mostly not, and an answer's defect
 regions cost with the defect's size.
@@ -71,6 +72,7 @@ import tempfile
 import time
 import zlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -109,11 +111,32 @@ def encoded(img: Image.Image, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-KINDS: dict[str, tuple[int, str, str]] = {  # name: (side, format, heatmap)
-    "jpeg256-none": (256, "JPEG", "none"),
-    "png256-inline": (256, "PNG", "inline"),
-    "jpeg2048-none": (2048, "JPEG", "none"),
+@dataclass(frozen=True)
+class Kind:
+    """What the clients post: an image of ``side`` pixels in ``format`` (Pillow's name), and
+    how it asks for its heatmap."""
+
+    side: int
+    format: str
+    heatmap: str  # the API's heatmap=
+    overlay: bool = False
+
+    @property
+    def query(self) -> dict[str, str]:
+        return {"heatmap": self.heatmap, **({"overlay": "true"} if self.overlay else {})}
+
+    @property
+    def content_type(self) -> str:
+        return "image/jpeg" if self.format == "JPEG" else "image/png"
+
+
+KINDS: dict[str, Kind] = {
+    "jpeg256-none": Kind(256, "JPEG", "none"),
+    "png256-inline": Kind(256, "PNG", "inline"),
+    "jpeg2048-none": Kind(2048, "JPEG", "none"),
+    "png256-overlay": Kind(256, "PNG", "inline", overlay=True),
 }
+TARGET_KINDS = ["jpeg256-none", "png256-inline", "jpeg2048-none"]  # the issue's targets: the default
 
 
 def distinct(data: bytes, n: int) -> bytes:
@@ -130,7 +153,8 @@ def distinct(data: bytes, n: int) -> bytes:
     raise ValueError("distinct bytes for JPEG and PNG only")
 
 
-async def drive(targets: Sequence[tuple[str, int]], category: str, data: bytes, content_type: str, heatmap: str,
+async def drive(targets: Sequence[tuple[str, int]], category: str, data: bytes, content_type: str,
+                query: dict[str, str],
                 concurrency: int, seconds: float, unique: bool = False, rate: float | None = None) -> dict[str, Any]:
     """Drive ``targets`` (each a server's URL and the pid of its process tree) at saturation:
     ``concurrency`` connections, one request in flight on each, spread over the targets in
@@ -154,7 +178,7 @@ async def drive(targets: Sequence[tuple[str, int]], category: str, data: bytes, 
             nonlocal failures
             sent = time.perf_counter() if due is None else due
             body = distinct(data, next(sent_count)) if unique else data
-            r = await clients[server].post(f"/v1/inspect/{category}", params={"heatmap": heatmap}, content=body,
+            r = await clients[server].post(f"/v1/inspect/{category}", params=query, content=body,
                                   headers={"Content-Type": content_type})
             if r.status_code != 200:
                 failures += 1
@@ -299,11 +323,7 @@ def run(args: argparse.Namespace) -> int:
         with httpx.Client(base_url=server.url) as c:
             info = c.get(f"/v1/models/{category}").json()
         input_size, served_engine = info["input_size"], info["engine"]
-        posts: dict[str, tuple[bytes, str, str]] = {}  # kind -> (body, content type, heatmap)
-        for kind in args.kinds:
-            side, fmt, heatmap = KINDS[kind]
-            posts[kind] = (encoded(source(args.image, side), fmt), "image/jpeg" if fmt == "JPEG" else "image/png",
-                           heatmap)
+        posts = {kind: encoded(source(args.image, KINDS[kind].side), KINDS[kind].format) for kind in args.kinds}
         rounds: dict[str, list[dict[str, Any]]] = {kind: [] for kind in args.kinds}
 
         def bare_engine(batch: int) -> float:
@@ -312,10 +332,11 @@ def run(args: argparse.Namespace) -> int:
 
         for _ in range(args.rounds):  # the kinds take turns, so a drift of the box reaches each alike
             this_round = []
-            for kind, (data, ctype, heatmap) in posts.items():
-                r = (drive_wrk(targets, category, data, ctype, heatmap, args.concurrency, args.seconds)
+            for kind, data in posts.items():
+                ctype, query = KINDS[kind].content_type, KINDS[kind].query
+                r = (drive_wrk(targets, category, data, ctype, query, args.concurrency, args.seconds)
                      if args.client == "wrk" else
-                     asyncio.run(drive(targets, category, data, ctype, heatmap, args.concurrency, args.seconds,
+                     asyncio.run(drive(targets, category, data, ctype, query, args.concurrency, args.seconds,
                                        unique=args.distinct, rate=args.rate)))
                 rounds[kind].append(r)
                 this_round.append(r)
@@ -323,15 +344,15 @@ def run(args: argparse.Namespace) -> int:
                 bare: dict[int, float] = {}  # batch size -> the bare engine's CPU per image, measured after the round
                 for r in this_round:
                     outside_the_engine(r, bare, bare_engine)
-        for kind, (data, ctype, heatmap) in posts.items():
+        for kind, data in posts.items():
             results[kind] = combine(rounds[kind])
             results[kind]["bytes"] = len(data)
             if args.profile:
                 with httpx.Client(base_url=server.url, timeout=30) as c:
-                    sample = c.post(f"/v1/inspect/{category}", params={"heatmap": heatmap},
-                                    files=[("file", ("x", data, ctype))]).text
-                results[kind]["profile_ms"] = profile(Path(args.store), category, data, heatmap, sample,
-                                                      engine=args.engine)
+                    sample = c.post(f"/v1/inspect/{category}", params=KINDS[kind].query,
+                                    files=[("file", ("x", data, KINDS[kind].content_type))]).text
+                results[kind]["profile_ms"] = profile(Path(args.store), category, data, KINDS[kind].heatmap, sample,
+                                                      engine=args.engine, overlay=KINDS[kind].overlay)
                 stages = sum(results[kind]["profile_ms"].values())
                 results[kind]["profile_ms"]["other"] = round(results[kind]["server_cpu_ms_per_image"] - stages, 3)
     summary = {"engine": args.engine, "device": args.device, "served_engine": served_engine, "category": category,
@@ -359,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", help="the server's MSFLOW_DEVICE: on a GPU host, cuda with a real "
                    "engine measures the front end beside the GPU (with onnx on cpu, the CPU it spends outside "
                    "the engine is split from the engine's own)")
-    p.add_argument("--kinds", nargs="*", default=list(KINDS), choices=list(KINDS))
+    p.add_argument("--kinds", nargs="*", default=TARGET_KINDS, choices=list(KINDS))
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--client", default="httpx", choices=["httpx", "wrk"],

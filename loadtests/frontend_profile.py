@@ -31,7 +31,7 @@ def _cpu_ms(fn: Any, repeat: int) -> float:
 
 
 def profile(store: Path, category: str, data: bytes, heatmap: str, answer: str, repeat: int = 30,
-            engine: str = "null") -> dict[str, float]:
+            engine: str = "null", overlay: bool = False) -> dict[str, float]:
     """CPU ms per image of each stage, alone, in this thread (see the module docstring). The
     regions and the heatmap are those of the map the server's engine gives this image: the
     null engine's flat one, or (any other ``engine``) the real model's, run here on ONNX
@@ -95,9 +95,10 @@ def profile(store: Path, category: str, data: bytes, heatmap: str, answer: str, 
         amap = np.ascontiguousarray(load_engine(version, "onnx", device="cpu", max_batch_size=1)
                                     .run(model_input(decoded["rgb"], size)[None])[1][0])
     out["regions"] = round(_cpu_ms(lambda: find_regions(amap, cal, (item.width, item.height)), repeat), 3)
-    if heatmap != "none":
-        png = render_heatmap(amap, cal, (size, size))
-        out["heatmap_encode"] = round(_cpu_ms(lambda: render_heatmap(amap, cal, (size, size)), repeat), 3)
+    if heatmap != "none":  # at the model's size; an overlay over the model input, as the server draws it
+        background = Image.fromarray(model_input(decoded["rgb"], size)) if overlay else None
+        png = render_heatmap(amap, cal, (size, size), background)
+        out["heatmap_encode"] = round(_cpu_ms(lambda: render_heatmap(amap, cal, (size, size), background), repeat), 3)
         out["base64"] = round(_cpu_ms(lambda: base64.b64encode(png), repeat), 3)
     response = InspectResponse.model_validate_json(answer)
     out["json"] = round(_cpu_ms(response.model_dump_json, repeat), 3)

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import httpx
 
@@ -89,13 +90,13 @@ def _children_cpu_s() -> float:
     return u.ru_utime + u.ru_stime
 
 
-def drive_wrk(targets: Sequence[tuple[str, int]], category: str, data: bytes, content_type: str, heatmap: str,
-              connections: int, seconds: float) -> dict[str, Any]:
+def drive_wrk(targets: Sequence[tuple[str, int]], category: str, data: bytes, content_type: str,
+              query: dict[str, str], connections: int, seconds: float) -> dict[str, Any]:
     """:func:`loadtests.frontend.drive`'s figures with wrk as the client (saturation only):
     server CPU from ``/proc`` over the window as there; images and failures from wrk; the
     mean batch and the stage times from the servers' metrics, scraped at the window's edges."""
     urls, pids = [url for url, _ in targets], [pid for _, pid in targets]
-    path = f"/v1/inspect/{category}?heatmap={heatmap}"
+    path = f"/v1/inspect/{category}?{urlencode(query)}"
     run_wrk(urls, path, data, content_type, connections, 1.0)  # warm-up
     before = [_metrics(url) for url in urls]
     usage0, t0 = trees_usage(pids), time.monotonic()

@@ -79,7 +79,7 @@ def _control(*args: str) -> None:
     subprocess.run(["callgrind_control", *args], capture_output=True, text=True, check=True, timeout=60)
 
 
-async def _post(url: str, category: str, body: bytes, content_type: str, heatmap: str, n: int,
+async def _post(url: str, category: str, body: bytes, content_type: str, query: dict[str, str], n: int,
                 concurrency: int) -> int:
     """``n`` posts from ``concurrency`` clients; returns how many were not answered 200."""
     todo = iter(range(n))
@@ -88,7 +88,7 @@ async def _post(url: str, category: str, body: bytes, content_type: str, heatmap
     async def client(c: httpx.AsyncClient) -> None:
         nonlocal failures
         for _ in todo:
-            r = await c.post(f"/v1/inspect/{category}", params={"heatmap": heatmap}, content=body,
+            r = await c.post(f"/v1/inspect/{category}", params=query, content=body,
                              headers={"Content-Type": content_type})
             failures += r.status_code != 200
 
@@ -118,14 +118,14 @@ def count_mode(mode: str, args: argparse.Namespace, out: Path) -> dict[str, Any]
         pids = tree(server.proc.pid)
         roles = {pid: role_of(task_names(pid).get(pid, "")) for pid in pids}
         for kind in args.kinds:
-            side, fmt, heatmap = KINDS[kind]
-            body, ctype = encoded(source(None, side), fmt), "image/jpeg" if fmt == "JPEG" else "image/png"
-            warm = asyncio.run(_post(server.url, category, body, ctype, heatmap, args.warmup, args.concurrency))
+            shape = KINDS[kind]
+            body, ctype, query = encoded(source(None, shape.side), shape.format), shape.content_type, shape.query
+            warm = asyncio.run(_post(server.url, category, body, ctype, query, args.warmup, args.concurrency))
             for pid in pids:
                 _control("-z", str(pid))
                 _control("-i", "on", str(pid))
             started = time.monotonic()
-            failed = asyncio.run(_post(server.url, category, body, ctype, heatmap, args.requests, args.concurrency))
+            failed = asyncio.run(_post(server.url, category, body, ctype, query, args.requests, args.concurrency))
             wall = time.monotonic() - started
             by_role: dict[str, Counter[str]] = {}
             for pid in pids:

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import re
 
-from service.pipeline.palette_png import PNG_SIGNATURE
+from service.pipeline.png_writer import PNG_SIGNATURE
 
 JPEG_SOI = b"\xff\xd8"
 _JPEG_SOS = 0xDA

@@ -40,10 +40,18 @@ def clear_upper_vector_state() -> None:
     np.add(_SCRATCH, _SCRATCH, out=_SCRATCH)
 
 
-def compress(data: bytes | memoryview | np.ndarray, level: int, zlib_module: ModuleType | None = None) -> bytes:
-    """``data`` as a zlib stream at ``level``; ``zlib_module`` replaces ISA-L (tests)."""
+def compress_bands(bands: Iterable[bytes | memoryview | np.ndarray], level: int,
+                   zlib_module: ModuleType | None = None) -> bytes:
+    """One zlib stream of ``bands`` one after another, deflated as each comes (the caller may
+    reuse a band's buffer for the next): the whole input is never held at once."""
+    compressor = (zlib_module or ZLIB).compressobj(level)
+    parts = []
     try:
-        return (zlib_module or ZLIB).compress(data, level)
+        for band in bands:
+            parts.append(compressor.compress(band))
+            clear_upper_vector_state()  # before the caller's code writes the next band
+        parts.append(compressor.flush())
+        return b"".join(parts)
     finally:
         clear_upper_vector_state()
 

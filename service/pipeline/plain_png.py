@@ -36,7 +36,7 @@ try:  # a dependency (pyproject.toml); where no wheel installs it, Pillow decode
 except ImportError:  # pragma: no cover - the same pixels, just slower
     pyspng = None  # type: ignore[assignment]
 from service.pipeline import deflate
-from service.pipeline.palette_png import PNG_SIGNATURE, png_chunk
+from service.pipeline.png_writer import PNG_SIGNATURE, png_chunk
 
 # Inflate the pixel stream here, by ISA-L (False: libspng inflates it with its zlib, as it
 # does where isal has no wheel).

@@ -251,9 +251,11 @@ def test_frontend_benchmark_on_the_null_engine(model_store, tmp_path):
     out = tmp_path / "frontend"
     cmd = [sys.executable, "-m", "loadtests.frontend", "--store", str(model_store), "--seconds", "1.5",
            "--concurrency", "4", "--servers", "2", "--review-items", "300", "--review-labels", "50",
-           "--redis", "--distinct", "--out", str(out)]
+           "--redis", "--distinct", "--kinds", "jpeg256-none", "png256-inline", "jpeg2048-none", "png256-overlay",
+           "--out", str(out)]
     s = _summary(cmd, out)
-    assert s["engine"] == "null" and set(s["kinds"]) == {"jpeg256-none", "png256-inline", "jpeg2048-none"}
+    assert s["engine"] == "null" and set(s["kinds"]) == {"jpeg256-none", "png256-inline", "jpeg2048-none",
+                                                         "png256-overlay"}
     assert s["review_store"] == {"items": 300, "labelled": 50}  # served with a review store of that size
     assert s["redis"] and s["distinct"]
     for kind, r in s["kinds"].items():
@@ -271,6 +273,7 @@ def test_frontend_benchmark_on_the_null_engine(model_store, tmp_path):
     # the answers' size, read from each answer: an inline heatmap's base64 makes it larger
     answers = {kind: r["answer_bytes"] for kind, r in s["kinds"].items()}
     assert answers["png256-inline"] > answers["jpeg256-none"] > 0, answers
+    assert answers["png256-overlay"] > 5 * answers["png256-inline"], answers  # the photograph under the heatmap
     assert "KB, answers " in (out / "summary.md").read_text()
     # the collector's passes in the windows, from the server's own metric: counted, timed, bounded
     passes = {k: v for r in s["kinds"].values() for k, v in r["collector_passes"].items()}
@@ -307,8 +310,11 @@ def test_frontend_benchmark_with_the_compiled_client(model_store, tmp_path):
         missing("no wrk: run scripts/install-wrk.sh")
     out = tmp_path / "frontend-wrk"
     cmd = [sys.executable, "-m", "loadtests.frontend", "--store", str(model_store), "--seconds", "2",
-           "--client", "wrk", "--servers", "2", "--kinds", "jpeg256-none", "--no-profile", "--out", str(out)]
+           "--client", "wrk", "--servers", "2", "--kinds", "jpeg256-none", "png256-overlay", "--no-profile",
+           "--out", str(out)]
     s = _summary(cmd, out)
+    overlay = s["kinds"]["png256-overlay"]  # its query (heatmap=inline&overlay=true) reached the servers
+    assert overlay["failures"] == 0 and overlay["render_regions_ms"] > 0, overlay
     r = s["kinds"]["jpeg256-none"]
     assert s["client"] == "wrk" and r["failures"] == 0 and r["images"] > 0, r
     assert min(r["images_by_server"]) > 0 and sum(r["images_by_server"]) == r["images"], r["images_by_server"]

@@ -167,6 +167,39 @@ def test_bare_heatmap_is_a_palette_png_with_the_colormap_colours() -> None:
     np.testing.assert_array_equal(np.asarray(png.convert("RGB")), colorize(item.score_map, MANIFEST.calibration))
 
 
+def test_colorize_is_the_colormap_looked_up_and_blend_rounds_its_fixed_point() -> None:
+    """The overlay's two steps, against their definitions: each index's colour from the
+    colormap, and ``(base * (256 - w) + heat * w + 128) >> 8`` with w = alpha * 256, at the
+    overlays' alpha (one half, computed without widening) and at another."""
+    from service.pipeline.render import LUT, blend, colorize, colour_indices
+
+    rng = np.random.default_rng(1)
+    amap = rng.normal(0.5, 0.4, (40, 24)).astype(np.float32)
+    rgb = colorize(amap, CAL, (30, 50))
+    assert rgb.shape == (50, 30, 3) and rgb.dtype == np.uint8
+    np.testing.assert_array_equal(rgb, LUT[colour_indices(amap, CAL, (30, 50))])
+    base = rng.integers(0, 256, (50, 30, 3), dtype=np.uint8)
+    base[0, 0], rgb_ends = (255, 255, 0), rgb.copy()
+    rgb_ends[0, 0] = (255, 0, 0)  # both ends of the range: 255 + 255 and 255 + 0
+    for alpha in (0.5, 0.25):
+        w = round(alpha * 256)
+        expected = ((base.astype(np.int64) * (256 - w) + rgb_ends.astype(np.int64) * w + 128) >> 8).astype(np.uint8)
+        out = blend(base, rgb_ends, alpha)
+        assert out.dtype == np.uint8
+        np.testing.assert_array_equal(out, expected)
+
+
+def test_an_overlay_is_the_blend_written_as_an_rgb_png() -> None:
+    from service.pipeline.render import OVERLAY_ALPHA, blend, colorize, render_heatmap
+
+    item = scored(3.0)
+    background = Image.fromarray(np.random.default_rng(2).integers(0, 256, (S, S, 3), dtype=np.uint8))
+    png = Image.open(io.BytesIO(render_heatmap(item.score_map, MANIFEST.calibration, (S, S), background)))
+    assert png.mode == "RGB" and png.size == (S, S)
+    expected = blend(np.asarray(background), colorize(item.score_map, MANIFEST.calibration), OVERLAY_ALPHA)
+    np.testing.assert_array_equal(np.asarray(png), expected)
+
+
 def test_normalise_map_clips_and_paints_non_finite_values_at_their_ends() -> None:
     """low -> 0, high -> 255, clipped outside; NaN counts as low, infinities as their end,
     and a finite value that overflows float32 when scaled as high."""

@@ -44,7 +44,8 @@ def test_cpu_is_split_by_the_role_the_process_names() -> None:
         assert abs(after.cpu_s - sum(after.roles.values())) < 1e-9  # every process has one role
         assert spent.threads["loop"] >= 0.5  # the children's main threads did the spinning
         # Both children started inside the window, so each counts its interpreter's start too.
-        assert spent.kernel_s["engine process"] >= spent.kernel_s["front ends"] + 0.1
+        # (0.12-0.16 s against 0.00-0.01 on an idle box; 0.09 once with a second test run beside it)
+        assert spent.kernel_s["engine process"] >= spent.kernel_s["front ends"] + 0.05
         assert spent.faults["engine process"] >= spent.faults["front ends"] + 2000  # 8 MB: 2,048 pages
         twice = trees_usage([os.getpid(), os.getpid()])
         assert abs(twice.cpu_s - 2 * after.cpu_s) < 0.1 and (twice - twice) == TreeUsage(
