@@ -5,8 +5,8 @@ an image's PNG cost. A 256 x 256 palette heatmap: 0.56 ms of its 0.96 ms through
 zlib level 1 on a 2.1 GHz Xeon, where ISA-L's level 1 (``isal``, Intel's Intelligent
 Storage Acceleration Library; the same zlib format, any inflater reads it) deflates the same
 indices in 0.09 ms, to a stream a few percent *smaller*. A 256 x 256 overlay: 3.96 ms
-through Pillow (level 1, its adaptive row filters), 0.44 ms here, and 6% smaller
-(docs/PERFORMANCE.md). Where ``isal`` has no wheel, the standard library's zlib writes the
+through Pillow (level 1, its adaptive row filters), 0.3-0.45 ms here, and 5% smaller on a
+demo part (docs/PERFORMANCE.md). Where ``isal`` has no wheel, the standard library's zlib writes the
 same files, only slower.
 
 Every row is filtered with type 2 (Up: each byte minus the one above it). The PNG
@@ -15,8 +15,9 @@ unrelated colours; a heatmap's indices are positions along one colormap, as smoo
 anomaly map, so row differences are small numbers that deflate far better: on the demo
 brick's ten test maps 27-48% fewer bytes than unfiltered rows at the same deflate time,
 better than Sub, Average or Paeth on all but one. An overlay (a photograph under the
-heatmap) is smooth from row to row too: Up gives the smallest file of the five filters there
-as well, and costs one numpy subtraction.
+heatmap) is smooth from row to row too: on the demo's parts Up is within 1% of the best of
+the five filters, and costs one numpy subtraction (busier textures do up to 12% worse than
+Pillow's per-row choice).
 
 The file is the minimal valid one: signature, ``IHDR`` (8-bit samples), ``PLTE`` for a
 palette image, one ``IDAT``, ``IEND``. Rows are filtered and deflated a band of about 256 KB

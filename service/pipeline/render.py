@@ -81,7 +81,7 @@ def blend(base: np.ndarray, heat: np.ndarray, alpha: float) -> np.ndarray:
     """``base * (1 - alpha) + heat * alpha`` in 8.8 fixed point, rounded: uint16 work arrays
     (2 bytes per sample) instead of float32 ones (4 to 8), since an original-size overlay of
     a large photo is where a request's memory peaks. At the overlays' alpha, one half, that
-    is ``(base + heat + 1) >> 1``, computed in uint8 without widening (a third of the time)."""
+    is ``(base + heat + 1) >> 1``, computed in uint8 without widening (in less than half the time)."""
     weight = int(round(alpha * 256))
     if weight == 128:  # (a + b + 1) >> 1 == (a | b) - ((a ^ b) >> 1), and never below zero
         out = np.bitwise_or(base, heat)
