@@ -35,10 +35,10 @@ beside the server's other threads to the outside).
 Kinds: ``jpeg256-none`` (a 256 x 256 JPEG, ``heatmap=none``), ``png256-inline`` (a 256 x 256
 PNG, inline heatmap), ``jpeg2048-none`` (a 2048 x 2048 camera-like JPEG, ``heatmap=none``): the
 issue's three targets, run by default; and ``png256-overlay`` (the PNG, its inline heatmap
-blended over it: ``overlay=true``), on request. Each made from scikit-image's brick photograph, or from ``--image``. The image matters with the
-real engine: a model of the category finds the texture photograph (another scale than its
-parts) defective all over, a good part of the category mostly not, and an answer's defect
-regions cost with the defect's size.
+blended over it: ``overlay=true``), on request. Each made from scikit-image's brick photograph,
+or from ``--image``. The image matters with the real engine: a model of the category finds the
+texture photograph (another scale than its parts) defective all over, a good part of the
+category mostly not, and an answer's defect regions cost with the defect's size.
 ``--servers N`` runs N separate single-process servers instead of one and spreads the
 connections over them: the same work split over N processes with no link between them, so
 the floor under ``--api-processes N`` on the same box (more busy processes than cores cost
@@ -154,8 +154,8 @@ def distinct(data: bytes, n: int) -> bytes:
 
 
 async def drive(targets: Sequence[tuple[str, int]], category: str, data: bytes, content_type: str,
-                query: dict[str, str],
-                concurrency: int, seconds: float, unique: bool = False, rate: float | None = None) -> dict[str, Any]:
+                query: dict[str, str], concurrency: int, seconds: float, unique: bool = False,
+                rate: float | None = None) -> dict[str, Any]:
     """Drive ``targets`` (each a server's URL and the pid of its process tree) at saturation:
     ``concurrency`` connections, one request in flight on each, spread over the targets in
     turn; CPU is summed over every target's tree. ``unique``: every request's bytes differ

@@ -25,7 +25,7 @@ def smooth_indices(height: int, width: int, seed: int) -> np.ndarray:
     return np.clip(blob + rng.normal(0, 3, (height, width)), 0, 255).astype(np.uint8)
 
 
-# (1100, 300) and (700, 200) RGB are deflated in two bands of rows; (1, 100_000) RGB has rows
+# (1100, 300) and (700, 200) are deflated in several bands of rows; (1, 100_000) RGB has a row
 # longer than a band
 SHAPES = [(256, 256), (1, 1), (17, 5), (1, 3000), (300, 1), (1100, 300), (700, 200), (1, 100_000)]
 
@@ -62,7 +62,7 @@ def test_a_photograph_costs_at_most_a_little_more_than_through_pillow() -> None:
     """A photograph of a texture (the demo's brick), rows filtered Up: within 15% of what
     Pillow's encoder wrote for overlays (zlib level 1, a filter chosen per row), where
     unfiltered rows come to 1.5 times it (docs/PERFORMANCE.md has overlays of the demo's
-    parts, 6-7% smaller than Pillow's, and of busier textures, up to 12% larger)."""
+    parts, 5-7% smaller than Pillow's, and of busier textures, up to 12% larger)."""
     from skimage import data  # a real photograph, bundled with scikit-image
 
     photo = np.asarray(Image.fromarray(data.brick()).convert("RGB").resize((256, 256)))
