@@ -323,7 +323,8 @@ def run(args: argparse.Namespace) -> int:
         with httpx.Client(base_url=server.url) as c:
             info = c.get(f"/v1/models/{category}").json()
         input_size, served_engine = info["input_size"], info["engine"]
-        posts = {kind: encoded(source(args.image, KINDS[kind].side), KINDS[kind].format) for kind in args.kinds}
+        posts = {kind: (KINDS[kind], encoded(source(args.image, KINDS[kind].side), KINDS[kind].format))
+                 for kind in args.kinds}
         rounds: dict[str, list[dict[str, Any]]] = {kind: [] for kind in args.kinds}
 
         def bare_engine(batch: int) -> float:
@@ -332,27 +333,27 @@ def run(args: argparse.Namespace) -> int:
 
         for _ in range(args.rounds):  # the kinds take turns, so a drift of the box reaches each alike
             this_round = []
-            for kind, data in posts.items():
-                ctype, query = KINDS[kind].content_type, KINDS[kind].query
-                r = (drive_wrk(targets, category, data, ctype, query, args.concurrency, args.seconds)
+            for kind, (shape, data) in posts.items():
+                r = (drive_wrk(targets, category, data, shape.content_type, shape.query, args.concurrency,
+                               args.seconds)
                      if args.client == "wrk" else
-                     asyncio.run(drive(targets, category, data, ctype, query, args.concurrency, args.seconds,
-                                       unique=args.distinct, rate=args.rate)))
+                     asyncio.run(drive(targets, category, data, shape.content_type, shape.query, args.concurrency,
+                                       args.seconds, unique=args.distinct, rate=args.rate)))
                 rounds[kind].append(r)
                 this_round.append(r)
             if args.engine == "onnx" and args.device == "cpu":  # outside the engine, against the engine's own CPU
                 bare: dict[int, float] = {}  # batch size -> the bare engine's CPU per image, measured after the round
                 for r in this_round:
                     outside_the_engine(r, bare, bare_engine)
-        for kind, data in posts.items():
+        for kind, (shape, data) in posts.items():
             results[kind] = combine(rounds[kind])
             results[kind]["bytes"] = len(data)
             if args.profile:
                 with httpx.Client(base_url=server.url, timeout=30) as c:
-                    sample = c.post(f"/v1/inspect/{category}", params=KINDS[kind].query,
-                                    files=[("file", ("x", data, KINDS[kind].content_type))]).text
-                results[kind]["profile_ms"] = profile(Path(args.store), category, data, KINDS[kind].heatmap, sample,
-                                                      engine=args.engine, overlay=KINDS[kind].overlay)
+                    sample = c.post(f"/v1/inspect/{category}", params=shape.query,
+                                    files=[("file", ("x", data, shape.content_type))]).text
+                results[kind]["profile_ms"] = profile(Path(args.store), category, data, shape.heatmap, sample,
+                                                      engine=args.engine, overlay=shape.overlay)
                 stages = sum(results[kind]["profile_ms"].values())
                 results[kind]["profile_ms"]["other"] = round(results[kind]["server_cpu_ms_per_image"] - stages, 3)
     summary = {"engine": args.engine, "device": args.device, "served_engine": served_engine, "category": category,

@@ -73,6 +73,23 @@ def test_a_photograph_costs_at_most_a_little_more_than_through_pillow() -> None:
     assert len(png) <= 1.15 * len(pillow.getvalue())
 
 
+def test_a_large_overlay_is_written_without_a_second_full_size_copy() -> None:
+    """The rows are filtered and deflated a band (about 256 KB) at a time: writing a
+    12 MB RGB image allocates a small fraction of it besides the file itself."""
+    import tracemalloc
+
+    y, x = np.mgrid[0:2000, 0:2000]
+    pixels = np.stack([(x // 8) % 256, (y // 8) % 256, ((x + y) // 16) % 256], axis=-1).astype(np.uint8)
+    tracemalloc.start()
+    try:
+        png = encode_rgb_png(pixels)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_array_equal(pyspng.load(png), pixels)
+    assert peak < 2 * len(png) + 2 * 1024 * 1024, (peak, len(png))  # a whole filtered copy: 12 MB
+
+
 def test_the_default_deflate_is_isal_and_no_larger_than_a_tenth_over_zlib() -> None:
     """ISA-L is installed with the service; its level 1 must not cost the heatmap's size."""
     assert deflate.ZLIB.__name__.endswith("isal_zlib")
