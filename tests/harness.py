@@ -59,6 +59,8 @@ def damaged(data: bytes, rng: random.Random, edits: int, longest: int, start: in
     (20%) or random bytes inserted (20%)."""
     out = bytearray(data)
     for _ in range(edits):
+        if len(out) <= start:  # cut to nothing: no byte left to edit
+            break
         at, roll = rng.randrange(start, len(out)), rng.random()
         if roll < 0.6:
             out[at] = rng.randrange(256)

@@ -6,14 +6,11 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import os
+import random
 import shutil
 import signal
-import socket
 import struct
-import subprocess
-import sys
 import threading
 import time
 import zlib
@@ -26,13 +23,12 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
 
 from models.data import MVTecCategory
 from models.manifest import Manifest
 
-from harness import (ADMIN_KEY, CATEGORY, USER_KEY, Server, absolute, assert_error, free_port, metric, part,  # noqa: F401
-                     png_of, start, terminate, wait_for_metric)
+from harness import (ADMIN_KEY, CATEGORY, USER_KEY, Server, absolute, assert_error, damaged, metric, part, png_of,
+                     start, wait_for_metric)
 
 # ---------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
@@ -245,6 +241,83 @@ def test_error_codes(client: httpx.Client, server: Server, demo_files: dict[str,
     assert_error(client.post(f"/v1/models/{CATEGORY}/reload"), 403, "forbidden")
     # still alive and serving after all that
     assert client.post(url, files=[part(good)]).status_code == 200
+
+
+# Framing a broken client or a hand-written one gets wrong, inserted at random
+_FRAMING = (b"\r\n", b"--", b"\r\n\r\n", b";", b'"', b"\x00", b"=", b"filename*=UTF-8''%FF%FE",
+            b"Content-Type: image/png\r\n")
+
+
+def _hostile_request(rng: random.Random, images: list[bytes]) -> tuple[dict[str, str], dict[str, str], bytes]:
+    """One request as a broken client or an attacker might send it (query, headers, body):
+    odd boundaries, part names, filenames and content types, a part count over the limit,
+    images damaged, the multipart framing damaged, or a raw body that is not what it says."""
+    boundary = rng.choice([b"b0undary", b"----WebKitFormBoundary7MA4YWxkTrZu0gW", b"x" * 70, b"x" * 200, b"", b'b"q'])
+    body = b""
+    for _ in range(rng.choice([0, 1, 1, 1, 2, 3, 9])):
+        data = rng.choice(images)
+        if rng.random() < 0.3:
+            data = damaged(data, rng, edits=rng.randint(1, 4), longest=64)
+        name = rng.choice([b"file", b"files", b"file", b"other", b"FILE", b""])
+        filename = rng.choice([None, b"a.png", b"", "\u00e9\u2713".encode(), b"a" * 300, b"../../etc/passwd",
+                               b"x\x00y", b'"q"'])
+        kind = rng.choice([b"image/png", b"image/jpeg", None, b"text/plain", b"\xff"])
+        body += (b"--" + boundary + b'\r\nContent-Disposition: form-data; name="' + name + b'"'
+                 + (b'; filename="' + filename + b'"' if filename is not None else b"") + b"\r\n"
+                 + (b"Content-Type: " + kind + b"\r\n" if kind is not None else b"") + b"\r\n" + data + b"\r\n")
+    body += b"--" + boundary + b"--\r\n"
+    content_type = b"multipart/form-data; boundary=" + boundary
+    roll = rng.random()
+    if roll < 0.3:
+        body = damaged(body, rng, edits=rng.randint(1, 6), longest=64)
+        for _ in range(rng.randint(0, 3)):
+            at = rng.randrange(len(body) + 1)
+            body = body[:at] + rng.choice(_FRAMING) + body[at:]
+    elif roll > 0.85:
+        content_type = rng.choice([b"image/png", b"application/octet-stream", b"multipart/form-data", b"text/plain",
+                                   b"multipart/form-data; boundary=", b"multipart/mixed; boundary=b0undary",
+                                   b'multipart/form-data; boundary="' + boundary + b'"; charset=utf-16'])
+        if roll > 0.93:
+            body = damaged(rng.choice(images), rng, edits=rng.randint(1, 4), longest=64)
+    headers = {"Content-Type": content_type.decode("latin-1")}
+    if rng.random() < 0.2:
+        headers["Accept"] = rng.choice(["image/png", "image/png;q=0.5, application/json", "*/*", "image/*;q=x",
+                                        "application/json;q=0"])
+    query: dict[str, str] = {}
+    for key, values in (("heatmap", ["inline", "none", "url", "bogus", ""]),
+                        ("overlay", ["false", "true", "1", "maybe"]), ("heatmap_size", ["model", "original", "x"])):
+        if rng.random() < 0.5:
+            query[key] = values[0] if rng.random() < 0.8 else rng.choice(values)
+    return query, headers, body
+
+
+def test_damaged_requests_get_a_clear_error_and_the_server_lives(client: httpx.Client,
+                                                                  demo_files: dict[str, list[Path]]) -> None:
+    """Seeded random requests, built and damaged as broken clients and attackers make them
+    (:func:`_hostile_request`): each is answered, with results or with the API's error body
+    and a 4xx; none with a 5xx or a dropped connection, and the server serves afterwards.
+    ``MSFLOW_TEST_HOSTILE_REQUESTS`` runs more of them (docs/DESIGN.md, "Service contract": 20,000)."""
+    png = demo_files["defect"][0].read_bytes()
+    images = [png, png_of(Image.open(io.BytesIO(png)).convert("RGB"), "JPEG", quality=90)]
+    rng = random.Random(20261206)
+    seen: dict[int, int] = {}
+    for _ in range(int(os.environ.get("MSFLOW_TEST_HOSTILE_REQUESTS", "400"))):
+        query, headers, body = _hostile_request(rng, images)
+        r = client.post(f"/v1/inspect/{CATEGORY}", params=query, headers=headers, content=body)
+        seen[r.status_code] = seen.get(r.status_code, 0) + 1
+        assert r.status_code in {200, 400, 406, 413, 415, 422}, (r.status_code, r.text, query, headers, body[:200])
+        if r.status_code != 200:
+            error = r.json()
+            assert set(error) == {"error"} and error["error"]["code"] and error["error"]["message"], error
+        elif r.headers["content-type"] == "image/png":
+            assert r.content.startswith(b"\x89PNG") and r.headers["x-is-anomalous"] in ("true", "false")
+        else:
+            results = r.json()["results"]
+            assert results and all(x["verdict"] in ("ok", "review", "ng") for x in results), results
+    # the generator reached the parser's, the limits' and the decoder's refusals, and the engine
+    assert {200, 400, 413, 415, 422} <= set(seen), seen
+    print(f"answers by status: {dict(sorted(seen.items()))}")
+    assert client.post(f"/v1/inspect/{CATEGORY}", files=[part(demo_files["good"][0])]).status_code == 200
 
 
 # ---------------------------------------------------------------------- reload
