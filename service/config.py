@@ -86,6 +86,14 @@ class Settings(BaseSettings):
                                    "instead). About 4 bytes of memory per pixel at peak (docs/PERFORMANCE.md)")
     max_heatmap_pixels: int = Field(4 * 1024 * 1024, ge=1, description="heatmap_size=original heatmaps larger "
                                     "than this are rendered scaled down to it; the answer gives the size rendered")
+    max_header_bytes: int = Field(64 * 1024, ge=1024, description="a request's line and headers; over it: 431 "
+                                  "header_too_large and the connection closes (the HTTP parser would hold them "
+                                  "all: service/api/connections.py)")
+    header_timeout_s: float = Field(10.0, gt=0.0, description="a request's line and headers must arrive within "
+                                    "this (counted from its first byte, or from the connection's opening); "
+                                    "else 408 request_timeout and the connection closes")
+    max_connections: int = Field(1024, ge=1, description="open HTTP connections per server process (each front "
+                                 "end of a multi-process server); one more is closed as soon as it opens")
 
     # --- security -----------------------------------------------------------------------
     # repr=False: keys must never end up in a log line that prints the settings.

@@ -143,6 +143,11 @@ class ServiceMetrics:
                                    "(api: the server or a front end; engine: the engine process) and generation; "
                                    "each one holds the GIL, so every request of that process waits it out",
                                    ["process", "generation"], buckets=GC_PAUSE_BUCKETS, registry=r)
+        self.connections = Gauge("msflow_http_connections", "Open HTTP connections (summed over front ends)",
+                                 registry=r, multiprocess_mode="livesum")
+        self.connections_closed = Counter("msflow_http_connections_closed_total", "HTTP connections the server "
+                                          "closed on a budget: header_timeout (408), header_too_large (431), "
+                                          "over_budget (more than max_connections open)", ["reason"], registry=r)
         self._model_labels: dict[str, tuple[str, str]] = {}
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
 

@@ -25,6 +25,7 @@ import uvicorn
 
 from service.allocator import keep_freed_memory
 from service.api.app import create_app
+from service.api.connections import ConnectionBudget, budgeted_protocol
 from service.config import Settings
 from service.heap import freeze_startup_objects
 
@@ -71,8 +72,10 @@ def run_server(settings: Settings, sockets: list[socket.socket] | None = None) -
     """One uvicorn server on this process: the whole service, or one front end of several
     (``sockets``: the listening socket the supervisor shares among them)."""
     app = create_app(settings)
+    # http: uvicorn's httptools protocol with the connections' budgets (service/api/connections.py)
+    http = budgeted_protocol(ConnectionBudget.from_settings(settings), app.state.service.metrics)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            access_log=settings.access_log, lifespan="on",
+                            access_log=settings.access_log, lifespan="on", http=http,
                             timeout_graceful_shutdown=settings.graceful_shutdown_s)  # type: ignore[arg-type]
     server = _GracefulServer(config, app.state.service.begin_shutdown, settings.shutdown_delay_s)
     keep_freed_memory(settings.heap_retain_mb << 20)

@@ -288,6 +288,15 @@ def test_long_lived_connections_spread_over_the_front_ends(mp_server: Server) ->
         held = {pid: accepted_connections(pid, port) - before[pid] for pid in frontends}
         assert sum(held.values()) == 16, held
         assert all(n > 0 for n in held.values()), f"every connection went to one front end: {held}"
+        # Both front ends serve through the connections' budgets (service/api/connections.py):
+        # bytes that are not HTTP get the API's error shape there, not uvicorn's plain text.
+        for conn in connections:
+            conn.sendall(b"NOT HTTP\r\n\r\n")
+        for conn in connections:
+            answer = b""
+            while chunk := conn.recv(65536):
+                answer += chunk
+            assert b"400 Bad Request" in answer and b'"code": "bad_request"' in answer, answer
     finally:
         for conn in connections:
             conn.close()

@@ -1,0 +1,200 @@
+"""HTTP connections under budget, below the app: a request's header bytes, the time its
+headers take, and how many connections are open.
+
+uvicorn's httptools protocol keeps a request's line and headers in memory until they are
+complete, whatever their size, and sets them no time limit. Measured on the server before
+this module: one connection sending a 64 MB header grew the process by 64 MB (which glibc
+kept), and 3,000 connections that sent half a request line and then nothing stayed open for
+as long as they were watched (110 s), one file descriptor each. The body had its budgets
+already (the byte limits of :mod:`service.api.uploads`, the request deadline from the
+headers' end); this is the part before the app sees a request, where a client could spend
+the server's memory and descriptors unbounded:
+
+* **header bytes**: a request whose line and headers pass ``max_header_bytes`` is answered
+  431 ``header_too_large`` and its connection closed. Bytes are counted per read while the
+  headers are under way, so a request holds at most the limit plus a read or two (uvloop
+  reads up to 256 KB at a time) however much it sends;
+* **header time**: the line and headers must arrive within ``header_timeout_s`` of the
+  request's first byte (or of the connection's opening, for its first request); else 408
+  ``request_timeout`` and the connection closes. A connection that never sends a byte is
+  closed then too, silently. Between requests uvicorn's own keep-alive timeout applies;
+* **connections**: one more than ``max_connections`` open in this process is closed as soon
+  as it opens, before it costs a parser or a timer (a client sees the connection close and
+  may retry; a full server cannot answer every connection it refuses).
+
+Each refusal is counted (``msflow_http_connections_closed_total`` by reason) beside the open
+connections (``msflow_http_connections``). uvicorn's own answer to a request it cannot parse
+comes in the API's error shape here too (400 ``bad_request``), not as plain text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from service.config import Settings
+from service.metrics import ServiceMetrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ConnectionBudget:
+    """What one connection may spend before the app sees its request, and how many may be open."""
+
+    max_header_bytes: int
+    header_timeout_s: float
+    max_connections: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ConnectionBudget:
+        return cls(settings.max_header_bytes, settings.header_timeout_s, settings.max_connections)
+
+
+def budgeted_protocol(budget: ConnectionBudget, metrics: ServiceMetrics) -> type[HttpToolsProtocol]:
+    """uvicorn's httptools protocol with ``budget`` kept, for ``uvicorn.Config(http=...)``."""
+    clock = HeaderClock(min(1.0, max(0.05, budget.header_timeout_s / 4)))
+    return type("BudgetedHttpProtocol", (BudgetedHttpProtocol,), {"budget": budget, "metrics": metrics,
+                                                                 "clock": clock})
+
+
+def error_bytes(status: int, phrase: str, code: str, message: str) -> bytes:
+    """A whole HTTP/1.1 answer in the API's error shape, closing the connection."""
+    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    head = (f"HTTP/1.1 {status} {phrase}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n")
+    return head.encode("ascii") + body
+
+
+class _HeadersTooLarge(Exception):
+    """Raised from a parser callback: httptools stops and uvicorn answers the connection."""
+
+
+class HeaderClock:
+    """One timer for the whole process, not one per request: every ``period`` seconds, while
+    connections are open, it closes those whose headers are late (a timer armed and cancelled
+    per request cost about 1% more instructions per request, `loadtests/instructions.py`). A
+    late connection goes between ``header_timeout_s`` and that plus a period."""
+
+    def __init__(self, period: float) -> None:
+        self.period = period
+        self._handle: asyncio.TimerHandle | None = None
+
+    def start(self, loop: asyncio.AbstractEventLoop, connections: set[Any]) -> None:
+        if self._handle is None:
+            self._handle = loop.call_later(self.period, self._tick, loop, connections)
+
+    def _tick(self, loop: asyncio.AbstractEventLoop, connections: set[Any]) -> None:
+        self._handle = None
+        now = loop.time()
+        for connection in list(connections):
+            if isinstance(connection, BudgetedHttpProtocol):
+                connection.check_header_deadline(now)
+        if connections:
+            self.start(loop, connections)
+
+
+class BudgetedHttpProtocol(HttpToolsProtocol):
+    """One connection (uvicorn makes one protocol object per connection); :func:`budgeted_protocol`
+    gives the class its budget, metrics and clock."""
+
+    budget: ConnectionBudget
+    metrics: ServiceMetrics
+    clock: HeaderClock
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._in_headers = False  # a request's first byte has come, its headers' end has not
+        self._header_bytes = 0  # counted reads of the headers under way
+        self._read_bytes = 0  # the read being parsed
+        self._header_deadline = 0.0
+        self._too_large = False
+
+    # ------------------------------------------------------------------ connection
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.metrics.connections.inc()
+        if len(self.connections) > self.budget.max_connections:
+            self._closed_on_budget("over_budget")
+            transport.close()
+            return
+        self._header_deadline = self.loop.time() + self.budget.header_timeout_s  # the first request's
+        self.clock.start(self.loop, self.connections)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.metrics.connections.dec()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        # A read counts if it began inside a request's headers or between requests. With
+        # pipelining a read may hold the end of one request and the start of the next: one that
+        # began in a body is left out (an undercount by one read at most), one that began
+        # between requests counts the whole requests before the next one's start too.
+        counted = self._in_headers or self.cycle is None or self.cycle.response_complete
+        self._read_bytes = len(data)
+        super().data_received(data)
+        if counted and self._in_headers:
+            self._header_bytes += len(data)
+            if self._header_bytes > self.budget.max_header_bytes:
+                self._refuse_too_large()
+
+    # ------------------------------------------------------------------ parser callbacks
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_headers, self._header_bytes = True, 0
+        if self.cycle is not None:  # a later request on the connection: timed from its first byte
+            self._header_deadline = self.loop.time() + self.budget.header_timeout_s
+
+    def on_headers_complete(self) -> None:
+        self._in_headers = False
+        # Headers that ended in this read were not counted yet: measured exactly, when they
+        # and this read could together pass the budget.
+        if (self._header_bytes + self._read_bytes > self.budget.max_header_bytes
+                and len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
+                > self.budget.max_header_bytes):
+            self._too_large = True
+            raise _HeadersTooLarge  # stops the parser before the app starts; uvicorn calls send_400_response
+        super().on_headers_complete()
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to bytes that are not HTTP (or to a parser stopped by
+        :meth:`on_headers_complete`), in the API's error shape."""
+        if self._too_large:
+            self._refuse_too_large()
+            return
+        self.transport.write(error_bytes(400, "Bad Request", "bad_request", msg))
+        self.transport.close()
+
+    # ------------------------------------------------------------------ budget
+    def check_header_deadline(self, now: float) -> None:
+        """Close the connection if its request's headers are late, or if it opened that long
+        ago without a byte (:class:`HeaderClock` calls it)."""
+        if now < self._header_deadline or self.transport is None or self.transport.is_closing():
+            return
+        if self._in_headers:
+            self._refuse("header_timeout", 408, "Request Timeout", "request_timeout",
+                         f"the request's line and headers did not arrive within {self.budget.header_timeout_s:g} s")
+        elif self.cycle is None:  # opened and never sent a byte
+            self._closed_on_budget("header_timeout")
+            self.transport.close()
+
+    def _refuse_too_large(self) -> None:
+        self._refuse("header_too_large", 431, "Request Header Fields Too Large", "header_too_large",
+                     f"the request's line and headers exceed {self.budget.max_header_bytes} bytes")
+
+    def _refuse(self, budget: str, status: int, phrase: str, code: str, message: str) -> None:
+        """Answer ``status`` in the API's error shape and close: ``budget`` is the one spent."""
+        if self.transport.is_closing():
+            return
+        self._closed_on_budget(budget)
+        self.transport.write(error_bytes(status, phrase, code, message))
+        self.transport.close()
+
+    def _closed_on_budget(self, reason: str) -> None:
+        self.metrics.connections_closed.labels(reason).inc()
+        log.debug("closing %s: %s", self.client, reason)
