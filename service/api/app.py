@@ -25,6 +25,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from service.api import health, inspect, jobs, models, review
+from service.api.body_limits import BodyLimitMiddleware
 from service.api.console import install_console
 from service.api.errors import install_error_handlers
 from service.config import Settings
@@ -49,6 +50,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="MSFlow inspection service", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Anomaly scores and heatmaps from MSFlow models, batched per category.")
     app.state.service = state
+    app.add_middleware(BodyLimitMiddleware)  # inside the metrics: its 413s are counted and carry a request id
     app.add_middleware(RequestMetricsMiddleware, metrics=state.metrics)
     install_error_handlers(app)
     # Routes are tried in the order they are added, each match costing a few microseconds of

@@ -1,19 +1,24 @@
-"""Admin routes fail closed, state-changing routes refuse cross-site browsers, internal
-error text stays in the log, /docs loads nothing from elsewhere, and a broken category is
-skipped while the others serve."""
+"""Admin routes fail closed, state-changing routes refuse cross-site browsers and bodies over
+their budget, internal error text stays in the log, /docs loads nothing from elsewhere, and a
+broken category is skipped while the others serve."""
 
 from __future__ import annotations
 
 import json
 import re
 import shutil
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
+from PIL import Image
 
-from harness import ADMIN_KEY, CATEGORY, USER_KEY, Server, assert_error, start
+from service.api.body_limits import JSON_BODY_BYTES
+
+from harness import ADMIN_KEY, CATEGORY, USER_KEY, Server, assert_error, png_of, start
 
 RELOAD = f"/v1/models/{CATEGORY}/reload"
 THRESHOLD = f"/v1/models/{CATEGORY}/threshold"
@@ -49,6 +54,36 @@ def test_admin_routes_are_closed_without_an_admin_key(open_server: Server) -> No
         assert "MSFLOW_ADMIN_API_KEYS" in error["message"]
     # inspection itself stays open on an open server
     assert httpx.get(url + f"/v1/models/{CATEGORY}").status_code == 200
+
+
+def test_bodies_over_their_budget_are_refused_before_they_are_read(open_server: Server) -> None:
+    """A route with a JSON body takes JSON_BODY_BYTES (service/api/body_limits.py): FastAPI read
+    and parsed a whole body before the key check, so a 100 MB body to a route that was going to
+    answer 403 held 232 MB of the server first. The image routes keep their own, larger budget."""
+    url = open_server.url
+    label = f"/v1/review/{CATEGORY}/items/x/label"
+    for path in (THRESHOLD, label):
+        # declared too large: refused from the headers, before a byte of the body is read
+        with socket.create_connection(("127.0.0.1", open_server.port), timeout=10) as sock:
+            sock.sendall(f"PUT {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         f"Content-Length: {100 << 20}\r\n\r\n".encode() + b'{"threshold": ')
+            answer = b""
+            while not answer.endswith(b"}}") and (chunk := sock.recv(65536)):
+                answer += chunk
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 413 "), answer[:200]
+        assert json.loads(body)["error"]["code"] == "request_too_large"
+        # no length declared (chunked): counted as it is read, refused at the budget
+        streamed = (b'{"note": "' + b"a" * JSON_BODY_BYTES + b'"}' for _ in range(1))
+        assert_error(httpx.put(url + path, content=streamed, headers={"Content-Type": "application/json"}), 413,
+                     "request_too_large")
+        # within it, the route answers as before (closed: no keys on this server)
+        assert httpx.put(url + path, json={"threshold": 1.0, "label": "ok"}).status_code == 403
+    # an image upload larger than a JSON body's budget is the upload routes' own business
+    noise = png_of(Image.fromarray(np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)))
+    assert len(noise) > JSON_BODY_BYTES
+    r = httpx.post(url + f"/v1/inspect/{CATEGORY}", files=[("file", ("n.png", noise, "image/png"))], timeout=30)
+    assert r.status_code == 200, r.text
 
 
 def test_the_development_switch_opens_admin_but_not_to_other_sites(dev_server: Server) -> None:
