@@ -72,10 +72,11 @@ def run_server(settings: Settings, sockets: list[socket.socket] | None = None) -
     """One uvicorn server on this process: the whole service, or one front end of several
     (``sockets``: the listening socket the supervisor shares among them)."""
     app = create_app(settings)
-    # http: uvicorn's httptools protocol with the connections' budgets (service/api/connections.py)
+    # http: uvicorn's httptools protocol with the connections' budgets (service/api/connections.py);
+    # ws: none, the API has no WebSocket route (an upgrade request is served as plain HTTP)
     http = budgeted_protocol(ConnectionBudget.from_settings(settings), app.state.service.metrics)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            access_log=settings.access_log, lifespan="on", http=http,
+                            access_log=settings.access_log, lifespan="on", http=http, ws="none",
                             timeout_graceful_shutdown=settings.graceful_shutdown_s)  # type: ignore[arg-type]
     server = _GracefulServer(config, app.state.service.begin_shutdown, settings.shutdown_delay_s)
     keep_freed_memory(settings.heap_retain_mb << 20)

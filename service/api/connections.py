@@ -24,7 +24,11 @@ the server's memory and descriptors unbounded:
 
 Each refusal is counted (``msflow_http_connections_closed_total`` by reason) beside the open
 connections (``msflow_http_connections``). uvicorn's own answer to a request it cannot parse
-comes in the API's error shape here too (400 ``bad_request``), not as plain text.
+comes in the API's error shape here too (400 ``bad_request``), not as plain text. The server
+runs with ``ws="none"``: with a WebSocket library installed (wsproto is), uvicorn handed an
+upgrade request's connection to a protocol of its own, outside these budgets and this count
+(each such request left ``msflow_http_connections`` one higher for good), for an API that has
+no WebSocket route.
 """
 
 from __future__ import annotations
@@ -169,6 +173,12 @@ class BudgetedHttpProtocol(HttpToolsProtocol):
             return
         self.transport.write(error_bytes(400, "Bad Request", "bad_request", msg))
         self.transport.close()
+
+    def _unsupported_upgrade_warning(self) -> None:
+        """The server speaks no WebSocket (``ws="none"``): a request asking to upgrade is
+        answered as plain HTTP. uvicorn logs two warnings for each, which a client could
+        repeat at its request rate."""
+        log.debug("%s asked to upgrade the connection; answered as HTTP", self.client)
 
     # ------------------------------------------------------------------ budget
     def check_header_deadline(self, now: float) -> None:

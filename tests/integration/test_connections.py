@@ -153,6 +153,22 @@ def test_connections_over_the_budget_close_at_once_and_the_server_serves_after(s
             time.sleep(0.1)
 
 
+def test_upgrade_requests_are_answered_as_http_and_stay_counted(server: Server) -> None:
+    """The API has no WebSocket route: a request asking for one is plain HTTP, under the same
+    budgets, and leaves the open-connection count as it found it."""
+    with httpx.Client(base_url=server.url) as client:
+        before = metric(client, "msflow_http_connections")
+        for _ in range(3):
+            with _connect(server) as sock:
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                             b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+                assert _status(sock) == 200
+        deadline = time.monotonic() + 5
+        while metric(client, "msflow_http_connections") != before:
+            assert time.monotonic() < deadline, "upgraded connections left out of the count"
+            time.sleep(0.05)
+
+
 def test_bytes_that_are_not_http_get_the_api_error_shape(server: Server) -> None:
     with _connect(server) as sock:
         sock.sendall(b"GARBAGE\r\n\r\n")
