@@ -147,7 +147,8 @@ class ServiceMetrics:
                                  registry=r, multiprocess_mode="livesum")
         self.connections_closed = Counter("msflow_http_connections_closed_total", "HTTP connections the server "
                                           "closed on a budget: header_timeout (408), header_too_large (431), "
-                                          "over_budget (more than max_connections open)", ["reason"], registry=r)
+                                          "pipeline_too_deep (429), over_budget (more than max_connections open)",
+                                          ["reason"], registry=r)
         self._model_labels: dict[str, tuple[str, str]] = {}
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
 

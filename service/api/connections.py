@@ -20,7 +20,11 @@ the server's memory and descriptors unbounded:
   closed then too, silently. Between requests uvicorn's own keep-alive timeout applies;
 * **connections**: one more than ``max_connections`` open in this process is closed as soon
   as it opens, before it costs a parser or a timer (a client sees the connection close and
-  may retry; a full server cannot answer every connection it refuses).
+  may retry; a full server cannot answer every connection it refuses);
+* **pipelined requests**: uvicorn parses every request a read holds and queues those behind
+  the one being answered, so a read of small pipelined requests held about 1 MB of the
+  server per connection; more than ``MAX_PIPELINED`` waiting is answered 429
+  ``too_many_pipelined_requests`` and the connection closes.
 
 Each refusal is counted (``msflow_http_connections_closed_total`` by reason) beside the open
 connections (``msflow_http_connections``). uvicorn's own answer to a request it cannot parse
@@ -45,6 +49,10 @@ from service.config import Settings
 from service.metrics import ServiceMetrics
 
 log = logging.getLogger(__name__)
+
+# Requests parsed and waiting on one connection behind the one being answered (HTTP/1.1
+# pipelining, which browsers and HTTP libraries do not use): beyond, 429 and the connection closes.
+MAX_PIPELINED = 16
 
 
 @dataclass(frozen=True)
@@ -75,8 +83,9 @@ def error_bytes(status: int, phrase: str, code: str, message: str) -> bytes:
     return head.encode("ascii") + body
 
 
-class _HeadersTooLarge(Exception):
-    """Raised from a parser callback: httptools stops and uvicorn answers the connection."""
+class _StopParsing(Exception):
+    """Raised from a parser callback: httptools stops, and uvicorn calls
+    :meth:`BudgetedHttpProtocol.send_400_response`, which gives the refusal decided."""
 
 
 class HeaderClock:
@@ -117,7 +126,7 @@ class BudgetedHttpProtocol(HttpToolsProtocol):
         self._header_bytes = 0  # counted reads of the headers under way
         self._read_bytes = 0  # the read being parsed
         self._header_deadline = 0.0
-        self._too_large = False
+        self._refusal: tuple[str, int, str, str, str] | None = None  # decided in a parser callback
 
     # ------------------------------------------------------------------ connection
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -145,7 +154,7 @@ class BudgetedHttpProtocol(HttpToolsProtocol):
         if counted and self._in_headers:
             self._header_bytes += len(data)
             if self._header_bytes > self.budget.max_header_bytes:
-                self._refuse_too_large()
+                self._refuse(*self._too_large())
 
     # ------------------------------------------------------------------ parser callbacks
     def on_message_begin(self) -> None:
@@ -161,15 +170,22 @@ class BudgetedHttpProtocol(HttpToolsProtocol):
         if (self._header_bytes + self._read_bytes > self.budget.max_header_bytes
                 and len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
                 > self.budget.max_header_bytes):
-            self._too_large = True
-            raise _HeadersTooLarge  # stops the parser before the app starts; uvicorn calls send_400_response
+            self._refusal = self._too_large()
+            raise _StopParsing  # before the app starts
         super().on_headers_complete()
+        # uvicorn parses every request a read holds and queues those behind the one being
+        # answered: one read of small pipelined requests held about 1 MB per connection.
+        if len(self.pipeline) > MAX_PIPELINED:
+            self._refusal = ("pipeline_too_deep", 429, "Too Many Requests", "too_many_pipelined_requests",
+                             f"more than {MAX_PIPELINED} requests waiting on one connection; send them on "
+                             "several, or wait for answers")
+            raise _StopParsing
 
     def send_400_response(self, msg: str) -> None:
-        """uvicorn's answer to bytes that are not HTTP (or to a parser stopped by
-        :meth:`on_headers_complete`), in the API's error shape."""
-        if self._too_large:
-            self._refuse_too_large()
+        """uvicorn's answer to bytes that are not HTTP, in the API's error shape, or the
+        refusal that stopped the parser (:meth:`on_headers_complete`)."""
+        if self._refusal is not None:
+            self._refuse(*self._refusal)
             return
         self.transport.write(error_bytes(400, "Bad Request", "bad_request", msg))
         self.transport.close()
@@ -193,9 +209,9 @@ class BudgetedHttpProtocol(HttpToolsProtocol):
             self._closed_on_budget("header_timeout")
             self.transport.close()
 
-    def _refuse_too_large(self) -> None:
-        self._refuse("header_too_large", 431, "Request Header Fields Too Large", "header_too_large",
-                     f"the request's line and headers exceed {self.budget.max_header_bytes} bytes")
+    def _too_large(self) -> tuple[str, int, str, str, str]:
+        return ("header_too_large", 431, "Request Header Fields Too Large", "header_too_large",
+                f"the request's line and headers exceed {self.budget.max_header_bytes} bytes")
 
     def _refuse(self, budget: str, status: int, phrase: str, code: str, message: str) -> None:
         """Answer ``status`` in the API's error shape and close: ``budget`` is the one spent."""

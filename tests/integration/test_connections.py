@@ -1,6 +1,7 @@
 """HTTP connections under budget (service/api/connections.py), against a real server on a
 loopback port and raw sockets: header bytes (431), header time (408, and silent connections
-closed), open connections, and uvicorn's parse errors in the API's error shape."""
+closed), open connections, pipelined requests (429), upgrade requests, and uvicorn's parse
+errors in the API's error shape."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from service.api.connections import MAX_PIPELINED
 
 from harness import Server, metric, start
 
@@ -46,7 +49,8 @@ def _answer(sock: socket.socket, timeout: float = 10.0) -> bytes:
 
 
 def _status(sock: socket.socket) -> int:
-    """The status of one whole answer on a kept-alive connection (its body read to its length)."""
+    """The status of one whole answer on a kept-alive connection (its body read to its length;
+    one request at a time: what follows the answer in a read is dropped)."""
     sock.settimeout(10)
     data = b""
     while b"\r\n\r\n" not in data:
@@ -151,6 +155,24 @@ def test_connections_over_the_budget_close_at_once_and_the_server_serves_after(s
         except httpx.TransportError:
             assert time.monotonic() < deadline
             time.sleep(0.1)
+
+
+def test_pipelined_requests_are_answered_in_order_up_to_a_bound(server: Server) -> None:
+    request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    with _connect(server) as sock:
+        sock.sendall(request * MAX_PIPELINED)
+        sock.settimeout(10)
+        answers = b""
+        while answers.count(b"HTTP/1.1 ") < MAX_PIPELINED and (chunk := sock.recv(65536)):
+            answers += chunk
+        assert answers.count(b"HTTP/1.1 200 ") == MAX_PIPELINED, answers[-300:]
+    counted = _closed(server, "pipeline_too_deep")
+    with _connect(server) as sock:  # a few more, in one segment (one read): 2,000 held ~1 MB before
+        sock.sendall(request * (MAX_PIPELINED + 4))
+        answer = _answer(sock)
+    assert answer.count(b"HTTP/1.1 200 ") <= 1, answer[:300]
+    _error(answer[answer.index(b"HTTP/1.1 429 "):], 429, "too_many_pipelined_requests")
+    assert _closed(server, "pipeline_too_deep") == counted + 1
 
 
 def test_upgrade_requests_are_answered_as_http_and_stay_counted(server: Server) -> None:
