@@ -1,5 +1,5 @@
 """HTTP connections under budget, below the app: a request's header bytes, the time its
-headers take, and how many connections are open.
+headers take, the requests pipelined on a connection, and how many connections are open.
 
 uvicorn's httptools protocol keeps a request's line and headers in memory until they are
 complete, whatever their size, and sets them no time limit. Measured on the server before
@@ -19,8 +19,8 @@ the server's memory and descriptors unbounded:
   ``request_timeout`` and the connection closes. A connection that never sends a byte is
   closed then too, silently. Between requests uvicorn's own keep-alive timeout applies;
 * **connections**: one more than ``max_connections`` open in this process is closed as soon
-  as it opens, before it costs a parser or a timer (a client sees the connection close and
-  may retry; a full server cannot answer every connection it refuses);
+  as it opens, before it reads a byte (a client sees the connection close and may retry; a
+  full server cannot answer every connection it refuses);
 * **pipelined requests**: uvicorn parses every request a read holds and queues those behind
   the one being answered, so a read of small pipelined requests held about 1 MB of the
   server per connection; more than ``MAX_PIPELINED`` waiting is answered 429
@@ -191,9 +191,9 @@ class BudgetedHttpProtocol(HttpToolsProtocol):
         self.transport.close()
 
     def _unsupported_upgrade_warning(self) -> None:
-        """The server speaks no WebSocket (``ws="none"``): a request asking to upgrade is
-        answered as plain HTTP. uvicorn logs two warnings for each, which a client could
-        repeat at its request rate."""
+        """uvicorn's hook for an upgrade request it will not upgrade: the server speaks no
+        WebSocket (``ws="none"``), so the request is answered as plain HTTP. uvicorn logs two
+        warnings for each, which a client could repeat at its request rate."""
         log.debug("%s asked to upgrade the connection; answered as HTTP", self.client)
 
     # ------------------------------------------------------------------ budget
