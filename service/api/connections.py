@@ -90,9 +90,10 @@ class _StopParsing(Exception):
 
 class HeaderClock:
     """One timer for the whole process, not one per request: every ``period`` seconds, while
-    connections are open, it closes those whose headers are late (a timer armed and cancelled
-    per request cost about 1% more instructions per request, `loadtests/instructions.py`). A
-    late connection goes between ``header_timeout_s`` and that plus a period."""
+    connections are open, it closes those whose headers are late. (A timer armed and cancelled
+    per request, with every request's header sizes summed, cost 1.1% more instructions per
+    request under ``loadtests/instructions.py``; this way none measurable: docs/PERFORMANCE.md.)
+    A late connection goes between ``header_timeout_s`` and that plus a period."""
 
     def __init__(self, period: float) -> None:
         self.period = period
