@@ -45,6 +45,7 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from service.api.errors import error_body
 from service.config import Settings
 from service.metrics import ServiceMetrics
 
@@ -77,7 +78,7 @@ def budgeted_protocol(budget: ConnectionBudget, metrics: ServiceMetrics) -> type
 
 def error_bytes(status: int, phrase: str, code: str, message: str) -> bytes:
     """A whole HTTP/1.1 answer in the API's error shape, closing the connection."""
-    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    body = json.dumps(error_body(code, message)).encode()
     head = (f"HTTP/1.1 {status} {phrase}\r\ncontent-type: application/json\r\n"
             f"content-length: {len(body)}\r\nconnection: close\r\n\r\n")
     return head.encode("ascii") + body

@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from loadtests.hostile import memory_kb
 from service.api.connections import MAX_PIPELINED
 
 from harness import Server, metric, start
@@ -80,8 +81,7 @@ def _closed(server: Server, reason: str) -> float:
 
 
 def _rss_kb(server: Server) -> int:
-    status = Path(f"/proc/{server.proc.pid}/status").read_text()
-    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")))
+    return memory_kb(server.proc.pid)[0]
 
 
 def test_headers_over_their_budget_are_431_whether_sent_whole_or_streamed(server: Server) -> None:
