@@ -18,13 +18,22 @@ the server's memory and descriptors unbounded:
   request's first byte (or of the connection's opening, for its first request); else 408
   ``request_timeout`` and the connection closes. A connection that never sends a byte is
   closed then too, silently. Between requests uvicorn's own keep-alive timeout applies;
-* **connections**: one more than ``max_connections`` open in this process is closed as soon
-  as it opens, before it reads a byte (a client sees the connection close and may retry; a
-  full server cannot answer every connection it refuses);
+* **connections**: one more than ``max_connections`` open in this process is answered 503
+  ``too_many_connections`` (``Retry-After: 1``) as soon as it opens, before it reads a byte.
+  Answering costs a descriptor for the answer's linger (below), so at most
+  :attr:`ConnectionBudget.refusal_slots` connections beyond the budget are answered at once;
+  one more is closed without a word (a full server cannot answer every connection it refuses);
 * **pipelined requests**: uvicorn parses every request a read holds and queues those behind
   the one being answered, so a read of small pipelined requests held about 1 MB of the
   server per connection; more than ``MAX_PIPELINED`` waiting is answered 429
   ``too_many_pipelined_requests`` and the connection closes.
+
+Every refusal writes its answer, half-closes the connection and then reads and drops what
+the client still sends (a *lingering close*, as nginx and Apache do), until the client
+closes, ``LINGER_S`` pass or ``LINGER_BYTES`` have been dropped. Closing a socket with unread
+bytes in it resets the connection, and a client still writing its request sees the reset,
+not the answer: a client that wrote a 3 MB header and then read got a reset four times in
+five before, the 431 now.
 
 Each refusal is counted (``msflow_http_connections_closed_total`` by reason) beside the open
 connections (``msflow_http_connections``). uvicorn's own answer to a request it cannot parse
@@ -55,6 +64,11 @@ log = logging.getLogger(__name__)
 # pipelining, which browsers and HTTP libraries do not use): beyond, 429 and the connection closes.
 MAX_PIPELINED = 16
 
+# A refused connection's lingering close (module docstring): what the client may still send,
+# and for how long, before the connection is closed anyway.
+LINGER_S = 2.0
+LINGER_BYTES = 8 * 1024 * 1024
+
 
 @dataclass(frozen=True)
 class ConnectionBudget:
@@ -68,6 +82,12 @@ class ConnectionBudget:
     def from_settings(cls, settings: Settings) -> ConnectionBudget:
         return cls(settings.max_header_bytes, settings.header_timeout_s, settings.max_connections)
 
+    @property
+    def refusal_slots(self) -> int:
+        """Connections past ``max_connections`` that are answered 503 while they linger; past
+        these a connection is closed unanswered, so descriptors stay bounded under a flood."""
+        return max(8, self.max_connections // 16)
+
 
 def budgeted_protocol(budget: ConnectionBudget, metrics: ServiceMetrics) -> type[HttpToolsProtocol]:
     """uvicorn's httptools protocol with ``budget`` kept, for ``uvicorn.Config(http=...)``."""
@@ -76,11 +96,12 @@ def budgeted_protocol(budget: ConnectionBudget, metrics: ServiceMetrics) -> type
                                                                  "clock": clock})
 
 
-def error_bytes(status: int, phrase: str, code: str, message: str) -> bytes:
-    """A whole HTTP/1.1 answer in the API's error shape, closing the connection."""
+def error_bytes(status: int, phrase: str, code: str, message: str, extra_headers: str = "") -> bytes:
+    """A whole HTTP/1.1 answer in the API's error shape, closing the connection
+    (``extra_headers``: more header lines, each ending in CRLF)."""
     body = json.dumps(error_body(code, message)).encode()
     head = (f"HTTP/1.1 {status} {phrase}\r\ncontent-type: application/json\r\n"
-            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n")
+            f"content-length: {len(body)}\r\nconnection: close\r\n{extra_headers}\r\n")
     return head.encode("ascii") + body
 
 
@@ -91,7 +112,7 @@ class _StopParsing(Exception):
 
 class HeaderClock:
     """One timer for the whole process, not one per request: every ``period`` seconds, while
-    connections are open, it closes those whose headers are late. (A timer armed and cancelled
+    connections are open, it closes those whose headers are late or whose linger is over. (A timer armed and cancelled
     per request, with every request's header sizes summed, cost 1.1% more instructions per
     request under ``loadtests/instructions.py``; this way none measurable: docs/PERFORMANCE.md.)
     A late connection goes between ``header_timeout_s`` and that plus a period."""
@@ -109,7 +130,7 @@ class HeaderClock:
         now = loop.time()
         for connection in list(connections):
             if isinstance(connection, BudgetedHttpProtocol):
-                connection.check_header_deadline(now)
+                connection.check_deadlines(now)
         if connections:
             self.start(loop, connections)
 
@@ -129,14 +150,22 @@ class BudgetedHttpProtocol(HttpToolsProtocol):
         self._read_bytes = 0  # the read being parsed
         self._header_deadline = 0.0
         self._refusal: tuple[str, int, str, str, str] | None = None  # decided in a parser callback
+        self._linger_until = 0.0  # answered and half-closed: dropping what comes until then
+        self._linger_left = 0  # bytes still to drop
 
     # ------------------------------------------------------------------ connection
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self.metrics.connections.inc()
-        if len(self.connections) > self.budget.max_connections:
-            self._closed_on_budget("over_budget")
-            transport.close()
+        over = len(self.connections) - self.budget.max_connections
+        if over > 0:
+            if over > self.budget.refusal_slots:
+                self._closed_on_budget("over_budget")
+                transport.close()
+            else:
+                self._refuse("over_budget", 503, "Service Unavailable", "too_many_connections",
+                             f"this server process has {self.budget.max_connections} connections open; "
+                             "retry shortly, or reuse a kept-alive connection", "retry-after: 1\r\n")
             return
         self._header_deadline = self.loop.time() + self.budget.header_timeout_s  # the first request's
         self.clock.start(self.loop, self.connections)
@@ -146,6 +175,9 @@ class BudgetedHttpProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._linger_until:
+            self._drop(len(data))
+            return
         # A read counts if it began inside a request's headers or between requests. With
         # pipelining a read may hold the end of one request and the start of the next: one that
         # began in a body is left out (an undercount by one read at most), one that began
@@ -188,9 +220,15 @@ class BudgetedHttpProtocol(HttpToolsProtocol):
         refusal that stopped the parser (:meth:`on_headers_complete`)."""
         if self._refusal is not None:
             self._refuse(*self._refusal)
-            return
-        self.transport.write(error_bytes(400, "Bad Request", "bad_request", msg))
-        self.transport.close()
+        else:
+            self._refuse("bad_request", 400, "Bad Request", "bad_request", msg)
+
+    def shutdown(self) -> None:
+        """uvicorn's graceful shutdown: a lingering connection has had its answer."""
+        if self._linger_until:
+            self.transport.close()
+        else:
+            super().shutdown()
 
     def _unsupported_upgrade_warning(self) -> None:
         """uvicorn's hook for an upgrade request it will not upgrade: the server speaks no
@@ -199,10 +237,16 @@ class BudgetedHttpProtocol(HttpToolsProtocol):
         log.debug("%s asked to upgrade the connection; answered as HTTP", self.client)
 
     # ------------------------------------------------------------------ budget
-    def check_header_deadline(self, now: float) -> None:
-        """Close the connection if its request's headers are late, or if it opened that long
-        ago without a byte (:class:`HeaderClock` calls it)."""
-        if now < self._header_deadline or self.transport is None or self.transport.is_closing():
+    def check_deadlines(self, now: float) -> None:
+        """Close the connection if its request's headers are late, if it opened that long ago
+        without a byte, or if its linger is over (:class:`HeaderClock` calls it)."""
+        if self.transport is None or self.transport.is_closing():
+            return
+        if self._linger_until:
+            if now >= self._linger_until:
+                self.transport.close()
+            return
+        if now < self._header_deadline:
             return
         if self._in_headers:
             self._refuse("header_timeout", 408, "Request Timeout", "request_timeout",
@@ -215,13 +259,34 @@ class BudgetedHttpProtocol(HttpToolsProtocol):
         return ("header_too_large", 431, "Request Header Fields Too Large", "header_too_large",
                 f"the request's line and headers exceed {self.budget.max_header_bytes} bytes")
 
-    def _refuse(self, budget: str, status: int, phrase: str, code: str, message: str) -> None:
-        """Answer ``status`` in the API's error shape and close: ``budget`` is the one spent."""
-        if self.transport.is_closing():
+    def _refuse(self, budget: str, status: int, phrase: str, code: str, message: str,
+                extra_headers: str = "") -> None:
+        """Answer ``status`` in the API's error shape and close, lingering: ``budget`` is the
+        one spent, or ``bad_request`` (bytes that are not HTTP)."""
+        if self.transport.is_closing() or self._linger_until:
             return
         self._closed_on_budget(budget)
-        self.transport.write(error_bytes(status, phrase, code, message))
-        self.transport.close()
+        self.transport.write(error_bytes(status, phrase, code, message, extra_headers))
+        if self.cycle is not None and not self.cycle.response_complete:
+            # A request under way on this connection (pipelining) answers no more: the
+            # connection was just said to close.
+            self.cycle.disconnected = True
+            self.cycle.message_event.set()
+        if not self.transport.can_write_eof():
+            self.transport.close()
+            return
+        self.transport.write_eof()  # sent once the answer is; the client reads it, then EOF
+        self._linger_until = self.loop.time() + LINGER_S
+        self._linger_left = LINGER_BYTES
+        self.flow.resume_reading()  # uvicorn may have paused reading behind a request
+        self.clock.start(self.loop, self.connections)
+
+    def _drop(self, size: int) -> None:
+        """A read that came while lingering; the client's EOF closes the connection (uvicorn's
+        ``eof_received`` returns nothing), the clock closes it after ``LINGER_S``."""
+        self._linger_left -= size
+        if self._linger_left < 0 and not self.transport.is_closing():
+            self.transport.close()
 
     def _closed_on_budget(self, reason: str) -> None:
         self.metrics.connections_closed.labels(reason).inc()

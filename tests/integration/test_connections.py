@@ -1,11 +1,13 @@
 """HTTP connections under budget (service/api/connections.py), against a real server on a
 loopback port and raw sockets: header bytes (431), header time (408, and silent connections
-closed), open connections, pipelined requests (429), upgrade requests, and uvicorn's parse
-errors in the API's error shape."""
+closed), open connections (503, then closed), pipelined requests (429), upgrade requests,
+uvicorn's parse errors in the API's error shape, and refusals that reach a client still
+writing (the lingering close)."""
 
 from __future__ import annotations
 
 import json
+import select
 import socket
 import time
 from collections.abc import Iterator
@@ -15,7 +17,7 @@ import httpx
 import pytest
 
 from loadtests.hostile import memory_kb
-from service.api.connections import MAX_PIPELINED
+from service.api.connections import LINGER_BYTES, LINGER_S, MAX_PIPELINED, ConnectionBudget
 
 from harness import Server, metric, start
 
@@ -90,9 +92,10 @@ def test_headers_over_their_budget_are_431_whether_sent_whole_or_streamed(server
         sock.sendall(b"GET /readyz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (MAX_HEADER_BYTES + 10) + b"\r\n\r\n")
         _error(_answer(sock), 431, "header_too_large")
     # Streamed without end: before the budget the parser held all of it (a 64 MB header grew
-    # the server by 64 MB); now the connection goes once the budget is spent.
+    # the server by 64 MB); now the answer comes once the budget is spent, while the client
+    # still writes, and the connection goes once the client has sent what a linger drops.
     before = _rss_kb(server)
-    sent = 0
+    sent, answered_at = 0, 0
     with _connect(server) as sock:
         sock.sendall(b"POST /v1/inspect/brick HTTP/1.1\r\nHost: x\r\nX-Junk: ")
         chunk = b"b" * 65536
@@ -100,9 +103,24 @@ def test_headers_over_their_budget_are_431_whether_sent_whole_or_streamed(server
             for _ in range(64 * 1024 * 1024 // len(chunk)):
                 sock.sendall(chunk)
                 sent += len(chunk)
-    assert sent < 16 * 1024 * 1024, sent  # what the kernel's buffers took before the reset
+                if not answered_at and select.select([sock], [], [], 0)[0]:
+                    answered_at = sent
+                    _error(sock.recv(65536), 431, "header_too_large")
+    assert 0 < answered_at < 8 * 1024 * 1024, answered_at  # the server's read plus the kernel's buffers
+    assert sent < LINGER_BYTES + 16 * 1024 * 1024, sent  # the linger's bytes, then the kernel's buffers
     assert _rss_kb(server) - before < 4 * 1024
     assert _closed(server, "header_too_large") == counted + 2
+
+
+def test_a_client_that_reads_only_after_writing_gets_the_refusal_not_a_reset(server: Server) -> None:
+    """Closing with the client's bytes unread resets the connection, and a client still
+    writing saw the reset, not the 431 (four times in five for a 3 MB header, before the
+    lingering close); now the server drops what follows its answer until the client closes."""
+    header = b"GET /readyz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (3 * 1024 * 1024) + b"\r\n\r\n"
+    for _ in range(5):
+        with _connect(server) as sock:
+            sock.sendall(header)
+            _error(_answer(sock), 431, "header_too_large")
 
 
 def test_slow_headers_are_408_and_silent_connections_close(server: Server) -> None:
@@ -132,16 +150,36 @@ def test_keep_alive_connections_outlive_the_header_timeout_between_requests(serv
         assert _status(sock) == 200
 
 
-def test_connections_over_the_budget_close_at_once_and_the_server_serves_after(server: Server) -> None:
+def test_connections_over_the_budget_are_503_then_closed_and_the_server_serves_after(server: Server) -> None:
     counted = _closed(server, "over_budget")
+    slots = ConnectionBudget(MAX_HEADER_BYTES, HEADER_TIMEOUT_S, MAX_CONNECTIONS).refusal_slots
     held = [_connect(server) for _ in range(MAX_CONNECTIONS)]
     try:
-        time.sleep(0.2)  # every one accepted
+        for sock in held:  # kept alive after a request: uvicorn's 5 s, not the header timeout
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert _status(sock) == 200
         with _connect(server) as extra:
             started = time.monotonic()
             extra.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-            assert _answer(extra) == b""
-            assert time.monotonic() - started < HEADER_TIMEOUT_S / 2  # closed at once, not timed out
+            answer = _answer(extra)
+            _error(answer, 503, "too_many_connections")
+            assert b"\r\nretry-after: 1\r\n" in answer.lower()
+            assert time.monotonic() - started < HEADER_TIMEOUT_S / 2  # at once, not timed out
+        # Refused connections that the client keeps open hold a refusal slot each for their
+        # linger; past the slots a connection is closed without a word.
+        lingering = [_connect(server) for _ in range(slots)]
+        try:
+            time.sleep(0.2)
+            for sock in lingering:
+                _error(_answer(sock), 503, "too_many_connections")  # the answer, then the server's EOF
+            with _connect(server) as unanswered:
+                assert _answer(unanswered) == b""
+            time.sleep(LINGER_S + HEADER_TIMEOUT_S / 4 + 0.2)  # the linger and a tick of the clock
+            with _connect(server) as again:  # the server closed the lingering ones: slots free
+                _error(_answer(again), 503, "too_many_connections")
+        finally:
+            for sock in lingering:
+                sock.close()
     finally:
         for sock in held:
             sock.close()
@@ -149,7 +187,8 @@ def test_connections_over_the_budget_close_at_once_and_the_server_serves_after(s
     while True:  # the server notices the closed ones within a loop turn or two
         try:
             with httpx.Client(base_url=server.url) as client:
-                assert metric(client, "msflow_http_connections_closed_total", reason="over_budget") == counted + 1
+                assert (metric(client, "msflow_http_connections_closed_total", reason="over_budget")
+                        == counted + slots + 3)
                 assert metric(client, "msflow_http_connections") >= 1  # this client's own
             break
         except httpx.TransportError:
