@@ -147,7 +147,7 @@ class ServiceMetrics:
                                  registry=r, multiprocess_mode="livesum")
         self.connections_closed = Counter("msflow_http_connections_closed_total", "HTTP connections the server "
                                           "closed on a budget or a parse error: header_timeout (408), "
-                                          "header_too_large (431), pipeline_too_deep (429), over_budget (more "
+                                          "body_timeout (408, or closed after an answer), header_too_large (431), pipeline_too_deep (429), over_budget (more "
                                           "than max_connections open: 503, or closed unanswered past the "
                                           "refusal slots), bad_request (400: bytes that are not HTTP)",
                                           ["reason"], registry=r)

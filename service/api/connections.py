@@ -1,14 +1,15 @@
 """HTTP connections under budget, below the app: a request's header bytes, the time its
-headers take, the requests pipelined on a connection, and how many connections are open.
+headers and body take, the requests pipelined on a connection, and how many connections are
+open.
 
 uvicorn's httptools protocol keeps a request's line and headers in memory until they are
 complete, whatever their size, and sets them no time limit. Measured on the server before
 this module: one connection sending a 64 MB header grew the process by 64 MB (which glibc
 kept), and 3,000 connections that sent half a request line and then nothing stayed open for
-as long as they were watched (110 s), one file descriptor each. The body had its budgets
-already (the byte limits of :mod:`service.api.uploads`, the request deadline from the
-headers' end); this is the part before the app sees a request, where a client could spend
-the server's memory and descriptors unbounded:
+as long as they were watched (110 s), one file descriptor each. The body's bytes have their
+budgets in the app (:mod:`service.api.uploads`, :mod:`service.api.body_limits`); this is what
+the app does not see, where a client could spend the server's memory and descriptors
+unbounded:
 
 * **header bytes**: a request whose line and headers pass ``max_header_bytes`` is answered
   431 ``header_too_large`` and its connection closed. Bytes are counted per read while the
@@ -18,6 +19,14 @@ the server's memory and descriptors unbounded:
   request's first byte (or of the connection's opening, for its first request); else 408
   ``request_timeout`` and the connection closes. A connection that never sends a byte is
   closed then too, silently. Between requests uvicorn's own keep-alive timeout applies;
+* **body time**: a request's body must arrive within ``body_timeout_s`` (the request
+  deadline, ``MSFLOW_REQUEST_DEADLINE_MS``) of its headers' end; else 408 ``request_timeout``
+  if nothing was answered yet, and the connection closes either way. uvicorn sets a body no
+  time limit: a route that reads a JSON body waited for it for good, and once any route had
+  answered, a client sending the rest of a declared body a byte at a time kept the connection
+  for as long as it went on (uvicorn's keep-alive timer is cancelled by every read and armed
+  only when an answer completes). The upload routes answer 504 at the deadline themselves;
+  this closes their connection when the body is still coming after that;
 * **connections**: one more than ``max_connections`` open in this process is answered 503
   ``too_many_connections`` (``Retry-After: 1``) as soon as it opens, before it reads a byte.
   Answering costs a descriptor for the answer's linger (below), so at most
@@ -77,10 +86,12 @@ class ConnectionBudget:
     max_header_bytes: int
     header_timeout_s: float
     max_connections: int
+    body_timeout_s: float
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ConnectionBudget:
-        return cls(settings.max_header_bytes, settings.header_timeout_s, settings.max_connections)
+        return cls(settings.max_header_bytes, settings.header_timeout_s, settings.max_connections,
+                   settings.request_deadline_ms / 1e3)
 
     @property
     def refusal_slots(self) -> int:
@@ -91,7 +102,7 @@ class ConnectionBudget:
 
 def budgeted_protocol(budget: ConnectionBudget, metrics: ServiceMetrics) -> type[HttpToolsProtocol]:
     """uvicorn's httptools protocol with ``budget`` kept, for ``uvicorn.Config(http=...)``."""
-    clock = HeaderClock(min(1.0, max(0.05, budget.header_timeout_s / 4)))
+    clock = HeaderClock(min(1.0, max(0.05, min(budget.header_timeout_s, budget.body_timeout_s) / 4)))
     return type("BudgetedHttpProtocol", (BudgetedHttpProtocol,), {"budget": budget, "metrics": metrics,
                                                                  "clock": clock})
 
@@ -112,7 +123,7 @@ class _StopParsing(Exception):
 
 class HeaderClock:
     """One timer for the whole process, not one per request: every ``period`` seconds, while
-    connections are open, it closes those whose headers are late or whose linger is over. (A timer armed and cancelled
+    connections are open, it closes those whose headers or body are late or whose linger is over. (A timer armed and cancelled
     per request, with every request's header sizes summed, cost 1.1% more instructions per
     request under ``loadtests/instructions.py``; this way none measurable: docs/PERFORMANCE.md.)
     A late connection goes between ``header_timeout_s`` and that plus a period."""
@@ -150,7 +161,10 @@ class BudgetedHttpProtocol(HttpToolsProtocol):
         self._read_bytes = 0  # the read being parsed
         self._header_deadline = 0.0
         self._refusal: tuple[str, int, str, str, str] | None = None  # decided in a parser callback
+        self._in_body = False  # a request's headers have ended, its body has not
+        self._body_seen_at = 0.0  # the clock's first tick that found the body under way
         self._linger_until = 0.0  # answered and half-closed: dropping what comes until then
+        self._answering: Any = None  # the request whose app task runs (pipelined ones wait)
         self._linger_left = 0  # bytes still to drop
 
     # ------------------------------------------------------------------ connection
@@ -214,6 +228,15 @@ class BudgetedHttpProtocol(HttpToolsProtocol):
                              f"more than {MAX_PIPELINED} requests waiting on one connection; send them on "
                              "several, or wait for answers")
             raise _StopParsing
+        self._in_body = True
+
+    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        self._answering = cycle  # uvicorn keeps only the last parsed request as self.cycle
+        super()._start_asgi_task(cycle, app)
+
+    def on_message_complete(self) -> None:
+        self._in_body, self._body_seen_at = False, 0.0
+        super().on_message_complete()
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer to bytes that are not HTTP, in the API's error shape, or the
@@ -238,13 +261,21 @@ class BudgetedHttpProtocol(HttpToolsProtocol):
 
     # ------------------------------------------------------------------ budget
     def check_deadlines(self, now: float) -> None:
-        """Close the connection if its request's headers are late, if it opened that long ago
-        without a byte, or if its linger is over (:class:`HeaderClock` calls it)."""
+        """Close the connection if its request's headers or body are late, if it opened that
+        long ago without a byte, or if its linger is over (:class:`HeaderClock` calls it)."""
         if self.transport is None or self.transport.is_closing():
             return
         if self._linger_until:
             if now >= self._linger_until:
                 self.transport.close()
+            return
+        if self._in_body:
+            # Timed from the first tick that saw it (no clock read per request): the body goes
+            # between body_timeout_s and that plus two periods after its headers.
+            if not self._body_seen_at:
+                self._body_seen_at = now
+            elif now - self._body_seen_at >= self.budget.body_timeout_s:
+                self._body_late()
             return
         if now < self._header_deadline:
             return
@@ -253,6 +284,18 @@ class BudgetedHttpProtocol(HttpToolsProtocol):
                          f"the request's line and headers did not arrive within {self.budget.header_timeout_s:g} s")
         elif self.cycle is None:  # opened and never sent a byte
             self._closed_on_budget("header_timeout")
+            self.transport.close()
+
+    def _body_late(self) -> None:
+        message = f"the request's body did not arrive within {self.budget.body_timeout_s:g} s"
+        if self.cycle is None or not self.cycle.response_started:
+            self._refuse("body_timeout", 408, "Request Timeout", "request_timeout", message)
+            return
+        self._closed_on_budget("body_timeout")
+        if self.cycle.response_complete:  # a route that did not need the body, or the deadline's 504
+            self._linger()
+        else:  # an answer still going out while its body trickles in: cut short
+            self._stop_answering()
             self.transport.close()
 
     def _too_large(self) -> tuple[str, int, str, str, str]:
@@ -267,11 +310,14 @@ class BudgetedHttpProtocol(HttpToolsProtocol):
             return
         self._closed_on_budget(budget)
         self.transport.write(error_bytes(status, phrase, code, message, extra_headers))
-        if self.cycle is not None and not self.cycle.response_complete:
-            # A request under way on this connection (pipelining) answers no more: the
-            # connection was just said to close.
-            self.cycle.disconnected = True
-            self.cycle.message_event.set()
+        self._linger()
+
+    def _linger(self) -> None:
+        """Half-close, then drop what the client still sends until it closes, ``LINGER_S``
+        pass or ``LINGER_BYTES`` have come (the module's docstring says why)."""
+        if self.transport.is_closing() or self._linger_until:
+            return
+        self._stop_answering()
         if not self.transport.can_write_eof():
             self.transport.close()
             return
@@ -280,6 +326,17 @@ class BudgetedHttpProtocol(HttpToolsProtocol):
         self._linger_left = LINGER_BYTES
         self.flow.resume_reading()  # uvicorn may have paused reading behind a request
         self.clock.start(self.loop, self.connections)
+
+    def _stop_answering(self) -> None:
+        """The requests under way on this connection (the one being answered, those pipelined
+        behind it) answer no more: the connection was said to close, and uvicorn would write
+        after the half-close (which raises) or start the next pipelined request."""
+        for cycle in (self._answering, self.cycle, *(cycle for cycle, _ in self.pipeline)):
+            if cycle is not None and not cycle.response_complete:
+                cycle.disconnected = True  # uvicorn's send and receive check it
+                cycle.waiting_for_100_continue = False  # else receive writes "100 Continue"
+                cycle.message_event.set()
+        self.pipeline.clear()
 
     def _drop(self, size: int) -> None:
         """A read that came while lingering; the client's EOF closes the connection (uvicorn's

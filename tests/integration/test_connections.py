@@ -1,6 +1,6 @@
 """HTTP connections under budget (service/api/connections.py), against a real server on a
 loopback port and raw sockets: header bytes (431), header time (408, and silent connections
-closed), open connections (503, then closed), pipelined requests (429), upgrade requests,
+closed), body time (408, or closed after an answer), open connections (503, then closed), pipelined requests (429), upgrade requests,
 uvicorn's parse errors in the API's error shape, and refusals that reach a client still
 writing (the lingering close)."""
 
@@ -11,6 +11,7 @@ import select
 import socket
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -22,6 +23,8 @@ from service.api.connections import LINGER_BYTES, LINGER_S, MAX_PIPELINED, Conne
 from harness import Server, metric, start
 
 HEADER_TIMEOUT_S = 2.0
+REQUEST_DEADLINE_S = 3.0  # the body's time, too
+CLOCK_PERIOD_S = HEADER_TIMEOUT_S / 4  # the connections' sweeping clock (budgeted_protocol)
 MAX_CONNECTIONS = 6
 MAX_HEADER_BYTES = 16 * 1024
 
@@ -29,7 +32,8 @@ MAX_HEADER_BYTES = 16 * 1024
 @pytest.fixture(scope="module")
 def server(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     srv = start(model_store, tmp_path_factory.mktemp("logs") / "connections.log", header_timeout_s=HEADER_TIMEOUT_S,
-                max_connections=MAX_CONNECTIONS, max_header_bytes=MAX_HEADER_BYTES)
+                max_connections=MAX_CONNECTIONS, max_header_bytes=MAX_HEADER_BYTES,
+                request_deadline_ms=REQUEST_DEADLINE_S * 1e3)
     yield srv
     srv.stop()
 
@@ -135,6 +139,56 @@ def test_slow_headers_are_408_and_silent_connections_close(server: Server) -> No
     assert _closed(server, "header_timeout") == counted + 2
 
 
+def _trickle(server: Server, head: bytes, started_body: bytes, every_s: float = 0.25,
+             give_up_s: float = 30.0) -> tuple[bytes, float, float]:
+    """Send ``head`` and the start of its body, then one more byte every ``every_s`` (a body
+    that never ends); return what the server answered, when its answer came and when it
+    closed the connection (seconds from the headers)."""
+    with _connect(server) as sock:
+        sock.sendall(head + started_body)
+        started, answer, answered_at = time.monotonic(), b"", 0.0
+        while time.monotonic() - started < give_up_s:
+            if select.select([sock], [], [], every_s)[0]:
+                try:
+                    chunk = sock.recv(65536)
+                except ConnectionResetError:
+                    chunk = b""
+                if not chunk:
+                    return answer, answered_at, time.monotonic() - started
+                answer += chunk
+                answered_at = answered_at or time.monotonic() - started
+            try:
+                sock.sendall(b"a")
+            except OSError:  # reset: closed
+                return answer, answered_at, time.monotonic() - started
+        return answer, answered_at, -1.0  # still open
+
+
+def test_bodies_that_do_not_arrive_in_time_are_408_and_connections_close_after_any_answer(server: Server) -> None:
+    """uvicorn sets a body no time: a route that reads a JSON body waited for it for good,
+    and after any answer a client sending the rest of a declared body a byte at a time kept
+    the connection for as long as it went on (measured: still open after 17 s)."""
+    counted = _closed(server, "body_timeout")
+    label = (b"PUT /v1/review/brick/items/abc/label HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+             b"content-length: 10000\r\n\r\n", b'{"label": "')
+    answered_early = (b"GET /healthz HTTP/1.1\r\nHost: x\r\ncontent-length: 100000000\r\n\r\n", b"ab")
+    upload = (b"POST /v1/inspect/brick HTTP/1.1\r\nHost: x\r\ncontent-type: multipart/form-data; boundary=zz\r\n"
+              b"content-length: 100000\r\n\r\n", b"--zz\r\n")
+    with ThreadPoolExecutor(3) as pool:
+        waited, early, deadline = pool.map(lambda request: _trickle(server, *request), (label, answered_early, upload))
+    late = REQUEST_DEADLINE_S + 2 * CLOCK_PERIOD_S + 1.0  # the clock's ticks, and a margin
+    answer, answered_at, closed_at = waited  # the route waits for its body: 408, then closed
+    _error(answer, 408, "request_timeout")
+    assert REQUEST_DEADLINE_S - 0.1 < answered_at < late and 0 < closed_at < late + LINGER_S, waited
+    answer, answered_at, closed_at = early  # answered at once (413); the body still trickling: closed
+    assert answer.startswith(b"HTTP/1.1 413 ") and b'"request_too_large"' in answer, answer[:300]
+    assert answered_at < 1.0 and REQUEST_DEADLINE_S - 0.1 < closed_at < late + LINGER_S, early
+    answer, answered_at, closed_at = deadline  # the upload's own deadline answers (504), then closed
+    assert answer.startswith(b"HTTP/1.1 504 ") and b'"deadline_exceeded"' in answer, answer[:300]
+    assert 0 < closed_at < late + LINGER_S, deadline
+    assert _closed(server, "body_timeout") == counted + 3
+
+
 def test_keep_alive_connections_outlive_the_header_timeout_between_requests(server: Server) -> None:
     """The header timeout runs from a request's first byte; between requests uvicorn's
     keep-alive timeout (5 s) applies, and the body is the request deadline's."""
@@ -152,7 +206,7 @@ def test_keep_alive_connections_outlive_the_header_timeout_between_requests(serv
 
 def test_connections_over_the_budget_are_503_then_closed_and_the_server_serves_after(server: Server) -> None:
     counted = _closed(server, "over_budget")
-    slots = ConnectionBudget(MAX_HEADER_BYTES, HEADER_TIMEOUT_S, MAX_CONNECTIONS).refusal_slots
+    slots = ConnectionBudget(MAX_HEADER_BYTES, HEADER_TIMEOUT_S, MAX_CONNECTIONS, REQUEST_DEADLINE_S).refusal_slots
     held = [_connect(server) for _ in range(MAX_CONNECTIONS)]
     try:
         for sock in held:  # kept alive after a request: uvicorn's 5 s, not the header timeout
