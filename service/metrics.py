@@ -145,12 +145,12 @@ class ServiceMetrics:
                                    ["process", "generation"], buckets=GC_PAUSE_BUCKETS, registry=r)
         self.connections = Gauge("msflow_http_connections", "Open HTTP connections (summed over front ends)",
                                  registry=r, multiprocess_mode="livesum")
-        self.connections_closed = Counter("msflow_http_connections_closed_total", "HTTP connections the server "
-                                          "closed on a budget or a parse error: header_timeout (408), "
-                                          "body_timeout (408, or closed after an answer), header_too_large (431), pipeline_too_deep (429), over_budget (more "
-                                          "than max_connections open: 503, or closed unanswered past the "
-                                          "refusal slots), bad_request (400: bytes that are not HTTP)",
-                                          ["reason"], registry=r)
+        self.connections_closed = Counter(
+            "msflow_http_connections_closed_total", "HTTP connections the server closed on a budget or a parse "
+            "error: header_timeout (408), body_timeout (408, or closed after an answer), send_timeout (the client "
+            "took none of its answer), header_too_large (431), pipeline_too_deep (429), over_budget (more than "
+            "max_connections open: 503, or closed unanswered past the refusal slots), bad_request (400: bytes "
+            "that are not HTTP)", ["reason"], registry=r)
         self._model_labels: dict[str, tuple[str, str]] = {}
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
 

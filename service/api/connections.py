@@ -1,6 +1,6 @@
 """HTTP connections under budget, below the app: a request's header bytes, the time its
-headers and body take, the requests pipelined on a connection, and how many connections are
-open.
+headers and body take, the time a client may leave its answer untaken, the requests
+pipelined on a connection, and how many connections are open.
 
 uvicorn's httptools protocol keeps a request's line and headers in memory until they are
 complete, whatever their size, and sets them no time limit. Measured on the server before
@@ -27,6 +27,10 @@ unbounded:
   for as long as it went on (uvicorn's keep-alive timer is cancelled by every read and armed
   only when an answer completes). The upload routes answer 504 at the deadline themselves;
   this closes their connection when the body is still coming after that;
+* **answer time**: a client that stops taking its answer's bytes (its TCP window shut) for
+  ``body_timeout_s`` has its connection aborted. uvicorn's app task waits for the client to
+  read on, for good, holding its answer, the file or stream behind it and the kernel's socket
+  buffers; nginx's ``send_timeout`` is the same rule;
 * **connections**: one more than ``max_connections`` open in this process is answered 503
   ``too_many_connections`` (``Retry-After: 1``) as soon as it opens, before it reads a byte.
   Answering costs a descriptor for the answer's linger (below), so at most
@@ -163,6 +167,8 @@ class BudgetedHttpProtocol(HttpToolsProtocol):
         self._refusal: tuple[str, int, str, str, str] | None = None  # decided in a parser callback
         self._in_body = False  # a request's headers have ended, its body has not
         self._body_seen_at = 0.0  # the clock's first tick that found the body under way
+        self._write_stalled = False  # the transport's buffer is full: the client reads nothing
+        self._stall_seen_at = 0.0  # the clock's first tick that found it so
         self._linger_until = 0.0  # answered and half-closed: dropping what comes until then
         self._answering: Any = None  # the request whose app task runs (pipelined ones wait)
         self._linger_left = 0  # bytes still to drop
@@ -253,6 +259,14 @@ class BudgetedHttpProtocol(HttpToolsProtocol):
         else:
             super().shutdown()
 
+    def pause_writing(self) -> None:
+        self._write_stalled, self._stall_seen_at = True, 0.0
+        super().pause_writing()
+
+    def resume_writing(self) -> None:
+        self._write_stalled = False
+        super().resume_writing()
+
     def _unsupported_upgrade_warning(self) -> None:
         """uvicorn's hook for an upgrade request it will not upgrade: the server speaks no
         WebSocket (``ws="none"``), so the request is answered as plain HTTP. uvicorn logs two
@@ -261,9 +275,20 @@ class BudgetedHttpProtocol(HttpToolsProtocol):
 
     # ------------------------------------------------------------------ budget
     def check_deadlines(self, now: float) -> None:
-        """Close the connection if its request's headers or body are late, if it opened that
-        long ago without a byte, or if its linger is over (:class:`HeaderClock` calls it)."""
-        if self.transport is None or self.transport.is_closing():
+        """Close the connection if its request's headers or body are late, if its client has
+        taken nothing of its answer for that long, if it opened that long ago without a byte,
+        or if its linger is over (:class:`HeaderClock` calls it)."""
+        if self.transport is None:
+            return
+        if self._write_stalled:
+            if not self._stall_seen_at:
+                self._stall_seen_at = now
+            elif now - self._stall_seen_at >= self.budget.body_timeout_s:
+                self._closed_on_budget("send_timeout")
+                self._stop_answering()
+                self.transport.abort()  # close() would wait for the client to take the buffer
+            return
+        if self.transport.is_closing():
             return
         if self._linger_until:
             if now >= self._linger_until:

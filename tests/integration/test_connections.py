@@ -1,11 +1,13 @@
 """HTTP connections under budget (service/api/connections.py), against a real server on a
 loopback port and raw sockets: header bytes (431), header time (408, and silent connections
-closed), body time (408, or closed after an answer), open connections (503, then closed), pipelined requests (429), upgrade requests,
+closed), body time (408, or closed after an answer), answers the client does not take (cut
+off), open connections (503, then closed), pipelined requests (429), upgrade requests,
 uvicorn's parse errors in the API's error shape, and refusals that reach a client still
 writing (the lingering close)."""
 
 from __future__ import annotations
 
+import io
 import json
 import select
 import socket
@@ -15,7 +17,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
+from PIL import Image
 
 from loadtests.hostile import memory_kb
 from service.api.connections import LINGER_BYTES, LINGER_S, MAX_PIPELINED, ConnectionBudget
@@ -187,6 +191,32 @@ def test_bodies_that_do_not_arrive_in_time_are_408_and_connections_close_after_a
     assert answer.startswith(b"HTTP/1.1 504 ") and b'"deadline_exceeded"' in answer, answer[:300]
     assert 0 < closed_at < late + LINGER_S, deadline
     assert _closed(server, "body_timeout") == counted + 3
+
+
+def test_a_client_that_takes_none_of_its_answers_is_cut_off(server: Server) -> None:
+    """A client whose TCP window stays shut: uvicorn's app task waited for it to read on for
+    good, holding the answer and the kernel's socket buffers (several MB on loopback)."""
+    rng = np.random.default_rng(0)
+    noise = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (1024, 1024, 3), dtype=np.uint8)).save(noise, "JPEG", quality=90)
+    body = (b'--zz\r\nContent-Disposition: form-data; name="file"; filename="noise.jpg"\r\n'
+            b"Content-Type: image/jpeg\r\n\r\n" + noise.getvalue() + b"\r\n--zz--\r\n")
+    request = (b"POST /v1/inspect/brick?overlay=true&heatmap_size=original HTTP/1.1\r\nHost: x\r\n"  # ~3.8 MB
+               b"content-type: multipart/form-data; boundary=zz\r\ncontent-length: %d\r\n\r\n" % len(body) + body)
+    counted = _closed(server, "send_timeout")
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a window that a few KB fill
+        sock.connect(("127.0.0.1", server.port))
+        sock.settimeout(10)
+        for _ in range(3):  # the first answer fills the buffers; the next waits for the client
+            sock.sendall(request)
+        time.sleep(REQUEST_DEADLINE_S + 2 * CLOCK_PERIOD_S + 1.0)
+        taken = 0
+        with pytest.raises(ConnectionResetError):  # what the buffers held, then the abort's reset
+            while chunk := sock.recv(65536):
+                taken += len(chunk)
+    assert taken < 2 * 3_000_000, taken  # not the answers behind the stalled one
+    assert _closed(server, "send_timeout") == counted + 1
 
 
 def test_keep_alive_connections_outlive_the_header_timeout_between_requests(server: Server) -> None:
