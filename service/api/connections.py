@@ -27,8 +27,8 @@ unbounded:
   for as long as it went on (uvicorn's keep-alive timer is cancelled by every read and armed
   only when an answer completes). The upload routes answer 504 at the deadline themselves;
   this closes their connection when the body is still coming after that;
-* **answer time**: a client that stops taking its answer's bytes (its TCP window shut) for
-  ``body_timeout_s`` has its connection aborted. uvicorn's app task waits for the client to
+* **answer time**: a client that takes none of its answer's bytes (its TCP window shut) for
+  ``body_timeout_s`` has its connection aborted; one that reads slowly keeps it. uvicorn's app task waits for the client to
   read on, for good, holding its answer, the file or stream behind it and the kernel's socket
   buffers; nginx's ``send_timeout`` is the same rule;
 * **connections**: one more than ``max_connections`` open in this process is answered 503
@@ -60,8 +60,11 @@ no WebSocket route.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import logging
+import struct
+import termios
 from dataclasses import dataclass
 from typing import Any
 
@@ -168,7 +171,8 @@ class BudgetedHttpProtocol(HttpToolsProtocol):
         self._in_body = False  # a request's headers have ended, its body has not
         self._body_seen_at = 0.0  # the clock's first tick that found the body under way
         self._write_stalled = False  # the transport's buffer is full: the client reads nothing
-        self._stall_seen_at = 0.0  # the clock's first tick that found it so
+        self._stall_seen_at = 0.0  # the clock's last tick that found the client taking bytes
+        self._stall_buffered = 0  # what the transport held then
         self._linger_until = 0.0  # answered and half-closed: dropping what comes until then
         self._answering: Any = None  # the request whose app task runs (pipelined ones wait)
         self._linger_left = 0  # bytes still to drop
@@ -281,8 +285,11 @@ class BudgetedHttpProtocol(HttpToolsProtocol):
         if self.transport is None:
             return
         if self._write_stalled:
-            if not self._stall_seen_at:
-                self._stall_seen_at = now
+            # Timed from the last tick that saw the client take bytes: a slow reader that
+            # makes progress keeps its connection (nginx's send_timeout, between two writes).
+            buffered = self._unsent()
+            if not self._stall_seen_at or buffered < self._stall_buffered:
+                self._stall_seen_at, self._stall_buffered = now, buffered
             elif now - self._stall_seen_at >= self.budget.body_timeout_s:
                 self._closed_on_budget("send_timeout")
                 self._stop_answering()
@@ -296,8 +303,12 @@ class BudgetedHttpProtocol(HttpToolsProtocol):
             return
         if self._in_body:
             # Timed from the first tick that saw it (no clock read per request): the body goes
-            # between body_timeout_s and that plus two periods after its headers.
-            if not self._body_seen_at:
+            # between body_timeout_s and that plus two periods after its headers. Not while
+            # the server reads none of it: a pipelined request waits behind the one being
+            # answered, and uvicorn pauses reading while the app is behind with a body.
+            if self.flow.read_paused or self.cycle is not self._answering:
+                self._body_seen_at = 0.0
+            elif not self._body_seen_at:
                 self._body_seen_at = now
             elif now - self._body_seen_at >= self.budget.body_timeout_s:
                 self._body_late()
@@ -310,6 +321,18 @@ class BudgetedHttpProtocol(HttpToolsProtocol):
         elif self.cycle is None:  # opened and never sent a byte
             self._closed_on_budget("header_timeout")
             self.transport.close()
+
+    def _unsent(self) -> int:
+        """The answer's bytes the client has not taken: the transport's buffer and the kernel's
+        send queue (which can hold megabytes, so the transport's buffer alone can stand still
+        for many seconds while a slow client reads on)."""
+        size = self.transport.get_write_buffer_size()
+        sock = self.transport.get_extra_info("socket")
+        try:
+            size += struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+        except (AttributeError, OSError, ValueError):  # not Linux, or the socket just went
+            pass
+        return size
 
     def _body_late(self) -> None:
         message = f"the request's body did not arrive within {self.budget.body_timeout_s:g} s"
@@ -334,6 +357,11 @@ class BudgetedHttpProtocol(HttpToolsProtocol):
         if self.transport.is_closing() or self._linger_until:
             return
         self._closed_on_budget(budget)
+        answering = self._answering
+        if answering is not None and answering.response_started and not answering.response_complete:
+            self._stop_answering()  # an answer is partway out: no clean place for this one
+            self.transport.close()
+            return
         self.transport.write(error_bytes(status, phrase, code, message, extra_headers))
         self._linger()
 

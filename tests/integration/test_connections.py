@@ -193,23 +193,30 @@ def test_bodies_that_do_not_arrive_in_time_are_408_and_connections_close_after_a
     assert _closed(server, "body_timeout") == counted + 3
 
 
-def test_a_client_that_takes_none_of_its_answers_is_cut_off(server: Server) -> None:
-    """A client whose TCP window stays shut: uvicorn's app task waited for it to read on for
-    good, holding the answer and the kernel's socket buffers (several MB on loopback)."""
+def _large_answers(server: Server, count: int) -> socket.socket:
+    """A connection with a small receive window that has sent ``count`` requests whose answers
+    are ~3.8 MB each (a 1024² noise JPEG, its overlay at the upload's size, inline)."""
     rng = np.random.default_rng(0)
     noise = io.BytesIO()
     Image.fromarray(rng.integers(0, 255, (1024, 1024, 3), dtype=np.uint8)).save(noise, "JPEG", quality=90)
     body = (b'--zz\r\nContent-Disposition: form-data; name="file"; filename="noise.jpg"\r\n'
             b"Content-Type: image/jpeg\r\n\r\n" + noise.getvalue() + b"\r\n--zz--\r\n")
-    request = (b"POST /v1/inspect/brick?overlay=true&heatmap_size=original HTTP/1.1\r\nHost: x\r\n"  # ~3.8 MB
+    request = (b"POST /v1/inspect/brick?overlay=true&heatmap_size=original HTTP/1.1\r\nHost: x\r\n"
                b"content-type: multipart/form-data; boundary=zz\r\ncontent-length: %d\r\n\r\n" % len(body) + body)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a window that a few KB fill
+    sock.connect(("127.0.0.1", server.port))
+    sock.settimeout(10)
+    for _ in range(count):  # the first answer fills the buffers; the next waits for the client
+        sock.sendall(request)
+    return sock
+
+
+def test_a_client_that_takes_none_of_its_answers_is_cut_off(server: Server) -> None:
+    """A client whose TCP window stays shut: uvicorn's app task waited for it to read on for
+    good, holding the answer and the kernel's socket buffers (several MB on loopback)."""
     counted = _closed(server, "send_timeout")
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a window that a few KB fill
-        sock.connect(("127.0.0.1", server.port))
-        sock.settimeout(10)
-        for _ in range(3):  # the first answer fills the buffers; the next waits for the client
-            sock.sendall(request)
+    with _large_answers(server, 3) as sock:
         time.sleep(REQUEST_DEADLINE_S + 2 * CLOCK_PERIOD_S + 1.0)
         taken = 0
         with pytest.raises(ConnectionResetError):  # what the buffers held, then the abort's reset
@@ -217,6 +224,19 @@ def test_a_client_that_takes_none_of_its_answers_is_cut_off(server: Server) -> N
                 taken += len(chunk)
     assert taken < 2 * 3_000_000, taken  # not the answers behind the stalled one
     assert _closed(server, "send_timeout") == counted + 1
+
+
+def test_a_client_that_reads_its_answers_slowly_keeps_its_connection(server: Server) -> None:
+    counted = _closed(server, "send_timeout")
+    with _large_answers(server, 2) as sock:
+        taken, started = b"", time.monotonic()
+        while time.monotonic() - started < REQUEST_DEADLINE_S + 4 * CLOCK_PERIOD_S + 1.0:
+            taken += sock.recv(16384)  # ~64 KB/s: the buffers stay full, and the client takes bytes
+            time.sleep(0.25)
+        while taken.count(b"HTTP/1.1 ") < 2 or len(taken) < 2 * 3_700_000:
+            taken += sock.recv(1 << 20) or pytest.fail(f"closed after {len(taken)} bytes")
+    assert taken.count(b"HTTP/1.1 200 ") == 2
+    assert _closed(server, "send_timeout") == counted
 
 
 def test_keep_alive_connections_outlive_the_header_timeout_between_requests(server: Server) -> None:
