@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import queue
-import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Query
@@ -34,12 +32,15 @@ from models.review_store import ItemNotFound, ReviewStore
 from service.api.auth import Reviewer
 from service.api.deps import ERRORS, StateDep, unknown_category
 from service.api.errors import ApiError
+from service.api.thread_stream import ThreadStreams
 from service.schemas import DisagreementCounts, ReviewEntry, ReviewLabelled, ReviewLabelRequest, ReviewPage, ReviewStats
 
 log = logging.getLogger(__name__)
 router = APIRouter()
 _T = TypeVar("_T")
-_CHUNK = 256 * 1024
+# Exports at once per process: each holds a thread of its own (not the default pool's, which
+# the review store's calls need) and up to 2 MB of chunks on their way out.
+_EXPORTS = ThreadStreams(2, "review-export")
 
 
 async def _category(category: str, state: StateDep) -> str:
@@ -148,50 +149,10 @@ async def _stats(state: StateDep, category: str) -> ReviewStats:
             responses={**ERRORS, 200: {"content": {"application/zip": {}}}})
 async def export(category: Category, state: StateDep, who: Reviewer) -> StreamingResponse:
     """Every labelled item of the category as a zip, streamed as it is written (no temporary file)."""
-    chunks: queue.Queue[bytes | None] = queue.Queue(maxsize=8)  # the memory an export may hold
-    gone = threading.Event()
-
-    class Sink:
-        """A write-only, unseekable file for :class:`zipfile.ZipFile` (it then writes data descriptors)."""
-
-        def write(self, data: bytes) -> int:
-            view = bytes(data)
-            for start in range(0, len(view), _CHUNK):
-                while not gone.is_set():
-                    try:
-                        chunks.put(view[start:start + _CHUNK], timeout=1.0)
-                        break
-                    except queue.Full:
-                        continue
-                if gone.is_set():
-                    raise OSError("the client left")
-            return len(view)
-
-        def flush(self) -> None:
-            pass
-
-    def produce() -> None:
-        try:
-            export_zip(state.review.store, category, Sink())  # type: ignore[arg-type]
-        except Exception as exc:  # the answer has started: the client sees a truncated zip
-            if not gone.is_set():
-                log.error("review export of %s failed: %s", category, exc)
-        finally:
-            while not gone.is_set():
-                try:
-                    chunks.put(None, timeout=1.0)
-                    return
-                except queue.Full:
-                    continue
-
-    async def body() -> AsyncIterator[bytes]:
-        producer = asyncio.get_running_loop().run_in_executor(None, produce)
-        try:
-            while (chunk := await asyncio.to_thread(chunks.get)) is not None:
-                yield chunk
-        finally:
-            gone.set()
-            await producer
-
-    return StreamingResponse(body(), media_type="application/zip", headers={
+    body = _EXPORTS.open(lambda sink: export_zip(state.review.store, category, sink),
+                         f"review export of {category}")
+    if body is None:
+        raise ApiError(503, "export_busy", f"{_EXPORTS.limit} exports are running on this server process; retry "
+                       "when one has finished", headers={"Retry-After": "10"})
+    return StreamingResponse(body, media_type="application/zip", headers={
         "Content-Disposition": f'attachment; filename="{category}-labels.zip"', "Cache-Control": "no-store"})
