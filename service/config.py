@@ -147,6 +147,9 @@ class Settings(BaseSettings):
     redis_retries: int = Field(1, ge=0, le=10, description="retries of a command on a connection error")
     redis_health_check_interval_s: float = Field(10.0, ge=0.0, description="PING idle connections before reuse")
     redis_breaker_s: float = Field(3.0, ge=0.0, description="after a Redis failure the API skips Redis this long")
+    redis_max_connections: int = Field(64, ge=1, le=10_000, description="Redis connections per client and process; "
+                                       "a call waits up to redis_socket_timeout_s for one, then 503 (a busy "
+                                       "pool is not an outage: the breaker stays closed)")
     heatmap_ttl_s: float = Field(600.0, gt=0.0, description="lifetime of a heatmap=url link")
     heatmap_memory_items: int = Field(512, ge=1, description="in-process link store bound (links)")
     heatmap_memory_bytes: int = Field(64 * MiB, ge=1, description="in-process link store bound (PNG bytes)")

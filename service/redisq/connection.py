@@ -6,10 +6,18 @@ API's commands have short socket and connect timeouts (0.25 s by default), redis
 once on a connection error, and after a failure :class:`RedisConnection` fails fast for
 ``redis_breaker_s`` before trying Redis again. redis-py's pool reconnects by itself once
 Redis is back (``health_check_interval`` PINGs a connection idle that long before reuse).
+
+The pool holds ``redis_max_connections``, and calls take a slot of as many before they run,
+waiting up to the command timeout for one: a burst of requests waits its turn or gets 503,
+and the breaker stays closed. Before, redis-py raised ``MaxConnectionsError`` past its pool's
+100 connections, which tripped the breaker: 300 concurrent requests for unknown heatmap links
+turned Redis off for every request (cache, links, thresholds) for ``redis_breaker_s``, and a
+client repeating the burst kept it off.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -18,7 +26,7 @@ from typing import Any, Literal, TypeVar
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import MaxConnectionsError, RedisError, ResponseError
 
 from service.config import Settings
 from service.metrics import ServiceMetrics
@@ -41,7 +49,7 @@ def make_client(settings: Settings, socket_timeout: float | None = None) -> aior
         socket_connect_timeout=settings.redis_connect_timeout_s,
         health_check_interval=settings.redis_health_check_interval_s,
         retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), settings.redis_retries),
-        client_name="msflow", protocol=2)
+        max_connections=settings.redis_max_connections, client_name="msflow", protocol=2)
     if settings.redis_password:
         kwargs["password"] = settings.redis_password  # a password in the URL wins
     if settings.redis_url.startswith("rediss://") and settings.redis_ssl_ca_certs:
@@ -61,6 +69,7 @@ class RedisConnection:
         self.metrics = metrics
         self.breaker_s = settings.redis_breaker_s if breaker_s is None else breaker_s
         self._skip_until = 0.0
+        self._slots = asyncio.Semaphore(settings.redis_max_connections)  # at most the pool's connections
 
     def key(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
@@ -75,14 +84,28 @@ class RedisConnection:
             self._count(op)
             raise RedisUnavailable(f"Redis is unavailable (not retried for {self._skip_until - time.monotonic():.1f} s "
                                    "after a failure); retry later")
+        if self._slots.locked():  # every connection busy: wait for one as long as for a command
+            try:
+                async with asyncio.timeout(self.settings.redis_socket_timeout_s):
+                    await self._slots.acquire()
+            except TimeoutError:
+                self._count(op)
+                raise RedisUnavailable(f"all {self.settings.redis_max_connections} Redis connections of this "
+                                       "server process are busy; retry shortly") from None
+        else:
+            await self._slots.acquire()  # returns at once
         try:
             result = await fn(self.client)
         except (RedisError, OSError, TimeoutError) as exc:
-            if isinstance(exc, ResponseError):  # Redis answered: an error of the command, not of the link
+            # ResponseError: Redis answered (an error of the command, not of the link);
+            # MaxConnectionsError: a pool shared beyond these slots is full, Redis is fine
+            if isinstance(exc, (ResponseError, MaxConnectionsError)):
                 self._count(op)
             else:
                 self._trip(op, exc)
             raise RedisUnavailable(f"Redis is unavailable ({op} failed: {exc}); retry later") from exc
+        finally:
+            self._slots.release()
         self._skip_until = 0.0
         return result
 

@@ -1,0 +1,74 @@
+"""service/redisq/connection.py against a real redis-server: a burst larger than the pool
+waits its turn or is refused, and is not taken for an outage."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from harness import PREFIX, RedisServer
+from service.config import Settings
+from service.redisq.connection import RedisConnection, RedisUnavailable
+
+
+def test_a_burst_past_the_pool_waits_or_is_refused_and_the_breaker_stays_closed(redis_server: RedisServer) -> None:
+    """redis-py raised MaxConnectionsError past its pool, which tripped the breaker: a burst of
+    300 requests for unknown heatmap links turned Redis off for every request for 3 s."""
+    settings = Settings(redis_url=redis_server.url, redis_prefix=PREFIX, model_store=Path("."),
+                        redis_max_connections=2, redis_socket_timeout_s=0.25, redis_breaker_s=30.0)
+
+    async def main() -> None:
+        conn = RedisConnection(settings)
+        key = conn.key("burst")
+
+        async def slow_read(client):  # holds its connection's slot for 50 ms
+            value = await client.get(key)
+            await asyncio.sleep(0.05)
+            return value
+
+        async def one() -> str:
+            try:
+                await conn.run("burst", slow_read)
+                return "ok"
+            except RedisUnavailable as exc:
+                assert "busy" in str(exc), exc
+                return "busy"
+
+        try:
+            outcomes = await asyncio.gather(*(one() for _ in range(40)))
+            assert outcomes.count("ok") >= 4  # two at a time for the quarter second they wait
+            assert outcomes.count("busy") >= 10  # the rest: refused, not queued without end
+            assert not conn.skipping  # not an outage: Redis stays on for everyone else
+            assert await conn.run("after", lambda client: client.ping()) is True
+            assert len(conn.client.connection_pool._in_use_connections) == 0
+        finally:
+            await conn.aclose()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("max_connections", [1, 3])
+def test_calls_never_hold_more_connections_than_the_budget(redis_server: RedisServer, max_connections: int) -> None:
+    settings = Settings(redis_url=redis_server.url, redis_prefix=PREFIX, model_store=Path("."),
+                        redis_max_connections=max_connections, redis_socket_timeout_s=5.0)
+
+    async def main() -> None:
+        conn = RedisConnection(settings)
+
+        async def read(client):
+            await client.get(conn.key("x"))
+            await asyncio.sleep(0.005)
+            return True
+
+        try:
+            # All wait their turn (past redis-py's pool each raised MaxConnectionsError before)
+            assert all(await asyncio.gather(*(conn.run("read", read) for _ in range(30))))
+            pool = conn.client.connection_pool
+            assert 1 <= len(pool._available_connections) + len(pool._in_use_connections) <= max_connections
+            assert not conn.skipping
+        finally:
+            await conn.aclose()
+
+    asyncio.run(main())
