@@ -161,6 +161,9 @@ class Settings(BaseSettings):
     job_max_attempts: int = Field(3, ge=1, description="deliveries before a job goes to the dead-letter stream")
     job_max_backlog: int = Field(10_000, ge=1, description="unfinished jobs per category stream; a submission "
                                                            "beyond answers 503 (finished jobs leave the stream)")
+    job_max_backlog_bytes: int = Field(512 * MiB, ge=1, description="input bytes of a category's unfinished jobs "
+                                       "held in Redis; a submission beyond answers 503 (keep it times the "
+                                       "categories under Redis's maxmemory, with room for links and cache)")
     dead_letter_max: int = Field(10_000, ge=1, description="dead-letter stream length (approximate, oldest "
                                                            "trimmed first)")
     job_claim_idle_s: float = Field(60.0, gt=0.0, description="a pending job idle this long (its worker died) "

@@ -22,7 +22,10 @@ record. Delivery guarantees, each for a reason:
   dead-lettered once.
 
 Bounds: a finished job leaves its stream (XACK + XDEL), so a stream holds only unfinished
-jobs and ``job_max_backlog`` caps it (a submission beyond answers 503, :class:`BacklogFull`);
+jobs and ``job_max_backlog`` caps it (a submission beyond answers 503, :class:`BacklogFull`),
+and ``job_max_backlog_bytes`` caps their input bytes in Redis (10,000 jobs of up to 64 MiB
+each were allowed before, about 670 GB a category: one client filled Redis in minutes, and a
+full Redis refuses every write, links, cache and thresholds included);
 XADD also trims entries older than ``job_ttl_s`` (their records are gone). The dead-letter
 stream keeps about ``dead_letter_max`` entries.
 """
@@ -50,15 +53,31 @@ log = logging.getLogger(__name__)
 
 GROUP = "workers"
 
-# KEYS: record, images, stream. ARGV: record JSON, ttl ms, backlog cap, MINID, job id, category, images...
+# KEYS: record, images, stream, inputs' expiry, inputs' bytes (JobRecords.inputs_keys).
+# ARGV: record JSON, ttl ms, backlog cap, MINID, job id, category, bytes cap, now ms, bytes, images...
+# Inputs whose time ran out (their keys expired unfinished) leave the budget here, a hundred
+# at a time; a finished job's leave it with its final write (store._WRITE_UNLESS_FINAL).
 _SUBMIT = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 if redis.call('XLEN', KEYS[3]) >= tonumber(ARGV[3]) then return -1 end
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', ARGV[8], 'LIMIT', 0, 100)) do
+  local size = redis.call('HGET', KEYS[5], id)
+  if size then
+    redis.call('HINCRBY', KEYS[5], '#total', -tonumber(size))
+    redis.call('HDEL', KEYS[5], id)
+  end
+  redis.call('ZREM', KEYS[4], id)
+end
+local size = tonumber(ARGV[9])
+if (tonumber(redis.call('HGET', KEYS[5], '#total')) or 0) + size > tonumber(ARGV[7]) then return -2 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 redis.call('DEL', KEYS[2])
-for i = 7, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
+for i = 10, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
 redis.call('PEXPIRE', KEYS[2], ARGV[2])
 redis.call('XADD', KEYS[3], 'MINID', '~', ARGV[4], '*', 'job_id', ARGV[5], 'category', ARGV[6])
+redis.call('ZADD', KEYS[4], tonumber(ARGV[8]) + tonumber(ARGV[2]), ARGV[5])
+redis.call('HSET', KEYS[5], ARGV[5], size)
+redis.call('HINCRBY', KEYS[5], '#total', size)
 return 1
 """
 
@@ -85,7 +104,8 @@ def job_id_for(category: str, idempotency_key: str) -> str:
 
 
 class BacklogFull(RuntimeError):
-    """The category's job stream holds ``job_max_backlog`` unfinished jobs."""
+    """The category's job stream holds ``job_max_backlog`` unfinished jobs, or their inputs
+    ``job_max_backlog_bytes``."""
 
 
 class JobMessage(BaseModel):
@@ -148,13 +168,19 @@ class JobQueue:
         record = JobRecord(id=job_id, category=category, status="queued", created_at=now, updated_at=now,
                            request_id=request_id, options=options, filenames=[u.filename for u in uploads])
 
-        oldest_ms = max(0, int(time.time() * 1000) - self.records.ttl_ms)  # older entries' records are gone
-        keys = [self.records.record_key(record.id), self.records.images_key(record.id), self.stream(category)]
+        now_ms = int(time.time() * 1000)
+        oldest_ms = max(0, now_ms - self.records.ttl_ms)  # older entries' records are gone
+        keys = [self.records.record_key(record.id), self.records.images_key(record.id), self.stream(category),
+                *self.records.inputs_keys(category)]
         args = [record.model_dump_json(), self.records.ttl_ms, self.settings.job_max_backlog, f"{oldest_ms}-0",
-                record.id, category, *(u.data for u in uploads)]
-        queued = await self.conn.run("job_submit", lambda r: r.eval(_SUBMIT, len(keys), *keys, *args))
-        if int(queued) == -1:
+                record.id, category, self.settings.job_max_backlog_bytes, now_ms, sum(len(u.data) for u in uploads),
+                *(u.data for u in uploads)]
+        queued = int(await self.conn.run("job_submit", lambda r: r.eval(_SUBMIT, len(keys), *keys, *args)))
+        if queued == -1:
             raise BacklogFull(f"{category}: {self.settings.job_max_backlog} jobs are waiting; retry later")
+        if queued == -2:
+            raise BacklogFull(f"{category}: the waiting jobs' images fill the queue's "
+                              f"{self.settings.job_max_backlog_bytes} bytes; retry later")
         return record
 
     # ------------------------------------------------------------------ worker side

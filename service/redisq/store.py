@@ -245,7 +245,15 @@ if current then
   end
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-if ARGV[3] == '1' then redis.call('DEL', KEYS[2]) end
+if ARGV[3] == '1' then
+  redis.call('DEL', KEYS[2])
+  local size = redis.call('HGET', KEYS[4], ARGV[4])  -- the inputs left Redis: their bytes leave the budget
+  if size then
+    redis.call('HINCRBY', KEYS[4], '#total', -tonumber(size))
+    redis.call('HDEL', KEYS[4], ARGV[4])
+    redis.call('ZREM', KEYS[3], ARGV[4])
+  end
+end
 return 1
 """
 
@@ -263,6 +271,11 @@ class JobRecords:
     def images_key(self, job_id: str) -> str:
         return self.conn.key("job", job_id, "images")
 
+    def inputs_keys(self, category: str) -> tuple[str, str]:
+        """The category's queued inputs: when each job's expire (sorted set, job id by expiry
+        in ms) and their sizes (hash, job id -> bytes, their sum under ``#total``)."""
+        return self.conn.key("jobs-inputs", category, "expiry"), self.conn.key("jobs-inputs", category, "bytes")
+
     def stage_create(self, pipe: Any, record: JobRecord, images: Sequence[bytes]) -> None:
         """Queue the commands creating a job on a (transaction) pipeline."""
         pipe.set(self.record_key(record.id), record.model_dump_json(), px=self.ttl_ms, nx=True)
@@ -271,17 +284,18 @@ class JobRecords:
 
     def stage_write(self, pipe: Any, record: JobRecord) -> None:
         """Queue an idempotent write of ``record`` (a final one also drops the inputs)."""
-        final = "1" if record.status in FINAL_STATES else "0"
-        pipe.eval(_WRITE_UNLESS_FINAL, 2, self.record_key(record.id), self.images_key(record.id),
-                  record.model_dump_json(), self.ttl_ms, final)
+        pipe.eval(_WRITE_UNLESS_FINAL, 4, *self._write_args(record))
 
     async def write(self, record: JobRecord) -> bool:
         """Store ``record`` unless the job already reached a final state; True if written."""
-        final = "1" if record.status in FINAL_STATES else "0"
-        written = await self.conn.run("job_write", lambda r: r.eval(
-            _WRITE_UNLESS_FINAL, 2, self.record_key(record.id), self.images_key(record.id),
-            record.model_dump_json(), self.ttl_ms, final))
+        written = await self.conn.run("job_write", lambda r: r.eval(_WRITE_UNLESS_FINAL, 4,
+                                                                    *self._write_args(record)))
         return bool(written)
+
+    def _write_args(self, record: JobRecord) -> list[Any]:
+        final = "1" if record.status in FINAL_STATES else "0"
+        return [self.record_key(record.id), self.images_key(record.id), *self.inputs_keys(record.category),
+                record.model_dump_json(), self.ttl_ms, final, record.id]
 
     async def get(self, job_id: str) -> JobRecord | None:
         if not JOB_ID.match(job_id):

@@ -118,6 +118,47 @@ def test_the_backlog_is_bounded(redis_server: RedisServer) -> None:
     asyncio.run(scenario())
 
 
+def test_queued_inputs_have_a_byte_budget_given_back_as_jobs_finish_or_expire(redis_server: RedisServer) -> None:
+    """10,000 jobs of up to 64 MiB each were allowed per category: one client could fill Redis."""
+    size = len(UPLOADS[0].data)
+    r = redis_server.client()
+
+    async def scenario() -> None:
+        queue = _queue(redis_server, job_max_backlog_bytes=2 * size + size // 2)
+        await queue.ensure_groups(["brick"])
+        first = await queue.submit("brick", UPLOADS, InspectOptions(), None)
+        await queue.submit("brick", UPLOADS, InspectOptions(), None)
+        with pytest.raises(BacklogFull, match="bytes"):
+            await queue.submit("brick", UPLOADS, InspectOptions(), None)
+        assert r.xlen(f"{PREFIX}jobs:brick") == 2
+        await queue.submit("grass", UPLOADS, InspectOptions(), None)  # per category
+        # A finished job gives its bytes back (its final write drops its images), once.
+        delivery = next(d for d in await queue.read(["brick"], "w1", 10, 0.5) if d.job_id == first.id)
+        done = first.model_copy(update={"status": "done", "attempts": 1, "worker": "w1"})
+        await queue.complete(delivery, done)
+        await queue.complete(delivery, done)  # a repeated final write: no second refund
+        assert int(r.hget(f"{PREFIX}jobs-inputs:brick:bytes", "#total")) == size
+        await queue.submit("brick", UPLOADS, InspectOptions(), None)
+        with pytest.raises(BacklogFull):
+            await queue.submit("brick", UPLOADS, InspectOptions(), None)
+        await queue.conn.aclose()
+
+        # Inputs whose time ran out unfinished (no worker took them) leave the budget too.
+        short = _queue(redis_server, job_max_backlog_bytes=2 * size + size // 2, job_ttl_s=0.3)
+        for _ in range(2):
+            await short.submit("gravel", UPLOADS, InspectOptions(), None)
+        with pytest.raises(BacklogFull):
+            await short.submit("gravel", UPLOADS, InspectOptions(), None)
+        await asyncio.sleep(0.4)
+        for _ in range(2):
+            await short.submit("gravel", UPLOADS, InspectOptions(), None)
+        assert int(r.hget(f"{PREFIX}jobs-inputs:gravel:bytes", "#total")) == 2 * size
+        assert r.zcard(f"{PREFIX}jobs-inputs:gravel:expiry") == 2
+        await short.conn.aclose()
+
+    asyncio.run(scenario())
+
+
 def test_malformed_entries_are_dead_lettered_on_the_stream_they_came_from(redis_server: RedisServer) -> None:
     r = redis_server.client()
 
