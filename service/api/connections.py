@@ -28,9 +28,9 @@ unbounded:
   only when an answer completes). The upload routes answer 504 at the deadline themselves;
   this closes their connection when the body is still coming after that;
 * **answer time**: a client that takes none of its answer's bytes (its TCP window shut) for
-  ``body_timeout_s`` has its connection aborted; one that reads slowly keeps it. uvicorn's app task waits for the client to
-  read on, for good, holding its answer, the file or stream behind it and the kernel's socket
-  buffers; nginx's ``send_timeout`` is the same rule;
+  ``body_timeout_s`` has its connection aborted; one that reads slowly keeps it. uvicorn's app
+  task waited for the client to read on, for good, holding its answer, the file or stream
+  behind it and the kernel's socket buffers; nginx's ``send_timeout`` is the same rule;
 * **connections**: one more than ``max_connections`` open in this process is answered 503
   ``too_many_connections`` (``Retry-After: 1``) as soon as it opens, before it reads a byte.
   Answering costs a descriptor for the answer's linger (below), so at most
@@ -130,10 +130,11 @@ class _StopParsing(Exception):
 
 class HeaderClock:
     """One timer for the whole process, not one per request: every ``period`` seconds, while
-    connections are open, it closes those whose headers or body are late or whose linger is over. (A timer armed and cancelled
-    per request, with every request's header sizes summed, cost 1.1% more instructions per
-    request under ``loadtests/instructions.py``; this way none measurable: docs/PERFORMANCE.md.)
-    A late connection goes between ``header_timeout_s`` and that plus a period."""
+    connections are open, it closes those whose headers or body are late, whose client takes
+    no answer, or whose linger is over. (A timer armed and cancelled per request, with every
+    request's header sizes summed, cost 1.1% more instructions per request under
+    ``loadtests/instructions.py``; this way none measurable: docs/PERFORMANCE.md.) A late
+    connection goes between its time and that plus a period or two."""
 
     def __init__(self, period: float) -> None:
         self.period = period

@@ -30,6 +30,8 @@ from typing import IO
 
 log = logging.getLogger(__name__)
 
+_POLL_S = 0.25  # how often a writer waiting for room looks whether its reader is gone
+
 
 class ReaderGone(OSError):
     """Raised in the writer's thread: nobody will read what it writes."""
@@ -80,7 +82,7 @@ async def _read(chunks: asyncio.Queue[bytes | None], gone: threading.Event) -> A
         while (chunk := await chunks.get()) is not None:
             yield chunk
     finally:
-        gone.set()  # the writer stops at its next chunk (or within a second, waiting for room)
+        gone.set()  # the writer stops at its next chunk, or within _POLL_S waiting for room
 
 
 def _end(loop: asyncio.AbstractEventLoop, chunks: asyncio.Queue[bytes | None]) -> None:
@@ -124,10 +126,10 @@ class _Sink:
         waited = 0.0
         while True:
             try:
-                future.result(timeout=1.0)
+                future.result(timeout=_POLL_S)
                 return
             except concurrent.futures.TimeoutError:
-                waited += 1.0
+                waited += _POLL_S
                 if self._gone.is_set() or waited >= self._stall_s:
                     future.cancel()
                     raise ReaderGone("the client left" if self._gone.is_set()

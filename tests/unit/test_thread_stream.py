@@ -77,7 +77,7 @@ def test_readers_that_leave_give_the_writer_thread_and_slot_back() -> None:
             async for _ in body:
                 break  # the client left after its first chunk
             await body.aclose()
-            await _wait_for(done.is_set)  # the writer stopped, within a second
+            await _wait_for(done.is_set)  # the writer stopped, within a poll
         bodies = [streams.open(_writer(10), f"after {i}") for i in range(2)]
         assert all(body is not None for body in bodies)  # both slots came back
         for body in bodies:
