@@ -29,14 +29,17 @@ from models.manifest import CATEGORY_PATTERN, Verdict
 from models.review_records import ReviewItem
 from models.review_export import export_zip
 from models.review_store import ItemNotFound, ReviewStore
-from service.api.auth import Reviewer
+from service.api.auth import Reviewer, require_reviewer_key
 from service.api.deps import ERRORS, StateDep, unknown_category
 from service.api.errors import ApiError
 from service.api.thread_stream import ThreadStreams
 from service.schemas import DisagreementCounts, ReviewEntry, ReviewLabelled, ReviewLabelRequest, ReviewPage, ReviewStats
 
 log = logging.getLogger(__name__)
-router = APIRouter()
+# The key first, for every route here: a parameter's dependencies run in their order, and the
+# category's came before the key's, so a client without one told a category the review store
+# holds (401) from one it does not (404), and had the store's folder listed for it.
+router = APIRouter(dependencies=[Depends(require_reviewer_key)])
 _T = TypeVar("_T")
 # Exports at once per process: each holds a thread of its own (not the default pool's, which
 # the review store's calls need) and up to 2 MB of chunks on their way out.

@@ -116,3 +116,11 @@ def test_aborted_and_concurrent_exports_leave_nothing_held(server: Server) -> No
         assert reviewer.get(f"/v1/review/{CATEGORY}/items").status_code == 200
         assert time.monotonic() - started < 3.0
         assert _full_export(reviewer) == ITEMS
+
+
+def test_the_key_is_checked_before_the_category(server: Server) -> None:
+    """A client without a key learnt which categories the review store holds (401 for those,
+    404 for others): the category was resolved before the key."""
+    for path in (f"/v1/review/{CATEGORY}/items", "/v1/review/no-such-category/items", "/v1/review/nosuch/export"):
+        r = httpx.get(server.url + path)
+        assert r.status_code == 401, (path, r.status_code, r.text)
