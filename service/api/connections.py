@@ -109,7 +109,7 @@ class ConnectionBudget:
 
 def budgeted_protocol(budget: ConnectionBudget, metrics: ServiceMetrics) -> type[HttpToolsProtocol]:
     """uvicorn's httptools protocol with ``budget`` kept, for ``uvicorn.Config(http=...)``."""
-    clock = HeaderClock(min(1.0, max(0.05, min(budget.header_timeout_s, budget.body_timeout_s) / 4)))
+    clock = ConnectionClock(min(1.0, max(0.05, min(budget.header_timeout_s, budget.body_timeout_s) / 4)))
     return type("BudgetedHttpProtocol", (BudgetedHttpProtocol,), {"budget": budget, "metrics": metrics,
                                                                  "clock": clock})
 
@@ -128,7 +128,7 @@ class _StopParsing(Exception):
     :meth:`BudgetedHttpProtocol.send_400_response`, which gives the refusal decided."""
 
 
-class HeaderClock:
+class ConnectionClock:
     """One timer for the whole process, not one per request: every ``period`` seconds, while
     connections are open, it closes those whose headers or body are late, whose client takes
     no answer, or whose linger is over. (A timer armed and cancelled per request, with every
@@ -160,7 +160,7 @@ class BudgetedHttpProtocol(HttpToolsProtocol):
 
     budget: ConnectionBudget
     metrics: ServiceMetrics
-    clock: HeaderClock
+    clock: ConnectionClock
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -282,7 +282,7 @@ class BudgetedHttpProtocol(HttpToolsProtocol):
     def check_deadlines(self, now: float) -> None:
         """Close the connection if its request's headers or body are late, if its client has
         taken nothing of its answer for that long, if it opened that long ago without a byte,
-        or if its linger is over (:class:`HeaderClock` calls it)."""
+        or if its linger is over (:class:`ConnectionClock` calls it)."""
         if self.transport is None:
             return
         if self._write_stalled:

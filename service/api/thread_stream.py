@@ -60,11 +60,11 @@ class ThreadStreams:
             try:
                 write(sink)  # type: ignore[arg-type]
                 sink.put(None)
-            except ReaderGone as exc:
-                log.info("%s stopped: %s", what, exc)
-                _end(loop, chunks)  # a reader still there (one that stalled) sees the stream end
-            except Exception as exc:  # the answer has started: the client sees a truncated stream
-                log.error("%s failed: %s", what, exc)
+            except Exception as exc:  # the answer has started: a reader still there sees it cut short
+                if isinstance(exc, ReaderGone):
+                    log.info("%s stopped: %s", what, exc)
+                else:
+                    log.error("%s failed: %s", what, exc)
                 _end(loop, chunks)
             finally:
                 self._slots.release()

@@ -47,7 +47,7 @@ from redis.exceptions import ResponseError
 from service.config import Settings
 from service.redisq.connection import RedisConnection
 from service.schemas import ErrorBody, InspectOptions, Upload
-from service.redisq.store import JobRecord, JobRecords, new_job_id, utcnow
+from service.redisq.store import JobRecord, JobRecords, new_job_id, release_input_lua, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +61,7 @@ _SUBMIT = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 if redis.call('XLEN', KEYS[3]) >= tonumber(ARGV[3]) then return -1 end
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', ARGV[8], 'LIMIT', 0, 100)) do
-  local size = redis.call('HGET', KEYS[5], id)
-  if size then
-    redis.call('HINCRBY', KEYS[5], '#total', -tonumber(size))
-    redis.call('HDEL', KEYS[5], id)
-  end
-  redis.call('ZREM', KEYS[4], id)
+""" + release_input_lua("KEYS[4]", "KEYS[5]", "id") + """
 end
 local size = tonumber(ARGV[9])
 if (tonumber(redis.call('HGET', KEYS[5], '#total')) or 0) + size > tonumber(ARGV[7]) then return -2 end

@@ -236,6 +236,19 @@ class JobRecord(BaseModel):
 
 # Write a record unless the stored one is final: the first final state wins, so writing the
 # same job twice (a redelivered or twice-claimed job) leaves the same final record.
+def release_input_lua(expiry_key: str, sizes_key: str, job_id: str) -> str:
+    """Lua that takes a job's input bytes out of its category's queued total (the keys of
+    :meth:`JobRecords.inputs_keys`); a no-op for a job already released."""
+    return f"""do
+  local size = redis.call('HGET', {sizes_key}, {job_id})
+  if size then
+    redis.call('HINCRBY', {sizes_key}, '#total', -tonumber(size))
+    redis.call('HDEL', {sizes_key}, {job_id})
+  end
+  redis.call('ZREM', {expiry_key}, {job_id})
+end"""
+
+
 _WRITE_UNLESS_FINAL = """
 local current = redis.call('GET', KEYS[1])
 if current then
@@ -246,13 +259,8 @@ if current then
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 if ARGV[3] == '1' then
-  redis.call('DEL', KEYS[2])
-  local size = redis.call('HGET', KEYS[4], ARGV[4])  -- the inputs left Redis: their bytes leave the budget
-  if size then
-    redis.call('HINCRBY', KEYS[4], '#total', -tonumber(size))
-    redis.call('HDEL', KEYS[4], ARGV[4])
-    redis.call('ZREM', KEYS[3], ARGV[4])
-  end
+  redis.call('DEL', KEYS[2])  -- the inputs left Redis: their bytes leave the budget
+""" + release_input_lua("KEYS[3]", "KEYS[4]", "ARGV[4]") + """
 end
 return 1
 """

@@ -24,6 +24,15 @@ def _writer(total: int, piece: int = 100_000, done: threading.Event | None = Non
     return write
 
 
+async def _opens_again(streams: ThreadStreams) -> None:
+    """Wait until a stream can be opened (a slot came back), and read it through."""
+    deadline = time.monotonic() + 5.0
+    while (body := streams.open(_writer(10), "again")) is None:
+        assert time.monotonic() < deadline, "no slot came back"
+        await asyncio.sleep(0.02)
+    assert b"".join([chunk async for chunk in body]) == b"\0" * 10
+
+
 async def _wait_for(condition, timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -50,19 +59,10 @@ def test_streams_past_the_limit_are_refused_until_one_ends() -> None:
         assert first is not None
         assert streams.open(_writer(10), "second") is None  # the writer waits on its reader
         assert sum([len(chunk) async for chunk in first]) == 100_000
-        await _wait_for(lambda: (body := streams.open(_writer(10), "third")) is not None
-                        and _drain_later(body))
+        await _opens_again(streams)
     asyncio.run(main())
 
 
-def _drain_later(body) -> bool:
-    asyncio.get_running_loop().create_task(_drain(body))
-    return True
-
-
-async def _drain(body) -> None:
-    async for _ in body:
-        pass
 
 
 def test_readers_that_leave_give_the_writer_thread_and_slot_back() -> None:
@@ -94,7 +94,7 @@ def test_a_stream_nobody_reads_gives_up_after_its_stall_time() -> None:
         started = time.monotonic()
         await _wait_for(done.is_set, timeout=5.0)
         assert 0.9 < time.monotonic() - started < 4.0
-        await _wait_for(lambda: (again := streams.open(_writer(10), "again")) is not None and _drain_later(again))
+        await _opens_again(streams)
     asyncio.run(main())
 
 
@@ -109,7 +109,7 @@ def test_a_writer_that_fails_ends_its_reader_short_and_frees_its_slot() -> None:
         assert body is not None
         received = b"".join([chunk async for chunk in body])  # ends, does not hang
         assert len(received) <= 5000
-        await _wait_for(lambda: (again := streams.open(_writer(10), "again")) is not None and _drain_later(again))
+        await _opens_again(streams)
     asyncio.run(asyncio.wait_for(main(), 10))
 
 
@@ -123,5 +123,5 @@ def test_the_limit_is_the_number_of_streams_running(limit: int) -> None:
         for body in bodies:  # each read a little, then left
             assert await anext(body)  # type: ignore[arg-type]
             await body.aclose()  # type: ignore[union-attr]
-        await _wait_for(lambda: (again := streams.open(_writer(10), "again")) is not None and _drain_later(again))
+        await _opens_again(streams)
     asyncio.run(main())
