@@ -151,19 +151,27 @@ class Settings(BaseSettings):
                                        "a call waits up to redis_socket_timeout_s for one, then 503 (a busy "
                                        "pool is not an outage: the breaker stays closed)")
     heatmap_ttl_s: float = Field(600.0, gt=0.0, description="lifetime of a heatmap=url link")
+    heatmap_max_bytes: int = Field(256 * MiB, ge=1, description="bytes of heatmap=url PNGs in Redis (every "
+                                   "replica's together); a new link past it evicts those expiring soonest")
     heatmap_memory_items: int = Field(512, ge=1, description="in-process link store bound (links)")
     heatmap_memory_bytes: int = Field(64 * MiB, ge=1, description="in-process link store bound (PNG bytes)")
     cache_enabled: bool = Field(True, description="result cache (needs Redis)")
     cache_ttl_s: float = Field(3600.0, gt=0.0)
     cache_max_entry_bytes: int = Field(1 * MiB, ge=1, description="larger results (big inline heatmaps) are not "
                                                                    "cached")
+    cache_max_bytes: int = Field(256 * MiB, ge=1, description="bytes of cached results in Redis (every replica's "
+                                 "together); a new entry past it evicts those expiring soonest")
     job_ttl_s: float = Field(86_400.0, gt=0.0, description="how long job records, inputs and results are kept")
     job_max_attempts: int = Field(3, ge=1, description="deliveries before a job goes to the dead-letter stream")
     job_max_backlog: int = Field(10_000, ge=1, description="unfinished jobs per category stream; a submission "
                                                            "beyond answers 503 (finished jobs leave the stream)")
     job_max_backlog_bytes: int = Field(512 * MiB, ge=1, description="input bytes of a category's unfinished jobs "
-                                       "held in Redis; a submission beyond answers 503 (keep it times the "
-                                       "categories under Redis's maxmemory, with room for links and cache)")
+                                       "held in Redis; a submission beyond answers 503 (keep it and "
+                                       "job_max_results_bytes times the categories, plus heatmap_max_bytes and "
+                                       "cache_max_bytes, under Redis's maxmemory)")
+    job_max_results_bytes: int = Field(256 * MiB, ge=1, description="bytes of a category's finished job records "
+                                       "in Redis; a job finishing past it evicts the records expiring soonest "
+                                       "(their GET answers 404 before job_ttl_s)")
     dead_letter_max: int = Field(10_000, ge=1, description="dead-letter stream length (approximate, oldest "
                                                            "trimmed first)")
     job_claim_idle_s: float = Field(60.0, gt=0.0, description="a pending job idle this long (its worker died) "

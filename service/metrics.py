@@ -105,6 +105,11 @@ class ServiceMetrics:
                                     "while the circuit breaker was open", ["operation"], registry=r)
         self.heatmap_links = Counter("msflow_heatmap_links_total", "heatmap=url links by where they live "
                                      "(redis: any replica serves them; memory: only this one)", ["store"], registry=r)
+        self.redis_evictions = Counter("msflow_redis_evictions_total", "Entries evicted from Redis before their TTL "
+                                       "to keep a store within its byte budget (links, cache, job_results)",
+                                       ["store"], registry=r)
+        for store in ("links", "cache", "job_results"):
+            self.redis_evictions.labels(store)
         self.jobs = Counter("msflow_jobs_total", "Async jobs: queued (API); done, retried, dead_lettered, "
                             "duplicate, expired (worker)", ["category", "outcome"], registry=r)
         self.score = Histogram("msflow_score", "Normalised image score (0.5 = the effective threshold)",

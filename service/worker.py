@@ -237,8 +237,9 @@ class Worker:
                 # Delivered too often without a recorded outcome: it kills (or hangs) its workers.
                 error = record.error or ErrorBody(code="worker_lost", message=(
                     f"the job was delivered {delivery.deliveries} times and no worker finished it"))
-                await self.queue.dead_letter(delivery, record, error, self.name)
+                evicted = await self.queue.dead_letter(delivery, record, error, self.name)
                 self.metrics.jobs.labels(category, "dead_lettered").inc()
+                self.metrics.redis_evictions.labels("job_results").inc(evicted)
             else:
                 record = record.model_copy(update={"status": "running", "attempts": delivery.deliveries,
                                                    "worker": self.name, "updated_at": utcnow()})
@@ -304,11 +305,13 @@ class Worker:
         """Final record + XACK, or a recorded failed attempt (retried later, or dead-lettered)."""
         try:
             if job.error is None:
-                await self.queue.complete(job.delivery, job.record)
+                evicted = await self.queue.complete(job.delivery, job.record)
                 self.metrics.jobs.labels(category, "done").inc()
+                self.metrics.redis_evictions.labels("job_results").inc(evicted)
             elif job.error.permanent or job.delivery.deliveries >= self.settings.job_max_attempts:
-                await self.queue.dead_letter(job.delivery, job.record, job.error.error, self.name)
+                evicted = await self.queue.dead_letter(job.delivery, job.record, job.error.error, self.name)
                 self.metrics.jobs.labels(category, "dead_lettered").inc()
+                self.metrics.redis_evictions.labels("job_results").inc(evicted)
             else:
                 log.warning("job %s attempt %d failed: %s: %s (retried after %.1f s)", job.record.id,
                             job.delivery.deliveries, job.error.error.code, job.error.error.message,

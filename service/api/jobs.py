@@ -47,7 +47,8 @@ async def submit_job(request: Request, category: CategoryDep, state: StateDep,
 async def get_job(job_id: str, state: StateDep) -> JobStatus:
     record = await state.require_jobs().records.get(job_id)
     if record is None:
-        raise ApiError(404, "job_not_found", "no such job: it expired or never existed")
+        raise ApiError(404, "job_not_found", "no such job: it never existed, expired (MSFLOW_JOB_TTL_S), or "
+                       "finished long enough ago to be evicted (MSFLOW_JOB_MAX_RESULTS_BYTES)")
     return JobStatus(id=record.id, status=record.status, category=record.category, created_at=record.created_at,
                      updated_at=record.updated_at, attempts=record.attempts, worker=record.worker,
                      result=record.result, error=record.error)

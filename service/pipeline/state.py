@@ -28,6 +28,7 @@ from service.pipeline.item import InspectedImage
 from service.pipeline.recent import RecentScores
 from service.pipeline.registry import LoadedModel
 from service.pipeline.runtime import Lane, PipelineRuntime, rendering_for
+from service.redisq.budget import maxmemory_warning
 from service.redisq.connection import RedisConnection, make_client
 from service.redisq.jobs import JobQueue
 from service.redisq.store import CachedResult, ResultCache, utcnow
@@ -62,6 +63,7 @@ class ServiceState(PipelineRuntime):
         self.shutting_down = False
         self._loading: asyncio.Task[None] | None = None
         self._collector_report: asyncio.Task[None] | None = None
+        self._budget_check: asyncio.Task[None] | None = None
         self.cache = ResultCache(settings, self.redis, self.metrics)
         # Job submissions carry the images (up to max_request_bytes): their own connection, with
         # a timeout sized for that payload and no breaker, so a slow upload neither fails at the
@@ -81,7 +83,10 @@ class ServiceState(PipelineRuntime):
         503 to connections the others could serve. Its loads only acquire what the engine
         process holds (or wait for it, up to a minute each); until the first front end is
         ready the port refuses connections."""
-        self.open()
+        categories = self.open()
+        if self._bulk_redis is not None:
+            self._budget_check = asyncio.create_task(self._check_redis_budgets(len(categories)),
+                                                     name="redis-budgets")
         if self.engine_link is not None:
             await self.registry.load_all()
             self._loading = asyncio.create_task(self.watch_store(), name="watch-store")
@@ -90,6 +95,13 @@ class ServiceState(PipelineRuntime):
         # Once start-up can no longer fail, so that no task outlives a start that raised.
         self._collector_report = asyncio.create_task(
             report_collector_pauses(functools.partial(self.metrics.observe_gc_pauses, "api")), name="gc-pauses")
+
+    async def _check_redis_budgets(self, categories: int) -> None:
+        """Once at start, on the bulk connection: a Redis not up yet must not trip the hot
+        path's breaker."""
+        assert self._bulk_redis is not None
+        if (warning := await maxmemory_warning(self._bulk_redis, self.settings, max(1, categories))) is not None:
+            log.warning("%s", warning)
 
     def begin_shutdown(self) -> None:
         """Readiness goes 503 at once (called from the SIGTERM handler, so only sets a flag)."""
@@ -101,6 +113,8 @@ class ServiceState(PipelineRuntime):
         if self._loading is not None and not self._loading.done():
             self._loading.cancel()
         await self.close()
+        if self._budget_check is not None:
+            self._budget_check.cancel()
         if self._collector_report is not None:
             self._collector_report.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -259,16 +259,18 @@ class JobQueue:
             await self.conn.run("xclaim", lambda r: r.xclaim(
                 self.stream(category), GROUP, consumer, 0, list(stream_ids), justid=True))
 
-    async def complete(self, delivery: Delivery, record: JobRecord) -> None:
-        """Write the final record (idempotently), acknowledge and drop the entry, in one MULTI."""
-        async def done(r: aioredis.Redis) -> None:
+    async def complete(self, delivery: Delivery, record: JobRecord) -> int:
+        """Write the final record (idempotently), acknowledge and drop the entry, in one MULTI.
+        Returns how many older finished records it evicted (``job_max_results_bytes``)."""
+        async def done(r: aioredis.Redis) -> list[Any]:
             async with r.pipeline(transaction=True) as pipe:
                 self.records.stage_write(pipe, record)
                 pipe.xack(self.stream(delivery.message.category), GROUP, delivery.stream_id)
                 pipe.xdel(self.stream(delivery.message.category), delivery.stream_id)
-                await pipe.execute()
+                return await pipe.execute()
 
-        await self.conn.run("job_complete", done)
+        written = int((await self.conn.run("job_complete", done))[0])
+        return max(0, written - 1)
 
     async def ack(self, delivery: Delivery) -> None:
         """Acknowledge and drop an entry with nothing (more) to do."""
@@ -281,8 +283,9 @@ class JobQueue:
         await self.conn.run("xack", drop)
 
     async def dead_letter(self, delivery: Delivery, record: JobRecord | None, error: ErrorBody,
-                          worker: str) -> None:
-        """Mark the job failed with ``error``, add it to the dead-letter stream, acknowledge: one MULTI."""
+                          worker: str) -> int:
+        """Mark the job failed with ``error``, add it to the dead-letter stream, acknowledge: one
+        MULTI. Returns how many older finished records the failed one evicted."""
         fields = {"job_id": delivery.job_id, "category": delivery.message.category,
                   "stream_id": delivery.stream_id, "attempts": str(delivery.deliveries), "error_code": error.code,
                   "error_message": error.message, "worker": worker, "failed_at": utcnow().isoformat()}
@@ -293,15 +296,16 @@ class JobQueue:
         args = [self.records.ttl_ms, GROUP, delivery.stream_id, self.settings.dead_letter_max,
                 *(x for kv in fields.items() for x in kv)]
 
-        async def bury(r: aioredis.Redis) -> None:
+        async def bury(r: aioredis.Redis) -> list[Any]:
             async with r.pipeline(transaction=True) as pipe:
                 if record is not None:  # idempotent: the first final state wins
                     self.records.stage_write(pipe, record.model_copy(update={
                         "status": "failed", "error": error, "attempts": delivery.deliveries, "worker": worker,
                         "updated_at": utcnow()}))
                 pipe.eval(_DEAD_LETTER, len(keys), *keys, *args)
-                await pipe.execute()
+                return await pipe.execute()
 
-        await self.conn.run("dead_letter", bury)
+        replies = await self.conn.run("dead_letter", bury)
         log.warning("job %s (%s) dead-lettered after %d attempt(s): %s: %s", delivery.job_id,
                     delivery.message.category, delivery.deliveries, error.code, error.message)
+        return max(0, int(replies[0]) - 1) if record is not None else 0

@@ -8,7 +8,10 @@ Keys (all under ``MSFLOW_REDIS_PREFIX``, default ``msflow:``):
 - ``cache:<category>:<version>:<sha256>``: one image's result, expiring after ``cache_ttl_s``;
   the digest covers the image bytes, category, model version, both verdict bounds and the options
   that change the answer, so a new model version misses by construction;
-- ``job:<id>`` (the :class:`JobRecord`, JSON) and ``job:<id>:images`` (the uploads).
+- ``job:<id>`` (the :class:`JobRecord`, JSON) and ``job:<id>:images`` (the uploads);
+- ``budget:links:*``, ``budget:cache:*``, ``budget:job-results:<category>:*``: what links,
+  cached results and finished job records hold against their byte budgets
+  (:mod:`service.redisq.budget`; a TTL alone bounds an entry's life, not the store's bytes).
 
 Redis must never take the synchronous API down (see :mod:`service.redisq.connection`): when it
 fails, the cache is bypassed and links go to this process's memory.
@@ -32,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from service.config import Settings
 from service.metrics import ServiceMetrics
+from service.redisq.budget import BudgetIndex, BudgetedStore, charge_lua, entry_cost
 from service.redisq.connection import RedisConnection, RedisUnavailable
 from service.schemas import InspectOptions, ErrorBody, HeatmapLink, ImageResult, InspectResponse, JobState
 
@@ -99,6 +103,7 @@ class HeatmapLinks:
         self.ttl_s = settings.heatmap_ttl_s
         self.metrics = metrics
         self.memory = MemoryLinks(settings.heatmap_memory_items, settings.heatmap_memory_bytes) if memory else None
+        self.budgeted = BudgetedStore(conn, "links", settings.heatmap_max_bytes) if conn is not None else None
 
     def _key(self, link_id: str) -> str:
         return self.conn.key("heatmap", link_id) if self.conn else link_id
@@ -107,10 +112,15 @@ class HeatmapLinks:
         link_id = secrets.token_urlsafe(24)
         ttl_ms = int(self.ttl_s * 1000)
         durable = False
-        if self.conn is not None:
+        if self.budgeted is not None:
+            key = self._key(link_id)
             try:
-                await self.conn.run("heatmap_put", lambda r: r.set(self._key(link_id), png, px=ttl_ms))
+                if not self.budgeted.fits(key, png):
+                    raise RedisUnavailable(f"a heatmap of {len(png)} bytes exceeds MSFLOW_HEATMAP_MAX_BYTES")
+                evicted = await self.budgeted.put("heatmap_put", [(key, png, ttl_ms)])
                 durable = True
+                if evicted and self.metrics is not None:
+                    self.metrics.redis_evictions.labels("links").inc(evicted)
             except RedisUnavailable:
                 if self.memory is None:
                     raise
@@ -157,6 +167,7 @@ class ResultCache:
         self.ttl_s = settings.cache_ttl_s
         self.max_entry_bytes = settings.cache_max_entry_bytes
         self.metrics = metrics
+        self.budgeted = BudgetedStore(conn, "cache", settings.cache_max_bytes) if conn is not None else None
 
     def key(self, image_digest: str, category: str, version: str, threshold: float, options: InspectOptions,
             ng_threshold: float | None = None) -> str:
@@ -188,30 +199,21 @@ class ResultCache:
 
     async def put_many(self, entries: Sequence[tuple[str, CachedResult, float]]) -> None:
         """``(key, entry, ttl_s)``; the TTL is capped at ``cache_ttl_s``; oversized entries are skipped."""
-        assert self.conn is not None
+        assert self.budgeted is not None
         rows = []
         for key, entry, ttl_s in entries:
             data = entry.model_dump_json().encode()
             ttl_ms = int(min(ttl_s, self.ttl_s) * 1000)
-            if len(data) <= self.max_entry_bytes and ttl_ms > 0:
+            if len(data) <= self.max_entry_bytes and ttl_ms > 0 and self.budgeted.fits(key, data):
                 rows.append((key, data, ttl_ms))
         if not rows:
             return
-
-        async def write(r: aioredis.Redis) -> None:
-            if len(rows) == 1:  # one image a request, nearly always: a pipeline's machinery costs a fifth more
-                key, data, ttl_ms = rows[0]
-                await r.set(key, data, px=ttl_ms)
-                return
-            async with r.pipeline(transaction=False) as pipe:
-                for key, data, ttl_ms in rows:
-                    pipe.set(key, data, px=ttl_ms)
-                await pipe.execute()
-
-        try:
-            await self.conn.run("cache_put", write)
+        try:  # one script for the whole request: the entries and the budget's index change together
+            evicted = await self.budgeted.put("cache_put", rows)
         except RedisUnavailable:
-            pass  # counted by the connection; the answer is already computed
+            return  # counted by the connection; the answer is already computed
+        if evicted:
+            self.metrics.redis_evictions.labels("cache").inc(evicted)
 
 
 # ---------------------------------------------------------------------- job records
@@ -249,6 +251,10 @@ def release_input_lua(expiry_key: str, sizes_key: str, job_id: str) -> str:
 end"""
 
 
+# KEYS: record, images, inputs' expiry and bytes (JobRecords.inputs_keys), finished records'
+# expiry and bytes (JobRecords.results_index). ARGV: record JSON, ttl ms, final ('1'/'0'),
+# job id, key prefix, results budget, the record's cost, its member. Returns 0 when the stored
+# record was final already, else 1 + the finished records evicted to make room for this one.
 _WRITE_UNLESS_FINAL = """
 local current = redis.call('GET', KEYS[1])
 if current then
@@ -257,12 +263,15 @@ if current then
     return 0
   end
 end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+local evicted = 0
 if ARGV[3] == '1' then
   redis.call('DEL', KEYS[2])  -- the inputs left Redis: their bytes leave the budget
 """ + release_input_lua("KEYS[3]", "KEYS[4]", "ARGV[4]") + """
+""" + charge_lua("KEYS[5]", "KEYS[6]", "ARGV[5]", "ARGV[8]", "tonumber(ARGV[7])", "tonumber(ARGV[2])",
+                 "tonumber(ARGV[6])") + """
 end
-return 1
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1 + evicted
 """
 
 
@@ -272,6 +281,7 @@ class JobRecords:
     def __init__(self, settings: Settings, conn: RedisConnection) -> None:
         self.conn = conn
         self.ttl_ms = int(settings.job_ttl_s * 1000)
+        self.results_budget_bytes = settings.job_max_results_bytes
 
     def record_key(self, job_id: str) -> str:
         return self.conn.key("job", job_id)
@@ -284,6 +294,11 @@ class JobRecords:
         in ms) and their sizes (hash, job id -> bytes, their sum under ``#total``)."""
         return self.conn.key("jobs-inputs", category, "expiry"), self.conn.key("jobs-inputs", category, "bytes")
 
+    def results_index(self, category: str) -> BudgetIndex:
+        """The category's finished records, within ``job_max_results_bytes``
+        (:mod:`service.redisq.budget`)."""
+        return BudgetIndex.under(self.conn.prefix, "job-results", category)
+
     def stage_create(self, pipe: Any, record: JobRecord, images: Sequence[bytes]) -> None:
         """Queue the commands creating a job on a (transaction) pipeline."""
         pipe.set(self.record_key(record.id), record.model_dump_json(), px=self.ttl_ms, nx=True)
@@ -292,18 +307,23 @@ class JobRecords:
 
     def stage_write(self, pipe: Any, record: JobRecord) -> None:
         """Queue an idempotent write of ``record`` (a final one also drops the inputs)."""
-        pipe.eval(_WRITE_UNLESS_FINAL, 4, *self._write_args(record))
+        pipe.eval(_WRITE_UNLESS_FINAL, 6, *self._write_args(record))
 
     async def write(self, record: JobRecord) -> bool:
         """Store ``record`` unless the job already reached a final state; True if written."""
-        written = await self.conn.run("job_write", lambda r: r.eval(_WRITE_UNLESS_FINAL, 4,
+        written = await self.conn.run("job_write", lambda r: r.eval(_WRITE_UNLESS_FINAL, 6,
                                                                     *self._write_args(record)))
         return bool(written)
 
     def _write_args(self, record: JobRecord) -> list[Any]:
         final = "1" if record.status in FINAL_STATES else "0"
+        data = record.model_dump_json()
+        member = self.record_key(record.id)[len(self.conn.prefix):]
+        results = self.results_index(record.category)
         return [self.record_key(record.id), self.images_key(record.id), *self.inputs_keys(record.category),
-                record.model_dump_json(), self.ttl_ms, final, record.id]
+                results.expiry, results.sizes,
+                data, self.ttl_ms, final, record.id, self.conn.prefix, self.results_budget_bytes,
+                entry_cost(member, len(data)), member]
 
     async def get(self, job_id: str) -> JobRecord | None:
         if not JOB_ID.match(job_id):

@@ -435,3 +435,21 @@ def test_instruction_counts_compare_modes_by_process(model_store, tmp_path):
                              env=_clean_env(), capture_output=True, text=True, timeout=60)
     assert refused.returncode != 0 and "unknown mode" in refused.stderr, refused.stderr[-500:]
     assert not (tmp_path / "refused").exists()
+
+
+def test_redis_budget_benchmark_reports_memory_held_to_the_budget(tmp_path):
+    """loadtests/redis_budgets.py, shortened: the flood's growth stays near each budget and
+    far under what the unbounded store keeps; both kinds of write are timed."""
+    import re
+    import shutil as _shutil
+
+    if _shutil.which("redis-server") is None:
+        missing("redis-server is not installed: run scripts/install-redis.sh")
+    cmd = [sys.executable, "-m", "loadtests.redis_budgets", "--links", "150", "--budgets-mib", "1",
+           "--puts", "300", "--rounds", "1"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_clean_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    grown = [float(m) for m in re.findall(r"^\| [^|]+ \| ([\d.]+) MB \|$", proc.stdout, re.M)]
+    assert len(grown) == 2 and grown[0] < 1.6 and grown[1] > 2.5, proc.stdout  # 150 x 20 KB = 3 MB
+    assert re.search(r"^\| 1 \| plain SET .* \| 300 \|$", proc.stdout, re.M), proc.stdout
+    assert re.search(r"^\| 1 \| budgeted .* \| 300 \|$", proc.stdout, re.M), proc.stdout

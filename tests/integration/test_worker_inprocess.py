@@ -296,3 +296,23 @@ def test_keep_alive_covers_every_category_of_a_read(store: Path, redis: RedisSer
     out = run(settings, body)
     assert out["stolen"] == []
     assert [(r.status, r.attempts) for r in out["records"]] == [("done", 1)] * 2
+
+
+def test_finished_records_past_their_budget_evict_the_oldest(store: Path, redis: RedisServer,
+                                                             good_images: list[Path]) -> None:
+    """A budget smaller than one record: each final record is still written (it is the job's
+    outcome), and evicts the one before it; the worker counts the eviction."""
+    upload = [Upload(good_images[0].name, good_images[0].read_bytes())]
+
+    async def body(h: Harness) -> tuple[JobRecord | None, JobRecord | None, float | None]:
+        first = await h.submit(upload)
+        assert await h.step() == 1
+        second = await h.submit(upload)
+        assert await h.step() == 1
+        evicted = h.worker.metrics.registry.get_sample_value("msflow_redis_evictions_total", {"store": "job_results"})
+        return await h.queue.records.get(first), await h.queue.records.get(second), evicted
+
+    # a prefix of its own: the other tests' finished records would be evicted (and counted) too
+    first, second, evicted = run(settings_for(store, redis, job_max_results_bytes=1,
+                                              redis_prefix="msflow-inproc-budget:"), body)
+    assert first is None and second is not None and second.status == "done" and evicted == 1
