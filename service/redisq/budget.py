@@ -32,8 +32,8 @@ from service.redisq.connection import RedisConnection, RedisUnavailable
 # Redis's own bytes per entry beyond its value, measured on Redis 7.0 (jemalloc) with 20,000
 # entries per store: the key and its TTL 185-249 bytes, the index's sorted-set and hash
 # entries 229-357, growing with the member's length (28-86 characters). Charged with the
-# value, so that many small entries (a cached ``heatmap=none`` result is ~600 bytes) cannot
-# hold twice their budget.
+# value, so that many small entries (a cached ``heatmap=none`` result is ~400 bytes) cannot
+# hold more than twice their budget.
 ENTRY_OVERHEAD_BYTES = 350
 OVERHEAD_PER_MEMBER_CHAR = 3
 
