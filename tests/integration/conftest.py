@@ -21,6 +21,15 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server.stop()
 
 
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of one test's own: for tests that stall it, change its settings or
+    measure its memory."""
+    server = RedisServer(tmp_path)
+    yield server
+    server.stop()
+
+
 @pytest.fixture(scope="session")
 def good_images(demo_root: Path) -> list[Path]:
     return sorted((demo_root / CATEGORY / "test" / "good").glob("*.png"))

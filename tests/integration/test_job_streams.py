@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,15 +21,8 @@ from service.schemas import ErrorBody, InspectOptions, Upload
 PREFIX = "msflow-streams:"
 
 
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path)
-    yield server
-    server.stop()
-
-
-def _queue(redis_server: RedisServer, **settings: object) -> JobQueue:
-    s = Settings(redis_url=redis_server.url, redis_prefix=PREFIX, redis_socket_timeout_s=0.25, redis_retries=1,
+def _queue(private_redis: RedisServer, **settings: object) -> JobQueue:
+    s = Settings(redis_url=private_redis.url, redis_prefix=PREFIX, redis_socket_timeout_s=0.25, redis_retries=1,
                  **settings)
     return JobQueue(s, RedisConnection(s, breaker_s=0.0))
 
@@ -38,9 +30,9 @@ def _queue(redis_server: RedisServer, **settings: object) -> JobQueue:
 class _Stall(threading.Thread):
     """Redis busy for ``seconds`` (as during a fork or a slow command): replies come late."""
 
-    def __init__(self, redis_server: RedisServer, seconds: float) -> None:
+    def __init__(self, private_redis: RedisServer, seconds: float) -> None:
         super().__init__()
-        self.client = redis.Redis(host="127.0.0.1", port=redis_server.port, socket_timeout=seconds + 5)
+        self.client = redis.Redis(host="127.0.0.1", port=private_redis.port, socket_timeout=seconds + 5)
         self.seconds, self.error = seconds, None
         self.start()
         time.sleep(0.05)  # the sleep has begun before the caller sends its command
@@ -59,14 +51,14 @@ class _Stall(threading.Thread):
 UPLOADS = [Upload(filename="a.png", data=b"\x89PNG" + b"x" * 1000)]
 
 
-def test_a_submission_retried_after_a_stall_is_one_job(redis_server: RedisServer) -> None:
-    r = redis_server.client()
+def test_a_submission_retried_after_a_stall_is_one_job(private_redis: RedisServer) -> None:
+    r = private_redis.client()
 
     async def scenario() -> None:
-        queue = _queue(redis_server)
+        queue = _queue(private_redis)
         records = []
         for _ in range(3):
-            stall = _Stall(redis_server, 0.4)  # longer than the 0.25 s socket timeout: the client retries
+            stall = _Stall(private_redis, 0.4)  # longer than the 0.25 s socket timeout: the client retries
             records.append(await queue.submit("brick", UPLOADS, InspectOptions(), None))
             stall.join()
         await queue.conn.aclose()
@@ -79,11 +71,11 @@ def test_a_submission_retried_after_a_stall_is_one_job(redis_server: RedisServer
     asyncio.run(scenario())
 
 
-def test_dead_lettering_is_idempotent_and_finished_jobs_leave_the_stream(redis_server: RedisServer) -> None:
-    r = redis_server.client()
+def test_dead_lettering_is_idempotent_and_finished_jobs_leave_the_stream(private_redis: RedisServer) -> None:
+    r = private_redis.client()
 
     async def scenario() -> None:
-        queue = _queue(redis_server)
+        queue = _queue(private_redis)
         await queue.ensure_groups(["brick"])
         a = await queue.submit("brick", UPLOADS, InspectOptions(), None)
         b = await queue.submit("brick", UPLOADS, InspectOptions(), None)
@@ -104,27 +96,27 @@ def test_dead_lettering_is_idempotent_and_finished_jobs_leave_the_stream(redis_s
     asyncio.run(scenario())
 
 
-def test_the_backlog_is_bounded(redis_server: RedisServer) -> None:
+def test_the_backlog_is_bounded(private_redis: RedisServer) -> None:
     async def scenario() -> None:
-        queue = _queue(redis_server, job_max_backlog=2)
+        queue = _queue(private_redis, job_max_backlog=2)
         await queue.submit("brick", UPLOADS, InspectOptions(), None)
         await queue.submit("brick", UPLOADS, InspectOptions(), None)
         with pytest.raises(BacklogFull):
             await queue.submit("brick", UPLOADS, InspectOptions(), None)
-        assert redis_server.client().xlen(f"{PREFIX}jobs:brick") == 2
+        assert private_redis.client().xlen(f"{PREFIX}jobs:brick") == 2
         await queue.submit("grass", UPLOADS, InspectOptions(), None)  # per category
         await queue.conn.aclose()
 
     asyncio.run(scenario())
 
 
-def test_queued_inputs_have_a_byte_budget_given_back_as_jobs_finish_or_expire(redis_server: RedisServer) -> None:
+def test_queued_inputs_have_a_byte_budget_given_back_as_jobs_finish_or_expire(private_redis: RedisServer) -> None:
     """10,000 jobs of up to 64 MiB each were allowed per category: one client could fill Redis."""
     size = len(UPLOADS[0].data)
-    r = redis_server.client()
+    r = private_redis.client()
 
     async def scenario() -> None:
-        queue = _queue(redis_server, job_max_backlog_bytes=2 * size + size // 2)
+        queue = _queue(private_redis, job_max_backlog_bytes=2 * size + size // 2)
         await queue.ensure_groups(["brick"])
         first = await queue.submit("brick", UPLOADS, InspectOptions(), None)
         await queue.submit("brick", UPLOADS, InspectOptions(), None)
@@ -144,7 +136,7 @@ def test_queued_inputs_have_a_byte_budget_given_back_as_jobs_finish_or_expire(re
         await queue.conn.aclose()
 
         # Inputs whose time ran out unfinished (no worker took them) leave the budget too.
-        short = _queue(redis_server, job_max_backlog_bytes=2 * size + size // 2, job_ttl_s=0.3)
+        short = _queue(private_redis, job_max_backlog_bytes=2 * size + size // 2, job_ttl_s=0.3)
         for _ in range(2):
             await short.submit("gravel", UPLOADS, InspectOptions(), None)
         with pytest.raises(BacklogFull):
@@ -159,11 +151,11 @@ def test_queued_inputs_have_a_byte_budget_given_back_as_jobs_finish_or_expire(re
     asyncio.run(scenario())
 
 
-def test_malformed_entries_are_dead_lettered_on_the_stream_they_came_from(redis_server: RedisServer) -> None:
-    r = redis_server.client()
+def test_malformed_entries_are_dead_lettered_on_the_stream_they_came_from(private_redis: RedisServer) -> None:
+    r = private_redis.client()
 
     async def scenario() -> None:
-        queue = _queue(redis_server)
+        queue = _queue(private_redis)
         await queue.ensure_groups(["brick", "grass"])
         good = await queue.submit("brick", UPLOADS, InspectOptions(), None)
         r.xadd(f"{PREFIX}jobs:brick", {"foo": "bar"})  # no job id at all
@@ -182,13 +174,13 @@ def test_malformed_entries_are_dead_lettered_on_the_stream_they_came_from(redis_
     asyncio.run(scenario())
 
 
-def test_the_dead_letter_stream_is_bounded(redis_server: RedisServer) -> None:
+def test_the_dead_letter_stream_is_bounded(private_redis: RedisServer) -> None:
     """Approximate trimming (MAXLEN ~) drops whole nodes of 100 entries: past the bound by
     far, the stream stays within one node of it."""
-    r = redis_server.client()
+    r = private_redis.client()
 
     async def scenario() -> None:
-        queue = _queue(redis_server, dead_letter_max=10)
+        queue = _queue(private_redis, dead_letter_max=10)
         await queue.ensure_groups(["brick"])
         error = ErrorBody(code="undecodable_image", message="cannot decode")
         for _ in range(3):
@@ -203,12 +195,12 @@ def test_the_dead_letter_stream_is_bounded(redis_server: RedisServer) -> None:
     assert 10 <= r.xlen(f"{PREFIX}jobs:dead-letter") <= 110  # 300 were dead-lettered
 
 
-def test_the_same_idempotency_key_is_the_same_job(redis_server: RedisServer) -> None:
+def test_the_same_idempotency_key_is_the_same_job(private_redis: RedisServer) -> None:
     """A client that never got its answer resubmits with the same Idempotency-Key: one job."""
-    r = redis_server.client()
+    r = private_redis.client()
 
     async def scenario() -> None:
-        queue = _queue(redis_server)
+        queue = _queue(private_redis)
         first = await queue.submit("brick", UPLOADS, InspectOptions(), None, idempotency_key="line-7:part-991")
         again = await queue.submit("brick", UPLOADS, InspectOptions(), None, idempotency_key="line-7:part-991")
         other = await queue.submit("brick", UPLOADS, InspectOptions(), None, idempotency_key="line-7:part-992")
@@ -219,7 +211,7 @@ def test_the_same_idempotency_key_is_the_same_job(redis_server: RedisServer) -> 
     asyncio.run(scenario())
 
 
-def test_a_20_mib_submission_rides_out_a_stall_without_tripping_the_hot_path(redis_server: RedisServer,
+def test_a_20_mib_submission_rides_out_a_stall_without_tripping_the_hot_path(private_redis: RedisServer,
                                                                             tmp_path: Path) -> None:
     """The API's job submissions carry the images: their connection's timeout is sized for
     max_request_bytes, not the 0.25 s of the hot path, and has no breaker. A 20 MiB job
@@ -228,7 +220,7 @@ def test_a_20_mib_submission_rides_out_a_stall_without_tripping_the_hot_path(red
     from service.pipeline.state import ServiceState
 
     (tmp_path / "store").mkdir()
-    settings = Settings(model_store=tmp_path / "store", redis_url=redis_server.url, redis_prefix=PREFIX,
+    settings = Settings(model_store=tmp_path / "store", redis_url=private_redis.url, redis_prefix=PREFIX,
                         redis_socket_timeout_s=0.25, redis_retries=0, max_request_bytes=24 * 1024 * 1024,
                         max_upload_bytes=24 * 1024 * 1024, store_poll_s=1.0)
     payload = [Upload(filename="big.png", data=b"\x89PNG" + bytes(20 * 1024 * 1024))]
@@ -236,11 +228,11 @@ def test_a_20_mib_submission_rides_out_a_stall_without_tripping_the_hot_path(red
     async def main() -> None:
         state = ServiceState(settings)
         try:
-            stall = _Stall(redis_server, 0.6)
+            stall = _Stall(private_redis, 0.6)
             record = await state.require_jobs().submit("brick", payload, InspectOptions(), request_id=None)
             stall.join()
             assert not state.redis.skipping  # the hot path's breaker never tripped
-            client = redis_server.client()
+            client = private_redis.client()
             assert client.xlen(state.require_jobs().stream("brick")) == 1
             stored = await state.require_jobs().records.get(record.id)
             assert stored is not None and stored.filenames == ["big.png"]

@@ -7,10 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
-import pytest
 import redis
 
 from harness import RedisServer
@@ -26,15 +23,8 @@ PREFIX = "msflow-budgets:"
 PNG_BYTES = 20_000
 
 
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path)
-    yield server
-    server.stop()
-
-
-def _settings(redis_server: RedisServer, **settings: object) -> Settings:
-    return Settings(redis_url=redis_server.url, redis_prefix=PREFIX, redis_socket_timeout_s=1.0, **settings)
+def _settings(private_redis: RedisServer, **settings: object) -> Settings:
+    return Settings(redis_url=private_redis.url, redis_prefix=PREFIX, redis_socket_timeout_s=1.0, **settings)
 
 
 def _charged(r: redis.Redis, name: str) -> dict[str, int]:
@@ -49,10 +39,10 @@ def _counted(metrics: ServiceMetrics, store: str) -> float:
     return metrics.redis_evictions.labels(store)._value.get()
 
 
-def test_links_past_the_budget_evict_the_oldest_and_redis_stays_within_it(redis_server: RedisServer) -> None:
-    r = redis_server.client()
+def test_links_past_the_budget_evict_the_oldest_and_redis_stays_within_it(private_redis: RedisServer) -> None:
+    r = private_redis.client()
     cost = entry_cost("heatmap:" + "x" * 32, PNG_BYTES)
-    settings = _settings(redis_server, heatmap_max_bytes=5 * cost + cost // 2, heatmap_ttl_s=60)
+    settings = _settings(private_redis, heatmap_max_bytes=5 * cost + cost // 2, heatmap_ttl_s=60)
     metrics = ServiceMetrics()
 
     async def scenario() -> None:
@@ -72,11 +62,11 @@ def test_links_past_the_budget_evict_the_oldest_and_redis_stays_within_it(redis_
     asyncio.run(scenario())
 
 
-def test_a_flood_of_links_holds_redis_memory_flat(redis_server: RedisServer) -> None:
+def test_a_flood_of_links_holds_redis_memory_flat(private_redis: RedisServer) -> None:
     """What the budget is for, measured as Redis sees it: 400 links of 20 KB (8 MB) into a
     1 MiB budget leave Redis's memory where 1 MiB of links leaves it."""
-    r = redis_server.client()
-    settings = _settings(redis_server, heatmap_max_bytes=1024 * 1024, heatmap_ttl_s=600)
+    r = private_redis.client()
+    settings = _settings(private_redis, heatmap_max_bytes=1024 * 1024, heatmap_ttl_s=600)
 
     async def put(conn: RedisConnection, n: int) -> None:
         links = HeatmapLinks(settings, conn, memory=False)
@@ -108,11 +98,11 @@ def _result(heatmap_bytes: int) -> CachedResult:
     return CachedResult(engine="onnxruntime-cpu", result=result)
 
 
-def test_cache_entries_past_the_budget_evict_the_soonest_expiring(redis_server: RedisServer) -> None:
-    r = redis_server.client()
+def test_cache_entries_past_the_budget_evict_the_soonest_expiring(private_redis: RedisServer) -> None:
+    r = private_redis.client()
     entry = _result(10_000)
     one = entry_cost("cache:brick:1:" + "0" * 64, len(entry.model_dump_json()))
-    settings = _settings(redis_server, cache_max_bytes=4 * one + one // 2, cache_ttl_s=60)
+    settings = _settings(private_redis, cache_max_bytes=4 * one + one // 2, cache_ttl_s=60)
     metrics = ServiceMetrics()
 
     async def scenario() -> None:
@@ -136,9 +126,9 @@ def test_cache_entries_past_the_budget_evict_the_soonest_expiring(redis_server: 
     asyncio.run(scenario())
 
 
-def test_entries_that_expired_leave_the_budget(redis_server: RedisServer) -> None:
-    r = redis_server.client()
-    settings = _settings(redis_server, heatmap_max_bytes=10 * 1024 * 1024, heatmap_ttl_s=0.3)
+def test_entries_that_expired_leave_the_budget(private_redis: RedisServer) -> None:
+    r = private_redis.client()
+    settings = _settings(private_redis, heatmap_max_bytes=10 * 1024 * 1024, heatmap_ttl_s=0.3)
 
     async def scenario() -> None:
         conn = RedisConnection(settings, breaker_s=0.0)
@@ -165,19 +155,19 @@ def _done(record: object, answer_bytes: int) -> object:
                                      "result": response})
 
 
-def test_finished_job_records_past_the_budget_evict_the_oldest_finished(redis_server: RedisServer) -> None:
+def test_finished_job_records_past_the_budget_evict_the_oldest_finished(private_redis: RedisServer) -> None:
     """Unfinished jobs are never evicted (their inputs have a budget of their own), and a
     repeated final write neither charges twice nor evicts."""
-    r = redis_server.client()
+    r = private_redis.client()
     record_bytes = 30_000
 
     async def scenario() -> None:
-        probe = JobQueue(_settings(redis_server), RedisConnection(_settings(redis_server), breaker_s=0.0))
+        probe = JobQueue(_settings(private_redis), RedisConnection(_settings(private_redis), breaker_s=0.0))
         sample = await probe.submit("gravel", UPLOADS, InspectOptions(), None)
         one = entry_cost(f"job:{sample.id}", len(_done(sample, record_bytes).model_dump_json()))  # type: ignore[attr-defined]
         await probe.conn.aclose()
 
-        settings = _settings(redis_server, job_max_results_bytes=3 * one + one // 2)
+        settings = _settings(private_redis, job_max_results_bytes=3 * one + one // 2)
         queue = JobQueue(settings, RedisConnection(settings, breaker_s=0.0))
         await queue.ensure_groups(["brick"])
         jobs = [await queue.submit("brick", UPLOADS, InspectOptions(), None) for _ in range(6)]
@@ -194,15 +184,15 @@ def test_finished_job_records_past_the_budget_evict_the_oldest_finished(redis_se
     asyncio.run(scenario())
 
 
-def test_an_expired_record_resubmitted_under_its_key_is_not_evicted_for_it(redis_server: RedisServer) -> None:
+def test_an_expired_record_resubmitted_under_its_key_is_not_evicted_for_it(private_redis: RedisServer) -> None:
     """The index may still name a finished record that expired by its TTL (a write sweeps 32
     such names at a time); a job submitted again under the same idempotency key has that
     name, and an eviction must not delete the new job's record."""
-    r = redis_server.client()
+    r = private_redis.client()
     expiry, sizes = f"{PREFIX}budget:job-results:brick:expiry", f"{PREFIX}budget:job-results:brick:bytes"
 
     async def scenario() -> None:
-        settings = _settings(redis_server, job_max_results_bytes=60_000)
+        settings = _settings(private_redis, job_max_results_bytes=60_000)
         queue = JobQueue(settings, RedisConnection(settings, breaker_s=0.0))
         await queue.ensure_groups(["brick"])
         again = await queue.submit("brick", UPLOADS, InspectOptions(), None, idempotency_key="part-1")
@@ -223,9 +213,9 @@ def test_an_expired_record_resubmitted_under_its_key_is_not_evicted_for_it(redis
     asyncio.run(scenario())
 
 
-def test_budgets_past_maxmemory_are_reported_at_start(redis_server: RedisServer) -> None:
-    r = redis_server.client()
-    settings = _settings(redis_server)  # defaults: (512 + 256) MiB a category + 256 + 256 MiB
+def test_budgets_past_maxmemory_are_reported_at_start(private_redis: RedisServer) -> None:
+    r = private_redis.client()
+    settings = _settings(private_redis)  # defaults: (512 + 256) MiB a category + 256 + 256 MiB
 
     async def warning(categories: int, s: Settings = settings) -> str | None:
         conn = RedisConnection(s, breaker_s=0.0)
@@ -239,7 +229,7 @@ def test_budgets_past_maxmemory_are_reported_at_start(redis_server: RedisServer)
     assert asyncio.run(warning(1)) is None  # 1,280 MiB
     text = asyncio.run(warning(3))  # 2,816 MiB
     assert text is not None and "maxmemory is 2048 MiB" in text and "2816 MiB for 3 categories" in text
-    assert asyncio.run(warning(3, _settings(redis_server, job_max_backlog_bytes=128 * 1024**2))) is None
+    assert asyncio.run(warning(3, _settings(private_redis, job_max_backlog_bytes=128 * 1024**2))) is None
     r.config_set("maxmemory", "0")
     gone = Settings(redis_url="redis://127.0.0.1:1/0", redis_socket_timeout_s=0.2, redis_connect_timeout_s=0.2)
     assert asyncio.run(warning(3, gone)) is None, "Redis unreachable: the check is skipped, start-up goes on"
