@@ -31,7 +31,7 @@ from pathlib import Path
 import uvloop
 
 from loadtests.redis_proc import RedisProc
-from service.config import Settings
+from service.config import Settings, largest_heatmap_png_bytes
 from service.metrics import ServiceMetrics
 from service.redisq.budget import entry_cost
 from service.redisq.connection import RedisConnection
@@ -50,7 +50,8 @@ async def flood_links(redis: RedisProc, budget: int, links: int, link_bytes: int
     """Redis's used_memory growth (bytes) after ``links`` links into ``budget``."""
     r = redis.client()
     r.flushall()
-    settings = Settings(redis_url=redis.url, redis_prefix="bench:", heatmap_max_bytes=budget, heatmap_ttl_s=600)
+    settings = Settings(redis_url=redis.url, redis_prefix="bench:", heatmap_max_bytes=budget, heatmap_ttl_s=600,
+                        max_heatmap_pixels=max(1, (budget - largest_heatmap_png_bytes(0)) // 4))
     conn = RedisConnection(settings, breaker_s=0.0)
     store = HeatmapLinks(settings, conn, memory=False)
     before = r.info("memory")["used_memory"]

@@ -152,7 +152,8 @@ class Settings(BaseSettings):
                                        "pool is not an outage: the breaker stays closed)")
     heatmap_ttl_s: float = Field(600.0, gt=0.0, description="lifetime of a heatmap=url link")
     heatmap_max_bytes: int = Field(256 * MiB, ge=1, description="bytes of heatmap=url PNGs in Redis (every "
-                                   "replica's together); a new link past it evicts those expiring soonest")
+                                   "replica's together); a new link past it evicts those expiring soonest; at least "
+                                   "4 x max_heatmap_pixels + 64 KiB, the largest PNG a heatmap can be")
     heatmap_memory_items: int = Field(512, ge=1, description="in-process link store bound (links)")
     heatmap_memory_bytes: int = Field(64 * MiB, ge=1, description="in-process link store bound (PNG bytes)")
     cache_enabled: bool = Field(True, description="result cache (needs Redis)")
@@ -277,6 +278,11 @@ class Settings(BaseSettings):
             raise ValueError("max_request_megapixels exceeds max_inflight_megapixels: such requests could never run")
         if self.max_upload_bytes > self.max_request_bytes:
             log.warning("max_upload_bytes > max_request_bytes: the request limit applies first")
+        if self.heatmap_max_bytes < (largest := largest_heatmap_png_bytes(self.max_heatmap_pixels)):
+            # A link is stored whole or not at all: below this, a large heatmap's link would fail
+            # as though Redis were down, and the worker would retry that job until dead-lettered.
+            raise ValueError(f"heatmap_max_bytes ({self.heatmap_max_bytes}) is below the largest heatmap PNG "
+                             f"(max_heatmap_pixels {self.max_heatmap_pixels}: up to {largest} bytes)")
         if self.redis_url is not None and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("redis_url must start with redis://, rediss:// or unix://")
         if self.dev_open_admin and self.host not in LOOPBACK_HOSTS:
@@ -284,6 +290,14 @@ class Settings(BaseSettings):
                              f"allowed only on a loopback host ({', '.join(sorted(LOOPBACK_HOSTS))}); configure "
                              "MSFLOW_ADMIN_API_KEYS instead")
         return self
+
+
+def largest_heatmap_png_bytes(pixels: int) -> int:
+    """An upper bound on a heatmap PNG of ``pixels``: an RGB overlay that deflate could not
+    shrink (3 bytes a pixel, a filter byte a row, at most one row a pixel) plus the PNG and
+    zlib framing and what Redis charges per entry (service/redisq/budget.py), both well under
+    64 KiB."""
+    return 4 * pixels + 64 * 1024
 
 
 def unknown_env(environ: Mapping[str, str] | None = None) -> list[str]:

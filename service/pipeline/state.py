@@ -113,12 +113,12 @@ class ServiceState(PipelineRuntime):
         if self._loading is not None and not self._loading.done():
             self._loading.cancel()
         await self.close()
-        if self._budget_check is not None:
-            self._budget_check.cancel()
-        if self._collector_report is not None:
-            self._collector_report.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._collector_report
+        # Awaited before the bulk connection closes under them.
+        for task in (self._budget_check, self._collector_report):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._bulk_redis is not None:
             await self._bulk_redis.aclose()
 

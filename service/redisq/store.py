@@ -115,7 +115,7 @@ class HeatmapLinks:
         if self.budgeted is not None:
             key = self._key(link_id)
             try:
-                if not self.budgeted.fits(key, png):
+                if not self.budgeted.fits(key, png):  # settings refuse such a budget: a safeguard
                     raise RedisUnavailable(f"a heatmap of {len(png)} bytes exceeds MSFLOW_HEATMAP_MAX_BYTES")
                 evicted = await self.budgeted.put("heatmap_put", [(key, png, ttl_ms)])
                 durable = True

@@ -24,6 +24,8 @@ PNG_BYTES = 20_000
 
 
 def _settings(private_redis: RedisServer, **settings: object) -> Settings:
+    # Small heatmaps, so that link budgets of a few links are valid settings.
+    settings.setdefault("max_heatmap_pixels", 4096)
     return Settings(redis_url=private_redis.url, redis_prefix=PREFIX, redis_socket_timeout_s=1.0, **settings)
 
 

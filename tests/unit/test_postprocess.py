@@ -200,6 +200,18 @@ def test_an_overlay_is_the_blend_written_as_an_rgb_png() -> None:
     np.testing.assert_array_equal(np.asarray(png), expected)
 
 
+def test_no_heatmap_png_is_larger_than_the_bound_the_link_budget_is_checked_against() -> None:
+    from service.config import largest_heatmap_png_bytes
+    from service.pipeline.render import render_heatmap
+
+    rng = np.random.default_rng(3)
+    noise = rng.random((S, S), dtype=np.float32)  # a map deflate cannot shrink either
+    for width, height in ((640, 480), (1, 5000), (5000, 1)):  # a thin image: a filter byte per pixel
+        background = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        png = render_heatmap(noise, MANIFEST.calibration, (width, height), background)
+        assert 0.9 * 3 * width * height < len(png) <= largest_heatmap_png_bytes(width * height)
+
+
 def test_normalise_map_clips_and_paints_non_finite_values_at_their_ends() -> None:
     """low -> 0, high -> 255, clipped outside; NaN counts as low, infinities as their end,
     and a finite value that overflows float32 when scaled as high."""

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from service import config
-from service.config import Settings, unknown_env, warn_unknown_env
+from service.config import Settings, largest_heatmap_png_bytes, unknown_env, warn_unknown_env
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -51,3 +51,11 @@ def test_the_deployment_examples_carry_only_refused_keys() -> None:
     for name in ("MSFLOW_API_KEYS", "MSFLOW_ADMIN_API_KEYS"):
         assert env[name].startswith(config.PLACEHOLDER_KEY_PREFIX)
         assert re.search(rf"^\s+{name}: {config.PLACEHOLDER_KEY_PREFIX}", secret, re.M), name
+
+
+def test_a_link_budget_smaller_than_the_largest_heatmap_is_refused() -> None:
+    pixels = Settings().max_heatmap_pixels
+    assert Settings().heatmap_max_bytes >= largest_heatmap_png_bytes(pixels)  # the defaults hold
+    with pytest.raises(ValueError, match="largest heatmap PNG"):
+        Settings(heatmap_max_bytes=largest_heatmap_png_bytes(pixels) - 1)
+    assert Settings(heatmap_max_bytes=1024 * 1024, max_heatmap_pixels=200_000).heatmap_max_bytes == 1024 * 1024
