@@ -310,6 +310,18 @@ def test_compose_every_service_has_healthcheck_and_restart_policy():
                 assert services()[dep].get("healthcheck", {}).get("test"), f"{name} waits on {dep}'s healthcheck"
 
 
+def test_compose_bounds_what_the_stack_keeps_on_disk():
+    # Docker's json-file driver keeps a container's output unbounded unless told otherwise.
+    for name, svc in services().items():
+        logging = svc.get("logging") or {}
+        assert logging.get("driver") == "json-file", f"{name} logs without rotation"
+        size, files = logging["options"]["max-size"], logging["options"]["max-file"]
+        assert re.fullmatch(r"\$\{MSFLOW_LOG_MAX_SIZE:-\d+[kmg]\}", size), size
+        assert re.fullmatch(r"\$\{MSFLOW_LOG_MAX_FILES:-\d+\}", files), files
+    prometheus = " ".join(services()["prometheus"]["command"])
+    assert "--storage.tsdb.retention.size=" in prometheus and "--storage.tsdb.retention.time=" in prometheus
+
+
 def test_compose_api_port_healthcheck_and_settings():
     api = services()["api"]
     env = api["environment"]
