@@ -292,6 +292,8 @@ def run(args: argparse.Namespace) -> int:
         env["MSFLOW_INTRA_OP_THREADS"] = str(args.intra_op_threads)
     if args.loop_work_pixels is not None:
         env["MSFLOW_LOOP_WORK_PIXELS"] = str(args.loop_work_pixels)
+    if args.access_log:
+        env.update({"MSFLOW_ACCESS_LOG": "true", "MSFLOW_LOG_LEVEL": "info"})
     if args.servers > 1 and args.api_processes > 1:
         raise SystemExit("--servers N runs N single-process servers: leave --api-processes at 1")
     if args.client == "wrk":
@@ -420,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image", help="post this image (resized to each kind's side, encoded in its format) instead "
                    "of the brick texture: with --engine onnx, a good or a defective part of the category measures "
                    "what the answers cost on each (a defect's regions cost more than none)")
+    p.add_argument("--access-log", action="store_true", help="serve with the access log on, as by default (a "
+                   "line per request; the benchmark's server is otherwise quiet), written to the server's log file")
     p.add_argument("--no-profile", dest="profile", action="store_false", help="skip the per-stage CPU profile")
     p.add_argument("--out")
     return run(p.parse_args(argv))
