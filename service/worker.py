@@ -56,7 +56,8 @@ from service.pipeline.registry import ModelNotLoaded, UnknownCategory
 from service.pipeline.runtime import Lane, NonFiniteOutput, PipelineRuntime
 from service.redisq.connection import RedisConnection, RedisUnavailable, make_client
 from service.redisq.jobs import Delivery, JobQueue
-from service.redisq.store import FINAL_STATES, JobRecord, Unreadable, utcnow
+from service.redisq.records import FINAL_STATES, FinalWrite, JobRecord, RecordTooLarge, Unreadable
+from service.redisq.store import utcnow
 from service.schemas import ErrorBody, InspectResponse, Upload
 
 log = logging.getLogger(__name__)
@@ -226,9 +227,13 @@ class Worker:
         jobs: list[_Job] = []
         for delivery, (record, data) in zip(deliveries, loaded):
             if isinstance(record, Unreadable):  # would fail the same way on every delivery
-                await self.queue.dead_letter(delivery, None, ErrorBody(code="invalid_record", message=record.reason),
-                                             self.name)
-                self.metrics.jobs.labels(category, "dead_lettered").inc()
+                # Written over with a failed record this version reads: its GET then says why,
+                # and its images and their charge on the backlog's bytes go now, not in a day.
+                now = utcnow()
+                readable = JobRecord(id=delivery.job_id, category=category, status="queued", created_at=now,
+                                     updated_at=now, filenames=[])
+                self._count(category, "dead_lettered", await self.queue.dead_letter(
+                    delivery, readable, ErrorBody(code="invalid_record", message=record.reason), self.name))
             elif record is None or record.status in FINAL_STATES:
                 # Expired, or finished by a worker that died before its XACK: nothing to redo.
                 self.metrics.jobs.labels(category, "expired" if record is None else "duplicate").inc()
@@ -237,9 +242,7 @@ class Worker:
                 # Delivered too often without a recorded outcome: it kills (or hangs) its workers.
                 error = record.error or ErrorBody(code="worker_lost", message=(
                     f"the job was delivered {delivery.deliveries} times and no worker finished it"))
-                evicted = await self.queue.dead_letter(delivery, record, error, self.name)
-                self.metrics.jobs.labels(category, "dead_lettered").inc()
-                self.metrics.redis_evictions.labels("job_results").inc(evicted)
+                self._count(category, "dead_lettered", await self.queue.dead_letter(delivery, record, error, self.name))
             else:
                 record = record.model_copy(update={"status": "running", "attempts": delivery.deliveries,
                                                    "worker": self.name, "updated_at": utcnow()})
@@ -302,26 +305,46 @@ class Worker:
 
 
     async def _finish(self, category: str, job: _Job) -> None:
+        """Record the job's outcome. While Redis is unavailable the write is retried every
+        second: the result is computed, and a restart or failover of Redis must not cost a
+        rerun (nor, repeated, the job's attempts). Once the worker stops, one last try; then
+        the job stays pending and is redelivered."""
+        while True:
+            try:
+                await self._record_outcome(category, job)
+                return
+            except RedisUnavailable as exc:
+                if self.stop.is_set():
+                    log.warning("job %s: cannot record its outcome (%s); it will be redelivered", job.record.id, exc)
+                    return
+                log.warning("job %s: cannot record its outcome yet (%s); retrying in 1 s", job.record.id, exc)
+                await self._sleep(1.0)
+
+    async def _record_outcome(self, category: str, job: _Job) -> None:
         """Final record + XACK, or a recorded failed attempt (retried later, or dead-lettered)."""
-        try:
-            if job.error is None:
-                evicted = await self.queue.complete(job.delivery, job.record)
-                self.metrics.jobs.labels(category, "done").inc()
-                self.metrics.redis_evictions.labels("job_results").inc(evicted)
-            elif job.error.permanent or job.delivery.deliveries >= self.settings.job_max_attempts:
-                evicted = await self.queue.dead_letter(job.delivery, job.record, job.error.error, self.name)
-                self.metrics.jobs.labels(category, "dead_lettered").inc()
-                self.metrics.redis_evictions.labels("job_results").inc(evicted)
-            else:
-                log.warning("job %s attempt %d failed: %s: %s (retried after %.1f s)", job.record.id,
-                            job.delivery.deliveries, job.error.error.code, job.error.error.message,
-                            self.settings.job_claim_idle_s)
-                # Left pending: XAUTOCLAIM hands it out again once idle past job_claim_idle_s.
-                await self.queue.records.write(job.record.model_copy(update={
-                    "status": "queued", "error": job.error.error, "updated_at": utcnow()}))
-                self.metrics.jobs.labels(category, "retried").inc()
-        except RedisUnavailable as exc:  # not acknowledged: another attempt will come
-            log.warning("job %s: cannot record its outcome (%s); it will be redelivered", job.record.id, exc)
+        if job.error is None:
+            try:
+                self._count(category, "done", await self.queue.complete(job.delivery, job.record))
+                return
+            except RecordTooLarge as exc:  # would evict every other finished record
+                job.error = JobFailed("result_too_large", str(exc), permanent=True)
+        if job.error.permanent or job.delivery.deliveries >= self.settings.job_max_attempts:
+            self._count(category, "dead_lettered",
+                        await self.queue.dead_letter(job.delivery, job.record, job.error.error, self.name))
+        else:
+            log.warning("job %s attempt %d failed: %s: %s (retried after %.1f s)", job.record.id,
+                        job.delivery.deliveries, job.error.error.code, job.error.error.message,
+                        self.settings.job_claim_idle_s)
+            # Left pending: XAUTOCLAIM hands it out again once idle past job_claim_idle_s.
+            await self.queue.records.write(job.record.model_copy(update={
+                "status": "queued", "error": job.error.error, "updated_at": utcnow()}))
+            self.metrics.jobs.labels(category, "retried").inc()
+
+    def _count(self, category: str, outcome: str, write: FinalWrite) -> None:
+        """A final write's outcome, or "duplicate" when the job was final already (finished by
+        a worker it was claimed from, say): each job counts once."""
+        self.metrics.jobs.labels(category, outcome if write.written else "duplicate").inc()
+        self.metrics.redis_evictions.labels("job_results").inc(write.evicted)
 
     async def _keep_alive(self, held: dict[str, set[str]]) -> None:
         """Keep our claim on every job in hand fresh (all categories, whether running or still

@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from models.review_store import ItemNotFound, ReviewError
 from service.engines.base import EngineError
@@ -126,7 +127,8 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(422, "invalid_bounds", str(exc), exc.details)
 
     @app.exception_handler(CallerGone)
-    async def caller_gone(request: Request, exc: CallerGone) -> Response:
+    @app.exception_handler(ClientDisconnect)  # gone while its body was arriving: not our error
+    async def caller_gone(request: Request, exc: Exception) -> Response:
         return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
 
     @app.exception_handler(UnknownCategory)

@@ -13,6 +13,7 @@ from service.api.auth import Authed, NotCrossSite
 from service.api.deps import ERRORS, CategoryDep, StateDep
 from service.api.errors import ApiError
 from service.api.uploads import read_uploads
+from service.redisq.records import Unreadable
 from service.schemas import HeatmapMode, HeatmapSize, InspectOptions, JobAccepted, JobStatus
 
 router = APIRouter()
@@ -49,6 +50,8 @@ async def get_job(job_id: str, state: StateDep) -> JobStatus:
     if record is None:
         raise ApiError(404, "job_not_found", "no such job: it never existed, expired (MSFLOW_JOB_TTL_S), or "
                        "finished long enough ago to be evicted (MSFLOW_JOB_MAX_RESULTS_BYTES)")
+    if isinstance(record, Unreadable):  # written by another version of the service, or damaged
+        raise ApiError(500, "job_record_unreadable", f"this job's stored record cannot be read: {record.reason}")
     return JobStatus(id=record.id, status=record.status, category=record.category, created_at=record.created_at,
                      updated_at=record.updated_at, attempts=record.attempts, worker=record.worker,
                      result=record.result, error=record.error)

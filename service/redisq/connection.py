@@ -113,6 +113,8 @@ class RedisConnection:
         """PING, even while the breaker is open (a success closes it, so recovery shows at once)."""
         try:
             await self.client.ping()
+        except MaxConnectionsError:  # every connection busy with calls: Redis answers them
+            return "degraded" if self.skipping else "ok"
         except (RedisError, OSError, TimeoutError) as exc:
             self._trip("ping", exc)
             return "degraded"

@@ -1,6 +1,6 @@
 """Async inspection jobs on Redis Streams: one stream per category, one consumer group.
 
-``POST /v1/jobs/<category>`` stores the job (:class:`~service.redisq.store.JobRecord` + images)
+``POST /v1/jobs/<category>`` stores the job (:class:`~service.redisq.records.JobRecord` + images)
 and adds ``{job_id, category}`` to ``jobs:<category>`` in one MULTI. Workers
 (:mod:`service.worker`) read with XREADGROUP in the group ``workers``: a message stays in
 the group's pending list until the worker acknowledges it (XACK) after writing the final
@@ -14,7 +14,7 @@ record. Delivery guarantees, each for a reason:
   pending for a later retry; when attempt ``job_max_attempts`` fails, or a job is delivered
   more often than that (it kills its workers), it goes to the ``jobs:dead-letter`` stream
   with its error, its record says ``failed``, and it is acknowledged, in one MULTI.
-* Result writes are idempotent (:meth:`~service.redisq.store.JobRecords.stage_write`): the first
+* Result writes are idempotent (:meth:`~service.redisq.records.JobRecords.stage_write`): the first
   final state wins, so a job processed twice ends in one final record.
 * Submission and dead-lettering are Lua scripts keyed by the job id: redis-py retries a
   command whose reply was lost (a stalled Redis, a fork), and a retried script finds its
@@ -35,7 +35,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -47,31 +46,42 @@ from redis.exceptions import ResponseError
 from service.config import Settings
 from service.redisq.connection import RedisConnection
 from service.schemas import ErrorBody, InspectOptions, Upload
-from service.redisq.store import JobRecord, JobRecords, new_job_id, release_input_lua, utcnow
+from service.redisq.records import FinalWrite, JobRecord, JobRecords, new_job_id, release_input_lua
+from service.redisq.store import utcnow
 
 log = logging.getLogger(__name__)
 
 GROUP = "workers"
+_CLAIM_SCAN_STEPS = 8  # XAUTOCLAIM calls per claim at most (each scans ten entries per one asked for)
 
 # KEYS: record, images, stream, inputs' expiry, inputs' bytes (JobRecords.inputs_keys).
-# ARGV: record JSON, ttl ms, backlog cap, MINID, job id, category, bytes cap, now ms, bytes, images...
+# ARGV: record JSON, ttl ms, backlog cap, job id, category, bytes cap, bytes, images...
 # Inputs whose time ran out (their keys expired unfinished) leave the budget here, a hundred
-# at a time; a finished job's leave it with its final write (store._WRITE_UNLESS_FINAL).
+# at a time, and so does this job's own earlier charge (an idempotency key resubmitted after
+# its job expired unswept: else its old bytes stayed counted for good); a finished job's
+# leave it with its final write (store._WRITE_UNLESS_FINAL). Times are Redis's, as its TTLs
+# and stream ids are: an API host's clock ahead or behind moved both ends of the budget.
 _SUBMIT = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 if redis.call('XLEN', KEYS[3]) >= tonumber(ARGV[3]) then return -1 end
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', ARGV[8], 'LIMIT', 0, 100)) do
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[2])
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now, 'LIMIT', 0, 100)) do
 """ + release_input_lua("KEYS[4]", "KEYS[5]", "id") + """
 end
-local size = tonumber(ARGV[9])
-if (tonumber(redis.call('HGET', KEYS[5], '#total')) or 0) + size > tonumber(ARGV[7]) then return -2 end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+""" + release_input_lua("KEYS[4]", "KEYS[5]", "ARGV[4]") + """
+local size = tonumber(ARGV[7])
+if (tonumber(redis.call('HGET', KEYS[5], '#total')) or 0) + size > tonumber(ARGV[6]) then return -2 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
 redis.call('DEL', KEYS[2])
-for i = 10, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
-redis.call('PEXPIRE', KEYS[2], ARGV[2])
-redis.call('XADD', KEYS[3], 'MINID', '~', ARGV[4], '*', 'job_id', ARGV[5], 'category', ARGV[6])
-redis.call('ZADD', KEYS[4], tonumber(ARGV[8]) + tonumber(ARGV[2]), ARGV[5])
-redis.call('HSET', KEYS[5], ARGV[5], size)
+for i = 8, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
+redis.call('PEXPIRE', KEYS[2], ttl)
+-- older entries' records are gone
+local minid = string.format('%.0f', math.max(0, now - ttl)) .. '-0'
+redis.call('XADD', KEYS[3], 'MINID', '~', minid, '*', 'job_id', ARGV[4], 'category', ARGV[5])
+redis.call('ZADD', KEYS[4], now + ttl, ARGV[4])
+redis.call('HSET', KEYS[5], ARGV[4], size)
 redis.call('HINCRBY', KEYS[5], '#total', size)
 return 1
 """
@@ -142,6 +152,7 @@ class JobQueue:
         self.conn = conn
         self.records = JobRecords(settings, conn)
         self.claim_idle_ms = int(settings.job_claim_idle_s * 1000)
+        self._claim_cursor: dict[str, str] = {}  # per category: where the last XAUTOCLAIM scan stopped
 
     def stream(self, category: str) -> str:
         return self.conn.key("jobs", category)
@@ -163,13 +174,10 @@ class JobQueue:
         record = JobRecord(id=job_id, category=category, status="queued", created_at=now, updated_at=now,
                            request_id=request_id, options=options, filenames=[u.filename for u in uploads])
 
-        now_ms = int(time.time() * 1000)
-        oldest_ms = max(0, now_ms - self.records.ttl_ms)  # older entries' records are gone
         keys = [self.records.record_key(record.id), self.records.images_key(record.id), self.stream(category),
                 *self.records.inputs_keys(category)]
-        args = [record.model_dump_json(), self.records.ttl_ms, self.settings.job_max_backlog, f"{oldest_ms}-0",
-                record.id, category, self.settings.job_max_backlog_bytes, now_ms, sum(len(u.data) for u in uploads),
-                *(u.data for u in uploads)]
+        args = [record.model_dump_json(), self.records.ttl_ms, self.settings.job_max_backlog, record.id, category,
+                self.settings.job_max_backlog_bytes, sum(len(u.data) for u in uploads), *(u.data for u in uploads)]
         queued = int(await self.conn.run("job_submit", lambda r: r.eval(_SUBMIT, len(keys), *keys, *args)))
         if queued == -1:
             raise BacklogFull(f"{category}: {self.settings.job_max_backlog} jobs are waiting; retry later")
@@ -226,11 +234,21 @@ class JobQueue:
 
     async def claim(self, category: str, consumer: str, count: int) -> list[Delivery]:
         """Messages of dead workers: pending and idle past ``job_claim_idle_s`` (XAUTOCLAIM),
-        with their delivery counts (XPENDING)."""
+        with their delivery counts (XPENDING).
+
+        XAUTOCLAIM looks at ten entries per one asked for, from its cursor: from the start
+        every time, ten live workers' jobs ahead of a dead one's hid it until they finished.
+        So the scan goes on from where the last one stopped, a few steps per call, and wraps."""
         stream = self.stream(category)
-        reply = await self.conn.run("xautoclaim", lambda r: r.xautoclaim(
-            stream, GROUP, consumer, self.claim_idle_ms, "0-0", count=count))
-        messages = [(_text(i), f) for i, f in reply[1] if f]  # entries deleted from the stream have no fields
+        messages: list[tuple[str, Any]] = []
+        for _ in range(_CLAIM_SCAN_STEPS):
+            cursor = self._claim_cursor.get(category, "0-0")
+            reply = await self.conn.run("xautoclaim", lambda r: r.xautoclaim(
+                stream, GROUP, consumer, self.claim_idle_ms, cursor, count=count))
+            self._claim_cursor[category] = _text(reply[0])
+            messages = [(_text(i), f) for i, f in reply[1] if f]  # entries deleted from the stream have no fields
+            if messages or self._claim_cursor[category] == "0-0":  # found, or the scan wrapped
+                break
         if not messages:
             return []
 
@@ -259,9 +277,10 @@ class JobQueue:
             await self.conn.run("xclaim", lambda r: r.xclaim(
                 self.stream(category), GROUP, consumer, 0, list(stream_ids), justid=True))
 
-    async def complete(self, delivery: Delivery, record: JobRecord) -> int:
+    async def complete(self, delivery: Delivery, record: JobRecord) -> FinalWrite:
         """Write the final record (idempotently), acknowledge and drop the entry, in one MULTI.
-        Returns how many older finished records it evicted (``job_max_results_bytes``)."""
+        Raises :class:`~service.redisq.records.RecordTooLarge` (nothing written) for a record
+        larger than the whole ``job_max_results_bytes``."""
         async def done(r: aioredis.Redis) -> list[Any]:
             async with r.pipeline(transaction=True) as pipe:
                 self.records.stage_write(pipe, record)
@@ -269,8 +288,7 @@ class JobQueue:
                 pipe.xdel(self.stream(delivery.message.category), delivery.stream_id)
                 return await pipe.execute()
 
-        written = int((await self.conn.run("job_complete", done))[0])
-        return max(0, written - 1)
+        return _final_write(int((await self.conn.run("job_complete", done))[0]))
 
     async def ack(self, delivery: Delivery) -> None:
         """Acknowledge and drop an entry with nothing (more) to do."""
@@ -283,9 +301,11 @@ class JobQueue:
         await self.conn.run("xack", drop)
 
     async def dead_letter(self, delivery: Delivery, record: JobRecord | None, error: ErrorBody,
-                          worker: str) -> int:
-        """Mark the job failed with ``error``, add it to the dead-letter stream, acknowledge: one
-        MULTI. Returns how many older finished records the failed one evicted."""
+                          worker: str) -> FinalWrite:
+        """Mark the job failed with ``error`` (the record, whose result is dropped: a failed
+        record holds an error; with it go the job's images and their charge), add it to the
+        dead-letter stream, acknowledge: one MULTI. ``record`` None (an entry too malformed to
+        name its job for sure): only the stream entry is dead-lettered."""
         fields = {"job_id": delivery.job_id, "category": delivery.message.category,
                   "stream_id": delivery.stream_id, "attempts": str(delivery.deliveries), "error_code": error.code,
                   "error_message": error.message, "worker": worker, "failed_at": utcnow().isoformat()}
@@ -300,12 +320,17 @@ class JobQueue:
             async with r.pipeline(transaction=True) as pipe:
                 if record is not None:  # idempotent: the first final state wins
                     self.records.stage_write(pipe, record.model_copy(update={
-                        "status": "failed", "error": error, "attempts": delivery.deliveries, "worker": worker,
-                        "updated_at": utcnow()}))
+                        "status": "failed", "result": None, "error": error, "attempts": delivery.deliveries,
+                        "worker": worker, "updated_at": utcnow()}), check_fit=False)
                 pipe.eval(_DEAD_LETTER, len(keys), *keys, *args)
                 return await pipe.execute()
 
         replies = await self.conn.run("dead_letter", bury)
         log.warning("job %s (%s) dead-lettered after %d attempt(s): %s: %s", delivery.job_id,
                     delivery.message.category, delivery.deliveries, error.code, error.message)
-        return max(0, int(replies[0]) - 1) if record is not None else 0
+        return _final_write(int(replies[0])) if record is not None else FinalWrite(bool(int(replies[0])))
+
+
+def _final_write(reply: int) -> FinalWrite:
+    """The record script's reply: 0 when nothing was written, else 1 + the evictions."""
+    return FinalWrite(written=reply > 0, evicted=max(0, reply - 1))

@@ -338,3 +338,23 @@ def test_bytes_that_are_not_http_get_the_api_error_shape(server: Server) -> None
     with _connect(server) as sock:
         sock.sendall(b"GARBAGE\r\n\r\n")
         _error(_answer(sock), 400, "bad_request")
+
+
+def test_a_client_gone_mid_upload_is_499_not_a_server_error(server: Server) -> None:
+    """Starlette raises ClientDisconnect when the connection closes under a body being read:
+    it was answered 500 and logged with a traceback, so any client could raise the error rate."""
+    def count(status: str) -> float:
+        with httpx.Client(base_url=server.url) as client:
+            return metric(client, "msflow_requests_total", endpoint="/v1/inspect/{category}", status=status)
+
+    errors, gone = count("500"), count("499")
+    for content_type in (b"image/png", b"multipart/form-data; boundary=zz"):
+        with _connect(server) as sock:
+            sock.sendall(b"POST /v1/inspect/brick HTTP/1.1\r\nHost: x\r\ncontent-type: " + content_type +
+                         b"\r\ncontent-length: 1000000\r\n\r\n--zz\r\n" + b"x" * 1000)
+            time.sleep(0.3)
+    deadline = time.monotonic() + 5
+    while count("499") < gone + 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert (count("500"), count("499")) == (errors, gone + 2)
+    assert "ClientDisconnect" not in server.log()

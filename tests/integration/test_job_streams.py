@@ -211,6 +211,50 @@ def test_the_same_idempotency_key_is_the_same_job(private_redis: RedisServer) ->
     asyncio.run(scenario())
 
 
+def test_a_key_resubmitted_after_its_job_expired_is_charged_once(private_redis: RedisServer) -> None:
+    """A submission sweeps a hundred expired charges; a key resubmitted beyond those used to
+    overwrite its old charge without taking it off the total, leaking it for good."""
+    size = len(UPLOADS[0].data)
+    r = private_redis.client()
+
+    async def scenario() -> None:
+        queue = _queue(private_redis, job_ttl_s=0.3)
+        for i in range(100):
+            await queue.submit("brick", UPLOADS, InspectOptions(), None, idempotency_key=f"k{i}")
+        await asyncio.sleep(0.01)  # the last job expires after those: beyond one sweep of a hundred
+        await queue.submit("brick", UPLOADS, InspectOptions(), None, idempotency_key="k100")
+        await asyncio.sleep(0.4)
+        await queue.submit("brick", UPLOADS, InspectOptions(), None, idempotency_key="k100")
+        sizes = {k.decode(): int(v) for k, v in r.hgetall(f"{PREFIX}jobs-inputs:brick:bytes").items()}
+        assert sizes.pop("#total") == sum(sizes.values()) == size  # swept 100, the resubmission's own
+        await queue.conn.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_a_dead_workers_job_is_claimed_behind_many_live_ones(private_redis: RedisServer) -> None:
+    """XAUTOCLAIM scans ten pending entries per one asked for: started from the beginning each
+    time, ten jobs in live workers' hands hid a dead worker's job behind them until they were
+    done (up to the worker's 600 s job deadline)."""
+    async def scenario() -> None:
+        queue = _queue(private_redis, job_claim_idle_s=0.2)
+        await queue.ensure_groups(["brick"])
+        for _ in range(25):
+            await queue.submit("brick", UPLOADS, InspectOptions(), None)
+        live = await queue.read(["brick"], "live", 24, 0.5)  # the oldest 24, worked on
+        dead = await queue.read(["brick"], "dead", 1, 0.5)  # the newest: its worker was killed
+        claimed: list[str] = []
+        for _ in range(10):  # a claim each 0.1 s, as an idle worker's; 0.3 s past the claim idle time
+            await asyncio.sleep(0.1)
+            await queue.keep_alive("brick", "live", [d.stream_id for d in live])
+            if claimed := [d.job_id for d in await queue.claim("brick", "rescuer", 1)]:
+                break
+        assert claimed == [dead[0].job_id]
+        await queue.conn.aclose()
+
+    asyncio.run(scenario())
+
+
 def test_a_20_mib_submission_rides_out_a_stall_without_tripping_the_hot_path(private_redis: RedisServer,
                                                                             tmp_path: Path) -> None:
     """The API's job submissions carry the images: their connection's timeout is sized for

@@ -178,7 +178,7 @@ def test_result_writes_are_idempotent(api: httpx.Client, workers: dict[str, Work
     from service.config import Settings
     from service.redisq.jobs import JobMessage, JobQueue
     from service.redisq.connection import RedisConnection
-    from service.redisq.store import JobRecord
+    from service.redisq.records import JobRecord
 
     # A finished job delivered again (a worker died between its write and its XACK): the
     # worker acknowledges it and leaves the record exactly as it was.
@@ -200,9 +200,12 @@ def test_result_writes_are_idempotent(api: httpx.Client, workers: dict[str, Work
         now = datetime.now(timezone.utc)
         base = JobRecord(id="i" * 24, category=CATEGORY, status="queued", created_at=now, updated_at=now,
                          filenames=["a.png"])
-        async with conn.client.pipeline(transaction=True) as pipe:
-            records.stage_create(pipe, base, [b"png"])
-            await pipe.execute()
+        gone = base.model_copy(update={"id": "j" * 24})
+        assert await records.write(gone.model_copy(update={"status": "running"})) is False, \
+            "a state that is not final never re-creates a record that is gone (nothing would run it)"
+        assert await conn.client.exists(records.record_key(gone.id)) == 0
+        await conn.client.set(records.record_key(base.id), base.model_dump_json(), px=records.ttl_ms)
+        await conn.client.rpush(records.images_key(base.id), b"png")
         done = base.model_copy(update={"status": "done", "attempts": 1, "worker": "a"})
         assert await records.write(done) is True
         assert await records.write(done.model_copy(update={"worker": "b"})) is False

@@ -174,9 +174,10 @@ def test_finished_job_records_past_the_budget_evict_the_oldest_finished(private_
         await queue.ensure_groups(["brick"])
         jobs = [await queue.submit("brick", UPLOADS, InspectOptions(), None) for _ in range(6)]
         deliveries = {d.job_id: d for d in await queue.read(["brick"], "w1", 10, 0.5)}
-        evicted = [await queue.complete(deliveries[j.id], _done(j, record_bytes)) for j in jobs[:5]]  # type: ignore[arg-type]
-        assert evicted == [0, 0, 0, 1, 1]
-        assert await queue.complete(deliveries[jobs[4].id], _done(jobs[4], record_bytes)) == 0  # type: ignore[arg-type]
+        writes = [await queue.complete(deliveries[j.id], _done(j, record_bytes)) for j in jobs[:5]]  # type: ignore[arg-type]
+        assert [(w.written, w.evicted) for w in writes] == [(True, 0)] * 3 + [(True, 1)] * 2
+        again = await queue.complete(deliveries[jobs[4].id], _done(jobs[4], record_bytes))  # type: ignore[arg-type]
+        assert (again.written, again.evicted) == (False, 0)
         states = [await queue.records.get(j.id) for j in jobs]
         assert [s.status if s else None for s in states] == [None, None, "done", "done", "done", "queued"]
         assert len(_charged(r, "job-results:brick")) == 3
@@ -206,7 +207,7 @@ def test_an_expired_record_resubmitted_under_its_key_is_not_evicted_for_it(priva
         r.hset(sizes, mapping={f"job:expired-{i}": 1 for i in range(32)} | {f"job:{again.id}": 58_000})
         r.hset(sizes, "#total", 58_032)
         delivery = next(d for d in await queue.read(["brick"], "w1", 10, 0.5) if d.job_id == other.id)
-        assert await queue.complete(delivery, _done(other, 5000)) == 0  # type: ignore[arg-type]
+        assert (await queue.complete(delivery, _done(other, 5000))).evicted == 0  # type: ignore[arg-type]
         resubmitted = await queue.records.get(again.id)
         assert resubmitted is not None and resubmitted.status == "queued"
         assert set(_charged(r, "job-results:brick")) == {f"job:{other.id}"}

@@ -49,6 +49,28 @@ def test_a_burst_past_the_pool_waits_or_is_refused_and_the_breaker_stays_closed(
     asyncio.run(main())
 
 
+def test_a_readiness_probe_during_a_burst_reports_ok_and_leaves_the_breaker_closed(redis_server: RedisServer) -> None:
+    """/readyz's PING takes no slot: with every connection busy, the pool refused it, and the
+    refusal tripped the breaker (Redis off for every request) and said "degraded"."""
+    settings = Settings(redis_url=redis_server.url, redis_prefix=PREFIX, model_store=Path("."),
+                        redis_max_connections=2, redis_socket_timeout_s=1.0, redis_breaker_s=30.0)
+
+    async def main() -> None:
+        conn = RedisConnection(settings)
+        try:
+            busy = [asyncio.create_task(conn.run("busy", lambda r: r.blpop([conn.key("nothing")], timeout=0.3)))
+                    for _ in range(2)]
+            await asyncio.sleep(0.05)  # both connections are in their BLPOP
+            assert await conn.status() == "ok"
+            assert not conn.skipping
+            await asyncio.gather(*busy)
+            assert await conn.run("after", lambda client: client.ping()) is True
+        finally:
+            await conn.aclose()
+
+    asyncio.run(main())
+
+
 @pytest.mark.parametrize("max_connections", [1, 3])
 def test_calls_never_hold_more_connections_than_the_budget(redis_server: RedisServer, max_connections: int) -> None:
     settings = Settings(redis_url=redis_server.url, redis_prefix=PREFIX, model_store=Path("."),

@@ -27,7 +27,7 @@ from service.pipeline.runtime import PipelineRuntime
 from service.pipeline.thresholds import ThresholdOverrides
 from service.redisq.connection import RedisConnection
 from service.redisq.jobs import JobQueue
-from service.redisq.store import JobRecord
+from service.redisq.records import JobRecord
 from service.schemas import HeatmapLink, HeatmapMode, InspectOptions, Upload
 from service.worker import Worker
 
@@ -298,21 +298,98 @@ def test_keep_alive_covers_every_category_of_a_read(store: Path, redis: RedisSer
     assert [(r.status, r.attempts) for r in out["records"]] == [("done", 1)] * 2
 
 
-def test_finished_records_past_their_budget_evict_the_oldest(store: Path, redis: RedisServer,
-                                                             good_images: list[Path]) -> None:
-    """A budget smaller than one record: each final record is still written (it is the job's
-    outcome), and evicts the one before it; the worker counts the eviction."""
+def test_finished_records_past_their_budget_evict_the_oldest_and_a_result_past_all_of_it_fails(
+        store: Path, redis: RedisServer, good_images: list[Path]) -> None:
+    """A finished record past job_max_results_bytes evicts the oldest (counted); a result larger
+    than the whole budget was written anyway, evicting every other: its job fails instead."""
     upload = [Upload(good_images[0].name, good_images[0].read_bytes())]
+    small = InspectOptions(heatmap=HeatmapMode.none)
+    client = redis.client()
 
-    async def body(h: Harness) -> tuple[JobRecord | None, JobRecord | None, float | None]:
-        first = await h.submit(upload)
+    def charged(prefix: str) -> int:
+        return int(client.hget(f"{prefix}budget:job-results:{CATEGORY}:bytes", "#total") or 0)
+
+    async def measure(h: Harness) -> None:
+        await h.submit(upload, small)
         assert await h.step() == 1
-        second = await h.submit(upload)
-        assert await h.step() == 1
-        evicted = h.worker.metrics.registry.get_sample_value("msflow_redis_evictions_total", {"store": "job_results"})
-        return await h.queue.records.get(first), await h.queue.records.get(second), evicted
 
     # a prefix of its own: the other tests' finished records would be evicted (and counted) too
-    first, second, evicted = run(settings_for(store, redis, job_max_results_bytes=1,
-                                              redis_prefix="msflow-inproc-budget:"), body)
-    assert first is None and second is not None and second.status == "done" and evicted == 1
+    run(settings_for(store, redis, redis_prefix="msflow-inproc-one:"), measure)
+    one = charged("msflow-inproc-one:")  # one small record's cost
+    prefix = "msflow-inproc-budget:"
+
+    async def body(h: Harness) -> tuple[list[JobRecord | None], float | None, float]:
+        jobs = []
+        for options in (small, small, small, InspectOptions(heatmap=HeatmapMode.inline, overlay=True)):
+            jobs.append(await h.submit(upload, options))
+            assert await h.step() == 1
+        evicted = h.worker.metrics.registry.get_sample_value("msflow_redis_evictions_total", {"store": "job_results"})
+        return [await h.queue.records.get(j) for j in jobs], evicted, h.count("dead_lettered")
+
+    budget = one * 5 // 2
+    (first, second, third, big), evicted, dead = run(
+        settings_for(store, redis, job_max_results_bytes=budget, redis_prefix=prefix), body)
+    assert first is None and third is not None and third.status == "done" and evicted is not None and evicted >= 1
+    assert big is not None and big.status == "failed" and big.result is None and dead == 1
+    assert big.error is not None and big.error.code == "result_too_large" and "MSFLOW_JOB_MAX_RESULTS_BYTES" in big.error.message
+    assert charged(prefix) <= budget
+
+
+def test_an_outcome_computed_during_a_redis_restart_is_recorded_once_it_is_back(
+        store: Path, private_redis: RedisServer, good_images: list[Path]) -> None:
+    """The result was dropped when Redis refused its write (a restart, a failover): the job
+    was rerun, and repeated, dead-lettered as worker_lost. Now the write waits for Redis."""
+    upload = [Upload(good_images[0].name, good_images[0].read_bytes())]
+
+    async def body(h: Harness) -> tuple[bool, JobRecord | None]:
+        job_id = await h.submit(upload, InspectOptions(heatmap=HeatmapMode.none))
+        jobs = await h.worker._take(CATEGORY, await h.worker.queue.read([CATEGORY], h.worker.name, 8, 1.0))
+        await h.worker._run_jobs(CATEGORY, jobs)
+        private_redis.stop()  # no persistence here: Redis comes back empty, the outcome alone is written
+        finishing = asyncio.create_task(h.worker._finish(CATEGORY, jobs[0]))
+        await asyncio.sleep(1.5)
+        waited = not finishing.done()
+        await asyncio.to_thread(private_redis.start)
+        await asyncio.wait_for(finishing, 10)
+        return waited, await h.queue.records.get(job_id)
+
+    waited, record = run(settings_for(store, private_redis), body)
+    assert waited, "the outcome's write waited for Redis"
+    assert record is not None and record.status == "done" and record.result is not None
+
+
+def test_a_job_finished_twice_counts_once(store: Path, redis: RedisServer, good_images: list[Path]) -> None:
+    """A job claimed from a worker that stalled, then finished by both: one final record, and
+    msflow_jobs_total counts one done and one duplicate (it counted two done)."""
+    upload = [Upload(good_images[0].name, good_images[0].read_bytes())]
+
+    async def body(h: Harness) -> tuple[float, float]:
+        await h.submit(upload, InspectOptions(heatmap=HeatmapMode.none))
+        jobs = await h.worker._take(CATEGORY, await h.worker.queue.read([CATEGORY], h.worker.name, 8, 1.0))
+        await h.worker._run_jobs(CATEGORY, jobs)
+        await h.worker._finish(CATEGORY, jobs[0])
+        await h.worker._finish(CATEGORY, jobs[0])  # the stalled worker's write, late
+        return h.count("done"), h.count("duplicate")
+
+    assert run(settings_for(store, redis, redis_prefix="msflow-inproc-twice:"), body) == (1.0, 1.0)
+
+
+def test_an_unreadable_record_fails_readably_and_frees_its_inputs(store: Path, redis: RedisServer,
+                                                                   good_images: list[Path]) -> None:
+    """A record this version cannot read (an older schema, damage) was dead-lettered, but its
+    images and their charge on the backlog's bytes stayed for job_ttl_s, and its GET answered
+    a bare 500. Now it is written over as failed, with the reason."""
+    upload = [Upload(good_images[0].name, good_images[0].read_bytes())]
+    prefix = "msflow-inproc-unreadable:"
+    client = redis.client()
+
+    async def body(h: Harness) -> JobRecord | None:
+        job_id = await h.submit(upload)
+        client.set(f"{prefix}job:{job_id}", b'{"id": "' + job_id.encode() + b'", "status": "queued"}')
+        assert await h.step() == 1
+        return await h.record(job_id)
+
+    record = run(settings_for(store, redis, redis_prefix=prefix), body)
+    assert record.status == "failed" and record.error is not None and record.error.code == "invalid_record"
+    assert client.exists(f"{prefix}job:{record.id}:images") == 0
+    assert int(client.hget(f"{prefix}jobs-inputs:{CATEGORY}:bytes", "#total")) == 0
