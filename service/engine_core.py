@@ -24,7 +24,6 @@ unmapped once the last batch that reads them is done.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import functools
 import logging
@@ -69,7 +68,9 @@ class Hosted:
     batcher: Batcher
     warmup_ms: float
     handle: int  # what submits name it by
-    holders: collections.Counter[int] = field(default_factory=collections.Counter)
+    # A set, not a count: a front end holds a folder or not, however often it acquired it
+    # (it counts its own users and releases once); nothing to drift when one goes away.
+    holders: set[int] = field(default_factory=set)
     unload: asyncio.TimerHandle | None = None
 
 
@@ -81,7 +82,7 @@ class FrontEnd:
         self.channel = channel
         self.pid = 0
         self.slabs: dict[int, Slab] = {}
-        self.requests: dict[int, list[asyncio.Future[Any]]] = {}
+        self.requests: dict[int, tuple[Batcher, list[asyncio.Future[Any]]]] = {}
 
 
 class EngineCore:
@@ -198,8 +199,12 @@ class EngineCore:
         elif op == "release":
             self._release(frontend.ident, str(message["dir"]))
         elif op == "cancel":
-            for future in frontend.requests.get(int(message["rid"]), ()):
-                future.cancel()
+            # Only what waits for a batch: the front end frees the slots on the answer, so an
+            # image already running is answered when its batch is done writing into its slot.
+            request = frontend.requests.get(int(message["rid"]))
+            if request is not None:
+                batcher, futures = request
+                batcher.cancel_queued(futures)
         elif op == "reload":  # one front end reloaded a category: every other one follows
             for other in self.frontends.values():
                 if other is not frontend:
@@ -213,11 +218,10 @@ class EngineCore:
             return
         log.warning("front end %d (pid %d) disconnected; dropping its queued images and holds",
                     ident, frontend.pid)
-        for futures in frontend.requests.values():
-            for future in futures:
-                future.cancel()  # dropped before the engine; a running batch finishes into its slab
+        for batcher, futures in frontend.requests.values():
+            batcher.cancel_queued(futures)  # dropped before the engine; a running batch finishes into its slab
         for version_dir in [d for d, h in self.hosted.items() if ident in h.holders]:
-            self._release(ident, version_dir, every_hold=True)
+            self._release(ident, version_dir)
         for slab in frontend.slabs.values():
             slab.close()
         frontend.slabs.clear()
@@ -233,7 +237,7 @@ class EngineCore:
         if frontend.ident not in self.frontends:  # it left while this loaded: unload later unless taken
             self._unload_later_if_idle(version_dir, hosted)
             return
-        hosted.holders[frontend.ident] += 1
+        hosted.holders.add(frontend.ident)
         if hosted.unload is not None:
             hosted.unload.cancel()
             hosted.unload = None
@@ -254,20 +258,19 @@ class EngineCore:
             batcher = Batcher(category, self._runner(category, engine), label=engine.name,
                               max_batch_size=max(1, min(s.max_batch_size, int(engine.max_batch_size))),
                               max_queue_delay_s=s.max_queue_delay_ms / 1e3,
-                              max_queue_size=s.max_queue_size * max(1, s.api_processes), observer=self.metrics)
+                              max_queue_size=s.max_queue_size * max(1, s.api_processes), observer=self.metrics,
+                              lent_payloads=True)
             self._next_handle += 1
             hosted = self.hosted[version_dir] = Hosted(engine, batcher, warmup_ms, self._next_handle)
             self.handles[hosted.handle] = hosted
             log.info("loaded %s on %s (warm-up %.0f ms)", version_dir, engine.name, warmup_ms)
             return hosted
 
-    def _release(self, ident: int, version_dir: str, every_hold: bool = False) -> None:
+    def _release(self, ident: int, version_dir: str) -> None:
         hosted = self.hosted.get(version_dir)
         if hosted is None or ident not in hosted.holders:
             return
-        hosted.holders[ident] -= 1
-        if every_hold or hosted.holders[ident] <= 0:
-            del hosted.holders[ident]
+        hosted.holders.discard(ident)
         self._unload_later_if_idle(version_dir, hosted)
 
     def _unload_later_if_idle(self, version_dir: str, hosted: Hosted) -> None:
@@ -317,7 +320,7 @@ class EngineCore:
         except BatcherClosed:
             refuse(frames.CLOSED)
             return
-        frontend.requests[rid] = futures
+        frontend.requests[rid] = (hosted.batcher, futures)
         remaining = len(futures)
 
         def answer_when_all_done(_: asyncio.Future[Any]) -> None:  # one answer per request, no task

@@ -313,6 +313,27 @@ def copy_version(src: Path, dst: Path, category: str, version: str) -> None:
     staging.rename(dst)
 
 
+def fake_version(store: Path, category: str, version: str = "1", size: int = 32) -> Path:
+    """A version folder with a hand-written manifest and no model: for a test engine
+    (``engine="null"``, or a factory of its own), where no trained model is needed."""
+    from datetime import datetime, timezone
+
+    from models.manifest import Calibration, Manifest, OnnxInfo, ScoreStats, TensorSpec
+
+    stats = ScoreStats(count=10, mean=0.0, std=1.0, min=-1.0, p50=0.0, p95=1.0, p99=1.5, max=2.0)
+    calibration = Calibration(score_output="score", method="target_fpr", threshold=0.5, score_min=-1.0,
+                              score_max=2.0, normal_scores=stats, map_low=0.0, map_high=1.0, pixel_threshold=0.5)
+    folder = store / category / version
+    folder.mkdir(parents=True)
+    Manifest(category=category, version=version, created_at=datetime.now(timezone.utc), input_size=size,
+             backbone="none", model={}, inputs=[TensorSpec(name="images", dtype="uint8",
+                                                           shape=["batch", size, size, 3])],
+             outputs=[TensorSpec(name="score", dtype="float32", shape=["batch"])], calibration=calibration,
+             onnx=OnnxInfo(opset=17, exporter="none", torch_version="none", onnx_version="none",
+                           parity_max_abs_diff={}), files={}).write(folder)
+    return folder
+
+
 def png_variant(path: Path, nonce: str) -> bytes:
     """The same pixels with a text chunk: other bytes (another cache key), the same scores."""
     info = PngInfo()

@@ -23,6 +23,11 @@ Rules, each for a reason:
   at batch formation, *before* the engine: nobody would read those answers.
 * :meth:`Batcher.drain` stops new work, then finishes everything queued and running;
   a forming batch leaves without waiting for its delay.
+* With ``lent_payloads`` (the engine process: a payload is a front end's shared-memory
+  slot, which the front end reuses once the item is answered), an item of the running batch
+  is answered only after ``run_batch`` has returned, whatever happens meanwhile:
+  :meth:`Batcher.cancel_queued` leaves it to its batch, and a drain that times out fails
+  only the queued items.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -92,7 +97,7 @@ R = TypeVar("R")
 
 class BatchQueue(Protocol):
     """What a pipeline lane batches with: a :class:`Batcher` here, or the front end's
-    :class:`~service.pipeline.engine_client.RemoteBatcher` of the engine process's one."""
+    :class:`~service.pipeline.remote_batcher.RemoteBatcher` of the engine process's one."""
 
     category: str
     max_queue_delay_s: float
@@ -141,7 +146,7 @@ class Batcher:
 
     def __init__(self, category: str, run_batch: Callable[[list[Any]], Sequence[Any]], *, label: str = "",
                  max_batch_size: int = 8, max_queue_delay_s: float = 0.005, max_queue_size: int = 64,
-                 observer: BatchObserver | None = None) -> None:
+                 observer: BatchObserver | None = None, lent_payloads: bool = False) -> None:
         if max_batch_size < 1 or max_queue_size < 1 or max_queue_delay_s < 0:
             raise ValueError("max_batch_size and max_queue_size must be >= 1, max_queue_delay_s >= 0")
         self.category = category
@@ -155,6 +160,7 @@ class Batcher:
         self._wakeup = asyncio.Event()
         self._closing = False
         self._running: list[_Item] = []
+        self._lent_payloads = lent_payloads
         # One thread: ``run_batch`` has one caller at a time (the engine contract), and batches
         # of one category are serial on the accelerator anyway.
         self._engine_thread = Offload(1, engine_thread_name(category))
@@ -211,6 +217,15 @@ class Batcher:
         """Queue one item and wait for its result."""
         (future,) = self.submit_many([item], deadline)
         return await future
+
+    def cancel_queued(self, futures: Iterable[asyncio.Future[Any]]) -> None:
+        """Cancel those of ``futures`` whose items still wait for a batch. An item of the
+        running batch is answered when that batch ends: ``run_batch`` may be reading or
+        writing its payload until then (see ``lent_payloads``)."""
+        running = {id(item.future) for item in self._running}
+        for future in futures:
+            if id(future) not in running:
+                future.cancel()
 
     def _purge_cancelled(self) -> None:
         # Callers that went away still hold slots until their batch forms; free them when the
@@ -307,7 +322,8 @@ class Batcher:
         """Stop accepting, finish queued and running batches, release the run_batch thread.
 
         With ``timeout``, whatever is still unfinished after it is failed with
-        :class:`BatcherClosed` instead of hanging shutdown forever.
+        :class:`BatcherClosed` instead of hanging shutdown forever (with ``lent_payloads``,
+        the running batch's items are left to be answered when its run_batch returns).
         """
         self._closing = True
         self._wakeup.set()
@@ -316,8 +332,14 @@ class Batcher:
         except TimeoutError:
             log.error("%s: drain timed out after %.1f s; failing %d queued images",
                       self.category, timeout, len(self._pending))
-            self._worker.cancel()
-            for item in [*self._running, *self._pending]:
+            if self._lent_payloads:
+                # The worker answers the running batch once run_batch returns, then stops
+                # (nothing is queued any more); until then its payloads are still in use.
+                unfinished = list(self._pending)
+            else:
+                self._worker.cancel()
+                unfinished = [*self._running, *self._pending]
+            for item in unfinished:
                 if not item.future.done():
                     item.future.set_exception(BatcherClosed(f"{self.category}: shut down before finishing"))
             self._pending.clear()

@@ -1,7 +1,7 @@
 """A front end's link to the engine process (multi-process mode, :mod:`service.engine_core`).
 
-Three pieces, so that the rest of the pipeline cannot tell it is not running the engine
-itself:
+Two pieces here and a third in :mod:`service.pipeline.remote_batcher`, so that the rest of
+the pipeline cannot tell it is not running the engine itself:
 
 * :class:`EngineClient`: the connection. It owns this process's shared-memory slabs (one per
   input size, ``max_queue_size`` slots each: the front end's queue budget), sends
@@ -9,10 +9,12 @@ itself:
   and resolves futures from the answers.
   When the engine process goes away, every image in flight fails with
   :class:`EngineUnavailable` (503 + Retry-After) and the client reconnects, hands its slabs
-  to the new engine process and acquires again what its registry serves.
-* :class:`RemoteBatcher`: what a :class:`~service.pipeline.runtime.Lane` batches with here,
-  in place of a local :class:`~service.pipeline.batcher.Batcher`. It forms no batch: the
-  engine process does, across all front ends.
+  to the new engine process and acquires again what its registry serves or warms up
+  (:mod:`service.pipeline.holds`).
+* :class:`~service.pipeline.remote_batcher.RemoteBatcher`: what a
+  :class:`~service.pipeline.runtime.Lane` batches with here, in place of a local
+  :class:`~service.pipeline.batcher.Batcher`. It forms no batch: the engine process does,
+  across all front ends.
 * :class:`RemoteEngine`: what the registry's engine factory returns here. Its ``run`` goes
   through the engine process too (the registry warms every version through it, which
   checks the whole path once per front end and version).
@@ -40,8 +42,8 @@ from service.engines.base import EngineError
 from service.ipc import frames
 from service.ipc.channel import Channel, Incoming, Message
 from service.ipc.slab import Slab, SlotPool
-from service.metrics import ServiceMetrics
 from service.pipeline.batcher import Batched, BatcherClosed, BatcherError, DeadlineExceeded, QueueFull
+from service.pipeline.holds import VersionHolds
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +96,7 @@ class EngineClient:
         self._slabs: dict[int, tuple[int, Slab, SlotPool]] = {}  # input size -> (slab id, slab, its free slots)
         self._requests: dict[int, _Request] = {}
         self._calls: dict[int, asyncio.Future[Message]] = {}
-        self._current: dict[str, str] = {}  # category -> version folder acquired last
+        self._holds = VersionHolds()  # the version folders served or warming up here
         self._handles: dict[str, int] = {}  # version folder -> the engine process's number for it
         self._ids = itertools.count(1)
         self._connector: asyncio.Task[None] | None = None
@@ -140,13 +142,15 @@ class EngineClient:
                 self._send_slab(ident, slab)
             self._handles.clear()  # numbers of the engine process that went away
             try:
-                for version_dir in list(self._current.values()):  # what the registry serves, again
+                for version_dir in self._holds.folders():  # what is served or warming up here, again
                     answer = await self._call({"op": "acquire", "dir": version_dir}, require_connected=False)
                     self._handles[version_dir] = int(answer["handle"])
             except (EngineError, EngineUnavailable) as exc:
                 log.error("engine process: re-acquiring after reconnect failed: %s", exc)
                 channel.close()  # its close callback starts the next attempt
                 return
+            for version_dir in [d for d in self._handles if d not in self._holds]:
+                channel.send({"op": "release", "dir": version_dir})  # let go of while this reconnected
             log.info("connected to the engine process at %s", self.socket_path)
             again, self._ever_connected = self._ever_connected, True
             self._connected.set()
@@ -158,11 +162,12 @@ class EngineClient:
         self._connected.clear()
         self._channel = None
         lost = EngineUnavailable("the engine process went away; retry")
+        in_use: set[int] = set()
         for request in self._requests.values():
             for future in request.futures:
                 if not future.done():
                     future.set_exception(lost)
-            # The old engine process is gone, so nothing writes into these slots any more.
+            in_use.add(request.slab.layout.size)
             request.pool.give_back(request.slots)
         self._requests.clear()
         for call in self._calls.values():
@@ -170,6 +175,13 @@ class EngineClient:
                 call.set_exception(lost)
         self._calls.clear()
         if not self._closing:
+            # A channel can also end with the engine process alive (a corrupt stream, a failed
+            # send), its batches still reading and writing these slots: a slab with slots in
+            # flight is never handed out again, a new one takes its place.
+            for size in in_use:
+                ident, old, pool = self._slabs[size]
+                old.close()
+                self._slabs[size] = (ident, self._new_slab(size), pool)
             log.error("lost the engine process; reconnecting")
             assert self._loop is not None
             self._connector = self._loop.create_task(self._connect_loop(), name="engine-connect")
@@ -234,20 +246,30 @@ class EngineClient:
         return answer
 
     async def acquire(self, version_dir: Path) -> Message:
-        """Have the engine process load (or share) ``version_dir``; release the version this
-        front end served before for that category."""
-        answer = await self._call({"op": "acquire", "dir": str(version_dir)})
-        self._handles[str(version_dir)] = int(answer["handle"])
-        category = version_dir.parent.name
-        previous = self._current.get(category)
-        self._current[category] = str(version_dir)
-        if previous is not None and previous != str(version_dir):
-            self.release(previous)
+        """Have the engine process load (or share) ``version_dir`` and keep it for this front
+        end, until :meth:`release` (a failed warm-up) or :meth:`swapped_in` of a newer version."""
+        folder = str(version_dir)
+        self._holds.take(folder)
+        try:
+            answer = await self._call({"op": "acquire", "dir": folder})
+        except BaseException:
+            self.release(folder)
+            raise
+        self._handles[folder] = int(answer["handle"])
         return answer
 
+    def swapped_in(self, version_dir: Path) -> None:
+        """The registry serves ``version_dir`` now: the version served before lets go of it
+        (requests pinned to it still finish: the engine process unloads after a grace period).
+        Not at :meth:`acquire`: until the warm-up succeeded, the version before still serves."""
+        previous = self._holds.serve(version_dir.parent.name, str(version_dir))
+        if previous is not None:
+            self.release(previous)  # the same folder too: reloading it acquired it once more
+
     def release(self, version_dir: str) -> None:
-        if self._channel is not None:
-            self._channel.send({"op": "release", "dir": version_dir})
+        """One user of ``version_dir`` fewer; the engine process hears when none is left."""
+        if self._holds.drop(version_dir) and self._connected.is_set() and self._channel is not None:
+            self._channel.send({"op": "release", "dir": version_dir})  # reconnecting: left out there
 
     def broadcast_reload(self, category: str, version: str | None) -> None:
         """Ask every other front end to reload ``category`` like this one did."""
@@ -259,11 +281,14 @@ class EngineClient:
         entry = self._slabs.get(size)
         if entry is None:
             ident = len(self._slabs) + 1
-            slab = Slab.create(size, self.settings.max_queue_size, name=f"msflow-{os.getpid()}-{size}")
+            slab = self._new_slab(size)
             entry = self._slabs[size] = (ident, slab, SlotPool(self.settings.max_queue_size))
             if self._channel is not None:
                 self._send_slab(ident, slab)
         return entry[2]
+
+    def _new_slab(self, size: int) -> Slab:
+        return Slab.create(size, self.settings.max_queue_size, name=f"msflow-{os.getpid()}-{size}")
 
     def submit(self, version_dir: str, tensors: Sequence[np.ndarray], deadline: float) -> list[asyncio.Future[Any]]:
         """Queue ``tensors`` (all or none) on the engine process; one future per image."""
@@ -303,7 +328,8 @@ class EngineClient:
         step = self.pool(int(images.shape[1])).capacity
         results: list[Batched[Any]] = []
         for start in range(0, len(images), step):
-            results += [await f for f in self.submit(version_dir, list(images[start:start + step]), deadline)]
+            # gather: when one image fails, the others' errors are read too (no "never retrieved")
+            results += await asyncio.gather(*self.submit(version_dir, list(images[start:start + step]), deadline))
         return (np.array([r.value[0] for r in results], dtype=np.float32),
                 np.stack([r.value[1] for r in results]))
 
@@ -335,66 +361,10 @@ class RemoteEngine:
         return future.result()
 
     def close(self) -> None:
-        """The registry gave up on this version (its warm-up failed): let the engine process unload it."""
-        self.client.release(str(self.version_dir))
-
-
-class RemoteBatcher:
-    """A lane's batcher in a front end: admission against this front end's slots, then the
-    engine process's batcher (``check_room``/``submit_many``/``drain`` as the local one)."""
-
-    def __init__(self, client: EngineClient, engine: RemoteEngine, max_queue_delay_s: float,
-                 metrics: ServiceMetrics) -> None:
-        self.client = client
-        self.category = engine.manifest.category
-        self.label = engine.name
-        self.version_dir = str(engine.version_dir)
-        self.max_queue_delay_s = max_queue_delay_s
-        self._metrics = metrics
-        self._pool = client.pool(engine.manifest.input_size)
-        self._closing = False
-        # What drain waits for. Pruned of answered futures as it grows, not by a done-callback
-        # per image (a loop turn per answer).
-        self._in_flight: list[asyncio.Future[Any]] = []
-
-    @property
-    def max_queue_size(self) -> int:
-        return self._pool.capacity
-
-    @property
-    def depth(self) -> int:
-        return self._pool.capacity - self._pool.free
-
-    @property
-    def closing(self) -> bool:
-        return self._closing
-
-    def check_room(self, count: int) -> None:
-        if self._closing:
-            self._metrics.count_rejection(self.category, "shutting_down")
-            raise BatcherClosed(f"{self.category}: shutting down, not accepting new work")
-        if not self.client.connected:
-            self._metrics.count_rejection(self.category, "engine_unavailable")
-            raise EngineUnavailable("the engine process is restarting; retry")
-        if self._pool.free < count:
-            self._metrics.count_rejection(self.category, "queue_full")
-            raise QueueFull(f"{self.category}: queue full ({self.depth} of {self.max_queue_size} images in "
-                            f"flight from this process, request has {count})")
-
-    def submit_many(self, items: Sequence[np.ndarray], deadline: float) -> list[asyncio.Future[Any]]:
-        self.check_room(len(items))
-        futures = self.client.submit(self.version_dir, items, deadline)
-        if len(self._in_flight) >= 2 * self._pool.capacity:  # so each image is scanned about once
-            self._in_flight = [f for f in self._in_flight if not f.done()]
-        self._in_flight += futures
-        return futures
-
-    async def drain(self, timeout: float | None = None) -> None:
-        """Stop accepting; wait for what this lane has in flight (the engine finishes it)."""
-        self._closing = True
-        pending = [f for f in self._in_flight if not f.done()]
-        if pending:
-            await asyncio.wait(pending, timeout=timeout)
+        """The registry gave up on this version (its warm-up failed): let the engine process
+        unload it. Called from the registry's worker thread: the client lives on its loop."""
+        assert self.client._loop is not None
+        self.client._loop.call_soon_threadsafe(self.client.release, str(self.version_dir))
 
 
 def _error(code: int, message: str) -> Exception:

@@ -196,19 +196,36 @@ class ModelRegistry:
         one appears. Returns the categories (re)loaded."""
         loaded = []
         for category in self.scan():
-            newest = list_versions(self.store / category)[-1]
-            current = self._models.get(category)
-            if category in self.settings.pinned_versions or self._failed_versions.get(category) == newest:
+            if self._newer_for_watch(category) is None:
                 continue
-            if current is not None and (current.version == newest or current.pinned):
-                continue  # up to date, or an operator chose this version (reload ?version=)
-            try:
-                await self.reload(category)
-                loaded.append(category)
-            except Exception as exc:  # recorded in failed; the poll goes on with the others
-                self._failed_versions[category] = newest
-                log.error("cannot load %s version %s: %s", category, newest, exc)
+            async with self._lock(category):
+                # Again: an operator's reload ?version= this waited for may have pinned it since.
+                newest = self._newer_for_watch(category)
+                if newest is None:
+                    continue
+                try:
+                    await self._swap_in(category, None)
+                    loaded.append(category)
+                except Exception as exc:  # recorded in failed; the poll goes on with the others
+                    self._failed_versions[category] = newest
+                    log.error("cannot load %s version %s: %s", category, newest, exc)
         return loaded
+
+    def _newer_for_watch(self, category: str) -> str | None:
+        """The newest version of ``category``, if the store watch should load it: not pinned
+        (settings, or an operator's reload ?version=), not served already, not failed before."""
+        versions = list_versions(self.store / category)
+        if not versions:  # removed while the watch waited for the lock
+            return None
+        newest, current = versions[-1], self._models.get(category)
+        if category in self.settings.pinned_versions or self._failed_versions.get(category) == newest:
+            return None
+        if current is not None and (current.version == newest or current.pinned):
+            return None
+        return newest
+
+    def _lock(self, category: str) -> asyncio.Lock:
+        return self._locks.setdefault(category, asyncio.Lock())
 
     def _resolve_version(self, category: str, version: str | None) -> tuple[str, bool]:
         versions = list_versions(self.store / category)
@@ -246,30 +263,33 @@ class ModelRegistry:
         """(Re)load ``category`` (newest, pinned or the given ``version``) and swap it in once warm."""
         if not CATEGORY_PATTERN.match(category) or not (self.store / category).is_dir():
             raise UnknownCategory(category, self.categories)
-        lock = self._locks.setdefault(category, asyncio.Lock())
-        async with lock:  # two reloads of one category must not race to the swap
-            started = time.perf_counter()
-            try:
-                chosen, pinned = self._resolve_version(category, version)
-                model = await asyncio.to_thread(self._build, category, chosen, pinned)
-            except Exception as exc:
-                if category not in self._models:
-                    self._failed[category] = self.public_message(exc)
-                if category not in self._categories:
-                    self._categories.append(category)
-                raise
-            previous = self._models.get(category)
-            self._models[category] = model  # the atomic swap: the next batch sees the new engine
-            self._failed.pop(category, None)
-            self._unhealthy.pop(category, None)
+        async with self._lock(category):  # two reloads of one category must not race to the swap
+            return await self._swap_in(category, version)
+
+    async def _swap_in(self, category: str, version: str | None) -> LoadedModel:
+        """Build and warm, then swap; under the category's lock."""
+        started = time.perf_counter()
+        try:
+            chosen, pinned = self._resolve_version(category, version)
+            model = await asyncio.to_thread(self._build, category, chosen, pinned)
+        except Exception as exc:
+            if category not in self._models:
+                self._failed[category] = self.public_message(exc)
             if category not in self._categories:
                 self._categories.append(category)
-            if self._on_swap is not None:
-                self._on_swap(model)
-            log.info("%s: serving version %s on %s (%s; warm-up %.0f ms, load %.1f s)", category, model.version,
-                     model.engine.name, f"was {previous.version}" if previous else "first load", model.warmup_ms,
-                     time.perf_counter() - started)
-            return model
+            raise
+        previous = self._models.get(category)
+        self._models[category] = model  # the atomic swap: the next batch sees the new engine
+        self._failed.pop(category, None)
+        self._unhealthy.pop(category, None)
+        if category not in self._categories:
+            self._categories.append(category)
+        if self._on_swap is not None:
+            self._on_swap(model)
+        log.info("%s: serving version %s on %s (%s; warm-up %.0f ms, load %.1f s)", category, model.version,
+                 model.engine.name, f"was {previous.version}" if previous else "first load", model.warmup_ms,
+                 time.perf_counter() - started)
+        return model
 
     # ------------------------------------------------------------------ description
     def describe(self, category: str) -> ModelInfo:

@@ -34,13 +34,14 @@ from service.config import Settings
 from service.metrics import ServiceMetrics
 from service.pipeline.admission import MEGA, AdmissionRefused, PixelBudget, Ticket
 from service.pipeline.batcher import Batched, Batcher, BatchQueue, DeadlineExceeded, submit_when_room, wait_results
-from service.pipeline.engine_client import EngineClient, RemoteBatcher, RemoteEngine
+from service.pipeline.engine_client import EngineClient, RemoteEngine
 from service.pipeline.decode import ImageLimits, ImageRejected, Rendering, configure_pillow, decode_into, probe_into
 from service.pipeline.item import InspectedImage
 from service.pipeline.offload import Offload, gather_in_order
 from service.pipeline.placement import probe_on_loop, work_on_loop
 from service.pipeline.postprocess import NonFiniteMaps, policy_from_settings, postprocess
 from service.pipeline.registry import EngineFactory, LoadedModel, ModelRegistry
+from service.pipeline.remote_batcher import RemoteBatcher
 from service.pipeline.review import ReviewCapture
 from service.pipeline.thresholds import ThresholdOverrides
 from service.engines.factory import load_engine
@@ -148,6 +149,8 @@ class PipelineRuntime:
     def _swapped(self, model: LoadedModel) -> None:
         """Registry callback after a (re)load: older lanes of the category retire; idle ones drain now."""
         self.metrics.set_model(model.category, model.version, model.engine.name)
+        if self.engine_link is not None and isinstance(model.engine, RemoteEngine):  # now, not at the acquire
+            self.engine_link.swapped_in(model.engine.version_dir)
         for lane in list(self._lanes.values()):
             if lane.model.category == model.category and lane.model is not model:
                 lane.retired = True

@@ -26,7 +26,7 @@ from service.pipeline.admission import AdmissionRefused
 from service.pipeline.engine_client import EngineClient
 from service.pipeline.item import InspectedImage
 from service.pipeline.recent import RecentScores
-from service.pipeline.registry import LoadedModel
+from service.pipeline.registry import LoadedModel, UnknownCategory
 from service.pipeline.runtime import Lane, PipelineRuntime, rendering_for
 from service.redisq.budget import maxmemory_warning
 from service.redisq.connection import RedisConnection, make_client
@@ -197,6 +197,8 @@ class ServiceState(PipelineRuntime):
     async def reload(self, category: str, version: str | None) -> LoadedModel:
         try:
             model = await self.registry.reload(category, version)
+        except UnknownCategory:
+            raise  # not counted: the name is the client's, and each would become a series
         except Exception:
             self.metrics.reloads.labels(category, "failed").inc()
             raise

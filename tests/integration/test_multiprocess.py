@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import os
 import shutil
 import signal
@@ -19,14 +20,16 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
 import pytest
 
-from harness import (ADMIN_KEY, CATEGORY, Server, assert_error, copy_version, metric, part, start, wait_until)
+from harness import (ADMIN_KEY, CATEGORY, Server, assert_error, copy_version, fake_version, metric, part, start,
+                     wait_until)
 from loadtests.run import listens, sockets_held
 from service.config import Settings
 from service.engine_core import EngineCore, FrontEnd
@@ -34,7 +37,9 @@ from service.ipc import frames
 from service.ipc.slab import Slab
 from models.manifest import Manifest
 from service.metrics import ServiceMetrics
-from service.pipeline.engine_client import EngineClient, RemoteBatcher, RemoteEngine
+from service.engines.base import EngineError
+from service.pipeline.engine_client import EngineClient, EngineUnavailable, RemoteEngine
+from service.pipeline.remote_batcher import RemoteBatcher
 from service.pipeline.item import InspectedImage
 from service.pipeline.runtime import PipelineRuntime
 from service.schemas import InspectOptions, Upload
@@ -212,6 +217,204 @@ def test_a_lanes_in_flight_list_stays_bounded_and_drain_waits_for_it(model_store
                 await client.close()
                 core.stop()
                 await serving
+
+    asyncio.run(main())
+
+
+class ValueEngine:
+    """Scores every image ``value`` and fills its map with it. Once warm (the engine
+    process's own first batch), a ``gated`` one holds each batch at ``gate`` (a busy
+    accelerator) and a ``failing`` one raises."""
+
+    def __init__(self, version_dir: Path, value: float, gated: bool = False, failing: bool = False) -> None:
+        self.manifest = Manifest.read(version_dir)
+        self.name = f"value-{value}"
+        self.max_batch_size = 4
+        self.value, self.failing = value, failing
+        self.started, self.gate = threading.Event(), threading.Event()
+        if not gated:
+            self.gate.set()
+        self._warm = False
+
+    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self._warm:
+            self.started.set()
+            assert self.gate.wait(10), "test gate never opened"
+            if self.failing:
+                raise RuntimeError("engine exploded")
+        self._warm = True
+        n, size = len(images), self.manifest.input_size
+        return np.full(n, self.value, np.float32), np.full((n, size, size), self.value, np.float32)
+
+
+@contextlib.asynccontextmanager
+async def engine_process(store: Path, factory: Any = None, **overrides: Any) -> AsyncIterator[tuple[EngineCore, Settings]]:
+    """An engine core serving on a socket of its own, on this loop, with the settings a front
+    end connects with (small queues, a short batching window); stopped afterwards."""
+    base: dict[str, Any] = dict(model_store=store, engine="null", max_batch_size=4, max_queue_delay_ms=1,
+                                max_queue_size=4, store_poll_s=0, **overrides)
+    with tempfile.TemporaryDirectory() as tmp:
+        sock = Path(tmp) / "engine.sock"
+        core = EngineCore(Settings(**base), **({"engine_factory": factory} if factory else {}))
+        serving = asyncio.create_task(core.serve(sock))
+        try:
+            yield core, Settings(**base, engine_socket=sock)
+        finally:
+            core.stop()
+            await serving
+
+
+async def until(predicate: Any, what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+def test_a_cancelled_image_keeps_its_slot_until_its_running_batch_is_done(tmp_path: Path) -> None:
+    """A front end frees an image's slot on the engine process's answer. A cancel (deadline,
+    client gone) reaching an image whose batch runs must not be answered before the batch
+    ends: the slot would go to another request while the engine still writes the old map
+    into it."""
+    store = tmp_path / "store"
+    dirs = {"aaa": fake_version(store, "aaa"), "bbb": fake_version(store, "bbb")}
+    engines: dict[str, ValueEngine] = {}
+
+    def factory(version_dir: Path, **_: Any) -> ValueEngine:
+        category = version_dir.parent.name
+        engines[category] = ValueEngine(version_dir, 1.0 if category == "aaa" else 2.0, gated=category == "aaa")
+        return engines[category]
+
+    async def main() -> None:
+        async with engine_process(store, factory) as (core, settings):
+            client = EngineClient(settings, settings.engine_socket)
+            client.start()
+            try:
+                for version_dir in dirs.values():
+                    await client.acquire(version_dir)
+                pool = client.pool(32)
+                image = np.zeros((32, 32, 3), np.uint8)
+                (a,) = client.submit(str(dirs["aaa"]), [image], time.monotonic() + 30)
+                assert await asyncio.to_thread(engines["aaa"].started.wait, 10)  # A's batch is in the engine
+                a.cancel()
+                await asyncio.sleep(0.3)  # time for a (wrong) answer to come back
+                assert pool.free == pool.capacity - 1, "A's slot was freed while its batch still runs"
+                (b,) = client.submit(str(dirs["bbb"]), [image], time.monotonic() + 30)
+                done = await asyncio.wait_for(b, 10)
+                assert done.value[0] == 2.0 and (done.value[1] == 2.0).all()
+                engines["aaa"].gate.set()
+                await until(lambda: pool.free == pool.capacity, "A's slot back once its batch is done")
+                assert a.cancelled()
+            finally:
+                engines["aaa"].gate.set()
+                await client.close()
+
+    asyncio.run(main())
+
+
+def test_a_channel_that_ends_under_a_running_batch_never_hands_its_slots_out_again(tmp_path: Path) -> None:
+    """The channel can end while the engine process lives on (here it drops the front end,
+    as for a corrupt stream): its batch still running writes into the front end's slab. The
+    front end fails the request, reconnects and serves on; the slots that were in flight
+    are on a new slab, not in memory the old batch writes."""
+    store = tmp_path / "store"
+    version_dir = fake_version(store, "aaa")
+    engines: list[ValueEngine] = []
+
+    def factory(version_dir: Path, **_: Any) -> ValueEngine:
+        engines.append(ValueEngine(version_dir, 1.0, gated=True))
+        return engines[-1]
+
+    async def main() -> None:
+        async with engine_process(store, factory) as (core, settings):
+            client = EngineClient(settings, settings.engine_socket)
+            client.start()
+            try:
+                await client.acquire(version_dir)
+                pool = client.pool(32)
+                image = np.zeros((32, 32, 3), np.uint8)
+                (a,) = client.submit(str(version_dir), [image], time.monotonic() + 30)
+                (slot,) = client._requests[max(client._requests)].slots
+                written = client._slabs[32][1]  # the memory A's batch writes its map into
+                assert await asyncio.to_thread(engines[0].started.wait, 10)
+                (frontend,) = core.frontends.values()
+                frontend.channel.close()
+                with pytest.raises(EngineUnavailable):
+                    await asyncio.wait_for(a, 10)
+                await until(lambda: client.connected, "the reconnect")
+                assert pool.free == pool.capacity
+                engines[0].gate.set()
+                await until(lambda: (written.output(slot) == 1.0).all(), "A's late map")
+                serving = client._slabs[32][1]
+                assert serving is not written and (serving.output(slot) == 0).all()
+                (b,) = client.submit(str(version_dir), [image], time.monotonic() + 30)  # the new slab reached the engine
+                assert (await asyncio.wait_for(b, 10)).value[0] == 1.0
+            finally:
+                engines[0].gate.set()
+                await client.close()
+
+    asyncio.run(main())
+
+
+def test_a_reload_whose_warm_up_fails_keeps_the_version_served_held(tmp_path: Path) -> None:
+    """The registry keeps serving version 1 when version 2's warm-up through the engine
+    process fails: this front end must still hold 1 there (not let go of it at 2's acquire),
+    and let go of 2, which the engine process then unloads."""
+    store = tmp_path / "store"
+    v1 = fake_version(store, "aaa", "1")
+
+    def factory(version_dir: Path, **_: Any) -> ValueEngine:
+        return ValueEngine(version_dir, 0.0, failing=version_dir.name == "2")
+
+    async def main() -> None:
+        async with engine_process(store, factory, request_deadline_ms=500) as (core, settings):
+            core.unload_grace_s = 0.1
+            rt = PipelineRuntime(settings, None, engine_link=EngineClient(settings, settings.engine_socket))
+            rt.open()
+            try:
+                await rt.registry.load_all()
+                (ident,) = core.frontends
+                v2 = fake_version(store, "aaa", "2")
+                with pytest.raises(EngineError):
+                    await rt.registry.reload("aaa")
+                assert rt.registry.serving() == {"aaa": "1"}
+                await until(lambda: str(v2) not in core.hosted, "version 2 unloaded")
+                await asyncio.sleep(0.3)  # past the grace period
+                assert str(v1) in core.hosted and set(core.hosted[str(v1)].holders) == {ident}
+                with rt.pin("aaa") as lane:
+                    (future,) = lane.batcher.submit_many([np.zeros((32, 32, 3), np.uint8)], time.monotonic() + 10)
+                    assert (await asyncio.wait_for(future, 10)).batch_size == 1
+            finally:
+                await rt.close()
+
+    asyncio.run(main())
+
+
+def test_reloading_the_version_served_holds_it_once(tmp_path: Path) -> None:
+    """A reload of the version already served (an operator's reload with nothing new, or one
+    followed from another front end) acquires it again: once the next version serves, the
+    engine process must still unload it."""
+    store = tmp_path / "store"
+    v1 = fake_version(store, "aaa", "1")
+
+    async def main() -> None:
+        async with engine_process(store, request_deadline_ms=500) as (core, settings):
+            core.unload_grace_s = 0.1
+            rt = PipelineRuntime(settings, None, engine_link=EngineClient(settings, settings.engine_socket))
+            rt.open()
+            try:
+                await rt.registry.load_all()
+                (ident,) = core.frontends
+                await rt.registry.reload("aaa")
+                await rt.registry.reload("aaa", "1")
+                await asyncio.sleep(0.3)  # past the grace period: still held
+                assert set(core.hosted[str(v1)].holders) == {ident}
+                v2 = fake_version(store, "aaa", "2")
+                await rt.registry.reload("aaa")
+                await until(lambda: str(v1) not in core.hosted, "version 1 unloaded")
+                assert list(core.hosted) == [str(v2)] and set(core.hosted[str(v2)].holders) == {ident}
+            finally:
+                await rt.close()
 
     asyncio.run(main())
 

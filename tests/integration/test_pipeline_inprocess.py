@@ -1,7 +1,7 @@
 """The pipeline in-process on the real engine of the trained test model, no server: the
 runtime's inspect path (decode -> batcher -> postprocess), batching across callers, failures
-that stay with their caller, the API's ServiceState on top of it, and the registry's
-discover/refresh on a copied store.
+that stay with their caller, the API's ServiceState on top of it (and which reloads it
+counts), and the registry's discover/refresh on a copied store.
 
 In-process but in tests/integration, not tests/unit: they need the session's model store,
 which trains a tiny model (about 80 s on 2 cores), over the unit layer's one-minute budget.
@@ -23,11 +23,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from harness import CATEGORY, copy_version, engine_run_replaced, failing_run
+from harness import CATEGORY, copy_version, engine_run_replaced, failing_run, fake_version
 from service.config import Settings
 from service.pipeline.decode import UndecodableImage
 from service.pipeline.item import InspectedImage
-from service.pipeline.registry import LoadedModel, ModelNotLoaded, ModelRegistry, UnknownCategory
+from service.pipeline.registry import LoadedModel, ModelNotLoaded, ModelRegistry, UnknownCategory, VersionNotFound
 from service.pipeline.runtime import NonFiniteOutput, PipelineRuntime
 from service.pipeline.state import ServiceState
 from service.schemas import HeatmapLink, HeatmapMode, InspectOptions, Upload
@@ -263,5 +263,27 @@ def test_registry_discovers_and_follows_the_store(model_store: Path, tmp_path: P
         assert await registry.refresh() == [] and registry.get(CATEGORY).pinned
         assert registry.describe(CATEGORY).available_versions == ["1", "2", "3", "4"]
         assert np.isfinite(registry.get(CATEGORY).warmup_ms)
+
+    asyncio.run(main())
+
+
+def test_only_reloads_of_known_categories_are_counted(tmp_path: Path) -> None:
+    """An admin reload names its category in the path: a name the store does not hold is
+    refused (404) and not counted, or each name sent would become a metric series; a failed
+    reload of a category of the store is counted."""
+    store = tmp_path / "store"
+    fake_version(store, CATEGORY)
+
+    async def main() -> None:
+        state = ServiceState(settings_for(store, engine="null"))
+        for name in ("nosuch", "nosuch2", "../etc"):
+            with pytest.raises(UnknownCategory):
+                await state.reload(name, None)
+        with pytest.raises(VersionNotFound):
+            await state.reload(CATEGORY, "9")
+        counted = {(s.labels["category"], s.labels["outcome"]): s.value
+                   for family in state.metrics.registry.collect() for s in family.samples
+                   if s.name == "msflow_model_reloads_total"}
+        assert counted == {(CATEGORY, "failed"): 1.0}
 
     asyncio.run(main())

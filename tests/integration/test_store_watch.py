@@ -1,18 +1,24 @@
 """The server picks up what is exported while it serves: a new category, a new version, and
-never a half-written export folder; an empty store starts and becomes ready later."""
+never a half-written export folder; an empty store starts and becomes ready later; the watch
+never undoes an operator's pin."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
-from harness import CATEGORY, Server, copy_version as _copy_version, part, start, wait_until
+from harness import CATEGORY, Server, copy_version as _copy_version, fake_version, part, start, wait_until
 from models.build_progress import record_build, record_step
 from models.data import MVTecCategory
+from service.config import Settings
+from service.engines.null import NullEngine
+from service.pipeline.registry import ModelRegistry
 
 
 def test_new_category_and_version_appear_while_serving(model_store: Path, demo_root: Path, tmp_path: Path) -> None:
@@ -79,3 +85,37 @@ def test_an_empty_store_starts_and_becomes_ready_when_a_model_arrives(model_stor
         assert [m["category"] for m in listing["models"]] == [CATEGORY] and listing["building"]["state"] == "done"
     finally:
         server.stop()
+
+
+def test_the_watch_never_undoes_an_operators_pin(tmp_path: Path) -> None:
+    """An operator rolls back (reload ?version=1, a pin) while a new export lands and the
+    watch polls during that load: the watch waits for the category's lock, then must see
+    the pin and leave it, not load the newest over it."""
+    store = tmp_path / "store"
+    for version in ("1", "2"):
+        fake_version(store, CATEGORY, version)
+    gate = threading.Event()
+    gate.set()
+
+    def slow_factory(version_dir: Path, **_: Any) -> NullEngine:
+        assert gate.wait(10), "test gate never opened"  # a load that takes a while (TensorRT, a big warm-up)
+        return NullEngine(version_dir, max_batch_size=4)
+
+    async def main() -> None:
+        registry = ModelRegistry(Settings(model_store=store, engine="null", store_poll_s=0),
+                                 engine_factory=slow_factory)
+        registry.discover()
+        await registry.load_all()
+        assert registry.serving() == {CATEGORY: "2"}
+        fake_version(store, CATEGORY, "3")  # a new export lands
+        gate.clear()
+        rollback = asyncio.create_task(registry.reload(CATEGORY, "1"))
+        await asyncio.sleep(0.05)
+        watch = asyncio.create_task(registry.refresh())  # the watch's poll meanwhile
+        await asyncio.sleep(0.05)
+        gate.set()
+        assert (await rollback).pinned
+        assert await watch == []
+        assert registry.serving() == {CATEGORY: "1"} and registry.get(CATEGORY).pinned
+
+    asyncio.run(main())

@@ -273,6 +273,40 @@ def test_drain_timeout_fails_what_is_left() -> None:
     run(t)
 
 
+def test_cancel_queued_leaves_the_running_batch_to_finish() -> None:
+    """The engine process's cancel: items still queued are dropped, an item of the running
+    batch is answered when run_batch returns (its payload is in use until then)."""
+    async def t() -> None:
+        engine = FakeEngine(gated=True)
+        b = make(engine, max_batch_size=1, max_queue_delay_s=0.0)
+        futures = b.submit_many([image(0), image(1)], far())
+        await started(engine)  # item 0 runs, item 1 waits
+        b.cancel_queued(futures)
+        assert not futures[0].done() and futures[1].cancelled()
+        engine.gate.set()
+        assert (await futures[0]).value.raw_score == 0
+        await b.drain()
+        assert engine.seen == [0]
+    run(t)
+
+
+def test_a_drain_timeout_with_lent_payloads_answers_the_running_batch_when_it_returns() -> None:
+    """The engine process's batchers (payloads are front ends' shared-memory slots): a drain
+    that times out fails the queued items at once, never the running ones before run_batch
+    has returned, however long that takes."""
+    async def t() -> None:
+        engine = FakeEngine(gated=True)
+        b = make(engine, max_batch_size=1, max_queue_delay_s=0.0, lent_payloads=True)
+        futures = b.submit_many([image(0), image(1)], far())
+        await started(engine)
+        await b.drain(timeout=0.1)
+        assert not futures[0].done() and isinstance(futures[1].exception(), BatcherClosed)
+        engine.gate.set()
+        assert (await futures[0]).value.raw_score == 0
+        assert engine.seen == [0]
+    run(t)
+
+
 def test_reload_drains_the_old_batcher_while_the_new_takes_requests() -> None:
     """The runtime's reload: one batcher per loaded version; the old one drains (its in-flight
     and queued items finish on the old engine) while new requests go to the new one."""
