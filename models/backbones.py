@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.manifest import sha256_file
+
 STRIDES = (4, 8, 16)
 BACKBONES = ("efficientnet_lite0", "efficientnet_lite2", "wide_resnet50_2", "resnet18")
 
@@ -296,7 +298,7 @@ def _hub_checkpoint_dir() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
-# torchvision's own files; the hash prefix in each name is checked on download.
+# torchvision's own files; the sha256 prefix in each name is checked at every load.
 TORCHVISION_URLS = {
     "wide_resnet50_2": "https://download.pytorch.org/models/wide_resnet50_2-95faca4d.pth",
     "resnet18": "https://download.pytorch.org/models/resnet18-f37072fd.pth",
@@ -304,7 +306,8 @@ TORCHVISION_URLS = {
 
 
 def find_resnet_weights(name: str, weights: str | Path | None = None, download: bool = True) -> Path:
-    """The weight file given, else torchvision's file for ``name`` in the torch hub cache,
+    """The weight file given, else torchvision's file for ``name`` in the torch hub cache
+    (its sha256 checked against the prefix in its name, as torch.hub's ``check_hash``),
     fetched there (hash checked) when the machine is online."""
     if weights:
         path = Path(weights).expanduser()
@@ -312,10 +315,12 @@ def find_resnet_weights(name: str, weights: str | Path | None = None, download: 
             raise BackboneWeightsError(f"backbone weights for {name} not found at {path}")
         return path
     hub = _hub_checkpoint_dir()
-    candidates = sorted(hub.glob(f"{name}-*.pth")) if hub.is_dir() else []
-    if candidates:
-        return candidates[-1]
     url = TORCHVISION_URLS[name]
+    # Only torchvision's exact name: any other file in the cache is of unknown origin (a
+    # random-weights file was loaded in silence once), and the name carries the hash.
+    cached = hub / url.rsplit("/", 1)[-1]
+    if cached.is_file():
+        return _check_hash_prefix(cached)
     reason = "download disabled"
     if download:
         try:
@@ -329,6 +334,18 @@ def find_resnet_weights(name: str, weights: str | Path | None = None, download: 
         f"PATH to a torchvision-format .pth file, or put it in {hub}/ (torchvision's file name, "
         f"{url.rsplit('/', 1)[-1]}). This service never runs a backbone with random weights."
     )
+
+
+def _check_hash_prefix(path: Path) -> Path:
+    """``path`` if its sha256 starts with the hex prefix after the last ``-`` of its name."""
+    prefix = path.name.rsplit("-", 1)[-1].split(".", 1)[0]
+    digest = sha256_file(path)
+    if not digest.startswith(prefix):
+        raise BackboneWeightsError(
+            f"{path} is not torchvision's file: its sha256 starts {digest[:len(prefix)]}, its name says {prefix} "
+            "(corrupt, truncated or another file under that name). Delete it to download it again, or pass "
+            "--backbone-weights PATH")
+    return path
 
 
 def build_resnet(name: str, weights: str | Path | None = None) -> ResNetFeatures:

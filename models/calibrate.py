@@ -32,13 +32,17 @@ from typing import Literal
 import numpy as np
 from scipy.stats import beta
 
-from models.data import MVTecCategory, Sample, folder_of_good_images
+from models.data import DataError, MVTecCategory, Sample, folder_of_good_images
 from models.manifest import (DEFAULT_NG_RECALL, DEFAULT_REVIEW_MARGIN, DEFAULT_TARGET_FPR, Calibration,
                              CalibrationSource, ScoreStats, sha256_file)
 from models.metrics import best_f1
+from models.review_store import REVIEWED_OK
 from models.runs import read_json
 
 Policy = Literal["target_fpr", "target_recall", "f1_optimal"]
+# Fewer normals than this bound the false-alarm rate above a quarter even when none is
+# flagged (one-sided 95% Clopper-Pearson: 10 normals, 0 flagged -> 25.9%): no threshold.
+MIN_CALIBRATION_NORMALS = 10
 
 
 def score_stats(scores: np.ndarray) -> ScoreStats:
@@ -132,10 +136,22 @@ def calibrate(normal_scores: np.ndarray, normal_maps: np.ndarray, score_output: 
               anomalous_scores: np.ndarray | None = None, policy: Policy = "target_fpr",
               target_fpr: float = DEFAULT_TARGET_FPR, target_recall: float | None = None,
               source: CalibrationSource | None = None) -> Calibration:
-    """Calibration from normal scores/maps the model never trained on (and optional anomalies)."""
+    """Calibration from normal scores/maps the model never trained on (and optional anomalies).
+    Raises ValueError for fewer than :data:`MIN_CALIBRATION_NORMALS` normals, or for scores or
+    maps that are not finite (a NaN sorts anywhere and is written as null: the threshold, or
+    the manifest, would be unusable)."""
     normal = np.asarray(normal_scores, dtype=np.float64)
-    stats = score_stats(normal)
+    if normal.size < MIN_CALIBRATION_NORMALS:
+        raise ValueError(f"calibration needs at least {MIN_CALIBRATION_NORMALS} normal images the model never "
+                         f"trained on, got {normal.size}: with so few, even none flagged leaves the false-alarm "
+                         f"rate's 95% bound at {fpr_upper_bound(0, normal.size):.0%}")
     anomalous = np.asarray(anomalous_scores if anomalous_scores is not None else [], dtype=np.float64)
+    for name, values in (("normal scores", normal), ("normal maps", np.asarray(normal_maps)),
+                         ("anomalous scores", anomalous)):
+        if (bad := int(values.size - np.isfinite(values).sum())) > 0:
+            raise ValueError(f"calibration: {bad} of the {values.size} {name} are not finite (NaN or infinity): "
+                             "the model's outputs are broken (diverged training?); no threshold can come of them")
+    stats = score_stats(normal)
     if policy != "target_fpr" and not anomalous.size:
         raise ValueError(f"the {policy} policy needs labelled anomalous images (export --validation DIR)")
     if policy == "target_fpr":
@@ -181,12 +197,14 @@ def calibration_samples(run: Path, calibration_images: Path | None = None) -> tu
     makes the threshold optimistic.
     """
     if calibration_images is not None:
-        return _with_source(folder_of_good_images(calibration_images), "calibration_images", calibration_images, True)
+        return _never_trained_on(run, *_with_source(folder_of_good_images(calibration_images), "calibration_images",
+                                                    calibration_images.resolve(), True))
     cfg = read_json(run / "config.json")
     if cfg.get("data") and cfg.get("category"):
         category = MVTecCategory(cfg["data"], cfg["category"])
         if category.has_calibration:
-            return _with_source(category.calibration_samples(), "calibration_set", category.calibration_dir, True)
+            return _never_trained_on(run, *_with_source(category.calibration_samples(), "calibration_set",
+                                                        category.calibration_dir, True))
     paths = read_json(run / "holdout.json") if (run / "holdout.json").is_file() else []
     if not paths:
         raise ValueError(f"{run} has no normal images to calibrate on: give the data set a calibration/good "
@@ -204,3 +222,35 @@ def _with_source(samples: list[Sample], kind: str, path: Path | None,
     source = CalibrationSource(kind=kind, path=str(path) if path else None, count=len(samples), digest=digest,
                                never_trained_on=never_trained_on)
     return samples, source
+
+
+def _never_trained_on(run: Path, samples: list[Sample],
+                      source: CalibrationSource) -> tuple[list[Sample], CalibrationSource]:
+    """Refuse calibration images the run trained on (the same bytes): the flows fit them, so a
+    threshold set on them is too low a bar for new parts, and the manifest would call them
+    never trained on. Compared with the data set's train/good (less the run's holdout) and the
+    reviewed OK images the run took in."""
+    trained = trained_on_digests(run)
+    if trained and (seen := sum(sha256_file(s.path) in trained for s in samples)):
+        raise ValueError(f"{seen} of the {len(samples)} calibration images ({source.path}) are images {run} trained "
+                         "on: calibrate on normals the model never saw")
+    return samples, source
+
+
+def trained_on_digests(run: Path) -> set[str]:
+    """sha256 of the images ``run`` trained on, as far as the run records them."""
+    cfg = read_json(run / "config.json")
+    digests: set[str] = set()
+    if cfg.get("data") and cfg.get("category"):
+        try:
+            category = MVTecCategory(cfg["data"], cfg["category"])
+        except DataError as exc:  # exported on another machine than it trained on
+            warnings.warn(f"cannot check the calibration images against {run}'s training images: {exc}",
+                          stacklevel=3)
+        else:
+            holdout = {Path(p).resolve() for p in (read_json(run / "holdout.json")
+                                                    if (run / "holdout.json").is_file() else [])}
+            digests |= {sha256_file(s.path) for s in category.train_samples() if s.path.resolve() not in holdout}
+    if (run / REVIEWED_OK).is_file():
+        digests |= {row["sha256"] for row in read_json(run / REVIEWED_OK)}
+    return digests

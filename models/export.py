@@ -10,6 +10,7 @@ will serve), and writes the version folder atomically.
 from __future__ import annotations
 
 import json
+import math
 import logging
 import shutil
 import tempfile
@@ -24,11 +25,11 @@ from torch import Tensor, nn
 
 from models.calibrate import DEFAULT_TARGET_FPR, Policy, calibrate, calibration_samples
 from models.data import MVTecCategory, load_images
-from models.manifest import (CATEGORY_PATTERN, Manifest, OnnxInfo, TensorSpec, TrainingData, file_entry,
-                             list_versions)
+from models.manifest import CATEGORY_PATTERN, Manifest, OnnxInfo, TensorSpec, TrainingData, file_entry
+from models.publish import check_version_name, publish_version
 from models.review_store import REVIEWED_OK
 from models.msflow import MSFlow
-from models.runs import load_model, read_json
+from models.runs import checkpoint_sha256, load_model, read_json
 
 log = logging.getLogger(__name__)
 
@@ -117,11 +118,6 @@ def training_data(run: Path, train_cfg: dict[str, Any]) -> TrainingData:
                         review_store=str(store) if store else None)
 
 
-def _next_version(category_dir: Path) -> str:
-    numeric = [int(v) for v in list_versions(category_dir) if v.isdigit()]
-    return str(max(numeric, default=0) + 1)
-
-
 def export_run(run: str | Path, store: str | Path, category: str | None = None,
                validation: str | Path | None = None, score_output: str = DEFAULT_SCORE_OUTPUT,
                tensorrt: bool = False, trt_batches: tuple[int, int, int] = (1, 8, 32),
@@ -136,6 +132,9 @@ def export_run(run: str | Path, store: str | Path, category: str | None = None,
         raise ValueError(f"category {category!r} must match {CATEGORY_PATTERN.pattern}")
     if score_output not in ("image_score_log", "absolute_score"):
         raise ValueError("score_output must be image_score_log or absolute_score")
+    # Hashed before it is loaded: a checkpoint replaced in between then fails the torch
+    # engine's check (service/engines/torch.py) instead of passing it.
+    checkpoint_hash = checkpoint_sha256(run)
     model, info = load_model(run, "cpu")
     if map_sigma is not None:
         model.set_map_sigma(map_sigma)
@@ -143,11 +142,9 @@ def export_run(run: str | Path, store: str | Path, category: str | None = None,
 
     category_dir = Path(store) / category
     category_dir.mkdir(parents=True, exist_ok=True)
-    version = version or _next_version(category_dir)
-    final = category_dir / version
-    if final.exists():
-        raise FileExistsError(f"{final} already exists")
-    work = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=category_dir))
+    if version is not None and (category_dir / check_version_name(version)).exists():
+        raise FileExistsError(f"{category_dir / version} already exists")  # before the work; checked again at the end
+    work = Path(tempfile.mkdtemp(prefix=".export-", dir=category_dir))
     try:
         onnx_path = export_onnx(model, work / "model.onnx")
         session = onnx_session(onnx_path)
@@ -157,7 +154,8 @@ def export_run(run: str | Path, store: str | Path, category: str | None = None,
         diffs, scale = parity(model, session, normals[: min(4, len(normals))])
         # float32 rounding grows with magnitude: barely trained flows give maps in the
         # hundreds, so the tolerance is relative above 1.
-        if max(diffs.values()) > PARITY_TOLERANCE * max(1.0, scale):
+        # A NaN compares False with everything: a broken output would pass as parity.
+        if not all(math.isfinite(d) for d in diffs.values()) or max(diffs.values()) > PARITY_TOLERANCE * max(1.0, scale):
             raise ExportError(f"ONNX Runtime differs from PyTorch by {diffs} (tolerance {PARITY_TOLERANCE} "
                               f"x max(1, {scale:.3g}))")
 
@@ -189,21 +187,26 @@ def export_run(run: str | Path, store: str | Path, category: str | None = None,
             tensorrt_info = build_plan(work / "model.onnx", work / "model.plan", size, *trt_batches)
 
         files = {p.name: file_entry(p) for p in sorted(work.iterdir()) if p.is_file()}
-        manifest = Manifest(
-            category=category, version=version, created_at=datetime.now(timezone.utc), input_size=size,
-            backbone=model.config.backbone, model=model.config.model_dump(),
-            inputs=[TensorSpec(name="images", dtype="uint8", shape=["batch", size, size, 3])],
-            outputs=[TensorSpec(name=n, dtype="float32", shape=["batch"] if n != "anomaly_map" else ["batch", size, size])
-                     for n in OUTPUTS],
-            calibration=calibration, metrics=metrics,
-            onnx=OnnxInfo(opset=OPSET, exporter="torch.onnx.export(dynamo=True)", torch_version=torch.__version__,
-                          onnx_version=onnx.__version__, parity_max_abs_diff=diffs),
-            tensorrt=tensorrt_info, files=files, source_run=str(run), training=training_data(run, train_cfg),
-        )
-        manifest.write(work)
-        work.rename(final)
+
+        def write_manifest(chosen: str) -> None:
+            Manifest(
+                category=category, version=chosen, created_at=datetime.now(timezone.utc), input_size=size,
+                backbone=model.config.backbone, model=model.config.model_dump(),
+                inputs=[TensorSpec(name="images", dtype="uint8", shape=["batch", size, size, 3])],
+                outputs=[TensorSpec(name=n, dtype="float32",
+                                    shape=["batch"] if n != "anomaly_map" else ["batch", size, size])
+                         for n in OUTPUTS],
+                calibration=calibration, metrics=metrics,
+                onnx=OnnxInfo(opset=OPSET, exporter="torch.onnx.export(dynamo=True)",
+                              torch_version=torch.__version__, onnx_version=onnx.__version__,
+                              parity_max_abs_diff=diffs),
+                tensorrt=tensorrt_info, files=files, source_run=str(run), training=training_data(run, train_cfg),
+                source_checkpoint_sha256=checkpoint_hash,
+            ).write(work)
+
+        final = publish_version(category_dir, work, version, write_manifest)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    log.info("exported %s version %s to %s", category, version, final)
+    log.info("exported %s version %s to %s", category, final.name, final)
     return final

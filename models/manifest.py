@@ -13,6 +13,7 @@ torch dependency, and is validated on both sides::
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 from datetime import datetime
 from pathlib import Path
@@ -29,6 +30,12 @@ DEFAULT_REVIEW_MARGIN = 0.1
 DEFAULT_NG_RECALL = 0.99  # the ng bound's recall goal on labelled anomalies when no policy names one
 Verdict = Literal["ok", "review", "ng"]
 CATEGORY_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+# A version folder's name: the exporter numbers them; a name given by hand stays one path
+# component (no separator, no leading dot: those are exports in progress).
+VERSION_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+NUMERIC_VERSION = re.compile(r"[0-9]+")
+
+log = logging.getLogger(__name__)
 
 
 class ManifestError(ValueError):
@@ -36,7 +43,9 @@ class ManifestError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+    # Finite floats only: pydantic writes NaN and infinity as null, which it then cannot read
+    # back: a manifest with one would be written fine and refused by every server.
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=(), allow_inf_nan=False)
 
 
 class FileEntry(_Strict):
@@ -197,6 +206,9 @@ class Manifest(_Strict):
     tensorrt: TensorRTInfo | None = None
     files: dict[str, FileEntry]
     source_run: str | None = None
+    # sha256 of the run's checkpoint.pt that was exported, so the torch engine can tell a run
+    # retrained in place since (None: a manifest written before this was recorded).
+    source_checkpoint_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
     training: TrainingData | None = None
     recalibrated_from: str | None = None  # the version whose engine files this one reuses (msflow recalibrate)
 
@@ -243,11 +255,26 @@ def file_entry(path: str | Path) -> FileEntry:
     return FileEntry(sha256=sha256_file(path), bytes=Path(path).stat().st_size)
 
 
+def is_numeric_version(version: str) -> bool:
+    """ASCII digits only: ``str.isdigit`` also accepts "1²", which ``int`` then refuses (a
+    stray folder of that name stopped the store watch for good)."""
+    return NUMERIC_VERSION.fullmatch(version) is not None
+
+
 def list_versions(category_dir: str | Path) -> list[str]:
-    """Version folders that hold a manifest, oldest first (numeric versions sort numerically)."""
+    """Version folders that hold a manifest, oldest first (numeric versions sort numerically).
+    A folder this process may not read is left out, with a warning: one version exported
+    with the wrong owner or mode must not hide the others."""
     d = Path(category_dir)
     if not d.is_dir():
         return []
-    # A dot folder is an export still being written (or one that died): never a version.
-    versions = [p.name for p in d.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / MANIFEST).is_file()]
-    return sorted(versions, key=lambda v: (0, int(v), "") if v.isdigit() else (1, 0, v))
+    versions = []
+    for p in d.iterdir():
+        if p.name.startswith("."):  # an export still being written (or one that died), the lock
+            continue
+        try:
+            if p.is_dir() and (p / MANIFEST).is_file():
+                versions.append(p.name)
+        except PermissionError as exc:
+            log.warning("model store: cannot read %s (%s); skipped", p, exc)
+    return sorted(versions, key=lambda v: (0, int(v), "") if is_numeric_version(v) else (1, 0, v))

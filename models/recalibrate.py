@@ -42,6 +42,7 @@ from models.calibrate import fit_review_bounds, fpr_upper_bound
 from models.data import Sample, folder_of_good_images, load_images
 from models.manifest import (DEFAULT_NG_RECALL, DEFAULT_REVIEW_MARGIN, DEFAULT_TARGET_FPR, LabelSource, Manifest,
                              file_entry, list_versions, sha256_file)
+from models.publish import publish_version
 from models.review_store import REVIEWED_OK, ReviewStore, resolve_root
 from models.verdicts import review_table
 
@@ -75,11 +76,6 @@ class Recalibration(BaseModel):
     normals_before: dict[str, Any]
     normals_after: dict[str, Any]
     warnings: list[str]
-
-
-def _next_version(category_dir: Path) -> str:
-    numeric = [int(v) for v in list_versions(category_dir) if v.isdigit()]
-    return str(max(numeric, default=0) + 1)
 
 
 class _Scorer:
@@ -187,7 +183,6 @@ def recalibrate(store: str | Path, category: str, review_store: str | Path | Non
     normals_after = _normal_block(normals, ok)
     warnings = notes + _support_warnings(after, target_recall)
 
-    new_version = _next_version(category_dir)
     digest = hashlib.sha256("".join(sorted(f"{item.image.sha256}:{label.label}\n" for item, label, _ in rows))
                             .encode()).hexdigest()
     new_cal = cal.model_copy(update={
@@ -197,7 +192,7 @@ def recalibrate(store: str | Path, category: str, review_store: str | Path | Non
         "fpr_upper_95": normals_after["fpr_upper_95"], "anomalous_images": len(ng_scores),
         "labels": LabelSource(review_store=str(root), ok=len(ok_scores), ng=len(ng_scores), digest=digest,
                               target_recall=target_recall, excluded_trained_on=excluded)})
-    staging = Path(tempfile.mkdtemp(prefix=f".{new_version}-recalibrate-", dir=category_dir))
+    staging = Path(tempfile.mkdtemp(prefix=".recalibrate-", dir=category_dir))
     try:
         # Every listed file but an earlier recalibration's report, which is written anew below
         # (writing into a hard link would change the source version's file too).
@@ -205,21 +200,25 @@ def recalibrate(store: str | Path, category: str, review_store: str | Path | Non
         placed = {name: _place(src / name, staging / name) for name in carried}
         engine_files = "copy" if any(placed.get(n) == "copy" for n in ENGINE_FILES) else "hardlink"
         report = Recalibration(
-            category=category, from_version=source_version, to_version=new_version, engine_files=engine_files,
+            category=category, from_version=source_version, to_version="", engine_files=engine_files,
             review_store=str(root), goal=f"recall of labelled NG >= {target_recall:.0%} at the lowest false-alarm "
             "rate; no known good part at or above the ng bound", labelled_ok=len(ok_scores),
             labelled_ng=len(ng_scores), excluded_trained_on=excluded, rescored=len(stale), normals=len(normals),
             before=before, after=after, normals_before=normals_before, normals_after=normals_after,
             warnings=warnings)
-        (staging / REPORT).write_text(report.model_dump_json(indent=2))
-        files = {**carried, REPORT: file_entry(staging / REPORT)}
-        new = manifest.model_copy(update={"version": new_version, "created_at": datetime.now(timezone.utc),
-                                          "calibration": new_cal, "files": files,
-                                          "recalibrated_from": source_version})
-        new.write(staging)
-        new.verify_files(staging)
-        final = category_dir / new_version
-        staging.rename(final)  # complete: the registry may load it from now on
+
+        def number_it(new_version: str) -> None:  # under the category's lock (models/publish.py)
+            nonlocal report
+            report = report.model_copy(update={"to_version": new_version})
+            (staging / REPORT).write_text(report.model_dump_json(indent=2))
+            files = {**carried, REPORT: file_entry(staging / REPORT)}
+            new = manifest.model_copy(update={"version": new_version, "created_at": datetime.now(timezone.utc),
+                                              "calibration": new_cal, "files": files,
+                                              "recalibrated_from": source_version})
+            new.write(staging)
+            new.verify_files(staging)
+
+        final = publish_version(category_dir, staging, None, number_it)  # the registry may load it from now on
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from models.manifest import sha256_file
 from models.msflow import MSFlow, MSFlowConfig
 
 CHECKPOINT = "checkpoint.pt"
@@ -48,6 +49,15 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise RunError(f"no checkpoint at {path}")
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def checkpoint_sha256(run: str | Path, checkpoint: str = CHECKPOINT) -> str:
+    """sha256 of a run's checkpoint file: an export records it, so that the torch engine can
+    tell the run was retrained or resumed in place since (same config, other weights)."""
+    path = Path(run) / checkpoint
+    if not path.is_file():
+        raise RunError(f"no checkpoint at {path}")
+    return sha256_file(path)
 
 
 def load_model(run: str | Path, device: str | torch.device = "cpu", checkpoint: str = CHECKPOINT,

@@ -60,7 +60,8 @@ class Settings(BaseSettings):
         default_factory=dict, description='category -> version to serve instead of the newest, e.g. {"grass":"1"}')
     engine: EngineKind = Field("auto", description="auto: TensorRT plan if usable, else ONNX Runtime; null: "
                                                  "zero outputs, for front-end benchmarks only")
-    device: str = Field("auto", description="auto, cpu, cuda, cuda:1 ...")
+    device: str = Field("auto", description="auto (a GPU if usable, else the CPU), cpu, or cuda / cuda:N (that "
+                        "GPU, or the load fails: never a quiet CPU engine)")
     intra_op_threads: int | None = Field(None, ge=1, description="engine CPU threads (None: runtime default)")
     store_poll_s: float = Field(5.0, ge=0.0, description="how often the server looks for new categories and "
                                 "versions in the model store (0: only at start-up and on reload)")

@@ -56,8 +56,10 @@ class _GracefulServer(uvicorn.Server):
         self._signalled = True
         self._on_signal()
         log.info("signal %d: readiness off, closing in %.1f s", sig, self._delay_s)
-        # A timer thread only flips uvicorn's should_exit flag, which its main loop polls.
-        timer = threading.Timer(self._delay_s, uvicorn.Server.handle_exit, args=(self, sig, None))
+        # A timer thread only sets uvicorn's should_exit flag, which its main loop polls. Not
+        # through handle_exit: for a SIGINT it forces the exit (no drain) once should_exit is
+        # set, and Ctrl-C reaches every process of the group, then the supervisor's SIGTERM.
+        timer = threading.Timer(self._delay_s, setattr, args=(self, "should_exit", True))
         timer.daemon = True
         timer.start()
 

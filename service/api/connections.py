@@ -176,6 +176,7 @@ class BudgetedHttpProtocol(HttpToolsProtocol):
         self._stall_buffered = 0  # what the transport held then
         self._linger_until = 0.0  # answered and half-closed: dropping what comes until then
         self._answering: Any = None  # the request whose app task runs (pipelined ones wait)
+        self._idle_until = 0.0  # answered, nothing pipelined: uvicorn's keep-alive ends then
         self._linger_left = 0  # bytes still to drop
 
     # ------------------------------------------------------------------ connection
@@ -214,11 +215,17 @@ class BudgetedHttpProtocol(HttpToolsProtocol):
             self._header_bytes += len(data)
             if self._header_bytes > self.budget.max_header_bytes:
                 self._refuse(*self._too_large())
+        elif self._idle_until and self.timeout_keep_alive_task is None and not self.transport.is_closing():
+            # Bytes that start no request (a bare CRLF between requests) made uvicorn drop its
+            # keep-alive timer for good: the connection then stayed open without end, a slot
+            # of the connection budget held by one byte. The timer goes back, never extended.
+            self.timeout_keep_alive_task = self.loop.call_later(
+                max(0.0, self._idle_until - self.loop.time()), self.timeout_keep_alive_handler)
 
     # ------------------------------------------------------------------ parser callbacks
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._in_headers, self._header_bytes = True, 0
+        self._in_headers, self._header_bytes, self._idle_until = True, 0, 0.0
         if self.cycle is not None:  # a later request on the connection: timed from its first byte
             self._header_deadline = self.loop.time() + self.budget.header_timeout_s
 
@@ -248,6 +255,11 @@ class BudgetedHttpProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         self._in_body, self._body_seen_at = False, 0.0
         super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self.timeout_keep_alive_task is not None:  # armed: idle, nothing pipelined
+            self._idle_until = self.loop.time() + self.timeout_keep_alive
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer to bytes that are not HTTP, in the API's error shape, or the

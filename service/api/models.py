@@ -11,6 +11,7 @@ from models.manifest import CATEGORY_PATTERN, ManifestError
 from service.api.auth import Admin, Authed
 from service.api.deps import ERRORS, CategoryDep, StateDep, unknown_category
 from service.api.errors import ApiError
+from service.engines.base import EngineError
 from service.pipeline.registry import RegistryError, UnknownCategory, VersionNotFound
 from service.schemas import ModelInfo, ModelList
 
@@ -42,7 +43,10 @@ async def reload_model(category: str, state: StateDep,
         raise
     except VersionNotFound as exc:
         raise ApiError(404, "version_not_found", state.registry.public_message(exc)) from exc
-    except (RegistryError, ManifestError) as exc:  # our own checks: their message is the answer
+    # Our own checks, their message the answer: the registry's, the manifest's, and an engine
+    # that cannot load the version here (a graph onnxruntime refuses, a plan for another GPU,
+    # a device this host lacks): the version is unusable, not the server broken.
+    except (RegistryError, ManifestError, EngineError) as exc:
         log.error("reload of %s failed: %s", category, exc)
         raise ApiError(422, "reload_failed", f"reload of {category} failed; the previous version keeps "
                        f"serving: {state.registry.public_message(exc)}") from exc

@@ -41,6 +41,20 @@ class Engine(Protocol):
         ...
 
 
+def cuda_index(device: str) -> int | None:
+    """The CUDA device an explicit ``cuda`` / ``cuda:N`` names (``cuda`` is device 0), or None
+    for ``auto`` and ``cpu``. Anything else is an :class:`EngineError`: a typo must not
+    quietly serve on another device than the operator asked for."""
+    if device in ("auto", "cpu"):
+        return None
+    kind, sep, index = device.partition(":")
+    if kind == "cuda" and not sep:
+        return 0
+    if kind == "cuda" and index.isascii() and index.isdigit():
+        return int(index)
+    raise EngineError(f"device {device!r} is not one of auto, cpu, cuda, cuda:N")
+
+
 def check_batch(images: np.ndarray, size: int, max_batch: int) -> np.ndarray:
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (size, size, 3):
         raise EngineError(f"engine takes uint8 [B,{size},{size},3], got {images.dtype} {list(images.shape)}")

@@ -8,17 +8,23 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from models.manifest import Manifest
-from service.engines.base import Engine, EngineError
+from service.engines.base import Engine, EngineError, cuda_index
 from service.os_names import engine_thread_name, thread_named
+
+if TYPE_CHECKING:
+    from service.engines.onnxruntime import Provider
 
 log = logging.getLogger(__name__)
 
 
 def load_engine(version_dir: str | Path, kind: str = "auto", device: str = "auto",
                 threads: int | None = None, max_batch_size: int = 64) -> Engine:
-    """The best engine for this host: ``auto`` tries TensorRT (plan), then ONNX Runtime.
+    """The best engine for this host: ``auto`` tries TensorRT (plan), then ONNX Runtime
+    (:func:`backends_to_try`). ``device``: ``auto`` (a GPU when one is usable, else the CPU),
+    ``cpu``, or ``cuda[:N]``, which is that GPU or an :class:`EngineError`, never the CPU.
 
     Built under the thread name ``engine-<category>``, so the threads a backend starts here
     (onnxruntime's intra-op pool) carry it in ``top -H`` (:mod:`service.os_names`)."""
@@ -28,38 +34,62 @@ def load_engine(version_dir: str | Path, kind: str = "auto", device: str = "auto
         return _load(version_dir, manifest, kind, device, threads, max_batch_size)
 
 
+KINDS = ("auto", "tensorrt", "onnx", "torch", "null")
+
+
+def backends_to_try(kind: str, device: str, has_plan: bool) -> list[str]:
+    """The backends :func:`load_engine` tries, in order, for ``kind`` on ``device``.
+
+    ``auto``: the TensorRT plan first when the version has one, then ONNX Runtime; but with
+    ``device=cpu`` straight to ONNX Runtime: a plan runs on CUDA only, and the operator asked
+    for the CPU. Pure (no backend imported), so the choice is testable on any host."""
+    if kind not in KINDS:
+        raise EngineError(f"unknown engine kind {kind!r}; choose auto, tensorrt, onnx, torch (or null, for benchmarks)")
+    if kind == "auto":
+        return ["tensorrt", "onnx"] if has_plan and device != "cpu" else ["onnx"]
+    return [kind]
+
+
+def onnx_providers(device: str) -> list[Provider] | None:
+    """onnxruntime's providers for ``device``. ``auto``: None, the engine's default order
+    (TensorRT -> CUDA -> CPU, as available, so a host without a GPU serves on the CPU).
+    ``cuda[:N]``: the GPU providers on device N (CPU last, for nodes no GPU provider takes);
+    the engine then refuses to fall back to the CPU (``OnnxEngine(cuda_device=N)``)."""
+    index = cuda_index(device)
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if index is None:
+        return None
+    return [("TensorrtExecutionProvider", {"device_id": index}), ("CUDAExecutionProvider", {"device_id": index}),
+            "CPUExecutionProvider"]
+
+
 def _load(version_dir: Path, manifest: Manifest, kind: str, device: str, threads: int | None,
           max_batch_size: int) -> Engine:
-    if kind == "onnx" or (kind == "auto" and manifest.tensorrt is None):
-        return _onnx(version_dir, _onnx_providers(device), threads, manifest, max_batch_size)
-    if kind == "null":  # benchmarks only (service/engines/null.py): never chosen by "auto"
+    *first, last = backends_to_try(kind, device, manifest.tensorrt is not None)
+    for backend in first:  # auto's TensorRT: a plan this host cannot run falls back
+        try:
+            return _build(backend, version_dir, manifest, device, threads, max_batch_size)
+        except EngineError as e:
+            log.warning("%s engine not usable here (%s); using %s", backend, e, last)
+    return _build(last, version_dir, manifest, device, threads, max_batch_size)
+
+
+def _build(backend: str, version_dir: Path, manifest: Manifest, device: str, threads: int | None,
+           max_batch_size: int) -> Engine:
+    if backend == "onnx":
+        from service.engines.onnxruntime import OnnxEngine
+
+        return OnnxEngine(version_dir, onnx_providers(device), threads, manifest=manifest,
+                          max_batch_size=max_batch_size, cuda_device=cuda_index(device))
+    if backend == "null":  # benchmarks only (service/engines/null.py): never chosen by "auto"
         from service.engines.null import NullEngine
 
         return NullEngine(version_dir, manifest=manifest, max_batch_size=max_batch_size)
-    if kind == "torch":
+    if backend == "torch":  # torch parses the device itself (any torch device string)
         from service.engines.torch import TorchEngine
 
         return TorchEngine(version_dir, device=device, manifest=manifest, max_batch_size=max_batch_size)
-    if kind in ("tensorrt", "auto"):
-        try:
-            from service.engines.tensorrt import TensorRTEngine
+    from service.engines.tensorrt import TensorRTEngine
 
-            return TensorRTEngine(version_dir, manifest=manifest, max_batch_size=max_batch_size)
-        except EngineError as e:
-            if kind == "tensorrt":
-                raise
-            log.warning("TensorRT plan not usable here (%s); using ONNX Runtime", e)
-            return _onnx(version_dir, _onnx_providers(device), threads, manifest, max_batch_size)
-    raise EngineError(f"unknown engine kind {kind!r}; choose auto, tensorrt, onnx, torch (or null, for benchmarks)")
-
-
-def _onnx_providers(device: str) -> list[str] | None:
-    if device == "cpu":
-        return ["CPUExecutionProvider"]
-    return None
-
-
-def _onnx(*args, **kwargs) -> Engine:  # type: ignore[no-untyped-def]
-    from service.engines.onnxruntime import OnnxEngine
-
-    return OnnxEngine(*args, **kwargs)
+    return TensorRTEngine(version_dir, manifest=manifest, max_batch_size=max_batch_size, device=device)

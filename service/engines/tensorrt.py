@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from models.manifest import Manifest, TensorRTInfo
-from service.engines.base import MAP_OUTPUT, EngineError, check_batch
+from service.engines.base import MAP_OUTPUT, EngineError, check_batch, cuda_index
 
 log = logging.getLogger(__name__)
 
@@ -59,15 +59,19 @@ def _torch_dtype(trt: Any, dtype: Any) -> Any:
 
 
 class TensorRTEngine:
-    """``model.plan`` on the current CUDA device."""
+    """``model.plan`` on CUDA device ``device`` (``cuda:N``; ``cuda`` is device 0; ``auto``:
+    the current CUDA device)."""
 
     def __init__(self, version_dir: str | Path, manifest: Manifest | None = None, max_batch_size: int = 64,
-                 verify: bool = True) -> None:
+                 verify: bool = True, device: str = "auto") -> None:
         self.version_dir = Path(version_dir)
         self.manifest = manifest or Manifest.read(self.version_dir)
         info = self.manifest.tensorrt
         if info is None:
             raise EngineError(f"{self.version_dir} has no TensorRT plan (export with --tensorrt on a CUDA host)")
+        if device == "cpu":
+            raise EngineError(f"TensorRT plan {info.file} runs on CUDA only, and the device asked for is cpu")
+        index = cuda_index(device)
         try:
             import tensorrt as trt
         except ImportError as e:
@@ -76,7 +80,10 @@ class TensorRTEngine:
 
         if not torch.cuda.is_available():
             raise EngineError(f"no CUDA GPU visible here, cannot run TensorRT plan {info.file}")
-        self.device = torch.device("cuda", torch.cuda.current_device())
+        if index is not None and index >= torch.cuda.device_count():
+            raise EngineError(f"device {device!r} asked for, but this host has {torch.cuda.device_count()} CUDA "
+                              "device(s)")
+        self.device = torch.device("cuda", torch.cuda.current_device() if index is None else index)
         major, minor = torch.cuda.get_device_capability(self.device)
         check_plan_compatible(info, trt.__version__, torch.cuda.get_device_name(self.device), f"{major}.{minor}")
         if verify:
@@ -84,9 +91,11 @@ class TensorRTEngine:
 
         self._trt = trt
         self._logger = trt.Logger(trt.Logger.WARNING)
-        self._runtime = trt.Runtime(self._logger)
         plan = (self.version_dir / info.file).read_bytes()
+        # TensorRT works on the CUDA device current when the runtime, engine and context are
+        # made: device N, not whichever device this thread happens to have.
         with torch.cuda.device(self.device):
+            self._runtime = trt.Runtime(self._logger)
             self.engine = self._runtime.deserialize_cuda_engine(plan)
             if self.engine is None:
                 raise EngineError(f"TensorRT could not deserialise {self.version_dir / info.file}")
@@ -110,7 +119,8 @@ class TensorRTEngine:
         self.max_batch_size = max_batch_size
         self.name = "tensorrt"
         self._lock = threading.Lock()
-        self._allocate()
+        with torch.cuda.device(self.device):
+            self._allocate()
 
     def _allocate(self) -> None:
         """Device buffers at the profile maximum, pinned host mirrors, addresses bound once."""
@@ -138,9 +148,11 @@ class TensorRTEngine:
                 raise EngineError(f"TensorRT refused the address of {name!r}")
 
     def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
         batch = check_batch(images, self.size, self.max_batch_size)
         scores, maps = [], []
-        with self._lock:
+        with self._lock, torch.cuda.device(self.device):  # the batcher's thread: make device N current
             for start in range(0, len(batch), self.profile_max):
                 s, m = self._run_chunk(batch[start : start + self.profile_max])
                 scores.append(s)

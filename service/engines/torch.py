@@ -5,10 +5,14 @@ model store itself holds only the ONNX graph and the plan. On CUDA it can run un
 autocast and replay CUDA graphs, one per batch size, captured lazily at the first batch of
 that size with static input/output buffers; both exist so the GPU check can measure what
 they buy against TensorRT.
+
+The run's ``checkpoint.pt`` must be the one exported: the manifest records its sha256
+(``source_checkpoint_sha256``), and a run retrained or resumed in place since is refused.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from pathlib import Path
 from typing import Any
@@ -20,16 +24,44 @@ from service.engines.base import MAP_OUTPUT, EngineError, check_batch
 
 GRAPH_WARMUP_RUNS = 3
 
+log = logging.getLogger(__name__)
+
 
 def _resolve_device(device: str) -> Any:
     import torch
 
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise EngineError(f"device {device!r} is not a torch device (auto, cpu, cuda, cuda:N)") from e
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise EngineError(f"device {device!r} asked for but no CUDA GPU is visible")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise EngineError(f"device {device!r} asked for, but this host has {torch.cuda.device_count()} CUDA device(s)")
     return dev
+
+
+def check_source_checkpoint(manifest: Manifest, version_dir: Path, run: str) -> None:
+    """EngineError unless ``run``'s checkpoint is the one ``version_dir`` was exported from.
+    The config alone cannot tell: a run retrained or resumed in place keeps its config, and
+    its new weights would give other scores than the version's graph, under its calibration."""
+    from models.runs import RunError, checkpoint_sha256
+
+    expected = manifest.source_checkpoint_sha256
+    if expected is None:
+        log.warning("%s records no checkpoint sha256 (exported before it was recorded): the torch engine cannot "
+                    "check that run %s still holds the exported weights; re-export to record it", version_dir, run)
+        return
+    try:
+        actual = checkpoint_sha256(run)
+    except RunError as e:
+        raise EngineError(f"cannot check the checkpoint of run {run}: {e}") from e
+    if actual != expected:
+        raise EngineError(f"run {run} now holds another checkpoint than {version_dir} was exported from (sha256 "
+                          f"{actual[:12]}..., the manifest says {expected[:12]}...): it was retrained or resumed in "
+                          "place since. Re-export the run, or serve the version's exported graph (engine onnx)")
 
 
 class TorchEngine:
@@ -55,6 +87,9 @@ class TorchEngine:
             model, _ = load_model(run, self.device)
         except Exception as e:  # RunError, a corrupt checkpoint, missing backbone weights
             raise EngineError(f"cannot load the model of run {run}: {e}") from e
+        # Hashed after the load (the export hashes before it): a checkpoint replaced in
+        # between is then a refusal, never a pass.
+        check_source_checkpoint(self.manifest, self.version_dir, run)
         expected = MSFlowConfig.model_validate(self.manifest.model)
         if model.config != expected:
             raise EngineError(f"run {run} now holds a {model.config} model, but {self.version_dir} was exported "

@@ -125,6 +125,8 @@ class PipelineRuntime:
                 await self.registry.refresh()
             except OSError as exc:  # the store vanished or is unreadable for a moment: look again later
                 log.warning("model store scan failed: %s", exc)
+            except Exception:  # anything else a store can hold: the watch outlives one bad scan
+                log.exception("model store scan failed")
 
     async def load_and_watch(self) -> None:
         """Load what is in the store, then watch it."""

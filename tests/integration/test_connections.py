@@ -254,6 +254,28 @@ def test_keep_alive_connections_outlive_the_header_timeout_between_requests(serv
         assert _status(sock) == 200
 
 
+def test_stray_bytes_between_requests_do_not_keep_a_connection(server: Server) -> None:
+    """uvicorn drops its keep-alive timer on any bytes and re-arms it only after an answer: a
+    bare CRLF after one request kept the connection open for good (still open after 30 s;
+    enough of them held the whole connection budget)."""
+    keep_alive_s = 5.0  # uvicorn's default timeout_keep_alive
+    with _connect(server) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert _status(sock) == 200
+        started = time.monotonic()
+        closed_at = None
+        while time.monotonic() - started < 3 * keep_alive_s:
+            try:
+                sock.sendall(b"\r\n")  # a byte a second, never a request
+            except OSError:
+                closed_at = time.monotonic() - started
+                break
+            if select.select([sock], [], [], 1.0)[0] and sock.recv(4096) == b"":
+                closed_at = time.monotonic() - started
+                break
+    assert closed_at is not None and closed_at < keep_alive_s + 1.5, closed_at
+
+
 def test_connections_over_the_budget_are_503_then_closed_and_the_server_serves_after(server: Server) -> None:
     counted = _closed(server, "over_budget")
     slots = ConnectionBudget(MAX_HEADER_BYTES, HEADER_TIMEOUT_S, MAX_CONNECTIONS, REQUEST_DEADLINE_S).refusal_slots

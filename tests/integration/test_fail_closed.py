@@ -171,3 +171,26 @@ def test_internal_error_text_stays_in_the_log(model_store: Path, tmp_path: Path)
         assert httpx.get(srv.url + "/readyz").json()["models"] == {CATEGORY: "1"}  # the old version serves
     finally:
         srv.stop()
+
+
+def test_a_version_whose_engine_cannot_load_is_a_422(model_store: Path, tmp_path: Path) -> None:
+    """The manifest checks pass but onnxruntime refuses the graph (EngineError): the version
+    is unusable, not the server broken, so the admin gets the reason with a 422 (was a 500)."""
+    from models.manifest import Manifest, file_entry
+
+    store = tmp_path / "store"
+    shutil.copytree(model_store, store)
+    srv = start(store, tmp_path / "server.log", api_keys=USER_KEY, admin_api_keys=ADMIN_KEY, store_poll_s=0)
+    try:
+        v2 = store / CATEGORY / "2"
+        shutil.copytree(store / CATEGORY / "1", v2)
+        (v2 / "model.onnx").write_bytes(b"not an onnx graph" * 10)
+        manifest = Manifest.read(v2)
+        manifest.model_copy(update={"version": "2", "files": {**manifest.files,
+                                                              "model.onnx": file_entry(v2 / "model.onnx")}}).write(v2)
+        r = httpx.post(srv.url + RELOAD, headers={"X-API-Key": ADMIN_KEY}, timeout=60)
+        error = assert_error(r, 422, "reload_failed")
+        assert "cannot load <store>/brick/2/model.onnx" in error["message"] and str(store) not in error["message"]
+        assert httpx.get(srv.url + "/readyz").json()["models"] == {CATEGORY: "1"}  # the old version serves
+    finally:
+        srv.stop()

@@ -13,12 +13,15 @@ from skimage.transform import resize
 from torch import nn
 
 from models.backbones import (
+    TORCHVISION_URLS,
     BackboneWeightsError,
     ResNetFeatures,
     backbone_channels,
     build_backbone,
     build_efficientnet_lite,
+    find_resnet_weights,
 )
+from models.manifest import sha256_file
 
 MEAN = np.array([0.485, 0.456, 0.406])
 STD = np.array([0.229, 0.224, 0.225])
@@ -130,14 +133,38 @@ def test_resnet18_loads_torchvision_format_with_reflect_padding(tmp_path):
     assert [tuple(h.shape) for h in levels] == [(1, 64, 16, 16), (1, 128, 8, 8), (1, 256, 4, 4)]
 
 
-def test_resnet_weights_from_hub_cache(tmp_path, monkeypatch):
+def _empty_hub(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.setattr(torch.hub, "_hub_dir", None, raising=False)
     hub = tmp_path / "hub" / "checkpoints"
     hub.mkdir(parents=True)
-    _, path = _torchvision_style_state(hub)
+    return hub
+
+
+def test_resnet_weights_from_hub_cache(tmp_path, monkeypatch):
+    hub = _empty_hub(tmp_path, monkeypatch)
+    src, made = _torchvision_style_state(tmp_path)
+    # The file under the name torchvision would give it: its own sha256 prefix (the real
+    # file's name, resnet18-f37072fd.pth, needs the real weights).
+    name = f"resnet18-{sha256_file(made)[:8]}.pth"
+    made.rename(hub / name)
+    monkeypatch.setitem(TORCHVISION_URLS, "resnet18", f"https://download.pytorch.org/models/{name}")
     model = build_backbone("resnet18")
     assert tuple(model.channels) == (64, 128, 256)
+    assert torch.equal(model.conv1.weight, src.conv1.weight)
+
+
+def test_hub_cache_files_are_hash_checked(tmp_path, monkeypatch):
+    """Only torchvision's own file name is looked for, and its content must have the sha256
+    prefix in that name: a random-weights file in the cache was loaded in silence before."""
+    hub = _empty_hub(tmp_path, monkeypatch)
+    torch.manual_seed(0)
+    torch.save(ResNetFeatures("resnet18").state_dict(), hub / "resnet18-zzzzzzzz.pth")  # random init, right keys
+    with pytest.raises(BackboneWeightsError, match="resnet18-f37072fd.pth"):
+        find_resnet_weights("resnet18", download=False)  # a stray name is never taken
+    _torchvision_style_state(hub)  # torchvision's exact name, other content
+    with pytest.raises(BackboneWeightsError, match="sha256 starts .* its name says f37072fd"):
+        build_backbone("resnet18")
 
 
 @pytest.mark.parametrize(

@@ -66,5 +66,8 @@ def test_reviewed_ok_images_join_the_training_normals(demo_root: Path, tmp_path:
     assert report.excluded_trained_on == 3 and report.labelled_ok == 0 and report.labelled_ng == 1
     assert report.rescored == 1  # scored by another version ("0"): scored again by this one
     assert Manifest.read(new_dir).calibration.labels.excluded_trained_on == 3
+    # the same engine files, so the same source checkpoint (the torch engine checks it)
+    assert manifest.source_checkpoint_sha256 is not None
+    assert Manifest.read(new_dir).source_checkpoint_sha256 == manifest.source_checkpoint_sha256
     assert any("too small" in line for line in lines)
     shutil.rmtree(model_store)
