@@ -15,6 +15,14 @@ never changed in place: a reader keeps a consistent one however the store moves 
 
 * This process's own writes, made under the store's lock (so no other writer moves the
   items meanwhile), replace the snapshot and take the directory's new ``stat``: no rescan.
+  The write builds on the snapshot the writer itself read under the lock, never on whatever
+  is held by then: an API thread's reading that began before another process added an item
+  may be kept while the lock is held, and that listing stamped with the folder's new
+  ``stat`` would hide the item for :data:`MAX_AGE_S` (its bytes uncounted, its duplicate
+  missed, its label swept as an orphan). If the held snapshot is no longer the writer's,
+  it is dropped and the next call reads the folder.
+* A snapshot never replaces one whose ``stat`` was taken later (each reading takes a ticket
+  before its ``stat``): a slow reader's old listing does not overwrite a newer one.
 * Any other change (another replica or worker, an operator deleting files, a label written
   by the API: labels are written without the lock) changes a directory's ``stat``, and the
   next call reads that directory again.
@@ -33,7 +41,9 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import dataclasses
 import functools
+import itertools
 import os
 import re
 import threading
@@ -43,6 +53,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Generic, TypeVar
+
+from models.review_leftovers import staging_bytes
 
 ID_PATTERN = re.compile(r"^(\d{8}T\d{12})-(ok|review|ng)-(\d{10})-([0-9a-f]{12})$")
 MAX_AGE_S = 10.0  # the longest a snapshot is trusted without reading its directories again
@@ -89,11 +101,12 @@ class CategoryScan:
     labelled: frozenset[str] = frozenset()
     digests: frozenset[str] = frozenset()  # the entries' image digests
     bytes: int = 0  # what the entries count against the budget, as their ids say
+    staging: int = 0  # bytes in the items' staging folders (models.review_leftovers): counted until swept
 
     @classmethod
-    def of(cls, entries: Iterable[Entry], labelled: frozenset[str]) -> "CategoryScan":
+    def of(cls, entries: Iterable[Entry], labelled: frozenset[str], staging: int = 0) -> "CategoryScan":
         kept = tuple(entries)
-        return cls(kept, labelled, frozenset(e.digest for e in kept), sum(e.bytes for e in kept))
+        return cls(kept, labelled, frozenset(e.digest for e in kept), sum(e.bytes for e in kept), staging)
 
     @property
     def pending(self) -> list[Entry]:
@@ -106,6 +119,7 @@ class _Held:
     items_stat: _Stat
     labels_stat: _Stat
     read_at: float  # clock() of the last full reading of the items
+    ticket: int  # taken before the stat: a higher one's stat (and content) is newer
 
 
 class StoreIndex:
@@ -117,10 +131,12 @@ class StoreIndex:
         self._clock = clock
         self._held: dict[str, _Held] = {}
         self._lock = threading.Lock()
+        self._tickets = itertools.count()  # next() is atomic under the GIL
 
     def scan(self, category: str) -> CategoryScan:
         """The category as it is on disk (as fresh as the module docstring says)."""
         items_dir, labels_dir = self.root / category / "items", self.root / category / "labels"
+        ticket = next(self._tickets)
         items_stat, labels_stat = _stat(items_dir), _stat(labels_dir)  # before reading: see the docstring
         with self._lock:
             held = self._held.get(category)
@@ -128,16 +144,18 @@ class StoreIndex:
         if held is not None and held.items_stat == items_stat and now - held.read_at < MAX_AGE_S:
             if held.labels_stat == labels_stat:
                 return held.scan
-            scan = CategoryScan(held.scan.entries, _labelled(labels_dir), held.scan.digests, held.scan.bytes)
-            self._keep(category, _Held(scan, items_stat, labels_stat, held.read_at))
+            scan = dataclasses.replace(held.scan, labelled=_labelled(labels_dir))
+            self._keep(category, _Held(scan, items_stat, labels_stat, held.read_at, ticket))
             return scan
-        entries = sorted((e for e in map(parse_id, _names(items_dir)) if e is not None), key=lambda e: e.id)
-        scan = CategoryScan.of(entries, _labelled(labels_dir))
-        self._keep(category, _Held(scan, items_stat, labels_stat, now))
+        names = _names(items_dir)
+        entries = sorted((e for e in map(parse_id, names) if e is not None), key=lambda e: e.id)
+        scan = CategoryScan.of(entries, _labelled(labels_dir), staging_bytes(items_dir, names))
+        self._keep(category, _Held(scan, items_stat, labels_stat, now, ticket))
         return scan
 
-    def added(self, category: str, entry: Entry) -> None:
-        """This process put ``entry`` in place, holding the store's lock."""
+    def added(self, category: str, entry: Entry, base: CategoryScan) -> None:
+        """This process put ``entry`` in place, holding the store's lock; ``base`` is the
+        snapshot it read under that lock before writing."""
         def change(scan: CategoryScan) -> CategoryScan:
             if entry.digest in scan.digests:  # add() refuses a digest held: a reading racing it saw this one
                 return scan
@@ -146,41 +164,55 @@ class StoreIndex:
             else:
                 at = bisect.bisect_left([e.id for e in scan.entries], entry.id)
                 entries = (*scan.entries[:at], entry, *scan.entries[at:])
-            return CategoryScan(entries, scan.labelled, scan.digests | {entry.digest}, scan.bytes + entry.bytes)
-        self._after_write(category, change, removed_labels=False)
+            return dataclasses.replace(scan, entries=entries, digests=scan.digests | {entry.digest},
+                                       bytes=scan.bytes + entry.bytes)
+        self._after_write(category, change, base, removed_labels=False)
 
-    def removed(self, category: str, ids: set[str]) -> None:
-        """This process removed these items and their labels, holding the store's lock."""
+    def removed(self, category: str, ids: set[str], base: CategoryScan) -> None:
+        """This process removed these items and their labels, holding the store's lock;
+        ``base`` is the snapshot it read under that lock before removing them."""
         if ids:
-            self._after_write(category, lambda scan: CategoryScan.of((e for e in scan.entries if e.id not in ids),
-                                                                     scan.labelled), removed_labels=True)
+            self._after_write(category, lambda scan: CategoryScan.of(
+                (e for e in scan.entries if e.id not in ids), scan.labelled, scan.staging), base, removed_labels=True)
 
     def forget(self) -> None:
         """Read every category from disk next time."""
         with self._lock:
             self._held.clear()
 
-    def _after_write(self, category: str, change: Callable[[CategoryScan], CategoryScan],
+    def _after_write(self, category: str, change: Callable[[CategoryScan], CategoryScan], base: CategoryScan,
                      removed_labels: bool) -> None:
+        ticket = next(self._tickets)
         with self._lock:
             held = self._held.get(category)
+            if held is not None and held.scan is not base:
+                # Another thread kept a reading since the writer read ``base``: which items it
+                # saw is unknown (it may have begun before another process's write), so it
+                # cannot take this write's stat. Dropped: the next scan reads the directories.
+                del self._held[category]
+                return
         if held is None:
             return  # nothing held: the next scan reads the directories
-        base = self.root / category
+        folder = self.root / category
         # Under the store's lock nobody else moves items, so the directory's stat now is the
-        # stat of exactly this content. Labels move without the lock: read them again if this
-        # write removed some, else keep what was held (a label written meanwhile changed the
-        # directory's stat, which the held one no longer matches: the next scan reads it).
-        scan = change(held.scan)
+        # stat of exactly ``base`` changed by this write. Labels move without the lock: read
+        # them again if this write removed some, else keep what was held (a label written
+        # meanwhile changed the directory's stat, which the held one no longer matches: the
+        # next scan reads it).
+        items_stat = _stat(folder / "items")
+        scan = change(base)
         labels_stat = held.labels_stat
         if removed_labels:
-            labels_stat = _stat(base / "labels")
-            scan = CategoryScan(scan.entries, _labelled(base / "labels"), scan.digests, scan.bytes)
-        self._keep(category, _Held(scan, _stat(base / "items"), labels_stat, held.read_at))
+            labels_stat = _stat(folder / "labels")
+            scan = dataclasses.replace(scan, labelled=_labelled(folder / "labels"))
+        self._keep(category, _Held(scan, items_stat, labels_stat, held.read_at, ticket))
 
     def _keep(self, category: str, held: _Held) -> None:
+        """Hold ``held`` unless what is held already was read later (a higher ticket)."""
         with self._lock:
-            self._held[category] = held
+            current = self._held.get(category)
+            if current is None or held.ticket >= current.ticket:
+                self._held[category] = held
 
 
 def _stat(path: Path) -> _Stat:

@@ -25,7 +25,8 @@ Expired items go first: unlabelled ones after ``retention_s``, labelled ones aft
 ``label_retention_s`` (export the labels before). A full store refuses new items rather than
 evicting an operator's backlog; the caller counts the refusal. Across hosts, ``flock`` on
 network file systems is advisory: replicas on different hosts may overshoot by the items
-they write at the same instant.
+they write at the same instant. What a writer killed mid-write leaves (a staging folder, a
+label's temporary file) counts against the budget until swept (:mod:`models.review_leftovers`).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from pydantic import ValidationError
 
 from models.manifest import CATEGORY_PATTERN
 from models.review_index import CategoryScan, Entry, LabelCache, StoreIndex, parse_id
+from models.review_leftovers import STAGING_PREFIX, label_temp_name, sweep
 from models.review_records import Label, ReviewHeatmap, ReviewImage, ReviewItem, ReviewLabel
 
 REVIEWED_OK = "reviewed_ok.json"  # in a run and its exported versions: the reviewed OK images it trained on
@@ -54,7 +56,6 @@ LABEL_RESERVE = 4096  # bytes each item reserves for its label file (a label is 
 ITEM_JSON_LIMIT = 256 * 1024  # an item.json larger than this is not ours
 IMAGE_TYPES = {"PNG": ("png", "image/png"), "JPEG": ("jpg", "image/jpeg"), "BMP": ("bmp", "image/bmp"),
                "TIFF": ("tif", "image/tiff"), "WEBP": ("webp", "image/webp")}
-_STALE_STAGING_S = 3600.0
 
 
 class ReviewError(ValueError):
@@ -166,17 +167,18 @@ class ReviewStore:
 
     def usage(self, after_expiry_at: float | None = None) -> tuple[int, int]:
         """(items, bytes) the budget counts, over every category; with ``after_expiry_at``
-        (epoch seconds), what would be left once the items expired by then are gone."""
+        (epoch seconds), what would be left once they expired. Staging folders count (a dead writer's until swept)."""
         items = used = 0
         for category in self.categories():
             scan = self.scan(category)
             expired = [] if after_expiry_at is None else self._expired(scan, after_expiry_at)
             items += len(scan.entries) - len(expired)
-            used += scan.bytes - sum(e.bytes for e in expired)
+            used += scan.bytes + scan.staging - sum(e.bytes for e in expired)
         return items, used
 
     def prune(self, now: float | None = None) -> int:
-        """Remove expired items, orphan labels and stale staging folders; returns items removed."""
+        """Remove expired items, then what dead writers left and orphan labels
+        (:func:`models.review_leftovers.sweep`); returns the items removed."""
         if self.budget is None:
             return 0
         now = time.time() if now is None else now
@@ -184,25 +186,20 @@ class ReviewStore:
             removed = self._expire(now)
             for category in self.categories():
                 scan = self.scan(category)
-                for orphan in scan.labelled - {e.id for e in scan.entries}:  # its item expired or was removed
-                    with contextlib.suppress(FileNotFoundError):
-                        (self.root / category / "labels" / f"{orphan}.json").unlink()
-                with contextlib.suppress(FileNotFoundError), os.scandir(self.root / category / "items") as it:
-                    for d in it:
-                        if d.name.startswith(".tmp-") and now - d.stat().st_mtime > _STALE_STAGING_S:
-                            shutil.rmtree(d.path, ignore_errors=True)  # a writer died mid-item
+                sweep(self.root / category, scan.labelled - {e.id for e in scan.entries}, now)
         return removed
 
     def _expire(self, now: float) -> int:
         """Remove the items past their retention (holding the lock)."""
         removed = 0
         for category in self.categories():
-            gone = self._expired(self.scan(category), now)
+            scan = self.scan(category)
+            gone = self._expired(scan, now)
             for e in gone:
                 shutil.rmtree(self.root / category / "items" / e.id, ignore_errors=True)
                 with contextlib.suppress(FileNotFoundError):
                     (self.root / category / "labels" / f"{e.id}.json").unlink()
-            self._index.removed(category, {e.id for e in gone})
+            self._index.removed(category, {e.id for e in gone}, scan)
             removed += len(gone)
         return removed
 
@@ -256,7 +253,8 @@ class ReviewStore:
         verdict = fields["verdict"]
         with self._locked():
             self._expire(now.timestamp())
-            if digest[:12] in self.scan(category).digests:
+            before = self.scan(category)  # what this write's snapshot is built on (models.review_index)
+            if digest[:12] in before.digests:
                 return "duplicate", None
             items, used = self.usage()
             draft = self._item(category, fields, "0" * 10, digest, ext, media_type, image, image_format, size,
@@ -268,7 +266,7 @@ class ReviewStore:
                                 size, heatmap_size, now, verdict)
             items_dir = base / "items"
             items_dir.mkdir(parents=True, exist_ok=True)
-            staging = items_dir / f".tmp-{secrets.token_hex(6)}"
+            staging = items_dir / f"{STAGING_PREFIX}{secrets.token_hex(6)}"
             staging.mkdir()
             try:
                 _fsync_write(staging / record.image.file, image)
@@ -282,7 +280,7 @@ class ReviewStore:
             _fsync_dir(items_dir)
             entry = parse_id(record.id)
             assert entry is not None
-            self._index.added(category, entry)
+            self._index.added(category, entry, before)
             return "stored", record.id
 
     @staticmethod
@@ -311,7 +309,7 @@ class ReviewStore:
         previous = self.get_label(category, item_id)
         path = self._label_path(category, item_id)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".{item_id}.{secrets.token_hex(4)}.tmp"
+        tmp = path.parent / label_temp_name(item_id, secrets.token_hex(4))
         try:
             _fsync_write(tmp, data)
             os.replace(tmp, path)
@@ -345,13 +343,16 @@ class ReviewStore:
         return item
 
     def file(self, category: str, item_id: str, which: Literal["image", "heatmap"]) -> tuple[Path, str]:
-        """(path, media type) of an item's image or heatmap."""
+        """(path, media type) of an item's image or heatmap; :class:`ItemNotFound` (a 404) also
+        when the file is gone but item.json is not (a prune killed mid-``rmtree``, an expiry racing the read)."""
         item = self.item(category, item_id)
-        if which == "heatmap":
-            if item.heatmap is None:
-                raise ItemNotFound(f"review item {item_id} has no heatmap")
-            return self._item_dir(category, item_id) / item.heatmap.file, "image/png"
-        return self._item_dir(category, item_id) / item.image.file, item.image.media_type
+        kept = item.image if which == "image" else item.heatmap
+        if kept is None:
+            raise ItemNotFound(f"review item {item_id} has no heatmap")
+        path = self._item_dir(category, item_id) / kept.file
+        if not path.is_file():
+            raise ItemNotFound(f"review item {item_id} has no {which} file (expired or removed)")
+        return path, item.image.media_type if which == "image" else "image/png"
 
     def get_label(self, category: str, item_id: str) -> ReviewLabel | None:
         return _read_label(self._label_path(category, item_id))

@@ -198,7 +198,8 @@ class Settings(BaseSettings):
                                                  "durably (None: beside each version's manifest in the model store; "
                                                  "deployments with a read-only store point it at a writable volume)")
     threshold_sync_s: float = Field(5.0, gt=0.0, description="how often threshold overrides are re-read from "
-                                                             "Redis (replicas converge within this)")
+                                                             "Redis, or without Redis from their files where those "
+                                                             "changed (replicas and processes converge within this)")
 
     # --- review queue (service/pipeline/review.py, models/review_store.py, api/review.py) ---------
     review_store: Path | None = Field(None, description="where kept images and labels live, shared by replicas and "

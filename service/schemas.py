@@ -151,6 +151,9 @@ class ThresholdUpdate(_Model):
     ng_threshold: float | None = Field(None, allow_inf_nan=False, description="raw-score ng bound (>= threshold); "
                                        "omitted: an ng override already set stays, else the manifest's")
     force: bool = Field(False, description="set a threshold outside the calibration's sane range (422 otherwise)")
+    version: str | None = Field(None, description="the model version the threshold was chosen for (the one GET "
+                                ".../threshold or .../recent showed); another version served now answers 409 "
+                                "version_changed and nothing changes. Omitted: whatever version is served")
 
     @model_validator(mode="after")
     def _something(self) -> "ThresholdUpdate":

@@ -109,7 +109,8 @@ async def require_admin_key(request: Request, state: StateDep) -> None:
     if key is None:
         raise _unauthorized("missing_api_key", "this route needs an admin API key")
     if not _key_in(key, s.admin_api_keys):
-        if _key_in(key, s.api_keys):
+        # A valid key of another kind (inspection or reviewer) is known, just not allowed here: 403.
+        if _key_in(key, s.api_keys + list(s.reviewer_api_keys.values())):
             raise ApiError(403, "forbidden", "this route needs an admin API key")
         raise _unauthorized("invalid_api_key", "the API key is not valid")
 

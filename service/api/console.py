@@ -6,8 +6,11 @@ needs beyond inspection:
 * ``GET /v1/models/{category}/threshold`` (API key): calibrated and effective threshold.
 * ``PUT /v1/models/{category}/threshold`` (admin), body ``{"threshold": RAW, "ng_threshold": RAW}``
   (either or both): the serving version's ok and ng bounds, effective at once
-  (:mod:`service.pipeline.thresholds`).
-* ``DELETE /v1/models/{category}/threshold`` (admin): back to the calibrated threshold.
+  (:mod:`service.pipeline.thresholds`). With ``"version"`` (the console sends the one it
+  showed) a change meant for another version than the one served is refused (409
+  ``version_changed``): the store watch may swap in version n+1 between the operator reading
+  version n's scores and the PUT, and n's raw threshold means nothing for n+1.
+* ``DELETE /v1/models/{category}/threshold[?version=N]`` (admin): back to the calibrated threshold.
 * ``GET /v1/models/{category}/recent?threshold=X&limit=N`` (admin): the last scored images
   and how they would be classified at ``X`` (:mod:`service.pipeline.recent`).
 
@@ -19,6 +22,7 @@ the API with the key the operator types (kept in ``sessionStorage``, sent as ``X
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -29,7 +33,7 @@ from fastapi.staticfiles import StaticFiles
 from service.api.auth import Admin, Authed
 from service.api.deps import CategoryDep, StateDep
 from service.api.errors import ApiError
-from service.pipeline.registry import EVALUATION_ASSETS
+from service.pipeline.registry import EVALUATION_ASSETS, LoadedModel
 from service.schemas import ErrorResponse, RecentScores, ThresholdState, ThresholdUpdate
 
 log = logging.getLogger(__name__)
@@ -89,32 +93,69 @@ async def get_threshold(category: CategoryDep, state: StateDep) -> ThresholdStat
     return _threshold_state(state, category)
 
 
+def _version_changed(category: str, wanted: str, serving: str, written: bool = False) -> ApiError:
+    message = (f"{category} serves version {serving}, not version {wanted}" + (
+        f": it was swapped in while the change was written, which applies to version {wanted} only"
+        if written else ": nothing changed") + "; look at the version served and choose its threshold again")
+    return ApiError(409, "version_changed", message, details={"requested": wanted, "serving": serving})
+
+
+def _still_serving(state: StateDep, category: str, model: LoadedModel, wanted: str | None) -> Callable[[], None]:
+    """The change's guard, run under the overrides' lock: ``model`` (and ``wanted``, when the
+    client named a version) is still the version served. A reload or the store watch may
+    swap a version in while the change waits for the lock."""
+    def guard() -> None:
+        serving = state.registry.get(category).version
+        if serving != model.version or (wanted is not None and wanted != serving):
+            raise _version_changed(category, wanted or model.version, serving)
+    return guard
+
+
+def _check_after(state: StateDep, category: str, model: LoadedModel) -> None:
+    """A swap during the writes themselves (after the guard): the change landed on a version no
+    longer served. Said, rather than answered as if it applied to the version served now."""
+    serving = state.registry.get(category).version
+    if serving != model.version:
+        raise _version_changed(category, model.version, serving, written=True)
+
+
+_VERSION_ERRORS = {**_ERRORS, 409: {"model": ErrorResponse}}
+
+
 @router.put("/v1/models/{category}/threshold", response_model=ThresholdState, dependencies=[Admin],
-            responses=_ERRORS)
+            responses=_VERSION_ERRORS)
 async def put_threshold(category: CategoryDep, body: ThresholdUpdate, state: StateDep) -> ThresholdState:
     """Override the serving version's image threshold with a RAW score (the unit of ``raw_score``).
 
     Applies to every image scored from now on, survives restarts (``threshold_override.json``
     beside the manifest, and Redis when configured so every replica agrees); a new model
     version starts at its own calibrated threshold. 503 when Redis is configured but down;
-    422 ``threshold_out_of_range`` far outside the calibration's scores unless ``force``."""
+    422 ``threshold_out_of_range`` far outside the calibration's scores unless ``force``;
+    409 ``version_changed`` when ``version`` is not the version served."""
     model = state.registry.get(category)
+    guard = _still_serving(state, category, model, body.version)
+    guard()  # the common case, answered before any lock or write
     # What the body leaves out stays: the effective ok bound, an ng override already set.
     current = state.thresholds.for_manifest(model.manifest)
     threshold = body.threshold if body.threshold is not None else state.thresholds.threshold(model.manifest)
     ng = body.ng_threshold if body.ng_threshold is not None else (current.ng_threshold if current else None)
     _, persisted = await state.thresholds.set(category, model.version, threshold,
                                               calibration=model.manifest.calibration, force=body.force,
-                                              seen=state.recent.raw_scores(category, model.version), ng_threshold=ng)
+                                              seen=state.recent.raw_scores(category, model.version), ng_threshold=ng,
+                                              guard=guard)
+    _check_after(state, category, model)
     return _threshold_state(state, category, persisted)
 
 
 @router.delete("/v1/models/{category}/threshold", response_model=ThresholdState, dependencies=[Admin],
-               responses=_ERRORS)
-async def delete_threshold(category: CategoryDep, state: StateDep) -> ThresholdState:
-    """Back to the calibrated threshold of the serving version."""
+               responses=_VERSION_ERRORS)
+async def delete_threshold(category: CategoryDep, state: StateDep, version: str | None = None) -> ThresholdState:
+    """Back to the calibrated threshold of the serving version (``version``: as for PUT)."""
     model = state.registry.get(category)
-    persisted = await state.thresholds.clear(category, model.version)
+    guard = _still_serving(state, category, model, version)
+    guard()
+    persisted = await state.thresholds.clear(category, model.version, guard=guard)
+    _check_after(state, category, model)
     return _threshold_state(state, category, persisted)
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
 import random
 import time
@@ -71,9 +72,24 @@ class _Kept:
     cost: int  # bytes held in memory while queued
 
 
+def _for_writer(item: InspectedImage) -> InspectedImage:
+    """What the writer needs of an answered image, apart from what only its answer needed.
+
+    The writer renders its own heatmap (model size, :meth:`ReviewCapture._write`), yet the
+    record also holds the answer's rendered PNG (an original-size overlay: up to ~16 MB) and,
+    for ``heatmap=inline``, its base64 copy in ``result``; queued as it is, 16 items counted
+    29 KB against a 2 MiB budget while pinning ~149 MiB. A shallow copy without them: the
+    caller's record (still being answered from) keeps its own."""
+    result = item.answer
+    if result.heatmap is not None:
+        result = result.model_copy(update={"heatmap": None})
+    return dataclasses.replace(item, heatmap_png=None, display=None, result=result)
+
+
 def _held_bytes(item: InspectedImage) -> int:
+    """What a queued record (see :func:`_for_writer`) keeps alive: the upload and model-size arrays."""
     arrays = sum(a.nbytes for a in (item.tensor, item.anomaly_map) if a is not None)
-    return len(item.data) + arrays  # the decode itself is gone by now: bytes and model-size arrays
+    return len(item.data) + arrays
 
 
 class ReviewCapture:
@@ -146,7 +162,8 @@ class ReviewCapture:
                 reason = "audit"
             else:
                 continue
-            kept = _Kept(category, engine, colours, reason, item, _held_bytes(item))
+            queued = _for_writer(item)
+            kept = _Kept(category, engine, colours, reason, queued, _held_bytes(queued))
             if len(self._queue) >= self.max_items or self._bytes + kept.cost > self.max_bytes:
                 self._count(kept, "queue_full")
                 continue

@@ -11,23 +11,34 @@ An override belongs to one model **version**: a new version has its own calibrat
 raw threshold of another model means nothing for it. Where it is kept:
 
 * ``<dir>/<category>/<version>/threshold_override.json``, written atomically (temporary file,
-  fsync, rename): the durable copy. ``<dir>`` is ``MSFLOW_THRESHOLD_OVERRIDES_DIR``, by default
-  the model store itself (beside the manifest, never in ``manifest.json``, whose sha256s must
-  stay valid). Deployments that mount the store read-only (compose, Kubernetes) point it at
-  their writable volume, so the durable copy exists there too.
+  fsync, rename: :mod:`service.pipeline.threshold_files`): the durable copy. ``<dir>`` is
+  ``MSFLOW_THRESHOLD_OVERRIDES_DIR``, by default the model store itself (beside the manifest,
+  never in ``manifest.json``, whose sha256s must stay valid). Deployments that mount the
+  store read-only (compose, Kubernetes) point it at their writable volume, so the durable
+  copy exists there too.
 * Redis ``<prefix>threshold:<category>:<version>`` when ``MSFLOW_REDIS_URL`` is set, so
   every replica agrees: each re-reads the keys of its serving versions every
   ``MSFLOW_THRESHOLD_SYNC_S`` seconds (and at once when it first serves a version). While
   Redis is reachable it is authoritative (no key = calibrated, whatever a local file says);
   while it is not, a replica keeps what it last knew, and at start-up falls back to the file.
+* Without Redis the file is the only shared copy: every process (the front ends of
+  ``MSFLOW_API_PROCESSES``, a worker on the same store) looks at the files of its serving
+  versions every ``MSFLOW_THRESHOLD_SYNC_S`` and reads one again when its ``stat`` (inode,
+  mtime, size) changed, or at least every :data:`FILE_MAX_AGE_S` (a rename onto a reused
+  inode within one coarse timestamp tick looks unchanged). So a change made through one
+  process reaches the others within the sync period; until then they answer with the old
+  value.
 
 Redis data loss (FLUSHALL, a restart without persistence) must not revert an override: a
 DELETE stores an explicit "calibrated" marker instead of removing the key, so a missing key
 means "Redis lost it", never "calibrated". A replica that finds a serving version's key
-missing restores it from the file (the durable source) or, on a read-only store, from what
-it last knew, and re-publishes it with SET NX (the first replica wins; nobody overwrites a
-newer change). A Redis read that was in flight during a change never overwrites it (a
-per-key generation counter).
+missing restores it from the file and re-publishes it with SET NX (the first replica wins;
+nobody overwrites a newer change). Where the overrides folder is writable every change
+wrote the file, so the file is the truth and a missing file means calibrated: a DELETE
+removed it, and a replica that had not synced that DELETE before Redis lost the marker must
+not bring the old value back from its memory. Only where the folder is read-only (Redis
+alone took the changes) does a replica fall back to what it last knew. A Redis read that
+was in flight during a change never overwrites it (a per-key generation counter).
 
 A threshold far outside what the calibration saw (:func:`sane_range`) is refused unless the
 request says ``force``: ``1e30`` would pass every defect.
@@ -36,6 +47,13 @@ Two replicas changing one version at once must not leave Redis with one value an
 with the other (the file would bring the loser back after a Redis data loss): a change holds
 an exclusive ``flock`` on ``<dir>/.threshold.lock`` across both writes, so changes apply
 whole, one after the other (advisory on network file systems, like the review store's).
+A ``<dir>`` other than the model store is made first: on a fresh volume the first change
+would otherwise find no folder for the lock file and run unlocked.
+
+A change may carry a ``guard`` (the API's: the version it is for is still the one served),
+called once the lock is held and before anything is written: a version swapped in while
+the change waited for the lock (the store watch, a reload) refuses the change rather than
+leave it on a version nobody serves.
 
 A change needs at least one durable place: with Redis configured a PUT/DELETE whose Redis
 write fails is refused (503, nothing changed) so replicas cannot disagree; the file may
@@ -50,50 +68,26 @@ import contextlib
 import fcntl
 import json
 import logging
-import os
-import tempfile
 import math
+import os
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
-from pydantic import ValidationError
-
 from models.manifest import Calibration, Manifest
 from service.config import Settings
+from service.pipeline.threshold_files import (CALIBRATED_MARKER, OVERRIDE_FILE, FileStat, file_stat,
+                                              folder_writable, parse_override, read_override, write_atomic)
 from service.redisq.connection import RedisConnection, RedisUnavailable
 from service.schemas import ThresholdOverride
 
 log = logging.getLogger(__name__)
 
-OVERRIDE_FILE = "threshold_override.json"
-
 Key = tuple[str, str]  # (category, version)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so a reader sees the old or the new file, never half of one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes it 0600; the store's other files are world-readable
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-
-
-_CALIBRATED_MARKER = "calibrated"  # Redis value field of an explicit "no override"
+# Without Redis, the longest a process trusts an unchanged stat of an override file: a rename
+# onto a reused inode, same size, within one coarse timestamp tick, would look unchanged.
+FILE_MAX_AGE_S = 30.0
 
 
 def sane_range(calibration: Calibration, seen: Sequence[float] = ()) -> tuple[float, float]:
@@ -141,7 +135,9 @@ class ThresholdOverrides:
         self.conn = conn
         self.sync_s = settings.threshold_sync_s
         self._known: dict[Key, ThresholdOverride | None] = {}
-        self._generation: dict[Key, int] = {}  # bumped by every change: stale Redis reads are dropped
+        self._generation: dict[Key, int] = {}  # bumped by every change: stale reads are dropped
+        # Without Redis: the stat of each override file when it was last read, and when (monotonic).
+        self._file_seen: dict[Key, tuple[FileStat, float]] = {}
         self._task: asyncio.Task[None] | None = None
         self._pending: set[asyncio.Task[None]] = set()
 
@@ -150,8 +146,11 @@ class ThresholdOverrides:
         key = (category, version)
         if key not in self._known:
             # First sight of this version: its file now (a few hundred bytes, once), Redis
-            # right after (authoritative when configured).
+            # right after (authoritative when configured). The stat is taken before the read:
+            # a change racing it looks like a change at the next sync, and is read again.
+            seen = (file_stat(self._path(category, version)), time.monotonic())
             self._known[key] = self._read_file(category, version)
+            self._file_seen[key] = seen
             if self.conn is not None:
                 self._refresh_soon([key])
         return self._known[key]
@@ -172,8 +171,10 @@ class ThresholdOverrides:
     # ------------------------------------------------------------------ changes
     async def set(self, category: str, version: str, threshold: float, calibration: Calibration | None = None,
                   force: bool = False, seen: Sequence[float] = (),
-                  ng_threshold: float | None = None) -> tuple[ThresholdOverride, list[str]]:
-        """Override the ok bound (``threshold``) and, if given, the ng bound of one version."""
+                  ng_threshold: float | None = None,
+                  guard: Callable[[], None] | None = None) -> tuple[ThresholdOverride, list[str]]:
+        """Override the ok bound (``threshold``) and, if given, the ng bound of one version.
+        ``guard`` runs once the lock is held, before any write; what it raises refuses the change."""
         if ng_threshold is not None and ng_threshold < threshold:
             raise BoundsInverted(threshold, ng_threshold)
         if calibration is not None and not force:
@@ -188,6 +189,8 @@ class ThresholdOverrides:
         text = override.model_dump_json()
         persisted = []
         async with self._changing():
+            if guard is not None:
+                guard()
             if self.conn is not None:
                 await self.conn.run("threshold_set", lambda r: r.set(self._redis_key(category, version), text))
                 persisted.append("redis")
@@ -201,15 +204,19 @@ class ThresholdOverrides:
                 log.warning("%s/%s: threshold override kept in Redis only; %s not written: %s", category, version,
                             OVERRIDE_FILE, exc)
         self._known[(category, version)] = override
+        self._file_seen.pop((category, version), None)  # read our own file again at the next sync: cheap, sure
         log.info("%s/%s: threshold overridden to %.6g (%s)", category, version, threshold, ", ".join(persisted))
         return override, persisted
 
-    async def clear(self, category: str, version: str) -> list[str]:
+    async def clear(self, category: str, version: str, guard: Callable[[], None] | None = None) -> list[str]:
+        """Back to the calibrated bounds of one version (``guard``: as for :meth:`set`)."""
         self._bump((category, version))
         persisted = []
         async with self._changing():
+            if guard is not None:
+                guard()
             if self.conn is not None:
-                marker = json.dumps({_CALIBRATED_MARKER: True, "version": version,
+                marker = json.dumps({CALIBRATED_MARKER: True, "version": version,
                                      "set_at": datetime.now(timezone.utc).isoformat()})
                 await self.conn.run("threshold_clear", lambda r: r.set(self._redis_key(category, version), marker))
                 persisted.append("redis")
@@ -223,13 +230,15 @@ class ThresholdOverrides:
                 log.warning("%s/%s: %s not removed (Redis says calibrated): %s", category, version, OVERRIDE_FILE,
                             exc)
         self._known[(category, version)] = None
+        self._file_seen.pop((category, version), None)
         log.info("%s/%s: threshold back to the calibrated value", category, version)
         return persisted
 
-    # ------------------------------------------------------------------ Redis sync
+    # ------------------------------------------------------------------ sync (Redis, else the files)
     def start(self, serving: Callable[[], dict[str, str]]) -> None:
-        """Re-read the overrides of the serving versions from Redis every ``threshold_sync_s``."""
-        if self.conn is not None and self._task is None:
+        """Re-read the overrides of the serving versions every ``threshold_sync_s``: from Redis
+        when configured, else from their files where those changed."""
+        if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._sync_loop(serving), name="threshold-sync")
 
     async def stop(self) -> None:
@@ -252,13 +261,18 @@ class ThresholdOverrides:
         for key, generation, value in zip(keys, generations, raw):
             if self._generation.get(key, 0) != generation:
                 continue  # changed while the read was in flight: the change wins
-            if value is None:  # never written, or lost by Redis: the file (or our memory) decides
-                restored = self._read_file(*key) or self._known.get(key)
+            if value is None:  # never written, or lost by Redis
+                # A writable folder took every change: its file decides, and no file means
+                # calibrated (memory could hold an override a DELETE removed before Redis lost
+                # the marker). A read-only one took none: what we last knew is all there is.
+                restored = self._read_file(*key)
+                if restored is None and not self._file_is_durable(*key):
+                    restored = self._known.get(key)
                 self._known[key] = restored
                 if restored is not None:
                     lost.append((key, restored))
             else:
-                self._known[key] = self._parse(value, key[1], f"Redis {self._redis_key(*key)}")
+                self._known[key] = parse_override(value, key[1], f"Redis {self._redis_key(*key)}")
         for key, override in lost:
             await self._republish(key, override)
         return True
@@ -276,11 +290,42 @@ class ThresholdOverrides:
     def _bump(self, key: Key) -> None:
         self._generation[key] = self._generation.get(key, 0) + 1
 
+    async def follow_files(self, keys: list[Key]) -> None:
+        """Without Redis: read again the override files of ``keys`` whose ``stat`` changed
+        since they were last read (another process changed them), or that were read more
+        than :data:`FILE_MAX_AGE_S` ago."""
+        if not keys:
+            return
+        generations = [self._generation.get(k, 0) for k in keys]
+        now = time.monotonic()
+
+        def changed() -> list[tuple[Key, int, FileStat, ThresholdOverride | None]]:
+            out = []
+            for key, generation in zip(keys, generations):
+                stat = file_stat(self._path(*key))  # before the read, as in get()
+                seen = self._file_seen.get(key)
+                if seen is None or seen[0] != stat or now - seen[1] >= FILE_MAX_AGE_S:
+                    out.append((key, generation, stat, self._read_file(*key)))
+            return out
+
+        for key, generation, stat, override in await asyncio.to_thread(changed):
+            if self._generation.get(key, 0) != generation:
+                continue  # this process changed it while the file was read: the change wins
+            if key in self._known and self._known[key] != override:
+                log.info("%s/%s: threshold override %s by another process", key[0], key[1],
+                         "removed" if override is None else f"set to {override.threshold:.6g}")
+            self._known[key] = override
+            self._file_seen[key] = (stat, now)
+
     async def _sync_loop(self, serving: Callable[[], dict[str, str]]) -> None:
         while True:
             await asyncio.sleep(self.sync_s)
             try:
-                await self.refresh(sorted(serving().items()))
+                keys = sorted(serving().items())
+                if self.conn is not None:
+                    await self.refresh(keys)
+                else:
+                    await self.follow_files(keys)
             except Exception:  # never let the loop die
                 log.exception("threshold sync failed")
 
@@ -302,9 +347,19 @@ class ThresholdOverrides:
             path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, text)
 
+    def _file_is_durable(self, category: str, version: str) -> bool:
+        """Whether changes write this version's override file (its folder is writable): then
+        the file holds every change, DELETEs included."""
+        return folder_writable(self._path(category, version).parent)
+
     @contextlib.asynccontextmanager
     async def _changing(self) -> AsyncIterator[None]:
         """Hold ``<dir>/.threshold.lock`` (exclusive) for one whole change: Redis and file."""
+        if self.root != self.store:
+            # Its own tree (compose, k8s: /review/.thresholds) may not exist before the first
+            # change: made here, or the first change would run without the lock.
+            with contextlib.suppress(OSError):  # a read-only volume: the write reports it
+                self.root.mkdir(parents=True, exist_ok=True)
         try:
             fd = os.open(self.root / ".threshold.lock", os.O_RDWR | os.O_CREAT, 0o644)
         except OSError:  # a read-only store without Redis fails at the write, with its own message
@@ -321,29 +376,4 @@ class ThresholdOverrides:
         return self.conn.key("threshold", category, version)
 
     def _read_file(self, category: str, version: str) -> ThresholdOverride | None:
-        path = self._path(category, version)
-        try:
-            text = path.read_text()
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            log.warning("cannot read %s: %s", path, exc)
-            return None
-        return self._parse(text, version, str(path))
-
-    @staticmethod
-    def _parse(value: str | bytes | None, version: str, where: str) -> ThresholdOverride | None:
-        if value is None:
-            return None
-        try:
-            data = json.loads(value)
-            if isinstance(data, dict) and data.get(_CALIBRATED_MARKER) is True:
-                return None  # an explicit DELETE
-            override = ThresholdOverride.model_validate(data)
-        except (ValueError, ValidationError) as exc:
-            log.warning("ignoring the invalid threshold override in %s: %s", where, exc)
-            return None
-        if override.version != version:  # a version folder copied under another name
-            log.warning("ignoring the threshold override in %s: it was set for version %s", where, override.version)
-            return None
-        return override
+        return read_override(self._path(category, version), version)

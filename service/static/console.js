@@ -602,7 +602,7 @@
       showError("Type a raw threshold (a number) first.");
       return;
     }
-    await changeThreshold(category, "PUT", { threshold: x });
+    await changeThreshold(category, "PUT", { threshold: x, version: shownVersion(category) });
   }
 
   async function resetThreshold() {
@@ -610,11 +610,19 @@
     if (category) await changeThreshold(category, "DELETE");
   }
 
+  // The version whose scores the operator was shown: the server refuses the change (409
+  // version_changed) if another version is served by now, rather than apply n's threshold to n+1.
+  function shownVersion(category) {
+    return state.recent && state.recent.category === category ? state.recent.version : undefined;
+  }
+
   async function changeThreshold(category, method, json) {
     const status = $("#admin-status");
     status.textContent = "";
+    const version = shownVersion(category);
+    const query = method === "DELETE" && version !== undefined ? `?version=${encodeURIComponent(version)}` : "";
     try {
-      const r = await api(`/v1/models/${encodeURIComponent(category)}/threshold`, { method, json });
+      const r = await api(`/v1/models/${encodeURIComponent(category)}/threshold${query}`, { method, json });
       status.textContent = `${category} v${r.version}: threshold ${fmt(r.threshold, 6)} ` +
         `${r.override ? "(override)" : "(calibrated)"}; stored in ${r.persisted.join(" and ") || "memory"}.`;
       status.dataset.threshold = String(r.threshold);
@@ -623,6 +631,10 @@
       await loadModels();
       await loadAdmin();
     } catch (e) {
+      if (e.code === "version_changed") { // show the version served now, and its scores (clears the error box)
+        await loadModels();
+        await loadAdmin();
+      }
       showError(e);
     }
   }

@@ -92,7 +92,9 @@ def test_cached_results_keep_regions_and_old_entries_miss() -> None:
 
 
 # ====================================================================== unit: overrides + Redis
-def test_overrides_file_redis_and_replicas(model_store: Path, tmp_path: Path) -> None:
+def test_overrides_file_redis_and_replicas(model_store: Path, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import service.pipeline.thresholds as thresholds
     from harness import RedisServer
 
     store = tmp_path / "store"
@@ -141,11 +143,14 @@ def test_overrides_file_redis_and_replicas(model_store: Path, tmp_path: Path) ->
             redis_server.client().flushall()
             assert await b.refresh([(CATEGORY, "1")]) and b.threshold(man) == calibrated - 0.25
             assert json.loads(redis_server.client().get(key))["threshold"] == calibrated - 0.25
-            # ... and with no file (a read-only store), a replica's memory does
+            # ... and with no file on a read-only store (Redis alone took the change), a
+            # replica's memory does (read-only as root needs a mount: the process is told so)
+            monkeypatch.setattr(thresholds, "folder_writable", lambda folder: False)
             (store / CATEGORY / "1" / OVERRIDE_FILE).unlink()
             redis_server.client().flushall()
             assert await a.refresh([(CATEGORY, "1")]) and a.threshold(man) == calibrated - 0.25
             assert json.loads(redis_server.client().get(key))["threshold"] == calibrated - 0.25
+            monkeypatch.undo()
             # a DELETE is an explicit marker, not a missing key: it is never "restored" away
             await a.clear(CATEGORY, "1")
             assert redis_server.client().get(key) is not None

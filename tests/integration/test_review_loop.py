@@ -366,3 +366,36 @@ def test_the_review_store_stays_in_budget_under_a_burst_and_labels_survive_a_res
         plain.close()
     finally:
         again.stop()
+
+
+def test_an_item_whose_image_file_is_gone_is_a_404(tmp_path: Path) -> None:
+    """A prune killed mid-rmtree, or an expiry racing the read, leaves item.json without its
+    image (or heatmap): the reviewer gets 404 review_item_not_found, never a 500."""
+    from datetime import datetime, timezone
+
+    from harness import fake_version
+    from models.review_store import Budget, ReviewStore
+
+    store = tmp_path / "store"
+    fake_version(store, CATEGORY, "1")
+    review_root = tmp_path / "review"
+    review = ReviewStore(review_root, Budget(10**9, 1000, 7 * 86_400.0, 90 * 86_400.0))
+    fields = {"reason": "review", "model_version": "1", "engine": "null", "filename": "a.png", "verdict": "review",
+              "is_anomalous": True, "raw_score": 0.7, "score": 0.55, "threshold": 0.5, "ng_threshold": 0.9,
+              "regions": []}
+    ids = [review.add(CATEGORY, fields, b"image %d" % i, "PNG", (8, 8), b"heat", (8, 8),
+                      now=datetime.now(timezone.utc))[1] for i in range(2)]
+    (review_root / CATEGORY / "items" / ids[0] / "image.png").unlink()
+    (review_root / CATEGORY / "items" / ids[0] / "heatmap.png").unlink()
+    srv = start(store, tmp_path / "server.log", engine="null", api_keys=USER_KEY,
+                reviewer_api_keys=f"{REVIEWER}={REVIEWER_KEY}", review_store=str(review_root))
+    try:
+        reviewer = {"X-API-Key": REVIEWER_KEY}
+        for name in ("image", "heatmap.png"):
+            assert_error(httpx.get(f"{srv.url}{REVIEW}/items/{ids[0]}/{name}", headers=reviewer), 404,
+                         "review_item_not_found")
+        r = httpx.get(f"{srv.url}{REVIEW}/items/{ids[1]}/image", headers=reviewer)
+        assert r.status_code == 200 and r.content == b"image 1"
+    finally:
+        srv.stop()
+    assert "Traceback" not in (tmp_path / "server.log").read_text()

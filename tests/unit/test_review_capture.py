@@ -106,3 +106,52 @@ def test_a_capture_hashes_its_image_once(tmp_path: Path, monkeypatch) -> None:
     asyncio.run(twice())
     assert outcomes().get("stored") == 2 and outcomes().get("duplicate") == 1, outcomes()
     assert sorted(hashed) == sorted([b"image 1", b"image 2", b"image 1"]), hashed  # once per capture
+
+
+def test_a_queued_capture_holds_no_answer_heatmap(tmp_path: Path) -> None:
+    """The queue's byte budget counts the upload and the model-size arrays; a queued record
+    must hold nothing more. The answer's rendered heatmap (an original-size overlay, up to
+    ~16 MB) and its base64 copy in an inline answer stay with the caller's record: 16 such
+    items counted 29 KB against a 2 MiB budget and pinned ~149 MiB. The writer renders its own."""
+    import os
+
+    from service.pipeline.postprocess import inline_heatmap
+
+    budget = 2 << 20
+    metrics = ServiceMetrics()
+    capture = ReviewCapture(Settings(model_store=tmp_path, review_audit_rate=1.0, review_scan_s=3600.0,
+                                     review_queue_bytes=budget, review_queue_items=32), metrics)
+
+    def pinned(item: InspectedImage) -> int:
+        """The bytes a record keeps alive, counted here from what it holds."""
+        heatmap = item.result.heatmap if item.result is not None else None
+        return (len(item.data) + len(item.heatmap_png or b"") + len(getattr(heatmap, "data", "") or "")
+                + sum(a.nbytes for a in (item.tensor, item.anomaly_map) if a is not None))
+
+    async def offer_then_write() -> None:
+        capture.start()
+        await asyncio.sleep(0.05)
+        items = []
+        for i in range(16):
+            item = answered(i)
+            item.heatmap_png = os.urandom(4 << 20)  # heatmap_size=original
+            item.heatmap_width = item.heatmap_height = 1024
+            item.result = item.result.model_copy(update={"heatmap": inline_heatmap(item)})  # heatmap=inline
+            items.append(item)
+        capture.offer("brick", "onnx", COLOURS, items)  # synchronous: the writer has not run yet
+        queued = [kept.item for kept in capture._queue]
+        assert len(queued) == 16
+        assert all(q.heatmap_png is None and q.result.heatmap is None for q in queued)
+        assert sum(pinned(q) for q in queued) <= budget  # what the queue holds is what it counted
+        assert capture._bytes == sum(pinned(q) for q in queued)
+        # the caller's records are untouched: they are still being answered from
+        assert all(len(i.heatmap_png) == 4 << 20 and i.result.heatmap is not None for i in items)
+        started = time.monotonic()
+        while capture._queue and time.monotonic() - started < 10:
+            await asyncio.sleep(0.01)
+        await capture.stop()
+
+    asyncio.run(offer_then_write())
+    items = list((tmp_path / ".review" / "brick" / "items").iterdir())
+    assert len(items) == 16
+    assert all((d / "heatmap.png").stat().st_size > 0 for d in items)  # rendered by the writer itself

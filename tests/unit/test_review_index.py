@@ -208,3 +208,66 @@ def test_the_label_cache_holds_only_the_labels_of_items_still_there(tmp_path: Pa
     assert [lab.id for lab in store.labels("brick")] == [kept]
     cache = store._labels["brick"]
     assert len(cache._held) == 1  # the expired item's label is no longer held
+
+
+def test_a_reading_kept_late_never_hides_another_processes_item(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """An API thread's reading that began before another process added X ends while this
+    process's review thread writes Y under the lock. Built on that old listing and stamped
+    with the folder's new stat, the write's snapshot hid X for MAX_AGE_S: its bytes
+    uncounted, its duplicate missed, and prune swept its operator's label as an orphan."""
+    import threading
+
+    from models import review_store
+
+    mine, theirs = opened(tmp_path), opened(tmp_path)  # this server process; another replica
+    add(mine, b"A")
+    mine.scan("brick")
+    add(theirs, b"W")  # what mine holds is stale now: the reader below reads the folder again
+    listed, go_on = threading.Event(), threading.Event()
+    real_labelled, real_fsync_dir = review_index._labelled, review_store._fsync_dir
+
+    def reader_pauses(path: Path) -> frozenset[str]:  # between its listing and keeping it
+        out = real_labelled(path)
+        if threading.current_thread().name == "api-reader":
+            listed.set()
+            go_on.wait(10)
+        return out
+    monkeypatch.setattr(review_index, "_labelled", reader_pauses)
+    reader = threading.Thread(target=mine.scan, args=("brick",), name="api-reader")
+    reader.start()
+    assert listed.wait(10)
+    x = add(theirs, b"X")  # after the reader listed the folder
+
+    def reader_ends_during_the_write(path: Path) -> None:  # Y is in place, its snapshot not yet kept
+        if not go_on.is_set():
+            go_on.set()
+            reader.join(10)
+        real_fsync_dir(path)
+    monkeypatch.setattr(review_store, "_fsync_dir", reader_ends_during_the_write)
+    add(mine, b"Y")
+    assert go_on.is_set() and not reader.is_alive()
+    monkeypatch.undo()
+
+    truth = opened(tmp_path)
+    assert x in {e.id for e in mine.scan("brick").entries}
+    assert mine.scan("brick").entries == truth.scan("brick").entries and mine.usage() == truth.usage()
+    assert mine.refusal("brick", b"X") == "duplicate"
+    theirs.label("brick", x, "ng", by="alice", defect_type="scratch")
+    mine.prune()
+    assert (tmp_path / "brick" / "labels" / f"{x}.json").is_file()  # an operator's label is never swept
+
+
+def test_a_reading_never_replaces_a_later_one(tmp_path: Path) -> None:
+    """Snapshots are kept in the order their stat was taken: an old listing kept last does
+    not overwrite a newer one (the newer is what the next calls answer from)."""
+    now = [0.0]
+    store = opened(tmp_path)
+    index = store._index = StoreIndex(store.root, clock=lambda: now[0])
+    first = add(store, b"a")
+    old = index._held["brick"]
+    second = add(opened(tmp_path), b"b")
+    assert [e.id for e in index.scan("brick").entries] == [first, second]
+    newer = index._held["brick"]
+    index._keep("brick", old)  # a slow reader's reading, from before the other process's write
+    assert index._held["brick"] is newer and [e.id for e in index.scan("brick").entries] == [first, second]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import time
 import zipfile
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -13,7 +14,9 @@ from typing import Any
 import pytest
 
 from models.review_export import export_zip
-from models.review_store import (LABEL_RESERVE, Budget, ItemNotFound, ReviewStore, parse_id, resolve_root)
+from models.review_leftovers import ORPHAN_GRACE_S, STALE_S
+from models.review_store import (LABEL_RESERVE, Budget, ItemNotFound, ReviewStore, id_stamp, parse_id,
+                                 resolve_root)
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, 123456, tzinfo=timezone.utc)
 DAY = 86_400.0
@@ -102,7 +105,9 @@ def test_retention_prunes_pending_then_labelled_and_orphans(tmp_path: Path) -> N
     pending = add(s, b"p")[1]
     labelled = add(s, b"l")[1]
     s.label("brick", labelled, "ok", by="alice")
-    (s.root / "brick" / "labels" / "20200101T000000000000-ok-0000000001-000000000000.json").write_text("{}")
+    orphan = s.root / "brick" / "labels" / "20200101T000000000000-ok-0000000001-000000000000.json"
+    orphan.write_text("{}")
+    os.utime(orphan, (0, 0))  # older than the orphan's grace period
     stale = s.root / "brick" / "items" / ".tmp-dead"
     stale.mkdir()
     os.utime(stale, (0, 0))
@@ -144,3 +149,73 @@ def test_export_and_reviewed_ok(tmp_path: Path) -> None:
     (tmp_path / "ms").mkdir()
     (tmp_path / "ms" / ".review").mkdir()
     assert resolve_root(tmp_path / "ms") == tmp_path / "ms" / ".review"
+
+
+def test_what_a_killed_writer_leaves_counts_until_swept(tmp_path: Path) -> None:
+    """A writer killed mid-item leaves its staging folder (an image of MBs) and one killed
+    mid-label a label's temporary file. Neither is an item, yet the staging folder's bytes
+    are disk the budget must count until prune sweeps them; the temporary file is swept too
+    (it was never removed)."""
+    s = store(tmp_path, max_bytes=3_000_000)
+    now = datetime.now(timezone.utc)
+    first = add(s, b"first", at=now)[1]
+    items, used = s.usage()
+    staging = s.root / "brick" / "items" / ".tmp-0123456789ab"  # as add() names it, killed after the image
+    staging.mkdir()
+    (staging / "image.png").write_bytes(os.urandom(2_000_000))
+    label_tmp = s.root / "brick" / "labels" / f".{first}.0badc0de.tmp"  # killed before its rename
+    label_tmp.parent.mkdir(parents=True, exist_ok=True)
+    label_tmp.write_bytes(b"{}")
+    assert s.usage() == (items, used + 2_000_000)
+    assert add(s, os.urandom(1_500_000), at=now)[0] == "full"  # was stored: 3.5 MB on disk against 3 MB
+    assert disk_bytes(s.root) <= s.budget.max_bytes
+
+    s.prune(now=time.time() + STALE_S / 2)  # a live writer's files are never swept
+    assert staging.exists() and label_tmp.exists()
+    s.prune(now=time.time() + STALE_S + 60)
+    assert not staging.exists() and not label_tmp.exists()
+    assert s.usage() == (items, used) and [e.id for e in s.scan("brick").entries] == [first]
+    assert add(s, os.urandom(1_500_000), at=now)[0] == "stored"
+
+
+def test_a_label_is_swept_only_once_its_item_is_gone_and_the_grace_has_passed(tmp_path: Path) -> None:
+    """The snapshot prune works from may lag the folder (another process's new item, a coarse
+    timestamp): a label whose item folder exists is no orphan. A label without its item is
+    kept ORPHAN_GRACE_S, then swept."""
+    import shutil
+
+    now = datetime.now(timezone.utc)
+    s = store(tmp_path)
+    kept, gone = add(s, b"kept", at=now)[1], add(s, b"gone", at=now)[1]
+    s.label("brick", kept, "ok", by="alice")
+    assert {e.id for e in s.scan("brick").entries} == {kept, gone}
+    # Another process swaps one item for another within one timestamp tick: the folder's stat
+    # comes out as it was, so the snapshot still lists `gone` and not `hidden`.
+    items = s.root / "brick" / "items"
+    before = os.stat(items)
+    hidden = gone[:-12] + "f" * 12
+    shutil.rmtree(items / gone)
+    (items / hidden).mkdir()
+    os.utime(items, ns=(before.st_atime_ns, before.st_mtime_ns))
+    labels = s.root / "brick" / "labels"
+    young, old = (f"{id_stamp(now)[:-6]}{n:06d}-ok-0000004096-{n:012x}" for n in (1, 2))
+    long_ago = time.time() - ORPHAN_GRACE_S - 60
+    for item_id, mtime in ((hidden, long_ago), (young, time.time()), (old, long_ago)):
+        (labels / f"{item_id}.json").write_text("{}")
+        os.utime(labels / f"{item_id}.json", (mtime, mtime))
+    assert hidden not in {e.id for e in s.scan("brick").entries}  # the lagging snapshot
+    s.prune()
+    assert sorted(p.name[:-5] for p in labels.iterdir()) == sorted([kept, hidden, young])
+
+
+def test_a_missing_image_file_is_not_found(tmp_path: Path) -> None:
+    """A prune killed mid-rmtree, or an expiry racing the read, leaves item.json without its
+    image: the item's files are not found (the API's 404), not a server error."""
+    s = store(tmp_path)
+    item_id = add(s, b"image")[1]
+    (s.root / "brick" / "items" / item_id / "image.png").unlink()
+    (s.root / "brick" / "items" / item_id / "heatmap.png").unlink()
+    for which in ("image", "heatmap"):
+        with pytest.raises(ItemNotFound):
+            s.file("brick", item_id, which)
+    assert s.item("brick", item_id).id == item_id  # the record itself still reads
