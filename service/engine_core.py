@@ -43,6 +43,7 @@ from service.engines.factory import load_engine
 from service.heap import freeze_startup_objects, report_collector_pauses
 from service.ipc import frames
 from service.ipc.channel import Channel, Incoming, Message
+from service.ipc.listener import accept_forever, listen_unix
 from service.ipc.slab import Slab
 from service.metrics import ServiceMetrics
 from service.pipeline.batcher import Batched, Batcher, BatcherClosed, DeadlineExceeded, QueueFull
@@ -50,6 +51,11 @@ from service.pipeline.registry import EngineFactory, warm_engine
 from service.pipeline.runtime import engine_runner
 
 log = logging.getLogger(__name__)
+
+
+class AcceptLoopDied(RuntimeError):
+    """The task accepting front ends ended: this process could never serve a new one."""
+
 
 @dataclass
 class Payload:
@@ -104,23 +110,31 @@ class EngineCore:
 
     # ------------------------------------------------------------------ serving
     async def serve(self, path: Path) -> None:
-        """Accept front ends on ``path`` until :meth:`stop`; then drain every batcher."""
+        """Accept front ends on ``path`` until :meth:`stop`; then drain every batcher.
+        Raises :class:`AcceptLoopDied` if accepting front ends ends otherwise."""
         loop = asyncio.get_running_loop()
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        path.unlink(missing_ok=True)
-        listener.bind(str(path))
-        os.chmod(path, 0o600)
-        listener.listen(64)
-        listener.setblocking(False)
+        listener = listen_unix(path)
         log.info("engine process %d listening on %s", os.getpid(), path)
-        accept = loop.create_task(self._accept(listener))
+        accept = loop.create_task(accept_forever(listener, self._accepted), name="accept-frontends")
         # Its pauses stall every front end's batches: they show on every front end's /metrics.
         collector_report = loop.create_task(report_collector_pauses(
             functools.partial(self.metrics.observe_gc_pauses, "engine")), name="gc-pauses")
-        await self._stopping.wait()
-        accept.cancel()
-        listener.close()
-        path.unlink(missing_ok=True)
+        stopping = loop.create_task(self._stopping.wait())
+        try:
+            await asyncio.wait((stopping, accept), return_when=asyncio.FIRST_COMPLETED)
+            if accept.done():
+                # accept_forever outlives what the system refuses for a while; anything else
+                # ending it leaves a process that would never take a front end again: this one
+                # ends instead (a non-zero exit), and the supervisor starts a new one.
+                cause = None if accept.cancelled() else accept.exception()
+                log.critical("engine process: accepting front ends stopped (%r); exiting", cause)
+                collector_report.cancel()
+                raise AcceptLoopDied("accepting front ends stopped") from cause
+        finally:
+            accept.cancel()
+            stopping.cancel()
+            listener.close()
+            path.unlink(missing_ok=True)
         await asyncio.gather(*(h.batcher.drain(self.settings.graceful_shutdown_s) for h in self.hosted.values()))
         for frontend in list(self.frontends.values()):
             frontend.channel.close()
@@ -131,16 +145,13 @@ class EngineCore:
     def stop(self) -> None:
         self._stopping.set()
 
-    async def _accept(self, listener: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            conn, _ = await loop.sock_accept(listener)
-            self._next_ident += 1
-            ident = self._next_ident
-            channel = Channel(conn, loop, lambda batch, i=ident: self._on_messages(i, batch),
-                              lambda i=ident: self._disconnected(i), name=f"frontend-{ident}")
-            self.frontends[ident] = FrontEnd(ident, channel)
-            channel.start()
+    def _accepted(self, conn: socket.socket) -> None:
+        self._next_ident += 1
+        ident = self._next_ident
+        channel = Channel(conn, asyncio.get_running_loop(), lambda batch, i=ident: self._on_messages(i, batch),
+                          lambda i=ident: self._disconnected(i), name=f"frontend-{ident}")
+        self.frontends[ident] = FrontEnd(ident, channel)
+        channel.start()
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -164,6 +175,11 @@ class EngineCore:
                 log.exception("front end %d (pid %d): message %s failed", ident, frontend.pid, message.get("op"))
                 if "rid" in message:
                     frontend.channel.send({"op": "error", "rid": message["rid"], "message": "engine process error"})
+            finally:
+                # What the message's handler did not take (only a slab that attached takes its
+                # descriptor): a peer's stray descriptors must not stay open here for good.
+                for fd in fds:
+                    os.close(fd)
 
     def _handle_frame(self, frontend: FrontEnd, frame: bytes) -> None:
         try:
@@ -183,17 +199,21 @@ class EngineCore:
             frontend.channel.send_frame(frames.pack_result(submit.rid, [failed] * len(submit.slots)))
 
     def _handle(self, frontend: FrontEnd, message: Message, fds: list[int]) -> None:
+        """One control message. ``fds``: its descriptors; a handler that keeps one takes it
+        out of the list, the caller closes the rest."""
         op = message["op"]
         if op == "hello":
             frontend.pid = int(message["pid"])
             log.info("front end %d connected (pid %d)", frontend.ident, frontend.pid)
         elif op == "slab":
-            (fd,) = fds
-            old = frontend.slabs.pop(int(message["id"]), None)
+            if len(fds) != 1:
+                raise ValueError(f"slab message with {len(fds)} descriptors, not 1")
+            ident, size, slots = int(message["id"]), int(message["size"]), int(message["slots"])
+            old = frontend.slabs.pop(ident, None)
             if old is not None:
                 old.close()
-            frontend.slabs[int(message["id"])] = Slab.attach(fd, int(message["size"]), int(message["slots"]),
-                                                             str(message["name"]))
+            # Taken out of fds first: attach owns it from the call on (and closes it if it fails).
+            frontend.slabs[ident] = Slab.attach(fds.pop(), size, slots, str(message["name"]))
         elif op == "acquire":
             self._spawn(self._acquire(frontend, int(message["rid"]), str(message["dir"])))
         elif op == "release":

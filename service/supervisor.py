@@ -174,7 +174,15 @@ class Supervisor:
         now = time.monotonic()
         if child.restart_at is not None:
             if now >= child.restart_at and not self._stopping:
-                child.start()
+                try:
+                    child.start()
+                except Exception:
+                    # Out of descriptors or memory for a moment (EMFILE, fork's ENOMEM/EAGAIN):
+                    # raised out of run(), it would stop every healthy child with this one.
+                    # Tried again later instead, with the back-off of a child that keeps dying.
+                    child.backoff_s = _next_backoff(child.backoff_s)
+                    child.restart_at = now + child.backoff_s
+                    log.exception("%s: cannot start a new one; trying again in %.1f s", child.name, child.backoff_s)
             return
         if child.alive or child.process is None:
             return
@@ -182,8 +190,7 @@ class Supervisor:
         if pid is not None:
             mark_process_dead(pid, str(metrics_dir))  # its live gauges leave /metrics
         lived = now - child.started_at
-        child.backoff_s = 0.0 if lived >= _STABLE_AFTER_S else min(_RESTART_BACKOFF_MAX_S,
-                                                                    max(0.5, child.backoff_s * 2))
+        child.backoff_s = 0.0 if lived >= _STABLE_AFTER_S else _next_backoff(child.backoff_s)
         log.error("%s (pid %s) exited with %s after %.1f s; restarting%s", child.name, pid, code, lived,
                   f" in {child.backoff_s:.1f} s" if child.backoff_s else "")
         child.restart_at = now + child.backoff_s
@@ -198,6 +205,11 @@ class Supervisor:
         for child in [*frontends, engine]:
             if child.process is not None and child.process.pid is not None:
                 mark_process_dead(child.process.pid, str(metrics_dir))
+
+
+def _next_backoff(backoff_s: float) -> float:
+    """The wait before a restart after one that came to nothing (died soon, or never started)."""
+    return min(_RESTART_BACKOFF_MAX_S, max(0.5, backoff_s * 2))
 
 
 def reuseport_socket(host: str, port: int) -> socket.socket:

@@ -5,7 +5,11 @@ Frames are a 4-byte big-endian length and a body: a JSON object (control message
 packed frame whose first byte is its kind (:mod:`service.ipc.frames`: the per-image
 ``submit`` and ``result``), handed over as ``bytes``. A message sent with descriptors
 (a slab's memfd) carries them as ``SCM_RIGHTS`` in the ``sendmsg`` of its first byte; the
-reader hands them to the message that announced them (``"_fds": n``).
+reader hands them to the message that announced them (``"_fds": n``), and the receiver owns
+them from there (it closes what it does not keep). Descriptors no message announced are
+closed once no message is left half-read (they can belong to none), and more than
+``_MAX_FDS`` waiting, or an announcement that is not a small count, is a corrupt stream: the
+channel ends. A peer's bug must not pile descriptors up in this process.
 
 Everything runs on the event loop, with no thread: the socket is non-blocking, the loop
 calls back when it is readable (``recvmsg``, which asyncio's transports do not offer, is
@@ -30,7 +34,7 @@ import logging
 import os
 import socket
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -172,7 +176,8 @@ class Channel:
                 if ancillary:
                     self._fds.extend(_descriptors(ancillary))
                 self._inbox += data
-                batch += self._split()
+                self._split(batch)  # into batch: what it parsed before a corrupt frame is delivered too
+                self._drop_unannounced()
                 if len(data) < _READ_BYTES:
                     break
         except (OSError, ValueError) as exc:
@@ -186,8 +191,7 @@ class Channel:
         if batch:
             self._on_messages(batch)
 
-    def _split(self) -> list[tuple[Incoming, list[int]]]:
-        out: list[tuple[Incoming, list[int]]] = []
+    def _split(self, out: list[tuple[Incoming, list[int]]]) -> None:
         buffer = self._inbox
         at, end = 0, len(buffer)
         try:
@@ -203,13 +207,30 @@ class Channel:
                     out.append((body, []))
                     continue
                 message = _decode(body.decode())
-                wanted = int(message.pop("_fds", 0))
+                wanted = message.pop("_fds", 0)
+                # Exactly a small int (bool is one too, and null, a list or 1e400 are not):
+                # anything else is a corrupt stream, ended here rather than raising past the reader.
+                if type(wanted) is not int or not 0 <= wanted <= _MAX_FDS:
+                    raise ValueError(f"message announced {wanted!r} descriptors: corrupt stream")
                 if wanted > len(self._fds):
                     raise ValueError(f"message announced {wanted} descriptors, {len(self._fds)} arrived")
                 out.append((message, [self._fds.popleft() for _ in range(wanted)]))
         finally:
             del buffer[:at]  # once per read, not once per message
-        return out
+
+    def _drop_unannounced(self) -> None:
+        """Descriptors arrive with the first byte of the message announcing them: with no
+        message half-read, any left over were announced by none, and are closed. Waiting for a
+        half-read message, more than one message's worth is a corrupt stream."""
+        if not self._fds:
+            return
+        if self._inbox:
+            if len(self._fds) > _MAX_FDS:
+                raise ValueError(f"{len(self._fds)} descriptors waiting for one message: corrupt stream")
+            return
+        log.warning("%s: closing %d descriptors no message announced", self.name, len(self._fds))
+        _close_all(self._fds)
+        self._fds.clear()
 
     def _finish(self) -> None:
         if self._closed:
@@ -222,11 +243,7 @@ class Channel:
         except (ValueError, RuntimeError):  # the loop is closing
             pass
         self._outbox.clear()
-        for fd in self._fds:  # descriptors nobody claimed
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        _close_all(self._fds)  # descriptors nobody claimed
         self._fds.clear()
         self.sock.close()
         self._on_close()
@@ -238,3 +255,11 @@ def _descriptors(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds.extend(struct.unpack(f"{len(data) // 4}i", data[:len(data) - len(data) % 4]))
     return fds
+
+
+def _close_all(fds: Iterable[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass

@@ -33,6 +33,7 @@ _SUBMIT = struct.Struct("<BQIId")  # kind, rid, handle, slab, deadline; then uin
 _RESULT = struct.Struct("<BQH")  # kind, rid, image count; then the outcomes
 _OUTCOME = struct.Struct("<BdIddH")  # code, score, batch size, queue ms, run ms, message bytes
 _MAX_MESSAGE = 1024  # an engine error's text, cut to this many bytes
+MAX_IMAGES = 0xFFFF  # a result counts its images in 16 bits: a submit of more could not be answered
 
 # What reading a malformed frame raises (a cut or padded frame, an empty one).
 UNREADABLE = (ValueError, IndexError, struct.error)
@@ -70,6 +71,8 @@ def unpack_submit(frame: bytes) -> Submit:
     count, rest = divmod(len(frame) - _SUBMIT.size, 4)
     if rest or not count:
         raise ValueError(f"submit frame of {len(frame)} bytes: no whole list of slots")
+    if count > MAX_IMAGES:  # refused as unreadable: no result frame could carry its answer
+        raise ValueError(f"submit frame of {count} slots: more than the {MAX_IMAGES} a result answers")
     return Submit(rid, handle, slab, deadline, list(struct.unpack_from(f"<{count}I", frame, _SUBMIT.size)))
 
 

@@ -12,10 +12,18 @@ ends (SIGKILL included). Named segments would need a janitor after every crash.
 
 The slab's capacity (``slots``) is the front end's queue budget for that size: a request
 that finds no free slots is refused (503) before it costs anything.
+
+Why sealed: the engine process maps a file another process owns. Were that file shrunk under
+the mapping (a front end's bug: one ``ftruncate``), the engine process's next touch of a page
+past the new end would be SIGBUS, killing it and every front end's batches with it. So the
+owner seals its memfd at its size (``F_SEAL_SHRINK | F_SEAL_GROW``, then ``F_SEAL_SEAL`` so
+the seals cannot be taken off) before handing it over, and :meth:`Slab.attach` maps only a
+descriptor so sealed, of exactly the size its layout needs.
 """
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 from dataclasses import dataclass
@@ -23,6 +31,8 @@ from dataclasses import dataclass
 import numpy as np
 
 PAGE = mmap.PAGESIZE
+# What a slab's memfd must carry before another process maps it (see the module docstring).
+SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
 
 def _round_up(n: int, to: int = PAGE) -> int:
@@ -77,9 +87,10 @@ class Slab:
     @classmethod
     def create(cls, size: int, slots: int, name: str) -> "Slab":
         layout = SlabLayout(size, slots)
-        fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(fd, layout.total_bytes)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)  # its size is final: no process can change it now
             return cls(layout, fd, name)
         except BaseException:
             os.close(fd)
@@ -87,11 +98,25 @@ class Slab:
 
     @classmethod
     def attach(cls, fd: int, size: int, slots: int, name: str) -> "Slab":
-        layout = SlabLayout(size, slots)
-        if os.fstat(fd).st_size < layout.total_bytes:
+        """Map ``fd``, received from its owner. The slab owns ``fd`` from here: it is closed
+        when the slab is, or right here when it cannot be mapped (a peer's bad descriptor must
+        not stay open in this process)."""
+        try:
+            layout = SlabLayout(size, slots)
+            if size < 1 or slots < 1:
+                raise ValueError(f"slab {name}: {slots} slots of {size}x{size}: nothing to map")
+            # Not a memfd at all, or one its owner could still resize under the mapping.
+            seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+            if seals & SEALS != SEALS:
+                raise ValueError(f"slab {name}: descriptor not sealed against resizing (seals {seals:#x})")
+            actual = os.fstat(fd).st_size
+            if actual != layout.total_bytes:
+                raise ValueError(f"slab {name}: descriptor of {actual} bytes, {slots} slots of {size}x{size} "
+                                 f"need {layout.total_bytes}")
+            return cls(layout, fd, name)
+        except BaseException:
             os.close(fd)
-            raise ValueError(f"slab {name}: descriptor smaller than {slots} slots of {size}x{size}")
-        return cls(layout, fd, name)
+            raise
 
     def input(self, slot: int) -> np.ndarray:
         """Slot ``slot``'s engine input, a uint8 ``[S, S, 3]`` view."""

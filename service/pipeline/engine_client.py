@@ -10,20 +10,23 @@ the pipeline cannot tell it is not running the engine itself:
   When the engine process goes away, every image in flight fails with
   :class:`EngineUnavailable` (503 + Retry-After) and the client reconnects, hands its slabs
   to the new engine process and acquires again what its registry serves or warms up
-  (:mod:`service.pipeline.holds`).
+  (:mod:`service.pipeline.holds`). A folder the new engine process cannot load is let go of
+  alone (``on_lost``: the registry marks its category failed); the others serve on.
+  Reconnects back off (:class:`~service.ipc.retry.Backoff`) until a connection has stayed
+  up a while, so an engine process that drops every connection is not hammered by a tight loop.
 * :class:`~service.pipeline.remote_batcher.RemoteBatcher`: what a
   :class:`~service.pipeline.runtime.Lane` batches with here, in place of a local
   :class:`~service.pipeline.batcher.Batcher`. It forms no batch: the engine process does,
   across all front ends.
-* :class:`RemoteEngine`: what the registry's engine factory returns here. Its ``run`` goes
-  through the engine process too (the registry warms every version through it, which
-  checks the whole path once per front end and version).
+* :class:`~service.pipeline.remote_engine.RemoteEngine` (imported here for the runtime):
+  what the registry's engine factory returns here. Its ``run`` goes through the engine
+  process too (the registry warms every version through it, which checks the whole path
+  once per front end and version).
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import itertools
 import logging
 import os
@@ -41,13 +44,16 @@ from service.config import Settings
 from service.engines.base import EngineError
 from service.ipc import frames
 from service.ipc.channel import Channel, Incoming, Message
+from service.ipc.retry import Backoff
 from service.ipc.slab import Slab, SlotPool
 from service.pipeline.batcher import Batched, BatcherClosed, BatcherError, DeadlineExceeded, QueueFull
 from service.pipeline.holds import VersionHolds
+from service.pipeline.remote_engine import RemoteEngine
 
 log = logging.getLogger(__name__)
 
 _CONNECT_WAIT_S = 60.0  # how long a load waits for the engine process (it may be loading others)
+_STABLE_AFTER_S = 5.0  # a connection up this long was a good one: the next reconnect starts at once
 _WARMUP_DEADLINE_S = 300.0  # a warm-up batch through the engine process: first CUDA / TensorRT runs are slow
 
 
@@ -88,7 +94,10 @@ class EngineClient:
         self.settings = settings
         self.socket_path = socket_path
         self.on_reload: Callable[[str, str | None], Awaitable[Any]] | None = None
-        self.on_reconnect: Callable[[], Awaitable[Any]] | None = None  # after a lost engine process is back
+        # After every connection, the first included: loads that failed while there was none get another try.
+        self.on_connected: Callable[[], Awaitable[Any]] | None = None
+        # (category, version folder, why): a new engine process could not load a folder served here.
+        self.on_lost: Callable[[str, str, Exception], None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._channel: Channel | None = None
         self._connected = asyncio.Event()
@@ -100,7 +109,10 @@ class EngineClient:
         self._handles: dict[str, int] = {}  # version folder -> the engine process's number for it
         self._ids = itertools.count(1)
         self._connector: asyncio.Task[None] | None = None
-        self._ever_connected = False
+        # The wait before a connection attempt grows across attempts, reconnects included
+        # (not per attempt loop), and starts over only after a connection that stayed up.
+        self._retry = Backoff(0.05, 1.0)
+        self._up_since: float | None = None  # when the current connection was fully made
 
     # ------------------------------------------------------------------ connection
     def start(self) -> None:
@@ -112,6 +124,12 @@ class EngineClient:
     def connected(self) -> bool:
         return self._connected.is_set()
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The loop the client lives on (set by :meth:`start`)."""
+        assert self._loop is not None, "EngineClient.start() not called"
+        return self._loop
+
     async def close(self) -> None:
         self._closing = True
         if self._connector is not None:
@@ -121,46 +139,70 @@ class EngineClient:
         for _, slab, _ in self._slabs.values():
             slab.close()
 
-    async def _connect_loop(self) -> None:
-        delay = 0.05
+    async def _connect_loop(self, pause_first: bool = False) -> None:
+        if pause_first:
+            await asyncio.sleep(self._retry.next())
         while not self._closing:
-            try:
+            sock: socket.socket | None = None
+            try:  # the socket too: out of descriptors for a moment must not end the reconnects
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 await asyncio.to_thread(sock.connect, str(self.socket_path))
             except OSError:
-                sock.close()
-                await asyncio.sleep(delay)
-                delay = min(1.0, delay * 2)
+                if sock is not None:
+                    sock.close()
+                await asyncio.sleep(self._retry.next())
                 continue
-            delay = 0.05
-            assert self._loop is not None
-            channel = Channel(sock, self._loop, self._on_messages, self._disconnected, name="engine")
-            self._channel = channel
-            channel.start()
-            channel.send({"op": "hello", "pid": os.getpid()})
-            for ident, slab, _ in self._slabs.values():
-                self._send_slab(ident, slab)
-            self._handles.clear()  # numbers of the engine process that went away
-            try:
-                for version_dir in self._holds.folders():  # what is served or warming up here, again
-                    answer = await self._call({"op": "acquire", "dir": version_dir}, require_connected=False)
-                    self._handles[version_dir] = int(answer["handle"])
-            except (EngineError, EngineUnavailable) as exc:
-                log.error("engine process: re-acquiring after reconnect failed: %s", exc)
-                channel.close()  # its close callback starts the next attempt
-                return
-            for version_dir in [d for d in self._handles if d not in self._holds]:
-                channel.send({"op": "release", "dir": version_dir})  # let go of while this reconnected
-            log.info("connected to the engine process at %s", self.socket_path)
-            again, self._ever_connected = self._ever_connected, True
-            self._connected.set()
-            if again and self.on_reconnect is not None:
-                await self.on_reconnect()
+            await self._handshake(sock)
             return
+
+    async def _handshake(self, sock: socket.socket) -> None:
+        """Hand over the slabs and acquire again what is used here; then connected. If the
+        channel ends meanwhile, its close callback starts the next attempt (after a pause)."""
+        channel = Channel(sock, self.loop, self._on_messages, self._disconnected, name="engine")
+        self._channel = channel
+        channel.start()
+        channel.send({"op": "hello", "pid": os.getpid()})
+        for ident, slab, _ in self._slabs.values():
+            self._send_slab(ident, slab)
+        self._handles.clear()  # numbers of the engine process that went away
+        for version_dir in self._holds.folders():  # what is served or warming up here, again
+            try:
+                answer = await self._call({"op": "acquire", "dir": version_dir}, require_connected=False)
+            except EngineUnavailable as exc:
+                log.error("engine process: lost again while acquiring again what is served: %s", exc)
+                return
+            except EngineError as exc:  # this folder alone: the other categories still serve
+                self._lose(version_dir, exc)
+                continue
+            self._handles[version_dir] = int(answer["handle"])
+        for version_dir in [d for d in self._handles if d not in self._holds]:
+            channel.send({"op": "release", "dir": version_dir})  # let go of while this reconnected
+        log.info("connected to the engine process at %s", self.socket_path)
+        self._up_since = time.monotonic()
+        self._connected.set()
+        if self.on_connected is not None:
+            await self.on_connected()
+
+    def _lose(self, version_dir: str, exc: EngineError) -> None:
+        """The engine process cannot load ``version_dir`` (any more): no use of it here is
+        left to count, and the categories it served are failed loads now, retried as such
+        (the next connection, a newer export), rather than failing every category with the
+        connection. Each retry stays one load a connection, with no tight loop."""
+        log.error("engine process: cannot acquire %s again; its categories fail until it loads: %s",
+                  version_dir, exc)
+        for category in self._holds.forget(version_dir):
+            if self.on_lost is not None:
+                self.on_lost(category, version_dir, exc)
 
     def _disconnected(self) -> None:
         self._connected.clear()
         self._channel = None
+        # Only a connection that stayed up resets the wait: one that ends soon after it was
+        # made (an engine process dying while it loads) grows it, so no reconnect loop is tight.
+        stable = self._up_since is not None and time.monotonic() - self._up_since >= _STABLE_AFTER_S
+        self._up_since = None
+        if stable:
+            self._retry.reset()
         lost = EngineUnavailable("the engine process went away; retry")
         in_use: set[int] = set()
         for request in self._requests.values():
@@ -183,8 +225,8 @@ class EngineClient:
                 old.close()
                 self._slabs[size] = (ident, self._new_slab(size), pool)
             log.error("lost the engine process; reconnecting")
-            assert self._loop is not None
-            self._connector = self._loop.create_task(self._connect_loop(), name="engine-connect")
+            self._connector = self.loop.create_task(self._connect_loop(pause_first=not stable),
+                                                     name="engine-connect")
 
     def _send(self, message: Message, fds: Sequence[int] = ()) -> None:
         if self._channel is None:
@@ -212,8 +254,7 @@ class EngineClient:
                 if call is not None and not call.done():
                     call.set_result(message)
             elif op == "reload" and self.on_reload is not None:
-                assert self._loop is not None
-                self._loop.create_task(self.on_reload(str(message["category"]), message.get("version")))
+                self.loop.create_task(self.on_reload(str(message["category"]), message.get("version")))
 
     def _resolve(self, rid: int, outcomes: list[frames.Outcome]) -> None:
         request = self._requests.pop(rid, None)
@@ -234,11 +275,14 @@ class EngineClient:
 
     # ------------------------------------------------------------------ calls
     async def _call(self, message: Message, require_connected: bool = True) -> Message:
-        if require_connected:
-            await asyncio.wait_for(self._connected.wait(), _CONNECT_WAIT_S)
+        if require_connected and not self._connected.is_set():
+            try:
+                await asyncio.wait_for(self._connected.wait(), _CONNECT_WAIT_S)
+            except TimeoutError:  # its text is empty: say what happened (it is what /readyz reports)
+                raise EngineUnavailable(f"not connected to the engine process within {_CONNECT_WAIT_S:.0f} s; "
+                                        "retried once it connects") from None
         rid = next(self._ids)
-        assert self._loop is not None
-        call = self._calls[rid] = self._loop.create_future()
+        call = self._calls[rid] = self.loop.create_future()
         self._send({**message, "rid": rid})
         answer = await call
         if answer["op"] == "error":
@@ -304,7 +348,7 @@ class EngineClient:
         for tensor, slot in zip(tensors, slots):
             slab.input(slot)[...] = tensor
         rid = next(self._ids)
-        assert self._loop is not None
+        assert self._loop is not None  # the attribute, not the property: once per request
         futures = [_ImageFuture(self, rid, self._loop) for _ in tensors]
         self._requests[rid] = _Request(slab, pool, slots, futures)
         self._channel.send_frame(frames.pack_submit(rid, handle, ident, deadline, slots))
@@ -336,35 +380,9 @@ class EngineClient:
     # ------------------------------------------------------------------ for the registry (worker threads)
     def engine_factory(self, version_dir: Path, **_: Any) -> "RemoteEngine":
         """The registry's engine factory here (called in a worker thread, like load_engine)."""
-        assert self._loop is not None
         manifest = Manifest.read(version_dir)
-        answer = asyncio.run_coroutine_threadsafe(self.acquire(version_dir), self._loop).result()
+        answer = asyncio.run_coroutine_threadsafe(self.acquire(version_dir), self.loop).result()
         return RemoteEngine(self, version_dir, manifest, str(answer["name"]), int(answer["max_batch_size"]))
-
-
-class RemoteEngine:
-    """An engine that runs in the engine process (the :class:`~service.engines.base.Engine` protocol)."""
-
-    def __init__(self, client: EngineClient, version_dir: Path, manifest: Manifest, name: str,
-                 max_batch_size: int) -> None:
-        self.client = client
-        self.version_dir = version_dir
-        self.manifest = manifest
-        self.name = name
-        self.max_batch_size = max_batch_size
-
-    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Blocking; from a worker thread only (never from the event loop it would wait on)."""
-        assert self.client._loop is not None
-        future: concurrent.futures.Future[tuple[np.ndarray, np.ndarray]] = asyncio.run_coroutine_threadsafe(
-            self.client.run(str(self.version_dir), images), self.client._loop)
-        return future.result()
-
-    def close(self) -> None:
-        """The registry gave up on this version (its warm-up failed): let the engine process
-        unload it. Called from the registry's worker thread: the client lives on its loop."""
-        assert self.client._loop is not None
-        self.client._loop.call_soon_threadsafe(self.client.release, str(self.version_dir))
 
 
 def _error(code: int, message: str) -> Exception:

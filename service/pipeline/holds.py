@@ -41,6 +41,16 @@ class VersionHolds:
         del self._users[folder]
         return True
 
+    def forget(self, folder: str) -> list[str]:
+        """``folder`` is no use here any more, however many users it had (the engine process
+        cannot load it): the categories it served, which serve nothing here now. The users'
+        own drops later find nothing to drop."""
+        self._users.pop(folder, None)
+        lost = [category for category, served in self._served.items() if served == folder]
+        for category in lost:
+            del self._served[category]
+        return lost
+
     def serve(self, category: str, folder: str) -> str | None:
         """``folder`` serves ``category`` now (it was taken when acquired); the folder served
         before, whose use ends here and which the caller drops, even when it is the same."""

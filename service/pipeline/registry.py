@@ -167,6 +167,19 @@ class ModelRegistry:
     def failed(self) -> dict[str, str]:
         return dict(self._failed)
 
+    def lost(self, category: str, version_dir: str, exc: Exception) -> None:
+        """The version serving ``category`` (``version_dir``) can no longer run: a new engine
+        process could not load it again. The category fails as a failed load does (reported,
+        skipped by readiness, retried like one: when the engine process connects again, or by
+        the store watch), while the others serve on. Nothing if another version serves it now."""
+        model = self._models.get(category)
+        if model is None or str(model.version_dir) != version_dir:
+            return
+        del self._models[category]
+        self._unhealthy.pop(category, None)  # about the version served, which no longer is
+        self._failed[category] = self.public_message(exc)
+        log.error("%s: version %s can no longer be served: %s", category, model.version, exc)
+
     def get(self, category: str) -> LoadedModel:
         model = self._models.get(category)
         if model is not None:

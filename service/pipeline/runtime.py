@@ -85,8 +85,10 @@ class PipelineRuntime:
         self.engine_link = engine_link
         if engine_link is not None:
             engine_factory = engine_link.engine_factory
-            engine_link.on_reconnect = self._retry_failed
+            engine_link.on_connected = self._retry_failed
         self.registry = ModelRegistry(settings, engine_factory=engine_factory, on_swap=self._swapped)
+        if engine_link is not None:
+            engine_link.on_lost = self.registry.lost
         self.limits = ImageLimits(max_bytes=settings.max_upload_bytes, max_pixels=settings.max_image_pixels,
                                   max_heatmap_pixels=settings.max_heatmap_pixels)
         self.pixels = PixelBudget(int(settings.max_request_megapixels * MEGA), int(settings.max_inflight_megapixels * MEGA),
@@ -183,8 +185,8 @@ class PipelineRuntime:
             task.add_done_callback(self._draining.discard)
 
     async def _retry_failed(self) -> None:
-        """The engine process is back: categories whose load failed while it was away get
-        another try (the registry would otherwise wait for a newer version)."""
+        """Connected to the engine process (the first time too): categories whose load failed
+        while it was away get another try (the registry would otherwise wait for a newer version)."""
         for category in list(self.registry.failed):
             try:
                 await self.registry.reload(category)

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import fcntl
+import json
 import os
 import socket
 import struct
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -13,7 +18,9 @@ import pytest
 
 from service.ipc import frames
 from service.ipc.channel import Channel
-from service.ipc.slab import Slab, SlabLayout, SlotPool
+from service.ipc.listener import accept_forever
+from service.ipc.retry import Backoff
+from service.ipc.slab import PAGE, SEALS, Slab, SlabLayout, SlotPool
 
 
 def test_slots_are_page_aligned_and_views_do_not_overlap() -> None:
@@ -140,3 +147,152 @@ def test_malformed_frames_are_refused_not_misread() -> None:
         frames.unpack_result(result + b"junk")
     with pytest.raises(struct.error):
         frames.unpack_result(result[:-3])
+    # A result counts its images in 16 bits: a submit of more is refused as unreadable, not
+    # answered with a result frame that cannot be packed.
+    assert len(frames.unpack_submit(frames.pack_submit(1, 1, 1, 0.0, [0] * frames.MAX_IMAGES)).slots) == 0xFFFF
+    with pytest.raises(frames.UNREADABLE):
+        frames.unpack_submit(frames.pack_submit(1, 1, 1, 0.0, [0] * (frames.MAX_IMAGES + 1)))
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_slab_is_sealed_at_its_size_and_attach_refuses_one_that_is_not() -> None:
+    """The engine process maps a front end's slab: a file shrunk under that mapping would be
+    SIGBUS at the engine process's next touch past its end, killing it. A slab cannot be
+    resized once made, and attach maps only a descriptor so sealed, of exactly its layout's
+    size; a refused descriptor is closed, not left open in the engine process."""
+    slab = Slab.create(8, 2, "test-sealed")
+    try:
+        assert fcntl.fcntl(slab.fd, fcntl.F_GET_SEALS) & SEALS == SEALS
+        for size in (0, slab.layout.total_bytes + PAGE):
+            with pytest.raises(PermissionError):
+                os.ftruncate(slab.fd, size)
+    finally:
+        slab.close()
+
+    total = SlabLayout(8, 2).total_bytes
+
+    def memfd(size: int, seals: int = 0, sealable: bool = True) -> int:
+        fd = os.memfd_create("test-attach", os.MFD_CLOEXEC | (os.MFD_ALLOW_SEALING if sealable else 0))
+        os.ftruncate(fd, size)
+        if seals:
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+        return fd
+
+    before = open_fds()
+    pipe_r, pipe_w = os.pipe()
+    os.close(pipe_w)
+    refused = [(memfd(total, sealable=False), 8, 2),  # no seals possible
+               (memfd(total), 8, 2),  # sealable, not sealed
+               (memfd(total, fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL), 8, 2),  # could still shrink
+               (memfd(total - PAGE, SEALS), 8, 2), (memfd(total + PAGE, SEALS), 8, 2),  # not the layout's size
+               (memfd(0, SEALS), 0, 1),  # an empty layout: nothing to map
+               (pipe_r, 8, 2)]  # not a memfd at all
+    for fd, size, slots in refused:
+        with pytest.raises((ValueError, OSError)):
+            Slab.attach(fd, size, slots, "peer")
+    assert open_fds() == before  # each refused descriptor was closed
+    good = Slab.attach(memfd(total, SEALS), 8, 2, "peer")
+    good.close()
+
+
+def raw_frame(body: bytes) -> bytes:
+    return len(body).to_bytes(4, "big") + body
+
+
+def test_descriptors_no_message_announced_are_closed() -> None:
+    """A peer's bug (descriptors sent with messages that announce none) must not pile them up
+    for the channel's life: with no message half-read they belong to none, and are closed."""
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        peer, sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        received: list[tuple[Any, list[int]]] = []
+        done = asyncio.Event()
+
+        def on_messages(batch: list[tuple[Any, list[int]]]) -> None:
+            received.extend(batch)
+            if any(isinstance(m, dict) and m["op"] == "done" for m, _ in batch):
+                done.set()
+        channel = Channel(sock, loop, on_messages, lambda: None, name="test")
+        channel.start()
+        before = open_fds()
+        for i in range(10):
+            fds = [os.memfd_create("test-stray") for _ in range(3)]
+            await asyncio.to_thread(socket.send_fds, peer, [raw_frame(json.dumps({"op": "n", "i": i}).encode())], fds)
+            for fd in fds:
+                os.close(fd)
+        await asyncio.to_thread(peer.sendall, raw_frame(b'{"op":"done"}'))
+        await asyncio.wait_for(done.wait(), 10)
+        assert [m["op"] for m, _ in received] == ["n"] * 10 + ["done"] and not any(f for _, f in received)
+        assert open_fds() == before and not channel.closed
+        channel.close()
+        peer.close()
+
+    asyncio.run(main())
+
+
+def test_a_malformed_descriptor_count_ends_the_channel() -> None:
+    """``_fds`` that is not a small count (null, a list, 1e400, text, out of range), or more
+    descriptors than one message may carry waiting for a half-read one: a corrupt stream, which
+    ends that channel, and nothing raised past the reader into the event loop."""
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        escaped: list[dict[str, Any]] = []
+        loop.set_exception_handler(lambda _loop, context: escaped.append(context))
+
+        async def ends(send: Any) -> bool:
+            peer, sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            closed = asyncio.Event()
+            channel = Channel(sock, loop, lambda batch: None, closed.set, name="test")
+            channel.start()
+            await asyncio.to_thread(send, peer)
+            try:
+                await asyncio.wait_for(closed.wait(), 2)
+            except TimeoutError:
+                channel.close()
+                return False
+            finally:
+                peer.close()
+            return True
+
+        for bad in ("null", "[1]", "1e400", '"1"', "-1", "true", "17"):
+            body = b'{"op":"slab","_fds":' + bad.encode() + b"}"
+            assert await ends(lambda peer, body=body: peer.sendall(raw_frame(body))), bad
+
+        def too_many_waiting(peer: socket.socket) -> None:
+            for part in (b"\x00\x00", b"\x00"):  # a header not yet whole, 10 descriptors with each part
+                fds = [os.memfd_create("test-waiting") for _ in range(10)]
+                socket.send_fds(peer, [part], fds)
+                for fd in fds:
+                    os.close(fd)
+        before = open_fds()
+        assert await ends(too_many_waiting)
+        assert open_fds() == before
+        assert not escaped, escaped
+
+    asyncio.run(main())
+
+
+def test_accept_forever_raises_what_would_fail_on_every_try() -> None:
+    """EMFILE and the like pass (tests/integration/test_engine_link_faults.py); a socket that
+    is no listener fails on every try: raised at once, for the engine process to end."""
+    async def main(path: Path) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(str(path))  # never listening: accept(2) answers EINVAL
+        sock.setblocking(False)
+        with pytest.raises(OSError) as raised:
+            await asyncio.wait_for(accept_forever(sock, lambda conn: None), 5)
+        assert raised.value.errno == errno.EINVAL
+        sock.close()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        asyncio.run(main(Path(tmp) / "s.sock"))
+
+
+def test_backoff_doubles_up_to_its_ceiling_and_starts_over_on_reset() -> None:
+    retry = Backoff(0.05, 0.3)
+    assert [retry.next() for _ in range(5)] == [0.05, 0.1, 0.2, 0.3, 0.3]
+    retry.reset()
+    assert retry.next() == 0.05

@@ -1,0 +1,61 @@
+"""The supervisor of a multi-process server (MSFLOW_API_PROCESSES > 1), under faults of its
+own: a moment it cannot start a process. Real processes (``msflow serve``)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import signal
+from pathlib import Path
+
+import httpx
+
+from harness import fake_version, start, wait_until
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def children(pid: int) -> dict[int, str]:
+    out: dict[int, str] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            with contextlib.suppress(OSError):
+                out[int(child)] = Path(f"/proc/{child}/comm").read_text().strip()
+    return out
+
+
+def test_a_restart_that_cannot_start_a_process_is_tried_again_not_fatal(tmp_path: Path) -> None:
+    """A front end dies while the supervisor is out of descriptors (EMFILE on the restart):
+    the supervisor and the healthy processes stay up, and the restart succeeds later."""
+    store = tmp_path / "store"
+    fake_version(store, "aaa")
+    server = start(store, tmp_path / "server.log", api_processes=2, engine="null", store_poll_s=0)
+    try:
+        supervisor = server.proc.pid
+
+        def running() -> list[str]:
+            return sorted(name for name in children(supervisor).values() if name.startswith("msflow"))
+        # Ready once one front end serves; the other may not have named itself yet.
+        wait_until(lambda: running() == ["msflow-api-0", "msflow-api-1", "msflow-engine"], 30, "every child")
+        (victim,) = [pid for pid, name in children(supervisor).items() if name == "msflow-api-1"]
+        limits = resource.prlimit(supervisor, resource.RLIMIT_NOFILE)
+        resource.prlimit(supervisor, resource.RLIMIT_NOFILE, (open_fds(supervisor), limits[1]))
+        try:
+            os.kill(victim, signal.SIGKILL)
+            wait_until(lambda: "cannot start a new one" in server.log() or server.proc.poll() is not None, 20,
+                       "a failed restart")
+            assert server.proc.poll() is None, server.log()
+            assert httpx.get(f"{server.url}/readyz", timeout=5).status_code == 200  # the other front end serves
+        finally:
+            if server.proc.poll() is None:
+                resource.prlimit(supervisor, resource.RLIMIT_NOFILE, limits)
+
+        wait_until(lambda: victim not in children(supervisor)
+                   and running() == ["msflow-api-0", "msflow-api-1", "msflow-engine"], 30,
+                   "the front end restarted once descriptors are free")
+        wait_until(lambda: httpx.get(f"{server.url}/readyz", timeout=5).status_code == 200, 30, "ready")
+    finally:
+        server.stop()
