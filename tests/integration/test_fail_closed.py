@@ -153,14 +153,21 @@ def test_a_broken_category_is_skipped_while_the_others_serve(model_store: Path, 
         srv.stop()
 
 
-def test_internal_error_text_stays_in_the_log(model_store: Path, tmp_path: Path) -> None:
-    """A failed reload says why without the server's paths."""
+def _server_and_a_second_version(model_store: Path, tmp_path: Path) -> tuple[Path, Server, Path]:
+    """A copy of the store served (not watched, admin key set) and its version 2, a copy of 1
+    for the test to break before it asks for a reload."""
     store = tmp_path / "store"
     shutil.copytree(model_store, store)
     srv = start(store, tmp_path / "server.log", api_keys=USER_KEY, admin_api_keys=ADMIN_KEY, store_poll_s=0)
+    v2 = store / CATEGORY / "2"
+    shutil.copytree(store / CATEGORY / "1", v2)
+    return store, srv, v2
+
+
+def test_internal_error_text_stays_in_the_log(model_store: Path, tmp_path: Path) -> None:
+    """A failed reload says why without the server's paths."""
+    store, srv, v2 = _server_and_a_second_version(model_store, tmp_path)
     try:
-        v2 = store / CATEGORY / "2"
-        shutil.copytree(store / CATEGORY / "1", v2)
         manifest = json.loads((v2 / "manifest.json").read_text())
         manifest["version"] = "2"
         (v2 / "manifest.json").write_text(json.dumps(manifest))
@@ -178,12 +185,8 @@ def test_a_version_whose_engine_cannot_load_is_a_422(model_store: Path, tmp_path
     is unusable, not the server broken, so the admin gets the reason with a 422 (was a 500)."""
     from models.manifest import Manifest, file_entry
 
-    store = tmp_path / "store"
-    shutil.copytree(model_store, store)
-    srv = start(store, tmp_path / "server.log", api_keys=USER_KEY, admin_api_keys=ADMIN_KEY, store_poll_s=0)
+    store, srv, v2 = _server_and_a_second_version(model_store, tmp_path)
     try:
-        v2 = store / CATEGORY / "2"
-        shutil.copytree(store / CATEGORY / "1", v2)
         (v2 / "model.onnx").write_bytes(b"not an onnx graph" * 10)
         manifest = Manifest.read(v2)
         manifest.model_copy(update={"version": "2", "files": {**manifest.files,

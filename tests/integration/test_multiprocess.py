@@ -264,6 +264,20 @@ async def engine_process(store: Path, factory: Any = None, **overrides: Any) -> 
             await serving
 
 
+@contextlib.asynccontextmanager
+async def front_end_of(core: EngineCore, settings: Settings) -> AsyncIterator[tuple[PipelineRuntime, int]]:
+    """A front end's runtime linked to ``core`` with the store's models loaded: the runtime,
+    and the front end's number in the engine process; closed afterwards."""
+    rt = PipelineRuntime(settings, None, engine_link=EngineClient(settings, settings.engine_socket))
+    rt.open()
+    try:
+        await rt.registry.load_all()
+        (ident,) = core.frontends
+        yield rt, ident
+    finally:
+        await rt.close()
+
+
 async def until(predicate: Any, what: str, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -369,11 +383,7 @@ def test_a_reload_whose_warm_up_fails_keeps_the_version_served_held(tmp_path: Pa
     async def main() -> None:
         async with engine_process(store, factory, request_deadline_ms=500) as (core, settings):
             core.unload_grace_s = 0.1
-            rt = PipelineRuntime(settings, None, engine_link=EngineClient(settings, settings.engine_socket))
-            rt.open()
-            try:
-                await rt.registry.load_all()
-                (ident,) = core.frontends
+            async with front_end_of(core, settings) as (rt, ident):
                 v2 = fake_version(store, "aaa", "2")
                 with pytest.raises(EngineError):
                     await rt.registry.reload("aaa")
@@ -384,8 +394,6 @@ def test_a_reload_whose_warm_up_fails_keeps_the_version_served_held(tmp_path: Pa
                 with rt.pin("aaa") as lane:
                     (future,) = lane.batcher.submit_many([np.zeros((32, 32, 3), np.uint8)], time.monotonic() + 10)
                     assert (await asyncio.wait_for(future, 10)).batch_size == 1
-            finally:
-                await rt.close()
 
     asyncio.run(main())
 
@@ -400,11 +408,7 @@ def test_reloading_the_version_served_holds_it_once(tmp_path: Path) -> None:
     async def main() -> None:
         async with engine_process(store, request_deadline_ms=500) as (core, settings):
             core.unload_grace_s = 0.1
-            rt = PipelineRuntime(settings, None, engine_link=EngineClient(settings, settings.engine_socket))
-            rt.open()
-            try:
-                await rt.registry.load_all()
-                (ident,) = core.frontends
+            async with front_end_of(core, settings) as (rt, ident):
                 await rt.registry.reload("aaa")
                 await rt.registry.reload("aaa", "1")
                 await asyncio.sleep(0.3)  # past the grace period: still held
@@ -413,8 +417,6 @@ def test_reloading_the_version_served_holds_it_once(tmp_path: Path) -> None:
                 await rt.registry.reload("aaa")
                 await until(lambda: str(v1) not in core.hosted, "version 1 unloaded")
                 assert list(core.hosted) == [str(v2)] and set(core.hosted[str(v2)].holders) == {ident}
-            finally:
-                await rt.close()
 
     asyncio.run(main())
 
