@@ -31,6 +31,7 @@ from service.api.errors import install_error_handlers
 from service.config import Settings
 from service.api.docs import install_docs
 from service.api.request_metrics import RequestMetricsMiddleware
+from service.api.security_headers import SecurityHeadersMiddleware
 from service.pipeline.state import ServiceState
 
 
@@ -52,6 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.service = state
     app.add_middleware(BodyLimitMiddleware)  # inside the metrics: its 413s are counted and carry a request id
     app.add_middleware(RequestMetricsMiddleware, metrics=state.metrics)
+    app.add_middleware(SecurityHeadersMiddleware)  # outermost: on every answer, error handler's included
     install_error_handlers(app)
     # Routes are tried in the order they are added, each match costing a few microseconds of
     # the event loop: inspection first (its requests are nearly all of them), pages last.

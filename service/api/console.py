@@ -28,7 +28,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, FastAPI, Query
 from fastapi.responses import FileResponse
-from fastapi.staticfiles import StaticFiles
+from service.api.static_files import AllowListedFiles
 
 from service.api.auth import Admin, Authed
 from service.api.deps import CategoryDep, StateDep
@@ -44,8 +44,11 @@ STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 CONTENT_SECURITY_POLICY = ("default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
                            "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'none'; "
                            "frame-ancestors 'none'")
+# No framing and no sniffing: on every answer (service/api/security_headers.py).
 _PAGE_HEADERS = {"Content-Security-Policy": CONTENT_SECURITY_POLICY, "Cache-Control": "no-cache",
-                 "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "X-Frame-Options": "DENY"}
+                 "Referrer-Policy": "no-referrer"}
+# What /static serves: the page's scripts and style, not the page (served at / with its policy).
+STATIC_SUFFIXES = (".js", ".css")
 _ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (401, 403, 404, 422, 500, 503)}
 
 router = APIRouter()
@@ -178,6 +181,7 @@ def install_console(app: FastAPI) -> None:
     """Add the console page, its static files (``/static``) and its API routes to ``app``."""
     app.include_router(router)
     if STATIC_DIR.is_dir():
-        app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+        app.mount("/static", AllowListedFiles(directory=STATIC_DIR, names=[
+            p.name for p in STATIC_DIR.iterdir() if p.suffix in STATIC_SUFFIXES]), name="static")
     else:  # never fail start-up over the console: the API is what production lines use
         log.warning("console files missing at %s (package data not installed): GET / answers 404", STATIC_DIR)

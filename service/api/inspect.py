@@ -12,7 +12,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
-from service.api.auth import Authed, require_api_key
+from service.api.auth import Authed, refuse_cross_site, require_api_key
 from service.api.deps import ERRORS, StateDep, get_state, known_category
 from service.api.errors import ApiError
 from service.api.uploads import read_uploads
@@ -41,6 +41,9 @@ async def inspect_target(request: Request, category: str) -> InspectTarget:
     parameter lists), about 30 µs apiece on the event loop of a 2.1 GHz Xeon: on the route
     that carries nearly all requests, one dependency instead of six (docs/PERFORMANCE.md)."""
     state = await get_state(request)
+    # Not read-only: an answer feeds the review store, recent scores and the drift metrics;
+    # on a server without keys another site's page could fill the reviewers' queue.
+    await refuse_cross_site(request)
     await require_api_key(request, state)
     return InspectTarget(state, await known_category(category, state))
 

@@ -119,6 +119,32 @@ def test_jobs_refuse_cross_site_browsers(open_server: Server, demo_root: Path) -
     assert_error(r, 403, "cross_site_refused")
 
 
+def test_inspection_refuses_cross_site_browsers_too(open_server: Server, demo_root: Path) -> None:
+    """An answer feeds the review store, recent scores and drift metrics: on a server without
+    keys another site's page posted images (and filenames) into the reviewers' queue."""
+    image = next((demo_root / CATEGORY / "test" / "good").glob("*.png"))
+    r = httpx.post(open_server.url + f"/v1/inspect/{CATEGORY}", headers={"Sec-Fetch-Site": "cross-site"},
+                   files=[("file", (image.name, image.read_bytes(), "image/png"))])
+    assert_error(r, 403, "cross_site_refused")
+    r = httpx.post(open_server.url + f"/v1/inspect/{CATEGORY}", headers={"Sec-Fetch-Site": "same-origin"},
+                   files=[("file", (image.name, image.read_bytes(), "image/png"))])
+    assert r.status_code == 200, r.text
+
+
+def test_no_page_of_this_origin_can_be_framed_and_keyed_answers_stay_out_of_caches(open_server: Server) -> None:
+    """The console's file was served again under /static without its page's headers, and so
+    were /docs and Swagger's demo page under /docs-assets: framed by another site, the
+    console's admin buttons could be clicked through (reproduced on a loopback server)."""
+    for path in ("/", "/docs", "/static/console.js", "/docs-assets/swagger-ui.css", "/healthz", "/v1/models"):
+        r = httpx.get(open_server.url + path)
+        assert r.status_code == 200, (path, r.status_code)
+        assert r.headers["x-frame-options"] == "DENY" and r.headers["x-content-type-options"] == "nosniff", path
+    for path in ("/static/index.html", "/docs-assets/index.html", "/docs-assets/swagger-initializer.js"):
+        assert httpx.get(open_server.url + path).status_code == 404, path
+    assert httpx.get(open_server.url + "/v1/models").headers["cache-control"] == "no-store"
+    assert "no-store" not in httpx.get(open_server.url + "/static/console.js").headers.get("cache-control", "")
+
+
 def test_docs_load_no_asset_from_elsewhere(open_server: Server) -> None:
     page = httpx.get(open_server.url + "/docs")
     assert page.status_code == 200
