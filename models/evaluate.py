@@ -109,7 +109,7 @@ def evaluate_run(run: str | Path, data: str | Path | None = None, category: str 
                                   pro_maps=pred["score_map"])
     good = labels == 0
     report["absolute"] = {
-        "image_auroc": image_auroc(labels, pred["absolute_score"]),
+        "image_auroc": _image_auroc_or_none(labels, pred["absolute_score"]),
         **_served_map_block(masks, pred["anomaly_map"], np.ones_like(good)),
     }
     if has_tiers:
@@ -118,7 +118,7 @@ def evaluate_run(run: str | Path, data: str | Path | None = None, category: str 
                                               pro_maps=pred["score_map"])
         for tier, block in report["per_tier"].items():
             select = good | (np.array(tier_names, dtype=object) == tier) & (labels == 1)
-            block["absolute"] = {"image_auroc": image_auroc(labels[select], pred["absolute_score"][select]),
+            block["absolute"] = {"image_auroc": _image_auroc_or_none(labels[select], pred["absolute_score"][select]),
                                  **_served_map_block(masks, pred["anomaly_map"], select)}
         pairs = [f"{d}/{t}" for d, t in zip(types, tier_names)]
         report["per_defect_type_and_tier"] = metrics_by_group(labels, pred["image_score_log"], None, None, pairs)
@@ -151,3 +151,8 @@ def evaluate_run(run: str | Path, data: str | Path | None = None, category: str 
         plot_score_distributions(pred[score_output], labels, groups, raw_threshold, run / "scores.png",
                                  title=f"{category}: image scores at the verdict threshold", score_name=score_output)
     return report
+
+
+def _image_auroc_or_none(labels: np.ndarray, scores: np.ndarray) -> float | None:
+    """None where it is undefined (a test set of one class), as the main metrics report it."""
+    return image_auroc(labels, scores) if 0 < int(np.sum(labels)) < len(labels) else None

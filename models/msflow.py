@@ -12,7 +12,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
 from torch import Tensor, nn
 
 from models.backbones import FeatureExtractor, backbone_channels, build_backbone
@@ -37,9 +37,9 @@ class MSFlowConfig(BaseModel):
 
     backbone: str = "efficientnet_lite0"
     input_size: int = Field(256, ge=64, le=2048)
-    parallel_blocks: tuple[int, int, int] = (2, 5, 8)
-    clamp: float = 1.9
-    cond_channels: int = 64
+    parallel_blocks: tuple[PositiveInt, PositiveInt, PositiveInt] = (2, 5, 8)
+    clamp: float = Field(1.9, gt=0.0)  # the soft clamp's bound on log-scales: 0 or below is no flow
+    cond_channels: int = Field(64, ge=1)
     pool: Literal["avg", "max", "none"] = "avg"
     top_k: float = Field(0.03, gt=0.0, le=1.0)
     # Gaussian sigma (input pixels) applied to the served anomaly map and absolute score only;

@@ -94,8 +94,8 @@ def _eval(args: argparse.Namespace) -> int:
     print(json.dumps({k: report[k] for k in keys}, indent=2))
     blocks = {**report["per_defect_type"], **{f"tier {t}": b for t, b in report.get("per_tier", {}).items()}}
     for name, block in blocks.items():
-        print(f"  {name:>14}: image AUROC {block['image_auroc']:.3f}  pixel AUROC {block['pixel_auroc']:.3f}  "
-              f"AUPRO {block['aupro']:.3f}")
+        print(f"  {name:>14}: image AUROC {_metric(block['image_auroc'])}  pixel AUROC "
+              f"{_metric(block['pixel_auroc'])}  AUPRO {_metric(block['aupro'])}")
     v = report["verdict"]
     print(f"at threshold {v['threshold']:.4g} ({v['threshold_source']['kind']}): false alarms "
           f"{v['good']['false_alarms']}/{v['good']['n']} good parts (FPR {v['good']['fpr']:.1%}, 95% bound "
@@ -104,6 +104,10 @@ def _eval(args: argparse.Namespace) -> int:
         print(f"  recall {tier:>8}: {d['detected']}/{d['n']} ({d['recall']:.1%})")
     print(f"report: {Path(args.run) / 'report.json'}")
     return 0
+
+
+def _metric(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"  # undefined: a set without defects, or without goods
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -302,7 +306,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, OSError) as exc:  # pydantic's ValidationError is a ValueError
+        # What the user can fix (a setting out of range, bad data, a missing or unreadable
+        # run or store) in one line, not a traceback; errors of other kinds keep theirs.
+        first = str(exc).strip().splitlines()
+        print(f"msflow {args.command}: {type(exc).__name__}: {' '.join(first[:4])}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

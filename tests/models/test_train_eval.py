@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -104,9 +105,34 @@ def test_cli_demo_data(tmp_path: Path) -> None:
     assert len(list((tmp_path / "d" / "gravel" / "calibration" / "good").glob("*.png"))) == 3
 
 
-def test_cli_rejects_bad_input_size(demo_root: Path, tmp_path: Path) -> None:
+def test_cli_refuses_settings_that_make_no_sense_in_one_line(demo_root: Path, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """They ended in tracebacks (ZeroDivisionError for --cond-channels 0), or were accepted
+    (--blocks 0 0 0: a flow with no coupling blocks; --clamp -1)."""
     from msflow.cli import main
 
-    with pytest.raises(ValueError, match="multiple of 32"):
-        main(["train", "--data", str(demo_root), "--category", TEST_CATEGORY, "--out", str(tmp_path / "r"),
-              "--input-size", "100"])
+    base = ["train", "--data", str(demo_root), "--category", TEST_CATEGORY, "--out", str(tmp_path / "r")]
+    for extra, says in ((["--input-size", "100"], "multiple of 32"), (["--cond-channels", "0"], "cond_channels"),
+                        (["--blocks", "0", "0", "0"], "parallel_blocks"), (["--clamp", "-1"], "clamp")):
+        assert main([*base, *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert err.startswith("msflow train: ") and says in err and "Traceback" not in err, err
+    assert not (tmp_path / "r" / "checkpoint.pt").exists()
+
+
+def test_eval_of_a_test_set_of_one_class_reports_what_is_undefined(trained_run: Path, demo_root: Path,
+                                                                   tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """The main metrics were null for a test set without defects, but the served score's AUROC
+    raised, and the printout failed on a null: no report, a traceback."""
+    from msflow.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    data = tmp_path / "data"
+    shutil.copytree(demo_root, data, ignore=lambda folder, names: [
+        n for n in names if Path(folder).name in ("test", "ground_truth") and n != "good"])
+    assert main(["eval", "--run", str(run), "--data", str(data), "--category", TEST_CATEGORY]) == 0
+    report = json.loads((run / "report.json").read_text())
+    assert report["image_auroc"] is None and report["absolute"]["image_auroc"] is None
+    assert "n/a" in capsys.readouterr().out or not report["per_defect_type"]
