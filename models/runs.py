@@ -7,7 +7,8 @@ runs/<category>/<name>/
   last.pt             the latest meta-epoch, with optimiser state, for --resume
   train_log.jsonl     one line per sub-epoch / meta-epoch
   holdout.json        normal images held out from training (calibration, model selection)
-  report.json         written by `msflow eval`
+  report.json         written by `msflow eval` (with test_scores.npz, roc.png, examples.png, scores.png)
+  reviewed_ok.json    the operator-confirmed OK images trained on (only with --include-reviewed-ok)
 ```
 
 The backbone is never saved: it is frozen ImageNet weights, rebuilt from its name.
@@ -16,6 +17,7 @@ The backbone is never saved: it is frozen ImageNet weights, rebuilt from its nam
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,10 @@ from models.msflow import MSFlow, MSFlowConfig
 
 CHECKPOINT = "checkpoint.pt"
 LAST = "last.pt"
+# What one run's train and eval write besides config.json/holdout.json: a fresh (not resumed)
+# training into an existing folder removes them, so the folder never mixes two runs.
+RUN_OUTPUTS = (CHECKPOINT, LAST, "train_log.jsonl", "reviewed_ok.json", "report.json", "test_scores.npz",
+               "roc.png", "examples.png", "scores.png")
 
 
 class RunError(FileNotFoundError):
@@ -48,7 +54,10 @@ def save_checkpoint(path: Path, model: MSFlow, epoch: int, source: str = "train"
 def read_checkpoint(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise RunError(f"no checkpoint at {path}")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as exc:
+        raise RunError(f"corrupt checkpoint {path}: {exc}") from exc
 
 
 def checkpoint_sha256(run: str | Path, checkpoint: str = CHECKPOINT) -> str:

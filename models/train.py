@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from models.data import MVTecCategory, Sample, folder_of_good_images, load_images, split_holdout
 from models.msflow import MSFlow, MSFlowConfig
 from models.review_store import REVIEWED_OK, ReviewStore, resolve_root
-from models.runs import CHECKPOINT, LAST, read_checkpoint, save_checkpoint
+from models.runs import CHECKPOINT, LAST, RUN_OUTPUTS, RunError, read_checkpoint, save_checkpoint
 
 
 class TrainConfig(BaseModel):
@@ -123,10 +123,58 @@ def _schedulers(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> list[torc
     return schedulers
 
 
+# Settings a --resume may change: how long the schedule runs and where it runs. Anything
+# else (model, data, learning-rate schedule, batch, seed, ...) would make last.pt a different run's.
+RESUME_MAY_CHANGE = frozenset({"meta_epochs", "out", "device", "amp"})
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, object]:
+    flat: dict[str, object] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            flat.update(_flat(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
+
+
+def check_resumable(out: Path, cfg: TrainConfig) -> dict:
+    """The run's ``last.pt`` payload, after checking that ``cfg`` continues the run stored in ``out``."""
+    if not (out / LAST).is_file():
+        raise RunError(f"cannot resume: no {LAST} in {out} (train without --resume to start this run)")
+    if not (out / "config.json").is_file():
+        raise RunError(f"cannot resume: no config.json in {out}")
+    try:
+        stored = TrainConfig.model_validate_json((out / "config.json").read_text())
+    except ValueError as exc:
+        raise RunError(f"cannot resume: unreadable {out / 'config.json'}: {exc}") from exc
+    stored = stored.model_copy(update={"data": stored.data.resolve(), "include_reviewed_ok": (
+        stored.include_reviewed_ok.resolve() if stored.include_reviewed_ok else None)})
+    old, new = _flat(stored.model_dump(mode="json")), _flat(cfg.model_dump(mode="json"))
+    differ = sorted(k for k in old.keys() | new.keys()
+                    if k not in RESUME_MAY_CHANGE and old.get(k) != new.get(k))
+    if differ:
+        details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in differ)
+        raise RunError(f"cannot resume {out}: settings differ from the stored run ({details}); "
+                       f"only {', '.join(sorted(RESUME_MAY_CHANGE))} may change on --resume")
+    return read_checkpoint(out / LAST)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
-    """Train and return the run folder."""
+    """Train and return the run folder.
+
+    Everything that can fail before training (data, model, device, optimiser settings, a
+    resume that does not fit) is checked first: a failure leaves an existing run folder as it was.
+    """
+    cfg = cfg.model_copy(update={"data": cfg.data.resolve(), "out": cfg.out.resolve(), "include_reviewed_ok": (
+        cfg.include_reviewed_ok.resolve() if cfg.include_reviewed_ok else None)})
     out = cfg.out
-    out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     use_amp = cfg.amp if cfg.amp is not None else device.type == "cuda"
@@ -140,10 +188,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     reviewed = reviewed_ok_samples(cfg)
     train_set = train_set + [s for _, s in reviewed]
     cfg = cfg.model_copy(update={"reviewed_ok_images": len(reviewed) if cfg.include_reviewed_ok else None})
-    (out / "config.json").write_text(cfg.model_dump_json(indent=2))
-    (out / "holdout.json").write_text(json.dumps([str(s.path) for s in holdout], indent=2))
-    if reviewed:
-        (out / REVIEWED_OK).write_text(json.dumps([row for row, _ in reviewed], indent=2))
+    state = check_resumable(out, cfg) if resume else None
 
     model = MSFlow(cfg.model, backbone_weights=cfg.backbone_weights).to(device)
     size = cfg.model.input_size
@@ -156,14 +201,26 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     optimizer = torch.optim.Adam(params, lr=cfg.lr)
     schedulers = _schedulers(optimizer, cfg)
     start_epoch, best_nll = 0, math.inf
-    if resume and (out / LAST).is_file():
-        state = read_checkpoint(out / LAST)
-        model.load_state_dict(state["flows"], strict=False)
-        optimizer.load_state_dict(state["optimizer"])
-        for sched, sd in zip(schedulers, state["schedulers"]):
-            sched.load_state_dict(sd)
-        torch.set_rng_state(state["rng"])
-        start_epoch, best_nll = state["epoch"] + 1, state["best_nll"]
+    if state is not None:
+        try:
+            model.load_state_dict(state["flows"], strict=False)
+            optimizer.load_state_dict(state["optimizer"])
+            for sched, sd in zip(schedulers, state["schedulers"], strict=True):
+                sched.load_state_dict(sd)
+            torch.set_rng_state(state["rng"])
+            start_epoch, best_nll = state["epoch"] + 1, state["best_nll"]
+        except (KeyError, ValueError, RuntimeError, TypeError) as exc:
+            raise RunError(f"checkpoint {out / LAST} does not fit the run's config: {exc}") from exc
+
+    # Training starts now: only from here on is the folder changed.
+    out.mkdir(parents=True, exist_ok=True)
+    if state is None:
+        for name in RUN_OUTPUTS:
+            (out / name).unlink(missing_ok=True)
+    _write_atomic(out / "config.json", cfg.model_dump_json(indent=2))
+    _write_atomic(out / "holdout.json", json.dumps([str(s.path.resolve()) for s in holdout], indent=2))
+    if reviewed:
+        _write_atomic(out / REVIEWED_OK, json.dumps([row for row, _ in reviewed], indent=2))
 
     n = train_feats[0].shape[0]
     generator = torch.Generator().manual_seed(cfg.seed + start_epoch)
