@@ -46,8 +46,17 @@ def save_checkpoint(path: Path, model: MSFlow, epoch: int, source: str = "train"
     """Write atomically so an interrupted run never leaves a half-written checkpoint."""
     payload = {"config": model.config.model_dump(), "flows": flow_state_dict(model), "epoch": epoch,
                "source": source, **extra}
+    _replace(path, lambda tmp: torch.save(payload, tmp))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """A run file (config, holdout) that a reader finds old or new, never half written."""
+    _replace(path, lambda tmp: tmp.write_text(text))
+
+
+def _replace(path: Path, write: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(payload, tmp)
+    write(tmp)
     tmp.replace(path)
 
 

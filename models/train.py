@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 from models.data import MVTecCategory, Sample, folder_of_good_images, load_images, split_holdout
 from models.msflow import MSFlow, MSFlowConfig
 from models.review_store import REVIEWED_OK, ReviewStore, resolve_root
-from models.runs import CHECKPOINT, LAST, RUN_OUTPUTS, RunError, read_checkpoint, save_checkpoint
+from models.runs import (CHECKPOINT, LAST, RUN_OUTPUTS, RunError, read_checkpoint, save_checkpoint,
+                         write_text_atomic)
 
 
 class TrainConfig(BaseModel):
@@ -160,12 +161,6 @@ def check_resumable(out: Path, cfg: TrainConfig) -> dict:
     return read_checkpoint(out / LAST)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
     """Train and return the run folder.
 
@@ -217,10 +212,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     if state is None:
         for name in RUN_OUTPUTS:
             (out / name).unlink(missing_ok=True)
-    _write_atomic(out / "config.json", cfg.model_dump_json(indent=2))
-    _write_atomic(out / "holdout.json", json.dumps([str(s.path.resolve()) for s in holdout], indent=2))
+    write_text_atomic(out / "config.json", cfg.model_dump_json(indent=2))
+    write_text_atomic(out / "holdout.json", json.dumps([str(s.path.resolve()) for s in holdout], indent=2))
     if reviewed:
-        _write_atomic(out / REVIEWED_OK, json.dumps([row for row, _ in reviewed], indent=2))
+        write_text_atomic(out / REVIEWED_OK, json.dumps([row for row, _ in reviewed], indent=2))
 
     n = train_feats[0].shape[0]
     generator = torch.Generator().manual_seed(cfg.seed + start_epoch)
