@@ -10,12 +10,13 @@ with a size budget (a stray big file costs nothing).
 from __future__ import annotations
 
 import json
-import os
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from models.atomic_files import write_atomic
 
 BUILD_DIR = ".build"  # dot folder: the registry never takes it for a category
 STATUS_FILE = "status.json"
@@ -87,6 +88,4 @@ def record_build(store: Path, state: Literal["running", "done", "failed"]) -> Bu
 def _write(store: Path, progress: BuildProgress) -> None:
     path = status_path(store)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(progress.model_dump(mode="json"), indent=1))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(progress.model_dump(mode="json"), indent=1))

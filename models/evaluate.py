@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from models.atomic_files import write_atomic
 from models.calibrate import DEFAULT_TARGET_FPR, calibrate, calibration_samples
 from models.data import MVTecCategory, load_images, load_masks
 from models.manifest import Manifest
@@ -137,7 +138,7 @@ def evaluate_run(run: str | Path, data: str | Path | None = None, category: str 
         images_per_second=len(images) / seconds,
         device=str(device),
     )
-    (run / "report.json").write_text(json.dumps(report, indent=2))
+    write_atomic(run / "report.json", json.dumps(report, indent=2))
     np.savez_compressed(run / "test_scores.npz", labels=labels, defect_types=np.array(types),
                         tiers=np.array([t or "" for t in tiers]),
                         image_score_log=pred["image_score_log"], absolute_score=pred["absolute_score"])

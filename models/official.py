@@ -21,10 +21,8 @@ Key mapping (``l`` level, ``k`` block):
 
 from __future__ import annotations
 
-import os
 import pickle
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from models.atomic_files import write_atomic
 from models.msflow import MSFlow, MSFlowConfig
 
 __all__ = [
@@ -302,17 +301,6 @@ def load_official_checkpoint(model: MSFlow, checkpoint: str | Path | Mapping[str
 # --------------------------------------------------------------------------- run folder
 
 
-def _atomic_write_bytes(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def import_official_run(
     checkpoint: str | Path | Mapping[str, Any],
     out_dir: str | Path,
@@ -337,7 +325,7 @@ def import_official_run(
         "epoch": epoch,
         "source": "official",
     }
-    _atomic_write_bytes(out / "checkpoint.pt", lambda f: torch.save(payload, f))
+    write_atomic(out / "checkpoint.pt", lambda f: torch.save(payload, f))
     text = config.model_dump_json(indent=2)
-    _atomic_write_bytes(out / "config.json", lambda f: f.write(text.encode()))
+    write_atomic(out / "config.json", text)
     return out

@@ -46,6 +46,7 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
+from models.atomic_files import fsync_folder, write_atomic
 from models.manifest import CATEGORY_PATTERN
 from models.review_index import CategoryScan, Entry, LabelCache, StoreIndex, parse_id
 from models.review_leftovers import STAGING_PREFIX, label_temp_name, sweep
@@ -107,15 +108,6 @@ def _fsync_write(path: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 class ReviewStore:
@@ -277,7 +269,7 @@ class ReviewStore:
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
-            _fsync_dir(items_dir)
+            fsync_folder(items_dir)
             entry = parse_id(record.id)
             assert entry is not None
             self._index.added(category, entry, before)
@@ -309,15 +301,7 @@ class ReviewStore:
         previous = self.get_label(category, item_id)
         path = self._label_path(category, item_id)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / label_temp_name(item_id, secrets.token_hex(4))
-        try:
-            _fsync_write(tmp, data)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
-        _fsync_dir(path.parent)
+        write_atomic(path, data, durable=True, temp=label_temp_name(item_id, secrets.token_hex(4)))
         if not self._item_dir(category, item_id).is_dir():  # expired meanwhile: take the label back
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from models.atomic_files import write_atomic
 from models.manifest import sha256_file
 from models.msflow import MSFlow, MSFlowConfig
 
@@ -46,18 +47,12 @@ def save_checkpoint(path: Path, model: MSFlow, epoch: int, source: str = "train"
     """Write atomically so an interrupted run never leaves a half-written checkpoint."""
     payload = {"config": model.config.model_dump(), "flows": flow_state_dict(model), "epoch": epoch,
                "source": source, **extra}
-    _replace(path, lambda tmp: torch.save(payload, tmp))
+    write_atomic(path, lambda f: torch.save(payload, f))
 
 
 def write_text_atomic(path: Path, text: str) -> None:
     """A run file (config, holdout) that a reader finds old or new, never half written."""
-    _replace(path, lambda tmp: tmp.write_text(text))
-
-
-def _replace(path: Path, write: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    write(tmp)
-    tmp.replace(path)
+    write_atomic(path, text)
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:

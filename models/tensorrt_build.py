@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from models.atomic_files import write_atomic
 from models.manifest import TensorRTInfo
 
 log = logging.getLogger(__name__)
@@ -188,10 +189,7 @@ def build_plan(onnx_path: str | Path, plan_path: str | Path, input_size: int, mi
         if k > TOPK_LIMIT:
             hint = f" (with the default 3% top-k, ~{k} pixels may exceed TensorRT's TopK limit of {TOPK_LIMIT})"
         raise RuntimeError(f"TensorRT failed to build a plan from {onnx_path}{hint}; see the TensorRT log above")
-    tmp = plan_path.with_suffix(plan_path.suffix + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(memoryview(serialized))
-    tmp.replace(plan_path)
+    write_atomic(plan_path, lambda f: f.write(memoryview(serialized)))
     return TensorRTInfo(file=plan_path.name, tensorrt_version=trt.__version__, gpu_name=gpu_name,
                         compute_capability=capability, precision="fp16" if fp16 else "fp32",
                         min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch)

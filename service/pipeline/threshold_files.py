@@ -9,11 +9,9 @@ that another one changed it without reading it (:func:`file_stat`).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -27,28 +25,6 @@ CALIBRATED_MARKER = "calibrated"  # Redis value field of an explicit "no overrid
 
 FileStat = tuple[int, int, int] | None  # an override file's (inode, mtime ns, size); None: no file
 UNREADABLE: FileStat = (-1, -1, -1)  # a stat that failed for another reason than "no file"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so a reader sees the old or the new file, never half of one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes it 0600; the store's other files are world-readable
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
 
 
 def file_stat(path: Path) -> FileStat:

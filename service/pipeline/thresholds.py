@@ -75,10 +75,11 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
+from models.atomic_files import write_atomic
 from models.manifest import Calibration, Manifest
 from service.config import Settings
 from service.pipeline.threshold_files import (CALIBRATED_MARKER, OVERRIDE_FILE, FileStat, file_stat,
-                                              folder_writable, parse_override, read_override, write_atomic)
+                                              folder_writable, parse_override, read_override)
 from service.redisq.connection import RedisConnection, RedisUnavailable
 from service.schemas import ThresholdOverride
 
@@ -345,7 +346,7 @@ class ThresholdOverrides:
         path = self._path(category, version)
         if self.root != self.store:  # its own tree: made as needed (in the store, the version folder exists)
             path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, text)
+        write_atomic(path, text, durable=True)  # an operator's decision: it survives a power cut
 
     def _file_is_durable(self, category: str, version: str) -> bool:
         """Whether changes write this version's override file (its folder is writable): then

@@ -240,7 +240,7 @@ def test_override_on_a_read_only_store_without_redis(model_store: Path, tmp_path
 
     import service.pipeline.thresholds as thresholds
 
-    def read_only(path: Path, text: str) -> None:
+    def read_only(path: Path, text: str, **_: object) -> None:
         raise OSError(errno.EROFS, "Read-only file system", str(path))
 
     monkeypatch.setattr(thresholds, "write_atomic", read_only)
