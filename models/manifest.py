@@ -91,6 +91,9 @@ class LabelSource(_Strict):
     excluded_trained_on: int = 0  # labelled OK images the model was trained on: not known goods for it
 
 
+SCORE_DECIMALS = 6  # the answers' normalised score: finer than any threshold's meaning
+
+
 class Calibration(_Strict):
     """How raw engine outputs become a verdict and a heatmap.
 
@@ -151,6 +154,15 @@ class Calibration(_Strict):
 
     def normalise_score(self, raw: float) -> float:
         return min(max((raw - self.threshold) / self.span + 0.5, 0.0), 1.0)
+
+    def reported_score(self, raw: float, decimals: int = SCORE_DECIMALS) -> float:
+        """The normalised score as an answer states it: rounded, and on the verdict's side of
+        0.5, so that a client reading ``score >= 0.5`` agrees with ``is_anomalous`` (a raw
+        score 1e-7 under the threshold rounded to 0.5 while its verdict was ok)."""
+        score = round(self.normalise_score(raw), decimals)
+        if raw >= self.threshold:
+            return max(score, 0.5)
+        return min(score, 0.5 - 10.0 ** -decimals)
 
     def with_threshold(self, threshold: float, ng_threshold: float | None = None) -> "Calibration":
         """This calibration with the ok bound (and, if given, the ng bound) moved."""

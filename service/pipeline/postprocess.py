@@ -110,7 +110,7 @@ def image_result(item: InspectedImage, version: str, heatmap: Heatmap | HeatmapL
     raw = item.raw
     width, height = item.size
     return ImageResult(
-        index=item.index, filename=item.filename, score=round(cal.normalise_score(raw), 6),
+        index=item.index, filename=item.filename, score=cal.reported_score(raw),
         raw_score=raw, threshold=cal.threshold, is_anomalous=raw >= cal.threshold, verdict=cal.verdict(raw),
         ng_threshold=cal.ng_bound,
         model_version=version, batch_size=item.batch_size, heatmap=heatmap,

@@ -56,3 +56,22 @@ def test_target_recall_needs_and_uses_labelled_anomalies() -> None:
     assert cal.fpr_calibration == pytest.approx(float((normal >= 0.8).mean()))
     with pytest.raises(ValueError, match="labelled anomalous"):
         calibrate(normal, np.zeros((50, 2, 2)), "image_score_log", policy="target_recall", target_recall=0.9)
+
+
+def test_the_reported_score_is_on_the_verdicts_side_of_one_half() -> None:
+    """A client reading ``score >= 0.5`` agrees with ``is_anomalous`` even within rounding of
+    the threshold (1e-7 under it rounded to 0.5 with an ok verdict)."""
+    from models.manifest import Calibration, ScoreStats
+
+    cal = Calibration(score_output="image_score", method="target_fpr", threshold=1.7569914864, score_min=1.0,
+                      score_max=3.0, map_low=0.0, map_high=1.0, pixel_threshold=0.5,
+                      normal_scores=ScoreStats(count=10, mean=1.0, std=0.1, min=0.8, p50=1.0, p95=1.2, p99=1.3,
+                                               max=1.4))
+    just_under = cal.threshold - 1e-7
+    assert round(cal.normalise_score(just_under), 6) == 0.5  # what the answer said before
+    assert cal.verdict(just_under) == "ok" and cal.reported_score(just_under) < 0.5
+    assert cal.reported_score(cal.threshold) == 0.5 and cal.verdict(cal.threshold) != "ok"
+    assert cal.reported_score(cal.threshold + 1e-9) >= 0.5
+    for raw in np.linspace(0.0, 4.0, 2001):
+        assert (cal.reported_score(raw) >= 0.5) == (raw >= cal.threshold)
+        assert cal.reported_score(raw) == pytest.approx(cal.normalise_score(raw), abs=1.1e-6)
