@@ -225,7 +225,7 @@ def test_a_reading_kept_late_never_hides_another_processes_item(tmp_path: Path,
     mine.scan("brick")
     add(theirs, b"W")  # what mine holds is stale now: the reader below reads the folder again
     listed, go_on = threading.Event(), threading.Event()
-    real_labelled, real_fsync_dir = review_index._labelled, review_store._fsync_dir
+    real_labelled, real_fsync_dir = review_index._labelled, review_store.fsync_folder
 
     def reader_pauses(path: Path) -> frozenset[str]:  # between its listing and keeping it
         out = real_labelled(path)
@@ -244,7 +244,7 @@ def test_a_reading_kept_late_never_hides_another_processes_item(tmp_path: Path,
             go_on.set()
             reader.join(10)
         real_fsync_dir(path)
-    monkeypatch.setattr(review_store, "_fsync_dir", reader_ends_during_the_write)
+    monkeypatch.setattr(review_store, "fsync_folder", reader_ends_during_the_write)
     add(mine, b"Y")
     assert go_on.is_set() and not reader.is_alive()
     monkeypatch.undo()
