@@ -395,7 +395,8 @@ async def _main(settings: Settings) -> int:
     if settings.worker_metrics_port is not None:
         from prometheus_client import start_http_server
 
-        start_http_server(settings.worker_metrics_port, registry=worker.metrics.registry)
+        # On MSFLOW_HOST, as the API: prometheus-client's default is every interface.
+        start_http_server(settings.worker_metrics_port, addr=settings.host, registry=worker.metrics.registry)
     try:
         await worker.run()
     except Exception:

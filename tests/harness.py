@@ -249,6 +249,7 @@ class WorkerProc:
                  **settings: Any) -> None:
         self.name = name
         self.log_path = log_path
+        self.settings = settings
         full = {k: v for k, v in os.environ.items() if not k.startswith("MSFLOW_")}
         full.update({"MSFLOW_LOG_LEVEL": "info", "MSFLOW_DEVICE": "cpu", "MSFLOW_INTRA_OP_THREADS": "1",
                      "MSFLOW_DECODE_THREADS": "2"})

@@ -732,7 +732,7 @@ def test_dashboard_metrics_are_exported_by_the_service():
     for title, expr in dashboard_queries():
         for name, labels in promql_selectors(expr):
             if name == "up":
-                assert labels <= TARGET_LABELS, (title, labels)
+                assert labels <= TARGET_LABELS | {"app_kubernetes_io_part_of"}, (title, labels)
                 continue
             if name in PENDING_METRICS:
                 continue

@@ -20,8 +20,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from harness import (assert_error, CATEGORY, PREFIX, RedisServer, Server, WorkerProc, client_for, png_of, png_variant,
-                     upload, wait_until)
+from harness import (assert_error, CATEGORY, PREFIX, RedisServer, Server, WorkerProc, client_for, free_port, png_of,
+                     png_variant, upload, wait_until)
 
 MAX_ATTEMPTS = 3
 CLAIM_IDLE_S = 1.0
@@ -33,7 +33,8 @@ def workers(redis_store: Path, redis_server: RedisServer, redis_apis: dict[str, 
     logs = tmp_path_factory.mktemp("worker-logs")
     procs = {name: WorkerProc(redis_store, logs / f"{name}.log", name, redis_url=redis_server.url, redis_prefix=PREFIX, job_claim_idle_s=CLAIM_IDLE_S,
                               job_max_attempts=MAX_ATTEMPTS, worker_block_s=0.5, max_batch_size=8,
-                              log_level="info")
+                              log_level="info", **({"worker_metrics_port": free_port(), "host": "127.0.0.1"}
+                                                   if name == "w1" else {}))
              for name in ("w1", "w2")}
     try:
         for p in procs.values():
@@ -65,6 +66,26 @@ def wait_status(api: httpx.Client, job_id: str, statuses: set[str], timeout: flo
         return r.json() if r.json()["status"] in statuses else None
 
     return wait_until(poll, timeout, f"job {job_id} to be {statuses}")
+
+
+def listening_addresses(port: int) -> set[str]:
+    """The local IPv4 addresses with a socket listening on ``port`` (from /proc/net/tcp)."""
+    found = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, hex_port = local.split(":")
+        if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+            found.add(".".join(str(b) for b in reversed(bytes.fromhex(address))))
+    return found
+
+
+def test_worker_metrics_listen_on_msflow_host_only(workers: dict[str, WorkerProc]) -> None:
+    """The worker's Prometheus port binds MSFLOW_HOST, as the API does (prometheus-client's
+    default is every interface: 0.0.0.0 with MSFLOW_HOST=127.0.0.1)."""
+    port = int(workers["w1"].settings["worker_metrics_port"])
+    assert wait_until(lambda: listening_addresses(port) or None, 10, "the worker's metrics port") == {"127.0.0.1"}
+    body = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    assert "msflow_jobs_total" in body or "# HELP msflow_jobs" in body
 
 
 # ---------------------------------------------------------------------- the flow
