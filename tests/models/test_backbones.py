@@ -12,15 +12,8 @@ from skimage import data
 from skimage.transform import resize
 from torch import nn
 
-from models.backbones import (
-    TORCHVISION_URLS,
-    BackboneWeightsError,
-    ResNetFeatures,
-    backbone_channels,
-    build_backbone,
-    build_efficientnet_lite,
-    find_resnet_weights,
-)
+from models.backbone_weights import TORCHVISION_URLS, BackboneWeightsError, find_resnet_weights
+from models.backbones import ResNetFeatures, backbone_channels, build_backbone, build_efficientnet_lite
 from models.manifest import sha256_file
 
 MEAN = np.array([0.485, 0.456, 0.406])
