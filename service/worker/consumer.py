@@ -1,92 +1,36 @@
-"""``msflow worker``: run async inspection jobs from the Redis streams, on this host or any other.
-
-A worker is a peer of the API on the same pipeline: it owns a
-:class:`~service.pipeline.runtime.PipelineRuntime` (the registry, lanes and batchers, thread
-pool, heatmap links and threshold overrides the API's ``ServiceState`` is built on), joins the
-consumer group of each category's stream (:mod:`service.redisq.jobs`) and loops:
-
-1. claim a job left pending by a dead worker or a failed attempt (XAUTOCLAIM), *one at a
-   time*, and run it alone: a job that kills its worker takes only itself down, and once
-   delivered more than ``job_max_attempts`` times it is dead-lettered alone;
-2. otherwise read new jobs (XREADGROUP, up to ``max_batch_size`` per category, blocking
-   ``worker_block_s``);
-3. per category (categories in parallel): pin the category's lane once for the jobs read,
-   and run every job through the runtime's inspect path at the same time
-   (:meth:`~service.pipeline.runtime.PipelineRuntime.run`: header probe and admission under
-   the worker's own pixel budget, where a job waits for room instead of being refused;
-   decode, the lane's batcher, postprocess), so the images of concurrent jobs share engine
-   batches and every result has exactly the shape and numbers of a synchronous answer. A
-   job over the per-request pixel budget fails for good (``too_many_pixels``). Every job
-   in hand, of every category, has its claim kept alive until its outcome is recorded. Then each job's final record
-   and XACK go in one MULTI. A failed attempt stays pending and is retried after the idle
-   timeout; the last allowed attempt sends the job to the dead-letter stream.
-
-Failures stay with their job: a bad image fails its own job only; an engine error fails the
-jobs whose images were in that batch (retried); heatmap links that cannot reach Redis fail
-the attempt (the worker serves no HTTP, so a link only in its memory would be dead).
-
-SIGTERM/SIGINT: stop reading, finish the jobs in hand, exit. A SIGKILLed (or stopped)
-worker's jobs are claimed by the others once their keep-alive stops. Metrics:
-``MSFLOW_WORKER_METRICS_PORT`` (Prometheus).
-"""
+"""The worker's loop (:class:`Worker`): claim or read jobs from the category streams, run
+them through the pipeline runtime, record each outcome (the package's docstring tells the
+whole flow)."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import os
-import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
 
-from service.allocator import keep_freed_memory
-from service.config import Settings, warn_unknown_env
-from service.heap import freeze_startup_objects
+from service.config import Settings
 from service.metrics import ServiceMetrics
-from service.pipeline.admission import AdmissionRefused, RequestTooExpensive
-from service.pipeline.batcher import BatcherClosed, BatcherError, DeadlineExceeded, QueueFull
-from service.pipeline.decode import ImageRejected
 from service.pipeline.item import InspectedImage
 from service.pipeline.registry import ModelNotLoaded, UnknownCategory
-from service.pipeline.runtime import Lane, NonFiniteOutput, PipelineRuntime
+from service.pipeline.runtime import Lane, PipelineRuntime
 from service.redisq.connection import RedisConnection, RedisUnavailable, make_client
 from service.redisq.jobs import Delivery, JobQueue
 from service.redisq.records import FINAL_STATES, FinalWrite, JobRecord, RecordTooLarge, Unreadable
 from service.redisq.store import utcnow
 from service.schemas import ErrorBody, InspectResponse, Upload
+from service.worker.failures import JobFailed, job_failure
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("service.worker")
 
 # A job's images must reach the engine within this, or the attempt fails and is retried: a
 # wedged engine must not hold jobs forever (their claim is kept alive meanwhile, so nobody
 # else would take them). Far above any queueing a healthy worker sees.
 JOB_DEADLINE_S = 600.0
-# Errors of the batcher stage -> the job's error code.
-_BATCHER_CODES: dict[type[BatcherError], str] = {
-    QueueFull: "queue_full", BatcherClosed: "shutting_down", DeadlineExceeded: "deadline_exceeded"}
-# An unexpected error, by the least advanced image of the job (InspectedImage.stage): which
-# stage failed. An engine failure (the batch's, already logged by the batcher) is "decoded".
-_STAGES = ("received", "decoded", "scored", "answered")
-_STAGE_CODES: dict[str, str] = {"received": "decode_error", "decoded": "engine_error", "scored": "postprocess_error"}
-_PUBLIC_FAILURES: dict[str, str] = {"decode_error": "decoding the job's images failed",
-                                    "engine_error": "the engine failed on this job's batch",
-                                    "postprocess_error": "rendering the job's results failed"}
-
-
-class JobFailed(Exception):
-    """One job's attempt failed (bad input, engine error): recorded, retried or dead-lettered.
-    ``permanent``: another attempt would fail the same way (the input itself is bad), so the
-    job is dead-lettered at once instead of costing more attempts."""
-
-    def __init__(self, code: str, message: str, permanent: bool = False) -> None:
-        super().__init__(message)
-        self.error = ErrorBody(code=code, message=message)
-        self.permanent = permanent
 
 
 @dataclass
@@ -274,27 +218,8 @@ class Worker:
         try:
             await self.runtime.run(lane, job.items, record.options, job.started + JOB_DEADLINE_S, job.started,
                                    wait_for_room=True)
-        except (ImageRejected, RequestTooExpensive) as exc:  # the bytes will not get cheaper next time
-            job.error = JobFailed(exc.code, exc.message, permanent=True)
-        except NonFiniteOutput as exc:  # never a verdict: the job fails with the reason
-            job.error = JobFailed(exc.code, str(exc), permanent=True)
-        except RedisUnavailable as exc:
-            log.warning("job %s: cannot store its heatmap links: %s", record.id, exc)
-            job.error = JobFailed("redis_unavailable", "cannot store the heatmap links: Redis is unavailable")
-        except BatcherError as exc:
-            job.error = JobFailed(_BATCHER_CODES.get(type(exc), "engine_error"), str(exc))
-        except AdmissionRefused as exc:  # no room in the pixel budget before the job's deadline: retried
-            job.error = JobFailed(exc.code, exc.message)
-        except Exception as exc:  # the engine's batch failed, or a bug
-            stage = min((item.stage for item in job.items), key=_STAGES.index)
-            if stage != "decoded":
-                log.exception("job %s: failed after its images were %s", record.id, stage)
-            else:
-                log.warning("job %s: the engine failed on its batch: %s: %s", record.id, type(exc).__name__, exc)
-            code = _STAGE_CODES.get(stage, "internal_error")
-            # The exception's text is internal (engine runtime, paths): the log has it, the record a fixed message.
-            job.error = JobFailed(code, f"{_PUBLIC_FAILURES.get(code, 'the job failed')} (job {record.id}; "
-                                        "the worker's log has the details)")
+        except Exception as exc:  # every failure stays the job's: its code and retry policy in failures.py
+            job.error = job_failure(exc, record.id, job.items)
         else:
             results = [item.answer for item in job.items]
             response = InspectResponse(request_id=record.request_id or record.id, category=lane.model.category,
@@ -302,7 +227,6 @@ class Worker:
                                        results=results)
             job.record = record.model_copy(update={"status": "done", "result": response, "error": None,
                                                    "updated_at": utcnow()})
-
 
     async def _finish(self, category: str, job: _Job) -> None:
         """Record the job's outcome. While Redis is unavailable the write is retried every
@@ -369,40 +293,4 @@ def _aware(moment: datetime) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=utcnow().tzinfo)
 
 
-# ---------------------------------------------------------------------- CLI
-def run_worker(args: argparse.Namespace) -> int:
-    overrides: dict[str, Any] = {}
-    if getattr(args, "store", None):
-        overrides["model_store"] = args.store
-    if getattr(args, "name", None):
-        overrides["worker_name"] = args.name
-    settings = Settings(**overrides)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    warn_unknown_env()
-    if not settings.redis_url:
-        log.error("msflow worker needs Redis: set MSFLOW_REDIS_URL")
-        return 2
-    keep_freed_memory(settings.heap_retain_mb << 20)
-    freeze_startup_objects()
-    return asyncio.run(_main(settings))
-
-
-async def _main(settings: Settings) -> int:
-    worker = Worker(settings)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, worker.stop.set)
-    if settings.worker_metrics_port is not None:
-        from prometheus_client import start_http_server
-
-        # On MSFLOW_HOST, as the API: prometheus-client's default is every interface.
-        start_http_server(settings.worker_metrics_port, addr=settings.host, registry=worker.metrics.registry)
-    try:
-        await worker.run()
-    except Exception:
-        log.exception("worker %s failed", worker.name)
-        return 1
-    finally:
-        await worker.close()
-    log.info("worker %s: stopped", worker.name)
-    return 0
+__all__ = ["JOB_DEADLINE_S", "Worker"]

@@ -1,0 +1,37 @@
+"""``msflow worker``: run async inspection jobs from the Redis streams, on this host or any other.
+
+A worker is a peer of the API on the same pipeline: it owns a
+:class:`~service.pipeline.runtime.PipelineRuntime` (the registry, lanes and batchers, thread
+pool, heatmap links and threshold overrides the API's ``ServiceState`` is built on), joins the
+consumer group of each category's stream (:mod:`service.redisq.jobs`) and loops:
+
+1. claim a job left pending by a dead worker or a failed attempt (XAUTOCLAIM), *one at a
+   time*, and run it alone: a job that kills its worker takes only itself down, and once
+   delivered more than ``job_max_attempts`` times it is dead-lettered alone;
+2. otherwise read new jobs (XREADGROUP, up to ``max_batch_size`` per category, blocking
+   ``worker_block_s``);
+3. per category (categories in parallel): pin the category's lane once for the jobs read,
+   and run every job through the runtime's inspect path at the same time
+   (:meth:`~service.pipeline.runtime.PipelineRuntime.run`: header probe and admission under
+   the worker's own pixel budget, where a job waits for room instead of being refused;
+   decode, the lane's batcher, postprocess), so the images of concurrent jobs share engine
+   batches and every result has exactly the shape and numbers of a synchronous answer. A
+   job over the per-request pixel budget fails for good (``too_many_pixels``). Every job
+   in hand, of every category, has its claim kept alive until its outcome is recorded. Then each job's final record
+   and XACK go in one MULTI. A failed attempt stays pending and is retried after the idle
+   timeout; the last allowed attempt sends the job to the dead-letter stream.
+
+Failures stay with their job: a bad image fails its own job only; an engine error fails the
+jobs whose images were in that batch (retried); heatmap links that cannot reach Redis fail
+the attempt (the worker serves no HTTP, so a link only in its memory would be dead).
+
+SIGTERM/SIGINT: stop reading, finish the jobs in hand, exit. A SIGKILLed (or stopped)
+worker's jobs are claimed by the others once their keep-alive stops. Metrics:
+``MSFLOW_WORKER_METRICS_PORT`` (Prometheus).
+"""
+
+from service.worker.consumer import Worker
+from service.worker.failures import JobFailed
+from service.worker.main import run_worker
+
+__all__ = ["JobFailed", "Worker", "run_worker"]
