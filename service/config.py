@@ -130,7 +130,9 @@ class Settings(BaseSettings):
     heap_retain_mb: int = Field(64, ge=0, le=1024, description="free memory each C heap of a server process keeps "
                                 "for the next requests' buffers instead of giving it back to the kernel (glibc; "
                                 "service/allocator.py); 0: glibc's adaptive default")
-    access_log: bool = True
+    access_log: bool = Field(True, description="a line per request on stdout (service/api/request_metrics.py): "
+                             "UTC time, client, method, target (cut at 256 characters), status (499: the client "
+                             "left first), ms, request id; at INFO, so a log_level above info quiets it too")
     log_level: LogLevel = "info"
 
     # --- Redis: heatmap links, result cache, async jobs -----------------------------------

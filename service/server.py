@@ -17,7 +17,9 @@ from __future__ import annotations
 import argparse
 import logging
 import socket
+import sys
 import threading
+import time
 from types import FrameType
 from typing import Any
 
@@ -26,6 +28,7 @@ import uvicorn
 from service.allocator import keep_freed_memory
 from service.api.app import create_app
 from service.api.connections import ConnectionBudget, budgeted_protocol
+from service.api.request_metrics import access_log
 from service.config import Settings
 from service.heap import freeze_startup_objects
 
@@ -70,6 +73,29 @@ def build_overrides(args: argparse.Namespace) -> dict[str, Any]:
             if getattr(args, arg, None) is not None}
 
 
+class _UtcFormatter(logging.Formatter):
+    """``%(asctime)s`` as ISO 8601 in UTC, to the millisecond: ``2026-12-06T18:26:00.123Z``."""
+
+    converter = time.gmtime
+    default_time_format = "%Y-%m-%dT%H:%M:%S"
+    default_msec_format = "%s.%03dZ"
+
+
+def configure_access_log(settings: Settings) -> None:
+    """The access log (``msflow.access``, written by service/api/request_metrics.py): with
+    ``MSFLOW_ACCESS_LOG`` on, a line per request to stdout (where uvicorn's went), at INFO,
+    so ``MSFLOW_LOG_LEVEL`` warning or above quiets it as it did uvicorn's; off, the logger is
+    disabled and the middleware formats nothing."""
+    access_log.handlers.clear()
+    access_log.propagate = False
+    access_log.disabled = not settings.access_log
+    access_log.setLevel(settings.log_level.upper())
+    if settings.access_log:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(_UtcFormatter("%(asctime)s %(message)s"))
+        access_log.addHandler(handler)
+
+
 def run_server(settings: Settings, sockets: list[socket.socket] | None = None) -> int:
     """One uvicorn server on this process: the whole service, or one front end of several
     (``sockets``: the listening socket the supervisor shares among them)."""
@@ -77,9 +103,12 @@ def run_server(settings: Settings, sockets: list[socket.socket] | None = None) -
     # http: uvicorn's httptools protocol with the connections' budgets (service/api/connections.py);
     # ws: none, the API has no WebSocket route (an upgrade request is served as plain HTTP)
     http = budgeted_protocol(ConnectionBudget.from_settings(settings), app.state.service.metrics)
+    # access_log=False: uvicorn's line (no time, no request id, none for a client gone) gives
+    # way to the app's own, one per request (configure_access_log)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            access_log=settings.access_log, lifespan="on", http=http, ws="none",
+                            access_log=False, lifespan="on", http=http, ws="none",
                             timeout_graceful_shutdown=settings.graceful_shutdown_s)  # type: ignore[arg-type]
+    configure_access_log(settings)  # after uvicorn.Config, which configures logging
     server = _GracefulServer(config, app.state.service.begin_shutdown, settings.shutdown_delay_s)
     keep_freed_memory(settings.heap_retain_mb << 20)
     log.debug("%d start-up objects frozen out of the collector's passes", freeze_startup_objects())
