@@ -13,6 +13,11 @@ front end, so the batches fill from all of them (``msflow_batch_frontends`` coun
 fed each batch) -> the engine reads the inputs from the slots and writes the maps into them
 -> ``result (rid, outcomes)``.
 
+A front end's warm-up of a version (the registry's, through the whole path) is the same
+request sent as a ``warm`` control message: it runs in the same batcher and is answered the
+same way, but is never observed (batch size, engine time, queue wait, front ends per batch,
+rejections), so that the metrics count inspections only, as in one process.
+
 Engines are loaded on a front end's ``acquire`` of a version folder (its registry decides
 what is served; the first acquire loads and warms, the others share) and unloaded a grace
 period after the last front end released it, so that a front end restarting, or a request
@@ -64,6 +69,7 @@ class Payload:
     frontend: int
     slab: Slab
     slot: int
+    observed: bool = True  # False: a front end's warm-up, which no metric counts
 
 
 @dataclass
@@ -191,8 +197,11 @@ class EngineCore:
             # request whose id could not be read waits out its own deadline there.
             log.exception("front end %d (pid %d): unreadable frame", frontend.ident, frontend.pid)
             return
+        self._submit_or_fail(frontend, submit)
+
+    def _submit_or_fail(self, frontend: FrontEnd, submit: frames.Submit, observed: bool = True) -> None:
         try:
-            self._submit(frontend, submit)
+            self._submit(frontend, submit, observed)
         except Exception as exc:  # one bad request must not end the process: its images fail
             log.exception("front end %d (pid %d): submit %d failed", frontend.ident, frontend.pid, submit.rid)
             failed = frames.Outcome(frames.ENGINE_ERROR, message=f"engine process: {type(exc).__name__}: {exc}")
@@ -214,6 +223,10 @@ class EngineCore:
                 old.close()
             # Taken out of fds first: attach owns it from the call on (and closes it if it fails).
             frontend.slabs[ident] = Slab.attach(fds.pop(), size, slots, str(message["name"]))
+        elif op == "warm":  # a submit that is a warm-up: run and answered like one, observed by no metric
+            submit = frames.Submit(int(message["rid"]), int(message["handle"]), int(message["slab"]),
+                                   float(message["deadline"]), [int(slot) for slot in message["slots"]])
+            self._submit_or_fail(frontend, submit, observed=False)
         elif op == "acquire":
             self._spawn(self._acquire(frontend, int(message["rid"]), str(message["dir"])))
         elif op == "release":
@@ -280,6 +293,12 @@ class EngineCore:
                               max_queue_delay_s=s.max_queue_delay_ms / 1e3,
                               max_queue_size=s.max_queue_size * max(1, s.api_processes), observer=self.metrics,
                               lent_payloads=True)
+            if not any(h.engine.manifest.category == category for h in self.hosted.values()):
+                # This process serves the category from now on: its queue depth is a series from
+                # the start (0), not only after the first batch. A restarted engine process's
+                # series had left /metrics with the process it replaces, and the autoscaler and
+                # the dashboards read nothing until traffic came back.
+                self.metrics.set_queue_depth(category, 0)
             self._next_handle += 1
             hosted = self.hosted[version_dir] = Hosted(engine, batcher, warmup_ms, self._next_handle)
             self.handles[hosted.handle] = hosted
@@ -314,12 +333,15 @@ class EngineCore:
             results = run([p.slab.input(p.slot) for p in payloads])
             for payload, (_, heat) in zip(payloads, results):
                 payload.slab.output(payload.slot)[...] = heat
-            self.metrics.batch_frontends.labels(category).observe(len({p.frontend for p in payloads}))
+            fed = {p.frontend for p in payloads if p.observed}  # warm-ups feed no batch the metrics count
+            if fed:
+                self.metrics.batch_frontends.labels(category).observe(len(fed))
             return [score for score, _ in results]
         return run_batch
 
     # ------------------------------------------------------------------ requests
-    def _submit(self, frontend: FrontEnd, submit: frames.Submit) -> None:
+    def _submit(self, frontend: FrontEnd, submit: frames.Submit, observed: bool = True) -> None:
+        """Queue a front end's request; ``observed=False``: a warm-up (see the module docstring)."""
         rid, slots, channel = submit.rid, submit.slots, frontend.channel
 
         def refuse(code: int) -> None:
@@ -331,9 +353,9 @@ class EngineCore:
         slab = frontend.slabs[submit.slab]
         for slot in slots:
             slab.check_slot(slot)  # before the batch, which must not fail for one bad request
-        payloads = [Payload(frontend.ident, slab, slot) for slot in slots]
+        payloads = [Payload(frontend.ident, slab, slot, observed) for slot in slots]
         try:
-            futures = hosted.batcher.submit_many(payloads, submit.deadline)
+            futures = hosted.batcher.submit_many(payloads, submit.deadline, observed)
         except QueueFull:
             refuse(frames.QUEUE_FULL)
             return

@@ -11,6 +11,11 @@ keeps every value in per-process files there, and any front end's ``/metrics`` a
 (counters and histograms summed; each gauge says how: ``multiprocess_mode``, which a
 single process ignores). The engine process's batch metrics thus appear on every front end.
 
+A series that retires (``msflow_model_info`` of a version no longer served) is removed in
+one process; a multi-process file cannot drop a label set, and kept it at 0 for the life of
+the process (``{version="1"} 0`` beside ``{version="2"} 1`` after every reload), so the
+merged ``/metrics`` leaves out an info gauge's series at 0 (:class:`_MultiProcessView`).
+
 Label values are bounded on purpose: categories are only those in the model store (an
 unknown category from a client is counted as ``"-"``), endpoints are route templates.
 """
@@ -19,13 +24,15 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import values
 from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
 
 _process_id = os.getpid()
 
@@ -59,6 +66,22 @@ SCORE_BUCKETS = tuple(round(i * 0.05, 2) for i in range(21))
 # tens to hundreds (service/heap.py).
 GC_PAUSE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 UNKNOWN = "-"
+# Gauges whose series are 1 while what they describe exists and retired at 0 (set_model):
+# a series at 0 is not exported.
+INFO_GAUGES = frozenset({"msflow_model_info"})
+
+
+class _MultiProcessView(Collector):
+    """Every process's values added up (prometheus-client's ``MultiProcessCollector``), less
+    the retired series of the info gauges: a multi-process file keeps a label set once made,
+    whatever ``remove`` does, so a version swapped out stayed on ``/metrics`` at 0 for as long
+    as the process that served it lived, and a table of what serves listed it."""
+
+    def collect(self) -> Iterator[Metric]:
+        for family in MultiProcessCollector(None).collect():
+            if family.name in INFO_GAUGES:
+                family.samples = [sample for sample in family.samples if sample.value != 0]
+            yield family
 
 
 class ServiceMetrics:
@@ -213,10 +236,13 @@ class ServiceMetrics:
 
     # --------------------------------------------------------------- models
     def set_model(self, category: str, version: str, engine: str) -> None:
-        """Point the info gauge at the version now serving ``category`` (one series per category)."""
+        """Point the info gauge at the version now serving ``category`` (one series per category),
+        and make its queue depth a series (0 until a batch says otherwise: the autoscaler and
+        the dashboards read it before any traffic, and through an engine process's restart)."""
         old = self._model_labels.get(category)
         if old is not None and old != (version, engine):
-            # Multi-process files keep a removed series' last value: zero it first.
+            # Multi-process files keep a removed series' last value: zero it first (exposition
+            # leaves it out then, INFO_GAUGES).
             self.model_info.labels(category, *old).set(0)
             try:
                 self.model_info.remove(category, *old)
@@ -224,6 +250,7 @@ class ServiceMetrics:
                 pass
         self._model_labels[category] = (version, engine)
         self.model_info.labels(category, version, engine).set(1)
+        self._child(self.queue_depth, category)  # made at 0, never overwritten: a batcher may have set it
 
     def refresh_gpu_memory(self) -> None:
         """Device-wide memory (what ONNX Runtime's and TensorRT's own pools use too), via
@@ -242,9 +269,7 @@ class ServiceMetrics:
         """The ``/metrics`` body and its content type."""
         self.refresh_gpu_memory()
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-            merged = CollectorRegistry()
-            MultiProcessCollector(merged)
-            return generate_latest(merged), CONTENT_TYPE_LATEST
+            return generate_latest(_MultiProcessView()), CONTENT_TYPE_LATEST
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
     def is_known(self, category: str) -> bool:

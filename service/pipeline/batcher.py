@@ -28,6 +28,12 @@ Rules, each for a reason:
   is answered only after ``run_batch`` has returned, whatever happens meanwhile:
   :meth:`Batcher.cancel_queued` leaves it to its batch, and a drain that times out fails
   only the queued items.
+* Items submitted with ``observed=False`` (a warm-up: the engine process runs each front
+  end's warm-up batch through the shared batcher) run like any other but are never
+  observed: no queue wait, batch size, engine time nor rejection of theirs reaches the
+  metrics, and a batch of warm-ups alone is not a batch there at all. The metrics describe
+  the traffic; one process warms its engine outside its batcher, and the engine process's
+  warm-ups counted 8 images a front-end start and reload with no inspection at all.
 """
 
 from __future__ import annotations
@@ -135,6 +141,7 @@ class _Item:
     deadline: float  # time.monotonic() seconds
     enqueued: float
     future: asyncio.Future[Batched[Any]]
+    observed: bool = True  # False: a warm-up, which no metric counts
 
 
 class Batcher:
@@ -177,19 +184,22 @@ class Batcher:
     def closing(self) -> bool:
         return self._closing
 
-    def submit_many(self, items: Sequence[Any], deadline: float) -> list[asyncio.Future[Batched[Any]]]:
+    def submit_many(self, items: Sequence[Any], deadline: float,
+                    observed: bool = True) -> list[asyncio.Future[Batched[Any]]]:
         """Queue ``items`` (all or none) and return one future per item, in order.
 
         ``deadline`` is a ``time.monotonic()`` instant. Raises :class:`QueueFull` or
         :class:`BatcherClosed` synchronously, so nothing is queued for a rejected request.
+        ``observed=False``: a warm-up, run like the others and left out of every metric.
         """
-        self.check_room(len(items))
+        self.check_room(len(items), observed)
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         was_idle = not self._pending
         futures: list[asyncio.Future[Batched[Any]]] = []
         for payload in items:
-            item = _Item(payload=payload, deadline=deadline, enqueued=now, future=loop.create_future())
+            item = _Item(payload=payload, deadline=deadline, enqueued=now, future=loop.create_future(),
+                         observed=observed)
             self._pending.append(item)
             futures.append(item.future)
         self._observer.set_queue_depth(self.category, len(self._pending))
@@ -199,17 +209,19 @@ class Batcher:
             self._wakeup.set()
         return futures
 
-    def check_room(self, count: int) -> None:
+    def check_room(self, count: int, observed: bool = True) -> None:
         """Raise what :meth:`submit_many` would for ``count`` items now (:class:`QueueFull`,
         :class:`BatcherClosed`), without queuing anything: the runtime asks before it spends
         CPU and memory decoding a request the queue would refuse anyway."""
         if self._closing:
-            self._observer.count_rejection(self.category, "shutting_down")
+            if observed:
+                self._observer.count_rejection(self.category, "shutting_down")
             raise BatcherClosed(f"{self.category}: shutting down, not accepting new work")
         if len(self._pending) + count > self.max_queue_size:
             self._purge_cancelled()
             if len(self._pending) + count > self.max_queue_size:
-                self._observer.count_rejection(self.category, "queue_full")
+                if observed:
+                    self._observer.count_rejection(self.category, "queue_full")
                 raise QueueFull(f"{self.category}: queue full ({len(self._pending)} of {self.max_queue_size} "
                                 f"images waiting, request has {count})")
 
@@ -276,9 +288,11 @@ class Batcher:
         live: list[_Item] = []
         for item in batch:
             if item.future.done():  # cancelled: the client disconnected or gave up
-                self._observer.count_rejection(self.category, "cancelled")
+                if item.observed:
+                    self._observer.count_rejection(self.category, "cancelled")
             elif now >= item.deadline:
-                self._observer.count_rejection(self.category, "deadline")
+                if item.observed:
+                    self._observer.count_rejection(self.category, "deadline")
                 item.future.set_exception(DeadlineExceeded(
                     f"{self.category}: deadline passed after {(now - item.enqueued) * 1e3:.0f} ms in the queue"))
             else:
@@ -287,8 +301,11 @@ class Batcher:
 
     async def _execute(self, items: list[_Item]) -> None:
         started = time.monotonic()
+        observed = 0
         for item in items:
-            self._observer.observe_queue_wait(self.category, started - item.enqueued)
+            if item.observed:
+                observed += 1
+                self._observer.observe_queue_wait(self.category, started - item.enqueued)
         try:
             results = await self._engine_thread.call(self._run_batch, [item.payload for item in items])
             if len(results) != len(items):
@@ -300,7 +317,8 @@ class Batcher:
                     item.future.set_exception(exc)
             return
         run_s = time.monotonic() - started
-        self._observer.observe_batch(self.category, self.label, len(items), run_s)
+        if observed:  # the batch as the traffic made it: warm-ups riding along are not counted
+            self._observer.observe_batch(self.category, self.label, observed, run_s)
         for item, value in zip(items, results):
             if not item.future.done():  # cancelled while running: the answer is simply dropped
                 item.future.set_result(Batched(value=value, batch_size=len(items),

@@ -253,6 +253,10 @@ class EngineClient:
                 call = self._calls.pop(int(message["rid"]), None)
                 if call is not None and not call.done():
                     call.set_result(message)
+                elif op == "error" and int(message["rid"]) in self._requests:  # a warm message it could not read
+                    rid = int(message["rid"])
+                    failed = frames.Outcome(frames.ENGINE_ERROR, message=f"engine process: {message.get('message')}")
+                    self._resolve(rid, [failed] * len(self._requests[rid].slots))
             elif op == "reload" and self.on_reload is not None:
                 self.loop.create_task(self.on_reload(str(message["category"]), message.get("version")))
 
@@ -334,8 +338,11 @@ class EngineClient:
     def _new_slab(self, size: int) -> Slab:
         return Slab.create(size, self.settings.max_queue_size, name=f"msflow-{os.getpid()}-{size}")
 
-    def submit(self, version_dir: str, tensors: Sequence[np.ndarray], deadline: float) -> list[asyncio.Future[Any]]:
-        """Queue ``tensors`` (all or none) on the engine process; one future per image."""
+    def submit(self, version_dir: str, tensors: Sequence[np.ndarray], deadline: float,
+               observed: bool = True) -> list[asyncio.Future[Any]]:
+        """Queue ``tensors`` (all or none) on the engine process; one future per image.
+        ``observed=False``: a warm-up, which the engine process runs like a request but leaves
+        out of every metric (sent as a ``warm`` control message, not a packed submit)."""
         handle = self._handles.get(version_dir)
         if not self.connected or handle is None or self._channel is None:
             raise EngineUnavailable("the engine process is restarting; retry")
@@ -351,7 +358,11 @@ class EngineClient:
         assert self._loop is not None  # the attribute, not the property: once per request
         futures = [_ImageFuture(self, rid, self._loop) for _ in tensors]
         self._requests[rid] = _Request(slab, pool, slots, futures)
-        self._channel.send_frame(frames.pack_submit(rid, handle, ident, deadline, slots))
+        if observed:
+            self._channel.send_frame(frames.pack_submit(rid, handle, ident, deadline, slots))
+        else:
+            self._channel.send({"op": "warm", "rid": rid, "handle": handle, "slab": ident, "deadline": deadline,
+                                "slots": slots})
         return futures  # type: ignore[return-value]
 
     def _cancelled(self, rid: int) -> None:
@@ -367,13 +378,16 @@ class EngineClient:
         """One whole batch through the engine process (the registry's warm-up), in parts no
         larger than this front end's slots. Not bound by the request deadline: a warm-up
         waits out the batching window and the engine's first (slowest) run, however short
-        requests' deadlines are."""
+        requests' deadlines are. Never observed by the metrics (``submit(observed=False)``):
+        one process warms outside its batcher, and counted here, every front-end start and
+        reload added a batch of 8 images that no one inspected."""
         deadline = time.monotonic() + _WARMUP_DEADLINE_S
         step = self.pool(int(images.shape[1])).capacity
         results: list[Batched[Any]] = []
         for start in range(0, len(images), step):
             # gather: when one image fails, the others' errors are read too (no "never retrieved")
-            results += await asyncio.gather(*self.submit(version_dir, list(images[start:start + step]), deadline))
+            results += await asyncio.gather(*self.submit(version_dir, list(images[start:start + step]), deadline,
+                                                         observed=False))
         return (np.array([r.value[0] for r in results], dtype=np.float32),
                 np.stack([r.value[1] for r in results]))
 

@@ -13,6 +13,12 @@ and the breaker stays closed. Before, redis-py raised ``MaxConnectionsError`` pa
 100 connections, which tripped the breaker: 300 concurrent requests for unknown heatmap links
 turned Redis off for every request (cache, links, thresholds) for ``redis_breaker_s``, and a
 client repeating the burst kept it off.
+
+A readiness probe only looks (:meth:`RedisConnection.status`): its PING neither opens the
+breaker nor closes it. It did both: one ``/readyz`` during a Redis stall of half a second
+turned Redis off for the hot path for ``redis_breaker_s`` (the next inspection skipped the
+cache and kept its heatmap link in this process's memory, where no other replica finds it),
+and a PING that succeeded closed a breaker the hot path had opened.
 """
 
 from __future__ import annotations
@@ -110,16 +116,27 @@ class RedisConnection:
         return result
 
     async def status(self) -> Literal["ok", "degraded"]:
-        """PING, even while the breaker is open (a success closes it, so recovery shows at once)."""
-        try:
-            await self.client.ping()
-        except MaxConnectionsError:  # every connection busy with calls: Redis answers them
+        """What the hot path gets from Redis now: ``degraded`` while its breaker is open or Redis
+        does not answer a PING, else ``ok``. Only looks: the PING neither opens nor closes the
+        breaker (a probe must not change how the replica serves; a failed PING is counted in
+        ``msflow_redis_errors_total``). It takes a slot of the calls' budget, and with every slot
+        busy the calls in flight say Redis answers; the PING's time is bounded, whatever the
+        socket does (a hung Redis: ~0.5 s, where a probe's timeout is seconds)."""
+        if self._slots.locked():  # every connection busy with calls: Redis answers them
             return "degraded" if self.skipping else "ok"
-        except (RedisError, OSError, TimeoutError) as exc:
-            self._trip("ping", exc)
+        s = self.settings
+        bound = (s.redis_retries + 1) * (max(s.redis_socket_timeout_s, s.redis_connect_timeout_s) + 0.05)
+        await self._slots.acquire()  # returns at once: not locked above, and no await since
+        try:
+            async with asyncio.timeout(bound):
+                await self.client.ping()
+        except (RedisError, OSError, TimeoutError) as exc:  # MaxConnectionsError too: a pool shared beyond the slots
+            log.debug("Redis ping failed (%s: %s)", type(exc).__name__, exc)
+            self._count("ping")
             return "degraded"
-        self._skip_until = 0.0
-        return "ok"
+        finally:
+            self._slots.release()
+        return "degraded" if self.skipping else "ok"
 
     def _trip(self, op: str, exc: BaseException) -> None:
         if not self.skipping and self.breaker_s > 0:

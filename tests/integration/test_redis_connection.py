@@ -1,9 +1,12 @@
 """service/redisq/connection.py against a real redis-server: a burst larger than the pool
-waits its turn or is refused, and is not taken for an outage."""
+waits its turn or is refused, and is not taken for an outage; a readiness PING only looks."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -91,6 +94,47 @@ def test_calls_never_hold_more_connections_than_the_budget(redis_server: RedisSe
             assert 1 <= len(pool._available_connections) + len(pool._in_use_connections) <= max_connections
             assert not conn.skipping
         finally:
+            await conn.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_readiness_ping_looks_and_never_opens_or_closes_the_breaker(private_redis: RedisServer) -> None:
+    """``status`` (``/readyz``) reports Redis as the hot path gets it and changes nothing: a
+    PING that timed out during a half-second stall opened the breaker (Redis off for every
+    request for ``redis_breaker_s``), and one that succeeded closed a breaker the hot path
+    had opened."""
+    settings = Settings(redis_url=private_redis.url, redis_prefix=PREFIX, model_store=Path("."),
+                        redis_socket_timeout_s=0.25, redis_breaker_s=30.0)
+    assert private_redis.proc is not None
+    pid = private_redis.proc.pid
+
+    async def main() -> None:
+        conn = RedisConnection(settings)
+        try:
+            assert await conn.status() == "ok"
+            os.kill(pid, signal.SIGSTOP)  # hung: no answer, no reset
+            try:
+                started = time.monotonic()
+                assert await conn.status() == "degraded"
+                took = time.monotonic() - started
+                assert not conn.skipping, "a readiness probe opened the hot path's breaker"
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            assert took < 1.0, f"a PING took {took:.2f} s with Redis hung"
+            assert await conn.run("after", lambda client: client.ping()) is True
+
+            os.kill(pid, signal.SIGSTOP)  # now the hot path fails: its breaker opens
+            try:
+                with pytest.raises(RedisUnavailable):
+                    await conn.run("get", lambda client: client.get(conn.key("x")))
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            assert conn.skipping
+            assert await conn.status() == "degraded"  # Redis answers, but the hot path skips it
+            assert conn.skipping, "a readiness probe closed the hot path's breaker"
+        finally:
+            os.kill(pid, signal.SIGCONT)
             await conn.aclose()
 
     asyncio.run(main())

@@ -353,3 +353,29 @@ def test_observer_sees_batches_waits_and_depth() -> None:
         assert max(obs.depths) == 4 and obs.depths[-1] == 0
         await b.drain()
     run(t)
+
+
+def test_warm_up_items_run_but_are_never_observed() -> None:
+    """``observed=False`` (the engine process's warm-ups of each front end): the engine runs
+    them like any other item, but no metric sees them: a batch of warm-ups alone is no
+    batch there, and one a request rode along in counts the request alone. Counted, each
+    front-end start and reload added a batch of 8 images nobody inspected."""
+    async def t() -> None:
+        engine = FakeEngine()
+        obs = RecordingObserver()
+        b = make(engine, max_batch_size=8, max_queue_delay_s=0.05, observer=obs)
+        warm = b.submit_many([image(i) for i in range(8)], far(), observed=False)
+        assert [(await f).value.raw_score for f in warm] == list(range(8))
+        assert engine.sizes == [8]
+        assert obs.batches == [] and obs.waits == []
+        mixed = b.submit_many([image(10), image(11)], far(), observed=False) + b.submit_many([image(12)], far())
+        await asyncio.gather(*mixed)
+        assert engine.sizes == [8, 3]
+        assert obs.batches == [("fake", 1)] and len(obs.waits) == 1
+        # Nor are a warm-up's refusals counted.
+        doomed = b.submit_many([image(20)], time.monotonic() - 1, observed=False)
+        with pytest.raises(DeadlineExceeded):
+            await doomed[0]
+        assert obs.rejections == []
+        await b.drain()
+    run(t)
