@@ -105,6 +105,16 @@ def missing(reason: str, allow_module_level: bool = False) -> None:
     pytest.skip(reason, allow_module_level=allow_module_level)
 
 
+def children(pid: int) -> dict[int, str]:
+    """Live child processes of ``pid``: pid -> name (``msflow-api-<i>``, ``msflow-engine``)."""
+    out: dict[int, str] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            with contextlib.suppress(OSError):
+                out[int(child)] = Path(f"/proc/{child}/comm").read_text().strip()
+    return out
+
+
 # ---------------------------------------------------------------------- server harness
 def free_port() -> int:
     with socket.socket() as s:

@@ -30,7 +30,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from harness import ADMIN_KEY, CATEGORY, PREFIX, RedisServer, absolute, copy_version, metric, part, start, wait_until
+from harness import (ADMIN_KEY, CATEGORY, PREFIX, RedisServer, absolute, children, copy_version, metric, part, start,
+                     wait_until)
 
 ROOT = Path(__file__).resolve().parents[2]
 # What is observed once per batch, per image, or per batch and front end: none of it may move
@@ -49,16 +50,6 @@ def batch_counts(client: httpx.Client) -> dict[str, float]:
     return {name: metric(client, name, category=CATEGORY) for name in BATCH_SERIES}
 
 
-def children(pid: int) -> dict[int, str]:
-    """Live child processes of ``pid``: pid -> name (``msflow-api-<i>``, ``msflow-engine``)."""
-    out: dict[int, str] = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
-            try:
-                out[int(child)] = Path(f"/proc/{child}/comm").read_text().strip()
-            except OSError:
-                pass
-    return out
 
 
 def engine_pid(server_pid: int) -> int | None:

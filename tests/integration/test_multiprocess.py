@@ -28,8 +28,8 @@ import httpx
 import numpy as np
 import pytest
 
-from harness import (ADMIN_KEY, CATEGORY, Server, assert_error, copy_version, fake_version, metric, part, start,
-                     wait_until)
+from harness import (ADMIN_KEY, CATEGORY, Server, assert_error, children, copy_version, fake_version, metric, part,
+                     start, wait_until)
 from loadtests.run import listens, sockets_held
 from service.config import Settings
 from service.engine_core import EngineCore, FrontEnd
@@ -47,16 +47,6 @@ from service.schemas import InspectOptions, Upload
 MP = dict(api_processes=2, engine="onnx", store_poll_s=0.5)
 
 
-def children(pid: int) -> dict[int, str]:
-    """Live child processes of ``pid``: pid -> name (``msflow-api-<i>``, ``msflow-engine``)."""
-    out: dict[int, str] = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
-            try:
-                out[int(child)] = Path(f"/proc/{child}/comm").read_text().strip()
-            except OSError:
-                pass
-    return out
 
 
 def memfds(pid: int) -> set[str]:

@@ -3,7 +3,6 @@ own: a moment it cannot start a process. Real processes (``msflow serve``)."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import resource
 import signal
@@ -11,20 +10,13 @@ from pathlib import Path
 
 import httpx
 
-from harness import fake_version, start, wait_until
+from harness import children, fake_version, start, wait_until
 
 
 def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def children(pid: int) -> dict[int, str]:
-    out: dict[int, str] = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
-            with contextlib.suppress(OSError):
-                out[int(child)] = Path(f"/proc/{child}/comm").read_text().strip()
-    return out
 
 
 def test_a_restart_that_cannot_start_a_process_is_tried_again_not_fatal(tmp_path: Path) -> None:
