@@ -10,6 +10,7 @@ with a size budget (a stray big file costs nothing).
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
@@ -17,10 +18,12 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from models.atomic_files import write_atomic
+from models.manifest import CATEGORY_PATTERN
 
 BUILD_DIR = ".build"  # dot folder: the registry never takes it for a category
 STATUS_FILE = "status.json"
 MAX_STATUS_BYTES = 64 * 1024
+STAGE_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")  # quick, full, build: a word, as categories are
 
 StepState = Literal["waiting", "training", "evaluating", "exporting", "served", "failed"]
 
@@ -66,7 +69,13 @@ def read_progress(store: Path) -> BuildProgress | None:
 
 
 def record_step(store: Path, stage: str, category: str, state: StepState, detail: str = "") -> BuildProgress:
-    """Record that ``category`` is at ``state`` in ``stage``; the build is running again."""
+    """Record that ``category`` is at ``state`` in ``stage``; the build is running again.
+    ValueError for a category a model store could not hold (``../x``) or a stage of another form."""
+    if not CATEGORY_PATTERN.fullmatch(category):
+        raise ValueError(f"category {category!r} is not a model-store category name "
+                         f"(lower-case letters, digits, - and _, up to 64: {CATEGORY_PATTERN.pattern})")
+    if not STAGE_PATTERN.fullmatch(stage):
+        raise ValueError(f"stage {stage!r} is not a stage name (like quick or full: {STAGE_PATTERN.pattern})")
     now = datetime.now(timezone.utc)
     progress = read_progress(store) or BuildProgress(updated_at=now)
     progress.state, progress.updated_at = "running", now

@@ -14,7 +14,9 @@ match what the server will answer.
 from __future__ import annotations
 
 import json
+import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +31,7 @@ from models.manifest import Manifest
 from models.metrics import aupro, evaluate_predictions, image_auroc, metrics_by_group, pixel_auroc
 from models.msflow import MSFlow
 from models.report_plots import plot_example_grid, plot_roc_curves, plot_score_distributions
-from models.runs import load_model, read_json
+from models.runs import checkpoint_sha256, load_model, read_json
 from models.verdicts import verdict_table
 
 SCORE_OUTPUT = "image_score_log"  # what export thresholds by default
@@ -49,13 +51,66 @@ def predict(model: MSFlow, images: np.ndarray, device: torch.device | str = "cpu
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
+def eval_device(device: str) -> torch.device:
+    """The torch device ``device`` names ("auto": CUDA when there is one, else CPU); ValueError,
+    in one line, for a name torch does not know or a GPU this host cannot use (torch raised a
+    RuntimeError or, without CUDA support, an AssertionError, and only at the first tensor)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"unknown device {device!r} (cpu, cuda, cuda:1 ..., auto)") from exc
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise ValueError(f"device {device!r}: eval runs on cpu or cuda")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: no usable CUDA GPU here (torch {torch.__version__}, "
+                         f"CUDA {torch.version.cuda or 'not compiled in'})")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: this host has {torch.cuda.device_count()} CUDA GPU(s)")
+    return dev
+
+
+def check_version_matches_run(version: Path, run: Path, train_cfg: dict[str, Any]) -> Manifest:
+    """The manifest of ``version``, when its threshold may be applied to this run's scores.
+
+    A raw threshold only means something on the scores of the weights it was calibrated on:
+    another model's (another category's, or this run before a retraining) puts the line
+    anywhere (evaluated against another brick model, every defect read as "missed"). The
+    manifest records the sha256 of the exported checkpoint.pt (recalibrated versions keep
+    it), so a mismatch is refused. A manifest from before that field cannot be checked: a
+    version of another category that names another run is refused, anything else warned about.
+    """
+    manifest = Manifest.read(version)  # ManifestError (a ValueError) for a folder that is no version
+    if manifest.source_checkpoint_sha256 is not None:
+        ours = checkpoint_sha256(run)
+        if ours != manifest.source_checkpoint_sha256:
+            raise ValueError(
+                f"version {version} ({manifest.category}) was exported from another checkpoint than {run} "
+                f"(sha256 {manifest.source_checkpoint_sha256[:12]}... of {manifest.source_run}, not {ours[:12]}...): "
+                "its threshold is on another model's score scale; give --threshold for a raw value instead")
+        return manifest
+    same_run = manifest.source_run is not None and Path(manifest.source_run).resolve() == run.resolve()
+    run_category = train_cfg.get("category")
+    if not same_run and run_category is not None and manifest.category != run_category:
+        raise ValueError(f"version {version} is of category {manifest.category!r} (run {manifest.source_run}), "
+                         f"{run} of {run_category!r}: its threshold is on another model's score scale; "
+                         "give --threshold for a raw value instead")
+    warnings.warn(f"version {version} does not record which checkpoint it was exported from (an older export): "
+                  f"its threshold is applied to {run} unchecked", stacklevel=3)
+    return manifest
+
+
 def _threshold(model: MSFlow, run: Path, device: str, batch_size: int, threshold: float | None,
-               version: Path | None, target_fpr: float) -> tuple[float, str, dict[str, Any]]:
+               version: Path | None, target_fpr: float,
+               manifest: Manifest | None = None) -> tuple[float, str, dict[str, Any]]:
     """(raw threshold, score output, where it came from) for the verdict table."""
     if threshold is not None:
         return float(threshold), SCORE_OUTPUT, {"kind": "given"}
     if version is not None:
-        cal = Manifest.read(version).calibration
+        cal = (manifest or Manifest.read(version)).calibration
         return cal.threshold, cal.score_output, {"kind": "exported", "version": str(version), "method": cal.method}
     samples, source = calibration_samples(run)
     normal = predict(model, load_images(samples, model.config.input_size), device, batch_size,
@@ -83,7 +138,20 @@ def evaluate_run(run: str | Path, data: str | Path | None = None, category: str 
     calibrated as ``msflow export`` would (``target_fpr`` on the run's calibration normals).
     """
     run = Path(run)
+    # Everything a user can get wrong is checked here, before the minute of prediction.
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    if threshold is not None and not math.isfinite(threshold):
+        raise ValueError(f"threshold must be a finite number, got {threshold}")
+    if not 0.0 <= target_fpr < 1.0:
+        raise ValueError(f"target FPR must be in [0, 1), got {target_fpr}")
+    if threshold is not None and version:
+        raise ValueError("give a threshold or a version to take it from, not both")
+    device = str(eval_device(device))
     train_cfg = read_json(run / "config.json")
+    if not isinstance(train_cfg, dict):
+        raise ValueError(f"{run / 'config.json'} is not a run config (a JSON object)")
+    exported = check_version_matches_run(Path(version), run, train_cfg) if version else None
     data = data or train_cfg.get("data")
     category = category or train_cfg.get("category")
     if data is None or category is None:
@@ -125,7 +193,7 @@ def evaluate_run(run: str | Path, data: str | Path | None = None, category: str 
         report["per_defect_type_and_tier"] = metrics_by_group(labels, pred["image_score_log"], None, None, pairs)
 
     raw_threshold, score_output, origin = _threshold(model, run, device, batch_size, threshold,
-                                                     Path(version) if version else None, target_fpr)
+                                                     Path(version) if version else None, target_fpr, exported)
     report["verdict"] = {"score_output": score_output, "threshold_source": origin,
                          **verdict_table(labels, pred[score_output], raw_threshold, types,
                                          tiers if has_tiers else None)}

@@ -92,6 +92,11 @@ def load_model(run: str | Path, device: str | torch.device = "cpu", checkpoint: 
 
 
 def read_json(path: Path) -> Any:
+    """A run's JSON file; RunError when it is missing, ValueError naming it when it is not JSON
+    (json's own message, "Expecting property name ...", does not say which file)."""
     if not path.is_file():
         raise RunError(f"missing {path}")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{path} is not valid JSON: {exc}") from exc

@@ -38,6 +38,7 @@ import logging
 import os
 import platform
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -46,6 +47,7 @@ from typing import Any
 
 import numpy as np
 
+from models.atomic_files import write_atomic
 from models.manifest import Manifest
 from msflow.engine_catalog import (cuda_available, default_engines, demo_images,
                                     make_engine, resolve_version, tile_batch, unavailable_reason)
@@ -230,6 +232,8 @@ def bench_engines(version_dir: Path, engines: list[str], batch_sizes: list[int],
                   progress: Callable[[str], None] = print) -> dict[str, Any]:
     """Measure every engine in ``engines``; engines that cannot run here are reported, not fatal.
     ``threads``: CPU threads for both onnxruntime and torch (default: each library's own)."""
+    if repeats < 1:  # measure() would time one run and the report say `repeats`
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
     import torch
 
     previous_threads = torch.get_num_threads()
@@ -347,15 +351,45 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+BENCH_DEVICES = ("auto", "cpu", "cuda")
+
+
+def default_out(manifest: Manifest) -> Path:
+    """Where a report goes without ``--out``: the current folder, never the model store (a
+    version folder is what an export published: it may be a read-only mount, and the
+    server watches it)."""
+    return Path(f"bench-{manifest.category}-{manifest.version}-{socket.gethostname()}.json")
+
+
+def check_writable(out: Path) -> None:
+    """OSError, before the minutes of benchmarking, when the report could not be written."""
+    if out.is_dir():
+        raise IsADirectoryError(f"--out {out} is a folder: name a file")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)  # FileExistsError/NotADirectoryError under a file
+        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}.", suffix=".probe"):
+            pass  # PermissionError, or EROFS on a read-only mount
+    except OSError as exc:
+        raise OSError(f"cannot write the report to {out}: {exc}") from exc
+
+
 def run_bench(args: argparse.Namespace) -> int:
-    version_dir = resolve_version(args.model)
     device = getattr(args, "device", "auto") or "auto"
-    explicit = bool(args.engines)
-    engines = list(args.engines) if explicit else default_engines(device)
+    if device not in BENCH_DEVICES:
+        raise ValueError(f"unknown device {device!r} (one of {', '.join(BENCH_DEVICES)})")
+    if device == "cuda" and not cuda_available():
+        raise ValueError("device 'cuda': no CUDA GPU on this host")
+    if args.repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {args.repeats}")
     batch_sizes = sorted(set(args.batch_sizes or [1, 8, 32]))
     if min(batch_sizes) < 1:
-        raise SystemExit("batch sizes must be >= 1")
+        raise ValueError(f"batch sizes must be >= 1, got {batch_sizes}")
+    version_dir = resolve_version(args.model)  # EngineError: neither a version nor a category
+    explicit = bool(args.engines)
+    engines = list(args.engines) if explicit else default_engines(device)
     manifest = Manifest.read(version_dir)
+    out = Path(args.out) if args.out else default_out(manifest)
+    check_writable(out)
     print(f"benchmarking {manifest.category} version {manifest.version} (input {manifest.input_size}) "
           f"from {version_dir}: engines {', '.join(engines)}; batches {batch_sizes}; {args.repeats} repeats")
     threads = getattr(args, "threads", None) or Settings().bench_threads or None
@@ -370,9 +404,7 @@ def run_bench(args: argparse.Namespace) -> int:
     if busy and busy[0] > 0.5 * (m["usable_cores"] or 1):
         print(f"WARNING: the host was busy before the benchmark (1-min load average {busy[0]:.1f} on "
               f"{m['usable_cores']} cores): CPU numbers are contaminated by other processes")
-    out = Path(args.out) if args.out else version_dir / f"bench-{socket.gethostname()}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2, default=str))
+    write_atomic(out, json.dumps(report, indent=2, default=str))
     print(f"report: {out}")
     ran = [n for n, s in report["engines"].items() if s["status"] == "ok"]
     failed = [n for n, s in report["engines"].items() if s["status"] == "failed"]

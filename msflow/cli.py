@@ -129,13 +129,32 @@ def _bench(args: argparse.Namespace) -> int:
     return run_bench(args)
 
 
+def _check_store(args: argparse.Namespace) -> None:
+    """The model store serve and worker will read (--store, else MSFLOW_MODEL_STORE): refused
+    here in one line when it is no readable folder, rather than by the app's start-up, whose
+    traceback uvicorn prints before "Application startup failed" (exit 3)."""
+    import os
+
+    from service.config import Settings
+
+    store = Path(args.store) if args.store else Settings().model_store
+    if not store.exists():
+        raise FileNotFoundError(f"model store {store} does not exist (--store or MSFLOW_MODEL_STORE)")
+    if not store.is_dir():
+        raise NotADirectoryError(f"model store {store} is not a folder (--store or MSFLOW_MODEL_STORE)")
+    if not os.access(store, os.R_OK | os.X_OK):
+        raise PermissionError(f"model store {store} is not readable by this user")
+
+
 def _serve(args: argparse.Namespace) -> int:
+    _check_store(args)
     from service.supervisor import serve
 
     return serve(args)
 
 
 def _worker(args: argparse.Namespace) -> int:
+    _check_store(args)
     from service.worker import run_worker
 
     return run_worker(args)
@@ -230,11 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True)
     p.add_argument("--data", default=None, help="default: the run's training data root")
     p.add_argument("--category", default=None)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ..., auto (CUDA, then CPU)")
     p.add_argument("--batch-size", type=int, default=16)
     g = p.add_argument_group("verdict threshold (default: calibrated as export does)")
-    g.add_argument("--threshold", type=float, default=None, help="raw image_score_log threshold")
-    g.add_argument("--version", default=None, help="an exported version folder: use its threshold")
+    g.add_argument("--threshold", type=float, default=None, help="raw image_score_log threshold (finite)")
+    g.add_argument("--version", default=None, help="a version folder exported from this run's checkpoint.pt: "
+                   "use its threshold (another model's is refused)")
     g.add_argument("--target-fpr", type=float, default=DEFAULT_TARGET_FPR)
     p.set_defaults(func=_eval)
 
@@ -268,8 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engines", nargs="*", default=None, help="default: all available here")
     p.add_argument("--batch-sizes", type=int, nargs="*", default=[1, 8, 32])
     p.add_argument("--repeats", type=int, default=5, help="timed runs per setting (median reported)")
-    p.add_argument("--out", default=None, help="JSON output (default <version>/bench-<host>.json)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default=None, help="JSON output (default ./bench-<category>-<version>-<host>.json; "
+                   "never the model store); checked writable before the benchmark")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda: the engines measured without --engines")
     p.set_defaults(func=_bench)
 
     p = sub.add_parser("serve", help="run the inspection API (settings from MSFLOW_* environment variables)")
@@ -287,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("build-status", help="record a model build's progress in <store>/.build/status.json "
                        "(shown by GET /v1/models and the console)")
     p.add_argument("--store", required=True)
-    p.add_argument("--stage", default="build", help="e.g. quick, full")
+    p.add_argument("--stage", default="build", help="e.g. quick, full (lower-case letters, digits, - and _)")
     p.add_argument("--category", default=None, help="omit to record the state of the whole build")
     p.add_argument("--state", required=True,
                    help="a category's step (waiting, training, evaluating, exporting, served, failed) or, "
@@ -303,14 +324,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The exception types that mean bad input: ValueError (pydantic's ValidationError, a
+    ManifestError and the tools' own checks are ValueErrors), OSError, and the engines'
+    EngineError (a RuntimeError: `bench --model` of a folder that is no model version). Taken
+    from sys.modules, so a command that never loaded the service does not import it here."""
+    errors: list[type[BaseException]] = [ValueError, OSError]
+    engines = sys.modules.get("service.engines.base")
+    if engines is not None:
+        errors.append(engines.EngineError)
+    return tuple(errors)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, OSError) as exc:  # pydantic's ValidationError is a ValueError
+    except _user_errors() as exc:  # evaluated only when something was raised
         # What the user can fix (a setting out of range, bad data, a missing or unreadable
-        # run or store) in one line, not a traceback; errors of other kinds keep theirs.
+        # run or store, a model folder no engine can load) in one line, not a traceback;
+        # errors of other kinds keep theirs.
         first = str(exc).strip().splitlines()
         print(f"msflow {args.command}: {type(exc).__name__}: {' '.join(first[:4])}", file=sys.stderr)
         return 2
