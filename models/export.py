@@ -5,6 +5,13 @@ backbone, flows, fusion, upsampling, aggregation, top-k), with a dynamic batch a
 Export checks parity against PyTorch before anything is written, calibrates on normals the
 flows never trained on (:func:`models.calibrate.calibration_samples`) with the exported graph itself (so the thresholds are those of the engine that
 will serve), and writes the version folder atomically.
+
+Everything that can be checked without the graph (category, policy and its targets, the
+validation and calibration folders, ``map_sigma``, the version name, TensorRT's needs) is
+checked before the ~15 s of ONNX export, and a failure leaves no folder behind (not even an
+empty category). The category is the run's own (``config.json``) or ``--category``, never a
+folder name guessed from the run's path. A run exported before with the same checkpoint and
+the same calibration inputs is exported again, with a warning naming that version.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import logging
 import shutil
 import tempfile
 import warnings
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -24,16 +32,19 @@ import torch
 from torch import Tensor, nn
 
 from models.calibrate import DEFAULT_TARGET_FPR, Policy, calibrate, calibration_samples
-from models.data import MVTecCategory, load_images
-from models.manifest import CATEGORY_PATTERN, Manifest, OnnxInfo, TensorSpec, TrainingData, file_entry
-from models.publish import check_version_name, publish_version
+from models.data import MVTecCategory, Sample, load_images
+from models.manifest import (CATEGORY_PATTERN, CalibrationSource, Manifest, ManifestError, OnnxInfo, TensorSpec,
+                             TrainingData, file_entry, list_versions)
+from models.publish import LOCK_FILE, check_version_name, publish_version
 from models.review_store import REVIEWED_OK
-from models.msflow import MSFlow
+from models.msflow import MSFlow, MSFlowConfig, with_map_sigma
 from models.runs import checkpoint_sha256, load_model, read_json
 
 log = logging.getLogger(__name__)
 
 OUTPUTS = ("image_score", "image_score_log", "absolute_score", "anomaly_map")
+POLICIES = ("target_fpr", "target_recall", "f1_optimal")
+SCORE_OUTPUTS = ("image_score_log", "absolute_score")
 OPSET = 20
 DEFAULT_SCORE_OUTPUT = "image_score_log"
 PARITY_TOLERANCE = 1e-4
@@ -41,6 +52,10 @@ PARITY_TOLERANCE = 1e-4
 
 class ExportError(RuntimeError):
     """The exported graph does not reproduce the PyTorch model."""
+
+
+class DuplicateExportWarning(UserWarning):
+    """The category holds a version of the same checkpoint calibrated on the same inputs."""
 
 
 class InferenceGraph(nn.Module):
@@ -99,11 +114,95 @@ def parity(model: MSFlow, session: Any, images: np.ndarray) -> tuple[dict[str, f
     return diffs, max(float(ref[k].abs().max()) for k in OUTPUTS)
 
 
-def _validation_anomalies(validation: Path | None, category: str, size: int) -> np.ndarray | None:
+def _validation_anomalies(validation: Path | None, category: str) -> list[Sample]:
+    """The labelled anomalies of ``--validation`` (listed, not read: that is cheap and early)."""
     if validation is None:
-        return None
-    samples = [s for s in MVTecCategory(validation, category).test_samples() if s.label == 1]
-    return load_images(samples, size) if samples else None
+        return []
+    return [s for s in MVTecCategory(validation, category).test_samples() if s.label == 1]
+
+
+def run_category(run: Path, train_cfg: dict[str, Any], category: str | None) -> str:
+    """``category`` if given, else the one the run's config records; never a folder name of
+    the run's path (``runs/<category>/<name>`` is a habit, not a rule: an imported run at
+    ``/tmp/x/imports/off1`` became category ``imports``). Checked against the store's pattern."""
+    if category is None:
+        category = train_cfg.get("category") if isinstance(train_cfg, dict) else None
+        if not category:
+            raise ValueError(f"{run} records no category (a run trained on a plain folder, or imported): "
+                             "pass --category NAME")
+    if not isinstance(category, str) or not CATEGORY_PATTERN.match(category):
+        raise ValueError(f"category {category!r} must match {CATEGORY_PATTERN.pattern}")
+    return category
+
+
+def check_export_settings(policy: str, target_fpr: float, target_recall: float | None, score_output: str,
+                          validation: Path | None, map_sigma: float | None, version: str | None,
+                          tensorrt: bool, trt_batches: tuple[int, int, int]) -> None:
+    """ValueError for a setting that would fail the export after its work (the graph, the
+    calibration scores), so that it fails in a second instead."""
+    if score_output not in SCORE_OUTPUTS:
+        raise ValueError(f"score_output must be one of {', '.join(SCORE_OUTPUTS)}, got {score_output!r}")
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+    if not (isinstance(target_fpr, (int, float)) and 0.0 <= target_fpr < 1.0):  # NaN fails too
+        raise ValueError(f"--target-fpr must be in [0, 1), got {target_fpr}")
+    if target_recall is not None and not (isinstance(target_recall, (int, float)) and 0.0 < target_recall <= 1.0):
+        raise ValueError(f"--target-recall must be in (0, 1], got {target_recall}")
+    if policy == "target_recall" and target_recall is None:
+        raise ValueError("--policy target_recall needs --target-recall (the share of labelled anomalies to flag)")
+    if policy != "target_fpr" and validation is None:
+        raise ValueError(f"--policy {policy} needs labelled anomalous images: --validation DIR")
+    if validation is not None and not validation.is_dir():
+        raise ValueError(f"--validation: folder not found: {validation}")
+    if map_sigma is not None:
+        try:
+            with_map_sigma(MSFlowConfig(), map_sigma)
+        except ValueError:
+            raise ValueError(f"--map-sigma must be between 0 and 32 (input pixels), got {map_sigma}") from None
+    if version is not None:
+        check_version_name(version)
+    if tensorrt:
+        from models.tensorrt_build import _require_cuda, _require_tensorrt
+
+        low, opt, high = trt_batches
+        if not 1 <= low <= opt <= high:
+            raise ValueError(f"TensorRT batches: need 1 <= min <= opt <= max, got {low}, {opt}, {high}")
+        _require_tensorrt()
+        _require_cuda()
+
+
+def same_export(category_dir: Path, checkpoint_hash: str, config: MSFlowConfig, source: CalibrationSource,
+                policy: str, score_output: str, target_fpr: float, target_recall: float | None,
+                anomalies: int) -> list[str]:
+    """Versions of ``category_dir`` exported (not recalibrated) from the same checkpoint, with
+    the same model settings and calibrated the same way on the same images: what this export
+    would make again."""
+    found = []
+    for v in list_versions(category_dir):
+        try:
+            m = Manifest.read(category_dir / v)
+        except ManifestError:
+            continue
+        cal = m.calibration
+        if (m.source_checkpoint_sha256 == checkpoint_hash and m.recalibrated_from is None
+                and m.model == config.model_dump(mode="json") and cal.method == policy
+                and cal.score_output == score_output and cal.source is not None
+                and (cal.source.kind, cal.source.digest) == (source.kind, source.digest)
+                and cal.anomalous_images == anomalies
+                and cal.target_fpr == (target_fpr if policy == "target_fpr" else None)
+                and cal.target_recall == (target_recall if policy == "target_recall" else None)):
+            found.append(v)
+    return found
+
+
+def _remove_if_empty(category_dir: Path) -> None:
+    """A category folder this export made, left with nothing (or only the lock): removed."""
+    try:
+        if {p.name for p in category_dir.iterdir()} <= {LOCK_FILE}:
+            (category_dir / LOCK_FILE).unlink(missing_ok=True)
+            category_dir.rmdir()
+    except OSError:  # another writer's files arrived meanwhile: theirs
+        pass
 
 
 def training_data(run: Path, train_cfg: dict[str, Any]) -> TrainingData:
@@ -123,15 +222,31 @@ def export_run(run: str | Path, store: str | Path, category: str | None = None,
                tensorrt: bool = False, trt_batches: tuple[int, int, int] = (1, 8, 32),
                version: str | None = None, calibration_images: str | Path | None = None,
                policy: Policy = "target_fpr", target_fpr: float = DEFAULT_TARGET_FPR,
-               target_recall: float | None = None, map_sigma: float | None = None) -> Path:
-    """Export a run into ``store/<category>/<version>/`` and return that folder."""
-    run = Path(run)
+               target_recall: float | None = None, map_sigma: float | None = None,
+               warn: Callable[[str], None] | None = None) -> Path:
+    """Export a run into ``store/<category>/<version>/`` and return that folder. ``warn``
+    takes what the user should know and the export goes on with (default: a
+    :class:`DuplicateExportWarning` through :mod:`warnings`)."""
+    # Absolute: the manifest records the run (the torch engine, bench, parity and
+    # recalibrate's holdout fallback read it from anywhere).
+    run = Path(run).expanduser().resolve()
     train_cfg = read_json(run / "config.json")
-    category = category or train_cfg.get("category") or run.parent.name
-    if not CATEGORY_PATTERN.match(category):
-        raise ValueError(f"category {category!r} must match {CATEGORY_PATTERN.pattern}")
-    if score_output not in ("image_score_log", "absolute_score"):
-        raise ValueError("score_output must be image_score_log or absolute_score")
+    category = run_category(run, train_cfg, category)
+    validation = Path(validation).expanduser().resolve() if validation else None
+    check_export_settings(policy, target_fpr, target_recall, score_output, validation, map_sigma, version,
+                          tensorrt, trt_batches)
+    store = Path(store).expanduser().resolve()
+    if store.exists() and not store.is_dir():
+        raise NotADirectoryError(f"model store {store} is not a folder")
+    category_dir = store / category
+    if version is not None and (category_dir / version).exists():
+        raise FileExistsError(f"{category_dir / version} already exists")  # before the work; checked again at the end
+    anomaly_samples = _validation_anomalies(validation, category)
+    if policy != "target_fpr" and not anomaly_samples:
+        raise ValueError(f"--policy {policy} needs labelled anomalous images, and {validation} has none for "
+                         f"{category} (test/<defect> folders)")
+    samples, source = calibration_samples(run, Path(calibration_images).expanduser() if calibration_images else None)
+
     # Hashed before it is loaded: a checkpoint replaced in between then fails the torch
     # engine's check (service/engines/torch.py) instead of passing it.
     checkpoint_hash = checkpoint_sha256(run)
@@ -139,18 +254,25 @@ def export_run(run: str | Path, store: str | Path, category: str | None = None,
     if map_sigma is not None:
         model.set_map_sigma(map_sigma)
     size = model.config.input_size
+    normals = load_images(samples, size)
+    anomalies = load_images(anomaly_samples, size) if anomaly_samples else None
+    for v in same_export(category_dir, checkpoint_hash, model.config, source, policy, score_output, target_fpr,
+                         target_recall, len(anomaly_samples)):
+        line = (f"version {v} of {category} in {store} was exported from the same checkpoint (sha256 "
+                f"{checkpoint_hash[:12]}...) and calibrated the same way on the same {source.count} normals "
+                f"({source.kind}): this export makes a duplicate of it")
+        if warn is not None:
+            warn(line)
+        else:
+            warnings.warn(line, DuplicateExportWarning, stacklevel=2)
 
-    category_dir = Path(store) / category
+    made_category = not category_dir.exists()
     category_dir.mkdir(parents=True, exist_ok=True)
-    if version is not None and (category_dir / check_version_name(version)).exists():
-        raise FileExistsError(f"{category_dir / version} already exists")  # before the work; checked again at the end
     work = Path(tempfile.mkdtemp(prefix=".export-", dir=category_dir))
     try:
         onnx_path = export_onnx(model, work / "model.onnx")
         session = onnx_session(onnx_path)
 
-        samples, source = calibration_samples(run, Path(calibration_images) if calibration_images else None)
-        normals = load_images(samples, size)
         diffs, scale = parity(model, session, normals[: min(4, len(normals))])
         # float32 rounding grows with magnitude: barely trained flows give maps in the
         # hundreds, so the tolerance is relative above 1.
@@ -160,7 +282,6 @@ def export_run(run: str | Path, store: str | Path, category: str | None = None,
                               f"x max(1, {scale:.3g}))")
 
         normal = run_onnx(session, normals)
-        anomalies = _validation_anomalies(Path(validation) if validation else None, category, size)
         anomalous_scores = run_onnx(session, anomalies)[score_output] if anomalies is not None else None
         calibration = calibrate(normal[score_output], normal["anomaly_map"], score_output, anomalous_scores,
                                 policy=policy, target_fpr=target_fpr, target_recall=target_recall, source=source)
@@ -207,6 +328,8 @@ def export_run(run: str | Path, store: str | Path, category: str | None = None,
         final = publish_version(category_dir, work, version, write_manifest)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
+        if made_category:
+            _remove_if_empty(category_dir)
         raise
     log.info("exported %s version %s to %s", category, final.name, final)
     return final

@@ -69,6 +69,12 @@ class MSFlowConfig(BaseModel):
         return max(1, int(self.input_size * self.input_size * self.top_k))
 
 
+def with_map_sigma(config: MSFlowConfig, sigma: float) -> MSFlowConfig:
+    """``config`` with another ``map_sigma``, validated (a ``ValidationError``, a ValueError,
+    for a value out of the field's range or not a number)."""
+    return MSFlowConfig.model_validate({**config.model_dump(), "map_sigma": sigma})
+
+
 class MSFlowOutputs(dict[str, Tensor]):
     """Named outputs of :meth:`MSFlow.postprocess` (a dict so the exporter can pick)."""
 
@@ -195,8 +201,10 @@ class MSFlow(nn.Module):
         return out
 
     def set_map_sigma(self, sigma: float) -> None:
-        """Change the served map's smoothing after training (it is post-processing only)."""
-        self.config = self.config.model_copy(update={"map_sigma": float(sigma)})
+        """Change the served map's smoothing after training (it is post-processing only).
+        Validated as the config's field is (``model_copy(update=...)`` validates nothing: a
+        negative sigma went into a manifest that no engine could then read)."""
+        self.config = with_map_sigma(self.config, sigma)
         self.smoothing = gaussian_kernel_1d(self.config.map_sigma).to(self.mean.device)
 
     def smooth(self, maps: Tensor) -> Tensor:

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import pickle
 import re
-from collections.abc import Mapping
+import warnings
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from torch import Tensor
 
 from models.atomic_files import write_atomic
 from models.msflow import MSFlow, MSFlowConfig
+from models.runs import CHECKPOINT, RUN_OUTPUTS
 
 __all__ = [
     "OfficialCheckpointError",
@@ -40,6 +42,7 @@ __all__ = [
     "import_official_run",
 ]
 
+HOLDOUT = "holdout.json"  # a trained run's held-out normals: not this checkpoint's
 _MODULE_KEY = re.compile(r"^module_list\.(\d+)\.(.+)$")
 _PERM_NAMES = {"perm": "w_perm", "perm_inv": "w_perm_inv"}
 
@@ -306,6 +309,7 @@ def import_official_run(
     out_dir: str | Path,
     config: MSFlowConfig,
     backbone_weights: str | Path | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> Path:
     """Turn an official checkpoint into a project run folder and return the folder.
 
@@ -314,11 +318,28 @@ def import_official_run(
     ``out_dir/config.json``. The model is built first (with real backbone weights, from
     ``backbone_weights`` or the default location) so a run that cannot be served is
     refused here rather than later.
+
+    A folder that held another run loses that run's outputs first, as a fresh ``msflow
+    train`` does (:data:`models.runs.RUN_OUTPUTS`, and its ``holdout.json``: an imported run
+    has none), with a warning naming them (to ``warn``, else through :mod:`warnings`): left
+    beside the new checkpoint, its report and holdout were exported as this run's metrics and
+    calibration normals.
     """
     model = MSFlow(config, backbone_weights=str(backbone_weights) if backbone_weights else None)
     epoch = load_official_checkpoint(model, checkpoint)
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{out} is not a folder")
     out.mkdir(parents=True, exist_ok=True)
+    previous = [name for name in (*RUN_OUTPUTS, HOLDOUT) if name != CHECKPOINT and (out / name).exists()]
+    for name in previous:
+        (out / name).unlink()
+    if previous:
+        line = f"{out} held another run: removed its {', '.join(previous)} (the imported checkpoint replaces it)"
+        if warn is not None:
+            warn(line)
+        else:
+            warnings.warn(line, stacklevel=2)
     payload = {
         "config": config.model_dump(),
         "flows": {k: v.detach().cpu() for k, v in model.state_dict().items() if not k.startswith("backbone.")},

@@ -19,6 +19,15 @@ copy of a large engine or TensorRT plan; safe because engine files are never wri
 place), falling back to a copy where the file system cannot link (another device, no link
 support). Only the manifest's calibration changes; ``recalibration.json`` beside it holds
 the before/after tables printed here. The serving registry loads it like any new version.
+
+A ceiling on false alarms: labels can pull the ok bound far down (a few NG labels on parts
+that score like normals), and the new version would then flag most good parts. Before
+anything is written, the false-alarm rate on the calibration normals at the new ok bound is
+compared with ``max_fpr`` (``--max-fpr``, default :data:`DEFAULT_MAX_FPR`): a version whose
+one-sided 95% upper bound on that rate is above the ceiling, and above the source version's
+own bound (a small calibration set's bound is high even with no false alarm: that is no
+change), is refused with the figures and the flag that accepts it. ``dry_run`` prints the
+table (and what would be refused) and writes nothing.
 """
 
 from __future__ import annotations
@@ -40,19 +49,28 @@ from pydantic import BaseModel, ConfigDict
 
 from models.calibrate import fit_review_bounds, fpr_upper_bound
 from models.data import Sample, folder_of_good_images, load_images
-from models.manifest import (DEFAULT_NG_RECALL, DEFAULT_REVIEW_MARGIN, DEFAULT_TARGET_FPR, LabelSource, Manifest,
-                             file_entry, list_versions, sha256_file)
-from models.publish import publish_version
+from models.manifest import (CATEGORY_PATTERN, DEFAULT_NG_RECALL, DEFAULT_REVIEW_MARGIN, DEFAULT_TARGET_FPR,
+                             LabelSource, Manifest, file_entry, list_versions, sha256_file)
+from models.publish import next_version, publish_version
 from models.review_store import REVIEWED_OK, ReviewStore, resolve_root
 from models.verdicts import review_table
 
 REPORT = "recalibration.json"
 MIN_LABELS_PER_CLASS = 10  # below this many OK or NG labels the change is called unsupported
 ENGINE_FILES = ("model.onnx", "model.plan")
+# Ceiling on the one-sided 95% upper bound of the new false-alarm rate on the calibration
+# normals (msflow recalibrate --max-fpr; msflow/cli.py states it in its help, since the parser
+# must not import this module: it imports scikit-learn and scipy).
+DEFAULT_MAX_FPR = 0.1
 
 
 class RecalibrationError(ValueError):
-    """Nothing to recalibrate from (no version, no labels, no normals)."""
+    """Nothing to recalibrate from (no version, no labels, no normals), a setting out of range,
+    or a result refused (false alarms above the ceiling)."""
+
+
+class FalseAlarmCeilingError(RecalibrationError):
+    """The new ok bound would flag more calibration normals than ``max_fpr`` allows."""
 
 
 class Recalibration(BaseModel):
@@ -76,6 +94,7 @@ class Recalibration(BaseModel):
     normals_before: dict[str, Any]
     normals_after: dict[str, Any]
     warnings: list[str]
+    max_fpr: float | None = None  # the ceiling it was checked against (None: written before there was one)
 
 
 class _Scorer:
@@ -113,7 +132,7 @@ def _normal_samples(manifest: Manifest, calibration_images: Path | None) -> tupl
         return samples, notes
     if source is not None and source.kind == "training_holdout" and manifest.source_run:
         holdout = Path(manifest.source_run) / "holdout.json"
-        if holdout.is_file():
+        if holdout.is_absolute() and holdout.is_file():  # a relative run path names no folder from here
             return [Sample(path=Path(p), label=0, defect_type="good") for p in json.loads(holdout.read_text())], notes
     raise RecalibrationError("the calibration normals of this version are not reachable here: pass "
                              "--calibration-images DIR (normal images the model never trained on)")
@@ -128,13 +147,45 @@ def _place(src: Path, dst: Path) -> Literal["hardlink", "copy"]:
         return "copy"
 
 
+def check_settings(category: str, target_recall: float, max_fpr: float) -> None:
+    """RecalibrationError for a setting out of range, before anything is read."""
+    if not isinstance(category, str) or not CATEGORY_PATTERN.match(category):
+        raise RecalibrationError(f"category {category!r} must match {CATEGORY_PATTERN.pattern}")
+    if not (isinstance(target_recall, (int, float)) and 0.0 < target_recall <= 1.0):  # NaN fails too
+        raise RecalibrationError(f"--target-recall must be in (0, 1], got {target_recall}")
+    if not (isinstance(max_fpr, (int, float)) and 0.0 <= max_fpr <= 1.0):
+        raise RecalibrationError(f"--max-fpr must be in [0, 1], got {max_fpr}")
+
+
+def ceiling_refusal(category: str, from_version: str, before: dict[str, Any], after: dict[str, Any],
+                    max_fpr: float) -> str | None:
+    """Why the new bounds are refused (one line), or None. Refused: a 95% upper bound on the
+    false-alarm rate of the calibration normals above ``max_fpr`` and above the source
+    version's (an unchanged bound from a small set is not a new risk)."""
+    up, was = after.get("fpr_upper_95"), before.get("fpr_upper_95")
+    if up is None or up <= max(max_fpr, was or 0.0):
+        return None
+    accept = math.ceil(up * 1000) / 1000
+    return (f"{category}: the new ok bound would flag {after['flagged']}/{after['n']} calibration normals (false-alarm "
+            f"rate {after['fpr']:.1%}, 95% upper bound {up:.1%}; version {from_version}: {before['flagged']}/"
+            f"{before['n']}, bound {was:.1%}), above the --max-fpr ceiling of {max_fpr:.1%}: nothing written. Check "
+            f"the labels (good parts labelled NG?) or pass --max-fpr {accept:g} to accept it")
+
+
 def recalibrate(store: str | Path, category: str, review_store: str | Path | None = None,
                 version: str | None = None, target_recall: float = DEFAULT_NG_RECALL,
                 calibration_images: str | Path | None = None, out: Callable[[str], None] = print,
-                warn: Callable[[str], None] | None = None) -> tuple[Path, Recalibration]:
-    """Write a recalibrated version of ``category`` into ``store``; returns its folder and report."""
+                warn: Callable[[str], None] | None = None, max_fpr: float | None = None,
+                dry_run: bool = False) -> tuple[Path | None, Recalibration]:
+    """Write a recalibrated version of ``category`` into ``store``; returns its folder (None for
+    ``dry_run``, which prints the table and writes nothing) and report. Raises
+    :class:`FalseAlarmCeilingError` (after printing the table) when the new bounds break
+    ``max_fpr`` (default :data:`DEFAULT_MAX_FPR`)."""
     warn = warn or (lambda line: print(f"warning: {line}", file=sys.stderr))
-    category_dir = Path(store) / category
+    max_fpr = DEFAULT_MAX_FPR if max_fpr is None else max_fpr
+    check_settings(category, target_recall, max_fpr)
+    store = Path(store).expanduser().resolve()  # recorded absolute, as export records its paths
+    category_dir = store / category
     versions = list_versions(category_dir)
     if not versions:
         raise RecalibrationError(f"{category}: no version in {category_dir}")
@@ -145,7 +196,7 @@ def recalibrate(store: str | Path, category: str, review_store: str | Path | Non
     manifest = Manifest.read(src)
     manifest.verify_files(src)  # a damaged engine must not be passed on
     cal = manifest.calibration
-    root = resolve_root(review_store) if review_store else Path(store) / ".review"
+    root = (resolve_root(Path(review_store).expanduser()) if review_store else store / ".review").resolve()
     labelled = ReviewStore(root).labelled(category)
     if not labelled:
         raise RecalibrationError(f"{category}: no labelled review items in {root} (label some first)")
@@ -182,6 +233,24 @@ def recalibrate(store: str | Path, category: str, review_store: str | Path | Non
     normals_before = _normal_block(normals, cal.threshold)
     normals_after = _normal_block(normals, ok)
     warnings = notes + _support_warnings(after, target_recall)
+    refusal = ceiling_refusal(category, source_version, normals_before, normals_after, max_fpr)
+    if dry_run or refusal:
+        report = Recalibration(
+            category=category, from_version=source_version,
+            to_version=next_version(category_dir), engine_files="hardlink",  # what publishing would give now
+            review_store=str(root), goal=_goal(target_recall), labelled_ok=len(ok_scores), labelled_ng=len(ng_scores),
+            excluded_trained_on=excluded, rescored=len(stale), normals=len(normals), before=before, after=after,
+            normals_before=normals_before, normals_after=normals_after, warnings=warnings, max_fpr=max_fpr)
+        for line in format_report(report):
+            out(line)
+        for line in warnings:
+            warn(line)
+        if refusal and not dry_run:
+            raise FalseAlarmCeilingError(refusal)
+        if refusal:
+            warn(f"would be refused: {refusal}")
+        out("dry run: nothing written")
+        return None, report
 
     digest = hashlib.sha256("".join(sorted(f"{item.image.sha256}:{label.label}\n" for item, label, _ in rows))
                             .encode()).hexdigest()
@@ -201,11 +270,10 @@ def recalibrate(store: str | Path, category: str, review_store: str | Path | Non
         engine_files = "copy" if any(placed.get(n) == "copy" for n in ENGINE_FILES) else "hardlink"
         report = Recalibration(
             category=category, from_version=source_version, to_version="", engine_files=engine_files,
-            review_store=str(root), goal=f"recall of labelled NG >= {target_recall:.0%} at the lowest false-alarm "
-            "rate; no known good part at or above the ng bound", labelled_ok=len(ok_scores),
+            review_store=str(root), goal=_goal(target_recall), labelled_ok=len(ok_scores),
             labelled_ng=len(ng_scores), excluded_trained_on=excluded, rescored=len(stale), normals=len(normals),
             before=before, after=after, normals_before=normals_before, normals_after=normals_after,
-            warnings=warnings)
+            warnings=warnings, max_fpr=max_fpr)
 
         def number_it(new_version: str) -> None:  # under the category's lock (models/publish.py)
             nonlocal report
@@ -227,6 +295,11 @@ def recalibrate(store: str | Path, category: str, review_store: str | Path | Non
     for line in warnings:
         warn(line)
     return final, report
+
+
+def _goal(target_recall: float) -> str:
+    return (f"recall of labelled NG >= {target_recall:.0%} at the lowest false-alarm rate; no known good part at or "
+            "above the ng bound")
 
 
 def _normal_block(normals: np.ndarray, threshold: float) -> dict[str, Any]:
@@ -278,5 +351,11 @@ def format_report(r: Recalibration) -> list[str]:
               row("false alarms, labelled OK", frac(b["ok"], "flagged"), frac(a["ok"], "flagged")),
               row("false alarms, calibration normals", frac(r.normals_before, "flagged"),
                   frac(r.normals_after, "flagged")),
+              row("  95% upper bound on that rate", _percent(r.normals_before.get("fpr_upper_95")),
+                  _percent(r.normals_after.get("fpr_upper_95"))),
               row("agreement (model vs operator)", frac(b["agreement"], "agree"), frac(a["agreement"], "agree"))]
     return lines
+
+
+def _percent(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.1%}"

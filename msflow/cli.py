@@ -76,11 +76,13 @@ def _recalibrate(args: argparse.Namespace) -> int:
 
     try:
         version_dir, _ = recalibrate(args.store, args.category, review_store=args.review_store, version=args.version,
-                                     target_recall=args.target_recall, calibration_images=args.calibration_images)
+                                     target_recall=args.target_recall, calibration_images=args.calibration_images,
+                                     max_fpr=args.max_fpr, dry_run=args.dry_run)
     except (RecalibrationError, ManifestError, DataError) as exc:  # what to fix is in the message
         print(f"msflow recalibrate: {exc}", file=sys.stderr)
         return 2
-    print(f"written to {version_dir} (the server loads it within MSFLOW_STORE_POLL_S)")
+    if version_dir is not None:
+        print(f"written to {version_dir} (the server loads it within MSFLOW_STORE_POLL_S)")
     return 0
 
 
@@ -118,7 +120,8 @@ def _export(args: argparse.Namespace) -> int:
                              trt_batches=(args.trt_min_batch, args.trt_opt_batch, args.trt_max_batch),
                              calibration_images=args.calibration_images, policy=args.policy,
                              target_fpr=args.target_fpr, target_recall=args.target_recall,
-                             map_sigma=args.map_sigma)
+                             map_sigma=args.map_sigma,
+                             warn=lambda line: print(f"msflow export: warning: {line}", file=sys.stderr))
     print(f"exported to {version_dir}")
     return 0
 
@@ -163,7 +166,8 @@ def _worker(args: argparse.Namespace) -> int:
 def _import_official(args: argparse.Namespace) -> int:
     from models.official import import_official_run
 
-    run = import_official_run(args.checkpoint, Path(args.out), _model_config(args), args.backbone_weights)
+    run = import_official_run(args.checkpoint, Path(args.out), _model_config(args), args.backbone_weights,
+                              warn=lambda line: print(f"msflow import-official: warning: {line}", file=sys.stderr))
     print(f"run written to {run}")
     return 0
 
@@ -243,6 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
                    default=DEFAULT_NG_RECALL, help="goal: share of labelled NG at or above the ok bound, at the lowest false-alarm rate")
     p.add_argument("--calibration-images", default=None,
                    help="the version's calibration normals, when its manifest's folder is not reachable here")
+    p.add_argument("--max-fpr", type=float, default=None,
+                   help="ceiling on the 95%% upper bound of the new false-alarm rate on the calibration normals "
+                        "(default 0.1); a version above it, and above the source version's bound, is refused")
+    p.add_argument("--dry-run", action="store_true", help="print the before/after table; write nothing")
     p.set_defaults(func=_recalibrate)
 
     p = sub.add_parser("eval", help="evaluate a run: AUROC, pixel AUROC, AUPRO, F1; report.json and pictures")
@@ -261,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export a run to the model store: one ONNX graph, manifest, calibration")
     p.add_argument("--run", required=True)
     p.add_argument("--store", default="model_store")
-    p.add_argument("--category", default=None, help="default: the run's category")
+    p.add_argument("--category", default=None, help="default: the category the run's config records (a run that "
+                   "records none, imported or trained on a plain folder, needs it)")
     p.add_argument("--validation", default=None,
                    help="MVTec-layout root with labelled anomalies for F1-optimal calibration")
     p.add_argument("--score-output", default="image_score_log", choices=["image_score_log", "absolute_score"],
@@ -276,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-recall", type=float, default=None,
                    help="with --policy target_recall: share of labelled anomalies to flag")
     p.add_argument("--map-sigma", type=float, default=None,
-                   help="Gaussian smoothing (input pixels) of the served anomaly map (default: the run's)")
+                   help="Gaussian smoothing (input pixels, 0 to 32) of the served anomaly map (default: the run's)")
     p.add_argument("--tensorrt", action="store_true", help="also build an FP16 TensorRT plan (CUDA host)")
     p.add_argument("--trt-min-batch", type=int, default=1)
     p.add_argument("--trt-opt-batch", type=int, default=8)

@@ -72,8 +72,10 @@ def parity_images(manifest: Manifest, limit: int) -> tuple[np.ndarray, list[str]
     chosen = (holdout + normal_tests)[: max(limit - min(len(defective), half), 0)]
     chosen += defective[: limit - len(chosen)]
     if not chosen:
+        relative = bool(manifest.source_run) and not Path(manifest.source_run).is_absolute()
         raise SystemExit(f"no demo images found for {manifest.category}: the source run {manifest.source_run} "
-                         "and its data set are gone")
+                         "and its data set are gone" + (" (a relative path, written by an export from before paths "
+                                                        "were stored absolute: re-export the run)" if relative else ""))
     return load_images(chosen, manifest.input_size), [s.defect_type for s in chosen]
 
 

@@ -7,7 +7,9 @@ that size with static input/output buffers; both exist so the GPU check can meas
 they buy against TensorRT.
 
 The run's ``checkpoint.pt`` must be the one exported: the manifest records its sha256
-(``source_checkpoint_sha256``), and a run retrained or resumed in place since is refused.
+(``source_checkpoint_sha256``), and a run retrained or resumed in place since is refused. Its
+model settings must be the manifest's but for ``map_sigma`` (the served map's smoothing,
+which ``msflow export --map-sigma`` may change): the version's value is applied.
 """
 
 from __future__ import annotations
@@ -81,8 +83,11 @@ class TorchEngine:
             raise EngineError("fp16 autocast and CUDA graphs need a CUDA device")
         run = self.manifest.source_run
         if not run or not Path(run).is_dir():
+            relative = bool(run) and not Path(run).is_absolute()
             raise EngineError(f"the source run of {self.version_dir} ({run}) is gone; the torch engine needs the "
-                              "training run (the model store holds only the exported graph)")
+                              "training run (the model store holds only the exported graph)"
+                              + ("; the path is relative (exported before paths were stored absolute): re-export "
+                                 "the run" if relative else ""))
         try:
             model, _ = load_model(run, self.device)
         except Exception as e:  # RunError, a corrupt checkpoint, missing backbone weights
@@ -90,10 +95,16 @@ class TorchEngine:
         # Hashed after the load (the export hashes before it): a checkpoint replaced in
         # between is then a refusal, never a pass.
         check_source_checkpoint(self.manifest, self.version_dir, run)
-        expected = MSFlowConfig.model_validate(self.manifest.model)
-        if model.config != expected:
+        try:
+            expected = MSFlowConfig.model_validate(self.manifest.model)
+        except ValueError as e:
+            raise EngineError(f"{self.version_dir}: the manifest's model settings are not valid: {e}") from e
+        # map_sigma is the served map's smoothing, post-processing only: export may set it
+        # (--map-sigma) without changing the run, so the version's value is applied here.
+        if model.config.model_copy(update={"map_sigma": expected.map_sigma}) != expected:
             raise EngineError(f"run {run} now holds a {model.config} model, but {self.version_dir} was exported "
                               f"from a {expected} one")
+        model.set_map_sigma(expected.map_sigma)
         self.model = model.eval()
         self.half = half
         self.cuda_graphs = cuda_graphs

@@ -8,6 +8,7 @@ modules shuffled (their order is not stable in official checkpoints)."""
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -357,3 +358,28 @@ def test_imported_run_loads_with_project_run_loader(official, tmp_path):
     model, info = load_model(out)
     assert info["source"] == "official" and info["epoch"] == 17
     assert_reproduces(model, official)
+
+
+def test_import_into_a_folder_of_another_run_removes_that_runs_outputs(official, tmp_path):
+    """Left beside the imported checkpoint, the old run's report and holdout were exported as the
+    imported model's metrics and calibration normals."""
+    from models.runs import RUN_OUTPUTS
+
+    out = tmp_path / "run"
+    out.mkdir()
+    old = [*RUN_OUTPUTS, "holdout.json", "config.json"]
+    for name in old:
+        (out / name).write_bytes(b"the previous run's")
+    (out / "notes.txt").write_text("not a run output: kept")
+    with pytest.warns(UserWarning, match="held another run: removed its last.pt"):
+        import_official_run(official[0], out, CONFIG)
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.json", "notes.txt"]
+    assert MSFlowConfig.model_validate_json((out / "config.json").read_text()) == CONFIG
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["source"] == "official"
+    with warnings.catch_warnings():  # importing again over an import: nothing else to remove, no warning
+        warnings.simplefilter("error")
+        import_official_run(official[0], out, CONFIG)
+    (out / "report.json").write_text("{}")
+    told: list[str] = []
+    import_official_run(official[0], out, CONFIG, warn=told.append)
+    assert len(told) == 1 and "removed its report.json" in told[0] and not (out / "report.json").exists()
