@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from models.atomic_files import write_atomic
 from models.calibrate import DEFAULT_TARGET_FPR, calibrate, calibration_samples
 from models.data import MVTecCategory, load_images, load_masks
+from models.devices import torch_device
 from models.manifest import Manifest
 from models.metrics import aupro, evaluate_predictions, image_auroc, metrics_by_group, pixel_auroc
 from models.msflow import MSFlow
@@ -49,28 +50,6 @@ def predict(model: MSFlow, images: np.ndarray, device: torch.device | str = "cpu
         for k in keys:
             out[k].append(result[k].float().cpu().numpy())
     return {k: np.concatenate(v) for k, v in out.items()}
-
-
-def eval_device(device: str) -> torch.device:
-    """The torch device ``device`` names ("auto": CUDA when there is one, else CPU); ValueError,
-    in one line, for a name torch does not know or a GPU this host cannot use (torch raised a
-    RuntimeError or, without CUDA support, an AssertionError, and only at the first tensor)."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as exc:
-        raise ValueError(f"unknown device {device!r} (cpu, cuda, cuda:1 ..., auto)") from exc
-    if dev.type == "cpu":
-        return dev
-    if dev.type != "cuda":
-        raise ValueError(f"device {device!r}: eval runs on cpu or cuda")
-    if not torch.cuda.is_available():
-        raise ValueError(f"device {device!r}: no usable CUDA GPU here (torch {torch.__version__}, "
-                         f"CUDA {torch.version.cuda or 'not compiled in'})")
-    if dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ValueError(f"device {device!r}: this host has {torch.cuda.device_count()} CUDA GPU(s)")
-    return dev
 
 
 def check_version_matches_run(version: Path, run: Path, train_cfg: dict[str, Any]) -> Manifest:
@@ -147,7 +126,7 @@ def evaluate_run(run: str | Path, data: str | Path | None = None, category: str 
         raise ValueError(f"target FPR must be in [0, 1), got {target_fpr}")
     if threshold is not None and version:
         raise ValueError("give a threshold or a version to take it from, not both")
-    device = str(eval_device(device))
+    device = str(torch_device(device))
     train_cfg = read_json(run / "config.json")
     if not isinstance(train_cfg, dict):
         raise ValueError(f"{run / 'config.json'} is not a run config (a JSON object)")

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from models.data import MVTecCategory, Sample, folder_of_good_images, load_images, split_holdout
+from models.devices import torch_device
 from models.msflow import MSFlow, MSFlowConfig
 from models.review_store import REVIEWED_OK, ReviewStore, resolve_root
 from models.runs import (CHECKPOINT, LAST, RUN_OUTPUTS, RunError, read_checkpoint, save_checkpoint,
@@ -55,12 +56,6 @@ class TrainConfig(BaseModel):
     amp: bool | None = None  # None: on for CUDA, off for CPU
     include_reviewed_ok: Path | None = None  # a review store (or the model store holding one): its OK labels
     reviewed_ok_images: int | None = None  # set by train(): training normals that came from that store
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def seed_everything(seed: int) -> None:
@@ -171,7 +166,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         cfg.include_reviewed_ok.resolve() if cfg.include_reviewed_ok else None)})
     out = cfg.out
     seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
+    device = torch_device(cfg.device)
     use_amp = cfg.amp if cfg.amp is not None else device.type == "cuda"
 
     samples = training_samples(cfg)

@@ -30,19 +30,12 @@ log = logging.getLogger(__name__)
 
 
 def _resolve_device(device: str) -> Any:
-    import torch
+    from models.devices import DeviceError, torch_device
 
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise EngineError(f"device {device!r} is not a torch device (auto, cpu, cuda, cuda:N)") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise EngineError(f"device {device!r} asked for but no CUDA GPU is visible")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise EngineError(f"device {device!r} asked for, but this host has {torch.cuda.device_count()} CUDA device(s)")
-    return dev
+        return torch_device(device)
+    except DeviceError as exc:
+        raise EngineError(str(exc)) from exc
 
 
 def check_source_checkpoint(manifest: Manifest, version_dir: Path, run: str) -> None:
