@@ -162,13 +162,13 @@ def check_export_settings(policy: str, target_fpr: float, target_recall: float |
     if version is not None:
         check_version_name(version)
     if tensorrt:
-        from models.tensorrt_build import _require_cuda, _require_tensorrt
+        from models.tensorrt_build import require_cuda, require_tensorrt
 
         low, opt, high = trt_batches
         if not 1 <= low <= opt <= high:
             raise ValueError(f"TensorRT batches: need 1 <= min <= opt <= max, got {low}, {opt}, {high}")
-        _require_tensorrt()
-        _require_cuda()
+        require_tensorrt()
+        require_cuda()
 
 
 def same_export(category_dir: Path, checkpoint_hash: str, config: MSFlowConfig, source: CalibrationSource,

@@ -34,20 +34,25 @@ DEFAULT_WORKSPACE_BYTES = 4 << 30
 TOPK_LIMIT = 3840
 
 
-def _require_tensorrt() -> "object":
+class TensorRTUnavailable(RuntimeError):
+    """This host cannot build a plan (no TensorRT, too old a TensorRT, no CUDA GPU): what to
+    install or to drop (``--tensorrt``), in one line; the CLI prints it without a traceback."""
+
+
+def require_tensorrt() -> "object":
     try:
         import tensorrt as trt
     except ImportError as e:
-        raise RuntimeError("TensorRT is not installed (pip install tensorrt, TensorRT >= 10 on a CUDA host); "
+        raise TensorRTUnavailable("TensorRT is not installed (pip install tensorrt, TensorRT >= 10 on a CUDA host); "
                            "export without --tensorrt to ship the ONNX engine only") from e
     return trt
 
 
-def _require_cuda() -> tuple[str, str]:
+def require_cuda() -> tuple[str, str]:
     import torch
 
     if not torch.cuda.is_available():
-        raise RuntimeError("building a TensorRT plan needs a CUDA GPU and none is visible to torch "
+        raise TensorRTUnavailable("building a TensorRT plan needs a CUDA GPU and none is visible to torch "
                            "(check the driver and CUDA_VISIBLE_DEVICES); export without --tensorrt")
     major, minor = torch.cuda.get_device_capability()
     return torch.cuda.get_device_name(), f"{major}.{minor}"
@@ -137,11 +142,11 @@ def build_plan(onnx_path: str | Path, plan_path: str | Path, input_size: int, mi
     """
     if not 1 <= min_batch <= opt_batch <= max_batch:
         raise ValueError(f"need 1 <= min_batch <= opt_batch <= max_batch, got {min_batch}, {opt_batch}, {max_batch}")
-    trt = _require_tensorrt()
-    gpu_name, capability = _require_cuda()
+    trt = require_tensorrt()
+    gpu_name, capability = require_cuda()
     major = int(trt.__version__.split(".")[0])
     if major < 10:
-        raise RuntimeError(f"TensorRT {trt.__version__} is too old: the plan builder and engine use the "
+        raise TensorRTUnavailable(f"TensorRT {trt.__version__} is too old: the plan builder and engine use the "
                            "TensorRT 10 API (tensor names, set_input_shape, execute_async_v3)")
 
     import onnx
@@ -195,4 +200,4 @@ def build_plan(onnx_path: str | Path, plan_path: str | Path, input_size: int, mi
                         min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch)
 
 
-__all__ = ["build_plan", "cast_uint8_input", "keep_numerics_in_fp32", "INPUT_NAME", "TOPK_LIMIT"]
+__all__ = ["TensorRTUnavailable", "build_plan", "cast_uint8_input", "keep_numerics_in_fp32", "INPUT_NAME", "TOPK_LIMIT"]

@@ -335,13 +335,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """The exception types that mean bad input: ValueError (pydantic's ValidationError, a
-    ManifestError and the tools' own checks are ValueErrors), OSError, and the engines'
-    EngineError (a RuntimeError: `bench --model` of a folder that is no model version). Taken
+    ManifestError and the tools' own checks are ValueErrors), OSError, the engines'
+    EngineError (a RuntimeError: `bench --model` of a folder that is no model version) and
+    TensorRTUnavailable (`export --tensorrt` on a host without TensorRT or a GPU). Taken
     from sys.modules, so a command that never loaded the service does not import it here."""
     errors: list[type[BaseException]] = [ValueError, OSError]
-    engines = sys.modules.get("service.engines.base")
-    if engines is not None:
-        errors.append(engines.EngineError)
+    for module, name in (("service.engines.base", "EngineError"), ("models.tensorrt_build", "TensorRTUnavailable")):
+        if module in sys.modules:
+            errors.append(getattr(sys.modules[module], name))
     return tuple(errors)
 
 

@@ -270,3 +270,24 @@ def test_recalibrate_checks_its_settings(tmp_path: Path) -> None:
                               (dict(max_fpr=float("nan")), "max-fpr")):
         with pytest.raises(RecalibrationError, match=message):
             recalibrate(tmp_path, CATEGORY, **settings)
+
+
+
+def test_export_with_tensorrt_on_a_host_that_cannot_build_plans_is_one_line(
+        trained_run: Path, tmp_path: Path, no_onnx: list[Path], capsys: pytest.CaptureFixture[str]) -> None:
+    """`msflow export --tensorrt` without TensorRT or a GPU: the CLI's one-line error (exit 2),
+    before any work, not a RuntimeError's traceback."""
+    import importlib.util
+
+    import torch
+
+    from msflow.cli import main
+
+    if importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available():
+        pytest.skip("this host has TensorRT and a CUDA GPU: it builds plans (deploy/gpu-check.sh covers that path)")
+    store = tmp_path / "store"
+    assert main(["export", "--run", str(trained_run), "--store", str(store), "--tensorrt"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("msflow export: TensorRTUnavailable: ") and "\n" not in err, err
+    assert "--tensorrt" in err  # what to drop
+    assert not no_onnx and not store.exists()
