@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import re
 import struct
 import time
 import warnings
@@ -136,6 +137,35 @@ def _label(name: str | None) -> str:
     return f"{name!r}" if name else "the image"
 
 
+def _too_many_pixels(label: str, max_pixels: int, size: tuple[int, int] | None,
+                     bomb: Image.DecompressionBombError | None = None) -> ImageTooLarge:
+    """The 413 in the service's words and limit only: Pillow's own text names its guard's
+    limit (twice ours, :func:`configure_pillow`), which no client can act on."""
+    if size is not None:
+        what = f"is {size[0]}x{size[1]} = {size[0] * size[1]:,} pixels"
+    elif bomb is not None and (found := re.search(r"\((\d+) pixels\)", str(bomb))):
+        what = f"has {int(found.group(1)):,} pixels"
+    else:
+        what = "has too many pixels"
+    return ImageTooLarge(f"{label} {what}; at most {max_pixels:,} per image (MSFLOW_MAX_IMAGE_PIXELS)")
+
+
+def _claimed_size(data: bytes) -> tuple[int, int] | None:
+    """The size the header claims, read by the accepted formats' own Pillow plugins without
+    the bomb check that made ``Image.open`` refuse it (for the message only; None if none can)."""
+    prefix = data[:16]
+    for fmt in ("PNG", "JPEG", "BMP", "TIFF", "WEBP"):
+        factory, accept = Image.OPEN.get(fmt, (None, None))
+        if factory is None or (accept is not None and not accept(prefix)):
+            continue
+        try:
+            with factory(io.BytesIO(data), "") as img:  # header only, as Image.open reads it
+                return img.size
+        except Exception:  # noqa: BLE001 - the next plugin, or no size in the message
+            continue
+    return None
+
+
 @contextlib.contextmanager
 def _opened(data: bytes, limits: ImageLimits, name: str | None) -> Iterator[Image.Image]:
     """The upload opened from its header (no pixel buffer yet), after every check the header
@@ -147,8 +177,8 @@ def _opened(data: bytes, limits: ImageLimits, name: str | None) -> Iterator[Imag
         raise UndecodableImage(f"{label} is empty")
     try:
         img = Image.open(io.BytesIO(data))  # header only: no pixel buffer yet
-    except Image.DecompressionBombError as exc:
-        raise ImageTooLarge(f"{label} has too many pixels (limit {limits.max_pixels}): {exc}") from exc
+    except Image.DecompressionBombError as exc:  # over twice the limit: Pillow refuses it at the header
+        raise _too_many_pixels(label, limits.max_pixels, _claimed_size(data), exc) from exc
     except Image.UnidentifiedImageError as exc:
         raise UnsupportedImageType(f"{label} is not an image in a supported format ({_FORMAT_LIST})") from exc
     except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
@@ -159,8 +189,7 @@ def _opened(data: bytes, limits: ImageLimits, name: str | None) -> Iterator[Imag
             raise UnsupportedImageType(f"{label} is {fmt}; accepted: {_FORMAT_LIST}")
         width, height = img.size
         if width * height > limits.max_pixels:
-            raise ImageTooLarge(f"{label} is {width}x{height} = {width * height} pixels; "
-                                f"the limit is {limits.max_pixels}")
+            raise _too_many_pixels(label, limits.max_pixels, (width, height))
         if width <= 0 or height <= 0:
             raise UndecodableImage(f"{label} has an empty size {width}x{height}")
         yield img
@@ -226,7 +255,7 @@ def decode_into(item: InspectedImage, size: int, limits: ImageLimits) -> None:
             item.tensor = plain  # upright RGB at the model's size already: nothing to convert, resize or copy
         else:
             # libspng's pixels are upright RGB already (decode_plain_png); Pillow's go through to_rgb
-            rgb = Image.fromarray(plain) if plain is not None else _load_rgb(img, item.filename)
+            rgb = Image.fromarray(plain) if plain is not None else _load_rgb(img, item.filename, limits.max_pixels)
             del plain
             if rgb.size == (item.height, item.width) != (item.width, item.height):
                 _rotated_by_late_exif(item)
@@ -237,7 +266,7 @@ def decode_into(item: InspectedImage, size: int, limits: ImageLimits) -> None:
     if item.display_size is not None and item.redecode_size is not None:
         with _opened(item.data, limits, item.filename) as img:
             reduce_while_decoding(img, max(item.display_size))
-            rgb = _load_rgb(img, item.filename)
+            rgb = _load_rgb(img, item.filename, limits.max_pixels)
             item.display = rgb.resize(item.display_size, Image.Resampling.BILINEAR, reducing_gap=2.0)
             del rgb
     item.decode_ms = (time.perf_counter() - started) * 1e3
@@ -253,7 +282,7 @@ def _rotated_by_late_exif(item: InspectedImage) -> None:
     item.render_size, item.display_size = swap(item.render_size), swap(item.display_size)
 
 
-def _load_rgb(img: Image.Image, name: str | None) -> Image.Image:
+def _load_rgb(img: Image.Image, name: str | None, max_pixels: int) -> Image.Image:
     """Decode the pixels, upright 8-bit RGB as the trainer converts them (:func:`to_rgb`).
     The result may be ``img`` itself: use it before the file closes."""
     try:
@@ -261,8 +290,8 @@ def _load_rgb(img: Image.Image, name: str | None) -> Image.Image:
         rgb = to_rgb(img, copy=False)  # no full-size copy: resized before the file closes
         rgb.load()
         return rgb
-    except Image.DecompressionBombError as exc:
-        raise ImageTooLarge(f"{_label(name)} has too many pixels: {exc}") from exc
+    except Image.DecompressionBombError as exc:  # a frame larger than the header said
+        raise _too_many_pixels(_label(name), max_pixels, None, exc) from exc
     except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
         # struct.error: some Pillow plugins surface corrupt headers that way.
         raise UndecodableImage(f"cannot decode {_label(name)} (truncated or corrupt?): {exc}") from exc

@@ -133,8 +133,26 @@ def test_pixel_bomb_refused_from_header_without_allocating() -> None:
 
 def test_pixel_limit_below_pillows_own_guard() -> None:
     # 2500 x 2000 = 5 MP: above our 4 MP limit, below Pillow's 2x error threshold; still 413.
-    with pytest.raises(ImageTooLarge, match="5000000 pixels"):
-        decode_image(png_header(2500, 2000), SIZE, LIMITS)
+    with pytest.raises(ImageTooLarge) as info:
+        decode_image(png_header(2500, 2000), SIZE, LIMITS, name="wide.png")
+    assert info.value.message == ("'wide.png' is 2500x2000 = 5,000,000 pixels; at most 4,000,000 per image "
+                                  "(MSFLOW_MAX_IMAGE_PIXELS)")
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "BMP"])
+def test_a_bomb_past_pillows_guard_is_refused_in_our_words_only(fmt: str) -> None:
+    """Above twice the limit Pillow refuses the header itself; the 413 still names the size
+    and our limit (the setting), never Pillow's text with its own, other limit."""
+    if fmt == "PNG":
+        bomb = png_header(20_000, 20_000)
+    else:  # a BMP header claiming 20000 x 20000, with no pixels behind it
+        bomb = b"BM" + struct.pack("<IHHI", 54, 0, 0, 54) + struct.pack("<IiiHHIIiiII", 40, 20_000, 20_000, 1, 24,
+                                                                           0, 0, 2835, 2835, 0, 0)
+    with pytest.raises(ImageTooLarge) as info:
+        decode_image(bomb, SIZE, LIMITS)
+    assert info.value.status_code == 413 and info.value.code == "image_too_large"
+    assert info.value.message == ("the image is 20000x20000 = 400,000,000 pixels; at most 4,000,000 per image "
+                                  "(MSFLOW_MAX_IMAGE_PIXELS)")
 
 
 def test_png_text_beyond_its_budget_is_422_before_it_is_all_inflated() -> None:
