@@ -304,10 +304,29 @@ def largest_heatmap_png_bytes(pixels: int) -> int:
     return 4 * pixels + 64 * 1024
 
 
+# MSFLOW_* variables that are no setting but the project's own, read by its scripts and tools,
+# and so often in a server's environment (exported in the shell that runs scripts/demo.sh, a
+# .env sourced for compose): not typos, so not warned about. tests/unit/test_settings.py checks
+# that each is read where named here and is no setting.
+PROJECT_VARIABLES = frozenset({
+    "MSFLOW_DEMO_CATEGORIES", "MSFLOW_DEMO_FULL",  # scripts/demo.sh, scripts/build-demo.sh
+    "MSFLOW_TORCH_SPEC",  # scripts/setup.sh (which scripts/demo.sh runs)
+    # docker-compose.yml and deploy/env.example: compose's own, or the trainer service's
+    "MSFLOW_VARIANT", "MSFLOW_PUBLISH_PORT", "MSFLOW_WORKERS", "MSFLOW_REDIS_MAXMEMORY", "MSFLOW_LOG_MAX_SIZE",
+    "MSFLOW_LOG_MAX_FILES", "MSFLOW_TRAINER_TENSORRT",
+    # loadtests/ (Locust)
+    "MSFLOW_LOAD_API_KEY", "MSFLOW_LOAD_IMAGES", "MSFLOW_LOAD_CATEGORIES", "MSFLOW_LOAD_MAX_IMAGES",
+    "MSFLOW_LOAD_BATCH", "MSFLOW_LOAD_TIMEOUT", "MSFLOW_LOAD_JOB_TIMEOUT",
+    # the test suite and scripts/install-browser.sh
+    "MSFLOW_TEST_HOSTILE_REQUESTS", "MSFLOW_TEST_ARTIFACTS", "MSFLOW_CHROMIUM",
+})
+
+
 def unknown_env(environ: Mapping[str, str] | None = None) -> list[str]:
-    """``MSFLOW_*`` variables of ``environ`` that no setting reads (misspelt, or left over)."""
+    """``MSFLOW_*`` variables of ``environ`` that no setting reads (misspelt, or left over),
+    but for the project's scripts' and tools' own (:data:`PROJECT_VARIABLES`)."""
     environ = os.environ if environ is None else environ
-    known = {f"MSFLOW_{name.upper()}" for name in Settings.model_fields}
+    known = {f"MSFLOW_{name.upper()}" for name in Settings.model_fields} | PROJECT_VARIABLES
     return sorted(k for k in environ if k.upper().startswith("MSFLOW_") and k.upper() not in known)
 
 

@@ -26,8 +26,35 @@ def test_every_msflow_variable_in_product_code_is_a_setting() -> None:
     known = {f"MSFLOW_{name.upper()}" for name in Settings.model_fields}
     read = set()
     for path in [*ROOT.joinpath("service").rglob("*.py"), *ROOT.joinpath("msflow").rglob("*.py")]:
-        read |= set(re.findall(r"MSFLOW_[A-Z0-9_]*[A-Z0-9]", path.read_text()))
+        names = set(re.findall(r"MSFLOW_[A-Z0-9_]*[A-Z0-9]", path.read_text()))
+        if path == ROOT / "service" / "config.py":
+            names -= config.PROJECT_VARIABLES  # named there only to be let through
+        read |= names
     assert read - known == set(), "read but no setting"
+
+
+def test_the_projects_own_other_variables_pass_without_a_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`MSFLOW_DEMO_CATEGORIES=brick ./scripts/demo.sh` logged its own variable as ignored;
+    the scripts', compose's and tools' variables pass, a typo still warns."""
+    env = {"MSFLOW_DEMO_CATEGORIES": "brick", "MSFLOW_DEMO_FULL": "0", "MSFLOW_TORCH_SPEC": "torch==2.5",
+           "MSFLOW_VARIANT": "cpu", "MSFLOW_DEMO_CATEGORIE": "brick"}
+    seen: list[str] = []
+    monkeypatch.setattr(config.log, "warning", lambda msg, *args: seen.append(msg % args))
+    assert warn_unknown_env(env) == ["MSFLOW_DEMO_CATEGORIE"]
+    assert len(seen) == 1 and "MSFLOW_DEMO_CATEGORIE" in seen[0] and "MSFLOW_DEMO_CATEGORIES" not in seen[0]
+
+
+def test_each_other_variable_is_read_by_the_project_and_is_no_setting() -> None:
+    """The list stays true: every name on it is used outside the server and no setting has it."""
+    known = {f"MSFLOW_{name.upper()}" for name in Settings.model_fields}
+    assert config.PROJECT_VARIABLES.isdisjoint(known)
+    used: set[str] = set()
+    places = [ROOT / "docker-compose.yml", ROOT / "deploy" / "env.example", *ROOT.joinpath("scripts").iterdir(),
+              *ROOT.joinpath("loadtests").rglob("*.py"), *ROOT.joinpath("tests").rglob("*.py")]
+    for path in places:
+        if path.is_file() and path != Path(__file__).resolve():
+            used |= set(re.findall(r"MSFLOW_[A-Z0-9_]*[A-Z0-9]", path.read_text(errors="replace")))
+    assert config.PROJECT_VARIABLES - used == set(), "listed but used nowhere"
 
 
 def test_the_development_admin_switch_is_refused_off_loopback() -> None:
