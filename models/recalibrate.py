@@ -28,6 +28,17 @@ one-sided 95% upper bound on that rate is above the ceiling, and above the sourc
 own bound (a small calibration set's bound is high even with no false alarm: that is no
 change), is refused with the figures and the flag that accepts it. ``dry_run`` prints the
 table (and what would be refused) and writes nothing.
+
+A floor under each bound: with a few labels the refit follows those few parts (one NG label
+put the ng bound at that part's score, and 73 of 105 defects went from ng to review). A bound
+may move on labels of a class (OK or NG) only where there are at least
+:data:`MIN_LABELS_PER_CLASS` of that class: refitted without the labels of a smaller class,
+a bound that lands elsewhere was moved by them (:func:`small_sample_moves`). The NG labels
+set both bounds where there are any (the recall goal: the ok bound under them, the ng bound
+at their lowest kept score), OK labels a bound where an OK part is the highest known good
+under it; OK labels alone (no NG) move the ok bound's false-alarm quantile. Such a version is
+refused, after the table, unless ``accept_small_sample`` (``--accept-small-sample``); the
+report names the bounds and classes (``small_sample``).
 """
 
 from __future__ import annotations
@@ -73,6 +84,10 @@ class FalseAlarmCeilingError(RecalibrationError):
     """The new ok bound would flag more calibration normals than ``max_fpr`` allows."""
 
 
+class SmallSampleError(RecalibrationError):
+    """A bound would move on fewer than :data:`MIN_LABELS_PER_CLASS` labels of a class."""
+
+
 class Recalibration(BaseModel):
     """What ``recalibration.json`` holds and the command prints."""
 
@@ -95,6 +110,9 @@ class Recalibration(BaseModel):
     normals_after: dict[str, Any]
     warnings: list[str]
     max_fpr: float | None = None  # the ceiling it was checked against (None: written before there was one)
+    # bound ("ok"/"ng") -> the label classes ("OK"/"NG") of fewer than MIN_LABELS_PER_CLASS
+    # labels that moved it; a published version holds any only where accept_small_sample
+    small_sample: dict[str, list[str]] = {}
 
 
 class _Scorer:
@@ -176,11 +194,12 @@ def recalibrate(store: str | Path, category: str, review_store: str | Path | Non
                 version: str | None = None, target_recall: float = DEFAULT_NG_RECALL,
                 calibration_images: str | Path | None = None, out: Callable[[str], None] = print,
                 warn: Callable[[str], None] | None = None, max_fpr: float | None = None,
-                dry_run: bool = False) -> tuple[Path | None, Recalibration]:
+                dry_run: bool = False, accept_small_sample: bool = False) -> tuple[Path | None, Recalibration]:
     """Write a recalibrated version of ``category`` into ``store``; returns its folder (None for
-    ``dry_run``, which prints the table and writes nothing) and report. Raises
-    :class:`FalseAlarmCeilingError` (after printing the table) when the new bounds break
-    ``max_fpr`` (default :data:`DEFAULT_MAX_FPR`)."""
+    ``dry_run``, which prints the table and writes nothing) and report. Raises, after printing
+    the table, :class:`FalseAlarmCeilingError` when the new bounds break ``max_fpr`` (default
+    :data:`DEFAULT_MAX_FPR`), else :class:`SmallSampleError` when a bound moves on fewer than
+    :data:`MIN_LABELS_PER_CLASS` labels of a class and not ``accept_small_sample``."""
     warn = warn or (lambda line: print(f"warning: {line}", file=sys.stderr))
     max_fpr = DEFAULT_MAX_FPR if max_fpr is None else max_fpr
     check_settings(category, target_recall, max_fpr)
@@ -225,29 +244,37 @@ def recalibrate(store: str | Path, category: str, review_store: str | Path | Non
 
     ok_scores = scores[[lab == "ok" for lab in labels]]
     ng_scores = scores[[lab == "ng" for lab in labels]]
-    ok, ng, ng_method = fit_review_bounds(np.r_[normals, ok_scores], ng_scores, target_recall,
-                                          cal.target_fpr or DEFAULT_TARGET_FPR, cal.review_margin or
-                                          DEFAULT_REVIEW_MARGIN, cal.span)
+    def fit(ok_labelled: np.ndarray, ng_labelled: np.ndarray) -> tuple[float, float, Any]:
+        return fit_review_bounds(np.r_[normals, ok_labelled], ng_labelled, target_recall,
+                                 cal.target_fpr or DEFAULT_TARGET_FPR, cal.review_margin or DEFAULT_REVIEW_MARGIN,
+                                 cal.span)
+
+    ok, ng, ng_method = fit(ok_scores, ng_scores)
+    small = small_sample_moves(lambda o, n: fit(o, n)[:2], ok_scores, ng_scores, (cal.threshold, cal.ng_bound))
     before = review_table(labels, scores, cal.threshold, cal.ng_bound)
     after = review_table(labels, scores, ok, ng)
     normals_before = _normal_block(normals, cal.threshold)
     normals_after = _normal_block(normals, ok)
     warnings = notes + _support_warnings(after, target_recall)
-    refusal = ceiling_refusal(category, source_version, normals_before, normals_after, max_fpr)
-    if dry_run or refusal:
+    ceiling = ceiling_refusal(category, source_version, normals_before, normals_after, max_fpr)
+    too_few = None if accept_small_sample else small_sample_refusal(category, before, after, small, len(ok_scores),
+                                                                      len(ng_scores))
+    refusals = [r for r in (ceiling, too_few) if r]
+    if dry_run or refusals:
         report = Recalibration(
             category=category, from_version=source_version,
             to_version=next_version(category_dir), engine_files="hardlink",  # what publishing would give now
             review_store=str(root), goal=_goal(target_recall), labelled_ok=len(ok_scores), labelled_ng=len(ng_scores),
             excluded_trained_on=excluded, rescored=len(stale), normals=len(normals), before=before, after=after,
-            normals_before=normals_before, normals_after=normals_after, warnings=warnings, max_fpr=max_fpr)
+            normals_before=normals_before, normals_after=normals_after, warnings=warnings, max_fpr=max_fpr,
+            small_sample=small)
         for line in format_report(report):
             out(line)
         for line in warnings:
             warn(line)
-        if refusal and not dry_run:
-            raise FalseAlarmCeilingError(refusal)
-        if refusal:
+        if refusals and not dry_run:
+            raise (FalseAlarmCeilingError if ceiling else SmallSampleError)("; and ".join(refusals))
+        for refusal in refusals:
             warn(f"would be refused: {refusal}")
         out("dry run: nothing written")
         return None, report
@@ -273,7 +300,7 @@ def recalibrate(store: str | Path, category: str, review_store: str | Path | Non
             review_store=str(root), goal=_goal(target_recall), labelled_ok=len(ok_scores),
             labelled_ng=len(ng_scores), excluded_trained_on=excluded, rescored=len(stale), normals=len(normals),
             before=before, after=after, normals_before=normals_before, normals_after=normals_after,
-            warnings=warnings, max_fpr=max_fpr)
+            warnings=warnings, max_fpr=max_fpr, small_sample=small)
 
         def number_it(new_version: str) -> None:  # under the category's lock (models/publish.py)
             nonlocal report
@@ -295,6 +322,56 @@ def recalibrate(store: str | Path, category: str, review_store: str | Path | Non
     for line in warnings:
         warn(line)
     return final, report
+
+
+BOUNDS = ("ok", "ng")
+
+
+def _same(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+
+
+def small_sample_moves(fit: Callable[[np.ndarray, np.ndarray], tuple[float, float]], ok_scores: np.ndarray,
+                       ng_scores: np.ndarray, old: tuple[float, float]) -> dict[str, list[str]]:
+    """Which bounds the labels of a class with fewer than :data:`MIN_LABELS_PER_CLASS` labels
+    move: ``{"ok"|"ng": ["OK"|"NG", ...]}``, empty when none. ``fit(ok_scores, ng_scores)``
+    gives (ok bound, ng bound); ``old`` are the source version's. A bound counts as moved by a
+    class when it differs from ``old`` and refitted without that class's labels it lands
+    elsewhere (both classes together only where neither alone explains it)."""
+    new = fit(ok_scores, ng_scores)
+    few = [cls for cls, scores in (("OK", ok_scores), ("NG", ng_scores)) if 0 < scores.size < MIN_LABELS_PER_CLASS]
+    none = np.zeros(0)
+
+    def without(classes: list[str]) -> tuple[float, float]:
+        return fit(none if "OK" in classes else ok_scores, none if "NG" in classes else ng_scores)
+
+    moved: dict[str, list[str]] = {}
+    alone = {cls: without([cls]) for cls in few}
+    both = without(few) if len(few) > 1 else None
+    for i, bound in enumerate(BOUNDS):
+        if _same(new[i], old[i]):
+            continue
+        by = [cls for cls in few if not _same(alone[cls][i], new[i])]
+        if not by and both is not None and not _same(both[i], new[i]):
+            by = list(few)
+        if by:
+            moved[bound] = by
+    return moved
+
+
+def small_sample_refusal(category: str, before: dict[str, Any], after: dict[str, Any],
+                         small: dict[str, list[str]], n_ok: int, n_ng: int) -> str | None:
+    """Why the new bounds are refused for want of labels (one line), or None."""
+    if not small:
+        return None
+    count = {"OK": n_ok, "NG": n_ng}
+    moves = ", ".join(
+        f"the {bound} bound {before[f'{bound}_bound']:.6g} -> {after[f'{bound}_bound']:.6g} on "
+        + " and ".join(f"{count[cls]} {cls} label{'s' if count[cls] != 1 else ''}" for cls in classes)
+        for bound, classes in small.items())
+    return (f"{category}: too few labels to move a bound: {moves} (a bound moves on at least {MIN_LABELS_PER_CLASS} "
+            f"labels of each class that moves it): nothing written. Label more parts, or pass --accept-small-sample "
+            f"to publish it anyway")
 
 
 def _goal(target_recall: float) -> str:

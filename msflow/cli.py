@@ -77,7 +77,8 @@ def _recalibrate(args: argparse.Namespace) -> int:
     try:
         version_dir, _ = recalibrate(args.store, args.category, review_store=args.review_store, version=args.version,
                                      target_recall=args.target_recall, calibration_images=args.calibration_images,
-                                     max_fpr=args.max_fpr, dry_run=args.dry_run)
+                                     max_fpr=args.max_fpr, dry_run=args.dry_run,
+                                     accept_small_sample=args.accept_small_sample)
     except (RecalibrationError, ManifestError, DataError) as exc:  # what to fix is in the message
         print(f"msflow recalibrate: {exc}", file=sys.stderr)
         return 2
@@ -251,6 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ceiling on the 95%% upper bound of the new false-alarm rate on the calibration normals "
                         "(default 0.1); a version above it, and above the source version's bound, is refused")
     p.add_argument("--dry-run", action="store_true", help="print the before/after table; write nothing")
+    p.add_argument("--accept-small-sample", action="store_true",
+                   help="publish even where a bound moves on fewer than 10 labels of a class (default: refused, "
+                        "after the table). Each bound may move only on at least 10 labels of each class that "
+                        "moves it: NG labels set both bounds (the ok bound under them, the ng bound at their "
+                        "lowest kept score); OK labels a bound where an OK part is the highest known good under "
+                        "it, or, with no NG labels, the ok bound's false-alarm quantile")
     p.set_defaults(func=_recalibrate)
 
     p = sub.add_parser("eval", help="evaluate a run: AUROC, pixel AUROC, AUPRO, F1; report.json and pictures")

@@ -209,10 +209,15 @@ def test_review_loop_end_to_end(loop_store: Path, parts: list[tuple[Path, str, s
             assert len([n for n in z.namelist() if n.startswith("good/")]) == labelled_ok
             assert len(z.read("labels.jsonl").decode().splitlines()) == n
 
-        # 3. msflow recalibrate, as an operator runs it
-        run = subprocess.run([sys.executable, "-m", "msflow.cli", "recalibrate", "--store", str(loop_store),
-                              "--category", CATEGORY, "--review-store", str(review_root)],
-                             capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        # 3. msflow recalibrate, as an operator runs it: fewer than 10 labels of each class move
+        # the bounds, so it is refused (after the table) until the operator accepts that
+        command = [sys.executable, "-m", "msflow.cli", "recalibrate", "--store", str(loop_store),
+                   "--category", CATEGORY, "--review-store", str(review_root)]
+        env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+        run = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+        assert run.returncode == 2 and "--accept-small-sample" in run.stderr, run.stdout + run.stderr
+        assert "ng bound (raw)" in run.stdout and not (loop_store / CATEGORY / "2").exists()
+        run = subprocess.run([*command, "--accept-small-sample"], capture_output=True, text=True, timeout=300, env=env)
         assert run.returncode == 0, run.stdout + run.stderr
         assert "too small to support this change" in run.stderr  # fewer than 10 NG labels
         v2_dir = loop_store / CATEGORY / "2"

@@ -7,7 +7,9 @@
   version exported with another --map-sigma serves;
 - a second export of the same checkpoint calibrated the same way says which version it repeats;
 - recalibrate refuses a new version whose false alarms on the calibration normals pass a
-  ceiling (and --dry-run writes nothing), and a category that is no category name.
+  ceiling (and --dry-run writes nothing), and a category that is no category name;
+- recalibrate refuses, unless --accept-small-sample, a bound moved by fewer than 10 labels of
+  a class (one NG label put the ng bound at that part's score), bound by bound and class by class.
 """
 
 from __future__ import annotations
@@ -20,13 +22,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from models import export as export_module
 from models import recalibrate as recalibrate_module
+from models.calibrate import fit_review_bounds
+from models.data import Sample
 from models.export import export_run
 from models.manifest import Manifest, list_versions
 from models.msflow import MSFlow, MSFlowConfig
-from models.recalibrate import RecalibrationError, recalibrate
+from models.recalibrate import MIN_LABELS_PER_CLASS, RecalibrationError, recalibrate, small_sample_moves
 from models.review_store import Budget, ReviewStore
 
 CATEGORY = "brick"  # tests/conftest.py's demo category
@@ -229,14 +234,122 @@ def test_recalibrate_refuses_a_false_alarm_rate_above_the_ceiling(mislabelled_st
     assert report.normals_after["fpr_upper_95"] > 0.1 and report.max_fpr == 0.1
     assert any("would be refused" in line for line in lines) and lines[-1] == "dry run: nothing written"
 
-    # accepted when asked for, and the paths it records are absolute
+    # accepted when asked for (8 labels: the small-sample floor too), and the paths it records are absolute
     accept = message.split("--max-fpr ")[-1].split()[0]
+    assert "--accept-small-sample" in message  # both refusals named at once
     version_dir, report = recalibrate(mislabelled_store, CATEGORY, out=lines.append, warn=lines.append,
-                                      max_fpr=float(accept))
+                                      max_fpr=float(accept), accept_small_sample=True)
     assert version_dir is not None and version_dir.name == "2"
     recorded = Manifest.read(version_dir).calibration.labels.review_store
     assert Path(recorded).is_absolute() and Path(report.review_store).is_absolute()
     assert json.loads((version_dir / "recalibration.json").read_text())["max_fpr"] == float(accept)
+
+
+@pytest.fixture
+def bare_store(model_store: Path, tmp_path: Path) -> Path:
+    """The session's version 1, no labels."""
+    store = tmp_path / "store"
+    shutil.copytree(model_store, store, ignore=shutil.ignore_patterns(".review"))
+    return store
+
+
+def _variants(paths: list[Path], folder: Path, count: int) -> list[Path]:
+    """``count`` distinct images (other bytes, the same defects): the parts turned and mirrored."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out: list[Path] = []
+    for turn in range(8):
+        for path in paths:
+            if len(out) == count:
+                return out
+            with Image.open(path) as part:
+                img = part.convert("RGB").rotate(90 * (turn % 4))
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if turn >= 4 else img
+            out.append(folder / f"{len(out):03d}.png")
+            img.save(out[-1])
+    raise AssertionError(f"only {len(out)} variants of {len(paths)} parts")
+
+
+def test_one_ng_label_moves_no_bound_unless_accepted(bare_store: Path, visible_test_images: dict[str, list[Path]],
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """The newcomer's case: one review item labelled NG put the ng bound at that part's score
+    and the new version was served (73 of 105 defects from ng to review)."""
+    from msflow.cli import main
+
+    part = next(iter(visible_test_images.values()))[0]
+    _label(bare_store, [part], "ng")
+    before = _files(bare_store / CATEGORY)
+    lines: list[str] = []
+    with pytest.raises(recalibrate_module.SmallSampleError) as refused:
+        recalibrate(bare_store, CATEGORY, out=lines.append, warn=lines.append)
+    message = str(refused.value)
+    assert "\n" not in message and "the ng bound " in message and " on 1 NG label " in message
+    assert "nothing written" in message and "--accept-small-sample" in message and "OK label" not in message
+    assert any(line.startswith("ng bound (raw)") for line in lines)  # the table first, to judge by
+    assert _files(bare_store / CATEGORY) == before
+
+    cli = ["recalibrate", "--store", str(bare_store), "--category", CATEGORY]
+    assert main(cli) == 2
+    out = capsys.readouterr()
+    assert "ng bound (raw)" in out.out and "--accept-small-sample" in out.err
+    assert main([*cli, "--dry-run"]) == 0
+    assert "would be refused" in capsys.readouterr().err and _files(bare_store / CATEGORY) == before
+
+    assert main([*cli, "--accept-small-sample"]) == 0
+    version_dir = bare_store / CATEGORY / "2"
+    report = json.loads((version_dir / "recalibration.json").read_text())
+    assert report["small_sample"] == {"ng": ["NG"]} and report["labelled_ng"] == 1
+    assert Manifest.read(version_dir).calibration.ng_bound == report["after"]["ng_bound"] != report["before"]["ng_bound"]
+    assert "too small to support this change" in capsys.readouterr().err  # still said
+
+
+def test_enough_labels_of_the_classes_that_move_a_bound(bare_store: Path, visible_test_images: dict[str, list[Path]],
+                                                        tmp_path: Path) -> None:
+    """10 NG labels move the bounds; then one OK label on a part scoring above them all puts
+    the ng bound just above it: refused again, naming the OK labels only."""
+    parts = _variants([p for paths in visible_test_images.values() for p in paths], tmp_path / "parts",
+                      MIN_LABELS_PER_CLASS + 1)
+    version = bare_store / CATEGORY / "1"
+    scores = recalibrate_module._Scorer(version, Manifest.read(version))(
+        [Sample(path=p, label=1, defect_type="stain") for p in parts])
+    order = np.argsort(scores)
+    _label(bare_store, [parts[i] for i in order[:-1]], "ng")  # all but the highest
+    lines: list[str] = []
+    _, report = recalibrate(bare_store, CATEGORY, out=lines.append, warn=lines.append, dry_run=True, max_fpr=1.0)
+    assert report.labelled_ng == MIN_LABELS_PER_CLASS and report.small_sample == {}
+    assert report.after["ng_bound"] != report.before["ng_bound"]
+    assert not any("would be refused" in line for line in lines)
+
+    _label(bare_store, [parts[order[-1]]], "ok")  # scores above every NG label
+    lines = []
+    _, report = recalibrate(bare_store, CATEGORY, out=lines.append, warn=lines.append, dry_run=True, max_fpr=1.0)
+    assert report.small_sample == {"ng": ["OK"]}, report.small_sample
+    assert report.after["ng_bound"] > scores.max()
+    refusal = next(line for line in lines if "would be refused" in line)
+    assert " on 1 OK label " in refusal and "NG label" not in refusal
+
+
+def test_which_classes_move_which_bound() -> None:
+    """small_sample_moves on known scores: a bound counts as moved by a small class only where,
+    refitted without that class's labels, it would land elsewhere."""
+    normals = np.random.default_rng(0).normal(1.0, 0.3, 50)
+    none = np.zeros(0)
+
+    def fit(ok: np.ndarray, ng: np.ndarray) -> tuple[float, float]:
+        return fit_review_bounds(np.r_[normals, ok], ng, 0.99, 0.01, 0.5, 2.0)[:2]
+
+    old = fit(none, none)
+    ten_ng = np.linspace(3.0, 12.0, MIN_LABELS_PER_CLASS)
+    for ok, ng, moved in [
+        (none, np.array([12.364]), {"ng": ["NG"]}),  # the newcomer's one label
+        (none, ten_ng, {}),
+        (np.array([20.0]), ten_ng, {"ng": ["OK"]}),  # one OK part above every defect: the ng bound just above it
+        (np.array([0.5, 0.6]), ten_ng, {}),  # OK parts among the normals move nothing
+        (np.array([0.5, 0.6]), np.array([12.0]), {"ng": ["NG"]}),
+        (np.array([5.0, 6.0, 7.0]), none, {"ok": ["OK"], "ng": ["OK"]}),  # OK alone: the false-alarm quantile
+        (np.linspace(5.0, 7.0, MIN_LABELS_PER_CLASS), none, {}),
+        (none, none, {}),
+    ]:
+        assert small_sample_moves(fit, ok, ng, old) == moved, (ok, ng)
 
 
 def test_recalibrate_records_absolute_paths_from_a_relative_store(mislabelled_store: Path,
@@ -262,7 +375,9 @@ def test_recalibrate_help_states_the_default_ceiling() -> None:
     from msflow.cli import build_parser
 
     sub = next(a for a in build_parser()._actions if a.dest == "command").choices["recalibrate"]
-    assert f"(default {recalibrate_module.DEFAULT_MAX_FPR:g})" in sub.format_help().replace("\n", " ")
+    text = " ".join(sub.format_help().split())
+    assert f"(default {recalibrate_module.DEFAULT_MAX_FPR:g})" in text
+    assert f"fewer than {MIN_LABELS_PER_CLASS} labels of a class" in text  # the parser may not import the floor
 
 
 def test_recalibrate_checks_its_settings(tmp_path: Path) -> None:

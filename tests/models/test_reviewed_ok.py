@@ -62,7 +62,8 @@ def test_reviewed_ok_images_join_the_training_normals(demo_root: Path, tmp_path:
     from models.recalibrate import recalibrate
 
     lines: list[str] = []
-    new_dir, report = recalibrate(model_store, CATEGORY, out=lines.append, warn=lines.append)
+    new_dir, report = recalibrate(model_store, CATEGORY, out=lines.append, warn=lines.append,
+                                  accept_small_sample=True)  # one NG label: accepted, as said below
     assert report.excluded_trained_on == 3 and report.labelled_ok == 0 and report.labelled_ng == 1
     assert report.rescored == 1  # scored by another version ("0"): scored again by this one
     assert Manifest.read(new_dir).calibration.labels.excluded_trained_on == 3
