@@ -9,6 +9,10 @@
 # show; each category appears in the console as soon as the server has loaded it.
 #   MSFLOW_DEMO_CATEGORIES  categories (default "brick grass gravel")
 #   MSFLOW_DEMO_FULL=0      stop after the quick pass
+# Run again after an interruption, it goes on where it stopped: a run counts as trained only
+# when `msflow train` finished it (train_log.jsonl ends with the trainer's "done" event); one
+# it left unfinished (checkpoint.pt then holds only the best epoch so far) resumes from its
+# last.pt with `msflow train --resume`, or trains anew where that cannot resume.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STORE=${MSFLOW_MODEL_STORE:-model_store}
@@ -18,6 +22,28 @@ MSFLOW=.venv/bin/msflow
 status() {  # status STAGE CATEGORY STATE [DETAIL]: a terminal line and <store>/.build/status.json
   echo "demo-build: [$(date -u +%H:%M:%S)] $1 $2: $3 ${4:-}"
   $MSFLOW build-status --store "$STORE" --stage "$1" --category "$2" --state "$3" --detail "${4:-}"
+}
+run_state() {  # run_state RUN: trained (msflow train finished it), resume (interrupted) or new
+  if [ -f "$1/checkpoint.pt" ] && [ -f "$1/train_log.jsonl" ] \
+      && tail -n 1 "$1/train_log.jsonl" | grep -q '"event": "done"'; then
+    echo trained
+  elif [ -f "$1/last.pt" ] && [ -f "$1/config.json" ]; then
+    echo resume
+  else
+    echo new
+  fi
+}
+train_run() {  # train_run RUN TRAIN-ARGS...: train into RUN unless that finished before
+  local run=$1
+  shift
+  case $(run_state "$run") in
+    trained) echo "demo-build: $run finished training before: not trained again" ;;
+    resume)
+      echo "demo-build: $run was interrupted: resuming its training (msflow train --resume)"
+      $MSFLOW train "$@" --out "$run" --resume \
+        || { echo "demo-build: $run cannot resume: training it anew"; $MSFLOW train "$@" --out "$run"; } ;;
+    *) $MSFLOW train "$@" --out "$run" ;;
+  esac
 }
 current=""  # "STAGE CATEGORY" being built, so a failure is recorded against it
 trap 'rc=$?; if [ $rc -ne 0 ]; then [ -n "$current" ] && status $current failed "exit $rc"; $MSFLOW build-status --store "$STORE" --state failed; fi' EXIT
@@ -33,7 +59,7 @@ for category in $CATEGORIES; do
   if ls "$STORE/$category"/*/manifest.json >/dev/null 2>&1; then continue; fi
   current="quick $category"
   status quick "$category" training
-  $MSFLOW train --data data/demo --category "$category" --out "runs/demo-quick/$category" \
+  train_run "runs/demo-quick/$category" --data data/demo --category "$category" \
     --lr 1e-3 --meta-epochs 3 --sub-epochs 4 --warmup-meta-epochs 1 --decay-milestones 9
   $MSFLOW export --run "runs/demo-quick/$category" --store "$STORE" >/dev/null
   status quick "$category" served "quick model (12 sub-epochs); the full model follows"
@@ -47,7 +73,7 @@ for category in $CATEGORIES; do
   if [ -f "$run/report.json" ] && [ -f "$STORE/$category/.full-exported" ]; then continue; fi
   current="full $category"
   status full "$category" training "default recipe; the quick model keeps serving"
-  [ -f "$run/checkpoint.pt" ] || $MSFLOW train --data data/demo --category "$category" --out "$run"
+  train_run "$run" --data data/demo --category "$category"
   status full "$category" evaluating
   $MSFLOW eval --run "$run" | sed 's/^/demo-build:   /'
   $MSFLOW export --run "$run" --store "$STORE" >/dev/null

@@ -15,8 +15,13 @@ export MSFLOW_MODEL_STORE=${MSFLOW_MODEL_STORE:-model_store}
 # an admin key is configured, and this development switch is refused off loopback.
 if [ -z "${MSFLOW_ADMIN_API_KEYS:-}" ]; then export MSFLOW_DEV_OPEN_ADMIN=${MSFLOW_DEV_OPEN_ADMIN:-true}; fi
 mkdir -p "$MSFLOW_MODEL_STORE"
-./scripts/build-demo.sh &
+# The builder in a process group of its own (job control on for this one start), so that
+# leaving the demo stops the training under way too: killing the builder's shell alone left
+# its `msflow train` running on, orphaned, into the run folder the next demo resumes.
+set -m
+./scripts/build-demo.sh </dev/null &
 builder=$!
-trap 'kill $builder 2>/dev/null || true' EXIT INT TERM
+set +m
+trap 'kill -TERM -- -$builder 2>/dev/null || true' EXIT INT TERM
 echo "demo: serving $MSFLOW_MODEL_STORE on http://127.0.0.1:${MSFLOW_PORT:-8000} (models appear as they are built)"
 .venv/bin/msflow serve --port "${MSFLOW_PORT:-8000}"
