@@ -69,7 +69,8 @@ class Settings(BaseSettings):
     # --- batching -----------------------------------------------------------------------
     max_batch_size: int = Field(8, ge=1, le=1024)
     max_queue_delay_ms: float = Field(5.0, ge=0.0, description="how long a batch waits for company")
-    max_queue_size: int = Field(64, ge=1, description="images waiting per category before 503")
+    max_queue_size: int = Field(64, ge=1, description="images waiting per category before 503; also the most "
+                                "images one POST /v1/inspect may carry (its images queue together: 413 beyond)")
     request_deadline_ms: float = Field(10_000.0, gt=0.0, description="answer 504 past this")
 
     # --- input limits -------------------------------------------------------------------
@@ -275,9 +276,13 @@ class Settings(BaseSettings):
     def _consistent(self) -> "Settings":
         if self.max_files_per_request > self.max_queue_size:
             # A request is queued atomically (all its images or none), so a request with more
-            # images than the queue holds could never be served.
-            log.warning("max_files_per_request (%d) > max_queue_size (%d): such requests always get 503",
-                        self.max_files_per_request, self.max_queue_size)
+            # images than the queue holds could never be served: POST /v1/inspect refuses it
+            # with 413 too_many_files (not 503 queue_full, whose Retry-After no retry satisfies).
+            # Not refused here: a worker queues a job's images in parts and serves any number.
+            log.warning("max_files_per_request (%d) > max_queue_size (%d): POST /v1/inspect takes at most %d images "
+                        "a request (413 too_many_files beyond); jobs take up to %d",
+                        self.max_files_per_request, self.max_queue_size, self.max_queue_size,
+                        self.max_files_per_request)
         if self.max_request_megapixels > self.max_inflight_megapixels:
             raise ValueError("max_request_megapixels exceeds max_inflight_megapixels: such requests could never run")
         if self.max_upload_bytes > self.max_request_bytes:

@@ -289,8 +289,17 @@ class ReviewLabelRequest(_Model):
 
     label: Literal["ok", "ng"]
     defect_type: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$",
-                                    description="with ng: e.g. scratch, stain (lower case, digits, _ and -)")
+                                    description="with ng only (422 with ok): e.g. scratch, stain (lower case, "
+                                                "digits, _ and -)")
     note: str | None = Field(None, max_length=500)
+
+    @model_validator(mode="after")
+    def _defect_with_ng(self) -> "ReviewLabelRequest":
+        # The store kept an ok label and dropped its defect type without a word: the reviewer
+        # believed the type recorded. The console sends one with ng only.
+        if self.defect_type is not None and self.label != "ng":
+            raise ValueError(f"defect_type is for ng labels only, not {self.label}")
+        return self
 
 
 class ReviewEntry(_Model):

@@ -30,6 +30,7 @@ from service.api.console import install_console
 from service.api.errors import install_error_handlers
 from service.config import Settings
 from service.api.docs import install_docs
+from service.api.openapi import DESCRIPTION, install_openapi
 from service.api.request_metrics import RequestMetricsMiddleware
 from service.api.security_headers import SecurityHeadersMiddleware
 from service.pipeline.state import ServiceState
@@ -49,7 +50,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await state.stop()
 
     app = FastAPI(title="MSFlow inspection service", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  description="Anomaly scores and heatmaps from MSFlow models, batched per category.")
+                  description=DESCRIPTION)
     app.state.service = state
     app.add_middleware(BodyLimitMiddleware)  # inside the metrics: its 413s are counted and carry a request id
     app.add_middleware(RequestMetricsMiddleware, metrics=state.metrics)
@@ -61,4 +62,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(area.router)
     install_console(app)  # GET / (operator console), model assets, threshold overrides, recent scores
     install_docs(app)  # /docs with local assets (FastAPI's own page loads them from a CDN)
+    install_openapi(app)  # /openapi.json: key schemes, headers, bodies beyond what FastAPI derives
     return app

@@ -12,7 +12,10 @@ every configured key.
 State-changing routes also refuse what a browser sends on behalf of another site
 (:func:`refuse_cross_site`): the key header already does that when keys are configured
 (a cross-site form cannot set headers, and no CORS is allowed), the guard covers open
-development servers too.
+development servers too. Where a route's keys are configured, a request without a key is
+answered 401 before the guard looks at it (every route checks the key first): it could
+never pass, whichever site sent it, and the guard's 403 would send its client looking for
+the wrong fault.
 """
 
 from __future__ import annotations
@@ -97,6 +100,8 @@ async def require_admin_key(request: Request, state: StateDep) -> None:
     """Admin routes need an admin key; with none configured they are closed, except on a
     loopback development server with ``dev_open_admin`` and no keys at all."""
     s = state.settings
+    if s.admin_api_keys and _presented_key(request) is None:
+        raise _unauthorized("missing_api_key", "this route needs an admin API key")
     await refuse_cross_site(request)
     if request.method not in ("GET", "HEAD", "OPTIONS"):
         _refuse_formless(request)
@@ -120,6 +125,8 @@ async def require_reviewer_key(request: Request, state: StateDep) -> str:
     with a label (the reviewer key's name, ``admin-<sha256 of the key, 8 hex>`` for an admin
     key: never the key itself). Closed like the admin routes when neither kind is configured."""
     s = state.settings
+    if (s.reviewer_api_keys or s.admin_api_keys) and _presented_key(request) is None:
+        raise _unauthorized("missing_api_key", "this route needs a reviewer or admin API key")
     await refuse_cross_site(request)
     if request.method not in ("GET", "HEAD", "OPTIONS"):
         _refuse_formless(request)

@@ -25,8 +25,9 @@ unbounded:
   time limit: a route that reads a JSON body waited for it for good, and once any route had
   answered, a client sending the rest of a declared body a byte at a time kept the connection
   for as long as it went on (uvicorn's keep-alive timer is cancelled by every read and armed
-  only when an answer completes). The upload routes answer 504 at the deadline themselves;
-  this closes their connection when the body is still coming after that;
+  only when an answer completes). ``POST /v1/inspect`` answers its own 408 at the deadline
+  (counted from the request's arrival, so before this); this closes its connection when the
+  body is still coming after that;
 * **answer time**: a client that takes none of its answer's bytes (its TCP window shut) for
   ``body_timeout_s`` has its connection aborted; one that reads slowly keeps it. uvicorn's app
   task waited for the client to read on, for good, holding its answer, the file or stream
@@ -49,7 +50,9 @@ not the answer: a client that wrote a 3 MB header and then read got a reset four
 five before, the 431 now.
 
 Each refusal is counted (``msflow_http_connections_closed_total`` by reason) beside the open
-connections (``msflow_http_connections``). uvicorn's own answer to a request it cannot parse
+connections (``msflow_http_connections``), and its answer carries an ``X-Request-ID`` as every
+answer of the app does: always a new one (the request never reached the app, and may not have
+been parsed), named in the debug log's line of the refusal. uvicorn's own answer to a request it cannot parse
 comes in the API's error shape here too (400 ``bad_request``), not as plain text. The server
 runs with ``ws="none"``: with a WebSocket library installed (wsproto is), uvicorn handed an
 upgrade request's connection to a protocol of its own, outside these budgets and this count
@@ -65,6 +68,7 @@ import json
 import logging
 import struct
 import termios
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,12 +118,15 @@ def budgeted_protocol(budget: ConnectionBudget, metrics: ServiceMetrics) -> type
                                                                  "clock": clock})
 
 
-def error_bytes(status: int, phrase: str, code: str, message: str, extra_headers: str = "") -> bytes:
+def error_bytes(status: int, phrase: str, code: str, message: str, extra_headers: str = "",
+                request_id: str | None = None) -> bytes:
     """A whole HTTP/1.1 answer in the API's error shape, closing the connection
-    (``extra_headers``: more header lines, each ending in CRLF)."""
+    (``extra_headers``: more header lines, each ending in CRLF), with ``request_id`` (a new
+    one if None) as its ``X-Request-ID``."""
     body = json.dumps(error_body(code, message)).encode()
     head = (f"HTTP/1.1 {status} {phrase}\r\ncontent-type: application/json\r\n"
-            f"content-length: {len(body)}\r\nconnection: close\r\n{extra_headers}\r\n")
+            f"content-length: {len(body)}\r\nconnection: close\r\n"
+            f"x-request-id: {request_id or uuid.uuid4().hex}\r\n{extra_headers}\r\n")
     return head.encode("ascii") + body
 
 
@@ -369,13 +376,15 @@ class BudgetedHttpProtocol(HttpToolsProtocol):
         one spent, or ``bad_request`` (bytes that are not HTTP)."""
         if self.transport.is_closing() or self._linger_until:
             return
-        self._closed_on_budget(budget)
         answering = self._answering
         if answering is not None and answering.response_started and not answering.response_complete:
+            self._closed_on_budget(budget)
             self._stop_answering()  # an answer is partway out: no clean place for this one
             self.transport.close()
             return
-        self.transport.write(error_bytes(status, phrase, code, message, extra_headers))
+        request_id = uuid.uuid4().hex
+        self._closed_on_budget(budget, request_id)
+        self.transport.write(error_bytes(status, phrase, code, message, extra_headers, request_id))
         self._linger()
 
     def _linger(self) -> None:
@@ -411,6 +420,6 @@ class BudgetedHttpProtocol(HttpToolsProtocol):
         if self._linger_left < 0 and not self.transport.is_closing():
             self.transport.close()
 
-    def _closed_on_budget(self, reason: str) -> None:
+    def _closed_on_budget(self, reason: str, request_id: str | None = None) -> None:
         self.metrics.connections_closed.labels(reason).inc()
-        log.debug("closing %s: %s", self.client, reason)
+        log.debug("closing %s: %s%s", self.client, reason, f" (answered, id={request_id})" if request_id else "")

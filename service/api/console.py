@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, FastAPI, Query
 from fastapi.responses import FileResponse
@@ -33,8 +33,9 @@ from service.api.static_files import AllowListedFiles
 from service.api.auth import Admin, Authed
 from service.api.deps import CategoryDep, StateDep
 from service.api.errors import ApiError
+from service.api.openapi import BODY_TOO_LARGE, UNAUTHORIZED, errors, ok
 from service.pipeline.registry import EVALUATION_ASSETS, LoadedModel
-from service.schemas import ErrorResponse, RecentScores, ThresholdState, ThresholdUpdate
+from service.schemas import RecentScores, ThresholdState, ThresholdUpdate
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,11 @@ _PAGE_HEADERS = {"Content-Security-Policy": CONTENT_SECURITY_POLICY, "Cache-Cont
                  "Referrer-Policy": "no-referrer"}
 # What /static serves: the page's scripts and style, not the page (served at / with its policy).
 STATIC_SUFFIXES = (".js", ".css")
-_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (401, 403, 404, 422, 500, 503)}
+_NOT_LOADED = "`model_not_loaded` (still loading, or failed to load; Retry-After)"
+_READ_ERRORS = errors({401: UNAUTHORIZED, 404: "`unknown_category`", 503: _NOT_LOADED})
+_ADMIN = "`cross_site_refused`, `admin_disabled`, `forbidden` (a valid key that is not an admin key)"
+_VERSION_CHANGED = "`version_changed` (`version` is not the version served; nothing changed)"
+_THRESHOLD_WRITE = ("`redis_unavailable` (Redis configured but down: nothing changed; Retry-After), " + _NOT_LOADED)
 
 router = APIRouter()
 
@@ -64,7 +69,11 @@ async def console_page() -> FileResponse:
 
 
 @router.get("/v1/models/{category}/assets/{name}", dependencies=[Authed], response_class=FileResponse,
-            responses={**_ERRORS, 200: {"content": {"image/png": {}, "application/json": {}}}})
+            responses={**ok("The file", content={"image/png": {"schema": {"type": "string", "format": "binary"}},
+                                                 "application/json": {"schema": {"type": "object"}}},
+                            headers={"X-Model-Version": {"description": "the version the file belongs to",
+                                                         "schema": {"type": "string"}}}),
+                       **errors({401: UNAUTHORIZED, 404: "`unknown_category`, `asset_not_found`", 503: _NOT_LOADED})})
 async def get_asset(category: CategoryDep, name: str, state: StateDep) -> FileResponse:
     """An evaluation file of the serving version: ``roc.png``, ``examples.png`` or ``report.json``."""
     media_type = EVALUATION_ASSETS.get(name)
@@ -91,7 +100,7 @@ def _threshold_state(state: StateDep, category: str, persisted: list[str] | None
 
 
 @router.get("/v1/models/{category}/threshold", response_model=ThresholdState, dependencies=[Authed],
-            responses=_ERRORS)
+            responses={**ok(), **_READ_ERRORS})
 async def get_threshold(category: CategoryDep, state: StateDep) -> ThresholdState:
     return _threshold_state(state, category)
 
@@ -122,11 +131,12 @@ def _check_after(state: StateDep, category: str, model: LoadedModel) -> None:
         raise _version_changed(category, model.version, serving, written=True)
 
 
-_VERSION_ERRORS = {**_ERRORS, 409: {"model": ErrorResponse}}
-
-
-@router.put("/v1/models/{category}/threshold", response_model=ThresholdState, dependencies=[Admin],
-            responses=_VERSION_ERRORS)
+@router.put("/v1/models/{category}/threshold", response_model=ThresholdState, dependencies=[Admin], responses={
+    **ok(), **errors({401: UNAUTHORIZED, 403: _ADMIN, 404: "`unknown_category`", 409: _VERSION_CHANGED,
+                      413: BODY_TOO_LARGE,
+                      422: "`invalid_request` (the body), `threshold_out_of_range` (without `force`), "
+                           "`invalid_bounds` (ng_threshold below threshold)",
+                      500: "`threshold_not_persisted` (nothing changed), `internal_error`", 503: _THRESHOLD_WRITE})})
 async def put_threshold(category: CategoryDep, body: ThresholdUpdate, state: StateDep) -> ThresholdState:
     """Override the serving version's image threshold with a RAW score (the unit of ``raw_score``).
 
@@ -150,8 +160,9 @@ async def put_threshold(category: CategoryDep, body: ThresholdUpdate, state: Sta
     return _threshold_state(state, category, persisted)
 
 
-@router.delete("/v1/models/{category}/threshold", response_model=ThresholdState, dependencies=[Admin],
-               responses=_VERSION_ERRORS)
+@router.delete("/v1/models/{category}/threshold", response_model=ThresholdState, dependencies=[Admin], responses={
+    **ok(), **errors({401: UNAUTHORIZED, 403: _ADMIN, 404: "`unknown_category`", 409: _VERSION_CHANGED,
+                      500: "`threshold_not_persisted` (nothing changed), `internal_error`", 503: _THRESHOLD_WRITE})})
 async def delete_threshold(category: CategoryDep, state: StateDep, version: str | None = None) -> ThresholdState:
     """Back to the calibrated threshold of the serving version (``version``: as for PUT)."""
     model = state.registry.get(category)
@@ -162,7 +173,9 @@ async def delete_threshold(category: CategoryDep, state: StateDep, version: str 
     return _threshold_state(state, category, persisted)
 
 
-@router.get("/v1/models/{category}/recent", response_model=RecentScores, dependencies=[Admin], responses=_ERRORS)
+@router.get("/v1/models/{category}/recent", response_model=RecentScores, dependencies=[Admin], responses={
+    **ok(), **errors({401: UNAUTHORIZED, 403: "`admin_disabled`, `forbidden` (a valid key that is not an admin key)",
+                      404: "`unknown_category`", 422: "`invalid_request` (`threshold`, `limit`)", 503: _NOT_LOADED})})
 async def recent_scores(category: CategoryDep, state: StateDep,
                         threshold: Annotated[float | None, Query(allow_inf_nan=False)] = None,
                         limit: Annotated[int, Query(ge=1, le=100_000)] = 100) -> RecentScores:

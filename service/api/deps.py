@@ -7,17 +7,13 @@ request was a third of the event loop's time in the front-end benchmark."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import Depends, Request
 
 from models.manifest import CATEGORY_PATTERN
 from service.api.errors import unknown_category_error as unknown_category
 from service.pipeline.state import ServiceState
-from service.schemas import ErrorResponse
-
-ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 406, 413, 415, 422, 500, 501, 503, 504)}
 
 
 async def get_state(request: Request) -> ServiceState:

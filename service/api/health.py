@@ -7,17 +7,21 @@ from fastapi.responses import Response
 
 from service.api.deps import StateDep
 from service.api.errors import ApiError
+from service.api.openapi import REQUEST_ID, ok
 from service.schemas import ErrorResponse, Health, Readiness
 
 router = APIRouter()
 
 
-@router.get("/healthz", response_model=Health)
+@router.get("/healthz", response_model=Health, responses=ok("Alive"))
 async def healthz() -> Health:
     return Health()
 
 
-@router.get("/readyz", response_model=Readiness, responses={503: {"model": ErrorResponse}})
+@router.get("/readyz", response_model=Readiness, responses={
+    **ok("Ready: every category serves, or failed and is skipped"),
+    503: {"model": ErrorResponse, "headers": REQUEST_ID,
+          "description": "Not ready: `shutting_down`, `engine_unavailable`, `not_ready` (no Retry-After)"}})
 async def readyz(state: StateDep) -> Readiness:
     if state.shutting_down:
         raise ApiError(503, "shutting_down", "the server is shutting down")

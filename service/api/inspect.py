@@ -13,10 +13,12 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from service.api.auth import Authed, refuse_cross_site, require_api_key
-from service.api.deps import ERRORS, StateDep, get_state, known_category
+from service.api.deps import StateDep, get_state, known_category
 from service.api.errors import ApiError
+from service.api.openapi import PNG_ANSWER, UNAUTHORIZED, UPLOAD, errors, ok
 from service.api.uploads import read_uploads
-from service.pipeline.batcher import DeadlineExceeded
+from service.config import Settings
+from service.pipeline.decode import TooManyFiles
 from service.pipeline.item import InspectedImage
 from service.pipeline.state import ServiceState
 from service.schemas import Heatmap, HeatmapMode, HeatmapSize, InspectOptions, InspectResponse, Upload
@@ -41,28 +43,68 @@ async def inspect_target(request: Request, category: str) -> InspectTarget:
     parameter lists), about 30 µs apiece on the event loop of a 2.1 GHz Xeon: on the route
     that carries nearly all requests, one dependency instead of six (docs/PERFORMANCE.md)."""
     state = await get_state(request)
-    # Not read-only: an answer feeds the review store, recent scores and the drift metrics;
-    # on a server without keys another site's page could fill the reviewers' queue.
-    await refuse_cross_site(request)
+    # The key first: where keys are configured a request without one is 401, whichever site
+    # sent it. Not read-only: an answer feeds the review store, recent scores and the drift
+    # metrics; on a server without keys another site's page could fill the reviewers' queue.
     await require_api_key(request, state)
+    await refuse_cross_site(request)
     return InspectTarget(state, await known_category(category, state))
 
 
-@router.post("/v1/inspect/{category}", response_model=InspectResponse,
-             responses={**ERRORS, 200: {"content": {"image/png": {}}}})
+_INSPECT_ERRORS = errors({
+    400: "`bad_upload` (malformed multipart, or no part named `file`/`files`)",
+    401: UNAUTHORIZED,
+    403: "`cross_site_refused`",
+    404: "`unknown_category`",
+    406: "`not_acceptable`: the Accept header takes neither application/json nor image/png, or takes only "
+         "image/png for an answer that cannot be one (more than one image, or `heatmap` other than inline)",
+    408: "`request_timeout`: the body was still arriving at the deadline (MSFLOW_REQUEST_DEADLINE_MS from the "
+         "request's arrival)",
+    413: "`image_too_large`, `request_too_large`, `too_many_files` (over MSFLOW_MAX_FILES_PER_REQUEST, or over "
+         "MSFLOW_MAX_QUEUE_SIZE, the images one category's queue holds), `too_many_pixels`",
+    415: "`unsupported_media_type`",
+    422: "`invalid_request` (query parameters), `undecodable_image` and the other refusals of an image's bytes",
+    500: "`engine_error`, `non_finite_output`, `internal_error`",
+    503: "`queue_full`, `server_busy`, `model_not_loaded`, `engine_unavailable`, `shutting_down` (all with "
+         "Retry-After)",
+    504: "`deadline_exceeded`: no answer within MSFLOW_REQUEST_DEADLINE_MS of the request's arrival",
+})
+
+
+@router.post("/v1/inspect/{category}", response_model=InspectResponse, openapi_extra=UPLOAD, responses={
+    **ok("The results as JSON; or, for `Accept: image/png` (preferred over JSON) with one image and "
+         "`heatmap=inline`, the heatmap PNG itself with the result in headers",
+         content={"image/png": {"schema": {"type": "string", "format": "binary"}}}, headers={
+             name: {**spec, "required": False, "description": spec["description"] + " (image/png answers)"}
+             for name, spec in PNG_ANSWER.items()}),
+    **_INSPECT_ERRORS})
 async def inspect(request: Request, target: Annotated[InspectTarget, Depends(inspect_target)],
                   heatmap: HeatmapMode = HeatmapMode.inline, overlay: bool = False,
                   heatmap_size: HeatmapSize = HeatmapSize.model) -> Response:
+    """Score one or more images (multipart parts, or one raw image body).
+
+    The answer is JSON (``heatmap`` says how each result carries its heatmap), or the heatmap
+    PNG itself when ``Accept`` prefers ``image/png``: that answer needs one image and
+    ``heatmap=inline`` (the default; the PNG *is* the inline heatmap). A request that prefers
+    PNG but cannot have it gets JSON if its ``Accept`` takes JSON, else 406; so does an
+    ``Accept`` that takes neither."""
     state, category = target.state, target.category
     started: float = request.scope["state"]["started"]
     deadline = started + state.settings.request_deadline_ms / 1e3
     wants_png, json_ok = _wants_png(request.headers.get("accept"))
+    if not (wants_png or json_ok):
+        raise ApiError(406, "not_acceptable", "this route answers application/json, or image/png (one image, "
+                       "heatmap=inline); the Accept header takes neither")
+    if wants_png and heatmap is not HeatmapMode.inline:
+        if not json_ok:
+            raise ApiError(406, "not_acceptable", "an image/png answer is the heatmap itself, inline: it cannot "
+                           f"honour heatmap={heatmap.value} (ask for application/json, or leave heatmap out)")
+        wants_png = False
     # The model version is resolved once, here (503 now if it is still loading, before reading
     # the body); the whole request uses it, even if a reload swaps the category meanwhile.
     with state.pin(category) as lane:
         s = state.settings
-        uploads = await _before(deadline, read_uploads(request, s.max_files_per_request, s.max_upload_bytes,
-                                                       s.max_request_bytes))
+        uploads = await _before(deadline, _read_within_queue(request, s, lane.batcher.max_queue_size))
         if wants_png and len(uploads) != 1:
             if not json_ok:
                 raise ApiError(406, "not_acceptable", "an image/png answer needs exactly one image; "
@@ -83,18 +125,41 @@ async def inspect(request: Request, target: Annotated[InspectTarget, Depends(ins
     return Response(content, media_type="application/json")
 
 
+async def _read_within_queue(request: Request, s: Settings, queue_size: int) -> list[Upload]:
+    """The request's images, at most as many as one request may carry and the category's queue
+    can hold: a request's images are queued together (all or none), so more than the queue
+    holds could never be served; 413 says so, where 503 ``queue_full`` + Retry-After would have
+    the client retry in vain."""
+    limit = min(s.max_files_per_request, queue_size)
+    try:
+        return await read_uploads(request, limit, s.max_upload_bytes, s.max_request_bytes)
+    except TooManyFiles as exc:
+        if limit == s.max_files_per_request:
+            raise
+        raise TooManyFiles(f"more than {limit} images in one request: a category's queue holds {queue_size} "
+                           f"(MSFLOW_MAX_QUEUE_SIZE) and a request's images are queued together, so a request may "
+                           f"carry at most {limit} here", details={"limit": limit, "max_queue_size": queue_size,
+                                                                   "max_files_per_request": s.max_files_per_request}
+                           ) from exc
+
+
 async def _before(deadline: float, work: Awaitable[list[Upload]]) -> list[Upload]:
     """``work`` (reading the body), unless the request's deadline (counted from its arrival)
-    passes first: a client trickling its upload holds a slot only that long."""
+    passes first: a client trickling its upload holds a slot only that long. 408, as the
+    connection layer answers a late body on every other route: the client's upload was late,
+    not the server (a 504 here counted a slow client in the inspect 5xx alert)."""
     try:
         async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
             return await work
     except TimeoutError as exc:
-        raise DeadlineExceeded("the deadline passed while the request body was still arriving") from exc
+        raise ApiError(408, "request_timeout", "the request's body was still arriving at its deadline "
+                       "(MSFLOW_REQUEST_DEADLINE_MS from its arrival)") from exc
 
 
-@router.get("/v1/heatmaps/{heatmap_id}.png", dependencies=[Authed], response_class=Response,
-         responses={**ERRORS, 200: {"content": {"image/png": {}}}})
+@router.get("/v1/heatmaps/{heatmap_id}.png", dependencies=[Authed], response_class=Response, responses={
+    **ok("The PNG", content={"image/png": {"schema": {"type": "string", "format": "binary"}}}),
+    **errors({401: UNAUTHORIZED, 404: "`heatmap_not_found` (expired, evicted or never existed)",
+              503: "`redis_unavailable` (a link only Redis holds, while Redis is down)"})})
 async def get_heatmap(heatmap_id: str, state: StateDep) -> Response:
     """The PNG of a ``heatmap=url`` result, until its link expires (``heatmap_ttl_s``)."""
     png = await state.links.get(heatmap_id)

@@ -4,14 +4,15 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse, Response
 
 from service.api.auth import Authed, NotCrossSite
-from service.api.deps import ERRORS, CategoryDep, StateDep
+from service.api.deps import CategoryDep, StateDep
 from service.api.errors import ApiError
+from service.api.openapi import LOCATION, UNAUTHORIZED, UPLOAD, errors, ok
 from service.api.uploads import read_uploads
 from service.redisq.records import Unreadable
 from service.schemas import HeatmapMode, HeatmapSize, InspectOptions, JobAccepted, JobStatus
@@ -20,15 +21,40 @@ router = APIRouter()
 
 IDEMPOTENCY_KEY = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 
+_REDIS_DOWN = "`redis_unavailable` (Retry-After)"
 
-@router.post("/v1/jobs/{category}", status_code=202, response_model=JobAccepted, dependencies=[NotCrossSite, Authed],
-          responses=ERRORS)
+
+def _idempotency_key_schema(schema: dict[str, Any]) -> None:
+    """The header's schema: a string of :data:`IDEMPOTENCY_KEY` (checked by the route, which
+    answers 400 ``bad_idempotency_key``), not pydantic's "string or null" of an optional
+    parameter (a header is absent, never null)."""
+    schema.pop("anyOf", None)
+    schema.update(type="string", pattern=IDEMPOTENCY_KEY.pattern, minLength=1, maxLength=128)
+
+
+# The key before the cross-site guard: where keys are configured a request without one is 401.
+@router.post("/v1/jobs/{category}", status_code=202, response_model=JobAccepted, dependencies=[Authed, NotCrossSite],
+             openapi_extra=UPLOAD, responses={
+                 **ok("Queued", headers=LOCATION, status=202),
+                 **errors({400: "`bad_upload`, `bad_idempotency_key`", 401: UNAUTHORIZED, 403: "`cross_site_refused`",
+                           404: "`unknown_category`",
+                           408: "`request_timeout`: the body did not arrive within MSFLOW_REQUEST_DEADLINE_MS of "
+                                "the headers (the connection closes)",
+                           413: "`image_too_large`, `request_too_large`, `too_many_files`, `too_many_pixels`",
+                           415: "`unsupported_media_type`",
+                           422: "`invalid_request` (query parameters), `undecodable_image` and the other refusals "
+                                "of an image's header",
+                           503: "`redis_required` (no Redis configured: no Retry-After), " + _REDIS_DOWN +
+                                ", `job_backlog_full`, `model_not_loaded` (Retry-After)"})})
 async def submit_job(request: Request, category: CategoryDep, state: StateDep,
                      heatmap: HeatmapMode = HeatmapMode.inline, overlay: bool = False,
                      heatmap_size: HeatmapSize = HeatmapSize.model,
-                     idempotency_key: Annotated[str | None, Header(description=(
-                         "the same key (per category) gives the same job: resubmit after a lost answer without "
-                         "queuing the job twice"))] = None) -> Response:
+                     idempotency_key: Annotated[str | None, Header(
+                         description="the same key (per category) gives the same job: resubmit after a lost answer "
+                                     "without queuing the job twice; 1 to 128 of A-Z a-z 0-9 _ . : - (else 400 "
+                                     "bad_idempotency_key)",
+                         json_schema_extra=_idempotency_key_schema,
+                     )] = None) -> Response:
     """Queue an inspection for ``msflow worker`` (needs Redis); poll the ``Location``."""
     if idempotency_key is not None and not IDEMPOTENCY_KEY.match(idempotency_key):
         raise ApiError(400, "bad_idempotency_key", "Idempotency-Key: 1 to 128 of A-Z a-z 0-9 _ . : -")
@@ -44,7 +70,9 @@ async def submit_job(request: Request, category: CategoryDep, state: StateDep,
     return JSONResponse(body.model_dump(mode="json"), status_code=202, headers={"Location": location})
 
 
-@router.get("/v1/jobs/{job_id}", response_model=JobStatus, dependencies=[Authed], responses=ERRORS)
+@router.get("/v1/jobs/{job_id}", response_model=JobStatus, dependencies=[Authed], responses={
+    **ok(), **errors({401: UNAUTHORIZED, 404: "`job_not_found`", 500: "`job_record_unreadable`, `internal_error`",
+                      503: "`redis_required` (no Redis configured), " + _REDIS_DOWN})})
 async def get_job(job_id: str, state: StateDep) -> JobStatus:
     record = await state.require_jobs().records.get(job_id)
     if record is None:

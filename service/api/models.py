@@ -9,8 +9,9 @@ from fastapi import APIRouter, Query
 
 from models.manifest import CATEGORY_PATTERN, ManifestError
 from service.api.auth import Admin, Authed
-from service.api.deps import ERRORS, CategoryDep, StateDep, unknown_category
+from service.api.deps import CategoryDep, StateDep, unknown_category
 from service.api.errors import ApiError
+from service.api.openapi import UNAUTHORIZED, errors, ok
 from service.engines.base import EngineError
 from service.pipeline.registry import RegistryError, UnknownCategory, VersionNotFound
 from service.schemas import ModelInfo, ModelList
@@ -19,18 +20,28 @@ log = logging.getLogger(__name__)
 router = APIRouter()
 
 
-@router.get("/v1/models", response_model=ModelList, dependencies=[Authed], responses=ERRORS)
+@router.get("/v1/models", response_model=ModelList, dependencies=[Authed],
+            responses={**ok(), **errors({401: UNAUTHORIZED})})
 async def list_models(state: StateDep) -> ModelList:
     return ModelList(models=state.registry.describe_all(), failed=state.registry.failed,
                      building=state.registry.build_progress())
 
 
-@router.get("/v1/models/{category}", response_model=ModelInfo, dependencies=[Authed], responses=ERRORS)
+@router.get("/v1/models/{category}", response_model=ModelInfo, dependencies=[Authed], responses={
+    **ok(), **errors({401: UNAUTHORIZED, 404: "`unknown_category`",
+                      503: "`model_not_loaded` (still loading, or failed to load; Retry-After)"})})
 async def get_model(category: CategoryDep, state: StateDep) -> ModelInfo:
     return state.registry.describe(category)
 
 
-@router.post("/v1/models/{category}/reload", response_model=ModelInfo, dependencies=[Admin], responses=ERRORS)
+@router.post("/v1/models/{category}/reload", response_model=ModelInfo, dependencies=[Admin], responses={
+    **ok(), **errors({401: UNAUTHORIZED,
+                      403: "`cross_site_refused`, `admin_disabled`, `forbidden` (a valid key that is not an admin key)",
+                      404: "`unknown_category`, `version_not_found`",
+                      422: "`invalid_request` (`version` over 64 characters), `reload_failed` (the version cannot "
+                           "be served; the previous one keeps serving)",
+                      500: "`reload_failed` (an unexpected loader error; the previous version keeps serving), "
+                           "`internal_error`"})})
 async def reload_model(category: str, state: StateDep,
                        version: Annotated[str | None, Query(max_length=64)] = None) -> ModelInfo:
     """Load the newest (or pinned, or given) version, warm it, then swap; on failure the

@@ -30,8 +30,9 @@ from models.review_records import ReviewItem
 from models.review_export import export_zip
 from models.review_store import ItemNotFound, ReviewStore
 from service.api.auth import Reviewer, require_reviewer_key
-from service.api.deps import ERRORS, StateDep, unknown_category
+from service.api.deps import StateDep, unknown_category
 from service.api.errors import ApiError
+from service.api.openapi import BODY_TOO_LARGE, UNAUTHORIZED, errors, ok
 from service.api.thread_stream import ThreadStreams
 from service.schemas import DisagreementCounts, ReviewEntry, ReviewLabelled, ReviewLabelRequest, ReviewPage, ReviewStats
 
@@ -56,6 +57,20 @@ async def _category(category: str, state: StateDep) -> str:
 
 Category = Annotated[str, Depends(_category)]
 
+_FORBIDDEN = "`review_disabled`, `forbidden` (a valid key that is neither a reviewer's nor an admin's)"
+_STORE_DOWN = "`review_store_unavailable`"
+
+
+def _errors(**more: str) -> dict[int | str, dict[str, Any]]:
+    """What every route here may answer, and ``more`` (``s404=...`` for status 404)."""
+    codes = {401: UNAUTHORIZED, 403: _FORBIDDEN, 404: "`unknown_category`", 503: _STORE_DOWN}
+    codes.update({int(name[1:]): text for name, text in more.items()})
+    return errors(codes)
+
+
+_ITEM_NOT_FOUND = "`unknown_category`, `review_item_not_found`"
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+
 
 async def _io(state: StateDep, fn: Callable[..., _T], *args: Any) -> _T:
     try:
@@ -74,7 +89,8 @@ def _entry(category: str, item: ReviewItem, store: ReviewStore) -> ReviewEntry:
                        heatmap_url=f"{base}/heatmap.png" if item.heatmap else None)
 
 
-@router.get("/v1/review/{category}/items", response_model=ReviewPage, responses=ERRORS)
+@router.get("/v1/review/{category}/items", response_model=ReviewPage,
+            responses={**ok(), **_errors(s422="`invalid_request` (`verdict`, `after`, `limit`)")})
 async def list_pending(category: Category, state: StateDep, who: Reviewer,
                        verdict: Verdict | None = None, after: Annotated[str | None, Query(max_length=64)] = None,
                        limit: Annotated[int, Query(ge=1, le=100)] = 20) -> ReviewPage:
@@ -84,7 +100,8 @@ async def list_pending(category: Category, state: StateDep, who: Reviewer,
                       next_cursor=cursor)
 
 
-@router.get("/v1/review/{category}/items/{item_id}", response_model=ReviewEntry, responses=ERRORS)
+@router.get("/v1/review/{category}/items/{item_id}", response_model=ReviewEntry,
+            responses={**ok(), **_errors(s404=_ITEM_NOT_FOUND)})
 async def get_item(category: Category, item_id: str, state: StateDep, who: Reviewer) -> ReviewEntry:
     store = state.review.store
     item = await _io(state, store.item, category, item_id)
@@ -92,14 +109,14 @@ async def get_item(category: Category, item_id: str, state: StateDep, who: Revie
 
 
 @router.get("/v1/review/{category}/items/{item_id}/image", response_class=FileResponse,
-            responses={**ERRORS, 200: {"content": {"image/*": {}}}})
+            responses={**ok("The image as uploaded", content={"image/*": _BINARY}), **_errors(s404=_ITEM_NOT_FOUND)})
 async def get_image(category: Category, item_id: str, state: StateDep, who: Reviewer) -> FileResponse:
     path, media_type = await _io(state, state.review.store.file, category, item_id, "image")
     return FileResponse(path, media_type=media_type, headers=_FILE_HEADERS)
 
 
 @router.get("/v1/review/{category}/items/{item_id}/heatmap.png", response_class=FileResponse,
-            responses={**ERRORS, 200: {"content": {"image/png": {}}}})
+            responses={**ok("The heatmap PNG", content={"image/png": _BINARY}), **_errors(s404=_ITEM_NOT_FOUND)})
 async def get_heatmap(category: Category, item_id: str, state: StateDep, who: Reviewer) -> FileResponse:
     path, media_type = await _io(state, state.review.store.file, category, item_id, "heatmap")
     return FileResponse(path, media_type=media_type, headers=_FILE_HEADERS)
@@ -108,7 +125,10 @@ async def get_heatmap(category: Category, item_id: str, state: StateDep, who: Re
 _FILE_HEADERS = {"Cache-Control": "private, max-age=300", "X-Content-Type-Options": "nosniff"}
 
 
-@router.put("/v1/review/{category}/items/{item_id}/label", response_model=ReviewLabelled, responses=ERRORS)
+@router.put("/v1/review/{category}/items/{item_id}/label", response_model=ReviewLabelled, responses={
+    **ok(), **_errors(s403="`cross_site_refused`, " + _FORBIDDEN, s404=_ITEM_NOT_FOUND, s413=BODY_TOO_LARGE,
+                      s422="`invalid_request` (the body: e.g. `defect_type` with a label other than ng), "
+                           "`invalid_label`")})
 async def label_item(category: Category, item_id: str, body: ReviewLabelRequest, state: StateDep,
                      who: Reviewer) -> ReviewLabelled:
     """Label an item OK or NG (``defect_type`` with NG only); the label records ``who`` and when."""
@@ -118,7 +138,7 @@ async def label_item(category: Category, item_id: str, body: ReviewLabelRequest,
     return ReviewLabelled(label=label, previous=previous, stats=await _stats(state, category))
 
 
-@router.get("/v1/review/{category}/stats", response_model=ReviewStats, responses=ERRORS)
+@router.get("/v1/review/{category}/stats", response_model=ReviewStats, responses={**ok(), **_errors()})
 async def stats(category: Category, state: StateDep, who: Reviewer) -> ReviewStats:
     return await _stats(state, category)
 
@@ -149,7 +169,8 @@ async def _stats(state: StateDep, category: str) -> ReviewStats:
 
 
 @router.get("/v1/review/{category}/export", response_class=StreamingResponse,
-            responses={**ERRORS, 200: {"content": {"application/zip": {}}}})
+            responses={**ok("The labels as a zip, streamed", content={"application/zip": _BINARY}),
+                       **_errors(s503=_STORE_DOWN + ", `export_busy` (Retry-After: 10)")})
 async def export(category: Category, state: StateDep, who: Reviewer) -> StreamingResponse:
     """Every labelled item of the category as a zip, streamed as it is written (no temporary file)."""
     body = _EXPORTS.open(lambda sink: export_zip(state.review.store, category, sink),
