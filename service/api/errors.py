@@ -25,7 +25,7 @@ from service.pipeline.runtime import NonFiniteOutput
 from service.pipeline.state import JobsUnavailable
 from service.pipeline.thresholds import BoundsInverted, ThresholdNotPersisted, ThresholdOutOfRange
 from service.redisq.connection import RedisUnavailable
-from service.redisq.jobs import BacklogFull
+from service.redisq.jobs import BacklogFull, IdempotencyConflict
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,7 @@ _MAPPED: dict[type[Exception], tuple[int, str, bool]] = {
     ModelNotLoaded: (503, "model_not_loaded", True), EngineUnavailable: (503, "engine_unavailable", True), DeadlineExceeded: (504, "deadline_exceeded", False),
     EngineError: (500, "engine_error", False), RedisUnavailable: (503, "redis_unavailable", True),
     JobsUnavailable: (503, "redis_required", False), BacklogFull: (503, "job_backlog_full", True),
+    IdempotencyConflict: (409, "idempotency_key_reused", False),
     ThresholdNotPersisted: (500, "threshold_not_persisted", False),
 }
 

@@ -40,6 +40,8 @@ def _idempotency_key_schema(schema: dict[str, Any]) -> None:
                            404: "`unknown_category`",
                            408: "`request_timeout`: the body did not arrive within MSFLOW_REQUEST_DEADLINE_MS of "
                                 "the headers (the connection closes)",
+                           409: "`idempotency_key_reused`: the Idempotency-Key named a job of another request "
+                                "(other images, file names or options)",
                            413: "`image_too_large`, `request_too_large`, `too_many_files`, `too_many_pixels`",
                            415: "`unsupported_media_type`",
                            422: "`invalid_request` (query parameters), `undecodable_image` and the other refusals "
@@ -51,8 +53,9 @@ async def submit_job(request: Request, category: CategoryDep, state: StateDep,
                      heatmap_size: HeatmapSize = HeatmapSize.model,
                      idempotency_key: Annotated[str | None, Header(
                          description="the same key (per category) gives the same job: resubmit after a lost answer "
-                                     "without queuing the job twice; 1 to 128 of A-Z a-z 0-9 _ . : - (else 400 "
-                                     "bad_idempotency_key)",
+                                     "without queuing the job twice; the key with another request (other images, "
+                                     "names or options) is 409 idempotency_key_reused; 1 to 128 of A-Z a-z 0-9 _ . : - "
+                                     "(else 400 bad_idempotency_key)",
                          json_schema_extra=_idempotency_key_schema,
                      )] = None) -> Response:
     """Queue an inspection for ``msflow worker`` (needs Redis); poll the ``Location``."""

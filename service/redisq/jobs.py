@@ -108,6 +108,26 @@ def job_id_for(category: str, idempotency_key: str) -> str:
     return base64.urlsafe_b64encode(digest).decode("ascii")
 
 
+def request_digest(category: str, uploads: Sequence[Upload], options: InspectOptions) -> str:
+    """What a job asks for, as one sha256: the category, the options, and each image's name and
+    bytes (by their own sha256), in order."""
+    h = hashlib.sha256(f"{category}\0{options.model_dump_json()}\0{len(uploads)}".encode())
+    for upload in uploads:
+        h.update(f"\0{upload.filename or ''}\0".encode())
+        h.update(hashlib.sha256(upload.data).digest())
+    return h.hexdigest()
+
+
+class IdempotencyConflict(ValueError):
+    """An Idempotency-Key sent again with another request (other images, names or options)
+    than the job it named: answering that job would hand back another request's result."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"this Idempotency-Key was used for another request (job {job_id}: other images, "
+                         "file names or options); use a new key for a new request")
+        self.job_id = job_id
+
+
 class BacklogFull(RuntimeError):
     """The category's job stream holds ``job_max_backlog`` unfinished jobs, or their inputs
     ``job_max_backlog_bytes``."""
@@ -168,11 +188,15 @@ class JobQueue:
 
         ``idempotency_key`` (the client's ``Idempotency-Key``): the job id derives from it, so a
         client that resubmits after an answer it never got (a timeout, a 503 while Redis
-        stalled) gets the same job back instead of a second one."""
+        stalled) gets the same job back (its record as stored: queued, running or finished)
+        instead of a second one. The same key with another request raises
+        :class:`IdempotencyConflict`: its answer would be another request's result."""
         now = utcnow()
         job_id = new_job_id() if idempotency_key is None else job_id_for(category, idempotency_key)
+        digest = None if idempotency_key is None else request_digest(category, uploads, options)
         record = JobRecord(id=job_id, category=category, status="queued", created_at=now, updated_at=now,
-                           request_id=request_id, options=options, filenames=[u.filename for u in uploads])
+                           request_id=request_id, options=options, filenames=[u.filename for u in uploads],
+                           request_digest=digest)
 
         keys = [self.records.record_key(record.id), self.records.images_key(record.id), self.stream(category),
                 *self.records.inputs_keys(category)]
@@ -184,6 +208,12 @@ class JobQueue:
         if queued == -2:
             raise BacklogFull(f"{category}: the waiting jobs' images fill the queue's "
                               f"{self.settings.job_max_backlog_bytes} bytes; retry later")
+        if queued == 0:  # the key's job exists: the same request sent again, or another one
+            stored = await self.records.get(job_id)
+            if isinstance(stored, JobRecord):
+                if stored.request_digest is not None and stored.request_digest != digest:
+                    raise IdempotencyConflict(job_id)
+                return stored
         return record
 
     # ------------------------------------------------------------------ worker side

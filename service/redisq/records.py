@@ -53,6 +53,9 @@ class JobRecord(BaseModel):
     worker: str | None = None
     result: InspectResponse | None = None
     error: ErrorBody | None = None
+    # With an Idempotency-Key: what was asked (options, file names, images' sha256), so that
+    # the key sent again with another request is told apart from a resubmission.
+    request_digest: str | None = None
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import redis
 from harness import RedisServer
 from service.config import Settings
 from service.redisq.connection import RedisConnection
-from service.redisq.jobs import GROUP, BacklogFull, JobQueue
+from service.redisq.jobs import GROUP, BacklogFull, IdempotencyConflict, JobQueue
 from service.schemas import ErrorBody, InspectOptions, Upload
 
 PREFIX = "msflow-streams:"
@@ -207,6 +207,33 @@ def test_the_same_idempotency_key_is_the_same_job(private_redis: RedisServer) ->
         await queue.conn.aclose()
         assert first.id == again.id != other.id
         assert len(r.xrange(f"{PREFIX}jobs:brick")) == 2
+
+    asyncio.run(scenario())
+
+
+def test_the_same_key_with_another_request_is_refused_not_answered_with_the_old_job(
+        private_redis: RedisServer) -> None:
+    """The key sent again with other images, names or options: the old job's result would
+    answer another request (the API says 409 idempotency_key_reused); the same request sent
+    again gets the job as stored, finished or not."""
+    r = private_redis.client()
+
+    async def scenario() -> None:
+        queue = _queue(private_redis)
+        first = await queue.submit("brick", UPLOADS, InspectOptions(), None, idempotency_key="part-7")
+        await queue.records.write(first.model_copy(update={"status": "done"}))
+        again = await queue.submit("brick", UPLOADS, InspectOptions(), None, idempotency_key="part-7")
+        assert again.id == first.id and again.status == "done"  # the stored record, not a fresh "queued" one
+        for uploads, options in (
+                ([Upload(filename="a.png", data=b"\x89PNG" + b"y" * 1000)], InspectOptions()),  # other bytes
+                ([Upload(filename="b.png", data=UPLOADS[0].data)], InspectOptions()),  # another name
+                (UPLOADS, InspectOptions(overlay=True)),  # other options
+                (UPLOADS * 2, InspectOptions())):  # one more image
+            with pytest.raises(IdempotencyConflict, match="another request") as info:
+                await queue.submit("brick", uploads, options, None, idempotency_key="part-7")
+            assert info.value.job_id == first.id
+        await queue.conn.aclose()
+        assert len(r.xrange(f"{PREFIX}jobs:brick")) == 1  # nothing queued by the refusals
 
     asyncio.run(scenario())
 

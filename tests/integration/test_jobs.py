@@ -88,6 +88,19 @@ def test_worker_metrics_listen_on_msflow_host_only(workers: dict[str, WorkerProc
     assert "msflow_jobs_total" in body or "# HELP msflow_jobs" in body
 
 
+def test_an_idempotency_key_sent_with_another_image_is_409(api: httpx.Client, good_images: list[Path]) -> None:
+    """Over HTTP: the same key and image give the same job; the key with another image is 409
+    idempotency_key_reused (before, 202 with the first job, whose result is another part's)."""
+    a, b = png_variant(good_images[0], "idem-a"), png_variant(good_images[1], "idem-b")
+    key = {"Idempotency-Key": f"part-{time.monotonic_ns()}"}
+    first = api.post(f"/v1/jobs/{CATEGORY}", files=[upload("a.png", a)], headers=key)
+    again = api.post(f"/v1/jobs/{CATEGORY}", files=[upload("a.png", a)], headers=key)
+    assert first.status_code == again.status_code == 202 and first.json()["id"] == again.json()["id"]
+    error = assert_error(api.post(f"/v1/jobs/{CATEGORY}", files=[upload("a.png", b)], headers=key), 409,
+                         "idempotency_key_reused")
+    assert first.json()["id"] in error["message"]
+
+
 # ---------------------------------------------------------------------- the flow
 def test_jobs_end_to_end_with_two_workers(api: httpx.Client, workers: dict[str, WorkerProc],
                                           good_images: list[Path]) -> None:
