@@ -12,7 +12,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from models.manifest import CATEGORY_PATTERN
-from service.api.errors import unknown_category_error as unknown_category
+from service.api.errors import ApiError, unknown_category_error as unknown_category
 from service.pipeline.state import ServiceState
 
 
@@ -31,3 +31,34 @@ async def known_category(category: str, state: StateDep) -> str:
 
 
 CategoryDep = Annotated[str, Depends(known_category)]
+
+BUILDING_RETRY_AFTER_S = 10  # a model build's steps take minutes: a client polling each second only adds load
+
+
+async def category_to_inspect(category: str, state: StateDep) -> str:
+    """:func:`known_category` for the routes that inspect: a category a builder writing into
+    the store reports as under way (``<store>/.build/status.json``: training, exporting ...)
+    is 503 ``model_building`` with Retry-After, not 404 ``unknown_category`` (a newcomer's
+    first requests during the demo's build read "unknown category 'brick'; known: none" for
+    three minutes while ``GET /v1/models`` said "brick: training")."""
+    if CATEGORY_PATTERN.match(category) and category not in state.registry.categories:
+        step = _building(state, category)
+        if step is not None:
+            raise ApiError(503, "model_building", f"{category!r} is being built ({step}); it is served as soon "
+                           "as it is exported (GET /v1/models: building)",
+                           headers={"Retry-After": str(BUILDING_RETRY_AFTER_S)})
+    return await known_category(category, state)
+
+
+def _building(state: ServiceState, category: str) -> str | None:
+    """``stage: step`` of ``category``'s build while the build runs and that step is not final."""
+    progress = state.registry.build_progress()
+    if progress is None or progress.state != "running" or category not in progress.categories:
+        return None
+    for stage, step in progress.categories[category].stages.items():
+        if step.state not in ("served", "failed"):
+            return f"{stage}: {step.state}"
+    return None
+
+
+InspectCategoryDep = Annotated[str, Depends(category_to_inspect)]

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from service.api.auth import Authed, refuse_cross_site, require_api_key
-from service.api.deps import StateDep, get_state, known_category
+from service.api.deps import StateDep, category_to_inspect, get_state
 from service.api.errors import ApiError
 from service.api.openapi import PNG_ANSWER, UNAUTHORIZED, UPLOAD, errors, ok
 from service.api.uploads import read_uploads
@@ -48,7 +48,7 @@ async def inspect_target(request: Request, category: str) -> InspectTarget:
     # metrics; on a server without keys another site's page could fill the reviewers' queue.
     await require_api_key(request, state)
     await refuse_cross_site(request)
-    return InspectTarget(state, await known_category(category, state))
+    return InspectTarget(state, await category_to_inspect(category, state))
 
 
 _INSPECT_ERRORS = errors({
@@ -65,7 +65,8 @@ _INSPECT_ERRORS = errors({
     415: "`unsupported_media_type`",
     422: "`invalid_request` (query parameters), `undecodable_image` and the other refusals of an image's bytes",
     500: "`engine_error`, `non_finite_output`, `internal_error`",
-    503: "`queue_full`, `server_busy`, `model_not_loaded`, `engine_unavailable`, `shutting_down` (all with "
+    503: "`queue_full`, `server_busy`, `model_not_loaded`, `engine_unavailable`, `shutting_down`, "
+         "`model_building` (the category is being built: its first model is not exported yet) (all with "
          "Retry-After)",
     504: "`deadline_exceeded`: no answer within MSFLOW_REQUEST_DEADLINE_MS of the request's arrival",
 })

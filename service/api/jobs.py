@@ -10,7 +10,7 @@ from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse, Response
 
 from service.api.auth import Authed, NotCrossSite
-from service.api.deps import CategoryDep, StateDep
+from service.api.deps import InspectCategoryDep, StateDep
 from service.api.errors import ApiError
 from service.api.openapi import LOCATION, UNAUTHORIZED, UPLOAD, errors, ok
 from service.api.uploads import read_uploads
@@ -47,8 +47,8 @@ def _idempotency_key_schema(schema: dict[str, Any]) -> None:
                            422: "`invalid_request` (query parameters), `undecodable_image` and the other refusals "
                                 "of an image's header",
                            503: "`redis_required` (no Redis configured: no Retry-After), " + _REDIS_DOWN +
-                                ", `job_backlog_full`, `model_not_loaded` (Retry-After)"})})
-async def submit_job(request: Request, category: CategoryDep, state: StateDep,
+                                ", `job_backlog_full`, `model_not_loaded`, `model_building` (Retry-After)"})})
+async def submit_job(request: Request, category: InspectCategoryDep, state: StateDep,
                      heatmap: HeatmapMode = HeatmapMode.inline, overlay: bool = False,
                      heatmap_size: HeatmapSize = HeatmapSize.model,
                      idempotency_key: Annotated[str | None, Header(

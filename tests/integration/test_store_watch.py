@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from PIL import Image
 
-from harness import CATEGORY, Server, copy_version as _copy_version, fake_version, part, start, wait_until
+from harness import CATEGORY, Server, copy_version as _copy_version, fake_version, part, png_of, start, wait_until
 from models.build_progress import record_build, record_step
 from models.data import MVTecCategory
 from service.config import Settings
@@ -75,6 +76,15 @@ def test_an_empty_store_starts_and_becomes_ready_when_a_model_arrives(model_stor
         building = httpx.get(f"{server.url}/v1/models", timeout=5.0).json()["building"]
         assert building["state"] == "running"
         assert building["categories"][CATEGORY]["stages"]["quick"]["state"] == "training"
+        # Inspecting it meanwhile: "being built, retry", not "unknown category; known: none"
+        png = png_of(Image.new("RGB", (64, 64), (90, 90, 90)))
+        for route in (f"/v1/inspect/{CATEGORY}", f"/v1/jobs/{CATEGORY}"):
+            r = httpx.post(f"{server.url}{route}", files=[("file", ("x.png", png, "image/png"))], timeout=5.0)
+            assert r.status_code == 503 and r.json()["error"]["code"] == "model_building", r.text
+            assert "quick: training" in r.json()["error"]["message"] and r.headers["retry-after"] == "10"
+        other = httpx.post(f"{server.url}/v1/inspect/gravel", files=[("file", ("x.png", png, "image/png"))],
+                           timeout=5.0)
+        assert other.status_code == 404 and other.json()["error"]["code"] == "unknown_category"  # not being built
         (store / CATEGORY).mkdir()
         _copy_version(model_store / CATEGORY / "1", store / CATEGORY / "1", CATEGORY, "1")
         record_step(store, "quick", CATEGORY, "served")
