@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from loadtests.procstat import Usage, process_usage
+from loadtests.procstat import Usage, own_usage, process_usage
 from models.manifest import Manifest
 from service.config import Settings
 from service.engine_core import run_engine_process
@@ -84,10 +84,10 @@ async def _drive(submit: Callable[[np.ndarray], Any], in_flight: int, seconds: f
     tasks = [asyncio.create_task(one_at_a_time()) for _ in range(in_flight)]
     await asyncio.sleep(_WARM_S)
     images0, batches0, started = done, batch_total, time.monotonic()
-    client0, engine0 = process_usage(os.getpid()), process_usage(engine_pid) if engine_pid else Usage(0.0, 0)
+    client0, engine0 = own_usage(), process_usage(engine_pid) if engine_pid else Usage(0.0, 0)
     await asyncio.sleep(seconds)
     images, batched_images = done - images0, batch_total - batches0
-    client1, engine1 = process_usage(os.getpid()), process_usage(engine_pid) if engine_pid else Usage(0.0, 0)
+    client1, engine1 = own_usage(), process_usage(engine_pid) if engine_pid else Usage(0.0, 0)
     elapsed = time.monotonic() - started
     stop = True
     await asyncio.gather(*tasks)

@@ -156,5 +156,11 @@ def cpu_s(pid: int) -> float:
 
 def own_cpu_s() -> float:
     """This process's CPU seconds (``getrusage``)."""
+    return own_usage().cpu_s
+
+
+def own_usage() -> Usage:
+    """This process's usage from ``getrusage``: to the microsecond, where ``/proc``'s counts
+    clock ticks (10 ms), and a short window of a mostly waiting process read 0."""
     u = resource.getrusage(resource.RUSAGE_SELF)
-    return u.ru_utime + u.ru_stime
+    return Usage(u.ru_utime + u.ru_stime, u.ru_minflt, u.ru_stime)
