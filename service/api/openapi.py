@@ -60,9 +60,9 @@ REQUEST_ID = {"X-Request-ID": {
     "description": "the request's id: the client's X-Request-ID when sane ([A-Za-z0-9._:-]{1,128}), else a new one; "
                    "the access log's line names it", "required": True, "schema": _STRING}}
 RETRY_AFTER = {"Retry-After": {
-    "description": "seconds before a retry may succeed: sent with queue_full, server_busy, model_not_loaded, model_building, "
-                   "engine_unavailable, shutting_down, redis_unavailable, job_backlog_full, export_busy; not with "
-                   "redis_required or review_store_unavailable (retrying will not help soon)",
+    "description": "seconds before a retry may succeed: sent with queue_full, server_busy, model_not_loaded, "
+                   "model_building, engine_unavailable, shutting_down, redis_unavailable, job_backlog_full, "
+                   "export_busy; not with redis_required or review_store_unavailable (retrying will not help soon)",
     "required": False, "schema": {"type": "integer", "minimum": 0}}}
 WWW_AUTHENTICATE = {"WWW-Authenticate": {"description": "Bearer", "schema": _STRING}}
 LOCATION = {"Location": {"description": "/v1/jobs/<id>: poll it", "schema": _STRING}}
