@@ -11,7 +11,6 @@ job is dead-lettered. Also: a job over the per-request pixel budget fails at onc
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import os
 import signal

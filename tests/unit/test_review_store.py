@@ -102,7 +102,7 @@ def test_budget_is_checked_before_writing(tmp_path: Path) -> None:
 
 def test_retention_prunes_pending_then_labelled_and_orphans(tmp_path: Path) -> None:
     s = store(tmp_path)
-    pending = add(s, b"p")[1]
+    add(s, b"p")  # pending
     labelled = add(s, b"l")[1]
     s.label("brick", labelled, "ok", by="alice")
     orphan = s.root / "brick" / "labels" / "20200101T000000000000-ok-0000000001-000000000000.json"
