@@ -26,6 +26,8 @@ MAX_STATUS_BYTES = 64 * 1024
 STAGE_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")  # quick, full, build: a word, as categories are
 
 StepState = Literal["waiting", "training", "evaluating", "exporting", "served", "failed"]
+# stopped: the builder was stopped (the demo left) before it finished; its steps say where.
+BuildState = Literal["running", "done", "failed", "stopped"]
 
 
 class StepProgress(BaseModel):
@@ -42,7 +44,7 @@ class CategoryProgress(BaseModel):
 
 class BuildProgress(BaseModel):
     model_config = ConfigDict(extra="ignore", validate_assignment=True)
-    state: Literal["running", "done", "failed"] = "running"
+    state: BuildState = "running"
     updated_at: datetime
     categories: dict[str, CategoryProgress] = Field(default_factory=dict)
 
@@ -85,7 +87,7 @@ def record_step(store: Path, stage: str, category: str, state: StepState, detail
     return progress
 
 
-def record_build(store: Path, state: Literal["running", "done", "failed"]) -> BuildProgress:
+def record_build(store: Path, state: BuildState) -> BuildProgress:
     """Record the state of the build as a whole (``done`` when every category is served)."""
     now = datetime.now(timezone.utc)
     progress = read_progress(store) or BuildProgress(updated_at=now)

@@ -328,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--category", default=None, help="omit to record the state of the whole build")
     p.add_argument("--state", required=True,
                    help="a category's step (waiting, training, evaluating, exporting, served, failed) or, "
-                        "without --category, the build's (running, done, failed)")
+                        "without --category, the build's (running, done, failed, stopped)")
     p.add_argument("--detail", default="")
     p.set_defaults(func=_build_status)
 

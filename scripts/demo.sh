@@ -22,6 +22,17 @@ set -m
 ./scripts/build-demo.sh </dev/null &
 builder=$!
 set +m
-trap 'kill -TERM -- -$builder 2>/dev/null || true' EXIT INT TERM
+# A builder stopped mid-way cannot say so itself (SIGTERM ends its shell before any trap):
+# the build is recorded as stopped, or the console and the inspect route (503 model_building)
+# would say "being built" to whoever serves this store next.
+stop_builder() {
+  if kill -0 "$builder" 2>/dev/null; then
+    kill -TERM -- -"$builder" 2>/dev/null || true
+    .venv/bin/msflow build-status --store "$MSFLOW_MODEL_STORE" --state stopped >/dev/null 2>&1 || true
+  fi
+}
+trap stop_builder EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
 echo "demo: serving $MSFLOW_MODEL_STORE on http://127.0.0.1:${MSFLOW_PORT:-8000} (models appear as they are built)"
 .venv/bin/msflow serve --port "${MSFLOW_PORT:-8000}"

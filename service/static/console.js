@@ -206,7 +206,8 @@
       const failed = Object.values(stages).some((step) => step.state === "failed");
       return el("li", { class: failed ? "failed" : "", "data-category": category, text: `${category} \u2014 ${parts.join("; ")}` });
     });
-    const titles = { running: "Models are being built", done: "Model build finished", failed: "Model build failed" };
+    const titles = { running: "Models are being built", done: "Model build finished", failed: "Model build failed",
+                     stopped: "Model build stopped (scripts/demo.sh goes on where it stopped)" };
     $("#build-title").textContent = titles[progress.state] || progress.state;
     $("#build-steps").replaceChildren(...steps);
     box.dataset.state = progress.state;

@@ -85,6 +85,12 @@ def test_an_empty_store_starts_and_becomes_ready_when_a_model_arrives(model_stor
         other = httpx.post(f"{server.url}/v1/inspect/gravel", files=[("file", ("x.png", png, "image/png"))],
                            timeout=5.0)
         assert other.status_code == 404 and other.json()["error"]["code"] == "unknown_category"  # not being built
+        record_build(store, "stopped")  # scripts/demo.sh left mid-build: nobody builds it any more
+        gone = httpx.post(f"{server.url}/v1/inspect/{CATEGORY}", files=[("file", ("x.png", png, "image/png"))],
+                          timeout=5.0)
+        assert gone.status_code == 404 and gone.json()["error"]["code"] == "unknown_category", gone.text
+        assert httpx.get(f"{server.url}/v1/models", timeout=5.0).json()["building"]["state"] == "stopped"
+        record_step(store, "quick", CATEGORY, "exporting")  # a builder at work again: running
         (store / CATEGORY).mkdir()
         _copy_version(model_store / CATEGORY / "1", store / CATEGORY / "1", CATEGORY, "1")
         record_step(store, "quick", CATEGORY, "served")
