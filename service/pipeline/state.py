@@ -159,7 +159,9 @@ class ServiceState(PipelineRuntime):
         for item in items:
             if item.cached:
                 self.metrics.count_image(model.category, item.answer.is_anomalous, item.answer.verdict)
-        self.recent.observe(model.category, [item.answer for item in items])
+        # The drift metrics and recent scores see each part once: a hit is the same bytes sent
+        # again (a client's retry), and counting it moved the score histogram and anomaly rate.
+        self.recent.observe(model.category, [item.answer for item in items if not item.cached])
         return items
 
     def _answer_from_cache(self, item: InspectedImage, hit: CachedResult, started: float) -> None:

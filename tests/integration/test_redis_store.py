@@ -29,6 +29,10 @@ def cache(client: httpx.Client, result: str) -> float:
     return metric(client, "msflow_cache_requests_total", result=result)
 
 
+def drift(client: httpx.Client) -> float:
+    return metric(client, "msflow_score_count", category=CATEGORY)
+
+
 def test_heatmap_link_round_trip_and_expiry(redis_apis: dict[str, Server], redis_server: RedisServer,
                                             good_images: list[Path]) -> None:
     cached, plain = redis_apis["cached"], redis_apis["plain"]
@@ -58,12 +62,17 @@ def test_cache_hit_skips_the_engine(redis_apis: dict[str, Server], good_images: 
         image = png_variant(good_images[1], "hit")
         other = png_variant(good_images[2], "hit")
         b0, hits0, misses0 = batches(c), cache(c, "hit"), cache(c, "miss")
+        images0, scores0 = metric(c, "msflow_images_total", category=CATEGORY), drift(c)
         first = c.post(INSPECT, files=[upload("x.png", image)]).json()["results"][0]
         assert first["cached"] is False and first["heatmap"]["data"]
         assert batches(c) == b0 + 1 and cache(c, "miss") == misses0 + 1
         second = c.post(INSPECT, files=[upload("renamed.png", image)]).json()["results"][0]
         assert batches(c) == b0 + 1, "a cache hit must not reach the engine"
         assert cache(c, "hit") == hits0 + 1
+        # Both answers count as images answered; the drift metrics (score histogram, anomaly
+        # rate, recent scores) saw the part once: a client's retry of the same bytes is no new part.
+        assert metric(c, "msflow_images_total", category=CATEGORY) == images0 + 2
+        assert drift(c) == scores0 + 1
         assert second["cached"] is True and second["filename"] == "renamed.png"
         for key in ("score", "raw_score", "threshold", "is_anomalous", "model_version", "heatmap", "image_size"):
             assert second[key] == first[key], key
