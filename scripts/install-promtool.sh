@@ -12,13 +12,9 @@ if command -v promtool >/dev/null 2>&1; then
 fi
 dest=${PROMTOOL_DIR:-/usr/local/bin}
 SUDO=()
-if [ ! -w "$dest" ] && [ "$(id -u)" -ne 0 ]; then
-  if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
-    SUDO=(sudo -n)
-  else
-    echo "install-promtool: run as root (or with passwordless sudo), or set PROMTOOL_DIR to a folder on PATH" >&2
-    exit 1
-  fi
+if [ ! -w "$dest" ]; then
+  . "$(dirname "$0")/as-root.sh"
+  as_root install-promtool "to write $dest, or set PROMTOOL_DIR to a folder on PATH"
 fi
 if ! command -v apt-get >/dev/null 2>&1; then
   echo "install-promtool: no apt-get; install promtool (Prometheus 2.x or 3.x) yourself" >&2
