@@ -217,14 +217,23 @@ def mislabelled_store(model_store: Path, demo_root: Path, tmp_path: Path) -> Pat
     return store
 
 
-def test_recalibrate_refuses_a_false_alarm_rate_above_the_ceiling(mislabelled_store: Path) -> None:
-    before = _files(mislabelled_store / CATEGORY)
+def _refused(store: Path, error: type[Exception]) -> tuple[str, list[str]]:
+    """Recalibrate ``store``, refused with ``error``: its one-line message and the lines printed
+    (the table), nothing written."""
+    before = _files(store / CATEGORY)
     lines: list[str] = []
-    with pytest.raises(recalibrate_module.FalseAlarmCeilingError) as refused:
-        recalibrate(mislabelled_store, CATEGORY, out=lines.append, warn=lines.append)
+    with pytest.raises(error) as refused:
+        recalibrate(store, CATEGORY, out=lines.append, warn=lines.append)
     message = str(refused.value)
-    assert "\n" not in message and "95% upper bound" in message and "--max-fpr" in message
-    assert _files(mislabelled_store / CATEGORY) == before  # nothing written
+    assert "\n" not in message
+    assert _files(store / CATEGORY) == before  # nothing written
+    return message, lines
+
+
+def test_recalibrate_refuses_a_false_alarm_rate_above_the_ceiling(mislabelled_store: Path) -> None:
+    message, lines = _refused(mislabelled_store, recalibrate_module.FalseAlarmCeilingError)
+    before = _files(mislabelled_store / CATEGORY)
+    assert "95% upper bound" in message and "--max-fpr" in message
     assert any(line.startswith("false alarms, calibration normals") for line in lines)  # the table, to judge by
 
     # --dry-run: the table, nothing written, and what would be refused
@@ -277,15 +286,11 @@ def test_one_ng_label_moves_no_bound_unless_accepted(bare_store: Path, visible_t
 
     part = next(iter(visible_test_images.values()))[0]
     _label(bare_store, [part], "ng")
+    message, lines = _refused(bare_store, recalibrate_module.SmallSampleError)
     before = _files(bare_store / CATEGORY)
-    lines: list[str] = []
-    with pytest.raises(recalibrate_module.SmallSampleError) as refused:
-        recalibrate(bare_store, CATEGORY, out=lines.append, warn=lines.append)
-    message = str(refused.value)
-    assert "\n" not in message and "the ng bound " in message and " on 1 NG label " in message
+    assert "the ng bound " in message and " on 1 NG label " in message
     assert "nothing written" in message and "--accept-small-sample" in message and "OK label" not in message
     assert any(line.startswith("ng bound (raw)") for line in lines)  # the table first, to judge by
-    assert _files(bare_store / CATEGORY) == before
 
     cli = ["recalibrate", "--store", str(bare_store), "--category", CATEGORY]
     assert main(cli) == 2
