@@ -32,6 +32,7 @@ stream keeps about ``dead_letter_max`` entries.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import logging
@@ -52,6 +53,7 @@ from service.redisq.store import utcnow
 log = logging.getLogger(__name__)
 
 GROUP = "workers"
+_INLINE_DIGEST_BYTES = 1 << 20  # a request's images hashed on the event loop up to this; beyond, in a thread
 _CLAIM_SCAN_STEPS = 8  # XAUTOCLAIM calls per claim at most (each scans ten entries per one asked for)
 
 # KEYS: record, images, stream, inputs' expiry, inputs' bytes (JobRecords.inputs_keys).
@@ -193,7 +195,11 @@ class JobQueue:
         :class:`IdempotencyConflict`: its answer would be another request's result."""
         now = utcnow()
         job_id = new_job_id() if idempotency_key is None else job_id_for(category, idempotency_key)
-        digest = None if idempotency_key is None else request_digest(category, uploads, options)
+        digest = None
+        if idempotency_key is not None:  # hashing megabytes off the event loop, as the result cache does
+            inline = sum(len(u.data) for u in uploads) <= _INLINE_DIGEST_BYTES
+            digest = (request_digest(category, uploads, options) if inline
+                      else await asyncio.to_thread(request_digest, category, uploads, options))
         record = JobRecord(id=job_id, category=category, status="queued", created_at=now, updated_at=now,
                            request_id=request_id, options=options, filenames=[u.filename for u in uploads],
                            request_digest=digest)

@@ -311,3 +311,19 @@ def test_a_20_mib_submission_rides_out_a_stall_without_tripping_the_hot_path(pri
             await state.stop()
 
     asyncio.run(main())
+
+
+def test_a_large_request_is_told_apart_by_its_digest_too(private_redis: RedisServer) -> None:
+    """Over 1 MiB of images the digest is computed in a thread: the same answers."""
+    big = [Upload(filename="big.png", data=b"\x89PNG" + b"z" * (2 << 20))]
+    other = [Upload(filename="big.png", data=b"\x89PNG" + b"z" * (2 << 20) + b"!")]
+
+    async def scenario() -> None:
+        queue = _queue(private_redis, job_max_backlog_bytes=64 << 20)
+        first = await queue.submit("brick", big, InspectOptions(), None, idempotency_key="big-part")
+        assert (await queue.submit("brick", big, InspectOptions(), None, idempotency_key="big-part")).id == first.id
+        with pytest.raises(IdempotencyConflict):
+            await queue.submit("brick", other, InspectOptions(), None, idempotency_key="big-part")
+        await queue.conn.aclose()
+
+    asyncio.run(scenario())
