@@ -69,7 +69,9 @@ async def submit_job(request: Request, category: InspectCategoryDep, state: Stat
     record = await queue.submit(category, uploads, options, request.scope["state"]["request_id"], idempotency_key)
     state.metrics.jobs.labels(category, "queued").inc()
     location = f"/v1/jobs/{record.id}"
-    body = JobAccepted(id=record.id, category=category, images=len(uploads), url=location)
+    # A resubmitted Idempotency-Key gets its job as it stands (done, say), not "queued" again:
+    # a client polling only while queued would otherwise wait on a job that already finished.
+    body = JobAccepted(id=record.id, status=record.status, category=category, images=len(uploads), url=location)
     return JSONResponse(body.model_dump(mode="json"), status_code=202, headers={"Location": location})
 
 

@@ -130,6 +130,20 @@ def test_jobs_end_to_end_with_two_workers(api: httpx.Client, workers: dict[str, 
     assert_error(api.get("/v1/jobs/" + "n" * 24), 404, "job_not_found")
 
 
+def test_a_resubmitted_key_answers_its_job_as_it_stands(api: httpx.Client, workers: dict[str, WorkerProc],
+                                                        good_images: list[Path]) -> None:
+    """The same request and Idempotency-Key after the job finished: 202 with its status done
+    (before, "queued": a client polling only while queued waited on a finished job)."""
+    image = png_variant(good_images[0], "resubmit-done")
+    key = {"Idempotency-Key": f"done-{time.monotonic_ns()}"}
+    first = api.post(f"/v1/jobs/{CATEGORY}", files=[upload("a.png", image)], params={"heatmap": "none"}, headers=key)
+    assert first.status_code == 202 and first.json()["status"] == "queued", first.text
+    wait_status(api, first.json()["id"], {"done"})
+    again = api.post(f"/v1/jobs/{CATEGORY}", files=[upload("a.png", image)], params={"heatmap": "none"}, headers=key)
+    assert again.status_code == 202 and again.json()["id"] == first.json()["id"]
+    assert again.json()["status"] == "done", again.text
+
+
 def _running_record(r: Any, job_id: str, timeout: float = 30.0) -> dict[str, Any]:
     """The job's record once a worker has marked it running, read from Redis directly (every
     millisecond: the job must still be running when the caller acts on it)."""
