@@ -10,16 +10,69 @@ the server's warning about unknown variables could see it.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from service.config import PROJECT_VARIABLES, Settings
+
 yaml = pytest.importorskip("yaml", reason="PyYAML is needed to read docker-compose.yml")
 
 ROOT = Path(__file__).resolve().parents[2]
+DESIGN = ROOT / "docs" / "DESIGN.md"
+NAME = re.compile(r"MSFLOW_[A-Z0-9_]*[A-Z0-9](?![\w.])")  # not MSFLOW_SPEC.md, a file
+ROW = re.compile(r"^\| `MSFLOW_([A-Z0-9_]+)` \| (unset|`([^`]*)`)[^|]*\| (.+) \|$")
 # The services that run the project's image and read its settings.
 MSFLOW_SERVICES = ("api", "worker", "trainer")
+
+
+def _configuration_rows() -> dict[str, tuple[str | None, str]]:
+    """name (lower case) -> (default as written, None for unset; description) of the table."""
+    section = DESIGN.read_text().split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+    rows: dict[str, tuple[str | None, str]] = {}
+    for line in section.splitlines():
+        m = ROW.match(line)
+        if m:
+            name = m.group(1).lower()
+            assert name not in rows, f"MSFLOW_{m.group(1)} is listed twice"
+            rows[name] = (m.group(3), m.group(4).strip())
+    return rows
+
+
+def _default(name: str) -> Any:
+    return Settings.model_fields[name].get_default(call_default_factory=True)
+
+
+def test_every_setting_is_in_the_configuration_table() -> None:
+    rows = _configuration_rows()
+    assert sorted(set(Settings.model_fields) - set(rows)) == [], "settings docs/DESIGN.md does not list"
+    assert sorted(set(rows) - set(Settings.model_fields)) == [], "listed, but no setting"
+    assert [n for n, (_, what) in rows.items() if not what] == [], "listed without a description"
+
+
+def test_the_configuration_table_gives_the_codes_defaults() -> None:
+    wrong = []
+    for name, (written, _) in _configuration_rows().items():
+        default = _default(name)
+        if written is None:  # "unset"
+            ok = default is None or default == [] or default == {}
+        else:  # the value as an operator would write it, read as the variable would be
+            ok = getattr(Settings(**{name: written}), name) == default
+        if not ok:
+            wrong.append(f"MSFLOW_{name.upper()}: docs {written or 'unset'}, code {default!r}")
+    assert wrong == []
+
+
+def test_every_msflow_name_the_docs_give_is_read() -> None:
+    """A renamed or removed setting left in the docs would be set and silently do nothing."""
+    known = {f"MSFLOW_{name.upper()}" for name in Settings.model_fields} | PROJECT_VARIABLES
+    places = [ROOT / "README.md", *ROOT.joinpath("docs").glob("*.md"), ROOT / "deploy" / "env.example",
+              *ROOT.joinpath("deploy", "k8s").glob("*.yaml"), ROOT / "docker-compose.yml"]
+    unknown = {f"{path.relative_to(ROOT)}: {name}" for path in places
+               for name in NAME.findall(path.read_text()) if name not in known}
+    assert sorted(unknown) == []
 
 
 def _env_files(service: dict[str, Any]) -> list[tuple[str, bool]]:
