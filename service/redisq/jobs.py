@@ -26,7 +26,8 @@ jobs and ``job_max_backlog`` caps it (a submission beyond answers 503, :class:`B
 and ``job_max_backlog_bytes`` caps their input bytes in Redis (10,000 jobs of up to 64 MiB
 each were allowed before, about 670 GB a category: one client filled Redis in minutes, and a
 full Redis refuses every write, links, cache and thresholds included);
-XADD also trims entries older than ``job_ttl_s`` (their records are gone). The dead-letter
+a submission first trims entries older than ``job_ttl_s`` (their records are gone), so
+jobs that expired unrun leave the backlog. The dead-letter
 stream keeps about ``dead_letter_max`` entries.
 """
 
@@ -63,12 +64,18 @@ _CLAIM_SCAN_STEPS = 8  # XAUTOCLAIM calls per claim at most (each scans ten entr
 # its job expired unswept: else its old bytes stayed counted for good); a finished job's
 # leave it with its final write (store._WRITE_UNLESS_FINAL). Times are Redis's, as its TTLs
 # and stream ids are: an API host's clock ahead or behind moved both ends of the budget.
+# Entries older than the TTL (their record and images are gone: no worker can run them) leave
+# the stream before the backlog is counted, exactly (XTRIM's "~" trims whole nodes of 100
+# entries, none of a short stream): with no worker, expired jobs held the backlog full and
+# every submission was 503 job_backlog_full for good.
 _SUBMIT = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-if redis.call('XLEN', KEYS[3]) >= tonumber(ARGV[3]) then return -1 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[2])
+local minid = string.format('%.0f', math.max(0, now - ttl)) .. '-0'
+redis.call('XTRIM', KEYS[3], 'MINID', minid)
+if redis.call('XLEN', KEYS[3]) >= tonumber(ARGV[3]) then return -1 end
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now, 'LIMIT', 0, 100)) do
 """ + release_input_lua("KEYS[4]", "KEYS[5]", "id") + """
 end
@@ -79,9 +86,7 @@ redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
 redis.call('DEL', KEYS[2])
 for i = 8, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
 redis.call('PEXPIRE', KEYS[2], ttl)
--- older entries' records are gone
-local minid = string.format('%.0f', math.max(0, now - ttl)) .. '-0'
-redis.call('XADD', KEYS[3], 'MINID', '~', minid, '*', 'job_id', ARGV[4], 'category', ARGV[5])
+redis.call('XADD', KEYS[3], '*', 'job_id', ARGV[4], 'category', ARGV[5])
 redis.call('ZADD', KEYS[4], now + ttl, ARGV[4])
 redis.call('HSET', KEYS[5], ARGV[4], size)
 redis.call('HINCRBY', KEYS[5], '#total', size)

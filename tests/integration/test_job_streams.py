@@ -110,6 +110,25 @@ def test_the_backlog_is_bounded(private_redis: RedisServer) -> None:
     asyncio.run(scenario())
 
 
+def test_jobs_that_expired_unrun_leave_the_backlog(private_redis: RedisServer) -> None:
+    """No worker ran them and their records expired: they no longer count as waiting (before,
+    the stream kept them, "2 jobs are waiting", and every submission was refused for good)."""
+    r = private_redis.client()
+
+    async def scenario() -> None:
+        queue = _queue(private_redis, job_max_backlog=2, job_ttl_s=0.3)
+        for _ in range(2):
+            await queue.submit("brick", UPLOADS, InspectOptions(), None)
+        with pytest.raises(BacklogFull):
+            await queue.submit("brick", UPLOADS, InspectOptions(), None)
+        await asyncio.sleep(0.4)
+        assert await queue.records.get((await queue.submit("brick", UPLOADS, InspectOptions(), None)).id)
+        assert r.xlen(f"{PREFIX}jobs:brick") == 1
+        await queue.conn.aclose()
+
+    asyncio.run(scenario())
+
+
 def test_queued_inputs_have_a_byte_budget_given_back_as_jobs_finish_or_expire(private_redis: RedisServer) -> None:
     """10,000 jobs of up to 64 MiB each were allowed per category: one client could fill Redis."""
     size = len(UPLOADS[0].data)
