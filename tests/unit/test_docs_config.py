@@ -6,6 +6,8 @@ every ``MSFLOW_*`` name the docs give is one the service or the project reads, a
 written in compose's ``.env`` reaches the service's containers: compose reads ``.env`` only to
 fill in ``${...}`` in docker-compose.yml, so a setting the file did not name was dropped before
 the server's warning about unknown variables could see it.
+Every metric README and DESIGN name (for alerting) is one the service's registry exports, with
+those labels (the dashboard's and the alerts' queries: tests/integration/test_deploy.py, test_alert_rules.py).
 """
 
 from __future__ import annotations
@@ -89,3 +91,34 @@ def test_a_setting_written_in_dot_env_reaches_the_services_containers() -> None:
     for name in MSFLOW_SERVICES:
         files = _env_files(services[name])
         assert (".env", False) in files, f"{name}: env_file .env (required: false) missing, has {files}"
+
+
+def _exported() -> dict[str, set[str]]:
+    """Series name -> label names, read from the service's own registry (not from its source)."""
+    from service.metrics import ServiceMetrics
+
+    out: dict[str, set[str]] = {}
+    for collector in list(ServiceMetrics().registry._collector_to_names):  # every metric the service registers
+        name, kind, labels = collector._name, collector._type, set(collector._labelnames)
+        if kind == "counter":
+            out[f"{name}_total"] = labels
+        elif kind in ("histogram", "summary"):
+            out.update({name: labels, f"{name}_sum": labels, f"{name}_count": labels, f"{name}_bucket": labels})
+        else:
+            out[name] = labels
+    return out
+
+
+def test_every_metric_the_docs_name_is_exported_with_its_labels() -> None:
+    """README and DESIGN name metrics for alerting (``msflow_review_captures_total{outcome}``):
+    each is a series the service exports, with the labels written beside it."""
+    exported = _exported()
+    wrong = []
+    for path in (ROOT / "README.md", DESIGN):
+        for name, labels in re.findall(r"\b(msflow_[a-z0-9_]+)(?:\{([^}]*)\})?", path.read_text()):
+            wanted = {part.split("=")[0].strip() for part in labels.split(",") if part.strip()}
+            if name not in exported:
+                wrong.append(f"{path.name}: {name} is not exported")
+            elif wanted - exported[name]:
+                wrong.append(f"{path.name}: {name} has no label(s) {sorted(wanted - exported[name])}")
+    assert wrong == []
