@@ -9,6 +9,11 @@ not pay that). The service is ready only when every category is warm.
 ``reload`` builds and warms the new engine completely *before* swapping one dict entry, so
 the swap is atomic: batches already running finish on the old engine, the next batch
 uses the new one, and no request fails. A failed reload leaves the old engine serving.
+
+Without a pin, start-up and the store watch serve the newest version that *loads*: a newest
+version that fails is recorded and the next older one is tried, so a replica started after
+a broken export serves what the replicas running before it kept serving, rather than
+nothing for that category.
 """
 
 from __future__ import annotations
@@ -86,11 +91,14 @@ class ModelRegistry:
         self.store = Path(settings.model_store)
         self._engine_factory = engine_factory
         self._on_swap = on_swap
+        # Called with the category after every failed load (start-up, watch, reload): the
+        # service counts them (msflow_model_load_failures_total, which an alert watches).
+        self.on_load_failure: Callable[[str], None] | None = None
         self._models: dict[str, LoadedModel] = {}
         self._failed: dict[str, str] = {}
         self._categories: list[str] = []
         self._locks: dict[str, asyncio.Lock] = {}
-        self._failed_versions: dict[str, str] = {}  # category -> newest version that failed (not retried)
+        self._failed_versions: dict[str, set[str]] = {}  # category -> versions that failed (the watch skips them)
         self._unhealthy: dict[str, str] = {}  # category -> why its serving version looks broken (cleared on swap)
         # service.pipeline.thresholds.ThresholdOverrides (set by ServiceState): describe() shows overrides
         self.thresholds: Any = None
@@ -196,46 +204,64 @@ class ModelRegistry:
     # ------------------------------------------------------------------ loading
     async def load_all(self) -> None:
         """Load and warm every discovered category, one after the other (they share the
-        accelerator; parallel loads would only compete). Failures are recorded, not raised."""
+        accelerator; parallel loads would only compete): the pinned version, else the newest
+        that loads. Failures are recorded, not raised."""
         for category in list(self._categories):
-            try:
-                await self.reload(category)
-            except Exception as exc:  # recorded and reported by /readyz and /v1/models
-                log.error("cannot load %s: %s", category, exc)
+            async with self._lock(category):
+                await self._load_newest(category, self._candidates(category, initial=True))
 
     async def refresh(self) -> list[str]:
         """Load what appeared in the store since the last look: new categories, and newer
-        versions of unpinned ones. A version that failed to load is not retried until a newer
-        one appears. Returns the categories (re)loaded."""
+        versions of unpinned ones (the newest that loads). A version that failed to load is
+        not tried again by the watch (an explicit reload does). Returns the categories (re)loaded."""
         loaded = []
         for category in self.scan():
-            if self._newer_for_watch(category) is None:
+            if not self._candidates(category):
                 continue
             async with self._lock(category):
                 # Again: an operator's reload ?version= this waited for may have pinned it since.
-                newest = self._newer_for_watch(category)
-                if newest is None:
-                    continue
-                try:
-                    await self._swap_in(category, None)
+                model, _ = await self._load_newest(category, self._candidates(category))
+                if model is not None:
                     loaded.append(category)
-                except Exception as exc:  # recorded in failed; the poll goes on with the others
-                    self._failed_versions[category] = newest
-                    log.error("cannot load %s version %s: %s", category, newest, exc)
         return loaded
 
-    def _newer_for_watch(self, category: str) -> str | None:
-        """The newest version of ``category``, if the store watch should load it: not pinned
-        (settings, or an operator's reload ?version=), not served already, not failed before."""
-        versions = list_versions(self.store / category)
-        if not versions:  # removed while the watch waited for the lock
-            return None
-        newest, current = versions[-1], self._models.get(category)
-        if category in self.settings.pinned_versions or self._failed_versions.get(category) == newest:
-            return None
-        if current is not None and (current.version == newest or current.pinned):
-            return None
-        return newest
+    def _candidates(self, category: str, initial: bool = False) -> list[str]:
+        """The versions of ``category`` to try, in order (newest first), until one loads.
+        A settings pin: that version alone (at start-up). Else the versions newer than the one
+        served (all of them when none is, or when the served one left the store), skipping
+        those that failed before; nothing while an operator's reload ?version= pins it."""
+        pinned = self.settings.pinned_versions.get(category)
+        if pinned is not None:
+            return [pinned] if initial else []
+        current = self._models.get(category)
+        if current is not None and current.pinned:
+            return []
+        failed = self._failed_versions.get(category, set())
+        out = []
+        for version in reversed(list_versions(self.store / category)):  # empty: removed meanwhile
+            if current is not None and version == current.version:
+                break  # served already, and every older one is older than what serves
+            if version not in failed:
+                out.append(version)
+        return out
+
+    async def _load_newest(self, category: str, versions: list[str]) -> tuple[LoadedModel | None, Exception | None]:
+        """Swap in the first of ``versions`` that loads (under the category's lock): the model,
+        or None and the first (newest) version's error. Each one that fails is logged and not
+        tried again by the watch; when none loads and nothing serves the category, it is
+        ``failed`` with that first error."""
+        first_error: Exception | None = None
+        for version in versions:
+            try:
+                return await self._swap_in(category, version, pin=category in self.settings.pinned_versions), None
+            except Exception as exc:  # recorded; the next older version is tried
+                self._failed_versions.setdefault(category, set()).add(version)
+                log.error("cannot load %s version %s: %s%s", category, version, exc,
+                          "; trying an older one" if version != versions[-1] else "")
+                first_error = first_error or exc
+        if first_error is not None and category not in self._models:
+            self._failed[category] = self.public_message(first_error)
+        return None, first_error
 
     def _lock(self, category: str) -> asyncio.Lock:
         return self._locks.setdefault(category, asyncio.Lock())
@@ -273,24 +299,39 @@ class ModelRegistry:
                            loaded_at=datetime.now(timezone.utc), warmup_ms=warmup_ms, pinned=pinned)
 
     async def reload(self, category: str, version: str | None = None) -> LoadedModel:
-        """(Re)load ``category`` (newest, pinned or the given ``version``) and swap it in once warm."""
+        """(Re)load ``category`` (newest, pinned or the given ``version``) and swap it in once warm.
+
+        Where nothing serves the category (its loads failed) and no version is named or
+        pinned, every version is tried again, newest first (as at start-up): the operator's
+        retry, or the engine process back, brings the newest that loads."""
         if not CATEGORY_PATTERN.match(category) or not (self.store / category).is_dir():
             raise UnknownCategory(category, self.categories)
         async with self._lock(category):  # two reloads of one category must not race to the swap
+            if version is None and category not in self._models and category not in self.settings.pinned_versions:
+                self._failed_versions.pop(category, None)
+                model, error = await self._load_newest(category, self._candidates(category))
+                if model is not None:
+                    return model
+                if error is not None:
+                    raise error
             return await self._swap_in(category, version)
 
-    async def _swap_in(self, category: str, version: str | None) -> LoadedModel:
-        """Build and warm, then swap; under the category's lock."""
+    async def _swap_in(self, category: str, version: str | None, pin: bool = True) -> LoadedModel:
+        """Build and warm, then swap; under the category's lock. ``pin``: a given ``version``
+        pins the category (an operator's reload ?version=), unless the watch chose it."""
         started = time.perf_counter()
         try:
             chosen, pinned = self._resolve_version(category, version)
-            model = await asyncio.to_thread(self._build, category, chosen, pinned)
+            model = await asyncio.to_thread(self._build, category, chosen, pinned and pin)
         except Exception as exc:
             if category not in self._models:
                 self._failed[category] = self.public_message(exc)
             if category not in self._categories:
                 self._categories.append(category)
+            if self.on_load_failure is not None and not isinstance(exc, VersionNotFound):
+                self.on_load_failure(category)
             raise
+        self._failed_versions.get(category, set()).discard(chosen)  # it loads now (an explicit reload)
         previous = self._models.get(category)
         self._models[category] = model  # the atomic swap: the next batch sees the new engine
         self._failed.pop(category, None)

@@ -60,6 +60,7 @@ class ServiceState(PipelineRuntime):
         super().__init__(settings, redis, metrics=metrics, memory_links=True, engine_link=link)
         if link is not None:
             link.on_reload = self._follow_reload
+        self.registry.on_load_failure = self._load_failed
         self.shutting_down = False
         self._loading: asyncio.Task[None] | None = None
         self._collector_report: asyncio.Task[None] | None = None
@@ -84,6 +85,8 @@ class ServiceState(PipelineRuntime):
         process holds (or wait for it, up to a minute each); until the first front end is
         ready the port refuses connections."""
         categories = self.open()
+        for category in categories:  # at 0 first: an alert's increase() misses a series born at 1
+            self.metrics.model_load_failures.labels(category)
         if self._bulk_redis is not None:
             self._budget_check = asyncio.create_task(self._check_redis_budgets(len(categories)),
                                                      name="redis-budgets")
@@ -208,6 +211,14 @@ class ServiceState(PipelineRuntime):
         if self.engine_link is not None:
             self.engine_link.broadcast_reload(category, version)  # the other front ends follow
         return model
+
+    def _load_failed(self, category: str) -> None:
+        """A version of ``category`` failed to load (start-up, the store watch, a reload)."""
+        self.metrics.model_load_failures.labels(category).inc()
+
+    def _swapped(self, model: LoadedModel) -> None:
+        super()._swapped(model)
+        self.metrics.model_load_failures.labels(model.category)  # at 0, for a category the watch found
 
     async def _follow_reload(self, category: str, version: str | None) -> None:
         """Another front end of this server reloaded ``category``: serve what it serves."""

@@ -14,7 +14,8 @@ from typing import Any
 import httpx
 from PIL import Image
 
-from harness import CATEGORY, Server, copy_version as _copy_version, fake_version, part, png_of, start, wait_until
+from harness import (CATEGORY, Server, copy_version as _copy_version, fake_version, metric, part, png_of, start,
+                     wait_until)
 from models.build_progress import record_build, record_step
 from models.data import MVTecCategory
 from service.config import Settings
@@ -135,3 +136,32 @@ def test_the_watch_never_undoes_an_operators_pin(tmp_path: Path) -> None:
         assert registry.serving() == {CATEGORY: "1"} and registry.get(CATEGORY).pinned
 
     asyncio.run(main())
+
+
+def _corrupt_copy(src: Path, dst: Path, version: str) -> None:
+    """An export whose engine file no longer matches its manifest (a truncated copy)."""
+    _copy_version(src, dst, CATEGORY, version)
+    engine = next(p for p in dst.iterdir() if p.suffix in (".onnx", ".plan"))
+    engine.write_bytes(engine.read_bytes()[: engine.stat().st_size // 2])
+
+
+def test_a_broken_export_neither_takes_a_restarted_replica_down_nor_goes_uncounted(model_store: Path,
+                                                                                   tmp_path: Path) -> None:
+    """A replica started after a broken export serves the newest version that loads (it served
+    nothing for the category, 503 not_ready), and every failed load moves
+    msflow_model_load_failures_total (the MsflowModelLoadFailed alert's series; it never moved)."""
+    store = tmp_path / "store"
+    shutil.copytree(model_store, store)
+    _corrupt_copy(store / CATEGORY / "1", store / CATEGORY / "2", "2")
+    server = start(store, tmp_path / "server.log", store_poll_s=0.3)
+    try:
+        with httpx.Client(base_url=server.url, timeout=10.0) as c:
+            ready = c.get("/readyz").json()
+            assert ready["models"] == {CATEGORY: "1"} and ready["failed"] == {}, ready
+            assert metric(c, "msflow_model_load_failures_total", category=CATEGORY) == 1
+            _corrupt_copy(store / CATEGORY / "1", store / CATEGORY / "3", "3")
+            wait_until(lambda: metric(c, "msflow_model_load_failures_total", category=CATEGORY) == 2, 30,
+                       "the watch's failed load counted")
+            assert c.get("/readyz").json()["models"] == {CATEGORY: "1"}
+    finally:
+        server.stop()
