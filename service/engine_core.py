@@ -110,6 +110,11 @@ class EngineCore:
         self._loading: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._next_ident = 0
+        # The last operator reload of each category (its message, stamped by the front end
+        # that made it): replayed to every front end that connects, so that one started
+        # after it (a killed one's replacement) or cut off when it was relayed serves what
+        # the others serve, not the newest version an operator had rolled back from.
+        self.reloads: dict[str, Message] = {}
         self._stopping = asyncio.Event()
         # Long enough for any request pinned before a reload to reach the engine.
         self.unload_grace_s = settings.request_deadline_ms / 1e3 + 5.0
@@ -214,6 +219,8 @@ class EngineCore:
         if op == "hello":
             frontend.pid = int(message["pid"])
             log.info("front end %d connected (pid %d)", frontend.ident, frontend.pid)
+            for reload in self.reloads.values():  # it ignores those it followed already
+                frontend.channel.send({**reload, "replayed": True})
         elif op == "slab":
             if len(fds) != 1:
                 raise ValueError(f"slab message with {len(fds)} descriptors, not 1")
@@ -239,9 +246,17 @@ class EngineCore:
                 batcher, futures = request
                 batcher.cancel_queued(futures)
         elif op == "reload":  # one front end reloaded a category: every other one follows
+            # A front end also hands over its own record when it connects (this process may
+            # be new): only a reload newer than the one recorded is recorded and relayed.
+            category, stamp = str(message["category"]), int(message["stamp"])
+            known = self.reloads.get(category)
+            if known is not None and int(known["stamp"]) >= stamp:
+                return
+            self.reloads[category] = {"op": "reload", "category": category, "version": message.get("version"),
+                                      "stamp": stamp}
             for other in self.frontends.values():
                 if other is not frontend:
-                    other.channel.send(message)
+                    other.channel.send(self.reloads[category])
         else:
             raise ValueError(f"unknown message {op!r}")
 

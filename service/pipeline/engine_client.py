@@ -107,6 +107,10 @@ class EngineClient:
         self._calls: dict[int, asyncio.Future[Message]] = {}
         self._holds = VersionHolds()  # the version folders served or warming up here
         self._handles: dict[str, int] = {}  # version folder -> the engine process's number for it
+        # category -> (stamp, version) of the last operator reload made or followed here: what
+        # a reload heard again is checked against (followed once), and what a new engine
+        # process learns at the handshake (it replays it to front ends that start later).
+        self._reloads: dict[str, tuple[int, str | None]] = {}
         self._ids = itertools.count(1)
         self._connector: asyncio.Task[None] | None = None
         # The wait before a connection attempt grows across attempts, reconnects included
@@ -164,6 +168,8 @@ class EngineClient:
         channel.send({"op": "hello", "pid": os.getpid()})
         for ident, slab, _ in self._slabs.values():
             self._send_slab(ident, slab)
+        for category, (stamp, version) in self._reloads.items():  # the engine process keeps the newest
+            channel.send(_reload_message(category, version, stamp))
         self._handles.clear()  # numbers of the engine process that went away
         for version_dir in self._holds.folders():  # what is served or warming up here, again
             try:
@@ -257,8 +263,20 @@ class EngineClient:
                     rid = int(message["rid"])
                     failed = frames.Outcome(frames.ENGINE_ERROR, message=f"engine process: {message.get('message')}")
                     self._resolve(rid, [failed] * len(self._requests[rid].slots))
-            elif op == "reload" and self.on_reload is not None:
-                self.loop.create_task(self.on_reload(str(message["category"]), message.get("version")))
+            elif op == "reload":
+                self._follow(str(message["category"]), message.get("version"), int(message["stamp"]),
+                             bool(message.get("replayed")))
+
+    def _follow(self, category: str, version: str | None, stamp: int, replayed: bool) -> None:
+        """Another front end's reload, relayed as it happens or ``replayed`` to this one when it
+        connects: followed once. A replayed reload of the newest version (no pin) where this
+        front end knew of none is only recorded: it serves what that reload chose since it started."""
+        known = self._reloads.get(category)
+        if known is not None and known[0] >= stamp:
+            return
+        self._reloads[category] = (stamp, version)
+        if (known is not None or version is not None or not replayed) and self.on_reload is not None:
+            self.loop.create_task(self.on_reload(category, version))
 
     def _resolve(self, rid: int, outcomes: list[frames.Outcome]) -> None:
         request = self._requests.pop(rid, None)
@@ -320,9 +338,12 @@ class EngineClient:
             self._channel.send({"op": "release", "dir": version_dir})  # reconnecting: left out there
 
     def broadcast_reload(self, category: str, version: str | None) -> None:
-        """Ask every other front end to reload ``category`` like this one did."""
-        if self._channel is not None:
-            self._channel.send({"op": "reload", "category": category, "version": version})
+        """Ask every other front end to reload ``category`` like this one did, those started
+        later included (the engine process replays the last reload of each category)."""
+        stamp = max(time.time_ns(), self._reloads.get(category, (0, None))[0] + 1)  # after what it replaces
+        self._reloads[category] = (stamp, version)
+        if self._channel is not None:  # else sent at the handshake, with the record
+            self._channel.send(_reload_message(category, version, stamp))
 
     # ------------------------------------------------------------------ images
     def pool(self, size: int) -> SlotPool:
@@ -397,6 +418,12 @@ class EngineClient:
         manifest = Manifest.read(version_dir)
         answer = asyncio.run_coroutine_threadsafe(self.acquire(version_dir), self.loop).result()
         return RemoteEngine(self, version_dir, manifest, str(answer["name"]), int(answer["max_batch_size"]))
+
+
+def _reload_message(category: str, version: str | None, stamp: int) -> Message:
+    """``stamp``: when the operator's reload was made (ns, this host's wall clock, which every
+    process of a server shares): the newest reload of a category wins everywhere."""
+    return {"op": "reload", "category": category, "version": version, "stamp": stamp}
 
 
 def _error(code: int, message: str) -> Exception:

@@ -1,0 +1,106 @@
+"""An operator's reload in multi-process mode holds for every front end, also those that were
+not there to hear it: a killed front end's replacement (which loads the newest version at
+start) and a front end cut off from the engine process while it was relayed.
+
+In-process: an engine core and front ends' runtimes on one event loop (the fixtures of
+test_multiprocess.py), each front end following reloads as a server's does
+(:meth:`service.pipeline.state.ServiceState._follow_reload`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from harness import fake_version
+from service.config import Settings
+from service.engine_core import EngineCore
+from service.pipeline.engine_client import EngineClient
+from service.pipeline.runtime import PipelineRuntime
+from test_multiprocess import engine_process, until
+
+
+@contextlib.asynccontextmanager
+async def front_end(settings: Settings) -> AsyncIterator[tuple[PipelineRuntime, EngineClient]]:
+    """A front end's runtime that reloads like a server's: its own reloads relayed, the
+    others' followed; closed afterwards."""
+    link = EngineClient(settings, settings.engine_socket)
+    rt = PipelineRuntime(settings, None, engine_link=link)
+
+    async def follow(category: str, version: str | None) -> None:
+        await rt.registry.reload(category, version)
+    link.on_reload = follow
+    rt.open()
+    try:
+        await rt.registry.load_all()
+        yield rt, link
+    finally:
+        await rt.close()
+
+
+async def operator_reload(rt: PipelineRuntime, link: EngineClient, category: str, version: str | None) -> None:
+    """What ``POST /v1/models/{category}/reload`` does on a front end (ServiceState.reload)."""
+    await rt.registry.reload(category, version)
+    link.broadcast_reload(category, version)
+
+
+def serves(rt: PipelineRuntime) -> tuple[str, bool]:
+    model = rt.registry.get("aaa")
+    return model.version, model.pinned
+
+
+def test_a_front_end_started_after_a_pinning_reload_serves_the_pinned_version(tmp_path: Path) -> None:
+    """Before, a replacement front end loaded the newest version and the server answered with
+    two versions at once (the one an operator rolled back from on ~half the connections)."""
+    store = tmp_path / "store"
+    fake_version(store, "aaa", "1")
+    fake_version(store, "aaa", "2")
+
+    async def main() -> None:
+        async with engine_process(store) as (core, settings):
+            async with front_end(settings) as (first, first_link):
+                assert serves(first) == ("2", False)
+                await operator_reload(first, first_link, "aaa", "1")
+                assert serves(first) == ("1", True)
+                async with front_end(settings) as (late, _):  # started after the reload
+                    await until(lambda: serves(late) == ("1", True), "the late front end on the pinned version")
+                    # Unpinned on the late one: the first follows, once.
+                    await operator_reload(late, _, "aaa", None)
+                    await until(lambda: serves(first) == ("2", False), "the first front end back on the newest")
+                    await asyncio.sleep(0.2)
+                    assert serves(late) == ("2", False) and serves(first) == ("2", False)
+                # A front end starting after the unpin needs no reload at all: it serves the newest.
+                async with front_end(settings) as (third, third_link):
+                    await asyncio.sleep(0.2)
+                    assert serves(third) == ("2", False)
+                    assert third_link._reloads["aaa"][1] is None
+
+    asyncio.run(main())
+
+
+def test_a_reload_made_while_the_engine_process_was_away_reaches_the_others(tmp_path: Path) -> None:
+    """A new engine process knows no reload: the front ends hand over theirs at the handshake,
+    the newest wins, and a front end that missed it (cut off) follows."""
+    store = tmp_path / "store"
+    fake_version(store, "aaa", "1")
+    fake_version(store, "aaa", "2")
+
+    async def main() -> None:
+        async with engine_process(store) as (core, settings):
+            async with front_end(settings) as (a, a_link), front_end(settings) as (b, _):
+                await operator_reload(a, a_link, "aaa", "1")
+                await until(lambda: serves(b) == ("1", True), "b following the pin")
+                # The engine process forgets (a new one); the record comes back from the front ends.
+                core.reloads.clear()
+                for frontend in list(core.frontends.values()):
+                    frontend.channel.close()
+                await until(lambda: len(core.frontends) == 2 and a_link.connected, "both front ends back")
+                await until(lambda: "aaa" in core.reloads, "the pin handed over again")
+                assert core.reloads["aaa"]["version"] == "1"
+                async with front_end(settings) as (late, _):
+                    await until(lambda: serves(late) == ("1", True), "a later front end on the pinned version")
+        assert isinstance(core, EngineCore)
+
+    asyncio.run(main())
