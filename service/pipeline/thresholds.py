@@ -41,7 +41,10 @@ alone took the changes) does a replica fall back to what it last knew. A Redis r
 was in flight during a change never overwrites it (a per-key generation counter).
 
 A threshold far outside what the calibration saw (:func:`sane_range`) is refused unless the
-request says ``force``: ``1e30`` would pass every defect.
+request says ``force``: ``1e30`` would pass every defect. Recent images widen that range only
+as far as :data:`RANGE_SUPPORT` of them reach: one junk frame (a black image scored 513 on
+brick, whose calibration spans 2.2..3.0) made a threshold of 400, which passes every real
+defect, look sane.
 
 Two replicas changing one version at once must not leave Redis with one value and the file
 with the other (the file would bring the loser back after a Redis data loss): a change holds
@@ -89,16 +92,23 @@ Key = tuple[str, str]  # (category, version)
 # Without Redis, the longest a process trusts an unchanged stat of an override file: a rename
 # onto a reused inode, same size, within one coarse timestamp tick, would look unchanged.
 FILE_MAX_AGE_S = 30.0
+# Recent images extend the sane range only where at least this many distinct scores lie: a
+# threshold beyond all but one or two of them flags (or passes) nothing but those outliers.
+RANGE_SUPPORT = 3
 
 
 def sane_range(calibration: Calibration, seen: Sequence[float] = ()) -> tuple[float, float]:
-    """Raw thresholds an operator may set without ``force``: the scores the calibration and
-    the recent images (``seen``) spanned, widened by the calibration's width on each side.
-    A threshold beyond every score ever seen flags everything or nothing."""
+    """Raw thresholds an operator may set without ``force``: the scores the calibration
+    spanned, extended to where :data:`RANGE_SUPPORT` recent scores (``seen``) reach, widened
+    by the calibration's width on each side. A threshold beyond every score seen but a
+    couple flags everything or nothing. Distinct scores: the same image sent again (the
+    result cache off) is one image."""
     span = max(calibration.score_max - calibration.score_min, 1e-12)
-    finite = [x for x in seen if math.isfinite(x)]
-    low = min([calibration.score_min, *finite])
-    high = max([calibration.score_max, *finite])
+    finite = sorted({x for x in seen if math.isfinite(x)})
+    low, high = calibration.score_min, calibration.score_max
+    if len(finite) >= RANGE_SUPPORT:
+        low = min(low, finite[RANGE_SUPPORT - 1])
+        high = max(high, finite[-RANGE_SUPPORT])
     return low - span, high + span
 
 
@@ -107,7 +117,8 @@ class ThresholdOutOfRange(ValueError):
 
     def __init__(self, threshold: float, low: float, high: float) -> None:
         super().__init__(f"threshold {threshold:.6g} is outside {low:.6g}..{high:.6g} (the scores of the "
-                         "calibration and the recent images, widened); send \"force\": true to set it anyway")
+                         f"calibration and where at least {RANGE_SUPPORT} recent images scored, widened); send "
+                         "\"force\": true to set it anyway")
         self.details = {"threshold": threshold, "sane_min": low, "sane_max": high}
 
 
