@@ -248,6 +248,9 @@ class JobAccepted(_Model):
     category: str
     images: int
     url: str = Field(description="/v1/jobs/<id>: poll it for the state and the result")
+    workers: int | None = Field(None, description="msflow workers consuming the category now (their heartbeats); "
+                                                  "0: none is running, the job waits for one (until MSFLOW_JOB_TTL_S); "
+                                                  "null when the job is done or failed already")
 
 
 class JobStatus(_Model):
@@ -260,6 +263,10 @@ class JobStatus(_Model):
     worker: str | None = Field(None, description="the worker (consumer name) of the latest attempt")
     result: InspectResponse | None = Field(None, description="when done: what POST /v1/inspect would answer")
     error: ErrorBody | None = Field(None, description="when failed: why; while queued again: the last attempt's")
+    workers: int | None = Field(None, description="while queued or running: msflow workers consuming the category now "
+                                                  "(their heartbeats, a few seconds old at most); 0: none is running, "
+                                                  "the job waits for one (until MSFLOW_JOB_TTL_S; a running job's "
+                                                  "worker is gone and another takes it over once started)")
 
 
 

@@ -14,7 +14,9 @@ from service.api.deps import InspectCategoryDep, StateDep
 from service.api.errors import ApiError
 from service.api.openapi import LOCATION, UNAUTHORIZED, UPLOAD, errors, ok
 from service.api.uploads import read_uploads
-from service.redisq.records import Unreadable
+from service.redisq.connection import RedisUnavailable
+from service.redisq.jobs import JobQueue
+from service.redisq.records import FINAL_STATES, JobRecord, Unreadable
 from service.schemas import HeatmapMode, HeatmapSize, InspectOptions, JobAccepted, JobStatus
 
 router = APIRouter()
@@ -30,6 +32,19 @@ def _idempotency_key_schema(schema: dict[str, Any]) -> None:
     parameter (a header is absent, never null)."""
     schema.pop("anyOf", None)
     schema.update(type="string", pattern=IDEMPOTENCY_KEY.pattern, minLength=1, maxLength=128)
+
+
+async def _workers_alive(queue: JobQueue, record: JobRecord) -> int | None:
+    """For an unfinished job: how many workers consume its category (with none alive a queued
+    job said "queued" until it expired, like one in a long queue). None once it is finished,
+    or when Redis fails now: a submission already queued must not answer 503 (its client would
+    send the job again)."""
+    if record.status in FINAL_STATES:
+        return None
+    try:
+        return await queue.workers.alive(record.category)
+    except RedisUnavailable:
+        return None
 
 
 # The key before the cross-site guard: where keys are configured a request without one is 401.
@@ -71,7 +86,9 @@ async def submit_job(request: Request, category: InspectCategoryDep, state: Stat
     location = f"/v1/jobs/{record.id}"
     # A resubmitted Idempotency-Key gets its job as it stands (done, say), not "queued" again:
     # a client polling only while queued would otherwise wait on a job that already finished.
-    body = JobAccepted(id=record.id, status=record.status, category=category, images=len(uploads), url=location)
+    workers = await _workers_alive(queue, record)
+    body = JobAccepted(id=record.id, status=record.status, category=category, images=len(uploads), url=location,
+                       workers=workers)
     return JSONResponse(body.model_dump(mode="json"), status_code=202, headers={"Location": location})
 
 
@@ -79,12 +96,14 @@ async def submit_job(request: Request, category: InspectCategoryDep, state: Stat
     **ok(), **errors({401: UNAUTHORIZED, 404: "`job_not_found`", 500: "`job_record_unreadable`, `internal_error`",
                       503: "`redis_required` (no Redis configured), " + _REDIS_DOWN})})
 async def get_job(job_id: str, state: StateDep) -> JobStatus:
-    record = await state.require_jobs().records.get(job_id)
+    queue = state.require_jobs()
+    record = await queue.records.get(job_id)
     if record is None:
         raise ApiError(404, "job_not_found", "no such job: it never existed, expired (MSFLOW_JOB_TTL_S), or "
                        "finished long enough ago to be evicted (MSFLOW_JOB_MAX_RESULTS_BYTES)")
     if isinstance(record, Unreadable):  # written by another version of the service, or damaged
         raise ApiError(500, "job_record_unreadable", f"this job's stored record cannot be read: {record.reason}")
+    workers = await _workers_alive(queue, record)
     return JobStatus(id=record.id, status=record.status, category=record.category, created_at=record.created_at,
                      updated_at=record.updated_at, attempts=record.attempts, worker=record.worker,
-                     result=record.result, error=record.error)
+                     result=record.result, error=record.error, workers=workers)

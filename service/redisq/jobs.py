@@ -50,6 +50,7 @@ from service.redisq.connection import RedisConnection
 from service.schemas import ErrorBody, InspectOptions, Upload
 from service.redisq.records import FinalWrite, JobRecord, JobRecords, new_job_id, release_input_lua
 from service.redisq.store import utcnow
+from service.redisq.workers import WorkerHeartbeats
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +179,7 @@ class JobQueue:
         self.settings = settings
         self.conn = conn
         self.records = JobRecords(settings, conn)
+        self.workers = WorkerHeartbeats(conn)
         self.claim_idle_ms = int(settings.job_claim_idle_s * 1000)
         self._claim_cursor: dict[str, str] = {}  # per category: where the last XAUTOCLAIM scan stopped
 

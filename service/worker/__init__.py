@@ -25,7 +25,10 @@ Failures stay with their job: a bad image fails its own job only; an engine erro
 jobs whose images were in that batch (retried); heatmap links that cannot reach Redis fail
 the attempt (the worker serves no HTTP, so a link only in its memory would be dead).
 
-SIGTERM/SIGINT: stop reading, finish the jobs in hand, exit. A SIGKILLed (or stopped)
+Every 5 s it beats a heartbeat per category into Redis (:mod:`service.redisq.workers`), so
+that a job's answer says whether any worker consumes its category.
+
+SIGTERM/SIGINT: stop reading, finish the jobs in hand, leave the heartbeats, exit. A SIGKILLed (or stopped)
 worker's jobs are claimed by the others once their keep-alive stops. Metrics:
 ``MSFLOW_WORKER_METRICS_PORT`` (Prometheus).
 """

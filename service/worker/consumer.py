@@ -59,6 +59,7 @@ class Worker:
         self.stop = asyncio.Event()
         self.categories: list[str] = []
         self._watch: asyncio.Task[None] | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ start-up and main loop
     async def start(self) -> None:
@@ -73,6 +74,9 @@ class Worker:
                                f"{self.runtime.registry.failed}")
         await self._until_redis(lambda: self.queue.ensure_groups(self.categories))
         self._watch = asyncio.create_task(self.runtime.watch_store(), name="watch-store")
+        # Before the first read: a job's answer says from now on that a worker consumes it.
+        await self._until_redis(lambda: self.queue.workers.beat(self.name, self.categories))
+        self._heartbeat = asyncio.create_task(self._beat(), name="heartbeat")
         log.info("worker %s: consuming %s", self.name, ", ".join(self.categories))
 
     async def run(self) -> None:
@@ -282,10 +286,26 @@ class Worker:
                 except RedisUnavailable:
                     pass
 
+    async def _beat(self) -> None:
+        """Say every few seconds which categories this worker consumes (a job's answer counts
+        the workers alive); a beat Redis misses is sent again with the next."""
+        while True:
+            await asyncio.sleep(self.queue.workers.every_s)
+            try:
+                await self.queue.workers.beat(self.name, self.categories)
+            except RedisUnavailable:
+                pass
+
     async def close(self) -> None:
         """Finish what the batchers hold, release threads and the connection."""
         if self._watch is not None:
             self._watch.cancel()
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            try:  # a clean stop leaves at once, rather than counting as alive until its beat runs out
+                await self.queue.workers.leave(self.name, self.categories)
+            except RedisUnavailable:
+                pass
         await self.runtime.close()
 
 
