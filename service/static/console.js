@@ -87,10 +87,13 @@
         return "This service needs an API key: type it in the API key field above and press \u201cUse key\u201d.";
       case "invalid_api_key":
         return "The API key was rejected (invalid_api_key). Check it and type it again.";
+      // The server says which key the route needs (an admin key, or a reviewer's on the
+      // Review page): a fixed "needs an admin API key" sent reviewers asking for the wrong key.
       case "forbidden":
+        return `This key may not do this (forbidden): ${e.message}.`;
       case "admin_disabled":
       case "review_disabled":
-        return `This needs an admin API key (${e.code}): ${e.message}`;
+        return `${e.message} (${e.code})`;
       default:
         return `${e.message} (${e.code}${e.status ? `, HTTP ${e.status}` : ""})`;
     }
@@ -264,6 +267,22 @@
     await Promise.all(Array.from({ length: Math.min(CONCURRENCY, jobs.length) }, worker));
   }
 
+  // A photo the browser cannot show (TIFF: the service reads it, Chromium does not) left a
+  // 16-pixel strip with the heatmap and boxes squashed into it. The frame takes the image's
+  // proportions from the answer instead, and the overlay is drawn over black.
+  function undisplayable(photo, viz, onFailure) {
+    photo.addEventListener("error", () => {
+      if (!photo.getAttribute("src")) return;
+      photo.hidden = true;
+      viz.dataset.photo = "undisplayable";
+      onFailure();
+    });
+  }
+
+  function fitViz(viz, width, height) {
+    viz.style.aspectRatio = `${width} / ${height}`; // CSSOM, not a style attribute: the policy allows it
+  }
+
   function createCard(file, category) {
     const photoUrl = URL.createObjectURL(file);
     const photo = el("img", { alt: file.name, src: photoUrl });
@@ -271,11 +290,12 @@
     const info = el("div", { class: "info" }, el("h3", { text: file.name }),
       el("p", { class: "pending", text: `Inspecting with ${category}\u2026` }));
     state.seq = (state.seq || 0) + 1;
+    const viz = el("div", { class: "viz" }, photo, canvas);
     const node = el("article", { class: "card", "data-state": "pending", "data-filename": file.name,
-      "data-seq": String(state.seq) },
-      el("div", { class: "viz" }, photo, canvas), info);
+      "data-seq": String(state.seq) }, viz, info);
     $("#results").prepend(node);
-    const card = { node, photo, photoUrl, canvas, info, file, result: null, heat: null };
+    const card = { node, photo, photoUrl, canvas, info, file, viz, result: null, heat: null };
+    undisplayable(photo, viz, () => { if (card.result) noteUndisplayable(card.info); });
     state.cards.push(card);
     return card;
   }
@@ -290,6 +310,7 @@
       await fillCard(card, body, performance.now() - t0);
     } catch (e) {
       card.node.dataset.state = "error";
+      card.viz.hidden = true; // nothing to overlay: a broken photo strip said nothing more
       card.info.replaceChildren(el("h3", { text: file.name }), el("p", { class: "failure", text: describe(e) }));
       if (e instanceof ApiError && (e.status === 401 || e.status === 403 || e.status === 0)) showError(e);
     }
@@ -334,9 +355,17 @@
     if (r.heatmap && r.heatmap.data) {
       card.heat = await loadImage(`data:image/png;base64,${r.heatmap.data}`);
     }
+    fitViz(card.viz, r.image_size.width, r.image_size.height);
     if (!card.photo.complete) await new Promise((res) => { card.photo.onload = card.photo.onerror = res; });
+    if (card.viz.dataset.photo === "undisplayable") noteUndisplayable(card.info);
     draw(card);
     n.dataset.state = "done";
+  }
+
+  function noteUndisplayable(info) {
+    if (info.querySelector(".no-photo")) return;
+    info.append(el("p", { class: "muted no-photo", text: "This browser cannot display the image itself (TIFF?): " +
+      "the heatmap and the boxes are drawn over black, in the image's proportions." }));
   }
 
   function loadImage(src) {
@@ -641,7 +670,8 @@
   }
 
   // What review.js (the Review page) shares with this file: one key, one error box, one API client.
-  window.msflowConsole = { $, el, fmt, when, api, describe, showError, clearError, loadImage, state, ApiError };
+  window.msflowConsole = { $, el, fmt, when, api, describe, showError, clearError, loadImage, state, ApiError,
+    undisplayable, fitViz, noteUndisplayable };
 
   // ------------------------------------------------------------------ start
   window.addEventListener("error", (ev) => showError(`Console error: ${ev.message}`));

@@ -1,6 +1,7 @@
 /* MSFlow console: the Review page. The pending items of a category (verdict review, or the
  * audit sample of ok / ng), each with its heatmap overlay and region boxes; the operator
- * labels them OK or NG with the buttons or the keyboard (O, N; J/K move), and the running
+ * labels them OK or NG with the buttons or the keyboard (O, N; J/K move; J past the last item
+ * listed fetches the next page), can change the last label given (a relabel), and the running
  * model-operator agreement comes back from the server with every label. Shares the key, the
  * API client and the error box with console.js (window.msflowConsole); like it, every text
  * from the server goes through textContent. */
@@ -8,11 +9,17 @@
 
 (() => {
   const PAGE = 20;
+  // The server's pattern for a defect type (ReviewLabelRequest): checked here so the operator
+  // reads what to type, not a 422 quoting a regular expression.
+  const DEFECT_TYPE = /^[a-z0-9][a-z0-9_-]{0,63}$/;
   const view = {
     items: [], // { entry, node, canvas, photo, heat, urls }
     current: 0,
     seq: 0,
     active: false,
+    cursor: null, // the next page's (next_cursor): only the first 20 items were ever reachable
+    more: null, // the page being fetched, when one is
+    stats: null,
   };
 
   function c() { return window.msflowConsole; }
@@ -35,6 +42,7 @@
   function clearItems() {
     for (const it of view.items) for (const u of it.urls) URL.revokeObjectURL(u);
     view.items = [];
+    view.cursor = null;
     c().$("#review-items").replaceChildren();
   }
 
@@ -47,14 +55,9 @@
       $("#review-stats").textContent = "No category loaded (type a key above).";
       return;
     }
-    const verdict = $("#review-verdict").value;
-    const query = `limit=${PAGE}${verdict ? `&verdict=${encodeURIComponent(verdict)}` : ""}`;
     let page;
     try {
-      [page] = await Promise.all([
-        api(`/v1/review/${encodeURIComponent(category)}/items?${query}`),
-        loadStats(category, seq),
-      ]);
+      [page] = await Promise.all([api(pageUrl(category, null)), loadStats(category, seq)]);
     } catch (e) {
       if (seq === view.seq) {
         $("#review-items").replaceChildren(el("p", { class: "failure", text: describe(e) }));
@@ -67,14 +70,64 @@
     $("#review-empty").hidden = page.items.length > 0;
     view.items = page.items.map((entry) => card(entry));
     $("#review-items").replaceChildren(...view.items.map((it) => it.node));
+    view.cursor = page.next_cursor;
     select(0);
-    $("#review-items").dataset.loaded = String(view.items.length);
+    shown();
     await Promise.all(view.items.map((it) => paint(it)));
+  }
+
+  function pageUrl(category, after) {
+    const verdict = c().$("#review-verdict").value;
+    return `/v1/review/${encodeURIComponent(category)}/items?limit=${PAGE}` +
+      `${verdict ? `&verdict=${encodeURIComponent(verdict)}` : ""}${after ? `&after=${encodeURIComponent(after)}` : ""}`;
+  }
+
+  // The next page after the cursor, appended: items skipped (left for later) no longer hide
+  // the rest of the queue. Returns whether items were added.
+  function loadMore() {
+    if (!view.cursor) return Promise.resolve(false);
+    if (!view.more) view.more = fetchMore().finally(() => { view.more = null; });
+    return view.more;
+  }
+
+  async function fetchMore() {
+    const { $, api, showError } = c();
+    const seq = view.seq;
+    let page;
+    try {
+      page = await api(pageUrl(categoryOf(), view.cursor));
+    } catch (e) {
+      if (seq === view.seq) showError(e);
+      return false;
+    }
+    if (seq !== view.seq) return false; // reloaded meanwhile
+    const known = new Set(view.items.map((it) => it.entry.item.id));
+    const fresh = page.items.filter((e) => !known.has(e.item.id)).map((entry) => card(entry));
+    view.items.push(...fresh);
+    $("#review-items").append(...fresh.map((it) => it.node));
+    view.cursor = page.next_cursor;
+    $("#review-empty").hidden = view.items.length > 0;
+    shown();
+    await Promise.all(fresh.map((it) => paint(it)));
+    return fresh.length > 0;
+  }
+
+  // How many of the pending items are listed, and the way to the others.
+  function shown() {
+    const { $ } = c();
+    const list = $("#review-items");
+    list.dataset.loaded = String(view.items.length);
+    const s = view.stats;
+    const verdict = $("#review-verdict").value;
+    const pending = s ? (verdict ? s.pending[verdict] || 0 : s.pending.review + s.pending.ok + s.pending.ng) : null;
+    $("#review-shown").textContent = view.items.length && pending !== null
+      ? `Showing ${view.items.length} of ${Math.max(pending, view.items.length)} pending` : "";
+    $("#review-more").hidden = !view.cursor;
   }
 
   async function loadStats(category, seq) {
     const stats = await c().api(`/v1/review/${encodeURIComponent(category)}/stats`);
-    if (seq === undefined || seq === view.seq) showStats(stats);
+    if (seq === undefined || seq === view.seq) { view.stats = stats; showStats(stats); }
     return stats;
   }
 
@@ -92,10 +145,14 @@
   }
 
   function card(entry) {
-    const { el, fmt, when } = c();
+    const { el, fmt, when, undisplayable, fitViz, noteUndisplayable } = c();
     const item = entry.item;
     const photo = el("img", { alt: item.filename || item.id });
     const canvas = el("canvas", { width: 1, height: 1 });
+    const viz = el("div", { class: "viz" }, photo, canvas);
+    fitViz(viz, item.image.width, item.image.height); // a TIFF the browser cannot show keeps its shape
+    const info = el("div", { class: "info" });
+    undisplayable(photo, viz, () => noteUndisplayable(info));
     const note = el("input", { type: "text", class: "note", maxLength: 500, placeholder: "note (optional)",
       "aria-label": "note" });
     const it = { entry, photo, canvas, note, heat: null, urls: [], node: null };
@@ -105,8 +162,9 @@
     ng.addEventListener("click", () => label(it, "ng"));
     it.node = el("article", { class: "review-item", "data-id": item.id, "data-verdict": item.verdict,
       "data-raw-score": String(item.raw_score) },
-      el("div", { class: "viz" }, photo, canvas),
-      el("div", { class: "info" },
+      viz,
+      info);
+    info.append(
         el("h3", { text: item.filename || item.id }),
         el("span", { class: `decision ${item.verdict}`, text: item.verdict.toUpperCase() }), " ",
         el("span", { class: "muted", text: item.reason === "audit" ? "audit sample" : "uncertain" }),
@@ -116,7 +174,7 @@
           el("dt", { text: "Model" }), el("dd", { text: `v${item.model_version}${item.engine ? ` \u00b7 ${item.engine}` : ""}` }),
           el("dt", { text: "Captured" }), el("dd", { text: when(item.captured_at) }),
           el("dt", { text: "Regions" }), el("dd", { class: "regions-count", text: String(item.regions.length) })),
-        el("div", { class: "actions" }, ok, ng, note)));
+        el("div", { class: "actions" }, ok, ng, note));
     it.node.addEventListener("click", (ev) => {
       if (ev.target.tagName !== "BUTTON" && ev.target.tagName !== "INPUT") select(view.items.indexOf(it));
     });
@@ -175,33 +233,91 @@
     if (node.scrollIntoView) node.scrollIntoView({ block: "nearest" });
   }
 
+  // The defect type typed above, for an NG label; undefined when it is not one the server takes.
+  function defectType(outcome) {
+    const { $, showError } = c();
+    const defect = $("#review-defect").value.trim().toLowerCase();
+    if (outcome !== "ng" || !defect) return null;
+    if (DEFECT_TYPE.test(defect)) return defect;
+    showError(`Defect type \u201c${defect}\u201d: use lower-case letters, digits, _ and - only, up to 64 ` +
+      `(e.g. ${defect.replace(/[^a-z0-9_-]+/g, "-").replace(/^[-_]+|-+$/g, "") || "scratch"}); nothing was labelled.`);
+    $("#review-defect").focus();
+    return undefined;
+  }
+
+  function putLabel(category, id, json) {
+    return c().api(`/v1/review/${encodeURIComponent(category)}/items/${encodeURIComponent(id)}/label`,
+      { method: "PUT", json });
+  }
+
   async function label(it, outcome) {
-    const { $, api, showError, clearError } = c();
+    const { $, showError, clearError } = c();
     if (it.node.dataset.state === "sending") return;
     const category = categoryOf();
-    const defect = $("#review-defect").value.trim().toLowerCase();
+    const defect = defectType(outcome);
+    if (defect === undefined) return;
     const json = { label: outcome };
-    if (outcome === "ng" && defect) json.defect_type = defect;
+    if (defect) json.defect_type = defect;
     if (it.note.value.trim()) json.note = it.note.value.trim();
     it.node.dataset.state = "sending";
     try {
-      const r = await api(`/v1/review/${encodeURIComponent(category)}/items/${encodeURIComponent(it.entry.item.id)}/label`,
-        { method: "PUT", json });
+      const r = await putLabel(category, it.entry.item.id, json);
       clearError();
+      view.stats = r.stats;
       showStats(r.stats);
+      showLast(category, it.entry, r.label);
       const index = view.items.indexOf(it);
       view.items.splice(index, 1);
       for (const u of it.urls) URL.revokeObjectURL(u);
       it.node.remove();
       $("#review-empty").hidden = view.items.length > 0;
       select(index);
+      shown();
       const list = $("#review-items");
       list.dataset.labelledHere = String(Number(list.dataset.labelledHere || 0) + 1);
-      if (!view.items.length && r.stats.pending.review + r.stats.pending.ok + r.stats.pending.ng > 0) load(); // next page
+      if (!view.items.length) {
+        if (view.cursor) loadMore().then(() => select(0));
+        else if (r.stats.pending.review + r.stats.pending.ok + r.stats.pending.ng > 0) load(); // from the oldest again
+      }
     } catch (e) {
       delete it.node.dataset.state;
       showError(e);
     }
+  }
+
+  // The label just given, with the other one a click away: a slip of the finger (O for N)
+  // took the item out of the list, and the console had no way to correct it.
+  function showLast(category, entry, lab) {
+    const { $, el, describe } = c();
+    const other = lab.label === "ok" ? "ng" : "ok";
+    const button = el("button", { type: "button", class: "secondary relabel", "data-to": other,
+      text: `Change to ${other.toUpperCase()}${other === "ng" ? " (defect type above)" : ""}` });
+    const box = $("#review-last");
+    box.dataset.id = entry.item.id;
+    box.dataset.label = lab.label;
+    box.replaceChildren(`Labelled ${entry.item.filename || entry.item.id} ${lab.label.toUpperCase()}` +
+      `${lab.defect_type ? ` (${lab.defect_type})` : ""} as ${lab.by}. `, button);
+    box.hidden = false;
+    button.addEventListener("click", async () => {
+      const defect = defectType(other);
+      if (defect === undefined) return;
+      button.disabled = true;
+      try {
+        const json = { label: other };
+        if (defect) json.defect_type = defect;
+        if (lab.note) json.note = lab.note; // a relabel replaces the whole label: keep the note
+        const r = await putLabel(category, entry.item.id, json);
+        c().clearError();
+        view.stats = r.stats;
+        showStats(r.stats);
+        shown();
+        showLast(category, entry, r.label);
+      } catch (e) {
+        button.disabled = false;
+        c().showError(e);
+        box.append(el("span", { class: "failure", text: ` ${describe(e)}` }));
+      }
+    });
   }
 
   function onKey(ev) {
@@ -212,7 +328,13 @@
     const key = ev.key.toLowerCase();
     if (key === "o" && it) { ev.preventDefault(); label(it, "ok"); }
     else if (key === "n" && it) { ev.preventDefault(); label(it, "ng"); }
-    else if (key === "j" || key === "arrowdown") { ev.preventDefault(); select(view.current + 1); }
+    else if (key === "j" || key === "arrowdown") {
+      ev.preventDefault();
+      if (view.current + 1 >= view.items.length && view.cursor) { // past the last one listed: the next page
+        const next = view.current + 1;
+        loadMore().then((added) => { if (added) select(next); });
+      } else select(view.current + 1);
+    }
     else if (key === "k" || key === "arrowup") { ev.preventDefault(); select(view.current - 1); }
   }
 
@@ -230,6 +352,7 @@
     $("#review-category").addEventListener("change", load);
     $("#review-verdict").addEventListener("change", load);
     $("#review-refresh").addEventListener("click", load);
+    $("#review-more").addEventListener("click", () => loadMore());
     $("#opacity").addEventListener("input", () => view.items.forEach(draw));
   });
 })();

@@ -1,0 +1,169 @@
+"""The console's Review and Inspect pages where an operator met a wall, in a real headless
+Chromium against a real ``msflow serve`` (the browser, the ``Console`` driver and their
+fixtures are test_console_browser.py's):
+
+* a queue longer than one page (20): only the first 20 items were ever reachable, J stopped
+  at the 20th and nothing said more were pending;
+* a label given by mistake: the item left the list and the console could not correct it;
+* a defect type the server refuses ("Big Crack"): a 422 quoting a regular expression;
+* a user key on the Review page: "needs an admin API key", where a reviewer's key works;
+* a TIFF (the service reads it, Chromium cannot show it): the photo collapsed to a 16-pixel
+  strip with the heatmap and the boxes squashed into it.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from PIL import Image
+
+from harness import ADMIN_KEY, CATEGORY, USER_KEY, Server, png_variant, start, upload, wait_until
+
+pytest.importorskip("playwright")
+from test_console_browser import (  # noqa: E402  (fixtures, found by pytest in this module's namespace)
+    REVIEWER_KEY, Console, artifacts, browser, samples)
+
+__all__ = ["artifacts", "browser", "samples"]
+QUEUED = 23  # more than the console's page of 20
+
+
+@pytest.fixture(scope="module")
+def queue_server(model_store: Path, tmp_path_factory: pytest.TempPathFactory,
+                 samples: dict[str, list[Path]]) -> Iterator[Server]:
+    """Every answer kept (audit rate 1), and QUEUED images already in the queue."""
+    root = tmp_path_factory.mktemp("review-pages")
+    shutil.copytree(model_store, root / "store", ignore=shutil.ignore_patterns(".review"))
+    srv = start(root / "store", root / "server.log", api_keys=USER_KEY, admin_api_keys=ADMIN_KEY,
+                reviewer_api_keys=f"rita={REVIEWER_KEY}", review_store=str(root / "review"), review_audit_rate=1.0)
+    try:
+        good = samples["good"][0]
+        files = [upload(f"part-{i:02d}.png", png_variant(good, str(i))) for i in range(QUEUED)]  # no cache hits
+        r = httpx.post(f"{srv.url}/v1/inspect/{CATEGORY}?heatmap=none", files=files,
+                       headers={"X-API-Key": USER_KEY}, timeout=120.0)
+        assert r.status_code == 200, r.text
+        wait_until(lambda: pending(srv) == QUEUED, 60, f"{QUEUED} items in the review queue")
+        yield srv
+    finally:
+        srv.stop()
+
+
+def pending(srv: Server) -> int:
+    stats = httpx.get(f"{srv.url}/v1/review/{CATEGORY}/stats", headers={"X-API-Key": REVIEWER_KEY}).json()
+    return sum(stats["pending"].values())
+
+
+def label_of(srv: Server, item_id: str) -> dict[str, Any] | None:
+    return httpx.get(f"{srv.url}/v1/review/{CATEGORY}/items/{item_id}",
+                     headers={"X-API-Key": REVIEWER_KEY}).json()["label"]
+
+
+@pytest.fixture
+def reviewer(browser: Any, queue_server: Server, artifacts: Path, request: pytest.FixtureRequest) -> Iterator[Console]:
+    c = Console(browser, queue_server, artifacts, request.node.name)
+    c.open()
+    c.use_key(REVIEWER_KEY)
+    c.wait_models()
+    c.tab("review")
+    c.page.select_option("#review-verdict", "")  # every pending item, audit samples included
+    yield c
+    c.close()
+    assert not [line for line in c.log if line.startswith("pageerror")], c.log
+
+
+def test_the_queue_past_the_first_page_is_reachable(reviewer: Console, queue_server: Server) -> None:
+    page = reviewer.page
+    total = pending(queue_server)
+    assert total > 20
+    with reviewer.on_failure_screenshot():
+        page.wait_for_selector("#review-items[data-loaded='20']")
+        assert page.locator("#review-shown").inner_text() == f"Showing 20 of {total} pending"
+        assert page.locator("#review-more").is_visible()
+        for _ in range(19):
+            page.keyboard.press("j")
+        assert "current" in page.locator(".review-item").nth(19).get_attribute("class")
+        page.keyboard.press("j")  # past the last one listed: the next page comes, and the 21st is current
+        page.wait_for_selector(f"#review-items[data-loaded='{total}']")
+        page.wait_for_selector(".review-item:nth-child(21).current")
+        assert page.locator("#review-more").is_hidden()  # nothing further
+        assert len(set(page.locator(".review-item").evaluate_all("ns => ns.map(n => n.dataset.id)"))) == total
+        assert page.locator("#review-shown").inner_text() == f"Showing {total} of {total} pending"
+
+
+def test_a_wrong_label_is_corrected_and_a_bad_defect_type_explained(reviewer: Console, queue_server: Server) -> None:
+    page = reviewer.page
+    stats = page.locator("#review-stats")
+    with reviewer.on_failure_screenshot():
+        page.wait_for_selector("#review-items[data-loaded='20']")
+        labelled = int(stats.get_attribute("data-labelled"))
+        first = page.locator(".review-item.current").get_attribute("data-id")
+        page.fill("#review-defect", "Big Crack")
+        page.locator("body").click(position={"x": 5, "y": 5})
+        page.keyboard.press("n")
+        error = page.locator("#error")
+        error.wait_for()
+        assert "lower-case letters, digits, _ and -" in error.inner_text() and "big-crack" in error.inner_text()
+        assert "pattern" not in error.inner_text()  # not the server's regular expression
+        assert label_of(queue_server, first) is None and stats.get_attribute("data-labelled") == str(labelled)
+
+        page.fill("#review-defect", "crack")
+        page.locator("body").click(position={"x": 5, "y": 5})
+        page.keyboard.press("o")  # the slip: this part is cracked
+        last = page.locator(f"#review-last[data-id='{first}'][data-label='ok']")
+        last.wait_for()
+        assert label_of(queue_server, first)["label"] == "ok"
+        page.click("#review-last button.relabel")
+        page.wait_for_selector(f"#review-last[data-id='{first}'][data-label='ng']")
+        lab = label_of(queue_server, first)
+        assert (lab["label"], lab["defect_type"], lab["by"]) == ("ng", "crack", "rita")
+        assert stats.get_attribute("data-labelled") == str(labelled + 1)  # a relabel, not a second label
+        assert "NG (crack)" in page.locator("#review-last").inner_text()
+
+
+def test_a_user_key_on_the_review_page_is_told_which_key_works(console: Console) -> None:
+    page = console.page
+    with console.on_failure_screenshot():
+        console.open()
+        console.use_key(USER_KEY)
+        console.wait_models()
+        console.tab("review")
+        page.wait_for_selector("#error:has-text('forbidden')")
+        text = page.locator("#error").inner_text()
+        assert "reviewer or admin API key" in text and "needs an admin API key" not in text
+
+
+@pytest.fixture
+def console(browser: Any, queue_server: Server, artifacts: Path, request: pytest.FixtureRequest) -> Iterator[Console]:
+    c = Console(browser, queue_server, artifacts, request.node.name)
+    yield c
+    c.close()
+
+
+def test_a_photo_the_browser_cannot_show_keeps_the_overlay(console: Console, samples: dict[str, list[Path]],
+                                                          tmp_path: Path) -> None:
+    tiff = tmp_path / "hole-wide.tiff"  # Chromium shows no TIFF; the service decodes it
+    Image.open(samples["hole"][0]).convert("RGB").resize((256, 128)).save(tiff)
+    junk = tmp_path / "notes.png"
+    junk.write_bytes(b"not an image")
+    with console.on_failure_screenshot():
+        console.open()
+        console.use_key(USER_KEY)
+        console.wait_models()
+        card = console.inspect(tiff)
+        viz = card.locator(".viz").bounding_box()
+        overlay = card.locator(".viz canvas").bounding_box()
+        assert viz and overlay and viz["width"] / viz["height"] == pytest.approx(2.0, rel=0.02), viz
+        assert overlay["height"] == pytest.approx(viz["height"], abs=1.5)
+        assert card.get_attribute("data-heatmap-drawn") == "true"
+        assert "cannot display the image itself" in card.locator(".no-photo").inner_text()
+        console.screenshot("tiff")
+
+        console.page.set_input_files("#files", str(junk))
+        failed = console.page.locator(".card[data-state=error]").first
+        failed.wait_for()
+        assert "unsupported_media_type" in failed.inner_text()
+        assert failed.locator(".viz").is_hidden()  # no broken-photo strip
