@@ -148,6 +148,8 @@ class Supervisor:
         log.info("serving %s on http://%s:%d with %d front-end processes and one engine process (engine %s, "
                  "batch %d, delay %.1f ms)", s.model_store, s.host, port, s.api_processes, s.engine,
                  s.max_batch_size, s.max_queue_delay_ms)
+        for warning in mode_warnings(s):
+            log.warning("%s", warning)
         try:
             for child in children:
                 child.start()
@@ -205,6 +207,17 @@ class Supervisor:
         for child in [*frontends, engine]:
             if child.process is not None and child.process.pid is not None:
                 mark_process_dead(child.process.pid, str(metrics_dir))
+
+
+def mode_warnings(settings: Settings) -> list[str]:
+    """What behaves differently from one process with these settings, said once at start."""
+    if settings.redis_url is None:
+        # The kernel spreads connections over the front ends, so a link's GET lands on the
+        # one that made it about 1 time in N: the rest answer 404 heatmap_not_found.
+        return [f"MSFLOW_API_PROCESSES={settings.api_processes} without MSFLOW_REDIS_URL: a heatmap=url link lives "
+                "in the front end that made it, and a GET that another front end takes answers 404 "
+                "(about 1 in 2 with 2 front ends); set MSFLOW_REDIS_URL, or use heatmap=inline"]
+    return []
 
 
 def _next_backoff(backoff_s: float) -> float:

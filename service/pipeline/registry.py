@@ -305,6 +305,9 @@ class ModelRegistry:
         pinned, every version is tried again, newest first (as at start-up): the operator's
         retry, or the engine process back, brings the newest that loads."""
         if not CATEGORY_PATTERN.match(category) or not (self.store / category).is_dir():
+            if category in self._models:  # not "unknown ...; known: <it>": it serves, from memory
+                raise RegistryError(f"{category} is no longer in the model store; version "
+                                    f"{self._models[category].version} serves on until this server restarts")
             raise UnknownCategory(category, self.categories)
         async with self._lock(category):  # two reloads of one category must not race to the swap
             if version is None and category not in self._models and category not in self.settings.pinned_versions:
