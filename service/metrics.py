@@ -118,6 +118,11 @@ class ServiceMetrics:
                                 ["category", "version", "engine"], registry=r, multiprocess_mode="livemax")
         self.model_load_failures = Counter("msflow_model_load_failures_total", "Failed model loads",
                                            ["category"], registry=r)
+        # A standing condition beside the event count: a broken export stays in the store (and
+        # unretried) until a newer one or a reload, while an older version serves unnoticed.
+        self.model_versions_failed = Gauge("msflow_model_versions_failed", "Versions in the store that failed to "
+                                           "load and are not retried (an older version serves meanwhile)",
+                                           ["category"], registry=r, multiprocess_mode="livemax")
         self.reloads = Counter("msflow_model_reloads_total", "Model reloads by outcome", ["category", "outcome"],
                                registry=r)
         self.cache_requests = Counter("msflow_cache_requests_total", "Result cache lookups per image: hit, miss, "

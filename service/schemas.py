@@ -127,6 +127,9 @@ class ModelInfo(_Model):
     warmup_ms: float
     pinned: bool
     available_versions: list[str]
+    failed_versions: dict[str, str] = Field(default_factory=dict, description="versions in the store that failed to "
+                                            "load on this server, with why (not retried until a reload; the "
+                                            "version above serves meanwhile)")
     assets: list[str] = Field(default_factory=list, description="evaluation files of this version served by "
                                                                 "GET /v1/models/{category}/assets/{name}")
 

@@ -98,7 +98,9 @@ class ModelRegistry:
         self._failed: dict[str, str] = {}
         self._categories: list[str] = []
         self._locks: dict[str, asyncio.Lock] = {}
-        self._failed_versions: dict[str, set[str]] = {}  # category -> versions that failed (the watch skips them)
+        # category -> version -> why it failed to load (the watch skips them; /v1/models and
+        # msflow_model_versions_failed show them while an older version serves)
+        self._failed_versions: dict[str, dict[str, str]] = {}
         self._unhealthy: dict[str, str] = {}  # category -> why its serving version looks broken (cleared on swap)
         # service.pipeline.thresholds.ThresholdOverrides (set by ServiceState): describe() shows overrides
         self.thresholds: Any = None
@@ -236,7 +238,7 @@ class ModelRegistry:
         current = self._models.get(category)
         if current is not None and current.pinned:
             return []
-        failed = self._failed_versions.get(category, set())
+        failed = self._failed_versions.get(category, {})
         out = []
         for version in reversed(list_versions(self.store / category)):  # empty: removed meanwhile
             if current is not None and version == current.version:
@@ -253,9 +255,9 @@ class ModelRegistry:
         first_error: Exception | None = None
         for version in versions:
             try:
-                return await self._swap_in(category, version, pin=category in self.settings.pinned_versions), None
-            except Exception as exc:  # recorded; the next older version is tried
-                self._failed_versions.setdefault(category, set()).add(version)
+                return await self._swap_in(category, version, pin=category in self.settings.pinned_versions,
+                                           record_failure=True), None
+            except Exception as exc:  # recorded by _swap_in; the next older version is tried
                 log.error("cannot load %s version %s: %s%s", category, version, exc,
                           "; trying an older one" if version != versions[-1] else "")
                 first_error = first_error or exc
@@ -319,14 +321,20 @@ class ModelRegistry:
                     raise error
             return await self._swap_in(category, version)
 
-    async def _swap_in(self, category: str, version: str | None, pin: bool = True) -> LoadedModel:
+    async def _swap_in(self, category: str, version: str | None, pin: bool = True,
+                       record_failure: bool = False) -> LoadedModel:
         """Build and warm, then swap; under the category's lock. ``pin``: a given ``version``
-        pins the category (an operator's reload ?version=), unless the watch chose it."""
+        pins the category (an operator's reload ?version=), unless the watch chose it.
+        ``record_failure``: a version that fails is kept as failed (the watch's and start-up's
+        choices; an operator's named reload is answered instead), before the failure callback."""
         started = time.perf_counter()
+        chosen = version
         try:
             chosen, pinned = self._resolve_version(category, version)
             model = await asyncio.to_thread(self._build, category, chosen, pinned and pin)
         except Exception as exc:
+            if record_failure and chosen is not None:
+                self._failed_versions.setdefault(category, {})[chosen] = self.public_message(exc)
             if category not in self._models:
                 self._failed[category] = self.public_message(exc)
             if category not in self._categories:
@@ -334,7 +342,7 @@ class ModelRegistry:
             if self.on_load_failure is not None and not isinstance(exc, VersionNotFound):
                 self.on_load_failure(category)
             raise
-        self._failed_versions.get(category, set()).discard(chosen)  # it loads now (an explicit reload)
+        self._failed_versions.get(category, {}).pop(chosen, None)  # it loads now (an explicit reload)
         previous = self._models.get(category)
         self._models[category] = model  # the atomic swap: the next batch sees the new engine
         self._failed.pop(category, None)
@@ -363,7 +371,14 @@ class ModelRegistry:
             calibration=man.calibration.model_dump(mode="json"), metrics=man.metrics, created_at=man.created_at,
             loaded_at=m.loaded_at, warmup_ms=round(m.warmup_ms, 3), pinned=m.pinned,
             available_versions=list_versions(self.store / category),
+            failed_versions=self.failed_versions(category),
         )
+
+    def failed_versions(self, category: str) -> dict[str, str]:
+        """Versions of ``category`` still in the store that failed to load here, with why: the
+        watch does not retry them, so they stay broken until a newer export or a reload."""
+        failed = self._failed_versions.get(category, {})
+        return {v: failed[v] for v in list_versions(self.store / category) if v in failed}
 
     def describe_all(self) -> list[ModelInfo]:
         return [self.describe(c) for c in self.categories if c in self._models]

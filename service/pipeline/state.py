@@ -87,6 +87,7 @@ class ServiceState(PipelineRuntime):
         categories = self.open()
         for category in categories:  # at 0 first: an alert's increase() misses a series born at 1
             self.metrics.model_load_failures.labels(category)
+            self.metrics.model_versions_failed.labels(category).set(0)
         if self._bulk_redis is not None:
             self._budget_check = asyncio.create_task(self._check_redis_budgets(len(categories)),
                                                      name="redis-budgets")
@@ -215,16 +216,22 @@ class ServiceState(PipelineRuntime):
     def _load_failed(self, category: str) -> None:
         """A version of ``category`` failed to load (start-up, the store watch, a reload)."""
         self.metrics.model_load_failures.labels(category).inc()
+        self._count_failed_versions(category)
 
     def _swapped(self, model: LoadedModel) -> None:
         super()._swapped(model)
         self.metrics.model_load_failures.labels(model.category)  # at 0, for a category the watch found
+        self._count_failed_versions(model.category)
+
+    def _count_failed_versions(self, category: str) -> None:
+        self.metrics.model_versions_failed.labels(category).set(len(self.registry.failed_versions(category)))
 
     async def _follow_reload(self, category: str, version: str | None) -> None:
-        """Another front end of this server reloaded ``category``: serve what it serves."""
+        """Another front end of this server reloaded ``category``: serve what it serves. Not
+        counted as a reload (the operator's front end counted it: /metrics adds up the front
+        ends), but a failure to follow is."""
         try:
             await self.registry.reload(category, version)
-            self.metrics.reloads.labels(category, "ok").inc()
         except Exception as exc:
             self.metrics.reloads.labels(category, "failed").inc()
             log.error("following the reload of %s (version %s) failed: %s", category, version, exc)

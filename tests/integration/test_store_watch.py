@@ -159,9 +159,16 @@ def test_a_broken_export_neither_takes_a_restarted_replica_down_nor_goes_uncount
             ready = c.get("/readyz").json()
             assert ready["models"] == {CATEGORY: "1"} and ready["failed"] == {}, ready
             assert metric(c, "msflow_model_load_failures_total", category=CATEGORY) == 1
+            # Standing, not only counted: the failure came before any scrape (its counter born at
+            # 1 shows no increase to an alert), and /v1/models listed version 2 with no mark.
+            assert metric(c, "msflow_model_versions_failed", category=CATEGORY) == 1
+            assert list(c.get(f"/v1/models/{CATEGORY}").json()["failed_versions"]) == ["2"]
             _corrupt_copy(store / CATEGORY / "1", store / CATEGORY / "3", "3")
             wait_until(lambda: metric(c, "msflow_model_load_failures_total", category=CATEGORY) == 2, 30,
                        "the watch's failed load counted")
             assert c.get("/readyz").json()["models"] == {CATEGORY: "1"}
+            assert metric(c, "msflow_model_versions_failed", category=CATEGORY) == 2
+            failed = c.get(f"/v1/models/{CATEGORY}").json()["failed_versions"]
+            assert list(failed) == ["2", "3"] and "model.onnx" in failed["3"], failed
     finally:
         server.stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,16 @@ def _registry(store: Path, broken: set[str], failures: list[str]) -> ModelRegist
         return NullEngine(version_dir, max_batch_size=2)
 
     registry = ModelRegistry(Settings(model_store=store, engine="null", store_poll_s=1), engine_factory=factory)
-    registry.on_load_failure = failures.append
+
+    def failed(category: str) -> None:
+        failures.append(category)
+        # What the service's gauge reads at this call (msflow_model_versions_failed): the
+        # version that just failed is already listed.
+        standing.append(len(registry.failed_versions(category)))
+
+    standing: list[int] = []
+    registry.on_load_failure = failed
+    registry.standing = standing  # type: ignore[attr-defined]
     return registry
 
 
@@ -41,10 +51,15 @@ def test_start_up_after_a_broken_export_serves_the_newest_version_that_loads(tmp
         assert registry.serving() == {CATEGORY: "1"} and registry.ready and registry.failed == {}
         assert not registry.get(CATEGORY).pinned  # a newer good export is still picked up
         assert failures == [CATEGORY, CATEGORY]
+        assert registry.standing == [1, 2]  # type: ignore[attr-defined]
+        failed = registry.describe(CATEGORY).failed_versions  # shown while 1 serves, newest last
+        assert list(failed) == ["2", "3"] and "INVALID_PROTOBUF" in failed["3"]
         assert await registry.refresh() == []  # the broken ones are not tried again by the watch
         assert failures == [CATEGORY, CATEGORY]
         fake_version(store, CATEGORY, "4")
         assert await registry.refresh() == [CATEGORY] and registry.serving() == {CATEGORY: "4"}
+        shutil.rmtree(store / CATEGORY / "3")  # a broken version removed from the store is no longer listed
+        assert list(registry.describe(CATEGORY).failed_versions) == ["2"]
 
     asyncio.run(main())
 
