@@ -498,6 +498,10 @@ def test_long_lived_connections_spread_over_the_front_ends(mp_server: Server) ->
 
 
 def test_a_reload_on_one_front_end_reaches_every_front_end(mp_server: Server, good_images: list[Path]) -> None:
+    """And counts once: the front ends that follow it count only a failure to follow (one
+    operator reload read as two on msflow_model_reloads_total with two front ends)."""
+    client = httpx.Client(base_url=mp_server.url)
+    reloads_before = metric(client, "msflow_model_reloads_total", category=CATEGORY, outcome="ok")
     r = httpx.post(f"{mp_server.url}/v1/models/{CATEGORY}/reload", params={"version": "1"},
                    headers={"X-API-Key": ADMIN_KEY}, timeout=60)
     assert r.status_code == 200, r.text
@@ -506,6 +510,7 @@ def test_a_reload_on_one_front_end_reaches_every_front_end(mp_server: Server, go
     def all_on_one() -> bool:
         return {a.json()["model_version"] for a in post_many(mp_server.url, good_images, 12)} == {"1"}
     wait_until(all_on_one, 20, "every front end serving version 1", interval=0.2)
+    assert metric(client, "msflow_model_reloads_total", category=CATEGORY, outcome="ok") == reloads_before + 1
     r = httpx.post(f"{mp_server.url}/v1/models/{CATEGORY}/reload", headers={"X-API-Key": ADMIN_KEY}, timeout=60)
     assert r.status_code == 200 and r.json()["version"] == "2", r.text
     wait_until(lambda: {a.json()["model_version"] for a in post_many(mp_server.url, good_images, 12)} == {"2"},
