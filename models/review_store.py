@@ -35,6 +35,7 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import re
 import secrets
 import shutil
 import time
@@ -55,6 +56,7 @@ from models.review_records import Label, ReviewHeatmap, ReviewImage, ReviewItem,
 REVIEWED_OK = "reviewed_ok.json"  # in a run and its exported versions: the reviewed OK images it trained on
 LABEL_RESERVE = 4096  # bytes each item reserves for its label file (a label is refused above it)
 ITEM_JSON_LIMIT = 256 * 1024  # an item.json larger than this is not ours
+_PLAIN_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}\Z")  # a file item.json names: image.png, heatmap.png
 IMAGE_TYPES = {"PNG": ("png", "image/png"), "JPEG": ("jpg", "image/jpeg"), "BMP": ("bmp", "image/bmp"),
                "TIFF": ("tif", "image/tiff"), "WEBP": ("webp", "image/webp")}
 
@@ -326,6 +328,19 @@ class ReviewStore:
             raise ItemNotFound(f"review item {item_id!r} is misplaced")
         return item
 
+    def _kept_file(self, category: str, item_id: str, name: str) -> Path:
+        """The path of a file ``item.json`` names, refused (:class:`ItemNotFound`) unless it is a
+        file of the item's own folder: item.json is read from a shared volume, and a name like
+        ``../../../etc/passwd`` in it, or a symlink in the folder, made the image route serve any
+        file the server could read (reproduced). The store's root may itself be a symlink."""
+        folder = self._item_dir(category, item_id)
+        path = folder / name
+        if (not _PLAIN_NAME.match(name) or path.is_symlink()
+                or os.path.dirname(os.path.realpath(path)) != os.path.realpath(folder)
+                or not os.path.realpath(folder).startswith(os.path.realpath(self.root) + os.sep)):
+            raise ItemNotFound(f"review item {item_id!r} names a file outside its folder")
+        return path
+
     def file(self, category: str, item_id: str, which: Literal["image", "heatmap"]) -> tuple[Path, str]:
         """(path, media type) of an item's image or heatmap; :class:`ItemNotFound` (a 404) also
         when the file is gone but item.json is not (a prune killed mid-``rmtree``, an expiry racing the read)."""
@@ -333,7 +348,7 @@ class ReviewStore:
         kept = item.image if which == "image" else item.heatmap
         if kept is None:
             raise ItemNotFound(f"review item {item_id} has no heatmap")
-        path = self._item_dir(category, item_id) / kept.file
+        path = self._kept_file(category, item_id, kept.file)
         if not path.is_file():
             raise ItemNotFound(f"review item {item_id} has no {which} file (expired or removed)")
         return path, item.image.media_type if which == "image" else "image/png"
@@ -371,7 +386,7 @@ class ReviewStore:
         for label in self.labels(category):
             with contextlib.suppress(ItemNotFound):
                 item = self.item(category, label.id)
-                out.append((item, label, self._item_dir(category, label.id) / item.image.file))
+                out.append((item, label, self._kept_file(category, label.id, item.image.file)))
         return out
 
     def reviewed_ok_images(self, category: str) -> list[tuple[ReviewItem, Path]]:
