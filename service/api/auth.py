@@ -30,21 +30,29 @@ from service.api.errors import ApiError
 from service.api.deps import StateDep
 
 
+# What a key is stripped of: HTTP's own blanks. str.strip() also took U+00A0 and U+0085 (bytes
+# 0xA0 and 0x85 a header may carry) and so turned "X-API-Key: \xa0" into the empty key.
+_BLANKS = " \t"
+
+
 def _presented_key(request: Request) -> str | None:
-    key = request.headers.get("x-api-key")
+    """The key sent, or None for none (an empty one is none: it never matches)."""
+    key = request.headers.get("x-api-key", "").strip(_BLANKS)
     if key:
-        return key.strip()
+        return key
     auth = request.headers.get("authorization", "")
     if auth[:7].lower() == "bearer ":
-        return auth[7:].strip() or None
+        return auth[7:].strip(_BLANKS) or None
     return None
 
 
 def _key_in(key: str, keys: list[str]) -> bool:
     # Constant-time comparison against every key, so timing reveals neither key nor position.
+    # An empty configured key (a JSON list from a template whose variable was unset) matches
+    # nothing: it would have let in anyone who sends a key of blanks.
     found = False
     for candidate in keys:
-        found |= hmac.compare_digest(key.encode(), candidate.encode())
+        found |= hmac.compare_digest(key.encode(), candidate.encode()) and bool(candidate)
     return found
 
 
@@ -140,7 +148,7 @@ async def require_reviewer_key(request: Request, state: StateDep) -> str:
         raise _unauthorized("missing_api_key", "this route needs a reviewer or admin API key")
     name = None
     for candidate_name, candidate in s.reviewer_api_keys.items():  # every key compared: constant time
-        if hmac.compare_digest(key.encode(), candidate.encode()):
+        if _key_in(key, [candidate]):
             name = candidate_name
     if name is not None:
         return name

@@ -1,0 +1,59 @@
+"""API keys as :mod:`service.api.auth` reads them from a request's headers: what counts as a
+key, and that no spelling of "no key" matches a configured one."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from starlette.requests import Request
+
+from service.api.auth import require_admin_key, require_api_key, require_reviewer_key
+from service.api.errors import ApiError
+from service.config import Settings
+
+
+def request(*headers: tuple[bytes, bytes], method: str = "GET") -> Request:
+    return Request({"type": "http", "method": method, "path": "/v1/models", "headers": list(headers)})
+
+
+def state(**keys: Any) -> Any:
+    return SimpleNamespace(settings=Settings(model_store=".", **keys))
+
+
+def outcome(check: Any, req: Request, st: Any) -> str:
+    """``ok`` (or the name a reviewer check returns), else the refusal's code."""
+    try:
+        name = asyncio.run(check(req, st))
+    except ApiError as exc:
+        return exc.code
+    return name or "ok"
+
+
+# A JSON list from a template whose variable was unset holds "": the settings keep it.
+EMPTY_IN_LIST = {"api_keys": '["user-key", ""]', "admin_api_keys": '["admin-key", ""]',
+                 "reviewer_api_keys": '{"alice": "alice-key"}'}
+
+
+@pytest.mark.parametrize("value", [b"\xa0", b"\x85", b" \xa0 ", b""])
+@pytest.mark.parametrize("header", [b"x-api-key", b"authorization"])
+def test_blank_keys_never_match_an_empty_configured_key(header: bytes, value: bytes) -> None:
+    st = state(**EMPTY_IN_LIST)
+    sent = (header, (b"Bearer " if header == b"authorization" else b"") + value)
+    assert outcome(require_api_key, request(sent), st) in ("missing_api_key", "invalid_api_key")
+    assert outcome(require_admin_key, request(sent, method="POST"), st) in ("missing_api_key", "invalid_api_key")
+    assert outcome(require_reviewer_key, request(sent), st) in ("missing_api_key", "invalid_api_key")
+
+
+def test_keys_still_match_with_blanks_around_them() -> None:
+    st = state(**EMPTY_IN_LIST)
+    assert outcome(require_api_key, request((b"x-api-key", b" user-key\t")), st) == "ok"
+    assert outcome(require_api_key, request((b"authorization", b"bearer  admin-key ")), st) == "ok"
+    assert outcome(require_admin_key, request((b"x-api-key", b"admin-key"), method="POST"), st) == "ok"
+    assert outcome(require_reviewer_key, request((b"x-api-key", b"alice-key")), st) == "alice"
+    # a blank X-API-Key is no key: the Authorization header is read instead
+    assert outcome(require_api_key, request((b"x-api-key", b" "), (b"authorization", b"Bearer user-key")), st) == "ok"
+    # a key that is not the configured one, around its blanks, is refused
+    assert outcome(require_api_key, request((b"x-api-key", b"user-key\xa0")), st) == "invalid_api_key"
