@@ -93,3 +93,11 @@ def test_export_leaves_out_what_reaches_outside(setup: tuple[Server, Path, dict[
     ids = setup[2]
     assert f"ng/crack/{ids['honest']}.png" in contents and f"ng/crack/{ids['heat']}.png" in contents
     assert not any(ids["named"] in name or ids["linked"] in name for name in contents)
+
+
+def test_reviewer_keys_alone_leave_inspection_open(setup: tuple[Server, Path, dict[str, str]]) -> None:
+    """As README's Keys say: only MSFLOW_API_KEYS guards the inspection and model routes;
+    reviewer (and admin) keys guard their own routes, whatever else is set."""
+    server = setup[0]
+    assert httpx.get(f"{server.url}/v1/models").status_code == 200
+    assert_error(httpx.get(f"{server.url}/v1/review/{CATEGORY}/stats"), 401, "missing_api_key")
