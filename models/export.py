@@ -130,7 +130,7 @@ def run_category(run: Path, train_cfg: dict[str, Any], category: str | None) -> 
         if not category:
             raise ValueError(f"{run} records no category (a run trained on a plain folder, or imported): "
                              "pass --category NAME")
-    if not isinstance(category, str) or not CATEGORY_PATTERN.match(category):
+    if not isinstance(category, str) or not CATEGORY_PATTERN.fullmatch(category):
         raise ValueError(f"category {category!r} must match {CATEGORY_PATTERN.pattern}")
     return category
 

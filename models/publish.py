@@ -34,7 +34,7 @@ def next_version(category_dir: Path) -> str:
 
 
 def check_version_name(version: str) -> str:
-    if not VERSION_PATTERN.match(version):
+    if not VERSION_PATTERN.fullmatch(version):
         raise ValueError(f"version {version!r} must match {VERSION_PATTERN.pattern}")
     return version
 

@@ -167,7 +167,7 @@ def _place(src: Path, dst: Path) -> Literal["hardlink", "copy"]:
 
 def check_settings(category: str, target_recall: float, max_fpr: float) -> None:
     """RecalibrationError for a setting out of range, before anything is read."""
-    if not isinstance(category, str) or not CATEGORY_PATTERN.match(category):
+    if not isinstance(category, str) or not CATEGORY_PATTERN.fullmatch(category):
         raise RecalibrationError(f"category {category!r} must match {CATEGORY_PATTERN.pattern}")
     if not (isinstance(target_recall, (int, float)) and 0.0 < target_recall <= 1.0):  # NaN fails too
         raise RecalibrationError(f"--target-recall must be in (0, 1], got {target_recall}")

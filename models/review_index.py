@@ -81,7 +81,7 @@ class Entry:
 def parse_id(item_id: str) -> Entry | None:
     """The entry an item id names, or None for anything else. Remembered: an id never
     changes meaning, and every scan of a store parses all of its ids."""
-    m = ID_PATTERN.match(item_id)
+    m = ID_PATTERN.fullmatch(item_id)
     if m is None:
         return None
     s = m.group(1)  # yyyymmddTHHMMSSffffff, UTC

@@ -123,7 +123,7 @@ class ReviewStore:
 
     # ------------------------------------------------------------------ layout
     def _category_dir(self, category: str) -> Path:
-        if not CATEGORY_PATTERN.match(category):
+        if not CATEGORY_PATTERN.fullmatch(category):
             raise ItemNotFound(f"no category {category!r}")
         return self.root / category
 
@@ -140,7 +140,7 @@ class ReviewStore:
     def categories(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and CATEGORY_PATTERN.match(p.name))
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and CATEGORY_PATTERN.fullmatch(p.name))
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:

@@ -25,7 +25,7 @@ StateDep = Annotated[ServiceState, Depends(get_state)]
 
 async def known_category(category: str, state: StateDep) -> str:
     """404 listing what exists for an unknown or malformed category (no path tricks reach the store)."""
-    if CATEGORY_PATTERN.match(category) and category in state.registry.categories:
+    if CATEGORY_PATTERN.fullmatch(category) and category in state.registry.categories:
         return category
     raise unknown_category(category, state.registry.categories)
 
@@ -41,7 +41,7 @@ async def category_to_inspect(category: str, state: StateDep) -> str:
     is 503 ``model_building`` with Retry-After, not 404 ``unknown_category`` (a newcomer's
     first requests during the demo's build read "unknown category 'brick'; known: none" for
     three minutes while ``GET /v1/models`` said "brick: training")."""
-    if CATEGORY_PATTERN.match(category) and category not in state.registry.categories:
+    if CATEGORY_PATTERN.fullmatch(category) and category not in state.registry.categories:
         step = _building(state, category)
         if step is not None:
             raise ApiError(503, "model_building", f"{category!r} is being built ({step}); it is served as soon "

@@ -46,7 +46,7 @@ async def reload_model(category: str, state: StateDep,
                        version: Annotated[str | None, Query(max_length=64)] = None) -> ModelInfo:
     """Load the newest (or pinned, or given) version, warm it, then swap; on failure the
     previous version keeps serving."""
-    if not CATEGORY_PATTERN.match(category):
+    if not CATEGORY_PATTERN.fullmatch(category):
         raise unknown_category(category, state.registry.categories)
     try:
         await state.reload(category, version)

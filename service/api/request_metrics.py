@@ -86,7 +86,7 @@ class RequestMetricsMiddleware:
             return
         started = time.monotonic()
         incoming = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
-        request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        request_id = incoming if _REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
         # Routes read these from request.scope["state"] (deadline start, response body id).
         scope.setdefault("state", {}).update(request_id=request_id, started=started)
         status = 500  # what an exception leaves: the outermost handler answers it 500

@@ -49,7 +49,7 @@ _EXPORTS = ThreadStreams(2, "review-export")
 
 async def _category(category: str, state: StateDep) -> str:
     """A served category, or one the review store still holds items of."""
-    if CATEGORY_PATTERN.match(category) and (category in state.registry.categories
+    if CATEGORY_PATTERN.fullmatch(category) and (category in state.registry.categories
                                              or category in state.review.store.categories()):
         return category
     raise unknown_category(category, state.registry.categories)

@@ -109,7 +109,7 @@ class ModelRegistry:
     def scan(self) -> list[str]:
         """Categories in the store now: folders named like a category that hold a complete version."""
         return sorted(p.name for p in self.store.iterdir()
-                      if p.is_dir() and CATEGORY_PATTERN.match(p.name) and list_versions(p))
+                      if p.is_dir() and CATEGORY_PATTERN.fullmatch(p.name) and list_versions(p))
 
     def discover(self) -> list[str]:
         """Categories in the store (folders named like a category that hold a version).
@@ -306,7 +306,7 @@ class ModelRegistry:
         Where nothing serves the category (its loads failed) and no version is named or
         pinned, every version is tried again, newest first (as at start-up): the operator's
         retry, or the engine process back, brings the newest that loads."""
-        if not CATEGORY_PATTERN.match(category) or not (self.store / category).is_dir():
+        if not CATEGORY_PATTERN.fullmatch(category) or not (self.store / category).is_dir():
             if category in self._models:  # not "unknown ...; known: <it>": it serves, from memory
                 raise RegistryError(f"{category} is no longer in the model store; version "
                                     f"{self._models[category].version} serves on until this server restarts")
