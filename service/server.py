@@ -27,6 +27,7 @@ import uvicorn
 
 from service.allocator import keep_freed_memory
 from service.api.app import create_app
+from service.api.auth import access_summary
 from service.api.connections import ConnectionBudget, budgeted_protocol
 from service.api.request_metrics import access_log
 from service.config import Settings
@@ -113,8 +114,8 @@ def run_server(settings: Settings, sockets: list[socket.socket] | None = None) -
     keep_freed_memory(settings.heap_retain_mb << 20)
     log.debug("%d start-up objects frozen out of the collector's passes", freeze_startup_objects())
     if sockets is None:
-        log.info("serving %s on http://%s:%d (engine %s, batch %d, delay %.1f ms, %s)", settings.model_store,
+        log.info("serving %s on http://%s:%d (engine %s, batch %d, delay %.1f ms; %s)", settings.model_store,
                  settings.host, settings.port, settings.engine, settings.max_batch_size, settings.max_queue_delay_ms,
-                 "API keys required" if settings.api_keys else "open API, no keys configured")
+                 access_summary(settings))
     server.run(sockets=sockets)
     return 0 if server.started else 1

@@ -28,6 +28,7 @@ from fastapi import Depends, Request
 
 from service.api.errors import ApiError
 from service.api.deps import StateDep
+from service.config import Settings
 
 
 # What a key is stripped of: HTTP's own blanks. str.strip() also took U+00A0 and U+0085 (bytes
@@ -102,6 +103,18 @@ def _refuse_formless(request: Request) -> None:
         return
     raise ApiError(403, "cross_site_refused", "send the API key, a JSON body or an X-Requested-With header "
                    "(a cross-site form can send none of them)")
+
+
+def access_summary(s: Settings) -> str:
+    """Who may use what, for the start-up log line: the inspection routes are open without
+    inspection keys even where admin or reviewer keys are set, which "open API, no keys
+    configured" hid on a server holding admin keys, and "API keys required" overstated."""
+    dev_open = s.dev_open_admin and not s.api_keys
+    inspection = "keyed" if s.api_keys else "open (no MSFLOW_API_KEYS)"
+    admin = "keyed" if s.admin_api_keys else "open on loopback (dev)" if dev_open else "closed"
+    review = ("keyed" if s.reviewer_api_keys or s.admin_api_keys
+              else "open on loopback (dev)" if dev_open else "closed")
+    return f"inspection {inspection}, admin {admin}, review {review}"
 
 
 async def require_admin_key(request: Request, state: StateDep) -> None:

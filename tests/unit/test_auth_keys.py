@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from starlette.requests import Request
 
-from service.api.auth import require_admin_key, require_api_key, require_reviewer_key
+from service.api.auth import access_summary, require_admin_key, require_api_key, require_reviewer_key
 from service.api.errors import ApiError
 from service.config import Settings
 
@@ -57,3 +57,15 @@ def test_keys_still_match_with_blanks_around_them() -> None:
     assert outcome(require_api_key, request((b"x-api-key", b" "), (b"authorization", b"Bearer user-key")), st) == "ok"
     # a key that is not the configured one, around its blanks, is refused
     assert outcome(require_api_key, request((b"x-api-key", b"user-key\xa0")), st) == "invalid_api_key"
+
+
+def test_the_start_up_line_says_which_routes_are_open() -> None:
+    """A server holding only admin and reviewer keys logged "open API, no keys configured"
+    (its admin routes are keyed), and one with inspection keys "API keys required" (its
+    admin routes may still be closed); each kind of route is now named."""
+    admin_only = Settings(model_store="/tmp", admin_api_keys="a" * 32, reviewer_api_keys="alice=" + "r" * 32)
+    assert access_summary(admin_only) == "inspection open (no MSFLOW_API_KEYS), admin keyed, review keyed"
+    assert access_summary(Settings(model_store="/tmp", api_keys="u" * 32)) == \
+        "inspection keyed, admin closed, review closed"
+    assert access_summary(Settings(model_store="/tmp", dev_open_admin=True)) == \
+        "inspection open (no MSFLOW_API_KEYS), admin open on loopback (dev), review open on loopback (dev)"
