@@ -123,6 +123,9 @@ class Settings(BaseSettings):
                                "(docs/DESIGN.md, docs/PERFORMANCE.md)")
     engine_socket: Path | None = Field(None, description="internal: set by msflow serve for its front-end "
                                                          "processes (the engine process's Unix socket)")
+    heatmap_links_dir: Path | None = Field(None, description="internal: set by msflow serve for its front-end "
+                                           "processes (the folder of this front end's heatmap=url PNGs, beside "
+                                           "the other front ends' folders, which it reads too)")
     graceful_shutdown_s: float = Field(30.0, ge=0.0, description="max wait for in-flight requests on SIGTERM")
     shutdown_delay_s: float = Field(
         0.0, ge=0.0, description="after SIGTERM, keep serving with /readyz 503 this long so load balancers "

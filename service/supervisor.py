@@ -26,6 +26,9 @@ that never listens.
 
 Children die with this process (``PR_SET_PDEATHSIG``) and are restarted when they die
 alone; shared memory needs no cleaning after any of these deaths (:mod:`service.ipc.slab`).
+A front end's ``heatmap=url`` links are files in its folder of the run directory, which every
+front end reads (:class:`service.redisq.store.FolderLinks`); a dead front end's folder is
+removed here before its replacement starts, and the run directory when this process stops.
 On SIGTERM/SIGINT the front ends stop first (readiness off, requests in flight finish,
 their images still get engine time), then the engine process drains and exits.
 """
@@ -95,9 +98,10 @@ def run_engine(overrides: dict[str, Any], socket_path: str) -> None:
 class _Child:
     """One supervised process: how to start it, and its restart back-off."""
 
-    def __init__(self, name: str, start: Callable[[], BaseProcess]) -> None:
+    def __init__(self, name: str, start: Callable[[], BaseProcess], leaves: Path | None = None) -> None:
         self.name = name
         self._start = start
+        self.leaves = leaves  # a folder of its own, removed when it dies
         self.process: BaseProcess | None = None
         self.started_at = 0.0
         self.backoff_s = 0.0
@@ -122,11 +126,16 @@ class Supervisor:
 
     def run(self) -> int:
         s = self.settings
-        rundir = Path(tempfile.mkdtemp(prefix="msflow-serve-"))  # mode 0700: only this user reaches the socket
+        # Mode 0700: only this user reaches the socket and the links. In TMPDIR (else /tmp), not
+        # /dev/shm: the front ends' links take up to N x MSFLOW_HEATMAP_MEMORY_BYTES there, and
+        # Docker's /dev/shm is 64 MiB; on a disk the page cache keeps the links it serves.
+        rundir = Path(tempfile.mkdtemp(prefix="msflow-serve-"))
         metrics_dir = rundir / "metrics"
         metrics_dir.mkdir()
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)  # inherited by every child
         engine_socket = rundir / "engine.sock"
+        links_dir = rundir / "links"
+        links_dir.mkdir()
         overrides = {**self.overrides, "engine_socket": str(engine_socket)}
         port_holder = reuseport_socket(s.host, s.port)
         port = port_holder.getsockname()[1]
@@ -137,18 +146,20 @@ class Supervisor:
         def start_frontend(i: int) -> BaseProcess:
             listener = reuseport_socket(s.host, port)
             try:
-                return _spawn(ctx, run_frontend, f"msflow-api-{i}", overrides, [listener], i)
+                return _spawn(ctx, run_frontend, f"msflow-api-{i}",
+                              {**overrides, "heatmap_links_dir": str(frontend_links(links_dir, i))}, [listener], i)
             finally:
                 listener.close()  # the child has its own copy: the socket lives exactly as long as it
 
-        frontends = [_Child(f"front end {i}", lambda i=i: start_frontend(i)) for i in range(s.api_processes)]
+        frontends = [_Child(f"front end {i}", lambda i=i: start_frontend(i), frontend_links(links_dir, i))
+                     for i in range(s.api_processes)]
         children = [engine, *frontends]
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_signal)
         log.info("serving %s on http://%s:%d with %d front-end processes and one engine process (engine %s, "
                  "batch %d, delay %.1f ms)", s.model_store, s.host, port, s.api_processes, s.engine,
                  s.max_batch_size, s.max_queue_delay_ms)
-        for warning in mode_warnings(s):
+        for warning in mode_warnings(s, links_dir):
             log.warning("%s", warning)
         try:
             for child in children:
@@ -191,6 +202,8 @@ class Supervisor:
         pid, code = child.process.pid, child.process.exitcode
         if pid is not None:
             mark_process_dead(pid, str(metrics_dir))  # its live gauges leave /metrics
+        if child.leaves is not None:  # its links: no process bounds that folder any more
+            shutil.rmtree(child.leaves, ignore_errors=True)
         lived = now - child.started_at
         child.backoff_s = 0.0 if lived >= _STABLE_AFTER_S else _next_backoff(child.backoff_s)
         log.error("%s (pid %s) exited with %s after %.1f s; restarting%s", child.name, pid, code, lived,
@@ -209,14 +222,21 @@ class Supervisor:
                 mark_process_dead(child.process.pid, str(metrics_dir))
 
 
-def mode_warnings(settings: Settings) -> list[str]:
-    """What behaves differently from one process with these settings, said once at start."""
-    if settings.redis_url is None:
-        # The kernel spreads connections over the front ends, so a link's GET lands on the
-        # one that made it about 1 time in N: the rest answer 404 heatmap_not_found.
-        return [f"MSFLOW_API_PROCESSES={settings.api_processes} without MSFLOW_REDIS_URL: a heatmap=url link lives "
-                "in the front end that made it, and a GET that another front end takes answers 404 "
-                "(about 1 in 2 with 2 front ends); set MSFLOW_REDIS_URL, or use heatmap=inline"]
+def frontend_links(links_dir: Path, index: int) -> Path:
+    """Front end ``index``'s folder of heatmap links: two digits, which also start its link ids."""
+    return links_dir / f"{index:02d}"
+
+
+def mode_warnings(settings: Settings, links_dir: Path) -> list[str]:
+    """What may not hold with these settings on this host, said once at start."""
+    # Each front end keeps up to MSFLOW_HEATMAP_MEMORY_BYTES of links as files there; a file
+    # that does not fit stays in its front end's memory, and the other front ends answer 404.
+    need = settings.api_processes * settings.heatmap_memory_bytes
+    free = shutil.disk_usage(links_dir).free
+    if free < need:
+        return [f"{links_dir}: {free / 2**20:.0f} MiB free, below MSFLOW_API_PROCESSES x MSFLOW_HEATMAP_MEMORY_BYTES "
+                f"({need / 2**20:.0f} MiB) of heatmap=url links as files; past it a link is served only by the "
+                "front end that made it (point TMPDIR at a larger file system, or lower the budget)"]
     return []
 
 

@@ -13,19 +13,25 @@ Keys (all under ``MSFLOW_REDIS_PREFIX``, default ``msflow:``):
   store's bytes).
 
 Redis must never take the synchronous API down (see :mod:`service.redisq.connection`): when it
-fails, the cache is bypassed and links go to this process's memory.
+fails, the cache is bypassed and links go to this process's memory (to files every front end of
+a multi-process server reads: :class:`FolderLinks`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import hashlib
 import logging
+import os
 import re
 import secrets
+import shutil
 import time
+import weakref
 from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -38,6 +44,9 @@ from service.schemas import InspectOptions, HeatmapLink, ImageResult
 log = logging.getLogger(__name__)
 
 LINK_ID = re.compile(r"^[A-Za-z0-9_-]{32}$")  # secrets.token_urlsafe(24)
+# A link file larger than this is written and read in a thread: the largest heatmap PNG
+# (~16 MiB) took 44 ms to write, which would stall the event loop's other requests.
+_OFFLOAD_BYTES = 1 << 20
 
 
 def utcnow() -> datetime:
@@ -81,14 +90,112 @@ class MemoryLinks:
         return len(self._items)
 
 
+class FolderLinks:
+    """The links of one front end of a multi-process server (``MSFLOW_API_PROCESSES`` > 1), which
+    every front end serves: the kernel hands a link's GET to any of them.
+
+    Each front end writes its PNGs as files in a folder of its own, ``<run dir>/links/<NN>``
+    (:mod:`service.supervisor`; NN, its index, also starts each of its ids), and is that
+    folder's only writer: it bounds it as :class:`MemoryLinks` bounds memory (count, bytes,
+    TTL, kept here, oldest evicted first) and deletes what it evicts. Any front end reads a
+    link by its id alone (``<run dir>/links/<id[:2]>/<id>``), stale once its file is ``ttl_s``
+    old: no message between processes, one file write per link. A PNG that cannot be written
+    (file system full) stays in this process, served by this front end only, as before. The
+    folder goes with the process (at exit; the supervisor removes a killed one's).
+    """
+
+    def __init__(self, folder: Path, max_items: int, max_bytes: int, ttl_s: float) -> None:
+        if not re.fullmatch(r"[0-9]{2}", folder.name):
+            raise ValueError(f"a link folder is named by its front end's index, two digits: {folder}")
+        self.folder, self.root = folder, folder.parent
+        self.max_items, self.max_bytes, self.ttl_s = max_items, max_bytes, ttl_s
+        # id -> (expiry on the monotonic clock, bytes, the PNG where no file holds it)
+        self._items: collections.OrderedDict[str, tuple[float, int, bytes | None]] = collections.OrderedDict()
+        self._bytes = 0
+        self._failing = False
+        shutil.rmtree(folder, ignore_errors=True)  # a predecessor's, should the supervisor have missed it
+        folder.mkdir(mode=0o700, parents=True)
+        self._remove = weakref.finalize(self, shutil.rmtree, str(folder), True)  # at exit, or when dropped
+
+    def new_id(self) -> str:
+        """Unguessable as a plain id (180 random bits), and it names the folder that holds it."""
+        return self.folder.name + secrets.token_urlsafe(24)[2:]
+
+    async def put(self, key: str, png: bytes) -> None:
+        kept: bytes | None = None
+        try:
+            if len(png) > _OFFLOAD_BYTES:
+                await asyncio.to_thread(_write_new, self.folder / key, png)
+            else:
+                _write_new(self.folder / key, png)
+            if self._failing:
+                log.info("heatmap links: files in %s again; every front end serves them", self.folder)
+            self._failing = False
+        except OSError as exc:
+            kept = png
+            if not self._failing:
+                log.warning("heatmap links: cannot write %s (%s): links stay in this front end, and the others "
+                            "answer their GETs 404 until a write succeeds", self.folder, exc)
+            self._failing = True
+        self._items[key] = (time.monotonic() + self.ttl_s, len(png), kept)
+        self._bytes += len(png)
+        now = time.monotonic()
+        while self._items and (len(self._items) > self.max_items or self._bytes > self.max_bytes
+                               or next(iter(self._items.values()))[0] <= now):
+            self._drop(next(iter(self._items)))
+
+    async def get(self, key: str) -> bytes | None:
+        """The PNG of a valid link id made by any front end, or None."""
+        item = self._items.get(key)
+        if item is not None:
+            if item[0] <= time.monotonic():
+                self._drop(key)
+                return None
+            if item[2] is not None:
+                return item[2]
+        try:
+            file = open(self.root / key[:2] / key, "rb")
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        with file:
+            stat = os.fstat(file.fileno())
+            if stat.st_mtime + self.ttl_s <= time.time():  # its owner deletes it at its next put
+                return None
+            if stat.st_size > _OFFLOAD_BYTES:
+                return await asyncio.to_thread(file.read)
+            return file.read()
+
+    def _drop(self, key: str) -> None:
+        item = self._items.pop(key, None)
+        if item is not None:
+            self._bytes -= item[1]
+            if item[2] is None:
+                (self.folder / key).unlink(missing_ok=True)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def _write_new(path: Path, data: bytes) -> None:
+    """``data`` as a new file; nothing left on failure (a full disk: a torn PNG)."""
+    try:
+        with open(path, "xb") as file:
+            file.write(data)
+    except OSError:
+        path.unlink(missing_ok=True)
+        raise
+
+
 class HeatmapLinks:
     """``heatmap=url`` PNGs behind unguessable ids, served by ``GET /v1/heatmaps/<id>.png``.
 
     The API writes each PNG to Redis (any replica serves it) *and* to a bounded in-process
     LRU (this replica serves it without a round trip, and during a Redis outage). Without
     Redis, or while it is down, a link lives only in this process: still served here, but
-    not by other replicas, and lost on restart. The worker passes ``memory=False``: its
-    links must be in Redis, or the job attempt fails and is retried.
+    not by other replicas, and lost on restart. A front end of a multi-process server
+    (``heatmap_links_dir`` set) keeps it in :class:`FolderLinks` instead, so that each front
+    end of the server serves it. The worker passes ``memory=False``: its links must be in
+    Redis, or the job attempt fails and is retried.
     """
 
     def __init__(self, settings: Settings, conn: RedisConnection | None, memory: bool = True,
@@ -96,14 +203,20 @@ class HeatmapLinks:
         self.conn = conn
         self.ttl_s = settings.heatmap_ttl_s
         self.metrics = metrics
-        self.memory = MemoryLinks(settings.heatmap_memory_items, settings.heatmap_memory_bytes) if memory else None
+        self.shared: FolderLinks | None = None
+        self.memory: MemoryLinks | None = None
+        if memory and settings.heatmap_links_dir is not None:
+            self.shared = FolderLinks(settings.heatmap_links_dir, settings.heatmap_memory_items,
+                                      settings.heatmap_memory_bytes, settings.heatmap_ttl_s)
+        elif memory:
+            self.memory = MemoryLinks(settings.heatmap_memory_items, settings.heatmap_memory_bytes)
         self.budgeted = BudgetedStore(conn, "links", settings.heatmap_max_bytes) if conn is not None else None
 
     def _key(self, link_id: str) -> str:
         return self.conn.key("heatmap", link_id) if self.conn else link_id
 
     async def put(self, png: bytes, width: int, height: int) -> tuple[HeatmapLink, bool]:
-        link_id = secrets.token_urlsafe(24)
+        link_id = self.shared.new_id() if self.shared is not None else secrets.token_urlsafe(24)
         ttl_ms = int(self.ttl_s * 1000)
         durable = False
         if self.budgeted is not None:
@@ -116,9 +229,11 @@ class HeatmapLinks:
                 if evicted and self.metrics is not None:
                     self.metrics.redis_evictions.labels("links").inc(evicted)
             except RedisUnavailable:
-                if self.memory is None:
+                if self.memory is None and self.shared is None:
                     raise
-        if self.memory is not None:
+        if self.shared is not None:
+            await self.shared.put(link_id, png)
+        elif self.memory is not None:
             self.memory.put(link_id, png, self.ttl_s)
         if self.metrics is not None:
             self.metrics.heatmap_links.labels("redis" if durable else "memory").inc()
@@ -132,6 +247,8 @@ class HeatmapLinks:
         if not LINK_ID.match(link_id):
             return None
         if self.memory is not None and (png := self.memory.get(link_id)) is not None:
+            return png
+        if self.shared is not None and (png := await self.shared.get(link_id)) is not None:
             return png
         if self.conn is None:
             return None
