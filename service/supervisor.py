@@ -125,11 +125,17 @@ class Supervisor:
         self._stopping = False
 
     def run(self) -> int:
-        s = self.settings
         # Mode 0700: only this user reaches the socket and the links. In TMPDIR (else /tmp), not
         # /dev/shm: the front ends' links take up to N x MSFLOW_HEATMAP_MEMORY_BYTES there, and
         # Docker's /dev/shm is 64 MiB; on a disk the page cache keeps the links it serves.
         rundir = Path(tempfile.mkdtemp(prefix="msflow-serve-"))
+        try:
+            return self._run(rundir)
+        finally:  # a start that fails too (the port taken): nothing left in TMPDIR
+            shutil.rmtree(rundir, ignore_errors=True)
+
+    def _run(self, rundir: Path) -> int:
+        s = self.settings
         metrics_dir = rundir / "metrics"
         metrics_dir.mkdir()
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)  # inherited by every child
@@ -175,7 +181,6 @@ class Supervisor:
                     assert child.process is not None
                     child.process.kill()
             port_holder.close()
-            shutil.rmtree(rundir, ignore_errors=True)
         return 0
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -100,3 +103,17 @@ def test_links_made_while_redis_is_down_are_served_by_every_front_end(null_store
         assert set(statuses(server.url, links + durable)) == {200}
     finally:
         server.stop()
+
+
+def test_a_start_that_fails_leaves_no_run_directory(null_store: Path, run_dirs: Path) -> None:
+    """The port taken by another program: msflow serve exits, and its run directory with it
+    (before, one was left in TMPDIR at each failed start)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env = {**os.environ, "MSFLOW_API_PROCESSES": "2", "MSFLOW_ENGINE": "null"}
+        done = subprocess.run([sys.executable, "-m", "msflow.cli", "serve", "--store", str(null_store), "--host",
+                               "127.0.0.1", "--port", str(taken.getsockname()[1])],
+                              env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and "Address already in use" in done.stderr, done.stderr[-2000:]
+    assert list(run_dirs.iterdir()) == []
