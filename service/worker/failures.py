@@ -5,6 +5,7 @@ that names no internals (engine runtimes, paths: the worker's log has those)."""
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from service.pipeline.admission import AdmissionRefused, RequestTooExpensive
 from service.pipeline.batcher import BatcherClosed, BatcherError, DeadlineExceeded, QueueFull
@@ -31,11 +32,14 @@ _PUBLIC_FAILURES: dict[str, str] = {"decode_error": "decoding the job's images f
 class JobFailed(Exception):
     """One job's attempt failed (bad input, engine error): recorded, retried or dead-lettered.
     ``permanent``: another attempt would fail the same way (the input itself is bad), so the
-    job is dead-lettered at once instead of costing more attempts."""
+    job is dead-lettered at once instead of costing more attempts. ``details``: what the
+    synchronous answer's error carries too (the bad image's ``index`` and ``filename``, the
+    megapixels over budget), so a job's client can point at the image as a caller of
+    ``POST /v1/inspect`` can."""
 
-    def __init__(self, code: str, message: str, permanent: bool = False) -> None:
+    def __init__(self, code: str, message: str, permanent: bool = False, details: Any = None) -> None:
         super().__init__(message)
-        self.error = ErrorBody(code=code, message=message)
+        self.error = ErrorBody(code=code, message=message, details=details)
         self.permanent = permanent
 
 
@@ -43,16 +47,16 @@ def job_failure(exc: Exception, job_id: str, items: list[InspectedImage]) -> Job
     """The failure an attempt records for ``exc``, raised by the runtime's inspect path for the
     job's ``items`` (whose stages tell how far it got)."""
     if isinstance(exc, (ImageRejected, RequestTooExpensive)):  # the bytes will not get cheaper next time
-        return JobFailed(exc.code, exc.message, permanent=True)
+        return JobFailed(exc.code, exc.message, permanent=True, details=exc.details)
     if isinstance(exc, NonFiniteOutput):  # never a verdict: the job fails with the reason
-        return JobFailed(exc.code, str(exc), permanent=True)
+        return JobFailed(exc.code, str(exc), permanent=True, details=exc.details)
     if isinstance(exc, RedisUnavailable):
         log.warning("job %s: cannot store its heatmap links: %s", job_id, exc)
         return JobFailed("redis_unavailable", "cannot store the heatmap links: Redis is unavailable")
     if isinstance(exc, BatcherError):
         return JobFailed(_BATCHER_CODES.get(type(exc), "engine_error"), str(exc))
     if isinstance(exc, AdmissionRefused):  # no room in the pixel budget before the job's deadline: retried
-        return JobFailed(exc.code, exc.message)
+        return JobFailed(exc.code, exc.message, details=exc.details)
     # The engine's batch failed, or a bug.
     stage = min((item.stage for item in items), key=_STAGES.index)
     if stage != "decoded":

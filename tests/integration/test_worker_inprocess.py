@@ -211,6 +211,23 @@ def test_failures_stay_with_their_jobs_then_retry_and_dead_letter(store: Path, r
     run(settings_for(store, redis, redis_prefix="msflow-inproc-fail:"), body)
 
 
+def test_a_failed_jobs_error_names_the_bad_image_as_the_synchronous_answer_does(
+        store: Path, redis: RedisServer, good_images: list[Path]) -> None:
+    """POST /v1/inspect's 422 carries ``details: {index, filename}``; a job's error had null
+    there, so a client of a 32-image job could not tell which image to fix."""
+    whole = good_images[5].read_bytes()
+
+    async def body(h: Harness) -> None:
+        job = await h.submit([Upload("ok.png", good_images[6].read_bytes()),
+                              Upload("cut.png", whole[: len(whole) // 2])])
+        assert await h.step() == 1
+        record = await h.record(job)
+        assert record.status == "failed" and record.error is not None and record.error.code == "undecodable_image"
+        assert record.error.details == {"index": 1, "filename": "cut.png"}
+
+    run(settings_for(store, redis, redis_prefix="msflow-inproc-details:"), body)
+
+
 def test_threshold_overrides_apply_to_jobs(store: Path, redis: RedisServer, good_images: list[Path]) -> None:
     async def body(h: Harness) -> None:
         before = await h.submit([Upload("g.png", good_images[2].read_bytes())], InspectOptions(heatmap=HeatmapMode.none))
