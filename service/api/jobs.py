@@ -81,8 +81,10 @@ async def submit_job(request: Request, category: InspectCategoryDep, state: Stat
     uploads = await read_uploads(request, s.max_files_per_request, s.max_upload_bytes, s.max_request_bytes)
     options = InspectOptions(heatmap=heatmap, overlay=overlay, heatmap_size=heatmap_size)
     await state.check_uploads(category, uploads, options)
-    record = await queue.submit(category, uploads, options, request.scope["state"]["request_id"], idempotency_key)
-    state.metrics.jobs.labels(category, "queued").inc()
+    submitted = await queue.enqueue(category, uploads, options, request.scope["state"]["request_id"], idempotency_key)
+    record = submitted.record
+    if submitted.queued:  # a resubmitted Idempotency-Key queued nothing: counted, it read as two jobs
+        state.metrics.jobs.labels(category, "queued").inc()
     location = f"/v1/jobs/{record.id}"
     # A resubmitted Idempotency-Key gets its job as it stands (done, say), not "queued" again:
     # a client polling only while queued would otherwise wait on a job that already finished.

@@ -69,7 +69,10 @@ _CLAIM_SCAN_STEPS = 8  # XAUTOCLAIM calls per claim at most (each scans ten entr
 # the stream before the backlog is counted, exactly (XTRIM's "~" trims whole nodes of 100
 # entries, none of a short stream): with no worker, expired jobs held the backlog full and
 # every submission was 503 job_backlog_full for good.
-_SUBMIT = """
+# _ROOM is its checks alone, run first without the images (ARGV 1..7): a submission refused
+# for a full backlog shipped all its bytes (64 MiB a request) to Redis to learn it, and each
+# such request held them in Redis's query buffer meanwhile, memory the budget does not see.
+_CHECKS = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -83,7 +86,9 @@ end
 """ + release_input_lua("KEYS[4]", "KEYS[5]", "ARGV[4]") + """
 local size = tonumber(ARGV[7])
 if (tonumber(redis.call('HGET', KEYS[5], '#total')) or 0) + size > tonumber(ARGV[6]) then return -2 end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
+"""
+_ROOM = _CHECKS + "return 1\n"
+_SUBMIT = _CHECKS + """redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
 redis.call('DEL', KEYS[2])
 for i = 8, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
 redis.call('PEXPIRE', KEYS[2], ttl)
@@ -156,6 +161,15 @@ class JobMessage(BaseModel):
 
 
 @dataclass(frozen=True)
+class Submitted:
+    """What a submission did: the job's record, and whether this call queued it (False: its
+    Idempotency-Key named a job queued before, answered as it stands; nothing was queued)."""
+
+    record: JobRecord
+    queued: bool
+
+
+@dataclass(frozen=True)
 class Delivery:
     """One message handed to this worker: its stream id, the job, and the delivery count."""
 
@@ -193,13 +207,18 @@ class JobQueue:
     # ------------------------------------------------------------------ API side
     async def submit(self, category: str, uploads: Sequence[Upload], options: InspectOptions,
                      request_id: str | None, idempotency_key: str | None = None) -> JobRecord:
+        """:meth:`enqueue`'s record."""
+        return (await self.enqueue(category, uploads, options, request_id, idempotency_key)).record
+
+    async def enqueue(self, category: str, uploads: Sequence[Upload], options: InspectOptions,
+                      request_id: str | None, idempotency_key: str | None = None) -> Submitted:
         """Store the job and queue it, atomically. Raises :class:`~service.redisq.connection.RedisUnavailable`.
 
         ``idempotency_key`` (the client's ``Idempotency-Key``): the job id derives from it, so a
         client that resubmits after an answer it never got (a timeout, a 503 while Redis
         stalled) gets the same job back (its record as stored: queued, running or finished)
-        instead of a second one. The same key with another request raises
-        :class:`IdempotencyConflict`: its answer would be another request's result."""
+        instead of a second one (:attr:`Submitted.queued` False). The same key with another
+        request raises :class:`IdempotencyConflict`: its answer would be another request's result."""
         now = utcnow()
         job_id = new_job_id() if idempotency_key is None else job_id_for(category, idempotency_key)
         digest = None
@@ -213,21 +232,38 @@ class JobQueue:
 
         keys = [self.records.record_key(record.id), self.records.images_key(record.id), self.stream(category),
                 *self.records.inputs_keys(category)]
-        args = [record.model_dump_json(), self.records.ttl_ms, self.settings.job_max_backlog, record.id, category,
-                self.settings.job_max_backlog_bytes, sum(len(u.data) for u in uploads), *(u.data for u in uploads)]
+        checks = [record.model_dump_json(), self.records.ttl_ms, self.settings.job_max_backlog, record.id, category,
+                  self.settings.job_max_backlog_bytes, sum(len(u.data) for u in uploads)]
+        # Room first, without the images (the submission checks again, atomically): a refused or
+        # resubmitted job then costs Redis a few hundred bytes, not its images.
+        room = int(await self.conn.run("job_room", lambda r: r.eval(_ROOM, len(keys), *keys, *checks)))
+        self._raise_if_full(category, room)
+        if room == 0 and (stored := await self._stored(job_id, digest)) is not None:
+            return Submitted(stored, queued=False)
+        args = [*checks, *(u.data for u in uploads)]
         queued = int(await self.conn.run("job_submit", lambda r: r.eval(_SUBMIT, len(keys), *keys, *args)))
-        if queued == -1:
+        self._raise_if_full(category, queued)
+        if queued == 0:  # the key's job exists: the same request sent again, or another one
+            # Gone between the script and this read (expired, evicted): nothing was queued now.
+            return Submitted(await self._stored(job_id, digest) or record, queued=False)
+        return Submitted(record, queued=True)
+
+    def _raise_if_full(self, category: str, reply: int) -> None:
+        if reply == -1:
             raise BacklogFull(f"{category}: {self.settings.job_max_backlog} jobs are waiting; retry later")
-        if queued == -2:
+        if reply == -2:
             raise BacklogFull(f"{category}: the waiting jobs' images fill the queue's "
                               f"{self.settings.job_max_backlog_bytes} bytes; retry later")
-        if queued == 0:  # the key's job exists: the same request sent again, or another one
-            stored = await self.records.get(job_id)
-            if isinstance(stored, JobRecord):
-                if stored.request_digest is not None and stored.request_digest != digest:
-                    raise IdempotencyConflict(job_id)
-                return stored
-        return record
+
+    async def _stored(self, job_id: str, digest: str | None) -> JobRecord | None:
+        """The job an Idempotency-Key named, if its record is there; raises
+        :class:`IdempotencyConflict` when it was another request's."""
+        stored = await self.records.get(job_id)
+        if not isinstance(stored, JobRecord):
+            return None
+        if stored.request_digest is not None and stored.request_digest != digest:
+            raise IdempotencyConflict(job_id)
+        return stored
 
     # ------------------------------------------------------------------ worker side
     async def ensure_groups(self, categories: Sequence[str]) -> None:

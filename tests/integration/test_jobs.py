@@ -20,8 +20,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from harness import (assert_error, CATEGORY, PREFIX, RedisServer, Server, WorkerProc, client_for, free_port, png_of,
-                     png_variant, upload, wait_until)
+from harness import (assert_error, CATEGORY, PREFIX, RedisServer, Server, WorkerProc, client_for, free_port, metric,
+                     png_of, png_variant, upload, wait_until)
 
 MAX_ATTEMPTS = 3
 CLAIM_IDLE_S = 1.0
@@ -93,9 +93,12 @@ def test_an_idempotency_key_sent_with_another_image_is_409(api: httpx.Client, go
     idempotency_key_reused (before, 202 with the first job, whose result is another part's)."""
     a, b = png_variant(good_images[0], "idem-a"), png_variant(good_images[1], "idem-b")
     key = {"Idempotency-Key": f"part-{time.monotonic_ns()}"}
+    queued = metric(api, "msflow_jobs_total", category=CATEGORY, outcome="queued")
     first = api.post(f"/v1/jobs/{CATEGORY}", files=[upload("a.png", a)], headers=key)
     again = api.post(f"/v1/jobs/{CATEGORY}", files=[upload("a.png", a)], headers=key)
     assert first.status_code == again.status_code == 202 and first.json()["id"] == again.json()["id"]
+    # One job queued: the resubmission counted again read as two on msflow_jobs_total.
+    assert metric(api, "msflow_jobs_total", category=CATEGORY, outcome="queued") == queued + 1
     error = assert_error(api.post(f"/v1/jobs/{CATEGORY}", files=[upload("a.png", b)], headers=key), 409,
                          "idempotency_key_reused")
     assert first.json()["id"] in error["message"]
