@@ -36,6 +36,7 @@ their images still get engine time), then the engine process drains and exits.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import logging
 import multiprocessing
 import os
@@ -59,6 +60,7 @@ from service.server import build_overrides, build_settings, run_server
 
 log = logging.getLogger(__name__)
 
+_RUN_DIR_PREFIX = "msflow-serve-"
 _RESTART_BACKOFF_MAX_S = 10.0
 _STABLE_AFTER_S = 10.0  # a child that lived this long restarts at once; one that died sooner waits
 
@@ -128,9 +130,15 @@ class Supervisor:
         # Mode 0700: only this user reaches the socket and the links. In TMPDIR (else /tmp), not
         # /dev/shm: the front ends' links take up to N x MSFLOW_HEATMAP_MEMORY_BYTES there, and
         # Docker's /dev/shm is 64 MiB; on a disk the page cache keeps the links it serves.
-        rundir = Path(tempfile.mkdtemp(prefix="msflow-serve-"))
+        for stale in sweep_run_dirs(Path(tempfile.gettempdir())):
+            log.warning("removed %s, the run directory of an msflow serve that was killed", stale)
+        rundir = Path(tempfile.mkdtemp(prefix=_RUN_DIR_PREFIX))
         try:
-            return self._run(rundir)
+            lock = _lock_run_dir(rundir)
+            try:
+                return self._run(rundir)
+            finally:
+                os.close(lock)
         finally:  # a start that fails too (the port taken): nothing left in TMPDIR
             shutil.rmtree(rundir, ignore_errors=True)
 
@@ -225,6 +233,42 @@ class Supervisor:
         for child in [*frontends, engine]:
             if child.process is not None and child.process.pid is not None:
                 mark_process_dead(child.process.pid, str(metrics_dir))
+
+
+def _lock_run_dir(rundir: Path) -> int:
+    """Hold ``rundir/lock`` for as long as this process lives: the kernel lets go of it however
+    the process ends, which is how :func:`sweep_run_dirs` tells a live server's folder from a
+    killed one's. Locked under another name first, so that no sweep finds it unlocked."""
+    fd = os.open(rundir / "lock.new", os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.rename(rundir / "lock.new", rundir / "lock")
+    return fd
+
+
+def sweep_run_dirs(tmp: Path) -> list[Path]:
+    """Remove the run directories (links, metrics) that killed supervisors left in ``tmp``: a
+    SIGKILL, or a container OOM-killed whole, whose Kubernetes emptyDir ``/tmp`` outlives it
+    into the restarted container, up to N x MSFLOW_HEATMAP_MEMORY_BYTES each time. Only this
+    user's, with a lock no process holds; those of older versions (no lock) are left."""
+    removed = []
+    for rundir in tmp.glob(_RUN_DIR_PREFIX + "*"):
+        try:
+            if rundir.is_symlink() or rundir.stat().st_uid != os.getuid():
+                continue
+            fd = os.open(rundir / "lock", os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # its supervisor lives
+            os.close(fd)
+            continue
+        try:
+            shutil.rmtree(rundir, ignore_errors=True)
+            removed.append(rundir)
+        finally:
+            os.close(fd)
+    return removed
 
 
 def frontend_links(links_dir: Path, index: int) -> Path:

@@ -28,7 +28,6 @@ import re
 import secrets
 import shutil
 import time
-import weakref
 from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -101,7 +100,8 @@ class FolderLinks:
     link by its id alone (``<run dir>/links/<id[:2]>/<id>``), stale once its file is ``ttl_s``
     old: no message between processes, one file write per link. A PNG that cannot be written
     (file system full) stays in this process, served by this front end only, as before. The
-    folder goes with the process (at exit; the supervisor removes a killed one's).
+    supervisor removes the folder when the process ends (uvicorn ends a front end by its
+    SIGTERM again, so no exit handler would run).
     """
 
     def __init__(self, folder: Path, max_items: int, max_bytes: int, ttl_s: float) -> None:
@@ -115,7 +115,6 @@ class FolderLinks:
         self._failing = False
         shutil.rmtree(folder, ignore_errors=True)  # a predecessor's, should the supervisor have missed it
         folder.mkdir(mode=0o700, parents=True)
-        self._remove = weakref.finalize(self, shutil.rmtree, str(folder), True)  # at exit, or when dropped
 
     def new_id(self) -> str:
         """Unguessable as a plain id (180 random bits), and it names the folder that holds it."""

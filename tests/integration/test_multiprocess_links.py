@@ -7,6 +7,7 @@ no run directory."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import socket
@@ -117,3 +118,29 @@ def test_a_start_that_fails_leaves_no_run_directory(null_store: Path, run_dirs: 
                               env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode != 0 and "Address already in use" in done.stderr, done.stderr[-2000:]
     assert list(run_dirs.iterdir()) == []
+
+
+def test_the_next_start_removes_what_a_killed_supervisor_left(null_store: Path, run_dirs: Path,
+                                                               tmp_path: Path) -> None:
+    """SIGKILL to the supervisor (a container OOM-killed whole: Kubernetes keeps /tmp's emptyDir
+    for the restarted container) leaves its run directory, links and all; the next msflow serve
+    in that TMPDIR removes it, and leaves a live server's alone (held by its lock)."""
+    killed = start(null_store, tmp_path / "killed.log", **MP)
+    [left] = run_dirs.iterdir()
+    make_links(killed.url, 4)
+    kids = children(killed.proc.pid)
+    killed.proc.kill()
+    killed.stop()
+    wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in kids), 30, "the children to exit")
+    assert any((left / "links").rglob("0*"))  # nothing removed it
+    live = run_dirs / "msflow-serve-live"
+    live.mkdir()
+    with open(live / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        server = start(null_store, tmp_path / "server.log", **MP)
+        try:
+            assert not left.exists() and live.exists()
+            assert "the run directory of an msflow serve that was killed" in server.log()
+        finally:
+            server.stop()
+    assert list(run_dirs.iterdir()) == [live]
