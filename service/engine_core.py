@@ -13,6 +13,13 @@ front end, so the batches fill from all of them (``msflow_batch_frontends`` coun
 fed each batch) -> the engine reads the inputs from the slots and writes the maps into them
 -> ``result (rid, outcomes)``.
 
+The engine process also relays what front ends ask of each other: an operator's ``reload``
+(every other front end follows it), and a ``gather`` (an admin's view of what every front
+end holds: the recent scores of :mod:`service.pipeline.recent`): it asks every other front
+end (``collect``), relays their ``part`` frames to the front end that asked as they come,
+unparsed, and ends with ``gathered`` once all answered, or after :data:`GATHER_TIMEOUT_S`
+with those that did (a stopped front end must not hang an admin's page).
+
 A front end's warm-up of a version (the registry's, through the whole path) is the same
 request sent as a ``warm`` control message: it runs in the same batcher and is answered the
 same way, but is never observed (batch size, engine time, queue wait, front ends per batch,
@@ -86,6 +93,23 @@ class Hosted:
     unload: asyncio.TimerHandle | None = None
 
 
+# How long a gather waits for the front ends' answers (each is a copy of memory it holds,
+# made on its event loop: milliseconds, unless that process is stuck).
+GATHER_TIMEOUT_S = 2.0
+
+
+@dataclass
+class Gather:
+    """A front end's ``gather`` in progress: who asked, under which request id, who is left."""
+
+    asker: "FrontEnd"
+    rid: int
+    asked: int
+    waiting: set[int]
+    answered: int = 0
+    timer: asyncio.TimerHandle | None = None
+
+
 class FrontEnd:
     """The engine process's view of one connected front end."""
 
@@ -115,6 +139,8 @@ class EngineCore:
         # after it (a killed one's replacement) or cut off when it was relayed serves what
         # the others serve, not the newest version an operator had rolled back from.
         self.reloads: dict[str, Message] = {}
+        self.gathers: dict[int, Gather] = {}
+        self._next_gather = 0
         self._stopping = asyncio.Event()
         # Long enough for any request pinned before a reload to reach the engine.
         self.unload_grace_s = settings.request_deadline_ms / 1e3 + 5.0
@@ -194,8 +220,12 @@ class EngineCore:
 
     def _handle_frame(self, frontend: FrontEnd, frame: bytes) -> None:
         try:
-            if frames.kind(frame) != frames.SUBMIT:
-                raise ValueError(f"unknown frame kind {frames.kind(frame)}")
+            kind = frame[0]
+            if kind == frames.PART:
+                self._relay_part(frontend, frame)
+                return
+            if kind != frames.SUBMIT:
+                raise ValueError(f"unknown frame kind {kind}")
             submit = frames.unpack_submit(frame)
         except frames.UNREADABLE:
             # A front end that sends garbage has a bug; the channel to it stays usable, and a
@@ -257,8 +287,47 @@ class EngineCore:
             for other in self.frontends.values():
                 if other is not frontend:
                     other.channel.send(self.reloads[category])
+        elif op == "gather":
+            self._gather(frontend, int(message["rid"]), str(message["topic"]), dict(message.get("args") or {}))
         else:
             raise ValueError(f"unknown message {op!r}")
+
+    # ------------------------------------------------------------------ gathers
+    def _gather(self, asker: FrontEnd, rid: int, topic: str, args: Message) -> None:
+        others = [f for f in self.frontends.values() if f is not asker]
+        self._next_gather += 1
+        gid = self._next_gather
+        gather = self.gathers[gid] = Gather(asker, rid, len(others), {f.ident for f in others})
+        for other in others:
+            other.channel.send({"op": "collect", "gid": gid, "topic": topic, "args": args})
+        if others:
+            gather.timer = asyncio.get_running_loop().call_later(GATHER_TIMEOUT_S, self._end_gather, gid)
+        else:
+            self._end_gather(gid)
+
+    def _relay_part(self, frontend: FrontEnd, frame: bytes) -> None:
+        gid, last, _ = frames.unpack_part(frame)
+        gather = self.gathers.get(gid)
+        if gather is None or frontend.ident not in gather.waiting:
+            return  # late (the gather ended without it) or not asked: dropped
+        gather.asker.channel.send_frame(frames.readdress_part(frame, gather.rid))
+        if last:
+            gather.waiting.discard(frontend.ident)
+            gather.answered += 1
+            if not gather.waiting:
+                self._end_gather(gid)
+
+    def _end_gather(self, gid: int) -> None:
+        gather = self.gathers.pop(gid, None)
+        if gather is None:
+            return
+        if gather.timer is not None:
+            gather.timer.cancel()
+        if gather.answered < gather.asked:
+            log.warning("gather %d: %d of %d front ends did not answer (gone, or not within %.0f s)", gid,
+                        gather.asked - gather.answered, gather.asked, GATHER_TIMEOUT_S)
+        gather.asker.channel.send({"op": "gathered", "rid": gather.rid, "asked": gather.asked,
+                                   "answered": gather.answered})
 
     def _disconnected(self, ident: int) -> None:
         frontend = self.frontends.pop(ident, None)
@@ -273,6 +342,15 @@ class EngineCore:
         for slab in frontend.slabs.values():
             slab.close()
         frontend.slabs.clear()
+        for gid, gather in list(self.gathers.items()):
+            if gather.asker is frontend:  # no one to answer any more
+                if gather.timer is not None:
+                    gather.timer.cancel()
+                del self.gathers[gid]
+            elif ident in gather.waiting:  # it will not answer: the others' answers go now
+                gather.waiting.discard(ident)
+                if not gather.waiting:
+                    self._end_gather(gid)
 
     # ------------------------------------------------------------------ engines
     async def _acquire(self, frontend: FrontEnd, rid: int, version_dir: str) -> None:

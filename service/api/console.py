@@ -154,7 +154,8 @@ async def put_threshold(category: CategoryDep, body: ThresholdUpdate, state: Sta
     ng = body.ng_threshold if body.ng_threshold is not None else (current.ng_threshold if current else None)
     _, persisted = await state.thresholds.set(category, model.version, threshold,
                                               calibration=model.manifest.calibration, force=body.force,
-                                              seen=state.recent.raw_scores(category, model.version), ng_threshold=ng,
+                                              seen=(await state.recent.gather(category)).raw_scores(model.version),
+                                              ng_threshold=ng,
                                               guard=guard)
     _check_after(state, category, model)
     return _threshold_state(state, category, persisted)
@@ -179,15 +180,15 @@ async def delete_threshold(category: CategoryDep, state: StateDep, version: str 
 async def recent_scores(category: CategoryDep, state: StateDep,
                         threshold: Annotated[float | None, Query(allow_inf_nan=False)] = None,
                         limit: Annotated[int, Query(ge=1, le=100_000)] = 100) -> RecentScores:
-    """The last images scored by this replica (newest first) and, with ``threshold``, how the
-    recent images of the serving version would be classified at that raw threshold."""
+    """The last images scored by this replica (every front end of a multi-process one; newest
+    first) and, with ``threshold``, how the recent images of the serving version would be
+    classified at that raw threshold."""
+    recent = await state.recent.gather(category)
     current = _threshold_state(state, category)
     return RecentScores(
         category=category, version=current.version, calibrated_threshold=current.calibrated_threshold,
-        threshold=current.threshold, capacity=state.recent.capacity,
-        scores=state.recent.scores(category, limit, threshold),
-        summary=None if threshold is None else state.recent.summary(category, current.version, threshold,
-                                                                    current.threshold))
+        threshold=current.threshold, capacity=state.recent.capacity, scores=recent.scores(limit, threshold),
+        summary=None if threshold is None else recent.summary(current.version, threshold, current.threshold))
 
 
 def install_console(app: FastAPI) -> None:

@@ -6,6 +6,11 @@ thousands a second; as JSON they cost both processes an encode and a parse of a 
 result's floats printed and read back as text. Packed, each is one ``struct`` call plus one
 per image, and the floats cross bit for bit.
 
+A third, ``part``, is rare (an admin's request, :meth:`EngineClient.collect`) but large: a
+front end's share of what every front end holds (its ring of recent scores), which the
+engine process relays to the front end that asked without parsing it (only the header is
+rewritten), so a large gather never costs the process that forms every batch a JSON parse.
+
 A packed frame's first byte is its kind, never ``{`` (which starts every JSON frame): the
 channel tells the two apart by that byte alone.
 
@@ -25,6 +30,7 @@ from dataclasses import dataclass
 
 SUBMIT = 1
 RESULT = 2
+PART = 3
 
 # Outcome codes of an image (the client maps them back to its exceptions).
 OK, QUEUE_FULL, CLOSED, DEADLINE, CANCELLED, ENGINE_ERROR, NOT_LOADED = range(7)
@@ -32,6 +38,7 @@ OK, QUEUE_FULL, CLOSED, DEADLINE, CANCELLED, ENGINE_ERROR, NOT_LOADED = range(7)
 _SUBMIT = struct.Struct("<BQIId")  # kind, rid, handle, slab, deadline; then uint32 slots
 _RESULT = struct.Struct("<BQH")  # kind, rid, image count; then the outcomes
 _OUTCOME = struct.Struct("<BdIddH")  # code, score, batch size, queue ms, run ms, message bytes
+_PART = struct.Struct("<BQB")  # kind, gather id (or the asker's request id, relayed), last; then the payload
 _MAX_MESSAGE = 1024  # an engine error's text, cut to this many bytes
 MAX_IMAGES = 0xFFFF  # a result counts its images in 16 bits: a submit of more could not be answered
 
@@ -84,6 +91,24 @@ def pack_result(rid: int, outcomes: Sequence[Outcome]) -> bytes:
         if text:
             parts.append(text)
     return b"".join(parts)
+
+
+def pack_part(ident: int, last: bool, payload: bytes) -> bytes:
+    """One piece of a front end's answer to a gather (``payload``: opaque here, JSON in practice);
+    ``last``: its final piece."""
+    return _PART.pack(PART, ident, last) + payload
+
+
+def unpack_part(frame: bytes) -> tuple[int, bool, bytes]:
+    _, ident, last = _PART.unpack_from(frame)
+    return ident, bool(last), frame[_PART.size:]
+
+
+def readdress_part(frame: bytes, ident: int) -> bytes:
+    """``frame`` with another id (the engine process relays a piece to the front end that asked,
+    under that front end's request id): a header and a copy of the payload, nothing parsed."""
+    _, _, last = _PART.unpack_from(frame)
+    return _PART.pack(PART, ident, last) + memoryview(frame)[_PART.size:]
 
 
 def unpack_result(frame: bytes) -> tuple[int, list[Outcome]]:

@@ -22,12 +22,17 @@ the pipeline cannot tell it is not running the engine itself:
   what the registry's engine factory returns here. Its ``run`` goes through the engine
   process too (the registry warms every version through it, which checks the whole path
   once per front end and version).
+
+It also answers for this front end when another one gathers what every front end holds
+(:meth:`EngineClient.collect`, relayed by the engine process): an admin's view, such as the
+recent scores, asks on demand, so no image pays for it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
 import os
 import socket
@@ -55,6 +60,18 @@ log = logging.getLogger(__name__)
 _CONNECT_WAIT_S = 60.0  # how long a load waits for the engine process (it may be loading others)
 _STABLE_AFTER_S = 5.0  # a connection up this long was a good one: the next reconnect starts at once
 _WARMUP_DEADLINE_S = 300.0  # a warm-up batch through the engine process: first CUDA / TensorRT runs are slow
+_GATHER_WAIT_S = 5.0  # the engine process answers a gather within 2 s (engine_core.GATHER_TIMEOUT_S)
+_PART_ITEMS = 1000  # items per part frame: a collector's items are small, so a frame stays near a MB
+
+
+@dataclass
+class Collected:
+    """What the other front ends answered to a gather: their items, and how many of them
+    answered of those the engine process asked (fewer: one was stuck or went away)."""
+
+    items: list[Any]
+    asked: int
+    answered: int
 
 
 class EngineUnavailable(BatcherError):
@@ -105,6 +122,10 @@ class EngineClient:
         self._slabs: dict[int, tuple[int, Slab, SlotPool]] = {}  # input size -> (slab id, slab, its free slots)
         self._requests: dict[int, _Request] = {}
         self._calls: dict[int, asyncio.Future[Message]] = {}
+        # topic -> what this front end answers when another one gathers (called on the loop,
+        # with the gather's args; a list of JSON-able items), e.g. "recent": pipeline/recent.py.
+        self.collectors: dict[str, Callable[[Message], list[Any]]] = {}
+        self._gathering: dict[int, list[Any]] = {}  # this front end's gathers in progress -> items so far
         self._holds = VersionHolds()  # the version folders served or warming up here
         self._handles: dict[str, int] = {}  # version folder -> the engine process's number for it
         # category -> (stamp, version) of the last operator reload made or followed here: what
@@ -250,12 +271,15 @@ class EngineClient:
                 os.close(fd)
             if isinstance(message, bytes):
                 try:
-                    self._resolve(*frames.unpack_result(message))
-                except frames.UNREADABLE:
+                    if message[0] == frames.RESULT:
+                        self._resolve(*frames.unpack_result(message))
+                    else:
+                        self._gathered_part(message)
+                except frames.UNREADABLE:  # a bad JSON payload of a part too (a ValueError)
                     log.exception("unreadable frame from the engine process")
                 continue
             op = message.get("op")
-            if op in ("acquired", "error"):
+            if op in ("acquired", "error", "gathered"):
                 call = self._calls.pop(int(message["rid"]), None)
                 if call is not None and not call.done():
                     call.set_result(message)
@@ -266,6 +290,8 @@ class EngineClient:
             elif op == "reload":
                 self._follow(str(message["category"]), message.get("version"), int(message["stamp"]),
                              bool(message.get("replayed")))
+            elif op == "collect":
+                self._answer_collect(int(message["gid"]), str(message["topic"]), message.get("args") or {})
 
     def _follow(self, category: str, version: str | None, stamp: int, replayed: bool) -> None:
         """Another front end's reload, relayed as it happens or ``replayed`` to this one when it
@@ -344,6 +370,46 @@ class EngineClient:
         self._reloads[category] = (stamp, version)
         if self._channel is not None:  # else sent at the handshake, with the record
             self._channel.send(_reload_message(category, version, stamp))
+
+    # ------------------------------------------------------------------ gathers
+    async def collect(self, topic: str, args: Message) -> Collected:
+        """Every other front end's ``collectors[topic](args)``, through the engine process (not
+        this one's: the caller has it). Raises :class:`EngineUnavailable` without an answer."""
+        rid = next(self._ids)
+        call = self._calls[rid] = self.loop.create_future()
+        items = self._gathering[rid] = []
+        try:
+            self._send({"op": "gather", "rid": rid, "topic": topic, "args": args})
+            answer = await asyncio.wait_for(call, _GATHER_WAIT_S)
+        except TimeoutError:
+            raise EngineUnavailable(f"the engine process did not answer a gather within {_GATHER_WAIT_S:.0f} s") \
+                from None
+        finally:
+            self._calls.pop(rid, None)
+            self._gathering.pop(rid, None)
+        return Collected(items, int(answer["asked"]), int(answer["answered"]))
+
+    def _gathered_part(self, frame: bytes) -> None:
+        rid, _, payload = frames.unpack_part(frame)
+        items = self._gathering.get(rid)
+        if items is not None:  # else the gather ended (timed out) before it
+            items.extend(json.loads(payload))
+
+    def _answer_collect(self, gid: int, topic: str, args: Message) -> None:
+        """Another front end gathers: this one's items, in parts (the last one marked, even
+        when there is none: the engine process waits for it)."""
+        collector = self.collectors.get(topic)
+        try:
+            items = collector(args) if collector is not None else []
+        except Exception:  # this front end's share is left out, the gather still ends
+            log.exception("collecting %s for another front end failed", topic)
+            items = []
+        channel = self._channel
+        if channel is None:
+            return
+        for start in range(0, max(1, len(items)), _PART_ITEMS):
+            chunk = json.dumps(items[start:start + _PART_ITEMS], separators=(",", ":")).encode()
+            channel.send_frame(frames.pack_part(gid, start + _PART_ITEMS >= len(items), chunk))
 
     # ------------------------------------------------------------------ images
     def pool(self, size: int) -> SlotPool:

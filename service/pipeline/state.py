@@ -72,7 +72,7 @@ class ServiceState(PipelineRuntime):
         self._bulk_redis = (RedisConnection(settings, metrics, breaker_s=0.0, client=make_client(
             settings, socket_timeout=_bulk_timeout_s(settings))) if settings.redis_url else None)
         self.jobs = JobQueue(settings, self._bulk_redis) if self._bulk_redis is not None else None
-        self.recent = RecentScores(settings, self.metrics)
+        self.recent = RecentScores(settings, self.metrics, peers=link)  # link: every front end's, on demand
 
     async def start(self) -> None:
         """Check the store (fail start-up if unusable), then load engines in the background so

@@ -137,6 +137,17 @@ def test_submit_and_result_frames_carry_their_fields_bit_for_bit() -> None:
     assert len(frames.unpack_result(long)[1][0].message) == 1024  # an error's text is bounded
 
 
+def test_a_part_frame_is_relayed_under_the_askers_id_with_its_payload_untouched() -> None:
+    payload = json.dumps([[1.5, "é"]]).encode()
+    frame = frames.pack_part(7, True, payload)
+    assert frames.kind(frame) == frames.PART and frame[0] != ord("{")
+    assert frames.unpack_part(frame) == (7, True, payload)
+    assert frames.unpack_part(frames.readdress_part(frame, 2**40)) == (2**40, True, payload)
+    assert frames.unpack_part(frames.pack_part(3, False, b"")) == (3, False, b"")
+    with pytest.raises(frames.UNREADABLE):
+        frames.unpack_part(frame[:5])
+
+
 def test_malformed_frames_are_refused_not_misread() -> None:
     good = frames.pack_submit(1, 1, 1, 0.0, [1, 2])
     for bad in (good[:-1], good[:frames._SUBMIT.size]):  # a cut slot list; no slots at all
