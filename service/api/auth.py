@@ -47,6 +47,14 @@ def _presented_key(request: Request) -> str | None:
     return None
 
 
+def client_scope(request: Request) -> str:
+    """Whose request this is, for what one client's names must not reach another's (its job
+    Idempotency-Keys): a digest of the key presented, never the key; empty without one (an
+    open API has no clients to tell apart)."""
+    key = _presented_key(request)
+    return "" if key is None else hashlib.sha256(key.encode()).hexdigest()
+
+
 def _key_in(key: str, keys: list[str]) -> bool:
     # Constant-time comparison against every key, so timing reveals neither key nor position.
     # An empty configured key (a JSON list from a template whose variable was unset) matches

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse, Response
 
-from service.api.auth import Authed, NotCrossSite
+from service.api.auth import Authed, NotCrossSite, client_scope
 from service.api.deps import InspectCategoryDep, StateDep
 from service.api.errors import ApiError
 from service.api.openapi import LOCATION, UNAUTHORIZED, UPLOAD, errors, ok
@@ -81,7 +81,8 @@ async def submit_job(request: Request, category: InspectCategoryDep, state: Stat
     uploads = await read_uploads(request, s.max_files_per_request, s.max_upload_bytes, s.max_request_bytes)
     options = InspectOptions(heatmap=heatmap, overlay=overlay, heatmap_size=heatmap_size)
     await state.check_uploads(category, uploads, options)
-    submitted = await queue.enqueue(category, uploads, options, request.scope["state"]["request_id"], idempotency_key)
+    submitted = await queue.enqueue(category, uploads, options, request.scope["state"]["request_id"], idempotency_key,
+                                    client=client_scope(request))
     record = submitted.record
     if submitted.queued:  # a resubmitted Idempotency-Key queued nothing: counted, it read as two jobs
         state.metrics.jobs.labels(category, "queued").inc()

@@ -115,9 +115,14 @@ return 0
 """
 
 
-def job_id_for(category: str, idempotency_key: str) -> str:
-    """The job id of a client's idempotency key (same shape as :func:`new_job_id`)."""
-    digest = hashlib.sha256(f"{category}\0{idempotency_key}".encode()).digest()[:18]
+def job_id_for(category: str, idempotency_key: str, client: str = "") -> str:
+    """The job id of a client's idempotency key (same shape as :func:`new_job_id`).
+
+    ``client`` scopes the key to whoever sent it (the API's digest of the presented API key;
+    empty on an open API): derived from the category and the key alone, any client with any
+    key who guessed another's Idempotency-Key ("order-1") computed that job's id, read its
+    results, and made the owner's own request a 409."""
+    digest = hashlib.sha256(f"{category}\0{client}\0{idempotency_key}".encode()).digest()[:18]
     return base64.urlsafe_b64encode(digest).decode("ascii")
 
 
@@ -206,21 +211,22 @@ class JobQueue:
 
     # ------------------------------------------------------------------ API side
     async def submit(self, category: str, uploads: Sequence[Upload], options: InspectOptions,
-                     request_id: str | None, idempotency_key: str | None = None) -> JobRecord:
+                     request_id: str | None, idempotency_key: str | None = None, client: str = "") -> JobRecord:
         """:meth:`enqueue`'s record."""
-        return (await self.enqueue(category, uploads, options, request_id, idempotency_key)).record
+        return (await self.enqueue(category, uploads, options, request_id, idempotency_key, client)).record
 
     async def enqueue(self, category: str, uploads: Sequence[Upload], options: InspectOptions,
-                      request_id: str | None, idempotency_key: str | None = None) -> Submitted:
+                      request_id: str | None, idempotency_key: str | None = None, client: str = "") -> Submitted:
         """Store the job and queue it, atomically. Raises :class:`~service.redisq.connection.RedisUnavailable`.
 
         ``idempotency_key`` (the client's ``Idempotency-Key``): the job id derives from it, so a
         client that resubmits after an answer it never got (a timeout, a 503 while Redis
         stalled) gets the same job back (its record as stored: queued, running or finished)
         instead of a second one (:attr:`Submitted.queued` False). The same key with another
-        request raises :class:`IdempotencyConflict`: its answer would be another request's result."""
+        request raises :class:`IdempotencyConflict`: its answer would be another request's result.
+        ``client``: whose key it is (:func:`job_id_for`); another client's same key is another job."""
         now = utcnow()
-        job_id = new_job_id() if idempotency_key is None else job_id_for(category, idempotency_key)
+        job_id = new_job_id() if idempotency_key is None else job_id_for(category, idempotency_key, client)
         digest = None
         if idempotency_key is not None:  # hashing megabytes off the event loop, as the result cache does
             inline = sum(len(u.data) for u in uploads) <= _INLINE_DIGEST_BYTES

@@ -20,7 +20,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from harness import (assert_error, CATEGORY, PREFIX, RedisServer, Server, WorkerProc, client_for, free_port, metric,
+from harness import (REDIS_ADMIN_KEY, REDIS_USER_KEY, assert_error, CATEGORY, PREFIX, RedisServer, Server, WorkerProc, client_for,
+                     free_port, metric,
                      png_of, png_variant, upload, wait_until)
 
 MAX_ATTEMPTS = 3
@@ -102,6 +103,24 @@ def test_an_idempotency_key_sent_with_another_image_is_409(api: httpx.Client, go
     error = assert_error(api.post(f"/v1/jobs/{CATEGORY}", files=[upload("a.png", b)], headers=key), 409,
                          "idempotency_key_reused")
     assert first.json()["id"] in error["message"]
+
+
+def test_an_idempotency_key_belongs_to_the_client_that_sent_it(redis_apis: dict[str, Server],
+                                                               good_images: list[Path]) -> None:
+    """Two clients (two API keys) using the same Idempotency-Key get two jobs. The job id was
+    derived from the category and the key alone: a client who guessed another's key read that
+    job's results at /v1/jobs/<id>, and its own request made the owner's a 409."""
+    a, b = png_variant(good_images[2], "scope-a"), png_variant(good_images[3], "scope-b")
+    key = f"order-{time.monotonic_ns()}"
+    with client_for(redis_apis["cached"]) as c:
+        def post(image: bytes, api_key: str) -> httpx.Response:
+            return c.post(f"/v1/jobs/{CATEGORY}", files=[upload("p.png", image)],
+                          headers={"Idempotency-Key": key, "X-API-Key": api_key})
+        owner, other = post(a, REDIS_USER_KEY), post(b, REDIS_ADMIN_KEY)
+        assert owner.status_code == other.status_code == 202, (owner.text, other.text)
+        assert owner.json()["id"] != other.json()["id"]
+        again = post(a, REDIS_USER_KEY)  # the owner's resubmission still finds its own job
+        assert again.status_code == 202 and again.json()["id"] == owner.json()["id"]
 
 
 # ---------------------------------------------------------------------- the flow
