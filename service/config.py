@@ -232,6 +232,10 @@ class Settings(BaseSettings):
     @classmethod
     def _parse_keys(cls, value: Any) -> Any:
         keys = _key_list(value)
+        if isinstance(keys, list) and any(not str(k).strip() for k in keys):
+            # A JSON list from a template whose variable was unset ('["k", ""]'): refused at start
+            # rather than kept as a key that matches nothing (service.api.auth), unnoticed.
+            raise ValueError("an API key in the list is empty: remove it, or set the variable it came from")
         if isinstance(keys, list) and any(str(k).lower().startswith(PLACEHOLDER_KEY_PREFIX) for k in keys):
             raise ValueError(f"an API key starts with {PLACEHOLDER_KEY_PREFIX!r}: replace the example keys "
                              "(deploy/env.example, deploy/k8s/secret.yaml) with real ones")

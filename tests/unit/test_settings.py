@@ -70,6 +70,16 @@ def test_example_keys_are_refused() -> None:
     assert Settings(api_keys="a-real-key").api_keys == ["a-real-key"]
 
 
+def test_an_empty_key_in_a_json_list_is_refused() -> None:
+    """'["k", ""]' (a template whose variable was unset) started a server holding an empty key;
+    the comma form drops empty parts, as it always did."""
+    for field in ("api_keys", "admin_api_keys"):
+        for value in ('["a-real-key", ""]', '["a-real-key", "  "]'):
+            with pytest.raises(ValueError, match="empty"):
+                Settings(**{field: value})
+    assert Settings(api_keys="a-real-key,,").api_keys == ["a-real-key"]
+
+
 def test_the_deployment_examples_carry_only_refused_keys() -> None:
     """The env example and the k8s secret template must never start a server as they are."""
     env = dict(line.split("=", 1) for line in ROOT.joinpath("deploy/env.example").read_text().splitlines()
