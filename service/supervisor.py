@@ -53,6 +53,7 @@ from typing import Any, Callable
 
 from prometheus_client.multiprocess import mark_process_dead
 
+from service.api.auth import access_summary
 from service.config import Settings, warn_unknown_env
 from service.engine_core import run_engine_process
 from service.os_names import die_with_parent, set_thread_name
@@ -151,7 +152,7 @@ class Supervisor:
         links_dir = rundir / "links"
         links_dir.mkdir()
         overrides = {**self.overrides, "engine_socket": str(engine_socket)}
-        port_holder = reuseport_socket(s.host, s.port)
+        port_holder = reuseport_socket(s.host, s.port, exclusive=True)
         port = port_holder.getsockname()[1]
         ctx = multiprocessing.get_context("spawn")  # no forked copies of threads, locks or CUDA state
         engine = _Child("engine process", lambda: _spawn(ctx, run_engine, "msflow-engine",
@@ -171,8 +172,8 @@ class Supervisor:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_signal)
         log.info("serving %s on http://%s:%d with %d front-end processes and one engine process (engine %s, "
-                 "batch %d, delay %.1f ms)", s.model_store, s.host, port, s.api_processes, s.engine,
-                 s.max_batch_size, s.max_queue_delay_ms)
+                 "batch %d, delay %.1f ms; %s)", s.model_store, s.host, port, s.api_processes, s.engine,
+                 s.max_batch_size, s.max_queue_delay_ms, access_summary(s))
         for warning in mode_warnings(s, links_dir):
             log.warning("%s", warning)
         try:
@@ -294,11 +295,22 @@ def _next_backoff(backoff_s: float) -> float:
     return min(_RESTART_BACKOFF_MAX_S, max(0.5, backoff_s * 2))
 
 
-def reuseport_socket(host: str, port: int) -> socket.socket:
+def reuseport_socket(host: str, port: int, exclusive: bool = False) -> socket.socket:
     """A TCP socket bound to ``host:port`` with ``SO_REUSEPORT``, not listening yet (asyncio's
     ``create_server`` calls ``listen`` when uvicorn starts serving on it). Port 0 picks a free
-    port; bind the next ones to the port it got."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    port; bind the next ones to the port it got.
+
+    ``exclusive``: first make sure nothing serves the port. ``SO_REUSEPORT`` lets any process
+    of the same user bind it too, so a second ``msflow serve`` on the port of one still running
+    (an old deployment that survived its stop) started without an error, and the kernel split
+    the connections between the two servers and their model versions. A socket without the
+    option cannot bind beside a listening one that has it: that bind is the check."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    if exclusive and port != 0:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a closed server's TIME_WAIT is no server
+            probe.bind((host, port))  # OSError EADDRINUSE while anything listens there
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)

@@ -120,6 +120,22 @@ def test_a_start_that_fails_leaves_no_run_directory(null_store: Path, run_dirs: 
     assert list(run_dirs.iterdir()) == []
 
 
+def test_a_second_server_on_a_served_port_is_refused(null_store: Path, run_dirs: Path, tmp_path: Path) -> None:
+    """SO_REUSEPORT let a second multi-process msflow serve bind the port of one still running
+    (an old deployment that survived its stop): it started, and the kernel split connections
+    between the two servers. It now exits, and the first one keeps the port alone."""
+    first = start(null_store, tmp_path / "first.log", **MP)
+    try:
+        port = first.url.rsplit(":", 1)[1]
+        env = {**os.environ, "MSFLOW_API_PROCESSES": "2", "MSFLOW_ENGINE": "null", "MSFLOW_STORE_POLL_S": "0"}
+        second = subprocess.run([sys.executable, "-m", "msflow.cli", "serve", "--store", str(null_store), "--host",
+                                 "127.0.0.1", "--port", port], env=env, capture_output=True, text=True, timeout=60)
+        assert second.returncode != 0 and "Address already in use" in second.stderr, second.stderr[-2000:]
+        assert httpx.get(f"{first.url}/readyz", timeout=10).status_code == 200
+    finally:
+        first.stop()
+
+
 def test_the_next_start_removes_what_a_killed_supervisor_left(null_store: Path, run_dirs: Path,
                                                                tmp_path: Path) -> None:
     """SIGKILL to the supervisor (a container OOM-killed whole: Kubernetes keeps /tmp's emptyDir
