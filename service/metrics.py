@@ -161,6 +161,16 @@ class ServiceMetrics:
             self.redis_evictions.labels(store)
         self.jobs = Counter("msflow_jobs_total", "Async jobs: queued (API); done, retried, dead_lettered, "
                             "duplicate, expired (worker)", ["category", "outcome"], registry=r)
+        # Read from Redis at each scrape (api/health.py), the same on every replica: aggregate with
+        # max. Several front ends: each writes its own read, and the latest wins (livemostrecent).
+        # livemax kept the largest of every front end's last read: after the backlog drained or a
+        # worker died, a front end not scraped since held the old value up (backlog 3, workers 1).
+        self.job_workers = Gauge("msflow_job_workers", "msflow worker processes whose heartbeat for the category "
+                                 "is live (0: its async jobs wait for none), read from Redis at scrape time",
+                                 ["category"], registry=r, multiprocess_mode="livemostrecent")
+        self.job_backlog = Gauge("msflow_job_backlog", "Unfinished async jobs (queued or running) in the category's "
+                                 "stream, read from Redis at scrape time", ["category"], registry=r,
+                                 multiprocess_mode="livemostrecent")
         self.score = Histogram("msflow_score", "Normalised image score (0.5 = the effective threshold)",
                                ["category"], buckets=SCORE_BUCKETS, registry=r)
         self.anomaly_rate = Gauge("msflow_anomaly_rate", _RATE_HELP, ["category"], registry=r)
@@ -244,6 +254,10 @@ class ServiceMetrics:
         if self._window_images.get(category) != images:  # once full, it stays: one write per request, as one process
             self._window_images[category] = images
             self._child(self.anomaly_window[1], category).set(images)
+
+    def set_job_census(self, category: str, workers: int, backlog: int) -> None:
+        self._child(self.job_workers, category).set(workers)
+        self._child(self.job_backlog, category).set(backlog)
 
     def observe_stage(self, stage: str, seconds: float) -> None:
         self._child(self.stage_time, stage).observe(seconds)

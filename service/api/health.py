@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import APIRouter
 from fastapi.responses import Response
 
 from service.api.deps import StateDep
 from service.api.errors import ApiError
 from service.api.openapi import REQUEST_ID, ok
+from service.pipeline.state import ServiceState
+from service.redisq.connection import RedisUnavailable
 from service.schemas import ErrorResponse, Health, Readiness
 
+log = logging.getLogger(__name__)
+
 router = APIRouter()
+
+# What a scrape may spend reading the job gauges from Redis: Prometheus's scrape timeout is
+# 10 s by default, and a /metrics that hung on a stalled Redis would lose every other series.
+JOB_CENSUS_TIMEOUT_S = 0.5
 
 
 @router.get("/healthz", response_model=Health, responses=ok("Alive"))
@@ -39,5 +49,26 @@ async def readyz(state: StateDep) -> Readiness:
 
 @router.get("/metrics", include_in_schema=False)
 async def metrics(state: StateDep) -> Response:
+    await _refresh_job_gauges(state)
     body, content_type = state.metrics.exposition()
     return Response(body, media_type=content_type)
+
+
+async def _refresh_job_gauges(state: ServiceState) -> None:
+    """``msflow_job_workers`` and ``msflow_job_backlog`` of every category in the store, from
+    Redis now (one round trip). A job's 202 said ``workers: 0`` to its client, and nothing said
+    it to monitoring. Through the jobs' connection, which has no circuit breaker: a slow
+    scrape must not turn Redis off for the hot path. Redis down or slow: the gauges keep their
+    last values, the failure counts in ``msflow_redis_errors_total{operation="job_census"}``,
+    and the scrape answers. No Redis configured: no jobs, no series."""
+    queue = state.jobs
+    if queue is None:
+        return
+    try:
+        census = await queue.workers.census({c: queue.stream(c) for c in state.registry.categories},
+                                            JOB_CENSUS_TIMEOUT_S)
+    except RedisUnavailable as exc:
+        log.debug("job gauges not refreshed: %s", exc)
+        return
+    for category, jobs in census.items():
+        state.metrics.set_job_census(category, jobs.workers, jobs.backlog)

@@ -9,11 +9,18 @@ not run out yet. Why the expiry rather than the last beat as the score: readers 
 know the period a worker chose. A worker that stops says so (its member leaves); a killed
 or frozen one drops out once its beat runs out; the sets themselves expire with their last
 beat, so categories nobody consumes any more leave nothing behind.
+
+:meth:`WorkerHeartbeats.census` reads the same count beside each stream's length for the
+API's ``/metrics`` (``msflow_job_workers``, ``msflow_job_backlog``): a job's 202 said
+``workers: 0`` to its client, but nothing told monitoring, so no alert could.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -42,6 +49,14 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 return redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf')
 """
+
+
+@dataclass(frozen=True)
+class JobCensus:
+    """A category's async jobs as Redis has them now."""
+
+    workers: int  # workers whose beat for the category has not run out
+    backlog: int  # unfinished jobs (queued or running) in its stream
 
 
 class WorkerHeartbeats:
@@ -79,5 +94,32 @@ class WorkerHeartbeats:
         key = self.key(category)
         return int(await self.conn.run("workers_alive", lambda r: r.eval(_ALIVE, 1, key)))
 
+    async def census(self, streams: Mapping[str, str], timeout_s: float) -> dict[str, JobCensus]:
+        """Per category of ``streams`` (category -> its job stream's key): the live workers and
+        the stream's length, in one pipelined round trip bounded by ``timeout_s`` (a scrape
+        must not hang on a stalled Redis). Raises
+        :class:`~service.redisq.connection.RedisUnavailable`, counted as ``job_census``.
 
-__all__ = ["HEARTBEAT_S", "MISSED_BEATS", "WorkerHeartbeats"]
+        XLEN is the backlog, exactly: a finished or dead-lettered job leaves its stream (XACK +
+        XDEL, :mod:`service.redisq.jobs`), so the entries are the jobs queued or running. The
+        group's pending count plus its lag would say the same at more cost, but the lag is
+        null once an unread entry was deleted (an expired job trimmed at a submission, Redis
+        7.0), and there is no group before a first worker made it."""
+        categories = list(streams)
+
+        async def read(r: aioredis.Redis) -> list[Any]:
+            async with asyncio.timeout(timeout_s):  # TimeoutError: counted by run, as a failure
+                async with r.pipeline(transaction=False) as pipe:
+                    for category in categories:
+                        pipe.eval(_ALIVE, 1, self.key(category))
+                        pipe.xlen(streams[category])
+                    return await pipe.execute()
+
+        if not categories:
+            return {}
+        replies = await self.conn.run("job_census", read)
+        return {category: JobCensus(workers=int(replies[2 * i]), backlog=int(replies[2 * i + 1]))
+                for i, category in enumerate(categories)}
+
+
+__all__ = ["HEARTBEAT_S", "MISSED_BEATS", "JobCensus", "WorkerHeartbeats"]
