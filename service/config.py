@@ -187,6 +187,9 @@ class Settings(BaseSettings):
     worker_block_s: float = Field(2.0, gt=0.0, description="XREADGROUP BLOCK of an idle worker")
     worker_name: str | None = Field(None, max_length=128, description="consumer name (default host-pid)")
     worker_metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus port of msflow worker")
+    worker_max_input_bytes: int = Field(128 * MiB, ge=1, description="job images one msflow worker holds at once "
+                                        "(fetched from Redis, not yet run); the jobs of a read beyond it wait in hand "
+                                        "and are fetched in turn; a larger job runs alone")
     bench_threads: int = Field(0, ge=0, description="msflow bench: onnxruntime intra-op threads (0: default)")
 
     # --- defect regions, runtime thresholds, drift (service/regions.py, thresholds.py, recent.py)

@@ -181,21 +181,38 @@ class JobRecords:
         raw = await self.conn.run("job_get", lambda r: r.get(self.record_key(job_id)))
         return None if raw is None else _record_or_unreadable(raw)
 
-    async def load(self, job_ids: Sequence[str]) -> list[tuple[JobRecord | Unreadable | None, list[bytes]]]:
-        """Records and input images of several jobs in one round trip."""
+    async def peek(self, category: str,
+                   job_ids: Sequence[str]) -> list[tuple[JobRecord | Unreadable | None, int | None]]:
+        """Records of several jobs of ``category`` and the bytes of their images, in one round
+        trip, without the images: a worker takes room for them before it fetches them
+        (:meth:`images`). The bytes are the queue's own accounting (``inputs_keys``, written with
+        the images at submission); None where it has none (a job queued by a version before it)."""
+        sizes_key = self.inputs_keys(category)[1]
+
         async def read(r: aioredis.Redis) -> list[Any]:
             async with r.pipeline(transaction=False) as pipe:
                 for job_id in job_ids:
                     pipe.get(self.record_key(job_id))
+                    pipe.hget(sizes_key, job_id)
+                return await pipe.execute()
+
+        raw = await self.conn.run("job_peek", read)
+        out: list[tuple[JobRecord | Unreadable | None, int | None]] = []
+        for i in range(len(job_ids)):
+            record, size = raw[2 * i], raw[2 * i + 1]
+            out.append((None if record is None else _record_or_unreadable(record),
+                        None if size is None else int(size)))
+        return out
+
+    async def images(self, job_ids: Sequence[str]) -> list[list[bytes]]:
+        """The input images of several jobs, in one round trip (empty for a job whose images are gone)."""
+        async def read(r: aioredis.Redis) -> list[Any]:
+            async with r.pipeline(transaction=False) as pipe:
+                for job_id in job_ids:
                     pipe.lrange(self.images_key(job_id), 0, -1)
                 return await pipe.execute()
 
-        raw = await self.conn.run("job_load", read)
-        out: list[tuple[JobRecord | Unreadable | None, list[bytes]]] = []
-        for i in range(len(job_ids)):
-            record, images = raw[2 * i], raw[2 * i + 1]
-            out.append((None if record is None else _record_or_unreadable(record), list(images or [])))
-        return out
+        return [list(images or []) for images in await self.conn.run("job_images", read)]
 
 
 def _record_or_unreadable(raw: bytes | str) -> JobRecord | Unreadable:

@@ -10,8 +10,11 @@ consumer group of each category's stream (:mod:`service.redisq.jobs`) and loops:
    delivered more than ``job_max_attempts`` times it is dead-lettered alone;
 2. otherwise read new jobs (XREADGROUP, up to ``max_batch_size`` per category, blocking
    ``worker_block_s``);
-3. per category (categories in parallel): pin the category's lane once for the jobs read,
-   and run every job through the runtime's inspect path at the same time
+3. per category (categories in parallel): pin the category's lane once for the jobs read;
+   fetch their images in order as the input budget (``worker_max_input_bytes``, all
+   categories together: :mod:`service.worker.inputs`) gives room, those that fit together in
+   one round trip (a job larger than the budget alone; the others wait in hand, kept
+   alive), and run the jobs fetched through the runtime's inspect path at the same time
    (:meth:`~service.pipeline.runtime.PipelineRuntime.run`: header probe and admission under
    the worker's own pixel budget, where a job waits for room instead of being refused;
    decode, the lane's batcher, postprocess), so the images of concurrent jobs share engine

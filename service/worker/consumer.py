@@ -10,6 +10,7 @@ import os
 import socket
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -24,6 +25,7 @@ from service.redisq.records import FINAL_STATES, FinalWrite, JobRecord, RecordTo
 from service.redisq.store import utcnow
 from service.schemas import ErrorBody, InspectResponse, Upload
 from service.worker.failures import JobFailed, job_failure
+from service.worker.inputs import InputBudget
 
 log = logging.getLogger("service.worker")
 
@@ -36,9 +38,11 @@ JOB_DEADLINE_S = 600.0
 @dataclass
 class _Job:
     delivery: Delivery
-    record: JobRecord
-    data: list[bytes]
-    started: float = field(default_factory=time.monotonic)
+    record: JobRecord  # "running", written once its inputs have room (_fetch)
+    size: int  # its images' bytes: taken from the input budget before they are fetched
+    holding: bool = False  # its size is taken from the input budget (until its images are dropped)
+    data: list[bytes] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)  # reset when fetched: the deadline excludes a wait for room
     items: list[InspectedImage] = field(default_factory=list)  # one record per image, filled by the pipeline
     error: JobFailed | None = None
 
@@ -48,14 +52,17 @@ class Worker:
         self.settings = settings
         self.name = name or settings.worker_name or f"{socket.gethostname()}-{os.getpid()}"
         self.metrics = ServiceMetrics()
-        # XREADGROUP BLOCK must finish inside the socket timeout, and so must reading a job's
-        # images (up to max_request_bytes, at 50 MB/s from a loaded Redis host, as the API's
-        # submissions are sized); no breaker: a worker has no request to protect, it waits.
+        # XREADGROUP BLOCK must finish inside the socket timeout, and so must one fetch of
+        # images (up to the input budget, or one job of max_request_bytes, at 50 MB/s from a
+        # loaded Redis host, as the API's submissions are sized); no breaker: a worker has no
+        # request to protect, it waits.
+        fetch_bytes = max(settings.max_request_bytes, settings.worker_max_input_bytes)
         client = make_client(settings, socket_timeout=settings.worker_block_s + max(1.0, settings.redis_socket_timeout_s)
-                             + settings.max_request_bytes / 50e6)
+                             + fetch_bytes / 50e6)
         self.conn = RedisConnection(settings, self.metrics, client=client, breaker_s=0.0)
         self.runtime = PipelineRuntime(settings, self.conn, metrics=self.metrics, memory_links=False)
         self.queue = JobQueue(settings, self.conn)
+        self.inputs = InputBudget(settings.worker_max_input_bytes)  # all categories' jobs together
         self.stop = asyncio.Event()
         self.categories: list[str] = []
         self._watch: asyncio.Task[None] | None = None
@@ -159,21 +166,28 @@ class Worker:
 
     # ------------------------------------------------------------------ the jobs of one category
     async def process(self, category: str, deliveries: list[Delivery], held: set[str] | None = None) -> None:
-        """The jobs of one category: take the deliveries (mark them running), run them, record
-        each outcome. ``held``: the stream ids :meth:`step` keeps alive; each leaves it once
-        its outcome is recorded."""
+        """The jobs of one category: take the deliveries, run them, record each outcome.
+        ``held``: the stream ids :meth:`step` keeps alive; each leaves it once its outcome is
+        recorded (a job waiting for room for its inputs stays in it: in hand, kept alive)."""
         jobs = await self._take(category, deliveries)
-        if jobs:
-            await self._run_jobs(category, jobs)
-        for job in jobs:
-            await self._finish(category, job)
-            if held is not None:
-                held.discard(job.delivery.stream_id)
+        if not jobs:
+            return
+        with ExitStack() as pinned:
+            try:
+                lane = pinned.enter_context(self.runtime.pin(category))  # one version for all these jobs
+            except (ModelNotLoaded, UnknownCategory) as exc:
+                for job in jobs:
+                    job.error = JobFailed("model_not_loaded", str(exc))
+                    await self._finish(category, job, held)
+                return
+            await self._run_jobs(category, lane, jobs, held)
 
     async def _take(self, category: str, deliveries: list[Delivery]) -> list[_Job]:
-        loaded = await self.queue.records.load([d.job_id for d in deliveries])
+        """The deliveries to run, with their records and input sizes (not their images yet);
+        the others are acknowledged or dead-lettered here."""
+        peeked = await self.queue.records.peek(category, [d.job_id for d in deliveries])
         jobs: list[_Job] = []
-        for delivery, (record, data) in zip(deliveries, loaded):
+        for delivery, (record, size) in zip(deliveries, peeked):
             if isinstance(record, Unreadable):  # would fail the same way on every delivery
                 # Written over with a failed record this version reads: its GET then says why,
                 # and its images and their charge on the backlog's bytes go now, not in a day.
@@ -192,21 +206,81 @@ class Worker:
                     f"the job was delivered {delivery.deliveries} times and no worker finished it"))
                 self._count(category, "dead_lettered", await self.queue.dead_letter(delivery, record, error, self.name))
             else:
-                record = record.model_copy(update={"status": "running", "attempts": delivery.deliveries,
-                                                   "worker": self.name, "updated_at": utcnow()})
-                if await self.queue.records.write(record):
-                    jobs.append(_Job(delivery, record, data))
-                else:  # went final meanwhile
-                    await self.queue.ack(delivery)
+                # A size the queue does not know counts as the whole budget: the job is fetched alone.
+                jobs.append(_Job(delivery, record.model_copy(update={
+                    "status": "running", "attempts": delivery.deliveries, "worker": self.name}),
+                    self.inputs.limit if size is None else size))
         return jobs
 
-    async def _run_jobs(self, category: str, jobs: list[_Job]) -> None:
+    async def _run_jobs(self, category: str, lane: Lane, jobs: list[_Job], held: set[str] | None) -> None:
+        """Fetch the jobs' images as the input budget gives room, in order: those that fit
+        together are fetched in one round trip and run at once (their images share engine
+        batches); the others wait in hand until earlier ones are done with theirs."""
+        waiting, running = list(jobs), []
         try:
-            with self.runtime.pin(category) as lane:  # one version for all these jobs
-                await asyncio.gather(*(self._run_job(lane, job) for job in jobs))
-        except (ModelNotLoaded, UnknownCategory) as exc:  # only pin raises these; _run_job keeps its errors
-            for job in jobs:
-                job.error = JobFailed("model_not_loaded", str(exc))
+            while waiting:
+                taken = await self.inputs.take([job.size for job in waiting])
+                group, waiting = waiting[:taken], waiting[taken:]
+                for job in group:
+                    job.holding = True
+                running.append(asyncio.create_task(self._fetch_and_run(category, lane, group, held)))
+                if any(task.done() and not task.cancelled() and task.exception() for task in running):
+                    break  # Redis failed: the rest stay pending, redelivered like the failed ones
+        finally:
+            outcomes = await asyncio.gather(*running, return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+
+    async def _fetch_and_run(self, category: str, lane: Lane, group: list[_Job], held: set[str] | None) -> None:
+        """Fetch the group, run each job and record its outcome; each job's images are dropped
+        (and their room given back) as soon as it has run."""
+        try:
+            async def run_one(job: _Job) -> None:
+                try:
+                    await self._run_job(lane, job)
+                finally:
+                    self._drop_inputs(job)
+                await self._finish(category, job, held)
+
+            await asyncio.gather(*(run_one(job) for job in await self._fetch(category, group, held)))
+        finally:
+            for job in group:  # Redis failed before these ran: they stay pending
+                self._drop_inputs(job)
+
+    async def _fetch(self, category: str, group: list[_Job], held: set[str] | None = None) -> list[_Job]:
+        """Mark the jobs running and fetch their images in one round trip; the jobs to run (one
+        that went final meanwhile is acknowledged instead)."""
+        jobs = []
+        for job in group:
+            job.record = job.record.model_copy(update={"updated_at": utcnow()})
+            if await self.queue.records.write(job.record):
+                jobs.append(job)
+            else:
+                await self.queue.ack(job.delivery)
+                self._drop_inputs(job)
+                if held is not None:
+                    held.discard(job.delivery.stream_id)
+        if not jobs:
+            return []
+        for job, data in zip(jobs, await self.queue.records.images([job.record.id for job in jobs])):
+            job.data, job.started = data, time.monotonic()
+            actual = sum(len(image) for image in data)
+            if job.holding:
+                self.inputs.adjust(job.size, actual)
+            job.size = actual
+        log.debug("worker %s: %d %s job(s) fetched; %d input bytes held of %d", self.name, len(jobs), category,
+                  self.inputs.held, self.inputs.limit)
+        return jobs
+
+    def _drop_inputs(self, job: _Job) -> None:
+        """The job's images leave memory, and their room the input budget (once)."""
+        job.data = []
+        for item in job.items:
+            item.data = b""
+        if job.holding:
+            job.holding = False
+            self.inputs.give(job.size)
 
     async def _run_job(self, lane: Lane, job: _Job) -> None:
         """The runtime's inspect path for one job; its failure stays in ``job.error``."""
@@ -232,21 +306,26 @@ class Worker:
             job.record = record.model_copy(update={"status": "done", "result": response, "error": None,
                                                    "updated_at": utcnow()})
 
-    async def _finish(self, category: str, job: _Job) -> None:
-        """Record the job's outcome. While Redis is unavailable the write is retried every
-        second: the result is computed, and a restart or failover of Redis must not cost a
-        rerun (nor, repeated, the job's attempts). Once the worker stops, one last try; then
-        the job stays pending and is redelivered."""
-        while True:
-            try:
-                await self._record_outcome(category, job)
-                return
-            except RedisUnavailable as exc:
-                if self.stop.is_set():
-                    log.warning("job %s: cannot record its outcome (%s); it will be redelivered", job.record.id, exc)
+    async def _finish(self, category: str, job: _Job, held: set[str] | None = None) -> None:
+        """Record the job's outcome (its stream id then leaves ``held``). While Redis is
+        unavailable the write is retried every second: the result is computed, and a restart
+        or failover of Redis must not cost a rerun (nor, repeated, the job's attempts). Once
+        the worker stops, one last try; then the job stays pending and is redelivered."""
+        try:
+            while True:
+                try:
+                    await self._record_outcome(category, job)
                     return
-                log.warning("job %s: cannot record its outcome yet (%s); retrying in 1 s", job.record.id, exc)
-                await self._sleep(1.0)
+                except RedisUnavailable as exc:
+                    if self.stop.is_set():
+                        log.warning("job %s: cannot record its outcome (%s); it will be redelivered", job.record.id,
+                                    exc)
+                        return
+                    log.warning("job %s: cannot record its outcome yet (%s); retrying in 1 s", job.record.id, exc)
+                    await self._sleep(1.0)
+        finally:
+            if held is not None:
+                held.discard(job.delivery.stream_id)
 
     async def _record_outcome(self, category: str, job: _Job) -> None:
         """Final record + XACK, or a recorded failed attempt (retried later, or dead-lettered)."""

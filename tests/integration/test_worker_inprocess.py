@@ -79,6 +79,13 @@ class Harness:
         await self.worker.process(CATEGORY, deliveries)
         return len(deliveries)
 
+    async def computed(self, deliveries: list[Any]) -> list[Any]:
+        """The deliveries' jobs taken, fetched and run, their outcomes not recorded yet."""
+        jobs = await self.worker._fetch(CATEGORY, await self.worker._take(CATEGORY, deliveries))
+        with self.worker.runtime.pin(CATEGORY) as lane:
+            await asyncio.gather(*(self.worker._run_job(lane, job) for job in jobs))
+        return jobs
+
     async def record(self, job_id: str) -> JobRecord:
         record = await self.queue.records.get(job_id)
         assert record is not None
@@ -360,8 +367,7 @@ def test_an_outcome_computed_during_a_redis_restart_is_recorded_once_it_is_back(
 
     async def body(h: Harness) -> tuple[bool, JobRecord | None]:
         job_id = await h.submit(upload, InspectOptions(heatmap=HeatmapMode.none))
-        jobs = await h.worker._take(CATEGORY, await h.worker.queue.read([CATEGORY], h.worker.name, 8, 1.0))
-        await h.worker._run_jobs(CATEGORY, jobs)
+        jobs = await h.computed(await h.worker.queue.read([CATEGORY], h.worker.name, 8, 1.0))
         private_redis.stop()  # no persistence here: Redis comes back empty, the outcome alone is written
         finishing = asyncio.create_task(h.worker._finish(CATEGORY, jobs[0]))
         await asyncio.sleep(1.5)
@@ -382,8 +388,7 @@ def test_a_job_finished_twice_counts_once(store: Path, redis: RedisServer, good_
 
     async def body(h: Harness) -> tuple[float, float]:
         await h.submit(upload, InspectOptions(heatmap=HeatmapMode.none))
-        jobs = await h.worker._take(CATEGORY, await h.worker.queue.read([CATEGORY], h.worker.name, 8, 1.0))
-        await h.worker._run_jobs(CATEGORY, jobs)
+        jobs = await h.computed(await h.worker.queue.read([CATEGORY], h.worker.name, 8, 1.0))
         await h.worker._finish(CATEGORY, jobs[0])
         await h.worker._finish(CATEGORY, jobs[0])  # the stalled worker's write, late
         return h.count("done"), h.count("duplicate")
