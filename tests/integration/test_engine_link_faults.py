@@ -368,7 +368,7 @@ def test_the_engine_process_exits_when_it_can_no_longer_accept_front_ends(tmp_pa
     store = tmp_path / "store"
     fake_version(store, "aaa")
     sock = tmp_path / "engine.sock"
-    broken_listener = ("import socket, service.engine_core as core\n"
+    broken_listener = ("import socket, service.engine_core.core as core\n"
                        "def listen_unix(path):\n"
                        "    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM); s.bind(str(path)); "
                        "s.setblocking(False); return s\n"

@@ -147,7 +147,7 @@ def test_a_bad_submit_fails_alone_and_an_unknown_version_is_not_loaded(model_sto
     async def main() -> None:
         core = EngineCore(Settings(model_store=model_store, device="cpu", engine="null", max_batch_size=4,
                                    max_queue_delay_ms=1, store_poll_s=0))
-        hosted = await core._load(str(model_store / CATEGORY / "1"))
+        hosted = await core.engines.load(str(model_store / CATEGORY / "1"))
         channel = _Recorded()
         frontend = FrontEnd(1, channel)  # type: ignore[arg-type]
         size = hosted.engine.manifest.input_size
@@ -338,8 +338,8 @@ def test_a_channel_that_ends_under_a_running_batch_never_hands_its_slots_out_aga
                 pool = client.pool(32)
                 image = np.zeros((32, 32, 3), np.uint8)
                 (a,) = client.submit(str(version_dir), [image], time.monotonic() + 30)
-                (slot,) = client._requests[max(client._requests)].slots
-                written = client._slabs[32][1]  # the memory A's batch writes its map into
+                (slot,) = client.images.requests[max(client.images.requests)].slots
+                written = client.images.slabs[32][1]  # the memory A's batch writes its map into
                 assert await asyncio.to_thread(engines[0].started.wait, 10)
                 (frontend,) = core.frontends.values()
                 frontend.channel.close()
@@ -349,7 +349,7 @@ def test_a_channel_that_ends_under_a_running_batch_never_hands_its_slots_out_aga
                 assert pool.free == pool.capacity
                 engines[0].gate.set()
                 await until(lambda: (written.output(slot) == 1.0).all(), "A's late map")
-                serving = client._slabs[32][1]
+                serving = client.images.slabs[32][1]
                 assert serving is not written and (serving.output(slot) == 0).all()
                 (b,) = client.submit(str(version_dir), [image], time.monotonic() + 30)  # the new slab reached the engine
                 assert (await asyncio.wait_for(b, 10)).value[0] == 1.0

@@ -26,9 +26,9 @@ from typing import Any
 import pytest
 
 from harness import ADMIN_KEY, CATEGORY, Server, children, start
-from service import engine_core
 from service.config import Settings
 from service.engine_core import EngineCore
+from service.engine_core import relay as engine_relay
 from service.pipeline.engine_client import EngineClient
 
 # ---------------------------------------------------------------------- in-process: the relay
@@ -89,12 +89,12 @@ def test_a_front_end_that_does_not_answer_is_left_out_in_time(monkeypatch: pytes
             mute = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # a front end that never reads
             mute.connect(str(sock))
             await until(lambda: len(core.frontends) == 3)
-            monkeypatch.setattr(engine_core, "GATHER_TIMEOUT_S", 0.3)
+            monkeypatch.setattr(engine_relay, "GATHER_TIMEOUT_S", 0.3)
             started = time.monotonic()
             got = await asker.collect("t", {})
             assert (got.asked, got.answered, got.items) == (2, 1, [["mine"]])
             assert 0.3 <= time.monotonic() - started < 2
-            monkeypatch.setattr(engine_core, "GATHER_TIMEOUT_S", 60.0)
+            monkeypatch.setattr(engine_relay, "GATHER_TIMEOUT_S", 60.0)
             pending = asyncio.create_task(asker.collect("t", {}))
             await until(lambda: bool(core.gathers))
             started = time.monotonic()

@@ -1,0 +1,241 @@
+"""The engines the engine process hosts, by version folder, and the one batcher of each.
+
+Every front end feeds the same :class:`~service.pipeline.batcher.Batcher` per loaded folder
+(``submit``: its ``handle``, the number given on ``acquire``), so the batches fill from all
+of them (``msflow_batch_frontends`` counts how many fed each batch); the engine reads the
+inputs from the front ends' slots and writes the maps into them. A warm-up (``observed``
+False) runs in the same batcher and is answered the same way, but no metric observes it.
+
+A folder is loaded on a front end's first ``acquire`` (loaded and warmed once, shared by
+the others) and unloaded a grace period after the last front end released it, so that a
+front end restarting, or a request pinned to the old version just before a reload, still
+finds it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from service.config import Settings
+from service.engine_core.frontend import FrontEnd
+from service.engines.base import Engine
+from service.ipc import frames
+from service.ipc.slab import Slab
+from service.metrics import ServiceMetrics
+from service.pipeline.batcher import Batched, Batcher, BatcherClosed, DeadlineExceeded, QueueFull
+from service.pipeline.registry import EngineFactory, warm_engine
+from service.pipeline.runtime import engine_runner
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Payload:
+    """One image of a batch: where its input lies and where its map goes."""
+
+    frontend: int
+    slab: Slab
+    slot: int
+    observed: bool = True  # False: a front end's warm-up, which no metric counts
+
+
+@dataclass
+class Hosted:
+    """A loaded version folder, its batcher, and which front ends hold it."""
+
+    engine: Engine
+    batcher: Batcher
+    warmup_ms: float
+    handle: int  # what submits name it by
+    # A set, not a count: a front end holds a folder or not, however often it acquired it
+    # (it counts its own users and releases once); nothing to drift when one goes away.
+    holders: set[int] = field(default_factory=set)
+    unload: asyncio.TimerHandle | None = None
+
+
+class HostedEngines:
+    """The loaded version folders (``hosted``, by folder; ``handles``, by number) and the
+    front ends' requests to them."""
+
+    def __init__(self, settings: Settings, metrics: ServiceMetrics, engine_factory: EngineFactory) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self._engine_factory = engine_factory
+        self.hosted: dict[str, Hosted] = {}
+        self.handles: dict[int, Hosted] = {}
+        self._next_handle = 0
+        self._loading: dict[str, asyncio.Lock] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        # Long enough for any request pinned before a reload to reach the engine.
+        self.unload_grace_s = settings.request_deadline_ms / 1e3 + 5.0
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def drain(self) -> None:
+        """Finish what every batcher holds (the process stops)."""
+        await asyncio.gather(*(h.batcher.drain(self.settings.graceful_shutdown_s) for h in self.hosted.values()))
+
+    # ------------------------------------------------------------------ holds
+    def acquire(self, frontend: FrontEnd, rid: int, version_dir: str) -> None:
+        """Load (or share) ``version_dir`` for ``frontend``: answered ``acquired`` once loaded."""
+        self._spawn(self._acquire(frontend, rid, version_dir))
+
+    async def _acquire(self, frontend: FrontEnd, rid: int, version_dir: str) -> None:
+        try:
+            hosted = await self.load(version_dir)
+        except Exception as exc:
+            log.error("cannot load %s: %s", version_dir, exc)
+            frontend.channel.send({"op": "error", "rid": rid, "message": f"{type(exc).__name__}: {exc}"})
+            return
+        if not frontend.connected:  # it left while this loaded: unload later unless taken
+            self._unload_later_if_idle(version_dir, hosted)
+            return
+        hosted.holders.add(frontend.ident)
+        if hosted.unload is not None:
+            hosted.unload.cancel()
+            hosted.unload = None
+        frontend.channel.send({"op": "acquired", "rid": rid, "name": hosted.engine.name, "handle": hosted.handle,
+                               "max_batch_size": int(hosted.engine.max_batch_size),
+                               "warmup_ms": hosted.warmup_ms})
+
+    async def load(self, version_dir: str) -> Hosted:
+        async with self._loading.setdefault(version_dir, asyncio.Lock()):
+            hosted = self.hosted.get(version_dir)
+            if hosted is not None:
+                return hosted
+            s = self.settings
+            engine = await asyncio.to_thread(self._engine_factory, Path(version_dir), kind=s.engine, device=s.device,
+                                             threads=s.intra_op_threads, max_batch_size=s.max_batch_size)
+            warmup_ms = await asyncio.to_thread(warm_engine, engine, s.max_batch_size)
+            category = engine.manifest.category
+            batcher = Batcher(category, self._runner(category, engine), label=engine.name,
+                              max_batch_size=max(1, min(s.max_batch_size, int(engine.max_batch_size))),
+                              max_queue_delay_s=s.max_queue_delay_ms / 1e3,
+                              max_queue_size=s.max_queue_size * max(1, s.api_processes), observer=self.metrics,
+                              lent_payloads=True)
+            if not any(h.engine.manifest.category == category for h in self.hosted.values()):
+                # This process serves the category from now on: its queue depth is a series from
+                # the start (0), not only after the first batch. A restarted engine process's
+                # series had left /metrics with the process it replaces, and the autoscaler and
+                # the dashboards read nothing until traffic came back.
+                self.metrics.set_queue_depth(category, 0)
+            self._next_handle += 1
+            hosted = self.hosted[version_dir] = Hosted(engine, batcher, warmup_ms, self._next_handle)
+            self.handles[hosted.handle] = hosted
+            log.info("loaded %s on %s (warm-up %.0f ms)", version_dir, engine.name, warmup_ms)
+            return hosted
+
+    def release(self, ident: int, version_dir: str) -> None:
+        hosted = self.hosted.get(version_dir)
+        if hosted is None or ident not in hosted.holders:
+            return
+        hosted.holders.discard(ident)
+        self._unload_later_if_idle(version_dir, hosted)
+
+    def left(self, frontend: FrontEnd) -> None:
+        """``frontend`` went away: its queued images are dropped (a running batch finishes
+        into its slab), and what it held is released."""
+        for batcher, futures in frontend.requests.values():
+            batcher.cancel_queued(futures)
+        for version_dir in [d for d, h in self.hosted.items() if frontend.ident in h.holders]:
+            self.release(frontend.ident, version_dir)
+
+    def _unload_later_if_idle(self, version_dir: str, hosted: Hosted) -> None:
+        if not hosted.holders and hosted.unload is None:
+            hosted.unload = asyncio.get_running_loop().call_later(self.unload_grace_s, self._unload, version_dir)
+
+    def _unload(self, version_dir: str) -> None:
+        hosted = self.hosted.get(version_dir)
+        if hosted is None or hosted.holders:
+            return
+        del self.hosted[version_dir]
+        del self.handles[hosted.handle]
+        log.info("unloading %s: no front end holds it", version_dir)
+        self._spawn(hosted.batcher.drain(self.settings.graceful_shutdown_s))
+
+    def _runner(self, category: str, engine: Engine) -> Any:
+        """The batcher's ``run_batch``: inputs from the slots, maps back into them."""
+        run = engine_runner(engine)
+
+        def run_batch(payloads: list[Payload]) -> list[float]:
+            results = run([p.slab.input(p.slot) for p in payloads])
+            for payload, (_, heat) in zip(payloads, results):
+                payload.slab.output(payload.slot)[...] = heat
+            fed = {p.frontend for p in payloads if p.observed}  # warm-ups feed no batch the metrics count
+            if fed:
+                self.metrics.batch_frontends.labels(category).observe(len(fed))
+            return [score for score, _ in results]
+        return run_batch
+
+    # ------------------------------------------------------------------ requests
+    def submit_or_fail(self, frontend: FrontEnd, submit: frames.Submit, observed: bool = True) -> None:
+        """Queue a front end's request; ``observed=False``: a warm-up (see the module docstring)."""
+        try:
+            self._submit(frontend, submit, observed)
+        except Exception as exc:  # one bad request must not end the process: its images fail
+            log.exception("front end %d (pid %d): submit %d failed", frontend.ident, frontend.pid, submit.rid)
+            failed = frames.Outcome(frames.ENGINE_ERROR, message=f"engine process: {type(exc).__name__}: {exc}")
+            frontend.channel.send_frame(frames.pack_result(submit.rid, [failed] * len(submit.slots)))
+
+    def _submit(self, frontend: FrontEnd, submit: frames.Submit, observed: bool) -> None:
+        rid, slots, channel = submit.rid, submit.slots, frontend.channel
+
+        def refuse(code: int) -> None:
+            channel.send_frame(frames.pack_result(rid, [frames.Outcome(code)] * len(slots)))
+        hosted = self.handles.get(submit.handle)
+        if hosted is None:
+            refuse(frames.NOT_LOADED)
+            return
+        slab = frontend.slabs[submit.slab]
+        for slot in slots:
+            slab.check_slot(slot)  # before the batch, which must not fail for one bad request
+        payloads = [Payload(frontend.ident, slab, slot, observed) for slot in slots]
+        try:
+            futures = hosted.batcher.submit_many(payloads, submit.deadline, observed)
+        except QueueFull:
+            refuse(frames.QUEUE_FULL)
+            return
+        except BatcherClosed:
+            refuse(frames.CLOSED)
+            return
+        frontend.requests[rid] = (hosted.batcher, futures)
+        remaining = len(futures)
+
+        def answer_when_all_done(_: asyncio.Future[Any]) -> None:  # one answer per request, no task
+            nonlocal remaining
+            remaining -= 1
+            if remaining == 0:
+                frontend.requests.pop(rid, None)
+                channel.send_frame(frames.pack_result(rid, [_outcome(f) for f in futures]))
+        for future in futures:
+            future.add_done_callback(answer_when_all_done)
+
+    @staticmethod
+    def cancel(frontend: FrontEnd, rid: int) -> None:
+        # Only what waits for a batch: the front end frees the slots on the answer, so an
+        # image already running is answered when its batch is done writing into its slot.
+        request = frontend.requests.get(rid)
+        if request is not None:
+            batcher, futures = request
+            batcher.cancel_queued(futures)
+
+
+def _outcome(future: asyncio.Future[Batched[float]]) -> frames.Outcome:
+    if future.cancelled():
+        return frames.Outcome(frames.CANCELLED)
+    exc = future.exception()
+    if exc is None:
+        done = future.result()
+        return frames.Outcome(frames.OK, done.value, done.batch_size, done.queue_ms, done.run_ms)
+    if isinstance(exc, DeadlineExceeded):
+        return frames.Outcome(frames.DEADLINE)
+    if isinstance(exc, BatcherClosed):
+        return frames.Outcome(frames.CLOSED)
+    return frames.Outcome(frames.ENGINE_ERROR, message=f"{type(exc).__name__}: {exc}")

@@ -1,0 +1,120 @@
+"""What the front ends ask of each other, relayed by the engine process.
+
+* An operator's ``reload`` on one front end: every other one follows it. The last reload of
+  each category is kept and replayed to every front end that connects (``greet``), so that
+  one started after it (a killed one's replacement) or cut off when it was relayed serves
+  what the others serve, not the newest version an operator had rolled back from.
+* A ``gather`` (an admin's view of what every front end holds: the recent scores of
+  :mod:`service.pipeline.recent`): every other front end is asked (``collect``), their
+  ``part`` frames go to the front end that asked as they come, unparsed, and ``gathered``
+  ends it once all answered, or after :data:`GATHER_TIMEOUT_S` with those that did (a
+  stopped front end must not hang an admin's page).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from service.engine_core.frontend import FrontEnd
+from service.ipc import frames
+from service.ipc.channel import Message
+
+log = logging.getLogger(__name__)
+
+# How long a gather waits for the front ends' answers (each is a copy of memory it holds,
+# made on its event loop: milliseconds, unless that process is stuck).
+GATHER_TIMEOUT_S = 2.0
+
+
+@dataclass
+class Gather:
+    """A front end's ``gather`` in progress: who asked, under which request id, who is left."""
+
+    asker: FrontEnd
+    rid: int
+    asked: int
+    waiting: set[int]
+    answered: int = 0
+    timer: asyncio.TimerHandle | None = None
+
+
+class Relay:
+    """Reloads and gathers between the connected ``frontends`` (the engine core's table)."""
+
+    def __init__(self, frontends: dict[int, FrontEnd]) -> None:
+        self.frontends = frontends
+        # The last operator reload of each category (its message, stamped by the front end
+        # that made it).
+        self.reloads: dict[str, Message] = {}
+        self.gathers: dict[int, Gather] = {}
+        self._next_gather = 0
+
+    def greet(self, frontend: FrontEnd) -> None:
+        """A front end said hello: the last reloads, which it ignores if it followed them."""
+        for reload in self.reloads.values():
+            frontend.channel.send({**reload, "replayed": True})
+
+    def reload(self, frontend: FrontEnd, message: Message) -> None:
+        """One front end reloaded a category: every other one follows."""
+        # A front end also hands over its own record when it connects (this process may
+        # be new): only a reload newer than the one recorded is recorded and relayed.
+        category, stamp = str(message["category"]), int(message["stamp"])
+        known = self.reloads.get(category)
+        if known is not None and int(known["stamp"]) >= stamp:
+            return
+        self.reloads[category] = {"op": "reload", "category": category, "version": message.get("version"),
+                                  "stamp": stamp}
+        for other in self.frontends.values():
+            if other is not frontend:
+                other.channel.send(self.reloads[category])
+
+    # ------------------------------------------------------------------ gathers
+    def gather(self, asker: FrontEnd, rid: int, topic: str, args: Message) -> None:
+        others = [f for f in self.frontends.values() if f is not asker]
+        self._next_gather += 1
+        gid = self._next_gather
+        gather = self.gathers[gid] = Gather(asker, rid, len(others), {f.ident for f in others})
+        for other in others:
+            other.channel.send({"op": "collect", "gid": gid, "topic": topic, "args": args})
+        if others:
+            gather.timer = asyncio.get_running_loop().call_later(GATHER_TIMEOUT_S, self._end_gather, gid)
+        else:
+            self._end_gather(gid)
+
+    def relay_part(self, frontend: FrontEnd, frame: bytes) -> None:
+        gid, last, _ = frames.unpack_part(frame)
+        gather = self.gathers.get(gid)
+        if gather is None or frontend.ident not in gather.waiting:
+            return  # late (the gather ended without it) or not asked: dropped
+        gather.asker.channel.send_frame(frames.readdress_part(frame, gather.rid))
+        if last:
+            gather.waiting.discard(frontend.ident)
+            gather.answered += 1
+            if not gather.waiting:
+                self._end_gather(gid)
+
+    def _end_gather(self, gid: int) -> None:
+        gather = self.gathers.pop(gid, None)
+        if gather is None:
+            return
+        if gather.timer is not None:
+            gather.timer.cancel()
+        if gather.answered < gather.asked:
+            log.warning("gather %d: %d of %d front ends did not answer (gone, or not within %.0f s)", gid,
+                        gather.asked - gather.answered, gather.asked, GATHER_TIMEOUT_S)
+        gather.asker.channel.send({"op": "gathered", "rid": gather.rid, "asked": gather.asked,
+                                   "answered": gather.answered})
+
+    def left(self, frontend: FrontEnd) -> None:
+        """``frontend`` went away: its gathers end unanswered, the others stop waiting for it."""
+        for gid, gather in list(self.gathers.items()):
+            if gather.asker is frontend:  # no one to answer any more
+                if gather.timer is not None:
+                    gather.timer.cancel()
+                del self.gathers[gid]
+            elif frontend.ident in gather.waiting:  # it will not answer: the others' answers go now
+                gather.waiting.discard(frontend.ident)
+                if not gather.waiting:
+                    self._end_gather(gid)

@@ -1,0 +1,224 @@
+"""A front end's images through the engine process (multi-process mode): its shared-memory
+slabs (one per input size, ``max_queue_size`` slots each: the front end's queue budget), the
+requests in flight, and their answers.
+
+A request copies its inputs into its slots and costs one packed ``submit`` frame
+(:mod:`service.ipc.frames`); the ``result`` frame resolves one future per image, whose map
+is copied out of the slot before the slots are given back (never earlier: the engine process
+may still be writing into them). A caller that gives up sends ``cancel``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from service.config import Settings
+from service.engines.base import EngineError
+from service.ipc import frames
+from service.ipc.channel import Channel
+from service.ipc.slab import Slab, SlotPool
+from service.pipeline.batcher import Batched, BatcherClosed, DeadlineExceeded, QueueFull
+from service.pipeline.engine_errors import EngineUnavailable
+
+_WARMUP_DEADLINE_S = 300.0  # a warm-up batch through the engine process: first CUDA / TensorRT runs are slow
+
+
+class Link(Protocol):
+    """What the image path needs of the :class:`~service.pipeline.engine_client.EngineClient`
+    (a protocol, not an import: the client module imports this one)."""
+
+    channel: Channel | None
+    handles: dict[str, int]
+
+    @property
+    def connected(self) -> bool: ...
+
+
+@dataclass
+class _Request:
+    slab: Slab
+    pool: SlotPool
+    slots: list[int]
+    futures: list["_ImageFuture"]
+    cancel_sent: bool = False
+
+
+class _ImageFuture(asyncio.Future):  # type: ignore[type-arg]
+    """One image's answer. Cancelling it (the caller's deadline, a client gone) tells the
+    engine process to drop the request's images before the engine runs them: a hook on
+    ``cancel`` itself, where a done-callback per image would cost a loop turn per answer."""
+
+    def __init__(self, images: "EngineImages", rid: int, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop=loop)
+        self._images = images
+        self._rid = rid
+
+    def cancel(self, msg: Any = None) -> bool:
+        if not super().cancel(msg):
+            return False
+        self._images.cancelled(self._rid)
+        return True
+
+
+class EngineImages:
+    """``slabs``: input size -> (slab id, slab, its free slots); ``requests``: request id ->
+    what is in flight. ``ids``: the client's request ids (one space with its calls: an
+    ``error`` answer names either)."""
+
+    def __init__(self, settings: Settings, link: Link, ids: Iterator[int]) -> None:
+        self.settings = settings
+        self._link = link
+        self._ids = ids
+        self.loop: asyncio.AbstractEventLoop | None = None  # the client's, set when it starts
+        self.slabs: dict[int, tuple[int, Slab, SlotPool]] = {}
+        self.requests: dict[int, _Request] = {}
+
+    # ------------------------------------------------------------------ the connection's life
+    def hand_over(self, channel: Channel) -> None:
+        """A new connection: every slab to the engine process."""
+        for ident, slab, _ in self.slabs.values():
+            _send_slab(channel, ident, slab)
+
+    def lost(self, exc: EngineUnavailable, renew: bool) -> None:
+        """The connection ended: every image in flight fails with ``exc``. ``renew``: a slab
+        with slots in flight is replaced (the client reconnects)."""
+        in_use: set[int] = set()
+        for request in self.requests.values():
+            for future in request.futures:
+                if not future.done():
+                    future.set_exception(exc)
+            in_use.add(request.slab.layout.size)
+            request.pool.give_back(request.slots)
+        self.requests.clear()
+        if renew:
+            # A channel can also end with the engine process alive (a corrupt stream, a failed
+            # send), its batches still reading and writing these slots: a slab with slots in
+            # flight is never handed out again, a new one takes its place.
+            for size in in_use:
+                ident, old, pool = self.slabs[size]
+                old.close()
+                self.slabs[size] = (ident, self._new_slab(size), pool)
+
+    def close(self) -> None:
+        for _, slab, _ in self.slabs.values():
+            slab.close()
+
+    # ------------------------------------------------------------------ requests
+    def pool(self, size: int) -> SlotPool:
+        entry = self.slabs.get(size)
+        if entry is None:
+            ident = len(self.slabs) + 1
+            slab = self._new_slab(size)
+            entry = self.slabs[size] = (ident, slab, SlotPool(self.settings.max_queue_size))
+            channel = self._link.channel
+            if channel is not None:
+                _send_slab(channel, ident, slab)
+        return entry[2]
+
+    def _new_slab(self, size: int) -> Slab:
+        return Slab.create(size, self.settings.max_queue_size, name=f"msflow-{os.getpid()}-{size}")
+
+    def submit(self, version_dir: str, tensors: Sequence[np.ndarray], deadline: float,
+               observed: bool = True) -> list[asyncio.Future[Any]]:
+        """Queue ``tensors`` (all or none) on the engine process; one future per image.
+        ``observed=False``: a warm-up, which the engine process runs like a request but leaves
+        out of every metric (sent as a ``warm`` control message, not a packed submit)."""
+        link = self._link
+        handle = link.handles.get(version_dir)
+        channel = link.channel
+        if not link.connected or handle is None or channel is None:
+            raise EngineUnavailable("the engine process is restarting; retry")
+        size = int(tensors[0].shape[0])
+        pool = self.pool(size)
+        ident, slab, _ = self.slabs[size]
+        slots = pool.take(len(tensors))
+        if slots is None:
+            raise QueueFull(f"no room: {pool.free} of {pool.capacity} engine slots free, request has {len(tensors)}")
+        for tensor, slot in zip(tensors, slots):
+            slab.input(slot)[...] = tensor
+        rid = next(self._ids)
+        loop = self.loop
+        assert loop is not None, "EngineClient.start() not called"
+        futures = [_ImageFuture(self, rid, loop) for _ in tensors]
+        self.requests[rid] = _Request(slab, pool, slots, futures)
+        if observed:
+            channel.send_frame(frames.pack_submit(rid, handle, ident, deadline, slots))
+        else:
+            channel.send({"op": "warm", "rid": rid, "handle": handle, "slab": ident, "deadline": deadline,
+                          "slots": slots})
+        return futures  # type: ignore[return-value]
+
+    def cancelled(self, rid: int) -> None:
+        # The caller gave up (deadline, client gone): the engine drops the images before the
+        # engine runs them and answers; the slots come back with that answer, not before,
+        # since the engine process may be writing into them.
+        request = self.requests.get(rid)
+        channel = self._link.channel
+        if request is not None and not request.cancel_sent and channel is not None:
+            request.cancel_sent = True
+            channel.send({"op": "cancel", "rid": rid})
+
+    def resolve(self, rid: int, outcomes: list[frames.Outcome]) -> None:
+        request = self.requests.pop(rid, None)
+        if request is None:
+            return
+        for future, slot, outcome in zip(request.futures, request.slots, outcomes):
+            if future.done():
+                continue
+            if outcome.code == frames.OK:
+                heat = request.slab.output(slot).copy()  # the slot is reused once given back
+                future.set_result(Batched(value=(outcome.score, heat), batch_size=outcome.batch_size,
+                                          queue_ms=outcome.queue_ms, run_ms=outcome.run_ms))
+            elif outcome.code == frames.CANCELLED:
+                future.cancel()  # the request is gone from requests: no cancel is sent back
+            else:
+                future.set_exception(_error(outcome.code, outcome.message))
+        request.pool.give_back(request.slots)
+
+    def refused(self, rid: int, message: str) -> None:
+        """An ``error`` answer that is no call's: a ``warm`` message the engine process could not read."""
+        request = self.requests.get(rid)
+        if request is not None:
+            failed = frames.Outcome(frames.ENGINE_ERROR, message=f"engine process: {message}")
+            self.resolve(rid, [failed] * len(request.slots))
+
+    async def run(self, version_dir: str, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One whole batch through the engine process (the registry's warm-up), in parts no
+        larger than this front end's slots. Not bound by the request deadline: a warm-up
+        waits out the batching window and the engine's first (slowest) run, however short
+        requests' deadlines are. Never observed by the metrics (``submit(observed=False)``):
+        one process warms outside its batcher, and counted here, every front-end start and
+        reload added a batch of 8 images that no one inspected."""
+        deadline = time.monotonic() + _WARMUP_DEADLINE_S
+        step = self.pool(int(images.shape[1])).capacity
+        results: list[Batched[Any]] = []
+        for start in range(0, len(images), step):
+            # gather: when one image fails, the others' errors are read too (no "never retrieved")
+            results += await asyncio.gather(*self.submit(version_dir, list(images[start:start + step]), deadline,
+                                                         observed=False))
+        return (np.array([r.value[0] for r in results], dtype=np.float32),
+                np.stack([r.value[1] for r in results]))
+
+
+def _send_slab(channel: Channel, ident: int, slab: Slab) -> None:
+    channel.send({"op": "slab", "id": ident, "size": slab.layout.size, "slots": slab.layout.slots,
+                  "name": slab.name}, [slab.fd])
+
+
+def _error(code: int, message: str) -> Exception:
+    if code == frames.QUEUE_FULL:
+        return QueueFull("the engine process's queue is full")
+    if code == frames.CLOSED:
+        return BatcherClosed("the engine process is shutting down")
+    if code == frames.DEADLINE:
+        return DeadlineExceeded("deadline passed in the engine process's queue")
+    if code == frames.NOT_LOADED:
+        return EngineUnavailable("the engine process no longer holds this version; retry")
+    return EngineError(message or "engine failed")
