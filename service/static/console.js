@@ -16,6 +16,7 @@
     adminTimer: null,
     adminSeq: 0,
     pollTimer: null,
+    outOfRange: null, // a PUT refused as threshold_out_of_range: what "Set it anyway" sends again, forced
   };
   const POLL_MS = 5000; // while models are being built or loaded: the list refreshes itself
 
@@ -505,6 +506,7 @@
     input.addEventListener("input", () => { range.value = input.value; schedulePreview(); });
     range.addEventListener("input", () => { input.value = range.value; schedulePreview(); });
     $("#threshold-apply").addEventListener("click", applyThreshold);
+    $("#threshold-force").addEventListener("click", forceThreshold);
     $("#threshold-reset").addEventListener("click", resetThreshold);
   }
 
@@ -635,6 +637,14 @@
     await changeThreshold(category, "PUT", { threshold: x, version: shownVersion(category) });
   }
 
+  // A threshold outside what the calibration and the recent images support (422
+  // threshold_out_of_range: one far above every good part passes real defects) is set only
+  // when the operator confirms it, as the API's "force" asks.
+  async function forceThreshold() {
+    const pending = state.outOfRange;
+    if (pending) await changeThreshold(pending.category, "PUT", { ...pending.json, force: true });
+  }
+
   async function resetThreshold() {
     const category = $("#admin-category").value;
     if (category) await changeThreshold(category, "DELETE");
@@ -649,6 +659,8 @@
   async function changeThreshold(category, method, json) {
     const status = $("#admin-status");
     status.textContent = "";
+    state.outOfRange = null;
+    $("#threshold-force").hidden = true;
     const version = shownVersion(category);
     const query = method === "DELETE" && version !== undefined ? `?version=${encodeURIComponent(version)}` : "";
     try {
@@ -664,6 +676,10 @@
       if (e.code === "version_changed") { // show the version served now, and its scores (clears the error box)
         await loadModels();
         await loadAdmin();
+      }
+      if (e.code === "threshold_out_of_range" && method === "PUT") {
+        state.outOfRange = { category, json };
+        $("#threshold-force").hidden = false;
       }
       showError(e);
     }

@@ -209,7 +209,13 @@ def test_admin_threshold_change_flips_the_verdict(console: Console, server: Serv
         console.page.wait_for_selector("#recent-table tbody tr.changed")  # the preview marks our image
         assert int(summary.get_attribute("data-changed")) >= 1
         console.page.click("#threshold-apply")
+        # A threshold at one defect's score lies far above every good part (the server's sane
+        # range needs three recent images there): refused, then set once the operator confirms.
+        console.page.wait_for_selector("#threshold-force:not([hidden])")
+        assert "threshold_out_of_range" in console.page.inner_text("#error")
+        console.page.click("#threshold-force")
         console.page.wait_for_selector("#admin-status[data-threshold]")
+        assert console.page.is_hidden("#threshold-force")
         assert float(console.page.get_attribute("#admin-status", "data-threshold")) == pytest.approx(new)
         assert "override" in console.page.inner_text("#admin-status")
         console.screenshot("threshold")

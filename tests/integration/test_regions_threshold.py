@@ -390,7 +390,9 @@ def test_threshold_override_round_trip_survives_restart(model_store: Path, tmp_p
             # a threshold just on the other side of this image's raw score flips its verdict
             span = info["calibration"]["score_max"] - info["calibration"]["score_min"]
             new = raw + 1e-3 * span if before["is_anomalous"] else raw - 1e-3 * span
-            r = c.put(THRESHOLD, json={"threshold": new}, headers=ADMIN)
+            # At one defect's score: beyond the sane range (three recent images must reach it), forced.
+            assert_error(c.put(THRESHOLD, json={"threshold": new}, headers=ADMIN), 422, "threshold_out_of_range")
+            r = c.put(THRESHOLD, json={"threshold": new, "force": True}, headers=ADMIN)
             assert r.status_code == 200, r.text
             body = r.json()
             assert body["threshold"] == new and body["calibrated_threshold"] == calibrated
