@@ -19,6 +19,7 @@ import socket
 import struct
 import subprocess
 import sys
+import asyncio
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -311,6 +312,15 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+async def until(predicate: Callable[[], Any], what: str = "the condition", timeout: float = 10.0,
+                interval: float = 0.01) -> None:
+    """:func:`wait_until` for a test running on an event loop: polls without blocking it."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        await asyncio.sleep(interval)
 
 
 def copy_version(src: Path, dst: Path, category: str, version: str) -> None:

@@ -19,14 +19,14 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from harness import fake_version, wait_until
+from harness import fake_version, until, wait_until
 from service.config import Settings
 from service.engine_core import EngineCore
 from service.engines.factory import load_engine
@@ -58,13 +58,6 @@ async def engine_core(settings: Settings, factory: Any = load_engine) -> AsyncIt
     finally:
         core.stop()
         await serving
-
-
-async def until(predicate: Callable[[], Any], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.01)
 
 
 async def one_image(rt: PipelineRuntime, category: str) -> bool:

@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 
 from harness import (ADMIN_KEY, CATEGORY, Server, assert_error, children, copy_version, fake_version, metric, part,
-                     start, wait_until)
+                     start, until, wait_until)
 from loadtests.run import listens, sockets_held
 from service.config import Settings
 from service.engine_core import EngineCore, FrontEnd
@@ -266,13 +266,6 @@ async def front_end_of(core: EngineCore, settings: Settings) -> AsyncIterator[tu
         yield rt, ident
     finally:
         await rt.close()
-
-
-async def until(predicate: Any, what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.01)
 
 
 def test_a_cancelled_image_keeps_its_slot_until_its_running_batch_is_done(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from harness import ADMIN_KEY, CATEGORY, Server, children, start
+from harness import ADMIN_KEY, CATEGORY, Server, children, start, until
 from service.config import Settings
 from service.engine_core import EngineCore
 from service.engine_core import relay as engine_relay
@@ -55,13 +55,6 @@ async def relay(front_ends: int) -> AsyncIterator[tuple[EngineCore, Path, list[E
                 await client.close()
             core.stop()
             await serving
-
-
-async def until(predicate: Any, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.01)
 
 
 def test_a_gather_gets_every_other_front_ends_items_in_parts() -> None:

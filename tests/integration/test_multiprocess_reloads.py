@@ -14,12 +14,12 @@ import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from harness import fake_version
+from harness import fake_version, until
 from service.config import Settings
 from service.engine_core import EngineCore
 from service.pipeline.engine_client import EngineClient
 from service.pipeline.runtime import PipelineRuntime
-from test_multiprocess import engine_process, until
+from test_multiprocess import engine_process
 
 
 @contextlib.asynccontextmanager

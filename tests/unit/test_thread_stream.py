@@ -10,6 +10,7 @@ from typing import IO
 
 import pytest
 
+from harness import until
 from service.api.thread_stream import ThreadStreams
 
 
@@ -31,13 +32,6 @@ async def _opens_again(streams: ThreadStreams) -> None:
         assert time.monotonic() < deadline, "no slot came back"
         await asyncio.sleep(0.02)
     assert b"".join([chunk async for chunk in body]) == b"\0" * 10
-
-
-async def _wait_for(condition, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.02)
 
 
 def test_a_stream_carries_every_byte_in_bounded_chunks() -> None:
@@ -77,7 +71,7 @@ def test_readers_that_leave_give_the_writer_thread_and_slot_back() -> None:
             async for _ in body:
                 break  # the client left after its first chunk
             await body.aclose()
-            await _wait_for(done.is_set)  # the writer stopped, within a poll
+            await until(done.is_set, "the writer to stop", timeout=5.0, interval=0.02)  # within a poll
         bodies = [streams.open(_writer(10), f"after {i}") for i in range(2)]
         assert all(body is not None for body in bodies)  # both slots came back
         for body in bodies:
@@ -92,7 +86,7 @@ def test_a_stream_nobody_reads_gives_up_after_its_stall_time() -> None:
         body = streams.open(_writer(1_000_000, done=done), "unread")
         assert body is not None  # never iterated: an answer that never started
         started = time.monotonic()
-        await _wait_for(done.is_set, timeout=5.0)
+        await until(done.is_set, "the writer to stop", timeout=5.0, interval=0.02)
         assert 0.9 < time.monotonic() - started < 4.0
         await _opens_again(streams)
     asyncio.run(main())
