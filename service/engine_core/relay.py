@@ -3,7 +3,8 @@
 * An operator's ``reload`` on one front end: every other one follows it. The last reload of
   each category is kept and replayed to every front end that connects (``greet``), so that
   one started after it (a killed one's replacement) or cut off when it was relayed serves
-  what the others serve, not the newest version an operator had rolled back from.
+  what the others serve, not the newest version an operator had rolled back from. A
+  ``greeted`` message ends the replay: a starting front end follows what came before it first.
 * A ``gather`` (an admin's view of what every front end holds: the recent scores of
   :mod:`service.pipeline.recent`): every other front end is asked (``collect``), their
   ``part`` frames go to the front end that asked as they come, unparsed, and ``gathered``
@@ -52,9 +53,12 @@ class Relay:
         self._next_gather = 0
 
     def greet(self, frontend: FrontEnd) -> None:
-        """A front end said hello: the last reloads, which it ignores if it followed them."""
+        """A front end said hello: the last reloads, which it ignores if it followed them, then
+        ``greeted``: a front end starting waits for it (and follows the pins) before it loads
+        and listens, so that no answer of its comes from the version an operator rolled back from."""
         for reload in self.reloads.values():
             frontend.channel.send({**reload, "replayed": True})
+        frontend.channel.send({"op": "greeted"})
 
     def reload(self, frontend: FrontEnd, message: Message) -> None:
         """One front end reloaded a category: every other one follows."""

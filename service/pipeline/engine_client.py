@@ -91,6 +91,10 @@ class EngineClient:
         # What a reload heard again is checked against (followed once), and what a new engine
         # process learns at the handshake (it replays it to front ends that start later).
         self.reloads = ReloadRecord()
+        # The first connection's greeting (the engine process's replay of the last reloads)
+        # has come; the reloads followed before it, which start-up waits for (caught_up).
+        self._greeted = asyncio.Event()
+        self._catching_up: list[asyncio.Task[Any]] = []
         self._connector: asyncio.Task[None] | None = None
         # The wait before a connection attempt grows across attempts, reconnects included
         # (not per attempt loop), and starts over only after a connection that stayed up.
@@ -166,6 +170,21 @@ class EngineClient:
         if self.on_connected is not None:
             await self.on_connected()
 
+    async def caught_up(self, timeout_s: float = _CONNECT_WAIT_S) -> None:
+        """Wait for the first connection's greeting and follow what it replayed: a front end
+        started after an operator's reload ?version= (a killed one's replacement) serves the
+        pinned version from its first answer, where it had served the newest for a warm-up's
+        time (the registry's start-up load skips a category a pin serves). Without a
+        connection within ``timeout_s`` start-up goes on; the replay is followed when it comes."""
+        try:
+            await asyncio.wait_for(self._greeted.wait(), timeout_s)
+        except TimeoutError:
+            log.error("no greeting from the engine process within %.0f s; loading without the "
+                      "operator's last reloads (followed once it connects)", timeout_s)
+            return
+        following, self._catching_up = self._catching_up, []
+        await asyncio.gather(*following, return_exceptions=True)  # a failure to follow is logged there
+
     def _lose(self, version_dir: str, exc: EngineError) -> None:
         """The engine process cannot load ``version_dir`` (any more): no use of it here is
         left to count, and the categories it served are failed loads now, retried as such
@@ -227,7 +246,11 @@ class EngineClient:
                 category, version = str(message["category"]), message.get("version")
                 if self.reloads.heard(category, version, int(message["stamp"]), bool(message.get("replayed"))) \
                         and self.on_reload is not None:
-                    self.loop.create_task(self.on_reload(category, version))
+                    follow = self.loop.create_task(self.on_reload(category, version))
+                    if not self._greeted.is_set():
+                        self._catching_up.append(follow)
+            elif op == "greeted":
+                self._greeted.set()
             elif op == "collect":
                 self.gathers.answer(self.channel, int(message["gid"]), str(message["topic"]),
                                     message.get("args") or {})

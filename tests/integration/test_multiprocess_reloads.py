@@ -18,7 +18,9 @@ from harness import fake_version, until
 from service.config import Settings
 from service.engine_core import EngineCore
 from service.pipeline.engine_client import EngineClient
+from service.pipeline.registry import LoadedModel
 from service.pipeline.runtime import PipelineRuntime
+from service.pipeline.state import ServiceState
 from test_multiprocess import engine_process
 
 
@@ -34,6 +36,7 @@ async def front_end(settings: Settings) -> AsyncIterator[tuple[PipelineRuntime, 
     link.on_reload = follow
     rt.open()
     try:
+        await link.caught_up()  # as ServiceState.start: the replayed pins first
         await rt.registry.load_all()
         yield rt, link
     finally:
@@ -102,5 +105,48 @@ def test_a_reload_made_while_the_engine_process_was_away_reaches_the_others(tmp_
                 async with front_end(settings) as (late, _):
                     await until(lambda: serves(late) == ("1", True), "a later front end on the pinned version")
         assert isinstance(core, EngineCore)
+
+    asyncio.run(main())
+
+
+class RecordedState(ServiceState):
+    """A front end's whole state (what ``msflow serve`` runs in each front end), recording
+    every version it swapped in."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.swapped_in: list[str] = []
+        super().__init__(settings)
+
+    def _swapped(self, model: LoadedModel) -> None:
+        self.swapped_in.append(model.version)
+        super()._swapped(model)
+
+
+def test_a_replacement_front_end_never_serves_the_version_an_operator_rolled_back_from(tmp_path: Path) -> None:
+    """uvicorn listens once ``ServiceState.start`` returns. Before, start loaded and served the
+    newest version and the engine process's replay of the pin was followed after it: a killed
+    front end's replacement answered with the newest version for its warm-up (0.26 s; 2 of 97
+    answers under load in a real server). Now start follows the replayed pins first and loads
+    only what they leave: version 2 is never served, nor loaded."""
+    store = tmp_path / "store"
+    fake_version(store, "aaa", "1")
+    fake_version(store, "aaa", "2")
+    fake_version(store, "bbb", "1")
+
+    async def main() -> None:
+        async with engine_process(store) as (core, settings):
+            core.unload_grace_s = 0.1
+            async with front_end(settings) as (first, first_link):
+                await operator_reload(first, first_link, "aaa", "1")
+                await until(lambda: str(store / "aaa" / "2") not in core.hosted, "version 2 unloaded")
+                replacement = RecordedState(settings)
+                await replacement.start()
+                try:
+                    assert serves(replacement) == ("1", True)  # from its first answer on
+                    assert replacement.swapped_in == ["1", "1"]  # aaa pinned, then bbb: never aaa 2
+                    assert replacement.registry.get("bbb").version == "1"  # the unpinned still load
+                    assert str(store / "aaa" / "2") not in core.hosted
+                finally:
+                    await replacement.stop()
 
     asyncio.run(main())
