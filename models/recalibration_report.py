@@ -1,0 +1,107 @@
+"""What ``msflow recalibrate`` prints and keeps in ``recalibration.json`` beside the version it
+writes (:mod:`models.recalibrate`): the labelled set and the calibration normals before and
+after, and the warnings on what the labels can support."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from models.calibrate import fpr_upper_bound
+from models.recalibration_guards import MIN_LABELS_PER_CLASS
+
+REPORT = "recalibration.json"
+
+
+class Recalibration(BaseModel):
+    """What ``recalibration.json`` holds and the command prints."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    category: str
+    from_version: str
+    to_version: str
+    engine_files: Literal["hardlink", "copy"]
+    review_store: str
+    goal: str
+    labelled_ok: int
+    labelled_ng: int
+    excluded_trained_on: int
+    rescored: int
+    normals: int
+    before: dict[str, Any]
+    after: dict[str, Any]
+    normals_before: dict[str, Any]
+    normals_after: dict[str, Any]
+    warnings: list[str]
+    max_fpr: float | None = None  # the ceiling it was checked against (None: written before there was one)
+    # bound ("ok"/"ng") -> the label classes ("OK"/"NG") of fewer than MIN_LABELS_PER_CLASS
+    # labels that moved it; a published version holds any only where accept_small_sample
+    small_sample: dict[str, list[str]] = {}
+
+
+def goal_text(target_recall: float) -> str:
+    return (f"recall of labelled NG >= {target_recall:.0%} at the lowest false-alarm rate; no known good part at or "
+            "above the ng bound")
+
+
+def normal_block(normals: np.ndarray, threshold: float) -> dict[str, Any]:
+    n = int(normals.size)
+    flagged = int((normals >= threshold).sum())
+    return {"n": n, "flagged": flagged, "fpr": flagged / n if n else None,
+            "fpr_upper_95": fpr_upper_bound(flagged, n) if n else None}
+
+
+def support_warnings(after: dict[str, Any], target_recall: float) -> list[str]:
+    """Why the labelled set may be too small to support the change (empty: it is not)."""
+    n_ok, n_ng = after["ok"]["n"], after["ng"]["n"]
+    lines = []
+    if n_ok < MIN_LABELS_PER_CLASS or n_ng < MIN_LABELS_PER_CLASS:
+        lines.append(f"the labelled set is too small to support this change: {n_ok} OK and {n_ng} NG labels "
+                     f"(at least {MIN_LABELS_PER_CLASS} of each); the bounds follow these few parts closely")
+    lower = after["ng"]["recall_lower_95"]
+    if n_ng and lower is not None and lower < target_recall:
+        needed = math.ceil(math.log(0.05) / math.log(target_recall)) if target_recall < 1 else None
+        lines.append(f"{after['ng']['detected']}/{n_ng} labelled NG flagged: the 95% lower bound on recall is "
+                     f"{lower:.1%}, below the {target_recall:.0%} goal"
+                     + (f" (showing it takes at least {needed} NG labels, all flagged)" if needed else ""))
+    return lines
+
+
+def format_report(r: Recalibration) -> list[str]:
+    """The before/after table on the labelled set (and the calibration normals)."""
+    b, a = r.before, r.after
+    width = 36
+
+    def row(name: str, x: Any, y: Any) -> str:
+        return f"{name:<{width}}{x!s:>16}{y!s:>16}"
+
+    def frac(block: dict[str, Any], hit: str) -> str:
+        return f"{block[hit]}/{block['n']}"
+
+    lines = [f"recalibrate {r.category}: version {r.from_version} -> {r.to_version} (engine files: {r.engine_files})",
+             f"labelled set: {r.labelled_ok} OK, {r.labelled_ng} NG ({r.excluded_trained_on} OK left out: trained "
+             f"on; {r.rescored} rescored); calibration normals: {r.normals}",
+             f"goal: {r.goal}", "",
+             row("", f"before v{r.from_version}", f"after v{r.to_version}"),
+             row("ok bound (raw)", f"{b['ok_bound']:.6g}", f"{a['ok_bound']:.6g}"),
+             row("ng bound (raw)", f"{b['ng_bound']:.6g}", f"{a['ng_bound']:.6g}")]
+    for label in ("ok", "ng"):
+        for verdict in ("ok", "review", "ng"):
+            lines.append(row(f"{label.upper()} labelled -> {verdict}", b["confusion"][label][verdict],
+                             a["confusion"][label][verdict]))
+    lines += [row("NG recall (score >= ok bound)", frac(b["ng"], "detected"), frac(a["ng"], "detected")),
+              row("false alarms, labelled OK", frac(b["ok"], "flagged"), frac(a["ok"], "flagged")),
+              row("false alarms, calibration normals", frac(r.normals_before, "flagged"),
+                  frac(r.normals_after, "flagged")),
+              row("  95% upper bound on that rate", _percent(r.normals_before.get("fpr_upper_95")),
+                  _percent(r.normals_after.get("fpr_upper_95"))),
+              row("agreement (model vs operator)", frac(b["agreement"], "agree"), frac(a["agreement"], "agree"))]
+    return lines
+
+
+def _percent(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.1%}"
