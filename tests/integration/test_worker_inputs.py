@@ -22,7 +22,7 @@ from harness import CATEGORY, RedisServer, engine_run_replaced
 from service.redisq.jobs import JobQueue
 from service.schemas import HeatmapMode, InspectOptions, Upload
 from service.worker.inputs import InputBudget
-from test_worker_inprocess import Harness, redis, run, settings_for, slow_run, store  # noqa: F401  (fixtures)
+from worker_fixtures import Harness, redis, run, settings_for, slow_run, store  # noqa: F401  (fixtures)
 
 NO_HEATMAP = InspectOptions(heatmap=HeatmapMode.none)
 
