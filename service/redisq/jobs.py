@@ -34,8 +34,6 @@ stream keeps about ``dead_letter_max`` entries.
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -47,6 +45,7 @@ from redis.exceptions import ResponseError
 
 from service.config import Settings
 from service.redisq.connection import RedisConnection
+from service.redisq.idempotency import INLINE_DIGEST_BYTES, IdempotencyConflict, job_id_for, request_digest
 from service.schemas import ErrorBody, InspectOptions, Upload
 from service.redisq.records import FinalWrite, JobRecord, JobRecords, new_job_id, release_input_lua
 from service.redisq.store import utcnow
@@ -55,7 +54,6 @@ from service.redisq.workers import WorkerHeartbeats
 log = logging.getLogger(__name__)
 
 GROUP = "workers"
-_INLINE_DIGEST_BYTES = 1 << 20  # a request's images hashed on the event loop up to this; beyond, in a thread
 _CLAIM_SCAN_STEPS = 8  # XAUTOCLAIM calls per claim at most (each scans ten entries per one asked for)
 
 # KEYS: record, images, stream, inputs' expiry, inputs' bytes (JobRecords.inputs_keys).
@@ -113,37 +111,6 @@ redis.call('XDEL', KEYS[3], ARGV[3])
 if first then return 1 end
 return 0
 """
-
-
-def job_id_for(category: str, idempotency_key: str, client: str = "") -> str:
-    """The job id of a client's idempotency key (same shape as :func:`new_job_id`).
-
-    ``client`` scopes the key to whoever sent it (the API's digest of the presented API key;
-    empty on an open API): derived from the category and the key alone, any client with any
-    key who guessed another's Idempotency-Key ("order-1") computed that job's id, read its
-    results, and made the owner's own request a 409."""
-    digest = hashlib.sha256(f"{category}\0{client}\0{idempotency_key}".encode()).digest()[:18]
-    return base64.urlsafe_b64encode(digest).decode("ascii")
-
-
-def request_digest(category: str, uploads: Sequence[Upload], options: InspectOptions) -> str:
-    """What a job asks for, as one sha256: the category, the options, and each image's name and
-    bytes (by their own sha256), in order."""
-    h = hashlib.sha256(f"{category}\0{options.model_dump_json()}\0{len(uploads)}".encode())
-    for upload in uploads:
-        h.update(f"\0{upload.filename or ''}\0".encode())
-        h.update(hashlib.sha256(upload.data).digest())
-    return h.hexdigest()
-
-
-class IdempotencyConflict(ValueError):
-    """An Idempotency-Key sent again with another request (other images, names or options)
-    than the job it named: answering that job would hand back another request's result."""
-
-    def __init__(self, job_id: str) -> None:
-        super().__init__(f"this Idempotency-Key was used for another request (job {job_id}: other images, "
-                         "file names or options); use a new key for a new request")
-        self.job_id = job_id
 
 
 class BacklogFull(RuntimeError):
@@ -229,7 +196,7 @@ class JobQueue:
         job_id = new_job_id() if idempotency_key is None else job_id_for(category, idempotency_key, client)
         digest = None
         if idempotency_key is not None:  # hashing megabytes off the event loop, as the result cache does
-            inline = sum(len(u.data) for u in uploads) <= _INLINE_DIGEST_BYTES
+            inline = sum(len(u.data) for u in uploads) <= INLINE_DIGEST_BYTES
             digest = (request_digest(category, uploads, options) if inline
                       else await asyncio.to_thread(request_digest, category, uploads, options))
         record = JobRecord(id=job_id, category=category, status="queued", created_at=now, updated_at=now,
