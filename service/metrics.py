@@ -185,6 +185,9 @@ class ServiceMetrics:
         self.nonfinite = Counter("msflow_nonfinite_outputs_total", "Images whose engine output (score or map) "
                                  "was NaN or infinite: answered as an error, never as a verdict",
                                  ["category", "engine"], registry=r)
+        self.worker_input_bytes = Gauge("msflow_worker_input_bytes", "msflow worker: bytes of job images fetched "
+                                        "and not yet run (held), and MSFLOW_WORKER_MAX_INPUT_BYTES (budget)",
+                                        ["kind"], registry=r, multiprocess_mode="livesum")
         self.pixels_in_flight = Gauge("msflow_pixels_in_flight", "Decoded pixels admitted and not yet released "
                                       "(the budget is MSFLOW_MAX_INFLIGHT_MEGAPIXELS, per process)", registry=r,
                                       multiprocess_mode="livesum")

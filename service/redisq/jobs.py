@@ -353,13 +353,15 @@ class JobQueue:
         await self.conn.run("xack", drop)
 
     async def dead_letter(self, delivery: Delivery, record: JobRecord | None, error: ErrorBody,
-                          worker: str) -> FinalWrite:
+                          worker: str, attempts: int | None = None) -> FinalWrite:
         """Mark the job failed with ``error`` (the record, whose result is dropped: a failed
         record holds an error; with it go the job's images and their charge), add it to the
         dead-letter stream, acknowledge: one MULTI. ``record`` None (an entry too malformed to
-        name its job for sure): only the stream entry is dead-lettered."""
+        name its job for sure): only the stream entry is dead-lettered. ``attempts``: the runs
+        it had, when not its deliveries (a delivery that only buries it ran nothing)."""
+        attempts = delivery.deliveries if attempts is None else attempts
         fields = {"job_id": delivery.job_id, "category": delivery.message.category,
-                  "stream_id": delivery.stream_id, "attempts": str(delivery.deliveries), "error_code": error.code,
+                  "stream_id": delivery.stream_id, "attempts": str(attempts), "error_code": error.code,
                   "error_message": error.message, "worker": worker, "failed_at": utcnow().isoformat()}
 
         stream = self.stream(delivery.message.category)
@@ -372,14 +374,14 @@ class JobQueue:
             async with r.pipeline(transaction=True) as pipe:
                 if record is not None:  # idempotent: the first final state wins
                     self.records.stage_write(pipe, record.model_copy(update={
-                        "status": "failed", "result": None, "error": error, "attempts": delivery.deliveries,
+                        "status": "failed", "result": None, "error": error, "attempts": attempts,
                         "worker": worker, "updated_at": utcnow()}), check_fit=False)
                 pipe.eval(_DEAD_LETTER, len(keys), *keys, *args)
                 return await pipe.execute()
 
         replies = await self.conn.run("dead_letter", bury)
         log.warning("job %s (%s) dead-lettered after %d attempt(s): %s: %s", delivery.job_id,
-                    delivery.message.category, delivery.deliveries, error.code, error.message)
+                    delivery.message.category, attempts, error.code, error.message)
         return _final_write(int(replies[0])) if record is not None else FinalWrite(bool(int(replies[0])))
 
 

@@ -103,6 +103,10 @@ end"""
 # job id, key prefix, results budget, the record's cost, its member. Returns 0 when nothing
 # was written (the stored record was final already, or a state that is not final found no
 # record), else 1 + the finished records evicted to make room for this one.
+# A final record is kept job_ttl_s from now; one that is not final keeps its expiry, job_ttl_s
+# from the submission, as its images, their charge and its stream entry do. Renewed by each
+# write ("running", a failed attempt), a record outlived its images: a retry late in the job's
+# life found the job but not its images, and failed inputs_missing for good.
 _WRITE_UNLESS_FINAL = """
 local current = redis.call('GET', KEYS[1])
 if current then
@@ -120,7 +124,11 @@ if ARGV[3] == '1' then
 """ + charge_lua("KEYS[5]", "KEYS[6]", "ARGV[5]", "ARGV[8]", "tonumber(ARGV[7])", "tonumber(ARGV[2])",
                  "tonumber(ARGV[6])") + """
 end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+if ARGV[3] == '1' then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+else
+  redis.call('SET', KEYS[1], ARGV[1], 'KEEPTTL')
+end
 return 1 + evicted
 """
 

@@ -25,8 +25,10 @@ consumer group of each category's stream (:mod:`service.redisq.jobs`) and loops:
    timeout; the last allowed attempt sends the job to the dead-letter stream.
 
 Failures stay with their job: a bad image fails its own job only; an engine error fails the
-jobs whose images were in that batch (retried); heatmap links that cannot reach Redis fail
-the attempt (the worker serves no HTTP, so a link only in its memory would be dead).
+jobs whose images were in that batch (retried). Heatmap links that cannot reach Redis fail
+the run (the worker serves no HTTP, so a link only in its memory would be dead), but that is
+Redis's fault, not the job's: the job runs again in hand once Redis answers, up to
+``OUTPUT_RERUNS`` times, before the attempt counts.
 
 Every 5 s it beats a heartbeat per category into Redis (:mod:`service.redisq.workers`), so
 that a job's answer says whether any worker consumes its category.

@@ -33,6 +33,10 @@ log = logging.getLogger("service.worker")
 # wedged engine must not hold jobs forever (their claim is kept alive meanwhile, so nobody
 # else would take them). Far above any queueing a healthy worker sees.
 JOB_DEADLINE_S = 600.0
+# Reruns in hand of a job whose outputs (heatmap links) Redis could not store, each once Redis
+# answers again, before the attempt is charged: a Redis restart is not the job's fault, but a
+# Redis that answers and still refuses them must not rerun it forever.
+OUTPUT_RERUNS = 3
 
 
 @dataclass
@@ -62,7 +66,9 @@ class Worker:
         self.conn = RedisConnection(settings, self.metrics, client=client, breaker_s=0.0)
         self.runtime = PipelineRuntime(settings, self.conn, metrics=self.metrics, memory_links=False)
         self.queue = JobQueue(settings, self.conn)
-        self.inputs = InputBudget(settings.worker_max_input_bytes)  # all categories' jobs together
+        self.metrics.worker_input_bytes.labels("budget").set(settings.worker_max_input_bytes)
+        self.inputs = InputBudget(settings.worker_max_input_bytes,  # all categories' jobs together
+                                  observe=self.metrics.worker_input_bytes.labels("held").set)
         self.stop = asyncio.Event()
         self.categories: list[str] = []
         self._watch: asyncio.Task[None] | None = None
@@ -202,9 +208,14 @@ class Worker:
                 await self.queue.ack(delivery)
             elif delivery.deliveries > self.settings.job_max_attempts:
                 # Delivered too often without a recorded outcome: it kills (or hangs) its workers.
+                # This delivery only buries it: the runs were the ones before.
+                runs = delivery.deliveries - 1
                 error = record.error or ErrorBody(code="worker_lost", message=(
-                    f"the job was delivered {delivery.deliveries} times and no worker finished it"))
-                self._count(category, "dead_lettered", await self.queue.dead_letter(delivery, record, error, self.name))
+                    f"the job ran {runs} times (MSFLOW_JOB_MAX_ATTEMPTS is {self.settings.job_max_attempts}) and no "
+                    "worker finished it: each run ended without an outcome, its worker killed (out of memory, "
+                    "say) or stalled"))
+                self._count(category, "dead_lettered", await self.queue.dead_letter(delivery, record, error, self.name,
+                                                                                   attempts=runs))
             else:
                 # A size the queue does not know counts as the whole budget: the job is fetched alone.
                 jobs.append(_Job(delivery, record.model_copy(update={
@@ -239,6 +250,10 @@ class Worker:
             async def run_one(job: _Job) -> None:
                 try:
                     await self._run_job(lane, job)
+                    for _ in range(OUTPUT_RERUNS):  # Redis's fault, not the job's: no attempt charged
+                        if job.error is None or not job.error.outputs_unstored or not await self._redis_back(job):
+                            break
+                        await self._run_job(lane, job)
                 finally:
                     self._drop_inputs(job)
                 await self._finish(category, job, held)
@@ -282,9 +297,24 @@ class Worker:
             job.holding = False
             self.inputs.give(job.size)
 
+    async def _redis_back(self, job: _Job) -> bool:
+        """After a second, wait until Redis answers again (a restart, a failover): the job whose
+        outputs it could not store then runs again in hand. Left to a redelivery, each restart
+        during its runs spent an attempt, and job_max_attempts restarts dead-lettered a good
+        job. False once the worker stops (the attempt is then recorded as failed)."""
+        log.warning("job %s: Redis could not store its outputs; it runs again once Redis answers", job.record.id)
+
+        async def ping() -> None:
+            await self.conn.run("ping", lambda r: r.ping())
+
+        await self._sleep(1.0)
+        await self._until_redis(ping)
+        return not self.stop.is_set()
+
     async def _run_job(self, lane: Lane, job: _Job) -> None:
         """The runtime's inspect path for one job; its failure stays in ``job.error``."""
         record = job.record
+        job.error, job.items, job.started = None, [], time.monotonic()  # a rerun starts afresh
         if not job.data or len(job.data) != len(record.filenames):
             job.error = JobFailed("inputs_missing", "the job's images are gone (expired or never stored)",
                                   permanent=True)
@@ -392,4 +422,4 @@ def _aware(moment: datetime) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=utcnow().tzinfo)
 
 
-__all__ = ["JOB_DEADLINE_S", "Worker"]
+__all__ = ["JOB_DEADLINE_S", "OUTPUT_RERUNS", "Worker"]

@@ -35,12 +35,16 @@ class JobFailed(Exception):
     job is dead-lettered at once instead of costing more attempts. ``details``: what the
     synchronous answer's error carries too (the bad image's ``index`` and ``filename``, the
     megapixels over budget), so a job's client can point at the image as a caller of
-    ``POST /v1/inspect`` can."""
+    ``POST /v1/inspect`` can. ``outputs_unstored``: the job ran, Redis could not store what it
+    made (heatmap links): Redis's fault, so the worker runs it again in hand once Redis
+    answers (a bounded number of times) before the attempt counts."""
 
-    def __init__(self, code: str, message: str, permanent: bool = False, details: Any = None) -> None:
+    def __init__(self, code: str, message: str, permanent: bool = False, details: Any = None,
+                 outputs_unstored: bool = False) -> None:
         super().__init__(message)
         self.error = ErrorBody(code=code, message=message, details=details)
         self.permanent = permanent
+        self.outputs_unstored = outputs_unstored
 
 
 def job_failure(exc: Exception, job_id: str, items: list[InspectedImage]) -> JobFailed:
@@ -52,7 +56,8 @@ def job_failure(exc: Exception, job_id: str, items: list[InspectedImage]) -> Job
         return JobFailed(exc.code, str(exc), permanent=True, details=exc.details)
     if isinstance(exc, RedisUnavailable):
         log.warning("job %s: cannot store its heatmap links: %s", job_id, exc)
-        return JobFailed("redis_unavailable", "cannot store the heatmap links: Redis is unavailable")
+        return JobFailed("redis_unavailable", "cannot store the heatmap links: Redis is unavailable",
+                         outputs_unstored=True)
     if isinstance(exc, BatcherError):
         return JobFailed(_BATCHER_CODES.get(type(exc), "engine_error"), str(exc))
     if isinstance(exc, AdmissionRefused):  # no room in the pixel budget before the job's deadline: retried

@@ -18,17 +18,30 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 
 class InputBudget:
-    """Bytes of fetched job inputs held at once (asyncio, one event loop)."""
+    """Bytes of fetched job inputs held at once (asyncio, one event loop). ``observe`` is
+    told every new value of :attr:`held` (the worker's ``msflow_worker_input_bytes`` gauge)."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, observe: Callable[[float], None] | None = None) -> None:
         self.limit = limit
+        self._observe = observe
+        self._held = 0
         self.held = 0
         self.peak = 0  # the most ever held at once (tests and the figures of docs/PERFORMANCE.md)
         self._waiting: deque[tuple[int, asyncio.Future[None]]] = deque()
+
+    @property
+    def held(self) -> int:
+        return self._held
+
+    @held.setter
+    def held(self, value: int) -> None:
+        self._held = value
+        if self._observe is not None:
+            self._observe(value)
 
     def _fits(self, size: int) -> bool:
         return self.held == 0 or self.held + size <= self.limit
