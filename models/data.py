@@ -32,6 +32,7 @@ from typing import TypeVar
 import numpy as np
 from PIL import Image
 
+from models.ground_truth import MASK_SUFFIX, MaskFolder, defect_pixels
 from models.preprocessing import ImageReadError, load_image, oriented_size, resize_mask
 
 __all__ = [
@@ -49,11 +50,19 @@ __all__ = [
     "split_holdout",
 ]
 
-IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
+# The formats the server accepts (service.pipeline.decode: PNG, JPEG, BMP, TIFF, WEBP): a part
+# photographed for training must be readable by the model serving it, and the other way round.
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".tif", ".tiff",
+                                              ".webp"})
+# Image files the trainer cannot read (nor the server accept): refused by name rather than left
+# out in silence, which would train on a part of the set the user never chose.
+_UNREADABLE_IMAGE_EXTENSIONS: frozenset[str] = frozenset({
+    ".gif", ".heic", ".heif", ".avif", ".jp2", ".j2k", ".jxl", ".pbm", ".pgm", ".ppm",
+    ".pnm", ".tga", ".ico", ".exr", ".hdr", ".dng", ".raw", ".cr2", ".nef", ".arw", ".svg", ".psd",
+})
 GOOD = "good"
 CALIBRATION = "calibration"
 DATASET_INFO = "dataset.json"
-_MASK_SUFFIX = "_mask"
 _MAX_WORKERS = 4
 
 _T = TypeVar("_T")
@@ -90,9 +99,33 @@ class Sample:
         return self.label == 1
 
 
+def _is_hidden(path: Path) -> bool:
+    # ".DS_Store", macOS "._x.png" resource forks, ".thumbnails/": never images of the set.
+    return path.name.startswith(".")
+
+
 def _is_image_file(path: Path) -> bool:
-    # Hidden files (".DS_Store", macOS "._x.png" resource forks) are never images.
-    return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
+    return path.is_file() and not _is_hidden(path) and path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _refuse_what_would_be_skipped(folder: Path, entries: list[Path]) -> None:
+    """Raise :class:`DataError` for anything in an image folder that looks like part of the set
+    but would not be read: a broken link, an image in a format the trainer cannot read, images
+    in a subfolder (only the folder's own files are read). Other files (notes, Thumbs.db) and
+    hidden ones are left alone."""
+    for p in entries:
+        if _is_hidden(p):
+            continue
+        suffix = p.suffix.lower()
+        if p.is_symlink() and not p.exists():
+            raise DataError(f"broken link in {folder}: {p} points to {os.readlink(p)}, which is missing "
+                            "(fix or remove the link)")
+        if suffix in _UNREADABLE_IMAGE_EXTENSIONS and p.is_file():
+            raise DataError(f"{p} is an image format the trainer cannot read; convert it to PNG (lossless), "
+                            f"or JPEG, BMP, TIFF, WEBP, or move it out of {folder}")
+        if p.is_dir() and any(_is_image_file(q) for q in p.iterdir()):
+            raise DataError(f"{p} is a subfolder holding images, which are not read (only the files directly "
+                            f"in {folder} are): move them up into {folder}, or the folder out of it")
 
 
 def list_images(folder: str | Path) -> list[Path]:
@@ -100,12 +133,15 @@ def list_images(folder: str | Path) -> list[Path]:
 
     Sorting by name makes sample order, and so every split and report,
     reproducible across file systems. Raises :class:`DataError` if the folder
-    is missing or holds no image.
+    is missing or holds no image, and for what would otherwise be skipped in
+    silence (:func:`_refuse_what_would_be_skipped`).
     """
     d = Path(folder)
     if not d.is_dir():
         raise DataError(f"folder not found: {d}")
-    images = sorted((p for p in d.iterdir() if _is_image_file(p)), key=lambda p: p.name)
+    entries = list(d.iterdir())
+    _refuse_what_would_be_skipped(d, entries)
+    images = sorted((p for p in entries if _is_image_file(p)), key=lambda p: p.name)
     if not images:
         exts = ", ".join(sorted(IMAGE_EXTENSIONS))
         raise DataError(f"no images ({exts}) in folder: {d}")
@@ -149,6 +185,7 @@ class MVTecCategory:
         self.calibration_dir = self.path / CALIBRATION / GOOD
         self.test_dir = self.path / "test"
         self.ground_truth_dir = self.path / "ground_truth"
+        self._mask_folders: dict[str, MaskFolder] = {}
 
     def __repr__(self) -> str:
         return f"MVTecCategory(root={str(self.root)!r}, category={self.category!r})"
@@ -190,26 +227,53 @@ class MVTecCategory:
         names = (p.name for p in self.test_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
         return sorted(n for n in names if n != GOOD)
 
+    def _mask_folder(self, defect_type: str) -> MaskFolder:
+        if defect_type not in self._mask_folders:
+            self._mask_folders[defect_type] = MaskFolder(self.ground_truth_dir / defect_type, IMAGE_EXTENSIONS)
+        return self._mask_folders[defect_type]
+
     def mask_path_for(self, image: Path, defect_type: str) -> Path:
         """The ground-truth mask of a defective test image; :class:`DataError` if absent.
 
         MVTec names masks ``<name>_mask.png``; other image extensions are
-        accepted too, PNG first.
+        accepted too, PNG first, in any case, and the name in either Unicode
+        form (:mod:`models.ground_truth`).
         """
-        folder = self.ground_truth_dir / defect_type
-        stem = image.stem + _MASK_SUFFIX
-        for ext in (".png", *sorted(IMAGE_EXTENSIONS - {".png"})):
-            for candidate in (folder / (stem + ext), folder / (stem + ext.upper())):
-                if candidate.is_file():
-                    return candidate
-        raise DataError(f"defective test image {image} has no mask: expected {folder / (stem + '.png')}")
+        found = self._mask_folder(defect_type).find(image, (".png", *sorted(IMAGE_EXTENSIONS - {".png"})))
+        if found is None:
+            expected = self.ground_truth_dir / defect_type / (image.stem + MASK_SUFFIX + ".png")
+            raise DataError(f"defective test image {image} has no mask: expected {expected} (every image under "
+                            f"{self.test_dir / defect_type} is defective; normal ones belong in {self.test_dir / GOOD})")
+        return found
+
+    def _check_every_mask_has_its_image(self, samples: list[Sample]) -> None:
+        """A mask no image uses means an image renamed, moved or deleted: a defect the test set
+        lost, in silence. Refused, naming the mask; ``ground_truth/good`` (some sets keep empty
+        masks of normal images there) is not checked."""
+        if not self.ground_truth_dir.is_dir():
+            return
+        used = {s.mask_path for s in samples}
+        for folder in sorted(self.ground_truth_dir.iterdir(), key=lambda p: p.name):
+            if not folder.is_dir() or folder.name.startswith(".") or folder.name == GOOD:
+                continue
+            masks = self._mask_folder(folder.name).files()
+            if masks and not (self.test_dir / folder.name).is_dir():
+                raise DataError(f"{folder} holds {len(masks)} mask(s) but {self.test_dir / folder.name}, the folder "
+                                "of their images, does not exist: restore it, or remove the masks")
+            for mask in masks:
+                if mask not in used:
+                    stem = mask.stem[: -len(MASK_SUFFIX)] if mask.stem.endswith(MASK_SUFFIX) else None
+                    wanted = (f"{self.test_dir / folder.name / stem}.<ext>" if stem
+                              else f"an image of {self.test_dir / folder.name} (masks are named <image>{MASK_SUFFIX}.png)")
+                    raise DataError(f"mask {mask} belongs to no test image: expected {wanted}; "
+                                    "restore the image, or remove the mask")
 
     def test_samples(self) -> list[Sample]:
         """Test images: ``test/good`` first (label 0), then each defect type (label 1) with its mask.
 
-        Every defect folder must be non-empty and every defective image must
-        have its mask; a missing mask would otherwise count the defect as
-        "all normal pixels" and quietly corrupt pixel-level metrics.
+        Every defect folder must be non-empty, every defective image must
+        have its mask and every mask its image; a missing mask would otherwise
+        count the defect as "all normal pixels" and quietly corrupt pixel-level metrics.
         """
         if not self.has_test:
             raise DataError(f"test folder not found: {self.test_dir}")
@@ -219,10 +283,14 @@ class MVTecCategory:
             samples.extend(Sample(path=p, label=0, defect_type=GOOD) for p in list_images(good_dir))
         notes = self.defect_annotations()
         for defect in self.defect_types():
+            if defect.casefold() == GOOD:
+                raise DataError(f"{self.test_dir / defect} would be read as a defect type: normal test images "
+                                f"belong in {self.test_dir / GOOD} (lower case); rename the folder")
             for p in list_images(self.test_dir / defect):
                 note = notes.get(p.relative_to(self.path).as_posix(), {})
                 samples.append(Sample(path=p, label=1, defect_type=defect, mask_path=self.mask_path_for(p, defect),
                                       tier=note.get("tier"), visibility=note.get("visibility")))
+        self._check_every_mask_has_its_image(samples)
         if not samples:
             raise DataError(f"no test images in {self.test_dir} (expected test/good and test/<defect> folders)")
         return samples
@@ -295,9 +363,14 @@ def _load_mask(sample: Sample, size: int) -> np.ndarray:
     try:
         with Image.open(sample.mask_path) as im:
             im.load()
-            return resize_mask(im, size)
+            defect = defect_pixels(im)
     except (OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"cannot read mask {sample.mask_path}: {exc}") from exc
+    if not defect.any():
+        raise DataError(f"mask {sample.mask_path} marks no defect pixel (all black, or all transparent), yet its "
+                        f"image {sample.path} is under test/{sample.defect_type}: mark the defect in white, or, if "
+                        f"the part shows none, move the image to test/{GOOD} and remove the mask")
+    return resize_mask(Image.fromarray(defect), size)
 
 
 def load_masks(samples: Sequence[Sample], size: int, workers: int | None = None) -> np.ndarray:
@@ -338,7 +411,9 @@ def split_holdout(samples: Sequence[Sample], fraction: float, seed: int) -> tupl
     if fraction > 0.0:
         n_hold = max(n_hold, 1)
     if n_hold >= n and n_hold > 0:
-        raise DataError(f"cannot hold out {n_hold} of {n} training images and still train on some")
+        raise DataError(f"cannot hold out {n_hold} of {n} training images and still train on some: add normal "
+                        "images, or train on all of them with --holdout-fraction 0 (the training loss then selects "
+                        "the checkpoint, and the threshold needs a calibration/good folder)")
     order = np.random.default_rng(seed).permutation(n)
     held = set(order[:n_hold].tolist())
     train = [s for i, s in enumerate(samples) if i not in held]
