@@ -78,7 +78,8 @@ def _recalibrate(args: argparse.Namespace) -> int:
         version_dir, _ = recalibrate(args.store, args.category, review_store=args.review_store, version=args.version,
                                      target_recall=args.target_recall, calibration_images=args.calibration_images,
                                      max_fpr=args.max_fpr, dry_run=args.dry_run,
-                                     accept_small_sample=args.accept_small_sample)
+                                     accept_small_sample=args.accept_small_sample,
+                                     threshold_overrides=args.threshold_overrides)
     except (RecalibrationError, ManifestError, DataError) as exc:  # what to fix is in the message
         print(f"msflow recalibrate: {exc}", file=sys.stderr)
         return 2
@@ -101,16 +102,20 @@ def _eval(args: argparse.Namespace) -> int:
               f"{_metric(block['pixel_auroc'])}  AUPRO {_metric(block['aupro'])}")
     v = report["verdict"]
     print(f"at threshold {v['threshold']:.4g} ({v['threshold_source']['kind']}): false alarms "
-          f"{v['good']['false_alarms']}/{v['good']['n']} good parts (FPR {v['good']['fpr']:.1%}, 95% bound "
-          f"{v['good']['fpr_upper_95']:.1%}); missed {v['defective']['missed']}/{v['defective']['n']} defects")
+          f"{v['good']['false_alarms']}/{v['good']['n']} good parts (FPR {_share(v['good']['fpr'])}, 95% bound "
+          f"{_share(v['good']['fpr_upper_95'])}); missed {v['defective']['missed']}/{v['defective']['n']} defects")
     for tier, d in v.get("per_tier", {}).items():
-        print(f"  recall {tier:>8}: {d['detected']}/{d['n']} ({d['recall']:.1%})")
+        print(f"  recall {tier:>8}: {d['detected']}/{d['n']} ({_share(d['recall'])})")
     print(f"report: {Path(args.run) / 'report.json'}")
     return 0
 
 
 def _metric(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"  # undefined: a set without defects, or without goods
+
+
+def _share(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1%}"  # a rate of no part (a test set without good ones)
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -252,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ceiling on the 95%% upper bound of the new false-alarm rate on the calibration normals "
                         "(default 0.1); a version above it, and above the source version's bound, is refused")
     p.add_argument("--dry-run", action="store_true", help="print the before/after table; write nothing")
+    p.add_argument("--threshold-overrides", default=None,
+                   help="where the server keeps threshold overrides (MSFLOW_THRESHOLD_OVERRIDES_DIR; default: the "
+                        "store): an override of the source version is not carried over, and that is said")
     p.add_argument("--accept-small-sample", action="store_true",
                    help="publish even where a bound moves on fewer than 10 labels of a class (default: refused, "
                         "after the table). Each bound may move only on at least 10 labels of each class that "
