@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from starlette.routing import Match, Mount
 
 from models.review_store import ItemNotFound, ReviewError
 from service.engines.base import EngineError
@@ -43,6 +44,23 @@ class ApiError(Exception):
 def unknown_category_error(category: str, known: list[str]) -> ApiError:
     return ApiError(404, "unknown_category", f"unknown category {category!r}; known: {', '.join(known) or 'none'}",
                     details={"categories": known})
+
+
+_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+
+
+def allowed_methods(request: Request) -> str | None:
+    """Every method a route serves at this request's path, for a 405's ``Allow`` (None: no
+    route does; a mount's own answer stands). Starlette names those of the first route whose
+    path matched, and FastAPI makes a route per method: the threshold route's 405 said ``GET``
+    (PUT and DELETE serve too), and ``/v1/jobs/{id}``'s said ``POST`` (the submit route's
+    ``/v1/jobs/{category}`` matches its path first). Each method is tried on the app's routes
+    (FastAPI's included routers hold theirs inside); only a 405 pays for it."""
+    routes = [r for r in request.app.router.routes if not isinstance(r, Mount)]  # a mount takes any method
+    probe = {"type": "http", "path": request.scope["path"], "root_path": request.scope.get("root_path", ""),
+             "headers": [], "query_string": b""}
+    methods = [m for m in _METHODS if any(r.matches({**probe, "method": m})[0] is Match.FULL for r in routes)]
+    return ", ".join(methods) or None
 
 
 def error_body(code: str, message: str, details: Any = None) -> dict[str, Any]:
@@ -148,7 +166,10 @@ def install_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
         message = f"no route {request.method} {request.url.path}" if exc.status_code == 404 else str(exc.detail)
-        return error_response(exc.status_code, code, message, headers=getattr(exc, "headers", None))
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405 and (allowed := allowed_methods(request)) is not None:
+            headers = {**(headers or {}), "Allow": allowed}
+        return error_response(exc.status_code, code, message, headers=headers)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
