@@ -196,6 +196,12 @@ class RecentSummary(_Model):
     changed: int = Field(description="verdicts that differ between `threshold` and the effective threshold now")
 
 
+class FrontEndsAnswered(_Model):
+    answered: int = Field(description="front-end processes whose recent images the answer holds (the one "
+                                      "answering included)")
+    of: int = Field(description="front-end processes of the server (MSFLOW_API_PROCESSES)")
+
+
 class RecentScores(_Model):
     category: str
     version: str
@@ -205,6 +211,11 @@ class RecentScores(_Model):
     scores: list[RecentScore] = Field(description="newest first")
     summary: RecentSummary | None = Field(None, description="with ?threshold=: how the recent images of the "
                                                             "serving version would be classified at it")
+    partial: bool = Field(False, description="some front end's images are missing (a multi-process server's "
+                                             "front end did not answer within 2 s: stuck, restarting; or the "
+                                             "engine process is away): `scores` and `summary` hold fewer images")
+    front_ends: FrontEndsAnswered | None = Field(None, description="a multi-process server: how many front ends' "
+                                                                   "images the answer holds; null with one process")
 
 
 class ModelList(_Model):

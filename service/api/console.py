@@ -35,7 +35,7 @@ from service.api.deps import CategoryDep, StateDep
 from service.api.errors import ApiError
 from service.api.openapi import BODY_TOO_LARGE, UNAUTHORIZED, errors, ok
 from service.pipeline.registry import EVALUATION_ASSETS, LoadedModel
-from service.schemas import RecentScores, ThresholdState, ThresholdUpdate
+from service.schemas import FrontEndsAnswered, RecentScores, ThresholdState, ThresholdUpdate
 
 log = logging.getLogger(__name__)
 
@@ -180,15 +180,17 @@ async def delete_threshold(category: CategoryDep, state: StateDep, version: str 
 async def recent_scores(category: CategoryDep, state: StateDep,
                         threshold: Annotated[float | None, Query(allow_inf_nan=False)] = None,
                         limit: Annotated[int, Query(ge=1, le=100_000)] = 100) -> RecentScores:
-    """The last images scored by this replica (every front end of a multi-process one; newest
-    first) and, with ``threshold``, how the recent images of the serving version would be
-    classified at that raw threshold."""
+    """The last images scored by this replica (every front end of a multi-process one, and
+    ``partial`` where one did not answer; newest first) and, with ``threshold``, how the recent
+    images of the serving version would be classified at that raw threshold."""
     recent = await state.recent.gather(category)
     current = _threshold_state(state, category)
     return RecentScores(
         category=category, version=current.version, calibrated_threshold=current.calibrated_threshold,
         threshold=current.threshold, capacity=state.recent.capacity, scores=recent.scores(limit, threshold),
-        summary=None if threshold is None else recent.summary(current.version, threshold, current.threshold))
+        summary=None if threshold is None else recent.summary(current.version, threshold, current.threshold),
+        partial=recent.partial, front_ends=None if recent.front_ends is None else FrontEndsAnswered(
+            answered=recent.front_ends[0], of=recent.front_ends[1]))
 
 
 def install_console(app: FastAPI) -> None:

@@ -71,10 +71,17 @@ class _Window:
 
 
 class RecentView:
-    """The recent images of one category, oldest first: one ring, or every front end's merged."""
+    """The recent images of one category, oldest first: one ring, or every front end's merged.
+    ``front_ends``: (answered, of) for a multi-process gather, this front end included; fewer
+    answered than there are: the view is partial."""
 
-    def __init__(self, seen: Iterable[_Seen]) -> None:
+    def __init__(self, seen: Iterable[_Seen], front_ends: tuple[int, int] | None = None) -> None:
         self.seen = list(seen)
+        self.front_ends = front_ends
+
+    @property
+    def partial(self) -> bool:
+        return self.front_ends is not None and self.front_ends[0] < self.front_ends[1]
 
     def raw_scores(self, version: str) -> list[float]:
         """Raw scores of the recent images ``version`` scored (what an operator picks thresholds from)."""
@@ -109,6 +116,7 @@ class RecentScores:
         self.capacity = settings.recent_scores
         # Each front end's share of the configured window: their sum, at /metrics, is the server's.
         self.window = math.ceil(settings.anomaly_rate_window / (settings.api_processes if peers else 1))
+        self.front_ends = settings.api_processes if peers else 1
         self.metrics = metrics
         self._peers = peers
         self._rings: dict[str, collections.deque[_Seen]] = {}
@@ -134,7 +142,8 @@ class RecentScores:
     async def gather(self, category: str) -> RecentView:
         """The server's recent images: this process's ring, merged by time with every other
         front end's in multi-process mode, the newest ``capacity`` kept. A front end that does
-        not answer (stuck, restarting, no engine process) is left out, and logged."""
+        not answer (stuck, restarting, not replaced yet, no engine process) is left out, logged,
+        and counted in the view's ``front_ends`` (answered of the configured number)."""
         local = self.view(category)
         if self._peers is None:
             return local
@@ -142,13 +151,14 @@ class RecentScores:
             got = await self._peers.collect(_TOPIC, {"category": category})
         except BatcherError as exc:  # EngineUnavailable: this front end's images only
             log.warning("recent scores of %s: this front end's only (%s)", category, exc)
-            return local
-        if got.answered < got.asked:
-            log.warning("recent scores of %s: %d of %d other front ends did not answer", category,
-                        got.asked - got.answered, got.asked)
+            return RecentView(local.seen, (1, self.front_ends))
+        # Of the configured number: a dead front end not replaced yet is not asked, yet missing.
+        answered, of = 1 + got.answered, max(self.front_ends, 1 + got.asked)
+        if answered < of:
+            log.warning("recent scores of %s: %d of %d front ends answered", category, answered, of)
         seen = local.seen + [_Seen(*item) for item in got.items]
         seen.sort(key=lambda s: s.at)
-        return RecentView(seen[-self.capacity:])
+        return RecentView(seen[-self.capacity:], (answered, of))
 
     def _export(self, args: dict[str, Any]) -> list[list[Any]]:
         """This ring, for another front end's :meth:`gather` (plain lists: they cross as JSON)."""

@@ -529,7 +529,7 @@
         el("dt", { text: "NG bound" }), el("dd", { id: "admin-ng", text: m ? `${fmt(m.ng_threshold, 6)} (review between; PUT ng_threshold to move it)` : "\u2013" }),
         el("dt", { text: "Override" }), el("dd", { text: recent.threshold !== recent.calibrated_threshold || override
           ? `yes${override ? `, since ${when(override.set_at)}` : ""}` : "no (calibrated)" }),
-        el("dt", { text: "Recent images" }), el("dd", { text: `${recent.scores.length} kept on this replica (capacity ${recent.capacity})` })));
+        el("dt", { text: "Recent images" }), el("dd", { text: `${recent.scores.length} kept on this replica (capacity ${recent.capacity})${partialNote(recent)}` })));
       state.recent = recent;
       const raws = recent.scores.filter((s) => s.model_version === recent.version).map((s) => s.raw_score);
       const cal = (m && m.calibration) || {};
@@ -552,6 +552,12 @@
       info.replaceChildren(el("p", { class: "failure", text: describe(e) }));
       showError(e);
     }
+  }
+
+  // A multi-process server whose front ends did not all answer: fewer images than it holds.
+  function partialNote(recent) {
+    const f = recent.front_ends;
+    return recent.partial && f ? ` Partial: ${f.answered} of ${f.of} front ends answered.` : "";
   }
 
   function clearAdmin() {
@@ -584,10 +590,11 @@
     const summary = $("#recent-summary");
     summary.dataset.changed = String(s.changed);
     summary.dataset.images = String(s.images);
-    summary.textContent = s.images
+    summary.textContent = (s.images
       ? `Of the last ${s.images} image(s) of version ${recent.version} on this replica: ${s.anomalous} anomalous at ` +
         `${fmt(x, 6)} (now ${s.anomalous_now} at ${fmt(recent.threshold, 6)}); ${s.changed} verdict(s) would change.`
-      : `No recent image of version ${recent.version} on this replica yet: inspect some to preview the effect.`;
+      : `No recent image of version ${recent.version} on this replica yet: inspect some to preview the effect.`) +
+      partialNote(recent);
     $("#recent-table tbody").replaceChildren(...recent.scores.map((r) => {
       const now = r.is_anomalous ? "anomalous" : "normal";
       const then = r.would_be_anomalous ? "anomalous" : "normal";

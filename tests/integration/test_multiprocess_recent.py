@@ -14,7 +14,9 @@ import asyncio
 import contextlib
 import http.client
 import json
+import os
 import shutil
+import signal
 import socket
 import tempfile
 import time
@@ -211,9 +213,28 @@ def test_recent_scores_list_every_image_whichever_front_end_answers(fed: Fed) ->
         assert sorted(s["filename"] for s in recent["scores"]) == sorted(fed.sent), f"front end {pid}"
         assert recent["scores"][0]["filename"] == fed.sent[-1]  # newest first, over both
         assert recent["summary"]["images"] == len(fed.sent)
+        assert recent["partial"] is False and recent["front_ends"] == {"answered": 2, "of": 2}
 
 
 def test_the_anomaly_rate_is_the_servers_share_whichever_front_end_answers(fed: Fed) -> None:
     everything = [v for verdicts in fed.verdicts.values() for v in verdicts]
     for pid, conn in fed.connections.items():
         assert anomaly_rate(conn) == pytest.approx(sum(everything) / len(everything)), f"front end {pid}"
+
+
+def test_recent_scores_say_they_are_partial_while_a_front_end_does_not_answer(fed: Fed) -> None:
+    """A stopped front end (SIGSTOP: a loop stuck) is left out after 2 s; before, the answer
+    listed the other front end's images only (8 of 20 in a run) and said nothing of it."""
+    (stopped, _), (asked, conn) = fed.connections.items()
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        status, body = call(conn, "GET", f"/v1/models/{CATEGORY}/recent?limit=500&threshold=0",
+                            **{"X-API-Key": ADMIN_KEY})
+    finally:
+        os.kill(stopped, signal.SIGCONT)
+    assert status == 200, body
+    recent = json.loads(body)
+    assert recent["partial"] is True and recent["front_ends"] == {"answered": 1, "of": 2}
+    assert recent["summary"]["images"] == len(fed.verdicts[asked]) < len(fed.sent)
+    status, body = call(conn, "GET", f"/v1/models/{CATEGORY}/recent?limit=500", **{"X-API-Key": ADMIN_KEY})
+    assert json.loads(body)["partial"] is False, "still partial once the front end answers again"

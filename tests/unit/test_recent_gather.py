@@ -72,8 +72,25 @@ def test_without_an_engine_process_the_gather_is_this_front_ends_ring(caplog: py
     recent = RecentScores(settings(api_processes=2), ServiceMetrics(),
                           peers=Peers(EngineUnavailable("restarting")))  # type: ignore[arg-type]
     recent.observe("brick", [result(0.2, "a")])
-    assert [s.filename for s in asyncio.run(recent.gather("brick")).scores()] == ["a"]
+    view = asyncio.run(recent.gather("brick"))
+    assert [s.filename for s in view.scores()] == ["a"]
     assert "this front end's only" in caplog.text
+    assert view.partial and view.front_ends == (1, 2)
+
+
+@pytest.mark.parametrize("asked, answered, front_ends, partial", [
+    (1, 1, (2, 2), False),
+    (1, 0, (1, 2), True),  # stuck past the engine process's 2 s
+    (0, 0, (1, 2), True),  # a dead front end not replaced yet: not asked, yet missing
+])
+def test_a_gather_counts_the_front_ends_it_holds(asked: int, answered: int, front_ends: tuple[int, int],
+                                                partial: bool) -> None:
+    recent = RecentScores(settings(api_processes=2), ServiceMetrics(),
+                          peers=Peers(Collected([], asked, answered)))  # type: ignore[arg-type]
+    view = asyncio.run(recent.gather("brick"))
+    assert (view.front_ends, view.partial) == (front_ends, partial)
+    one = RecentScores(settings(), ServiceMetrics())
+    assert (asyncio.run(one.gather("brick")).front_ends, asyncio.run(one.gather("brick")).partial) == (None, False)
 
 
 def test_a_front_ends_window_is_its_share_of_the_configured_one() -> None:
