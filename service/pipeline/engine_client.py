@@ -92,9 +92,11 @@ class EngineClient:
         # process learns at the handshake (it replays it to front ends that start later).
         self.reloads = ReloadRecord()
         # The first connection's greeting (the engine process's replay of the last reloads)
-        # has come; the reloads followed before it, which start-up waits for (caught_up).
+        # has come; the reloads followed before this front end serves, which its start waits
+        # for (start_serving).
         self._greeted = asyncio.Event()
         self._catching_up: list[asyncio.Task[Any]] = []
+        self._serving = False
         self._connector: asyncio.Task[None] | None = None
         # The wait before a connection attempt grows across attempts, reconnects included
         # (not per attempt loop), and starts over only after a connection that stayed up.
@@ -170,20 +172,29 @@ class EngineClient:
         if self.on_connected is not None:
             await self.on_connected()
 
-    async def caught_up(self, timeout_s: float = _CONNECT_WAIT_S) -> None:
-        """Wait for the first connection's greeting and follow what it replayed: a front end
-        started after an operator's reload ?version= (a killed one's replacement) serves the
-        pinned version from its first answer, where it had served the newest for a warm-up's
-        time (the registry's start-up load skips a category a pin serves). Without a
-        connection within ``timeout_s`` start-up goes on; the replay is followed when it comes."""
+    async def start_serving(self, load: Callable[[], Awaitable[Any]],
+                            timeout_s: float = _CONNECT_WAIT_S) -> None:
+        """A front end's start: wait for the first connection's greeting, follow what it
+        replayed, then ``load`` (the registry's start-up load, which leaves a category a
+        followed pin serves), then follow what other front ends reloaded meanwhile. Before, a
+        front end started after an operator's reload ?version= (a killed one's replacement),
+        or during one, listened serving the newest version and followed the pin a warm-up
+        later. Without a connection within ``timeout_s`` it loads anyway; the replay is
+        followed when it comes."""
         try:
             await asyncio.wait_for(self._greeted.wait(), timeout_s)
         except TimeoutError:
             log.error("no greeting from the engine process within %.0f s; loading without the "
                       "operator's last reloads (followed once it connects)", timeout_s)
-            return
-        following, self._catching_up = self._catching_up, []
-        await asyncio.gather(*following, return_exceptions=True)  # a failure to follow is logged there
+        await self._follow_caught_up()
+        await load()
+        await self._follow_caught_up()
+        self._serving = True  # later reloads are followed while serving, as the other front ends do
+
+    async def _follow_caught_up(self) -> None:
+        while self._catching_up:
+            following, self._catching_up = self._catching_up, []
+            await asyncio.gather(*following, return_exceptions=True)  # a failure to follow is logged there
 
     def _lose(self, version_dir: str, exc: EngineError) -> None:
         """The engine process cannot load ``version_dir`` (any more): no use of it here is
@@ -247,7 +258,7 @@ class EngineClient:
                 if self.reloads.heard(category, version, int(message["stamp"]), bool(message.get("replayed"))) \
                         and self.on_reload is not None:
                     follow = self.loop.create_task(self.on_reload(category, version))
-                    if not self._greeted.is_set():
+                    if not self._serving:
                         self._catching_up.append(follow)
             elif op == "greeted":
                 self._greeted.set()

@@ -92,8 +92,8 @@ class ServiceState(PipelineRuntime):
             self._budget_check = asyncio.create_task(self._check_redis_budgets(len(categories)),
                                                      name="redis-budgets")
         if self.engine_link is not None:
-            await self.engine_link.caught_up()  # an operator's pins first: load_all leaves what they serve
-            await self.registry.load_all()
+            # An operator's pins first (load_all leaves what they serve), and reloads made meanwhile.
+            await self.engine_link.start_serving(self.registry.load_all)
             self._loading = asyncio.create_task(self.watch_store(), name="watch-store")
         else:
             self._loading = asyncio.create_task(self.load_and_watch(), name="load-models")

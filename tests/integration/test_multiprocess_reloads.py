@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+import time
 from pathlib import Path
+from typing import Any
 
 from harness import fake_version, until
 from service.config import Settings
@@ -36,8 +38,7 @@ async def front_end(settings: Settings) -> AsyncIterator[tuple[PipelineRuntime, 
     link.on_reload = follow
     rt.open()
     try:
-        await link.caught_up()  # as ServiceState.start: the replayed pins first
-        await rt.registry.load_all()
+        await link.start_serving(rt.registry.load_all)  # as ServiceState.start
         yield rt, link
     finally:
         await rt.close()
@@ -148,5 +149,38 @@ def test_a_replacement_front_end_never_serves_the_version_an_operator_rolled_bac
                     assert str(store / "aaa" / "2") not in core.hosted
                 finally:
                     await replacement.stop()
+
+    asyncio.run(main())
+
+
+def test_a_front_end_starting_during_a_pinning_reload_listens_on_the_pinned_version(tmp_path: Path) -> None:
+    """The reload relayed while the front end loads (its load_all building version 2) is
+    followed before its start returns (before, it listened on version 2 and followed a
+    warm-up later)."""
+    store = tmp_path / "store"
+    fake_version(store, "aaa", "1")
+    fake_version(store, "aaa", "2")
+
+    async def main() -> None:
+        async with engine_process(store) as (core, settings):
+            async with front_end(settings) as (first, first_link):
+                starting = RecordedState(settings)
+                build = starting.registry._build
+                loading = asyncio.Event()
+                loop = asyncio.get_running_loop()
+
+                def slow_build(*args: Any, **kwargs: Any) -> Any:  # a big model's load (a worker thread)
+                    loop.call_soon_threadsafe(loading.set)
+                    time.sleep(0.5)
+                    return build(*args, **kwargs)
+                starting.registry._build = slow_build  # type: ignore[method-assign]
+                start = asyncio.create_task(starting.start())
+                await loading.wait()
+                await operator_reload(first, first_link, "aaa", "1")
+                await start
+                try:
+                    assert serves(starting) == ("1", True)
+                finally:
+                    await starting.stop()
 
     asyncio.run(main())
