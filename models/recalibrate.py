@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -47,9 +48,9 @@ from models.manifest import (DEFAULT_NG_RECALL, DEFAULT_REVIEW_MARGIN, DEFAULT_T
 from models.publish import next_version, publish_version
 from models.recalibration_guards import (DEFAULT_MAX_FPR, MIN_LABELS_PER_CLASS, FalseAlarmCeilingError,
                                          RecalibrationError, SmallSampleError, ceiling_refusal, check_settings,
-                                         small_sample_moves, small_sample_refusal)
-from models.recalibration_report import (REPORT, Recalibration, format_report, goal_text, normal_block,
-                                         support_warnings)
+                                         same_bound, small_sample_moves, small_sample_refusal)
+from models.recalibration_report import (REPORT, Recalibration, format_report, goal_text, label_used,
+                                         left_out_warnings, normal_block, override_warning, support_warnings)
 from models.review_store import REVIEWED_OK, ReviewStore, resolve_root
 from models.verdicts import review_table
 
@@ -58,6 +59,7 @@ __all__ = ["DEFAULT_MAX_FPR", "MIN_LABELS_PER_CLASS", "REPORT", "FalseAlarmCeili
            "small_sample_moves"]
 
 ENGINE_FILES = ("model.onnx", "model.plan")
+OVERRIDE_FILE = "threshold_override.json"  # service.pipeline.threshold_files.OVERRIDE_FILE
 
 
 class _Scorer:
@@ -101,6 +103,22 @@ def _normal_samples(manifest: Manifest, calibration_images: Path | None) -> tupl
                              "--calibration-images DIR (normal images the model never trained on)")
 
 
+def read_source_override(overrides_root: Path, category: str, version: str) -> dict[str, Any] | None:
+    """The server's threshold override of ``version`` (``<root>/<category>/<version>/
+    threshold_override.json``, as :mod:`service.pipeline.threshold_files` writes it), or None.
+    Read here, not through the service's module: models never import the service. One the
+    server would not use (damaged, another version's) is none."""
+    try:
+        data = json.loads((overrides_root / category / version / OVERRIDE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    threshold = data.get("threshold") if isinstance(data, dict) else None
+    if (not isinstance(threshold, (int, float)) or not math.isfinite(threshold)
+            or str(data.get("version")) != version):
+        return None
+    return {key: data.get(key) for key in ("threshold", "ng_threshold", "set_at")}
+
+
 def _place(src: Path, dst: Path) -> Literal["hardlink", "copy"]:
     try:
         os.link(src, dst)
@@ -114,9 +132,13 @@ def recalibrate(store: str | Path, category: str, review_store: str | Path | Non
                 version: str | None = None, target_recall: float = DEFAULT_NG_RECALL,
                 calibration_images: str | Path | None = None, out: Callable[[str], None] = print,
                 warn: Callable[[str], None] | None = None, max_fpr: float | None = None,
-                dry_run: bool = False, accept_small_sample: bool = False) -> tuple[Path | None, Recalibration]:
+                dry_run: bool = False, accept_small_sample: bool = False,
+                threshold_overrides: str | Path | None = None) -> tuple[Path | None, Recalibration]:
     """Write a recalibrated version of ``category`` into ``store``; returns its folder (None for
-    ``dry_run``, which prints the table and writes nothing) and report. Raises, after printing
+    ``dry_run``, which prints the table and writes nothing, and where the labels leave both
+    bounds as they are) and report. ``threshold_overrides``: where the server keeps its
+    threshold overrides (``MSFLOW_THRESHOLD_OVERRIDES_DIR``; default the store), to say that
+    the source version's is not carried over. Raises, after printing
     the table, :class:`FalseAlarmCeilingError` when the new bounds break ``max_fpr`` (default
     :data:`DEFAULT_MAX_FPR`), else :class:`SmallSampleError` when a bound moves on fewer than
     :data:`MIN_LABELS_PER_CLASS` labels of a class and not ``accept_small_sample``."""
@@ -136,9 +158,12 @@ def recalibrate(store: str | Path, category: str, review_store: str | Path | Non
     manifest.verify_files(src)  # a damaged engine must not be passed on
     cal = manifest.calibration
     root = (resolve_root(Path(review_store).expanduser()) if review_store else store / ".review").resolve()
-    labelled = ReviewStore(root).labelled(category)
+    reviews = ReviewStore(root)
+    labelled = reviews.labelled(category)
+    left_out = sorted({label.id for label in reviews.labels(category)} - {item.id for item, _, _ in labelled})
     if not labelled:
-        raise RecalibrationError(f"{category}: no labelled review items in {root} (label some first)")
+        raise RecalibrationError(f"{category}: no labelled review items in {root} (label some first)"
+                                 + (f"; {len(left_out)} labelled item(s) have lost their image" if left_out else ""))
 
     trained_on: set[str] = set()
     if (src / REVIEWED_OK).is_file():
@@ -175,19 +200,28 @@ def recalibrate(store: str | Path, category: str, review_store: str | Path | Non
     after = review_table(labels, scores, ok, ng)
     normals_before = normal_block(normals, cal.threshold)
     normals_after = normal_block(normals, ok)
-    warnings = notes + support_warnings(after, target_recall)
+    override = read_source_override(Path(threshold_overrides).expanduser() if threshold_overrides else store,
+                                    category, source_version)
+    unchanged = same_bound(ok, cal.threshold) and same_bound(ng, cal.ng_bound)
+    next_number = next_version(category_dir)
+    warnings = notes + left_out_warnings(left_out) + support_warnings(after, target_recall)
+    if override is not None and not unchanged:
+        warnings.append(override_warning(category, source_version, next_number, override, ok, ng, dry_run))
     ceiling = ceiling_refusal(category, source_version, normals_before, normals_after, max_fpr)
     too_few = None if accept_small_sample else small_sample_refusal(category, before, after, small, len(ok_scores),
                                                                       len(ng_scores))
     refusals = [r for r in (ceiling, too_few) if r]
-    if dry_run or refusals:
-        report = Recalibration(
-            category=category, from_version=source_version,
-            to_version=next_version(category_dir), engine_files="hardlink",  # what publishing would give now
-            review_store=str(root), goal=goal_text(target_recall), labelled_ok=len(ok_scores), labelled_ng=len(ng_scores),
-            excluded_trained_on=excluded, rescored=len(stale), normals=len(normals), before=before, after=after,
-            normals_before=normals_before, normals_after=normals_after, warnings=warnings, max_fpr=max_fpr,
-            small_sample=small)
+    stale_rows = set(stale)
+    report = Recalibration(
+        category=category, from_version=source_version,
+        to_version=next_number, engine_files="hardlink",  # what publishing would give now
+        review_store=str(root), goal=goal_text(target_recall), labelled_ok=len(ok_scores), labelled_ng=len(ng_scores),
+        excluded_trained_on=excluded, rescored=len(stale), normals=len(normals), before=before, after=after,
+        normals_before=normals_before, normals_after=normals_after, warnings=warnings, max_fpr=max_fpr,
+        small_sample=small, left_out=left_out, source_override=override,
+        labels_used=[label_used(item, label, float(scores[i]), i in stale_rows)
+                     for i, (item, label, _) in enumerate(rows)])
+    if dry_run or refusals or unchanged:
         for line in format_report(report):
             out(line)
         for line in warnings:
@@ -196,7 +230,14 @@ def recalibrate(store: str | Path, category: str, review_store: str | Path | Non
             raise (FalseAlarmCeilingError if ceiling else SmallSampleError)("; and ".join(refusals))
         for refusal in refusals:
             warn(f"would be refused: {refusal}")
-        out("dry run: nothing written")
+        if unchanged:
+            # A new version with the bounds of the old one changes no verdict, yet its swap drops
+            # the old version's threshold override: run twice on the same labels, the operator's
+            # bound was gone from the line without a word.
+            out(f"{category}: the labels leave both bounds where version {source_version} has them: nothing written"
+                + ("" if dry_run else f" (version {source_version} stays)"))
+        if dry_run:
+            out("dry run: nothing written")
         return None, report
 
     digest = hashlib.sha256("".join(sorted(f"{item.image.sha256}:{label.label}\n" for item, label, _ in rows))
@@ -215,12 +256,7 @@ def recalibrate(store: str | Path, category: str, review_store: str | Path | Non
         carried = {name: entry for name, entry in manifest.files.items() if name != REPORT}
         placed = {name: _place(src / name, staging / name) for name in carried}
         engine_files = "copy" if any(placed.get(n) == "copy" for n in ENGINE_FILES) else "hardlink"
-        report = Recalibration(
-            category=category, from_version=source_version, to_version="", engine_files=engine_files,
-            review_store=str(root), goal=goal_text(target_recall), labelled_ok=len(ok_scores),
-            labelled_ng=len(ng_scores), excluded_trained_on=excluded, rescored=len(stale), normals=len(normals),
-            before=before, after=after, normals_before=normals_before, normals_after=normals_after,
-            warnings=warnings, max_fpr=max_fpr, small_sample=small)
+        report = report.model_copy(update={"to_version": "", "engine_files": engine_files})
 
         def number_it(new_version: str) -> None:  # under the category's lock (models/publish.py)
             nonlocal report

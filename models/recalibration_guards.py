@@ -77,7 +77,8 @@ def ceiling_refusal(category: str, from_version: str, before: dict[str, Any], af
             f"the labels (good parts labelled NG?) or pass --max-fpr {accept:g} to accept it")
 
 
-def _same(a: float, b: float) -> bool:
+def same_bound(a: float, b: float) -> bool:
+    """Two bounds equal but for float noise."""
     return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
 
 
@@ -99,10 +100,10 @@ def small_sample_moves(fit: Callable[[np.ndarray, np.ndarray], tuple[float, floa
     alone = {cls: without([cls]) for cls in few}
     both = without(few) if len(few) > 1 else None
     for i, bound in enumerate(BOUNDS):
-        if _same(new[i], old[i]):
+        if same_bound(new[i], old[i]):
             continue
-        by = [cls for cls in few if not _same(alone[cls][i], new[i])]
-        if not by and both is not None and not _same(both[i], new[i]):
+        by = [cls for cls in few if not same_bound(alone[cls][i], new[i])]
+        if not by and both is not None and not same_bound(both[i], new[i]):
             by = list(few)
         if by:
             moved[bound] = by

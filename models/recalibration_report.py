@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict
 
 from models.calibrate import fpr_upper_bound
 from models.recalibration_guards import MIN_LABELS_PER_CLASS
+from models.review_records import ReviewItem, ReviewLabel
 
 REPORT = "recalibration.json"
 
@@ -41,6 +42,39 @@ class Recalibration(BaseModel):
     # bound ("ok"/"ng") -> the label classes ("OK"/"NG") of fewer than MIN_LABELS_PER_CLASS
     # labels that moved it; a published version holds any only where accept_small_sample
     small_sample: dict[str, list[str]] = {}
+    # labelled items left out: their image file is gone (ids)
+    left_out: list[str] = []
+    # the source version's threshold override where the server kept one (not carried over)
+    source_override: dict[str, Any] | None = None
+    # provenance: every label the bounds were fitted on (label_used), so that the version can
+    # be explained after a relabel or once the items expired; the manifest holds their digest
+    labels_used: list[dict[str, Any]] = []
+
+
+def label_used(item: ReviewItem, label: ReviewLabel, score: float, rescored: bool) -> dict[str, Any]:
+    """One row of ``labels_used``: the item, its label and the score the bounds were fitted on."""
+    return {"id": item.id, "image_sha256": item.image.sha256, "label": label.label,
+            "defect_type": label.defect_type, "by": label.by, "at": label.at.isoformat(),
+            "model_version": item.model_version, "score": score, "rescored": rescored}
+
+
+def left_out_warnings(left_out: list[str]) -> list[str]:
+    if not left_out:
+        return []
+    shown = ", ".join(left_out[:5]) + (f" and {len(left_out) - 5} more" if len(left_out) > 5 else "")
+    return [f"{len(left_out)} labelled item{'s' if len(left_out) != 1 else ''} left out: the image file is gone "
+            f"(expired or removed meanwhile): {shown}"]
+
+
+def override_warning(category: str, from_version: str, to_version: str, override: dict[str, Any], ok: float,
+                     ng: float, dry_run: bool) -> str:
+    """What an operator's threshold override of the source version becomes: nothing, said."""
+    ng_set = override.get("ng_threshold")
+    was = f"ok bound {override['threshold']:.6g}" + (f", ng bound {ng_set:.6g}" if ng_set is not None else "")
+    return (f"version {from_version} is served with an operator's threshold override ({was}, set "
+            f"{override.get('set_at', '?')}); it is not carried over: version {to_version}"
+            f"{' would serve' if dry_run else ' serves'} its own bounds, ok {ok:.6g} and ng {ng:.6g}, once loaded. "
+            f"If the override should stay, set it on version {to_version} (PUT /v1/models/{category}/threshold)")
 
 
 def goal_text(target_recall: float) -> str:

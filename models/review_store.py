@@ -381,12 +381,15 @@ class ReviewStore:
                                                       sorted(scan.labelled & {e.id for e in scan.entries})))
 
     def labelled(self, category: str) -> list[tuple[ReviewItem, ReviewLabel, Path]]:
-        """Every labelled item with its label and image path, oldest first."""
+        """Every labelled item with its label and image path, oldest first; one whose image is
+        gone is missing, as to the API (recalibrate stopped at it: "image file not found")."""
         out = []
         for label in self.labels(category):
             with contextlib.suppress(ItemNotFound):
                 item = self.item(category, label.id)
-                out.append((item, label, self._kept_file(category, label.id, item.image.file)))
+                path = self._kept_file(category, label.id, item.image.file)
+                if path.is_file():
+                    out.append((item, label, path))
         return out
 
     def reviewed_ok_images(self, category: str) -> list[tuple[ReviewItem, Path]]:
