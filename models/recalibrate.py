@@ -18,7 +18,12 @@ place), whose engine files are **hard links** to the source version's (instant, 
 copy of a large engine or TensorRT plan; safe because engine files are never written in
 place), falling back to a copy where the file system cannot link (another device, no link
 support). Only the manifest's calibration changes; ``recalibration.json`` beside it holds
-the before/after tables printed here. The serving registry loads it like any new version.
+the before/after tables printed here and names every label used (``labels_used``). The
+serving registry loads it like any new version. Nothing is written where the labels leave
+both bounds as they are: such a version changes no verdict, and its swap would drop the
+source version's threshold override. That override is never carried over (a raw bound an
+operator chose for one version); it is said, with the bounds that replace it. A labelled
+item whose image is gone is left out, and said.
 
 What it refuses (settings out of range, false alarms above a ceiling, a bound moved by too
 few labels) is :mod:`models.recalibration_guards`; the table it prints and keeps is
@@ -163,7 +168,7 @@ def recalibrate(store: str | Path, category: str, review_store: str | Path | Non
     left_out = sorted({label.id for label in reviews.labels(category)} - {item.id for item, _, _ in labelled})
     if not labelled:
         raise RecalibrationError(f"{category}: no labelled review items in {root} (label some first)"
-                                 + (f"; {len(left_out)} labelled item(s) have lost their image" if left_out else ""))
+                                 + (f"; {len(left_out)} labelled item(s) lost their image or item.json" if left_out else ""))
 
     trained_on: set[str] = set()
     if (src / REVIEWED_OK).is_file():

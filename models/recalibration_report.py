@@ -42,7 +42,7 @@ class Recalibration(BaseModel):
     # bound ("ok"/"ng") -> the label classes ("OK"/"NG") of fewer than MIN_LABELS_PER_CLASS
     # labels that moved it; a published version holds any only where accept_small_sample
     small_sample: dict[str, list[str]] = {}
-    # labelled items left out: their image file is gone (ids)
+    # labelled items left out: their image file or item.json is gone or unreadable (ids)
     left_out: list[str] = []
     # the source version's threshold override where the server kept one (not carried over)
     source_override: dict[str, Any] | None = None
@@ -62,8 +62,8 @@ def left_out_warnings(left_out: list[str]) -> list[str]:
     if not left_out:
         return []
     shown = ", ".join(left_out[:5]) + (f" and {len(left_out) - 5} more" if len(left_out) > 5 else "")
-    return [f"{len(left_out)} labelled item{'s' if len(left_out) != 1 else ''} left out: the image file is gone "
-            f"(expired or removed meanwhile): {shown}"]
+    return [f"{len(left_out)} labelled item{'s' if len(left_out) != 1 else ''} left out: its image file or item.json "
+            f"is gone or unreadable (expired or removed meanwhile): {shown}"]
 
 
 def override_warning(category: str, from_version: str, to_version: str, override: dict[str, Any], ok: float,
