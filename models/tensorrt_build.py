@@ -8,6 +8,12 @@ A plan only runs with the TensorRT version and the GPU model it was built with, 
 returned :class:`~models.manifest.TensorRTInfo` records both (and the compute capability);
 ``service.tensorrt_engine`` refuses a plan whose record does not match the host.
 
+FP16 needs TensorRT 10: it is asked for with the weak-typing builder API (``BuilderFlag.FP16``,
+``PREFER_PRECISION_CONSTRAINTS``, per-layer ``precision``/``set_output_type``,
+``platform_has_fast_fp16``), which TensorRT 11 removed (strongly typed networks only; the
+migration guide's "Removed Python APIs and Replacements"). With TensorRT 11 the float32
+graph builds a strongly typed FP32 plan, recorded as such (:func:`plan_precision`).
+
 uint8 input: TensorRT 10 accepts ``UINT8`` network inputs, but only as the input of a cast
 to float/half (the ``kUINT8`` rules of ``DataType``); a Shape or Transpose reading the
 uint8 tensor is rejected. The exported graph starts with ``Transpose(images)`` and
@@ -39,12 +45,37 @@ class TensorRTUnavailable(RuntimeError):
     install or to drop (``--tensorrt``), in one line; the CLI prints it without a traceback."""
 
 
+# The first TensorRT without the weak-typing (FP16 builder flag) API.
+STRONGLY_TYPED_ONLY_MAJOR = 11
+
+
+def tensorrt_major(version: str) -> int:
+    """The major version of a ``tensorrt.__version__`` such as ``10.13.0.35``."""
+    head = version.strip().split(".")[0]
+    if not head.isdigit():
+        raise TensorRTUnavailable(f"cannot read the TensorRT version {version!r}")
+    return int(head)
+
+
+def plan_precision(trt_version: str, fp16: bool) -> str:
+    """``fp16`` or ``fp32``: the precision a plan built with TensorRT ``trt_version`` gets when
+    ``fp16`` is asked for (or not). Below 10: :class:`TensorRTUnavailable` (the engine uses the
+    TensorRT 10 tensor API). From 11 on FP16 cannot be asked of the builder any more (weak
+    typing removed), so the plan is FP32. Pure: testable without TensorRT."""
+    major = tensorrt_major(trt_version)
+    if major < 10:
+        raise TensorRTUnavailable(f"TensorRT {trt_version} is too old: the plan builder and engine use the "
+                                  "TensorRT 10 API (tensor names, set_input_shape, execute_async_v3)")
+    return "fp16" if fp16 and major < STRONGLY_TYPED_ONLY_MAJOR else "fp32"
+
+
 def require_tensorrt() -> "object":
     try:
         import tensorrt as trt
     except ImportError as e:
         raise TensorRTUnavailable("TensorRT is not installed (pip install tensorrt, TensorRT >= 10 on a CUDA host); "
                            "export without --tensorrt to ship the ONNX engine only") from e
+    plan_precision(trt.__version__, fp16=False)  # too old: refused before the minutes of export
     return trt
 
 
@@ -133,7 +164,8 @@ def keep_numerics_in_fp32(network: "object", trt: "object") -> int:
 def build_plan(onnx_path: str | Path, plan_path: str | Path, input_size: int, min_batch: int = 1,
                opt_batch: int = 8, max_batch: int = 32, workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
                fp16: bool = True, keep_fp32: bool = True) -> TensorRTInfo:
-    """Build an FP16 TensorRT plan from ``onnx_path`` into ``plan_path``.
+    """Build an FP16 TensorRT plan from ``onnx_path`` into ``plan_path`` (FP32 with TensorRT 11
+    or ``fp16=False``: :func:`plan_precision`; the returned record says which).
 
     The optimisation profile covers batches ``min_batch..max_batch`` (tuned for
     ``opt_batch``) of ``images [B, input_size, input_size, 3] uint8``. Raises
@@ -144,10 +176,11 @@ def build_plan(onnx_path: str | Path, plan_path: str | Path, input_size: int, mi
         raise ValueError(f"need 1 <= min_batch <= opt_batch <= max_batch, got {min_batch}, {opt_batch}, {max_batch}")
     trt = require_tensorrt()
     gpu_name, capability = require_cuda()
-    major = int(trt.__version__.split(".")[0])
-    if major < 10:
-        raise TensorRTUnavailable(f"TensorRT {trt.__version__} is too old: the plan builder and engine use the "
-                           "TensorRT 10 API (tensor names, set_input_shape, execute_async_v3)")
+    precision = plan_precision(trt.__version__, fp16)
+    if fp16 and precision != "fp16":
+        log.warning("TensorRT %s builds strongly typed networks only (BuilderFlag.FP16 was removed in TensorRT "
+                    "%d): building an FP32 plan from the float32 graph; TensorRT 10 builds the FP16 one",
+                    trt.__version__, STRONGLY_TYPED_ONLY_MAJOR)
 
     import onnx
 
@@ -173,7 +206,7 @@ def build_plan(onnx_path: str | Path, plan_path: str | Path, input_size: int, mi
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
-    if fp16:
+    if precision == "fp16":
         if not builder.platform_has_fast_fp16:
             log.warning("this GPU has no fast FP16; building FP16 anyway (it will be slow)")
         config.set_flag(trt.BuilderFlag.FP16)
@@ -186,7 +219,7 @@ def build_plan(onnx_path: str | Path, plan_path: str | Path, input_size: int, mi
     config.add_optimization_profile(profile)
 
     log.info("building TensorRT %s plan (%s, batch %d/%d/%d) on %s; this takes minutes", trt.__version__,
-             "fp16" if fp16 else "fp32", min_batch, opt_batch, max_batch, gpu_name)
+             precision, min_batch, opt_batch, max_batch, gpu_name)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         hint = ""
@@ -196,8 +229,9 @@ def build_plan(onnx_path: str | Path, plan_path: str | Path, input_size: int, mi
         raise RuntimeError(f"TensorRT failed to build a plan from {onnx_path}{hint}; see the TensorRT log above")
     write_atomic(plan_path, lambda f: f.write(memoryview(serialized)))
     return TensorRTInfo(file=plan_path.name, tensorrt_version=trt.__version__, gpu_name=gpu_name,
-                        compute_capability=capability, precision="fp16" if fp16 else "fp32",
+                        compute_capability=capability, precision=precision,
                         min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch)
 
 
-__all__ = ["TensorRTUnavailable", "build_plan", "cast_uint8_input", "keep_numerics_in_fp32", "INPUT_NAME", "TOPK_LIMIT"]
+__all__ = ["TensorRTUnavailable", "build_plan", "cast_uint8_input", "keep_numerics_in_fp32", "plan_precision",
+           "INPUT_NAME", "TOPK_LIMIT"]
