@@ -17,7 +17,7 @@
 # tool brings back at most 8 files): gpu-check-report.md, gpu-check-report.json, gpu-check.log
 # and raw.tar.gz (every step's log and JSON). Every GPU_CHECK_* knob passes through.
 set -uo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 PY=${PYTHON:-python3}
 OUT=${OUT:-./gpu-check-device-out}
 mkdir -p "$OUT"

