@@ -151,6 +151,10 @@ class TorchEngine:
                     self._forward(static_in)
             torch.cuda.current_stream(self.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            # Captured on the warm-up stream, which is on this engine's device. Without
+            # ``stream`` torch.cuda.graph captures on a class-wide stream made on whichever
+            # device was current at the first capture (device 0 in the batcher's thread), so
+            # the kernels of a cuda:1 model would launch outside the capture.
+            with torch.cuda.graph(graph, stream=side):
                 static_out = self._forward(static_in)
         return graph, static_in, static_out
