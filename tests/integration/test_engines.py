@@ -300,20 +300,30 @@ def test_tensorrt_engine_parity(version_dir: Path, tmp_path: Path, test_set) -> 
     if not _has_tensorrt():
         pytest.skip("TensorRT is not installed on this CUDA host (pip install tensorrt); "
                     "run deploy/gpu-check.sh for the full GPU check")
-    from models.tensorrt_build import build_plan
-    from msflow.parity import compare
+    import tensorrt
+
+    from models.tensorrt_build import build_plan, plan_precision
+    from msflow.parity import compare, precision_class
     from service.engines.tensorrt import TensorRTEngine
 
     copy = _copy_version(version_dir, tmp_path)
     info = build_plan(copy / "model.onnx", copy / "model.plan", TEST_INPUT_SIZE, 1, 2, 4)
     files = {**Manifest.read(copy).files, "model.plan": file_entry(copy / "model.plan")}
+    # FP16 with TensorRT 10; TensorRT 11 has no FP16 builder flag and builds FP32
+    assert info.precision == plan_precision(tensorrt.__version__, fp16=True)
     manifest = _rewrite_manifest(copy, tensorrt=info, files=files)
     engine = TensorRTEngine(copy)
+    assert (engine.profile_min, engine.profile_max) == (1, 4)
     images, _ = test_set
     x = images[:6]  # more than the profile maximum (4): runs as two chunks
     got = engine.run(x)
+    assert got[0].shape == (6,) and got[1].shape == (6, TEST_INPUT_SIZE, TEST_INPUT_SIZE)
     ref = OnnxEngine(copy, CPU).run(x)
-    result = compare(ref, got, manifest.calibration, "fp16")
+    result = compare(ref, got, manifest.calibration, precision_class("tensorrt", manifest))
+    assert result["passed"], result
+    # the last chunk's image alone (a batch of 1, below the opt batch) answers within the same tolerances
+    alone = engine.run(x[5:6])
+    result = compare((ref[0][5:6], ref[1][5:6]), alone, manifest.calibration, precision_class("tensorrt", manifest))
     assert result["passed"], result
 
 
