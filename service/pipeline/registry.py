@@ -354,7 +354,23 @@ class ModelRegistry:
         log.info("%s: serving version %s on %s (%s; warm-up %.0f ms, load %.1f s)", category, model.version,
                  model.engine.name, f"was {previous.version}" if previous else "first load", model.warmup_ms,
                  time.perf_counter() - started)
+        if previous is not None and previous.version != model.version:
+            self._say_dropped_override(previous, model)
         return model
+
+    def _say_dropped_override(self, previous: LoadedModel, model: LoadedModel) -> None:
+        """Overrides belong to one version (another version may score on another scale), so an
+        operator's threshold stops deciding verdicts when a new version is swapped in: say so
+        where the operator looks, rather than let verdicts move without a word."""
+        if self.thresholds is None:
+            return
+        dropped = self.thresholds.for_manifest(previous.manifest)
+        if dropped is None or self.thresholds.for_manifest(model.manifest) is not None:
+            return
+        log.warning("%s: the threshold override of version %s (%.6g) does not apply to version %s, which "
+                    "decides at its calibrated threshold %.6g; set one for it with PUT threshold if needed",
+                    model.manifest.category, previous.version, dropped.threshold, model.version,
+                    model.manifest.calibration.threshold)
 
     # ------------------------------------------------------------------ description
     def describe(self, category: str) -> ModelInfo:
