@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
@@ -142,8 +144,6 @@ def _check_store(args: argparse.Namespace) -> None:
     """The model store serve and worker will read (--store, else MSFLOW_MODEL_STORE): refused
     here in one line when it is no readable folder, rather than by the app's start-up, whose
     traceback uvicorn prints before "Application startup failed" (exit 3)."""
-    import os
-
     from service.config import Settings
 
     store = Path(args.store) if args.store else Settings().model_store
@@ -373,6 +373,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         first = str(exc).strip().splitlines()
         print(f"msflow {args.command}: {type(exc).__name__}: {' '.join(first[:4])}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Ctrl-C: a stopped command, not a crash. uvicorn re-raises the SIGINT it shut down
+        # on, which ended `msflow serve` (and ./scripts/demo.sh) in a KeyboardInterrupt
+        # traceback. Die by SIGINT as an uncaught Ctrl-C does, so a calling script stops too.
+        print(f"msflow {args.command}: interrupted", file=sys.stderr)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+        return 130  # not reached: SIGINT's default action ends the process
 
 
 if __name__ == "__main__":
