@@ -71,6 +71,10 @@ class Worker:
                                   observe=self.metrics.worker_input_bytes.labels("held").set)
         self.stop = asyncio.Event()
         self.categories: list[str] = []
+        # Set by any failed Redis call. Once Redis answers again no claim is made for
+        # job_claim_idle_s: every holder's keep-alive failed during the outage too, so its live
+        # jobs looked idle, and claimed they ran twice, each claim charged as a delivery.
+        self.redis_failed = False
         self._watch: asyncio.Task[None] | None = None
         self._heartbeat: asyncio.Task[None] | None = None
 
@@ -100,7 +104,7 @@ class Worker:
             try:
                 await self._follow_store()
                 deliveries: list[Delivery] = []
-                if time.monotonic() >= next_claim:
+                if time.monotonic() >= next_claim and not self.redis_failed:
                     # One re-delivered job at a time, alone: a job that kills its worker then costs
                     # only itself another delivery (and is dead-lettered alone once over the
                     # limit), never the innocent jobs it happened to be read with.
@@ -109,8 +113,11 @@ class Worker:
                 if not deliveries:
                     deliveries = await self.queue.read(self.categories, self.name, self.settings.max_batch_size,
                                                        self.settings.worker_block_s)
+                    if self.redis_failed:  # Redis is back: the holders refresh their claims first
+                        self.redis_failed, next_claim = False, time.monotonic() + self.settings.job_claim_idle_s
                 await self.step(deliveries)
             except RedisUnavailable as exc:
+                self.redis_failed = True
                 if "NOGROUP" in str(exc.__cause__ or ""):  # the stream went away (Redis restarted empty)
                     await self._until_redis(lambda: self.queue.ensure_groups(self.categories))
                     continue
@@ -161,6 +168,7 @@ class Worker:
                 await fn()
                 return
             except RedisUnavailable as exc:
+                self.redis_failed = True
                 log.warning("worker %s: waiting for Redis (%s)", self.name, exc)
                 await self._sleep(1.0)
 
@@ -347,6 +355,7 @@ class Worker:
                     await self._record_outcome(category, job)
                     return
                 except RedisUnavailable as exc:
+                    self.redis_failed = True
                     if self.stop.is_set():
                         log.warning("job %s: cannot record its outcome (%s); it will be redelivered", job.record.id,
                                     exc)
@@ -393,7 +402,7 @@ class Worker:
                 try:
                     await self.queue.keep_alive(category, self.name, sorted(stream_ids))
                 except RedisUnavailable:
-                    pass
+                    self.redis_failed = True
 
     async def _beat(self) -> None:
         """Say every few seconds which categories this worker consumes (a job's answer counts
@@ -403,7 +412,7 @@ class Worker:
             try:
                 await self.queue.workers.beat(self.name, self.categories)
             except RedisUnavailable:
-                pass
+                self.redis_failed = True
 
     async def close(self) -> None:
         """Finish what the batchers hold, release threads and the connection."""

@@ -10,6 +10,10 @@ worker (in-process, the real engine of the trained test model):
   ``inputs_missing`` for good. Now a job that is not final keeps its submission's expiry.
 * A job that no worker finishes. Before: its record said "delivered 4 times" with
   ``MSFLOW_JOB_MAX_ATTEMPTS=3`` (the fourth delivery is the one that buried it).
+* A Redis outage longer than ``job_claim_idle_s`` while a live worker runs a job. Before:
+  its keep-alive failed with Redis, so once Redis was back the job looked abandoned, another
+  worker claimed it (a delivery charged) and ran it again. Now a worker that saw Redis fail
+  makes no claim for ``job_claim_idle_s`` after it answers again.
 * The input budget as a gauge (``msflow_worker_input_bytes``).
 """
 
@@ -238,3 +242,55 @@ def test_the_input_budget_is_a_gauge(store: Path, redis: RedisServer, good_image
     assert out["budget"] == budget and out["after"] == 0
     assert all(g == held for g, held in out["seen"]), out["seen"]  # the gauge is what is held
     assert 0 < max(g or 0 for g, _ in out["seen"]) <= budget
+
+
+def test_a_redis_outage_longer_than_the_claim_idle_time_does_not_hand_a_live_workers_job_to_another(
+        store: Path, private_redis: RedisServer, good_images: list[Path]) -> None:  # noqa: F811
+    """A live holder keeps its job alive as a worker does (every job_claim_idle_s / 3, 3 s);
+    Redis is down 10 s (state saved and loaded back), longer than the claim idle time (9 s),
+    and the holder's first keep-alive after it comes back is a period later, as it may be.
+    Before: a worker in its loop claimed the job within a second of Redis's return (delivery
+    2, charged to the job) and ran it again. Now it makes no claim for job_claim_idle_s after
+    Redis answers again, by when every live holder has refreshed its claims."""
+    idle_s = 9.0
+    settings = settings_for(store, private_redis, job_claim_idle_s=idle_s, job_max_attempts=3)
+
+    async def main() -> tuple[list[Any], float | None]:
+        worker = Worker(settings, name="claimer")
+        holder_conn = RedisConnection(settings, breaker_s=0.0)
+        holder = JobQueue(settings, holder_conn)
+        upload = Upload(good_images[4].name, good_images[4].read_bytes())
+        await holder.ensure_groups([CATEGORY])
+        job_id = (await holder.submit(CATEGORY, [upload], NO_HEATMAP, None)).id
+        (held,) = await holder.read([CATEGORY], "holder", 8, 1.0)
+        loop = asyncio.create_task(worker.run())
+        try:
+            await until(lambda: worker.categories or loop.done(), "the worker to start", 120)
+            await asyncio.sleep(1.0)
+            await holder.keep_alive(CATEGORY, "holder", [held.stream_id])
+            private_redis.client().save()
+            await asyncio.to_thread(private_redis.stop)
+            await asyncio.sleep(idle_s + 1.0)
+            await asyncio.to_thread(private_redis.start)
+            await asyncio.sleep(idle_s / 3)  # the holder's keep-alive comes round
+            while True:
+                try:
+                    await holder.keep_alive(CATEGORY, "holder", [held.stream_id])
+                    break
+                except RedisUnavailable:
+                    await asyncio.sleep(0.1)
+            await asyncio.sleep(2.0)  # a claim made meanwhile has run its job by now
+            pending = await holder_conn.client.xpending_range(holder.stream(CATEGORY), "workers", min="-", max="+",
+                                                              count=10)
+        finally:
+            worker.stop.set()
+            await asyncio.wait_for(loop, 30)
+            await worker.close()
+            await holder_conn.aclose()
+        assert job_id
+        done = worker.metrics.registry.get_sample_value("msflow_jobs_total", {"category": CATEGORY, "outcome": "done"})
+        return pending, done
+
+    pending, done = asyncio.run(main())
+    assert [(p["consumer"], p["times_delivered"]) for p in pending] == [(b"holder", 1)], pending
+    assert not done  # the claimer never ran the holder's job
