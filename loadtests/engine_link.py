@@ -6,7 +6,7 @@ A multi-process server (``MSFLOW_API_PROCESSES`` > 1) sends every image from a f
 the engine process and back (:mod:`service.pipeline.engine_client`, :mod:`service.engine_core`):
 a slot of shared memory each way, two messages, two processes woken. Through HTTP that cost
 is a few tenths of a millisecond inside two milliseconds of a request, which a shared box
-drifts by as much between windows (docs/PERFORMANCE.md). Here there is no HTTP and no
+drifts by as much between windows (docs/performance-log.md). Here there is no HTTP and no
 decode: this process submits one model input at a time from ``--in-flight`` coroutines and
 reads each answer's map once (as the postprocess's map check does), either
 

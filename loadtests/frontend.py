@@ -54,7 +54,7 @@ busy it is. ``--device cuda`` serves a real engine on a GPU host's GPU (the serv
 CPU otherwise).
 ``--rounds N`` drives every kind N times, the kinds taking turns, and reports the median of
 each figure (the share outside the engine of each round, too): on a shared box a single
-window drifts by about as much as the 10% target's margin (docs/PERFORMANCE.md).
+window drifts by about as much as the 10% target's margin (docs/performance-log.md).
 Writes ``summary.json`` and ``summary.md`` (:mod:`loadtests.frontend_report`).
 """
 

@@ -4,7 +4,7 @@ mode's CPU per image as a ratio to the first mode's *in the same round*.
     python -m loadtests.frontend_modes --store model_store --modes one servers=2 api=2 --rounds 3 \\
         -- --client wrk --concurrency 16 --seconds 10 --kinds jpeg256-none --no-profile
 
-A shared two-core box drifts by 10-20% between minutes (docs/PERFORMANCE.md), more than the
+A shared two-core box drifts by 10-20% between minutes (docs/performance-log.md), more than the
 differences between modes; separate runs of :mod:`loadtests.frontend` per mode compare
 minutes, not modes. Here the modes take turns within each round, so a drift reaches each
 alike, and the report gives every round's ratios and their median.

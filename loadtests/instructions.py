@@ -2,7 +2,7 @@
 
     python -m loadtests.instructions --store model_store --modes one api=2 --requests 300
 
-CPU seconds on a shared two-core box drift by 10-20% between minutes (docs/PERFORMANCE.md);
+CPU seconds on a shared two-core box drift by 10-20% between minutes (docs/performance-log.md);
 instruction counts do not: the same code, inputs and load give the same count to about a
 percent, whatever else the machine runs. So this settles what timing cannot: whether a mode
 *does more work* per image, or the same work more slowly.

@@ -6,7 +6,7 @@ afresh on every call, that cost a server dearly: at 10,000 items one scan took ~
 CPU holding the GIL (``strptime`` on every id), a capture made four of them and the gauges'
 refresh after it read every label too: ~0.77 s of CPU per captured image once the store was
 full, and a server auditing 2% of its answers fell from 660 to 317 images/s
-(docs/PERFORMANCE.md).
+(docs/performance-log.md).
 
 :class:`StoreIndex` keeps, per category, a :class:`CategoryScan` snapshot (entries oldest
 first, labelled ids, the digests and the bytes they add up to) with the ``stat`` of the two

@@ -9,7 +9,7 @@ and a 256 KB map, with small objects between them) still leaves more than the th
 free at the top after each image: the heap shrinks, and the next image's buffers come back
 as fresh pages, each one a page fault and a page of zeros. A front end of a multi-process
 server took 18-27 faults per image that way; without them its time in the kernel per image
-halved, 0.11 to 0.06 ms (docs/PERFORMANCE.md, "A fifteenth box").
+halved, 0.11 to 0.06 ms (docs/performance-log.md, "A fifteenth box").
 
 :func:`keep_freed_memory` fixes both thresholds from the start: chunks up to 32 MB from the
 heap (where glibc's adaptation ends at most), and up to ``retain_bytes`` of free memory kept

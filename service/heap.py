@@ -6,7 +6,7 @@ process holds ~120,000 from its imports alone (functions, classes, module dicts 
 stack, the pipeline, numpy, SciPy, Pillow), none of which can ever become garbage. Under
 load that pass came every 8-10 s and walked them all for ~100 ms (when `msflow serve` still
 imported torch), holding the GIL: every request in flight stood still for it (p99.9 latency
-135 ms against a p99 of 20 ms; docs/PERFORMANCE.md, "A tenth box").
+135 ms against a p99 of 20 ms; docs/performance-log.md, "A tenth box").
 
 :func:`freeze_startup_objects` moves what start-up made into the collector's permanent
 generation, which no pass walks (``gc.freeze``). What the process makes later (engines,
@@ -43,7 +43,7 @@ class CollectorPauses:
     """The collector's passes in this process since the last :meth:`drain`.
 
     At most ``capacity`` are kept, the oldest going first: a server made 15-40 passes a
-    second under load (docs/PERFORMANCE.md), so the default holds minutes of them, far more
+    second under load (docs/performance-log.md), so the default holds minutes of them, far more
     than a loop that drains every second ever leaves."""
 
     def __init__(self, capacity: int = 4096) -> None:

@@ -58,7 +58,7 @@ if values.ValueClass is not values.MutexValue:
     # Multi-process mode (PROMETHEUS_MULTIPROC_DIR, set by the supervisor before it spawns
     # the front ends and the engine process): prometheus-client asks for the process id on
     # every value update, to notice a fork: a getpid system call each, ~13 of a front end's 22
-    # per request (strace, docs/PERFORMANCE.md). Its own extension point takes the id from
+    # per request (strace, docs/performance-log.md). Its own extension point takes the id from
     # here instead; the fork hook keeps it true.
     values.ValueClass = values.MultiProcessValue(process_identifier=current_process_id)
 

@@ -12,7 +12,7 @@ With ``MSFLOW_API_PROCESSES`` = 1 (the default) the whole service runs in this p
   the only place batches form, so N front ends do not split a category's batches N ways.
 
 Why processes at all: one process shares one GIL between HTTP, decode and encode; at about
-1.4 ms of Python per image it tops out near 700 images/s (docs/PERFORMANCE.md), far below
+1.4 ms of Python per image it tops out near 700 images/s (docs/performance-log.md), far below
 what one GPU can score. Why one engine process rather than an engine per front end: batch
 size is what makes a GPU efficient, and N engines would also hold N copies of each model.
 

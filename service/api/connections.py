@@ -140,7 +140,7 @@ class ConnectionClock:
     connections are open, it closes those whose headers or body are late, whose client takes
     no answer, or whose linger is over. (A timer armed and cancelled per request, with every
     request's header sizes summed, cost 1.1% more instructions per request under
-    ``loadtests/instructions.py``; this way none measurable: docs/PERFORMANCE.md.) A late
+    ``loadtests/instructions.py``; this way none measurable: docs/performance-log.md.) A late
     connection goes between its time and that plus a period or two."""
 
     def __init__(self, period: float) -> None:

@@ -41,7 +41,7 @@ async def inspect_target(request: Request, category: str) -> InspectTarget:
     """What the other routes resolve as three dependencies (the API key, a known category,
     the state), in one. FastAPI resolves every dependency of every request anew (cache key,
     parameter lists), about 30 µs apiece on the event loop of a 2.1 GHz Xeon: on the route
-    that carries nearly all requests, one dependency instead of six (docs/PERFORMANCE.md)."""
+    that carries nearly all requests, one dependency instead of six (docs/performance-log.md)."""
     state = await get_state(request)
     # The key first: where keys are configured a request without one is 401, whichever site
     # sent it. Not read-only: an answer feeds the review store, recent scores and the drift

@@ -28,7 +28,7 @@ class NullEngine:
         # np.zeros maps fresh pages that all read from the kernel's one zero page until
         # written, cheaper to read than the memory a real engine writes its maps into, which
         # flattered one process against the engine process, whose slots are written memory
-        # (0.05-0.1 ms of ~1.2 per image: docs/PERFORMANCE.md, "A tenth box").
+        # (0.05-0.1 ms of ~1.2 per image: docs/performance-log.md, "A tenth box").
         self._maps = np.zeros((max_batch_size, self.size, self.size), dtype=np.float32)
         self._maps.fill(0.0)
         self._maps.flags.writeable = False

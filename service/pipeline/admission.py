@@ -17,7 +17,7 @@ image was still decoding keeps costing what that thread holds until the thread i
 the budget bounds memory, not just requests.
 
 Memory per admitted pixel is a small constant (about 4 bytes for the decode of a grey PNG
-converted to RGB, ~3 for the rendered heatmap and display copy); docs/PERFORMANCE.md has
+converted to RGB, ~3 for the rendered heatmap and display copy); docs/performance-log.md has
 the measured peak resident memory of the hostile-load scenario against this budget.
 """
 

@@ -2,7 +2,7 @@
 
 ISA-L (``isal``, Intel's Intelligent Storage Acceleration Library) deflates, inflates and
 checksums the zlib format in a fraction of zlib's time: a 256 x 256 heatmap's rows in 0.09
-instead of 0.56 ms, a PNG's pixel stream in a third of the time (docs/PERFORMANCE.md).
+instead of 0.56 ms, a PNG's pixel stream in a third of the time (docs/performance-log.md).
 
 Its AVX2 and AVX-512 routines return without ``vzeroupper`` (by design: intel/isa-l#24
 leaves it to the caller). Until something executes that instruction, legacy-SSE code in the

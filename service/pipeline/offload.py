@@ -7,7 +7,7 @@ semaphore, and a ``call_soon_threadsafe`` from the future's done callback; a pix
 ``call_soon_threadsafe`` writes to the loop's wake-up pipe, and on a virtual machine every
 cross-thread wake-up is an interrupt sent to another vCPU. A request makes three of these
 calls per image (probe, decode, postprocess), a batch one more, so they were a measurable
-share of the front end's CPU (docs/PERFORMANCE.md).
+share of the front end's CPU (docs/performance-log.md).
 
 Here a call is one put on a ``SimpleQueue`` and one ``call_soon_threadsafe`` back, which
 settles the awaiting future and the ticket together. A call whose caller gave up before a
@@ -79,7 +79,7 @@ async def gather_in_order(calls: Sequence[Awaitable[_T]]) -> list[_T]:
     raise the first failure in their order, else return their results. A single call is
     awaited as it is: ``asyncio.gather`` would wrap it in a task of its own, and one image
     per request is the common case (task creation was a tenth of the event loop's samples
-    at the real engine's rate: docs/PERFORMANCE.md)."""
+    at the real engine's rate: docs/performance-log.md)."""
     if len(calls) == 1:
         return [await calls[0]]
     outcomes = await asyncio.gather(*calls, return_exceptions=True)

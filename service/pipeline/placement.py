@@ -7,7 +7,7 @@ when it gets there. A request makes three such calls per image (probe, decode,
 postprocess). For a small image that is more than the work itself: on a 2-vCPU box with the
 null engine, a 256² JPEG cost the server 1.06-1.11 ms of CPU with its work on the loop
 against 1.22-1.27 ms in the threads, a 256² PNG with an inline heatmap 1.22-1.34 against
-1.46-1.53 ms (docs/PERFORMANCE.md). With several front-end processes each process is a unit
+1.46-1.53 ms (docs/performance-log.md). With several front-end processes each process is a unit
 of parallelism already, and its threads only add hand-offs.
 
 So a *small* request does its probe, decode and postprocess on the loop, a larger one in the

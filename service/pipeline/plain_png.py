@@ -8,7 +8,7 @@ stream (the joined ``IDAT`` payloads) is inflated here by ISA-L (``isal``, about
 zlib's time; :mod:`service.pipeline.deflate`) and handed to libspng stored, in uncompressed
 deflate blocks its zlib only copies: libspng then does what it does well, undoing the row
 filters. The whole decode of a good part's 23 KB 256 x 256 PNG: 0.67 -> 0.47 ms of CPU
-(docs/PERFORMANCE.md). Interlaced files, larger ones and hosts without an ``isal`` wheel go
+(docs/performance-log.md). Interlaced files, larger ones and hosts without an ``isal`` wheel go
 to libspng as they are.
 
 libspng, as pyspng drives it, checks neither the chunks' CRCs nor the zlib stream's
@@ -58,7 +58,7 @@ _ORIENTATION_KEYWORDS = (b"exif", b"xmp")  # in a keyword, any case
 MAX_PIXELS = 2048 * 2048
 # ISA-L's inflate pays up to about a megapixel: beyond it the rows no longer stay in the
 # caches between the inflate, the stored copy and libspng's pass over fresh memory (a 2048 x
-# 2048 photograph: 27.4 ms through libspng's zlib, 43.9 ms inflated here; docs/PERFORMANCE.md).
+# 2048 photograph: 27.4 ms through libspng's zlib, 43.9 ms inflated here; docs/performance-log.md).
 INFLATE_MAX_PIXELS = 1024 * 1024
 _IHDR_END = 8 + 12 + 13  # signature, then IHDR: length, type, 13 bytes, CRC
 _STORED_BLOCK = 0xFFFF  # the largest uncompressed deflate block

@@ -6,7 +6,7 @@ zlib level 1 on a 2.1 GHz Xeon, where ISA-L's level 1 (``isal``, Intel's Intelli
 Storage Acceleration Library; the same zlib format, any inflater reads it) deflates the same
 indices in 0.09 ms, to a stream a few percent *smaller*. A 256 x 256 overlay: 3.96 ms
 through Pillow (level 1, its adaptive row filters), 0.3-0.45 ms here, and 5% smaller on a
-demo part (docs/PERFORMANCE.md). Where ``isal`` has no wheel, the standard library's zlib writes the
+demo part (docs/performance-log.md). Where ``isal`` has no wheel, the standard library's zlib writes the
 same files, only slower.
 
 Every row is filtered with type 2 (Up: each byte minus the one above it). The PNG

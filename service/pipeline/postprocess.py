@@ -92,7 +92,7 @@ def analyse(item: InspectedImage, manifest: Manifest, calibration: Calibration, 
     """Blocking: the heatmap (``size`` None: none) and the defect regions of one scored image,
     with the milliseconds each took. ``calibration`` is the effective one (regions follow it).
     A map with NaN or infinity gets neither (``map_finite``): it is checked here, in the
-    thread that reads it anyway, rather than on the event loop (docs/PERFORMANCE.md)."""
+    thread that reads it anyway, rather than on the event loop (docs/performance-log.md)."""
     item.map_finite = bool(np.isfinite(item.score_map).all())
     if not item.map_finite:
         return

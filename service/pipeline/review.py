@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 # The gauges are the store's state, read from it; at an audit rate of 2% a busy server
 # captures several images a second, and reading the tallies after each one cost more than
-# the captures (docs/PERFORMANCE.md). A second's lag on a gauge costs nothing.
+# the captures (docs/performance-log.md). A second's lag on a gauge costs nothing.
 REFRESH_AFTER_WRITES_S = 1.0
 _ITEM_FIELDS = ("model_version", "verdict", "is_anomalous", "raw_score", "score", "threshold", "ng_threshold")
 

@@ -61,7 +61,7 @@ def test_pillow_and_libspng_read_back_an_rgb_image(height: int, width: int, zlib
 def test_a_photograph_costs_at_most_a_little_more_than_through_pillow() -> None:
     """A photograph of a texture (the demo's brick), rows filtered Up: within 15% of what
     Pillow's encoder wrote for overlays (zlib level 1, a filter chosen per row), where
-    unfiltered rows come to 1.5 times it (docs/PERFORMANCE.md has overlays of the demo's
+    unfiltered rows come to 1.5 times it (docs/performance-log.md has overlays of the demo's
     parts, 5-7% smaller than Pillow's, and of busier textures, up to 12% larger)."""
     from skimage import data  # a real photograph, bundled with scikit-image
 
