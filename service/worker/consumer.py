@@ -1,6 +1,6 @@
 """The worker's loop (:class:`Worker`): claim or read jobs from the category streams, run
-them through the pipeline runtime, record each outcome (the package's docstring tells the
-whole flow)."""
+them through the pipeline runtime (each a :class:`service.worker.job.JobInHand`), record each
+outcome (the package's docstring tells the whole flow)."""
 
 from __future__ import annotations
 
@@ -11,44 +11,26 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import ExitStack
-from dataclasses import dataclass, field
-from datetime import datetime
 
 from service.config import Settings
 from service.metrics import ServiceMetrics
-from service.pipeline.item import InspectedImage
 from service.pipeline.registry import ModelNotLoaded, UnknownCategory
 from service.pipeline.runtime import Lane, PipelineRuntime
 from service.redisq.connection import RedisConnection, RedisUnavailable, make_client
 from service.redisq.jobs import Delivery, JobQueue
 from service.redisq.records import FINAL_STATES, FinalWrite, JobRecord, RecordTooLarge, Unreadable
 from service.redisq.store import utcnow
-from service.schemas import ErrorBody, InspectResponse, Upload
-from service.worker.failures import JobFailed, job_failure
+from service.schemas import ErrorBody
+from service.worker.failures import JobFailed
 from service.worker.inputs import InputBudget
+from service.worker.job import JobInHand, run_job
 
 log = logging.getLogger("service.worker")
 
-# A job's images must reach the engine within this, or the attempt fails and is retried: a
-# wedged engine must not hold jobs forever (their claim is kept alive meanwhile, so nobody
-# else would take them). Far above any queueing a healthy worker sees.
-JOB_DEADLINE_S = 600.0
 # Reruns in hand of a job whose outputs (heatmap links) Redis could not store, each once Redis
 # answers again, before the attempt is charged: a Redis restart is not the job's fault, but a
 # Redis that answers and still refuses them must not rerun it forever.
 OUTPUT_RERUNS = 3
-
-
-@dataclass
-class _Job:
-    delivery: Delivery
-    record: JobRecord  # "running", written once its inputs have room (_fetch)
-    size: int  # its images' bytes: taken from the input budget before they are fetched
-    holding: bool = False  # its size is taken from the input budget (until its images are dropped)
-    data: list[bytes] = field(default_factory=list)
-    started: float = field(default_factory=time.monotonic)  # reset when fetched: the deadline excludes a wait for room
-    items: list[InspectedImage] = field(default_factory=list)  # one record per image, filled by the pipeline
-    error: JobFailed | None = None
 
 
 class Worker:
@@ -196,11 +178,11 @@ class Worker:
                 return
             await self._run_jobs(category, lane, jobs, held)
 
-    async def _take(self, category: str, deliveries: list[Delivery]) -> list[_Job]:
+    async def _take(self, category: str, deliveries: list[Delivery]) -> list[JobInHand]:
         """The deliveries to run, with their records and input sizes (not their images yet);
         the others are acknowledged or dead-lettered here."""
         peeked = await self.queue.records.peek(category, [d.job_id for d in deliveries])
-        jobs: list[_Job] = []
+        jobs: list[JobInHand] = []
         for delivery, (record, size) in zip(deliveries, peeked):
             if isinstance(record, Unreadable):  # would fail the same way on every delivery
                 # Written over with a failed record this version reads: its GET then says why,
@@ -226,12 +208,12 @@ class Worker:
                                                                                    attempts=runs))
             else:
                 # A size the queue does not know counts as the whole budget: the job is fetched alone.
-                jobs.append(_Job(delivery, record.model_copy(update={
+                jobs.append(JobInHand(delivery, record.model_copy(update={
                     "status": "running", "attempts": delivery.deliveries, "worker": self.name}),
                     self.inputs.limit if size is None else size))
         return jobs
 
-    async def _run_jobs(self, category: str, lane: Lane, jobs: list[_Job], held: set[str] | None) -> None:
+    async def _run_jobs(self, category: str, lane: Lane, jobs: list[JobInHand], held: set[str] | None) -> None:
         """Fetch the jobs' images as the input budget gives room, in order: those that fit
         together are fetched in one round trip and run at once (their images share engine
         batches); the others wait in hand until earlier ones are done with theirs."""
@@ -251,11 +233,11 @@ class Worker:
             if isinstance(outcome, BaseException):
                 raise outcome
 
-    async def _fetch_and_run(self, category: str, lane: Lane, group: list[_Job], held: set[str] | None) -> None:
+    async def _fetch_and_run(self, category: str, lane: Lane, group: list[JobInHand], held: set[str] | None) -> None:
         """Fetch the group, run each job and record its outcome; each job's images are dropped
         (and their room given back) as soon as it has run."""
         try:
-            async def run_one(job: _Job) -> None:
+            async def run_one(job: JobInHand) -> None:
                 try:
                     await self._run_job(lane, job)
                     for _ in range(OUTPUT_RERUNS):  # Redis's fault, not the job's: no attempt charged
@@ -271,7 +253,7 @@ class Worker:
             for job in group:  # Redis failed before these ran: they stay pending
                 self._drop_inputs(job)
 
-    async def _fetch(self, category: str, group: list[_Job], held: set[str] | None = None) -> list[_Job]:
+    async def _fetch(self, category: str, group: list[JobInHand], held: set[str] | None = None) -> list[JobInHand]:
         """Mark the jobs running and fetch their images in one round trip; the jobs to run (one
         that went final meanwhile is acknowledged instead)."""
         jobs = []
@@ -296,7 +278,7 @@ class Worker:
                   self.inputs.held, self.inputs.limit)
         return jobs
 
-    def _drop_inputs(self, job: _Job) -> None:
+    def _drop_inputs(self, job: JobInHand) -> None:
         """The job's images leave memory, and their room the input budget (once)."""
         job.data = []
         for item in job.items:
@@ -305,7 +287,7 @@ class Worker:
             job.holding = False
             self.inputs.give(job.size)
 
-    async def _redis_back(self, job: _Job) -> bool:
+    async def _redis_back(self, job: JobInHand) -> bool:
         """After a second, wait until Redis answers again (a restart, a failover): the job whose
         outputs it could not store then runs again in hand. Left to a redelivery, each restart
         during its runs spent an attempt, and job_max_attempts restarts dead-lettered a good
@@ -319,32 +301,10 @@ class Worker:
         await self._until_redis(ping)
         return not self.stop.is_set()
 
-    async def _run_job(self, lane: Lane, job: _Job) -> None:
-        """The runtime's inspect path for one job; its failure stays in ``job.error``."""
-        record = job.record
-        job.error, job.items, job.started = None, [], time.monotonic()  # a rerun starts afresh
-        if not job.data or len(job.data) != len(record.filenames):
-            job.error = JobFailed("inputs_missing", "the job's images are gone (expired or never stored)",
-                                  permanent=True)
-            return
-        # Time in the stream counts as queueing, like the batcher's: both are waits before the engine.
-        waited_ms = max(0.0, (utcnow() - _aware(record.created_at)).total_seconds() * 1e3)
-        job.items = [InspectedImage.received(i, Upload(filename=name, data=data), queue_ms=waited_ms)
-                     for i, (name, data) in enumerate(zip(record.filenames, job.data))]
-        try:
-            await self.runtime.run(lane, job.items, record.options, job.started + JOB_DEADLINE_S, job.started,
-                                   wait_for_room=True)
-        except Exception as exc:  # every failure stays the job's: its code and retry policy in failures.py
-            job.error = job_failure(exc, record.id, job.items)
-        else:
-            results = [item.answer for item in job.items]
-            response = InspectResponse(request_id=record.request_id or record.id, category=lane.model.category,
-                                       model_version=results[0].model_version, engine=lane.model.engine.name,
-                                       results=results)
-            job.record = record.model_copy(update={"status": "done", "result": response, "error": None,
-                                                   "updated_at": utcnow()})
+    async def _run_job(self, lane: Lane, job: JobInHand) -> None:
+        await run_job(self.runtime, lane, job)
 
-    async def _finish(self, category: str, job: _Job, held: set[str] | None = None) -> None:
+    async def _finish(self, category: str, job: JobInHand, held: set[str] | None = None) -> None:
         """Record the job's outcome (its stream id then leaves ``held``). While Redis is
         unavailable the write is retried every second: the result is computed, and a restart
         or failover of Redis must not cost a rerun (nor, repeated, the job's attempts). Once
@@ -366,7 +326,7 @@ class Worker:
             if held is not None:
                 held.discard(job.delivery.stream_id)
 
-    async def _record_outcome(self, category: str, job: _Job) -> None:
+    async def _record_outcome(self, category: str, job: JobInHand) -> None:
         """Final record + XACK, or a recorded failed attempt (retried later, or dead-lettered)."""
         if job.error is None:
             try:
@@ -427,8 +387,4 @@ class Worker:
         await self.runtime.close()
 
 
-def _aware(moment: datetime) -> datetime:
-    return moment if moment.tzinfo else moment.replace(tzinfo=utcnow().tzinfo)
-
-
-__all__ = ["JOB_DEADLINE_S", "OUTPUT_RERUNS", "Worker"]
+__all__ = ["OUTPUT_RERUNS", "Worker"]
