@@ -46,7 +46,8 @@ from service.config import Settings
 from service.engine_core import run_engine_process
 from service.engines.factory import load_engine
 from service.metrics import ServiceMetrics
-from service.pipeline.batcher import Batched, Batcher
+from service.pipeline.batch_queue import Batched
+from service.pipeline.batcher import Batcher
 from service.pipeline.engine_client import EngineClient
 from service.pipeline.runtime import engine_runner
 

@@ -18,7 +18,7 @@ from models.review_store import ItemNotFound, ReviewError
 from service.engines.base import EngineError
 from service.metrics import UNKNOWN
 from service.pipeline.admission import AdmissionRefused
-from service.pipeline.batcher import BatcherClosed, CallerGone, DeadlineExceeded, QueueFull
+from service.pipeline.batch_queue import BatcherClosed, CallerGone, DeadlineExceeded, QueueFull
 from service.pipeline.decode import ImageRejected
 from service.pipeline.engine_client import EngineUnavailable
 from service.pipeline.registry import ModelNotLoaded, UnknownCategory

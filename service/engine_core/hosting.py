@@ -26,7 +26,8 @@ from service.engines.base import Engine
 from service.ipc import frames
 from service.ipc.slab import Slab
 from service.metrics import ServiceMetrics
-from service.pipeline.batcher import Batched, Batcher, BatcherClosed, DeadlineExceeded, QueueFull
+from service.pipeline.batch_queue import Batched, BatcherClosed, DeadlineExceeded, QueueFull
+from service.pipeline.batcher import Batcher
 from service.pipeline.registry import EngineFactory, warm_engine
 from service.pipeline.runtime import engine_runner
 
@@ -112,7 +113,8 @@ class HostedEngines:
                 return hosted
             s = self.settings
             engine = await asyncio.to_thread(self._engine_factory, Path(version_dir), kind=s.engine, device=s.device,
-                                             threads=s.intra_op_threads, max_batch_size=s.max_batch_size)
+                                             threads=s.intra_op_threads, max_batch_size=s.max_batch_size,
+                                             tensorrt_cache_dir=s.ort_tensorrt_cache_dir)
             warmup_ms = await asyncio.to_thread(warm_engine, engine, s.max_batch_size)
             category = engine.manifest.category
             batcher = Batcher(category, self._runner(category, engine), label=engine.name,

@@ -42,34 +42,15 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Protocol
 
 from service.os_names import engine_thread_name
+from service.pipeline.batch_queue import Batched, BatcherClosed, DeadlineExceeded, QueueFull
 from service.pipeline.offload import Offload
 
 log = logging.getLogger(__name__)
-
-
-class BatcherError(RuntimeError):
-    """Base of the errors an item's future can carry or ``submit`` can raise."""
-
-
-class QueueFull(BatcherError):
-    """The category's queue has no room for the request (answer 503 + Retry-After)."""
-
-
-class BatcherClosed(BatcherError):
-    """The batcher is draining for shutdown and takes no new work (answer 503)."""
-
-
-class DeadlineExceeded(BatcherError):
-    """The item's deadline passed before it reached the engine (answer 504)."""
-
-
-class CallerGone(BatcherError):
-    """The caller stopped waiting (client disconnected); its items were cancelled."""
 
 
 class BatchObserver(Protocol):
@@ -96,43 +77,6 @@ class _NullObserver:
 
     def count_rejection(self, category: str, reason: str) -> None:
         pass
-
-
-R = TypeVar("R")
-
-
-class BatchQueue(Protocol):
-    """What a pipeline lane batches with: a :class:`Batcher` here, or the front end's
-    :class:`~service.pipeline.remote_batcher.RemoteBatcher` of the engine process's one."""
-
-    category: str
-    max_queue_delay_s: float
-
-    @property
-    def max_queue_size(self) -> int: ...
-
-    @property
-    def depth(self) -> int: ...
-
-    @property
-    def closing(self) -> bool: ...
-
-    def check_room(self, count: int) -> None: ...
-
-    def submit_many(self, items: Sequence[Any], deadline: float) -> list[asyncio.Future[Any]]: ...
-
-    async def drain(self, timeout: float | None = None) -> None: ...
-
-
-@dataclass(frozen=True)
-class Batched(Generic[R]):
-    """One item's result, with the batch it ran in: ``value`` is what ``run_batch`` returned
-    for it; ``queue_ms`` its wait, ``run_ms`` the whole batch's ``run_batch`` call."""
-
-    value: R
-    batch_size: int
-    queue_ms: float
-    run_ms: float
 
 
 @dataclass
@@ -368,51 +312,3 @@ class Batcher:
     async def close(self) -> None:
         """Alias of :meth:`drain` without a timeout."""
         await self.drain()
-
-
-async def submit_when_room(batcher: BatchQueue, items: Sequence[Any], deadline: float) -> list[asyncio.Future[Any]]:
-    """Queue ``items`` without ever being refused for a full queue (a worker, which already
-    holds its jobs): in parts no larger than the queue, each once there is room for it (or
-    :class:`DeadlineExceeded`)."""
-    futures: list[asyncio.Future[Any]] = []
-    step = batcher.max_queue_size
-    try:
-        for start in range(0, len(items), step):
-            part = items[start:start + step]
-            while batcher.depth + len(part) > batcher.max_queue_size:
-                if time.monotonic() >= deadline:
-                    raise DeadlineExceeded("deadline passed while waiting for room in the queue")
-                await asyncio.sleep(max(0.001, batcher.max_queue_delay_s))
-            futures += batcher.submit_many(part, deadline)
-    except BaseException:
-        for future in futures:
-            future.cancel()
-        raise
-    return futures
-
-
-async def wait_results(futures: Sequence[asyncio.Future[Any]], deadline: float,
-                       gone: Awaitable[Any] | None = None) -> None:
-    """Wait until every future is done, the ``time.monotonic()`` deadline passes
-    (:class:`DeadlineExceeded`) or ``gone`` completes (:class:`CallerGone`).
-
-    On the latter two the unfinished futures are cancelled, which is what makes the batcher
-    drop those items before the engine. Results and per-item errors stay on the futures.
-    """
-    watcher = asyncio.ensure_future(gone) if gone is not None else None
-    pending: set[asyncio.Future[Any]] = set(futures)
-    try:
-        while pending:
-            timeout = deadline - time.monotonic()
-            if timeout <= 0:
-                raise DeadlineExceeded("deadline passed while waiting for the engine")
-            waitables = pending | {watcher} if watcher is not None else pending
-            done, _ = await asyncio.wait(waitables, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-            if watcher is not None and watcher in done:
-                raise CallerGone("the caller went away")
-            pending -= done
-    finally:
-        if watcher is not None:
-            watcher.cancel()
-        for f in futures:
-            f.cancel()  # no-op on finished ones

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from service.pipeline.batcher import BatcherError
+from service.pipeline.batch_queue import BatcherError
 
 
 class EngineUnavailable(BatcherError):

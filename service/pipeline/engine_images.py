@@ -24,7 +24,7 @@ from service.engines.base import EngineError
 from service.ipc import frames
 from service.ipc.channel import Channel
 from service.ipc.slab import Slab, SlotPool
-from service.pipeline.batcher import Batched, BatcherClosed, DeadlineExceeded, QueueFull
+from service.pipeline.batch_queue import Batched, BatcherClosed, DeadlineExceeded, QueueFull
 from service.pipeline.engine_errors import EngineUnavailable
 
 _WARMUP_DEADLINE_S = 300.0  # a warm-up batch through the engine process: first CUDA / TensorRT runs are slow

@@ -37,7 +37,7 @@ from typing import Any
 
 from service.config import Settings
 from service.metrics import ServiceMetrics
-from service.pipeline.batcher import BatcherError
+from service.pipeline.batch_queue import BatcherError
 from service.pipeline.engine_client import EngineClient
 from service.schemas import ImageResult, RecentScore, RecentSummary
 

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from service.metrics import ServiceMetrics
-from service.pipeline.batcher import BatcherClosed, QueueFull
+from service.pipeline.batch_queue import BatcherClosed, QueueFull
 from service.pipeline.engine_client import EngineClient, EngineUnavailable, RemoteEngine
 
 

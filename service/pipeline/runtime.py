@@ -33,7 +33,8 @@ import numpy as np
 from service.config import Settings
 from service.metrics import ServiceMetrics
 from service.pipeline.admission import MEGA, AdmissionRefused, PixelBudget, Ticket
-from service.pipeline.batcher import Batched, Batcher, BatchQueue, DeadlineExceeded, submit_when_room, wait_results
+from service.pipeline.batch_queue import Batched, BatchQueue, DeadlineExceeded, submit_when_room, wait_results
+from service.pipeline.batcher import Batcher
 from service.pipeline.engine_client import EngineClient, RemoteEngine
 from service.pipeline.decode import ImageLimits, ImageRejected, Rendering, configure_pillow, decode_into, probe_into
 from service.pipeline.item import InspectedImage
@@ -269,7 +270,7 @@ class PipelineRuntime:
         first image's error (an engine failure fails every image of its batch).
 
         ``wait_for_room``: wait while the batcher's queue is full instead of raising
-        :class:`~service.pipeline.batcher.QueueFull`. The API sheds load (503); a worker has
+        :class:`~service.pipeline.batch_queue.QueueFull`. The API sheds load (503); a worker has
         already taken the job, so it applies back-pressure instead and reads no more meanwhile.
         """
         tensors = [item.model_input for item in items]

@@ -8,7 +8,7 @@ import logging
 from typing import Any
 
 from service.pipeline.admission import AdmissionRefused, RequestTooExpensive
-from service.pipeline.batcher import BatcherClosed, BatcherError, DeadlineExceeded, QueueFull
+from service.pipeline.batch_queue import BatcherClosed, BatcherError, DeadlineExceeded, QueueFull
 from service.pipeline.decode import ImageRejected
 from service.pipeline.item import InspectedImage
 from service.pipeline.runtime import NonFiniteOutput

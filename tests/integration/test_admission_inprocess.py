@@ -19,7 +19,7 @@ from PIL import Image
 
 from harness import CATEGORY, engine_run_replaced
 from service.pipeline.admission import RequestTooExpensive, ServerBusy
-from service.pipeline.batcher import DeadlineExceeded, QueueFull
+from service.pipeline.batch_queue import DeadlineExceeded, QueueFull
 from service.pipeline.decode import fit_within
 from service.pipeline.item import InspectedImage
 from service.schemas import HeatmapMode, HeatmapSize, InspectOptions, Upload

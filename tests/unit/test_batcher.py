@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from service.pipeline.batcher import Batched, Batcher, BatcherClosed, DeadlineExceeded, QueueFull
+from service.pipeline.batch_queue import Batched, BatcherClosed, DeadlineExceeded, QueueFull
+from service.pipeline.batcher import Batcher
 
 SIZE = 4
 
