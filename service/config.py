@@ -63,6 +63,10 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="auto (a GPU if usable, else the CPU), cpu, or cuda / cuda:N (that "
                         "GPU, or the load fails: never a quiet CPU engine)")
     intra_op_threads: int | None = Field(None, ge=1, description="engine CPU threads (None: runtime default)")
+    ort_tensorrt_cache_dir: Path | None = Field(
+        None, description="where ONNX Runtime's TensorRT provider keeps the engines it builds (a folder per "
+                          "model) and its timing cache, so a restart loads them instead of building for minutes; "
+                          "a writable folder, not the model store (None: <TMPDIR>/msflow-ort-tensorrt-<uid>)")
     store_poll_s: float = Field(5.0, ge=0.0, description="how often the server looks for new categories and "
                                 "versions in the model store (0: only at start-up and on reload)")
 

@@ -1,7 +1,22 @@
-"""The onnxruntime backend: :class:`OnnxEngine` over a version's ``model.onnx``."""
+"""The onnxruntime backend: :class:`OnnxEngine` over a version's ``model.onnx``.
+
+With onnxruntime-gpu, TensorRT's execution provider comes first. Its options
+(:func:`tensorrt_provider_options`) fix the engine's optimisation profile to batches
+1..max_batch_size of ``images [B, S, S, 3]``: without them the provider sizes the engine on
+the first batch it sees and builds it again (minutes on a GPU) for every batch outside what
+it has seen, and an explicit profile also moves the build to session creation, before
+warm-up. Built engines and TensorRT's timing cache are kept in a writable folder
+(``MSFLOW_ORT_TENSORRT_CACHE_DIR``), so a restart loads them instead of building again.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+import stat
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +25,10 @@ import numpy as np
 from models.manifest import Manifest
 from service.engines.base import MAP_OUTPUT, EngineError, check_batch
 
+log = logging.getLogger(__name__)
+
+INPUT_NAME = "images"
+TENSORRT_PROVIDER = "TensorrtExecutionProvider"
 OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
               "layout": "ORT_ENABLE_LAYOUT", "all": "ORT_ENABLE_ALL"}
 _GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
@@ -19,6 +38,99 @@ Provider = str | tuple[str, dict[str, Any]]
 
 def provider_name(provider: Provider) -> str:
     return provider if isinstance(provider, str) else provider[0]
+
+
+def tensorrt_provider_options(input_size: int, max_batch_size: int, cache_dir: Path | None,
+                              model_sha256: str) -> dict[str, Any]:
+    """ONNX Runtime's TensorRT provider options for a version's graph. Pure.
+
+    - Profile: batches 1..``max_batch_size`` (the engine's ``check_batch`` refuses more), tuned
+      for ``max_batch_size`` (the batcher's full batch, what it runs under load), at
+      ``input_size``. All three shapes are needed for the provider to use any.
+    - FP16, as the TensorRT plan on TensorRT 10 (``models/tensorrt_build.py``; onnxruntime-gpu
+      links TensorRT 10), with ``trt_layer_norm_fp32_fallback``: each Pow followed by a Reduce
+      (the graph's ``(z**2).mean``) stays FP32, as the plan's ``keep_numerics_in_fp32`` keeps
+      it. The plan's other FP32 layers (TopK, exp/log) cannot be asked of the provider.
+    - Cache (``cache_dir`` not None): engines in ``cache_dir/<model sha256>``, the timing
+      cache in ``cache_dir``. ONNX Runtime names a cached engine after the model's file name
+      and graph structure, not its weights (``TRTGenerateId``), and every version is a
+      ``model.onnx`` of the same graph: in one shared folder a version would load another's
+      engine. Timings are per GPU and layer, not per model, so they are shared.
+    """
+    if input_size < 1 or max_batch_size < 1:
+        raise ValueError(f"need input_size >= 1 and max_batch_size >= 1, got {input_size}, {max_batch_size}")
+    image = f"{input_size}x{input_size}x3"
+    options: dict[str, Any] = {
+        "trt_profile_min_shapes": f"{INPUT_NAME}:1x{image}",
+        "trt_profile_opt_shapes": f"{INPUT_NAME}:{max_batch_size}x{image}",
+        "trt_profile_max_shapes": f"{INPUT_NAME}:{max_batch_size}x{image}",
+        "trt_fp16_enable": True,
+        "trt_layer_norm_fp32_fallback": True,
+    }
+    if cache_dir is not None:
+        options.update({
+            "trt_engine_cache_enable": True,
+            "trt_engine_cache_path": str(cache_dir / model_sha256),
+            "trt_timing_cache_enable": True,
+            "trt_timing_cache_path": str(cache_dir),
+        })
+    return options
+
+
+def with_tensorrt_options(providers: list[Provider], options: dict[str, Any]) -> list[Provider]:
+    """``providers`` with ``options`` given to TensorRT's; options already there (the caller's
+    ``device_id``) are kept. Pure."""
+    return [(TENSORRT_PROVIDER, {**options, **({} if isinstance(p, str) else p[1])})
+            if provider_name(p) == TENSORRT_PROVIDER else p for p in providers]
+
+
+def default_tensorrt_cache_dir() -> Path:
+    """``<TMPDIR>/msflow-ort-tensorrt-<uid>``: writable where the server runs (Kubernetes
+    mounts an emptyDir on /tmp, which outlives a container restart), never the model store."""
+    return Path(tempfile.gettempdir()) / f"msflow-ort-tensorrt-{os.geteuid()}"
+
+
+def prepare_tensorrt_cache(cache_dir: Path | None, model_sha256: str) -> Path | None:
+    """Make ``cache_dir`` (None: :func:`default_tensorrt_cache_dir`) and its folder for the
+    model, private to this user; the folder to cache in, or None (with a warning) when it
+    cannot be used: the engine is then built at every start, but it serves.
+
+    The default is in the shared temp folder, so it must be this user's own folder and no
+    link: a folder of that name made by anyone else could hold engines planted for this
+    server to load. A folder the operator set is trusted as set."""
+    default = cache_dir is None
+    root = default_tensorrt_cache_dir() if default else Path(cache_dir)
+    try:
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if default:
+            st = root.lstat()
+            if stat.S_ISLNK(st.st_mode) or st.st_uid != os.geteuid():
+                log.warning("TensorRT engine cache %s is not this user's own folder: not used (set "
+                            "MSFLOW_ORT_TENSORRT_CACHE_DIR); engines are built at every start", root)
+                return None
+        (root / model_sha256).mkdir(mode=0o700, exist_ok=True)
+    except OSError as e:
+        log.warning("TensorRT engine cache %s cannot be used (%s): engines are built at every start; set "
+                    "MSFLOW_ORT_TENSORRT_CACHE_DIR to a writable folder", root, e)
+        return None
+    return root
+
+
+@contextlib.contextmanager
+def _build_lock(model_cache: Path | None) -> Iterator[None]:
+    """One process at a time builds a model's engine into the shared cache (workers starting
+    together); the next loads what the first wrote instead of building it again beside it."""
+    if model_cache is None:
+        yield
+        return
+    import fcntl
+
+    with open(model_cache / ".build.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def session_options(threads: int | None = None, inter_op_threads: int | None = None,
@@ -58,13 +170,20 @@ class OnnxEngine:
     ``cuda:N``). onnxruntime itself falls back to the CPU, with a message on stderr only, when
     it has no CUDA provider or the provider cannot start; with ``cuda_device`` that fallback is
     an :class:`EngineError` instead.
+
+    TensorRT's provider gets :func:`tensorrt_provider_options` (its engine is then built while
+    the session is created). When it fails there, onnxruntime's Python API retries the session
+    once with CUDA and CPU only, without their options, and says so on stdout only; the
+    engine logs a warning naming the provider that runs (``providers``:
+    ``session.get_providers()``, in order), and ``name`` is that provider's.
+    ``tensorrt_cache_dir``: where TensorRT's engines are cached (None: the default folder).
     """
 
     def __init__(self, version_dir: str | Path, providers: list[Provider] | None = None, threads: int | None = None,
                  manifest: Manifest | None = None, max_batch_size: int = 64, verify: bool = True, *,
                  inter_op_threads: int | None = None, optimization_level: str = "all",
                  parallel: bool = False, io_binding: bool | None = None, spin: bool | None = None,
-                 cuda_device: int | None = None) -> None:
+                 cuda_device: int | None = None, tensorrt_cache_dir: Path | None = None) -> None:
         import onnxruntime as ort
 
         self.version_dir = Path(version_dir)
@@ -74,18 +193,33 @@ class OnnxEngine:
         available = ort.get_available_providers()
         wanted = providers or ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
         chosen = [p for p in wanted if provider_name(p) in available] or ["CPUExecutionProvider"]
+        model_cache = None
+        if any(provider_name(p) == TENSORRT_PROVIDER for p in chosen):
+            sha256 = self.manifest.onnx.sha256
+            cache = prepare_tensorrt_cache(tensorrt_cache_dir, sha256)
+            model_cache = None if cache is None else cache / sha256
+            chosen = with_tensorrt_options(chosen, tensorrt_provider_options(
+                self.manifest.input_size, max_batch_size, cache, sha256))
         # On CPU, threads that sleep between batches (spin=None: the serving default): the
         # cores are shared with decode; benchmarks of the bare engine may pass spin=True.
         spin = provider_name(chosen[0]) != "CPUExecutionProvider" if spin is None else spin
         opts = session_options(threads, inter_op_threads, optimization_level, parallel, spin=spin)
         try:
-            self.session = ort.InferenceSession(str(self.version_dir / self.manifest.onnx.file), opts,
-                                                providers=chosen)
+            with _build_lock(model_cache):
+                self.session = ort.InferenceSession(str(self.version_dir / self.manifest.onnx.file), opts,
+                                                    providers=chosen)
         except Exception as e:  # onnxruntime raises its own exception types
             raise EngineError(f"cannot load {self.version_dir / self.manifest.onnx.file}: {e}") from e
+        self.providers: list[str] = self.session.get_providers()
         if cuda_device is not None:
             self._check_on_gpu(cuda_device, available)
-        active = self.session.get_providers()[0]
+        active = self.providers[0]
+        if active != provider_name(chosen[0]):
+            log.warning("%s: onnxruntime could not start %s and runs on %s (its 'EP Error' on stdout says why)",
+                        self.version_dir, provider_name(chosen[0]), ", ".join(self.providers))
+        log.info("%s: onnxruntime runs on %s%s", self.version_dir, ", ".join(self.providers),
+                 f" (TensorRT engines cached in {model_cache})" if active == TENSORRT_PROVIDER and model_cache
+                 else "")
         self.provider = active
         self.name = {"CPUExecutionProvider": "onnxruntime-cpu", "CUDAExecutionProvider": "onnxruntime-cuda",
                      "TensorrtExecutionProvider": "onnxruntime-tensorrt"}.get(active, active)

@@ -452,3 +452,18 @@ def test_onnxruntime_pool_threads_carry_the_engine_name(version_dir: Path) -> No
     started = {tid: name for tid, name in task_names().items() if tid not in before}
     assert started and set(started.values()) == {f"engine-{engine.manifest.category}"}
     assert task_names()[threading.get_native_id()] == before[threading.get_native_id()]
+
+
+def test_onnx_engine_names_the_provider_that_runs_and_makes_no_tensorrt_cache_without_it(
+        version_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """On a host without TensorRT's provider nothing of its options applies (no cache folder is
+    made), and the engine says which providers run (session.get_providers())."""
+    import logging
+
+    cache = tmp_path / "ort-tensorrt"
+    with caplog.at_level(logging.INFO, logger="service.engines.onnxruntime"):
+        engine = load_engine(version_dir, "onnx", device="auto", tensorrt_cache_dir=cache)
+    assert engine.providers == engine.session.get_providers() == ["CPUExecutionProvider"]
+    assert engine.name == "onnxruntime-cpu"
+    assert not cache.exists()
+    assert "onnxruntime runs on CPUExecutionProvider" in caplog.text and "could not start" not in caplog.text
