@@ -3,7 +3,7 @@
 # CUDA, no network; ../.library/device/KINDS.md lists what it holds) lacks to serve and train.
 # Downloaded here for CPython 3.12 on x86-64 into .whl/ (ignored by git), at the versions
 # this checkout's .venv runs, so the device serves with the same code paths as the figures
-# in docs/PERFORMANCE.md. Carried to the device (64 MiB cap with the working tree): ~27 MiB.
+# in docs/performance-log.md. Carried to the device (64 MiB cap with the working tree): ~27 MiB.
 #
 #   scripts/device-wheels.sh            # then: device run, carry [".whl"], deploy/gpu-check-device.sh
 set -euo pipefail
