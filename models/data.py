@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image
 
 from models.ground_truth import MASK_SUFFIX, MaskFolder, defect_pixels
+from models.image_acceptance import UNSUPPORTED_MEDIA_TYPE, too_many_pixels, trainer_limit
 from models.preprocessing import ImageReadError, load_image, oriented_size, resize_mask
 
 __all__ = [
@@ -50,8 +51,10 @@ __all__ = [
     "split_holdout",
 ]
 
-# The formats the server accepts (service.pipeline.decode: PNG, JPEG, BMP, TIFF, WEBP): a part
-# photographed for training must be readable by the model serving it, and the other way round.
+# The names of the formats the server accepts (models.image_acceptance: PNG, JPEG, BMP, TIFF,
+# WEBP): a part photographed for training must be readable by the model serving it, and the
+# other way round. The name only picks the files; each is then read by its content, under the
+# server's rules (models.preprocessing.open_image).
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".tif", ".tiff",
                                               ".webp"})
 # Image files the trainer cannot read (nor the server accept): refused by name rather than left
@@ -121,8 +124,9 @@ def _refuse_what_would_be_skipped(folder: Path, entries: list[Path]) -> None:
             raise DataError(f"broken link in {folder}: {p} points to {os.readlink(p)}, which is missing "
                             "(fix or remove the link)")
         if suffix in _UNREADABLE_IMAGE_EXTENSIONS and p.is_file():
-            raise DataError(f"{p} is an image format the trainer cannot read; convert it to PNG (lossless), "
-                            f"or JPEG, BMP, TIFF, WEBP, or move it out of {folder}")
+            raise DataError(f"{p} is an image format the trainer cannot read (the server refuses it: "
+                            f"{UNSUPPORTED_MEDIA_TYPE}); convert it to PNG (lossless), or JPEG, BMP, TIFF, WEBP, "
+                            f"or move it out of {folder}")
         if p.is_dir() and any(_is_image_file(q) for q in p.iterdir()):
             raise DataError(f"{p} is a subfolder holding images, which are not read (only the files directly "
                             f"in {folder} are): move them up into {folder}, or the folder out of it")
@@ -339,13 +343,15 @@ def load_images(samples: Sequence[Sample], size: int, workers: int | None = None
     return out
 
 
-def _read_header_size(path: Path, what: str) -> tuple[int, int]:
+def _read_header_size(path: Path, what: str, max_pixels: int) -> tuple[int, int]:
     """Upright (width, height) of an image file from its header only."""
     try:
         with Image.open(path) as im:
             return oriented_size(im)
     except FileNotFoundError as exc:
         raise DataError(f"{what} not found: {path}") from exc
+    except Image.DecompressionBombError as exc:  # over twice the limit: Pillow refuses it at the header
+        raise DataError(too_many_pixels(path, max_pixels, f"over {2 * max_pixels:,} pixels")) from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"cannot read {what} {path}: {exc}") from exc
 
@@ -353,8 +359,12 @@ def _read_header_size(path: Path, what: str) -> tuple[int, int]:
 def _load_mask(sample: Sample, size: int) -> np.ndarray:
     if sample.mask_path is None:
         raise DataError(f"defective sample {sample.path} ({sample.defect_type}) has no mask_path")
-    image_size = _read_header_size(sample.path, "image")
-    mask_size = _read_header_size(sample.mask_path, "mask")
+    limit = trainer_limit()
+    image_size = _read_header_size(sample.path, "image", limit)
+    if image_size[0] * image_size[1] > limit:  # refused before its mask (the same size) is decoded
+        width, height = image_size
+        raise DataError(too_many_pixels(sample.path, limit, f"{width}x{height} = {width * height:,} pixels"))
+    mask_size = _read_header_size(sample.mask_path, "mask", limit)
     if mask_size != image_size:
         raise DataError(
             f"mask {sample.mask_path} is {mask_size[0]}x{mask_size[1]} but its image {sample.path} "

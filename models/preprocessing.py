@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from models.image_acceptance import decode_refusal, header_refusal, too_many_pixels, trainer_limit, unidentified
+
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -213,14 +215,22 @@ def open_image(path: str | Path, size: int | None = None) -> Image.Image:
     ``size``: the model input size it is read for; a JPEG is then decoded at reduced scale
     (:func:`reduce_while_decoding`), exactly as the server decodes it.
 
+    Only what the server accepts is read (:mod:`models.image_acceptance`: the format by
+    content, this process's pixel limit from the header before any pixel buffer, at most
+    1 MiB of PNG text); anything else is refused in a message naming the file and the
+    server's answer to it.
+
     Pillow opens lazily, so a truncated file only fails at ``load()``; decoding
     here means the error surfaces with the file name at read time instead of
     deep inside a resize. Pillow's ``LOAD_TRUNCATED_IMAGES`` is deliberately not
     enabled: a half-grey truncated photo must not become a "normal" training image.
     """
     p = Path(path)
+    max_pixels = trainer_limit()
     try:
         with Image.open(p) as im:
+            if (refused := header_refusal(im, p, max_pixels)) is not None:
+                raise ImageReadError(refused)
             if size is not None:
                 reduce_while_decoding(im, size)
             im.load()
@@ -230,14 +240,18 @@ def open_image(path: str | Path, size: int | None = None) -> Image.Image:
             upright = _upright(im)
             upright.load()
             return upright
+    except ImageReadError:
+        raise
     except FileNotFoundError as exc:
         raise ImageReadError(f"image file not found: {p}") from exc
     except IsADirectoryError as exc:
         raise ImageReadError(f"not an image file (a directory): {p}") from exc
-    except Image.DecompressionBombError as exc:
-        raise ImageReadError(f"image has too many pixels (decompression bomb guard): {p}: {exc}") from exc
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageReadError(f"cannot read image {p}: {exc}") from exc
+    except Image.DecompressionBombError as exc:  # over twice the limit: Pillow refuses it at the header
+        raise ImageReadError(too_many_pixels(p, max_pixels, f"over {2 * max_pixels:,} pixels")) from exc
+    except Image.UnidentifiedImageError as exc:
+        raise ImageReadError(unidentified(p)) from exc
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
+        raise ImageReadError(decode_refusal(p, exc)) from exc
 
 
 def load_image(path: str | Path, size: int) -> np.ndarray:
@@ -248,7 +262,7 @@ def load_image(path: str | Path, size: int) -> np.ndarray:
     except ValueError as exc:
         if isinstance(exc, ImageReadError):
             raise
-        raise ImageReadError(f"cannot convert image {Path(path)}: {exc}") from exc
+        raise ImageReadError(decode_refusal(Path(path), exc)) from exc
 
 
 def resize_mask(mask: Image.Image, size: int) -> np.ndarray:

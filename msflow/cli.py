@@ -18,6 +18,7 @@ from pathlib import Path
 # torch-free (models.manifest), so that `msflow --help` stays fast and `msflow serve` never
 # imports the trainer: a parser that read a default from models.recalibrate imported torch
 # and scikit-learn into every server process.
+from models.image_acceptance import DEFAULT_MAX_IMAGE_PIXELS
 from models.manifest import DEFAULT_NG_RECALL, DEFAULT_TARGET_FPR
 
 Handler = Callable[[argparse.Namespace], int]
@@ -51,6 +52,7 @@ def _model_config(args: argparse.Namespace) -> "object":
 
 
 def _train(args: argparse.Namespace) -> int:
+    from models.image_acceptance import configure_pillow
     from models.train import TrainConfig, train
 
     name = args.category or Path(args.data).name
@@ -63,6 +65,7 @@ def _train(args: argparse.Namespace) -> int:
         holdout_fraction=args.holdout_fraction, seed=args.seed, device=args.device, amp=args.amp,
         include_reviewed_ok=Path(args.include_reviewed_ok) if args.include_reviewed_ok else None,
     )
+    configure_pillow(args.max_image_pixels)  # the trainer reads what a server with this limit accepts
     run = train(cfg, resume=args.resume)
     if args.include_reviewed_ok:
         count = json.loads((run / "config.json").read_text()).get("reviewed_ok_images")
@@ -241,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--include-reviewed-ok", default=None, metavar="STORE",
                    help="add the category's operator-confirmed OK images from this review store (or a model store "
                         "holding .review) to the training normals; the count goes into config.json and the manifest")
+    p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS, metavar="N",
+                   help="width x height an image may have, checked from its header before decoding; more is refused "
+                        "as the server refuses it (default: the server's MSFLOW_MAX_IMAGE_PIXELS default, %(default)s)")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("recalibrate", help="refit the ok and ng bounds from calibration normals plus labelled reviews; "

@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from models.image_acceptance import DEFAULT_MAX_IMAGE_PIXELS
 from models.manifest import CATEGORY_PATTERN
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,8 @@ class Settings(BaseSettings):
     # --- input limits -------------------------------------------------------------------
     max_upload_bytes: int = Field(20 * MiB, ge=1, description="per image")
     max_request_bytes: int = Field(64 * MiB, ge=1, description="whole request body (all parts)")
-    max_image_pixels: int = Field(40_000_000, ge=1, description="width x height, checked before decoding")
+    max_image_pixels: int = Field(DEFAULT_MAX_IMAGE_PIXELS, ge=1,  # the trainer's default too
+                                  description="width x height, checked before decoding")
     max_files_per_request: int = Field(32, ge=1)
     max_request_megapixels: float = Field(
         160.0, gt=0.0, description="decoded pixels one request may hold (all its images: the decode after JPEG "

@@ -32,26 +32,25 @@ import math
 import re
 import struct
 import time
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
-from PIL import Image, PngImagePlugin
+from PIL import Image
 
+from models.image_acceptance import ACCEPTED_FORMAT_NAMES, ACCEPTED_FORMATS, IMAGE_TOO_LARGE
+from models.image_acceptance import MAX_PNG_TEXT_BYTES as MAX_PNG_TEXT_BYTES  # re-exported: placement, tests
+from models.image_acceptance import UNDECODABLE_IMAGE, UNSUPPORTED_MEDIA_TYPE
+from models.image_acceptance import configure_pillow as configure_pillow  # re-exported: the runtime calls it
 from models.preprocessing import draft_size, header_oriented_size, reduce_while_decoding, resize_rgb, to_rgb
 from service.pipeline.admission import image_cost
 from service.pipeline.container import over_budget
 from service.pipeline.item import InspectedImage
 from service.pipeline.plain_png import decode_plain_png
 
-# Pillow's names; "MPO" is the multi-picture JPEG many cameras write.
-ACCEPTED_FORMATS: frozenset[str] = frozenset({"PNG", "JPEG", "MPO", "BMP", "TIFF", "WEBP"})
-_FORMAT_LIST = ", ".join(sorted(ACCEPTED_FORMATS - {"MPO"}))
-# PNG text (tEXt, zTXt, iTXt) Pillow may hold for one upload, decompressed: Pillow's default
-# (64 MiB) let a 1.5 MB upload of small zTXt chunks cost 64 MiB and a third of a second
-# before any pixel (docs/PERFORMANCE.md); cameras write kilobytes (EXIF, XMP).
-MAX_PNG_TEXT_BYTES = 1 << 20
+# The accepted formats, the PNG text budget and Pillow's guards are the trainer's too: they
+# live in models.image_acceptance, which the trainer reads its images through.
+_FORMAT_LIST = ACCEPTED_FORMAT_NAMES
 
 
 class ImageRejected(ValueError):
@@ -67,18 +66,18 @@ class ImageRejected(ValueError):
 
 
 class ImageTooLarge(ImageRejected):
-    status_code = 413
-    code = "image_too_large"
+    status_code = IMAGE_TOO_LARGE.status
+    code = IMAGE_TOO_LARGE.code
 
 
 class UnsupportedImageType(ImageRejected):
-    status_code = 415
-    code = "unsupported_media_type"
+    status_code = UNSUPPORTED_MEDIA_TYPE.status
+    code = UNSUPPORTED_MEDIA_TYPE.code
 
 
 class UndecodableImage(ImageRejected):
-    status_code = 422
-    code = "undecodable_image"
+    status_code = UNDECODABLE_IMAGE.status
+    code = UNDECODABLE_IMAGE.code
 
 
 class RequestTooLarge(ImageRejected):
@@ -110,18 +109,6 @@ class Rendering:
 
     heatmap: Literal["model", "original"] | None = None
     overlay: bool = False
-
-
-def configure_pillow(max_pixels: int) -> None:
-    """Make Pillow's own bomb guard agree with the service limit.
-
-    Pillow raises ``DecompressionBombError`` above twice ``MAX_IMAGE_PIXELS`` and warns above
-    it; the service refuses everything above ``max_pixels`` itself, so the warning in between
-    would only be noise (and a ``warnings`` filter per call is not thread-safe).
-    """
-    Image.MAX_IMAGE_PIXELS = int(max_pixels)
-    PngImagePlugin.MAX_TEXT_MEMORY = MAX_PNG_TEXT_BYTES  # more text: 422, before it is all inflated
-    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 def fit_within(size: tuple[int, int], max_pixels: int) -> tuple[int, int]:

@@ -16,6 +16,7 @@ from PIL import Image, PngImagePlugin
 
 from harness import PNG_IHDR_END, damaged as harness_damaged, noise as _noise, png_chunk as _chunk
 from models.data import MVTecCategory, Sample, load_images
+from models.image_acceptance import max_image_pixels
 from models.preprocessing import draft_size, load_image
 from service.pipeline.decode import (MAX_PNG_TEXT_BYTES, ImageLimits, ImageRejected, ImageTooLarge, Rendering,
                                      UndecodableImage, UnsupportedImageType, configure_pillow, decode_image, fit_within)
@@ -27,11 +28,13 @@ LIMITS = ImageLimits(max_bytes=5_000_000, max_pixels=4_000_000)
 
 @pytest.fixture(autouse=True)
 def pillow_limit() -> Iterator[None]:
-    """configure_pillow changes Pillow globals; restore them for the rest of the suite."""
-    before = Image.MAX_IMAGE_PIXELS, PngImagePlugin.MAX_TEXT_MEMORY
+    """configure_pillow changes Pillow globals and the process's pixel limit (the trainer's
+    too: models.image_acceptance); restore them for the rest of the suite."""
+    before = Image.MAX_IMAGE_PIXELS, PngImagePlugin.MAX_TEXT_MEMORY, max_image_pixels()
     configure_pillow(LIMITS.max_pixels)
     yield
-    Image.MAX_IMAGE_PIXELS, PngImagePlugin.MAX_TEXT_MEMORY = before
+    configure_pillow(before[2])
+    Image.MAX_IMAGE_PIXELS, PngImagePlugin.MAX_TEXT_MEMORY = before[:2]
 
 
 def encode(img: Image.Image, fmt: str = "PNG", **kw: object) -> bytes:
