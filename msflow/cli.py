@@ -52,7 +52,6 @@ def _model_config(args: argparse.Namespace) -> "object":
 
 
 def _train(args: argparse.Namespace) -> int:
-    from models.image_acceptance import configure_pillow
     from models.train import TrainConfig, train
 
     name = args.category or Path(args.data).name
@@ -65,7 +64,6 @@ def _train(args: argparse.Namespace) -> int:
         holdout_fraction=args.holdout_fraction, seed=args.seed, device=args.device, amp=args.amp,
         include_reviewed_ok=Path(args.include_reviewed_ok) if args.include_reviewed_ok else None,
     )
-    configure_pillow(args.max_image_pixels)  # the trainer reads what a server with this limit accepts
     run = train(cfg, resume=args.resume)
     if args.include_reviewed_ok:
         count = json.loads((run / "config.json").read_text()).get("reviewed_ok_images")
@@ -195,6 +193,19 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top-k", type=float, default=0.03, help="fraction of pixels averaged for the image score")
 
 
+def _add_pixel_limit(p: argparse.ArgumentParser) -> None:
+    """Every command that reads images refuses what the server would (models.image_acceptance):
+    one limit for a model's training, evaluation, export and recalibration, by default the
+    server's own (MSFLOW_MAX_IMAGE_PIXELS where set), so that a set trained past the default
+    is not refused by the commands after it."""
+    env = os.environ.get("MSFLOW_MAX_IMAGE_PIXELS", "").strip()
+    default = int(env) if env.isdigit() and int(env) > 0 else DEFAULT_MAX_IMAGE_PIXELS
+    p.add_argument("--max-image-pixels", type=int, default=default, metavar="N",
+                   help="width x height an image may have, checked from its header before decoding; more is refused "
+                        "as the server refuses it (default: MSFLOW_MAX_IMAGE_PIXELS where set, else the server's "
+                        "default; here %(default)s)")
+
+
 def _defaults_of(module: str, function: str) -> dict[str, object]:
     """A function's keyword defaults, so the CLI states no default a second time."""
     import importlib
@@ -244,9 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--include-reviewed-ok", default=None, metavar="STORE",
                    help="add the category's operator-confirmed OK images from this review store (or a model store "
                         "holding .review) to the training normals; the count goes into config.json and the manifest")
-    p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS, metavar="N",
-                   help="width x height an image may have, checked from its header before decoding; more is refused "
-                        "as the server refuses it (default: the server's MSFLOW_MAX_IMAGE_PIXELS default, %(default)s)")
+    _add_pixel_limit(p)
     p.set_defaults(func=_train)
 
     p = sub.add_parser("recalibrate", help="refit the ok and ng bounds from calibration normals plus labelled reviews; "
@@ -272,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "moves it: NG labels set both bounds (the ok bound under them, the ng bound at their "
                         "lowest kept score); OK labels a bound where an OK part is the highest known good under "
                         "it, or, with no NG labels, the ok bound's false-alarm quantile")
+    _add_pixel_limit(p)
     p.set_defaults(func=_recalibrate)
 
     p = sub.add_parser("eval", help="evaluate a run: AUROC, pixel AUROC, AUPRO, F1; report.json and pictures")
@@ -285,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--version", default=None, help="a version folder exported from this run's checkpoint.pt: "
                    "use its threshold (another model's is refused)")
     g.add_argument("--target-fpr", type=float, default=DEFAULT_TARGET_FPR)
+    _add_pixel_limit(p)
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("export", help="export a run to the model store: one ONNX graph, manifest, calibration")
@@ -311,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trt-min-batch", type=int, default=1)
     p.add_argument("--trt-opt-batch", type=int, default=8)
     p.add_argument("--trt-max-batch", type=int, default=32)
+    _add_pixel_limit(p)
     p.set_defaults(func=_export)
 
     p = sub.add_parser("bench", help="images/s and latency of every engine available here")
@@ -370,6 +382,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "max_image_pixels", None) is not None:
+        if args.max_image_pixels <= 0:
+            parser.error("--max-image-pixels must be a positive number of pixels")
+        from models.image_acceptance import configure_pillow
+
+        configure_pillow(args.max_image_pixels)  # what a server with this limit accepts, nothing more
     try:
         return int(args.func(args) or 0)
     except _user_errors() as exc:  # evaluated only when something was raised

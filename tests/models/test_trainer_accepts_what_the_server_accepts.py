@@ -263,3 +263,23 @@ def test_the_mask_of_an_image_over_the_limit_is_not_decoded(tmp_path: Path, side
         (cat / where).write_bytes(data)
     with pytest.raises(DataError, match=rf"000\.png: .*the server refuses it \(413 image_too_large\)"):
         load_masks(MVTecCategory(tmp_path / "root", "part").test_samples(), SIZE)
+
+
+def test_every_command_that_reads_images_takes_the_same_limit(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A set trained with --max-image-pixels past the default was refused by `msflow eval`,
+    `export` and `recalibrate`, which had no such flag. All four take it now, by default the
+    server's MSFLOW_MAX_IMAGE_PIXELS where set, and it is the process's limit before they run."""
+    from msflow.cli import build_parser, main
+
+    monkeypatch.setenv("MSFLOW_MAX_IMAGE_PIXELS", "45000000")
+    parser = build_parser()
+    for command in (["train", "--data", "d"], ["eval", "--run", "r"], ["export", "--run", "r", "--store", "s"],
+                    ["recalibrate", "--store", "s", "--category", "c"]):
+        assert parser.parse_args(command).max_image_pixels == 45_000_000, command
+        assert parser.parse_args([*command, "--max-image-pixels", "41000000"]).max_image_pixels == 41_000_000
+    try:
+        assert main(["eval", "--run", str(tmp_path / "no-run")]) == 2  # refused later: the limit set first
+        assert max_image_pixels() == 45_000_000
+    finally:
+        configure_pillow(DEFAULT_MAX_IMAGE_PIXELS)
