@@ -423,7 +423,7 @@ def png_with_depth(pixels: np.ndarray, depth: int) -> bytes:
 def test_damaged_pngs_are_answered_exactly_as_pillow_alone_answers_them(monkeypatch: pytest.MonkeyPatch) -> None:
     """Differential: randomly damaged PNGs (bytes changed, cut, inserted), each answered with
     the libspng path and with Pillow alone: the same refusal code, or the same pixels
-    (docs/PERFORMANCE.md has the long run: 404,543 files, no difference)."""
+    (docs/performance-log.md has the long run: 404,543 files, no difference)."""
     import random
 
     import service.pipeline.plain_png as plain_png
