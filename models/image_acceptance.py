@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ACCEPTED_FORMATS",
     "ACCEPTED_FORMAT_NAMES",
+    "DEFAULT_MAX_IMAGE_BYTES",
     "DEFAULT_MAX_IMAGE_PIXELS",
     "MAX_PNG_TEXT_BYTES",
     "ServerAnswer",
@@ -48,9 +49,12 @@ __all__ = [
     "IMAGE_TOO_LARGE",
     "UNDECODABLE_IMAGE",
     "configure_pillow",
+    "max_image_bytes",
     "max_image_pixels",
+    "set_max_image_bytes",
     "trainer_limit",
     "header_refusal",
+    "too_many_bytes",
     "too_many_pixels",
     "unidentified",
     "decode_refusal",
@@ -61,9 +65,12 @@ ACCEPTED_FORMATS: frozenset[str] = frozenset({"PNG", "JPEG", "MPO", "BMP", "TIFF
 ACCEPTED_FORMAT_NAMES = ", ".join(sorted(ACCEPTED_FORMATS - {"MPO"}))
 # The server's default MSFLOW_MAX_IMAGE_PIXELS (service.config reads it from here).
 DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
+# The server's default MSFLOW_MAX_UPLOAD_BYTES, one image's file (service.config reads it from
+# here): an uncompressed camera TIFF past it trained and was then refused by the line's server.
+DEFAULT_MAX_IMAGE_BYTES = 20 * 1024 * 1024
 # PNG text (tEXt, zTXt, iTXt) Pillow may hold for one image, decompressed: Pillow's default
 # (64 MiB) let a 1.5 MB upload of small zTXt chunks cost 64 MiB and a third of a second
-# before any pixel (docs/PERFORMANCE.md); cameras write kilobytes (EXIF, XMP).
+# before any pixel (docs/performance-log.md); cameras write kilobytes (EXIF, XMP).
 MAX_PNG_TEXT_BYTES = 1 << 20
 
 
@@ -84,6 +91,7 @@ UNDECODABLE_IMAGE = ServerAnswer(422, "undecodable_image")
 
 _lock = threading.Lock()
 _max_pixels = DEFAULT_MAX_IMAGE_PIXELS  # this process's limit: configure_pillow sets it
+_max_bytes = DEFAULT_MAX_IMAGE_BYTES  # this process's limit on an image file: set_max_image_bytes sets it
 
 
 def configure_pillow(max_pixels: int) -> None:
@@ -107,6 +115,23 @@ def configure_pillow(max_pixels: int) -> None:
 def max_image_pixels() -> int:
     """This process's per-image pixel limit (:data:`DEFAULT_MAX_IMAGE_PIXELS` unless configured)."""
     return _max_pixels
+
+
+def set_max_image_bytes(max_bytes: int) -> None:
+    """This process's limit on one image file's bytes (the server's MSFLOW_MAX_UPLOAD_BYTES)."""
+    global _max_bytes
+    _max_bytes = int(max_bytes)
+
+
+def max_image_bytes() -> int:
+    """This process's limit on one image file (:data:`DEFAULT_MAX_IMAGE_BYTES` unless set)."""
+    return _max_bytes
+
+
+def too_many_bytes(path: Path, size: int, max_bytes: int) -> str:
+    return (f"{path}: {size:,} bytes; the server refuses it ({IMAGE_TOO_LARGE}): at most {max_bytes:,} bytes per "
+            "image (MSFLOW_MAX_UPLOAD_BYTES): save it compressed (PNG is lossless), or raise the server's limit "
+            "and this one (--max-image-bytes)")
 
 
 def trainer_limit() -> int:

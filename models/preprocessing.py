@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from models.image_acceptance import decode_refusal, header_refusal, too_many_pixels, trainer_limit, unidentified
+from models.image_acceptance import decode_refusal, header_refusal, max_image_bytes, too_many_bytes, too_many_pixels, trainer_limit, unidentified
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -228,6 +228,8 @@ def open_image(path: str | Path, size: int | None = None) -> Image.Image:
     p = Path(path)
     max_pixels = trainer_limit()
     try:
+        if (file_bytes := p.stat().st_size) > max_image_bytes():  # before a byte is read, as the server's upload
+            raise ImageReadError(too_many_bytes(p, file_bytes, max_image_bytes()))
         with Image.open(p) as im:
             if (refused := header_refusal(im, p, max_pixels)) is not None:
                 raise ImageReadError(refused)

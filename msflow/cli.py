@@ -18,7 +18,7 @@ from pathlib import Path
 # torch-free (models.manifest), so that `msflow --help` stays fast and `msflow serve` never
 # imports the trainer: a parser that read a default from models.recalibrate imported torch
 # and scikit-learn into every server process.
-from models.image_acceptance import DEFAULT_MAX_IMAGE_PIXELS
+from models.image_acceptance import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS
 from models.manifest import DEFAULT_NG_RECALL, DEFAULT_TARGET_FPR
 
 Handler = Callable[[argparse.Namespace], int]
@@ -193,17 +193,25 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top-k", type=float, default=0.03, help="fraction of pixels averaged for the image score")
 
 
-def _add_pixel_limit(p: argparse.ArgumentParser) -> None:
+def _add_image_limits(p: argparse.ArgumentParser) -> None:
     """Every command that reads images refuses what the server would (models.image_acceptance):
-    one limit for a model's training, evaluation, export and recalibration, by default the
-    server's own (MSFLOW_MAX_IMAGE_PIXELS where set), so that a set trained past the default
-    is not refused by the commands after it."""
-    env = os.environ.get("MSFLOW_MAX_IMAGE_PIXELS", "").strip()
-    default = int(env) if env.isdigit() and int(env) > 0 else DEFAULT_MAX_IMAGE_PIXELS
-    p.add_argument("--max-image-pixels", type=int, default=default, metavar="N",
+    the same limits for a model's training, evaluation, export and recalibration, by default
+    the server's own (MSFLOW_MAX_IMAGE_PIXELS, MSFLOW_MAX_UPLOAD_BYTES where set), so that a set
+    trained past a default is not refused by the commands after it."""
+    p.add_argument("--max-image-pixels", type=int, default=_server_limit("MSFLOW_MAX_IMAGE_PIXELS",
+                                                                         DEFAULT_MAX_IMAGE_PIXELS), metavar="N",
                    help="width x height an image may have, checked from its header before decoding; more is refused "
                         "as the server refuses it (default: MSFLOW_MAX_IMAGE_PIXELS where set, else the server's "
                         "default; here %(default)s)")
+    p.add_argument("--max-image-bytes", type=int, default=_server_limit("MSFLOW_MAX_UPLOAD_BYTES",
+                                                                        DEFAULT_MAX_IMAGE_BYTES), metavar="N",
+                   help="bytes an image file may have; more is refused as the server refuses its upload (default: "
+                        "MSFLOW_MAX_UPLOAD_BYTES where set, else the server's default; here %(default)s)")
+
+
+def _server_limit(variable: str, default: int) -> int:
+    value = os.environ.get(variable, "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else default
 
 
 def _defaults_of(module: str, function: str) -> dict[str, object]:
@@ -255,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--include-reviewed-ok", default=None, metavar="STORE",
                    help="add the category's operator-confirmed OK images from this review store (or a model store "
                         "holding .review) to the training normals; the count goes into config.json and the manifest")
-    _add_pixel_limit(p)
+    _add_image_limits(p)
     p.set_defaults(func=_train)
 
     p = sub.add_parser("recalibrate", help="refit the ok and ng bounds from calibration normals plus labelled reviews; "
@@ -281,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "moves it: NG labels set both bounds (the ok bound under them, the ng bound at their "
                         "lowest kept score); OK labels a bound where an OK part is the highest known good under "
                         "it, or, with no NG labels, the ok bound's false-alarm quantile")
-    _add_pixel_limit(p)
+    _add_image_limits(p)
     p.set_defaults(func=_recalibrate)
 
     p = sub.add_parser("eval", help="evaluate a run: AUROC, pixel AUROC, AUPRO, F1; report.json and pictures")
@@ -295,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--version", default=None, help="a version folder exported from this run's checkpoint.pt: "
                    "use its threshold (another model's is refused)")
     g.add_argument("--target-fpr", type=float, default=DEFAULT_TARGET_FPR)
-    _add_pixel_limit(p)
+    _add_image_limits(p)
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("export", help="export a run to the model store: one ONNX graph, manifest, calibration")
@@ -322,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trt-min-batch", type=int, default=1)
     p.add_argument("--trt-opt-batch", type=int, default=8)
     p.add_argument("--trt-max-batch", type=int, default=32)
-    _add_pixel_limit(p)
+    _add_image_limits(p)
     p.set_defaults(func=_export)
 
     p = sub.add_parser("bench", help="images/s and latency of every engine available here")
@@ -383,11 +391,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "max_image_pixels", None) is not None:
-        if args.max_image_pixels <= 0:
-            parser.error("--max-image-pixels must be a positive number of pixels")
-        from models.image_acceptance import configure_pillow
+        if args.max_image_pixels <= 0 or args.max_image_bytes <= 0:
+            parser.error("--max-image-pixels and --max-image-bytes must be positive")
+        from models.image_acceptance import configure_pillow, set_max_image_bytes
 
-        configure_pillow(args.max_image_pixels)  # what a server with this limit accepts, nothing more
+        configure_pillow(args.max_image_pixels)  # what a server with these limits accepts, nothing more
+        set_max_image_bytes(args.max_image_bytes)
     try:
         return int(args.func(args) or 0)
     except _user_errors() as exc:  # evaluated only when something was raised

@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from models.image_acceptance import DEFAULT_MAX_IMAGE_PIXELS
+from models.image_acceptance import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS
 from models.manifest import CATEGORY_PATTERN
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ class Settings(BaseSettings):
     request_deadline_ms: float = Field(10_000.0, gt=0.0, description="answer 504 past this")
 
     # --- input limits -------------------------------------------------------------------
-    max_upload_bytes: int = Field(20 * MiB, ge=1, description="per image")
+    max_upload_bytes: int = Field(DEFAULT_MAX_IMAGE_BYTES, ge=1, description="per image")  # the trainer's default too
     max_request_bytes: int = Field(64 * MiB, ge=1, description="whole request body (all parts)")
     max_image_pixels: int = Field(DEFAULT_MAX_IMAGE_PIXELS, ge=1,  # the trainer's default too
                                   description="width x height, checked before decoding")

@@ -261,7 +261,7 @@ def test_the_mask_of_an_image_over_the_limit_is_not_decoded(tmp_path: Path, side
     for where in ("train/good/000.png", "test/crack/000.png", "ground_truth/crack/000_mask.png"):
         (cat / where).parent.mkdir(parents=True, exist_ok=True)
         (cat / where).write_bytes(data)
-    with pytest.raises(DataError, match=rf"000\.png: .*the server refuses it \(413 image_too_large\)"):
+    with pytest.raises(DataError, match=r"000\.png: .*the server refuses it \(413 image_too_large\)"):
         load_masks(MVTecCategory(tmp_path / "root", "part").test_samples(), SIZE)
 
 
@@ -270,16 +270,40 @@ def test_every_command_that_reads_images_takes_the_same_limit(tmp_path: Path,
     """A set trained with --max-image-pixels past the default was refused by `msflow eval`,
     `export` and `recalibrate`, which had no such flag. All four take it now, by default the
     server's MSFLOW_MAX_IMAGE_PIXELS where set, and it is the process's limit before they run."""
+    from models.image_acceptance import DEFAULT_MAX_IMAGE_BYTES, max_image_bytes, set_max_image_bytes
     from msflow.cli import build_parser, main
 
     monkeypatch.setenv("MSFLOW_MAX_IMAGE_PIXELS", "45000000")
+    monkeypatch.setenv("MSFLOW_MAX_UPLOAD_BYTES", "30000000")
     parser = build_parser()
     for command in (["train", "--data", "d"], ["eval", "--run", "r"], ["export", "--run", "r", "--store", "s"],
                     ["recalibrate", "--store", "s", "--category", "c"]):
-        assert parser.parse_args(command).max_image_pixels == 45_000_000, command
+        args = parser.parse_args(command)
+        assert (args.max_image_pixels, args.max_image_bytes) == (45_000_000, 30_000_000), command
         assert parser.parse_args([*command, "--max-image-pixels", "41000000"]).max_image_pixels == 41_000_000
     try:
-        assert main(["eval", "--run", str(tmp_path / "no-run")]) == 2  # refused later: the limit set first
-        assert max_image_pixels() == 45_000_000
+        assert main(["eval", "--run", str(tmp_path / "no-run")]) == 2  # refused later: the limits set first
+        assert (max_image_pixels(), max_image_bytes()) == (45_000_000, 30_000_000)
     finally:
         configure_pillow(DEFAULT_MAX_IMAGE_PIXELS)
+        set_max_image_bytes(DEFAULT_MAX_IMAGE_BYTES)
+
+
+def test_an_image_file_over_the_servers_upload_limit_is_refused_as_the_server_refuses_it(tmp_path: Path) -> None:
+    """An uncompressed camera TIFF of 3000x3000 (27 MB) trained, and the server answered its
+    upload 413 (MSFLOW_MAX_UPLOAD_BYTES, 20 MiB). Both refuse it now, by its size alone; the
+    trainer's --max-image-bytes raises the trainer's limit as the setting raises the server's."""
+    from models.image_acceptance import DEFAULT_MAX_IMAGE_BYTES, set_max_image_bytes
+
+    data = _encode(_noise((3000, 3000)), "TIFF")
+    assert len(data) > DEFAULT_MAX_IMAGE_BYTES == SERVER.max_bytes
+    server = _server_answer(data)
+    assert server is not None and server.status_code == 413
+    refused = _trainer_answer(tmp_path, "cam.tif", data)
+    assert refused is not None and f"cam.tif: {len(data):,} bytes; the server refuses it (413 image_too_large)" \
+        in str(refused), refused
+    set_max_image_bytes(len(data))
+    try:
+        assert _trainer_answer(tmp_path, "cam.tif", data) is None
+    finally:
+        set_max_image_bytes(DEFAULT_MAX_IMAGE_BYTES)
