@@ -31,7 +31,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from models.image_acceptance import decode_refusal, header_refusal, max_image_bytes, too_many_bytes, too_many_pixels, trainer_limit, unidentified
+from models.image_acceptance import (decode_refusal, header_refusal, max_image_bytes, too_many_bytes, too_many_pixels,
+                                     trainer_limit, unidentified)
 
 __all__ = [
     "IMAGENET_MEAN",
