@@ -68,6 +68,12 @@ class Settings(BaseSettings):
         None, description="where ONNX Runtime's TensorRT provider keeps the engines it builds (a folder per "
                           "model) and its timing cache, so a restart loads them instead of building for minutes; "
                           "a writable folder, not the model store (None: <TMPDIR>/msflow-ort-tensorrt-<uid>)")
+    ort_tensorrt_cache_max_bytes: int = Field(
+        512 * MiB, ge=1, description="bytes that cache may take (engines of every model, and the timing cache); "
+                                     "before an engine is built the least recently used models' engines no process "
+                                     "holds are removed, and a model it cannot hold is served uncached. Keep it "
+                                     "well under the volume's size: Kubernetes evicts a pod past its /tmp emptyDir's "
+                                     "sizeLimit")
     store_poll_s: float = Field(5.0, ge=0.0, description="how often the server looks for new categories and "
                                 "versions in the model store (0: only at start-up and on reload)")
 

@@ -114,7 +114,8 @@ class HostedEngines:
             s = self.settings
             engine = await asyncio.to_thread(self._engine_factory, Path(version_dir), kind=s.engine, device=s.device,
                                              threads=s.intra_op_threads, max_batch_size=s.max_batch_size,
-                                             tensorrt_cache_dir=s.ort_tensorrt_cache_dir)
+                                             tensorrt_cache_dir=s.ort_tensorrt_cache_dir,
+                                             tensorrt_cache_max_bytes=s.ort_tensorrt_cache_max_bytes)
             warmup_ms = await asyncio.to_thread(warm_engine, engine, s.max_batch_size)
             category = engine.manifest.category
             batcher = Batcher(category, self._runner(category, engine), label=engine.name,

@@ -22,21 +22,23 @@ log = logging.getLogger(__name__)
 
 def load_engine(version_dir: str | Path, kind: str = "auto", device: str = "auto",
                 threads: int | None = None, max_batch_size: int = 64,
-                tensorrt_cache_dir: Path | None = None) -> Engine:
+                tensorrt_cache_dir: Path | None = None, tensorrt_cache_max_bytes: int | None = None) -> Engine:
     """The best engine for this host: ``auto`` tries TensorRT (plan), then ONNX Runtime
     (:func:`backends_to_try`). ``device``: ``auto`` (a GPU when one is usable, else the CPU),
     ``cpu``, or ``cuda[:N]``, which is that GPU or an :class:`EngineError`, never the CPU.
     ``max_batch_size`` also bounds the optimisation profile ONNX Runtime's TensorRT provider
     builds (batches 1..max_batch_size at the model's size), as the plan's profile bounds the
     plan; ``tensorrt_cache_dir``: where that provider caches its engines
-    (``MSFLOW_ORT_TENSORRT_CACHE_DIR``; None: its default folder).
+    (``MSFLOW_ORT_TENSORRT_CACHE_DIR``; None: its default folder), within
+    ``tensorrt_cache_max_bytes`` (``MSFLOW_ORT_TENSORRT_CACHE_MAX_BYTES``; None: its default).
 
     Built under the thread name ``engine-<category>``, so the threads a backend starts here
     (onnxruntime's intra-op pool) carry it in ``top -H`` (:mod:`service.os_names`)."""
     version_dir = Path(version_dir)
     manifest = Manifest.read(version_dir)
     with thread_named(engine_thread_name(manifest.category)):
-        return _load(version_dir, manifest, kind, device, threads, max_batch_size, tensorrt_cache_dir)
+        return _load(version_dir, manifest, kind, device, threads, max_batch_size, tensorrt_cache_dir,
+                     tensorrt_cache_max_bytes)
 
 
 KINDS = ("auto", "tensorrt", "onnx", "torch", "null")
@@ -70,24 +72,28 @@ def onnx_providers(device: str) -> list[Provider] | None:
 
 
 def _load(version_dir: Path, manifest: Manifest, kind: str, device: str, threads: int | None,
-          max_batch_size: int, tensorrt_cache_dir: Path | None = None) -> Engine:
+          max_batch_size: int, tensorrt_cache_dir: Path | None = None,
+          tensorrt_cache_max_bytes: int | None = None) -> Engine:
     *first, last = backends_to_try(kind, device, manifest.tensorrt is not None)
     for backend in first:  # auto's TensorRT: a plan this host cannot run falls back
         try:
-            return _build(backend, version_dir, manifest, device, threads, max_batch_size, tensorrt_cache_dir)
+            return _build(backend, version_dir, manifest, device, threads, max_batch_size, tensorrt_cache_dir,
+                          tensorrt_cache_max_bytes)
         except EngineError as e:
             log.warning("%s engine not usable here (%s); using %s", backend, e, last)
-    return _build(last, version_dir, manifest, device, threads, max_batch_size, tensorrt_cache_dir)
+    return _build(last, version_dir, manifest, device, threads, max_batch_size, tensorrt_cache_dir,
+                  tensorrt_cache_max_bytes)
 
 
 def _build(backend: str, version_dir: Path, manifest: Manifest, device: str, threads: int | None,
-           max_batch_size: int, tensorrt_cache_dir: Path | None = None) -> Engine:
+           max_batch_size: int, tensorrt_cache_dir: Path | None = None,
+           tensorrt_cache_max_bytes: int | None = None) -> Engine:
     if backend == "onnx":
         from service.engines.onnxruntime import OnnxEngine
 
         return OnnxEngine(version_dir, onnx_providers(device), threads, manifest=manifest,
                           max_batch_size=max_batch_size, cuda_device=cuda_index(device),
-                          tensorrt_cache_dir=tensorrt_cache_dir)
+                          tensorrt_cache_dir=tensorrt_cache_dir, tensorrt_cache_max_bytes=tensorrt_cache_max_bytes)
     if backend == "null":  # benchmarks only (service/engines/null.py): never chosen by "auto"
         from service.engines.null import NullEngine
 

@@ -6,7 +6,9 @@ With onnxruntime-gpu, TensorRT's execution provider comes first. Its options
 the first batch it sees and builds it again (minutes on a GPU) for every batch outside what
 it has seen, and an explicit profile also moves the build to session creation, before
 warm-up. Built engines and TensorRT's timing cache are kept in a writable folder
-(``MSFLOW_ORT_TENSORRT_CACHE_DIR``), so a restart loads them instead of building again.
+(``MSFLOW_ORT_TENSORRT_CACHE_DIR``), so a restart loads them instead of building again,
+within a byte budget (``MSFLOW_ORT_TENSORRT_CACHE_MAX_BYTES``, :mod:`service.engines.ort_cache`):
+the least recently used models' engines no process holds are removed before another is built.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import numpy as np
 
 from models.manifest import Manifest
 from service.engines.base import MAP_OUTPUT, EngineError, check_batch
+from service.engines.ort_cache import DEFAULT_MAX_BYTES, CacheHold, reserve_engine_cache
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +119,29 @@ def prepare_tensorrt_cache(cache_dir: Path | None, model_sha256: str) -> Path | 
     return root
 
 
+_warned_over_budget: set[str] = set()  # model sha256s: the warning is given once per process
+
+
+def budget_tensorrt_cache(root: Path, model_sha256: str, max_bytes: int, onnx_bytes: int) -> CacheHold | None:
+    """The model's hold on its cache folder, room made for its engine within ``max_bytes``
+    (:func:`service.engines.ort_cache.reserve_engine_cache`); None, with a warning once per
+    model, when the budget cannot hold its engine (the models other processes serve fill it)
+    or the folder cannot be held: the model is then served without an engine cache, built at
+    every start, rather than spend past the budget (on Kubernetes: /tmp's emptyDir sizeLimit,
+    past which the pod is evicted)."""
+    try:
+        hold = reserve_engine_cache(root, model_sha256, max_bytes, onnx_bytes)
+        why = "the models in use leave no room for its engine"
+    except OSError as e:
+        hold, why = None, str(e)
+    if hold is None and model_sha256 not in _warned_over_budget:
+        _warned_over_budget.add(model_sha256)
+        log.warning("TensorRT engine cache %s (MSFLOW_ORT_TENSORRT_CACHE_MAX_BYTES=%d): model %s is served "
+                    "without an engine cache (%s); its engine is built at every start", root, max_bytes,
+                    model_sha256[:12], why)
+    return hold
+
+
 @contextlib.contextmanager
 def _build_lock(model_cache: Path | None) -> Iterator[None]:
     """One process at a time builds a model's engine into the shared cache (workers starting
@@ -176,14 +202,18 @@ class OnnxEngine:
     once with CUDA and CPU only, without their options, and says so on stdout only; the
     engine logs a warning naming the provider that runs (``providers``:
     ``session.get_providers()``, in order), and ``name`` is that provider's.
-    ``tensorrt_cache_dir``: where TensorRT's engines are cached (None: the default folder).
+    ``tensorrt_cache_dir``: where TensorRT's engines are cached (None: the default folder);
+    ``tensorrt_cache_max_bytes``: that cache's budget (:func:`budget_tensorrt_cache`; None:
+    ``DEFAULT_MAX_BYTES``, as ``MSFLOW_ORT_TENSORRT_CACHE_MAX_BYTES``'s default). The
+    engine holds its model's cache folder for its life, so no other process prunes it.
     """
 
     def __init__(self, version_dir: str | Path, providers: list[Provider] | None = None, threads: int | None = None,
                  manifest: Manifest | None = None, max_batch_size: int = 64, verify: bool = True, *,
                  inter_op_threads: int | None = None, optimization_level: str = "all",
                  parallel: bool = False, io_binding: bool | None = None, spin: bool | None = None,
-                 cuda_device: int | None = None, tensorrt_cache_dir: Path | None = None) -> None:
+                 cuda_device: int | None = None, tensorrt_cache_dir: Path | None = None,
+                 tensorrt_cache_max_bytes: int | None = None) -> None:
         import onnxruntime as ort
 
         self.version_dir = Path(version_dir)
@@ -194,9 +224,16 @@ class OnnxEngine:
         wanted = providers or ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
         chosen = [p for p in wanted if provider_name(p) in available] or ["CPUExecutionProvider"]
         model_cache = None
+        self._tensorrt_cache: CacheHold | None = None
         if any(provider_name(p) == TENSORRT_PROVIDER for p in chosen):
             sha256 = self.manifest.onnx.sha256
             cache = prepare_tensorrt_cache(tensorrt_cache_dir, sha256)
+            if cache is not None:
+                onnx_bytes = (self.version_dir / self.manifest.onnx.file).stat().st_size
+                self._tensorrt_cache = budget_tensorrt_cache(
+                    cache, sha256, DEFAULT_MAX_BYTES if tensorrt_cache_max_bytes is None else tensorrt_cache_max_bytes,
+                    onnx_bytes)
+                cache = cache if self._tensorrt_cache is not None else None
             model_cache = None if cache is None else cache / sha256
             chosen = with_tensorrt_options(chosen, tensorrt_provider_options(
                 self.manifest.input_size, max_batch_size, cache, sha256))
@@ -209,11 +246,19 @@ class OnnxEngine:
                 self.session = ort.InferenceSession(str(self.version_dir / self.manifest.onnx.file), opts,
                                                     providers=chosen)
         except Exception as e:  # onnxruntime raises its own exception types
+            if self._tensorrt_cache is not None:
+                self._tensorrt_cache.close()
             raise EngineError(f"cannot load {self.version_dir / self.manifest.onnx.file}: {e}") from e
+        finally:
+            if self._tensorrt_cache is not None:
+                self._tensorrt_cache.release_reservation()  # the engine is written: its bytes count now
         self.providers: list[str] = self.session.get_providers()
         if cuda_device is not None:
             self._check_on_gpu(cuda_device, available)
         active = self.providers[0]
+        if active != TENSORRT_PROVIDER and self._tensorrt_cache is not None:
+            self._tensorrt_cache.close()  # no engine of ours to keep: the folder may be pruned
+            self._tensorrt_cache = None
         if active != provider_name(chosen[0]):
             log.warning("%s: onnxruntime could not start %s and runs on %s (its 'EP Error' on stdout says why)",
                         self.version_dir, provider_name(chosen[0]), ", ".join(self.providers))

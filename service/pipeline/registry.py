@@ -289,7 +289,8 @@ class ModelRegistry:
                                 "a copied or misplaced version folder")
         s = self.settings
         engine = self._engine_factory(version_dir, kind=s.engine, device=s.device, threads=s.intra_op_threads,
-                                      max_batch_size=s.max_batch_size, tensorrt_cache_dir=s.ort_tensorrt_cache_dir)
+                                      max_batch_size=s.max_batch_size, tensorrt_cache_dir=s.ort_tensorrt_cache_dir,
+                                      tensorrt_cache_max_bytes=s.ort_tensorrt_cache_max_bytes)
         try:
             warmup_ms = warm_engine(engine, self.settings.max_batch_size)
         except BaseException:

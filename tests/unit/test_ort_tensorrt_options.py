@@ -18,11 +18,13 @@ import pytest
 
 from service.engines.onnxruntime import (
     TENSORRT_PROVIDER,
+    budget_tensorrt_cache,
     default_tensorrt_cache_dir,
     prepare_tensorrt_cache,
     tensorrt_provider_options,
     with_tensorrt_options,
 )
+from service.engines.ort_cache import DEFAULT_MAX_BYTES, hold_model_folder
 
 SHA = "ab" * 32
 
@@ -103,3 +105,46 @@ def test_an_unwritable_folder_gives_no_cache_not_an_error(tmp_path: Path) -> Non
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     assert prepare_tensorrt_cache(blocker / "cache", SHA) is None
+
+
+def test_a_model_the_cache_budget_cannot_hold_is_served_uncached_with_one_warning(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The models in use fill the budget: the next model gets no engine cache (its engine is
+    built at every start) rather than the cache growing past its budget, and says so once."""
+    import logging
+
+    root = tmp_path / "cache"
+    root.mkdir()
+    serving = hold_model_folder(root, "cd" * 32)  # another model, in use
+    (root / ("cd" * 32) / "engine").write_bytes(os.urandom(512 * 1024))
+    with caplog.at_level(logging.WARNING, logger="service.engines.onnxruntime"):
+        for _ in range(3):  # reloads of the same model
+            assert budget_tensorrt_cache(root, SHA, max_bytes=768 * 1024, onnx_bytes=400 * 1024) is None
+    warnings = [r for r in caplog.records if "served without an engine cache" in r.getMessage()]
+    assert len(warnings) == 1 and SHA[:12] in warnings[0].getMessage()
+    assert (root / ("cd" * 32) / "engine").is_file()
+    serving.close()
+    hold = budget_tensorrt_cache(root, SHA, max_bytes=768 * 1024, onnx_bytes=400 * 1024)
+    assert hold is not None and not (root / ("cd" * 32)).exists()  # let go: pruned for room
+    hold.close()
+
+
+def _quantity_bytes(quantity: str) -> int:
+    units = {"Ki": 1024, "Mi": 1024**2, "Gi": 1024**3}
+    return int(quantity[:-2]) * units[quantity[-2:]] if quantity[-2:] in units else int(quantity)
+
+
+def test_the_cache_budget_stays_well_under_the_tmp_volume_the_kubelet_enforces() -> None:
+    """Past its emptyDir's sizeLimit the kubelet evicts the pod: the budget, by default and as
+    deployed, leaves half of /tmp to everything else written there."""
+    yaml = pytest.importorskip("yaml")
+    from service.config import Settings
+
+    root = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
+    assert Settings.model_fields["ort_tensorrt_cache_max_bytes"].default == DEFAULT_MAX_BYTES
+    deployed = int(yaml.safe_load((root / "configmap.yaml").read_text())["data"]["MSFLOW_ORT_TENSORRT_CACHE_MAX_BYTES"])
+    for manifest in ("api-deployment.yaml", "worker-deployment.yaml"):
+        spec = yaml.safe_load((root / manifest).read_text())["spec"]["template"]["spec"]
+        tmp = next(v for v in spec["volumes"] if v["name"] == "tmp")
+        limit = _quantity_bytes(tmp["emptyDir"]["sizeLimit"])
+        assert DEFAULT_MAX_BYTES <= limit // 2 and deployed <= limit // 2, manifest
