@@ -9,11 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
+from types import TracebackType
 
 # torch-free (models.manifest), so that `msflow --help` stays fast and `msflow serve` never
 # imports the trainer: a parser that read a default from models.recalibrate imported torch
@@ -409,11 +409,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         # Ctrl-C: a stopped command, not a crash. uvicorn re-raises the SIGINT it shut down
         # on, which ended `msflow serve` (and ./scripts/demo.sh) in a KeyboardInterrupt
-        # traceback. Die by SIGINT as an uncaught Ctrl-C does, so a calling script stops too.
+        # traceback. Left uncaught, minus its traceback: Python then flushes stdout and runs
+        # the exit hooks before it dies by SIGINT (status -2, so a calling script stops too).
+        # Killing ourselves here instead lost what the command had printed to a file or pipe.
         print(f"msflow {args.command}: interrupted", file=sys.stderr)
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGINT)
-        return 130  # not reached: SIGINT's default action ends the process
+        sys.excepthook = _quiet_on_interrupt
+        raise
+
+
+def _quiet_on_interrupt(kind: type[BaseException], exc: BaseException, tb: TracebackType | None,
+                        default: Callable[..., object] = sys.excepthook) -> None:
+    """sys.excepthook once main said "interrupted": no traceback for the Ctrl-C."""
+    if not issubclass(kind, KeyboardInterrupt):
+        default(kind, exc, tb)
 
 
 if __name__ == "__main__":
