@@ -104,7 +104,10 @@ class HostedEngines:
             hosted.unload = None
         frontend.channel.send({"op": "acquired", "rid": rid, "name": hosted.engine.name, "handle": hosted.handle,
                                "max_batch_size": int(hosted.engine.max_batch_size),
-                               "warmup_ms": hosted.warmup_ms})
+                               "warmup_ms": hosted.warmup_ms,
+                               # What runs, which a front end describes and decides with: also
+                               # where the folder has left the store since (a pin serves on).
+                               "manifest": hosted.engine.manifest.model_dump(mode="json")})
 
     async def load(self, version_dir: str) -> Hosted:
         async with self._loading.setdefault(version_dir, asyncio.Lock()):

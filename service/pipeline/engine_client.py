@@ -352,7 +352,13 @@ class EngineClient:
 
     # ------------------------------------------------------------------ for the registry (worker threads)
     def engine_factory(self, version_dir: Path, **_: Any) -> "RemoteEngine":
-        """The registry's engine factory here (called in a worker thread, like load_engine)."""
-        manifest = Manifest.read(version_dir)
+        """The registry's engine factory here (called in a worker thread, like load_engine).
+        The manifest is the engine process's, of the engine that runs: a pinned version whose
+        folder left the store is served on from its memory, as one process serves it on."""
         answer = asyncio.run_coroutine_threadsafe(self.acquire(version_dir), self.loop).result()
+        try:
+            manifest = Manifest.model_validate(answer["manifest"])
+        except (KeyError, ValueError) as exc:
+            self.loop.call_soon_threadsafe(self.release, str(version_dir))
+            raise EngineError(f"engine process: no readable manifest for {version_dir}: {exc}") from exc
         return RemoteEngine(self, version_dir, manifest, str(answer["name"]), int(answer["max_batch_size"]))

@@ -14,6 +14,13 @@ Without a pin, start-up and the store watch serve the newest version that *loads
 version that fails is recorded and the next older one is tried, so a replica started after
 a broken export serves what the replicas running before it kept serving, rather than
 nothing for that category.
+
+A pin (the settings', or an operator's reload ?version=) holds while it cannot be served:
+nothing else is loaded for the category until a reload changes it. A pinned version whose
+folder left the store serves on from memory; a pin followed from elsewhere (``in_force``:
+another front end's reload, the engine process back) is still served where the engine
+factory can have the version without its folder (the engine process holds it), else the
+category fails (:class:`PinnedVersionRemoved`), never the newest.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from models.build_progress import BuildProgress, read_progress
-from models.manifest import CATEGORY_PATTERN, Manifest, ManifestError, list_versions
+from models.manifest import CATEGORY_PATTERN, MANIFEST, Manifest, ManifestError, list_versions
 from service.config import Settings
 from service.engines.base import Engine
 from service.engines.factory import load_engine
@@ -52,6 +59,11 @@ class RegistryError(RuntimeError):
 
 class VersionNotFound(RegistryError):
     """The requested or pinned version is not in the store."""
+
+
+class PinnedVersionRemoved(RegistryError):
+    """The version a pin in force holds a category to left the store, and nothing that could
+    serve it without its folder holds it any more."""
 
 
 class UnknownCategory(KeyError):
@@ -102,6 +114,9 @@ class ModelRegistry:
         # msflow_model_versions_failed show them while an older version serves)
         self._failed_versions: dict[str, dict[str, str]] = {}
         self._unhealthy: dict[str, str] = {}  # category -> why its serving version looks broken (cleared on swap)
+        # category -> the version a pin holds it to: kept while that version cannot be served
+        # (lost, or a followed pin that failed), so that nothing else is loaded in its place.
+        self._pins: dict[str, str] = {}
         # service.pipeline.thresholds.ThresholdOverrides (set by ServiceState): describe() shows overrides
         self.thresholds: Any = None
 
@@ -227,17 +242,18 @@ class ModelRegistry:
                     loaded.append(category)
         return loaded
 
-    def _candidates(self, category: str, initial: bool = False) -> list[str]:
+    def _candidates(self, category: str, initial: bool = False, unpinning: bool = False) -> list[str]:
         """The versions of ``category`` to try, in order (newest first), until one loads.
         A settings pin: that version alone (at start-up). Else the versions newer than the one
         served (all of them when none is, or when the served one left the store), skipping
-        those that failed before; nothing while an operator's reload ?version= pins it."""
+        those that failed before; nothing while an operator's reload ?version= pins it, served
+        or not (``unpinning``: the operator's reload that ends the pin)."""
         pinned = self.settings.pinned_versions.get(category)
         if pinned is not None:
             return [pinned] if initial else []
-        current = self._models.get(category)
-        if current is not None and current.pinned:
+        if category in self._pins and not unpinning:
             return []
+        current = self._models.get(category)
         failed = self._failed_versions.get(category, {})
         out = []
         for version in reversed(list_versions(self.store / category)):  # empty: removed meanwhile
@@ -268,30 +284,45 @@ class ModelRegistry:
     def _lock(self, category: str) -> asyncio.Lock:
         return self._locks.setdefault(category, asyncio.Lock())
 
-    def _resolve_version(self, category: str, version: str | None) -> tuple[str, bool]:
+    def _resolve_version(self, category: str, version: str | None, in_force: bool = False) -> tuple[str, bool]:
+        """The version to load and whether it is pinned. ``in_force``: a version no longer in
+        the store is still tried (see :meth:`reload`)."""
         versions = list_versions(self.store / category)
-        if not versions:
-            raise RegistryError(f"{category}: no version with a manifest in {self.store / category}")
         pinned = self.settings.pinned_versions.get(category)
         wanted = version or pinned
         if wanted is None:
+            if not versions:
+                raise RegistryError(f"{category}: no version with a manifest in {self.store / category}")
             return versions[-1], False
-        if wanted not in versions:
-            raise VersionNotFound(f"{category}: version {wanted!r} not in the store (have {', '.join(versions)})")
+        if wanted not in versions and not in_force:
+            raise VersionNotFound(f"{category}: version {wanted!r} not in the store "
+                                  f"(have {', '.join(versions) or 'none'})")
         return wanted, wanted == pinned or version is not None
 
-    def _build(self, category: str, version: str, pinned: bool) -> LoadedModel:
-        """Blocking: read and check the manifest, build the engine, warm it."""
+    def _build(self, category: str, version: str, pinned: bool, in_force: bool = False) -> LoadedModel:
+        """Blocking: read and check the manifest, build the engine, warm it. A pin in force
+        whose folder is gone is built if the engine factory still can (the engine process
+        holds it, with its manifest), and checked on the engine's manifest."""
         version_dir = self.store / category / version
-        manifest = Manifest.read(version_dir)
-        if manifest.category != category or manifest.version != version:
-            raise ManifestError(f"{version_dir} holds the manifest of {manifest.category}/{manifest.version}; "
-                                "a copied or misplaced version folder")
+        removed = in_force and not (version_dir / MANIFEST).is_file()
+        if not removed:
+            manifest = Manifest.read(version_dir)
+            _check_placed(version_dir, manifest, category, version)
         s = self.settings
-        engine = self._engine_factory(version_dir, kind=s.engine, device=s.device, threads=s.intra_op_threads,
-                                      max_batch_size=s.max_batch_size, tensorrt_cache_dir=s.ort_tensorrt_cache_dir,
-                                      tensorrt_cache_max_bytes=s.ort_tensorrt_cache_max_bytes)
         try:
+            engine = self._engine_factory(version_dir, kind=s.engine, device=s.device, threads=s.intra_op_threads,
+                                          max_batch_size=s.max_batch_size, tensorrt_cache_dir=s.ort_tensorrt_cache_dir,
+                                          tensorrt_cache_max_bytes=s.ort_tensorrt_cache_max_bytes)
+        except Exception as exc:
+            if not removed:
+                raise
+            raise PinnedVersionRemoved(
+                f"{category}: pinned version {version} was removed from the model store and no process of this "
+                f"server holds it any more; nothing else serves {category} while the pin holds: reload it "
+                f"(POST /v1/models/{category}/reload, ?version= to pin another); loading it: {exc}") from exc
+        try:
+            if removed:
+                _check_placed(version_dir, engine.manifest, category, version)
             warmup_ms = warm_engine(engine, self.settings.max_batch_size)
         except BaseException:
             release = getattr(engine, "close", None)  # an engine held elsewhere (engine process) lets go
@@ -301,12 +332,25 @@ class ModelRegistry:
         return LoadedModel(category=category, version=version, version_dir=version_dir, engine=engine,
                            loaded_at=datetime.now(timezone.utc), warmup_ms=warmup_ms, pinned=pinned)
 
-    async def reload(self, category: str, version: str | None = None) -> LoadedModel:
+    async def retry(self, category: str) -> LoadedModel:
+        """Load ``category`` again after its load failed (the engine process is back): the
+        version a pin holds it to, else the newest that loads."""
+        pin = self._pins.get(category, self.settings.pinned_versions.get(category))
+        return await self.reload(category, pin, in_force=pin is not None)
+
+    async def reload(self, category: str, version: str | None = None, *, in_force: bool = False) -> LoadedModel:
         """(Re)load ``category`` (newest, pinned or the given ``version``) and swap it in once warm.
 
         Where nothing serves the category (its loads failed) and no version is named or
         pinned, every version is tried again, newest first (as at start-up): the operator's
-        retry, or the engine process back, brings the newest that loads."""
+        retry, or the engine process back, brings the newest that loads.
+
+        ``in_force``: ``version`` is a pin already in force on this server (another front
+        end's reload followed, a retry), not an operator's new choice: if its folder left the
+        store it is still served where the engine factory can have it without (the engine
+        process holds it), and if it cannot be served the pin holds all the same: the category
+        fails rather than serve another version (an operator's new reload of a removed version
+        is refused instead, as in one process)."""
         if not CATEGORY_PATTERN.fullmatch(category) or not (self.store / category).is_dir():
             if category in self._models:  # not "unknown ...; known: <it>": it serves, from memory
                 raise RegistryError(f"{category} is no longer in the model store; version "
@@ -315,15 +359,15 @@ class ModelRegistry:
         async with self._lock(category):  # two reloads of one category must not race to the swap
             if version is None and category not in self._models and category not in self.settings.pinned_versions:
                 self._failed_versions.pop(category, None)
-                model, error = await self._load_newest(category, self._candidates(category))
+                model, error = await self._load_newest(category, self._candidates(category, unpinning=True))
                 if model is not None:
                     return model
                 if error is not None:
                     raise error
-            return await self._swap_in(category, version)
+            return await self._swap_in(category, version, in_force=in_force)
 
     async def _swap_in(self, category: str, version: str | None, pin: bool = True,
-                       record_failure: bool = False) -> LoadedModel:
+                       record_failure: bool = False, in_force: bool = False) -> LoadedModel:
         """Build and warm, then swap; under the category's lock. ``pin``: a given ``version``
         pins the category (an operator's reload ?version=), unless the watch chose it.
         ``record_failure``: a version that fails is kept as failed (the watch's and start-up's
@@ -331,9 +375,11 @@ class ModelRegistry:
         started = time.perf_counter()
         chosen = version
         try:
-            chosen, pinned = self._resolve_version(category, version)
-            model = await asyncio.to_thread(self._build, category, chosen, pinned and pin)
+            chosen, pinned = self._resolve_version(category, version, in_force)
+            model = await asyncio.to_thread(self._build, category, chosen, pinned and pin, in_force)
         except Exception as exc:
+            if in_force and version is not None:
+                self._pins[category] = version  # it holds, served or not: nothing else is loaded
             if record_failure and chosen is not None:
                 self._failed_versions.setdefault(category, {})[chosen] = self.public_message(exc)
             if category not in self._models:
@@ -346,6 +392,10 @@ class ModelRegistry:
         self._failed_versions.get(category, {}).pop(chosen, None)  # it loads now (an explicit reload)
         previous = self._models.get(category)
         self._models[category] = model  # the atomic swap: the next batch sees the new engine
+        if model.pinned:
+            self._pins[category] = model.version
+        else:
+            self._pins.pop(category, None)
         self._failed.pop(category, None)
         self._unhealthy.pop(category, None)
         if category not in self._categories:
@@ -403,6 +453,12 @@ class ModelRegistry:
     def serving(self) -> dict[str, str]:
         """category -> version for every loaded category."""
         return {c: m.version for c, m in sorted(self._models.items())}
+
+
+def _check_placed(version_dir: Path, manifest: Manifest, category: str, version: str) -> None:
+    if manifest.category != category or manifest.version != version:
+        raise ManifestError(f"{version_dir} holds the manifest of {manifest.category}/{manifest.version}; "
+                            "a copied or misplaced version folder")
 
 
 def warm_engine(engine: Engine, max_batch_size: int) -> float:

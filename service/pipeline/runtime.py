@@ -190,7 +190,7 @@ class PipelineRuntime:
         while it was away get another try (the registry would otherwise wait for a newer version)."""
         for category in list(self.registry.failed):
             try:
-                await self.registry.reload(category)
+                await self.registry.retry(category)  # the version a pin holds it to, if one does
             except Exception as exc:  # still failing: reported as before
                 log.error("%s: load failed again after the engine process came back: %s", category, exc)
 

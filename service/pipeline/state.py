@@ -232,7 +232,9 @@ class ServiceState(PipelineRuntime):
         counted as a reload (the operator's front end counted it: /metrics adds up the front
         ends), but a failure to follow is."""
         try:
-            await self.registry.reload(category, version)
+            # A pin in force, not a new choice: served from the engine process's memory if its
+            # folder left the store, else the category fails (never another version).
+            await self.registry.reload(category, version, in_force=True)
         except Exception as exc:
             self.metrics.reloads.labels(category, "failed").inc()
             log.error("following the reload of %s (version %s) failed: %s", category, version, exc)

@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 from collections.abc import AsyncIterator
 import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from harness import fake_version, until
 from service.config import Settings
 from service.engine_core import EngineCore
 from service.pipeline.engine_client import EngineClient
-from service.pipeline.registry import LoadedModel
+from service.pipeline.registry import LoadedModel, ModelNotLoaded
 from service.pipeline.runtime import PipelineRuntime
 from service.pipeline.state import ServiceState
 from test_multiprocess import engine_process
@@ -34,7 +36,7 @@ async def front_end(settings: Settings) -> AsyncIterator[tuple[PipelineRuntime, 
     rt = PipelineRuntime(settings, None, engine_link=link)
 
     async def follow(category: str, version: str | None) -> None:
-        await rt.registry.reload(category, version)
+        await rt.registry.reload(category, version, in_force=True)
     link.on_reload = follow
     rt.open()
     try:
@@ -182,5 +184,79 @@ def test_a_front_end_starting_during_a_pinning_reload_listens_on_the_pinned_vers
                     assert serves(starting) == ("1", True)
                 finally:
                     await starting.stop()
+
+    asyncio.run(main())
+
+
+def test_a_replacement_front_end_serves_a_pinned_version_removed_from_the_store_from_the_engine_process(
+        tmp_path: Path) -> None:
+    """An operator pinned version 1, then its folder left the store (a cleanup script): the
+    running front ends serve it on from memory, as one process does. Before, a killed front
+    end's replacement could not follow the pin (it read the manifest from the folder), loaded
+    version 2 and the server answered with both versions. Now the engine process, which still
+    holds version 1, hands over its manifest with the acquire and the replacement serves 1."""
+    store = tmp_path / "store"
+    fake_version(store, "aaa", "1")
+    fake_version(store, "aaa", "2")
+
+    async def main() -> None:
+        async with engine_process(store) as (core, settings):
+            core.unload_grace_s = 0.1
+            async with front_end(settings) as (first, first_link):
+                await operator_reload(first, first_link, "aaa", "1")
+                await until(lambda: str(store / "aaa" / "2") not in core.hosted, "version 2 unloaded")
+                shutil.rmtree(store / "aaa" / "1")
+                replacement = RecordedState(settings)
+                await replacement.start()
+                try:
+                    assert serves(replacement) == ("1", True)
+                    assert replacement.swapped_in == ["1"]  # never version 2
+                    assert replacement.registry.failed == {}
+                    assert replacement.registry.get("aaa").manifest.version == "1"
+                    await replacement.registry.refresh()  # the store watch leaves the pin alone
+                    assert serves(replacement) == ("1", True) and serves(first) == ("1", True)
+                    assert str(store / "aaa" / "2") not in core.hosted
+                finally:
+                    await replacement.stop()
+
+    asyncio.run(main())
+
+
+def test_a_pinned_version_removed_from_the_store_and_held_nowhere_fails_its_category_not_the_newest(
+        tmp_path: Path) -> None:
+    """Nothing holds version 1 any more (its last front end went, the engine process unloaded
+    it): a front end starting cannot serve the pin, and serves nothing for the category (503
+    model_not_loaded, the reason naming the removed version) rather than version 2, which the
+    store watch does not load either, until an operator's reload clears the pin."""
+    store = tmp_path / "store"
+    fake_version(store, "aaa", "1")
+    fake_version(store, "aaa", "2")
+    fake_version(store, "bbb", "1")
+
+    async def main() -> None:
+        async with engine_process(store) as (core, settings):
+            core.unload_grace_s = 0.05
+            async with front_end(settings) as (first, first_link):
+                await operator_reload(first, first_link, "aaa", "1")
+            await until(lambda: not core.hosted, "every version unloaded")
+            shutil.rmtree(store / "aaa" / "1")
+            late = RecordedState(settings)
+            await late.start()
+            try:
+                assert "aaa" not in late.registry.serving() and "2" not in late.swapped_in
+                why = late.registry.failed["aaa"]
+                assert "version 1" in why and "removed" in why, why
+                assert str(store) not in why  # no server path in what clients read
+                assert late.registry.ready  # bbb serves: the replica stays in rotation
+                with pytest.raises(ModelNotLoaded, match="version 1"):
+                    late.registry.get("aaa")
+                await late.registry.refresh()  # the store watch: still not version 2
+                assert "aaa" not in late.registry.serving()
+                await late._retry_failed()  # the engine process (re)connected: the pin, again
+                assert "aaa" not in late.registry.serving() and "version 1" in late.registry.failed["aaa"]
+                await late.reload("aaa", None)  # an operator unpins: the newest serves
+                assert serves(late) == ("2", False) and "aaa" not in late.registry.failed
+            finally:
+                await late.stop()
 
     asyncio.run(main())
