@@ -12,6 +12,7 @@ log-likelihood (the same images later calibrate the threshold).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 import time
@@ -79,9 +80,19 @@ def reviewed_ok_samples(cfg: TrainConfig) -> list[tuple[dict[str, str], Sample]]
     root = resolve_root(cfg.include_reviewed_ok)
     if not root.is_dir():
         raise ValueError(f"no review store at {cfg.include_reviewed_ok}")
+    store = ReviewStore(root)
+    reviewed = store.reviewed_ok_images(cfg.category)
+    # Labelled OK but unreadable now (its image or item.json gone): the store leaves it out, as
+    # the API does; said here, or the count the CLI prints is short without a word.
+    kept = {item.id for item, label, _ in store.labelled(cfg.category) if label.label == "ok"}
+    lost = sorted({label.id for label in store.labels(cfg.category) if label.label == "ok"} - kept)
+    if lost:
+        logging.getLogger(__name__).warning(
+            "%d operator-confirmed OK item(s) of %s left out: their image or item.json is gone (%s)", len(lost),
+            cfg.category, ", ".join(lost[:10]) + (", ..." if len(lost) > 10 else ""))
     return [({"id": item.id, "sha256": item.image.sha256, "path": str(path)},
              Sample(path=path, label=0, defect_type="good"))
-            for item, path in ReviewStore(root).reviewed_ok_images(cfg.category)]
+            for item, path in reviewed]
 
 
 @torch.no_grad()
