@@ -34,7 +34,8 @@ from service.api.auth import Admin, Authed
 from service.api.deps import CategoryDep, StateDep
 from service.api.errors import ApiError
 from service.api.openapi import BODY_TOO_LARGE, UNAUTHORIZED, errors, ok
-from service.pipeline.registry import EVALUATION_ASSETS, LoadedModel
+from service.pipeline.loaded_model import LoadedModel
+from service.pipeline.registry import EVALUATION_ASSETS
 from service.schemas import FrontEndsAnswered, RecentScores, ThresholdState, ThresholdUpdate
 
 log = logging.getLogger(__name__)

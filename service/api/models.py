@@ -13,7 +13,7 @@ from service.api.deps import CategoryDep, StateDep, unknown_category
 from service.api.errors import ApiError
 from service.api.openapi import UNAUTHORIZED, errors, ok
 from service.engines.base import EngineError
-from service.pipeline.registry import RegistryError, UnknownCategory, VersionNotFound
+from service.pipeline.registry_errors import RegistryError, UnknownCategory, VersionNotFound
 from service.schemas import ModelInfo, ModelList
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ from service.ipc.channel import Channel, Incoming, Message
 from service.ipc.listener import accept_forever, listen_unix
 from service.ipc.slab import Slab
 from service.metrics import ServiceMetrics
-from service.pipeline.registry import EngineFactory
+from service.pipeline.loaded_model import EngineFactory
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from service.ipc.slab import Slab
 from service.metrics import ServiceMetrics
 from service.pipeline.batch_queue import Batched, BatcherClosed, DeadlineExceeded, QueueFull
 from service.pipeline.batcher import Batcher
-from service.pipeline.registry import EngineFactory, warm_engine
+from service.pipeline.loaded_model import EngineFactory, warm_engine
 from service.pipeline.runtime import engine_runner
 
 log = logging.getLogger(__name__)

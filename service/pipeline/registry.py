@@ -29,69 +29,26 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from models.build_progress import BuildProgress, read_progress
-from models.manifest import CATEGORY_PATTERN, MANIFEST, Manifest, ManifestError, list_versions
+from models.manifest import CATEGORY_PATTERN, MANIFEST, Manifest, list_versions
 from service.config import Settings
 from service.engines.base import Engine
 from service.engines.factory import load_engine
-from service.os_names import engine_thread_name, thread_named
+from service.pipeline.loaded_model import EngineFactory, LoadedModel, check_placed, warm_engine
+from service.pipeline.registry_errors import (ModelNotLoaded, PinnedVersionRemoved, RegistryError, UnknownCategory,
+                                             VersionNotFound)
 from service.schemas import ModelInfo
 
 log = logging.getLogger(__name__)
 
-EngineFactory = Callable[..., Engine]
 # Files `msflow eval` made that export copies into a version folder; the only files of a
 # version GET /v1/models/{category}/assets/{name} serves.
 EVALUATION_ASSETS: dict[str, str] = {"roc.png": "image/png", "examples.png": "image/png",
                                      "report.json": "application/json"}
-
-
-class RegistryError(RuntimeError):
-    """The store or a category cannot be served (missing, empty, inconsistent)."""
-
-
-class VersionNotFound(RegistryError):
-    """The requested or pinned version is not in the store."""
-
-
-class PinnedVersionRemoved(RegistryError):
-    """The version a pin in force holds a category to left the store, and nothing that could
-    serve it without its folder holds it any more."""
-
-
-class UnknownCategory(KeyError):
-    """No such category in the model store."""
-
-    def __init__(self, category: str, known: list[str]) -> None:
-        super().__init__(category)
-        self.category = category
-        self.known = known
-
-
-class ModelNotLoaded(RuntimeError):
-    """The category exists but has no warm engine (still loading, or its load failed)."""
-
-
-@dataclass(frozen=True)
-class LoadedModel:
-    category: str
-    version: str
-    version_dir: Path
-    engine: Engine
-    loaded_at: datetime
-    warmup_ms: float
-    pinned: bool
-
-    @property
-    def manifest(self) -> Manifest:
-        return self.engine.manifest
 
 
 class ModelRegistry:
@@ -307,7 +264,7 @@ class ModelRegistry:
         removed = in_force and not (version_dir / MANIFEST).is_file()
         if not removed:
             manifest = Manifest.read(version_dir)
-            _check_placed(version_dir, manifest, category, version)
+            check_placed(version_dir, manifest, category, version)
         s = self.settings
         try:
             engine = self._engine_factory(version_dir, kind=s.engine, device=s.device, threads=s.intra_op_threads,
@@ -322,7 +279,7 @@ class ModelRegistry:
                 f"(POST /v1/models/{category}/reload, ?version= to pin another); loading it: {exc}") from exc
         try:
             if removed:
-                _check_placed(version_dir, engine.manifest, category, version)
+                check_placed(version_dir, engine.manifest, category, version)
             warmup_ms = warm_engine(engine, self.settings.max_batch_size)
         except BaseException:
             release = getattr(engine, "close", None)  # an engine held elsewhere (engine process) lets go
@@ -453,24 +410,3 @@ class ModelRegistry:
     def serving(self) -> dict[str, str]:
         """category -> version for every loaded category."""
         return {c: m.version for c, m in sorted(self._models.items())}
-
-
-def _check_placed(version_dir: Path, manifest: Manifest, category: str, version: str) -> None:
-    if manifest.category != category or manifest.version != version:
-        raise ManifestError(f"{version_dir} holds the manifest of {manifest.category}/{manifest.version}; "
-                            "a copied or misplaced version folder")
-
-
-def warm_engine(engine: Engine, max_batch_size: int) -> float:
-    """Run one full batch of zeros through ``engine``, check the output shapes; milliseconds taken."""
-    size = engine.manifest.input_size
-    batch = max(1, min(max_batch_size, int(engine.max_batch_size)))
-    started = time.perf_counter()
-    with thread_named(engine_thread_name(engine.manifest.category)):  # threads a first run starts (OpenMP's)
-        scores, maps = engine.run(np.zeros((batch, size, size, 3), dtype=np.uint8))
-    if np.shape(scores) != (batch,) or np.shape(maps) != (batch, size, size):
-        raise RegistryError(f"engine {engine.name} returned scores {np.shape(scores)} and maps "
-                            f"{np.shape(maps)} for a batch of {batch} at {size}x{size}")
-    if not np.all(np.isfinite(scores)):
-        raise RegistryError(f"engine {engine.name} returns non-finite scores on its warm-up batch")
-    return (time.perf_counter() - started) * 1e3

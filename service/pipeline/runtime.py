@@ -41,7 +41,8 @@ from service.pipeline.item import InspectedImage
 from service.pipeline.offload import Offload, gather_in_order
 from service.pipeline.placement import probe_on_loop, work_on_loop
 from service.pipeline.postprocess import NonFiniteMaps, policy_from_settings, postprocess
-from service.pipeline.registry import EngineFactory, LoadedModel, ModelRegistry
+from service.pipeline.loaded_model import EngineFactory, LoadedModel
+from service.pipeline.registry import ModelRegistry
 from service.pipeline.remote_batcher import RemoteBatcher
 from service.pipeline.review import ReviewCapture
 from service.pipeline.thresholds import ThresholdOverrides
@@ -108,7 +109,7 @@ class PipelineRuntime:
 
     # ------------------------------------------------------------------ life cycle
     def open(self) -> list[str]:
-        """Check the store (raises :class:`~service.pipeline.registry.RegistryError` when it is
+        """Check the store (raises :class:`~service.pipeline.registry_errors.RegistryError` when it is
         unusable), start the thread pool and the threshold sync. Returns the categories found.
         Call from the running event loop; loading is :meth:`load_and_watch`'s."""
         configure_pillow(self.settings.max_image_pixels)
@@ -203,7 +204,7 @@ class PipelineRuntime:
     def pin(self, category: str) -> Iterator[Lane]:
         """The category's loaded version, resolved once: everything the request (or batch of
         jobs) does (decode size, batching, threshold, version in the answer) uses this lane.
-        Raises :class:`~service.pipeline.registry.ModelNotLoaded` / ``UnknownCategory``."""
+        Raises :class:`~service.pipeline.registry_errors.ModelNotLoaded` / ``UnknownCategory``."""
         lane = self._lane(self.registry.get(category))
         lane.users += 1
         try:

@@ -26,7 +26,8 @@ from service.pipeline.admission import AdmissionRefused
 from service.pipeline.engine_client import EngineClient
 from service.pipeline.item import InspectedImage
 from service.pipeline.recent import RecentScores
-from service.pipeline.registry import LoadedModel, UnknownCategory
+from service.pipeline.loaded_model import LoadedModel
+from service.pipeline.registry_errors import UnknownCategory
 from service.pipeline.runtime import Lane, PipelineRuntime, rendering_for
 from service.redisq.budget import maxmemory_warning
 from service.redisq.connection import RedisConnection, make_client

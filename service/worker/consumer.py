@@ -14,7 +14,7 @@ from contextlib import ExitStack
 
 from service.config import Settings
 from service.metrics import ServiceMetrics
-from service.pipeline.registry import ModelNotLoaded, UnknownCategory
+from service.pipeline.registry_errors import ModelNotLoaded, UnknownCategory
 from service.pipeline.runtime import Lane, PipelineRuntime
 from service.redisq.connection import RedisConnection, RedisUnavailable, make_client
 from service.redisq.jobs import Delivery, JobQueue

@@ -34,7 +34,7 @@ from service.ipc import frames
 from service.ipc.slab import Slab, SlabLayout
 from service.pipeline import engine_client
 from service.pipeline.engine_client import EngineClient
-from service.pipeline.registry import ModelNotLoaded
+from service.pipeline.registry_errors import ModelNotLoaded
 from service.pipeline.runtime import PipelineRuntime
 
 SIZE = 32  # fake_version's input size

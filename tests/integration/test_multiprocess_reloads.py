@@ -22,7 +22,8 @@ from harness import fake_version, until
 from service.config import Settings
 from service.engine_core import EngineCore
 from service.pipeline.engine_client import EngineClient
-from service.pipeline.registry import LoadedModel, ModelNotLoaded
+from service.pipeline.loaded_model import LoadedModel
+from service.pipeline.registry_errors import ModelNotLoaded
 from service.pipeline.runtime import PipelineRuntime
 from service.pipeline.state import ServiceState
 from test_multiprocess import engine_process

@@ -27,7 +27,9 @@ from harness import CATEGORY, copy_version, engine_run_replaced, failing_run, fa
 from service.config import Settings
 from service.pipeline.decode import UndecodableImage
 from service.pipeline.item import InspectedImage
-from service.pipeline.registry import LoadedModel, ModelNotLoaded, ModelRegistry, UnknownCategory, VersionNotFound
+from service.pipeline.loaded_model import LoadedModel
+from service.pipeline.registry import ModelRegistry
+from service.pipeline.registry_errors import ModelNotLoaded, UnknownCategory, VersionNotFound
 from service.pipeline.runtime import NonFiniteOutput, PipelineRuntime
 from service.pipeline.state import ServiceState
 from service.schemas import HeatmapLink, HeatmapMode, InspectOptions, Upload

@@ -20,7 +20,8 @@ from models.manifest import ManifestError
 from service.config import Settings
 from service.engines.base import Engine
 from service.engines.factory import load_engine
-from service.pipeline.registry import ModelNotLoaded, ModelRegistry, PinnedVersionRemoved, VersionNotFound
+from service.pipeline.registry import ModelRegistry
+from service.pipeline.registry_errors import ModelNotLoaded, PinnedVersionRemoved, VersionNotFound
 
 
 def _registry(store: Path, factory: Any = load_engine) -> ModelRegistry:

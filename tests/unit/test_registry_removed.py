@@ -10,7 +10,8 @@ import pytest
 
 from harness import CATEGORY, fake_version
 from service.config import Settings
-from service.pipeline.registry import ModelRegistry, RegistryError, UnknownCategory
+from service.pipeline.registry import ModelRegistry
+from service.pipeline.registry_errors import RegistryError, UnknownCategory
 
 
 def test_reloading_a_category_removed_from_the_store_says_so(tmp_path: Path) -> None:
