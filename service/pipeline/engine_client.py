@@ -319,6 +319,12 @@ class EngineClient:
         if previous is not None:
             self.release(previous)  # the same folder too: reloading it acquired it once more
 
+    def stopped_serving(self, category: str, version_dir: Path) -> None:
+        """The registry no longer serves ``category`` with ``version_dir``, and nothing else in
+        its place (a failed follow of a reload): that use of it ends, as at a swap."""
+        if self._holds.unserve(category, str(version_dir)):
+            self.release(str(version_dir))
+
     def release(self, version_dir: str) -> None:
         """One user of ``version_dir`` fewer; the engine process hears when none is left."""
         if self._holds.drop(version_dir) and self._connected.is_set() and self.channel is not None:

@@ -57,3 +57,11 @@ class VersionHolds:
         previous = self._served.get(category)
         self._served[category] = folder
         return previous
+
+    def unserve(self, category: str, folder: str) -> bool:
+        """``folder`` no longer serves ``category``, with nothing in its place (the registry
+        dropped it): True if it did, its use ended here, which the caller drops."""
+        if self._served.get(category) != folder:
+            return False
+        del self._served[category]
+        return True

@@ -74,6 +74,9 @@ class ModelRegistry:
         # category -> the version a pin holds it to: kept while that version cannot be served
         # (lost, or a followed pin that failed), so that nothing else is loaded in its place.
         self._pins: dict[str, str] = {}
+        # Called with a model that stops serving with nothing in its place (a failed follow of
+        # an operator's reload, :meth:`_follow_failed`): the runtime lets go of what it holds.
+        self.on_drop: Callable[[LoadedModel], None] | None = None
         # service.pipeline.thresholds.ThresholdOverrides (set by ServiceState): describe() shows overrides
         self.thresholds: Any = None
 
@@ -314,6 +317,8 @@ class ModelRegistry:
                                     f"{self._models[category].version} serves on until this server restarts")
             raise UnknownCategory(category, self.categories)
         async with self._lock(category):  # two reloads of one category must not race to the swap
+            if in_force and version is None:
+                self._pins.pop(category, None)  # an unpin followed: it ends the pin, loaded or not
             if version is None and category not in self._models and category not in self.settings.pinned_versions:
                 self._failed_versions.pop(category, None)
                 model, error = await self._load_newest(category, self._candidates(category, unpinning=True))
@@ -335,8 +340,8 @@ class ModelRegistry:
             chosen, pinned = self._resolve_version(category, version, in_force)
             model = await asyncio.to_thread(self._build, category, chosen, pinned and pin, in_force)
         except Exception as exc:
-            if in_force and version is not None:
-                self._pins[category] = version  # it holds, served or not: nothing else is loaded
+            if in_force:
+                self._follow_failed(category, version)
             if record_failure and chosen is not None:
                 self._failed_versions.setdefault(category, {})[chosen] = self.public_message(exc)
             if category not in self._models:
@@ -365,6 +370,29 @@ class ModelRegistry:
         if previous is not None and previous.version != model.version:
             self._say_dropped_override(previous, model)
         return model
+
+    def _follow_failed(self, category: str, version: str | None) -> None:
+        """A reload in force here (another front end's, followed; a retry) failed: what it chose
+        holds all the same. A pin is kept (nothing else is loaded in its place), an unpin ends
+        the pin, and a version served that the reload moved away from stops serving: the
+        category fails (503 ``model_not_loaded``) and is retried as a failed load is, when the
+        engine process connects again. Before, a follow cut off by the engine process going
+        away left the version pinned or unpinned away from serving here for good (the replay
+        at the next connection was one this front end had recorded as followed)."""
+        if version is None:
+            self._pins.pop(category, None)
+        else:
+            self._pins[category] = version
+        model = self._models.get(category)
+        if model is None or (model.version == version if version is not None else not model.pinned):
+            return
+        del self._models[category]
+        self._unhealthy.pop(category, None)
+        log.error("%s: version %s stops serving here: %s", category, model.version,
+                  f"the pin to version {version} in force could not be followed" if version is not None
+                  else "the end of its pin could not be followed")
+        if self.on_drop is not None:
+            self.on_drop(model)
 
     def _say_dropped_override(self, previous: LoadedModel, model: LoadedModel) -> None:
         """Overrides belong to one version (another version may score on another scale), so an

@@ -89,6 +89,7 @@ class PipelineRuntime:
             engine_factory = engine_link.engine_factory
             engine_link.on_connected = self._retry_failed
         self.registry = ModelRegistry(settings, engine_factory=engine_factory, on_swap=self._swapped)
+        self.registry.on_drop = self._dropped
         if engine_link is not None:
             engine_link.on_lost = self.registry.lost
         self.limits = ImageLimits(max_bytes=settings.max_upload_bytes, max_pixels=settings.max_image_pixels,
@@ -159,6 +160,16 @@ class PipelineRuntime:
             self.engine_link.swapped_in(model.engine.version_dir)
         for lane in list(self._lanes.values()):
             if lane.model.category == model.category and lane.model is not model:
+                lane.retired = True
+                self._release(lane)
+
+    def _dropped(self, model: LoadedModel) -> None:
+        """Registry callback: ``model`` stopped serving with nothing in its place; its lanes
+        retire and the engine process's hold on it goes, as at a swap."""
+        if self.engine_link is not None and isinstance(model.engine, RemoteEngine):
+            self.engine_link.stopped_serving(model.category, model.engine.version_dir)
+        for lane in list(self._lanes.values()):
+            if lane.model is model:
                 lane.retired = True
                 self._release(lane)
 

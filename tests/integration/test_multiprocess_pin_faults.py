@@ -1,0 +1,74 @@
+"""An operator's pin under faults in multi-process mode: a follow cut off by the engine process
+going away, and a new engine process greeting a replacement front end before the surviving
+front ends handed it the pin. While a pin is in force no front end may answer with another
+version.
+
+In-process: an engine core and front ends' runtimes on one event loop (the fixtures of
+test_multiprocess.py and test_multiprocess_reloads.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from harness import fake_version, until
+from service.pipeline.registry_errors import ModelNotLoaded
+from test_multiprocess import engine_process
+from test_multiprocess_reloads import front_end, operator_reload, serves
+
+
+def test_a_pin_whose_follow_the_engine_process_cut_off_is_followed_once_it_is_back(tmp_path: Path) -> None:
+    """Front end b heard the operator's pin of version 1, and the engine process went away
+    while b acquired it (a crash mid-follow). Before, b logged the failed follow and served
+    version 2, unpinned, for good: the replay at the next connection carried a stamp b had
+    recorded, so it was never followed again. Now b serves no other version meanwhile (503
+    model_not_loaded) and follows the pin once the engine process is back."""
+    store = tmp_path / "store"
+    fake_version(store, "aaa", "1")
+    fake_version(store, "aaa", "2")
+
+    async def main() -> None:
+        async with engine_process(store) as (core, settings):
+            core.unload_grace_s = 0.1
+            async with front_end(settings) as (a, a_link), front_end(settings) as (b, b_link):
+                assert serves(a) == serves(b) == ("2", False)
+                b_ident = max(core.frontends)  # b connected second
+                acquire = core.engines.acquire
+                cut: asyncio.Event = asyncio.Event()
+
+                def acquire_cut_off(frontend, rid, version_dir):  # type: ignore[no-untyped-def]
+                    if frontend.ident == b_ident:
+                        cut.set()  # b's follow: never answered, the engine process "dies"
+                        return None
+                    return acquire(frontend, rid, version_dir)
+                core.engines.acquire = acquire_cut_off  # type: ignore[method-assign]
+                await operator_reload(a, a_link, "aaa", "1")
+                await cut.wait()
+                core.engines.acquire = acquire  # type: ignore[method-assign]
+                core.frontends[b_ident].channel.close()  # the engine process went away under b's acquire
+                await until(lambda: b_link.connected is False or b_link.channel is None, "b cut off")
+                # While the pin holds, b never answers with version 2 (503, or version 1).
+                seen: set[tuple[str, bool]] = set()
+                deadline = asyncio.get_running_loop().time() + 3.0
+                while asyncio.get_running_loop().time() < deadline:
+                    try:
+                        seen.add(serves(b))
+                    except ModelNotLoaded:
+                        pass
+                    if b_link.connected and ("1", True) in seen:
+                        break
+                    await asyncio.sleep(0.005)
+                assert ("2", False) not in seen, seen
+                await until(lambda: b_link.connected, "b back")
+                await until(lambda: "aaa" in b.registry.serving() and serves(b) == ("1", True),
+                            "b following the pin once the engine process is back")
+                # Neither front end holds version 2 any more: the engine process unloads it.
+                await until(lambda: str(store / "aaa" / "2") not in core.hosted, "version 2 let go of")
+                assert serves(a) == serves(b) == ("1", True)
+                assert set(core.hosted) == {str(store / "aaa" / "1")}
+                await operator_reload(a, a_link, "aaa", None)  # and the unpin reaches b as before
+                await until(lambda: serves(b) == ("2", False), "b unpinned")
+
+    asyncio.run(main())
+
