@@ -69,6 +69,8 @@ class EngineCore:
         """Accept front ends on ``path`` until :meth:`stop`; then drain every batcher.
         Raises :class:`AcceptLoopDied` if accepting front ends ends otherwise."""
         loop = asyncio.get_running_loop()
+        # Before listening: the first front end to connect is greeted with the operator's reloads.
+        self.relay.keep_at(path.with_name(f"{path.stem}-reloads.json"))
         listener = listen_unix(path)
         log.info("engine process %d listening on %s", os.getpid(), path)
         accept = loop.create_task(accept_forever(listener, self._accepted), name="accept-frontends")

@@ -5,6 +5,9 @@
   one started after it (a killed one's replacement) or cut off when it was relayed serves
   what the others serve, not the newest version an operator had rolled back from. A
   ``greeted`` message ends the replay: a starting front end follows what came before it first.
+  The record is also kept in a file beside the engine process's socket (``keep_at``), which a
+  restarted engine process replays from its first greeting: a front end restarted with it
+  is greeted before the surviving front ends have reconnected to hand the record back.
 * A ``gather`` (an admin's view of what every front end holds: the recent scores of
   :mod:`service.pipeline.recent`): every other front end is asked (``collect``), their
   ``part`` frames go to the front end that asked as they come, unparsed, and ``gathered``
@@ -15,8 +18,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from service.engine_core.frontend import FrontEnd
 from service.ipc import frames
@@ -51,6 +57,38 @@ class Relay:
         self.reloads: dict[str, Message] = {}
         self.gathers: dict[int, Gather] = {}
         self._next_gather = 0
+        self._kept_at: Path | None = None
+
+    def keep_at(self, path: Path) -> None:
+        """Keep the last reloads in ``path`` (beside the socket, in the server's run folder, which
+        outlives this process and not the server), starting from what an engine process before
+        this one kept there. Before, a new engine process knew no reload until a surviving front
+        end reconnected (its back-off, up to a second) and handed its record over, and a front end
+        restarted with it (killed together) was greeted with none: it loaded the newest version
+        and served it beside the others' pin until then (4 answers of 198 in a real server)."""
+        self._kept_at = path
+        try:
+            kept = json.loads(path.read_text())
+            for message in kept:
+                category, stamp = str(message["category"]), int(message["stamp"])
+                known = self.reloads.get(category)
+                if known is None or int(known["stamp"]) < stamp:
+                    self.reloads[category] = {"op": "reload", "category": category,
+                                              "version": message.get("version"), "stamp": stamp}
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, TypeError, KeyError) as exc:  # the front ends hand theirs over still
+            log.warning("cannot read the reloads kept at %s (%s); learning them from the front ends", path, exc)
+
+    def _keep(self) -> None:
+        if self._kept_at is None:
+            return
+        staging = self._kept_at.with_name(f".{self._kept_at.name}.{os.getpid()}")
+        try:  # whole or not at all: a process killed while writing leaves the last one
+            staging.write_text(json.dumps(list(self.reloads.values())))
+            staging.replace(self._kept_at)
+        except OSError as exc:  # a full disk: the front ends still hand the record over
+            log.warning("cannot keep the reloads at %s: %s", self._kept_at, exc)
 
     def greet(self, frontend: FrontEnd) -> None:
         """A front end said hello: the last reloads, which it ignores if it followed them, then
@@ -70,6 +108,7 @@ class Relay:
             return
         self.reloads[category] = {"op": "reload", "category": category, "version": message.get("version"),
                                   "stamp": stamp}
+        self._keep()
         for other in self.frontends.values():
             if other is not frontend:
                 other.channel.send(self.reloads[category])

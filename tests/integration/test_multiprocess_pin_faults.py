@@ -13,9 +13,10 @@ import asyncio
 from pathlib import Path
 
 from harness import fake_version, until
+from service.engine_core import EngineCore
 from service.pipeline.registry_errors import ModelNotLoaded
 from test_multiprocess import engine_process
-from test_multiprocess_reloads import front_end, operator_reload, serves
+from test_multiprocess_reloads import RecordedState, front_end, operator_reload, serves
 
 
 def test_a_pin_whose_follow_the_engine_process_cut_off_is_followed_once_it_is_back(tmp_path: Path) -> None:
@@ -72,3 +73,44 @@ def test_a_pin_whose_follow_the_engine_process_cut_off_is_followed_once_it_is_ba
 
     asyncio.run(main())
 
+
+def test_a_replacement_front_end_greeted_by_a_new_engine_process_before_the_pin_came_back_serves_the_pin(
+        tmp_path: Path) -> None:
+    """The engine process and a front end died together (a node's OOM killer, a kill of the
+    process group's children): the new engine process knows the operator's pin only once a
+    surviving front end reconnects and hands it over; the replacement, quicker to connect
+    (the survivor waits out its reconnect back-off, up to 1 s), was greeted with no pin,
+    loaded version 2 and served it until the survivor came back. Now the engine process
+    keeps the last reloads beside its socket, and a new one replays them from its first
+    greeting."""
+    store = tmp_path / "store"
+    fake_version(store, "aaa", "1")
+    fake_version(store, "aaa", "2")
+
+    async def main() -> None:
+        async with engine_process(store) as (core, settings):
+            async with front_end(settings) as (a, a_link):
+                await operator_reload(a, a_link, "aaa", "1")
+                await until(lambda: "aaa" in core.reloads, "the engine process recording the pin")
+                # The engine process dies; a's reconnect back-off grows meanwhile.
+                core.stop()
+                await until(lambda: not a_link.connected, "a cut off")
+                await asyncio.sleep(2.5)
+                new_core = EngineCore(core.settings)
+                serving = asyncio.create_task(new_core.serve(settings.engine_socket))
+                try:
+                    await until(lambda: settings.engine_socket.exists(), "the new engine process listening")
+                    replacement = RecordedState(settings)
+                    await replacement.start()  # quicker than a's next attempt
+                    try:
+                        assert "2" not in replacement.swapped_in, (replacement.swapped_in, a_link.connected)
+                        assert serves(replacement) == ("1", True)
+                        await until(lambda: a_link.connected, "a back")
+                        assert serves(a) == ("1", True)
+                    finally:
+                        await replacement.stop()
+                finally:
+                    new_core.stop()
+                    await serving
+
+    asyncio.run(main())
