@@ -13,6 +13,7 @@ from service.api.deps import CategoryDep, StateDep, unknown_category
 from service.api.errors import ApiError
 from service.api.openapi import UNAUTHORIZED, errors, ok
 from service.engines.base import EngineError
+from service.pipeline.engine_errors import EngineUnavailable
 from service.pipeline.registry_errors import RegistryError, UnknownCategory, VersionNotFound
 from service.schemas import ModelInfo, ModelList
 
@@ -41,7 +42,8 @@ async def get_model(category: CategoryDep, state: StateDep) -> ModelInfo:
                       422: "`invalid_request` (`version` over 64 characters), `reload_failed` (the version cannot "
                            "be served; the previous one keeps serving)",
                       500: "`reload_failed` (an unexpected loader error; the previous version keeps serving), "
-                           "`internal_error`"})})
+                           "`internal_error`",
+                      503: "`engine_unavailable` (multi-process: the engine process is restarting; Retry-After)"})})
 async def reload_model(category: str, state: StateDep,
                        version: Annotated[str | None, Query(max_length=64)] = None) -> ModelInfo:
     """Load the newest (or pinned, or given) version, warm it, then swap; on failure the
@@ -50,7 +52,7 @@ async def reload_model(category: str, state: StateDep,
         raise unknown_category(category, state.registry.categories)
     try:
         await state.reload(category, version)
-    except UnknownCategory:
+    except (UnknownCategory, EngineUnavailable):  # the engine process restarting: 503 + Retry-After
         raise
     except VersionNotFound as exc:
         raise ApiError(404, "version_not_found", state.registry.public_message(exc)) from exc

@@ -10,9 +10,15 @@ test_multiprocess.py and test_multiprocess_reloads.py).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import os
+import signal
+import time
 from pathlib import Path
 
-from harness import fake_version, until
+import httpx
+
+from harness import ADMIN_KEY, assert_error, children, fake_version, start, until, wait_until
 from service.engine_core import EngineCore
 from service.pipeline.registry_errors import ModelNotLoaded
 from test_multiprocess import engine_process
@@ -114,3 +120,32 @@ def test_a_replacement_front_end_greeted_by_a_new_engine_process_before_the_pin_
                     await serving
 
     asyncio.run(main())
+
+
+def test_a_reload_cut_off_by_the_engine_process_going_away_answers_503_engine_unavailable(tmp_path: Path) -> None:
+    """An operator pins a version while the engine process dies (a real server): the reload's
+    acquire fails with the connection. Before, the answer was 500 reload_failed, 'an unexpected
+    loader error ... details in the server log' with a traceback logged; it is the engine
+    process restarting, which every other route answers 503 engine_unavailable + Retry-After."""
+    store = tmp_path / "store"
+    fake_version(store, "aaa", "1")
+    fake_version(store, "aaa", "2")
+    server = start(store, tmp_path / "server.log", api_processes=2, engine="null", store_poll_s=0,
+                   admin_api_keys=ADMIN_KEY)
+    try:
+        (engine,) = [pid for pid, name in children(server.proc.pid).items() if name == "msflow-engine"]
+        os.kill(engine, signal.SIGSTOP)  # the acquire is sent, never answered: then the process dies
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(httpx.post, f"{server.url}/v1/models/aaa/reload", params={"version": "1"},
+                                 headers={"X-API-Key": ADMIN_KEY}, timeout=60)
+            time.sleep(1.0)
+            os.kill(engine, signal.SIGKILL)
+            r = answer.result()
+        assert_error(r, 503, "engine_unavailable")
+        assert r.headers["Retry-After"]
+        # Nothing was pinned: once the engine process is back every answer is version 2, unpinned.
+        wait_until(lambda: httpx.get(f"{server.url}/readyz", timeout=5).status_code == 200, 60, "ready again")
+        models = httpx.get(f"{server.url}/v1/models", headers={"X-API-Key": ADMIN_KEY}, timeout=10).json()["models"]
+        assert [(m["version"], m["pinned"]) for m in models] == [("2", False)]
+    finally:
+        server.stop()
