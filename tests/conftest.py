@@ -54,6 +54,18 @@ def version_dir(model_store: Path) -> Path:
     return model_store / TEST_CATEGORY / "1"
 
 
+@pytest.fixture()
+def two_version_store(tmp_path: Path) -> Path:
+    """A store of test-engine versions (no trained model): category ``aaa`` at versions 1 and
+    2, for the tests of an operator's pin; a test adds its own further versions."""
+    from harness import fake_version
+
+    store = tmp_path / "store"
+    fake_version(store, "aaa", "1")
+    fake_version(store, "aaa", "2")
+    return store
+
+
 @pytest.fixture(scope="session")
 def demo_test_images(demo_root: Path) -> dict[str, list[Path]]:
     """The demo test images of the test category, by defect type ("good" included)."""

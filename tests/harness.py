@@ -355,6 +355,13 @@ def fake_version(store: Path, category: str, version: str = "1", size: int = 32)
     return folder
 
 
+def serves(registry: Any, category: str = "aaa") -> tuple[str, bool]:
+    """The version a :class:`~service.pipeline.registry.ModelRegistry` serves for ``category``,
+    and whether an operator's pin holds it."""
+    model = registry.get(category)
+    return model.version, model.pinned
+
+
 def png_variant(path: Path, nonce: str) -> bytes:
     """The same pixels with a text chunk: other bytes (another cache key), the same scores."""
     info = PngInfo()

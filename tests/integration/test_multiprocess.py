@@ -31,6 +31,7 @@ import pytest
 from harness import (ADMIN_KEY, CATEGORY, Server, assert_error, children, copy_version, fake_version, metric, part,
                      start, until, wait_until)
 from loadtests.run import listens, sockets_held
+from multiprocess_fixtures import engine_process
 from service.config import Settings
 from service.engine_core import EngineCore, FrontEnd
 from service.ipc import frames
@@ -235,23 +236,6 @@ class ValueEngine:
         self._warm = True
         n, size = len(images), self.manifest.input_size
         return np.full(n, self.value, np.float32), np.full((n, size, size), self.value, np.float32)
-
-
-@contextlib.asynccontextmanager
-async def engine_process(store: Path, factory: Any = None, **overrides: Any) -> AsyncIterator[tuple[EngineCore, Settings]]:
-    """An engine core serving on a socket of its own, on this loop, with the settings a front
-    end connects with (small queues, a short batching window); stopped afterwards."""
-    base: dict[str, Any] = dict(model_store=store, engine="null", max_batch_size=4, max_queue_delay_ms=1,
-                                max_queue_size=4, store_poll_s=0, **overrides)
-    with tempfile.TemporaryDirectory() as tmp:
-        sock = Path(tmp) / "engine.sock"
-        core = EngineCore(Settings(**base), **({"engine_factory": factory} if factory else {}))
-        serving = asyncio.create_task(core.serve(sock))
-        try:
-            yield core, Settings(**base, engine_socket=sock)
-        finally:
-            core.stop()
-            await serving
 
 
 @contextlib.asynccontextmanager

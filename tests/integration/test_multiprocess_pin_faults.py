@@ -4,7 +4,7 @@ front ends handed it the pin. While a pin is in force no front end may answer wi
 version.
 
 In-process: an engine core and front ends' runtimes on one event loop (the fixtures of
-test_multiprocess.py and test_multiprocess_reloads.py).
+multiprocess_fixtures.py).
 """
 
 from __future__ import annotations
@@ -18,28 +18,25 @@ from pathlib import Path
 
 import httpx
 
-from harness import ADMIN_KEY, assert_error, children, fake_version, start, until, wait_until
+from harness import ADMIN_KEY, assert_error, children, serves, start, until, wait_until
+from multiprocess_fixtures import engine_process, front_end, operator_reload, pinned_to_version_1, started_state
 from service.engine_core import EngineCore
 from service.pipeline.registry_errors import ModelNotLoaded
-from test_multiprocess import engine_process
-from test_multiprocess_reloads import RecordedState, front_end, operator_reload, serves
 
 
-def test_a_pin_whose_follow_the_engine_process_cut_off_is_followed_once_it_is_back(tmp_path: Path) -> None:
+def test_a_pin_whose_follow_the_engine_process_cut_off_is_followed_once_it_is_back(two_version_store: Path) -> None:
     """Front end b heard the operator's pin of version 1, and the engine process went away
     while b acquired it (a crash mid-follow). Before, b logged the failed follow and served
     version 2, unpinned, for good: the replay at the next connection carried a stamp b had
     recorded, so it was never followed again. Now b serves no other version meanwhile (503
     model_not_loaded) and follows the pin once the engine process is back."""
-    store = tmp_path / "store"
-    fake_version(store, "aaa", "1")
-    fake_version(store, "aaa", "2")
+    store = two_version_store
 
     async def main() -> None:
         async with engine_process(store) as (core, settings):
             core.unload_grace_s = 0.1
             async with front_end(settings) as (a, a_link), front_end(settings) as (b, b_link):
-                assert serves(a) == serves(b) == ("2", False)
+                assert serves(a.registry) == serves(b.registry) == ("2", False)
                 b_ident = max(core.frontends)  # b connected second
                 acquire = core.engines.acquire
                 cut: asyncio.Event = asyncio.Event()
@@ -60,7 +57,7 @@ def test_a_pin_whose_follow_the_engine_process_cut_off_is_followed_once_it_is_ba
                 deadline = asyncio.get_running_loop().time() + 3.0
                 while asyncio.get_running_loop().time() < deadline:
                     try:
-                        seen.add(serves(b))
+                        seen.add(serves(b.registry))
                     except ModelNotLoaded:
                         pass
                     if b_link.connected and ("1", True) in seen:
@@ -68,20 +65,20 @@ def test_a_pin_whose_follow_the_engine_process_cut_off_is_followed_once_it_is_ba
                     await asyncio.sleep(0.005)
                 assert ("2", False) not in seen, seen
                 await until(lambda: b_link.connected, "b back")
-                await until(lambda: "aaa" in b.registry.serving() and serves(b) == ("1", True),
+                await until(lambda: "aaa" in b.registry.serving() and serves(b.registry) == ("1", True),
                             "b following the pin once the engine process is back")
                 # Neither front end holds version 2 any more: the engine process unloads it.
                 await until(lambda: str(store / "aaa" / "2") not in core.hosted, "version 2 let go of")
-                assert serves(a) == serves(b) == ("1", True)
+                assert serves(a.registry) == serves(b.registry) == ("1", True)
                 assert set(core.hosted) == {str(store / "aaa" / "1")}
                 await operator_reload(a, a_link, "aaa", None)  # and the unpin reaches b as before
-                await until(lambda: serves(b) == ("2", False), "b unpinned")
+                await until(lambda: serves(b.registry) == ("2", False), "b unpinned")
 
     asyncio.run(main())
 
 
 def test_a_replacement_front_end_greeted_by_a_new_engine_process_before_the_pin_came_back_serves_the_pin(
-        tmp_path: Path) -> None:
+        two_version_store: Path) -> None:
     """The engine process and a front end died together (a node's OOM killer, a kill of the
     process group's children): the new engine process knows the operator's pin only once a
     surviving front end reconnects and hands it over; the replacement, quicker to connect
@@ -89,48 +86,38 @@ def test_a_replacement_front_end_greeted_by_a_new_engine_process_before_the_pin_
     loaded version 2 and served it until the survivor came back. Now the engine process
     keeps the last reloads beside its socket, and a new one replays them from its first
     greeting."""
-    store = tmp_path / "store"
-    fake_version(store, "aaa", "1")
-    fake_version(store, "aaa", "2")
+    store = two_version_store
 
     async def main() -> None:
-        async with engine_process(store) as (core, settings):
-            async with front_end(settings) as (a, a_link):
-                await operator_reload(a, a_link, "aaa", "1")
-                await until(lambda: "aaa" in core.reloads, "the engine process recording the pin")
-                # The engine process dies; a's reconnect back-off grows meanwhile.
-                core.stop()
-                await until(lambda: not a_link.connected, "a cut off")
-                await asyncio.sleep(2.5)
-                new_core = EngineCore(core.settings)
-                serving = asyncio.create_task(new_core.serve(settings.engine_socket))
-                try:
-                    await until(lambda: settings.engine_socket.exists(), "the new engine process listening")
-                    replacement = RecordedState(settings)
-                    await replacement.start()  # quicker than a's next attempt
-                    try:
-                        assert "2" not in replacement.swapped_in, (replacement.swapped_in, a_link.connected)
-                        assert serves(replacement) == ("1", True)
-                        await until(lambda: a_link.connected, "a back")
-                        assert serves(a) == ("1", True)
-                    finally:
-                        await replacement.stop()
-                finally:
-                    new_core.stop()
-                    await serving
+        async with pinned_to_version_1(store) as (core, settings, a, a_link):
+            await until(lambda: "aaa" in core.reloads, "the engine process recording the pin")
+            # The engine process dies; a's reconnect back-off grows meanwhile.
+            core.stop()
+            await until(lambda: not a_link.connected, "a cut off")
+            await asyncio.sleep(2.5)
+            new_core = EngineCore(core.settings)
+            serving = asyncio.create_task(new_core.serve(settings.engine_socket))
+            try:
+                await until(lambda: settings.engine_socket.exists(), "the new engine process listening")
+                async with started_state(settings) as replacement:  # quicker than a's next attempt
+                    assert "2" not in replacement.swapped_in, (replacement.swapped_in, a_link.connected)
+                    assert serves(replacement.registry) == ("1", True)
+                    await until(lambda: a_link.connected, "a back")
+                    assert serves(a.registry) == ("1", True)
+            finally:
+                new_core.stop()
+                await serving
 
     asyncio.run(main())
 
 
-def test_a_reload_cut_off_by_the_engine_process_going_away_answers_503_engine_unavailable(tmp_path: Path) -> None:
+def test_a_reload_cut_off_by_the_engine_process_going_away_answers_503_engine_unavailable(
+        two_version_store: Path, tmp_path: Path) -> None:
     """An operator pins a version while the engine process dies (a real server): the reload's
     acquire fails with the connection. Before, the answer was 500 reload_failed, 'an unexpected
     loader error ... details in the server log' with a traceback logged; it is the engine
     process restarting, which every other route answers 503 engine_unavailable + Retry-After."""
-    store = tmp_path / "store"
-    fake_version(store, "aaa", "1")
-    fake_version(store, "aaa", "2")
-    server = start(store, tmp_path / "server.log", api_processes=2, engine="null", store_poll_s=0,
+    server = start(two_version_store, tmp_path / "server.log", api_processes=2, engine="null", store_poll_s=0,
                    admin_api_keys=ADMIN_KEY)
     try:
         (engine,) = [pid for pid, name in children(server.proc.pid).items() if name == "msflow-engine"]

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from harness import fake_version
+from harness import serves
 from service.config import Settings
 from service.engines.base import EngineError
 from service.engines.factory import load_engine
@@ -31,27 +31,29 @@ class Flaky:
         return load_engine(version_dir, **kwargs)
 
 
-def _setup(tmp_path: Path) -> tuple[ModelRegistry, Flaky, list[LoadedModel]]:
-    store = tmp_path / "store"
-    fake_version(store, "aaa", "1")
-    fake_version(store, "aaa", "2")
+async def _a_follow_that_fails(store: Path, pinned_first: str | None, follow: str | None,
+                               ) -> tuple[ModelRegistry, Flaky, list[LoadedModel]]:
+    """A registry serving ``store`` (pinned to ``pinned_first`` by an operator here, where
+    given) whose follow of another front end's reload of ``follow`` fails with the engine
+    process away: the registry, its factory (still down) and the models it dropped."""
     factory = Flaky()
     registry = ModelRegistry(Settings(model_store=store, engine="null", store_poll_s=1), engine_factory=factory)
     dropped: list[LoadedModel] = []
     registry.on_drop = dropped.append
+    registry.discover()
+    await registry.load_all()
+    if pinned_first is not None:
+        await registry.reload("aaa", pinned_first)
+    factory.down = True
+    with pytest.raises(EngineError):
+        await registry.reload("aaa", follow, in_force=True)
     return registry, factory, dropped
 
 
 def test_a_failed_follow_of_a_pin_stops_serving_the_other_version_and_the_retry_serves_the_pin(
-        tmp_path: Path) -> None:
-    registry, factory, dropped = _setup(tmp_path)
-
+        two_version_store: Path) -> None:
     async def main() -> None:
-        registry.discover()
-        await registry.load_all()
-        factory.down = True
-        with pytest.raises(EngineError):
-            await registry.reload("aaa", "1", in_force=True)
+        registry, factory, dropped = await _a_follow_that_fails(two_version_store, None, "1")
         with pytest.raises(ModelNotLoaded):  # not version 2 while the pin holds
             registry.get("aaa")
         assert [m.version for m in dropped] == ["2"] and "aaa" in registry.failed
@@ -59,45 +61,30 @@ def test_a_failed_follow_of_a_pin_stops_serving_the_other_version_and_the_retry_
         assert "aaa" not in registry.serving()
         factory.down = False
         await registry.retry("aaa")  # the engine process back
-        model = registry.get("aaa")
-        assert (model.version, model.pinned) == ("1", True) and registry.failed == {}
+        assert serves(registry) == ("1", True) and registry.failed == {}
 
     asyncio.run(main())
 
 
 def test_a_failed_follow_of_an_unpin_stops_serving_the_pinned_version_and_the_watch_loads_the_newest(
-        tmp_path: Path) -> None:
-    registry, factory, dropped = _setup(tmp_path)
-
+        two_version_store: Path) -> None:
     async def main() -> None:
-        registry.discover()
-        await registry.load_all()
-        await registry.reload("aaa", "1")  # pinned here
-        factory.down = True
-        with pytest.raises(EngineError):
-            await registry.reload("aaa", None, in_force=True)  # the operator's unpin, followed
+        # Pinned here, then the operator's unpin, followed.
+        registry, factory, dropped = await _a_follow_that_fails(two_version_store, "1", None)
         with pytest.raises(ModelNotLoaded):
             registry.get("aaa")
         assert [m.version for m in dropped] == ["1"]
         factory.down = False
         await registry.refresh()  # no pin holds it any more: the watch (or the retry) loads the newest
-        model = registry.get("aaa")
-        assert (model.version, model.pinned) == ("2", False)
+        assert serves(registry) == ("2", False)
 
     asyncio.run(main())
 
 
-def test_a_failed_follow_of_the_version_served_keeps_it_serving(tmp_path: Path) -> None:
-    registry, factory, dropped = _setup(tmp_path)
-
+def test_a_failed_follow_of_the_version_served_keeps_it_serving(two_version_store: Path) -> None:
     async def main() -> None:
-        registry.discover()
-        await registry.load_all()
-        await registry.reload("aaa", "1")
-        factory.down = True
-        with pytest.raises(EngineError):
-            await registry.reload("aaa", "1", in_force=True)  # the same pin, heard again
-        model = registry.get("aaa")
-        assert (model.version, model.pinned) == ("1", True) and dropped == []
+        # The same pin, heard again.
+        registry, _, dropped = await _a_follow_that_fails(two_version_store, "1", "1")
+        assert serves(registry) == ("1", True) and dropped == []
 
     asyncio.run(main())
