@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 
 from models.atomic_files import write_atomic
 from models.calibrate import DEFAULT_TARGET_FPR, calibrate, calibration_samples
-from models.data import MVTecCategory, load_images, load_masks
+from models.data import MVTecCategory
+from models.data_loading import load_images, load_masks
 from models.devices import torch_device
 from models.manifest import Manifest
 from models.metrics import aupro, evaluate_predictions, image_auroc, metrics_by_group, pixel_auroc

@@ -32,7 +32,8 @@ import torch
 from torch import Tensor, nn
 
 from models.calibrate import DEFAULT_TARGET_FPR, Policy, calibrate, calibration_samples
-from models.data import MVTecCategory, Sample, load_images
+from models.data import MVTecCategory, Sample
+from models.data_loading import load_images
 from models.manifest import (CATEGORY_PATTERN, CalibrationSource, Manifest, ManifestError, OnnxInfo, TensorSpec,
                              TrainingData, file_entry, list_versions)
 from models.publish import LOCK_FILE, check_version_name, publish_version

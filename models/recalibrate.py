@@ -47,7 +47,8 @@ from typing import Any, Literal
 import numpy as np
 
 from models.calibrate import fit_review_bounds
-from models.data import Sample, folder_of_good_images, load_images
+from models.data import Sample, folder_of_good_images
+from models.data_loading import load_images
 from models.manifest import (DEFAULT_NG_RECALL, DEFAULT_REVIEW_MARGIN, DEFAULT_TARGET_FPR, LabelSource, Manifest,
                              file_entry, list_versions, sha256_file)
 from models.publish import next_version, publish_version

@@ -24,7 +24,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
-from models.data import MVTecCategory, Sample, folder_of_good_images, load_images, split_holdout
+from models.data import MVTecCategory, Sample, folder_of_good_images, split_holdout
+from models.data_loading import load_images
 from models.devices import torch_device
 from models.msflow import MSFlow, MSFlowConfig
 from models.review_store import REVIEWED_OK, ReviewStore, resolve_root

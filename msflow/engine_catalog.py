@@ -73,7 +73,7 @@ def test_samples(manifest: Manifest) -> list[Any]:
 
 def demo_images(manifest: Manifest, limit: int = 32, seed: int = 0) -> tuple[np.ndarray, str]:
     """Real demo images for timing (held-out normals, else test images), else random pixels."""
-    from models.data import load_images
+    from models.data_loading import load_images
 
     size = manifest.input_size
     for what, samples in (("held-out normal images of the source run", holdout_samples(manifest)),

@@ -62,7 +62,7 @@ def precision_class(name: str, manifest: Manifest) -> str:
 def parity_images(manifest: Manifest, limit: int) -> tuple[np.ndarray, list[str]]:
     """Up to ``limit`` real images: held-out normals first, then test images (a mix of
     normal and defective); labels are ``good`` or the defect type."""
-    from models.data import load_images
+    from models.data_loading import load_images
 
     holdout = holdout_samples(manifest)
     tests = test_samples(manifest)

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from models.data import MVTecCategory, load_images, load_masks
+from models.data import MVTecCategory
+from models.data_loading import load_images, load_masks
 from models.evaluate import predict
 from models.metrics import image_auroc, pixel_auroc
 from models.msflow import MSFlowConfig

@@ -32,7 +32,8 @@ NO_GPU = "no CUDA GPU on this host: run deploy/gpu-check.sh on one"
 @pytest.fixture(scope="module")
 def test_set(demo_root: Path) -> tuple[np.ndarray, np.ndarray]:
     """The demo test images of the category (normal and defective) and their labels."""
-    from models.data import MVTecCategory, load_images
+    from models.data import MVTecCategory
+    from models.data_loading import load_images
 
     samples = MVTecCategory(demo_root, TEST_CATEGORY).test_samples()
     return load_images(samples, TEST_INPUT_SIZE), np.array([s.label for s in samples])
@@ -163,7 +164,8 @@ def test_tampered_model_is_refused_at_load(version_dir: Path, tmp_path: Path) ->
 # ------------------------------------------------------------------ calibration
 
 def test_calibration_threshold_and_rates(version_dir: Path, trained_run: Path, onnx_engine, test_set) -> None:
-    from models.data import folder_of_good_images, load_images
+    from models.data import folder_of_good_images
+    from models.data_loading import load_images
 
     cal = Manifest.read(version_dir).calibration
     assert cal.normalise_score(cal.threshold) == 0.5

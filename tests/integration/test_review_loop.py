@@ -24,7 +24,8 @@ import pytest
 from PIL import Image
 
 from models.calibrate import just_above
-from models.data import MVTecCategory, Sample, folder_of_good_images, load_images
+from models.data import MVTecCategory, Sample, folder_of_good_images
+from models.data_loading import load_images
 from models.manifest import Manifest
 from harness import (ADMIN_KEY, CATEGORY, USER_KEY, RedisServer, assert_error, metric, png_variant, start,
                      upload, wait_for_metric, wait_until)

@@ -15,10 +15,9 @@ from models.data import (
     Sample,
     folder_of_good_images,
     list_categories,
-    load_images,
-    load_masks,
     split_holdout,
 )
+from models.data_loading import load_images, load_masks
 from models.preprocessing import (
     IMAGENET_MEAN,
     IMAGENET_STD,

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from models.data import DataError, MVTecCategory, folder_of_good_images, load_images, load_masks, split_holdout
+from models.data import DataError, MVTecCategory, folder_of_good_images, split_holdout
+from models.data_loading import load_images, load_masks
 
 
 def _image(path: Path, size: tuple[int, int] = (40, 40), seed: int = 0, **save: object) -> Path:

@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from models.data import MVTecCategory, load_images, load_masks
+from models.data import MVTecCategory
+from models.data_loading import load_images, load_masks
 from models.defects import RECIPES, VISIBLE_CUTOFF, visibility
 from models.demo_data import (
     DEFECT_TYPES,

@@ -155,7 +155,8 @@ def test_torch_engine_serves_a_relative_export_with_another_map_sigma(relative_e
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """From another working directory; the run's config says map_sigma 4, the version 2: the
     torch engine serves the version's (its maps match the exported graph's)."""
-    from models.data import folder_of_good_images, load_images
+    from models.data import folder_of_good_images
+    from models.data_loading import load_images
     from service.engines.onnxruntime import OnnxEngine
     from service.engines.torch import TorchEngine
 

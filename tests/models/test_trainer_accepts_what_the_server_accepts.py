@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile, PngImagePlugin
 
-from models.data import DataError, MVTecCategory, load_images, load_masks
+from models.data import DataError, MVTecCategory
+from models.data_loading import load_images, load_masks
 from models.image_acceptance import DEFAULT_MAX_IMAGE_PIXELS, MAX_PNG_TEXT_BYTES, max_image_pixels
 from service.pipeline.decode import ImageLimits, ImageRejected, configure_pillow, decode_image
 

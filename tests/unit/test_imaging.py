@@ -15,7 +15,8 @@ import pytest
 from PIL import Image, PngImagePlugin
 
 from harness import PNG_IHDR_END, damaged as harness_damaged, noise as _noise, png_chunk as _chunk
-from models.data import MVTecCategory, Sample, load_images
+from models.data import MVTecCategory, Sample
+from models.data_loading import load_images
 from models.image_acceptance import max_image_pixels
 from models.preprocessing import draft_size, load_image
 from service.pipeline.decode import (MAX_PNG_TEXT_BYTES, ImageLimits, ImageRejected, ImageTooLarge, Rendering,
