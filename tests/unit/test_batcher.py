@@ -117,6 +117,25 @@ def make(engine: FakeEngine, **kw: Any) -> Batcher:
     return Batcher("cat", runner(engine), label=engine.name, **kw)
 
 
+async def with_item_0_running(engine: FakeEngine, **kw: Any) -> tuple[Batcher, asyncio.Future[Batched[Scored]]]:
+    """A batcher over ``engine`` (gated) with item 0 submitted and running: out of the queue,
+    held at the engine's gate until the test opens it."""
+    b = make(engine, **kw)
+    first = asyncio.ensure_future(b.submit(image(0), far()))
+    await started(engine)
+    return b, first
+
+
+async def with_item_0_running_and_1_queued(engine: FakeEngine, **kw: Any,
+                                           ) -> tuple[Batcher, list[asyncio.Future[Batched[Scored]]]]:
+    """A batcher of one-item batches over ``engine`` (gated), items 0 and 1 submitted at once:
+    0 running (held at the gate), 1 queued."""
+    b = make(engine, max_batch_size=1, max_queue_delay_s=0.0, **kw)
+    futures = b.submit_many([image(0), image(1)], far())
+    await started(engine)
+    return b, futures
+
+
 def test_concurrent_items_form_batches_and_results_match() -> None:
     async def t() -> None:
         engine = FakeEngine()
@@ -167,9 +186,7 @@ def test_queue_full_raises() -> None:
     async def t() -> None:
         engine = FakeEngine(gated=True)
         obs = RecordingObserver()
-        b = make(engine, max_batch_size=1, max_queue_size=2, observer=obs)
-        running = asyncio.ensure_future(b.submit(image(0), far()))
-        await started(engine)  # item 0 is in the engine, out of the queue
+        b, running = await with_item_0_running(engine, max_batch_size=1, max_queue_size=2, observer=obs)
         waiting = b.submit_many([image(1), image(2)], far())
         assert b.depth == 2
         with pytest.raises(QueueFull):
@@ -189,9 +206,7 @@ def test_expired_items_never_reach_engine() -> None:
     async def t() -> None:
         engine = FakeEngine(gated=True)
         obs = RecordingObserver()
-        b = make(engine, max_batch_size=4, max_queue_delay_s=0.0, observer=obs)
-        first = asyncio.ensure_future(b.submit(image(0), far()))
-        await started(engine)
+        b, first = await with_item_0_running(engine, max_batch_size=4, max_queue_delay_s=0.0, observer=obs)
         doomed = b.submit_many([image(1)], time.monotonic() + 0.05)
         alive = b.submit_many([image(2)], far())
         await asyncio.sleep(0.1)  # item 1's deadline passes while the engine is busy
@@ -210,9 +225,7 @@ def test_cancelled_items_never_reach_engine() -> None:
     async def t() -> None:
         engine = FakeEngine(gated=True)
         obs = RecordingObserver()
-        b = make(engine, max_batch_size=4, max_queue_delay_s=0.0, observer=obs)
-        first = asyncio.ensure_future(b.submit(image(0), far()))
-        await started(engine)
+        b, first = await with_item_0_running(engine, max_batch_size=4, max_queue_delay_s=0.0, observer=obs)
         gone = b.submit_many([image(1), image(3)], far())
         kept = b.submit_many([image(2)], far())
         for f in gone:
@@ -229,9 +242,7 @@ def test_cancelled_items_never_reach_engine() -> None:
 def test_cancelled_items_free_queue_slots() -> None:
     async def t() -> None:
         engine = FakeEngine(gated=True)
-        b = make(engine, max_batch_size=1, max_queue_size=1, max_queue_delay_s=0.0)
-        first = asyncio.ensure_future(b.submit(image(0), far()))
-        await started(engine)
+        b, first = await with_item_0_running(engine, max_batch_size=1, max_queue_size=1, max_queue_delay_s=0.0)
         (gone,) = b.submit_many([image(1)], far())
         gone.cancel()
         (kept,) = b.submit_many([image(2)], far())  # the cancelled item's slot is reused
@@ -265,9 +276,7 @@ def test_drain_finishes_queued_and_running_work() -> None:
 def test_drain_timeout_fails_what_is_left() -> None:
     async def t() -> None:
         engine = FakeEngine(gated=True)
-        b = make(engine, max_batch_size=1, max_queue_delay_s=0.0)
-        futures = b.submit_many([image(0), image(1)], far())
-        await started(engine)
+        b, futures = await with_item_0_running_and_1_queued(engine)
         await b.drain(timeout=0.1)
         assert all(isinstance(f.exception(), BatcherClosed) for f in futures)
         engine.gate.set()
@@ -279,9 +288,7 @@ def test_cancel_queued_leaves_the_running_batch_to_finish() -> None:
     batch is answered when run_batch returns (its payload is in use until then)."""
     async def t() -> None:
         engine = FakeEngine(gated=True)
-        b = make(engine, max_batch_size=1, max_queue_delay_s=0.0)
-        futures = b.submit_many([image(0), image(1)], far())
-        await started(engine)  # item 0 runs, item 1 waits
+        b, futures = await with_item_0_running_and_1_queued(engine)
         b.cancel_queued(futures)
         assert not futures[0].done() and futures[1].cancelled()
         engine.gate.set()
@@ -297,9 +304,7 @@ def test_a_drain_timeout_with_lent_payloads_answers_the_running_batch_when_it_re
     has returned, however long that takes."""
     async def t() -> None:
         engine = FakeEngine(gated=True)
-        b = make(engine, max_batch_size=1, max_queue_delay_s=0.0, lent_payloads=True)
-        futures = b.submit_many([image(0), image(1)], far())
-        await started(engine)
+        b, futures = await with_item_0_running_and_1_queued(engine, lent_payloads=True)
         await b.drain(timeout=0.1)
         assert not futures[0].done() and isinstance(futures[1].exception(), BatcherClosed)
         engine.gate.set()
