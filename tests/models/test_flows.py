@@ -13,28 +13,13 @@ from torch import nn
 
 from models.flows import CouplingBlock, FusionFlow, ParallelFlow, positional_encoding_2d
 from models.msflow import MSFlow, MSFlowConfig
+from official_subnet import SubnetConvLN
 
 Ff = pytest.importorskip("FrEIA.framework")
 Fm = pytest.importorskip("FrEIA.modules")
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-class SubnetConvLN(nn.Module):
-    """The official ``subnet_conv_ln`` (conv3x3 -> LayerNorm over channels -> ReLU -> conv3x3)."""
-
-    def __init__(self, dim_in: int, dim_out: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(dim_in, dim_in, 3, 1, 1)
-        self.ln = nn.LayerNorm(dim_in)
-        self.relu = nn.ReLU(True)
-        self.conv2 = nn.Conv2d(dim_in, dim_out, 3, 1, 1)
-
-    def forward(self, x):
-        out = self.conv1(x)
-        out = self.ln(out.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-        return self.conv2(self.relu(out))
 
 
 def _randomize_(module: nn.Module, scale: float = 0.3) -> None:
@@ -140,6 +125,17 @@ def test_coupling_block_equals_freia_all_in_one_block(channels):
 # --------------------------------------------------------------------------- invertibility and log-det
 
 
+def _assert_inverts(flow: nn.Module, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """``flow``'s inverse brings ``x`` back and its log-det cancels the forward one (float64):
+    the forward log-det."""
+    with torch.no_grad():
+        z, ld = flow(x, c)
+        x_back, ild = flow.inverse(z, c)
+    assert torch.allclose(x_back, x, atol=1e-10)
+    assert torch.allclose(ld + ild, torch.zeros_like(ld), atol=1e-10)
+    return ld
+
+
 def test_coupling_block_inverse_and_jacobian():
     torch.manual_seed(1)
     C, Cc, H, W = 4, 3, 2, 2
@@ -148,11 +144,7 @@ def test_coupling_block_inverse_and_jacobian():
     _set_global_affine_(block, C)
     x = torch.randn(1, C, H, W, dtype=torch.float64)
     c = torch.randn(1, Cc, H, W, dtype=torch.float64)
-    with torch.no_grad():
-        z, ld = block(x, c)
-        x_back, ild = block.inverse(z, c)
-    assert torch.allclose(x_back, x, atol=1e-10)
-    assert torch.allclose(ld + ild, torch.zeros_like(ld), atol=1e-10)
+    ld = _assert_inverts(block, x, c)
     ref = _jacobian_logdet(lambda v: block(v, c)[0], x)
     assert torch.allclose(ld[0], ref, atol=1e-8)
     # Same log-det per sample in a batch (log-det is per sample, shape [B]).
@@ -173,12 +165,8 @@ def test_parallel_flow_inverse_and_jacobian():
         _set_global_affine_(block, C)
     x = torch.randn(2, C, H, W, dtype=torch.float64)
     c = torch.randn(2, Cc, H, W, dtype=torch.float64)
-    with torch.no_grad():
-        z, ld = flow(x, c)
-        x_back, ild = flow.inverse(z, c)
+    ld = _assert_inverts(flow, x, c)
     assert ld.shape == (2,)
-    assert torch.allclose(x_back, x, atol=1e-10)
-    assert torch.allclose(ld + ild, torch.zeros_like(ld), atol=1e-10)
     for i in range(2):
         ref = _jacobian_logdet(lambda v: flow(v, c[i : i + 1])[0], x[i : i + 1])
         assert torch.allclose(ld[i], ref, atol=1e-8)

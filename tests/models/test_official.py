@@ -13,7 +13,6 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from models.backbones import build_backbone
 from models.msflow import MSFlow, MSFlowConfig
@@ -23,6 +22,7 @@ from models.official import (
     import_official_run,
     load_official_checkpoint,
 )
+from official_subnet import SubnetConvLN
 
 Ff = pytest.importorskip("FrEIA.framework")
 Fm = pytest.importorskip("FrEIA.modules")
@@ -31,22 +31,6 @@ CONFIG = MSFlowConfig(input_size=64)
 COND = CONFIG.cond_channels
 # Level l of the model is stored at fusion module_list.SHUFFLE[l] (module 3 is the coupling).
 SHUFFLE = (2, 0, 1)
-
-
-class SubnetConvLN(nn.Module):
-    """The official ``subnet_conv_ln``."""
-
-    def __init__(self, dim_in: int, dim_out: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(dim_in, dim_in, 3, 1, 1)
-        self.ln = nn.LayerNorm(dim_in)
-        self.relu = nn.ReLU(True)
-        self.conv2 = nn.Conv2d(dim_in, dim_out, 3, 1, 1)
-
-    def forward(self, x):
-        out = self.conv1(x)
-        out = self.ln(out.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-        return self.conv2(self.relu(out))
 
 
 def official_parallel_flow(channels: int, n_blocks: int) -> "Ff.SequenceINN":
