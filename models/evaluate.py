@@ -30,7 +30,8 @@ from models.data import MVTecCategory
 from models.data_loading import load_images, load_masks
 from models.devices import torch_device
 from models.manifest import Manifest
-from models.metrics import aupro, evaluate_predictions, image_auroc, metrics_by_group, pixel_auroc
+from models.metrics import aupro, image_auroc, pixel_auroc
+from models.metrics_report import evaluate_predictions, metrics_by_group
 from models.msflow import MSFlow
 from models.report_plots import plot_example_grid, plot_roc_curves, plot_score_distributions
 from models.runs import checkpoint_sha256, load_model, read_json

@@ -16,24 +16,20 @@ Conventions
 * ``maps``: pixel anomaly maps, ``float [N, H, W]``, higher = more anomalous.
 * A sample is predicted anomalous when its score is ``>= threshold``.
 
-Why one file of a little over 400 lines: every function here is one metric on the same
-array conventions, and the PRO curve's exactness depends on helpers it shares with the
-pixel metrics; split in two, a reader would chase one definition across files.
+The report over a whole test set and its groups (every metric at once, undefined ones as
+``None``) is :mod:`models.metrics_report`; the input checks below are public because it
+checks its inputs by the same conventions.
 """
 
 from __future__ import annotations
-
-import math
-from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 from scipy import ndimage
 from sklearn.metrics import precision_recall_curve, roc_auc_score
 
 __all__ = [
-    "DEFAULT_MAX_FPR", "aupro", "best_f1", "evaluate_predictions", "image_auroc", "metrics_by_group",
-    "pixel_auroc", "pro_curve",
+    "DEFAULT_MAX_FPR", "as_binary_labels", "as_masks_and_maps", "as_scores", "aupro", "best_f1",
+    "count_defect_regions", "image_auroc", "pixel_auroc", "pro_curve",
 ]
 
 #: Integration limit used by the MVTec AD benchmark for AUPRO.
@@ -48,7 +44,7 @@ _EIGHT_CONNECTIVITY = np.ones((3, 3), dtype=int)
 # --------------------------------------------------------------------------
 # input validation
 # --------------------------------------------------------------------------
-def _as_binary_labels(labels: np.ndarray, name: str = "labels") -> np.ndarray:
+def as_binary_labels(labels: np.ndarray, name: str = "labels") -> np.ndarray:
     """Return ``labels`` as a 1-D int array, rejecting anything but 0/1.
 
     Silently accepting e.g. ``{1, 2}`` would let sklearn pick the positive
@@ -64,7 +60,7 @@ def _as_binary_labels(labels: np.ndarray, name: str = "labels") -> np.ndarray:
     return arr.astype(np.int64)
 
 
-def _as_scores(scores: np.ndarray, n: int, name: str = "scores") -> np.ndarray:
+def as_scores(scores: np.ndarray, n: int, name: str = "scores") -> np.ndarray:
     """Return ``scores`` as a finite 1-D float array of length ``n``."""
     arr = np.asarray(scores, dtype=np.float64)
     if arr.shape != (n,):
@@ -74,7 +70,7 @@ def _as_scores(scores: np.ndarray, n: int, name: str = "scores") -> np.ndarray:
     return arr
 
 
-def _as_masks_and_maps(masks: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def as_masks_and_maps(masks: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Validate pixel inputs and return ``(bool [N,H,W], float [N,H,W])``.
 
     A single ``[H, W]`` image is promoted to ``[1, H, W]`` for convenience.
@@ -122,8 +118,8 @@ def image_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
     Raises:
         ValueError: if only one class is present or inputs are malformed.
     """
-    y = _as_binary_labels(labels)
-    s = _as_scores(scores, y.size)
+    y = as_binary_labels(labels)
+    s = as_scores(scores, y.size)
     _check_both_classes(y, "image AUROC")
     return float(roc_auc_score(y, s))
 
@@ -138,8 +134,8 @@ def best_f1(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
     Raises:
         ValueError: if there is no defective sample (F1 is then undefined).
     """
-    y = _as_binary_labels(labels)
-    s = _as_scores(scores, y.size)
+    y = as_binary_labels(labels)
+    s = as_scores(scores, y.size)
     if y.sum() == 0:
         raise ValueError("best F1 is undefined without at least one defective sample")
     precision, recall, thresholds = precision_recall_curve(y, s)
@@ -171,7 +167,7 @@ def pixel_auroc(masks: np.ndarray, maps: np.ndarray, chunk_size: int = 1 << 20) 
     Raises:
         ValueError: if there is no defect pixel or no normal pixel.
     """
-    m, a = _as_masks_and_maps(masks, maps)
+    m, a = as_masks_and_maps(masks, maps)
     y = m.reshape(-1)
     s = a.reshape(-1)
     _check_both_classes(y, "pixel AUROC")
@@ -219,6 +215,11 @@ def _pro_weights(masks: np.ndarray) -> tuple[np.ndarray, int, int]:
     return weights, num_regions, num_normal
 
 
+def count_defect_regions(masks: np.ndarray) -> int:
+    """Defect regions of ``masks`` (``bool [N, H, W]``), labelled per image as the PRO curve labels them."""
+    return int(sum(ndimage.label(mk, structure=_EIGHT_CONNECTIVITY)[1] for mk in masks))
+
+
 def pro_curve(masks: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Exact, threshold-free PRO curve as in the official MVTec AD evaluation.
 
@@ -236,7 +237,7 @@ def pro_curve(masks: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.ndarr
     Raises:
         ValueError: if there is no defect region or no normal pixel.
     """
-    m, a = _as_masks_and_maps(masks, maps)
+    m, a = as_masks_and_maps(masks, maps)
     weights, num_regions, num_normal = _pro_weights(m)
     if num_regions == 0:
         raise ValueError("PRO curve is undefined: the masks contain no defect region")
@@ -305,125 +306,3 @@ def aupro(masks: np.ndarray, maps: np.ndarray, max_fpr: float = DEFAULT_MAX_FPR)
         raise ValueError(f"max_fpr must be in (0, 1], got {max_fpr}")
     fpr, pro = pro_curve(masks, maps)
     return _trapezoid_up_to(fpr, pro, max_fpr) / max_fpr
-
-
-# --------------------------------------------------------------------------
-# full report
-# --------------------------------------------------------------------------
-def _json_float(value: float | None) -> float | None:
-    """Map non-finite floats to ``None`` so the dict stays strict JSON."""
-    if value is None or not math.isfinite(value):
-        return None
-    return float(value)
-
-
-def _metric_block(
-    labels: np.ndarray,
-    scores: np.ndarray,
-    masks: np.ndarray | None,
-    maps: np.ndarray | None,
-    max_fpr: float,
-    pro_maps: np.ndarray | None = None,
-) -> dict[str, Any]:
-    """Compute every metric for one subset; undefined metrics become ``None``.
-
-    A missing metric is reported rather than raised so that one degenerate
-    subset (e.g. a defect type with no annotated pixels) does not hide all
-    the others in the report.
-    """
-    n_def = int(labels.sum())
-    n_good = int(labels.size - n_def)
-    block: dict[str, Any] = {
-        "image_auroc": None,
-        "pixel_auroc": None,
-        "aupro": None,
-        "best_f1": None,
-        "f1_threshold": None,
-        "counts": {
-            "images": int(labels.size),
-            "good": n_good,
-            "defective": n_def,
-            "defect_pixels": None,
-            "defect_regions": None,
-        },
-    }
-    if n_def and n_good:
-        block["image_auroc"] = _json_float(image_auroc(labels, scores))
-    if n_def:
-        f1, thr = best_f1(labels, scores)
-        block["best_f1"], block["f1_threshold"] = _json_float(f1), _json_float(thr)
-    if masks is not None and maps is not None:
-        n_pix = int(np.count_nonzero(masks))
-        block["counts"]["defect_pixels"] = n_pix
-        if 0 < n_pix < masks.size:
-            block["pixel_auroc"] = _json_float(pixel_auroc(masks, maps))
-            block["aupro"] = _json_float(aupro(masks, maps if pro_maps is None else pro_maps, max_fpr))
-        block["counts"]["defect_regions"] = int(
-            sum(ndimage.label(mk, structure=_EIGHT_CONNECTIVITY)[1] for mk in masks)
-        )
-    return block
-
-
-def evaluate_predictions(
-    labels: np.ndarray,
-    scores: np.ndarray,
-    masks: np.ndarray | None,
-    maps: np.ndarray | None,
-    defect_types: Sequence[str],
-    max_fpr: float = DEFAULT_MAX_FPR,
-    pro_maps: np.ndarray | None = None,
-) -> dict[str, Any]:
-    """Overall and per-defect-type metrics as a JSON-serialisable dict.
-
-    Each defect type is evaluated on *all good test images plus the images of
-    that type*, the usual MVTec-style breakdown: it answers "how well are
-    scratches separated from good parts" without other types diluting it.
-    Metrics that are undefined for a subset (one class only, no defect
-    pixel) are ``None``. ``masks``/``maps`` may be ``None`` for image-only
-    evaluation.
-
-    Returns:
-        ``{"image_auroc", "pixel_auroc", "aupro", "aupro_max_fpr", "best_f1",
-        "f1_threshold", "counts", "per_defect_type": {type: {...same keys}}}``.
-    """
-    y = _as_binary_labels(labels)
-    s = _as_scores(scores, y.size)
-    types = np.asarray([str(t) for t in defect_types], dtype=object)
-    if types.shape != (y.size,):
-        raise ValueError(f"defect_types must have {y.size} entries, got {types.size}")
-    m: np.ndarray | None = None
-    a: np.ndarray | None = None
-    if masks is not None and maps is not None:
-        m, a = _as_masks_and_maps(masks, maps)
-        if m.shape[0] != y.size:
-            raise ValueError(f"masks/maps hold {m.shape[0]} images but labels hold {y.size}")
-    elif (masks is None) != (maps is None):
-        raise ValueError("pass both masks and maps, or neither")
-
-    p = None if pro_maps is None or a is None else np.asarray(pro_maps, dtype=a.dtype).reshape(a.shape)
-    result = _metric_block(y, s, m, a, max_fpr, p)
-    result["aupro_max_fpr"] = float(max_fpr)
-    result["per_defect_type"] = metrics_by_group(y, s, m, a, types, max_fpr, p)
-    return result
-
-
-def metrics_by_group(
-    labels: np.ndarray, scores: np.ndarray, masks: np.ndarray | None, maps: np.ndarray | None,
-    groups: Sequence[str], max_fpr: float = DEFAULT_MAX_FPR, pro_maps: np.ndarray | None = None,
-) -> dict[str, Any]:
-    """One metric block per group of defective images (a defect type, a visibility tier...).
-
-    Each group is evaluated on *all good images plus that group's defective ones*.
-    """
-    y = _as_binary_labels(labels)
-    s = _as_scores(scores, y.size)
-    names = np.asarray([str(g) for g in groups], dtype=object)
-    good = y == 0
-    out: dict[str, Any] = {}
-    for g in sorted(set(names[y == 1].tolist())):
-        sel = good | ((names == g) & (y == 1))
-        out[g] = _metric_block(
-            y[sel], s[sel], None if masks is None else masks[sel], None if maps is None else maps[sel], max_fpr,
-            None if pro_maps is None else pro_maps[sel],
-        )
-    return out

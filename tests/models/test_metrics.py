@@ -18,11 +18,11 @@ from sklearn.metrics import roc_auc_score
 from models.metrics import (
     aupro,
     best_f1,
-    evaluate_predictions,
     image_auroc,
     pixel_auroc,
     pro_curve,
 )
+from models.metrics_report import evaluate_predictions
 from models.report_plots import plot_example_grid, plot_roc_curves, select_examples
 
 # --------------------------------------------------------------------------
