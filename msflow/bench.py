@@ -4,19 +4,8 @@ For each engine and batch size: ``warmup`` untimed runs (CUDA graphs are capture
 then ``repeats`` timed ``engine.run`` calls on real demo images (the held-out normals of
 the version's source run; random pixels only when those are gone). Each call is timed end
 to end, numpy in to numpy out, so host<->device copies are included. Reported: images/s
-from the median latency, latency p50/p95, and memory:
-
-- ``rss_peak_mib``: peak resident memory of the process above its level at the start of
-  that (engine, batch) measurement. Linux lets a process reset its own high-water mark
-  (``echo 5 > /proc/self/clear_refs``), so this is the kernel's exact ``VmHWM`` delta; where
-  that is refused, a 1 ms sampling thread (psutil, else ``/proc/self/status``) reads RSS
-  and can miss spikes shorter than that. Allocator caching means an engine measured later
-  may reuse memory an earlier one freed; load cost is reported separately.
-- CUDA: ``gpu_peak_mib`` is ``torch.cuda.max_memory_allocated`` above its start, which sees
-  torch's allocations only (torch engines, TensorRT I/O buffers), not TensorRT's or
-  onnxruntime's own pools; ``gpu_used_mib`` is the device-wide memory in use (cudaMemGetInfo)
-  above the level before the engine loaded, which does include them (pools are kept, so it
-  is close to their peak).
+from the median latency, latency p50/p95, and the memory each (engine, batch) measurement
+took (:mod:`msflow.peak_memory` says how it is read, and what each figure sees).
 
 Engines: ``onnxruntime-cpu`` and ``torch-cpu`` everywhere; on a CUDA host also
 ``onnxruntime-cuda``, ``tensorrt`` (when the version has a plan built for this host),
@@ -39,7 +28,6 @@ import os
 import platform
 import socket
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -51,6 +39,7 @@ from models.atomic_files import write_atomic
 from models.manifest import Manifest
 from msflow.engine_catalog import (cuda_available, default_engines, demo_images,
                                     make_engine, resolve_version, tile_batch, unavailable_reason)
+from msflow.peak_memory import MEMORY_METHOD, MIB, PeakMemory, gpu_used_bytes, rss_bytes
 from service.config import Settings
 from service.engines.base import Engine
 
@@ -58,101 +47,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_WARMUP = 2
 RATIO_TARGET = {"batch": 8, "min_ratio": 1.3}
-MIB = 1 << 20
-
-
-# ------------------------------------------------------------------ memory
-
-def _status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _rss_bytes() -> int:
-    try:
-        import psutil
-
-        return int(psutil.Process().memory_info().rss)
-    except ImportError:
-        kib = _status_kib("VmRSS")
-        return kib * 1024 if kib is not None else 0
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return _status_kib("VmHWM") is not None
-    except OSError:
-        return False
-
-
-MEMORY_METHOD = (
-    "rss_peak_mib: process peak RSS above its level at the start of the measurement (kernel VmHWM after "
-    "resetting it via /proc/self/clear_refs; else a 1 ms RSS sampling thread, which can miss short spikes). "
-    "gpu_peak_mib: torch.cuda.max_memory_allocated delta (torch allocations only). gpu_used_mib: device memory "
-    "in use (cudaMemGetInfo) above the level before the engine loaded, including onnxruntime/TensorRT pools.")
-
-
-class PeakMemory:
-    """Peak memory increase of this process (and of the GPU) while the block runs."""
-
-    def __init__(self, cuda: bool = False) -> None:
-        self.cuda = cuda
-        self.rss_peak_mib: float | None = None
-        self.gpu_peak_mib: float | None = None
-        self.method = ""
-
-    def __enter__(self) -> "PeakMemory":
-        gc.collect()
-        self._base = _rss_bytes()
-        self._hwm = _reset_hwm()
-        self.method = "vmhwm" if self._hwm else "sampling"
-        self._peak = self._base
-        self._stop = threading.Event()
-        if not self._hwm:
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        if self.cuda:
-            import torch
-
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self._gpu_base = torch.cuda.memory_allocated()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.001):
-            self._peak = max(self._peak, _rss_bytes())
-
-    def __exit__(self, *exc: object) -> None:
-        if self._hwm:
-            kib = _status_kib("VmHWM")
-            self._peak = max(self._peak, kib * 1024 if kib else 0)
-        else:
-            self._stop.set()
-            self._thread.join()
-        self.rss_peak_mib = max(self._peak - self._base, 0) / MIB
-        if self.cuda:
-            import torch
-
-            torch.cuda.synchronize()
-            self.gpu_peak_mib = max(torch.cuda.max_memory_allocated() - self._gpu_base, 0) / MIB
-
-
-def _gpu_used_bytes() -> int | None:
-    if not cuda_available():
-        return None
-    import torch
-
-    free, total = torch.cuda.mem_get_info()
-    return int(total - free)
 
 
 # ------------------------------------------------------------------ measurement
@@ -264,8 +158,8 @@ def _bench_engines(version_dir: Path, engines: list[str], batch_sizes: list[int]
             status[name] = {"status": "failed" if explicit else "skipped", "reason": reason}
             progress(f"{name}: skipped ({reason})")
             continue
-        gpu_before = _gpu_used_bytes() if cuda else None
-        rss_before = _rss_bytes()
+        gpu_before = gpu_used_bytes() if cuda else None
+        rss_before = rss_bytes()
         t0 = time.perf_counter()
         try:
             engine = make_engine(name, version_dir, manifest, max(batch_sizes), threads)
@@ -274,13 +168,13 @@ def _bench_engines(version_dir: Path, engines: list[str], batch_sizes: list[int]
             progress(f"{name}: cannot load ({e})")
             continue
         entry: dict[str, Any] = {"status": "ok", "engine_name": engine.name, "load_s": time.perf_counter() - t0,
-                                 "load_rss_mib": max(_rss_bytes() - rss_before, 0) / MIB}
+                                 "load_rss_mib": max(rss_bytes() - rss_before, 0) / MIB}
         on_gpu = cuda and (name.startswith(("torch-cuda", "onnxruntime-cuda")) or name == "tensorrt")
         try:
             for batch in batch_sizes:
                 row = measure(engine, images, batch, repeats, warmup, cuda=on_gpu)
                 if on_gpu and gpu_before is not None:
-                    used = _gpu_used_bytes()
+                    used = gpu_used_bytes()
                     row["gpu_used_mib"] = max((used or 0) - gpu_before, 0) / MIB
                 row["engine"] = name
                 results.append(row)
