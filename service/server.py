@@ -28,7 +28,8 @@ import uvicorn
 from service.allocator import keep_freed_memory
 from service.api.app import create_app
 from service.api.auth import access_summary
-from service.api.connections import ConnectionBudget, budgeted_protocol
+from service.api.connection_budget import ConnectionBudget
+from service.api.connections import budgeted_protocol
 from service.api.request_metrics import access_log
 from service.config import Settings
 from service.heap import freeze_startup_objects

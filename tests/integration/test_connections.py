@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 from loadtests.hostile import memory_kb
-from service.api.connections import LINGER_BYTES, LINGER_S, MAX_PIPELINED, ConnectionBudget
+from service.api.connection_budget import LINGER_BYTES, LINGER_S, MAX_PIPELINED, ConnectionBudget
 
 from harness import Server, metric, start
 
