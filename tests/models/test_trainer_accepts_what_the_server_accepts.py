@@ -101,42 +101,39 @@ def _trainer_answer(tmp_path: Path, name: str, data: bytes) -> DataError | None:
     return None
 
 
+def _both_refuse(tmp_path: Path, data: bytes, status: int, code: str) -> str:
+    """The trainer refuses ``data`` (as ``a.png``), the server answers ``status code``, and the
+    trainer's message names that answer: the trainer's message."""
+    refused = _trainer_answer(tmp_path, "a.png", data)  # first: the server's answer configures Pillow
+    server = _server_answer(data)
+    assert server is not None and (server.status_code, server.code) == (status, code), server
+    assert refused is not None, f"the trainer read what the server refuses ({status} {code})"
+    message = str(refused)
+    assert f"the server refuses it ({status} {code})" in message, message
+    return message
+
+
 # ----------------------------------------------------------------------------- each case, reproduced
 
 
 def test_a_gif_named_png_is_refused_as_the_server_refuses_it(tmp_path: Path) -> None:
     """It trained (the trainer picked it by its name); the server refuses it by its content (415)."""
-    gif = _encode(_noise(), "GIF")
-    refused = _trainer_answer(tmp_path, "a.png", gif)
-    server = _server_answer(gif)
-    assert server is not None and (server.status_code, server.code) == (415, "unsupported_media_type")
-    assert refused is not None, "the trainer read a GIF the server refuses"
-    message = str(refused)
+    message = _both_refuse(tmp_path, _encode(_noise(), "GIF"), 415, "unsupported_media_type")
     assert message.startswith(str(tmp_path / "root/part/train/good/a.png") + ": a GIF named .png;"), message
-    assert "the server refuses it (415 unsupported_media_type)" in message and "convert it to PNG" in message
+    assert "convert it to PNG" in message
 
 
 def test_a_png_with_more_text_than_the_server_reads_is_refused(tmp_path: Path) -> None:
     """1.2 MiB of PNG text trained (Pillow's default cap: 64 MiB); the server stops at 1 MiB (422)."""
-    png = _text_heavy_png()
-    refused = _trainer_answer(tmp_path, "a.png", png)
-    server = _server_answer(png)
-    assert server is not None and (server.status_code, server.code) == (422, "undecodable_image")
-    assert refused is not None, "the trainer read a PNG the server refuses"
-    assert "a.png" in str(refused) and "the server refuses it (422 undecodable_image)" in str(refused)
-    assert f"{MAX_PNG_TEXT_BYTES:,} bytes of PNG text" in str(refused)
+    message = _both_refuse(tmp_path, _text_heavy_png(), 422, "undecodable_image")
+    assert "a.png" in message and f"{MAX_PNG_TEXT_BYTES:,} bytes of PNG text" in message
 
 
 def test_an_image_over_the_servers_pixel_limit_is_refused(tmp_path: Path) -> None:
     """40,008,000 pixels trained (Pillow's guard warns at 89 M); the server refuses above 40 M (413)."""
-    png = _huge_png()
-    refused = _trainer_answer(tmp_path, "a.png", png)
-    server = _server_answer(png)
-    assert server is not None and (server.status_code, server.code) == (413, "image_too_large")
-    assert refused is not None, "the trainer read an image the server refuses"
-    message = str(refused)
+    message = _both_refuse(tmp_path, _huge_png(), 413, "image_too_large")
     assert "a.png: 8000x5001 = 40,008,000 pixels" in message, message
-    assert "the server refuses it (413 image_too_large)" in message and "--max-image-pixels" in message
+    assert "--max-image-pixels" in message
 
 
 def test_the_pixel_limit_is_checked_from_the_header_before_decoding(tmp_path: Path,
@@ -161,19 +158,11 @@ def test_the_pixel_limit_is_checked_from_the_header_before_decoding(tmp_path: Pa
 
 
 def test_not_an_image_under_an_image_name_says_415(tmp_path: Path) -> None:
-    data = b"lot 7, shift B\n" * 10
-    refused = _trainer_answer(tmp_path, "a.png", data)
-    server = _server_answer(data)
-    assert server is not None and server.status_code == 415
-    assert refused is not None and "the server refuses it (415 unsupported_media_type)" in str(refused), refused
+    _both_refuse(tmp_path, b"lot 7, shift B\n" * 10, 415, "unsupported_media_type")
 
 
 def test_a_truncated_image_says_422(tmp_path: Path) -> None:
-    data = _encode(_noise((64, 64)), "PNG")[:-200]
-    refused = _trainer_answer(tmp_path, "a.png", data)
-    server = _server_answer(data)
-    assert server is not None and server.status_code == 422
-    assert refused is not None and "the server refuses it (422 undecodable_image)" in str(refused), refused
+    _both_refuse(tmp_path, _encode(_noise((64, 64)), "PNG")[:-200], 422, "undecodable_image")
 
 
 # ----------------------------------------------------------------------------- the rule as a whole
