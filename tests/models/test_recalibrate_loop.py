@@ -19,11 +19,12 @@ import asyncio
 import json
 import shutil
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import pytest
 
 from models.manifest import Manifest, list_versions
-from models.recalibrate import recalibrate
+from models.recalibrate import Recalibration, recalibrate
 from models.review_store import Budget, ReviewStore
 
 CATEGORY = "brick"  # tests/conftest.py's demo category
@@ -56,23 +57,35 @@ def label(store: Path, paths: list[Path], lab: str, version: str = "0") -> list[
     return ids
 
 
-def goods_and_defects(demo_test_images: dict[str, list[Path]]) -> tuple[list[Path], list[Path]]:
+class Labelled(NamedTuple):
+    goods: list[Path]
+    defects: list[Path]
+    ok_ids: list[str]
+    ng_ids: list[str]
+
+
+@pytest.fixture
+def labelled(store: Path, demo_test_images: dict[str, list[Path]]) -> Labelled:
+    """Every good demo test image labelled ok and every defective one ng, in ``store``."""
+    goods = demo_test_images["good"]
     defects = [p for kind, paths in demo_test_images.items() if kind != "good" for p in paths]
-    return demo_test_images["good"], defects
+    return Labelled(goods, defects, label(store, goods, "ok"), label(store, defects, "ng"))
 
 
-def test_a_labelled_item_whose_image_is_gone_is_left_out_and_said(store: Path,
-                                                                  demo_test_images: dict[str, list[Path]]) -> None:
-    goods, defects = goods_and_defects(demo_test_images)
-    label(store, goods, "ok")
-    ng_ids = label(store, defects, "ng")
-    gone = ng_ids[3]
+def run_recalibrate(store: Path, lines: list[str] | None = None, **options: Any) -> tuple[Path | None, Recalibration]:
+    """``msflow recalibrate`` as the review loop runs it on the few demo labels (any false
+    positive rate, a small sample accepted), what it says (out and warn) appended to ``lines``."""
+    say = lines.append if lines is not None else (lambda _: None)
+    return recalibrate(store, CATEGORY, out=say, warn=say, max_fpr=1.0, accept_small_sample=True, **options)
+
+
+def test_a_labelled_item_whose_image_is_gone_is_left_out_and_said(store: Path, labelled: Labelled) -> None:
+    gone = labelled.ng_ids[3]
     (store / ".review" / CATEGORY / "items" / gone / "image.png").unlink()
     lines: list[str] = []
-    version_dir, report = recalibrate(store, CATEGORY, out=lines.append, warn=lines.append, dry_run=True,
-                                      max_fpr=1.0, accept_small_sample=True)
+    version_dir, report = run_recalibrate(store, lines, dry_run=True)
     assert version_dir is None
-    assert report.labelled_ng == len(defects) - 1 and report.labelled_ok == len(goods)
+    assert report.labelled_ng == len(labelled.defects) - 1 and report.labelled_ok == len(labelled.goods)
     assert any("1 labelled item left out" in line and gone in line for line in lines), lines
     assert any(gone in w for w in report.warnings)
     assert gone not in {row["id"] for row in report.labels_used}
@@ -80,38 +93,28 @@ def test_a_labelled_item_whose_image_is_gone_is_left_out_and_said(store: Path,
     assert gone not in {item.id for item, _, _ in review(store).labelled(CATEGORY)}
 
 
-def test_twice_on_the_same_labels_writes_one_version(store: Path, demo_test_images: dict[str, list[Path]]) -> None:
-    goods, defects = goods_and_defects(demo_test_images)
-    label(store, goods, "ok")
-    label(store, defects, "ng")
+def test_twice_on_the_same_labels_writes_one_version(store: Path, labelled: Labelled) -> None:
     lines: list[str] = []
-    first, report = recalibrate(store, CATEGORY, out=lines.append, warn=lines.append, max_fpr=1.0,
-                                accept_small_sample=True)
+    first, report = run_recalibrate(store, lines)
     assert first is not None and first.name == "2"
     assert report.after["ok_bound"] != report.before["ok_bound"] or report.after["ng_bound"] != report.before["ng_bound"]
     lines = []
-    again, report = recalibrate(store, CATEGORY, out=lines.append, warn=lines.append, max_fpr=1.0,
-                                accept_small_sample=True)
+    again, report = run_recalibrate(store, lines)
     assert again is None and list_versions(store / CATEGORY) == ["1", "2"]
     assert report.from_version == "2"
     assert (report.after["ok_bound"], report.after["ng_bound"]) == (report.before["ok_bound"], report.before["ng_bound"])
     assert any("leave both bounds where version 2 has them: nothing written" in line for line in lines), lines
 
 
-def test_the_source_versions_threshold_override_is_said_and_recorded(store: Path,
-                                                                     demo_test_images: dict[str, list[Path]]) -> None:
+def test_the_source_versions_threshold_override_is_said_and_recorded(store: Path, labelled: Labelled) -> None:
     from service.config import Settings
     from service.pipeline.thresholds import ThresholdOverrides
 
     cal = Manifest.read(store / CATEGORY / "1").calibration
     operator_bound = cal.threshold - 0.25 * (cal.threshold - (cal.score_min or 0.0))
     asyncio.run(ThresholdOverrides(Settings(model_store=store), None).set(CATEGORY, "1", operator_bound, force=True))
-    goods, defects = goods_and_defects(demo_test_images)
-    label(store, goods, "ok")
-    label(store, defects, "ng")
     lines: list[str] = []
-    version_dir, report = recalibrate(store, CATEGORY, out=lines.append, warn=lines.append, max_fpr=1.0,
-                                      accept_small_sample=True)
+    version_dir, report = run_recalibrate(store, lines)
     assert version_dir is not None
     said = [line for line in lines if "threshold override" in line]
     assert said and f"{operator_bound:.6g}" in said[0] and "not carried" in said[0], lines
@@ -123,12 +126,9 @@ def test_the_source_versions_threshold_override_is_said_and_recorded(store: Path
 
 
 def test_the_report_names_the_labels_it_used_and_a_relabel_changes_them(
-        store: Path, demo_test_images: dict[str, list[Path]]) -> None:
-    goods, defects = goods_and_defects(demo_test_images)
-    ok_ids = label(store, goods, "ok")
-    ng_ids = label(store, defects, "ng")
-    version_dir, report = recalibrate(store, CATEGORY, out=lambda _: None, warn=lambda _: None, max_fpr=1.0,
-                                      accept_small_sample=True)
+        store: Path, labelled: Labelled) -> None:
+    ok_ids, ng_ids = labelled.ok_ids, labelled.ng_ids
+    version_dir, report = run_recalibrate(store)
     assert version_dir is not None
     kept = json.loads((version_dir / "recalibration.json").read_text())["labels_used"]
     assert {row["id"] for row in kept} == set(ok_ids) | set(ng_ids)
@@ -137,8 +137,7 @@ def test_the_report_names_the_labels_it_used_and_a_relabel_changes_them(
     assert isinstance(row["score"], float) and len(row["image_sha256"]) == 64
     # an operator changes their mind on one part: the next version's report says which label it used
     review(store).label(CATEGORY, ng_ids[0], "ok", by="bob")
-    _, report = recalibrate(store, CATEGORY, out=lambda _: None, warn=lambda _: None, max_fpr=1.0,
-                            accept_small_sample=True, dry_run=True)
+    _, report = run_recalibrate(store, dry_run=True)
     row = next(r for r in report.labels_used if r["id"] == ng_ids[0])
     assert row["label"] == "ok" and row["by"] == "bob"
     assert row["rescored"]  # captured by version 0, scored again by version 2
