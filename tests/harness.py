@@ -375,5 +375,23 @@ def upload(name: str, data: bytes) -> tuple[str, tuple[str, bytes, str]]:
     return ("file", (name, data, "image/png"))
 
 
-def client_for(server: Server, key: str | None = None) -> httpx.Client:
-    return httpx.Client(base_url=server.url, headers={"X-API-Key": key} if key else {}, timeout=30.0)
+def client_for(server: Server, key: str | None = None, timeout: float = 30.0) -> httpx.Client:
+    return httpx.Client(base_url=server.url, headers={"X-API-Key": key} if key else {}, timeout=timeout)
+
+
+@contextlib.contextmanager
+def served(store: Path, log_path: Path, **settings: Any) -> Iterator[Server]:
+    """A started server (:func:`start`), stopped afterwards: a fixture's whole life of one."""
+    server = start(store, log_path, **settings)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def store_copy(model_store: Path, parent: Path) -> Path:
+    """A private copy of the model store, ``parent/store``: for tests that write to it (a
+    version added, a threshold override beside a manifest)."""
+    dest = parent / "store"
+    shutil.copytree(model_store, dest)
+    return dest

@@ -6,13 +6,14 @@ Session-scoped, so the test files share one private redis-server and the API rep
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from harness import CATEGORY, PREFIX, REDIS_ADMIN_KEY as ADMIN_KEY, REDIS_USER_KEY as USER_KEY, RedisServer, Server, start_servers
+from harness import (CATEGORY, PREFIX, REDIS_ADMIN_KEY as ADMIN_KEY, REDIS_USER_KEY as USER_KEY, RedisServer, Server,
+                     start_servers, store_copy)
+
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
@@ -35,12 +36,17 @@ def good_images(demo_root: Path) -> list[Path]:
     return sorted((demo_root / CATEGORY / "test" / "good").glob("*.png"))
 
 
+@pytest.fixture(scope="module")
+def module_store(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A private copy of the model store for one test module (each module asking has its own):
+    its tests add versions or write threshold overrides beside a manifest."""
+    return store_copy(model_store, tmp_path_factory.mktemp("module-store"))
+
+
 @pytest.fixture(scope="session")
 def redis_store(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A private copy of the model store (a test adds a version to it)."""
-    dest = tmp_path_factory.mktemp("redis-e2e") / "store"
-    shutil.copytree(model_store, dest)
-    return dest
+    return store_copy(model_store, tmp_path_factory.mktemp("redis-e2e"))
 
 
 @pytest.fixture(scope="session")

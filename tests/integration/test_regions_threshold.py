@@ -9,7 +9,6 @@ import asyncio
 import io
 import json
 import re
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from service.pipeline.regions import RegionParams, box_mask, find_regions
 from service.schemas import ImageResult, Region
 from service.redisq.store import CachedResult
 from service.pipeline.thresholds import OVERRIDE_FILE, ThresholdOutOfRange, ThresholdOverrides, sane_range
-from harness import ADMIN_KEY, CATEGORY, USER_KEY, Server, assert_error, metric, start
+from harness import ADMIN_KEY, CATEGORY, USER_KEY, Server, assert_error, client_for, metric, served, start, store_copy
 
 INSPECT = f"/v1/inspect/{CATEGORY}"
 THRESHOLD = f"/v1/models/{CATEGORY}/threshold"
@@ -97,8 +96,7 @@ def test_overrides_file_redis_and_replicas(model_store: Path, tmp_path: Path,
     import service.pipeline.thresholds as thresholds
     from harness import RedisServer
 
-    store = tmp_path / "store"
-    shutil.copytree(model_store, store)
+    store = store_copy(model_store, tmp_path)
     man = Manifest.read(store / CATEGORY / "1")
     calibrated = man.calibration.threshold
     redis_server = RedisServer(tmp_path)
@@ -253,23 +251,16 @@ def test_override_on_a_read_only_store_without_redis(model_store: Path, tmp_path
 
 # ====================================================================== API fixtures
 @pytest.fixture(scope="module")
-def store(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    dest = tmp_path_factory.mktemp("regions") / "store"
-    shutil.copytree(model_store, dest)
-    return dest
-
-
-@pytest.fixture(scope="module")
-def server(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = start(store, tmp_path_factory.mktemp("logs") / "regions.log", api_keys=USER_KEY, admin_api_keys=ADMIN_KEY,
-                max_batch_size=8, max_queue_delay_ms=5, anomaly_rate_window=RATE_WINDOW, max_files_per_request=8)
-    yield srv
-    srv.stop()
+def server(module_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    with served(module_store, tmp_path_factory.mktemp("logs") / "regions.log", api_keys=USER_KEY, admin_api_keys=ADMIN_KEY,
+                max_batch_size=8, max_queue_delay_ms=5, anomaly_rate_window=RATE_WINDOW,
+                max_files_per_request=8) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
 def client(server: Server) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.url, headers={"X-API-Key": USER_KEY}, timeout=60.0) as c:
+    with client_for(server, USER_KEY, timeout=60.0) as c:
         yield c
 
 
@@ -373,8 +364,7 @@ def test_threshold_routes_need_an_admin_key(client: httpx.Client, server: Server
 
 def test_threshold_override_round_trip_survives_restart(model_store: Path, tmp_path: Path,
                                                         samples: dict[str, list[Path]]) -> None:
-    store = tmp_path / "store"
-    shutil.copytree(model_store, store)
+    store = store_copy(model_store, tmp_path)
     version_dir = store / CATEGORY / "1"
     image = samples["hole"][0]
     settings = dict(api_keys=USER_KEY, admin_api_keys=ADMIN_KEY)
@@ -468,8 +458,8 @@ def test_recent_scores_and_drift_metrics(client: httpx.Client, samples: dict[str
 
 
 # ====================================================================== assets, console files
-def test_model_assets_whitelist(client: httpx.Client, server: Server, store: Path) -> None:
-    version_dir = store / CATEGORY / "1"
+def test_model_assets_whitelist(client: httpx.Client, server: Server, module_store: Path) -> None:
+    version_dir = module_store / CATEGORY / "1"
     png = io.BytesIO()
     Image.new("RGB", (8, 8), (200, 10, 10)).save(png, format="PNG")
     (version_dir / "roc.png").write_bytes(png.getvalue())

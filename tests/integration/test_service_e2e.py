@@ -27,31 +27,24 @@ from PIL import Image
 from models.data import MVTecCategory
 from models.manifest import Manifest
 
-from harness import (ADMIN_KEY, CATEGORY, USER_KEY, Server, absolute, assert_error, damaged, metric, part, png_of,
-                     start, wait_for_metric)
+from harness import (ADMIN_KEY, CATEGORY, USER_KEY, Server, absolute, assert_error, client_for, damaged, metric, part,
+                     png_of, served, start, wait_for_metric)
 
 # ---------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def store(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A private copy: the reload test adds a version to it."""
-    dest = tmp_path_factory.mktemp("e2e") / "store"
-    shutil.copytree(model_store, dest)
-    return dest
-
-
-@pytest.fixture(scope="module")
-def server(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = start(store, tmp_path_factory.mktemp("logs") / "main.log", api_keys=USER_KEY, admin_api_keys=ADMIN_KEY,
+def server(module_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The module's server, on a private copy of the store (module_store): the reload test
+    adds a version to it."""
+    with served(module_store, tmp_path_factory.mktemp("logs") / "main.log", api_keys=USER_KEY, admin_api_keys=ADMIN_KEY,
                 max_batch_size=8, max_queue_delay_ms=15, max_upload_bytes=1_000_000, max_request_bytes=3_000_000,
                 max_image_pixels=2_000_000, max_files_per_request=4, max_request_megapixels=20,
-                max_inflight_megapixels=40)
-    yield srv
-    srv.stop()
+                max_inflight_megapixels=40) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
 def client(server: Server) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.url, headers={"X-API-Key": USER_KEY}, timeout=30.0) as c:
+    with client_for(server, USER_KEY) as c:
         yield c
 
 
@@ -321,10 +314,10 @@ def test_damaged_requests_get_a_clear_error_and_the_server_lives(client: httpx.C
 
 
 # ---------------------------------------------------------------------- reload
-def test_reload_under_load_without_failures(client: httpx.Client, store: Path,
+def test_reload_under_load_without_failures(client: httpx.Client, module_store: Path,
                                             demo_files: dict[str, list[Path]]) -> None:
-    src = store / CATEGORY / "1"
-    dst = store / CATEGORY / "2"
+    src = module_store / CATEGORY / "1"
+    dst = module_store / CATEGORY / "2"
     shutil.copytree(src, dst)
     Manifest.read(dst).model_copy(update={"version": "2"}).write(dst)
     statuses: list[int] = []
