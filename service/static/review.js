@@ -108,7 +108,8 @@
     view.cursor = page.next_cursor;
     $("#review-empty").hidden = view.items.length > 0;
     shown();
-    await Promise.all(fresh.map((it) => paint(it)));
+    // Listed now, painted as their photos come: the selection waited for all 20 of them.
+    for (const it of fresh) paint(it);
     return fresh.length > 0;
   }
 
@@ -331,8 +332,13 @@
     else if (key === "j" || key === "arrowdown") {
       ev.preventDefault();
       if (view.current + 1 >= view.items.length && view.cursor) { // past the last one listed: the next page
-        const next = view.current + 1;
-        loadMore().then((added) => { if (added) select(next); });
+        // One step from where J was pressed, and only if the operator is still there: J
+        // pressed again while the page comes (one fetch) is the same step, and a K or a
+        // label meanwhile is not undone when it arrives.
+        const from = view.items[view.current];
+        loadMore().then((added) => {
+          if (added && view.items[view.current] === from) select(view.items.indexOf(from) + 1);
+        });
       } else select(view.current + 1);
     }
     else if (key === "k" || key === "arrowup") { ev.preventDefault(); select(view.current - 1); }

@@ -8,11 +8,15 @@ fixtures are test_console_browser.py's):
 * a defect type the server refuses ("Big Crack"): a 422 quoting a regular expression;
 * a user key on the Review page: "needs an admin API key", where a reviewer's key works;
 * a TIFF (the service reads it, Chromium cannot show it): the photo collapsed to a 16-pixel
-  strip with the heatmap and the boxes squashed into it.
+  strip with the heatmap and the boxes squashed into it;
+* J past the last item while the next page was on its way: the selection waited for every
+  photo of that page, then jumped back to the first new item from wherever the operator
+  had moved meanwhile.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -92,6 +96,45 @@ def test_the_queue_past_the_first_page_is_reachable(reviewer: Console, queue_ser
         assert page.locator("#review-more").is_hidden()  # nothing further
         assert len(set(page.locator(".review-item").evaluate_all("ns => ns.map(n => n.dataset.id)"))) == total
         assert page.locator("#review-shown").inner_text() == f"Showing {total} of {total} pending"
+
+
+def test_j_while_the_next_page_comes_moves_one_item_and_the_selection_stays_where_the_operator_is(
+        reviewer: Console, queue_server: Server) -> None:
+    page = reviewer.page
+    held_pages: list[Any] = []
+    held_photos: list[Any] = []
+    photos = re.compile(r"/items/[^/?]+/(image|heatmap\.png)$")
+    page.route(re.compile(r"/items\?.*after="), lambda route: held_pages.append(route))  # the next page, held
+    with reviewer.on_failure_screenshot():
+        total = pending(queue_server)
+        page.wait_for_selector("#review-items[data-loaded='20']")
+        page.wait_for_selector(".review-item:nth-child(20)[data-boxes-drawn]")
+        page.route(photos, lambda route: held_photos.append(route))  # from here: the next page's photos, held
+        for _ in range(19):
+            page.keyboard.press("j")
+        for _ in range(3):  # past the last one listed, and twice more while that page is on its way
+            page.keyboard.press("j")
+        while not held_pages:
+            page.wait_for_timeout(50)
+        page.wait_for_timeout(300)
+        assert len(held_pages) == 1  # one fetch for the three presses
+        assert "current" in page.locator(".review-item").nth(19).get_attribute("class")
+        held_pages[0].continue_()
+        page.wait_for_selector(f"#review-items[data-loaded='{total}']")
+        # the 21st is current as soon as it is listed, its photo or not: one step for the three presses
+        page.wait_for_selector(".review-item:nth-child(21).current", timeout=5_000)
+        page.keyboard.press("j")  # the operator moves on while the photos still come
+        assert "current" in page.locator(".review-item").nth(21).get_attribute("class")
+        page.unroute(photos)
+        for route in held_photos:
+            route.continue_()
+        for i in range(21, total + 1):
+            page.wait_for_selector(f".review-item:nth-child({i})[data-boxes-drawn]")
+        page.wait_for_timeout(300)
+        assert page.locator(".review-item.current").count() == 1
+        assert "current" in page.locator(".review-item").nth(21).get_attribute("class")  # not pulled back
+        ids = page.locator(".review-item").evaluate_all("ns => ns.map(n => n.dataset.id)")
+        assert len(ids) == len(set(ids)) == total
 
 
 def test_a_wrong_label_is_corrected_and_a_bad_defect_type_explained(reviewer: Console, queue_server: Server) -> None:
