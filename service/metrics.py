@@ -305,6 +305,23 @@ class ServiceMetrics:
         self.model_info.labels(category, version, engine).set(1)
         self._child(self.queue_depth, category)  # made at 0, never overwritten: a batcher may have set it
 
+    def forget_category(self, category: str) -> None:
+        """``category`` left the model store (retired): the gauges that describe it now go, its
+        info series as at a swap. Multi-process files keep a removed series' last value, so each
+        is zeroed first (info series at 0 are left out of /metrics; the others read 0 there).
+        Counters and histograms stay: they are its history, and a total must not go backwards."""
+        old = self._model_labels.pop(category, None)
+        if old is not None:
+            self.model_info.labels(category, *old).set(0)
+            _remove(self.model_info, category, *old)
+        self._window_images.pop(category, None)
+        for gauge in (self.queue_depth, self.model_versions_failed, self.anomaly_rate, *self.anomaly_window,
+                      self.job_workers, self.job_backlog):
+            self._children.pop((id(gauge), (category,)), None)
+            if category in _categories_of(gauge):
+                gauge.labels(category).set(0)
+                _remove(gauge, category)
+
     def refresh_gpu_memory(self) -> None:
         """Device-wide memory (what ONNX Runtime's and TensorRT's own pools use too), via
         torch only where torch already runs CUDA in this process: a scrape must never be
@@ -327,3 +344,15 @@ class ServiceMetrics:
 
     def is_known(self, category: str) -> bool:
         return category in self._model_labels
+
+
+def _categories_of(metric: MetricWrapperBase) -> set[str]:
+    """The ``category`` label of each of ``metric``'s series in this process."""
+    return {sample.labels.get("category", "") for family in metric.collect() for sample in family.samples}
+
+
+def _remove(metric: MetricWrapperBase, *values: str) -> None:
+    try:
+        metric.remove(*values)
+    except KeyError:  # never made (or removed already)
+        pass

@@ -24,10 +24,11 @@ StateDep = Annotated[ServiceState, Depends(get_state)]
 
 
 async def known_category(category: str, state: StateDep) -> str:
-    """404 listing what exists for an unknown or malformed category (no path tricks reach the store)."""
+    """404 listing what exists for an unknown or malformed category (no path tricks reach the
+    store), saying when one the store watch retired left the store."""
     if CATEGORY_PATTERN.fullmatch(category) and category in state.registry.categories:
         return category
-    raise unknown_category(category, state.registry.categories)
+    raise unknown_category(category, state.registry.categories, state.registry.removed_note(category))
 
 
 CategoryDep = Annotated[str, Depends(known_category)]

@@ -41,9 +41,10 @@ class ApiError(Exception):
             status_code, code, message, details, headers)
 
 
-def unknown_category_error(category: str, known: list[str]) -> ApiError:
-    return ApiError(404, "unknown_category", f"unknown category {category!r}; known: {', '.join(known) or 'none'}",
-                    details={"categories": known})
+def unknown_category_error(category: str, known: list[str], removed: str | None = None) -> ApiError:
+    """``removed``: why, for a category the store watch retired (its folder left the store)."""
+    return ApiError(404, "unknown_category", f"unknown category {category!r}{f': {removed}' if removed else ''}; "
+                    f"known: {', '.join(known) or 'none'}", details={"categories": known})
 
 
 _METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
@@ -152,7 +153,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(UnknownCategory)
     async def unknown(request: Request, exc: UnknownCategory) -> JSONResponse:
-        e = unknown_category_error(exc.category, exc.known)
+        e = unknown_category_error(exc.category, exc.known, exc.removed)
         return error_response(e.status_code, e.code, e.message, e.details)
 
     @app.exception_handler(RequestValidationError)

@@ -1,22 +1,24 @@
-"""A model version made ready to serve (:class:`LoadedModel`): its engine built by an
-:data:`EngineFactory`, checked to lie where its manifest says (:func:`check_placed`) and
-warmed with one full batch (:func:`warm_engine`). The registry (:mod:`service.pipeline.registry`)
-chooses versions and swaps them; the engine process warms what it hosts the same way."""
+"""A model version made ready to serve (:class:`LoadedModel`, :func:`build_version`): its
+engine built by an :data:`EngineFactory`, checked to lie where its manifest says
+(:func:`check_placed`) and warmed with one full batch (:func:`warm_engine`). The registry
+(:mod:`service.pipeline.registry`) chooses versions and swaps them; the engine process warms
+what it hosts the same way."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
-from models.manifest import Manifest, ManifestError
+from models.manifest import MANIFEST, Manifest, ManifestError
+from service.config import Settings
 from service.engines.base import Engine
 from service.os_names import engine_thread_name, thread_named
-from service.pipeline.registry_errors import RegistryError
+from service.pipeline.registry_errors import PinnedVersionRemoved, RegistryError
 
 EngineFactory = Callable[..., Engine]
 
@@ -57,4 +59,40 @@ def warm_engine(engine: Engine, max_batch_size: int) -> float:
     return (time.perf_counter() - started) * 1e3
 
 
-__all__ = ["EngineFactory", "LoadedModel", "check_placed", "warm_engine"]
+def build_version(settings: Settings, engine_factory: EngineFactory, version_dir: Path, pinned: bool,
+                  in_force: bool = False) -> LoadedModel:
+    """Blocking: read and check the manifest of ``version_dir`` (``<store>/<category>/<version>``),
+    build the engine, warm it. A pin in force whose folder is gone is built if the engine
+    factory still can (the engine process holds it, with its manifest), and checked on the
+    engine's manifest."""
+    category, version = version_dir.parent.name, version_dir.name
+    removed = in_force and not (version_dir / MANIFEST).is_file()
+    if not removed:
+        manifest = Manifest.read(version_dir)
+        check_placed(version_dir, manifest, category, version)
+    s = settings
+    try:
+        engine = engine_factory(version_dir, kind=s.engine, device=s.device, threads=s.intra_op_threads,
+                                max_batch_size=s.max_batch_size, tensorrt_cache_dir=s.ort_tensorrt_cache_dir,
+                                tensorrt_cache_max_bytes=s.ort_tensorrt_cache_max_bytes)
+    except Exception as exc:
+        if not removed:
+            raise
+        raise PinnedVersionRemoved(
+            f"{category}: pinned version {version} was removed from the model store and no process of this "
+            f"server holds it any more; nothing else serves {category} while the pin holds: reload it "
+            f"(POST /v1/models/{category}/reload, ?version= to pin another); loading it: {exc}") from exc
+    try:
+        if removed:
+            check_placed(version_dir, engine.manifest, category, version)
+        warmup_ms = warm_engine(engine, settings.max_batch_size)
+    except BaseException:
+        release = getattr(engine, "close", None)  # an engine held elsewhere (engine process) lets go
+        if release is not None:
+            release()
+        raise
+    return LoadedModel(category=category, version=version, version_dir=version_dir, engine=engine,
+                       loaded_at=datetime.now(timezone.utc), warmup_ms=warmup_ms, pinned=pinned)
+
+
+__all__ = ["EngineFactory", "LoadedModel", "build_version", "check_placed", "warm_engine"]

@@ -21,6 +21,12 @@ folder left the store serves on from memory; a pin followed from elsewhere (``in
 another front end's reload, the engine process back) is still served where the engine
 factory can have the version without its folder (the engine process holds it), else the
 category fails (:class:`PinnedVersionRemoved`), never the newest.
+
+What leaves the store is let go of once gone for ``store_removal_grace_s`` (what the store
+says, and when: :mod:`service.pipeline.store_watch`): a served, unpinned version gives way to
+the newest remaining one that loads, and a category gone from the store (or left with no
+version) is retired: unknown here (404, saying when it left), its model drained like a
+swapped-out one, until its folder comes back and the watch loads it as a new category.
 """
 
 from __future__ import annotations
@@ -30,61 +36,42 @@ import logging
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
-from pathlib import Path
-from typing import Any
 
-from models.build_progress import BuildProgress, read_progress
-from models.manifest import CATEGORY_PATTERN, MANIFEST, Manifest, list_versions
+from models.manifest import CATEGORY_PATTERN, list_versions
 from service.config import Settings
-from service.engines.base import Engine
 from service.engines.factory import load_engine
-from service.pipeline.loaded_model import EngineFactory, LoadedModel, check_placed, warm_engine
-from service.pipeline.registry_errors import (ModelNotLoaded, PinnedVersionRemoved, RegistryError, UnknownCategory,
-                                             VersionNotFound)
-from service.schemas import ModelInfo
+from service.pipeline.loaded_model import EngineFactory, LoadedModel, build_version
+from service.pipeline.registry_errors import RegistryError, UnknownCategory, VersionNotFound
+from service.pipeline.registry_view import EVALUATION_ASSETS, RegistryView
+from service.pipeline.store_watch import Removals, Served, look, watch_candidates
 
 log = logging.getLogger(__name__)
 
-# Files `msflow eval` made that export copies into a version folder; the only files of a
-# version GET /v1/models/{category}/assets/{name} serves.
-EVALUATION_ASSETS: dict[str, str] = {"roc.png": "image/png", "examples.png": "image/png",
-                                     "report.json": "application/json"}
 
-
-class ModelRegistry:
+class ModelRegistry(RegistryView):
     """Loaded engines by category; safe to read from the event loop at any time."""
 
     def __init__(self, settings: Settings, engine_factory: EngineFactory = load_engine,
                  on_swap: Callable[[LoadedModel], None] | None = None) -> None:
-        self.settings = settings
-        self.store = Path(settings.model_store)
+        super().__init__(settings)
         self._engine_factory = engine_factory
         self._on_swap = on_swap
         # Called with the category after every failed load (start-up, watch, reload): the
         # service counts them (msflow_model_load_failures_total, which an alert watches).
         self.on_load_failure: Callable[[str], None] | None = None
-        self._models: dict[str, LoadedModel] = {}
-        self._failed: dict[str, str] = {}
-        self._categories: list[str] = []
         self._locks: dict[str, asyncio.Lock] = {}
-        # category -> version -> why it failed to load (the watch skips them; /v1/models and
-        # msflow_model_versions_failed show them while an older version serves)
-        self._failed_versions: dict[str, dict[str, str]] = {}
-        self._unhealthy: dict[str, str] = {}  # category -> why its serving version looks broken (cleared on swap)
-        # category -> the version a pin holds it to: kept while that version cannot be served
-        # (lost, or a followed pin that failed), so that nothing else is loaded in its place.
-        self._pins: dict[str, str] = {}
         # Called with a model that stops serving with nothing in its place (a failed follow of
         # an operator's reload, :meth:`_follow_failed`): the runtime lets go of what it holds.
         self.on_drop: Callable[[LoadedModel], None] | None = None
-        # service.pipeline.thresholds.ThresholdOverrides (set by ServiceState): describe() shows overrides
-        self.thresholds: Any = None
+        # Called with a category retired (its folder left the store) and the model it served, if
+        # any: the runtime drains it as at a swap and lets its metrics go.
+        self.on_retire: Callable[[str, LoadedModel | None], None] | None = None
+        self.removals = Removals(settings.store_removal_grace_s)
 
     # ------------------------------------------------------------------ discovery
     def scan(self) -> list[str]:
         """Categories in the store now: folders named like a category that hold a complete version."""
-        return sorted(p.name for p in self.store.iterdir()
-                      if p.is_dir() and CATEGORY_PATTERN.fullmatch(p.name) and list_versions(p))
+        return look(self.store).serveable()
 
     def discover(self) -> list[str]:
         """Categories in the store (folders named like a category that hold a version).
@@ -107,51 +94,6 @@ class ModelRegistry:
         self._categories = found
         return list(found)
 
-    @property
-    def categories(self) -> list[str]:
-        """Every category known (loaded, loading or failed), sorted."""
-        return sorted(set(self._categories) | set(self._models))
-
-    @property
-    def ready(self) -> bool:
-        """True when something serves and nothing is still loading. A category whose load
-        failed is reported (``failed``, per-category status) and skipped: one broken export
-        must not take the replica's other categories out of rotation."""
-        return bool(self._models) and all(c in self._models or c in self._failed for c in self.categories)
-
-    def status(self) -> dict[str, str]:
-        """Per category: ``serving <version>``, ``loading`` or ``failed``."""
-        return {c: (f"serving {self._models[c].version}" if c in self._models
-                    else "failed" if c in self._failed else "loading") for c in self.categories}
-
-    def build_progress(self) -> BuildProgress | None:
-        """What a builder writing into the store reports (advisory: None when absent or unusable)."""
-        return read_progress(self.store)
-
-    def mark_unhealthy(self, category: str, why: str) -> None:
-        """The serving version misbehaves (non-finite outputs): reported in readiness until a
-        new version is swapped in. It keeps serving: the bad images get an error each."""
-        if category not in self._unhealthy:
-            log.error("%s: %s", category, why)
-        self._unhealthy[category] = why
-
-    @property
-    def unhealthy(self) -> dict[str, str]:
-        return dict(self._unhealthy)
-
-    def public_message(self, exc: BaseException) -> str:
-        """``exc``'s text with the store's location replaced by ``<store>``: failures are
-        reported to clients (``/readyz``, admin answers), where server paths do not belong."""
-        text = str(exc)
-        for root in sorted({str(self.store.resolve()), str(self.store)}, key=len, reverse=True):
-            if root not in ("", "."):
-                text = text.replace(root, "<store>")
-        return text
-
-    @property
-    def failed(self) -> dict[str, str]:
-        return dict(self._failed)
-
     def lost(self, category: str, version_dir: str, exc: Exception) -> None:
         """The version serving ``category`` (``version_dir``) can no longer run: a new engine
         process could not load it again. The category fails as a failed load does (reported,
@@ -165,19 +107,6 @@ class ModelRegistry:
         self._failed[category] = self.public_message(exc)
         log.error("%s: version %s can no longer be served: %s", category, model.version, exc)
 
-    def get(self, category: str) -> LoadedModel:
-        model = self._models.get(category)
-        if model is not None:
-            return model
-        if category in self._categories:
-            why = self._failed.get(category)
-            raise ModelNotLoaded(f"{category}: " + (f"failed to load: {why}" if why else "still loading"))
-        raise UnknownCategory(category, self.categories)
-
-    def engine(self, category: str) -> Engine:
-        """The engine serving ``category`` now (the batcher's engine provider)."""
-        return self.get(category).engine
-
     # ------------------------------------------------------------------ loading
     async def load_all(self) -> None:
         """Load and warm every discovered category, one after the other (they share the
@@ -188,40 +117,67 @@ class ModelRegistry:
                 await self._load_newest(category, self._candidates(category, initial=True))
 
     async def refresh(self) -> list[str]:
-        """Load what appeared in the store since the last look: new categories, and newer
-        versions of unpinned ones (the newest that loads). A version that failed to load is
-        not tried again by the watch (an explicit reload does). Returns the categories (re)loaded."""
+        """Follow the store since the last look: load new categories, and newer versions of
+        unpinned ones (the newest that loads); let go of what has left it for the grace
+        period (:meth:`_retire`; a served, unpinned version gone: the newest remaining one).
+        A version that failed to load is not tried again by the watch (an explicit reload
+        does). Raises ``OSError`` when the store cannot be listed (nothing is let go of).
+        Returns the categories (re)loaded."""
+        try:
+            seen = look(self.store)
+        except OSError:
+            self.removals.unknown()
+            raise
+        pins = set(self._pins) | set(self.settings.pinned_versions)
+        gone = self.removals.check(seen, self.categories, {c: Served(m.version, m.pinned)
+                                                           for c, m in self._models.items()}, pins)
+        for category in gone.categories:
+            async with self._lock(category):
+                self._retire(category)
         loaded = []
-        for category in self.scan():
-            if not self._candidates(category):
+        for category in seen.serveable():
+            new, fall_back = category not in self.categories, category in gone.versions
+            if not self._candidates(category, initial=new, served_gone=fall_back):
                 continue
             async with self._lock(category):
                 # Again: an operator's reload ?version= this waited for may have pinned it since.
-                model, _ = await self._load_newest(category, self._candidates(category))
+                model, _ = await self._load_newest(category, self._candidates(category, initial=new,
+                                                                              served_gone=fall_back))
                 if model is not None:
                     loaded.append(category)
         return loaded
 
-    def _candidates(self, category: str, initial: bool = False, unpinning: bool = False) -> list[str]:
+    def _candidates(self, category: str, initial: bool = False, unpinning: bool = False,
+                    served_gone: bool = False) -> list[str]:
         """The versions of ``category`` to try, in order (newest first), until one loads.
-        A settings pin: that version alone (at start-up). Else the versions newer than the one
-        served (all of them when none is, or when the served one left the store), skipping
-        those that failed before; nothing while an operator's reload ?version= pins it, served
-        or not (``unpinning``: the operator's reload that ends the pin)."""
+        A settings pin: that version alone (at start-up, or a category new to the watch).
+        Else :func:`~service.pipeline.store_watch.watch_candidates` (``served_gone``: the served
+        version left the store for the grace period); nothing while an operator's reload
+        ?version= pins it, served or not (``unpinning``: the operator's reload that ends the pin)."""
         pinned = self.settings.pinned_versions.get(category)
         if pinned is not None:
             return [pinned] if initial else []
         if category in self._pins and not unpinning:
             return []
         current = self._models.get(category)
-        failed = self._failed_versions.get(category, {})
-        out = []
-        for version in reversed(list_versions(self.store / category)):  # empty: removed meanwhile
-            if current is not None and version == current.version:
-                break  # served already, and every older one is older than what serves
-            if version not in failed:
-                out.append(version)
-        return out
+        return watch_candidates(list_versions(self.store / category), current.version if current else None,
+                                self._failed_versions.get(category, {}), served_gone)
+
+    def _retire(self, category: str) -> None:
+        """``category`` left the store for the grace period (under its lock): whatever serves it
+        stops (requests already on it finish: the runtime drains it as at a swap), and it is
+        unknown here, saying since when, until its folder comes back (a new category then)."""
+        model = self._models.pop(category, None)
+        for about in (self._failed, self._failed_versions, self._unhealthy, self._pins):
+            about.pop(category, None)
+        if category in self._categories:
+            self._categories.remove(category)
+        self._retired[category] = datetime.now(timezone.utc)
+        log.warning("%s: retired: it left the model store (gone on every scan for %.3g s)%s; unknown here until "
+                    "its folder is back", category, self.settings.store_removal_grace_s,
+                    f"; version {model.version} stops serving" if model is not None else "")
+        if self.on_retire is not None:
+            self.on_retire(category, model)
 
     async def _load_newest(self, category: str, versions: list[str]) -> tuple[LoadedModel | None, Exception | None]:
         """Swap in the first of ``versions`` that loads (under the category's lock): the model,
@@ -260,37 +216,8 @@ class ModelRegistry:
         return wanted, wanted == pinned or version is not None
 
     def _build(self, category: str, version: str, pinned: bool, in_force: bool = False) -> LoadedModel:
-        """Blocking: read and check the manifest, build the engine, warm it. A pin in force
-        whose folder is gone is built if the engine factory still can (the engine process
-        holds it, with its manifest), and checked on the engine's manifest."""
-        version_dir = self.store / category / version
-        removed = in_force and not (version_dir / MANIFEST).is_file()
-        if not removed:
-            manifest = Manifest.read(version_dir)
-            check_placed(version_dir, manifest, category, version)
-        s = self.settings
-        try:
-            engine = self._engine_factory(version_dir, kind=s.engine, device=s.device, threads=s.intra_op_threads,
-                                          max_batch_size=s.max_batch_size, tensorrt_cache_dir=s.ort_tensorrt_cache_dir,
-                                          tensorrt_cache_max_bytes=s.ort_tensorrt_cache_max_bytes)
-        except Exception as exc:
-            if not removed:
-                raise
-            raise PinnedVersionRemoved(
-                f"{category}: pinned version {version} was removed from the model store and no process of this "
-                f"server holds it any more; nothing else serves {category} while the pin holds: reload it "
-                f"(POST /v1/models/{category}/reload, ?version= to pin another); loading it: {exc}") from exc
-        try:
-            if removed:
-                check_placed(version_dir, engine.manifest, category, version)
-            warmup_ms = warm_engine(engine, self.settings.max_batch_size)
-        except BaseException:
-            release = getattr(engine, "close", None)  # an engine held elsewhere (engine process) lets go
-            if release is not None:
-                release()
-            raise
-        return LoadedModel(category=category, version=version, version_dir=version_dir, engine=engine,
-                           loaded_at=datetime.now(timezone.utc), warmup_ms=warmup_ms, pinned=pinned)
+        """Blocking: :func:`~service.pipeline.loaded_model.build_version` of the version's folder."""
+        return build_version(self.settings, self._engine_factory, self.store / category / version, pinned, in_force)
 
     async def retry(self, category: str) -> LoadedModel:
         """Load ``category`` again after its load failed (the engine process is back): the
@@ -313,9 +240,12 @@ class ModelRegistry:
         is refused instead, as in one process)."""
         if not CATEGORY_PATTERN.fullmatch(category) or not (self.store / category).is_dir():
             if category in self._models:  # not "unknown ...; known: <it>": it serves, from memory
+                grace, watched = self.settings.store_removal_grace_s, self.settings.store_poll_s > 0
+                until = (f"the store watch retires it ({grace:.3g} s after it left)" if grace >= 0 and watched
+                         else "this server restarts")
                 raise RegistryError(f"{category} is no longer in the model store; version "
-                                    f"{self._models[category].version} serves on until this server restarts")
-            raise UnknownCategory(category, self.categories)
+                                    f"{self._models[category].version} serves on until {until}")
+            raise UnknownCategory(category, self.categories, self.removed_note(category))
         async with self._lock(category):  # two reloads of one category must not race to the swap
             if in_force and version is None:
                 self._pins.pop(category, None)  # an unpin followed: it ends the pin, loaded or not
@@ -346,8 +276,7 @@ class ModelRegistry:
                 self._failed_versions.setdefault(category, {})[chosen] = self.public_message(exc)
             if category not in self._models:
                 self._failed[category] = self.public_message(exc)
-            if category not in self._categories:
-                self._categories.append(category)
+            self._know(category)
             if self.on_load_failure is not None and not isinstance(exc, VersionNotFound):
                 self.on_load_failure(category)
             raise
@@ -360,8 +289,7 @@ class ModelRegistry:
             self._pins.pop(category, None)
         self._failed.pop(category, None)
         self._unhealthy.pop(category, None)
-        if category not in self._categories:
-            self._categories.append(category)
+        self._know(category)
         if self._on_swap is not None:
             self._on_swap(model)
         log.info("%s: serving version %s on %s (%s; warm-up %.0f ms, load %.1f s)", category, model.version,
@@ -370,6 +298,12 @@ class ModelRegistry:
         if previous is not None and previous.version != model.version:
             self._say_dropped_override(previous, model)
         return model
+
+    def _know(self, category: str) -> None:
+        """``category`` is in the store (again, after a retirement: no longer "removed")."""
+        if category not in self._categories:
+            self._categories.append(category)
+        self._retired.pop(category, None)
 
     def _follow_failed(self, category: str, version: str | None) -> None:
         """A reload in force here (another front end's, followed; a retry) failed: what it chose
@@ -408,33 +342,5 @@ class ModelRegistry:
                     model.manifest.category, previous.version, dropped.threshold, model.version,
                     model.manifest.calibration.threshold)
 
-    # ------------------------------------------------------------------ description
-    def describe(self, category: str) -> ModelInfo:
-        m = self.get(category)
-        man = m.manifest
-        override = self.thresholds.for_manifest(man) if self.thresholds is not None else None
-        effective = self.thresholds.calibration(man) if self.thresholds is not None else man.calibration
-        return ModelInfo(
-            category=category, version=m.version, engine=m.engine.name, input_size=man.input_size,
-            backbone=man.backbone, threshold=override.threshold if override else man.calibration.threshold,
-            calibrated_threshold=man.calibration.threshold, threshold_override=override,
-            ng_threshold=effective.ng_bound, calibrated_ng_threshold=man.calibration.ng_bound,
-            assets=[name for name in EVALUATION_ASSETS if (m.version_dir / name).is_file()],
-            calibration=man.calibration.model_dump(mode="json"), metrics=man.metrics, created_at=man.created_at,
-            loaded_at=m.loaded_at, warmup_ms=round(m.warmup_ms, 3), pinned=m.pinned,
-            available_versions=list_versions(self.store / category),
-            failed_versions=self.failed_versions(category),
-        )
 
-    def failed_versions(self, category: str) -> dict[str, str]:
-        """Versions of ``category`` still in the store that failed to load here, with why: the
-        watch does not retry them, so they stay broken until a newer export or a reload."""
-        failed = self._failed_versions.get(category, {})
-        return {v: failed[v] for v in list_versions(self.store / category) if v in failed}
-
-    def describe_all(self) -> list[ModelInfo]:
-        return [self.describe(c) for c in self.categories if c in self._models]
-
-    def serving(self) -> dict[str, str]:
-        """category -> version for every loaded category."""
-        return {c: m.version for c, m in sorted(self._models.items())}
+__all__ = ["EVALUATION_ASSETS", "ModelRegistry"]

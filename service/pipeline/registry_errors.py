@@ -18,12 +18,17 @@ class PinnedVersionRemoved(RegistryError):
 
 
 class UnknownCategory(KeyError):
-    """No such category in the model store."""
+    """No such category in the model store. ``removed``: why, when the store watch retired it
+    (its folder left the store), for the answer to say."""
 
-    def __init__(self, category: str, known: list[str]) -> None:
+    def __init__(self, category: str, known: list[str], removed: str | None = None) -> None:
         super().__init__(category)
         self.category = category
         self.known = known
+        self.removed = removed
+
+    def __str__(self) -> str:  # KeyError's is the bare repr of the name
+        return f"unknown category {self.category!r}" + (f": {self.removed}" if self.removed else "")
 
 
 class ModelNotLoaded(RuntimeError):

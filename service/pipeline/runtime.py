@@ -1,7 +1,7 @@
 """The pipeline runtime: what the API and the worker both run, and the only inspect path.
 
-:class:`PipelineRuntime` owns the model registry, one :class:`Lane` (loaded model version +
-its :class:`~service.pipeline.batcher.Batcher`) per version in use, the thread pool, heatmap
+:class:`PipelineRuntime` owns the model registry, one lane (loaded model version + its
+batcher: :mod:`service.pipeline.lanes`) per version in use, the thread pool, heatmap
 links and threshold overrides. It knows neither HTTP nor the job queue: the API's
 :class:`service.pipeline.state.ServiceState` adds the result cache and job submission on
 top, and :mod:`service.worker` drives it from the Redis streams. So a job and a synchronous
@@ -25,7 +25,6 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any, NoReturn, TypeVar
 
 import numpy as np
@@ -33,17 +32,16 @@ import numpy as np
 from service.config import Settings
 from service.metrics import ServiceMetrics
 from service.pipeline.admission import MEGA, AdmissionRefused, PixelBudget, Ticket
-from service.pipeline.batch_queue import Batched, BatchQueue, DeadlineExceeded, submit_when_room, wait_results
-from service.pipeline.batcher import Batcher
+from service.pipeline.batch_queue import Batched, DeadlineExceeded, submit_when_room, wait_results
 from service.pipeline.engine_client import EngineClient, RemoteEngine
 from service.pipeline.decode import ImageLimits, ImageRejected, Rendering, configure_pillow, decode_into, probe_into
 from service.pipeline.item import InspectedImage
+from service.pipeline.lanes import Lane, Lanes
 from service.pipeline.offload import Offload, gather_in_order
 from service.pipeline.placement import probe_on_loop, work_on_loop
 from service.pipeline.postprocess import NonFiniteMaps, policy_from_settings, postprocess
 from service.pipeline.loaded_model import EngineFactory, LoadedModel
 from service.pipeline.registry import ModelRegistry
-from service.pipeline.remote_batcher import RemoteBatcher
 from service.pipeline.review import ReviewCapture
 from service.pipeline.thresholds import ThresholdOverrides
 from service.engines.factory import load_engine
@@ -54,18 +52,6 @@ from service.schemas import HeatmapMode, InspectOptions
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
-
-
-@dataclass
-class Lane:
-    """One loaded model version and its batcher. A request or a batch of jobs pins a lane
-    (:meth:`PipelineRuntime.pin`) and uses only it; a reload gives the new version a new
-    lane, and the old one is drained once its last user is done."""
-
-    model: LoadedModel
-    batcher: BatchQueue  # a local Batcher, or a RemoteBatcher in a front end of the engine process
-    users: int = 0
-    retired: bool = field(default=False)
 
 
 class PipelineRuntime:
@@ -90,6 +76,7 @@ class PipelineRuntime:
             engine_link.on_connected = self._retry_failed
         self.registry = ModelRegistry(settings, engine_factory=engine_factory, on_swap=self._swapped)
         self.registry.on_drop = self._dropped
+        self.registry.on_retire = self._retired
         if engine_link is not None:
             engine_link.on_lost = self.registry.lost
         self.limits = ImageLimits(max_bytes=settings.max_upload_bytes, max_pixels=settings.max_image_pixels,
@@ -97,8 +84,7 @@ class PipelineRuntime:
         self.pixels = PixelBudget(int(settings.max_request_megapixels * MEGA), int(settings.max_inflight_megapixels * MEGA),
                                   on_change=self.metrics.pixels_in_flight.set)
         self.closing = False
-        self._lanes: dict[int, Lane] = {}  # by id(LoadedModel)
-        self._draining: set[asyncio.Task[None]] = set()
+        self.lanes = Lanes(settings, self.metrics, engine_link, engine_runner)
         self._pool: Offload | None = None
         self.links = HeatmapLinks(settings, redis, memory=memory_links, metrics=self.metrics)
         # Runtime threshold overrides (thresholds.py): the same effective thresholds on every
@@ -123,7 +109,8 @@ class PipelineRuntime:
         return found
 
     async def watch_store(self) -> None:
-        """Pick up new categories and versions as they are exported (every ``store_poll_s``)."""
+        """Follow the store every ``store_poll_s``: new categories and versions as they are
+        exported, and what has left it for ``store_removal_grace_s`` (:meth:`ModelRegistry.refresh`)."""
         while self.settings.store_poll_s and not self.closing:
             await asyncio.sleep(self.settings.store_poll_s)
             try:
@@ -142,8 +129,7 @@ class PipelineRuntime:
         """Drain: queued and running batches finish, then the threads and the connection go."""
         self.closing = True
         await self.thresholds.stop()
-        await asyncio.gather(*(lane.batcher.drain(self.settings.graceful_shutdown_s)
-                               for lane in list(self._lanes.values())), *self._draining)
+        await self.lanes.drain()
         await self.review.stop()  # after the drain: the last answers' captures are queued by then
         if self.engine_link is not None:
             await self.engine_link.close()
@@ -158,44 +144,25 @@ class PipelineRuntime:
         self.metrics.set_model(model.category, model.version, model.engine.name)
         if self.engine_link is not None and isinstance(model.engine, RemoteEngine):  # now, not at the acquire
             self.engine_link.swapped_in(model.engine.version_dir)
-        for lane in list(self._lanes.values()):
-            if lane.model.category == model.category and lane.model is not model:
-                lane.retired = True
-                self._release(lane)
+        self.lanes.retire(lambda lane_model: lane_model.category != model.category or lane_model is model)
 
-    def _dropped(self, model: LoadedModel) -> None:
+    def _dropped(self, model: LoadedModel, on_drained: Callable[[], None] | None = None) -> None:
         """Registry callback: ``model`` stopped serving with nothing in its place; its lanes
         retire and the engine process's hold on it goes, as at a swap."""
         if self.engine_link is not None and isinstance(model.engine, RemoteEngine):
             self.engine_link.stopped_serving(model.category, model.engine.version_dir)
-        for lane in list(self._lanes.values()):
-            if lane.model is model:
-                lane.retired = True
-                self._release(lane)
+        self.lanes.retire(lambda lane_model: lane_model is not model, on_drained)
 
-    def _lane(self, model: LoadedModel) -> Lane:
-        lane = self._lanes.get(id(model))
-        if lane is None:
-            # Created on first use, on the running loop. Not refused while only readiness is
-            # down (shutdown_delay_s): load balancers may still route here until they notice.
-            s, engine = self.settings, model.engine
-            batcher: BatchQueue
-            if self.engine_link is not None and isinstance(engine, RemoteEngine):
-                batcher = RemoteBatcher(self.engine_link, engine, s.max_queue_delay_ms / 1e3, self.metrics)
-            else:
-                batcher = Batcher(model.category, engine_runner(engine), label=engine.name,
-                                  max_batch_size=max(1, min(s.max_batch_size, int(engine.max_batch_size))),
-                                  max_queue_delay_s=s.max_queue_delay_ms / 1e3, max_queue_size=s.max_queue_size,
-                                  observer=self.metrics)
-            lane = self._lanes[id(model)] = Lane(model, batcher)
-        return lane
-
-    def _release(self, lane: Lane) -> None:
-        if lane.retired and lane.users == 0 and self._lanes.get(id(lane.model)) is lane:
-            del self._lanes[id(lane.model)]
-            task = asyncio.get_running_loop().create_task(lane.batcher.drain(self.settings.graceful_shutdown_s))
-            self._draining.add(task)
-            task.add_done_callback(self._draining.discard)
+    def _retired(self, category: str, model: LoadedModel | None) -> None:
+        """Registry callback: the store watch retired ``category`` (its folder left the store):
+        what served it drains as at a swap, and its gauges go (:meth:`ServiceMetrics.forget_category`),
+        again once drained (a batch finishing writes its queue depth), unless it is back by then."""
+        def forget() -> None:
+            if self.registry.removed_note(category) is not None:
+                self.metrics.forget_category(category)
+        if model is not None:
+            self._dropped(model, forget)
+        forget()
 
     async def _retry_failed(self) -> None:
         """Connected to the engine process (the first time too): categories whose load failed
@@ -216,13 +183,13 @@ class PipelineRuntime:
         """The category's loaded version, resolved once: everything the request (or batch of
         jobs) does (decode size, batching, threshold, version in the answer) uses this lane.
         Raises :class:`~service.pipeline.registry_errors.ModelNotLoaded` / ``UnknownCategory``."""
-        lane = self._lane(self.registry.get(category))
+        lane = self.lanes.lane(self.registry.get(category))
         lane.users += 1
         try:
             yield lane
         finally:
             lane.users -= 1
-            self._release(lane)
+            self.lanes.release(lane)
 
     async def run_blocking(self, fn: Callable[..., _T], *args: Any, ticket: Ticket | None = None,
                            on_loop: bool = False) -> _T:

@@ -172,8 +172,12 @@ class Worker:
             try:
                 lane = pinned.enter_context(self.runtime.pin(category))  # one version for all these jobs
             except (ModelNotLoaded, UnknownCategory) as exc:
+                # Unknown here: consumed once, so the store watch retired it (its folder left the
+                # store); another attempt would fail alike. Not loaded (yet): retried.
+                unknown = isinstance(exc, UnknownCategory)
                 for job in jobs:
-                    job.error = JobFailed("model_not_loaded", str(exc))
+                    job.error = JobFailed("unknown_category" if unknown else "model_not_loaded", str(exc),
+                                          permanent=unknown)
                     await self._finish(category, job, held)
                 return
             await self._run_jobs(category, lane, jobs, held)

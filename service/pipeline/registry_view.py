@@ -1,0 +1,151 @@
+"""What the model registry knows of each category, and says about it: the read side of
+:class:`~service.pipeline.registry.ModelRegistry` (which loads, swaps, pins and retires).
+
+Per category: the version served (:meth:`RegistryView.get`, ``serving``), a failed load and
+why, versions that failed while another serves, a version that misbehaves (``unhealthy``),
+the pin that holds it, and when the store watch retired it (``removed_note``: what a 404 says
+of a category whose folder left the store). Readiness, ``/readyz``'s statuses and
+``GET /v1/models`` are read from here.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from models.build_progress import BuildProgress, read_progress
+from models.manifest import list_versions
+from service.config import Settings
+from service.engines.base import Engine
+from service.pipeline.loaded_model import LoadedModel
+from service.pipeline.registry_errors import ModelNotLoaded, UnknownCategory
+from service.schemas import ModelInfo
+
+log = logging.getLogger("service.pipeline.registry")  # the registry's own log, as before the split
+
+# Files `msflow eval` made that export copies into a version folder; the only files of a
+# version GET /v1/models/{category}/assets/{name} serves.
+EVALUATION_ASSETS: dict[str, str] = {"roc.png": "image/png", "examples.png": "image/png",
+                                     "report.json": "application/json"}
+
+
+class RegistryView:
+    """The registry's state by category and every question asked of it."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.store = Path(settings.model_store)
+        self._models: dict[str, LoadedModel] = {}
+        self._failed: dict[str, str] = {}
+        self._categories: list[str] = []
+        # category -> version -> why it failed to load (the watch skips them; /v1/models and
+        # msflow_model_versions_failed show them while an older version serves)
+        self._failed_versions: dict[str, dict[str, str]] = {}
+        self._unhealthy: dict[str, str] = {}  # category -> why its serving version looks broken (cleared on swap)
+        # category -> the version a pin holds it to: kept while that version cannot be served
+        # (lost, or a followed pin that failed), so that nothing else is loaded in its place.
+        self._pins: dict[str, str] = {}
+        self._retired: dict[str, datetime] = {}  # category -> when the watch retired it (until it is back)
+        # service.pipeline.thresholds.ThresholdOverrides (set by ServiceState): describe() shows overrides
+        self.thresholds: Any = None
+
+    @property
+    def categories(self) -> list[str]:
+        """Every category known (loaded, loading or failed), sorted."""
+        return sorted(set(self._categories) | set(self._models))
+
+    @property
+    def ready(self) -> bool:
+        """True when something serves and nothing is still loading. A category whose load
+        failed is reported (``failed``, per-category status) and skipped: one broken export
+        must not take the replica's other categories out of rotation."""
+        return bool(self._models) and all(c in self._models or c in self._failed for c in self.categories)
+
+    def status(self) -> dict[str, str]:
+        """Per category: ``serving <version>``, ``loading`` or ``failed``."""
+        return {c: (f"serving {self._models[c].version}" if c in self._models
+                    else "failed" if c in self._failed else "loading") for c in self.categories}
+
+    def build_progress(self) -> BuildProgress | None:
+        """What a builder writing into the store reports (advisory: None when absent or unusable)."""
+        return read_progress(self.store)
+
+    def mark_unhealthy(self, category: str, why: str) -> None:
+        """The serving version misbehaves (non-finite outputs): reported in readiness until a
+        new version is swapped in. It keeps serving: the bad images get an error each."""
+        if category not in self._unhealthy:
+            log.error("%s: %s", category, why)
+        self._unhealthy[category] = why
+
+    @property
+    def unhealthy(self) -> dict[str, str]:
+        return dict(self._unhealthy)
+
+    def public_message(self, exc: BaseException) -> str:
+        """``exc``'s text with the store's location replaced by ``<store>``: failures are
+        reported to clients (``/readyz``, admin answers), where server paths do not belong."""
+        text = str(exc)
+        for root in sorted({str(self.store.resolve()), str(self.store)}, key=len, reverse=True):
+            if root not in ("", "."):
+                text = text.replace(root, "<store>")
+        return text
+
+    @property
+    def failed(self) -> dict[str, str]:
+        return dict(self._failed)
+
+    def get(self, category: str) -> LoadedModel:
+        model = self._models.get(category)
+        if model is not None:
+            return model
+        if category in self._categories:
+            why = self._failed.get(category)
+            raise ModelNotLoaded(f"{category}: " + (f"failed to load: {why}" if why else "still loading"))
+        raise UnknownCategory(category, self.categories, self.removed_note(category))
+
+    def removed_note(self, category: str) -> str | None:
+        """Why ``category`` is unknown when the store watch retired it (None otherwise)."""
+        when = self._retired.get(category)
+        if when is None:
+            return None
+        return (f"it was removed from the model store and stopped serving at {when:%Y-%m-%dT%H:%M:%SZ} "
+                "(served again once its folder is back)")
+
+    def engine(self, category: str) -> Engine:
+        """The engine serving ``category`` now (the batcher's engine provider)."""
+        return self.get(category).engine
+
+    def describe(self, category: str) -> ModelInfo:
+        m = self.get(category)
+        man = m.manifest
+        override = self.thresholds.for_manifest(man) if self.thresholds is not None else None
+        effective = self.thresholds.calibration(man) if self.thresholds is not None else man.calibration
+        return ModelInfo(
+            category=category, version=m.version, engine=m.engine.name, input_size=man.input_size,
+            backbone=man.backbone, threshold=override.threshold if override else man.calibration.threshold,
+            calibrated_threshold=man.calibration.threshold, threshold_override=override,
+            ng_threshold=effective.ng_bound, calibrated_ng_threshold=man.calibration.ng_bound,
+            assets=[name for name in EVALUATION_ASSETS if (m.version_dir / name).is_file()],
+            calibration=man.calibration.model_dump(mode="json"), metrics=man.metrics, created_at=man.created_at,
+            loaded_at=m.loaded_at, warmup_ms=round(m.warmup_ms, 3), pinned=m.pinned,
+            available_versions=list_versions(self.store / category),
+            failed_versions=self.failed_versions(category),
+        )
+
+    def failed_versions(self, category: str) -> dict[str, str]:
+        """Versions of ``category`` still in the store that failed to load here, with why: the
+        watch does not retry them, so they stay broken until a newer export or a reload."""
+        failed = self._failed_versions.get(category, {})
+        return {v: failed[v] for v in list_versions(self.store / category) if v in failed}
+
+    def describe_all(self) -> list[ModelInfo]:
+        return [self.describe(c) for c in self.categories if c in self._models]
+
+    def serving(self) -> dict[str, str]:
+        """category -> version for every loaded category."""
+        return {c: m.version for c, m in sorted(self._models.items())}
+
+
+__all__ = ["EVALUATION_ASSETS", "RegistryView"]

@@ -1,0 +1,153 @@
+"""What the store watch sees of the model store, and when something served has left it.
+
+The registry (:mod:`service.pipeline.registry`) asks :func:`look` every ``store_poll_s`` and
+decides what to load from it; :class:`Removals` decides what to let go of. Something leaves
+the store only when the store says so: a category folder absent from a root that lists fine
+(or one left with no complete version), or the served version's folder absent from a
+category folder that lists fine. A root or a category that cannot be listed (an NFS hiccup:
+an ``OSError``) says nothing, and starts the grace over. And something seen gone is acted on
+only once it has been gone on every scan for ``store_removal_grace_s``: a folder replaced by
+``rsync --delete``, or a volume remounting, comes back within a scan or two.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from models.manifest import CATEGORY_PATTERN, MANIFEST, is_numeric_version, list_versions
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StoreLook:
+    """One scan of the store (``root``): each folder named like a category, with its complete
+    versions (oldest first), or None where it could not be listed (unknown, not empty)."""
+
+    root: Path
+    categories: dict[str, list[str] | None] = field(default_factory=dict)
+
+    def serveable(self) -> list[str]:
+        """Categories holding a complete version, sorted."""
+        return sorted(c for c, versions in self.categories.items() if versions)
+
+    def versions(self, category: str) -> list[str] | None:
+        """``category``'s complete versions: [] when its folder is absent, None when unknown."""
+        return self.categories.get(category, [])
+
+
+def look(store: Path) -> StoreLook:
+    """Scan ``store``. Raises ``OSError`` when the root itself cannot be listed (the caller
+    knows nothing this time); a category that cannot be listed is None in the answer."""
+    found: dict[str, list[str] | None] = {}
+    for entry in store.iterdir():
+        if not CATEGORY_PATTERN.fullmatch(entry.name):
+            continue
+        try:
+            if entry.is_dir():
+                found[entry.name] = list_versions(entry)
+        except OSError as exc:
+            log.warning("model store: cannot list %s (%s); looked at again on the next scan", entry, exc)
+            found[entry.name] = None
+    return StoreLook(store, found)
+
+
+def _known_absent(path: Path) -> bool:
+    """True only when ``path`` is known not to exist: one this process may not read (a version
+    folder with the wrong owner, which :func:`list_versions` skips) is not known gone."""
+    try:
+        path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def version_order(version: str) -> tuple[int, int, str]:
+    """The order :func:`models.manifest.list_versions` sorts versions in (numeric ones numerically)."""
+    return (0, int(version), "") if is_numeric_version(version) else (1, 0, version)
+
+
+def watch_candidates(versions: list[str], served: str | None, failed: Iterable[str],
+                     served_gone: bool = False) -> list[str]:
+    """The versions the watch tries for a category, newest first, until one loads: those newer
+    than the one ``served`` (all of them when none is), less those that ``failed`` before.
+    ``served_gone``: the served version has left the store for the grace period, so the older
+    ones are tried too (the newest that loads replaces it); until then only newer ones are."""
+    skipped = set(failed)
+    out = []
+    for version in reversed(versions):
+        if served is not None and not served_gone and version_order(version) <= version_order(served):
+            break  # served already, or older than what serves
+        if version not in skipped:
+            out.append(version)
+    return out
+
+
+@dataclass(frozen=True)
+class Served:
+    """What the registry serves a category with, as far as removals go."""
+
+    version: str
+    pinned: bool
+
+
+@dataclass
+class Gone:
+    """What one scan found to have left the store for the whole grace period."""
+
+    categories: list[str] = field(default_factory=list)  # to retire: absent, or no complete version left
+    versions: set[str] = field(default_factory=set)  # categories whose served version is gone: fall back
+
+
+class Removals:
+    """When each thing served was first seen gone, over consecutive scans. ``grace_s`` < 0:
+    nothing is ever let go of (a removal serves on from memory until a restart)."""
+
+    def __init__(self, grace_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.grace_s = grace_s
+        self.clock = clock
+        self._since: dict[tuple[str, str], float] = {}  # (category, "" or the served version) -> first seen gone
+
+    def unknown(self) -> None:
+        """A scan that could not list the root: nothing is known gone, the grace starts over."""
+        self._since.clear()
+
+    def check(self, seen: StoreLook, known: Iterable[str], served: Mapping[str, Served],
+              pins: Iterable[str]) -> Gone:
+        """What of the ``known`` categories (``served`` with a version, ``pins`` held to one)
+        has been gone from the store for the grace period, by this scan."""
+        now, gone, pinned = self.clock(), Gone(), set(pins)
+        # Only what this scan found gone stays timed: the grace spans consecutive scans.
+        before, self._since = self._since, {}
+        for category in known:
+            versions = seen.versions(category)
+            if versions is None:  # could not be listed: says nothing, the grace starts over
+                continue
+            model = served.get(category)
+            held = model.pinned if model is not None else category in pinned
+            # Absent; or left with no complete version and no pin (a pin holds its category
+            # while its version cannot be served, as before).
+            category_gone = category not in seen.categories or (not versions and not held)
+            if category_gone and self._gone_long_enough((category, ""), before, now):
+                gone.categories.append(category)
+                continue
+            if model is None:
+                continue
+            version_gone = (not category_gone and not model.pinned and model.version not in versions
+                            and _known_absent(seen.root / category / model.version / MANIFEST))
+            if version_gone and self._gone_long_enough((category, model.version), before, now):
+                gone.versions.add(category)
+        return gone
+
+    def _gone_long_enough(self, key: tuple[str, str], before: dict[tuple[str, str], float], now: float) -> bool:
+        since = self._since[key] = before.get(key, now)
+        return self.grace_s >= 0 and now - since >= self.grace_s
+
+
+__all__ = ["Gone", "Removals", "Served", "StoreLook", "look", "version_order", "watch_candidates"]

@@ -1,0 +1,185 @@
+"""What leaves the model store while a real server serves it, over HTTP, in one process and
+with two front ends and an engine process: a category whose folder is removed is retired once
+gone for MSFLOW_STORE_REMOVAL_GRACE_S (404 ``unknown_category`` saying so, out of /readyz,
+/v1/models and msflow_model_info; requests under way finish), a served version removed gives
+way to the newest remaining one with no failed request, and a folder that comes back is served
+again. Before, both served on from memory until a restart (and a removed version was swapped
+for the next older one at the very next scan, no grace). And a job of a retired category fails
+as ``unknown_category`` at once (it was retried as ``model_not_loaded``, message ``'tile'``).
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+import asyncio
+import time
+
+from harness import CATEGORY, RedisServer, fake_version, png_of, start, until, wait_until
+from service.config import Settings
+from service.pipeline.item import InspectedImage
+from service.pipeline.registry_errors import UnknownCategory
+from service.pipeline.runtime import PipelineRuntime
+from service.schemas import InspectOptions, Upload
+from worker_fixtures import Harness, run, settings_for
+
+POLL_S, GRACE_S = 0.2, 0.6
+# What describes a category now (counters and histograms are its history, and stay).
+GAUGES = ("msflow_model_info", "msflow_queue_depth", "msflow_model_versions_failed", "msflow_anomaly_rate")
+IMAGE = png_of(Image.new("RGB", (32, 32), (90, 60, 40)))
+
+
+def _inspect(url: str, category: str) -> httpx.Response:
+    """On a connection of its own: with two front ends, the kernel spreads them over both."""
+    return httpx.post(f"{url}/v1/inspect/{category}", files=[("file", ("a.png", IMAGE, "image/png"))],
+                      params={"heatmap": "none"}, timeout=30)
+
+
+def _served(url: str) -> dict[str, str]:
+    return httpx.get(f"{url}/readyz", timeout=5).json().get("models", {})
+
+
+def _info_series(url: str) -> set[str]:
+    text = httpx.get(f"{url}/metrics", timeout=5).text
+    return {line.split("category=\"", 1)[1].split("\"", 1)[0] for line in text.splitlines()
+            if line.startswith("msflow_model_info{")}
+
+
+@pytest.mark.parametrize("processes", [1, 2], ids=["one-process", "front-ends"])
+def test_what_leaves_the_store_is_let_go_of_after_the_grace(tmp_path: Path, processes: int) -> None:
+    store = tmp_path / "store"
+    for version in ("1", "2"):
+        fake_version(store, CATEGORY, version)
+    fake_version(store, "tile", "1")
+    server = start(store, tmp_path / "server.log", engine="null", api_processes=processes, store_poll_s=POLL_S,
+                   store_removal_grace_s=GRACE_S)
+    answers: dict[str, list[tuple[int, str]]] = {CATEGORY: [], "tile": []}
+    stop = threading.Event()
+
+    def hammer(category: str) -> None:
+        while not stop.is_set():
+            r = _inspect(server.url, category)
+            answers[category].append((r.status_code, r.json()["results"][0]["model_version"] if r.status_code == 200
+                                      else r.json()["error"]["code"]))
+
+    threads = [threading.Thread(target=hammer, args=(c,)) for c in answers]
+    try:
+        assert _served(server.url) == {CATEGORY: "2", "tile": "1"}
+        for thread in threads:
+            thread.start()
+        shutil.rmtree(store / "tile")
+        shutil.rmtree(store / CATEGORY / "2")  # "roll back by deleting the bad version"
+        wait_until(lambda: _served(server.url) == {CATEGORY: "1"}, 30, "the removals followed", interval=0.1)
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+        # Every front end: none answers tile, or serves version 2, any more.
+        for _ in range(12):
+            gone = _inspect(server.url, "tile")
+            assert gone.status_code == 404, gone.text
+            error = gone.json()["error"]
+            assert error["code"] == "unknown_category" and "removed from the model store" in error["message"]
+            ok = _inspect(server.url, CATEGORY)
+            assert ok.status_code == 200 and ok.json()["results"][0]["model_version"] == "1"
+        ready = httpx.get(f"{server.url}/readyz", timeout=5).json()
+        assert ready["categories"] == {CATEGORY: "serving 1"} and ready["failed"] == {}
+        listing = httpx.get(f"{server.url}/v1/models", timeout=5).json()
+        assert [m["category"] for m in listing["models"]] == [CATEGORY] and listing["failed"] == {}
+        assert _info_series(server.url) == {CATEGORY}
+        # No request failed on the way: the version swap answered 200 throughout, and tile
+        # answered 200 until it was retired, then 404 (never 500, 503).
+        assert {status for status, _ in answers[CATEGORY]} == {200}, answers[CATEGORY]
+        assert [v for _, v in answers[CATEGORY]][-1] == "1"
+        tile = [status for status, _ in answers["tile"]]
+        assert set(tile) <= {200, 404} and tile[-1] == 404, tile
+        if processes == 1:  # front ends each retire on their own scan: up to a poll apart
+            assert 200 not in tile[tile.index(404):], tile
+
+        fake_version(store, "tile", "3")  # back: served again, as a new category
+        wait_until(lambda: _served(server.url) == {CATEGORY: "1", "tile": "3"}, 30, "tile back")
+        for _ in range(8):
+            back = _inspect(server.url, "tile")
+            assert back.status_code == 200 and back.json()["results"][0]["model_version"] == "3", back.text
+    finally:
+        stop.set()
+        for thread in threads:
+            if thread.is_alive():
+                thread.join(30)
+        server.stop()
+    assert "retired: it left the model store" in server.log_path.read_text()
+
+
+@pytest.fixture()
+def redis(tmp_path: Path) -> Iterator[RedisServer]:
+    (tmp_path / "redis").mkdir()
+    server = RedisServer(tmp_path / "redis")
+    yield server
+    server.stop()
+
+
+def test_a_job_of_a_retired_category_fails_as_unknown_category(tmp_path: Path, redis: RedisServer) -> None:
+    """Queued before the category left the store, taken by a worker after it was retired."""
+    store = tmp_path / "store"
+    fake_version(store, CATEGORY)
+
+    async def body(h: Harness) -> None:
+        job_id = await h.submit([Upload("a.png", IMAGE)])
+        shutil.rmtree(store / CATEGORY)
+        await h.worker.runtime.registry.refresh()  # the worker's store watch (grace 0)
+        assert h.worker.runtime.registry.serving() == {}
+        await h.step()
+        record = await h.record(job_id)
+        assert record.status == "failed" and record.error is not None, record
+        assert record.error.code == "unknown_category" and record.attempts == 1, record.error
+        assert "removed from the model store" in record.error.message
+        assert h.count("dead_lettered") == 1 and h.count("retried") == 0
+
+    run(settings_for(store, redis, engine="null", store_removal_grace_s=0), body)
+
+
+def test_a_request_on_the_model_of_a_retired_category_finishes_there(tmp_path: Path) -> None:
+    """The runtime's side: a request pinned before the retirement is answered by that model;
+    its lane drains once it is done; the next one is refused as unknown; the metrics let go."""
+    store = tmp_path / "store"
+    fake_version(store, CATEGORY)
+    fake_version(store, "tile")
+
+    async def main() -> None:
+        runtime = PipelineRuntime(Settings(model_store=store, engine="null", device="cpu", decode_threads=2,
+                                           store_poll_s=0, store_removal_grace_s=0, max_queue_delay_ms=1), None)
+        runtime.open()
+        try:
+            await runtime.registry.load_all()
+            with runtime.pin("tile") as lane:
+                shutil.rmtree(store / "tile")
+                await runtime.registry.refresh()  # retired while the request holds its lane
+                assert runtime.registry.serving() == {CATEGORY: "1"} and lane.retired
+                items = [InspectedImage.received(0, Upload("a.png", IMAGE))]
+                await runtime.run(lane, items, InspectOptions(heatmap="none"), time.monotonic() + 10,
+                                  time.monotonic())
+                assert items[0].answer.model_version == "1"
+            assert id(lane.model) not in runtime.lanes._lanes  # draining, not kept
+            with pytest.raises(UnknownCategory, match="removed from the model store"):
+                with runtime.pin("tile"):
+                    pass
+
+            def exported() -> str:
+                return runtime.metrics.exposition()[0].decode()
+            # Once drained (its last batch wrote the queue depth again), nothing of tile is left.
+            def tile_gauges() -> list[str]:
+                return [line for line in exported().splitlines()
+                        if 'category="tile"' in line and line.split("{")[0] in GAUGES]
+            await until(lambda: not tile_gauges(), "tile's gauges gone", timeout=5)
+            assert 'msflow_queue_depth{category="brick"}' in exported()
+            assert 'msflow_model_info{category="brick"' in exported()
+        finally:
+            await runtime.close()
+
+    asyncio.run(main())
