@@ -241,6 +241,7 @@
 
   function fitViz(viz, width, height) {
     viz.style.aspectRatio = `${width} / ${height}`; // CSSOM, not a style attribute: the policy allows it
+    viz.style.setProperty("--aspect", String(width / height)); // console.css: how wide the frame may be
   }
 
 
