@@ -7,7 +7,10 @@ the store only when the store says so: a category folder absent from a root that
 category folder that lists fine. A root or a category that cannot be listed (an NFS hiccup:
 an ``OSError``) says nothing, and starts the grace over. And something seen gone is acted on
 only once it has been gone on every scan for ``store_removal_grace_s``: a folder replaced by
-``rsync --delete``, or a volume remounting, comes back within a scan or two.
+``rsync --delete``, or a volume remounting, comes back within a scan or two. A root that lists
+no category at all while some are served says nothing either: an unmounted volume leaves its
+mount point as an empty folder, and retiring every category of a line for that would stop the
+line; an operator who means to stop serving everything stops the server.
 """
 
 from __future__ import annotations
@@ -113,6 +116,7 @@ class Removals:
         self.grace_s = grace_s
         self.clock = clock
         self._since: dict[tuple[str, str], float] = {}  # (category, "" or the served version) -> first seen gone
+        self._said_empty = False
 
     def unknown(self) -> None:
         """A scan that could not list the root: nothing is known gone, the grace starts over."""
@@ -122,7 +126,15 @@ class Removals:
               pins: Iterable[str]) -> Gone:
         """What of the ``known`` categories (``served`` with a version, ``pins`` held to one)
         has been gone from the store for the grace period, by this scan."""
-        now, gone, pinned = self.clock(), Gone(), set(pins)
+        now, gone, pinned, known = self.clock(), Gone(), set(pins), list(known)
+        if known and not seen.categories:
+            if not self._said_empty:
+                log.warning("model store %s lists no category while %s are served: an unmounted volume? "
+                            "Nothing is let go of while it stays empty", seen.root, ", ".join(known))
+            self._said_empty = True
+            self.unknown()
+            return gone
+        self._said_empty = False
         # Only what this scan found gone stays timed: the grace spans consecutive scans.
         before, self._since = self._since, {}
         for category in known:

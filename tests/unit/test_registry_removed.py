@@ -217,3 +217,27 @@ def test_a_negative_grace_never_lets_go(tmp_path: Path) -> None:
             await registry.reload("tile")
 
     asyncio.run(main())
+
+
+def test_a_store_emptied_whole_retires_nothing(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """An unmounted volume leaves its mount point as an empty folder that lists fine: every
+    category looked gone, and the whole line would have stopped after the grace."""
+    store = _two_categories(tmp_path)
+    recorded = Recorded(store)
+
+    async def main() -> None:
+        registry = await recorded.start()
+        shutil.move(store, tmp_path / "away")
+        store.mkdir()  # the mount point, empty
+        await _scans_over(registry, GRACE_S * 2)
+        assert recorded.retired == [] and registry.serving() == {CATEGORY: "1", "tile": "1"}
+        shutil.rmtree(store)
+        shutil.move(tmp_path / "away", store)
+        shutil.rmtree(store / "tile")  # back, less one category: that one goes after the grace
+        await _scans_over(registry, GRACE_S * 1.5)
+        assert recorded.retired == [("tile", "1")]
+
+    with caplog.at_level("WARNING", logger="service.pipeline.store_watch"):
+        asyncio.run(main())
+    empty = [r for r in caplog.records if "lists no category" in r.getMessage()]
+    assert len(empty) == 1, "said once while it stays empty"
