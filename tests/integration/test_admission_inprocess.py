@@ -18,12 +18,12 @@ import pytest
 from PIL import Image
 
 from harness import CATEGORY, engine_run_replaced
+from pipeline_fixtures import loaded_runtime
 from service.pipeline.admission import RequestTooExpensive, ServerBusy
 from service.pipeline.batch_queue import DeadlineExceeded, QueueFull
 from service.pipeline.decode import fit_within
 from service.pipeline.item import InspectedImage
 from service.schemas import HeatmapMode, HeatmapSize, InspectOptions, Upload
-from test_pipeline_inprocess import loaded_runtime
 
 ORIGINAL_OVERLAY = InspectOptions(heatmap=HeatmapMode.inline, heatmap_size=HeatmapSize.original, overlay=True)
 

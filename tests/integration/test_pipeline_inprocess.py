@@ -10,13 +10,11 @@ which trains a tiny model (about 80 s on 2 cores), over the unit layer's one-min
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import base64
 import io
 import shutil
 import time
 from pathlib import Path
-from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
@@ -24,7 +22,7 @@ import pytest
 from PIL import Image
 
 from harness import CATEGORY, copy_version, engine_run_replaced, failing_run, fake_version
-from service.config import Settings
+from pipeline_fixtures import loaded_runtime, settings_for
 from service.pipeline.decode import UndecodableImage
 from service.pipeline.item import InspectedImage
 from service.pipeline.loaded_model import LoadedModel
@@ -33,24 +31,6 @@ from service.pipeline.registry_errors import ModelNotLoaded, UnknownCategory, Ve
 from service.pipeline.runtime import NonFiniteOutput, PipelineRuntime
 from service.pipeline.state import ServiceState
 from service.schemas import HeatmapLink, HeatmapMode, InspectOptions, Upload
-
-
-def settings_for(store: Path, **overrides: Any) -> Settings:
-    base: dict[str, Any] = dict(model_store=store, device="cpu", intra_op_threads=1, decode_threads=2,
-                                store_poll_s=0, max_batch_size=4, max_queue_delay_ms=200)
-    return Settings(**{**base, **overrides})
-
-
-@contextlib.asynccontextmanager
-async def loaded_runtime(store: Path, **overrides: Any) -> AsyncIterator[PipelineRuntime]:
-    """A runtime with every category of ``store`` loaded and warm; closed afterwards."""
-    rt = PipelineRuntime(settings_for(store, **overrides), None)
-    rt.open()
-    try:
-        await rt.registry.load_all()
-        yield rt
-    finally:
-        await rt.close()
 
 
 def records(paths: list[Path]) -> list[InspectedImage]:
