@@ -13,12 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from deployment_files import PROMETHEUS_YML, ROOT, TARGET_LABELS, exported_series, k8s, promql_selectors, services
 from harness import missing
-from test_deploy import PROMETHEUS_YML, TARGET_LABELS, exported_series, k8s, promql_selectors, services
 
 yaml = pytest.importorskip("yaml", reason="PyYAML is needed to read the deployment files")
 
-ROOT = Path(__file__).resolve().parents[2]
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
 ALERT_TESTS = ROOT / "tests" / "promtool" / "alerts_test.yml"
 
