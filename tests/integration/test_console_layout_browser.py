@@ -1,6 +1,6 @@
 """Where the console's layout failed an operator, in a real headless Chromium against a real
-``msflow serve`` (the browser, the ``Console`` driver and their fixtures are
-test_console_browser.py's):
+``msflow serve`` (the browser, the ``Console`` driver and their fixtures:
+console_fixtures.py):
 
 * a keyboard user tabbing to "choose files": the focus went to the file field, kept
   invisible (1 pixel, transparent) inside the drop zone, and nothing on the page showed it;
@@ -21,11 +21,8 @@ from PIL import Image
 
 from harness import ADMIN_KEY, CATEGORY, USER_KEY, Server, start, upload, wait_until
 
-pytest.importorskip("playwright")
-from test_console_browser import (  # noqa: E402  (fixtures, found by pytest in this module's namespace)
-    REVIEWER_KEY, Console, artifacts, browser, samples)
+from console_fixtures import REVIEWER_KEY, Console, artifacts, browser, samples  # noqa: F401  (fixtures)
 
-__all__ = ["artifacts", "browser", "samples"]
 VIEWPORT_HEIGHT = 1000  # Console's viewport
 SHAPES = {"tall": (256, 2048), "wide": (2048, 256)}
 

@@ -1,6 +1,6 @@
 """The console's Review and Inspect pages where an operator met a wall, in a real headless
 Chromium against a real ``msflow serve`` (the browser, the ``Console`` driver and their
-fixtures are test_console_browser.py's):
+fixtures: console_fixtures.py):
 
 * a queue longer than one page (20): only the first 20 items were ever reachable, J stopped
   at the 20th and nothing said more were pending;
@@ -28,11 +28,8 @@ from PIL import Image
 
 from harness import ADMIN_KEY, CATEGORY, USER_KEY, Server, png_variant, start, upload, wait_until
 
-pytest.importorskip("playwright")
-from test_console_browser import (  # noqa: E402  (fixtures, found by pytest in this module's namespace)
-    REVIEWER_KEY, Console, artifacts, browser, samples)
+from console_fixtures import REVIEWER_KEY, Console, artifacts, browser, samples  # noqa: F401  (fixtures)
 
-__all__ = ["artifacts", "browser", "samples"]
 QUEUED = 23  # more than the console's page of 20
 
 
