@@ -4,9 +4,12 @@ Why one module: a model is only as good as the agreement between the pixels it
 was trained on and the pixels it is served. Any drift (a different resampling
 filter, a different 16-bit scaling, EXIF orientation applied on one side only)
 silently shifts the feature distribution the flows learned and turns normal
-parts into false alarms. Trainer (``models.data``) and service
-(``service.imaging``) therefore both call :func:`resize_for_model` and nothing
-else, and a test proves they produce the same array.
+parts into false alarms. The trainer (:func:`load_image`, read by
+``models.data_loading``) and the service (``service.pipeline.decode``: the same
+decode at reduced scale, :func:`to_rgb` and :func:`resize_rgb`, which is
+:func:`resize_for_model` split where the server keeps the upright RGB image for
+overlays) therefore go through this module and nothing else, and a test proves
+they produce the same array.
 
 What this module does *not* do: normalisation with the ImageNet statistics. That
 happens inside the model graph (so the exported engine takes plain uint8 NHWC
