@@ -60,10 +60,15 @@ class BatchQueue(Protocol):
     async def drain(self, timeout: float | None = None) -> None: ...
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Batched(Generic[R]):
     """One item's result, with the batch it ran in: ``value`` is what ``run_batch`` returned
-    for it; ``queue_ms`` its wait, ``run_ms`` the whole batch's ``run_batch`` call."""
+    for it; ``queue_ms`` its wait, ``run_ms`` the whole batch's ``run_batch`` call.
+
+    Made once per image on each side of the engine link (and in one process): not frozen,
+    and made by position, since a frozen dataclass's ``__init__`` sets each field through
+    ``object.__setattr__`` and keywords are parsed per call (~10,000 instructions against
+    ~2,600, counted by callgrind). Nothing changes one after it is made."""
 
     value: R
     batch_size: int

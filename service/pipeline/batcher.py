@@ -79,7 +79,7 @@ class _NullObserver:
         pass
 
 
-@dataclass
+@dataclass(slots=True)
 class _Item:
     payload: Any
     deadline: float  # time.monotonic() seconds
@@ -112,6 +112,7 @@ class Batcher:
         self._closing = False
         self._running: list[_Item] = []
         self._lent_payloads = lent_payloads
+        self._window_over = False  # the forming batch's delay has passed (its timer fired)
         # One thread: ``run_batch`` has one caller at a time (the engine contract), and batches
         # of one category are serial on the accelerator anyway.
         self._engine_thread = Offload(1, engine_thread_name(category))
@@ -142,8 +143,7 @@ class Batcher:
         was_idle = not self._pending
         futures: list[asyncio.Future[Batched[Any]]] = []
         for payload in items:
-            item = _Item(payload=payload, deadline=deadline, enqueued=now, future=loop.create_future(),
-                         observed=observed)
+            item = _Item(payload, deadline, now, loop.create_future(), observed)  # by position: no keyword parsing per image
             self._pending.append(item)
             futures.append(item.future)
         self._observer.set_queue_depth(self.category, len(self._pending))
@@ -215,16 +215,27 @@ class Batcher:
     async def _wait_for_company(self, limit: int) -> None:
         """Wait until the batch is full, the delay since the first item passed, or draining."""
         window_end = self._pending[0].enqueued + self.max_queue_delay_s
+        loop = asyncio.get_running_loop()
         while len(self._pending) < limit and not self._closing:
             remaining = window_end - time.monotonic()
             if remaining <= 0:
                 return
             self._wakeup.clear()
+            # A timer that wakes the worker, not asyncio.timeout: most small batches leave when
+            # their window ends, and a timeout ends its wait by cancelling the task, an exception
+            # raised, caught and converted each time (no task per wait either, unlike wait_for).
+            self._window_over = False
+            timer = loop.call_later(remaining, self._end_window)
             try:
-                async with asyncio.timeout(remaining):  # no task per wait, unlike wait_for
-                    await self._wakeup.wait()
-            except TimeoutError:
+                await self._wakeup.wait()
+            finally:
+                timer.cancel()
+            if self._window_over:
                 return
+
+    def _end_window(self) -> None:
+        self._window_over = True
+        self._wakeup.set()
 
     def _admit(self, batch: list[_Item]) -> list[_Item]:
         """Drop what nobody will read: cancelled items, and items past their deadline."""
@@ -263,10 +274,10 @@ class Batcher:
         run_s = time.monotonic() - started
         if observed:  # the batch as the traffic made it: warm-ups riding along are not counted
             self._observer.observe_batch(self.category, self.label, observed, run_s)
+        size, run_ms = len(items), run_s * 1e3
         for item, value in zip(items, results):
             if not item.future.done():  # cancelled while running: the answer is simply dropped
-                item.future.set_result(Batched(value=value, batch_size=len(items),
-                                               queue_ms=(started - item.enqueued) * 1e3, run_ms=run_s * 1e3))
+                item.future.set_result(Batched(value, size, (started - item.enqueued) * 1e3, run_ms))
 
     def _worker_done(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:

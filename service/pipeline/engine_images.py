@@ -174,8 +174,8 @@ class EngineImages:
                 continue
             if outcome.code == frames.OK:
                 heat = request.slab.output(slot).copy()  # the slot is reused once given back
-                future.set_result(Batched(value=(outcome.score, heat), batch_size=outcome.batch_size,
-                                          queue_ms=outcome.queue_ms, run_ms=outcome.run_ms))
+                future.set_result(Batched((outcome.score, heat), outcome.batch_size, outcome.queue_ms,
+                                          outcome.run_ms))
             elif outcome.code == frames.CANCELLED:
                 future.cancel()  # the request is gone from requests: no cancel is sent back
             else:

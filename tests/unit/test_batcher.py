@@ -182,6 +182,41 @@ def test_delay_respected() -> None:
     run(t)
 
 
+def test_the_window_counts_from_the_first_item_and_each_batch_waits_its_own() -> None:
+    """An item that arrives while a batch waits for company rides with it, without moving its
+    window; the batch after it waits a whole window of its own (the window's timer, not a
+    timeout, ends the wait: a fired timer of one batch must not cut the next one's)."""
+    async def t() -> None:
+        engine = FakeEngine()
+        b = make(engine, max_batch_size=8, max_queue_delay_s=0.3)
+        t0 = time.monotonic()
+        first = b.submit_many([image(1)], far())
+        await asyncio.sleep(0.1)
+        second = b.submit_many([image(2)], far())
+        await asyncio.gather(*first, *second)
+        assert 0.28 <= time.monotonic() - t0 < 0.5  # the first item's window, not the second's
+        assert engine.batches == [[1, 2]]
+        t1 = time.monotonic()
+        await b.submit(image(3), far())
+        assert 0.28 <= time.monotonic() - t1 < 2.0  # a window of its own
+        assert engine.batches == [[1, 2], [3]]
+        await b.drain()
+    run(t)
+
+
+def test_a_drain_sends_the_forming_batch_at_once() -> None:
+    async def t() -> None:
+        engine = FakeEngine()
+        b = make(engine, max_batch_size=8, max_queue_delay_s=5.0)
+        futures = b.submit_many([image(1), image(2)], far())
+        await asyncio.sleep(0.05)
+        t0 = time.monotonic()
+        await b.drain()
+        assert time.monotonic() - t0 < 1.0 and engine.batches == [[1, 2]]
+        assert [f.result().value.raw_score for f in futures] == [1.0, 2.0]
+    run(t)
+
+
 def test_queue_full_raises() -> None:
     async def t() -> None:
         engine = FakeEngine(gated=True)
