@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ from service.pipeline.runtime import engine_runner
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(slots=True)
 class Payload:
     """One image of a batch: where its input lies and where its map goes."""
 
@@ -199,6 +200,9 @@ class HostedEngines:
         if hosted is None:
             refuse(frames.NOT_LOADED)
             return
+        if len(slots) == 1:  # one image per request, the common case: one callback, no list of outcomes
+            self._submit_one(frontend, hosted, submit, observed, refuse)
+            return
         slab = frontend.slabs[submit.slab]
         for slot in slots:
             slab.check_slot(slot)  # before the batch, which must not fail for one bad request
@@ -222,6 +226,33 @@ class HostedEngines:
                 channel.send_frame(frames.pack_result(rid, [_outcome(f) for f in futures]))
         for future in futures:
             future.add_done_callback(answer_when_all_done)
+
+    @staticmethod
+    def _submit_one(frontend: FrontEnd, hosted: Hosted, submit: frames.Submit, observed: bool,
+                    refuse: Callable[[int], None]) -> None:
+        """:meth:`_submit` of a request of one image, answered as it is (the same frames)."""
+        rid, slot, channel = submit.rid, submit.slots[0], frontend.channel
+        slab = frontend.slabs[submit.slab]
+        slab.check_slot(slot)  # before the batch, which must not fail for one bad request
+        try:
+            futures = hosted.batcher.submit_many((Payload(frontend.ident, slab, slot, observed),), submit.deadline,
+                                                 observed)
+        except QueueFull:
+            refuse(frames.QUEUE_FULL)
+            return
+        except BatcherClosed:
+            refuse(frames.CLOSED)
+            return
+        frontend.requests[rid] = (hosted.batcher, futures)
+
+        def answer(future: asyncio.Future[Batched[float]]) -> None:
+            frontend.requests.pop(rid, None)
+            if future.cancelled() or future.exception() is not None:
+                channel.send_frame(frames.pack_result(rid, [_outcome(future)]))
+                return
+            done = future.result()
+            channel.send_frame(frames.pack_scored(rid, done.value, done.batch_size, done.queue_ms, done.run_ms))
+        futures[0].add_done_callback(answer)
 
     @staticmethod
     def cancel(frontend: FrontEnd, rid: int) -> None:

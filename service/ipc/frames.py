@@ -38,6 +38,7 @@ OK, QUEUE_FULL, CLOSED, DEADLINE, CANCELLED, ENGINE_ERROR, NOT_LOADED = range(7)
 _SUBMIT = struct.Struct("<BQIId")  # kind, rid, handle, slab, deadline; then uint32 slots
 _RESULT = struct.Struct("<BQH")  # kind, rid, image count; then the outcomes
 _OUTCOME = struct.Struct("<BdIddH")  # code, score, batch size, queue ms, run ms, message bytes
+_SCORED = struct.Struct("<BQHBdIddH")  # _RESULT then one _OUTCOME: a result of one image, no message
 _PART = struct.Struct("<BQB")  # kind, gather id (or the asker's request id, relayed), last; then the payload
 _MAX_MESSAGE = 1024  # an engine error's text, cut to this many bytes
 MAX_IMAGES = 0xFFFF  # a result counts its images in 16 bits: a submit of more could not be answered
@@ -91,6 +92,12 @@ def pack_result(rid: int, outcomes: Sequence[Outcome]) -> bytes:
         if text:
             parts.append(text)
     return b"".join(parts)
+
+
+def pack_scored(rid: int, score: float, batch_size: int, queue_ms: float, run_ms: float) -> bytes:
+    """``pack_result(rid, [Outcome(OK, score, batch_size, queue_ms, run_ms)])``, the same bytes,
+    without the objects: the answer to a request of one image that ran."""
+    return _SCORED.pack(RESULT, rid, 1, OK, score, batch_size, queue_ms, run_ms, 0)
 
 
 def pack_part(ident: int, last: bool, payload: bytes) -> bytes:

@@ -83,6 +83,11 @@ class Slab:
         self._output_at = _round_up(layout.input_bytes)
         self._output_bytes = layout.output_bytes
         self._side = layout.size
+        # Each slot's views, made on its first use: a view is a slice, a reshape (and a dtype
+        # view for the map), which each side of the link otherwise made again for every image.
+        # They hold the mapping as ``_buffer`` does, no longer than the slab object.
+        self._inputs: list[np.ndarray | None] = [None] * layout.slots
+        self._outputs: list[np.ndarray | None] = [None] * layout.slots
 
     @classmethod
     def create(cls, size: int, slots: int, name: str) -> "Slab":
@@ -120,14 +125,23 @@ class Slab:
 
     def input(self, slot: int) -> np.ndarray:
         """Slot ``slot``'s engine input, a uint8 ``[S, S, 3]`` view."""
-        start = self._offset(slot)
-        return self._buffer[start:start + self._input_bytes].reshape(self._side, self._side, 3)
+        views = self._inputs
+        view = views[slot] if 0 <= slot < len(views) else None
+        if view is None:
+            start = self._offset(slot)
+            view = views[slot] = self._buffer[start:start + self._input_bytes].reshape(
+                self._side, self._side, 3)
+        return view
 
     def output(self, slot: int) -> np.ndarray:
         """Slot ``slot``'s output map, a float32 ``[S, S]`` view."""
-        start = self._offset(slot) + self._output_at
-        raw = self._buffer[start:start + self._output_bytes]
-        return raw.view(np.float32).reshape(self._side, self._side)
+        views = self._outputs
+        view = views[slot] if 0 <= slot < len(views) else None
+        if view is None:
+            start = self._offset(slot) + self._output_at
+            raw = self._buffer[start:start + self._output_bytes]
+            view = views[slot] = raw.view(np.float32).reshape(self._side, self._side)
+        return view
 
     def check_slot(self, slot: int) -> None:
         """Raise IndexError unless ``slot`` is one of this slab's."""

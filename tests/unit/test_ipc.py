@@ -39,6 +39,22 @@ def test_slots_are_page_aligned_and_views_do_not_overlap() -> None:
         slab.close()
 
 
+def test_a_slots_views_are_made_once_and_a_slot_outside_the_slab_is_refused() -> None:
+    slab = Slab.create(8, 2, "test-views")
+    try:
+        # Made on first use and kept: each side of the link asks for them once per image.
+        assert slab.input(1) is slab.input(1) and slab.output(1) is slab.output(1)
+        assert slab.input(0) is not slab.input(1)
+        assert slab.input(1).shape == (8, 8, 3) and slab.output(1).dtype == np.float32
+        for bad in (-1, 2, 99):
+            with pytest.raises(IndexError, match=f"slot {bad} outside 0..1"):
+                slab.input(bad)
+            with pytest.raises(IndexError, match=f"slot {bad} outside 0..1"):
+                slab.output(bad)
+    finally:
+        slab.close()
+
+
 def test_slot_pool_takes_all_or_nothing() -> None:
     pool = SlotPool(4)
     first = pool.take(3)
@@ -135,6 +151,10 @@ def test_submit_and_result_frames_carry_their_fields_bit_for_bit() -> None:
     assert rid == 18 and back == [frames.Outcome(frames.QUEUE_FULL)] * 3
     long = frames.pack_result(1, [frames.Outcome(frames.ENGINE_ERROR, message="x" * 5000)])
     assert len(frames.unpack_result(long)[1][0].message) == 1024  # an error's text is bounded
+    # A request of one image that ran, packed without the objects: the very same bytes.
+    scored = frames.pack_scored(2**40 + 5, score, 3, 1.25, 3.5)
+    assert scored == frames.pack_result(2**40 + 5, [frames.Outcome(frames.OK, score, 3, 1.25, 3.5)])
+    assert frames.unpack_result(scored) == (2**40 + 5, [frames.Outcome(frames.OK, score, 3, 1.25, 3.5)])
 
 
 def test_a_part_frame_is_relayed_under_the_askers_id_with_its_payload_untouched() -> None:
