@@ -17,6 +17,17 @@ count is split in two: libc's ``memcpy``/``memmove``/``memset``, where valgrind 
 byte a ``rep movsb`` moves as an instruction (so that part is mostly bytes copied or cleared,
 not work done), and the rest.
 
+Each kind's row also gives the batches the counted posts made (``msflow_batch_size``, read
+from ``/metrics`` before and after them): the engine process does much of its work once per
+batch (a wake-up, a hop to the engine thread and back, the batch's metrics), so its count per
+image falls as batches grow, and batches form by timing, which valgrind's pace and the box's
+other load move (190 against 211 batches of 300 images made 0.270 against 0.295 M per image
+in the engine process, same code). Compare counts at similar batch sizes, or over several runs.
+
+The dumps stay in ``<out>/<mode>/cg.<pid>.<n>`` (one per kind, in ``--kinds`` order; the
+process's command line is in each), to be read by function:
+``callgrind_annotate --inclusive=yes <dump>``.
+
 What instruction counts leave out: the kernel (system calls, page faults, wake-ups), and how
 fast each instruction runs. :mod:`loadtests.frontend` gives both (its kernel time by process).
 """
@@ -40,6 +51,7 @@ from typing import Any
 import httpx
 
 from loadtests.frontend import BATCH, KINDS, encoded, every_front_end_ready, server_env, source
+from loadtests.frontend_report import histogram_means
 from loadtests.frontend_modes import mode_args
 from loadtests.procstat import role_of, tree
 from loadtests.run import LocalServer, wait_ready
@@ -97,6 +109,14 @@ async def _post(url: str, category: str, body: bytes, content_type: str, query: 
     return failures
 
 
+def batches_so_far(url: str) -> tuple[float, float]:
+    """(images, batches) the server's engine batches have held so far (``msflow_batch_size``:
+    one process's batcher, or the engine process's, which any front end's ``/metrics`` adds in)."""
+    body = httpx.get(f"{url}/metrics", timeout=600).text
+    images, batches = histogram_means(body, "msflow_batch_size").get("", (0.0, 0.0))
+    return images, batches
+
+
 def _latest_dump(folder: Path, pid: int) -> Path | None:
     dumps = [(int(p.name.rsplit(".", 1)[1]), p) for p in folder.glob(f"cg.{pid}.*")]
     return max(dumps)[1] if dumps else None
@@ -121,6 +141,7 @@ def count_mode(mode: str, args: argparse.Namespace, out: Path) -> dict[str, Any]
             shape = KINDS[kind]
             body, ctype, query = encoded(source(None, shape.side), shape.format), shape.content_type, shape.query
             warm = asyncio.run(_post(server.url, category, body, ctype, query, args.warmup, args.concurrency))
+            images_before, batches_before = batches_so_far(server.url)  # before counting starts: not counted
             for pid in pids:
                 _control("-z", str(pid))
                 _control("-i", "on", str(pid))
@@ -138,9 +159,12 @@ def count_mode(mode: str, args: argparse.Namespace, out: Path) -> dict[str, Any]
                 by_role.setdefault(roles[pid], Counter()).update({"total": total, "copies": copies})
             if warm or failed:
                 raise RuntimeError(f"{mode}, {kind}: {warm + failed} posts not answered 200 (see {folder}/server.log)")
+            images_after, batches_after = batches_so_far(server.url)  # after counting ended: not counted
+            batches = round(batches_after - batches_before)
             n = args.requests
             result["kinds"][kind] = {
-                "requests": n, "wall_s": round(wall, 1),
+                "requests": n, "wall_s": round(wall, 1), "batches": batches,
+                "mean_batch": round((images_after - images_before) / batches, 2) if batches else None,
                 "instructions_per_image": round(sum(c["total"] for c in by_role.values()) / n),
                 "copied_per_image": round(sum(c["copies"] for c in by_role.values()) / n),
                 "by_role": {role: {"instructions_per_image": round(c["total"] / n),
@@ -156,8 +180,8 @@ def render(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
              "`rest`: every instruction outside libc's memcpy/memmove/memset; `copied`: those functions' count, "
              "where each byte a `rep movsb` moves counts as one (mostly bytes moved or cleared, not work done). "
              f"Ratios to `{first['mode']}`.", "",
-             "| input | mode | rest per image | ratio | copied per image | by process (rest / copied) |",
-             "| --- | --- | --- | --- | --- | --- |"]
+             "| input | mode | rest per image | ratio | copied per image | batches (mean) | by process (rest / copied) |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for kind in args.kinds:
         base = first["kinds"][kind]
         base_rest = base["instructions_per_image"] - base["copied_per_image"]
@@ -167,7 +191,7 @@ def render(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
             split = ", ".join(f"{role} {(v['instructions_per_image'] - v['copied_per_image']) / 1e6:.3f} M / "
                               f"{v['copied_per_image'] / 1e3:.0f} KB" for role, v in k["by_role"].items())
             lines.append(f"| {kind} | {r['mode']} | {rest / 1e6:.3f} M | {rest / base_rest:.3f} | "
-                         f"{k['copied_per_image'] / 1e3:.0f} KB | {split} |")
+                         f"{k['copied_per_image'] / 1e3:.0f} KB | {k['batches']} ({k['mean_batch']}) | {split} |")
     return "\n".join(lines) + "\n"
 
 

@@ -419,6 +419,8 @@ def test_instruction_counts_compare_modes_by_process(model_store, tmp_path):
     assert set(one["by_role"]) == {"server"} and {"front ends", "engine process"} <= set(split["by_role"])
     for figures in (one, split):
         assert figures["requests"] == 24
+        # the batches the counted posts made, from /metrics (warm-ups and the warm-up posts left out)
+        assert 1 <= figures["batches"] <= 24 and 1 <= figures["mean_batch"] <= 4, figures
         # a 256 px JPEG through the whole front end: millions of instructions, some in copies
         assert 1e6 < figures["instructions_per_image"] < 1e8, figures
         assert 0 < figures["copied_per_image"] < figures["instructions_per_image"], figures
