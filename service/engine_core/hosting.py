@@ -203,9 +203,7 @@ class HostedEngines:
         if len(slots) == 1:  # one image per request, the common case: one callback, no list of outcomes
             self._submit_one(frontend, hosted, submit, observed, refuse)
             return
-        slab = frontend.slabs[submit.slab]
-        for slot in slots:
-            slab.check_slot(slot)  # before the batch, which must not fail for one bad request
+        slab = _slab_for(frontend, submit, hosted)
         payloads = [Payload(frontend.ident, slab, slot, observed) for slot in slots]
         try:
             futures = hosted.batcher.submit_many(payloads, submit.deadline, observed)
@@ -232,8 +230,7 @@ class HostedEngines:
                     refuse: Callable[[int], None]) -> None:
         """:meth:`_submit` of a request of one image, answered as it is (the same frames)."""
         rid, slot, channel = submit.rid, submit.slots[0], frontend.channel
-        slab = frontend.slabs[submit.slab]
-        slab.check_slot(slot)  # before the batch, which must not fail for one bad request
+        slab = _slab_for(frontend, submit, hosted)
         try:
             futures = hosted.batcher.submit_many((Payload(frontend.ident, slab, slot, observed),), submit.deadline,
                                                  observed)
@@ -262,6 +259,20 @@ class HostedEngines:
         if request is not None:
             batcher, futures = request
             batcher.cancel_queued(futures)
+
+
+def _slab_for(frontend: FrontEnd, submit: frames.Submit, hosted: Hosted) -> Slab:
+    """The slab ``submit`` names, checked before the batch, which every front end's images
+    share and which must not fail for one bad request: each slot one of the slab's, and the
+    slab of the engine's input size (inputs of another shape fail the whole batch's stack)."""
+    slab = frontend.slabs[submit.slab]
+    size = hosted.engine.manifest.input_size
+    if slab.layout.size != size:
+        raise ValueError(f"slab {slab.name} holds {slab.layout.size}x{slab.layout.size} inputs, "
+                         f"{hosted.engine.manifest.category} takes {size}x{size}")
+    for slot in submit.slots:
+        slab.check_slot(slot)
+    return slab
 
 
 def _outcome(future: asyncio.Future[Batched[float]]) -> frames.Outcome:
