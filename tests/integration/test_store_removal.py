@@ -128,12 +128,13 @@ def test_a_job_of_a_retired_category_fails_as_unknown_category(tmp_path: Path, r
     """Queued before the category left the store, taken by a worker after it was retired."""
     store = tmp_path / "store"
     fake_version(store, CATEGORY)
+    fake_version(store, "tile")  # a store that lists no category retires nothing (an unmount)
 
     async def body(h: Harness) -> None:
         job_id = await h.submit([Upload("a.png", IMAGE)])
         shutil.rmtree(store / CATEGORY)
         await h.worker.runtime.registry.refresh()  # the worker's store watch (grace 0)
-        assert h.worker.runtime.registry.serving() == {}
+        assert h.worker.runtime.registry.serving() == {"tile": "1"}
         await h.step()
         record = await h.record(job_id)
         assert record.status == "failed" and record.error is not None, record
