@@ -20,7 +20,8 @@ front end -> the engine reads the inputs from the slots and writes the maps into
   end's ``acquire`` and unloaded a grace period after the last release, and their batchers
   (a front end's warm-up, a ``warm`` message, runs there too but no metric observes it).
 * :mod:`~service.engine_core.relay`: what front ends ask of each other (an operator's
-  ``reload``, replayed to those that connect later; a ``gather`` of what each one holds).
+  ``reload``, replayed to those that connect later until a store watch ``retired`` its
+  category; a ``gather`` of what each one holds).
 * :mod:`~service.engine_core.frontend`: the process's view of one front end;
   :mod:`~service.engine_core.main`: the process around the core.
 """

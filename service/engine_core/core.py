@@ -179,6 +179,8 @@ class EngineCore:
             self.engines.cancel(frontend, int(message["rid"]))
         elif op == "reload":
             self.relay.reload(frontend, message)
+        elif op == "retired":
+            self.relay.retire(frontend, message)
         elif op == "gather":
             self.relay.gather(frontend, int(message["rid"]), str(message["topic"]), dict(message.get("args") or {}))
         else:

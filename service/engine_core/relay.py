@@ -8,6 +8,13 @@
   The record is also kept in a file beside the engine process's socket (``keep_at``), which a
   restarted engine process replays from its first greeting: a front end restarted with it
   is greeted before the surviving front ends have reconnected to hand the record back.
+* A category the store watch retired (``retired``, sent by each front end that retires it, on
+  its own scans): its record is dropped, here and in the file, so that a front end started
+  after its folder came back serves the newest version as the running ones do, not the pin of
+  a category that left the store. Nothing is relayed: each front end retires on its own scans,
+  and one that has not yet serves on what it served. What was dropped is remembered by its
+  stamp (in the file too), so that a front end still carrying that pin (one started while the
+  category was away, handing its record to a new engine process) cannot bring it back.
 * A ``gather`` (an admin's view of what every front end holds: the recent scores of
   :mod:`service.pipeline.recent`): every other front end is asked (``collect``), their
   ``part`` frames go to the front end that asked as they come, unparsed, and ``gathered``
@@ -27,6 +34,7 @@ from pathlib import Path
 from service.engine_core.frontend import FrontEnd
 from service.ipc import frames
 from service.ipc.channel import Message
+from service.pipeline.peer_reloads import retired_message
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +63,9 @@ class Relay:
         # The last operator reload of each category (its message, stamped by the front end
         # that made it).
         self.reloads: dict[str, Message] = {}
+        # category -> the stamp of the last reload dropped when the category was retired: a
+        # reload of it up to that stamp is one from before the retirement, and not recorded.
+        self.retired: dict[str, int] = {}
         self.gathers: dict[int, Gather] = {}
         self._next_gather = 0
         self._kept_at: Path | None = None
@@ -71,10 +82,16 @@ class Relay:
             kept = json.loads(path.read_text())
             for message in kept:
                 category, stamp = str(message["category"]), int(message["stamp"])
+                if message.get("op") == "retired":
+                    self.retired[category] = max(stamp, self.retired.get(category, 0))
+                    continue
                 known = self.reloads.get(category)
                 if known is None or int(known["stamp"]) < stamp:
                     self.reloads[category] = {"op": "reload", "category": category,
                                               "version": message.get("version"), "stamp": stamp}
+            for category, stamp in self.retired.items():  # a retirement newer than a reload kept
+                if category in self.reloads and int(self.reloads[category]["stamp"]) <= stamp:
+                    del self.reloads[category]
         except FileNotFoundError:
             pass
         except (OSError, ValueError, TypeError, KeyError) as exc:  # the front ends hand theirs over still
@@ -85,7 +102,8 @@ class Relay:
             return
         staging = self._kept_at.with_name(f".{self._kept_at.name}.{os.getpid()}")
         try:  # whole or not at all: a process killed while writing leaves the last one
-            staging.write_text(json.dumps(list(self.reloads.values())))
+            dropped = [retired_message(category, stamp) for category, stamp in self.retired.items()]
+            staging.write_text(json.dumps(list(self.reloads.values()) + dropped))
             staging.replace(self._kept_at)
         except OSError as exc:  # a full disk: the front ends still hand the record over
             log.warning("cannot keep the reloads at %s: %s", self._kept_at, exc)
@@ -104,14 +122,30 @@ class Relay:
         # be new): only a reload newer than the one recorded is recorded and relayed.
         category, stamp = str(message["category"]), int(message["stamp"])
         known = self.reloads.get(category)
-        if known is not None and int(known["stamp"]) >= stamp:
+        if known is not None and int(known["stamp"]) >= stamp or self.retired.get(category, -1) >= stamp:
             return
         self.reloads[category] = {"op": "reload", "category": category, "version": message.get("version"),
                                   "stamp": stamp}
+        self.retired.pop(category, None)
         self._keep()
         for other in self.frontends.values():
             if other is not frontend:
                 other.channel.send(self.reloads[category])
+
+    def retire(self, frontend: FrontEnd, message: Message) -> None:
+        """``frontend``'s store watch retired a category whose last reload it knew by ``stamp``:
+        that reload (or an older one) is dropped. Idempotent (every front end sends it), and a
+        reload newer than the stamp (an operator's, after the folder came back) is left alone."""
+        category, stamp = str(message["category"]), int(message["stamp"])
+        known = self.reloads.get(category)
+        if known is not None and int(known["stamp"]) > stamp or self.retired.get(category, -1) >= stamp:
+            return
+        if known is not None:
+            del self.reloads[category]
+            log.info("%s: retired by front end %d (pid %d): its last reload (version %s) is no longer "
+                     "replayed", category, frontend.ident, frontend.pid, known.get("version") or "newest")
+        self.retired[category] = stamp
+        self._keep()
 
     # ------------------------------------------------------------------ gathers
     def gather(self, asker: FrontEnd, rid: int, topic: str, args: Message) -> None:

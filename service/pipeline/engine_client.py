@@ -15,8 +15,9 @@ other pieces are:
   process too (the registry warms every version through it, which checks the whole path
   once per front end and version);
 * what front ends ask of each other through the engine process: an operator's reload that
-  the others follow (:mod:`~service.pipeline.peer_reloads`), and a gather of what each one
-  holds, such as the recent scores (:mod:`~service.pipeline.peer_gathers`).
+  the others follow (:mod:`~service.pipeline.peer_reloads`; a category the store watch
+  retires drops it, ``retired``), and a gather of what each one holds, such as the recent
+  scores (:mod:`~service.pipeline.peer_gathers`).
 
 The client sends ``acquire``/``release`` for what its registry serves or warms up
 (:mod:`service.pipeline.holds`) and routes the answers. When the engine process goes away,
@@ -336,6 +337,16 @@ class EngineClient:
         later included (the engine process replays the last reload of each category)."""
         message = self.reloads.made(category, version)
         if self.channel is not None:  # else sent at the handshake, with the record
+            self.channel.send(message)
+
+    def retired(self, category: str) -> None:
+        """The store watch retired ``category`` here (its folder left the store): the operator's
+        last reload of it is no pin any more, here nor in the engine process, which replays it
+        no more to front ends started later (else one started after the folder came back
+        followed the old pin while the running ones served the newest). Each front end sends
+        this on its own scans; nothing reaches the others."""
+        message = self.reloads.retired(category)
+        if message is not None and self.channel is not None:  # else sent at the handshake, with the record
             self.channel.send(message)
 
     @property

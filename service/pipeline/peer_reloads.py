@@ -4,6 +4,10 @@ The engine process relays a reload to the other front ends as it happens and rep
 last one of each category to every front end that connects (:mod:`service.engine_core.relay`);
 each front end records the last one it made or followed, so that a reload heard again is
 followed once, and hands its record to a new engine process at the handshake.
+
+A category the store watch retires here takes its record with it (:meth:`ReloadRecord.retired`):
+the engine process hears it (``retired``, with the stamp of the reload dropped) and replays
+that reload no more, and a new engine process hears it again at the handshake.
 """
 
 from __future__ import annotations
@@ -18,11 +22,15 @@ class ReloadRecord:
 
     def __init__(self) -> None:
         self.latest: dict[str, tuple[int, str | None]] = {}
+        # category -> the stamp of the reload its retirement dropped here (told to every new
+        # engine process, which may have been started from a record that still holds it).
+        self.dropped: dict[str, int] = {}
 
     def made(self, category: str, version: str | None) -> Message:
         """This front end reloaded ``category``: the message that has the others follow."""
         stamp = max(time.time_ns(), self.latest.get(category, (0, None))[0] + 1)  # after what it replaces
         self.latest[category] = (stamp, version)
+        self.dropped.pop(category, None)  # newer than anything a retirement dropped
         return reload_message(category, version, stamp)
 
     def heard(self, category: str, version: str | None, stamp: int, replayed: bool) -> bool:
@@ -31,17 +39,35 @@ class ReloadRecord:
         pin) where this front end knew of none is only recorded: it serves what that reload
         chose since it started."""
         known = self.latest.get(category)
-        if known is not None and known[0] >= stamp:
-            return False
+        if known is not None and known[0] >= stamp or self.dropped.get(category, -1) >= stamp:
+            return False  # followed already, or from before the category was retired here
         self.latest[category] = (stamp, version)
+        self.dropped.pop(category, None)
         return known is not None or version is not None or not replayed
 
+    def retired(self, category: str) -> Message | None:
+        """The store watch retired ``category`` here: its record goes, and the message that
+        has the engine process drop it too (None when no reload of it was known here)."""
+        known = self.latest.pop(category, None)
+        if known is None:
+            return None
+        self.dropped[category] = known[0]
+        return retired_message(category, known[0])
+
     def messages(self) -> list[Message]:
-        """The record, for a new engine process (it keeps the newest of each category)."""
-        return [reload_message(category, version, stamp) for category, (stamp, version) in self.latest.items()]
+        """The record, for a new engine process (it keeps the newest of each category), and
+        what retirements dropped from it (it drops them too, idempotently)."""
+        return ([reload_message(category, version, stamp) for category, (stamp, version) in self.latest.items()]
+                + [retired_message(category, stamp) for category, stamp in self.dropped.items()])
 
 
 def reload_message(category: str, version: str | None, stamp: int) -> Message:
     """``stamp``: when the operator's reload was made (ns, this host's wall clock, which every
     process of a server shares): the newest reload of a category wins everywhere."""
     return {"op": "reload", "category": category, "version": version, "stamp": stamp}
+
+
+def retired_message(category: str, stamp: int) -> Message:
+    """A front end's store watch retired ``category``, whose last reload it knew by ``stamp``
+    (also how the engine process's file keeps a reload it dropped)."""
+    return {"op": "retired", "category": category, "stamp": stamp}

@@ -162,6 +162,8 @@ class PipelineRuntime:
                 self.metrics.forget_category(category)
         if model is not None:
             self._dropped(model, forget)
+        if self.engine_link is not None:  # an operator's pin of it is no pin once it is back
+            self.engine_link.retired(category)
         forget()
 
     async def _retry_failed(self) -> None:

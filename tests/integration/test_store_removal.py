@@ -10,8 +10,11 @@ as ``unknown_category`` at once (it was retried as ``model_not_loaded``, message
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import threading
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +25,7 @@ from PIL import Image
 import asyncio
 import time
 
-from harness import CATEGORY, RedisServer, fake_version, png_of, start, until, wait_until
+from harness import ADMIN_KEY, CATEGORY, RedisServer, Server, children, fake_version, png_of, start, until, wait_until
 from service.config import Settings
 from service.pipeline.item import InspectedImage
 from service.pipeline.registry_errors import UnknownCategory
@@ -114,6 +117,59 @@ def test_what_leaves_the_store_is_let_go_of_after_the_grace(tmp_path: Path, proc
                 thread.join(30)
         server.stop()
     assert "retired: it left the model store" in server.log_path.read_text()
+
+
+def _front_ends(server: Server) -> list[int]:
+    return sorted(pid for pid, name in children(server.proc.pid).items() if name.startswith("msflow-api-"))
+
+
+def _replace_a_front_end(server: Server) -> None:
+    """Kill one front end (a crash): the supervisor starts its replacement, ready once it listens."""
+    victim = _front_ends(server)[0]
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: len(_front_ends(server)) == 2 and victim not in _front_ends(server), 30, "a replacement")
+    wait_until(lambda: httpx.get(f"{server.url}/readyz", timeout=5).status_code == 200, 30, "ready again")
+
+
+def _versions(url: str, answers: int) -> Counter[str]:
+    return Counter(r.json()["results"][0]["model_version"] if r.status_code == 200 else r.json()["error"]["code"]
+                   for r in (_inspect(url, "aaa") for _ in range(answers)))
+
+
+@pytest.mark.parametrize("processes", [1, 2], ids=["one-process", "front-ends"])
+def test_a_retired_pinned_category_comes_back_unpinned_on_every_front_end(tmp_path: Path, processes: int) -> None:
+    """An operator pinned aaa to version 1, then its folder left the store for the grace period
+    and came back: a new category, served at its newest version (2), unpinned, by every
+    front end, those started since included: a replacement while it was away, and one after it
+    came back. Before, the engine process kept replaying the old pin to each front end that
+    connected: after the folder came back, 28 answers of 60 named version 1 once one front end
+    was replaced, 60 of 60 once both were."""
+    store = tmp_path / "store"
+    for version in ("1", "2"):
+        fake_version(store, "aaa", version)
+    fake_version(store, "bbb")  # a store that lists no category retires nothing (an unmount)
+    server = start(store, tmp_path / "server.log", engine="null", api_processes=processes, store_poll_s=POLL_S,
+                   store_removal_grace_s=GRACE_S, admin_api_keys=ADMIN_KEY)
+    try:
+        pinned = httpx.post(f"{server.url}/v1/models/aaa/reload", params={"version": "1"},
+                            headers={"X-API-Key": ADMIN_KEY}, timeout=30)
+        assert pinned.status_code == 200, pinned.text
+        wait_until(lambda: _versions(server.url, 8) == {"1": 8}, 10, "every front end on the pin")
+        shutil.move(store / "aaa", tmp_path / "away")
+        wait_until(lambda: _versions(server.url, 8) == {"unknown_category": 8}, 30, "aaa retired everywhere")
+        if processes > 1:
+            _replace_a_front_end(server)  # started while aaa is away
+        shutil.move(tmp_path / "away", store / "aaa")
+        wait_until(lambda: _versions(server.url, 8) == {"2": 8}, 30, "aaa back")
+        if processes > 1:
+            _replace_a_front_end(server)  # started once it is back
+            time.sleep(2 * POLL_S)
+        assert _versions(server.url, 40) == {"2": 40}
+        models = httpx.get(f"{server.url}/v1/models", headers={"X-API-Key": ADMIN_KEY}, timeout=10).json()["models"]
+        assert [(m["category"], m["version"], m["pinned"]) for m in models if m["category"] == "aaa"] == [
+            ("aaa", "2", False)]
+    finally:
+        server.stop()
 
 
 @pytest.fixture()

@@ -1,0 +1,115 @@
+"""A category the store watch retires takes its operator's pin with it in multi-process mode:
+the engine process drops its record of the category's last reload (and the file beside its
+socket), so a front end started later (a killed one's replacement) serves what the running
+ones serve once the folder is back, the newest version, not the pin of a category that left
+the store. Before, the running front ends served version 2 and each replacement version 1
+(a real server: 28 answers of 60 on version 1 after one replacement, 60 of 60 after two).
+
+In-process: an engine core and front ends' runtimes on one event loop (the fixtures of
+multiprocess_fixtures.py); each front end's store watch is one :meth:`refresh` here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from pathlib import Path
+
+from harness import fake_version, serves, until
+from multiprocess_fixtures import engine_process, front_end, operator_reload, started_state
+from service.engine_core.frontend import FrontEnd
+from service.engine_core.relay import Relay
+
+
+def _kept(settings_socket: Path) -> list[dict[str, object]]:
+    """The engine process's record beside its socket (what a new engine process starts from)."""
+    kept = settings_socket.with_name(f"{settings_socket.stem}-reloads.json")
+    return json.loads(kept.read_text()) if kept.exists() else []
+
+
+def test_a_retired_pinned_category_leaves_no_pin_for_a_later_front_end(two_version_store: Path,
+                                                                       tmp_path: Path) -> None:
+    store = two_version_store
+    fake_version(store, "bbb", "1")  # the store does not list empty: a removal, not an unmount
+    away = tmp_path / "aaa-away"
+
+    async def main() -> None:
+        async with engine_process(store, store_removal_grace_s=0) as (core, settings):
+            core.unload_grace_s = 0.1
+            async with front_end(settings) as (a, a_link), front_end(settings) as (b, b_link):
+                await operator_reload(a, a_link, "aaa", "1")
+                await until(lambda: serves(b.registry) == ("1", True), "b following the pin")
+                assert any(m["category"] == "aaa" for m in _kept(settings.engine_socket))
+                shutil.move(store / "aaa", away)
+                await a.registry.refresh()  # a retires it first
+                assert "aaa" not in a.registry.categories
+                await until(lambda: "aaa" not in core.reloads, "the engine process dropping the pin")
+                assert not any(m.get("op", "reload") == "reload" and m["category"] == "aaa"
+                               for m in _kept(settings.engine_socket))
+                # b has not scanned yet: nothing reached it, it serves on from memory, pinned.
+                await asyncio.sleep(0.1)
+                assert serves(b.registry) == ("1", True)
+                await b.registry.refresh()  # b retires it too: the same drop, again
+                assert "aaa" not in b.registry.categories and "aaa" not in core.reloads
+                # No front end holds a version of aaa: the engine process lets go of it.
+                await until(lambda: not any("/aaa/" in folder for folder in core.hosted), "aaa unloaded")
+                assert set(core.hosted) == {str(store / "bbb" / "1")}
+                async with started_state(settings) as during:  # a replacement while it is away
+                    assert "aaa" not in during.registry.categories
+                    shutil.move(away, store / "aaa")
+                    for registry in (a.registry, b.registry, during.registry):
+                        await registry.refresh()  # a new category again: the newest, unpinned
+                        assert serves(registry) == ("2", False)
+                    async with started_state(settings) as after:  # a replacement once it is back
+                        assert serves(after.registry) == ("2", False)
+                        assert str(store / "aaa" / "1") not in core.hosted  # never loaded again
+                # A new engine process (killed with the front ends' record beside its socket)
+                # knows no pin of aaa either, and refuses the one a front end may still carry.
+                relay = Relay({})
+                relay.keep_at(settings.engine_socket.with_name(f"{settings.engine_socket.stem}-reloads.json"))
+                assert "aaa" not in relay.reloads
+
+    asyncio.run(main())
+
+
+def test_a_late_retirement_leaves_a_newer_pin_alone_and_a_stale_handover_is_refused(tmp_path: Path) -> None:
+    """Every front end retires on its own scans, each sending the stamp of the pin it knew: the
+    drop is idempotent, never drops a reload newer than that stamp (an operator's pin after
+    the folder came back), and a front end that still carries the dropped pin (started while
+    the category was away; reconnecting to a new engine process) cannot bring it back."""
+
+    class Silent:
+        def __init__(self) -> None:
+            self.sent: list[dict[str, object]] = []
+
+        def send(self, message: dict[str, object]) -> None:
+            self.sent.append(message)
+
+    async def main() -> None:
+        frontends: dict[int, FrontEnd] = {}
+        first, second = FrontEnd(1, Silent()), FrontEnd(2, Silent())  # type: ignore[arg-type]
+        frontends.update({1: first, 2: second})
+        relay = Relay(frontends)
+        relay.keep_at(tmp_path / "engine-reloads.json")
+        relay.reload(first, {"op": "reload", "category": "aaa", "version": "1", "stamp": 10})
+        relay.retire(first, {"op": "retired", "category": "aaa", "stamp": 10})
+        relay.retire(second, {"op": "retired", "category": "aaa", "stamp": 10})  # the same drop, again
+        assert relay.reloads == {}
+        assert second.channel.sent == [{"op": "reload", "category": "aaa", "version": "1", "stamp": 10}]
+        relay.reload(second, {"op": "reload", "category": "aaa", "version": "1", "stamp": 10})  # a stale handover
+        assert relay.reloads == {}
+        relay.reload(first, {"op": "reload", "category": "aaa", "version": "2", "stamp": 20})  # a new pin
+        relay.retire(second, {"op": "retired", "category": "aaa", "stamp": 10})  # a late retirement
+        assert relay.reloads["aaa"]["version"] == "2"
+        again = Relay({})
+        again.keep_at(tmp_path / "engine-reloads.json")
+        assert again.reloads["aaa"]["stamp"] == 20
+        relay.retire(first, {"op": "retired", "category": "aaa", "stamp": 20})
+        again = Relay({})
+        again.keep_at(tmp_path / "engine-reloads.json")
+        assert again.reloads == {}
+        again.reload(second, {"op": "reload", "category": "aaa", "version": "2", "stamp": 20})  # refused there too
+        assert again.reloads == {}
+
+    asyncio.run(main())
