@@ -237,8 +237,12 @@ class ModelRegistry(RegistryView):
         store it is still served where the engine factory can have it without (the engine
         process holds it), and if it cannot be served the pin holds all the same: the category
         fails rather than serve another version (an operator's new reload of a removed version
-        is refused instead, as in one process)."""
-        if not CATEGORY_PATTERN.fullmatch(category) or not (self.store / category).is_dir():
+        is refused instead, as in one process). That holds for a pin whose whole category
+        folder is away (a front end started during a removal's grace, greeted with the pin the
+        running ones serve on from memory): served from the engine process's memory or failed,
+        and known here, so that the store watch retires it with the others if it stays away."""
+        held_away = in_force and version is not None and category not in self._models
+        if not CATEGORY_PATTERN.fullmatch(category) or not ((self.store / category).is_dir() or held_away):
             if category in self._models:  # not "unknown ...; known: <it>": it serves, from memory
                 grace, watched = self.settings.store_removal_grace_s, self.settings.store_poll_s > 0
                 until = (f"the store watch retires it ({grace:.3g} s after it left)" if grace >= 0 and watched

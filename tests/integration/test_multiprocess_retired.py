@@ -113,3 +113,40 @@ def test_a_late_retirement_leaves_a_newer_pin_alone_and_a_stale_handover_is_refu
         assert again.reloads == {}
 
     asyncio.run(main())
+
+
+
+def test_a_front_end_started_while_a_pinned_category_is_away_serves_the_pin_until_it_is_retired(
+        two_version_store: Path, tmp_path: Path) -> None:
+    """The pinned category's folder left the store, and a front end starts within the grace
+    (a killed one's replacement), greeted with the pin the running front end serves on from
+    memory. Before, it could not follow it (no folder: unknown here), so when the folder came
+    back within the grace it loaded version 2, unpinned, beside the others' pinned 1; nor did
+    its store watch ever retire the category with the others. Now it serves the pin from the
+    engine process's memory, and retires the category when it stays away."""
+    store = two_version_store
+    fake_version(store, "bbb", "1")
+    away = tmp_path / "aaa-away"
+
+    async def main() -> None:
+        async with engine_process(store) as (core, settings):  # the default grace: nothing retires yet
+            core.unload_grace_s = 0.1
+            async with front_end(settings) as (a, a_link):
+                await operator_reload(a, a_link, "aaa", "1")
+                shutil.move(store / "aaa", away)
+                await a.registry.refresh()
+                async with started_state(settings) as late:
+                    assert serves(late.registry) == ("1", True)
+                    shutil.move(away, store / "aaa")  # back within the grace: the pin holds everywhere
+                    for registry in (a.registry, late.registry):
+                        await registry.refresh()
+                        assert serves(registry) == ("1", True)
+                    shutil.move(store / "aaa", away)  # away for good: both retire it
+                    for registry in (a.registry, late.registry):
+                        registry.removals.grace_s = 0
+                        await registry.refresh()
+                        assert "aaa" not in registry.categories
+                    await until(lambda: "aaa" not in core.reloads, "the engine process dropping the pin")
+                    await until(lambda: not any("/aaa/" in folder for folder in core.hosted), "aaa unloaded")
+
+    asyncio.run(main())
