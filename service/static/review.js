@@ -43,6 +43,7 @@
     for (const it of view.items) for (const u of it.urls) URL.revokeObjectURL(u);
     view.items = [];
     view.cursor = null;
+    view.more = null; // a page of the list before, on its way: moot, the new list asks for its own
     c().$("#review-items").replaceChildren();
   }
 
@@ -86,7 +87,10 @@
   // the rest of the queue. Returns whether items were added.
   function loadMore() {
     if (!view.cursor) return Promise.resolve(false);
-    if (!view.more) view.more = fetchMore().finally(() => { view.more = null; });
+    if (!view.more) {
+      const more = fetchMore().finally(() => { if (view.more === more) view.more = null; });
+      view.more = more;
+    }
     return view.more;
   }
 

@@ -134,6 +134,38 @@ def test_j_while_the_next_page_comes_moves_one_item_and_the_selection_stays_wher
         assert len(ids) == len(set(ids)) == total
 
 
+
+def test_a_list_reloaded_while_its_next_page_comes_fetches_its_own(reviewer: Console, queue_server: Server) -> None:
+    """Refresh while the next page of the list before was on its way: J past the last item of
+    the new list reused that fetch, which the reload had made moot, and did nothing."""
+    page = reviewer.page
+    held_pages: list[Any] = []
+    page.route(re.compile(r"/items\?.*after="), lambda route: held_pages.append(route))
+    with reviewer.on_failure_screenshot():
+        total = pending(queue_server)
+        page.wait_for_selector("#review-items[data-loaded='20']")
+        for _ in range(20):  # past the last one listed: the next page is asked for, and held
+            page.keyboard.press("j")
+        while not held_pages:
+            page.wait_for_timeout(50)
+        page.click("#review-refresh")
+        page.wait_for_selector(".review-item:nth-child(1).current")
+        page.wait_for_selector("#review-items[data-loaded='20']")
+        page.locator("body").click(position={"x": 5, "y": 5})
+        for _ in range(20):
+            page.keyboard.press("j")
+        for _ in range(40):
+            if len(held_pages) == 2:
+                break
+            page.wait_for_timeout(50)
+        assert len(held_pages) == 2  # the new list's own fetch
+        for route in held_pages:  # the list before's comes back too, and is dropped
+            route.continue_()
+        page.wait_for_selector(f"#review-items[data-loaded='{total}']")
+        page.wait_for_selector(".review-item:nth-child(21).current")
+        ids = page.locator(".review-item").evaluate_all("ns => ns.map(n => n.dataset.id)")
+        assert len(ids) == len(set(ids)) == total
+
 def test_a_wrong_label_is_corrected_and_a_bad_defect_type_explained(reviewer: Console, queue_server: Server) -> None:
     page = reviewer.page
     stats = page.locator("#review-stats")
