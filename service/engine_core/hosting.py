@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -205,13 +205,8 @@ class HostedEngines:
             return
         slab = _slab_for(frontend, submit, hosted)
         payloads = [Payload(frontend.ident, slab, slot, observed) for slot in slots]
-        try:
-            futures = hosted.batcher.submit_many(payloads, submit.deadline, observed)
-        except QueueFull:
-            refuse(frames.QUEUE_FULL)
-            return
-        except BatcherClosed:
-            refuse(frames.CLOSED)
+        futures = _enqueue(hosted, payloads, submit.deadline, observed, refuse)
+        if futures is None:
             return
         frontend.requests[rid] = (hosted.batcher, futures)
         remaining = len(futures)
@@ -231,14 +226,8 @@ class HostedEngines:
         """:meth:`_submit` of a request of one image, answered as it is (the same frames)."""
         rid, slot, channel = submit.rid, submit.slots[0], frontend.channel
         slab = _slab_for(frontend, submit, hosted)
-        try:
-            futures = hosted.batcher.submit_many((Payload(frontend.ident, slab, slot, observed),), submit.deadline,
-                                                 observed)
-        except QueueFull:
-            refuse(frames.QUEUE_FULL)
-            return
-        except BatcherClosed:
-            refuse(frames.CLOSED)
+        futures = _enqueue(hosted, (Payload(frontend.ident, slab, slot, observed),), submit.deadline, observed, refuse)
+        if futures is None:
             return
         frontend.requests[rid] = (hosted.batcher, futures)
 
@@ -274,6 +263,19 @@ def _slab_for(frontend: FrontEnd, submit: frames.Submit, hosted: Hosted) -> Slab
         slab.check_slot(slot)
     return slab
 
+
+
+def _enqueue(hosted: Hosted, payloads: Sequence[Payload], deadline: float, observed: bool,
+             refuse: Callable[[int], None]) -> list[asyncio.Future[Batched[float]]] | None:
+    """The batcher's futures for ``payloads``; None once the request was refused (its queue
+    full, or the version closing)."""
+    try:
+        return hosted.batcher.submit_many(payloads, deadline, observed)
+    except QueueFull:
+        refuse(frames.QUEUE_FULL)
+    except BatcherClosed:
+        refuse(frames.CLOSED)
+    return None
 
 def _outcome(future: asyncio.Future[Batched[float]]) -> frames.Outcome:
     if future.cancelled():

@@ -1,8 +1,10 @@
 """Helpers of the in-process multi-process tests (``test_multiprocess``,
 ``test_multiprocess_reloads``, ``test_multiprocess_pin_faults``): an engine core serving on a
 socket of its own, front ends' runtimes that relay and follow reloads as a server's do, and a
-front end's whole state (:class:`RecordedState`), all on the test's event loop. Test modules
-import this, never each other.
+front end's whole state (:class:`RecordedState`), all on the test's event loop, and a front
+end's channel as the engine process sees it (:class:`RecordedChannel`, for the submit tests of
+``test_multiprocess`` and ``test_engine_submit_slabs``). Test modules import this, never each
+other.
 """
 
 from __future__ import annotations
@@ -102,3 +104,17 @@ async def started_state(settings: Settings) -> AsyncIterator[RecordedState]:
     finally:
         await state.stop()
 
+
+class RecordedChannel:
+    """A front end's channel as the engine process sees it, keeping what it is sent."""
+
+    def __init__(self) -> None:
+        self.frames: list[bytes] = []
+        self.arrived = asyncio.Event()
+
+    def send_frame(self, frame: bytes) -> None:
+        self.frames.append(frame)
+        self.arrived.set()
+
+    def send(self, message: dict[str, object]) -> None:
+        raise AssertionError(f"a submit must be answered by a packed result, not {message}")

@@ -11,27 +11,13 @@ import time
 from pathlib import Path
 
 from harness import fake_version
+from multiprocess_fixtures import RecordedChannel
 from service.config import Settings
 from service.engine_core import EngineCore, FrontEnd
 from service.ipc import frames
 from service.ipc.slab import Slab
 
 SIZE = 32  # the engine's input side (fake_version's manifest)
-
-
-class _Recorded:
-    """A front end's channel as the engine process sees it, keeping what it is sent."""
-
-    def __init__(self) -> None:
-        self.frames: list[bytes] = []
-        self.arrived = asyncio.Event()
-
-    def send_frame(self, frame: bytes) -> None:
-        self.frames.append(frame)
-        self.arrived.set()
-
-    def send(self, message: dict[str, object]) -> None:
-        raise AssertionError(f"a submit must be answered by a packed result, not {message}")
 
 
 def test_a_slab_of_another_size_fails_its_request_alone(tmp_path: Path) -> None:
@@ -41,7 +27,7 @@ def test_a_slab_of_another_size_fails_its_request_alone(tmp_path: Path) -> None:
         core = EngineCore(Settings(model_store=tmp_path / "store", device="cpu", engine="null", max_batch_size=8,
                                    max_queue_delay_ms=50, store_poll_s=0))
         hosted = await core.engines.load(str(version_dir))
-        channel = _Recorded()
+        channel = RecordedChannel()
         frontend = FrontEnd(1, channel)  # type: ignore[arg-type]
         slabs = [frontend.slabs.setdefault(1, Slab.create(SIZE, 4, "test-right-size")),
                  frontend.slabs.setdefault(2, Slab.create(SIZE // 2, 4, "test-other-size"))]

@@ -31,7 +31,7 @@ import pytest
 from harness import (ADMIN_KEY, CATEGORY, Server, assert_error, children, copy_version, fake_version, metric, part,
                      start, until, wait_until)
 from loadtests.run import listens, sockets_held
-from multiprocess_fixtures import engine_process
+from multiprocess_fixtures import RecordedChannel, engine_process
 from service.config import Settings
 from service.engine_core import EngineCore, FrontEnd
 from service.ipc import frames
@@ -126,21 +126,6 @@ def test_a_front_end_through_the_engine_core_answers_like_the_local_engine(model
     asyncio.run(main())
 
 
-class _Recorded:
-    """A front end's channel as the engine process sees it, keeping what it is sent."""
-
-    def __init__(self) -> None:
-        self.frames: list[bytes] = []
-        self.arrived = asyncio.Event()
-
-    def send_frame(self, frame: bytes) -> None:
-        self.frames.append(frame)
-        self.arrived.set()
-
-    def send(self, message: dict[str, object]) -> None:
-        raise AssertionError(f"a submit must be answered by a packed result, not {message}")
-
-
 def test_a_bad_submit_fails_alone_and_an_unknown_version_is_not_loaded(model_store: Path) -> None:
     """A slot outside the front end's slab is refused before the batch (which would fail
     every front end's images in it), a handle the engine process does not hold answers
@@ -149,7 +134,7 @@ def test_a_bad_submit_fails_alone_and_an_unknown_version_is_not_loaded(model_sto
         core = EngineCore(Settings(model_store=model_store, device="cpu", engine="null", max_batch_size=4,
                                    max_queue_delay_ms=1, store_poll_s=0))
         hosted = await core.engines.load(str(model_store / CATEGORY / "1"))
-        channel = _Recorded()
+        channel = RecordedChannel()
         frontend = FrontEnd(1, channel)  # type: ignore[arg-type]
         size = hosted.engine.manifest.input_size
         slab = frontend.slabs[1] = Slab.create(size, 2, "test-bad-submit")
