@@ -1,21 +1,33 @@
-"""Helpers of the in-process multi-process tests (``test_multiprocess``,
-``test_multiprocess_reloads``, ``test_multiprocess_pin_faults``): an engine core serving on a
-socket of its own, front ends' runtimes that relay and follow reloads as a server's do, and a
-front end's whole state (:class:`RecordedState`), all on the test's event loop, and a front
-end's channel as the engine process sees it (:class:`RecordedChannel`, for the submit tests of
-``test_multiprocess`` and ``test_engine_submit_slabs``). Test modules import this, never each
-other.
+"""Helpers of the multi-process tests. In-process (``test_multiprocess_engine_core``,
+``test_multiprocess_slots``, ``test_multiprocess_version_holds``, ``test_multiprocess_reloads``,
+``test_multiprocess_pin_faults``): an engine core serving on a socket of its own, front ends'
+runtimes that relay and follow reloads as a server's do, and a front end's whole state
+(:class:`RecordedState`), all on the test's event loop, an engine that scores a fixed value and
+can be held or made to fail (:class:`ValueEngine`), and a front end's channel as the engine
+process sees it (:class:`RecordedChannel`, for the submit tests of
+``test_multiprocess_engine_core`` and ``test_engine_submit_slabs``). Over real HTTP
+(``test_multiprocess_server``, ``test_multiprocess_limits``): the settings of a two-front-end
+server (:data:`MP`), its store with a second version, and requests spread over the front ends
+(:func:`post_many`). Test modules import this, never each other.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import shutil
 import tempfile
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import httpx
+import numpy as np
+
+from harness import CATEGORY, copy_version, part
+from models.manifest import Manifest
 from service.config import Settings
 from service.engine_core import EngineCore
 from service.pipeline.engine_client import EngineClient
@@ -118,3 +130,49 @@ class RecordedChannel:
 
     def send(self, message: dict[str, object]) -> None:
         raise AssertionError(f"a submit must be answered by a packed result, not {message}")
+
+
+class ValueEngine:
+    """Scores every image ``value`` and fills its map with it. Once warm (the engine
+    process's own first batch), a ``gated`` one holds each batch at ``gate`` (a busy
+    accelerator) and a ``failing`` one raises."""
+
+    def __init__(self, version_dir: Path, value: float, gated: bool = False, failing: bool = False) -> None:
+        self.manifest = Manifest.read(version_dir)
+        self.name = f"value-{value}"
+        self.max_batch_size = 4
+        self.value, self.failing = value, failing
+        self.started, self.gate = threading.Event(), threading.Event()
+        if not gated:
+            self.gate.set()
+        self._warm = False
+
+    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self._warm:
+            self.started.set()
+            assert self.gate.wait(10), "test gate never opened"
+            if self.failing:
+                raise RuntimeError("engine exploded")
+        self._warm = True
+        n, size = len(images), self.manifest.input_size
+        return np.full(n, self.value, np.float32), np.full((n, size, size), self.value, np.float32)
+
+
+MP = dict(api_processes=2, engine="onnx", store_poll_s=0.5)
+
+
+def store_with_version_2(model_store: Path, root: Path) -> Path:
+    """A copy of ``model_store`` under ``root`` whose category has a version 2 as well."""
+    store = root / "store"
+    shutil.copytree(model_store, store)
+    copy_version(store / CATEGORY / "1", store / CATEGORY / "2", CATEGORY, "2")
+    return store
+
+
+def post_many(url: str, paths: list[Path], count: int, **params: str) -> list[httpx.Response]:
+    """``count`` requests at once, each on its own connection (so they spread over front ends)."""
+    def one(i: int) -> httpx.Response:
+        return httpx.post(f"{url}/v1/inspect/{CATEGORY}", files=[part(paths[i % len(paths)])],
+                          params={"heatmap": "none", **params}, timeout=60)
+    with concurrent.futures.ThreadPoolExecutor(count) as pool:
+        return list(pool.map(one, range(count)))

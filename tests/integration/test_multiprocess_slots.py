@@ -1,0 +1,104 @@
+"""A front end's shared-memory slots while the engine process still writes into them, in-process
+(an engine core and a front end's link on one event loop, a gated :class:`ValueEngine`): a
+cancelled image and a channel that ends under a running batch never hand its slots out again
+before the batch is done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from harness import fake_version, until
+from multiprocess_fixtures import ValueEngine, engine_process
+from service.pipeline.engine_client import EngineClient, EngineUnavailable
+
+
+def test_a_cancelled_image_keeps_its_slot_until_its_running_batch_is_done(tmp_path: Path) -> None:
+    """A front end frees an image's slot on the engine process's answer. A cancel (deadline,
+    client gone) reaching an image whose batch runs must not be answered before the batch
+    ends: the slot would go to another request while the engine still writes the old map
+    into it."""
+    store = tmp_path / "store"
+    dirs = {"aaa": fake_version(store, "aaa"), "bbb": fake_version(store, "bbb")}
+    engines: dict[str, ValueEngine] = {}
+
+    def factory(version_dir: Path, **_: Any) -> ValueEngine:
+        category = version_dir.parent.name
+        engines[category] = ValueEngine(version_dir, 1.0 if category == "aaa" else 2.0, gated=category == "aaa")
+        return engines[category]
+
+    async def main() -> None:
+        async with engine_process(store, factory) as (core, settings):
+            client = EngineClient(settings, settings.engine_socket)
+            client.start()
+            try:
+                for version_dir in dirs.values():
+                    await client.acquire(version_dir)
+                pool = client.pool(32)
+                image = np.zeros((32, 32, 3), np.uint8)
+                (a,) = client.submit(str(dirs["aaa"]), [image], time.monotonic() + 30)
+                assert await asyncio.to_thread(engines["aaa"].started.wait, 10)  # A's batch is in the engine
+                a.cancel()
+                await asyncio.sleep(0.3)  # time for a (wrong) answer to come back
+                assert pool.free == pool.capacity - 1, "A's slot was freed while its batch still runs"
+                (b,) = client.submit(str(dirs["bbb"]), [image], time.monotonic() + 30)
+                done = await asyncio.wait_for(b, 10)
+                assert done.value[0] == 2.0 and (done.value[1] == 2.0).all()
+                engines["aaa"].gate.set()
+                await until(lambda: pool.free == pool.capacity, "A's slot back once its batch is done")
+                assert a.cancelled()
+            finally:
+                engines["aaa"].gate.set()
+                await client.close()
+
+    asyncio.run(main())
+
+
+def test_a_channel_that_ends_under_a_running_batch_never_hands_its_slots_out_again(tmp_path: Path) -> None:
+    """The channel can end while the engine process lives on (here it drops the front end,
+    as for a corrupt stream): its batch still running writes into the front end's slab. The
+    front end fails the request, reconnects and serves on; the slots that were in flight
+    are on a new slab, not in memory the old batch writes."""
+    store = tmp_path / "store"
+    version_dir = fake_version(store, "aaa")
+    engines: list[ValueEngine] = []
+
+    def factory(version_dir: Path, **_: Any) -> ValueEngine:
+        engines.append(ValueEngine(version_dir, 1.0, gated=True))
+        return engines[-1]
+
+    async def main() -> None:
+        async with engine_process(store, factory) as (core, settings):
+            client = EngineClient(settings, settings.engine_socket)
+            client.start()
+            try:
+                await client.acquire(version_dir)
+                pool = client.pool(32)
+                image = np.zeros((32, 32, 3), np.uint8)
+                (a,) = client.submit(str(version_dir), [image], time.monotonic() + 30)
+                (slot,) = client.images.requests[max(client.images.requests)].slots
+                written = client.images.slabs[32][1]  # the memory A's batch writes its map into
+                assert await asyncio.to_thread(engines[0].started.wait, 10)
+                (frontend,) = core.frontends.values()
+                frontend.channel.close()
+                with pytest.raises(EngineUnavailable):
+                    await asyncio.wait_for(a, 10)
+                await until(lambda: client.connected, "the reconnect")
+                assert pool.free == pool.capacity
+                engines[0].gate.set()
+                await until(lambda: (written.output(slot) == 1.0).all(), "A's late map")
+                serving = client.images.slabs[32][1]
+                assert serving is not written and (serving.output(slot) == 0).all()
+                (b,) = client.submit(str(version_dir), [image], time.monotonic() + 30)  # the new slab reached the engine
+                assert (await asyncio.wait_for(b, 10)).value[0] == 1.0
+            finally:
+                engines[0].gate.set()
+                await client.close()
+
+    asyncio.run(main())

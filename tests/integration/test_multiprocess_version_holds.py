@@ -1,0 +1,89 @@
+"""Which model versions a front end holds in the engine process across reloads, in-process
+(an engine core and a front end's runtime on one event loop): a reload whose warm-up fails
+keeps the served version held, and reloading the served version holds it once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from harness import fake_version, until
+from multiprocess_fixtures import ValueEngine, engine_process
+from service.config import Settings
+from service.engine_core import EngineCore
+from service.engines.base import EngineError
+from service.pipeline.engine_client import EngineClient
+from service.pipeline.runtime import PipelineRuntime
+
+
+@contextlib.asynccontextmanager
+async def front_end_of(core: EngineCore, settings: Settings) -> AsyncIterator[tuple[PipelineRuntime, int]]:
+    """A front end's runtime linked to ``core`` with the store's models loaded: the runtime,
+    and the front end's number in the engine process; closed afterwards."""
+    rt = PipelineRuntime(settings, None, engine_link=EngineClient(settings, settings.engine_socket))
+    rt.open()
+    try:
+        await rt.registry.load_all()
+        (ident,) = core.frontends
+        yield rt, ident
+    finally:
+        await rt.close()
+
+
+def test_a_reload_whose_warm_up_fails_keeps_the_version_served_held(tmp_path: Path) -> None:
+    """The registry keeps serving version 1 when version 2's warm-up through the engine
+    process fails: this front end must still hold 1 there (not let go of it at 2's acquire),
+    and let go of 2, which the engine process then unloads."""
+    store = tmp_path / "store"
+    v1 = fake_version(store, "aaa", "1")
+
+    def factory(version_dir: Path, **_: Any) -> ValueEngine:
+        return ValueEngine(version_dir, 0.0, failing=version_dir.name == "2")
+
+    async def main() -> None:
+        async with engine_process(store, factory, request_deadline_ms=500) as (core, settings):
+            core.unload_grace_s = 0.1
+            async with front_end_of(core, settings) as (rt, ident):
+                v2 = fake_version(store, "aaa", "2")
+                with pytest.raises(EngineError):
+                    await rt.registry.reload("aaa")
+                assert rt.registry.serving() == {"aaa": "1"}
+                await until(lambda: str(v2) not in core.hosted, "version 2 unloaded")
+                await asyncio.sleep(0.3)  # past the grace period
+                assert str(v1) in core.hosted and set(core.hosted[str(v1)].holders) == {ident}
+                with rt.pin("aaa") as lane:
+                    (future,) = lane.batcher.submit_many([np.zeros((32, 32, 3), np.uint8)], time.monotonic() + 10)
+                    assert (await asyncio.wait_for(future, 10)).batch_size == 1
+
+    asyncio.run(main())
+
+
+def test_reloading_the_version_served_holds_it_once(tmp_path: Path) -> None:
+    """A reload of the version already served (an operator's reload with nothing new, or one
+    followed from another front end) acquires it again: once the next version serves, the
+    engine process must still unload it."""
+    store = tmp_path / "store"
+    v1 = fake_version(store, "aaa", "1")
+
+    async def main() -> None:
+        async with engine_process(store, request_deadline_ms=500) as (core, settings):
+            core.unload_grace_s = 0.1
+            async with front_end_of(core, settings) as (rt, ident):
+                await rt.registry.reload("aaa")
+                await rt.registry.reload("aaa", "1")
+                await asyncio.sleep(0.3)  # past the grace period: still held
+                assert set(core.hosted[str(v1)].holders) == {ident}
+                v2 = fake_version(store, "aaa", "2")
+                await rt.registry.reload("aaa")
+                await until(lambda: str(v1) not in core.hosted, "version 1 unloaded")
+                assert list(core.hosted) == [str(v2)] and set(core.hosted[str(v2)].holders) == {ident}
+
+    asyncio.run(main())
