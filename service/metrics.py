@@ -10,6 +10,8 @@ Several processes, one ``/metrics`` (``MSFLOW_API_PROCESSES`` > 1): the supervis
 keeps every value in per-process files there, and any front end's ``/metrics`` adds them up
 (counters and histograms summed; each gauge says how: ``multiprocess_mode``, which a
 single process ignores). The engine process's batch metrics thus appear on every front end.
+Each process keeps its values in memory and writes them to its files once a second and
+before every exposition (:mod:`service.metrics_buffer`).
 
 A series that retires (``msflow_model_info`` of a version no longer served) is removed in
 one process; a multi-process file cannot drop a label set, and kept it at 0 for the life of
@@ -40,6 +42,8 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
+from service import metrics_buffer
+
 _process_id = os.getpid()
 
 
@@ -56,11 +60,11 @@ def current_process_id() -> int:
 os.register_at_fork(after_in_child=_forked)
 if values.ValueClass is not values.MutexValue:
     # Multi-process mode (PROMETHEUS_MULTIPROC_DIR, set by the supervisor before it spawns
-    # the front ends and the engine process): prometheus-client asks for the process id on
-    # every value update, to notice a fork: a getpid system call each, ~13 of a front end's 22
-    # per request (strace, docs/performance-log.md). Its own extension point takes the id from
-    # here instead; the fork hook keeps it true.
-    values.ValueClass = values.MultiProcessValue(process_identifier=current_process_id)
+    # the front ends and the engine process): prometheus-client writes every update through
+    # to its file, under a lock, after asking for the process id (a getpid system call each,
+    # ~13 of a front end's 22 per request before: strace, docs/performance-log.md). Values
+    # are kept in memory instead and written in one go (service/metrics_buffer.py).
+    metrics_buffer.install()
 
 # 1 ms .. 30 s: a warm GPU answers in a few ms, a cold CPU batch of large images in seconds.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -339,6 +343,7 @@ class ServiceMetrics:
         """The ``/metrics`` body and its content type."""
         self.refresh_gpu_memory()
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            metrics_buffer.flush()  # the other processes flushed when asked (api/health.py)
             return generate_latest(_MultiProcessView()), CONTENT_TYPE_LATEST
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from fastapi import APIRouter
@@ -10,6 +11,8 @@ from fastapi.responses import Response
 from service.api.deps import StateDep
 from service.api.errors import ApiError
 from service.api.openapi import REQUEST_ID, ok
+from service.metrics_buffer import FLUSH_TOPIC
+from service.pipeline.engine_errors import EngineUnavailable
 from service.pipeline.state import ServiceState
 from service.redisq.connection import RedisUnavailable
 from service.schemas import ErrorResponse, Health, Readiness
@@ -21,6 +24,9 @@ router = APIRouter()
 # What a scrape may spend reading the job gauges from Redis: Prometheus's scrape timeout is
 # 10 s by default, and a /metrics that hung on a stalled Redis would lose every other series.
 JOB_CENSUS_TIMEOUT_S = 0.5
+# What a scrape waits for the other processes to write their buffered metric values (each does
+# it on its event loop: milliseconds); one stuck longer is read as its files are.
+METRICS_FLUSH_TIMEOUT_S = 1.0
 
 
 @router.get("/healthz", response_model=Health, responses=ok("Alive"))
@@ -50,8 +56,21 @@ async def readyz(state: StateDep) -> Readiness:
 @router.get("/metrics", include_in_schema=False)
 async def metrics(state: StateDep) -> Response:
     await _refresh_job_gauges(state)
+    await _flush_other_processes(state)
     body, content_type = state.metrics.exposition()
     return Response(body, media_type=content_type)
+
+
+async def _flush_other_processes(state: ServiceState) -> None:
+    """Multi-process mode: the engine process and every other front end write their buffered
+    metric values (service/metrics_buffer.py) before this one reads the files; those that do not
+    answer within METRICS_FLUSH_TIMEOUT_S (or no engine process) are read as their files are."""
+    if state.engine_link is None:
+        return
+    try:
+        await asyncio.wait_for(state.engine_link.collect(FLUSH_TOPIC, {}), METRICS_FLUSH_TIMEOUT_S)
+    except (EngineUnavailable, TimeoutError) as exc:
+        log.debug("metrics read without every process's latest values: %s", exc or "timed out")
 
 
 async def _refresh_job_gauges(state: ServiceState) -> None:

@@ -19,7 +19,8 @@
   :mod:`service.pipeline.recent`): every other front end is asked (``collect``), their
   ``part`` frames go to the front end that asked as they come, unparsed, and ``gathered``
   ends it once all answered, or after :data:`GATHER_TIMEOUT_S` with those that did (a
-  stopped front end must not hang an admin's page).
+  stopped front end must not hang an admin's page). A scrape's gather (``FLUSH_TOPIC`` of
+  :mod:`service.metrics_buffer`) also writes this process's buffered metric values first.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from pathlib import Path
 from service.engine_core.frontend import FrontEnd
 from service.ipc import frames
 from service.ipc.channel import Message
+from service.metrics_buffer import FLUSH_TOPIC
+from service.metrics_buffer import flush as flush_metrics
 from service.pipeline.peer_reloads import retired_message
 
 log = logging.getLogger(__name__)
@@ -149,6 +152,8 @@ class Relay:
 
     # ------------------------------------------------------------------ gathers
     def gather(self, asker: FrontEnd, rid: int, topic: str, args: Message) -> None:
+        if topic == FLUSH_TOPIC:  # a scrape: this process's values too (the front ends write theirs to answer)
+            flush_metrics()
         others = [f for f in self.frontends.values() if f is not asker]
         self._next_gather += 1
         gid = self._next_gather

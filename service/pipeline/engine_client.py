@@ -50,6 +50,8 @@ from service.ipc import frames
 from service.ipc.channel import Channel, Incoming, Message
 from service.ipc.retry import Backoff
 from service.ipc.slab import SlotPool
+from service.metrics_buffer import FLUSH_TOPIC
+from service.metrics_buffer import flush as flush_metrics
 from service.pipeline.engine_errors import EngineUnavailable
 from service.pipeline.engine_images import EngineImages
 from service.pipeline.holds import VersionHolds
@@ -89,6 +91,7 @@ class EngineClient:
         # Its own method, not a wrapper: a request pays no extra call for the split.
         self.submit = self.images.submit
         self.gathers = Gathers(self)
+        self.gathers.collectors[FLUSH_TOPIC] = _flush_metrics  # another front end serves /metrics
         # What a reload heard again is checked against (followed once), and what a new engine
         # process learns at the handshake (it replays it to front ends that start later).
         self.reloads = ReloadRecord()
@@ -379,3 +382,9 @@ class EngineClient:
             self.loop.call_soon_threadsafe(self.release, str(version_dir))
             raise EngineError(f"engine process: no readable manifest for {version_dir}: {exc}") from exc
         return RemoteEngine(self, version_dir, manifest, str(answer["name"]), int(answer["max_batch_size"]))
+
+
+def _flush_metrics(_: Message) -> list[Any]:
+    """Another front end's scrape: this one's buffered metric values go to its files now."""
+    flush_metrics()
+    return []

@@ -1,0 +1,97 @@
+"""Multi-process metric values buffered in memory (service/metrics_buffer.py): what the files
+hold after a flush is exactly what prometheus-client's write-through value leaves, and a
+process's values reach its files at exit without a flush of its own. Each case runs in a fresh
+interpreter, since the value class is chosen when prometheus-client is imported."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from prometheus_client.multiprocess import MultiProcessCollector
+
+REPO = Path(__file__).resolve().parents[2]
+
+# The same updates through the library's own value ("library") or ours ("service"), awkward
+# floats included (sums must match to the bit), then every sample the files hold, as JSON.
+# "service" also prints what the files held before the flush (the updates are not written).
+_UPDATES = """
+import json, sys
+from prometheus_client import values
+from prometheus_client.multiprocess import MultiProcessCollector
+import service.metrics as m
+from service import metrics_buffer
+if sys.argv[1] == "library":
+    values.ValueClass = values.MultiProcessValue()
+metrics = m.ServiceMetrics()
+
+def read():
+    return {f"{s.name}{sorted(s.labels.items())}": s.value
+            for family in MultiProcessCollector(None).collect() for s in family.samples}
+
+def round(i):
+    seconds = 0.0001 * (i % 17) + 1e-7 * i
+    metrics.observe_request("/v1/inspect/{category}", "brick", 200 if i % 5 else 503, seconds)
+    metrics.count_image("brick", i % 3 == 0, "ng" if i % 3 == 0 else "ok")
+    metrics.observe_score("brick", (i % 23) / 22.0)
+    metrics.observe_stage("decode", seconds / 3)
+    metrics.observe_batch("brick", "onnx", 1 + i % 7, seconds * 7)
+    metrics.set_queue_depth("brick", i % 11)
+    metrics.set_anomaly_window("brick", i % 13, min(i + 1, 200))
+    metrics.count_rejection("brick", "queue_full")
+
+round(0)  # these two make every series
+round(1)
+metrics_buffer.flush()
+made = read()
+for i in range(2, 300):
+    round(i)
+before_flush = read()
+metrics_buffer.flush()
+print(json.dumps({"samples": read(), "before_flush": before_flush, "made": made}))
+"""
+
+# Updates a counter 100,000 times from each of four threads, exits without a flush.
+_THREADS_THEN_EXIT = """
+import threading
+import service.metrics as m
+metrics = m.ServiceMetrics()
+def work():
+    for _ in range(100_000):
+        metrics.count_work_placement(True)
+threads = [threading.Thread(target=work) for _ in range(4)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+"""
+
+
+def _run(code: str, metrics_dir: Path, *args: str) -> str:
+    metrics_dir.mkdir(exist_ok=True)
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir), "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True,
+                         timeout=120, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_flushed_values_are_exactly_what_write_through_gives(tmp_path: Path) -> None:
+    ours = json.loads(_run(_UPDATES, tmp_path / "ours", "service").splitlines()[-1])
+    library = json.loads(_run(_UPDATES, tmp_path / "library", "library").splitlines()[-1])
+    assert ours["samples"] == library["samples"]  # counts, buckets, sums (to the bit), gauges
+    assert ours["samples"]['msflow_images_total[(\'category\', \'brick\'), (\'label\', \'normal\')]'] == 200
+    # Buffered: nothing written after the first round until the flush.
+    assert ours["before_flush"] == ours["made"] != ours["samples"]
+    assert library["before_flush"] == library["samples"] != library["made"]
+
+
+def test_updates_from_threads_all_count_and_reach_the_files_at_exit(tmp_path: Path) -> None:
+    _run(_THREADS_THEN_EXIT, tmp_path)
+    total = sum(s.value for family in MultiProcessCollector(None, path=str(tmp_path)).collect()
+                for s in family.samples
+                if s.name == "msflow_request_work_total" and s.labels == {"where": "loop"})
+    assert total == 400_000
