@@ -35,10 +35,11 @@ beside the server's other threads to the outside).
 Kinds: ``jpeg256-none`` (a 256 x 256 JPEG, ``heatmap=none``), ``png256-inline`` (a 256 x 256
 PNG, inline heatmap), ``jpeg2048-none`` (a 2048 x 2048 camera-like JPEG, ``heatmap=none``): the
 issue's three targets, run by default; and ``png256-overlay`` (the PNG, its inline heatmap
-blended over it: ``overlay=true``), on request. Each made from scikit-image's brick photograph,
-or from ``--image``. The image matters with the real engine: a model of the category finds the
-texture photograph (another scale than its parts) defective all over, a good part of the
-category mostly not, and an answer's defect regions cost with the defect's size.
+blended over it: ``overlay=true``), on request (:mod:`loadtests.frontend_inputs`). Each made
+from scikit-image's brick photograph, or from ``--image``. The image matters with the real
+engine: a model of the category finds the texture photograph (another scale than its parts)
+defective all over, a good part of the category mostly not, and an answer's defect regions
+cost with the defect's size.
 ``--servers N`` runs N separate single-process servers instead of one and spreads the
 connections over them: the same work split over N processes with no link between them, so
 the floor under ``--api-processes N`` on the same box (more busy processes than cores cost
@@ -63,24 +64,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import io
 import itertools
 import json
 import os
 import sys
 import tempfile
 import time
-import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
-from PIL import Image
 
+from loadtests.frontend_inputs import KINDS, TARGET_KINDS, distinct, encoded, source, texture
 from loadtests.frontend_profile import bare_engine_cpu_ms, outside_the_engine, profile
 from loadtests.frontend_wrk import drive_wrk, wrk_path
 from loadtests.frontend_report import combine, render, server_figures, window_metrics
@@ -88,69 +86,6 @@ from loadtests.procstat import own_cpu_s, tree, trees_usage
 from loadtests.redis_proc import RedisProc
 from loadtests.review_fill import fill
 from loadtests.run import LocalServer, listens, wait_ready
-
-
-def texture(size: int) -> Image.Image:
-    from skimage import data as skdata
-
-    img = Image.fromarray(np.asarray(skdata.brick())).convert("RGB")  # 512 x 512 real photograph
-    return img.resize((size, size), Image.Resampling.LANCZOS)
-
-
-def source(image: str | None, size: int) -> Image.Image:
-    """What the clients post, at ``size``: ``image`` (a file) resized, or the brick texture."""
-    if image is None:
-        return texture(size)
-    with Image.open(image) as img:
-        return img.convert("RGB").resize((size, size), Image.Resampling.LANCZOS)
-
-
-def encoded(img: Image.Image, fmt: str) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
-    return buf.getvalue()
-
-
-@dataclass(frozen=True)
-class Kind:
-    """What the clients post: an image of ``side`` pixels in ``format`` (Pillow's name), and
-    how it asks for its heatmap."""
-
-    side: int
-    format: str
-    heatmap: str  # the API's heatmap=
-    overlay: bool = False
-
-    @property
-    def query(self) -> dict[str, str]:
-        return {"heatmap": self.heatmap, **({"overlay": "true"} if self.overlay else {})}
-
-    @property
-    def content_type(self) -> str:
-        return "image/jpeg" if self.format == "JPEG" else "image/png"
-
-
-KINDS: dict[str, Kind] = {
-    "jpeg256-none": Kind(256, "JPEG", "none"),
-    "png256-inline": Kind(256, "PNG", "inline"),
-    "jpeg2048-none": Kind(2048, "JPEG", "none"),
-    "png256-overlay": Kind(256, "PNG", "inline", overlay=True),
-}
-TARGET_KINDS = ["jpeg256-none", "png256-inline", "jpeg2048-none"]  # the issue's targets: the default
-
-
-def distinct(data: bytes, n: int) -> bytes:
-    """``data`` (a JPEG or a PNG) with a comment naming ``n``: other bytes, the same pixels, as
-    every photograph of a line differs (the result cache, keyed by the bytes, misses). A
-    JPEG's COM segment right after SOI; a PNG's ``tEXt`` chunk ("Comment") right after IHDR."""
-    note = b"msflow benchmark %d" % n
-    if data[:2] == b"\xff\xd8":
-        return data[:2] + b"\xff\xfe" + (len(note) + 2).to_bytes(2, "big") + note + data[2:]
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
-        body = b"tEXt" + b"Comment\0" + note
-        chunk = (len(body) - 4).to_bytes(4, "big") + body + zlib.crc32(body).to_bytes(4, "big")
-        return data[:33] + chunk + data[33:]  # signature (8) + IHDR (4 + 4 + 13 + 4)
-    raise ValueError("distinct bytes for JPEG and PNG only")
 
 
 async def drive(targets: Sequence[tuple[str, int]], category: str, data: bytes, content_type: str,

@@ -50,7 +50,8 @@ from typing import Any
 
 import httpx
 
-from loadtests.frontend import BATCH, KINDS, encoded, every_front_end_ready, server_env, source
+from loadtests.frontend import BATCH, every_front_end_ready, server_env
+from loadtests.frontend_inputs import KINDS, encoded, source
 from loadtests.frontend_report import histogram_means
 from loadtests.frontend_modes import mode_args
 from loadtests.procstat import role_of, tree

@@ -1,4 +1,4 @@
-"""The front-end benchmark's distinct uploads (loadtests/frontend.py): other bytes, the same
+"""The front-end benchmark's distinct uploads (loadtests/frontend_inputs.py): other bytes, the same
 pixels, and the server's own decode paths still take them."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from loadtests.frontend import distinct, encoded, texture
+from loadtests.frontend_inputs import distinct, encoded, texture
 from service.pipeline.plain_png import decode_plain_png
 
 
