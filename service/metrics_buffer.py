@@ -23,13 +23,20 @@ it is written at once, as before (those are read at scrape time, off the hot pat
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import threading
 import time
 from typing import Any
 
 from prometheus_client import values
-from prometheus_client.mmap_dict import MmapedDict, mmap_key
+
+try:  # prometheus-client's own file format, not its public API: checked at install()
+    from prometheus_client.mmap_dict import MmapedDict, mmap_key
+except ImportError:  # pragma: no cover - a release that moved them: install() keeps the library's value
+    MmapedDict = mmap_key = None  # type: ignore[assignment,misc]
+
+log = logging.getLogger(__name__)
 
 # A gather topic (service.pipeline.peer_gathers): every process writes its values now.
 FLUSH_TOPIC = "metrics-flush"
@@ -145,10 +152,24 @@ def _after_fork_in_child() -> None:
     _start_flusher()
 
 
+def compatible() -> bool:
+    """Whether this prometheus-client has the file layer :class:`BufferedValue` writes through
+    (``mmap_dict``'s ``MmapedDict.read_value/write_value`` and ``mmap_key``, as in 0.20-0.26):
+    they are the library's internals, so a release that changed them keeps its own value."""
+    return (mmap_key is not None and callable(getattr(MmapedDict, "read_value", None))
+            and callable(getattr(MmapedDict, "write_value", None)) and hasattr(values, "MultiProcessValue"))
+
+
 def install() -> None:
-    """Make :class:`BufferedValue` prometheus-client's value class (before any metric is made)."""
+    """Make :class:`BufferedValue` prometheus-client's value class (before any metric is made);
+    with a prometheus-client whose file layer it does not know, its own (write-through) value
+    stays, with a warning."""
     global _pid
     if _flusher is not None:
+        return
+    if not compatible():
+        log.warning("prometheus-client's multi-process file layer is not the one known here: its own "
+                    "write-through values are used (correct, about 1.5x the instructions per update)")
         return
     _pid = os.getpid()
     values.ValueClass = BufferedValue

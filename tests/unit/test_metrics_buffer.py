@@ -95,3 +95,12 @@ def test_updates_from_threads_all_count_and_reach_the_files_at_exit(tmp_path: Pa
                 for s in family.samples
                 if s.name == "msflow_request_work_total" and s.labels == {"where": "loop"})
     assert total == 400_000
+
+
+def test_the_installed_prometheus_client_has_the_file_layer_the_buffer_writes_through() -> None:
+    """BufferedValue writes through prometheus-client's internals (mmap_dict); a release that
+    changed them would keep the library's own values (install() checks), so this says when the
+    buffer stopped being used, rather than letting the mode grow dearer unseen."""
+    from service import metrics_buffer
+
+    assert metrics_buffer.compatible()
