@@ -80,6 +80,9 @@ def test_what_leaves_the_store_is_let_go_of_after_the_grace(tmp_path: Path, proc
         shutil.rmtree(store / "tile")
         shutil.rmtree(store / CATEGORY / "2")  # "roll back by deleting the bad version"
         wait_until(lambda: _served(server.url) == {CATEGORY: "1"}, 30, "the removals followed", interval=0.1)
+        # /readyz answered from one front end; the other retires on its own scan, up to a poll later.
+        wait_until(lambda: all(_inspect(server.url, "tile").status_code == 404 for _ in range(6)), 30,
+                   "every front end retired tile", interval=0.1)
         stop.set()
         for thread in threads:
             thread.join(30)
@@ -107,6 +110,8 @@ def test_what_leaves_the_store_is_let_go_of_after_the_grace(tmp_path: Path, proc
 
         fake_version(store, "tile", "3")  # back: served again, as a new category
         wait_until(lambda: _served(server.url) == {CATEGORY: "1", "tile": "3"}, 30, "tile back")
+        wait_until(lambda: all(_inspect(server.url, "tile").status_code == 200 for _ in range(6)), 30,
+                   "tile back on every front end", interval=0.1)
         for _ in range(8):
             back = _inspect(server.url, "tile")
             assert back.status_code == 200 and back.json()["results"][0]["model_version"] == "3", back.text
