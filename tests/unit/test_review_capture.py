@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -155,3 +156,31 @@ def test_a_queued_capture_holds_no_answer_heatmap(tmp_path: Path) -> None:
     items = list((tmp_path / ".review" / "brick" / "items").iterdir())
     assert len(items) == 16
     assert all((d / "heatmap.png").stat().st_size > 0 for d in items)  # rendered by the writer itself
+
+
+def test_stop_waits_for_the_capture_being_written(tmp_path: Path) -> None:
+    """stop() waited for the queue to empty, then cancelled the writer: the capture it had just
+    taken off the queue, still waiting for the review thread, was neither written nor counted
+    (1 of 16 in about 4 stops right after a burst)."""
+    metrics = ServiceMetrics()
+    capture = ReviewCapture(Settings(model_store=tmp_path, review_audit_rate=1.0, review_scan_s=3600.0), metrics)
+    real_write = capture._write
+
+    def slow_write(kept: Any) -> str:
+        time.sleep(0.3)  # a large heatmap, a slow disk
+        return real_write(kept)
+    capture._write = slow_write  # type: ignore[method-assign]
+
+    async def offer_then_stop() -> None:
+        capture.start()
+        await asyncio.sleep(0.05)
+        capture.offer("brick", "onnx", COLOURS, [answered(i) for i in range(2)])
+        while capture._queue:  # both taken: the second one in hand
+            await asyncio.sleep(0.01)
+        await capture.stop()
+
+    asyncio.run(offer_then_stop())
+    outcomes = {s.labels["outcome"]: s.value for m in metrics.review_captures.collect() for s in m.samples
+                if s.name.endswith("_total")}
+    assert outcomes == {"stored": 2}
+    assert len(list((tmp_path / ".review" / "brick" / "items").iterdir())) == 2
