@@ -28,7 +28,10 @@ class ReloadRecord:
 
     def made(self, category: str, version: str | None) -> Message:
         """This front end reloaded ``category``: the message that has the others follow."""
-        stamp = max(time.time_ns(), self.latest.get(category, (0, None))[0] + 1)  # after what it replaces
+        # After what it replaces, and after a pin its retirement dropped: the engine process
+        # refuses a reload up to that stamp (from before the retirement), and a pin stamped
+        # ahead of this clock (another process's, before a clock step back) would outlast it.
+        stamp = max(time.time_ns(), self.latest.get(category, (0, None))[0] + 1, self.dropped.get(category, 0) + 1)
         self.latest[category] = (stamp, version)
         self.dropped.pop(category, None)  # newer than anything a retirement dropped
         return reload_message(category, version, stamp)
