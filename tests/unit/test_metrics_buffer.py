@@ -70,6 +70,38 @@ for t in threads:
 """
 
 
+# A category retired (its gauges zeroed and removed) and back, with no flush in between: the
+# series made again must go on from what the removed one left (0), as the library's would.
+_FORGOTTEN_THEN_BACK = """
+import json, sys
+from prometheus_client import values
+from prometheus_client.multiprocess import MultiProcessCollector
+import service.metrics as m
+from service import metrics_buffer
+if sys.argv[1] == "library":
+    values.ValueClass = values.MultiProcessValue()
+metrics = m.ServiceMetrics()
+metrics.set_model("brick", "1", "onnx")
+metrics.set_queue_depth("brick", 5)
+metrics.set_anomaly_window("brick", 3, 10)
+metrics_buffer.flush()
+metrics.set_queue_depth("brick", 7)  # pending when the series is removed
+metrics.forget_category("brick")
+metrics.set_model("brick", "2", "onnx")  # back, a new version
+metrics.set_anomaly_window("brick", 1, 4)
+from prometheus_client import Gauge  # a gauge added to, removed with an update pending, made again
+added = Gauge("test_added", "", ["k"], registry=None, multiprocess_mode="livesum")
+added.labels("a").inc(5)
+metrics_buffer.flush()
+added.labels("a").inc(2)
+added.remove("a")
+added.labels("a").inc(1)
+metrics_buffer.flush()
+print(json.dumps({f"{s.name}{sorted(s.labels.items())}": s.value
+                  for family in MultiProcessCollector(None).collect() for s in family.samples}))
+"""
+
+
 def _run(code: str, metrics_dir: Path, *args: str) -> str:
     metrics_dir.mkdir(exist_ok=True)
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir), "PYTHONPATH": str(REPO)}
@@ -104,3 +136,12 @@ def test_the_installed_prometheus_client_has_the_file_layer_the_buffer_writes_th
     from service import metrics_buffer
 
     assert metrics_buffer.compatible()
+
+
+def test_a_series_removed_and_made_again_before_a_flush_reads_as_with_write_through(tmp_path: Path) -> None:
+    ours = json.loads(_run(_FORGOTTEN_THEN_BACK, tmp_path / "ours", "service").splitlines()[-1])
+    library = json.loads(_run(_FORGOTTEN_THEN_BACK, tmp_path / "library", "library").splitlines()[-1])
+    assert ours == library
+    assert ours["msflow_queue_depth[('category', 'brick')]"] == 0
+    assert ours["test_added[('k', 'a')]"] == 8
+    assert ours["msflow_model_info[('category', 'brick'), ('engine', 'onnx'), ('version', '2')]"] == 1
