@@ -27,6 +27,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from typing import Any
 
 from prometheus_client import values
@@ -44,7 +45,9 @@ FLUSH_INTERVAL_S = 1.0
 
 _lock = threading.Lock()  # the values, the changed list and the files
 _files: dict[str, MmapedDict] = {}  # file prefix -> this process's file of it
-_values: list[BufferedValue] = []  # every value made in this process (reopened after a fork)
+# Every live value of this process (reopened after a fork); weak, so that a series removed
+# (a version no longer served, a retired category) is not kept for the process's life.
+_values: weakref.WeakSet[BufferedValue] = weakref.WeakSet()
 _changed: list[BufferedValue] = []  # values updated since the last flush, each once
 _pid = os.getpid()
 _flusher: threading.Thread | None = None
@@ -64,7 +67,7 @@ class BufferedValue:
             # A series made again after its removal goes on from what the old one wrote.
             _write_changed()
             self._open()
-            _values.append(self)
+            _values.add(self)
 
     def _open(self) -> None:
         """This value's place in this process's file (made at 0 if new), and what it holds."""

@@ -145,3 +145,26 @@ def test_a_series_removed_and_made_again_before_a_flush_reads_as_with_write_thro
     assert ours["msflow_queue_depth[('category', 'brick')]"] == 0
     assert ours["test_added[('k', 'a')]"] == 8
     assert ours["msflow_model_info[('category', 'brick'), ('engine', 'onnx'), ('version', '2')]"] == 1
+
+
+# 300 versions of one category served in turn (each swap removes the last one's info series),
+# then how many buffered values this process still holds.
+_SWAPS = """
+import gc
+import service.metrics as m
+from service import metrics_buffer
+metrics = m.ServiceMetrics()
+for version in range(300):
+    metrics.set_model("brick", str(version), "onnx")
+metrics_buffer.flush()
+gc.collect()
+print(len(metrics_buffer._values))
+"""
+
+
+def test_a_removed_series_value_is_not_kept_for_the_process_life(tmp_path: Path) -> None:
+    """Every value made was kept in a list for a fork's reopening: a series removed (a version
+    no longer served, a retired category) stayed in memory for the life of the process."""
+    held = int(_run(_SWAPS, tmp_path / "metrics").strip())
+    made_at_start = int(_run(_SWAPS.replace("range(300)", "range(1)"), tmp_path / "metrics-1").strip())
+    assert held == made_at_start, (held, made_at_start)
