@@ -11,8 +11,11 @@
 * A category the store watch retired (``retired``, sent by each front end that retires it, on
   its own scans): its record is dropped, here and in the file, so that a front end started
   after its folder came back serves the newest version as the running ones do, not the pin of
-  a category that left the store. Nothing is relayed: each front end retires on its own scans,
-  and one that has not yet serves on what it served. What was dropped is remembered by its
+  a category that left the store. A retirement newly accepted (not one heard already, nor one
+  older than the reload recorded) is relayed to the other front ends, which end that pin (not
+  a newer one) and retire on their own scans, or serve the newest version if the folder is
+  back: one started while the category was away began its grace later than the others and
+  kept the pin for good otherwise. What was dropped is remembered by its
   stamp (in the file too), so that a front end still carrying that pin (one started while the
   category was away, handing its record to a new engine process) cannot bring it back.
 * A ``gather`` (an admin's view of what every front end holds: the recent scores of
@@ -137,8 +140,9 @@ class Relay:
 
     def retire(self, frontend: FrontEnd, message: Message) -> None:
         """``frontend``'s store watch retired a category whose last reload it knew by ``stamp``:
-        that reload (or an older one) is dropped. Idempotent (every front end sends it), and a
-        reload newer than the stamp (an operator's, after the folder came back) is left alone."""
+        that reload (or an older one) is dropped, and the other front ends are told (once).
+        Idempotent (every front end sends it), and a reload newer than the stamp (an operator's,
+        after the folder came back) is left alone."""
         category, stamp = str(message["category"]), int(message["stamp"])
         known = self.reloads.get(category)
         if known is not None and int(known["stamp"]) > stamp or self.retired.get(category, -1) >= stamp:
@@ -149,6 +153,12 @@ class Relay:
                      "replayed", category, frontend.ident, frontend.pid, known.get("version") or "newest")
         self.retired[category] = stamp
         self._keep()
+        # The others end that pin too (:meth:`ReloadRecord.peer_retired`): one started while the
+        # folder was away began its grace later, and would serve the pin for good if the folder
+        # came back between the others' grace and its own (they serve the newest, unpinned).
+        for other in self.frontends.values():
+            if other is not frontend:
+                other.channel.send(retired_message(category, stamp))
 
     # ------------------------------------------------------------------ gathers
     def gather(self, asker: FrontEnd, rid: int, topic: str, args: Message) -> None:

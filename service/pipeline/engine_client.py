@@ -74,6 +74,10 @@ class EngineClient:
         self.settings = settings
         self.socket_path = socket_path
         self.on_reload: Callable[[str, str | None], Awaitable[Any]] | None = None
+        # Another front end retired a category whose pin this one recorded: (category, whether
+        # the pin still is the one retired, asked when it ends) ends it here.
+        self.on_peer_retired: Callable[[str, Callable[[], bool]], Awaitable[Any]] | None = None
+        self._ending_pins: set[asyncio.Task[Any]] = set()  # held until done (the loop keeps weak references)
         # After every connection, the first included: loads that failed while there was none get another try.
         self.on_connected: Callable[[], Awaitable[Any]] | None = None
         # (category, version folder, why): a new engine process could not load a folder served here.
@@ -264,6 +268,13 @@ class EngineClient:
                     follow = self.loop.create_task(self.on_reload(category, version))
                     if not self._serving:
                         self._catching_up.append(follow)
+            elif op == "retired":
+                category = str(message["category"])
+                if self.reloads.peer_retired(category, int(message["stamp"])) and self.on_peer_retired is not None:
+                    # Still that pin when it ends (under the category's lock): no reload made or followed since.
+                    end = self.loop.create_task(self.on_peer_retired(category, lambda: category not in self.reloads.latest))
+                    self._ending_pins.add(end)
+                    end.add_done_callback(self._ending_pins.discard)
             elif op == "greeted":
                 self._greeted.set()
             elif op == "collect":
@@ -347,7 +358,8 @@ class EngineClient:
         last reload of it is no pin any more, here nor in the engine process, which replays it
         no more to front ends started later (else one started after the folder came back
         followed the old pin while the running ones served the newest). Each front end sends
-        this on its own scans; nothing reaches the others."""
+        this on its own scans; the engine process relays the first to the others, whose pin
+        ends too (see ``on_peer_retired``)."""
         message = self.reloads.retired(category)
         if message is not None and self.channel is not None:  # else sent at the handshake, with the record
             self.channel.send(message)

@@ -7,7 +7,8 @@ followed once, and hands its record to a new engine process at the handshake.
 
 A category the store watch retires here takes its record with it (:meth:`ReloadRecord.retired`):
 the engine process hears it (``retired``, with the stamp of the reload dropped) and replays
-that reload no more, and a new engine process hears it again at the handshake.
+that reload no more, and a new engine process hears it again at the handshake. It relays a
+retirement to the other front ends, whose pin of that reload ends too (:meth:`ReloadRecord.peer_retired`).
 """
 
 from __future__ import annotations
@@ -56,6 +57,18 @@ class ReloadRecord:
             return None
         self.dropped[category] = known[0]
         return retired_message(category, known[0])
+
+    def peer_retired(self, category: str, stamp: int) -> bool:
+        """Another front end's store watch retired ``category``, whose last reload it knew by
+        ``stamp`` (relayed by the engine process): whether the pin recorded here is that one
+        (or older) and ends, as it did there. A reload newer than ``stamp`` (an operator's, after
+        the folder came back) stays; heard again, nothing ends twice."""
+        known = self.latest.get(category)
+        if known is None or known[0] > stamp:
+            return False
+        del self.latest[category]
+        self.dropped[category] = max(stamp, self.dropped.get(category, 0))
+        return True
 
     def messages(self) -> list[Message]:
         """The record, for a new engine process (it keeps the newest of each category), and

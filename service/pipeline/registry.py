@@ -129,7 +129,8 @@ class ModelRegistry(RegistryView):
             self.removals.unknown()
             raise
         pins = set(self._pins) | set(self.settings.pinned_versions)
-        gone = self.removals.check(seen, self.categories, {c: Served(m.version, m.pinned)
+        # A model loaded pinned whose pin ended since (:meth:`end_pin`) is watched as unpinned.
+        gone = self.removals.check(seen, self.categories, {c: Served(m.version, m.pinned and c in pins)
                                                            for c, m in self._models.items()}, pins)
         for category in gone.categories:
             async with self._lock(category):
@@ -178,6 +179,19 @@ class ModelRegistry(RegistryView):
                     f"; version {model.version} stops serving" if model is not None else "")
         if self.on_retire is not None:
             self.on_retire(category, model)
+
+    async def end_pin(self, category: str, still: Callable[[], bool] = lambda: True) -> bool:
+        """Another front end's store watch retired ``category`` and the operator's pin with it
+        (multi-process mode): the pin ends here too, if ``still`` holds once the category's lock
+        is had (a reload in flight finishes first, and one made since is not ended). What serves
+        serves on, watched as unpinned: the newest version loads if the folder is back, else the
+        category retires here after this front end's own grace. A settings pin is no operator's."""
+        async with self._lock(category):
+            if category not in self._pins or category in self.settings.pinned_versions or not still():
+                return False
+            version = self._pins.pop(category)
+        log.info("%s: the pin to version %s ends: another front end retired the category", category, version)
+        return True
 
     async def _load_newest(self, category: str, versions: list[str]) -> tuple[LoadedModel | None, Exception | None]:
         """Swap in the first of ``versions`` that loads (under the category's lock): the model,

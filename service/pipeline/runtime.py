@@ -79,6 +79,7 @@ class PipelineRuntime:
         self.registry.on_retire = self._retired
         if engine_link is not None:
             engine_link.on_lost = self.registry.lost
+            engine_link.on_peer_retired = self.registry.end_pin
         self.limits = ImageLimits(max_bytes=settings.max_upload_bytes, max_pixels=settings.max_image_pixels,
                                   max_heatmap_pixels=settings.max_heatmap_pixels)
         self.pixels = PixelBudget(int(settings.max_request_megapixels * MEGA), int(settings.max_inflight_megapixels * MEGA),
