@@ -9,6 +9,7 @@ skipped (failed under CI, which installs both: :func:`harness.missing`).
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from harness import CATEGORY, Server, missing
+from harness import ADMIN_KEY, CATEGORY, USER_KEY, Server, missing, start
 
 try:
     from playwright import sync_api
@@ -112,3 +113,12 @@ class Console:
 @pytest.fixture(scope="module")
 def samples(demo_test_images: dict[str, list[Path]]) -> dict[str, list[Path]]:
     return demo_test_images
+
+
+def start_review_server(model_store: Path, root: Path) -> Server:
+    """A console server under ``root`` that keeps every answer for review (audit rate 1), on a
+    copy of ``model_store`` without another test's review items; the reviewer's key is
+    :data:`REVIEWER_KEY`."""
+    shutil.copytree(model_store, root / "store", ignore=shutil.ignore_patterns(".review"))
+    return start(root / "store", root / "server.log", api_keys=USER_KEY, admin_api_keys=ADMIN_KEY,
+                 reviewer_api_keys=f"rita={REVIEWER_KEY}", review_store=str(root / "review"), review_audit_rate=1.0)

@@ -27,7 +27,7 @@ from service.pipeline.regions import box_mask
 from service.schemas import Region
 from harness import ADMIN_KEY, CATEGORY, USER_KEY, Server, start
 
-from console_fixtures import REVIEWER_KEY, Console, artifacts, browser, samples  # noqa: F401  (fixtures)
+from console_fixtures import REVIEWER_KEY, Console, artifacts, browser, samples, start_review_server  # noqa: F401  (fixtures)
 
 
 # ---------------------------------------------------------------------- fixtures
@@ -200,9 +200,7 @@ def test_build_progress_shows_until_the_model_arrives(browser: Any, artifacts: P
 def review_server(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """Every answer kept (audit rate 1), so the queue holds what the test inspects."""
     root = tmp_path_factory.mktemp("review-console")
-    shutil.copytree(model_store, root / "store", ignore=shutil.ignore_patterns(".review"))
-    srv = start(root / "store", root / "server.log", api_keys=USER_KEY, admin_api_keys=ADMIN_KEY,
-                reviewer_api_keys=f"rita={REVIEWER_KEY}", review_store=str(root / "review"), review_audit_rate=1.0)
+    srv = start_review_server(model_store, root)
     yield srv
     srv.stop()
 

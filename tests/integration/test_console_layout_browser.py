@@ -10,7 +10,6 @@ console_fixtures.py):
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,9 +18,9 @@ import httpx
 import pytest
 from PIL import Image
 
-from harness import ADMIN_KEY, CATEGORY, USER_KEY, Server, start, upload, wait_until
+from harness import CATEGORY, USER_KEY, Server, upload, wait_until
 
-from console_fixtures import REVIEWER_KEY, Console, artifacts, browser, samples  # noqa: F401  (fixtures)
+from console_fixtures import REVIEWER_KEY, Console, artifacts, browser, samples, start_review_server  # noqa: F401  (fixtures)
 
 VIEWPORT_HEIGHT = 1000  # Console's viewport
 SHAPES = {"tall": (256, 2048), "wide": (2048, 256)}
@@ -45,9 +44,7 @@ def shapes_server(model_store: Path, tmp_path_factory: pytest.TempPathFactory,
                   samples: dict[str, list[Path]]) -> Iterator[Server]:
     """Every answer kept (audit rate 1), with a tall and a wide part already in the queue."""
     root = tmp_path_factory.mktemp("console-layout")
-    shutil.copytree(model_store, root / "store", ignore=shutil.ignore_patterns(".review"))
-    srv = start(root / "store", root / "server.log", api_keys=USER_KEY, admin_api_keys=ADMIN_KEY,
-                reviewer_api_keys=f"rita={REVIEWER_KEY}", review_store=str(root / "review"), review_audit_rate=1.0)
+    srv = start_review_server(model_store, root)
     try:
         for name, path in shaped(samples, root).items():
             r = httpx.post(f"{srv.url}/v1/inspect/{CATEGORY}?heatmap=none", files=[upload(f"{name}.png", path.read_bytes())],

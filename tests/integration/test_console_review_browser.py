@@ -17,7 +17,6 @@ fixtures: console_fixtures.py):
 from __future__ import annotations
 
 import re
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,9 +25,9 @@ import httpx
 import pytest
 from PIL import Image
 
-from harness import ADMIN_KEY, CATEGORY, USER_KEY, Server, png_variant, start, upload, wait_until
+from harness import CATEGORY, USER_KEY, Server, png_variant, upload, wait_until
 
-from console_fixtures import REVIEWER_KEY, Console, artifacts, browser, samples  # noqa: F401  (fixtures)
+from console_fixtures import REVIEWER_KEY, Console, artifacts, browser, samples, start_review_server  # noqa: F401  (fixtures)
 
 QUEUED = 23  # more than the console's page of 20
 
@@ -38,9 +37,7 @@ def queue_server(model_store: Path, tmp_path_factory: pytest.TempPathFactory,
                  samples: dict[str, list[Path]]) -> Iterator[Server]:
     """Every answer kept (audit rate 1), and QUEUED images already in the queue."""
     root = tmp_path_factory.mktemp("review-pages")
-    shutil.copytree(model_store, root / "store", ignore=shutil.ignore_patterns(".review"))
-    srv = start(root / "store", root / "server.log", api_keys=USER_KEY, admin_api_keys=ADMIN_KEY,
-                reviewer_api_keys=f"rita={REVIEWER_KEY}", review_store=str(root / "review"), review_audit_rate=1.0)
+    srv = start_review_server(model_store, root)
     try:
         good = samples["good"][0]
         files = [upload(f"part-{i:02d}.png", png_variant(good, str(i))) for i in range(QUEUED)]  # no cache hits
