@@ -63,8 +63,11 @@ if values.ValueClass is not values.MutexValue:
     # the front ends and the engine process): prometheus-client writes every update through
     # to its file, under a lock, after asking for the process id (a getpid system call each,
     # ~13 of a front end's 22 per request before: strace, docs/performance-log.md). Values
-    # are kept in memory instead and written in one go (service/metrics_buffer.py).
-    metrics_buffer.install()
+    # are kept in memory instead and written in one go (service/metrics_buffer.py); with a
+    # prometheus-client it does not know, the library's own value, asking this module for the
+    # process id (the fork hook keeps it true) instead of the kernel.
+    if not metrics_buffer.install():
+        values.ValueClass = values.MultiProcessValue(process_identifier=current_process_id)
 
 # 1 ms .. 30 s: a warm GPU answers in a few ms, a cold CPU batch of large images in seconds.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)

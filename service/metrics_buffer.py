@@ -163,19 +163,20 @@ def compatible() -> bool:
             and callable(getattr(MmapedDict, "write_value", None)) and hasattr(values, "MultiProcessValue"))
 
 
-def install() -> None:
-    """Make :class:`BufferedValue` prometheus-client's value class (before any metric is made);
-    with a prometheus-client whose file layer it does not know, its own (write-through) value
-    stays, with a warning."""
+def install() -> bool:
+    """Make :class:`BufferedValue` prometheus-client's value class (before any metric is made).
+    False, with a warning, where this prometheus-client's file layer is not the one known here:
+    the caller keeps the library's own (write-through) value."""
     global _pid
     if _flusher is not None:
-        return
+        return True
     if not compatible():
         log.warning("prometheus-client's multi-process file layer is not the one known here: its own "
                     "write-through values are used (correct, about 1.5x the instructions per update)")
-        return
+        return False
     _pid = os.getpid()
     values.ValueClass = BufferedValue
     atexit.register(flush)
     os.register_at_fork(before=flush, after_in_child=_after_fork_in_child)
     _start_flusher()
+    return True

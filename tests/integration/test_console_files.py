@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import fnmatch
 import re
-import shutil
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,19 +14,16 @@ from pathlib import Path
 import httpx
 import pytest
 
-from harness import USER_KEY, Server, start
+from harness import USER_KEY, Server, served
 
 REPO = Path(__file__).resolve().parents[2]
 STATIC = REPO / "service" / "static"
 
 
 @pytest.fixture(scope="module")
-def server(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    store = tmp_path_factory.mktemp("console-files") / "store"
-    shutil.copytree(model_store, store)
-    srv = start(store, tmp_path_factory.mktemp("logs") / "console-files.log", api_keys=USER_KEY)
-    yield srv
-    srv.stop()
+def server(module_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    with served(module_store, tmp_path_factory.mktemp("logs") / "console-files.log", api_keys=USER_KEY) as srv:
+        yield srv
 
 
 def page_assets(html: str) -> tuple[list[str], list[str]]:
