@@ -138,30 +138,33 @@ class ModelRegistry(RegistryView):
         loaded = []
         for category in seen.serveable():
             new, fall_back = category not in self.categories, category in gone.versions
-            if not self._candidates(category, initial=new, served_gone=fall_back):
+            listed = seen.versions(category)  # this scan's listing: the store is not read again
+            if not self._candidates(category, initial=new, served_gone=fall_back, versions=listed):
                 continue
             async with self._lock(category):
                 # Again: an operator's reload ?version= this waited for may have pinned it since.
                 model, _ = await self._load_newest(category, self._candidates(category, initial=new,
-                                                                              served_gone=fall_back))
+                                                                              served_gone=fall_back, versions=listed))
                 if model is not None:
                     loaded.append(category)
         return loaded
 
     def _candidates(self, category: str, initial: bool = False, unpinning: bool = False,
-                    served_gone: bool = False) -> list[str]:
+                    served_gone: bool = False, versions: list[str] | None = None) -> list[str]:
         """The versions of ``category`` to try, in order (newest first), until one loads.
         A settings pin: that version alone (at start-up, or a category new to the watch).
-        Else :func:`~service.pipeline.store_watch.watch_candidates` (``served_gone``: the served
-        version left the store for the grace period); nothing while an operator's reload
-        ?version= pins it, served or not (``unpinning``: the operator's reload that ends the pin)."""
+        Else :func:`~service.pipeline.store_watch.watch_candidates` of ``versions`` (the store's
+        complete versions, listed now when not given; ``served_gone``: the served version left
+        the store for the grace period); nothing while an operator's reload ?version= pins it,
+        served or not (``unpinning``: the operator's reload that ends the pin)."""
         pinned = self.settings.pinned_versions.get(category)
         if pinned is not None:
             return [pinned] if initial else []
         if category in self._pins and not unpinning:
             return []
         current = self._models.get(category)
-        return watch_candidates(list_versions(self.store / category), current.version if current else None,
+        listed = list_versions(self.store / category) if versions is None else versions
+        return watch_candidates(listed, current.version if current else None,
                                 self._failed_versions.get(category, {}), served_gone)
 
     def _retire(self, category: str) -> None:
