@@ -379,7 +379,10 @@ def engine_runner(engine: Any) -> Callable[[list[np.ndarray]], list[tuple[float,
     """The ``run_batch`` of an engine's batcher: stack, run, split per image (here, and in the
     engine process of a multi-process server, around its shared-memory slots)."""
     def run_batch(tensors: list[np.ndarray]) -> list[tuple[float, np.ndarray]]:
-        scores, maps = engine.run(np.stack(tensors))
+        # A batch of one is its image seen as a batch, not a copy of it: at the engine process's
+        # usual 1-2 images a batch, np.stack copied each input out of its slot (196 KB at 256²).
+        batch = tensors[0][np.newaxis] if len(tensors) == 1 else np.stack(tensors)
+        scores, maps = engine.run(batch)
         if len(scores) != len(tensors) or len(maps) != len(tensors):
             raise RuntimeError(f"engine {engine.name} returned {len(scores)} scores / {len(maps)} maps "
                                f"for a batch of {len(tensors)}")
