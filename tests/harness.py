@@ -359,7 +359,7 @@ def serves(registry: Any, category: str = "aaa") -> tuple[str, bool]:
     """The version a :class:`~service.pipeline.registry.ModelRegistry` serves for ``category``,
     and whether an operator's pin holds it."""
     model = registry.get(category)
-    return model.version, model.pinned
+    return model.version, registry.pinned(category, model)
 
 
 def png_variant(path: Path, nonce: str) -> bytes:

@@ -130,7 +130,7 @@ class ModelRegistry(RegistryView):
             raise
         pins = set(self._pins) | set(self.settings.pinned_versions)
         # A model loaded pinned whose pin ended since (:meth:`end_pin`) is watched as unpinned.
-        gone = self.removals.check(seen, self.categories, {c: Served(m.version, m.pinned and c in pins)
+        gone = self.removals.check(seen, self.categories, {c: Served(m.version, self.pinned(c, m))
                                                            for c, m in self._models.items()}, pins)
         for category in gone.categories:
             async with self._lock(category):

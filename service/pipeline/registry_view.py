@@ -117,6 +117,13 @@ class RegistryView:
         """The engine serving ``category`` now (the batcher's engine provider)."""
         return self.get(category).engine
 
+    def pinned(self, category: str, model: LoadedModel) -> bool:
+        """Whether an operator's pin holds ``model``, serving ``category``: loaded pinned, and
+        the pin not ended since (multi-process: another front end's store watch retired the
+        category, :meth:`~service.pipeline.registry.ModelRegistry.end_pin`). The model keeps
+        what it was loaded as (it is frozen, and keys its lane); the pin is the registry's."""
+        return model.pinned and (category in self._pins or category in self.settings.pinned_versions)
+
     def describe(self, category: str) -> ModelInfo:
         m = self.get(category)
         man = m.manifest
@@ -129,7 +136,7 @@ class RegistryView:
             ng_threshold=effective.ng_bound, calibrated_ng_threshold=man.calibration.ng_bound,
             assets=[name for name in EVALUATION_ASSETS if (m.version_dir / name).is_file()],
             calibration=man.calibration.model_dump(mode="json"), metrics=man.metrics, created_at=man.created_at,
-            loaded_at=m.loaded_at, warmup_ms=round(m.warmup_ms, 3), pinned=m.pinned,
+            loaded_at=m.loaded_at, warmup_ms=round(m.warmup_ms, 3), pinned=self.pinned(category, m),
             available_versions=list_versions(self.store / category),
             failed_versions=self.failed_versions(category),
         )

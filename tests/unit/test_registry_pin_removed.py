@@ -114,3 +114,22 @@ def test_a_pin_in_force_is_served_from_an_engine_held_without_its_folder_and_che
 
 def _serves_or_none(registry: ModelRegistry) -> tuple[str, bool] | None:
     return serves(registry) if "aaa" in registry.serving() else None
+
+
+def test_a_pin_ended_by_another_front_ends_retirement_is_not_shown_as_pinned(two_version_store: Path) -> None:
+    """Multi-process: another front end retired the category and its pin with it (``end_pin``).
+    The model still serving here was loaded pinned; ``/v1/models`` said ``pinned: true`` of it
+    until the watch next swapped it, while the server held no pin any more."""
+    async def main() -> None:
+        registry = _registry(two_version_store)
+        registry.discover()
+        await registry.load_all()
+        await registry.reload("aaa", "1")
+        assert registry.describe("aaa").pinned
+        assert await registry.end_pin("aaa")
+        assert registry.describe("aaa").pinned is False
+        assert serves(registry) == ("1", False)
+        await registry.refresh()  # unpinned now: the watch serves the newest
+        assert serves(registry) == ("2", False)
+
+    asyncio.run(main())
