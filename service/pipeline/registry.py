@@ -43,7 +43,8 @@ from service.engines.factory import load_engine
 from service.pipeline.loaded_model import EngineFactory, LoadedModel, build_version
 from service.pipeline.registry_errors import RegistryError, UnknownCategory, VersionNotFound
 from service.pipeline.registry_view import EVALUATION_ASSETS, RegistryView
-from service.pipeline.store_watch import Removals, Served, look, watch_candidates
+from service.pipeline.store_watch import (FolderState, Removals, Served, folder_state, look, still_failed,
+                                          watch_candidates)
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,9 @@ class ModelRegistry(RegistryView):
         # any: the runtime drains it as at a swap and lets its metrics go.
         self.on_retire: Callable[[str, LoadedModel | None], None] | None = None
         self.removals = Removals(settings.store_removal_grace_s)
+        # category -> version -> what its folder held when it failed (beside _failed_versions'
+        # why): the watch tries it again once that changed (a copy completed, an export redone).
+        self._failed_states: dict[str, dict[str, FolderState | None]] = {}
 
     # ------------------------------------------------------------------ discovery
     def scan(self) -> list[str]:
@@ -121,8 +125,9 @@ class ModelRegistry(RegistryView):
         unpinned ones (the newest that loads); let go of what has left it for the grace
         period (:meth:`_retire`; a served, unpinned version gone: the newest remaining one).
         A version that failed to load is not tried again by the watch (an explicit reload
-        does). Raises ``OSError`` when the store cannot be listed (nothing is let go of).
-        Returns the categories (re)loaded."""
+        does) until its folder changes (a copy caught half done, completed since). Raises
+        ``OSError`` when the store cannot be listed (nothing is let go of). Returns the
+        categories (re)loaded."""
         try:
             seen = look(self.store)
         except OSError:
@@ -164,15 +169,15 @@ class ModelRegistry(RegistryView):
             return []
         current = self._models.get(category)
         listed = list_versions(self.store / category) if versions is None else versions
-        return watch_candidates(listed, current.version if current else None,
-                                self._failed_versions.get(category, {}), served_gone)
+        failed = still_failed(self.store / category, self._failed_states.get(category, {}))
+        return watch_candidates(listed, current.version if current else None, failed, served_gone)
 
     def _retire(self, category: str) -> None:
         """``category`` left the store for the grace period (under its lock): whatever serves it
         stops (requests already on it finish: the runtime drains it as at a swap), and it is
         unknown here, saying since when, until its folder comes back (a new category then)."""
         model = self._models.pop(category, None)
-        for about in (self._failed, self._failed_versions, self._unhealthy, self._pins):
+        for about in (self._failed, self._failed_versions, self._failed_states, self._unhealthy, self._pins):
             about.pop(category, None)
         if category in self._categories:
             self._categories.remove(category)
@@ -272,6 +277,7 @@ class ModelRegistry(RegistryView):
                 self._pins.pop(category, None)  # an unpin followed: it ends the pin, loaded or not
             if version is None and category not in self._models and category not in self.settings.pinned_versions:
                 self._failed_versions.pop(category, None)
+                self._failed_states.pop(category, None)
                 model, error = await self._load_newest(category, self._candidates(category, unpinning=True))
                 if model is not None:
                     return model
@@ -286,15 +292,18 @@ class ModelRegistry(RegistryView):
         ``record_failure``: a version that fails is kept as failed (the watch's and start-up's
         choices; an operator's named reload is answered instead), before the failure callback."""
         started = time.perf_counter()
-        chosen = version
+        chosen, tried = version, None
         try:
             chosen, pinned = self._resolve_version(category, version, in_force)
+            if record_failure:  # before the load: a folder that changes during it is tried again
+                tried = folder_state(self.store / category / chosen)
             model = await asyncio.to_thread(self._build, category, chosen, pinned and pin, in_force)
         except Exception as exc:
             if in_force:
                 self._follow_failed(category, version)
             if record_failure and chosen is not None:
                 self._failed_versions.setdefault(category, {})[chosen] = self.public_message(exc)
+                self._failed_states.setdefault(category, {})[chosen] = tried
             if category not in self._models:
                 self._failed[category] = self.public_message(exc)
             self._know(category)
@@ -302,6 +311,7 @@ class ModelRegistry(RegistryView):
                 self.on_load_failure(category)
             raise
         self._failed_versions.get(category, {}).pop(chosen, None)  # it loads now (an explicit reload)
+        self._failed_states.get(category, {}).pop(chosen, None)
         previous = self._models.get(category)
         self._models[category] = model  # the atomic swap: the next batch sees the new engine
         if model.pinned:

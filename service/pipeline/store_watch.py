@@ -16,6 +16,7 @@ line; an operator who means to stop serving everything stops the server.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -71,6 +72,30 @@ def _known_absent(path: Path) -> bool:
     return False
 
 
+# What a version folder held when it was tried: each entry's name, inode, size and mtime.
+FolderState = tuple[tuple[str, int, int, int], ...]
+
+
+def folder_state(version_dir: Path) -> FolderState | None:
+    """What ``version_dir`` holds now, as far as loading it goes (None when it cannot be read).
+    Dot files are left out: rsync's temporary file grows while it copies, and only its rename
+    into place makes the folder loadable."""
+    try:
+        with os.scandir(version_dir) as entries:
+            return tuple(sorted((e.name, st.st_ino, st.st_size, st.st_mtime_ns)
+                                for e in entries if not e.name.startswith(".") for st in (e.stat(),)))
+    except OSError:
+        return None
+
+
+def still_failed(category_dir: Path, failed: Mapping[str, FolderState | None]) -> set[str]:
+    """The versions of ``failed`` (version -> its folder's state when it failed) whose folder
+    has not changed since: the watch does not try them again. One that changed is tried again:
+    a folder caught half copied (rsync lands ``manifest.json`` before ``model.onnx``), or a
+    broken export removed and exported again under its number."""
+    return {version for version, state in failed.items() if folder_state(category_dir / version) == state}
+
+
 def version_order(version: str) -> tuple[int, int, str]:
     """The order :func:`models.manifest.list_versions` sorts versions in (numeric ones numerically)."""
     return (0, int(version), "") if is_numeric_version(version) else (1, 0, version)
@@ -79,7 +104,8 @@ def version_order(version: str) -> tuple[int, int, str]:
 def watch_candidates(versions: list[str], served: str | None, failed: Iterable[str],
                      served_gone: bool = False) -> list[str]:
     """The versions the watch tries for a category, newest first, until one loads: those newer
-    than the one ``served`` (all of them when none is), less those that ``failed`` before.
+    than the one ``served`` (all of them when none is), less those that ``failed`` before
+    (and have not changed since: :func:`still_failed`).
     ``served_gone``: the served version has left the store for the grace period, so the older
     ones are tried too (the newest that loads replaces it); until then only newer ones are."""
     skipped = set(failed)
@@ -162,4 +188,5 @@ class Removals:
         return self.grace_s >= 0 and now - since >= self.grace_s
 
 
-__all__ = ["Gone", "Removals", "Served", "StoreLook", "look", "version_order", "watch_candidates"]
+__all__ = ["FolderState", "Gone", "Removals", "Served", "StoreLook", "folder_state", "look", "still_failed",
+           "version_order", "watch_candidates"]
