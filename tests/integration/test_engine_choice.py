@@ -1,4 +1,5 @@
-"""Which engine serves, on which device, from which weights (beside test_engines.py).
+"""Which engine serves, on which device, from which weights (beside test_cpu_engines.py and
+test_tensorrt_engine.py).
 
 An explicit ``cuda[:N]`` is that GPU or an EngineError, never a quiet CPU engine; ``auto``
 still falls back to the CPU; ``device=cpu`` never picks a TensorRT plan; and the torch
