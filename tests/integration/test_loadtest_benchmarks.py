@@ -1,44 +1,22 @@
-"""Load-test tooling: a short headless Locust run through ``python -m loadtests.run --serve``
-against a real ``msflow serve`` (the exported test model, the demo test images), plus
-offline checks of the locustfile's helpers and of the runner's report.
-
-The smoke run posts real images for ~10 s with 4 users and fails on any failed request; it
-is a check that the load test and the service agree, not a benchmark.
-"""
+"""The CPU and throughput benchmarks of the serving path, briefly, each as the operator runs
+it in a subprocess: ``loadtests.frontend`` (the null engine over every kind of input, a fixed
+offered rate, the compiled wrk client, the real engine's CPU apart from the rest),
+``loadtests.engine_link`` (the multi-process link against a local batcher),
+``loadtests.frontend_modes`` (serving modes round by round) and ``loadtests.instructions``
+(instruction counts by process, under callgrind)."""
 
 from __future__ import annotations
 
-import collections
-import csv
-import importlib.util
 import json
-import os
 import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 
-from harness import missing
-
-ROOT = Path(__file__).resolve().parents[2]
-CATEGORY = "brick"
-
-
-def _load_runner():
-    """loadtests/run.py as a module (it imports nothing from Locust)."""
-    spec = importlib.util.spec_from_file_location("loadtests_run", ROOT / "loadtests" / "run.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
-
-
-def _clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MSFLOW_", "LOCUST_"))}
-    env.update(extra)
-    return env
+from harness import CATEGORY, missing
+from loadtest_fixtures import ROOT, _clean_env
 
 
 def _summary(cmd: list[str], out: Path) -> dict:
@@ -46,199 +24,6 @@ def _summary(cmd: list[str], out: Path) -> dict:
     proc = subprocess.run(cmd, cwd=ROOT, env=_clean_env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     return json.loads((out / "summary.json").read_text())
-
-
-def _locust_available() -> bool:
-    return importlib.util.find_spec("locust") is not None
-
-
-needs_locust = pytest.mark.skipif(not _locust_available(), reason="locust is not installed (pip install locust)")
-
-
-# ---------------------------------------------------------------------- runner report, offline
-STATS_HEADER = ["Type", "Name", "Request Count", "Failure Count", "Median Response Time", "Average Response Time",
-                "Min Response Time", "Max Response Time", "Average Content Size", "Requests/s", "Failures/s",
-                "50%", "66%", "75%", "80%", "90%", "95%", "98%", "99%", "99.9%", "99.99%", "100%"]
-
-
-def _stats_row(kind: str, name: str, count: int, failures: int, rps: float, p50: int, p95: int, p99: int) -> list:
-    return [kind, name, count, failures, p50, p50 + 1, 1, p99 + 5, 100, rps, 0.0,
-            p50, p50, p50, p50, p95, p95, p99, p99, p99, p99, p99 + 5]
-
-
-def test_runner_summarizes_locust_csv(tmp_path):
-    run = _load_runner()
-    with open(tmp_path / "locust_stats.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(STATS_HEADER)
-        w.writerow(_stats_row("POST", "/v1/inspect/[category]?heatmap=none", 100, 0, 10.0, 20, 40, 60))
-        w.writerow(_stats_row("POST", "/v1/inspect/[category]?heatmap=none [x4]", 20, 1, 2.0, 50, 90, 120))
-        w.writerow(_stats_row("GET", "/v1/jobs/[id]", 30, 0, 3.0, 5, 9, 12))
-        w.writerow(_stats_row("", "Aggregated", 150, 1, 15.0, 21, 80, 110))
-    with open(tmp_path / "locust_failures.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["Method", "Name", "Error", "Occurrences"])
-        w.writerow(["POST", "/v1/inspect/[category]?heatmap=none [x4]", "HTTP 503: queue full", 1])
-    s = run.summarize(tmp_path / "locust")
-    assert s["requests"] == 150 and s["failures"] == 1
-    assert s["images_per_s"] == pytest.approx(10.0 + 2.0 * 4)  # [x4]: four images per request
-    assert s["images"] == 100 + 19 * 4
-    assert s["latency_ms"]["p50_ms"] == 21 and s["latency_ms"]["p95_ms"] == 80 and s["latency_ms"]["p99_ms"] == 110
-    md = run.render_markdown(s, {"url": "http://127.0.0.1:1", "users": 4, "spawn_rate": 4, "duration": "10s",
-                                 "started": "now", "served": False})
-    assert "| images/s (synchronous inspect) | 18.0 |" in md
-    assert "21 / 80 / 110" in md
-    assert "HTTP 503: queue full" in md
-    assert run._seconds("1m30s") == 90 and run._seconds("45") == 45
-
-
-def test_runner_fails_cleanly_when_nothing_listens(tmp_path):
-    port = _load_runner().free_port()
-    proc = subprocess.run(
-        [sys.executable, "-m", "loadtests.run", "--url", f"http://127.0.0.1:{port}", "--duration", "1s",
-         "--ready-timeout", "1", "--out", str(tmp_path / "out")],
-        cwd=ROOT, env=_clean_env(), capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "not ready" in proc.stderr
-
-
-# ---------------------------------------------------------------------- locustfile helpers, offline
-@needs_locust
-def test_locustfile_helpers(demo_root, tmp_path):
-    """Run in a subprocess: importing Locust monkey-patches the standard library (gevent)."""
-    flat_dir = tmp_path / "flat" / "sub"
-    flat_dir.mkdir(parents=True)
-    for i, png in enumerate(sorted((demo_root / CATEGORY / "test").glob("*/*.png"))[:3]):
-        (flat_dir / f"{i}.png").write_bytes(png.read_bytes())
-    script = textwrap.dedent(f"""
-        import json, sys
-        sys.path.insert(0, {str(ROOT / 'loadtests')!r})
-        import locustfile as lf
-
-        found = lf.discover_images({str(demo_root)!r})
-        assert set(found) == {{"brick"}}, found
-        assert all("/test/" in str(p) for p in found["brick"])
-        one = lf.discover_images({str(demo_root / CATEGORY / 'test')!r})
-        assert set(one) == {{"brick"}} and len(one["brick"]) == len(found["brick"])
-        flat = lf.discover_images({str(tmp_path / 'flat')!r})
-        assert set(flat) == {{lf.ANY}} and len(flat[lf.ANY]) == 3
-        assert lf.discover_images({str(demo_root / CATEGORY / 'test' / '*' / '*.png')!r}).keys() == {{"brick"}}
-
-        assert lf.parse_weights("grass:3, brick ,x:0") == {{"grass": 3.0, "brick": 1.0}}
-        assert lf.categories_from_models({{"models": [{{"category": "grass"}}, {{"category": "brick"}}], "failed": {{}}}}) == ["grass", "brick"]
-        assert lf.categories_from_models(["a", "b"]) == ["a", "b"]
-        assert lf.categories_from_models(None) == []
-        assert lf.redis_healthy({{"status": "ready", "models": {{"brick": "1"}}}}) is False
-        assert lf.redis_healthy({{"status": "ready", "redis": "ok"}}) is True
-        assert lf.redis_healthy({{"checks": {{"redis": {{"status": "ok"}}}}}}) is True
-        assert lf.redis_healthy({{"redis": "degraded"}}) is False
-
-        png = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAAAAAA6fptVAAAACklEQVR4nGNgAAAAAgABSK+kcQAAAABJRU5ErkJggg=="
-        def body(heatmap):
-            return {{"request_id": "r", "category": "brick", "model_version": "1", "engine": "e", "results": [
-                {{"index": 0, "score": 0.3, "raw_score": 1.0, "threshold": 2.0, "is_anomalous": False,
-                  "heatmap": heatmap, "timings_ms": {{}}}}]}}
-        assert lf.check_inspect(body(None), "brick", 1, "none") is None
-        assert lf.check_inspect(body({{"format": "png", "encoding": "base64", "data": png}}), "brick", 1, "inline") is None
-        assert "no inline heatmap" in lf.check_inspect(body(None), "brick", 1, "inline")
-        assert "not a base64 PNG" in lf.check_inspect(body({{"data": "aGVsbG8gd29ybGQ="}}), "brick", 1, "inline")
-        assert "expected 2 results" in lf.check_inspect(body(None), "brick", 2, "none")
-        assert "category" in lf.check_inspect(body(None), "grass", 1, "none")
-        bad = body(None); bad["results"][0]["score"] = 1.5
-        assert "outside [0, 1]" in lf.check_inspect(bad, "brick", 1, "none")
-        assert lf.heatmap_link({{"url": "/v1/heatmaps/x.png"}}) == "/v1/heatmaps/x.png"
-        print("ok")
-    """)
-    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=_clean_env(), capture_output=True,
-                          text=True, timeout=60)
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout + proc.stderr
-
-
-# ---------------------------------------------------------------------- the smoke run
-@needs_locust
-@pytest.mark.slow
-def test_headless_locust_smoke_against_msflow_serve(model_store, demo_root, tmp_path):
-    out = tmp_path / "report"
-    env = _clean_env(MSFLOW_DEVICE="cpu", MSFLOW_ACCESS_LOG="false", MSFLOW_LOG_LEVEL="warning",
-                     MSFLOW_INTRA_OP_THREADS="1", MSFLOW_DECODE_THREADS="2")
-    cmd = [sys.executable, "-m", "loadtests.run", "--serve", "--store", str(model_store),
-           "--users", "4", "--spawn-rate", "4", "--duration", "10s", "--stop-timeout", "5",
-           "--images", str(demo_root / CATEGORY / "test"), "--categories", CATEGORY,
-           "--fail-on-error", "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=150)
-    logs = proc.stdout[-3000:] + proc.stderr[-3000:]
-    for name in ("server.log", "locust.log"):
-        if (out / name).exists():
-            logs += f"\n--- {name} ---\n" + (out / name).read_text(errors="replace")[-2000:]
-    assert proc.returncode == 0, logs
-
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["failures"] == 0, logs
-    assert summary["requests"] >= 10, logs
-    names = {e["name"] for e in summary["endpoints"]}
-    assert {"/v1/inspect/[category]?heatmap=none", "/v1/inspect/[category]?heatmap=inline"} <= names, names
-    assert not any("jobs" in n or "heatmaps" in n for n in names), "Redis tasks must be off without Redis"
-    assert summary["images_per_s"] > 0 and summary["latency_ms"]["p95_ms"] is not None
-    md = (out / "summary.md").read_text()
-    assert "images/s" in md and "p50 / p95 / p99" in md
-    for artefact in ("report.html", "locust_stats.csv", "server.log"):
-        assert (out / artefact).is_file(), artefact
-
-    # "Starts nothing it does not stop": the server the runner started is gone.
-    pid = summary["meta"]["server_pid"]
-    with pytest.raises(ProcessLookupError):
-        os.kill(pid, 0)
-
-
-def test_hostile_load_scenario_stays_within_its_budget(model_store, tmp_path):
-    """The hostile scenario (loadtests/hostile.py), shortened: 40-megapixel PNG bombs with
-    original-size overlays from four clients, an ordinary client on a second lane. It must
-    refuse with 413 / 503 + Retry-After (never another 5xx), keep serving the ordinary
-    client, and hold the server's peak resident memory under baseline + budget."""
-    out = tmp_path / "hostile"
-    env = _clean_env(MSFLOW_INTRA_OP_THREADS="1", MSFLOW_DECODE_THREADS="2")
-    cmd = [sys.executable, "-m", "loadtests.hostile", "--store", str(model_store), "--duration", "8",
-           "--inflight-megapixels", "200", "--request-megapixels", "150", "--fail-on-violation", "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    logs = proc.stdout[-3000:] + proc.stderr[-3000:]
-    if (out / "server.log").exists():
-        logs += "\n--- server.log ---\n" + (out / "server.log").read_text(errors="replace")[-2000:]
-    assert proc.returncode == 0, logs
-    s = json.loads((out / "summary.json").read_text())
-    assert s["violations"] == [] and s["server_alive"], logs
-    hostile = collections.Counter()
-    for client, counts in s["answers"].items():
-        if client.startswith("hostile"):
-            hostile.update(counts)
-    assert hostile["x32:413"] >= 4, s["answers"]  # each client's first request, at least
-    assert hostile["x3:200"] >= 1, s["answers"]  # what fits the budget is served
-    assert s["answers"]["ordinary"]["x1:200"] >= 3 and set(s["answers"]["ordinary"]) == {"x1:200"}
-    assert s["peak_rss_mb"] <= s["bound_mb"] == pytest.approx(s["baseline_rss_mb"] + 200 * 4.0, abs=0.2)
-
-
-def test_redis_fault_scenario_every_job_once_and_overrides_survive_flushall(model_store, tmp_path):
-    """loadtests/redis_faults.py, shortened: submissions through repeated Redis stalls (the
-    client resubmitting with its Idempotency-Key when the API answers 503), a worker
-    SIGKILLed mid-job, then FLUSHALL. Every job done, each queued once; the threshold
-    override never reverts and is back in Redis within 5 s."""
-    import shutil as _shutil
-
-    from harness import missing
-
-    if _shutil.which("redis-server") is None:
-        missing("redis-server is not installed: run scripts/install-redis.sh")
-    out = tmp_path / "faults"
-    env = _clean_env(MSFLOW_INTRA_OP_THREADS="1", MSFLOW_DECODE_THREADS="2")
-    cmd = [sys.executable, "-m", "loadtests.redis_faults", "--store", str(model_store), "--jobs", "9",
-           "--stall-s", "2", "--fail-on-violation", "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
-    logs = proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert proc.returncode == 0, logs
-    s = json.loads((out / "summary.json").read_text())
-    assert s["violations"] == [] and s["statuses"] == {"done": 9}, logs
-    assert s["stream_entries_added"] == s["distinct_jobs"] == 9 and s["dead_lettered"] == 0
-    assert s["stalls"] >= 2 and s["killed_worker"] in {"w1", "w2"}
-    assert s["flushall"]["reverted_reads"] == 0 and s["flushall"]["restored_in_redis_after_s"] <= 5.0
 
 
 def test_frontend_benchmark_on_the_null_engine(model_store, tmp_path):
@@ -282,7 +67,7 @@ def test_frontend_benchmark_on_the_null_engine(model_store, tmp_path):
         name = key[:-len(" passes")]
         assert passes[f"{name} ms"] >= 0 and passes[f"{name} longest under ms"] > 0, passes
     # (That a 2048 px JPEG decodes at 1/8 scale is checked on its pixels, not its time:
-    # tests/unit/test_imaging.py::test_large_jpeg_decodes_at_reduced_scale_like_the_trainer.)
+    # tests/unit/test_decode_scale.py::test_large_jpeg_decodes_at_reduced_scale_like_the_trainer.)
 
 
 def test_frontend_benchmark_offers_a_fixed_rate(model_store, tmp_path):
@@ -437,21 +222,3 @@ def test_instruction_counts_compare_modes_by_process(model_store, tmp_path):
                              env=_clean_env(), capture_output=True, text=True, timeout=60)
     assert refused.returncode != 0 and "unknown mode" in refused.stderr, refused.stderr[-500:]
     assert not (tmp_path / "refused").exists()
-
-
-def test_redis_budget_benchmark_reports_memory_held_to_the_budget(tmp_path):
-    """loadtests/redis_budgets.py, shortened: the flood's growth stays near each budget and
-    far under what the unbounded store keeps; both kinds of write are timed."""
-    import re
-    import shutil as _shutil
-
-    if _shutil.which("redis-server") is None:
-        missing("redis-server is not installed: run scripts/install-redis.sh")
-    cmd = [sys.executable, "-m", "loadtests.redis_budgets", "--links", "150", "--budgets-mib", "1",
-           "--puts", "300", "--rounds", "1"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=_clean_env(), capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    grown = [float(m) for m in re.findall(r"^\| [^|]+ \| ([\d.]+) MB \|$", proc.stdout, re.M)]
-    assert len(grown) == 2 and grown[0] < 2.0 and grown[1] > 2.5, proc.stdout  # 150 x 20 KB = 3 MB
-    assert re.search(r"^\| 1 \| plain SET .* \| 300 \|$", proc.stdout, re.M), proc.stdout
-    assert re.search(r"^\| 1 \| budgeted .* \| 300 \|$", proc.stdout, re.M), proc.stdout
