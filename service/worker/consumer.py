@@ -55,7 +55,8 @@ class Worker:
         self.categories: list[str] = []
         # Set by any failed Redis call. Once Redis answers again no claim is made for
         # job_claim_idle_s: every holder's keep-alive failed during the outage too, so its live
-        # jobs looked idle, and claimed they ran twice, each claim charged as a delivery.
+        # jobs looked idle, and claimed they ran twice, each claim charged as a delivery. A
+        # worker that starts holds off as long (:meth:`run`), for an outage it may not have seen.
         self.redis_failed = False
         self._watch: asyncio.Task[None] | None = None
         self._heartbeat: asyncio.Task[None] | None = None
@@ -81,7 +82,14 @@ class Worker:
     async def run(self) -> None:
         await self.start()
         claim_every = max(0.2, self.settings.job_claim_idle_s / 2)
-        next_claim = 0.0
+        # No claim until Redis has answered this worker for one claim idle period (start() just
+        # had its answer): an outage that ended just before this start made live holders' jobs
+        # look idle (their keep-alives, and heartbeats, lapsed in it) until their next
+        # keep-alive. Only silence while Redis answers tells a dead holder from a cut-off one,
+        # and this worker knows Redis answered only since it asked. Dead workers' jobs wait at
+        # most min(how long no worker ran, job_claim_idle_s) longer (docs/DESIGN.md: why not
+        # heartbeats).
+        next_claim = time.monotonic() + self.settings.job_claim_idle_s
         while not self.stop.is_set():
             try:
                 await self._follow_store()
