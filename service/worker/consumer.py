@@ -21,6 +21,7 @@ from service.redisq.jobs import Delivery, JobQueue
 from service.redisq.records import FINAL_STATES, FinalWrite, JobRecord, RecordTooLarge, Unreadable
 from service.redisq.store import utcnow
 from service.schemas import ErrorBody
+from service.worker.categories import ConsumedCategories
 from service.worker.failures import JobFailed
 from service.worker.inputs import InputBudget
 from service.worker.job import JobInHand, run_job
@@ -52,7 +53,7 @@ class Worker:
         self.inputs = InputBudget(settings.worker_max_input_bytes,  # all categories' jobs together
                                   observe=self.metrics.worker_input_bytes.labels("held").set)
         self.stop = asyncio.Event()
-        self.categories: list[str] = []
+        self.following = ConsumedCategories(self.name, self.queue, self.runtime.registry)
         # Set by any failed Redis call. Once Redis answers again no claim is made for
         # job_claim_idle_s: every holder's keep-alive failed during the outage too, so its live
         # jobs looked idle, and claimed they ran twice, each claim charged as a delivery. A
@@ -61,6 +62,11 @@ class Worker:
         self._watch: asyncio.Task[None] | None = None
         self._heartbeat: asyncio.Task[None] | None = None
 
+    @property
+    def categories(self) -> list[str]:
+        """The categories consumed now (read, claimed from, beaten for)."""
+        return self.following.consumed
+
     # ------------------------------------------------------------------ start-up and main loop
     async def start(self) -> None:
         """Load every category of the store (before consuming: a job must not wait for a
@@ -68,8 +74,7 @@ class Worker:
         runtime swaps lanes as the API does, so jobs follow the version the API serves)."""
         self.runtime.open()
         await self.runtime.registry.load_all()
-        self.categories = sorted(self.runtime.registry.serving())
-        if not self.categories:
+        if not self.following.start():
             raise RuntimeError(f"no model could be loaded from {self.settings.model_store}: "
                                f"{self.runtime.registry.failed}")
         await self._until_redis(lambda: self.queue.ensure_groups(self.categories))
@@ -92,7 +97,7 @@ class Worker:
         next_claim = time.monotonic() + self.settings.job_claim_idle_s
         while not self.stop.is_set():
             try:
-                await self._follow_store()
+                await self.following.follow()
                 deliveries: list[Delivery] = []
                 if time.monotonic() >= next_claim and not self.redis_failed:
                     # One re-delivered job at a time, alone: a job that kills its worker then costs
@@ -101,14 +106,14 @@ class Worker:
                     deliveries = await self._claim_one()
                     next_claim = 0.0 if deliveries else time.monotonic() + claim_every
                 if not deliveries:
-                    deliveries = await self.queue.read(self.categories, self.name, self.settings.max_batch_size,
-                                                       self.settings.worker_block_s)
+                    deliveries = await self.following.read(self.settings.max_batch_size, self.settings.worker_block_s)
                     if self.redis_failed:  # Redis is back: the holders refresh their claims first
                         self.redis_failed, next_claim = False, time.monotonic() + self.settings.job_claim_idle_s
                 await self.step(deliveries)
             except RedisUnavailable as exc:
                 self.redis_failed = True
                 if "NOGROUP" in str(exc.__cause__ or ""):  # the stream went away (Redis restarted empty)
+                    self.following.streams_gone()
                     await self._until_redis(lambda: self.queue.ensure_groups(self.categories))
                     continue
                 log.warning("worker %s: Redis unavailable (%s); retrying in 1 s", self.name, exc)
@@ -143,14 +148,6 @@ class Worker:
             if isinstance(outcome, BaseException):  # a bug: the jobs stay pending, are retried, then dead-lettered
                 log.error("worker %s: processing %d %s job(s) failed", self.name, len(group), category,
                           exc_info=outcome)
-
-    async def _follow_store(self) -> None:
-        """Consume the categories that appeared in the store since the last look too."""
-        new = sorted(set(self.runtime.registry.serving()) - set(self.categories))
-        if new:
-            await self.queue.ensure_groups(new)
-            self.categories = sorted([*self.categories, *new])
-            log.info("worker %s: now consuming %s too", self.name, ", ".join(new))
 
     async def _until_redis(self, fn: Callable[[], Awaitable[None]]) -> None:
         while not self.stop.is_set():

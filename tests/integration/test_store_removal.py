@@ -5,7 +5,9 @@ gone for MSFLOW_STORE_REMOVAL_GRACE_S (404 ``unknown_category`` saying so, out o
 way to the newest remaining one with no failed request, and a folder that comes back is served
 again. Before, both served on from memory until a restart (and a removed version was swapped
 for the next older one at the very next scan, no grace). And a job of a retired category fails
-as ``unknown_category`` at once (it was retried as ``model_not_loaded``, message ``'tile'``).
+as ``unknown_category`` at once (it was retried as ``model_not_loaded``, message ``'tile'``),
+and a worker lets go of a retired category (its heartbeat, its stream, once drained) and takes
+it up again when it is back (it beat for it and read its stream for good).
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ import shutil
 import signal
 import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -30,7 +33,11 @@ from service.config import Settings
 from service.pipeline.item import InspectedImage
 from service.pipeline.registry_errors import UnknownCategory
 from service.pipeline.runtime import PipelineRuntime
+from service.redisq.connection import RedisConnection
+from service.redisq.jobs import JobQueue
+from service.redisq.records import JobRecord
 from service.schemas import InspectOptions, Upload
+from service.worker import Worker
 from worker_fixtures import Harness, run, settings_for
 
 POLL_S, GRACE_S = 0.2, 0.6
@@ -245,3 +252,86 @@ def test_a_request_on_the_model_of_a_retired_category_finishes_there(tmp_path: P
             await runtime.close()
 
     asyncio.run(main())
+
+
+def test_a_worker_lets_go_of_a_retired_category_and_takes_it_up_again_when_it_is_back(
+        tmp_path: Path, redis: RedisServer) -> None:
+    """The worker's own loop while the store watch retires ``tile``. Before: it kept beating
+    for tile (a job's answer counted it among tile's workers) and kept reading tile's stream,
+    failing every job queued there afterwards. Now the jobs its stream held at the retirement
+    fail as ``unknown_category`` (all of them, not one read's worth), it leaves tile's
+    heartbeat at once, reads tile no more (a job queued later waits, unread), and takes tile up
+    again when its folder is back: it beats for it and runs the job that waited."""
+    store = tmp_path / "store"
+    fake_version(store, CATEGORY)
+    fake_version(store, "tile")
+    settings = settings_for(store, redis, engine="null", store_removal_grace_s=0, max_batch_size=2)
+
+    async def main() -> None:
+        api_conn = RedisConnection(settings, breaker_s=0.0)
+        api = JobQueue(settings, api_conn)
+        worker = Worker(settings, name="follower")
+        real_read, reads = worker.queue.read, asyncio.Event()
+        reads.set()
+
+        async def gated_read(*args: Any, **kwargs: Any) -> Any:  # lets the test hold the loop's reads
+            await reads.wait()
+            return await real_read(*args, **kwargs)
+
+        worker.queue.read = gated_read  # type: ignore[method-assign]
+
+        async def status(job_id: str) -> tuple[str, str | None]:
+            record = await api.records.get(job_id)
+            assert isinstance(record, JobRecord), record
+            return record.status, record.error.code if record.error else None
+
+        async def wait_for(predicate: Callable[[], Awaitable[bool]], what: str, timeout: float = 10.0) -> None:
+            deadline = time.monotonic() + timeout
+            while not await predicate():
+                assert time.monotonic() < deadline and not loop.done(), f"timed out waiting for {what}"
+                await asyncio.sleep(0.05)
+
+        loop = asyncio.create_task(worker.run())
+        try:
+            await until(lambda: worker.categories or loop.done(), "the worker to start", 30)
+            assert await api.workers.alive("tile") == 1
+            reads.clear()
+            await asyncio.sleep(3 * settings.worker_block_s)  # the read under way returns; the next waits
+            before = [(await api.submit("tile", [Upload("a.png", IMAGE)], InspectOptions(heatmap="none"), None)).id
+                      for _ in range(4)]  # two reads' worth at max_batch_size 2
+            shutil.rmtree(store / "tile")
+            await worker.runtime.registry.refresh()  # the worker's store watch (grace 0)
+            reads.set()
+
+            async def all_failed() -> bool:
+                return [await status(j) for j in before] == [("failed", "unknown_category")] * len(before)
+            await wait_for(all_failed, "the jobs queued before the retirement to fail")
+            await wait_for(lambda: _is(api.workers.alive("tile"), 0), "tile's heartbeat to go", 3.0)
+            assert worker.categories == [CATEGORY]
+
+            await asyncio.sleep(3 * settings.worker_block_s)
+            after = (await api.submit("tile", [Upload("a.png", IMAGE)], InspectOptions(heatmap="none"), None)).id
+            await asyncio.sleep(5 * settings.worker_block_s)  # five reads, had it read tile
+            assert await status(after) == ("queued", None)
+            assert (await api_conn.client.xpending(api.stream("tile"), "workers"))["pending"] == 0
+            assert await api.workers.alive("tile") == 0
+
+            fake_version(store, "tile", "2")  # back
+            await worker.runtime.registry.refresh()
+            await wait_for(lambda: _is(api.workers.alive("tile"), 1), "tile's heartbeat again", 3.0)
+
+            async def after_done() -> bool:
+                return (await status(after))[0] == "done"
+            await wait_for(after_done, "the job that waited to run")
+            assert worker.categories == sorted([CATEGORY, "tile"])
+        finally:
+            worker.stop.set()
+            await asyncio.wait_for(loop, 30)
+            await worker.close()
+            await api_conn.aclose()
+
+    asyncio.run(main())
+
+
+async def _is(count: Awaitable[int], expected: int) -> bool:
+    return await count == expected
