@@ -47,7 +47,7 @@ class Lanes:
         self.engine_link = engine_link
         self._engine_runner = engine_runner
         self._lanes: dict[int, Lane] = {}  # by id(LoadedModel)
-        self._draining: set[asyncio.Task[None]] = set()
+        self._draining: dict[asyncio.Task[None], LoadedModel] = {}  # drains under way -> the model drained
 
     def lane(self, model: LoadedModel) -> Lane:
         lane = self._lanes.get(id(model))
@@ -68,7 +68,13 @@ class Lanes:
 
     def retire(self, keep: Callable[[LoadedModel], bool], on_drained: Callable[[], None] | None = None) -> None:
         """Every lane whose model ``keep`` refuses retires; an idle one drains now, a busy one
-        once its last user is done; ``on_drained`` is called after each drain."""
+        once its last user is done; ``on_drained`` is called after each drain, those of lanes
+        retired before (a swap's) and of drains already under way included: a retirement's
+        callback must come after the last of them, whose batcher writes its queue depth."""
+        if on_drained is not None:
+            for task, model in list(self._draining.items()):
+                if not keep(model):
+                    task.add_done_callback(lambda _: on_drained())
         for lane in list(self._lanes.values()):
             if not keep(lane.model):
                 lane.retired = True
@@ -79,8 +85,8 @@ class Lanes:
         if lane.retired and lane.users == 0 and self._lanes.get(id(lane.model)) is lane:
             del self._lanes[id(lane.model)]
             task = asyncio.get_running_loop().create_task(lane.batcher.drain(self.settings.graceful_shutdown_s))
-            self._draining.add(task)
-            task.add_done_callback(self._draining.discard)
+            self._draining[task] = lane.model
+            task.add_done_callback(lambda done: self._draining.pop(done, None))
             if lane.on_drained is not None:
                 then = lane.on_drained
                 task.add_done_callback(lambda _: then())

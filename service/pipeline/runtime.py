@@ -147,22 +147,25 @@ class PipelineRuntime:
             self.engine_link.swapped_in(model.engine.version_dir)
         self.lanes.retire(lambda lane_model: lane_model.category != model.category or lane_model is model)
 
-    def _dropped(self, model: LoadedModel, on_drained: Callable[[], None] | None = None) -> None:
+    def _dropped(self, model: LoadedModel) -> None:
         """Registry callback: ``model`` stopped serving with nothing in its place; its lanes
         retire and the engine process's hold on it goes, as at a swap."""
         if self.engine_link is not None and isinstance(model.engine, RemoteEngine):
             self.engine_link.stopped_serving(model.category, model.engine.version_dir)
-        self.lanes.retire(lambda lane_model: lane_model is not model, on_drained)
+        self.lanes.retire(lambda lane_model: lane_model is not model)
 
     def _retired(self, category: str, model: LoadedModel | None) -> None:
         """Registry callback: the store watch retired ``category`` (its folder left the store):
         what served it drains as at a swap, and its gauges go (:meth:`ServiceMetrics.forget_category`),
-        again once drained (a batch finishing writes its queue depth), unless it is back by then."""
+        again after each drain of its lanes (a batch finishing writes its queue depth), unless it
+        is back by then: the lanes of versions swapped out before too, whose last requests or
+        jobs may finish after the retirement."""
         def forget() -> None:
             if self.registry.removed_note(category) is not None:
                 self.metrics.forget_category(category)
         if model is not None:
-            self._dropped(model, forget)
+            self._dropped(model)
+        self.lanes.retire(lambda lane_model: lane_model.category != category, forget)
         if self.engine_link is not None:  # an operator's pin of it is no pin once it is back
             self.engine_link.retired(category)
         forget()
