@@ -35,6 +35,7 @@ from PIL.PngImagePlugin import PngInfo
 from prometheus_client.parser import text_string_to_metric_families
 
 from loadtests.redis_proc import RedisProc
+from loadtests.run import listens
 
 PNG_IHDR_END = 8 + 25  # a PNG's signature, then its IHDR chunk: length, type, 13 bytes, CRC
 
@@ -130,6 +131,7 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
+        self.api_processes = int(settings.get("api_processes", 1))
         env = {k: v for k, v in os.environ.items() if not k.startswith("MSFLOW_")}
         env.update({"MSFLOW_ACCESS_LOG": "false", "MSFLOW_LOG_LEVEL": "warning", "MSFLOW_DECODE_THREADS": "2",
                     "MSFLOW_INTRA_OP_THREADS": "1", "MSFLOW_DEVICE": "cpu"})
@@ -140,7 +142,22 @@ class Server:
              "--store", str(store)], env=env, stdout=self._log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 60.0) -> None:
+        """``/readyz`` 200, and with front ends, every one of them on the port: /readyz is one
+        front end's answer, and a front end joins the port only once it serves. A test that
+        went on after the first one's answer changed the store under the second one's start
+        (it then never knew a category the test removed, or answered 503 while loading it)."""
+        end = time.monotonic() + timeout
         self._wait_for("/readyz", "ready", timeout)
+        while self.api_processes > 1 and len(self.front_ends_listening()) < self.api_processes:
+            if time.monotonic() > end or self.proc.poll() is not None:
+                raise RuntimeError(f"{len(self.front_ends_listening())} of {self.api_processes} front ends "
+                                   f"listening after {timeout} s:\n{self.log()}")
+            time.sleep(0.05)
+
+    def front_ends_listening(self) -> list[int]:
+        """The front ends (``msflow-api-<i>``) that accept connections on the server's port."""
+        return [pid for pid, name in children(self.proc.pid).items()
+                if name.startswith("msflow-api-") and listens(pid, self.port)]
 
     def wait_alive(self, timeout: float = 60.0) -> None:
         """Up and answering, whether or not a model is loaded (an empty store being built)."""
