@@ -77,7 +77,7 @@ class Settings(BaseSettings):
     store_poll_s: float = Field(5.0, ge=0.0, description="how often the server looks for new categories and "
                                 "versions in the model store (0: only at start-up and on reload)")
     store_removal_grace_s: float = Field(
-        30.0, description="how long a category folder, or the folder of the version served (unpinned), must stay "
+        30.0, allow_inf_nan=False, description="how long a category folder, or the folder of the version served (unpinned), must stay "
                           "gone from the model store, on every scan of the watch, before the server lets go of it: "
                           "the category is retired (404 unknown_category), the version replaced by the newest one "
                           "left. A store that cannot be listed proves nothing gone. 0: at the first scan that "

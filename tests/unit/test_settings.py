@@ -96,3 +96,14 @@ def test_a_link_budget_smaller_than_the_largest_heatmap_is_refused() -> None:
     with pytest.raises(ValueError, match="largest heatmap PNG"):
         Settings(heatmap_max_bytes=largest_heatmap_png_bytes(pixels) - 1)
     assert Settings(heatmap_max_bytes=1024 * 1024, max_heatmap_pixels=200_000).heatmap_max_bytes == 1024 * 1024
+
+
+@pytest.mark.parametrize("grace", ["nan", "NaN"])
+def test_a_removal_grace_that_is_not_a_number_is_refused(monkeypatch: pytest.MonkeyPatch, grace: str) -> None:
+    # NaN compares False with everything: the watch then never let go of anything, as a
+    # negative grace does, while the setting read as if it were a time.
+    monkeypatch.setenv("MSFLOW_STORE_REMOVAL_GRACE_S", grace)
+    with pytest.raises(ValueError, match="store_removal_grace_s"):
+        Settings()
+    monkeypatch.setenv("MSFLOW_STORE_REMOVAL_GRACE_S", "-1")
+    assert Settings().store_removal_grace_s == -1.0
