@@ -72,17 +72,19 @@ def _known_absent(path: Path) -> bool:
     return False
 
 
-# What a version folder held when it was tried: each entry's name, inode, size and mtime.
-FolderState = tuple[tuple[str, int, int, int], ...]
+# What a version folder held when it was tried: each entry's name, inode, size, mtime and ctime.
+FolderState = tuple[tuple[str, int, int, int, int], ...]
 
 
 def folder_state(version_dir: Path) -> FolderState | None:
     """What ``version_dir`` holds now, as far as loading it goes (None when it cannot be read).
     Dot files are left out: rsync's temporary file grows while it copies, and only its rename
-    into place makes the folder loadable."""
+    into place makes the folder loadable. The ctime is there for what fixes a file without
+    writing it: a ``chmod``/``chown`` of a model the service's user could not read ("Permission
+    denied"), or a copy whose mtime ``rsync -a``/``cp -p`` set back to the failed one's."""
     try:
         with os.scandir(version_dir) as entries:
-            return tuple(sorted((e.name, st.st_ino, st.st_size, st.st_mtime_ns)
+            return tuple(sorted((e.name, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
                                 for e in entries if not e.name.startswith(".") for st in (e.stat(),)))
     except OSError:
         return None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -115,5 +116,39 @@ def test_a_broken_version_exported_again_under_its_number_is_served(tmp_path: Pa
         shutil.copytree(_exported(tmp_path / "fixed", "2"), store / CATEGORY / ".2-staging")
         (store / CATEGORY / ".2-staging").rename(store / CATEGORY / "2")
         assert await registry.refresh() == [CATEGORY] and registry.serving() == {CATEGORY: "2"}
+
+    asyncio.run(main())
+
+
+def test_a_version_that_failed_unreadable_is_served_once_its_permissions_are_fixed(tmp_path: Path) -> None:
+    """Copied by root with umask 077 (``sudo rsync``, ``cp`` from a home folder), a model the
+    service's user (uid 10001 in the image) may not read fails with "Permission denied"; the
+    operator's ``chmod a+r`` changes no name, inode, size or mtime, only the file's ctime.
+    Before, the watch kept skipping it as unchanged until an operator's reload."""
+    store, failures = tmp_path / "store", []
+    shutil.copytree(_exported(tmp_path / "src", "1"), store / CATEGORY / "1")
+
+    def as_the_service_user(version_dir: Path, **_: Any) -> NullEngine:
+        # This test may run as root, who reads anything: the service's user is not the owner.
+        if not (version_dir / "model.onnx").stat().st_mode & stat.S_IROTH:
+            raise PermissionError(13, "Permission denied", str(version_dir / "model.onnx"))
+        Manifest.read(version_dir).verify_files(version_dir)
+        return NullEngine(version_dir, max_batch_size=2)
+
+    registry = ModelRegistry(Settings(model_store=store, engine="null", store_poll_s=1),
+                             engine_factory=as_the_service_user)
+    registry.on_load_failure = failures.append
+
+    async def main() -> None:
+        registry.discover()
+        await registry.load_all()
+        v2 = shutil.copytree(_exported(tmp_path / "src", "2"), store / CATEGORY / ".2-staging")
+        (v2 / "model.onnx").chmod(0o600)
+        v2.rename(store / CATEGORY / "2")
+        assert await registry.refresh() == [] and "Permission denied" in registry.failed_versions(CATEGORY)["2"]
+        assert await registry.refresh() == [] and failures == [CATEGORY]  # unchanged: not tried again
+        (store / CATEGORY / "2" / "model.onnx").chmod(0o644)
+        assert await registry.refresh() == [CATEGORY] and registry.serving() == {CATEGORY: "2"}
+        assert failures == [CATEGORY]
 
     asyncio.run(main())
