@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -329,6 +329,32 @@ class ServiceMetrics:
                 gauge.labels(category).set(0)
                 _remove(gauge, category)
 
+    # --------------------------------------------------------------- review store
+    def set_review_tallies(self, category: str, pending: int, labelled: Mapping[str, int],
+                           disagreements: Mapping[tuple[str, str], int]) -> None:
+        """The review gauges of ``category`` as the store now holds it. A (version, kind) no
+        longer among ``disagreements`` (retention removed every label that version scored)
+        goes, zeroed first for the multi-process files: it kept its last count, which GET
+        .../stats no longer listed."""
+        self.review_pending.labels(category).set(pending)
+        for label in ("ok", "ng"):
+            self.review_labels.labels(category, label).set(labelled.get(label, 0))
+        for (version, kind), n in disagreements.items():
+            self.review_disagreements.labels(category, version, kind).set(n)
+        for version, kind in _review_versions(self.review_disagreements, category) - disagreements.keys():
+            self.review_disagreements.labels(category, version, kind).set(0)
+            _remove(self.review_disagreements, category, version, kind)
+
+    def review_categories(self) -> set[str]:
+        """The categories this process has review gauges of."""
+        return _categories_of(self.review_pending) | _categories_of(self.review_labels)
+
+    def forget_review_category(self, category: str) -> None:
+        """``category`` left the review store (its folder removed): its review gauges go."""
+        self.set_review_tallies(category, 0, {}, {})
+        for gauge, values in ((self.review_pending, ()), (self.review_labels, ("ok",)), (self.review_labels, ("ng",))):
+            _remove(gauge, category, *values)
+
     def refresh_gpu_memory(self) -> None:
         """Device-wide memory (what ONNX Runtime's and TensorRT's own pools use too), via
         torch only where torch already runs CUDA in this process: a scrape must never be
@@ -364,3 +390,9 @@ def _remove(metric: MetricWrapperBase, *values: str) -> None:
         metric.remove(*values)
     except KeyError:  # never made (or removed already)
         pass
+
+
+def _review_versions(metric: MetricWrapperBase, category: str) -> set[tuple[str, str]]:
+    """The (version, kind) series of ``category`` in a disagreement gauge of this process."""
+    return {(sample.labels["version"], sample.labels["kind"]) for family in metric.collect()
+            for sample in family.samples if sample.labels.get("category") == category}

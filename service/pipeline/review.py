@@ -250,13 +250,11 @@ class ReviewCapture:
             tallies = await asyncio.to_thread(self._tallies, category)
         except OSError:
             return
-        m = self.metrics
         for name, pending, labelled, disagreements in tallies:
-            m.review_pending.labels(name).set(pending)
-            for label in ("ok", "ng"):
-                m.review_labels.labels(name, label).set(labelled.get(label, 0))
-            for (version, kind), n in disagreements.items():
-                m.review_disagreements.labels(name, version, kind).set(n)
+            self.metrics.set_review_tallies(name, pending, labelled, disagreements)
+        if category is None:  # every category the store holds: the others' folders were removed
+            for gone in self.metrics.review_categories() - {name for name, *_ in tallies}:
+                self.metrics.forget_review_category(gone)
 
     def _tallies(self, only: str | None) -> list[tuple[str, int, dict[str, int], dict[tuple[str, str], int]]]:
         out = []

@@ -5,6 +5,7 @@ the gauges still come to the truth."""
 from __future__ import annotations
 
 import asyncio
+import shutil
 import time
 from typing import Any
 from pathlib import Path
@@ -184,3 +185,33 @@ def test_stop_waits_for_the_capture_being_written(tmp_path: Path) -> None:
                 if s.name.endswith("_total")}
     assert outcomes == {"stored": 2}
     assert len(list((tmp_path / ".review" / "brick" / "items").iterdir())) == 2
+
+
+def test_review_gauges_follow_labels_and_categories_that_leave_the_store(tmp_path: Path) -> None:
+    """Retention removed every label scored by version 1: GET .../stats then listed no
+    disagreement for it, while msflow_review_disagreements{version="1",kind="false_negative"}
+    stayed 1 until a restart (the refresh only set the versions still labelled). A category
+    folder removed from the review store kept its pending and label gauges the same way."""
+    metrics = ServiceMetrics()
+    capture = ReviewCapture(Settings(model_store=tmp_path, review_retention_s=60.0, review_label_retention_s=60.0),
+                            metrics)
+    fields = {"reason": "review", "model_version": "1", "verdict": "ok", "is_anomalous": False, "raw_score": 1.0,
+              "score": 0.5, "threshold": 1.0, "ng_threshold": 2.0}
+    _, brick_id = capture.store.add("brick", fields, b"brick part", "PNG", (4, 4), None, None)
+    capture.store.label("brick", brick_id, "ng", by="alice")
+    capture.store.add("tile", fields, b"tile part", "PNG", (4, 4), None, None)
+
+    def series() -> dict[tuple[str, ...], float]:
+        return {(family.name, *sorted(s.labels.values())): s.value
+                for gauge in (metrics.review_pending, metrics.review_labels, metrics.review_disagreements)
+                for family in gauge.collect() for s in family.samples}
+
+    asyncio.run(capture.refresh())
+    assert series()[("msflow_review_disagreements", "1", "brick", "false_negative")] == 1
+    assert series()[("msflow_review_pending", "tile")] == 1
+
+    capture.store.prune(time.time() + 120)  # both items past their retention
+    shutil.rmtree(tmp_path / ".review" / "tile")
+    asyncio.run(capture.refresh())
+    assert series() == {("msflow_review_pending", "brick"): 0, ("msflow_review_labels", "brick", "ok"): 0,
+                        ("msflow_review_labels", "brick", "ng"): 0}
