@@ -81,6 +81,12 @@ def reviewed_ok_samples(cfg: TrainConfig) -> list[tuple[dict[str, str], Sample]]
     root = resolve_root(cfg.include_reviewed_ok)
     if not root.is_dir():
         raise ValueError(f"no review store at {cfg.include_reviewed_ok}")
+    # A server makes the store's lock at start and each category's items/ at its first capture.
+    # With neither, the folder is something else (the model store while MSFLOW_REVIEW_STORE is
+    # elsewhere, an unpacked label export): the whole run trained on 0 reviewed images then.
+    if not (root / ".lock").exists() and not (root / cfg.category / "items").is_dir():
+        raise ValueError(f"{root} is not a review store: it holds no review items of {cfg.category} (give the "
+                         "folder the server keeps them in: MSFLOW_REVIEW_STORE, default <model store>/.review)")
     store = ReviewStore(root)
     reviewed = store.reviewed_ok_images(cfg.category)
     # Labelled OK but unreadable now (its image or item.json gone): the store leaves it out, as

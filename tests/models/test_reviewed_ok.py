@@ -96,3 +96,27 @@ def test_an_ok_label_whose_image_is_gone_is_left_out_and_said(demo_root: Path, t
     assert [row["id"] for row, _ in samples] == [ids[0]]
     assert [r.getMessage() for r in caplog.records] == [
         f"1 operator-confirmed OK item(s) of {CATEGORY} left out: their image or item.json is gone ({ids[1]})"]
+
+
+def test_a_folder_that_is_no_review_store_is_refused(demo_root: Path, tmp_path: Path) -> None:
+    """`--include-reviewed-ok` given the model store while the server keeps its review store
+    elsewhere (MSFLOW_REVIEW_STORE), or the unpacked label export, trained the whole run
+    with "include 0 operator-confirmed OK image(s)": a folder holding no review items of the
+    category and no store lock is not a review store, and is refused before training."""
+    from models.train import TrainConfig, reviewed_ok_samples
+
+    model_store = tmp_path / "model_store"
+    (model_store / CATEGORY / "1").mkdir(parents=True)
+    export = tmp_path / "export"
+    (export / "good").mkdir(parents=True)
+    (export / "labels.jsonl").write_text("")
+    for folder in (model_store, export):
+        cfg = TrainConfig(data=demo_root, category=CATEGORY, out=tmp_path / "run", include_reviewed_ok=folder)
+        with pytest.raises(ValueError, match=f"{folder} is not a review store: it holds no review items of "
+                                             f"{CATEGORY}"):
+            reviewed_ok_samples(cfg)
+
+    review = ReviewStore(tmp_path / "review", Budget(10**9, 1000, 86_400.0, 86_400.0))
+    review.prune()  # what a server does at start: a store with no item of the category yet
+    cfg = TrainConfig(data=demo_root, category=CATEGORY, out=tmp_path / "run", include_reviewed_ok=review.root)
+    assert reviewed_ok_samples(cfg) == []
