@@ -5,6 +5,7 @@ streams it still drains."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from service.pipeline.registry_view import RegistryView
@@ -60,6 +61,14 @@ class ConsumedCategories:
         read found nothing new in is drained, and read no more: XREADGROUP answers with every
         stream that holds unread entries, so none there means none left."""
         draining = sorted(self.draining)
+        if not self.consumed and not draining:
+            # Every category retired (a line's only version replaced for longer than the grace):
+            # XREADGROUP of no stream is refused by the client, which read as Redis down every
+            # second. Redis is still asked whether it answers, as a read would: the worker's
+            # claims count on that (an outage meanwhile holds them off once a category is back).
+            await self.queue.conn.run("ping", lambda r: r.ping())
+            await asyncio.sleep(block_s)
+            return []
         deliveries = await self.queue.read([*self.consumed, *draining], self.worker, count, block_s)
         self.draining.difference_update(set(draining) - {d.message.category for d in deliveries})
         return deliveries
