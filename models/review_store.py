@@ -290,7 +290,17 @@ class ReviewStore:
 
     def label(self, category: str, item_id: str, label: Label, by: str, defect_type: str | None = None,
               note: str | None = None) -> tuple[ReviewLabel, ReviewLabel | None]:
-        """Record (or replace) the label of an item; returns it and the label it replaced."""
+        """Record (or replace) the label of an item; returns it and the label it replaced.
+
+        Under the store's lock, as retention removes items under it (another process's sweep
+        too): an item is either gone before (404) or kept with its label. Without it, a label
+        written while a sweep removed its item found the folder not yet gone, was answered, and
+        was deleted with the item."""
+        with self._locked():
+            return self._label(category, item_id, label, by, defect_type, note)
+
+    def _label(self, category: str, item_id: str, label: Label, by: str, defect_type: str | None,
+               note: str | None) -> tuple[ReviewLabel, ReviewLabel | None]:
         item = self.item(category, item_id)
         record = ReviewLabel(id=item_id, category=category, label=label,
                              defect_type=defect_type if label == "ng" else None, note=note or None, by=by,
@@ -304,7 +314,7 @@ class ReviewStore:
         path = self._label_path(category, item_id)
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, data, durable=True, temp=label_temp_name(item_id, secrets.token_hex(4)))
-        if not self._item_dir(category, item_id).is_dir():  # expired meanwhile: take the label back
+        if not self._item_dir(category, item_id).is_dir():  # removed by hand meanwhile: take the label back
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
             raise ItemNotFound(f"review item {item_id} expired")

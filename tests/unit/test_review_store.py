@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
+import threading
 import time
 import zipfile
 from datetime import datetime, timedelta, timezone
@@ -219,3 +221,28 @@ def test_a_missing_image_file_is_not_found(tmp_path: Path) -> None:
         with pytest.raises(ItemNotFound):
             s.file("brick", item_id, which)
     assert s.item("brick", item_id).id == item_id  # the record itself still reads
+
+
+def test_a_label_waits_for_a_retention_sweep_under_way_and_is_refused_if_it_took_the_item(tmp_path: Path) -> None:
+    """Retention removes items under the store's lock (another process's sweep too). A label
+    that came in while the sweep was removing its item was written beside it, found the item's
+    folder not yet gone, answered 200 and was then deleted with it: the operator's verdict lost."""
+    s = store(tmp_path)
+    _, item_id = add(s, b"image-one", at=datetime.now(timezone.utc))
+    outcome: dict[str, Any] = {}
+
+    def label() -> None:
+        try:
+            outcome["label"] = s.label("brick", item_id, "ok", by="alice")
+        except ItemNotFound as exc:
+            outcome["refused"] = exc
+
+    with s._locked():  # a sweep under way in another process
+        labeller = threading.Thread(target=label)
+        labeller.start()
+        labeller.join(0.5)
+        assert labeller.is_alive(), "the label did not wait for the sweep holding the store's lock"
+        shutil.rmtree(s.root / "brick" / "items" / item_id)  # the sweep takes the item
+    labeller.join(10)
+    assert "refused" in outcome and "label" not in outcome
+    assert not (s.root / "brick" / "labels" / f"{item_id}.json").exists()
