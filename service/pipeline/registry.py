@@ -129,7 +129,9 @@ class ModelRegistry(RegistryView):
         ``OSError`` when the store cannot be listed (nothing is let go of). Returns the
         categories (re)loaded."""
         try:
-            seen = look(self.store)
+            # In a thread: on a network file system (NFS, EFS) every listing and stat is a round
+            # trip, and a scan on the event loop held every request in flight for all of them.
+            seen = await asyncio.to_thread(look, self.store)
         except OSError:
             self.removals.unknown()
             raise
