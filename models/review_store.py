@@ -1,6 +1,7 @@
 """The review store: images the service kept for a person to judge, and that person's labels.
 
-One store, read and written by both halves (its records: :mod:`models.review_records`): the service captures items and records labels
+One store, read and written by both halves (its records: :mod:`models.review_records`; reading it,
+without the lock: :mod:`models.review_reader`): the service captures items and records labels
 (:mod:`service.pipeline.review`, :mod:`service.api.review`); ``msflow recalibrate`` and
 ``msflow train --include-reviewed-ok`` read them offline, without a server or Redis::
 
@@ -35,7 +36,6 @@ import contextlib
 import fcntl
 import hashlib
 import os
-import re
 import secrets
 import shutil
 import time
@@ -45,28 +45,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import ValidationError
-
 from models.atomic_files import fsync_folder, write_atomic
-from models.manifest import CATEGORY_PATTERN
-from models.review_index import CategoryScan, Entry, LabelCache, StoreIndex, parse_id
+from models.review_index import CategoryScan, Entry, parse_id
 from models.review_leftovers import STAGING_PREFIX, label_temp_name, sweep
+from models.review_reader import LABEL_RESERVE, ItemNotFound, ReviewError, ReviewReader
 from models.review_records import Label, ReviewHeatmap, ReviewImage, ReviewItem, ReviewLabel
 
 REVIEWED_OK = "reviewed_ok.json"  # in a run and its exported versions: the reviewed OK images it trained on
-LABEL_RESERVE = 4096  # bytes each item reserves for its label file (a label is refused above it)
-ITEM_JSON_LIMIT = 256 * 1024  # an item.json larger than this is not ours
-_PLAIN_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}\Z")  # a file item.json names: image.png, heatmap.png
 IMAGE_TYPES = {"PNG": ("png", "image/png"), "JPEG": ("jpg", "image/jpeg"), "BMP": ("bmp", "image/bmp"),
                "TIFF": ("tif", "image/tiff"), "WEBP": ("webp", "image/webp")}
-
-
-class ReviewError(ValueError):
-    """A review item or label that does not exist or cannot be written."""
-
-
-class ItemNotFound(ReviewError):
-    """No such item (never captured, expired, or a malformed id)."""
 
 
 @dataclass(frozen=True)
@@ -93,18 +80,6 @@ def image_digest(image: bytes) -> str:
     return hashlib.sha256(image).hexdigest()
 
 
-def _read_label(path: str | Path) -> ReviewLabel | None:
-    try:
-        with open(path, "rb") as f:
-            data = f.read(LABEL_RESERVE + 1)
-    except FileNotFoundError:
-        return None
-    try:
-        return ReviewLabel.model_validate_json(data)
-    except ValidationError:
-        return None
-
-
 def _fsync_write(path: Path, data: bytes) -> None:
     with open(path, "wb") as f:
         f.write(data)
@@ -112,35 +87,13 @@ def _fsync_write(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-class ReviewStore:
-    """The store at ``root``; every method is blocking (the service calls them in a thread)."""
+class ReviewStore(ReviewReader):
+    """The store at ``root``, read and, under ``budget``, written (the offline tools open it
+    without one, to read); every method is blocking (the service calls them in a thread)."""
 
     def __init__(self, root: str | Path, budget: Budget | None = None) -> None:
-        self.root = Path(root)
+        super().__init__(root)
         self.budget = budget
-        self._index = StoreIndex(self.root)
-        self._labels: dict[str, LabelCache[ReviewLabel]] = {}
-
-    # ------------------------------------------------------------------ layout
-    def _category_dir(self, category: str) -> Path:
-        if not CATEGORY_PATTERN.fullmatch(category):
-            raise ItemNotFound(f"no category {category!r}")
-        return self.root / category
-
-    def _item_dir(self, category: str, item_id: str) -> Path:
-        if parse_id(item_id) is None:
-            raise ItemNotFound(f"no review item {item_id!r}")
-        return self._category_dir(category) / "items" / item_id
-
-    def _label_path(self, category: str, item_id: str) -> Path:
-        if parse_id(item_id) is None:
-            raise ItemNotFound(f"no review item {item_id!r}")
-        return self._category_dir(category) / "labels" / f"{item_id}.json"
-
-    def categories(self) -> list[str]:
-        if not self.root.is_dir():
-            return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and CATEGORY_PATTERN.fullmatch(p.name))
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -152,13 +105,7 @@ class ReviewStore:
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
-    # ------------------------------------------------------------------ scanning, budget, retention
-    def scan(self, category: str) -> CategoryScan:
-        """The category's items and labelled ids, from their names (:mod:`models.review_index`
-        keeps them between calls while the directories are unchanged)."""
-        self._category_dir(category)  # a name that is no category is refused, not looked up
-        return self._index.scan(category)
-
+    # ------------------------------------------------------------------ budget, retention
     def usage(self, after_expiry_at: float | None = None) -> tuple[int, int]:
         """(items, bytes) the budget counts, over every category; with ``after_expiry_at``
         (epoch seconds), what would be left once they expired. Staging folders count (a dead writer's until swept)."""
@@ -319,95 +266,3 @@ class ReviewStore:
                 path.unlink()
             raise ItemNotFound(f"review item {item_id} expired")
         return record, previous
-
-    # ------------------------------------------------------------------ reading
-    def item(self, category: str, item_id: str) -> ReviewItem:
-        path = self._item_dir(category, item_id) / "item.json"
-        try:
-            with open(path, "rb") as f:
-                data = f.read(ITEM_JSON_LIMIT + 1)
-        except (FileNotFoundError, NotADirectoryError):
-            raise ItemNotFound(f"no review item {item_id!r} in {category}") from None
-        try:
-            if len(data) > ITEM_JSON_LIMIT:
-                raise ValueError("too large")
-            item = ReviewItem.model_validate_json(data)
-        except (ValueError, ValidationError) as exc:
-            raise ItemNotFound(f"review item {item_id!r} is unreadable") from exc
-        if item.id != item_id or item.category != category:
-            raise ItemNotFound(f"review item {item_id!r} is misplaced")
-        return item
-
-    def _kept_file(self, category: str, item_id: str, name: str) -> Path:
-        """The path of a file ``item.json`` names, refused (:class:`ItemNotFound`) unless it is a
-        file of the item's own folder: item.json is read from a shared volume, and a name like
-        ``../../../etc/passwd`` in it, or a symlink in the folder, made the image route serve any
-        file the server could read (reproduced). The store's root may itself be a symlink."""
-        folder = self._item_dir(category, item_id)
-        path = folder / name
-        if (not _PLAIN_NAME.match(name) or path.is_symlink()
-                or os.path.dirname(os.path.realpath(path)) != os.path.realpath(folder)
-                or not os.path.realpath(folder).startswith(os.path.realpath(self.root) + os.sep)):
-            raise ItemNotFound(f"review item {item_id!r} names a file outside its folder")
-        return path
-
-    def file(self, category: str, item_id: str, which: Literal["image", "heatmap"]) -> tuple[Path, str]:
-        """(path, media type) of an item's image or heatmap; :class:`ItemNotFound` (a 404) also
-        when the file is gone but item.json is not (a prune killed mid-``rmtree``, an expiry racing the read)."""
-        item = self.item(category, item_id)
-        kept = item.image if which == "image" else item.heatmap
-        if kept is None:
-            raise ItemNotFound(f"review item {item_id} has no heatmap")
-        path = self._kept_file(category, item_id, kept.file)
-        if not path.is_file():
-            raise ItemNotFound(f"review item {item_id} has no {which} file (expired or removed)")
-        return path, item.image.media_type if which == "image" else "image/png"
-
-    def get_label(self, category: str, item_id: str) -> ReviewLabel | None:
-        return _read_label(self._label_path(category, item_id))
-
-    def pending(self, category: str, verdict: str | None = None, after: str | None = None,
-                limit: int = 50) -> tuple[list[ReviewItem], str | None]:
-        """Unlabelled items, oldest first, from after the id ``after``; and the next page's cursor."""
-        entries = [e for e in self.scan(category).pending
-                   if (verdict is None or e.verdict == verdict) and (after is None or e.id > after)]
-        page: list[ReviewItem] = []
-        read = 0
-        for e in entries:
-            if len(page) == limit:
-                break
-            read += 1
-            with contextlib.suppress(ItemNotFound):  # expired between the scan and the read
-                page.append(self.item(category, e.id))
-        return page, entries[read - 1].id if read < len(entries) and read else None
-
-    def labels(self, category: str) -> list[ReviewLabel]:
-        """The labels of the category's items, oldest item first (each file parsed again only
-        when it changed)."""
-        scan = self.scan(category)
-        folder = str(self._category_dir(category) / "labels")
-        cache = self._labels.get(category) or self._labels.setdefault(category, LabelCache(_read_label))
-        return cache.read_all(scan.labelled, lambda: (os.path.join(folder, f"{i}.json") for i in
-                                                      sorted(scan.labelled & {e.id for e in scan.entries})))
-
-    def labelled(self, category: str) -> list[tuple[ReviewItem, ReviewLabel, Path]]:
-        """Every labelled item with its label and image path, oldest first; one whose image is
-        gone is missing, as to the API (recalibrate stopped at it: "image file not found")."""
-        out = []
-        for label in self.labels(category):
-            with contextlib.suppress(ItemNotFound):
-                item = self.item(category, label.id)
-                path = self._kept_file(category, label.id, item.image.file)
-                if path.is_file():
-                    out.append((item, label, path))
-        return out
-
-    def reviewed_ok_images(self, category: str) -> list[tuple[ReviewItem, Path]]:
-        """Operator-confirmed OK items and their image paths, one per distinct image."""
-        seen: set[str] = set()
-        out = []
-        for item, label, path in self.labelled(category):
-            if label.label == "ok" and item.image.sha256 not in seen:
-                seen.add(item.image.sha256)
-                out.append((item, path))
-        return out
