@@ -8,9 +8,10 @@ consumer group of each category's stream (:mod:`service.redisq.jobs`) and loops:
 1. claim a job left pending by a dead worker or a failed attempt (XAUTOCLAIM), *one at a
    time*, and run it alone: a job that kills its worker takes only itself down, and once
    delivered more than ``job_max_attempts`` times it is dead-lettered alone. None before
-   Redis has answered the worker for ``job_claim_idle_s`` (since its start, or since Redis
-   last failed it): a live holder's keep-alives fail in an outage (one ended just before
-   this worker started too), so its jobs look idle;
+   Redis has answered the worker for a keep-alive period plus a timed-out call (since its
+   start, or since Redis last failed it; :mod:`service.worker.claim_holdoff`): a live
+   holder's keep-alives fail in an outage (one ended just before this worker started too),
+   so its jobs look idle until its next one;
 2. otherwise read new jobs (XREADGROUP, up to ``max_batch_size`` per category, blocking
    ``worker_block_s``);
 3. per category (categories in parallel): pin the category's lane once for the jobs read;

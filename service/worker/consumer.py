@@ -22,6 +22,7 @@ from service.redisq.records import FINAL_STATES, FinalWrite, JobRecord, RecordTo
 from service.redisq.store import utcnow
 from service.schemas import ErrorBody
 from service.worker.categories import ConsumedCategories
+from service.worker.claim_holdoff import claim_hold_off_s, keep_alive_every_s, socket_timeout_s
 from service.worker.failures import JobFailed
 from service.worker.inputs import InputBudget
 from service.worker.job import JobInHand, run_job
@@ -39,13 +40,7 @@ class Worker:
         self.settings = settings
         self.name = name or settings.worker_name or f"{socket.gethostname()}-{os.getpid()}"
         self.metrics = ServiceMetrics()
-        # XREADGROUP BLOCK must finish inside the socket timeout, and so must one fetch of
-        # images (up to the input budget, or one job of max_request_bytes, at 50 MB/s from a
-        # loaded Redis host, as the API's submissions are sized); no breaker: a worker has no
-        # request to protect, it waits.
-        fetch_bytes = max(settings.max_request_bytes, settings.worker_max_input_bytes)
-        client = make_client(settings, socket_timeout=settings.worker_block_s + max(1.0, settings.redis_socket_timeout_s)
-                             + fetch_bytes / 50e6)
+        client = make_client(settings, socket_timeout=socket_timeout_s(settings))  # no breaker: a worker waits
         self.conn = RedisConnection(settings, self.metrics, client=client, breaker_s=0.0)
         self.runtime = PipelineRuntime(settings, self.conn, metrics=self.metrics, memory_links=False)
         self.queue = JobQueue(settings, self.conn)
@@ -55,9 +50,11 @@ class Worker:
         self.stop = asyncio.Event()
         self.following = ConsumedCategories(self.name, self.queue, self.runtime.registry)
         # Set by any failed Redis call. Once Redis answers again no claim is made for
-        # job_claim_idle_s: every holder's keep-alive failed during the outage too, so its live
-        # jobs looked idle, and claimed they ran twice, each claim charged as a delivery. A
-        # worker that starts holds off as long (:meth:`run`), for an outage it may not have seen.
+        # claim_hold_off_s: every holder's keep-alive failed during the outage too, so its live
+        # jobs looked idle until its next one (claimed, they ran twice, each claim charged as a
+        # delivery). A worker that starts holds off as long (:meth:`run`), for an outage it may
+        # not have seen. Why that long and no longer: service/worker/claim_holdoff.py.
+        self.claim_hold_off_s = claim_hold_off_s(settings)
         self.redis_failed = False
         self._watch: asyncio.Task[None] | None = None
         self._heartbeat: asyncio.Task[None] | None = None
@@ -87,14 +84,13 @@ class Worker:
     async def run(self) -> None:
         await self.start()
         claim_every = max(0.2, self.settings.job_claim_idle_s / 2)
-        # No claim until Redis has answered this worker for one claim idle period (start() just
-        # had its answer): an outage that ended just before this start made live holders' jobs
-        # look idle (their keep-alives, and heartbeats, lapsed in it) until their next
-        # keep-alive. Only silence while Redis answers tells a dead holder from a cut-off one,
-        # and this worker knows Redis answered only since it asked. Dead workers' jobs wait at
-        # most min(how long no worker ran, job_claim_idle_s) longer (docs/DESIGN.md: why not
-        # heartbeats).
-        next_claim = time.monotonic() + self.settings.job_claim_idle_s
+        # No claim until Redis has answered this worker for the hold-off (start() just had its
+        # answer): an outage that ended just before this start made live holders' jobs look
+        # idle (their keep-alives, and heartbeats, lapsed in it) until their next keep-alive.
+        # Only silence while Redis answers tells a dead holder from a cut-off one, and this
+        # worker knows Redis answered only since it asked. Dead workers' jobs wait at most
+        # min(how long no worker ran, the hold-off) longer (docs/DESIGN.md: why not heartbeats).
+        next_claim = time.monotonic() + self.claim_hold_off_s
         while not self.stop.is_set():
             try:
                 await self.following.follow()
@@ -108,7 +104,7 @@ class Worker:
                 if not deliveries:
                     deliveries = await self.following.read(self.settings.max_batch_size, self.settings.worker_block_s)
                     if self.redis_failed:  # Redis is back: the holders refresh their claims first
-                        self.redis_failed, next_claim = False, time.monotonic() + self.settings.job_claim_idle_s
+                        self.redis_failed, next_claim = False, time.monotonic() + self.claim_hold_off_s
                 await self.step(deliveries)
             except RedisUnavailable as exc:
                 self.redis_failed = True
@@ -364,7 +360,7 @@ class Worker:
     async def _keep_alive(self, held: dict[str, set[str]]) -> None:
         """Keep our claim on every job in hand fresh (all categories, whether running or still
         waiting for room), so that only a dead (or stopped) worker's jobs are taken over."""
-        every = max(0.1, self.settings.job_claim_idle_s / 3)
+        every = keep_alive_every_s(self.settings)  # the hold-off after a failure counts on it
         while True:
             await asyncio.sleep(every)
             for category, stream_ids in held.items():

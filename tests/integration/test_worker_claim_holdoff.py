@@ -5,10 +5,15 @@ a worker starts within a second of being asked to):
 * A worker started just after a Redis outage it never saw. During the outage every holder's
   keep-alive failed, so its live jobs' idle time grew past ``job_claim_idle_s``. Before: the
   new worker claimed such a job at its first loop (delivery 2, charged to the job) and ran it
-  again beside its live holder. Now no worker claims before Redis has answered it for one
-  claim idle period, at start as after an outage it saw.
+  again beside its live holder. Now no worker claims before Redis has answered it for the
+  claim hold-off (``service/worker/claim_holdoff.py``: a keep-alive period plus a timed-out
+  call, at most one claim idle period, which it is at these tests' short idle times), at
+  start as after an outage it saw.
 * A dead worker's job is still claimed by a worker started after its death, once that worker
-  has had Redis for one claim idle period.
+  has had Redis for the hold-off.
+* A dead worker's job is claimed though Redis fails this worker more often than the claim
+  idle time (a slow command now and then). Before: every failed call restarted a hold-off of
+  job_claim_idle_s, so the job was never claimed and waited out its TTL.
 """
 
 from __future__ import annotations
@@ -124,3 +129,66 @@ def test_a_dead_workers_job_is_claimed_by_a_worker_started_after_its_death(
     assert record is not None and record.status == "done" and record.attempts == 2, record
     assert done == 1
     assert waited >= idle_s * 0.9, waited  # not at once: one claim idle period of Redis answering first
+
+
+def test_a_dead_workers_job_is_claimed_though_redis_fails_this_worker_more_often_than_the_claim_idle_time(
+        tmp_path: Path, private_redis: RedisServer) -> None:
+    """A line whose Redis now and then runs a slow command (DEBUG SLEEP 1.6 s, longer than the
+    worker's socket timeout of 1.2 s: block 0.2 s + 1 s + 1 MiB at 50 MB/s; no redis-py retry,
+    so one timed-out command is one failure, as with a retry a command twice as slow is), every
+    9.5 s, less than the claim idle time (10 s). A holder died long ago (its job idle for
+    2 x job_claim_idle_s). Before: each failure held claims off for job_claim_idle_s again,
+    so the dead worker's job was never claimed (it waited out its TTL and failed). Now the
+    hold-off after a failure is one keep-alive period (3.3 s) + the socket timeout + 1 s, and
+    the job is claimed and run between two slow commands."""
+    idle_s, every_s, sleep_s = 10.0, 9.5, 1.6
+    fake_version(tmp_path / "store", CATEGORY)
+    settings = settings_for(tmp_path / "store", private_redis, engine="null", job_claim_idle_s=idle_s,
+                            job_max_attempts=3, redis_retries=0, max_request_bytes=2**20, max_upload_bytes=2**20,
+                            worker_max_input_bytes=2**20)
+    admin = private_redis.client(timeout=10.0)
+
+    async def slow_commands(stop: asyncio.Event) -> int:
+        done = 0
+        while True:
+            try:
+                await asyncio.wait_for(stop.wait(), 1.0 if not done else every_s - sleep_s)
+                return done
+            except TimeoutError:
+                pass
+            await asyncio.to_thread(admin.execute_command, "DEBUG", "SLEEP", sleep_s)
+            done += 1
+
+    async def main() -> tuple[Any, float, int, float]:
+        api_conn = RedisConnection(settings, breaker_s=0.0)
+        api = JobQueue(settings, api_conn)
+        await api.ensure_groups([CATEGORY])
+        job_id = (await api.submit(CATEGORY, [Upload("a.png", IMAGE)], NO_HEATMAP, None)).id
+        (held,) = await api.read([CATEGORY], "dead-holder", 8, 1.0)
+        # Its holder died 2 x job_claim_idle_s ago (XCLAIM IDLE sets the idle time; JUSTID counts no delivery).
+        await api_conn.client.xclaim(api.stream(CATEGORY), "workers", "dead-holder", 0, [held.stream_id],
+                                     idle=int(2 * idle_s * 1000), justid=True)
+        worker = Worker(settings, name="claimer")
+        loop = asyncio.create_task(worker.run())
+        stop_slow = asyncio.Event()
+        slow = asyncio.create_task(slow_commands(stop_slow))
+        try:
+            await until(lambda: worker.categories or loop.done(), "the worker to start", 30)
+            deadline = asyncio.get_running_loop().time() + 2 * every_s + 1.0
+            while not _done(worker) and not loop.done() and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.05)
+        finally:
+            stop_slow.set()
+            slow_commands_run = await slow
+            worker.stop.set()
+            await asyncio.wait_for(loop, 30)
+            await worker.close()
+        errors = worker.metrics.registry.get_sample_value("msflow_redis_errors_total", {"operation": "xreadgroup"})
+        record = await api.records.get(job_id)
+        await api_conn.aclose()
+        return record, _done(worker), slow_commands_run, errors or 0.0
+
+    record, done, slow_commands_run, errors = asyncio.run(main())
+    assert slow_commands_run >= 1 and errors >= 1, (slow_commands_run, errors)  # the worker saw Redis fail
+    assert done == 1, record
+    assert record is not None and record.status == "done" and record.attempts == 2, record

@@ -13,7 +13,8 @@ worker (in-process, the real engine of the trained test model):
 * A Redis outage longer than ``job_claim_idle_s`` while a live worker runs a job. Before:
   its keep-alive failed with Redis, so once Redis was back the job looked abandoned, another
   worker claimed it (a delivery charged) and ran it again. Now a worker that saw Redis fail
-  makes no claim for ``job_claim_idle_s`` after it answers again.
+  makes no claim after it answers again until every live holder's next keep-alive has come
+  (``claim_hold_off_s``: a keep-alive period plus a timed-out call, 7.9 s here).
 * The input budget as a gauge (``msflow_worker_input_bytes``).
 """
 
@@ -250,7 +251,7 @@ def test_a_redis_outage_longer_than_the_claim_idle_time_does_not_hand_a_live_wor
     Redis is down 10 s (state saved and loaded back), longer than the claim idle time (9 s),
     and the holder's first keep-alive after it comes back is a period later, as it may be.
     Before: a worker in its loop claimed the job within a second of Redis's return (delivery
-    2, charged to the job) and ran it again. Now it makes no claim for job_claim_idle_s after
+    2, charged to the job) and ran it again. Now it makes no claim for claim_hold_off_s after
     Redis answers again, by when every live holder has refreshed its claims."""
     idle_s = 9.0
     settings = settings_for(store, private_redis, job_claim_idle_s=idle_s, job_max_attempts=3)
