@@ -29,7 +29,7 @@ from service.redisq.connection import RedisConnection, RedisUnavailable
 from service.redisq.jobs import JobQueue
 from service.schemas import HeatmapMode, InspectOptions, Upload
 from service.worker import Worker
-from worker_fixtures import settings_for
+from worker_fixtures import pending_of, settings_for, stop_running
 
 NO_HEATMAP = InspectOptions(heatmap=HeatmapMode.none)
 IMAGE = png_of(Image.new("RGB", (32, 32), (90, 60, 40)))
@@ -79,13 +79,9 @@ def test_a_worker_started_just_after_an_outage_it_never_saw_does_not_claim_a_liv
             await asyncio.sleep(idle_s / 3)  # the holder's keep-alive comes round
             await _keep_alive_once_redis_answers(holder, held.stream_id)
             await asyncio.sleep(idle_s)  # past the new worker's first claims either way
-            pending = await holder_conn.client.xpending_range(holder.stream(CATEGORY), "workers", min="-", max="+",
-                                                              count=10)
+            pending = await pending_of(holder_conn, holder)
         finally:
-            worker.stop.set()
-            await asyncio.wait_for(loop, 30)
-            await worker.close()
-            await holder_conn.aclose()
+            await stop_running(worker, loop, holder_conn)
         return pending, _done(worker)
 
     pending, done = asyncio.run(main())
@@ -119,10 +115,7 @@ def test_a_dead_workers_job_is_claimed_by_a_worker_started_after_its_death(
             waited = asyncio.get_running_loop().time() - started
             record = await api.records.get(job_id)
         finally:
-            worker.stop.set()
-            await asyncio.wait_for(loop, 30)
-            await worker.close()
-            await api_conn.aclose()
+            await stop_running(worker, loop, api_conn)
         return record, waited, _done(worker)
 
     record, waited, done = asyncio.run(main())
@@ -180,9 +173,7 @@ def test_a_dead_workers_job_is_claimed_though_redis_fails_this_worker_more_often
         finally:
             stop_slow.set()
             slow_commands_run = await slow
-            worker.stop.set()
-            await asyncio.wait_for(loop, 30)
-            await worker.close()
+            await stop_running(worker, loop)
         errors = worker.metrics.registry.get_sample_value("msflow_redis_errors_total", {"operation": "xreadgroup"})
         record = await api.records.get(job_id)
         await api_conn.aclose()

@@ -33,7 +33,8 @@ from service.redisq.jobs import JobQueue
 from service.schemas import HeatmapLink, HeatmapMode, InspectOptions, Upload
 from service.worker import Worker
 from service.worker.consumer import OUTPUT_RERUNS
-from worker_fixtures import CLAIM_IDLE_S, Harness, redis, run, settings_for, slow_run, store  # noqa: F401  (fixtures)
+from worker_fixtures import (CLAIM_IDLE_S, Harness, pending_of, redis, run, settings_for, slow_run,  # noqa: F401  (fixtures)
+                             stop_running, store)
 
 LINKS = InspectOptions(heatmap=HeatmapMode.url)
 NO_HEATMAP = InspectOptions(heatmap=HeatmapMode.none)
@@ -65,9 +66,7 @@ async def _run_worker_until_final(worker: Worker, api: JobQueue, submit: Callabl
                 await asyncio.sleep(0.05)
         raise AssertionError(f"job {job_id} not final after {timeout} s")
     finally:
-        worker.stop.set()
-        await asyncio.wait_for(loop, 30)
-        await worker.close()
+        await stop_running(worker, loop)
 
 
 def test_redis_restarts_while_a_job_stores_its_links_cost_it_no_attempt(
@@ -281,13 +280,9 @@ def test_a_redis_outage_longer_than_the_claim_idle_time_does_not_hand_a_live_wor
                 except RedisUnavailable:
                     await asyncio.sleep(0.1)
             await asyncio.sleep(2.0)  # a claim made meanwhile has run its job by now
-            pending = await holder_conn.client.xpending_range(holder.stream(CATEGORY), "workers", min="-", max="+",
-                                                              count=10)
+            pending = await pending_of(holder_conn, holder)
         finally:
-            worker.stop.set()
-            await asyncio.wait_for(loop, 30)
-            await worker.close()
-            await holder_conn.aclose()
+            await stop_running(worker, loop, holder_conn)
         assert job_id
         done = worker.metrics.registry.get_sample_value("msflow_jobs_total", {"category": CATEGORY, "outcome": "done"})
         return pending, done

@@ -25,7 +25,7 @@ from service.redisq.connection import RedisConnection
 from service.redisq.jobs import JobQueue
 from service.schemas import HeatmapMode, InspectOptions, Upload
 from service.worker import Worker
-from worker_fixtures import settings_for
+from worker_fixtures import settings_for, stop_running
 
 IMAGE = png_of(Image.new("RGB", (32, 32), (90, 60, 40)))
 
@@ -77,10 +77,7 @@ def test_a_worker_with_every_category_retired_waits_quietly_and_takes_one_up_whe
             assert await done() and worker.categories == [CATEGORY]
             assert not loop.done()
         finally:
-            worker.stop.set()
-            await asyncio.wait_for(loop, 30)
-            await worker.close()
-            await api_conn.aclose()
+            await stop_running(worker, loop, api_conn)
 
     with caplog.at_level(logging.WARNING, logger="service.worker"):
         asyncio.run(main())

@@ -110,3 +110,17 @@ def slow_run(seconds: float) -> Any:
             return real_run(batch)
         return run_batch
     return make
+
+
+async def pending_of(conn: RedisConnection, queue: JobQueue) -> list[dict[str, Any]]:
+    """The category's pending jobs (XPENDING of the workers' group): who holds each, how often delivered."""
+    return await conn.client.xpending_range(queue.stream(CATEGORY), "workers", min="-", max="+", count=10)
+
+
+async def stop_running(worker: Worker, loop: asyncio.Task[Any], *conns: RedisConnection) -> None:
+    """Stop a worker whose ``run()`` is ``loop``, and close it and ``conns``."""
+    worker.stop.set()
+    await asyncio.wait_for(loop, 30)
+    await worker.close()
+    for conn in conns:
+        await conn.aclose()
