@@ -90,7 +90,10 @@ class ReviewReader:
             with open(path, "rb") as f:
                 data = f.read(ITEM_JSON_LIMIT + 1)
         except (FileNotFoundError, NotADirectoryError):
-            raise ItemNotFound(f"no review item {item_id!r} in {category}") from None
+            # A well-formed id: an item this store kept once, or one it never had (another
+            # server's store, a typo'd timestamp); the files cannot tell which.
+            raise ItemNotFound(f"no review item {item_id!r} in {category}: removed by retention (or by hand), "
+                               "or never captured in this store") from None
         try:
             if len(data) > ITEM_JSON_LIMIT:
                 raise ValueError("too large")
