@@ -156,6 +156,19 @@ def folder_of_good_images(folder: str | Path) -> list[Sample]:
     return [Sample(path=p, label=0, defect_type=GOOD) for p in list_images(folder)]
 
 
+def refuse_mvtec_layout_as_plain_folder(folder: str | Path) -> None:
+    """Raise :class:`DataError` saying which ``--data``/``--category`` to give when ``folder``,
+    given as a plain folder of good images, is an MVTec-layout root or one of its categories:
+    its images lie in subfolders, so it read as "no images in folder", as if it were empty."""
+    d = Path(folder)
+    if (d / "train" / GOOD).is_dir():
+        raise DataError(f"{d} is one category of an MVTec-layout data set (it holds train/{GOOD}): train on it "
+                        f"with --data {d.parent} --category {d.name}")
+    if d.is_dir() and (categories := list_categories(d)):
+        raise DataError(f"{d} is an MVTec-layout data set (categories: {', '.join(categories)}), not a folder of "
+                        f"images: name the one to train on, e.g. --category {categories[0]}")
+
+
 class MVTecCategory:
     """One product category of an MVTec AD-style data set.
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import time
 from contextlib import nullcontext
@@ -24,7 +25,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
-from models.data import MVTecCategory, Sample, folder_of_good_images, split_holdout
+from models.data import (MVTecCategory, Sample, folder_of_good_images, refuse_mvtec_layout_as_plain_folder,
+                         split_holdout)
 from models.data_loading import load_images
 from models.devices import torch_device
 from models.msflow import MSFlow, MSFlowConfig
@@ -68,6 +70,7 @@ def seed_everything(seed: int) -> None:
 
 def training_samples(cfg: TrainConfig) -> list[Sample]:
     if cfg.category is None:
+        refuse_mvtec_layout_as_plain_folder(cfg.data)
         return folder_of_good_images(cfg.data)
     return MVTecCategory(cfg.data, cfg.category).train_samples()
 
@@ -171,7 +174,25 @@ def check_resumable(out: Path, cfg: TrainConfig) -> dict:
         details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in differ)
         raise RunError(f"cannot resume {out}: settings differ from the stored run ({details}); "
                        f"only {', '.join(sorted(RESUME_MAY_CHANGE))} may change on --resume")
-    return read_checkpoint(out / LAST)
+    state = read_checkpoint(out / LAST)
+    done = state.get("epoch", -1) + 1
+    if done > cfg.meta_epochs:
+        # Nothing would train, and config.json would then record fewer meta-epochs than its weights had.
+        raise RunError(f"cannot resume {out}: it already trained {done} meta-epochs, more than --meta-epochs "
+                       f"{cfg.meta_epochs}: give --meta-epochs {done} or more (more trains on)")
+    return state
+
+
+def check_out_folder(out: Path) -> None:
+    """Refuse a run folder that is a file or lies under one, or cannot be written: otherwise
+    found at the first write, after the features (minutes), as a bare errno."""
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(f"--out {out}: {existing} is a file, not a folder: choose another run folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"--out {out}: {existing} is not writable by this user: choose another run folder")
 
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
@@ -183,6 +204,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     cfg = cfg.model_copy(update={"data": cfg.data.resolve(), "out": cfg.out.resolve(), "include_reviewed_ok": (
         cfg.include_reviewed_ok.resolve() if cfg.include_reviewed_ok else None)})
     out = cfg.out
+    check_out_folder(out)
     seed_everything(cfg.seed)
     device = torch_device(cfg.device)
     use_amp = cfg.amp if cfg.amp is not None else device.type == "cuda"

@@ -228,3 +228,21 @@ def test_eval_of_a_test_set_without_good_images_prints_na(root: Path, tmp_path: 
     assert main(["eval", "--run", str(run), "--threshold", "0"]) == 0
     out = capsys.readouterr().out
     assert "false alarms 0/0 good parts (FPR n/a, 95% bound n/a)" in out and "missed" in out
+
+
+# ----------------------------------------------------------------------------- layouts
+
+
+def test_an_mvtec_root_without_category_says_to_give_one(root: Path, tmp_path: Path) -> None:
+    """Was "no images (...) in folder: ROOT", as if the folder were empty."""
+    from models.train import TrainConfig, training_samples
+
+    with pytest.raises(DataError, match=r"MVTec-layout data set \(categories: part\).*--category part"):
+        training_samples(TrainConfig(data=root, out=tmp_path / "run"))
+
+
+def test_a_category_folder_given_as_data_says_to_give_its_root(root: Path, tmp_path: Path) -> None:
+    from models.train import TrainConfig, training_samples
+
+    with pytest.raises(DataError, match=rf"--data {root} --category part"):
+        training_samples(TrainConfig(data=root / "part", out=tmp_path / "run"))

@@ -100,3 +100,34 @@ def test_run_stores_absolute_data_and_holdout_paths(demo_root: Path, tmp_path: P
     assert holdout and all(Path(p).is_absolute() and Path(p).is_file() for p in holdout)
     with Image.open(holdout[0]) as im:
         assert im.width > 0
+
+
+def _no_features(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Feature extraction is the minutes a late failure wastes (WideResNet-50 at 512 px)."""
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("extracted features before refusing")
+    monkeypatch.setattr("models.train.extract_features", refuse)
+
+
+@pytest.mark.parametrize("where", ["file", "file/run"])
+def test_an_out_that_is_or_lies_under_a_file_is_refused_before_the_features(
+        where: str, demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Was found at the first write, after the features: "FileExistsError: [Errno 17] File
+    exists: '/tmp/x/outfile'", naming neither --out nor what to do."""
+    (tmp_path / "file").write_text("notes")
+    _no_features(monkeypatch)
+    with pytest.raises(NotADirectoryError, match=rf"--out {tmp_path / where}: {tmp_path / 'file'} is a file"):
+        train(_cfg(demo_root, tmp_path / where), progress=False)
+    assert (tmp_path / "file").read_text() == "notes"
+
+
+def test_resume_with_fewer_meta_epochs_than_trained_is_refused(run: Path, demo_root: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Resuming a 2-meta-epoch run with --meta-epochs 1 extracted the features, trained nothing,
+    said "run written" and rewrote config.json to 1 meta-epoch beside 2 meta-epochs' weights."""
+    train(_cfg(demo_root, run, meta_epochs=2), resume=True, progress=False)
+    before = _snapshot(run)
+    _no_features(monkeypatch)
+    with pytest.raises(RunError, match="already trained 2 meta-epochs.*--meta-epochs 2 or more"):
+        train(_cfg(demo_root, run, meta_epochs=1), resume=True, progress=False)
+    assert _snapshot(run) == before
