@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import math
 import warnings
+from collections.abc import Sized
 from pathlib import Path
 from typing import Literal
 
@@ -197,23 +198,36 @@ def calibration_samples(run: Path, calibration_images: Path | None = None) -> tu
     makes the threshold optimistic.
     """
     if calibration_images is not None:
-        return _never_trained_on(run, *_with_source(folder_of_good_images(calibration_images), "calibration_images",
-                                                    calibration_images.resolve(), True))
+        samples = folder_of_good_images(calibration_images)
+        _enough(samples, f"{calibration_images.resolve()} holds", "add normal images to it")
+        return _never_trained_on(run, *_with_source(samples, "calibration_images", calibration_images.resolve(), True))
     cfg = read_json(run / "config.json")
     if cfg.get("data") and cfg.get("category"):
         category = MVTecCategory(cfg["data"], cfg["category"])
         if category.has_calibration:
-            return _never_trained_on(run, *_with_source(category.calibration_samples(), "calibration_set",
-                                                        category.calibration_dir, True))
+            samples = category.calibration_samples()
+            _enough(samples, f"{category.calibration_dir} holds", "add normal images to it (export also "
+                    "takes --calibration-images DIR)")
+            return _never_trained_on(run, *_with_source(samples, "calibration_set", category.calibration_dir, True))
     paths = read_json(run / "holdout.json") if (run / "holdout.json").is_file() else []
     if not paths:
         raise ValueError(f"{run} has no normal images to calibrate on: give the data set a calibration/good "
                          "folder, pass --calibration-images DIR, or train with --holdout-fraction > 0")
+    _enough(paths, f"{run}'s training holdout holds", "give the data set a calibration/good folder, pass "
+            "--calibration-images DIR, or train with a larger --holdout-fraction")
     warnings.warn(f"calibrating {run} on its training holdout ({len(paths)} images): these may share content "
                   "with the training images, so the threshold may be optimistic (too many false alarms on new "
                   "parts). Prefer a calibration/good folder or --calibration-images DIR.", stacklevel=2)
     return _with_source([Sample(path=Path(p), label=0, defect_type="good") for p in paths], "training_holdout",
                         None, False)
+
+
+def _enough(samples: Sized, where: str, remedy: str) -> None:
+    """Refuse too few normals here, before the model is loaded and exported: :func:`calibrate`
+    found them only after that work, and without saying where they came from."""
+    if len(samples) < MIN_CALIBRATION_NORMALS:
+        raise ValueError(f"calibration needs at least {MIN_CALIBRATION_NORMALS} normal images the model never "
+                         f"trained on; {where} {len(samples)}: {remedy}")
 
 
 def _with_source(samples: list[Sample], kind: str, path: Path | None,

@@ -102,3 +102,34 @@ def test_calibration_images_the_run_trained_on_are_refused(demo_root: Path, tmp_
     # A held-out image was never trained on: calibrating on it is allowed.
     (run / "holdout.json").write_text(json.dumps([str(train[0])]))
     assert len(calibration_samples(run, folder)[0]) == len(fresh) + 1
+
+
+def test_too_few_calibration_normals_are_named_before_the_model_is_exported(
+        demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Was found by calibrate(), after the ONNX export, parity check and scoring: "calibration
+    needs at least 10 normal images ..., got 5", naming neither the folder nor what to do."""
+    from models.export import export_run
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("loaded the model before counting the calibration normals")
+    monkeypatch.setattr("models.export.load_model", refuse)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"data": str(demo_root), "category": CATEGORY}))
+    few = tmp_path / "few"
+    few.mkdir()
+    for path in sorted((demo_root / CATEGORY / "calibration" / "good").glob("*.png"))[:5]:
+        shutil.copy(path, few / path.name)
+    with pytest.raises(ValueError, match=rf"at least {MIN_CALIBRATION_NORMALS} .* {few} holds 5: add"):
+        export_run(run, tmp_path / "store", calibration_images=few)
+    assert not (tmp_path / "store").exists()
+
+
+def test_too_few_holdout_normals_say_how_to_get_more(tmp_path: Path, demo_root: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"data": str(demo_root / CATEGORY / "train" / "good")}))
+    held = sorted((demo_root / CATEGORY / "train" / "good").glob("*.png"))[:3]
+    (run / "holdout.json").write_text(json.dumps([str(p) for p in held]))
+    with pytest.raises(ValueError, match="training holdout holds 3.*calibration/good.*--calibration-images"):
+        calibration_samples(run)
