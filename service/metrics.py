@@ -352,8 +352,8 @@ class ServiceMetrics:
     def forget_review_category(self, category: str) -> None:
         """``category`` left the review store (its folder removed): its review gauges go."""
         self.set_review_tallies(category, 0, {}, {})
-        for gauge, values in ((self.review_pending, ()), (self.review_labels, ("ok",)), (self.review_labels, ("ng",))):
-            _remove(gauge, category, *values)
+        for gauge, labels in ((self.review_pending, ()), (self.review_labels, ("ok",)), (self.review_labels, ("ng",))):
+            _remove(gauge, category, *labels)
 
     def refresh_gpu_memory(self) -> None:
         """Device-wide memory (what ONNX Runtime's and TensorRT's own pools use too), via
