@@ -43,8 +43,8 @@ from service.engines.factory import load_engine
 from service.pipeline.loaded_model import EngineFactory, LoadedModel, build_version
 from service.pipeline.registry_errors import RegistryError, UnknownCategory, VersionNotFound
 from service.pipeline.registry_view import EVALUATION_ASSETS, RegistryView
-from service.pipeline.store_watch import (FolderState, Removals, Served, folder_state, look, still_failed,
-                                          watch_candidates)
+from service.pipeline.store_watch import (FolderState, Removals, Served, StoreLook, changed_since, failed_now,
+                                          folder_state, look, still_failed, watch_candidates)
 
 log = logging.getLogger(__name__)
 
@@ -128,10 +128,15 @@ class ModelRegistry(RegistryView):
         does) until its folder changes (a copy caught half done, completed since). Raises
         ``OSError`` when the store cannot be listed (nothing is let go of). Returns the
         categories (re)loaded."""
+        # In a thread: on a network file system (NFS, EFS) every listing and stat is a round
+        # trip, and a scan on the event loop held every request in flight for all of them. The
+        # folders of failed versions are looked at there too (from a copy of their record).
+        failed = {category: dict(states) for category, states in self._failed_states.items() if states}
+
+        def scan() -> tuple[StoreLook, dict[str, dict[str, FolderState | None]]]:
+            return look(self.store), {c: changed_since(self.store / c, states) for c, states in failed.items()}
         try:
-            # In a thread: on a network file system (NFS, EFS) every listing and stat is a round
-            # trip, and a scan on the event loop held every request in flight for all of them.
-            seen = await asyncio.to_thread(look, self.store)
+            seen, changed = await asyncio.to_thread(scan)
         except OSError:
             self.removals.unknown()
             raise
@@ -146,18 +151,20 @@ class ModelRegistry(RegistryView):
         for category in seen.serveable():
             new, fall_back = category not in self.categories, category in gone.versions
             listed = seen.versions(category)  # this scan's listing: the store is not read again
-            if not self._candidates(category, initial=new, served_gone=fall_back, versions=listed):
+            looked = changed.get(category, {})
+            if not self._candidates(category, initial=new, served_gone=fall_back, versions=listed, changed=looked):
                 continue
             async with self._lock(category):
                 # Again: an operator's reload ?version= this waited for may have pinned it since.
-                model, _ = await self._load_newest(category, self._candidates(category, initial=new,
-                                                                              served_gone=fall_back, versions=listed))
+                model, _ = await self._load_newest(category, self._candidates(
+                    category, initial=new, served_gone=fall_back, versions=listed, changed=looked))
                 if model is not None:
                     loaded.append(category)
         return loaded
 
     def _candidates(self, category: str, initial: bool = False, unpinning: bool = False,
-                    served_gone: bool = False, versions: list[str] | None = None) -> list[str]:
+                    served_gone: bool = False, versions: list[str] | None = None,
+                    changed: dict[str, FolderState | None] | None = None) -> list[str]:
         """The versions of ``category`` to try, in order (newest first), until one loads.
         A settings pin: that version alone (at start-up, or a category new to the watch).
         Else :func:`~service.pipeline.store_watch.watch_candidates` of ``versions`` (the store's
@@ -171,7 +178,9 @@ class ModelRegistry(RegistryView):
             return []
         current = self._models.get(category)
         listed = list_versions(self.store / category) if versions is None else versions
-        failed = still_failed(self.store / category, self._failed_states.get(category, {}))
+        states = self._failed_states.get(category, {})
+        # ``changed``: what the watch's scan found of the failed versions' folders (in its thread).
+        failed = still_failed(self.store / category, states) if changed is None else failed_now(states, changed)
         return watch_candidates(listed, current.version if current else None, failed, served_gone)
 
     def _retire(self, category: str) -> None:

@@ -95,7 +95,24 @@ def still_failed(category_dir: Path, failed: Mapping[str, FolderState | None]) -
     has not changed since: the watch does not try them again. One that changed is tried again:
     a folder caught half copied (rsync lands ``manifest.json`` before ``model.onnx``), or a
     broken export removed and exported again under its number."""
-    return {version for version, state in failed.items() if folder_state(category_dir / version) == state}
+    return set(failed) - set(changed_since(category_dir, failed))
+
+
+def changed_since(category_dir: Path, failed: Mapping[str, FolderState | None]) -> dict[str, FolderState | None]:
+    """Those of ``failed`` whose folder has changed since it failed, each with the state it was
+    compared with (a scan reads them in its thread; :func:`failed_now` then knows a failure
+    recorded after the scan from the one the scan found changed)."""
+    return {version: state for version, state in failed.items() if folder_state(category_dir / version) != state}
+
+
+def failed_now(failed: Mapping[str, FolderState | None], changed: Mapping[str, FolderState | None]) -> set[str]:
+    """The versions of ``failed`` the watch skips, given what a scan found ``changed``: all but
+    those whose recorded failure is the very one the scan compared (a version that failed, or
+    failed again, after the scan's look is still failed until the next scan looks)."""
+    return {version for version, state in failed.items() if changed.get(version, _UNSEEN) is not state}
+
+
+_UNSEEN = object()  # a state no failure records (None is one: an unreadable folder)
 
 
 def version_order(version: str) -> tuple[int, int, str]:

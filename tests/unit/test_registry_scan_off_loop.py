@@ -14,10 +14,32 @@ import pytest
 from harness import CATEGORY, fake_version
 from models.manifest import list_versions
 from service.config import Settings
+from service.engines.null import NullEngine
 from service.pipeline import store_watch
 from service.pipeline.registry import ModelRegistry
 
 SLOW_S = 0.3  # one category's listing on a slow network file system
+
+
+async def _loop_gaps_during(refresh: Any) -> tuple[Any, list[float]]:
+    """``await refresh()`` while a ticker measures how long the event loop stood still."""
+    gaps: list[float] = []
+    stop = asyncio.Event()
+
+    async def tick() -> None:  # what a request in flight needs: the loop turning
+        last = time.monotonic()
+        while not stop.is_set():
+            await asyncio.sleep(0.01)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+    ticker = asyncio.create_task(tick())
+    await asyncio.sleep(0.05)  # the ticker is turning before the scan starts
+    try:
+        return await refresh(), gaps
+    finally:
+        stop.set()
+        await ticker
 
 
 def test_a_slow_store_listing_does_not_hold_the_event_loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -34,26 +56,62 @@ def test_a_slow_store_listing_does_not_hold_the_event_loop(tmp_path: Path, monke
             time.sleep(SLOW_S)  # the network's round trips, in the scan's own thread
             return list_versions(folder)
         monkeypatch.setattr(store_watch, "list_versions", slow_listing)
-
-        gaps: list[float] = []
-        stop = asyncio.Event()
-
-        async def tick() -> None:  # what a request in flight needs: the loop turning
-            last = time.monotonic()
-            while not stop.is_set():
-                await asyncio.sleep(0.01)
-                now = time.monotonic()
-                gaps.append(now - last)
-                last = now
-        ticker = asyncio.create_task(tick())
-        await asyncio.sleep(0.05)  # the ticker is turning before the scan starts
-        try:
-            assert await registry.refresh() == [CATEGORY]  # the scan still sees version 2
-        finally:
-            stop.set()
-            await ticker
+        loaded, gaps = await _loop_gaps_during(registry.refresh)
+        assert loaded == [CATEGORY]  # the scan still sees version 2
         assert registry.get(CATEGORY).version == "2"
         return gaps
 
     gaps = asyncio.run(main())
     assert gaps and max(gaps) < SLOW_S / 2, f"the event loop stood still for {max(gaps):.3f} s during the scan"
+
+
+def test_the_folders_of_failed_versions_are_read_off_the_event_loop_too(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The watch reads each failed version's folder on every scan (tried again once it changed:
+    a copy completed, a permission fixed); on the event loop, a slow read held it as the listing did."""
+    store = tmp_path / "store"
+    fake_version(store, CATEGORY, "1")
+    broken: list[bool] = [True]
+
+    def factory(version_dir: Path, **_: Any) -> NullEngine:
+        if version_dir.name == "2" and broken[0]:
+            raise RuntimeError("model.onnx: missing")
+        return NullEngine(version_dir, max_batch_size=2)
+
+    async def main() -> list[float]:
+        registry = ModelRegistry(Settings(model_store=store, engine="null", store_poll_s=1), engine_factory=factory)
+        registry.discover()
+        await registry.load_all()
+        fake_version(store, CATEGORY, "2")
+        assert await registry.refresh() == []  # version 2 fails, and is recorded failed
+        assert registry.get(CATEGORY).version == "1"
+
+        read_folder = store_watch.folder_state
+
+        def slow_folder_state(folder: Path) -> Any:
+            time.sleep(SLOW_S)
+            return read_folder(folder)
+        monkeypatch.setattr(store_watch, "folder_state", slow_folder_state)
+        loaded, gaps = await _loop_gaps_during(registry.refresh)
+        assert loaded == []  # unchanged since it failed: not tried again
+        broken[0] = False
+        (store / CATEGORY / "2" / "model.onnx").write_bytes(b"weights")  # the copy completes
+        assert await registry.refresh() == [CATEGORY]
+        assert registry.get(CATEGORY).version == "2"
+        return gaps
+
+    gaps = asyncio.run(main())
+    assert gaps and max(gaps) < SLOW_S / 2, f"the event loop stood still for {max(gaps):.3f} s during the scan"
+
+
+def test_a_failure_recorded_after_the_scan_looked_is_still_a_failure(tmp_path: Path) -> None:
+    """The scan compares the failed versions' folders in its thread, from a copy of their
+    records; a version that failed again meanwhile (an operator's reload of it) has a new record,
+    which the scan's "changed" does not speak for: it is skipped until the next scan looks."""
+    folder = fake_version(tmp_path / "store", CATEGORY, "3")
+    before: Any = (("manifest.json", 1, 2, 3, 4),)  # what the folder held when it failed first
+    changed = store_watch.changed_since(folder.parent, {"3": before})
+    assert changed == {"3": before}  # it holds something else now
+    assert store_watch.failed_now({"3": before}, changed) == set()  # tried again
+    again = store_watch.folder_state(folder)  # a reload of it failed after the scan looked
+    assert store_watch.failed_now({"3": again}, changed) == {"3"}  # skipped until the next scan
