@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Annotated
 
@@ -24,15 +25,16 @@ router = APIRouter()
 @router.get("/v1/models", response_model=ModelList, dependencies=[Authed],
             responses={**ok(), **errors({401: UNAUTHORIZED})})
 async def list_models(state: StateDep) -> ModelList:
-    return ModelList(models=state.registry.describe_all(), failed=state.registry.failed,
-                     building=state.registry.build_progress())
+    # The store's files read in threads (service.pipeline.registry_view: describe_off_loop).
+    return ModelList(models=await state.registry.describe_all_off_loop(), failed=state.registry.failed,
+                     building=await asyncio.to_thread(state.registry.build_progress))
 
 
 @router.get("/v1/models/{category}", response_model=ModelInfo, dependencies=[Authed], responses={
     **ok(), **errors({401: UNAUTHORIZED, 404: "`unknown_category`",
                       503: "`model_not_loaded` (still loading, or failed to load; Retry-After)"})})
 async def get_model(category: CategoryDep, state: StateDep) -> ModelInfo:
-    return state.registry.describe(category)
+    return await state.registry.describe_off_loop(category)
 
 
 @router.post("/v1/models/{category}/reload", response_model=ModelInfo, dependencies=[Admin], responses={
@@ -67,4 +69,4 @@ async def reload_model(category: str, state: StateDep,
         log.exception("reload of %s failed", category)
         raise ApiError(500, "reload_failed", f"reload of {category} failed ({type(exc).__name__}); the previous "
                        "version keeps serving; details in the server log") from exc
-    return state.registry.describe(category)
+    return await state.registry.describe_off_loop(category)

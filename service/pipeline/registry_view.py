@@ -10,6 +10,7 @@ of a category whose folder left the store). Readiness, ``/readyz``'s statuses an
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from datetime import datetime
 from pathlib import Path
@@ -125,20 +126,44 @@ class RegistryView:
         return model.pinned and (category in self._pins or category in self.settings.pinned_versions)
 
     def describe(self, category: str) -> ModelInfo:
+        """``GET /v1/models/{category}``'s answer, read here (blocking: :meth:`describe_off_loop`)."""
         m = self.get(category)
+        return self._describe(category, m, self._store_files(category, m))
+
+    async def describe_off_loop(self, category: str) -> ModelInfo:
+        """:meth:`describe`, its reads of the store in a thread: on a network file system
+        each listing and ``stat`` is a round trip, and on the event loop they held every
+        request in flight (a dashboard polling ``GET /v1/models`` did so every few seconds)."""
+        m = self.get(category)
+        return self._describe(category, m, await asyncio.to_thread(self._store_files, category, m))
+
+    async def describe_all_off_loop(self) -> list[ModelInfo]:
+        """Every served category's :meth:`describe_off_loop`, the store read in one thread call."""
+        served = [(c, self._models[c]) for c in self.categories if c in self._models]
+        files = await asyncio.to_thread(lambda: [self._store_files(c, m) for c, m in served])
+        return [self._describe(c, m, f) for (c, m), f in zip(served, files)]
+
+    def _store_files(self, category: str, m: LoadedModel) -> tuple[list[str], list[str]]:
+        """What a description reads of the store: the category's complete versions, and which
+        evaluation assets the served version's folder holds."""
+        return list_versions(self.store / category), [name for name in EVALUATION_ASSETS
+                                                      if (m.version_dir / name).is_file()]
+
+    def _describe(self, category: str, m: LoadedModel, files: tuple[list[str], list[str]]) -> ModelInfo:
+        versions, assets = files
         man = m.manifest
         override = self.thresholds.for_manifest(man) if self.thresholds is not None else None
         effective = self.thresholds.calibration(man) if self.thresholds is not None else man.calibration
+        failed = self._failed_versions.get(category, {})
         return ModelInfo(
             category=category, version=m.version, engine=m.engine.name, input_size=man.input_size,
             backbone=man.backbone, threshold=override.threshold if override else man.calibration.threshold,
             calibrated_threshold=man.calibration.threshold, threshold_override=override,
             ng_threshold=effective.ng_bound, calibrated_ng_threshold=man.calibration.ng_bound,
-            assets=[name for name in EVALUATION_ASSETS if (m.version_dir / name).is_file()],
-            calibration=man.calibration.model_dump(mode="json"), metrics=man.metrics, created_at=man.created_at,
-            loaded_at=m.loaded_at, warmup_ms=round(m.warmup_ms, 3), pinned=self.pinned(category, m),
-            available_versions=list_versions(self.store / category),
-            failed_versions=self.failed_versions(category),
+            assets=assets, calibration=man.calibration.model_dump(mode="json"), metrics=man.metrics,
+            created_at=man.created_at, loaded_at=m.loaded_at, warmup_ms=round(m.warmup_ms, 3),
+            pinned=self.pinned(category, m), available_versions=versions,
+            failed_versions={v: failed[v] for v in versions if v in failed},
         )
 
     def failed_versions(self, category: str) -> dict[str, str]:

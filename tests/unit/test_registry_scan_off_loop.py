@@ -15,7 +15,7 @@ from harness import CATEGORY, fake_version
 from models.manifest import list_versions
 from service.config import Settings
 from service.engines.null import NullEngine
-from service.pipeline import store_watch
+from service.pipeline import registry_view, store_watch
 from service.pipeline.registry import ModelRegistry
 
 SLOW_S = 0.3  # one category's listing on a slow network file system
@@ -115,3 +115,30 @@ def test_a_failure_recorded_after_the_scan_looked_is_still_a_failure(tmp_path: P
     assert store_watch.failed_now({"3": before}, changed) == set()  # tried again
     again = store_watch.folder_state(folder)  # a reload of it failed after the scan looked
     assert store_watch.failed_now({"3": again}, changed) == {"3"}  # skipped until the next scan
+
+
+def test_a_models_description_reads_the_store_off_the_event_loop(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """GET /v1/models lists each category's versions and the served folder's evaluation assets:
+    on the event loop, a dashboard polling it held every request in flight for those reads."""
+    store = tmp_path / "store"
+    fake_version(store, CATEGORY, "1")
+
+    async def main() -> list[float]:
+        registry = ModelRegistry(Settings(model_store=store, engine="null", store_poll_s=1))
+        registry.discover()
+        await registry.load_all()
+
+        def slow_listing(folder: Path) -> Any:
+            time.sleep(SLOW_S)
+            return list_versions(folder)
+        monkeypatch.setattr(registry_view, "list_versions", slow_listing)
+        (described,), gaps = await _loop_gaps_during(registry.describe_all_off_loop)
+        assert described == registry.describe(CATEGORY)  # the same answer as read on the loop
+        assert described.available_versions == ["1"]
+        one, more = await _loop_gaps_during(lambda: registry.describe_off_loop(CATEGORY))
+        assert one == described
+        return gaps + more
+
+    gaps = asyncio.run(main())
+    assert gaps and max(gaps) < SLOW_S / 2, f"the event loop stood still for {max(gaps):.3f} s"
