@@ -1,6 +1,7 @@
-"""The store watch lists the model store in a thread, not on the event loop. A store on a network
-file system (NFS, EFS) answers each listing and ``stat`` over the network: the scan, every
-``store_poll_s``, held the event loop for all of it, and every request in flight waited."""
+"""The server reads the model store in threads, not on the event loop: the store watch's scan
+(listings, the failed versions' folders) and ``GET /v1/models``'s descriptions. A store on a
+network file system (NFS, EFS) answers each listing and ``stat`` over the network: on the
+event loop, every request in flight waited for all of them."""
 
 from __future__ import annotations
 
