@@ -70,8 +70,12 @@ _CLAIM_SCAN_STEPS = 8  # XAUTOCLAIM calls per claim at most (each scans ten entr
 # _ROOM is its checks alone, run first without the images (ARGV 1..7): a submission refused
 # for a full backlog shipped all its bytes (64 MiB a request) to Redis to learn it, and each
 # such request held them in Redis's query buffer meanwhile, memory the budget does not see.
+# The first write is one Redis refuses past maxmemory (HINCRBY, by 0: nothing changes): Redis
+# checks the limit only at a script's first write, and XTRIM, which it lets through there (it
+# frees memory), let every later write of the submission past the limit of a noeviction Redis.
 _CHECKS = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HINCRBY', KEYS[5], '#total', 0)
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[2])

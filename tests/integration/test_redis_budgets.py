@@ -8,13 +8,14 @@ import asyncio
 import os
 import time
 
+import pytest
 import redis
 
 from harness import RedisServer
 from service.config import Settings
 from service.metrics import ServiceMetrics
 from service.redisq.budget import entry_cost, maxmemory_warning
-from service.redisq.connection import RedisConnection
+from service.redisq.connection import RedisConnection, RedisUnavailable
 from service.redisq.jobs import JobQueue
 from service.redisq.store import CachedResult, HeatmapLinks, ResultCache
 from service.schemas import ImageResult, InspectOptions, InspectResponse, Upload
@@ -236,3 +237,30 @@ def test_budgets_past_maxmemory_are_reported_at_start(private_redis: RedisServer
     r.config_set("maxmemory", "0")
     gone = Settings(redis_url="redis://127.0.0.1:1/0", redis_socket_timeout_s=0.2, redis_connect_timeout_s=0.2)
     assert asyncio.run(warning(3, gone)) is None, "Redis unreachable: the check is skipped, start-up goes on"
+
+
+def test_a_job_is_refused_while_redis_is_past_maxmemory(private_redis: RedisServer) -> None:
+    """Compose runs Redis with ``maxmemory`` and ``noeviction``: past the limit a submission must
+    be refused (503 redis_unavailable), not stored. The submission's script wrote first with
+    XTRIM, which Redis lets through at the limit, and a script that has written is let finish:
+    every submission went on past maxmemory (150 of 150 accepted, Redis 2.4 MB over it)."""
+    r = private_redis.client()
+    r.set(f"{PREFIX}ballast", b"x" * 3_000_000)
+    r.config_set("maxmemory-policy", "noeviction")
+    r.config_set("maxmemory", str(1024 * 1024))  # below what it holds: it refuses what adds
+
+    async def scenario() -> None:
+        settings = _settings(private_redis)
+        queue = JobQueue(settings, RedisConnection(settings, breaker_s=0.0))
+        try:
+            with pytest.raises(redis.exceptions.ResponseError, match="maxmemory"):
+                r.set(f"{PREFIX}another", b"x")
+            with pytest.raises(RedisUnavailable, match="maxmemory"):
+                await queue.submit("brick", UPLOADS, InspectOptions(), None)
+            assert not r.keys(f"{PREFIX}job:*") and not r.exists(f"{PREFIX}jobs:brick")
+        finally:
+            await queue.conn.aclose()
+            r.config_set("maxmemory", "0")
+            r.delete(f"{PREFIX}ballast")
+
+    asyncio.run(scenario())
