@@ -43,20 +43,27 @@ async def _loop_gaps_during(refresh: Any) -> tuple[Any, list[float]]:
         await ticker
 
 
+async def _serving(store: Path, **kw: Any) -> ModelRegistry:
+    """A registry serving ``store`` (the null engine unless ``engine_factory`` is given)."""
+    registry = ModelRegistry(Settings(model_store=store, engine="null", store_poll_s=1), **kw)
+    registry.discover()
+    await registry.load_all()
+    return registry
+
+
+def _slow_listing(folder: Path) -> Any:
+    time.sleep(SLOW_S)  # the network's round trips, in whichever thread reads
+    return list_versions(folder)
+
+
 def test_a_slow_store_listing_does_not_hold_the_event_loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store = tmp_path / "store"
     fake_version(store, CATEGORY, "1")
 
     async def main() -> list[float]:
-        registry = ModelRegistry(Settings(model_store=store, engine="null", store_poll_s=1))
-        registry.discover()
-        await registry.load_all()
+        registry = await _serving(store)
         fake_version(store, CATEGORY, "2")
-
-        def slow_listing(folder: Path) -> Any:
-            time.sleep(SLOW_S)  # the network's round trips, in the scan's own thread
-            return list_versions(folder)
-        monkeypatch.setattr(store_watch, "list_versions", slow_listing)
+        monkeypatch.setattr(store_watch, "list_versions", _slow_listing)
         loaded, gaps = await _loop_gaps_during(registry.refresh)
         assert loaded == [CATEGORY]  # the scan still sees version 2
         assert registry.get(CATEGORY).version == "2"
@@ -80,9 +87,7 @@ def test_the_folders_of_failed_versions_are_read_off_the_event_loop_too(
         return NullEngine(version_dir, max_batch_size=2)
 
     async def main() -> list[float]:
-        registry = ModelRegistry(Settings(model_store=store, engine="null", store_poll_s=1), engine_factory=factory)
-        registry.discover()
-        await registry.load_all()
+        registry = await _serving(store, engine_factory=factory)
         fake_version(store, CATEGORY, "2")
         assert await registry.refresh() == []  # version 2 fails, and is recorded failed
         assert registry.get(CATEGORY).version == "1"
@@ -126,14 +131,8 @@ def test_a_models_description_reads_the_store_off_the_event_loop(
     fake_version(store, CATEGORY, "1")
 
     async def main() -> list[float]:
-        registry = ModelRegistry(Settings(model_store=store, engine="null", store_poll_s=1))
-        registry.discover()
-        await registry.load_all()
-
-        def slow_listing(folder: Path) -> Any:
-            time.sleep(SLOW_S)
-            return list_versions(folder)
-        monkeypatch.setattr(registry_view, "list_versions", slow_listing)
+        registry = await _serving(store)
+        monkeypatch.setattr(registry_view, "list_versions", _slow_listing)
         (described,), gaps = await _loop_gaps_during(registry.describe_all_off_loop)
         assert described == registry.describe(CATEGORY)  # the same answer as read on the loop
         assert described.available_versions == ["1"]
