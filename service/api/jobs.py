@@ -99,7 +99,7 @@ async def submit_job(request: Request, category: InspectCategoryDep, state: Stat
     **ok(), **errors({401: UNAUTHORIZED, 404: "`job_not_found`", 500: "`job_record_unreadable`, `internal_error`",
                       503: "`redis_required` (no Redis configured), " + _REDIS_DOWN})})
 async def get_job(job_id: str, state: StateDep) -> JobStatus:
-    queue = state.require_jobs()
+    queue = state.require_job_status()
     record = await queue.records.get(job_id)
     if record is None:
         raise ApiError(404, "job_not_found", "no such job: it never existed, expired (MSFLOW_JOB_TTL_S), or "

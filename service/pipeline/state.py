@@ -73,6 +73,14 @@ class ServiceState(PipelineRuntime):
         self._bulk_redis = (RedisConnection(settings, metrics, breaker_s=0.0, client=make_client(
             settings, socket_timeout=_bulk_timeout_s(settings))) if settings.redis_url else None)
         self.jobs = JobQueue(settings, self._bulk_redis) if self._bulk_redis is not None else None
+        # Status polls read one record, again every second or so per client: their own
+        # connection, with a breaker. On a hung Redis one poll finds out (at the same timeout:
+        # a finished record may be large) and the others answer 503 at once for
+        # redis_breaker_s; over the submissions' connection each waited that timeout (3-6 s
+        # with the retry), holding one of its connections, for a 503 saying Retry-After: 1.
+        self._status_redis = (RedisConnection(settings, metrics, client=make_client(
+            settings, socket_timeout=_bulk_timeout_s(settings))) if settings.redis_url else None)
+        self.job_status = JobQueue(settings, self._status_redis) if self._status_redis is not None else None
         self.recent = RecentScores(settings, self.metrics, peers=link)  # link: every front end's, on demand
 
     async def start(self) -> None:
@@ -125,8 +133,9 @@ class ServiceState(PipelineRuntime):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        if self._bulk_redis is not None:
-            await self._bulk_redis.aclose()
+        for conn in (self._bulk_redis, self._status_redis):
+            if conn is not None:
+                await conn.aclose()
 
     async def redis_status(self) -> Literal["ok", "degraded", "disabled"]:
         return "disabled" if self.redis is None else await self.redis.status()
@@ -201,6 +210,12 @@ class ServiceState(PipelineRuntime):
             raise JobsUnavailable("async jobs need Redis: set MSFLOW_REDIS_URL (the synchronous "
                                   "POST /v1/inspect/{category} works without it)")
         return self.jobs
+
+    def require_job_status(self) -> JobQueue:
+        """The jobs as status polls read them (a connection with a breaker: see ``__init__``)."""
+        self.require_jobs()
+        assert self.job_status is not None
+        return self.job_status
 
     async def reload(self, category: str, version: str | None) -> LoadedModel:
         try:
