@@ -264,7 +264,6 @@ def _slab_for(frontend: FrontEnd, submit: frames.Submit, hosted: Hosted) -> Slab
     return slab
 
 
-
 def _enqueue(hosted: Hosted, payloads: Sequence[Payload], deadline: float, observed: bool,
              refuse: Callable[[int], None]) -> list[asyncio.Future[Batched[float]]] | None:
     """The batcher's futures for ``payloads``; None once the request was refused (its queue
@@ -276,6 +275,7 @@ def _enqueue(hosted: Hosted, payloads: Sequence[Payload], deadline: float, obser
     except BatcherClosed:
         refuse(frames.CLOSED)
     return None
+
 
 def _outcome(future: asyncio.Future[Batched[float]]) -> frames.Outcome:
     if future.cancelled():

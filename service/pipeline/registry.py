@@ -43,7 +43,7 @@ from service.engines.factory import load_engine
 from service.pipeline.loaded_model import EngineFactory, LoadedModel, build_version
 from service.pipeline.registry_errors import RegistryError, UnknownCategory, VersionNotFound
 from service.pipeline.registry_view import EVALUATION_ASSETS, RegistryView
-from service.pipeline.store_watch import (FolderState, Removals, Served, StoreLook, changed_since, failed_now,
+from service.pipeline.store_watch import (FailedVersion, Removals, Served, StoreLook, changed_since, failed_now,
                                           folder_state, look, still_failed, watch_candidates)
 
 log = logging.getLogger(__name__)
@@ -68,9 +68,6 @@ class ModelRegistry(RegistryView):
         # any: the runtime drains it as at a swap and lets its metrics go.
         self.on_retire: Callable[[str, LoadedModel | None], None] | None = None
         self.removals = Removals(settings.store_removal_grace_s)
-        # category -> version -> what its folder held when it failed (beside _failed_versions'
-        # why): the watch tries it again once that changed (a copy completed, an export redone).
-        self._failed_states: dict[str, dict[str, FolderState | None]] = {}
 
     # ------------------------------------------------------------------ discovery
     def scan(self) -> list[str]:
@@ -131,10 +128,10 @@ class ModelRegistry(RegistryView):
         # In a thread: on a network file system (NFS, EFS) every listing and stat is a round
         # trip, and a scan on the event loop held every request in flight for all of them. The
         # folders of failed versions are looked at there too (from a copy of their record).
-        failed = {category: dict(states) for category, states in self._failed_states.items() if states}
+        failed = {category: dict(records) for category, records in self._failed_versions.items() if records}
 
-        def scan() -> tuple[StoreLook, dict[str, dict[str, FolderState | None]]]:
-            return look(self.store), {c: changed_since(self.store / c, states) for c, states in failed.items()}
+        def scan() -> tuple[StoreLook, dict[str, dict[str, FailedVersion]]]:
+            return look(self.store), {c: changed_since(self.store / c, records) for c, records in failed.items()}
         try:
             seen, changed = await asyncio.to_thread(scan)
         except OSError:
@@ -164,7 +161,7 @@ class ModelRegistry(RegistryView):
 
     def _candidates(self, category: str, initial: bool = False, unpinning: bool = False,
                     served_gone: bool = False, versions: list[str] | None = None,
-                    changed: dict[str, FolderState | None] | None = None) -> list[str]:
+                    changed: dict[str, FailedVersion] | None = None) -> list[str]:
         """The versions of ``category`` to try, in order (newest first), until one loads.
         A settings pin: that version alone (at start-up, or a category new to the watch).
         Else :func:`~service.pipeline.store_watch.watch_candidates` of ``versions`` (the store's
@@ -178,9 +175,9 @@ class ModelRegistry(RegistryView):
             return []
         current = self._models.get(category)
         listed = list_versions(self.store / category) if versions is None else versions
-        states = self._failed_states.get(category, {})
+        records = self._failed_versions.get(category, {})
         # ``changed``: what the watch's scan found of the failed versions' folders (in its thread).
-        failed = still_failed(self.store / category, states) if changed is None else failed_now(states, changed)
+        failed = still_failed(self.store / category, records) if changed is None else failed_now(records, changed)
         return watch_candidates(listed, current.version if current else None, failed, served_gone)
 
     def _retire(self, category: str) -> None:
@@ -188,7 +185,7 @@ class ModelRegistry(RegistryView):
         stops (requests already on it finish: the runtime drains it as at a swap), and it is
         unknown here, saying since when, until its folder comes back (a new category then)."""
         model = self._models.pop(category, None)
-        for about in (self._failed, self._failed_versions, self._failed_states, self._unhealthy, self._pins):
+        for about in (self._failed, self._failed_versions, self._unhealthy, self._pins):
             about.pop(category, None)
         if category in self._categories:
             self._categories.remove(category)
@@ -288,7 +285,6 @@ class ModelRegistry(RegistryView):
                 self._pins.pop(category, None)  # an unpin followed: it ends the pin, loaded or not
             if version is None and category not in self._models and category not in self.settings.pinned_versions:
                 self._failed_versions.pop(category, None)
-                self._failed_states.pop(category, None)
                 model, error = await self._load_newest(category, self._candidates(category, unpinning=True))
                 if model is not None:
                     return model
@@ -307,14 +303,13 @@ class ModelRegistry(RegistryView):
         try:
             chosen, pinned = self._resolve_version(category, version, in_force)
             if record_failure:  # before the load: a folder that changes during it is tried again
-                tried = folder_state(self.store / category / chosen)
+                tried = await asyncio.to_thread(folder_state, self.store / category / chosen)
             model = await asyncio.to_thread(self._build, category, chosen, pinned and pin, in_force)
         except Exception as exc:
             if in_force:
                 self._follow_failed(category, version)
             if record_failure and chosen is not None:
-                self._failed_versions.setdefault(category, {})[chosen] = self.public_message(exc)
-                self._failed_states.setdefault(category, {})[chosen] = tried
+                self._failed_versions.setdefault(category, {})[chosen] = FailedVersion(self.public_message(exc), tried)
             if category not in self._models:
                 self._failed[category] = self.public_message(exc)
             self._know(category)
@@ -322,7 +317,6 @@ class ModelRegistry(RegistryView):
                 self.on_load_failure(category)
             raise
         self._failed_versions.get(category, {}).pop(chosen, None)  # it loads now (an explicit reload)
-        self._failed_states.get(category, {}).pop(chosen, None)
         previous = self._models.get(category)
         self._models[category] = model  # the atomic swap: the next batch sees the new engine
         if model.pinned:

@@ -22,6 +22,7 @@ from service.config import Settings
 from service.engines.base import Engine
 from service.pipeline.loaded_model import LoadedModel
 from service.pipeline.registry_errors import ModelNotLoaded, UnknownCategory
+from service.pipeline.store_watch import FailedVersion
 from service.schemas import ModelInfo
 
 log = logging.getLogger("service.pipeline.registry")  # the registry's own log, as before the split
@@ -41,9 +42,10 @@ class RegistryView:
         self._models: dict[str, LoadedModel] = {}
         self._failed: dict[str, str] = {}
         self._categories: list[str] = []
-        # category -> version -> why it failed to load (the watch skips them; /v1/models and
-        # msflow_model_versions_failed show them while an older version serves)
-        self._failed_versions: dict[str, dict[str, str]] = {}
+        # category -> version -> why it failed to load and what its folder held (the watch skips
+        # it until that changes; /v1/models and msflow_model_versions_failed show them while an
+        # older version serves)
+        self._failed_versions: dict[str, dict[str, FailedVersion]] = {}
         self._unhealthy: dict[str, str] = {}  # category -> why its serving version looks broken (cleared on swap)
         # category -> the version a pin holds it to: kept while that version cannot be served
         # (lost, or a followed pin that failed), so that nothing else is loaded in its place.
@@ -154,7 +156,6 @@ class RegistryView:
         man = m.manifest
         override = self.thresholds.for_manifest(man) if self.thresholds is not None else None
         effective = self.thresholds.calibration(man) if self.thresholds is not None else man.calibration
-        failed = self._failed_versions.get(category, {})
         return ModelInfo(
             category=category, version=m.version, engine=m.engine.name, input_size=man.input_size,
             backbone=man.backbone, threshold=override.threshold if override else man.calibration.threshold,
@@ -163,17 +164,17 @@ class RegistryView:
             assets=assets, calibration=man.calibration.model_dump(mode="json"), metrics=man.metrics,
             created_at=man.created_at, loaded_at=m.loaded_at, warmup_ms=round(m.warmup_ms, 3),
             pinned=self.pinned(category, m), available_versions=versions,
-            failed_versions={v: failed[v] for v in versions if v in failed},
+            failed_versions=self._failed_among(category, versions),
         )
 
     def failed_versions(self, category: str) -> dict[str, str]:
         """Versions of ``category`` still in the store that failed to load here, with why: the
         watch does not retry them, so they stay broken until a newer export or a reload."""
-        failed = self._failed_versions.get(category, {})
-        return {v: failed[v] for v in list_versions(self.store / category) if v in failed}
+        return self._failed_among(category, list_versions(self.store / category))
 
-    def describe_all(self) -> list[ModelInfo]:
-        return [self.describe(c) for c in self.categories if c in self._models]
+    def _failed_among(self, category: str, versions: list[str]) -> dict[str, str]:
+        failed = self._failed_versions.get(category, {})
+        return {v: failed[v].why for v in versions if v in failed}
 
     def serving(self) -> dict[str, str]:
         """category -> version for every loaded category."""

@@ -150,9 +150,13 @@ class PipelineRuntime:
     def _dropped(self, model: LoadedModel) -> None:
         """Registry callback: ``model`` stopped serving with nothing in its place; its lanes
         retire and the engine process's hold on it goes, as at a swap."""
+        self._stop_holding(model)
+        self.lanes.retire(lambda lane_model: lane_model is not model)
+
+    def _stop_holding(self, model: LoadedModel) -> None:
+        """The engine process's hold on ``model`` goes (multi-process mode; nothing in one process)."""
         if self.engine_link is not None and isinstance(model.engine, RemoteEngine):
             self.engine_link.stopped_serving(model.category, model.engine.version_dir)
-        self.lanes.retire(lambda lane_model: lane_model is not model)
 
     def _retired(self, category: str, model: LoadedModel | None) -> None:
         """Registry callback: the store watch retired ``category`` (its folder left the store):
@@ -164,8 +168,8 @@ class PipelineRuntime:
             if self.registry.removed_note(category) is not None:
                 self.metrics.forget_category(category)
         if model is not None:
-            self._dropped(model)
-        self.lanes.retire(lambda lane_model: lane_model.category != category, forget)
+            self._stop_holding(model)
+        self.lanes.retire(lambda lane_model: lane_model.category != category, forget)  # the served one's too
         if self.engine_link is not None:  # an operator's pin of it is no pin once it is back
             self.engine_link.retired(category)
         forget()

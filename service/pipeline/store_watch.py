@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from models.manifest import CATEGORY_PATTERN, MANIFEST, is_numeric_version, list_versions
 
@@ -90,29 +91,35 @@ def folder_state(version_dir: Path) -> FolderState | None:
         return None
 
 
-def still_failed(category_dir: Path, failed: Mapping[str, FolderState | None]) -> set[str]:
-    """The versions of ``failed`` (version -> its folder's state when it failed) whose folder
-    has not changed since: the watch does not try them again. One that changed is tried again:
-    a folder caught half copied (rsync lands ``manifest.json`` before ``model.onnx``), or a
-    broken export removed and exported again under its number."""
+class FailedVersion(NamedTuple):
+    """A version that failed to load here: why (as an answer says it), and what its folder held
+    when it was tried (:func:`folder_state`; None: it could not be read)."""
+
+    why: str
+    folder: FolderState | None
+
+
+def still_failed(category_dir: Path, failed: Mapping[str, FailedVersion]) -> set[str]:
+    """The versions of ``failed`` whose folder has not changed since: the watch does not try
+    them again. One that changed is tried again: a folder caught half copied (rsync lands
+    ``manifest.json`` before ``model.onnx``), or a broken export removed and exported again
+    under its number."""
     return set(failed) - set(changed_since(category_dir, failed))
 
 
-def changed_since(category_dir: Path, failed: Mapping[str, FolderState | None]) -> dict[str, FolderState | None]:
-    """Those of ``failed`` whose folder has changed since it failed, each with the state it was
-    compared with (a scan reads them in its thread; :func:`failed_now` then knows a failure
-    recorded after the scan from the one the scan found changed)."""
-    return {version: state for version, state in failed.items() if folder_state(category_dir / version) != state}
+def changed_since(category_dir: Path, failed: Mapping[str, FailedVersion]) -> dict[str, FailedVersion]:
+    """The records of ``failed`` whose folder has changed since (a scan reads them in its
+    thread; :func:`failed_now` then tells a failure recorded after the scan from the one the
+    scan found changed)."""
+    return {version: record for version, record in failed.items()
+            if folder_state(category_dir / version) != record.folder}
 
 
-def failed_now(failed: Mapping[str, FolderState | None], changed: Mapping[str, FolderState | None]) -> set[str]:
+def failed_now(failed: Mapping[str, FailedVersion], changed: Mapping[str, FailedVersion]) -> set[str]:
     """The versions of ``failed`` the watch skips, given what a scan found ``changed``: all but
-    those whose recorded failure is the very one the scan compared (a version that failed, or
-    failed again, after the scan's look is still failed until the next scan looks)."""
-    return {version for version, state in failed.items() if changed.get(version, _UNSEEN) is not state}
-
-
-_UNSEEN = object()  # a state no failure records (None is one: an unreadable folder)
+    those whose record is the very one the scan found changed (a version that failed again
+    after the scan's look has a new record: skipped until the next scan looks)."""
+    return {version for version, record in failed.items() if changed.get(version) is not record}
 
 
 def version_order(version: str) -> tuple[int, int, str]:
@@ -207,5 +214,5 @@ class Removals:
         return self.grace_s >= 0 and now - since >= self.grace_s
 
 
-__all__ = ["FolderState", "Gone", "Removals", "Served", "StoreLook", "folder_state", "look", "still_failed",
-           "version_order", "watch_candidates"]
+__all__ = ["FailedVersion", "FolderState", "Gone", "Removals", "Served", "StoreLook", "changed_since", "failed_now",
+           "folder_state", "look", "still_failed", "version_order", "watch_candidates"]

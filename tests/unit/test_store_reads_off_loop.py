@@ -115,11 +115,13 @@ def test_a_failure_recorded_after_the_scan_looked_is_still_a_failure(tmp_path: P
     records; a version that failed again meanwhile (an operator's reload of it) has a new record,
     which the scan's "changed" does not speak for: it is skipped until the next scan looks."""
     folder = fake_version(tmp_path / "store", CATEGORY, "3")
-    before: Any = (("manifest.json", 1, 2, 3, 4),)  # what the folder held when it failed first
+    # What the folder held when it failed first.
+    before = store_watch.FailedVersion("model.onnx: missing", (("manifest.json", 1, 2, 3, 4),))
     changed = store_watch.changed_since(folder.parent, {"3": before})
     assert changed == {"3": before}  # it holds something else now
     assert store_watch.failed_now({"3": before}, changed) == set()  # tried again
-    again = store_watch.folder_state(folder)  # a reload of it failed after the scan looked
+    # A reload of it failed after the scan looked.
+    again = store_watch.FailedVersion("model.onnx: missing", store_watch.folder_state(folder))
     assert store_watch.failed_now({"3": again}, changed) == {"3"}  # skipped until the next scan
 
 
