@@ -137,6 +137,7 @@ class ModelRegistry(RegistryView):
         except OSError:
             self.removals.unknown()
             raise
+        self._forget_failed_versions_gone(seen)
         pins = set(self._pins) | set(self.settings.pinned_versions)
         # A model loaded pinned whose pin ended since (:meth:`end_pin`) is watched as unpinned.
         gone = self.removals.check(seen, self.categories, {c: Served(m.version, self.pinned(c, m))
@@ -158,6 +159,17 @@ class ModelRegistry(RegistryView):
                 if model is not None:
                     loaded.append(category)
         return loaded
+
+    def _forget_failed_versions_gone(self, seen: StoreLook) -> None:
+        """Failed versions no longer in the store are forgotten: every scan reads the folder of
+        each one recorded, and nothing showed them (only the versions listed are). A category
+        this scan could not list, or whose folder is gone (its retirement forgets it), keeps its
+        records."""
+        for category, records in self._failed_versions.items():
+            listed = seen.categories.get(category)
+            if listed is not None:
+                for version in [v for v in records if v not in listed]:
+                    del records[version]
 
     def _candidates(self, category: str, initial: bool = False, unpinning: bool = False,
                     served_gone: bool = False, versions: list[str] | None = None,

@@ -152,3 +152,24 @@ def test_a_version_that_failed_unreadable_is_served_once_its_permissions_are_fix
         assert failures == [CATEGORY]
 
     asyncio.run(main())
+
+
+def test_the_record_of_a_failed_version_goes_with_its_folder(tmp_path: Path) -> None:
+    """Each scan reads the folder of every failed version it still records: a version removed
+    from the store is forgotten, not read again at every scan for the life of the server (an
+    export pipeline that leaves a broken version now and then, removed later, added one each)."""
+    store, failures = tmp_path / "store", []
+    shutil.copytree(_exported(tmp_path / "src", "1"), store / CATEGORY / "1")
+    registry = _registry(store, failures)
+
+    async def main() -> None:
+        registry.discover()
+        await registry.load_all()
+        for version in ("2", "3"):
+            _rsync_manifest_first(_exported(tmp_path / "src", version), store / CATEGORY / version)
+        assert await registry.refresh() == [] and set(registry.failed_versions(CATEGORY)) == {"2", "3"}
+        shutil.rmtree(store / CATEGORY / "2")
+        await registry.refresh()
+        assert set(registry._failed_versions[CATEGORY]) == {"3"}  # what the scans read
+
+    asyncio.run(main())
