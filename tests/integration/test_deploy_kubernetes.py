@@ -7,10 +7,13 @@ consistent with one another and with the ConfigMap and Secret they read.
 from __future__ import annotations
 
 import json
+import re
+import shutil
+import subprocess
 
 import pytest
 
-from deployment_files import K8S, k8s, k8s_documents, named_port, pod_container
+from deployment_files import K8S, ROOT, dashboard_queries, k8s, k8s_documents, named_port, pod_container
 
 yaml = pytest.importorskip("yaml", reason="PyYAML is needed to read the deployment files")
 
@@ -132,3 +135,36 @@ def test_servicemonitor_selects_the_api_service():
     for m in monitors:
         assert m["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
         assert {e["port"] for e in m["spec"]["endpoints"]} <= {p["name"] for p in svc["spec"]["ports"]}
+
+
+def _pod_labels_as_built() -> dict[str, dict[str, str]]:
+    """Deployment name -> its pods' labels once kustomize has built deploy/k8s: ``kubectl
+    kustomize`` where kubectl is installed, else kustomize's rule (a ``labels`` entry reaches
+    pod templates only with includeTemplates or includeSelectors)."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is not None:
+        out = subprocess.run([kubectl, "kustomize", str(K8S)], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return {d["metadata"]["name"]: d["spec"]["template"]["metadata"]["labels"]
+                for d in yaml.safe_load_all(out.stdout) if d and d["kind"] == "Deployment"}
+    kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    added = {k: v for entry in kust.get("labels", []) if entry.get("includeTemplates") or entry.get("includeSelectors")
+             for k, v in entry["pairs"].items()}
+    return {d["metadata"]["name"]: {**d["spec"]["template"]["metadata"]["labels"], **added}
+            for _, d in k8s_documents() if d["kind"] == "Deployment"}
+
+
+def test_pods_carry_the_label_the_dashboard_and_the_alerts_find_them_by():
+    """Pods scraped by their prometheus.io/* annotations (the stock chart's kubernetes-pods job,
+    which copies each pod label to a series label) are found by the "Targets up" panel and
+    MsflowTargetDown as up{app_kubernetes_io_part_of="msflow"}. The kustomization put that
+    label on the Deployments' metadata only, not on their pods: both saw no pod at all."""
+    alerts = yaml.safe_load((ROOT / "deploy" / "prometheus" / "alerts.yml").read_text())
+    exprs = [e for _, e in dashboard_queries()] + [r["expr"] for g in alerts["groups"] for r in g["rules"]
+                                                   if r.get("alert") == "MsflowTargetDown"]
+    wanted = {(name, value) for e in exprs for name, value in re.findall(r'\bup\{(\w+)="([^"]*)"\}', e)
+              if name != "job"}
+    assert ("app_kubernetes_io_part_of", "msflow") in wanted, "the panel and the alert find pods by part-of"
+    for deployment, labels in _pod_labels_as_built().items():
+        as_series = {re.sub(r"[^a-zA-Z0-9_]", "_", k): v for k, v in labels.items()}
+        assert wanted <= as_series.items(), f"{deployment}'s pods: {labels}"
