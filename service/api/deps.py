@@ -43,7 +43,7 @@ async def category_to_inspect(category: str, state: StateDep) -> str:
     first requests during the demo's build read "unknown category 'brick'; known: none" for
     three minutes while ``GET /v1/models`` said "brick: training")."""
     if CATEGORY_PATTERN.fullmatch(category) and category not in state.registry.categories:
-        step = _building(state, category)
+        step = await _building(state, category)
         if step is not None:
             raise ApiError(503, "model_building", f"{category!r} is being built ({step}); it is served as soon "
                            "as it is exported (GET /v1/models: building)",
@@ -51,9 +51,10 @@ async def category_to_inspect(category: str, state: StateDep) -> str:
     return await known_category(category, state)
 
 
-def _building(state: ServiceState, category: str) -> str | None:
-    """``stage: step`` of ``category``'s build while the build runs and that step is not final."""
-    progress = state.registry.build_progress()
+async def _building(state: ServiceState, category: str) -> str | None:
+    """``stage: step`` of ``category``'s build while the build runs and that step is not final
+    (the progress read off the event loop, one read shared by the requests asking together)."""
+    progress = await state.registry.build_progress_off_loop()
     if progress is None or progress.state != "running" or category not in progress.categories:
         return None
     for stage, step in progress.categories[category].stages.items():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Annotated
 
@@ -27,7 +26,7 @@ router = APIRouter()
 async def list_models(state: StateDep) -> ModelList:
     # The store's files read in threads (service.pipeline.registry_view: describe_off_loop).
     return ModelList(models=await state.registry.describe_all_off_loop(), failed=state.registry.failed,
-                     building=await asyncio.to_thread(state.registry.build_progress))
+                     building=await state.registry.build_progress_off_loop())
 
 
 @router.get("/v1/models/{category}", response_model=ModelInfo, dependencies=[Authed], responses={

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from models.build_progress import BuildProgress, read_progress
+from models.build_progress import BuildProgress, read_progress, status_path
 from models.manifest import list_versions
 from service.config import Settings
 from service.engines.base import Engine
@@ -53,6 +54,10 @@ class RegistryView:
         self._retired: dict[str, datetime] = {}  # category -> when the watch retired it (until it is back)
         # service.pipeline.thresholds.ThresholdOverrides (set by ServiceState): describe() shows overrides
         self.thresholds: Any = None
+        # The last read of the build's progress (its file's stat, what it said) and the read
+        # under way, which concurrent askers share (build_progress_off_loop).
+        self._progress_read: tuple[tuple[int, ...] | None, BuildProgress | None] | None = None
+        self._progress_reading: asyncio.Future[BuildProgress | None] | None = None
 
     @property
     def categories(self) -> list[str]:
@@ -74,6 +79,35 @@ class RegistryView:
     def build_progress(self) -> BuildProgress | None:
         """What a builder writing into the store reports (advisory: None when absent or unusable)."""
         return read_progress(self.store)
+
+    async def build_progress_off_loop(self) -> BuildProgress | None:
+        """:meth:`build_progress` read in a thread, one read at a time however many ask (they
+        share it), parsed again only when the file changed. Every inspect request naming a
+        category not in the store asks (503 ``model_building`` or 404): on the event loop, each
+        such request held every request in flight for an open and a parse of up to 64 KiB, and
+        on a network file system for its round trips (a hung NFS mount: for good)."""
+        if self._progress_reading is None:
+            self._progress_reading = asyncio.ensure_future(self._read_build_progress())
+        return await asyncio.shield(self._progress_reading)  # an asker gone does not cancel the others' read
+
+    async def _read_build_progress(self) -> BuildProgress | None:
+        try:
+            return await asyncio.to_thread(self._build_progress_if_changed)
+        finally:
+            self._progress_reading = None
+
+    def _build_progress_if_changed(self) -> BuildProgress | None:
+        try:
+            st = os.stat(status_path(self.store))
+            key: tuple[int, ...] | None = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        except OSError:
+            key = None
+        last = self._progress_read
+        if key is not None and last is not None and last[0] == key:
+            return last[1]  # written atomically (replaced whole): a change is a new inode or time
+        progress = self.build_progress()
+        self._progress_read = (key, progress)
+        return progress
 
     def mark_unhealthy(self, category: str, why: str) -> None:
         """The serving version misbehaves (non-finite outputs): reported in readiness until a

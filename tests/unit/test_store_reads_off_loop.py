@@ -144,3 +144,75 @@ def test_a_models_description_reads_the_store_off_the_event_loop(
 
     gaps = asyncio.run(main())
     assert gaps and max(gaps) < SLOW_S / 2, f"the event loop stood still for {max(gaps):.3f} s"
+
+
+def test_inspecting_a_category_being_built_reads_its_progress_off_the_loop_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An inspect request naming a category not in the store asks the build's progress whether it
+    is being built (503 ``model_building``, else 404). On the event loop each such request opened
+    and parsed ``.build/status.json``: a flood of them, or a slow network file system, held every
+    request in flight. Now the file is read in a thread, once for all the requests asking together."""
+    from types import SimpleNamespace
+
+    from models.build_progress import read_progress, record_step
+    from service.api.deps import category_to_inspect
+    from service.api.errors import ApiError
+
+    store = tmp_path / "store"
+    fake_version(store, CATEGORY, "1")
+    record_step(store, "quick", "coming", "training")
+    reads: list[float] = []
+
+    def slow_read(folder: Path) -> Any:
+        reads.append(time.monotonic())
+        time.sleep(SLOW_S)
+        return read_progress(folder)
+
+    async def main() -> tuple[list[Any], list[float]]:
+        registry = await _serving(store)
+        monkeypatch.setattr(registry_view, "read_progress", slow_read)
+        state: Any = SimpleNamespace(registry=registry)
+
+        async def twenty_asking() -> list[Any]:
+            return await asyncio.gather(*(category_to_inspect("coming", state) for _ in range(20)),
+                                        return_exceptions=True)
+        answers, gaps = await _loop_gaps_during(twenty_asking)
+        assert await category_to_inspect(CATEGORY, state) == CATEGORY  # a served category reads nothing
+        return answers, gaps
+
+    answers, gaps = asyncio.run(main())
+    assert all(isinstance(a, ApiError) and a.status_code == 503 and a.code == "model_building" for a in answers), answers
+    assert len(reads) == 1, f"{len(reads)} reads of the build's progress for 20 requests asking together"
+    assert gaps and max(gaps) < SLOW_S / 2, f"the event loop stood still for {max(gaps):.3f} s"
+
+
+def test_the_build_progress_is_parsed_again_only_when_its_file_changed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shared reads, never a stale answer: a build that stopped is no longer reported as under
+    way by the next request (the file is replaced whole, so its stat changes), and a file that did
+    not change costs a stat, not a parse."""
+    from models.build_progress import read_progress, record_build, record_step
+
+    store = tmp_path / "store"
+    fake_version(store, CATEGORY, "1")
+    record_step(store, "quick", "coming", "training")
+    parses: list[Path] = []
+
+    def counted(folder: Path) -> Any:
+        parses.append(folder)
+        return read_progress(folder)
+
+    async def main() -> None:
+        registry = await _serving(store)
+        monkeypatch.setattr(registry_view, "read_progress", counted)
+        first = await registry.build_progress_off_loop()
+        assert first is not None and first.state == "running"
+        assert (await registry.build_progress_off_loop()) == first and len(parses) == 1  # unchanged: no parse
+        record_build(store, "stopped")
+        assert (await registry.build_progress_off_loop()).state == "stopped"  # changed: read again at once
+        assert len(parses) == 2
+        status_path(store).unlink()
+        assert await registry.build_progress_off_loop() is None
+
+    from models.build_progress import status_path
+    asyncio.run(main())
