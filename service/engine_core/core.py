@@ -39,7 +39,8 @@ class EngineCore:
         self.metrics = metrics or ServiceMetrics()
         self.engines = HostedEngines(settings, self.metrics, engine_factory)
         self.frontends: dict[int, FrontEnd] = {}
-        self.relay = Relay(self.frontends)
+        # The engines' CUDA context is this process's: a front end's scrape cannot read the GPU.
+        self.relay = Relay(self.frontends, on_scrape=self.metrics.refresh_gpu_memory)
         self._next_ident = 0
         self._stopping = asyncio.Event()
 

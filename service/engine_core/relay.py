@@ -23,7 +23,9 @@
   ``part`` frames go to the front end that asked as they come, unparsed, and ``gathered``
   ends it once all answered, or after :data:`GATHER_TIMEOUT_S` with those that did (a
   stopped front end must not hang an admin's page). A scrape's gather (``FLUSH_TOPIC`` of
-  :mod:`service.metrics_buffer`) also writes this process's buffered metric values first.
+  :mod:`service.metrics_buffer`) also reads what is read at scrape time here (``on_scrape``:
+  the GPU's memory, whose CUDA context is this process's, not the front ends') and writes
+  this process's buffered metric values first.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import asyncio
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,8 +67,9 @@ class Gather:
 class Relay:
     """Reloads and gathers between the connected ``frontends`` (the engine core's table)."""
 
-    def __init__(self, frontends: dict[int, FrontEnd]) -> None:
+    def __init__(self, frontends: dict[int, FrontEnd], on_scrape: Callable[[], None] | None = None) -> None:
         self.frontends = frontends
+        self.on_scrape = on_scrape
         # The last operator reload of each category (its message, stamped by the front end
         # that made it).
         self.reloads: dict[str, Message] = {}
@@ -163,6 +167,11 @@ class Relay:
     # ------------------------------------------------------------------ gathers
     def gather(self, asker: FrontEnd, rid: int, topic: str, args: Message) -> None:
         if topic == FLUSH_TOPIC:  # a scrape: this process's values too (the front ends write theirs to answer)
+            if self.on_scrape is not None:
+                try:
+                    self.on_scrape()
+                except Exception:  # a gauge left as it was must not cost the scrape its other series
+                    log.exception("reading this process's scrape-time metrics failed")
             flush_metrics()
         others = [f for f in self.frontends.values() if f is not asker]
         self._next_gather += 1

@@ -1,6 +1,7 @@
 """A front end through the engine core (MSFLOW_API_PROCESSES > 1), in-process: the engine core
 and a front end's runtime on one event loop. It answers as the plain runtime does, a bad
-submit fails alone, and a front end's lane keeps a bounded list of its images in flight.
+submit fails alone, a front end's lane keeps a bounded list of its images in flight, and a
+scrape reads the GPU's memory in the engine process, where the engines' CUDA context is.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from service.config import Settings
 from service.engine_core import EngineCore, FrontEnd
 from service.ipc import frames
 from service.ipc.slab import Slab
+from service.metrics_buffer import FLUSH_TOPIC
 from models.manifest import Manifest
 from service.metrics import ServiceMetrics
 from service.pipeline.engine_client import EngineClient, RemoteEngine
@@ -144,5 +146,40 @@ def test_a_lanes_in_flight_list_stays_bounded_and_drain_waits_for_it(model_store
                 await client.close()
                 core.stop()
                 await serving
+
+    asyncio.run(main())
+
+
+class _GatherChannel:
+    """A front end's channel as the engine process sees it, keeping the messages it is sent."""
+
+    def __init__(self) -> None:
+        self.messages: list[dict[str, object]] = []
+
+    def send(self, message: dict[str, object]) -> None:
+        self.messages.append(message)
+
+
+def test_a_scrape_reads_gpu_memory_where_the_engines_run(model_store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In multi-process mode the engine process holds the CUDA context (TensorRT, torch), and
+    the front end that serves ``/metrics`` none: msflow_gpu_memory_bytes was read only by the
+    process serving the scrape, so with MSFLOW_API_PROCESSES > 1 the dashboard's "GPU memory"
+    panel stayed empty. A scrape's flush (the gather every front end's ``/metrics`` sends) now
+    reads it in the engine process too. This host has no GPU: torch's CUDA queries report one
+    device of 80 GiB, 60 GiB free."""
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda index: (60 << 30, 80 << 30))
+
+    async def main() -> None:
+        core = EngineCore(Settings(model_store=model_store, device="cpu", engine="null", store_poll_s=0))
+        channel = _GatherChannel()
+        core._handle(FrontEnd(1, channel), {"op": "gather", "rid": 4, "topic": FLUSH_TOPIC}, [])  # type: ignore[arg-type]
+        assert [m["op"] for m in channel.messages] == ["gathered"]
+        got = {s.labels["kind"]: s.value for family in core.metrics.registry.collect() for s in family.samples
+               if s.name == "msflow_gpu_memory_bytes" and s.labels["device"] == "cuda:0"}
+        assert got == {"used": 20 << 30, "total": 80 << 30}
 
     asyncio.run(main())
