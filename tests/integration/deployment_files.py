@@ -291,6 +291,14 @@ def promql_selectors(expr: str) -> list[tuple[str, set[str]]]:
     return out
 
 
+def promql_grouping_labels(expr: str) -> set[str]:
+    """Label names an expression groups or matches by (``by``, ``without``, ``on``,
+    ``ignoring``, ``group_left``/``group_right``): each must be a label of a series it reads, or
+    the grouping quietly collapses (one unlabelled line, a legend with holes)."""
+    found = re.findall(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)", expr)
+    return {label.strip() for group in found for label in group.split(",") if label.strip()}
+
+
 def dashboard_queries() -> list[tuple[str, str]]:
     """(panel title or $variable, PromQL) for every panel target and label_values variable."""
     dash = json.loads(DASHBOARD.read_text())

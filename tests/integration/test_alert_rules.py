@@ -6,6 +6,7 @@ metric and label a rule reads is one the service exports, and the Kubernetes for
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -13,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from deployment_files import PROMETHEUS_YML, ROOT, TARGET_LABELS, exported_series, k8s, promql_selectors, services
+from deployment_files import (PROMETHEUS_YML, ROOT, TARGET_LABELS, exported_series, k8s, promql_grouping_labels,
+                              promql_selectors, services)
 from harness import missing
 
 yaml = pytest.importorskip("yaml", reason="PyYAML is needed to read the deployment files")
@@ -88,6 +90,16 @@ def test_rules_read_only_metrics_and_labels_the_service_exports() -> None:
                 problems.append(f"{rule['alert']}: {name} is not exported")
             elif labels - series[name] - TARGET_LABELS:
                 problems.append(f"{rule['alert']}: {name} has no label(s) {sorted(labels - series[name])}")
+        # Grouped by a label no series has: one unlabelled alert for all categories. Named in an
+        # annotation but dropped by the aggregation: an empty word in the page.
+        read = set().union(*(series.get(n, ls) for n, ls in selectors)) | TARGET_LABELS | {"app_kubernetes_io_part_of"}
+        grouped = promql_grouping_labels(rule["expr"])
+        if grouped - read:
+            problems.append(f"{rule['alert']}: grouped by {sorted(grouped - read)}, which no series it reads has")
+        named = {n for text in rule["annotations"].values() for n in re.findall(r"\$labels\.(\w+)", text)}
+        kept = grouped or read
+        if named - kept:
+            problems.append(f"{rule['alert']}: annotations name {sorted(named - kept)}, which the result lacks")
         assert rule["labels"]["severity"] in ("page", "ticket"), rule["alert"]
         assert rule["annotations"]["summary"] and rule["annotations"]["description"], rule["alert"]
     assert not problems, problems

@@ -18,7 +18,7 @@ import pytest
 
 from deployment_files import (DASHBOARD, GRAFANA, ROOT, TARGET_LABELS, bind_mounts, container_ports,
                               dashboard_queries, exported_series, final_stage, k8s, pod_container,
-                              prometheus_targets, promql_selectors, services)
+                              prometheus_targets, promql_grouping_labels, promql_selectors, services)
 
 yaml = pytest.importorskip("yaml", reason="PyYAML is needed to read the deployment files")
 
@@ -167,6 +167,27 @@ def test_dashboard_metrics_are_exported_by_the_service():
                 bad_labels.append(f"{title}: {name} has no label(s) {sorted(labels - series[name] - TARGET_LABELS)}")
     assert not missing, f"metrics the service does not export: {missing}"
     assert not bad_labels, bad_labels
+
+
+def test_dashboard_groups_and_legends_by_labels_its_series_have():
+    """A ``sum by (le, engine)`` over a series without ``engine``, or a legend's ``{{engine}}``
+    that the aggregation dropped, draws one unlabelled line and no error: every label a query
+    groups by is one of the series it reads, and every legend label one its result keeps."""
+    series = exported_series()
+    legends = {(p["title"], t["expr"]): t.get("legendFormat", "") for p in json.loads(DASHBOARD.read_text())["panels"]
+               for t in p.get("targets", [])}
+    wrong = []
+    for title, expr in dashboard_queries():
+        read = set().union(*(series.get(name, labels) for name, labels in promql_selectors(expr)))
+        read |= TARGET_LABELS | {"app_kubernetes_io_part_of"}
+        grouped = promql_grouping_labels(expr)
+        if grouped - read:
+            wrong.append(f"{title}: grouped by {sorted(grouped - read)}, which {expr!r} does not read")
+        kept = grouped if re.search(r"\b(sum|max|min|avg|count)\s*(by\s*\([^)]*\)\s*)?\(", expr) else read
+        legend = set(re.findall(r"\{\{\s*(\w+)\s*\}\}", legends.get((title, expr), "")))
+        if legend - kept:
+            wrong.append(f"{title}: legend {sorted(legend - kept)} not in the result of {expr!r}")
+    assert wrong == []
 
 
 def test_dashboard_requested_metrics_are_exported():
