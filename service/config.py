@@ -139,6 +139,11 @@ class Settings(BaseSettings):
     api_processes: int = Field(1, ge=1, le=64, description="front-end processes (HTTP, decode, heatmaps); above 1, "
                                "one engine process runs the engines and forms the batches for all of them "
                                "(docs/DESIGN.md, docs/PERFORMANCE.md)")
+    frontend_stall_s: float = Field(
+        30.0, ge=0.0, description="above 1 API process: a front end whose event loop has not run for this long "
+                                  "(stopped, or stuck in a call that never returns) is killed and replaced; its "
+                                  "socket stays on the port, and the connections the kernel hands it would wait "
+                                  "for as long as it stays stuck. 0: never")
     engine_socket: Path | None = Field(None, description="internal: set by msflow serve for its front-end "
                                                          "processes (the engine process's Unix socket)")
     heatmap_links_dir: Path | None = Field(None, description="internal: set by msflow serve for its front-end "

@@ -15,6 +15,7 @@ A second SIGINT forces exit (uvicorn's behaviour); a second SIGTERM skips the de
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import socket
 import sys
@@ -43,13 +44,24 @@ def build_settings(args: argparse.Namespace) -> Settings:
 
 
 class _GracefulServer(uvicorn.Server):
-    """uvicorn.Server whose first SIGTERM/SIGINT first turns readiness off."""
+    """uvicorn.Server whose first SIGTERM/SIGINT first turns readiness off; with ``beat`` (a
+    front end), its event loop sends a byte there every BEAT_S for the supervisor's watch."""
 
-    def __init__(self, config: uvicorn.Config, on_signal: Any, delay_s: float) -> None:
+    def __init__(self, config: uvicorn.Config, on_signal: Any, delay_s: float,
+                 beat: socket.socket | None = None) -> None:
         super().__init__(config)
         self._on_signal = on_signal
         self._delay_s = delay_s
         self._signalled = False
+        self._beat = beat
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        beating = asyncio.create_task(_beat(self._beat), name="heartbeat") if self._beat is not None else None
+        try:
+            await super().serve(sockets)
+        finally:
+            if beating is not None:
+                beating.cancel()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._signalled or self._delay_s <= 0:
@@ -67,6 +79,24 @@ class _GracefulServer(uvicorn.Server):
         timer = threading.Timer(self._delay_s, setattr, args=(self, "should_exit", True))
         timer.daemon = True
         timer.start()
+
+
+BEAT_S = 1.0  # how often a front end's loop says it runs (service/supervisor.py watches)
+
+
+async def _beat(sock: socket.socket) -> None:
+    """A byte every BEAT_S from this event loop, for as long as it runs: from the loop that
+    serves the requests, since a loop that stops is what leaves its connections waiting. A
+    full buffer (the supervisor itself stopped) drops a byte: one read says the loop ran."""
+    sock.setblocking(False)
+    while True:
+        try:
+            sock.send(b".")
+        except BlockingIOError:
+            pass
+        except OSError:  # the supervisor is gone: PR_SET_PDEATHSIG stops this process
+            return
+        await asyncio.sleep(BEAT_S)
 
 
 def build_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -98,9 +128,11 @@ def configure_access_log(settings: Settings) -> None:
         access_log.addHandler(handler)
 
 
-def run_server(settings: Settings, sockets: list[socket.socket] | None = None) -> int:
+def run_server(settings: Settings, sockets: list[socket.socket] | None = None,
+               beat: socket.socket | None = None) -> int:
     """One uvicorn server on this process: the whole service, or one front end of several
-    (``sockets``: the listening socket the supervisor shares among them)."""
+    (``sockets``: the listening socket the supervisor shares among them; ``beat``: where its
+    loop says it runs)."""
     app = create_app(settings)
     # http: uvicorn's httptools protocol with the connections' budgets (service/api/connections.py);
     # ws: none, the API has no WebSocket route (an upgrade request is served as plain HTTP)
@@ -111,7 +143,7 @@ def run_server(settings: Settings, sockets: list[socket.socket] | None = None) -
                             access_log=False, lifespan="on", http=http, ws="none",
                             timeout_graceful_shutdown=settings.graceful_shutdown_s)  # type: ignore[arg-type]
     configure_access_log(settings)  # after uvicorn.Config, which configures logging
-    server = _GracefulServer(config, app.state.service.begin_shutdown, settings.shutdown_delay_s)
+    server = _GracefulServer(config, app.state.service.begin_shutdown, settings.shutdown_delay_s, beat)
     keep_freed_memory(settings.heap_retain_mb << 20)
     log.debug("%d start-up objects frozen out of the collector's passes", freeze_startup_objects())
     if sockets is None:

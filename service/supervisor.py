@@ -25,7 +25,10 @@ process, so none waits on a dead one either. This process keeps the port with a 
 that never listens.
 
 Children die with this process (``PR_SET_PDEATHSIG``) and are restarted when they die
-alone; shared memory needs no cleaning after any of these deaths (:mod:`service.ipc.slab`).
+alone, and a front end whose event loop has not run for ``MSFLOW_FRONTEND_STALL_S`` (stopped,
+or stuck in a call that never returns: its socket stays on the port and the kernel goes on
+handing it connections, which would wait for as long as it stays stuck) is killed first;
+shared memory needs no cleaning after any of these deaths (:mod:`service.ipc.slab`).
 A front end's ``heatmap=url`` links are files in its folder of the run directory, which every
 front end reads (:class:`service.redisq.store.FolderLinks`); a dead front end's folder is
 removed here before its replacement starts, and the run directory when this process stops.
@@ -64,6 +67,7 @@ log = logging.getLogger(__name__)
 _RUN_DIR_PREFIX = "msflow-serve-"
 _RESTART_BACKOFF_MAX_S = 10.0
 _STABLE_AFTER_S = 10.0  # a child that lived this long restarts at once; one that died sooner waits
+_TICK_LATE_S = 2.0  # a watch tick this late: the supervisor itself did not run meanwhile
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -84,13 +88,14 @@ def become_child(name: str) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def run_frontend(overrides: dict[str, Any], sockets: list[socket.socket], index: int) -> None:
-    """Entry point of front-end process ``index``."""
+def run_frontend(overrides: dict[str, Any], sockets: list[socket.socket], index: int,
+                 beat: socket.socket | None) -> None:
+    """Entry point of front-end process ``index`` (``beat``: where its loop says it runs)."""
     become_child(f"msflow-api-{index}")
     settings = Settings(**overrides)
     logging.basicConfig(level=settings.log_level.upper(),
                         format=f"%(asctime)s %(levelname)s api-{index} %(name)s: %(message)s")
-    sys.exit(run_server(settings, sockets))
+    sys.exit(run_server(settings, sockets, beat))
 
 
 def run_engine(overrides: dict[str, Any], socket_path: str) -> None:
@@ -99,22 +104,67 @@ def run_engine(overrides: dict[str, Any], socket_path: str) -> None:
 
 
 class _Child:
-    """One supervised process: how to start it, and its restart back-off."""
+    """One supervised process: how to start it (given the socket its loop beats on, where it is
+    watched: ``stall_s``), its restart back-off, and when its loop was last heard from."""
 
-    def __init__(self, name: str, start: Callable[[], BaseProcess], leaves: Path | None = None) -> None:
+    def __init__(self, name: str, start: Callable[[socket.socket | None], BaseProcess], leaves: Path | None = None,
+                 stall_s: float | None = None) -> None:
         self.name = name
         self._start = start
         self.leaves = leaves  # a folder of its own, removed when it dies
+        self.stall_s = stall_s
         self.process: BaseProcess | None = None
         self.started_at = 0.0
         self.backoff_s = 0.0
         self.restart_at: float | None = None
+        self._beats: socket.socket | None = None  # this end of the current process's heartbeat
+        # Judged only once heard: imports and the app's assembly come before its loop runs.
+        self._heard_at: float | None = None
 
     def start(self) -> None:
-        self.process = self._start()
+        self.forget_beats()
+        if self.stall_s:
+            mine, theirs = socket.socketpair()
+            try:
+                self.process = self._start(theirs)
+            except BaseException:
+                mine.close()
+                raise
+            finally:
+                theirs.close()  # the child has its own copy
+            mine.setblocking(False)
+            self._beats = mine
+        else:
+            self.process = self._start(None)
         self.started_at = time.monotonic()
         self.restart_at = None
         log.info("%s: pid %s", self.name, self.process.pid)
+
+    def silent_for(self, now: float) -> float | None:
+        """Seconds since this child's loop was last heard, where that is past ``stall_s``."""
+        if self._beats is None:
+            return None
+        try:
+            while self._beats.recv(4096):
+                self._heard_at = now
+        except BlockingIOError:  # nothing more to read now
+            pass
+        except OSError:  # its end closed: it died, which the restart handles
+            return None
+        if self._heard_at is None or self.stall_s is None or now - self._heard_at <= self.stall_s:
+            return None
+        return now - self._heard_at
+
+    def excuse(self, now: float) -> None:
+        """This process did not run either (stopped, the container paused): a new window."""
+        if self._heard_at is not None:
+            self._heard_at = now
+
+    def forget_beats(self) -> None:
+        if self._beats is not None:
+            self._beats.close()
+        self._beats = None
+        self._heard_at = None
 
     @property
     def alive(self) -> bool:
@@ -155,18 +205,20 @@ class Supervisor:
         port_holder = reuseport_socket(s.host, s.port, exclusive=True)
         port = port_holder.getsockname()[1]
         ctx = multiprocessing.get_context("spawn")  # no forked copies of threads, locks or CUDA state
-        engine = _Child("engine process", lambda: _spawn(ctx, run_engine, "msflow-engine",
-                                                         overrides, str(engine_socket)))
+        engine = _Child("engine process", lambda _: _spawn(ctx, run_engine, "msflow-engine",
+                                                           overrides, str(engine_socket)))
 
-        def start_frontend(i: int) -> BaseProcess:
+        def start_frontend(i: int, beat: socket.socket | None) -> BaseProcess:
             listener = reuseport_socket(s.host, port)
             try:
                 return _spawn(ctx, run_frontend, f"msflow-api-{i}",
-                              {**overrides, "heatmap_links_dir": str(frontend_links(links_dir, i))}, [listener], i)
+                              {**overrides, "heatmap_links_dir": str(frontend_links(links_dir, i))}, [listener], i,
+                              beat)
             finally:
                 listener.close()  # the child has its own copy: the socket lives exactly as long as it
 
-        frontends = [_Child(f"front end {i}", lambda i=i: start_frontend(i), frontend_links(links_dir, i))
+        frontends = [_Child(f"front end {i}", lambda beat, i=i: start_frontend(i, beat), frontend_links(links_dir, i),
+                            stall_s=s.frontend_stall_s or None)
                      for i in range(s.api_processes)]
         children = [engine, *frontends]
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -179,8 +231,14 @@ class Supervisor:
         try:
             for child in children:
                 child.start()
+            last_tick = time.monotonic()
             while not self._stopping:
                 time.sleep(0.2)
+                now = time.monotonic()
+                if now - last_tick > _TICK_LATE_S:  # this process was stopped too: no child is judged on it
+                    for child in children:
+                        child.excuse(now)
+                last_tick = now
                 for child in children:
                     self._look_after(child, metrics_dir)
             self._stop(frontends, engine, metrics_dir)
@@ -211,8 +269,17 @@ class Supervisor:
                     child.restart_at = now + child.backoff_s
                     log.exception("%s: cannot start a new one; trying again in %.1f s", child.name, child.backoff_s)
             return
+        if child.alive and (silent_s := child.silent_for(now)) is not None:
+            assert child.process is not None
+            # SIGKILL: a stopped process gets nothing else until it runs again, and a loop stuck
+            # in a call never runs a signal handler. Its death is then handled as any other.
+            log.error("%s (pid %s) has not run its event loop for %.1f s (stopped, or stuck); killing it",
+                      child.name, child.process.pid, silent_s)
+            child.process.kill()
+            return
         if child.alive or child.process is None:
             return
+        child.forget_beats()
         pid, code = child.process.pid, child.process.exitcode
         if pid is not None:
             mark_process_dead(pid, str(metrics_dir))  # its live gauges leave /metrics

@@ -1,5 +1,6 @@
 """The supervisor of a multi-process server (MSFLOW_API_PROCESSES > 1), under faults of its
-own: a moment it cannot start a process. Real processes (``msflow serve``)."""
+own: a moment it cannot start a process, a front end that stops running. Real processes
+(``msflow serve``)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,6 @@ from harness import children, fake_version, start, wait_until
 
 def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
-
-
 
 
 def test_a_restart_that_cannot_start_a_process_is_tried_again_not_fatal(tmp_path: Path) -> None:
@@ -50,4 +49,29 @@ def test_a_restart_that_cannot_start_a_process_is_tried_again_not_fatal(tmp_path
                    "the front end restarted once descriptors are free")
         wait_until(lambda: httpx.get(f"{server.url}/readyz", timeout=5).status_code == 200, 30, "ready")
     finally:
+        server.stop()
+
+
+def test_a_front_end_that_stops_running_is_replaced(tmp_path: Path) -> None:
+    """A front end whose event loop stops (SIGSTOP here; a call that never returns alike) still
+    has its socket on the port: the kernel goes on handing it new connections, which waited
+    for as long as it stayed stopped, and nothing replaced it. Past MSFLOW_FRONTEND_STALL_S
+    the supervisor kills it and starts another, and every new connection is answered again."""
+    store = tmp_path / "store"
+    fake_version(store, "aaa")
+    server = start(store, tmp_path / "server.log", api_processes=2, engine="null", store_poll_s=0,
+                   frontend_stall_s=2)
+    supervisor = server.proc.pid
+    frontends = sorted(pid for pid, name in children(supervisor).items() if name.startswith("msflow-api-"))
+    victim = frontends[1]
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        wait_until(lambda: victim not in children(supervisor) and len(server.front_ends_listening()) == 2, 20,
+                   "the stopped front end replaced")
+        assert "has not run its event loop" in server.log(), server.log()
+        for _ in range(8):  # new connections, spread over both front ends by the kernel
+            assert httpx.get(f"{server.url}/readyz", timeout=5).status_code == 200
+    finally:
+        if victim in children(supervisor):
+            os.kill(victim, signal.SIGCONT)
         server.stop()
