@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -43,6 +44,12 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from service import metrics_buffer
+
+# In multi-process mode prometheus-client warns at each remove() that removal "has not been
+# implemented": the files keep a removed series' last value, which _remove's callers zero
+# first. The warning went to the log at every version swap of a multi-process server, and read
+# as a broken swap. Set once here, not per call: catch_warnings is not thread-safe.
+warnings.filterwarnings("ignore", message="Removal of labels has not been implemented", category=UserWarning)
 
 _process_id = os.getpid()
 
@@ -304,10 +311,7 @@ class ServiceMetrics:
             # Multi-process files keep a removed series' last value: zero it first (exposition
             # leaves it out then, INFO_GAUGES).
             self.model_info.labels(category, *old).set(0)
-            try:
-                self.model_info.remove(category, *old)
-            except KeyError:
-                pass
+            _remove(self.model_info, category, *old)
         self._model_labels[category] = (version, engine)
         self.model_info.labels(category, version, engine).set(1)
         self._child(self.queue_depth, category)  # made at 0, never overwritten: a batcher may have set it
