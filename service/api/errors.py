@@ -97,6 +97,27 @@ _MAPPED: dict[type[Exception], tuple[int, str, bool]] = {
 }
 
 
+# FastAPI's answer when reading a JSON body fails other than as malformed JSON: bytes that are
+# not UTF-8 (a Latin-1 note), nesting past the decoder's recursion limit, the client gone.
+FASTAPI_BODY_ERROR = "There was an error parsing the body"
+
+
+def unparsable_body(cause: BaseException | None) -> Response:
+    """What a JSON body FastAPI could not read answers: 422 ``invalid_request``, as malformed
+    JSON does (it was 400 ``bad_request``, a status no route with a body documents, with a
+    message that said neither what nor where), or 499 for a client gone mid-body."""
+    if isinstance(cause, ClientDisconnect):
+        return Response(status_code=499)
+    if isinstance(cause, UnicodeDecodeError):
+        why = f"not UTF-8 (byte {cause.start}: {cause.object[cause.start:cause.start + 1]!r})"
+    elif isinstance(cause, RecursionError):
+        why = "nested too deeply"
+    else:
+        why = type(cause).__name__ if cause is not None else "unreadable"
+    message = f"body: not a JSON document: {why}"
+    return error_response(422, "invalid_request", message, [{"loc": ["body"], "msg": message, "type": "json_invalid"}])
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -164,7 +185,9 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(422, "invalid_request", message, details)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 400 and exc.detail == FASTAPI_BODY_ERROR:
+            return unparsable_body(exc.__cause__)
         code = _HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
         message = f"no route {request.method} {request.url.path}" if exc.status_code == 404 else str(exc.detail)
         headers = getattr(exc, "headers", None)
