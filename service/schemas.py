@@ -146,7 +146,11 @@ class ThresholdUpdate(_Model):
     """Body of ``PUT /v1/models/{category}/threshold``: a RAW score threshold (the unit of
     ``raw_score`` and of the calibrated ``threshold``)."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    # The schema says what _something refuses: a body without either bound (``{}`` validated
+    # against the document, and was 422 from the server).
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), json_schema_extra={"anyOf": [
+        {"required": ["threshold"], "properties": {"threshold": {"type": "number"}}},
+        {"required": ["ng_threshold"], "properties": {"ng_threshold": {"type": "number"}}}]})
 
     threshold: float | None = Field(None, allow_inf_nan=False, description="raw-score threshold (the ok bound), "
                                     "e.g. a raw_score seen in a result or in GET /v1/models/{category}/recent; "
@@ -306,7 +310,10 @@ class InspectOptions(BaseModel):
 class ReviewLabelRequest(_Model):
     """Body of ``PUT /v1/review/{category}/items/{id}/label``."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    # The schema says what _defect_with_ng refuses: a defect type with a label other than ng.
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), json_schema_extra={
+        "if": {"properties": {"label": {"const": "ng"}}},
+        "else": {"properties": {"defect_type": {"type": "null"}}}})
 
     label: Literal["ok", "ng"]
     defect_type: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$",

@@ -130,9 +130,11 @@ UPLOAD = {
                        "bytes; PNG, JPEG, BMP, TIFF and WEBP are accepted) or `application/octet-stream`. Anything "
                        "else is 415 `unsupported_media_type`.",
         "content": {
+            # One part named so at least: the document admitted a form without any, which is 400.
             "multipart/form-data": {"schema": {"type": "object", "properties": {
-                "files": {**_IMAGES, "description": "one or more images"},
-                "file": {**_IMAGES, "description": "the same, under the other accepted name"}}}},
+                "files": {**_IMAGES, "minItems": 1, "description": "one or more images"},
+                "file": {**_IMAGES, "minItems": 1, "description": "the same, under the other accepted name"}},
+                "anyOf": [{"required": ["files"]}, {"required": ["file"]}]}},
             **{media: {"schema": _BINARY} for media in RAW_IMAGE_TYPES},
         },
     },

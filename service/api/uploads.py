@@ -35,7 +35,7 @@ async def read_uploads(request: Request, max_files: int, max_upload_bytes: int,
         name = request.headers.get("x-filename")
         return [Upload(filename=name[:255] if name else None, data=data)]
     raise UnsupportedImageType(
-        f"send multipart/form-data with 'file' parts or a raw image body (Content-Type image/*), "
+        f"send multipart/form-data with 'files' or 'file' parts or a raw image body (Content-Type image/*), "
         f"not {content_type or 'no Content-Type'}")
 
 
@@ -65,7 +65,7 @@ async def _read_multipart(request: Request, max_files: int, max_upload_bytes: in
         parts = [(key, value) for key, value in form.multi_items()
                  if isinstance(value, StarletteUploadFile) and key in FILE_FIELDS]
         if not parts:
-            raise BadUpload("no image in the request: send one or more multipart parts named 'file'")
+            raise BadUpload("no image in the request: send one or more multipart parts named 'files' or 'file'")
         if len(parts) > max_files:
             raise TooManyFiles(f"{len(parts)} files in one request; the limit is {max_files}")
         uploads = []
