@@ -139,6 +139,12 @@ class Settings(BaseSettings):
     api_processes: int = Field(1, ge=1, le=64, description="front-end processes (HTTP, decode, heatmaps); above 1, "
                                "one engine process runs the engines and forms the batches for all of them "
                                "(docs/DESIGN.md, docs/PERFORMANCE.md)")
+    engine_stall_s: float = Field(
+        60.0, ge=0.0, description="an engine that has run one batch this long (a GPU call that never returns, an "
+                                  "engine process stopped) takes the server out of rotation: /readyz 503 "
+                                  "engine_stalled; one process also fails /healthz (a restart is the only way "
+                                  "out), and the engine process of several exits and is restarted. Above the "
+                                  "request deadline, which a request may legitimately wait. 0: never")
     frontend_stall_s: float = Field(
         30.0, ge=0.0, description="above 1 API process: a front end whose event loop has not run for this long "
                                   "(stopped, or stuck in a call that never returns) is killed and replaced; its "
@@ -316,6 +322,11 @@ class Settings(BaseSettings):
                         "a request (413 too_many_files beyond); jobs take up to %d",
                         self.max_files_per_request, self.max_queue_size, self.max_queue_size,
                         self.max_files_per_request)
+        if 0 < self.engine_stall_s <= self.request_deadline_ms / 1e3:
+            # A batch or a request in the engine process may take up to the deadline without
+            # anything being wrong: a stall limit within it would take a busy server out of rotation.
+            raise ValueError(f"engine_stall_s ({self.engine_stall_s:g}) must be above the request deadline "
+                             f"({self.request_deadline_ms / 1e3:g} s), or 0 (never)")
         if self.max_request_megapixels > self.max_inflight_megapixels:
             raise ValueError("max_request_megapixels exceeds max_inflight_megapixels: such requests could never run")
         if self.max_upload_bytes > self.max_request_bytes:

@@ -29,20 +29,41 @@ JOB_CENSUS_TIMEOUT_S = 0.5
 METRICS_FLUSH_TIMEOUT_S = 1.0
 
 
-@router.get("/healthz", response_model=Health, responses=ok("Alive"))
-async def healthz() -> Health:
+@router.get("/healthz", response_model=Health, responses={
+    **ok("Alive"),
+    503: {"model": ErrorResponse, "headers": REQUEST_ID,
+          "description": "`engine_stalled`: one process whose engine has not returned from a batch for "
+                         "`MSFLOW_ENGINE_STALL_S` (only a restart gets it back)"}})
+async def healthz(state: StateDep) -> Health:
+    # One process: a call that never returns (a wedged GPU) holds its engine thread for good,
+    # and only a restart frees it: liveness fails, so the orchestrator restarts it. A front
+    # end of several stays alive: the engine process's own watch restarts that process.
+    if state.engine_link is None:
+        _refuse_if_stalled(state)
     return Health()
+
+
+def _refuse_if_stalled(state: ServiceState) -> None:
+    stalled = state.engine_stalled()
+    if stalled:
+        worst = max(stalled.values())
+        raise ApiError(503, "engine_stalled", f"the engine has not answered for {worst:.0f} s (over "
+                       f"MSFLOW_ENGINE_STALL_S={state.settings.engine_stall_s:g} s): a call that never returns, "
+                       "or an engine process not running", details={"stalled_s": {c: round(s, 1)
+                                                                                   for c, s in stalled.items()}})
 
 
 @router.get("/readyz", response_model=Readiness, responses={
     **ok("Ready: every category serves, or failed and is skipped"),
     503: {"model": ErrorResponse, "headers": REQUEST_ID,
-          "description": "Not ready: `shutting_down`, `engine_unavailable`, `not_ready` (no Retry-After)"}})
+          "description": "Not ready: `shutting_down`, `engine_unavailable`, `engine_stalled`, `not_ready` "
+                         "(no Retry-After)"}})
 async def readyz(state: StateDep) -> Readiness:
     if state.shutting_down:
         raise ApiError(503, "shutting_down", "the server is shutting down")
     if not state.engine_connected:
         raise ApiError(503, "engine_unavailable", "this front end has lost the engine process; it is reconnecting")
+    _refuse_if_stalled(state)
     if not state.registry.ready:
         raise ApiError(503, "not_ready", "no model is serving yet, or some are still loading",
                        details={"serving": state.registry.serving(), "failed": state.registry.failed,

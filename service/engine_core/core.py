@@ -16,6 +16,7 @@ from service.config import Settings
 from service.engine_core.frontend import FrontEnd
 from service.engine_core.hosting import Hosted, HostedEngines
 from service.engine_core.relay import Gather, Relay
+from service.engine_core.stall_watch import StallWatch
 from service.engines.factory import load_engine
 from service.heap import report_collector_pauses
 from service.ipc import frames
@@ -43,6 +44,10 @@ class EngineCore:
         self.relay = Relay(self.frontends, on_scrape=self.metrics.refresh_gpu_memory)
         self._next_ident = 0
         self._stopping = asyncio.Event()
+        # A batch that never ends ends this process (service/engine_core/stall_watch.py).
+        self.stall_watch = StallWatch(
+            lambda: [(h.engine.manifest.category, h.batcher) for h in list(self.engines.hosted.values())],
+            settings.engine_stall_s)
 
     # What it holds, read by the tests and when debugging (each part's own table).
     @property
@@ -74,6 +79,7 @@ class EngineCore:
         self.relay.keep_at(path.with_name(f"{path.stem}-reloads.json"))
         listener = listen_unix(path)
         log.info("engine process %d listening on %s", os.getpid(), path)
+        self.stall_watch.start()
         accept = loop.create_task(accept_forever(listener, self._accepted), name="accept-frontends")
         # Its pauses stall every front end's batches: they show on every front end's /metrics.
         collector_report = loop.create_task(report_collector_pauses(
@@ -94,6 +100,7 @@ class EngineCore:
             stopping.cancel()
             listener.close()
             path.unlink(missing_ok=True)
+        self.stall_watch.stop()  # a drain that times out is the shutdown's to report
         await self.engines.drain()
         for frontend in list(self.frontends.values()):
             frontend.channel.close()

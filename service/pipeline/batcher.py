@@ -111,6 +111,7 @@ class Batcher:
         self._wakeup = asyncio.Event()
         self._closing = False
         self._running: list[_Item] = []
+        self._running_since: float | None = None  # when run_batch was called for the running batch
         self._lent_payloads = lent_payloads
         self._window_over = False  # the forming batch's delay has passed (its timer fired)
         # One thread: ``run_batch`` has one caller at a time (the engine contract), and batches
@@ -152,6 +153,12 @@ class Batcher:
         if was_idle or len(self._pending) >= self.max_batch_size:
             self._wakeup.set()
         return futures
+
+    def running_for(self, now: float) -> float:
+        """How long ``run_batch`` has been running the current batch (0 when none runs). Read
+        from other threads too (the engine process's stall watch): one attribute, read once."""
+        since = self._running_since
+        return 0.0 if since is None else now - since
 
     def check_room(self, count: int, observed: bool = True) -> None:
         """Raise what :meth:`submit_many` would for ``count`` items now (:class:`QueueFull`,
@@ -206,6 +213,7 @@ class Batcher:
                     await self._execute(live)
                 finally:
                     self._running = []
+                    self._running_since = None
 
     def _take(self, n: int) -> list[_Item]:
         batch = [self._pending.popleft() for _ in range(min(n, len(self._pending)))]
@@ -255,7 +263,7 @@ class Batcher:
         return live
 
     async def _execute(self, items: list[_Item]) -> None:
-        started = time.monotonic()
+        started = self._running_since = time.monotonic()
         observed = 0
         for item in items:
             if item.observed:

@@ -47,6 +47,7 @@ class _Request:
     pool: SlotPool
     slots: list[int]
     futures: list["_ImageFuture"]
+    sent_at: float  # time.monotonic() at submit
     cancel_sent: bool = False
 
 
@@ -147,13 +148,22 @@ class EngineImages:
         loop = self.loop
         assert loop is not None, "EngineClient.start() not called"
         futures = [_ImageFuture(self, rid, loop) for _ in tensors]
-        self.requests[rid] = _Request(slab, pool, slots, futures)
+        self.requests[rid] = _Request(slab, pool, slots, futures, time.monotonic())
         if observed:
             channel.send_frame(frames.pack_submit(rid, handle, ident, deadline, slots))
         else:
             channel.send({"op": "warm", "rid": rid, "handle": handle, "slab": ident, "deadline": deadline,
                           "slots": slots})
         return futures  # type: ignore[return-value]
+
+    def in_flight_for(self, now: float) -> float:
+        """How long the oldest request in flight has waited for its answer (0: none waits).
+        Requests are kept in the order they were sent, and a caller past its deadline cancels,
+        which the engine process answers at once unless the request's batch is running: one
+        older than the deadline is stuck in a batch, or the engine process is not running."""
+        for request in self.requests.values():
+            return now - request.sent_at
+        return 0.0
 
     def cancelled(self, rid: int) -> None:
         # The caller gave up (deadline, client gone): the engine drops the images before the

@@ -66,6 +66,16 @@ class Lanes:
             lane = self._lanes[id(model)] = Lane(model, batcher)
         return lane
 
+    def stalled(self, now: float, limit_s: float) -> dict[str, float]:
+        """Category -> seconds, for each lane whose engine has been on work it has not answered
+        for longer than ``limit_s`` (see :meth:`BatchQueue.running_for`)."""
+        stalled: dict[str, float] = {}
+        for lane in self._lanes.values():
+            seconds = lane.batcher.running_for(now)
+            if seconds > limit_s:
+                stalled[lane.model.category] = max(seconds, stalled.get(lane.model.category, 0.0))
+        return stalled
+
     def retire(self, keep: Callable[[LoadedModel], bool], on_drained: Callable[[], None] | None = None) -> None:
         """Every lane whose model ``keep`` refuses retires; an idle one drains now, a busy one
         once its last user is done; ``on_drained`` is called after each drain, those of lanes

@@ -48,6 +48,11 @@ class RemoteBatcher:
     def closing(self) -> bool:
         return self._closing
 
+    def running_for(self, now: float) -> float:
+        """How long this front end's oldest request has waited for the engine process's answer
+        (every lane's: the engine process runs them all, and one stuck there holds them all)."""
+        return self.client.images.in_flight_for(now)
+
     def check_room(self, count: int) -> None:
         if self._closing:
             self._metrics.count_rejection(self.category, "shutting_down")

@@ -188,6 +188,13 @@ class PipelineRuntime:
         """False while a front end has lost its engine process (it reconnects by itself)."""
         return self.engine_link is None or self.engine_link.connected
 
+    def engine_stalled(self) -> dict[str, float]:
+        """Category -> seconds, where the engine has been on work it has not answered for
+        longer than ``engine_stall_s`` (a call that never returns, an engine process stopped):
+        never the case of a busy engine, whose every batch ends within the request deadline."""
+        limit = self.settings.engine_stall_s
+        return self.lanes.stalled(time.monotonic(), limit) if limit > 0 else {}
+
     @contextlib.contextmanager
     def pin(self, category: str) -> Iterator[Lane]:
         """The category's loaded version, resolved once: everything the request (or batch of
