@@ -16,7 +16,6 @@ from service.config import Settings
 from service.engine_core.frontend import FrontEnd
 from service.engine_core.hosting import Hosted, HostedEngines
 from service.engine_core.relay import Gather, Relay
-from service.engine_core.stall_watch import StallWatch
 from service.engines.factory import load_engine
 from service.heap import report_collector_pauses
 from service.ipc import frames
@@ -25,6 +24,7 @@ from service.ipc.listener import accept_forever, listen_unix
 from service.ipc.slab import Slab
 from service.metrics import ServiceMetrics
 from service.pipeline.loaded_model import EngineFactory
+from service.pipeline.stall_watch import StallWatch
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class EngineCore:
         self.relay = Relay(self.frontends, on_scrape=self.metrics.refresh_gpu_memory)
         self._next_ident = 0
         self._stopping = asyncio.Event()
-        # A batch that never ends ends this process (service/engine_core/stall_watch.py).
+        # A batch that never ends ends this process (service/pipeline/stall_watch.py).
         self.stall_watch = StallWatch(
             lambda: [(h.engine.manifest.category, h.batcher) for h in list(self.engines.hosted.values())],
             settings.engine_stall_s)

@@ -66,14 +66,18 @@ class Lanes:
             lane = self._lanes[id(model)] = Lane(model, batcher)
         return lane
 
+    def batchers(self) -> list[tuple[str, BatchQueue]]:
+        """(category, batcher) of every lane in use (read by the stall watch's thread too)."""
+        return [(lane.model.category, lane.batcher) for lane in list(self._lanes.values())]
+
     def stalled(self, now: float, limit_s: float) -> dict[str, float]:
         """Category -> seconds, for each lane whose engine has been on work it has not answered
         for longer than ``limit_s`` (see :meth:`BatchQueue.running_for`)."""
         stalled: dict[str, float] = {}
-        for lane in self._lanes.values():
-            seconds = lane.batcher.running_for(now)
+        for category, batcher in self.batchers():
+            seconds = batcher.running_for(now)
             if seconds > limit_s:
-                stalled[lane.model.category] = max(seconds, stalled.get(lane.model.category, 0.0))
+                stalled[category] = max(seconds, stalled.get(category, 0.0))
         return stalled
 
     def retire(self, keep: Callable[[LoadedModel], bool], on_drained: Callable[[], None] | None = None) -> None:

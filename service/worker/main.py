@@ -12,6 +12,7 @@ from typing import Any
 from service.allocator import keep_freed_memory
 from service.config import Settings, warn_unknown_env
 from service.heap import freeze_startup_objects
+from service.pipeline.stall_watch import StallWatch
 from service.worker.consumer import Worker
 
 log = logging.getLogger("service.worker")
@@ -44,12 +45,17 @@ async def _main(settings: Settings) -> int:
 
         # On MSFLOW_HOST, as the API: prometheus-client's default is every interface.
         start_http_server(settings.worker_metrics_port, addr=settings.host, registry=worker.metrics.registry)
+    # An engine call that never returns ends this worker, whose jobs the others then claim
+    # (service/pipeline/stall_watch.py): its heartbeat alone would keep it claiming new ones.
+    stall_watch = StallWatch(worker.runtime.lanes.batchers, settings.engine_stall_s)
+    stall_watch.start()
     try:
         await worker.run()
     except Exception:
         log.exception("worker %s failed", worker.name)
         return 1
     finally:
+        stall_watch.stop()
         await worker.close()
     log.info("worker %s: stopped", worker.name)
     return 0

@@ -2,8 +2,9 @@
 with a gated :class:`ValueEngine` standing in for it: the server leaves rotation (``/readyz``
 503 ``engine_stalled``) once the engine has been on one batch past ``MSFLOW_ENGINE_STALL_S``;
 one process fails liveness too (only a restart frees the thread), and the engine process of
-several ends itself so that the supervisor starts a new one. Before, ``/readyz`` said 200
-while every request got 504, and nothing restarted anything.
+several ends itself so that the supervisor starts a new one, as a worker does for its
+orchestrator (its jobs are claimed by the others). Before, ``/readyz`` said 200 while every
+request got 504, and nothing restarted anything.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from multiprocess_fixtures import ValueEngine, engine_process, front_end
 from service.api.errors import ApiError
 from service.api.health import healthz, readyz
 from service.config import Settings
-from service.engine_core.stall_watch import StallWatch
+from service.pipeline.stall_watch import StallWatch
 from service.pipeline.state import ServiceState
 
 SIZE = 32  # fake_version's input size
@@ -73,6 +74,9 @@ def test_one_process_whose_engine_never_returns_leaves_rotation_and_fails_livene
                     await probe(state)
                 assert refused.value.status_code == 503 and refused.value.code == "engine_stalled"
                 assert refused.value.details["stalled_s"][CATEGORY] > 1.0
+            # What a worker's watch reads (service/worker/main.py): the runtime's lanes.
+            category, seconds = StallWatch(state.lanes.batchers, 1.0).stalled(time.monotonic()) or ("", 0.0)
+            assert category == CATEGORY and seconds > 1.0
             engines[0].gate.set()  # the call returns after all (a slow engine, not a dead one)
             with contextlib.suppress(Exception):
                 await future

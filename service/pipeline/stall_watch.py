@@ -1,11 +1,15 @@
-"""The engine process's watch over its engines: one that has run a batch for longer than
-``MSFLOW_ENGINE_STALL_S`` ends the process, and the supervisor starts a new one.
+"""A process's watch over the engines it runs: one that has run a batch for longer than
+``MSFLOW_ENGINE_STALL_S`` ends the process, and whatever started it starts a new one.
 
 A call that never returns (a wedged GPU, a driver deadlock) holds its engine thread for good:
-every batch of that version waits behind it, every request gets 504 at its deadline, and
-nothing in the process can take the thread back. Ending the process can: the front ends see
-the connection go, answer 503 ``engine_unavailable`` meanwhile, and acquire their versions
-again from the new engine process (:mod:`service.pipeline.engine_client`).
+every batch of that version waits behind it, every request gets 504 at its deadline (every job
+fails at its TTL), and nothing in the process can take the thread back. Ending the process
+can. The engine process of a multi-process server (:mod:`service.engine_core`): the supervisor
+starts a new one, and the front ends, which answer 503 ``engine_unavailable`` meanwhile,
+acquire their versions again (:mod:`service.pipeline.engine_client`). A worker
+(:mod:`service.worker`): its orchestrator starts a new one, and the jobs it held are claimed
+by the others. One server process instead fails its liveness probe (``/healthz``), since it
+answers requests of other categories meanwhile.
 
 The watch is a thread, not a task on the event loop, so that it still runs when the loop is
 what is stuck; it reads each batcher's one attribute (``running_for``), nothing it must lock.
@@ -22,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 
-from service.pipeline.batcher import Batcher
+from service.pipeline.batch_queue import BatchQueue
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +36,7 @@ PERIOD_S = 1.0
 
 def _exit_stalled(category: str, seconds: float) -> None:
     log.critical("the %s engine has run one batch for %.0f s (MSFLOW_ENGINE_STALL_S): a call that never "
-                 "returns; exiting so that a new engine process takes over", category, seconds)
+                 "returns; exiting so that a new process takes over", category, seconds)
     for handler in logging.getLogger().handlers:
         handler.flush()
     sys.stderr.flush()
@@ -44,7 +48,7 @@ class StallWatch:
     batch has run; the first over ``limit_s`` is handed to ``on_stall`` (by default: the
     process exits), and the watch ends."""
 
-    def __init__(self, batchers: Callable[[], Iterable[tuple[str, Batcher]]], limit_s: float,
+    def __init__(self, batchers: Callable[[], Iterable[tuple[str, BatchQueue]]], limit_s: float,
                  on_stall: Callable[[str, float], None] = _exit_stalled, period_s: float = PERIOD_S) -> None:
         self._batchers = batchers
         self.limit_s = limit_s
