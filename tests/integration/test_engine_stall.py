@@ -151,3 +151,26 @@ def test_a_stall_limit_within_the_request_deadline_is_refused() -> None:
     with pytest.raises(ValueError, match="engine_stall_s"):
         Settings(request_deadline_ms=10_000, engine_stall_s=5)
     assert Settings(request_deadline_ms=10_000, engine_stall_s=0).engine_stall_s == 0  # never
+
+
+def test_a_stall_ends_the_process_with_its_exit_code() -> None:
+    """What the watch does by default, in a process of its own: says why, and exits 75 without
+    waiting for the thread that never returns (an orderly shutdown would wait for it)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import logging, threading, time
+        from service.pipeline.stall_watch import StallWatch
+        logging.basicConfig(level=logging.INFO)
+        class Stuck:
+            def running_for(self, now): return 99.0
+        threading.Thread(target=time.sleep, args=(60,)).start()  # not a daemon: exit() would wait for it
+        StallWatch(lambda: [("brick", Stuck())], 1.0, period_s=0.05).start()
+        time.sleep(30)
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=20,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 75, done.stderr
+    assert "has run one batch for 99 s" in done.stderr
