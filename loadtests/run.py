@@ -58,8 +58,14 @@ def is_image_request(method: str, name: str) -> bool:
     return method.upper() == "POST" and "/v1/inspect/" in name
 
 
-def summarize(csv_prefix: Path) -> dict[str, Any]:
-    """Parse ``<prefix>_stats.csv`` (and ``_failures.csv``) into the summary dictionary."""
+def summarize(csv_prefix: Path, run_seconds: float | None = None) -> dict[str, Any]:
+    """Parse ``<prefix>_stats.csv`` (and ``_failures.csv``) into the summary dictionary.
+
+    Locust divides every count by one window, from the start to the last request of any
+    kind; a job still polled after ``--run-time`` (no worker running: up to
+    ``--stop-timeout`` more) stretches it, and every rate with it. With ``run_seconds``
+    the rates are over the run at most: counts over ``min(Locust's window, run_seconds)``.
+    """
     rows = list(csv.DictReader(open(f"{csv_prefix}_stats.csv", newline="")))
     endpoints, total = [], None
     for row in rows:
@@ -80,6 +86,11 @@ def summarize(csv_prefix: Path) -> dict[str, Any]:
     if total is None:
         total = {"requests": 0, "failures": 0, "rps": 0.0, "avg_ms": None, "p50_ms": None, "p95_ms": None,
                  "p99_ms": None, "max_ms": None}
+    window = total["requests"] / total["rps"] if total["rps"] else None
+    if window is not None and run_seconds and window > run_seconds:
+        for entry in (*endpoints, total):
+            entry["rps"] *= window / run_seconds
+        window = run_seconds
     image_rows = [e for e in endpoints if is_image_request(e["method"], e["name"])]
     images_ok = sum((e["requests"] - e["failures"]) * images_per_request(e["name"]) for e in image_rows)
     images_per_s = sum(e["rps"] * images_per_request(e["name"]) for e in image_rows)
@@ -94,6 +105,7 @@ def summarize(csv_prefix: Path) -> dict[str, Any]:
         "requests": total["requests"],
         "failures": total["failures"],
         "requests_per_s": total["rps"],
+        "window_s": window,
         "images": images_ok,
         "images_per_s": images_per_s,
         "images_per_s_ok": images_per_s * ok_share,
@@ -351,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"load test: Locust wrote no statistics (exit status {rc}); see {out / 'locust.log'} "
               f"and {out / 'locust.out'}", file=sys.stderr)
         return 2
-    summary = summarize(out / "locust")
+    summary = summarize(out / "locust", run_seconds=_seconds(args.duration))
     summary["locust_exit_status"] = rc
     (out / "summary.json").write_text(json.dumps({"meta": meta, **summary}, indent=2) + "\n")
     markdown = render_markdown(summary, meta)

@@ -75,6 +75,26 @@ def test_runner_summarizes_locust_csv(tmp_path):
     assert run._seconds("1m30s") == 90 and run._seconds("45") == 45
 
 
+def test_runner_rates_are_over_the_run_not_the_stop_timeout(tmp_path):
+    """Locust divides every count by its whole window, which job polls running on through
+    --stop-timeout stretch (a job with no worker polled 9 s past a 4 s run: 141 images in
+    4 s were reported as 10.8/s, not ~35/s); the runner's rates are over the run itself."""
+    run = _load_runner()
+    with open(tmp_path / "locust_stats.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(STATS_HEADER)  # the counts of that run; Locust's rates over its 13 s window
+        w.writerow(_stats_row("POST", "/v1/inspect/[category]?heatmap=none", 75, 0, 75 / 13, 70, 290, 320))
+        w.writerow(_stats_row("GET", "/v1/jobs/[id]", 648, 0, 648 / 13, 7, 14, 17))
+        w.writerow(_stats_row("", "Aggregated", 723, 0, 723 / 13, 7, 110, 290))
+    s = run.summarize(tmp_path / "locust", run_seconds=4.0)
+    assert s["images_per_s"] == pytest.approx(75 / 4)
+    assert s["requests_per_s"] == pytest.approx(723 / 4)
+    assert s["window_s"] == pytest.approx(4.0)
+    # a run whose requests all ended within its time keeps Locust's window
+    s = run.summarize(tmp_path / "locust", run_seconds=30.0)
+    assert s["images_per_s"] == pytest.approx(75 / 13) and s["window_s"] == pytest.approx(13.0)
+
+
 def test_runner_fails_cleanly_when_nothing_listens(tmp_path):
     port = _load_runner().free_port()
     proc = subprocess.run(
