@@ -18,7 +18,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from harness import CATEGORY, USER_KEY, Server, upload, wait_until
+from harness import ADMIN_KEY, CATEGORY, USER_KEY, Server, upload, wait_until
 
 from console_fixtures import REVIEWER_KEY, Console, artifacts, browser, samples, start_review_server  # noqa: F401  (fixtures)
 
@@ -139,3 +139,32 @@ def test_every_control_reached_with_tab_shows_its_focus(console: Console) -> Non
             (seen if (f["ring"] and visible) or f["around"] else unseen).append(f)
         assert any(f["id"] == "files" for f in seen + unseen), seen + unseen
         assert not unseen, unseen
+
+
+PHONE = {"width": 375, "height": 740}
+
+
+def test_a_phone_wide_window_scrolls_no_view_sideways(console: Console, samples: dict[str, list[Path]]) -> None:
+    """At 375 pixels the key form ran 155 pixels past the window's edge ("Forget" and the key's
+    status off screen, the whole page scrolling sideways), and the Admin page's table of recent
+    scores past it too."""
+    page = console.page
+    page.set_viewport_size(PHONE)
+    with console.on_failure_screenshot():
+        console.open()
+        console.use_key(ADMIN_KEY)  # every view answers an admin key
+        console.wait_models()
+        console.inspect(samples["hole"][0])
+        waits = {"inspect": ".card[data-state=done]", "review": ".review-item[data-boxes-drawn]",
+                 "models": "article.model", "admin": "#recent-table tbody tr"}
+        for view, ready in waits.items():
+            console.tab(view)
+            if view == "review":
+                page.select_option("#review-verdict", "")  # the audit samples: every part here is ok or ng
+            page.wait_for_selector(ready)
+            console.screenshot(f"phone-{view}")
+            wide = page.evaluate("() => document.documentElement.scrollWidth")
+            assert wide <= PHONE["width"], (view, wide)
+            for control in ("#key-save", "#key-forget", "#key-status", f"button.tab[data-view={view}]"):
+                b = box(page.locator(control))
+                assert b["x"] >= 0 and b["x"] + b["width"] <= PHONE["width"], (view, control, b)
