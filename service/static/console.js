@@ -187,7 +187,11 @@
       schedulePoll(building || !state.models.length);
     } catch (e) {
       state.models = [];
-      showError(e);
+      // Unreachable or failing (a deploy, a restart, a crash): asked again until it answers, or
+      // the page stayed without categories until the key was typed again or the page reloaded.
+      const again = e instanceof ApiError && (e.status === 0 || e.status >= 500);
+      showError(again ? `${describe(e)}; trying again every ${POLL_MS / 1000} s.` : e);
+      schedulePoll(again);
     }
     const cats = state.models.map((m) => m.category);
     fillSelect($("#category"), cats);

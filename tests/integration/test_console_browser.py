@@ -193,6 +193,40 @@ def test_build_progress_shows_until_the_model_arrives(browser: Any, artifacts: P
         srv.stop()
 
 
+def test_the_console_finds_the_service_again_after_it_was_down(browser: Any, artifacts: Path, model_store: Path,
+                                                               samples: dict[str, list[Path]], tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A restart (a deploy, a crash) while the console was open: a view shown meanwhile emptied
+    the category lists, and nothing asked again; the page stayed without categories, "cannot
+    reach the service" on top, until the operator typed the key again or reloaded."""
+    import harness
+
+    store = tmp_path / "store"
+    shutil.copytree(model_store, store)
+    srv = start(store, tmp_path / "server.log", api_keys=USER_KEY)
+    console = Console(browser, srv, artifacts, "service-down")
+    try:
+        with console.on_failure_screenshot():
+            console.open()
+            console.use_key(USER_KEY)
+            console.wait_models()
+            srv.stop()
+            console.tab("models")  # the model list asked for while the service is down
+            console.page.wait_for_selector("#error:has-text('cannot reach the service')")
+            assert console.page.locator(f"#category option[value='{CATEGORY}']").count() == 0
+            console.screenshot("down")
+            monkeypatch.setattr(harness, "free_port", lambda: srv.port)  # back on the page's port
+            srv = start(store, tmp_path / "server-again.log", api_keys=USER_KEY)
+            console.wait_models()  # asked again by itself: no key typed, no reload
+            console.page.wait_for_selector("#error", state="hidden")
+            console.page.wait_for_selector(f"article.model[data-category='{CATEGORY}']")
+            console.tab("inspect")
+            assert console.inspect(samples["good"][0]).get_attribute("data-verdict") in ("normal", "anomalous")
+    finally:
+        console.close()
+        srv.stop()
+
+
 # ---------------------------------------------------------------------- the Review page
 
 
