@@ -17,6 +17,7 @@
   const state = {
     key: sessionStorage.getItem(KEY_STORAGE) || "",
     models: [],
+    failed: {},
     view: "inspect",
     pollTimer: null,
   };
@@ -177,6 +178,7 @@
     try {
       const list = await api("/v1/models");
       state.models = list.models;
+      state.failed = list.failed || {}; // categories with no version that loads: why (the Models page)
       clearError();
       if (state.key) setKeyStatus(`key \u2026${state.key.slice(-4)} \u2713`, "ok");
       const failed = Object.entries(list.failed || {});
@@ -187,6 +189,7 @@
       schedulePoll(building || !state.models.length);
     } catch (e) {
       state.models = [];
+      state.failed = {};
       // Unreachable or failing (a deploy, a restart, a crash): asked again until it answers, or
       // the page stayed without categories until the key was typed again or the page reloaded.
       const again = e instanceof ApiError && (e.status === 0 || e.status >= 500);

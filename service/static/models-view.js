@@ -11,18 +11,37 @@
   async function renderModels() {
     const root = $("#models");
     await loadModels();
-    if (!state.models.length) {
+    // A category none of whose versions loads is not in the list served: a card of its own
+    // says so and why, or the page left it out as if it had never been in the store.
+    const failed = Object.entries(state.failed || {}).filter(([category]) => !state.models.some((m) => m.category === category));
+    if (!state.models.length && !failed.length) {
       root.replaceChildren(el("p", { class: "muted", text: "No models to show." }));
       return;
     }
-    root.replaceChildren(...state.models.map(modelCard));
+    root.replaceChildren(...state.models.map(modelCard), ...failed.map(([category, why]) => failedCard(category, why)));
+  }
+
+  function failedCard(category, why) {
+    return el("article", { class: "model failed", "data-category": category },
+      el("h3", { text: category }),
+      el("p", { class: "failure", text: `Not loaded: no version of ${category} could be served. ${why}` }));
+  }
+
+  // Versions in the store that did not load (the service serves an older one): "available 1, 2"
+  // read as if 2 were fine while the newest was broken and 1 went on serving.
+  function failedVersions(m) {
+    const entries = Object.entries(m.failed_versions || {});
+    if (!entries.length) return null;
+    return el("div", { class: "failed-versions" }, el("h4", { text: "Versions that failed to load" }),
+      el("ul", {}, ...entries.map(([version, why]) => el("li", { class: "failure", text: `v${version}: ${why}` }))));
   }
 
   function modelCard(m) {
     const cal = m.calibration || {};
     const override = m.threshold_override;
     const facts = [
-      ["Version", `${m.version}${m.pinned ? " (pinned)" : ""} \u00b7 available ${m.available_versions.join(", ")}`],
+      ["Version", `${m.version}${m.pinned ? " (pinned)" : ""} \u00b7 available ${m.available_versions.map((v) =>
+        (m.failed_versions && v in m.failed_versions ? `${v} (failed)` : v)).join(", ")}`],
       ["Engine", m.engine], ["Backbone", `${m.backbone} \u00b7 input ${m.input_size}\u00d7${m.input_size}`],
       ["Threshold", null], ["Calibrated threshold", `${fmt(m.calibrated_threshold ?? cal.threshold, 6)} (${cal.method || "?"})`],
       ["Pixel threshold", fmt(cal.pixel_threshold, 6)], ["Heatmap range", `${fmt(cal.map_low, 4)} \u2013 ${fmt(cal.map_high, 4)}`],
@@ -70,10 +89,11 @@
         } catch (e) { pre.textContent = describe(e); }
       });
     }
-    return el("article", { class: "model", "data-category": m.category },
+    const failed = Object.keys(m.failed_versions || {});
+    return el("article", { class: "model", "data-category": m.category, "data-failed-versions": failed.join(",") || null },
       el("h3", { text: m.category }),
       el("div", { class: "cols" }, dl, el("div", {}, el("h4", { text: "Evaluation" }), evaluation)),
-      figures, report);
+      failedVersions(m), figures, report);
   }
 
   async function loadAsset(category, name) {

@@ -227,6 +227,43 @@ def test_the_console_finds_the_service_again_after_it_was_down(browser: Any, art
         srv.stop()
 
 
+def test_the_models_page_says_which_versions_and_categories_failed(browser: Any, artifacts: Path, model_store: Path,
+                                                                 tmp_path: Path) -> None:
+    """A newest version that cannot load (the service serves the one before) read
+    "available 1, 2" as if both were fine, and a category with no version that loads was
+    missing from the page: the reasons, in GET /v1/models, were never shown there."""
+    store = tmp_path / "store"
+    shutil.copytree(model_store, store)
+    broken = store / CATEGORY / "2"
+    shutil.copytree(store / CATEGORY / "1", broken)
+    manifest = json.loads((broken / "manifest.json").read_text())
+    (broken / "manifest.json").write_text(json.dumps({**manifest, "version": "2"}))
+    (broken / manifest["onnx"]["file"]).write_bytes(b"truncated")
+    other = store / "grass" / "1"
+    shutil.copytree(broken, other)
+    (other / "manifest.json").write_text(json.dumps({**manifest, "version": "1", "category": "grass"}))
+    srv = start(store, tmp_path / "server.log", api_keys=USER_KEY)
+    console = Console(browser, srv, artifacts, "failed-versions")
+    try:
+        with console.on_failure_screenshot():
+            console.open()
+            console.use_key(USER_KEY)
+            console.wait_models()
+            console.tab("models")
+            card = console.page.locator(f"article.model[data-category='{CATEGORY}']")
+            failed = card.locator(".failed-versions")
+            failed.wait_for()
+            assert "2" in failed.inner_text() and "manifest says" in failed.inner_text(), failed.inner_text()
+            assert card.get_attribute("data-failed-versions") == "2"
+            missing = console.page.locator("article.model.failed[data-category='grass']")
+            missing.wait_for()
+            assert "not loaded" in missing.inner_text().lower() and "manifest says" in missing.inner_text()
+            console.screenshot("failed")
+    finally:
+        console.close()
+        srv.stop()
+
+
 # ---------------------------------------------------------------------- the Review page
 
 
