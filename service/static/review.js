@@ -270,7 +270,7 @@
       clearError();
       view.stats = r.stats;
       showStats(r.stats);
-      showLast(category, it.entry, r.label);
+      showLast(category, it.entry, r.label, r.previous, null); // pending on this page: nobody's label expected
       const index = view.items.indexOf(it);
       view.items.splice(index, 1);
       for (const u of it.urls) URL.revokeObjectURL(u);
@@ -292,16 +292,22 @@
 
   // The label just given, with the other one a click away: a slip of the finger (O for N)
   // took the item out of the list, and the console had no way to correct it.
-  function showLast(category, entry, lab) {
-    const { $, el, describe } = c();
+  // `previous`: the label this one replaced (the server's answer); `known`: the one this page
+  // knew of. Another operator's label on an item still pending here was replaced without a word.
+  function showLast(category, entry, lab, previous, known) {
+    const { $, el, describe, when } = c();
     const other = lab.label === "ok" ? "ng" : "ok";
     const button = el("button", { type: "button", class: "secondary relabel", "data-to": other,
       text: `Change to ${other.toUpperCase()}${other === "ng" ? " (defect type above)" : ""}` });
     const box = $("#review-last");
     box.dataset.id = entry.item.id;
     box.dataset.label = lab.label;
+    const unseen = previous && !(known && previous.by === known.by && previous.at === known.at);
+    const replaced = unseen ? el("strong", { class: "failure replaced", text: `This replaced the ` +
+      `${previous.label.toUpperCase()}${previous.defect_type ? ` (${previous.defect_type})` : ""} label ` +
+      `${previous.by} gave at ${when(previous.at)}. ` }) : null;
     box.replaceChildren(`Labelled ${entry.item.filename || entry.item.id} ${lab.label.toUpperCase()}` +
-      `${lab.defect_type ? ` (${lab.defect_type})` : ""} as ${lab.by}. `, button);
+      `${lab.defect_type ? ` (${lab.defect_type})` : ""} as ${lab.by}. `, replaced, button);
     box.hidden = false;
     button.addEventListener("click", async () => {
       const defect = defectType(other);
@@ -316,7 +322,7 @@
         view.stats = r.stats;
         showStats(r.stats);
         shown();
-        showLast(category, entry, r.label);
+        showLast(category, entry, r.label, r.previous, lab);
       } catch (e) {
         button.disabled = false;
         c().showError(e);

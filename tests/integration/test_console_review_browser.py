@@ -11,7 +11,10 @@ fixtures: console_fixtures.py):
   strip with the heatmap and the boxes squashed into it;
 * J past the last item while the next page was on its way: the selection waited for every
   photo of that page, then jumped back to the first new item from wherever the operator
-  had moved meanwhile.
+  had moved meanwhile;
+* two operators on one queue: the second one's label silently replaced the first one's
+  (the list on their screen still showed the item pending), the console said only
+  "Labelled ... NG".
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from harness import CATEGORY, USER_KEY, Server, png_variant, upload, wait_until
+from harness import ADMIN_KEY, CATEGORY, USER_KEY, Server, png_variant, upload, wait_until
 
 from console_fixtures import REVIEWER_KEY, Console, artifacts, browser, samples, start_review_server  # noqa: F401  (fixtures)
 
@@ -236,3 +239,38 @@ def test_a_photo_the_browser_cannot_show_keeps_the_overlay(console: Console, sam
         failed.wait_for()
         assert "unsupported_media_type" in failed.inner_text()
         assert failed.locator(".viz").is_hidden()  # no broken-photo strip
+
+
+def test_a_label_over_another_operators_says_whose_it_replaced(reviewer: Console, browser: Any, queue_server: Server,
+                                                                artifacts: Path) -> None:
+    other = Console(browser, queue_server, artifacts, "review-other-operator")
+    try:
+        with reviewer.on_failure_screenshot(), other.on_failure_screenshot():
+            reviewer.page.wait_for_selector(".review-item.current[data-heatmap-drawn]")
+            item = reviewer.page.locator(".review-item.current").get_attribute("data-id")
+            other.open()
+            other.use_key(ADMIN_KEY)
+            other.wait_models()
+            other.tab("review")
+            other.page.select_option("#review-verdict", "")
+            other.page.wait_for_selector(f".review-item.current[data-id='{item}']")  # both see it pending
+
+            reviewer.page.locator("body").click(position={"x": 5, "y": 5})
+            reviewer.page.keyboard.press("o")
+            reviewer.page.wait_for_selector(f"#review-last[data-id='{item}'][data-label='ok']")
+            assert reviewer.page.locator("#review-last .replaced").count() == 0  # nobody's label replaced
+
+            other.page.locator("body").click(position={"x": 5, "y": 5})
+            other.page.keyboard.press("n")  # the other operator's screen still shows it pending
+            warning = other.page.locator(f"#review-last[data-id='{item}'][data-label='ng'] .replaced")
+            warning.wait_for()
+            text = warning.inner_text()
+            assert "replaced" in text and "OK" in text and "rita" in text, text
+            other.screenshot("replaced")
+            # the earlier label is one click away: the button puts it back
+            other.page.click("#review-last button.relabel")
+            other.page.wait_for_selector(f"#review-last[data-id='{item}'][data-label='ok']")
+            assert other.page.locator("#review-last .replaced").count() == 0  # its own label, nobody else's
+        assert label_of(queue_server, item)["label"] == "ok"
+    finally:
+        other.close()
