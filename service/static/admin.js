@@ -204,9 +204,23 @@
       if (e.code === "threshold_out_of_range" && method === "PUT") {
         admin.outOfRange = { category, json };
         $("#threshold-force").hidden = false;
+        showError(outOfRange(e, json));
+        return;
       }
       showError(e);
     }
+  }
+
+  // The API's refusal says 'send "force": true', a body field the operator never sees: said
+  // here in the console's terms, with the range and what a bound beyond it does.
+  function outOfRange(e, json) {
+    const d = e.details || {};
+    const which = json && d.threshold === json.ng_threshold && d.threshold !== json.threshold ? "NG bound" : "Threshold";
+    const range = Number.isFinite(d.sane_min) && Number.isFinite(d.sane_max)
+      ? `${fmt(d.sane_min, 6)} \u2013 ${fmt(d.sane_max, 6)}` : "the range the scores support";
+    return `${which} ${fmt(d.threshold, 6)} lies outside ${range}, the scores of the calibration and of the recent ` +
+      "images, widened: a bound there may pass real defects or flag every good part. Type another value, or press " +
+      `\u201cSet it anyway\u201d to apply it all the same (${e.code}).`;
   }
 
   document.addEventListener("DOMContentLoaded", initAdmin);
