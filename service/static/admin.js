@@ -1,7 +1,7 @@
 /* MSFlow console: the Admin page (admin key). The serving version's thresholds, the recent
  * scores of this replica on a chart and in a table with how each would be classified at the
  * threshold typed (previewed as it is typed), and Apply / Set it anyway / Reset to calibrated
- * (PUT and DELETE /v1/models/{category}/threshold). Shares the key, the API client, the error
+ * (PUT and DELETE /v1/models/{category}/threshold), for the ok threshold and the NG bound. Shares the key, the API client, the error
  * box and the model list with console.js (window.msflowConsole); every text from the server
  * goes through textContent. */
 "use strict";
@@ -25,6 +25,9 @@
     $("#threshold-apply").addEventListener("click", applyThreshold);
     $("#threshold-force").addEventListener("click", forceThreshold);
     $("#threshold-reset").addEventListener("click", resetThreshold);
+    $("#ng-input").addEventListener("input", ngSummary);
+    $("#ng-apply").addEventListener("click", applyNg);
+    $("#ng-reset").addEventListener("click", resetNg);
   }
 
   async function loadAdmin() {
@@ -43,7 +46,8 @@
         el("dt", { text: "Serving" }), el("dd", { text: `${category} v${recent.version}` }),
         el("dt", { text: "Calibrated threshold" }), el("dd", { text: fmt(recent.calibrated_threshold, 6) }),
         el("dt", { text: "Effective threshold" }), el("dd", { id: "admin-effective", text: fmt(recent.threshold, 6) }),
-        el("dt", { text: "NG bound" }), el("dd", { id: "admin-ng", text: m ? `${fmt(m.ng_threshold, 6)} (review between; PUT ng_threshold to move it)` : "\u2013" }),
+        el("dt", { text: "NG bound" }), el("dd", { id: "admin-ng", text: m ? `${fmt(m.ng_threshold, 6)} ${bound(m.ng_threshold,
+          m.calibrated_ng_threshold)}; review between the two bounds, ng at or above this one` : "\u2013" }),
         el("dt", { text: "Override" }), el("dd", { text: recent.threshold !== recent.calibrated_threshold || override
           ? `yes${override ? `, since ${when(override.set_at)}` : ""}` : "no (calibrated)" }),
         el("dt", { text: "Recent images" }), el("dd", { text: `${recent.scores.length} kept on this replica (capacity ${recent.capacity})${partialNote(recent)}` })));
@@ -62,6 +66,12 @@
         input.dataset.category = category;
       }
       range.value = input.value;
+      const ng = $("#ng-input");
+      if (m && (ng.value === "" || ng.dataset.category !== category)) {
+        ng.value = m.ng_threshold === null || m.ng_threshold === undefined ? "" : String(m.ng_threshold);
+        ng.dataset.category = category;
+      }
+      ngSummary();
       clearError();
       await preview();
     } catch (e) {
@@ -69,6 +79,24 @@
       info.replaceChildren(el("p", { class: "failure", text: describe(e) }));
       showError(e);
     }
+  }
+
+  // Whether a bound is the manifest's: an override equal to it reads as calibrated, which it is.
+  const bound = (value, calibrated) => (value === calibrated ? "(calibrated)" : "(override)");
+
+  // How many of the recent images of the version shown the NG bound typed would call ng.
+  function ngSummary() {
+    const out = $("#ng-summary");
+    const x = Number($("#ng-input").value);
+    const recent = admin.recent;
+    const m = recent && modelOf(recent.category);
+    if (!recent || !m || recent.category !== $("#admin-category").value || $("#ng-input").value === "" || !Number.isFinite(x)) {
+      out.textContent = "";
+      return;
+    }
+    const raws = recent.scores.filter((s) => s.model_version === recent.version).map((s) => s.raw_score);
+    const at = (b) => raws.filter((r) => r >= b).length;
+    out.textContent = raws.length ? `${at(x)} of the last ${raws.length} image(s) ng at it (now ${at(m.ng_threshold)})` : "";
   }
 
   // A multi-process server whose front ends did not all answer: fewer images than it holds.
@@ -169,6 +197,28 @@
     if (pending) await changeThreshold(pending.category, "PUT", { ...pending.json, force: true });
   }
 
+  async function applyNg() {
+    const category = $("#admin-category").value;
+    const x = Number($("#ng-input").value);
+    if (!category || !Number.isFinite(x) || $("#ng-input").value === "") {
+      showError("Type a raw NG bound (a number) first.");
+      return;
+    }
+    await changeThreshold(category, "PUT", { ng_threshold: x, version: shownVersion(category) });
+  }
+
+  // The API removes an override whole (DELETE): the NG bound alone goes back to the manifest's
+  // by a PUT of that value, the ok threshold kept; with the ok threshold calibrated, the DELETE.
+  async function resetNg() {
+    const category = $("#admin-category").value;
+    const m = modelOf(category);
+    if (!category || !m) return;
+    const o = m.threshold_override;
+    if (!o || o.threshold === m.calibrated_threshold) await changeThreshold(category, "DELETE");
+    else await changeThreshold(category, "PUT", { threshold: o.threshold, ng_threshold: m.calibrated_ng_threshold,
+                                                  version: shownVersion(category) });
+  }
+
   async function resetThreshold() {
     const category = $("#admin-category").value;
     if (category) await changeThreshold(category, "DELETE");
@@ -190,9 +240,12 @@
     try {
       const r = await api(`/v1/models/${encodeURIComponent(category)}/threshold${query}`, { method, json });
       status.textContent = `${category} v${r.version}: threshold ${fmt(r.threshold, 6)} ` +
-        `${r.override ? "(override)" : "(calibrated)"}; stored in ${r.persisted.join(" and ") || "memory"}.`;
+        `${bound(r.threshold, r.calibrated_threshold)}, NG bound ${fmt(r.ng_threshold, 6)} ` +
+        `${bound(r.ng_threshold, r.calibrated_ng_threshold)}; stored in ${r.persisted.join(" and ") || "memory"}.`;
       status.dataset.threshold = String(r.threshold);
+      status.dataset.ng = String(r.ng_threshold);
       $("#threshold-input").value = String(r.threshold);
+      $("#ng-input").value = r.ng_threshold === null ? "" : String(r.ng_threshold);
       clearError();
       await loadModels();
       await loadAdmin();

@@ -85,3 +85,44 @@ def test_an_out_of_range_threshold_is_explained_in_the_consoles_terms(console: C
         assert "Set it anyway" in text and "threshold_out_of_range" in text, text
         console.screenshot("out-of-range")
     assert threshold_state(server)["override"] is None  # nothing set without the button
+
+
+def test_the_ng_bound_is_set_forced_and_reset_from_the_admin_page(console: Console, server: Server) -> None:
+    """The Admin page said "PUT ng_threshold to move it" and had no control for it."""
+    before = threshold_state(server)
+    cal = model_info(server)["calibration"]
+    span = cal["score_max"] - cal["score_min"]
+    ng = before["calibrated_ng_threshold"] + 0.05 * span  # within the calibration's range
+    far = cal["score_max"] + 10 * span
+    page = console.page
+    with console.on_failure_screenshot():
+        open_admin(console)
+        page.fill("#ng-input", repr(ng))
+        page.click("#ng-apply")
+        page.wait_for_selector("#admin-status[data-ng]")
+        assert float(page.get_attribute("#admin-status", "data-ng")) == pytest.approx(ng)
+        assert "NG bound" in page.inner_text("#admin-status")
+        after = threshold_state(server)
+        assert after["ng_threshold"] == pytest.approx(ng)
+        assert after["threshold"] == before["threshold"]  # the ok bound stays where it was
+        page.wait_for_selector("#admin-ng:has-text('(override)')")
+        # below the ok bound: the server's reason, nothing changed
+        page.fill("#ng-input", repr(before["threshold"] - 0.1 * span))
+        page.click("#ng-apply")
+        page.wait_for_selector("#error:has-text('invalid_bounds')")
+        assert "below threshold" in page.inner_text("#error")
+        assert threshold_state(server)["ng_threshold"] == pytest.approx(ng)
+        # far above every score: refused, then set once the operator confirms
+        page.fill("#ng-input", repr(far))
+        page.click("#ng-apply")
+        page.wait_for_selector("#threshold-force:not([hidden])")
+        assert "NG bound" in page.inner_text("#error") and "Set it anyway" in page.inner_text("#error")
+        assert threshold_state(server)["ng_threshold"] == pytest.approx(ng)
+        page.click("#threshold-force")
+        page.wait_for_selector(f"#admin-status[data-ng='{far!r}']")
+        assert threshold_state(server)["ng_threshold"] == pytest.approx(far)
+        console.screenshot("ng")
+        page.click("#ng-reset")
+        page.wait_for_selector("#admin-ng:has-text('(calibrated)')")
+    state = threshold_state(server)
+    assert state["override"] is None and state["ng_threshold"] == state["calibrated_ng_threshold"]
