@@ -7,7 +7,7 @@
  * box, the key, view switching, the model list (refreshed and polled while models are being
  * built) and the photo frame of the Inspect and Review overlays. It exposes them as
  * window.msflowConsole; each view is a file of its own, loaded after this one (index.html):
- * inspect.js, review.js, models-view.js, admin.js. They hear of changes by events on document:
+ * inspect.js, review.js, models-view.js, admin.js (and admin-versions.js). They hear of changes by events on document:
  * msflow:view (detail: the view shown), msflow:models (detail: the categories loaded) and
  * msflow:refresh (the operator or the poll asked for fresh data; detail: the view shown). */
 "use strict";

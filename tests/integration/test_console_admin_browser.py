@@ -126,3 +126,62 @@ def test_the_ng_bound_is_set_forced_and_reset_from_the_admin_page(console: Conso
         page.wait_for_selector("#admin-ng:has-text('(calibrated)')")
     state = threshold_state(server)
     assert state["override"] is None and state["ng_threshold"] == state["calibrated_ng_threshold"]
+
+
+def reload_to(console: Console, version: str) -> None:
+    """Pick ``version`` ("" for the newest), ask for the reload and confirm it."""
+    page = console.page
+    page.select_option("#version-select", version)
+    page.click("#version-reload")
+    page.wait_for_selector("#version-confirm:not([hidden])")
+    page.click("#version-confirm-yes")
+
+
+def test_a_category_is_rolled_back_pinned_and_forward_from_the_admin_page(console: Console, server: Server,
+                                                                          store: Path) -> None:
+    """POST /v1/models/{category}/reload[?version=N] had no control in the console: a rollback
+    at the line needed curl and the admin key typed into a shell."""
+    page = console.page
+    assert (model_info(server)["version"], model_info(server)["pinned"]) == ("2", False)  # 3 fails to load
+    with console.on_failure_screenshot():
+        open_admin(console)
+        page.wait_for_selector("#version-select option[value='1']", state="attached")
+        options = page.locator("#version-select option")
+        assert [options.nth(i).get_attribute("value") for i in range(options.count())] == ["", "3", "2", "1"]
+        assert page.locator("#version-select").input_value() == "2"  # the version served
+        assert "truncated" in page.locator("#version-select option[value='3']").inner_text()
+        # a confirmation first: cancelled, nothing sent
+        page.select_option("#version-select", "1")
+        page.click("#version-reload")
+        assert "pinned" in page.inner_text("#version-confirm")
+        page.click("#version-confirm-no")
+        assert page.locator("#version-confirm").is_hidden() and model_info(server)["version"] == "2"
+        # the rollback: v1, pinned
+        reload_to(console, "1")
+        page.wait_for_selector("#version-status[data-version='1'][data-pinned='true']")
+        assert (model_info(server)["version"], model_info(server)["pinned"]) == ("1", True)
+        page.wait_for_selector("#admin-info dd:has-text('brick v1')")  # the page shows what serves now
+        assert "serving, pinned" in page.locator("#version-select option[value='1']").inner_text()
+        console.screenshot("pinned")
+        # a version that cannot load: the server's reason, v1 serves on
+        reload_to(console, "3")
+        page.wait_for_selector("#version-status[data-error='reload_failed']")
+        assert "truncated" in page.inner_text("#error") and "v1" in page.inner_text("#version-status")
+        assert model_info(server)["version"] == "1"
+        # a key that is not an admin's: refused, said so, nothing changed
+        console.use_key(USER_KEY)
+        page.wait_for_selector("#key-status.ok")
+        reload_to(console, "")
+        page.wait_for_selector("#version-status[data-error='forbidden']")
+        assert "admin API key" in page.inner_text("#version-status") and "admin API key" in page.inner_text("#error")
+        assert (model_info(server)["version"], model_info(server)["pinned"]) == ("1", True)
+        # forward to the newest once the broken export is gone: v2, the pin ended
+        console.use_key(ADMIN_KEY)
+        page.wait_for_selector("#key-status.ok")
+        shutil.rmtree(store / CATEGORY / "3")
+        page.click("#admin-refresh")
+        page.wait_for_selector("#version-select option[value='3']", state="detached")
+        reload_to(console, "")
+        page.wait_for_selector("#version-status[data-version='2'][data-pinned='false']")
+        assert (model_info(server)["version"], model_info(server)["pinned"]) == ("2", False)
+        assert not page.locator("#error").is_visible()
