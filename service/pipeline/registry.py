@@ -221,16 +221,17 @@ class ModelRegistry(RegistryView):
         log.info("%s: the pin to version %s ends: another front end retired the category", category, version)
         return True
 
-    async def _load_newest(self, category: str, versions: list[str]) -> tuple[LoadedModel | None, Exception | None]:
+    async def _load_newest(self, category: str, versions: list[str],
+                           record_failure: bool = True) -> tuple[LoadedModel | None, Exception | None]:
         """Swap in the first of ``versions`` that loads (under the category's lock): the model,
-        or None and the first (newest) version's error. Each one that fails is logged and not
-        tried again by the watch; when none loads and nothing serves the category, it is
-        ``failed`` with that first error."""
+        or None and the first (newest) version's error. Each one that fails is logged and (with
+        ``record_failure``) not tried again by the watch; when none loads and nothing serves the
+        category, it is ``failed`` with that first error."""
         first_error: Exception | None = None
         for version in versions:
             try:
                 return await self._swap_in(category, version, pin=category in self.settings.pinned_versions,
-                                           record_failure=True), None
+                                           record_failure=record_failure), None
             except Exception as exc:  # recorded by _swap_in; the next older version is tried
                 log.error("cannot load %s version %s: %s%s", category, version, exc,
                           "; trying an older one" if version != versions[-1] else "")
@@ -293,6 +294,8 @@ class ModelRegistry(RegistryView):
                                     f"{self._models[category].version} serves on until {until}")
             raise UnknownCategory(category, self.categories, self.removed_note(category))
         async with self._lock(category):  # two reloads of one category must not race to the swap
+            if version is None and category in self._pins and category not in self.settings.pinned_versions:
+                return await self._unpin(category, in_force)
             if in_force and version is None:
                 self._pins.pop(category, None)  # an unpin followed: it ends the pin, loaded or not
             if version is None and category not in self._models and category not in self.settings.pinned_versions:
@@ -303,6 +306,20 @@ class ModelRegistry(RegistryView):
                 if error is not None:
                     raise error
             return await self._swap_in(category, version, in_force=in_force)
+
+    async def _unpin(self, category: str, in_force: bool) -> LoadedModel:
+        """End an operator's pin (a reload with no version; under the lock): serve what the watch
+        would, the newest version that loads, the pinned one included. Trying the newest alone,
+        a broken newest export kept the pin (422) and a front end following the unpin dropped
+        the category. None loads: the pin holds, or ends all the same where followed. Failures
+        are not recorded (an engine process away fails every version; the watch records them)."""
+        model, error = await self._load_newest(category, self._candidates(category, unpinning=True, served_gone=True),
+                                               record_failure=False)
+        if model is not None:
+            return model
+        if in_force:
+            self._follow_failed(category, None)
+        raise error or RegistryError(f"{category}: no version in the store to serve once unpinned")
 
     async def _swap_in(self, category: str, version: str | None, pin: bool = True,
                        record_failure: bool = False, in_force: bool = False) -> LoadedModel:

@@ -104,3 +104,55 @@ def test_a_failed_reload_keeps_the_served_version_and_is_counted(tmp_path: Path)
         assert failures == [CATEGORY, CATEGORY] and registry.serving() == {CATEGORY: "1"}
 
     asyncio.run(main())
+
+
+def test_ending_a_pin_serves_the_newest_version_that_loads(tmp_path: Path) -> None:
+    """An operator pinned version 1, then a broken export (3) landed. Ending the pin (a reload
+    with no version) tried version 3 alone: 422, and the pin held, so the operator could not
+    end it until 3 was fixed; a front end following the unpin dropped the category (503). Now
+    it serves what the watch would: the newest version that loads."""
+    store = tmp_path / "store"
+    for version in ("1", "2"):
+        fake_version(store, CATEGORY, version)
+    failures: list[str] = []
+    registry = _registry(store, {"3"}, failures)
+
+    async def main() -> None:
+        registry.discover()
+        await registry.load_all()
+        assert (await registry.reload(CATEGORY, "1")).pinned
+        fake_version(store, CATEGORY, "3")  # the broken export
+        assert await registry.refresh() == []  # pinned: the watch leaves it
+        model = await registry.reload(CATEGORY)  # the operator ends the pin
+        assert (model.version, model.pinned) == ("2", False) and registry.serving() == {CATEGORY: "2"}
+        assert not registry.describe(CATEGORY).pinned
+        assert await registry.refresh() == []  # the watch tries 3 once, and records it failed
+        assert "INVALID_PROTOBUF" in registry.describe(CATEGORY).failed_versions["3"]
+        assert registry.serving() == {CATEGORY: "2"}
+
+        assert (await registry.reload(CATEGORY, "1")).pinned  # pinned again, then a follow of an unpin
+        model = await registry.reload(CATEGORY, in_force=True)  # (another front end's, multi-process)
+        assert (model.version, model.pinned) == ("2", False) and registry.ready
+
+    asyncio.run(main())
+
+
+def test_ending_a_pin_when_no_newer_version_loads_serves_the_pinned_one_unpinned(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    for version in ("1", "2", "3"):
+        fake_version(store, CATEGORY, version)
+    failures: list[str] = []
+    registry = _registry(store, set(), failures)
+
+    async def main() -> None:
+        registry.discover()
+        await registry.load_all()
+        assert (await registry.reload(CATEGORY, "1")).pinned
+        shutil.rmtree(store / CATEGORY / "2")
+        (store / CATEGORY / "3" / "manifest.json").write_text("{not json")  # no longer a complete version
+        model = await registry.reload(CATEGORY)
+        assert (model.version, model.pinned) == ("1", False)
+        fake_version(store, CATEGORY, "4")
+        assert await registry.refresh() == [CATEGORY] and registry.serving() == {CATEGORY: "4"}  # watched again
+
+    asyncio.run(main())
