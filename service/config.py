@@ -143,7 +143,8 @@ class Settings(BaseSettings):
         60.0, ge=0.0, description="an engine that has run one batch this long (a GPU call that never returns, an "
                                   "engine process stopped) takes the server out of rotation: /readyz 503 "
                                   "engine_stalled; one process also fails /healthz (a restart is the only way "
-                                  "out), and the engine process of several exits and is restarted. Above the "
+                                  "out), and the engine process of several exits and is restarted (killed and "
+                                  "restarted by the supervisor when its event loop has not run this long). Above the "
                                   "request deadline, which a request may legitimately wait. 0: never")
     frontend_stall_s: float = Field(
         30.0, ge=0.0, description="above 1 API process: a front end whose event loop has not run for this long "

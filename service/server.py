@@ -34,6 +34,7 @@ from service.api.connections import budgeted_protocol
 from service.api.request_metrics import access_log
 from service.config import Settings
 from service.heap import freeze_startup_objects
+from service.ipc.heartbeat import beat_forever
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ def build_settings(args: argparse.Namespace) -> Settings:
 
 class _GracefulServer(uvicorn.Server):
     """uvicorn.Server whose first SIGTERM/SIGINT first turns readiness off; with ``beat`` (a
-    front end), its event loop sends a byte there every BEAT_S for the supervisor's watch."""
+    front end), its event loop beats there for the supervisor's watch (service/ipc/heartbeat.py)."""
 
     def __init__(self, config: uvicorn.Config, on_signal: Any, delay_s: float,
                  beat: socket.socket | None = None) -> None:
@@ -56,7 +57,7 @@ class _GracefulServer(uvicorn.Server):
         self._beat = beat
 
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
-        beating = asyncio.create_task(_beat(self._beat), name="heartbeat") if self._beat is not None else None
+        beating = asyncio.create_task(beat_forever(self._beat), name="heartbeat") if self._beat is not None else None
         try:
             await super().serve(sockets)
         finally:
@@ -79,24 +80,6 @@ class _GracefulServer(uvicorn.Server):
         timer = threading.Timer(self._delay_s, setattr, args=(self, "should_exit", True))
         timer.daemon = True
         timer.start()
-
-
-BEAT_S = 1.0  # how often a front end's loop says it runs (service/supervisor.py watches)
-
-
-async def _beat(sock: socket.socket) -> None:
-    """A byte every BEAT_S from this event loop, for as long as it runs: from the loop that
-    serves the requests, since a loop that stops is what leaves its connections waiting. A
-    full buffer (the supervisor itself stopped) drops a byte: one read says the loop ran."""
-    sock.setblocking(False)
-    while True:
-        try:
-            sock.send(b".")
-        except BlockingIOError:
-            pass
-        except OSError:  # the supervisor is gone: PR_SET_PDEATHSIG stops this process
-            return
-        await asyncio.sleep(BEAT_S)
 
 
 def build_overrides(args: argparse.Namespace) -> dict[str, Any]:

@@ -98,9 +98,9 @@ def run_frontend(overrides: dict[str, Any], sockets: list[socket.socket], index:
     sys.exit(run_server(settings, sockets, beat))
 
 
-def run_engine(overrides: dict[str, Any], socket_path: str) -> None:
+def run_engine(overrides: dict[str, Any], socket_path: str, beat: socket.socket | None) -> None:
     become_child("msflow-engine")
-    run_engine_process(overrides, socket_path)
+    run_engine_process(overrides, socket_path, beat)
 
 
 class _Child:
@@ -205,8 +205,11 @@ class Supervisor:
         port_holder = reuseport_socket(s.host, s.port, exclusive=True)
         port = port_holder.getsockname()[1]
         ctx = multiprocessing.get_context("spawn")  # no forked copies of threads, locks or CUDA state
-        engine = _Child("engine process", lambda _: _spawn(ctx, run_engine, "msflow-engine",
-                                                           overrides, str(engine_socket)))
+        # Its loop watched too: stopped, it answers no front end (their requests 504, their
+        # readiness engine_stalled) and its own stall watch, a thread of it, is stopped with it.
+        engine = _Child("engine process", lambda beat: _spawn(ctx, run_engine, "msflow-engine",
+                                                              overrides, str(engine_socket), beat),
+                        stall_s=s.engine_stall_s or None)
 
         def start_frontend(i: int, beat: socket.socket | None) -> BaseProcess:
             listener = reuseport_socket(s.host, port)

@@ -10,8 +10,9 @@ import signal
 from pathlib import Path
 
 import httpx
+from PIL import Image
 
-from harness import children, fake_version, start, wait_until
+from harness import children, fake_version, png_of, start, wait_until
 
 
 def open_fds(pid: int) -> int:
@@ -71,6 +72,34 @@ def test_a_front_end_that_stops_running_is_replaced(tmp_path: Path) -> None:
         assert "has not run its event loop" in server.log(), server.log()
         for _ in range(8):  # new connections, spread over both front ends by the kernel
             assert httpx.get(f"{server.url}/readyz", timeout=5).status_code == 200
+    finally:
+        if victim in children(supervisor):
+            os.kill(victim, signal.SIGCONT)
+        server.stop()
+
+
+def test_an_engine_process_that_stops_running_is_replaced(tmp_path: Path) -> None:
+    """A stopped engine process answers no front end (every request 504, readiness
+    engine_stalled) and its own stall watch, a thread of it, is stopped with it: nothing
+    restarted it until it ran again. Past MSFLOW_ENGINE_STALL_S the supervisor kills it and
+    starts another, and the front ends serve again."""
+    store = tmp_path / "store"
+    fake_version(store, "aaa")
+    server = start(store, tmp_path / "server.log", api_processes=2, engine="null", store_poll_s=0,
+                   request_deadline_ms=1000, engine_stall_s=2)
+    supervisor = server.proc.pid
+    (victim,) = [pid for pid, name in children(supervisor).items() if name == "msflow-engine"]
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        wait_until(lambda: victim not in children(supervisor) and "msflow-engine" in children(supervisor).values(),
+                   20, "the stopped engine process replaced")
+        assert "engine process (pid" in server.log() and "has not run its event loop" in server.log(), server.log()
+        png = png_of(Image.new("RGB", (32, 32), (90, 90, 90)))
+
+        def answered() -> bool:  # each front end reconnects on its own back-off: a 503 says retry
+            return httpx.post(f"{server.url}/v1/inspect/aaa", files=[("file", ("x.png", png, "image/png"))],
+                              timeout=10).status_code == 200
+        wait_until(lambda: all(answered() for _ in range(6)), 30, "both front ends served by the new engine process")
     finally:
         if victim in children(supervisor):
             os.kill(victim, signal.SIGCONT)
