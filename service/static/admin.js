@@ -179,15 +179,18 @@
     line(candidate, "#c62828", [], "new");
   }
 
-  async function applyThreshold() {
+  // One bound of the override from its field (the other bound is left as it is).
+  async function applyBound(input, field, what) {
     const category = $("#admin-category").value;
-    const x = Number($("#threshold-input").value);
-    if (!category || !Number.isFinite(x) || $("#threshold-input").value === "") {
-      showError("Type a raw threshold (a number) first.");
+    const x = Number($(input).value);
+    if (!category || !Number.isFinite(x) || $(input).value === "") {
+      showError(`Type a raw ${what} (a number) first.`);
       return;
     }
-    await changeThreshold(category, "PUT", { threshold: x, version: shownVersion(category) });
+    await changeThreshold(category, "PUT", { [field]: x, version: shownVersion(category) });
   }
+
+  function applyThreshold() { return applyBound("#threshold-input", "threshold", "threshold"); }
 
   // A threshold outside what the calibration and the recent images support (422
   // threshold_out_of_range: one far above every good part passes real defects) is set only
@@ -197,15 +200,7 @@
     if (pending) await changeThreshold(pending.category, "PUT", { ...pending.json, force: true });
   }
 
-  async function applyNg() {
-    const category = $("#admin-category").value;
-    const x = Number($("#ng-input").value);
-    if (!category || !Number.isFinite(x) || $("#ng-input").value === "") {
-      showError("Type a raw NG bound (a number) first.");
-      return;
-    }
-    await changeThreshold(category, "PUT", { ng_threshold: x, version: shownVersion(category) });
-  }
+  function applyNg() { return applyBound("#ng-input", "ng_threshold", "NG bound"); }
 
   // The API removes an override whole (DELETE): the NG bound alone goes back to the manifest's
   // by a PUT of that value, the ok threshold kept; with the ok threshold calibrated, the DELETE.

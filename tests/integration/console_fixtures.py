@@ -110,6 +110,14 @@ class Console:
         self.context.close()
 
 
+@pytest.fixture
+def console(browser: Any, server: Server, artifacts: Path, request: pytest.FixtureRequest) -> Iterator[Console]:
+    """A page on the module's ``server`` fixture (a module names its own server so), closed after."""
+    c = Console(browser, server, artifacts, request.node.name)
+    yield c
+    c.close()
+
+
 @pytest.fixture(scope="module")
 def samples(demo_test_images: dict[str, list[Path]]) -> dict[str, list[Path]]:
     return demo_test_images

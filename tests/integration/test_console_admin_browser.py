@@ -24,7 +24,7 @@ import pytest
 
 from harness import ADMIN_KEY, CATEGORY, USER_KEY, Server, start
 
-from console_fixtures import Console, artifacts, browser  # noqa: F401  (fixtures)
+from console_fixtures import Console, artifacts, browser, console  # noqa: F401  (fixtures)
 
 
 @pytest.fixture(scope="module")
@@ -45,13 +45,6 @@ def server(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Se
                 admin_api_keys=ADMIN_KEY)
     yield srv
     srv.stop()
-
-
-@pytest.fixture
-def console(browser: Any, server: Server, artifacts: Path, request: pytest.FixtureRequest) -> Iterator[Console]:
-    c = Console(browser, server, artifacts, request.node.name)
-    yield c
-    c.close()
 
 
 def threshold_state(server: Server) -> dict[str, Any]:

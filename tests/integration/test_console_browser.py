@@ -27,7 +27,7 @@ from service.pipeline.regions import box_mask
 from service.schemas import Region
 from harness import ADMIN_KEY, CATEGORY, USER_KEY, Server, start
 
-from console_fixtures import REVIEWER_KEY, Console, artifacts, browser, samples, start_review_server  # noqa: F401  (fixtures)
+from console_fixtures import REVIEWER_KEY, Console, artifacts, browser, console, samples, start_review_server  # noqa: F401  (fixtures)
 
 
 # ---------------------------------------------------------------------- fixtures
@@ -39,13 +39,6 @@ def server(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
                 admin_api_keys=ADMIN_KEY, max_queue_delay_ms=5)
     yield srv
     srv.stop()
-
-
-@pytest.fixture
-def console(browser: Any, server: Server, artifacts: Path, request: pytest.FixtureRequest) -> Iterator[Console]:
-    c = Console(browser, server, artifacts, request.node.name)
-    yield c
-    c.close()
 
 
 # ---------------------------------------------------------------------- tests
