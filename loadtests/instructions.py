@@ -12,7 +12,7 @@ Each mode runs ``msflow serve`` (null engine, the front-end benchmark's settings
 (``--instr-atstart=no``: start-up and warm-up run at a few times native speed), then turns
 counting on in every process of the server (``callgrind_control -i on``), posts
 ``--requests`` images from ``--concurrency`` clients per input kind, and reads each
-process's count back from a dump, by role (the process names: service/supervisor.py). Each
+process's count back from a dump, by role (the process names: service/supervisor/supervisor.py). Each
 count is split in two: libc's ``memcpy``/``memmove``/``memset``, where valgrind counts each
 byte a ``rep movsb`` moves as an instruction (so that part is mostly bytes copied or cleared,
 not work done), and the rest.

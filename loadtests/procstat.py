@@ -64,7 +64,7 @@ class TreeUsage:
     * ``threads``: CPU seconds of the live threads in three groups: ``engine`` (named
       ``engine-*``: the batchers' engine threads and the engines' own pools), ``loop`` (each
       process's main thread: its event loop) and ``pool`` (the rest: the decode threads, mostly);
-    * ``roles``: CPU seconds by role, from each process's name (service/supervisor.py names
+    * ``roles``: CPU seconds by role, from each process's name (service/supervisor/supervisor.py names
       them): ``front ends`` (``msflow-api-*``), ``engine process`` (``msflow-engine``) and
       ``server`` (the rest: a single-process server, or the supervisor);
     * ``switches``: context switches of the live threads by role, (voluntary: the thread
@@ -145,7 +145,7 @@ def _switches(task: Path) -> tuple[int, int]:
 
 
 def role_of(name: str) -> str:
-    """A server process's role from its name (service/supervisor.py names them)."""
+    """A server process's role from its name (service/supervisor/supervisor.py names them)."""
     return "front ends" if name.startswith("msflow-api-") else "engine process" if name == "msflow-engine" else "server"
 
 

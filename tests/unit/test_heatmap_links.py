@@ -15,7 +15,7 @@ import pytest
 
 from service.config import Settings
 from service.redisq.store import LINK_ID, FolderLinks, HeatmapLinks, MemoryLinks
-from service.supervisor import frontend_links, mode_warnings
+from service.supervisor.run_dir import frontend_links, mode_warnings
 
 
 def fronts(root: Path, max_items: int = 8, max_bytes: int = 1 << 20, ttl_s: float = 60.0) -> tuple[FolderLinks, ...]:
