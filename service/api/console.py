@@ -30,7 +30,7 @@ from fastapi import APIRouter, FastAPI, Query
 from fastapi.responses import FileResponse
 from service.api.static_files import AllowListedFiles
 
-from service.api.auth import Admin, Authed
+from service.api.auth import Admin, Authed, KeyFirstRoute
 from service.api.deps import CategoryDep, StateDep
 from service.api.errors import ApiError
 from service.api.openapi import BODY_TOO_LARGE, UNAUTHORIZED, errors, ok
@@ -57,7 +57,7 @@ _ADMIN = "`cross_site_refused`, `admin_disabled`, `forbidden` (a valid key that 
 _VERSION_CHANGED = "`version_changed` (`version` is not the version served; nothing changed)"
 _THRESHOLD_WRITE = ("`redis_unavailable` (Redis configured but down: nothing changed; Retry-After), " + _NOT_LOADED)
 
-router = APIRouter()
+router = APIRouter(route_class=KeyFirstRoute)  # the key before the body (PUT threshold)
 
 
 @router.get("/", include_in_schema=False)

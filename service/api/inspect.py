@@ -12,7 +12,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
-from service.api.auth import Authed, refuse_cross_site, require_api_key
+from service.api.auth import Authed, KeyFirstRoute, refuse_cross_site, require_api_key
 from service.api.deps import StateDep, category_to_inspect, get_state
 from service.api.errors import ApiError
 from service.api.openapi import PNG_ANSWER, UNAUTHORIZED, UPLOAD, errors, ok
@@ -23,7 +23,7 @@ from service.pipeline.item import InspectedImage
 from service.pipeline.state import ServiceState
 from service.schemas import Heatmap, HeatmapMode, HeatmapSize, InspectOptions, InspectResponse, Upload
 
-router = APIRouter()
+router = APIRouter(route_class=KeyFirstRoute)
 
 # Answers carrying more inline heatmap bytes than this are JSON-encoded in the thread pool:
 # a 32-image answer with original-size heatmaps is tens of MB of base64, and encoding it on

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse, Response
 
-from service.api.auth import Authed, NotCrossSite, client_scope
+from service.api.auth import Authed, KeyFirstRoute, NotCrossSite, client_scope
 from service.api.deps import InspectCategoryDep, StateDep
 from service.api.errors import ApiError
 from service.api.openapi import LOCATION, UNAUTHORIZED, UPLOAD, errors, ok
@@ -19,7 +19,7 @@ from service.redisq.jobs import JobQueue
 from service.redisq.records import FINAL_STATES, JobRecord, Unreadable
 from service.schemas import HeatmapMode, HeatmapSize, InspectOptions, JobAccepted, JobStatus
 
-router = APIRouter()
+router = APIRouter(route_class=KeyFirstRoute)
 
 IDEMPOTENCY_KEY = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 

@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from models.manifest import CATEGORY_PATTERN, ManifestError
-from service.api.auth import Admin, Authed
+from service.api.auth import Admin, Authed, KeyFirstRoute
 from service.api.deps import CategoryDep, StateDep, unknown_category
 from service.api.errors import ApiError
 from service.api.openapi import UNAUTHORIZED, errors, ok
@@ -18,7 +18,7 @@ from service.pipeline.registry_errors import RegistryError, UnknownCategory, Ver
 from service.schemas import ModelInfo, ModelList
 
 log = logging.getLogger(__name__)
-router = APIRouter()
+router = APIRouter(route_class=KeyFirstRoute)
 
 
 @router.get("/v1/models", response_model=ModelList, dependencies=[Authed],

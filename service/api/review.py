@@ -29,7 +29,7 @@ from models.manifest import CATEGORY_PATTERN, Verdict
 from models.review_records import ReviewItem
 from models.review_export import export_zip
 from models.review_store import ItemNotFound, ReviewStore
-from service.api.auth import Reviewer, require_reviewer_key
+from service.api.auth import KeyFirstRoute, Reviewer, require_reviewer_key
 from service.api.deps import StateDep, unknown_category
 from service.api.errors import ApiError
 from service.api.openapi import BODY_TOO_LARGE, UNAUTHORIZED, errors, ok
@@ -39,8 +39,9 @@ from service.schemas import DisagreementCounts, ReviewEntry, ReviewLabelled, Rev
 log = logging.getLogger(__name__)
 # The key first, for every route here: a parameter's dependencies run in their order, and the
 # category's came before the key's, so a client without one told a category the review store
-# holds (401) from one it does not (404), and had the store's folder listed for it.
-router = APIRouter(dependencies=[Depends(require_reviewer_key)])
+# holds (401) from one it does not (404), and had the store's folder listed for it. And before
+# the label's body is read (KeyFirstRoute): malformed JSON without a key was 422, not 401.
+router = APIRouter(dependencies=[Depends(require_reviewer_key)], route_class=KeyFirstRoute)
 _T = TypeVar("_T")
 # Exports at once per process: each holds a thread of its own (not the default pool's, which
 # the review store's calls need) and up to 2 MB of chunks on their way out.
