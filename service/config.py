@@ -53,7 +53,11 @@ REVIEWER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")  # recorded wi
 class Settings(BaseSettings):
     """Settings of the inspection service (environment variable = ``MSFLOW_`` + upper-case name)."""
 
-    model_config = SettingsConfigDict(env_prefix="MSFLOW_", extra="ignore", protected_namespaces=())
+    # hide_input_in_errors: a refused value stays out of the error, which `msflow serve` prints
+    # and the container log keeps: a reviewer list written "alice:KEY", or a JSON key list with
+    # an empty entry, printed every key of it (and a refused Redis URL its password).
+    model_config = SettingsConfigDict(env_prefix="MSFLOW_", extra="ignore", protected_namespaces=(),
+                                      hide_input_in_errors=True)
 
     # --- models -------------------------------------------------------------------------
     model_store: Path = Field(Path("model_store"), description="model_store/<category>/<version>/ root")

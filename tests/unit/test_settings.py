@@ -107,3 +107,24 @@ def test_a_removal_grace_that_is_not_a_number_is_refused(monkeypatch: pytest.Mon
         Settings()
     monkeypatch.setenv("MSFLOW_STORE_REMOVAL_GRACE_S", "-1")
     assert Settings().store_removal_grace_s == -1.0
+
+
+KEY = "a-real-line-key-42"
+
+
+@pytest.mark.parametrize("env", [
+    {"MSFLOW_REVIEWER_API_KEYS": f"alice:{KEY}"},  # the wrong separator
+    {"MSFLOW_REVIEWER_API_KEYS": f'{{"alice": "{KEY}", "b b": "x"}}'},  # a bad name beside a real key
+    {"MSFLOW_ADMIN_API_KEYS": f'["{KEY}", ""]'},  # a template's unset variable beside a real key
+    {"MSFLOW_API_KEYS": f'["{KEY}", 5'},  # broken JSON
+    {"MSFLOW_REDIS_URL": f"http://:{KEY}@redis/0"},  # the model's own check: its whole input
+], ids=["reviewer-separator", "reviewer-name", "empty-key", "broken-json", "redis-scheme"])
+def test_a_refused_setting_does_not_repeat_its_keys(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> None:
+    """`msflow serve` prints the refusal and the container log keeps it: pydantic's error
+    carried the value refused, every key of a list with it (and a Redis URL's password)."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError) as refused:
+        Settings()
+    assert KEY not in str(refused.value), refused.value
+    assert next(iter(env)).removeprefix("MSFLOW_").lower() in str(refused.value) or "redis_url" in str(refused.value)
