@@ -29,7 +29,7 @@ from models.calibrate import DEFAULT_TARGET_FPR, calibrate, calibration_samples
 from models.data import MVTecCategory
 from models.data_loading import load_images, load_masks
 from models.devices import torch_device
-from models.manifest import Manifest
+from models.manifest import CalibrationSource, Manifest
 from models.metrics import aupro, image_auroc, pixel_auroc
 from models.metrics_report import evaluate_predictions, metrics_by_group
 from models.msflow import MSFlow
@@ -84,18 +84,30 @@ def check_version_matches_run(version: Path, run: Path, train_cfg: dict[str, Any
     return manifest
 
 
-def _threshold(model: MSFlow, run: Path, device: str, batch_size: int, threshold: float | None,
-               version: Path | None, target_fpr: float,
-               manifest: Manifest | None = None) -> tuple[float, str, dict[str, Any]]:
-    """(raw threshold, score output, where it came from) for the verdict table."""
+def _calibration_normals(run: Path, size: int) -> tuple[np.ndarray, CalibrationSource]:
+    """The normals ``msflow export`` would calibrate ``run`` on, read (not yet predicted).
+
+    Read with the test set, before its prediction: a calibration image that cannot be read
+    (truncated, a format the server refuses) stopped eval only after the whole test set was
+    predicted, minutes on a real set, with nothing written."""
+    samples, source = calibration_samples(run)
+    return load_images(samples, size), source
+
+
+def _threshold(model: MSFlow, device: str, batch_size: int, threshold: float | None,
+               version: Path | None, target_fpr: float, manifest: Manifest | None = None,
+               normals: tuple[np.ndarray, CalibrationSource] | None = None) -> tuple[float, str, dict[str, Any]]:
+    """(raw threshold, score output, where it came from) for the verdict table; ``normals``
+    (:func:`_calibration_normals`) where neither a threshold nor a version gives it."""
     if threshold is not None:
         return float(threshold), SCORE_OUTPUT, {"kind": "given"}
     if version is not None:
         cal = (manifest or Manifest.read(version)).calibration
         return cal.threshold, cal.score_output, {"kind": "exported", "version": str(version), "method": cal.method}
-    samples, source = calibration_samples(run)
-    normal = predict(model, load_images(samples, model.config.input_size), device, batch_size,
-                     keys=(SCORE_OUTPUT, "anomaly_map"), progress=False)
+    if normals is None:
+        raise ValueError("no threshold, version or calibration normals to take the verdict threshold from")
+    images, source = normals
+    normal = predict(model, images, device, batch_size, keys=(SCORE_OUTPUT, "anomaly_map"), progress=False)
     cal = calibrate(normal[SCORE_OUTPUT], normal["anomaly_map"], SCORE_OUTPUT, target_fpr=target_fpr, source=source)
     return cal.threshold, SCORE_OUTPUT, {"kind": "calibrated as export does", "method": cal.method,
                                          "target_fpr": target_fpr, "fpr_calibration": cal.fpr_calibration,
@@ -145,6 +157,7 @@ def evaluate_run(run: str | Path, data: str | Path | None = None, category: str 
     samples = MVTecCategory(data, category).test_samples()
     images = load_images(samples, size)
     masks = load_masks(samples, size)
+    normals = _calibration_normals(run, size) if threshold is None and not version else None
     labels = np.array([s.label for s in samples])
     types = [s.defect_type for s in samples]
     tiers = [s.tier for s in samples]
@@ -173,8 +186,9 @@ def evaluate_run(run: str | Path, data: str | Path | None = None, category: str 
         pairs = [f"{d}/{t}" for d, t in zip(types, tier_names)]
         report["per_defect_type_and_tier"] = metrics_by_group(labels, pred["image_score_log"], None, None, pairs)
 
-    raw_threshold, score_output, origin = _threshold(model, run, device, batch_size, threshold,
-                                                     Path(version) if version else None, target_fpr, exported)
+    raw_threshold, score_output, origin = _threshold(model, device, batch_size, threshold,
+                                                     Path(version) if version else None, target_fpr, exported,
+                                                     normals)
     report["verdict"] = {"score_output": score_output, "threshold_source": origin,
                          **verdict_table(labels, pred[score_output], raw_threshold, types,
                                          tiers if has_tiers else None)}

@@ -136,3 +136,33 @@ def test_eval_of_a_test_set_of_one_class_reports_what_is_undefined(trained_run: 
     report = json.loads((run / "report.json").read_text())
     assert report["image_auroc"] is None and report["absolute"]["image_auroc"] is None
     assert "n/a" in capsys.readouterr().out or not report["per_defect_type"]
+
+
+def test_eval_refuses_an_unreadable_calibration_image_before_predicting_the_test_set(
+        trained_run: Path, demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A truncated calibration/good image (the normals eval calibrates the verdict threshold
+    on, as export does) was read only after the whole test set had been predicted: minutes on
+    a real set, then the refusal and nothing written. It is read with the test set now."""
+    import models.evaluate as evaluate
+    from models.data import DataError
+
+    data = tmp_path / "data"
+    shutil.copytree(demo_root / TEST_CATEGORY, data / TEST_CATEGORY)
+    bad = sorted((data / TEST_CATEGORY / "calibration" / "good").glob("*.png"))[5]
+    bad.write_bytes(bad.read_bytes()[:300])
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("report.json"))
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "data": str(data)}))
+    predicted: list[int] = []
+    real_predict = evaluate.predict
+
+    def counted(model: object, images: object, *args: object, **kwargs: object) -> object:
+        predicted.append(len(images))  # type: ignore[arg-type]
+        return real_predict(model, images, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(evaluate, "predict", counted)
+    with pytest.raises(DataError, match=str(bad)):
+        evaluate.evaluate_run(run, progress=False, pictures=False)
+    assert predicted == [], f"predicted {predicted} images before the refusal"
+    assert not (run / "report.json").exists()
