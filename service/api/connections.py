@@ -28,6 +28,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service.api.connection_budget import LINGER_BYTES, LINGER_S, MAX_PIPELINED, ConnectionBudget
 from service.api.errors import error_body
+from service.api.security_headers import EVERY_ANSWER_HEADERS
 from service.metrics import ServiceMetrics
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,10 @@ def budgeted_protocol(budget: ConnectionBudget, metrics: ServiceMetrics) -> type
                                                                  "clock": clock})
 
 
+# What the app's answers carry (service/api/security_headers.py): these come before the app.
+_EVERY_ANSWER = "".join(f"{name}: {value}\r\n" for name, value in EVERY_ANSWER_HEADERS.items())
+
+
 def error_bytes(status: int, phrase: str, code: str, message: str, extra_headers: str = "",
                 request_id: str | None = None) -> bytes:
     """A whole HTTP/1.1 answer in the API's error shape, closing the connection
@@ -48,7 +53,7 @@ def error_bytes(status: int, phrase: str, code: str, message: str, extra_headers
     body = json.dumps(error_body(code, message)).encode()
     head = (f"HTTP/1.1 {status} {phrase}\r\ncontent-type: application/json\r\n"
             f"content-length: {len(body)}\r\nconnection: close\r\n"
-            f"x-request-id: {request_id or uuid.uuid4().hex}\r\n{extra_headers}\r\n")
+            f"x-request-id: {request_id or uuid.uuid4().hex}\r\n{_EVERY_ANSWER}{extra_headers}\r\n")
     return head.encode("ascii") + body
 
 

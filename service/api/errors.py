@@ -15,6 +15,7 @@ from starlette.requests import ClientDisconnect
 from starlette.routing import Match, Mount
 
 from models.review_store import ItemNotFound, ReviewError
+from service.api.security_headers import EVERY_ANSWER_HEADERS
 from service.engines.base import EngineError
 from service.metrics import UNKNOWN
 from service.pipeline.admission import AdmissionRefused
@@ -200,5 +201,6 @@ def install_error_handlers(app: FastAPI) -> None:
         # Starlette's outermost middleware calls this, sends the answer, then re-raises so
         # uvicorn logs the traceback; the connection and the server carry on.
         request_id = request.scope.get("state", {}).get("request_id", "?")
+        # Outside every middleware of ours: the request id and the security headers written here.
         return error_response(500, "internal_error", f"unexpected server error (request {request_id})",
-                              headers={"X-Request-ID": request_id})
+                              headers={"X-Request-ID": request_id, **EVERY_ANSWER_HEADERS})

@@ -15,7 +15,10 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-_EVERY_ANSWER = [(b"x-frame-options", b"DENY"), (b"x-content-type-options", b"nosniff")]
+EVERY_ANSWER = [(b"x-frame-options", b"DENY"), (b"x-content-type-options", b"nosniff")]
+# Answers made outside this middleware write these themselves: the connection layer's refusals
+# (service/api/connections.py) and Starlette's outermost 500 (service/api/errors.py).
+EVERY_ANSWER_HEADERS = {name.decode(): value.decode() for name, value in EVERY_ANSWER}
 _NOT_STORED = (b"cache-control", b"no-store")
 
 
@@ -31,7 +34,7 @@ class SecurityHeadersMiddleware:
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                headers = [*message.get("headers", []), *_EVERY_ANSWER]
+                headers = [*message.get("headers", []), *EVERY_ANSWER]
                 if keep_out_of_caches and not any(name.lower() == b"cache-control" for name, _ in headers):
                     headers.append(_NOT_STORED)
                 message["headers"] = headers
