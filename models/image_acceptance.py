@@ -16,8 +16,10 @@ The rules, cheapest first, all from the header but the last:
 * at most ``max_pixels`` (width x height, the stored size) per image, the server's
   ``MSFLOW_MAX_IMAGE_PIXELS`` (:data:`DEFAULT_MAX_IMAGE_PIXELS` unless configured), checked
   before a pixel buffer exists; else 413 ``image_too_large``;
-* a decode that fails (truncated, corrupt, more than :data:`MAX_PNG_TEXT_BYTES` of PNG text)
-  is 422 ``undecodable_image``.
+* an empty file, or a PNG or JPEG framed in more chunks, segments or scans than its size
+  justifies (:mod:`models.image_framing`, counted before any decoder walks them), is 422
+  ``undecodable_image``, as is a decode that fails (truncated, corrupt, more than
+  :data:`MAX_PNG_TEXT_BYTES` of PNG text).
 
 Pillow's own guards are process-wide; :func:`configure_pillow` sets them to agree with these
 rules, once per process (the server at start, ``msflow train`` with its
@@ -58,6 +60,8 @@ __all__ = [
     "too_many_pixels",
     "unidentified",
     "decode_refusal",
+    "empty_file",
+    "badly_framed",
 ]
 
 # Pillow's names; "MPO" is the multi-picture JPEG many cameras write.
@@ -181,3 +185,15 @@ def decode_refusal(path: Path, error: Exception) -> str:
     else:
         why = f"cannot be decoded ({error}); the server refuses it ({UNDECODABLE_IMAGE}): replace it"
     return f"{path}: {why}"
+
+
+def empty_file(path: Path) -> str:
+    """The message for a file of no bytes (the server's 422, not the 415 of a file it cannot identify)."""
+    return (f"{path}: an empty file (0 bytes: a copy or a camera's write cut short?); the server refuses it "
+            f"({UNDECODABLE_IMAGE}): replace it, or move it out of {path.parent}")
+
+
+def badly_framed(path: Path, why: str) -> str:
+    """The message for a file over the framing budget (:func:`models.image_framing.over_budget`'s ``why``)."""
+    return (f"{path}: {why}; the server refuses it ({UNDECODABLE_IMAGE}) before decoding: save it again with "
+            "an ordinary encoder (they write far fewer)")

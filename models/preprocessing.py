@@ -28,14 +28,16 @@ through the same function, train/serve parity holds exactly (a test compares the
 
 from __future__ import annotations
 
+import io
 import struct
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
 
-from models.image_acceptance import (decode_refusal, header_refusal, max_image_bytes, too_many_bytes, too_many_pixels,
-                                     trainer_limit, unidentified)
+from models.image_acceptance import (badly_framed, decode_refusal, empty_file, header_refusal, max_image_bytes,
+                                     too_many_bytes, too_many_pixels, trainer_limit, unidentified)
+from models.image_framing import over_budget
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -221,8 +223,8 @@ def open_image(path: str | Path, size: int | None = None) -> Image.Image:
 
     Only what the server accepts is read (:mod:`models.image_acceptance`: the format by
     content, this process's pixel limit from the header before any pixel buffer, at most
-    1 MiB of PNG text); anything else is refused in a message naming the file and the
-    server's answer to it.
+    1 MiB of PNG text, the framing budget of :mod:`models.image_framing`, no empty file);
+    anything else is refused in a message naming the file and the server's answer to it.
 
     Pillow opens lazily, so a truncated file only fails at ``load()``; decoding
     here means the error surfaces with the file name at read time instead of
@@ -234,7 +236,12 @@ def open_image(path: str | Path, size: int | None = None) -> Image.Image:
     try:
         if (file_bytes := p.stat().st_size) > max_image_bytes():  # before a byte is read, as the server's upload
             raise ImageReadError(too_many_bytes(p, file_bytes, max_image_bytes()))
-        with Image.open(p) as im:
+        data = p.read_bytes()  # the server's framing checks read the whole upload; at most max_image_bytes
+        if not data:
+            raise ImageReadError(empty_file(p))
+        if (why := over_budget(data)) is not None:
+            raise ImageReadError(badly_framed(p, why))
+        with Image.open(io.BytesIO(data)) as im:
             if (refused := header_refusal(im, p, max_pixels)) is not None:
                 raise ImageReadError(refused)
             if size is not None:

@@ -4,7 +4,7 @@ Order matters, cheapest and safest check first:
 
 1. byte limit (413) before Pillow sees anything, and the framing: a PNG or JPEG made of more
    chunks or segments than its size justifies is refused (422) before Pillow walks them
-   (:mod:`service.pipeline.container`);
+   (:mod:`models.image_framing`);
 2. :func:`probe_into`: ``Image.open`` reads only the header: format (415 unless
    PNG/JPEG/BMP/TIFF/WEBP) and size, so a decompression bomb (a tiny PNG claiming
    100000 x 100000) is refused (413) before a single pixel buffer is allocated; and the
@@ -42,9 +42,9 @@ from models.image_acceptance import ACCEPTED_FORMAT_NAMES, ACCEPTED_FORMATS, IMA
 from models.image_acceptance import MAX_PNG_TEXT_BYTES as MAX_PNG_TEXT_BYTES  # re-exported: placement, tests
 from models.image_acceptance import UNDECODABLE_IMAGE, UNSUPPORTED_MEDIA_TYPE
 from models.image_acceptance import configure_pillow as configure_pillow  # re-exported: the runtime calls it
+from models.image_framing import over_budget
 from models.preprocessing import draft_size, header_oriented_size, reduce_while_decoding, resize_rgb, to_rgb
 from service.pipeline.admission import image_cost
-from service.pipeline.container import over_budget
 from service.pipeline.item import InspectedImage
 from service.pipeline.plain_png import decode_plain_png
 
@@ -187,7 +187,7 @@ def probe_into(item: InspectedImage, size: int, limits: ImageLimits, rendering: 
     ``format``, the upright ``width``/``height``, the heatmap size to render, and ``cost``
     (the pixels the pipeline will hold for it: :func:`~service.pipeline.admission.image_cost`),
     without allocating a pixel buffer. Cheap: admission runs it for every image first.
-    The framing is counted before Pillow opens the file (:mod:`service.pipeline.container`:
+    The framing is counted before Pillow opens the file (:mod:`models.image_framing`:
     422 past its budget), here only: a record is decoded only once probed."""
     if len(item.data) <= limits.max_bytes and (why := over_budget(item.data)) is not None:
         raise UndecodableImage(f"{_label(item.filename)} {why}")

@@ -21,7 +21,7 @@ worst upload measured, a PNG whose text Pillow inflates before refusing it).
   the probe runs on the loop only for a PNG or a JPEG whose uploads add up to at most 3 bytes
   per pixel of the limit (an uncompressed RGB image of that many pixels) and that hold at
   most ``MAX_LOOP_SEGMENTS`` chunks or segments each
-  (:func:`~service.pipeline.container.container_segments` counts them, stopping there: a
+  (:func:`~models.image_framing.container_segments` counts them, stopping there: a
   256² PNG has three to five, a camera's JPEG about twenty).
 * Decode and postprocess run on the loop when the probe did, and the request's images add
   up to at most the limit in *work pixels*: what the decoder reads (the header's width x
@@ -30,7 +30,7 @@ worst upload measured, a PNG whose text Pillow inflates before refusing it).
   copy, the model input and map, the rendered heatmap), and no image is a progressive JPEG.
   The rest of a decoder's work grows with the bytes or the pixels, except a progressive
   JPEG's scans: each passes over every block of the image, and an upload may hold up to
-  :data:`~service.pipeline.container.MAX_JPEG_SCANS` of them (a 256² JPEG with 5,000 repeated
+  :data:`~models.image_framing.MAX_JPEG_SCANS` of them (a 256² JPEG with 5,000 repeated
   scans took 25 ms to decode). PNG text, which Pillow inflates before the pixels, is capped
   per upload (``decode.MAX_PNG_TEXT_BYTES``).
 """
@@ -39,7 +39,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from service.pipeline.container import container_segments
+from models.image_framing import container_segments
 from service.pipeline.item import InspectedImage
 
 BYTES_PER_PIXEL = 3  # an uncompressed RGB pixel: the bound on a loop request's upload bytes

@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile, PngImagePlugin
 
+from harness import png_chunk
+
 from models.data import DataError, MVTecCategory
 from models.data_loading import load_images, load_masks
 from models.image_acceptance import DEFAULT_MAX_IMAGE_PIXELS, MAX_PNG_TEXT_BYTES, max_image_pixels
@@ -165,6 +167,36 @@ def test_a_truncated_image_says_422(tmp_path: Path) -> None:
     _both_refuse(tmp_path, _encode(_noise((64, 64)), "PNG")[:-200], 422, "undecodable_image")
 
 
+def _png_in_small_chunks(chunk: int = 8) -> bytes:
+    """A real PNG whose pixel stream is cut into ``chunk``-byte IDAT chunks: more chunks than the
+    server's framing budget (1024, plus one per KiB) lets Pillow walk, one by one in Python."""
+    png = _encode(_noise((64, 64)), "PNG", compress_level=0)
+    stream = b"".join(png[at + 8:at + 8 + n] for at, n in _chunks(png) if png[at + 4:at + 8] == b"IDAT")
+    return (png[:33] + b"".join(png_chunk(b"IDAT", stream[i:i + chunk]) for i in range(0, len(stream), chunk))
+            + png_chunk(b"IEND", b""))
+
+
+def _chunks(png: bytes) -> Iterator[tuple[int, int]]:
+    at = 8
+    while at < len(png):
+        yield at, int.from_bytes(png[at:at + 4], "big")
+        at += 12 + int.from_bytes(png[at:at + 4], "big")
+
+
+def test_a_png_in_more_chunks_than_the_server_walks_is_refused(tmp_path: Path) -> None:
+    """The server counts a PNG's chunks before Pillow walks them (422 past its budget); the
+    trainer read such a file and trained on it."""
+    message = _both_refuse(tmp_path, _png_in_small_chunks(), 422, "undecodable_image")
+    assert "a.png: holds more than" in message and "PNG chunks" in message, message
+
+
+def test_an_empty_file_says_the_servers_answer(tmp_path: Path) -> None:
+    """A 0-byte file (a copy cut short) was refused as 'not an image in a format the server
+    reads (415 unsupported_media_type)'; the server answers it 422 undecodable_image, 'is empty'."""
+    message = _both_refuse(tmp_path, b"", 422, "undecodable_image")
+    assert "a.png: an empty file" in message, message
+
+
 # ----------------------------------------------------------------------------- the rule as a whole
 
 CASES: dict[str, Callable[[], bytes]] = {
@@ -184,6 +216,8 @@ CASES: dict[str, Callable[[], bytes]] = {
     "claims 49 Mpx": _claims_huge_png,
     "truncated": lambda: _encode(_noise((64, 64)), "PNG")[:-200],
     "not an image": lambda: b"lot 7\n" * 20,
+    "empty": lambda: b"",
+    "png in 8-byte chunks": _png_in_small_chunks,
 }
 
 

@@ -1,4 +1,4 @@
-"""The framing budget (service.pipeline.container): PNG chunks and JPEG segments counted
+"""The framing budget (models.image_framing): PNG chunks and JPEG segments counted
 before Pillow walks them one by one in Python; real files pass, made-up ones are refused from the count."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from harness import PNG_IHDR_END, jpeg_segment, noise, png_chunk, png_of
-from service.pipeline.container import (BASE_SEGMENTS, BYTES_PER_EXTRA_SEGMENT, MAX_JPEG_SCANS, container_segments,
+from models.image_framing import (BASE_SEGMENTS, BYTES_PER_EXTRA_SEGMENT, MAX_JPEG_SCANS, container_segments,
                                         jpeg_scans, over_budget, segment_budget)
 from service.pipeline.decode import ImageLimits, UndecodableImage, decode_image
 

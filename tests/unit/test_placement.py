@@ -8,7 +8,7 @@ from PIL import Image
 from harness import PNG_IHDR_END, jpeg_segment, png_chunk, png_of
 from service.pipeline.decode import ImageLimits, Rendering, probe_into
 from service.pipeline.item import InspectedImage
-from service.pipeline.container import container_segments
+from models.image_framing import container_segments
 from service.pipeline.placement import BYTES_PER_PIXEL, MAX_LOOP_SEGMENTS, probe_on_loop, work_on_loop, work_pixels
 
 LIMITS = ImageLimits(max_bytes=50 << 20, max_pixels=100_000_000, max_heatmap_pixels=4_000_000)
