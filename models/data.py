@@ -29,9 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from models.ground_truth import MASK_SUFFIX, MaskFolder
-from models.image_acceptance import UNSUPPORTED_MEDIA_TYPE
+from models.image_acceptance import ACCEPTED_FORMATS, UNSUPPORTED_MEDIA_TYPE
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -58,6 +59,7 @@ _UNREADABLE_IMAGE_EXTENSIONS: frozenset[str] = frozenset({
     ".gif", ".heic", ".heif", ".avif", ".jp2", ".j2k", ".jxl", ".pbm", ".pgm", ".ppm",
     ".pnm", ".tga", ".ico", ".exr", ".hdr", ".dng", ".raw", ".cr2", ".nef", ".arw", ".svg", ".psd",
 })
+_EXTENSION_OF = {"JPEG": "jpg", "MPO": "jpg", "TIFF": "tif"}  # the usual name where it is not the format's
 GOOD = "good"
 CALIBRATION = "calibration"
 DATASET_INFO = "dataset.json"
@@ -105,8 +107,8 @@ def _is_image_file(path: Path) -> bool:
 def _refuse_what_would_be_skipped(folder: Path, entries: list[Path]) -> None:
     """Raise :class:`DataError` for anything in an image folder that looks like part of the set
     but would not be read: a broken link, an image in a format the trainer cannot read, images
-    in a subfolder (only the folder's own files are read). Other files (notes, Thumbs.db) and
-    hidden ones are left alone."""
+    in a subfolder (only the folder's own files are read), an image whose name does not say so.
+    Other files (notes, Thumbs.db) and hidden ones are left alone."""
     for p in entries:
         if _is_hidden(p):
             continue
@@ -121,6 +123,22 @@ def _refuse_what_would_be_skipped(folder: Path, entries: list[Path]) -> None:
         if p.is_dir() and any(_is_image_file(q) for q in p.iterdir()):
             raise DataError(f"{p} is a subfolder holding images, which are not read (only the files directly "
                             f"in {folder} are): move them up into {folder}, or the folder out of it")
+        if suffix not in IMAGE_EXTENSIONS and p.is_file() and (fmt := _image_format_of(p)) is not None:
+            raise DataError(f"{p} is an image ({fmt}) whose name does not end in an image extension "
+                            f"({', '.join(sorted(IMAGE_EXTENSIONS))}), so it would not be read: rename it "
+                            f"(e.g. {p.name}.{_EXTENSION_OF.get(fmt, fmt.lower())}), or move it out of {folder}")
+
+
+def _image_format_of(path: Path) -> str | None:
+    """The format of an image the server would accept, read off the file's first bytes (a
+    camera's ``part_001``, a copy cut short as ``x.jpg.part``); None for anything else (notes,
+    Thumbs.db). Pillow reads the header only, and only for files not named as images."""
+    try:
+        with Image.open(path) as img:
+            fmt = img.format
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+    return fmt if fmt in ACCEPTED_FORMATS else None
 
 
 def list_images(folder: str | Path) -> list[Path]:

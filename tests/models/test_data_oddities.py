@@ -101,6 +101,17 @@ def test_junk_files_and_empty_or_hidden_subfolders_are_ignored(root: Path) -> No
     assert [s.path.name for s in MVTecCategory(root, "part").train_samples()] == ["000.png", "001.png"]
 
 
+@pytest.mark.parametrize(("name", "save", "fmt"), [("part_001", {"format": "PNG"}, "PNG"),
+                                                   ("002.jpg.part", {"format": "JPEG"}, "JPEG"),
+                                                   ("003.tmp", {"format": "TIFF"}, "TIFF")])
+def test_an_image_whose_name_does_not_say_so_is_refused_not_skipped(root: Path, name: str, save: dict[str, str],
+                                                                     fmt: str) -> None:
+    """A camera's extensionless file, a copy cut short: skipped in silence, the set trained without it."""
+    _image(root / "part/train/good" / name, seed=8, **save)
+    with pytest.raises(DataError, match=rf"{name.replace('.', '[.]')} is an image \({fmt}\).*not be read.*rename"):
+        MVTecCategory(root, "part").train_samples()
+
+
 def test_too_few_images_to_hold_out_says_what_to_do(tmp_path: Path) -> None:
     samples = folder_of_good_images(_image(tmp_path / "one/000.png").parent)
     with pytest.raises(DataError, match="--holdout-fraction 0"):
