@@ -87,6 +87,21 @@ def _read_header_size(path: Path, what: str, max_pixels: int) -> tuple[int, int]
         raise DataError(f"cannot read {what} {path}: {exc}") from exc
 
 
+def _sideways_hint(image: Path, upright: tuple[int, int], mask_size: tuple[int, int]) -> str:
+    """Where the mask has the image's stored size and the image's EXIF orientation turns it
+    upright, say so: a labelling tool that ignores the tag draws on the sideways pixels."""
+    try:
+        with Image.open(image) as im:
+            stored = im.size
+    except (OSError, SyntaxError, ValueError):
+        return ""
+    if stored == upright or mask_size != stored:
+        return ""
+    return (f": the image is stored {stored[0]}x{stored[1]} and its EXIF orientation turns it upright, as the "
+            "trainer and the server read it; draw the mask on the upright image (a tool that ignores the "
+            "orientation draws on the sideways pixels)")
+
+
 def _load_mask(sample: Sample, size: int) -> np.ndarray:
     if sample.mask_path is None:
         raise DataError(f"defective sample {sample.path} ({sample.defect_type}) has no mask_path")
@@ -99,7 +114,7 @@ def _load_mask(sample: Sample, size: int) -> np.ndarray:
     if mask_size != image_size:
         raise DataError(
             f"mask {sample.mask_path} is {mask_size[0]}x{mask_size[1]} but its image {sample.path} "
-            f"is {image_size[0]}x{image_size[1]} (width x height)"
+            f"is {image_size[0]}x{image_size[1]} (width x height){_sideways_hint(sample.path, image_size, mask_size)}"
         )
     try:
         with Image.open(sample.mask_path) as im:

@@ -219,6 +219,19 @@ def test_sixteen_bit_mask(root: Path) -> None:
     assert _defect_mask(root).sum() == 12 * 16
 
 
+def test_a_mask_drawn_on_the_sideways_pixels_of_a_rotated_image_says_so(root: Path) -> None:
+    """A phone's portrait photo is stored landscape with an EXIF orientation; a labelling tool that
+    ignores the tag draws the mask on the stored pixels. The refusal only said the sizes differ."""
+    img = Image.fromarray(np.random.default_rng(4).integers(0, 256, (40, 60, 3), dtype=np.uint8))
+    exif = img.getexif()
+    exif[0x0112] = 6  # stored 60x40, upright 40x60
+    img.save(root / "part/test/crack/000.png", exif=exif.tobytes())
+    _save_mask(root / "part/ground_truth/crack/000_mask.png", np.full((40, 60), 255, dtype=np.uint8))
+    with pytest.raises(DataError, match=r"is 60x40 but its image .* is 40x60 .*stored 60x40 and its EXIF orientation "
+                                        r"turns it upright.*draw the mask on the upright image"):
+        _defect_mask(root)
+
+
 # ----------------------------------------------------------------------------- the commands on such a set
 
 
