@@ -292,7 +292,7 @@ class Settings(BaseSettings):
                 value = {name.strip(): key.strip() for name, key in pairs}
         if isinstance(value, dict):
             for name, key in value.items():
-                if not REVIEWER_NAME.match(str(name)) or not str(key):
+                if not REVIEWER_NAME.fullmatch(str(name)) or not str(key):
                     raise ValueError(f"reviewer key name {name!r} must match {REVIEWER_NAME.pattern}, with a key")
                 if str(key).lower().startswith(PLACEHOLDER_KEY_PREFIX):
                     raise ValueError(f"a reviewer key starts with {PLACEHOLDER_KEY_PREFIX!r}: use a real key")
@@ -312,7 +312,7 @@ class Settings(BaseSettings):
     @classmethod
     def _check_pins(cls, value: dict[str, str]) -> dict[str, str]:
         for category in value:
-            if not CATEGORY_PATTERN.match(category):
+            if not CATEGORY_PATTERN.fullmatch(category):
                 raise ValueError(f"pinned category {category!r} must match {CATEGORY_PATTERN.pattern}")
         return value
 

@@ -74,7 +74,7 @@ async def submit_job(request: Request, category: InspectCategoryDep, state: Stat
                          json_schema_extra=_idempotency_key_schema,
                      )] = None) -> Response:
     """Queue an inspection for ``msflow worker`` (needs Redis); poll the ``Location``."""
-    if idempotency_key is not None and not IDEMPOTENCY_KEY.match(idempotency_key):
+    if idempotency_key is not None and not IDEMPOTENCY_KEY.fullmatch(idempotency_key):
         raise ApiError(400, "bad_idempotency_key", "Idempotency-Key: 1 to 128 of A-Z a-z 0-9 _ . : -")
     queue = state.require_jobs()  # 503 before reading the body when there is no Redis
     s = state.settings

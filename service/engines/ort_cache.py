@@ -88,7 +88,7 @@ def model_folders(root: Path) -> list[ModelFolder]:
     read are left out."""
     folders = []
     for entry in os.scandir(root):
-        if not MODEL_FOLDER.match(entry.name) or not entry.is_dir(follow_symlinks=False):
+        if not MODEL_FOLDER.fullmatch(entry.name) or not entry.is_dir(follow_symlinks=False):
             continue
         folder = Path(entry.path)
         try:

@@ -184,7 +184,7 @@ class JobRecords:
                 data, self.ttl_ms, final, record.id, self.conn.prefix, self.results_budget_bytes, cost, member]
 
     async def get(self, job_id: str) -> JobRecord | Unreadable | None:
-        if not JOB_ID.match(job_id):
+        if not JOB_ID.fullmatch(job_id):
             return None
         raw = await self.conn.run("job_get", lambda r: r.get(self.record_key(job_id)))
         return None if raw is None else _record_or_unreadable(raw)

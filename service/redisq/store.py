@@ -243,7 +243,7 @@ class HeatmapLinks:
     async def get(self, link_id: str) -> bytes | None:
         """The PNG, or None (unknown, expired, malformed id). Raises :class:`RedisUnavailable`
         when only Redis could know and it is unreachable."""
-        if not LINK_ID.match(link_id):
+        if not LINK_ID.fullmatch(link_id):
             return None
         if self.memory is not None and (png := self.memory.get(link_id)) is not None:
             return png

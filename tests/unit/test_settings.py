@@ -128,3 +128,13 @@ def test_a_refused_setting_does_not_repeat_its_keys(monkeypatch: pytest.MonkeyPa
         Settings()
     assert KEY not in str(refused.value), refused.value
     assert next(iter(env)).removeprefix("MSFLOW_").lower() in str(refused.value) or "redis_url" in str(refused.value)
+
+
+@pytest.mark.parametrize("field, value", [("reviewer_api_keys", {"alice\n": "k" * 24}),
+                                          ("pinned_versions", {"brick\n": "1"})])
+def test_a_name_with_a_trailing_newline_is_refused(field: str, value: dict[str, str]) -> None:
+    """`re.match` with `$` lets one trailing newline through: a reviewer named "alice\\n" was
+    recorded (a line break in every log and label record naming them), and a pin of "brick\\n"
+    was accepted and never matched its category, so the pin was silently not in force."""
+    with pytest.raises(ValueError, match="must match"):
+        Settings(**{field: value})
