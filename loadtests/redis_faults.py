@@ -100,10 +100,18 @@ class Staller(threading.Thread):
         super().__init__(daemon=True)
         self.client, self.seconds, self.every_s = r.client(timeout=seconds + 10), seconds, every_s
         self.stop = threading.Event()
-        self.count = 0
+        self.count = 0  # stalls ended
+        self.started = 0  # stalls begun
+
+    def wait_started(self, stalls: int, timeout: float) -> None:
+        """Until ``stalls`` stalls have begun (or ``timeout``)."""
+        end = time.monotonic() + timeout
+        while self.started < stalls and time.monotonic() < end and self.is_alive():
+            time.sleep(0.01)
 
     def run(self) -> None:
         while not self.stop.is_set():
+            self.started += 1
             # Alternately past the API's job socket timeout (redis-py retries the script) and past
             # twice it (the API answers 503 and the client resubmits with its Idempotency-Key).
             self.client.execute_command("DEBUG", "SLEEP", str(self.seconds * (1 + self.count % 2)))
@@ -171,6 +179,10 @@ def run(args: argparse.Namespace) -> int:
                     if k == stalled:  # the rest go in at once, and a worker dies running one of them
                         staller.stop.set()
                         staller.join(3 * args.stall_s + 10)
+                    if k == stalled - 1:
+                        # The last one goes in once the second stall began: with few jobs (--jobs 4)
+                        # all were in before it, and the run counted the drill's own gap as a violation.
+                        staller.wait_started(2, timeout=4 * args.stall_s + 10)
                     files = [("file", (f"j{k}-{i}.png", pictures[(k + i) % len(pictures)], "image/png"))
                              for i in range(3)]
                     ids.append(submit_with_retries(api, category, f"fault-job-{k}", files, violations, tries))
@@ -294,13 +306,17 @@ def render(s: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--store", default="model_store")
-    p.add_argument("--jobs", type=int, default=24)
+    p.add_argument("--jobs", type=int, default=24, help="at least 2: one submitted through the stalls, one "
+                   "after them for a worker to be killed running")
     p.add_argument("--stall-s", type=float, default=2.0, help="each DEBUG SLEEP: over the API's job socket timeout")
     p.add_argument("--threshold-sync-s", type=float, default=2.0)
     p.add_argument("--timeout", type=float, default=180.0, help="seconds for every job to end")
     p.add_argument("--out")
     p.add_argument("--fail-on-violation", action="store_true")
-    return run(p.parse_args(argv))
+    args = p.parse_args(argv)
+    if args.jobs < 2:
+        p.error("--jobs must be at least 2")
+    return run(args)
 
 
 if __name__ == "__main__":

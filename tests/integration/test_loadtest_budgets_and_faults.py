@@ -67,6 +67,31 @@ def test_redis_fault_scenario_every_job_once_and_overrides_survive_flushall(mode
     assert s["flushall"]["reverted_reads"] == 0 and s["flushall"]["restored_in_redis_after_s"] <= 5.0
 
 
+def test_redis_fault_scenario_with_few_jobs_still_stalls_twice(model_store, tmp_path):
+    """With few jobs (``--jobs 4``, here the fewest, 2) every submission was in before the
+    second stall began, and the run reported "only 1 stalls happened during the
+    submissions": a violation of the drill, not of the service. The last job submitted
+    through the stalls now waits for the second one."""
+    import shutil as _shutil
+
+    from harness import missing
+
+    if _shutil.which("redis-server") is None:
+        missing("redis-server is not installed: run scripts/install-redis.sh")
+    out = tmp_path / "faults"
+    env = _clean_env(MSFLOW_INTRA_OP_THREADS="1", MSFLOW_DECODE_THREADS="2")
+    cmd = [sys.executable, "-m", "loadtests.redis_faults", "--store", str(model_store), "--jobs", "2",
+           "--stall-s", "2", "--fail-on-violation", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    logs = proc.stdout[-3000:] + proc.stderr[-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["stalls"] >= 2 and s["violations"] == [], logs
+    assert proc.returncode == 0 and s["statuses"] == {"done": 2} and s["stream_entries_added"] == 2, logs
+    refused = subprocess.run([sys.executable, "-m", "loadtests.redis_faults", "--jobs", "1"], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "--jobs must be at least 2" in refused.stderr
+
+
 def test_redis_budget_benchmark_reports_memory_held_to_the_budget(tmp_path):
     """loadtests/redis_budgets.py, shortened: the flood's growth stays near each budget and
     far under what the unbounded store keeps; both kinds of write are timed."""
