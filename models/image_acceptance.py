@@ -16,9 +16,9 @@ The rules, cheapest first, all from the header but the last:
 * at most ``max_pixels`` (width x height, the stored size) per image, the server's
   ``MSFLOW_MAX_IMAGE_PIXELS`` (:data:`DEFAULT_MAX_IMAGE_PIXELS` unless configured), checked
   before a pixel buffer exists; else 413 ``image_too_large``;
-* an empty file, or a PNG or JPEG framed in more chunks, segments or scans than its size
-  justifies (:mod:`models.image_framing`, counted before any decoder walks them), is 422
-  ``undecodable_image``, as is a decode that fails (truncated, corrupt, more than
+* an empty file, or a PNG, JPEG or TIFF framed in more chunks, segments, scans, tags or
+  strips than its size justifies (:mod:`models.image_framing`, counted before any decoder
+  walks them), is 422 ``undecodable_image``, as is a decode that fails (truncated, corrupt, more than
   :data:`MAX_PNG_TEXT_BYTES` of PNG text).
 
 Pillow's own guards are process-wide; :func:`configure_pillow` sets them to agree with these

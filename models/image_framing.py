@@ -1,4 +1,5 @@
-"""The framing of an image file, counted before any decoder walks it: PNG chunks, JPEG segments.
+"""The framing of an image file, counted before any decoder walks it: PNG chunks, JPEG
+segments, a TIFF's tags and strips.
 
 One of the server's rules on an upload (:mod:`models.image_acceptance`), here in ``models`` so
 that the trainer refuses what the server refuses (``models.preprocessing.open_image``): a
@@ -26,6 +27,16 @@ expression finds the next one at C speed; segments are skipped by their lengths 
 thumbnail's scans are not the image's) and what follows the end of the image (a phone's
 motion-photo video) is not read.
 
+A TIFF is counted too, its first image (the one Pillow opens): the tags of its first IFD, which
+Pillow reads one by one in Python, and its strips or tiles (the most values its offset and
+byte-count tags hold). Pillow makes a Python tuple per strip when it opens a file, then passes
+over each one as it decodes: a 16 MB TIFF of two pixels in 4 million one-row strips (two bytes
+an offset, all pointing at the same byte) grew the server by a gigabyte and kept a decode
+thread busy past the deadline, priced as two pixels. Encoders cut an image into strips of 8 KiB
+or more, or 256 x 256 tiles: a first IFD may hold the tags of the budget above, and an image as
+many strips or tiles, or one per 256 pixels if more (a row of 256, TIFF's smallest tile: a
+compressed file may be cut finer than its bytes, never that fine).
+
 Placement (:mod:`service.pipeline.placement`) uses the same count, with a far lower bound,
 to decide whether an upload is small enough to decode on the event loop.
 """
@@ -33,6 +44,8 @@ to decide whether an upload is small enough to decode on the event loop.
 from __future__ import annotations
 
 import re
+
+from models.image_acceptance import max_image_pixels
 
 
 JPEG_SOI = b"\xff\xd8"
@@ -46,6 +59,11 @@ _JPEG_EOI = 0xD9
 _JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # frame headers (not DHT, JPG, DAC)
 _JPEG_PROGRESSIVE_SOF = frozenset({0xC2, 0xC6, 0xCA, 0xCE})
 _JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")  # a marker: not stuffing, not a restart, not fill
+_TIFF_CLASSIC = (b"II*\x00", b"MM\x00*")
+_TIFF_BIG = (b"II+\x00", b"MM\x00+")
+_TIFF_STRIP_TAGS = frozenset({273, 279, 324, 325})  # StripOffsets, StripByteCounts, TileOffsets, TileByteCounts
+_TIFF_INT_BYTES = {3: 2, 4: 4, 16: 8}  # SHORT, LONG, LONG8
+MIN_PIXELS_PER_STRIP = 256  # a 256-pixel row, a 16 x 16 tile (TIFF's smallest)
 
 
 def segment_budget(size: int) -> int:
@@ -120,6 +138,40 @@ def _scans_from(data: bytes, at: int, stop_after: int) -> int:
     return scans
 
 
+def tiff_framing(data: bytes, stop_after: int) -> tuple[int, int, int] | None:
+    """A TIFF's first image as Pillow opens it: (tags in its IFD, strips or tiles it is cut
+    into: the most values its offset and byte-count tags hold, width x height its tags state);
+    None for another format or a header that runs off the data (the decoder judges those).
+    Past ``stop_after`` tags nothing more is read (strips and pixels 0), nor past the data."""
+    head = data[:4]
+    if head in _TIFF_CLASSIC:
+        offset_at, count_bytes, entry_bytes, value_bytes = 4, 2, 12, 4
+    elif head in _TIFF_BIG:  # BigTIFF: 8-byte offsets and counts, 20-byte entries
+        offset_at, count_bytes, entry_bytes, value_bytes = 8, 8, 20, 8
+    else:
+        return None
+    order = "little" if head.startswith(b"II") else "big"
+    if len(data) < offset_at + value_bytes:
+        return None
+    at = int.from_bytes(data[offset_at:offset_at + value_bytes], order)
+    if at + count_bytes > len(data):
+        return None
+    entries = int.from_bytes(data[at:at + count_bytes], order)
+    if entries > stop_after:
+        return entries, 0, 0
+    at += count_bytes
+    strips, size = 0, {256: 0, 257: 0}
+    for entry in range(at, at + min(entries, (len(data) - at) // entry_bytes) * entry_bytes, entry_bytes):
+        tag = int.from_bytes(data[entry:entry + 2], order)
+        if tag in _TIFF_STRIP_TAGS:
+            strips = max(strips, int.from_bytes(data[entry + 4:entry + 4 + value_bytes], order))
+        elif tag in size:  # ImageWidth, ImageLength: SHORT, LONG or LONG8, held in the entry
+            width = _TIFF_INT_BYTES.get(int.from_bytes(data[entry + 2:entry + 4], order), 0)
+            value_at = entry + 4 + value_bytes
+            size[tag] = int.from_bytes(data[value_at:value_at + width], order) if width else 0
+    return entries, strips, size[256] * size[257]
+
+
 def over_budget(data: bytes) -> str | None:
     """Why ``data`` holds more chunks, segments or scans than its budget allows, or None."""
     budget = segment_budget(len(data))
@@ -135,6 +187,15 @@ def over_budget(data: bytes) -> str | None:
             return (f"holds more than {MAX_JPEG_SCANS} JPEG scans (the decoder passes over the whole image "
                     "once per scan)")
         kind = "JPEG segments before its first scan"
+    elif (framing := tiff_framing(data, budget)) is not None:
+        count, strips, pixels = framing
+        kind = "TIFF tags in its first image"
+        # Pillow makes the strips before it checks the pixels: a size claimed past the limit earns none
+        strip_budget = max(budget, min(pixels, max_image_pixels()) // MIN_PIXELS_PER_STRIP)
+        if count <= budget and strips > strip_budget:
+            return (f"is cut into more than {strip_budget} TIFF strips or tiles (the budget: {BASE_SEGMENTS} plus one "
+                    f"per {BYTES_PER_EXTRA_SEGMENT} bytes of upload, or one per {MIN_PIXELS_PER_STRIP} pixels of "
+                    "the image if more)")
     else:
         return None
     if count is not None and count > budget:

@@ -1,14 +1,16 @@
-"""The framing budget (models.image_framing): PNG chunks and JPEG segments counted
-before Pillow walks them one by one in Python; real files pass, made-up ones are refused from the count."""
+"""The framing budget (models.image_framing): PNG chunks, JPEG segments and a TIFF's tags and
+strips counted before Pillow walks them one by one in Python; real files pass, made-up ones are refused from the count."""
 
 from __future__ import annotations
+
+import struct
 
 import pytest
 from PIL import Image
 
 from harness import PNG_IHDR_END, jpeg_segment, noise, png_chunk, png_of
 from models.image_framing import (BASE_SEGMENTS, BYTES_PER_EXTRA_SEGMENT, MAX_JPEG_SCANS, container_segments,
-                                        jpeg_scans, over_budget, segment_budget)
+                                        jpeg_scans, over_budget, segment_budget, tiff_framing)
 from service.pipeline.decode import ImageLimits, UndecodableImage, decode_image
 
 LIMITS = ImageLimits(max_bytes=20 << 20, max_pixels=40_000_000)
@@ -101,3 +103,46 @@ def test_only_the_images_own_scans_count() -> None:
     exif = Image.Exif()
     with_thumbnail = png_of(img, "JPEG", exif=exif.tobytes() + thumbnail * 40)  # 40 thumbnails' scans in APP1
     assert with_thumbnail.count(b"\xff\xda") > 40 and jpeg_scans(with_thumbnail, MAX_JPEG_SCANS) == 1
+
+
+def strips_tiff(strips: int, width: int = 1, height: int = 2) -> bytes:
+    """An 8-bit grey uncompressed TIFF whose first IFD cuts it into ``strips`` one-row strips,
+    every offset pointing at the same byte (two bytes an offset, two a byte count)."""
+    def entry(tag: int, kind: int, count: int, value: int) -> bytes:
+        return struct.pack("<HHII", tag, kind, count, value)
+    offsets_at = 8 + 2 + 12 * 8 + 4
+    counts_at = offsets_at + 2 * strips
+    ifd = [entry(256, 4, 1, width), entry(257, 4, 1, height), entry(258, 3, 1, 8), entry(259, 3, 1, 1),
+           entry(262, 3, 1, 1), entry(273, 3, strips, offsets_at), entry(278, 4, 1, 1), entry(279, 3, strips, counts_at)]
+    return (b"II*\x00" + struct.pack("<IH", 8, len(ifd)) + b"".join(ifd) + b"\x00" * 4
+            + struct.pack(f"<{strips}H", *[8] * strips) + struct.pack(f"<{strips}H", *[1] * strips))
+
+
+def test_a_tiff_cut_into_more_strips_than_its_budget_is_refused_before_pillow_opens_it() -> None:
+    """Pillow makes a tuple per strip as it opens a TIFF, before it checks the pixels, and passes
+    over each as it decodes: 4 million one-row strips of a 2-pixel image (16 MB) grew the server
+    by a gigabyte and held a decode thread past the deadline, priced as 2 pixels. 200,000 of
+    them here (800 KB: a second or two of Pillow, and 50 MB); and the same claiming a size past
+    the pixel limit, whose strips Pillow makes before its own check refuses the size."""
+    for upload in (strips_tiff(200_000), strips_tiff(200_000, width=100_000, height=100_000)):
+        with pytest.raises(UndecodableImage, match="TIFF strips or tiles") as refused:
+            decode_image(upload, 64, LIMITS, name="strips.tif")
+        assert refused.value.status_code == 422 and "'strips.tif'" in str(refused.value)
+    tags = strips_tiff(2)
+    tags = tags[:8] + struct.pack("<H", 5000) + tags[10:]  # an IFD claiming 5,000 tags in a 100-byte file
+    with pytest.raises(UndecodableImage, match="TIFF tags"):
+        decode_image(tags, 64, LIMITS)
+
+
+def test_real_tiffs_are_within_the_strip_budget() -> None:
+    """Encoders cut a compressed image finer than its bytes (Pillow's libtiff: 64 KiB of pixels a
+    strip, here one row of 16,384 float pixels, 1,300 strips in a file of 100 KB or so), never
+    below a row of 256 pixels."""
+    fine = png_of(Image.new("F", (16384, 1300), 0.5), "TIFF", compression="tiff_adobe_deflate")
+    framing = tiff_framing(fine, 10**6)
+    assert framing is not None and framing[1] == 1300 > segment_budget(len(fine)) and over_budget(fine) is None
+    for img in (Image.fromarray(noise(300, 200)), Image.new("L", (256, 3000), 9)):
+        tiff = png_of(img, "TIFF")
+        assert over_budget(tiff) is None
+        assert decode_image(tiff, 64, LIMITS).model_input.shape == (64, 64, 3)
+    assert over_budget(strips_tiff(3000, width=256, height=3000)) is None  # one row of 256 pixels a strip
