@@ -218,6 +218,9 @@ class Settings(BaseSettings):
                                                            "trimmed first)")
     job_claim_idle_s: float = Field(60.0, gt=0.0, description="a pending job idle this long (its worker died) "
                                                               "is claimed by another worker")
+    job_consumer_idle_s: float = Field(600.0, gt=0.0, description="a consumer of a job stream's group with "
+                                       "nothing pending and unseen this long (a dead worker's: the name is new at "
+                                       "every start) is deleted by the workers")
     worker_block_s: float = Field(2.0, gt=0.0, description="XREADGROUP BLOCK of an idle worker")
     worker_name: str | None = Field(None, max_length=128, description="consumer name (default host-pid)")
     worker_metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus port of msflow worker")

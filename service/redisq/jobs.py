@@ -45,6 +45,7 @@ from redis.exceptions import ResponseError
 
 from service.config import Settings
 from service.redisq.connection import RedisConnection
+from service.redisq.consumers import IdleConsumers
 from service.redisq.idempotency import INLINE_DIGEST_BYTES, IdempotencyConflict, job_id_for, request_digest
 from service.schemas import ErrorBody, InspectOptions, Upload
 from service.redisq.records import FinalWrite, JobRecord, JobRecords, new_job_id, release_input_lua
@@ -170,6 +171,7 @@ class JobQueue:
         self.conn = conn
         self.records = JobRecords(settings, conn)
         self.workers = WorkerHeartbeats(conn)
+        self.consumers = IdleConsumers(conn, GROUP, settings.job_consumer_idle_s)  # dead workers' consumers go
         self.claim_idle_ms = int(settings.job_claim_idle_s * 1000)
         self._claim_cursor: dict[str, str] = {}  # per category: where the last XAUTOCLAIM scan stopped
 

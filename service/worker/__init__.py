@@ -37,7 +37,9 @@ Redis's fault, not the job's: the job runs again in hand once Redis answers, up 
 Every 5 s it beats a heartbeat per category into Redis (:mod:`service.redisq.workers`), so
 that a job's answer says whether any worker consumes its category. A category the store watch
 retires leaves the heartbeat and, once its stream is drained, the reads; one that comes back is
-consumed again (:mod:`service.worker.categories`).
+consumed again (:mod:`service.worker.categories`). At its start and every half
+``job_consumer_idle_s`` it deletes the consumers of the groups it reads that hold nothing and
+have been idle that long (:mod:`service.redisq.consumers`): each restart is a new name.
 
 SIGTERM/SIGINT: stop reading, finish the jobs in hand, leave the heartbeats, exit. A SIGKILLed (or stopped)
 worker's jobs are claimed by the others once their keep-alive stops. Metrics:

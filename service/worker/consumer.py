@@ -56,7 +56,7 @@ class Worker:
         # not have seen. Why that long and no longer: service/worker/claim_holdoff.py.
         self.claim_hold_off_s = claim_hold_off_s(settings)
         self.redis_failed = False
-        self._watch: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []  # the store watch, consumer pruning
         self._heartbeat: asyncio.Task[None] | None = None
 
     @property
@@ -75,10 +75,13 @@ class Worker:
             raise RuntimeError(f"no model could be loaded from {self.settings.model_store}: "
                                f"{self.runtime.registry.failed}")
         await self._until_redis(lambda: self.queue.ensure_groups(self.categories))
-        self._watch = asyncio.create_task(self.runtime.watch_store(), name="watch-store")
+        self._tasks.append(asyncio.create_task(self.runtime.watch_store(), name="watch-store"))
         # Before the first read: a job's answer says from now on that a worker consumes it.
         await self._until_redis(lambda: self.queue.workers.beat(self.name, self.categories))
         self._heartbeat = asyncio.create_task(self._beat(), name="heartbeat")
+        # Dead workers' consumers (host-pid names, one per restart) leave the groups: a bound.
+        self._tasks.append(asyncio.create_task(self.queue.consumers.forever(
+            lambda: [self.queue.stream(c) for c in self.categories], self.name, self._failed), name="prune-consumers"))
         log.info("worker %s: consuming %s", self.name, ", ".join(self.categories))
 
     async def run(self) -> None:
@@ -379,10 +382,13 @@ class Worker:
             except RedisUnavailable:
                 self.redis_failed = True
 
+    def _failed(self) -> None:
+        self.redis_failed = True
+
     async def close(self) -> None:
         """Finish what the batchers hold, release threads and the connection."""
-        if self._watch is not None:
-            self._watch.cancel()
+        for task in self._tasks:
+            task.cancel()
         if self._heartbeat is not None:
             self._heartbeat.cancel()
             try:  # a clean stop leaves at once, rather than counting as alive until its beat runs out
