@@ -235,6 +235,7 @@ class ServiceMetrics:
             "took none of its answer), header_too_large (431), pipeline_too_deep (429), over_budget (more than "
             "max_connections open: 503, or closed unanswered past the refusal slots), bad_request (400: bytes "
             "that are not HTTP)", ["reason"], registry=r)
+        self._redis_up: Gauge | None = None  # made at the first probe: no Redis, no series (0 would read as down)
         self._model_labels: dict[str, tuple[str, str]] = {}
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
@@ -275,6 +276,15 @@ class ServiceMetrics:
     def set_job_census(self, category: str, workers: int, backlog: int) -> None:
         self._child(self.job_workers, category).set(workers)
         self._child(self.job_backlog, category).set(backlog)
+
+    def set_redis_up(self, answered: bool) -> None:
+        """The periodic PING's answer (service/redisq/probe.py). Several front ends: each pings,
+        the merged /metrics shows the lowest (livemin): 0 once any of them cannot reach Redis."""
+        if self._redis_up is None:
+            self._redis_up = Gauge("msflow_redis_up", "1 while Redis answers this process's periodic PING (every "
+                                   "5 s, traffic or not), 0 while it does not", registry=self.registry,
+                                   multiprocess_mode="livemin")
+        self._redis_up.set(1 if answered else 0)
 
     def observe_stage(self, stage: str, seconds: float) -> None:
         self._child(self.stage_time, stage).observe(seconds)

@@ -32,6 +32,7 @@ from service.pipeline.runtime import Lane, PipelineRuntime, rendering_for
 from service.redisq.budget import maxmemory_warning
 from service.redisq.connection import RedisConnection, make_client
 from service.redisq.jobs import JobQueue
+from service.redisq.probe import probe_forever
 from service.redisq.store import CachedResult, ResultCache, utcnow
 from service.schemas import HeatmapLink, InspectOptions, Timings, Upload
 
@@ -66,6 +67,7 @@ class ServiceState(PipelineRuntime):
         self._loading: asyncio.Task[None] | None = None
         self._collector_report: asyncio.Task[None] | None = None
         self._budget_check: asyncio.Task[None] | None = None
+        self._redis_probe: asyncio.Task[None] | None = None
         self.cache = ResultCache(settings, self.redis, self.metrics)
         # Job submissions carry the images (up to max_request_bytes): their own connection, with
         # a timeout sized for that payload and no breaker, so a slow upload neither fails at the
@@ -109,6 +111,9 @@ class ServiceState(PipelineRuntime):
         # Once start-up can no longer fail, so that no task outlives a start that raised.
         self._collector_report = asyncio.create_task(
             report_collector_pauses(functools.partial(self.metrics.observe_gc_pauses, "api")), name="gc-pauses")
+        if self.redis is not None:  # msflow_redis_up: a Redis down is seen with no traffic too
+            self._redis_probe = asyncio.create_task(probe_forever(self.redis, self.metrics.set_redis_up),
+                                                    name="redis-probe")
 
     async def _check_redis_budgets(self, categories: int) -> None:
         """Once at start, on the bulk connection: a Redis not up yet must not trip the hot
@@ -128,7 +133,7 @@ class ServiceState(PipelineRuntime):
             self._loading.cancel()
         await self.close()
         # Awaited before the bulk connection closes under them.
-        for task in (self._budget_check, self._collector_report):
+        for task in (self._budget_check, self._collector_report, self._redis_probe):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

@@ -117,13 +117,19 @@ class RedisConnection:
 
     async def status(self) -> Literal["ok", "degraded"]:
         """What the hot path gets from Redis now: ``degraded`` while its breaker is open or Redis
-        does not answer a PING, else ``ok``. Only looks: the PING neither opens nor closes the
-        breaker (a probe must not change how the replica serves; a failed PING is counted in
-        ``msflow_redis_errors_total``). It takes a slot of the calls' budget, and with every slot
-        busy the calls in flight say Redis answers; the PING's time is bounded, whatever the
-        socket does (a hung Redis: ~0.5 s, where a probe's timeout is seconds)."""
+        does not answer a PING (:meth:`answers`, counted in ``msflow_redis_errors_total``), else
+        ``ok``. Only looks: the PING neither opens nor closes the breaker (a probe must not
+        change how the replica serves)."""
+        return "ok" if await self.answers(count=True) and not self.skipping else "degraded"
+
+    async def answers(self, count: bool = False) -> bool:
+        """Whether Redis answers a PING now, never changing the breaker; a failure is counted in
+        ``msflow_redis_errors_total`` when ``count``. It takes a slot of the calls' budget, and
+        with every slot busy the calls in flight say Redis answers (unless they tripped the
+        breaker); the PING's time is bounded, whatever the socket does (a hung Redis: ~0.5 s,
+        where a probe's timeout is seconds, and a worker's socket timeout longer still)."""
         if self._slots.locked():  # every connection busy with calls: Redis answers them
-            return "degraded" if self.skipping else "ok"
+            return not self.skipping
         s = self.settings
         bound = (s.redis_retries + 1) * (max(s.redis_socket_timeout_s, s.redis_connect_timeout_s) + 0.05)
         await self._slots.acquire()  # returns at once: not locked above, and no await since
@@ -132,11 +138,12 @@ class RedisConnection:
                 await self.client.ping()
         except (RedisError, OSError, TimeoutError) as exc:  # MaxConnectionsError too: a pool shared beyond the slots
             log.debug("Redis ping failed (%s: %s)", type(exc).__name__, exc)
-            self._count("ping")
-            return "degraded"
+            if count:
+                self._count("ping")
+            return False
         finally:
             self._slots.release()
-        return "degraded" if self.skipping else "ok"
+        return True
 
     def _trip(self, op: str, exc: BaseException) -> None:
         if not self.skipping and self.breaker_s > 0:

@@ -18,6 +18,7 @@ from service.pipeline.registry_errors import ModelNotLoaded, UnknownCategory
 from service.pipeline.runtime import Lane, PipelineRuntime
 from service.redisq.connection import RedisConnection, RedisUnavailable, make_client
 from service.redisq.jobs import Delivery, JobQueue
+from service.redisq.probe import probe_forever
 from service.redisq.records import FINAL_STATES, FinalWrite, JobRecord, RecordTooLarge, Unreadable
 from service.redisq.store import utcnow
 from service.schemas import ErrorBody
@@ -56,7 +57,7 @@ class Worker:
         # not have seen. Why that long and no longer: service/worker/claim_holdoff.py.
         self.claim_hold_off_s = claim_hold_off_s(settings)
         self.redis_failed = False
-        self._tasks: list[asyncio.Task[None]] = []  # the store watch, consumer pruning
+        self._tasks: list[asyncio.Task[None]] = []  # the store watch, consumer pruning, the Redis probe
         self._heartbeat: asyncio.Task[None] | None = None
 
     @property
@@ -82,6 +83,8 @@ class Worker:
         # Dead workers' consumers (host-pid names, one per restart) leave the groups: a bound.
         self._tasks.append(asyncio.create_task(self.queue.consumers.forever(
             lambda: [self.queue.stream(c) for c in self.categories], self.name, self._failed), name="prune-consumers"))
+        # msflow_redis_up on MSFLOW_WORKER_METRICS_PORT; its failures do not hold claims off (probe.py says why).
+        self._tasks.append(asyncio.create_task(probe_forever(self.conn, self.metrics.set_redis_up), name="redis-probe"))
         log.info("worker %s: consuming %s", self.name, ", ".join(self.categories))
 
     async def run(self) -> None:

@@ -97,8 +97,10 @@ def _exported() -> dict[str, set[str]]:
     """Series name -> label names, read from the service's own registry (not from its source)."""
     from service.metrics import ServiceMetrics
 
+    metrics = ServiceMetrics()
+    metrics.set_redis_up(True)  # msflow_redis_up is made at the first PING (no Redis: no series)
     out: dict[str, set[str]] = {}
-    for collector in list(ServiceMetrics().registry._collector_to_names):  # every metric the service registers
+    for collector in list(metrics.registry._collector_to_names):  # every metric the service registers
         name, kind, labels = collector._name, collector._type, set(collector._labelnames)
         if kind == "counter":
             out[f"{name}_total"] = labels
