@@ -15,9 +15,11 @@ from fastapi.responses import Response
 from service.api.auth import Authed, KeyFirstRoute, refuse_cross_site, require_api_key
 from service.api.deps import StateDep, category_to_inspect, get_state
 from service.api.errors import ApiError
+from service.api.held_answer import held_answer, release
 from service.api.openapi import PNG_ANSWER, UNAUTHORIZED, UPLOAD, errors, ok
 from service.api.uploads import read_uploads
 from service.config import Settings
+from service.pipeline.admission import Ticket
 from service.pipeline.decode import TooManyFiles
 from service.pipeline.item import InspectedImage
 from service.pipeline.state import ServiceState
@@ -101,29 +103,38 @@ async def inspect(request: Request, target: Annotated[InspectTarget, Depends(ins
             raise ApiError(406, "not_acceptable", "an image/png answer is the heatmap itself, inline: it cannot "
                            f"honour heatmap={heatmap.value} (ask for application/json, or leave heatmap out)")
         wants_png = False
-    # The model version is resolved once, here (503 now if it is still loading, before reading
-    # the body); the whole request uses it, even if a reload swaps the category meanwhile.
-    with state.pin(category) as lane:
-        s = state.settings
-        uploads = await _before(deadline, _read_within_queue(request, s, lane.batcher.max_queue_size))
-        if wants_png and len(uploads) != 1:
-            if not json_ok:
-                raise ApiError(406, "not_acceptable", "an image/png answer needs exactly one image; "
-                               f"this request has {len(uploads)}")
-            wants_png = False
-        options = InspectOptions(heatmap=heatmap, overlay=overlay, heatmap_size=heatmap_size)
-        items = await state.inspect(lane, uploads, options, deadline, started, wants_png,
-                                    gone=lambda: _disconnected(request))
-    if wants_png:
-        return _png_response(items[0])
-    results = [item.answer for item in items]
-    body = InspectResponse(request_id=request.scope["state"]["request_id"], category=category,
-                           model_version=results[0].model_version, engine=items[0].engine or "", results=results)
-    inline = sum(len(r.heatmap.data) for r in results if isinstance(r.heatmap, Heatmap))
-    # pydantic's own (Rust) encoder, straight to bytes: no dict of the answer in between.
-    content = await state.run_blocking(body.model_dump_json) if inline > _ENCODE_OFF_LOOP_BYTES \
-        else body.model_dump_json()
-    return Response(content, media_type="application/json")
+    # The pixels admitted for the request stay so until its client has taken the answer
+    # (service/api/held_answer.py): a slow reader held a large answer unpriced.
+    holds: list[Ticket] = []
+    try:
+        # The model version is resolved once, here (503 now if it is still loading, before
+        # reading the body); the whole request uses it, even if a reload swaps the category.
+        with state.pin(category) as lane:
+            s = state.settings
+            uploads = await _before(deadline, _read_within_queue(request, s, lane.batcher.max_queue_size))
+            if wants_png and len(uploads) != 1:
+                if not json_ok:
+                    raise ApiError(406, "not_acceptable", "an image/png answer needs exactly one image; "
+                                   f"this request has {len(uploads)}")
+                wants_png = False
+            options = InspectOptions(heatmap=heatmap, overlay=overlay, heatmap_size=heatmap_size)
+            items = await state.inspect(lane, uploads, options, deadline, started, wants_png,
+                                        gone=lambda: _disconnected(request), hold=holds)
+        if wants_png:
+            png, headers = _png_answer(items[0])
+            return held_answer(png, "image/png", holds, state.pixels, headers)
+        results = [item.answer for item in items]
+        body = InspectResponse(request_id=request.scope["state"]["request_id"], category=category,
+                               model_version=results[0].model_version, engine=items[0].engine or "",
+                               results=results)
+        inline = sum(len(r.heatmap.data) for r in results if isinstance(r.heatmap, Heatmap))
+        # pydantic's own (Rust) encoder, straight to bytes: no dict of the answer in between.
+        content = await state.run_blocking(body.model_dump_json) if inline > _ENCODE_OFF_LOOP_BYTES \
+            else body.model_dump_json()
+    except BaseException:
+        release(holds)
+        raise
+    return held_answer(content, "application/json", holds, state.pixels)
 
 
 async def _read_within_queue(request: Request, s: Settings, queue_size: int) -> list[Upload]:
@@ -197,15 +208,16 @@ def _wants_png(accept: str | None) -> tuple[bool, bool]:
     return best["png"][0] > 0 and best["png"] > best["json"], best["json"][0] > 0
 
 
-def _png_response(item: InspectedImage) -> Response:
-    """The heatmap itself (``wants_png`` rendered it for this request: the cache was bypassed)."""
+def _png_answer(item: InspectedImage) -> tuple[bytes, dict[str, str]]:
+    """The heatmap itself (``wants_png`` rendered it for this request: the cache was bypassed)
+    and the headers that carry the result."""
     result = item.answer
     if item.heatmap_png is None:
         raise RuntimeError(f"image {item.index} has no rendered heatmap for its image/png answer")
-    return Response(item.heatmap_png, media_type="image/png", headers={
+    return item.heatmap_png, {
         "X-Anomaly-Score": f"{result.score:.6f}", "X-Raw-Score": f"{result.raw_score:.6f}",
         "X-Threshold": f"{result.threshold:.6f}", "X-Is-Anomalous": str(result.is_anomalous).lower(),
         "X-Verdict": result.verdict, "X-Ng-Threshold": f"{result.ng_threshold:.6f}",
         "X-Model-Version": result.model_version, "X-Engine": item.engine or "",
         "X-Image-Size": f"{result.image_size.width}x{result.image_size.height}",
-        "X-Heatmap-Size": f"{item.heatmap_width}x{item.heatmap_height}"})
+        "X-Heatmap-Size": f"{item.heatmap_width}x{item.heatmap_height}"}

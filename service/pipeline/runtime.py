@@ -325,7 +325,7 @@ class PipelineRuntime:
 
     async def run(self, lane: Lane, items: Sequence[InspectedImage], options: InspectOptions, deadline: float,
                   started: float, *, render_all: bool = False, gone: Awaitable[None] | None = None,
-                  wait_for_room: bool = False) -> None:
+                  wait_for_room: bool = False, hold: list[Ticket] | None = None) -> None:
         """The inspect path: probe and admit -> decode -> the lane's batcher -> postprocess.
         Afterwards every record has its ``result``, or this raised the first failure (the
         records show how far each image got: :attr:`~service.pipeline.item.InspectedImage.stage`).
@@ -335,7 +335,9 @@ class PipelineRuntime:
         Admission comes before any decoding: the request's price in decoded pixels
         (413 over the per-request budget; 503 while the server's budget is taken) and room in
         the category's queue (503). ``wait_for_room`` (the worker, which already took the job)
-        waits for both instead of refusing.
+        waits for both instead of refusing. ``hold``: the request's ticket is added to it, its
+        pixels admitted until the caller's :meth:`~service.pipeline.admission.Ticket.call_done`
+        (the API, once its client has taken the answer), even when this raises.
         """
         size = lane.model.manifest.input_size
         rendering = rendering_for(options, render_all)
@@ -348,6 +350,9 @@ class PipelineRuntime:
                 else:
                     lane.batcher.check_room(len(items))  # a full queue refuses before the decode, not after
                     ticket = self.admit(lane.model.category, items)
+                if hold is not None:
+                    ticket.call_started()
+                    hold.append(ticket)
                 small = probed_on_loop and work_on_loop(items, self.settings.loop_work_pixels)
                 self.metrics.count_work_placement(small)
                 with ticket:

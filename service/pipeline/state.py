@@ -22,7 +22,7 @@ from typing import Literal
 from service.config import Settings
 from service.heap import report_collector_pauses
 from service.metrics import ServiceMetrics
-from service.pipeline.admission import AdmissionRefused
+from service.pipeline.admission import AdmissionRefused, Ticket
 from service.pipeline.engine_client import EngineClient
 from service.pipeline.item import InspectedImage
 from service.pipeline.recent import RecentScores
@@ -148,12 +148,15 @@ class ServiceState(PipelineRuntime):
     # ------------------------------------------------------------------ the synchronous inspection
     async def inspect(self, lane: Lane, uploads: Sequence[Upload], options: InspectOptions, deadline: float,
                       started: float, wants_png: bool = False,
-                      gone: Callable[[], Awaitable[None]] | None = None) -> list[InspectedImage]:
+                      gone: Callable[[], Awaitable[None]] | None = None,
+                      hold: list[Ticket] | None = None) -> list[InspectedImage]:
         """Answer every upload (one record each, in request order, each with its ``result``):
         from the result cache where the same bytes were inspected with the same model
         version, threshold and options, else through the runtime's inspect path. The PNG
         answer (``wants_png``) bypasses the cache. ``gone()`` completes when the caller
-        stops waiting (an HTTP client disconnecting)."""
+        stops waiting (an HTTP client disconnecting). ``hold``: the ticket of the pixels admitted
+        for the images run (none when all were cached) goes there, until the caller's
+        ``call_done`` (:meth:`~service.pipeline.runtime.PipelineRuntime.run`)."""
         model = lane.model
         items = [InspectedImage.received(i, u) for i, u in enumerate(uploads)]
         use_cache = self.cache.enabled and not wants_png
@@ -169,7 +172,7 @@ class ServiceState(PipelineRuntime):
         todo = [item for item in items if not item.cached]
         if todo:
             await self.run(lane, todo, options, deadline, started, render_all=wants_png,
-                           gone=gone() if gone is not None else None)
+                           gone=gone() if gone is not None else None, hold=hold)
             if use_cache:
                 await self.cache.put_many([
                     (self.cache.key(digests[item.index], model.category, model.version, item.answer.threshold,
