@@ -5,24 +5,9 @@ apps in one process create metrics without "Duplicated timeseries" errors, and `
 shows exactly this service. :class:`ServiceMetrics` also implements the batcher's
 :class:`service.pipeline.batcher.BatchObserver` hooks.
 
-Several processes, one ``/metrics`` (``MSFLOW_API_PROCESSES`` > 1): the supervisor sets
-``PROMETHEUS_MULTIPROC_DIR`` for its front ends and engine process, so prometheus-client
-keeps every value in per-process files there, and any front end's ``/metrics`` adds them up
-(counters and histograms summed; each gauge says how: ``multiprocess_mode``, which a
-single process ignores). The engine process's batch metrics thus appear on every front end.
-Each process keeps its values in memory and writes them to its files once a second and
-before every exposition (:mod:`service.metrics_buffer`).
-
-A series that retires (``msflow_model_info`` of a version no longer served) is removed in
-one process; a multi-process file cannot drop a label set, and kept it at 0 for the life of
-the process (``{version="1"} 0`` beside ``{version="2"} 1`` after every reload), so the
-merged ``/metrics`` leaves out an info gauge's series at 0 (:class:`_MultiProcessView`).
-
-A share over a window (``msflow_anomaly_rate``) cannot be merged from each process's share:
-each front end writes its window's anomalous verdicts and images instead (hidden gauges,
-summed over the live processes), and the merged ``/metrics`` writes the rate as their ratio.
-Taking the share of whichever process wrote last (``livemostrecent``) showed one front end's
-window, 0.514 against 0.554 for the whole server in one run.
+Several processes, one ``/metrics`` (``MSFLOW_API_PROCESSES`` > 1): each gauge says how its
+values add up across processes (``multiprocess_mode``, which a single process ignores);
+how they are kept and merged is :mod:`service.metrics_multiprocess`.
 
 Label values are bounded on purpose: categories are only those in the model store (an
 unknown category from a client is counted as ``"-"``), endpoints are route templates.
@@ -32,49 +17,14 @@ from __future__ import annotations
 
 import os
 import sys
-import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client import values
 from prometheus_client.metrics import MetricWrapperBase
-from prometheus_client.metrics_core import GaugeMetricFamily, Metric
-from prometheus_client.multiprocess import MultiProcessCollector
-from prometheus_client.registry import Collector
 
-from service import metrics_buffer
-
-# In multi-process mode prometheus-client warns at each remove() that removal "has not been
-# implemented": the files keep a removed series' last value, which _remove's callers zero
-# first. The warning went to the log at every version swap of a multi-process server, and read
-# as a broken swap. Set once here, not per call: catch_warnings is not thread-safe.
-warnings.filterwarnings("ignore", message="Removal of labels has not been implemented", category=UserWarning)
-
-_process_id = os.getpid()
-
-
-def _forked() -> None:
-    global _process_id
-    _process_id = os.getpid()
-
-
-def current_process_id() -> int:
-    """This process's id, read from the kernel once and again only after a fork."""
-    return _process_id
-
-
-os.register_at_fork(after_in_child=_forked)
-if values.ValueClass is not values.MutexValue:
-    # Multi-process mode (PROMETHEUS_MULTIPROC_DIR, set by the supervisor before it spawns
-    # the front ends and the engine process): prometheus-client writes every update through
-    # to its file, under a lock, after asking for the process id (a getpid system call each,
-    # ~13 of a front end's 22 per request before: strace, docs/performance-log.md). Values
-    # are kept in memory instead and written in one go (service/metrics_buffer.py); with a
-    # prometheus-client it does not know, the library's own value, asking this module for the
-    # process id (the fork hook keeps it true) instead of the kernel.
-    if not metrics_buffer.install():
-        values.ValueClass = values.MultiProcessValue(process_identifier=current_process_id)
+# Imported before any metric is made: it installs the multi-process value class.
+from service.metrics_multiprocess import RATE_HELP, RATE_PARTS, merged_exposition, multiprocess
 
 # 1 ms .. 30 s: a warm GPU answers in a few ms, a cold CPU batch of large images in seconds.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -86,37 +36,6 @@ SCORE_BUCKETS = tuple(round(i * 0.05, 2) for i in range(21))
 # tens to hundreds (service/heap.py).
 GC_PAUSE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 UNKNOWN = "-"
-# Gauges whose series are 1 while what they describe exists and retired at 0 (set_model):
-# a series at 0 is not exported.
-INFO_GAUGES = frozenset({"msflow_model_info"})
-# The anomaly rate's parts in multi-process mode: never exported, read to write the rate.
-_RATE_PARTS = ("msflow_anomaly_window_anomalous", "msflow_anomaly_window_images")
-_RATE_HELP = "Share of anomalous verdicts among the last MSFLOW_ANOMALY_RATE_WINDOW images"
-
-
-class _MultiProcessView(Collector):
-    """Every process's values added up (prometheus-client's ``MultiProcessCollector``), less
-    the retired series of the info gauges: a multi-process file keeps a label set once made,
-    whatever ``remove`` does, so a version swapped out stayed on ``/metrics`` at 0 for as long
-    as the process that served it lived, and a table of what serves listed it."""
-
-    def collect(self) -> Iterator[Metric]:
-        parts: dict[str, dict[str, float]] = {name: {} for name in _RATE_PARTS}
-        for family in MultiProcessCollector(None).collect():
-            if family.name in INFO_GAUGES:
-                family.samples = [sample for sample in family.samples if sample.value != 0]
-            if family.name in parts:
-                for sample in family.samples:
-                    parts[family.name][sample.labels["category"]] = sample.value
-                continue
-            yield family
-        anomalous, images = (parts[name] for name in _RATE_PARTS)
-        rate = GaugeMetricFamily("msflow_anomaly_rate", _RATE_HELP, labels=["category"])
-        for category, count in sorted(images.items()):
-            if count > 0:
-                rate.add_metric([category], anomalous.get(category, 0.0) / count)
-        if rate.samples:  # no image yet: no series, as in one process
-            yield rate
 
 
 class ServiceMetrics:
@@ -187,11 +106,11 @@ class ServiceMetrics:
                                  multiprocess_mode="livemostrecent")
         self.score = Histogram("msflow_score", "Normalised image score (0.5 = the effective threshold)",
                                ["category"], buckets=SCORE_BUCKETS, registry=r)
-        self.anomaly_rate = Gauge("msflow_anomaly_rate", _RATE_HELP, ["category"], registry=r)
-        # Multi-process mode: the rate's parts, summed over the live front ends (_MultiProcessView).
-        self._multiprocess = values.ValueClass is not values.MutexValue
+        self.anomaly_rate = Gauge("msflow_anomaly_rate", RATE_HELP, ["category"], registry=r)
+        # Multi-process mode: the rate's parts, summed over the live front ends (metrics_multiprocess).
+        self._multiprocess = multiprocess()
         self.anomaly_window = [Gauge(name, "", ["category"], registry=r, multiprocess_mode="livesum")
-                               for name in _RATE_PARTS] if self._multiprocess else []
+                               for name in RATE_PARTS] if self._multiprocess else []
         self._window_images: dict[str, int] = {}
         self.gpu_memory = Gauge("msflow_gpu_memory_bytes", "GPU memory per device (used, total), read at "
                                 "scrape time; absent on hosts without a CUDA GPU", ["device", "kind"], registry=r,
@@ -319,7 +238,7 @@ class ServiceMetrics:
         old = self._model_labels.get(category)
         if old is not None and old != (version, engine):
             # Multi-process files keep a removed series' last value: zero it first (exposition
-            # leaves it out then, INFO_GAUGES).
+            # leaves it out then: metrics_multiprocess.INFO_GAUGES).
             self.model_info.labels(category, *old).set(0)
             _remove(self.model_info, category, *old)
         self._model_labels[category] = (version, engine)
@@ -386,8 +305,7 @@ class ServiceMetrics:
         """The ``/metrics`` body and its content type."""
         self.refresh_gpu_memory()
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-            metrics_buffer.flush()  # the other processes flushed when asked (api/health.py)
-            return generate_latest(_MultiProcessView()), CONTENT_TYPE_LATEST
+            return merged_exposition(), CONTENT_TYPE_LATEST
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
     def is_known(self, category: str) -> bool:

@@ -4,7 +4,7 @@ In multi-process mode (``PROMETHEUS_MULTIPROC_DIR``) prometheus-client writes ev
 through to a memory-mapped file, under a lock, after a process-id check: a gauge set cost
 ~12,300 instructions against ~8,300 in one process, a histogram observation ~21,700 against
 ~12,300 (callgrind, docs/performance-log.md), and a front end makes ~9 a request, the engine
-process ~7 an image. :class:`BufferedValue` (installed by :mod:`service.metrics` as
+process ~7 an image. :class:`BufferedValue` (installed by :mod:`service.metrics_multiprocess` as
 prometheus-client's value class in that mode) keeps the running value in memory as the
 library does, and only marks it changed; :func:`flush` writes every changed value in one go.
 The value written is the same float the library would have written after the same updates

@@ -1,7 +1,7 @@
 """Multi-process metric values: no system call per update, and a fork still noticed.
 
 prometheus-client, in multi-process mode, asks for the process id on every value update (to
-notice a fork and reopen its per-process files); ``service.metrics`` hands it an id read once
+notice a fork and reopen its per-process files); ``service.metrics_multiprocess`` hands it an id read once
 and refreshed by a fork hook. Each case runs in a fresh interpreter, since the value class
 is chosen when prometheus-client is imported, from ``PROMETHEUS_MULTIPROC_DIR``.
 """
@@ -45,12 +45,13 @@ print(json.dumps({"getpid": calls}))
 _FORK = """
 import json, os
 import service.metrics as m
+from service.metrics_multiprocess import current_process_id
 metrics = m.ServiceMetrics()
 metrics.count_image("brick", False, "ok")
 child = os.fork()
 if child == 0:
     metrics.count_image("brick", True, "ng")
-    os._exit(0 if m.current_process_id() == os.getpid() else 3)
+    os._exit(0 if current_process_id() == os.getpid() else 3)
 _, status = os.waitpid(child, 0)
 print(json.dumps({"parent": os.getpid(), "child": child, "status": status}))
 """
