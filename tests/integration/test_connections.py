@@ -24,7 +24,7 @@ from PIL import Image
 from loadtests.hostile import memory_kb
 from service.api.connection_budget import LINGER_BYTES, LINGER_S, MAX_PIPELINED, ConnectionBudget
 
-from harness import Server, metric, start
+from harness import ADMIN_KEY, Server, metric, start
 
 HEADER_TIMEOUT_S = 2.0
 REQUEST_DEADLINE_S = 3.0  # the body's time, too
@@ -37,7 +37,7 @@ MAX_HEADER_BYTES = 16 * 1024
 def server(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     srv = start(model_store, tmp_path_factory.mktemp("logs") / "connections.log", header_timeout_s=HEADER_TIMEOUT_S,
                 max_connections=MAX_CONNECTIONS, max_header_bytes=MAX_HEADER_BYTES,
-                request_deadline_ms=REQUEST_DEADLINE_S * 1e3)
+                request_deadline_ms=REQUEST_DEADLINE_S * 1e3, admin_api_keys=ADMIN_KEY)
     yield srv
     srv.stop()
 
@@ -173,8 +173,9 @@ def test_bodies_that_do_not_arrive_in_time_are_408_and_connections_close_after_a
     and after any answer a client sending the rest of a declared body a byte at a time kept
     the connection for as long as it went on (measured: still open after 17 s)."""
     counted = _closed(server, "body_timeout")
-    label = (b"PUT /v1/review/brick/items/abc/label HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
-             b"content-length: 10000\r\n\r\n", b'{"label": "')
+    # An admin's threshold update (its key checked before its body is read, so it has one).
+    label = (b"PUT /v1/models/brick/threshold HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+             b"x-api-key: " + ADMIN_KEY.encode() + b"\r\ncontent-length: 10000\r\n\r\n", b'{"threshold": ')
     answered_early = (b"GET /healthz HTTP/1.1\r\nHost: x\r\ncontent-length: 100000000\r\n\r\n", b"ab")
     upload = (b"POST /v1/inspect/brick HTTP/1.1\r\nHost: x\r\ncontent-type: multipart/form-data; boundary=zz\r\n"
               b"content-length: 100000\r\n\r\n", b"--zz\r\n")
