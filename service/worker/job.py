@@ -1,6 +1,6 @@
 """One job in a worker's hand (:class:`JobInHand`): its delivery, its record, its images once
 fetched, and its run through the pipeline runtime (:func:`run_job`), whose failure stays the
-job's. The loop that takes, fetches and records jobs is :mod:`service.worker.consumer`."""
+job's. What takes, fetches and records jobs is :mod:`service.worker.runner`."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ JOB_DEADLINE_S = 600.0
 @dataclass
 class JobInHand:
     delivery: Delivery
-    record: JobRecord  # "running", written once its inputs have room (the consumer's _fetch)
+    record: JobRecord  # "running", written once its inputs have room (the runner's _fetch)
     size: int  # its images' bytes: taken from the input budget before they are fetched
     holding: bool = False  # its size is taken from the input budget (until its images are dropped)
     data: list[bytes] = field(default_factory=list)

@@ -32,7 +32,7 @@ from service.redisq.connection import RedisConnection, RedisUnavailable
 from service.redisq.jobs import JobQueue
 from service.schemas import HeatmapLink, HeatmapMode, InspectOptions, Upload
 from service.worker import Worker
-from service.worker.consumer import OUTPUT_RERUNS
+from service.worker.runner import OUTPUT_RERUNS
 from worker_fixtures import (CLAIM_IDLE_S, Harness, pending_of, redis, run, settings_for, slow_run,  # noqa: F401  (fixtures)
                              stop_running, store)
 
@@ -203,7 +203,7 @@ def test_a_job_no_worker_finishes_says_how_often_it_ran(store: Path, redis: Redi
             await asyncio.sleep(CLAIM_IDLE_S + 0.05)
             claimed = await h.worker.queue.claim(CATEGORY, f"dead-{n}" if n < 4 else h.worker.name, 8)
             assert [d.deliveries for d in claimed] == [n]
-        await h.worker.process(CATEGORY, claimed)
+        await h.worker.runner.process(CATEGORY, claimed)
         letters = [f for _, f in await h.api.client.xrange(h.queue.dead_letter_stream)]
         return await h.record(job_id), letters
 

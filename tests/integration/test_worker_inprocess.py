@@ -1,4 +1,4 @@
-"""The worker's job-processing step in-process (``Worker.process``), against a private
+"""The worker's job-processing step in-process (``JobRunner.process``), against a private
 redis-server on a free port and the real engine of the trained test model: concurrent jobs
 share the lane's batches, results match the synchronous path, a bad image or an engine error
 fails only its jobs (retried, then dead-lettered), links land in Redis, threshold overrides
@@ -278,7 +278,7 @@ def test_an_outcome_computed_during_a_redis_restart_is_recorded_once_it_is_back(
         job_id = await h.submit(upload, InspectOptions(heatmap=HeatmapMode.none))
         jobs = await h.computed(await h.worker.queue.read([CATEGORY], h.worker.name, 8, 1.0))
         private_redis.stop()  # no persistence here: Redis comes back empty, the outcome alone is written
-        finishing = asyncio.create_task(h.worker._finish(CATEGORY, jobs[0]))
+        finishing = asyncio.create_task(h.worker.runner._finish(CATEGORY, jobs[0]))
         await asyncio.sleep(1.5)
         waited = not finishing.done()
         await asyncio.to_thread(private_redis.start)
@@ -298,8 +298,8 @@ def test_a_job_finished_twice_counts_once(store: Path, redis: RedisServer, good_
     async def body(h: Harness) -> tuple[float, float]:
         await h.submit(upload, InspectOptions(heatmap=HeatmapMode.none))
         jobs = await h.computed(await h.worker.queue.read([CATEGORY], h.worker.name, 8, 1.0))
-        await h.worker._finish(CATEGORY, jobs[0])
-        await h.worker._finish(CATEGORY, jobs[0])  # the stalled worker's write, late
+        await h.worker.runner._finish(CATEGORY, jobs[0])
+        await h.worker.runner._finish(CATEGORY, jobs[0])  # the stalled worker's write, late
         return h.count("done"), h.count("duplicate")
 
     assert run(settings_for(store, redis, redis_prefix="msflow-inproc-twice:"), body) == (1.0, 1.0)

@@ -69,14 +69,15 @@ class Harness:
             deliveries = await self.worker.queue.claim(CATEGORY, self.worker.name, 8)
         else:
             deliveries = await self.worker.queue.read([CATEGORY], self.worker.name, 8, 1.0)
-        await self.worker.process(CATEGORY, deliveries)
+        await self.worker.runner.process(CATEGORY, deliveries)
         return len(deliveries)
 
     async def computed(self, deliveries: list[Any]) -> list[Any]:
         """The deliveries' jobs taken, fetched and run, their outcomes not recorded yet."""
-        jobs = await self.worker._fetch(CATEGORY, await self.worker._take(CATEGORY, deliveries))
+        runner = self.worker.runner
+        jobs = await runner._fetch(CATEGORY, await runner._take(CATEGORY, deliveries))
         with self.worker.runtime.pin(CATEGORY) as lane:
-            await asyncio.gather(*(self.worker._run_job(lane, job) for job in jobs))
+            await asyncio.gather(*(runner._run_job(lane, job) for job in jobs))
         return jobs
 
     async def record(self, job_id: str) -> JobRecord:
