@@ -65,6 +65,11 @@ async def _read_multipart(request: Request, max_files: int, max_upload_bytes: in
         parts = [(key, value) for key, value in form.multi_items()
                  if isinstance(value, StarletteUploadFile) and key in FILE_FIELDS]
         if not parts:
+            unnamed = [key for key, value in form.multi_items() if key in FILE_FIELDS and isinstance(value, str)]
+            if unnamed:  # a file part without a filename is a text field to the multipart format
+                raise BadUpload(f"the part {unnamed[0]!r} has no filename, so it is a text field, not a file: send "
+                                "the image as a file part (a filename in its Content-Disposition; curl -F "
+                                "file=@part.png, not -F file=<part.png)")
             raise BadUpload("no image in the request: send one or more multipart parts named 'files' or 'file'")
         if len(parts) > max_files:
             raise TooManyFiles(f"{len(parts)} files in one request; the limit is {max_files}")

@@ -196,6 +196,11 @@ def test_error_codes(client: httpx.Client, server: Server, demo_files: dict[str,
     assert_error(client.post(url, params={"heatmap": "sideways"}, files=[part(good)]), 422, "invalid_request")
     assert_error(client.post(url, data={"other": "x"}, files=[("notfile", ("a.png", data, "image/png"))]), 400,
                  "bad_upload")
+    # A part named file without a filename (curl -F file=<x.png) is a text field: said so, not "no image".
+    no_name = client.post(url, content=b'--zz\r\nContent-Disposition: form-data; name="file"\r\n\r\n' + data
+                          + b"\r\n--zz--\r\n", headers={"Content-Type": "multipart/form-data; boundary=zz"})
+    assert_error(no_name, 400, "bad_upload")
+    assert "'file' has no filename" in no_name.json()["error"]["message"], no_name.json()
     # heatmap=url without Redis: a link served from this process's memory (tests/test_redis_store.py has Redis)
     linked = client.post(url, params={"heatmap": "url"}, files=[part(good)])
     assert linked.status_code == 200 and client.get(linked.json()["results"][0]["heatmap"]["url"]).status_code == 200
