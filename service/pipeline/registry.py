@@ -1,4 +1,5 @@
-"""Which engine serves each category, and swapping it safely.
+"""Which engine serves each category, and when that changes: start-up, the store watch, an
+operator's reloads and pins, retirement.
 
 At start-up the registry discovers every category folder of the model store, picks the
 newest version (or the pinned one), checks the manifest belongs where it lies, builds the
@@ -7,8 +8,9 @@ calls allocate memory, pick kernels and build TensorRT contexts; a customer requ
 not pay that). The service is ready only when every category is warm.
 
 ``reload`` builds and warms the new engine completely *before* swapping one dict entry, so
-the swap is atomic: batches already running finish on the old engine, the next batch
-uses the new one, and no request fails. A failed reload leaves the old engine serving.
+the swap is atomic and a failed reload leaves the old engine serving
+(:mod:`service.pipeline.registry_swaps`, the base of :class:`ModelRegistry`: building,
+warming and swapping one version, and recording what failed).
 
 Without a pin, start-up and the store watch serve the newest version that *loads*: a newest
 version that fails is recorded and the next older one is tried, so a replica started after
@@ -33,37 +35,28 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 
 from models.manifest import CATEGORY_PATTERN, list_versions
 from service.config import Settings
 from service.engines.factory import load_engine
-from service.pipeline.loaded_model import EngineFactory, LoadedModel, build_version
+from service.pipeline.loaded_model import EngineFactory, LoadedModel
 from service.pipeline.registry_errors import RegistryError, UnknownCategory, VersionNotFound
-from service.pipeline.registry_view import EVALUATION_ASSETS, RegistryView
+from service.pipeline.registry_swaps import VersionSwaps
+from service.pipeline.registry_view import EVALUATION_ASSETS
 from service.pipeline.store_watch import (FailedVersion, Removals, Served, StoreLook, changed_since, failed_now,
-                                          folder_state, look, still_failed, watch_candidates)
+                                          look, still_failed, watch_candidates)
 
 log = logging.getLogger(__name__)
 
 
-class ModelRegistry(RegistryView):
+class ModelRegistry(VersionSwaps):
     """Loaded engines by category; safe to read from the event loop at any time."""
 
     def __init__(self, settings: Settings, engine_factory: EngineFactory = load_engine,
                  on_swap: Callable[[LoadedModel], None] | None = None) -> None:
-        super().__init__(settings)
-        self._engine_factory = engine_factory
-        self._on_swap = on_swap
-        # Called with the category after every failed load (start-up, watch, reload): the
-        # service counts them (msflow_model_load_failures_total, which an alert watches).
-        self.on_load_failure: Callable[[str], None] | None = None
-        self._locks: dict[str, asyncio.Lock] = {}
-        # Called with a model that stops serving with nothing in its place (a failed follow of
-        # an operator's reload, :meth:`_follow_failed`): the runtime lets go of what it holds.
-        self.on_drop: Callable[[LoadedModel], None] | None = None
+        super().__init__(settings, engine_factory, on_swap)
         # Called with a category retired (its folder left the store) and the model it served, if
         # any: the runtime drains it as at a swap and lets its metrics go.
         self.on_retire: Callable[[str, LoadedModel | None], None] | None = None
@@ -221,47 +214,6 @@ class ModelRegistry(RegistryView):
         log.info("%s: the pin to version %s ends: another front end retired the category", category, version)
         return True
 
-    async def _load_newest(self, category: str, versions: list[str],
-                           record_failure: bool = True) -> tuple[LoadedModel | None, Exception | None]:
-        """Swap in the first of ``versions`` that loads (under the category's lock): the model,
-        or None and the first (newest) version's error. Each one that fails is logged and (with
-        ``record_failure``) not tried again by the watch; when none loads and nothing serves the
-        category, it is ``failed`` with that first error."""
-        first_error: Exception | None = None
-        for version in versions:
-            try:
-                return await self._swap_in(category, version, pin=category in self.settings.pinned_versions,
-                                           record_failure=record_failure), None
-            except Exception as exc:  # recorded by _swap_in; the next older version is tried
-                log.error("cannot load %s version %s: %s%s", category, version, exc,
-                          "; trying an older one" if version != versions[-1] else "")
-                first_error = first_error or exc
-        if first_error is not None and category not in self._models:
-            self._failed[category] = self.public_message(first_error)
-        return None, first_error
-
-    def _lock(self, category: str) -> asyncio.Lock:
-        return self._locks.setdefault(category, asyncio.Lock())
-
-    def _resolve_version(self, category: str, version: str | None, in_force: bool = False) -> tuple[str, bool]:
-        """The version to load and whether it is pinned. ``in_force``: a version no longer in
-        the store is still tried (see :meth:`reload`)."""
-        versions = list_versions(self.store / category)
-        pinned = self.settings.pinned_versions.get(category)
-        wanted = version or pinned
-        if wanted is None:
-            if not versions:
-                raise RegistryError(f"{category}: no version with a manifest in {self.store / category}")
-            return versions[-1], False
-        if wanted not in versions and not in_force:
-            raise VersionNotFound(f"{category}: version {wanted!r} not in the store "
-                                  f"(have {', '.join(versions) or 'none'})")
-        return wanted, wanted == pinned or version is not None
-
-    def _build(self, category: str, version: str, pinned: bool, in_force: bool = False) -> LoadedModel:
-        """Blocking: :func:`~service.pipeline.loaded_model.build_version` of the version's folder."""
-        return build_version(self.settings, self._engine_factory, self.store / category / version, pinned, in_force)
-
     async def retry(self, category: str) -> LoadedModel:
         """Load ``category`` again after its load failed (the engine process is back): the
         version a pin holds it to, else the newest that loads."""
@@ -320,92 +272,6 @@ class ModelRegistry(RegistryView):
         if in_force:
             self._follow_failed(category, None)
         raise error or RegistryError(f"{category}: no version in the store to serve once unpinned")
-
-    async def _swap_in(self, category: str, version: str | None, pin: bool = True,
-                       record_failure: bool = False, in_force: bool = False) -> LoadedModel:
-        """Build and warm, then swap; under the category's lock. ``pin``: a given ``version``
-        pins the category (an operator's reload ?version=), unless the watch chose it.
-        ``record_failure``: a version that fails is kept as failed (the watch's and start-up's
-        choices; an operator's named reload is answered instead), before the failure callback."""
-        started = time.perf_counter()
-        chosen, tried = version, None
-        try:
-            chosen, pinned = self._resolve_version(category, version, in_force)
-            if record_failure:  # before the load: a folder that changes during it is tried again
-                tried = await asyncio.to_thread(folder_state, self.store / category / chosen)
-            model = await asyncio.to_thread(self._build, category, chosen, pinned and pin, in_force)
-        except Exception as exc:
-            if in_force:
-                self._follow_failed(category, version)
-            if record_failure and chosen is not None:
-                self._failed_versions.setdefault(category, {})[chosen] = FailedVersion(self.public_message(exc), tried)
-            if category not in self._models:
-                self._failed[category] = self.public_message(exc)
-            self._know(category)
-            if self.on_load_failure is not None and not isinstance(exc, VersionNotFound):
-                self.on_load_failure(category)
-            raise
-        self._failed_versions.get(category, {}).pop(chosen, None)  # it loads now (an explicit reload)
-        previous = self._models.get(category)
-        self._models[category] = model  # the atomic swap: the next batch sees the new engine
-        if model.pinned:
-            self._pins[category] = model.version
-        else:
-            self._pins.pop(category, None)
-        self._failed.pop(category, None)
-        self._unhealthy.pop(category, None)
-        self._know(category)
-        if self._on_swap is not None:
-            self._on_swap(model)
-        log.info("%s: serving version %s on %s (%s; warm-up %.0f ms, load %.1f s)", category, model.version,
-                 model.engine.name, f"was {previous.version}" if previous else "first load", model.warmup_ms,
-                 time.perf_counter() - started)
-        if previous is not None and previous.version != model.version:
-            self._say_dropped_override(previous, model)
-        return model
-
-    def _know(self, category: str) -> None:
-        """``category`` is in the store (again, after a retirement: no longer "removed")."""
-        if category not in self._categories:
-            self._categories.append(category)
-        self._retired.pop(category, None)
-
-    def _follow_failed(self, category: str, version: str | None) -> None:
-        """A reload in force here (another front end's, followed; a retry) failed: what it chose
-        holds all the same. A pin is kept (nothing else is loaded in its place), an unpin ends
-        the pin, and a version served that the reload moved away from stops serving: the
-        category fails (503 ``model_not_loaded``) and is retried as a failed load is, when the
-        engine process connects again. Before, a follow cut off by the engine process going
-        away left the version pinned or unpinned away from serving here for good (the replay
-        at the next connection was one this front end had recorded as followed)."""
-        if version is None:
-            self._pins.pop(category, None)
-        else:
-            self._pins[category] = version
-        model = self._models.get(category)
-        if model is None or (model.version == version if version is not None else not model.pinned):
-            return
-        del self._models[category]
-        self._unhealthy.pop(category, None)
-        log.error("%s: version %s stops serving here: %s", category, model.version,
-                  f"the pin to version {version} in force could not be followed" if version is not None
-                  else "the end of its pin could not be followed")
-        if self.on_drop is not None:
-            self.on_drop(model)
-
-    def _say_dropped_override(self, previous: LoadedModel, model: LoadedModel) -> None:
-        """Overrides belong to one version (another version may score on another scale), so an
-        operator's threshold stops deciding verdicts when a new version is swapped in: say so
-        where the operator looks, rather than let verdicts move without a word."""
-        if self.thresholds is None:
-            return
-        dropped = self.thresholds.for_manifest(previous.manifest)
-        if dropped is None or self.thresholds.for_manifest(model.manifest) is not None:
-            return
-        log.warning("%s: the threshold override of version %s (%.6g) does not apply to version %s, which "
-                    "decides at its calibrated threshold %.6g; set one for it with PUT threshold if needed",
-                    model.manifest.category, previous.version, dropped.threshold, model.version,
-                    model.manifest.calibration.threshold)
 
 
 __all__ = ["EVALUATION_ASSETS", "ModelRegistry"]
