@@ -15,9 +15,10 @@ other pieces are:
   process too (the registry warms every version through it, which checks the whole path
   once per front end and version);
 * what front ends ask of each other through the engine process: an operator's reload that
-  the others follow (:mod:`~service.pipeline.peer_reloads`; a category the store watch
-  retires drops it, ``retired``), and a gather of what each one holds, such as the recent
-  scores (:mod:`~service.pipeline.peer_gathers`).
+  the others follow (:class:`~service.pipeline.peer_reloads.PeerReloads`: sent, heard,
+  followed once, waited for at a front end's start; a category the store watch retires
+  drops it, ``retired``), and a gather of what each one holds, such as the recent scores
+  (:mod:`~service.pipeline.peer_gathers`).
 
 The client sends ``acquire``/``release`` for what its registry serves or warms up
 (:mod:`service.pipeline.holds`) and routes the answers. When the engine process goes away,
@@ -56,7 +57,7 @@ from service.pipeline.engine_errors import EngineUnavailable
 from service.pipeline.engine_images import EngineImages
 from service.pipeline.holds import VersionHolds
 from service.pipeline.peer_gathers import Collected, Gathers
-from service.pipeline.peer_reloads import ReloadRecord
+from service.pipeline.peer_reloads import PeerReloads
 from service.pipeline.remote_engine import RemoteEngine
 
 __all__ = ["Collected", "EngineClient", "EngineUnavailable", "RemoteEngine"]
@@ -73,11 +74,11 @@ class EngineClient:
     def __init__(self, settings: Settings, socket_path: Path) -> None:
         self.settings = settings
         self.socket_path = socket_path
+        # Another front end's reload, followed here: (category, version or None for the newest).
         self.on_reload: Callable[[str, str | None], Awaitable[Any]] | None = None
         # Another front end retired a category whose pin this one recorded: (category, whether
         # the pin still is the one retired, asked when it ends) ends it here.
         self.on_peer_retired: Callable[[str, Callable[[], bool]], Awaitable[Any]] | None = None
-        self._ending_pins: set[asyncio.Task[Any]] = set()  # held until done (the loop keeps weak references)
         # After every connection, the first included: loads that failed while there was none get another try.
         self.on_connected: Callable[[], Awaitable[Any]] | None = None
         # (category, version folder, why): a new engine process could not load a folder served here.
@@ -96,15 +97,7 @@ class EngineClient:
         self.submit = self.images.submit
         self.gathers = Gathers(self)
         self.gathers.collectors[FLUSH_TOPIC] = _flush_metrics  # another front end serves /metrics
-        # What a reload heard again is checked against (followed once), and what a new engine
-        # process learns at the handshake (it replays it to front ends that start later).
-        self.reloads = ReloadRecord()
-        # The first connection's greeting (the engine process's replay of the last reloads)
-        # has come; the reloads followed before this front end serves, which its start waits
-        # for (start_serving).
-        self._greeted = asyncio.Event()
-        self._catching_up: list[asyncio.Task[Any]] = []
-        self._serving = False
+        self.reloads = PeerReloads(self)  # the operator's reloads between front ends
         self._connector: asyncio.Task[None] | None = None
         # The wait before a connection attempt grows across attempts, reconnects included
         # (not per attempt loop), and starts over only after a connection that stayed up.
@@ -159,7 +152,7 @@ class EngineClient:
         channel.start()
         channel.send({"op": "hello", "pid": os.getpid()})
         self.images.hand_over(channel)
-        for message in self.reloads.messages():  # the engine process keeps the newest
+        for message in self.reloads.record.messages():  # the engine process keeps the newest
             channel.send(message)
         self.handles.clear()  # numbers of the engine process that went away
         for version_dir in self._holds.folders():  # what is served or warming up here, again
@@ -182,27 +175,9 @@ class EngineClient:
 
     async def start_serving(self, load: Callable[[], Awaitable[Any]],
                             timeout_s: float = _CONNECT_WAIT_S) -> None:
-        """A front end's start: wait for the first connection's greeting, follow what it
-        replayed, then ``load`` (the registry's start-up load, which leaves a category a
-        followed pin serves), then follow what other front ends reloaded meanwhile. Before, a
-        front end started after an operator's reload ?version= (a killed one's replacement),
-        or during one, listened serving the newest version and followed the pin a warm-up
-        later. Without a connection within ``timeout_s`` it loads anyway; the replay is
-        followed when it comes."""
-        try:
-            await asyncio.wait_for(self._greeted.wait(), timeout_s)
-        except TimeoutError:
-            log.error("no greeting from the engine process within %.0f s; loading without the "
-                      "operator's last reloads (followed once it connects)", timeout_s)
-        await self._follow_caught_up()
-        await load()
-        await self._follow_caught_up()
-        self._serving = True  # later reloads are followed while serving, as the other front ends do
-
-    async def _follow_caught_up(self) -> None:
-        while self._catching_up:
-            following, self._catching_up = self._catching_up, []
-            await asyncio.gather(*following, return_exceptions=True)  # a failure to follow is logged there
+        """A front end's start: the reloads the engine process replays followed, then ``load``,
+        then those made meanwhile (see :meth:`PeerReloads.start_serving`)."""
+        await self.reloads.start_serving(load, timeout_s)
 
     def _lose(self, version_dir: str, exc: EngineError) -> None:
         """The engine process cannot load ``version_dir`` (any more): no use of it here is
@@ -262,21 +237,11 @@ class EngineClient:
                 elif op == "error":  # a warm message it could not read
                     self.images.refused(int(message["rid"]), str(message.get("message")))
             elif op == "reload":
-                category, version = str(message["category"]), message.get("version")
-                if self.reloads.heard(category, version, int(message["stamp"]), bool(message.get("replayed"))) \
-                        and self.on_reload is not None:
-                    follow = self.loop.create_task(self.on_reload(category, version))
-                    if not self._serving:
-                        self._catching_up.append(follow)
+                self.reloads.heard(message)
             elif op == "retired":
-                category = str(message["category"])
-                if self.reloads.peer_retired(category, int(message["stamp"])) and self.on_peer_retired is not None:
-                    # Still that pin when it ends (under the category's lock): no reload made or followed since.
-                    end = self.loop.create_task(self.on_peer_retired(category, lambda: category not in self.reloads.latest))
-                    self._ending_pins.add(end)
-                    end.add_done_callback(self._ending_pins.discard)
+                self.reloads.peer_retired(message)
             elif op == "greeted":
-                self._greeted.set()
+                self.reloads.greeted()
             elif op == "collect":
                 self.gathers.answer(self.channel, int(message["gid"]), str(message["topic"]),
                                     message.get("args") or {})
@@ -349,9 +314,7 @@ class EngineClient:
     def broadcast_reload(self, category: str, version: str | None) -> None:
         """Ask every other front end to reload ``category`` like this one did, those started
         later included (the engine process replays the last reload of each category)."""
-        message = self.reloads.made(category, version)
-        if self.channel is not None:  # else sent at the handshake, with the record
-            self.channel.send(message)
+        self.reloads.made(category, version)
 
     def retired(self, category: str) -> None:
         """The store watch retired ``category`` here (its folder left the store): the operator's
@@ -360,9 +323,7 @@ class EngineClient:
         followed the old pin while the running ones served the newest). Each front end sends
         this on its own scans; the engine process relays the first to the others, whose pin
         ends too (see ``on_peer_retired``)."""
-        message = self.reloads.retired(category)
-        if message is not None and self.channel is not None:  # else sent at the handshake, with the record
-            self.channel.send(message)
+        self.reloads.retired(category)
 
     @property
     def collectors(self) -> dict[str, Callable[[Message], list[Any]]]:

@@ -44,7 +44,7 @@ def test_a_front_end_started_after_a_pinning_reload_serves_the_pinned_version(tw
                 async with front_end(settings) as (third, third_link):
                     await asyncio.sleep(0.2)
                     assert serves(third.registry) == ("2", False)
-                    assert third_link.reloads.latest["aaa"][1] is None
+                    assert third_link.reloads.record.latest["aaa"][1] is None
 
     asyncio.run(main())
 

@@ -49,7 +49,7 @@ def test_a_retired_pinned_category_leaves_no_pin_for_a_later_front_end(two_versi
                                for m in _kept(settings.engine_socket))
                 # b has not scanned yet: a's retirement ended its pin (relayed), and it serves on
                 # from memory until its own scan retires it.
-                await until(lambda: "aaa" not in b.engine_link.reloads.latest, "b hearing a's retirement")
+                await until(lambda: "aaa" not in b.engine_link.reloads.record.latest, "b hearing a's retirement")
                 assert serves(b.registry)[0] == "1"
                 await b.registry.refresh()  # b retires it too: the same drop, again
                 assert "aaa" not in b.registry.categories and "aaa" not in core.reloads
