@@ -114,6 +114,15 @@ def _jpeg_segments(data: bytes, stop_after: int) -> tuple[int | None, int, bool]
     return (count if count > stop_after else None), at, False
 
 
+def jpeg_multi_scan(data: bytes) -> bool:
+    """Whether the JPEG ``data`` may hold several scans (progressive, or a first scan without
+    every component): libjpeg then gathers the whole image's coefficients before any pixel
+    (the server prices that buffer). False for another format or framing that leads to no scan."""
+    if not data.startswith(JPEG_SOI):
+        return False
+    return _jpeg_segments(data, segment_budget(len(data)))[2]
+
+
 def jpeg_scans(data: bytes, stop_after: int) -> int:
     """How many scans a JPEG holds from its first to the end of the image (EOI, or the end of
     the data), counted up to ``stop_after + 1``; 0 where its segments do not lead to a scan."""

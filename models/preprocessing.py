@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import io
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -138,6 +139,37 @@ def _gray_to_rgb(gray: np.ndarray) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(gray, dtype=np.uint8), mode="L").convert("RGB")
 
 
+# The numeric modes (16-bit, 32-bit integer, float) are mapped to 8 bits a band of rows at a
+# time: on the whole image, np.asarray copied it through tobytes() (twice its size at the join)
+# and the int64/float64 steps made three more copies of 8 bytes a pixel, so a 39-megapixel
+# float TIFF peaked at 27 bytes a pixel (1 GB) for an 8-bit result. Each band goes through the
+# very same expressions, element by element, so the result is the same bits.
+_BAND_PIXELS = 1 << 18
+
+
+def _gray8_by_bands(img: Image.Image, to_gray8: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    width, height = img.size
+    out = np.empty((height, width), dtype=np.uint8)
+    rows = max(1, _BAND_PIXELS // max(1, width))
+    for top in range(0, height, rows):
+        bottom = min(height, top + rows)
+        out[top:bottom] = to_gray8(np.asarray(img.crop((0, top, width, bottom))))
+    return out
+
+
+def _uint16_to_gray8(arr: np.ndarray) -> np.ndarray:
+    return (arr.astype(np.uint16, copy=False) >> 8).astype(np.uint8)
+
+
+def _int32_to_gray8(arr: np.ndarray) -> np.ndarray:
+    return (np.clip(arr.astype(np.int64), 0, 65535) >> 8).astype(np.uint8)
+
+
+def _float_to_gray8(arr: np.ndarray) -> np.ndarray:
+    arr = np.nan_to_num(arr.astype(np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+    return np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+
+
 def to_rgb(img: Image.Image, *, copy: bool = True) -> Image.Image:
     """Apply EXIF orientation and convert any Pillow mode to 8-bit RGB.
 
@@ -169,15 +201,11 @@ def to_rgb(img: Image.Image, *, copy: bool = True) -> Image.Image:
     if mode == "RGB":
         return img
     if mode in _UINT16_MODES:
-        arr = np.asarray(img).astype(np.uint16, copy=False)
-        return _gray_to_rgb((arr >> 8).astype(np.uint8))
+        return _gray_to_rgb(_gray8_by_bands(img, _uint16_to_gray8))
     if mode in ("I", "I;32", "I;32L", "I;32B"):
-        arr = np.clip(np.asarray(img, dtype=np.int64), 0, 65535)
-        return _gray_to_rgb((arr >> 8).astype(np.uint8))
+        return _gray_to_rgb(_gray8_by_bands(img, _int32_to_gray8))
     if mode == "F":
-        arr = np.asarray(img, dtype=np.float64)
-        arr = np.nan_to_num(arr, nan=0.0, posinf=255.0, neginf=0.0)
-        return _gray_to_rgb(np.clip(np.rint(arr), 0, 255).astype(np.uint8))
+        return _gray_to_rgb(_gray8_by_bands(img, _float_to_gray8))
     if mode in ("P", "PA"):
         # Through RGBA so palette transparency (given as bytes or an index) is
         # parsed by Pillow without warnings, then dropped like any other alpha.

@@ -16,14 +16,18 @@ call it started in the thread pool has returned: a request that timed out (504) 
 image was still decoding keeps costing what that thread holds until the thread is done, so
 the budget bounds memory, not just requests.
 
-Memory per admitted pixel is a small constant (about 4 bytes for the decode of a grey PNG
-converted to RGB, ~3 for the rendered heatmap and display copy); docs/performance-log.md has
-the measured peak resident memory of the hostile-load scenario against this budget.
+A priced pixel stands for :data:`~service.pipeline.decode_memory.PRICED_PIXEL_BYTES` (4.5
+bytes: one pixel of an 8-bit RGB decode at its peak; ~3 for the rendered heatmap and display
+copy). A decoded pixel of another format or mode is priced at what it holds (a grey PNG 5.5
+bytes, a float TIFF 10, any WEBP 17), and a progressive JPEG's whole-image coefficients on top
+(:mod:`service.pipeline.decode_memory`, measured); docs/performance-log.md has the measured
+peak resident memory of the hostile-load scenario against this budget.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -72,13 +76,17 @@ class ImageCost:
 
 
 def image_cost(decoded: tuple[int, int], display: tuple[int, int] | None, model_size: int,
-               rendered: tuple[int, int] | None, redecode: tuple[int, int] | None = None) -> ImageCost:
+               rendered: tuple[int, int] | None, redecode: tuple[int, int] | None = None, *,
+               weight: float = 1.0, held: int = 0) -> ImageCost:
     """The cost of one image: ``decoded`` = (w, h) the decoder produces, ``display`` the copy
     kept for an original-size heatmap (None: none), ``rendered`` the heatmap's size (None: not
-    rendered), ``redecode`` a second, larger decode for that display copy (JPEG only)."""
+    rendered), ``redecode`` a second, larger decode for that display copy (JPEG only);
+    ``weight`` what a decoded pixel costs in priced pixels (its format and mode, >= 1), ``held``
+    priced pixels the decoder holds besides (a progressive JPEG's coefficients):
+    :mod:`service.pipeline.decode_memory`."""
     area = _area
-    return ImageCost(decode=area(decoded) + area(redecode), display=area(display), model=2 * model_size * model_size,
-                     render=area(rendered))
+    decode = math.ceil((area(decoded) + area(redecode)) * max(1.0, weight)) + max(0, held)
+    return ImageCost(decode=decode, display=area(display), model=2 * model_size * model_size, render=area(rendered))
 
 
 def _area(size: tuple[int, int] | None) -> int:
@@ -138,8 +146,10 @@ class PixelBudget:
         """:class:`RequestTooExpensive` when ``pixels`` exceed what one request may hold."""
         if pixels > self.max_request:
             raise RequestTooExpensive(
-                f"the images of this request decode to {pixels / MEGA:.1f} megapixels; one request may hold "
-                f"{self.max_request / MEGA:.1f} (send fewer or smaller images, or heatmap_size=model)",
+                f"the images of this request are priced at {pixels / MEGA:.1f} megapixels (their decoded pixels, "
+                "weighted by what their format and mode hold while decoding); one request may hold "
+                f"{self.max_request / MEGA:.1f} (send fewer or smaller images, 8-bit PNG or JPEG rather than WEBP "
+                "or 16-bit, float or palette images, or heatmap_size=model)",
                 details={"megapixels": round(pixels / MEGA, 3), "limit_megapixels": round(self.max_request / MEGA, 3)})
 
     def admit(self, pixels: int) -> Ticket:

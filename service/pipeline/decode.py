@@ -42,9 +42,10 @@ from models.image_acceptance import ACCEPTED_FORMAT_NAMES, ACCEPTED_FORMATS, IMA
 from models.image_acceptance import MAX_PNG_TEXT_BYTES as MAX_PNG_TEXT_BYTES  # re-exported: placement, tests
 from models.image_acceptance import UNDECODABLE_IMAGE, UNSUPPORTED_MEDIA_TYPE
 from models.image_acceptance import configure_pillow as configure_pillow  # re-exported: the runtime calls it
-from models.image_framing import over_budget
+from models.image_framing import jpeg_multi_scan, over_budget
 from models.preprocessing import draft_size, header_oriented_size, reduce_while_decoding, resize_rgb, to_rgb
 from service.pipeline.admission import image_cost
+from service.pipeline.decode_memory import PRICED_PIXEL_BYTES, decode_weight, jpeg_coefficient_bytes
 from service.pipeline.item import InspectedImage
 from service.pipeline.plain_png import decode_plain_png
 
@@ -185,7 +186,8 @@ def _opened(data: bytes, limits: ImageLimits, name: str | None) -> Iterator[Imag
 def probe_into(item: InspectedImage, size: int, limits: ImageLimits, rendering: Rendering = Rendering()) -> None:
     """The header half of decoding: check the upload (bytes, format, pixels) and fill
     ``format``, the upright ``width``/``height``, the heatmap size to render, and ``cost``
-    (the pixels the pipeline will hold for it: :func:`~service.pipeline.admission.image_cost`),
+    (the pixels the pipeline will hold for it: :func:`~service.pipeline.admission.image_cost`,
+    the decode's weighted by what its format and mode hold: :mod:`service.pipeline.decode_memory`),
     without allocating a pixel buffer. Cheap: admission runs it for every image first.
     The framing is counted before Pillow opens the file (:mod:`models.image_framing`:
     422 past its budget), here only: a record is decoded only once probed."""
@@ -193,7 +195,11 @@ def probe_into(item: InspectedImage, size: int, limits: ImageLimits, rendering: 
         raise UndecodableImage(f"{_label(item.filename)} {why}")
     with _opened(item.data, limits, item.filename) as img:
         item.format = img.format or "?"
-        item.progressive = bool(img.info.get("progressive"))  # JPEG: its scans, not its pixels, bound the decode
+        # JPEG: its scans, not its pixels, bound the decode; and libjpeg gathers such a file
+        # whole, as coefficients at its stored size, whatever the DCT scaling
+        item.progressive = bool(img.info.get("progressive")) or jpeg_multi_scan(item.data)
+        held = math.ceil(jpeg_coefficient_bytes(img) / PRICED_PIXEL_BYTES) if item.progressive else 0
+        weight = decode_weight(item.format, img.mode)  # what its mode holds beside the RGB decode
         item.width, item.height = header_oriented_size(img)
         stored = img.size
         decoded = reduce_while_decoding(img, size)  # the size the model decode will produce
@@ -213,7 +219,7 @@ def probe_into(item: InspectedImage, size: int, limits: ImageLimits, rendering: 
     item.render_size, item.display_size = rendered, display
     item.redecode_size = redecode
     item.render_size, item.display_size, item.redecode = rendered, display, redecode is not None
-    item.cost = image_cost(decoded, display, size, rendered, redecode).total
+    item.cost = image_cost(decoded, display, size, rendered, redecode, weight=weight, held=held).total
 
 
 def decode_image(data: bytes, size: int, limits: ImageLimits, name: str | None = None,

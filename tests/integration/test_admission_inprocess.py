@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from pipeline_fixtures import loaded_runtime
 from service.pipeline.admission import RequestTooExpensive, ServerBusy
 from service.pipeline.batch_queue import DeadlineExceeded, QueueFull
 from service.pipeline.decode import fit_within
+from service.pipeline.decode_memory import decode_weight
 from service.pipeline.item import InspectedImage
 from service.schemas import HeatmapMode, HeatmapSize, InspectOptions, Upload
 
@@ -54,7 +56,10 @@ def test_request_over_its_pixel_budget_is_refused_before_any_decode(model_store:
                 await rt.run(lane, one, InspectOptions(heatmap=HeatmapMode.none), time.monotonic() + 30,
                              time.monotonic())
                 assert one[0].stage == "answered" and rt.pixels.in_flight == 0
-        assert info.value.status_code == 413 and info.value.details["megapixels"] == round(2 * (1_000_000 + 2 * 128 * 128) / 1e6, 3)
+        # a grey pixel is priced at what its decode holds (1 byte, then 4 as RGB: decode_memory)
+        grey_decode = math.ceil(1_000_000 * decode_weight("PNG", "L"))
+        assert info.value.status_code == 413
+        assert info.value.details["megapixels"] == round(2 * (grey_decode + 2 * 128 * 128) / 1e6, 3)
 
     asyncio.run(main())
     assert all(item.stage == "received" and item.tensor is None for item in items)  # priced from headers only
