@@ -17,8 +17,9 @@ The rules, cheapest first, all from the header but the last:
   ``MSFLOW_MAX_IMAGE_PIXELS`` (:data:`DEFAULT_MAX_IMAGE_PIXELS` unless configured), checked
   before a pixel buffer exists; else 413 ``image_too_large``;
 * an empty file, or a PNG, JPEG or TIFF framed in more chunks, segments, scans, tags or
-  strips than its size justifies (:mod:`models.image_framing`, counted before any decoder
-  walks them), is 422 ``undecodable_image``, as is a decode that fails (truncated, corrupt, more than
+  strips than its size justifies, or a run-length compressed BMP larger than Pillow's Python
+  decoder may take (:mod:`models.image_framing`, counted before any decoder walks them), is
+  422 ``undecodable_image``, as is a decode that fails (truncated, corrupt, more than
   :data:`MAX_PNG_TEXT_BYTES` of PNG text).
 
 Pillow's own guards are process-wide; :func:`configure_pillow` sets them to agree with these
@@ -194,6 +195,7 @@ def empty_file(path: Path) -> str:
 
 
 def badly_framed(path: Path, why: str) -> str:
-    """The message for a file over the framing budget (:func:`models.image_framing.over_budget`'s ``why``)."""
-    return (f"{path}: {why}; the server refuses it ({UNDECODABLE_IMAGE}) before decoding: save it again with "
-            "an ordinary encoder (they write far fewer)")
+    """The message for a file over the framing budget (:func:`models.image_framing.over_budget`'s ``why``,
+    which may say what to send instead: then that is the advice)."""
+    advice = "" if why.endswith(" instead") else ": save it again with an ordinary encoder (they write far fewer)"
+    return f"{path}: {why}; the server refuses it ({UNDECODABLE_IMAGE}) before decoding{advice}"

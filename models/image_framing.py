@@ -1,5 +1,5 @@
 """The framing of an image file, counted before any decoder walks it: PNG chunks, JPEG
-segments, a TIFF's tags and strips.
+segments, a TIFF's tags and strips, a run-length BMP's bytes and pixels.
 
 One of the server's rules on an upload (:mod:`models.image_acceptance`), here in ``models`` so
 that the trainer refuses what the server refuses (``models.preprocessing.open_image``): a
@@ -37,6 +37,16 @@ or more, or 256 x 256 tiles: a first IFD may hold the tags of the budget above, 
 many strips or tiles, or one per 256 pixels if more (a row of 256, TIFF's smallest tile: a
 compressed file may be cut finer than its bytes, never that fine).
 
+A BMP compressed with run lengths (BI_RLE8 = 1, BI_RLE4 = 2 in its BITMAPINFOHEADER's
+compression field) is decoded by Pillow in Python, in slices of the GIL: up to 230 ns per byte
+of the upload (runs of one pixel) and 112 ns per pixel of the image (a row ended early is padded
+a byte at a time; RLE4 runs are expanded a pixel at a time), measured here with Pillow 13. A
+20 MiB RLE8 of one-pixel runs kept a decode thread busy for 7.5 s, and a 16 KB one of rows
+ended after their first pixel can cost as much at 40 megapixels. So such a BMP may cost at most
+:data:`MAX_RLE_BMP_WORK` work units, a byte of upload or two pixels of the header's size each:
+about a quarter second of a decode thread at worst, room for an RLE image of a megapixel or so;
+past it, 422, with what to send instead (an uncompressed BMP or a PNG: both decode in C).
+
 Placement (:mod:`service.pipeline.placement`) uses the same count, with a far lower bound,
 to decide whether an upload is small enough to decode on the event loop.
 """
@@ -64,6 +74,9 @@ _TIFF_BIG = (b"II+\x00", b"MM\x00+")
 _TIFF_STRIP_TAGS = frozenset({273, 279, 324, 325})  # StripOffsets, StripByteCounts, TileOffsets, TileByteCounts
 _TIFF_INT_BYTES = {3: 2, 4: 4, 16: 8}  # SHORT, LONG, LONG8
 MIN_PIXELS_PER_STRIP = 256  # a 256-pixel row, a 16 x 16 tile (TIFF's smallest)
+BMP_SIGNATURE = b"BM"
+_BMP_RLE = {1: "RLE8", 2: "RLE4"}  # BITMAPINFOHEADER's compression: BI_RLE8, BI_RLE4
+MAX_RLE_BMP_WORK = 1 << 20  # bytes of upload + pixels / 2: ~0.24 s of Pillow's Python decoder at worst
 
 
 def segment_budget(size: int) -> int:
@@ -181,6 +194,21 @@ def tiff_framing(data: bytes, stop_after: int) -> tuple[int, int, int] | None:
     return entries, strips, size[256] * size[257]
 
 
+def bmp_rle(data: bytes) -> tuple[str, int] | None:
+    """For a run-length compressed BMP, ("RLE8" or "RLE4", width x height its header states);
+    None for another format or compression, or an OS/2 1.x header (it has no compression)."""
+    if not data.startswith(BMP_SIGNATURE) or len(data) < 34:
+        return None
+    if int.from_bytes(data[14:18], "little") < 40:  # BITMAPCOREHEADER: 12 bytes, uncompressed
+        return None
+    kind = _BMP_RLE.get(int.from_bytes(data[30:34], "little"))
+    if kind is None:
+        return None
+    width = int.from_bytes(data[18:22], "little", signed=True)
+    height = int.from_bytes(data[22:26], "little", signed=True)  # negative: stored top-down
+    return kind, abs(width) * abs(height)
+
+
 def over_budget(data: bytes) -> str | None:
     """Why ``data`` holds more chunks, segments or scans than its budget allows, or None."""
     budget = segment_budget(len(data))
@@ -205,6 +233,14 @@ def over_budget(data: bytes) -> str | None:
             return (f"is cut into more than {strip_budget} TIFF strips or tiles (the budget: {BASE_SEGMENTS} plus one "
                     f"per {BYTES_PER_EXTRA_SEGMENT} bytes of upload, or one per {MIN_PIXELS_PER_STRIP} pixels of "
                     "the image if more)")
+    elif (rle := bmp_rle(data)) is not None:
+        kind, pixels = rle
+        if len(data) + pixels // 2 > MAX_RLE_BMP_WORK:
+            return (f"is an {kind}-compressed BMP of {len(data):,} bytes and {pixels:,} pixels, more than the "
+                    f"run-length decoder may take ({MAX_RLE_BMP_WORK:,} bytes of upload plus half its pixels: "
+                    "Pillow decodes it in Python, a quarter second at that size): send it as an uncompressed BMP "
+                    "or a PNG instead")
+        return None
     else:
         return None
     if count is not None and count > budget:

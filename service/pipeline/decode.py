@@ -3,8 +3,8 @@
 Order matters, cheapest and safest check first:
 
 1. byte limit (413) before Pillow sees anything, and the framing: a PNG or JPEG made of more
-   chunks or segments than its size justifies is refused (422) before Pillow walks them
-   (:mod:`models.image_framing`);
+   chunks or segments than its size justifies is refused (422) before Pillow walks them, as is
+   a run-length BMP past what Pillow's Python decoder may take (:mod:`models.image_framing`);
 2. :func:`probe_into`: ``Image.open`` reads only the header: format (415 unless
    PNG/JPEG/BMP/TIFF/WEBP) and size, so a decompression bomb (a tiny PNG claiming
    100000 x 100000) is refused (413) before a single pixel buffer is allocated; and the
