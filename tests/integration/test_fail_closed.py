@@ -56,7 +56,7 @@ def test_admin_routes_are_closed_without_an_admin_key(open_server: Server) -> No
     assert httpx.get(url + f"/v1/models/{CATEGORY}").status_code == 200
 
 
-def test_bodies_over_their_budget_are_refused_before_they_are_read(open_server: Server) -> None:
+def test_bodies_over_their_budget_are_refused_before_they_are_read(open_server: Server, dev_server: Server) -> None:
     """A route with a JSON body takes JSON_BODY_BYTES (service/api/body_limits.py): FastAPI read
     and parsed a whole body before the key check, so a 100 MB body to a route that was going to
     answer 403 held 232 MB of the server first. The image routes keep their own, larger budget."""
@@ -73,17 +73,24 @@ def test_bodies_over_their_budget_are_refused_before_they_are_read(open_server: 
         head, _, body = answer.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 413 "), answer[:200]
         assert json.loads(body)["error"]["code"] == "request_too_large"
-        # no length declared (chunked): counted as it is read, refused at the budget
-        streamed = (b'{"note": "' + b"a" * JSON_BODY_BYTES + b'"}' for _ in range(1))
-        assert_error(httpx.put(url + path, content=streamed, headers={"Content-Type": "application/json"}), 413,
-                     "request_too_large")
-        # within it, the route answers as before (closed: no keys on this server)
+        # no length declared (chunked): the key is checked before a byte is read (closed: no keys here)
+        assert httpx.put(url + path, content=_over_budget(), headers={"Content-Type": "application/json"}).status_code \
+            == 403
         assert httpx.put(url + path, json={"threshold": 1.0, "label": "ok"}).status_code == 403
+    # where the key check passes (the development switch opens admin): counted as it is read,
+    # refused at the budget
+    assert_error(httpx.put(dev_server.url + THRESHOLD, content=_over_budget(),
+                           headers={"Content-Type": "application/json"}), 413, "request_too_large")
     # an image upload larger than a JSON body's budget is the upload routes' own business
     noise = png_of(Image.fromarray(np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)))
     assert len(noise) > JSON_BODY_BYTES
     r = httpx.post(url + f"/v1/inspect/{CATEGORY}", files=[("file", ("n.png", noise, "image/png"))], timeout=30)
     assert r.status_code == 200, r.text
+
+
+def _over_budget() -> Iterator[bytes]:
+    """A JSON body one note longer than JSON_BODY_BYTES, streamed (no Content-Length)."""
+    yield b'{"note": "' + b"a" * JSON_BODY_BYTES + b'"}'
 
 
 def test_the_development_switch_opens_admin_but_not_to_other_sites(dev_server: Server) -> None:
