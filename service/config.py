@@ -188,6 +188,8 @@ class Settings(BaseSettings):
     redis_retries: int = Field(1, ge=0, le=10, description="retries of a command on a connection error")
     redis_health_check_interval_s: float = Field(10.0, ge=0.0, description="PING idle connections before reuse")
     redis_breaker_s: float = Field(3.0, ge=0.0, description="after a Redis failure the API skips Redis this long")
+    redis_probe_s: float = Field(5.0, ge=0.1, le=300.0, description="every API process and worker PINGs Redis this "
+                                 "often, traffic or not (msflow_redis_up, the MsflowRedisDown alert)")
     redis_max_connections: int = Field(64, ge=1, le=10_000, description="Redis connections per client and process; "
                                        "a call waits up to redis_socket_timeout_s for one, then 503 (a busy "
                                        "pool is not an outage: the breaker stays closed)")

@@ -201,7 +201,7 @@ class ServiceMetrics:
         the merged /metrics shows the lowest (livemin): 0 once any of them cannot reach Redis."""
         if self._redis_up is None:
             self._redis_up = Gauge("msflow_redis_up", "1 while Redis answers this process's periodic PING (every "
-                                   "5 s, traffic or not), 0 while it does not", registry=self.registry,
+                                   "MSFLOW_REDIS_PROBE_S, traffic or not), 0 while it does not", registry=self.registry,
                                    multiprocess_mode="livemin")
         self._redis_up.set(1 if answered else 0)
 

@@ -112,7 +112,8 @@ class ServiceState(PipelineRuntime):
         self._collector_report = asyncio.create_task(
             report_collector_pauses(functools.partial(self.metrics.observe_gc_pauses, "api")), name="gc-pauses")
         if self.redis is not None:  # msflow_redis_up: a Redis down is seen with no traffic too
-            self._redis_probe = asyncio.create_task(probe_forever(self.redis, self.metrics.set_redis_up),
+            self._redis_probe = asyncio.create_task(probe_forever(self.redis, self.metrics.set_redis_up,
+                                                                  self.settings.redis_probe_s),
                                                     name="redis-probe")
 
     async def _check_redis_budgets(self, categories: int) -> None:

@@ -3,7 +3,7 @@
 ``msflow_redis_errors_total`` counts calls that failed, and calls come from traffic: a Redis
 down while no request arrived (a night shift's idle line, the jobs' API quiet) made none, so
 ``MsflowRedisErrors`` stayed quiet until the first client met the outage. So every API
-process and every worker PINGs Redis every :data:`PROBE_EVERY_S` on a task of its own (off
+process and every worker PINGs Redis every ``MSFLOW_REDIS_PROBE_S`` on a task of its own (off
 the request path) and reports whether it answered; ``MsflowRedisDown`` fires on it.
 
 The PING is :meth:`~service.redisq.connection.RedisConnection.answers`: bounded (~0.5 s at
@@ -22,14 +22,11 @@ from collections.abc import Callable
 
 from service.redisq.connection import RedisConnection
 
-PROBE_EVERY_S = 5.0  # what a scrape reads is at most this old (compose scrapes every 5 s)
-
-
-async def probe_forever(conn: RedisConnection, report: Callable[[bool], None], every_s: float = PROBE_EVERY_S) -> None:
+async def probe_forever(conn: RedisConnection, report: Callable[[bool], None], every_s: float) -> None:
     """PING now and every ``every_s`` until cancelled; ``report(answered)`` after each."""
     while True:
         report(await conn.answers())
         await asyncio.sleep(every_s)
 
 
-__all__ = ["PROBE_EVERY_S", "probe_forever"]
+__all__ = ["probe_forever"]

@@ -76,7 +76,8 @@ class Worker:
         self._tasks.append(asyncio.create_task(self.queue.consumers.forever(
             lambda: [self.queue.stream(c) for c in self.categories], self.name, self._failed), name="prune-consumers"))
         # msflow_redis_up on MSFLOW_WORKER_METRICS_PORT; its failures do not hold claims off (probe.py says why).
-        self._tasks.append(asyncio.create_task(probe_forever(self.conn, self.metrics.set_redis_up), name="redis-probe"))
+        self._tasks.append(asyncio.create_task(probe_forever(self.conn, self.metrics.set_redis_up,
+                                                                self.settings.redis_probe_s), name="redis-probe"))
         log.info("worker %s: consuming %s", self.name, ", ".join(self.categories))
 
     async def run(self) -> None:

@@ -2,7 +2,7 @@
 
 ``MsflowRedisErrors`` counts failed calls, and calls come from traffic: with Redis stopped and
 no client, nothing failed and nothing fired. Every API process and worker now PINGs Redis every
-5 s off the request path (``msflow_redis_up``, service/redisq/probe.py), and
+``MSFLOW_REDIS_PROBE_S`` (5 s) off the request path (``msflow_redis_up``, service/redisq/probe.py), and
 ``MsflowRedisDown`` reads it (its promtool test: tests/promtool/alerts_test.yml). Here the
 real ``/metrics`` of a server (one process, then two front ends) and of a worker, with no
 request at all.
@@ -19,9 +19,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from harness import RedisServer, WorkerProc, free_port, start, wait_until
 from service.metrics import ServiceMetrics
-from service.redisq.probe import PROBE_EVERY_S
-
-SETTLE_S = PROBE_EVERY_S + 5  # one probe period, its bounded PING, and a loaded machine
+PROBE_S = 0.5  # MSFLOW_REDIS_PROBE_S here (5 s by default)
+SETTLE_S = PROBE_S + 5  # one probe period, its bounded PING, and a loaded machine
 
 
 @pytest.fixture()
@@ -48,12 +47,13 @@ def test_no_redis_configured_exports_no_redis_up_series() -> None:
 @pytest.mark.parametrize("processes", [1, 2])
 def test_a_redis_down_with_no_traffic_shows_on_every_metrics_endpoint(
         model_store: Path, redis_down_up: RedisServer, tmp_path: Path, processes: int) -> None:
-    settings = dict(redis_url=redis_down_up.url, redis_prefix="msflow-probe:", store_poll_s=0,
+    settings = dict(redis_url=redis_down_up.url, redis_prefix="msflow-probe:", store_poll_s=0, redis_probe_s=PROBE_S,
                     **({"api_processes": processes, "engine": "onnx"} if processes > 1 else {}))
     server = start(model_store, tmp_path / "api.log", **settings)
     port = free_port()
     worker = WorkerProc(model_store, tmp_path / "worker.log", "probe-worker", redis_url=redis_down_up.url,
-                        redis_prefix="msflow-probe:", worker_metrics_port=port, host="127.0.0.1", store_poll_s=0)
+                        redis_prefix="msflow-probe:", worker_metrics_port=port, host="127.0.0.1", store_poll_s=0,
+                        redis_probe_s=PROBE_S)
     endpoints = {"api": f"{server.url}/metrics", "worker": f"http://127.0.0.1:{port}/metrics"}
     try:
         worker.wait_ready()
