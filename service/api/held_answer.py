@@ -12,23 +12,25 @@ So an answer past :data:`HELD_BYTES` is sent in chunks, each once the client has
 (uvicorn's flow control), and the request's ticket stays admitted until the last chunk is out
 or the client is gone (cut off as before when it takes nothing for the request deadline). An
 answer worth more than its ticket (results from the cache, which no ticket priced) takes the
-rest of the pixel budget first, at :data:`BYTES_PER_PIXEL`, or is 503 ``server_busy`` with
+rest of the pixel budget first, at the bytes one priced pixel stands for
+(:data:`~service.pipeline.decode_memory.PRICED_PIXEL_BYTES`), or is 503 ``server_busy`` with
 Retry-After, as a request is when the budget is taken. Slow readers thus make the server shed
 load rather than grow; smaller answers are sent as before.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 from fastapi.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from service.pipeline.admission import PixelBudget, Ticket
+from service.pipeline.decode_memory import PRICED_PIXEL_BYTES
 
 HELD_BYTES = 256 * 1024  # answers up to this are sent whole and hold nothing once built
 CHUNK_BYTES = 256 * 1024
-BYTES_PER_PIXEL = 4  # what the budget assumes an admitted pixel holds (service.pipeline.admission)
 
 
 def release(tickets: list[Ticket]) -> None:
@@ -46,7 +48,7 @@ def held_answer(content: bytes, media_type: str, tickets: list[Ticket], budget: 
         if len(content) <= HELD_BYTES:
             release(tickets)
             return Response(content, media_type=media_type, headers=headers)
-        uncovered = -(-len(content) // BYTES_PER_PIXEL) - sum(ticket.pixels for ticket in tickets)
+        uncovered = math.ceil(len(content) / PRICED_PIXEL_BYTES) - sum(ticket.pixels for ticket in tickets)
         if uncovered > 0:
             extra = budget.admit(uncovered)
             extra.call_started()  # released like the request's: by call_done
