@@ -7,10 +7,10 @@ clients post the most expensive valid input there is?
 Starts its own ``msflow serve`` on a free loopback port (nothing else is reachable), then for
 ``--duration`` seconds runs five clients at once and stops by itself:
 
-* four hostile clients, each alternating 32-file requests and 3-file requests of 6300 x 6300
+* four hostile clients, each alternating 32-file requests and 2-file requests of 6300 x 6300
   solid-grey PNGs (about 50 KB each on the wire, 40 megapixels each decoded) with
   ``heatmap_size=original&overlay=true``: the 32-file ones are over the per-request budget
-  (413), the 3-file ones fit it and compete for the server-wide one (200, or 503 + Retry-After);
+  (413), the 2-file ones fit it and compete for the server-wide one (200, or 503 + Retry-After);
 * a fifth client inspecting ordinary model-size images of another category (a copy of the
   first under another name when the store holds one category), which must keep getting 200s.
 
@@ -43,10 +43,11 @@ import numpy as np
 from PIL import Image
 
 from loadtests.run import LocalServer, wait_ready
+from service.pipeline.decode_memory import PRICED_PIXEL_BYTES
 
 GIANT_SIDE = 6300
 BIG_REQUEST_FILES = 32
-FITTING_REQUEST_FILES = 3
+FITTING_REQUEST_FILES = 2  # 2 x 57 MP as priced (a grey PNG decodes at 5.5 bytes a pixel)
 
 
 def giant_png(level: int) -> bytes:
@@ -132,7 +133,7 @@ def hostile_client(name: str, url: str, category: str, giant: bytes, until: floa
     with httpx.Client(base_url=url, timeout=120) as c:
         turn = 0
         while time.monotonic() < until:
-            n, kind = (BIG_REQUEST_FILES, "x32") if turn % 2 == 0 else (FITTING_REQUEST_FILES, "x3")
+            n, kind = (BIG_REQUEST_FILES, "x32") if turn % 2 == 0 else (FITTING_REQUEST_FILES, f"x{FITTING_REQUEST_FILES}")
             turn += 1
             files = [("file", (f"{name}-{i}.png", giant, "image/png")) for i in range(n)]
             t0 = time.perf_counter()
@@ -264,8 +265,8 @@ def run(args: argparse.Namespace) -> int:
 def render(s: dict[str, Any]) -> str:
     lines = [
         "# Hostile load", "",
-        f"- {s['duration_s']} s; 4 hostile clients on `{s['hostile_category']}` (32-file and 3-file requests of "
-        f"{s['giant_megapixels']:.1f} MP grey PNGs, {s['giant_png_bytes'] // 1024} KB each, original-size overlays); "
+        f"- {s['duration_s']} s; 4 hostile clients on `{s['hostile_category']}` (32-file and "
+        f"{FITTING_REQUEST_FILES}-file requests of {s['giant_megapixels']:.1f} MP grey PNGs, {s['giant_png_bytes'] // 1024} KB each, original-size overlays); "
         f"1 ordinary client on `{s['ordinary_category']}`",
         f"- budget: {s['max_request_megapixels']} MP per request, {s['max_inflight_megapixels']} MP in flight "
         f"x {s['bytes_per_pixel']} B = {s['budget_mb']} MB",
@@ -286,8 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=30.0, help="seconds of load (the run stops by itself)")
     p.add_argument("--request-megapixels", type=float, default=160.0)
     p.add_argument("--inflight-megapixels", type=float, default=320.0)
-    p.add_argument("--bytes-per-pixel", type=float, default=4.0,
-                   help="memory allowed per admitted pixel for the bound (MB per megapixel)")
+    p.add_argument("--bytes-per-pixel", type=float, default=PRICED_PIXEL_BYTES,
+                   help="memory allowed per admitted pixel for the bound (MB per megapixel; default what one priced "
+                        "pixel stands for, service/pipeline/decode_memory.py)")
     p.add_argument("--out", help="report folder (default reports/hostile-<UTC time>)")
     p.add_argument("--fail-on-violation", action="store_true")
     return run(p.parse_args(argv))
