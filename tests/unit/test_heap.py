@@ -28,13 +28,16 @@ def test_startup_garbage_is_freed_the_rest_frozen_and_later_cycles_still_collect
     try:
         frozen = freeze_startup_objects()
         assert freed() is None, "start-up's own garbage must be collected, not frozen forever"
-        assert frozen == gc.get_freeze_count() > 10_000  # this interpreter's imports: pytest, numpy, the service
+        # A frozen object still goes when its last reference does, and a thread an earlier test
+        # left finishing its work may drop some meanwhile (seen: 2 of 817,220): never more frozen.
+        assert frozen - 1_000 < gc.get_freeze_count() <= frozen and frozen > 10_000  # pytest, numpy, the service
         later = _Node()
         collected = weakref.ref(later)
         del later
+        before = gc.get_freeze_count()
         gc.collect()
         assert collected() is None, "a cycle made after the freeze (an unloaded engine's) must still be freed"
-        assert gc.get_freeze_count() == frozen
+        assert gc.get_freeze_count() <= before, "a collection after the freeze froze nothing more"
     finally:
         gc.unfreeze()
 
