@@ -21,7 +21,7 @@ from service.redisq.probe import probe_forever
 from service.worker.categories import ConsumedCategories
 from service.worker.claim_holdoff import claim_hold_off_s, keep_alive_every_s, socket_timeout_s
 from service.worker.inputs import InputBudget
-from service.worker.runner import JobRunner
+from service.worker.runner import JobRunner, sleep_unless_stopped
 
 log = logging.getLogger("service.worker")
 
@@ -155,10 +155,7 @@ class Worker:
                 await self._sleep(1.0)
 
     async def _sleep(self, seconds: float) -> None:
-        try:
-            await asyncio.wait_for(self.stop.wait(), seconds)
-        except TimeoutError:
-            pass
+        await sleep_unless_stopped(self.stop, seconds)
 
     # ------------------------------------------------------------------ claims and heartbeats
     async def _keep_alive(self, held: dict[str, set[str]]) -> None:

@@ -253,10 +253,15 @@ class JobRunner:
         self.metrics.redis_evictions.labels("job_results").inc(write.evicted)
 
     async def _sleep(self, seconds: float) -> None:
-        try:
-            await asyncio.wait_for(self.stop.wait(), seconds)
-        except TimeoutError:
-            pass
+        await sleep_unless_stopped(self.stop, seconds)
 
 
-__all__ = ["OUTPUT_RERUNS", "JobRunner"]
+async def sleep_unless_stopped(stop: asyncio.Event, seconds: float) -> None:
+    """Wait ``seconds``, or less when ``stop`` is set meanwhile (the worker's waits all end at a stop)."""
+    try:
+        await asyncio.wait_for(stop.wait(), seconds)
+    except TimeoutError:
+        pass
+
+
+__all__ = ["OUTPUT_RERUNS", "JobRunner", "sleep_unless_stopped"]
