@@ -50,7 +50,7 @@ def held_answer(content: bytes, media_type: str, tickets: list[Ticket], budget: 
             return Response(content, media_type=media_type, headers=headers)
         uncovered = math.ceil(len(content) / PRICED_PIXEL_BYTES) - sum(ticket.pixels for ticket in tickets)
         if uncovered > 0:
-            extra = budget.admit(uncovered)
+            extra = budget.admit(uncovered, tickets[0].category if tickets else "")
             extra.call_started()  # released like the request's: by call_done
             extra.close()
             tickets.append(extra)

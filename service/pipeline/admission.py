@@ -11,6 +11,13 @@ from the header alone, and a request is admitted against two budgets:
   admitted requests not yet answered. Over it the request is refused now with 503 +
   Retry-After (the API sheds load); a worker waits for room instead (it already holds the job).
 
+The server's budget is shared fairly between categories (product lines), and work-conserving:
+one category alone may use all of it, but a category asking for no more than its share
+(the budget over the categories holding or waiting for pixels) is not refused because
+others hold the room. It waits (:meth:`PixelBudget.admit_fairly`, bounded by its deadline)
+while the categories over their shares are refused any room it waits for; they are answered
+within about one request's time, which gives it back.
+
 A :class:`Ticket` gives its pixels back only when the request is over *and* every blocking
 call it started in the thread pool has returned: a request that timed out (504) while its
 image was still decoding keeps costing what that thread holds until the thread is done, so
@@ -27,6 +34,7 @@ peak resident memory of the hostile-load scenario against this budget.
 from __future__ import annotations
 
 import asyncio
+import collections
 import math
 import time
 from collections.abc import Callable
@@ -96,9 +104,10 @@ def _area(size: tuple[int, int] | None) -> int:
 class Ticket:
     """One admitted request's pixels, held until it is over and its blocking calls returned."""
 
-    def __init__(self, budget: "PixelBudget", pixels: int) -> None:
+    def __init__(self, budget: "PixelBudget", pixels: int, category: str = "") -> None:
         self.budget = budget
         self.pixels = pixels
+        self.category = category
         self._running = 0
         self._closed = False
         self._released = False
@@ -120,7 +129,7 @@ class Ticket:
     def _maybe_release(self) -> None:
         if self._closed and self._running == 0 and not self._released:
             self._released = True
-            self.budget._give_back(self.pixels)
+            self.budget._give_back(self.pixels, self.category)
 
     def __enter__(self) -> "Ticket":
         return self
@@ -141,6 +150,8 @@ class PixelBudget:
         self.in_flight = 0
         self._on_change = on_change
         self._room: asyncio.Event | None = None
+        self._held: collections.Counter[str] = collections.Counter()  # category -> pixels admitted
+        self._waiting: collections.Counter[str] = collections.Counter()  # category -> pixels waiting fairly
 
     def check_request(self, pixels: int) -> None:
         """:class:`RequestTooExpensive` when ``pixels`` exceed what one request may hold."""
@@ -152,19 +163,58 @@ class PixelBudget:
                 "or 16-bit, float or palette images, or heatmap_size=model)",
                 details={"megapixels": round(pixels / MEGA, 3), "limit_megapixels": round(self.max_request / MEGA, 3)})
 
-    def admit(self, pixels: int) -> Ticket:
+    def admit(self, pixels: int, category: str = "") -> Ticket:
         """A ticket for ``pixels`` now, or :class:`RequestTooExpensive` / :class:`ServerBusy`."""
         self.check_request(pixels)
-        if self.in_flight + pixels > self.capacity:
-            raise ServerBusy(
-                f"the server is decoding {self.in_flight / MEGA:.0f} of its {self.capacity / MEGA:.0f} megapixels; "
-                "retry shortly", details={"megapixels": round(pixels / MEGA, 3)})
-        return self._take(pixels)
+        if not self._may_take(pixels, category):
+            raise self._busy(pixels)
+        return self._take(pixels, category)
 
-    async def wait_admit(self, pixels: int, deadline: float) -> Ticket:
+    async def admit_fairly(self, pixels: int, category: str, deadline: float) -> Ticket:
+        """The API's admission: a ticket now if there is room for ``category``; else, when
+        the request is within its category's share and the room is held by categories over
+        theirs, once they have given it back (:class:`ServerBusy` at ``deadline``); else
+        :class:`ServerBusy` now, as :meth:`admit`. So a flood of one category is refused
+        beyond its share while its neighbours wait at most about one of its requests' time,
+        and a category alone is refused at the budget as before (it is never over its share)."""
+        self.check_request(pixels)
+        if self._may_take(pixels, category):
+            return self._take(pixels, category)
+        if not self._within_share(pixels, category):
+            raise self._busy(pixels)
+        # Within its share and no room: others hold more than theirs (the shares add up to the
+        # capacity). They take none of the room this request waits for (_may_take) until it fits.
+        self._waiting[category] += pixels
+        try:
+            await self._wait_for_room(pixels, deadline)
+        finally:
+            self._waiting[category] -= pixels
+            if self._waiting[category] <= 0:
+                del self._waiting[category]
+        return self._take(pixels, category)
+
+    async def wait_admit(self, pixels: int, deadline: float, category: str = "") -> Ticket:
         """A ticket once there is room (a worker's back-pressure), or :class:`ServerBusy` at
         ``deadline`` (``time.monotonic()``); :class:`RequestTooExpensive` at once."""
         self.check_request(pixels)
+        await self._wait_for_room(pixels, deadline)
+        return self._take(pixels, category)
+
+    def _within_share(self, pixels: int, category: str) -> bool:
+        """Whether ``category`` would hold (and wait for) no more than an equal share of the
+        capacity among the categories holding or waiting for pixels, itself included."""
+        active = {c for c, n in self._held.items() if n > 0} | set(self._waiting) | {category}
+        return self._held[category] + self._waiting[category] + pixels <= self.capacity / len(active)
+
+    def _may_take(self, pixels: int, category: str) -> bool:
+        """Room now: within the capacity, and without the room waiters wait for, unless the
+        request is within its share (waiters are too: first to fit goes first)."""
+        if self.in_flight + pixels > self.capacity:
+            return False
+        waiting = sum(self._waiting.values())
+        return waiting == 0 or self.in_flight + waiting + pixels <= self.capacity or self._within_share(pixels, category)
+
+    async def _wait_for_room(self, pixels: int, deadline: float) -> None:
         while self.in_flight + pixels > self.capacity:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -175,16 +225,24 @@ class PixelBudget:
                 await asyncio.wait_for(self._room.wait(), remaining)
             except TimeoutError:
                 pass
-        return self._take(pixels)
 
-    def _take(self, pixels: int) -> Ticket:
+    def _busy(self, pixels: int) -> ServerBusy:
+        return ServerBusy(
+            f"the server is decoding {self.in_flight / MEGA:.0f} of its {self.capacity / MEGA:.0f} megapixels; "
+            "retry shortly", details={"megapixels": round(pixels / MEGA, 3)})
+
+    def _take(self, pixels: int, category: str) -> Ticket:
         self.in_flight += pixels
+        self._held[category] += pixels
         if self._on_change is not None:
             self._on_change(self.in_flight)
-        return Ticket(self, pixels)
+        return Ticket(self, pixels, category)
 
-    def _give_back(self, pixels: int) -> None:
+    def _give_back(self, pixels: int, category: str) -> None:
         self.in_flight -= pixels
+        self._held[category] -= pixels
+        if self._held[category] <= 0:
+            del self._held[category]
         if self._on_change is not None:
             self._on_change(self.in_flight)
         if self._room is not None:  # wake every waiter; each re-checks the room it needs

@@ -236,10 +236,12 @@ class PipelineRuntime:
         await self.run_blocking(probe_all, on_loop=on_loop)
         return on_loop
 
-    def admit(self, category: str, items: Sequence[InspectedImage]) -> Ticket:
-        """The request's pixels, now (413 / 503 otherwise): the API sheds load."""
+    async def admit(self, category: str, items: Sequence[InspectedImage], deadline: float) -> Ticket:
+        """The request's pixels (413 / 503 otherwise: the API sheds load), after a wait only
+        while other categories hold the share of the budget that is this one's
+        (:meth:`~service.pipeline.admission.PixelBudget.admit_fairly`)."""
         try:
-            ticket = self.pixels.admit(sum(item.cost for item in items))
+            ticket = await self.pixels.admit_fairly(sum(item.cost for item in items), category, deadline)
         except AdmissionRefused as exc:
             self.metrics.count_rejection(category, exc.code)
             raise
@@ -346,10 +348,11 @@ class PipelineRuntime:
             async with timeout:
                 probed_on_loop = await self.probe(size, items, rendering)
                 if wait_for_room:
-                    ticket = await self.pixels.wait_admit(sum(item.cost for item in items), deadline)
+                    ticket = await self.pixels.wait_admit(sum(item.cost for item in items), deadline,
+                                                          lane.model.category)
                 else:
                     lane.batcher.check_room(len(items))  # a full queue refuses before the decode, not after
-                    ticket = self.admit(lane.model.category, items)
+                    ticket = await self.admit(lane.model.category, items, deadline)
                 if hold is not None:
                     ticket.call_started()
                     hold.append(ticket)

@@ -70,7 +70,7 @@ def test_server_budget_refuses_with_503_while_taken_and_admits_once_freed(model_
     async def main() -> None:
         async with loaded_runtime(model_store, max_request_megapixels=1, max_inflight_megapixels=1) as rt:
             with rt.pin(CATEGORY) as lane:
-                holder = rt.pixels.admit(999_000)  # another request's images, still in flight
+                holder = rt.pixels.admit(999_000, CATEGORY)  # another request of the category, in flight
                 items = received(good_images[0].read_bytes())
                 with pytest.raises(ServerBusy):
                     await rt.run(lane, items, InspectOptions(), time.monotonic() + 30, time.monotonic())

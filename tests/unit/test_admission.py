@@ -89,3 +89,63 @@ def test_worker_waits_for_room_then_runs() -> None:
             budget.admit(100)
             await budget.wait_admit(100, time.monotonic() + 0.05)
     asyncio.run(main())
+
+
+def test_one_category_alone_uses_the_whole_budget_and_is_refused_at_it_without_waiting() -> None:
+    async def main() -> None:
+        budget = PixelBudget(max_request_pixels=100, max_inflight_pixels=300)
+        tickets = [await budget.admit_fairly(100, "a", time.monotonic() + 5) for _ in range(3)]
+        started = time.monotonic()
+        with pytest.raises(ServerBusy):  # alone it is never over its share: shed at once, as before
+            await budget.admit_fairly(100, "a", time.monotonic() + 5)
+        assert time.monotonic() - started < 0.5 and budget.in_flight == 300
+        for ticket in tickets:
+            ticket.close()
+    asyncio.run(main())
+
+
+def test_a_flood_is_refused_the_room_its_neighbour_waits_for_within_its_share() -> None:
+    async def main() -> None:
+        budget = PixelBudget(max_request_pixels=100, max_inflight_pixels=300)
+        flood = [budget.admit(100, "a") for _ in range(3)]  # the flood holds everything
+        neighbour = asyncio.create_task(budget.admit_fairly(50, "b", time.monotonic() + 5))
+        await asyncio.sleep(0.05)
+        assert not neighbour.done()  # within its share (150): it waits, not 503
+        flood.pop().close()  # 100 free: the neighbour's, not the flood's next request's
+        ticket = await asyncio.wait_for(neighbour, 1)
+        assert ticket.category == "b" and budget.in_flight == 250
+        with pytest.raises(ServerBusy):  # "a" holds 200 of 300, over its share of 150
+            await budget.admit_fairly(100, "a", time.monotonic() + 5)
+        flood.append(budget.admit(50, "a"))  # but the room nobody waits for is still used
+        assert budget.in_flight == 300
+        for t in [*flood, ticket]:
+            t.close()
+        assert budget.in_flight == 0
+    asyncio.run(main())
+
+
+def test_a_flood_takes_room_beyond_what_its_neighbour_waits_for() -> None:
+    async def main() -> None:
+        budget = PixelBudget(max_request_pixels=100, max_inflight_pixels=300)
+        flood = [budget.admit(100, "a") for _ in range(3)]
+        neighbour = asyncio.create_task(budget.admit_fairly(50, "b", time.monotonic() + 0.3))
+        await asyncio.sleep(0.05)
+        flood.pop().close()
+        extra = budget.admit(50, "a")  # 50 of the 100 freed are the neighbour's; the flood gets the rest
+        with pytest.raises(ServerBusy):
+            budget.admit(1, "a")
+        ticket = await asyncio.wait_for(neighbour, 1)
+        assert budget.in_flight == 300
+        for t in [*flood, extra, ticket]:
+            t.close()
+        # and a wait is bounded by the deadline: 503 then, nothing held
+        flood = [budget.admit(100, "a") for _ in range(3)]
+        with pytest.raises(ServerBusy):
+            await budget.admit_fairly(50, "b", time.monotonic() + 0.05)
+        assert budget.in_flight == 300
+        flood.pop().close()
+        flood.append(budget.admit(100, "a"))  # the waiter gone, nothing is kept for it any more
+        for t in flood:
+            t.close()
+        assert budget.in_flight == 0
+    asyncio.run(main())
