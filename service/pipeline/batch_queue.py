@@ -60,7 +60,16 @@ class BatchQueue(Protocol):
         (``time.monotonic()`` seconds; 0 when none): what tells a stuck engine from a busy one."""
         ...
 
-    def submit_many(self, items: Sequence[Any], deadline: float) -> list[asyncio.Future[Any]]: ...
+    def submit_many(self, items: Sequence[Any], deadline: float, *, lend: bool = False) -> list[asyncio.Future[Any]]:
+        """One future per item. ``lend``: a result's value may be a view of memory the queue
+        keeps for the caller until :meth:`release` (a front end's slots), which the caller
+        then runs on every path once it has read the values."""
+        ...
+
+    def release(self, futures: Sequence[asyncio.Future[Any]]) -> bool:
+        """The caller of a ``lend`` submit is done reading ``futures``' values (unfinished ones are
+        cancelled). True when memory lent came back: the values' arrays must not be read again."""
+        ...
 
     async def drain(self, timeout: float | None = None) -> None: ...
 
@@ -81,10 +90,11 @@ class Batched(Generic[R]):
     run_ms: float
 
 
-async def submit_when_room(batcher: BatchQueue, items: Sequence[Any], deadline: float) -> list[asyncio.Future[Any]]:
+async def submit_when_room(batcher: BatchQueue, items: Sequence[Any], deadline: float, *,
+                           lend: bool = False) -> list[asyncio.Future[Any]]:
     """Queue ``items`` without ever being refused for a full queue (a worker, which already
     holds its jobs): in parts no larger than the queue, each once there is room for it (or
-    :class:`DeadlineExceeded`)."""
+    :class:`DeadlineExceeded`). ``lend``: as :meth:`BatchQueue.submit_many`."""
     futures: list[asyncio.Future[Any]] = []
     step = batcher.max_queue_size
     try:
@@ -94,7 +104,7 @@ async def submit_when_room(batcher: BatchQueue, items: Sequence[Any], deadline: 
                 if time.monotonic() >= deadline:
                     raise DeadlineExceeded("deadline passed while waiting for room in the queue")
                 await asyncio.sleep(max(0.001, batcher.max_queue_delay_s))
-            futures += batcher.submit_many(part, deadline)
+            futures += batcher.submit_many(part, deadline, lend=lend)
     except BaseException:
         for future in futures:
             future.cancel()

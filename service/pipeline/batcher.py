@@ -131,12 +131,13 @@ class Batcher:
         return self._closing
 
     def submit_many(self, items: Sequence[Any], deadline: float,
-                    observed: bool = True) -> list[asyncio.Future[Batched[Any]]]:
+                    observed: bool = True, *, lend: bool = False) -> list[asyncio.Future[Batched[Any]]]:
         """Queue ``items`` (all or none) and return one future per item, in order.
 
         ``deadline`` is a ``time.monotonic()`` instant. Raises :class:`QueueFull` or
         :class:`BatcherClosed` synchronously, so nothing is queued for a rejected request.
         ``observed=False``: a warm-up, run like the others and left out of every metric.
+        ``lend`` changes nothing here: the values are ``run_batch``'s own, nothing is lent.
         """
         self.check_room(len(items), observed)
         loop = asyncio.get_running_loop()
@@ -153,6 +154,13 @@ class Batcher:
         if was_idle or len(self._pending) >= self.max_batch_size:
             self._wakeup.set()
         return futures
+
+    def release(self, futures: Sequence[asyncio.Future[Any]]) -> bool:
+        """Nothing was lent (see :meth:`submit_many`); unfinished futures are cancelled, as a
+        front end's release does."""
+        for future in futures:
+            future.cancel()  # a no-op on finished ones
+        return False
 
     def running_for(self, now: float) -> float:
         """How long ``run_batch`` has been running the current batch (0 when none runs). Read

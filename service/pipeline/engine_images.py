@@ -6,6 +6,11 @@ A request copies its inputs into its slots and costs one packed ``submit`` frame
 (:mod:`service.ipc.frames`); the ``result`` frame resolves one future per image, whose map
 is copied out of the slot before the slots are given back (never earlier: the engine process
 may still be writing into them). A caller that gives up sends ``cancel``.
+
+A request submitted with ``lend=True`` (the runtime's inspect path) gets its maps as views of
+its slots instead: each answered image keeps its slot until :meth:`EngineImages.release`, which
+the caller runs once every reader is done (the postprocess; a review capture takes a copy),
+in a ``finally``. Saves copying 256 KB per image at 256² (docs/performance-log.md).
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ class _Request:
     slots: list[int]
     futures: list["_ImageFuture"]
     sent_at: float  # time.monotonic() at submit
+    lend: bool  # answered maps are views of the slots, kept until released (see the module docstring)
     cancel_sent: bool = False
 
 
@@ -60,6 +66,7 @@ class _ImageFuture(asyncio.Future):  # type: ignore[type-arg]
         super().__init__(loop=loop)
         self._images = images
         self._rid = rid
+        self.lent: tuple[SlotPool, int] | None = None  # the slot its result's map is a view of
 
     def cancel(self, msg: Any = None) -> bool:
         if not super().cancel(msg):
@@ -127,10 +134,12 @@ class EngineImages:
         return Slab.create(size, self.settings.max_queue_size, name=f"msflow-{os.getpid()}-{size}")
 
     def submit(self, version_dir: str, tensors: Sequence[np.ndarray], deadline: float,
-               observed: bool = True) -> list[asyncio.Future[Any]]:
+               observed: bool = True, lend: bool = False) -> list[asyncio.Future[Any]]:
         """Queue ``tensors`` (all or none) on the engine process; one future per image.
         ``observed=False``: a warm-up, which the engine process runs like a request but leaves
-        out of every metric (sent as a ``warm`` control message, not a packed submit)."""
+        out of every metric (sent as a ``warm`` control message, not a packed submit).
+        ``lend``: each answered map is a view of its slot, held until :meth:`release` of the
+        futures (which the caller must reach on every path)."""
         link = self._link
         handle = link.handles.get(version_dir)
         channel = link.channel
@@ -148,7 +157,7 @@ class EngineImages:
         loop = self.loop
         assert loop is not None, "EngineClient.start() not called"
         futures = [_ImageFuture(self, rid, loop) for _ in tensors]
-        self.requests[rid] = _Request(slab, pool, slots, futures, time.monotonic())
+        self.requests[rid] = _Request(slab, pool, slots, futures, time.monotonic(), lend)
         if observed:
             channel.send_frame(frames.pack_submit(rid, handle, ident, deadline, slots))
         else:
@@ -179,18 +188,47 @@ class EngineImages:
         request = self.requests.pop(rid, None)
         if request is None:
             return
+        pool, lend = request.pool, request.lend
+        free: list[int] = []
         for future, slot, outcome in zip(request.futures, request.slots, outcomes):
-            if future.done():
+            if future.done():  # the caller gave up (a cancel raced this answer): no one reads the map
+                free.append(slot)
                 continue
             if outcome.code == frames.OK:
-                heat = request.slab.output(slot).copy()  # the slot is reused once given back
+                if lend:  # read in place: the slot comes back with release()
+                    heat = request.slab.output(slot)
+                    future.lent = (pool, slot)
+                else:
+                    heat = request.slab.output(slot).copy()  # the slot is reused once given back
+                    free.append(slot)
                 future.set_result(Batched((outcome.score, heat), outcome.batch_size, outcome.queue_ms,
                                           outcome.run_ms))
-            elif outcome.code == frames.CANCELLED:
+                continue
+            free.append(slot)
+            if outcome.code == frames.CANCELLED:
                 future.cancel()  # the request is gone from requests: no cancel is sent back
             else:
                 future.set_exception(_error(outcome.code, outcome.message))
-        request.pool.give_back(request.slots)
+        pool.give_back(free)
+
+    @staticmethod
+    def release(futures: Sequence[asyncio.Future[Any]]) -> bool:
+        """The caller of a ``lend`` submit is done with its results: each answered image's slot
+        is given back (its map view must not be read again), and an unanswered one is cancelled,
+        so no future of ``futures`` can lend a slot after this. Idempotent. True when a slot
+        came back (the caller's maps were views of slots)."""
+        released = False
+        for future in futures:
+            if not future.done():
+                future.cancel()  # its slot comes back with the engine process's answer
+                continue
+            lent = getattr(future, "lent", None)
+            if lent is not None:
+                future.lent = None  # type: ignore[attr-defined]
+                pool, slot = lent
+                pool.give_back([slot])
+                released = True
+        return released
 
     def refused(self, rid: int, message: str) -> None:
         """An ``error`` answer that is no call's: a ``warm`` message the engine process could not read."""

@@ -65,13 +65,21 @@ class RemoteBatcher:
             raise QueueFull(f"{self.category}: queue full ({self.depth} of {self.max_queue_size} images in "
                             f"flight from this process, request has {count})")
 
-    def submit_many(self, items: Sequence[np.ndarray], deadline: float) -> list[asyncio.Future[Any]]:
+    def submit_many(self, items: Sequence[np.ndarray], deadline: float, *,
+                    lend: bool = False) -> list[asyncio.Future[Any]]:
+        """``lend``: the maps are read in their slots, held until :meth:`release`
+        (:meth:`~service.pipeline.engine_images.EngineImages.submit`)."""
         self.check_room(len(items))
-        futures = self.client.submit(self.version_dir, items, deadline)
+        futures = self.client.submit(self.version_dir, items, deadline, lend=lend)
         if len(self._in_flight) >= 2 * self._pool.capacity:  # so each image is scanned about once
             self._in_flight = [f for f in self._in_flight if not f.done()]
         self._in_flight += futures
         return futures
+
+    def release(self, futures: Sequence[asyncio.Future[Any]]) -> bool:
+        """Give back the slots a ``lend`` submit's answered maps are read in (once every reader is
+        done); True when one came back, i.e. the maps were views of slots, not to be read again."""
+        return self.client.images.release(futures)
 
     async def drain(self, timeout: float | None = None) -> None:
         """Stop accepting; wait for what this lane has in flight (the engine finishes it)."""

@@ -79,11 +79,18 @@ def _for_writer(item: InspectedImage) -> InspectedImage:
     record also holds the answer's rendered PNG (an original-size overlay: up to ~16 MB) and,
     for ``heatmap=inline``, its base64 copy in ``result``; queued as it is, 16 items counted
     29 KB against a 2 MiB budget while pinning ~149 MiB. A shallow copy without them: the
-    caller's record (still being answered from) keeps its own."""
+    caller's record (still being answered from) keeps its own.
+
+    The map is copied: the caller's may be a view of memory lent for the answer only (a
+    multi-process front end's slot, given back once the answer is made; in one process, a view
+    of its batch's maps, all of which it would keep alive). Captures are a sample, so the answers
+    that are not captured read their maps in place."""
     result = item.answer
     if result.heatmap is not None:
         result = result.model_copy(update={"heatmap": None})
-    return dataclasses.replace(item, heatmap_png=None, display=None, result=result)
+    heat = item.anomaly_map
+    return dataclasses.replace(item, heatmap_png=None, display=None, result=result,
+                               anomaly_map=None if heat is None else heat.copy())
 
 
 def _held_bytes(item: InspectedImage) -> int:

@@ -262,7 +262,8 @@ class PipelineRuntime:
         await gather_in_order([one(item) for item in items])
 
     async def score(self, lane: Lane, items: Sequence[InspectedImage], deadline: float,
-                    gone: Awaitable[None] | None = None, *, wait_for_room: bool = False) -> None:
+                    gone: Awaitable[None] | None = None, *, wait_for_room: bool = False,
+                    lent: list[asyncio.Future[Any]] | None = None) -> None:
         """Queue every record on the pinned lane's batcher; wait for all, the deadline, or
         ``gone`` (the client left: the images are dropped before the engine). Raises the
         first image's error (an engine failure fails every image of its batch).
@@ -270,12 +271,17 @@ class PipelineRuntime:
         ``wait_for_room``: wait while the batcher's queue is full instead of raising
         :class:`~service.pipeline.batch_queue.QueueFull`. The API sheds load (503); a worker has
         already taken the job, so it applies back-pressure instead and reads no more meanwhile.
+        ``lent``: the maps may be views of a front end's slots, read in place: the futures go
+        into it before anything awaits, for ``lane.batcher.release`` once the maps are read.
         """
         tensors = [item.model_input for item in items]
+        lend = lent is not None
         if wait_for_room:
-            futures = await submit_when_room(lane.batcher, tensors, deadline)
+            futures = await submit_when_room(lane.batcher, tensors, deadline, lend=lend)
         else:
-            futures = lane.batcher.submit_many(tensors, deadline)
+            futures = lane.batcher.submit_many(tensors, deadline, lend=lend)
+        if lent is not None:
+            lent += futures
         try:
             await wait_results(futures, deadline, gone)
         except DeadlineExceeded:
@@ -359,13 +365,17 @@ class PipelineRuntime:
                 small = probed_on_loop and work_on_loop(items, self.settings.loop_work_pixels)
                 self.metrics.count_work_placement(small)
                 with ticket:
+                    lent: list[asyncio.Future[Any]] = []
                     try:
                         await self.decode(size, items, ticket, on_loop=small)
-                        await self.score(lane, items, deadline, gone, wait_for_room=wait_for_room)
+                        await self.score(lane, items, deadline, gone, wait_for_room=wait_for_room, lent=lent)
                         await self.postprocess(lane, items, options, started, render_all, ticket, on_loop=small)
                     finally:
                         for item in items:
                             item.display = None  # the request's pixels go with its ticket
+                        if lane.batcher.release(lent):  # the maps' readers are done (a capture copies)
+                            for item in items:
+                                item.anomaly_map = None  # a view of a front end's slot, reused now
         except TimeoutError as exc:
             if not timeout.expired():
                 raise

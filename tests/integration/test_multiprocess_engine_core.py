@@ -10,6 +10,7 @@ import asyncio
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -37,12 +38,20 @@ def test_a_front_end_through_the_engine_core_answers_like_the_local_engine(model
     def records() -> list[InspectedImage]:
         return [InspectedImage.received(i, Upload(filename=p.name, data=p.read_bytes())) for i, p in enumerate(paths)]
 
-    async def answers(rt: PipelineRuntime) -> list[InspectedImage]:
+    async def answers(rt: PipelineRuntime) -> tuple[list[InspectedImage], list[np.ndarray]]:
+        """The answers, and the maps as the postprocess read them (a front end reads them in
+        its slots, given back once the answer is made)."""
         await rt.registry.load_all()
-        items = records()
+        items, maps = records(), []
+        postprocess = rt.postprocess
+
+        async def reading(lane: Any, done: list[InspectedImage], *args: Any, **kwargs: Any) -> None:
+            maps.extend(item.score_map.copy() for item in done)
+            await postprocess(lane, done, *args, **kwargs)
+        rt.postprocess = reading  # type: ignore[method-assign]
         with rt.pin(CATEGORY) as lane:
             await rt.run(lane, items, InspectOptions(), time.monotonic() + 30, time.monotonic())
-        return items
+        return items, maps
 
     async def main() -> None:
         base = dict(model_store=model_store, device="cpu", intra_op_threads=1, decode_threads=2, store_poll_s=0,
@@ -50,7 +59,7 @@ def test_a_front_end_through_the_engine_core_answers_like_the_local_engine(model
         local = PipelineRuntime(Settings(**base), None)
         local.open()
         try:
-            expected = await answers(local)
+            expected, expected_maps = await answers(local)
         finally:
             await local.close()
         with tempfile.TemporaryDirectory() as tmp:
@@ -61,19 +70,23 @@ def test_a_front_end_through_the_engine_core_answers_like_the_local_engine(model
                                      engine_link=EngineClient(Settings(**base, engine_socket=sock), sock))
             remote.open()
             try:
-                got = await answers(remote)
+                got, got_maps = await answers(remote)
                 with remote.pin(CATEGORY) as lane:
                     assert isinstance(lane.batcher, RemoteBatcher)
                     assert lane.model.engine.name == "onnxruntime-cpu"
+                    pool = lane.batcher.client.pool(lane.model.manifest.input_size)
+                    assert pool.free == pool.capacity  # every map's slot given back
+                assert all(item.anomaly_map is None for item in got)  # no view of a reused slot is left
                 assert len(core.hosted) == 1 and len(core.frontends) == 1
             finally:
                 await remote.close()
                 core.stop()
                 await serving
-        for mine, theirs in zip(got, expected):
+        assert len(got_maps) == len(expected_maps) == len(paths)
+        for mine, theirs, my_map, their_map in zip(got, expected, got_maps, expected_maps):
             assert mine.answer.raw_score == pytest.approx(theirs.answer.raw_score, rel=1e-5, abs=1e-5)
             assert mine.answer.verdict == theirs.answer.verdict
-            assert np.allclose(mine.anomaly_map, theirs.anomaly_map, rtol=1e-5, atol=1e-5)
+            assert np.allclose(my_map, their_map, rtol=1e-5, atol=1e-5)
             assert mine.answer.batch_size >= 1
 
     asyncio.run(main())
