@@ -13,8 +13,9 @@ The value written is the same float the library would have written after the sam
 Flushes: every :data:`FLUSH_INTERVAL_S` (a daemon thread: every process that writes metrics
 has it, with no start-up wiring, and a busy event loop does not hold it back); before every
 exposition, in every process (the front end that serves ``/metrics`` asks the others through
-the engine process: :data:`FLUSH_TOPIC`); at exit (``atexit``: a drain, SIGTERM); and before a
-fork. A process killed outright (SIGKILL, a crash) loses at most its last interval's updates.
+the engine process: :data:`FLUSH_TOPIC`); at exit (``atexit``, and a server's end: uvicorn lets
+the SIGTERM it drained for end the process, where no ``atexit`` runs, so :mod:`service.server`
+flushes before); and before a fork. A process killed outright (SIGKILL, a crash) loses at most its last interval's updates.
 
 A gauge of a ``mostrecent`` mode is set with a timestamp that orders the processes' values:
 it is written at once, as before (those are read at scrape time, off the hot path).
