@@ -1,16 +1,16 @@
 """Slots of shared memory for engine inputs and outputs, on an anonymous ``memfd``.
 
-A front-end process owns one :class:`Slab` per model input size. A slot holds one image's
-engine input (uint8 ``[S, S, 3]``) and its output map (float32 ``[S, S]``); the front end
-writes the input, the engine process reads it and writes the map, the front end reads the
-map. Nothing is pickled and nothing is copied twice.
+A front-end process owns one :class:`Slab` per category and model input size. A slot holds
+one image's engine input (uint8 ``[S, S, 3]``) and its output map (float32 ``[S, S]``); the
+front end writes the input, the engine process reads it and writes the map, the front end
+reads the map. Nothing is pickled and nothing is copied twice.
 
 Why ``memfd_create`` and a file descriptor passed over the socket, not named POSIX shared
 memory: a memfd has no name in ``/dev/shm``, so there is nothing to leak. The kernel frees
 it when the last process that maps it, or holds its descriptor, is gone, however it
 ends (SIGKILL included). Named segments would need a janitor after every crash.
 
-The slab's capacity (``slots``) is the front end's queue budget for that size: a request
+The slab's capacity (``slots``) is the front end's queue budget for that category: a request
 that finds no free slots is refused (503) before it costs anything.
 
 Why sealed: the engine process maps a file another process owns. Were that file shrunk under

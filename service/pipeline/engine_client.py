@@ -335,9 +335,9 @@ class EngineClient:
         return await self.gathers.collect(topic, args)
 
     # ------------------------------------------------------------------ images
-    def pool(self, size: int) -> SlotPool:
-        """This front end's slots for inputs of ``size`` (see :class:`EngineImages`)."""
-        return self.images.pool(size)
+    def pool(self, category: str, size: int) -> SlotPool:
+        """This front end's slots for ``category``'s inputs of ``size`` (see :class:`EngineImages`)."""
+        return self.images.pool(category, size)
 
     async def run(self, version_dir: str, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """One whole batch through the engine process (the registry's warm-up; see :meth:`EngineImages.run`)."""

@@ -1,6 +1,12 @@
 """A front end's images through the engine process (multi-process mode): its shared-memory
-slabs (one per input size, ``max_queue_size`` slots each: the front end's queue budget), the
-requests in flight, and their answers.
+slabs (one per category and input size, ``max_queue_size`` slots each: that category's queue
+budget in this front end), the requests in flight, and their answers.
+
+Per category, not per input size: ``max_queue_size`` is what one category's queue holds, and
+with one pool per size a flooded category took every slot of its neighbours of that size,
+which were refused 503 ``queue_full`` with their own queues empty
+(tests/integration/test_multiprocess_category_slots.py). Per category, not per version: a
+reload's new version takes its slots from its category's pool, which the old one gives back.
 
 A request copies its inputs into its slots and costs one packed ``submit`` frame
 (:mod:`service.ipc.frames`); the ``result`` frame resolves one future per image, whose map
@@ -46,8 +52,18 @@ class Link(Protocol):
     def connected(self) -> bool: ...
 
 
+Key = tuple[str, int]  # a slab's (category, input size)
+
+
+def category_of(version_dir: str) -> str:
+    """The category a version folder is of: ``<store>/<category>/<version>`` (the registry
+    serves no folder whose manifest says otherwise: loaded_model.check_placed)."""
+    return os.path.basename(os.path.dirname(version_dir))
+
+
 @dataclass
 class _Request:
+    key: Key
     slab: Slab
     pool: SlotPool
     slots: list[int]
@@ -76,7 +92,7 @@ class _ImageFuture(asyncio.Future):  # type: ignore[type-arg]
 
 
 class EngineImages:
-    """``slabs``: input size -> (slab id, slab, its free slots); ``requests``: request id ->
+    """``slabs``: (category, input size) -> (slab id, slab, its free slots); ``requests``: request id ->
     what is in flight. ``ids``: the client's request ids (one space with its calls: an
     ``error`` answer names either)."""
 
@@ -85,7 +101,7 @@ class EngineImages:
         self._link = link
         self._ids = ids
         self.loop: asyncio.AbstractEventLoop | None = None  # the client's, set when it starts
-        self.slabs: dict[int, tuple[int, Slab, SlotPool]] = {}
+        self.slabs: dict[Key, tuple[int, Slab, SlotPool]] = {}
         self.requests: dict[int, _Request] = {}
 
     # ------------------------------------------------------------------ the connection's life
@@ -97,41 +113,45 @@ class EngineImages:
     def lost(self, exc: EngineUnavailable, renew: bool) -> None:
         """The connection ended: every image in flight fails with ``exc``. ``renew``: a slab
         with slots in flight is replaced (the client reconnects)."""
-        in_use: set[int] = set()
+        in_use: set[Key] = set()
         for request in self.requests.values():
             for future in request.futures:
                 if not future.done():
                     future.set_exception(exc)
-            in_use.add(request.slab.layout.size)
+            in_use.add(request.key)
             request.pool.give_back(request.slots)
         self.requests.clear()
         if renew:
             # A channel can also end with the engine process alive (a corrupt stream, a failed
             # send), its batches still reading and writing these slots: a slab with slots in
             # flight is never handed out again, a new one takes its place.
-            for size in in_use:
-                ident, old, pool = self.slabs[size]
+            for key in in_use:
+                ident, old, pool = self.slabs[key]
                 old.close()
-                self.slabs[size] = (ident, self._new_slab(size), pool)
+                self.slabs[key] = (ident, self._new_slab(key), pool)
 
     def close(self) -> None:
         for _, slab, _ in self.slabs.values():
             slab.close()
 
     # ------------------------------------------------------------------ requests
-    def pool(self, size: int) -> SlotPool:
-        entry = self.slabs.get(size)
+    def pool(self, category: str, size: int) -> SlotPool:
+        """``category``'s slots for inputs of ``size``, made on its first use (a slab stays
+        for the process's life, so a slab id is never reused)."""
+        key = (category, size)
+        entry = self.slabs.get(key)
         if entry is None:
             ident = len(self.slabs) + 1
-            slab = self._new_slab(size)
-            entry = self.slabs[size] = (ident, slab, SlotPool(self.settings.max_queue_size))
+            slab = self._new_slab(key)
+            entry = self.slabs[key] = (ident, slab, SlotPool(self.settings.max_queue_size))
             channel = self._link.channel
             if channel is not None:
                 _send_slab(channel, ident, slab)
         return entry[2]
 
-    def _new_slab(self, size: int) -> Slab:
-        return Slab.create(size, self.settings.max_queue_size, name=f"msflow-{os.getpid()}-{size}")
+    def _new_slab(self, key: Key) -> Slab:
+        category, size = key
+        return Slab.create(size, self.settings.max_queue_size, name=f"msflow-{os.getpid()}-{category}-{size}")
 
     def submit(self, version_dir: str, tensors: Sequence[np.ndarray], deadline: float,
                observed: bool = True, lend: bool = False) -> list[asyncio.Future[Any]]:
@@ -145,9 +165,9 @@ class EngineImages:
         channel = link.channel
         if not link.connected or handle is None or channel is None:
             raise EngineUnavailable("the engine process is restarting; retry")
-        size = int(tensors[0].shape[0])
-        pool = self.pool(size)
-        ident, slab, _ = self.slabs[size]
+        key = (category_of(version_dir), int(tensors[0].shape[0]))
+        pool = self.pool(*key)
+        ident, slab, _ = self.slabs[key]
         slots = pool.take(len(tensors))
         if slots is None:
             raise QueueFull(f"no room: {pool.free} of {pool.capacity} engine slots free, request has {len(tensors)}")
@@ -157,7 +177,7 @@ class EngineImages:
         loop = self.loop
         assert loop is not None, "EngineClient.start() not called"
         futures = [_ImageFuture(self, rid, loop) for _ in tensors]
-        self.requests[rid] = _Request(slab, pool, slots, futures, time.monotonic(), lend)
+        self.requests[rid] = _Request(key, slab, pool, slots, futures, time.monotonic(), lend)
         if observed:
             channel.send_frame(frames.pack_submit(rid, handle, ident, deadline, slots))
         else:
@@ -245,7 +265,7 @@ class EngineImages:
         one process warms outside its batcher, and counted here, every front-end start and
         reload added a batch of 8 images that no one inspected."""
         deadline = time.monotonic() + _WARMUP_DEADLINE_S
-        step = self.pool(int(images.shape[1])).capacity
+        step = self.pool(category_of(version_dir), int(images.shape[1])).capacity
         results: list[Batched[Any]] = []
         for start in range(0, len(images), step):
             # gather: when one image fails, the others' errors are read too (no "never retrieved")

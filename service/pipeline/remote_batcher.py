@@ -16,6 +16,7 @@ import numpy as np
 from service.metrics import ServiceMetrics
 from service.pipeline.batch_queue import BatcherClosed, QueueFull
 from service.pipeline.engine_client import EngineClient, EngineUnavailable, RemoteEngine
+from service.pipeline.engine_images import category_of
 
 
 class RemoteBatcher:
@@ -30,7 +31,8 @@ class RemoteBatcher:
         self.version_dir = str(engine.version_dir)
         self.max_queue_delay_s = max_queue_delay_s
         self._metrics = metrics
-        self._pool = client.pool(engine.manifest.input_size)
+        # The category's own slots, not its input size's: a neighbour's flood cannot take them.
+        self._pool = client.pool(category_of(self.version_dir), engine.manifest.input_size)
         self._closing = False
         # What drain waits for. Pruned of answered futures as it grows, not by a done-callback
         # per image (a loop turn per answer).

@@ -74,7 +74,7 @@ def test_a_front_end_through_the_engine_core_answers_like_the_local_engine(model
                 with remote.pin(CATEGORY) as lane:
                     assert isinstance(lane.batcher, RemoteBatcher)
                     assert lane.model.engine.name == "onnxruntime-cpu"
-                    pool = lane.batcher.client.pool(lane.model.manifest.input_size)
+                    pool = lane.batcher.client.pool(CATEGORY, lane.model.manifest.input_size)
                     assert pool.free == pool.capacity  # every map's slot given back
                 assert all(item.anomaly_map is None for item in got)  # no view of a reused slot is left
                 assert len(core.hosted) == 1 and len(core.frontends) == 1

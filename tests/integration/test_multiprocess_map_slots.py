@@ -22,7 +22,7 @@ from PIL import Image
 from harness import fake_version, until
 from multiprocess_fixtures import ValueEngine, engine_process, front_end
 from service.engine_core import EngineCore
-from service.ipc.slab import SlotPool
+from service.pipeline.engine_images import EngineImages
 from service.pipeline.batch_queue import CallerGone, DeadlineExceeded
 from service.pipeline.engine_errors import EngineUnavailable
 from service.pipeline.item import InspectedImage
@@ -84,10 +84,26 @@ def factory_of(engines: dict[str, ValueEngine]) -> Callable[..., ValueEngine]:
     return factory
 
 
+class AllSlots:
+    """Every slot of a front end, each category's pool counted (a slot kept by any one of
+    them shows as one fewer free)."""
+
+    def __init__(self, images: EngineImages) -> None:
+        self.images = images
+
+    @property
+    def free(self) -> int:
+        return sum(pool.free for _, _, pool in self.images.slabs.values())
+
+    @property
+    def capacity(self) -> int:
+        return sum(pool.capacity for _, _, pool in self.images.slabs.values())
+
+
 @asynccontextmanager
-async def serving(tmp_path: Path, **overrides: Any) -> AsyncIterator[tuple[EngineCore, PipelineRuntime, SlotPool,
+async def serving(tmp_path: Path, **overrides: Any) -> AsyncIterator[tuple[EngineCore, PipelineRuntime, AllSlots,
                                                                            HeldLinks, dict[str, ValueEngine]]]:
-    """An engine process and one front end serving four categories (four slots of 32²)."""
+    """An engine process and one front end serving four categories (four slots of 32² each)."""
     store = tmp_path / "store"
     for category in ("aaa", "bbb", "held", "nan"):
         fake_version(store, category)
@@ -97,7 +113,7 @@ async def serving(tmp_path: Path, **overrides: Any) -> AsyncIterator[tuple[Engin
             links = HeldLinks(rt.links)
             rt.links = links  # type: ignore[assignment]
             try:
-                yield core, rt, link.pool(SIZE), links, engines
+                yield core, rt, AllSlots(link.images), links, engines
             finally:
                 links.gate.set()
                 for engine in engines.values():
@@ -119,16 +135,16 @@ async def inspect(rt: PipelineRuntime, category: str, items: list[InspectedImage
 def test_maps_are_read_in_their_slots_and_every_slot_comes_back_after_answers(tmp_path: Path) -> None:
     async def main() -> None:
         async with serving(tmp_path) as (_, rt, pool, _links, _):
-            slab = rt.engine_link.images.slabs[SIZE][1]  # type: ignore[union-attr]
+            slabs = [slab for _, slab, _ in rt.engine_link.images.slabs.values()]  # type: ignore[union-attr]
             in_place: list[bool] = []
             postprocess = rt.postprocess
 
             async def reading(lane: Any, items: Any, *args: Any, **kwargs: Any) -> None:
                 in_place.extend(any(np.shares_memory(item.score_map, slab.output(slot))
-                                    for slot in range(pool.capacity)) for item in items)
+                                    for slab in slabs for slot in range(slab.layout.slots)) for item in items)
                 await postprocess(lane, items, *args, **kwargs)
             rt.postprocess = reading  # type: ignore[method-assign]
-            answered = [records(2) for _ in range(6)]  # 12 images through 4 slots, two requests at a time
+            answered = [records(2) for _ in range(6)]  # 12 images through 2 x 4 slots, two requests at a time
             for at in range(0, 6, 2):
                 await asyncio.gather(*(inspect(rt, "aaa" if i % 2 else "bbb", answered[i]) for i in (at, at + 1)))
             assert in_place == [True] * 12, "a map copied out of its slot"
@@ -200,7 +216,9 @@ def test_a_review_capture_keeps_its_own_copy_of_the_map(tmp_path: Path) -> None:
             await inspect(rt, "aaa", captured)
             kept = rt.review._queue[-1].item  # queued; the writer runs on the loop's next turn
             assert kept.anomaly_map is not None and pool.free == pool.capacity
-            await inspect(rt, "bbb", records())  # its map written into the slot the capture's was in
+            slab = rt.engine_link.images.slabs[("aaa", SIZE)][1]  # type: ignore[union-attr]
+            for slot in range(slab.layout.slots):  # as the engine process writes the next maps of aaa's slots
+                slab.output(slot)[...] = 2.0
             assert (kept.anomaly_map == 1.0).all(), "the capture's map changed with its slot"
             await until(lambda: not rt.review._queue and rt.review._in_hand is None, "the captures written")
             assert len(rt.review.store.scan("aaa").pending) == 1 and pool.free == pool.capacity

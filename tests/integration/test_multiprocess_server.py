@@ -25,7 +25,7 @@ from multiprocess_fixtures import MP, post_many, store_with_version_2
 
 
 def memfds(pid: int) -> set[str]:
-    """The shared-memory slabs ``pid`` maps (``/memfd:msflow-<owner pid>-<size>``)."""
+    """The shared-memory slabs ``pid`` maps (``/memfd:msflow-<owner pid>-<category>-<size>``)."""
     try:
         lines = Path(f"/proc/{pid}/maps").read_text().splitlines()
     except OSError:

@@ -1,7 +1,7 @@
 """A front end's shared-memory slots while the engine process still writes into them, in-process
 (an engine core and a front end's link on one event loop, a gated :class:`ValueEngine`): a
 cancelled image and a channel that ends under a running batch never hand its slots out again
-before the batch is done.
+before the batch is done; and each category's slots are its own.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import pytest
 
 from harness import fake_version, until
 from multiprocess_fixtures import ValueEngine, engine_process
+from service.pipeline.batch_queue import QueueFull
 from service.pipeline.engine_client import EngineClient, EngineUnavailable
 
 
@@ -40,7 +41,7 @@ def test_a_cancelled_image_keeps_its_slot_until_its_running_batch_is_done(tmp_pa
             try:
                 for version_dir in dirs.values():
                     await client.acquire(version_dir)
-                pool = client.pool(32)
+                pool = client.pool("aaa", 32)
                 image = np.zeros((32, 32, 3), np.uint8)
                 (a,) = client.submit(str(dirs["aaa"]), [image], time.monotonic() + 30)
                 assert await asyncio.to_thread(engines["aaa"].started.wait, 10)  # A's batch is in the engine
@@ -79,11 +80,11 @@ def test_a_channel_that_ends_under_a_running_batch_never_hands_its_slots_out_aga
             client.start()
             try:
                 await client.acquire(version_dir)
-                pool = client.pool(32)
+                pool = client.pool("aaa", 32)
                 image = np.zeros((32, 32, 3), np.uint8)
                 (a,) = client.submit(str(version_dir), [image], time.monotonic() + 30)
                 (slot,) = client.images.requests[max(client.images.requests)].slots
-                written = client.images.slabs[32][1]  # the memory A's batch writes its map into
+                written = client.images.slabs[("aaa", 32)][1]  # the memory A's batch writes its map into
                 assert await asyncio.to_thread(engines[0].started.wait, 10)
                 (frontend,) = core.frontends.values()
                 frontend.channel.close()
@@ -93,12 +94,51 @@ def test_a_channel_that_ends_under_a_running_batch_never_hands_its_slots_out_aga
                 assert pool.free == pool.capacity
                 engines[0].gate.set()
                 await until(lambda: (written.output(slot) == 1.0).all(), "A's late map")
-                serving = client.images.slabs[32][1]
+                serving = client.images.slabs[("aaa", 32)][1]
                 assert serving is not written and (serving.output(slot) == 0).all()
                 (b,) = client.submit(str(version_dir), [image], time.monotonic() + 30)  # the new slab reached the engine
                 assert (await asyncio.wait_for(b, 10)).value[0] == 1.0
             finally:
                 engines[0].gate.set()
+                await client.close()
+
+    asyncio.run(main())
+
+
+def test_a_category_whose_slots_are_all_held_leaves_its_neighbours_theirs(tmp_path: Path) -> None:
+    """``max_queue_size`` slots per category: ``aaa``'s four images, held in a running batch,
+    leave it no room, and ``bbb`` (the same input size) is served from slots of its own. With
+    one pool per input size its submit was refused ``QueueFull``."""
+    store = tmp_path / "store"
+    dirs = {"aaa": fake_version(store, "aaa"), "bbb": fake_version(store, "bbb")}
+    engines: dict[str, ValueEngine] = {}
+
+    def factory(version_dir: Path, **_: Any) -> ValueEngine:
+        category = version_dir.parent.name
+        engines[category] = ValueEngine(version_dir, 1.0 if category == "aaa" else 2.0, gated=category == "aaa")
+        return engines[category]
+
+    async def main() -> None:
+        async with engine_process(store, factory) as (_, settings):
+            assert settings.max_queue_size == 4
+            client = EngineClient(settings, settings.engine_socket)
+            client.start()
+            try:
+                for version_dir in dirs.values():
+                    await client.acquire(version_dir)
+                image = np.zeros((32, 32, 3), np.uint8)
+                held = client.submit(str(dirs["aaa"]), [image] * 4, time.monotonic() + 30)
+                assert await asyncio.to_thread(engines["aaa"].started.wait, 10)
+                with pytest.raises(QueueFull):
+                    client.submit(str(dirs["aaa"]), [image], time.monotonic() + 30)
+                (b,) = client.submit(str(dirs["bbb"]), [image], time.monotonic() + 30)
+                assert (await asyncio.wait_for(b, 10)).value[0] == 2.0
+                engines["aaa"].gate.set()
+                assert [done.value[0] for done in await asyncio.gather(*held)] == [1.0] * 4
+                pools = [client.pool(category, 32) for category in dirs]
+                assert [(pool.free, pool.capacity) for pool in pools] == [(4, 4), (4, 4)]
+            finally:
+                engines["aaa"].gate.set()
                 await client.close()
 
     asyncio.run(main())
