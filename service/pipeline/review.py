@@ -40,6 +40,7 @@ from service.config import Settings
 from service.metrics import ServiceMetrics
 from service.pipeline.item import InspectedImage
 from service.pipeline.render import heatmap_for
+from service.redisq.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -140,9 +141,7 @@ class ReviewCapture:
         while (self._queue or self._in_hand is not None) and time.monotonic() < end:
             self._wake.set()
             await asyncio.sleep(0.02)
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(self._tasks)  # bounded, whatever a task does with its cancellation
         self._tasks = []
         if self._in_hand is not None:  # past the timeout: counted with the rest
             self._queue.appendleft(self._in_hand)

@@ -11,7 +11,6 @@ write. Redis problems only ever cost the cache and durable links, never the answ
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import hashlib
 import logging
@@ -34,6 +33,7 @@ from service.redisq.connection import RedisConnection, make_client
 from service.redisq.jobs import JobQueue
 from service.redisq.probe import probe_forever
 from service.redisq.store import CachedResult, ResultCache, utcnow
+from service.redisq.tasks import cancel_and_wait
 from service.schemas import HeatmapLink, InspectOptions, Timings, Upload
 
 log = logging.getLogger(__name__)
@@ -133,12 +133,9 @@ class ServiceState(PipelineRuntime):
         if self._loading is not None and not self._loading.done():
             self._loading.cancel()
         await self.close()
-        # Awaited before the bulk connection closes under them.
-        for task in (self._budget_check, self._collector_report, self._redis_probe):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        # Awaited before the bulk connection closes under them; cancelled again until they end
+        # (one cancel() can be lost during a Redis call: service/redisq/tasks.py).
+        await cancel_and_wait([self._budget_check, self._collector_report, self._redis_probe])
         for conn in (self._bulk_redis, self._status_redis):
             if conn is not None:
                 await conn.aclose()

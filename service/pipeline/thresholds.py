@@ -84,6 +84,7 @@ from service.config import Settings
 from service.pipeline.threshold_files import (CALIBRATED_MARKER, OVERRIDE_FILE, FileStat, file_stat,
                                               folder_writable, parse_override, read_override)
 from service.redisq.connection import RedisConnection, RedisUnavailable
+from service.redisq.tasks import cancel_and_wait
 from service.schemas import ThresholdOverride
 
 log = logging.getLogger(__name__)
@@ -254,10 +255,8 @@ class ThresholdOverrides:
             self._task = asyncio.get_running_loop().create_task(self._sync_loop(serving), name="threshold-sync")
 
     async def stop(self) -> None:
-        tasks = [t for t in (self._task, *self._pending) if t is not None]
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        # Cancelled again until they end: one cancel() can be lost during a Redis call (tasks.py).
+        await cancel_and_wait([self._task, *self._pending])
         self._task = None
 
     async def refresh(self, keys: list[Key]) -> bool:

@@ -18,6 +18,7 @@ from service.pipeline.runtime import PipelineRuntime
 from service.redisq.connection import RedisConnection, RedisUnavailable, make_client
 from service.redisq.jobs import Delivery, JobQueue
 from service.redisq.probe import probe_forever
+from service.redisq.tasks import cancel_and_wait
 from service.worker.categories import ConsumedCategories
 from service.worker.claim_holdoff import claim_hold_off_s, keep_alive_every_s, socket_timeout_s
 from service.worker.inputs import InputBudget
@@ -135,8 +136,8 @@ class Worker:
             outcomes = await asyncio.gather(*(self.runner.process(c, group, held[c])
                                               for c, group in by_category.items()), return_exceptions=True)
         finally:
-            if keep_alive is not None:
-                keep_alive.cancel()
+            # Ended for sure: one that lost its cancel() would keep these claims alive for good.
+            await cancel_and_wait([keep_alive])
         for (category, group), outcome in zip(by_category.items(), outcomes):
             if isinstance(outcome, RedisUnavailable):
                 raise outcome
@@ -185,10 +186,11 @@ class Worker:
 
     async def close(self) -> None:
         """Finish what the batchers hold, release threads and the connection."""
-        for task in self._tasks:
-            task.cancel()
+        # Ended before the leave, cancelled again until they end (a cancel() can be lost during a
+        # Redis call: service/redisq/tasks.py): a heartbeat beating on would undo the leave, and a
+        # gather of tasks still running never returned.
+        await cancel_and_wait([*self._tasks, self._heartbeat])
         if self._heartbeat is not None:
-            self._heartbeat.cancel()
             try:  # a clean stop leaves at once, rather than counting as alive until its beat runs out
                 await self.queue.workers.leave(self.name, self.categories)
             except RedisUnavailable:

@@ -257,9 +257,12 @@ class JobRunner:
 
 
 async def sleep_unless_stopped(stop: asyncio.Event, seconds: float) -> None:
-    """Wait ``seconds``, or less when ``stop`` is set meanwhile (the worker's waits all end at a stop)."""
+    """Wait ``seconds``, or less when ``stop`` is set meanwhile (the worker's waits all end at a stop).
+    ``asyncio.timeout``, not ``wait_for``: Python 3.11's ``wait_for`` drops a cancellation that
+    comes as ``stop`` is set, and the worker's loop, cancelled there, went on."""
     try:
-        await asyncio.wait_for(stop.wait(), seconds)
+        async with asyncio.timeout(seconds):
+            await stop.wait()
     except TimeoutError:
         pass
 

@@ -8,9 +8,10 @@ never each other.
 from __future__ import annotations
 
 import asyncio
+import io
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from harness import CATEGORY, RedisServer
 from service.config import Settings
 from service.redisq.connection import RedisConnection
 from service.redisq.jobs import JobQueue
+from service.redisq.tasks import cancel_and_wait
 from service.redisq.records import JobRecord
 from service.schemas import InspectOptions, Upload
 from service.worker import Worker
@@ -118,10 +120,24 @@ async def pending_of(conn: RedisConnection, queue: JobQueue) -> list[dict[str, A
     return await conn.client.xpending_range(queue.stream(CATEGORY), "workers", min="-", max="+", count=10)
 
 
+async def bounded(awaitable: Awaitable[Any], timeout_s: float, what: str) -> Any:
+    """``await awaitable`` as a task, waited for without relying on its cancellation: one that
+    does not end in ``timeout_s`` fails the test, naming ``what`` and where it waits (a lost
+    cancellation made ``wait_for`` itself wait forever: service/redisq/tasks.py)."""
+    task = asyncio.ensure_future(awaitable)
+    done, _ = await asyncio.wait([task], timeout=timeout_s)
+    if not done:
+        where = io.StringIO()
+        task.print_stack(file=where)
+        await cancel_and_wait([task])
+        raise AssertionError(f"{what} did not end within {timeout_s} s; it waited at:\n{where.getvalue()}")
+    return task.result()
+
+
 async def stop_running(worker: Worker, loop: asyncio.Task[Any], *conns: RedisConnection) -> None:
-    """Stop a worker whose ``run()`` is ``loop``, and close it and ``conns``."""
+    """Stop a worker whose ``run()`` is ``loop``, and close it and ``conns``; each step bounded."""
     worker.stop.set()
-    await asyncio.wait_for(loop, 30)
-    await worker.close()
+    await bounded(loop, 30, "the worker's loop, once stopped,")
+    await bounded(worker.close(), 60, "Worker.close()")
     for conn in conns:
-        await conn.aclose()
+        await bounded(conn.aclose(), 10, "closing a Redis connection")
