@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +21,9 @@ from service.pipeline.batch_queue import QueueFull
 from service.pipeline.engine_client import EngineClient, EngineUnavailable
 
 
-def test_a_cancelled_image_keeps_its_slot_until_its_running_batch_is_done(tmp_path: Path) -> None:
-    """A front end frees an image's slot on the engine process's answer. A cancel (deadline,
-    client gone) reaching an image whose batch runs must not be answered before the batch
-    ends: the slot would go to another request while the engine still writes the old map
-    into it."""
-    store = tmp_path / "store"
+def two_categories(store: Path) -> tuple[dict[str, Path], dict[str, ValueEngine], Callable[..., ValueEngine]]:
+    """Versions of ``aaa`` (maps of 1.0, its batches held at a gate) and ``bbb`` (2.0) at one
+    input size, and the engine factory that makes (and records) each one's engine."""
     dirs = {"aaa": fake_version(store, "aaa"), "bbb": fake_version(store, "bbb")}
     engines: dict[str, ValueEngine] = {}
 
@@ -33,6 +31,16 @@ def test_a_cancelled_image_keeps_its_slot_until_its_running_batch_is_done(tmp_pa
         category = version_dir.parent.name
         engines[category] = ValueEngine(version_dir, 1.0 if category == "aaa" else 2.0, gated=category == "aaa")
         return engines[category]
+    return dirs, engines, factory
+
+
+def test_a_cancelled_image_keeps_its_slot_until_its_running_batch_is_done(tmp_path: Path) -> None:
+    """A front end frees an image's slot on the engine process's answer. A cancel (deadline,
+    client gone) reaching an image whose batch runs must not be answered before the batch
+    ends: the slot would go to another request while the engine still writes the old map
+    into it."""
+    store = tmp_path / "store"
+    dirs, engines, factory = two_categories(store)
 
     async def main() -> None:
         async with engine_process(store, factory) as (core, settings):
@@ -110,13 +118,7 @@ def test_a_category_whose_slots_are_all_held_leaves_its_neighbours_theirs(tmp_pa
     leave it no room, and ``bbb`` (the same input size) is served from slots of its own. With
     one pool per input size its submit was refused ``QueueFull``."""
     store = tmp_path / "store"
-    dirs = {"aaa": fake_version(store, "aaa"), "bbb": fake_version(store, "bbb")}
-    engines: dict[str, ValueEngine] = {}
-
-    def factory(version_dir: Path, **_: Any) -> ValueEngine:
-        category = version_dir.parent.name
-        engines[category] = ValueEngine(version_dir, 1.0 if category == "aaa" else 2.0, gated=category == "aaa")
-        return engines[category]
+    dirs, engines, factory = two_categories(store)
 
     async def main() -> None:
         async with engine_process(store, factory) as (_, settings):
