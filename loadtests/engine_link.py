@@ -49,7 +49,7 @@ from service.metrics import ServiceMetrics
 from service.pipeline.batch_queue import Batched
 from service.pipeline.batcher import Batcher
 from service.pipeline.engine_client import EngineClient
-from service.pipeline.runtime import engine_runner
+from service.pipeline.batcher import engine_runner
 
 _WARM_S = 1.0  # before each window: connections made, batches in their steady rhythm
 

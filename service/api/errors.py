@@ -23,7 +23,7 @@ from service.pipeline.batch_queue import BatcherClosed, CallerGone, DeadlineExce
 from service.pipeline.decode import ImageRejected
 from service.pipeline.engine_client import EngineUnavailable
 from service.pipeline.registry_errors import ModelNotLoaded, UnknownCategory
-from service.pipeline.runtime import NonFiniteOutput
+from service.pipeline.postprocess import NonFiniteOutput
 from service.pipeline.state import JobsUnavailable
 from service.pipeline.thresholds import BoundsInverted, ThresholdNotPersisted, ThresholdOutOfRange
 from service.redisq.connection import RedisUnavailable

@@ -28,9 +28,8 @@ from service.ipc import frames
 from service.ipc.slab import Slab
 from service.metrics import ServiceMetrics
 from service.pipeline.batch_queue import Batched, BatcherClosed, DeadlineExceeded, QueueFull
-from service.pipeline.batcher import Batcher
+from service.pipeline.batcher import Batcher, engine_runner
 from service.pipeline.loaded_model import EngineFactory, warm_engine
-from service.pipeline.runtime import engine_runner
 
 log = logging.getLogger(__name__)
 

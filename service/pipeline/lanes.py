@@ -12,13 +12,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from service.config import Settings
-from service.engines.base import Engine
 from service.metrics import ServiceMetrics
 from service.pipeline.batch_queue import BatchQueue
-from service.pipeline.batcher import Batcher
+from service.pipeline.batcher import Batcher, engine_runner
 from service.pipeline.engine_client import EngineClient, RemoteEngine
 from service.pipeline.loaded_model import LoadedModel
 from service.pipeline.remote_batcher import RemoteBatcher
@@ -40,12 +38,10 @@ class Lane:
 class Lanes:
     """The lanes of the versions in use, by model, and their drains."""
 
-    def __init__(self, settings: Settings, metrics: ServiceMetrics, engine_link: EngineClient | None,
-                 engine_runner: Callable[[Engine], Callable[..., Any]]) -> None:
+    def __init__(self, settings: Settings, metrics: ServiceMetrics, engine_link: EngineClient | None) -> None:
         self.settings = settings
         self.metrics = metrics
         self.engine_link = engine_link
-        self._engine_runner = engine_runner
         self._lanes: dict[int, Lane] = {}  # by id(LoadedModel)
         self._draining: dict[asyncio.Task[None], LoadedModel] = {}  # drains under way -> the model drained
 
@@ -59,7 +55,7 @@ class Lanes:
             if self.engine_link is not None and isinstance(engine, RemoteEngine):
                 batcher = RemoteBatcher(self.engine_link, engine, s.max_queue_delay_ms / 1e3, self.metrics)
             else:
-                batcher = Batcher(model.category, self._engine_runner(engine), label=engine.name,
+                batcher = Batcher(model.category, engine_runner(engine), label=engine.name,
                                   max_batch_size=max(1, min(s.max_batch_size, int(engine.max_batch_size))),
                                   max_queue_delay_s=s.max_queue_delay_ms / 1e3, max_queue_size=s.max_queue_size,
                                   observer=self.metrics)

@@ -87,6 +87,16 @@ class NonFiniteMaps(Exception):
         self.items = items
 
 
+class NonFiniteOutput(RuntimeError):
+    """The engine returned NaN/inf for an image: an error, never a verdict."""
+
+    code = "non_finite_output"
+
+    def __init__(self, message: str, index: int, filename: str | None) -> None:
+        super().__init__(message)
+        self.details = {"index": index, "filename": filename}
+
+
 def analyse(item: InspectedImage, manifest: Manifest, calibration: Calibration, size: HeatmapSize | None,
             overlay: bool, params: RegionParams) -> None:
     """Blocking: the heatmap (``size`` None: none) and the defect regions of one scored image,

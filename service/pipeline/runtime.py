@@ -39,7 +39,7 @@ from service.pipeline.item import InspectedImage
 from service.pipeline.lanes import Lane, Lanes
 from service.pipeline.offload import Offload, gather_in_order
 from service.pipeline.placement import probe_on_loop, work_on_loop
-from service.pipeline.postprocess import NonFiniteMaps, policy_from_settings, postprocess
+from service.pipeline.postprocess import NonFiniteMaps, NonFiniteOutput, policy_from_settings, postprocess
 from service.pipeline.loaded_model import EngineFactory, LoadedModel
 from service.pipeline.registry import ModelRegistry
 from service.pipeline.review import ReviewCapture
@@ -85,7 +85,7 @@ class PipelineRuntime:
         self.pixels = PixelBudget(int(settings.max_request_megapixels * MEGA), int(settings.max_inflight_megapixels * MEGA),
                                   on_change=self.metrics.pixels_in_flight.set)
         self.closing = False
-        self.lanes = Lanes(settings, self.metrics, engine_link, engine_runner)
+        self.lanes = Lanes(settings, self.metrics, engine_link)
         self._pool: Offload | None = None
         self.links = HeatmapLinks(settings, redis, memory=memory_links, metrics=self.metrics)
         # Runtime threshold overrides (thresholds.py): the same effective thresholds on every
@@ -236,16 +236,22 @@ class PipelineRuntime:
         await self.run_blocking(probe_all, on_loop=on_loop)
         return on_loop
 
-    async def admit(self, category: str, items: Sequence[InspectedImage], deadline: float) -> Ticket:
-        """The request's pixels (413 / 503 otherwise: the API sheds load), after a wait only
-        while other categories hold the share of the budget that is this one's
-        (:meth:`~service.pipeline.admission.PixelBudget.admit_fairly`)."""
+    async def admit(self, lane: Lane, items: Sequence[InspectedImage], deadline: float, *,
+                    wait_for_room: bool = False) -> Ticket:
+        """The request's pixels and room in its category's queue, before any decoding: 413 over
+        the per-request budget, 503 while the queue is full or the budget is taken by others
+        (the API sheds load), after a wait only while other categories hold the share of the
+        budget that is this one's (:meth:`~service.pipeline.admission.PixelBudget.admit_fairly`).
+        ``wait_for_room`` (the worker, which already took the job): waits for the pixels instead."""
+        pixels, category = sum(item.cost for item in items), lane.model.category
+        if wait_for_room:
+            return await self.pixels.wait_admit(pixels, deadline, category)
+        lane.batcher.check_room(len(items))  # a full queue refuses before the decode, not after
         try:
-            ticket = await self.pixels.admit_fairly(sum(item.cost for item in items), category, deadline)
+            return await self.pixels.admit_fairly(pixels, category, deadline)
         except AdmissionRefused as exc:
             self.metrics.count_rejection(category, exc.code)
             raise
-        return ticket
 
     async def decode(self, size: int, items: Sequence[InspectedImage], ticket: Ticket | None = None,
                      on_loop: bool = False) -> None:
@@ -353,12 +359,7 @@ class PipelineRuntime:
         try:
             async with timeout:
                 probed_on_loop = await self.probe(size, items, rendering)
-                if wait_for_room:
-                    ticket = await self.pixels.wait_admit(sum(item.cost for item in items), deadline,
-                                                          lane.model.category)
-                else:
-                    lane.batcher.check_room(len(items))  # a full queue refuses before the decode, not after
-                    ticket = await self.admit(lane.model.category, items, deadline)
+                ticket = await self.admit(lane, items, deadline, wait_for_room=wait_for_room)
                 if hold is not None:
                     ticket.call_started()
                     hold.append(ticket)
@@ -395,28 +396,3 @@ def rendering_for(options: InspectOptions, render_all: bool) -> Rendering:
     if not render_all and options.heatmap is HeatmapMode.none:
         return Rendering()
     return Rendering(heatmap=options.heatmap_size.value, overlay=options.overlay)
-
-
-class NonFiniteOutput(RuntimeError):
-    """The engine returned NaN/inf for an image: an error, never a verdict."""
-
-    code = "non_finite_output"
-
-    def __init__(self, message: str, index: int, filename: str | None) -> None:
-        super().__init__(message)
-        self.details = {"index": index, "filename": filename}
-
-
-def engine_runner(engine: Any) -> Callable[[list[np.ndarray]], list[tuple[float, np.ndarray]]]:
-    """The ``run_batch`` of an engine's batcher: stack, run, split per image (here, and in the
-    engine process of a multi-process server, around its shared-memory slots)."""
-    def run_batch(tensors: list[np.ndarray]) -> list[tuple[float, np.ndarray]]:
-        # A batch of one is its image seen as a batch, not a copy of it: at the engine process's
-        # usual 1-2 images a batch, np.stack copied each input out of its slot (196 KB at 256²).
-        batch = tensors[0][np.newaxis] if len(tensors) == 1 else np.stack(tensors)
-        scores, maps = engine.run(batch)
-        if len(scores) != len(tensors) or len(maps) != len(tensors):
-            raise RuntimeError(f"engine {engine.name} returned {len(scores)} scores / {len(maps)} maps "
-                               f"for a batch of {len(tensors)}")
-        return [(float(s), m) for s, m in zip(scores, maps)]
-    return run_batch

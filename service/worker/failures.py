@@ -11,7 +11,7 @@ from service.pipeline.admission import AdmissionRefused, RequestTooExpensive
 from service.pipeline.batch_queue import BatcherClosed, BatcherError, DeadlineExceeded, QueueFull
 from service.pipeline.decode import ImageRejected
 from service.pipeline.item import InspectedImage
-from service.pipeline.runtime import NonFiniteOutput
+from service.pipeline.postprocess import NonFiniteOutput
 from service.redisq.connection import RedisUnavailable
 from service.schemas import ErrorBody
 

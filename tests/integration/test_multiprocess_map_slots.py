@@ -26,7 +26,8 @@ from service.pipeline.engine_images import EngineImages
 from service.pipeline.batch_queue import CallerGone, DeadlineExceeded
 from service.pipeline.engine_errors import EngineUnavailable
 from service.pipeline.item import InspectedImage
-from service.pipeline.runtime import NonFiniteOutput, PipelineRuntime
+from service.pipeline.postprocess import NonFiniteOutput
+from service.pipeline.runtime import PipelineRuntime
 from service.schemas import HeatmapLink, HeatmapMode, InspectOptions, Upload
 
 SIZE = 32  # fake_version's input size

@@ -28,7 +28,8 @@ from service.pipeline.item import InspectedImage
 from service.pipeline.loaded_model import LoadedModel
 from service.pipeline.registry import ModelRegistry
 from service.pipeline.registry_errors import ModelNotLoaded, UnknownCategory, VersionNotFound
-from service.pipeline.runtime import NonFiniteOutput, PipelineRuntime
+from service.pipeline.postprocess import NonFiniteOutput
+from service.pipeline.runtime import PipelineRuntime
 from service.pipeline.state import ServiceState
 from service.schemas import HeatmapLink, HeatmapMode, InspectOptions, Upload
 

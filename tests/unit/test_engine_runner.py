@@ -1,4 +1,4 @@
-"""The batcher's ``run_batch`` around an engine (:func:`service.pipeline.runtime.engine_runner`):
+"""The batcher's ``run_batch`` around an engine (:func:`service.pipeline.batcher.engine_runner`):
 what reaches the engine, and what comes back per image."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 from models.manifest import Manifest
 from service.engines.null import NullEngine
 from service.ipc.slab import Slab
-from service.pipeline.runtime import engine_runner
+from service.pipeline.batcher import engine_runner
 
 SIZE = 32
 
