@@ -221,8 +221,9 @@ class PixelBudget:
                 raise ServerBusy("no room in the pixel budget before the deadline")
             if self._room is None:
                 self._room = asyncio.Event()
-            try:
-                await asyncio.wait_for(self._room.wait(), remaining)
+            try:  # not wait_for: on 3.11 it drops a cancellation that comes as room does (gh-86296)
+                async with asyncio.timeout(remaining):
+                    await self._room.wait()
             except TimeoutError:
                 pass
 

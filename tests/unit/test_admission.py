@@ -149,3 +149,36 @@ def test_a_flood_takes_room_beyond_what_its_neighbour_waits_for() -> None:
             t.close()
         assert budget.in_flight == 0
     asyncio.run(main())
+
+
+def test_a_wait_for_room_cancelled_as_room_comes_back_ends_cancelled() -> None:
+    """A request (or job) waiting for room is cancelled at each of the first event-loop
+    iterations after room came back. Python 3.11's ``asyncio.wait_for`` returned instead of
+    raising when the cancellation came in the iterations where the wait had just ended
+    (CPython gh-86296): the cancelled request took a ticket and went on to decode. Before: lost
+    at iterations 0, 1 and 2, for both kinds of wait."""
+    async def main() -> list[tuple[str, int]]:
+        lost = []
+        for k in range(8):
+            for fairly in (False, True):
+                budget = PixelBudget(max_request_pixels=100, max_inflight_pixels=200)
+                holders = [budget.admit(100, "a"), budget.admit(100, "a")]
+                deadline = time.monotonic() + 5
+                waiter = asyncio.create_task(budget.admit_fairly(100, "b", deadline) if fairly
+                                             else budget.wait_admit(100, deadline, "b"))
+                await asyncio.sleep(0.01)  # waiting for room
+                holders.pop().close()
+                for _ in range(k):
+                    await asyncio.sleep(0)
+                cancelled = waiter.cancel()  # False: it had its ticket before the cancellation
+                await asyncio.wait([waiter], timeout=1)
+                if not waiter.cancelled():
+                    waiter.result().close()
+                    if cancelled:
+                        lost.append(("admit_fairly" if fairly else "wait_admit", k))
+                holders.pop().close()
+                assert budget.in_flight == 0
+        return lost
+
+    lost = asyncio.run(main())
+    assert lost == [], f"cancelled waits that went on with a ticket (wait, loop iteration): {lost}"
