@@ -216,9 +216,7 @@ def probe_into(item: InspectedImage, size: int, limits: ImageLimits, rendering: 
             # second time, scaled only as far as the rendered overlay allows.
             if decoded != stored and min(decoded) < max(rendered):
                 redecode = draft_size(item.format, stored, max(rendered))
-    item.render_size, item.display_size = rendered, display
-    item.redecode_size = redecode
-    item.render_size, item.display_size, item.redecode = rendered, display, redecode is not None
+    item.render_size, item.display_size, item.redecode_size = rendered, display, redecode
     item.cost = image_cost(decoded, display, size, rendered, redecode, weight=weight, held=held).total
 
 
