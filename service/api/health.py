@@ -89,7 +89,8 @@ async def _flush_other_processes(state: ServiceState) -> None:
     if state.engine_link is None:
         return
     try:
-        await asyncio.wait_for(state.engine_link.collect(FLUSH_TOPIC, {}), METRICS_FLUSH_TIMEOUT_S)
+        async with asyncio.timeout(METRICS_FLUSH_TIMEOUT_S):
+            await state.engine_link.collect(FLUSH_TOPIC, {})
     except (EngineUnavailable, TimeoutError) as exc:
         log.debug("metrics read without every process's latest values: %s", exc or "timed out")
 

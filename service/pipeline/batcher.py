@@ -320,7 +320,8 @@ class Batcher:
         self._closing = True
         self._wakeup.set()
         try:
-            await asyncio.wait_for(asyncio.shield(self._worker), timeout)
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(self._worker)
         except TimeoutError:
             log.error("%s: drain timed out after %.1f s; failing %d queued images",
                       self.category, timeout, len(self._pending))

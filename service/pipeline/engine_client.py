@@ -250,7 +250,8 @@ class EngineClient:
     async def _call(self, message: Message, require_connected: bool = True) -> Message:
         if require_connected and not self._connected.is_set():
             try:
-                await asyncio.wait_for(self._connected.wait(), _CONNECT_WAIT_S)
+                async with asyncio.timeout(_CONNECT_WAIT_S):  # not wait_for: 3.11 drops a cancellation then (gh-86296)
+                    await self._connected.wait()
             except TimeoutError:  # its text is empty: say what happened (it is what /readyz reports)
                 raise EngineUnavailable(f"not connected to the engine process within {_CONNECT_WAIT_S:.0f} s; "
                                         "retried once it connects") from None

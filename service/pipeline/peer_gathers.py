@@ -59,7 +59,8 @@ class Gathers:
         rid, call = self._caller.open_call({"op": "gather", "topic": topic, "args": args})
         items = self._gathering[rid] = []  # before the answer: none comes before this returns to the loop
         try:
-            answer = await asyncio.wait_for(call, _GATHER_WAIT_S)
+            async with asyncio.timeout(_GATHER_WAIT_S):
+                answer = await call
         except TimeoutError:
             raise EngineUnavailable(f"the engine process did not answer a gather within {_GATHER_WAIT_S:.0f} s") \
                 from None

@@ -138,7 +138,8 @@ class PeerReloads:
         later. Without a connection within ``timeout_s`` it loads anyway; the replay is
         followed when it comes."""
         try:
-            await asyncio.wait_for(self._greeted.wait(), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                await self._greeted.wait()
         except TimeoutError:
             log.error("no greeting from the engine process within %.0f s; loading without the "
                       "operator's last reloads (followed once it connects)", timeout_s)
