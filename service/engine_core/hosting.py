@@ -4,7 +4,8 @@ Every front end feeds the same :class:`~service.pipeline.batcher.Batcher` per lo
 (``submit``: its ``handle``, the number given on ``acquire``), so the batches fill from all
 of them (``msflow_batch_frontends`` counts how many fed each batch); the engine reads the
 inputs from the front ends' slots and writes the maps into them. A warm-up (``observed``
-False) runs in the same batcher and is answered the same way, but no metric observes it.
+False) runs in the same batcher and is answered the same way, but no metric observes it;
+the batcher's queue holds each front end's request slots and its warm-up slots on top.
 
 A folder is loaded on a front end's first ``acquire`` (loaded and warmed once, shared by
 the others) and unloaded a grace period after the last front end released it, so that a
@@ -29,6 +30,7 @@ from service.ipc.slab import Slab
 from service.metrics import ServiceMetrics
 from service.pipeline.batch_queue import Batched, BatcherClosed, DeadlineExceeded, QueueFull
 from service.pipeline.batcher import Batcher, engine_runner
+from service.pipeline.engine_images import warmup_slots
 from service.pipeline.loaded_model import EngineFactory, warm_engine
 
 log = logging.getLogger(__name__)
@@ -124,7 +126,10 @@ class HostedEngines:
             batcher = Batcher(category, self._runner(category, engine), label=engine.name,
                               max_batch_size=max(1, min(s.max_batch_size, int(engine.max_batch_size))),
                               max_queue_delay_s=s.max_queue_delay_ms / 1e3,
-                              max_queue_size=s.max_queue_size * max(1, s.api_processes), observer=self.metrics,
+                              # Each front end's request slots, and its warm-up slab's on top:
+                              # a reload's warm-up is never refused for its requests' room.
+                              max_queue_size=(s.max_queue_size + warmup_slots(s)) * max(1, s.api_processes),
+                              observer=self.metrics,
                               lent_payloads=True)
             if not any(h.engine.manifest.category == category for h in self.hosted.values()):
                 # This process serves the category from now on: its queue depth is a series from

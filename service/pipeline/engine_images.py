@@ -17,6 +17,15 @@ A request submitted with ``lend=True`` (the runtime's inspect path) gets its map
 its slots instead: each answered image keeps its slot until :meth:`EngineImages.release`, which
 the caller runs once every reader is done (the postprocess; a review capture takes a copy),
 in a ``finally``. Saves copying 256 KB per image at 256² (docs/performance-log.md).
+
+A warm-up (the registry's, at a front end's start and at each reload: :meth:`EngineImages.run`)
+has a slab of its own per category and input size (key ``(category, size, WARMUP)``,
+:func:`warmup_slots` slots), which no request takes. Before, it took the category's request
+slots and was refused ``QueueFull`` whenever the category's requests held them all: under its
+own flood a category could not be reloaded (tests/integration/test_multiprocess_warmup_slots.py).
+Warm-ups of one category (two reloads, a follow) wait for each other's slots, up to their
+deadline, instead of being refused. The engine process's queue has room for them on top of
+the front ends' request slots (:mod:`service.engine_core.hosting`).
 """
 
 from __future__ import annotations
@@ -52,7 +61,16 @@ class Link(Protocol):
     def connected(self) -> bool: ...
 
 
-Key = tuple[str, int]  # a slab's (category, input size)
+Key = tuple[str, int]  # requests' slab: (category, input size)
+WARMUP = "warm-up"
+WarmupKey = tuple[str, int, str]  # a warm-up slab: (category, input size, WARMUP)
+SlabKey = Key | WarmupKey
+
+
+def warmup_slots(settings: Settings) -> int:
+    """A warm-up slab's slots: a registry warm-up batch (up to ``max_batch_size`` images) in
+    parts no larger than the request slab, as when warm-ups took request slots."""
+    return min(settings.max_queue_size, settings.max_batch_size)
 
 
 def category_of(version_dir: str) -> str:
@@ -61,9 +79,41 @@ def category_of(version_dir: str) -> str:
     return os.path.basename(os.path.dirname(version_dir))
 
 
+class _WarmupSlots(SlotPool):
+    """A warm-up slab's free slots: a warm-up that finds too few (another warm-up of the
+    category holds them, or a cancelled one's are still in the engine process) waits for
+    them to come back, up to its deadline."""
+
+    def __init__(self, slots: int) -> None:
+        super().__init__(slots)
+        self._waiters: list[asyncio.Future[None]] = []
+
+    async def take_by(self, count: int, deadline: float) -> list[int]:
+        while (slots := self.take(count)) is None:
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                    await waiter
+            except TimeoutError:
+                raise QueueFull(f"warm-up: {count} of {self.capacity} warm-up slots not free within its "
+                                "deadline") from None
+            finally:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+        return slots
+
+    def give_back(self, slots: list[int]) -> None:
+        super().give_back(slots)
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:  # each takes again: the first with enough gets them
+            if not waiter.done():
+                waiter.set_result(None)
+
+
 @dataclass
 class _Request:
-    key: Key
+    key: SlabKey
     slab: Slab
     pool: SlotPool
     slots: list[int]
@@ -92,7 +142,8 @@ class _ImageFuture(asyncio.Future):  # type: ignore[type-arg]
 
 
 class EngineImages:
-    """``slabs``: (category, input size) -> (slab id, slab, its free slots); ``requests``: request id ->
+    """``slabs``: (category, input size) for requests, (category, input size, WARMUP) for
+    warm-ups -> (slab id, slab, its free slots); ``requests``: request id ->
     what is in flight. ``ids``: the client's request ids (one space with its calls: an
     ``error`` answer names either)."""
 
@@ -101,7 +152,7 @@ class EngineImages:
         self._link = link
         self._ids = ids
         self.loop: asyncio.AbstractEventLoop | None = None  # the client's, set when it starts
-        self.slabs: dict[Key, tuple[int, Slab, SlotPool]] = {}
+        self.slabs: dict[SlabKey, tuple[int, Slab, SlotPool]] = {}
         self.requests: dict[int, _Request] = {}
 
     # ------------------------------------------------------------------ the connection's life
@@ -113,7 +164,7 @@ class EngineImages:
     def lost(self, exc: EngineUnavailable, renew: bool) -> None:
         """The connection ended: every image in flight fails with ``exc``. ``renew``: a slab
         with slots in flight is replaced (the client reconnects)."""
-        in_use: set[Key] = set()
+        in_use: set[SlabKey] = set()
         for request in self.requests.values():
             for future in request.futures:
                 if not future.done():
@@ -128,7 +179,7 @@ class EngineImages:
             for key in in_use:
                 ident, old, pool = self.slabs[key]
                 old.close()
-                self.slabs[key] = (ident, self._new_slab(key), pool)
+                self.slabs[key] = (ident, self._new_slab(key, pool.capacity), pool)
 
     def close(self) -> None:
         for _, slab, _ in self.slabs.values():
@@ -138,39 +189,53 @@ class EngineImages:
     def pool(self, category: str, size: int) -> SlotPool:
         """``category``'s slots for inputs of ``size``, made on its first use (a slab stays
         for the process's life, so a slab id is never reused)."""
-        key = (category, size)
+        return self._slab((category, size))[2]
+
+    def _slab(self, key: SlabKey) -> tuple[int, Slab, SlotPool]:
         entry = self.slabs.get(key)
         if entry is None:
             ident = len(self.slabs) + 1
-            slab = self._new_slab(key)
-            entry = self.slabs[key] = (ident, slab, SlotPool(self.settings.max_queue_size))
+            warmup = len(key) == 3
+            pool = _WarmupSlots(warmup_slots(self.settings)) if warmup else SlotPool(self.settings.max_queue_size)
+            entry = self.slabs[key] = (ident, self._new_slab(key, pool.capacity), pool)
             channel = self._link.channel
             if channel is not None:
-                _send_slab(channel, ident, slab)
-        return entry[2]
+                _send_slab(channel, ident, entry[1])
+        return entry
 
-    def _new_slab(self, key: Key) -> Slab:
-        category, size = key
-        return Slab.create(size, self.settings.max_queue_size, name=f"msflow-{os.getpid()}-{category}-{size}")
+    @staticmethod
+    def _new_slab(key: SlabKey, slots: int) -> Slab:
+        category, size = key[0], key[1]
+        suffix = "-warmup" if len(key) == 3 else ""
+        return Slab.create(size, slots, name=f"msflow-{os.getpid()}-{category}-{size}{suffix}")
 
     def submit(self, version_dir: str, tensors: Sequence[np.ndarray], deadline: float,
-               observed: bool = True, lend: bool = False) -> list[asyncio.Future[Any]]:
+               lend: bool = False) -> list[asyncio.Future[Any]]:
         """Queue ``tensors`` (all or none) on the engine process; one future per image.
-        ``observed=False``: a warm-up, which the engine process runs like a request but leaves
-        out of every metric (sent as a ``warm`` control message, not a packed submit).
         ``lend``: each answered map is a view of its slot, held until :meth:`release` of the
         futures (which the caller must reach on every path)."""
+        handle, channel = self._route(version_dir)
+        key = (category_of(version_dir), int(tensors[0].shape[0]))
+        ident, slab, pool = self._slab(key)
+        slots = pool.take(len(tensors))
+        if slots is None:
+            raise QueueFull(f"no room: {pool.free} of {pool.capacity} engine slots free, request has {len(tensors)}")
+        futures, rid = self._queue(key, slab, pool, slots, tensors, lend)
+        channel.send_frame(frames.pack_submit(rid, handle, ident, deadline, slots))
+        return futures
+
+    def _route(self, version_dir: str) -> tuple[int, Channel]:
+        """The engine process's handle of ``version_dir`` and the channel to it."""
         link = self._link
         handle = link.handles.get(version_dir)
         channel = link.channel
         if not link.connected or handle is None or channel is None:
             raise EngineUnavailable("the engine process is restarting; retry")
-        key = (category_of(version_dir), int(tensors[0].shape[0]))
-        pool = self.pool(*key)
-        ident, slab, _ = self.slabs[key]
-        slots = pool.take(len(tensors))
-        if slots is None:
-            raise QueueFull(f"no room: {pool.free} of {pool.capacity} engine slots free, request has {len(tensors)}")
+        return handle, channel
+
+    def _queue(self, key: SlabKey, slab: Slab, pool: SlotPool, slots: list[int], tensors: Sequence[np.ndarray],
+               lend: bool) -> tuple[list[asyncio.Future[Any]], int]:
+        """``tensors`` copied into their ``slots``, recorded in flight: the futures, the request id."""
         for tensor, slot in zip(tensors, slots):
             slab.input(slot)[...] = tensor
         rid = next(self._ids)
@@ -178,12 +243,7 @@ class EngineImages:
         assert loop is not None, "EngineClient.start() not called"
         futures = [_ImageFuture(self, rid, loop) for _ in tensors]
         self.requests[rid] = _Request(key, slab, pool, slots, futures, time.monotonic(), lend)
-        if observed:
-            channel.send_frame(frames.pack_submit(rid, handle, ident, deadline, slots))
-        else:
-            channel.send({"op": "warm", "rid": rid, "handle": handle, "slab": ident, "deadline": deadline,
-                          "slots": slots})
-        return futures  # type: ignore[return-value]
+        return futures, rid  # type: ignore[return-value]
 
     def in_flight_for(self, now: float) -> float:
         """How long the oldest request in flight has waited for its answer (0: none waits).
@@ -259,20 +319,39 @@ class EngineImages:
 
     async def run(self, version_dir: str, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """One whole batch through the engine process (the registry's warm-up), in parts no
-        larger than this front end's slots. Not bound by the request deadline: a warm-up
-        waits out the batching window and the engine's first (slowest) run, however short
-        requests' deadlines are. Never observed by the metrics (``submit(observed=False)``):
-        one process warms outside its batcher, and counted here, every front-end start and
-        reload added a batch of 8 images that no one inspected."""
+        larger than this front end's warm-up slab, never on the slots of requests (see the
+        module docstring). Not bound by the request deadline: a warm-up waits out the
+        batching window and the engine's first (slowest) run, however short requests'
+        deadlines are. Never observed by the metrics (sent as a ``warm`` control message, not
+        a packed submit): one process warms outside its batcher, and counted here, every
+        front-end start and reload added a batch of 8 images that no one inspected."""
         deadline = time.monotonic() + _WARMUP_DEADLINE_S
-        step = self.pool(category_of(version_dir), int(images.shape[1])).capacity
+        key: WarmupKey = (category_of(version_dir), int(images.shape[1]), WARMUP)
+        step = warmup_slots(self.settings)
         results: list[Batched[Any]] = []
         for start in range(0, len(images), step):
+            part = list(images[start:start + step])
             # gather: when one image fails, the others' errors are read too (no "never retrieved")
-            results += await asyncio.gather(*self.submit(version_dir, list(images[start:start + step]), deadline,
-                                                         observed=False))
+            results += await asyncio.gather(*await self._warm(key, version_dir, part, deadline))
         return (np.array([r.value[0] for r in results], dtype=np.float32),
                 np.stack([r.value[1] for r in results]))
+
+    async def _warm(self, key: WarmupKey, version_dir: str, tensors: list[np.ndarray],
+                    deadline: float) -> list[asyncio.Future[Any]]:
+        """One part of a warm-up queued on its slab, once its slots are free."""
+        pool = self._slab(key)[2]
+        assert isinstance(pool, _WarmupSlots)
+        slots = await pool.take_by(len(tensors), deadline)
+        try:
+            handle, channel = self._route(version_dir)
+        except BaseException:
+            pool.give_back(slots)
+            raise
+        ident, slab, _ = self.slabs[key]  # after the wait: a lost connection may have renewed the slab
+        futures, rid = self._queue(key, slab, pool, slots, tensors, lend=False)
+        channel.send({"op": "warm", "rid": rid, "handle": handle, "slab": ident, "deadline": deadline,
+                      "slots": slots})
+        return futures
 
 
 def _send_slab(channel: Channel, ident: int, slab: Slab) -> None:

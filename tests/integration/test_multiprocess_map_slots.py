@@ -136,11 +136,12 @@ async def inspect(rt: PipelineRuntime, category: str, items: list[InspectedImage
 def test_maps_are_read_in_their_slots_and_every_slot_comes_back_after_answers(tmp_path: Path) -> None:
     async def main() -> None:
         async with serving(tmp_path) as (_, rt, pool, _links, _):
-            slabs = [slab for _, slab, _ in rt.engine_link.images.slabs.values()]  # type: ignore[union-attr]
             in_place: list[bool] = []
             postprocess = rt.postprocess
 
             async def reading(lane: Any, items: Any, *args: Any, **kwargs: Any) -> None:
+                # Read here: a category's request slab is made with its first lane, after the warm-up.
+                slabs = [slab for _, slab, _ in rt.engine_link.images.slabs.values()]  # type: ignore[union-attr]
                 in_place.extend(any(np.shares_memory(item.score_map, slab.output(slot))
                                     for slab in slabs for slot in range(slab.layout.slots)) for item in items)
                 await postprocess(lane, items, *args, **kwargs)
