@@ -117,9 +117,9 @@ async def _link(version_dir: Path, settings: Settings, socket_path: Path, engine
     client.start()
     try:
         await client.acquire(version_dir)
-        size = Manifest.read(version_dir).input_size
-        figures = await _drive(lambda t: client.submit(str(version_dir), [t], time.monotonic() + 10), in_flight,
-                               seconds, size, engine_pid)
+        manifest = Manifest.read(version_dir)
+        figures = await _drive(lambda t: client.submit(manifest.category, str(version_dir), [t], time.monotonic() + 10),
+                               in_flight, seconds, manifest.input_size, engine_pid)
     finally:
         await client.close()
     return Window("link", in_flight, *figures)

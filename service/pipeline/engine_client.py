@@ -340,9 +340,10 @@ class EngineClient:
         """This front end's slots for ``category``'s inputs of ``size`` (see :class:`EngineImages`)."""
         return self.images.pool(category, size)
 
-    async def run(self, version_dir: str, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """One whole batch through the engine process (the registry's warm-up; see :meth:`EngineImages.run`)."""
-        return await self.images.run(version_dir, images)
+    async def run(self, category: str, version_dir: str, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One whole batch of ``category`` through the engine process (the registry's warm-up;
+        see :meth:`EngineImages.run`)."""
+        return await self.images.run(category, version_dir, images)
 
     # ------------------------------------------------------------------ for the registry (worker threads)
     def engine_factory(self, version_dir: Path, **_: Any) -> "RemoteEngine":

@@ -73,12 +73,6 @@ def warmup_slots(settings: Settings) -> int:
     return min(settings.max_queue_size, settings.max_batch_size)
 
 
-def category_of(version_dir: str) -> str:
-    """The category a version folder is of: ``<store>/<category>/<version>`` (the registry
-    serves no folder whose manifest says otherwise: loaded_model.check_placed)."""
-    return os.path.basename(os.path.dirname(version_dir))
-
-
 class _WarmupSlots(SlotPool):
     """A warm-up slab's free slots: a warm-up that finds too few (another warm-up of the
     category holds them, or a cancelled one's are still in the engine process) waits for
@@ -209,13 +203,14 @@ class EngineImages:
         suffix = "-warmup" if len(key) == 3 else ""
         return Slab.create(size, slots, name=f"msflow-{os.getpid()}-{category}-{size}{suffix}")
 
-    def submit(self, version_dir: str, tensors: Sequence[np.ndarray], deadline: float,
+    def submit(self, category: str, version_dir: str, tensors: Sequence[np.ndarray], deadline: float,
                lend: bool = False) -> list[asyncio.Future[Any]]:
-        """Queue ``tensors`` (all or none) on the engine process; one future per image.
+        """Queue ``tensors`` (all or none) of ``category`` (its manifest's, which its folder is
+        placed under) on the engine process, on that category's slots; one future per image.
         ``lend``: each answered map is a view of its slot, held until :meth:`release` of the
         futures (which the caller must reach on every path)."""
         handle, channel = self._route(version_dir)
-        key = (category_of(version_dir), int(tensors[0].shape[0]))
+        key = (category, int(tensors[0].shape[0]))
         ident, slab, pool = self._slab(key)
         slots = pool.take(len(tensors))
         if slots is None:
@@ -317,7 +312,7 @@ class EngineImages:
             failed = frames.Outcome(frames.ENGINE_ERROR, message=f"engine process: {message}")
             self.resolve(rid, [failed] * len(request.slots))
 
-    async def run(self, version_dir: str, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    async def run(self, category: str, version_dir: str, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """One whole batch through the engine process (the registry's warm-up), in parts no
         larger than this front end's warm-up slab, never on the slots of requests (see the
         module docstring). Not bound by the request deadline: a warm-up waits out the
@@ -326,7 +321,7 @@ class EngineImages:
         a packed submit): one process warms outside its batcher, and counted here, every
         front-end start and reload added a batch of 8 images that no one inspected."""
         deadline = time.monotonic() + _WARMUP_DEADLINE_S
-        key: WarmupKey = (category_of(version_dir), int(images.shape[1]), WARMUP)
+        key: WarmupKey = (category, int(images.shape[1]), WARMUP)
         step = warmup_slots(self.settings)
         results: list[Batched[Any]] = []
         for start in range(0, len(images), step):

@@ -16,7 +16,6 @@ import numpy as np
 from service.metrics import ServiceMetrics
 from service.pipeline.batch_queue import BatcherClosed, QueueFull
 from service.pipeline.engine_client import EngineClient, EngineUnavailable, RemoteEngine
-from service.pipeline.engine_images import category_of
 
 
 class RemoteBatcher:
@@ -32,7 +31,7 @@ class RemoteBatcher:
         self.max_queue_delay_s = max_queue_delay_s
         self._metrics = metrics
         # The category's own slots, not its input size's: a neighbour's flood cannot take them.
-        self._pool = client.pool(category_of(self.version_dir), engine.manifest.input_size)
+        self._pool = client.pool(self.category, engine.manifest.input_size)
         self._closing = False
         # What drain waits for. Pruned of answered futures as it grows, not by a done-callback
         # per image (a loop turn per answer).
@@ -72,7 +71,7 @@ class RemoteBatcher:
         """``lend``: the maps are read in their slots, held until :meth:`release`
         (:meth:`~service.pipeline.engine_images.EngineImages.submit`)."""
         self.check_room(len(items))
-        futures = self.client.submit(self.version_dir, items, deadline, lend=lend)
+        futures = self.client.submit(self.category, self.version_dir, items, deadline, lend=lend)
         if len(self._in_flight) >= 2 * self._pool.capacity:  # so each image is scanned about once
             self._in_flight = [f for f in self._in_flight if not f.done()]
         self._in_flight += futures

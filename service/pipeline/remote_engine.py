@@ -26,7 +26,8 @@ class Client(Protocol):
     @property
     def loop(self) -> asyncio.AbstractEventLoop: ...
 
-    def run(self, version_dir: str, images: np.ndarray) -> Coroutine[Any, Any, tuple[np.ndarray, np.ndarray]]: ...
+    def run(self, category: str, version_dir: str,
+            images: np.ndarray) -> Coroutine[Any, Any, tuple[np.ndarray, np.ndarray]]: ...
 
     def release(self, version_dir: str) -> None: ...
 
@@ -45,7 +46,7 @@ class RemoteEngine:
     def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Blocking; from a worker thread only (never from the event loop it would wait on)."""
         future: concurrent.futures.Future[tuple[np.ndarray, np.ndarray]] = asyncio.run_coroutine_threadsafe(
-            self.client.run(str(self.version_dir), images), self.client.loop)
+            self.client.run(self.manifest.category, str(self.version_dir), images), self.client.loop)
         return future.result()
 
     def close(self) -> None:

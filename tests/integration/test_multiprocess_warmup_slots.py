@@ -116,9 +116,9 @@ def test_warm_ups_of_one_category_wait_for_each_others_slots(tmp_path: Path) -> 
             engine = engines["1"]
             engine.gate.clear()
             batch = np.zeros((settings.max_batch_size, 32, 32, 3), np.uint8)
-            first = asyncio.create_task(link.run(str(version_dir), batch))
+            first = asyncio.create_task(link.run("aaa", str(version_dir), batch))
             assert await asyncio.to_thread(engine.started.wait, 10)
-            second = asyncio.create_task(link.run(str(version_dir), batch))
+            second = asyncio.create_task(link.run("aaa", str(version_dir), batch))
             await asyncio.sleep(0.2)
             assert not second.done()  # waiting for the slots, not refused
             engine.gate.set()
