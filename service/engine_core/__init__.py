@@ -15,7 +15,8 @@ front end -> the engine reads the inputs from the slots and writes the maps into
 * :mod:`~service.engine_core.core`: :class:`EngineCore`, which accepts front ends, reads
   their messages and hands each one to the part that owns it. A front end that goes away
   (crash included) releases what it held and its queued images are dropped; its slabs are
-  unmapped once the last batch that reads them is done.
+  unmapped once the last batch that reads them is done (one slab alone on ``drop_slab``,
+  when its category retired there).
 * :mod:`~service.engine_core.hosting`: the engines by version folder, loaded on a front
   end's ``acquire`` and unloaded a grace period after the last release, and their batchers
   (a front end's warm-up, a ``warm`` message, runs there too but no metric observes it).

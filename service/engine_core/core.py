@@ -175,6 +175,10 @@ class EngineCore:
                 old.close()
             # Taken out of fds first: attach owns it from the call on (and closes it if it fails).
             frontend.slabs[ident] = Slab.attach(fds.pop(), size, slots, str(message["name"]))
+        elif op == "drop_slab":  # its category retired, none of its slots in flight: unmapped once unread
+            dropped = frontend.slabs.pop(int(message["id"]), None)
+            if dropped is not None:
+                dropped.close()
         elif op == "warm":  # a submit that is a warm-up: run and answered like one, observed by no metric
             submit = frames.Submit(int(message["rid"]), int(message["handle"]), int(message["slab"]),
                                    float(message["deadline"]), [int(slot) for slot in message["slots"]])

@@ -4,8 +4,9 @@
 engine process; so that the pipeline cannot tell it is not running the engine itself, the
 other pieces are:
 
-* :mod:`~service.pipeline.engine_images`: this process's shared-memory slabs and images in
-  flight (``pool``, ``submit``, ``run``), answered through the client's connection;
+* :mod:`~service.pipeline.engine_images`: this process's images in flight (``pool``,
+  ``submit``, ``run``) on its shared-memory slabs (:mod:`~service.pipeline.engine_slabs`),
+  answered through the client's connection;
 * :class:`~service.pipeline.remote_batcher.RemoteBatcher`: what a
   :class:`~service.pipeline.runtime.Lane` batches with here, in place of a local
   :class:`~service.pipeline.batcher.Batcher`. It forms no batch: the engine process does,
@@ -323,8 +324,10 @@ class EngineClient:
         no more to front ends started later (else one started after the folder came back
         followed the old pin while the running ones served the newest). Each front end sends
         this on its own scans; the engine process relays the first to the others, whose pin
-        ends too (see ``on_peer_retired``)."""
+        ends too (see ``on_peer_retired``). Its slabs go once none of their slots is in flight
+        or lent (:meth:`EngineImages.retire`)."""
         self.reloads.retired(category)
+        self.images.retire(category)
 
     @property
     def collectors(self) -> dict[str, Callable[[Message], list[Any]]]:

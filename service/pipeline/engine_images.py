@@ -1,12 +1,7 @@
-"""A front end's images through the engine process (multi-process mode): its shared-memory
-slabs (one per category and input size, ``max_queue_size`` slots each: that category's queue
-budget in this front end), the requests in flight, and their answers.
-
-Per category, not per input size: ``max_queue_size`` is what one category's queue holds, and
-with one pool per size a flooded category took every slot of its neighbours of that size,
-which were refused 503 ``queue_full`` with their own queues empty
-(tests/integration/test_multiprocess_category_slots.py). Per category, not per version: a
-reload's new version takes its slots from its category's pool, which the old one gives back.
+"""A front end's images through the engine process (multi-process mode): the requests in
+flight on its shared-memory slabs (:mod:`~service.pipeline.engine_slabs`: a category's request
+slots, ``max_queue_size`` of them, its queue budget in this front end, and its warm-up slots),
+and their answers.
 
 A request copies its inputs into its slots and costs one packed ``submit`` frame
 (:mod:`service.ipc.frames`); the ``result`` frame resolves one future per image, whose map
@@ -19,19 +14,15 @@ the caller runs once every reader is done (the postprocess; a review capture tak
 in a ``finally``. Saves copying 256 KB per image at 256² (docs/performance-log.md).
 
 A warm-up (the registry's, at a front end's start and at each reload: :meth:`EngineImages.run`)
-has a slab of its own per category and input size (key ``(category, size, WARMUP)``,
-:func:`warmup_slots` slots), which no request takes. Before, it took the category's request
-slots and was refused ``QueueFull`` whenever the category's requests held them all: under its
-own flood a category could not be reloaded (tests/integration/test_multiprocess_warmup_slots.py).
-Warm-ups of one category (two reloads, a follow) wait for each other's slots, up to their
-deadline, instead of being refused. The engine process's queue has room for them on top of
-the front ends' request slots (:mod:`service.engine_core.hosting`).
+goes on its category's warm-up slots, never on its request slots, and waits for them while
+another warm-up of the category holds them. Once the store watch retired a category
+(:meth:`EngineImages.retire`), each answer or release that brings the last slot of one of
+its slabs back frees that slab.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -46,6 +37,7 @@ from service.ipc.channel import Channel
 from service.ipc.slab import Slab, SlotPool
 from service.pipeline.batch_queue import Batched, BatcherClosed, DeadlineExceeded, QueueFull
 from service.pipeline.engine_errors import EngineUnavailable
+from service.pipeline.engine_slabs import WARMUP, Entry, SlabKey, Slabs, WarmupKey, WarmupSlots, warmup_slots
 
 _WARMUP_DEADLINE_S = 300.0  # a warm-up batch through the engine process: first CUDA / TensorRT runs are slow
 
@@ -59,50 +51,6 @@ class Link(Protocol):
 
     @property
     def connected(self) -> bool: ...
-
-
-Key = tuple[str, int]  # requests' slab: (category, input size)
-WARMUP = "warm-up"
-WarmupKey = tuple[str, int, str]  # a warm-up slab: (category, input size, WARMUP)
-SlabKey = Key | WarmupKey
-
-
-def warmup_slots(settings: Settings) -> int:
-    """A warm-up slab's slots: a registry warm-up batch (up to ``max_batch_size`` images) in
-    parts no larger than the request slab, as when warm-ups took request slots."""
-    return min(settings.max_queue_size, settings.max_batch_size)
-
-
-class _WarmupSlots(SlotPool):
-    """A warm-up slab's free slots: a warm-up that finds too few (another warm-up of the
-    category holds them, or a cancelled one's are still in the engine process) waits for
-    them to come back, up to its deadline."""
-
-    def __init__(self, slots: int) -> None:
-        super().__init__(slots)
-        self._waiters: list[asyncio.Future[None]] = []
-
-    async def take_by(self, count: int, deadline: float) -> list[int]:
-        while (slots := self.take(count)) is None:
-            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._waiters.append(waiter)
-            try:
-                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-                    await waiter
-            except TimeoutError:
-                raise QueueFull(f"warm-up: {count} of {self.capacity} warm-up slots not free within its "
-                                "deadline") from None
-            finally:
-                if waiter in self._waiters:
-                    self._waiters.remove(waiter)
-        return slots
-
-    def give_back(self, slots: list[int]) -> None:
-        super().give_back(slots)
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:  # each takes again: the first with enough gets them
-            if not waiter.done():
-                waiter.set_result(None)
 
 
 @dataclass
@@ -126,7 +74,7 @@ class _ImageFuture(asyncio.Future):  # type: ignore[type-arg]
         super().__init__(loop=loop)
         self._images = images
         self._rid = rid
-        self.lent: tuple[SlotPool, int] | None = None  # the slot its result's map is a view of
+        self.lent: tuple[SlotPool, int, str] | None = None  # the slot its result's map is a view of, its category
 
     def cancel(self, msg: Any = None) -> bool:
         if not super().cancel(msg):
@@ -136,24 +84,27 @@ class _ImageFuture(asyncio.Future):  # type: ignore[type-arg]
 
 
 class EngineImages:
-    """``slabs``: (category, input size) for requests, (category, input size, WARMUP) for
-    warm-ups -> (slab id, slab, its free slots); ``requests``: request id ->
-    what is in flight. ``ids``: the client's request ids (one space with its calls: an
-    ``error`` answer names either)."""
+    """``slabs``: the slabs by key (:class:`~service.pipeline.engine_slabs.Slabs`);
+    ``requests``: request id -> what is in flight. ``ids``: the client's request ids (one
+    space with its calls: an ``error`` answer names either)."""
 
     def __init__(self, settings: Settings, link: Link, ids: Iterator[int]) -> None:
         self.settings = settings
         self._link = link
         self._ids = ids
         self.loop: asyncio.AbstractEventLoop | None = None  # the client's, set when it starts
-        self.slabs: dict[SlabKey, tuple[int, Slab, SlotPool]] = {}
+        self._slabs = Slabs(settings, link)
         self.requests: dict[int, _Request] = {}
+
+    @property
+    def slabs(self) -> dict[SlabKey, Entry]:
+        """Key -> (slab id, slab, its free slots) (read by tests and when debugging)."""
+        return self._slabs.table
 
     # ------------------------------------------------------------------ the connection's life
     def hand_over(self, channel: Channel) -> None:
         """A new connection: every slab to the engine process."""
-        for ident, slab, _ in self.slabs.values():
-            _send_slab(channel, ident, slab)
+        self._slabs.hand_over(channel)
 
     def lost(self, exc: EngineUnavailable, renew: bool) -> None:
         """The connection ended: every image in flight fails with ``exc``. ``renew``: a slab
@@ -167,41 +118,24 @@ class EngineImages:
             request.pool.give_back(request.slots)
         self.requests.clear()
         if renew:
-            # A channel can also end with the engine process alive (a corrupt stream, a failed
-            # send), its batches still reading and writing these slots: a slab with slots in
-            # flight is never handed out again, a new one takes its place.
-            for key in in_use:
-                ident, old, pool = self.slabs[key]
-                old.close()
-                self.slabs[key] = (ident, self._new_slab(key, pool.capacity), pool)
+            self._slabs.renew(in_use)
+        for category in {key[0] for key in in_use} & self._slabs.retired:
+            self._slabs.free_idle(category)
 
     def close(self) -> None:
-        for _, slab, _ in self.slabs.values():
-            slab.close()
+        self._slabs.close()
+
+    def retire(self, category: str) -> None:
+        """The store watch retired ``category``: its slabs are freed, here and in the engine
+        process, once none of their slots is in flight or lent (now, or as the last comes back)."""
+        self._slabs.retire(category)
 
     # ------------------------------------------------------------------ requests
     def pool(self, category: str, size: int) -> SlotPool:
-        """``category``'s slots for inputs of ``size``, made on its first use (a slab stays
-        for the process's life, so a slab id is never reused)."""
-        return self._slab((category, size))[2]
-
-    def _slab(self, key: SlabKey) -> tuple[int, Slab, SlotPool]:
-        entry = self.slabs.get(key)
-        if entry is None:
-            ident = len(self.slabs) + 1
-            warmup = len(key) == 3
-            pool = _WarmupSlots(warmup_slots(self.settings)) if warmup else SlotPool(self.settings.max_queue_size)
-            entry = self.slabs[key] = (ident, self._new_slab(key, pool.capacity), pool)
-            channel = self._link.channel
-            if channel is not None:
-                _send_slab(channel, ident, entry[1])
-        return entry
-
-    @staticmethod
-    def _new_slab(key: SlabKey, slots: int) -> Slab:
-        category, size = key[0], key[1]
-        suffix = "-warmup" if len(key) == 3 else ""
-        return Slab.create(size, slots, name=f"msflow-{os.getpid()}-{category}-{size}{suffix}")
+        """``category``'s request slots for inputs of ``size`` (a lane's: the category is
+        served, so its slabs stay), made on their first use."""
+        self._slabs.serve(category)
+        return self._slabs.entry((category, size))[2]
 
     def submit(self, category: str, version_dir: str, tensors: Sequence[np.ndarray], deadline: float,
                lend: bool = False) -> list[asyncio.Future[Any]]:
@@ -211,7 +145,7 @@ class EngineImages:
         futures (which the caller must reach on every path)."""
         handle, channel = self._route(version_dir)
         key = (category, int(tensors[0].shape[0]))
-        ident, slab, pool = self._slab(key)
+        ident, slab, pool = self._slabs.entry(key)  # made again for a request pinned before a retirement
         slots = pool.take(len(tensors))
         if slots is None:
             raise QueueFull(f"no room: {pool.free} of {pool.capacity} engine slots free, request has {len(tensors)}")
@@ -272,7 +206,7 @@ class EngineImages:
             if outcome.code == frames.OK:
                 if lend:  # read in place: the slot comes back with release()
                     heat = request.slab.output(slot)
-                    future.lent = (pool, slot)
+                    future.lent = (pool, slot, request.key[0])
                 else:
                     heat = request.slab.output(slot).copy()  # the slot is reused once given back
                     free.append(slot)
@@ -285,9 +219,10 @@ class EngineImages:
             else:
                 future.set_exception(_error(outcome.code, outcome.message))
         pool.give_back(free)
+        if self._slabs.retired:
+            self._slabs.free_idle(request.key[0])
 
-    @staticmethod
-    def release(futures: Sequence[asyncio.Future[Any]]) -> bool:
+    def release(self, futures: Sequence[asyncio.Future[Any]]) -> bool:
         """The caller of a ``lend`` submit is done with its results: each answered image's slot
         is given back (its map view must not be read again), and an unanswered one is cancelled,
         so no future of ``futures`` can lend a slot after this. Idempotent. True when a slot
@@ -300,9 +235,11 @@ class EngineImages:
             lent = getattr(future, "lent", None)
             if lent is not None:
                 future.lent = None  # type: ignore[attr-defined]
-                pool, slot = lent
+                pool, slot, category = lent
                 pool.give_back([slot])
                 released = True
+                if self._slabs.retired:
+                    self._slabs.free_idle(category)
         return released
 
     def refused(self, rid: int, message: str) -> None:
@@ -321,6 +258,7 @@ class EngineImages:
         a packed submit): one process warms outside its batcher, and counted here, every
         front-end start and reload added a batch of 8 images that no one inspected."""
         deadline = time.monotonic() + _WARMUP_DEADLINE_S
+        self._slabs.serve(category)  # a version of it is loading: its slabs stay
         key: WarmupKey = (category, int(images.shape[1]), WARMUP)
         step = warmup_slots(self.settings)
         results: list[Batched[Any]] = []
@@ -334,24 +272,25 @@ class EngineImages:
     async def _warm(self, key: WarmupKey, version_dir: str, tensors: list[np.ndarray],
                     deadline: float) -> list[asyncio.Future[Any]]:
         """One part of a warm-up queued on its slab, once its slots are free."""
-        pool = self._slab(key)[2]
-        assert isinstance(pool, _WarmupSlots)
-        slots = await pool.take_by(len(tensors), deadline)
+        while True:
+            pool = self._slabs.entry(key)[2]
+            assert isinstance(pool, WarmupSlots)
+            slots = await pool.take_by(len(tensors), deadline)
+            entry = self.slabs.get(key)
+            if entry is not None and entry[2] is pool:
+                break
+            pool.give_back(slots)  # its slab was freed while this waited (the category retired): a new one
         try:
             handle, channel = self._route(version_dir)
         except BaseException:
             pool.give_back(slots)
+            self._slabs.free_idle(key[0])
             raise
-        ident, slab, _ = self.slabs[key]  # after the wait: a lost connection may have renewed the slab
+        ident, slab, _ = entry  # after the wait: a lost connection may have renewed the slab
         futures, rid = self._queue(key, slab, pool, slots, tensors, lend=False)
         channel.send({"op": "warm", "rid": rid, "handle": handle, "slab": ident, "deadline": deadline,
                       "slots": slots})
         return futures
-
-
-def _send_slab(channel: Channel, ident: int, slab: Slab) -> None:
-    channel.send({"op": "slab", "id": ident, "size": slab.layout.size, "slots": slab.layout.slots,
-                  "name": slab.name}, [slab.fd])
 
 
 def _error(code: int, message: str) -> Exception:
