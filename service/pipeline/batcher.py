@@ -225,6 +225,9 @@ class Batcher:
                 finally:
                     self._running = []
                     self._running_since = None
+            # Not kept while the worker waits: its payloads may be views of a front end's slab
+            # (the engine process), which a retired category's drop_slab unmaps once unread.
+            del live
 
     def _take(self, n: int) -> list[_Item]:
         batch = [self._pending.popleft() for _ in range(min(n, len(self._pending)))]

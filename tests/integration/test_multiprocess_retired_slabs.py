@@ -60,9 +60,9 @@ def test_a_retired_category_frees_its_slabs_once_its_slots_are_back(tmp_path: Pa
     async def main() -> None:
         async with engine_process(store, factory, store_removal_grace_s=0) as (core, settings), \
                 front_end(settings) as (rt, link):
-            # A retired version is unloaded once no front end holds it: its batcher's worker
-            # keeps the last batch (and so a mapping of its slab) until then.
-            core.unload_grace_s = 0.1
+            # The retired version stays loaded for its unload grace: its batcher must not keep
+            # the last batch (views of the slab) meanwhile, or the mapping outlives drop_slab.
+            core.unload_grace_s = 600
             images = link.images
             with rt.pin("aaa") as lane, rt.pin("bbb") as neighbour:
                 lent = lane.batcher.submit_many([IMAGE], time.monotonic() + 30, lend=True)
