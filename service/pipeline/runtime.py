@@ -347,9 +347,10 @@ class PipelineRuntime:
         runs past ``deadline`` (:class:`DeadlineExceeded`, decode and render included).
 
         Admission comes before any decoding: the request's price in decoded pixels
-        (413 over the per-request budget; 503 while the server's budget is taken) and room in
-        the category's queue (503). ``wait_for_room`` (the worker, which already took the job)
-        waits for both instead of refusing. ``hold``: the request's ticket is added to it, its
+        (413 over the per-request budget; 503 while the server's budget is taken, or at the
+        deadline after a fair wait for room) and room in the category's queue (503).
+        ``wait_for_room`` (the worker, which already took the job) waits for both instead of
+        refusing. ``hold``: the request's ticket is added to it, its
         pixels admitted until the caller's :meth:`~service.pipeline.admission.Ticket.call_done`
         (the API, once its client has taken the answer), even when this raises.
         """
@@ -359,7 +360,12 @@ class PipelineRuntime:
         try:
             async with timeout:
                 probed_on_loop = await self.probe(size, items, rendering)
+                # A wait for room ends at the deadline by itself, refused as the budget refuses
+                # (503): a request never admitted did not time out (504). Both timers at one
+                # instant made the answer whichever fired first.
+                timeout.reschedule(None)
                 ticket = await self.admit(lane, items, deadline, wait_for_room=wait_for_room)
+                timeout.reschedule(asyncio.get_running_loop().time() + deadline - time.monotonic())
                 if hold is not None:
                     ticket.call_started()
                     hold.append(ticket)

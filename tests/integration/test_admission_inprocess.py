@@ -82,6 +82,32 @@ def test_server_budget_refuses_with_503_while_taken_and_admits_once_freed(model_
     asyncio.run(main())
 
 
+def test_a_fair_wait_that_reaches_the_deadline_is_refused_503_not_504(model_store: Path,
+                                                                       good_images: list[Path]) -> None:
+    """A request within its category's share waits while another category holds the budget
+    (PixelBudget.admit_fairly), up to its deadline: then it was never admitted, so it is refused
+    as the budget refuses (503 server_busy, Retry-After), never 504 as if it had started. The
+    request's own deadline timer and the admission's both end the wait at that instant; the
+    first used to win, so the answer depended on which fired first."""
+    async def main() -> None:
+        async with loaded_runtime(model_store, max_request_megapixels=1, max_inflight_megapixels=1) as rt:
+            with rt.pin(CATEGORY) as lane:
+                flood = rt.pixels.admit(999_000, "another")  # over its share once CATEGORY waits
+                outcomes = []
+                for _ in range(6):
+                    items = received(good_images[0].read_bytes())
+                    try:
+                        await rt.run(lane, items, InspectOptions(), time.monotonic() + 0.05, time.monotonic())
+                    except Exception as exc:  # noqa: BLE001 - the kind is what is checked
+                        outcomes.append(type(exc).__name__)
+                    assert items[0].stage == "received"
+                assert outcomes == ["ServerBusy"] * 6
+                flood.close()
+                assert rt.pixels.in_flight == 0
+
+    asyncio.run(main())
+
+
 def blocked_engine(gate: threading.Event, entered: threading.Event) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     def make(real_run: Callable[..., Any]) -> Callable[..., Any]:
         def run(batch: Any) -> Any:
