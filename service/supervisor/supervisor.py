@@ -13,6 +13,7 @@ import socket
 import sys
 import tempfile
 import time
+from multiprocessing import resource_tracker
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from types import FrameType
@@ -36,7 +37,16 @@ _TICK_LATE_S = 2.0  # a watch tick this late: the supervisor itself did not run 
 
 def become_child(name: str) -> None:
     """Linux (a no-op elsewhere): get SIGTERM when the supervisor dies, however it dies (no
-    orphans), and show ``name`` in ``ps -o comm``, ``top`` and ``/proc/<pid>/comm``."""
+    orphans), and show ``name`` in ``ps -o comm``, ``top`` and ``/proc/<pid>/comm``.
+
+    Ctrl-C reaches every process of the group, and stopping is the supervisor's (front ends
+    first, then the engine process, by SIGTERM): a child ignores SIGINT. It was started with
+    SIGINT blocked (:func:`_spawn`), so one that came during its imports is pending, and
+    ignoring it discards it; unhandled, it ended the child in a KeyboardInterrupt traceback
+    that read as a crash. A front end's uvicorn still takes SIGINT while it serves (its drain
+    starts at once, a second forces it as in one process) and re-raises it into the ignore."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     die_with_parent(signal.SIGTERM)
     set_thread_name(name)  # the main thread's name is the process's
     if os.getppid() == 1:  # the parent died before the line above ran
@@ -64,6 +74,7 @@ class Supervisor:
         self.settings = settings
         self.overrides = overrides
         self._stopping = False
+        self._stopped_by: int | None = None  # the first stop signal
 
     def run(self) -> int:
         # Mode 0700: only this user reaches the socket and the links. In TMPDIR (else /tmp), not
@@ -75,11 +86,16 @@ class Supervisor:
         try:
             lock = lock_run_dir(rundir)
             try:
-                return self._run(rundir)
+                code = self._run(rundir)
             finally:
                 os.close(lock)
         finally:  # a start that fails too (the port taken): nothing left in TMPDIR
             shutil.rmtree(rundir, ignore_errors=True)
+        if self._stopped_by == signal.SIGINT:
+            # Ctrl-C ends the command as it ends one process: msflow.cli's main says
+            # "interrupted" and dies by SIGINT, so a calling script stops too (it ended 0).
+            raise KeyboardInterrupt
+        return code
 
     def _run(self, rundir: Path) -> int:
         s = self.settings
@@ -144,6 +160,7 @@ class Supervisor:
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         if not self._stopping:
             log.info("signal %d: stopping the front ends, then the engine process", signum)
+            self._stopped_by = signum
         self._stopping = True
 
     def _look_after(self, child: Child, metrics_dir: Path) -> None:
@@ -168,8 +185,8 @@ class Supervisor:
                       child.name, child.process.pid, silent_s)
             child.process.kill()
             return
-        if child.alive or child.process is None:
-            return
+        if child.alive or child.process is None or self._stopping:
+            return  # stopping: a child that ended is no death to restart (_stop reaps it)
         child.forget_beats()
         pid, code = child.process.pid, child.process.exitcode
         if pid is not None:
@@ -195,8 +212,18 @@ class Supervisor:
 
 
 def _spawn(ctx: Any, target: Callable[..., None], name: str, *args: Any) -> BaseProcess:
+    """A child started with SIGINT blocked, which its exec keeps until :func:`become_child`
+    ignores it: a Ctrl-C during its imports is not its to act on. Blocked here rather than
+    ignored: one that reaches this process meanwhile is delivered after, not lost."""
     process: BaseProcess = ctx.Process(target=target, args=args, name=name)
-    process.start()
+    # Started first, outside the block: starting it in process.start() unblocks SIGINT after
+    # (the first child, the engine process, came up with SIGINT deliverable).
+    resource_tracker.ensure_running()
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        process.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     return process
 
 

@@ -13,16 +13,24 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.harness import Server
+import pytest
+
+from tests.harness import Server, children
 
 
-def test_ctrl_c_on_msflow_serve_ends_without_a_traceback(tmp_path: Path) -> None:
+@pytest.mark.parametrize("processes", [1, 2], ids=["one-process", "front-ends"])
+def test_ctrl_c_on_msflow_serve_ends_without_a_traceback(tmp_path: Path, processes: int) -> None:
+    """With front ends too: their supervisor ended 0 on Ctrl-C, without a word, so a script
+    that ran ``msflow serve`` went on as if the server had finished its work."""
     store = tmp_path / "store"
     store.mkdir()  # an empty store serves (/healthz) as the demo's does before its first model
-    server = Server(store, tmp_path / "serve.log")
+    server = Server(store, tmp_path / "serve.log",
+                    **({"api_processes": processes, "engine": "null"} if processes > 1 else {}))
     try:
         server.wait_alive()
-        server.proc.send_signal(signal.SIGINT)  # what a terminal's Ctrl-C sends to the foreground
+        # what a terminal's Ctrl-C sends: SIGINT to every process of the foreground group
+        for pid in [server.proc.pid, *children(server.proc.pid)]:
+            os.kill(pid, signal.SIGINT)
         status = server.proc.wait(30)
         log = server.log()
         assert "Traceback" not in log, log
