@@ -1,8 +1,9 @@
 """``msflow serve`` with two front ends feeding one engine process, end to end over real HTTP,
 one server shared by the module's tests (in this order: the last kills its processes):
 batches that fill from every front end, metrics added up over the processes, connections
-spread over the front ends, a reload that reaches every front end, and kills of a front end
-and of the engine process that leave no shared memory behind.
+spread over the front ends, a reload that reaches every front end, a request of mixed images
+over a batch and hostile uploads answered as in one process, and kills of a front end and of
+the engine process that leave no shared memory behind.
 """
 
 from __future__ import annotations
@@ -11,15 +12,18 @@ import collections
 import os
 import signal
 import socket
+import struct
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from PIL import Image
 
-from harness import ADMIN_KEY, CATEGORY, Server, assert_error, children, metric, start, wait_until
+from harness import ADMIN_KEY, CATEGORY, Server, assert_error, children, metric, part, png_of, start, wait_until
 from loadtests.run import listens, sockets_held
 from multiprocess_fixtures import MP, post_many, store_with_version_2
 
@@ -141,6 +145,47 @@ def test_a_reload_on_one_front_end_reaches_every_front_end(mp_server: Server, go
     assert r.status_code == 200 and r.json()["version"] == "2", r.text
     wait_until(lambda: {a.json()["model_version"] for a in post_many(mp_server.url, good_images, 12)} == {"2"},
                20, "every front end back on version 2", interval=0.2)
+
+
+def claims_50000_squared(png: bytes) -> bytes:
+    """``png`` with its header patched to claim 50000 x 50000 pixels (a decompression bomb)."""
+    ihdr = png.index(b"IHDR")
+    fields = struct.pack(">II", 50_000, 50_000) + png[ihdr + 12: ihdr + 17]
+    return png[: ihdr + 4] + fields + struct.pack(">I", zlib.crc32(b"IHDR" + fields) & 0xFFFFFFFF) + png[ihdr + 21:]
+
+
+def test_a_request_of_mixed_images_over_a_batch_and_hostile_uploads_answer_as_in_one_process(
+        mp_server: Server, good_images: list[Path]) -> None:
+    """Ten images of five sizes, PNG and JPEG, in one request over a batch of 8: each through
+    its own slot and back to its own index, its score the one it gets alone (a slot or index
+    mix-up between the front end and the engine process would swap them). Hostile uploads get
+    the front end's refusals (the decode is there): damaged 422 naming the image, a text 415,
+    a header claiming 2.5 G pixels 413, and the server serves after."""
+    uploads = []
+    for i, path in enumerate(good_images[:5] * 2):
+        image = Image.open(path).convert("RGB").resize([(256, 256), (300, 200), (123, 457), (64, 64), (900, 700)][i % 5])
+        fmt = "PNG" if i % 2 else "JPEG"
+        uploads.append(("file", (f"{i}.{fmt.lower()}", png_of(image, fmt), f"image/{fmt.lower()}")))
+    url = f"{mp_server.url}/v1/inspect/{CATEGORY}"
+    together = httpx.post(url, files=uploads, params={"heatmap": "none"}, timeout=60)
+    assert together.status_code == 200, together.text
+    results = together.json()["results"]
+    assert [(r["index"], r["filename"]) for r in results] == [(i, u[1][0]) for i, u in enumerate(uploads)]
+    assert max(r["batch_size"] for r in results) <= 8
+    alone = [httpx.post(url, files=[u], params={"heatmap": "none"}, timeout=60).json()["results"][0]["raw_score"]
+             for u in uploads]
+    assert [r["raw_score"] for r in results] == pytest.approx(alone, rel=1e-5)
+
+    good = good_images[0].read_bytes()
+    err = assert_error(httpx.post(url, files=[part(good_images[0]), ("file", ("t.png", good[: len(good) // 2],
+                                                                                "image/png"))], timeout=30),
+                       422, "undecodable_image")
+    assert err["details"]["index"] == 1
+    assert_error(httpx.post(url, files=[("file", ("a.txt", b"just text", "text/plain"))], timeout=30), 415,
+                 "unsupported_media_type")
+    assert_error(httpx.post(url, content=claims_50000_squared(png_of(Image.new("L", (1, 1)))),
+                            headers={"Content-Type": "image/png"}, timeout=30), 413, "image_too_large")
+    assert httpx.post(url, files=[part(good_images[0])], timeout=30).status_code == 200
 
 
 def test_killed_processes_are_replaced_and_leave_no_shared_memory(mp_server: Server,

@@ -24,11 +24,17 @@ def outage_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server.stop()
 
 
-@pytest.fixture(scope="module")
-def outage_api(model_store: Path, outage_redis: RedisServer,
-               tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+@pytest.fixture(scope="module", params=[1, 2], ids=["one-process", "front-ends"])
+def outage_api(model_store: Path, outage_redis: RedisServer, tmp_path_factory: pytest.TempPathFactory,
+               request: pytest.FixtureRequest) -> Iterator[Server]:
+    """One process, and two front ends (each with its own breaker and probe, links in files
+    and Redis): whichever front end a request or a probe reaches, the outage looks the same.
+    A prefix each: the second would hit the first's cached results, whose links only Redis
+    knows (503 while it is down, as for any other replica's)."""
+    front_ends = {"api_processes": request.param, "engine": "onnx"} if request.param > 1 else {}
     servers = start_servers({"api": (model_store, tmp_path_factory.mktemp("outage-logs") / "api.log", dict(
-        redis_url=outage_redis.url, redis_breaker_s=0.5, heatmap_ttl_s=30, max_queue_delay_ms=5))})
+        redis_url=outage_redis.url, redis_prefix=f"outage{request.param}:", redis_breaker_s=0.5, heatmap_ttl_s=30,
+        max_queue_delay_ms=5, **front_ends))})
     yield servers["api"]
     servers["api"].stop()
 
