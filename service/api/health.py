@@ -78,7 +78,7 @@ async def readyz(state: StateDep) -> Readiness:
 async def metrics(state: StateDep) -> Response:
     await _refresh_job_gauges(state)
     await _flush_other_processes(state)
-    body, content_type = state.metrics.exposition()
+    body, content_type = await state.metrics.exposition_off_loop()
     return Response(body, media_type=content_type)
 
 
