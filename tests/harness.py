@@ -412,3 +412,24 @@ def store_copy(model_store: Path, parent: Path) -> Path:
     dest = parent / "store"
     shutil.copytree(model_store, dest)
     return dest
+
+
+async def loop_gaps_during(work: Callable[[], Any]) -> tuple[Any, list[float]]:
+    """``await work()`` while a ticker measures how long the event loop stood still (gaps between its 10 ms turns)."""
+    gaps: list[float] = []
+    stop = asyncio.Event()
+
+    async def tick() -> None:  # what a request in flight needs: the loop turning
+        last = time.monotonic()
+        while not stop.is_set():
+            await asyncio.sleep(0.01)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+    ticker = asyncio.create_task(tick())
+    await asyncio.sleep(0.05)  # the ticker is turning before the work starts
+    try:
+        return await work(), gaps
+    finally:
+        stop.set()
+        await ticker

@@ -40,8 +40,8 @@ from service.pipeline.state import ServiceState
 async def engine_process(store: Path, factory: Any = None, **overrides: Any) -> AsyncIterator[tuple[EngineCore, Settings]]:
     """An engine core serving on a socket of its own, on this loop, with the settings a front
     end connects with (small queues, a short batching window); stopped afterwards."""
-    base: dict[str, Any] = dict(model_store=store, engine="null", max_batch_size=4, max_queue_delay_ms=1,
-                                max_queue_size=4, store_poll_s=0, **overrides)
+    base: dict[str, Any] = {**dict(model_store=store, engine="null", max_batch_size=4, max_queue_delay_ms=1,
+                                   max_queue_size=4, store_poll_s=0), **overrides}
     with tempfile.TemporaryDirectory() as tmp:
         sock = Path(tmp) / "engine.sock"
         core = EngineCore(Settings(**base), **({"engine_factory": factory} if factory else {}))

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import tempfile
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -65,21 +63,10 @@ def test_a_reload_warms_up_while_its_category_holds_every_slot(tmp_path: Path) -
     asyncio.run(main())
 
 
-@contextlib.asynccontextmanager
-async def batching_window(store: Path, factory: Any) -> AsyncIterator[tuple[EngineCore, Settings]]:
+def batching_window(store: Path, factory: Any) -> contextlib.AbstractAsyncContextManager[tuple[EngineCore, Settings]]:
     """An engine process whose batches of 8 never fill from a front end's 4 slots: each
     request waits out a 1.5 s batching window in its queue (which holds 4 images a front end)."""
-    base: dict[str, Any] = dict(model_store=store, engine="null", max_batch_size=8, max_queue_delay_ms=1500,
-                                max_queue_size=4, store_poll_s=0)
-    with tempfile.TemporaryDirectory() as tmp:
-        sock = Path(tmp) / "engine.sock"
-        core = EngineCore(Settings(**base), engine_factory=factory)
-        serving = asyncio.create_task(core.serve(sock))
-        try:
-            yield core, Settings(**base, engine_socket=sock)
-        finally:
-            core.stop()
-            await serving
+    return engine_process(store, factory, max_batch_size=8, max_queue_delay_ms=1500)
 
 
 def test_a_reload_of_the_served_version_warms_up_while_its_requests_fill_the_engine_queue(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from prometheus_client import generate_latest
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from harness import loop_gaps_during
 from service import metrics_multiprocess
 from service.api import health
 from service.metrics import ServiceMetrics
@@ -80,21 +81,10 @@ def test_the_exposition_is_built_off_the_event_loop() -> None:
     collector = RecordingCollector(hold_s=0.2)
 
     async def main() -> tuple[int, list[float]]:
-        gaps: list[float] = []
-        stop = asyncio.Event()
-
-        async def tick() -> None:  # what a request in flight needs: the loop turning
-            last = time.monotonic()
-            while not stop.is_set():
-                await asyncio.sleep(0.01)
-                now = time.monotonic()
-                gaps.append(now - last)
-                last = now
-        ticker = asyncio.create_task(tick())
-        async with client(app_with(collector)) as c:
-            r = await c.get("/metrics")
-        stop.set()
-        await ticker
+        async def scrape() -> httpx.Response:
+            async with client(app_with(collector)) as c:
+                return await c.get("/metrics")
+        r, gaps = await loop_gaps_during(scrape)
         assert r.status_code == 200 and "test_recorded 0.0" in r.text
         return threading.get_ident(), gaps
 

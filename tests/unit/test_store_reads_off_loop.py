@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from harness import CATEGORY, fake_version
+from harness import CATEGORY, fake_version, loop_gaps_during
 from models.manifest import list_versions
 from service.config import Settings
 from service.engines.null import NullEngine
@@ -20,27 +20,6 @@ from service.pipeline import registry_view, store_watch
 from service.pipeline.registry import ModelRegistry
 
 SLOW_S = 0.3  # one category's listing on a slow network file system
-
-
-async def _loop_gaps_during(refresh: Any) -> tuple[Any, list[float]]:
-    """``await refresh()`` while a ticker measures how long the event loop stood still."""
-    gaps: list[float] = []
-    stop = asyncio.Event()
-
-    async def tick() -> None:  # what a request in flight needs: the loop turning
-        last = time.monotonic()
-        while not stop.is_set():
-            await asyncio.sleep(0.01)
-            now = time.monotonic()
-            gaps.append(now - last)
-            last = now
-    ticker = asyncio.create_task(tick())
-    await asyncio.sleep(0.05)  # the ticker is turning before the scan starts
-    try:
-        return await refresh(), gaps
-    finally:
-        stop.set()
-        await ticker
 
 
 async def _serving(store: Path, **kw: Any) -> ModelRegistry:
@@ -64,7 +43,7 @@ def test_a_slow_store_listing_does_not_hold_the_event_loop(tmp_path: Path, monke
         registry = await _serving(store)
         fake_version(store, CATEGORY, "2")
         monkeypatch.setattr(store_watch, "list_versions", _slow_listing)
-        loaded, gaps = await _loop_gaps_during(registry.refresh)
+        loaded, gaps = await loop_gaps_during(registry.refresh)
         assert loaded == [CATEGORY]  # the scan still sees version 2
         assert registry.get(CATEGORY).version == "2"
         return gaps
@@ -98,7 +77,7 @@ def test_the_folders_of_failed_versions_are_read_off_the_event_loop_too(
             time.sleep(SLOW_S)
             return read_folder(folder)
         monkeypatch.setattr(store_watch, "folder_state", slow_folder_state)
-        loaded, gaps = await _loop_gaps_during(registry.refresh)
+        loaded, gaps = await loop_gaps_during(registry.refresh)
         assert loaded == []  # unchanged since it failed: not tried again
         broken[0] = False
         (store / CATEGORY / "2" / "model.onnx").write_bytes(b"weights")  # the copy completes
@@ -135,10 +114,10 @@ def test_a_models_description_reads_the_store_off_the_event_loop(
     async def main() -> list[float]:
         registry = await _serving(store)
         monkeypatch.setattr(registry_view, "list_versions", _slow_listing)
-        (described,), gaps = await _loop_gaps_during(registry.describe_all_off_loop)
+        (described,), gaps = await loop_gaps_during(registry.describe_all_off_loop)
         assert described == registry.describe(CATEGORY)  # the same answer as read on the loop
         assert described.available_versions == ["1"]
-        one, more = await _loop_gaps_during(lambda: registry.describe_off_loop(CATEGORY))
+        one, more = await loop_gaps_during(lambda: registry.describe_off_loop(CATEGORY))
         assert one == described
         return gaps + more
 
@@ -176,7 +155,7 @@ def test_inspecting_a_category_being_built_reads_its_progress_off_the_loop_once(
         async def twenty_asking() -> list[Any]:
             return await asyncio.gather(*(category_to_inspect("coming", state) for _ in range(20)),
                                         return_exceptions=True)
-        answers, gaps = await _loop_gaps_during(twenty_asking)
+        answers, gaps = await loop_gaps_during(twenty_asking)
         assert await category_to_inspect(CATEGORY, state) == CATEGORY  # a served category reads nothing
         return answers, gaps
 
