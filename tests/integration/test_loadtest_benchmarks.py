@@ -222,3 +222,23 @@ def test_instruction_counts_compare_modes_by_process(model_store, tmp_path):
                              env=_clean_env(), capture_output=True, text=True, timeout=60)
     assert refused.returncode != 0 and "unknown mode" in refused.stderr, refused.stderr[-500:]
     assert not (tmp_path / "refused").exists()
+
+
+def test_metrics_scrape_benchmark_compares_the_loop_with_and_without_the_exposition(model_store, tmp_path):
+    """loadtests/metrics_scrape.py, briefly: a store of two categories behind two front ends,
+    each category's series made by real inspections, and the scrape's cost to the event loop
+    measured three ways (idle, the exposition on the loop, off it), with whole scrapes and
+    health probes from outside."""
+    cmd = [sys.executable, "-m", "loadtests.metrics_scrape", "--store", str(model_store), "--categories", "2",
+           "--api-processes", "2", "--requests", "1", "--scrapes", "2"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_clean_env(TMPDIR=str(tmp_path)), capture_output=True, text=True,
+                          timeout=180)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+    (result,) = report["results"]
+    assert report["categories"] == 2 and result["api_processes"] == 2
+    assert result["samples"] > 100 and result["metrics_bytes"] > 0  # both categories' series, merged
+    assert result["exposition_ms"]["n"] == result["scrape_ms"]["n"] == 2
+    assert set(result["wakeup_ms"]) == {"idle", "on_loop", "off_loop"}
+    assert all(w["n"] > 0 and 0 <= w["median"] <= w["max"] for w in result["wakeup_ms"].values())
+    assert result["healthz_idle_ms"]["n"] > 0 and result["healthz_during_scrape_ms"]["n"] > 0
