@@ -52,8 +52,11 @@ from models.review_reader import LABEL_RESERVE, ItemNotFound, ReviewError, Revie
 from models.review_records import Label, ReviewHeatmap, ReviewImage, ReviewItem, ReviewLabel
 
 REVIEWED_OK = "reviewed_ok.json"  # in a run and its exported versions: the reviewed OK images it trained on
-IMAGE_TYPES = {"PNG": ("png", "image/png"), "JPEG": ("jpg", "image/jpeg"), "BMP": ("bmp", "image/bmp"),
-               "TIFF": ("tif", "image/tiff"), "WEBP": ("webp", "image/webp")}
+# Every format the server accepts (models.image_acceptance.ACCEPTED_FORMATS). MPO is a JPEG with
+# more pictures after the first (cameras, phones): without it one was kept as image.bin, served
+# as application/octet-stream and exported under a name `msflow train --data` does not read.
+IMAGE_TYPES = {"PNG": ("png", "image/png"), "JPEG": ("jpg", "image/jpeg"), "MPO": ("jpg", "image/jpeg"),
+               "BMP": ("bmp", "image/bmp"), "TIFF": ("tif", "image/tiff"), "WEBP": ("webp", "image/webp")}
 
 
 @dataclass(frozen=True)

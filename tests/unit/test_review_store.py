@@ -16,8 +16,9 @@ from typing import Any
 import pytest
 
 from models.review_export import export_zip
+from models.image_acceptance import ACCEPTED_FORMATS
 from models.review_leftovers import ORPHAN_GRACE_S, STALE_S
-from models.review_store import (LABEL_RESERVE, Budget, ItemNotFound, ReviewStore, id_stamp, parse_id,
+from models.review_store import (IMAGE_TYPES, LABEL_RESERVE, Budget, ItemNotFound, ReviewStore, id_stamp, parse_id,
                                  resolve_root)
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, 123456, tzinfo=timezone.utc)
@@ -246,3 +247,16 @@ def test_a_label_waits_for_a_retention_sweep_under_way_and_is_refused_if_it_took
     labeller.join(10)
     assert "refused" in outcome and "label" not in outcome
     assert not (s.root / "brick" / "labels" / f"{item_id}.json").exists()
+
+
+def test_a_multi_picture_jpeg_is_kept_as_a_jpeg(tmp_path: Path) -> None:
+    """The server accepts MPO (the multi-picture JPEG many cameras and phones write; Pillow
+    names such a file MPO, not JPEG). The store knew no MPO: it kept the image as image.bin,
+    served it as application/octet-stream (nosniff: a browser may refuse to show it) and
+    exported it as good/<id>.bin, which `msflow train --data` does not read as an image."""
+    assert set(IMAGE_TYPES) == ACCEPTED_FORMATS  # every format the server takes has a name and a media type
+    s = store(tmp_path)
+    item_id = s.add("brick", fields("review"), b"\xff\xd8mpo", "MPO", (64, 32), None, None, now=T0)[1]
+    image = s.item("brick", item_id).image
+    assert (image.file, image.media_type, image.format) == ("image.jpg", "image/jpeg", "MPO")
+    assert s.file("brick", item_id, "image") == (s.root / "brick" / "items" / item_id / "image.jpg", "image/jpeg")
