@@ -96,11 +96,17 @@ async def submit_job(request: Request, category: InspectCategoryDep, state: Stat
 
 
 @router.get("/v1/jobs/{job_id}", response_model=JobStatus, dependencies=[Authed], responses={
-    **ok(), **errors({401: UNAUTHORIZED, 404: "`job_not_found`", 500: "`job_record_unreadable`, `internal_error`",
+    **ok(), **errors({401: UNAUTHORIZED, 404: "`job_not_found` (another API key's job too)",
+                      500: "`job_record_unreadable`, `internal_error`",
                       503: "`redis_required` (no Redis configured), " + _REDIS_DOWN})})
-async def get_job(job_id: str, state: StateDep) -> JobStatus:
+async def get_job(job_id: str, request: Request, state: StateDep) -> JobStatus:
     queue = state.require_job_status()
     record = await queue.records.get(job_id)
+    # Another client's job is answered as one that never existed: before, any valid key read
+    # any job whose id it had seen (an access log, a shared ticket), results and links included.
+    # A record without an owner (an open API's, or one written before owners) answers anyone.
+    if isinstance(record, JobRecord) and record.client and record.client != client_scope(request):
+        record = None
     if record is None:
         raise ApiError(404, "job_not_found", "no such job: it never existed, expired (MSFLOW_JOB_TTL_S), or "
                        "finished long enough ago to be evicted (MSFLOW_JOB_MAX_RESULTS_BYTES)")

@@ -207,7 +207,7 @@ class JobQueue:
                       else await asyncio.to_thread(request_digest, category, uploads, options))
         record = JobRecord(id=job_id, category=category, status="queued", created_at=now, updated_at=now,
                            request_id=request_id, options=options, filenames=[u.filename for u in uploads],
-                           request_digest=digest)
+                           request_digest=digest, client=client)
 
         keys = [self.records.record_key(record.id), self.records.images_key(record.id), self.stream(category),
                 *self.records.inputs_keys(category)]

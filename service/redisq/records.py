@@ -56,6 +56,9 @@ class JobRecord(BaseModel):
     # With an Idempotency-Key: what was asked (options, file names, images' sha256), so that
     # the key sent again with another request is told apart from a resubmission.
     request_digest: str | None = None
+    # Whose job it is (the API's client_scope: a digest of the key presented, empty on an open
+    # API): GET /v1/jobs/<id> answers no other client. None: written by a version before it.
+    client: str | None = None
 
 
 @dataclass(frozen=True)

@@ -123,6 +123,21 @@ def test_an_idempotency_key_belongs_to_the_client_that_sent_it(redis_apis: dict[
         assert again.status_code == 202 and again.json()["id"] == owner.json()["id"]
 
 
+def test_a_job_answers_only_the_client_that_submitted_it(redis_apis: dict[str, Server],
+                                                         good_images: list[Path]) -> None:
+    """GET /v1/jobs/<id> with another API key is 404 job_not_found, as for a job that never
+    existed. Before, any valid key read any job whose id it had seen (an access log, a shared
+    ticket): its results, file names and heatmap links (200 for the other key)."""
+    with client_for(redis_apis["cached"]) as c:
+        r = c.post(f"/v1/jobs/{CATEGORY}", files=[upload("mine.png", png_variant(good_images[4], "owner"))],
+                   headers={"X-API-Key": REDIS_USER_KEY})
+        assert r.status_code == 202, r.text
+        url = r.headers["location"]
+        mine = c.get(url, headers={"Authorization": f"Bearer {REDIS_USER_KEY}"})  # the same key, either header
+        assert mine.status_code == 200 and mine.json()["id"] == r.json()["id"]
+        assert_error(c.get(url, headers={"X-API-Key": REDIS_ADMIN_KEY}), 404, "job_not_found")
+
+
 # ---------------------------------------------------------------------- the flow
 def test_jobs_end_to_end_with_two_workers(api: httpx.Client, workers: dict[str, WorkerProc],
                                           good_images: list[Path]) -> None:
