@@ -23,9 +23,11 @@ never changed in place: a reader keeps a consistent one however the store moves 
   it is dropped and the next call reads the folder.
 * A snapshot never replaces one whose ``stat`` was taken later (each reading takes a ticket
   before its ``stat``): a slow reader's old listing does not overwrite a newer one.
-* Any other change (another replica or worker, an operator deleting files, a label written
-  by the API: labels are written without the lock) changes a directory's ``stat``, and the
-  next call reads that directory again.
+* This process's own labels (written under the lock too) are read into the snapshot with the
+  labels directory's new ``stat``: where timestamps are coarse the directory's ``stat`` came
+  out as before, and the item just labelled stayed pending for up to :data:`MAX_AGE_S`.
+* Any other change (another replica or worker, an operator deleting files) changes a
+  directory's ``stat``, and the next call reads that directory again.
 * The ``stat`` is taken *before* the directory is read, so a change racing a read leaves a
   snapshot that looks stale and is read again, never one that looks current and is not.
 * Every snapshot is read afresh at least every :data:`MAX_AGE_S`: on a file system whose
@@ -166,14 +168,19 @@ class StoreIndex:
                 entries = (*scan.entries[:at], entry, *scan.entries[at:])
             return dataclasses.replace(scan, entries=entries, digests=scan.digests | {entry.digest},
                                        bytes=scan.bytes + entry.bytes)
-        self._after_write(category, change, base, removed_labels=False)
+        self._after_write(category, change, base, reread_labels=False)
+
+    def labels_written(self, category: str, base: CategoryScan) -> None:
+        """This process wrote (or took back) a label, holding the store's lock; ``base`` is
+        the snapshot it read under that lock before writing."""
+        self._after_write(category, lambda scan: scan, base, reread_labels=True, items_changed=False)
 
     def removed(self, category: str, ids: set[str], base: CategoryScan) -> None:
         """This process removed these items and their labels, holding the store's lock;
         ``base`` is the snapshot it read under that lock before removing them."""
         if ids:
             self._after_write(category, lambda scan: CategoryScan.of(
-                (e for e in scan.entries if e.id not in ids), scan.labelled, scan.staging), base, removed_labels=True)
+                (e for e in scan.entries if e.id not in ids), scan.labelled, scan.staging), base, reread_labels=True)
 
     def forget(self) -> None:
         """Read every category from disk next time."""
@@ -181,7 +188,7 @@ class StoreIndex:
             self._held.clear()
 
     def _after_write(self, category: str, change: Callable[[CategoryScan], CategoryScan], base: CategoryScan,
-                     removed_labels: bool) -> None:
+                     reread_labels: bool, items_changed: bool = True) -> None:
         ticket = next(self._tickets)
         with self._lock:
             held = self._held.get(category)
@@ -195,14 +202,14 @@ class StoreIndex:
             return  # nothing held: the next scan reads the directories
         folder = self.root / category
         # Under the store's lock nobody else moves items, so the directory's stat now is the
-        # stat of exactly ``base`` changed by this write. Labels move without the lock: read
-        # them again if this write removed some, else keep what was held (a label written
-        # meanwhile changed the directory's stat, which the held one no longer matches: the
-        # next scan reads it).
-        items_stat = _stat(folder / "items")
+        # stat of exactly ``base`` changed by this write, and labels are written under it too:
+        # read them again where this write changed some (a new set, so that a relabel's file is
+        # parsed again, :class:`LabelCache`), else keep what was held. Items this write did not
+        # move keep the stat ``base`` was read with: an operator's removal by hand meanwhile still shows.
+        items_stat = _stat(folder / "items") if items_changed else held.items_stat
         scan = change(base)
         labels_stat = held.labels_stat
-        if removed_labels:
+        if reread_labels:
             labels_stat = _stat(folder / "labels")
             scan = dataclasses.replace(scan, labelled=_labelled(folder / "labels"))
         self._keep(category, _Held(scan, items_stat, labels_stat, held.read_at, ticket))

@@ -261,11 +261,17 @@ class ReviewStore(ReviewReader):
         if len(data) > LABEL_RESERVE:
             raise ReviewError(f"the label is {len(data)} bytes; at most {LABEL_RESERVE} (shorten the note)")
         previous = self.get_label(category, item_id)
+        before = self.scan(category)  # what the index's snapshot of this write is built on
         path = self._label_path(category, item_id)
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, data, durable=True, temp=label_temp_name(item_id, secrets.token_hex(4)))
-        if not self._item_dir(category, item_id).is_dir():  # removed by hand meanwhile: take the label back
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-            raise ItemNotFound(f"review item {item_id} expired")
+        try:
+            write_atomic(path, data, durable=True, temp=label_temp_name(item_id, secrets.token_hex(4)))
+            if not self._item_dir(category, item_id).is_dir():  # removed by hand meanwhile: take the label back
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                raise ItemNotFound(f"review item {item_id} expired")
+        finally:
+            # Told, not left to the labels folder's stat: where timestamps are coarse it came
+            # out unchanged, and the item stayed pending (and a relabel uncounted) for 10 s.
+            self._index.labels_written(category, before)
         return record, previous

@@ -271,3 +271,29 @@ def test_a_reading_never_replaces_a_later_one(tmp_path: Path) -> None:
     newer = index._held["brick"]
     index._keep("brick", old)  # a slow reader's reading, from before the other process's write
     assert index._held["brick"] is newer and [e.id for e in index.scan("brick").entries] == [first, second]
+
+
+def test_own_labels_are_seen_at_once_where_timestamps_are_coarse(tmp_path: Path) -> None:
+    """A label this process writes is in its next answer however coarse the file system's
+    timestamps (1 s on ext3 and many NFS servers, a 4 ms tick on older kernels). The writer
+    kept the snapshot it held, the labels folder's stat came out as before, and for up to
+    MAX_AGE_S the item just labelled stayed pending (a second reviewer labelled it again) and
+    a relabel was not counted (the PUT's own stats, the gauges)."""
+    store = opened(tmp_path)
+    first, second = add(store, b"a"), add(store, b"b")
+    labels = tmp_path / "brick" / "labels"
+
+    def within_the_same_tick(write: Any) -> None:
+        before = os.stat(labels)
+        write()
+        os.utime(labels, ns=(before.st_atime_ns, before.st_mtime_ns))
+        after = os.stat(labels)
+        assert (after.st_ino, after.st_mtime_ns, after.st_nlink, after.st_size) == (
+            before.st_ino, before.st_mtime_ns, before.st_nlink, before.st_size)
+
+    store.label("brick", first, "ok", by="alice")
+    assert [e.id for e in store.scan("brick").pending] == [second] and len(store.labels("brick")) == 1
+    within_the_same_tick(lambda: store.label("brick", second, "ng", by="bob"))
+    assert store.scan("brick").pending == []
+    within_the_same_tick(lambda: store.label("brick", first, "ng", by="bob"))  # a relabel
+    assert [(lab.id, lab.label) for lab in store.labels("brick")] == [(first, "ng"), (second, "ng")]
