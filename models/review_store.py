@@ -252,6 +252,11 @@ class ReviewStore(ReviewReader):
     def _label(self, category: str, item_id: str, label: Label, by: str, defect_type: str | None,
                note: str | None) -> tuple[ReviewLabel, ReviewLabel | None]:
         item = self.item(category, item_id)
+        # Its image gone, item.json left (a prune killed mid-rmtree, a hand on the volume): nobody
+        # saw what they judged, and recalibrate and train leave such a label out; it was answered
+        # 200 and counted in the stats all the same.
+        if not self._kept_file(category, item_id, item.image.file).is_file():
+            raise ItemNotFound(f"review item {item_id} has no image file (removed): it cannot be labelled")
         record = ReviewLabel(id=item_id, category=category, label=label,
                              defect_type=defect_type if label == "ng" else None, note=note or None, by=by,
                              at=datetime.now(timezone.utc), model_version=item.model_version,

@@ -45,6 +45,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Pa
                                                       label_retention_s=10**9))
     ids = {name: _add(review, f"image {name}".encode(), i)
            for i, name in enumerate(("honest", "named", "linked", "heat"))}
+    for item_id in ids.values():  # labelled while honest: a label is refused to an item whose image is not its own
+        review.label(CATEGORY, item_id, "ng", by="alice", defect_type="crack")
     items = store_dir / ".review" / CATEGORY / "items"
     # item.json naming a file outside the folder (written by anyone who can write the volume)
     record = json.loads((items / ids["named"] / "item.json").read_text())
@@ -55,8 +57,6 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Pa
     (items / ids["linked"] / "image.png").symlink_to(root / "secret.txt")
     (items / ids["heat"] / "heatmap.png").unlink()
     (items / ids["heat"] / "heatmap.png").symlink_to(root / "secret.txt")
-    for item_id in ids.values():
-        review.label(CATEGORY, item_id, "ng", by="alice", defect_type="crack")
     server = start(store_dir, root / "server.log", engine="null", reviewer_api_keys={"alice": REVIEWER_KEY})
     try:
         yield server, root, ids

@@ -260,3 +260,15 @@ def test_a_multi_picture_jpeg_is_kept_as_a_jpeg(tmp_path: Path) -> None:
     image = s.item("brick", item_id).image
     assert (image.file, image.media_type, image.format) == ("image.jpg", "image/jpeg", "MPO")
     assert s.file("brick", item_id, "image") == (s.root / "brick" / "items" / item_id / "image.jpg", "image/jpeg")
+
+
+def test_an_item_whose_image_is_gone_takes_no_label(tmp_path: Path) -> None:
+    """item.json without its image (a prune killed mid-rmtree, a hand on the volume): the
+    operator saw no image, and recalibrate and train leave such a label out. It was answered
+    200 and counted in the stats (labelled, agreement, disagreements) all the same."""
+    s = store(tmp_path)
+    item_id = add(s, b"image")[1]
+    (s.root / "brick" / "items" / item_id / "image.png").unlink()
+    with pytest.raises(ItemNotFound, match="no image"):
+        s.label("brick", item_id, "ok", by="alice")
+    assert s.get_label("brick", item_id) is None and s.labels("brick") == []
