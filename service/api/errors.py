@@ -27,7 +27,7 @@ from service.pipeline.postprocess import NonFiniteOutput
 from service.pipeline.state import JobsUnavailable
 from service.pipeline.thresholds import BoundsInverted, ThresholdNotPersisted, ThresholdOutOfRange
 from service.redisq.connection import RedisUnavailable
-from service.redisq.jobs import BacklogFull, IdempotencyConflict
+from service.redisq.jobs import BacklogFull, IdempotencyConflict, IdempotentJobUnreadable
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,7 @@ _MAPPED: dict[type[Exception], tuple[int, str, bool]] = {
     EngineError: (500, "engine_error", False), RedisUnavailable: (503, "redis_unavailable", True),
     JobsUnavailable: (503, "redis_required", False), BacklogFull: (503, "job_backlog_full", True),
     IdempotencyConflict: (409, "idempotency_key_reused", False),
+    IdempotentJobUnreadable: (500, "job_record_unreadable", False),  # as its GET answers
     ThresholdNotPersisted: (500, "threshold_not_persisted", False),
 }
 

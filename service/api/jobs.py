@@ -59,6 +59,8 @@ async def _workers_alive(queue: JobQueue, record: JobRecord) -> int | None:
                                 "(other images, file names or options)",
                            413: "`image_too_large`, `request_too_large`, `too_many_files`, `too_many_pixels`",
                            415: "`unsupported_media_type`",
+                           500: "`job_record_unreadable`: the Idempotency-Key's job has a stored record this "
+                                "version cannot read (its request cannot be compared; use a new key)",
                            422: "`invalid_request` (query parameters), `undecodable_image` and the other refusals "
                                 "of an image's header",
                            503: "`redis_required` (no Redis configured: no Retry-After), " + _REDIS_DOWN +

@@ -46,4 +46,15 @@ class IdempotencyConflict(ValueError):
         self.job_id = job_id
 
 
-__all__ = ["INLINE_DIGEST_BYTES", "IdempotencyConflict", "job_id_for", "request_digest"]
+class IdempotentJobUnreadable(ValueError):
+    """The job an Idempotency-Key names has a stored record this version cannot read (another
+    version's, or damaged): whether it was this request cannot be told, and answering a fresh
+    "queued" record would name a job that was never queued."""
+
+    def __init__(self, job_id: str, reason: str) -> None:
+        super().__init__(f"the stored record of this Idempotency-Key's job {job_id} cannot be read ({reason}); "
+                         "use a new key for a new request")
+        self.job_id = job_id
+
+
+__all__ = ["INLINE_DIGEST_BYTES", "IdempotencyConflict", "IdempotentJobUnreadable", "job_id_for", "request_digest"]

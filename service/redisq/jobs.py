@@ -46,9 +46,10 @@ from redis.exceptions import ResponseError
 from service.config import Settings
 from service.redisq.connection import RedisConnection
 from service.redisq.consumers import IdleConsumers
-from service.redisq.idempotency import INLINE_DIGEST_BYTES, IdempotencyConflict, job_id_for, request_digest
+from service.redisq.idempotency import (INLINE_DIGEST_BYTES, IdempotencyConflict, IdempotentJobUnreadable,
+                                       job_id_for, request_digest)
 from service.schemas import ErrorBody, InspectOptions, Upload
-from service.redisq.records import FinalWrite, JobRecord, JobRecords, new_job_id, release_input_lua
+from service.redisq.records import FinalWrite, JobRecord, JobRecords, Unreadable, new_job_id, release_input_lua
 from service.redisq.store import utcnow
 from service.redisq.workers import WorkerHeartbeats
 
@@ -236,9 +237,12 @@ class JobQueue:
 
     async def _stored(self, job_id: str, digest: str | None) -> JobRecord | None:
         """The job an Idempotency-Key named, if its record is there; raises
-        :class:`IdempotencyConflict` when it was another request's."""
+        :class:`IdempotencyConflict` when it was another request's, and
+        :class:`IdempotentJobUnreadable` when its record cannot be read."""
         stored = await self.records.get(job_id)
-        if not isinstance(stored, JobRecord):
+        if isinstance(stored, Unreadable):
+            raise IdempotentJobUnreadable(job_id, stored.reason)
+        if stored is None:
             return None
         if stored.request_digest is not None and stored.request_digest != digest:
             raise IdempotencyConflict(job_id)

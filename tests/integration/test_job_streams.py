@@ -15,7 +15,7 @@ import redis
 from harness import RedisServer
 from service.config import Settings
 from service.redisq.connection import RedisConnection
-from service.redisq.jobs import GROUP, BacklogFull, IdempotencyConflict, JobQueue
+from service.redisq.jobs import GROUP, BacklogFull, IdempotencyConflict, IdempotentJobUnreadable, JobQueue
 from service.schemas import ErrorBody, InspectOptions, Upload
 
 PREFIX = "msflow-streams:"
@@ -253,6 +253,27 @@ def test_the_same_key_with_another_request_is_refused_not_answered_with_the_old_
             assert info.value.job_id == first.id
         await queue.conn.aclose()
         assert len(r.xrange(f"{PREFIX}jobs:brick")) == 1  # nothing queued by the refusals
+
+    asyncio.run(scenario())
+
+
+def test_a_key_whose_record_cannot_be_read_is_refused_not_answered_queued(private_redis: RedisServer) -> None:
+    """The key's stored record does not validate (written by another version, or damaged):
+    its request cannot be compared. Before, the resubmission (or another request with the
+    key) was answered with a fresh "queued" record that was never stored or queued, while
+    GET /v1/jobs/<id> said 500 job_record_unreadable."""
+    r = private_redis.client()
+
+    async def scenario() -> None:
+        queue = _queue(private_redis)
+        first = await queue.submit("brick", UPLOADS, InspectOptions(), None, idempotency_key="part-8")
+        r.set(f"{PREFIX}job:{first.id}", b'{"status": "paused"}', keepttl=True)
+        for uploads in (UPLOADS, [Upload(filename="b.png", data=UPLOADS[0].data)]):
+            with pytest.raises(IdempotentJobUnreadable, match="cannot be read") as info:
+                await queue.submit("brick", uploads, InspectOptions(), None, idempotency_key="part-8")
+            assert info.value.job_id == first.id
+        await queue.conn.aclose()
+        assert len(r.xrange(f"{PREFIX}jobs:brick")) == 1
 
     asyncio.run(scenario())
 
