@@ -124,10 +124,12 @@ def test_an_idempotency_key_belongs_to_the_client_that_sent_it(redis_apis: dict[
 
 
 def test_a_job_answers_only_the_client_that_submitted_it(redis_apis: dict[str, Server],
+                                                         workers: dict[str, WorkerProc],
                                                          good_images: list[Path]) -> None:
     """GET /v1/jobs/<id> with another API key is 404 job_not_found, as for a job that never
-    existed. Before, any valid key read any job whose id it had seen (an access log, a shared
-    ticket): its results, file names and heatmap links (200 for the other key)."""
+    existed, queued and done (the worker's record keeps its owner). Before, any valid key read
+    any job whose id it had seen (an access log, a shared ticket): its results, file names and
+    heatmap links (200 for the other key)."""
     with client_for(redis_apis["cached"]) as c:
         r = c.post(f"/v1/jobs/{CATEGORY}", files=[upload("mine.png", png_variant(good_images[4], "owner"))],
                    headers={"X-API-Key": REDIS_USER_KEY})
@@ -135,6 +137,9 @@ def test_a_job_answers_only_the_client_that_submitted_it(redis_apis: dict[str, S
         url = r.headers["location"]
         mine = c.get(url, headers={"Authorization": f"Bearer {REDIS_USER_KEY}"})  # the same key, either header
         assert mine.status_code == 200 and mine.json()["id"] == r.json()["id"]
+        assert_error(c.get(url, headers={"X-API-Key": REDIS_ADMIN_KEY}), 404, "job_not_found")
+        wait_until(lambda: c.get(url, headers={"X-API-Key": REDIS_USER_KEY}).json()["status"] == "done" or None, 30,
+                   "the job to be done")
         assert_error(c.get(url, headers={"X-API-Key": REDIS_ADMIN_KEY}), 404, "job_not_found")
 
 
