@@ -52,11 +52,13 @@ def _presented_key(request: Request) -> str | None:
     return None
 
 
-def client_scope(request: Request) -> str:
+def client_scope(request: Request, settings: Settings) -> str:
     """Whose request this is, for what one client's names must not reach another's (its job
-    Idempotency-Keys): a digest of the key presented, never the key; empty without one (an
-    open API has no clients to tell apart)."""
-    key = _presented_key(request)
+    Idempotency-Keys, its jobs): a digest of the key presented, never the key; empty on an open
+    API (no MSFLOW_API_KEYS), which has no clients to tell apart. There the key presented was
+    the client too: a gateway's Authorization token for another service, renewed every few
+    minutes, made a job's poll 404 and its Idempotency-Key queue it again under the next."""
+    key = _presented_key(request) if settings.api_keys else None
     return "" if key is None else hashlib.sha256(key.encode()).hexdigest()
 
 

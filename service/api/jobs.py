@@ -84,7 +84,7 @@ async def submit_job(request: Request, category: InspectCategoryDep, state: Stat
     options = InspectOptions(heatmap=heatmap, overlay=overlay, heatmap_size=heatmap_size)
     await state.check_uploads(category, uploads, options)
     submitted = await queue.enqueue(category, uploads, options, request.scope["state"]["request_id"], idempotency_key,
-                                    client=client_scope(request))
+                                    client=client_scope(request, s))
     record = submitted.record
     if submitted.queued:  # a resubmitted Idempotency-Key queued nothing: counted, it read as two jobs
         state.metrics.jobs.labels(category, "queued").inc()
@@ -107,7 +107,7 @@ async def get_job(job_id: str, request: Request, state: StateDep) -> JobStatus:
     # Another client's job is answered as one that never existed: before, any valid key read
     # any job whose id it had seen (an access log, a shared ticket), results and links included.
     # A record without an owner (an open API's, or one written before owners) answers anyone.
-    if isinstance(record, JobRecord) and record.client and record.client != client_scope(request):
+    if isinstance(record, JobRecord) and record.client and record.client != client_scope(request, state.settings):
         record = None
     if record is None:
         raise ApiError(404, "job_not_found", "no such job: it never existed, expired (MSFLOW_JOB_TTL_S), or "

@@ -143,6 +143,23 @@ def test_a_job_answers_only_the_client_that_submitted_it(redis_apis: dict[str, S
         assert_error(c.get(url, headers={"X-API-Key": REDIS_ADMIN_KEY}), 404, "job_not_found")
 
 
+def test_on_an_open_api_a_bearer_header_does_not_make_a_client(api: httpx.Client, good_images: list[Path]) -> None:
+    """Without MSFLOW_API_KEYS every request is the same client, whatever Authorization it
+    carries (a gateway's token for another service, renewed every few minutes): the job is
+    polled and its Idempotency-Key resubmitted under another token. The key presented was
+    the client even there: the poll was 404 and the resubmission queued a second job."""
+    image = png_variant(good_images[5], "open-bearer")
+    key = {"Idempotency-Key": f"open-{time.monotonic_ns()}"}
+    first = api.post(f"/v1/jobs/{CATEGORY}", files=[upload("o.png", image)],
+                     headers={**key, "Authorization": "Bearer gateway-token-1"})
+    assert first.status_code == 202, first.text
+    again = api.post(f"/v1/jobs/{CATEGORY}", files=[upload("o.png", image)],
+                     headers={**key, "Authorization": "Bearer gateway-token-2"})
+    assert again.status_code == 202 and again.json()["id"] == first.json()["id"], again.text
+    polled = api.get(first.headers["location"], headers={"X-API-Key": "something-else"})
+    assert polled.status_code == 200 and polled.json()["id"] == first.json()["id"], polled.text
+
+
 # ---------------------------------------------------------------------- the flow
 def test_jobs_end_to_end_with_two_workers(api: httpx.Client, workers: dict[str, WorkerProc],
                                           good_images: list[Path]) -> None:
