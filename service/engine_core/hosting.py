@@ -30,7 +30,7 @@ from service.ipc.slab import Slab
 from service.metrics import ServiceMetrics
 from service.pipeline.batch_queue import Batched, BatcherClosed, DeadlineExceeded, QueueFull
 from service.pipeline.batcher import Batcher, engine_runner
-from service.pipeline.engine_images import warmup_slots
+from service.pipeline.engine_slabs import warmup_slots
 from service.pipeline.loaded_model import EngineFactory, warm_engine
 
 log = logging.getLogger(__name__)
