@@ -41,7 +41,9 @@ alone took the changes) does a replica fall back to what it last knew. A Redis r
 was in flight during a change never overwrites it (a per-key generation counter).
 
 A threshold far outside what the calibration saw (:func:`sane_range`) is refused unless the
-request says ``force``: ``1e30`` would pass every defect. Recent images widen that range only
+request says ``force``: ``1e30`` would pass every defect. Only a bound the change moves is
+checked (one left at its calibrated or current value is none: a forced one refused every later
+change of the other, naming a value the operator never sent). Recent images widen that range only
 as far as :data:`RANGE_SUPPORT` of them reach: one junk frame (a black image scored 513 on
 brick, whose calibration spans 2.2..3.0) made a threshold of 400, which passes every real
 defect, look sane.
@@ -116,11 +118,11 @@ def sane_range(calibration: Calibration, seen: Sequence[float] = ()) -> tuple[fl
 class ThresholdOutOfRange(ValueError):
     """A threshold outside :func:`sane_range` without ``force``."""
 
-    def __init__(self, threshold: float, low: float, high: float) -> None:
-        super().__init__(f"threshold {threshold:.6g} is outside {low:.6g}..{high:.6g} (the scores of the "
+    def __init__(self, threshold: float, low: float, high: float, field: str = "threshold") -> None:
+        super().__init__(f"{field} {threshold:.6g} is outside {low:.6g}..{high:.6g} (the scores of the "
                          f"calibration and where at least {RANGE_SUPPORT} recent images scored, widened); send "
                          "\"force\": true to set it anyway")
-        self.details = {"threshold": threshold, "sane_min": low, "sane_max": high}
+        self.details = {"threshold": threshold, "field": field, "sane_min": low, "sane_max": high}
 
 
 class BoundsInverted(ValueError):
@@ -191,10 +193,15 @@ class ThresholdOverrides:
         if ng_threshold is not None and ng_threshold < threshold:
             raise BoundsInverted(threshold, ng_threshold)
         if calibration is not None and not force:
+            # Only what moves: a bound left at its calibrated or current value is no change (the
+            # API carries the bound a body leaves out; a forced one failed every later change).
             low, high = sane_range(calibration, seen)
-            for value in (threshold, ng_threshold):
-                if value is not None and not low <= value <= high:
-                    raise ThresholdOutOfRange(value, low, high)
+            now = self.get(category, version)
+            for field, value, standing in (
+                    ("threshold", threshold, (calibration.threshold, now and now.threshold)),
+                    ("ng_threshold", ng_threshold, (calibration.ng_bound, now and now.ng_threshold))):
+                if value is not None and value not in standing and not low <= value <= high:
+                    raise ThresholdOutOfRange(value, low, high, field)
         self._bump((category, version))
         override = ThresholdOverride(threshold=float(threshold), version=version,
                                      ng_threshold=None if ng_threshold is None else float(ng_threshold),

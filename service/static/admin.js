@@ -252,7 +252,7 @@
       if (e.code === "threshold_out_of_range" && method === "PUT") {
         admin.outOfRange = { category, json };
         $("#threshold-force").hidden = false;
-        showError(outOfRange(e, json));
+        showError(outOfRange(e));
         return;
       }
       showError(e);
@@ -261,9 +261,9 @@
 
   // The API's refusal says 'send "force": true', a body field the operator never sees: said
   // here in the console's terms, with the range and what a bound beyond it does.
-  function outOfRange(e, json) {
+  function outOfRange(e) {
     const d = e.details || {};
-    const which = json && d.threshold === json.ng_threshold && d.threshold !== json.threshold ? "NG bound" : "Threshold";
+    const which = d.field === "ng_threshold" ? "NG bound" : "Threshold"; // the bound the server refused
     const range = Number.isFinite(d.sane_min) && Number.isFinite(d.sane_max)
       ? `${fmt(d.sane_min, 6)} \u2013 ${fmt(d.sane_max, 6)}` : "the range the scores support";
     return `${which} ${fmt(d.threshold, 6)} lies outside ${range}, the scores of the calibration and of the recent ` +

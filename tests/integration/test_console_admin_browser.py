@@ -115,8 +115,18 @@ def test_the_ng_bound_is_set_forced_and_reset_from_the_admin_page(console: Conso
         page.wait_for_selector(f"#admin-status[data-ng='{far!r}']")
         assert threshold_state(server)["ng_threshold"] == pytest.approx(far)
         console.screenshot("ng")
+        # the ok bound moves within the range, the forced NG bound kept: that kept bound was
+        # checked again and the page asked to force "Threshold <far>", a value nobody typed
+        moved = before["threshold"] + 0.01 * span
+        page.fill("#threshold-input", repr(moved))
+        page.click("#threshold-apply")
+        page.wait_for_selector(f"#admin-status[data-threshold='{moved!r}']")
+        assert page.is_hidden("#threshold-force")
+        assert threshold_state(server)["ng_threshold"] == pytest.approx(far)
         page.click("#ng-reset")
         page.wait_for_selector("#admin-ng:has-text('(calibrated)')")
+        page.click("#threshold-reset")
+        page.wait_for_selector(f"#admin-status[data-threshold='{before['threshold']!r}']")
     state = threshold_state(server)
     assert state["override"] is None and state["ng_threshold"] == state["calibrated_ng_threshold"]
 

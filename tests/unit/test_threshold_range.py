@@ -44,3 +44,27 @@ def test_a_put_past_a_single_outlier_is_refused(tmp_path: Path) -> None:
         asyncio.run(overrides.set("brick", "1", 400.0, calibration=BRICK, seen=[*NORMALS, 513.29]))
     assert refused.value.details["sane_max"] < 400
     assert not (tmp_path / "brick" / "1").exists()  # nothing written
+
+
+def test_only_the_bounds_a_change_moves_are_held_to_the_range(tmp_path: Path) -> None:
+    """A bound forced beyond the range stays where it is while the other one moves: the API
+    carries the bound a body leaves out into the change, and that kept value was checked again,
+    so with the NG bound forced to 100 (never NG without a person) a PUT of threshold 2.55 was
+    refused 'threshold 100 is outside ...', naming a value the operator never sent, and the
+    console's reset of the NG bound was refused over the ok bound it re-sends."""
+    overrides = ThresholdOverrides(Settings(model_store=tmp_path), None)
+    (tmp_path / "brick" / "1").mkdir(parents=True)
+
+    async def scenario() -> None:
+        await overrides.set("brick", "1", 2.63, calibration=BRICK, ng_threshold=100.0, force=True)
+        moved, _ = await overrides.set("brick", "1", 2.55, calibration=BRICK, ng_threshold=100.0)  # ng kept
+        assert (moved.threshold, moved.ng_threshold) == (2.55, 100.0)
+        await overrides.set("brick", "1", 1.0, calibration=BRICK, force=True)
+        back, _ = await overrides.set("brick", "1", 1.0, calibration=BRICK, ng_threshold=BRICK.ng_bound)
+        assert (back.threshold, back.ng_threshold) == (1.0, BRICK.ng_bound)
+        with pytest.raises(ThresholdOutOfRange) as refused:  # a new value is still checked, and named
+            await overrides.set("brick", "1", 1.0, calibration=BRICK, ng_threshold=100.0)
+        assert refused.value.details["field"] == "ng_threshold"
+        assert str(refused.value).startswith("ng_threshold 100 is outside")
+
+    asyncio.run(scenario())
