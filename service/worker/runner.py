@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import ExitStack
+from functools import partial
+from typing import TypeVar
 
 from service.config import Settings
 from service.metrics import ServiceMetrics
@@ -26,6 +28,8 @@ from service.worker.inputs import InputBudget
 from service.worker.job import JobInHand, run_job
 
 log = logging.getLogger("service.worker")
+
+_T = TypeVar("_T")
 
 # Reruns in hand of a job whose outputs (heatmap links) Redis could not store, each once Redis
 # answers again, before the attempt is charged: a Redis restart is not the job's fault, but a
@@ -122,7 +126,7 @@ class JobRunner:
                     job.holding = True
                 running.append(asyncio.create_task(self._fetch_and_run(category, lane, group, held)))
                 if any(task.done() and not task.cancelled() and task.exception() for task in running):
-                    break  # Redis failed: the rest stay pending, redelivered like the failed ones
+                    break  # Redis failed (as the worker stopped): the rest stay pending, redelivered like those
         finally:
             outcomes = await asyncio.gather(*running, return_exceptions=True)
         for outcome in outcomes:
@@ -146,7 +150,7 @@ class JobRunner:
 
             await asyncio.gather(*(run_one(job) for job in await self._fetch(category, group, held)))
         finally:
-            for job in group:  # Redis failed before these ran: they stay pending
+            for job in group:  # the worker stopped while Redis refused their fetch: they stay pending
                 self._drop_inputs(job)
 
     async def _fetch(self, category: str, group: list[JobInHand], held: set[str] | None = None) -> list[JobInHand]:
@@ -155,7 +159,8 @@ class JobRunner:
         jobs = []
         for job in group:
             job.record = job.record.model_copy(update={"updated_at": utcnow()})
-            if await self.queue.records.write(job.record):
+            if await self._until_redis_takes(f"job {job.record.id}: marking it running",
+                                             partial(self.queue.records.write, job.record)):
                 jobs.append(job)
             else:
                 await self.queue.ack(job.delivery)
@@ -164,7 +169,9 @@ class JobRunner:
                     held.discard(job.delivery.stream_id)
         if not jobs:
             return []
-        for job, data in zip(jobs, await self.queue.records.images([job.record.id for job in jobs])):
+        fetched = await self._until_redis_takes(f"{len(jobs)} {category} job(s): fetching their images",
+                                                partial(self.queue.records.images, [job.record.id for job in jobs]))
+        for job, data in zip(jobs, fetched):
             job.data, job.started = data, time.monotonic()
             actual = sum(len(image) for image in data)
             if job.holding:
@@ -182,6 +189,23 @@ class JobRunner:
         if job.holding:
             job.holding = False
             self.inputs.give(job.size)
+
+    async def _until_redis_takes(self, what: str, call: Callable[[], Awaitable[_T]]) -> _T:
+        """``await call()``, retried every second while Redis refuses it, until the worker stops
+        (then the last failure is raised: the job stays pending and is redelivered). For the
+        calls of a job in hand, kept alive meanwhile: given back to the stream instead, each
+        claim of it charged a delivery, and a Redis that hands out jobs but refuses writes (a
+        noeviction Redis past maxmemory: XREADGROUP and XAUTOCLAIM go on) dead-lettered jobs
+        that never ran as worker_lost after a few claim periods."""
+        while True:
+            try:
+                return await call()
+            except RedisUnavailable as exc:
+                self._failed()
+                if self.stop.is_set():
+                    raise
+                log.warning("%s: Redis refused it (%s); retrying in 1 s", what, exc)
+                await self._sleep(1.0)
 
     async def _redis_back(self, job: JobInHand) -> bool:
         """After a second, wait until Redis answers again (a restart, a failover): the job whose
@@ -210,18 +234,10 @@ class JobRunner:
         or failover of Redis must not cost a rerun (nor, repeated, the job's attempts). Once
         the worker stops, one last try; then the job stays pending and is redelivered."""
         try:
-            while True:
-                try:
-                    await self._record_outcome(category, job)
-                    return
-                except RedisUnavailable as exc:
-                    self._failed()
-                    if self.stop.is_set():
-                        log.warning("job %s: cannot record its outcome (%s); it will be redelivered", job.record.id,
-                                    exc)
-                        return
-                    log.warning("job %s: cannot record its outcome yet (%s); retrying in 1 s", job.record.id, exc)
-                    await self._sleep(1.0)
+            await self._until_redis_takes(f"job {job.record.id}: recording its outcome",
+                                          partial(self._record_outcome, category, job))
+        except RedisUnavailable as exc:
+            log.warning("job %s: cannot record its outcome (%s); it will be redelivered", job.record.id, exc)
         finally:
             if held is not None:
                 held.discard(job.delivery.stream_id)

@@ -16,6 +16,9 @@ worker (in-process, the real engine of the trained test model):
   makes no claim after it answers again until every live holder's next keep-alive has come
   (``claim_hold_off_s``: a keep-alive period plus a timed-out call, 7.9 s here).
 * The input budget as a gauge (``msflow_worker_input_bytes``).
+* Redis full (noeviction past maxmemory) after a worker read a job. Before: its "running"
+  write refused, the job went back pending, each claim charged it a delivery, and it was
+  dead-lettered ``worker_lost`` without ever running. Now it waits in hand until Redis takes it.
 """
 
 from __future__ import annotations
@@ -290,3 +293,50 @@ def test_a_redis_outage_longer_than_the_claim_idle_time_does_not_hand_a_live_wor
     pending, done = asyncio.run(main())
     assert [(p["consumer"], p["times_delivered"]) for p in pending] == [(b"holder", 1)], pending
     assert not done  # the claimer never ran the holder's job
+
+
+def test_a_job_read_while_redis_is_full_waits_in_hand_and_runs_once_it_has_room(
+        store: Path, private_redis: RedisServer, good_images: list[Path]) -> None:  # noqa: F811
+    """Redis fills up (maxmemory, noeviction) right after a worker read a job: the job's
+    "running" write is refused, while reads and claims (XREADGROUP, XAUTOCLAIM are not refused)
+    go on. Before: the job went back pending and each claim charged it a delivery, so a Redis
+    full for a few claim periods dead-lettered it as worker_lost ("the job ran 2 times") though
+    it never ran. Now the worker keeps it in hand, retrying the write, and runs it once Redis has
+    room: done at its first delivery."""
+    settings = settings_for(store, private_redis, job_max_attempts=2)
+    client = private_redis.client()
+
+    async def main() -> tuple[Any, int, list[Any]]:
+        worker = Worker(settings, name="full")
+        api_conn = RedisConnection(settings)
+        api = JobQueue(settings, api_conn)
+        real_read = worker.following.read
+        filled: list[bool] = []
+
+        async def read_then_fill(count: int, block_s: float) -> list[Any]:
+            deliveries = await real_read(count, block_s)
+            if deliveries and not filled:
+                filled.append(True)
+                used = int(client.info("memory")["used_memory"])
+                client.config_set("maxmemory-policy", "noeviction")
+                client.config_set("maxmemory", str(used // 2))
+                threading.Timer(2.5, client.config_set, ("maxmemory", "0")).start()
+            return deliveries
+
+        worker.following.read = read_then_fill  # type: ignore[method-assign]
+
+        async def submit() -> str:
+            upload = Upload(good_images[5].name, good_images[5].read_bytes())
+            return (await api.submit(CATEGORY, [upload], NO_HEATMAP, None)).id
+
+        try:
+            record = await _run_worker_until_final(worker, api, submit, lambda real_run: real_run, 30)
+            letters = await api_conn.client.xlen(api.dead_letter_stream)
+            pending = await pending_of(api_conn, api)
+        finally:
+            await api_conn.aclose()
+        return record, letters, pending
+
+    record, letters, pending = asyncio.run(main())
+    assert record.status == "done", record.error
+    assert record.attempts == 1 and letters == 0 and pending == []
