@@ -193,7 +193,8 @@ class Settings(BaseSettings):
     redis_max_connections: int = Field(64, ge=1, le=10_000, description="Redis connections per client and process; "
                                        "a call waits up to redis_socket_timeout_s for one, then 503 (a busy "
                                        "pool is not an outage: the breaker stays closed)")
-    heatmap_ttl_s: float = Field(600.0, gt=0.0, description="lifetime of a heatmap=url link")
+    heatmap_ttl_s: float = Field(600.0, gt=0.0, description="lifetime of a heatmap=url link (a job's lives "
+                                 "job_ttl_s, as long as its record)")
     heatmap_max_bytes: int = Field(256 * MiB, ge=1, description="bytes of heatmap=url PNGs in Redis (every "
                                    "replica's together); a new link past it evicts those expiring soonest; at least "
                                    "4 x max_heatmap_pixels + 64 KiB, the largest PNG a heatmap can be")

@@ -60,13 +60,14 @@ class PipelineRuntime:
     ``redis``: the connection links and threshold overrides use (None: this host only).
     ``memory_links``: keep ``heatmap=url`` PNGs in this process too (the API, which serves
     them); the worker passes False, since it serves nothing: its links must be in Redis.
+    ``link_ttl_s``: how long a link lives (None: ``heatmap_ttl_s``; the worker's: ``job_ttl_s``).
     ``engine_link``: a front end of a multi-process server runs its engines and forms its
     batches in the engine process (:mod:`service.pipeline.engine_client`), not here.
     """
 
     def __init__(self, settings: Settings, redis: RedisConnection | None, *, metrics: ServiceMetrics | None = None,
-                 memory_links: bool = True, engine_factory: EngineFactory = load_engine,
-                 engine_link: EngineClient | None = None) -> None:
+                 memory_links: bool = True, link_ttl_s: float | None = None,
+                 engine_factory: EngineFactory = load_engine, engine_link: EngineClient | None = None) -> None:
         self.settings = settings
         self.metrics = metrics or ServiceMetrics()
         self.redis = redis
@@ -87,7 +88,7 @@ class PipelineRuntime:
         self.closing = False
         self.lanes = Lanes(settings, self.metrics, engine_link)
         self._pool: Offload | None = None
-        self.links = HeatmapLinks(settings, redis, memory=memory_links, metrics=self.metrics)
+        self.links = HeatmapLinks(settings, redis, memory=memory_links, metrics=self.metrics, ttl_s=link_ttl_s)
         # Runtime threshold overrides (thresholds.py): the same effective thresholds on every
         # replica and worker, since they live in Redis (and beside the store's manifests).
         self.thresholds = ThresholdOverrides(settings, redis)

@@ -194,13 +194,16 @@ class HeatmapLinks:
     not by other replicas, and lost on restart. A front end of a multi-process server
     (``heatmap_links_dir`` set) keeps it in :class:`FolderLinks` instead, so that each front
     end of the server serves it. The worker passes ``memory=False``: its links must be in
-    Redis, or the job attempt fails and is retried.
+    Redis, or the job attempt fails and is retried; and ``ttl_s=job_ttl_s``: a job's result is
+    read for as long as its record lives, often hours later, and a link that expired with a
+    synchronous answer's ``heatmap_ttl_s`` (10 minutes) left a day-old result with dead links.
+    The byte budget still bounds them all (a new link evicts those expiring soonest).
     """
 
     def __init__(self, settings: Settings, conn: RedisConnection | None, memory: bool = True,
-                 metrics: ServiceMetrics | None = None) -> None:
+                 metrics: ServiceMetrics | None = None, ttl_s: float | None = None) -> None:
         self.conn = conn
-        self.ttl_s = settings.heatmap_ttl_s
+        self.ttl_s = settings.heatmap_ttl_s if ttl_s is None else ttl_s  # the worker's: a job record's life
         self.metrics = metrics
         self.shared: FolderLinks | None = None
         self.memory: MemoryLinks | None = None

@@ -34,7 +34,8 @@ class Worker:
         self.metrics = ServiceMetrics()
         client = make_client(settings, socket_timeout=socket_timeout_s(settings))  # no breaker: a worker waits
         self.conn = RedisConnection(settings, self.metrics, client=client, breaker_s=0.0)
-        self.runtime = PipelineRuntime(settings, self.conn, metrics=self.metrics, memory_links=False)
+        self.runtime = PipelineRuntime(settings, self.conn, metrics=self.metrics, memory_links=False,
+                                       link_ttl_s=settings.job_ttl_s)
         self.queue = JobQueue(settings, self.conn)
         self.metrics.worker_input_bytes.labels("budget").set(settings.worker_max_input_bytes)
         self.inputs = InputBudget(settings.worker_max_input_bytes,  # all categories' jobs together

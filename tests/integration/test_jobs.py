@@ -20,6 +20,8 @@ import httpx
 import pytest
 from PIL import Image
 
+from service.config import Settings
+
 from harness import (REDIS_ADMIN_KEY, REDIS_USER_KEY, assert_error, CATEGORY, PREFIX, RedisServer, Server, WorkerProc, client_for,
                      free_port, metric,
                      png_of, png_variant, upload, wait_until)
@@ -184,6 +186,10 @@ def test_jobs_end_to_end_with_two_workers(api: httpx.Client, workers: dict[str, 
     heat = done[linked]["result"]["results"][0]["heatmap"]
     png = api.get(heat["url"])  # written by the worker, served by the API
     assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    # A job's link lives as long as the job's record (MSFLOW_JOB_TTL_S from its end), not the
+    # MSFLOW_HEATMAP_TTL_S of a synchronous answer's: a result read the next day had dead links.
+    record_ends = datetime.fromisoformat(done[linked]["updated_at"]).timestamp() + Settings.model_fields["job_ttl_s"].default
+    assert datetime.fromisoformat(heat["expires_at"]).timestamp() >= record_ends - 60, (heat, done[linked])
     assert all(done[j]["result"]["results"][0]["heatmap"] is None for j in bare)
     assert all(d["attempts"] == 1 and d["error"] is None for d in done.values())
     assert_error(api.get("/v1/jobs/" + "n" * 24), 404, "job_not_found")
