@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 
@@ -120,6 +121,28 @@ def _refuse_formless(request: Request) -> None:
                    "(a cross-site form can send none of them)")
 
 
+def _loopback_name(host: str) -> bool:
+    """``host`` (a Host header: name or address, maybe a port) names this machine's loopback."""
+    name = host.rsplit("]", 1)[0].lstrip("[") if host.startswith("[") else host.rsplit(":", 1)[0]
+    name = name.rstrip(".").lower()
+    if name == "localhost" or name.endswith(".localhost"):  # browsers resolve these to loopback themselves
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def _refuse_rebound(request: Request) -> None:
+    """Routes the development switch opens answer loopback names only. A site whose name its
+    DNS turns to 127.0.0.1 (DNS rebinding) is, to the browser, its own origin: same-origin, any
+    header, a JSON body; only the Host header still says it is not this machine."""
+    host = request.headers.get("host")
+    if host is not None and not _loopback_name(host):
+        raise ApiError(403, "host_refused", "routes opened by MSFLOW_DEV_OPEN_ADMIN answer loopback names only "
+                       "(localhost, 127.0.0.1, [::1]): configure keys to reach them by another name")
+
+
 def access_summary(s: Settings) -> str:
     """Who may use what, for the start-up log line: the inspection routes are open without
     inspection keys even where admin or reviewer keys are set, which "open API, no keys
@@ -143,6 +166,7 @@ async def require_admin_key(request: Request, state: StateDep) -> None:
         _refuse_formless(request)
     if not s.admin_api_keys:
         if s.dev_open_admin and not s.api_keys:
+            _refuse_rebound(request)
             return
         raise ApiError(403, "admin_disabled", "admin routes are closed: no admin key is configured (set "
                        "MSFLOW_ADMIN_API_KEYS; on a development machine MSFLOW_DEV_OPEN_ADMIN=true opens them)")
@@ -168,6 +192,7 @@ async def require_reviewer_key(request: Request, state: StateDep) -> str:
         _refuse_formless(request)
     if not s.reviewer_api_keys and not s.admin_api_keys:
         if s.dev_open_admin and not s.api_keys:
+            _refuse_rebound(request)
             return "dev-open"
         raise ApiError(403, "review_disabled", "the review queue is closed: no reviewer or admin key is configured "
                        "(set MSFLOW_REVIEWER_API_KEYS=name=key,...; on a development machine MSFLOW_DEV_OPEN_ADMIN)")

@@ -53,7 +53,8 @@ _PAGE_HEADERS = {"Content-Security-Policy": CONTENT_SECURITY_POLICY, "Cache-Cont
 STATIC_SUFFIXES = (".js", ".css")
 _NOT_LOADED = "`model_not_loaded` (still loading, or failed to load; Retry-After)"
 _READ_ERRORS = errors({401: UNAUTHORIZED, 404: "`unknown_category`", 503: _NOT_LOADED})
-_ADMIN = "`cross_site_refused`, `admin_disabled`, `forbidden` (a valid key that is not an admin key)"
+_ADMIN = ("`cross_site_refused`, `admin_disabled`, `forbidden` (a valid key that is not an admin key), "
+          "`host_refused` (opened by MSFLOW_DEV_OPEN_ADMIN: a Host that is not loopback)")
 _VERSION_CHANGED = "`version_changed` (`version` is not the version served; nothing changed)"
 _THRESHOLD_WRITE = ("`redis_unavailable` (Redis configured but down: nothing changed; Retry-After), " + _NOT_LOADED)
 
@@ -176,7 +177,8 @@ async def delete_threshold(category: CategoryDep, state: StateDep, version: str 
 
 
 @router.get("/v1/models/{category}/recent", response_model=RecentScores, dependencies=[Admin], responses={
-    **ok(), **errors({401: UNAUTHORIZED, 403: "`admin_disabled`, `forbidden` (a valid key that is not an admin key)",
+    **ok(), **errors({401: UNAUTHORIZED,
+                      403: "`admin_disabled`, `forbidden` (a valid key that is not an admin key), `host_refused`",
                       404: "`unknown_category`", 422: "`invalid_request` (`threshold`, `limit`)", 503: _NOT_LOADED})})
 async def recent_scores(category: CategoryDep, state: StateDep,
                         threshold: Annotated[float | None, Query(allow_inf_nan=False)] = None,

@@ -38,7 +38,8 @@ async def get_model(category: CategoryDep, state: StateDep) -> ModelInfo:
 
 @router.post("/v1/models/{category}/reload", response_model=ModelInfo, dependencies=[Admin], responses={
     **ok(), **errors({401: UNAUTHORIZED,
-                      403: "`cross_site_refused`, `admin_disabled`, `forbidden` (a valid key that is not an admin key)",
+                      403: "`cross_site_refused`, `admin_disabled`, `forbidden` (a valid key that is not an admin "
+                           "key), `host_refused`",
                       404: "`unknown_category`, `version_not_found`",
                       422: "`invalid_request` (`version` over 64 characters), `reload_failed` (the version cannot "
                            "be served; the previous one keeps serving)",

@@ -58,7 +58,8 @@ async def _category(category: str, state: StateDep) -> str:
 
 Category = Annotated[str, Depends(_category)]
 
-_FORBIDDEN = "`review_disabled`, `forbidden` (a valid key that is neither a reviewer's nor an admin's)"
+_FORBIDDEN = ("`review_disabled`, `forbidden` (a valid key that is neither a reviewer's nor an admin's), "
+              "`host_refused` (opened by MSFLOW_DEV_OPEN_ADMIN: a Host that is not loopback)")
 _STORE_DOWN = "`review_store_unavailable`"
 
 

@@ -119,6 +119,25 @@ def test_the_development_switch_opens_admin_but_not_to_other_sites(dev_server: S
     assert r.status_code == 200, r.text
 
 
+def test_the_development_switch_answers_only_loopback_names(dev_server: Server) -> None:
+    """DNS rebinding: another site's name made to resolve to 127.0.0.1 is, to the browser, that
+    site's own origin (Sec-Fetch-Site: same-origin, any header, a JSON body), so its page
+    reached the admin and review routes the switch opens, keyless: a threshold moved to 1e30
+    (200 before). Where the switch opens them the Host must be a loopback name or address."""
+    url, port = dev_server.url, dev_server.port
+    rebound = {"Host": f"rebound.example:{port}", "Origin": f"http://rebound.example:{port}",
+               "Sec-Fetch-Site": "same-origin", "X-Requested-With": "x"}
+    for r in (httpx.put(url + THRESHOLD, json={"threshold": 1e30, "force": True}, headers=rebound),
+              httpx.get(url + f"/v1/models/{CATEGORY}/recent", headers=rebound),
+              httpx.get(url + f"/v1/review/{CATEGORY}/items", headers=rebound),
+              httpx.put(url + f"/v1/review/{CATEGORY}/items/x/label", json={"label": "ok"}, headers=rebound)):
+        assert_error(r, 403, "host_refused")
+    assert httpx.get(url + THRESHOLD).json()["override"] is None  # nothing changed
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", "[::1]", "app.localhost"):
+        r = httpx.get(url + f"/v1/models/{CATEGORY}/recent", headers={"Host": host})
+        assert r.status_code == 200, (host, r.text)
+
+
 def test_jobs_refuse_cross_site_browsers(open_server: Server, demo_root: Path) -> None:
     image = next((demo_root / CATEGORY / "test" / "good").glob("*.png"))
     r = httpx.post(open_server.url + f"/v1/jobs/{CATEGORY}", headers={"Sec-Fetch-Site": "cross-site"},
