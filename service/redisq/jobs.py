@@ -103,17 +103,20 @@ redis.call('HINCRBY', KEYS[5], '#total', size)
 return 1
 """
 
-# KEYS: seen marker, dead-letter stream, job stream. ARGV: ttl ms, group, stream id, dlq max, fields...
-# The marker (per stream entry) makes a retried run a no-op; the XACK/XDEL are idempotent anyway.
+# KEYS: dead-letter stream, job stream. ARGV: group, stream id, dlq max, fields...
+# The job's entry still in its stream tells the first run: a retried run (or a second worker's,
+# which claimed the job from a stalled one) finds it dropped and adds nothing; the XACK/XDEL are
+# idempotent anyway. A marker key per entry did that before, kept job_ttl_s and counted by no
+# budget: ~120 bytes of Redis a dead-lettered job for a day, at a client's submission rate.
 _DEAD_LETTER = """
-local first = redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1])
+local first = #redis.call('XRANGE', KEYS[2], ARGV[2], ARGV[2]) > 0
 if first then
   local fields = {}
-  for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', unpack(fields))
+  for i = 4, #ARGV do fields[#fields + 1] = ARGV[i] end
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', unpack(fields))
 end
-redis.call('XACK', KEYS[3], ARGV[2], ARGV[3])
-redis.call('XDEL', KEYS[3], ARGV[3])
+redis.call('XACK', KEYS[2], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[2], ARGV[2])
 if first then return 1 end
 return 0
 """
@@ -375,9 +378,8 @@ class JobQueue:
                   "error_message": error.message, "worker": worker, "failed_at": utcnow().isoformat()}
 
         stream = self.stream(delivery.message.category)
-        keys = [self.conn.key("jobs:dead-lettered", delivery.message.category, delivery.stream_id),
-                self.dead_letter_stream, stream]
-        args = [self.records.ttl_ms, GROUP, delivery.stream_id, self.settings.dead_letter_max,
+        keys = [self.dead_letter_stream, stream]
+        args = [GROUP, delivery.stream_id, self.settings.dead_letter_max,
                 *(x for kv in fields.items() for x in kv)]
 
         async def bury(r: aioredis.Redis) -> list[Any]:

@@ -214,6 +214,34 @@ def test_the_dead_letter_stream_is_bounded(private_redis: RedisServer) -> None:
     assert 10 <= r.xlen(f"{PREFIX}jobs:dead-letter") <= 110  # 300 were dead-lettered
 
 
+def test_dead_lettered_jobs_leave_nothing_behind_outside_the_budgets(private_redis: RedisServer) -> None:
+    """Each dead-lettering left a marker key (its run seen, so that a retried call adds no
+    second entry) for job_ttl_s: outside every budget, ~120 bytes of Redis per dead-lettered
+    job for a day (6,000 dead-lettered: 6,000 markers, 0.7 MB, while their failed records kept
+    within MSFLOW_JOB_MAX_RESULTS_BYTES and the stream within MSFLOW_DEAD_LETTER_MAX), so a
+    client sending undecodable images filled Redis at its submission rate. Now a retried call
+    knows its earlier run by the entry it dropped from the job stream."""
+    r = private_redis.client()
+
+    async def scenario() -> None:
+        queue = _queue(private_redis, dead_letter_max=1000, job_max_results_bytes=20_000)
+        await queue.ensure_groups(["brick"])
+        error = ErrorBody(code="undecodable_image", message="cannot decode a.png")
+        for _ in range(200):
+            await queue.submit("brick", UPLOADS, InspectOptions(), None)
+        for d in await queue.read(["brick"], "w1", 200, 0.5):
+            record = await queue.records.get(d.job_id)
+            for _ in range(2):  # as a retry after a lost reply would
+                await queue.dead_letter(d, record, error, "w1")  # type: ignore[arg-type]
+        await queue.conn.aclose()
+
+    asyncio.run(scenario())
+    assert r.xlen(f"{PREFIX}jobs:dead-letter") == 200  # each once
+    assert r.xlen(f"{PREFIX}jobs:brick") == 0
+    # Left: the failed records the results budget holds (about 40) and a few index keys.
+    assert r.dbsize() < 100, r.dbsize()
+
+
 def test_the_same_idempotency_key_is_the_same_job(private_redis: RedisServer) -> None:
     """A client that never got its answer resubmits with the same Idempotency-Key: one job."""
     r = private_redis.client()
