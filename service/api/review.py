@@ -28,7 +28,7 @@ from fastapi.responses import FileResponse, StreamingResponse
 from models.manifest import CATEGORY_PATTERN, Verdict
 from models.review_records import ReviewItem
 from models.review_export import export_zip
-from models.review_store import ItemNotFound, ReviewStore
+from models.review_store import IMAGE_TYPES, ItemNotFound, ReviewStore
 from service.api.auth import KeyFirstRoute, Reviewer, require_reviewer_key
 from service.api.deps import StateDep, unknown_category
 from service.api.errors import ApiError
@@ -114,7 +114,10 @@ async def get_item(category: Category, item_id: str, state: StateDep, who: Revie
             responses={**ok("The image as uploaded", content={"image/*": _BINARY}), **_errors(s404=_ITEM_NOT_FOUND)})
 async def get_image(category: Category, item_id: str, state: StateDep, who: Reviewer) -> FileResponse:
     path, media_type = await _io(state, state.review.store.file, category, item_id, "image")
-    return FileResponse(path, media_type=media_type, headers=_FILE_HEADERS)
+    # item.json is on the shared volume: a type the store never writes (text/html) would have made
+    # the file a page of the console's origin, able to read the key the console keeps.
+    served = media_type if media_type in _IMAGE_MEDIA_TYPES else "application/octet-stream"
+    return FileResponse(path, media_type=served, headers=_FILE_HEADERS)
 
 
 @router.get("/v1/review/{category}/items/{item_id}/heatmap.png", response_class=FileResponse,
@@ -125,6 +128,7 @@ async def get_heatmap(category: Category, item_id: str, state: StateDep, who: Re
 
 
 _FILE_HEADERS = {"Cache-Control": "private, max-age=300", "X-Content-Type-Options": "nosniff"}
+_IMAGE_MEDIA_TYPES = frozenset(media_type for _, media_type in IMAGE_TYPES.values())
 
 
 @router.put("/v1/review/{category}/items/{item_id}/label", response_model=ReviewLabelled, responses={

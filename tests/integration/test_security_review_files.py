@@ -20,6 +20,7 @@ from harness import CATEGORY, Server, assert_error, client_for, fake_version, st
 
 REVIEWER_KEY = "reviewer-key-sec"
 SECRET = b"outside the review store\n"
+HTML = b"<script>fetch('/x?k=' + sessionStorage.getItem('msflow.apiKey'))</script>"
 
 
 def _fields() -> dict[str, Any]:
@@ -44,7 +45,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Pa
     review = ReviewStore(store_dir / ".review", Budget(max_bytes=10**8, max_items=100, retention_s=10**9,
                                                       label_retention_s=10**9))
     ids = {name: _add(review, f"image {name}".encode(), i)
-           for i, name in enumerate(("honest", "named", "linked", "heat"))}
+           for i, name in enumerate(("honest", "named", "linked", "heat", "html"))}
     for item_id in ids.values():  # labelled while honest: a label is refused to an item whose image is not its own
         review.label(CATEGORY, item_id, "ng", by="alice", defect_type="crack")
     items = store_dir / ".review" / CATEGORY / "items"
@@ -55,6 +56,11 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Pa
     # the image replaced by a symlink to a file outside the store
     (items / ids["linked"] / "image.png").unlink()
     (items / ids["linked"] / "image.png").symlink_to(root / "secret.txt")
+    # an HTML page kept as the image, item.json saying it is HTML
+    record = json.loads((items / ids["html"] / "item.json").read_text())
+    record["image"]["media_type"] = "text/html"
+    (items / ids["html"] / "item.json").write_text(json.dumps(record))
+    (items / ids["html"] / "image.png").write_bytes(HTML)
     (items / ids["heat"] / "heatmap.png").unlink()
     (items / ids["heat"] / "heatmap.png").symlink_to(root / "secret.txt")
     server = start(store_dir, root / "server.log", engine="null", reviewer_api_keys={"alice": REVIEWER_KEY})
@@ -82,6 +88,16 @@ def test_no_file_outside_the_item_folder_is_served(setup: tuple[Server, Path, di
     assert SECRET not in r.content
     assert_error(r, 404, "review_item_not_found")
     assert str(setup[1]) not in r.text  # the refusal names no server path
+
+
+def test_an_image_is_never_served_as_a_page(setup: tuple[Server, Path, dict[str, str]]) -> None:
+    """The image's media type is read from item.json, on the shared volume: "text/html" there
+    made the route answer an HTML page of this origin, the console's (200 text/html before),
+    whose script could read the key the console keeps. An image is served as an image type
+    the store writes, anything else as bytes to download."""
+    r = _get(setup, f"items/{setup[2]['html']}/image")
+    assert r.status_code == 200 and r.headers["content-type"] == "application/octet-stream", r.headers
+    assert _get(setup, f"items/{setup[2]['honest']}/image").headers["content-type"] == "image/png"
 
 
 def test_export_leaves_out_what_reaches_outside(setup: tuple[Server, Path, dict[str, str]]) -> None:
