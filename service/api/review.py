@@ -98,8 +98,9 @@ async def list_pending(category: Category, state: StateDep, who: Reviewer,
                        limit: Annotated[int, Query(ge=1, le=100)] = 20) -> ReviewPage:
     store = state.review.store
     items, cursor = await _io(state, store.pending, category, verdict, after, limit)
-    return ReviewPage(category=category, verdict=verdict, items=[_entry(category, i, store) for i in items],
-                      next_cursor=cursor)
+    # Each entry reads its label file: in the thread too (up to 100 round trips on a network volume).
+    entries = await _io(state, lambda: [_entry(category, i, store) for i in items])
+    return ReviewPage(category=category, verdict=verdict, items=entries, next_cursor=cursor)
 
 
 @router.get("/v1/review/{category}/items/{item_id}", response_model=ReviewEntry,
