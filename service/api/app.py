@@ -49,8 +49,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             await state.stop()
 
+    # redirect_slashes off: a path with a slash too many or too few is 404, not a 307 whose
+    # Location Starlette builds from Host and scheme (behind a TLS proxy that does not forward
+    # the scheme, a client following it sent its key again over plain HTTP).
     app = FastAPI(title="MSFlow inspection service", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  description=DESCRIPTION)
+                  description=DESCRIPTION, redirect_slashes=False)
     app.state.service = state
     app.add_middleware(BodyLimitMiddleware)  # inside the metrics: its 413s are counted and carry a request id
     app.add_middleware(RequestMetricsMiddleware, metrics=state.metrics)

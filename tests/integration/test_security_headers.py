@@ -80,3 +80,15 @@ def test_the_last_resort_500_carries_them(tmp_path: Path) -> None:
     r = asyncio.run(call())
     assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"
     assert {k: r.headers.get(k) for k in EVERY_ANSWER} == EVERY_ANSWER, r.headers
+
+
+def test_a_path_with_a_slash_too_many_or_too_few_is_not_redirected(server: Server) -> None:
+    """No 307 to the path without (or with) its trailing slash: Starlette builds that Location
+    from the request's Host and scheme, so behind a TLS proxy that does not forward the scheme
+    a client following it sent its X-API-Key again over plain HTTP. An API path is exact: 404."""
+    with httpx.Client(base_url=server.url, timeout=10) as client:
+        for answer in (client.put(f"/v1/models/{CATEGORY}/threshold/", headers={"X-API-Key": ADMIN_KEY},
+                                  json={"threshold": 1.0}),
+                       client.get("/v1/models/", headers={"X-API-Key": USER_KEY}),
+                       client.post(f"/v1/inspect/{CATEGORY}/", headers={"X-API-Key": USER_KEY}, content=b"x")):
+            assert answer.status_code == 404 and "location" not in answer.headers, (answer.url, answer.headers)
