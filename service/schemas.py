@@ -147,8 +147,9 @@ class ThresholdUpdate(_Model):
     ``raw_score`` and of the calibrated ``threshold``)."""
 
     # The schema says what _something refuses: a body without either bound (``{}`` validated
-    # against the document, and was 422 from the server).
-    model_config = ConfigDict(extra="forbid", protected_namespaces=(), json_schema_extra={"anyOf": [
+    # against the document, and was 422 from the server). Strict: a value of the wrong type is
+    # refused, never coerced (``true`` was a threshold of 1.0, ``"force": "no"`` a force).
+    model_config = ConfigDict(extra="forbid", strict=True, protected_namespaces=(), json_schema_extra={"anyOf": [
         {"required": ["threshold"], "properties": {"threshold": {"type": "number"}}},
         {"required": ["ng_threshold"], "properties": {"ng_threshold": {"type": "number"}}}]})
 

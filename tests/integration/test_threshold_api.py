@@ -33,6 +33,11 @@ def test_threshold_routes_need_an_admin_key(client: httpx.Client, server: Server
     assert_error(client.put(THRESHOLD, content=b'{"threshold": NaN}', headers={**admin, "Content-Type":
                                                                               "application/json"}), 422,
                  "invalid_request")
+    # A value of the wrong type is refused, not coerced: `true` was a threshold of 1.0 and
+    # "force": "no" a force (pydantic's lax mode), so a client's bug could move the verdict.
+    for body in ({"threshold": True}, {"threshold": "1.0"}, {"threshold": 1.0, "force": "no"},
+                 {"threshold": 1.0, "force": 1}):
+        assert_error(client.put(THRESHOLD, json=body, headers=admin), 422, "invalid_request")
     assert_error(client.put("/v1/models/metal/threshold", json={"threshold": 1.0}, headers=admin), 404,
                  "unknown_category")
     # reading the thresholds needs only a key
