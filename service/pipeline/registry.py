@@ -45,8 +45,8 @@ from service.pipeline.loaded_model import EngineFactory, LoadedModel
 from service.pipeline.registry_errors import RegistryError, UnknownCategory, VersionNotFound
 from service.pipeline.registry_swaps import VersionSwaps
 from service.pipeline.registry_view import EVALUATION_ASSETS
-from service.pipeline.store_watch import (FailedVersion, Removals, Served, StoreLook, changed_since, failed_now,
-                                          look, still_failed, watch_candidates)
+from service.pipeline.store_watch import (FailedVersion, ManifestKey, Removals, Served, StoreLook, changed_since,
+                                          failed_now, look, served_replaced, still_failed, watch_candidates)
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,9 @@ class ModelRegistry(VersionSwaps):
         # any: the runtime drains it as at a swap and lets its metrics go.
         self.on_retire: Callable[[str, LoadedModel | None], None] | None = None
         self.removals = Removals(settings.store_removal_grace_s)
+        # category -> (the model served, when loaded; its manifest's key found to need nothing):
+        # the watch reads a served version's manifest again only once its key changed.
+        self._manifests_seen: dict[str, tuple[datetime, ManifestKey]] = {}
 
     # ------------------------------------------------------------------ discovery
     def scan(self) -> list[str]:
@@ -122,14 +125,24 @@ class ModelRegistry(VersionSwaps):
         # trip, and a scan on the event loop held every request in flight for all of them. The
         # folders of failed versions are looked at there too (from a copy of their record).
         failed = {category: dict(records) for category, records in self._failed_versions.items() if records}
+        # Unpinned versions served, whose folder may hold another version since (a pin holds
+        # what it loaded, as when its folder is removed).
+        watched = {c: m for c, m in self._models.items() if not self.pinned(c, m)}
+        known_keys = {c: key for c, (loaded_at, key) in self._manifests_seen.items()
+                      if c in watched and watched[c].loaded_at == loaded_at}
 
-        def scan() -> tuple[StoreLook, dict[str, dict[str, FailedVersion]]]:
-            return look(self.store), {c: changed_since(self.store / c, records) for c, records in failed.items()}
+        def scan() -> tuple[StoreLook, dict[str, dict[str, FailedVersion]], dict[str, tuple[ManifestKey | None, bool]]]:
+            return (look(self.store), {c: changed_since(self.store / c, records) for c, records in failed.items()},
+                    {c: served_replaced(m.version_dir, m.manifest, known_keys.get(c)) for c, m in watched.items()})
         try:
-            seen, changed = await asyncio.to_thread(scan)
+            seen, changed, served_now = await asyncio.to_thread(scan)
         except OSError:
             self.removals.unknown()
             raise
+        replaced = {c: key for c, (key, yes) in served_now.items() if yes and key is not None}
+        for category, (key, yes) in served_now.items():
+            if key is not None and not yes:
+                self._manifests_seen[category] = (watched[category].loaded_at, key)
         self._forget_failed_versions_gone(seen)
         pins = set(self._pins) | set(self.settings.pinned_versions)
         # A model loaded pinned whose pin ended since (:meth:`end_pin`) is watched as unpinned.
@@ -143,14 +156,24 @@ class ModelRegistry(VersionSwaps):
             new, fall_back = category not in self.categories, category in gone.versions
             listed = seen.versions(category)  # this scan's listing: the store is not read again
             looked = changed.get(category, {})
-            if not self._candidates(category, initial=new, served_gone=fall_back, versions=listed, changed=looked):
+
+            def renewed() -> bool:  # the model the scan found replaced still serves
+                return category in replaced and self._models.get(category) is watched[category]
+            if not self._candidates(category, initial=new, served_gone=fall_back, versions=listed, changed=looked,
+                                    served_replaced=renewed()):
                 continue
             async with self._lock(category):
                 # Again: an operator's reload ?version= this waited for may have pinned it since.
+                renewing = renewed()
                 model, _ = await self._load_newest(category, self._candidates(
-                    category, initial=new, served_gone=fall_back, versions=listed, changed=looked))
+                    category, initial=new, served_gone=fall_back, versions=listed, changed=looked,
+                    served_replaced=renewing))
                 if model is not None:
                     loaded.append(category)
+                    if renewing and model.version == watched[category].version:
+                        # Not read again until it changes: an engine process still holding the
+                        # folder's old engine (multi-process) must not bring a load at every scan.
+                        self._manifests_seen[category] = (model.loaded_at, replaced[category])
         return loaded
 
     def _forget_failed_versions_gone(self, seen: StoreLook) -> None:
@@ -166,13 +189,14 @@ class ModelRegistry(VersionSwaps):
 
     def _candidates(self, category: str, initial: bool = False, unpinning: bool = False,
                     served_gone: bool = False, versions: list[str] | None = None,
-                    changed: dict[str, FailedVersion] | None = None) -> list[str]:
+                    changed: dict[str, FailedVersion] | None = None, served_replaced: bool = False) -> list[str]:
         """The versions of ``category`` to try, in order (newest first), until one loads.
         A settings pin: that version alone (at start-up, or a category new to the watch).
         Else :func:`~service.pipeline.store_watch.watch_candidates` of ``versions`` (the store's
         complete versions, listed now when not given; ``served_gone``: the served version left
-        the store for the grace period); nothing while an operator's reload ?version= pins it,
-        served or not (``unpinning``: the operator's reload that ends the pin)."""
+        the store for the grace period; ``served_replaced``: its folder holds another version
+        now); nothing while an operator's reload ?version= pins it, served or not
+        (``unpinning``: the operator's reload that ends the pin)."""
         pinned = self.settings.pinned_versions.get(category)
         if pinned is not None:
             return [pinned] if initial else []
@@ -183,14 +207,14 @@ class ModelRegistry(VersionSwaps):
         records = self._failed_versions.get(category, {})
         # ``changed``: what the watch's scan found of the failed versions' folders (in its thread).
         failed = still_failed(self.store / category, records) if changed is None else failed_now(records, changed)
-        return watch_candidates(listed, current.version if current else None, failed, served_gone)
+        return watch_candidates(listed, current.version if current else None, failed, served_gone, served_replaced)
 
     def _retire(self, category: str) -> None:
         """``category`` left the store for the grace period (under its lock): whatever serves it
         stops (requests already on it finish: the runtime drains it as at a swap), and it is
         unknown here, saying since when, until its folder comes back (a new category then)."""
         model = self._models.pop(category, None)
-        for about in (self._failed, self._failed_versions, self._unhealthy, self._pins):
+        for about in (self._failed, self._failed_versions, self._unhealthy, self._pins, self._manifests_seen):
             about.pop(category, None)
         if category in self._categories:
             self._categories.remove(category)

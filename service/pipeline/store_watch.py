@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from models.manifest import CATEGORY_PATTERN, MANIFEST, is_numeric_version, list_versions
+from models.manifest import CATEGORY_PATTERN, MANIFEST, Manifest, ManifestError, is_numeric_version, list_versions
 
 log = logging.getLogger(__name__)
 
@@ -122,22 +122,59 @@ def failed_now(failed: Mapping[str, FailedVersion], changed: Mapping[str, Failed
     return {version for version, record in failed.items() if changed.get(version) is not record}
 
 
+# A manifest.json as a scan sees it without reading it: inode, size, mtime and ctime.
+ManifestKey = tuple[int, int, int, int]
+
+
+def manifest_key(version_dir: Path) -> ManifestKey | None:
+    """The stat of ``version_dir``'s manifest (None: absent or unreadable, which says nothing)."""
+    try:
+        st = os.stat(version_dir / MANIFEST)
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def served_replaced(version_dir: Path, served: Manifest, seen: ManifestKey | None) -> tuple[ManifestKey | None, bool]:
+    """Whether ``version_dir`` now holds another version than the one served from it
+    (``served``'s manifest), and its manifest's key. The store's versions are never written in
+    place (export and recalibrate rename a whole folder in), so another manifest under the
+    served number is a folder replaced: a category deleted and exported again (numbered 1
+    again), a copy over it. ``seen``: a key already found to need nothing (not read again).
+    A manifest that does not parse is a replacement under way (tried, fails, and is tried
+    again once its folder changes); one that cannot be stat'ed or read says nothing."""
+    key = manifest_key(version_dir)
+    if key is None or key == seen:
+        return key, False
+    try:
+        now = Manifest.read(version_dir)
+    except ManifestError:
+        return key, True
+    except OSError:
+        return key, False
+    return key, now != served
+
+
 def version_order(version: str) -> tuple[int, int, str]:
     """The order :func:`models.manifest.list_versions` sorts versions in (numeric ones numerically)."""
     return (0, int(version), "") if is_numeric_version(version) else (1, 0, version)
 
 
 def watch_candidates(versions: list[str], served: str | None, failed: Iterable[str],
-                     served_gone: bool = False) -> list[str]:
+                     served_gone: bool = False, served_replaced: bool = False) -> list[str]:
     """The versions the watch tries for a category, newest first, until one loads: those newer
     than the one ``served`` (all of them when none is), less those that ``failed`` before
     (and have not changed since: :func:`still_failed`).
     ``served_gone``: the served version has left the store for the grace period, so the older
-    ones are tried too (the newest that loads replaces it); until then only newer ones are."""
+    ones are tried too (the newest that loads replaces it); until then only newer ones are.
+    ``served_replaced``: the served version's folder holds another version now
+    (:func:`served_replaced`): it is tried too, after the newer ones."""
     skipped = set(failed)
     out = []
     for version in reversed(versions):
         if served is not None and not served_gone and version_order(version) <= version_order(served):
+            if served_replaced and version == served and version not in skipped:
+                out.append(version)
             break  # served already, or older than what serves
         if version not in skipped:
             out.append(version)
@@ -214,5 +251,6 @@ class Removals:
         return self.grace_s >= 0 and now - since >= self.grace_s
 
 
-__all__ = ["FailedVersion", "FolderState", "Gone", "Removals", "Served", "StoreLook", "changed_since", "failed_now",
-           "folder_state", "look", "still_failed", "version_order", "watch_candidates"]
+__all__ = ["FailedVersion", "FolderState", "Gone", "ManifestKey", "Removals", "Served", "StoreLook", "changed_since",
+           "failed_now", "folder_state", "look", "manifest_key", "served_replaced", "still_failed", "version_order",
+           "watch_candidates"]

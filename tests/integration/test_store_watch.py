@@ -172,3 +172,28 @@ def test_a_broken_export_neither_takes_a_restarted_replica_down_nor_goes_uncount
             assert list(failed) == ["2", "3"] and "model.onnx" in failed["3"], failed
     finally:
         server.stop()
+
+
+def test_a_version_replaced_under_its_own_number_is_served_with_its_new_content(tmp_path: Path) -> None:
+    """A category deleted and exported again (``msflow export`` numbers it 1 again), or a version
+    folder replaced by a copy, within the removal grace: the server must serve what the store
+    now holds under that number, not the model it loaded before because the name matches (it
+    did, for good: GET /v1/models said version 1 at 32 px while the store's 1 was 48 px). Once
+    swapped, the watch loads it no more (no reload at every scan)."""
+    store = tmp_path / "store"
+    fake_version(store, CATEGORY, "1", size=32)
+    server = start(store, tmp_path / "server.log", engine="null", store_poll_s=0.1)
+    try:
+        with httpx.Client(base_url=server.url, timeout=5.0) as c:
+            assert c.get(f"/v1/models/{CATEGORY}").json()["input_size"] == 32
+            shutil.rmtree(store / CATEGORY)
+            fake_version(store, CATEGORY, "1", size=48)
+            wait_until(lambda: c.get(f"/v1/models/{CATEGORY}").json()["input_size"] == 48, 5,
+                       "the new content of version 1 served")
+            loaded_at = c.get(f"/v1/models/{CATEGORY}").json()["loaded_at"]
+            time.sleep(0.5)  # five scans
+            again = c.get(f"/v1/models/{CATEGORY}").json()
+            assert again["loaded_at"] == loaded_at and again["failed_versions"] == {}, again
+            assert c.get("/readyz").json()["categories"] == {CATEGORY: "serving 1"}
+    finally:
+        server.stop()

@@ -173,3 +173,29 @@ def test_the_record_of_a_failed_version_goes_with_its_folder(tmp_path: Path) -> 
         assert set(registry._failed_versions[CATEGORY]) == {"3"}  # what the scans read
 
     asyncio.run(main())
+
+
+def test_a_served_version_replaced_half_copied_serves_on_until_the_copy_is_complete(tmp_path: Path) -> None:
+    """The served version's folder replaced by a copy (another model under the same number),
+    caught with its manifest and no model yet: the version loaded before serves on, the failure
+    is counted once and shown, and the complete copy is served at the scan after it lands."""
+    store, failures = tmp_path / "store", []
+    shutil.copytree(_exported(tmp_path / "src", "1"), store / CATEGORY / "1")
+    other = _exported(tmp_path / "other", "1", model=b"retrained" * 1000)
+    registry = _registry(store, failures)
+
+    async def main() -> None:
+        registry.discover()
+        await registry.load_all()
+        first = registry.get(CATEGORY)
+        shutil.rmtree(store / CATEGORY / "1")
+        _rsync_manifest_first(other, store / CATEGORY / "1")
+        for _ in range(3):  # counted once, not at every scan
+            assert await registry.refresh() == [] and failures == [CATEGORY]
+        assert registry.get(CATEGORY) is first and "missing" in registry.failed_versions(CATEGORY)["1"]
+        _rsync_rest(other, store / CATEGORY / "1")
+        assert await registry.refresh() == [CATEGORY]
+        assert registry.get(CATEGORY).manifest == Manifest.read(other) and registry.failed_versions(CATEGORY) == {}
+        assert await registry.refresh() == [] and failures == [CATEGORY]
+
+    asyncio.run(main())
