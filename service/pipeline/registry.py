@@ -45,7 +45,7 @@ from service.pipeline.loaded_model import EngineFactory, LoadedModel
 from service.pipeline.registry_errors import RegistryError, UnknownCategory, VersionNotFound
 from service.pipeline.registry_swaps import VersionSwaps
 from service.pipeline.registry_view import EVALUATION_ASSETS
-from service.pipeline.store_watch import (FailedVersion, ManifestKey, Removals, Served, StoreLook, changed_since,
+from service.pipeline.store_watch import (FailedVersion, Gone, ManifestKey, Removals, Served, StoreLook, changed_since,
                                           failed_now, look, served_replaced, still_failed, watch_candidates)
 
 log = logging.getLogger(__name__)
@@ -152,8 +152,22 @@ class ModelRegistry(VersionSwaps):
             async with self._lock(category):
                 self._retire(category)
         loaded = []
+        # Every new category is ``loading`` from now (they load one after the other).
+        arriving = [c for c in seen.serveable() if c not in self.categories]
+        self._arriving.update(arriving)
+        try:
+            await self._follow(seen, gone, changed, watched, replaced, loaded)
+        finally:
+            self._arriving.difference_update(arriving)
+        return loaded
+
+    async def _follow(self, seen: StoreLook, gone: Gone, changed: dict[str, dict[str, FailedVersion]],
+                      watched: dict[str, LoadedModel], replaced: dict[str, ManifestKey], loaded: list[str]) -> None:
+        """:meth:`refresh`'s loads, category after category: new ones, newer versions, a served
+        version replaced or gone; each loaded is appended to ``loaded``."""
         for category in seen.serveable():
-            new, fall_back = category not in self.categories, category in gone.versions
+            new = category not in self._categories and category not in self._models
+            fall_back = category in gone.versions
             listed = seen.versions(category)  # this scan's listing: the store is not read again
             looked = changed.get(category, {})
 
@@ -161,6 +175,7 @@ class ModelRegistry(VersionSwaps):
                 return category in replaced and self._models.get(category) is watched[category]
             if not self._candidates(category, initial=new, served_gone=fall_back, versions=listed, changed=looked,
                                     served_replaced=renewed()):
+                self._arriving.discard(category)
                 continue
             async with self._lock(category):
                 # Again: an operator's reload ?version= this waited for may have pinned it since.
@@ -174,7 +189,7 @@ class ModelRegistry(VersionSwaps):
                         # Not read again until it changes: an engine process still holding the
                         # folder's old engine (multi-process) must not bring a load at every scan.
                         self._manifests_seen[category] = (model.loaded_at, replaced[category])
-        return loaded
+            self._arriving.discard(category)
 
     def _forget_failed_versions_gone(self, seen: StoreLook) -> None:
         """Failed versions no longer in the store are forgotten: every scan reads the folder of

@@ -43,6 +43,9 @@ class RegistryView:
         self._models: dict[str, LoadedModel] = {}
         self._failed: dict[str, str] = {}
         self._categories: list[str] = []
+        # Categories new to the store watch, found by its scan and waiting for their first load
+        # (they load one after the other): ``loading``, not unknown, meanwhile.
+        self._arriving: set[str] = set()
         # category -> version -> why it failed to load and what its folder held (the watch skips
         # it until that changes; /v1/models and msflow_model_versions_failed show them while an
         # older version serves)
@@ -62,14 +65,16 @@ class RegistryView:
     @property
     def categories(self) -> list[str]:
         """Every category known (loaded, loading or failed), sorted."""
-        return sorted(set(self._categories) | set(self._models))
+        return sorted(set(self._categories) | set(self._models) | self._arriving)
 
     @property
     def ready(self) -> bool:
-        """True when something serves and nothing is still loading. A category whose load
-        failed is reported (``failed``, per-category status) and skipped: one broken export
-        must not take the replica's other categories out of rotation."""
-        return bool(self._models) and all(c in self._models or c in self._failed for c in self.categories)
+        """True when something serves and nothing found at start-up is still loading. A
+        category whose load failed is reported (``failed``, per-category status) and skipped:
+        one broken export must not take the replica's other categories out of rotation; nor
+        does one the store watch is loading (``loading`` meanwhile)."""
+        return bool(self._models) and all(c in self._models or c in self._failed or c in self._arriving
+                                          for c in self.categories)
 
     def status(self) -> dict[str, str]:
         """Per category: ``serving <version>``, ``loading`` or ``failed``."""
@@ -137,7 +142,7 @@ class RegistryView:
         model = self._models.get(category)
         if model is not None:
             return model
-        if category in self._categories:
+        if category in self._categories or category in self._arriving:
             why = self._failed.get(category)
             raise ModelNotLoaded(f"{category}: " + (f"failed to load: {why}" if why else "still loading"))
         raise UnknownCategory(category, self.categories, self.removed_note(category))

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from PIL import Image
 
 from harness import (CATEGORY, Server, copy_version as _copy_version, fake_version, metric, part, png_of, start,
@@ -21,6 +22,7 @@ from models.data import MVTecCategory
 from service.config import Settings
 from service.engines.null import NullEngine
 from service.pipeline.registry import ModelRegistry
+from service.pipeline.registry_errors import ModelNotLoaded
 
 
 def test_new_category_and_version_appear_while_serving(model_store: Path, demo_root: Path, tmp_path: Path) -> None:
@@ -197,3 +199,41 @@ def test_a_version_replaced_under_its_own_number_is_served_with_its_new_content(
             assert c.get("/readyz").json()["categories"] == {CATEGORY: "serving 1"}
     finally:
         server.stop()
+
+
+def test_categories_the_watch_is_loading_are_known_as_loading(tmp_path: Path) -> None:
+    """Categories copied into the store together load one after the other (they share the
+    accelerator): meanwhile each is ``loading`` (``/readyz``), and a request for it is 503
+    ``model_not_loaded`` (Retry-After), as at start-up, while the replica stays ready for what
+    it serves. Before, they were unknown until loaded: 404 ``unknown_category`` ("known:
+    brick") for a category in the store, for as long as the ones before it took to load."""
+    store = tmp_path / "store"
+    fake_version(store, CATEGORY, "1")
+    gate, entered = threading.Event(), threading.Event()
+
+    def slow_factory(version_dir: Path, **_: Any) -> NullEngine:
+        if version_dir.parent.name != CATEGORY:
+            entered.set()
+            assert gate.wait(10), "test gate never opened"  # a load that takes a while
+        return NullEngine(version_dir, max_batch_size=4)
+
+    async def main() -> None:
+        registry = ModelRegistry(Settings(model_store=store, engine="null", store_poll_s=1),
+                                 engine_factory=slow_factory)
+        registry.discover()
+        await registry.load_all()
+        for category in ("gravel", "tile"):
+            fake_version(store, category, "1")
+        watch = asyncio.create_task(registry.refresh())
+        try:
+            assert await asyncio.to_thread(entered.wait, 10)
+            assert registry.status() == {CATEGORY: "serving 1", "gravel": "loading", "tile": "loading"}
+            assert registry.ready and registry.categories == [CATEGORY, "gravel", "tile"]
+            with pytest.raises(ModelNotLoaded, match="still loading"):
+                registry.get("tile")
+        finally:
+            gate.set()
+        assert sorted(await watch) == ["gravel", "tile"]
+        assert registry.status() == {CATEGORY: "serving 1", "gravel": "serving 1", "tile": "serving 1"}
+
+    asyncio.run(main())
