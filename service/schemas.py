@@ -151,22 +151,28 @@ class ThresholdUpdate(_Model):
     # refused, never coerced (``true`` was a threshold of 1.0, ``"force": "no"`` a force).
     model_config = ConfigDict(extra="forbid", strict=True, protected_namespaces=(), json_schema_extra={"anyOf": [
         {"required": ["threshold"], "properties": {"threshold": {"type": "number"}}},
-        {"required": ["ng_threshold"], "properties": {"ng_threshold": {"type": "number"}}}]})
+        {"required": ["ng_threshold"], "properties": {"ng_threshold": {"type": ["number", "null"]}}}]})
 
     threshold: float | None = Field(None, allow_inf_nan=False, description="raw-score threshold (the ok bound), "
                                     "e.g. a raw_score seen in a result or in GET /v1/models/{category}/recent; "
                                     "omitted: the effective one stays")
     ng_threshold: float | None = Field(None, allow_inf_nan=False, description="raw-score ng bound (>= threshold); "
+                                       "null: back to the manifest's (never below threshold), the ok bound kept; "
                                        "omitted: an ng override already set stays, else the manifest's")
     force: bool = Field(False, description="set a threshold outside the calibration's sane range (422 otherwise)")
     version: str | None = Field(None, description="the model version the threshold was chosen for (the one GET "
                                 ".../threshold or .../recent showed); another version served now answers 409 "
                                 "version_changed and nothing changes. Omitted: whatever version is served")
 
+    @property
+    def ends_ng_override(self) -> bool:
+        """``"ng_threshold": null`` sent (left out, an NG override stays)."""
+        return self.ng_threshold is None and "ng_threshold" in self.model_fields_set
+
     @model_validator(mode="after")
     def _something(self) -> "ThresholdUpdate":
-        if self.threshold is None and self.ng_threshold is None:
-            raise ValueError("give threshold, ng_threshold or both")
+        if self.threshold is None and "ng_threshold" not in self.model_fields_set:
+            raise ValueError("give threshold, ng_threshold (null: the manifest's) or both")
         return self
 
 

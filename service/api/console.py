@@ -5,7 +5,8 @@ needs beyond inspection:
   serving version (``roc.png``, ``examples.png``, ``report.json``; nothing else, by name).
 * ``GET /v1/models/{category}/threshold`` (API key): calibrated and effective threshold.
 * ``PUT /v1/models/{category}/threshold`` (admin), body ``{"threshold": RAW, "ng_threshold": RAW}``
-  (either or both): the serving version's ok and ng bounds, effective at once
+  (either or both; ``"ng_threshold": null`` ends an NG override): the serving version's ok and
+  ng bounds, effective at once
   (:mod:`service.pipeline.thresholds`). With ``"version"`` (the console sends the one it
   showed) a change meant for another version than the one served is refused (409
   ``version_changed``): the store watch may swap in version n+1 between the operator reading
@@ -150,10 +151,12 @@ async def put_threshold(category: CategoryDep, body: ThresholdUpdate, state: Sta
     model = state.registry.get(category)
     guard = _still_serving(state, category, model, body.version)
     guard()  # the common case, answered before any lock or write
-    # What the body leaves out stays: the effective ok bound, an ng override already set.
+    # What the body leaves out stays: the effective ok bound, an ng override already set
+    # (``"ng_threshold": null`` ends it: the manifest's bound, never below the ok bound).
     current = state.thresholds.for_manifest(model.manifest)
     threshold = body.threshold if body.threshold is not None else state.thresholds.threshold(model.manifest)
-    ng = body.ng_threshold if body.ng_threshold is not None else (current.ng_threshold if current else None)
+    ng = body.ng_threshold if body.ng_threshold is not None or body.ends_ng_override \
+        else (current.ng_threshold if current else None)
     _, persisted = await state.thresholds.set(category, model.version, threshold,
                                               calibration=model.manifest.calibration, force=body.force,
                                               seen=(await state.recent.gather(category)).raw_scores(model.version),

@@ -202,16 +202,16 @@
 
   function applyNg() { return applyBound("#ng-input", "ng_threshold", "NG bound"); }
 
-  // The API removes an override whole (DELETE): the NG bound alone goes back to the manifest's
-  // by a PUT of that value, the ok threshold kept; with the ok threshold calibrated, the DELETE.
+  // The NG bound alone goes back to the manifest's by a PUT of ng_threshold null, the ok
+  // threshold kept (re-sending the calibrated NG bound was refused as inverted once the ok
+  // bound had moved above it); with the ok threshold calibrated, the DELETE.
   async function resetNg() {
     const category = $("#admin-category").value;
     const m = modelOf(category);
     if (!category || !m) return;
     const o = m.threshold_override;
     if (!o || o.threshold === m.calibrated_threshold) await changeThreshold(category, "DELETE");
-    else await changeThreshold(category, "PUT", { threshold: o.threshold, ng_threshold: m.calibrated_ng_threshold,
-                                                  version: shownVersion(category) });
+    else await changeThreshold(category, "PUT", { ng_threshold: null, version: shownVersion(category) });
   }
 
   async function resetThreshold() {

@@ -68,13 +68,14 @@ def test_the_document_admits_no_body_the_server_always_refuses(server: Server, d
     without a word; now the document refuses them too, and still admits what the server takes."""
     threshold = _request_schema(doc, "put", "/v1/models/{category}/threshold", "application/json")
     label = _request_schema(doc, "put", "/v1/review/{category}/items/{item_id}/label", "application/json")
-    for body in ({}, {"threshold": None}, {"force": True}, {"version": "1", "ng_threshold": None}):
+    for body in ({}, {"threshold": None}, {"force": True}, {"version": "1", "threshold": None}):
         assert not threshold.is_valid(body), body
         refused(doc, _put(server, THRESHOLD, ADMIN_KEY, json.dumps(body).encode()), 422, "invalid_request")
     for body in ({"label": "ok", "defect_type": "scratch"}, {"label": "ok", "defect_type": "stain", "note": "x"}):
         assert not label.is_valid(body), body
         refused(doc, _put(server, LABEL, REVIEWER_KEY, json.dumps(body).encode()), 422, "invalid_request")
-    for body in ({"threshold": 2.5}, {"ng_threshold": 3.0, "force": True}, {"threshold": 1, "ng_threshold": 2}):
+    for body in ({"threshold": 2.5}, {"ng_threshold": 3.0, "force": True}, {"threshold": 1, "ng_threshold": 2},
+                 {"version": "1", "ng_threshold": None}):  # null: back to the manifest's NG bound
         assert threshold.is_valid(body), body
     for body in ({"label": "ok"}, {"label": "ok", "defect_type": None}, {"label": "ng", "defect_type": "scratch"}):
         assert label.is_valid(body), body

@@ -45,6 +45,32 @@ def test_threshold_routes_need_an_admin_key(client: httpx.Client, server: Server
     assert state["override"] is None and state["threshold"] == state["calibrated_threshold"]
 
 
+def test_the_ng_bound_alone_goes_back_to_the_manifest_s(client: httpx.Client) -> None:
+    """``"ng_threshold": null`` ends an NG override and keeps the ok bound. There was no way to
+    say it: null read as "left out" (a body of it alone was 422), and the console's "Reset NG
+    bound" sent the calibrated NG bound, refused as inverted (422 invalid_bounds) whenever the
+    ok bound had been moved above it, as a line that tolerates more does."""
+    info = client.get(f"/v1/models/{CATEGORY}").json()
+    span = info["calibration"]["score_max"] - info["calibration"]["score_min"]
+    ok = info["calibrated_ng_threshold"] + 0.2 * span
+    try:
+        r = client.put(THRESHOLD, json={"threshold": ok, "ng_threshold": ok + 0.1 * span, "force": True}, headers=ADMIN)
+        assert r.status_code == 200 and r.json()["ng_threshold"] == pytest.approx(ok + 0.1 * span), r.text
+        r = client.put(THRESHOLD, json={"ng_threshold": None}, headers=ADMIN)
+        assert r.status_code == 200, r.text
+        state = r.json()
+        assert state["override"]["ng_threshold"] is None and state["threshold"] == pytest.approx(ok)
+        # the manifest's NG bound, which is below the ok bound: no review band above it
+        assert state["ng_threshold"] == pytest.approx(ok)
+        # left out, an NG override stays (as before)
+        client.put(THRESHOLD, json={"ng_threshold": ok + 0.3 * span, "force": True}, headers=ADMIN)
+        state = client.put(THRESHOLD, json={"threshold": ok}, headers=ADMIN).json()
+        assert state["ng_threshold"] == pytest.approx(ok + 0.3 * span), state
+        assert_error(client.put(THRESHOLD, json={"threshold": None}, headers=ADMIN), 422, "invalid_request")
+    finally:
+        assert client.delete(THRESHOLD, headers=ADMIN).status_code == 200
+
+
 def test_threshold_override_round_trip_survives_restart(model_store: Path, tmp_path: Path,
                                                         samples: dict[str, list[Path]]) -> None:
     store = store_copy(model_store, tmp_path)
