@@ -151,6 +151,7 @@ def evaluate_run(run: str | Path, data: str | Path | None = None, category: str 
         raise ValueError(f"{run} does not name an MVTec-layout test set (plain-folder or imported run): "
                          "give --data and --category")
     data = Path(data)
+    weights = checkpoint_sha256(run)  # before loading, as export hashes it: which weights this report is of
     model, info = load_model(run, device)
     size = model.config.input_size
 
@@ -197,6 +198,7 @@ def evaluate_run(run: str | Path, data: str | Path | None = None, category: str 
         category=category,
         run=str(run),
         checkpoint_epoch=info.get("epoch"),
+        checkpoint_sha256=weights,  # export takes the report of the weights it exports only
         model=model.config.model_dump(),
         images_per_second=len(images) / seconds,
         device=str(device),

@@ -39,7 +39,7 @@ from models.manifest import (CATEGORY_PATTERN, CalibrationSource, Manifest, Mani
 from models.publish import LOCK_FILE, check_version_name, publish_version
 from models.review_store import REVIEWED_OK
 from models.msflow import MSFlow, MSFlowConfig, with_map_sigma
-from models.runs import checkpoint_sha256, load_model, read_json
+from models.runs import REPORT, checkpoint_sha256, eval_report, load_model, read_json
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,17 @@ class ExportError(RuntimeError):
 
 class DuplicateExportWarning(UserWarning):
     """The category holds a version of the same checkpoint calibrated on the same inputs."""
+
+
+class StaleReportWarning(UserWarning):
+    """The run's report.json is not of the weights (or category) exported: left out of the version."""
+
+
+def _warn(warn: Callable[[str], None] | None, line: str, category: type[UserWarning]) -> None:
+    if warn is not None:
+        warn(line)
+    else:
+        warnings.warn(line, category, stacklevel=3)
 
 
 class InferenceGraph(nn.Module):
@@ -227,7 +238,7 @@ def export_run(run: str | Path, store: str | Path, category: str | None = None,
                warn: Callable[[str], None] | None = None) -> Path:
     """Export a run into ``store/<category>/<version>/`` and return that folder. ``warn``
     takes what the user should know and the export goes on with (default: a
-    :class:`DuplicateExportWarning` through :mod:`warnings`)."""
+    :class:`DuplicateExportWarning`, or :class:`StaleReportWarning`, through :mod:`warnings`)."""
     # Absolute: the manifest records the run (the torch engine, bench, parity and
     # recalibrate's holdout fallback read it from anywhere).
     run = Path(run).expanduser().resolve()
@@ -251,6 +262,9 @@ def export_run(run: str | Path, store: str | Path, category: str | None = None,
     # Hashed before it is loaded: a checkpoint replaced in between then fails the torch
     # engine's check (service/engines/torch.py) instead of passing it.
     checkpoint_hash = checkpoint_sha256(run)
+    report, stale = eval_report(run, checkpoint_hash, category)
+    if stale is not None:
+        _warn(warn, stale, StaleReportWarning)
     model, info = load_model(run, "cpu")
     if map_sigma is not None:
         model.set_map_sigma(map_sigma)
@@ -262,10 +276,7 @@ def export_run(run: str | Path, store: str | Path, category: str | None = None,
         line = (f"version {v} of {category} in {store} was exported from the same checkpoint (sha256 "
                 f"{checkpoint_hash[:12]}...) and calibrated the same way on the same {source.count} normals "
                 f"({source.kind}): this export makes a duplicate of it")
-        if warn is not None:
-            warn(line)
-        else:
-            warnings.warn(line, DuplicateExportWarning, stacklevel=2)
+        _warn(warn, line, DuplicateExportWarning)
 
     made_category = not category_dir.exists()
     category_dir.mkdir(parents=True, exist_ok=True)
@@ -287,18 +298,16 @@ def export_run(run: str | Path, store: str | Path, category: str | None = None,
         calibration = calibrate(normal[score_output], normal["anomaly_map"], score_output, anomalous_scores,
                                 policy=policy, target_fpr=target_fpr, target_recall=target_recall, source=source)
 
-        report_path = run / "report.json"
         metrics = None
-        if report_path.is_file():
-            shutil.copy(report_path, work / "report.json")
-            report = json.loads(report_path.read_text())
+        if report is not None:  # eval's report of these weights, its figures shown by the service console
+            shutil.copy(run / REPORT, work / REPORT)
             metrics = {k: report.get(k) for k in ("image_auroc", "pixel_auroc", "aupro", "best_f1")}
             metrics["absolute"] = report.get("absolute")
+            for picture in ("roc.png", "examples.png"):
+                if (run / picture).is_file():
+                    shutil.copy(run / picture, work / picture)
         if (run / REVIEWED_OK).is_file():  # recalibration leaves these out of the known goods
             shutil.copy(run / REVIEWED_OK, work / REVIEWED_OK)
-        for picture in ("roc.png", "examples.png"):  # `msflow eval`'s figures, shown by the service console
-            if (run / picture).is_file():
-                shutil.copy(run / picture, work / picture)
 
         import onnx
 

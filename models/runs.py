@@ -7,7 +7,8 @@ runs/<category>/<name>/
   last.pt             the latest meta-epoch, with optimiser state, for --resume
   train_log.jsonl     one line per sub-epoch / meta-epoch
   holdout.json        normal images held out from training (calibration, model selection)
-  report.json         written by `msflow eval` (with test_scores.npz, roc.png, examples.png, scores.png)
+  report.json         written by `msflow eval` (with test_scores.npz, roc.png, examples.png, scores.png),
+                      with the sha256 of the checkpoint it scored: export takes it for those weights only
   reviewed_ok.json    the operator-confirmed OK images trained on (only with --include-reviewed-ok)
 ```
 
@@ -33,6 +34,7 @@ LAST = "last.pt"
 # training into an existing folder removes them, so the folder never mixes two runs.
 RUN_OUTPUTS = (CHECKPOINT, LAST, "train_log.jsonl", "reviewed_ok.json", "report.json", "test_scores.npz",
                "roc.png", "examples.png", "scores.png")
+REPORT = "report.json"
 
 
 class RunError(FileNotFoundError):
@@ -100,3 +102,27 @@ def read_json(path: Path) -> Any:
         return json.loads(path.read_text())
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
         raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+
+
+def eval_report(run: Path, checkpoint_hash: str, category: str) -> tuple[dict[str, Any] | None, str | None]:
+    """`msflow eval`'s report of ``run`` where it is of the checkpoint ``checkpoint_hash`` and of
+    ``category``, else None and why (None, None: no report). A ``--resume`` that selects new
+    weights keeps the old weights' report, and ``eval --category`` may score another category:
+    export took either as the exported model's metrics (and its pictures)."""
+    path = run / REPORT
+    if not path.is_file():
+        return None, None
+    try:
+        report = json.loads(path.read_text())
+    except ValueError:
+        report = None
+    if not isinstance(report, dict):
+        return None, f"{path} is not a report of `msflow eval`: run msflow eval --run {run} to include its metrics"
+    if report.get("checkpoint_sha256") != checkpoint_hash:
+        return None, (f"{path} was written for other weights than {run / CHECKPOINT} (a --resume since, or an "
+                      f"older msflow eval): its metrics and pictures are left out; run msflow eval --run {run} "
+                      "first to include them")
+    if report.get("category") != category:
+        return None, (f"{path} evaluates {report.get('category')!r}, not {category!r}: its metrics and pictures "
+                      f"are left out; run msflow eval --run {run} on {category!r}'s test set to include them")
+    return report, None

@@ -131,3 +131,27 @@ def test_resume_with_fewer_meta_epochs_than_trained_is_refused(run: Path, demo_r
     with pytest.raises(RunError, match="already trained 2 meta-epochs.*--meta-epochs 2 or more"):
         train(_cfg(demo_root, run, meta_epochs=1), resume=True, progress=False)
     assert _snapshot(run) == before
+
+
+def test_export_takes_only_the_eval_report_of_the_weights_it_exports(run: Path) -> None:
+    """A resume that selects new weights keeps `msflow eval`'s report.json of the old ones;
+    export copied it, its metrics went into the new version's manifest and its pictures to the
+    console (measured: a manifest with epoch 0's AUROC for epoch 2's checkpoint). Only a report
+    of the same checkpoint (sha256) and category is taken; any other is named and left out."""
+    from models.runs import checkpoint_sha256, eval_report
+
+    ours = checkpoint_sha256(run)
+    report, why = eval_report(run, ours, TEST_CATEGORY)  # the fixture's fake outputs: no JSON
+    assert report is None and why is not None and "msflow eval" in why
+    (run / "report.json").unlink()
+    assert eval_report(run, ours, TEST_CATEGORY) == (None, None)
+    (run / "report.json").write_text(json.dumps({"category": TEST_CATEGORY, "checkpoint_sha256": ours,
+                                                 "image_auroc": 0.9}))
+    report, why = eval_report(run, ours, TEST_CATEGORY)
+    assert report is not None and report["image_auroc"] == 0.9 and why is None
+    for stale, says in (({"checkpoint_sha256": "0" * 64}, "other weights"), ({"checkpoint_sha256": None}, "other weights"),
+                        ({"category": "grass"}, "evaluates 'grass'")):
+        (run / "report.json").write_text(json.dumps({"category": TEST_CATEGORY, "checkpoint_sha256": ours,
+                                                     "image_auroc": 0.9, **stale}))
+        report, why = eval_report(run, ours, TEST_CATEGORY)
+        assert report is None and why is not None and says in why and "msflow eval" in why

@@ -68,8 +68,11 @@ def report(trained_run: Path) -> dict:
 
 
 def test_eval_writes_report_and_pictures(report: dict, trained_run: Path) -> None:
+    from models.runs import checkpoint_sha256
+
     on_disk = json.loads((trained_run / "report.json").read_text())
     assert on_disk["image_auroc"] == report["image_auroc"]
+    assert on_disk["checkpoint_sha256"] == checkpoint_sha256(trained_run)  # what export takes it by
     for key in ("image_auroc", "pixel_auroc", "aupro", "best_f1"):
         assert 0.0 <= report[key] <= 1.0
     assert set(report["per_defect_type"]) == {"scratch", "stain", "hole", "foreign"}
