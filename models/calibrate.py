@@ -232,7 +232,14 @@ def _enough(samples: Sized, where: str, remedy: str) -> None:
 
 def _with_source(samples: list[Sample], kind: str, path: Path | None,
                  never_trained_on: bool) -> tuple[list[Sample], CalibrationSource]:
-    digest = hashlib.sha256("".join(sorted(sha256_file(s.path) for s in samples)).encode()).hexdigest()
+    """The source record; refuses two images with the same bytes: one part counted twice makes
+    the false-alarm bound (and the manifest's count) claim normals that were never seen."""
+    first: dict[str, Path] = {}
+    for s in samples:
+        if (seen := first.setdefault(sha256_file(s.path), s.path)) != s.path:
+            raise ValueError(f"calibration image {s.path} has the same bytes as {seen}: a copy counts one part "
+                             "twice in the false-alarm rate; remove the copy")
+    digest = hashlib.sha256("".join(sorted(first)).encode()).hexdigest()
     source = CalibrationSource(kind=kind, path=str(path) if path else None, count=len(samples), digest=digest,
                                never_trained_on=never_trained_on)
     return samples, source

@@ -133,3 +133,26 @@ def test_too_few_holdout_normals_say_how_to_get_more(tmp_path: Path, demo_root: 
     (run / "holdout.json").write_text(json.dumps([str(p) for p in held]))
     with pytest.raises(ValueError, match="training holdout holds 3.*calibration/good.*--calibration-images"):
         calibration_samples(run)
+
+
+def test_calibration_images_with_the_same_bytes_are_refused(demo_root: Path, tmp_path: Path) -> None:
+    """One photograph copied under ten names passed as ten normals: the manifest said 10 normals,
+    0 flagged, false-alarm bound 26%, for a threshold set on one part (just above its score)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"data": str(demo_root), "category": CATEGORY}))
+    fresh = sorted((demo_root / CATEGORY / "calibration" / "good").glob("*.png"))
+    folder = tmp_path / "cal"
+    folder.mkdir()
+    for i in range(MIN_CALIBRATION_NORMALS):
+        shutil.copy(fresh[0], folder / f"copy{i:02d}.png")
+    with pytest.raises(ValueError, match=rf"{folder / 'copy01.png'} has the same bytes as {folder / 'copy00.png'}"):
+        calibration_samples(run, folder)
+    for path in fresh:
+        shutil.copy(path, folder / path.name)
+    for i in range(1, MIN_CALIBRATION_NORMALS):
+        (folder / f"copy{i:02d}.png").unlink()
+    with pytest.raises(ValueError, match="same bytes"):  # one copy among distinct normals: still a part counted twice
+        calibration_samples(run, folder)
+    (folder / "copy00.png").unlink()
+    assert len(calibration_samples(run, folder)[0]) == len(fresh)
