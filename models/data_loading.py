@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from models.data import GOOD, DataError, Sample
-from models.ground_truth import defect_pixels
+from models.ground_truth import defect_pixels, lacks_background
 from models.image_acceptance import too_many_pixels, trainer_limit
 from models.preprocessing import ImageReadError, load_image, oriented_size, resize_mask
 
@@ -120,12 +120,17 @@ def _load_mask(sample: Sample, size: int) -> np.ndarray:
         with Image.open(sample.mask_path) as im:
             im.load()
             defect = defect_pixels(im)
+            no_background = lacks_background(im, defect)
     except (OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"cannot read mask {sample.mask_path}: {exc}") from exc
     if not defect.any():
         raise DataError(f"mask {sample.mask_path} marks no defect pixel (all black, or all transparent), yet its "
                         f"image {sample.path} is under test/{sample.defect_type}: mark the defect in white, or, if "
                         f"the part shows none, move the image to test/{GOOD} and remove the mask")
+    if no_background:
+        raise DataError(f"mask {sample.mask_path} has no black pixel, so every pixel of {sample.path} would be "
+                        "defect, yet the mask holds more than one value (drawn in colour on a white canvas, or "
+                        "saved inverted?): draw the defect in white or any colour on black")
     return resize_mask(Image.fromarray(defect), size)
 
 

@@ -14,6 +14,9 @@ mask before, and a wrong mask moves pixel AUROC and AUPRO without any error:
 * a defect drawn on a transparent layer (white, black or red on transparent, as editors
   export layers): the colour channels alone read as "all defect" or "no defect". Where the
   alpha channel varies, it is the mask; an opaque mask is read by its colours.
+* a defect drawn in colour on a white canvas, or a mask saved inverted: no pixel is zero, so
+  every pixel read as defect (the whole part in pixel AUROC and AUPRO). A mask of more than one
+  value without a black pixel is refused (:func:`lacks_background`).
 
 Finding a mask: ``<image stem>_mask.<ext>`` in ``ground_truth/<defect>``, the extension in any
 case (``.PNG``, ``.Png``) and the name in either Unicode form: macOS writes names decomposed
@@ -29,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-__all__ = ["MASK_SUFFIX", "MaskFolder", "defect_pixels", "name_key"]
+__all__ = ["MASK_SUFFIX", "MaskFolder", "defect_pixels", "lacks_background", "name_key"]
 
 MASK_SUFFIX = "_mask"
 # More distinct non-zero grey levels than this: a soft mask (anti-aliasing, resampling, lossy
@@ -106,3 +109,15 @@ def defect_pixels(mask: Image.Image) -> np.ndarray:
     if np.count_nonzero(levels) > LABEL_LEVELS:
         return grey.astype(np.uint16) * 2 >= int(levels[-1])
     return grey > 0
+
+
+def lacks_background(mask: Image.Image, defect: np.ndarray) -> bool:
+    """Whether ``defect`` (:func:`defect_pixels` of ``mask``) marks every pixel although the mask
+    holds more than one value: its background is not black (a defect drawn in colour on a white
+    canvas, or a mask saved inverted), so "every pixel is defect" is a misreading. One value all
+    over (a part defective all over) is not refused."""
+    if not defect.all():
+        return False
+    m = _upright(mask)
+    values = np.asarray(m) if m.mode in _WIDE_MODES else _grey_levels(m)
+    return np.unique(values).size > 1

@@ -214,6 +214,21 @@ def test_an_all_black_mask_of_a_defective_image_is_refused(root: Path) -> None:
         _defect_mask(root)
 
 
+def test_a_mask_without_a_black_background_is_refused(root: Path) -> None:
+    """A defect drawn in blue on a white canvas (or a mask saved inverted with a grey defect)
+    read as 'every pixel is defect': 1600 of 1600 pixels, the part's whole surface counted as
+    the defect in pixel AUROC and AUPRO, without a word. One value all over (a part defective
+    all over) is still read as such."""
+    box = _square_mask() > 0
+    drawn = np.full((40, 40, 3), 255, dtype=np.uint8)
+    drawn[box] = (0, 0, 255)
+    _save_mask(root / "part/ground_truth/crack/000_mask.png", drawn)
+    with pytest.raises(DataError, match=r"000_mask\.png has no black pixel.*every pixel.*black"):
+        _defect_mask(root)
+    _save_mask(root / "part/ground_truth/crack/000_mask.png", np.full((40, 40), 255, dtype=np.uint8))
+    assert _defect_mask(root).all()
+
+
 def test_sixteen_bit_mask(root: Path) -> None:
     _save_mask(root / "part/ground_truth/crack/000_mask.png", _square_mask().astype(np.uint16) * 257)
     assert _defect_mask(root).sum() == 12 * 16
