@@ -41,7 +41,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Literal
 
@@ -76,6 +76,18 @@ def resolve_root(path: str | Path) -> Path:
 def id_stamp(moment: datetime) -> str:
     """The time part of an item id (UTC, microseconds)."""
     return moment.astimezone(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
+
+
+def _stamp_after(now: datetime, newest_id: str | None) -> str:
+    """The time part of a new item's id: ``now``'s, or 1 µs past the category's newest id's.
+    Ids order the pending items a reviewer pages through by the ``after`` cursor, so an item
+    written after a page was read must sort after it; ``now`` was taken before the store's
+    lock (a writer that stamped later may have written first) and clocks step back."""
+    stamp = id_stamp(now)
+    if newest_id is None or stamp > newest_id[:len(stamp)]:
+        return stamp
+    newest = datetime.strptime(newest_id[:len(stamp)], "%Y%m%dT%H%M%S%f").replace(tzinfo=timezone.utc)
+    return id_stamp(newest + timedelta(microseconds=1))
 
 
 def image_digest(image: bytes) -> str:
@@ -201,13 +213,14 @@ class ReviewStore(ReviewReader):
             if digest[:12] in before.digests:
                 return "duplicate", None
             items, used = self.usage()
+            stamp = _stamp_after(now, before.entries[-1].id if before.entries else None)
             draft = self._item(category, fields, "0" * 10, digest, ext, media_type, image, image_format, size,
-                               heatmap_size, now, verdict)
+                               heatmap_size, now, verdict, stamp)
             cost = len(image) + len(heatmap or b"") + len(draft.model_dump_json()) + LABEL_RESERVE
             if not self._fits(items, used, cost):
                 return "full", None
             record = self._item(category, fields, f"{cost:010d}", digest, ext, media_type, image, image_format,
-                                size, heatmap_size, now, verdict)
+                                size, heatmap_size, now, verdict, stamp)
             items_dir = base / "items"
             items_dir.mkdir(parents=True, exist_ok=True)
             staging = items_dir / f"{STAGING_PREFIX}{secrets.token_hex(6)}"
@@ -230,8 +243,8 @@ class ReviewStore(ReviewReader):
     @staticmethod
     def _item(category: str, fields: dict[str, Any], size_field: str, digest: str, ext: str, media_type: str,
               image: bytes, image_format: str, size: tuple[int, int], heatmap_size: tuple[int, int] | None,
-              now: datetime, verdict: str) -> ReviewItem:
-        item_id = f"{id_stamp(now)}-{verdict}-{size_field}-{digest[:12]}"
+              now: datetime, verdict: str, stamp: str) -> ReviewItem:
+        item_id = f"{stamp}-{verdict}-{size_field}-{digest[:12]}"
         return ReviewItem(
             **fields, id=item_id, category=category, captured_at=now,
             image=ReviewImage(file=f"image.{ext}", format=image_format.upper(), media_type=media_type,

@@ -272,3 +272,17 @@ def test_an_item_whose_image_is_gone_takes_no_label(tmp_path: Path) -> None:
     with pytest.raises(ItemNotFound, match="no image"):
         s.label("brick", item_id, "ok", by="alice")
     assert s.get_label("brick", item_id) is None and s.labels("brick") == []
+
+
+def test_an_item_written_after_a_page_was_read_is_on_the_next_page(tmp_path: Path) -> None:
+    """Ids order a category's pending items for a reviewer paging by the ``after`` cursor. A
+    writer's moment is taken before the store's lock (and clocks step back), so a writer that
+    stamped earlier could write after another: its id sorted before the cursor a reviewer had
+    already been given, and the queue skipped it for good."""
+    s = store(tmp_path)
+    later = add(s, b"later-writer-first", at=T0 + timedelta(seconds=5))[1]
+    page, _ = s.pending("brick")
+    assert [i.id for i in page] == [later]
+    earlier = add(s, b"earlier-stamp-written-second", at=T0)[1]  # it waited for the lock
+    assert [i.id for i in s.pending("brick", after=later)[0]] == [earlier]
+    assert s.item("brick", earlier).captured_at == T0  # what it says of itself stays true
