@@ -120,13 +120,24 @@ def _refuse_what_would_be_skipped(folder: Path, entries: list[Path]) -> None:
             raise DataError(f"{p} is an image format the trainer cannot read (the server refuses it: "
                             f"{UNSUPPORTED_MEDIA_TYPE}); convert it to PNG (lossless), or JPEG, BMP, TIFF, WEBP, "
                             f"or move it out of {folder}")
-        if p.is_dir() and any(_is_image_file(q) for q in p.iterdir()):
+        if p.is_dir() and _holds_images(p):
             raise DataError(f"{p} is a subfolder holding images, which are not read (only the files directly "
                             f"in {folder} are): move them up into {folder}, or the folder out of it")
         if suffix not in IMAGE_EXTENSIONS and p.is_file() and (fmt := _image_format_of(p)) is not None:
             raise DataError(f"{p} is an image ({fmt}) whose name does not end in an image extension "
                             f"({', '.join(sorted(IMAGE_EXTENSIONS))}), so it would not be read: rename it "
                             f"(e.g. {p.name}.{_EXTENSION_OF.get(fmt, fmt.lower())}), or move it out of {folder}")
+
+
+def _holds_images(folder: Path) -> bool:
+    """An image file anywhere below ``folder``, hidden folders left out (links to folders are
+    not followed). Every level: train/good/batch2/day1/*.png were skipped in silence when
+    only the subfolder's own files were looked at."""
+    for here, folders, files in os.walk(folder):
+        folders[:] = [f for f in folders if not f.startswith(".")]
+        if any(_is_image_file(Path(here, name)) for name in files):
+            return True
+    return False
 
 
 def _image_format_of(path: Path) -> str | None:

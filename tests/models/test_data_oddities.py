@@ -90,6 +90,15 @@ def test_images_in_a_subfolder_are_refused_not_skipped(root: Path) -> None:
         MVTecCategory(root, "part").train_samples()
 
 
+def test_images_two_folders_down_are_refused_not_skipped(root: Path) -> None:
+    """train/good/batch2/day1/*.png were skipped in silence (only one level down was looked at):
+    23 images in the set, 18 trained on."""
+    _image(root / "part/train/good/batch2/day1/000.png", seed=8)
+    (root / "part/train/good/batch2/.cache").mkdir()
+    with pytest.raises(DataError, match=r"batch2.*not read"):
+        MVTecCategory(root, "part").train_samples()
+
+
 def test_junk_files_and_empty_or_hidden_subfolders_are_ignored(root: Path) -> None:
     good = root / "part/train/good"
     (good / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
