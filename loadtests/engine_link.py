@@ -116,9 +116,9 @@ async def _link(version_dir: Path, settings: Settings, socket_path: Path, engine
     client = EngineClient(settings, socket_path)
     client.start()
     try:
-        await client.acquire(version_dir)
+        hold, _ = await client.acquire(version_dir)
         manifest = Manifest.read(version_dir)
-        figures = await _drive(lambda t: client.submit(manifest.category, str(version_dir), [t], time.monotonic() + 10),
+        figures = await _drive(lambda t: client.submit(manifest.category, hold, [t], time.monotonic() + 10),
                                in_flight, seconds, manifest.input_size, engine_pid)
     finally:
         await client.close()

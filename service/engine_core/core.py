@@ -46,7 +46,7 @@ class EngineCore:
         self._stopping = asyncio.Event()
         # A batch that never ends ends this process (service/pipeline/stall_watch.py).
         self.stall_watch = StallWatch(
-            lambda: [(h.engine.manifest.category, h.batcher) for h in list(self.engines.hosted.values())],
+            lambda: [(h.engine.manifest.category, h.batcher) for h in list(self.engines.handles.values())],
             settings.engine_stall_s)
 
     # What it holds, read by the tests and when debugging (each part's own table).
@@ -186,7 +186,8 @@ class EngineCore:
         elif op == "acquire":
             self.engines.acquire(frontend, int(message["rid"]), str(message["dir"]))
         elif op == "release":
-            self.engines.release(frontend.ident, str(message["dir"]))
+            handle = message.get("handle")  # absent: the folder's entry an acquire shares now
+            self.engines.release(frontend.ident, str(message["dir"]), None if handle is None else int(handle))
         elif op == "cancel":
             self.engines.cancel(frontend, int(message["rid"]))
         elif op == "reload":

@@ -1,4 +1,4 @@
-"""The engines the engine process hosts, by version folder, and the one batcher of each.
+"""The engines the engine process hosts, by version folder and content, and the one batcher of each.
 
 Every front end feeds the same :class:`~service.pipeline.batcher.Batcher` per loaded folder
 (``submit``: its ``handle``, the number given on ``acquire``), so the batches fill from all
@@ -10,18 +10,24 @@ the batcher's queue holds each front end's request slots and its warm-up slots o
 A folder is loaded on a front end's first ``acquire`` (loaded and warmed once, shared by
 the others) and unloaded a grace period after the last front end released it, so that a
 front end restarting, or a request pinned to the old version just before a reload, still
-finds it.
+finds it. A folder whose manifest changed since it was loaded (replaced under its number: a
+category exported again, numbered 1 again; a copy over it) is loaded again on the next
+acquire, as an entry of its own with its own handle: an acquire never hands back an engine
+the folder no longer holds, and the front ends holding the one before keep it (requests
+pinned to it finish) until each releases it by its handle.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from models.manifest import MANIFEST
 from service.config import Settings
 from service.engine_core.frontend import FrontEnd
 from service.engines.base import Engine
@@ -53,7 +59,9 @@ class Hosted:
     engine: Engine
     batcher: Batcher
     warmup_ms: float
-    handle: int  # what submits name it by
+    handle: int  # what submits and releases name it by
+    version_dir: str
+    digest: str | None  # of its manifest's bytes when it was loaded (None: unreadable then)
     # A set, not a count: a front end holds a folder or not, however often it acquired it
     # (it counts its own users and releases once); nothing to drift when one goes away.
     holders: set[int] = field(default_factory=set)
@@ -61,7 +69,8 @@ class Hosted:
 
 
 class HostedEngines:
-    """The loaded version folders (``hosted``, by folder; ``handles``, by number) and the
+    """The loaded version folders (``hosted``: by folder, the entry an acquire shares;
+    ``handles``: by number, every entry, those of a folder replaced since included) and the
     front ends' requests to them."""
 
     def __init__(self, settings: Settings, metrics: ServiceMetrics, engine_factory: EngineFactory) -> None:
@@ -83,7 +92,7 @@ class HostedEngines:
 
     async def drain(self) -> None:
         """Finish what every batcher holds (the process stops)."""
-        await asyncio.gather(*(h.batcher.drain(self.settings.graceful_shutdown_s) for h in self.hosted.values()))
+        await asyncio.gather(*(h.batcher.drain(self.settings.graceful_shutdown_s) for h in self.handles.values()))
 
     # ------------------------------------------------------------------ holds
     def acquire(self, frontend: FrontEnd, rid: int, version_dir: str) -> None:
@@ -98,13 +107,15 @@ class HostedEngines:
             frontend.channel.send({"op": "error", "rid": rid, "message": f"{type(exc).__name__}: {exc}"})
             return
         if not frontend.connected:  # it left while this loaded: unload later unless taken
-            self._unload_later_if_idle(version_dir, hosted)
+            self._unload_later_if_idle(hosted)
             return
         hosted.holders.add(frontend.ident)
         if hosted.unload is not None:
             hosted.unload.cancel()
             hosted.unload = None
         frontend.channel.send({"op": "acquired", "rid": rid, "name": hosted.engine.name, "handle": hosted.handle,
+                               # Which content of the folder: a front end tells its entries apart by it.
+                               "dir": version_dir, "digest": hosted.digest or "",
                                "max_batch_size": int(hosted.engine.max_batch_size),
                                "warmup_ms": hosted.warmup_ms,
                                # What runs, which a front end describes and decides with: also
@@ -112,9 +123,13 @@ class HostedEngines:
                                "manifest": hosted.engine.manifest.model_dump(mode="json")})
 
     async def load(self, version_dir: str) -> Hosted:
+        """The entry that hosts what ``version_dir`` holds now: the one loaded before while its
+        manifest is the same (or cannot be read: a pinned version whose folder left the store
+        serves on from here), else a new one (the folder was replaced under its number)."""
         async with self._loading.setdefault(version_dir, asyncio.Lock()):
             hosted = self.hosted.get(version_dir)
-            if hosted is not None:
+            digest = await asyncio.to_thread(manifest_digest, version_dir)
+            if hosted is not None and (digest is None or digest == hosted.digest):
                 return hosted
             s = self.settings
             engine = await asyncio.to_thread(self._engine_factory, Path(version_dir), kind=s.engine, device=s.device,
@@ -131,44 +146,50 @@ class HostedEngines:
                               max_queue_size=(s.max_queue_size + warmup_slots(s)) * max(1, s.api_processes),
                               observer=self.metrics,
                               lent_payloads=True)
-            if not any(h.engine.manifest.category == category for h in self.hosted.values()):
+            if not any(h.engine.manifest.category == category for h in self.handles.values()):
                 # This process serves the category from now on: its queue depth is a series from
                 # the start (0), not only after the first batch. A restarted engine process's
                 # series had left /metrics with the process it replaces, and the autoscaler and
                 # the dashboards read nothing until traffic came back.
                 self.metrics.set_queue_depth(category, 0)
             self._next_handle += 1
-            hosted = self.hosted[version_dir] = Hosted(engine, batcher, warmup_ms, self._next_handle)
+            replaced = self.hosted.get(version_dir)
+            hosted = self.hosted[version_dir] = Hosted(engine, batcher, warmup_ms, self._next_handle, version_dir,
+                                                       digest)
             self.handles[hosted.handle] = hosted
-            log.info("loaded %s on %s (warm-up %.0f ms)", version_dir, engine.name, warmup_ms)
+            log.info("loaded %s on %s (warm-up %.0f ms)%s", version_dir, engine.name, warmup_ms,
+                     "" if replaced is None else f": its folder replaced since handle {replaced.handle} was loaded")
             return hosted
 
-    def release(self, ident: int, version_dir: str) -> None:
-        hosted = self.hosted.get(version_dir)
-        if hosted is None or ident not in hosted.holders:
+    def release(self, ident: int, version_dir: str, handle: int | None = None) -> None:
+        """``ident`` lets go of ``version_dir``'s entry ``handle`` (None: the one an acquire
+        would share now)."""
+        hosted = self.hosted.get(version_dir) if handle is None else self.handles.get(handle)
+        if hosted is None or hosted.version_dir != version_dir or ident not in hosted.holders:
             return
         hosted.holders.discard(ident)
-        self._unload_later_if_idle(version_dir, hosted)
+        self._unload_later_if_idle(hosted)
 
     def left(self, frontend: FrontEnd) -> None:
         """``frontend`` went away: its queued images are dropped (a running batch finishes
         into its slab), and what it held is released."""
         for batcher, futures in frontend.requests.values():
             batcher.cancel_queued(futures)
-        for version_dir in [d for d, h in self.hosted.items() if frontend.ident in h.holders]:
-            self.release(frontend.ident, version_dir)
+        for hosted in [h for h in self.handles.values() if frontend.ident in h.holders]:
+            self.release(frontend.ident, hosted.version_dir, hosted.handle)
 
-    def _unload_later_if_idle(self, version_dir: str, hosted: Hosted) -> None:
+    def _unload_later_if_idle(self, hosted: Hosted) -> None:
         if not hosted.holders and hosted.unload is None:
-            hosted.unload = asyncio.get_running_loop().call_later(self.unload_grace_s, self._unload, version_dir)
+            hosted.unload = asyncio.get_running_loop().call_later(self.unload_grace_s, self._unload, hosted.handle)
 
-    def _unload(self, version_dir: str) -> None:
-        hosted = self.hosted.get(version_dir)
+    def _unload(self, handle: int) -> None:
+        hosted = self.handles.get(handle)
         if hosted is None or hosted.holders:
             return
-        del self.hosted[version_dir]
-        del self.handles[hosted.handle]
-        log.info("unloading %s: no front end holds it", version_dir)
+        del self.handles[handle]
+        if self.hosted.get(hosted.version_dir) is hosted:  # not a folder's content replaced since
+            del self.hosted[hosted.version_dir]
+        log.info("unloading %s (handle %d): no front end holds it", hosted.version_dir, handle)
         self._spawn(hosted.batcher.drain(self.settings.graceful_shutdown_s))
 
     def _runner(self, category: str, engine: Engine) -> Any:
@@ -252,6 +273,15 @@ class HostedEngines:
         if request is not None:
             batcher, futures = request
             batcher.cancel_queued(futures)
+
+
+def manifest_digest(version_dir: str) -> str | None:
+    """A digest of ``version_dir``'s manifest's bytes (blocking), which differs once the folder
+    holds another version; None when it cannot be read (a folder gone)."""
+    try:
+        return hashlib.sha256((Path(version_dir) / MANIFEST).read_bytes()).hexdigest()
+    except OSError:
+        return None
 
 
 def _slab_for(frontend: FrontEnd, submit: frames.Submit, hosted: Hosted) -> Slab:

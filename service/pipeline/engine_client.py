@@ -56,7 +56,7 @@ from service.metrics_buffer import FLUSH_TOPIC
 from service.metrics_buffer import flush as flush_metrics
 from service.pipeline.engine_errors import EngineUnavailable
 from service.pipeline.engine_images import EngineImages
-from service.pipeline.holds import VersionHolds
+from service.pipeline.holds import Hold, VersionHolds
 from service.pipeline.peer_gathers import Collected, Gathers
 from service.pipeline.peer_reloads import PeerReloads
 from service.pipeline.remote_engine import RemoteEngine
@@ -90,7 +90,9 @@ class EngineClient:
         self._closing = False
         self._calls: dict[int, asyncio.Future[Message]] = {}
         self._holds = VersionHolds()  # the version folders served or warming up here
-        self.handles: dict[str, int] = {}  # version folder -> the engine process's number for it
+        # What is held (a folder's content) -> the engine process's number for it; kept after a
+        # release, for the requests pinned to it, until the next connection.
+        self.handles: dict[Hold, int] = {}
         # One id space for calls and image requests: an ``error`` answer names either.
         self._ids = itertools.count(1)
         self.images = EngineImages(settings, self, self._ids)
@@ -156,18 +158,18 @@ class EngineClient:
         for message in self.reloads.record.messages():  # the engine process keeps the newest
             channel.send(message)
         self.handles.clear()  # numbers of the engine process that went away
-        for version_dir in self._holds.folders():  # what is served or warming up here, again
-            try:
-                answer = await self._call({"op": "acquire", "dir": version_dir}, require_connected=False)
+        for hold in self._holds.folders():  # what is served or warming up here, again
+            try:  # what the folder holds now: a content replaced since serves until the watch reloads
+                answer = await self._call({"op": "acquire", "dir": hold[0]}, require_connected=False)
             except EngineUnavailable as exc:
                 log.error("engine process: lost again while acquiring again what is served: %s", exc)
                 return
             except EngineError as exc:  # this folder alone: the other categories still serve
-                self._lose(version_dir, exc)
+                self._lose(hold, exc)
                 continue
-            self.handles[version_dir] = int(answer["handle"])
-        for version_dir in [d for d in self.handles if d not in self._holds]:
-            channel.send({"op": "release", "dir": version_dir})  # let go of while this reconnected
+            self.handles[hold] = int(answer["handle"])
+        for hold in [h for h in self.handles if h not in self._holds]:
+            self._let_go(hold)  # let go of while this reconnected
         log.info("connected to the engine process at %s", self.socket_path)
         self._up_since = time.monotonic()
         self._connected.set()
@@ -180,16 +182,16 @@ class EngineClient:
         then those made meanwhile (see :meth:`PeerReloads.start_serving`)."""
         await self.reloads.start_serving(load, timeout_s)
 
-    def _lose(self, version_dir: str, exc: EngineError) -> None:
-        """The engine process cannot load ``version_dir`` (any more): no use of it here is
+    def _lose(self, hold: Hold, exc: EngineError) -> None:
+        """The engine process cannot load ``hold``'s folder (any more): no use of it here is
         left to count, and the categories it served are failed loads now, retried as such
         (the next connection, a newer export), rather than failing every category with the
         connection. Each retry stays one load a connection, with no tight loop."""
         log.error("engine process: cannot acquire %s again; its categories fail until it loads: %s",
-                  version_dir, exc)
-        for category in self._holds.forget(version_dir):
+                  hold[0], exc)
+        for category in self._holds.forget(hold):
             if self.on_lost is not None:
-                self.on_lost(category, version_dir, exc)
+                self.on_lost(category, hold[0], exc)
 
     def _disconnected(self) -> None:
         self._connected.clear()
@@ -237,6 +239,8 @@ class EngineClient:
                     call.set_result(message)
                 elif op == "error":  # a warm message it could not read
                     self.images.refused(int(message["rid"]), str(message.get("message")))
+                elif op == "acquired":  # its caller gave up (cancelled): held there for nothing
+                    self._unwanted(message)
             elif op == "reload":
                 self.reloads.heard(message)
             elif op == "retired":
@@ -280,37 +284,53 @@ class EngineClient:
     def close_call(self, rid: int) -> None:
         self._calls.pop(rid, None)
 
-    async def acquire(self, version_dir: Path) -> Message:
-        """Have the engine process load (or share) ``version_dir`` and keep it for this front
-        end, until :meth:`release` (a failed warm-up) or :meth:`swapped_in` of a newer version."""
+    async def acquire(self, version_dir: Path) -> tuple[Hold, Message]:
+        """Have the engine process load (or share) what ``version_dir`` holds now and keep it
+        for this front end, until :meth:`release` (a failed warm-up) or :meth:`swapped_in` of a
+        newer version: what is held (which content of the folder), and the answer. Held once
+        answered: one cut off before fails, and the engine process let go of it with the
+        connection."""
         folder = str(version_dir)
-        self._holds.take(folder)
-        try:
-            answer = await self._call({"op": "acquire", "dir": folder})
-        except BaseException:
-            self.release(folder)
-            raise
-        self.handles[folder] = int(answer["handle"])
-        return answer
+        answer = await self._call({"op": "acquire", "dir": folder})
+        hold = (folder, str(answer.get("digest", "")))
+        self._holds.take(hold)
+        self.handles[hold] = int(answer["handle"])
+        return hold, answer
 
-    def swapped_in(self, version_dir: Path) -> None:
-        """The registry serves ``version_dir`` now: the version served before lets go of it
+    def swapped_in(self, hold: Hold) -> None:
+        """The registry serves ``hold`` now: the version served before lets go of it
         (requests pinned to it still finish: the engine process unloads after a grace period).
         Not at :meth:`acquire`: until the warm-up succeeded, the version before still serves."""
-        previous = self._holds.serve(version_dir.parent.name, str(version_dir))
+        previous = self._holds.serve(Path(hold[0]).parent.name, hold)
         if previous is not None:
             self.release(previous)  # the same folder too: reloading it acquired it once more
 
-    def stopped_serving(self, category: str, version_dir: Path) -> None:
-        """The registry no longer serves ``category`` with ``version_dir``, and nothing else in
+    def stopped_serving(self, category: str, hold: Hold) -> None:
+        """The registry no longer serves ``category`` with ``hold``, and nothing else in
         its place (a failed follow of a reload): that use of it ends, as at a swap."""
-        if self._holds.unserve(category, str(version_dir)):
-            self.release(str(version_dir))
+        if self._holds.unserve(category, hold):
+            self.release(hold)
 
-    def release(self, version_dir: str) -> None:
-        """One user of ``version_dir`` fewer; the engine process hears when none is left."""
-        if self._holds.drop(version_dir) and self._connected.is_set() and self.channel is not None:
-            self.channel.send({"op": "release", "dir": version_dir})  # reconnecting: left out there
+    def release(self, hold: Hold) -> None:
+        """One user of ``hold`` fewer; the engine process hears when none is left."""
+        if self._holds.drop(hold) and self._connected.is_set():
+            self._let_go(hold)  # reconnecting: left out there
+
+    def _let_go(self, hold: Hold) -> None:
+        """Tell the engine process that nothing here uses ``hold``'s entry any more, unless
+        another hold names the same one (a content replaced while this reconnected)."""
+        handle = self.handles.get(hold)
+        if self.channel is None or handle is None:
+            return
+        if not any(self.handles.get(other) == handle for other in self._holds.folders()):
+            self.channel.send({"op": "release", "dir": hold[0], "handle": handle})
+
+    def _unwanted(self, answer: Message) -> None:
+        """An acquire answered after its caller gave up: the engine process holds that entry
+        for this front end, which lets go of it unless it holds it anyway."""
+        handle = int(answer["handle"])
+        if self.channel is not None and handle not in {self.handles.get(h) for h in self._holds.folders()}:
+            self.channel.send({"op": "release", "dir": str(answer.get("dir")), "handle": handle})
 
     # ------------------------------------------------------------------ between front ends
     def broadcast_reload(self, category: str, version: str | None) -> None:
@@ -343,23 +363,23 @@ class EngineClient:
         """This front end's slots for ``category``'s inputs of ``size`` (see :class:`EngineImages`)."""
         return self.images.pool(category, size)
 
-    async def run(self, category: str, version_dir: str, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    async def run(self, category: str, hold: Hold, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """One whole batch of ``category`` through the engine process (the registry's warm-up;
         see :meth:`EngineImages.run`)."""
-        return await self.images.run(category, version_dir, images)
+        return await self.images.run(category, hold, images)
 
     # ------------------------------------------------------------------ for the registry (worker threads)
     def engine_factory(self, version_dir: Path, **_: Any) -> "RemoteEngine":
         """The registry's engine factory here (called in a worker thread, like load_engine).
         The manifest is the engine process's, of the engine that runs: a pinned version whose
         folder left the store is served on from its memory, as one process serves it on."""
-        answer = asyncio.run_coroutine_threadsafe(self.acquire(version_dir), self.loop).result()
+        hold, answer = asyncio.run_coroutine_threadsafe(self.acquire(version_dir), self.loop).result()
         try:
             manifest = Manifest.model_validate(answer["manifest"])
         except (KeyError, ValueError) as exc:
-            self.loop.call_soon_threadsafe(self.release, str(version_dir))
+            self.loop.call_soon_threadsafe(self.release, hold)
             raise EngineError(f"engine process: no readable manifest for {version_dir}: {exc}") from exc
-        return RemoteEngine(self, version_dir, manifest, str(answer["name"]), int(answer["max_batch_size"]))
+        return RemoteEngine(self, version_dir, manifest, str(answer["name"]), int(answer["max_batch_size"]), hold)
 
 
 def _flush_metrics(_: Message) -> list[Any]:

@@ -38,6 +38,7 @@ from service.ipc.slab import Slab, SlotPool
 from service.pipeline.batch_queue import Batched, BatcherClosed, DeadlineExceeded, QueueFull
 from service.pipeline.engine_errors import EngineUnavailable
 from service.pipeline.engine_slabs import WARMUP, Entry, SlabKey, Slabs, WarmupKey, WarmupSlots, warmup_slots
+from service.pipeline.holds import Hold
 
 _WARMUP_DEADLINE_S = 300.0  # a warm-up batch through the engine process: first CUDA / TensorRT runs are slow
 
@@ -47,7 +48,7 @@ class Link(Protocol):
     (a protocol, not an import: the client module imports this one)."""
 
     channel: Channel | None
-    handles: dict[str, int]
+    handles: dict[Hold, int]
 
     @property
     def connected(self) -> bool: ...
@@ -137,13 +138,13 @@ class EngineImages:
         self._slabs.serve(category)
         return self._slabs.entry((category, size))[2]
 
-    def submit(self, category: str, version_dir: str, tensors: Sequence[np.ndarray], deadline: float,
+    def submit(self, category: str, hold: Hold, tensors: Sequence[np.ndarray], deadline: float,
                lend: bool = False) -> list[asyncio.Future[Any]]:
         """Queue ``tensors`` (all or none) of ``category`` (its manifest's, which its folder is
-        placed under) on the engine process, on that category's slots; one future per image.
+        placed under) on the engine process's entry ``hold``, on that category's slots; one future per image.
         ``lend``: each answered map is a view of its slot, held until :meth:`release` of the
         futures (which the caller must reach on every path)."""
-        handle, channel = self._route(version_dir)
+        handle, channel = self._route(hold)
         key = (category, int(tensors[0].shape[0]))
         ident, slab, pool = self._slabs.entry(key)  # made again for a request pinned before a retirement
         slots = pool.take(len(tensors))
@@ -153,10 +154,10 @@ class EngineImages:
         channel.send_frame(frames.pack_submit(rid, handle, ident, deadline, slots))
         return futures
 
-    def _route(self, version_dir: str) -> tuple[int, Channel]:
-        """The engine process's handle of ``version_dir`` and the channel to it."""
+    def _route(self, hold: Hold) -> tuple[int, Channel]:
+        """The engine process's handle of ``hold`` and the channel to it."""
         link = self._link
-        handle = link.handles.get(version_dir)
+        handle = link.handles.get(hold)
         channel = link.channel
         if not link.connected or handle is None or channel is None:
             raise EngineUnavailable("the engine process is restarting; retry")
@@ -249,7 +250,7 @@ class EngineImages:
             failed = frames.Outcome(frames.ENGINE_ERROR, message=f"engine process: {message}")
             self.resolve(rid, [failed] * len(request.slots))
 
-    async def run(self, category: str, version_dir: str, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    async def run(self, category: str, hold: Hold, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """One whole batch through the engine process (the registry's warm-up), in parts no
         larger than this front end's warm-up slab, never on the slots of requests (see the
         module docstring). Not bound by the request deadline: a warm-up waits out the
@@ -265,11 +266,11 @@ class EngineImages:
         for start in range(0, len(images), step):
             part = list(images[start:start + step])
             # gather: when one image fails, the others' errors are read too (no "never retrieved")
-            results += await asyncio.gather(*await self._warm(key, version_dir, part, deadline))
+            results += await asyncio.gather(*await self._warm(key, hold, part, deadline))
         return (np.array([r.value[0] for r in results], dtype=np.float32),
                 np.stack([r.value[1] for r in results]))
 
-    async def _warm(self, key: WarmupKey, version_dir: str, tensors: list[np.ndarray],
+    async def _warm(self, key: WarmupKey, hold: Hold, tensors: list[np.ndarray],
                     deadline: float) -> list[asyncio.Future[Any]]:
         """One part of a warm-up queued on its slab, once its slots are free."""
         while True:
@@ -281,7 +282,7 @@ class EngineImages:
                 break
             pool.give_back(slots)  # its slab was freed while this waited (the category retired): a new one
         try:
-            handle, channel = self._route(version_dir)
+            handle, channel = self._route(hold)
         except BaseException:
             pool.give_back(slots)
             self._slabs.free_idle(key[0])

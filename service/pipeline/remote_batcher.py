@@ -27,7 +27,7 @@ class RemoteBatcher:
         self.client = client
         self.category = engine.manifest.category
         self.label = engine.name
-        self.version_dir = str(engine.version_dir)
+        self.hold = engine.hold  # the engine process's entry its images go to
         self.max_queue_delay_s = max_queue_delay_s
         self._metrics = metrics
         # The category's own slots, not its input size's: a neighbour's flood cannot take them.
@@ -71,7 +71,7 @@ class RemoteBatcher:
         """``lend``: the maps are read in their slots, held until :meth:`release`
         (:meth:`~service.pipeline.engine_images.EngineImages.submit`)."""
         self.check_room(len(items))
-        futures = self.client.submit(self.category, self.version_dir, items, deadline, lend=lend)
+        futures = self.client.submit(self.category, self.hold, items, deadline, lend=lend)
         if len(self._in_flight) >= 2 * self._pool.capacity:  # so each image is scanned about once
             self._in_flight = [f for f in self._in_flight if not f.done()]
         self._in_flight += futures

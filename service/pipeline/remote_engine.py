@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from models.manifest import Manifest
+from service.pipeline.holds import Hold
 
 
 class Client(Protocol):
@@ -26,19 +27,20 @@ class Client(Protocol):
     @property
     def loop(self) -> asyncio.AbstractEventLoop: ...
 
-    def run(self, category: str, version_dir: str,
+    def run(self, category: str, hold: Hold,
             images: np.ndarray) -> Coroutine[Any, Any, tuple[np.ndarray, np.ndarray]]: ...
 
-    def release(self, version_dir: str) -> None: ...
+    def release(self, hold: Hold) -> None: ...
 
 
 class RemoteEngine:
     """An engine that runs in the engine process (the :class:`~service.engines.base.Engine` protocol)."""
 
     def __init__(self, client: Client, version_dir: Path, manifest: Manifest, name: str,
-                 max_batch_size: int) -> None:
+                 max_batch_size: int, hold: Hold) -> None:
         self.client = client
         self.version_dir = version_dir
+        self.hold = hold  # which content of the folder the engine process runs for it
         self.manifest = manifest
         self.name = name
         self.max_batch_size = max_batch_size
@@ -46,10 +48,10 @@ class RemoteEngine:
     def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Blocking; from a worker thread only (never from the event loop it would wait on)."""
         future: concurrent.futures.Future[tuple[np.ndarray, np.ndarray]] = asyncio.run_coroutine_threadsafe(
-            self.client.run(self.manifest.category, str(self.version_dir), images), self.client.loop)
+            self.client.run(self.manifest.category, self.hold, images), self.client.loop)
         return future.result()
 
     def close(self) -> None:
         """The registry gave up on this version (its warm-up failed): let the engine process
         unload it. Called from the registry's worker thread: the client lives on its loop."""
-        self.client.loop.call_soon_threadsafe(self.client.release, str(self.version_dir))
+        self.client.loop.call_soon_threadsafe(self.client.release, self.hold)

@@ -145,7 +145,7 @@ class PipelineRuntime:
         """Registry callback after a (re)load: older lanes of the category retire; idle ones drain now."""
         self.metrics.set_model(model.category, model.version, model.engine.name)
         if self.engine_link is not None and isinstance(model.engine, RemoteEngine):  # now, not at the acquire
-            self.engine_link.swapped_in(model.engine.version_dir)
+            self.engine_link.swapped_in(model.engine.hold)
         self.lanes.retire(lambda lane_model: lane_model.category != model.category or lane_model is model)
 
     def _dropped(self, model: LoadedModel) -> None:
@@ -157,7 +157,7 @@ class PipelineRuntime:
     def _stop_holding(self, model: LoadedModel) -> None:
         """The engine process's hold on ``model`` goes (multi-process mode; nothing in one process)."""
         if self.engine_link is not None and isinstance(model.engine, RemoteEngine):
-            self.engine_link.stopped_serving(model.category, model.engine.version_dir)
+            self.engine_link.stopped_serving(model.category, model.engine.hold)
 
     def _retired(self, category: str, model: LoadedModel | None) -> None:
         """Registry callback: the store watch retired ``category`` (its folder left the store):

@@ -140,10 +140,10 @@ def test_a_lanes_in_flight_list_stays_bounded_and_drain_waits_for_it(model_store
             client = EngineClient(Settings(**settings, engine_socket=sock), sock)
             client.start()
             try:
-                answer = await client.acquire(version_dir)
+                hold, answer = await client.acquire(version_dir)
                 manifest = Manifest.read(version_dir)
                 engine = RemoteEngine(client, version_dir, manifest, str(answer["name"]),
-                                      int(answer["max_batch_size"]))
+                                      int(answer["max_batch_size"]), hold)
                 lane = RemoteBatcher(client, engine, 0.001, ServiceMetrics())
                 image = np.zeros((manifest.input_size, manifest.input_size, 3), dtype=np.uint8)
                 longest = 0

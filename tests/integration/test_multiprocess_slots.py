@@ -47,16 +47,15 @@ def test_a_cancelled_image_keeps_its_slot_until_its_running_batch_is_done(tmp_pa
             client = EngineClient(settings, settings.engine_socket)
             client.start()
             try:
-                for version_dir in dirs.values():
-                    await client.acquire(version_dir)
+                holds = {category: (await client.acquire(version_dir))[0] for category, version_dir in dirs.items()}
                 pool = client.pool("aaa", 32)
                 image = np.zeros((32, 32, 3), np.uint8)
-                (a,) = client.submit("aaa", str(dirs["aaa"]), [image], time.monotonic() + 30)
+                (a,) = client.submit("aaa", holds["aaa"], [image], time.monotonic() + 30)
                 assert await asyncio.to_thread(engines["aaa"].started.wait, 10)  # A's batch is in the engine
                 a.cancel()
                 await asyncio.sleep(0.3)  # time for a (wrong) answer to come back
                 assert pool.free == pool.capacity - 1, "A's slot was freed while its batch still runs"
-                (b,) = client.submit("bbb", str(dirs["bbb"]), [image], time.monotonic() + 30)
+                (b,) = client.submit("bbb", holds["bbb"], [image], time.monotonic() + 30)
                 done = await asyncio.wait_for(b, 10)
                 assert done.value[0] == 2.0 and (done.value[1] == 2.0).all()
                 engines["aaa"].gate.set()
@@ -87,10 +86,10 @@ def test_a_channel_that_ends_under_a_running_batch_never_hands_its_slots_out_aga
             client = EngineClient(settings, settings.engine_socket)
             client.start()
             try:
-                await client.acquire(version_dir)
+                hold, _ = await client.acquire(version_dir)
                 pool = client.pool("aaa", 32)
                 image = np.zeros((32, 32, 3), np.uint8)
-                (a,) = client.submit("aaa", str(version_dir), [image], time.monotonic() + 30)
+                (a,) = client.submit("aaa", hold, [image], time.monotonic() + 30)
                 (slot,) = client.images.requests[max(client.images.requests)].slots
                 written = client.images.slabs[("aaa", 32)][1]  # the memory A's batch writes its map into
                 assert await asyncio.to_thread(engines[0].started.wait, 10)
@@ -104,7 +103,7 @@ def test_a_channel_that_ends_under_a_running_batch_never_hands_its_slots_out_aga
                 await until(lambda: (written.output(slot) == 1.0).all(), "A's late map")
                 serving = client.images.slabs[("aaa", 32)][1]
                 assert serving is not written and (serving.output(slot) == 0).all()
-                (b,) = client.submit("aaa", str(version_dir), [image], time.monotonic() + 30)  # the new slab reached the engine
+                (b,) = client.submit("aaa", hold, [image], time.monotonic() + 30)  # the new slab reached the engine
                 assert (await asyncio.wait_for(b, 10)).value[0] == 1.0
             finally:
                 engines[0].gate.set()
@@ -126,14 +125,13 @@ def test_a_category_whose_slots_are_all_held_leaves_its_neighbours_theirs(tmp_pa
             client = EngineClient(settings, settings.engine_socket)
             client.start()
             try:
-                for version_dir in dirs.values():
-                    await client.acquire(version_dir)
+                holds = {category: (await client.acquire(version_dir))[0] for category, version_dir in dirs.items()}
                 image = np.zeros((32, 32, 3), np.uint8)
-                held = client.submit("aaa", str(dirs["aaa"]), [image] * 4, time.monotonic() + 30)
+                held = client.submit("aaa", holds["aaa"], [image] * 4, time.monotonic() + 30)
                 assert await asyncio.to_thread(engines["aaa"].started.wait, 10)
                 with pytest.raises(QueueFull):
-                    client.submit("aaa", str(dirs["aaa"]), [image], time.monotonic() + 30)
-                (b,) = client.submit("bbb", str(dirs["bbb"]), [image], time.monotonic() + 30)
+                    client.submit("aaa", holds["aaa"], [image], time.monotonic() + 30)
+                (b,) = client.submit("bbb", holds["bbb"], [image], time.monotonic() + 30)
                 assert (await asyncio.wait_for(b, 10)).value[0] == 2.0
                 engines["aaa"].gate.set()
                 assert [done.value[0] for done in await asyncio.gather(*held)] == [1.0] * 4

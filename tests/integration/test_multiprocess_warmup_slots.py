@@ -94,18 +94,19 @@ def test_warm_ups_of_one_category_wait_for_each_others_slots(tmp_path: Path) -> 
     """Two warm-ups of one category at once (a reload and a follow, say), each as large as
     the warm-up slab: the second waits for the first's slots, it is not refused."""
     store = tmp_path / "store"
-    version_dir = fake_version(store, "aaa", "1")
+    fake_version(store, "aaa", "1")
     engines: dict[str, ValueEngine] = {}
 
     async def main() -> None:
         async with engine_process(store, factory_of(engines)) as (_, settings), \
-                front_end(settings) as (_, link):
+                front_end(settings) as (rt, link):
             engine = engines["1"]
             engine.gate.clear()
             batch = np.zeros((settings.max_batch_size, 32, 32, 3), np.uint8)
-            first = asyncio.create_task(link.run("aaa", str(version_dir), batch))
+            hold = rt.registry.get("aaa").engine.hold  # the engine process's entry of the folder it serves
+            first = asyncio.create_task(link.run("aaa", hold, batch))
             assert await asyncio.to_thread(engine.started.wait, 10)
-            second = asyncio.create_task(link.run("aaa", str(version_dir), batch))
+            second = asyncio.create_task(link.run("aaa", hold, batch))
             await asyncio.sleep(0.2)
             assert not second.done()  # waiting for the slots, not refused
             engine.gate.set()

@@ -176,27 +176,43 @@ def test_a_broken_export_neither_takes_a_restarted_replica_down_nor_goes_uncount
         server.stop()
 
 
-def test_a_version_replaced_under_its_own_number_is_served_with_its_new_content(tmp_path: Path) -> None:
+@pytest.mark.parametrize("processes", [1, 2], ids=["one-process", "front-ends"])
+def test_a_version_replaced_under_its_own_number_is_served_with_its_new_content(tmp_path: Path,
+                                                                                processes: int) -> None:
     """A category deleted and exported again (``msflow export`` numbers it 1 again), or a version
     folder replaced by a copy, within the removal grace: the server must serve what the store
     now holds under that number, not the model it loaded before because the name matches (it
     did, for good: GET /v1/models said version 1 at 32 px while the store's 1 was 48 px). Once
-    swapped, the watch loads it no more (no reload at every scan)."""
+    swapped, the watch loads it no more (no reload at every scan). With front ends, each one's
+    reload of the folder must get its new content from the engine process, which handed back
+    the engine it hosted under that path (32 px for good on every front end): each look is
+    several GETs on fresh connections, which the kernel spreads over the front ends."""
     store = tmp_path / "store"
     fake_version(store, CATEGORY, "1", size=32)
-    server = start(store, tmp_path / "server.log", engine="null", store_poll_s=0.1)
+    server = start(store, tmp_path / "server.log", engine="null", store_poll_s=0.1, api_processes=processes)
+    polls = 1 if processes == 1 else 16
+
+    def described() -> list[dict[str, Any]]:
+        return [httpx.get(f"{server.url}/v1/models/{CATEGORY}", timeout=5).json() for _ in range(polls)]
+
+    def sizes() -> set[int]:
+        return {m["input_size"] for m in described()}
     try:
-        with httpx.Client(base_url=server.url, timeout=5.0) as c:
-            assert c.get(f"/v1/models/{CATEGORY}").json()["input_size"] == 32
-            shutil.rmtree(store / CATEGORY)
-            fake_version(store, CATEGORY, "1", size=48)
-            wait_until(lambda: c.get(f"/v1/models/{CATEGORY}").json()["input_size"] == 48, 5,
-                       "the new content of version 1 served")
-            loaded_at = c.get(f"/v1/models/{CATEGORY}").json()["loaded_at"]
-            time.sleep(0.5)  # five scans
-            again = c.get(f"/v1/models/{CATEGORY}").json()
-            assert again["loaded_at"] == loaded_at and again["failed_versions"] == {}, again
-            assert c.get("/readyz").json()["categories"] == {CATEGORY: "serving 1"}
+        assert sizes() == {32}
+        shutil.rmtree(store / CATEGORY)
+        fake_version(store, CATEGORY, "1", size=48)
+        wait_until(lambda: sizes() == {48}, 5, "the new content of version 1 served")
+        loaded_at = {m["loaded_at"] for m in described()}
+        time.sleep(0.5)  # five scans
+        again = described()
+        assert {m["loaded_at"] for m in again} <= loaded_at and all(m["failed_versions"] == {} for m in again), again
+        assert {m["input_size"] for m in again} == {48}
+        png = png_of(Image.new("RGB", (48, 48), (90, 90, 90)))
+        for _ in range(polls // 2):  # the engine process runs the new model for the front ends
+            r = httpx.post(f"{server.url}/v1/inspect/{CATEGORY}", params={"heatmap": "none"},
+                           files=[("file", ("a.png", png, "image/png"))], timeout=30)
+            assert r.status_code == 200 and r.json()["results"][0]["model_version"] == "1", r.text
+        assert httpx.get(f"{server.url}/readyz", timeout=5).json()["categories"] == {CATEGORY: "serving 1"}
     finally:
         server.stop()
 
