@@ -90,7 +90,11 @@ def _calibration_normals(run: Path, size: int) -> tuple[np.ndarray, CalibrationS
     Read with the test set, before its prediction: a calibration image that cannot be read
     (truncated, a format the server refuses) stopped eval only after the whole test set was
     predicted, minutes on a real set, with nothing written."""
-    samples, source = calibration_samples(run)
+    try:
+        samples, source = calibration_samples(run)
+    except ValueError as exc:  # eval has two other ways to a threshold, which export has not
+        raise ValueError(f"{exc}; or judge the test set at a threshold of your own: msflow eval --threshold RAW, "
+                         "or --version of an exported model") from exc
     return load_images(samples, size), source
 
 

@@ -156,3 +156,16 @@ def test_calibration_images_with_the_same_bytes_are_refused(demo_root: Path, tmp
         calibration_samples(run, folder)
     (folder / "copy00.png").unlink()
     assert len(calibration_samples(run, folder)[0]) == len(fresh)
+
+
+def test_eval_without_enough_normals_names_its_own_ways_to_a_threshold(tmp_path: Path, demo_root: Path) -> None:
+    """msflow eval refused with export's remedies only, while --threshold or --version work there."""
+    from models.evaluate import _calibration_normals
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"data": str(demo_root / CATEGORY / "train" / "good")}))
+    held = sorted((demo_root / CATEGORY / "train" / "good").glob("*.png"))[:3]
+    (run / "holdout.json").write_text(json.dumps([str(p) for p in held]))
+    with pytest.raises(ValueError, match="training holdout holds 3.*msflow eval --threshold RAW, or --version"):
+        _calibration_normals(run, 64)
