@@ -19,6 +19,12 @@ breaker nor closes it. It did both: one ``/readyz`` during a Redis stall of half
 turned Redis off for the hot path for ``redis_breaker_s`` (the next inspection skipped the
 cache and kept its heatmap link in this process's memory, where no other replica finds it),
 and a PING that succeeded closed a breaker the hot path had opened.
+
+A call of the connection made from the settings (the hot path's) is bounded as a whole by
+:func:`hung_bound` (~0.6 s at the defaults): redis-py's timeouts are per socket read, and a
+call that needed a new connection spent 0.5 s more on its handshake (CLIENT SETNAME timed out,
+then retried) before its own two tries; on a hung Redis such calls took 1.07 s, and a request
+with an 800 ms deadline spent it on the cache lookup and answered 504.
 """
 
 from __future__ import annotations
@@ -63,6 +69,13 @@ def make_client(settings: Settings, socket_timeout: float | None = None) -> aior
     return aioredis.Redis.from_url(settings.redis_url, **kwargs)
 
 
+def hung_bound(settings: Settings) -> float:
+    """How long a hot-path call (or a probe's PING) may take when Redis does not answer: each
+    try's timeout, plus the retries' backoff."""
+    s = settings
+    return (s.redis_retries + 1) * (max(s.redis_socket_timeout_s, s.redis_connect_timeout_s) + 0.05)
+
+
 class RedisConnection:
     """A client, the key prefix and a circuit breaker: after a failure every call fails fast
     with :class:`RedisUnavailable` for ``redis_breaker_s``, then Redis is tried again."""
@@ -76,6 +89,8 @@ class RedisConnection:
         self.breaker_s = settings.redis_breaker_s if breaker_s is None else breaker_s
         self._skip_until = 0.0
         self._slots = asyncio.Semaphore(settings.redis_max_connections)  # at most the pool's connections
+        # A client of its own has timeouts of its own (job payloads, a worker's blocking read): unbounded here.
+        self._bound_s: float | None = hung_bound(settings) if client is None else None
 
     def key(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
@@ -101,7 +116,8 @@ class RedisConnection:
         else:
             await self._slots.acquire()  # returns at once
         try:
-            result = await fn(self.client)
+            async with asyncio.timeout(self._bound_s):
+                result = await fn(self.client)
         except (RedisError, OSError, TimeoutError) as exc:
             # ResponseError: Redis answered (an error of the command, not of the link);
             # MaxConnectionsError: a pool shared beyond these slots is full, Redis is fine
@@ -109,7 +125,7 @@ class RedisConnection:
                 self._count(op)
             else:
                 self._trip(op, exc)
-            raise RedisUnavailable(f"Redis is unavailable ({op} failed: {exc}); retry later") from exc
+            raise RedisUnavailable(f"Redis is unavailable ({op} failed: {exc or type(exc).__name__}); retry later") from exc
         finally:
             self._slots.release()
         self._skip_until = 0.0
@@ -130,8 +146,7 @@ class RedisConnection:
         where a probe's timeout is seconds, and a worker's socket timeout longer still)."""
         if self._slots.locked():  # every connection busy with calls: Redis answers them
             return not self.skipping
-        s = self.settings
-        bound = (s.redis_retries + 1) * (max(s.redis_socket_timeout_s, s.redis_connect_timeout_s) + 0.05)
+        bound = hung_bound(self.settings)
         await self._slots.acquire()  # returns at once: not locked above, and no await since
         try:
             async with asyncio.timeout(bound):

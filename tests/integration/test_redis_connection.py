@@ -138,3 +138,40 @@ def test_a_readiness_ping_looks_and_never_opens_or_closes_the_breaker(private_re
             await conn.aclose()
 
     asyncio.run(main())
+
+
+def test_a_call_on_a_hung_redis_ends_within_its_bound_on_new_connections_too(private_redis: RedisServer) -> None:
+    """A hot-path call on a hung Redis fails within (retries + 1) x (timeout + 50 ms), ~0.6 s at
+    the defaults, whatever redis-py spends on a new connection's handshake: calls that each
+    needed a connection of their own took 1.07 s (a connect's CLIENT SETNAME timed out and was
+    retried before the command's own two tries), and a request with a 800 ms deadline spent it
+    on the cache lookup and answered 504."""
+    settings = Settings(redis_url=private_redis.url, redis_prefix=PREFIX, model_store=Path("."),
+                        redis_socket_timeout_s=0.25, redis_connect_timeout_s=0.25, redis_retries=1,
+                        redis_breaker_s=0.0)
+    assert private_redis.proc is not None
+    pid = private_redis.proc.pid
+
+    async def main() -> None:
+        conn = RedisConnection(settings)
+
+        async def timed() -> float:
+            started = time.monotonic()
+            with pytest.raises(RedisUnavailable):
+                await conn.run("cache_get", lambda client: client.mget([conn.key("x")]))
+            return time.monotonic() - started
+
+        try:
+            assert await conn.run("warm", lambda client: client.ping()) is True  # one pooled connection
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                took = await asyncio.gather(*(timed() for _ in range(4)))  # three need new connections
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            assert max(took) < 0.75, f"calls on a hung Redis took {[round(t, 2) for t in took]} s"
+            assert await conn.run("after", lambda client: client.ping()) is True
+        finally:
+            os.kill(pid, signal.SIGCONT)
+            await conn.aclose()
+
+    asyncio.run(main())
