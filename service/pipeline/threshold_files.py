@@ -61,17 +61,24 @@ def read_override(path: Path, version: str) -> ThresholdOverride | None:
 
 def parse_override(value: str | bytes | None, version: str, where: str) -> ThresholdOverride | None:
     """An override as a file or Redis holds it; None for the "calibrated" marker or anything unusable."""
+    return parse_stored(value, version, where)[1]
+
+
+def parse_stored(value: str | bytes | None, version: str, where: str) -> tuple[bool, ThresholdOverride | None]:
+    """(usable, override): usable is False for a value that is neither an override of
+    ``version`` nor the "calibrated" marker (garbage, another version's), which says nothing
+    about the threshold: Redis's sync must not read it as a DELETE."""
     if value is None:
-        return None
+        return True, None
     try:
         data = json.loads(value)
         if isinstance(data, dict) and data.get(CALIBRATED_MARKER) is True:
-            return None  # an explicit DELETE
+            return True, None  # an explicit DELETE
         override = ThresholdOverride.model_validate(data)
     except (ValueError, ValidationError) as exc:
         log.warning("ignoring the invalid threshold override in %s: %s", where, exc)
-        return None
+        return False, None
     if override.version != version:  # a version folder copied under another name
         log.warning("ignoring the threshold override in %s: it was set for version %s", where, override.version)
-        return None
-    return override
+        return False, None
+    return True, override

@@ -84,7 +84,7 @@ from models.atomic_files import write_atomic
 from models.manifest import Calibration, Manifest
 from service.config import Settings
 from service.pipeline.threshold_files import (CALIBRATED_MARKER, OVERRIDE_FILE, FileStat, file_stat,
-                                              folder_writable, parse_override, read_override)
+                                              folder_writable, parse_stored, read_override)
 from service.redisq.connection import RedisConnection, RedisUnavailable
 from service.redisq.tasks import cancel_and_wait
 from service.schemas import ThresholdOverride
@@ -279,18 +279,21 @@ class ThresholdOverrides:
         for key, generation, value in zip(keys, generations, raw):
             if self._generation.get(key, 0) != generation:
                 continue  # changed while the read was in flight: the change wins
-            if value is None:  # never written, or lost by Redis
+            usable, override = parse_stored(value, key[1], f"Redis {self._redis_key(*key)}")
+            if value is None or not usable:  # never written, lost by Redis, or unreadable here
                 # A writable folder took every change: its file decides, and no file means
                 # calibrated (memory could hold an override a DELETE removed before Redis lost
                 # the marker). A read-only one took none: what we last knew is all there is.
+                # An unreadable value (garbage, another version's) is no DELETE either: it
+                # reverted every replica to calibrated. It stays (no NX write replaces it).
                 restored = self._read_file(*key)
                 if restored is None and not self._file_is_durable(*key):
                     restored = self._known.get(key)
                 self._known[key] = restored
-                if restored is not None:
+                if restored is not None and value is None:
                     lost.append((key, restored))
             else:
-                self._known[key] = parse_override(value, key[1], f"Redis {self._redis_key(*key)}")
+                self._known[key] = override
         for key, override in lost:
             await self._republish(key, override)
         return True

@@ -175,3 +175,40 @@ def test_override_on_a_read_only_store_without_redis(model_store: Path, tmp_path
         asyncio.run(overrides.set(CATEGORY, "1", 1.0))
     assert getattr(info.value, "code", None) == "threshold_not_persisted"
     assert overrides.get(CATEGORY, "1") is None  # nothing changed
+
+
+def test_an_unreadable_override_in_redis_never_reverts_to_calibrated(model_store: Path, tmp_path: Path) -> None:
+    """A Redis key holding what this server cannot read (garbage, an override for another
+    version) is not "calibrated": every replica's sync took it as the explicit DELETE marker
+    and served the calibrated threshold while the override file still held the operator's
+    (measured on a served brick: 2.5 -> 2.5959 within one sync). The file decides, as for a
+    key Redis lost."""
+    from harness import RedisServer
+    from service.redisq.connection import RedisConnection
+
+    man = Manifest.read(model_store / CATEGORY / "1")
+    calibrated = man.calibration.threshold
+    redis_server = RedisServer(tmp_path)
+    try:
+        async def scenario() -> None:
+            settings = Settings(model_store=model_store, redis_url=redis_server.url, redis_prefix="msflow-bad:",
+                                threshold_overrides_dir=tmp_path / "thresholds")
+            a, b = (ThresholdOverrides(settings, RedisConnection(settings)) for _ in range(2))
+            key = "msflow-bad:threshold:brick:1"
+            await a.set(CATEGORY, "1", calibrated + 0.5)
+            for junk in (b"garbage", b"\xff\xfe", b"[]", json.dumps(
+                    {"threshold": 7.0, "version": "2", "set_at": "2026-01-01T00:00:00Z"}).encode()):
+                redis_server.client().set(key, junk)
+                for o in (a, b):
+                    assert await o.refresh([(CATEGORY, "1")])
+                    assert o.threshold(man) == calibrated + 0.5, junk
+            await a.clear(CATEGORY, "1")  # a DELETE's marker still means calibrated
+            assert await b.refresh([(CATEGORY, "1")]) and b.threshold(man) == calibrated
+            redis_server.client().set(key, b"garbage")  # and an unreadable key after it: the file (none)
+            assert await b.refresh([(CATEGORY, "1")]) and b.threshold(man) == calibrated
+            for o in (a, b):
+                await o.conn.aclose()  # type: ignore[union-attr]
+
+        asyncio.run(scenario())
+    finally:
+        redis_server.stop()
