@@ -232,17 +232,29 @@ def _enough(samples: Sized, where: str, remedy: str) -> None:
 
 def _with_source(samples: list[Sample], kind: str, path: Path | None,
                  never_trained_on: bool) -> tuple[list[Sample], CalibrationSource]:
-    """The source record; refuses two images with the same bytes: one part counted twice makes
-    the false-alarm bound (and the manifest's count) claim normals that were never seen."""
+    """The samples, each image once, and their source record. A copy (the same bytes under
+    another name) would count one part twice in the false-alarm bound and the manifest's count,
+    claiming normals never seen: copies are left out, with a warning naming them, and what is
+    left must still be enough. Left out, not refused: the demo's own generator drew a few crops
+    twice (4 of brick's 60 calibration normals), and a refusal stopped its build."""
     first: dict[str, Path] = {}
+    kept, copies = [], []
     for s in samples:
         if (seen := first.setdefault(sha256_file(s.path), s.path)) != s.path:
-            raise ValueError(f"calibration image {s.path} has the same bytes as {seen}: a copy counts one part "
-                             "twice in the false-alarm rate; remove the copy")
+            copies.append(f"{s.path} (= {seen})")
+        else:
+            kept.append(s)
+    if copies:
+        named = f"{', '.join(copies[:3])}{', ...' if len(copies) > 3 else ''}"
+        _enough(kept, f"{len(samples)} images, copies left out, hold",
+                f"{len(copies)} are copies of others ({named}): add distinct normal images")
+        warnings.warn(f"calibration: {len(copies)} image(s) with the same bytes as another left out, "
+                      f"{len(kept)} distinct kept: {', '.join(copies[:5])}{', ...' if len(copies) > 5 else ''}",
+                      stacklevel=3)
     digest = hashlib.sha256("".join(sorted(first)).encode()).hexdigest()
-    source = CalibrationSource(kind=kind, path=str(path) if path else None, count=len(samples), digest=digest,
+    source = CalibrationSource(kind=kind, path=str(path) if path else None, count=len(kept), digest=digest,
                                never_trained_on=never_trained_on)
-    return samples, source
+    return kept, source
 
 
 def _never_trained_on(run: Path, samples: list[Sample],

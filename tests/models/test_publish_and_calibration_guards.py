@@ -135,9 +135,10 @@ def test_too_few_holdout_normals_say_how_to_get_more(tmp_path: Path, demo_root: 
         calibration_samples(run)
 
 
-def test_calibration_images_with_the_same_bytes_are_refused(demo_root: Path, tmp_path: Path) -> None:
+def test_calibration_images_with_the_same_bytes_count_once(demo_root: Path, tmp_path: Path) -> None:
     """One photograph copied under ten names passed as ten normals: the manifest said 10 normals,
-    0 flagged, false-alarm bound 26%, for a threshold set on one part (just above its score)."""
+    0 flagged, false-alarm bound 26%, for a threshold set on one part (just above its score).
+    Copies are left out with a warning; too few distinct ones left are refused."""
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text(json.dumps({"data": str(demo_root), "category": CATEGORY}))
@@ -146,16 +147,20 @@ def test_calibration_images_with_the_same_bytes_are_refused(demo_root: Path, tmp
     folder.mkdir()
     for i in range(MIN_CALIBRATION_NORMALS):
         shutil.copy(fresh[0], folder / f"copy{i:02d}.png")
-    with pytest.raises(ValueError, match=rf"{folder / 'copy01.png'} has the same bytes as {folder / 'copy00.png'}"):
+    with pytest.raises(ValueError, match=rf"at least {MIN_CALIBRATION_NORMALS} .* 9 are copies of others "
+                                         rf"\({folder / 'copy01.png'} \(= {folder / 'copy00.png'}\)"):
         calibration_samples(run, folder)
     for path in fresh:
         shutil.copy(path, folder / path.name)
     for i in range(1, MIN_CALIBRATION_NORMALS):
         (folder / f"copy{i:02d}.png").unlink()
-    with pytest.raises(ValueError, match="same bytes"):  # one copy among distinct normals: still a part counted twice
-        calibration_samples(run, folder)
+    with pytest.warns(UserWarning, match="1 image.* left out"):  # one copy among distinct normals: counted once
+        kept, source = calibration_samples(run, folder)
+    assert len(kept) == source.count == len(fresh)
+    digest = source.digest
     (folder / "copy00.png").unlink()
-    assert len(calibration_samples(run, folder)[0]) == len(fresh)
+    kept, source = calibration_samples(run, folder)
+    assert len(kept) == source.count == len(fresh) and source.digest == digest
 
 
 def test_eval_without_enough_normals_names_its_own_ways_to_a_threshold(tmp_path: Path, demo_root: Path) -> None:
