@@ -104,6 +104,10 @@ class BudgetedHttpProtocol(HttpToolsProtocol):
         self._header_deadline = 0.0
         self._refusal: tuple[str, int, str, str, str] | None = None  # decided in a parser callback
         self._in_body = False  # a request's headers have ended, its body has not
+        self._in_trailers = False  # after a chunk's size line no body byte yet: the last chunk's trailers
+        self._trailer_bytes = 0  # a chunked body's trailers, counted as header bytes
+        self._trailer_line = 0  # reads of one trailer line not ended yet (the parser holds them)
+        self._trailer_ended = False  # a trailer line ended in the read being parsed
         self._body_seen_at = 0.0  # the clock's first tick that found the body under way
         self._write_stalled = False  # the transport's buffer is full: the client reads nothing
         self._stall_seen_at = 0.0  # the clock's last tick that found the client taking bytes
@@ -143,12 +147,18 @@ class BudgetedHttpProtocol(HttpToolsProtocol):
         # began in a body is left out (an undercount by one read at most), one that began
         # between requests counts the whole requests before the next one's start too.
         counted = self._in_headers or self.cycle is None or self.cycle.response_complete
+        in_trailers = self._in_trailers
+        if in_trailers:
+            self._trailer_ended = False
         self._read_bytes = len(data)
         super().data_received(data)
         if counted and self._in_headers:
             self._header_bytes += len(data)
             if self._header_bytes > self.budget.max_header_bytes:
                 self._refuse(*self._too_large())
+        elif in_trailers and self._in_trailers:  # a read among trailers: a line may go on across reads
+            self._trailer_line = 0 if self._trailer_ended else self._trailer_line + len(data)
+            self._count_trailer(0)
         elif self._idle_until and self.timeout_keep_alive_task is None and not self.transport.is_closing():
             # Bytes that start no request (a bare CRLF between requests) made uvicorn drop its
             # keep-alive timer for good: the connection then stayed open without end, a slot
@@ -160,6 +170,7 @@ class BudgetedHttpProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._in_headers, self._header_bytes, self._idle_until = True, 0, 0.0
+        self._trailer_bytes = self._trailer_line = 0
         if self.cycle is not None:  # a later request on the connection: timed from its first byte
             self._header_deadline = self.loop.time() + self.budget.header_timeout_s
 
@@ -182,12 +193,28 @@ class BudgetedHttpProtocol(HttpToolsProtocol):
             raise _StopParsing
         self._in_body = True
 
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._in_headers:  # a trailer (uvicorn adds it to the request's headers too)
+            self._trailer_ended, self._trailer_line = True, 0
+            if self._count_trailer(len(name) + len(value) + 4):
+                raise _StopParsing
+        super().on_header(name, value)
+
+    # Trailers (RFC 9112 7.1.2) follow the last chunk, whose size line is followed by no body
+    # byte: the parser holds them as it does headers, after the headers' count was over.
+    def on_chunk_header(self) -> None:
+        self._in_trailers = True
+
+    def on_body(self, body: bytes) -> None:
+        self._in_trailers = False
+        super().on_body(body)
+
     def _start_asgi_task(self, cycle: Any, app: Any) -> None:
         self._answering = cycle  # uvicorn keeps only the last parsed request as self.cycle
         super()._start_asgi_task(cycle, app)
 
     def on_message_complete(self) -> None:
-        self._in_body, self._body_seen_at = False, 0.0
+        self._in_body, self._body_seen_at, self._in_trailers = False, 0.0, False
         super().on_message_complete()
 
     def on_response_complete(self) -> None:
@@ -281,12 +308,29 @@ class BudgetedHttpProtocol(HttpToolsProtocol):
             pass
         return size
 
+    def _count_trailer(self, size: int) -> bool:
+        """Trailers count against ``max_header_bytes``, as the request's own headers do
+        (uncounted, 60 MB of them grew the server by 770 MB before its body deadline): each
+        exactly as it ends, and a line still coming by its reads. True once over, refused."""
+        self._trailer_bytes += size
+        if self._trailer_bytes + self._trailer_line <= self.budget.max_header_bytes:
+            return False
+        if self._linger_until or self.transport.is_closing():  # refused already, in this read
+            return True
+        self._refuse_in_body(*self._too_large())
+        return True
+
     def _body_late(self) -> None:
-        message = f"the request's body did not arrive within {self.budget.body_timeout_s:g} s"
+        self._refuse_in_body("body_timeout", 408, "Request Timeout", "request_timeout",
+                             f"the request's body did not arrive within {self.budget.body_timeout_s:g} s")
+
+    def _refuse_in_body(self, budget: str, status: int, phrase: str, code: str, message: str) -> None:
+        """A refusal while the body comes: answered if the app has not answered yet, else the
+        connection closes (after the answer, lingering; during it, at once)."""
         if self.cycle is None or not self.cycle.response_started:
-            self._refuse("body_timeout", 408, "Request Timeout", "request_timeout", message)
+            self._refuse(budget, status, phrase, code, message)
             return
-        self._closed_on_budget("body_timeout")
+        self._closed_on_budget(budget)
         if self.cycle.response_complete:  # a route that did not need the body, or the deadline's 504
             self._linger()
         else:  # an answer still going out while its body trickles in: cut short

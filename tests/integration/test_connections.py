@@ -120,6 +120,32 @@ def test_headers_over_their_budget_are_431_whether_sent_whole_or_streamed(server
     assert _closed(server, "header_too_large") == counted + 2
 
 
+def test_a_chunked_body_s_trailers_are_header_bytes_under_the_same_budget(server: Server) -> None:
+    """Trailers (header lines after a chunked body's last chunk) are headers the parser holds
+    as it does the request's own, but came after the budget's count: 60 MB of keyless
+    trailers grew the server from 124 MB to 893 MB before its body deadline."""
+    counted = _closed(server, "header_too_large")
+    chunked = b"Host: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    trailers = b"X-T: " + b"t" * 1000 + b"\r\n"
+    with _connect(server) as sock:  # whole, in one read, to a route that waits for its body's end
+        sock.sendall(b"PUT /v1/models/brick/threshold HTTP/1.1\r\nX-API-Key: " + ADMIN_KEY.encode() + b"\r\n" +
+                     chunked + b"2\r\n{}\r\n0\r\n" + trailers * (MAX_HEADER_BYTES // len(trailers) + 1) + b"\r\n")
+        _error(_answer(sock), 431, "header_too_large")
+    before = _rss_kb(server)
+    sent = 0
+    with _connect(server) as sock:  # streamed without end, after a keyless request's answer
+        sock.sendall(b"POST /v1/models/brick/reload HTTP/1.1\r\n" + chunked + b"0\r\n")
+        assert _status(sock) == 401
+        chunk = trailers * 64
+        with pytest.raises(OSError):  # reset or broken pipe: the server stopped reading
+            while sent < LINGER_BYTES + 24 * 1024 * 1024:
+                sock.sendall(chunk)
+                sent += len(chunk)
+    assert sent < LINGER_BYTES + 16 * 1024 * 1024, sent  # the linger's bytes, then the kernel's buffers
+    assert _rss_kb(server) - before < 4 * 1024
+    assert _closed(server, "header_too_large") == counted + 2
+
+
 def test_a_client_that_reads_only_after_writing_gets_the_refusal_not_a_reset(server: Server) -> None:
     """Closing with the client's bytes unread resets the connection, and a client still
     writing saw the reset, not the 431 (four times in five for a 3 MB header, before the
