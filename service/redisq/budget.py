@@ -150,7 +150,8 @@ class BudgetedStore:
             member = self.member(key)
             args += [member, ttl_ms, entry_cost(member, len(value)), value]
         keys = (self.index.expiry, self.index.sizes)
-        return int(await self.conn.run(op, lambda r: run_script(r, PUT_LUA, PUT_SHA, keys, args)))
+        size = sum(len(value) for _, value, _ in entries)
+        return int(await self.conn.run(op, lambda r: run_script(r, PUT_LUA, PUT_SHA, keys, args), payload_bytes=size))
 
 
 def budgets_bytes(settings: Settings, categories: int) -> int:

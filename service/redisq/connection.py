@@ -99,8 +99,10 @@ class RedisConnection:
     def skipping(self) -> bool:
         return time.monotonic() < self._skip_until
 
-    async def run(self, op: str, fn: Callable[[aioredis.Redis], Awaitable[_T]]) -> _T:
-        """``await fn(client)``; any Redis or socket failure becomes :class:`RedisUnavailable`."""
+    async def run(self, op: str, fn: Callable[[aioredis.Redis], Awaitable[_T]], payload_bytes: int = 0) -> _T:
+        """``await fn(client)``; any Redis or socket failure becomes :class:`RedisUnavailable`.
+        ``payload_bytes``: what the call moves (a heatmap, a request's cached results) adds its
+        time at 50 MB/s to the bound, as the jobs' connection sizes its timeout."""
         if self.skipping:
             self._count(op)
             raise RedisUnavailable(f"Redis is unavailable (not retried for {self._skip_until - time.monotonic():.1f} s "
@@ -116,7 +118,7 @@ class RedisConnection:
         else:
             await self._slots.acquire()  # returns at once
         try:
-            async with asyncio.timeout(self._bound_s):
+            async with asyncio.timeout(None if self._bound_s is None else self._bound_s + payload_bytes / 50e6):
                 result = await fn(self.client)
         except (RedisError, OSError, TimeoutError) as exc:
             # ResponseError: Redis answered (an error of the command, not of the link);

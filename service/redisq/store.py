@@ -34,7 +34,9 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from service.config import Settings
+from redis.exceptions import ResponseError
+
+from service.config import Settings, largest_heatmap_png_bytes
 from service.metrics import ServiceMetrics
 from service.redisq.budget import BudgetedStore
 from service.redisq.connection import RedisConnection, RedisUnavailable
@@ -213,6 +215,8 @@ class HeatmapLinks:
         elif memory:
             self.memory = MemoryLinks(settings.heatmap_memory_items, settings.heatmap_memory_bytes)
         self.budgeted = BudgetedStore(conn, "links", settings.heatmap_max_bytes) if conn is not None else None
+        # What a link read from Redis may hold: no heatmap this server renders is larger.
+        self.max_png_bytes = largest_heatmap_png_bytes(settings.max_heatmap_pixels)
 
     def _key(self, link_id: str) -> str:
         return self.conn.key("heatmap", link_id) if self.conn else link_id
@@ -254,7 +258,22 @@ class HeatmapLinks:
             return png
         if self.conn is None:
             return None
-        return await self.conn.run("heatmap_get", lambda r: r.get(self._key(link_id)))
+        # At most one byte past the largest heatmap PNG: a key holding more (written by no
+        # server, or one of larger MSFLOW_MAX_HEATMAP_PIXELS) was read whole, 200 MB into this
+        # process's memory per GET, and its read timed out and opened the breaker.
+        key, limit = self._key(link_id), self.max_png_bytes
+        try:
+            png = await self.conn.run("heatmap_get", lambda r: r.getrange(key, 0, limit), payload_bytes=limit)
+        except RedisUnavailable as exc:
+            if not isinstance(exc.__cause__, ResponseError):
+                raise
+            log.warning("heatmap link %s: Redis refused to read it (%s): not served", link_id, exc.__cause__)
+            return None  # Redis answered (WRONGTYPE: no link of ours): retrying would not help
+        if len(png) > limit:
+            log.warning("heatmap link %s holds more than the largest heatmap PNG (%d bytes): not served", link_id,
+                        limit)
+            return None
+        return png or None  # GETRANGE of a missing key is empty
 
 
 # ---------------------------------------------------------------------- result cache

@@ -122,3 +122,41 @@ def test_cache_can_be_switched_off(redis_apis: dict[str, Server], good_images: l
         assert [r["cached"] for r in results] == [False, False] and batches(c) == b0 + 2
         assert sum(cache(c, k) for k in ("hit", "miss", "error")) == 0
         assert c.get("/readyz").json()["redis"] == "ok"
+
+
+def test_a_link_key_holding_more_than_any_heatmap_is_not_read_whole(private_redis: RedisServer) -> None:
+    """A heatmap key larger than the largest PNG this server renders (another writer's, or
+    garbage) was read whole and served: 200 MB into the process per GET (RSS +132 MB), and the
+    read outlasted the call's bound and opened the breaker. Now at most one byte past the
+    limit is read and the link is 404; a key of another type is 404, not 503 "retry later";
+    the breaker stays closed and real links are served."""
+    import asyncio
+
+    from service.config import Settings, largest_heatmap_png_bytes
+    from service.redisq.connection import RedisConnection
+    from service.redisq.store import HeatmapLinks
+
+    settings = Settings(redis_url=private_redis.url, redis_prefix=PREFIX, model_store=Path("."),
+                        max_heatmap_pixels=64 * 64, heatmap_max_bytes=1 << 20)
+    limit = largest_heatmap_png_bytes(64 * 64)
+    big, other_type, exact = "B" * 32, "H" * 32, "E" * 32
+    r = private_redis.client()
+    r.set(f"{PREFIX}heatmap:{big}", b"\x89PNG" + b"x" * (4 * limit))
+    r.set(f"{PREFIX}heatmap:{exact}", b"y" * limit)
+    r.hset(f"{PREFIX}heatmap:{other_type}", "a", "b")
+
+    async def main() -> None:
+        conn = RedisConnection(settings)
+        links = HeatmapLinks(settings, conn, memory=False)
+        try:
+            assert await links.get(big) is None
+            assert await links.get(other_type) is None
+            assert await links.get(exact) == b"y" * limit  # the largest a heatmap can be is served
+            assert await links.get("N" * 32) is None
+            link, durable = await links.put(b"\x89PNG-small", 8, 8)
+            assert durable and await links.get(link.url.split("/")[-1][:-4]) == b"\x89PNG-small"
+            assert not conn.skipping
+        finally:
+            await conn.aclose()
+
+    asyncio.run(main())
