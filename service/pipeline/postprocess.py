@@ -40,8 +40,10 @@ RunBlocking = Callable[..., Awaitable[Any]]
 class LinkStore(Protocol):
     """Where ``heatmap=url`` PNGs go (:class:`service.redisq.store.HeatmapLinks`)."""
 
-    async def put(self, png: bytes, width: int, height: int) -> tuple[HeatmapLink, bool]:
-        """Store ``png``; return its link and whether it is durable (in Redis, any host serves it)."""
+    async def put(self, png: bytes, width: int, height: int,
+                  deadline: float | None = None) -> tuple[HeatmapLink, bool]:
+        """Store ``png``; return its link and whether it is durable (in Redis, any host serves it).
+        ``deadline``: the request's (``time.monotonic()``), which a durable write must not cost."""
         ...
 
 
@@ -140,7 +142,8 @@ def inline_heatmap(item: InspectedImage) -> Heatmap:
 
 async def postprocess(items: Sequence[InspectedImage], manifest: Manifest, options: InspectOptions,
                       run_blocking: RunBlocking, links: LinkStore | None, started: float,
-                      *, render_all: bool = False, policy: ResultPolicy | None = None) -> None:
+                      *, render_all: bool = False, policy: ResultPolicy | None = None,
+                      deadline: float | None = None) -> None:
     """Fill ``result`` (and heatmap, regions, ``durable``) of scored records, all scored by the
     model version of ``manifest`` (the request's pinned version).
 
@@ -164,7 +167,8 @@ async def postprocess(items: Sequence[InspectedImage], manifest: Manifest, optio
             if options.heatmap is HeatmapMode.url and not render_all:
                 if links is None:
                     raise RuntimeError("heatmap=url needs a link store")
-                heatmap, item.durable = await links.put(item.heatmap_png, item.heatmap_width, item.heatmap_height)
+                heatmap, item.durable = await links.put(item.heatmap_png, item.heatmap_width, item.heatmap_height,
+                                                        deadline=deadline)
             else:
                 heatmap = inline_heatmap(item)
         item.result = image_result(item, manifest.version, heatmap, started, cal)

@@ -323,13 +323,15 @@ class PipelineRuntime:
 
     async def postprocess(self, lane: Lane, items: Sequence[InspectedImage], options: InspectOptions,
                           started: float, render_all: bool = False, ticket: Ticket | None = None,
-                          on_loop: bool = False) -> None:
+                          on_loop: bool = False, deadline: float | None = None) -> None:
         """Score, verdict, heatmap and regions with the pinned version's (effective) calibration
-        (heatmap and regions in the pool; ``on_loop``: here)."""
+        (heatmap and regions in the pool; ``on_loop``: here). ``deadline``: the links' (a slow
+        Redis costs a link its durability, not the answer)."""
         blocking = functools.partial(self.run_blocking, ticket=ticket, on_loop=on_loop)
         try:
             await postprocess(items, lane.model.manifest, options, blocking,
-                              self.links, started, render_all=render_all, policy=self.result_policy)
+                              self.links, started, render_all=render_all, policy=self.result_policy,
+                              deadline=deadline)
         except NonFiniteMaps as exc:
             self._refuse(lane, exc.items)
         for item in items:
@@ -377,7 +379,8 @@ class PipelineRuntime:
                     try:
                         await self.decode(size, items, ticket, on_loop=small)
                         await self.score(lane, items, deadline, gone, wait_for_room=wait_for_room, lent=lent)
-                        await self.postprocess(lane, items, options, started, render_all, ticket, on_loop=small)
+                        await self.postprocess(lane, items, options, started, render_all, ticket, on_loop=small,
+                                               deadline=deadline)
                     finally:
                         for item in items:
                             item.display = None  # the request's pixels go with its ticket

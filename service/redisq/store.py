@@ -54,6 +54,13 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+# The share of a request's time left that one of its optional Redis calls (cache lookup, cache
+# write, a link's durable copy) may take: a healthy Redis answers in a millisecond, and a hung
+# one took ~0.6 s (the call's bound), so a request whose deadline was near that answered 504.
+# A call cut short leaves the breaker as it is: the request's budget ran out, not Redis's bound.
+DEADLINE_SHARE = 0.25
+
+
 # ---------------------------------------------------------------------- heatmap links
 class MemoryLinks:
     """In-process PNGs by id: LRU bounded by count and bytes, each with a TTL. Event-loop only."""
@@ -221,7 +228,10 @@ class HeatmapLinks:
     def _key(self, link_id: str) -> str:
         return self.conn.key("heatmap", link_id) if self.conn else link_id
 
-    async def put(self, png: bytes, width: int, height: int) -> tuple[HeatmapLink, bool]:
+    async def put(self, png: bytes, width: int, height: int,
+                  deadline: float | None = None) -> tuple[HeatmapLink, bool]:
+        """``deadline``: the Redis write may take :data:`DEADLINE_SHARE` of the time left before
+        it; a slower one leaves the link in this process (or fails where there is none)."""
         link_id = self.shared.new_id() if self.shared is not None else secrets.token_urlsafe(24)
         ttl_ms = int(self.ttl_s * 1000)
         durable = False
@@ -230,7 +240,12 @@ class HeatmapLinks:
             try:
                 if not self.budgeted.fits(key, png):  # settings refuse such a budget: a safeguard
                     raise RedisUnavailable(f"a heatmap of {len(png)} bytes exceeds MSFLOW_HEATMAP_MAX_BYTES")
-                evicted = await self.budgeted.put("heatmap_put", [(key, png, ttl_ms)])
+                within = None if deadline is None else max(0.0, deadline - time.monotonic()) * DEADLINE_SHARE
+                try:
+                    async with asyncio.timeout(within):
+                        evicted = await self.budgeted.put("heatmap_put", [(key, png, ttl_ms)])
+                except TimeoutError:
+                    raise RedisUnavailable("the heatmap's Redis write outlasted its share of the deadline") from None
                 durable = True
                 if evicted and self.metrics is not None:
                     self.metrics.redis_evictions.labels("links").inc(evicted)
@@ -310,11 +325,14 @@ class ResultCache:
                          "" if ng_threshold is None else repr(float(ng_threshold))))
         return self.conn.key("cache", category, version, hashlib.sha256(spec.encode()).hexdigest())
 
-    async def get_many(self, keys: Sequence[str]) -> list[CachedResult | None]:
+    async def get_many(self, keys: Sequence[str], within_s: float | None = None) -> list[CachedResult | None]:
+        """``within_s``: how long the caller can spare (a lookup slower than that is a miss, and
+        the breaker is left as it is: the caller's budget ran out, not Redis's bound)."""
         assert self.conn is not None
         try:
-            raw = await self.conn.run("cache_get", lambda r: r.mget(list(keys)))
-        except RedisUnavailable:
+            async with asyncio.timeout(within_s):
+                raw = await self.conn.run("cache_get", lambda r: r.mget(list(keys)))
+        except (RedisUnavailable, TimeoutError):
             self.metrics.cache_requests.labels("error").inc(len(keys))
             return [None] * len(keys)
         found: list[CachedResult | None] = []
@@ -329,8 +347,9 @@ class ResultCache:
             found.append(entry)
         return found
 
-    async def put_many(self, entries: Sequence[tuple[str, CachedResult, float]]) -> None:
-        """``(key, entry, ttl_s)``; the TTL is capped at ``cache_ttl_s``; oversized entries are skipped."""
+    async def put_many(self, entries: Sequence[tuple[str, CachedResult, float]], within_s: float | None = None) -> None:
+        """``(key, entry, ttl_s)``; the TTL is capped at ``cache_ttl_s``; oversized entries are skipped.
+        ``within_s``: how long the answer may wait for the write (none left: not written)."""
         assert self.budgeted is not None
         rows = []
         for key, entry, ttl_s in entries:
@@ -338,11 +357,12 @@ class ResultCache:
             ttl_ms = int(min(ttl_s, self.ttl_s) * 1000)
             if len(data) <= self.max_entry_bytes and ttl_ms > 0 and self.budgeted.fits(key, data):
                 rows.append((key, data, ttl_ms))
-        if not rows:
+        if not rows or (within_s is not None and within_s <= 0):
             return
         try:  # one script for the whole request: the entries and the budget's index change together
-            evicted = await self.budgeted.put("cache_put", rows)
-        except RedisUnavailable:
+            async with asyncio.timeout(within_s):
+                evicted = await self.budgeted.put("cache_put", rows)
+        except (RedisUnavailable, TimeoutError):
             return  # counted by the connection; the answer is already computed
         if evicted:
             self.metrics.redis_evictions.labels("cache").inc(evicted)

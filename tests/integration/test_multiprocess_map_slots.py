@@ -66,12 +66,13 @@ class HeldLinks:
         self.real, self.reached, self.gate = real, asyncio.Event(), asyncio.Event()
         self.error: Exception | None = None
 
-    async def put(self, png: bytes, width: int, height: int) -> tuple[HeatmapLink, bool]:
+    async def put(self, png: bytes, width: int, height: int,
+                  deadline: float | None = None) -> tuple[HeatmapLink, bool]:
         self.reached.set()
         await self.gate.wait()
         if self.error is not None:
             raise self.error
-        return await self.real.put(png, width, height)
+        return await self.real.put(png, width, height, deadline)
 
 
 def factory_of(engines: dict[str, ValueEngine]) -> Callable[..., ValueEngine]:

@@ -99,3 +99,60 @@ def test_sync_path_survives_a_redis_outage(outage_api: Server, outage_redis: Red
         assert metric(c, "msflow_heatmap_links_total", store="memory") > 0
         # an outage must not stall requests: socket timeouts + breaker keep them short
         assert sorted(s[3] for s in down)[len(down) // 2] < 2.0
+
+
+@pytest.mark.parametrize("heatmap", ["inline", "url"])
+def test_a_hung_redis_costs_a_short_deadline_its_cache_not_its_answer(tmp_path: Path, private_redis: RedisServer,
+                                                                      heatmap: str) -> None:
+    """The cache lookup comes before any work, and the link's write before the answer, and
+    each waited for a hung Redis as long as any call (~0.6 s): a request whose deadline was
+    shorter than that plus its engine time answered 504 (measured on a served brick,
+    MSFLOW_REQUEST_DEADLINE_MS=800, DEBUG SLEEP: 6 of 8 concurrent heatmap=url inspections).
+    Each may take a quarter of the time left; a slower lookup is a miss, a slower link stays in
+    this process (and works), and the answer is computed in the rest."""
+    import asyncio
+    import os
+    import signal
+
+    from harness import engine_run_replaced, fake_version, noise, png_of
+    from PIL import Image
+    from pipeline_fixtures import settings_for
+    from service.pipeline.state import ServiceState
+    from service.schemas import HeatmapLink, HeatmapMode, InspectOptions, Upload
+
+    store = tmp_path / "store"
+    fake_version(store, CATEGORY)
+    image = png_of(Image.fromarray(noise(32, 32)))
+    assert private_redis.proc is not None
+    pid = private_redis.proc.pid
+
+    def slow(real_run: Any) -> Any:  # an engine that takes its time: 0.25 s a batch
+        def run(batch: Any) -> Any:
+            time.sleep(0.25)
+            return real_run(batch)
+        return run
+
+    async def main() -> None:
+        state = ServiceState(settings_for(store, engine="null", redis_url=private_redis.url, max_queue_delay_ms=1))
+        await state.start()
+        try:
+            while not state.registry.ready:
+                await asyncio.sleep(0.02)
+            with state.pin(CATEGORY) as lane, engine_run_replaced(lane.model.engine, slow):
+                os.kill(pid, signal.SIGSTOP)
+                try:
+                    started = time.monotonic()
+                    items = await state.inspect(lane, [Upload("a.png", image)],
+                                                InspectOptions(heatmap=HeatmapMode(heatmap)), started + 0.6, started)
+                    took = time.monotonic() - started
+                finally:
+                    os.kill(pid, signal.SIGCONT)
+            assert items[0].answer is not None and not items[0].cached and took < 0.6
+            link = items[0].answer.heatmap
+            if isinstance(link, HeatmapLink):  # kept in this process: served
+                assert not items[0].durable and await state.links.get(link.url.split("/")[-1][:-4])
+        finally:
+            os.kill(pid, signal.SIGCONT)
+            await state.stop()
+
+    asyncio.run(main())

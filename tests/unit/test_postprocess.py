@@ -43,7 +43,8 @@ class Links:
     def __init__(self) -> None:
         self.pngs: dict[str, bytes] = {}
 
-    async def put(self, png: bytes, width: int, height: int) -> tuple[HeatmapLink, bool]:
+    async def put(self, png: bytes, width: int, height: int,
+                  deadline: float | None = None) -> tuple[HeatmapLink, bool]:
         link_id = f"id{len(self.pngs)}"
         self.pngs[link_id] = png
         return HeatmapLink(url=f"/v1/heatmaps/{link_id}.png", expires_at=datetime.now(timezone.utc),
