@@ -108,6 +108,10 @@ class Settings(BaseSettings):
         320.0, gt=0.0, description="decoded pixels all admitted requests of this process may hold at once; a "
                                    "request that would go over it: 503 server_busy + Retry-After (a worker waits "
                                    "instead). About 4 bytes of memory per pixel at peak (docs/PERFORMANCE.md)")
+    max_inflight_upload_bytes: int = Field(
+        512 * MiB, ge=1, description="bytes of uploads (image request bodies) this process reads and holds at once, "
+                                     "before any image is priced in pixels; a request that would go over it: 503 "
+                                     "server_busy + Retry-After (service/api/body_limits.py)")
     max_heatmap_pixels: int = Field(4 * 1024 * 1024, ge=1, description="heatmap_size=original heatmaps larger "
                                     "than this are rendered scaled down to it; the answer gives the size rendered")
     max_header_bytes: int = Field(64 * 1024, ge=1024, description="a request's line and headers; over it: 431 "
@@ -340,6 +344,8 @@ class Settings(BaseSettings):
                              f"({self.request_deadline_ms / 1e3:g} s), or 0 (never)")
         if self.max_request_megapixels > self.max_inflight_megapixels:
             raise ValueError("max_request_megapixels exceeds max_inflight_megapixels: such requests could never run")
+        if self.max_request_bytes > self.max_inflight_upload_bytes:
+            raise ValueError("max_request_bytes exceeds max_inflight_upload_bytes: such requests could never run")
         if self.max_upload_bytes > self.max_request_bytes:
             log.warning("max_upload_bytes > max_request_bytes: the request limit applies first")
         if self.heatmap_max_bytes < (largest := largest_heatmap_png_bytes(self.max_heatmap_pixels)):

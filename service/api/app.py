@@ -25,7 +25,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from service.api import health, inspect, jobs, models, review
-from service.api.body_limits import BodyLimitMiddleware
+from service.api.body_limits import BodyLimitMiddleware, UploadBytes
 from service.api.console import install_console
 from service.api.errors import install_error_handlers
 from service.config import Settings
@@ -55,7 +55,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="MSFlow inspection service", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description=DESCRIPTION, redirect_slashes=False)
     app.state.service = state
-    app.add_middleware(BodyLimitMiddleware)  # inside the metrics: its 413s are counted and carry a request id
+    # Inside the metrics: its 413s are counted and carry a request id.
+    app.add_middleware(BodyLimitMiddleware, uploads=UploadBytes(settings.max_inflight_upload_bytes))
     app.add_middleware(RequestMetricsMiddleware, metrics=state.metrics)
     app.add_middleware(SecurityHeadersMiddleware)  # outermost: on every answer, error handler's included
     install_error_handlers(app)

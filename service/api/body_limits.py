@@ -13,6 +13,14 @@ A declared ``Content-Length`` over the budget is answered 413 before the app run
 without one (chunked) is counted as the app reads it, and the read fails with 413 at the
 budget. Both in the API's error shape (``request_too_large``). Pure ASGI, as
 :mod:`service.api.request_metrics`: the uploads' path costs one prefix test.
+
+The uploads' bytes have a budget per process too (:class:`UploadBytes`,
+``MSFLOW_MAX_INFLIGHT_UPLOAD_BYTES``): a request's body is held whole before any of its images
+is priced in pixels, and 40 clients each sending a 20 MB image grew the server by 760 MB (at
+1,024 connections, 20 GB). Each upload request carries a :class:`UploadCharge` (in
+``scope["state"]``), which the upload reader takes from as it reads (the declared length up
+front); what it took goes back once the request's answer is out. Past the budget: 503
+``server_busy`` + Retry-After, as the pixel budget answers, before the bytes are read.
 """
 
 from __future__ import annotations
@@ -21,20 +29,63 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.errors import error_response
+from service.pipeline.admission import ServerBusy
 
 JSON_BODY_BYTES = 64 * 1024
 UPLOAD_PATHS = ("/v1/inspect/", "/v1/jobs/")  # their routes read and bound their bodies themselves
 
 
-class BodyLimitMiddleware:
-    """At most ``limit`` bytes of body for any request whose path is not an upload route's."""
+class UploadBytes:
+    """The bytes of uploads this process holds, against ``capacity`` (one event loop: no lock)."""
 
-    def __init__(self, app: ASGIApp, limit: int = JSON_BODY_BYTES, exempt: tuple[str, ...] = UPLOAD_PATHS) -> None:
-        self.app, self.limit, self.exempt = app, limit, exempt
+    def __init__(self, capacity: int) -> None:
+        self.capacity, self.in_flight = capacity, 0
+
+
+class UploadCharge:
+    """What one upload request has taken from :class:`UploadBytes`."""
+
+    def __init__(self, budget: UploadBytes) -> None:
+        self.budget, self.held = budget, 0
+
+    def grow_to(self, size: int) -> None:
+        """Hold ``size`` bytes in all (no less than held already), or raise :class:`ServerBusy`."""
+        more = size - self.held
+        if more <= 0:
+            return
+        budget = self.budget
+        if budget.in_flight + more > budget.capacity:
+            raise ServerBusy(f"this server process is reading {budget.in_flight / 2**20:.0f} MiB of uploads of its "
+                             f"{budget.capacity / 2**20:.0f} MiB (MSFLOW_MAX_INFLIGHT_UPLOAD_BYTES); retry shortly")
+        budget.in_flight += more
+        self.held = size
+
+    def release(self) -> None:
+        self.budget.in_flight -= self.held
+        self.held = 0
+
+
+class BodyLimitMiddleware:
+    """At most ``limit`` bytes of body for any request whose path is not an upload route's;
+    an upload route's request gets an :class:`UploadCharge` of ``uploads`` for its life."""
+
+    def __init__(self, app: ASGIApp, limit: int = JSON_BODY_BYTES, exempt: tuple[str, ...] = UPLOAD_PATHS,
+                 uploads: UploadBytes | None = None) -> None:
+        self.app, self.limit, self.exempt, self.uploads = app, limit, exempt, uploads
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"].startswith(self.exempt):
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        if scope["path"].startswith(self.exempt):
+            if self.uploads is None:
+                await self.app(scope, receive, send)
+                return
+            charge = scope.setdefault("state", {})["upload_charge"] = UploadCharge(self.uploads)
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                charge.release()
             return
         message = f"this route takes a body of at most {self.limit} bytes"
         declared = dict(scope["headers"]).get(b"content-length", b"")

@@ -8,6 +8,7 @@ from starlette.datastructures import UploadFile as StarletteUploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
+from service.api.body_limits import UploadCharge
 from service.pipeline.decode import BadUpload, ImageTooLarge, RequestTooLarge, TooManyFiles, UnsupportedImageType
 from service.schemas import Upload
 
@@ -26,11 +27,13 @@ async def read_uploads(request: Request, max_files: int, max_upload_bytes: int,
     if declared and declared.isdigit() and int(declared) > max_request_bytes:
         raise RequestTooLarge(f"request body of {declared} bytes exceeds the limit of {max_request_bytes}")
     if content_type == "multipart/form-data":
+        _take_declared(request, declared)
         return await _read_multipart(request, max_files, max_upload_bytes, max_request_bytes)
     if content_type.startswith("image/") or content_type == "application/octet-stream":
         limit = min(max_upload_bytes, max_request_bytes)
         if declared and declared.isdigit() and int(declared) > limit:
             raise ImageTooLarge(f"image of {declared} bytes exceeds the limit of {limit}")
+        _take_declared(request, declared)
         data = b"".join([chunk async for chunk in _limited(request, limit, "image")])
         name = request.headers.get("x-filename")
         return [Upload(filename=name[:255] if name else None, data=data)]
@@ -39,13 +42,26 @@ async def read_uploads(request: Request, max_files: int, max_upload_bytes: int,
         f"not {content_type or 'no Content-Type'}")
 
 
+def _charge(request: Request) -> UploadCharge | None:
+    return request.scope.get("state", {}).get("upload_charge")
+
+
+def _take_declared(request: Request, declared: str | None) -> None:
+    """The process's budget for uploads (body_limits.py), for a body within the request's own
+    limits: 503 before a byte of it is read."""
+    if declared and declared.isdigit() and (charge := _charge(request)) is not None:
+        charge.grow_to(int(declared))
+
+
 async def _limited(request: Request, limit: int, what: str) -> AsyncIterator[bytes]:
-    total = 0
+    total, charge = 0, _charge(request)
     async for chunk in request.stream():
         total += len(chunk)
         if total > limit:
             cls = ImageTooLarge if what == "image" else RequestTooLarge
             raise cls(f"{what} exceeds the limit of {limit} bytes")
+        if charge is not None:
+            charge.grow_to(total)  # past a declared length, or a chunked body: as it comes
         yield chunk
 
 

@@ -1,0 +1,78 @@
+"""The bytes of the uploads a server process reads at once have a budget
+(``MSFLOW_MAX_INFLIGHT_UPLOAD_BYTES``, service/api/body_limits.py): they are held before any
+image is priced in pixels, and without it 40 clients each sending a 20 MB image grew the
+server by 760 MB (1,024 connections at the defaults: 20 GB). A real ``msflow serve`` (null
+engine, hand-written version) and raw sockets."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from harness import CATEGORY, USER_KEY, Server, fake_version, png_of, start
+
+MiB = 1024 * 1024
+BUDGET = 4 * MiB
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    root = tmp_path_factory.mktemp("upload-bytes")
+    fake_version(root / "store", CATEGORY)
+    srv = start(root / "store", root / "server.log", engine="null", api_keys=USER_KEY, max_request_bytes=3 * MiB,
+                max_upload_bytes=3 * MiB, max_inflight_upload_bytes=BUDGET)
+    yield srv
+    srv.stop()
+
+
+def _upload_started(server: Server, size: int, chunked: bool = False) -> socket.socket:
+    """A raw image upload of ``size`` bytes with its first half sent."""
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    length = b"Transfer-Encoding: chunked\r\n" if chunked else b"Content-Length: %d\r\n" % size
+    half = b"\x89PNG" + b"x" * (size // 2 - 4)
+    sock.sendall(f"POST /v1/inspect/{CATEGORY} HTTP/1.1\r\nHost: x\r\nX-API-Key: {USER_KEY}\r\n"
+                 "Content-Type: image/png\r\n".encode() + length + b"\r\n" +
+                 (b"%x\r\n%s\r\n" % (len(half), half) if chunked else half))
+    return sock
+
+
+def _answer(sock: socket.socket) -> tuple[int, dict[str, str]]:
+    data = b""
+    while b"\r\n\r\n" not in data and (chunk := sock.recv(65536)):
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    while len(body) < int(next(line.split(b":")[1] for line in head.lower().split(b"\r\n")
+                               if line.startswith(b"content-length:"))):
+        body += sock.recv(65536)
+    return int(head.split()[1]), json.loads(body)
+
+
+def test_uploads_past_the_process_budget_are_503_before_their_bytes_are_read(server: Server) -> None:
+    held = [_upload_started(server, 3 * MiB // 2) for _ in range(2)]  # 3 MiB declared of the 4
+    try:
+        with _upload_started(server, 3 * MiB // 2) as third:  # declared: refused before a byte is read
+            status, body = _answer(third)
+            assert (status, body["error"]["code"]) == (503, "server_busy"), body
+        with _upload_started(server, 2 * MiB, chunked=True) as chunked:  # undeclared: counted as it comes
+            chunked.sendall(b"%x\r\n%s\r\n" % (MiB, b"y" * MiB))
+            status, body = _answer(chunked)
+            assert (status, body["error"]["code"]) == (503, "server_busy"), body
+    finally:
+        for sock in held:
+            sock.close()
+    # The budget comes back with the answers (and with clients gone): a whole image is served.
+    image = png_of(Image.new("RGB", (32, 32)))
+    with httpx.Client(base_url=server.url, headers={"X-API-Key": USER_KEY}, timeout=10) as client:
+        for _ in range(3):
+            answer = client.post(f"/v1/inspect/{CATEGORY}", files={"file": ("a.png", image, "image/png")})
+            assert answer.status_code == 200, answer.text
+        with _upload_started(server, 3 * MiB) as whole:
+            whole.sendall(b"x" * (3 * MiB - 3 * MiB // 2))
+            status, body = _answer(whole)
+            assert status != 503, body  # the largest request still runs on an idle server (not an image: 4xx)
