@@ -31,6 +31,7 @@ import time
 from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -45,6 +46,7 @@ from service.schemas import InspectOptions, HeatmapLink, ImageResult
 log = logging.getLogger(__name__)
 
 LINK_ID = re.compile(r"^[A-Za-z0-9_-]{32}$")  # secrets.token_urlsafe(24)
+LINK_URL = re.compile(r"/v1/heatmaps/([A-Za-z0-9_-]{32})\.png")
 # A link file larger than this is written and read in a thread: the largest heatmap PNG
 # (~16 MiB) took 44 ms to write, which would stall the event loop's other requests.
 _OFFLOAD_BYTES = 1 << 20
@@ -292,6 +294,15 @@ class HeatmapLinks:
 
 
 # ---------------------------------------------------------------------- result cache
+def _parse(value: bytes | None) -> "CachedResult | None":
+    if value is None:
+        return None
+    try:
+        return CachedResult.model_validate_json(value)
+    except ValidationError:  # written by an older schema, or not by us: a miss
+        return None
+
+
 class CachedResult(BaseModel):
     """One image's cached answer and the engine that produced it."""
 
@@ -329,23 +340,40 @@ class ResultCache:
         """``within_s``: how long the caller can spare (a lookup slower than that is a miss, and
         the breaker is left as it is: the caller's budget ran out, not Redis's bound)."""
         assert self.conn is not None
+        conn = self.conn
         try:
             async with asyncio.timeout(within_s):
-                raw = await self.conn.run("cache_get", lambda r: r.mget(list(keys)))
+                raw = await conn.run("cache_get", lambda r: r.mget(list(keys)))
+                found = [_parse(value) for value in raw]
+                await self._drop_dead_links(conn, found)
         except (RedisUnavailable, TimeoutError):
             self.metrics.cache_requests.labels("error").inc(len(keys))
             return [None] * len(keys)
-        found: list[CachedResult | None] = []
-        for value in raw:
-            entry = None
-            if value is not None:
-                try:
-                    entry = CachedResult.model_validate_json(value)
-                except ValidationError:  # written by an older schema: a miss
-                    entry = None
+        for entry in found:
             self.metrics.cache_requests.labels("hit" if entry else "miss").inc()
-            found.append(entry)
         return found
+
+    @staticmethod
+    async def _drop_dead_links(conn: RedisConnection, found: list[CachedResult | None]) -> None:
+        """Hits whose heatmap link is gone become misses: links have a budget of their own, and
+        one written faster than it holds is evicted before its TTL while the cached results
+        naming it live on (they were answered with a link already 404). One round trip, only
+        for hits carrying links."""
+        linked = [(i, LINK_URL.fullmatch(e.result.heatmap.url)) for i, e in enumerate(found)
+                  if e is not None and isinstance(e.result.heatmap, HeatmapLink)]
+        if not linked:
+            return
+        keys = [conn.key("heatmap", m.group(1)) for _, m in linked if m]
+
+        async def exist(r: Any) -> list[int]:
+            pipe = r.pipeline(transaction=False)
+            for key in keys:
+                pipe.exists(key)
+            return await pipe.execute()
+        alive = iter(await conn.run("cache_links", exist) if keys else [])
+        for i, match in linked:
+            if not (match and next(alive)):
+                found[i] = None
 
     async def put_many(self, entries: Sequence[tuple[str, CachedResult, float]], within_s: float | None = None) -> None:
         """``(key, entry, ttl_s)``; the TTL is capped at ``cache_ttl_s``; oversized entries are skipped.

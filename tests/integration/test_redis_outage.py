@@ -156,3 +156,53 @@ def test_a_hung_redis_costs_a_short_deadline_its_cache_not_its_answer(tmp_path: 
             await state.stop()
 
     asyncio.run(main())
+
+
+def test_a_cached_answer_never_hands_out_a_link_its_budget_evicted(tmp_path: Path, private_redis: RedisServer) -> None:
+    """Links and cached results have budgets of their own: links written faster than their
+    budget holds are evicted before their TTL while the cached results naming them live on,
+    and the same image sent again (a client's retry, another replica) was answered from the
+    cache with a link already 404. Such a hit is a miss now: the image is scored again and
+    gets a link that works."""
+    import asyncio
+
+    from harness import fake_version, noise, png_of
+    from PIL import Image
+    from pipeline_fixtures import settings_for
+    from service.pipeline.state import ServiceState
+    from service.schemas import HeatmapLink, HeatmapMode, InspectOptions, Upload
+
+    store = tmp_path / "store"
+    fake_version(store, CATEGORY)
+    images = [png_of(Image.fromarray(noise(32, 32, seed=i))) for i in range(80)]
+    url = InspectOptions(heatmap=HeatmapMode.url)
+
+    async def main() -> None:
+        # room for a few dozen small links; one in this process's memory (another replica's view)
+        state = ServiceState(settings_for(store, engine="null", redis_url=private_redis.url, max_queue_delay_ms=1,
+                                          max_heatmap_pixels=32 * 32, heatmap_max_bytes=70_000,
+                                          heatmap_memory_items=1))
+        await state.start()
+        try:
+            while not state.registry.ready:
+                await asyncio.sleep(0.02)
+
+            async def one(data: bytes) -> tuple[bool, HeatmapLink]:
+                with state.pin(CATEGORY) as lane:
+                    item = (await state.inspect(lane, [Upload("a.png", data)], url, time.monotonic() + 10,
+                                                time.monotonic()))[0]
+                assert isinstance(item.answer.heatmap, HeatmapLink) and item.durable
+                return item.cached, item.answer.heatmap
+
+            _, first = await one(images[0])
+            assert (await one(images[0]))[0]  # a hit while its link lives
+            for data in images[1:]:
+                await one(data)
+            link_id = first.url.split("/")[-1][:-4]
+            assert await state.links.get(link_id) is None  # evicted by the links' budget
+            cached, again = await one(images[0])
+            assert not cached and await state.links.get(again.url.split("/")[-1][:-4])
+        finally:
+            await state.stop()
+
+    asyncio.run(main())
