@@ -102,6 +102,7 @@ _MAPPED: dict[type[Exception], tuple[int, str, bool]] = {
 # FastAPI's answer when reading a JSON body fails other than as malformed JSON: bytes that are
 # not UTF-8 (a Latin-1 note), nesting past the decoder's recursion limit, the client gone.
 FASTAPI_BODY_ERROR = "There was an error parsing the body"
+MAX_VALIDATION_ERRORS = 16  # a 422's details (and message) name at most these, then the count left
 
 
 def unparsable_body(cause: BaseException | None) -> Response:
@@ -181,9 +182,13 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # The first few: a 62 KB body of 7,000 unknown keys was answered 915 KB, each error twice.
+        errors = exc.errors()
         details = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
-                   for e in exc.errors()]
+                   for e in errors[:MAX_VALIDATION_ERRORS]]
         message = "; ".join(f"{'.'.join(map(str, d['loc']))}: {d['msg']}" for d in details)
+        if len(errors) > len(details):
+            message += f" (and {len(errors) - len(details)} more)"
         return error_response(422, "invalid_request", message, details)
 
     @app.exception_handler(StarletteHTTPException)
