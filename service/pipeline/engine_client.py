@@ -320,17 +320,18 @@ class EngineClient:
         """Tell the engine process that nothing here uses ``hold``'s entry any more, unless
         another hold names the same one (a content replaced while this reconnected)."""
         handle = self.handles.get(hold)
-        if self.channel is None or handle is None:
-            return
-        if not any(self.handles.get(other) == handle for other in self._holds.folders()):
-            self.channel.send({"op": "release", "dir": hold[0], "handle": handle})
+        if handle is not None:
+            self._release_unheld(hold[0], handle)
 
     def _unwanted(self, answer: Message) -> None:
         """An acquire answered after its caller gave up: the engine process holds that entry
         for this front end, which lets go of it unless it holds it anyway."""
-        handle = int(answer["handle"])
-        if self.channel is not None and handle not in {self.handles.get(h) for h in self._holds.folders()}:
-            self.channel.send({"op": "release", "dir": str(answer.get("dir")), "handle": handle})
+        self._release_unheld(str(answer.get("dir")), int(answer["handle"]))
+
+    def _release_unheld(self, folder: str, handle: int) -> None:
+        """Release the engine process's entry ``handle`` unless a hold here still names it."""
+        if self.channel is not None and all(self.handles.get(h) != handle for h in self._holds.folders()):
+            self.channel.send({"op": "release", "dir": folder, "handle": handle})
 
     # ------------------------------------------------------------------ between front ends
     def broadcast_reload(self, category: str, version: str | None) -> None:

@@ -32,7 +32,7 @@ from service.redisq.budget import maxmemory_warning
 from service.redisq.connection import RedisConnection, make_client
 from service.redisq.jobs import JobQueue
 from service.redisq.probe import probe_forever
-from service.redisq.store import DEADLINE_SHARE, CachedResult, ResultCache, utcnow
+from service.redisq.store import CachedResult, ResultCache, deadline_share, utcnow
 from service.redisq.tasks import cancel_and_wait
 from service.schemas import HeatmapLink, InspectOptions, Timings, Upload
 
@@ -164,7 +164,7 @@ class ServiceState(PipelineRuntime):
             bounds = self.thresholds.calibration(model.manifest)  # effective: an override changes the key
             hits = await self.cache.get_many([self.cache.key(d, model.category, model.version, bounds.threshold,
                                                              options, bounds.ng_bound) for d in digests],
-                                             within_s=_cache_share(deadline))
+                                             within_s=deadline_share(deadline))
             for item, hit in zip(items, hits):
                 if hit is not None:
                     self._answer_from_cache(item, hit, started)
@@ -177,7 +177,7 @@ class ServiceState(PipelineRuntime):
                     (self.cache.key(digests[item.index], model.category, model.version, item.answer.threshold,
                                     options, item.answer.ng_threshold),
                      CachedResult(engine=model.engine.name, result=item.answer), _cache_ttl(item))
-                    for item in todo if item.durable], within_s=_cache_share(deadline))
+                    for item in todo if item.durable], within_s=deadline_share(deadline))
         for item in items:
             if item.cached:
                 self.metrics.count_image(model.category, item.answer.is_anomalous, item.answer.verdict)
@@ -261,11 +261,6 @@ class ServiceState(PipelineRuntime):
         except Exception as exc:
             self.metrics.reloads.labels(category, "failed").inc()
             log.error("following the reload of %s (version %s) failed: %s", category, version, exc)
-
-
-def _cache_share(deadline: float) -> float:
-    """What a cache call of a request may take: a share of its time left (store.DEADLINE_SHARE)."""
-    return max(0.0, deadline - time.monotonic()) * DEADLINE_SHARE
 
 
 def _cache_ttl(item: InspectedImage) -> float:

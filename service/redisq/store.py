@@ -45,8 +45,9 @@ from service.schemas import InspectOptions, HeatmapLink, ImageResult
 
 log = logging.getLogger(__name__)
 
-LINK_ID = re.compile(r"^[A-Za-z0-9_-]{32}$")  # secrets.token_urlsafe(24)
-LINK_URL = re.compile(r"/v1/heatmaps/([A-Za-z0-9_-]{32})\.png")
+_LINK_ID = r"[A-Za-z0-9_-]{32}"  # secrets.token_urlsafe(24)
+LINK_ID = re.compile(f"^{_LINK_ID}$")
+LINK_URL = re.compile(rf"/v1/heatmaps/({_LINK_ID})\.png")
 # A link file larger than this is written and read in a thread: the largest heatmap PNG
 # (~16 MiB) took 44 ms to write, which would stall the event loop's other requests.
 _OFFLOAD_BYTES = 1 << 20
@@ -61,6 +62,12 @@ def utcnow() -> datetime:
 # one took ~0.6 s (the call's bound), so a request whose deadline was near that answered 504.
 # A call cut short leaves the breaker as it is: the request's budget ran out, not Redis's bound.
 DEADLINE_SHARE = 0.25
+
+
+def deadline_share(deadline: float) -> float:
+    """What one optional Redis call of a request may take: :data:`DEADLINE_SHARE` of the time
+    left before ``deadline`` (``time.monotonic()``)."""
+    return max(0.0, deadline - time.monotonic()) * DEADLINE_SHARE
 
 
 # ---------------------------------------------------------------------- heatmap links
@@ -242,7 +249,7 @@ class HeatmapLinks:
             try:
                 if not self.budgeted.fits(key, png):  # settings refuse such a budget: a safeguard
                     raise RedisUnavailable(f"a heatmap of {len(png)} bytes exceeds MSFLOW_HEATMAP_MAX_BYTES")
-                within = None if deadline is None else max(0.0, deadline - time.monotonic()) * DEADLINE_SHARE
+                within = None if deadline is None else deadline_share(deadline)
                 try:
                     async with asyncio.timeout(within):
                         evicted = await self.budgeted.put("heatmap_put", [(key, png, ttl_ms)])

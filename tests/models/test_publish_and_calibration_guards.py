@@ -125,14 +125,19 @@ def test_too_few_calibration_normals_are_named_before_the_model_is_exported(
     assert not (tmp_path / "store").exists()
 
 
-def test_too_few_holdout_normals_say_how_to_get_more(tmp_path: Path, demo_root: Path) -> None:
+def _run_holding_out_three(tmp_path: Path, demo_root: Path) -> Path:
+    """A run trained on a plain folder, its holdout three images: too few to calibrate on."""
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text(json.dumps({"data": str(demo_root / CATEGORY / "train" / "good")}))
     held = sorted((demo_root / CATEGORY / "train" / "good").glob("*.png"))[:3]
     (run / "holdout.json").write_text(json.dumps([str(p) for p in held]))
+    return run
+
+
+def test_too_few_holdout_normals_say_how_to_get_more(tmp_path: Path, demo_root: Path) -> None:
     with pytest.raises(ValueError, match="training holdout holds 3.*calibration/good.*--calibration-images"):
-        calibration_samples(run)
+        calibration_samples(_run_holding_out_three(tmp_path, demo_root))
 
 
 def test_calibration_images_with_the_same_bytes_count_once(demo_root: Path, tmp_path: Path) -> None:
@@ -167,10 +172,5 @@ def test_eval_without_enough_normals_names_its_own_ways_to_a_threshold(tmp_path:
     """msflow eval refused with export's remedies only, while --threshold or --version work there."""
     from models.evaluate import _calibration_normals
 
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "config.json").write_text(json.dumps({"data": str(demo_root / CATEGORY / "train" / "good")}))
-    held = sorted((demo_root / CATEGORY / "train" / "good").glob("*.png"))[:3]
-    (run / "holdout.json").write_text(json.dumps([str(p) for p in held]))
     with pytest.raises(ValueError, match="training holdout holds 3.*msflow eval --threshold RAW, or --version"):
-        _calibration_normals(run, 64)
+        _calibration_normals(_run_holding_out_three(tmp_path, demo_root), 64)
