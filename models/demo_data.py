@@ -13,7 +13,10 @@ threshold be calibrated on normal images the model never saw. Each of scikit-ima
   (not rows) because the brick photograph's perspective changes the brick size from top
   to bottom: every set sees every scale. Crops inside one set overlap (a 128-wide strip
   holds few disjoint crops); ``dataset.json`` records how much (``overlap``), and that
-  sets share no pixel.
+  sets share no pixel. No crop (position and transform) is drawn twice within a normal
+  set: a copy would be the same image twice, counted as two samples by the threshold's
+  FPR bound and the false-alarm rate (brick's 128x256 calibration region holds 516 distinct
+  crops, and 60 independent draws from it repeat about three).
 * **Crop 128 (default)**, so that three disjoint strips fit in 512 columns; the model
   input (256) upsamples it 2x.
 * **Augmentation** by flips; 90-degree turns only for isotropic textures (bricks have a
@@ -22,7 +25,9 @@ threshold be calibrated on normal images the model never saw. Each of scikit-ima
   a ``subtle`` and a ``visible`` recipe; every record carries its measured visibility and
   tier. Masks are exact by construction.
 * **Deterministic**: each image has its own RNG stream (seed, category, role, index): same
-  seed, same bytes; changing one count reshuffles nothing else.
+  seed, same bytes; changing one count reshuffles nothing else (an image that would repeat
+  an earlier crop of its set draws again from its own stream, so it depends only on the
+  images before it).
 
 Layout written (MVTec AD plus ``calibration/good``)::
 
@@ -150,6 +155,21 @@ def _random_spec(rng: np.random.Generator, region: Region, crop: int, transforms
     return CropSpec(y=y, x=x, transform=int(transforms[int(rng.integers(len(transforms)))]))
 
 
+def _distinct_spec(rng: np.random.Generator, region: Region, crop: int, transforms: Sequence[int],
+                   taken: set[CropSpec]) -> CropSpec:
+    """A crop of ``region`` not in ``taken`` (drawing again from the same stream until one is new)."""
+    spec = _random_spec(rng, region, crop, transforms)
+    while spec in taken:
+        spec = _random_spec(rng, region, crop, transforms)
+    taken.add(spec)
+    return spec
+
+
+def distinct_crops(region: Region, crop: int, transforms: Sequence[int]) -> int:
+    """How many different crops (position and transform) ``region`` holds."""
+    return (region.bottom - region.top - crop + 1) * (region.right - region.left - crop + 1) * len(transforms)
+
+
 def make_defect_example(
     photo: np.ndarray, spec: CropSpec, crop: int, defect_type: str,
     rng: np.random.Generator, foreign: Sequence[np.ndarray] = (), recipe: str = "subtle",
@@ -251,8 +271,9 @@ def _build_category(out: Path, name: str, seed: int, counts: Counts, crop: int,
     specs: dict[str, list[CropSpec]] = {role: [] for role in ROLES}
 
     def normals(n: int, role_id: int, region: str, folder: str) -> None:
+        taken: set[CropSpec] = set()
         for i in range(n):
-            spec = _random_spec(_image_rng(seed, name, role_id, i), regions[region], crop, transforms)
+            spec = _distinct_spec(_image_rng(seed, name, role_id, i), regions[region], crop, transforms, taken)
             specs[region].append(spec)
             rel = f"{folder}/{i:0{width}d}.png"
             pending.append(write(_save_png, extract_crop(photo, spec, crop), root / rel))
@@ -329,6 +350,13 @@ def build_demo_dataset(
         raise ValueError(f"need n_train >= 1 and other counts >= 0, got {n_train}, {n_calibration}, "
                          f"{n_test_good}, {n_test_defect}")
     plan_regions(512, 512, crop)  # fail fast on a bad crop (all bundled photographs are 512x512)
+    for name in categories:
+        regions = plan_regions(512, 512, crop, name)
+        for role, n in (("train", n_train), ("calibration", n_calibration), ("test", n_test_good)):
+            room = distinct_crops(regions[role], crop, allowed_transforms(name))
+            if n > room:
+                raise ValueError(f"{name}: {n} {role} normals of {crop} px need as many different crops; its "
+                                 f"region holds {room}")
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     counts = Counts(n_train, n_calibration, n_test_good, n_test_defect)

@@ -243,3 +243,22 @@ def test_synthesis_is_deterministic_per_rng() -> None:
     assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
     with pytest.raises(ValueError, match="unknown defect"):
         synthesize_defect(clean, "dent", np.random.default_rng(0))
+
+
+def test_no_normal_crop_is_drawn_twice_within_a_set(tmp_path: Path) -> None:
+    # Brick's calibration and test regions hold 516 distinct 128 px crops each: 60 independent
+    # draws repeated four and three of them, byte-identical images counted twice as evidence.
+    build_demo_dataset(tmp_path, categories=("brick",), n_train=1, n_calibration=60, n_test_good=60,
+                       n_test_defect=0, crop=128)
+    meta = _meta(tmp_path, "brick")
+    for folder in ("calibration/good", "test/good"):
+        records = [r for r in meta["images"] if r["file"].startswith(folder + "/")]
+        assert len(records) == 60
+        assert len({(r["y"], r["x"], r["transform"]) for r in records}) == 60, folder
+        assert len({(tmp_path / "brick" / r["file"]).read_bytes() for r in records}) == 60, folder
+
+
+def test_more_normals_than_distinct_crops_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="brick: 517 calibration normals of 128 px .* holds 516"):
+        build_demo_dataset(tmp_path, categories=("brick",), n_train=1, n_calibration=517, crop=128)
+    assert not list(tmp_path.iterdir())
