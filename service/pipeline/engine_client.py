@@ -158,9 +158,9 @@ class EngineClient:
         for message in self.reloads.record.messages():  # the engine process keeps the newest
             channel.send(message)
         self.handles.clear()  # numbers of the engine process that went away
-        for hold in self._holds.folders():  # what is served or warming up here, again
+        for hold in self._holds.holds():  # what is served or warming up here, again
             try:  # what the folder holds now: a content replaced since serves until the watch reloads
-                answer = await self._call({"op": "acquire", "dir": hold[0]}, require_connected=False)
+                answer = await self._call({"op": "acquire", "dir": hold.folder}, require_connected=False)
             except EngineUnavailable as exc:
                 log.error("engine process: lost again while acquiring again what is served: %s", exc)
                 return
@@ -188,10 +188,10 @@ class EngineClient:
         (the next connection, a newer export), rather than failing every category with the
         connection. Each retry stays one load a connection, with no tight loop."""
         log.error("engine process: cannot acquire %s again; its categories fail until it loads: %s",
-                  hold[0], exc)
+                  hold.folder, exc)
         for category in self._holds.forget(hold):
             if self.on_lost is not None:
-                self.on_lost(category, hold[0], exc)
+                self.on_lost(category, hold.folder, exc)
 
     def _disconnected(self) -> None:
         self._connected.clear()
@@ -292,7 +292,7 @@ class EngineClient:
         connection."""
         folder = str(version_dir)
         answer = await self._call({"op": "acquire", "dir": folder})
-        hold = (folder, str(answer.get("digest", "")))
+        hold = Hold(folder, str(answer.get("digest", "")))
         self._holds.take(hold)
         self.handles[hold] = int(answer["handle"])
         return hold, answer
@@ -301,7 +301,7 @@ class EngineClient:
         """The registry serves ``hold`` now: the version served before lets go of it
         (requests pinned to it still finish: the engine process unloads after a grace period).
         Not at :meth:`acquire`: until the warm-up succeeded, the version before still serves."""
-        previous = self._holds.serve(Path(hold[0]).parent.name, hold)
+        previous = self._holds.serve(Path(hold.folder).parent.name, hold)
         if previous is not None:
             self.release(previous)  # the same folder too: reloading it acquired it once more
 
@@ -321,7 +321,7 @@ class EngineClient:
         another hold names the same one (a content replaced while this reconnected)."""
         handle = self.handles.get(hold)
         if handle is not None:
-            self._release_unheld(hold[0], handle)
+            self._release_unheld(hold.folder, handle)
 
     def _unwanted(self, answer: Message) -> None:
         """An acquire answered after its caller gave up: the engine process holds that entry
@@ -330,7 +330,7 @@ class EngineClient:
 
     def _release_unheld(self, folder: str, handle: int) -> None:
         """Release the engine process's entry ``handle`` unless a hold here still names it."""
-        if self.channel is not None and all(self.handles.get(h) != handle for h in self._holds.folders()):
+        if self.channel is not None and all(self.handles.get(h) != handle for h in self._holds.holds()):
             self.channel.send({"op": "release", "dir": folder, "handle": handle})
 
     # ------------------------------------------------------------------ between front ends
