@@ -4,10 +4,12 @@ label body of 7,000 unknown keys (``extra="forbid"``) was answered 915 KB, every
 
 from __future__ import annotations
 
+import asyncio
 import json
+from typing import Any
 
+import httpx
 from fastapi import FastAPI
-from fastapi.testclient import TestClient
 from pydantic import BaseModel, ConfigDict
 
 from service.api.errors import MAX_VALIDATION_ERRORS, install_error_handlers
@@ -18,7 +20,8 @@ class _Body(BaseModel):
     label: str
 
 
-def _client() -> TestClient:
+def _put(**request: Any) -> httpx.Response:
+    """PUT /label on the app in process (httpx's ASGI transport: the error handler is the unit)."""
     app = FastAPI()
     install_error_handlers(app)
 
@@ -26,12 +29,16 @@ def _client() -> TestClient:
     async def label(body: _Body) -> dict[str, str]:
         return {"label": body.label}
 
-    return TestClient(app)
+    async def put() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            return await client.put("/label", **request)
+
+    return asyncio.run(put())
 
 
 def test_a_body_of_thousands_of_errors_is_answered_with_the_first_few_and_their_count() -> None:
     body = json.dumps({"label": "ok", **{str(i): 0 for i in range(7000)}}).encode()
-    answer = _client().put("/label", content=body, headers={"Content-Type": "application/json"})
+    answer = _put(content=body, headers={"Content-Type": "application/json"})
     assert answer.status_code == 422
     assert len(answer.content) < 8 * 1024, len(answer.content)
     error = answer.json()["error"]
@@ -43,7 +50,7 @@ def test_a_body_of_thousands_of_errors_is_answered_with_the_first_few_and_their_
 
 
 def test_a_few_errors_are_answered_whole() -> None:
-    answer = _client().put("/label", json={"x": 1, "y": 2})
+    answer = _put(json={"x": 1, "y": 2})
     error = answer.json()["error"]
     assert [d["loc"] for d in error["details"]] == [["body", "label"], ["body", "x"], ["body", "y"]]
     assert "more)" not in error["message"]
