@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
+import stat
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -275,18 +277,42 @@ def is_numeric_version(version: str) -> bool:
 
 def list_versions(category_dir: str | Path) -> list[str]:
     """Version folders that hold a manifest, oldest first (numeric versions sort numerically).
-    A folder this process may not read is left out, with a warning: one version exported
-    with the wrong owner or mode must not hide the others."""
+    A folder that cannot be read is left out, with a warning (:func:`version_folders`): one
+    version exported with the wrong owner or mode must not hide the others."""
+    versions, unreadable = version_folders(category_dir)
+    for why in unreadable.values():
+        log.warning("model store: %s; skipped", why)
+    return versions
+
+
+def version_folders(category_dir: str | Path) -> tuple[list[str], dict[str, str]]:
+    """:func:`list_versions` without a word: the versions, and the version folders that cannot
+    be read, each with why (the watching server says each once, and shows it as a failed
+    version). A folder with no manifest yet is no version (a copy under way: rsync makes the
+    folder first); one whose manifest is there but is no readable file is unreadable: a
+    directory, a link to nothing, or a folder this process may not enter (not for root)."""
     d = Path(category_dir)
     if not d.is_dir():
-        return []
-    versions = []
+        return [], {}
+    versions, unreadable = [], {}
     for p in d.iterdir():
         if p.name.startswith("."):  # an export still being written (or one that died), the lock
             continue
+        manifest = p / MANIFEST
         try:
-            if p.is_dir() and (p / MANIFEST).is_file():
+            if not stat.S_ISDIR(os.stat(p).st_mode):
+                continue
+            if stat.S_ISREG(os.stat(manifest).st_mode):
                 versions.append(p.name)
-        except PermissionError as exc:
-            log.warning("model store: cannot read %s (%s); skipped", p, exc)
-    return sorted(versions, key=lambda v: (0, int(v), "") if is_numeric_version(v) else (1, 0, v))
+            else:
+                unreadable[p.name] = f"{manifest} is not a file"
+        except (FileNotFoundError, NotADirectoryError):
+            if os.path.islink(manifest):
+                unreadable[p.name] = f"{manifest} is a link to nothing (its target is missing)"
+        except OSError as exc:  # EACCES on the folder (wrong owner), ELOOP, EIO
+            unreadable[p.name] = f"{p} cannot be read ({exc.strerror or exc})"
+    return sorted(versions, key=_version_key), unreadable
+
+
+def _version_key(version: str) -> tuple[int, int, str]:
+    return (0, int(version), "") if is_numeric_version(version) else (1, 0, version)

@@ -38,7 +38,7 @@ import logging
 from collections.abc import Callable
 from datetime import datetime, timezone
 
-from models.manifest import CATEGORY_PATTERN, list_versions
+from models.manifest import CATEGORY_PATTERN
 from service.config import Settings
 from service.engines.factory import load_engine
 from service.pipeline.loaded_model import EngineFactory, LoadedModel
@@ -64,11 +64,16 @@ class ModelRegistry(VersionSwaps):
         # category -> (the model served, when loaded; its manifest's key found to need nothing):
         # the watch reads a served version's manifest again only once its key changed.
         self._manifests_seen: dict[str, tuple[datetime, ManifestKey]] = {}
+        # Called with a known category whose failed versions changed without a load (a folder
+        # found unreadable, readable again, or gone): the service sets msflow_model_versions_failed.
+        self.on_failed_versions_changed: Callable[[str], None] | None = None
 
     # ------------------------------------------------------------------ discovery
     def scan(self) -> list[str]:
         """Categories in the store now: folders named like a category that hold a complete version."""
-        return look(self.store).serveable()
+        seen = look(self.store)
+        self._note_unreadable(seen)
+        return seen.serveable()
 
     def discover(self) -> list[str]:
         """Categories in the store (folders named like a category that hold a version).
@@ -85,7 +90,7 @@ class ModelRegistry(VersionSwaps):
         for category, version in self.settings.pinned_versions.items():
             if category not in found:
                 raise RegistryError(f"pinned category {category!r} is not in the model store {self.store}")
-            if version not in list_versions(self.store / category):
+            if version not in self._versions(category):
                 # A wrong pin is a deployment mistake: fail start-up instead of never getting ready.
                 raise VersionNotFound(f"pinned version {category}/{version} is not in the model store {self.store}")
         self._categories = found
@@ -144,6 +149,7 @@ class ModelRegistry(VersionSwaps):
             if key is not None and not yes:
                 self._manifests_seen[category] = (watched[category].loaded_at, key)
         self._forget_failed_versions_gone(seen)
+        self._note_unreadable(seen)
         pins = set(self._pins) | set(self.settings.pinned_versions)
         # A model loaded pinned whose pin ended since (:meth:`end_pin`) is watched as unpinned.
         gone = self.removals.check(seen, self.categories, {c: Served(m.version, self.pinned(c, m))
@@ -198,9 +204,37 @@ class ModelRegistry(VersionSwaps):
         records."""
         for category, records in self._failed_versions.items():
             listed = seen.categories.get(category)
-            if listed is not None:
-                for version in [v for v in records if v not in listed]:
-                    del records[version]
+            gone = [v for v in records if v not in listed] if listed is not None else []
+            for version in gone:
+                del records[version]
+            if gone:
+                self._failed_versions_changed(category)
+
+    def _note_unreadable(self, seen: StoreLook) -> None:
+        """Keep what this scan found of version folders that cannot be read: each is a failed
+        version (``GET /v1/models``, msflow_model_versions_failed) until readable or gone, and
+        is said once per reason (each scan said it again, and nothing else showed it). A
+        category this scan could not list keeps what was found before."""
+        for category in set(self._unreadable) | set(seen.unreadable):
+            if seen.categories.get(category, []) is None:
+                continue
+            before, now = self._unreadable.get(category, {}), seen.unreadable.get(category, {})
+            if before == now:
+                continue
+            for version, why in now.items():
+                if before.get(version) != why:
+                    log.warning("%s: version %s cannot be read, not served until it can: %s", category, version, why)
+            for version in before.keys() - now.keys():
+                log.info("%s: version %s is no longer unreadable (readable again, or gone)", category, version)
+            if now:
+                self._unreadable[category] = dict(now)
+            else:
+                self._unreadable.pop(category, None)
+            self._failed_versions_changed(category)
+
+    def _failed_versions_changed(self, category: str) -> None:
+        if self.on_failed_versions_changed is not None and category in self.categories:
+            self.on_failed_versions_changed(category)
 
     def _candidates(self, category: str, initial: bool = False, unpinning: bool = False,
                     served_gone: bool = False, versions: list[str] | None = None,
@@ -218,7 +252,7 @@ class ModelRegistry(VersionSwaps):
         if category in self._pins and not unpinning:
             return []
         current = self._models.get(category)
-        listed = list_versions(self.store / category) if versions is None else versions
+        listed = self._versions(category) if versions is None else versions
         records = self._failed_versions.get(category, {})
         # ``changed``: what the watch's scan found of the failed versions' folders (in its thread).
         failed = still_failed(self.store / category, records) if changed is None else failed_now(records, changed)
@@ -229,7 +263,8 @@ class ModelRegistry(VersionSwaps):
         stops (requests already on it finish: the runtime drains it as at a swap), and it is
         unknown here, saying since when, until its folder comes back (a new category then)."""
         model = self._models.pop(category, None)
-        for about in (self._failed, self._failed_versions, self._unhealthy, self._pins, self._manifests_seen):
+        for about in (self._failed, self._failed_versions, self._unreadable, self._unhealthy, self._pins,
+                      self._manifests_seen):
             about.pop(category, None)
         if category in self._categories:
             self._categories.remove(category)

@@ -18,7 +18,6 @@ import logging
 import time
 from collections.abc import Callable
 
-from models.manifest import list_versions
 from service.config import Settings
 from service.pipeline.loaded_model import EngineFactory, LoadedModel, build_version
 from service.pipeline.registry_errors import RegistryError, VersionNotFound
@@ -69,7 +68,7 @@ class VersionSwaps(RegistryView):
     def _resolve_version(self, category: str, version: str | None, in_force: bool = False) -> tuple[str, bool]:
         """The version to load and whether it is pinned. ``in_force``: a version no longer in
         the store is still tried (see ``ModelRegistry.reload``)."""
-        versions = list_versions(self.store / category)
+        versions = self._versions(category)
         pinned = self.settings.pinned_versions.get(category)
         wanted = version or pinned
         if wanted is None:

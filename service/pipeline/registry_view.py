@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from models.build_progress import BuildProgress, read_progress, status_path
-from models.manifest import list_versions
+from models.manifest import version_folders
 from service.config import Settings
 from service.engines.base import Engine
 from service.pipeline.loaded_model import LoadedModel
 from service.pipeline.registry_errors import ModelNotLoaded, UnknownCategory
-from service.pipeline.store_watch import FailedVersion
+from service.pipeline.store_watch import FailedVersion, version_order
 from service.schemas import ModelInfo
 
 log = logging.getLogger("service.pipeline.registry")  # the registry's own log, as before the split
@@ -50,6 +50,9 @@ class RegistryView:
         # it until that changes; /v1/models and msflow_model_versions_failed show them while an
         # older version serves)
         self._failed_versions: dict[str, dict[str, FailedVersion]] = {}
+        # category -> version -> why its folder cannot be read, as the watch's last scan found
+        # (not a version the store lists, so never tried: shown failed until readable or gone)
+        self._unreadable: dict[str, dict[str, str]] = {}
         self._unhealthy: dict[str, str] = {}  # category -> why its serving version looks broken (cleared on swap)
         # category -> the version a pin holds it to: kept while that version cannot be served
         # (lost, or a followed pin that failed), so that nothing else is loaded in its place.
@@ -125,7 +128,7 @@ class RegistryView:
     def unhealthy(self) -> dict[str, str]:
         return dict(self._unhealthy)
 
-    def public_message(self, exc: BaseException) -> str:
+    def public_message(self, exc: BaseException | str) -> str:
         """``exc``'s text with the store's location replaced by ``<store>``: failures are
         reported to clients (``/readyz``, admin answers), where server paths do not belong."""
         text = str(exc)
@@ -187,7 +190,7 @@ class RegistryView:
     def _store_files(self, category: str, m: LoadedModel) -> tuple[list[str], list[str]]:
         """What a description reads of the store: the category's complete versions, and which
         evaluation assets the served version's folder holds."""
-        return list_versions(self.store / category), [name for name in EVALUATION_ASSETS
+        return self._versions(category), [name for name in EVALUATION_ASSETS
                                                       if (m.version_dir / name).is_file()]
 
     def _describe(self, category: str, m: LoadedModel, files: tuple[list[str], list[str]]) -> ModelInfo:
@@ -209,11 +212,21 @@ class RegistryView:
     def failed_versions(self, category: str) -> dict[str, str]:
         """Versions of ``category`` still in the store that failed to load here, with why: the
         watch does not retry them, so they stay broken until a newer export or a reload."""
-        return self._failed_among(category, list_versions(self.store / category))
+        return self._failed_among(category, self._versions(category))
+
+    def _versions(self, category: str) -> list[str]:
+        """``category``'s complete versions, in silence: a folder that cannot be read is said
+        once by the store watch (:meth:`~service.pipeline.registry.ModelRegistry.refresh`),
+        not at every request that lists the versions."""
+        return version_folders(self.store / category)[0]
 
     def _failed_among(self, category: str, versions: list[str]) -> dict[str, str]:
+        """The failed versions among ``versions`` (those listed now), and the folders the last
+        scan could not read, oldest first."""
         failed = self._failed_versions.get(category, {})
-        return {v: failed[v].why for v in versions if v in failed}
+        unreadable = {v: self.public_message(why) for v, why in self._unreadable.get(category, {}).items()}
+        out = {v: failed[v].why for v in versions if v in failed} | unreadable
+        return {v: out[v] for v in sorted(out, key=version_order)}
 
     def serving(self) -> dict[str, str]:
         """category -> version for every loaded category."""

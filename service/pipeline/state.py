@@ -63,6 +63,7 @@ class ServiceState(PipelineRuntime):
         if link is not None:
             link.on_reload = self._follow_reload
         self.registry.on_load_failure = self._load_failed
+        self.registry.on_failed_versions_changed = self._count_failed_versions
         self.shutting_down = False
         self._loading: asyncio.Task[None] | None = None
         self._collector_report: asyncio.Task[None] | None = None

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from models.manifest import CATEGORY_PATTERN, MANIFEST, Manifest, ManifestError, is_numeric_version, list_versions
+from models.manifest import CATEGORY_PATTERN, MANIFEST, Manifest, ManifestError, is_numeric_version, version_folders
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,9 @@ class StoreLook:
 
     root: Path
     categories: dict[str, list[str] | None] = field(default_factory=dict)
+    # category -> version -> why its folder cannot be read (categories listed only): failed
+    # versions the registry shows, said once (:func:`models.manifest.version_folders`).
+    unreadable: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def serveable(self) -> list[str]:
         """Categories holding a complete version, sorted."""
@@ -49,21 +52,24 @@ def look(store: Path) -> StoreLook:
     """Scan ``store``. Raises ``OSError`` when the root itself cannot be listed (the caller
     knows nothing this time); a category that cannot be listed is None in the answer."""
     found: dict[str, list[str] | None] = {}
+    unreadable: dict[str, dict[str, str]] = {}
     for entry in store.iterdir():
         if not CATEGORY_PATTERN.fullmatch(entry.name):
             continue
         try:
             if entry.is_dir():
-                found[entry.name] = list_versions(entry)
+                found[entry.name], broken = version_folders(entry)
+                if broken:
+                    unreadable[entry.name] = broken
         except OSError as exc:
             log.warning("model store: cannot list %s (%s); looked at again on the next scan", entry, exc)
             found[entry.name] = None
-    return StoreLook(store, found)
+    return StoreLook(store, found, unreadable)
 
 
 def _known_absent(path: Path) -> bool:
     """True only when ``path`` is known not to exist: one this process may not read (a version
-    folder with the wrong owner, which :func:`list_versions` skips) is not known gone."""
+    folder with the wrong owner, which :func:`version_folders` lists as unreadable) is not known gone."""
     try:
         path.stat()
     except (FileNotFoundError, NotADirectoryError):

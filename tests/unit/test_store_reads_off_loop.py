@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from harness import CATEGORY, fake_version, loop_gaps_during
-from models.manifest import list_versions
+from models.manifest import version_folders
 from service.config import Settings
 from service.engines.null import NullEngine
 from service.pipeline import registry_view, store_watch
@@ -32,7 +32,7 @@ async def _serving(store: Path, **kw: Any) -> ModelRegistry:
 
 def _slow_listing(folder: Path) -> Any:
     time.sleep(SLOW_S)  # the network's round trips, in whichever thread reads
-    return list_versions(folder)
+    return version_folders(folder)
 
 
 def test_a_slow_store_listing_does_not_hold_the_event_loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -42,7 +42,7 @@ def test_a_slow_store_listing_does_not_hold_the_event_loop(tmp_path: Path, monke
     async def main() -> list[float]:
         registry = await _serving(store)
         fake_version(store, CATEGORY, "2")
-        monkeypatch.setattr(store_watch, "list_versions", _slow_listing)
+        monkeypatch.setattr(store_watch, "version_folders", _slow_listing)
         loaded, gaps = await loop_gaps_during(registry.refresh)
         assert loaded == [CATEGORY]  # the scan still sees version 2
         assert registry.get(CATEGORY).version == "2"
@@ -113,7 +113,7 @@ def test_a_models_description_reads_the_store_off_the_event_loop(
 
     async def main() -> list[float]:
         registry = await _serving(store)
-        monkeypatch.setattr(registry_view, "list_versions", _slow_listing)
+        monkeypatch.setattr(registry_view, "version_folders", _slow_listing)
         (described,), gaps = await loop_gaps_during(registry.describe_all_off_loop)
         assert described == registry.describe(CATEGORY)  # the same answer as read on the loop
         assert described.available_versions == ["1"]
