@@ -129,6 +129,12 @@ class ServiceMetrics:
         self.worker_input_bytes = Gauge("msflow_worker_input_bytes", "msflow worker: bytes of job images fetched "
                                         "and not yet run (held), and MSFLOW_WORKER_MAX_INPUT_BYTES (budget)",
                                         ["kind"], registry=r, multiprocess_mode="livesum")
+        # The upload byte budget (service/api/body_limits.py), per process: summed over front ends,
+        # held and budget alike (each front end has its own). Its refusals are msflow_rejections_total
+        # {reason="upload_bytes"}.
+        self.upload_bytes = Gauge("msflow_upload_bytes", "Bytes of request bodies being read and held before their "
+                                  "images are priced (held), and MSFLOW_MAX_INFLIGHT_UPLOAD_BYTES (budget); per "
+                                  "process, summed over front ends", ["kind"], registry=r, multiprocess_mode="livesum")
         self.pixels_in_flight = Gauge("msflow_pixels_in_flight", "Decoded pixels admitted and not yet released "
                                       "(the budget is MSFLOW_MAX_INFLIGHT_MEGAPIXELS, per process)", registry=r,
                                       multiprocess_mode="livesum")

@@ -56,7 +56,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   description=DESCRIPTION, redirect_slashes=False)
     app.state.service = state
     # Inside the metrics: its 413s are counted and carry a request id.
-    app.add_middleware(BodyLimitMiddleware, uploads=UploadBytes(settings.max_inflight_upload_bytes))
+    uploads = UploadBytes(settings.max_inflight_upload_bytes, on_change=state.metrics.upload_bytes.labels("held").set)
+    state.metrics.upload_bytes.labels("held").set(0)
+    state.metrics.upload_bytes.labels("budget").set(settings.max_inflight_upload_bytes)
+    app.add_middleware(BodyLimitMiddleware, uploads=uploads)
     app.add_middleware(RequestMetricsMiddleware, metrics=state.metrics)
     app.add_middleware(SecurityHeadersMiddleware)  # outermost: on every answer, error handler's included
     install_error_handlers(app)

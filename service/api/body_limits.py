@@ -20,10 +20,14 @@ is priced in pixels, and 40 clients each sending a 20 MB image grew the server b
 1,024 connections, 20 GB). Each upload request carries a :class:`UploadCharge` (in
 ``scope["state"]``), which the upload reader takes from as it reads (the declared length up
 front); what it took goes back once the request's answer is out. Past the budget: 503
-``server_busy`` + Retry-After, as the pixel budget answers, before the bytes are read.
+``server_busy`` + Retry-After, as the pixel budget answers, before the bytes are read
+(:class:`UploadBytesBusy`: ``msflow_rejections_total{reason="upload_bytes"}``); the bytes held
+and the budget are ``msflow_upload_bytes{kind=held|budget}``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -35,11 +39,26 @@ JSON_BODY_BYTES = 64 * 1024
 UPLOAD_PATHS = ("/v1/inspect/", "/v1/jobs/")  # their routes read and bound their bodies themselves
 
 
-class UploadBytes:
-    """The bytes of uploads this process holds, against ``capacity`` (one event loop: no lock)."""
+class UploadBytesBusy(ServerBusy):
+    """The process holds its budget of upload bytes: answered as the pixel budget's 503 (the
+    client's remedy is the same), counted apart (``reason="upload_bytes"``): which budget
+    refuses tells the operator what to change."""
 
-    def __init__(self, capacity: int) -> None:
+    reason = "upload_bytes"
+
+
+class UploadBytes:
+    """The bytes of uploads this process holds, against ``capacity`` (one event loop: no lock).
+    ``on_change`` is called with the bytes held after every change (the held gauge)."""
+
+    def __init__(self, capacity: int, on_change: Callable[[int], None] | None = None) -> None:
         self.capacity, self.in_flight = capacity, 0
+        self._on_change = on_change
+
+    def add(self, size: int) -> None:
+        self.in_flight += size
+        if self._on_change is not None:
+            self._on_change(self.in_flight)
 
 
 class UploadCharge:
@@ -55,13 +74,14 @@ class UploadCharge:
             return
         budget = self.budget
         if budget.in_flight + more > budget.capacity:
-            raise ServerBusy(f"this server process is reading {budget.in_flight / 2**20:.0f} MiB of uploads of its "
+            raise UploadBytesBusy(f"this server process is reading {budget.in_flight / 2**20:.0f} MiB of uploads of its "
                              f"{budget.capacity / 2**20:.0f} MiB (MSFLOW_MAX_INFLIGHT_UPLOAD_BYTES); retry shortly")
-        budget.in_flight += more
+        budget.add(more)
         self.held = size
 
     def release(self) -> None:
-        self.budget.in_flight -= self.held
+        if self.held:
+            self.budget.add(-self.held)
         self.held = 0
 
 

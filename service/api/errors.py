@@ -147,7 +147,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(AdmissionRefused)
     async def refused(request: Request, exc: AdmissionRefused) -> JSONResponse:
-        # Counted by the runtime (reason = exc.code). 503: the budget frees as answers leave.
+        # Counted by the runtime (reason = exc.code), but for a refusal met while reading the body
+        # (the upload byte budget), counted here under its own reason. 503: the budget frees as
+        # answers leave.
+        if exc.reason is not None:
+            request.app.state.service.metrics.count_rejection(request.path_params.get("category", UNKNOWN), exc.reason)
         headers = ({"Retry-After": str(request.app.state.service.settings.retry_after_s)}
                    if exc.status_code == 503 else None)
         return error_response(exc.status_code, exc.code, exc.message, exc.details, headers)

@@ -48,6 +48,9 @@ class AdmissionRefused(RuntimeError):
 
     status_code = 503
     code = "server_busy"
+    # msflow_rejections_total's reason where the refusal is counted as it is answered (one met
+    # while reading the body, before the runtime sees the request); None: the runtime counts it.
+    reason: str | None = None
 
     def __init__(self, message: str, details: dict[str, object] | None = None) -> None:
         super().__init__(message)

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from harness import CATEGORY, USER_KEY, Server, fake_version, png_of, start
+from harness import CATEGORY, USER_KEY, Server, fake_version, metric, png_of, start, wait_until
 
 MiB = 1024 * 1024
 BUDGET = 4 * MiB
@@ -76,3 +76,50 @@ def test_uploads_past_the_process_budget_are_503_before_their_bytes_are_read(ser
             whole.sendall(b"x" * (3 * MiB - 3 * MiB // 2))
             status, body = _answer(whole)
             assert status != 503, body  # the largest request still runs on an idle server (not an image: 4xx)
+
+
+@pytest.mark.parametrize("processes", [1, 2], ids=["one-process", "front-ends"])
+def test_the_upload_budget_s_fill_and_refusals_are_on_metrics(tmp_path: Path, processes: int) -> None:
+    """``msflow_upload_bytes{kind=held|budget}`` (summed over front ends, as the budget is per
+    process) and ``msflow_rejections_total{reason=upload_bytes}``: the budget refused requests
+    with nothing on /metrics to say how full it was or how often it refused. Three uploads of
+    3 MiB declared against 4 MiB a process: each process holds one at most, so at least one
+    of the three is refused however the kernel spreads them over the front ends."""
+    fake_version(tmp_path / "store", CATEGORY)
+    srv = start(tmp_path / "store", tmp_path / "server.log", engine="null", api_keys=USER_KEY,
+                max_request_bytes=3 * MiB, max_upload_bytes=3 * MiB, max_inflight_upload_bytes=BUDGET,
+                api_processes=processes)
+    client = httpx.Client(base_url=srv.url, timeout=10)
+
+    def upload_bytes(kind: str) -> float:
+        return metric(client, "msflow_upload_bytes", kind=kind)
+
+    def refused() -> float:
+        return metric(client, "msflow_rejections_total", category=CATEGORY, reason="upload_bytes")
+    held: list[socket.socket] = []
+    try:
+        assert upload_bytes("budget") == processes * BUDGET and upload_bytes("held") == 0
+        answered = 0
+        for _ in range(3):
+            sock = _upload_started(srv, 3 * MiB)
+            sock.settimeout(2.0)
+            try:
+                status, body = _answer(sock)  # refused at once, before its bytes are read
+            except TimeoutError:
+                held.append(sock)  # being read: its declared bytes are held
+                continue
+            assert (status, body["error"]["code"]) == (503, "server_busy"), body
+            answered += 1
+            sock.close()
+        assert answered >= 1 and len(held) <= processes
+        wait_until(lambda: upload_bytes("held") == len(held) * 3 * MiB, 10, "the held uploads' bytes on /metrics")
+        wait_until(lambda: refused() == answered, 10, "the refusals counted")
+        for sock in held:
+            sock.close()
+        wait_until(lambda: upload_bytes("held") == 0, 10, "the bytes given back once the clients left")
+        assert upload_bytes("budget") == processes * BUDGET
+    finally:
+        for sock in held:
+            sock.close()
+        client.close()
+        srv.stop()
