@@ -23,7 +23,9 @@ serving registry loads it like any new version. Nothing is written where the lab
 both bounds as they are: such a version changes no verdict, and its swap would drop the
 source version's threshold override. That override is never carried over (a raw bound an
 operator chose for one version); it is said, with the bounds that replace it. A labelled
-item whose image is gone is left out, and said.
+item whose image is gone is left out, and said. The calibration normals count each image
+once, at least 10 of them, none an image the run trained on (as export refuses them); an OK
+label of a normal counts once, as the normal.
 
 What it refuses (settings out of range, false alarms above a ceiling, a bound moved by too
 few labels) is :mod:`models.recalibration_guards`; the table it prints and keeps is
@@ -46,7 +48,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from models.calibrate import fit_review_bounds
+from models.calibrate import MIN_CALIBRATION_NORMALS, fit_review_bounds, trained_on_digests
 from models.data import Sample, folder_of_good_images
 from models.data_loading import load_images
 from models.manifest import (DEFAULT_NG_RECALL, DEFAULT_REVIEW_MARGIN, DEFAULT_TARGET_FPR, LabelSource, Manifest,
@@ -107,6 +109,46 @@ def _normal_samples(manifest: Manifest, calibration_images: Path | None) -> tupl
             return [Sample(path=Path(p), label=0, defect_type="good") for p in json.loads(holdout.read_text())], notes
     raise RecalibrationError("the calibration normals of this version are not reachable here: pass "
                              "--calibration-images DIR (normal images the model never trained on)")
+
+
+def _distinct_normals(samples: list[Sample], trained: set[str],
+                      notes: list[str]) -> tuple[list[Sample], set[str]]:
+    """The normals each image once, and their sha256s; refused (:class:`RecalibrationError`) where
+    any is an image the model trained on or fewer than :data:`MIN_CALIBRATION_NORMALS` are left,
+    as ``msflow export`` refuses them. A copy counted one part twice in the false-alarm bound
+    written into the manifest (12 normals and 3 copies of each: a 6.1% bound where 12 parts
+    support 22%), an image the flows fit scores optimistically, and 3 normals were fitted on."""
+    first: dict[str, Path] = {}
+    kept: list[Sample] = []
+    copies: list[str] = []
+    for s in samples:
+        if (seen := first.setdefault(sha256_file(s.path), s.path)) != s.path:
+            copies.append(f"{s.path} (= {seen})")
+        else:
+            kept.append(s)
+    if copies:
+        notes.append(f"{len(copies)} calibration image(s) with the same bytes as another left out, {len(kept)} "
+                     f"distinct kept: {', '.join(copies[:3])}{', ...' if len(copies) > 3 else ''}")
+    if fit_on := [str(path) for digest, path in first.items() if digest in trained]:
+        raise RecalibrationError(f"{len(fit_on)} of the {len(kept)} calibration normals are images the model trained "
+                                 f"on ({', '.join(fit_on[:3])}{', ...' if len(fit_on) > 3 else ''}): pass "
+                                 "--calibration-images DIR of normal images it never saw")
+    if len(kept) < MIN_CALIBRATION_NORMALS:
+        raise RecalibrationError(f"recalibration needs at least {MIN_CALIBRATION_NORMALS} distinct calibration normals "
+                                 f"the model never trained on, got {len(kept)}: pass --calibration-images DIR")
+    return kept, set(first)
+
+
+def _trained_on(src: Path, manifest: Manifest) -> set[str]:
+    """sha256 of the images the version's flows fit: its run's training images where that run is
+    reachable here (less its holdout), and the reviewed OK images it took in."""
+    trained: set[str] = set()
+    if (src / REVIEWED_OK).is_file():
+        trained = {row["sha256"] for row in json.loads((src / REVIEWED_OK).read_text())}
+    run = Path(manifest.source_run) if manifest.source_run else None
+    if run is not None and run.is_absolute() and (run / "config.json").is_file():
+        trained |= trained_on_digests(run)
+    return trained
 
 
 def read_source_override(overrides_root: Path, category: str, version: str) -> dict[str, Any] | None:
@@ -171,18 +213,25 @@ def recalibrate(store: str | Path, category: str, review_store: str | Path | Non
         raise RecalibrationError(f"{category}: no labelled review items in {root} (label some first)"
                                  + (f"; {len(left_out)} labelled item(s) lost their image or item.json" if left_out else ""))
 
-    trained_on: set[str] = set()
-    if (src / REVIEWED_OK).is_file():
-        trained_on = {row["sha256"] for row in json.loads((src / REVIEWED_OK).read_text())}
+    trained_on = _trained_on(src, manifest)
+    normal_samples, notes = _normal_samples(manifest, Path(calibration_images) if calibration_images else None)
+    normal_samples, normal_digests = _distinct_normals(normal_samples, trained_on, notes)
     by_image: dict[str, tuple[Any, Any, Path]] = {}
     for item, label, path in labelled:  # one judgement per image: the latest
         previous = by_image.get(item.image.sha256)
         if previous is None or label.at >= previous[1].at:
             by_image[item.image.sha256] = (item, label, path)
-    rows = [r for sha, r in sorted(by_image.items()) if not (r[1].label == "ok" and sha in trained_on)]
-    excluded = len(by_image) - len(rows)
+    # An OK label of a calibration normal is that normal again: counted twice as a known good before.
+    ok_normals = sum(r[1].label == "ok" and sha in normal_digests for sha, r in by_image.items())
+    if ok_normals:
+        notes.append(f"{ok_normals} OK label(s) are calibration normals (the same bytes): each counted once, "
+                     "as a normal")
+    rows = [r for sha, r in sorted(by_image.items())
+            if not (r[1].label == "ok" and (sha in trained_on or sha in normal_digests))]
+    excluded = sum(r[1].label == "ok" and sha in trained_on for sha, r in by_image.items())
     if not rows:
-        raise RecalibrationError(f"{category}: every labelled item is an OK image the model was trained on")
+        raise RecalibrationError(f"{category}: every labelled item is an OK image the model was trained on "
+                                 "or a calibration normal")
 
     scorer = _Scorer(src, manifest)
     stale = [i for i, (item, _, _) in enumerate(rows) if item.model_version != source_version]
@@ -190,7 +239,6 @@ def recalibrate(store: str | Path, category: str, review_store: str | Path | Non
     if stale:
         scores[stale] = scorer([Sample(path=rows[i][2], label=0, defect_type="good") for i in stale])
     labels = [label.label for _, label, _ in rows]
-    normal_samples, notes = _normal_samples(manifest, Path(calibration_images) if calibration_images else None)
     normals = scorer(normal_samples)
 
     ok_scores = scores[[lab == "ok" for lab in labels]]
