@@ -63,7 +63,7 @@ def left_out_warnings(left_out: list[str]) -> list[str]:
         return []
     shown = ", ".join(left_out[:5]) + (f" and {len(left_out) - 5} more" if len(left_out) > 5 else "")
     return [f"{len(left_out)} labelled item{'s' if len(left_out) != 1 else ''} left out: its image file or item.json "
-            f"is gone or unreadable (expired or removed meanwhile): {shown}"]
+            f"is gone, damaged or unreadable (expired or removed meanwhile, cut short): {shown}"]
 
 
 def override_warning(category: str, from_version: str, to_version: str, override: dict[str, Any], ok: float,

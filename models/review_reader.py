@@ -121,13 +121,30 @@ class ReviewReader:
         """(path, media type) of an item's image or heatmap; :class:`ItemNotFound` (a 404) also
         when the file is gone but item.json is not (a prune killed mid-``rmtree``, an expiry racing the read)."""
         item = self.item(category, item_id)
-        kept = item.image if which == "image" else item.heatmap
-        if kept is None:
+        if which == "image":
+            return self.image_path(item), item.image.media_type
+        if item.heatmap is None:
             raise ItemNotFound(f"review item {item_id} has no heatmap")
-        path = self._kept_file(category, item_id, kept.file)
+        path = self._kept_file(category, item_id, item.heatmap.file)
         if not path.is_file():
-            raise ItemNotFound(f"review item {item_id} has no {which} file (expired or removed)")
-        return path, item.image.media_type if which == "image" else "image/png"
+            raise ItemNotFound(f"review item {item_id} has no heatmap file (expired or removed)")
+        return path, "image/png"
+
+    def image_path(self, item: ReviewItem) -> Path:
+        """The path of ``item``'s image, :class:`ItemNotFound` where it is gone or not the size
+        item.json records (a copy cut short, a damaged volume): a reviewer was served half a
+        picture and labelled it, the export zipped it, and recalibrate stopped at it."""
+        path = self._kept_file(item.category, item.id, item.image.file)
+        try:
+            size = path.stat().st_size if path.is_file() else None
+        except FileNotFoundError:
+            size = None
+        if size is None:
+            raise ItemNotFound(f"review item {item.id} has no image file (expired or removed)")
+        if size != item.image.bytes:
+            raise ItemNotFound(f"review item {item.id}'s image file is damaged: {size} bytes, "
+                               f"{item.image.bytes} when it was kept")
+        return path
 
     def get_label(self, category: str, item_id: str) -> ReviewLabel | None:
         return _read_label(self._label_path(category, item_id))
@@ -158,14 +175,13 @@ class ReviewReader:
 
     def labelled(self, category: str) -> list[tuple[ReviewItem, ReviewLabel, Path]]:
         """Every labelled item with its label and image path, oldest first; one whose image is
-        gone is missing, as to the API (recalibrate stopped at it: "image file not found")."""
+        gone or damaged (:meth:`image_path`) is missing, as to the API (recalibrate stopped at
+        it: "image file not found", "cannot be decoded (image file is truncated)")."""
         out = []
         for label in self.labels(category):
             with contextlib.suppress(ItemNotFound):
                 item = self.item(category, label.id)
-                path = self._kept_file(category, label.id, item.image.file)
-                if path.is_file():
-                    out.append((item, label, path))
+                out.append((item, label, self.image_path(item)))
         return out
 
     def reviewed_ok_images(self, category: str) -> list[tuple[ReviewItem, Path]]:

@@ -268,8 +268,7 @@ class ReviewStore(ReviewReader):
         # Its image gone, item.json left (a prune killed mid-rmtree, a hand on the volume): nobody
         # saw what they judged, and recalibrate and train leave such a label out; it was answered
         # 200 and counted in the stats all the same.
-        if not self._kept_file(category, item_id, item.image.file).is_file():
-            raise ItemNotFound(f"review item {item_id} has no image file (removed): it cannot be labelled")
+        self.image_path(item)  # gone or damaged (cut short): ItemNotFound, as to the image route
         record = ReviewLabel(id=item_id, category=category, label=label,
                              defect_type=defect_type if label == "ng" else None, note=note or None, by=by,
                              at=datetime.now(timezone.utc), model_version=item.model_version,

@@ -59,6 +59,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Pa
     # an HTML page kept as the image, item.json saying it is HTML
     record = json.loads((items / ids["html"] / "item.json").read_text())
     record["image"]["media_type"] = "text/html"
+    record["image"]["bytes"] = len(HTML)  # its own size: one cut short is a damaged item (a 404)
     (items / ids["html"] / "item.json").write_text(json.dumps(record))
     (items / ids["html"] / "image.png").write_bytes(HTML)
     (items / ids["heat"] / "heatmap.png").unlink()

@@ -286,3 +286,28 @@ def test_an_item_written_after_a_page_was_read_is_on_the_next_page(tmp_path: Pat
     earlier = add(s, b"earlier-stamp-written-second", at=T0)[1]  # it waited for the lock
     assert [i.id for i in s.pending("brick", after=later)[0]] == [earlier]
     assert s.item("brick", earlier).captured_at == T0  # what it says of itself stays true
+
+
+def test_an_item_whose_image_file_is_truncated_is_not_judged_or_used(tmp_path: Path) -> None:
+    """An image file shorter than its item.json says (a copy cut short, a damaged volume):
+    a reviewer was served half a picture and its label was taken (200), the label export
+    zipped the half image as a good example, and recalibrate stopped on it ("cannot be
+    decoded (image file is truncated)"). It is a damaged item now, as one whose image is gone."""
+    s = store(tmp_path)
+    kept, cut = (add(s, image, at=T0 + timedelta(seconds=i))[1] for i, image in enumerate((b"whole", b"cut-short")))
+    s.label("brick", cut, "ok", by="alice")
+    s.label("brick", kept, "ok", by="alice")
+    image = s.root / "brick" / "items" / cut / "image.png"
+    image.write_bytes(image.read_bytes()[:4])
+    with pytest.raises(ItemNotFound, match="damaged"):
+        s.file("brick", cut, "image")
+    with pytest.raises(ItemNotFound, match="damaged"):
+        s.label("brick", cut, "ng", by="bob")
+    assert s.get_label("brick", cut).by == "alice"  # the label it had stays, unused
+    assert [item.id for item, _, _ in s.labelled("brick")] == [kept]
+    assert [item.id for item, _ in s.reviewed_ok_images("brick")] == [kept]
+    buf = io.BytesIO()
+    export_zip(s, "brick", buf)
+    with zipfile.ZipFile(io.BytesIO(buf.getvalue())) as z:
+        assert set(z.namelist()) == {f"good/{kept}.png", "labels.jsonl"}
+
