@@ -43,9 +43,13 @@ def _read_label(path: str | Path) -> ReviewLabel | None:
     except FileNotFoundError:
         return None
     try:
-        return ReviewLabel.model_validate_json(data)
+        label = ReviewLabel.model_validate_json(data)
     except ValidationError:
         return None
+    # The file's own name and category folder, not what it says (a shared volume: a label copied
+    # under another item's name counted that item twice, in the stats, the export and the refit).
+    path = Path(path)
+    return label if (label.id, label.category) == (path.name[:-len(".json")], path.parent.parent.name) else None
 
 
 class ReviewReader:

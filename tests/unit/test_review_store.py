@@ -311,3 +311,20 @@ def test_an_item_whose_image_file_is_truncated_is_not_judged_or_used(tmp_path: P
     with zipfile.ZipFile(io.BytesIO(buf.getvalue())) as z:
         assert set(z.namelist()) == {f"good/{kept}.png", "labels.jsonl"}
 
+
+def test_a_label_file_that_names_another_item_is_not_that_items_label(tmp_path: Path) -> None:
+    """A label file is read from a shared volume: ``labels/<b>.json`` holding ``a``'s label (a
+    copy by hand, a restore into the wrong name) counted ``a`` twice (stats, the label export
+    with two zip entries of one name, recalibrate and train) and ``b`` as labelled by nobody."""
+    s = store(tmp_path)
+    a, b = (add(s, image, at=T0 + timedelta(seconds=i))[1] for i, image in enumerate((b"a", b"b")))
+    s.label("brick", a, "ng", by="alice", defect_type="hole")
+    labels = s.root / "brick" / "labels"
+    (labels / f"{b}.json").write_bytes((labels / f"{a}.json").read_bytes())
+    shutil.copytree(s.root / "brick", s.root / "grass")  # another category's copy of the folder
+    assert [lab.id for lab in s.labels("brick")] == [a]
+    assert [item.id for item, _, _ in s.labelled("brick")] == [a]
+    assert s.get_label("brick", b) is None
+    assert s.labels("grass") == [] and s.get_label("grass", a) is None
+    buf = io.BytesIO()
+    assert export_zip(s, "brick", buf) == 1
