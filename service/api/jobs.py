@@ -80,6 +80,14 @@ async def submit_job(request: Request, category: InspectCategoryDep, state: Stat
         raise ApiError(400, "bad_idempotency_key", "Idempotency-Key: 1 to 128 of A-Z a-z 0-9 _ . : -")
     queue = state.require_jobs()  # 503 before reading the body when there is no Redis
     s = state.settings
+    # A full backlog is 503 before the body is read (enqueue checks again, atomically): a raw
+    # image's declared length is its bytes; a multipart body's is an upper bound only (1: any
+    # image), and so is one past the byte limits (413 comes first, as the read answers it).
+    declared = request.headers.get("content-length", "")
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    raw = (kind.startswith("image/") or kind == "application/octet-stream") and declared.isdigit()
+    size = int(declared) if raw and int(declared) <= min(s.max_upload_bytes, s.max_request_bytes) else 1
+    await queue.check_room(category, idempotency_key, client_scope(request, s), size)
     uploads = await read_uploads(request, s.max_files_per_request, s.max_upload_bytes, s.max_request_bytes)
     options = InspectOptions(heatmap=heatmap, overlay=overlay, heatmap_size=heatmap_size)
     await state.check_uploads(category, uploads, options)

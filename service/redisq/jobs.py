@@ -231,6 +231,21 @@ class JobQueue:
             return Submitted(await self._stored(job_id, digest) or record, queued=False)
         return Submitted(record, queued=True)
 
+    async def check_room(self, category: str, idempotency_key: str | None = None, client: str = "",
+                         size: int = 1) -> None:
+        """Raise :class:`BacklogFull` when a job of ``size`` image bytes (at least 1) would find
+        no room now: asked before the request's body is read, which a full backlog otherwise
+        had the API read whole (up to max_request_bytes, holding the upload byte budget) to
+        refuse. :meth:`enqueue` checks again, atomically. A key whose job exists passes (its
+        resubmission is answered with the job)."""
+        job_id = new_job_id() if idempotency_key is None else job_id_for(category, idempotency_key, client)
+        keys = [self.records.record_key(job_id), self.records.images_key(job_id), self.stream(category),
+                *self.records.inputs_keys(category)]
+        checks = ["", self.records.ttl_ms, self.settings.job_max_backlog, job_id, category,
+                  self.settings.job_max_backlog_bytes, max(1, size)]
+        self._raise_if_full(category, int(await self.conn.run(
+            "job_room", lambda r: r.eval(_ROOM, len(keys), *keys, *checks))))
+
     def _raise_if_full(self, category: str, reply: int) -> None:
         if reply == -1:
             raise BacklogFull(f"{category}: {self.settings.job_max_backlog} jobs are waiting; retry later")
