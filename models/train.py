@@ -25,10 +25,11 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
-from models.data import (MVTecCategory, Sample, folder_of_good_images, refuse_mvtec_layout_as_plain_folder,
-                         split_holdout)
+from models.data import (MVTecCategory, Sample, folder_of_good_images, list_images,
+                         refuse_mvtec_layout_as_plain_folder, split_holdout)
 from models.data_loading import load_images
 from models.devices import torch_device
+from models.manifest import sha256_file
 from models.msflow import MSFlow, MSFlowConfig
 from models.review_store import REVIEWED_OK, ReviewStore, resolve_root
 from models.runs import (CHECKPOINT, LAST, RUN_OUTPUTS, RunError, read_checkpoint, save_checkpoint,
@@ -100,9 +101,30 @@ def reviewed_ok_samples(cfg: TrainConfig) -> list[tuple[dict[str, str], Sample]]
         logging.getLogger(__name__).warning(
             "%d operator-confirmed OK item(s) of %s left out: their image or item.json is gone (%s)", len(lost),
             cfg.category, ", ".join(lost[:10]) + (", ..." if len(lost) > 10 else ""))
+    held = _data_set_images(cfg.data, cfg.category)
+    if in_data := [f"{item.id} (= {held[item.image.sha256]})" for item, _ in reviewed if item.image.sha256 in held]:
+        logging.getLogger(__name__).warning(
+            "%d operator-confirmed OK image(s) of %s left out: the data set holds them (the same bytes), so they are "
+            "no new normals, and trained on they would be in the holdout that selects the model, or the calibration "
+            "or test images export and eval count as never seen: %s", len(in_data), cfg.category,
+            ", ".join(in_data[:10]) + (", ..." if len(in_data) > 10 else ""))
     return [({"id": item.id, "sha256": item.image.sha256, "path": str(path)},
              Sample(path=path, label=0, defect_type="good"))
-            for item, path in reviewed]
+            for item, path in reviewed if item.image.sha256 not in held]
+
+
+def _data_set_images(data: Path, category: str) -> dict[str, Path]:
+    """sha256 -> path of every image of the data set's category (train, calibration, test):
+    a smoke test's parts sent from it and labelled OK are none of them new (measured: a holdout
+    image trained on, and export refused the run for a calibration image it had trained on)."""
+    dataset = MVTecCategory(data, category)
+    paths = [s.path for s in dataset.train_samples()]
+    paths += [s.path for s in dataset.calibration_samples()] if dataset.has_calibration else []
+    # Listed, not test_samples(): a data set without a test folder or masks still trains.
+    if dataset.has_test:
+        paths += [p for d in sorted(dataset.test_dir.iterdir()) if d.is_dir() and not d.name.startswith(".")
+                  for p in list_images(d)]
+    return {sha256_file(p): p for p in paths}
 
 
 @torch.no_grad()

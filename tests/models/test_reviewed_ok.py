@@ -17,6 +17,18 @@ from msflow.cli import main
 CATEGORY = "brick"
 
 
+def line_part(path: Path) -> bytes:
+    """A demo image turned into a part the data set does not hold (mirrored): the data set's
+    own images are no new normals (test_ok_labels_of_images_the_data_set_holds_...)."""
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.open(path).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(out, "PNG")
+    return out.getvalue()
+
+
 def fields(verdict: str, raw: float) -> dict[str, object]:
     return {"reason": "review", "model_version": "0", "verdict": verdict, "is_anomalous": verdict != "ok",
             "raw_score": raw, "score": 0.5, "threshold": 1.0, "ng_threshold": 2.0}
@@ -29,12 +41,12 @@ def test_reviewed_ok_images_join_the_training_normals(demo_root: Path, tmp_path:
     review = ReviewStore(model_store / ".review", Budget(10**9, 1000, 86_400.0, 86_400.0))
     line_parts = sorted((demo_root / CATEGORY / "test" / "good").glob("*.png"))[:4]
     defect = sorted((demo_root / CATEGORY / "test" / "hole").glob("*.png"))[0]
-    ids = [review.add(CATEGORY, fields("review", 1.5), p.read_bytes(), "PNG", (128, 128), None, None)[1]
-           for p in [*line_parts, defect]]
+    ids = [review.add(CATEGORY, fields("review", 1.5), image, "PNG", (128, 128), None, None)[1]
+           for image in [*map(line_part, line_parts), defect.read_bytes()]]
     for item_id in ids[:3]:
         review.label(CATEGORY, item_id, "ok", by="alice")
     review.label(CATEGORY, ids[4], "ng", by="alice", defect_type="hole")  # ids[3] stays pending
-    review.add("grass", fields("review", 1.5), line_parts[3].read_bytes(), "PNG", (128, 128), None, None)
+    review.add("grass", fields("review", 1.5), line_part(line_parts[3]), "PNG", (128, 128), None, None)
 
     run = tmp_path / "run"
     assert main(["train", "--data", str(demo_root), "--category", CATEGORY, "--out", str(run), "--input-size", "64",
@@ -85,7 +97,7 @@ def test_an_ok_label_whose_image_is_gone_is_left_out_and_said(demo_root: Path, t
     store = tmp_path / "review"
     review = ReviewStore(store, Budget(10**9, 1000, 86_400.0, 86_400.0))
     parts = sorted((demo_root / CATEGORY / "test" / "good").glob("*.png"))[:2]
-    ids = [review.add(CATEGORY, fields("review", 1.5), p.read_bytes(), "PNG", (128, 128), None, None)[1]
+    ids = [review.add(CATEGORY, fields("review", 1.5), line_part(p), "PNG", (128, 128), None, None)[1]
            for p in parts]
     for item_id in ids:
         review.label(CATEGORY, item_id, "ok", by="alice")
@@ -120,3 +132,31 @@ def test_a_folder_that_is_no_review_store_is_refused(demo_root: Path, tmp_path: 
     review.prune()  # what a server does at start: a store with no item of the category yet
     cfg = TrainConfig(data=demo_root, category=CATEGORY, out=tmp_path / "run", include_reviewed_ok=review.root)
     assert reviewed_ok_samples(cfg) == []
+
+
+def test_ok_labels_of_images_the_data_set_holds_are_left_out_and_said(
+        demo_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Parts a smoke test sent from the data set itself, audited and labelled OK, were taken
+    in as new normals (measured: a holdout image, a calibration image and a test good of the
+    demo): the holdout that selects the model then held an image it trained on, `msflow eval`
+    scored a test image the flows fit, and `msflow export` refused the finished run ("1 of the
+    12 calibration images ... are images the run trained on"). Each is left out now, named."""
+    import logging
+
+    from models.data import MVTecCategory
+    from models.train import TrainConfig, reviewed_ok_samples
+
+    data = MVTecCategory(demo_root, CATEGORY)
+    from_data = [data.train_samples()[0].path, data.calibration_samples()[0].path, data.test_samples()[0].path]
+    review = ReviewStore(tmp_path / "review", Budget(10**9, 1000, 86_400.0, 86_400.0))
+    ids = [review.add(CATEGORY, fields("review", 1.5), image, "PNG", (128, 128), None, None)[1]
+           for image in [p.read_bytes() for p in from_data] + [line_part(from_data[2])]]
+    for item_id in ids:
+        review.label(CATEGORY, item_id, "ok", by="alice")
+    cfg = TrainConfig(data=demo_root, category=CATEGORY, out=tmp_path / "run", include_reviewed_ok=review.root)
+    with caplog.at_level(logging.WARNING, logger="models.train"):
+        samples = reviewed_ok_samples(cfg)
+    assert [row["id"] for row, _ in samples] == [ids[3]]
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and "3 operator-confirmed OK image(s) of brick left out: the data set holds them" in said[0]
+    assert all(item_id in said[0] for item_id in ids[:3]) and str(from_data[1]) in said[0]
