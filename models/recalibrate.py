@@ -5,7 +5,8 @@ with the version's own ONNX graph, so they are the engine's scores) and the labe
 items (:mod:`models.review_store`): operator-OK parts join the known goods, operator-NG parts
 are the known defects. A labelled item scored by this very version keeps the score it was
 served with; one scored by another version is scored again (raw scores of another model are
-on another scale). OK parts the version was trained on (``reviewed_ok.json``, written by
+on another scale), and so is one captured before the version was written (a number used
+again). OK parts the version was trained on (``reviewed_ok.json``, written by
 ``msflow train --include-reviewed-ok``) are left out of the known goods: their scores are
 optimistic.
 
@@ -234,7 +235,11 @@ def recalibrate(store: str | Path, category: str, review_store: str | Path | Non
                                  "or a calibration normal")
 
     scorer = _Scorer(src, manifest)
-    stale = [i for i, (item, _, _) in enumerate(rows) if item.model_version != source_version]
+    # An item names its version by number only, and numbers are used again (a category deleted
+    # and exported again starts at 1): one captured before this version was written was scored
+    # by another model, whatever its number says (another scale; kept as served before).
+    stale = [i for i, (item, _, _) in enumerate(rows)
+             if item.model_version != source_version or item.captured_at < manifest.created_at]
     scores = np.array([item.raw_score for item, _, _ in rows], dtype=np.float64)
     if stale:
         scores[stale] = scorer([Sample(path=rows[i][2], label=0, defect_type="good") for i in stale])

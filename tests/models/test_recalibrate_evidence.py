@@ -103,3 +103,30 @@ def test_ok_labels_of_normals_and_of_training_images_are_not_more_known_goods(
     assert report.labelled_ok == 8, lines  # the test goods only: each normal once, no image the flows fit
     assert report.excluded_trained_on == 3
     assert any("12 OK label(s) are calibration normals" in w for w in report.warnings), lines
+
+
+def test_items_captured_before_the_version_existed_are_scored_again(
+        model_store: Path, tmp_path: Path, demo_test_images: dict[str, list[Path]]) -> None:
+    """An item names its version by number only, and a number is used again (a category
+    deleted and exported again starts at 1): items the old version 1 scored kept their served
+    scores, another model's scale (measured: all 16 fitted on raw 1000.0, none rescored). An
+    item captured before the version was written cannot have been scored by it."""
+    from datetime import timedelta
+
+    from models.manifest import Manifest
+
+    out = tmp_path / "store"
+    shutil.copytree(model_store, out, ignore=shutil.ignore_patterns(".review"))
+    before = Manifest.read(out / CATEGORY / "1").created_at - timedelta(days=1)
+    review = ReviewStore(out / ".review", Budget(10**9, 10**6, 10**12, 10**12))
+    parts = [(p, "ok") for p in demo_test_images["good"]] + [
+        (p, "ng") for kind, paths in demo_test_images.items() if kind != "good" for p in paths]
+    for i, (path, lab) in enumerate(parts):
+        old = {**FIELDS, "model_version": "1", "raw_score": 1000.0}  # the old version 1's scale
+        _, item_id = review.add(CATEGORY, old, path.read_bytes(), "PNG", (128, 128), None, None,
+                                now=before + timedelta(seconds=i))
+        assert item_id is not None
+        review.label(CATEGORY, item_id, lab, by="alice", defect_type="stain" if lab == "ng" else None)
+    report = dry_run(out)
+    assert report.rescored == len(parts) == 16
+    assert all(row["rescored"] and row["score"] != 1000.0 for row in report.labels_used)
