@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 OVERRIDE_FILE = "threshold_override.json"
 CALIBRATED_MARKER = "calibrated"  # Redis value field of an explicit "no override"
 
+# An override is a few hundred bytes; a file or a Redis key holding more was not written by
+# this server (another writer's, or garbage), and is never read past this.
+MAX_STORED_BYTES = 4096
 FileStat = tuple[int, int, int] | None  # an override file's (inode, mtime ns, size); None: no file
 UNREADABLE: FileStat = (-1, -1, -1)  # a stat that failed for another reason than "no file"
 
@@ -50,7 +53,8 @@ def folder_writable(folder: Path) -> bool:
 def read_override(path: Path, version: str) -> ThresholdOverride | None:
     """The override in ``path`` for ``version``; None without a file or with an unusable one."""
     try:
-        text = path.read_text()
+        with path.open("rb") as f:
+            text = f.read(MAX_STORED_BYTES + 1)
     except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError as exc:
@@ -70,6 +74,10 @@ def parse_stored(value: str | bytes | None, version: str, where: str) -> tuple[b
     about the threshold: Redis's sync must not read it as a DELETE."""
     if value is None:
         return True, None
+    if len(value) > MAX_STORED_BYTES:
+        log.warning("ignoring %s: it holds more than the %d bytes of any threshold override", where,
+                    MAX_STORED_BYTES)
+        return False, None
     try:
         data = json.loads(value)
         if isinstance(data, dict) and data.get(CALIBRATED_MARKER) is True:

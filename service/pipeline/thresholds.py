@@ -83,7 +83,7 @@ from pathlib import Path
 from models.atomic_files import write_atomic
 from models.manifest import Calibration, Manifest
 from service.config import Settings
-from service.pipeline.threshold_files import (CALIBRATED_MARKER, OVERRIDE_FILE, FileStat, file_stat,
+from service.pipeline.threshold_files import (CALIBRATED_MARKER, MAX_STORED_BYTES, OVERRIDE_FILE, FileStat, file_stat,
                                               folder_writable, parse_stored, read_override)
 from service.redisq.connection import RedisConnection, RedisUnavailable
 from service.redisq.tasks import cancel_and_wait
@@ -272,7 +272,7 @@ class ThresholdOverrides:
             return False
         generations = [self._generation.get(k, 0) for k in keys]
         try:
-            raw = await self.conn.run("threshold_get", lambda r: r.mget([self._redis_key(*k) for k in keys]))
+            raw = await self.conn.get_bounded("threshold_get", [self._redis_key(*k) for k in keys], MAX_STORED_BYTES)
         except RedisUnavailable:
             return False
         lost: list[tuple[Key, ThresholdOverride]] = []

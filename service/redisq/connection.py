@@ -32,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Literal, TypeVar
 
 import redis.asyncio as aioredis
@@ -132,6 +132,22 @@ class RedisConnection:
             self._slots.release()
         self._skip_until = 0.0
         return result
+
+    async def get_bounded(self, op: str, keys: Sequence[str], limit: int) -> list[bytes | None]:
+        """Each key's value (as MGET: None for a missing key or one not a string), in one round
+        trip, but never more than ``limit + 1`` bytes of one: a key holding more than anything
+        this server writes there (another writer's, or garbage) was read whole, 64 MB into the
+        process per read. The caller refuses a value longer than ``limit``."""
+        async def read(r: aioredis.Redis) -> list[Any]:
+            pipe = r.pipeline(transaction=False)
+            for key in keys:
+                pipe.getrange(key, 0, limit)
+            return await pipe.execute(raise_on_error=False)
+
+        values = await self.run(op, read)  # no payload allowance: MGET's bound, what callers rely on
+        # GETRANGE answers a missing key empty and one of another type with an error; nothing
+        # this server writes is empty
+        return [value if isinstance(value, bytes) and value else None for value in values]
 
     async def status(self) -> Literal["ok", "degraded"]:
         """What the hot path gets from Redis now: ``degraded`` while its breaker is open or Redis

@@ -301,8 +301,8 @@ class HeatmapLinks:
 
 
 # ---------------------------------------------------------------------- result cache
-def _parse(value: bytes | None) -> "CachedResult | None":
-    if value is None:
+def _parse(value: bytes | None, limit: int) -> "CachedResult | None":
+    if value is None or len(value) > limit:  # more than an entry this server writes: not ours
         return None
     try:
         return CachedResult.model_validate_json(value)
@@ -347,11 +347,10 @@ class ResultCache:
         """``within_s``: how long the caller can spare (a lookup slower than that is a miss, and
         the breaker is left as it is: the caller's budget ran out, not Redis's bound)."""
         assert self.conn is not None
-        conn = self.conn
+        conn, limit = self.conn, self.max_entry_bytes
         try:
             async with asyncio.timeout(within_s):
-                raw = await conn.run("cache_get", lambda r: r.mget(list(keys)))
-                found = [_parse(value) for value in raw]
+                found = [_parse(value, limit) for value in await conn.get_bounded("cache_get", keys, limit)]
                 await self._drop_dead_links(conn, found)
         except (RedisUnavailable, TimeoutError):
             self.metrics.cache_requests.labels("error").inc(len(keys))

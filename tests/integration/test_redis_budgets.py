@@ -129,6 +129,36 @@ def test_cache_entries_past_the_budget_evict_the_soonest_expiring(private_redis:
     asyncio.run(scenario())
 
 
+def test_a_cache_key_holding_more_than_any_entry_is_not_read_whole(private_redis: RedisServer) -> None:
+    """The cache's lookup read its keys whole (MGET): a key of 64 MB (another writer's, or
+    garbage) crossed the wire into the process on every request for that image. Now at most one
+    byte past the largest entry this server writes is read, and it is a miss; a key of another
+    type is a miss too, and neither fails the lookup of the request's other images."""
+    r = private_redis.client()
+    entry = _result(1_000)
+    settings = _settings(private_redis, cache_max_entry_bytes=64 * 1024)
+    metrics = ServiceMetrics()
+
+    async def scenario() -> None:
+        conn = RedisConnection(settings, breaker_s=0.0)
+        cache = ResultCache(settings, conn, metrics)
+        good, big, other_type, exact = (cache.key(f"{i:064x}", "brick", "1", 1.5, InspectOptions()) for i in range(4))
+        await cache.put_many([(good, entry, 60.0)])
+        r.set(big, b"{" + b" " * (64 << 20))
+        r.hset(other_type, "a", "b")
+        r.set(exact, entry.model_dump_json().encode().ljust(64 * 1024))
+        sent_before = int(r.info("stats")["total_net_output_bytes"])
+        found = await cache.get_many([good, big, other_type, exact])
+        sent = int(r.info("stats")["total_net_output_bytes"]) - sent_before
+        assert sent < 1 << 20, f"{sent} bytes read for one lookup"
+        assert found[0] == entry and found[1] is None and found[2] is None
+        assert found[3] == entry  # an entry as large as the setting allows is read whole
+        assert not conn.skipping
+        await conn.aclose()
+
+    asyncio.run(scenario())
+
+
 def test_entries_that_expired_leave_the_budget(private_redis: RedisServer) -> None:
     r = private_redis.client()
     settings = _settings(private_redis, heatmap_max_bytes=10 * 1024 * 1024, heatmap_ttl_s=0.3)

@@ -212,3 +212,44 @@ def test_an_unreadable_override_in_redis_never_reverts_to_calibrated(model_store
         asyncio.run(scenario())
     finally:
         redis_server.stop()
+
+
+def test_an_override_larger_than_any_written_is_not_read_whole(model_store: Path, tmp_path: Path) -> None:
+    """A Redis key or a file of the overrides folder holding far more than an override (a valid
+    one padded with 16 MB of spaces: another writer's, or garbage) was read whole, Redis's by
+    every replica every MSFLOW_THRESHOLD_SYNC_S, and then served as the operator's threshold.
+    Now at most one byte past the largest override is read, and such a value is unusable: the
+    file decides, as for any unreadable key."""
+    from harness import RedisServer
+    from service.pipeline.threshold_files import MAX_STORED_BYTES, read_override
+    from service.redisq.connection import RedisConnection
+
+    man = Manifest.read(model_store / CATEGORY / "1")
+    calibrated = man.calibration.threshold
+    padded = json.dumps({"threshold": calibrated + 9, "version": "1",
+                         "set_at": "2026-01-01T00:00:00Z"}).encode() + b" " * (16 << 20)
+    far_file = tmp_path / "far.json"
+    far_file.write_bytes(padded)
+    assert read_override(far_file, "1") is None
+    fits = tmp_path / "fits.json"
+    fits.write_bytes(padded[:MAX_STORED_BYTES])  # as large as an override may be: read
+    assert read_override(fits, "1") is not None
+    redis_server = RedisServer(tmp_path)
+    try:
+        async def scenario() -> None:
+            settings = Settings(model_store=model_store, redis_url=redis_server.url, redis_prefix="msflow-far:",
+                                threshold_overrides_dir=tmp_path / "thresholds")
+            a = ThresholdOverrides(settings, RedisConnection(settings))
+            await a.set(CATEGORY, "1", calibrated + 0.5)
+            r = redis_server.client()
+            r.set("msflow-far:threshold:brick:1", padded)
+            sent_before = int(r.info("stats")["total_net_output_bytes"])
+            assert await a.refresh([(CATEGORY, "1")])
+            sent = int(r.info("stats")["total_net_output_bytes"]) - sent_before
+            assert sent < 1 << 20, f"{sent} bytes read for one sync"
+            assert a.threshold(man) == calibrated + 0.5  # the file's, not the padded key's
+            await a.conn.aclose()  # type: ignore[union-attr]
+
+        asyncio.run(scenario())
+    finally:
+        redis_server.stop()
