@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from models.manifest import Manifest
+from models.manifest import Manifest, sha256_file
 from service.engines.base import MAP_OUTPUT, EngineError, check_batch
 from service.engines.ort_cache import DEFAULT_MAX_BYTES, CacheHold, reserve_engine_cache
 
@@ -226,7 +226,11 @@ class OnnxEngine:
         model_cache = None
         self._tensorrt_cache: CacheHold | None = None
         if any(provider_name(p) == TENSORRT_PROVIDER for p in chosen):
-            sha256 = self.manifest.onnx.sha256
+            # The cache is keyed by the model's content: its digest in the manifest (just
+            # verified), or the file's own when the caller skipped the check.
+            listed = self.manifest.files.get(self.manifest.onnx.file)
+            sha256 = listed.sha256 if verify and listed is not None else sha256_file(
+                self.version_dir / self.manifest.onnx.file)
             cache = prepare_tensorrt_cache(tensorrt_cache_dir, sha256)
             if cache is not None:
                 onnx_bytes = (self.version_dir / self.manifest.onnx.file).stat().st_size
