@@ -1,0 +1,50 @@
+"""``msflow.parity`` runs each engine on the images in batches and once more on the last image
+alone, "answers must not depend on it" (the server runs batches of 1-2 under light load).
+It measured the difference (``batch_consistency_max_abs``) and passed the engine whatever it
+was. Here on a real ONNX graph whose answers depend on the batch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("onnxruntime")
+
+from msflow.parity import check_parity  # noqa: E402
+from tiny_onnx import tiny_onnx_version  # noqa: E402
+
+
+def _run_with_holdout(root: Path, n: int = 6) -> Path:
+    """A run folder whose held-out normals (``holdout.json``) are ``n`` different images."""
+    run = root / "run"
+    (run / "holdout").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(n):
+        path = run / "holdout" / f"{i}.png"
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(path)
+        paths.append(str(path))
+    (run / "holdout.json").write_text(json.dumps(paths))
+    return run
+
+
+def test_an_engine_whose_answer_depends_on_the_batch_fails_parity(tmp_path: Path) -> None:
+    run = _run_with_holdout(tmp_path)
+    version = tiny_onnx_version(tmp_path / "store", source_run=run, batch_dependent=True)
+    report = check_parity(version, ["onnxruntime-cpu"], n_images=6, batch=3, explicit=True)
+    entry = report["engines"]["onnxruntime-cpu"]
+    assert entry["metrics"]["batch_consistency_max_abs"] > 0.1  # measured, far above float32 noise
+    assert not report["passed"] and entry["status"] == "out_of_tolerance"
+    assert any("alone" in f for f in entry["failures"])
+
+
+def test_an_engine_that_answers_alike_in_any_batch_passes(tmp_path: Path) -> None:
+    run = _run_with_holdout(tmp_path)
+    version = tiny_onnx_version(tmp_path / "store", source_run=run)
+    report = check_parity(version, ["onnxruntime-cpu"], n_images=6, batch=3, explicit=True)
+    assert report["passed"], report["engines"]
+    assert report["engines"]["onnxruntime-cpu"]["metrics"]["batch_consistency_max_abs"] == 0.0
