@@ -19,9 +19,9 @@ import re
 import stat
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 MANIFEST = "manifest.json"
 SCHEMA_VERSION = 1
@@ -36,6 +36,10 @@ CATEGORY_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 # component (no separator, no leading dot: those are exports in progress).
 VERSION_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 NUMERIC_VERSION = re.compile(r"[0-9]+")
+# A file a manifest names: one name inside its version folder. "../1/model.onnx" or an absolute
+# path served another folder's file (digest and all), which the folder's deletion then broke.
+FILE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+FileName = Annotated[str, StringConstraints(pattern=FILE_NAME_PATTERN)]
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +181,7 @@ class Calibration(_Strict):
 
 
 class OnnxInfo(_Strict):
-    file: str = "model.onnx"
+    file: FileName = "model.onnx"
     opset: int
     exporter: str
     torch_version: str
@@ -186,7 +190,7 @@ class OnnxInfo(_Strict):
 
 
 class TensorRTInfo(_Strict):
-    file: str = "model.plan"
+    file: FileName = "model.plan"
     tensorrt_version: str
     gpu_name: str
     compute_capability: str
@@ -218,7 +222,7 @@ class Manifest(_Strict):
     metrics: dict[str, Any] | None = None
     onnx: OnnxInfo
     tensorrt: TensorRTInfo | None = None
-    files: dict[str, FileEntry]
+    files: dict[FileName, FileEntry]
     source_run: str | None = None
     # sha256 of the run's checkpoint.pt that was exported, so the torch engine can tell a run
     # retrained in place since (None: a manifest written before this was recorded).

@@ -1,9 +1,5 @@
-"""The ONNX Runtime engine over a real, hand-made ONNX graph (no trained model needed).
-
-``tiny_onnx_version`` writes a version folder whose ``model.onnx`` maps uint8 images
-``[B, S, S, 3]`` to an anomaly map (the mean over channels) and a score (the map's mean),
-with a manifest listing the file's digest, as ``msflow export`` writes it.
-"""
+"""The ONNX Runtime engine over a real, hand-made ONNX graph (no trained model needed:
+:func:`tiny_onnx.tiny_onnx_version`)."""
 
 from __future__ import annotations
 
@@ -12,37 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from harness import fake_version  # noqa: E402
-from models.manifest import Manifest, file_entry, sha256_file  # noqa: E402
+from models.manifest import sha256_file  # noqa: E402
 from service.engines.onnxruntime import TENSORRT_PROVIDER, OnnxEngine  # noqa: E402
-
-
-def tiny_onnx_version(store: Path, size: int = 16, graph_size: int | None = None, version: str = "1") -> Path:
-    """A version of category ``aaa`` whose manifest says ``size``; its graph takes and answers
-    ``graph_size`` (default: ``size``; a string: a dynamic axis of that name)."""
-    from onnx import TensorProto, helper
-
-    folder = fake_version(store, "aaa", version, size=size)
-    side = size if graph_size is None else graph_size
-    images = helper.make_tensor_value_info("images", TensorProto.UINT8, ["batch", side, side, 3])
-    score = helper.make_tensor_value_info("score", TensorProto.FLOAT, ["batch"])
-    amap = helper.make_tensor_value_info("anomaly_map", TensorProto.FLOAT, ["batch", side, side])
-    graph = helper.make_graph([
-        helper.make_node("Cast", ["images"], ["pixels"], to=TensorProto.FLOAT),
-        helper.make_node("ReduceMean", ["pixels", "channels"], ["anomaly_map"], keepdims=0),
-        helper.make_node("ReduceMean", ["anomaly_map", "plane"], ["score"], keepdims=0),
-    ], "tiny", [images], [score, amap], initializer=[
-        helper.make_tensor("channels", TensorProto.INT64, [1], [3]),
-        helper.make_tensor("plane", TensorProto.INT64, [2], [1, 2])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 8
-    onnx.save(model, folder / "model.onnx")
-    manifest = Manifest.read(folder)
-    manifest.model_copy(update={"files": {"model.onnx": file_entry(folder / "model.onnx")}}).write(folder)
-    return folder
+from tiny_onnx import tiny_onnx_version  # noqa: E402
 
 
 def test_the_tiny_version_serves_on_the_cpu(tmp_path: Path) -> None:
@@ -71,3 +42,21 @@ def test_a_host_whose_onnxruntime_offers_tensorrt_loads_the_version(tmp_path: Pa
     assert (cache / sha256_file(version / "model.onnx")).is_dir()
     scores, _ = engine.run(np.zeros((1, 16, 16, 3), dtype=np.uint8))
     assert scores.shape == (1,)
+
+
+@pytest.mark.parametrize("elsewhere", ["../1/model.onnx", "ABSOLUTE"])
+def test_a_manifest_naming_a_model_outside_its_folder_is_refused(tmp_path: Path, elsewhere: str) -> None:
+    """Version 2's manifest named version 1's model (``../1/model.onnx``, or its absolute path)
+    with that file's digest: it verified, and version 2 served version 1's model until version
+    1 was deleted, then failed to load. A manifest names files of its own folder only."""
+    from models.manifest import Manifest, ManifestError, file_entry
+
+    v1 = tiny_onnx_version(tmp_path / "store", version="1")
+    v2 = tiny_onnx_version(tmp_path / "store", version="2")
+    (v2 / "model.onnx").unlink()
+    name = str(v1 / "model.onnx") if elsewhere == "ABSOLUTE" else elsewhere
+    manifest = Manifest.read(v2)
+    manifest.model_copy(update={"onnx": manifest.onnx.model_copy(update={"file": name}),
+                                "files": {name: file_entry(v1 / "model.onnx")}}).write(v2)
+    with pytest.raises(ManifestError, match="pattern"):
+        OnnxEngine(v2)
