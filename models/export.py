@@ -20,7 +20,6 @@ import json
 import math
 import logging
 import shutil
-import tempfile
 import warnings
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -36,7 +35,7 @@ from models.data import MVTecCategory, Sample
 from models.data_loading import load_images
 from models.manifest import (CATEGORY_PATTERN, CalibrationSource, Manifest, ManifestError, OnnxInfo, TensorSpec,
                              TrainingData, file_entry, list_versions)
-from models.publish import LOCK_FILE, check_version_name, publish_version
+from models.publish import LOCK_FILE, check_version_name, new_staging, publish_version
 from models.review_store import REVIEWED_OK
 from models.msflow import MSFlow, MSFlowConfig, with_map_sigma
 from models.runs import REPORT, checkpoint_sha256, eval_report, load_model, read_json
@@ -280,7 +279,8 @@ def export_run(run: str | Path, store: str | Path, category: str | None = None,
 
     made_category = not category_dir.exists()
     category_dir.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".export-", dir=category_dir))
+    staging = new_staging(category_dir, ".export-")  # held: a later export removes it if this one dies
+    work = staging.path
     try:
         onnx_path = export_onnx(model, work / "model.onnx")
         session = onnx_session(onnx_path)
@@ -317,7 +317,8 @@ def export_run(run: str | Path, store: str | Path, category: str | None = None,
 
             tensorrt_info = build_plan(work / "model.onnx", work / "model.plan", size, *trt_batches)
 
-        files = {p.name: file_entry(p) for p in sorted(work.iterdir()) if p.is_file()}
+        files = {p.name: file_entry(p) for p in sorted(work.iterdir())
+                 if p.is_file() and not p.name.startswith(".")}  # not the staging's lock
 
         def write_manifest(chosen: str) -> None:
             Manifest(
@@ -341,5 +342,7 @@ def export_run(run: str | Path, store: str | Path, category: str | None = None,
         if made_category:
             _remove_if_empty(category_dir)
         raise
+    finally:
+        staging.close()
     log.info("exported %s version %s to %s", category, final.name, final)
     return final
