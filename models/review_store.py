@@ -21,7 +21,8 @@ verdict, the size and the image digest: one ``scandir`` per category (no file re
 
 Budget, checked before anything is written (:meth:`ReviewStore.add`): at most
 ``max_items`` items and ``max_bytes`` bytes in the whole store (each item counts its files
-plus :data:`LABEL_RESERVE` for the label it may get, so labelling never exceeds the bound).
+plus :data:`LABEL_RESERVE` for the label it may get, so labelling never exceeds the bound), and
+at most ``category_share`` of each in one category (refused as ``category_full``).
 Expired items go first: unlabelled ones after ``retention_s``, labelled ones after
 ``label_retention_s`` (export the labels before). A full store refuses new items rather than
 evicting an operator's backlog; the caller counts the refusal. Across hosts, ``flock`` on
@@ -65,6 +66,9 @@ class Budget:
     max_items: int
     retention_s: float
     label_retention_s: float
+    # The most of max_items and max_bytes one category may hold: a line in a defect wave filled
+    # the whole store, and every other category's captures were refused until it was labelled.
+    category_share: float = 1.0
 
 
 def resolve_root(path: str | Path) -> Path:
@@ -126,11 +130,14 @@ class ReviewStore(ReviewReader):
         (epoch seconds), what would be left once they expired. Staging folders count (a dead writer's until swept)."""
         items = used = 0
         for category in self.categories():
-            scan = self.scan(category)
-            expired = [] if after_expiry_at is None else self._expired(scan, after_expiry_at)
-            items += len(scan.entries) - len(expired)
-            used += scan.bytes + scan.staging - sum(e.bytes for e in expired)
+            n, size = self._category_usage(category, after_expiry_at)
+            items, used = items + n, used + size
         return items, used
+
+    def _category_usage(self, category: str, after_expiry_at: float | None = None) -> tuple[int, int]:
+        scan = self.scan(category)
+        expired = [] if after_expiry_at is None else self._expired(scan, after_expiry_at)
+        return len(scan.entries) - len(expired), scan.bytes + scan.staging - sum(e.bytes for e in expired)
 
     def prune(self, now: float | None = None) -> int:
         """Remove expired items, then what dead writers left and orphan labels
@@ -174,7 +181,8 @@ class ReviewStore(ReviewReader):
         return out
 
     # ------------------------------------------------------------------ writing
-    def refusal(self, category: str, image: bytes, digest: str | None = None) -> Literal["full", "duplicate"] | None:
+    def refusal(self, category: str, image: bytes,
+                digest: str | None = None) -> Literal["full", "category_full", "duplicate"] | None:
         """What :meth:`add` would answer for ``image`` as the store stands, where that is a
         refusal, without the lock or any write: a caller checks before it renders what the
         item would hold (a heatmap) for a store that cannot take it. :meth:`add` decides.
@@ -184,21 +192,29 @@ class ReviewStore(ReviewReader):
             return None
         if (digest or image_digest(image))[:12] in self.scan(category).digests:
             return "duplicate"
-        items, used = self.usage(after_expiry_at=time.time())  # as add() sees it, once it expired what is due
-        return None if self._fits(items, used, len(image) + LABEL_RESERVE) else "full"
+        now = time.time()  # as add() sees it, once it expired what is due
+        return self._room(self.usage(now), self._category_usage(category, now), len(image) + LABEL_RESERVE)
 
-    def _fits(self, items: int, used: int, cost: int) -> bool:
-        """Whether one more item of ``cost`` bytes stays in the budget beside ``items`` of ``used``."""
+    def _room(self, store: tuple[int, int], category: tuple[int, int],
+              cost: int) -> Literal["full", "category_full"] | None:
+        """Why one more item of ``cost`` bytes does not fit beside what the store and its
+        category hold (items, bytes), or None when it does."""
         assert self.budget is not None
-        return items + 1 <= self.budget.max_items and used + cost <= self.budget.max_bytes
+        b = self.budget
+        if store[0] + 1 > b.max_items or store[1] + cost > b.max_bytes:
+            return "full"
+        if category[0] + 1 > b.max_items * b.category_share or category[1] + cost > b.max_bytes * b.category_share:
+            return "category_full"
+        return None
 
     def add(self, category: str, fields: dict[str, Any], image: bytes, image_format: str,
             size: tuple[int, int], heatmap: bytes | None, heatmap_size: tuple[int, int] | None,
             now: datetime | None = None, digest: str | None = None,
-            ) -> tuple[Literal["stored", "full", "duplicate"], str | None]:
+            ) -> tuple[Literal["stored", "full", "category_full", "duplicate"], str | None]:
         """Keep one image with its answer (``fields``: the :class:`ReviewItem` fields the
         caller knows). Returns ("stored", id), ("duplicate", None) when the category already
-        holds these image bytes, or ("full", None) when the budget has no room. ``digest``: the
+        holds these image bytes, or ("full" or "category_full", None) when the budget has no
+        room in the store or in the category's share of it. ``digest``: the
         image's :func:`image_digest`, where the caller has it."""
         if self.budget is None:
             raise ReviewError("this review store was opened without a budget: it cannot take items")
@@ -217,8 +233,9 @@ class ReviewStore(ReviewReader):
             draft = self._item(category, fields, "0" * 10, digest, ext, media_type, image, image_format, size,
                                heatmap_size, now, verdict, stamp)
             cost = len(image) + len(heatmap or b"") + len(draft.model_dump_json()) + LABEL_RESERVE
-            if not self._fits(items, used, cost):
-                return "full", None
+            if (refused := self._room((items, used), (len(before.entries), before.bytes + before.staging),
+                                      cost)) is not None:
+                return refused, None
             record = self._item(category, fields, f"{cost:010d}", digest, ext, media_type, image, image_format,
                                 size, heatmap_size, now, verdict, stamp)
             items_dir = base / "items"

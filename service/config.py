@@ -265,6 +265,9 @@ class Settings(BaseSettings):
     review_max_items: int = Field(10_000, ge=1, description="review store bound (items, whole store); each "
                                   "process reading the store keeps its index in memory, ~0.5 KB an item and ~2 KB "
                                   "a label (9 MB at 10,000 items, 2,000 labelled)")
+    review_category_share: float = Field(0.5, gt=0.0, le=1.0, description="the most of those bounds one category "
+                                         "may hold: a line in a defect wave cannot have every other line's "
+                                         "captures refused (1: no share of its own)")
     review_retention_s: float = Field(7 * 86_400.0, gt=0.0, description="unlabelled items are removed after this")
     review_label_retention_s: float = Field(90 * 86_400.0, gt=0.0, description="labelled items (and their labels) "
                                                                                "are removed after this")

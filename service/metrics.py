@@ -145,7 +145,8 @@ class ServiceMetrics:
         self.review_pending = Gauge("msflow_review_pending", "Unlabelled items in the review store",
                                     ["category"], registry=r, multiprocess_mode="livemax")
         self.review_captures = Counter("msflow_review_captures_total", "Images offered to the review store, by "
-                                       "outcome: stored, duplicate, full (budget), queue_full (writer behind), "
+                                       "outcome: stored, duplicate, full (budget), category_full (the category's "
+                                       "share of it), queue_full (writer behind), "
                                        "error (write failed); never an inspect failure",
                                        ["category", "reason", "outcome"], registry=r)
         # Labels are the store's state (a relabel replaces one), so these are gauges read from

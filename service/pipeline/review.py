@@ -60,6 +60,7 @@ def review_root(settings: Settings) -> Path:
 def open_store(settings: Settings) -> ReviewStore:
     return ReviewStore(review_root(settings), Budget(
         max_bytes=settings.review_max_bytes, max_items=settings.review_max_items,
+        category_share=settings.review_category_share,
         retention_s=settings.review_retention_s, label_retention_s=settings.review_label_retention_s))
 
 

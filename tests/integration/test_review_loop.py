@@ -330,7 +330,8 @@ def test_the_review_store_stays_in_budget_under_a_burst_and_labels_survive_a_res
     images = [png_variant(parts[i % len(parts)][0], f"burst-{i}") for i in range(24)]
     max_bytes = 3 * (max(len(b) for b in images) + 24_000)  # room for about three items
     settings = dict(api_keys=USER_KEY, reviewer_api_keys=f"{REVIEWER}={REVIEWER_KEY}", review_store=str(review_root),
-                    review_audit_rate=1.0, review_max_bytes=max_bytes, review_max_items=5, max_queue_delay_ms=5)
+                    review_audit_rate=1.0, review_max_bytes=max_bytes, review_max_items=5, max_queue_delay_ms=5,
+                    review_category_share=1.0)  # the whole store's bound, one category
     srv = start(store, tmp_path / "a.log", **settings)
     try:
         client = httpx.Client(base_url=srv.url, headers={"X-API-Key": USER_KEY}, timeout=60.0)

@@ -17,6 +17,7 @@ import pytest
 from models import review_index
 from models.review_index import MAX_AGE_S, PARSED_IDS, StoreIndex, parse_id
 from models.review_store import Budget, ReviewStore
+from models.review_reader import LABEL_RESERVE
 
 T0 = datetime.now(timezone.utc) - timedelta(hours=1)
 _TICKS = itertools.count()
@@ -119,6 +120,27 @@ def test_expired_items_make_room_before_the_store_says_full(tmp_path: Path) -> N
     assert store.refusal("brick", b"new") is None  # the old one goes first, as add() does
     assert store.add("brick", fields(), b"new", "PNG", (8, 8), None, None)[0] == "stored"
     assert store.usage()[0] == 2 and store.refusal("brick", b"newer") == "full"
+
+
+def test_one_category_cannot_take_the_whole_store_from_the_others(tmp_path: Path) -> None:
+    """A line in a defect wave filled the whole store with its own items, and every other
+    category's captures were refused "full" until an operator labelled or retention ran. Now
+    one category holds at most its share (MSFLOW_REVIEW_CATEGORY_SHARE) of the items and bytes."""
+    store = ReviewStore(tmp_path, Budget(max_bytes=10**9, max_items=4, retention_s=7 * DAY,
+                                         label_retention_s=90 * DAY, category_share=0.5))
+    add(store, b"busy-1")
+    add(store, b"busy-2")
+    assert store.refusal("brick", b"busy-3") == "category_full"
+    assert store.add("brick", fields(), b"busy-3", "PNG", (8, 8), None, None)[0] == "category_full"
+    for image in (b"quiet-1", b"quiet-2"):
+        assert store.refusal("grass", image) is None
+        assert store.add("grass", fields(), image, "PNG", (8, 8), None, None)[0] == "stored"
+    assert store.usage()[0] == 4 and store.refusal("gravel", b"other") == "full"
+    by_bytes = ReviewStore(tmp_path / "bytes", Budget(max_bytes=10 * LABEL_RESERVE, max_items=100,
+                                                     retention_s=7 * DAY, label_retention_s=90 * DAY,
+                                                     category_share=0.5))
+    assert by_bytes.refusal("brick", b"x" * 6 * LABEL_RESERVE) == "category_full"  # more than half the bytes alone
+    assert by_bytes.refusal("brick", b"x" * 100) is None
 
 
 def test_labels_are_parsed_again_only_when_their_file_changed(tmp_path: Path,
