@@ -98,9 +98,9 @@ def prepare_tensorrt_cache(cache_dir: Path | None, model_sha256: str) -> Path | 
     model, private to this user; the folder to cache in, or None (with a warning) when it
     cannot be used: the engine is then built at every start, but it serves.
 
-    The default is in the shared temp folder, so it must be this user's own folder and no
-    link: a folder of that name made by anyone else could hold engines planted for this
-    server to load. A folder the operator set is trusted as set."""
+    The default is in the shared temp folder, so it must be this user's own folder, no link,
+    and writable by no one else: a folder of that name made (or writable) by anyone else could
+    hold engines planted for this server to load. A folder the operator set is trusted as set."""
     default = cache_dir is None
     root = default_tensorrt_cache_dir() if default else Path(cache_dir)
     try:
@@ -110,6 +110,13 @@ def prepare_tensorrt_cache(cache_dir: Path | None, model_sha256: str) -> Path | 
             if stat.S_ISLNK(st.st_mode) or st.st_uid != os.geteuid():
                 log.warning("TensorRT engine cache %s is not this user's own folder: not used (set "
                             "MSFLOW_ORT_TENSORRT_CACHE_DIR); engines are built at every start", root)
+                return None
+            # Ours but writable by others: engines may already be planted in it (chmod would
+            # keep them), so it is refused as another's folder is.
+            if st.st_mode & 0o022:
+                log.warning("TensorRT engine cache %s is writable by other users (mode %o): not used; remove "
+                            "it or set MSFLOW_ORT_TENSORRT_CACHE_DIR; engines are built at every start", root,
+                            stat.S_IMODE(st.st_mode))
                 return None
         (root / model_sha256).mkdir(mode=0o700, exist_ok=True)
     except OSError as e:

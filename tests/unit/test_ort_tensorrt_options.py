@@ -148,3 +148,21 @@ def test_the_cache_budget_stays_well_under_the_tmp_volume_the_kubelet_enforces()
         tmp = next(v for v in spec["volumes"] if v["name"] == "tmp")
         limit = _quantity_bytes(tmp["emptyDir"]["sizeLimit"])
         assert DEFAULT_MAX_BYTES <= limit // 2 and deployed <= limit // 2, manifest
+
+
+def test_a_default_folder_others_may_write_is_not_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default folder, this user's own but writable by others (made before with umask 0, or
+    chmod'ed): anyone could plant an engine under ``<model sha256>/`` (the digest is in the
+    store's manifest) for this server to load. It was used as it was; now it is refused, as a
+    folder of another owner is."""
+    import tempfile
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    default = default_tensorrt_cache_dir()
+    default.mkdir()
+    default.chmod(0o777)
+    assert prepare_tensorrt_cache(None, SHA) is None
+    assert not (default / SHA).exists()
+    default.chmod(0o700)
+    assert prepare_tensorrt_cache(None, SHA) == default
