@@ -20,8 +20,9 @@ Tolerances by precision (stated in the report):
 - ``fp16`` engines (tensorrt, torch-cuda-fp16, +cudagraphs): normalised score within 0.02,
   map p99 within 5 % and max within 20 % of the heatmap range.
 
-For the GPU classes a verdict may only flip for an image whose reference score lies within
-the score tolerance of the threshold. The first image is run again in another batch (alone, or
+The verdict is the service's three-way one (ok, review, ng). For the GPU classes a verdict may
+only flip for an image whose reference score lies within the score tolerance of the bound it
+crosses (the threshold, or the ng bound). The first image is run again in another batch (alone, or
 beside the second where batches are of one), and its answer held to the same tolerance against
 its answer in the first batch. Exit status 0 when every engine that ran is within
 its tolerance, 1 otherwise; engines that cannot run on this host are listed as skipped.
@@ -99,7 +100,9 @@ def compare(ref: tuple[np.ndarray, np.ndarray], got: tuple[np.ndarray, np.ndarra
     map_diff = np.abs(m_got.astype(np.float64) - m_ref)
     span = max(calibration.map_high - calibration.map_low, 1e-12)
     scale = max(float(np.abs(s_ref).max()), float(np.abs(m_ref).max()))
-    verdict_ref, verdict_got = n_ref >= 0.5, n_got >= 0.5
+    # The three-way verdict the service answers (ok / review / ng), from the raw score.
+    verdict = np.vectorize(calibration.verdict, otypes=[object])
+    verdict_ref, verdict_got = verdict(s_ref.astype(np.float64)), verdict(s_got.astype(np.float64))
     metrics = {
         "score_max_abs": float(np.abs(s_got - s_ref).max()),
         "score_normalised_max_abs": float(np.abs(n_got - n_ref).max()),
@@ -129,9 +132,14 @@ def compare(ref: tuple[np.ndarray, np.ndarray], got: tuple[np.ndarray, np.ndarra
             failures.append(f"map max difference {metrics['map_max_of_range']:.2%} of the heatmap range "
                             f"> {tol['map_max']:.0%}")
         flipped = verdict_ref != verdict_got
-        unexplained = flipped & (np.abs(n_ref - 0.5) > tol["score"])
+        # Explained: the reference score lies within the score tolerance (normalised units:
+        # the span) of the bound it crossed, the ok bound or the ng bound.
+        raw = s_ref.astype(np.float64)
+        near = ((np.abs(raw - calibration.threshold) / calibration.span <= tol["score"])
+                | (np.abs(raw - calibration.ng_bound) / calibration.span <= tol["score"]))
+        unexplained = flipped & ~near
         if unexplained.any():
-            failures.append(f"{int(unexplained.sum())} verdict(s) flipped for images away from the threshold")
+            failures.append(f"{int(unexplained.sum())} verdict(s) flipped for images away from the bounds")
     return {"metrics": metrics, "tolerance": tol, "passed": not failures, "failures": failures}
 
 

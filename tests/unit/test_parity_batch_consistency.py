@@ -61,3 +61,23 @@ def test_the_check_runs_an_image_in_another_batch_than_before(tmp_path: Path, n_
     entry = report["engines"]["onnxruntime-cpu"]
     assert entry["metrics"]["batch_consistency_max_abs"] > 0.01
     assert not report["passed"] and entry["status"] == "out_of_tolerance"
+
+
+def test_a_verdict_moving_between_review_and_ng_counts_as_a_flip() -> None:
+    """The service answers ok, review or ng; parity counted flips of ok against the rest only,
+    so an image the reference sends to review and the engine rejects outright was reported as
+    0 flips. Near the ng bound, within the score tolerance, such a flip is explained (passes);
+    it is counted either way."""
+    from models.manifest import Calibration, ScoreStats
+    from msflow.parity import compare
+
+    stats = ScoreStats(count=10, mean=0.0, std=1.0, min=-1.0, p50=0.0, p95=1.0, p99=1.0, max=1.0)
+    cal = Calibration(score_output="score", method="target_fpr", threshold=0.0, score_min=-0.5, score_max=0.5,
+                      normal_scores=stats, map_low=0.0, map_high=1.0, pixel_threshold=0.5, ng_threshold=0.1)
+    maps = np.zeros((3, 4, 4), dtype=np.float32)
+    ref = np.array([-0.3, 0.095, 0.3], dtype=np.float32)  # ok, review (just under the ng bound), ng
+    got = np.array([-0.3, 0.105, 0.3], dtype=np.float32)  # the middle one now ng
+    assert [cal.verdict(float(s)) for s in ref] == ["ok", "review", "ng"]
+    result = compare((ref, maps), (got, maps), cal, "fp16")
+    assert result["metrics"]["verdict_flips"] == 1
+    assert result["passed"], result["failures"]
