@@ -191,6 +191,15 @@ def session_options(threads: int | None = None, inter_op_threads: int | None = N
     return opts
 
 
+def _identity(path: Path) -> tuple[int, int, int, int] | None:
+    """Which file ``path`` is and its last write (inode, size, mtime, ctime); None when absent."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
 class OnnxEngine:
     """onnxruntime session over ``model.onnx``.
 
@@ -225,6 +234,8 @@ class OnnxEngine:
 
         self.version_dir = Path(version_dir)
         self.manifest = manifest or Manifest.read(self.version_dir)
+        model_path = self.version_dir / self.manifest.onnx.file
+        checked = _identity(model_path)  # before the check: onnxruntime opens the path again
         if verify:
             self.manifest.verify_files(self.version_dir, [self.manifest.onnx.file])
         available = ort.get_available_providers()
@@ -263,6 +274,11 @@ class OnnxEngine:
         finally:
             if self._tensorrt_cache is not None:
                 self._tensorrt_cache.release_reservation()  # the engine is written: its bytes count now
+        if verify and _identity(model_path) != checked:  # replaced or rewritten meanwhile: not what was checked
+            if self._tensorrt_cache is not None:
+                self._tensorrt_cache.close()
+            raise EngineError(f"{model_path} changed while it was checked and loaded (a copy landing?); "
+                              "not served, the folder is tried again once it changes")
         self.providers: list[str] = self.session.get_providers()
         if cuda_device is not None:
             self._check_on_gpu(cuda_device, available)

@@ -60,3 +60,29 @@ def test_a_manifest_naming_a_model_outside_its_folder_is_refused(tmp_path: Path,
                                 "files": {name: file_entry(v1 / "model.onnx")}}).write(v2)
     with pytest.raises(ManifestError, match="pattern"):
         OnnxEngine(v2)
+
+
+def test_a_model_replaced_between_its_check_and_its_load_is_not_served(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine checked ``model.onnx``'s digest, then onnxruntime opened the path again: a
+    copy landing in between (rsync renames each file in; a folder copied over a version) was
+    served under the manifest, and calibration, of the model checked. Here a writer replaces
+    the file right after the check: the engine refuses to build (the store watch tries the
+    folder again once it changes) instead of serving the other model."""
+    from models.manifest import Manifest
+
+    version = tiny_onnx_version(tmp_path / "store")
+    other = tiny_onnx_version(tmp_path / "other", batch_dependent=True) / "model.onnx"
+    check = Manifest.verify_files
+
+    def check_then_replace(self: Manifest, version_dir: str | Path, names: list[str] | None = None) -> None:
+        check(self, version_dir, names)
+        staged = Path(version_dir) / ".model.onnx.part"
+        staged.write_bytes(other.read_bytes())
+        staged.rename(Path(version_dir) / "model.onnx")  # as rsync lands a file
+
+    monkeypatch.setattr(Manifest, "verify_files", check_then_replace)
+    from service.engines.base import EngineError
+
+    with pytest.raises(EngineError, match="changed while"):
+        OnnxEngine(version)
