@@ -230,13 +230,9 @@ def _enough(samples: Sized, where: str, remedy: str) -> None:
                          f"trained on; {where} {len(samples)}: {remedy}")
 
 
-def _with_source(samples: list[Sample], kind: str, path: Path | None,
-                 never_trained_on: bool) -> tuple[list[Sample], CalibrationSource]:
-    """The samples, each image once, and their source record. A copy (the same bytes under
-    another name) would count one part twice in the false-alarm bound and the manifest's count,
-    claiming normals never seen: copies are left out, with a warning naming them, and what is
-    left must still be enough. Left out, not refused: the demo's own generator drew a few crops
-    twice (4 of brick's 60 calibration normals), and a refusal stopped its build."""
+def distinct_images(samples: list[Sample]) -> tuple[list[Sample], list[str], dict[str, Path]]:
+    """The samples each image once (the first of each set of the same bytes), the copies left
+    out (``"<path> (= <first>)"``), and the sha256 of every distinct image -> its first path."""
     first: dict[str, Path] = {}
     kept, copies = [], []
     for s in samples:
@@ -244,6 +240,17 @@ def _with_source(samples: list[Sample], kind: str, path: Path | None,
             copies.append(f"{s.path} (= {seen})")
         else:
             kept.append(s)
+    return kept, copies, first
+
+
+def _with_source(samples: list[Sample], kind: str, path: Path | None,
+                 never_trained_on: bool) -> tuple[list[Sample], CalibrationSource]:
+    """The samples, each image once, and their source record. A copy (the same bytes under
+    another name) would count one part twice in the false-alarm bound and the manifest's count,
+    claiming normals never seen: copies are left out, with a warning naming them, and what is
+    left must still be enough. Left out, not refused: the demo's own generator drew a few crops
+    twice (4 of brick's 60 calibration normals), and a refusal stopped its build."""
+    kept, copies, first = distinct_images(samples)
     if copies:
         named = f"{', '.join(copies[:3])}{', ...' if len(copies) > 3 else ''}"
         _enough(kept, f"{len(samples)} images, copies left out, hold",

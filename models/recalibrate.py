@@ -49,7 +49,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from models.calibrate import MIN_CALIBRATION_NORMALS, fit_review_bounds, trained_on_digests
+from models.calibrate import MIN_CALIBRATION_NORMALS, distinct_images, fit_review_bounds, trained_on_digests
 from models.data import Sample, folder_of_good_images
 from models.data_loading import load_images
 from models.manifest import (DEFAULT_NG_RECALL, DEFAULT_REVIEW_MARGIN, DEFAULT_TARGET_FPR, LabelSource, Manifest,
@@ -119,14 +119,7 @@ def _distinct_normals(samples: list[Sample], trained: set[str],
     as ``msflow export`` refuses them. A copy counted one part twice in the false-alarm bound
     written into the manifest (12 normals and 3 copies of each: a 6.1% bound where 12 parts
     support 22%), an image the flows fit scores optimistically, and 3 normals were fitted on."""
-    first: dict[str, Path] = {}
-    kept: list[Sample] = []
-    copies: list[str] = []
-    for s in samples:
-        if (seen := first.setdefault(sha256_file(s.path), s.path)) != s.path:
-            copies.append(f"{s.path} (= {seen})")
-        else:
-            kept.append(s)
+    kept, copies, first = distinct_images(samples)
     if copies:
         notes.append(f"{len(copies)} calibration image(s) with the same bytes as another left out, {len(kept)} "
                      f"distinct kept: {', '.join(copies[:3])}{', ...' if len(copies) > 3 else ''}")
