@@ -242,6 +242,19 @@ def assert_error(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
 # ---------------------------------------------------------------------- happy paths
 
 
+def json_answer(sock: socket.socket) -> tuple[int, Any]:
+    """The status and JSON body of the one HTTP answer on a raw socket (a test that sent its
+    request by hand, part of a body say), read up to its Content-Length."""
+    data = b""
+    while b"\r\n\r\n" not in data and (chunk := sock.recv(65536)):
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in head.lower().split(b"\r\n") if line.startswith(b"content-length:")))
+    while len(body) < length and (chunk := sock.recv(65536)):
+        body += chunk
+    return int(head.split()[1]), json.loads(body)
+
+
 def wait_for_metric(client: httpx.Client, name: str, value: float, timeout: float = 10.0, **labels: str) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:

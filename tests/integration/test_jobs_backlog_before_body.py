@@ -5,7 +5,6 @@ client's bandwidth for it) and only then asked Redis for room, to answer 503
 
 from __future__ import annotations
 
-import json
 import socket
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from harness import CATEGORY, PREFIX, RedisServer, fake_version, png_of, start
+from harness import CATEGORY, PREFIX, RedisServer, fake_version, json_answer, png_of, start
 
 MiB = 1024 * 1024
 
@@ -25,16 +24,6 @@ def _half_sent(port: int, size: int) -> socket.socket:
                  f"Content-Length: {size}\r\n\r\n".encode() + b"\x89PNG" + b"x" * (size // 2 - 4))
     return sock
 
-
-def _status(sock: socket.socket) -> tuple[int, dict[str, object]]:
-    data = b""
-    while b"\r\n\r\n" not in data and (chunk := sock.recv(65536)):
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = int(next(line.split(b":")[1] for line in head.lower().split(b"\r\n") if line.startswith(b"content-length:")))
-    while len(body) < length:
-        body += sock.recv(65536)
-    return int(head.split()[1]), json.loads(body)
 
 
 @pytest.mark.parametrize("full", ["count", "bytes"])
@@ -52,7 +41,7 @@ def test_a_job_for_a_full_backlog_is_refused_before_its_body_is_read(tmp_path: P
         assert first.status_code == 202, first.text  # no worker: it waits, and fills the backlog
         with _half_sent(srv.port, 4 * MiB) as sock:
             sock.settimeout(2.0)  # before: no answer until the body's deadline (408), the rest unsent
-            status, body = _status(sock)
+            status, body = json_answer(sock)
         assert status == 503 and body["error"]["code"] == "job_backlog_full", body  # type: ignore[index]
     finally:
         srv.stop()

@@ -6,7 +6,6 @@ engine, hand-written version) and raw sockets."""
 
 from __future__ import annotations
 
-import json
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +14,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from harness import CATEGORY, USER_KEY, Server, fake_version, metric, png_of, start, wait_until
+from harness import CATEGORY, USER_KEY, Server, fake_version, json_answer, metric, png_of, start, wait_until
 
 MiB = 1024 * 1024
 BUDGET = 4 * MiB
@@ -42,26 +41,16 @@ def _upload_started(server: Server, size: int, chunked: bool = False) -> socket.
     return sock
 
 
-def _answer(sock: socket.socket) -> tuple[int, dict[str, str]]:
-    data = b""
-    while b"\r\n\r\n" not in data and (chunk := sock.recv(65536)):
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    while len(body) < int(next(line.split(b":")[1] for line in head.lower().split(b"\r\n")
-                               if line.startswith(b"content-length:"))):
-        body += sock.recv(65536)
-    return int(head.split()[1]), json.loads(body)
-
 
 def test_uploads_past_the_process_budget_are_503_before_their_bytes_are_read(server: Server) -> None:
     held = [_upload_started(server, 3 * MiB // 2) for _ in range(2)]  # 3 MiB declared of the 4
     try:
         with _upload_started(server, 3 * MiB // 2) as third:  # declared: refused before a byte is read
-            status, body = _answer(third)
+            status, body = json_answer(third)
             assert (status, body["error"]["code"]) == (503, "server_busy"), body
         with _upload_started(server, 2 * MiB, chunked=True) as chunked:  # undeclared: counted as it comes
             chunked.sendall(b"%x\r\n%s\r\n" % (MiB, b"y" * MiB))
-            status, body = _answer(chunked)
+            status, body = json_answer(chunked)
             assert (status, body["error"]["code"]) == (503, "server_busy"), body
     finally:
         for sock in held:
@@ -74,7 +63,7 @@ def test_uploads_past_the_process_budget_are_503_before_their_bytes_are_read(ser
             assert answer.status_code == 200, answer.text
         with _upload_started(server, 3 * MiB) as whole:
             whole.sendall(b"x" * (3 * MiB - 3 * MiB // 2))
-            status, body = _answer(whole)
+            status, body = json_answer(whole)
             assert status != 503, body  # the largest request still runs on an idle server (not an image: 4xx)
 
 
@@ -104,7 +93,7 @@ def test_the_upload_budget_s_fill_and_refusals_are_on_metrics(tmp_path: Path, pr
             sock = _upload_started(srv, 3 * MiB)
             sock.settimeout(2.0)
             try:
-                status, body = _answer(sock)  # refused at once, before its bytes are read
+                status, body = json_answer(sock)  # refused at once, before its bytes are read
             except TimeoutError:
                 held.append(sock)  # being read: its declared bytes are held
                 continue
