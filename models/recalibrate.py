@@ -41,7 +41,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -54,7 +53,7 @@ from models.data import Sample, folder_of_good_images
 from models.data_loading import load_images
 from models.manifest import (DEFAULT_NG_RECALL, DEFAULT_REVIEW_MARGIN, DEFAULT_TARGET_FPR, LabelSource, Manifest,
                              file_entry, list_versions, sha256_file)
-from models.publish import next_version, publish_version
+from models.publish import new_staging, next_version, publish_version
 from models.recalibration_guards import (DEFAULT_MAX_FPR, MIN_LABELS_PER_CLASS, FalseAlarmCeilingError,
                                          RecalibrationError, SmallSampleError, ceiling_refusal, check_settings,
                                          same_bound, small_sample_moves, small_sample_refusal)
@@ -301,7 +300,8 @@ def recalibrate(store: str | Path, category: str, review_store: str | Path | Non
         "fpr_upper_95": normals_after["fpr_upper_95"], "anomalous_images": len(ng_scores),
         "labels": LabelSource(review_store=str(root), ok=len(ok_scores), ng=len(ng_scores), digest=digest,
                               target_recall=target_recall, excluded_trained_on=excluded)})
-    staging = Path(tempfile.mkdtemp(prefix=".recalibrate-", dir=category_dir))
+    held = new_staging(category_dir, ".recalibrate-")  # held: a later publish removes it if this one dies
+    staging = held.path
     try:
         # Every listed file but an earlier recalibration's report, which is written anew below
         # (writing into a hard link would change the source version's file too).
@@ -325,6 +325,8 @@ def recalibrate(store: str | Path, category: str, review_store: str | Path | Non
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        held.close()
     for line in format_report(report):
         out(line)
     for line in warnings:

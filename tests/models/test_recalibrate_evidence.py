@@ -130,3 +130,36 @@ def test_items_captured_before_the_version_existed_are_scored_again(
     report = dry_run(out)
     assert report.rescored == len(parts) == 16
     assert all(row["rescored"] and row["score"] != 1000.0 for row in report.labels_used)
+
+
+def test_a_recalibration_holds_its_staging_folder_while_it_writes(store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A recalibration killed before it published (SIGTERM, the OOM killer) left its
+    ``.recalibrate-*`` folder, hard links or copies of the model, for good: it was a plain
+    mkdtemp, which the next publish cannot tell from a live writer's. It is now held as an
+    export's is (models.publish.new_staging), so a later publish removes it once its writer
+    is gone, and never while it writes."""
+    import fcntl
+    import os
+
+    import models.recalibrate as recalibration
+    from models.publish import STAGING_LOCK, remove_abandoned_staging
+
+    real = recalibration.publish_version
+    seen: list[Path] = []
+
+    def publish(category_dir: Path, staging: Path, *args: Any) -> Path:
+        seen.append(staging)
+        fd = os.open(staging / STAGING_LOCK, os.O_RDWR)  # FileNotFoundError before: no hold at all
+        try:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # its writer holds it
+        finally:
+            os.close(fd)
+        assert remove_abandoned_staging(category_dir) == [] and staging.is_dir()
+        return real(category_dir, staging, *args)
+
+    monkeypatch.setattr(recalibration, "publish_version", publish)
+    version_dir, _ = recalibrate(store, CATEGORY, out=lambda _: None, warn=lambda _: None, max_fpr=1.0,
+                                 accept_small_sample=True)
+    assert version_dir is not None and version_dir.is_dir() and len(seen) == 1
+    assert not (version_dir / STAGING_LOCK).exists() and not seen[0].exists()
